@@ -1,0 +1,203 @@
+"""Diagnostics and the mail log, in Postfix's formats.
+
+Every program of postfix-py reports through this module, so that log lines look like
+Postfix's and the tools that read Postfix logs keep working:
+
+    Nov 25 11:05:43 mail postfix-py/smtpd[1234]: warning: hostname nope does not resolve
+
+DESTINATIONS
+    init(service, ...) chooses where lines go. With `maillog_file` set, lines are appended to
+    that file (`/dev/stdout` and `/dev/stderr` work, for containers) with Postfix's timestamp
+    and host name. Otherwise lines go to syslog through `/dev/log` with `syslog_facility`;
+    the socket is connected at init, before any chroot, and reconnected on failure.
+    init_cli(program) is for command-line tools: lines go to standard error as
+    `program: warning: text`, as Postfix's postconf and postmap print them.
+
+FUNCTIONS
+    info(text), warn(text), error(text): log with Postfix's `warning: ` or `error: ` prefix.
+    fatal(text): log `fatal: text`, then raise FatalError (a SystemExit with status 1), for
+        "cannot go on as configured"; the text names the file or parameter.
+    panic(text): log `panic: text` and raise PanicError (status 2), for broken invariants.
+    verbose(level, text): logged only when the -v count is at least `level`.
+
+Input from a peer or a client program is never worth more than a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+
+FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6,
+    "news": 7, "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+    "local0": 16, "local1": 17, "local2": 18, "local3": 19, "local4": 20, "local5": 21,
+    "local6": 22, "local7": 23,
+}
+_SEVERITY = {"info": 6, "warning": 4, "error": 3, "fatal": 2, "panic": 0}
+MAX_LINE = 4096  # a single log record; longer text is cut, never wrapped
+SYSLOG_PATH = "/dev/log"
+
+
+class FatalError(SystemExit):
+    """Raised by fatal(): the program cannot go on as configured."""
+
+    def __init__(self, text: str):
+        super().__init__(1)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class PanicError(SystemExit):
+    """Raised by panic(): one of our own invariants broke."""
+
+    def __init__(self, text: str):
+        super().__init__(2)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class _State:
+    tag = "postfix-py"          # the part before [pid]: syslog_name/service, or the program
+    with_pid = True
+    sink = "stderr"             # "stderr", "file" or "syslog"
+    stream = None               # file object for "file"
+    sock = None                 # socket for "syslog"
+    facility = FACILITIES["mail"]
+    hostname = socket.gethostname().split(".")[0]
+    verbose = 0
+    lock = threading.Lock()
+
+
+_s = _State()
+
+
+def init(service: str, syslog_name: str = "postfix-py", maillog_file: str = "",
+         syslog_facility: str = "mail", verbose: int = 0) -> None:
+    """Send this daemon's lines to maillog_file, or to syslog when it is empty."""
+    close()
+    _s.tag, _s.with_pid, _s.verbose = f"{syslog_name}/{service}", True, verbose
+    if syslog_facility not in FACILITIES:
+        raise ValueError(f"unknown syslog_facility: {syslog_facility}")
+    _s.facility = FACILITIES[syslog_facility]
+    if maillog_file:
+        # Line-buffered append; the fd survives chroot and privilege drop.
+        _s.stream = open(maillog_file, "a", buffering=1, encoding="utf-8",
+                         errors="backslashreplace")
+        _s.sink = "file"
+    else:
+        _s.sink = "syslog"
+        _syslog_connect()
+
+
+def init_cli(program: str, verbose: int = 0) -> None:
+    """Send a command-line tool's lines to standard error as `program: text`."""
+    close()
+    _s.tag, _s.with_pid, _s.sink, _s.verbose = program, False, "stderr", verbose
+
+
+def close() -> None:
+    """Release the log file or syslog socket (before exec, or in tests)."""
+    if _s.stream is not None and _s.stream not in (sys.stdout, sys.stderr):
+        try:
+            _s.stream.close()
+        except OSError:
+            pass
+    if _s.sock is not None:
+        _s.sock.close()
+    _s.stream = _s.sock = None
+    _s.sink = "stderr"
+
+
+def _syslog_connect() -> None:
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        sock = socket.socket(socket.AF_UNIX, kind)
+        try:
+            sock.connect(SYSLOG_PATH)
+        except OSError:
+            sock.close()
+            continue
+        _s.sock = sock
+        return
+    _s.sock = None
+
+
+def _format(severity: str, text: str) -> str:
+    prefix = "" if severity == "info" else severity + ": "
+    # Peer-supplied text can hold anything; keep one record on one line.
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    tag = f"{_s.tag}[{os.getpid()}]" if _s.with_pid else _s.tag
+    return f"{tag}: {prefix}{text}"[:MAX_LINE]
+
+
+def _emit(severity: str, text: str) -> None:
+    line = _format(severity, text)
+    with _s.lock:
+        if _s.sink == "syslog":
+            stamp = time.strftime("%b %e %H:%M:%S")
+            pri = _s.facility * 8 + _SEVERITY[severity]
+            record = f"<{pri}>{stamp} {line}".encode("utf-8", "backslashreplace")
+            for _ in range(2):
+                if _s.sock is None:
+                    _syslog_connect()
+                if _s.sock is None:
+                    break
+                try:
+                    _s.sock.send(record)
+                    return
+                except OSError:
+                    _s.sock.close()
+                    _s.sock = None
+            _write(sys.stderr, line)  # no syslog: better stderr than silence
+        elif _s.sink == "file":
+            _write(_s.stream, f"{time.strftime('%b %e %H:%M:%S')} {_s.hostname} {line}")
+        else:
+            _write(sys.stderr, line)
+
+
+def _write(stream, line: str) -> None:
+    try:
+        stream.write(line + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass  # a log that cannot be written must not take the mail system down
+
+
+def info(text: str) -> None:
+    """Log an informational line."""
+    _emit("info", text)
+
+
+def warn(text: str) -> None:
+    """Log `warning: text`."""
+    _emit("warning", text)
+
+
+def error(text: str) -> None:
+    """Log `error: text`."""
+    _emit("error", text)
+
+
+def fatal(text: str) -> None:
+    """Log `fatal: text` and stop the program with exit status 1."""
+    _emit("fatal", text)
+    raise FatalError(text)
+
+
+def panic(text: str) -> None:
+    """Log `panic: text` and stop the program with exit status 2."""
+    _emit("panic", text)
+    raise PanicError(text)
+
+
+def verbose(level: int, text: str) -> None:
+    """Log text when the verbosity (the -v count) is at least level."""
+    if _s.verbose >= level:
+        _emit("info", text)

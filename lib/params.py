@@ -1,0 +1,371 @@
+"""The parameter table: every main.cf parameter of postfix-py, declared once.
+
+Each row is a Param: the name (Postfix's spelling), the default as main.cf would write it
+(`$name` references and `${name?value}` conditionals allowed; they expand lazily), the type,
+and a one-line description. Programs never read main.cf themselves: they ask a
+`maincf.Config` for a typed value, and the Config converts the text with the row's type.
+`postconf -d` prints this table.
+
+TYPES
+    BOOL   yes or no (any case).
+    INT    a decimal integer, within the row's bounds.
+    TIME   an integer with an optional unit s, m, h, d or w; without one, the row's unit.
+           The typed value is in seconds.
+    SIZE   a byte count (decimal integer).
+    LIST   words separated by commas or white space.
+    TABLE  a LIST whose words are lookup tables (`type:name`).
+    STR    text, as written.
+
+FUNCTIONS
+    lookup(name) -> Param or None; convert(param, text) -> typed value, raising ParamError
+    with a message that names the parameter; split_list(text) -> list of words.
+
+Defaults are the seed document's where it gives one (the legacy TLS README), otherwise
+Postfix 3.7's `postconf -d`, except where DEVIATIONS below says why not.
+
+DEVIATIONS
+    config_directory, queue_directory, data_directory: postfix-py's own paths, so that it
+    can run beside a Postfix on the same host. syslog_name, mail_name: postfix-py.
+    smtpd_tls_ccert_verifydepth, smtp_tls_scert_verifydepth: 5 as the seed says.
+    *_tls_fingerprint_digest: sha256 (Postfix 3.7 at compatibility level 3.6 and later).
+    smtpd_forbid_bare_newline: normalize (SPEC-NOTES.md: SMTP smuggling).
+    smtpd_sasl_type, smtp_sasl_type: dovecot; postfix-py has no Cyrus SASL.
+    mynetworks_style, relay_domains, smtpd_relay_restrictions: Postfix's values at
+    compatibility level 2 and later (no compatibility_level parameter here).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass
+
+BOOL, INT, TIME, SIZE, LIST, TABLE, STR = "bool", "int", "time", "size", "list", "table", "str"
+
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_TIME_RE = re.compile(r"^(\d+)([smhdw]?)$", re.IGNORECASE)
+_LIST_SEP = re.compile(r"[\s,]+")
+
+
+class ParamError(ValueError):
+    """A parameter value that does not convert to the parameter's type."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: str
+    type: str
+    doc: str
+    min: int | None = None
+    max: int | None = None
+    unit: str = "s"          # TIME only: the unit of a bare number
+
+
+def _p(name, default, type_, doc, **kw):
+    return Param(name, default, type_, doc, **kw)
+
+
+_SMTP_CLIENT_TLS = [
+    # (suffix, default, type, doc, extra) shared by smtp_ and lmtp_ (lmtp_ differs where noted)
+    ("tls_CAfile", "", STR, "file of trusted CA certificates (PEM), read before chroot"),
+    ("tls_CApath", "", STR, "directory of trusted CA certificates (c_rehash style), read inside the jail"),
+    ("tls_cert_file", "", STR, "RSA client certificate (PEM), presented when set"),
+    ("tls_key_file", "$%s_tls_cert_file", STR, "RSA private key of the client certificate"),
+    ("tls_dcert_file", "", STR, "DSA client certificate (PEM)"),
+    ("tls_dkey_file", "$%s_tls_dcert_file", STR, "DSA private key of the client certificate"),
+    ("tls_eccert_file", "", STR, "ECDSA client certificate (PEM)"),
+    ("tls_eckey_file", "$%s_tls_eccert_file", STR, "ECDSA private key of the client certificate"),
+    ("tls_chain_files", "", LIST, "files of keys each followed by its certificate chain"),
+    ("tls_loglevel", "0", INT, "TLS logging: 0 none, 1 handshake and certificate, 2 negotiation levels, 3 hex dump, 4 full dump", {"min": 0, "max": 4}),
+    ("tls_session_cache_database", "", STR, "tlsmgr's client session cache (type:path; btree, hash and lmdb are all LMDB)"),
+    ("tls_session_cache_timeout", "3600s", TIME, "lifetime of a cached client TLS session", {"min": 0, "max": 8640000}),
+    ("tls_enforce_peername", "yes", BOOL, "with enforced TLS, require the server name to match its certificate"),
+    ("tls_note_starttls_offer", "no", BOOL, "log `Host offered STARTTLS: [hostname]` when TLS is not used"),
+    ("tls_scert_verifydepth", "5", INT, "verification depth of server certificate chains", {"min": 1}),
+    ("tls_cipherlist", "", STR, "legacy OpenSSL cipher string, passed to OpenSSL as written"),
+    ("tls_per_site", "", TABLE, "per-site TLS policy by server host name or next-hop destination: NONE, MAY, MUST_NOPEERMATCH, MUST"),
+    ("tls_policy_maps", "", TABLE, "per-destination TLS security levels (the modern per_site)"),
+    ("tls_security_level", "", STR, "client TLS level: none, may, encrypt, verify, secure (empty: the legacy parameters decide)"),
+    ("tls_protocols", ">=TLSv1", STR, "TLS protocols with opportunistic TLS"),
+    ("tls_mandatory_protocols", ">=TLSv1", STR, "TLS protocols with mandatory TLS"),
+    ("tls_ciphers", "medium", STR, "minimum cipher grade with opportunistic TLS"),
+    ("tls_mandatory_ciphers", "medium", STR, "minimum cipher grade with mandatory TLS"),
+    ("tls_exclude_ciphers", "", LIST, "ciphers excluded with any TLS"),
+    ("tls_mandatory_exclude_ciphers", "", LIST, "ciphers excluded with mandatory TLS"),
+    ("tls_fingerprint_digest", "sha256", STR, "digest of certificate fingerprints: md5, sha1, sha256"),
+    ("tls_fingerprint_cert_match", "", LIST, "fingerprints accepted at the fingerprint level"),
+    ("tls_verify_cert_match", "hostname", LIST, "names matched at the verify level"),
+    ("tls_secure_cert_match", "nexthop, dot-nexthop", LIST, "names matched at the secure level"),
+    ("tls_servername", "", STR, "SNI name sent to the server (empty: none)"),
+    ("tls_wrappermode", "no", BOOL, "speak TLS from the first byte (SMTPS) instead of STARTTLS"),
+    ("tls_block_early_mail_reply", "no", BOOL, "fail when the server answers MAIL before the TLS handshake ends"),
+    ("tls_connection_reuse", "no", BOOL, "reuse TLS connections through the connection cache"),
+    ("use_tls", "no", BOOL, "legacy: use STARTTLS when the server offers it"),
+    ("enforce_tls", "no", BOOL, "legacy: deliver only over TLS with a verified, matching server certificate"),
+    ("starttls_timeout", "300s", TIME, "time limit of reads and writes during the TLS handshake and shutdown", {"min": 1}),
+    ("sasl_auth_enable", "no", BOOL, "authenticate to the server with SASL"),
+    ("sasl_password_maps", "", TABLE, "SASL user:password per next hop or host"),
+    ("sasl_security_options", "noplaintext, noanonymous", LIST, "SASL mechanism properties refused without TLS"),
+    ("sasl_tls_security_options", "$%s_sasl_security_options", LIST, "SASL mechanism properties refused with TLS"),
+    ("sasl_mechanism_filter", "", LIST, "SASL mechanisms the client may use"),
+    ("sasl_type", "dovecot", STR, "client SASL implementation"),
+    ("sasl_path", "", STR, "client SASL implementation's configuration"),
+]
+
+PARAMS: list[Param] = [
+    # --- files, users, identity ---------------------------------------------------------
+    _p("config_directory", "/etc/postfix-py", STR, "directory of main.cf and master.cf"),
+    _p("queue_directory", "/var/spool/postfix-py", STR, "the queue, and the chroot jail of chrooted services"),
+    _p("data_directory", "/var/lib/postfix-py", STR, "writable data outside the jail: caches, the PRNG exchange file"),
+    _p("process_id_directory", "pid", STR, "lock and pid files, relative to queue_directory"),
+    _p("mail_owner", "postfix", STR, "the user that owns the queue and that daemons run as"),
+    _p("setgid_group", "postdrop", STR, "the group of local submission"),
+    _p("mail_name", "postfix-py", STR, "the mail system's name in the SMTP greeting and bounces"),
+    _p("mail_version", "0.1.0", STR, "the version of postfix-py (read-only)"),
+    _p("myhostname", "", STR, "this host's fully qualified name (default: from the system)"),
+    _p("mydomain", "", STR, "this host's domain (default: myhostname without its first label)"),
+    _p("myorigin", "$myhostname", STR, "the domain of locally posted mail"),
+    _p("mydestination", "$myhostname, localhost.$mydomain, localhost", LIST, "domains delivered locally"),
+    _p("mynetworks_style", "host", STR, "trusted networks when mynetworks is empty: host, subnet or class"),
+    _p("mynetworks", "", LIST, "trusted client networks (default: per mynetworks_style; loopback always)"),
+    _p("relay_domains", "", LIST, "domains this host relays to"),
+    _p("relayhost", "", STR, "next hop for non-local mail: host, [host], host:port or [host]:port"),
+    _p("inet_interfaces", "all", LIST, "addresses that inet services listen on"),
+    _p("inet_protocols", "all", LIST, "ipv4, ipv6 or all"),
+    _p("stress", "", STR, "set by the master under overload; selects stress defaults"),
+    _p("default_database_type", "hash", STR, "table type when postmap is given a bare file name"),
+    _p("lmdb_map_size", "16777216", SIZE, "initial size of an LMDB map (tables and caches); grown when full", min=65536),
+    # --- logging ------------------------------------------------------------------------
+    _p("syslog_name", "postfix-py", STR, "the name before /service[pid] in log lines"),
+    _p("syslog_facility", "mail", STR, "syslog facility of the mail log"),
+    _p("maillog_file", "", STR, "log to this file (or /dev/stdout) instead of syslog"),
+    # --- master and worker skeleton -----------------------------------------------------
+    _p("default_process_limit", "100", INT, "default maxproc of a master.cf service", min=1),
+    _p("max_idle", "100s", TIME, "a worker exits after this long without a client", min=1),
+    _p("max_use", "100", INT, "a worker exits after this many clients", min=1),
+    _p("service_throttle_time", "60s", TIME, "pause of a service whose workers fail at start", min=1),
+    _p("daemon_timeout", "18000s", TIME, "watchdog limit of one worker loop pass", min=1),
+    _p("ipc_timeout", "3600s", TIME, "time limit of one internal request", min=1),
+    # --- smtpd: session and limits ------------------------------------------------------
+    _p("smtpd_banner", "$myhostname ESMTP $mail_name", STR, "text of the 220 greeting"),
+    _p("smtpd_timeout", "${stress?{10}:{300}}s", TIME, "time limit of one client read or write", min=1),
+    _p("smtpd_starttls_timeout", "${stress?{10}:{300}}s", TIME, "time limit of reads and writes during the server TLS handshake and shutdown", min=1),
+    _p("message_size_limit", "10240000", SIZE, "largest message accepted, in bytes (0: no limit)", min=0),
+    _p("header_size_limit", "102400", SIZE, "largest message header kept, in bytes", min=1),
+    _p("line_length_limit", "2048", INT, "longest SMTP command or message line kept in one piece", min=80),
+    _p("smtpd_recipient_limit", "1000", INT, "recipients accepted per message", min=1),
+    _p("smtpd_soft_error_limit", "10", INT, "errors after which each reply is delayed", min=0),
+    _p("smtpd_hard_error_limit", "${stress?{1}:{20}}", INT, "errors after which the connection is closed", min=1),
+    _p("smtpd_error_sleep_time", "1s", TIME, "delay of each reply past the soft error limit", min=0),
+    _p("smtpd_junk_command_limit", "${stress?{1}:{100}}", INT, "NOOP, VRFY, ETRN and RSET commands before they count as errors", min=1),
+    _p("smtpd_client_connection_count_limit", "50", INT, "simultaneous connections from one client (0: no limit)", min=0),
+    _p("disable_vrfy_command", "no", BOOL, "refuse the VRFY command"),
+    _p("smtpd_helo_required", "no", BOOL, "require HELO or EHLO before MAIL"),
+    _p("smtpd_discard_ehlo_keywords", "", LIST, "EHLO keywords not announced"),
+    _p("smtpd_noop_commands", "", LIST, "commands answered 250 without action"),
+    _p("smtpd_peername_lookup", "yes", BOOL, "look up the client's host name"),
+    _p("smtpd_forbid_bare_newline", "normalize", STR, "bare LF in DATA: no (accept), normalize (treat as CRLF, end only at CRLF.CRLF), yes/reject (reply and disconnect)"),
+    _p("smtpd_forbid_bare_newline_exclusions", "$mynetworks", LIST, "clients exempt from smtpd_forbid_bare_newline"),
+    _p("smtpd_forbid_bare_newline_reject_code", "550", INT, "reply code for a bare newline", min=400, max=599),
+    _p("strict_rfc821_envelopes", "no", BOOL, "require <> around MAIL FROM and RCPT TO addresses"),
+    _p("hopcount_limit", "50", INT, "Received: headers after which a message is bounced as looping", min=1),
+    _p("recipient_delimiter", "", STR, "separators of address extensions"),
+    # --- smtpd: access control ----------------------------------------------------------
+    _p("smtpd_client_restrictions", "", LIST, "restrictions at connect"),
+    _p("smtpd_helo_restrictions", "", LIST, "restrictions at HELO/EHLO"),
+    _p("smtpd_sender_restrictions", "", LIST, "restrictions at MAIL FROM"),
+    _p("smtpd_relay_restrictions", "permit_mynetworks, permit_sasl_authenticated, defer_unauth_destination", LIST, "relay restrictions at RCPT TO"),
+    _p("smtpd_recipient_restrictions", "", LIST, "spam restrictions at RCPT TO"),
+    _p("smtpd_data_restrictions", "", LIST, "restrictions at DATA"),
+    _p("smtpd_end_of_data_restrictions", "", LIST, "restrictions at end of DATA"),
+    _p("smtpd_delay_reject", "yes", BOOL, "apply client, HELO and sender restrictions at RCPT TO"),
+    _p("relay_clientcerts", "", TABLE, "fingerprints of client certificates that may relay (permit_tls_clientcerts)"),
+    _p("access_map_reject_code", "554", INT, "reply code of REJECT in an access table", min=400, max=599),
+    _p("relay_domains_reject_code", "554", INT, "reply code of reject_unauth_destination", min=400, max=599),
+    _p("defer_code", "450", INT, "reply code of defer and defer_unauth_destination", min=400, max=599),
+    _p("reject_code", "554", INT, "reply code of reject", min=400, max=599),
+    _p("unknown_client_reject_code", "450", INT, "reply code for a client without a host name", min=400, max=599),
+    _p("unknown_address_reject_code", "450", INT, "reply code for an address whose domain does not resolve", min=400, max=599),
+    # --- smtpd: TLS (seed: SMTP Server specific settings) -------------------------------
+    _p("smtpd_use_tls", "no", BOOL, "legacy: announce STARTTLS (smtpd_tls_security_level = may)"),
+    _p("smtpd_enforce_tls", "no", BOOL, "legacy: require STARTTLS before MAIL (smtpd_tls_security_level = encrypt)"),
+    _p("smtpd_tls_security_level", "", STR, "server TLS level: none, may or encrypt (empty: the legacy parameters decide)"),
+    _p("smtpd_tls_wrappermode", "no", BOOL, "speak TLS from the first byte (SMTPS, port 465); set with -o in master.cf"),
+    _p("smtpd_tls_cert_file", "", STR, "RSA server certificate (PEM, server certificate first, then its CAs)"),
+    _p("smtpd_tls_key_file", "$smtpd_tls_cert_file", STR, "RSA private key of the server certificate (unencrypted)"),
+    _p("smtpd_tls_dcert_file", "", STR, "DSA server certificate (PEM)"),
+    _p("smtpd_tls_dkey_file", "$smtpd_tls_dcert_file", STR, "DSA private key of the server certificate"),
+    _p("smtpd_tls_eccert_file", "", STR, "ECDSA server certificate (PEM)"),
+    _p("smtpd_tls_eckey_file", "$smtpd_tls_eccert_file", STR, "ECDSA private key of the server certificate"),
+    _p("smtpd_tls_chain_files", "", LIST, "files of keys each followed by its certificate chain"),
+    _p("smtpd_tls_CAfile", "", STR, "trusted CAs for client certificates, read before chroot and sent as the acceptable-CA list"),
+    _p("smtpd_tls_CApath", "", STR, "directory of trusted CAs (c_rehash style), read inside the jail"),
+    _p("smtpd_tls_loglevel", "0", INT, "TLS logging: 0 none, 1 handshake and certificate, 2 negotiation levels, 3 hex dump, 4 full dump", min=0, max=4),
+    _p("smtpd_tls_received_header", "no", BOOL, "record protocol, cipher and client certificate in the Received: header"),
+    _p("smtpd_tls_ask_ccert", "no", BOOL, "ask the client for a certificate"),
+    _p("smtpd_tls_req_ccert", "no", BOOL, "require a client certificate (only with enforced TLS; otherwise ask_ccert, with a warning)"),
+    _p("smtpd_tls_ccert_verifydepth", "5", INT, "verification depth of client certificate chains", min=1),
+    _p("smtpd_tls_auth_only", "no", BOOL, "offer and accept AUTH only over TLS"),
+    _p("smtpd_tls_session_cache_database", "", STR, "accepted for compatibility; server resumption uses session tickets shared by all smtpd workers"),
+    _p("smtpd_tls_session_cache_timeout", "3600s", TIME, "lifetime of server TLS sessions and ticket keys (0: no resumption)", min=0, max=8640000),
+    _p("smtpd_tls_always_issue_session_ids", "yes", BOOL, "issue session ids even without a session cache"),
+    _p("smtpd_tls_cipherlist", "", STR, "legacy OpenSSL cipher string, passed to OpenSSL as written"),
+    _p("smtpd_tls_protocols", ">=TLSv1", STR, "TLS protocols with opportunistic TLS"),
+    _p("smtpd_tls_mandatory_protocols", ">=TLSv1", STR, "TLS protocols with mandatory TLS"),
+    _p("smtpd_tls_ciphers", "medium", STR, "minimum cipher grade with opportunistic TLS"),
+    _p("smtpd_tls_mandatory_ciphers", "medium", STR, "minimum cipher grade with mandatory TLS"),
+    _p("smtpd_tls_exclude_ciphers", "", LIST, "ciphers excluded with any TLS"),
+    _p("smtpd_tls_mandatory_exclude_ciphers", "", LIST, "ciphers excluded with mandatory TLS"),
+    _p("smtpd_tls_eecdh_grade", "auto", STR, "ECDHE curve choice: auto, strong, ultra or none"),
+    _p("smtpd_tls_dh1024_param_file", "", STR, "DH parameters (PEM) for DHE ciphers; built-in safe groups when empty"),
+    _p("smtpd_tls_dh512_param_file", "", STR, "accepted and ignored with a warning: export ciphers no longer exist"),
+    _p("smtpd_tls_fingerprint_digest", "sha256", STR, "digest of client certificate fingerprints: md5, sha1, sha256"),
+    # --- smtpd: SASL --------------------------------------------------------------------
+    _p("smtpd_sasl_auth_enable", "no", BOOL, "offer SASL AUTH"),
+    _p("smtpd_sasl_type", "dovecot", STR, "SASL implementation: dovecot, or builtin (a passwd-file)"),
+    _p("smtpd_sasl_path", "smtpd", STR, "the Dovecot auth socket, or the builtin passwd-file"),
+    _p("smtpd_sasl_service", "smtp", STR, "service name passed to the SASL implementation"),
+    _p("smtpd_sasl_security_options", "noanonymous", LIST, "SASL mechanism properties refused without TLS"),
+    _p("smtpd_sasl_tls_security_options", "$smtpd_sasl_security_options", LIST, "SASL mechanism properties refused with TLS"),
+    _p("smtpd_sasl_authenticated_header", "no", BOOL, "put the SASL login name in the Received: header"),
+    _p("smtpd_sasl_local_domain", "", STR, "realm appended to SASL login names"),
+    _p("smtpd_sasl_exceptions_networks", "", LIST, "clients to which AUTH is not offered"),
+    _p("smtpd_sasl_response_limit", "12288", INT, "longest SASL response accepted", min=1),
+    # --- queue manager ------------------------------------------------------------------
+    _p("queue_run_delay", "300s", TIME, "interval of deferred queue scans", min=1),
+    _p("minimal_backoff_time", "300s", TIME, "least time a deferred message waits", min=1),
+    _p("maximal_backoff_time", "4000s", TIME, "most time a deferred message waits", min=1),
+    _p("maximal_queue_lifetime", "5d", TIME, "time in the queue before a message is bounced", min=0, unit="d"),
+    _p("bounce_queue_lifetime", "5d", TIME, "time in the queue before a bounce is given up", min=0, unit="d"),
+    _p("delay_warning_time", "0h", TIME, "delay after which the sender is warned (0: never)", min=0, unit="h"),
+    _p("queue_minfree", "0", SIZE, "free space the queue file system must keep (0: none)", min=0),
+    _p("qmgr_message_active_limit", "20000", INT, "messages in the active queue", min=1),
+    _p("qmgr_message_recipient_limit", "20000", INT, "recipients in memory", min=1),
+    _p("default_destination_concurrency_limit", "20", INT, "parallel deliveries per destination", min=1),
+    _p("initial_destination_concurrency", "5", INT, "parallel deliveries to a new destination", min=1),
+    _p("default_destination_recipient_limit", "50", INT, "recipients per delivery", min=1),
+    _p("transport_maps", "", TABLE, "recipient or domain to transport:nexthop"),
+    _p("default_transport", "smtp", STR, "transport of mail for remote domains"),
+    _p("relay_transport", "relay", STR, "transport of mail for relay_domains"),
+    _p("local_transport", "local:$myhostname", STR, "transport of mail for mydestination"),
+    _p("home_mailbox", "", STR, "mailbox path relative to the home directory (Maildir/ for Maildir)"),
+    _p("mail_spool_directory", "/var/mail", STR, "directory of mailbox files"),
+    _p("soft_bounce", "no", BOOL, "turn permanent delivery failures into temporary ones"),
+    _p("bounce_notice_recipient", "postmaster", STR, "recipient of bounce notices to the postmaster"),
+    _p("2bounce_notice_recipient", "postmaster", STR, "recipient of undeliverable bounces"),
+    _p("notify_classes", "resource, software", LIST, "problems reported to the postmaster"),
+    # --- smtp client --------------------------------------------------------------------
+    _p("smtp_connect_timeout", "30s", TIME, "time limit of a TCP connection", min=0),
+    _p("smtp_helo_timeout", "300s", TIME, "time limit of the greeting and the HELO/EHLO reply", min=1),
+    _p("smtp_mail_timeout", "300s", TIME, "time limit of the MAIL FROM reply", min=1),
+    _p("smtp_rcpt_timeout", "300s", TIME, "time limit of an RCPT TO reply", min=1),
+    _p("smtp_data_init_timeout", "120s", TIME, "time limit of the DATA reply", min=1),
+    _p("smtp_data_xfer_timeout", "180s", TIME, "time limit of each write of message content", min=1),
+    _p("smtp_data_done_timeout", "600s", TIME, "time limit of the reply after the final dot", min=1),
+    _p("smtp_quit_timeout", "300s", TIME, "time limit of the QUIT reply", min=1),
+    _p("smtp_helo_name", "$myhostname", STR, "name sent in HELO/EHLO"),
+    _p("smtp_bind_address", "", STR, "local address of outgoing connections"),
+    _p("smtp_host_lookup", "dns", LIST, "how host addresses are found: dns, native"),
+    _p("smtp_mx_address_limit", "5", INT, "addresses tried per delivery (0: no limit)", min=0),
+    _p("smtp_mx_session_limit", "2", INT, "SMTP sessions per delivery (0: no limit)", min=0),
+    _p("smtp_line_length_limit", "998", INT, "longest line sent before it is folded", min=0),
+    _p("smtp_skip_5xx_greeting", "yes", BOOL, "try the next server after a 5xx greeting"),
+    _p("smtp_always_send_ehlo", "yes", BOOL, "greet with EHLO"),
+    _p("smtp_cname_overrides_servername", "no", BOOL, "let a CNAME change the server name used for TLS policy and certificate checks"),
+    _p("smtp_address_preference", "any", STR, "address family preferred: ipv4, ipv6 or any"),
+    _p("lmtp_connect_timeout", "0s", TIME, "time limit of an LMTP connection (0: none)", min=0),
+    _p("lmtp_lhlo_name", "$myhostname", STR, "name sent in LHLO"),
+    _p("lmtp_data_done_timeout", "600s", TIME, "time limit of the reply after the final dot", min=1),
+    # --- TLS manager (seed: TLS manager specific settings) ------------------------------
+    _p("tls_daemon_random_bytes", "32", INT, "bytes of seed smtpd and smtp ask tlsmgr for at start", min=1, max=1024),
+    _p("tls_random_source", "dev:/dev/urandom", STR, "entropy source: dev:/path, egd:/path or a plain file"),
+    _p("tls_random_bytes", "32", INT, "bytes read from the source at each seeding", min=1),
+    _p("tls_random_reseed_period", "3600s", TIME, "longest time between reseeds (a random time up to it)", min=1),
+    _p("tls_random_exchange_name", "${data_directory}/prng_exch", STR, "the PRNG exchange file"),
+    _p("tls_random_prng_update_period", "3600s", TIME, "interval of exchange file updates", min=1),
+    _p("tls_high_cipherlist", "aNULL:-aNULL:HIGH:@STRENGTH", STR, "OpenSSL ciphers of grade high"),
+    _p("tls_medium_cipherlist", "aNULL:-aNULL:HIGH:MEDIUM:+RC4:@STRENGTH", STR, "OpenSSL ciphers of grade medium"),
+    _p("tls_low_cipherlist", "aNULL:-aNULL:HIGH:MEDIUM:LOW:+RC4:@STRENGTH", STR, "OpenSSL ciphers of grade low"),
+    _p("tls_export_cipherlist", "aNULL:-aNULL:HIGH:MEDIUM:LOW:EXPORT:+RC4:@STRENGTH", STR, "OpenSSL ciphers of grade export"),
+    _p("tls_null_cipherlist", "eNULL:!aNULL", STR, "OpenSSL ciphers of grade null"),
+    _p("tls_eecdh_auto_curves", "X25519 X448 prime256v1 secp521r1 secp384r1", LIST, "ECDHE groups offered"),
+    _p("tls_preempt_cipherlist", "no", BOOL, "the server's cipher order wins"),
+    _p("tls_ssl_options", "", LIST, "extra OpenSSL options by name"),
+    _p("tls_disable_workarounds", "", LIST, "OpenSSL bug workarounds turned off"),
+    _p("tls_session_ticket_cipher", "aes-256-cbc", STR, "cipher of session tickets"),
+    _p("tls_append_default_CA", "no", BOOL, "trust the system's default CAs as well"),
+    _p("tls_wildcard_matches_multiple_labels", "yes", BOOL, "a wildcard certificate name matches more than one label"),
+    _p("tls_fast_shutdown_enable", "yes", BOOL, "send close_notify without waiting for the peer's"),
+]
+_LMTP_DEFAULTS = {"tls_secure_cert_match": "nexthop"}   # where Postfix's lmtp_ differs
+for _suffix, _default, _type, _doc, *_extra in _SMTP_CLIENT_TLS:
+    for _prefix in ("smtp", "lmtp"):
+        if _prefix == "lmtp":
+            _default = _LMTP_DEFAULTS.get(_suffix, _default)
+        PARAMS.append(Param(f"{_prefix}_{_suffix}", _default.replace("%s", _prefix), _type,
+                            _doc, **(_extra[0] if _extra else {})))
+
+_BY_NAME: dict[str, Param] = {}
+for _row in PARAMS:
+    if _row.name in _BY_NAME:
+        raise AssertionError(f"parameter declared twice: {_row.name}")
+    _BY_NAME[_row.name] = _row
+
+
+def lookup(name: str) -> Param | None:
+    """The table row of a parameter, or None for a name postfix-py does not know."""
+    return _BY_NAME.get(name)
+
+
+def names() -> list[str]:
+    """All declared parameter names, sorted as postconf prints them."""
+    return sorted(_BY_NAME)
+
+
+def split_list(text: str) -> list[str]:
+    """Split a list value at commas and white space, as Postfix does."""
+    return [w for w in _LIST_SEP.split(text) if w]
+
+
+def computed_default(name: str) -> str | None:
+    """Defaults Postfix computes from the system rather than writes as text."""
+    if name == "myhostname":
+        # As Postfix: the kernel's host name, made "fully qualified" when it is not.
+        host = socket.gethostname() or "localhost"
+        return host if "." in host else host + ".localdomain"
+    return None
+
+
+def convert(param: Param, text: str):
+    """Convert an expanded value to the parameter's type; ParamError names the parameter."""
+    t = param.type
+    text = text.strip()
+    if t == BOOL:
+        low = text.lower()
+        if low in ("yes", "true"):
+            return True
+        if low in ("no", "false"):
+            return False
+        raise ParamError(f"bad boolean configuration: {param.name} = {text}")
+    if t in (INT, SIZE):
+        if not re.fullmatch(r"-?\d+", text):
+            raise ParamError(f"bad numerical configuration: {param.name} = {text}")
+        return _bounded(param, int(text), text)
+    if t == TIME:
+        m = _TIME_RE.match(text)
+        if not m:
+            raise ParamError(f"invalid {param.name} parameter value: \"{text}\"")
+        unit = (m.group(2) or param.unit).lower()
+        return _bounded(param, int(m.group(1)) * _TIME_UNITS[unit], text)
+    if t in (LIST, TABLE):
+        return split_list(text)
+    return text
+
+
+def _bounded(param: Param, value: int, text: str) -> int:
+    if param.min is not None and value < param.min:
+        raise ParamError(f"invalid {param.name} parameter value {text} < {param.min}")
+    if param.max is not None and value > param.max:
+        raise ParamError(f"invalid {param.name} parameter value {text} > {param.max}")
+    return value

@@ -1,0 +1,87 @@
+"""Log lines in Postfix's format: to standard error, to maillog_file, and to syslog."""
+
+import os
+import re
+import socket
+
+import pytest
+
+from postfix_py.lib import msg
+
+STAMP = r"[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d"
+
+
+@pytest.fixture(autouse=True)
+def reset():
+    yield
+    msg.close()
+    msg.init_cli("postfix-py")
+
+
+def test_cli_lines_on_stderr(capsys):
+    msg.init_cli("postconf")
+    msg.warn("foo: unknown parameter")
+    msg.error("something broke")
+    msg.info("plain")
+    assert capsys.readouterr().err.splitlines() == [
+        "postconf: warning: foo: unknown parameter",
+        "postconf: error: something broke",
+        "postconf: plain",
+    ]
+
+
+def test_fatal_and_panic_exit_codes(capsys):
+    msg.init_cli("postmap")
+    with pytest.raises(SystemExit) as exc:
+        msg.fatal("open /x: No such file or directory")
+    assert exc.value.code == 1
+    with pytest.raises(SystemExit) as exc:
+        msg.panic("queue file size mismatch")
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "postmap: fatal: open /x: No such file or directory",
+        "postmap: panic: queue file size mismatch",
+    ]
+
+
+def test_maillog_file_format(tmp_path):
+    log = tmp_path / "maillog"
+    msg.init("smtpd", syslog_name="postfix-py", maillog_file=str(log))
+    msg.info("connect from localhost[127.0.0.1]")
+    msg.warn("peer said\r\nsomething")   # peer text never splits a record
+    lines = log.read_text().splitlines()
+    host = socket.gethostname().split(".")[0]
+    pid = os.getpid()
+    assert re.fullmatch(rf"{STAMP} {re.escape(host)} postfix-py/smtpd\[{pid}\]: "
+                        r"connect from localhost\[127\.0\.0\.1\]", lines[0]), lines[0]
+    assert lines[1].endswith(f"postfix-py/smtpd[{pid}]: warning: peer said\\r\\nsomething")
+    assert len(lines) == 2
+
+
+def test_syslog_datagrams(tmp_path, monkeypatch):
+    path = str(tmp_path / "log")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.settimeout(5)
+    try:
+        monkeypatch.setattr(msg, "SYSLOG_PATH", path)
+        msg.init("tlsmgr", syslog_name="pfx", syslog_facility="local3")
+        msg.warn("cannot open exchange file")
+        record = server.recv(4096).decode()
+    finally:
+        server.close()
+    # priority = facility local3 (19) * 8 + warning (4)
+    assert re.fullmatch(rf"<156>{STAMP} pfx/tlsmgr\[{os.getpid()}\]: warning: "
+                        r"cannot open exchange file", record), record
+
+
+def test_verbose_levels(capsys):
+    msg.init_cli("postconf", verbose=1)
+    msg.verbose(1, "shown")
+    msg.verbose(2, "hidden")
+    assert capsys.readouterr().err == "postconf: shown\n"
+
+
+def test_unknown_facility():
+    with pytest.raises(ValueError, match="unknown syslog_facility"):
+        msg.init("smtpd", syslog_facility="nosuch")
