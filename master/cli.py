@@ -14,24 +14,33 @@ from __future__ import annotations
 import importlib
 import sys
 
-# verb -> (module, one-line summary). The module's main(argv) returns the exit status.
+# verb -> (module, function, one-line summary). The function takes argv and returns the
+# exit status.
+_CONTROL = "postfix_py.master.control"
 VERBS = {
-    "init": ("postfix_py.master.init", "write a self-contained instance on loopback ports"),
-    "postconf": ("postfix_py.tools.postconf", "show or edit main.cf and master.cf"),
-    "postmap": ("postfix_py.tools.postmap", "build and query lookup tables"),
+    "start": (_CONTROL, "start", "start the mail system in the background"),
+    "start-fg": (_CONTROL, "start_fg", "start the mail system in the foreground"),
+    "stop": (_CONTROL, "stop", "stop gracefully: workers finish their client"),
+    "abort": (_CONTROL, "abort", "stop at once"),
+    "reload": (_CONTROL, "reload", "re-read main.cf and master.cf"),
+    "status": (_CONTROL, "status", "show whether it runs, and every process"),
+    "check": (_CONTROL, "check", "look for configuration and permission problems"),
+    "init": ("postfix_py.master.init", "main", "write a self-contained instance on loopback ports"),
+    "postconf": ("postfix_py.tools.postconf", "main", "show or edit main.cf and master.cf"),
+    "postmap": ("postfix_py.tools.postmap", "main", "build and query lookup tables"),
 }
 
 USAGE = """usage: postfix-py [-c config_dir] [-v] command [args...]
 
 commands:
-""" + "".join(f"  {verb:<15} {summary}\n" for verb, (_, summary) in VERBS.items())
+""" + "".join(f"  {verb:<15} {summary}\n" for verb, (_, _, summary) in VERBS.items())
 
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `postfix-py [-c dir] [-v] verb args` to the verb's module."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre: list[str] = []
-    while argv and argv[0] in ("-c", "-v") or (argv and argv[0].startswith("-c") and len(argv[0]) > 2):
+    while argv and (argv[0] in ("-c", "-v") or argv[0].startswith("-c")):
         opt = argv.pop(0)
         if opt == "-c":
             if not argv:
@@ -50,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"postfix-py: unknown command: '{verb}'", file=sys.stderr)
         sys.stderr.write(USAGE)
         return 2
-    module = importlib.import_module(VERBS[verb][0])
+    module_name, function, _ = VERBS[verb]
+    handler = getattr(importlib.import_module(module_name), function)
     try:
-        return int(module.main(pre + rest) or 0)
+        return int(handler(pre + rest) or 0)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

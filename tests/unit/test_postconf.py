@@ -144,7 +144,7 @@ def test_missing_config_directory(tmp_path, postfix_py):
 
 
 def test_output_to_a_closed_pipe_is_quiet(postfix_py):
-    from conftest import POSTFIX_PY
+    from helpers import POSTFIX_PY
     proc = subprocess.run(f"'{POSTFIX_PY}' postconf -d | head -1", shell=True,
                           capture_output=True, text=True)
     assert proc.stdout.count("\n") == 1

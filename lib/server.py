@@ -1,0 +1,287 @@
+"""Worker skeletons: what every forked service process does around its service function.
+
+The master forks a worker and calls its program's main(ctx); main() is one call to a
+skeleton here, which owns everything the service function must not care about, in
+Postfix's order:
+
+    set the process title  (postfix-py/smtpd -n smtp -t inet)
+    close what belongs to other services, reset signals, open the log
+    pre_init()             as root: keys, certificates, tables, files outside the jail
+    chroot                 into queue_directory when the service's chroot column is y
+    drop privileges        supplementary groups, gid, uid of mail_owner; then verify that
+                           root cannot be regained
+    post_init()            inside the jail, unprivileged
+    serve                  report idle/busy to the master over the status pipe; exit after
+                           max_use clients, after max_idle seconds without one, when the
+                           master goes away or retires this generation (EOF on the
+                           liveness pipe), or after SIGTERM once the current client is done
+
+SKELETONS
+    single_server(ctx, service, **hooks): one client at a time: service(conn, ctx) per
+        accepted connection (smtpd, smtp).
+    multi_server(ctx, on_client, **hooks): one event loop (lib/events.py) serving many
+        clients: on_client(conn, loop) per accepted connection; the service registers its
+        own callbacks and timers (tlsmgr, qmgr).
+
+    Hooks: pre_init(ctx), post_init(ctx) (multi_server: post_init(ctx, loop)),
+    on_exit(ctx). ctx.stopping is true once the worker should finish its client and exit;
+    a long session checks it between commands.
+
+STATUS PIPE
+    A worker writes fixed 13-byte records (pid, generation, state, clients served;
+    network order) to the master: state 1 available, 0 taken. Writes under PIPE_BUF are
+    atomic, so records from many workers never interleave.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import select
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+from . import msg
+
+STATUS_FORMAT = "!IIBI"
+STATUS_SIZE = struct.calcsize(STATUS_FORMAT)
+STATUS_AVAIL, STATUS_TAKEN = 1, 0
+
+
+@dataclass
+class WorkerContext:
+    """Everything the master hands a worker it forks."""
+
+    service: object                 # lib.mastercf.Service
+    cfg: object                     # lib.maincf.Config with the service's -o overrides
+    program: str                    # smtpd, tlsmgr, ...
+    listeners: list                 # listening sockets of this service (shared)
+    status_fd: int                  # write end of the service's status pipe
+    live_fd: int                    # read end of the liveness pipe: EOF means "retire"
+    generation: int
+    prepared: object = None         # what the program's prepare() built in the master
+    close_fds: list = field(default_factory=list)   # other services' descriptors
+    verbose: int = 0
+    stopping: bool = False
+    served: int = 0
+    run_as_root: bool = False       # the master runs as root: chroot and drop apply
+    signal_fd: int = -1             # read end of the signal wakeup pipe (set by _start)
+
+    def report(self, state: int) -> None:
+        """Tell the master this worker is available or taken; the master may be gone."""
+        try:
+            os.write(self.status_fd, struct.pack(STATUS_FORMAT, os.getpid(),
+                                                 self.generation, state, self.served))
+        except OSError:
+            self.stopping = True
+
+
+def process_title(program: str, service) -> str:
+    """The title ps shows for a worker, as Postfix: `postfix-py/smtpd -n smtp -t inet`."""
+    return f"postfix-py/{program} -n {service.name} -t {service.type}"
+
+
+def _set_title(title: str) -> None:
+    try:
+        import setproctitle
+        setproctitle.setproctitle(title)
+    except ImportError:   # pragma: no cover - a declared dependency
+        pass
+
+
+def _start(ctx: WorkerContext) -> None:
+    """The part before any hook: title, foreign descriptors, signals, log."""
+    _set_title(process_title(ctx.program, ctx.service))
+    for fd in ctx.close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    # SIGTERM must interrupt a wait for clients at once: wake select through a pipe.
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(w)
+    ctx.signal_fd = r
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def on_term(signum, frame):
+        ctx.stopping = True     # finish the current client, then exit
+    signal.signal(signal.SIGTERM, on_term)
+    cfg = ctx.cfg
+    msg.init(ctx.program, syslog_name=cfg.get("syslog_name"),
+             maillog_file=cfg.get("maillog_file"),
+             syslog_facility=cfg.get("syslog_facility"), verbose=ctx.verbose)
+    for sock in ctx.listeners:
+        sock.setblocking(False)
+
+
+def drop_privileges(ctx: WorkerContext) -> None:
+    """Chroot when the service says so, then become mail_owner for good."""
+    if not ctx.run_as_root:
+        return
+    owner = ctx.cfg.get("mail_owner")
+    try:
+        pw = pwd.getpwnam(owner)
+    except KeyError:
+        msg.fatal(f"unknown mail_owner: {owner}")
+    if ctx.service.chroot:
+        root = ctx.cfg.get("queue_directory")
+        try:
+            os.chroot(root)
+            os.chdir("/")
+        except OSError as exc:
+            msg.fatal(f"chroot({root}): {exc.strerror}")
+    os.initgroups(pw.pw_name, pw.pw_gid)
+    os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
+    os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
+    if pw.pw_uid != 0:
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            msg.panic(f"privilege drop to {owner} did not stick")
+
+
+def _wait_for_client(ctx: WorkerContext, timeout: float | None) -> socket.socket | None:
+    """Accept one connection; None on timeout, on retirement, or when stopping."""
+    fds = [s.fileno() for s in ctx.listeners] + [ctx.live_fd, ctx.signal_fd]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not ctx.stopping:
+        wait = None if deadline is None else deadline - time.monotonic()
+        if wait is not None and wait <= 0:
+            return None
+        try:
+            ready, _, _ = select.select(fds, [], [], wait)
+        except InterruptedError:
+            continue
+        if ctx.signal_fd in ready:
+            _drain(ctx.signal_fd)
+            continue              # the handler has set ctx.stopping if it was SIGTERM
+        if ctx.live_fd in ready:
+            ctx.stopping = True   # the master retired us or went away: take no new client
+            return None
+        for sock in ctx.listeners:
+            if sock.fileno() in ready:
+                try:
+                    conn, _ = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue      # another worker took it
+                except OSError as exc:
+                    if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                        continue
+                    raise
+                conn.setblocking(True)
+                return conn
+    return None
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def single_server(ctx: WorkerContext, service, pre_init=None, post_init=None,
+                  on_exit=None) -> int:
+    """Serve one client at a time with service(conn, ctx); return the exit status."""
+    _start(ctx)
+    if pre_init:
+        pre_init(ctx)
+    drop_privileges(ctx)
+    if post_init:
+        post_init(ctx)
+    max_use = ctx.cfg["max_use"]
+    max_idle = ctx.cfg["max_idle"]
+    try:
+        while not ctx.stopping and ctx.served < max_use:
+            conn = _wait_for_client(ctx, max_idle)
+            if conn is None:
+                break
+            ctx.report(STATUS_TAKEN)
+            try:
+                service(conn, ctx)
+            except ConnectionError as exc:
+                # The client went away mid-write: its loss, not a reason to die.
+                msg.verbose(1, f"lost connection: {exc}")
+            finally:
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+            ctx.served += 1
+            ctx.report(STATUS_AVAIL)
+    finally:
+        if on_exit:
+            on_exit(ctx)
+    return 0
+
+
+def multi_server(ctx: WorkerContext, on_client, pre_init=None, post_init=None,
+                 on_exit=None, client_count=None, long_running: bool = False) -> int:
+    """Serve many clients from one event loop; return the exit status.
+
+    on_client(conn, loop) takes a non-blocking connection. client_count() says how many
+    are still connected, so that max_idle counts only time without any. A long-running
+    daemon (tlsmgr, qmgr) ignores max_idle and max_use: its state lives in memory.
+    """
+    from .events import EventLoop
+
+    _start(ctx)
+    if pre_init:
+        pre_init(ctx)
+    drop_privileges(ctx)
+    loop = EventLoop()
+    if post_init:
+        post_init(ctx, loop)
+    max_use = ctx.cfg["max_use"]
+    max_idle = ctx.cfg["max_idle"]
+    last_activity = [time.monotonic()]
+
+    def accept_ready(sock):
+        def handler():
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            conn.setblocking(False)
+            ctx.served += 1
+            last_activity[0] = time.monotonic()
+            on_client(conn, loop)
+        return handler
+
+    def retire():
+        ctx.stopping = True
+
+    for sock in ctx.listeners:
+        loop.add_reader(sock, accept_ready(sock))
+    loop.add_reader(ctx.live_fd, retire)
+    loop.add_reader(ctx.signal_fd, lambda: _drain(ctx.signal_fd))
+    ctx.report(STATUS_AVAIL)
+
+    def done() -> bool:
+        busy = client_count() if client_count else 0
+        if busy:
+            last_activity[0] = time.monotonic()
+        if ctx.stopping:
+            return not busy or long_running
+        if long_running:
+            return False
+        return ctx.served >= max_use and not busy or \
+            time.monotonic() - last_activity[0] > max_idle
+
+    try:
+        loop.run(until=done)
+    finally:
+        if on_exit:
+            on_exit(ctx)
+        loop.close()
+    return 0
