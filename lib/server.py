@@ -108,6 +108,7 @@ def _start(ctx: WorkerContext) -> None:
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     def on_term(signum, frame):
@@ -201,8 +202,12 @@ def single_server(ctx: WorkerContext, service, pre_init=None, post_init=None,
         post_init(ctx)
     max_use = ctx.cfg["max_use"]
     max_idle = ctx.cfg["max_idle"]
+    watchdog = ctx.cfg["daemon_timeout"]
     try:
         while not ctx.stopping and ctx.served < max_use:
+            # Watchdog, as Postfix's: a worker stuck this long in one pass is killed
+            # (SIGALRM's default action), and the master logs the signal.
+            signal.alarm(watchdog)
             conn = _wait_for_client(ctx, max_idle)
             if conn is None:
                 break
@@ -278,6 +283,12 @@ def multi_server(ctx: WorkerContext, on_client, pre_init=None, post_init=None,
         return ctx.served >= max_use and not busy or \
             time.monotonic() - last_activity[0] > max_idle
 
+    watchdog = ctx.cfg["daemon_timeout"]
+
+    def pet():
+        signal.alarm(watchdog)
+        loop.call_later(min(60, watchdog / 2), pet)
+    pet()
     try:
         loop.run(until=done)
     finally:
