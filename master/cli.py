@@ -28,6 +28,7 @@ VERBS = {
     "init": ("postfix_py.master.init", "main", "write a self-contained instance on loopback ports"),
     "postconf": ("postfix_py.tools.postconf", "main", "show or edit main.cf and master.cf"),
     "postmap": ("postfix_py.tools.postmap", "main", "build and query lookup tables"),
+    "tls": ("postfix_py.tools.tls", "main", "server keys, certificates and fingerprints"),
 }
 
 USAGE = """usage: postfix-py [-c config_dir] [-v] command [args...]

@@ -85,8 +85,13 @@ def _parse_assignment(arg: str) -> tuple[str, str]:
 
 def _show_master(cfg: maincf.Config, selectors: list[str], fold: bool) -> int:
     from ..lib import mastercf
+    path = os.path.join(cfg.config_dir, "master.cf")
     try:
-        services = _services(cfg)
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            # Every entry as written, duplicates included, as Postfix's postconf -M.
+            services = mastercf.parse(f.read(), path)
+    except OSError as exc:
+        msg.fatal(f"open {path}: {exc.strerror}")
     except mastercf.MasterCfError as exc:
         msg.fatal(str(exc))
     status = 0
