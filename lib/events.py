@@ -104,15 +104,20 @@ class EventLoop:
             handle.cancelled = True
 
     def run_due_timers(self) -> float | None:
-        """Fire every timer that is due; return seconds until the next one, or None."""
+        """Fire every timer that is due; return seconds until the next one, or None.
+
+        "Due" is judged once per pass, so a timer that re-arms itself with no delay runs
+        again in the next pass, after I/O, instead of starving it.
+        """
+        now = self.clock()
         while self._timers:
             head = self._timers[0]
             if head.cancelled:
                 heapq.heappop(self._timers)
                 continue
-            delay = head.when - self.clock()
+            delay = head.when - now
             if delay > 0:
-                return delay
+                return max(0.0, head.when - self.clock())
             heapq.heappop(self._timers)
             head.fn()
         return None

@@ -324,8 +324,24 @@ def names() -> list[str]:
 
 
 def split_list(text: str) -> list[str]:
-    """Split a list value at commas and white space, as Postfix does."""
-    return [w for w in _LIST_SEP.split(text) if w]
+    """Split a list value at commas and white space, as Postfix does; `{...}` stays whole."""
+    if "{" not in text:
+        return [w for w in _LIST_SEP.split(text) if w]
+    words, word, depth = [], [], 0
+    for c in text:
+        if c == "{":
+            depth += 1
+        elif c == "}" and depth:
+            depth -= 1
+        if depth == 0 and (c == "," or c.isspace()):
+            if word:
+                words.append("".join(word))
+                word = []
+            continue
+        word.append(c)
+    if word:
+        words.append("".join(word))
+    return words
 
 
 def computed_default(name: str) -> str | None:

@@ -70,6 +70,13 @@ class WorkerContext:
     served: int = 0
     run_as_root: bool = False       # the master runs as root: chroot and drop apply
     signal_fd: int = -1             # read end of the signal wakeup pipe (set by _start)
+    state: dict = field(default_factory=dict)   # what the program keeps between clients
+
+    @property
+    def queue_root(self) -> str:
+        """Where the queue is seen from this worker: / inside the jail."""
+        jailed = self.run_as_root and self.service.chroot
+        return "/" if jailed else self.cfg.get("queue_directory")
 
     def report(self, state: int) -> None:
         """Tell the master this worker is available or taken; the master may be gone."""
@@ -124,7 +131,9 @@ def _start(ctx: WorkerContext) -> None:
 
 def drop_privileges(ctx: WorkerContext) -> None:
     """Chroot when the service says so, then become mail_owner for good."""
+    queue = ctx.cfg.get("queue_directory")
     if not ctx.run_as_root:
+        _chdir(queue)
         return
     owner = ctx.cfg.get("mail_owner")
     try:
@@ -132,12 +141,13 @@ def drop_privileges(ctx: WorkerContext) -> None:
     except KeyError:
         msg.fatal(f"unknown mail_owner: {owner}")
     if ctx.service.chroot:
-        root = ctx.cfg.get("queue_directory")
         try:
-            os.chroot(root)
+            os.chroot(queue)
             os.chdir("/")
         except OSError as exc:
-            msg.fatal(f"chroot({root}): {exc.strerror}")
+            msg.fatal(f"chroot({queue}): {exc.strerror}")
+    else:
+        _chdir(queue)   # as Postfix: every daemon works in queue_directory
     os.initgroups(pw.pw_name, pw.pw_gid)
     os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
     os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
@@ -148,6 +158,13 @@ def drop_privileges(ctx: WorkerContext) -> None:
             pass
         else:
             msg.panic(f"privilege drop to {owner} did not stick")
+
+
+def _chdir(path: str) -> None:
+    try:
+        os.chdir(path)
+    except OSError as exc:
+        msg.fatal(f"chdir({path}): {exc.strerror}")
 
 
 def _wait_for_client(ctx: WorkerContext, timeout: float | None) -> socket.socket | None:
@@ -256,6 +273,14 @@ def multi_server(ctx: WorkerContext, on_client, pre_init=None, post_init=None,
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                # Out of descriptors: stop accepting for a moment rather than spin or die.
+                msg.warn(f"accept: {exc.strerror}; pausing for a second")
+                loop.remove_reader(sock)
+                loop.call_later(1.0, lambda: loop.add_reader(sock, handler))
                 return
             conn.setblocking(False)
             ctx.served += 1

@@ -111,8 +111,9 @@ def prepare_directories(cfg, run_as_root: bool, chroot: bool) -> None:
     queue = cfg.get("queue_directory")
     owner = pwd.getpwnam(cfg.get("mail_owner")) if run_as_root else None
     os.makedirs(queue, mode=0o755, exist_ok=True)
+    from ..lib.queue import SUBDIRS
     layout = [(cfg.get("process_id_directory"), 0o755, False), ("private", 0o700, True),
-              ("public", 0o755, True)]
+              ("public", 0o755, True)] + [(sub, 0o700, True) for sub in SUBDIRS]
     for sub, mode, owned in layout:
         path = os.path.join(queue, sub)
         os.makedirs(path, mode=mode, exist_ok=True)

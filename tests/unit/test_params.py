@@ -111,6 +111,8 @@ def test_bool_and_list():
     assert params.convert(params.lookup("smtpd_use_tls"), "YES") is True
     assert params.convert(params.lookup("smtpd_use_tls"), "no") is False
     assert params.split_list("a, b,c\td\n e,,") == ["a", "b", "c", "d", "e"]
+    assert params.split_list("check_recipient_access inline:{{x@y=550 no such, user}}, permit") \
+        == ["check_recipient_access", "inline:{{x@y=550 no such, user}}", "permit"]
 
 
 @pytest.mark.interop

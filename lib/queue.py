@@ -1,0 +1,279 @@
+"""Queue files: the durable form of a message between smtpd and delivery.
+
+A message lives in one file under queue_directory, first in incoming/, then active/, and
+deferred/ or hold/ as the queue manager decides. The file is written once, sequentially,
+and committed before anyone is told about it (STYLE item 14): smtpd writes it under a
+dot-name in incoming/, ends it with an END record, fsyncs it, renames it to its queue id,
+fsyncs the directory, and only then answers `250 2.0.0 Ok: queued as ID` and wakes qmgr.
+A reader skips dot-files and refuses a file without END.
+
+FORMAT
+    magic  b"PFXQ1\\n"
+    record type (1 byte) + length (4 bytes, big-endian) + data (length bytes)
+
+    T  arrival time, seconds since the epoch (ASCII decimal, with fraction)
+    A  attribute `name=value` (client_name, client_address, helo_name, protocol,
+       sasl_method, sasl_username, tls_*, submit_uid, ...); repeated
+    S  envelope sender (empty for the null sender <>); exactly one
+    R  recipient address; one per recipient. Delivered or bounced recipients have the
+       type byte rewritten in place to D (done), with one pwrite and fsync, so that a
+       crash never forgets a result and never repeats more than the one in flight.
+    D  a recipient that is done
+    M  start of content
+    B  a block of message content (at most BLOCK bytes): the message as received, with
+       lines ending in LF and dot-stuffing removed
+    X  end of content; data: the content size in bytes (ASCII decimal)
+    E  end of file; nothing may follow
+
+QUEUE IDS
+    As Postfix's short ids: five hex digits of microseconds and the file's inode number in
+    hex, e.g. `4C1A21F3E8B`. Unique while the file exists.
+
+FUNCTIONS
+    QueueWriter(queue_root, now=None): create a file in incoming/; add_attr, set_sender,
+        add_recipient, write (content, any chunking), commit() -> queue id, abort().
+        OSError from the file system propagates (ENOSPC: the caller answers 452 4.3.1).
+    read(path) -> QueueMessage (sender, recipients with offsets and done flags, attrs,
+        arrival, content offset and size); raises QueueFileError for a file that is
+        incomplete or corrupt.
+    QueueMessage.content(path) yields the content blocks.
+    mark_done(path, offset): rewrite one recipient's type byte to D, durably.
+    free_space(queue_root) -> bytes available to the mail owner.
+    wake(queue_root, request): poke qmgr through public/qmgr (best effort).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+MAGIC = b"PFXQ1\n"
+HEADER = struct.Struct("!cI")
+BLOCK = 65536
+MAX_RECORD = 4 * BLOCK            # no envelope record is anywhere near this
+SUBDIRS = ("incoming", "active", "deferred", "hold", "corrupt", "defer", "bounce",
+           "maildrop")
+
+# qmgr trigger requests, as Postfix's
+WAKE_INCOMING, WAKE_DEFERRED, WAKE_ALL = b"I", b"D", b"A"
+
+
+class QueueFileError(Exception):
+    """A queue file that is incomplete or does not follow the format."""
+
+
+def queue_id(inode: int, usec: int) -> str:
+    """A Postfix-style short queue id from a file's inode and the microseconds."""
+    return f"{usec % 0x100000:05X}{inode:X}"
+
+
+def _record(kind: bytes, data: bytes) -> bytes:
+    return HEADER.pack(kind, len(data)) + data
+
+
+class QueueWriter:
+    """One new queue file in incoming/, written sequentially and committed at the end."""
+
+    def __init__(self, queue_root: str, now: float | None = None):
+        self.dir = os.path.join(queue_root, "incoming")
+        now = time.time() if now is None else now
+        tmp = os.path.join(self.dir, f".new.{os.getpid()}.{time.monotonic_ns()}")
+        self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            self.id = queue_id(os.fstat(self.fd).st_ino, int(now * 1e6))
+            self.path = os.path.join(self.dir, "." + self.id)
+            os.rename(tmp, self.path)
+        except BaseException:
+            os.close(self.fd)
+            os.unlink(tmp)
+            raise
+        self.size = 0               # content bytes
+        self._buf = bytearray(MAGIC)
+        self._buf += _record(b"T", f"{now:.6f}".encode())
+        self._in_content = False
+        self.closed = False
+
+    def _flush(self) -> None:
+        with memoryview(self._buf) as whole:
+            view = whole
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+            view.release()
+        self._buf.clear()
+
+    def add_attr(self, name: str, value: str) -> None:
+        """Record an attribute (name=value) of the message."""
+        self._buf += _record(b"A", f"{name}={value}".encode("utf-8", "surrogateescape"))
+
+    def set_sender(self, sender: str) -> None:
+        """Record the envelope sender ("" for the null sender)."""
+        self._buf += _record(b"S", sender.encode("utf-8", "surrogateescape"))
+
+    def add_recipient(self, rcpt: str) -> None:
+        """Record one envelope recipient."""
+        self._buf += _record(b"R", rcpt.encode("utf-8", "surrogateescape"))
+
+    def write(self, data: bytes) -> None:
+        """Append message content; blocks of any size, split into BLOCK-sized records."""
+        if not self._in_content:
+            self._buf += _record(b"M", b"")
+            self._in_content = True
+        self.size += len(data)
+        for start in range(0, len(data), BLOCK):
+            chunk = data[start:start + BLOCK]
+            self._buf += HEADER.pack(b"B", len(chunk))
+            self._buf += chunk
+        if len(self._buf) >= BLOCK:
+            self._flush()
+
+    def commit(self) -> str:
+        """End, fsync, rename to the queue id, fsync the directory; returns the id."""
+        if not self._in_content:
+            self._buf += _record(b"M", b"")
+        self._buf += _record(b"X", str(self.size).encode())
+        self._buf += _record(b"E", b"")
+        self._flush()
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.closed = True
+        final = os.path.join(self.dir, self.id)
+        os.rename(self.path, final)
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.path = final
+        return self.id
+
+    def abort(self) -> None:
+        """Throw the file away (a rejected or failed message)."""
+        if not self.closed:
+            os.close(self.fd)
+            self.closed = True
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+@dataclass
+class Recipient:
+    address: str
+    offset: int                 # of the record's type byte, for mark_done
+    done: bool = False
+
+
+@dataclass
+class QueueMessage:
+    queue_id: str
+    arrival: float = 0.0
+    sender: str | None = None
+    recipients: list[Recipient] = field(default_factory=list)
+    attrs: dict[str, str] = field(default_factory=dict)
+    content_offset: int = 0     # of the first B record
+    size: int = 0
+
+    def content(self, path: str, blocks: bool = True):
+        """Yield the message content in blocks, as written."""
+        with open(path, "rb") as f:
+            f.seek(self.content_offset)
+            while True:
+                head = f.read(HEADER.size)
+                if len(head) < HEADER.size:
+                    raise QueueFileError(f"{path}: truncated content")
+                kind, length = HEADER.unpack(head)
+                if kind != b"B":
+                    return
+                data = f.read(length)
+                if len(data) != length:
+                    raise QueueFileError(f"{path}: truncated content")
+                yield data
+
+
+def read(path: str) -> QueueMessage:
+    """Read a committed queue file's envelope; QueueFileError when it is not one."""
+    msg = QueueMessage(queue_id=os.path.basename(path))
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(MAGIC):
+        raise QueueFileError(f"{path}: not a queue file")
+    pos, end, ended, content_size = len(MAGIC), len(data), False, None
+    while pos < end:
+        if end - pos < HEADER.size:
+            raise QueueFileError(f"{path}: truncated record at offset {pos}")
+        kind, length = HEADER.unpack_from(data, pos)
+        body_at = pos + HEADER.size
+        if body_at + length > end:
+            raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
+        if kind != b"B" and length > MAX_RECORD:
+            raise QueueFileError(f"{path}: oversized record at offset {pos}")
+        value = data[body_at:body_at + length]
+        text = value.decode("utf-8", "surrogateescape")
+        if kind == b"T":
+            try:
+                msg.arrival = float(text)
+            except ValueError:
+                raise QueueFileError(f"{path}: bad arrival time") from None
+        elif kind == b"A":
+            name, _, val = text.partition("=")
+            msg.attrs[name] = val
+        elif kind == b"S":
+            if msg.sender is not None:
+                raise QueueFileError(f"{path}: more than one sender")
+            msg.sender = text
+        elif kind in (b"R", b"D"):
+            msg.recipients.append(Recipient(text, pos, kind == b"D"))
+        elif kind == b"M":
+            msg.content_offset = body_at
+        elif kind == b"X":
+            content_size = int(text) if text.isdigit() else -1
+        elif kind == b"E":
+            ended = body_at == end
+            if not ended:
+                raise QueueFileError(f"{path}: data after the end record")
+            break
+        elif kind != b"B":
+            raise QueueFileError(f"{path}: unknown record type {kind!r} at offset {pos}")
+        pos = body_at + length
+    if not ended:
+        raise QueueFileError(f"{path}: no end record (incomplete file)")
+    if msg.sender is None or content_size is None or content_size < 0:
+        raise QueueFileError(f"{path}: missing sender or content")
+    msg.size = content_size
+    return msg
+
+
+def mark_done(path: str, offset: int) -> None:
+    """Record durably that the recipient at offset is done (delivered or bounced)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        if os.pwrite(fd, b"D", offset) != 1:
+            raise OSError(f"{path}: short write")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def free_space(queue_root: str) -> int:
+    """Bytes of the queue file system available to unprivileged users."""
+    st = os.statvfs(queue_root)
+    return st.f_bavail * st.f_frsize
+
+
+def wake(queue_root: str, request: bytes = WAKE_INCOMING) -> bool:
+    """Poke qmgr through public/qmgr; False when it is not listening (it has a timer)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.connect(os.path.join(queue_root, "public", "qmgr"))
+        sock.send(request)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()

@@ -1,0 +1,251 @@
+"""SMTP streams: buffered line I/O with deadlines, over plain TCP or TLS (Postfix's smtp_stream).
+
+smtpd and the smtp client talk through an SmtpStream. Every read and write waits with
+select() against a deadline, so a silent or slow peer costs a timeout, never a hung worker;
+input is buffered in bounded amounts; and the same calls work before and after a TLS
+handshake (pyOpenSSL over the same non-blocking socket).
+
+    s = SmtpStream(sock, timeout)
+    s.readline(limit) -> bytes       one line with its terminator (LF, CRLF), or `limit`
+                                     bytes of a longer line (the rest comes next call);
+                                     raises StreamTimeout or StreamEOF
+    s.write(data); s.flush()         writes are buffered until flush()
+    s.pending() -> int               input bytes received but not yet read (pipelining;
+                                     STARTTLS discards them: purge())
+    s.start_tls_server(ctx, timeout) / s.start_tls_client(ctx, timeout, sni, session)
+                                     handshake with its own deadline; raises TLSFailure
+    s.close()                        TLS close_notify (best effort), then close the socket
+
+ERRORS
+    StreamTimeout (TimeoutError), StreamEOF (ConnectionError; includes resets and TLS
+    errors after the handshake), TLSFailure (a handshake that failed; `reason` says why).
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+
+from OpenSSL import SSL
+
+READ_SIZE = 65536
+
+
+class StreamTimeout(TimeoutError):
+    """The peer did not send or take data before the deadline."""
+
+
+class StreamEOF(ConnectionError):
+    """The peer closed the connection, or it broke."""
+
+
+class TLSFailure(Exception):
+    """A TLS handshake that did not complete."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SmtpStream:
+    """A connected socket with line-buffered reads, buffered writes and deadlines."""
+
+    def __init__(self, sock: socket.socket, timeout: float):
+        self.sock = sock
+        self.timeout = timeout
+        self.tls: SSL.Connection | None = None
+        self._in = bytearray()
+        self._out = bytearray()
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Replies must not wait for the peer's delayed ACK (DESIGN.md).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    # --- low level ---------------------------------------------------------------------
+    def _wait(self, want_write: bool, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise StreamTimeout("timeout")
+        fd = self.sock.fileno()
+        r, w, _ = select.select([] if want_write else [fd], [fd] if want_write else [], [], left)
+        if not r and not w:
+            raise StreamTimeout("timeout")
+
+    def _recv(self, deadline: float) -> bytes:
+        """Some bytes from the peer (never empty: EOF raises)."""
+        while True:
+            try:
+                if self.tls is not None:
+                    data = self.tls.recv(READ_SIZE)
+                else:
+                    data = self.sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError, SSL.WantReadError):
+                self._wait(False, deadline)
+                continue
+            except SSL.WantWriteError:
+                self._wait(True, deadline)
+                continue
+            except SSL.ZeroReturnError:
+                raise StreamEOF("lost connection") from None
+            except (SSL.SysCallError, SSL.Error) as exc:
+                raise StreamEOF(f"lost connection: {_ssl_text(exc)}") from None
+            except OSError as exc:
+                raise StreamEOF(f"lost connection: {exc.strerror}") from None
+            if not data:
+                raise StreamEOF("lost connection")
+            return data
+
+    def _send_all(self, data, deadline: float) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                if self.tls is not None:
+                    n = self.tls.send(view[:READ_SIZE])
+                else:
+                    n = self.sock.send(view)
+            except (BlockingIOError, InterruptedError, SSL.WantWriteError):
+                self._wait(True, deadline)
+                continue
+            except SSL.WantReadError:
+                self._wait(False, deadline)
+                continue
+            except (SSL.SysCallError, SSL.Error) as exc:
+                raise StreamEOF(f"lost connection: {_ssl_text(exc)}") from None
+            except OSError as exc:
+                raise StreamEOF(f"lost connection: {exc.strerror}") from None
+            view = view[n:]
+
+    # --- the interface ---------------------------------------------------------------------
+    def readline(self, limit: int, timeout: float | None = None) -> bytes:
+        """One line including its LF, or `limit` bytes of a longer one."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            nl = self._in.find(b"\n", 0, limit)
+            if nl >= 0:
+                line = bytes(self._in[:nl + 1])
+                del self._in[:nl + 1]
+                return line
+            if len(self._in) >= limit:
+                line = bytes(self._in[:limit])
+                del self._in[:limit]
+                return line
+            if self._out:
+                self.flush()
+            self._in += self._recv(deadline)
+
+    def read_exact(self, n: int, timeout: float | None = None) -> bytes:
+        """Exactly n bytes (for BDAT-style reads and tests)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while len(self._in) < n:
+            self._in += self._recv(deadline)
+        data = bytes(self._in[:n])
+        del self._in[:n]
+        return data
+
+    def pending(self) -> int:
+        """Bytes the peer sent that nobody has read yet."""
+        extra = self.tls.pending() if self.tls is not None else 0
+        return len(self._in) + extra
+
+    def peek(self, n: int) -> bytes:
+        """Up to n buffered input bytes, left in place (for log lines)."""
+        return bytes(self._in[:n])
+
+    def input_ready(self) -> bool:
+        """Whether a read would not block (buffered data, or data on the socket)."""
+        if self.pending():
+            return True
+        r, _, _ = select.select([self.sock.fileno()], [], [], 0)
+        return bool(r)
+
+    def purge(self) -> int:
+        """Discard buffered input; returns how much (STARTTLS: CVE-2011-0411)."""
+        n = len(self._in)
+        self._in.clear()
+        return n
+
+    def write(self, data: bytes) -> None:
+        """Queue data for the next flush."""
+        self._out += data
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send everything written so far."""
+        if self._out:
+            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            data, self._out = self._out, bytearray()
+            self._send_all(data, deadline)
+
+    # --- TLS -------------------------------------------------------------------------------
+    def _handshake(self, conn: SSL.Connection, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                conn.do_handshake()
+                return
+            except SSL.WantReadError:
+                try:
+                    self._wait(False, deadline)
+                except StreamTimeout:
+                    raise TLSFailure("timeout") from None
+            except SSL.WantWriteError:
+                try:
+                    self._wait(True, deadline)
+                except StreamTimeout:
+                    raise TLSFailure("timeout") from None
+            except SSL.SysCallError as exc:
+                raise TLSFailure(_ssl_text(exc) or "lost connection") from None
+            except SSL.Error as exc:
+                raise TLSFailure(_ssl_text(exc)) from None
+
+    def start_tls_server(self, ctx: SSL.Context, timeout: float) -> SSL.Connection:
+        """Become the TLS server on this connection; TLSFailure when the handshake fails."""
+        self.flush()
+        conn = SSL.Connection(ctx, self.sock)
+        conn.set_accept_state()
+        self.tls = conn
+        self._handshake(conn, timeout)
+        return conn
+
+    def start_tls_client(self, ctx: SSL.Context, timeout: float, sni: str | None = None,
+                         session=None) -> SSL.Connection:
+        """Become the TLS client on this connection; TLSFailure when the handshake fails."""
+        self.flush()
+        conn = SSL.Connection(ctx, self.sock)
+        conn.set_connect_state()
+        if sni:
+            conn.set_tlsext_host_name(sni.encode("idna"))
+        if session is not None:
+            conn.set_session(session)
+        self.tls = conn
+        self._handshake(conn, timeout)
+        return conn
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Shut TLS down cleanly when it is up (a session stays resumable), then close."""
+        if self.tls is not None:
+            try:
+                self.flush(timeout)
+            except (StreamTimeout, StreamEOF):
+                pass
+            try:
+                self.tls.shutdown()
+            except (SSL.Error, OSError):
+                pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _ssl_text(exc: Exception) -> str:
+    """A one-line reason from a pyOpenSSL error."""
+    args = getattr(exc, "args", ())
+    if isinstance(exc, SSL.SysCallError):
+        if args and args[0] == -1:
+            return "unexpected EOF"
+        return args[1] if len(args) > 1 else str(exc)
+    if args and isinstance(args[0], list) and args[0]:
+        reason = (list(args[0][-1]) + ["", "", ""])[2]   # (lib, func, reason)
+        return reason or str(exc)
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,316 @@
+"""smtpd access restrictions: the smtpd_*_restrictions lists, as Postfix's smtpd_check.c.
+
+Each list is evaluated in order; the first restriction that decides ends the list:
+permit-like restrictions let the client through this list (the next lists still apply),
+reject-like ones answer with an SMTP reply. A list that runs out permits. With
+smtpd_delay_reject = yes (the default) the client, HELO and sender lists run at RCPT time,
+before the relay and recipient lists, so that the log shows the recipient.
+
+RESTRICTIONS
+    permit, reject, defer, permit_mynetworks, permit_sasl_authenticated,
+    permit_tls_clientcerts (a verified client certificate whose fingerprint is in
+    relay_clientcerts), permit_tls_all_clientcerts (any verified client certificate),
+    check_ccert_access type:table (certificate, then public-key fingerprint as the key),
+    check_client_access, check_helo_access, check_sender_access, check_recipient_access
+    type:table (access(5) actions: OK, REJECT [text], DEFER [text], DUNNO, 4NN/5NN text,
+    PERMIT, a restriction name), reject_unauth_destination, defer_unauth_destination.
+
+FUNCTIONS
+    Checker(cfg) compiles the lists once per worker (tables opened, ConfigError for an
+    unknown restriction or an open-relay configuration, as Postfix refuses to start).
+    checker.rcpt(state, rcpt) -> None (accept) or Reply.
+    is_local_domain / relay_allowed / in_mynetworks are the shared predicates.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from ..lib import msg, tables
+from ..lib.maincf import ConfigError
+from ..lib.params import split_list
+
+RELAY_GUARDS = {"reject_unauth_destination", "defer_unauth_destination", "reject", "defer",
+                "defer_if_permit"}
+SIMPLE = {"permit", "reject", "defer", "permit_mynetworks", "permit_sasl_authenticated",
+          "permit_tls_clientcerts", "permit_tls_all_clientcerts",
+          "reject_unauth_destination", "defer_unauth_destination", "dunno"}
+WITH_TABLE = {"check_ccert_access", "check_client_access", "check_helo_access",
+              "check_sender_access", "check_recipient_access"}
+_DSN_RE = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
+
+
+@dataclass
+class Reply:
+    code: int
+    dsn: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.dsn} {self.text}"
+
+
+@dataclass
+class ClientState:
+    """What the restrictions look at; smtpd fills it in as the session goes on."""
+    name: str = "unknown"
+    addr: str = ""
+    helo: str | None = None
+    sender: str | None = None
+    sasl_username: str | None = None
+    ccert_verified: bool = False
+    ccert_fingerprint: str | None = None
+    ccert_pkey_fingerprint: str | None = None
+
+    @property
+    def client(self) -> str:
+        return f"{self.name}[{self.addr}]"
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".") if "@" in address else ""
+
+
+class Checker:
+    """The restriction lists of one smtpd configuration, compiled."""
+
+    LISTS = ("smtpd_client_restrictions", "smtpd_helo_restrictions",
+             "smtpd_sender_restrictions", "smtpd_relay_restrictions",
+             "smtpd_recipient_restrictions")
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self._tables: dict[str, tables.Table] = {}
+        self.lists = {name: self._compile(name, cfg[name]) for name in self.LISTS}
+        relay = [r for r, _ in self.lists["smtpd_relay_restrictions"]]
+        rcpt = [r for r, _ in self.lists["smtpd_recipient_restrictions"]]
+        if not relay and not RELAY_GUARDS & set(rcpt):
+            # No open relay by accident: Postfix refuses this configuration too.
+            raise ConfigError("parameter smtpd_recipient_restrictions: specify at least one "
+                              "working instance of: reject_unauth_destination, "
+                              "defer_unauth_destination, reject, defer, defer_if_permit")
+        self.mydestination = {d.lower().rstrip(".") for d in cfg["mydestination"]}
+        self.relay_domains = [d.lower().rstrip(".") for d in cfg["relay_domains"]
+                              if ":" not in d]
+        self.networks, self.network_tables = self._networks(cfg["mynetworks"])
+        self.relay_clientcerts = self._table(cfg.get("relay_clientcerts")) \
+            if cfg.get("relay_clientcerts") else None
+        self.delay_reject = cfg["smtpd_delay_reject"]
+
+    # --- compile ---------------------------------------------------------------------------
+    def _table(self, ref: str) -> tables.Table:
+        if ref not in self._tables:
+            try:
+                self._tables[ref] = tables.open_table(ref, self.cfg)
+            except tables.TableError as exc:
+                raise ConfigError(str(exc)) from None
+        return self._tables[ref]
+
+    def _compile(self, param: str, words: list[str]) -> list[tuple[str, object]]:
+        out, i = [], 0
+        while i < len(words):
+            word = words[i].lower()
+            if word in WITH_TABLE:
+                if i + 1 >= len(words) or ":" not in words[i + 1]:
+                    raise ConfigError(f"restriction {word} in {param} requires a "
+                                      f"type:table argument")
+                out.append((word, self._table(words[i + 1])))
+                i += 2
+                continue
+            if word not in SIMPLE:
+                raise ConfigError(f"unknown smtpd restriction: \"{words[i]}\" in {param}")
+            out.append((word, None))
+            i += 1
+        return out
+
+    def _networks(self, words: list[str]):
+        nets, tabs = [], []
+        for word in words:
+            if ":" in word and not word.startswith("[") and word.count(":") == 1 and \
+                    not re.match(r"^[0-9a-fA-F:]+(/\d+)?$", word):
+                tabs.append(self._table(word))
+                continue
+            text = word.replace("[", "").replace("]", "")
+            try:
+                nets.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                msg.warn(f"mynetworks: ignoring entry that is not an address or network: "
+                         f"{word}")
+        return nets, tabs
+
+    # --- predicates ------------------------------------------------------------------------
+    def in_mynetworks(self, addr: str) -> bool:
+        """Whether a client address is in mynetworks."""
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in self.nets_for(ip)):
+            return True
+        return any(t.lookup(addr) is not None for t in self.network_tables)
+
+    def nets_for(self, ip):
+        return [n for n in self.networks if n.version == ip.version]
+
+    def is_local_domain(self, domain: str) -> bool:
+        """A domain of mydestination: mail for it stays on this host."""
+        return domain in self.mydestination
+
+    def relay_allowed(self, rcpt: str) -> bool:
+        """A recipient this host accepts mail for: local or in relay_domains."""
+        domain = _domain(rcpt)
+        if not domain:
+            return True   # a bare local part: the local domain
+        if self.is_local_domain(domain):
+            return True
+        for d in self.relay_domains:
+            bare = d.lstrip(".")
+            if domain == bare and not d.startswith(".") or domain.endswith("." + bare):
+                return True
+        return False
+
+    # --- evaluation ------------------------------------------------------------------------
+    def rcpt(self, state: ClientState, rcpt: str) -> Reply | None:
+        """Run the lists that apply at RCPT TO; None to accept, else the reply."""
+        names = self.LISTS if self.delay_reject else self.LISTS[3:]
+        for name in names:
+            reply = self._run(name, state, rcpt)
+            if reply is not None:
+                return reply
+        return None
+
+    def early(self, name: str, state: ClientState) -> Reply | None:
+        """A client, HELO or sender list at its own command (smtpd_delay_reject = no)."""
+        if self.delay_reject:
+            return None
+        return self._run(name, state, None)
+
+    def _run(self, name: str, state: ClientState, rcpt: str | None) -> Reply | None:
+        for restriction, table in self.lists[name]:
+            verdict = self._apply(restriction, table, name, state, rcpt)
+            if verdict == "permit":
+                return None
+            if isinstance(verdict, Reply):
+                return verdict
+        return None
+
+    def _reject(self, name: str, state: ClientState, rcpt, code: int, text: str,
+                what: str | None = None) -> Reply:
+        what = what or {"smtpd_client_restrictions": "Client host",
+                        "smtpd_helo_restrictions": "Helo command",
+                        "smtpd_sender_restrictions": "Sender address"}.get(name,
+                                                                           "Recipient address")
+        subject = {"Client host": state.client, "Client certificate": state.client,
+                   "Helo command": state.helo or "", "Sender address": state.sender or "",
+                   }.get(what, rcpt or "")
+        dsn = f"{str(code)[0]}.7.1"
+        words = text.split(" ", 1)
+        if _DSN_RE.match(words[0]) and words[0][0] == str(code)[0]:
+            dsn, text = words[0], (words[1] if len(words) > 1 else "")
+        return Reply(code, dsn, f"<{subject}>: {what} rejected: {text}")
+
+    def _apply(self, restriction: str, table, name: str, state: ClientState, rcpt):
+        cfg = self.cfg
+        if restriction == "permit":
+            return "permit"
+        if restriction == "dunno":
+            return None
+        if restriction == "reject":
+            return self._reject(name, state, rcpt, cfg["reject_code"], "Access denied")
+        if restriction == "defer":
+            return self._reject(name, state, rcpt, cfg["defer_code"], "Access denied")
+        if restriction == "permit_mynetworks":
+            return "permit" if self.in_mynetworks(state.addr) else None
+        if restriction == "permit_sasl_authenticated":
+            return "permit" if state.sasl_username else None
+        if restriction == "permit_tls_all_clientcerts":
+            return "permit" if state.ccert_verified else None
+        if restriction == "permit_tls_clientcerts":
+            if state.ccert_verified and self.relay_clientcerts is not None:
+                for key in (state.ccert_fingerprint, state.ccert_pkey_fingerprint):
+                    if key and self.relay_clientcerts.lookup(key) is not None:
+                        return "permit"
+            return None
+        if restriction in ("reject_unauth_destination", "defer_unauth_destination"):
+            if rcpt is None or self.relay_allowed(rcpt):
+                return None
+            if restriction == "reject_unauth_destination":
+                return Reply(cfg["relay_domains_reject_code"], "5.7.1",
+                             f"<{rcpt}>: Relay access denied")
+            return Reply(454, "4.7.1", f"<{rcpt}>: Relay access denied")
+        # check_*_access type:table
+        if restriction == "check_ccert_access":
+            if not state.ccert_verified:
+                return None
+            keys, what = [state.ccert_fingerprint, state.ccert_pkey_fingerprint], \
+                "Client certificate"
+        elif restriction == "check_client_access":
+            keys, what = [state.addr, state.name], "Client host"
+        elif restriction == "check_helo_access":
+            keys, what = [state.helo], "Helo command"
+        elif restriction == "check_sender_access":
+            keys, what = _address_keys(state.sender), "Sender address"
+        else:
+            keys, what = _address_keys(rcpt), "Recipient address"
+        for key in keys:
+            if not key:
+                continue
+            action = table.lookup(key)
+            if action is not None:
+                return self._action(action, name, state, rcpt, what)
+        return None
+
+    def _action(self, action: str, name: str, state, rcpt, what: str):
+        """An access(5) table result."""
+        word, _, text = action.strip().partition(" ")
+        upper = word.upper()
+        if upper in ("OK", "PERMIT") or word.isdigit() and len(word) != 3:
+            return "permit"
+        if upper == "DUNNO":
+            return None
+        if upper == "REJECT":
+            return self._reject(name, state, rcpt, self.cfg["access_map_reject_code"],
+                                text or "Access denied", what)
+        if upper == "DEFER":
+            return self._reject(name, state, rcpt, self.cfg["defer_code"],
+                                text or "Access denied", what)
+        if re.fullmatch(r"[45]\d\d", word):
+            code = int(word)
+            dsn = f"{word[0]}.7.1"
+            parts = text.split(" ", 1)
+            if parts and _DSN_RE.match(parts[0]):
+                dsn, text = parts[0], (parts[1] if len(parts) > 1 else "")
+            return Reply(code, dsn, text or "Access denied")
+        if upper in SIMPLE:
+            return self._apply(word.lower(), None, name, state, rcpt)
+        msg.warn(f"access table: unknown action \"{action}\" -- ignored")
+        return None
+
+
+def _address_keys(address: str | None) -> list[str]:
+    """Lookup keys of an address, as access(5): user@domain, domain, parent domains, user@."""
+    if address is None:
+        return []
+    if address == "":
+        return ["<>"]
+    user, at, domain = address.rpartition("@")
+    if not at:
+        return [address, address + "@"]
+    keys = [address, domain]
+    parts = domain.split(".")
+    keys += [".".join(parts[i:]) for i in range(1, len(parts))]
+    keys.append(user + "@")
+    return keys
+
+
+def parse_restrictions_ok(cfg) -> str | None:
+    """The configuration error of the restriction lists, or None (for start-up checks)."""
+    try:
+        Checker(cfg)
+    except ConfigError as exc:
+        return str(exc)
+    return None

@@ -1,0 +1,119 @@
+"""smtpd: the Postfix-compatible SMTP server, as a master.cf service.
+
+    smtp      inet  n  -  y  -  -  smtpd
+    smtps     inet  n  -  y  -  -  smtpd -o smtpd_tls_wrappermode=yes
+
+DESCRIPTION
+    Each worker serves one client at a time (lib/server.single_server) with the session in
+    smtpd/session.py, and writes accepted mail as queue files into incoming/ (lib/queue.py).
+    prepare() runs once per configuration generation in the master, before any worker is
+    forked: it checks the restriction lists and builds the server TLS contexts, so that all
+    workers of a generation share one set of session-ticket keys (DESIGN.md).
+
+SECURITY
+    Talks to untrusted clients. Runs chrooted in queue_directory (master.cf) as mail_owner;
+    keys, certificates, CAfile and lookup tables are opened before the chroot.
+
+CONFIGURATION PARAMETERS
+    The smtpd_* parameters of lib/params.py; among them smtpd_banner, smtpd_timeout (300s),
+    smtpd_tls_security_level, smtpd_use_tls, smtpd_enforce_tls, smtpd_tls_wrappermode,
+    smtpd_*_restrictions, message_size_limit (10240000), line_length_limit (2048),
+    smtpd_recipient_limit (1000), smtpd_peername_lookup (yes).
+
+SEE ALSO
+    smtpd/session.py, smtpd/check.py, lib/queue.py, lib/tls.py; Postfix smtpd(8).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from ..lib import msg, server
+from ..lib.maincf import ConfigError
+from ..lib.smtpio import SmtpStream
+from .check import Checker, ClientState
+from .session import Session
+
+
+@dataclass
+class Prepared:
+    tls: object = None          # TlsServer, or None when TLS is off or broken
+    tls_problem: str | None = None
+
+
+def prepare(cfg, service) -> Prepared:
+    """Run in the master per generation: validate restrictions, build TLS contexts."""
+    Checker(cfg)    # ConfigError: the service will not start, and says why
+    prepared = Prepared()
+    level = cfg.get("smtpd_tls_security_level") or (
+        "encrypt" if cfg["smtpd_enforce_tls"] else "may" if cfg["smtpd_use_tls"] else "none")
+    if level == "none" and not cfg["smtpd_tls_wrappermode"]:
+        return prepared
+    from . import tls as smtpd_tls
+    try:
+        prepared.tls = smtpd_tls.TlsServer.build(cfg)
+    except ConfigError as exc:
+        prepared.tls_problem = str(exc)
+    return prepared
+
+
+def client_name(addr: str, lookup: bool) -> str:
+    """The client's verified host name (reverse, then forward confirmed), or unknown."""
+    if not lookup:
+        return "unknown"
+    try:
+        name = socket.getnameinfo((addr, 0), socket.NI_NAMEREQD)[0]
+        infos = socket.getaddrinfo(name, None, 0, socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return "unknown"
+    if any(info[4][0] == addr for info in infos):
+        return name
+    return "unknown"
+
+
+def pre_init(ctx) -> None:
+    """As root, before the jail: open the restriction tables."""
+    try:
+        ctx.state["checker"] = Checker(ctx.cfg)
+    except ConfigError as exc:
+        msg.fatal(str(exc))
+    prepared = ctx.prepared or Prepared()
+    if prepared.tls_problem:
+        msg.warn(f"TLS library problem: {prepared.tls_problem}; "
+                 "TLS is not available to clients")
+
+
+def post_init(ctx) -> None:
+    """In the jail: extra entropy for OpenSSL from tlsmgr, when TLS is in use."""
+    prepared = ctx.prepared or Prepared()
+    if prepared.tls is not None:
+        from ..lib import tlsmgr_client
+        tlsmgr_client.configure(cfg=ctx.cfg)
+        tlsmgr_client.mix_seed()
+
+
+def smtpd_service(conn: socket.socket, ctx) -> None:
+    """One client, from connect to disconnect."""
+    cfg = ctx.cfg
+    try:
+        addr = conn.getpeername()[0]
+    except OSError:
+        return
+    if addr.startswith("::ffff:"):
+        addr = addr[7:]
+    client = ClientState(name=client_name(addr, cfg["smtpd_peername_lookup"]), addr=addr)
+    stream = SmtpStream(conn, cfg["smtpd_timeout"])
+    prepared = ctx.prepared or Prepared()
+    session = Session(stream, cfg, client, ctx.queue_root, ctx.state["checker"],
+                      tls=prepared.tls, wrapper=cfg["smtpd_tls_wrappermode"],
+                      stopping=lambda: ctx.stopping)
+    try:
+        session.run()
+    finally:
+        stream.close()
+
+
+def main(ctx) -> int:
+    """The smtpd program: a single-client server."""
+    return server.single_server(ctx, smtpd_service, pre_init=pre_init, post_init=post_init)
