@@ -29,6 +29,12 @@ VERBS = {
     "postconf": ("postfix_py.tools.postconf", "main", "show or edit main.cf and master.cf"),
     "postmap": ("postfix_py.tools.postmap", "main", "build and query lookup tables"),
     "tls": ("postfix_py.tools.tls", "main", "server keys, certificates and fingerprints"),
+    "flush": ("postfix_py.tools.postqueue", "flush", "try to deliver everything in the queue now"),
+    "postqueue": ("postfix_py.tools.postqueue", "main", "list (-p) or flush (-f) the queue"),
+    "postsuper": ("postfix_py.tools.postsuper", "main", "delete, hold, release, requeue mail"),
+    "sendmail": ("postfix_py.tools.sendmail", "main", "submit mail locally"),
+    "posttls-finger": ("postfix_py.tools.posttls_finger", "main",
+                       "probe a server's TLS as the smtp client would"),
 }
 
 USAGE = """usage: postfix-py [-c config_dir] [-v] command [args...]

@@ -1,0 +1,179 @@
+"""The delivery request: how qmgr hands one message to a delivery agent, and hears back.
+
+qmgr connects to the agent's socket (queue_directory/private/TRANSPORT: smtp, relay, lmtp,
+local, discard, error), sends ONE request frame (lib/attr.py framing), and reads ONE reply
+frame; then the connection is closed. The agent reads the message from the queue file
+itself (read-only), delivers, logs Postfix's per-recipient line, and reports every
+recipient's outcome; qmgr alone writes the queue file (marks recipients done, defers,
+bounces), so a crashed agent never leaves a half-updated file.
+
+REQUEST (attributes)
+    request       "deliver"
+    queue_id      the queue id
+    queue_file    path of the queue file relative to queue_directory ("active/ID")
+    transport     the master.cf service name the request went to (smtp, relay, ...)
+    nexthop       the next-hop destination (domain, [host], host:port, [host]:port,
+                  unix:/path for lmtp; for local, the local domain)
+    sender        envelope sender ("" for <>)
+    arrival       the message's arrival time (seconds since the epoch)
+    rcpt_count    N
+    rcpt.I        recipient I (0..N-1)
+    offset.I      the offset of recipient I's record in the queue file (opaque to agents)
+    flags         optional, comma-separated words (e.g. "bounce" for a bounce message)
+
+REPLY (attributes)
+    status        "0" (the per-recipient results follow) or lib/attr's 2/3 with `reason`
+    relay         "host[addr]:port" or "none", for logs
+    rcpt_count    N, as requested
+    result.I      "sent", "deferred" or "bounced"
+    dsn.I         enhanced status code, e.g. "2.0.0", "4.4.1", "5.1.1"
+    reason.I      the reason text (the remote reply, or what went wrong)
+
+FUNCTIONS
+    encode_request(Request) -> bytes (a whole frame); decode_request(attrs) -> Request
+    encode_reply(Reply) -> bytes; decode_reply(attrs, rcpt_count) -> Reply
+    Both decoders raise DeliverError (a lib.attr.AttrError) for a frame that breaks the rules.
+    log_delivery(queue_id, rcpt, relay, arrival, started, dsn, status, reason) logs
+    Postfix's line: `ID: to=<r>, relay=R, delay=D, delays=a/b/c/d, dsn=X, status=S (reason)`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from . import attr, msg
+
+RESULTS = ("sent", "deferred", "bounced")
+
+
+class DeliverError(attr.AttrError):
+    """A delivery request or reply that breaks the rules above."""
+
+
+@dataclass
+class Request:
+    queue_id: str
+    queue_file: str
+    transport: str
+    nexthop: str
+    sender: str
+    arrival: float
+    recipients: list[str]
+    offsets: list[int] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RcptResult:
+    result: str          # sent, deferred, bounced
+    dsn: str
+    reason: str
+
+
+@dataclass
+class Reply:
+    relay: str
+    results: list[RcptResult]
+    status: str = attr.STATUS_OK
+    reason: str = ""
+
+
+def encode_request(req: Request) -> bytes:
+    """The request as one frame."""
+    attrs = {"request": "deliver", "queue_id": req.queue_id, "queue_file": req.queue_file,
+             "transport": req.transport, "nexthop": req.nexthop, "sender": req.sender,
+             "arrival": f"{req.arrival:.6f}", "rcpt_count": len(req.recipients)}
+    if req.flags:
+        attrs["flags"] = ",".join(req.flags)
+    for i, rcpt in enumerate(req.recipients):
+        attrs[f"rcpt.{i}"] = rcpt
+        attrs[f"offset.{i}"] = req.offsets[i] if i < len(req.offsets) else 0
+    return attr.encode(attrs)
+
+
+def _text(attrs: dict, name: str) -> str:
+    try:
+        return attrs[name].decode("utf-8", "surrogateescape")
+    except KeyError:
+        raise DeliverError(f"missing attribute: {name}") from None
+
+
+def _count(attrs: dict) -> int:
+    text = _text(attrs, "rcpt_count")
+    if not text.isdigit() or not 0 < int(text) <= 100000:
+        raise DeliverError(f"bad rcpt_count: {text[:20]!r}")
+    return int(text)
+
+
+def decode_request(attrs: dict) -> Request:
+    """A Request from a decoded frame; DeliverError when it is not a valid one."""
+    if attrs.get("request") != b"deliver":
+        raise DeliverError("not a delivery request")
+    n = _count(attrs)
+    try:
+        arrival = float(_text(attrs, "arrival"))
+        offsets = [int(_text(attrs, f"offset.{i}")) for i in range(n)]
+    except ValueError:
+        raise DeliverError("bad arrival time or recipient offset") from None
+    flags = _text(attrs, "flags").split(",") if "flags" in attrs else []
+    return Request(queue_id=_text(attrs, "queue_id"), queue_file=_text(attrs, "queue_file"),
+                   transport=_text(attrs, "transport"), nexthop=_text(attrs, "nexthop"),
+                   sender=_text(attrs, "sender"), arrival=arrival,
+                   recipients=[_text(attrs, f"rcpt.{i}") for i in range(n)],
+                   offsets=offsets, flags=[f for f in flags if f])
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """The reply as one frame."""
+    attrs = {"status": reply.status, "relay": reply.relay,
+             "rcpt_count": len(reply.results)}
+    if reply.reason:
+        attrs["reason"] = reply.reason
+    for i, r in enumerate(reply.results):
+        attrs[f"result.{i}"] = r.result
+        attrs[f"dsn.{i}"] = r.dsn
+        attrs[f"reason.{i}"] = r.reason[:4000]
+    return attr.encode(attrs)
+
+
+def decode_reply(attrs: dict, rcpt_count: int) -> Reply:
+    """A Reply from a decoded frame; DeliverError when it does not answer the request."""
+    status = _text(attrs, "status")
+    if status != attr.STATUS_OK:
+        return Reply(relay=attrs.get("relay", b"none").decode("utf-8", "replace"),
+                     results=[], status=status,
+                     reason=attrs.get("reason", b"").decode("utf-8", "replace"))
+    if _count(attrs) != rcpt_count:
+        raise DeliverError("reply does not match the request's recipients")
+    results = []
+    for i in range(rcpt_count):
+        result = _text(attrs, f"result.{i}")
+        if result not in RESULTS:
+            raise DeliverError(f"bad result: {result[:20]!r}")
+        results.append(RcptResult(result, _text(attrs, f"dsn.{i}"), _text(attrs, f"reason.{i}")))
+    return Reply(relay=_text(attrs, "relay"), results=results)
+
+
+def log_delivery(queue_id: str, rcpt: str, relay: str, arrival: float, started: float,
+                 dsn: str, status: str, reason: str, conn_setup: float = 0.0,
+                 transmit: float = 0.0) -> None:
+    """Postfix's delivery log line, with its delay breakdown."""
+    now = time.time()
+    delay = max(0.0, now - arrival)
+    before = max(0.0, started - arrival)
+    setup = max(0.0, conn_setup)
+    xmit = max(0.0, transmit)
+    queue_mgr = max(0.0, delay - before - setup - xmit)
+    delays = "/".join(_fmt(x) for x in (before, queue_mgr, setup, xmit))
+    msg.info(f"{queue_id}: to=<{rcpt}>, relay={relay}, delay={_fmt(delay)}, "
+             f"delays={delays}, dsn={dsn}, status={status} ({reason})")
+
+
+def _fmt(seconds: float) -> str:
+    """Postfix's delay format: two significant digits below 10 s, whole seconds above."""
+    if seconds >= 10:
+        return str(int(round(seconds)))
+    if seconds < 0.01:
+        return "0" if seconds < 0.005 else "0.01"
+    return f"{seconds:.2g}" if seconds < 1 else f"{seconds:.1f}".rstrip("0").rstrip(".")
