@@ -1,0 +1,189 @@
+"""Master benchmarks, postfix-py next to Debian's Postfix in the same run.
+
+    python bench/master_bench.py --runs 5
+
+Measures, for each system, with one smtpd service on a loopback port:
+  start        `start` until the SMTP port accepts (seconds)
+  first        connect to 220 greeting with no worker running: fork + worker start (ms)
+  warm         connect to 220 greeting with an idle worker waiting (ms)
+  idle_uss     USS of an idle smtpd worker (MiB, psutil)
+  busy_uss     USS of an smtpd worker in the middle of a session, after a message (MiB)
+Prints a table of medians and the postfix-py/Postfix ratios; --json for machine output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+from peers import PostfixPeer, available  # noqa: E402
+
+POSTFIX_PY = str(Path(sys.executable).parent / "postfix-py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listen(port: int, timeout: float = 20) -> None:
+    """Wait until something listens on the port, without connecting (no worker starts)."""
+    needle = f":{port:04X} "
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/tcp") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 3 and fields[1].endswith(needle.strip()) and fields[3] == "0A":
+                    return
+        time.sleep(0.002)
+    raise RuntimeError(f"port {port} never listened")
+
+
+def greet_ms(port: int) -> float:
+    start = time.perf_counter()
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    f = s.makefile("rb")
+    f.readline()
+    elapsed = (time.perf_counter() - start) * 1000
+    s.sendall(b"QUIT\r\n")
+    f.readline()
+    f.close()
+    s.close()
+    return elapsed
+
+
+def smtpd_workers(master_pid: int, name: str) -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process(master_pid).children():
+        try:
+            if name in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def uss(proc: psutil.Process) -> float:
+    return proc.memory_full_info().uss / 1048576
+
+
+def busy_session(port: int):
+    """A session in the middle of a transaction, after one message: (socket, file)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    f = s.makefile("rb")
+
+    def reply():
+        while True:
+            line = f.readline()
+            if line[3:4] != b"-":
+                return line
+    reply()
+    for cmd in (b"EHLO bench\r\n", b"MAIL FROM:<a@example.org>\r\n",
+                b"RCPT TO:<b@localhost>\r\n", b"DATA\r\n"):
+        s.sendall(cmd)
+        reply()
+    s.sendall(b"Subject: x\r\n\r\n" + b"y" * 5000 + b"\r\n.\r\n")
+    reply()
+    s.sendall(b"MAIL FROM:<a@example.org>\r\n")
+    reply()
+    return s, f
+
+
+class PyInstance:
+    def __init__(self, root: Path, port: int):
+        self.dir, self.port = root, port
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "main.cf").write_text(
+            f"queue_directory = {root}/queue\ndata_directory = {root}/data\n"
+            f"mail_owner = nobody\nmaillog_file = {root}/maillog\n"
+            f"inet_interfaces = 127.0.0.1\nmyhostname = bench.test\n"
+            f"mydestination = $myhostname, localhost\n")
+        (root / "master.cf").write_text(f"127.0.0.1:{port} inet n - y - - smtpd\n")
+
+    def start(self):
+        subprocess.run([POSTFIX_PY, "-c", str(self.dir), "start"], check=True,
+                       capture_output=True)
+
+    def master_pid(self) -> int:
+        return int((self.dir / "queue" / "pid" / "master.pid").read_text())
+
+    def stop(self):
+        subprocess.run([POSTFIX_PY, "-c", str(self.dir), "stop"], capture_output=True)
+
+
+def measure(system: str, root: Path) -> dict:
+    port = free_port()
+    inst = PyInstance(root, port) if system == "postfix-py" else PostfixPeer(root, port)
+    if system == "postfix":
+        inst.write()
+    t0 = time.perf_counter()
+    inst.start()
+    wait_listen(port)
+    start_s = time.perf_counter() - t0
+    time.sleep(0.5)
+    master = inst.master_pid()
+    name = "smtpd"
+    first = greet_ms(port)      # no smtpd runs yet: this one is forked for us
+    time.sleep(0.2)
+    warm = statistics.median(greet_ms(port) for _ in range(5))
+    time.sleep(0.2)
+    idle = statistics.median(uss(w) for w in smtpd_workers(master, name))
+    s, f = busy_session(port)
+    busy = max(uss(w) for w in smtpd_workers(master, name))
+    f.close()
+    s.close()
+    inst.stop()
+    return {"start": start_s, "first": first, "warm": warm, "idle_uss": idle,
+            "busy_uss": busy}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    systems = ["postfix-py"] + (["postfix"] if available() else [])
+    results = {s: [] for s in systems}
+    top = Path(tempfile.mkdtemp(prefix="pfx-bench-"))
+    os.chmod(top, 0o755)   # the peers' unprivileged users must reach their files
+    try:
+        for run in range(args.runs):
+            for system in systems:          # alternate, so drift hits both
+                results[system].append(measure(system, top / f"{system}-{run}"))
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    med = {s: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+           for s, rows in results.items()}
+    if args.json:
+        print(json.dumps(med, indent=2))
+        return 0
+    keys = [("start", "s", 3), ("first", "ms", 2), ("warm", "ms", 2),
+            ("idle_uss", "MiB", 2), ("busy_uss", "MiB", 2)]
+    print(f"{'metric':<10}" + "".join(f"{s:>14}" for s in systems) +
+          ("   ratio" if len(systems) == 2 else ""))
+    for key, unit, nd in keys:
+        row = f"{key + ' (' + unit + ')':<16}" + "".join(
+            f"{round(med[s][key], nd):>14}" for s in systems)
+        if len(systems) == 2 and med["postfix"][key]:
+            row += f"   {med['postfix-py'][key] / med['postfix'][key]:.2f}"
+        print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Real third-party peers for tests and benchmarks: a private Debian Postfix instance.
+
+PostfixPeer(dir, port) writes a self-contained Postfix configuration under dir (its own
+queue and data directories, loopback only, its log in dir/maillog) and runs it with
+`postfix -c dir start`; stop() ends it. The system's own Postfix service is never touched.
+Mail it accepts is discarded after queueing unless `deliver` says otherwise, so that it
+measures and behaves like a receiving MX.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+POSTFIX = shutil.which("postfix", path="/usr/sbin:/usr/bin")
+MASTER_CF = "/etc/postfix/master.cf"
+
+
+def available() -> bool:
+    """Whether Debian's Postfix is installed here."""
+    return bool(POSTFIX) and os.path.exists(MASTER_CF) and os.geteuid() == 0
+
+
+class PostfixPeer:
+    """A private Postfix instance on 127.0.0.1:port."""
+
+    def __init__(self, directory, port: int, main: dict | None = None,
+                 services: list[str] | None = None, smtpd_args: str = ""):
+        self.dir = Path(directory)
+        self.port = port
+        self.main = {
+            "compatibility_level": "3.6",
+            "queue_directory": str(self.dir / "queue"),
+            "data_directory": str(self.dir / "data"),
+            "inet_interfaces": "127.0.0.1",
+            "inet_protocols": "ipv4",
+            "myhostname": "postfix.peer.test",
+            "mydestination": "$myhostname, localhost",
+            "maillog_file": str(self.dir / "maillog"),
+            "maillog_file_prefixes": str(self.dir),
+            "default_transport": "discard",
+            "local_transport": "discard",
+            "relay_transport": "discard",
+            "smtpd_tls_security_level": "none",
+            "alias_maps": "",
+            "alias_database": "",
+            "local_recipient_maps": "",
+            "biff": "no",
+        }
+        self.main.update(main or {})
+        self.services = services or []
+        self.smtpd_args = smtpd_args
+
+    def write(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+        (self.dir / "main.cf").write_text(
+            "".join(f"{k} = {v}\n" for k, v in self.main.items()))
+        lines = []
+        for line in Path(MASTER_CF).read_text().splitlines():
+            if line.startswith("smtp      inet"):
+                line = f"127.0.0.1:{self.port} inet n - y - - smtpd {self.smtpd_args}".rstrip()
+            elif line.startswith("#postlog"):
+                line = line[1:]
+            lines.append(line)
+        lines += self.services
+        (self.dir / "master.cf").write_text("\n".join(lines) + "\n")
+        for sub in ("queue", "data"):
+            (self.dir / sub).mkdir(exist_ok=True)
+        pw = pwd.getpwnam("postfix")
+        os.chown(self.dir / "data", pw.pw_uid, pw.pw_gid)
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start it and wait until its SMTP port accepts."""
+        self.write()
+        out = subprocess.run([POSTFIX, "-c", str(self.dir), "start"], capture_output=True,
+                             text=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(f"postfix start: {out.stderr or self.log()}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"postfix did not listen on {self.port}: {self.log()[-2000:]}")
+
+    def master_pid(self) -> int | None:
+        try:
+            return int((self.dir / "queue" / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def stop(self) -> None:
+        """Stop it (postfix stop, then SIGKILL by pid if it lingers)."""
+        pid = self.master_pid()
+        subprocess.run([POSTFIX, "-c", str(self.dir), "stop"], capture_output=True,
+                       timeout=60)
+        if pid:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.05)
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+    def log(self) -> str:
+        try:
+            return (self.dir / "maillog").read_text()
+        except OSError:
+            return ""
