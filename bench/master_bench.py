@@ -128,7 +128,8 @@ class PyInstance:
 
 def measure(system: str, root: Path) -> dict:
     port = free_port()
-    inst = PyInstance(root, port) if system == "postfix-py" else PostfixPeer(root, port)
+    inst = PyInstance(root, port) if system == "postfix-py" else \
+        PostfixPeer(port, directory=root)
     if system == "postfix":
         inst.write()
     t0 = time.perf_counter()

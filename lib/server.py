@@ -45,7 +45,10 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+import setproctitle
+
 from . import msg
+from .events import EventLoop
 
 STATUS_FORMAT = "!IIBI"
 STATUS_SIZE = struct.calcsize(STATUS_FORMAT)
@@ -93,11 +96,7 @@ def process_title(program: str, service) -> str:
 
 
 def _set_title(title: str) -> None:
-    try:
-        import setproctitle
-        setproctitle.setproctitle(title)
-    except ImportError:   # pragma: no cover - a declared dependency
-        pass
+    setproctitle.setproctitle(title)
 
 
 def _start(ctx: WorkerContext) -> None:
@@ -255,8 +254,6 @@ def multi_server(ctx: WorkerContext, on_client, pre_init=None, post_init=None,
     are still connected, so that max_idle counts only time without any. A long-running
     daemon (tlsmgr, qmgr) ignores max_idle and max_use: its state lives in memory.
     """
-    from .events import EventLoop
-
     _start(ctx)
     if pre_init:
         pre_init(ctx)

@@ -12,8 +12,10 @@ handshake (pyOpenSSL over the same non-blocking socket).
     s.write(data); s.flush()         writes are buffered until flush()
     s.pending() -> int               input bytes received but not yet read (pipelining;
                                      STARTTLS discards them: purge())
+    s.start_tls(conn, timeout)       handshake of a prepared SSL.Connection on this socket,
+                                     with its own deadline; raises TLSFailure
     s.start_tls_server(ctx, timeout) / s.start_tls_client(ctx, timeout, sni, session)
-                                     handshake with its own deadline; raises TLSFailure
+                                     the same, making the connection from a context
     s.close()                        TLS close_notify (best effort), then close the socket
 
 ERRORS
@@ -197,6 +199,13 @@ class SmtpStream:
                 raise TLSFailure(_ssl_text(exc) or "lost connection") from None
             except SSL.Error as exc:
                 raise TLSFailure(_ssl_text(exc)) from None
+
+    def start_tls(self, conn: SSL.Connection, timeout: float) -> SSL.Connection:
+        """Run the handshake of a connection made on this socket (server or client side)."""
+        self.flush()
+        self.tls = conn
+        self._handshake(conn, timeout)
+        return conn
 
     def start_tls_server(self, ctx: SSL.Context, timeout: float) -> SSL.Connection:
         """Become the TLS server on this connection; TLSFailure when the handshake fails."""

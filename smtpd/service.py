@@ -20,6 +20,9 @@ CONFIGURATION PARAMETERS
     smtpd_*_restrictions, message_size_limit (10240000), line_length_limit (2048),
     smtpd_recipient_limit (1000), smtpd_peername_lookup (yes).
 
+Everything a worker imports must be imported at the top of a module: the master imports
+this module before it forks, and inside the chroot jail nothing else can be imported.
+
 SEE ALSO
     smtpd/session.py, smtpd/check.py, lib/queue.py, lib/tls.py; Postfix smtpd(8).
 """
@@ -29,11 +32,12 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from ..lib import msg, server
+from ..lib import msg, server, tlsmgr_client
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
 from .check import Checker, ClientState
 from .session import Session
+from .tls import TlsServer
 
 
 @dataclass
@@ -50,9 +54,8 @@ def prepare(cfg, service) -> Prepared:
         "encrypt" if cfg["smtpd_enforce_tls"] else "may" if cfg["smtpd_use_tls"] else "none")
     if level == "none" and not cfg["smtpd_tls_wrappermode"]:
         return prepared
-    from . import tls as smtpd_tls
     try:
-        prepared.tls = smtpd_tls.TlsServer.build(cfg)
+        prepared.tls = TlsServer.build(cfg)
     except ConfigError as exc:
         prepared.tls_problem = str(exc)
     return prepared
@@ -88,7 +91,6 @@ def post_init(ctx) -> None:
     """In the jail: extra entropy for OpenSSL from tlsmgr, when TLS is in use."""
     prepared = ctx.prepared or Prepared()
     if prepared.tls is not None:
-        from ..lib import tlsmgr_client
         tlsmgr_client.configure(cfg=ctx.cfg)
         tlsmgr_client.mix_seed()
 

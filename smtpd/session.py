@@ -23,12 +23,13 @@ SECURITY
 from __future__ import annotations
 
 import errno
-import os
+import ipaddress
 import re
 import time
 
 from ..lib import msg
 from ..lib import queue as Q
+from ..lib.params import split_list
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure
 from .check import ClientState, Reply
 
@@ -158,11 +159,9 @@ class Session:
         return mode
 
     def _bare_newline_excluded(self) -> bool:
-        from ..lib.params import split_list
         words = split_list(self.cfg.get("smtpd_forbid_bare_newline_exclusions"))
         if words == split_list(self.cfg.get("mynetworks")) or not words:
             return bool(words) and self.checker.in_mynetworks(self.client.addr)
-        import ipaddress
         try:
             ip = ipaddress.ip_address(self.client.addr)
         except ValueError:

@@ -14,6 +14,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,9 +30,12 @@ def available() -> bool:
 class PostfixPeer:
     """A private Postfix instance on 127.0.0.1:port."""
 
-    def __init__(self, directory, port: int, main: dict | None = None,
-                 services: list[str] | None = None, smtpd_args: str = ""):
-        self.dir = Path(directory)
+    def __init__(self, port: int, main: dict | None = None,
+                 services: list[str] | None = None, smtpd_args: str = "", directory=None):
+        # Postfix's unprivileged daemons must reach their files: pytest's tmp dirs are
+        # 0700, so by default the instance lives in a directory of its own under /tmp.
+        self.own_dir = directory is None
+        self.dir = Path(directory or tempfile.mkdtemp(prefix="pfx-postfix-peer-"))
         self.port = port
         self.main = {
             "compatibility_level": "3.6",
@@ -114,6 +118,12 @@ class PostfixPeer:
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
+
+    def cleanup(self) -> None:
+        """Stop it and remove its directory when the peer made it."""
+        self.stop()
+        if self.own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def log(self) -> str:
         try:

@@ -1,0 +1,52 @@
+"""smtpd's use of lib/tls.py: the server contexts of a generation, handshakes, and logging.
+
+TlsServer.build(cfg) runs in the master (smtpd's prepare()), so every worker forked from it
+shares one SSL_CTX and one set of session-ticket keys. handshake() runs STARTTLS or wrapper
+mode on a session's stream within smtpd_starttls_timeout, logs Postfix's lines at
+smtpd_tls_loglevel, and records what the access restrictions need about the client
+certificate (trusted chain, fingerprints).
+"""
+
+from __future__ import annotations
+
+from ..lib import msg
+from ..lib import tls as T
+from ..lib.maincf import ConfigError
+from ..lib.smtpio import TLSFailure
+
+
+class TlsServer:
+    """The server TLS state of one smtpd configuration generation."""
+
+    def __init__(self, server: T.ServerTLS, timeout: int):
+        self.server = server
+        self.timeout = timeout
+
+    @classmethod
+    def build(cls, cfg) -> "TlsServer":
+        """Contexts from main.cf; ConfigError (naming the parameter) when TLS is unusable."""
+        try:
+            server = T.server_tls(cfg)
+        except T.TLSConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        return cls(server, cfg["smtpd_starttls_timeout"])
+
+    def handshake(self, stream, client, level: str) -> T.TLSInfo:
+        """The server handshake on stream; TLSFailure when it does not complete."""
+        mandatory = level == "encrypt" or self.server.level == "encrypt"
+        conn = self.server.connection(stream.sock, client.client, mandatory)
+        stream.start_tls(conn, self.timeout)
+        info = self.server.info(conn)
+        for line in self.server.log_lines(info):
+            msg.info(line)
+        client.ccert_verified = info.peer_cert_present and info.peer_trusted
+        client.ccert_fingerprint = info.peer_fingerprint or None
+        client.ccert_pkey_fingerprint = info.peer_pkey_fingerprint or None
+        return info
+
+    def received_lines(self, info: T.TLSInfo) -> list[str]:
+        """The Received: header's TLS clause, one physical line each."""
+        return self.server.received_lines(info)
+
+
+__all__ = ["TlsServer", "TLSFailure"]
