@@ -1,0 +1,170 @@
+"""Side-by-side acceptance benchmark: postfix-py against Debian's Postfix, same machine, same run.
+
+    python bench/compare.py                       # the full matrix, 3 runs, a markdown table
+    python bench/compare.py --modes plain --clients 8 --runs 5 --messages 400
+
+Both systems get equivalent settings: one smtpd service on a loopback port (chrooted), one
+smtps service, the same self-signed ECDSA certificate, `smtpd_tls_security_level = may`,
+session resumption by tickets, and no relay restrictions in the way (the client is in
+mynetworks). Postfix discards mail after queueing; postfix-py queues it (and its qmgr, when
+present, discards it too). For each mode and client count the systems alternate, run after
+run, so that drift of the machine hits both; the table shows medians and the ratio
+postfix-py / Postfix. Load comes from bench/smtp_load.py (one message per connection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
+from peers import PostfixPeer, available  # noqa: E402
+import smtp_load  # noqa: E402
+
+POSTFIX_PY = str(Path(sys.executable).parent / "postfix-py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_cert(directory: Path) -> Path:
+    from postfix_py.lib import tlsgen
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    tlsgen.write_server_cert(str(key), str(cert), "ecdsa", dns_names=("localhost",))
+    both = directory / "server.pem"
+    both.write_bytes(key.read_bytes() + cert.read_bytes())
+    os.chmod(both, 0o644)
+    return both
+
+
+class PyInstance:
+    """postfix-py with smtpd (and smtps), tlsmgr, and qmgr/discard when they exist."""
+
+    def __init__(self, root: Path, cert: Path):
+        self.dir = root
+        self.port, self.smtps = free_port(), free_port()
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o755)
+        (root / "main.cf").write_text(
+            f"queue_directory = {root}/queue\ndata_directory = {root}/data\n"
+            f"mail_owner = nobody\nmaillog_file = {root}/maillog\n"
+            f"inet_interfaces = 127.0.0.1\nmyhostname = bench.test\n"
+            f"mydestination = $myhostname, localhost\nmynetworks = 127.0.0.0/8\n"
+            f"smtpd_tls_cert_file = {cert}\nsmtpd_tls_security_level = may\n"
+            f"default_transport = discard\n")
+        lines = [f"127.0.0.1:{self.port} inet n - y - - smtpd",
+                 f"127.0.0.1:{self.smtps} inet n - y - - smtpd -o smtpd_tls_wrappermode=yes",
+                 "tlsmgr unix - - y 1000? 1 tlsmgr"]
+        try:
+            import postfix_py.qmgr.service  # noqa: F401
+            import postfix_py.local.discard  # noqa: F401
+            lines += ["qmgr unix n - n 300 1 qmgr", "discard unix - - y - - discard"]
+        except ImportError:
+            pass
+        (root / "master.cf").write_text("\n".join(lines) + "\n")
+
+    def start(self):
+        subprocess.run([POSTFIX_PY, "-c", str(self.dir), "start"], check=True,
+                       capture_output=True)
+
+    def stop(self):
+        subprocess.run([POSTFIX_PY, "-c", str(self.dir), "stop"], capture_output=True)
+
+
+class PfInstance:
+    def __init__(self, root: Path, cert: Path):
+        self.port, self.smtps = free_port(), free_port()
+        self.peer = PostfixPeer(self.port, directory=root, main={
+            "smtpd_tls_cert_file": str(cert), "smtpd_tls_security_level": "may",
+            "mynetworks": "127.0.0.0/8"},
+            services=[f"127.0.0.1:{self.smtps} inet n - y - - smtpd "
+                      "-o smtpd_tls_wrappermode=yes"])
+
+    def start(self):
+        self.peer.start()
+
+    def stop(self):
+        self.peer.stop()
+
+
+def run_load(port: int, mode: str, clients: int, messages: int) -> dict:
+    args = argparse.Namespace(host="127.0.0.1", port=port, mode=mode, clients=clients,
+                              messages=messages, size=5000)
+    return smtp_load.run(args)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--modes", default="plain,starttls,starttls-resume,smtps")
+    p.add_argument("--clients", default="1,8,32")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--messages", type=int, default=300)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if not available():
+        print("Debian's postfix is needed (apt-get install postfix), and root", file=sys.stderr)
+        return 2
+    top = Path(tempfile.mkdtemp(prefix="pfx-compare-"))
+    os.chmod(top, 0o755)
+    cert = make_cert(top)
+    systems = {"postfix-py": PyInstance(top / "py", cert), "postfix": PfInstance(top / "pf", cert)}
+    rows = []
+    try:
+        for s in systems.values():
+            s.start()
+        time.sleep(1)
+        for mode in args.modes.split(","):
+            for clients in map(int, args.clients.split(",")):
+                got = {name: [] for name in systems}
+                for _ in range(args.runs):
+                    for name, s in systems.items():
+                        port = s.smtps if mode == "smtps" else s.port
+                        got[name].append(run_load(port, mode, clients, args.messages))
+                row = {"mode": mode, "clients": clients}
+                for name, results in got.items():
+                    row[name] = {
+                        "rate": statistics.median(r["rate"] for r in results),
+                        "p50_ms": statistics.median(r["p50_ms"] for r in results),
+                        "p99_ms": statistics.median(r["p99_ms"] for r in results),
+                        "failures": sum(r["failures"] for r in results),
+                        "resumed": (statistics.median(r["resumed"] for r in results)
+                                    if results[0]["resumed"] is not None else None),
+                    }
+                row["ratio"] = round(row["postfix-py"]["rate"] / row["postfix"]["rate"], 2)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
+    finally:
+        for s in systems.values():
+            s.stop()
+        shutil.rmtree(top, ignore_errors=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print("| mode | clients | postfix-py msg/s | Postfix msg/s | ratio | postfix-py p50/p99 ms "
+          "| Postfix p50/p99 ms | resumed (py / Postfix) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        a, b = r["postfix-py"], r["postfix"]
+        res = "" if a["resumed"] is None else f"{a['resumed']:.0%} / {b['resumed']:.0%}"
+        print(f"| {r['mode']} | {r['clients']} | {a['rate']:.0f} | {b['rate']:.0f} | "
+              f"{r['ratio']:.2f} | {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | "
+              f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {res} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
