@@ -274,6 +274,8 @@ PARAMS: list[Param] = [
     _p("smtp_always_send_ehlo", "yes", BOOL, "greet with EHLO"),
     _p("smtp_cname_overrides_servername", "no", BOOL, "let a CNAME change the server name used for TLS policy and certificate checks"),
     _p("smtp_address_preference", "any", STR, "address family preferred: ipv4, ipv6 or any"),
+    _p("smtp_dns_nameservers", "", LIST, "DNS servers for MX and address lookups (address, address:port or [address]:port); empty: the system's resolv.conf, read before the chroot"),
+    _p("smtp_dns_timeout", "10s", TIME, "time limit of one DNS lookup of the smtp/lmtp client", min=1),
     _p("lmtp_connect_timeout", "0s", TIME, "time limit of an LMTP connection (0: none)", min=0),
     _p("lmtp_lhlo_name", "$myhostname", STR, "name sent in LHLO"),
     _p("lmtp_data_done_timeout", "600s", TIME, "time limit of the reply after the final dot", min=1),

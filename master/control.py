@@ -29,7 +29,6 @@ import os
 import pwd
 import signal
 import stat
-import sys
 import time
 
 from ..lib import maincf, msg
@@ -220,8 +219,6 @@ def _snapshot(cfg, pid: int, timeout: float = 3.0) -> dict | None:
 
 def status(argv: list[str]) -> int:
     """Say whether the mail system runs and, with psutil, what every process does."""
-    import psutil
-
     msg.init_cli(TOOL)
     config_dir, _, opts, args = _options(argv, "c:v", ["json"])
     cfg = _config(config_dir)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 from ..lib import msg, tables
 from ..lib.maincf import ConfigError
-from ..lib.params import split_list
 
 RELAY_GUARDS = {"reject_unauth_destination", "defer_unauth_destination", "reject", "defer",
                 "defer_if_permit"}

@@ -1,0 +1,407 @@
+"""smtp, lmtp - the SMTP and LMTP delivery agents, as master.cf services.
+
+SYNOPSIS
+    smtp      unix  -       -       y       -       -       smtp
+    relay     unix  -       -       y       -       -       smtp
+    lmtp      unix  -       -       y       -       -       lmtp
+
+DESCRIPTION
+    The queue manager connects to private/smtp (or relay, lmtp) and sends one delivery
+    request (lib/deliver.py): a queue file, a next hop and the recipients. The agent reads
+    the message from the queue file, finds the servers of the next hop (smtp/nexthop.py:
+    MX records in preference order, or the [host], host:port, unix:/path of the request),
+    and tries them in turn: at most smtp_mx_address_limit addresses and
+    smtp_mx_session_limit sessions that got past the greeting. A server that cannot be
+    reached, or that fails temporarily, passes the recipients on to the next one; the
+    last one's answer is final. Each recipient's outcome is logged in Postfix's words
+
+        4C1A21F3E8B: to=<bob@example.com>, relay=mx.example.com[192.0.2.1]:25,
+            delay=0.2, delays=0.01/0/0.15/0.04, dsn=2.0.0, status=sent (250 2.0.0 Ok)
+
+    and reported to the queue manager in one reply frame; the agent never writes the
+    queue file, so a crash repeats at most the delivery in flight and loses nothing.
+
+    TLS follows smtp/tls_policy.py (levels, legacy parameters, per-site table, policy
+    maps) and smtp/session.py (STARTTLS, certificate checks, session cache). The client
+    TLS engine is built in pre_init, before the chroot, from the smtp_tls_* parameters;
+    when it cannot be built, TLS is unavailable: opportunistic TLS goes on in plain text
+    and mandatory TLS defers ("TLS is required, but our TLS engine is unavailable").
+
+SECURITY
+    Talks to untrusted servers over the network; runs chrooted in queue_directory (the
+    master.cf chroot column) as mail_owner. Certificates, keys, CAfile, lookup tables
+    and the resolver configuration are read in pre_init, before the chroot;
+    smtp_tls_CApath and policy-table protocol/cipher variants are read later and must
+    be reachable inside the jail. Every read from the network is bounded in size and
+    time; nothing a server sends can raise past the session.
+
+CONFIGURATION PARAMETERS
+    smtp_connect_timeout (30s), smtp_helo_timeout (300s), smtp_mail_timeout (300s),
+    smtp_rcpt_timeout (300s), smtp_data_init_timeout (120s), smtp_data_xfer_timeout
+    (180s), smtp_data_done_timeout (600s), smtp_quit_timeout (300s),
+    smtp_starttls_timeout (300s), smtp_helo_name ($myhostname), smtp_bind_address,
+    smtp_mx_address_limit (5), smtp_mx_session_limit (2), smtp_skip_5xx_greeting (yes),
+    smtp_always_send_ehlo (yes), smtp_line_length_limit (998), smtp_host_lookup (dns),
+    smtp_cname_overrides_servername (no), smtp_address_preference (any),
+    inet_protocols (all), soft_bounce (no), line_length_limit (2048).
+    TLS: smtp_tls_security_level, smtp_use_tls, smtp_enforce_tls,
+    smtp_tls_enforce_peername, smtp_tls_per_site, smtp_tls_policy_maps,
+    smtp_tls_cert_file, smtp_tls_key_file, smtp_tls_dcert_file, smtp_tls_dkey_file,
+    smtp_tls_eccert_file, smtp_tls_eckey_file, smtp_tls_CAfile, smtp_tls_CApath,
+    smtp_tls_scert_verifydepth (5), smtp_tls_loglevel (0), smtp_tls_note_starttls_offer
+    (no), smtp_tls_cipherlist, smtp_tls_protocols, smtp_tls_ciphers, smtp_tls_servername,
+    smtp_tls_wrappermode, smtp_tls_session_cache_database, smtp_tls_session_cache_timeout
+    (3600s). The lmtp program reads lmtp_* where postfix-py declares it, else smtp_*.
+    smtp_dns_nameservers (empty: the system's resolv.conf), smtp_dns_timeout (10s).
+
+FILES
+    queue_directory/private/smtp, relay, lmtp: the service sockets
+    queue_directory/private/tlsmgr: seeds and the client session cache
+    queue_directory/etc/resolv.conf: the resolver configuration inside the jail (the
+        master copies it; pre_init reads the real one first)
+
+SEE ALSO
+    smtp/session.py, smtp/nexthop.py, smtp/tls_policy.py, lib/deliver.py, lib/tls.py;
+    Postfix smtp(8), lmtp(8).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from ..lib import attr, deliver, msg, server, tables, tls_session, tlsmgr_client
+from ..lib import queue as Q
+from ..lib import tls as libtls
+from ..lib.smtpio import SmtpStream
+from . import nexthop, session, tls_policy
+
+REQUEST_TIMEOUT_CAP = 300       # seconds to wait for the request frame
+
+
+def _prefix(ctx) -> str:
+    return "lmtp" if ctx.program == "lmtp" else "smtp"
+
+
+def make_resolver(cfg) -> nexthop.Resolver:
+    """The resolver, configured now (before the chroot) from main.cf."""
+    servers = cfg["smtp_dns_nameservers"]
+    timeout = cfg["smtp_dns_timeout"]
+    try:
+        resolver = nexthop.Resolver(
+            servers, timeout=timeout, host_lookup=cfg["smtp_host_lookup"],
+            protocols=[p.lower() for p in cfg["inet_protocols"]],
+            cname_overrides=cfg["smtp_cname_overrides_servername"],
+            preference=cfg.get("smtp_address_preference").strip().lower())
+    except ValueError as exc:
+        msg.fatal(f"smtp_dns_nameservers: {exc}")
+    if resolver.problem:
+        msg.warn(resolver.problem)
+    return resolver
+
+
+def pre_init(ctx) -> None:
+    """As root, before the jail: TLS engine, policy tables, resolver."""
+    cfg = ctx.cfg
+    prefix = _prefix(ctx)
+    st = ctx.state
+    st["prefix"] = prefix
+    try:
+        finder = tls_policy.PolicyFinder(cfg, prefix)
+    except tls_policy.PolicyError as exc:
+        msg.fatal(str(exc))
+    except tables.TableError as exc:
+        msg.fatal(str(exc))
+    st["finder"] = finder
+    st["tls"] = None
+    st["tls_variants"] = {}
+    if finder.global_level != "none" or finder.tables_in_use:
+        try:
+            st["tls"] = libtls.client_tls(cfg, prefix)
+        except libtls.TLSConfigError as exc:
+            msg.warn(f"TLS library problem: {exc}; TLS is not available")
+    st["resolver"] = make_resolver(cfg)
+    st["options"] = session.Options.from_config(cfg, prefix)
+    nexthop.prepare_for_chroot()
+    tls_session.missing_symbols()   # loads the bindings the session cache needs
+
+
+def post_init(ctx) -> None:
+    """In the jail: a seed from tlsmgr for OpenSSL, when TLS is in use."""
+    if ctx.state.get("tls") is not None:
+        tlsmgr_client.configure(cfg=ctx.cfg)
+        tlsmgr_client.mix_seed()
+
+
+def _client_for(ctx, policy) -> object | None:
+    """The TLS engine for a policy: main.cf's, or a variant for its protocols/ciphers."""
+    st = ctx.state
+    base = st["tls"]
+    if base is None or not (policy.protocols or policy.ciphers or policy.exclude):
+        return base
+    key = (policy.protocols, policy.ciphers, policy.exclude)
+    if key not in st["tls_variants"]:
+        p = st["prefix"]
+        overrides = {}
+        if policy.protocols:
+            overrides[f"{p}_tls_protocols"] = policy.protocols
+            overrides[f"{p}_tls_mandatory_protocols"] = policy.protocols
+        if policy.ciphers:
+            overrides[f"{p}_tls_ciphers"] = policy.ciphers
+            overrides[f"{p}_tls_mandatory_ciphers"] = policy.ciphers
+        if policy.exclude:
+            overrides[f"{p}_tls_exclude_ciphers"] = policy.exclude
+            overrides[f"{p}_tls_mandatory_exclude_ciphers"] = policy.exclude
+        try:
+            st["tls_variants"][key] = libtls.client_tls(ctx.cfg.with_overrides(overrides), p)
+        except libtls.TLSConfigError as exc:
+            msg.warn(f"TLS library problem: {exc}")
+            st["tls_variants"][key] = None
+    return st["tls_variants"][key]
+
+
+def connect(addr: nexthop.Address, timeout: float, bind_address: str = ""):
+    """A connected socket, or (None, reason) with Postfix's "connect to ..." text."""
+    where = f"connect to {addr.namaddrport}"
+    if addr.family == socket.AF_UNIX:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target = addr.addr
+    else:
+        sock = socket.socket(addr.family, socket.SOCK_STREAM)
+        target = (addr.addr, addr.port)
+        if bind_address and addr.family == socket.AF_INET:
+            try:
+                sock.bind((bind_address.strip("[]"), 0))
+            except OSError as exc:
+                msg.warn(f"smtp_connect_addr: bind {bind_address}: {exc.strerror}")
+    sock.settimeout(timeout if timeout > 0 else None)
+    try:
+        sock.connect(target)
+    except (TimeoutError, socket.timeout):
+        sock.close()
+        return None, f"{where}: Connection timed out"
+    except OSError as exc:
+        sock.close()
+        return None, f"{where}: {exc.strerror or exc}"
+    return sock, None
+
+
+def _starter(ctx, dest, addr, policy, client) -> session.TlsStarter:
+    cfg = ctx.cfg
+    p = ctx.state["prefix"]
+    cache = None
+    if cfg.get(f"{p}_tls_session_cache_database").strip() and \
+            cfg[f"{p}_tls_session_cache_timeout"] > 0 and client is not None:
+        cache = session.TlsmgrCache(p)
+    domain = dest.host if not dest.unix else cfg.get("myhostname")
+    sni_setting = policy.servername or cfg.get(f"{p}_tls_servername")
+    return session.TlsStarter(
+        client, policy, cfg=cfg, prefix=p, service=ctx.service.name,
+        nexthop_text=dest.text, nexthop_domain=domain, cache=cache,
+        fingerprints=tls_policy.fingerprints(cfg, p, policy)
+        if policy.level == "fingerprint" else None,
+        sni=libtls.sni_name(sni_setting, domain, addr.name))
+
+
+def _policy_for(ctx, dest, addr, d: session.Delivery):
+    """The TLS policy for addr, or None (why recorded) when the server must be skipped."""
+    st = ctx.state
+    p = st["prefix"]
+    finder = st["finder"]
+    if dest.unix:
+        policy = finder.find(dest.host, ctx.cfg.get("myhostname"), True, addr.name)
+        if policy.valid and policy.level == "may":
+            msg.warn("smtp_connect_local: opportunistic TLS encryption is not appropriate "
+                     "for unix-domain destinations.")
+            policy = tls_policy.Policy("none", source=policy.source)
+    else:
+        policy = finder.find(dest.text, dest.host, dest.literal, addr.name)
+    if not policy.valid:
+        msg.warn(f"TLS policy lookup for {dest.text}/{addr.name}: {policy.reason}")
+        d.why = (policy.dsn, policy.reason)
+        return None
+    if policy.level == "fingerprint" and not tls_policy.fingerprints(ctx.cfg, p, policy):
+        msg.warn(f"nexthop domain {dest.host}: configured at fingerprint security level, "
+                 f"but with no fingerprints to match.")
+        d.why = tls_policy.DSN_CONFIG
+        return None
+    if ctx.cfg[f"{p}_tls_wrappermode"] and not tls_policy.requires_tls(policy.level):
+        msg.warn(f"{p}_tls_wrappermode requires \"{p}_tls_security_level = encrypt\" "
+                 f"(or stronger)")
+        d.why = tls_policy.DSN_CONFIG
+        return None
+    return policy
+
+
+def deliver_request(req: deliver.Request, ctx) -> deliver.Reply:
+    """Deliver one request; every recipient gets a result, whatever happens."""
+    cfg = ctx.cfg
+    started = time.time()
+    recipients = [session.Rcpt(a, i) for i, a in enumerate(req.recipients)]
+    d = session.Delivery(req.queue_id, req.sender, recipients, req.arrival,
+                         started=started, soft_bounce=cfg["soft_bounce"])
+    relay = "none"
+    try:
+        try:
+            qmsg = Q.read(req.queue_file)
+        except (Q.QueueFileError, OSError) as exc:
+            problem = (str(exc) if isinstance(exc, Q.QueueFileError)
+                       else f"open {req.queue_file}: {exc.strerror or exc}")
+            msg.warn(f"{req.queue_id}: {problem}")
+            d.final_server = True
+            d.bulk_fail("4.3.0", "unreadable mail queue entry", "none")
+            return _reply(d, relay)
+        d.size = qmsg.size
+        d.content = lambda: qmsg.content(req.queue_file)
+        if not req.arrival:
+            d.arrival = qmsg.arrival
+        relay = _deliver(ctx, req, d)
+    except Exception as exc:        # noqa: BLE001 - our own bug must not lose the reply
+        msg.error(f"{req.queue_id}: internal error during delivery: "
+                  f"{type(exc).__name__}: {exc}")
+        d.why = ("4.3.0", "mail system internal error")
+    if d.left():
+        # Whatever is left: the last reason there was, final now (Postfix smtp_connect).
+        d.final_server = True
+        d.unkeep()
+        dsn, reason = d.why or ("4.3.0", "server unavailable or unable to receive mail")
+        d.bulk_fail(dsn, reason, "none")
+    return _reply(d, relay)
+
+
+def _reply(d: session.Delivery, relay: str) -> deliver.Reply:
+    return deliver.Reply(relay=relay, results=[
+        deliver.RcptResult(r.result or "deferred", r.dsn or "4.3.0",
+                           r.reason or "mail system internal error")
+        for r in d.recipients])
+
+
+def _deliver(ctx, req: deliver.Request, d: session.Delivery) -> str:
+    """Postfix's smtp_connect(): next hops, addresses, sessions. Returns the last relay."""
+    cfg = ctx.cfg
+    st = ctx.state
+    p = st["prefix"]
+    lmtp = p == "lmtp"
+    try:
+        dests = nexthop.parse_list(req.nexthop, lmtp)
+    except nexthop.NexthopError as exc:
+        msg.warn(f"{exc}")
+        d.why = ("4.3.5", "mail system configuration error")
+        return "none"
+    if not dests:
+        d.why = ("4.3.5", "mail system configuration error")
+        return "none"
+    addr_limit = cfg["smtp_mx_address_limit"]
+    sess_limit = cfg["smtp_mx_session_limit"]
+    relay = "none"
+    for n, dest in enumerate(dests):
+        if not d.left():
+            break
+        final_nexthop = n == len(dests) - 1
+        addrs, why = st["resolver"].addresses(dest)
+        if dest.unix:
+            addrs[0].name = cfg.get("myhostname")
+        if not addrs:
+            d.why = (why.dsn, why.reason)
+            continue
+        best_pref = addrs[0].pref
+        addr_count = sess_count = 0
+        for i, addr in enumerate(addrs):
+            if not d.todo():
+                break
+            addr_count += 1
+            last = i == len(addrs) - 1 or addr_count == addr_limit
+            policy = _policy_for(ctx, dest, addr, d)
+            if policy is None:
+                if last:
+                    break
+                continue
+            d.final_server = final_nexthop and last
+            got_past_greeting, relay_here = _run_session(ctx, d, dest, addr, policy,
+                                                         best_pref, req.nexthop,
+                                                         sess_limit, sess_count,
+                                                         final_nexthop, last)
+            if relay_here != "none":
+                relay = relay_here
+            if got_past_greeting:
+                sess_count += 1
+                if sess_count == sess_limit:
+                    last = True
+            d.unkeep()
+            d.conn_setup_done = 0.0
+            if last:
+                break
+    return relay
+
+
+def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_limit,
+                 sess_count, final_nexthop, last) -> tuple[bool, str]:
+    """Connect, greet, transfer, quit: one server's part of the delivery."""
+    cfg = ctx.cfg
+    st = ctx.state
+    p = st["prefix"]
+    client = _client_for(ctx, policy)
+    if client is None and st["tls"] is not None:
+        # A policy table's protocols or ciphers that OpenSSL refused (already warned).
+        d.why = tls_policy.DSN_CONFIG
+        return False, "none"
+    sock, reason = connect(addr, cfg[f"{p}_connect_timeout"], cfg.get("smtp_bind_address"))
+    if sock is None:
+        msg.info(reason)
+        d.why = ("4.4.1", reason)
+        return False, "none"
+    options = st["options"]
+    stream = SmtpStream(sock, options.timeouts["helo"])
+    starter = _starter(ctx, dest, addr, policy, client)
+    sess = session.Session(stream, d, addr, options, tls=starter,
+                           port25=addr.port == 25 and not options.lmtp,
+                           best_pref=best_pref, request_nexthop=request_nexthop)
+    try:
+        if not sess.helo():
+            sess.quit()
+            return False, sess.relay
+        # Handshake errors do not count towards the session limit; deliveries do.
+        if sess_limit and sess_count + 1 == sess_limit:
+            last = True
+        d.final_server = final_nexthop and last
+        sess.xfer()
+        sess.quit()
+        return True, sess.relay
+    finally:
+        sess.close()
+
+
+def smtp_service(conn: socket.socket, ctx) -> None:
+    """One delivery request from the queue manager, and its reply."""
+    cfg = ctx.cfg
+    timeout = min(cfg["ipc_timeout"], REQUEST_TIMEOUT_CAP)
+    try:
+        attrs = attr.read_frame(conn, timeout)
+    except attr.PeerClosedError:
+        return
+    except (attr.AttrError, ConnectionError, TimeoutError, OSError) as exc:
+        msg.warn(f"reading delivery request: {exc}")
+        return
+    try:
+        req = deliver.decode_request(attrs)
+    except deliver.DeliverError as exc:
+        msg.warn(f"bad delivery request: {exc}")
+        _send(conn, deliver.encode_reply(deliver.Reply("none", [], attr.STATUS_BAD,
+                                                       str(exc))), timeout)
+        return
+    reply = deliver_request(req, ctx)
+    _send(conn, deliver.encode_reply(reply), timeout)
+
+
+def _send(conn: socket.socket, frame: bytes, timeout: float) -> None:
+    try:
+        conn.settimeout(timeout)
+        conn.sendall(frame)
+    except OSError as exc:
+        # The queue manager went away: it will try again; at worst a duplicate.
+        msg.warn(f"sending delivery status: {exc.strerror or exc}")
+
+
+def main(ctx) -> int:
+    """The smtp and lmtp programs: one delivery request per connection."""
+    return server.single_server(ctx, smtp_service, pre_init=pre_init, post_init=post_init)

@@ -1,0 +1,948 @@
+"""The SMTP/LMTP client dialogue: greeting, EHLO, STARTTLS, MAIL, RCPT, DATA, QUIT.
+
+NAME
+    session - one conversation of the smtp/lmtp client with one server
+
+DESCRIPTION
+    This module is postfix-py's smtp_proto.c, smtp_chat.c and smtp_trouble.c. A Session
+    talks to one server over an SmtpStream (lib/smtpio.py) and knows nothing of sockets,
+    DNS or the queue manager, so that tests can drive it over a socketpair. What the
+    conversation decides about each recipient goes into the Delivery it was given,
+    which outlives the session: one delivery request may need several servers.
+
+    helo()     reads the greeting and sends EHLO (LHLO for LMTP; HELO when EHLO is
+               refused), notes the server's features, and runs STARTTLS when the TLS
+               policy asks for it (then EHLO again). False when the server cannot be
+               used; the Delivery says why.
+    xfer()     MAIL FROM, RCPT TO for every recipient still to do, DATA, the message
+               (CRLF line ends, dot-stuffed, lines longer than smtp_line_length_limit
+               folded with <CR><LF>SPACE), and the final dot. With PIPELINING the
+               commands go out in one write and the replies are read in order.
+    quit()     QUIT, best effort; close() shuts TLS down cleanly and closes.
+
+    Replies are read in bounded pieces: a line longer than line_length_limit is kept to
+    that length and the rest is read and dropped, so a server that sends megabytes
+    without a newline costs time, never memory; lines that do not start with a reply
+    code are ignored, as Postfix does.
+
+FAILURES (Postfix's smtp_trouble.c)
+    A 4xx reply, a lost connection or a timeout defers; a 5xx reply bounces: per
+    recipient for RCPT (and for LMTP's per-recipient replies after DATA), every
+    recipient for MAIL, DATA and the end of DATA. A temporary failure on a server that
+    is not the last one to try keeps the recipients for the next server instead (and
+    logs "queue_id: reason"). A 5xx greeting counts as temporary with
+    smtp_skip_5xx_greeting = yes. Reasons read as Postfix's:
+        host mx.example.com[192.0.2.1] said: 550 5.1.1 ... (in reply to RCPT TO command)
+        host ... refused to talk to me: 554 ...
+        lost connection with mx.example.com[192.0.2.1] while receiving the initial
+            server greeting
+        conversation with ... timed out while sending message body
+        TLS is required, but was not offered by host mx.example.com[192.0.2.1]
+        Cannot start TLS: handshake failure
+        Server certificate not verified
+
+TLS
+    TlsStarter does the handshake for a Session: it looks the session up in the cache
+    (tlsmgr for smtp/lmtp, memory for posttls-finger) under a key of service, next hop,
+    host, address, port and a digest of the policy, offers it, checks the certificate as
+    the level demands (lib/tls.py: trust, names, fingerprints), logs Postfix's lines at
+    smtp_tls_loglevel, and after the first read that follows the handshake (the EHLO
+    reply: a TLS 1.3 ticket arrives after the handshake) stores the session it got. A
+    handshake that fails leaves the connection unusable: no QUIT, no plaintext.
+
+CLASSES
+    Rcpt, Delivery (recipients, results, log lines), Reply, read_reply(), Options,
+    TlsStarter, Session, BodyWriter; MemoryCache and TlsmgrCache (session caches).
+
+SEE ALSO
+    smtp/service.py, smtp/tls_policy.py, lib/smtpio.py, lib/tls.py, lib/deliver.py;
+    Postfix smtp_proto.c, smtp_trouble.c, smtp_chat.c.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+from OpenSSL import SSL
+
+from ..lib import deliver, msg, params, tls_session, tlsmgr_client
+from ..lib import tls as libtls
+from ..lib.smtpio import StreamEOF, StreamTimeout
+from . import tls_policy
+
+X509_V_ERR_DANE_NO_MATCH = 65
+MAX_REPLY_BYTES = 1 << 24       # one reply may not run longer than this, however sent
+MAX_REPLY_LINES = 200           # lines kept of a reply (the rest is read and dropped)
+WRITE_CHUNK = 1 << 16
+PIPELINE_BYTES = 4096           # commands sent before their replies are read (Postfix)
+
+_DSN_RE = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+
+
+# --- recipients and their fate ------------------------------------------------------------
+
+@dataclass
+class Rcpt:
+    """One recipient of the delivery request."""
+
+    address: str
+    index: int
+    result: str | None = None       # sent, deferred, bounced; None while undecided
+    dsn: str = ""
+    reason: str = ""
+    keep: bool = False              # soft failure here: try the next server
+
+
+@dataclass
+class Delivery:
+    """What one delivery request has decided so far (Postfix's SMTP_STATE)."""
+
+    queue_id: str
+    sender: str
+    recipients: list[Rcpt]
+    arrival: float
+    size: int = 0
+    content: object = None          # callable returning an iterator of content blocks
+    started: float = field(default_factory=time.time)
+    final_server: bool = False
+    soft_bounce: bool = False
+    why: tuple[str, str] | None = None   # the last reason there is no delivery (dsn, text)
+    conn_setup_done: float = 0.0
+    log = None                      # override for tests: f(rcpt, relay, status)
+
+    def todo(self) -> list[Rcpt]:
+        """Recipients that this session still has to handle."""
+        return [r for r in self.recipients if r.result is None and not r.keep]
+
+    def left(self) -> list[Rcpt]:
+        """Recipients without a final result (kept ones included)."""
+        return [r for r in self.recipients if r.result is None]
+
+    def unkeep(self) -> None:
+        """After a session: kept recipients are to do again, with the next server."""
+        for r in self.recipients:
+            r.keep = False
+
+    def mark_setup_done(self) -> None:
+        """Connection set-up ends here (for the delays= breakdown)."""
+        if not self.conn_setup_done:
+            self.conn_setup_done = time.time()
+
+    def finish(self, r: Rcpt, status: str, dsn: str, reason: str, relay: str) -> None:
+        """Give r its final result and log Postfix's delivery line."""
+        if status == "bounced" and self.soft_bounce:
+            status, dsn = "deferred", "4" + dsn[1:]
+        r.result, r.dsn, r.reason = status, dsn, reason
+        now = time.time()
+        setup_done = self.conn_setup_done or now
+        if self.log is not None:
+            self.log(r, relay, status)
+            return
+        deliver.log_delivery(self.queue_id, r.address, relay, self.arrival, self.started,
+                             dsn, status, reason, conn_setup=setup_done - self.started,
+                             transmit=now - setup_done)
+
+    def rcpt_fail(self, r: Rcpt, dsn: str, reason: str, relay: str) -> None:
+        """A failure for one recipient: keep it for the next server, defer or bounce."""
+        self.why = (dsn, reason)
+        if self._retry_elsewhere(dsn):
+            msg.info(f"{self.queue_id}: {reason}")
+            r.keep = True
+            return
+        self.finish(r, "deferred" if dsn.startswith("4") else "bounced", dsn, reason, relay)
+
+    def bulk_fail(self, dsn: str, reason: str, relay: str) -> None:
+        """A failure for every recipient still to do here."""
+        self.why = (dsn, reason)
+        todo = self.todo()
+        if not todo:
+            return
+        if self._retry_elsewhere(dsn):
+            msg.info(f"{self.queue_id}: {reason}")
+            for r in todo:
+                r.keep = True
+            return
+        self.mark_setup_done()
+        for r in todo:
+            self.finish(r, "deferred" if dsn.startswith("4") else "bounced", dsn, reason,
+                        relay)
+
+    def _retry_elsewhere(self, dsn: str) -> bool:
+        soft = dsn.startswith("4") or (dsn.startswith("5") and self.soft_bounce)
+        return soft and not self.final_server
+
+    def sent(self, r: Rcpt, reply: "Reply", relay: str) -> None:
+        """The server took responsibility for r."""
+        self.finish(r, "sent", reply.dsn, reply.text1, relay)
+
+
+# --- replies --------------------------------------------------------------------------------
+
+@dataclass
+class Reply:
+    """A server reply: code, enhanced status, and its lines (bounded)."""
+
+    code: int
+    dsn: str
+    lines: list[str]
+
+    @property
+    def text(self) -> str:
+        """The lines, newline-separated, as Postfix keeps them."""
+        return "\n".join(self.lines)
+
+    @property
+    def text1(self) -> str:
+        """The lines on one line, as Postfix logs them (newlines become spaces)."""
+        return " ".join(self.lines)
+
+    @property
+    def klass(self) -> int:
+        """The reply's first digit."""
+        return self.code // 100
+
+
+def _printable(data: bytes) -> str:
+    text = data.decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def read_reply(stream, timeout: float, line_limit: int, chat=None) -> Reply:
+    """Read one (multi-line) reply; StreamTimeout/StreamEOF from the stream propagate."""
+    lines: list[str] = []
+    kept = 0
+    total = 0
+    last = b""
+    while True:
+        line = stream.readline(line_limit, timeout)
+        total += len(line)
+        if not line.endswith(b"\n"):
+            # Over-long: keep line_limit bytes, read the rest and let it go.
+            while True:
+                more = stream.readline(line_limit, timeout)
+                total += len(more)
+                if total > MAX_REPLY_BYTES:
+                    raise StreamEOF("reply too long")
+                if more.endswith(b"\n"):
+                    break
+        if total > MAX_REPLY_BYTES:
+            raise StreamEOF("reply too long")
+        data = line.rstrip(b"\r\n")
+        if chat is not None:
+            chat("<", _printable(data[:line_limit]))
+        head = data[:3]
+        if len(head) == 3 and head.isdigit() and data[3:4] in (b"-", b" ", b""):
+            if kept < MAX_REPLY_LINES and sum(len(x) for x in lines) < line_limit:
+                lines.append(_printable(data))
+                kept += 1
+            if data[3:4] == b"-":
+                continue
+            last = data
+            break
+        # Not a reply line: ignored, as Postfix's smtp_chat_resp does.
+    code = int(last[:3])
+    text = last[4:].lstrip(b" ")
+    m = _DSN_RE.match(text)
+    if m and m.group(1) == last[:1]:
+        dsn = m.group(0).decode("ascii")
+    else:
+        dsn = f"{last[:1].decode('ascii')}.0.0"
+    return Reply(code, dsn, lines)
+
+
+# --- message content ----------------------------------------------------------------------
+
+class BodyWriter:
+    """Queue file content (LF lines) to SMTP DATA: CRLF, dot-stuffing, line folding."""
+
+    def __init__(self, line_limit: int):
+        self.limit = line_limit
+        self.col = 0            # bytes on the current output line
+        self.bol = True         # at the start of an input line
+        self.folded = False     # some line was longer than the limit
+
+    def feed(self, data: bytes) -> bytes:
+        """The SMTP form of the next piece of content (lines may span pieces)."""
+        out = bytearray()
+        start, n = 0, len(data)
+        while start < n:
+            nl = data.find(b"\n", start)
+            end = n if nl < 0 else nl
+            if end > start:
+                self._emit(data[start:end], out)
+            if nl < 0:
+                break
+            out += b"\r\n"
+            self.col, self.bol = 0, True
+            start = nl + 1
+        return bytes(out)
+
+    def _emit(self, seg: bytes, out: bytearray) -> None:
+        if self.bol and seg[:1] == b".":
+            out += b"."
+        self.bol = False
+        if self.limit <= 0:
+            out += seg
+            return
+        pos = 0
+        while pos < len(seg):
+            room = self.limit - self.col
+            if room <= 0:
+                out += b"\r\n "
+                self.col, room = 1, self.limit - 1
+                self.folded = True
+            piece = seg[pos:pos + room]
+            out += piece
+            self.col += len(piece)
+            pos += len(piece)
+
+    def finish(self) -> bytes:
+        """The end of the message: a line end if one is missing, and the dot."""
+        return b".\r\n" if self.bol else b"\r\n.\r\n"
+
+
+# --- session caches -----------------------------------------------------------------------
+
+class TlsmgrCache:
+    """Client TLS sessions in tlsmgr's cache (smtp or lmtp); never raises."""
+
+    def __init__(self, cache_type: str):
+        self.name = cache_type
+
+    def lookup(self, key: str) -> bytes | None:
+        return tlsmgr_client.lookup(self.name, key)
+
+    def update(self, key: str, data: bytes) -> bool:
+        return tlsmgr_client.update(self.name, key, data)
+
+    def delete(self, key: str) -> None:
+        tlsmgr_client.delete(self.name, key)
+
+
+class MemoryCache:
+    """A process-private session cache (posttls-finger's "memory" cache)."""
+
+    name = "memory"
+
+    def __init__(self):
+        self.entries: dict[str, bytes] = {}
+        self.hits = 0
+
+    def lookup(self, key: str) -> bytes | None:
+        return self.entries.get(key)
+
+    def update(self, key: str, data: bytes) -> bool:
+        self.entries[key] = data
+        return True
+
+    def delete(self, key: str) -> None:
+        self.entries.pop(key, None)
+
+
+# --- options --------------------------------------------------------------------------------
+
+@dataclass
+class Options:
+    """What a session needs from main.cf (smtp_* or lmtp_*)."""
+
+    helo_name: str = "localhost"
+    lmtp: bool = False
+    myhostname: str = ""
+    timeouts: dict = field(default_factory=lambda: {
+        "helo": 300, "mail": 300, "rcpt": 300, "data_init": 120, "data_xfer": 180,
+        "data_done": 600, "quit": 300, "starttls": 300})
+    skip_5xx_greeting: bool = True
+    always_send_ehlo: bool = True
+    line_limit: int = 998           # smtp_line_length_limit: folding of content
+    reply_limit: int = 2048         # line_length_limit: longest reply line kept
+    note_starttls_offer: bool = False
+    wrappermode: bool = False
+
+    @classmethod
+    def from_config(cls, cfg, prefix: str = "smtp") -> "Options":
+        """Options from main.cf; lmtp_* where declared, else smtp_*."""
+
+        def p(suffix):
+            name = f"{prefix}_{suffix}"
+            return cfg[name] if params.lookup(name) else cfg[f"smtp_{suffix}"]
+        lmtp = prefix == "lmtp"
+        names = ("helo", "mail", "rcpt", "data_init", "data_xfer", "data_done", "quit")
+        timeouts = {n: p(f"{n}_timeout") for n in names}
+        timeouts["starttls"] = p("starttls_timeout")
+        return cls(helo_name=(cfg.get("lmtp_lhlo_name") if lmtp else cfg.get("smtp_helo_name"))
+                   or cfg.get("myhostname"),
+                   lmtp=lmtp, myhostname=cfg.get("myhostname"), timeouts=timeouts,
+                   skip_5xx_greeting=cfg["smtp_skip_5xx_greeting"],
+                   always_send_ehlo=cfg["smtp_always_send_ehlo"],
+                   line_limit=cfg["smtp_line_length_limit"],
+                   reply_limit=max(cfg["line_length_limit"], 512),
+                   note_starttls_offer=p("tls_note_starttls_offer"),
+                   wrappermode=p("tls_wrappermode"))
+
+
+# --- TLS --------------------------------------------------------------------------------------
+
+class TLSStartError(Exception):
+    """The handshake failed: the connection is in an unknown state and must be dropped."""
+
+
+class TlsStarter:
+    """STARTTLS for a Session, under one TLS policy, with a session cache."""
+
+    def __init__(self, client_tls, policy, *, cfg, prefix: str = "smtp",
+                 service: str = "smtp", nexthop_text: str = "", nexthop_domain: str = "",
+                 cache=None, info=msg.info, warn=msg.warn, loglevel: int | None = None,
+                 match: list[str] | None = None, fingerprints: list[str] | None = None,
+                 sni: str | None = None, log_cache: bool | None = None,
+                 log_certmatch: bool | None = None):
+        self.client = client_tls            # lib.tls.ClientTLS, or None: TLS unavailable
+        self.policy = policy
+        self.cfg = cfg
+        self.prefix = prefix
+        self.service = service
+        self.nexthop_text = nexthop_text
+        self.nexthop_domain = nexthop_domain
+        self.cache = cache
+        self.info = info
+        self.warn = warn
+        self.loglevel = client_tls.loglevel if loglevel is None and client_tls else (loglevel or 0)
+        # Cache lookups and saves are logged at loglevel 2, as Postfix's TLS_LOG_CACHE.
+        self.log_cache = self.loglevel >= 2 if log_cache is None else log_cache
+        self.log_certmatch = self.loglevel >= 2 if log_certmatch is None else log_certmatch
+        self.match = match
+        self.fingerprints = fingerprints
+        self.sni = sni
+        self.cache_key = None
+        self.loaded: bytes | None = None
+        self.conn = None
+        self.tls_info = None
+        self.saved = False
+
+    @property
+    def available(self) -> bool:
+        """Whether there is a TLS engine at all."""
+        return self.client is not None
+
+    @property
+    def level(self) -> str:
+        """The security level in force."""
+        return self.policy.level
+
+    def _match_names(self, hostname: str) -> list[str] | None:
+        if self.level not in ("verify", "secure"):
+            return None
+        strategies = self.match if self.match is not None else \
+            tls_policy.match_strategies(self.cfg, self.prefix, self.policy)
+        return libtls.match_names(strategies, self.nexthop_domain, hostname)
+
+    def _digest(self, hostname: str, server_helo: str) -> str:
+        cfg = self.cfg
+        p = self.prefix
+        files = [cfg.get(f"{p}_tls_{n}") for n in ("CAfile", "CApath", "cert_file",
+                                                   "eccert_file", "dcert_file")]
+        mandatory = tls_policy.requires_tls(self.level)
+        protocols = cfg.get(f"{p}_tls_mandatory_protocols" if mandatory else f"{p}_tls_protocols")
+        # As Postfix salts its key with protocols, cipher list and library version: a
+        # cached session is always one this configuration would negotiate.
+        return tls_policy.policy_digest(
+            self.level, self._match_names(hostname) or [], self.fingerprints or [],
+            self.policy.protocols or protocols, self.client.cipher_lists[int(mandatory)],
+            self.policy.ciphers, self.policy.exclude, self.sni, files, server_helo,
+            SSL.OpenSSL_version(SSL.OPENSSL_VERSION))
+
+    def start(self, stream, addr, server_helo: str = "") -> object:
+        """Handshake on stream; returns lib.tls.TLSInfo; TLSStartError when it fails."""
+        mandatory = tls_policy.requires_tls(self.level)
+        ctx = self.client.context(mandatory)
+        session = None
+        if self.cache is not None:
+            digest = self._digest(addr.name, server_helo)
+            if self.service is None:
+                # posttls-finger's key, as Postfix's: the server's address and the policy.
+                self.cache_key = f"[{addr.addr}]:{addr.port}&{digest}"
+            else:
+                self.cache_key = tls_policy.cache_key(self.service, self.nexthop_text,
+                                                      addr.name, addr.addr, addr.port, digest)
+            if self.log_cache:
+                self.info(f"looking for session {self.cache_key} in {self.cache.name} cache")
+            data = self.cache.lookup(self.cache_key)
+            if data:
+                try:
+                    session = tls_session.deserialize(data, ctx)
+                    self.loaded = data
+                    if self.log_cache:
+                        self.info(f"reloaded session {self.cache_key} from "
+                                  f"{self.cache.name} cache")
+                except ValueError:
+                    self.cache.delete(self.cache_key)
+        stream.flush()
+        discarded = stream.purge()
+        if discarded:
+            # Bytes that came with or after the 220 are plaintext injection: drop them.
+            msg.verbose(1, f"{addr.namaddrport}: discarding {discarded} bytes of "
+                           f"pipelined input before the TLS handshake")
+        conn = self.client.connection(stream.sock, addr.namaddrport, mandatory,
+                                      servername=self.sni, session=session)
+        stream.tls = conn
+        self.conn = conn
+        try:
+            libtls.handshake(conn, stream_timeout(self))
+        except libtls.TLSHandshakeError as exc:
+            self.info(str(exc))
+            for reason in exc.reasons:
+                self.warn(reason)
+            if session is not None and self.cache is not None:
+                self.cache.delete(self.cache_key)
+            raise TLSStartError(str(exc)) from None
+        info = self.client.info(conn, match=self._match_names(addr.name), warn=self.warn)
+        if self.level == "fingerprint":
+            self._check_fingerprint(info)
+        if self.cache is not None and isinstance(self.cache, MemoryCache) and \
+                info.session_reused:
+            self.cache.hits += 1
+        for line in libtls.log_lines(info, self.loglevel,
+                                     require_trust=tls_policy.must_match(self.level)):
+            if line:
+                self.info(line)
+        self.tls_info = info
+        return info
+
+    def _check_fingerprint(self, info) -> None:
+        """The fingerprint level: the certificate or its key must be one of those listed."""
+        wanted = set(self.fingerprints or [])
+        which = None
+        if info.peer_cert_present:
+            if info.peer_fingerprint in wanted:
+                which = ("fingerprint", info.peer_fingerprint)
+            elif info.peer_pkey_fingerprint in wanted:
+                which = ("pkey fingerprint", info.peer_pkey_fingerprint)
+        if which is not None:
+            # The chain does not matter here; the listed fingerprint is the trust anchor.
+            info.peer_trusted = info.peer_matched = True
+            info.matched_name = ""
+            info.verify_error, info.verify_error_text = libtls.X509_V_OK, ""
+            if self.log_certmatch:
+                self.info(f"{info.namaddr}: Matched {which[0]}: {which[1].replace(':', '')}")
+        else:
+            # Postfix (through its DANE code) reports X509_V_ERR_DANE_NO_MATCH.
+            info.peer_trusted = info.peer_matched = False
+            info.verify_error, info.verify_error_depth = X509_V_ERR_DANE_NO_MATCH, 0
+            info.verify_error_text = "no matching DANE TLSA records"
+
+    def acceptable(self) -> bool:
+        """Whether the peer certificate satisfies the level (after start())."""
+        info = self.tls_info
+        if not tls_policy.must_match(self.level):
+            return True
+        return bool(info and info.peer_cert_present and info.peer_verified)
+
+    def save(self) -> None:
+        """Store the session after the first read past the handshake (TLS 1.3 tickets)."""
+        if self.saved or self.cache is None or self.conn is None:
+            return
+        self.saved = True
+        try:
+            session = self.conn.get_session()
+            if session is None:
+                return
+            data = tls_session.serialize(session)
+        except Exception:       # noqa: BLE001 - a cache is never worth a failed delivery
+            return
+        if data == self.loaded:
+            return
+        if self.log_cache:
+            self.info(f"save session {self.cache_key} to {self.cache.name} cache")
+        self.cache.update(self.cache_key, data)
+
+
+def stream_timeout(starter: TlsStarter) -> float:
+    """smtp_starttls_timeout (lmtp_ falls back to smtp_), for the handshake."""
+    name = f"{starter.prefix}_starttls_timeout"
+    return float(starter.cfg[name if params.lookup(name) else "smtp_starttls_timeout"])
+
+
+# --- the session --------------------------------------------------------------------------------
+
+class Session:
+    """One conversation with one server (greeting to QUIT)."""
+
+    def __init__(self, stream, delivery: Delivery, addr, options: Options,
+                 tls: TlsStarter | None = None, chat=None, port25: bool = False,
+                 best_pref: int = 0, request_nexthop: str = ""):
+        self.s = stream
+        self._where = ""                    # what was going on, for timeout and EOF reasons
+        self._best_pref = best_pref         # loop detection: 5.4.6 at the best MX, else 4.4.6
+        self._nexthop = request_nexthop
+        self.d = delivery
+        self.addr = addr                    # nexthop.Address
+        self.o = options
+        self.tls = tls
+        self.chat = chat
+        self.port25 = port25
+        self.namaddr = addr.namaddr
+        self.relay = addr.namaddrport
+        self.features: set[str] = set()
+        self.size_limit = 0
+        self.server_helo = ""
+        self.tls_active = False
+        self.usable = True                  # False: no more I/O (handshake failure)
+        self.quit_ok = True                 # QUIT may be sent
+        self.mail_sent = False
+
+    # --- I/O --------------------------------------------------------------------------
+    def _cmd(self, line: str) -> None:
+        if self.chat is not None:
+            self.chat(">", line)
+        self.s.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+
+    def _flush(self, timeout: float) -> None:
+        self.s.flush(timeout)
+
+    def _reply(self, timeout: float) -> Reply:
+        reply = read_reply(self.s, timeout, self.o.reply_limit, self.chat)
+        return reply
+
+    def _except(self, exc: Exception, where: str) -> None:
+        """A timeout or lost connection: every recipient still to do fails softly."""
+        self.usable = False
+        self.quit_ok = False
+        if isinstance(exc, StreamTimeout):
+            reason = f"conversation with {self.namaddr} timed out while {where}"
+        else:
+            reason = f"lost connection with {self.namaddr} while {where}"
+        self.d.bulk_fail("4.4.2", reason, self.relay)
+
+    def _said(self, reply: Reply, command: str) -> str:
+        return f"host {self.namaddr} said: {reply.text1} (in reply to {command} command)"
+
+    def _site_fail(self, reply: Reply | None, dsn: str, reason: str) -> bool:
+        if reply is not None and not dsn.startswith(("4", "5")):
+            reason, dsn = "Protocol error: " + reason, "5.5.0"
+        self.d.bulk_fail(dsn, reason, self.relay)
+        return False
+
+    # --- greeting, EHLO, STARTTLS -------------------------------------------------------------
+    def helo(self) -> bool:
+        """Greeting, EHLO/HELO/LHLO, STARTTLS; True when mail can be sent."""
+        t = self.o.timeouts
+        if self.o.wrappermode and self.tls is not None:
+            if not self._start_tls_now():
+                return False
+        where = "receiving the initial server greeting"
+        try:
+            greeting = self._reply(t["helo"])
+            if greeting.klass != 2:
+                dsn = greeting.dsn
+                if greeting.klass == 5 and self.o.skip_5xx_greeting:
+                    dsn = "4" + dsn[1:]
+                return self._site_fail(greeting, dsn, f"host {self.namaddr} refused to talk "
+                                                      f"to me: {greeting.text1}")
+            words = greeting.lines[0][4:].split() if greeting.lines else []
+            if words and self.o.myhostname and words[0].lower() == self.o.myhostname.lower() \
+                    and self.port25:
+                msg.warn(f"host {self.relay} greeted me with my own hostname "
+                         f"{self.o.myhostname}")
+            esmtp = self.o.lmtp or self.o.always_send_ehlo or \
+                any(w.upper() == "ESMTP" for w in words)
+            while True:
+                ok = self._ehlo(esmtp)
+                if ok is not True:
+                    return ok
+                if self.tls_active or self.tls is None:
+                    break
+                started = self._maybe_starttls()
+                if started is None:
+                    break               # go on in plain text
+                if not started:
+                    return False
+                esmtp = True            # after STARTTLS: EHLO again
+                where = "performing the EHLO handshake"
+        except (StreamTimeout, StreamEOF) as exc:
+            self._except(exc, self._where or where)
+            return False
+        if self.tls is not None and tls_policy.requires_tls(self.tls.level) \
+                and not self.tls_active:
+            if "STARTTLS" not in self.features:
+                return self._site_fail(None, "4.7.4", f"TLS is required, but was not "
+                                                      f"offered by host {self.namaddr}")
+            return self._site_fail(None, "4.7.5", "TLS is required, but our TLS engine is "
+                                                  "unavailable")
+        return True
+
+    def _ehlo(self, esmtp: bool):
+        """EHLO (or LHLO, or HELO after a refused EHLO); True, or False after a failure."""
+        t = self.o.timeouts
+        if self.o.lmtp:
+            self._where = "performing the LHLO handshake"
+            self._cmd(f"LHLO {self.o.helo_name}")
+            self._flush(t["helo"])
+            reply = self._reply(t["helo"])
+            if self.tls is not None and self.tls.conn is not None:
+                self.tls.save()
+            if reply.klass != 2:
+                return self._site_fail(reply, reply.dsn, f"host {self.namaddr} refused to "
+                                                         f"talk to me: {reply.text1}")
+        else:
+            reply = None
+            if esmtp:
+                self._where = "performing the EHLO handshake"
+                self._cmd(f"EHLO {self.o.helo_name}")
+                self._flush(t["helo"])
+                reply = self._reply(t["helo"])
+                if self.tls is not None and self.tls.conn is not None:
+                    self.tls.save()
+                if reply.klass != 2:
+                    if reply.code == 421:
+                        return self._site_fail(reply, reply.dsn,
+                                               f"host {self.namaddr} refused to talk to "
+                                               f"me: {reply.text1}")
+                    reply = None
+            if reply is None:
+                self._where = "performing the HELO handshake"
+                self._cmd(f"HELO {self.o.helo_name}")
+                self._flush(t["helo"])
+                helo = self._reply(t["helo"])
+                if self.tls is not None and self.tls.conn is not None:
+                    self.tls.save()
+                if helo.klass != 2:
+                    return self._site_fail(helo, helo.dsn, f"host {self.namaddr} refused "
+                                                           f"to talk to me: {helo.text1}")
+                self.features = set()
+                self._where = ""
+                return True
+        self._features(reply)
+        self._where = ""
+        if self.server_helo and self.o.myhostname and self.port25 and \
+                self.server_helo.lower() == self.o.myhostname.lower():
+            msg.warn(f"host {self.relay} replied to HELO/EHLO with my own hostname "
+                     f"{self.o.myhostname}")
+            dsn = "5.4.6" if self.addr.pref == self._best_pref else "4.4.6"
+            return self._site_fail(None, dsn, f"mail for {self._nexthop} loops back to myself")
+        return True
+
+    def _features(self, reply: Reply) -> None:
+        self.features = set()
+        for n, line in enumerate(reply.lines):
+            words = line[4:].replace("=", " ").split()
+            if not words:
+                continue
+            if n == 0:
+                self.server_helo = words[0]
+                continue
+            word = words[0].upper()
+            self.features.add(word)
+            if word == "SIZE" and len(words) > 1:
+                if words[1].isdigit():
+                    self.size_limit = int(words[1])
+                else:
+                    msg.warn(f"bad EHLO SIZE limit \"{words[1][:50]}\" from {self.relay}")
+
+    def _maybe_starttls(self):
+        """STARTTLS when offered and wanted: True (TLS up), False (failed), None (plain)."""
+        level = self.tls.level
+        offered = "STARTTLS" in self.features
+        if offered and self.o.note_starttls_offer and level == "none":
+            msg.info(f"Host offered STARTTLS: [{self.addr.name}]")
+        if not offered or not self.tls.available or tls_policy.rank(level) < tls_policy.rank("may"):
+            return None
+        t = self.o.timeouts
+        self._where = "receiving the STARTTLS response"
+        self._cmd("STARTTLS")
+        self._flush(t["starttls"])
+        reply = self._reply(t["starttls"])
+        self._where = ""
+        if reply.klass != 2:
+            self.features.discard("STARTTLS")
+            if tls_policy.requires_tls(level):
+                return self._site_fail(reply, reply.dsn,
+                                       f"TLS is required, but host {self.namaddr} refused "
+                                       f"to start TLS: {reply.text1}")
+            return None
+        return self._start_tls_now()
+
+    def _start_tls_now(self) -> bool:
+        """The handshake and the certificate check."""
+        try:
+            self.tls.start(self.s, self.addr, self.server_helo)
+        except TLSStartError:
+            # The peer is in an undefined state: no more I/O on this connection.
+            self.usable = False
+            self.quit_ok = False
+            return self._site_fail(None, "4.7.5", "Cannot start TLS: handshake failure")
+        self.tls_active = True
+        self.features = set()
+        if not self.tls.acceptable():
+            self._site_fail(None, "4.7.5", "Server certificate not verified")
+            return False
+        return True
+
+    # --- mail transfer -------------------------------------------------------------------------
+    def xfer(self) -> None:
+        """MAIL, RCPT, DATA, content and the final dot for every recipient still to do."""
+        d = self.d
+        todo = d.todo()
+        if not todo:
+            return
+        d.mark_setup_done()
+        if self.size_limit and d.size > self.size_limit:
+            d.bulk_fail("5.3.4", f"message size {d.size} exceeds size limit "
+                                 f"{self.size_limit} of server {self.namaddr}", self.relay)
+            return
+        mail = f"MAIL FROM:<{d.sender}>"
+        if "SIZE" in self.features:
+            mail += f" SIZE={d.size}"
+        commands = [("MAIL FROM", mail, None)]
+        commands += [("RCPT TO", f"RCPT TO:<{r.address}>", r) for r in todo]
+        commands.append(("DATA", "DATA", None))
+        if "PIPELINING" in self.features:
+            self._xfer_pipelined(commands)
+        else:
+            self._xfer_lockstep(commands)
+
+    _STATE = {"MAIL FROM": ("mail", "sending MAIL FROM"),
+              "RCPT TO": ("rcpt", "sending RCPT TO"),
+              "DATA": ("data_init", "sending DATA command")}
+
+    def _xfer_pipelined(self, commands) -> None:
+        t = self.o.timeouts
+        state = _XferState()
+        i = 0
+        try:
+            while i < len(commands):
+                # A group of commands no larger than PIPELINE_BYTES, then its replies.
+                group, size = [], 0
+                while i < len(commands) and (not group or size + len(commands[i][1]) < PIPELINE_BYTES):
+                    group.append(commands[i])
+                    size += len(commands[i][1]) + 2
+                    i += 1
+                for name, line, _ in group:
+                    self._cmd(line)
+                where = self._STATE[group[0][0]][1]
+                self._where = where
+                self._flush(t[self._STATE[group[-1][0]][0]])
+                for name, line, r in group:
+                    key, where = self._STATE[name]
+                    self._where = where
+                    reply = self._reply(t[key])
+                    self._handle(state, name, r, reply)
+            self._after_data(state)
+        except (StreamTimeout, StreamEOF) as exc:
+            self._except(exc, self._where)
+
+    def _xfer_lockstep(self, commands) -> None:
+        t = self.o.timeouts
+        state = _XferState()
+        try:
+            for name, line, r in commands:
+                if name == "RCPT TO" and state.mail_rejected:
+                    continue
+                if name == "DATA" and (state.mail_rejected or not state.accepted):
+                    break
+                key, where = self._STATE[name]
+                self._where = where
+                self._cmd(line)
+                self._flush(t[key])
+                reply = self._reply(t[key])
+                self._handle(state, name, r, reply)
+            self._after_data(state)
+        except (StreamTimeout, StreamEOF) as exc:
+            self._except(exc, self._where)
+
+    def _handle(self, state: "_XferState", name: str, r: Rcpt | None, reply: Reply) -> None:
+        d = self.d
+        if name == "MAIL FROM":
+            if reply.klass != 2:
+                state.mail_rejected = True
+                d.bulk_fail(reply.dsn, self._said(reply, "MAIL FROM"), self.relay)
+        elif name == "RCPT TO":
+            if state.mail_rejected:
+                return
+            if reply.klass == 2:
+                state.accepted.append(r)
+            else:
+                d.rcpt_fail(r, reply.dsn, self._said(reply, "RCPT TO"), self.relay)
+        else:
+            state.data_reply = reply
+
+    def _after_data(self, state: "_XferState") -> None:
+        """After the DATA reply: the content and the final dot, or nothing."""
+        t = self.o.timeouts
+        d = self.d
+        reply = state.data_reply
+        if reply is None:
+            return                      # lock-step: no DATA was sent
+        if state.mail_rejected or not state.accepted:
+            if reply.klass == 3:
+                # A server that says 354 with nobody to deliver to: end it empty.
+                self._where = "sending end of data -- message may be sent more than once"
+                self._cmd(".")
+                self._flush(t["data_done"])
+                self._reply(t["data_done"])
+            return
+        if reply.klass != 3:
+            d.bulk_fail(reply.dsn, self._said(reply, "DATA"), self.relay)
+            return
+        self._where = "sending message body"
+        writer = BodyWriter(self.o.line_limit)
+        pending = bytearray()
+        for block in d.content():
+            pending += writer.feed(block)
+            if len(pending) >= WRITE_CHUNK:
+                self.s.write(bytes(pending))
+                pending.clear()
+                self._flush(t["data_xfer"])
+        if writer.folded:
+            msg.info(f"{d.queue_id}: breaking line > {self.o.line_limit} bytes with "
+                     f"<CR><LF>SPACE")
+        pending += writer.finish()
+        self.s.write(bytes(pending))
+        if self.chat is not None:
+            self.chat(">", ".")
+        self._where = "sending end of data -- message may be sent more than once"
+        self._flush(t["data_xfer"])
+        self.mail_sent = True
+        if self.o.lmtp:
+            for r in state.accepted:
+                reply = self._reply(t["data_done"])
+                if reply.klass == 2:
+                    d.sent(r, reply, self.relay)
+                else:
+                    d.rcpt_fail(r, reply.dsn, self._said(reply, "end of DATA"), self.relay)
+            return
+        reply = self._reply(t["data_done"])
+        if reply.klass == 2:
+            for r in state.accepted:
+                d.sent(r, reply, self.relay)
+        else:
+            d.bulk_fail(reply.dsn, self._said(reply, "end of DATA"), self.relay)
+
+    # --- the end ---------------------------------------------------------------------------
+    def quit(self) -> None:
+        """QUIT and its reply, when the connection is still in a known state; never raises."""
+        if not self.usable or not self.quit_ok:
+            return
+        t = self.o.timeouts["quit"]
+        try:
+            self._cmd("QUIT")
+            self._flush(t)
+            self._reply(t)
+        except (StreamTimeout, StreamEOF):
+            pass
+
+    def close(self) -> None:
+        """Shut TLS down cleanly (a session stays resumable) and close the connection."""
+        if self.usable:
+            self.s.close(timeout=min(2.0, self.o.timeouts["quit"]))
+            return
+        # After a failed handshake or a broken connection: no more TLS records, just go.
+        self.s.tls = None
+        self.s.close()
+
+
+@dataclass
+class _XferState:
+    mail_rejected: bool = False
+    accepted: list = field(default_factory=list)
+    data_reply: Reply | None = None

@@ -1,0 +1,250 @@
+"""postfix-py posttls-finger against a real STARTTLS server, side by side with Debian's.
+
+The server is a small SMTP/LMTP responder in a thread, with Python's ssl module and trustme
+certificates (its SSLContext issues TLS 1.3 tickets, so -r can resume). Each case runs
+Debian's posttls-finger (skipped when absent) and ours with the same options, and compares
+their output line by line once the parts that legitimately differ are normalised: the EHLO
+name, the cache-key digest (a different salt), and subject_CN (see the report on lib/tls).
+"""
+
+import io
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import trustme
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import run  # noqa: E402
+
+from postfix_py.lib import tls as libtls  # noqa: E402
+from postfix_py.tools import posttls_finger  # noqa: E402
+
+pytestmark = pytest.mark.interop
+DEBIAN_FINGER = shutil.which("posttls-finger", path="/usr/sbin:/usr/bin")
+
+
+class StartTlsServer(threading.Thread):
+    """EHLO/LHLO, STARTTLS, QUIT on 127.0.0.1; one connection at a time."""
+
+    def __init__(self, ctx, offer_tls=True, lmtp=False):
+        super().__init__(daemon=True)
+        self.ctx = ctx
+        self.offer_tls = offer_tls
+        self.lmtp = lmtp
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.stopping = False
+        self.commands = []
+        self.start()
+
+    def run(self):
+        while not self.stopping:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            try:
+                conn.settimeout(10)
+                self.serve(conn)
+            except (OSError, ssl.SSLError, EOFError):
+                pass
+            finally:
+                conn.close()
+
+    def serve(self, conn):
+        f = conn.makefile("rwb", buffering=0)
+        try:
+            f.write(b"220 finger.test ESMTP ready\r\n")
+            tls = None
+            while True:
+                line = (tls or f).readline()
+                if not line:
+                    return
+                cmd = line.decode().strip().upper()
+                self.commands.append(cmd)
+                if cmd.startswith(("EHLO", "LHLO")):
+                    ext = b"250-STARTTLS\r\n" if self.offer_tls and tls is None else b""
+                    (tls or f).write(b"250-finger.test\r\n250-PIPELINING\r\n" + ext +
+                                     b"250 8BITMIME\r\n")
+                elif cmd == "STARTTLS":
+                    f.write(b"220 2.0.0 Ready to start TLS\r\n")
+                    sock = self.ctx.wrap_socket(conn, server_side=True)
+                    tls = sock.makefile("rwb", buffering=0)
+                    conn = sock
+                elif cmd == "QUIT":
+                    (tls or f).write(b"221 2.0.0 Bye\r\n")
+                    if isinstance(conn, ssl.SSLSocket):
+                        try:
+                            conn.unwrap()
+                        except (OSError, ssl.SSLError):
+                            pass
+                    return
+                else:
+                    (tls or f).write(b"502 5.5.2 Error: command not recognized\r\n")
+        finally:
+            f.close()
+            if isinstance(conn, ssl.SSLSocket):
+                conn.close()
+
+    def stop(self):
+        self.stopping = True
+        self.join(10)
+        self.listener.close()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("finger-pki")
+    for p in (d, *d.parents):     # Postfix reads CApath as an unprivileged user
+        if str(p) in ("/", "/tmp"):
+            break
+        os.chmod(p, 0o755)
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "mx.finger.test")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    capath = d / "capath"
+    capath.mkdir()
+    ca.cert_pem.write_to_path(str(capath / "ca.pem"))
+    if shutil.which("openssl"):
+        subprocess.run(["openssl", "rehash", str(capath)], check=True, capture_output=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(ctx)
+    return {"ca": str(d / "ca.pem"), "capath": str(capath), "ctx": ctx,
+            "fp": libtls.fingerprint(cert.cert_chain_pems[0].bytes(), "sha256")}
+
+
+@pytest.fixture(scope="module")
+def server(pki):
+    srv = StartTlsServer(pki["ctx"])
+    yield srv
+    srv.stop()
+
+
+def ours(*args) -> str:
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        status = posttls_finger.main(list(args))
+    assert status == 0
+    return buf.getvalue()
+
+
+def debian(*args) -> str:
+    if not DEBIAN_FINGER:
+        pytest.skip("Debian's posttls-finger is not installed")
+    out = subprocess.run([DEBIAN_FINGER, *args], capture_output=True, text=True, timeout=60)
+    return out.stdout + out.stderr
+
+
+def normalise(text: str) -> list[str]:
+    text = re.sub(r"([>] [EL]HLO) \S+", r"\1 NAME", text)
+    text = re.sub(r"subject_CN=[^,]*", "subject_CN=X", text)
+    text = re.sub(r"&[0-9A-F]{64}", "&DIGEST", text)
+    return [line for line in text.splitlines() if not line.startswith("posttls-finger: warning: DNSSEC")
+            and "dnssec_probe" not in line]
+
+
+@pytest.mark.parametrize("case", [
+    ["-l", "verify", "-F", "{ca}"],
+    ["-c", "-l", "secure", "-F", "{ca}", "{dest}", "mx.finger.test"],
+    ["-c", "-l", "secure", "-F", "{ca}", "{dest}", "other.example"],
+    ["-c", "-l", "verify", "-P", "{capath}"],
+    ["-c", "-l", "secure"],                     # no CAfile: untrusted issuer
+    ["-c", "-l", "may", "-L", "summary"],
+    ["-c", "-l", "encrypt", "-L", "summary,peercert"],
+    ["-c", "-l", "fingerprint", "{dest}", "{fp}"],
+    ["-c", "-l", "fingerprint", "{dest}", "AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:"
+     "AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89"],
+    ["-c", "-C", "-l", "may", "-L", "none"],
+    ["-c", "-r", "1", "-l", "verify", "-F", "{ca}"],
+])
+def test_same_output_as_debian(server, pki, case):
+    dest = f"[localhost]:{server.port}"
+    args = ["-h", "native"] + [a.format(dest=dest, **pki) for a in case]
+    if "{dest}" not in case:
+        args.append(dest)
+    mine = ours(*args)
+    theirs = debian(*args)
+    assert normalise(mine) == normalise(theirs), f"ours:\n{mine}\nDebian's:\n{theirs}"
+
+
+def test_report_contents(server, pki):
+    text = ours("-h", "native", "-l", "verify", "-F", pki["ca"], f"[localhost]:{server.port}")
+    relay = f"localhost[127.0.0.1]:{server.port}"
+    assert f"posttls-finger: Connected to {relay}\n" in text
+    assert "posttls-finger: > STARTTLS\n" in text
+    assert f"posttls-finger: {relay}: matched peername: localhost\n" in text
+    assert f"posttls-finger: Verified TLS connection established to {relay}: TLSv1.3" in text
+    assert "posttls-finger: > QUIT\n" in text
+
+
+def test_reconnect_resumes_the_session(server, pki):
+    text = ours("-h", "native", "-c", "-r", "1", "-l", "may", f"[localhost]:{server.port}")
+    relay = f"localhost[127.0.0.1]:{server.port}"
+    assert "posttls-finger: Reconnecting after 1 seconds\n" in text
+    assert re.search(rf"reloaded session \[127\.0\.0\.1\]:{server.port}&[0-9A-F]{{64}} "
+                     r"from memory cache", text)
+    assert f"posttls-finger: {relay}: Reusing old session\n" in text
+    assert text.endswith("posttls-finger: Found a previously used server.  Done reconnecting.\n")
+
+
+def test_no_starttls_offered(pki):
+    srv = StartTlsServer(pki["ctx"], offer_tls=False)
+    try:
+        text = ours("-h", "native", "-l", "may", f"[127.0.0.1]:{srv.port}")
+    finally:
+        srv.stop()
+    assert "STARTTLS" not in text and "TLS connection" not in text
+    assert text.endswith("posttls-finger: < 221 2.0.0 Bye\n")
+
+
+def test_lmtp_mode(pki):
+    srv = StartTlsServer(pki["ctx"], lmtp=True)
+    try:
+        text = ours("-h", "native", "-S", "-l", "may", f"inet:[127.0.0.1]:{srv.port}")
+    finally:
+        srv.stop()
+    assert "posttls-finger: > LHLO " in text
+    assert "TLS connection established to 127.0.0.1[127.0.0.1]" in text
+
+
+def test_failures_are_reported_like_postfix():
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    number = port.getsockname()[1]
+    port.close()
+    dest = f"[127.0.0.1]:{number}"
+    text = ours("-h", "native", dest)
+    assert text == (f"posttls-finger: Failed to establish session to {dest} via 127.0.0.1: "
+                    f"connect to 127.0.0.1[127.0.0.1]:{number}: Connection refused\n")
+    if DEBIAN_FINGER:
+        assert normalise(text) == normalise(debian("-h", "native", dest))
+
+
+def test_usage_errors(capsys):
+    assert posttls_finger.main([]) == 1
+    assert "usage: posttls-finger" in capsys.readouterr().err
+    assert posttls_finger.main(["-l", "sometimes", "[127.0.0.1]"]) == 1
+    assert 'Invalid TLS level "sometimes"' in capsys.readouterr().err
+    assert posttls_finger.main(["-A", "ta.pem", "[127.0.0.1]"]) == 1
+    assert "not supported" in capsys.readouterr().err
+
+
+def test_command_line_verb(server, pki, tmp_path):
+    (tmp_path / "main.cf").write_text("myhostname = finger-client.test\n")
+    out = run("-c", str(tmp_path), "posttls-finger", "-h", "native", "-l", "verify",
+              "-F", pki["ca"], f"[localhost]:{server.port}")
+    assert out.returncode == 0, out.stderr
+    assert "posttls-finger: > EHLO finger-client.test" in out.stdout
+    assert "Verified TLS connection established" in out.stdout

@@ -1,0 +1,571 @@
+"""smtp/session.py over a socketpair: a scripted server thread plays the remote MTA.
+
+Each test writes the server's side as a script (what it sends, what it expects), drives a
+Session through helo(), xfer(), quit(), and checks the recipients' results, the reasons
+in Postfix's words, and what went over the wire. TLS tests use trustme certificates and
+Python's ssl module as the server.
+"""
+
+import re
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+import trustme
+
+from postfix_py.lib import maincf, msg
+from postfix_py.lib import tls as libtls
+from postfix_py.lib.smtpio import SmtpStream
+from postfix_py.smtp import nexthop, session as S, tls_policy
+
+ADDR = nexthop.Address("mx.example", "192.0.2.1", 25)
+NAMADDR = "mx.example[192.0.2.1]"
+RELAY = "mx.example[192.0.2.1]:25"
+GREETING = b"220 mx.example ESMTP\r\n"
+EHLO_PIPE = b"250-mx.example\r\n250-PIPELINING\r\n250 SIZE 10240000\r\n"
+EHLO_PLAIN = b"250-mx.example\r\n250 8BITMIME\r\n"
+EHLO_TLS = b"250-mx.example\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+
+
+class Server(threading.Thread):
+    """The remote side: runs a script of steps on its end of the socketpair."""
+
+    def __init__(self, sock, script, tls_ctx=None):
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.conn = sock
+        self.script = script
+        self.tls_ctx = tls_ctx
+        self.buf = b""
+        self.lines = []         # command lines received, in order
+        self.data = b""         # DATA content received (with the final dot)
+        self.error = None
+        self.recv_sizes = []
+        self.peercert = None
+
+    def _recv(self):
+        chunk = self.conn.recv(65536)
+        if not chunk:
+            raise EOFError("client closed")
+        self.recv_sizes.append(len(chunk))
+        self.buf += chunk
+
+    def readline(self):
+        while b"\n" not in self.buf:
+            self._recv()
+        line, self.buf = self.buf.split(b"\n", 1)
+        text = line.rstrip(b"\r").decode()
+        self.lines.append(text)
+        return text
+
+    def run(self):
+        try:
+            for step in self.script:
+                op, *args = step
+                if op == "send":
+                    self.conn.sendall(args[0])
+                elif op == "expect":
+                    line = self.readline()
+                    if not re.match(args[0], line):
+                        raise AssertionError(f"expected {args[0]!r}, got {line!r}")
+                elif op == "data":
+                    while b"\r\n.\r\n" not in self.buf:
+                        self._recv()
+                    self.data, self.buf = self.buf.split(b"\r\n.\r\n", 1)
+                    self.data += b"\r\n.\r\n"
+                elif op == "starttls":
+                    self.conn = self.tls_ctx.wrap_socket(self.sock, server_side=True)
+                    self.peercert = self.conn.getpeercert(binary_form=True)
+                elif op == "sleep":
+                    time.sleep(args[0])
+                elif op == "eof":
+                    try:
+                        while True:
+                            self._recv()
+                    except (EOFError, OSError, ssl.SSLError):
+                        pass
+                elif op == "close":
+                    break
+        except Exception as exc:        # noqa: BLE001 - reported by finish()
+            self.error = exc
+        finally:
+            try:
+                if self.conn is not self.sock:
+                    self.conn.close()
+            except OSError:
+                pass
+            self.sock.close()
+
+
+class Harness:
+    """A Session on one end of a socketpair, a Server script on the other."""
+
+    def __init__(self, script, recipients=("a@example.org",), content=b"hello\n",
+                 options=None, tls=None, tls_ctx=None, final=True, lmtp=False):
+        self.client_sock, server_sock = socket.socketpair()
+        self.server = Server(server_sock, script, tls_ctx)
+        self.logged = []
+        self.d = S.Delivery("QID1", "s@example.org",
+                            [S.Rcpt(r, i) for i, r in enumerate(recipients)],
+                            arrival=time.time(), size=len(content),
+                            content=lambda: iter([content]))
+        self.d.final_server = final
+        self.d.log = lambda r, relay, status: self.logged.append((r.address, status, relay))
+        self.options = options or S.Options(
+            helo_name="client.example", lmtp=lmtp,
+            timeouts={k: 2 for k in ("helo", "mail", "rcpt", "data_init", "data_xfer",
+                                     "data_done", "quit", "starttls")})
+        self.stream = SmtpStream(self.client_sock, 2)
+        self.sess = S.Session(self.stream, self.d, ADDR, self.options, tls=tls)
+
+    def run(self, xfer=True):
+        self.server.start()
+        try:
+            if self.sess.helo() and xfer:
+                self.sess.xfer()
+            self.sess.quit()
+        finally:
+            self.sess.close()
+            self.server.join(10)
+        assert self.server.error is None, self.server.error
+        return self
+
+    def result(self, i=0):
+        r = self.d.recipients[i]
+        return r.result, r.dsn, r.reason
+
+
+def plain_dialogue(ehlo=EHLO_PLAIN, data_reply=b"250 2.0.0 Ok: queued as ABC\r\n"):
+    return [("send", GREETING), ("expect", "EHLO client.example"), ("send", ehlo),
+            ("expect", "MAIL FROM:<s@example.org>"), ("send", b"250 2.1.0 Ok\r\n"),
+            ("expect", "RCPT TO:<a@example.org>"), ("send", b"250 2.1.5 Ok\r\n"),
+            ("expect", "DATA"), ("send", b"354 go ahead\r\n"), ("data",),
+            ("send", data_reply), ("expect", "QUIT"), ("send", b"221 Bye\r\n")]
+
+
+def test_lockstep_delivery_stuffs_dots_and_uses_crlf():
+    h = Harness(plain_dialogue(), content=b"Subject: x\n\n.dot\n..two\nend").run()
+    assert h.result() == ("sent", "2.0.0", "250 2.0.0 Ok: queued as ABC")
+    assert h.logged == [("a@example.org", "sent", RELAY)]
+    assert h.server.data == b"Subject: x\r\n\r\n..dot\r\n...two\r\nend\r\n.\r\n"
+
+
+def test_pipelining_sends_mail_rcpt_data_in_one_write():
+    script = [("send", GREETING), ("expect", "EHLO"), ("send", EHLO_PIPE),
+              # No reply before all four commands are in: a client that waits would hang.
+              ("expect", "MAIL FROM:<s@example.org> SIZE=6"), ("expect", "RCPT TO:<a@"),
+              ("expect", "RCPT TO:<b@"), ("expect", "DATA"),
+              ("send", b"250 Ok\r\n250 Ok\r\n250 Ok\r\n354 go\r\n"), ("data",),
+              ("send", b"250 2.0.0 Ok: queued\r\n"), ("expect", "QUIT"), ("send", b"221 Bye\r\n")]
+    h = Harness(script, recipients=("a@example.org", "b@example.org")).run()
+    assert [r.result for r in h.d.recipients] == ["sent", "sent"]
+
+
+def test_per_recipient_replies():
+    script = [("send", GREETING), ("expect", "EHLO"), ("send", EHLO_PIPE),
+              ("expect", "MAIL"), ("expect", "RCPT"), ("expect", "RCPT"), ("expect", "RCPT"),
+              ("expect", "DATA"),
+              ("send", b"250 Ok\r\n250 Ok\r\n450 4.2.0 <b@example.org>: greylisted\r\n"
+                       b"550-5.1.1 <c@example.org>: no such user\r\n550 5.1.1 really\r\n"
+                       b"354 go\r\n"),
+              ("data",), ("send", b"250 2.0.0 Ok\r\n"), ("expect", "QUIT"), ("send", b"221 Bye\r\n")]
+    h = Harness(script, recipients=("a@example.org", "b@example.org", "c@example.org")).run()
+    assert h.result(0)[0] == "sent"
+    assert h.result(1) == ("deferred", "4.2.0", f"host {NAMADDR} said: 450 4.2.0 "
+                           "<b@example.org>: greylisted (in reply to RCPT TO command)")
+    assert h.result(2) == ("bounced", "5.1.1", f"host {NAMADDR} said: 550-5.1.1 "
+                           "<c@example.org>: no such user 550 5.1.1 really "
+                           "(in reply to RCPT TO command)")
+
+
+@pytest.mark.parametrize("code,result", [(b"553 5.1.8 bad sender", "bounced"),
+                                         (b"451 4.3.0 try later", "deferred")])
+def test_mail_from_failure_affects_everyone(code, result):
+    script = [("send", GREETING), ("expect", "EHLO"), ("send", EHLO_PLAIN),
+              ("expect", "MAIL"), ("send", code + b"\r\n"), ("expect", "QUIT"),
+              ("send", b"221 Bye\r\n")]
+    h = Harness(script, recipients=("a@example.org", "b@example.org")).run()
+    for i in (0, 1):
+        assert h.result(i)[0] == result
+        assert h.result(i)[2] == (f"host {NAMADDR} said: {code.decode()} "
+                                  f"(in reply to MAIL FROM command)")
+
+
+def test_data_rejection_and_end_of_data_deferral():
+    script = plain_dialogue()[:8] + [("send", b"554 5.5.1 no thanks\r\n"), ("expect", "QUIT"),
+                                     ("send", b"221 Bye\r\n")]
+    h = Harness(script).run()
+    assert h.result() == ("bounced", "5.5.1",
+                          f"host {NAMADDR} said: 554 5.5.1 no thanks (in reply to DATA command)")
+    h = Harness(plain_dialogue(data_reply=b"451 4.3.0 queue full\r\n")).run()
+    assert h.result() == ("deferred", "4.3.0", f"host {NAMADDR} said: 451 4.3.0 queue full "
+                                               "(in reply to end of DATA command)")
+
+
+def test_reply_without_enhanced_code_gets_a_default_dsn():
+    h = Harness(plain_dialogue(data_reply=b"250 queued\r\n")).run()
+    assert h.result()[:2] == ("sent", "2.0.0")
+    h = Harness(plain_dialogue(data_reply=b"452 4.0.0x nope\r\n")).run()
+    assert h.result()[:2] == ("deferred", "4.0.0")
+
+
+def test_soft_failure_on_a_non_final_server_keeps_recipients(monkeypatch):
+    infos = []
+    monkeypatch.setattr(msg, "info", infos.append)
+    script = [("send", GREETING), ("expect", "EHLO"), ("send", EHLO_PIPE),
+              ("expect", "MAIL"), ("expect", "RCPT"), ("expect", "RCPT"), ("expect", "DATA"),
+              ("send", b"250 Ok\r\n450 4.2.1 later\r\n550 5.1.1 unknown\r\n554 no valid rcpt\r\n"),
+              ("expect", "QUIT"), ("send", b"221 Bye\r\n")]
+    h = Harness(script, recipients=("a@x", "b@x"), final=False).run()
+    a, b = h.d.recipients
+    assert a.result is None and a.keep
+    assert b.result == "bounced"
+    assert f"QID1: host {NAMADDR} said: 450 4.2.1 later (in reply to RCPT TO command)" in infos
+
+
+@pytest.mark.parametrize("skip,final,result,dsn", [
+    (True, True, "deferred", "4.7.1"),
+    (True, False, None, None),
+    (False, False, "bounced", "5.7.1"),
+])
+def test_5xx_greeting(skip, final, result, dsn):
+    opts = S.Options(helo_name="c", skip_5xx_greeting=skip,
+                     timeouts=dict.fromkeys(S.Options().timeouts, 2))
+    h = Harness([("send", b"554 5.7.1 go away\r\n"), ("expect", "QUIT"),
+                 ("send", b"221 Bye\r\n")], options=opts, final=final).run()
+    r = h.d.recipients[0]
+    assert r.result == result
+    if result:
+        assert (r.dsn, r.reason) == (dsn, f"host {NAMADDR} refused to talk to me: "
+                                          f"554 5.7.1 go away")
+    else:
+        assert r.keep
+
+
+def test_ehlo_refused_falls_back_to_helo_but_421_ends():
+    script = [("send", GREETING), ("expect", "EHLO"), ("send", b"502 5.5.2 what?\r\n"),
+              ("expect", "HELO client.example"), ("send", b"250 mx.example\r\n")] + \
+        plain_dialogue()[3:]
+    assert Harness(script).run().result()[0] == "sent"
+    script = [("send", GREETING), ("expect", "EHLO"),
+              ("send", b"421 4.3.2 shutting down\r\n"), ("expect", "QUIT"),
+              ("send", b"221 Bye\r\n")]
+    h = Harness(script).run()
+    assert h.result() == ("deferred", "4.3.2", f"host {NAMADDR} refused to talk to me: "
+                                               "421 4.3.2 shutting down")
+
+
+def test_garbage_then_eof_is_a_lost_connection():
+    h = Harness([("send", b"\x00\xffHELLO? garbage\r\nmore junk\r\n"), ("close",)]).run()
+    assert h.result() == ("deferred", "4.4.2", f"lost connection with {NAMADDR} while "
+                                               "receiving the initial server greeting")
+
+
+def test_garbage_lines_are_ignored_in_a_reply():
+    script = [("send", b"hello there\r\nxyz\r\n" + GREETING)] + plain_dialogue()[1:]
+    assert Harness(script).run().result()[0] == "sent"
+
+
+def test_timeouts_name_the_stage():
+    h = Harness([("send", GREETING), ("expect", "EHLO"), ("sleep", 1)])
+    opts = h.options
+    opts.timeouts["helo"] = 0.5
+    h.run()
+    assert h.result() == ("deferred", "4.4.2", f"conversation with {NAMADDR} timed out "
+                                               "while performing the EHLO handshake")
+    h = Harness(plain_dialogue()[:9] + [("sleep", 1)])
+    h.options.timeouts["data_done"] = 0.5
+    h.run()
+    assert h.result()[2] == (f"conversation with {NAMADDR} timed out while sending end of "
+                             "data -- message may be sent more than once")
+
+
+def test_stall_mid_data_times_out_the_body_write():
+    big = b"x" * 70 + b"\n"
+    content = big * (12 * 1024 * 1024 // len(big))
+    h = Harness(plain_dialogue()[:9] + [("sleep", 1.5)], content=content)
+    h.options.timeouts["data_xfer"] = 0.5
+    h.run()
+    assert h.result() == ("deferred", "4.4.2", f"conversation with {NAMADDR} timed out "
+                                               "while sending message body")
+
+
+def test_ten_megabyte_reply_line_is_read_in_bounded_pieces():
+    huge = b"220-" + b"x" * (10 * 1024 * 1024) + b"\r\n"
+    h = Harness([("send", huge + GREETING)] + plain_dialogue()[1:])
+    longest = []
+    real = h.stream.readline
+
+    def readline(limit, timeout=None):
+        line = real(limit, timeout)
+        longest.append(len(line))
+        assert len(h.stream._in) <= limit + (1 << 16)
+        return line
+    h.stream.readline = readline
+    h.run()
+    assert h.result()[0] == "sent"
+    assert max(longest) <= h.options.reply_limit and len(longest) > 5000
+
+
+def test_endless_reply_is_cut_off(monkeypatch):
+    monkeypatch.setattr(S, "MAX_REPLY_BYTES", 100000)
+    h = Harness([("send", b"220-" + b"y" * 200000 + b"\r\n"), ("sleep", 0.5)]).run()
+    assert h.result()[2] == (f"lost connection with {NAMADDR} while receiving the initial "
+                             "server greeting")
+
+
+def test_size_limit_of_the_server():
+    script = [("send", GREETING), ("expect", "EHLO"),
+              ("send", b"250-mx.example\r\n250 SIZE 3\r\n"), ("expect", "QUIT"),
+              ("send", b"221 Bye\r\n")]
+    h = Harness(script, content=b"four").run()
+    assert h.result() == ("bounced", "5.3.4", f"message size 4 exceeds size limit 3 of "
+                                              f"server {NAMADDR}")
+
+
+def test_lmtp_per_recipient_replies_after_data():
+    script = [("send", b"220 lmtp ready\r\n"), ("expect", "LHLO client.example"),
+              ("send", b"250-lmtp\r\n250 PIPELINING\r\n"),
+              ("expect", "MAIL"), ("expect", "RCPT"), ("expect", "RCPT"), ("expect", "DATA"),
+              ("send", b"250 Ok\r\n250 Ok\r\n250 Ok\r\n354 go\r\n"), ("data",),
+              ("send", b"250 2.0.0 <a@x> Saved\r\n452 4.2.2 <b@x> Quota exceeded\r\n"),
+              ("expect", "QUIT"), ("send", b"221 Bye\r\n")]
+    h = Harness(script, recipients=("a@x", "b@x"), lmtp=True).run()
+    assert h.result(0) == ("sent", "2.0.0", "250 2.0.0 <a@x> Saved")
+    assert h.result(1) == ("deferred", "4.2.2", f"host {NAMADDR} said: 452 4.2.2 <b@x> Quota "
+                                                "exceeded (in reply to end of DATA command)")
+
+
+@pytest.mark.parametrize("limit,content,wire", [
+    (10, b"0123456789\n", b"0123456789\r\n.\r\n"),
+    (10, b"0123456789AB\n", b"0123456789\r\n AB\r\n.\r\n"),
+    (5, b".abcdefgh\n", b"..abcd\r\n efgh\r\n.\r\n"),   # the stuffed dot is not counted
+    (0, b"x" * 2000 + b"\n", b"x" * 2000 + b"\r\n.\r\n"),
+])
+def test_body_writer_folds_long_lines(limit, content, wire):
+    w = S.BodyWriter(limit)
+    assert w.feed(content) + w.finish() == wire
+
+
+def test_body_writer_across_blocks():
+    w = S.BodyWriter(998)
+    out = w.feed(b"line one\n") + w.feed(b".") + w.feed(b"dot line\nno newline") + w.finish()
+    assert out == b"line one\r\n..dot line\r\nno newline\r\n.\r\n"
+    assert not w.folded
+
+
+# --- TLS ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    good = ca.issue_cert("mx.example")
+    other = ca.issue_cert("other.example")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    # A chain two CAs deep: root -> intermediate -> mx.example.
+    intermediate = ca.create_child_ca()
+    deep = intermediate.issue_cert("mx.example")
+    out = {"dir": d, "ca": ca}
+    for name, cert in (("good", good), ("other", other), ("deep", deep)):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        cert.configure_cert(ctx)
+        out[name] = ctx
+    return out
+
+
+def starter(pki, tmp_path, level, cache=None, loglevel=1, infos=None, extra=""):
+    (tmp_path / "main.cf").write_text(f"smtp_tls_CAfile = {pki['dir'] / 'ca.pem'}\n"
+                                      f"smtp_tls_loglevel = {loglevel}\n"
+                                      "smtp_starttls_timeout = 2s\n" + extra)
+    cfg = maincf.load(str(tmp_path))
+    infos = infos if infos is not None else []
+    client = libtls.client_tls(cfg, "smtp", info=infos.append)
+    return S.TlsStarter(client, tls_policy.Policy(level), cfg=cfg, nexthop_text="[mx.example]",
+                        nexthop_domain="mx.example", cache=cache, info=infos.append,
+                        warn=infos.append)
+
+
+def tls_dialogue():
+    return [("send", GREETING), ("expect", "EHLO"), ("send", EHLO_TLS), ("expect", "STARTTLS"),
+            ("send", b"220 2.0.0 Ready to start TLS\r\n"), ("starttls",),
+            ("expect", "EHLO client.example"), ("send", EHLO_PIPE),
+            ("expect", "MAIL"), ("expect", "RCPT"), ("expect", "DATA"),
+            ("send", b"250 Ok\r\n250 Ok\r\n354 go\r\n"), ("data",),
+            ("send", b"250 2.0.0 Ok: queued\r\n"), ("expect", "QUIT"), ("send", b"221 Bye\r\n"),
+            ("eof",)]
+
+
+@pytest.mark.parametrize("level,status", [("may", "Trusted"), ("encrypt", "Trusted"),
+                                          ("verify", "Verified"), ("secure", "Verified")])
+def test_starttls_delivery_logs_postfix_lines(pki, tmp_path, level, status):
+    infos = []
+    h = Harness(tls_dialogue(), tls=starter(pki, tmp_path, level, infos=infos),
+                tls_ctx=pki["good"]).run()
+    assert h.result()[0] == "sent"
+    assert h.sess.tls_active
+    assert any(line.startswith(f"{status} TLS connection established to {RELAY}: TLSv1.3 "
+                               "with cipher") for line in infos), infos
+
+
+def test_tls_required_but_not_offered(pki, tmp_path):
+    script = [("send", GREETING), ("expect", "EHLO"), ("send", EHLO_PLAIN), ("expect", "QUIT"),
+              ("send", b"221 Bye\r\n")]
+    h = Harness(script, tls=starter(pki, tmp_path, "encrypt")).run()
+    assert h.result() == ("deferred", "4.7.4", f"TLS is required, but was not offered by "
+                                               f"host {NAMADDR}")
+
+
+def test_tls_required_but_refused(pki, tmp_path):
+    script = [("send", GREETING), ("expect", "EHLO"), ("send", EHLO_TLS), ("expect", "STARTTLS"),
+              ("send", b"454 4.7.0 TLS not available\r\n"), ("expect", "QUIT"),
+              ("send", b"221 Bye\r\n")]
+    h = Harness(script, tls=starter(pki, tmp_path, "verify")).run()
+    assert h.result() == ("deferred", "4.7.0", f"TLS is required, but host {NAMADDR} refused "
+                                               "to start TLS: 454 4.7.0 TLS not available")
+
+
+def test_opportunistic_tls_refused_goes_on_in_plain_text(pki, tmp_path):
+    script = [("send", GREETING), ("expect", "EHLO"), ("send", EHLO_TLS), ("expect", "STARTTLS"),
+              ("send", b"454 4.7.0 TLS not available\r\n")] + plain_dialogue()[3:]
+    h = Harness(script, tls=starter(pki, tmp_path, "may")).run()
+    assert h.result()[0] == "sent" and not h.sess.tls_active
+
+
+def test_handshake_failure_drops_the_connection(pki, tmp_path):
+    script = [("send", GREETING), ("expect", "EHLO"), ("send", EHLO_TLS), ("expect", "STARTTLS"),
+              ("send", b"220 2.0.0 Ready to start TLS\r\n"), ("sleep", 0.2),
+              ("send", b"this is not TLS\r\n" * 20),
+              ("eof",)]
+    infos = []
+    h = Harness(script, tls=starter(pki, tmp_path, "may", infos=infos)).run()
+    assert h.result() == ("deferred", "4.7.5", "Cannot start TLS: handshake failure")
+    assert not h.sess.usable
+    # Nothing after STARTTLS in plain text: no QUIT, no EHLO.
+    assert h.server.lines == ["EHLO client.example", "STARTTLS"]
+    assert any(line.startswith(f"SSL_connect error to {RELAY}") for line in infos), infos
+
+
+def test_certificate_mismatch_at_verify(pki, tmp_path):
+    # Postfix checks right after the handshake, and says QUIT over TLS.
+    script = tls_dialogue()[:6] + [("expect", "QUIT"), ("send", b"221 Bye\r\n"), ("eof",)]
+    infos = []
+    h = Harness(script, tls=starter(pki, tmp_path, "verify", infos=infos),
+                tls_ctx=pki["other"]).run()
+    assert h.result() == ("deferred", "4.7.5", "Server certificate not verified")
+    assert f"server certificate verification failed for {RELAY}: num=62:hostname mismatch" \
+        in infos
+    # At encrypt the same certificate is fine.
+    h = Harness(tls_dialogue(), tls=starter(pki, tmp_path, "encrypt"), tls_ctx=pki["other"]).run()
+    assert h.result()[0] == "sent"
+
+
+def test_plaintext_injected_after_starttls_is_discarded(pki, tmp_path):
+    script = tls_dialogue()
+    script[4] = ("send", b"220 2.0.0 Ready\r\n250-injected\r\n250 PIPELINING\r\n")
+    script[7] = ("send", EHLO_PLAIN)
+    script[8:12] = [("expect", "MAIL"), ("send", b"250 Ok\r\n"), ("expect", "RCPT"),
+                    ("send", b"250 Ok\r\n"), ("expect", "DATA"), ("send", b"354 go\r\n")]
+    h = Harness(script, tls=starter(pki, tmp_path, "may"), tls_ctx=pki["good"]).run()
+    assert h.result()[0] == "sent"
+    assert "PIPELINING" not in h.sess.features
+
+
+def test_note_starttls_offer_at_level_none(pki, tmp_path, monkeypatch):
+    infos = []
+    monkeypatch.setattr(msg, "info", infos.append)
+    opts = S.Options(helo_name="client.example", note_starttls_offer=True,
+                     timeouts=dict.fromkeys(S.Options().timeouts, 2))
+    script = plain_dialogue(ehlo=EHLO_TLS.replace(b"PIPELINING", b"8BITMIME"))
+    h = Harness(script, tls=starter(pki, tmp_path, "none"), options=opts).run()
+    assert h.result()[0] == "sent"
+    assert "Host offered STARTTLS: [mx.example]" in infos
+
+
+def test_session_is_cached_and_resumed(pki, tmp_path):
+    cache = S.MemoryCache()
+    infos = []
+    first = starter(pki, tmp_path, "may", cache=cache, loglevel=2, infos=infos)
+    Harness(tls_dialogue(), tls=first, tls_ctx=pki["good"]).run()
+    key = first.cache_key
+    assert key.startswith("smtp&[mx.example]&mx.example&192.0.2.1&25&") and key in cache.entries
+    assert f"save session {key} to memory cache" in infos
+    infos.clear()
+    second = starter(pki, tmp_path, "may", cache=cache, loglevel=2, infos=infos)
+    h = Harness(tls_dialogue(), tls=second, tls_ctx=pki["good"]).run()
+    assert h.result()[0] == "sent"
+    assert second.tls_info.session_reused
+    assert f"reloaded session {key} from memory cache" in infos
+    assert f"{RELAY}: Reusing old session" in infos
+    # Another policy gives another key: no session offered.
+    third = starter(pki, tmp_path, "encrypt", cache=cache, loglevel=2)
+    Harness(tls_dialogue(), tls=third, tls_ctx=pki["good"]).run()
+    assert third.cache_key != key and not third.tls_info.session_reused
+
+
+@pytest.mark.parametrize("depth,status", [(5, "Verified"), (2, "Verified"), (1, None)])
+def test_scert_verifydepth(pki, tmp_path, depth, status):
+    infos = []
+    tls = starter(pki, tmp_path, "verify", infos=infos,
+                  extra=f"smtp_tls_scert_verifydepth = {depth}\n")
+    if status:
+        h = Harness(tls_dialogue(), tls=tls, tls_ctx=pki["deep"]).run()
+        assert h.result()[0] == "sent"
+        assert any(line.startswith(f"{status} TLS connection") for line in infos), infos
+    else:
+        script = tls_dialogue()[:6] + [("expect", "QUIT"), ("send", b"221 Bye\r\n"), ("eof",)]
+        h = Harness(script, tls=tls, tls_ctx=pki["deep"]).run()
+        assert h.result() == ("deferred", "4.7.5", "Server certificate not verified")
+        assert any("certificate chain longer than limit(1)" in line for line in infos), infos
+
+
+def test_cipherlist_and_protocols(pki, tmp_path):
+    infos = []
+    tls = starter(pki, tmp_path, "may", infos=infos,
+                  extra="smtp_tls_protocols = <=TLSv1.2\n"
+                        "smtp_tls_cipherlist = ECDHE-ECDSA-AES128-GCM-SHA256\n")
+    h = Harness(tls_dialogue(), tls=tls, tls_ctx=pki["good"]).run()
+    assert h.result()[0] == "sent"
+    assert any(" TLSv1.2 with cipher ECDHE-ECDSA-AES128-GCM-SHA256 (128/128 bits)" in line
+               for line in infos), infos
+
+
+def test_starttls_timeout(pki, tmp_path):
+    # The server says yes to STARTTLS, then never sends its hello.
+    script = [("send", GREETING), ("expect", "EHLO"), ("send", EHLO_TLS), ("expect", "STARTTLS"),
+              ("send", b"220 2.0.0 Ready to start TLS\r\n"), ("sleep", 1.5)]
+    infos = []
+    tls = starter(pki, tmp_path, "may", infos=infos, extra="smtp_starttls_timeout = 1s\n")
+    started = time.monotonic()
+    h = Harness(script, tls=tls).run()
+    assert time.monotonic() - started < 2.5
+    assert h.result() == ("deferred", "4.7.5", "Cannot start TLS: handshake failure")
+    assert f"SSL_connect error to {RELAY}: Connection timed out" in infos
+
+
+def test_loglevel_zero_logs_nothing(pki, tmp_path):
+    infos = []
+    h = Harness(tls_dialogue(), tls=starter(pki, tmp_path, "may", loglevel=0, infos=infos),
+                tls_ctx=pki["good"]).run()
+    assert h.result()[0] == "sent" and h.sess.tls_active
+    assert infos == []
+
+
+@pytest.mark.parametrize("param", [None, "smtp_tls_cert_file", "smtp_tls_eccert_file"])
+def test_client_certificate_only_when_configured(pki, tmp_path, param):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    pki["ca"].issue_cert("mx.example").configure_cert(ctx)
+    pki["ca"].configure_trust(ctx)
+    ctx.verify_mode = ssl.CERT_OPTIONAL       # ask, as smtpd_tls_ask_ccert = yes
+    extra = ""
+    if param:
+        pem = tmp_path / "client.pem"
+        pki["ca"].issue_cert("client.example").private_key_and_cert_chain_pem.write_to_path(
+            str(pem))
+        extra = f"{param} = {pem}\n"
+    h = Harness(tls_dialogue(), tls=starter(pki, tmp_path, "may", extra=extra),
+                tls_ctx=ctx).run()
+    assert h.result()[0] == "sent"
+    assert (h.server.peercert is not None) == bool(param)
