@@ -59,12 +59,20 @@ CLIENT
         reference name is ignored. which is the certificate name that matched, or None.
 
 BOTH SIDES
-    handshake(conn, timeout) runs the handshake within timeout seconds; TLSHandshakeError
-        carries Postfix's "SSL_accept error from host[addr]: ..." text and the OpenSSL
-        reasons. shutdown(conn, timeout, fast=True) sends close_notify; always call it before
-        dropping a connection, or OpenSSL marks the session as not resumable.
+    handshake(conn, timeout) runs the handshake within timeout seconds (the socket is
+        non-blocking meanwhile and gets its own timeout mode back); TLSHandshakeError
+        carries Postfix's "SSL_accept error from host[addr]: ..." / "SSL_connect error to
+        ..." text ("-1", "lost connection", "Connection timed out") and .reasons, OpenSSL's
+        error texts. shutdown(conn, timeout, fast=True) sends close_notify (fast=False
+        also waits for the peer's); it never raises. Always call it before dropping a
+        connection: OpenSSL marks the session of a connection freed without a TLS shutdown
+        as not resumable. Note that pyOpenSSL on a socket with a timeout raises
+        WantReadError instead of blocking: read with select(), as handshake() does.
     peer_info(conn, digest="sha256", match=None, wildcard_multiple_labels=True,
-        warn=msg.warn) -> TLSInfo (see the dataclass below).
+        warn=msg.warn) -> TLSInfo (see the dataclass below); ValueError for a connection
+        that ServerTLS/ClientTLS did not make. Certificate text that Postfix refuses (a
+        CommonName with control characters, NUL, or 256 bytes and more) becomes "" with
+        Postfix's "tls_text_name: host[addr]: ..." warning.
     log_lines(info, loglevel, require_trust=False) -> list of Postfix 3.7's TLS log lines
         for that smtpd_tls_loglevel / smtp_tls_loglevel, in Postfix's order:
         1: "Anonymous|Untrusted|Trusted|Verified TLS connection established from|to
@@ -114,7 +122,11 @@ CONFIGURATION PARAMETERS (server; the client reads the smtp_/lmtp_ counterparts)
         prime256v1 secp521r1 secp384r1), strong prime256v1, ultra secp384r1, none leaves
         OpenSSL's defaults.
     smtpd_tls_dh1024_param_file (empty): DH parameters for DHE; OpenSSL's built-in safe
-        groups (RFC 7919) otherwise. smtpd_tls_dh512_param_file: ignored with a warning.
+        groups (RFC 7919) otherwise; a file that does not load is a warning, as in Postfix.
+        smtpd_tls_dh512_param_file: ignored with a warning. The bundled OpenSSL follows RFC
+        7919: a TLS 1.2 client that lists FFDHE groups gets no DHE suite from a server
+        whose groups are EC only (Debian's OpenSSL 3.0 under Postfix 3.7 still chose DHE);
+        such clients all do ECDHE, so only the cipher name differs.
     smtpd_tls_session_cache_timeout (3600s): lifetime of sessions and tickets; 0 turns
         resumption off (no tickets, no session cache). Sessions are resumed with tickets
         only (DESIGN.md), with the session id context "Postfix/TLS".
@@ -124,10 +136,19 @@ CONFIGURATION PARAMETERS (server; the client reads the smtp_/lmtp_ counterparts)
     tls_ssl_options, tls_disable_workarounds: OpenSSL option names (unknown ones warned).
     smtp_tls_servername, smtp_tls_scert_verifydepth, tls_wildcard_matches_multiple_labels
         on the client side.
+    WORDS: TLS 1.3 key exchange and signatures are named as Postfix 3.7 names them with
+    OpenSSL 3: "key-exchange X25519", "ECDHE (prime256v1)", "ECDHE (secp384r1)",
+    "server-signature ECDSA (prime256v1)", "RSA-PSS (2048 bits)"; the digest comes from
+    the CertificateVerify actually sent (lib/tls_session.py), so a client that prefers
+    rsa_pss_rsae_sha384 gets "server-digest SHA384". TLS 1.2 lines carry none of these.
+    A resumed TLS 1.3 session logs the server-signature of the last certificate loaded
+    and no digest, as Postfix does.
     Not implemented: tls_server_sni_maps (not declared; the default chain is always used),
-    tls_session_ticket_cipher (OpenSSL's own ticket keys are used), Postfix's "Issuing
-    session ticket" line (Postfix's own ticket-key callback), and the "SSL3 alert" lines of
-    loglevel 2 (pyOpenSSL cannot name alerts).
+    tls_session_ticket_cipher (OpenSSL's own ticket keys are used),
+    smtpd_tls_always_issue_session_ids (tickets only), Postfix's "Issuing session ticket"
+    line (Postfix's own ticket-key callback), the "SSL3 alert" lines of loglevel 2
+    (pyOpenSSL cannot name alerts), loglevels 3 and 4 (packet dumps: logged as level 2),
+    and the numeric codes and source positions in "TLS library problem" texts.
 
 SEE ALSO
     lib/tls_session.py (sessions, signature schemes, verification internals), tools/tls.py
@@ -169,11 +190,11 @@ class TLSHandshakeError(Exception):
 
 # --- X509_V_* codes that Postfix words specially ------------------------------------------
 X509_V_OK = 0
-X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT = 2
 X509_V_ERR_CERT_NOT_YET_VALID = 9
 X509_V_ERR_CERT_HAS_EXPIRED = 10
-X509_V_ERR_CRL_NOT_YET_VALID = 11
-X509_V_ERR_CRL_HAS_EXPIRED = 12
+X509_V_ERR_ERROR_IN_CERT_NOT_BEFORE_FIELD = 13
+X509_V_ERR_ERROR_IN_CERT_NOT_AFTER_FIELD = 14
+X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT = 18
 X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN = 19
 X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY = 20
 X509_V_ERR_CERT_CHAIN_TOO_LONG = 22
@@ -227,6 +248,7 @@ def parse_protocols(text: str) -> tuple[str, ...]:
 
 
 def _apply_protocols(ctx: SSL.Context, param: str, text: str) -> None:
+    """Set the context's protocol range from a Postfix protocol list."""
     try:
         enabled = [p for p in parse_protocols(text) if p in _VERSION]
     except ValueError as exc:
@@ -295,6 +317,7 @@ class _KeyPair:
 
 
 def _read(path: str, param: str) -> bytes:
+    """The bytes of a file that a parameter names; TLSConfigError when unreadable."""
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -304,10 +327,12 @@ def _read(path: str, param: str) -> bytes:
 
 
 def _pem_blocks(data: bytes) -> list[tuple[str, bytes]]:
+    """(label, block) for every PEM object in data, in order."""
     return [(m.group(1).decode("ascii"), m.group(0)) for m in _PEM_RE.finditer(data)]
 
 
 def _load_private_key(label: str, block: bytes, path: str, param: str):
+    """An unencrypted private key from one PEM block; TLSConfigError otherwise."""
     if label == "ENCRYPTED PRIVATE KEY" or b"ENCRYPTED" in block.split(b"\n\n", 1)[0]:
         raise TLSConfigError(f"{param}: the private key in {path} is encrypted; Postfix "
                              f"needs a private key without a passphrase")
@@ -322,6 +347,7 @@ def _load_private_key(label: str, block: bytes, path: str, param: str):
 
 
 def _load_certificates(blocks, path: str, param: str) -> list:
+    """The certificates among PEM blocks, in order."""
     certs = []
     for label, block in blocks:
         if label not in ("CERTIFICATE", "TRUSTED CERTIFICATE", "X509 CERTIFICATE"):
@@ -335,6 +361,7 @@ def _load_certificates(blocks, path: str, param: str) -> list:
 
 
 def _spki(public_key) -> bytes:
+    """The DER SubjectPublicKeyInfo of a public key."""
     return public_key.public_bytes(serialization.Encoding.DER,
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -355,6 +382,7 @@ def _check_pair(pair: _KeyPair, warn) -> None:
 
 
 def _legacy_pair(cfg, prefix: str, cert_suffix: str, key_suffix: str) -> _KeyPair | None:
+    """The key pair of one cert_file/key_file parameter pair, or None if unset."""
     cert_param, key_param = f"{prefix}_{cert_suffix}", f"{prefix}_{key_suffix}"
     cert_path = cfg.get(cert_param).strip()
     if not cert_path or cert_path == "none":
@@ -420,6 +448,7 @@ def _memfd_path(data: bytes, name: str):
 
 
 def _ssl_reasons(exc: Exception) -> str:
+    """OpenSSL's reason texts from a pyOpenSSL error."""
     args = getattr(exc, "args", ())
     if args and isinstance(args[0], list):
         return "; ".join(str(r[2]) for r in args[0] if len(r) > 2 and r[2]) or str(exc)
@@ -454,6 +483,7 @@ def _load_pairs(ctx: SSL.Context, pairs: list[_KeyPair], warn, warned: set) -> i
 
 
 def _load_ca(ctx: SSL.Context, cfg, prefix: str, client_ca_list: bool) -> None:
+    """Trusted CAs from CAfile/CApath, and the CA list sent to clients."""
     cafile = cfg.get(f"{prefix}_tls_CAfile").strip()
     capath = cfg.get(f"{prefix}_tls_CApath").strip()
     if cafile:
@@ -497,6 +527,7 @@ def _options(cfg, server: bool, warn) -> int:
 
 
 def _option_bit(name: str) -> int | None:
+    """The OpenSSL option bit for a Postfix option name or hex value, or None."""
     if re.fullmatch(r"0[xX][0-9a-fA-F]+", name):
         return int(name, 16)
     aliases = {"CVE-2010-4180": "NETSCAPE_REUSE_CIPHER_CHANGE_BUG",
@@ -531,6 +562,7 @@ def _groups(cfg, grade_param: str | None, warn) -> list[str] | None:
 
 
 def _dh_file(cfg, prefix: str, warn) -> str | None:
+    """The DH parameter file to load, or None (a bad file is only a warning)."""
     param = f"{prefix}_tls_dh1024_param_file"
     path = cfg.get(param).strip()
     if not path:
@@ -548,6 +580,7 @@ def _dh_file(cfg, prefix: str, warn) -> str | None:
 
 
 def _digest_name(cfg, param: str) -> str:
+    """The fingerprint digest a parameter names; TLSConfigError if unsupported."""
     name = cfg.get(param).strip().lower()
     if name not in DIGESTS:
         raise TLSConfigError(f"{param}: unsupported digest \"{name}\"; use one of "
@@ -588,6 +621,10 @@ def _verify_observer(conn, ok: bool, error: int, depth: int, subject: str, issue
                    f"subject={_printable(subject)}")
     if not ok and (state.error_depth < 0 or depth < state.error_depth):
         state.error, state.error_depth, state.error_issuer = error, depth, issuer
+    if depth == 0 and imposed is None and state.error != X509_V_OK:
+        # As Postfix, the lowest-depth error becomes OpenSSL's verdict, which the
+        # session keeps for resumed handshakes.
+        imposed = state.error
     return imposed
 
 
@@ -610,6 +647,7 @@ def _info_callback(conn, where: int, ret: int) -> None:
 
 
 def _printable(text: str) -> str:
+    """Text with non-printable characters replaced, as Postfix's printable()."""
     return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
 
 
@@ -617,6 +655,7 @@ def _printable(text: str) -> str:
 
 def _base_context(method, cfg, prefix: str, protocols_param: str, ciphers: str,
                   options: int, groups, loglevel: int, server: bool) -> SSL.Context:
+    """A context with protocols, ciphers, groups and callbacks, no keys yet."""
     ctx = SSL.Context(method)
     ctx.set_options(options)
     _apply_protocols(ctx, protocols_param, cfg.get(protocols_param))
@@ -733,6 +772,7 @@ def server_tls(cfg, prefix: str = "smtpd", level: str | None = None, warn=msg.wa
     warned: set = set()
 
     def build(mandatory: bool) -> SSL.Context:
+        """One context of this configuration: mandatory or opportunistic."""
         ctx = _base_context(SSL.TLS_SERVER_METHOD, cfg, prefix, protocols[mandatory],
                             lists[mandatory], options, groups, loglevel, server=True)
         if not _load_pairs(ctx, pairs, warn, warned):
@@ -828,6 +868,7 @@ def client_tls(cfg, prefix: str = "smtp", warn=msg.warn, info=msg.info) -> Clien
     warned: set = set()
 
     def build(mandatory: bool) -> SSL.Context:
+        """One context of this configuration: mandatory or opportunistic."""
         ctx = _base_context(SSL.TLS_CLIENT_METHOD, cfg, prefix, protocols[mandatory],
                             lists[mandatory], options, groups, loglevel, server=False)
         if pairs:
@@ -853,6 +894,7 @@ def client_tls(cfg, prefix: str = "smtp", warn=msg.warn, info=msg.info) -> Clien
 # --- handshake and shutdown ---------------------------------------------------------------
 
 def _wait(conn, want_write: bool, deadline: float) -> None:
+    """Wait until conn is readable (or writable) or raise TimeoutError at deadline."""
     left = deadline - time.monotonic()
     if left <= 0:
         raise TimeoutError
@@ -861,15 +903,25 @@ def _wait(conn, want_write: bool, deadline: float) -> None:
         raise TimeoutError
 
 
+def _socket_of(conn: SSL.Connection):
+    """The socket under conn (pyOpenSSL hands unknown attributes to it), or None."""
+    try:
+        conn.fileno()
+        return conn
+    except (AttributeError, OSError):
+        return None
+
+
 def handshake(conn: SSL.Connection, timeout: float) -> None:
     """Complete the TLS handshake within timeout seconds, or raise TLSHandshakeError."""
     state = conn.get_app_data()
     namaddr = state.namaddr if isinstance(state, ConnState) else "peer"
     verb = ("SSL_accept error from" if isinstance(state, ConnState) and state.role == "server"
             else "SSL_connect error to")
-    sock = conn.get_socket() if hasattr(conn, "get_socket") else None
+    sock = _socket_of(conn)
     old_timeout = sock.gettimeout() if sock is not None else None
     if sock is not None:
+        # Non-blocking, with select() below, so that timeout holds.
         sock.setblocking(False)
     deadline = time.monotonic() + timeout
     try:
@@ -901,6 +953,14 @@ def handshake(conn: SSL.Connection, timeout: float) -> None:
 def shutdown(conn: SSL.Connection, timeout: float = 10.0, fast: bool = True) -> None:
     """Send close_notify (and with fast=False wait for the peer's); never raises."""
     deadline = time.monotonic() + timeout
+    sock = _socket_of(conn)
+    try:
+        old_timeout = sock.gettimeout() if sock is not None else None
+        if sock is not None:
+            # A blocking socket could hang here on a peer that never reads or writes.
+            sock.setblocking(False)
+    except OSError:
+        return
     try:
         while True:
             try:
@@ -917,6 +977,12 @@ def shutdown(conn: SSL.Connection, timeout: float = 10.0, fast: bool = True) -> 
             _wait(conn, False, deadline)
     except (SSL.Error, OSError, TimeoutError):
         return
+    finally:
+        if sock is not None:
+            try:
+                sock.settimeout(old_timeout)
+            except OSError:
+                pass
 
 
 # --- what a handshake established ---------------------------------------------------------
@@ -1004,6 +1070,7 @@ def _sig_of(public_key) -> tuple[str, str, int]:
 
 
 def _kex_of(group: str | None) -> tuple[str, str, int]:
+    """(name, curve, bits) Postfix logs for a negotiated group."""
     if not group:
         return "", "", 0
     key = group.lower()
@@ -1025,8 +1092,12 @@ def _text_name(name: x509.Name, oid, label: str, namaddr: str, warn) -> str | No
     value = attrs[0].value
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
+    value = value.rstrip("\0")
+    if len(value.encode("utf-8")) >= 256:        # Postfix's CCERT_BUFSIZ
+        warn(f"tls_text_name: {namaddr}: peer {label} too long: {len(value.encode('utf-8'))}")
+        return None
     if "\0" in value:
-        warn(f"tls_text_name: {namaddr}: internal NUL in peer {label}")
+        warn(f"tls_text_name: {namaddr}: NULL character in peer {label}")
         return None
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         warn(f"tls_text_name: {namaddr}: non-printable content in peer {label}")
@@ -1035,6 +1106,7 @@ def _text_name(name: x509.Name, oid, label: str, namaddr: str, warn) -> str | No
 
 
 def _as_certificate(cert) -> x509.Certificate:
+    """A cryptography Certificate from any of the accepted forms."""
     if isinstance(cert, x509.Certificate):
         return cert
     if isinstance(cert, crypto.X509):
@@ -1048,6 +1120,7 @@ def _as_certificate(cert) -> x509.Certificate:
 
 
 def _colon_hex(data: bytes) -> str:
+    """Upper-case hex bytes joined by colons, as Postfix prints digests."""
     return ":".join(f"{b:02X}" for b in data)
 
 
@@ -1136,6 +1209,7 @@ def peer_info(conn: SSL.Connection, digest: str = "sha256", match: list[str] | N
 
 def _set_sig(info: TLSInfo, server_side: bool, name: str, curve: str, bits: int,
              dgst: str) -> None:
+    """Store signature facts on the server or client side of info."""
     if server_side:
         info.srvr_sig_name, info.srvr_sig_curve = name, curve
         info.srvr_sig_bits, info.srvr_sig_dgst = bits, dgst
@@ -1147,6 +1221,7 @@ def _set_sig(info: TLSInfo, server_side: bool, name: str, curve: str, bits: int,
 # --- Postfix's words ----------------------------------------------------------------------
 
 def _sig_text(label: str, name: str, curve: str, bits: int, dgst: str) -> str:
+    """"server-signature NAME (CURVE) server-digest DGST" and the like."""
     text = f"{label}-signature {name}"
     if curve:
         text += f" ({curve})"
@@ -1158,6 +1233,7 @@ def _sig_text(label: str, name: str, curve: str, bits: int, dgst: str) -> str:
 
 
 def _kex_text(info: TLSInfo) -> str:
+    """"key-exchange NAME (CURVE)" or "(N bits)"."""
     text = f"key-exchange {info.kex_name}"
     if info.kex_curve:
         text += f" ({info.kex_curve})"
@@ -1191,14 +1267,15 @@ def verify_error_line(info: TLSInfo) -> str:
     purpose = "CA" if depth > 0 else ("client" if info.role == "server" else "server")
     if err == X509_V_ERR_CERT_UNTRUSTED:
         return f"certificate verification failed for {who}: not trusted by local or TLSA policy"
-    if err == X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN:
+    if err == X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT:
         return f"certificate verification failed for {who}: self-signed certificate"
-    if err in (X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY, X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT):
+    if err in (X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY, X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN):
+        # Not sent, or sent but not trusted: Postfix makes no difference.
         issuer = _printable(info.verify_error_issuer) or "<unknown>"
         return f"certificate verification failed for {who}: untrusted issuer {issuer}"
-    if err in (X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CRL_NOT_YET_VALID):
+    if err in (X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_ERROR_IN_CERT_NOT_BEFORE_FIELD):
         return f"{purpose} certificate verification failed for {who}: certificate not yet valid"
-    if err in (X509_V_ERR_CERT_HAS_EXPIRED, X509_V_ERR_CRL_HAS_EXPIRED):
+    if err in (X509_V_ERR_CERT_HAS_EXPIRED, X509_V_ERR_ERROR_IN_CERT_NOT_AFTER_FIELD):
         return f"{purpose} certificate verification failed for {who}: certificate has expired"
     if err == X509_V_ERR_INVALID_PURPOSE:
         return (f"certificate verification failed for {who}: not designated for use as a "
@@ -1304,6 +1381,7 @@ def received_clause(info: TLSInfo, ask_ccert: bool) -> str:
 # --- peer names ---------------------------------------------------------------------------
 
 def _ip(name: str):
+    """The IP address in name (brackets allowed), or None."""
     try:
         return ipaddress.ip_address(name.strip("[]"))
     except ValueError:
@@ -1373,6 +1451,7 @@ def match_peername(cert, names, wildcard_multiple_labels: bool = True) -> tuple[
 def match_names(strategies, nexthop: str, hostname: str) -> list[str]:
     """Reference names for smtp_tls_{verify,secure}_cert_match strategies."""
     def clean(name: str) -> str:
+        """A next-hop or host name as certificates spell it."""
         return name.strip().strip("[]").removesuffix(".").lower()
     out: list[str] = []
     for item in strategies:

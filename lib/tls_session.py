@@ -184,6 +184,7 @@ _verify_observers: "weakref.WeakKeyDictionary[SSL.Context, object]" = weakref.We
 
 
 def _oneline_of(name_ptr) -> str:
+    """X509_NAME_oneline() of a name pointer, or "<unknown>"."""
     if name_ptr == _ffi.NULL:
         return "<unknown>"
     text = _lib.X509_NAME_oneline(name_ptr, _ffi.NULL, 0)
@@ -197,6 +198,7 @@ def _oneline_of(name_ptr) -> str:
 
 @_ffi.callback("int(int, X509_STORE_CTX *)")
 def _verify_callback(ok, store):
+    """OpenSSL's verify callback: report to the observer, always continue."""
     # Never abort the handshake from here; trust is judged after it (Postfix tls_verify.c).
     try:
         ssl = _lib.X509_STORE_CTX_get_ex_data(store, _lib.SSL_get_ex_data_X509_STORE_CTX_idx())
@@ -234,6 +236,7 @@ _schemes: "weakref.WeakKeyDictionary[SSL.Connection, list]" = weakref.WeakKeyDic
 
 @_ffi.callback("void(int, int, int, void *, size_t, SSL *, void *)")
 def _msg_callback(write_p, version, content_type, buf, length, ssl, arg):
+    """OpenSSL's message callback: note CertificateVerify signature schemes."""
     # Exceptions cannot leave a C callback; a failure here only loses log detail.
     try:
         if content_type != _HANDSHAKE or length < 1:
