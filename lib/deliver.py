@@ -171,9 +171,8 @@ def log_delivery(queue_id: str, rcpt: str, relay: str, arrival: float, started: 
 
 
 def _fmt(seconds: float) -> str:
-    """Postfix's delay format: two significant digits below 10 s, whole seconds above."""
+    """Postfix's delay format: two significant digits, at most two decimals."""
     if seconds >= 10:
         return str(int(round(seconds)))
-    if seconds < 0.01:
-        return "0" if seconds < 0.005 else "0.01"
-    return f"{seconds:.2g}" if seconds < 1 else f"{seconds:.1f}".rstrip("0").rstrip(".")
+    value = round(float(f"{seconds:.2g}"), 2)
+    return f"{value:.2f}".rstrip("0").rstrip(".") or "0"

@@ -9,7 +9,8 @@ Postfix's order:
     pre_init()             as root: keys, certificates, tables, files outside the jail
     chroot                 into queue_directory when the service's chroot column is y
     drop privileges        supplementary groups, gid, uid of mail_owner; then verify that
-                           root cannot be regained
+                           root cannot be regained (not for services whose master.cf
+                           unpriv column is n, such as local, which acts for each user)
     post_init()            inside the jail, unprivileged
     serve                  report idle/busy to the master over the status pipe; exit after
                            max_use clients, after max_idle seconds without one, when the
@@ -147,6 +148,8 @@ def drop_privileges(ctx: WorkerContext) -> None:
             msg.fatal(f"chroot({queue}): {exc.strerror}")
     else:
         _chdir(queue)   # as Postfix: every daemon works in queue_directory
+    if not ctx.service.unpriv:
+        return          # master.cf "unpriv n": this program keeps root (local, pipe)
     os.initgroups(pw.pw_name, pw.pw_gid)
     os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
     os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)

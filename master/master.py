@@ -432,7 +432,9 @@ class Master:
             if not (state.svc.wakeup_conditional and self._count(state.key) == 0):
                 self._trigger(state)
             state.wakeup_timer = self.loop.call_later(state.svc.wakeup, fire)
-        state.wakeup_timer = self.loop.call_later(state.svc.wakeup, fire)
+        # As Postfix's master: the first wakeup goes out at once, so that after a start or
+        # reload qmgr looks at the queue without waiting a whole period.
+        state.wakeup_timer = self.loop.call_later(0, fire)
 
     def _trigger(self, state: S.ServiceState) -> None:
         """Wake a unix service the way Postfix's master does: connect and send `W`."""

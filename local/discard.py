@@ -1,0 +1,44 @@
+"""discard - throw mail away and say so, as Postfix's discard(8).
+
+SYNOPSIS
+    master.cf:  discard  unix  -  -  y  -  -  discard
+    transport_maps:  example.com  discard:silently
+
+DESCRIPTION
+    discard takes one lib/deliver.py request at a time from qmgr and reports every
+    recipient as delivered without delivering anything, logging
+    `ID: to=<r>, relay=none, ..., dsn=2.0.0, status=sent (REASON)`, where REASON is the
+    next-hop field of the transport (the text after `discard:`; the recipient domain when
+    the table leaves it empty, as Postfix resolves it), or "discarded" when there is none.
+    qmgr then marks the recipients done.
+
+SECURITY
+    discard never opens the queue file; it can run chrooted and unprivileged.
+
+CONFIGURATION PARAMETERS
+    ipc_timeout (3600s), soft_bounce (no: it has nothing to bounce).
+
+SEE ALSO
+    Postfix discard(8), error(8); local/agent.py; lib/deliver.py.
+"""
+
+from __future__ import annotations
+
+from ..lib import server
+from . import agent
+
+
+def deliver_request(request, ctx):
+    """Every recipient: sent, with the next hop as the reason."""
+    reason = request.nexthop or "discarded"
+    return "none", [agent.result("sent", "2.0.0", reason) for _ in request.recipients]
+
+
+def service(conn, ctx) -> None:
+    """One connection from qmgr: one request."""
+    agent.serve(conn, ctx, deliver_request)
+
+
+def main(ctx) -> int:
+    """Serve delivery requests until the master retires this process."""
+    return server.single_server(ctx, service)

@@ -1,0 +1,169 @@
+"""Delivery requests to agents over private/TRANSPORT, without blocking qmgr's event loop.
+
+One AgentCall is one lib/deliver.py conversation: connect to
+queue_directory/private/TRANSPORT, send the request frame, read one reply frame, close.
+Every step is non-blocking and the whole conversation has one deadline. The result goes to
+the done callback, always from the event loop and never from inside dispatch(), as either
+a lib.deliver.Reply or a qmgr.manager.Failure:
+
+    connect fails (no socket, refused)  "mail transport unavailable" (4.3.0), with the
+                                        warning `connect to transport private/NAME: REASON`
+    the agent closes without a reply    "unknown mail transport error" (4.3.0), with a
+                                        warning naming the transport
+    a reply that breaks the protocol    "unknown mail transport error" (4.3.0), with a
+                                        warning that says what was wrong
+    no reply before the deadline        "delivery agent timeout" (4.3.0)
+
+All of them suspend the transport (see qmgr/manager.py). A full listen queue (EAGAIN on
+connect) is retried until the deadline.
+
+FUNCTIONS
+    AgentPool(loop, queue_root, timeout, done): dispatch(job, request) starts a call;
+        done(job, result) receives its outcome; close() abandons the calls in progress.
+
+SEE ALSO
+    lib/deliver.py, lib/attr.py, Postfix qmgr_deliver.c.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from ..lib import attr, deliver, msg
+from .manager import Failure
+
+RETRY_CONNECT = 0.1          # seconds between connects while the listen queue is full
+READ_SIZE = 65536
+
+
+class AgentCall:
+    """One request/reply conversation with a delivery agent."""
+
+    def __init__(self, pool: "AgentPool", job, request: deliver.Request):
+        self.pool = pool
+        self.loop = pool.loop
+        self.job = job
+        self.transport = request.transport
+        self.rcpt_count = len(request.recipients)
+        self.frame = memoryview(deliver.encode_request(request))
+        self.path = os.path.join(pool.queue_root, "private", request.transport)
+        self.sock: socket.socket | None = None
+        self.decoder = attr.FrameDecoder()
+        self.timer = None
+        self.finished = False
+
+    def start(self) -> None:
+        """Begin: arm the deadline and connect."""
+        self.timer = self.loop.call_later(self.pool.timeout, self._timeout)
+        self._connect()
+
+    def _connect(self) -> None:
+        if self.finished:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                             | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.path)
+        except (BlockingIOError, InterruptedError):
+            sock.close()             # the agents' listen queue is full: try again shortly
+            self.loop.call_later(RETRY_CONNECT, self._connect)
+            return
+        except OSError as exc:
+            sock.close()
+            msg.warn(f"connect to transport private/{self.transport}: "
+                     f"{exc.strerror or exc}")
+            self._finish(Failure("4.3.0", "mail transport unavailable"))
+            return
+        self.sock = sock
+        self.loop.add_writer(sock, self._writable)
+
+    def _writable(self) -> None:
+        try:
+            n = self.sock.send(self.frame)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            msg.warn(f"private/{self.transport}: send delivery request: "
+                     f"{exc.strerror or exc}")
+            self._finish(Failure("4.3.0", "unknown mail transport error"))
+            return
+        self.frame = self.frame[n:]
+        if not self.frame:
+            self.loop.remove_writer(self.sock)
+            self.loop.add_reader(self.sock, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            data = b""
+            msg.warn(f"private/{self.transport}: read delivery status: {exc.strerror or exc}")
+        if not data:
+            msg.warn(f"private/{self.transport}: delivery agent closed the connection "
+                     "without a status")
+            self._finish(Failure("4.3.0", "unknown mail transport error"))
+            return
+        try:
+            self.decoder.feed(data)
+            frame = self.decoder.next_frame()
+            if frame is None:
+                return
+            reply = deliver.decode_reply(frame, self.rcpt_count)
+        except attr.AttrError as exc:
+            msg.warn(f"private/{self.transport}: malformed delivery status: {exc}")
+            self._finish(Failure("4.3.0", "unknown mail transport error"))
+            return
+        self._finish(reply)
+
+    def _timeout(self) -> None:
+        self.timer = None
+        if not self.finished:
+            msg.warn(f"private/{self.transport}: no delivery status after "
+                     f"{self.pool.timeout}s")
+            self._finish(Failure("4.3.0", "delivery agent timeout"))
+
+    def _finish(self, result) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.close()
+        self.pool.calls.discard(self)
+        # Always from the loop, never from inside dispatch(): the manager may be mid-pass.
+        self.loop.call_later(0, lambda: self.pool.done(self.job, result))
+
+    def close(self) -> None:
+        """Drop the connection and the deadline."""
+        self.loop.cancel(self.timer)
+        self.timer = None
+        if self.sock is not None:
+            self.loop.remove(self.sock)
+            self.sock.close()
+            self.sock = None
+
+
+class AgentPool:
+    """The delivery conversations in progress."""
+
+    def __init__(self, loop, queue_root: str, timeout: float, done=None):
+        self.loop = loop
+        self.queue_root = queue_root
+        self.timeout = timeout
+        self.done = done
+        self.calls: set[AgentCall] = set()
+
+    def dispatch(self, job, request: deliver.Request) -> None:
+        """Start delivering one job."""
+        call = AgentCall(self, job, request)
+        self.calls.add(call)
+        call.start()
+
+    def close(self) -> None:
+        """Abandon every call (qmgr is exiting; the files stay in active/)."""
+        for call in list(self.calls):
+            call.finished = True
+            call.close()
+        self.calls.clear()
+

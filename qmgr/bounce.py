@@ -1,0 +1,261 @@
+"""Delivery status notifications: the bounce message, as Postfix's bounce(8) writes it.
+
+When recipients of a message fail for good (or the message expires in the queue), qmgr
+calls notify() with the failed recipients; notify() writes the notification as a new queue
+file in incoming/ (lib/queue.py: committed before anyone is told) and returns its queue id.
+The message is an RFC 3464 multipart/report with Postfix's texts:
+
+    1. text/plain: "This is the mail system at host $myhostname. I'm sorry to have to
+       inform you that your message could not be delivered ...", then `<rcpt>: reason` per
+       recipient, wrapped at 79 columns (the postmaster copies carry no boilerplate).
+    2. message/delivery-status: Reporting-MTA, X-Postfix-Queue-ID, X-Postfix-Sender,
+       Arrival-Date; per recipient Final-Recipient, Original-Recipient, Action: failed,
+       Status, Remote-MTA and `Diagnostic-Code: smtp; <reply>` when the reason quotes a
+       remote server's reply, else `Diagnostic-Code: X-Postfix; <reason>`.
+    3. The original message with a Return-Path: header, as message/rfc822; only its
+       headers, as text/rfc822-headers, when it is larger than bounce_size_limit and in
+       the postmaster copy of an ordinary bounce.
+
+WHO GETS WHAT (bounce_notify_service.c)
+    sender not empty            the sender, from <> ("sender non-delivery notification");
+                                with notify_classes containing `bounce`, also a headers-only
+                                copy to bounce_notice_recipient.
+    sender empty (a bounce)     with notify_classes containing `bounce` or `2bounce`, the
+                                postmaster (2bounce_notice_recipient), from
+                                $double_bounce_sender@$myhostname ("postmaster non-delivery
+                                notification"); otherwise nothing: Postfix drops it.
+    sender is the double-bounce address (a postmaster notice that failed): nothing, with
+                                the warning "ID: undeliverable postmaster notification
+                                discarded". So a notification never loops.
+
+FUNCTIONS
+    notify(cfg, queue_root, queue_id, envelope, path, entries, now=None) -> list of
+        (kind, new id), kind "sender" or "postmaster"; envelope is lib/queue.read()'s
+        result for the queue file at path, entries the failed recipients (LogEntry).
+        OSError from the queue file system propagates: the caller keeps the message (and
+        its bounce log) and tries again later.
+    build(cfg, queue_id, new_id, envelope, path, entries, to, postmaster, headers_only,
+        now) -> bytes: one notification's content.
+    double_bounce_address(cfg) -> str.
+    line_wrap(text, width=79, indent=4) -> list of lines, as Postfix's line_wrap(3).
+
+CONFIGURATION PARAMETERS
+    myhostname, myorigin, mail_name, notify_classes (resource, software),
+    bounce_notice_recipient (postmaster), 2bounce_notice_recipient (postmaster);
+    read with local defaults until the parameter table declares them:
+    bounce_size_limit (50000), double_bounce_sender (double-bounce).
+
+SEE ALSO
+    Postfix bounce(8), RFC 3464, RFC 3834 (Auto-Submitted).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from ..lib import msg
+from ..lib import queue as Q
+from .bounce_log import LogEntry
+
+BOUNDARY_FMT = "{id}.{time}/{host}"
+SMTP_REPLY = re.compile(r"^host (\S+?)\[[^\]]*\](?::\d+)? said: (\d{3}[ -].*?)"
+                        r"(?: \(in reply to .*\))?$")
+
+FAILURE_BODY = """\
+This is the mail system at host {host}.
+
+I'm sorry to have to inform you that your message could not
+be delivered to one or more recipients. It's attached below.
+
+For further assistance, please send mail to postmaster.
+
+If you do so, please include this problem report. You can
+delete your own text from the attached returned message.
+
+                   The mail system
+"""
+
+
+def double_bounce_address(cfg) -> str:
+    """The sender of postmaster notices: $double_bounce_sender@$myhostname."""
+    return f"{cfg.get('double_bounce_sender')}@{cfg.get('myhostname')}"
+
+
+def qualify(cfg, address: str) -> str:
+    """user -> user@$myorigin, as Postfix's cleanup appends the origin."""
+    if "@" in address or not address:
+        return address
+    return f"{address}@{cfg.get('myorigin') or cfg.get('myhostname')}"
+
+
+def mail_date(when: float) -> str:
+    """An RFC 5322 date in local time, as smtpd's Received: header writes it."""
+    return time.strftime("%a, %d %b %Y %H:%M:%S %z (%Z)", time.localtime(when))
+
+
+def line_wrap(text: str, width: int = 79, indent: int = 4) -> list[str]:
+    """Break text at spaces into lines of at most width; continuations indented."""
+    lines, line = [], ""
+    for word in text.split(" "):
+        candidate = f"{line} {word}" if line else word
+        limit = width - (indent if lines else 0)
+        if line and len(candidate) > limit:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    lines.append(line)
+    return [lines[0]] + [" " * indent + rest for rest in lines[1:]]
+
+
+def _diagnostic(entry: LogEntry) -> tuple[str | None, str]:
+    """(remote MTA or None, Diagnostic-Code value) for one recipient."""
+    m = SMTP_REPLY.match(entry.reason)
+    if m:
+        return m.group(1), f"smtp; {m.group(2)}"
+    return None, f"X-Postfix; {entry.reason}"
+
+
+def _original(envelope, path: str, headers_only: bool) -> bytes:
+    """The original content, or its header section only."""
+    out = bytearray()
+    at_line_start = True
+    for block in envelope.content(path):
+        if not headers_only:
+            out += block
+            continue
+        # Header section: up to the first empty line.
+        start = 0
+        while start < len(block):
+            nl = block.find(b"\n", start)
+            end = len(block) if nl < 0 else nl + 1
+            line = block[start:end]
+            if at_line_start and line in (b"\n", b"\r\n"):
+                return bytes(out)
+            out += line
+            at_line_start = nl >= 0
+            start = end
+    return bytes(out)
+
+
+def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[LogEntry],
+          to: str, postmaster: bool, headers_only: bool, now: float) -> bytes:
+    """The content of one notification (lines end in LF, as queue files keep them)."""
+    host = cfg.get("myhostname")
+    mail_name = cfg.get("mail_name")
+    boundary = BOUNDARY_FMT.format(id=queue_id, time=int(now), host=host)
+    date = mail_date(now)
+    sender = envelope.sender or f"MAILER-DAEMON@{host}"
+    limit = cfg["bounce_size_limit"]
+    if limit and envelope.size > limit:
+        headers_only = True
+    subject = ("Postmaster Copy: Undelivered Mail" if postmaster
+               else "Undelivered Mail Returned to Sender")
+    out = [
+        f"Received: by {host} ({mail_name})",
+        f"\tid {new_id}; {date}",
+        f"Date: {date}",
+        f"From: Mail Delivery System <MAILER-DAEMON@{host}>",
+        f"Subject: {subject}",
+        f"To: {to}",
+        f"Auto-Submitted: {'auto-generated' if postmaster else 'auto-replied'}",
+        "MIME-Version: 1.0",
+        "Content-Type: multipart/report; report-type=delivery-status;",
+        f'\tboundary="{boundary}"',
+        "Content-Transfer-Encoding: 8bit",
+        f"Message-Id: <{time.strftime('%Y%m%d%H%M%S', time.localtime(now))}.{new_id}@{host}>",
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+        f"--{boundary}",
+        "Content-Description: Notification",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
+        "",
+    ]
+    if not postmaster:
+        out += FAILURE_BODY.format(host=host).split("\n")[:-1]
+    for entry in entries:
+        out.append("")
+        out += line_wrap(f"<{entry.recipient}>: {entry.reason}")
+    out += [
+        "",
+        f"--{boundary}",
+        "Content-Description: Delivery report",
+        "Content-Type: message/delivery-status",
+        "",
+        f"Reporting-MTA: dns; {host}",
+        f"X-Postfix-Queue-ID: {queue_id}",
+        f"X-Postfix-Sender: rfc822; {sender}",
+        f"Arrival-Date: {mail_date(envelope.arrival)}",
+    ]
+    for entry in entries:
+        remote, diagnostic = _diagnostic(entry)
+        out += ["", f"Final-Recipient: rfc822; {entry.recipient}",
+                f"Original-Recipient: rfc822;{entry.recipient}",
+                "Action: failed", f"Status: {entry.status}"]
+        if remote:
+            out.append(f"Remote-MTA: dns; {remote}")
+        out += line_wrap(f"Diagnostic-Code: {diagnostic}")     # folded, as Postfix does
+    out += [
+        "",
+        f"--{boundary}",
+        "Content-Description: Undelivered Message" + (" Headers" if headers_only else ""),
+        "Content-Type: " + ("text/rfc822-headers" if headers_only else "message/rfc822"),
+        "Content-Transfer-Encoding: 8bit",
+        "",
+        f"Return-Path: <{sender}>",
+    ]
+    head = "\n".join(out).encode("utf-8", "surrogateescape") + b"\n"
+    original = _original(envelope, path, headers_only)
+    if original and not original.endswith(b"\n"):
+        original += b"\n"
+    return head + original + f"\n--{boundary}--\n".encode()
+
+
+def _post(cfg, queue_root: str, queue_id: str, envelope, path: str,
+          entries: list[LogEntry], env_sender: str, to: str, postmaster: bool,
+          headers_only: bool, now: float) -> str:
+    """Write one notification into incoming/; its queue id."""
+    writer = Q.QueueWriter(queue_root, now)
+    try:
+        writer.add_attr("notification", "postmaster" if postmaster else "sender")
+        writer.set_sender(env_sender)
+        writer.add_recipient(to)
+        writer.write(build(cfg, queue_id, writer.id, envelope, path, entries, to,
+                           postmaster, headers_only, now))
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def notify(cfg, queue_root: str, queue_id: str, envelope, path: str,
+           entries: list[LogEntry], now: float | None = None) -> list[tuple[str, str]]:
+    """Write the notifications a failure calls for; [(kind, new queue id)]."""
+    if not entries:
+        return []
+    now = time.time() if now is None else now
+    sender = envelope.sender or ""
+    double = double_bounce_address(cfg)
+    classes = {c.lower() for c in cfg["notify_classes"]}
+    if sender.lower() == double.lower():
+        msg.warn(f"{queue_id}: undeliverable postmaster notification discarded")
+        return []
+    if not sender:
+        if not classes & {"bounce", "2bounce"}:
+            return []
+        to = qualify(cfg, cfg.get("2bounce_notice_recipient"))
+        return [("postmaster", _post(cfg, queue_root, queue_id, envelope, path, entries,
+                                     double, to, True, False, now))]
+    sent = [("sender", _post(cfg, queue_root, queue_id, envelope, path, entries, "",
+                             sender, False, False, now))]
+    if "bounce" in classes:
+        to = qualify(cfg, cfg.get("bounce_notice_recipient"))
+        try:
+            sent.append(("postmaster", _post(cfg, queue_root, queue_id, envelope, path,
+                                             entries, double, to, True, True, now)))
+        except OSError:
+            msg.warn(f"postmaster notice failed while bouncing to {sender}")
+    return sent

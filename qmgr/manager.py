@@ -1,0 +1,710 @@
+"""The queue manager's state machine: active queue, per-destination scheduling, results.
+
+This is qmgr's logic without its sockets. qmgr/service.py feeds it triggers and timers from
+the event loop and gives it a dispatch function that sends a delivery request to an agent
+(qmgr/agent.py); the agent's answer comes back through QueueManager.delivered(). Time comes
+from an injectable wall clock (`now`) and timers from an injectable `loop` (call_later,
+cancel), so unit tests drive backoff and expiry without sleeping.
+
+LIFE OF A MESSAGE
+    start()     as Postfix's qmgr: every file left in active/ by a crash or a stop goes back
+                to incoming/; then incoming/ and deferred/ are scanned.
+    feed        incoming/ and deferred/ are scanned alternately; a deferred file is taken
+                only when its modification time (the next attempt time) has come, unless
+                the scan was asked for with `A` (postqueue -f). A dot-file is skipped (being
+                written); a file that lib/queue.read() refuses goes to corrupt/ with a
+                warning once it is CORRUPT_GRACE seconds old. At most
+                qmgr_message_active_limit messages, and about qmgr_message_recipient_limit
+                recipients, are in memory. Entering active/ resets the message's defer log
+                and logs `ID: from=<s>, size=N, nrcpt=M (queue active)`.
+    resolve     each recipient not yet done gets a transport and next hop (qmgr/resolve.py);
+                recipients with the same transport and next hop form jobs of at most
+                <transport>_destination_recipient_limit recipients. With a limit of 1 (local)
+                the destination is the recipient, as in Postfix.
+    schedule    jobs wait per destination; a destination runs at most
+                <transport>_destination_concurrency_limit jobs at once, starting at
+                initial_destination_concurrency and growing by one per completed job; a
+                transport runs at most its master.cf process limit. Destinations take turns.
+    results     per recipient: sent -> mark_done; bounced -> appended to bounce/ID (fsync),
+                then mark_done; deferred -> appended to defer/ID. soft_bounce = yes turns a
+                bounce into a deferral (4.x.x). A reply in which every recipient is deferred
+                with a 4.4.x status (no connection, routing) suspends the destination for
+                minimal_backoff_time: its waiting jobs are deferred at once with "delivery
+                temporarily suspended: REASON". An agent that cannot be reached, dies, times
+                out or answers garbage defers the job's recipients and suspends the whole
+                transport for transport_retry_time, with Postfix's warning `transport NAME
+                failure -- see a previous warning/fatal/panic logfile record for the problem
+                description`. `F` (postqueue -f) lifts every suspension.
+    done        when no job of the message is left: a bounce log becomes a non-delivery
+                notification (qmgr/bounce.py; `ID: sender non-delivery notification: NEW`);
+                with deferred recipients, a message older than maximal_queue_lifetime
+                (bounce_queue_lifetime for a bounce) is returned (`ID: from=<s>,
+                status=expired, returned to sender`), otherwise it moves to deferred/ with
+                its modification time set to now + its age, clamped to minimal_backoff_time
+                .. maximal_backoff_time; with none, the file is removed (`ID: removed`).
+
+    Every result is on disk (queue file or log) before the file moves on, so a crash
+    repeats at most the deliveries that were in flight.
+
+FUNCTIONS
+    QueueManager(cfg, queue_root, dispatch, loop=None, now=time.time, maxproc=None,
+                 resolver=None)
+        dispatch(job, request): start one delivery; its result must come back later (not
+        from inside dispatch) through delivered(job, result).
+        maxproc: {transport: process limit} (qmgr/service.py reads master.cf).
+        resolver: a qmgr.resolve.Resolver (default: one made from cfg; TableError).
+    start(); trigger(requests: bytes) for I, D, A, F, W; delivered(job, Reply | Failure);
+    deferred_scan() (the queue_run_delay timer); close().
+    Failure(dsn, reason, throttle): a delivery that failed as a whole.
+
+CONFIGURATION PARAMETERS
+    queue_run_delay (300s), minimal_backoff_time (300s), maximal_backoff_time (4000s),
+    maximal_queue_lifetime (5d), bounce_queue_lifetime (5d), qmgr_message_active_limit
+    (20000), qmgr_message_recipient_limit (20000), default_destination_concurrency_limit
+    (20), initial_destination_concurrency (5), default_destination_recipient_limit (50),
+    soft_bounce (no), default_process_limit (100); not yet in the parameter table, read with
+    Postfix's defaults: <transport>_destination_concurrency_limit and
+    <transport>_destination_recipient_limit (local: 2 and 1), transport_retry_time (60s);
+    and those of qmgr/resolve.py and qmgr/bounce.py.
+
+FILES
+    incoming/, active/, deferred/, corrupt/, defer/ID, bounce/ID under queue_directory.
+
+BUGS
+    No delayed-mail warnings (delay_warning_time, off by default as in Postfix).
+    qmgr_message_recipient_limit is checked per message, not per recipient slice: a
+    message's recipients all come into memory at once. Concurrency feedback is simple
+    (slow start, then +1 per completed job; a site failure suspends the destination)
+    rather than Postfix's cohort-based feedback.
+
+SEE ALSO
+    Postfix qmgr(8), qmgr_active.c; lib/deliver.py (the request); qmgr/bounce_log.py.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..lib import deliver, msg
+from ..lib import queue as Q
+from . import bounce, bounce_log
+from .bounce_log import BOUNCE, DEFER, LogEntry
+from .resolve import ResolveError, Resolver
+
+CORRUPT_GRACE = 60.0          # an unreadable file younger than this may still be in flux
+# Postfix's own defaults for the local transport (local_destination_*_limit).
+TRANSPORT_DEFAULTS = {"local": {"concurrency": 2, "recipients": 1}}
+SUSPENDED = "delivery temporarily suspended: "
+
+
+@dataclass
+class Failure:
+    """A delivery request that failed as a whole: every recipient is deferred."""
+
+    dsn: str
+    reason: str
+    throttle: bool = True      # suspend the transport
+
+
+@dataclass
+class Entry:
+    address: str
+    offset: int
+
+
+@dataclass(eq=False)
+class Message:
+    queue_id: str
+    path: str
+    env: Q.QueueMessage
+    started: float
+    pending: int = 0
+    deferred: list = field(default_factory=list)     # LogEntry of this pass
+    gone: bool = False
+    rescan: bool = False
+    finished: bool = False
+
+
+@dataclass(eq=False)
+class Job:
+    message: Message
+    transport: "Transport"
+    dest: "Destination"
+    nexthop: str
+    entries: list
+
+
+@dataclass(eq=False)
+class Destination:
+    key: str
+    window: float
+    limit: int
+    todo: deque = field(default_factory=deque)
+    busy: int = 0
+    dead_until: float = 0.0
+    dead_reason: str = ""
+    dead_dsn: str = ""
+
+    @property
+    def capacity(self) -> int:
+        return max(1, min(self.limit, int(self.window)))
+
+
+@dataclass(eq=False)
+class Transport:
+    name: str
+    limit: int                  # processes
+    dest_limit: int
+    rcpt_limit: int
+    initial: int
+    dests: dict = field(default_factory=dict)
+    busy: int = 0
+    dead_until: float = 0.0
+    dead_reason: str = ""
+
+
+class _Scan:
+    """One queue directory being fed into the active queue."""
+
+    def __init__(self, queue: str):
+        self.queue = queue
+        self.names: deque = deque()
+        self.all = False
+        self.restart = False
+        self.restart_all = False
+
+
+def _int(cfg, name: str, default: int) -> int:
+    """A per-transport limit (<transport>_destination_...): Postfix knows one for every
+    master.cf service, so it is not in the parameter table; main.cf may set it."""
+    text = (cfg.get(name) if cfg.is_set(name) else str(default)).strip()
+    try:
+        value = int(text)
+    except ValueError:
+        msg.warn(f"bad numerical configuration: {name} = {text}; using {default}")
+        return default
+    return value if value > 0 else default
+
+
+class QueueManager:
+    """The active queue and its scheduling; see the module documentation."""
+
+    def __init__(self, cfg, queue_root: str, dispatch, loop=None, now=time.time,
+                 maxproc: dict | None = None, resolver: Resolver | None = None):
+        self.cfg = cfg
+        self.root = queue_root
+        self.dispatch = dispatch
+        self.loop = loop
+        self.now = now
+        self.maxproc = maxproc or {}
+        self.resolver = resolver or Resolver(cfg)
+        self.messages: dict[str, Message] = {}
+        self.transports: dict[str, Transport] = {}
+        self.rcpt_count = 0
+        self.scans = {"incoming": _Scan("incoming"), "deferred": _Scan("deferred")}
+        self._turn = 0
+        self._pumping = False
+        self._rescan_timer = None
+        self._deferred_timer = None
+        self.active_limit = cfg["qmgr_message_active_limit"]
+        self.rcpt_limit = cfg["qmgr_message_recipient_limit"]
+        self.queue_run_delay = cfg["queue_run_delay"]
+        self.min_backoff = cfg["minimal_backoff_time"]
+        self.max_backoff = max(self.min_backoff, cfg["maximal_backoff_time"])
+        self.max_lifetime = cfg["maximal_queue_lifetime"]
+        self.bounce_lifetime = cfg["bounce_queue_lifetime"]
+        self.soft_bounce = cfg["soft_bounce"]
+        self.transport_retry = cfg["transport_retry_time"]
+        self.double_bounce = bounce.double_bounce_address(cfg).lower()
+
+    # --- entry points ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Recover active/ into incoming/, scan both queues, arm the deferred-queue timer."""
+        active = os.path.join(self.root, "active")
+        for name in _listdir(active):
+            try:
+                os.rename(self._path("active", name), self._path("incoming", name))
+            except OSError as exc:
+                msg.warn(f"{name}: rename from active to incoming: {exc.strerror}")
+        self._request_scan("incoming")
+        self._request_scan("deferred")
+        self._arm_deferred_timer()
+        self._pump()
+
+    def trigger(self, requests: bytes) -> None:
+        """Act on trigger bytes: I incoming, D deferred, A all, F flush dead, W wakeup."""
+        for code in set(requests):
+            if code in (ord("I"), ord("W")):
+                self._request_scan("incoming")
+            elif code == ord("D"):
+                self._request_scan("deferred")
+            elif code == ord("A"):
+                self._request_scan("incoming", scan_all=True)
+                self._request_scan("deferred", scan_all=True)
+            elif code == ord("F"):
+                self.flush_dead()
+        self._pump()
+
+    def deferred_scan(self) -> None:
+        """The queue_run_delay timer: look for deferred mail whose time has come."""
+        self._deferred_timer = None
+        self._request_scan("deferred")
+        self._arm_deferred_timer()
+        self._pump()
+
+    def flush_dead(self) -> None:
+        """Lift every transport and destination suspension (postqueue -f)."""
+        for t in self.transports.values():
+            t.dead_until = 0.0
+            for dest in t.dests.values():
+                dest.dead_until = 0.0
+
+    def close(self) -> None:
+        """Release tables and timers."""
+        if self.loop is not None:
+            self.loop.cancel(self._deferred_timer)
+            self.loop.cancel(self._rescan_timer)
+        self.resolver.close()
+
+    # --- scanning and feeding --------------------------------------------------------------
+    def _path(self, queue: str, name: str) -> str:
+        """A queue file's name, relative when the queue root is the working directory."""
+        return os.path.normpath(os.path.join(self.root, queue, name))
+
+    def _arm_deferred_timer(self) -> None:
+        if self.loop is not None:
+            self.loop.cancel(self._deferred_timer)
+            self._deferred_timer = self.loop.call_later(self.queue_run_delay, self.deferred_scan)
+
+    def _request_scan(self, queue: str, scan_all: bool = False) -> None:
+        scan = self.scans[queue]
+        if scan.names:
+            scan.restart = True         # files newer than the listing: look again after it
+            scan.restart_all |= scan_all
+            return
+        scan.names = deque(_listdir(os.path.join(self.root, queue)))
+        scan.all = scan_all
+
+    def _next_name(self):
+        for _ in range(2):
+            scan = self.scans[("incoming", "deferred")[self._turn]]
+            self._turn ^= 1
+            if not scan.names and scan.restart:
+                scan.restart = False
+                scan.names = deque(_listdir(os.path.join(self.root, scan.queue)))
+                scan.all, scan.restart_all = scan.restart_all, False
+            if scan.names:
+                return scan, scan.names.popleft()
+        return None, None
+
+    def _has_room(self) -> bool:
+        if not self.messages:
+            return True
+        return len(self.messages) < self.active_limit and self.rcpt_count < self.rcpt_limit
+
+    def _feed(self) -> bool:
+        fed = False
+        while self._has_room():
+            scan, name = self._next_name()
+            if scan is None:
+                break
+            fed |= self._activate(scan, name)
+        return fed
+
+    def _pump(self) -> None:
+        """Feed and schedule until nothing more can move; never re-entered."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._feed() | self._schedule():
+                pass
+        finally:
+            self._pumping = False
+
+    def _corrupt(self, queue: str, name: str, why: str, mtime: float) -> None:
+        """Move an unusable file to corrupt/, once it is old enough not to be in flux."""
+        if self.now() - mtime < CORRUPT_GRACE:
+            if self.loop is not None and self._rescan_timer is None:
+                def again():
+                    self._rescan_timer = None
+                    self._request_scan(queue)
+                    self._pump()
+                self._rescan_timer = self.loop.call_later(CORRUPT_GRACE, again)
+            return
+        try:
+            os.rename(self._path(queue, name), self._path("corrupt", name))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            msg.warn(f"save corrupt file queue {queue} id {name}: {exc.strerror}")
+            return
+        msg.warn(f"{why}")
+        msg.warn(f"corrupt file queue {queue} id {name}")
+
+    def _activate(self, scan: _Scan, name: str) -> bool:
+        """Bring one queue file into the active queue; True when it was taken."""
+        queue = scan.queue
+        if name in self.messages:
+            self.messages[name].rescan = True     # requeued while active: look again later
+            return False
+        src = self._path(queue, name)
+        try:
+            st = os.lstat(src)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        now = self.now()
+        if queue == "deferred" and not scan.all and st.st_mtime > now + 1:
+            return False
+        if not _id_ok(name):
+            self._corrupt(queue, name, f"bad mail queue ID: {name}", 0.0)
+            return False
+        try:
+            env = Q.read(src)
+        except FileNotFoundError:
+            return False
+        except Q.QueueFileError as exc:
+            self._corrupt(queue, name, str(exc), st.st_mtime)
+            return False
+        except OSError as exc:
+            msg.warn(f"open {queue}/{name}: {exc.strerror}")
+            return False
+        dst = self._path("active", name)
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            msg.warn(f"{name}: rename from {queue} to active: {exc.strerror}")
+            return False
+        bounce_log.remove(self.root, DEFER, name)      # the log describes the last attempt
+        m = Message(name, dst, env, started=now)
+        self.messages[name] = m
+        sender = env.sender or ""
+        msg.info(f"{name}: from=<{sender}>, size={env.size}, "
+                 f"nrcpt={len(env.recipients)} (queue active)")
+        self._resolve(m)
+        if m.pending == 0:
+            self._finish(m)
+        return True
+
+    # --- resolving and queueing --------------------------------------------------------------
+    def _transport(self, name: str) -> Transport:
+        t = self.transports.get(name)
+        if t is None:
+            own = TRANSPORT_DEFAULTS.get(name, {})
+            limit = self.maxproc.get(name)
+            if limit is None:
+                limit = self.cfg["default_process_limit"]
+            t = Transport(
+                name, limit=limit if limit > 0 else 1 << 30,
+                dest_limit=_int(self.cfg, f"{name}_destination_concurrency_limit",
+                                own.get("concurrency",
+                                        self.cfg["default_destination_concurrency_limit"])),
+                rcpt_limit=_int(self.cfg, f"{name}_destination_recipient_limit",
+                                own.get("recipients",
+                                        self.cfg["default_destination_recipient_limit"])),
+                initial=self.cfg["initial_destination_concurrency"])
+            self.transports[name] = t
+        return t
+
+    def _destination(self, t: Transport, key: str) -> Destination:
+        dest = t.dests.get(key)
+        if dest is None:
+            dest = Destination(key, window=min(t.initial, t.dest_limit), limit=t.dest_limit)
+            t.dests[key] = dest
+        return dest
+
+    def _resolve(self, m: Message) -> None:
+        """Group the message's open recipients into jobs on their destinations' queues."""
+        groups: dict[tuple, list[Entry]] = {}
+        unresolved, discarded = [], []
+        for rcpt in m.env.recipients:
+            if rcpt.done:
+                continue
+            try:
+                route = self.resolver.resolve(rcpt.address)
+            except ResolveError as exc:
+                msg.warn(f"{m.queue_id}: {exc}")
+                unresolved.append(Entry(rcpt.address, rcpt.offset))
+                continue
+            if route.local and rcpt.address.lower() == self.double_bounce:
+                discarded.append(Entry(rcpt.address, rcpt.offset))
+                continue
+            t = self._transport(route.transport)
+            key = rcpt.address.lower() if t.rcpt_limit == 1 else route.nexthop.lower()
+            groups.setdefault((route.transport, key, route.nexthop), []).append(
+                Entry(rcpt.address, rcpt.offset))
+        # Mail to the double-bounce address ends here, as in Postfix's qmgr.
+        for e in discarded:
+            if not self._mark_done(m, e):
+                return
+            deliver.log_delivery(m.queue_id, e.address, "none", m.env.arrival, m.started,
+                                 "2.0.0", "sent", "discarded")
+        self.rcpt_count += sum(len(v) for v in groups.values())
+        if unresolved:
+            self._defer(m, unresolved, "4.3.0", "address resolver failure", log=True)
+        jobs = []
+        for (tname, key, nexthop), entries in groups.items():
+            t = self.transports[tname]
+            dest = self._destination(t, key)
+            for i in range(0, len(entries), t.rcpt_limit):
+                jobs.append(Job(m, t, dest, nexthop, entries[i:i + t.rcpt_limit]))
+        m.pending += len(jobs)
+        now = self.now()
+        for job in jobs:
+            t, dest = job.transport, job.dest
+            if t.dead_until > now:
+                self._job_failed(job, "4.3.0", t.dead_reason)
+            elif dest.dead_until > now:
+                self._job_failed(job, dest.dead_dsn, SUSPENDED + dest.dead_reason)
+            else:
+                dest.todo.append(job)
+
+    # --- scheduling --------------------------------------------------------------------------
+    def _schedule(self) -> bool:
+        """Start waiting jobs within the limits, destinations taking turns."""
+        started = False
+        now = self.now()
+        for t in self.transports.values():
+            if t.dead_until > now:
+                continue
+            ready = [d for d in t.dests.values() if d.todo and d.dead_until <= now]
+            while ready and t.busy < t.limit:
+                more = []
+                for dest in ready:
+                    if t.busy >= t.limit:
+                        break
+                    if dest.todo and dest.busy < dest.capacity:
+                        self._start(dest.todo.popleft())
+                        started = True
+                        if dest.todo and dest.busy < dest.capacity:
+                            more.append(dest)
+                ready = more
+            for key in [k for k, d in t.dests.items() if not d.todo and not d.busy
+                        and d.dead_until <= now]:
+                del t.dests[key]
+        return started
+
+    def _start(self, job: Job) -> None:
+        m = job.message
+        job.dest.busy += 1
+        job.transport.busy += 1
+        request = deliver.Request(
+            queue_id=m.queue_id, queue_file=f"active/{m.queue_id}",
+            transport=job.transport.name, nexthop=job.nexthop, sender=m.env.sender or "",
+            arrival=m.env.arrival, recipients=[e.address for e in job.entries],
+            offsets=[e.offset for e in job.entries],
+            flags=[] if m.env.sender else ["bounce"])
+        self.dispatch(job, request)
+
+    # --- results -----------------------------------------------------------------------------
+    def delivered(self, job: Job, result) -> None:
+        """A delivery agent's answer (deliver.Reply) or a Failure, for one started job."""
+        job.dest.busy -= 1
+        job.transport.busy -= 1
+        if isinstance(result, Failure):
+            self._job_done(job, result.dsn, result.reason, log=True)
+            if result.throttle:
+                self._throttle_transport(job.transport, result.reason)
+        elif result.status != deliver.attr.STATUS_OK:
+            reason = result.reason or f"delivery agent status {result.status}"
+            self._job_done(job, "4.3.0", reason, log=True)
+        else:
+            self._record(job, result)
+        self._pump()
+
+    def _record(self, job: Job, reply) -> None:
+        """Write a reply's per-recipient results, durably, then release the job."""
+        m = job.message
+        done, bounced, deferred = [], [], []
+        for entry, r in zip(job.entries, reply.results):
+            if r.result == "sent":
+                done.append(entry)
+            elif r.result == "bounced" and not self.soft_bounce:
+                bounced.append(LogEntry(entry.address, entry.offset, r.dsn, "failed",
+                                        r.reason, reply.relay))
+            else:
+                dsn = "4" + r.dsn[1:] if r.dsn[:1] == "5" else (r.dsn or "4.0.0")
+                deferred.append(LogEntry(entry.address, entry.offset, dsn, "delayed",
+                                         r.reason, reply.relay))
+        if not m.gone:
+            try:
+                bounce_log.append(self.root, BOUNCE, m.queue_id, bounced)
+            except OSError as exc:
+                # Without the reason on disk the bounce could be lost: try again later.
+                msg.warn(f"{m.queue_id}: append bounce log: {exc.strerror}")
+                deferred += [LogEntry(b.recipient, b.offset, "4" + b.status[1:], "delayed",
+                                      b.reason, b.relay) for b in bounced]
+                bounced = []
+            for entry in done + bounced:
+                if not self._mark_done(m, entry):
+                    break
+            if deferred and not m.gone:
+                self._defer_log(m, deferred)
+        if deferred and not done and not bounced and all(d.status.startswith("4.4.")
+                                                        for d in deferred):
+            self._throttle_dest(job.dest, deferred[0].status, deferred[0].reason)
+        elif done or bounced:
+            dest = job.dest
+            dest.window = min(dest.limit, dest.window + 1)
+        self._release(job)
+
+    def _mark_done(self, m: Message, entry) -> bool:
+        """Record one recipient as done in the queue file; False when the file is gone."""
+        try:
+            Q.mark_done(m.path, entry.offset)
+            return True
+        except FileNotFoundError:
+            self._vanished(m)
+            return False
+        except OSError as exc:
+            msg.fatal(f"{m.queue_id}: update queue file {m.path}: {exc.strerror}")
+            return False
+
+    def _vanished(self, m: Message) -> None:
+        if not m.gone:
+            m.gone = True
+            msg.warn(f"{m.queue_id}: queue file active/{m.queue_id} has gone away "
+                     "(postsuper?); results of its deliveries in progress are dropped")
+
+    def _defer_log(self, m: Message, entries: list[LogEntry]) -> None:
+        m.deferred.extend(entries)
+        try:
+            bounce_log.append(self.root, DEFER, m.queue_id, entries, sync=False)
+        except OSError as exc:
+            msg.warn(f"{m.queue_id}: append defer log: {exc.strerror}")
+
+    def _defer(self, m: Message, entries: list[Entry], dsn: str, reason: str,
+               log: bool) -> None:
+        """Defer recipients for a reason found by qmgr itself (the agent did not log it)."""
+        if log:
+            for e in entries:
+                deliver.log_delivery(m.queue_id, e.address, "none", m.env.arrival, m.started,
+                                     dsn, "deferred", reason)
+        if not m.gone:
+            self._defer_log(m, [LogEntry(e.address, e.offset, dsn, "delayed", reason)
+                                for e in entries])
+
+    def _job_done(self, job: Job, dsn: str, reason: str, log: bool) -> None:
+        self._defer(job.message, job.entries, dsn, reason, log)
+        self._release(job)
+
+    def _job_failed(self, job: Job, dsn: str, reason: str) -> None:
+        """Defer a job that never started (suspended destination or transport)."""
+        self._job_done(job, dsn or "4.0.0", reason, log=True)
+
+    def _release(self, job: Job) -> None:
+        m = job.message
+        self.rcpt_count -= len(job.entries)
+        m.pending -= 1
+        if m.pending == 0:
+            self._finish(m)
+
+    def _throttle_transport(self, t: Transport, reason: str) -> None:
+        """Suspend a transport whose agent failed; defer everything waiting for it."""
+        now = self.now()
+        if t.dead_until <= now:
+            msg.warn(f"transport {t.name} failure -- see a previous warning/fatal/panic "
+                     "logfile record for the problem description")
+        t.dead_until = now + self.transport_retry
+        t.dead_reason = reason
+        self._later(self.transport_retry, self._pump)
+        for dest in list(t.dests.values()):
+            while dest.todo:
+                self._job_failed(dest.todo.popleft(), "4.3.0", reason)
+
+    def _throttle_dest(self, dest: Destination, dsn: str, reason: str) -> None:
+        """Suspend a destination that cannot be reached; defer what waits for it."""
+        dest.dead_until = self.now() + self.min_backoff
+        dest.dead_reason, dest.dead_dsn = reason, dsn
+        dest.window = 1
+        self._later(self.min_backoff, self._pump)
+        while dest.todo:
+            self._job_failed(dest.todo.popleft(), dsn, SUSPENDED + reason)
+
+    def _later(self, delay: float, fn) -> None:
+        if self.loop is not None:
+            self.loop.call_later(delay, fn)
+
+    # --- the end of a pass -----------------------------------------------------------------
+    def _finish(self, m: Message) -> None:
+        """All jobs of a message are done: notify, then remove, defer or expire it."""
+        if m.finished:
+            return
+        m.finished = True
+        self.messages.pop(m.queue_id, None)
+        if m.rescan:
+            self._request_scan("incoming")
+        if m.gone:
+            return
+        qid, now = m.queue_id, self.now()
+        retry = bool(m.deferred)
+        failed = bounce_log.read(self.root, BOUNCE, qid)
+        if failed:
+            if self._notify(m, failed, now):
+                bounce_log.remove(self.root, BOUNCE, qid)
+            else:
+                retry = True
+        if m.deferred:
+            lifetime = self.max_lifetime if m.env.sender else self.bounce_lifetime
+            if now > m.env.arrival + lifetime:
+                msg.info(f"{qid}: from=<{m.env.sender or ''}>, status=expired, "
+                         "returned to sender")
+                expired = [LogEntry(e.recipient, e.offset, e.status, "failed", e.reason,
+                                    e.relay) for e in m.deferred]
+                retry = not self._notify(m, expired, now)
+        if retry:
+            delay = min(self.max_backoff, max(self.min_backoff, now - m.env.arrival))
+            try:
+                os.utime(m.path, (now + delay, now + delay))
+                os.rename(m.path, self._path("deferred", qid))
+            except OSError as exc:
+                msg.warn(f"{qid}: move from active to deferred: {exc.strerror}")
+            return
+        try:
+            os.unlink(m.path)
+        except OSError as exc:
+            msg.warn(f"{qid}: remove from active: {exc.strerror}")
+            return
+        bounce_log.remove(self.root, DEFER, qid)
+        bounce_log.remove(self.root, BOUNCE, qid)
+        msg.info(f"{qid}: removed")
+
+    def _notify(self, m: Message, entries: list[LogEntry], now: float) -> bool:
+        """Send the notifications for failed recipients; False to try again later."""
+        try:
+            sent = bounce.notify(self.cfg, self.root, m.queue_id, m.env, m.path, entries, now)
+        except (OSError, Q.QueueFileError) as exc:
+            msg.warn(f"{m.queue_id}: cannot send non-delivery notification: "
+                     f"{getattr(exc, 'strerror', None) or exc}")
+            return False
+        for kind, new_id in sent:
+            msg.info(f"{m.queue_id}: {kind} non-delivery notification: {new_id}")
+        if sent:
+            self._request_scan("incoming")
+        return True
+
+
+def _id_ok(name: str) -> bool:
+    """A plausible queue id: letters, digits and _, as Postfix's mail_queue_id_ok."""
+    return 0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c == "_")
+                                       for c in name)
+
+
+def _listdir(path: str) -> list[str]:
+    """The names in a queue directory, dot-files (files being written) excluded."""
+    try:
+        with os.scandir(path) as it:
+            return [e.name for e in it if not e.name.startswith(".")]
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        msg.warn(f"scan {path}: {exc.strerror}")
+        return []

@@ -1,0 +1,74 @@
+"""qmgr/resolve.py: mydestination, relay_domains, relayhost, transport_maps precedence."""
+
+import pytest
+
+from postfix_py.lib import maincf
+from postfix_py.qmgr.resolve import Resolver, Route, parse_spec, split_address, strip_extension
+
+
+def resolver(tmp_path, **settings):
+    settings.setdefault("myhostname", "mail.example.com")
+    (tmp_path / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
+    return Resolver(maincf.load(str(tmp_path)))
+
+
+def test_helpers():
+    assert split_address("User@Example.COM.") == ("User", "example.com")
+    assert split_address('"a@b"@example.com') == ('"a@b"', "example.com")
+    assert split_address("postmaster") == ("postmaster", "")
+    assert parse_spec("smtp:[gw.example]:587") == ("smtp", "[gw.example]:587")
+    assert parse_spec(":gw.example") == ("", "gw.example")
+    assert parse_spec("relay") == ("relay", "")
+    assert strip_extension("user+ext-more", "+-") == "user"
+    assert strip_extension("+user", "+") == "+user"
+
+
+def test_default_routes(tmp_path):
+    r = resolver(tmp_path, relay_domains="relay.example")
+    assert r.resolve("bob@mail.example.com") == Route("local", "mail.example.com", True)
+    assert r.resolve("bob@localhost") == Route("local", "mail.example.com", True)
+    assert r.resolve("postmaster") == Route("local", "mail.example.com", True)
+    assert r.resolve("bob@relay.example") == Route("relay", "relay.example")
+    assert r.resolve("bob@sub.relay.example") == Route("relay", "sub.relay.example")
+    assert r.resolve("bob@Remote.Example") == Route("smtp", "remote.example")
+    r.close()
+
+
+def test_relayhost_and_transport_nexthops(tmp_path):
+    r = resolver(tmp_path, relayhost="[gw.example]:587", relay_domains="relay.example",
+                 default_transport="smtp", relay_transport="relay:[relay-gw.example]")
+    assert r.resolve("bob@remote.example") == Route("smtp", "[gw.example]:587")
+    assert r.resolve("bob@relay.example") == Route("relay", "[relay-gw.example]")
+    r.close()
+
+
+def test_transport_maps_search_order_and_fields(tmp_path):
+    table = ("inline:{bob+x@remote.example=slow:, alice@remote.example=:[alice-gw], "
+             "remote.example=fast, {.sub.example=error:5.1.2 gone}, other.example=:, "
+             "bob@mail.example.com=smtp:[mailhub]}")
+    r = resolver(tmp_path, transport_maps=table, recipient_delimiter="+",
+                 relayhost="[gw.example]")
+    assert r.resolve("bob+x@remote.example") == Route("slow", "remote.example")
+    assert r.resolve("alice@remote.example") == Route("smtp", "[alice-gw]")
+    assert r.resolve("carol@remote.example") == Route("fast", "remote.example")
+    assert r.resolve("bob+y@remote.example") == Route("fast", "remote.example")
+    assert r.resolve("x@a.sub.example") == Route("error", "5.1.2 gone")
+    assert r.resolve("x@sub.example") == Route("smtp", "[gw.example]")   # .sub: not itself
+    assert r.resolve("x@other.example") == Route("smtp", "[gw.example]")  # ":" changes nothing
+    assert r.resolve("bob@mail.example.com") == Route("smtp", "[mailhub]")
+    assert r.resolve("carol@mail.example.com").local
+    r.close()
+
+
+def test_wildcard_and_regexp_tables(tmp_path):
+    rx = tmp_path / "transport.re"
+    rx.write_text("/^bounce@/ error:no thanks\n")
+    r = resolver(tmp_path, transport_maps=f"regexp:{rx}, inline:{{*=discard:}}")
+    assert r.resolve("bounce@anything.example") == Route("error", "no thanks")
+    assert r.resolve("x@y.example") == Route("discard", "y.example")
+    r.close()
+
+
+def test_missing_table_is_an_error(tmp_path):
+    with pytest.raises(Exception):
+        resolver(tmp_path, transport_maps="bogus:/nowhere")

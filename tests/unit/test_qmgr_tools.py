@@ -1,0 +1,176 @@
+"""tools/postqueue.py and tools/postsuper.py on a queue built in a test directory:
+Postfix's mailq text and JSON, flush triggers, and postsuper's moves and messages."""
+
+import json
+import os
+import socket
+import time
+
+import pytest
+
+from postfix_py.lib import queue as Q
+from postfix_py.qmgr import bounce_log
+from postfix_py.qmgr.bounce_log import LogEntry
+from postfix_py.tools import postqueue, postsuper
+
+REASON = "connect to 127.0.0.1[127.0.0.1]:1: Connection refused"
+
+
+@pytest.fixture
+def inst(tmp_path):
+    root = tmp_path / "queue"
+    for sub in Q.SUBDIRS + ("public",):
+        os.makedirs(root / sub)
+    (tmp_path / "main.cf").write_text(f"queue_directory = {root}\n"
+                                      f"maillog_file = {tmp_path / 'maillog'}\n")
+    inst = type("Inst", (), {})()
+    inst.dir, inst.root = str(tmp_path), str(root)
+    inst.log = lambda: (tmp_path / "maillog").read_text() if (tmp_path / "maillog").exists() \
+        else ""
+
+    def add(queue, sender, rcpts, body=b"Subject: x\n\nbody\n", arrival=1795607166.0):
+        w = Q.QueueWriter(inst.root, now=arrival)
+        w.set_sender(sender)
+        for r in rcpts:
+            w.add_recipient(r)
+        w.write(body)
+        qid = w.commit()
+        if queue != "incoming":
+            os.rename(root / "incoming" / qid, root / queue / qid)
+        return qid
+    inst.add = add
+    return inst
+
+
+def mailq(inst, capsys, *flags):
+    assert postqueue.main(["-c", inst.dir, *flags]) == 0
+    return capsys.readouterr().out
+
+
+def test_empty_queue(inst, capsys):
+    assert mailq(inst, capsys, "-p") == "Mail queue is empty\n"
+    assert mailq(inst, capsys, "-j") == ""
+
+
+def test_mailq_format(inst, capsys):
+    a = inst.add("deferred", "alice@example.org", ["bob@remote.example", "carol@remote.example",
+                                                   "dave@other.example", "erin@x.example"],
+                 body=b"x" * 2000)
+    path = os.path.join(inst.root, "deferred", a)
+    Q.mark_done(path, Q.read(path).recipients[3].offset)            # erin: done
+    offsets = [r.offset for r in Q.read(path).recipients]
+    bounce_log.append(inst.root, "defer", a, [
+        LogEntry("bob@remote.example", offsets[0], "4.4.1", "delayed", REASON),
+        LogEntry("carol@remote.example", offsets[1], "4.4.1", "delayed", REASON)])
+    b = inst.add("hold", "", ["alice@example.org"], body=b"y" * 300)
+    c = inst.add("active", "x@y", ["z@y"], body=b"z" * 0)
+    when = time.asctime(time.localtime(1795607166))[:20]
+    out = mailq(inst, capsys, "-p")
+    assert out == (
+        "-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------\n"
+        f"{c + '*':<11} {0:>7} {when} x@y\n"
+        f"{'':41}z@y\n"
+        "\n"
+        f"{a:<11} {2000:>7} {when} alice@example.org\n"
+        f"{'':23}({REASON})\n"
+        f"{'':41}bob@remote.example\n"
+        f"{'':41}carol@remote.example\n"
+        f"{'':58}(reason unavailable)\n"
+        f"{'':41}dave@other.example\n"
+        "\n"
+        f"{b + '!':<11} {300:>7} {when} MAILER-DAEMON\n"
+        f"{'':41}alice@example.org\n"
+        "\n"
+        "-- 2 Kbytes in 3 Requests.\n")
+    lines = [json.loads(line) for line in mailq(inst, capsys, "-j").splitlines()]
+    assert [m["queue_name"] for m in lines] == ["active", "deferred", "hold"]
+    assert lines[1] == {"queue_name": "deferred", "queue_id": a, "arrival_time": 1795607166,
+                        "message_size": 2000, "forced_expire": False,
+                        "sender": "alice@example.org", "recipients": [
+                            {"address": "bob@remote.example", "delay_reason": REASON},
+                            {"address": "carol@remote.example", "delay_reason": REASON},
+                            {"address": "dave@other.example"}]}
+    assert mailq(inst, capsys, "-j").splitlines()[2].startswith(
+        '{"queue_name": "hold", "queue_id": "')
+
+
+def listening_qmgr(inst):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(os.path.join(inst.root, "public", "qmgr"))
+    sock.listen(5)
+    return sock
+
+
+def received(sock):
+    conn, _ = sock.accept()
+    with conn:
+        return conn.recv(100)
+
+
+def test_flush(inst, capsys):
+    assert postqueue.main(["-c", inst.dir, "-f"]) == 69
+    assert capsys.readouterr().err == \
+        "postqueue: fatal: Cannot flush mail queue - mail system is down\n"
+    qid = inst.add("deferred", "a@b", ["c@d.example"])
+    later = time.time() + 3600
+    os.utime(os.path.join(inst.root, "deferred", qid), (later, later))
+    with listening_qmgr(inst) as sock:
+        assert postqueue.main(["-c", inst.dir, "-f"]) == 0
+        assert received(sock) == b"FA"
+        assert os.stat(os.path.join(inst.root, "deferred", qid)).st_mtime <= time.time()
+        other = inst.add("deferred", "a@b", ["c@e.example"])
+        assert postqueue.main(["-c", inst.dir, "-i", qid]) == 0
+        assert received(sock) == b"I"
+        assert os.listdir(os.path.join(inst.root, "incoming")) == [qid]
+        assert postqueue.main(["-c", inst.dir, "-s", "E.example"]) == 0
+        assert received(sock) == b"I"
+        assert sorted(os.listdir(os.path.join(inst.root, "incoming"))) == sorted([qid, other])
+        assert postqueue.flush(["-c", inst.dir]) == 0
+        assert received(sock) == b"FA"
+
+
+def test_postqueue_usage(inst, capsys):
+    for argv in ([], ["-p", "-f"], ["-x"], ["-p", "extra"]):
+        assert postqueue.main(["-c", inst.dir, *argv]) == 69
+        assert capsys.readouterr().err.endswith(f"postqueue: fatal: {postqueue.USAGE}\n")
+    assert postqueue.main(["-c", inst.dir, "-i", "../x"]) == 69
+
+
+def sup(inst, capsys, *argv, stdin=None):
+    assert postsuper.main(["-c", inst.dir, *argv]) == 0
+    return capsys.readouterr().err
+
+
+def test_postsuper(inst, capsys, monkeypatch):
+    d1 = inst.add("deferred", "a@b", ["c@d"])
+    d2 = inst.add("deferred", "a@b", ["c@d"])
+    i1 = inst.add("incoming", "a@b", ["c@d"])
+    bounce_log.append(inst.root, "defer", d1, [LogEntry("c@d", 0, "4.0.0", "delayed", "x")])
+
+    assert sup(inst, capsys, "-h", d1, "-h", "BAD-ID") == (
+        f"postsuper: {d1}: placed on hold\npostsuper: warning: invalid mail queue id: BAD-ID\n"
+        "postsuper: Placed on hold: 1 message\n")
+    assert sorted(os.listdir(os.path.join(inst.root, "hold"))) == [d1]
+    assert sup(inst, capsys, "-h", "ALL", "deferred") == "postsuper: Placed on hold: 1 message\n"
+    assert sup(inst, capsys, "-H", "ALL") == "postsuper: Released from hold: 2 messages\n"
+    assert sorted(os.listdir(os.path.join(inst.root, "deferred"))) == sorted([d1, d2])
+    assert sup(inst, capsys, "-r", d1) == \
+        f"postsuper: {d1}: requeued\npostsuper: Requeued: 1 message\n"
+    assert not os.path.exists(bounce_log.path(inst.root, "defer", d1))
+    assert sorted(os.listdir(os.path.join(inst.root, "incoming"))) == sorted([d1, i1])
+    assert sup(inst, capsys, "-d", d2, "-d", "NOSUCH") == (
+        f"postsuper: {d2}: removed\npostsuper: Deleted: 1 message\n")
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO(f"{d1}\n{i1}\n"))
+    assert sup(inst, capsys, "-d", "-") == (f"postsuper: {d1}: removed\npostsuper: {i1}: "
+                                            "removed\npostsuper: Deleted: 2 messages\n")
+    assert sup(inst, capsys, "-d", "ALL") == "postsuper: Deleted: 0 messages\n"
+    log = inst.log()
+    assert f"postfix-py/postsuper[{os.getpid()}]: {d2}: removed" in log
+    assert "postfix-py/postsuper" in log and "Deleted: 2 messages" in log
+
+
+def test_postsuper_usage(inst, capsys):
+    assert postsuper.main(["-c", inst.dir, "-x"]) == 1
+    assert capsys.readouterr().err.endswith(f"postsuper: fatal: {postsuper.USAGE}\n")
+    assert postsuper.main(["-c", inst.dir, "-d", "ALL", "nosuchqueue"]) == 1
+    assert "unknown queue name: nosuchqueue" in capsys.readouterr().err
