@@ -232,6 +232,7 @@ PARAMS: list[Param] = [
     _p("smtpd_sasl_local_domain", "", STR, "realm appended to SASL login names"),
     _p("smtpd_sasl_exceptions_networks", "", LIST, "clients to which AUTH is not offered"),
     _p("smtpd_sasl_response_limit", "12288", INT, "longest SASL response accepted", min=1),
+    _p("smtpd_sasl_builtin_failure_delay", "2s", TIME, "builtin SASL: delay of each failed authentication, as Dovecot's auth_failure_delay", min=0),
     # --- queue manager ------------------------------------------------------------------
     _p("queue_run_delay", "300s", TIME, "interval of deferred queue scans", min=1),
     _p("minimal_backoff_time", "300s", TIME, "least time a deferred message waits", min=1),

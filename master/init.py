@@ -20,7 +20,7 @@ DESCRIPTION
     DIR/master.cf     the services, chroot off (a non-root user cannot chroot):
                           N      smtp        plain SMTP with STARTTLS
                           N+1    smtps       TLS from the first byte (smtpd_tls_wrappermode)
-                          N+2    submission  present, commented out (needs SASL)
+                          N+2    submission  STARTTLS, then SASL AUTH (user "test")
                       N is --port-base (default 2525), 1..65533; then the internal unix
                       services (qmgr, tlsmgr, smtp, relay, lmtp, error, discard, local).
     DIR/rsa-key.pem, DIR/rsa-cert.pem        RSA 2048 key (0600) and certificate (0644)
@@ -48,10 +48,12 @@ from __future__ import annotations
 import argparse
 import os
 import pwd
+import secrets
 import sys
 import time
 
 from postfix_py.lib import mastercf, tlsgen
+from postfix_py.smtpd import sasl
 
 PROG = "postfix-py init"
 DEFAULT_PORT_BASE = 2525
@@ -85,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Write a self-contained postfix-py instance on loopback "
         "ports into DIR.",
-        epilog="Ports: N smtp, N+1 smtps (TLS wrapper mode), N+2 submission (commented "
-        "out). Then: postfix-py -c DIR start-fg")
+        epilog="Ports: N smtp, N+1 smtps (TLS wrapper mode), N+2 submission (STARTTLS "
+        "and SASL AUTH). Then: postfix-py -c DIR start-fg")
     p.add_argument("dir", metavar="DIR", nargs="?", help="the instance's directory")
     p.add_argument("--port-base", metavar="N", type=port_base, default=DEFAULT_PORT_BASE,
                    help=f"first of the three listening ports (default {DEFAULT_PORT_BASE})")
@@ -123,7 +125,7 @@ def main_cf(directory: str, owner: str, ports: tuple[int, int, int]) -> str:
     return f"""\
 # postfix-py instance written by "{PROG}" on {time.strftime('%Y-%m-%d %H:%M:%S %z')}.
 # It listens on {LISTEN_ADDRESS} only: port {ports[0]} smtp, {ports[1]} smtps (TLS wrapper
-# mode); submission ({ports[2]}) is in master.cf, commented out.
+# mode) and {ports[2]} submission (STARTTLS), both with SASL AUTH for the user "test".
 # Start it with:  postfix-py -c {d} start-fg
 # Every parameter and its default: postfix-py -c {d} postconf -d
 
@@ -154,6 +156,15 @@ tls_random_source = dev:/dev/urandom
 smtp_tls_security_level = may
 smtp_tls_loglevel = 1
 smtp_tls_session_cache_database = lmdb:${{data_directory}}/smtp_scache
+
+# SASL AUTH (smtps and submission): postfix-py's built-in passwd-file type.
+smtpd_sasl_type = builtin
+smtpd_sasl_path = {d}/sasl_passwd
+smtpd_sasl_authenticated_header = yes
+
+# LOCAL DELIVERY: a maildir per local part under {d}/mail/, no system accounts needed.
+mail_spool_directory = {d}/mail/
+local_delivery_any_user = yes
 """
 
 
@@ -176,11 +187,15 @@ def master_cf(directory: str, ports: tuple[int, int, int]) -> str:
         _row(inet[1], "inet", "n", "-", "n", "-", "-", "smtpd"),
         "  -o syslog_name=postfix-py/smtps",
         "  -o smtpd_tls_wrappermode=yes",
-        f"# Mail submission, port {ports[2]}: needs SASL (smtpd_sasl_type, smtpd_sasl_path).",
-        "#" + _row(inet[2], "inet", "n", "-", "n", "-", "-", "smtpd"),
-        "#  -o syslog_name=postfix-py/submission",
-        "#  -o smtpd_tls_security_level=encrypt",
-        "#  -o smtpd_sasl_auth_enable=yes",
+        "  -o smtpd_sasl_auth_enable=yes",
+        f"# Mail submission, port {ports[2]}: STARTTLS, then SASL AUTH, before any mail.",
+        _row(inet[2], "inet", "n", "-", "n", "-", "-", "smtpd"),
+        "  -o syslog_name=postfix-py/submission",
+        "  -o smtpd_tls_security_level=encrypt",
+        "  -o smtpd_sasl_auth_enable=yes",
+        "  -o smtpd_tls_auth_only=yes",
+        "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject",
+        _row("pickup", "unix", "n", "-", "n", "-", "-", "pickup"),
         _row("qmgr", "unix", "n", "-", "n", "300", "1", "qmgr"),
         _row("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr"),
         _row("smtp", "unix", "-", "-", "n", "-", "-", "smtp"),
@@ -190,6 +205,16 @@ def master_cf(directory: str, ports: tuple[int, int, int]) -> str:
         _row("discard", "unix", "-", "-", "n", "-", "-", "discard"),
         _row("local", "unix", "-", "n", "n", "-", "-", "local"),
     ]) + "\n"
+
+
+def _sasl_user(directory: str, owner: str) -> str | None:
+    """Create sasl_passwd with a user "test" and a fresh password; None when it exists."""
+    path = os.path.join(directory, "sasl_passwd")
+    if os.path.exists(path):
+        return None
+    password = secrets.token_urlsafe(12)
+    tlsgen.atomic_write(path, f"test:{sasl.hash_password(password)}\n".encode(), 0o600)
+    return password
 
 
 def _directory(path: str, mode: int, owner: str | None = None) -> None:
@@ -226,6 +251,8 @@ def create(directory: str, ports_base: int = DEFAULT_PORT_BASE, force: bool = Fa
         tlsgen.write_server_cert(os.path.join(directory, key_file),
                                  os.path.join(directory, cert_file), key_type,
                                  CERT_NAMES, CERT_ADDRESSES, CERT_DAYS)
+    password = _sasl_user(directory, owner)
+    _directory(os.path.join(directory, "mail"), 0o755, owner)   # local writes as default_privs
     # main.cf last: its presence is what marks DIR as an instance.
     tlsgen.atomic_write(os.path.join(directory, "master.cf"),
                         master_cf(directory, ports).encode(), 0o644)
@@ -236,14 +263,19 @@ def create(directory: str, ports_base: int = DEFAULT_PORT_BASE, force: bool = Fa
         f"{PROG}: {'rewrote' if existing else 'created'} a postfix-py instance in {d}\n"
         f"  {d}/main.cf             parameters (mail_owner = {owner})\n"
         f"  {d}/master.cf           services on {LISTEN_ADDRESS}: {ports[0]} smtp, "
-        f"{ports[1]} smtps, {ports[2]} submission (commented out)\n"
+        f"{ports[1]} smtps, {ports[2]} submission\n"
         f"  {d}/rsa-key.pem, rsa-cert.pem      RSA 2048 key and self-signed certificate\n"
         f"  {d}/ecdsa-key.pem, ecdsa-cert.pem  ECDSA P-256 key and self-signed "
         "certificate\n"
         f"  {d}/queue               queue_directory\n"
         f"  {d}/data                data_directory\n"
         f"  {d}/maillog             the mail log, once it runs\n"
-        f"Next: postfix-py -c {d} start-fg\n")
+        f"  {d}/mail/               local mail, a maildir per recipient\n"
+        f"  {d}/sasl_passwd         SASL users for smtps and submission\n"
+        + (f"SASL user: test, password: {password} (shown once; it is stored hashed)\n"
+           f"  swaks --server {LISTEN_ADDRESS}:{ports[2]} --tls --auth-user test "
+           f"--auth-password '{password}' --to someone@localhost\n" if password else "")
+        + f"Next: postfix-py -c {d} start-fg\n")
 
 
 def main(argv: list[str]) -> int:

@@ -40,6 +40,7 @@ PROGRAMS = {
     "local": "postfix_py.local.service",
     "discard": "postfix_py.local.discard",
     "error": "postfix_py.local.error",
+    "pickup": "postfix_py.smtpd.pickup",
 }
 EXTENSION_PREFIX = "python:"
 

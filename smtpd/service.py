@@ -12,13 +12,16 @@ DESCRIPTION
 
 SECURITY
     Talks to untrusted clients. Runs chrooted in queue_directory (master.cf) as mail_owner;
-    keys, certificates, CAfile and lookup tables are opened before the chroot.
+    keys, certificates, CAfile, lookup tables and the builtin SASL passwd-file are opened
+    before the chroot. The Dovecot auth socket is connected on first use, from the jail
+    (smtpd_sasl_path relative to queue_directory, such as private/auth).
 
 CONFIGURATION PARAMETERS
     The smtpd_* parameters of lib/params.py; among them smtpd_banner, smtpd_timeout (300s),
     smtpd_tls_security_level, smtpd_use_tls, smtpd_enforce_tls, smtpd_tls_wrappermode,
     smtpd_*_restrictions, message_size_limit (10240000), line_length_limit (2048),
-    smtpd_recipient_limit (1000), smtpd_peername_lookup (yes).
+    smtpd_recipient_limit (1000), smtpd_peername_lookup (yes); SASL: smtpd_sasl_auth_enable
+    (no), smtpd_sasl_type (dovecot, or builtin), smtpd_sasl_path (smtpd/sasl.py).
 
 Everything a worker imports must be imported at the top of a module: the master imports
 this module before it forks, and inside the chroot jail nothing else can be imported.
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from ..lib import msg, server, tlsmgr_client
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
+from . import sasl
 from .check import Checker, ClientState
 from .session import Session
 from .tls import TlsServer
@@ -49,6 +53,7 @@ class Prepared:
 def prepare(cfg, service) -> Prepared:
     """Run in the master per generation: validate restrictions, build TLS contexts."""
     Checker(cfg)    # ConfigError: the service will not start, and says why
+    sasl.check_config(cfg)
     prepared = Prepared()
     level = cfg.get("smtpd_tls_security_level") or (
         "encrypt" if cfg["smtpd_enforce_tls"] else "may" if cfg["smtpd_use_tls"] else "none")
@@ -81,6 +86,10 @@ def pre_init(ctx) -> None:
         ctx.state["checker"] = Checker(ctx.cfg)
     except ConfigError as exc:
         msg.fatal(str(exc))
+    try:
+        ctx.state["sasl"] = sasl.from_config(ctx.cfg)
+    except ConfigError as exc:
+        msg.fatal(str(exc))
     prepared = ctx.prepared or Prepared()
     if prepared.tls_problem:
         msg.warn(f"TLS library problem: {prepared.tls_problem}; "
@@ -107,15 +116,34 @@ def smtpd_service(conn: socket.socket, ctx) -> None:
     client = ClientState(name=client_name(addr, cfg["smtpd_peername_lookup"]), addr=addr)
     stream = SmtpStream(conn, cfg["smtpd_timeout"])
     prepared = ctx.prepared or Prepared()
+    backend = ctx.state.get("sasl")
+    sasl_session = None
+    if backend is not None:
+        try:
+            local = conn.getsockname()[0]
+        except OSError:
+            local = ""
+        sasl_session = backend.session(addr, local[7:] if local.startswith("::ffff:")
+                                       else local)
     session = Session(stream, cfg, client, ctx.queue_root, ctx.state["checker"],
                       tls=prepared.tls, wrapper=cfg["smtpd_tls_wrappermode"],
-                      stopping=lambda: ctx.stopping)
+                      stopping=lambda: ctx.stopping, sasl=sasl_session)
     try:
         session.run()
     finally:
         stream.close()
+        if backend is not None and backend.needs_restart():
+            ctx.stopping = True     # a file it read has changed: let a new worker read it
+
+
+def on_exit(ctx) -> None:
+    """Close the SASL backend (the Dovecot connection, the passwd-file)."""
+    backend = ctx.state.pop("sasl", None)
+    if backend is not None:
+        backend.close()
 
 
 def main(ctx) -> int:
     """The smtpd program: a single-client server."""
-    return server.single_server(ctx, smtpd_service, pre_init=pre_init, post_init=post_init)
+    return server.single_server(ctx, smtpd_service, pre_init=pre_init, post_init=post_init,
+                                on_exit=on_exit)

@@ -6,10 +6,12 @@ one table with their flags, as Postfix's smtpd_cmd_table. Replies, reply codes a
 lines are Postfix 3.7's.
 
 PROTOCOL
-    HELO, EHLO (PIPELINING, SIZE, VRFY, ETRN-less, STARTTLS, ENHANCEDSTATUSCODES, 8BITMIME),
-    MAIL (SIZE, BODY), RCPT, DATA, RSET, NOOP, QUIT, VRFY (disable_vrfy_command), STARTTLS
-    and TLS wrapper mode. The queue file is created at the first accepted recipient, as
-    Postfix does (smtpd_delay_open_until_valid_rcpt), and committed with fsync before
+    HELO, EHLO (PIPELINING, SIZE, VRFY, ETRN-less, STARTTLS, AUTH, ENHANCEDSTATUSCODES,
+    8BITMIME), MAIL (SIZE, BODY, AUTH), RCPT, DATA, RSET, NOOP, QUIT, VRFY
+    (disable_vrfy_command), STARTTLS and TLS wrapper mode, AUTH (smtpd/sasl.py; offered
+    only over TLS with smtpd_tls_auth_only = yes or enforced TLS, as Postfix). The queue
+    file is created at the first accepted recipient, as Postfix does
+    (smtpd_delay_open_until_valid_rcpt), and committed with fsync before
     `250 2.0.0 Ok: queued as ID`.
 
 SECURITY
@@ -17,7 +19,9 @@ SECURITY
     forgets HELO, MAIL and RCPT. DATA ends only at <CR><LF>.<CR><LF> unless
     smtpd_forbid_bare_newline = no, so one message cannot be smuggled into two
     (CVE-2023-51764). Every input is bounded: command lines by line_length_limit, messages
-    by message_size_limit while they stream to disk, errors by the error limits.
+    by message_size_limit while they stream to disk, errors by the error limits. SASL
+    responses are never logged, nor the arguments of a pipelined AUTH command; a failed
+    AUTH counts as an error (smtpd_error_sleep_time past smtpd_soft_error_limit).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ..lib import msg
 from ..lib import queue as Q
 from ..lib.params import split_list
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure
+from . import sasl as SASL
 from .check import ClientState, Reply
 
 # verb -> (method, flags). Flags: "junk" counts against smtpd_junk_command_limit;
@@ -48,6 +53,11 @@ def printable(data: bytes | str, limit: int = 100) -> str:
     """Client text for a log line: non-printable characters become `?`, as Postfix does."""
     text = data.decode("latin-1") if isinstance(data, bytes) else data
     return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+
+
+def comment_text(text: str) -> str:
+    """Text safe inside a header comment: printable, with ( ) and \\ escaped."""
+    return "".join("\\" + c if c in "()\\" else c for c in printable(text, 1000))
 
 
 def parse_path(arg: str, keyword: str, strict: bool):
@@ -108,7 +118,7 @@ class Session:
     """One SMTP session with one client."""
 
     def __init__(self, stream, cfg, client: ClientState, queue_root: str, checker,
-                 tls=None, wrapper: bool = False, stopping=lambda: False):
+                 tls=None, wrapper: bool = False, stopping=lambda: False, sasl=None):
         self.s = stream
         self.cfg = cfg
         self.client = client
@@ -138,6 +148,9 @@ class Session:
         self.pipelining_warned = False
         self.data_bytes = None
         self.helo: str | None = None
+        self.sasl = sasl                # smtpd.sasl.SaslSession, or None: AUTH is off
+        self.sasl_method: str | None = None
+        self.sasl_exempt = self._sasl_exempt()
         self.reset()
 
     # --- configuration ---------------------------------------------------------------------
@@ -177,6 +190,37 @@ class Session:
     @property
     def tls_required(self) -> bool:
         return self.level == "encrypt" and not self.wrapper
+
+    def _sasl_exempt(self) -> bool:
+        """Whether the client is in smtpd_sasl_exceptions_networks (AUTH not announced)."""
+        words = split_list(self.cfg.get("smtpd_sasl_exceptions_networks"))
+        if not words or self.sasl is None:
+            return False
+        try:
+            ip = ipaddress.ip_address(self.client.addr)
+        except ValueError:
+            return False
+        for w in words:
+            if w in ("$mynetworks", "mynetworks"):
+                if self.checker.in_mynetworks(self.client.addr):
+                    return True
+                continue
+            try:
+                if ip in ipaddress.ip_network(w.replace("[", "").replace("]", ""),
+                                              strict=False):
+                    return True
+            except ValueError:
+                continue
+        return False
+
+    def sasl_active(self) -> bool:
+        """Whether AUTH may be used now: enabled, and over TLS where TLS is required."""
+        if self.sasl is None:
+            return False
+        if not self.tls_active and (self.cfg["smtpd_tls_auth_only"] or self.level == "encrypt"):
+            return False
+        discard = {k.lower() for k in self.cfg["smtpd_discard_ehlo_keywords"]}
+        return "auth" not in discard
 
     @property
     def starttls_offered(self) -> bool:
@@ -236,6 +280,7 @@ class Session:
         self.sender: str | None = None
         self.rcpts: list[str] = []
         self.client.sender = None
+        self.sasl_sender: str | None = None
 
     # --- the session -------------------------------------------------------------------------
     def run(self) -> None:
@@ -293,10 +338,11 @@ class Session:
         raw = self.s.readline(self.line_limit)
         if not raw.endswith(b"\n"):
             # Longer than line_length_limit: skip the rest of it, as Postfix's smtp_get.
+            first = raw
             while not raw.endswith(b"\n"):
                 raw = self.s.readline(self.line_limit)
             msg.warn(f"{self.client.client}: request longer than {self.line_limit}: "
-                     f"{printable(raw, 30)}...")
+                     f"{printable(SASL.redact(first.decode('latin-1')), 30)}...")
             self.count("unknown", False)
             self.last = "UNKNOWN"
             self.reply("500 5.5.2 Error: command not recognized")
@@ -316,8 +362,10 @@ class Session:
         if not self.pipelining_ok and not self.pipelining_warned and self.s.pending():
             # Sending ahead without having seen PIPELINING: logged, as Postfix does.
             self.pipelining_warned = True
+            ahead = "..." if raw[:4].lower() == b"auth" else \
+                printable(SASL.redact(self.s.peek(60).decode("latin-1")))   # no credentials
             msg.info(f"improper command pipelining after {self.last} from "
-                     f"{self.client.client}: {printable(self.s.peek(60))}")
+                     f"{self.client.client}: {ahead}")
         return raw.decode("latin-1")
 
     def dispatch(self, line: str) -> bool:
@@ -364,6 +412,10 @@ class Session:
             lines.append("VRFY")
         if self.starttls_offered:
             lines.append("STARTTLS")
+        if self.sasl_active() and not self.sasl_exempt:
+            mechs = self.sasl.mechanisms(self.tls_active)
+            if mechs:
+                lines.append("AUTH " + " ".join(mechs))
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME"]
         lines = [lines[0]] + [k for k in lines[1:] if k.split()[0].lower() not in discard]
         for i, text in enumerate(lines):
@@ -398,6 +450,8 @@ class Session:
         self.client.helo = None
         self.esmtp = False
         self.pipelining_ok = False
+        self.client.sasl_username = None      # RFC 3207: forget AUTH as well
+        self.sasl_method = None
         self.reset()
         return True
 
@@ -415,8 +469,57 @@ class Session:
         return True
 
     def auth_cmd(self, arg: str) -> bool:
-        self.reply("503 5.5.1 Error: authentication not enabled")
-        return False
+        """AUTH mechanism [initial-response], as Postfix's smtpd_sasl_auth_cmd."""
+        if self.cfg["smtpd_helo_required"] and not self.helo:
+            self.reply("503 5.5.1 Error: send HELO/EHLO first")
+            return False
+        if not self.sasl_active():
+            self.reply("503 5.5.1 Error: authentication not enabled")
+            return False
+        if self.sender is not None:
+            self.reply("503 5.5.1 Error: MAIL transaction in progress")
+            return False
+        if self.client.sasl_username:
+            self.reply("503 5.5.1 Error: already authenticated")
+            return False
+        words = arg.split()
+        if not 1 <= len(words) <= 2:
+            self.reply("501 5.5.4 Syntax: AUTH mechanism")
+            return False
+        mech = printable(words[0])
+        step = self.sasl.first(words[0], words[1] if len(words) == 2 else None,
+                               self.tls_active)
+        limit = self.cfg["smtpd_sasl_response_limit"]
+        while step.status == SASL.MORE:
+            self.reply(f"334 {step.data}")
+            self.s.flush()
+            raw = self.s.readline(limit + 2)
+            if not raw.endswith(b"\n"):
+                while not raw.endswith(b"\n"):
+                    raw = self.s.readline(limit + 2)
+                msg.warn(f"{self.client.client}: SASL {mech} response longer than {limit}")
+                self.reply("500 5.5.6 Authentication exchange line is too long")
+                self.sasl.next("*")   # abandons the exchange; never a valid response
+                return False
+            line = raw.rstrip(b"\r\n").decode("latin-1")
+            if line == "*":
+                msg.warn(f"{self.client.client}: SASL {mech} authentication aborted")
+                self.reply("501 5.7.0 Authentication aborted")
+                return False
+            step = self.sasl.next(line)
+        if step.status != SASL.DONE:
+            reason = step.data or SASL.REASON_UNAVAILABLE
+            msg.warn(f"{self.client.client}: SASL {mech} authentication failed: {reason}, "
+                     f"sasl_username={self.sasl.username or '(unavailable)'}")
+            if step.status == SASL.TEMP:
+                self.reply(f"454 4.7.0 Temporary authentication failure: {reason}")
+            else:
+                self.reply(f"535 5.7.8 Error: authentication failed: {reason}")
+            return False
+        self.reply("235 2.7.0 Authentication successful")
+        self.client.sasl_username = self.sasl.username
+        self.sasl_method = mech.upper()
+        return True
 
     def mail_cmd(self, arg: str) -> bool:
         if self.cfg["smtpd_helo_required"] and not self.helo:
@@ -449,7 +552,8 @@ class Session:
             elif name == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
                 pass
             elif name == "AUTH" and value:
-                pass
+                if self.sasl_active() and value != "<>":
+                    self.sasl_sender = printable(value)   # RFC 4954 section 5, as Postfix
             else:
                 self.reply(f"555 5.5.4 Unsupported option: {printable(p)}")
                 return False
@@ -527,12 +631,21 @@ class Session:
                 w.add_attr("helo_name", self.helo)
             w.add_attr("protocol", self.protocol())
             if self.client.sasl_username:
+                w.add_attr("sasl_method", self.sasl_method or "")
                 w.add_attr("sasl_username", self.client.sasl_username)
+            if self.sasl_sender:
+                w.add_attr("sasl_sender", self.sasl_sender)
             w.set_sender(self.sender)
         except OSError as exc:
             self.writer = None
             return self.queue_trouble(exc)
-        msg.info(f"{self.writer.id}: client={self.client.client}")
+        sasl = ""
+        if self.client.sasl_username:
+            sasl = (f", sasl_method={self.sasl_method}, "
+                    f"sasl_username={self.client.sasl_username}")
+        if self.sasl_sender:
+            sasl += f", sasl_sender={self.sasl_sender}"
+        msg.info(f"{self.writer.id}: client={self.client.client}{sasl}")
         return True
 
     def queue_trouble(self, exc: OSError) -> bool:
@@ -555,6 +668,8 @@ class Session:
         if self.tls_active and self.tls_info is not None and \
                 self.cfg["smtpd_tls_received_header"]:
             lines += self.tls.received_lines(self.tls_info)
+        if self.cfg["smtpd_sasl_authenticated_header"] and c.sasl_username:
+            lines.append(f"\t(Authenticated sender: {comment_text(c.sasl_username)})")
         lines.append(f"\tby {self.hostname} ({self.cfg.get('mail_name')}) with "
                      f"{self.protocol()} id {self.writer.id}")
         date = time.strftime("%a, %d %b %Y %H:%M:%S %z (%Z)")

@@ -96,21 +96,25 @@ def test_master_cf_services(instance):
     assert smtp.overrides == {}
     assert (smtps.inet_host, smtps.inet_port) == ("127.0.0.1", 2526)
     assert smtps.overrides["smtpd_tls_wrappermode"] == "yes"
-    assert not any(s.inet_port == 2527 for s in services.values())   # commented out
+    assert smtps.overrides["smtpd_sasl_auth_enable"] == "yes"
     assert not any(s.chroot for s in services.values())
-    assert {"qmgr/unix", "tlsmgr/unix", "smtp/unix", "local/unix"} <= set(services)
+    assert {"qmgr/unix", "tlsmgr/unix", "smtp/unix", "local/unix",
+            "pickup/unix"} <= set(services)
 
 
-def test_master_cf_submission_example(instance):
-    directory, _ = instance
-    text = (directory / "master.cf").read_text()
-    enabled = "\n".join(line[1:] if line.startswith(("#127.0.0.1:", "#  -o")) else line
-                        for line in text.splitlines())
-    services = {s.key: s for s in mastercf.parse(enabled, "master.cf")}
+def test_master_cf_submission(instance):
+    directory, output = instance
+    services = {s.key: s for s in mastercf.load(str(directory / "master.cf"))}
     submission = services["127.0.0.1:2527/inet"]
-    assert submission.overrides == {"syslog_name": "postfix-py/submission",
-                                    "smtpd_tls_security_level": "encrypt",
-                                    "smtpd_sasl_auth_enable": "yes"}
+    assert submission.overrides == {
+        "syslog_name": "postfix-py/submission", "smtpd_tls_security_level": "encrypt",
+        "smtpd_sasl_auth_enable": "yes", "smtpd_tls_auth_only": "yes",
+        "smtpd_relay_restrictions": "permit_sasl_authenticated,reject"}
+    # The SASL user exists, hashed, and its password is printed once.
+    line = (directory / "sasl_passwd").read_text()
+    assert line.startswith("test:{") and stat.S_IMODE(
+        os.stat(directory / "sasl_passwd").st_mode) == 0o600
+    assert "SASL user: test, password: " in output
 
 
 def test_modes_and_layout(instance):
@@ -266,7 +270,7 @@ def test_cli_port_base(tmp_path):
     assert result.returncode == 0, result.stderr
     ports = sorted(s.inet_port for s in mastercf.load(str(tmp_path / "i" / "master.cf"))
                    if s.type == "inet")
-    assert ports == [30000, 30001]
+    assert ports == [30000, 30001, 30002]
     assert "30002" in (tmp_path / "i" / "master.cf").read_text()   # submission, commented
 
 

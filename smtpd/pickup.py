@@ -1,0 +1,523 @@
+"""pickup: local mail submission, the server side of `postfix-py sendmail`.
+
+    pickup    unix  n  -  y  -  -  pickup
+
+DESCRIPTION
+    Postfix's local submission goes sendmail -> postdrop (set-gid, writes maildrop/) ->
+    pickup -> cleanup. postfix-py has no set-gid program: sendmail, running as the user,
+    talks to this daemon over the public socket queue_directory/public/pickup, and the
+    daemon, as mail_owner, writes the queue file into incoming/ and wakes qmgr. The
+    kernel tells who the user is (SO_PEERCRED): that uid, not anything the client says,
+    is what the queue file (attributes submit_uid and submit_user) and the Received:
+    header record. Users never touch the queue: its directories stay 0700 mail_owner,
+    and nothing in it is world-writable.
+
+    Like Postfix's cleanup for local mail, the daemon qualifies addresses without a
+    domain with @$myorigin, removes Bcc: and Resent-Bcc: headers, and adds Message-Id:,
+    Date: and From: (or their Resent- forms when the message has Resent- headers) where
+    they are missing, after the other headers, in Postfix's format:
+
+        Received: by $myhostname ($mail_name, from userid UID)
+                id QUEUEID; DATE
+        Message-Id: <YYYYMMDDHHMMSS.QUEUEID@$myhostname>
+        From: Full Name <sender@$myorigin>      (From: MAILER-DAEMON for the null sender)
+
+PROTOCOL
+    A connection begins with one lib/attr.py frame from the client:
+
+    request=smtp     The rest of the connection is an SMTP session (sendmail -bs), served
+                     by smtpd/session.py as Postfix's stand-alone smtpd: client
+                     localhost[127.0.0.1], no restrictions, never STARTTLS or AUTH.
+    request=submit   sender (empty for <>), fullname (optional); then frames rcpt=ADDR,
+                     one per recipient; data=BYTES (message content, LF line ends, no
+                     dot-stuffing) as many as needed; end=1. The answer is one frame:
+                     status=0 queue_id=ID; status=2 reason=TEXT (refused: a bad address,
+                     too big, no recipients); status=3 reason=TEXT (try again later).
+
+    The daemon logs `QUEUEID: uid=UID from=<sender>` as Postfix's pickup does, and
+    `QUEUEID: message-id=<...>`.
+
+SECURITY
+    Talks to local users, who are not trusted: every frame is bounded (lib/attr.py),
+    addresses are checked as smtpd checks them, message_size_limit and queue_minfree
+    apply, and a client that stalls costs smtpd_timeout. Runs as mail_owner, chrooted
+    in queue_directory when master.cf says so; /etc/passwd is opened before the jail so
+    that uids can be named inside it. A service of another type than unix is refused.
+
+CONFIGURATION PARAMETERS
+    myhostname, myorigin, mail_name, message_size_limit (10240000), queue_minfree (0),
+    header_size_limit (102400), smtpd_timeout (300s), and for -bs the smtpd_* session
+    parameters.
+
+FILES
+    queue_directory/public/pickup (the socket, 0666), queue_directory/incoming.
+
+SEE ALSO
+    tools/sendmail.py, smtpd/session.py, lib/queue.py; Postfix pickup(8), postdrop(1),
+    cleanup(8).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import struct
+import time
+
+from ..lib import attr, msg, server
+from ..lib import queue as Q
+from ..lib.smtpio import SmtpStream
+from .check import ClientState
+from .session import Session, valid_address
+
+MAX_RECIPIENTS = 100000          # per message; Postfix's local submission has no limit
+_CRED = struct.Struct("3i")      # struct ucred: pid, uid, gid
+_HEADER = re.compile(rb"^[!-9;-~]+:")
+_ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\- \x80-\U0010ffff]*$")
+STATUS_OK, STATUS_BAD, STATUS_ERROR = attr.STATUS_OK, attr.STATUS_BAD, attr.STATUS_ERROR
+
+
+def peer_uid(conn: socket.socket) -> int | None:
+    """The uid of the process at the other end of a UNIX socket (SO_PEERCRED)."""
+    if conn.family != socket.AF_UNIX:
+        return None
+    try:
+        _, uid, _ = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                 _CRED.size))
+    except OSError:
+        return None
+    return uid
+
+
+class Users:
+    """uid -> login name from /etc/passwd, opened before the jail and read on use."""
+
+    def __init__(self, path: str = "/etc/passwd"):
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.fd = -1
+
+    def name(self, uid: int) -> str | None:
+        """The first login name with this uid, or None."""
+        if self.fd < 0:
+            return None
+        try:
+            data = os.pread(self.fd, 4 << 20, 0)
+        except OSError:
+            return None
+        for line in data.decode("utf-8", "surrogateescape").splitlines():
+            fields = line.split(":")
+            if len(fields) > 2 and fields[2] == str(uid) and fields[0]:
+                return fields[0]
+        return None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def phrase(name: str) -> str:
+    """A display name for a From: header, quoted when it needs to be (RFC 5322)."""
+    name = " ".join("".join(c if c >= " " and c != "\x7f" else " " for c in name).split())
+    if _ATEXT.match(name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def received_by(cfg, uid: int, qid: str) -> bytes:
+    """The Received: header of a local submission, as Postfix's pickup/cleanup."""
+    date = time.strftime("%a, %d %b %Y %H:%M:%S %z (%Z)")
+    return (f"Received: by {cfg.get('myhostname')} ({cfg.get('mail_name')}, from userid "
+            f"{uid})\n\tid {qid}; {date}\n").encode("utf-8", "surrogateescape")
+
+
+class LocalWriter:
+    """A QueueWriter for local submissions: qualifies addresses, cleans up headers.
+
+    Content passes through as it is written; only a partial header line is held back,
+    so that missing headers can go after the last header and Bcc: can be dropped.
+    """
+
+    def __init__(self, queue_root: str, cfg, uid: int, user: str | None,
+                 fullname: str = "", log_found_msgid: bool = True):
+        self.w = Q.QueueWriter(queue_root)
+        self.id = self.w.id
+        self.cfg = cfg
+        self.uid = uid
+        self.origin = cfg.get("myorigin") or cfg.get("myhostname")
+        self.fullname = fullname
+        self.log_found_msgid = log_found_msgid
+        self.header_limit = cfg["header_size_limit"]
+        self.sender: str | None = None
+        self.seen: set[str] = set()
+        self.found_msgid: str | None = None
+        self.made_msgid: str | None = None
+        self.in_header = True
+        self.dropping = False          # inside a Bcc: header and its continuation lines
+        self.partial = b""
+        self.header_bytes = 0
+        self.last_byte = b"\n"
+        self.w.add_attr("submit_uid", str(uid))
+        if user:
+            self.w.add_attr("submit_user", user)
+        self.w.add_attr("rewrite_context", "local")
+
+    def qualify(self, addr: str) -> str:
+        """user -> user@$myorigin, as Postfix's cleanup in the local rewrite context."""
+        return f"{addr}@{self.origin}" if addr and "@" not in addr else addr
+
+    def add_attr(self, name: str, value: str) -> None:
+        self.w.add_attr(name, value)
+
+    def set_sender(self, sender: str) -> None:
+        self.sender = sender
+        self.w.set_sender(self.qualify(sender))
+
+    def add_recipient(self, rcpt: str) -> None:
+        self.w.add_recipient(self.qualify(rcpt))
+
+    # --- content ---------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        """Append content; header lines are looked at on the way through."""
+        if not data:
+            return
+        self.last_byte = data[-1:]
+        if not self.in_header:
+            self.w.write(data)
+            return
+        buf = self.partial + data
+        out = bytearray()
+        while self.in_header:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            line, buf = buf[:nl + 1], buf[nl + 1:]
+            self.header_bytes += len(line)
+            if line[:1] in (b" ", b"\t") and self.seen:
+                if not self.dropping:
+                    out += line
+                continue
+            if _HEADER.match(line) and self.header_bytes <= self.header_limit:
+                name = line.split(b":", 1)[0].decode("latin-1").lower()
+                self.seen.add(name)
+                self.dropping = name in ("bcc", "resent-bcc")
+                if name == "message-id" and self.found_msgid is None:
+                    self.found_msgid = line.split(b":", 1)[1].strip().decode("latin-1")
+                if not self.dropping:
+                    out += line
+                continue
+            out += self._missing()
+            out += line
+            self.in_header = False
+        if self.in_header and len(buf) > self.header_limit:
+            out += self._missing()     # an endless header line: the header is over
+            self.in_header = False
+        if self.in_header:
+            self.partial = bytes(buf)
+        else:
+            out += buf
+            self.partial = b""
+        if out:
+            self.w.write(bytes(out))
+
+    def _missing(self) -> bytes:
+        """The Message-Id:, Date: and From: headers the message lacks."""
+        resent = any(n.startswith("resent-") for n in self.seen)
+        prefix = "Resent-" if resent else ""
+        lines = []
+        now = time.time()
+        if prefix.lower() + "message-id" not in self.seen:
+            stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(now))
+            self.made_msgid = f"<{stamp}.{self.id}@{self.cfg.get('myhostname')}>"
+            lines.append(f"{prefix}Message-Id: {self.made_msgid}")
+        if prefix.lower() + "date" not in self.seen:
+            lines.append(f"{prefix}Date: "
+                         + time.strftime("%a, %d %b %Y %H:%M:%S %z (%Z)",
+                                         time.localtime(now)))
+        if prefix.lower() + "from" not in self.seen:
+            if not self.sender:
+                lines.append(f"{prefix}From: MAILER-DAEMON")
+            elif self.fullname.strip():
+                lines.append(f"{prefix}From: {phrase(self.fullname)} "
+                             f"<{self.qualify(self.sender)}>")
+            else:
+                lines.append(f"{prefix}From: {self.qualify(self.sender)}")
+        return "".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape")
+
+    def commit(self) -> str:
+        """Finish the header if the content ended inside it, commit, log as pickup."""
+        if self.in_header:
+            tail = self.partial
+            self.partial = b""
+            if tail:
+                self.in_header = False
+                self.w.write((b"" if self.dropping else tail) + b"\n" + self._missing())
+            else:
+                self.w.write(self._missing())
+            self.in_header = False
+        elif self.last_byte != b"\n":
+            self.w.write(b"\n")
+        qid = self.w.commit()
+        msg.info(f"{qid}: uid={self.uid} from=<{self.sender or ''}>")
+        if self.made_msgid:
+            msg.info(f"{qid}: message-id={self.made_msgid}")
+        elif self.found_msgid and self.log_found_msgid:
+            msg.info(f"{qid}: message-id={self.found_msgid}")
+        return qid
+
+    def abort(self) -> None:
+        self.w.abort()
+
+    @property
+    def closed(self) -> bool:
+        return self.w.closed
+
+
+class LocalChecker:
+    """Local submissions pass no smtpd restrictions, as Postfix's stand-alone smtpd."""
+
+    def rcpt(self, client, rcpt):
+        return None
+
+    def in_mynetworks(self, addr) -> bool:
+        return True
+
+
+class LocalSession(Session):
+    """`sendmail -bs`: Postfix's stand-alone smtpd, without STARTTLS or AUTH."""
+
+    def __init__(self, stream, cfg, queue_root: str, uid: int, user: str | None,
+                 stopping=lambda: False):
+        self.uid, self.user = uid, user
+        super().__init__(stream, cfg, ClientState(name="localhost", addr="127.0.0.1"),
+                         queue_root, LocalChecker(), tls=None, stopping=stopping)
+
+    def _security_level(self) -> str:
+        return "none"      # the seed: never STARTTLS for sendmail -bs
+
+    def _bare_newline_mode(self) -> str:
+        return "no"        # text piped by a local user, not a network peer
+
+    def open_queue_file(self) -> bool:
+        try:
+            self.writer = LocalWriter(self.queue_root, self.cfg, self.uid, self.user,
+                                      log_found_msgid=False)
+            w = self.writer
+            w.add_attr("client_name", self.client.name)
+            w.add_attr("client_address", self.client.addr)
+            if self.helo:
+                w.add_attr("helo_name", self.helo)
+            w.add_attr("protocol", self.protocol())
+            w.set_sender(self.sender)
+        except OSError as exc:
+            self.writer = None
+            return self.queue_trouble(exc)
+        return True
+
+    def received_header(self) -> bytes:
+        return received_by(self.cfg, self.uid, self.writer.id) + super().received_header()
+
+
+# --- request=submit -----------------------------------------------------------------------
+class _Refused(Exception):
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")
+
+
+def _address(value: bytes, what: str, dsn: str) -> str:
+    addr = _text(value).strip()
+    if addr.startswith("<") and addr.endswith(">"):
+        addr = addr[1:-1]
+    if addr and not valid_address(addr):
+        raise _Refused(STATUS_BAD, f"{dsn} Bad {what} address syntax")
+    return addr
+
+
+def submit(conn: socket.socket, ctx, uid: int, user: str | None, first: dict) -> None:
+    """Serve one request=submit conversation: read the message, queue it, answer.
+
+    A refused message is still read to its end frame, so that the client, which sends
+    everything before it reads, always gets the answer.
+    """
+    cfg = ctx.cfg
+    timeout = cfg["smtpd_timeout"]
+    limit = cfg["message_size_limit"]
+    writer: LocalWriter | None = None
+    problem: _Refused | None = None
+    rcpts: list[str] = []
+    size = 0
+    try:
+        sender = _address(first.get("sender", b""), "sender", "5.1.7")
+    except _Refused as exc:
+        problem, sender = exc, ""
+    fullname = _text(first.get("fullname", b""))[:200]
+    try:
+        while True:
+            frame = attr.read_frame(conn, timeout)
+            if len(frame) != 1:
+                raise attr.AttrError("one attribute per frame expected")
+            if "end" in frame:
+                break
+            if problem is not None:
+                continue
+            try:
+                if "rcpt" in frame:
+                    rcpt = _address(frame["rcpt"], "recipient", "5.1.3")
+                    if not rcpt:
+                        raise _Refused(STATUS_BAD, "5.1.3 Bad recipient address syntax")
+                    if writer is not None:
+                        raise _Refused(STATUS_BAD, "5.5.1 Error: recipient after content")
+                    if len(rcpts) >= MAX_RECIPIENTS:
+                        raise _Refused(STATUS_BAD, "5.5.3 Error: too many recipients")
+                    rcpts.append(rcpt)
+                elif "data" in frame:
+                    data = frame["data"]
+                    size += len(data)
+                    if limit and size > limit:
+                        raise _Refused(STATUS_BAD, "5.3.4 Message size exceeds fixed limit")
+                    if writer is None:
+                        writer = _open(ctx, uid, user, sender, fullname, rcpts)
+                    writer.write(data)
+                else:
+                    raise attr.AttrError(f"unexpected attribute {next(iter(frame))}")
+            except _Refused as exc:
+                problem = exc
+            except OSError as exc:
+                if isinstance(exc, (attr.PeerClosedError, attr.TruncatedFrameError,
+                                    TimeoutError)):
+                    raise
+                msg.warn(f"queue file write error: {exc.strerror or exc}")
+                problem = _Refused(STATUS_ERROR, "4.3.0 Error: queue file write error")
+            if problem is not None and writer is not None:
+                writer.abort()
+                writer = None
+        if problem is None:
+            try:
+                if writer is None:
+                    writer = _open(ctx, uid, user, sender, fullname, rcpts)
+                qid = writer.commit()
+                writer = None
+            except _Refused as exc:
+                problem = exc
+            except OSError as exc:
+                msg.warn(f"queue file write error: {exc.strerror or exc}")
+                problem = _Refused(STATUS_ERROR, "4.3.0 Error: queue file write error")
+    except (attr.PeerClosedError, attr.TruncatedFrameError):
+        msg.info(f"uid={uid}: lost connection during local submission")
+        problem = None
+        qid = None
+    except TimeoutError:
+        msg.info(f"uid={uid}: timeout during local submission")
+        problem = None
+        qid = None
+    except (attr.AttrError, OSError) as exc:
+        msg.warn(f"uid={uid}: malformed local submission request: {exc}")
+        _answer(conn, {"status": STATUS_BAD, "reason": "5.5.2 Error: malformed request"})
+        problem = None
+        qid = None
+    finally:
+        if writer is not None and not writer.closed:
+            writer.abort()
+    if problem is not None:
+        if writer is not None:
+            writer.abort()
+        msg.warn(f"uid={uid}: local submission refused: {problem.reason}")
+        _answer(conn, {"status": problem.status, "reason": problem.reason})
+        return
+    if qid is None:
+        return
+    _answer(conn, {"status": STATUS_OK, "queue_id": qid})
+    Q.wake(ctx.queue_root)
+
+
+def _open(ctx, uid: int, user: str | None, sender: str, fullname: str,
+          rcpts: list[str]) -> LocalWriter:
+    """The queue file of a submission, with its envelope and Received: header."""
+    if not rcpts:
+        raise _Refused(STATUS_BAD, "5.5.1 Error: no recipients specified")
+    try:
+        free = Q.free_space(ctx.queue_root)
+    except OSError:
+        free = None
+    if free is not None and free < ctx.cfg["queue_minfree"]:
+        msg.warn(f"not enough free space in mail queue: {free} bytes < "
+                 f"{ctx.cfg['queue_minfree']} bytes")
+        raise _Refused(STATUS_ERROR, "4.3.1 Insufficient system storage")
+    writer = LocalWriter(ctx.queue_root, ctx.cfg, uid, user, fullname)
+    try:
+        writer.add_attr("protocol", "sendmail")
+        writer.set_sender(sender)
+        for rcpt in rcpts:
+            writer.add_recipient(rcpt)
+        writer.write(received_by(ctx.cfg, uid, writer.id))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer
+
+
+def _answer(conn: socket.socket, reply: dict) -> None:
+    try:
+        attr.write_frame(conn, reply, timeout=10)
+    except (OSError, attr.AttrError):
+        pass
+
+
+# --- the service --------------------------------------------------------------------------
+def pre_init(ctx) -> None:
+    """As root, before the jail: open /etc/passwd to name submitting users."""
+    if ctx.service.type != "unix":
+        msg.fatal(f"service {ctx.service.name}: pickup must be a unix service, "
+                  f"not {ctx.service.type}: it trusts the kernel's word on the user")
+    ctx.state["users"] = Users()
+
+
+def pickup_service(conn: socket.socket, ctx) -> None:
+    """One local client: a submission, or an SMTP session for sendmail -bs."""
+    uid = peer_uid(conn)
+    if uid is None:
+        msg.warn("cannot tell the user of a local submission (SO_PEERCRED); refusing it")
+        return
+    users = ctx.state.get("users")
+    user = users.name(uid) if users is not None else None
+    try:
+        first = attr.read_frame(conn, ctx.cfg["smtpd_timeout"])
+    except (attr.PeerClosedError, attr.TruncatedFrameError):
+        return      # gone before a request; also the master's wakeup `W` (wakeup column)
+    except (OSError, attr.AttrError) as exc:
+        msg.warn(f"uid={uid}: bad local submission request: {exc}")
+        return
+    request = first.get("request", b"")
+    if request == b"submit":
+        submit(conn, ctx, uid, user, first)
+    elif request == b"smtp":
+        stream = SmtpStream(conn, ctx.cfg["smtpd_timeout"])
+        session = LocalSession(stream, ctx.cfg, ctx.queue_root, uid, user,
+                               stopping=lambda: ctx.stopping)
+        try:
+            session.run()
+        finally:
+            stream.close()
+    else:
+        msg.warn(f"uid={uid}: unknown local submission request "
+                 f"\"{request.decode('latin-1')[:30]}\"")
+        _answer(conn, {"status": STATUS_BAD, "reason": "5.5.2 Error: unknown request"})
+
+
+def on_exit(ctx) -> None:
+    users = ctx.state.pop("users", None)
+    if users is not None:
+        users.close()
+
+
+def main(ctx) -> int:
+    """The pickup program: one local client at a time."""
+    return server.single_server(ctx, pickup_service, pre_init=pre_init, on_exit=on_exit)

@@ -1,0 +1,104 @@
+"""A counting SMTP sink on loopback: the far end of delivery tests and the fault campaign.
+
+Sink(port) runs a threaded server that accepts every message (250 after the final dot,
+which it records first) and remembers each message's Message-ID and recipients, so a test
+can check what arrived and how often. It offers no STARTTLS and no extensions but
+PIPELINING and 8BITMIME, and reads at most MAX_LINE bytes a line and MAX_MESSAGE a message.
+"""
+
+from __future__ import annotations
+
+import re
+import socketserver
+import threading
+from collections import Counter
+
+MAX_LINE = 65536
+MAX_MESSAGE = 64 * 1024 * 1024
+MSGID_RE = re.compile(rb"^message-id:\s*(<[^>\r\n]*>)", re.I | re.M)
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    timeout = 60          # wfile is unbuffered: every reply goes out as it is written
+
+    def handle(self):
+        sink: Sink = self.server.sink
+        w = self.wfile
+        w.write(b"220 sink.test ESMTP counting sink\r\n")
+        rcpts: list[str] = []
+        while True:
+            line = self.rfile.readline(MAX_LINE)
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                w.write(b"250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            elif verb == b"MAIL":
+                rcpts = []
+                w.write(b"250 2.1.0 Ok\r\n")
+            elif verb == b"RCPT":
+                rcpts.append(line[8:].strip().strip(b"<>").decode("latin-1"))
+                w.write(b"250 2.1.5 Ok\r\n")
+            elif verb == b"DATA":
+                w.write(b"354 go ahead\r\n")
+                data, size = [], 0
+                while True:
+                    chunk = self.rfile.readline(MAX_LINE)
+                    if not chunk or chunk == b".\r\n":
+                        break
+                    size += len(chunk)
+                    if size < MAX_MESSAGE:
+                        data.append(chunk)
+                if not chunk:
+                    return
+                body = b"".join(data)
+                m = MSGID_RE.search(body)
+                sink.record(m.group(1).decode("latin-1") if m else None, rcpts, body)
+                w.write(b"250 2.0.0 Ok: stored\r\n")
+            elif verb == b"RSET" or verb == b"NOOP":
+                w.write(b"250 2.0.0 Ok\r\n")
+            elif verb == b"QUIT":
+                w.write(b"221 2.0.0 Bye\r\n")
+                return
+            else:
+                w.write(b"502 5.5.2 Error: command not recognized\r\n")
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class Sink:
+    """A counting SMTP sink; use as a context manager or start()/stop()."""
+
+    def __init__(self, port: int = 0, keep_bodies: bool = False):
+        self.server = _Server(("127.0.0.1", port), _Handler)
+        self.server.sink = self
+        self.port = self.server.server_address[1]
+        self.keep_bodies = keep_bodies
+        self.lock = threading.Lock()
+        self.ids: Counter = Counter()
+        self.messages: list[tuple[str | None, list[str], bytes]] = []
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def record(self, msgid, rcpts, body) -> None:
+        with self.lock:
+            self.ids[msgid] += 1
+            self.messages.append((msgid, rcpts, body if self.keep_bodies else b""))
+
+    def start(self) -> "Sink":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+    def __enter__(self) -> "Sink":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
