@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 
 from . import msg, params
+from .safeio import atomic_write
 
 MAX_DEPTH = 100
 NAME_RE = re.compile(r"[A-Za-z0-9_]+")
@@ -373,18 +373,5 @@ def edit(path: str, set_values: dict[str, str], remove=(), comment=(), warn=msg.
     for name, value in set_values.items():
         if name not in done:
             out.append(f"{name} = {value}")
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".main.cf.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write("\n".join(out) + ("\n" if out else ""))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    text = "\n".join(out) + ("\n" if out else "")
+    atomic_write(path, text.encode("utf-8", "surrogateescape"), mode)

@@ -334,8 +334,10 @@ def names() -> list[str]:
     return sorted(_BY_NAME)
 
 
-def split_list(text: str) -> list[str]:
-    """Split a list value at commas and white space, as Postfix does; `{...}` stays whole."""
+def split_list(text: str, strict: bool = False) -> list[str]:
+    """Split a list value at commas and white space, as Postfix does; `{...}` stays whole.
+
+    With strict, an unclosed `{` is a ValueError (Postfix's mystrtokq refuses it)."""
     if "{" not in text:
         return [w for w in _LIST_SEP.split(text) if w]
     words, word, depth = [], [], 0
@@ -350,6 +352,8 @@ def split_list(text: str) -> list[str]:
                 word = []
             continue
         word.append(c)
+    if depth and strict:
+        raise ValueError(f"missing '}}' in \"{text.strip()}\"")
     if word:
         words.append("".join(word))
     return words

@@ -29,20 +29,20 @@ FUNCTIONS
     new_server_cert(key_type, dns_names, ip_addresses, days, rsa_bits) -> (key_pem, cert_pem).
     write_server_cert(key_path, cert_path, key_type="ecdsa", dns_names=("localhost",),
         ip_addresses=(), days=365, rsa_bits=2048): make both and write them (key first).
-    atomic_write(path, data, mode): write bytes atomically with the given mode; OSError.
+    atomic_write(path, data, mode): lib/safeio.py's, for callers that write keys.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
-import tempfile
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .safeio import atomic_write  # noqa: F401  (part of this module's interface)
 
 KEY_TYPES = ("rsa", "ecdsa")
 KEY_MODE = 0o600
@@ -125,28 +125,3 @@ def write_server_cert(key_path: str, cert_path: str, key_type: str = "ecdsa",
     key_data, cert_data = new_server_cert(key_type, dns_names, ip_addresses, days, rsa_bits)
     atomic_write(key_path, key_data, KEY_MODE)
     atomic_write(cert_path, cert_data, CERT_MODE)
-
-
-def atomic_write(path: str, data: bytes, mode: int) -> None:
-    """Replace path with data in one rename; the file has mode from its first byte on."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
-    try:
-        # mkstemp creates the file 0600; it gets its final mode only when complete.
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

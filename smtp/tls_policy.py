@@ -200,23 +200,10 @@ def per_site_level(use_tls: bool, enforce_tls: bool, enforce_peername: bool,
 
 def _tokens(text: str) -> list[str]:
     """Split at commas and white space; `{ ... }` stays one token (Postfix's mystrtokq)."""
-    out, word, depth = [], [], 0
-    for c in text:
-        if c == "{":
-            depth += 1
-        elif c == "}" and depth:
-            depth -= 1
-        if depth == 0 and (c == "," or c.isspace()):
-            if word:
-                out.append("".join(word))
-                word = []
-            continue
-        word.append(c)
-    if depth:
-        raise PolicyError(f"missing '}}' in \"{text.strip()}\"")
-    if word:
-        out.append("".join(word))
-    return out
+    try:
+        return params.split_list(text, strict=True)
+    except ValueError as exc:
+        raise PolicyError(str(exc)) from None
 
 
 def _name_value(token: str) -> tuple[str, str]:
