@@ -22,6 +22,12 @@ class _Handler(socketserver.StreamRequestHandler):
     timeout = 60          # wfile is unbuffered: every reply goes out as it is written
 
     def handle(self):
+        try:
+            self.converse()
+        except (ConnectionError, TimeoutError):
+            pass    # a client killed mid-session (the campaign does that on purpose)
+
+    def converse(self):
         sink: Sink = self.server.sink
         w = self.wfile
         w.write(b"220 sink.test ESMTP counting sink\r\n")
