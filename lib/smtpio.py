@@ -57,6 +57,9 @@ class SmtpStream:
         self.sock = sock
         self.timeout = timeout
         self.tls: SSL.Connection | None = None
+        # tls_loglevel 4: called as trace("read from" | "write to", data) for every piece
+        # of the conversation that travels inside TLS.
+        self.trace = None
         self._in = bytearray()
         self._out = bytearray()
         sock.setblocking(False)
@@ -96,9 +99,13 @@ class SmtpStream:
                 raise StreamEOF(f"lost connection: {exc.strerror}") from None
             if not data:
                 raise StreamEOF("lost connection")
+            if self.trace is not None and self.tls is not None:
+                self.trace("read from", data)
             return data
 
     def _send_all(self, data, deadline: float) -> None:
+        if self.trace is not None and self.tls is not None:
+            self.trace("write to", bytes(data))
         view = memoryview(data)
         while view:
             try:

@@ -234,11 +234,44 @@ def set_verify(ctx: SSL.Context, mode: int, observer) -> None:
 _schemes: "weakref.WeakKeyDictionary[SSL.Connection, list]" = weakref.WeakKeyDictionary()
 
 
+_CONTENT = {20: "ChangeCipherSpec", 21: "Alert", 22: "Handshake", 23: "ApplicationData",
+            256: "RecordHeader", 257: "InnerContentType"}
+DUMP_LIMIT = 4096           # bytes of one message dumped at most, as Postfix caps its dumps
+
+
+def dump_lines(data: bytes) -> list[str]:
+    """Postfix's hexadecimal and ASCII dump: offset, 16 bytes (a '-' after 8), the text."""
+    out = []
+    for off in range(0, len(data), 16):
+        row = data[off:off + 16]
+        hexes = "".join(f"{b:02x}{'-' if i == 7 and len(row) > 8 else ' '}"
+                        for i, b in enumerate(row))
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
+        out.append(f"{off:04x} {hexes:<48} {text}")
+    return out
+
+
+def _dump(conn, write_p: int, content_type: int, buf, length: int) -> None:
+    """smtpd_tls_loglevel / smtp_tls_loglevel 3 and up: dump every protocol message."""
+    state = conn.get_app_data()
+    if state is None or getattr(state, "loglevel", 0) < 3:
+        return
+    data = bytes(_ffi.buffer(buf, min(length, DUMP_LIMIT)))
+    kind = _CONTENT.get(content_type, str(content_type))
+    state.info(f"{state.namaddr}: {'write to' if write_p else 'read from'} "
+               f"({kind}, {length} bytes)")
+    for line in dump_lines(data):
+        state.info(line)
+
+
 @_ffi.callback("void(int, int, int, void *, size_t, SSL *, void *)")
 def _msg_callback(write_p, version, content_type, buf, length, ssl, arg):
-    """OpenSSL's message callback: note CertificateVerify signature schemes."""
+    """OpenSSL's message callback: note CertificateVerify signature schemes; dump at 3+."""
     # Exceptions cannot leave a C callback; a failure here only loses log detail.
     try:
+        conn = SSL.Connection._reverse_mapping.get(ssl)
+        if conn is not None and length:
+            _dump(conn, write_p, content_type, buf, length)
         if content_type != _HANDSHAKE or length < 1:
             return
         data = _ffi.cast("unsigned char *", buf)

@@ -9,7 +9,7 @@ certificate (trusted chain, fingerprints).
 
 from __future__ import annotations
 
-from ..lib import msg
+from ..lib import msg, tls_session
 from ..lib import tls as T
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import TLSFailure
@@ -35,6 +35,8 @@ class TlsServer:
         """The server handshake on stream; TLSFailure when it does not complete."""
         mandatory = level == "encrypt" or self.server.level == "encrypt"
         conn = self.server.connection(stream.sock, client.client, mandatory)
+        if self.server.loglevel >= 4:
+            stream.trace = lambda what, data: _trace(client.client, what, data)
         stream.start_tls(conn, self.timeout)
         info = self.server.info(conn)
         for line in self.server.log_lines(info):
@@ -47,6 +49,13 @@ class TlsServer:
     def received_lines(self, info: T.TLSInfo) -> list[str]:
         """The Received: header's TLS clause, one physical line each."""
         return self.server.received_lines(info)
+
+
+def _trace(namaddr: str, what: str, data: bytes) -> None:
+    """smtpd_tls_loglevel 4: the whole conversation after STARTTLS, dumped."""
+    msg.info(f"{namaddr}: {what} ({len(data)} bytes of plaintext)")
+    for line in tls_session.dump_lines(data[:tls_session.DUMP_LIMIT]):
+        msg.info(line)
 
 
 __all__ = ["TlsServer", "TLSFailure"]

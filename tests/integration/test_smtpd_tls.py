@@ -406,3 +406,23 @@ def test_debian_postfix_relays_into_postfix_py_over_tls(tlsmta, pki, tmp_path):
     assert f"TLS connection established to 127.0.0.1[127.0.0.1]:{tlsmta.port}" in log
     (m, content), = tlsmta.queued()
     assert b"relayed" in content and b"with ESMTPS id" in content
+
+
+@pytest.mark.parametrize("level", [3, 4])
+def test_tls_loglevels_3_and_4_dump(tlsmta, level):
+    tlsmta.main["smtpd_tls_loglevel"] = str(level)
+    tlsmta.start()
+    c = Plain(tlsmta.port)
+    c.reply()
+    c.cmd("EHLO x")
+    c.starttls()
+    c.cmd("EHLO dumped.example")
+    c.cmd("QUIT")
+    c.close()
+    wait_for(lambda: "disconnect from" in tlsmta.log(), what="the session's end")
+    log = tlsmta.log()
+    assert "localhost[127.0.0.1]: read from (Handshake, " in log     # level 3: the handshake
+    assert "localhost[127.0.0.1]: write to (Handshake, " in log
+    assert "SSL_accept:" in log                                      # level 2 and up
+    dumped_ehlo = "45 48 4c 4f 20 64 75 6d-70 65 64"                 # "EHLO dumped"
+    assert (dumped_ehlo in log) == (level == 4)                      # level 4: the plaintext
