@@ -147,8 +147,10 @@ CONFIGURATION PARAMETERS (server; the client reads the smtp_/lmtp_ counterparts)
     tls_session_ticket_cipher (OpenSSL's own ticket keys are used),
     smtpd_tls_always_issue_session_ids (tickets only), Postfix's "Issuing session ticket"
     line (Postfix's own ticket-key callback), the "SSL3 alert" lines of loglevel 2
-    (pyOpenSSL cannot name alerts), loglevels 3 and 4 (packet dumps: logged as level 2),
-    and the numeric codes and source positions in "TLS library problem" texts.
+    (pyOpenSSL cannot name alerts), and the numeric codes and source positions in "TLS
+    library problem" texts. Loglevel 3 dumps each TLS protocol message (OpenSSL's message
+    callback, lib/tls_session.py) rather than Postfix's raw BIO records; loglevel 4 adds the
+    plaintext inside TLS for smtpd (lib/smtpio.py's trace hook).
 
 SEE ALSO
     lib/tls_session.py (sessions, signature schemes, verification internals), tools/tls.py
