@@ -74,7 +74,9 @@ from ..lib import attr, deliver, msg, server, tables, tls_session, tlsmgr_client
 from ..lib import queue as Q
 from ..lib import tls as libtls
 from ..lib.smtpio import SmtpStream
+from ..lib.maincf import ConfigError
 from . import nexthop, session, tls_policy
+from . import sasl as smtp_sasl
 
 REQUEST_TIMEOUT_CAP = 300       # seconds to wait for the request frame
 
@@ -122,6 +124,12 @@ def pre_init(ctx) -> None:
             msg.warn(f"TLS library problem: {exc}; TLS is not available")
     st["resolver"] = make_resolver(cfg)
     st["options"] = session.Options.from_config(cfg, prefix)
+    try:
+        # smtp_sasl_password_maps: opened here, before the chroot (Postfix's
+        # smtp_sasl_initialize); the session authenticates with it after EHLO.
+        st["options"].sasl = smtp_sasl.from_config(cfg, prefix)
+    except (ConfigError, tables.TableError) as exc:
+        msg.fatal(str(exc))
     nexthop.prepare_for_chroot()
     tls_session.missing_symbols()   # loads the bindings the session cache needs
 
@@ -356,6 +364,7 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
     sess = session.Session(stream, d, addr, options, tls=starter,
                            port25=addr.port == 25 and not options.lmtp,
                            best_pref=best_pref, request_nexthop=request_nexthop)
+    sess.sasl_dest = dest.text      # the next hop this session serves: a SASL lookup key
     try:
         if not sess.helo():
             sess.quit()

@@ -669,6 +669,9 @@ class Session:
                                                       f"offered by host {self.namaddr}")
             return self._site_fail(None, "4.7.5", "TLS is required, but our TLS engine is "
                                                   "unavailable")
+        sasl = getattr(self.o, "sasl", None)    # smtp/sasl.py Client, set in pre_init
+        if sasl is not None:
+            return sasl.helo_login(self)
         return True
 
     def _ehlo(self, esmtp: bool):
@@ -724,6 +727,7 @@ class Session:
 
     def _features(self, reply: Reply) -> None:
         self.features = set()
+        self.sasl_mechs: list[str] = []     # AUTH lines, for smtp/sasl.py
         for n, line in enumerate(reply.lines):
             words = line[4:].replace("=", " ").split()
             if not words:
@@ -733,6 +737,9 @@ class Session:
                 continue
             word = words[0].upper()
             self.features.add(word)
+            if word == "AUTH":
+                self.sasl_mechs += [w.upper() for w in words[1:] if w.upper() not in
+                                    self.sasl_mechs]
             if word == "SIZE" and len(words) > 1:
                 if words[1].isdigit():
                     self.size_limit = int(words[1])
