@@ -446,9 +446,9 @@ def uncomment_inet_examples(text: str) -> str:
 def test_shipped_master_cf():
     services = parse(shipped("master.cf"), "conf/master.cf")
     by_key = {s.key: s for s in services}
-    assert list(by_key) == ["smtp/inet", "qmgr/unix", "tlsmgr/unix", "smtp/unix",
-                            "relay/unix", "lmtp/unix", "error/unix", "discard/unix",
-                            "local/unix"]
+    assert list(by_key) == ["smtp/inet", "pickup/unix", "qmgr/unix", "tlsmgr/unix",
+                            "smtp/unix", "relay/unix", "lmtp/unix", "error/unix",
+                            "discard/unix", "local/unix"]
     assert by_key["smtp/inet"].command == "smtpd" and by_key["smtp/inet"].inet_port == 25
     assert by_key["smtp/inet"].chroot and not by_key["smtp/inet"].private
     qmgr = by_key["qmgr/unix"]
@@ -458,7 +458,7 @@ def test_shipped_master_cf():
     local = by_key["local/unix"]
     assert (local.unpriv, local.chroot) == (False, False)
     assert {s.command for s in services} <= {"smtpd", "smtp", "qmgr", "tlsmgr", "local",
-                                             "discard", "error", "lmtp"}
+                                             "discard", "error", "lmtp", "pickup"}
 
 
 def test_shipped_master_cf_examples():
@@ -467,11 +467,13 @@ def test_shipped_master_cf_examples():
     assert by_key["submission/inet"].inet_port == 587
     assert by_key["submission/inet"].overrides == {
         "syslog_name": "postfix-py/submission", "smtpd_tls_security_level": "encrypt",
-        "smtpd_sasl_auth_enable": "yes"}
+        "smtpd_sasl_auth_enable": "yes", "smtpd_tls_auth_only": "yes",
+        "smtpd_relay_restrictions": "permit_sasl_authenticated,reject"}
     assert by_key["smtps/inet"].inet_port == 465
     assert by_key["smtps/inet"].overrides == {
         "syslog_name": "postfix-py/smtps", "smtpd_tls_wrappermode": "yes",
-        "smtpd_sasl_auth_enable": "yes"}
+        "smtpd_sasl_auth_enable": "yes",
+        "smtpd_relay_restrictions": "permit_sasl_authenticated,reject"}
 
 
 @needs_postconf
