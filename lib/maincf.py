@@ -88,6 +88,7 @@ class Config:
     entries: dict[str, Entry] = field(default_factory=dict)
     overrides: dict[str, str] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False)
+    _computing: set = field(default_factory=set, repr=False)   # computed defaults under way
 
     # --- raw values ------------------------------------------------------------------
     def raw(self, name: str) -> str | None:
@@ -106,7 +107,14 @@ class Config:
         if row is None:
             return None
         if not row.default:
-            computed = _computed(self, name)
+            if name in self._computing:     # myhostname = $mydomain: mydomain's default
+                raise ConfigError(f"unreasonable macro call nesting: \"${name}\" "
+                                  "depends on itself")
+            self._computing.add(name)
+            try:
+                computed = _computed(self, name)
+            finally:
+                self._computing.discard(name)
             if computed is not None:
                 return computed
         return row.default
@@ -194,7 +202,7 @@ class Config:
             raise KeyError(f"undeclared parameter: {name}")
         try:
             value = params.convert(row, self.get(name))
-        except params.ParamError as exc:
+        except (params.ParamError, ConfigError) as exc:     # a bad value or a bad $macro
             where = self.entries.get(name)
             prefix = f"{where.path}, line {where.line}: " if where and name not in self.overrides else ""
             raise ConfigError(prefix + str(exc)) from None

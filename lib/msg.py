@@ -26,6 +26,7 @@ Input from a peer or a client program is never worth more than a warning.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import threading
@@ -39,6 +40,7 @@ FACILITIES = {
 }
 _SEVERITY = {"info": 6, "warning": 4, "error": 3, "fatal": 2, "panic": 0}
 MAX_LINE = 4096  # a single log record; longer text is cut, never wrapped
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")   # C0 but TAB, DEL, C1
 SYSLOG_PATH = "/dev/log"
 
 
@@ -131,8 +133,11 @@ def _syslog_connect() -> None:
 
 def _format(severity: str, text: str) -> str:
     prefix = "" if severity == "info" else severity + ": "
-    # Peer-supplied text can hold anything; keep one record on one line.
+    # Peer-supplied text can hold anything; keep one record on one line, and no control
+    # character (a terminal escape) reaches the log: `?`, as Postfix's printable().
     text = text.replace("\r", "\\r").replace("\n", "\\n")
+    if not text.isprintable():
+        text = _CONTROL.sub("?", text)
     tag = f"{_s.tag}[{os.getpid()}]" if _s.with_pid else _s.tag
     return f"{tag}: {prefix}{text}"[:MAX_LINE]
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 BOOL, INT, TIME, SIZE, LIST, TABLE, STR = "bool", "int", "time", "size", "list", "table", "str"
 
 _TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_TIME_RE = re.compile(r"^(\d+)([smhdw]?)$", re.IGNORECASE)
+_TIME_RE = re.compile(r"^(\d{1,19})([smhdw]?)$", re.IGNORECASE)   # 64 bits at most
 _LIST_SEP = re.compile(r"[\s,]+")
 
 
@@ -380,7 +380,7 @@ def convert(param: Param, text: str):
             return False
         raise ParamError(f"bad boolean configuration: {param.name} = {text}")
     if t in (INT, SIZE):
-        if not re.fullmatch(r"-?\d+", text):
+        if not re.fullmatch(r"-?\d{1,19}", text):      # longer is no 64-bit number
             raise ParamError(f"bad numerical configuration: {param.name} = {text}")
         return _bounded(param, int(text), text)
     if t == TIME:

@@ -231,7 +231,8 @@ def read(path: str) -> QueueMessage:
         elif kind == b"M":
             msg.content_offset = body_at
         elif kind == b"X":
-            content_size = int(text) if text.isdigit() else -1
+            # ASCII digits only (str.isdigit() takes "²", which int() refuses), 64 bits
+            content_size = int(value) if value.isdigit() and len(value) <= 19 else -1
         elif kind == b"E":
             ended = body_at == end
             if not ended:

@@ -122,8 +122,9 @@ class TlsmgrClient:
                 self._down_until = self.clock() + self.backoff
                 if not self._outage:
                     self._outage = True
-                    msg.warn(f"problem talking to server {self.path}: {exc} --"
-                             f" continuing without it, next try in {self.backoff:g}s")
+                    text = str(exc) if isinstance(exc, attr.AttrClientError) else \
+                        f"problem talking to server {self.path}: {exc}"   # names the server once
+                    msg.warn(f"{text} -- continuing without it, next try in {self.backoff:g}s")
                 return None
             self._down_until = None
             if self._outage:

@@ -94,8 +94,8 @@ def start(argv: list[str], foreground: bool = False) -> int:
     if report.startswith("ok"):
         return 0
     msg.init_cli(TOOL)
-    msg.error(report.strip() or "the master exited before it was ready")
-    return 1
+    # `postfix-py/postfix-script: fatal: main.cf, line N: ...`, exit status 1
+    msg.fatal(report.strip().removeprefix("fatal: ") or "the master exited before it was ready")
 
 
 def _run_master(config_dir: str, verbose: int, ready_fd, daemon: bool = False) -> int:
@@ -111,8 +111,7 @@ def _run_master(config_dir: str, verbose: int, ready_fd, daemon: bool = False) -
             os.close(ready_fd)
             return 1
         msg.init_cli(TOOL)
-        msg.error(f"fatal: {exc}")
-        return 1
+        msg.fatal(str(exc))
     if daemon:
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):

@@ -75,6 +75,13 @@ def load_config(config_dir: str):
                 raise StartError(f"service {svc.key}: {problems[0]}")
     except (maincf.ConfigError, mastercf.MasterCfError) as exc:
         raise StartError(str(exc)) from None
+    if os.geteuid() == 0:
+        # Checked here, not only at start: a reload must not hand workers a user that
+        # does not exist (every one of them would die at the privilege drop).
+        try:
+            pwd.getpwnam(cfg.get("mail_owner"))
+        except KeyError:
+            raise StartError(f"mail_owner: unknown user: {cfg.get('mail_owner')}") from None
     return cfg, svcs
 
 
@@ -121,9 +128,14 @@ def prepare_directories(cfg, run_as_root: bool, chroot: bool) -> None:
             os.chown(path, owner.pw_uid if owned else 0, owner.pw_gid if owned else 0)
         os.chmod(path, mode)
     data = cfg.get("data_directory")
-    os.makedirs(data, mode=0o700, exist_ok=True)
-    if run_as_root:
-        os.chown(data, owner.pw_uid, owner.pw_gid)
+    try:
+        os.makedirs(data, mode=0o700, exist_ok=True)
+        st = os.stat(data)
+        if run_as_root and (st.st_uid, st.st_gid) != (owner.pw_uid, owner.pw_gid):
+            os.chown(data, owner.pw_uid, owner.pw_gid)
+    except OSError as exc:
+        # Only tlsmgr's caches and exchange file live there: they warn and do without.
+        msg.warn(f"data_directory {data}: {exc.strerror or exc}")
     if chroot and run_as_root:
         etc = os.path.join(queue, "etc")
         os.makedirs(etc, mode=0o755, exist_ok=True)

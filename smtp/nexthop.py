@@ -136,7 +136,7 @@ def _port(service: str, text: str) -> int:
         raise NexthopError(f"missing port after ':' in server description: {text}")
     try:
         return socket.getservbyname(service, "tcp")
-    except OSError:
+    except (OSError, UnicodeError, ValueError):     # not a name: bytes from a bad main.cf, NUL
         if service == "smtp":
             return SMTP_PORT
         raise NexthopError(f"unknown service: {service}/tcp") from None

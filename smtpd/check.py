@@ -18,7 +18,8 @@ RESTRICTIONS
 FUNCTIONS
     Checker(cfg) compiles the lists once per worker (tables opened, ConfigError for an
     unknown restriction or an open-relay configuration, as Postfix refuses to start).
-    checker.rcpt(state, rcpt) -> None (accept) or Reply.
+    checker.rcpt(state, rcpt) -> None (accept) or Reply; a table that cannot be read
+        (TableError) gives 451 4.3.0 "<name>: Temporary lookup failure", with a warning.
     is_local_domain / relay_allowed / in_mynetworks are the shared predicates.
 """
 
@@ -190,7 +191,15 @@ class Checker:
 
     def _run(self, name: str, state: ClientState, rcpt: str | None) -> Reply | None:
         for restriction, table in self.lists[name]:
-            verdict = self._apply(restriction, table, name, state, rcpt)
+            try:
+                verdict = self._apply(restriction, table, name, state, rcpt)
+            except tables.TableError as exc:
+                # A table that cannot be read now: defer, as Postfix's reject_dict_retry.
+                msg.warn(f"table lookup problem: {exc}")
+                subject = {"smtpd_client_restrictions": state.client,
+                           "smtpd_helo_restrictions": state.helo or "",
+                           "smtpd_sender_restrictions": state.sender or ""}.get(name, rcpt)
+                return Reply(451, "4.3.0", f"<{subject or ''}>: Temporary lookup failure")
             if verdict == "permit":
                 return None
             if isinstance(verdict, Reply):

@@ -230,6 +230,8 @@ class Session:
     # --- replies and logging -----------------------------------------------------------------
     def reply(self, text: str) -> None:
         """Queue one reply line (flushed before the next read)."""
+        if not (text.isascii() and text.isprintable()):
+            text = printable(text, len(text))   # client text echoed: as Postfix, `?`
         code = text[:3]
         if code[:1] in ("4", "5") and not text.startswith("421"):
             self.errors += 1

@@ -7,8 +7,8 @@ DESCRIPTION
     smtpd_tls_session_cache_database, smtp_tls_session_cache_database and
     lmtp_tls_session_cache_database name the caches (`type:path`). `lmdb:`, `btree:` and
     `hash:` are all served by LMDB, so a Postfix administrator's main.cf keeps working; a
-    bare path means `lmdb:`. The file is `path.lmdb` (with `path.lmdb-lock`), as Postfix
-    names lmdb: tables. Only tlsmgr touches these files.
+    bare path means `lmdb:`. The file is `path.lmdb`, as Postfix names lmdb:
+    tables. Only tlsmgr touches these files, so they have no lock file.
 
     Each value is an 8-byte big-endian IEEE double, the entry's creation time (wall clock,
     seconds), followed by the serialised session. An entry older than the cache's timeout
@@ -137,9 +137,12 @@ class SessionCache:
         self.close()
         try:
             self._remove_files()
+            # lock=False: only this process opens the file, one transaction at a time.
+            # A lock file is written through a shared mapping, which a full file system
+            # answers with SIGBUS (tlsmgr dies); without one, ENOSPC is an lmdb.Error.
             self.env = lmdb.open(self.file, subdir=False, map_size=self.map_size, max_dbs=0,
                                  sync=False, metasync=False, readahead=False, meminit=False,
-                                 mode=0o600, max_spare_txns=2)
+                                 mode=0o600, max_spare_txns=2, lock=False)
         except (OSError, lmdb.Error) as exc:
             self.warn(f"cannot open TLS session cache {self.database} ({self.file}): {exc}"
                       " -- cache disabled")

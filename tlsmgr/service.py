@@ -78,7 +78,7 @@ CONFIGURATION PARAMETERS
 FILES
     $queue_directory/private/tlsmgr    the service socket
     $tls_random_exchange_name          the PRNG exchange file (outside the jail)
-    <cache path>.lmdb, <cache path>.lmdb-lock   the session caches
+    <cache path>.lmdb                  the session caches (no lock file: only tlsmgr opens them)
 
 SEE ALSO
     prng.py, scache.py, lib/tlsmgr_client.py (the client side), cli.py (`tlsmgr status`),
