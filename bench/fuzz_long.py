@@ -14,7 +14,7 @@ The targets are the CI tests themselves, so a long run checks exactly what CI ch
     queue     tests/unit/test_fuzz_queue.py     queue files: random, bit-flipped, hostile
     attr      tests/unit/test_attr_fuzz.py      IPC frames (its own example counts)
     tlsmgr    tests/integration/test_tlsmgr_daemon.py -k generated_frames  (with --integration)
-    real      tests/integration/test_fuzz_smtpd.py   a real smtpd over TCP (with --integration)
+    real      tests/integration/test_smtpd_random_input.py   a real smtpd over TCP (with --integration)
 
 Hypothesis runs with a "long" profile (max_examples from --examples, no deadline) and keeps
 its example database in --db (default /tmp/postfix-py-fuzz-db), so a failure found once is
@@ -43,7 +43,7 @@ UNIT = {
 }
 INTEGRATION = {
     "tlsmgr": "tests/integration/test_tlsmgr_daemon.py::test_generated_frames_never_kill_it",
-    "real": "tests/integration/test_fuzz_smtpd.py",
+    "real": "tests/integration/test_smtpd_random_input.py",
 }
 
 
