@@ -19,7 +19,6 @@ process limit of 100, STARTTLS offered; smtpd_timeout 2s so that idle clients go
 import os
 import resource
 import selectors
-import signal
 import smtplib
 import socket
 import ssl

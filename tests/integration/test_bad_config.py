@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from pfxinst import free_port, wait_for
+from pfxinst import SmtpClient, free_port, wait_for
 
 BAD_CONFIGS = Path(__file__).resolve().parents[1] / "data" / "bad_configs"
 CASES = sorted(p.name for p in BAD_CONFIGS.iterdir() if p.name.startswith("main_"))
@@ -155,30 +155,7 @@ def tls_files(tmp_path_factory):
             "other_key": str(d / "other-key.pem"), "expired": str(d / "expired.pem")}
 
 
-class Client:
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buf = b""
-
-    def reply(self) -> str:
-        lines = []
-        while True:
-            while b"\n" not in self.buf:
-                data = self.sock.recv(65536)
-                if not data:
-                    return "\n".join(lines + ["<EOF>"])
-                self.buf += data
-            line, self.buf = self.buf.split(b"\n", 1)
-            lines.append(line.decode().rstrip("\r"))
-            if line[3:4] == b" ":
-                return "\n".join(lines)
-
-    def cmd(self, text: str) -> str:
-        self.sock.sendall(text.encode() + b"\r\n")
-        return self.reply()
-
-    def close(self):
-        self.sock.close()
+Client = SmtpClient
 
 
 def send_plain_mail(client: Client) -> str:

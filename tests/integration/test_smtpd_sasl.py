@@ -8,7 +8,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -17,7 +16,7 @@ import bcrypt
 import pytest
 import trustme
 
-from pfxinst import free_port, wait_for
+from pfxinst import SmtpClient, free_port, wait_for
 from postfix_py.lib import queue as Q
 from postfix_py.smtpd import sasl as S
 
@@ -176,39 +175,15 @@ def client_ctx():
     return ctx
 
 
-class Client:
-    """A line-level SMTP client that can STARTTLS."""
+class Client(SmtpClient):
+    """An SMTP client that reads the greeting at once and STARTTLSes without a certificate."""
 
     def __init__(self, port, wrapped=False):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-        if wrapped:
-            self.sock = client_ctx().wrap_socket(self.sock)
-        self.buf = b""
+        super().__init__(port, timeout=20, tls_context=client_ctx() if wrapped else None)
         self.greeting = self.reply()
 
-    def reply(self) -> str:
-        lines = []
-        while True:
-            while b"\n" not in self.buf:
-                data = self.sock.recv(65536)
-                if not data:
-                    return "\n".join(lines + ["<EOF>"])
-                self.buf += data
-            line, self.buf = self.buf.split(b"\n", 1)
-            lines.append(line.decode().rstrip("\r"))
-            if line[3:4] == b" ":
-                return "\n".join(lines)
-
-    def cmd(self, text: str) -> str:
-        self.sock.sendall(text.encode() + b"\r\n")
-        return self.reply()
-
     def starttls(self):
-        assert self.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
-        self.sock = client_ctx().wrap_socket(self.sock)
-
-    def close(self):
-        self.sock.close()
+        super().starttls(client_ctx())
 
 
 def swaks(port, mech, user, password, *extra, to="rcpt@elsewhere.example"):

@@ -8,13 +8,12 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import trustme
 
-from pfxinst import free_port, wait_for
+from pfxinst import SmtpClient, free_port, wait_for
 from peers import PostfixPeer, available as postfix_available
 from postfix_py.lib import queue as Q
 from postfix_py.lib import tls as T
@@ -76,34 +75,9 @@ def client_ctx(cert=None):
     return ctx
 
 
-class Plain:
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buf = b""
-
-    def reply(self) -> str:
-        lines = []
-        while True:
-            while b"\n" not in self.buf:
-                data = self.sock.recv(65536)
-                if not data:
-                    return "\n".join(lines + ["<EOF>"])
-                self.buf += data
-            line, self.buf = self.buf.split(b"\n", 1)
-            lines.append(line.decode().rstrip("\r"))
-            if line[3:4] == b" ":
-                return "\n".join(lines)
-
-    def cmd(self, text: str) -> str:
-        self.sock.sendall(text.encode() + b"\r\n")
-        return self.reply()
-
+class Plain(SmtpClient):
     def starttls(self, cert=None):
-        assert self.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
-        self.sock = client_ctx(cert).wrap_socket(self.sock)
-
-    def close(self):
-        self.sock.close()
+        super().starttls(client_ctx(cert))
 
 
 def test_starttls_with_smtplib_and_the_received_header(tlsmta):
