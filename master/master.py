@@ -418,7 +418,11 @@ class Master:
         at_limit = state.maxproc and total >= state.maxproc
         want = (not self.stopping and not state.throttled_until
                 and self._avail(state) == 0 and not at_limit)
-        if at_limit and self._avail(state) == 0 and \
+        # Warn only when this generation's own workers fill the limit: processes of an
+        # older generation that are finishing after a reload are not a capacity problem.
+        own = sum(1 for p in self.procs.values()
+                  if p.key == state.key and p.generation == state.generation)
+        if at_limit and own >= state.maxproc and self._avail(state) == 0 and \
                 time.monotonic() - state.limit_warned > LIMIT_WARN_INTERVAL:
             state.limit_warned = time.monotonic()
             msg.warn(f"service {S.describe(state.svc)} has reached its process limit "
