@@ -102,9 +102,10 @@ def valid_address(addr: str) -> bool:
     local, at, domain = addr.rpartition("@")
     if not at:
         local, domain = addr, None
-    if not local or not (_LOCAL_ATOM.match(local) or _QUOTED.match(local)):
+    # fullmatch: `$` alone would also match before a final newline ("user\n@example.com")
+    if not local or not (_LOCAL_ATOM.fullmatch(local) or _QUOTED.fullmatch(local)):
         return False
-    return domain is None or bool(_DOMAIN.match(domain))
+    return domain is None or bool(_DOMAIN.fullmatch(domain))
 
 
 def strip_route(addr: str) -> str:

@@ -19,10 +19,12 @@ process limit of 100, STARTTLS offered; smtpd_timeout 2s so that idle clients go
 import os
 import resource
 import selectors
+import shutil
 import smtplib
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,9 +41,7 @@ MB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def mta(tmp_path_factory):
-    import shutil
-    import tempfile
+def mta():
     root = Path(tempfile.mkdtemp(prefix="pfx-abuse-", dir="/tmp"))
     os.chmod(root, 0o755)
     inst = Instance(root)

@@ -11,7 +11,6 @@ longer.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 
 from hypothesis import HealthCheck, given, settings
