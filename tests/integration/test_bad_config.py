@@ -173,6 +173,10 @@ def test_broken_tls_material(instance, tls_files):
                     "No such file or directory"),
         "directory": ("may", f"smtpd_tls_cert_file={f['dir']}",
                       f"smtpd_tls_cert_file: cannot read file {f['dir']}: Is a directory"),
+        "missing_key": ("may", f"smtpd_tls_cert_file={f['cert']} "
+                               f"-o smtpd_tls_key_file={f['missing']}",
+                        f"smtpd_tls_key_file: cannot read file {f['missing']}: "
+                        "No such file or directory"),
         "mismatch": ("may", f"smtpd_tls_cert_file={f['cert']} "
                             f"-o smtpd_tls_key_file={f['other_key']}",
                      f"smtpd_tls_key_file: the private key in {f['other_key']} does not "
@@ -242,4 +246,4 @@ def test_broken_tls_material(instance, tls_files):
     assert "Traceback" not in log and "uncaught exception" not in log
     assert "exit status" not in log and "killed by signal" not in log
     queued = [n for n in os.listdir(instance.queue / "incoming") if not n.startswith(".")]
-    assert len(queued) == 4          # missing, directory, mismatch (may), expired
+    assert len(queued) == 5          # the four "may" services, and the expired one
