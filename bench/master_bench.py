@@ -134,21 +134,23 @@ def measure(system: str, root: Path) -> dict:
         inst.write()
     t0 = time.perf_counter()
     inst.start()
-    wait_listen(port)
-    start_s = time.perf_counter() - t0
-    time.sleep(0.5)
-    master = inst.master_pid()
-    name = "smtpd"
-    first = greet_ms(port)      # no smtpd runs yet: this one is forked for us
-    time.sleep(0.2)
-    warm = statistics.median(greet_ms(port) for _ in range(5))
-    time.sleep(0.2)
-    idle = statistics.median(uss(w) for w in smtpd_workers(master, name))
-    s, f = busy_session(port)
-    busy = max(uss(w) for w in smtpd_workers(master, name))
-    f.close()
-    s.close()
-    inst.stop()
+    try:
+        wait_listen(port)
+        start_s = time.perf_counter() - t0
+        time.sleep(0.5)
+        master = inst.master_pid()
+        name = "smtpd"
+        first = greet_ms(port)      # no smtpd runs yet: this one is forked for us
+        time.sleep(0.2)
+        warm = statistics.median(greet_ms(port) for _ in range(5))
+        time.sleep(0.2)
+        idle = statistics.median(uss(w) for w in smtpd_workers(master, name))
+        s, f = busy_session(port)
+        busy = max(uss(w) for w in smtpd_workers(master, name))
+        f.close()
+        s.close()
+    finally:
+        inst.stop()         # also when a measurement fails: never leave a mail system behind
     return {"start": start_s, "first": first, "warm": warm, "idle_uss": idle,
             "busy_uss": busy}
 
