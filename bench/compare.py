@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,26 +28,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
-from peers import PostfixPeer, available  # noqa: E402
+from peers import PostfixPeer, available, free_port, make_cert  # noqa: E402
 import smtp_load  # noqa: E402
 
 POSTFIX_PY = str(Path(sys.executable).parent / "postfix-py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_cert(directory: Path) -> Path:
-    from postfix_py.lib import tlsgen
-    key, cert = directory / "key.pem", directory / "cert.pem"
-    tlsgen.write_server_cert(str(key), str(cert), "ecdsa", dns_names=("localhost",))
-    both = directory / "server.pem"
-    both.write_bytes(key.read_bytes() + cert.read_bytes())
-    os.chmod(both, 0o644)
-    return both
 
 
 class PyInstance:

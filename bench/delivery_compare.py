@@ -55,7 +55,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
-from peers import PostfixPeer, available  # noqa: E402
+from peers import PostfixPeer, available, free_port, make_cert  # noqa: E402
 import smtp_load  # noqa: E402
 
 POSTFIX_PY = str(Path(sys.executable).parent / "postfix-py")
@@ -64,22 +64,6 @@ POSTQUEUE = shutil.which("postqueue", path="/usr/sbin:/usr/bin") or "postqueue"
 POSTSUPER = shutil.which("postsuper", path="/usr/sbin:/usr/bin") or "postsuper"
 POSTFIX = shutil.which("postfix", path="/usr/sbin:/usr/bin") or "postfix"
 SIZE = 5 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_cert(directory: Path) -> Path:
-    from postfix_py.lib import tlsgen
-    key, cert = directory / "key.pem", directory / "cert.pem"
-    tlsgen.write_server_cert(str(key), str(cert), "ecdsa", dns_names=("localhost",))
-    both = directory / "server.pem"
-    both.write_bytes(key.read_bytes() + cert.read_bytes())
-    os.chmod(both, 0o644)
-    return both
 
 
 def count_files(directory: Path) -> int:

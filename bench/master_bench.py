@@ -29,15 +29,9 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from peers import PostfixPeer, available  # noqa: E402
+from peers import PostfixPeer, available, free_port  # noqa: E402
 
 POSTFIX_PY = str(Path(sys.executable).parent / "postfix-py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_listen(port: int, timeout: float = 20) -> None:

@@ -43,17 +43,12 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from peers import free_port  # noqa: E402
 from sink import Sink  # noqa: E402
 
 POSTFIX_PY = str(Path(sys.executable).parent / "postfix-py")
 PROGRAMS = ("smtpd", "qmgr", "smtp", "tlsmgr")
 SIZES = (800, 5000, 5000, 20000, 150000)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Campaign:

@@ -22,6 +22,24 @@ POSTFIX = shutil.which("postfix", path="/usr/sbin:/usr/bin")
 MASTER_CF = "/etc/postfix/master.cf"
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_cert(directory: Path) -> Path:
+    """A self-signed ECDSA key and certificate for localhost, in one file readable by all."""
+    from postfix_py.lib import tlsgen
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    tlsgen.write_server_cert(str(key), str(cert), "ecdsa", dns_names=("localhost",))
+    both = directory / "server.pem"
+    both.write_bytes(key.read_bytes() + cert.read_bytes())
+    os.chmod(both, 0o644)
+    return both
+
+
 def available() -> bool:
     """Whether Debian's Postfix is installed here."""
     return bool(POSTFIX) and os.path.exists(MASTER_CF) and os.geteuid() == 0

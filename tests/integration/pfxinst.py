@@ -14,14 +14,9 @@ from pathlib import Path
 
 import psutil
 from helpers import POSTFIX_PY
+from peers import free_port  # noqa: F401  (tests import it from here)
 
 PROGRAMS = str(Path(__file__).resolve().parents[1] / "programs")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
