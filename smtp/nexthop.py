@@ -40,8 +40,10 @@ FUNCTIONS
              protocols=("ipv4", "ipv6"), cname_overrides=False, preference="any")
         .addresses(dest) -> (list of Address, Why or None): Why only when the list is
         empty. Never raises for anything the network sends.
-    prepare_for_chroot(): import what the resolver loads lazily (rdata classes, the
-        IDNA codec, NSS modules), so that lookups work inside a chroot jail.
+    prepare_for_chroot(): load what the C library loads on first use (NSS modules), so
+        that lookups work inside a chroot jail. dnspython and the record classes it
+        would load lazily are imported with this module, in the master, so that every
+        forked smtp worker inherits them instead of importing them again.
 
 CONFIGURATION PARAMETERS
     smtp_host_lookup (dns), inet_protocols (all), smtp_address_preference (any),
@@ -54,10 +56,19 @@ SEE ALSO
 
 from __future__ import annotations
 
+import encodings.idna  # noqa: F401 - dnspython's IDNA codec
 import ipaddress
 import random
 import socket
 from dataclasses import dataclass
+
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.resolver
 
 DNS_TIMEOUT = 10.0
 SMTP_PORT, LMTP_PORT = 25, 24
@@ -195,15 +206,17 @@ def _dns_why(kind: str, name: str, rdtype: str) -> Why:
                     f"type={rdtype}: {_DNS_TEXT[kind]}")
 
 
-def prepare_for_chroot() -> None:
-    """Load what dnspython and the C library load on first use, before a chroot."""
-    import encodings.idna  # noqa: F401 - dnspython's IDNA codec
-    import dns.rdata
-    import dns.rdataclass
-    import dns.rdatatype
-    import dns.resolver  # noqa: F401
+def _load_record_types() -> None:
+    """Import the record classes dnspython loads on first use (at import: see FUNCTIONS)."""
     for name in ("A", "AAAA", "MX", "CNAME", "SOA", "NS", "PTR", "TXT", "DNAME", "SRV"):
         dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(name))
+
+
+_load_record_types()
+
+
+def prepare_for_chroot() -> None:
+    """Load what the C library loads on first use (NSS modules), before a chroot."""
     try:
         # NSS modules for getaddrinfo and getservbyname are dlopen()ed on first use.
         socket.getaddrinfo("localhost", SMTP_PORT, 0, socket.SOCK_STREAM)
@@ -220,7 +233,6 @@ class Resolver:
                  cname_overrides: bool = False, preference: str = "any",
                  randomize: bool = True):
         """Build the dnspython resolver now (before any chroot: resolv.conf is read here)."""
-        import dns.resolver
         self.timeout = timeout
         self.host_lookup = [h.lower() for h in host_lookup] or ["dns"]
         self.types = []
@@ -253,9 +265,6 @@ class Resolver:
     # --- DNS -------------------------------------------------------------------------
     def _query(self, name: str, rdtype: str):
         """(answer or None, kind): kind is ok, nodata, nxdomain or again."""
-        import dns.exception
-        import dns.name
-        import dns.resolver
         try:
             qname = dns.name.from_text(name.rstrip(".") + ".")
         except (dns.exception.DNSException, UnicodeError, ValueError):
@@ -388,7 +397,6 @@ class Resolver:
 
 def _nameserver(text: str):
     """A dnspython nameserver from "address", "address:port" or "[address]:port"."""
-    import dns.nameserver
     text = text.strip()
     port = 53
     if text.startswith("["):
