@@ -33,11 +33,14 @@ FUNCTIONS
     QueueWriter(queue_root, now=None): create a file in incoming/; add_attr, set_sender,
         add_recipient, write (content, any chunking), commit() -> queue id, abort().
         OSError from the file system propagates (ENOSPC: the caller answers 452 4.3.1).
+    recover_incoming(queue_root) -> ids: at start, rename complete files a crash left
+        under their dot name (commit does not fsync the directory, as Postfix).
     read(path) -> QueueMessage (sender, recipients with offsets and done flags, attrs,
         arrival, content offset and size); raises QueueFileError for a file that is
         incomplete or corrupt.
     QueueMessage.content(path) yields the content blocks.
-    mark_done(path, offset): rewrite one recipient's type byte to D, durably.
+    mark_done(path, offset, sync=True): rewrite one recipient's type byte to D (durably
+        with sync).
     free_space(queue_root) -> bytes available to the mail owner.
     wake(queue_root, request): poke qmgr through public/qmgr (best effort).
 """
@@ -94,6 +97,7 @@ class QueueWriter:
         self._buf = bytearray(MAGIC)
         self._buf += _record(b"T", f"{now:.6f}".encode())
         self._in_content = False
+        self._content = bytearray()     # content not yet in a B record
         self.closed = False
 
     def _flush(self) -> None:
@@ -107,33 +111,56 @@ class QueueWriter:
 
     def add_attr(self, name: str, value: str) -> None:
         """Record an attribute (name=value) of the message."""
+        self._end_content()
         self._buf += _record(b"A", f"{name}={value}".encode("utf-8", "surrogateescape"))
 
     def set_sender(self, sender: str) -> None:
         """Record the envelope sender ("" for the null sender)."""
+        self._end_content()
         self._buf += _record(b"S", sender.encode("utf-8", "surrogateescape"))
 
     def add_recipient(self, rcpt: str) -> None:
         """Record one envelope recipient."""
+        self._end_content()
         self._buf += _record(b"R", rcpt.encode("utf-8", "surrogateescape"))
 
     def write(self, data: bytes) -> None:
-        """Append message content; blocks of any size, split into BLOCK-sized records."""
+        """Append message content, in pieces of any size (smtpd writes a line at a time).
+
+        Pieces are gathered into B records of BLOCK bytes, so that a reader handles a few
+        large records instead of one per line; at most one BLOCK waits in memory.
+        """
         if not self._in_content:
             self._buf += _record(b"M", b"")
             self._in_content = True
         self.size += len(data)
-        for start in range(0, len(data), BLOCK):
-            chunk = data[start:start + BLOCK]
-            self._buf += HEADER.pack(b"B", len(chunk))
-            self._buf += chunk
-        if len(self._buf) >= BLOCK:
+        pending = self._content
+        pending += data
+        if len(pending) >= BLOCK:
+            whole = len(pending) - len(pending) % BLOCK
+            for start in range(0, whole, BLOCK):
+                self._buf += HEADER.pack(b"B", BLOCK)
+                self._buf += pending[start:start + BLOCK]
+            del pending[:whole]
             self._flush()
 
+    def _end_content(self) -> None:
+        if self._content:
+            self._buf += HEADER.pack(b"B", len(self._content))
+            self._buf += self._content
+            self._content.clear()
+
     def commit(self) -> str:
-        """End, fsync, rename to the queue id, fsync the directory; returns the id."""
+        """End, fsync, rename to the queue id; returns the id.
+
+        As Postfix's cleanup: one fsync of the file, no fsync of the directory. The file
+        was created under its dot name before the content, so the fsync (a journal commit
+        on Linux file systems) makes that name durable with the data; should a crash lose
+        the rename, recover_incoming() finds the complete dot file at the next start.
+        """
         if not self._in_content:
             self._buf += _record(b"M", b"")
+        self._end_content()
         self._buf += _record(b"X", str(self.size).encode())
         self._buf += _record(b"E", b"")
         self._flush()
@@ -142,11 +169,6 @@ class QueueWriter:
         self.closed = True
         final = os.path.join(self.dir, self.id)
         os.rename(self.path, final)
-        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
         self.path = final
         return self.id
 
@@ -199,20 +221,32 @@ def read(path: str) -> QueueMessage:
     """Read a committed queue file's envelope; QueueFileError when it is not one."""
     msg = QueueMessage(queue_id=os.path.basename(path))
     with open(path, "rb") as f:
-        data = f.read()
-    if not data.startswith(MAGIC):
+        return _read_envelope(f, path, msg)
+
+
+def _read_envelope(f, path: str, msg: QueueMessage) -> QueueMessage:
+    """The records of an open queue file; content is skipped, so memory stays small."""
+    end = os.fstat(f.fileno()).st_size
+    if f.read(len(MAGIC)) != MAGIC:
         raise QueueFileError(f"{path}: not a queue file")
-    pos, end, ended, content_size = len(MAGIC), len(data), False, None
+    pos, ended, content_size = len(MAGIC), False, None
     while pos < end:
-        if end - pos < HEADER.size:
+        head = f.read(HEADER.size)
+        if len(head) < HEADER.size:
             raise QueueFileError(f"{path}: truncated record at offset {pos}")
-        kind, length = HEADER.unpack_from(data, pos)
+        kind, length = HEADER.unpack(head)
         body_at = pos + HEADER.size
         if body_at + length > end:
             raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
         if kind != b"B" and length > MAX_RECORD:
             raise QueueFileError(f"{path}: oversized record at offset {pos}")
-        value = data[body_at:body_at + length]
+        if kind == b"B":            # content: read by content(), not here
+            f.seek(length, os.SEEK_CUR)
+            pos = body_at + length
+            continue
+        value = f.read(length)
+        if len(value) != length:
+            raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
         text = value.decode("utf-8", "surrogateescape")
         if kind == b"T":
             try:
@@ -238,7 +272,7 @@ def read(path: str) -> QueueMessage:
             if not ended:
                 raise QueueFileError(f"{path}: data after the end record")
             break
-        elif kind != b"B":
+        else:
             raise QueueFileError(f"{path}: unknown record type {kind!r} at offset {pos}")
         pos = body_at + length
     if not ended:
@@ -249,13 +283,46 @@ def read(path: str) -> QueueMessage:
     return msg
 
 
-def mark_done(path: str, offset: int) -> None:
-    """Record durably that the recipient at offset is done (delivered or bounced)."""
+def recover_incoming(queue_root: str) -> list[str]:
+    """At start, before any writer runs: commit the complete files a crash left unrenamed.
+
+    A dot file in incoming/ named after a queue id is a QueueWriter's file between
+    creation and rename. If it is complete (it ends with the end record and reads back)
+    its fsync happened, and smtpd may have answered 250: it is renamed to its id, and
+    the ids are returned. Incomplete ones are left for the administrator (and ignored).
+    """
+    directory = os.path.join(queue_root, "incoming")
+    recovered = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return recovered
+    for name in names:
+        qid = name[1:]
+        if not name.startswith(".") or not qid or not qid.isalnum() or \
+                not qid.isascii():
+            continue
+        path = os.path.join(directory, name)
+        try:
+            read(path)
+            final = os.path.join(directory, qid)
+            if not os.path.exists(final):
+                os.rename(path, final)
+                recovered.append(qid)
+        except (OSError, QueueFileError):
+            continue
+    return recovered
+
+
+def mark_done(path: str, offset: int, sync: bool = True) -> None:
+    """Record that the recipient at offset is done (delivered or bounced); durably with
+    sync. Without it (the file is removed next) a crash can at worst repeat a delivery."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         if os.pwrite(fd, b"D", offset) != 1:
             raise OSError(f"{path}: short write")
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -49,6 +49,7 @@ import traceback
 
 from ..lib import maincf, mastercf, msg, params
 from ..lib.events import EventLoop
+from ..lib.queue import recover_incoming
 from ..lib.server import STATUS_FORMAT, STATUS_SIZE, STATUS_TAKEN, WorkerContext
 from . import services as S
 
@@ -197,6 +198,8 @@ class Master:
             raise StartError(f"{exc.filename or cfg.get('queue_directory')}: "
                              f"{exc.strerror}") from None
         self._lock(cfg)
+        for qid in recover_incoming(cfg.get("queue_directory")):
+            msg.warn(f"{qid}: complete queue file recovered in incoming/ after a crash")
         if not self.run_as_root:
             msg.warn("not running as root: workers run as this user, without chroot "
                      "and without privilege drop")

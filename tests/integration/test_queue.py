@@ -322,3 +322,31 @@ def test_garbage_and_broken_agents(mta):
     log_has(mta, f"{q_ok}: removed")
     assert qmgr_pids(mta) == [pid]
     assert "Traceback" not in mta.log()
+
+
+def test_start_recovers_a_committed_file_that_lost_its_rename(mta):
+    """smtpd fsyncs the file under its dot name, then renames it (no directory fsync, as
+    Postfix); a crash may lose the rename. The next start commits the complete file and
+    leaves an incomplete one alone."""
+    mta.start()
+    assert mta.cmd("stop").returncode == 0
+    wait_for(lambda: mta.master_pid() is None, what="stopped")
+    incoming = mta.queue / "incoming"
+    w = Q.QueueWriter(str(mta.queue))
+    w.set_sender("alice@example.org")
+    w.add_recipient(f"nobody@{HOST}")
+    w.write(b"Subject: survived\n\nafter the crash\n")
+    qid = w.commit()
+    os.rename(incoming / qid, incoming / f".{qid}")     # the rename that did not survive
+    os.chown(incoming / f".{qid}", 65534, 65534)        # smtpd writes as mail_owner
+    partial = Q.QueueWriter(str(mta.queue))            # a file smtpd was still writing
+    partial.set_sender("bob@example.org")
+    partial.write(b"half a message\n")
+    partial._flush()
+    os.close(partial.fd)
+    mta.start()
+    log_has(mta, f"warning: {qid}: complete queue file recovered in incoming/ after a crash")
+    log_has(mta, f"{qid}: removed")
+    (path,) = maildir_files(mta.spool, "nobody")
+    assert Path(path).read_bytes().endswith(b"Subject: survived\n\nafter the crash\n")
+    assert os.path.exists(partial.path) and partial.id not in mta.log()
