@@ -543,8 +543,12 @@ class QueueManager:
                 deferred += [LogEntry(b.recipient, b.offset, "4" + b.status[1:], "delayed",
                                       b.reason, b.relay) for b in bounced]
                 bounced = []
+            # The last job of a message that is then removed: the marks need no fsync
+            # (as Postfix, which never syncs them); a crash before the unlink repeats the
+            # delivery, it loses nothing.
+            removed_next = m.pending == 1 and not deferred and not m.deferred and not bounced
             for entry in done + bounced:
-                if not self._mark_done(m, entry):
+                if not self._mark_done(m, entry, sync=not removed_next):
                     break
             if deferred and not m.gone:
                 self._defer_log(m, deferred)
@@ -556,10 +560,10 @@ class QueueManager:
             dest.window = min(dest.limit, dest.window + 1)
         self._release(job)
 
-    def _mark_done(self, m: Message, entry) -> bool:
+    def _mark_done(self, m: Message, entry, sync: bool = True) -> bool:
         """Record one recipient as done in the queue file; False when the file is gone."""
         try:
-            Q.mark_done(m.path, entry.offset)
+            Q.mark_done(m.path, entry.offset, sync)
             return True
         except FileNotFoundError:
             self._vanished(m)
