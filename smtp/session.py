@@ -206,6 +206,8 @@ class Reply:
 
 def _printable(data: bytes) -> str:
     text = data.decode("utf-8", "replace")
+    if text.isprintable():
+        return text
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
@@ -265,6 +267,20 @@ class BodyWriter:
 
     def feed(self, data: bytes) -> bytes:
         """The SMTP form of the next piece of content (lines may span pieces)."""
+        if not data:
+            return b""
+        lines = data.split(b"\n")
+        if b"\n." not in data and not (self.bol and data[:1] == b".") and (
+                self.limit <= 0 or (self.col + len(lines[0]) <= self.limit
+                                    and max(map(len, lines)) <= self.limit)):
+            # The common case, at C speed: nothing to stuff, no line to fold.
+            last = lines[-1]
+            if len(lines) == 1:
+                self.col += len(last)
+            else:
+                self.col = len(last)
+            self.bol = not last
+            return data.replace(b"\n", b"\r\n")
         out = bytearray()
         start, n = 0, len(data)
         while start < n:

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import trustme
 
 from postfix_py.lib import maincf, msg
@@ -354,6 +355,30 @@ def test_body_writer_across_blocks():
     out = w.feed(b"line one\n") + w.feed(b".") + w.feed(b"dot line\nno newline") + w.finish()
     assert out == b"line one\r\n..dot line\r\nno newline\r\n.\r\n"
     assert not w.folded
+
+
+
+@settings(max_examples=300, deadline=None)
+@given(content=st.lists(st.sampled_from([b"a", b"bcdef", b".", b"\n", b"\n.", b"xyzxyzxyz"]),
+                        max_size=40).map(b"".join),
+       cuts=st.lists(st.integers(0, 200), max_size=6), limit=st.sampled_from([0, 4, 7, 998]))
+def test_body_writer_output_does_not_depend_on_blocks(content, cuts, limit):
+    """Whole content at once, byte by byte, or cut anywhere: the same wire form."""
+    one = S.BodyWriter(limit)
+    whole = one.feed(content) + one.finish()
+    bytewise = S.BodyWriter(limit)
+    assert b"".join(bytewise.feed(content[i:i + 1]) for i in range(len(content))) + \
+        bytewise.finish() == whole
+    assert bytewise.folded == one.folded
+    pieces, at = [], 0
+    for c in sorted(set(cuts)) + [len(content)]:
+        pieces.append(content[at:c])
+        at = max(at, c)
+    cut = S.BodyWriter(limit)
+    assert b"".join(cut.feed(p) for p in pieces) + cut.finish() == whole
+    # Every line on the wire is dot-stuffed and within the limit (plus the fold's space).
+    for line in whole.split(b"\r\n")[:-2]:
+        assert limit <= 0 or len(line) <= limit + 1
 
 
 # --- TLS ------------------------------------------------------------------------------------
