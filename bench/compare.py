@@ -9,7 +9,8 @@ session resumption by tickets, and no relay restrictions in the way (the client 
 mynetworks). Postfix discards mail after queueing; postfix-py queues it (and its qmgr, when
 present, discards it too). For each mode and client count the systems alternate, run after
 run, so that drift of the machine hits both; the table shows medians and the ratio
-postfix-py / Postfix. Load comes from bench/smtp_load.py (one message per connection).
+postfix-py / Postfix. Load comes from bench/smtp_load.py (one message per connection);
+before the first case each system gets 40 untimed messages over plain SMTP and over smtps.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -64,8 +66,46 @@ class PyInstance:
         subprocess.run([POSTFIX_PY, "-c", str(self.dir), "start"], check=True,
                        capture_output=True)
 
+    def master_pid(self) -> int | None:
+        try:
+            return int((self.dir / "queue" / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def stop(self):
-        subprocess.run([POSTFIX_PY, "-c", str(self.dir), "stop"], capture_output=True)
+        """postfix-py stop, then SIGKILL to the master by pid if it lingers."""
+        pid = self.master_pid()
+        subprocess.run([POSTFIX_PY, "-c", str(self.dir), "stop"], capture_output=True,
+                       timeout=60)
+        _reap(pid)
+
+
+def _reap(pid: int | None, timeout: float = 10) -> None:
+    """Wait for a process to end; SIGKILL it (by pid) when it has not within timeout."""
+    if not pid:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_accepting(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing accepts on port {port}")
 
 
 class PfInstance:
@@ -90,6 +130,76 @@ def run_load(port: int, mode: str, clients: int, messages: int) -> dict:
     return smtp_load.run(args)
 
 
+def summarize(results: list[dict]) -> dict:
+    """Medians of a list of smtp_load results (one per run)."""
+    return {
+        "rate": statistics.median(r["rate"] for r in results),
+        "p50_ms": statistics.median(r["p50_ms"] for r in results if r["p50_ms"] is not None)
+        if any(r["p50_ms"] is not None for r in results) else None,
+        "p99_ms": statistics.median(r["p99_ms"] for r in results if r["p99_ms"] is not None)
+        if any(r["p99_ms"] is not None for r in results) else None,
+        "failures": sum(r["failures"] for r in results),
+        "resumed": (statistics.median(r["resumed"] for r in results
+                                      if r["resumed"] is not None)
+                    if any(r["resumed"] is not None for r in results) else None),
+    }
+
+
+def matrix(modes, clients_list, runs: int, messages: int, progress=None,
+           warmup: int = 40) -> list[dict]:
+    """Start both systems, run every mode x client count `runs` times alternating the
+    systems, stop both (always) and return one row per case: medians per system
+    ("postfix-py", "postfix"), "ratio" of the rates, and the raw results under "runs".
+    Before the first case each system gets `warmup` untimed messages over plain SMTP and
+    as many over smtps (worker processes forked, TLS state and tickets set up)."""
+    top = Path(tempfile.mkdtemp(prefix="pfx-compare-"))
+    os.chmod(top, 0o755)
+    rows = []
+    systems = {}
+    try:
+        cert = make_cert(top)
+        systems = {"postfix-py": PyInstance(top / "py", cert),
+                   "postfix": PfInstance(top / "pf", cert)}
+        for s in systems.values():
+            s.start()
+        for s in systems.values():
+            _wait_accepting(s.port)
+            _wait_accepting(s.smtps)
+        time.sleep(1)
+        if warmup:
+            for s in systems.values():
+                run_load(s.port, "plain", 4, warmup)
+                run_load(s.smtps, "smtps", 4, warmup)
+        for mode in modes:
+            for clients in clients_list:
+                got = {name: [] for name in systems}
+                for run in range(runs):
+                    # alternate which system goes first, so drift hits both
+                    order = list(systems.items())
+                    if run % 2:
+                        order.reverse()
+                    for name, s in order:
+                        port = s.smtps if mode == "smtps" else s.port
+                        got[name].append(run_load(port, mode, clients, messages))
+                row = {"mode": mode, "clients": clients}
+                for name, results in got.items():
+                    row[name] = summarize(results)
+                py, pf = row["postfix-py"]["rate"], row["postfix"]["rate"]
+                row["ratio"] = round(py / pf, 2) if pf else None
+                row["runs"] = got
+                rows.append(row)
+                if progress:
+                    progress({k: v for k, v in row.items() if k != "runs"})
+    finally:
+        for s in systems.values():
+            try:
+                s.stop()
+            except Exception as exc:  # noqa: BLE001 - keep cleaning up
+                print(f"stop: {exc}", file=sys.stderr)
+        shutil.rmtree(top, ignore_errors=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--modes", default="plain,starttls,starttls-resume,smtps")
@@ -101,39 +211,11 @@ def main(argv=None) -> int:
     if not available():
         print("Debian's postfix is needed (apt-get install postfix), and root", file=sys.stderr)
         return 2
-    top = Path(tempfile.mkdtemp(prefix="pfx-compare-"))
-    os.chmod(top, 0o755)
-    cert = make_cert(top)
-    systems = {"postfix-py": PyInstance(top / "py", cert), "postfix": PfInstance(top / "pf", cert)}
-    rows = []
-    try:
-        for s in systems.values():
-            s.start()
-        time.sleep(1)
-        for mode in args.modes.split(","):
-            for clients in map(int, args.clients.split(",")):
-                got = {name: [] for name in systems}
-                for _ in range(args.runs):
-                    for name, s in systems.items():
-                        port = s.smtps if mode == "smtps" else s.port
-                        got[name].append(run_load(port, mode, clients, args.messages))
-                row = {"mode": mode, "clients": clients}
-                for name, results in got.items():
-                    row[name] = {
-                        "rate": statistics.median(r["rate"] for r in results),
-                        "p50_ms": statistics.median(r["p50_ms"] for r in results),
-                        "p99_ms": statistics.median(r["p99_ms"] for r in results),
-                        "failures": sum(r["failures"] for r in results),
-                        "resumed": (statistics.median(r["resumed"] for r in results)
-                                    if results[0]["resumed"] is not None else None),
-                    }
-                row["ratio"] = round(row["postfix-py"]["rate"] / row["postfix"]["rate"], 2)
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr)
-    finally:
-        for s in systems.values():
-            s.stop()
-        shutil.rmtree(top, ignore_errors=True)
+    rows = matrix(args.modes.split(","), [int(c) for c in args.clients.split(",")],
+                  args.runs, args.messages,
+                  progress=lambda row: print(json.dumps(row), file=sys.stderr))
+    for r in rows:
+        del r["runs"]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -354,6 +354,74 @@ def one_round(s: Sender, cache: bool, n: int, timeout: float) -> dict:
             "reasons": reasons}
 
 
+def compare(messages: int, runs: int, caches=(True, False), loglevel: int = 2,
+            timeout: float = 120.0, keep: bool = False, progress=None) -> tuple[list, dict]:
+    """Start the destination and both senders, run `runs` rounds of `messages` per system
+    and cache setting (alternating), stop everything (always) and return (rows, raw):
+    rows hold one dict per cache setting with medians per system and the ratios; raw maps
+    (system, cache) to the list of one_round results."""
+    top = Path(tempfile.mkdtemp(prefix="pfx-delivery-compare-"))
+    os.chmod(top, 0o755)
+    started = []
+    senders = []
+    got = {}
+    try:
+        cert = make_cert(top)
+        dport = free_port()
+        dest = PostfixPeer(dport, directory=top / "dest", main={
+            "myhostname": "dest.pf.test", "mynetworks": "127.0.0.0/8",
+            "smtpd_tls_cert_file": str(cert), "smtpd_tls_security_level": "may",
+            "smtpd_tls_loglevel": "1"})
+        senders = [PySender(top / "py", dport, loglevel),
+                   PfSender(top / "pf", dport, loglevel)]
+        got = {(s.name, c): [] for s in senders for c in caches}
+        started.append(dest)
+        dest.start()
+        for s in senders:
+            started.append(s)
+            s.start()
+        time.sleep(1)
+        for s in senders:                       # warm-up: processes, caches, tickets
+            one_round(s, caches[0], 20, timeout)
+        for run in range(runs):
+            order = senders if run % 2 == 0 else senders[::-1]
+            for cache in (caches if run % 2 == 0 else caches[::-1]):
+                for s in order:
+                    r = one_round(s, cache, messages, timeout)
+                    got[(s.name, cache)].append(r)
+                    if progress:
+                        progress({"run": run + 1, "system": s.name,
+                                  "cache": "on" if cache else "off",
+                                  **{k: (round(v, 3) if isinstance(v, float) else v)
+                                     for k, v in r.items()}})
+    finally:
+        for s in reversed(started):
+            try:
+                s.stop()
+            except Exception as exc:            # keep cleaning up
+                print(f"stop: {exc}", file=sys.stderr)
+        if keep:
+            print(f"kept: {top}", file=sys.stderr)
+        else:
+            shutil.rmtree(top, ignore_errors=True)
+    rows = []
+    for cache in caches:
+        row = {"cache": "on" if cache else "off"}
+        for s in senders:
+            rs = got[(s.name, cache)]
+            row[s.name] = {
+                "rate": statistics.median(r["rate"] for r in rs),
+                "steady": statistics.median(r["steady"] for r in rs),
+                "resumed": statistics.median(r["resumed_share"] for r in rs),
+                "handshakes": statistics.median(r["handshakes"] for r in rs),
+                "failed": sum(r["failed"] for r in rs)}
+        pf, pfs = row["postfix"]["rate"], row["postfix"]["steady"]
+        row["ratio"] = row["postfix-py"]["rate"] / pf if pf else 0.0
+        row["steady_ratio"] = row["postfix-py"]["steady"] / pfs if pfs else 0.0
+        rows.append(row)
+    return rows, got
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-n", "--messages", type=int, default=500, help="queued messages per round")
@@ -366,61 +434,8 @@ def main(argv=None) -> int:
     if not available():
         print("Debian's postfix is needed (apt-get install postfix), and root", file=sys.stderr)
         return 2
-    top = Path(tempfile.mkdtemp(prefix="pfx-delivery-compare-"))
-    os.chmod(top, 0o755)
-    cert = make_cert(top)
-    dport = free_port()
-    dest = PostfixPeer(dport, directory=top / "dest", main={
-        "myhostname": "dest.pf.test", "mynetworks": "127.0.0.0/8",
-        "smtpd_tls_cert_file": str(cert), "smtpd_tls_security_level": "may",
-        "smtpd_tls_loglevel": "1"})
-    senders = [PySender(top / "py", dport, args.loglevel),
-               PfSender(top / "pf", dport, args.loglevel)]
-    got = {(s.name, c): [] for s in senders for c in (True, False)}
-    started = []
-    try:
-        dest.start()
-        started.append(dest)
-        for s in senders:
-            s.start()
-            started.append(s)
-        time.sleep(1)
-        for s in senders:                       # warm-up: processes, caches, tickets
-            one_round(s, True, 20, args.timeout)
-        for run in range(args.runs):
-            order = senders if run % 2 == 0 else senders[::-1]
-            for cache in ((True, False) if run % 2 == 0 else (False, True)):
-                for s in order:
-                    r = one_round(s, cache, args.messages, args.timeout)
-                    got[(s.name, cache)].append(r)
-                    print(json.dumps({"run": run + 1, "system": s.name,
-                                      "cache": "on" if cache else "off",
-                                      **{k: (round(v, 3) if isinstance(v, float) else v)
-                                         for k, v in r.items()}}), file=sys.stderr)
-    finally:
-        for s in reversed(started):
-            try:
-                s.stop()
-            except Exception as exc:            # keep cleaning up
-                print(f"stop: {exc}", file=sys.stderr)
-        if args.keep:
-            print(f"kept: {top}", file=sys.stderr)
-        else:
-            shutil.rmtree(top, ignore_errors=True)
-    rows = []
-    for cache in (True, False):
-        row = {"cache": "on" if cache else "off"}
-        for s in senders:
-            rs = got[(s.name, cache)]
-            row[s.name] = {
-                "rate": statistics.median(r["rate"] for r in rs),
-                "steady": statistics.median(r["steady"] for r in rs),
-                "resumed": statistics.median(r["resumed_share"] for r in rs),
-                "handshakes": statistics.median(r["handshakes"] for r in rs),
-                "failed": sum(r["failed"] for r in rs)}
-        row["ratio"] = row["postfix-py"]["rate"] / row["postfix"]["rate"]
-        row["steady_ratio"] = row["postfix-py"]["steady"] / row["postfix"]["steady"]
-        rows.append(row)
+    rows, _ = compare(args.messages, args.runs, (True, False), args.loglevel, args.timeout,
+                      args.keep, progress=lambda r: print(json.dumps(r), file=sys.stderr))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -114,10 +114,28 @@ class PyInstance:
                        capture_output=True)
 
     def master_pid(self) -> int:
-        return int((self.dir / "queue" / "pid" / "master.pid").read_text())
+        return int((self.dir / "queue" / "pid" / "master.pid").read_text().split()[0])
 
     def stop(self):
-        subprocess.run([POSTFIX_PY, "-c", str(self.dir), "stop"], capture_output=True)
+        """postfix-py stop, then SIGKILL to the master by pid if it lingers."""
+        try:
+            pid = self.master_pid()
+        except (OSError, ValueError, IndexError):
+            pid = None
+        subprocess.run([POSTFIX_PY, "-c", str(self.dir), "stop"], capture_output=True,
+                       timeout=60)
+        if pid:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.05)
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
 
 
 def measure(system: str, root: Path) -> dict:
@@ -127,8 +145,8 @@ def measure(system: str, root: Path) -> dict:
     if system == "postfix":
         inst.write()
     t0 = time.perf_counter()
-    inst.start()
     try:
+        inst.start()
         wait_listen(port)
         start_s = time.perf_counter() - t0
         time.sleep(0.5)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue
 import socket
 import ssl
 import statistics
@@ -125,7 +126,22 @@ def run(args) -> dict:
     start = time.perf_counter()
     for p in procs:
         p.start()
-    results = [q.get() for _ in procs]
+    # args.deadline (optional, seconds): the whole load must end within it, or the clients
+    # still running are terminated (by their pids) and TimeoutError is raised.
+    deadline = getattr(args, "deadline", None)
+    end = None if deadline is None else time.monotonic() + deadline
+    results = []
+    try:
+        for _ in procs:
+            results.append(q.get(timeout=None if end is None
+                                 else max(0.1, end - time.monotonic())))
+    except queue.Empty:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(5)
+        raise TimeoutError(f"the load did not end within {deadline} s") from None
     elapsed = time.perf_counter() - start
     for p in procs:
         p.join()

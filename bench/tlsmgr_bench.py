@@ -149,15 +149,15 @@ def start_tlsmgr(directory: str) -> tuple[subprocess.Popen, str]:
     return proc, path
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds per case")
-    parser.add_argument("--runs", type=int, default=1, help="runs per case (median reported)")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+def measure(cases=("seed", "lookup", "update"), clients=CLIENTS, duration: float = 3.0,
+            runs: int = 1, raw: bool = True, progress=None) -> dict:
+    """Start a private tlsmgr, fill its smtp cache, run each case at each client count
+    (median of `runs`), stop it (always) and return {"tlsmgr": rows,
+    "raw_lmdb_ops_per_s": {...} or None}."""
     directory = tempfile.mkdtemp(prefix="tlsmgr-bench-")
-    proc, path = start_tlsmgr(directory)
+    proc = None
     try:
+        proc, path = start_tlsmgr(directory)
         keys = [b"smtp&host%d.example&192.0.2.%d&25&policy" % (i, i % 250) for i in range(KEYS)]
         session = os.urandom(SESSION)
         updates = [attr.encode({"request": "update", "cache_type": "smtp", "cache_id": k,
@@ -166,32 +166,54 @@ def main() -> int:
             for k in keys:
                 clnt.request({"request": "update", "cache_type": "smtp", "cache_id": k,
                               "session": session})
-        cases = {
+        frames = {
             "seed": [attr.encode({"request": "seed", "size": 32})],
             "lookup": [attr.encode({"request": "lookup", "cache_type": "smtp", "cache_id": k}) for k in keys],
             "update": updates,
         }
         rows = []
-        for name, frames in cases.items():
-            for clients in CLIENTS:
-                runs = [run_case(path, frames, clients, args.duration) for _ in range(args.runs)]
-                row = {"case": name, "clients": clients,
-                       **{k: statistics.median(r[k] for r in runs) for k in runs[0]}}
+        for name in cases:
+            for n in clients:
+                results = [run_case(path, frames[name], n, duration) for _ in range(runs)]
+                row = {"case": name, "clients": n,
+                       **{k: statistics.median(r[k] for r in results) for k in results[0]}}
                 rows.append(row)
-                if not args.json:
-                    print(f"{name:7} {clients:3} clients: {row['rps']:9.0f} req/s"
-                          f"  p50 {row['p50_us']:7.0f} us  p99 {row['p99_us']:7.0f} us", flush=True)
-        raws = [raw_lmdb(directory, min(args.duration, 2.0)) for _ in range(args.runs)]
-        raw = {k: statistics.median(r[k] for r in raws) for k in raws[0]}
-        if args.json:
-            print(json.dumps({"tlsmgr": rows, "raw_lmdb_ops_per_s": raw}, indent=2))
-        else:
-            print(f"raw LMDB in-process: get {raw['get']:.0f}/s, put {raw['put']:.0f}/s"
-                  f" ({SESSION}-byte values, {KEYS} keys)")
+                if progress:
+                    progress(row)
+        lmdb_raw = None
+        if raw:
+            raws = [raw_lmdb(directory, min(duration, 2.0)) for _ in range(runs)]
+            lmdb_raw = {k: statistics.median(r[k] for r in raws) for k in raws[0]}
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()             # by its pid: the Popen we started
+                proc.wait(timeout=10)
         shutil.rmtree(directory, ignore_errors=True)
+    return {"tlsmgr": rows, "raw_lmdb_ops_per_s": lmdb_raw}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per case")
+    parser.add_argument("--runs", type=int, default=1, help="runs per case (median reported)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    def show(row):
+        if not args.json:
+            print(f"{row['case']:7} {row['clients']:3} clients: {row['rps']:9.0f} req/s"
+                  f"  p50 {row['p50_us']:7.0f} us  p99 {row['p99_us']:7.0f} us", flush=True)
+    got = measure(duration=args.duration, runs=args.runs, progress=show)
+    raw = got["raw_lmdb_ops_per_s"]
+    if args.json:
+        print(json.dumps(got, indent=2))
+    else:
+        print(f"raw LMDB in-process: get {raw['get']:.0f}/s, put {raw['put']:.0f}/s"
+              f" ({SESSION}-byte values, {KEYS} keys)")
     return 0
 
 

@@ -71,7 +71,8 @@ def client_name(addr: str, lookup: bool) -> str:
     if not lookup:
         return "unknown"
     try:
-        name = socket.getnameinfo((addr, 0), socket.NI_NAMEREQD)[0]
+        # NI_NUMERICSERV: no service name wanted, so /etc/services is not read each time
+        name = socket.getnameinfo((addr, 0), socket.NI_NAMEREQD | socket.NI_NUMERICSERV)[0]
         infos = socket.getaddrinfo(name, None, 0, socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         return "unknown"
