@@ -25,6 +25,7 @@ ERRORS
 
 from __future__ import annotations
 
+import re
 import select
 import socket
 import time
@@ -32,6 +33,23 @@ import time
 from OpenSSL import SSL
 
 READ_SIZE = 65536
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_TOO_LONG: dict = {}    # line limit -> regex for a line of that many bytes or more
+
+
+def crlf_prefix(data: bytes, limit: int) -> int:
+    """How many bytes of data are whole lines that readline(limit) would return one by
+    one, each ending in CRLF: up to the first bare LF or line of limit bytes or more."""
+    end = data.rfind(b"\n") + 1
+    m = _BARE_LF.search(data, 0, end)
+    if m:
+        end = data.rfind(b"\n", 0, m.start()) + 1
+    too_long = _TOO_LONG.get(limit)
+    if too_long is None:
+        # Anchored at line starts, so the search is linear in the input.
+        too_long = _TOO_LONG[limit] = re.compile(rb"^[^\n]{%d}" % max(1, limit), re.M)
+    m = too_long.search(data, 0, end)
+    return m.start() if m else end
 
 
 class StreamTimeout(TimeoutError):
@@ -142,6 +160,28 @@ class SmtpStream:
             if self._out:
                 self.flush()
             self._in += self._recv(deadline)
+
+    def buffered_lines(self, limit: int, timeout: float | None = None) -> bytes:
+        """The input up to its last LF, left in place (see consume()); waits for input
+        like readline(). b"" when the first line has no LF within limit bytes.
+
+        smtpd's DATA takes the body in bulk this way (crlf_prefix() says how much of it
+        readline() would have returned as whole CRLF lines).
+        """
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            end = self._in.rfind(b"\n") + 1
+            if end:
+                return bytes(self._in[:end])
+            if len(self._in) >= limit:
+                return b""
+            if self._out:
+                self.flush()
+            self._in += self._recv(deadline)
+
+    def consume(self, n: int) -> None:
+        """Drop n bytes of input that buffered_lines() showed."""
+        del self._in[:n]
 
     def read_exact(self, n: int, timeout: float | None = None) -> bytes:
         """Exactly n bytes (for BDAT-style reads and tests)."""

@@ -34,7 +34,7 @@ import time
 from ..lib import msg
 from ..lib import queue as Q
 from ..lib.params import split_list
-from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure
+from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
 from . import sasl as SASL
 from .check import ClientState, Reply
 
@@ -715,6 +715,41 @@ class Session:
         self.data_bytes = 0
         writer = self.writer
         while True:
+            if at_start and prev_crlf and not in_header:
+                # The body in bulk, at C speed: whole CRLF lines, with the result of the
+                # line by line loop below (which takes whatever else comes).
+                raw = self.s.buffered_lines(self.line_limit)
+                lf = raw.replace(b"\r\n", b"\n")
+                if raw.count(b"\n") != len(raw) - len(lf) or (
+                        len(lf) >= self.line_limit - 1 and
+                        max(map(len, lf.split(b"\n"))) >= self.line_limit - 1):
+                    raw = raw[:crlf_prefix(raw, self.line_limit)]   # a bare LF, a long line
+                    lf = raw.replace(b"\r\n", b"\n")
+                if raw:
+                    if lf.startswith(b".\n"):
+                        stop = 0
+                    else:
+                        stop = lf.find(b"\n.\n")
+                        stop = stop + 1 if stop >= 0 else -1
+                    part = lf if stop < 0 else lf[:stop]
+                    # On the wire each line had a CR more, and the end was ".\r\n".
+                    used = len(raw) if stop < 0 else len(part) + part.count(b"\n") + 3
+                    self.s.consume(used)
+                    self.data_bytes += used
+                    if part:
+                        if part.startswith(b".") or b"\n." in part:
+                            part = (b"\n" + part).replace(b"\n.", b"\n")[1:]
+                        size += len(part)
+                        if self.size_limit and size > self.size_limit:
+                            too_big = True
+                        elif problem is None:
+                            try:
+                                writer.write(part)
+                            except OSError as exc:
+                                problem = exc
+                    if stop >= 0:
+                        break
+                    continue
             chunk = self.s.readline(self.line_limit)
             self.data_bytes += len(chunk)
             if chunk.endswith(b"\r\n"):

@@ -279,3 +279,33 @@ def test_a_message_survives_the_trip(world):
     qid = re.search(rb"queued as ([0-9A-F]+)", out).group(1).decode()
     path = os.path.join(world[0], "incoming", qid)
     assert b"".join(Q.read(path).content(path)).endswith(b"Subject: t\n\n.leading dot\n")
+
+
+def _queued(world, out: bytes) -> list[bytes]:
+    """The content of every message a session's replies say was queued."""
+    found = []
+    for qid in re.findall(rb"queued as ([0-9A-F]+)", out):
+        path = os.path.join(world[0], "incoming", qid.decode())
+        text = b"".join(Q.read(path).content(path))
+        found.append(text[text.index(b"Subject: bulk\n"):])   # after our Received:
+    return found
+
+
+@FUZZ
+@given(body=content(), pipelined=st.booleans(), mode=st.sampled_from(["normalize", "no"]))
+def test_bulk_body_reader_matches_the_line_reader(world, body, pipelined, mode):
+    """smtpd takes whole CRLF lines of the body in bulk (SmtpStream.buffered_lines); with that
+    turned off every line goes through readline(). Replies and queued content agree."""
+    data = (b"EHLO c\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<user@localhost>\r\nDATA\r\n"
+            b"Subject: bulk\r\n\r\n" + body + (b"NOOP\r\nQUIT\r\n" if pipelined else b""))
+    bulk, _ = run_session(world, data, mode)
+    bulk_content = _queued(world, bulk)
+    original = SmtpStream.buffered_lines
+    SmtpStream.buffered_lines = lambda self, limit, timeout=None: b""
+    try:
+        lines, _ = run_session(world, data, mode)
+    finally:
+        SmtpStream.buffered_lines = original
+    mask = re.compile(rb"queued as [0-9A-F]+")
+    assert mask.sub(b"queued", bulk) == mask.sub(b"queued", lines)
+    assert bulk_content == _queued(world, lines)

@@ -496,6 +496,12 @@ class ScriptStream:
         del self.data[:n]
         return line
 
+    def buffered_lines(self, limit, timeout=None):
+        return bytes(self.data[:self.data.rfind(b"\n") + 1])
+
+    def consume(self, n):
+        del self.data[:n]
+
     def write(self, data):
         self.out += data
 
