@@ -656,7 +656,8 @@ def _printable(text: str) -> str:
 # --- contexts -----------------------------------------------------------------------------
 
 def _base_context(method, cfg, prefix: str, protocols_param: str, ciphers: str,
-                  options: int, groups, loglevel: int, server: bool) -> SSL.Context:
+                  options: int, groups, loglevel: int, server: bool,
+                  capture: bool = True) -> SSL.Context:
     """A context with protocols, ciphers, groups and callbacks, no keys yet."""
     ctx = SSL.Context(method)
     ctx.set_options(options)
@@ -669,7 +670,8 @@ def _base_context(method, cfg, prefix: str, protocols_param: str, ciphers: str,
         raise TLSConfigError(f"invalid {param} cipher list: \"{ciphers}\"") from None
     if groups:
         tls_session.set_groups(ctx, groups)
-    tls_session.capture_signatures(ctx)
+    if capture or loglevel >= 3:
+        tls_session.capture_signatures(ctx)
     if loglevel >= 2:
         ctx.set_info_callback(_info_callback)
     return ctx
@@ -772,11 +774,18 @@ def server_tls(cfg, prefix: str = "smtpd", level: str | None = None, warn=msg.wa
     lists = (cipher_list(cfg, prefix, False, ask), cipher_list(cfg, prefix, True, ask))
     protocols = (f"{prefix}_tls_protocols", f"{prefix}_tls_mandatory_protocols")
     warned: set = set()
+    # OpenSSL's message callback (a Python call for every TLS record, about 40 a session)
+    # is what shows the signature digests of TLS 1.3 handshakes. A server needs it for a
+    # client certificate's signature, or when its own key does not fix the digest (RSA-PSS
+    # signs with the digest the client prefers); an EC or EdDSA key does (_own_digest).
+    capture = bool(ask) or not all(_own_digest(pair.chain[0].public_key()) is not None
+                                   for pair in pairs)
 
     def build(mandatory: bool) -> SSL.Context:
         """One context of this configuration: mandatory or opportunistic."""
         ctx = _base_context(SSL.TLS_SERVER_METHOD, cfg, prefix, protocols[mandatory],
-                            lists[mandatory], options, groups, loglevel, server=True)
+                            lists[mandatory], options, groups, loglevel, server=True,
+                            capture=capture)
         if not _load_pairs(ctx, pairs, warn, warned):
             raise TLSConfigError(f"No server certs available. TLS won't be enabled "
                                  f"(no usable certificate in {pairs[0].cert_param})")
@@ -1048,6 +1057,8 @@ _SCHEME_DIGEST = {
     0x0501: "SHA384", 0x0503: "SHA384", 0x0805: "SHA384", 0x080A: "SHA384", 0x081B: "SHA384",
     0x0601: "SHA512", 0x0603: "SHA512", 0x0806: "SHA512", 0x080B: "SHA512", 0x081C: "SHA512",
 }
+# The TLS 1.3 ECDSA schemes tie the digest to the curve.
+_EC_DIGEST = {"secp256r1": "SHA256", "secp384r1": "SHA384", "secp521r1": "SHA512"}
 # cryptography's curve names -> OpenSSL short names, which Postfix logs.
 _CURVE_SN = {"secp256r1": "prime256v1", "secp192r1": "prime192v1"}
 # pyOpenSSL's group names -> Postfix's key-exchange words.
@@ -1069,6 +1080,16 @@ def _sig_of(public_key) -> tuple[str, str, int]:
     if isinstance(public_key, dsa.DSAPublicKey):
         return "DSA", "", 0
     return type(public_key).__name__, "", 0
+
+
+def _own_digest(public_key) -> str | None:
+    """The digest a TLS 1.3 signature with this key uses, when the key alone decides it:
+    ECDSA's curve names it (RFC 8446 4.2.3), EdDSA has none (""); None for RSA and DSA."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return _EC_DIGEST.get(public_key.curve.name)
+    if isinstance(public_key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        return ""
+    return None
 
 
 def _kex_of(group: str | None) -> tuple[str, str, int]:
@@ -1167,6 +1188,8 @@ def peer_info(conn: SSL.Connection, digest: str = "sha256", match: list[str] | N
         if local is not None and (server or local_scheme is not None):
             name, curve, bits = _sig_of(local.public_key())
             dgst = _SCHEME_DIGEST.get(local_scheme, "") if local_scheme else ""
+            if server and local_scheme is None and not info.session_reused:
+                dgst = _own_digest(local.public_key()) or ""   # not captured: see server_tls
             _set_sig(info, server, name, curve, bits, dgst)
         if peer is not None:
             name, curve, bits = _sig_of(peer.public_key())

@@ -1261,3 +1261,34 @@ def test_verify_error_lines(error, depth, role, expected):
     info = _info(role=role, namaddr="W", peer_cert_present=True, verify_error=error,
                  verify_error_depth=depth, verify_error_issuer="/O=X")
     assert tls.verify_error_line(info) == expected
+
+
+def test_ecdsa_only_server_logs_the_digest_without_the_message_callback(tmp_path, pki,
+                                                                      session_factory):
+    """An ECDSA key fixes the TLS 1.3 signature digest, so such a server does without
+    OpenSSL's per-record message callback and still logs Postfix's server-digest; a
+    resumed session has no signature, so no digest."""
+    log = Log()
+    cfg = make_cfg(tmp_path, f"smtpd_tls_cert_file = {pki['ec.pem']}\n"
+                             "smtpd_tls_loglevel = 1\n", "ec-only")
+    server = tls.server_tls(cfg, warn=log.warn, info=log.info)
+    client, _ = client_for(tmp_path, pki)
+    first = session_factory(server, client)
+    first.first_read()
+    assert tls_session.signature_schemes(first.server) == (None, None)   # not captured
+    assert server.log_lines(server.info(first.server))[-1].endswith(
+        "key-exchange X25519 server-signature ECDSA (prime256v1) server-digest SHA256")
+    session = first.client.get_session()
+    first.close()
+    second = session_factory(server, client, session=session)
+    info = server.info(second.server)
+    assert info.session_reused
+    assert server.log_lines(info)[-1].endswith(
+        "key-exchange X25519 server-signature ECDSA (prime256v1)")
+    # With client certificates asked for, the callback is back (the client's digest).
+    asking = tls.server_tls(make_cfg(tmp_path, f"smtpd_tls_cert_file = {pki['ec.pem']}\n"
+                                               "smtpd_tls_ask_ccert = yes\n", "ec-ask"),
+                            level="may", warn=log.warn, info=log.info)
+    third = session_factory(asking, client)
+    third.first_read()
+    assert tls_session.signature_schemes(third.server)[0] == 0x0403   # ecdsa_secp256r1_sha256
