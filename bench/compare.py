@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
-from peers import PostfixPeer, available, free_port, make_cert  # noqa: E402
+from peers import PostfixPeer, available, free_port, make_cert, reap  # noqa: E402
 import smtp_load  # noqa: E402
 
 POSTFIX_PY = str(Path(sys.executable).parent / "postfix-py")
@@ -78,24 +78,7 @@ class PyInstance:
         pid = self.master_pid()
         subprocess.run([POSTFIX_PY, "-c", str(self.dir), "stop"], capture_output=True,
                        timeout=60)
-        _reap(pid)
-
-
-def _reap(pid: int | None, timeout: float = 10) -> None:
-    """Wait for a process to end; SIGKILL it (by pid) when it has not within timeout."""
-    if not pid:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    try:
-        os.kill(pid, 9)
-    except ProcessLookupError:
-        pass
+        reap(pid)
 
 
 def wait_drained(queue: Path, timeout: float = 60) -> None:

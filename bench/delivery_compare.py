@@ -43,7 +43,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -55,7 +54,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
-from peers import PostfixPeer, available, free_port, make_cert  # noqa: E402
+from peers import PostfixPeer, available, free_port, make_cert, reap  # noqa: E402
 import smtp_load  # noqa: E402
 
 POSTFIX_PY = str(Path(sys.executable).parent / "postfix-py")
@@ -219,7 +218,7 @@ class PySender(Sender):
         pid = self.master_pid()
         subprocess.run([POSTFIX_PY, "-c", str(self.dir), "stop"], capture_output=True,
                        timeout=60)
-        _reap(pid)
+        reap(pid)
 
 
 class PfSender(Sender):
@@ -296,22 +295,6 @@ def _connects(path: Path) -> bool:
         return False
     finally:
         s.close()
-
-
-def _reap(pid: int | None) -> None:
-    if not pid:
-        return
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def one_round(s: Sender, cache: bool, n: int, timeout: float) -> dict:

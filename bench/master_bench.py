@@ -29,7 +29,7 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from peers import PostfixPeer, available, free_port  # noqa: E402
+from peers import PostfixPeer, available, free_port, reap  # noqa: E402
 
 POSTFIX_PY = str(Path(sys.executable).parent / "postfix-py")
 
@@ -124,18 +124,7 @@ class PyInstance:
             pid = None
         subprocess.run([POSTFIX_PY, "-c", str(self.dir), "stop"], capture_output=True,
                        timeout=60)
-        if pid:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    return
-                time.sleep(0.05)
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
+        reap(pid)
 
 
 def measure(system: str, root: Path) -> dict:

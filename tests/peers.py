@@ -22,6 +22,23 @@ POSTFIX = shutil.which("postfix", path="/usr/sbin:/usr/bin")
 MASTER_CF = "/etc/postfix/master.cf"
 
 
+def reap(pid: int | None, timeout: float = 10) -> None:
+    """Wait for a process to end; SIGKILL it (by pid) when it has not within timeout."""
+    if not pid:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
@@ -124,18 +141,7 @@ class PostfixPeer:
         pid = self.master_pid()
         subprocess.run([POSTFIX, "-c", str(self.dir), "stop"], capture_output=True,
                        timeout=60)
-        if pid:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    return
-                time.sleep(0.05)
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
+        reap(pid)
 
     def cleanup(self) -> None:
         """Stop it and remove its directory when the peer made it."""
