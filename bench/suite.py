@@ -178,7 +178,8 @@ def acceptance_md(res: dict, runs: int, tally: Tally) -> str:
         "smtps service on loopback, the same ECDSA certificate, `smtpd_tls_security_level = "
         "may`, resumption by session tickets, mail discarded after queueing. "
         "After 40 untimed messages per system over plain SMTP and over smtps, "
-        f"medians of {runs} run{'s' if runs != 1 else ''}, the systems alternating; "
+        f"medians of {runs} run{'s' if runs != 1 else ''}, the systems alternating, each run "
+        "starting once both queues have drained; "
         "\"resumed\" is the share of offered sessions that the server resumed (smtps offers "
         "the previous session too, so it is held to the resumed targets).",
         "",
