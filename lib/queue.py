@@ -4,8 +4,11 @@ A message lives in one file under queue_directory, first in incoming/, then acti
 deferred/ or hold/ as the queue manager decides. The file is written once, sequentially,
 and committed before anyone is told about it (STYLE item 14): smtpd writes it under a
 dot-name in incoming/, ends it with an END record, fsyncs it, renames it to its queue id,
-fsyncs the directory, and only then answers `250 2.0.0 Ok: queued as ID` and wakes qmgr.
-A reader skips dot-files and refuses a file without END.
+and only then answers `250 2.0.0 Ok: queued as ID` and wakes qmgr. As Postfix's cleanup,
+it does not fsync the directory: the file was created under its dot name before the
+content, so the file's fsync makes that name durable, and recover_incoming() renames a
+complete dot file whose rename a crash lost. A reader skips dot-files and refuses a file
+without END.
 
 FORMAT
     magic  b"PFXQ1\\n"

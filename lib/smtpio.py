@@ -14,8 +14,6 @@ handshake (pyOpenSSL over the same non-blocking socket).
                                      STARTTLS discards them: purge())
     s.start_tls(conn, timeout)       handshake of a prepared SSL.Connection on this socket,
                                      with its own deadline; raises TLSFailure
-    s.start_tls_server(ctx, timeout) / s.start_tls_client(ctx, timeout, sni, session)
-                                     the same, making the connection from a context
     s.close()                        TLS close_notify (best effort), then close the socket
 
 ERRORS
@@ -183,15 +181,6 @@ class SmtpStream:
         """Drop n bytes of input that buffered_lines() showed."""
         del self._in[:n]
 
-    def read_exact(self, n: int, timeout: float | None = None) -> bytes:
-        """Exactly n bytes (for BDAT-style reads and tests)."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while len(self._in) < n:
-            self._in += self._recv(deadline)
-        data = bytes(self._in[:n])
-        del self._in[:n]
-        return data
-
     def pending(self) -> int:
         """Bytes the peer sent that nobody has read yet."""
         extra = self.tls.pending() if self.tls is not None else 0
@@ -200,13 +189,6 @@ class SmtpStream:
     def peek(self, n: int) -> bytes:
         """Up to n buffered input bytes, left in place (for log lines)."""
         return bytes(self._in[:n])
-
-    def input_ready(self) -> bool:
-        """Whether a read would not block (buffered data, or data on the socket)."""
-        if self.pending():
-            return True
-        r, _, _ = select.select([self.sock.fileno()], [], [], 0)
-        return bool(r)
 
     def purge(self) -> int:
         """Discard buffered input; returns how much (STARTTLS: CVE-2011-0411)."""
@@ -250,29 +232,6 @@ class SmtpStream:
     def start_tls(self, conn: SSL.Connection, timeout: float) -> SSL.Connection:
         """Run the handshake of a connection made on this socket (server or client side)."""
         self.flush()
-        self.tls = conn
-        self._handshake(conn, timeout)
-        return conn
-
-    def start_tls_server(self, ctx: SSL.Context, timeout: float) -> SSL.Connection:
-        """Become the TLS server on this connection; TLSFailure when the handshake fails."""
-        self.flush()
-        conn = SSL.Connection(ctx, self.sock)
-        conn.set_accept_state()
-        self.tls = conn
-        self._handshake(conn, timeout)
-        return conn
-
-    def start_tls_client(self, ctx: SSL.Context, timeout: float, sni: str | None = None,
-                         session=None) -> SSL.Connection:
-        """Become the TLS client on this connection; TLSFailure when the handshake fails."""
-        self.flush()
-        conn = SSL.Connection(ctx, self.sock)
-        conn.set_connect_state()
-        if sni:
-            conn.set_tlsext_host_name(sni.encode("idna"))
-        if session is not None:
-            conn.set_session(session)
         self.tls = conn
         self._handshake(conn, timeout)
         return conn

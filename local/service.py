@@ -36,7 +36,12 @@ DESCRIPTION
     With `local_delivery_any_user = yes` (a postfix-py extension for self-contained
     instances, default no) a local part without an account that is a safe file name
     (letters, digits, `.`, `_`, `-`; not starting with `.`) is delivered into
-    mail_spool_directory under that name, with the privileges of default_privs.
+    mail_spool_directory under that name as if it were an account of the default_privs
+    user: the mailbox is written with that user's uid and gid, and owned by it (the spool
+    rule under SECURITY applies). A default_privs that names no account defers such mail (4.3.0
+    "local configuration error", with the warning `unknown default_privs user: NAME`).
+    default_privs plays no other part here: file and program destinations, for which
+    Postfix uses it, are not implemented.
 
 SECURITY
     The process runs as root, unchrooted (master.cf: unprivileged n), because it delivers
@@ -52,8 +57,8 @@ SECURITY
 
 CONFIGURATION PARAMETERS
     mail_spool_directory (/var/mail), home_mailbox (empty), recipient_delimiter (empty),
-    soft_bounce (no), ipc_timeout (3600s); read with local defaults until the parameter
-    table declares them: default_privs (nobody), local_delivery_any_user (no).
+    soft_bounce (no), ipc_timeout (3600s), default_privs (nobody: only for
+    local_delivery_any_user), local_delivery_any_user (no).
 
 FILES
     $mail_spool_directory/user, ~user/$home_mailbox, and their maildir subdirectories.
