@@ -76,7 +76,7 @@ import re
 
 from ..lib import msg, server
 from ..lib import queue as Q
-from ..qmgr.resolve import split_address, strip_extension
+from ..lib.address import split_address, strip_extension
 from . import agent, mailbox
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")

@@ -52,8 +52,7 @@ import secrets
 import sys
 import time
 
-from postfix_py.lib import mastercf, tlsgen
-from postfix_py.smtpd import sasl
+from postfix_py.lib import mastercf, sasl_common as sasl, tlsgen
 
 PROG = "postfix-py init"
 DEFAULT_PORT_BASE = 2525

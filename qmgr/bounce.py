@@ -56,7 +56,7 @@ import time
 
 from ..lib import msg
 from ..lib import queue as Q
-from .bounce_log import LogEntry
+from ..lib.bounce_log import LogEntry
 
 BOUNDARY_FMT = "{id}.{time}/{host}"
 SMTP_REPLY = re.compile(r"^host (\S+?)\[[^\]]*\](?::\d+)? said: (\d{3}[ -].*?)"

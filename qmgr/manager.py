@@ -78,7 +78,7 @@ BUGS
     rather than Postfix's cohort-based feedback.
 
 SEE ALSO
-    Postfix qmgr(8), qmgr_active.c; lib/deliver.py (the request); qmgr/bounce_log.py.
+    Postfix qmgr(8), qmgr_active.c; lib/deliver.py (the request); lib/bounce_log.py.
 """
 
 from __future__ import annotations
@@ -89,10 +89,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..lib import deliver, msg
+from ..lib import bounce_log, deliver, msg
 from ..lib import queue as Q
-from . import bounce, bounce_log
-from .bounce_log import BOUNCE, DEFER, LogEntry
+from ..lib.bounce_log import BOUNCE, DEFER, LogEntry
+from . import bounce
 from .resolve import ResolveError, Resolver
 
 CORRUPT_GRACE = 60.0          # an unreadable file younger than this may still be in flux

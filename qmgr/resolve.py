@@ -23,8 +23,6 @@ FUNCTIONS
     Resolver.resolve(address) -> Route(transport, nexthop, local); raises ResolveError
         (transport_maps or mydestination lookup failure: the caller defers the recipient
         with "4.3.0 address resolver failure").
-    split_address(address) -> (localpart, domain); domain lower-cased, "" when absent.
-    strip_extension(localpart, delimiters) -> localpart without its +extension.
     parse_spec(text) -> (transport, nexthop) of a "transport:nexthop" value.
 
 CONFIGURATION PARAMETERS
@@ -35,7 +33,7 @@ CONFIGURATION PARAMETERS
     with a local default while the parameter table does not declare it).
 
 SEE ALSO
-    Postfix trivial-rewrite(8), transport(5), postconf(5).
+    lib/address.py; Postfix trivial-rewrite(8), transport(5), postconf(5).
 """
 
 from __future__ import annotations
@@ -43,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..lib import params, tables
+from ..lib.address import split_address, strip_extension
 
 
 class ResolveError(Exception):
@@ -54,14 +53,6 @@ class Route:
     transport: str
     nexthop: str
     local: bool = False
-
-
-def split_address(address: str) -> tuple[str, str]:
-    """Split at the last @: (localpart, domain); the domain lower-cased, without a final dot."""
-    local, at, domain = address.rpartition("@")
-    if not at:
-        return address, ""
-    return local, domain.lower().rstrip(".")
 
 
 def parse_spec(text: str) -> tuple[str, str]:
@@ -197,9 +188,3 @@ class Resolver:
                 if value is not None:
                     return value
         return None
-
-
-def strip_extension(local: str, delimiters: str) -> str:
-    """user+ext -> user, for any of the recipient_delimiter characters."""
-    cut = [i for i in (local.find(c) for c in delimiters) if i > 0]
-    return local[:min(cut)] if cut else local

@@ -71,29 +71,20 @@ from dataclasses import dataclass, field
 from ..lib import msg, params, tables
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import StreamEOF, StreamTimeout
-from ..smtpd.sasl import security_options
+from ..lib.sasl_common import allowed, security_options
 
 # Mechanisms this client implements, in preference order, with their properties
-# (Dovecot/Cyrus names, as smtpd/sasl.py's NEGATIVE/POSITIVE tables use).
+# (Dovecot/Cyrus names, as lib/sasl_common.py's security options use).
 MECHANISMS: tuple[tuple[str, frozenset[str]], ...] = (
     ("PLAIN", frozenset({"plaintext"})),
     ("LOGIN", frozenset({"plaintext"})),
 )
-_NEGATIVE = {"noplaintext": "plaintext", "noactive": "active",
-             "nodictionary": "dictionary", "noanonymous": "anonymous"}
-_POSITIVE = {"forward_secrecy": "forward-secrecy", "mutual_auth": "mutual-auth"}
 MAX_STEPS = 100                 # Postfix's protocol loop limit
 EHLO_WHERE = "performing the EHLO handshake"
 
 
 class SaslClientError(Exception):
     """The client side cannot go on (Cyrus's sasl_reply text)."""
-
-
-def _allowed(props: frozenset[str], options: frozenset[str]) -> bool:
-    if any(_NEGATIVE[o] in props for o in options if o in _NEGATIVE):
-        return False
-    return all(_POSITIVE[o] in props for o in options if o in _POSITIVE)
 
 
 def parse_mechs(words: list[str]) -> list[str]:
@@ -195,7 +186,7 @@ class Client:
         options = self.tls_options if tls else self.options
         have = {m.upper() for m in mechs}
         return [name for name, props in MECHANISMS
-                if name in have and _allowed(props, options)]
+                if name in have and allowed(props, options)]
 
     def choose(self, offered: list[str], tls: bool) -> tuple[list[str], list[str]]:
         """(the filtered server list, the mechanisms to try in order)."""

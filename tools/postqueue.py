@@ -43,10 +43,9 @@ import os
 import sys
 import time
 
-from ..lib import maincf, msg
+from ..lib import bounce_log, maincf, msg
 from ..lib import queue as Q
-from ..qmgr import bounce_log
-from ..qmgr.resolve import split_address
+from ..lib.address import split_address
 
 SHOW_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 USAGE = ("usage: postqueue -f | postqueue -i queueid | postqueue -j | postqueue -p | "

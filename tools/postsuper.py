@@ -45,9 +45,8 @@ import os
 import sys
 import time
 
-from ..lib import maincf, msg
+from ..lib import bounce_log, maincf, msg
 from ..lib import queue as Q
-from ..qmgr import bounce_log
 
 USAGE = ("usage: postsuper [-c config_dir] [-d queue_id (delete)] [-h queue_id (hold)] "
          "[-H queue_id (un-hold)] [-r queue_id (requeue)] [-s (structure fix)] "

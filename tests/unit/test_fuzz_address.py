@@ -13,6 +13,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from postfix_py.lib import address
 from postfix_py.qmgr import resolve
 from postfix_py.smtp import nexthop
 from postfix_py.smtpd import check, session
@@ -73,11 +74,11 @@ def test_access_table_keys(addr):
 @FUZZ
 @given(addr=TEXT, spec=TEXT, delimiters=st.text(max_size=3))
 def test_qmgr_address_splitting(addr, spec, delimiters):
-    local, domain = resolve.split_address(addr)
+    local, domain = address.split_address(addr)
     assert domain == domain.lower() and not domain.endswith(".")
     transport, hop = resolve.parse_spec(spec)
     assert isinstance(transport, str) and isinstance(hop, str)
-    assert isinstance(resolve.strip_extension(local, delimiters), str)
+    assert isinstance(address.strip_extension(local, delimiters), str)
 
 
 HOPS = st.one_of(TEXT, st.sampled_from([

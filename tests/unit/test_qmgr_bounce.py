@@ -1,4 +1,4 @@
-"""qmgr/bounce.py and qmgr/bounce_log.py: the notification, byte for byte in Postfix's
+"""qmgr/bounce.py and lib/bounce_log.py: the notification, byte for byte in Postfix's
 layout, and the status logs."""
 
 import email
@@ -7,8 +7,9 @@ import os
 
 from postfix_py.lib import maincf
 from postfix_py.lib import queue as Q
-from postfix_py.qmgr import bounce, bounce_log
-from postfix_py.qmgr.bounce_log import LogEntry
+from postfix_py.lib import bounce_log
+from postfix_py.qmgr import bounce
+from postfix_py.lib.bounce_log import LogEntry
 
 HOST = "ref.test.example"
 ORIGINAL = (b"Received: from [127.0.0.1] (localhost [127.0.0.1])\n\tby ref.test.example\n"

@@ -10,7 +10,7 @@ import pytest
 
 from postfix_py.lib import deliver, maincf, msg
 from postfix_py.lib import queue as Q
-from postfix_py.qmgr import bounce_log
+from postfix_py.lib import bounce_log
 from postfix_py.qmgr.manager import CORRUPT_GRACE, Failure, QueueManager
 from postfix_py.qmgr.resolve import ResolveError, Route
 

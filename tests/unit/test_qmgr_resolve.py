@@ -3,7 +3,8 @@
 import pytest
 
 from postfix_py.lib import maincf
-from postfix_py.qmgr.resolve import Resolver, Route, parse_spec, split_address, strip_extension
+from postfix_py.lib.address import split_address, strip_extension
+from postfix_py.qmgr.resolve import Resolver, Route, parse_spec
 
 
 def resolver(tmp_path, **settings):

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from postfix_py.lib import queue as Q
-from postfix_py.qmgr import bounce_log
-from postfix_py.qmgr.bounce_log import LogEntry
+from postfix_py.lib import bounce_log
+from postfix_py.lib.bounce_log import LogEntry
 from postfix_py.tools import postqueue, postsuper
 
 REASON = "connect to 127.0.0.1[127.0.0.1]:1: Connection refused"
