@@ -19,24 +19,24 @@ CONFIGURATION PARAMETERS
     ipc_timeout (3600s), soft_bounce (no: it has nothing to bounce).
 
 SEE ALSO
-    Postfix discard(8), error(8); local/agent.py; lib/deliver.py.
+    Postfix discard(8), error(8); lib/delivery_agent.py; lib/deliver.py.
 """
 
 from __future__ import annotations
 
 from ..lib import server
-from . import agent
+from ..lib.delivery_agent import decided, result, serve
 
 
 def deliver_request(request, ctx):
     """Every recipient: sent, with the next hop as the reason."""
     reason = request.nexthop or "discarded"
-    return "none", [agent.result("sent", "2.0.0", reason) for _ in request.recipients]
+    return "none", [result("sent", "2.0.0", reason) for _ in request.recipients]
 
 
 def service(conn, ctx) -> None:
     """One connection from qmgr: one request."""
-    agent.serve(conn, ctx, deliver_request)
+    serve(conn, ctx, decided(deliver_request))
 
 
 def main(ctx) -> int:

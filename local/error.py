@@ -20,7 +20,7 @@ CONFIGURATION PARAMETERS
     ipc_timeout (3600s), soft_bounce (no).
 
 SEE ALSO
-    Postfix error(8), discard(8); local/agent.py; lib/deliver.py.
+    Postfix error(8), discard(8); lib/delivery_agent.py; lib/deliver.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 
 from ..lib import server
-from . import agent
+from ..lib.delivery_agent import decided, result, serve
 
 DSN = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
@@ -48,12 +48,12 @@ def deliver_request(request, ctx):
     if retry:
         dsn = "4" + dsn[1:]
     kind = "deferred" if retry or dsn.startswith("4") else "bounced"
-    return "none", [agent.result(kind, dsn, reason) for _ in request.recipients]
+    return "none", [result(kind, dsn, reason) for _ in request.recipients]
 
 
 def service(conn, ctx) -> None:
     """One connection from qmgr: one request."""
-    agent.serve(conn, ctx, deliver_request)
+    serve(conn, ctx, decided(deliver_request))
 
 
 def main(ctx) -> int:

@@ -4,7 +4,7 @@ SYNOPSIS
     master.cf:  local  unix  -  n  n  -  -  local
 
 DESCRIPTION
-    local takes one lib/deliver.py request at a time from qmgr (local/agent.py) and
+    local takes one lib/deliver.py request at a time from qmgr (lib/delivery_agent.py) and
     delivers the message to each recipient's mailbox. The recipient's local part, without
     its address extension (recipient_delimiter) and lower-cased, names a UNIX account
     (getpwnam). Where the mail goes, as in Postfix (local/mailbox.c):
@@ -64,7 +64,7 @@ FILES
     $mail_spool_directory/user, ~user/$home_mailbox, and their maildir subdirectories.
 
 SEE ALSO
-    Postfix local(8); local/mailbox.py; local/agent.py; lib/deliver.py.
+    Postfix local(8); local/mailbox.py; lib/delivery_agent.py; lib/deliver.py.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ import re
 from ..lib import msg, server
 from ..lib import queue as Q
 from ..lib.address import split_address, strip_extension
-from . import agent, mailbox
+from ..lib.delivery_agent import RcptResult, decided, result, serve
+from . import mailbox
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 QUEUE_FILE = re.compile(r"active/[A-Za-z0-9_]{1,64}")
@@ -160,30 +161,30 @@ class LocalDelivery:
         self.any_user = cfg["local_delivery_any_user"]
         self.default_privs = cfg.get("default_privs")
 
-    def deliver(self, rcpt: str) -> agent.RcptResult:
+    def deliver(self, rcpt: str) -> RcptResult:
         """Deliver to one recipient."""
         local, _ = split_address(rcpt)
         user = strip_extension(local, self.delimiters).lower()
         if rcpt.lower() in self.seen:
-            return agent.result("bounced", "5.4.6", f"mail forwarding loop for {rcpt}")
+            return result("bounced", "5.4.6", f"mail forwarding loop for {rcpt}")
         try:
             pw = pwd.getpwnam(user) if user else None
         except KeyError:
             pw = None
         except OSError as exc:
             msg.warn(f"error looking up passwd info for {user}: {exc}")
-            return agent.result("deferred", "4.0.0", "user lookup error")
+            return result("deferred", "4.0.0", "user lookup error")
         if pw is None:
             if user in REQUIRED_ALIASES:
                 msg.warn(f"required alias not found: {user}")
-                return agent.result("sent", "2.0.0", "discarded")
+                return result("sent", "2.0.0", "discarded")
             if not (self.any_user and not self.home_mailbox and SAFE_NAME.fullmatch(user)):
-                return agent.result("bounced", "5.1.1", f'unknown user: "{user}"')
+                return result("bounced", "5.1.1", f'unknown user: "{user}"')
             try:
                 owner = pwd.getpwnam(self.default_privs)
             except KeyError:
                 msg.warn(f"unknown default_privs user: {self.default_privs}")
-                return agent.result("deferred", "4.3.0", "local configuration error")
+                return result("deferred", "4.3.0", "local configuration error")
             uid, gid, home = owner.pw_uid, owner.pw_gid, None
         else:
             uid, gid, home = pw.pw_uid, pw.pw_gid, pw.pw_dir
@@ -236,7 +237,7 @@ class LocalDelivery:
         kind, dsn, reason = run_as(privs, guarded)
         if maildir and kind != "sent" and "Permission denied" in reason:
             msg.warn(f"maildir access problem for UID/GID={uid}/{gid}: {reason}")
-        return agent.result(kind, dsn, reason)
+        return result(kind, dsn, reason)
 
     def _spool_privileges(self, uid: int, gid: int, maildir: bool) -> Privileges:
         """Postfix's rule: world-writable spool as the user; group-writable with the
@@ -263,21 +264,21 @@ def deliver_request(request, ctx):
     n = len(request.recipients)
     if not QUEUE_FILE.fullmatch(request.queue_file):
         msg.warn(f"{request.queue_id}: bad queue file name: {request.queue_file!r}")
-        return "local", [agent.result("deferred", "4.3.0", "queue file read error")] * n
+        return "local", [result("deferred", "4.3.0", "queue file read error")] * n
     path = os.path.join(ctx.queue_root, request.queue_file)
     try:
         env = Q.read(path)
         content = b"".join(env.content(path))
     except (OSError, Q.QueueFileError) as exc:
         msg.warn(f"{request.queue_id}: read queue file: {exc}")
-        return "local", [agent.result("deferred", "4.3.0", "queue file read error")] * n
+        return "local", [result("deferred", "4.3.0", "queue file read error")] * n
     job = LocalDelivery(ctx.cfg, request.sender, content)
     return "local", [job.deliver(rcpt) for rcpt in request.recipients]
 
 
 def service(conn, ctx) -> None:
     """One connection from qmgr: one request."""
-    agent.serve(conn, ctx, deliver_request)
+    serve(conn, ctx, decided(deliver_request))
 
 
 def main(ctx) -> int:

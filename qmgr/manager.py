@@ -2,7 +2,7 @@
 
 This is qmgr's logic without its sockets. qmgr/service.py feeds it triggers and timers from
 the event loop and gives it a dispatch function that sends a delivery request to an agent
-(qmgr/agent.py); the agent's answer comes back through QueueManager.delivered(). Time comes
+(qmgr/dispatch.py); the agent's answer comes back through QueueManager.delivered(). Time comes
 from an injectable wall clock (`now`) and timers from an injectable `loop` (call_later,
 cancel), so unit tests drive backoff and expiry without sleeping.
 
@@ -26,9 +26,9 @@ LIFE OF A MESSAGE
                 initial_destination_concurrency and growing by one per completed job; a
                 transport runs at most its master.cf process limit. Destinations take turns.
     results     per recipient: sent -> mark_done; bounced -> appended to bounce/ID (fsync),
-                then mark_done; deferred -> appended to defer/ID. soft_bounce = yes turns a
-                bounce into a deferral (4.x.x). A reply in which every recipient is deferred
-                with a 4.4.x status (no connection, routing) suspends the destination for
+                then mark_done; deferred -> appended to defer/ID (soft_bounce = yes: the
+                agent has made its bounces deferrals, lib/delivery_agent.py). A reply in
+                which every recipient is deferred with a 4.4.x status (no connection, routing) suspends the destination for
                 minimal_backoff_time: its waiting jobs are deferred at once with "delivery
                 temporarily suspended: REASON". An agent that cannot be reached, dies, times
                 out or answers garbage defers the job's recipients and suspends the whole
@@ -62,7 +62,7 @@ CONFIGURATION PARAMETERS
     maximal_queue_lifetime (5d), bounce_queue_lifetime (5d), qmgr_message_active_limit
     (20000), qmgr_message_recipient_limit (20000), default_destination_concurrency_limit
     (20), initial_destination_concurrency (5), default_destination_recipient_limit (50),
-    soft_bounce (no), default_process_limit (100); not yet in the parameter table, read with
+    default_process_limit (100); not yet in the parameter table, read with
     Postfix's defaults: <transport>_destination_concurrency_limit and
     <transport>_destination_recipient_limit (local: 2 and 1), transport_retry_time (60s);
     and those of qmgr/resolve.py and qmgr/bounce.py.
@@ -217,7 +217,6 @@ class QueueManager:
         self.max_backoff = max(self.min_backoff, cfg["maximal_backoff_time"])
         self.max_lifetime = cfg["maximal_queue_lifetime"]
         self.bounce_lifetime = cfg["bounce_queue_lifetime"]
-        self.soft_bounce = cfg["soft_bounce"]
         self.transport_retry = cfg["transport_retry_time"]
         self.double_bounce = bounce.double_bounce_address(cfg).lower()
 
@@ -527,7 +526,7 @@ class QueueManager:
         for entry, r in zip(job.entries, reply.results):
             if r.result == "sent":
                 done.append(entry)
-            elif r.result == "bounced" and not self.soft_bounce:
+            elif r.result == "bounced":
                 bounced.append(LogEntry(entry.address, entry.offset, r.dsn, "failed",
                                         r.reason, reply.relay))
             else:

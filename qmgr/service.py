@@ -18,7 +18,7 @@ DESCRIPTION
     how it schedules deliveries, records their results, defers, expires and bounces, is
     described in qmgr/manager.py; next hops come from qmgr/resolve.py, notifications from
     qmgr/bounce.py, and the delivery requests travel as lib/deliver.py describes, through
-    qmgr/agent.py, to the agents' private/TRANSPORT sockets.
+    qmgr/dispatch.py, to the agents' private/TRANSPORT sockets.
 
     At start, every file left in active/ (after a crash, or a stop with mail in flight) is
     moved back to incoming/ and delivered again: a recipient is never lost, and is
@@ -56,7 +56,7 @@ import os
 
 from ..lib import mastercf, msg, server
 from ..lib.tables import TableError
-from .agent import AgentPool
+from .dispatch import AgentPool
 from .manager import QueueManager
 from .resolve import Resolver
 

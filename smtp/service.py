@@ -19,7 +19,8 @@ DESCRIPTION
             delay=0.2, delays=0.01/0/0.15/0.04, dsn=2.0.0, status=sent (250 2.0.0 Ok)
 
     and reported to the queue manager in one reply frame; the agent never writes the
-    queue file, so a crash repeats at most the delivery in flight and loses nothing.
+    queue file, so a crash repeats at most the delivery in flight and loses nothing. The
+    request loop, the log line and soft_bounce are every agent's: lib/delivery_agent.py.
 
     TLS follows smtp/tls_policy.py (levels, legacy parameters, per-site table, policy
     maps) and smtp/session.py (STARTTLS, certificate checks, session cache). The client
@@ -61,16 +62,16 @@ FILES
         master copies it; pre_init reads the real one first)
 
 SEE ALSO
-    smtp/session.py, smtp/nexthop.py, smtp/tls_policy.py, lib/deliver.py, lib/tls.py;
+    smtp/session.py, smtp/nexthop.py, smtp/tls_policy.py, lib/deliver.py,
+    lib/delivery_agent.py, lib/tls.py;
     Postfix smtp(8), lmtp(8).
 """
 
 from __future__ import annotations
 
 import socket
-import time
 
-from ..lib import attr, deliver, msg, server, tables, tls_session, tlsmgr_client
+from ..lib import deliver, delivery_agent, msg, server, tables, tls_session, tlsmgr_client
 from ..lib import queue as Q
 from ..lib import tls as libtls
 from ..lib.smtpio import SmtpStream
@@ -241,13 +242,11 @@ def _policy_for(ctx, dest, addr, d: session.Delivery):
     return policy
 
 
-def deliver_request(req: deliver.Request, ctx) -> deliver.Reply:
-    """Deliver one request; every recipient gets a result, whatever happens."""
-    cfg = ctx.cfg
-    started = time.time()
+def deliver_request(req: deliver.Request, ctx, report: delivery_agent.Report) -> str:
+    """Deliver one request; every recipient gets a result, whatever happens. The relay."""
     recipients = [session.Rcpt(a, i) for i, a in enumerate(req.recipients)]
-    d = session.Delivery(req.queue_id, req.sender, recipients, req.arrival,
-                         started=started, soft_bounce=cfg["soft_bounce"])
+    d = session.Delivery(req.queue_id, req.sender, recipients, started=report.started,
+                         report=report)
     relay = "none"
     try:
         try:
@@ -258,11 +257,11 @@ def deliver_request(req: deliver.Request, ctx) -> deliver.Reply:
             msg.warn(f"{req.queue_id}: {problem}")
             d.final_server = True
             d.bulk_fail("4.3.0", "unreadable mail queue entry", "none")
-            return _reply(d, relay)
+            return relay
         d.size = qmsg.size
         d.content = lambda: qmsg.content(req.queue_file)
         if not req.arrival:
-            d.arrival = qmsg.arrival
+            report.arrival = qmsg.arrival
         relay = _deliver(ctx, req, d)
     except Exception as exc:        # noqa: BLE001 - our own bug must not lose the reply
         msg.error(f"{req.queue_id}: internal error during delivery: "
@@ -274,14 +273,7 @@ def deliver_request(req: deliver.Request, ctx) -> deliver.Reply:
         d.unkeep()
         dsn, reason = d.why or ("4.3.0", "server unavailable or unable to receive mail")
         d.bulk_fail(dsn, reason, "none")
-    return _reply(d, relay)
-
-
-def _reply(d: session.Delivery, relay: str) -> deliver.Reply:
-    return deliver.Reply(relay=relay, results=[
-        deliver.RcptResult(r.result or "deferred", r.dsn or "4.3.0",
-                           r.reason or "mail system internal error")
-        for r in d.recipients])
+    return relay
 
 
 def _deliver(ctx, req: deliver.Request, d: session.Delivery) -> str:
@@ -382,33 +374,8 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
 
 def smtp_service(conn: socket.socket, ctx) -> None:
     """One delivery request from the queue manager, and its reply."""
-    cfg = ctx.cfg
-    timeout = min(cfg["ipc_timeout"], REQUEST_TIMEOUT_CAP)
-    try:
-        attrs = attr.read_frame(conn, timeout)
-    except attr.PeerClosedError:
-        return
-    except (attr.AttrError, ConnectionError, TimeoutError, OSError) as exc:
-        msg.warn(f"reading delivery request: {exc}")
-        return
-    try:
-        req = deliver.decode_request(attrs)
-    except deliver.DeliverError as exc:
-        msg.warn(f"bad delivery request: {exc}")
-        _send(conn, deliver.encode_reply(deliver.Reply("none", [], attr.STATUS_BAD,
-                                                       str(exc))), timeout)
-        return
-    reply = deliver_request(req, ctx)
-    _send(conn, deliver.encode_reply(reply), timeout)
-
-
-def _send(conn: socket.socket, frame: bytes, timeout: float) -> None:
-    try:
-        conn.settimeout(timeout)
-        conn.sendall(frame)
-    except OSError as exc:
-        # The queue manager went away: it will try again; at worst a duplicate.
-        msg.warn(f"sending delivery status: {exc.strerror or exc}")
+    delivery_agent.serve(conn, ctx, deliver_request,
+                         timeout=min(ctx.cfg["ipc_timeout"], REQUEST_TIMEOUT_CAP))
 
 
 def main(ctx) -> int:

@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 
 from OpenSSL import SSL
 
-from ..lib import deliver, msg, params, tls_session, tlsmgr_client
+from ..lib import msg, params, tls_session, tlsmgr_client
 from ..lib import tls as libtls
 from ..lib.smtpio import StreamEOF, StreamTimeout
 from . import tls_policy
@@ -102,15 +102,19 @@ class Delivery:
     queue_id: str
     sender: str
     recipients: list[Rcpt]
-    arrival: float
     size: int = 0
     content: object = None          # callable returning an iterator of content blocks
     started: float = field(default_factory=time.time)
     final_server: bool = False
-    soft_bounce: bool = False
+    report: object = None           # lib.delivery_agent.Report: soft_bounce, log lines
     why: tuple[str, str] | None = None   # the last reason there is no delivery (dsn, text)
     conn_setup_done: float = 0.0
-    log = None                      # override for tests: f(rcpt, relay, status)
+    log = None                      # for tests without a Report: f(rcpt, relay, status)
+
+    @property
+    def soft_bounce(self) -> bool:
+        """soft_bounce: a 5xx on a server that is not the last tries the next one too."""
+        return self.report is not None and self.report.soft_bounce
 
     def todo(self) -> list[Rcpt]:
         """Recipients that this session still has to handle."""
@@ -131,18 +135,17 @@ class Delivery:
             self.conn_setup_done = time.time()
 
     def finish(self, r: Rcpt, status: str, dsn: str, reason: str, relay: str) -> None:
-        """Give r its final result and log Postfix's delivery line."""
-        if status == "bounced" and self.soft_bounce:
-            status, dsn = "deferred", "4" + dsn[1:]
-        r.result, r.dsn, r.reason = status, dsn, reason
+        """Give r its final result: the Report applies soft_bounce and logs the line."""
         now = time.time()
         setup_done = self.conn_setup_done or now
+        if self.report is not None:
+            decided = self.report.record(r.index, status, dsn, reason, relay,
+                                         conn_setup=setup_done - self.started,
+                                         transmit=now - setup_done)
+            status, dsn = decided.result, decided.dsn
+        r.result, r.dsn, r.reason = status, dsn, reason
         if self.log is not None:
             self.log(r, relay, status)
-            return
-        deliver.log_delivery(self.queue_id, r.address, relay, self.arrival, self.started,
-                             dsn, status, reason, conn_setup=setup_done - self.started,
-                             transmit=now - setup_done)
 
     def rcpt_fail(self, r: Rcpt, dsn: str, reason: str, relay: str) -> None:
         """A failure for one recipient: keep it for the next server, defer or bounce."""

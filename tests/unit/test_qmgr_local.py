@@ -1,5 +1,6 @@
 """local/: maildir and mbox writing, recipient rules and privileges of local(8), the
-discard and error agents, and the agent side of lib/deliver.py. Run as root."""
+discard and error agents, and the agent side of lib/deliver.py (lib/delivery_agent.py).
+Run as root."""
 
 import os
 import pwd
@@ -10,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from postfix_py.lib import attr, deliver, maincf, msg
+from postfix_py.lib import attr, deliver, delivery_agent, maincf, msg
 from postfix_py.lib import queue as Q
-from postfix_py.local import agent, discard, error, mailbox
+from postfix_py.local import discard, error, mailbox
 from postfix_py.local import service as local
 
 HOST = "mail.example.com"
@@ -207,7 +208,7 @@ def test_serve_one_request(tmp_path, capsys):
     with a, b:
         a.sendall(deliver.encode_request(_request(nexthop="5.7.1 go away",
                                                   rcpts=("x@y.example", "z@y.example"))))
-        agent.serve(b, ctx, error.deliver_request)
+        error.service(b, ctx)
         reply = deliver.decode_reply(attr.read_frame(a, 5), 2)
     assert [(r.result, r.dsn) for r in reply.results] == [("deferred", "4.7.1")] * 2
     err = capsys.readouterr().err
@@ -220,7 +221,37 @@ def test_serve_answers_a_bad_request(tmp_path, capsys):
     a, b = socket.socketpair()
     with a, b:
         a.sendall(attr.encode({"request": "deliver", "queue_id": "X"}))
-        agent.serve(b, ctx, error.deliver_request)
+        error.service(b, ctx)
         reply = attr.read_frame(a, 5)
     assert reply["status"] == b"2" and b"missing attribute" in reply["reason"]
     assert "warning: bad delivery request" in capsys.readouterr().err
+
+
+def test_serve_answers_a_broken_frame_it_can_read_past(tmp_path, capsys):
+    ctx = _ctx(tmp_path)
+    a, b = socket.socketpair()
+    with a, b:
+        # A frame whose body breaks lib/attr (a name length of 255): the stream is still
+        # in step, so the agent answers status 2, as every delivery agent now does.
+        body = b"\xff" * 8
+        a.sendall(len(body).to_bytes(4, "big") + body)
+        error.service(b, ctx)
+        reply = attr.read_frame(a, 5)
+    assert reply["status"] == b"2" and reply["reason"]
+    assert "warning: malformed delivery request" in capsys.readouterr().err
+
+
+def test_report_is_the_one_place_for_soft_bounce(tmp_path, capsys):
+    request = _request(rcpts=("x@y.example", "z@y.example"))
+    report = delivery_agent.Report(request, soft_bounce=True)
+    assert report.record(0, "bounced", "5.1.1", "no such user", "mx[192.0.2.1]:25") == \
+        deliver.RcptResult("deferred", "4.1.1", "no such user")
+    assert report.record(1, "sent", "2.0.0", "ok", "none").result == "sent"
+    err = capsys.readouterr().err
+    assert "ABC: to=<x@y.example>, relay=mx[192.0.2.1]:25, delay=" in err
+    assert "dsn=4.1.1, status=deferred (no such user)" in err
+    # A recipient nobody recorded is deferred in the reply, never lost.
+    unfinished = delivery_agent.Report(request, soft_bounce=False)
+    unfinished.record(0, "bounced", "5.1.1", "no such user", "none")
+    assert [(r.result, r.dsn) for r in unfinished.reply("none").results] == \
+        [("bounced", "5.1.1"), ("deferred", "4.3.0")]

@@ -268,14 +268,19 @@ def test_bounce_sends_a_notification(make, capsys):
     assert (request.queue_id, request.sender, request.flags) == (new, "", ["bounce"])
 
 
-def test_soft_bounce_defers(make, capsys):
+def test_soft_bounce_deferral_recorded(make, capsys):
+    # soft_bounce is the agents' (lib/delivery_agent.Report): with it, an agent reports a
+    # 550 as deferred 4.1.1, and qmgr records exactly that.
     h = make(soft_bounce="yes")
     qid = h.submit("alice@example.org", ["x@remote.example"])
     h.mgr.start()
-    h.answer(h.calls[0], "bounced")
+    job, _ = h.calls.pop(0)
+    h.mgr.delivered(job, deliver.Reply(relay="mx.example[192.0.2.1]:25", results=[
+        deliver.RcptResult("deferred", "4.1.1", "host mx.example[192.0.2.1] said: 550 5.1.1 "
+                                                "no such user (in reply to RCPT TO command)")]))
     assert h.files("deferred") == [qid]
     (entry,) = bounce_log.read(h.root, "defer", qid)
-    assert entry.status == "4.1.1"
+    assert (entry.status, entry.action) == ("4.1.1", "delayed")
     assert "non-delivery" not in capsys.readouterr().err
 
 

@@ -110,7 +110,7 @@ class Harness:
         self.logged = []
         self.d = S.Delivery("QID1", "s@example.org",
                             [S.Rcpt(r, i) for i, r in enumerate(recipients)],
-                            arrival=time.time(), size=len(content),
+                            size=len(content),
                             content=lambda: iter([content]))
         self.d.final_server = final
         self.d.log = lambda r, relay, status: self.logged.append((r.address, status, relay))

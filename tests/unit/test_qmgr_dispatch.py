@@ -1,4 +1,4 @@
-"""qmgr/agent.py: one delivery conversation over a real UNIX socket in a real event loop,
+"""qmgr/dispatch.py: one delivery conversation over a real UNIX socket in a real event loop,
 against a scripted agent thread: good replies, garbage, silence, hang-ups, no listener."""
 
 import os
@@ -10,7 +10,7 @@ import pytest
 
 from postfix_py.lib import attr, deliver, msg
 from postfix_py.lib.events import EventLoop
-from postfix_py.qmgr.agent import AgentPool
+from postfix_py.qmgr.dispatch import AgentPool
 from postfix_py.qmgr.manager import Failure
 
 REQUEST = deliver.Request(queue_id="ABC", queue_file="active/ABC", transport="smtp",

@@ -1,4 +1,4 @@
-"""Delivery requests to agents over private/TRANSPORT, without blocking qmgr's event loop.
+"""qmgr's side of a delivery: requests to the agents over private/TRANSPORT, never blocking.
 
 One AgentCall is one lib/deliver.py conversation: connect to
 queue_directory/private/TRANSPORT, send the request frame, read one reply frame, close.

@@ -1,0 +1,132 @@
+"""The request loop of every delivery agent: smtp, lmtp, local, discard and error.
+
+serve() handles one connection from qmgr (lib/deliver.py is the protocol): it reads
+exactly one request frame within the time limit, validates it strictly, hands it to the
+agent's deliver function with a Report, and writes one reply frame. A request that
+breaks the protocol gets a status 2 reply with the reason wherever the stream can still
+be read (lib/attr.py's rule: every request is answered); a stream that cannot be read is
+closed, and qmgr defers the recipients. The agent never writes the queue file: qmgr
+records the results.
+
+A Report is where each recipient's outcome is decided for good, and the only place:
+record() applies soft_bounce (a bounce becomes a deferral, dsn 5.x.x becomes 4.x.x, as
+Postfix's bounce client does in every agent) and logs Postfix's line
+`ID: to=<r>, relay=R, delay=D, delays=a/b/c/d, dsn=X, status=S (reason)`. The smtp
+client records each recipient as its session decides it (with the connection set-up and
+transmission delays); local, discard and error decide all recipients first and let
+decided() record them.
+
+FUNCTIONS
+    serve(conn, ctx, deliver_fn, timeout=None): one request and its reply.
+        deliver_fn(request, ctx, report) -> relay; timeout defaults to ipc_timeout.
+    decided(fn) -> deliver_fn: for fn(request, ctx) -> (relay, [RcptResult]), one result
+        per recipient in request order, recorded when fn returns.
+    Report(request, soft_bounce): record(index, result, dsn, reason, relay,
+        conn_setup=0.0, transmit=0.0) -> RcptResult (as decided: soft_bounce applied);
+        reply(relay) -> lib.deliver.Reply; .arrival (settable), .started, .soft_bounce.
+    result(kind, dsn, reason) -> RcptResult.
+
+LOG LINES
+    warning: malformed delivery request: REASON     (a frame that breaks lib/attr.py)
+    warning: read delivery request: REASON          (the stream failed or timed out)
+    warning: bad delivery request: REASON           (a frame that is not a request)
+    warning: send delivery status: REASON           (qmgr went away; it tries again)
+
+CONFIGURATION PARAMETERS
+    ipc_timeout (3600s): time limit for reading the request and writing the reply.
+    soft_bounce (no): report permanent failures as temporary (dsn 5.x.x becomes 4.x.x).
+
+SEE ALSO
+    lib/deliver.py, lib/attr.py, smtp/service.py, local/service.py, local/discard.py,
+    local/error.py; Postfix deliver_request(3), bounce(3).
+"""
+
+from __future__ import annotations
+
+import time
+
+from . import attr, deliver, msg
+
+RcptResult = deliver.RcptResult
+
+
+def result(kind: str, dsn: str, reason: str) -> RcptResult:
+    """One recipient's outcome: kind is sent, deferred or bounced."""
+    return RcptResult(kind, dsn, reason)
+
+
+class Report:
+    """The outcomes of one request, each recorded once: soft_bounce, then the log line."""
+
+    def __init__(self, request: deliver.Request, soft_bounce: bool):
+        self.request = request
+        self.soft_bounce = soft_bounce
+        self.arrival = request.arrival
+        self.started = time.time()
+        self.results: list[RcptResult | None] = [None] * len(request.recipients)
+
+    def record(self, index: int, kind: str, dsn: str, reason: str, relay: str,
+               conn_setup: float = 0.0, transmit: float = 0.0) -> RcptResult:
+        """Recipient index's final outcome, logged; soft_bounce applied here only."""
+        if kind == "bounced" and self.soft_bounce:
+            kind, dsn = "deferred", "4" + dsn[1:] if dsn[:1] == "5" else dsn
+        deliver.log_delivery(self.request.queue_id, self.request.recipients[index], relay,
+                             self.arrival, self.started, dsn, kind, reason,
+                             conn_setup=conn_setup, transmit=transmit)
+        r = self.results[index] = RcptResult(kind, dsn, reason)
+        return r
+
+    def reply(self, relay: str) -> deliver.Reply:
+        """The reply frame's content; a recipient never recorded is deferred (4.3.0)."""
+        return deliver.Reply(relay=relay, results=[
+            r if r is not None else RcptResult("deferred", "4.3.0",
+                                               "mail system internal error")
+            for r in self.results])
+
+
+def decided(fn):
+    """A deliver function for serve() from fn(request, ctx) -> (relay, results)."""
+
+    def deliver_fn(request, ctx, report: Report) -> str:
+        relay, results = fn(request, ctx)
+        for i, r in enumerate(results):
+            report.record(i, r.result, r.dsn, r.reason, relay)
+        return relay
+    return deliver_fn
+
+
+def serve(conn, ctx, deliver_fn, timeout: float | None = None) -> None:
+    """Answer one delivery request on conn."""
+    if timeout is None:
+        timeout = ctx.cfg["ipc_timeout"]
+    try:
+        frame = attr.read_frame(conn, timeout)
+    except attr.PeerClosedError:
+        return
+    except attr.AttrError as exc:
+        if exc.recoverable:
+            _answer(conn, attr.encode({"status": attr.STATUS_BAD, "reason": str(exc)}),
+                    timeout)
+        msg.warn(f"malformed delivery request: {exc}")
+        return
+    except (OSError, TimeoutError) as exc:
+        msg.warn(f"read delivery request: {exc}")
+        return
+    try:
+        request = deliver.decode_request(frame)
+    except deliver.DeliverError as exc:
+        msg.warn(f"bad delivery request: {exc}")
+        _answer(conn, attr.encode({"status": attr.STATUS_BAD, "reason": str(exc)}), timeout)
+        return
+    report = Report(request, ctx.cfg["soft_bounce"])
+    relay = deliver_fn(request, ctx, report)
+    _answer(conn, deliver.encode_reply(report.reply(relay)), timeout)
+
+
+def _answer(conn, frame: bytes, timeout: float) -> None:
+    try:
+        conn.settimeout(timeout)
+        conn.sendall(frame)
+    except OSError as exc:
+        # qmgr went away; it will try these recipients again.
+        msg.warn(f"send delivery status: {exc}")
