@@ -97,7 +97,7 @@ def smtp_cpu(inst) -> float:
     return total
 
 
-def request(inst, service: str, nexthop: str, content: bytes) -> deliver.Reply:
+def request(inst, service: str, nexthop: str, content: bytes) -> deliver.DeliveryStatus:
     """Queue one message and hand it to private/SERVICE as qmgr would."""
     qid, path, _ = queue_message(inst, ["bench@sink.test.example"], content)
     m = Q.read(str(path))

@@ -31,7 +31,7 @@ REPLY (attributes)
 
 FUNCTIONS
     encode_request(Request) -> bytes (a whole frame); decode_request(attrs) -> Request
-    encode_reply(Reply) -> bytes; decode_reply(attrs, rcpt_count) -> Reply
+    encode_reply(DeliveryStatus) -> bytes; decode_reply(attrs, rcpt_count) -> DeliveryStatus
     Both decoders raise DeliverError (a lib.attr.AttrError) for a frame that breaks the rules.
     log_delivery(queue_id, rcpt, relay, arrival, started, dsn, status, reason) logs
     Postfix's line: `ID: to=<r>, relay=R, delay=D, delays=a/b/c/d, dsn=X, status=S (reason)`.
@@ -72,7 +72,9 @@ class RcptResult:
 
 
 @dataclass
-class Reply:
+class DeliveryStatus:
+    """An agent's reply: the relay and one result per recipient, or status 2/3 and why."""
+
     relay: str
     results: list[RcptResult]
     status: str = attr.STATUS_OK
@@ -124,7 +126,7 @@ def decode_request(attrs: dict) -> Request:
                    offsets=offsets, flags=[f for f in flags if f])
 
 
-def encode_reply(reply: Reply) -> bytes:
+def encode_reply(reply: DeliveryStatus) -> bytes:
     """The reply as one frame."""
     attrs = {"status": reply.status, "relay": reply.relay,
              "rcpt_count": len(reply.results)}
@@ -137,13 +139,13 @@ def encode_reply(reply: Reply) -> bytes:
     return attr.encode(attrs)
 
 
-def decode_reply(attrs: dict, rcpt_count: int) -> Reply:
-    """A Reply from a decoded frame; DeliverError when it does not answer the request."""
+def decode_reply(attrs: dict, rcpt_count: int) -> DeliveryStatus:
+    """The agent's answer from a decoded frame; DeliverError when it does not answer."""
     status = _text(attrs, "status")
     if status != attr.STATUS_OK:
-        return Reply(relay=attrs.get("relay", b"none").decode("utf-8", "replace"),
-                     results=[], status=status,
-                     reason=attrs.get("reason", b"").decode("utf-8", "replace"))
+        return DeliveryStatus(relay=attrs.get("relay", b"none").decode("utf-8", "replace"),
+                              results=[], status=status,
+                              reason=attrs.get("reason", b"").decode("utf-8", "replace"))
     if _count(attrs) != rcpt_count:
         raise DeliverError("reply does not match the request's recipients")
     results = []
@@ -152,7 +154,7 @@ def decode_reply(attrs: dict, rcpt_count: int) -> Reply:
         if result not in RESULTS:
             raise DeliverError(f"bad result: {result[:20]!r}")
         results.append(RcptResult(result, _text(attrs, f"dsn.{i}"), _text(attrs, f"reason.{i}")))
-    return Reply(relay=_text(attrs, "relay"), results=results)
+    return DeliveryStatus(relay=_text(attrs, "relay"), results=results)
 
 
 def log_delivery(queue_id: str, rcpt: str, relay: str, arrival: float, started: float,

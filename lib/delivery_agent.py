@@ -23,7 +23,7 @@ FUNCTIONS
         per recipient in request order, recorded when fn returns.
     Report(request, soft_bounce): record(index, result, dsn, reason, relay,
         conn_setup=0.0, transmit=0.0) -> RcptResult (as decided: soft_bounce applied);
-        reply(relay) -> lib.deliver.Reply; .arrival (settable), .started, .soft_bounce.
+        reply(relay) -> lib.deliver.DeliveryStatus; .arrival (settable), .started, .soft_bounce.
     result(kind, dsn, reason) -> RcptResult.
 
 LOG LINES
@@ -76,9 +76,9 @@ class Report:
         r = self.results[index] = RcptResult(kind, dsn, reason)
         return r
 
-    def reply(self, relay: str) -> deliver.Reply:
+    def reply(self, relay: str) -> deliver.DeliveryStatus:
         """The reply frame's content; a recipient never recorded is deferred (4.3.0)."""
-        return deliver.Reply(relay=relay, results=[
+        return deliver.DeliveryStatus(relay=relay, results=[
             r if r is not None else RcptResult("deferred", "4.3.0",
                                                "mail system internal error")
             for r in self.results])

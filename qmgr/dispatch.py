@@ -4,7 +4,7 @@ One AgentCall is one lib/deliver.py conversation: connect to
 queue_directory/private/TRANSPORT, send the request frame, read one reply frame, close.
 Every step is non-blocking and the whole conversation has one deadline. The result goes to
 the done callback, always from the event loop and never from inside dispatch(), as either
-a lib.deliver.Reply or a qmgr.manager.Failure:
+a lib.deliver.DeliveryStatus or a qmgr.manager.Failure:
 
     connect fails (no socket, refused)  "mail transport unavailable" (4.3.0), with the
                                         warning `connect to transport private/NAME: REASON`

@@ -28,11 +28,12 @@ LIFE OF A MESSAGE
     results     per recipient: sent -> mark_done; bounced -> appended to bounce/ID (fsync),
                 then mark_done; deferred -> appended to defer/ID (soft_bounce = yes: the
                 agent has made its bounces deferrals, lib/delivery_agent.py). A reply in
-                which every recipient is deferred with a 4.4.x status (no connection, routing) suspends the destination for
-                minimal_backoff_time: its waiting jobs are deferred at once with "delivery
-                temporarily suspended: REASON". An agent that cannot be reached, dies, times
-                out or answers garbage defers the job's recipients and suspends the whole
-                transport for transport_retry_time, with Postfix's warning `transport NAME
+                which every recipient is deferred with a 4.4.x status (no connection,
+                routing) suspends the destination for minimal_backoff_time: its waiting
+                jobs are deferred at once with "delivery temporarily suspended: REASON".
+                An agent that cannot be reached, dies, times out or answers garbage
+                defers the job's recipients and suspends the whole transport for
+                transport_retry_time, with Postfix's warning `transport NAME
                 failure -- see a previous warning/fatal/panic logfile record for the problem
                 description`. `F` (postqueue -f) lifts every suspension.
     done        when no job of the message is left: a bounce log becomes a non-delivery
@@ -52,8 +53,8 @@ FUNCTIONS
         dispatch(job, request): start one delivery; its result must come back later (not
         from inside dispatch) through delivered(job, result).
         maxproc: {transport: process limit} (qmgr/service.py reads master.cf).
-        resolver: a qmgr.resolve.Resolver (default: one made from cfg; TableError).
-    start(); trigger(requests: bytes) for I, D, A, F, W; delivered(job, Reply | Failure);
+        resolver: a qmgr.resolve.AddressResolver (default: one made from cfg; TableError).
+    start(); trigger(requests: bytes) for I, D, A, F, W; delivered(job, DeliveryStatus | Failure);
     deferred_scan() (the queue_run_delay timer); close().
     Failure(dsn, reason, throttle): a delivery that failed as a whole.
 
@@ -93,7 +94,7 @@ from ..lib import bounce_log, deliver, msg
 from ..lib import queue as Q
 from ..lib.bounce_log import BOUNCE, DEFER, LogEntry
 from . import bounce
-from .resolve import ResolveError, Resolver
+from .resolve import ResolveError, AddressResolver
 
 CORRUPT_GRACE = 60.0          # an unreadable file younger than this may still be in flux
 # Postfix's own defaults for the local transport (local_destination_*_limit).
@@ -194,14 +195,14 @@ class QueueManager:
     """The active queue and its scheduling; see the module documentation."""
 
     def __init__(self, cfg, queue_root: str, dispatch, loop=None, now=time.time,
-                 maxproc: dict | None = None, resolver: Resolver | None = None):
+                 maxproc: dict | None = None, resolver: AddressResolver | None = None):
         self.cfg = cfg
         self.root = queue_root
         self.dispatch = dispatch
         self.loop = loop
         self.now = now
         self.maxproc = maxproc or {}
-        self.resolver = resolver or Resolver(cfg)
+        self.resolver = resolver or AddressResolver(cfg)
         self.messages: dict[str, Message] = {}
         self.transports: dict[str, Transport] = {}
         self.rcpt_count = 0
@@ -505,7 +506,7 @@ class QueueManager:
 
     # --- results -----------------------------------------------------------------------------
     def delivered(self, job: Job, result) -> None:
-        """A delivery agent's answer (deliver.Reply) or a Failure, for one started job."""
+        """A delivery agent's answer (deliver.DeliveryStatus) or a Failure, for one started job."""
         job.dest.busy -= 1
         job.transport.busy -= 1
         if isinstance(result, Failure):

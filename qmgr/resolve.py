@@ -19,8 +19,8 @@ same lookups in process, with the same parameters and the same precedence:
        both empty change nothing.
 
 FUNCTIONS
-    Resolver(cfg): open the tables that cfg names (TableError when one cannot be opened).
-    Resolver.resolve(address) -> Route(transport, nexthop, local); raises ResolveError
+    AddressResolver(cfg): open the tables that cfg names (TableError when one cannot be opened).
+    AddressResolver.resolve(address) -> Route(transport, nexthop, local); raises ResolveError
         (transport_maps or mydestination lookup failure: the caller defers the recipient
         with "4.3.0 address resolver failure").
     parse_spec(text) -> (transport, nexthop) of a "transport:nexthop" value.
@@ -112,7 +112,7 @@ class DomainList:
             table.close()
 
 
-class Resolver:
+class AddressResolver:
     """Recipient address -> Route, from main.cf as trivial-rewrite(8) reads it."""
 
     def __init__(self, cfg):

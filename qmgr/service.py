@@ -58,7 +58,7 @@ from ..lib import mastercf, msg, server
 from ..lib.tables import TableError
 from .dispatch import AgentPool
 from .manager import QueueManager
-from .resolve import Resolver
+from .resolve import AddressResolver
 
 TRIGGER_TIMEOUT = 10.0       # a trigger client that says nothing is dropped after this
 TRIGGER_MAX = 1024
@@ -85,7 +85,7 @@ def main(ctx) -> int:
         # by mail_owner (Postfix opens its tables before dropping privileges, too).
         state["maxproc"] = transport_limits(ctx.cfg)
         try:
-            state["resolver"] = Resolver(ctx.cfg)
+            state["resolver"] = AddressResolver(ctx.cfg)
         except TableError as exc:
             msg.fatal(f"open transport or domain table: {exc}")
 

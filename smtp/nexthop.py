@@ -34,9 +34,9 @@ DESCRIPTION
     one of several lookups failed for good while another could not be done.
 
 FUNCTIONS
-    parse(text, lmtp=False) -> Destination; NexthopError for bad syntax.
-    parse_list(text, lmtp=False) -> [Destination]
-    Resolver(nameservers=(), timeout=DNS_TIMEOUT, host_lookup=("dns",),
+    parse(text, lmtp=False) -> NextHop; NexthopError for bad syntax.
+    parse_list(text, lmtp=False) -> [NextHop]
+    NexthopResolver(nameservers=(), timeout=DNS_TIMEOUT, host_lookup=("dns",),
              protocols=("ipv4", "ipv6"), cname_overrides=False, preference="any")
         .addresses(dest) -> (list of Address, Why or None): Why only when the list is
         empty. Never raises for anything the network sends.
@@ -80,7 +80,7 @@ class NexthopError(ValueError):
 
 
 @dataclass(frozen=True)
-class Destination:
+class NextHop:
     """One next hop: what was written, and how to reach it."""
 
     text: str           # as written: the per-site and policy table key
@@ -153,7 +153,7 @@ def _port(service: str, text: str) -> int:
         raise NexthopError(f"unknown service: {service}/tcp") from None
 
 
-def parse(text: str, lmtp: bool = False) -> Destination:
+def parse(text: str, lmtp: bool = False) -> NextHop:
     """One next hop; NexthopError when it does not parse."""
     raw = text.strip()
     if not raw:
@@ -163,7 +163,7 @@ def parse(text: str, lmtp: bool = False) -> Destination:
         path = raw[5:]
         if not path:
             raise NexthopError(f"empty pathname in server description: {text}")
-        return Destination(raw, path, 0, mx=False, literal=True, unix=True)
+        return NextHop(raw, path, 0, mx=False, literal=True, unix=True)
     rest = raw[5:] if lmtp and raw.startswith("inet:") else raw
     if rest.startswith("["):
         end = rest.find("]")
@@ -178,7 +178,7 @@ def parse(text: str, lmtp: bool = False) -> Destination:
             raise NexthopError(f"garbage after \"]\" in server description: {text}")
         port = _port(tail[1:], text) if tail else default_port
         # For tables, "[host]" and "[host]:port" are keys as written (minus inet:).
-        return Destination(rest, host, port, mx=False, literal=True)
+        return NextHop(rest, host, port, mx=False, literal=True)
     host, colon, service = rest.rpartition(":") if ":" in rest else (rest, "", "")
     if colon and ":" in host:
         raise NexthopError(f"bad server description (IPv6 addresses need [ ]): {text}")
@@ -186,10 +186,10 @@ def parse(text: str, lmtp: bool = False) -> Destination:
         raise NexthopError(f"empty host name in server description: {text}")
     port = _port(service, text) if colon else default_port
     numeric = _ip(host) is not None
-    return Destination(rest, host, port, mx=not lmtp and not numeric, literal=bool(colon))
+    return NextHop(rest, host, port, mx=not lmtp and not numeric, literal=bool(colon))
 
 
-def parse_list(text: str, lmtp: bool = False) -> list[Destination]:
+def parse_list(text: str, lmtp: bool = False) -> list[NextHop]:
     """The next hops of a delivery request, in order."""
     return [parse(item, lmtp) for item in text.replace(",", " ").split()]
 
@@ -225,7 +225,7 @@ def prepare_for_chroot() -> None:
         pass
 
 
-class Resolver:
+class NexthopResolver:
     """MX and address lookups with dnspython (and the C library for "native")."""
 
     def __init__(self, nameservers=(), timeout: float = DNS_TIMEOUT,
@@ -349,7 +349,7 @@ class Resolver:
             return (a.pref, 0 if want is None or a.family == want else 1)
         return sorted(addrs, key=key)
 
-    def addresses(self, dest: Destination) -> tuple[list[Address], Why | None]:
+    def addresses(self, dest: NextHop) -> tuple[list[Address], Why | None]:
         """The addresses to try for dest, best first; (empty list, why) on failure."""
         if dest.unix:
             return [Address("", dest.host, 0, 0, socket.AF_UNIX)], None

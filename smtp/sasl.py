@@ -195,7 +195,7 @@ class Client:
 
     # --- the dialogue ---------------------------------------------------------------------
     def helo_login(self, sess) -> bool:
-        """Authenticate sess (smtp/session.Session) when wanted; False: session failed."""
+        """Authenticate sess (smtp/session.ClientSession) when wanted; False: session failed."""
         if "AUTH" not in sess.features:
             return True
         offered = list(getattr(sess, "sasl_mechs", []))

@@ -76,7 +76,7 @@ from ..lib import queue as Q
 from ..lib import tls as libtls
 from ..lib.smtpio import SmtpStream
 from ..lib.maincf import ConfigError
-from . import nexthop, session, tls_policy
+from . import nexthop, session, tls, tls_policy
 from . import sasl as smtp_sasl
 
 REQUEST_TIMEOUT_CAP = 300       # seconds to wait for the request frame
@@ -86,12 +86,12 @@ def _prefix(ctx) -> str:
     return "lmtp" if ctx.program == "lmtp" else "smtp"
 
 
-def make_resolver(cfg) -> nexthop.Resolver:
+def make_resolver(cfg) -> nexthop.NexthopResolver:
     """The resolver, configured now (before the chroot) from main.cf."""
     servers = cfg["smtp_dns_nameservers"]
     timeout = cfg["smtp_dns_timeout"]
     try:
-        resolver = nexthop.Resolver(
+        resolver = nexthop.NexthopResolver(
             servers, timeout=timeout, host_lookup=cfg["smtp_host_lookup"],
             protocols=[p.lower() for p in cfg["inet_protocols"]],
             cname_overrides=cfg["smtp_cname_overrides_servername"],
@@ -195,16 +195,16 @@ def connect(addr: nexthop.Address, timeout: float, bind_address: str = ""):
     return sock, None
 
 
-def _starter(ctx, dest, addr, policy, client) -> session.TlsStarter:
+def _starter(ctx, dest, addr, policy, client) -> tls.TlsStarter:
     cfg = ctx.cfg
     p = ctx.state["prefix"]
     cache = None
     if cfg.get(f"{p}_tls_session_cache_database").strip() and \
             cfg[f"{p}_tls_session_cache_timeout"] > 0 and client is not None:
-        cache = session.TlsmgrCache(p)
+        cache = tls.TlsmgrCache(p)
     domain = dest.host if not dest.unix else cfg.get("myhostname")
     sni_setting = policy.servername or cfg.get(f"{p}_tls_servername")
-    return session.TlsStarter(
+    return tls.TlsStarter(
         client, policy, cfg=cfg, prefix=p, service=ctx.service.name,
         nexthop_text=dest.text, nexthop_domain=domain, cache=cache,
         fingerprints=tls_policy.fingerprints(cfg, p, policy)
@@ -353,7 +353,7 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
     options = st["options"]
     stream = SmtpStream(sock, options.timeouts["helo"])
     starter = _starter(ctx, dest, addr, policy, client)
-    sess = session.Session(stream, d, addr, options, tls=starter,
+    sess = session.ClientSession(stream, d, addr, options, tls=starter,
                            port25=addr.port == 25 and not options.lmtp,
                            best_pref=best_pref, request_nexthop=request_nexthop)
     sess.sasl_dest = dest.text      # the next hop this session serves: a SASL lookup key

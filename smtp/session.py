@@ -4,8 +4,8 @@ NAME
     session - one conversation of the smtp/lmtp client with one server
 
 DESCRIPTION
-    This module is postfix-py's smtp_proto.c, smtp_chat.c and smtp_trouble.c. A Session
-    talks to one server over an SmtpStream (lib/smtpio.py) and knows nothing of sockets,
+    This module is postfix-py's smtp_proto.c, smtp_chat.c and smtp_trouble.c. A
+    ClientSession talks to one server over an SmtpStream (lib/smtpio.py) and knows nothing of sockets,
     DNS or the queue manager, so that tests can drive it over a socketpair. What the
     conversation decides about each recipient goes into the Delivery it was given,
     which outlives the session: one delivery request may need several servers.
@@ -42,21 +42,17 @@ FAILURES (Postfix's smtp_trouble.c)
         Server certificate not verified
 
 TLS
-    TlsStarter does the handshake for a Session: it looks the session up in the cache
-    (tlsmgr for smtp/lmtp, memory for posttls-finger) under a key of service, next hop,
-    host, address, port and a digest of the policy, offers it, checks the certificate as
-    the level demands (lib/tls.py: trust, names, fingerprints), logs Postfix's lines at
-    smtp_tls_loglevel, and after the first read that follows the handshake (the EHLO
-    reply: a TLS 1.3 ticket arrives after the handshake) stores the session it got. A
-    handshake that fails leaves the connection unusable: no QUIT, no plaintext.
+    smtp/tls.py's TlsStarter runs STARTTLS (or wrapper mode) for a ClientSession under
+    the TLS policy, with the session cache; a handshake that fails leaves the connection
+    unusable: no QUIT, no plaintext.
 
 CLASSES
-    Rcpt, Delivery (recipients, results, log lines), Reply, read_reply(), Options,
-    TlsStarter, Session, BodyWriter; MemoryCache and TlsmgrCache (session caches).
+    Rcpt, Delivery (recipients, results; a lib/delivery_agent.py Report records them),
+    ServerReply, read_reply(), Options, ClientSession, BodyWriter.
 
 SEE ALSO
-    smtp/service.py, smtp/tls_policy.py, lib/smtpio.py, lib/tls.py, lib/deliver.py;
-    Postfix smtp_proto.c, smtp_trouble.c, smtp_chat.c.
+    smtp/service.py, smtp/tls.py, smtp/tls_policy.py, lib/smtpio.py, lib/tls.py,
+    lib/delivery_agent.py; Postfix smtp_proto.c, smtp_trouble.c, smtp_chat.c.
 """
 
 from __future__ import annotations
@@ -65,14 +61,10 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from OpenSSL import SSL
-
-from ..lib import msg, params, tls_session, tlsmgr_client
-from ..lib import tls as libtls
+from ..lib import msg, params
 from ..lib.smtpio import StreamEOF, StreamTimeout
 from . import tls_policy
-
-X509_V_ERR_DANE_NO_MATCH = 65
+from .tls import TLSStartError, TlsStarter
 MAX_REPLY_BYTES = 1 << 24       # one reply may not run longer than this, however sent
 MAX_REPLY_LINES = 200           # lines kept of a reply (the rest is read and dropped)
 WRITE_CHUNK = 1 << 16
@@ -176,7 +168,7 @@ class Delivery:
         soft = dsn.startswith("4") or (dsn.startswith("5") and self.soft_bounce)
         return soft and not self.final_server
 
-    def sent(self, r: Rcpt, reply: "Reply", relay: str) -> None:
+    def sent(self, r: Rcpt, reply: "ServerReply", relay: str) -> None:
         """The server took responsibility for r."""
         self.finish(r, "sent", reply.dsn, reply.text1, relay)
 
@@ -184,7 +176,7 @@ class Delivery:
 # --- replies --------------------------------------------------------------------------------
 
 @dataclass
-class Reply:
+class ServerReply:
     """A server reply: code, enhanced status, and its lines (bounded)."""
 
     code: int
@@ -214,7 +206,7 @@ def _printable(data: bytes) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
-def read_reply(stream, timeout: float, line_limit: int, chat=None) -> Reply:
+def read_reply(stream, timeout: float, line_limit: int, chat=None) -> ServerReply:
     """Read one (multi-line) reply; StreamTimeout/StreamEOF from the stream propagate."""
     lines: list[str] = []
     kept = 0
@@ -254,7 +246,7 @@ def read_reply(stream, timeout: float, line_limit: int, chat=None) -> Reply:
         dsn = m.group(0).decode("ascii")
     else:
         dsn = f"{last[:1].decode('ascii')}.0.0"
-    return Reply(code, dsn, lines)
+    return ServerReply(code, dsn, lines)
 
 
 # --- message content ----------------------------------------------------------------------
@@ -322,44 +314,6 @@ class BodyWriter:
         return b".\r\n" if self.bol else b"\r\n.\r\n"
 
 
-# --- session caches -----------------------------------------------------------------------
-
-class TlsmgrCache:
-    """Client TLS sessions in tlsmgr's cache (smtp or lmtp); never raises."""
-
-    def __init__(self, cache_type: str):
-        self.name = cache_type
-
-    def lookup(self, key: str) -> bytes | None:
-        return tlsmgr_client.lookup(self.name, key)
-
-    def update(self, key: str, data: bytes) -> bool:
-        return tlsmgr_client.update(self.name, key, data)
-
-    def delete(self, key: str) -> None:
-        tlsmgr_client.delete(self.name, key)
-
-
-class MemoryCache:
-    """A process-private session cache (posttls-finger's "memory" cache)."""
-
-    name = "memory"
-
-    def __init__(self):
-        self.entries: dict[str, bytes] = {}
-        self.hits = 0
-
-    def lookup(self, key: str) -> bytes | None:
-        return self.entries.get(key)
-
-    def update(self, key: str, data: bytes) -> bool:
-        self.entries[key] = data
-        return True
-
-    def delete(self, key: str) -> None:
-        self.entries.pop(key, None)
-
-
 # --- options --------------------------------------------------------------------------------
 
 @dataclass
@@ -401,190 +355,9 @@ class Options:
                    wrappermode=p("tls_wrappermode"))
 
 
-# --- TLS --------------------------------------------------------------------------------------
-
-class TLSStartError(Exception):
-    """The handshake failed: the connection is in an unknown state and must be dropped."""
-
-
-class TlsStarter:
-    """STARTTLS for a Session, under one TLS policy, with a session cache."""
-
-    def __init__(self, client_tls, policy, *, cfg, prefix: str = "smtp",
-                 service: str = "smtp", nexthop_text: str = "", nexthop_domain: str = "",
-                 cache=None, info=msg.info, warn=msg.warn, loglevel: int | None = None,
-                 match: list[str] | None = None, fingerprints: list[str] | None = None,
-                 sni: str | None = None, log_cache: bool | None = None,
-                 log_certmatch: bool | None = None):
-        self.client = client_tls            # lib.tls.ClientTLS, or None: TLS unavailable
-        self.policy = policy
-        self.cfg = cfg
-        self.prefix = prefix
-        self.service = service
-        self.nexthop_text = nexthop_text
-        self.nexthop_domain = nexthop_domain
-        self.cache = cache
-        self.info = info
-        self.warn = warn
-        self.loglevel = client_tls.loglevel if loglevel is None and client_tls else (loglevel or 0)
-        # Cache lookups and saves are logged at loglevel 2, as Postfix's TLS_LOG_CACHE.
-        self.log_cache = self.loglevel >= 2 if log_cache is None else log_cache
-        self.log_certmatch = self.loglevel >= 2 if log_certmatch is None else log_certmatch
-        self.match = match
-        self.fingerprints = fingerprints
-        self.sni = sni
-        self.cache_key = None
-        self.loaded: bytes | None = None
-        self.conn = None
-        self.tls_info = None
-        self.saved = False
-
-    @property
-    def available(self) -> bool:
-        """Whether there is a TLS engine at all."""
-        return self.client is not None
-
-    @property
-    def level(self) -> str:
-        """The security level in force."""
-        return self.policy.level
-
-    def _match_names(self, hostname: str) -> list[str] | None:
-        if self.level not in ("verify", "secure"):
-            return None
-        strategies = self.match if self.match is not None else \
-            tls_policy.match_strategies(self.cfg, self.prefix, self.policy)
-        return libtls.match_names(strategies, self.nexthop_domain, hostname)
-
-    def _digest(self, hostname: str, server_helo: str) -> str:
-        cfg = self.cfg
-        p = self.prefix
-        files = [cfg.get(f"{p}_tls_{n}") for n in ("CAfile", "CApath", "cert_file",
-                                                   "eccert_file", "dcert_file")]
-        mandatory = tls_policy.requires_tls(self.level)
-        protocols = cfg.get(f"{p}_tls_mandatory_protocols" if mandatory else f"{p}_tls_protocols")
-        # As Postfix salts its key with protocols, cipher list and library version: a
-        # cached session is always one this configuration would negotiate.
-        return tls_policy.policy_digest(
-            self.level, self._match_names(hostname) or [], self.fingerprints or [],
-            self.policy.protocols or protocols, self.client.cipher_lists[int(mandatory)],
-            self.policy.ciphers, self.policy.exclude, self.sni, files, server_helo,
-            SSL.OpenSSL_version(SSL.OPENSSL_VERSION))
-
-    def start(self, stream, addr, server_helo: str = "") -> object:
-        """Handshake on stream; returns lib.tls.TLSInfo; TLSStartError when it fails."""
-        mandatory = tls_policy.requires_tls(self.level)
-        ctx = self.client.context(mandatory)
-        session = None
-        if self.cache is not None:
-            digest = self._digest(addr.name, server_helo)
-            if self.service is None:
-                # posttls-finger's key, as Postfix's: the server's address and the policy.
-                self.cache_key = f"[{addr.addr}]:{addr.port}&{digest}"
-            else:
-                self.cache_key = tls_policy.cache_key(self.service, self.nexthop_text,
-                                                      addr.name, addr.addr, addr.port, digest)
-            if self.log_cache:
-                self.info(f"looking for session {self.cache_key} in {self.cache.name} cache")
-            data = self.cache.lookup(self.cache_key)
-            if data:
-                try:
-                    session = tls_session.deserialize(data, ctx)
-                    self.loaded = data
-                    if self.log_cache:
-                        self.info(f"reloaded session {self.cache_key} from "
-                                  f"{self.cache.name} cache")
-                except ValueError:
-                    self.cache.delete(self.cache_key)
-        stream.flush()
-        discarded = stream.purge()
-        if discarded:
-            # Bytes that came with or after the 220 are plaintext injection: drop them.
-            msg.verbose(1, f"{addr.namaddrport}: discarding {discarded} bytes of "
-                           f"pipelined input before the TLS handshake")
-        conn = self.client.connection(stream.sock, addr.namaddrport, mandatory,
-                                      servername=self.sni, session=session)
-        stream.tls = conn
-        self.conn = conn
-        try:
-            libtls.handshake(conn, stream_timeout(self))
-        except libtls.TLSHandshakeError as exc:
-            self.info(str(exc))
-            for reason in exc.reasons:
-                self.warn(reason)
-            if session is not None and self.cache is not None:
-                self.cache.delete(self.cache_key)
-            raise TLSStartError(str(exc)) from None
-        info = self.client.info(conn, match=self._match_names(addr.name), warn=self.warn)
-        if self.level == "fingerprint":
-            self._check_fingerprint(info)
-        if self.cache is not None and isinstance(self.cache, MemoryCache) and \
-                info.session_reused:
-            self.cache.hits += 1
-        for line in libtls.log_lines(info, self.loglevel,
-                                     require_trust=tls_policy.must_match(self.level)):
-            if line:
-                self.info(line)
-        self.tls_info = info
-        return info
-
-    def _check_fingerprint(self, info) -> None:
-        """The fingerprint level: the certificate or its key must be one of those listed."""
-        wanted = set(self.fingerprints or [])
-        which = None
-        if info.peer_cert_present:
-            if info.peer_fingerprint in wanted:
-                which = ("fingerprint", info.peer_fingerprint)
-            elif info.peer_pkey_fingerprint in wanted:
-                which = ("pkey fingerprint", info.peer_pkey_fingerprint)
-        if which is not None:
-            # The chain does not matter here; the listed fingerprint is the trust anchor.
-            info.peer_trusted = info.peer_matched = True
-            info.matched_name = ""
-            info.verify_error, info.verify_error_text = libtls.X509_V_OK, ""
-            if self.log_certmatch:
-                self.info(f"{info.namaddr}: Matched {which[0]}: {which[1].replace(':', '')}")
-        else:
-            # Postfix (through its DANE code) reports X509_V_ERR_DANE_NO_MATCH.
-            info.peer_trusted = info.peer_matched = False
-            info.verify_error, info.verify_error_depth = X509_V_ERR_DANE_NO_MATCH, 0
-            info.verify_error_text = "no matching DANE TLSA records"
-
-    def acceptable(self) -> bool:
-        """Whether the peer certificate satisfies the level (after start())."""
-        info = self.tls_info
-        if not tls_policy.must_match(self.level):
-            return True
-        return bool(info and info.peer_cert_present and info.peer_verified)
-
-    def save(self) -> None:
-        """Store the session after the first read past the handshake (TLS 1.3 tickets)."""
-        if self.saved or self.cache is None or self.conn is None:
-            return
-        self.saved = True
-        try:
-            session = self.conn.get_session()
-            if session is None:
-                return
-            data = tls_session.serialize(session)
-        except Exception:       # noqa: BLE001 - a cache is never worth a failed delivery
-            return
-        if data == self.loaded:
-            return
-        if self.log_cache:
-            self.info(f"save session {self.cache_key} to {self.cache.name} cache")
-        self.cache.update(self.cache_key, data)
-
-
-def stream_timeout(starter: TlsStarter) -> float:
-    """smtp_starttls_timeout (lmtp_ falls back to smtp_), for the handshake."""
-    name = f"{starter.prefix}_starttls_timeout"
-    return float(starter.cfg[name if params.lookup(name) else "smtp_starttls_timeout"])
-
-
 # --- the session --------------------------------------------------------------------------------
 
-class Session:
+class ClientSession:
     """One conversation with one server (greeting to QUIT)."""
 
     def __init__(self, stream, delivery: Delivery, addr, options: Options,
@@ -619,7 +392,7 @@ class Session:
     def _flush(self, timeout: float) -> None:
         self.s.flush(timeout)
 
-    def _reply(self, timeout: float) -> Reply:
+    def _reply(self, timeout: float) -> ServerReply:
         reply = read_reply(self.s, timeout, self.o.reply_limit, self.chat)
         return reply
 
@@ -633,10 +406,10 @@ class Session:
             reason = f"lost connection with {self.namaddr} while {where}"
         self.d.bulk_fail("4.4.2", reason, self.relay)
 
-    def _said(self, reply: Reply, command: str) -> str:
+    def _said(self, reply: ServerReply, command: str) -> str:
         return f"host {self.namaddr} said: {reply.text1} (in reply to {command} command)"
 
-    def _site_fail(self, reply: Reply | None, dsn: str, reason: str) -> bool:
+    def _site_fail(self, reply: ServerReply | None, dsn: str, reason: str) -> bool:
         if reply is not None and not dsn.startswith(("4", "5")):
             reason, dsn = "Protocol error: " + reason, "5.5.0"
         self.d.bulk_fail(dsn, reason, self.relay)
@@ -744,7 +517,7 @@ class Session:
             return self._site_fail(None, dsn, f"mail for {self._nexthop} loops back to myself")
         return True
 
-    def _features(self, reply: Reply) -> None:
+    def _features(self, reply: ServerReply) -> None:
         self.features = set()
         self.sasl_mechs: list[str] = []     # AUTH lines, for smtp/sasl.py
         for n, line in enumerate(reply.lines):
@@ -876,7 +649,7 @@ class Session:
         except (StreamTimeout, StreamEOF) as exc:
             self._except(exc, self._where)
 
-    def _handle(self, state: "_XferState", name: str, r: Rcpt | None, reply: Reply) -> None:
+    def _handle(self, state: "_XferState", name: str, r: Rcpt | None, reply: ServerReply) -> None:
         d = self.d
         if name == "MAIL FROM":
             if reply.klass != 2:
@@ -971,4 +744,4 @@ class Session:
 class _XferState:
     mail_rejected: bool = False
     accepted: list = field(default_factory=list)
-    data_reply: Reply | None = None
+    data_reply: ServerReply | None = None

@@ -52,7 +52,7 @@ OPTIONS (Postfix's)
     posttls-finger's own -c takes no argument.
 
 SEE ALSO
-    smtp/session.py (the dialogue and TlsStarter), smtp/nexthop.py, lib/tls.py;
+    smtp/session.py (the dialogue), smtp/tls.py (TlsStarter), smtp/nexthop.py, lib/tls.py;
     Postfix posttls-finger(1).
 """
 
@@ -65,7 +65,7 @@ import time
 from ..lib import maincf, params
 from ..lib import tls as libtls
 from ..lib.smtpio import SmtpStream, StreamEOF, StreamTimeout
-from ..smtp import nexthop, session, tls_policy
+from ..smtp import nexthop, session, tls, tls_policy
 
 PROG = "posttls-finger"
 USAGE = (f"usage: {PROG} [-acCSvw] [-t conn_tmout] [-T cmd_tmout] [-L logopts] \\\n"
@@ -88,6 +88,11 @@ LOGOPTS = {"0": set(), "none": set(),
            "ssl-session-packet-dump": {"debug"}, "untrusted": {"untrusted"},
            "peercert": {"peercert"}, "certmatch": {"certmatch"}, "cache": {"cache"},
            "verbose": {"verbose", "peercert", "certmatch", "cache"}}
+
+
+def _cache_key(addr, digest: str) -> str:
+    """posttls-finger's session cache key, as Postfix's: the server's address and the policy."""
+    return f"[{addr.addr}]:{addr.port}&{digest}"
 
 
 class Usage(Exception):
@@ -261,7 +266,8 @@ class Finger:
                 self.client = libtls.client_tls(self.cfg, "smtp", warn=warn, info=out)
             except libtls.TLSConfigError as exc:
                 warn(f"TLS library problem: {exc}")
-        self.cache = session.MemoryCache() if int(opts.get("r", -1)) > 0 else None
+        self.cache = tls.MemoryCache() if int(opts.get("r", -1)) > 0 else None
+        self.cache_hits = 0
         self.reconnect = int(opts.get("r", -1))
         self.max_reconnect = int(opts.get("m", 5))
         family = (opts.get("a") or "any").lower()
@@ -271,7 +277,7 @@ class Finger:
             ("ipv4", "ipv6")
         servers = params.split_list(self.cfg.get("smtp_dns_nameservers") or "")
         try:
-            self.resolver = nexthop.Resolver(
+            self.resolver = nexthop.NexthopResolver(
                 servers, timeout=self.conn_timeout,
                 host_lookup=params.split_list(opts.get("h", "dns")), protocols=protocols,
                 preference=family if family != "any" else "any")
@@ -329,9 +335,10 @@ class Finger:
     def _starter(self):
         domain = self.dest.host if not self.dest.unix else self.cfg.get("myhostname")
         policy = tls_policy.Policy(self.level)
-        return session.TlsStarter(
-            self.client, policy, cfg=self.cfg, prefix="smtp", service=None,
+        return tls.TlsStarter(
+            self.client, policy, cfg=self.cfg, prefix="smtp",
             nexthop_text=self.dest_text, nexthop_domain=domain, cache=self.cache,
+            cache_key=_cache_key,
             info=out, warn=warn, loglevel=0, match=self.match,
             fingerprints=self.fingerprints, log_cache="cache" in self.mask and self.pass_no > 1,
             log_certmatch="certmatch" in self.mask and self.pass_no == 1,
@@ -362,9 +369,11 @@ class Finger:
                 return True
         try:
             starter.start(stream, self.addr, self.server_helo)
-        except session.TLSStartError:
+        except tls.TLSStartError:
             stream.tls = None
             return False
+        if self.cache is not None and starter.tls_info.session_reused:
+            self.cache_hits += 1
         self._report(starter)
         return True
 
@@ -441,7 +450,7 @@ class Finger:
             if not self.cache.entries:
                 out("Server declined session caching. Done reconnecting.")
                 break
-            if self.cache.hits > 0 and self.pass_no > 1:
+            if self.cache_hits > 0 and self.pass_no > 1:
                 out("Found a previously used server.  Done reconnecting.")
                 break
             self.max_reconnect -= 1

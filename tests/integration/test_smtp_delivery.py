@@ -476,7 +476,7 @@ def mta(base, certs, peer, dns):
 
 @dataclass
 class Outcome:
-    reply: deliver.Reply
+    reply: deliver.DeliveryStatus
     qid: str
     log: str
     path: Path

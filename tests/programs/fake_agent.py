@@ -75,7 +75,7 @@ def service(conn, ctx):
     for rcpt, r in zip(request.recipients, results):
         deliver.log_delivery(request.queue_id, rcpt, RELAY, request.arrival, started,
                              r.dsn, r.result, r.reason)
-    conn.sendall(deliver.encode_reply(deliver.Reply(relay=RELAY, results=results)))
+    conn.sendall(deliver.encode_reply(deliver.DeliveryStatus(relay=RELAY, results=results)))
 
 
 def main(ctx):

@@ -68,11 +68,11 @@ def run_with(root, behave, timeout=5.0):
 def test_good_reply(root):
     def behave(conn, request):
         assert request.recipients == ["x@example.com", "y@example.com"]
-        conn.sendall(deliver.encode_reply(deliver.Reply("mx[192.0.2.1]:25", [
+        conn.sendall(deliver.encode_reply(deliver.DeliveryStatus("mx[192.0.2.1]:25", [
             deliver.RcptResult("sent", "2.0.0", "ok"),
             deliver.RcptResult("bounced", "5.1.1", "no")])))
     reply = run_with(root, behave)
-    assert isinstance(reply, deliver.Reply) and reply.relay == "mx[192.0.2.1]:25"
+    assert isinstance(reply, deliver.DeliveryStatus) and reply.relay == "mx[192.0.2.1]:25"
     assert [r.result for r in reply.results] == ["sent", "bounced"]
 
 
@@ -101,7 +101,7 @@ def test_broken_replies(root, capsys, send, warning):
 def test_agent_status_error_is_a_reply(root):
     result = run_with(root, lambda conn, request: conn.sendall(
         attr.encode({"status": "2", "reason": "bad request"})))
-    assert isinstance(result, deliver.Reply) and result.status == "2"
+    assert isinstance(result, deliver.DeliveryStatus) and result.status == "2"
     assert result.reason == "bad request"
 
 

@@ -92,7 +92,7 @@ class Harness:
             dsn, reason = table[kind]
             results.append(deliver.RcptResult("deferred" if kind == "dead" else kind, dsn,
                                               reason))
-        self.mgr.delivered(job, deliver.Reply(relay=relay, results=results))
+        self.mgr.delivered(job, deliver.DeliveryStatus(relay=relay, results=results))
 
     def files(self, queue):
         return sorted(n for n in os.listdir(os.path.join(self.root, queue))
@@ -275,7 +275,7 @@ def test_soft_bounce_deferral_recorded(make, capsys):
     qid = h.submit("alice@example.org", ["x@remote.example"])
     h.mgr.start()
     job, _ = h.calls.pop(0)
-    h.mgr.delivered(job, deliver.Reply(relay="mx.example[192.0.2.1]:25", results=[
+    h.mgr.delivered(job, deliver.DeliveryStatus(relay="mx.example[192.0.2.1]:25", results=[
         deliver.RcptResult("deferred", "4.1.1", "host mx.example[192.0.2.1] said: 550 5.1.1 "
                                                 "no such user (in reply to RCPT TO command)")]))
     assert h.files("deferred") == [qid]

@@ -4,13 +4,13 @@ import pytest
 
 from postfix_py.lib import maincf
 from postfix_py.lib.address import split_address, strip_extension
-from postfix_py.qmgr.resolve import Resolver, Route, parse_spec
+from postfix_py.qmgr.resolve import AddressResolver, Route, parse_spec
 
 
 def resolver(tmp_path, **settings):
     settings.setdefault("myhostname", "mail.example.com")
     (tmp_path / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
-    return Resolver(maincf.load(str(tmp_path)))
+    return AddressResolver(maincf.load(str(tmp_path)))
 
 
 def test_helpers():

@@ -131,7 +131,7 @@ def resolver(fakedns, **kw):
     kw.setdefault("timeout", 1.0)
     kw.setdefault("protocols", ("ipv4",))
     kw.setdefault("randomize", False)
-    return N.Resolver([f"127.0.0.1:{fakedns.port}"], **kw)
+    return N.NexthopResolver([f"127.0.0.1:{fakedns.port}"], **kw)
 
 
 def test_mx_preference_order_and_hosts(fakedns):
@@ -232,18 +232,18 @@ def test_cname_does_not_override_servername_by_default(fakedns):
 
 
 def test_native_lookup_uses_the_c_library():
-    r = N.Resolver(["127.0.0.1:9"], timeout=0.3, host_lookup=("native",),
+    r = N.NexthopResolver(["127.0.0.1:9"], timeout=0.3, host_lookup=("native",),
                    protocols=("ipv4",))
     addrs, why = r.addresses(N.parse("[localhost]:2525"))
     assert why is None and addrs[0].addr == "127.0.0.1" and addrs[0].name == "localhost"
 
 
 def test_unix_destination():
-    r = N.Resolver(["127.0.0.1:9"], timeout=0.3)
+    r = N.NexthopResolver(["127.0.0.1:9"], timeout=0.3)
     addrs, why = r.addresses(N.parse("unix:/run/lmtp", lmtp=True))
     assert why is None and addrs[0].addr == "/run/lmtp" and addrs[0].family == socket.AF_UNIX
 
 
 def test_bad_nameserver_setting():
     with pytest.raises(ValueError, match="bad DNS server address"):
-        N.Resolver(["not-an-address"])
+        N.NexthopResolver(["not-an-address"])

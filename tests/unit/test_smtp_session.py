@@ -1,4 +1,5 @@
-"""smtp/session.py over a socketpair: a scripted server thread plays the remote MTA.
+"""smtp/session.py and smtp/tls.py over a socketpair: a scripted server thread plays the
+remote MTA.
 
 Each test writes the server's side as a script (what it sends, what it expects), drives a
 Session through helo(), xfer(), quit(), and checks the recipients' results, the reasons
@@ -19,7 +20,7 @@ import trustme
 from postfix_py.lib import maincf, msg
 from postfix_py.lib import tls as libtls
 from postfix_py.lib.smtpio import SmtpStream
-from postfix_py.smtp import nexthop, session as S, tls_policy
+from postfix_py.smtp import nexthop, session as S, tls as T, tls_policy
 
 ADDR = nexthop.Address("mx.example", "192.0.2.1", 25)
 NAMADDR = "mx.example[192.0.2.1]"
@@ -119,7 +120,7 @@ class Harness:
             timeouts={k: 2 for k in ("helo", "mail", "rcpt", "data_init", "data_xfer",
                                      "data_done", "quit", "starttls")})
         self.stream = SmtpStream(self.client_sock, 2)
-        self.sess = S.Session(self.stream, self.d, ADDR, self.options, tls=tls)
+        self.sess = S.ClientSession(self.stream, self.d, ADDR, self.options, tls=tls)
 
     def run(self, xfer=True):
         self.server.start()
@@ -408,7 +409,7 @@ def starter(pki, tmp_path, level, cache=None, loglevel=1, infos=None, extra=""):
     cfg = maincf.load(str(tmp_path))
     infos = infos if infos is not None else []
     client = libtls.client_tls(cfg, "smtp", info=infos.append)
-    return S.TlsStarter(client, tls_policy.Policy(level), cfg=cfg, nexthop_text="[mx.example]",
+    return T.TlsStarter(client, tls_policy.Policy(level), cfg=cfg, nexthop_text="[mx.example]",
                         nexthop_domain="mx.example", cache=cache, info=infos.append,
                         warn=infos.append)
 
@@ -510,7 +511,7 @@ def test_note_starttls_offer_at_level_none(pki, tmp_path, monkeypatch):
 
 
 def test_session_is_cached_and_resumed(pki, tmp_path):
-    cache = S.MemoryCache()
+    cache = T.MemoryCache()
     infos = []
     first = starter(pki, tmp_path, "may", cache=cache, loglevel=2, infos=infos)
     Harness(tls_dialogue(), tls=first, tls_ctx=pki["good"]).run()
