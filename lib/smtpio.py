@@ -30,6 +30,9 @@ import time
 
 from OpenSSL import SSL
 
+from . import tls as libtls
+from .tls import ssl_error_text
+
 READ_SIZE = 65536
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _TOO_LONG: dict = {}    # line limit -> regex for a line of that many bytes or more
@@ -110,7 +113,7 @@ class SmtpStream:
             except SSL.ZeroReturnError:
                 raise StreamEOF("lost connection") from None
             except (SSL.SysCallError, SSL.Error) as exc:
-                raise StreamEOF(f"lost connection: {_ssl_text(exc)}") from None
+                raise StreamEOF(f"lost connection: {ssl_error_text(exc)}") from None
             except OSError as exc:
                 raise StreamEOF(f"lost connection: {exc.strerror}") from None
             if not data:
@@ -136,7 +139,7 @@ class SmtpStream:
                 self._wait(False, deadline)
                 continue
             except (SSL.SysCallError, SSL.Error) as exc:
-                raise StreamEOF(f"lost connection: {_ssl_text(exc)}") from None
+                raise StreamEOF(f"lost connection: {ssl_error_text(exc)}") from None
             except OSError as exc:
                 raise StreamEOF(f"lost connection: {exc.strerror}") from None
             view = view[n:]
@@ -209,25 +212,14 @@ class SmtpStream:
 
     # --- TLS -------------------------------------------------------------------------------
     def _handshake(self, conn: SSL.Connection, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                conn.do_handshake()
-                return
-            except SSL.WantReadError:
-                try:
-                    self._wait(False, deadline)
-                except StreamTimeout:
-                    raise TLSFailure("timeout") from None
-            except SSL.WantWriteError:
-                try:
-                    self._wait(True, deadline)
-                except StreamTimeout:
-                    raise TLSFailure("timeout") from None
-            except SSL.SysCallError as exc:
-                raise TLSFailure(_ssl_text(exc) or "lost connection") from None
-            except SSL.Error as exc:
-                raise TLSFailure(_ssl_text(exc)) from None
+        try:
+            libtls.handshake_loop(conn, timeout)
+        except TimeoutError:
+            raise TLSFailure("timeout") from None
+        except SSL.SysCallError as exc:
+            raise TLSFailure(ssl_error_text(exc) or "lost connection") from None
+        except SSL.Error as exc:
+            raise TLSFailure(ssl_error_text(exc)) from None
 
     def start_tls(self, conn: SSL.Connection, timeout: float) -> SSL.Connection:
         """Run the handshake of a connection made on this socket (server or client side)."""
@@ -251,16 +243,3 @@ class SmtpStream:
             self.sock.close()
         except OSError:
             pass
-
-
-def _ssl_text(exc: Exception) -> str:
-    """A one-line reason from a pyOpenSSL error."""
-    args = getattr(exc, "args", ())
-    if isinstance(exc, SSL.SysCallError):
-        if args and args[0] == -1:
-            return "unexpected EOF"
-        return args[1] if len(args) > 1 else str(exc)
-    if args and isinstance(args[0], list) and args[0]:
-        reason = (list(args[0][-1]) + ["", "", ""])[2]   # (lib, func, reason)
-        return reason or str(exc)
-    return str(exc) or type(exc).__name__

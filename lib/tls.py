@@ -63,7 +63,10 @@ BOTH SIDES
         non-blocking meanwhile and gets its own timeout mode back); TLSHandshakeError
         carries Postfix's "SSL_accept error from host[addr]: ..." / "SSL_connect error to
         ..." text ("-1", "lost connection", "Connection timed out") and .reasons, OpenSSL's
-        error texts. shutdown(conn, timeout, fast=True) sends close_notify (fast=False
+        error texts. handshake_loop(conn, timeout) is its loop alone (the socket already
+        non-blocking; TimeoutError, or OpenSSL's exception as raised), for lib/smtpio.py;
+        ssl_error_text(exc) is the one-line form of an OpenSSL error that smtpio reports
+        (the last reason; "unexpected EOF" for an EOF). shutdown(conn, timeout, fast=True) sends close_notify (fast=False
         also waits for the peer's); it never raises. Always call it before dropping a
         connection: OpenSSL marks the session of a connection freed without a TLS shutdown
         as not resumable. Note that pyOpenSSL on a socket with a timeout raises
@@ -449,12 +452,24 @@ def _memfd_path(data: bytes, name: str):
     return fd, f"/proc/self/fd/{fd}"
 
 
-def _ssl_reasons(exc: Exception) -> str:
-    """OpenSSL's reason texts from a pyOpenSSL error."""
+def _ssl_reasons(exc: Exception, last: bool = False) -> str:
+    """OpenSSL's reason texts from a pyOpenSSL error, joined with "; "; with last, only
+    the last one (a SysCallError: its errno text, "unexpected EOF" for -1), for one line."""
     args = getattr(exc, "args", ())
-    if args and isinstance(args[0], list):
+    if last and isinstance(exc, SSL.SysCallError):
+        if args and args[0] == -1:
+            return "unexpected EOF"
+        return args[1] if len(args) > 1 else str(exc)
+    if args and isinstance(args[0], list) and (args[0] or not last):
+        if last:
+            return (list(args[0][-1]) + ["", "", ""])[2] or str(exc)   # (lib, func, reason)
         return "; ".join(str(r[2]) for r in args[0] if len(r) > 2 and r[2]) or str(exc)
-    return str(exc)
+    return str(exc) or type(exc).__name__ if last else str(exc)
+
+
+def ssl_error_text(exc: Exception) -> str:
+    """One line for a pyOpenSSL error: the last OpenSSL reason (lib/smtpio.py's reasons)."""
+    return _ssl_reasons(exc, last=True)
 
 
 def _load_pairs(ctx: SSL.Context, pairs: list[_KeyPair], warn, warned: set) -> int:
@@ -923,6 +938,20 @@ def _socket_of(conn: SSL.Connection):
         return None
 
 
+def handshake_loop(conn: SSL.Connection, timeout: float) -> None:
+    """do_handshake() on a non-blocking socket until done; TimeoutError after timeout
+    seconds; OpenSSL's errors propagate as raised (for callers with their own words)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.do_handshake()
+            return
+        except SSL.WantReadError:
+            _wait(conn, False, deadline)
+        except SSL.WantWriteError:
+            _wait(conn, True, deadline)
+
+
 def handshake(conn: SSL.Connection, timeout: float) -> None:
     """Complete the TLS handshake within timeout seconds, or raise TLSHandshakeError."""
     state = conn.get_app_data()
@@ -934,16 +963,8 @@ def handshake(conn: SSL.Connection, timeout: float) -> None:
     if sock is not None:
         # Non-blocking, with select() below, so that timeout holds.
         sock.setblocking(False)
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            try:
-                conn.do_handshake()
-                return
-            except SSL.WantReadError:
-                _wait(conn, False, deadline)
-            except SSL.WantWriteError:
-                _wait(conn, True, deadline)
+        handshake_loop(conn, timeout)
     except TimeoutError:
         raise TLSHandshakeError(f"{verb} {namaddr}: Connection timed out") from None
     except SSL.SysCallError as exc:
