@@ -21,7 +21,7 @@ FUNCTIONS
         deliver_fn(request, ctx, report) -> relay; timeout defaults to ipc_timeout.
     decided(fn) -> deliver_fn: for fn(request, ctx) -> (relay, [RcptResult]), one result
         per recipient in request order, recorded when fn returns.
-    Report(request, soft_bounce): record(index, result, dsn, reason, relay,
+    Report(request, soft_bounce): record(index, kind, dsn, reason, relay,
         conn_setup=0.0, transmit=0.0) -> RcptResult (as decided: soft_bounce applied);
         reply(relay) -> lib.deliver.DeliveryStatus; .arrival (settable), .started, .soft_bounce.
     result(kind, dsn, reason) -> RcptResult.

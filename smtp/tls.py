@@ -43,7 +43,7 @@ from . import tls_policy
 X509_V_ERR_DANE_NO_MATCH = 65
 
 
-# --- TLS --------------------------------------------------------------------------------------
+# --- the TLS starter --------------------------------------------------------------------------
 
 class TLSStartError(Exception):
     """The handshake failed: the connection is in an unknown state and must be dropped."""
