@@ -59,7 +59,8 @@ FUNCTIONS
     parse_mechs(features_words) -> mechanism names from EHLO AUTH lines.
 
 SEE ALSO
-    smtp/session.py (the hook), smtp/service.py (pre_init), smtpd/sasl.py (server side);
+    smtp/session.py (the hook), smtp/service.py (pre_init), lib/sasl_common.py (security
+    options), smtpd/sasl.py (server side);
     Postfix smtp_sasl_glue.c, smtp_sasl_proto.c, SASL_README.
 """
 

@@ -23,7 +23,7 @@ DESCRIPTION
     request loop, the log line and soft_bounce are every agent's: lib/delivery_agent.py.
 
     TLS follows smtp/tls_policy.py (levels, legacy parameters, per-site table, policy
-    maps) and smtp/session.py (STARTTLS, certificate checks, session cache). The client
+    maps) and smtp/tls.py (STARTTLS, certificate checks, session cache). The client
     TLS engine is built in pre_init, before the chroot, from the smtp_tls_* parameters;
     when it cannot be built, TLS is unavailable: opportunistic TLS goes on in plain text
     and mandatory TLS defers ("TLS is required, but our TLS engine is unavailable").
@@ -62,7 +62,7 @@ FILES
         master copies it; pre_init reads the real one first)
 
 SEE ALSO
-    smtp/session.py, smtp/nexthop.py, smtp/tls_policy.py, lib/deliver.py,
+    smtp/session.py, smtp/tls.py, smtp/nexthop.py, smtp/tls_policy.py, lib/deliver.py,
     lib/delivery_agent.py, lib/tls.py;
     Postfix smtp(8), lmtp(8).
 """
@@ -354,8 +354,8 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
     stream = SmtpStream(sock, options.timeouts["helo"])
     starter = _starter(ctx, dest, addr, policy, client)
     sess = session.ClientSession(stream, d, addr, options, tls=starter,
-                           port25=addr.port == 25 and not options.lmtp,
-                           best_pref=best_pref, request_nexthop=request_nexthop)
+                                 port25=addr.port == 25 and not options.lmtp,
+                                 best_pref=best_pref, request_nexthop=request_nexthop)
     sess.sasl_dest = dest.text      # the next hop this session serves: a SASL lookup key
     try:
         if not sess.helo():

@@ -62,8 +62,8 @@ CONFIGURATION PARAMETERS
     (empty). lmtp_* for the lmtp client.
 
 SEE ALSO
-    SPEC-NOTES.md (the per-site rules), smtp/session.py (where the level is enforced),
-    lib/tls.py; Postfix smtp_tls_policy.c, TLS_README, TLS_LEGACY_README.
+    SPEC-NOTES.md (the per-site rules), smtp/session.py and smtp/tls.py (where the level is
+    enforced), lib/tls.py; Postfix smtp_tls_policy.c, TLS_README, TLS_LEGACY_README.
 """
 
 from __future__ import annotations
