@@ -12,9 +12,15 @@ SIGNALS (handlers only record; the loop acts, in this order)
     SIGHUP   reload: re-read both files; keep the listening sockets of services whose
              address is unchanged, open new ones, close removed ones; every worker of the
              old configuration finishes its client and exits. A configuration that does not
-             parse is logged and the running one stays.
-    SIGTERM  stop: close the listeners, tell workers to finish their client and exit, wait
-             for them, exit.
+             parse, or names a certificate or key that does not load or does not match
+             (load_config), is logged and the running one stays.
+    SIGTERM  stop, as Postfix's `postfix stop`: close the listeners and hand every worker
+             SIGTERM; idle workers exit, busy ones end their client at once (lib/server.py
+             STOPPING: no acknowledged mail is lost). A worker still there after
+             STOP_GRACE seconds is killed. Exit when none is left.
+    SIGUSR2  drain (`postfix-py stop -t SECONDS`): close the listeners and retire every
+             worker; each finishes its client, then exits; exit when none is left. A
+             SIGTERM meanwhile ends the rest at once.
     SIGINT, SIGQUIT  abort: kill every worker at once, exit.
     SIGUSR1  write a status snapshot (queue_directory/pid/master.status, JSON) for
              `postfix-py status`.
@@ -47,7 +53,7 @@ import struct
 import time
 import traceback
 
-from ..lib import maincf, mastercf, msg, params
+from ..lib import maincf, mastercf, msg, params, tls
 from ..lib.events import EventLoop
 from ..lib.queue import recover_incoming
 from ..lib.server import STATUS_FORMAT, STATUS_SIZE, STATUS_TAKEN, WorkerContext
@@ -55,21 +61,41 @@ from . import services as S
 
 CHROOT_FILES = ("/etc/localtime", "/etc/hosts", "/etc/resolv.conf", "/etc/services",
                 "/etc/nsswitch.conf", "/etc/host.conf")
-LIMIT_WARN_INTERVAL = 60
+LIMIT_WARN_INTERVAL = 1000      # seconds, as Postfix's master_avail_listen()
+STOP_GRACE = 10                 # seconds a worker has to end after SIGTERM
 
 
 class StartError(Exception):
-    """The mail system cannot start as configured (the message says why)."""
+    """The mail system cannot start as configured (the message says why).
+
+    problems lists every reason found (the message is the first), for `postfix-py check`.
+    """
+
+    def __init__(self, text: str, problems: list[str] | None = None):
+        super().__init__(text)
+        self.problems = problems or [text]
 
 
-def load_config(config_dir: str):
-    """main.cf and master.cf, checked: (Config, [Service]); StartError when unusable."""
+# The parameters whose files check_certificates() reads, per side (lib/tls.py).
+_CERT_PARAMS = ("tls_cert_file", "tls_key_file", "tls_dcert_file", "tls_dkey_file",
+                "tls_eccert_file", "tls_eckey_file", "tls_chain_files")
+_TLS_SIDES = ("smtpd", "smtp", "lmtp")
+
+
+def load_config(config_dir: str, warn=msg.warn, certificates: bool = True):
+    """main.cf and master.cf, checked: (Config, [Service]); StartError when unusable.
+
+    The services that postfix-py cannot run are warned about and left out (services.py
+    runnable()). Every certificate and key that main.cf or a service's -o overrides name
+    is loaded and validated (certificate_problems()): start, reload and check refuse a
+    key that does not match its certificate before any worker could serve without TLS.
+    """
     try:
         cfg = maincf.load(config_dir)
         problems = maincf.check(cfg)
         if problems:
             raise StartError(problems[0])
-        svcs = mastercf.load(os.path.join(cfg.config_dir, "master.cf"))
+        svcs = mastercf.load(os.path.join(cfg.config_dir, "master.cf"), warn=warn)
         for svc in svcs:
             problems = maincf.check(cfg.with_overrides(svc.overrides))
             if problems:
@@ -83,7 +109,49 @@ def load_config(config_dir: str):
             pwd.getpwnam(cfg.get("mail_owner"))
         except KeyError:
             raise StartError(f"mail_owner: unknown user: {cfg.get('mail_owner')}") from None
+    svcs = S.runnable(svcs, warn)
+    problems = certificate_problems(cfg, svcs, warn) if certificates else []
+    if problems:
+        raise StartError(problems[0], problems)
     return cfg, svcs
+
+
+def certificate_problems(cfg, svcs, warn=msg.warn) -> list[str]:
+    """Every certificate/key problem of main.cf and of each service's overrides.
+
+    Each distinct set of certificate parameters is loaded once, for the server side
+    (smtpd_*) and both client sides (smtp_*, lmtp_*); a problem of a service's own -o
+    setting is prefixed with "service NAME/TYPE: ". Warnings (an expired certificate) are
+    given once each.
+    """
+    said: set = set()
+
+    def warn_once(text: str) -> None:
+        if text not in said:
+            said.add(text)
+            warn(text)
+
+    problems: list[str] = []
+    seen: set = set()
+    views = [("", cfg)] + [(f"service {svc.key}: ", cfg.with_overrides(svc.overrides))
+                           for svc in svcs if svc.overrides]
+    for where, view in views:
+        for side in _TLS_SIDES:
+            try:
+                key = (side,) + tuple(view.get(f"{side}_{name}") for name in _CERT_PARAMS)
+            except maincf.ConfigError as exc:
+                problems.append(f"{where}{exc}")
+                continue
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                tls.check_certificates(view, side, warn_once)
+            except tls.TLSConfigError as exc:
+                problems.append(f"{where}{exc}")
+            except maincf.ConfigError as exc:
+                problems.append(f"{where}{exc}")
+    return problems
 
 
 def pid_path(cfg) -> str:
@@ -173,7 +241,8 @@ class Master:
         self.states_by_key_gen: dict[tuple, S.ServiceState] = {}
         self.generation = 0
         self.pending: set[int] = set()
-        self.stopping = False
+        self.stopping = False       # draining or terminating: no new client, exit when empty
+        self.terminating = False    # SIGTERM: workers were told to end now
         self.started = time.time()
         self.lock_fd = -1
         self.cfg = None
@@ -182,11 +251,14 @@ class Master:
     # --- start ---------------------------------------------------------------------------
     def start(self) -> None:
         """Load the configuration, lock the pid file, open every listener; StartError if not."""
-        cfg, svcs = load_config(self.config_dir)
+        warnings: list[str] = []
+        cfg, svcs = load_config(self.config_dir, warn=warnings.append)
         self.cfg = cfg
         msg.init("master", syslog_name=cfg.get("syslog_name"),
                  maillog_file=cfg.get("maillog_file"),
                  syslog_facility=cfg.get("syslog_facility"), verbose=self.verbose)
+        for text in warnings:
+            msg.warn(text)
         if self.run_as_root:
             try:
                 pwd.getpwnam(cfg.get("mail_owner"))
@@ -220,7 +292,7 @@ class Master:
         self._sig_r, self._sig_w = r, w
         signal.set_wakeup_fd(w)
         for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT,
-                    signal.SIGQUIT, signal.SIGUSR1):
+                    signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self.loop.add_reader(r, self._on_wakeup)
@@ -297,6 +369,8 @@ class Master:
             self.abort()
         elif signal.SIGTERM in pending:
             self.stop()
+        elif signal.SIGUSR2 in pending:
+            self.drain()
         if signal.SIGUSR1 in pending:
             self.write_status()
 
@@ -423,13 +497,22 @@ class Master:
                 and self._avail(state) == 0 and not at_limit)
         # Warn only when this generation's own workers fill the limit: processes of an
         # older generation that are finishing after a reload are not a capacity problem.
+        # As Postfix's master_avail_listen(), only a service that remote clients reach
+        # and that runs more than one process is worth the warning: not a unix service
+        # (pickup's wakeup connects while its one process works), nor a loopback one.
         own = sum(1 for p in self.procs.values()
                   if p.key == state.key and p.generation == state.generation)
-        if at_limit and own >= state.maxproc and self._avail(state) == 0 and \
-                time.monotonic() - state.limit_warned > LIMIT_WARN_INTERVAL:
+        if at_limit and not self.stopping and own >= state.maxproc and \
+                self._avail(state) == 0 and S.stress_warned(state) and \
+                (not state.limit_warned or
+                 time.monotonic() - state.limit_warned > LIMIT_WARN_INTERVAL):
             state.limit_warned = time.monotonic()
             msg.warn(f"service {S.describe(state.svc)} has reached its process limit "
                      f"\"{state.maxproc}\": new clients may experience noticeable delays")
+            msg.warn("to avoid this condition, increase the process count in master.cf "
+                     "or reduce the service time per client")
+            msg.warn("see https://www.postfix.org/STRESS_README.html for examples of "
+                     "stress-adapting configuration settings")
         if want and not state.listening:
             for sock in state.listeners:
                 self.loop.add_reader(sock, lambda st=state: self._on_listener(st))
@@ -475,7 +558,8 @@ class Master:
         try:
             cfg, svcs = load_config(self.config_dir)
         except StartError as exc:
-            msg.warn(f"reload: {exc}; keeping the running configuration")
+            for problem in exc.problems:
+                msg.warn(f"reload: {problem}; keeping the running configuration")
             return
         self.generation += 1
         reuse = {}
@@ -526,11 +610,8 @@ class Master:
             self.states_by_key_gen.pop((state.key, state.generation), None)
         self.retired = keep
 
-    def stop(self) -> None:
-        """Close the listeners; workers finish their client and exit; then so do we."""
-        if self.stopping:
-            return
-        msg.info("terminating on signal 15")
+    def _close_services(self) -> None:
+        """No new client: close every listener, retire every generation's workers."""
         self.stopping = True
         for state in list(self.services.values()):
             if state.listening:
@@ -542,21 +623,46 @@ class Master:
                 sock.close()
             state.listeners = []
             state.retire()
+
+    def drain(self) -> None:
+        """Close the listeners; workers finish their client and exit; then so do we."""
+        if self.stopping:
+            return
+        msg.info("stopping when every client is done")
+        self._close_services()
+
+    def stop(self) -> None:
+        """Close the listeners and hand every worker SIGTERM; kill stragglers later."""
+        if self.terminating:
+            return
+        msg.info("terminating on signal 15")
+        self.terminating = True
+        self._close_services()
+        self._signal_workers(signal.SIGTERM)
+        self.loop.call_later(STOP_GRACE, self._kill_stragglers)
+
+    def _signal_workers(self, sig: int) -> None:
         for pid in list(self.procs):
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+
+    def _kill_stragglers(self) -> None:
+        """A worker that did not end within STOP_GRACE seconds of SIGTERM is killed."""
+        for pid, proc in list(self.procs.items()):
+            state = self.states_by_key_gen.get((proc.key, proc.generation))
+            program = state.program if state else proc.key.split("/")[0]
+            msg.warn(f"process postfix-py/{program} pid {pid} did not stop "
+                     f"within {STOP_GRACE}s: killing it")
+        self._signal_workers(signal.SIGKILL)
 
     def abort(self) -> None:
         """Kill every worker now and exit."""
         msg.info("terminating immediately on abort")
-        self.stop()
-        for pid in list(self.procs):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self.terminating = True
+        self._close_services()
+        self._signal_workers(signal.SIGKILL)
 
     def _finish(self) -> None:
         for state in list(self.services.values()) + self.retired:
