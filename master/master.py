@@ -37,6 +37,12 @@ FILES
 CONFIGURATION PARAMETERS
     default_process_limit (100), service_throttle_time (60s), inet_interfaces (all),
     inet_protocols (all), queue_directory, mail_owner, and every service's master.cf columns.
+    tls_certificate_reload_interval (0s, off; a postfix-py extension): every so often the
+    master looks at the certificate and key files that main.cf and master.cf name (inode,
+    size, modification time, through symlinks) and, when one changed, reloads itself the
+    validated way of SIGHUP, so that a renewed certificate (ACME) needs no reload hook. A
+    renewal that does not validate is logged and the running certificates stay, until the
+    files change again.
 """
 
 from __future__ import annotations
@@ -246,6 +252,8 @@ class Master:
         self.started = time.time()
         self.lock_fd = -1
         self.cfg = None
+        self.cert_files: dict = {}      # path -> (inode, size, mtime) when last loaded
+        self.cert_timer = None
         self._sig_r = self._sig_w = -1
 
     # --- start ---------------------------------------------------------------------------
@@ -298,6 +306,7 @@ class Master:
         self.loop.add_reader(r, self._on_wakeup)
         for state in self.services.values():
             self._activate(state)
+        self._watch_certificates()
         os.ftruncate(self.lock_fd, 0)
         os.pwrite(self.lock_fd, f"{os.getpid():>10}\n".encode(), 0)
         msg.info(f"daemon started -- version {params.lookup('mail_version').default}, "
@@ -593,8 +602,56 @@ class Master:
         for state in new.values():
             self._activate(state)
         self._collect_retired()
+        self._watch_certificates()
         msg.info(f"reload -- version {params.lookup('mail_version').default}, "
                  f"configuration {cfg.config_dir}")
+
+    # --- certificate files ------------------------------------------------------------------
+    def _certificate_state(self) -> dict:
+        """path -> (inode, size, mtime) of every certificate and key file now configured."""
+        files: set = set()
+        for view in [self.cfg] + [state.cfg for state in self.services.values()]:
+            for side in _TLS_SIDES:
+                try:
+                    files.update(tls.certificate_files(view, side))
+                except (maincf.ConfigError, ValueError):
+                    pass        # load_config() has accepted it; nothing to watch then
+        out = {}
+        for path in sorted(files):
+            try:
+                st = os.stat(path)
+                out[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:
+                out[path] = None
+        return out
+
+    def _watch_certificates(self) -> None:
+        """Record the certificate files just loaded; look again every interval."""
+        self.loop.cancel(self.cert_timer)
+        self.cert_timer = None
+        interval = self.cfg["tls_certificate_reload_interval"]
+        if not interval:
+            return
+        self.cert_files = self._certificate_state()
+
+        def look():
+            self.cert_timer = None
+            if self.stopping:
+                return
+            now = self._certificate_state()
+            changed = [path for path in now if now[path] != self.cert_files.get(path)]
+            if not changed:
+                self.cert_timer = self.loop.call_later(interval, look)
+                return
+            # Recorded now: a renewal that does not validate is reported once, not at
+            # every look, and tried again when the files change again.
+            self.cert_files = now
+            msg.info(f"certificate file changed: {changed[0]}: reloading")
+            self.reload()
+            if self.cert_timer is None and self.cfg["tls_certificate_reload_interval"]:
+                # The reload was refused: the running configuration keeps looking.
+                self.cert_timer = self.loop.call_later(interval, look)
+        self.cert_timer = self.loop.call_later(interval, look)
 
     def _collect_retired(self) -> None:
         """Release old generations once their last worker is gone."""

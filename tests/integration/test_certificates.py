@@ -6,6 +6,8 @@ its chain in separate smtpd_tls_chain_files work as their concatenation does."""
 import os
 import signal
 import ssl
+import time
+from pathlib import Path
 
 import pytest
 import trustme
@@ -141,3 +143,35 @@ def test_split_key_and_chain_files_are_one_stream(tlsmta, pki):
     assert (f"smtpd_tls_chain_files: private key in {pki['key']} is not followed by its "
             f"certificate") in out.stderr
     assert starttls_cert(tlsmta.port) == pki["leaf_der"]
+
+
+def test_changed_certificate_files_are_reloaded_validated(tlsmta, pki, tmp_path):
+    """tls_certificate_reload_interval: a renewal (ACME) is picked up without a reload
+    hook; a renewal whose key does not match is refused and the old certificate stays."""
+    live = tmp_path / "live.pem"
+    live.write_bytes(Path(pki["good"]).read_bytes())
+    os.chmod(tmp_path, 0o755)
+    tlsmta.main.update({"smtpd_tls_cert_file": str(live),
+                        "tls_certificate_reload_interval": "1s"})
+    tlsmta.start()
+    assert starttls_cert(tlsmta.port) == pki["leaf_der"]
+    renewed = trustme.CA().issue_cert("localhost")
+    new = tmp_path / "new.pem"
+    renewed.private_key_and_cert_chain_pem.write_to_path(str(new))
+    os.replace(new, live)
+    wait_for(lambda: "reload -- version" in tlsmta.log(), timeout=10, what="the reload")
+    assert f"certificate file changed: {live}: reloading" in tlsmta.log()
+    renewed_der = x509.load_pem_x509_certificate(renewed.cert_chain_pems[0].bytes()) \
+        .public_bytes(serialization.Encoding.DER)
+    wait_for(lambda: starttls_cert(tlsmta.port) == renewed_der, what="the new certificate")
+    # A broken renewal: the certificate of one key with another key.
+    broken = tmp_path / "broken.pem"
+    broken.write_bytes(Path(pki["other_key"]).read_bytes() + renewed.cert_chain_pems[0].bytes())
+    os.replace(broken, live)
+    wait_for(lambda: "keeping the running configuration" in tlsmta.log(), timeout=10,
+             what="the refusal")
+    assert f"reload: smtpd_tls_key_file: the private key in {live} does not match" \
+        in tlsmta.log()
+    time.sleep(2.5)                         # looked at twice more: refused only once
+    assert tlsmta.log().count("keeping the running configuration") == 1
+    assert starttls_cert(tlsmta.port) == renewed_der
