@@ -75,6 +75,12 @@ def start(argv: list[str], foreground: bool = False) -> int:
     pid = M.read_pid(cfg)
     if pid:
         msg.fatal(f"the postfix-py mail system is already running (pid {pid})")
+    # As `postfix start` runs `postfix check`: what the master would skip or refuse is
+    # said here, on standard error (the master logs it again to the mail log).
+    try:
+        M.load_config(config_dir)
+    except M.StartError as exc:
+        msg.fatal(str(exc))
     if foreground:
         return _run_master(config_dir, verbose, ready_fd=None)
     r, w = os.pipe()

@@ -69,3 +69,13 @@ def test_debian_master_cf_starts_with_warnings(instance):
     log = instance.log()
     assert "fatal" not in log and "Traceback" not in log and "uncaught exception" not in log
     assert "exit status" not in log and "throttling" not in log
+
+
+def test_start_says_what_it_skips_on_standard_error(instance):
+    port = free_port()
+    instance.write()
+    (instance.dir / "master.cf").write_text(debian_master_cf(port))
+    instance.write = lambda: None
+    out = instance.start()
+    assert skip_lines(out.stderr) == SKIPPED
+    assert "postfix-py/postfix-script: warning: " in out.stderr
