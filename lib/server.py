@@ -36,14 +36,15 @@ STOPPING
     from a silent client included), the connection closes and the worker exits.
     That loses no mail: a message is acknowledged only after QueueWriter.commit() has
     written the end record, fsynced and renamed the file, and smtpd forgets the writer
-    before it sends 250. Cut short anywhere before that, the session's clean-up removes
-    the partial file (or, cut inside commit() after the fsync, a complete file stays
-    under its dot name and recover_incoming() queues it at the next start); the client
-    has no 250 and sends again. Cut after commit() but before the 250 went out, the
-    message is queued and the client may send it again: a duplicate, never a loss
-    (RFC 1047). A step that must not be cut in half (an mbox append) runs inside
-    critical(), which holds SIGTERM back until it is done. The master kills what is
-    left after a grace period.
+    before it sends 250. Cut short before commit() returns, the session's clean-up
+    (QueueWriter.abort) removes the file (cut just after the rename, it may leave it
+    queued); either way the client got no 250 and sends again (at worst a duplicate,
+    never a loss: RFC 1047). Cut after commit() but before the 250 went out,
+    the same. Only the master's SIGKILL of a worker that outlives the grace period skips
+    the clean-up: a partial file then lacks its end record and is never delivered, and a
+    complete one left under its dot name is queued by recover_incoming() at the next
+    start. A step that must not be cut in half (an mbox append) runs inside critical(),
+    which holds SIGTERM back until it is done.
     multi_server workers (tlsmgr, qmgr) keep their state in memory: they end their event
     loop at SIGTERM.
 
