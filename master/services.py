@@ -28,6 +28,10 @@ FUNCTIONS
         with mail_owner's effective uid and gid and their mode set by the umask at bind:
         root never follows a path in a directory that mail_owner can write.
     endpoint_key(svc, cfg) -> hashable key of what a service listens on, for reuse at reload
+    local_only(svc, listeners) -> True for a unix service or an inet one on loopback alone
+    stress_warned(state) -> whether the "has reached its process limit" warning applies:
+        as Postfix (master_ent.c, master_avail_listen()), only to a service that is not
+        local-only and whose process limit is above 1 (not pickup's `1`)
 """
 
 from __future__ import annotations
