@@ -372,7 +372,7 @@ def test_stop_ends_silent_and_busy_clients_at_once(instance):
     wait_for(lambda: [n for n in os.listdir(instance.queue / "incoming")],
              what="the queue file being written")
     pids = {p.pid for p in instance.workers()} | {instance.master_pid()}
-    assert len(pids) == 4
+    assert len(pids) >= 4                   # the master, echo, two smtpd workers
     started = time.monotonic()
     out = instance.cmd("stop")
     took = time.monotonic() - started
