@@ -147,6 +147,7 @@ PARAMS: list[Param] = [
     _p("service_throttle_time", "60s", TIME, "pause of a service whose workers fail at start", min=1),
     _p("daemon_timeout", "18000s", TIME, "watchdog limit of one worker loop pass", min=1),
     _p("ipc_timeout", "3600s", TIME, "time limit of one internal request", min=1),
+    _p("tls_certificate_reload_interval", "0s", TIME, "postfix-py extension: how often the master looks for changed certificate and key files and then reloads, validated as 'postfix-py reload' (0: never)", min=0),
     # --- smtpd: session and limits ------------------------------------------------------
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", STR, "text of the 220 greeting"),
     _p("smtpd_timeout", "${stress?{10}:{300}}s", TIME, "time limit of one client read or write", min=1),

@@ -28,6 +28,26 @@ SKELETONS
     on_exit(ctx). ctx.stopping is true once the worker should finish its client and exit;
     a long session checks it between commands.
 
+STOPPING
+    Retirement (EOF on the liveness pipe: a reload, or `postfix-py stop -t`) is graceful:
+    the worker finishes its client, then exits. SIGTERM (`postfix-py stop`) is not, as in
+    Postfix, whose master hands its children SIGTERM: an idle worker exits at once, and a
+    single_server worker busy with a client gets Terminated raised where it is (a read
+    from a silent client included), the connection closes and the worker exits.
+    That loses no mail: a message is acknowledged only after QueueWriter.commit() has
+    written the end record, fsynced and renamed the file, and smtpd forgets the writer
+    before it sends 250. Cut short before commit() returns, the session's clean-up
+    (QueueWriter.abort) removes the file (cut just after the rename, it may leave it
+    queued); either way the client got no 250 and sends again (at worst a duplicate,
+    never a loss: RFC 1047). Cut after commit() but before the 250 went out,
+    the same. Only the master's SIGKILL of a worker that outlives the grace period skips
+    the clean-up: a partial file then lacks its end record and is never delivered, and a
+    complete one left under its dot name is queued by recover_incoming() at the next
+    start. A step that must not be cut in half (an mbox append) runs inside critical(),
+    which holds SIGTERM back until it is done.
+    multi_server workers (tlsmgr, qmgr) keep their state in memory: they end their event
+    loop at SIGTERM.
+
 STATUS PIPE
     A worker writes fixed 13-byte records (pid, generation, state, clients served;
     network order) to the master: state 1 available, 0 taken. Writes under PIPE_BUF are
@@ -36,6 +56,7 @@ STATUS PIPE
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pwd
@@ -50,6 +71,24 @@ import setproctitle
 
 from . import msg
 from .events import EventLoop
+
+class Terminated(BaseException):
+    """SIGTERM arrived while a single_server worker served a client: end it now.
+
+    A BaseException, so that a service's `except Exception` does not swallow it; its
+    finally clauses run (they remove an unfinished queue file).
+    """
+
+
+@contextlib.contextmanager
+def critical():
+    """Hold SIGTERM back while a step that must not be cut in half runs."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
 
 STATUS_FORMAT = "!IIBI"
 STATUS_SIZE = struct.calcsize(STATUS_FORMAT)
@@ -71,6 +110,7 @@ class WorkerContext:
     close_fds: list = field(default_factory=list)   # other services' descriptors
     verbose: int = 0
     stopping: bool = False
+    busy: bool = False              # serving a client in single_server: SIGTERM cuts it short
     served: int = 0
     run_as_root: bool = False       # the master runs as root: chroot and drop apply
     signal_fd: int = -1             # read end of the signal wakeup pipe (set by _start)
@@ -119,7 +159,10 @@ def _start(ctx: WorkerContext) -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     def on_term(signum, frame):
-        ctx.stopping = True     # finish the current client, then exit
+        ctx.stopping = True     # no new client; an idle worker exits at once
+        if ctx.busy:
+            ctx.busy = False    # once: the service's clean-up is not cut short again
+            raise Terminated
     signal.signal(signal.SIGTERM, on_term)
     cfg = ctx.cfg
     msg.init(ctx.program, syslog_name=cfg.get("syslog_name"),
@@ -232,17 +275,23 @@ def single_server(ctx: WorkerContext, service, pre_init=None, post_init=None,
                 break
             ctx.report(STATUS_TAKEN)
             try:
+                ctx.busy = not ctx.stopping
                 service(conn, ctx)
             except ConnectionError as exc:
                 # The client went away mid-write: its loss, not a reason to die.
                 msg.verbose(1, f"lost connection: {exc}")
+            except Terminated:
+                msg.verbose(1, "terminated by signal 15 while serving a client")
             finally:
+                ctx.busy = False
                 try:
                     conn.close()
                 except OSError:
                     pass
             ctx.served += 1
             ctx.report(STATUS_AVAIL)
+    except Terminated:
+        pass        # SIGTERM between the service's end and the clean-up above
     finally:
         if on_exit:
             on_exit(ctx)

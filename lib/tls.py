@@ -85,6 +85,14 @@ BOTH SIDES
         pkey_fingerprint="; client: "subject_CN=, issuer_CN=, ..."), "matched peername".
         With require_trust, an untrusted peer adds Postfix's "certificate verification
         failed for ..." line at any level.
+    check_certificates(cfg, prefix, warn=msg.warn) -> number of key pairs: loads every
+        certificate and key that prefix's *_tls_cert_file/key_file, dcert/dkey,
+        eccert/eckey or *_tls_chain_files name, as server_tls()/client_tls() would, and
+        raises TLSConfigError (naming the parameter and the file) for an unreadable file,
+        a malformed object, a key without its certificate or a key that does not match
+        it; warns about an expired certificate or a chain out of order. For
+        `postfix-py check`, `start` and `reload`, which refuse what it refuses.
+    certificate_files(cfg, prefix) -> the files those parameters name.
     summary_line(info, usage="established") -> the level-1 line alone.
     received_lines(info, ask_ccert) -> the physical lines of smtpd's Received: header
         clause for smtpd_tls_received_header (each starts with a tab);
@@ -105,7 +113,8 @@ CONFIGURATION PARAMETERS (server; the client reads the smtp_/lmtp_ counterparts)
     smtpd_tls_eccert_file, smtpd_tls_eckey_file: ECDSA. RSA and ECDSA load into the same
         SSL_CTX; OpenSSL presents the one that the client's signature algorithms allow.
     smtpd_tls_chain_files (empty): files of keys each followed by its chain; when set, the
-        three pairs above are ignored, as in Postfix.
+        three pairs above are ignored, as in Postfix. As Postfix reads them, the files
+        are one stream: "key.pem, fullchain.pem" is the same as their concatenation.
     smtpd_tls_CAfile (empty): trusted CAs, read now (before chroot); with
         smtpd_tls_ask_ccert its CAs are the acceptable-CA list sent to clients.
     smtpd_tls_CApath (empty): trusted CAs in a c_rehash directory, read by OpenSSL when
@@ -404,7 +413,11 @@ def _legacy_pair(cfg, prefix: str, cert_suffix: str, key_suffix: str) -> _KeyPai
 
 
 def _chain_file_pairs(cfg, prefix: str) -> list[_KeyPair]:
-    """Keys each followed by their chain, across the files of *_tls_chain_files."""
+    """Keys each followed by their chain, across the files of *_tls_chain_files.
+
+    As Postfix's load_chain_files(), the files are one stream, as if concatenated: a key
+    may end one file and its certificates fill the next (key.pem, fullchain.pem).
+    """
     param = f"{prefix}_tls_chain_files"
     pairs: list[_KeyPair] = []
     for path in cfg[param]:
@@ -413,17 +426,21 @@ def _chain_file_pairs(cfg, prefix: str) -> list[_KeyPair]:
             raise TLSConfigError(f"{param}: no PEM data in file {path}")
         for label, block in blocks:
             if label.endswith("PRIVATE KEY"):
+                if pairs and not pairs[-1].chain:
+                    raise TLSConfigError(f"{param}: private key in {pairs[-1].key_path} is "
+                                         f"not followed by its certificate")
                 key = _load_private_key(label, block, path, param)
-                pairs.append(_KeyPair(key, [], param, param, path, path))
+                pairs.append(_KeyPair(key, [], param, param, "", path))
             elif label in ("CERTIFICATE", "TRUSTED CERTIFICATE", "X509 CERTIFICATE"):
-                if not pairs or pairs[-1].key_path != path:
+                if not pairs:
                     raise TLSConfigError(f"{param}: certificate in {path} is not preceded "
                                          f"by its private key")
+                if not pairs[-1].chain:
+                    pairs[-1].cert_path = path
                 pairs[-1].chain += _load_certificates([(label, block)], path, param)
-        for pair in pairs:
-            if not pair.chain:
-                raise TLSConfigError(f"{param}: private key in {pair.key_path} is not "
-                                     f"followed by its certificate")
+    if pairs and not pairs[-1].chain:
+        raise TLSConfigError(f"{param}: private key in {pairs[-1].key_path} is not "
+                             f"followed by its certificate")
     return pairs
 
 
@@ -439,6 +456,54 @@ def _key_pairs(cfg, prefix: str, warn) -> list[_KeyPair]:
     for pair in pairs:
         _check_pair(pair, warn)
     return pairs
+
+
+def _chain_order_warnings(pair: _KeyPair, warn) -> None:
+    """A chain whose certificates do not each issue the one before: worth a warning.
+
+    OpenSSL sends the chain as loaded and Postfix does not check its order, so an odd
+    chain (a cross-signed extra, an unrelated CA) is not refused; clients that cannot
+    build a path from it will not trust the server, and the administrator should know.
+    """
+    for n, (cert, issuer) in enumerate(zip(pair.chain, pair.chain[1:]), start=1):
+        if cert.issuer != issuer.subject:
+            warn(f"{pair.cert_param}: certificate {n + 1} in {pair.cert_path} is not the "
+                 f"issuer of certificate {n} (issuer {cert.issuer.rfc4514_string()}, "
+                 f"next subject {issuer.subject.rfc4514_string()})")
+            return
+
+
+def check_certificates(cfg, prefix: str, warn=msg.warn) -> int:
+    """Load and validate every key and certificate of one side; the count of pairs.
+
+    For `postfix-py check`, `start` and `reload`, with prefix smtpd, smtp or lmtp: every
+    file that *_tls_cert_file / key_file, dcert / dkey, eccert / eckey or *_tls_chain_files
+    names is read and parsed, each key must match the first certificate of its chain, and
+    OpenSSL must accept the pair. TLSConfigError (naming the parameter and the file) for
+    an unreadable file, a malformed object, a key without certificate or a mismatch;
+    warnings for an expired chain or one out of order.
+    """
+    pairs = _key_pairs(cfg, prefix, warn)
+    if pairs:
+        method = SSL.TLS_SERVER_METHOD if prefix == "smtpd" else SSL.TLS_CLIENT_METHOD
+        _load_pairs(SSL.Context(method), pairs, warn, set())
+    for pair in pairs:
+        _chain_order_warnings(pair, warn)
+    return len(pairs)
+
+
+def certificate_files(cfg, prefix: str) -> list[str]:
+    """The certificate and key files that one side's parameters name (for change checks)."""
+    if cfg[f"{prefix}_tls_chain_files"]:
+        return list(cfg[f"{prefix}_tls_chain_files"])
+    files = []
+    for cert_suffix, key_suffix in (("tls_cert_file", "tls_key_file"),
+                                    ("tls_dcert_file", "tls_dkey_file"),
+                                    ("tls_eccert_file", "tls_eckey_file")):
+        cert = cfg.get(f"{prefix}_{cert_suffix}").strip()
+        if cert and cert != "none":
+            files += [cert, cfg.get(f"{prefix}_{key_suffix}").strip() or cert]
+    return files
 
 
 def _memfd_path(data: bytes, name: str):

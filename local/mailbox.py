@@ -40,6 +40,8 @@ import re
 import socket
 import time
 
+from ..lib.server import critical
+
 LOCK_WAIT = 10.0
 _FROM_LINE = re.compile(rb"(?m)^From ")
 
@@ -189,16 +191,18 @@ def deliver_mbox(path: str, sender: str, headers: bytes, content: bytes, fd: int
             body += b"\n"
         data = (f"From {sender or 'MAILER-DAEMON'}  {stamp}\n".encode("utf-8", "surrogateescape")
                 + headers + body + b"\n")
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        except OSError as exc:
+        # Under critical(): `postfix-py stop` must not leave half a message in the mbox.
+        with critical():
             try:
-                os.ftruncate(fd, end)
-            except OSError:
-                pass
-            raise MailboxError(mbox_dsn(exc.errno), f"error writing message: "
-                               f"{exc.strerror}") from None
+                _write_all(fd, data)
+                os.fsync(fd)
+            except OSError as exc:
+                try:
+                    os.ftruncate(fd, end)
+                except OSError:
+                    pass
+                raise MailboxError(mbox_dsn(exc.errno), f"error writing message: "
+                                   f"{exc.strerror}") from None
     finally:
         if own:
             os.close(fd)

@@ -20,7 +20,7 @@ _CONTROL = "postfix_py.master.control"
 VERBS = {
     "start": (_CONTROL, "start", "start the mail system in the background"),
     "start-fg": (_CONTROL, "start_fg", "start the mail system in the foreground"),
-    "stop": (_CONTROL, "stop", "stop gracefully: workers finish their client"),
+    "stop": (_CONTROL, "stop", "stop now (-t SECONDS: let clients finish first)"),
     "abort": (_CONTROL, "abort", "stop at once"),
     "reload": (_CONTROL, "reload", "re-read main.cf and master.cf"),
     "status": (_CONTROL, "status", "show whether it runs, and every process"),

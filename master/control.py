@@ -5,9 +5,11 @@
                                                 otherwise)
     postfix-py [-c config_dir] [-v] start-fg    the same in the foreground (systemd,
                                                 containers); returns when the master exits
-    postfix-py [-c config_dir] stop [-t secs]   graceful: workers finish their client; waits
-                                                (default 60 s); exit 0 when every process
-                                                of the instance has ended
+    postfix-py [-c config_dir] stop [-t secs]   as Postfix: workers end now, busy or not
+                                                (nothing acknowledged is lost); with -t,
+                                                clients get up to secs to finish first;
+                                                exit 0 when every process of the
+                                                instance has ended
     postfix-py [-c config_dir] abort            kill every process of the instance now
     postfix-py [-c config_dir] reload           re-read main.cf and master.cf; a
                                                 configuration that does not parse is
@@ -73,6 +75,12 @@ def start(argv: list[str], foreground: bool = False) -> int:
     pid = M.read_pid(cfg)
     if pid:
         msg.fatal(f"the postfix-py mail system is already running (pid {pid})")
+    # As `postfix start` runs `postfix check`: what the master would skip or refuse is
+    # said here, on standard error (the master logs it again to the mail log).
+    try:
+        M.load_config(config_dir)
+    except M.StartError as exc:
+        msg.fatal(str(exc))
     if foreground:
         return _run_master(config_dir, verbose, ready_fd=None)
     r, w = os.pipe()
@@ -150,26 +158,53 @@ def _wait_gone(cfg, pid: int, timeout: float) -> bool:
         children = proc.children(recursive=True)
     except psutil.NoSuchProcess:
         return True
+    def running(p) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
     while time.monotonic() < deadline:
-        alive = [p for p in [proc] + children if p.is_running() and
-                 p.status() != psutil.STATUS_ZOMBIE]
-        if not alive:
+        if not any(running(p) for p in [proc] + children):
             return True
         time.sleep(0.05)
     return False
 
 
 def stop(argv: list[str]) -> int:
-    """Stop gracefully and wait; exit 0 only when every process of the instance ended."""
-    cfg, pid, opts = _signal_master(argv, signal.SIGTERM, "stop", "c:vt:")
-    try:
-        timeout = float(opts.get("-t", 60))
-    except ValueError:
-        msg.fatal(f"bad -t value: {opts['-t']}")
-    msg.info("stopping the postfix-py mail system")
-    if _wait_gone(cfg, pid, timeout):
+    """Stop and wait; exit 0 only when every process of the instance ended.
+
+    Without -t, as Postfix's `postfix stop`: the master hands its workers SIGTERM, and
+    clients in the middle of a session are cut off (nothing acknowledged is lost). With
+    -t SECONDS, gracefully: no new client, and those connected get up to SECONDS to
+    finish before the same prompt stop ends the rest.
+    """
+    msg.init_cli(TOOL)
+    _, _, opts, _ = _options(argv, "c:vt:")
+    grace = None
+    if "-t" in opts:
+        try:
+            grace = float(opts["-t"])
+        except ValueError:
+            msg.fatal(f"bad -t value: {opts['-t']}")
+        if grace < 0:
+            msg.fatal(f"bad -t value: {opts['-t']}")
+    if grace is not None:
+        cfg, pid, _ = _signal_master(argv, signal.SIGUSR2, "stop", "c:vt:")
+        msg.info(f"stopping the postfix-py mail system (up to {grace:g}s for clients)")
+        if _wait_gone(cfg, pid, grace):
+            return 0
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return 0
+    else:
+        cfg, pid, _ = _signal_master(argv, signal.SIGTERM, "stop", "c:vt:")
+        msg.info("stopping the postfix-py mail system")
+    # The master kills a worker that outlives SIGTERM by M.STOP_GRACE seconds.
+    wait = M.STOP_GRACE + 10
+    if _wait_gone(cfg, pid, wait):
         return 0
-    msg.error(f"the mail system did not stop within {timeout:g}s; "
+    msg.error(f"the mail system did not stop within {wait:g}s; "
               "'postfix-py abort' ends it at once")
     return 1
 
@@ -186,9 +221,12 @@ def reload(argv: list[str]) -> int:
     msg.init_cli(TOOL)
     config_dir, _, _, _ = _options(argv)
     try:
-        M.load_config(config_dir)
+        # Validated here, before the signal: the exit status and standard error tell the
+        # administrator, and the master (which checks again) keeps serving the old one.
+        M.load_config(config_dir, warn=lambda text: None)
     except M.StartError as exc:
-        msg.error(f"{exc}; the running configuration stays in effect")
+        for problem in exc.problems:
+            msg.error(f"{problem}; the running configuration stays in effect")
         return 1
     _signal_master(argv, signal.SIGHUP, "reload")
     msg.info("refreshing the postfix-py mail system")
@@ -299,11 +337,17 @@ def check(argv: list[str]) -> int:
     msg.init_cli(TOOL)
     config_dir, _, _, _ = _options(argv)
     try:
-        cfg, svcs = M.load_config(config_dir)
+        # Warns about the services it skips; certificates are checked below, so that
+        # their problems are listed with everything else.
+        cfg, svcs = M.load_config(config_dir, certificates=False)
     except M.StartError as exc:
-        msg.error(str(exc))
+        for problem in exc.problems:
+            msg.error(problem)
         return 1
     errors = 0
+    for problem in M.certificate_problems(cfg, svcs):
+        msg.error(problem)
+        errors += 1
     from . import services as S
     for svc in svcs:
         _, error = S.load_program(svc.command)

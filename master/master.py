@@ -12,9 +12,15 @@ SIGNALS (handlers only record; the loop acts, in this order)
     SIGHUP   reload: re-read both files; keep the listening sockets of services whose
              address is unchanged, open new ones, close removed ones; every worker of the
              old configuration finishes its client and exits. A configuration that does not
-             parse is logged and the running one stays.
-    SIGTERM  stop: close the listeners, tell workers to finish their client and exit, wait
-             for them, exit.
+             parse, or names a certificate or key that does not load or does not match
+             (load_config), is logged and the running one stays.
+    SIGTERM  stop, as Postfix's `postfix stop`: close the listeners and hand every worker
+             SIGTERM; idle workers exit, busy ones end their client at once (lib/server.py
+             STOPPING: no acknowledged mail is lost). A worker still there after
+             STOP_GRACE seconds is killed. Exit when none is left.
+    SIGUSR2  drain (`postfix-py stop -t SECONDS`): close the listeners and retire every
+             worker; each finishes its client, then exits; exit when none is left. A
+             SIGTERM meanwhile ends the rest at once.
     SIGINT, SIGQUIT  abort: kill every worker at once, exit.
     SIGUSR1  write a status snapshot (queue_directory/pid/master.status, JSON) for
              `postfix-py status`.
@@ -31,6 +37,12 @@ FILES
 CONFIGURATION PARAMETERS
     default_process_limit (100), service_throttle_time (60s), inet_interfaces (all),
     inet_protocols (all), queue_directory, mail_owner, and every service's master.cf columns.
+    tls_certificate_reload_interval (0s, off; a postfix-py extension): every so often the
+    master looks at the certificate and key files that main.cf and master.cf name (inode,
+    size, modification time, through symlinks) and, when one changed, reloads itself the
+    validated way of SIGHUP, so that a renewed certificate (ACME) needs no reload hook. A
+    renewal that does not validate is logged and the running certificates stay, until the
+    files change again.
 """
 
 from __future__ import annotations
@@ -47,7 +59,7 @@ import struct
 import time
 import traceback
 
-from ..lib import maincf, mastercf, msg, params
+from ..lib import maincf, mastercf, msg, params, tls
 from ..lib.events import EventLoop
 from ..lib.queue import recover_incoming
 from ..lib.server import STATUS_FORMAT, STATUS_SIZE, STATUS_TAKEN, WorkerContext
@@ -55,21 +67,41 @@ from . import services as S
 
 CHROOT_FILES = ("/etc/localtime", "/etc/hosts", "/etc/resolv.conf", "/etc/services",
                 "/etc/nsswitch.conf", "/etc/host.conf")
-LIMIT_WARN_INTERVAL = 60
+LIMIT_WARN_INTERVAL = 1000      # seconds, as Postfix's master_avail_listen()
+STOP_GRACE = 10                 # seconds a worker has to end after SIGTERM
 
 
 class StartError(Exception):
-    """The mail system cannot start as configured (the message says why)."""
+    """The mail system cannot start as configured (the message says why).
+
+    problems lists every reason found (the message is the first), for `postfix-py check`.
+    """
+
+    def __init__(self, text: str, problems: list[str] | None = None):
+        super().__init__(text)
+        self.problems = problems or [text]
 
 
-def load_config(config_dir: str):
-    """main.cf and master.cf, checked: (Config, [Service]); StartError when unusable."""
+# The parameters whose files check_certificates() reads, per side (lib/tls.py).
+_CERT_PARAMS = ("tls_cert_file", "tls_key_file", "tls_dcert_file", "tls_dkey_file",
+                "tls_eccert_file", "tls_eckey_file", "tls_chain_files")
+_TLS_SIDES = ("smtpd", "smtp", "lmtp")
+
+
+def load_config(config_dir: str, warn=msg.warn, certificates: bool = True):
+    """main.cf and master.cf, checked: (Config, [Service]); StartError when unusable.
+
+    The services that postfix-py cannot run are warned about and left out (services.py
+    runnable()). Every certificate and key that main.cf or a service's -o overrides name
+    is loaded and validated (certificate_problems()): start, reload and check refuse a
+    key that does not match its certificate before any worker could serve without TLS.
+    """
     try:
         cfg = maincf.load(config_dir)
         problems = maincf.check(cfg)
         if problems:
             raise StartError(problems[0])
-        svcs = mastercf.load(os.path.join(cfg.config_dir, "master.cf"))
+        svcs = mastercf.load(os.path.join(cfg.config_dir, "master.cf"), warn=warn)
         for svc in svcs:
             problems = maincf.check(cfg.with_overrides(svc.overrides))
             if problems:
@@ -83,7 +115,49 @@ def load_config(config_dir: str):
             pwd.getpwnam(cfg.get("mail_owner"))
         except KeyError:
             raise StartError(f"mail_owner: unknown user: {cfg.get('mail_owner')}") from None
+    svcs = S.runnable(svcs, warn)
+    problems = certificate_problems(cfg, svcs, warn) if certificates else []
+    if problems:
+        raise StartError(problems[0], problems)
     return cfg, svcs
+
+
+def certificate_problems(cfg, svcs, warn=msg.warn) -> list[str]:
+    """Every certificate/key problem of main.cf and of each service's overrides.
+
+    Each distinct set of certificate parameters is loaded once, for the server side
+    (smtpd_*) and both client sides (smtp_*, lmtp_*); a problem of a service's own -o
+    setting is prefixed with "service NAME/TYPE: ". Warnings (an expired certificate) are
+    given once each.
+    """
+    said: set = set()
+
+    def warn_once(text: str) -> None:
+        if text not in said:
+            said.add(text)
+            warn(text)
+
+    problems: list[str] = []
+    seen: set = set()
+    views = [("", cfg)] + [(f"service {svc.key}: ", cfg.with_overrides(svc.overrides))
+                           for svc in svcs if svc.overrides]
+    for where, view in views:
+        for side in _TLS_SIDES:
+            try:
+                key = (side,) + tuple(view.get(f"{side}_{name}") for name in _CERT_PARAMS)
+            except maincf.ConfigError as exc:
+                problems.append(f"{where}{exc}")
+                continue
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                tls.check_certificates(view, side, warn_once)
+            except tls.TLSConfigError as exc:
+                problems.append(f"{where}{exc}")
+            except maincf.ConfigError as exc:
+                problems.append(f"{where}{exc}")
+    return problems
 
 
 def pid_path(cfg) -> str:
@@ -173,20 +247,26 @@ class Master:
         self.states_by_key_gen: dict[tuple, S.ServiceState] = {}
         self.generation = 0
         self.pending: set[int] = set()
-        self.stopping = False
+        self.stopping = False       # draining or terminating: no new client, exit when empty
+        self.terminating = False    # SIGTERM: workers were told to end now
         self.started = time.time()
         self.lock_fd = -1
         self.cfg = None
+        self.cert_files: dict = {}      # path -> (inode, size, mtime) when last loaded
+        self.cert_timer = None
         self._sig_r = self._sig_w = -1
 
     # --- start ---------------------------------------------------------------------------
     def start(self) -> None:
         """Load the configuration, lock the pid file, open every listener; StartError if not."""
-        cfg, svcs = load_config(self.config_dir)
+        warnings: list[str] = []
+        cfg, svcs = load_config(self.config_dir, warn=warnings.append)
         self.cfg = cfg
         msg.init("master", syslog_name=cfg.get("syslog_name"),
                  maillog_file=cfg.get("maillog_file"),
                  syslog_facility=cfg.get("syslog_facility"), verbose=self.verbose)
+        for text in warnings:
+            msg.warn(text)
         if self.run_as_root:
             try:
                 pwd.getpwnam(cfg.get("mail_owner"))
@@ -220,12 +300,13 @@ class Master:
         self._sig_r, self._sig_w = r, w
         signal.set_wakeup_fd(w)
         for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT,
-                    signal.SIGQUIT, signal.SIGUSR1):
+                    signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self.loop.add_reader(r, self._on_wakeup)
         for state in self.services.values():
             self._activate(state)
+        self._watch_certificates()
         os.ftruncate(self.lock_fd, 0)
         os.pwrite(self.lock_fd, f"{os.getpid():>10}\n".encode(), 0)
         msg.info(f"daemon started -- version {params.lookup('mail_version').default}, "
@@ -297,6 +378,8 @@ class Master:
             self.abort()
         elif signal.SIGTERM in pending:
             self.stop()
+        elif signal.SIGUSR2 in pending:
+            self.drain()
         if signal.SIGUSR1 in pending:
             self.write_status()
 
@@ -423,13 +506,22 @@ class Master:
                 and self._avail(state) == 0 and not at_limit)
         # Warn only when this generation's own workers fill the limit: processes of an
         # older generation that are finishing after a reload are not a capacity problem.
+        # As Postfix's master_avail_listen(), only a service that remote clients reach
+        # and that runs more than one process is worth the warning: not a unix service
+        # (pickup's wakeup connects while its one process works), nor a loopback one.
         own = sum(1 for p in self.procs.values()
                   if p.key == state.key and p.generation == state.generation)
-        if at_limit and own >= state.maxproc and self._avail(state) == 0 and \
-                time.monotonic() - state.limit_warned > LIMIT_WARN_INTERVAL:
+        if at_limit and not self.stopping and own >= state.maxproc and \
+                self._avail(state) == 0 and S.stress_warned(state) and \
+                (not state.limit_warned or
+                 time.monotonic() - state.limit_warned > LIMIT_WARN_INTERVAL):
             state.limit_warned = time.monotonic()
             msg.warn(f"service {S.describe(state.svc)} has reached its process limit "
                      f"\"{state.maxproc}\": new clients may experience noticeable delays")
+            msg.warn("to avoid this condition, increase the process count in master.cf "
+                     "or reduce the service time per client")
+            msg.warn("see https://www.postfix.org/STRESS_README.html for examples of "
+                     "stress-adapting configuration settings")
         if want and not state.listening:
             for sock in state.listeners:
                 self.loop.add_reader(sock, lambda st=state: self._on_listener(st))
@@ -475,7 +567,8 @@ class Master:
         try:
             cfg, svcs = load_config(self.config_dir)
         except StartError as exc:
-            msg.warn(f"reload: {exc}; keeping the running configuration")
+            for problem in exc.problems:
+                msg.warn(f"reload: {problem}; keeping the running configuration")
             return
         self.generation += 1
         reuse = {}
@@ -509,8 +602,56 @@ class Master:
         for state in new.values():
             self._activate(state)
         self._collect_retired()
+        self._watch_certificates()
         msg.info(f"reload -- version {params.lookup('mail_version').default}, "
                  f"configuration {cfg.config_dir}")
+
+    # --- certificate files ------------------------------------------------------------------
+    def _certificate_state(self) -> dict:
+        """path -> (inode, size, mtime) of every certificate and key file now configured."""
+        files: set = set()
+        for view in [self.cfg] + [state.cfg for state in self.services.values()]:
+            for side in _TLS_SIDES:
+                try:
+                    files.update(tls.certificate_files(view, side))
+                except (maincf.ConfigError, ValueError):
+                    pass        # load_config() has accepted it; nothing to watch then
+        out = {}
+        for path in sorted(files):
+            try:
+                st = os.stat(path)
+                out[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:
+                out[path] = None
+        return out
+
+    def _watch_certificates(self) -> None:
+        """Record the certificate files just loaded; look again every interval."""
+        self.loop.cancel(self.cert_timer)
+        self.cert_timer = None
+        interval = self.cfg["tls_certificate_reload_interval"]
+        if not interval:
+            return
+        self.cert_files = self._certificate_state()
+
+        def look():
+            self.cert_timer = None
+            if self.stopping:
+                return
+            now = self._certificate_state()
+            changed = [path for path in now if now[path] != self.cert_files.get(path)]
+            if not changed:
+                self.cert_timer = self.loop.call_later(interval, look)
+                return
+            # Recorded now: a renewal that does not validate is reported once, not at
+            # every look, and tried again when the files change again.
+            self.cert_files = now
+            msg.info(f"certificate file changed: {changed[0]}: reloading")
+            self.reload()
+            if self.cert_timer is None and self.cfg["tls_certificate_reload_interval"]:
+                # The reload was refused: the running configuration keeps looking.
+                self.cert_timer = self.loop.call_later(interval, look)
+        self.cert_timer = self.loop.call_later(interval, look)
 
     def _collect_retired(self) -> None:
         """Release old generations once their last worker is gone."""
@@ -526,11 +667,8 @@ class Master:
             self.states_by_key_gen.pop((state.key, state.generation), None)
         self.retired = keep
 
-    def stop(self) -> None:
-        """Close the listeners; workers finish their client and exit; then so do we."""
-        if self.stopping:
-            return
-        msg.info("terminating on signal 15")
+    def _close_services(self) -> None:
+        """No new client: close every listener, retire every generation's workers."""
         self.stopping = True
         for state in list(self.services.values()):
             if state.listening:
@@ -542,21 +680,46 @@ class Master:
                 sock.close()
             state.listeners = []
             state.retire()
+
+    def drain(self) -> None:
+        """Close the listeners; workers finish their client and exit; then so do we."""
+        if self.stopping:
+            return
+        msg.info("stopping when every client is done")
+        self._close_services()
+
+    def stop(self) -> None:
+        """Close the listeners and hand every worker SIGTERM; kill stragglers later."""
+        if self.terminating:
+            return
+        msg.info("terminating on signal 15")
+        self.terminating = True
+        self._close_services()
+        self._signal_workers(signal.SIGTERM)
+        self.loop.call_later(STOP_GRACE, self._kill_stragglers)
+
+    def _signal_workers(self, sig: int) -> None:
         for pid in list(self.procs):
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+
+    def _kill_stragglers(self) -> None:
+        """A worker that did not end within STOP_GRACE seconds of SIGTERM is killed."""
+        for pid, proc in list(self.procs.items()):
+            state = self.states_by_key_gen.get((proc.key, proc.generation))
+            program = state.program if state else proc.key.split("/")[0]
+            msg.warn(f"process postfix-py/{program} pid {pid} did not stop "
+                     f"within {STOP_GRACE}s: killing it")
+        self._signal_workers(signal.SIGKILL)
 
     def abort(self) -> None:
         """Kill every worker now and exit."""
         msg.info("terminating immediately on abort")
-        self.stop()
-        for pid in list(self.procs):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self.terminating = True
+        self._close_services()
+        self._signal_workers(signal.SIGKILL)
 
     def _finish(self) -> None:
         for state in list(self.services.values()) + self.retired:

@@ -12,16 +12,32 @@ PROGRAMS
     master runs once per generation before forking (smtpd builds its TLS contexts there, so
     that every worker shares one set of session-ticket keys).
 
+    A Postfix administrator's master.cf names programs and transport types that
+    postfix-py does not have (cleanup, bounce, trivial-rewrite, postlogd on unix-dgram,
+    pipe, ...): runnable() warns about each such service and leaves it out, at start,
+    reload and check, so that Debian's stock master.cf starts.
+
 FUNCTIONS
+    runnable(services, warn) -> the services the master can run; the others are warned
+        about ("master.cf, line N: service cleanup/unix: unknown program: cleanup;
+        service skipped") and dropped. A python: extension that fails to import stays (its
+        workers fail, and the master throttles it, loudly).
     load_program(command) -> (module or None, error text or None)
-    open_listeners(svc, cfg, run_as_root, reuse) -> list of sockets; OSError with Postfix's
-        wording ("bind 127.0.0.1 port 25: Address already in use")
+    open_listeners(svc, cfg, run_as_root) -> list of sockets; OSError with Postfix's
+        wording ("bind 127.0.0.1 port 25: Address already in use"). Unix sockets are made
+        with mail_owner's effective uid and gid and their mode set by the umask at bind:
+        root never follows a path in a directory that mail_owner can write.
     endpoint_key(svc, cfg) -> hashable key of what a service listens on, for reuse at reload
+    local_only(svc, listeners) -> True for a unix service or an inet one on loopback alone
+    stress_warned(state) -> whether the "has reached its process limit" warning applies:
+        as Postfix (master_ent.c, master_avail_listen()), only to a service that is not
+        local-only and whose process limit is above 1 (not pickup's `1`)
 """
 
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import os
 import pwd
 import socket
@@ -43,6 +59,22 @@ PROGRAMS = {
     "pickup": "postfix_py.smtpd.pickup",
 }
 EXTENSION_PREFIX = "python:"
+RUNNABLE_TYPES = ("inet", "unix")
+
+
+def runnable(services: list, warn) -> list:
+    """The services the master can run; each other one is warned about and skipped."""
+    kept = []
+    for svc in services:
+        if svc.type not in RUNNABLE_TYPES:
+            why = f"transport type {svc.type} is not supported"
+        elif not svc.command.startswith(EXTENSION_PREFIX) and svc.command not in PROGRAMS:
+            why = f"unknown program: {svc.command}"
+        else:
+            kept.append(svc)
+            continue
+        warn(f"{svc.path}, line {svc.line}: service {svc.key}: {why}; service skipped")
+    return kept
 
 
 def load_program(command: str):
@@ -197,21 +229,9 @@ def open_listeners(svc, cfg, run_as_root: bool) -> list[socket.socket]:
                                              f"{exc.strerror}") from None
                 sock.listen(socket.SOMAXCONN)
         elif svc.type == "unix":
-            path = unix_path(svc, cfg)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             socks.append(sock)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            try:
-                sock.bind(path)
-            except OSError as exc:
-                raise OSError(exc.errno, f"bind {path}: {exc.strerror}") from None
-            os.chmod(path, 0o600 if svc.private else 0o666)
-            if run_as_root:
-                pw = pwd.getpwnam(cfg.get("mail_owner"))
-                os.chown(path, pw.pw_uid, pw.pw_gid)
+            _bind_unix(sock, svc, cfg, run_as_root)
             sock.listen(socket.SOMAXCONN)
         else:
             raise OSError(0, f"service {svc.key}: transport type {svc.type} is not supported")
@@ -223,6 +243,61 @@ def open_listeners(svc, cfg, run_as_root: bool) -> list[socket.socket]:
         sock.setblocking(False)
         os.set_inheritable(sock.fileno(), False)
     return socks
+
+
+def _bind_unix(sock: socket.socket, svc, cfg, run_as_root: bool) -> None:
+    """Replace the socket file of a unix service, as mail_owner, with its mode set at bind.
+
+    private/ and public/ belong to mail_owner: a compromised mail_owner process could
+    swap a symlink in at any moment, so nothing here runs as root on a path there (no
+    chmod or chown that follows a link to /etc/shadow). As Postfix's master does, the
+    unlink and bind run with mail_owner's effective uid and gid, which makes the socket
+    mail_owner's; the umask gives it 0600 (private) or 0666 (public) as it is created.
+    """
+    path = unix_path(svc, cfg)
+    pw = pwd.getpwnam(cfg.get("mail_owner")) if run_as_root else None
+    old_mask = os.umask(0o177 if svc.private else 0o111)
+    try:
+        if pw is not None:
+            os.setegid(pw.pw_gid)
+            os.seteuid(pw.pw_uid)
+        try:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            try:
+                sock.bind(path)
+            except OSError as exc:
+                raise OSError(exc.errno, f"bind {path}: {exc.strerror}") from None
+        finally:
+            if pw is not None:
+                os.seteuid(0)
+                os.setegid(0)
+    finally:
+        os.umask(old_mask)
+
+
+def local_only(svc, listeners) -> bool:
+    """Whether only this host reaches the service: unix, or inet on loopback alone."""
+    if svc.type != "inet":
+        return True
+    for sock in listeners:
+        try:
+            if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
+                return False
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+def stress_warned(state) -> bool:
+    """Whether the process-limit warning applies: Postfix's rule in master_ent.c.
+
+    Postfix gives a service the stress flag, and master_avail_listen() warns at its
+    process limit, only when it is not local-only and its process limit is above 1.
+    """
+    return state.maxproc > 1 and not local_only(state.svc, state.listeners)
 
 
 def describe(svc) -> str:

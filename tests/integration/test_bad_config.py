@@ -1,8 +1,9 @@
 """Bad configuration, as an administrator meets it: `postfix-py start` refuses a broken
 main.cf with the file and line and leaves nothing running; `postfix-py reload` (and a bare
-SIGHUP) keeps the running configuration and says why; broken TLS keys and certificates are
-named by their parameter while TLS-optional services go on in plain text and TLS-required
-ones refuse as Postfix does.
+SIGHUP) keeps the running configuration and says why; broken TLS keys and certificates
+refuse `start` and `check`, each named by its parameter and file; what only a worker finds
+(a CA file) leaves TLS-optional services in plain text while TLS-required ones refuse, as
+Postfix does.
 
 The main.cf cases live in tests/data/bad_configs/main_*/ (main.cf + expected-error, one
 folder per case, beside the master.cf cases of tests/unit/test_mastercf.py). The case's
@@ -165,28 +166,53 @@ def send_plain_mail(client: Client) -> str:
     return client.cmd("Subject: plain\r\n\r\nstill served\r\n.")
 
 
-def test_broken_tls_material(instance, tls_files):
+def test_broken_keys_and_certificates_refuse_start(instance, tls_files):
+    """start, reload and check load every pair a service names: each problem is named."""
     f = tls_files
-    problems = {   # service -> (security level, -o overrides, the error the log must show)
-        "missing": ("may", f"smtpd_tls_cert_file={f['missing']}",
+    problems = {   # service -> (-o overrides, the error that must be named)
+        "missing": (f"smtpd_tls_cert_file={f['missing']}",
                     f"smtpd_tls_cert_file: cannot read file {f['missing']}: "
                     "No such file or directory"),
-        "directory": ("may", f"smtpd_tls_cert_file={f['dir']}",
+        "directory": (f"smtpd_tls_cert_file={f['dir']}",
                       f"smtpd_tls_cert_file: cannot read file {f['dir']}: Is a directory"),
-        "missing_key": ("may", f"smtpd_tls_cert_file={f['cert']} "
-                               f"-o smtpd_tls_key_file={f['missing']}",
+        "missing_key": (f"smtpd_tls_cert_file={f['cert']} -o smtpd_tls_key_file={f['missing']}",
                         f"smtpd_tls_key_file: cannot read file {f['missing']}: "
                         "No such file or directory"),
-        "mismatch": ("may", f"smtpd_tls_cert_file={f['cert']} "
-                            f"-o smtpd_tls_key_file={f['other_key']}",
+        "mismatch": (f"smtpd_tls_cert_file={f['cert']} -o smtpd_tls_key_file={f['other_key']}",
                      f"smtpd_tls_key_file: the private key in {f['other_key']} does not "
                      f"match the certificate in {f['cert']} (smtpd_tls_cert_file)"),
-        "missing_encrypt": ("encrypt", f"smtpd_tls_cert_file={f['missing']}",
-                            f"smtpd_tls_cert_file: cannot read file {f['missing']}"),
-        "mismatch_encrypt": ("encrypt", f"smtpd_tls_cert_file={f['cert']} "
-                                        f"-o smtpd_tls_key_file={f['other_key']}",
-                             f"smtpd_tls_key_file: the private key in {f['other_key']} "
-                             "does not match"),
+        "client_mismatch": (f"smtp_tls_cert_file={f['cert']} -o smtp_tls_key_file={f['other_key']}",
+                            f"smtp_tls_key_file: the private key in {f['other_key']} does not "
+                            f"match the certificate in {f['cert']} (smtp_tls_cert_file)"),
+    }
+    ports = {name: free_port() for name in problems}
+    instance.master_lines = [f"127.0.0.1:{ports[name]} inet n - y - - smtpd -o {overrides}"
+                             for name, (overrides, _) in problems.items()]
+    instance.write()
+    out = instance.cmd("check")
+    assert out.returncode == 1
+    for name, (_, problem) in problems.items():
+        assert f"error: service 127.0.0.1:{ports[name]}/inet: {problem}" in out.stderr, name
+    assert "Traceback" not in out.stderr
+    out = instance.cmd("start")
+    assert out.returncode == 1
+    first = problems["missing"][1]
+    assert out.stderr.splitlines()[-1] == \
+        f"postfix-py/postfix-script: fatal: service 127.0.0.1:{ports['missing']}/inet: {first}"
+    assert not master_running(instance)
+    assert not any(listening(port) for port in ports.values())
+
+
+def test_broken_tls_material(instance, tls_files):
+    """What only the worker finds (a CA file) disables TLS with a warning, as in Postfix."""
+    f = tls_files
+    problems = {   # service -> (security level, -o overrides, the error the log must show)
+        "cafile": ("may", f"smtpd_tls_cert_file={f['expired']} -o smtpd_tls_CAfile={f['missing']}",
+                   f"smtpd_tls_CAfile: cannot read file {f['missing']}: "
+                   "No such file or directory"),
+        "cafile_encrypt": ("encrypt", f"smtpd_tls_cert_file={f['expired']} "
+                                      f"-o smtpd_tls_CAfile={f['missing']}",
+                           f"smtpd_tls_CAfile: cannot read file {f['missing']}"),
     }
     ports = {name: free_port() for name in [*problems, "expired", "wrapper"]}
     instance.main.update({"mydestination": "$myhostname, localhost",
@@ -198,7 +224,7 @@ def test_broken_tls_material(instance, tls_files):
         f"127.0.0.1:{ports['expired']} inet n - y - - smtpd -o smtpd_tls_security_level=may"
         f" -o smtpd_tls_cert_file={f['expired']}",
         f"127.0.0.1:{ports['wrapper']} inet n - y - - smtpd -o smtpd_tls_wrappermode=yes"
-        f" -o smtpd_tls_cert_file={f['missing']}"]
+        f" -o smtpd_tls_cert_file={f['expired']} -o smtpd_tls_CAfile={f['missing']}"]
     out = instance.start()
     assert "Traceback" not in out.stderr
 
@@ -246,4 +272,4 @@ def test_broken_tls_material(instance, tls_files):
     assert "Traceback" not in log and "uncaught exception" not in log
     assert "exit status" not in log and "killed by signal" not in log
     queued = [n for n in os.listdir(instance.queue / "incoming") if not n.startswith(".")]
-    assert len(queued) == 5          # the four "may" services, and the expired one
+    assert len(queued) == 2          # the "may" service, and the expired one
