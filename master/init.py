@@ -198,6 +198,7 @@ def master_cf(directory: str, ports: tuple[int, int, int]) -> str:
         _row("pickup", "unix", "n", "-", "n", "-", "-", "pickup"),
         _row("qmgr", "unix", "n", "-", "n", "300", "1", "qmgr"),
         _row("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr"),
+        _row("anvil", "unix", "-", "-", "n", "-", "1", "anvil"),
         _row("smtp", "unix", "-", "-", "n", "-", "-", "smtp"),
         _row("relay", "unix", "-", "-", "n", "-", "-", "smtp"),
         _row("lmtp", "unix", "-", "-", "n", "-", "-", "lmtp"),
