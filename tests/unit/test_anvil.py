@@ -1,8 +1,11 @@
 """anvil's counters and rate windows (injected clock), its replies, and smtpd's exception list."""
 
+import socket
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from postfix_py.anvil.service import Anvil, AnvilTable, Local, TableFull
 from postfix_py.lib import anvil_client, attr, maincf
@@ -283,3 +286,51 @@ def test_default_exceptions_are_mynetworks_and_no_limit_means_no_anvil(tmp_path)
     off = Limits(cfg(tmp_path, "smtpd_client_connection_count_limit = 0\n"))
     assert not off.active
     assert off.session(ClientState(addr="198.51.100.1"), "smtp") is NO_LIMITS
+
+
+# --- hostile input over a real socket ------------------------------------------------------
+
+FUZZ = settings(max_examples=150, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+requests = st.fixed_dictionaries({}, optional={
+    "request": st.sampled_from([b"connect", b"disconnect", b"message", b"recipient",
+                                b"newtls", b"newtls_status", b"auth", b"lookup", b"x", b""]),
+    "ident": st.one_of(st.sampled_from([b"smtp:192.0.2.1", b"smtp:::1"]), st.binary(max_size=600)),
+    "other": st.binary(max_size=10)}).filter(bool)
+chunks = st.lists(st.one_of(requests.map(attr.encode), st.binary(min_size=1, max_size=64)),
+                  min_size=1, max_size=8)
+
+
+@FUZZ
+@given(chunks)
+def test_anvil_answers_anything_and_stays_consistent(anvil, data):
+    from postfix_py.anvil.service import _Client
+    from postfix_py.lib.events import EventLoop
+
+    loop = EventLoop()
+    anvil.loop, anvil.table = None, AnvilTable(30, clock=Clock())     # fresh per example
+    ours, theirs = socket.socketpair()
+    try:
+        anvil.on_client(ours, loop)
+        client = anvil.clients[ours.fileno()]
+        sent = b"".join(data)
+        theirs.sendall(sent)
+        theirs.shutdown(socket.SHUT_WR)
+        while client.fd in anvil.clients:
+            anvil._readable(client)
+        theirs.settimeout(5)
+        dec = attr.FrameDecoder()
+        while chunk := theirs.recv(65536):
+            dec.feed(chunk)
+        replies = list(dec.frames())
+        expected = attr.FrameDecoder()
+        expected.feed(sent)
+        assert len(replies) == len(list(expected.frames()))    # one reply per frame, bad or not
+        assert all(isinstance(r, dict) and r["status"] in (b"0", b"2", b"3")
+                               for r in replies)
+        assert isinstance(client, _Client) and client.remote is None   # dropped at close
+        assert all(r.count >= 0 for r in anvil.table.remotes.values())
+        assert sum(r.count for r in anvil.table.remotes.values()) == 0
+    finally:
+        theirs.close()
+        loop.close()
