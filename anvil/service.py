@@ -487,7 +487,8 @@ class Anvil:
         if request.keys() != _REQUEST_ATTRS:
             missing = _REQUEST_ATTRS - request.keys()
             if missing:
-                return self._bad(client, f"request \"{_show(name)}\": missing attribute \"{min(missing)}\"")
+                return self._bad(client, f"request \"{_show(name)}\": missing attribute"
+                                         f" \"{min(missing)}\"")
             unknown = min(request.keys() - _REQUEST_ATTRS)
             return self._bad(client, f"request \"{_show(name)}\": unknown attribute"
                                      f" \"{_show(unknown.encode())}\"")

@@ -183,10 +183,13 @@ class ClientLimits(NoLimits):
         self.connected = False
         self._rate = 0                  # the rate of the last check, for the warning
 
-    def _over(self, rate: int | None, limit: int) -> bool:
-        """Whether anvil's rate (None: no answer, no limit) is past limit."""
-        self._rate = rate
-        return rate is not None and rate > limit
+    def _past(self, ask, limit: int) -> bool:
+        """Count (or look at) an event with ask, an AnvilClient method, when limit is on;
+        whether the rate is past limit (no answer from anvil: no limit)."""
+        if limit <= 0:
+            return False
+        self._rate = ask(self.service, self.client.addr)
+        return self._rate is not None and self._rate > limit
 
     def connect(self, reply) -> bool:
         """Register the connection; refuse it past the count or rate limit."""
@@ -215,8 +218,7 @@ class ClientLimits(NoLimits):
 
     def mail(self, reply) -> bool:
         """Count a MAIL command; refuse it past smtpd_client_message_rate_limit."""
-        limit = self.lim.mail_limit
-        if limit <= 0 or not self._over(self.anvil.message(self.service, self.client.addr), limit):
+        if not self._past(self.anvil.message, self.lim.mail_limit):
             return True
         reply(f"450 4.7.1 Error: too much mail from {self.client.addr}")
         msg.warn(f"Message delivery request rate limit exceeded: {self._rate} from "
@@ -225,8 +227,7 @@ class ClientLimits(NoLimits):
 
     def rcpt(self, reply) -> bool:
         """Count a RCPT command; refuse it past smtpd_client_recipient_rate_limit."""
-        limit = self.lim.rcpt_limit
-        if limit <= 0 or not self._over(self.anvil.recipient(self.service, self.client.addr), limit):
+        if not self._past(self.anvil.recipient, self.lim.rcpt_limit):
             return True
         msg.warn(f"Recipient address rate limit exceeded: {self._rate} from "
                  f"{self.client.client} for service {self.service}")
@@ -235,40 +236,33 @@ class ClientLimits(NoLimits):
 
     def auth(self, reply) -> bool:
         """Count an AUTH command; refuse it past smtpd_client_auth_rate_limit."""
-        limit = self.lim.auth_limit
-        if limit <= 0 or not self._over(self.anvil.auth(self.service, self.client.addr), limit):
+        if not self._past(self.anvil.auth, self.lim.auth_limit):
             return True
         msg.warn(f"AUTH command rate limit exceeded: {self._rate} from "
                  f"{self.client.client} for service {self.service}")
         reply(f"450 4.7.1 Error: too many AUTH commands from {self.client.addr}")
         return False
 
-    def _tls_refused(self) -> bool:
-        """Whether the client made too many new TLS sessions lately (nothing counted)."""
-        limit = self.lim.newtls_limit
-        return limit > 0 and self._over(
-            self.anvil.newtls_status(self.service, self.client.addr), limit)
-
     def starttls(self, reply) -> bool:
         """Refuse STARTTLS, before the handshake, past the new TLS session rate limit."""
-        if not self._tls_refused():
+        if not self._past(self.anvil.newtls_status, self.lim.newtls_limit):
             return True
-        msg.warn(f"Refusing STARTTLS request from {self.client.client} for service {self.service}")
+        msg.warn(f"Refusing STARTTLS request from {self.client.client} "
+                 f"for service {self.service}")
         reply(f"454 4.7.0 Error: too many new TLS sessions from {self.client.client}")
         return False
 
     def wrapper(self) -> bool:
         """Refuse a wrapper-mode connection, before the handshake, past that limit."""
-        if not self._tls_refused():
+        if not self._past(self.anvil.newtls_status, self.lim.newtls_limit):
             return True
-        msg.warn(f"Refusing TLS service request from {self.client.client} for service {self.service}")
+        msg.warn(f"Refusing TLS service request from {self.client.client} "
+                 f"for service {self.service}")
         return False
 
     def newtls(self, reply, reused: bool) -> bool:
         """Count a new (not resumed) TLS session; end the session past the limit."""
-        limit = self.lim.newtls_limit
-        if limit <= 0 or reused or \
-                not self._over(self.anvil.newtls(self.service, self.client.addr), limit):
+        if reused or not self._past(self.anvil.newtls, self.lim.newtls_limit):
             return True
         msg.warn(f"New TLS session rate limit exceeded: {self._rate} from "
                  f"{self.client.client} for service {self.service}")
