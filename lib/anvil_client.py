@@ -20,8 +20,8 @@ DESCRIPTION
     anvil is optional to its clients, as in Postfix: every function returns None instead
     of a number when anvil cannot be reached (not running, or not in master.cf), and
     never raises into a mail session; smtpd then applies no limit. The first failure of
-    a process is logged once, as Postfix words it (`connect to private/anvil service: No
-    such file or directory`); after a failure, calls return None at once for `backoff`
+    a process is logged once, as Postfix's auto_clnt words it (`connect to private/anvil:
+    No such file or directory`); after a failure, calls return None at once for `backoff`
     seconds, so that a hung anvil costs a session at most 2 x timeout.
 
     The socket path "private/anvil" is relative to queue_directory, the working directory
@@ -128,7 +128,7 @@ class AnvilClient:
         """The warning for a failed request, in Postfix's words where it has them."""
         cause = exc.__cause__ if isinstance(exc, attr.AttrClientError) else exc
         if isinstance(cause, (FileNotFoundError, ConnectionRefusedError, PermissionError)):
-            return f"connect to {self.path} service: {cause.strerror}"
+            return f"connect to {self.path}: {cause.strerror}"
         if isinstance(exc, attr.AttrClientError):
             return str(exc)
         return f"problem talking to server {self.path}: {exc}"

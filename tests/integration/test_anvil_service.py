@@ -173,9 +173,9 @@ def test_without_anvil_mail_flows_and_smtpd_warns_once(limited):
         assert c.cmd("QUIT").startswith("221")
         c.close()
     wait_for(lambda: inst.log().count("disconnect from") >= 2, what="both sessions logged")
-    lines = warnings(inst, "connect to private/anvil service")
+    lines = warnings(inst, "connect to private/anvil")
     assert len(lines) == 1, lines
-    assert lines[0].endswith("warning: connect to private/anvil service: No such file or directory")
+    assert lines[0].endswith("warning: connect to private/anvil: No such file or directory")
 
 
 # --- anvil itself, talked to directly ---------------------------------------------------------

@@ -246,7 +246,7 @@ def test_client_without_anvil_returns_none_and_warns_once(tmp_path, capsys):
     assert not clnt.disconnect("smtp", "192.0.2.1")
     lines = [l for l in log.read_text().splitlines() if "warning" in l]
     assert len(lines) == 1
-    assert lines[0].endswith(f"warning: connect to {tmp_path}/nothing service: No such file or directory")
+    assert lines[0].endswith(f"warning: connect to {tmp_path}/nothing: No such file or directory")
 
 
 def cfg(tmp_path, text=""):
