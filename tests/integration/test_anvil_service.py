@@ -3,6 +3,7 @@ mail_owner on private/anvil, real smtpd workers, clients on 127.0.0.1."""
 
 import os
 import re
+import signal
 import socket
 import ssl
 import struct
@@ -347,3 +348,22 @@ def test_new_tls_session_rate_limit_with_starttls_and_wrapper_mode(limited, tmp_
     wait_for(lambda: re.search(r"warning: Refusing TLS service request from \S+\[127\.0\.0\.1\]"
                                rf" for service 127\.0\.0\.1:{inst.smtps}$", inst.log(), re.M),
              what="the wrapper-mode refusal")
+
+
+def test_counting_resumes_after_anvil_dies(limited):
+    inst = limited
+    inst.main["smtpd_client_connection_count_limit"] = "1"
+    inst.start()
+    first, banner = session(inst)
+    assert banner.startswith("220 ")
+    old = wait_for(lambda: anvil_pid(inst), what="the anvil worker")
+    os.kill(old, signal.SIGKILL)        # its counts die with it, as Postfix's would
+    wait_for(lambda: anvil_pid(inst) != old, what="the old anvil reaped")
+    # smtpd reconnects (a fresh anvil is started on demand) and counts again from zero.
+    second, banner = session(inst)
+    assert banner.startswith("220 "), banner
+    third, reply = session(inst)
+    assert reply.startswith("421 4.7.0 mail.test.example Error: too many connections"), reply
+    for c in (first, second, third):
+        c.close()
+    assert wait_for(lambda: anvil_pid(inst), what="the new anvil") != old
