@@ -34,7 +34,7 @@ DESCRIPTION
     client connection at a time: a new connect from the same anvil client ends the
     previous one, and when an anvil client goes away (an smtpd worker exits or dies) its
     registered connection ends with it. An entry without connections is forgotten
-    anvil_rate_time_unit after its last disconnect (checked every half time unit).
+    anvil_rate_time_unit after its last disconnect (checked every half unit, 30s at most).
 
     A bad frame, a missing, repeated or unknown attribute, an unknown request or an ident
     that is empty, longer than MAX_IDENT bytes or not printable ASCII gets status 2 and
