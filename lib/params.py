@@ -30,6 +30,8 @@ DEVIATIONS
     *_tls_fingerprint_digest: sha256 (Postfix 3.7 at compatibility level 3.6 and later).
     smtpd_forbid_bare_newline: normalize (SPEC-NOTES.md: SMTP smuggling).
     smtpd_sasl_type, smtp_sasl_type: dovecot; postfix-py has no Cyrus SASL.
+    smtpd_client_event_limit_exceptions: $mynetworks (Postfix 3.7 writes
+    ${smtpd_client_connection_limit_exceptions:$mynetworks}; the pre-2.9 name is not here).
     mynetworks_style, relay_domains, smtpd_relay_restrictions: Postfix's values at
     compatibility level 2 and later (no compatibility_level parameter here).
 """
@@ -148,6 +150,8 @@ PARAMS: list[Param] = [
     _p("daemon_timeout", "18000s", TIME, "watchdog limit of one worker loop pass", min=1),
     _p("ipc_timeout", "3600s", TIME, "time limit of one internal request", min=1),
     _p("tls_certificate_reload_interval", "0s", TIME, "postfix-py extension: how often the master looks for changed certificate and key files and then reloads, validated as 'postfix-py reload' (0: never)", min=0),
+    _p("anvil_rate_time_unit", "60s", TIME, "anvil: the time unit over which client connection and event rates are counted", min=1),
+    _p("anvil_status_update_time", "600s", TIME, "anvil: how often peak usage statistics are logged", min=1),
     # --- smtpd: session and limits ------------------------------------------------------
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", STR, "text of the 220 greeting"),
     _p("smtpd_timeout", "${stress?{10}:{300}}s", TIME, "time limit of one client read or write", min=1),
@@ -160,7 +164,13 @@ PARAMS: list[Param] = [
     _p("smtpd_hard_error_limit", "${stress?{1}:{20}}", INT, "errors after which the connection is closed", min=1),
     _p("smtpd_error_sleep_time", "1s", TIME, "delay of each reply past the soft error limit", min=0),
     _p("smtpd_junk_command_limit", "${stress?{1}:{100}}", INT, "NOOP, VRFY, ETRN and RSET commands before they count as errors", min=1),
-    _p("smtpd_client_connection_count_limit", "50", INT, "simultaneous connections from one client (0: no limit)", min=0),
+    _p("smtpd_client_connection_count_limit", "50", INT, "simultaneous connections from one client per service (anvil; 0: no limit)", min=0),
+    _p("smtpd_client_connection_rate_limit", "0", INT, "connections from one client per service and anvil_rate_time_unit (0: no limit)", min=0),
+    _p("smtpd_client_message_rate_limit", "0", INT, "MAIL FROM requests from one client per service and anvil_rate_time_unit (0: no limit)", min=0),
+    _p("smtpd_client_recipient_rate_limit", "0", INT, "RCPT TO requests from one client per service and anvil_rate_time_unit (0: no limit)", min=0),
+    _p("smtpd_client_new_tls_session_rate_limit", "0", INT, "new (not resumed) TLS sessions of one client per service and anvil_rate_time_unit (0: no limit)", min=0),
+    _p("smtpd_client_auth_rate_limit", "0", INT, "AUTH commands from one client per service and anvil_rate_time_unit (0: no limit)", min=0),
+    _p("smtpd_client_event_limit_exceptions", "$mynetworks", LIST, "clients never held to the smtpd_client_*_limit limits (host names, addresses, networks, tables)"),
     _p("disable_vrfy_command", "no", BOOL, "refuse the VRFY command"),
     _p("smtpd_helo_required", "no", BOOL, "require HELO or EHLO before MAIL"),
     _p("smtpd_discard_ehlo_keywords", "", LIST, "EHLO keywords not announced"),

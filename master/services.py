@@ -53,6 +53,7 @@ PROGRAMS = {
     "lmtp": "postfix_py.smtp.service",
     "qmgr": "postfix_py.qmgr.service",
     "tlsmgr": "postfix_py.tlsmgr.service",
+    "anvil": "postfix_py.anvil.service",
     "local": "postfix_py.local.service",
     "discard": "postfix_py.local.discard",
     "error": "postfix_py.local.error",

@@ -40,6 +40,7 @@ from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
 from . import sasl
 from .check import Checker, ClientState
+from .limits import Limits
 from .session import Session
 from .tls import TlsServer
 
@@ -85,6 +86,7 @@ def pre_init(ctx) -> None:
     """As root, before the jail: open the restriction tables."""
     try:
         ctx.state["checker"] = Checker(ctx.cfg)
+        ctx.state["limits"] = Limits(ctx.cfg)
     except ConfigError as exc:
         msg.fatal(str(exc))
     try:
@@ -129,6 +131,7 @@ def smtpd_service(conn: socket.socket, ctx) -> None:
     session = Session(stream, cfg, client, ctx.queue_root, ctx.state["checker"],
                       tls=prepared.tls, wrapper=cfg["smtpd_tls_wrappermode"],
                       stopping=lambda: ctx.stopping, sasl=sasl_session)
+    session.limits = ctx.state["limits"].session(client, ctx.service.name)
     try:
         session.run()
     finally:

@@ -37,6 +37,7 @@ from ..lib.params import split_list
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
 from . import sasl as SASL
 from .check import ClientState, Reply
+from .limits import NO_LIMITS
 
 # verb -> (method, flags). Flags: "junk" counts against smtpd_junk_command_limit;
 # "pretls" is allowed before STARTTLS when TLS is enforced.
@@ -117,6 +118,8 @@ def strip_route(addr: str) -> str:
 
 class Session:
     """One SMTP session with one client."""
+
+    limits = NO_LIMITS      # the client's anvil limits (smtpd/limits.py); service.py sets them
 
     def __init__(self, stream, cfg, client: ClientState, queue_root: str, checker,
                  tls=None, wrapper: bool = False, stopping=lambda: False, sasl=None):
@@ -295,8 +298,12 @@ class Session:
                     msg.warn(f"TLS wrapper mode requested but TLS is not available; "
                              f"disconnecting {self.client.client}")
                     raise Disconnect
+                if not self.limits.wrapper():
+                    raise Disconnect
                 if not self.start_tls():
                     raise Disconnect
+            if not self.limits.connect(self.reply):
+                raise Disconnect
             self.reply(f"220 {self.cfg.get('smtpd_banner')}")
             while True:
                 if self.stopping():
@@ -329,6 +336,7 @@ class Session:
             except (StreamTimeout, StreamEOF):
                 pass
             self.reset()
+            self.limits.disconnect()
             msg.info(f"disconnect from {self.client.client} {self.stats()}")
 
     def last_for_log(self) -> str:
@@ -441,6 +449,8 @@ class Session:
         if self.tls is None:
             self.reply("454 4.7.0 TLS not available due to local problem")
             return False
+        if not self.limits.starttls(self.reply):
+            return False
         self.reply("220 2.0.0 Ready to start TLS")
         self.s.flush()
         # Whatever the client sent after STARTTLS came in plain text: never act on it.
@@ -469,10 +479,14 @@ class Session:
             msg.info(f"lost connection after {self.last} from {self.client.client}")
             return False
         self.tls_active = True
+        if not self.limits.newtls(self.reply, self.tls_info.session_reused):
+            return False
         return True
 
     def auth_cmd(self, arg: str) -> bool:
         """AUTH mechanism [initial-response], as Postfix's smtpd_sasl_auth_cmd."""
+        if not self.limits.auth(self.reply):
+            return False
         if self.cfg["smtpd_helo_required"] and not self.helo:
             self.reply("503 5.5.1 Error: send HELO/EHLO first")
             return False
@@ -535,6 +549,8 @@ class Session:
         if parsed is None:
             self.reply("501 5.5.4 Syntax: MAIL FROM:<address>")
             return False
+        if not self.limits.mail(self.reply):
+            return False
         addr, params = parsed
         if addr != "bad":
             addr = strip_route(addr)
@@ -593,6 +609,8 @@ class Session:
                 self.reply("501 5.1.3 Bad recipient address syntax")
                 return False
             self.reply("501 5.5.4 Syntax: RCPT TO:<address>")
+            return False
+        if not self.limits.rcpt(self.reply):
             return False
         addr, params = parsed
         if addr != "bad":

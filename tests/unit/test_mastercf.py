@@ -451,7 +451,7 @@ def test_shipped_master_cf():
     services = parse(shipped("master.cf"), "conf/master.cf")
     by_key = {s.key: s for s in services}
     assert list(by_key) == ["smtp/inet", "pickup/unix", "qmgr/unix", "tlsmgr/unix",
-                            "smtp/unix", "relay/unix", "lmtp/unix", "error/unix",
+                            "anvil/unix", "smtp/unix", "relay/unix", "lmtp/unix", "error/unix",
                             "discard/unix", "local/unix"]
     assert by_key["smtp/inet"].command == "smtpd" and by_key["smtp/inet"].inet_port == 25
     assert by_key["smtp/inet"].chroot and not by_key["smtp/inet"].private
@@ -461,8 +461,10 @@ def test_shipped_master_cf():
     assert (tlsmgr.wakeup, tlsmgr.wakeup_conditional, tlsmgr.maxproc) == (1000, True, 1)
     local = by_key["local/unix"]
     assert (local.unpriv, local.chroot) == (False, False)
+    anvil = by_key["anvil/unix"]
+    assert (anvil.chroot, anvil.unpriv, anvil.maxproc) == (True, True, 1)
     assert {s.command for s in services} <= {"smtpd", "smtp", "qmgr", "tlsmgr", "local",
-                                             "discard", "error", "lmtp", "pickup"}
+                                             "discard", "error", "lmtp", "pickup", "anvil"}
 
 
 def test_shipped_master_cf_examples():

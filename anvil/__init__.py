@@ -1,0 +1,1 @@
+"""anvil: connection count and rate control for smtpd (Postfix anvil(8)); see service.py."""
