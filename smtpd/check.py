@@ -4,7 +4,9 @@ Each list is evaluated in order; the first restriction that decides ends the lis
 permit-like restrictions let the client through this list (the next lists still apply),
 reject-like ones answer with an SMTP reply. A list that runs out permits. With
 smtpd_delay_reject = yes (the default) the client, HELO and sender lists run at RCPT time,
-before the relay and recipient lists, so that the log shows the recipient.
+before the relay and recipient lists, so that the log shows the recipient; with no, each
+runs at its own stage (connect, HELO/EHLO, MAIL). smtpd_data_restrictions run at DATA and
+smtpd_end_of_data_restrictions after the final dot, whatever smtpd_delay_reject says.
 
 RESTRICTIONS
     permit, reject, defer, permit_mynetworks, permit_sasl_authenticated,
@@ -18,9 +20,16 @@ RESTRICTIONS
 FUNCTIONS
     Checker(cfg) compiles the lists once per worker (tables opened, ConfigError for an
     unknown restriction or an open-relay configuration, as Postfix refuses to start).
-    checker.rcpt(state, rcpt) -> None (accept) or Reply; a table that cannot be read
+    One method per protocol stage, each -> None (go on) or the Reply: connect(state),
+        helo(state), mail(state) run the client, HELO and sender lists there only with
+        smtpd_delay_reject = no; rcpt(state, rcpt) runs them (delay_reject = yes) and the
+        relay and recipient lists; data(state, rcpt) and end_of_data(state, rcpt) run
+        smtpd_data_restrictions at DATA and smtpd_end_of_data_restrictions after the final
+        dot (rcpt: the recipient when there is exactly one). A table that cannot be read
         (TableError) gives 451 4.3.0 "<name>: Temporary lookup failure", with a warning.
-    is_local_domain / relay_allowed / in_mynetworks are the shared predicates.
+    is_local_domain / relay_allowed / in_mynetworks / in_network_list are the shared
+    predicates; NetworkList is the one matcher of client lists (mynetworks,
+    smtpd_forbid_bare_newline_exclusions, smtpd_sasl_exceptions_networks).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from dataclasses import dataclass
 
 from ..lib import msg, tables
 from ..lib.maincf import ConfigError
+from ..lib.params import split_list
 
 RELAY_GUARDS = {"reject_unauth_destination", "defer_unauth_destination", "reject", "defer",
                 "defer_if_permit"}
@@ -40,6 +50,9 @@ SIMPLE = {"permit", "reject", "defer", "permit_mynetworks", "permit_sasl_authent
 WITH_TABLE = {"check_ccert_access", "check_client_access", "check_helo_access",
               "check_sender_access", "check_recipient_access"}
 _DSN_RE = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
+# The parameters that list client networks, all matched by NetworkList.
+NETWORK_LISTS = ("mynetworks", "smtpd_forbid_bare_newline_exclusions",
+                 "smtpd_sasl_exceptions_networks")
 
 
 @dataclass
@@ -78,7 +91,8 @@ class Checker:
 
     LISTS = ("smtpd_client_restrictions", "smtpd_helo_restrictions",
              "smtpd_sender_restrictions", "smtpd_relay_restrictions",
-             "smtpd_recipient_restrictions")
+             "smtpd_recipient_restrictions", "smtpd_data_restrictions",
+             "smtpd_end_of_data_restrictions")
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -94,7 +108,9 @@ class Checker:
         self.mydestination = {d.lower().rstrip(".") for d in cfg["mydestination"]}
         self.relay_domains = [d.lower().rstrip(".") for d in cfg["relay_domains"]
                               if ":" not in d]
-        self.networks, self.network_tables = self._networks(cfg["mynetworks"])
+        # Every client-network list, one matcher (NetworkList): tables open before chroot.
+        self.network_lists = {p: self._network_list(p) for p in NETWORK_LISTS}
+        self.mynetworks = self.network_lists["mynetworks"]
         self.relay_clientcerts = self._table(cfg.get("relay_clientcerts")) \
             if cfg.get("relay_clientcerts") else None
         self.delay_reject = cfg["smtpd_delay_reject"]
@@ -125,36 +141,19 @@ class Checker:
             i += 1
         return out
 
-    def _networks(self, words: list[str]):
-        nets, tabs = [], []
-        for word in words:
-            if ":" in word and not word.startswith("[") and word.count(":") == 1 and \
-                    not re.match(r"^[0-9a-fA-F:]+(/\d+)?$", word):
-                tabs.append(self._table(word))
-                continue
-            text = word.replace("[", "").replace("]", "")
-            try:
-                nets.append(ipaddress.ip_network(text, strict=False))
-            except ValueError:
-                msg.warn(f"mynetworks: ignoring entry that is not an address or network: "
-                         f"{word}")
-        return nets, tabs
+    def _network_list(self, param: str) -> "NetworkList":
+        words = self.cfg[param]
+        return NetworkList(param, words, self._table,
+                           param in self.cfg["parent_domain_matches_subdomains"])
 
     # --- predicates ------------------------------------------------------------------------
-    def in_mynetworks(self, addr: str) -> bool:
-        """Whether a client address is in mynetworks."""
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        if any(ip in net for net in self.nets_for(ip)):
-            return True
-        return any(t.lookup(addr) is not None for t in self.network_tables)
+    def in_mynetworks(self, addr: str, name: str = "unknown") -> bool:
+        """Whether a client is in mynetworks."""
+        return self.mynetworks.match(addr, name)
 
-    def nets_for(self, ip):
-        return [n for n in self.networks if n.version == ip.version]
+    def in_network_list(self, param: str, addr: str, name: str = "unknown") -> bool:
+        """Whether a client is in one of the NETWORK_LISTS (compiled before the chroot)."""
+        return self.network_lists[param].match(addr, name)
 
     def is_local_domain(self, domain: str) -> bool:
         """A domain of mydestination: mail for it stays on this host."""
@@ -173,21 +172,38 @@ class Checker:
                 return True
         return False
 
-    # --- evaluation ------------------------------------------------------------------------
+    # --- evaluation: one method per protocol stage, as smtpd_check.c ---------------------
+    def connect(self, state: ClientState) -> Reply | None:
+        """smtpd_client_restrictions at connect, with smtpd_delay_reject = no."""
+        return None if self.delay_reject else self._run("smtpd_client_restrictions", state,
+                                                        None)
+
+    def helo(self, state: ClientState) -> Reply | None:
+        """smtpd_helo_restrictions at HELO/EHLO (state.helo is the new name), delay_reject=no."""
+        return None if self.delay_reject else self._run("smtpd_helo_restrictions", state,
+                                                        None)
+
+    def mail(self, state: ClientState) -> Reply | None:
+        """smtpd_sender_restrictions at MAIL (state.sender set), delay_reject = no."""
+        return None if self.delay_reject else self._run("smtpd_sender_restrictions", state,
+                                                        None)
+
     def rcpt(self, state: ClientState, rcpt: str) -> Reply | None:
         """Run the lists that apply at RCPT TO; None to accept, else the reply."""
-        names = self.LISTS if self.delay_reject else self.LISTS[3:]
+        names = self.LISTS[:5] if self.delay_reject else self.LISTS[3:5]
         for name in names:
             reply = self._run(name, state, rcpt)
             if reply is not None:
                 return reply
         return None
 
-    def early(self, name: str, state: ClientState) -> Reply | None:
-        """A client, HELO or sender list at its own command (smtpd_delay_reject = no)."""
-        if self.delay_reject:
-            return None
-        return self._run(name, state, None)
+    def data(self, state: ClientState, rcpt: str | None) -> Reply | None:
+        """smtpd_data_restrictions at DATA; rcpt is the recipient when there is only one."""
+        return self._run("smtpd_data_restrictions", state, rcpt)
+
+    def end_of_data(self, state: ClientState, rcpt: str | None) -> Reply | None:
+        """smtpd_end_of_data_restrictions after the final dot, before the commit."""
+        return self._run("smtpd_end_of_data_restrictions", state, rcpt)
 
     def _run(self, name: str, state: ClientState, rcpt: str | None) -> Reply | None:
         for restriction, table in self.lists[name]:
@@ -196,10 +212,8 @@ class Checker:
             except tables.TableError as exc:
                 # A table that cannot be read now: defer, as Postfix's reject_dict_retry.
                 msg.warn(f"table lookup problem: {exc}")
-                subject = {"smtpd_client_restrictions": state.client,
-                           "smtpd_helo_restrictions": state.helo or "",
-                           "smtpd_sender_restrictions": state.sender or ""}.get(name, rcpt)
-                return Reply(451, "4.3.0", f"<{subject or ''}>: Temporary lookup failure")
+                subject = _subject(_STAGE[name][1], state, rcpt)
+                return Reply(451, "4.3.0", f"<{subject}>: Temporary lookup failure")
             if verdict == "permit":
                 return None
             if isinstance(verdict, Reply):
@@ -208,13 +222,8 @@ class Checker:
 
     def _reject(self, name: str, state: ClientState, rcpt, code: int, text: str,
                 what: str | None = None) -> Reply:
-        what = what or {"smtpd_client_restrictions": "Client host",
-                        "smtpd_helo_restrictions": "Helo command",
-                        "smtpd_sender_restrictions": "Sender address"}.get(name,
-                                                                           "Recipient address")
-        subject = {"Client host": state.client, "Client certificate": state.client,
-                   "Helo command": state.helo or "", "Sender address": state.sender or "",
-                   }.get(what, rcpt or "")
+        what = what or _STAGE[name][1]
+        subject = _subject(what, state, rcpt)
         dsn = f"{str(code)[0]}.7.1"
         words = text.split(" ", 1)
         if _DSN_RE.match(words[0]) and words[0][0] == str(code)[0]:
@@ -232,7 +241,7 @@ class Checker:
         if restriction == "defer":
             return self._reject(name, state, rcpt, cfg["defer_code"], "Access denied")
         if restriction == "permit_mynetworks":
-            return "permit" if self.in_mynetworks(state.addr) else None
+            return "permit" if self.in_mynetworks(state.addr, state.name) else None
         if restriction == "permit_sasl_authenticated":
             return "permit" if state.sasl_username else None
         if restriction == "permit_tls_all_clientcerts":
@@ -297,6 +306,103 @@ class Checker:
             return self._apply(word.lower(), None, name, state, rcpt)
         msg.warn(f"access table: unknown action \"{action}\" -- ignored")
         return None
+
+
+class NetworkList:
+    """A list of clients, as Postfix's namadr_list (mynetworks and its kind).
+
+    Words, in order, the first that matches decides: an address or network (a.b.c.d/len,
+    IPv6 with or without [ ], as [::1]/128), a type:table (looked up with the client name,
+    then its address; any result matches), a /file/name of more such words, a host name or
+    .domain matched against the client's verified name (a bare domain matches subdomains
+    too where parent_domain_matches_subdomains names the parameter), and !word, which
+    excludes what word matches."""
+
+    def __init__(self, param: str, words: list[str], open_table, parent_matches: bool):
+        self.param = param
+        self.parent_matches = parent_matches
+        self.entries: list[tuple[bool, str, object]] = []   # (negated, kind, value)
+        self._add(words, open_table)
+
+    def _add(self, words, open_table, depth: int = 0) -> None:
+        for word in words:
+            negated = word.startswith("!")
+            word = word.lstrip("!")
+            if not word:
+                continue
+            if word.startswith("/") and depth == 0:
+                try:
+                    with open(word, encoding="utf-8", errors="replace") as f:
+                        text = "\n".join(line.split("#", 1)[0] for line in f)
+                except OSError as exc:
+                    raise ConfigError(f"{self.param}: open {word}: {exc.strerror}") from None
+                sub = NetworkList(self.param, [], open_table, self.parent_matches)
+                sub._add(split_list(text), open_table, depth + 1)
+                self.entries.append((negated, "list", sub))
+                continue
+            text = word[1:].replace("]", "", 1) if word.startswith("[") else word
+            try:
+                self.entries.append((negated, "net", ipaddress.ip_network(text,
+                                                                          strict=False)))
+                continue
+            except ValueError:
+                pass
+            if ":" in word:
+                self.entries.append((negated, "table", open_table(word)))
+            elif re.fullmatch(r"\.?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?", word):
+                self.entries.append((negated, "name", word.lower().rstrip(".")))
+            else:
+                msg.warn(f"{self.param}: ignoring entry that is not an address, network, "
+                         f"host name or table: {word}")
+
+    def match(self, addr: str, name: str = "unknown") -> bool:
+        """Whether the client (address, verified name or "unknown") is in the list."""
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return bool(self._match(ip, str(ip), name.lower().rstrip(".")))
+
+    def _match(self, ip, addr: str, name: str) -> bool | None:
+        """True or False from the first entry that matches; None when none does."""
+        for negated, kind, value in self.entries:
+            if kind == "net":
+                hit = ip.version == value.version and ip in value
+            elif kind == "table":
+                hit = (name != "unknown" and value.lookup(name) is not None) or \
+                    value.lookup(addr) is not None
+            elif kind == "name":
+                hit = name != "unknown" and (
+                    name == value.lstrip(".") and not value.startswith(".")
+                    or (value.startswith(".") or self.parent_matches)
+                    and name.endswith("." + value.lstrip(".")))
+            else:
+                inner = value._match(ip, addr, name)
+                if inner is not None:
+                    return inner != negated
+                continue
+            if hit:
+                return not negated
+        return None
+
+
+# list -> (where, Postfix's reply class): the subject and words of its reject replies
+_STAGE = {"smtpd_client_restrictions": ("CONNECT", "Client host"),
+          "smtpd_helo_restrictions": ("HELO", "Helo command"),
+          "smtpd_sender_restrictions": ("MAIL", "Sender address"),
+          "smtpd_relay_restrictions": ("RCPT", "Recipient address"),
+          "smtpd_recipient_restrictions": ("RCPT", "Recipient address"),
+          "smtpd_data_restrictions": ("DATA", "Data command"),
+          "smtpd_end_of_data_restrictions": ("END-OF-MESSAGE", "End-of-data")}
+
+
+def _subject(what: str, state: ClientState, rcpt: str | None) -> str:
+    """What a reply of class `what` names in <...>, as smtpd_check.c's reply_name."""
+    return {"Client host": state.client, "Client certificate": state.client,
+            "Helo command": state.helo or "", "Sender address": state.sender or "",
+            "Data command": "DATA", "End-of-data": "END-OF-MESSAGE"}.get(what, rcpt or "")
 
 
 def _address_keys(address: str | None) -> list[str]:

@@ -36,6 +36,7 @@ import socket
 from dataclasses import dataclass
 
 from ..lib import msg, server, tlsmgr_client
+from ..lib import tls as T
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
 from . import sasl
@@ -46,21 +47,26 @@ from .tls import TlsServer
 
 @dataclass
 class Prepared:
+    level: str = "none"         # the TLS security level: none, may or encrypt
     tls: object = None          # TlsServer, or None when TLS is off or broken
     tls_problem: str | None = None
 
 
 def prepare(cfg, service) -> Prepared:
-    """Run in the master per generation: validate restrictions, build TLS contexts."""
+    """Run in the master per generation: validate restrictions, build TLS contexts.
+
+    The TLS security level is computed here, once (lib/tls.server_security_level, with
+    Postfix's warning for verify, secure and fingerprint), and every session uses it."""
     Checker(cfg)    # ConfigError: the service will not start, and says why
     sasl.check_config(cfg)
-    prepared = Prepared()
-    level = cfg.get("smtpd_tls_security_level") or (
-        "encrypt" if cfg["smtpd_enforce_tls"] else "may" if cfg["smtpd_use_tls"] else "none")
-    if level == "none" and not cfg["smtpd_tls_wrappermode"]:
+    try:
+        prepared = Prepared(level=T.server_security_level(cfg))
+    except T.TLSConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    if prepared.level == "none":
         return prepared
     try:
-        prepared.tls = TlsServer.build(cfg)
+        prepared.tls = TlsServer.build(cfg, prepared.level)
     except ConfigError as exc:
         prepared.tls_problem = str(exc)
     return prepared
@@ -127,7 +133,8 @@ def smtpd_service(conn: socket.socket, ctx) -> None:
         sasl_session = backend.session(addr, local[7:] if local.startswith("::ffff:")
                                        else local)
     session = Session(stream, cfg, client, ctx.queue_root, ctx.state["checker"],
-                      tls=prepared.tls, wrapper=cfg["smtpd_tls_wrappermode"],
+                      level=prepared.level, tls=prepared.tls,
+                      wrapper=cfg["smtpd_tls_wrappermode"],
                       stopping=lambda: ctx.stopping, sasl=sasl_session)
     try:
         session.run()

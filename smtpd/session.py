@@ -27,13 +27,11 @@ SECURITY
 from __future__ import annotations
 
 import errno
-import ipaddress
 import re
 import time
 
-from ..lib import msg
+from ..lib import msg, tables
 from ..lib import queue as Q
-from ..lib.params import split_list
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
 from . import sasl as SASL
 from .check import ClientState, Reply
@@ -119,7 +117,8 @@ class Session:
     """One SMTP session with one client."""
 
     def __init__(self, stream, cfg, client: ClientState, queue_root: str, checker,
-                 tls=None, wrapper: bool = False, stopping=lambda: False, sasl=None):
+                 level: str = "none", tls=None, wrapper: bool = False,
+                 stopping=lambda: False, sasl=None):
         self.s = stream
         self.cfg = cfg
         self.client = client
@@ -136,7 +135,7 @@ class Session:
         self.hard_limit = cfg["smtpd_hard_error_limit"]
         self.error_sleep = cfg["smtpd_error_sleep_time"]
         self.junk_limit = cfg["smtpd_junk_command_limit"]
-        self.level = self._security_level()
+        self.level = level              # lib/tls.server_security_level's, from prepare()
         self.bare_lf = self._bare_newline_mode()
         self.counts: dict[str, list[int]] = {}
         self.errors = 0
@@ -152,41 +151,29 @@ class Session:
         self.sasl = sasl                # smtpd.sasl.SaslSession, or None: AUTH is off
         self.sasl_method: str | None = None
         self.sasl_exempt = self._sasl_exempt()
+        self.access_denied: str | None = None
+        self.noop_commands = {c.lower() for c in cfg["smtpd_noop_commands"]}
+        self.overshoot_limit = cfg["smtpd_recipient_overshoot_limit"]
         self.reset()
 
     # --- configuration ---------------------------------------------------------------------
-    def _security_level(self) -> str:
-        level = self.cfg.get("smtpd_tls_security_level").strip().lower()
-        if not level:
-            level = "encrypt" if self.cfg["smtpd_enforce_tls"] else \
-                "may" if self.cfg["smtpd_use_tls"] else "none"
-        return level
-
     def _bare_newline_mode(self) -> str:
         mode = self.cfg.get("smtpd_forbid_bare_newline").strip().lower()
         mode = {"yes": "normalize", "": "no"}.get(mode, mode)
         if mode not in ("no", "normalize", "reject", "note"):
             msg.warn(f"unknown smtpd_forbid_bare_newline value \"{mode}\" -- using normalize")
             mode = "normalize"
-        if mode != "no" and self._bare_newline_excluded():
+        if mode != "no" and self._in_list("smtpd_forbid_bare_newline_exclusions"):
             mode = "no"
         return mode
 
-    def _bare_newline_excluded(self) -> bool:
-        words = split_list(self.cfg.get("smtpd_forbid_bare_newline_exclusions"))
-        if words == split_list(self.cfg.get("mynetworks")) or not words:
-            return bool(words) and self.checker.in_mynetworks(self.client.addr)
+    def _in_list(self, param: str) -> bool:
+        """Whether the client is in a network list (check.NetworkList, the one matcher)."""
         try:
-            ip = ipaddress.ip_address(self.client.addr)
-        except ValueError:
+            return self.checker.in_network_list(param, self.client.addr, self.client.name)
+        except tables.TableError as exc:
+            msg.warn(f"{param}: table lookup problem: {exc}")
             return False
-        for w in words:
-            try:
-                if ip in ipaddress.ip_network(w.strip("[]").replace("]", ""), strict=False):
-                    return True
-            except ValueError:
-                continue
-        return False
 
     @property
     def tls_required(self) -> bool:
@@ -194,25 +181,7 @@ class Session:
 
     def _sasl_exempt(self) -> bool:
         """Whether the client is in smtpd_sasl_exceptions_networks (AUTH not announced)."""
-        words = split_list(self.cfg.get("smtpd_sasl_exceptions_networks"))
-        if not words or self.sasl is None:
-            return False
-        try:
-            ip = ipaddress.ip_address(self.client.addr)
-        except ValueError:
-            return False
-        for w in words:
-            if w in ("$mynetworks", "mynetworks"):
-                if self.checker.in_mynetworks(self.client.addr):
-                    return True
-                continue
-            try:
-                if ip in ipaddress.ip_network(w.replace("[", "").replace("]", ""),
-                                              strict=False):
-                    return True
-            except ValueError:
-                continue
-        return False
+        return self.sasl is not None and self._in_list("smtpd_sasl_exceptions_networks")
 
     def sasl_active(self) -> bool:
         """Whether AUTH may be used now: enabled, and over TLS where TLS is required."""
@@ -229,13 +198,14 @@ class Session:
                 and self.tls is not None)
 
     # --- replies and logging -----------------------------------------------------------------
-    def reply(self, text: str) -> None:
-        """Queue one reply line (flushed before the next read)."""
+    def reply(self, text: str, error: bool = True) -> None:
+        """Queue one reply line (flushed before the next read); a 4xx or 5xx reply other
+        than 421 counts as an error unless error is False."""
         if not (text.isascii() and text.isprintable()):
             text = printable(text, len(text))   # client text echoed: as Postfix, `?`
         code = text[:3]
         if code[:1] in ("4", "5") and not text.startswith("421"):
-            self.errors += 1
+            self.errors += error
             if self.errors > self.soft_limit and self.error_sleep:
                 self.s.flush()
                 time.sleep(self.error_sleep)
@@ -258,13 +228,20 @@ class Session:
         return " ".join(parts)
 
     def log_reject(self, stage: str, reply, rcpt: str | None = None) -> None:
+        """Postfix's log_whatsup: "QUEUEID: reject: STAGE from client: reply; from=<>...";
+        the sender and HELO name are the client state's (the ones being checked)."""
         qid = self.writer.id if self.writer else "NOQUEUE"
-        parts = [f"from=<{self.sender if self.sender is not None else ''}>"]
+        parts = []
+        if self.client.sender is not None:
+            parts.append(f"from=<{self.client.sender}>")
         if rcpt is not None:
             parts.append(f"to=<{rcpt}>")
         parts.append(f"proto={'ESMTP' if self.esmtp else 'SMTP'}")
-        if self.helo:
-            parts.append(f"helo=<{self.helo}>")
+        if self.client.helo:
+            parts.append(f"helo=<{self.client.helo}>")
+        if self.client.sasl_username:
+            parts.append(f"sasl_method={self.sasl_method} "
+                         f"sasl_username={self.client.sasl_username}")
         msg.info(f"{qid}: reject: {stage} from {self.client.client}: {reply}; "
                  + " ".join(parts))
 
@@ -284,6 +261,7 @@ class Session:
         self.rcpts: list[str] = []
         self.client.sender = None
         self.sasl_sender: str | None = None
+        self.rcpt_overshoot = 0
 
     # --- the session -------------------------------------------------------------------------
     def run(self) -> None:
@@ -297,7 +275,15 @@ class Session:
                     raise Disconnect
                 if not self.start_tls():
                     raise Disconnect
-            self.reply(f"220 {self.cfg.get('smtpd_banner')}")
+            denied = self.checker.connect(self.client)
+            if denied is not None:
+                # smtpd_delay_reject = no: the reject is the greeting, and every command
+                # but QUIT is refused from now on, as Postfix's access_denied.
+                self.log_reject("CONNECT", denied)
+                self.access_denied = str(denied)
+                self.reply(self.access_denied)
+            else:
+                self.reply(f"220 {self.cfg.get('smtpd_banner')}")
             while True:
                 if self.stopping():
                     self.reply(f"421 4.3.2 {self.hostname} Service shutting down, "
@@ -376,7 +362,19 @@ class Session:
         line = line.split("\x00", 1)[0]    # as Postfix's C strings: a NUL ends the line
         verb, _, arg = line.strip(" ").partition(" ")
         verb = verb.lower()
+        if verb in self.noop_commands:
+            # smtpd_noop_commands: 250 without any check or state change, not counted
+            self.reply("250 2.0.0 Ok")
+            self.junk += 1
+            if self.junk > self.junk_limit:
+                self.errors += 1
+            return False
         handler = COMMANDS.get(verb)
+        if self.access_denied and verb != "quit":
+            self.last = verb.upper() if handler else "UNKNOWN"
+            self.count(verb if handler else "unknown", False)
+            self.reply(f"503 5.7.0 Error: access denied for {self.client.client}")
+            return False
         if handler is None:
             self.last = "UNKNOWN"
             self.count("unknown", False)
@@ -400,8 +398,16 @@ class Session:
         if not arg:
             self.reply(f"501 Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
             return False
+        name = arg.split(" ")[0] if esmtp else arg
+        saved, self.client.helo = self.client.helo, name
+        denied = self.checker.helo(self.client)
+        if denied is not None:
+            self.log_reject("EHLO" if esmtp else "HELO", denied)
+            self.client.helo = saved
+            self.reply(str(denied))
+            return False
         self.reset()
-        self.helo = arg.split(" ")[0] if esmtp else arg
+        self.helo = name
         self.client.helo = self.helo
         self.esmtp = esmtp
         if not esmtp:
@@ -461,7 +467,7 @@ class Session:
     def start_tls(self) -> bool:
         """Run the server handshake; log as Postfix does; False when it failed."""
         try:
-            self.tls_info = self.tls.handshake(self.s, self.client, self.level)
+            self.tls_info = self.tls.handshake(self.s, self.client)
         except TLSFailure as exc:
             msg.warn(f"TLS library problem: SSL_accept error from {self.client.client}: "
                      f"{exc.reason}")
@@ -561,9 +567,9 @@ class Session:
                 self.reply(f"555 5.5.4 Unsupported option: {printable(p)}")
                 return False
         if self.size_limit and size > self.size_limit:
-            self.sender = addr
+            self.client.sender = addr
             self.log_reject("MAIL", "552 5.3.4 Message size exceeds fixed limit")
-            self.sender = None
+            self.client.sender = None
             self.reply("552 5.3.4 Message size exceeds fixed limit")
             return False
         minfree = self.cfg["queue_minfree"]
@@ -576,8 +582,14 @@ class Session:
                      f"{max(minfree, int(1.5 * size))} bytes")
             self.reply("452 4.3.1 Insufficient system storage")
             return False
-        self.sender = addr
         self.client.sender = addr
+        denied = self.checker.mail(self.client)
+        if denied is not None:
+            self.log_reject("MAIL", denied)
+            self.reset()
+            self.reply(str(denied))
+            return False
+        self.sender = addr
         self.reply("250 2.1.0 Ok")
         return True
 
@@ -606,8 +618,12 @@ class Session:
             self.reply(f"555 5.5.4 Unsupported option: {printable(params[0])}")
             return False
         if len(self.rcpts) >= self.rcpt_limit:
-            self.reply("452 4.5.3 Error: too many recipients")
-            return False
+            # Past smtpd_recipient_limit: 452, which counts as an error only once the
+            # client overshoots by more than smtpd_recipient_overshoot_limit (smtpd.c).
+            self.rcpt_overshoot += 1
+            within = self.rcpt_overshoot <= self.overshoot_limit
+            self.reply("452 4.5.3 Error: too many recipients", error=not within)
+            return within
         verdict: Reply | None = self.checker.rcpt(self.client, addr)
         if verdict is not None:
             self.log_reject("RCPT", verdict, addr)
@@ -693,6 +709,11 @@ class Session:
         if not self.rcpts:
             self.reply("554 5.5.1 Error: no valid recipients")
             return False
+        denied = self.checker.data(self.client, self._only_rcpt())
+        if denied is not None:
+            self.log_reject("DATA", denied, self._only_rcpt())
+            self.reply(str(denied))
+            return False
         self.reply("354 End data with <CR><LF>.<CR><LF>")
         self.s.flush()
         problem = None
@@ -703,6 +724,10 @@ class Session:
         result = self.read_content(problem)
         self.data_bytes = None
         return result
+
+    def _only_rcpt(self) -> str | None:
+        """The recipient the DATA and end-of-data checks log: only when there is one."""
+        return self.rcpts[0] if len(self.rcpts) == 1 else None
 
     def read_content(self, problem: OSError | None) -> bool:
         """Stream DATA to the queue file until <CR><LF>.<CR><LF>; reply; True if queued."""
@@ -819,6 +844,12 @@ class Session:
             ok = self.queue_trouble(problem)
             self.reset()
             return ok
+        denied = self.checker.end_of_data(self.client, self._only_rcpt())
+        if denied is not None:
+            self.log_reject("END-OF-MESSAGE", denied, self._only_rcpt())
+            self.reset()        # the queue file is discarded, as Postfix's mail_reset
+            self.reply(str(denied))
+            return False
         try:
             qid = writer.commit()
         except OSError as exc:
