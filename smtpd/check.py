@@ -15,7 +15,25 @@ RESTRICTIONS
     check_ccert_access type:table (certificate, then public-key fingerprint as the key),
     check_client_access, check_helo_access, check_sender_access, check_recipient_access
     type:table (access(5) actions: OK, REJECT [text], DEFER [text], DUNNO, 4NN/5NN text,
-    PERMIT, a restriction name), reject_unauth_destination, defer_unauth_destination.
+    PERMIT, a restriction name), reject_unauth_destination, defer_unauth_destination,
+    defer_if_permit (450 at the end of the stage unless something rejects),
+    reject_unknown_client_hostname (alias reject_unknown_client; 4.7.25) and
+    reject_unknown_reverse_client_hostname (4.7.1) with unknown_client_reject_code (450)
+    when the name does not exist, 450 when its lookup failed for now;
+    reject_unknown_sender_domain (4.1.8) and reject_unknown_recipient_domain (4.1.2):
+    no MX, A or AAAA record, with unknown_address_reject_code (450); a null MX is 550
+    5.7.27 / 556 5.1.10; a DNS failure for now acts as unknown_address_tempfail_action's
+    default, defer_if_permit. Local (mydestination) and [literal] domains are not looked
+    up. The DNS is the system resolver's (resolv.conf, read before the chroot).
+
+CONFIGURATION PARAMETERS
+    smtpd_client_restrictions, smtpd_helo_restrictions, smtpd_sender_restrictions,
+    smtpd_relay_restrictions, smtpd_recipient_restrictions, smtpd_data_restrictions,
+    smtpd_end_of_data_restrictions, smtpd_delay_reject (yes), mynetworks, mydestination,
+    relay_domains, relay_clientcerts, parent_domain_matches_subdomains, the reply codes
+    reject_code (554), defer_code (450), access_map_reject_code (554),
+    relay_domains_reject_code (554), unknown_client_reject_code (450),
+    unknown_address_reject_code (450).
 
 FUNCTIONS
     Checker(cfg) compiles the lists once per worker (tables opened, ConfigError for an
@@ -34,9 +52,17 @@ FUNCTIONS
 
 from __future__ import annotations
 
+import encodings.idna  # noqa: F401 - dnspython's IDNA codec, loaded before the chroot
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import dns.exception
+import dns.name
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.resolver
 
 from ..lib import msg, tables
 from ..lib.maincf import ConfigError
@@ -44,9 +70,12 @@ from ..lib.params import split_list
 
 RELAY_GUARDS = {"reject_unauth_destination", "defer_unauth_destination", "reject", "defer",
                 "defer_if_permit"}
-SIMPLE = {"permit", "reject", "defer", "permit_mynetworks", "permit_sasl_authenticated",
-          "permit_tls_clientcerts", "permit_tls_all_clientcerts",
-          "reject_unauth_destination", "defer_unauth_destination", "dunno"}
+DNS_CHECKS = {"reject_unknown_sender_domain", "reject_unknown_recipient_domain"}
+SIMPLE = {"permit", "reject", "defer", "defer_if_permit", "permit_mynetworks",
+          "permit_sasl_authenticated", "permit_tls_clientcerts", "permit_tls_all_clientcerts",
+          "reject_unauth_destination", "defer_unauth_destination", "dunno",
+          "reject_unknown_client_hostname", "reject_unknown_client",
+          "reject_unknown_reverse_client_hostname"} | DNS_CHECKS
 WITH_TABLE = {"check_ccert_access", "check_client_access", "check_helo_access",
               "check_sender_access", "check_recipient_access"}
 _DSN_RE = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
@@ -76,6 +105,14 @@ class ClientState:
     ccert_verified: bool = False
     ccert_fingerprint: str | None = None
     ccert_pkey_fingerprint: str | None = None
+    # Postfix's name_status and reverse_name_status: ok, temp, perm (or forged: the name
+    # does not resolve back to the address); smtpd/service.py's client_name() sets them.
+    name_status: str = "ok"
+    reverse_name: str = "unknown"
+    reverse_status: str = "ok"
+    # defer_if_permit raised at connect, HELO or MAIL, carried to RCPT (smtpd_check.c's
+    # defer_if_permit_client / _helo / _sender)
+    deferred: dict = field(default_factory=dict)
 
     @property
     def client(self) -> str:
@@ -114,6 +151,9 @@ class Checker:
         self.relay_clientcerts = self._table(cfg.get("relay_clientcerts")) \
             if cfg.get("relay_clientcerts") else None
         self.delay_reject = cfg["smtpd_delay_reject"]
+        used = {r for rs in self.lists.values() for r, _ in rs}
+        # The system resolver (resolv.conf read now, before the chroot), when needed.
+        self.dns = MailhostLookup() if used & DNS_CHECKS else None
 
     # --- compile ---------------------------------------------------------------------------
     def _table(self, ref: str) -> tables.Table:
@@ -175,37 +215,60 @@ class Checker:
     # --- evaluation: one method per protocol stage, as smtpd_check.c ---------------------
     def connect(self, state: ClientState) -> Reply | None:
         """smtpd_client_restrictions at connect, with smtpd_delay_reject = no."""
-        return None if self.delay_reject else self._run("smtpd_client_restrictions", state,
-                                                        None)
+        if self.delay_reject:
+            return None
+        return self._early("smtpd_client_restrictions", "client", [], state)
 
     def helo(self, state: ClientState) -> Reply | None:
         """smtpd_helo_restrictions at HELO/EHLO (state.helo is the new name), delay_reject=no."""
-        return None if self.delay_reject else self._run("smtpd_helo_restrictions", state,
-                                                        None)
+        if self.delay_reject:
+            return None
+        return self._early("smtpd_helo_restrictions", "helo",
+                           self._carried(state, "client"), state)
 
     def mail(self, state: ClientState) -> Reply | None:
         """smtpd_sender_restrictions at MAIL (state.sender set), delay_reject = no."""
-        return None if self.delay_reject else self._run("smtpd_sender_restrictions", state,
-                                                        None)
+        if self.delay_reject:
+            return None
+        return self._early("smtpd_sender_restrictions", "sender",
+                           self._carried(state, "client", "helo"), state)
 
     def rcpt(self, state: ClientState, rcpt: str) -> Reply | None:
         """Run the lists that apply at RCPT TO; None to accept, else the reply."""
-        names = self.LISTS[:5] if self.delay_reject else self.LISTS[3:5]
-        for name in names:
-            reply = self._run(name, state, rcpt)
-            if reply is not None:
-                return reply
-        return None
+        if self.delay_reject:
+            names, pending = self.LISTS[:5], []
+        else:
+            names, pending = self.LISTS[3:5], self._carried(state, "client", "helo", "sender")
+        return self._stage(names, state, rcpt, pending)
 
     def data(self, state: ClientState, rcpt: str | None) -> Reply | None:
         """smtpd_data_restrictions at DATA; rcpt is the recipient when there is only one."""
-        return self._run("smtpd_data_restrictions", state, rcpt)
+        return self._stage(["smtpd_data_restrictions"], state, rcpt, [])
 
     def end_of_data(self, state: ClientState, rcpt: str | None) -> Reply | None:
         """smtpd_end_of_data_restrictions after the final dot, before the commit."""
-        return self._run("smtpd_end_of_data_restrictions", state, rcpt)
+        return self._stage(["smtpd_end_of_data_restrictions"], state, rcpt, [])
 
-    def _run(self, name: str, state: ClientState, rcpt: str | None) -> Reply | None:
+    @staticmethod
+    def _carried(state: ClientState, *stages: str) -> list[Reply]:
+        return [r for r in (state.deferred.get(s) for s in stages) if r is not None][:1]
+
+    def _early(self, name: str, stage: str, pending: list, state: ClientState):
+        """A list of an earlier stage: its defer_if_permit waits for RCPT."""
+        reply = self._run(name, state, None, pending)
+        state.deferred[stage] = pending[0] if pending else None
+        return reply
+
+    def _stage(self, names, state: ClientState, rcpt: str | None, pending: list):
+        """The lists of a stage; a defer_if_permit that nothing rejected is the reply."""
+        for name in names:
+            reply = self._run(name, state, rcpt, pending)
+            if reply is not None:
+                return reply
+        return pending[0] if pending else None
+
+    def _run(self, name: str, state: ClientState, rcpt: str | None,
+             pending: list) -> Reply | None:
         for restriction, table in self.lists[name]:
             try:
                 verdict = self._apply(restriction, table, name, state, rcpt)
@@ -216,7 +279,10 @@ class Checker:
                 return Reply(451, "4.3.0", f"<{subject}>: Temporary lookup failure")
             if verdict == "permit":
                 return None
-            if isinstance(verdict, Reply):
+            if isinstance(verdict, DeferIfPermit):
+                if not pending:         # the first reason is kept, as defer_if()
+                    pending.append(verdict.reply)
+            elif isinstance(verdict, Reply):
                 return verdict
         return None
 
@@ -240,8 +306,31 @@ class Checker:
             return self._reject(name, state, rcpt, cfg["reject_code"], "Access denied")
         if restriction == "defer":
             return self._reject(name, state, rcpt, cfg["defer_code"], "Access denied")
+        if restriction == "defer_if_permit":
+            return DeferIfPermit(self._reject(name, state, rcpt, cfg["defer_code"],
+                                              "defer_if_permit requested"))
         if restriction == "permit_mynetworks":
             return "permit" if self.in_mynetworks(state.addr, state.name) else None
+        if restriction in ("reject_unknown_client_hostname", "reject_unknown_client"):
+            # RFC 7372's 4.7.25; a temporary lookup failure is always 450 (smtpd_check.c)
+            if state.name_status == "ok":
+                return None
+            code = cfg["unknown_client_reject_code"] if state.name_status in (
+                "perm", "forged") else 450
+            return Reply(code, f"{str(code)[0]}.7.25", "Client host rejected: cannot find "
+                         f"your hostname, [{state.addr}]")
+        if restriction == "reject_unknown_reverse_client_hostname":
+            if state.reverse_status == "ok":
+                return None
+            code = cfg["unknown_client_reject_code"] if state.reverse_status == "perm" \
+                else 450
+            return Reply(code, f"{str(code)[0]}.7.1", "Client host rejected: cannot find "
+                         f"your reverse hostname, [{state.addr}]")
+        if restriction in DNS_CHECKS:
+            sender = restriction == "reject_unknown_sender_domain"
+            address = state.sender if sender else rcpt
+            return self._unknown_address(address, "Sender address" if sender
+                                         else "Recipient address")
         if restriction == "permit_sasl_authenticated":
             return "permit" if state.sasl_username else None
         if restriction == "permit_tls_all_clientcerts":
@@ -280,6 +369,31 @@ class Checker:
             if action is not None:
                 return self._action(action, name, state, rcpt, what)
         return None
+
+    def _unknown_address(self, address: str | None, what: str):
+        """reject_unknown_{sender,recipient}_domain: smtpd_check.c's reject_unknown_address
+        and reject_unknown_mailhost (MX, then A and AAAA)."""
+        domain = _domain(address or "")
+        if not domain or self.is_local_domain(domain) or domain.startswith("["):
+            return None     # a local destination or an address literal: not looked up
+        status = self.dns.status(domain)
+        if status == "ok":
+            return None
+        sender = what == "Sender address"
+        if status == "nullmx":
+            code, dsn = (550, "5.7.27") if sender else (556, "5.1.10")
+            return Reply(code, dsn, f"<{address}>: {what} rejected: Domain {domain} "
+                         f"does not accept mail (nullMX)")
+        detail = "1.8" if sender else "1.2"
+        if status == "retry":
+            # unknown_address_tempfail_action's default, defer_if_permit: 450 unless
+            # a later restriction rejects
+            return DeferIfPermit(Reply(450, f"4.{detail}",
+                                       f"<{address}>: {what} rejected: Domain not found"))
+        code = self.cfg["unknown_address_reject_code"]
+        return Reply(code, f"{str(code)[0]}.{detail}", f"<{address}>: {what} rejected: "
+                     + ("Malformed DNS server reply" if status == "inval"
+                        else "Domain not found"))
 
     def _action(self, action: str, name: str, state, rcpt, what: str):
         """An access(5) table result."""
@@ -386,6 +500,66 @@ class NetworkList:
             if hit:
                 return not negated
         return None
+
+
+@dataclass
+class DeferIfPermit:
+    """A verdict that becomes the reply only if the stage would otherwise permit."""
+    reply: Reply
+
+
+class MailhostLookup:
+    """Whether a mail domain exists in the DNS: MX, then A, then AAAA, as Postfix's
+    dns_lookup_l() for reject_unknown_mailhost. The resolver is the system's (resolv.conf,
+    read when this is made: before the chroot)."""
+
+    TYPES = ("MX", "A", "AAAA")
+
+    def __init__(self, resolver: dns.resolver.Resolver | None = None):
+        if resolver is None:
+            try:
+                resolver = dns.resolver.Resolver()
+            except Exception as exc:       # noqa: BLE001 - no or unreadable resolv.conf
+                msg.warn(f"cannot read resolver configuration: {exc}")
+                resolver = dns.resolver.Resolver(configure=False)
+                resolver.nameservers = ["127.0.0.1"]
+        resolver.use_search_by_default = False   # absolute names, as Postfix
+        self.resolver = resolver
+
+    def status(self, domain: str) -> str:
+        """ok, notfound, retry (a temporary failure), nullmx or inval."""
+        try:
+            qname = dns.name.from_text(domain.rstrip(".") + ".")
+        except (dns.exception.DNSException, UnicodeError, ValueError):
+            return "notfound"
+        soft = False
+        for rdtype in self.TYPES:
+            try:
+                answer = self.resolver.resolve(qname, rdtype, raise_on_no_answer=False,
+                                               search=False)
+            except dns.resolver.NXDOMAIN:
+                return "notfound"         # no such name: no other type will have it
+            except (dns.exception.DNSException, OSError, ValueError, EOFError):
+                soft = True               # timeout, SERVFAIL, refused: try again later
+                continue
+            except Exception:             # noqa: BLE001 - whatever a server sends
+                soft = True
+                continue
+            if answer.rrset is not None and len(answer.rrset):
+                if rdtype == "MX" and len(answer.rrset) == 1 and \
+                        next(iter(answer.rrset)).exchange == dns.name.root:
+                    return "nullmx"
+                return "ok"
+        return "retry" if soft else "notfound"
+
+
+def _load_record_types() -> None:
+    """The record classes dnspython imports on first use: now, before any chroot."""
+    for name in ("A", "AAAA", "MX", "CNAME", "SOA", "NS"):
+        dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(name))
+
+
+_load_record_types()
 
 
 # list -> (where, Postfix's reply class): the subject and words of its reject replies

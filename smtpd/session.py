@@ -12,14 +12,24 @@ PROTOCOL
     only over TLS with smtpd_tls_auth_only = yes or enforced TLS, as Postfix). The queue
     file is created at the first accepted recipient, as Postfix does
     (smtpd_delay_open_until_valid_rcpt), and committed with fsync before
-    `250 2.0.0 Ok: queued as ID`.
+    `250 2.0.0 Ok: queued as ID`. The restriction lists (smtpd/check.py) run at their
+    stages: connect (the reject replaces the 220 greeting, and every later command but
+    QUIT gets `503 5.7.0 Error: access denied for host[addr]`), HELO/EHLO and MAIL with
+    smtpd_delay_reject = no, RCPT, DATA (before 354) and the end of data (before the
+    commit; the queue file is discarded on a reject). Commands in smtpd_noop_commands
+    get `250 2.0.0 Ok` and nothing else. Recipients past smtpd_recipient_limit get
+    `452 4.5.3 Error: too many recipients`, an error only past
+    smtpd_recipient_overshoot_limit. A header longer than header_size_limit loses the
+    excess (its further continuation lines), as Postfix's cleanup; the mail is accepted.
 
 SECURITY
     STARTTLS discards every byte the client sent before the handshake (CVE-2011-0411) and
     forgets HELO, MAIL and RCPT. DATA ends only at <CR><LF>.<CR><LF> unless
     smtpd_forbid_bare_newline = no, so one message cannot be smuggled into two
     (CVE-2023-51764). Every input is bounded: command lines by line_length_limit, messages
-    by message_size_limit while they stream to disk, errors by the error limits. SASL
+    by message_size_limit while they stream to disk, errors by the error limits. An
+    address with a NUL or another control character is refused in every mode (501
+    5.1.7 / 5.1.3); a NUL ends a command line, as in Postfix's C strings. SASL
     responses are never logged, nor the arguments of a pipelined AUTH command; a failed
     AUTH counts as an error (smtpd_error_sleep_time past smtpd_soft_error_limit).
 """
@@ -88,6 +98,7 @@ def parse_path(arg: str, keyword: str, strict: bool):
     return addr, tail.split()
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LOCAL_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
 _QUOTED = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"$')
 _DOMAIN = re.compile(r"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[A-Za-z0-9.:-]+\])$")
@@ -96,6 +107,10 @@ _DOMAIN = re.compile(r"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[A-Za-z0-9.:
 def valid_address(addr: str) -> bool:
     """Whether an envelope address has a usable syntax (local part, optional domain)."""
     if not addr or len(addr) > 1000:
+        return False
+    if _CONTROL.search(addr):
+        # NUL and other controls, quoted or not, in every mode: they would reach the
+        # queue file and the logs (501 5.1.7 / 5.1.3)
         return False
     local, at, domain = addr.rpartition("@")
     if not at:
@@ -735,6 +750,7 @@ class Session:
         at_start = True          # this chunk begins a line
         prev_crlf = True         # the previous line ended in CRLF (or DATA just began)
         in_header, hops, msgid = True, 0, None
+        header_limit, header_len = self.cfg["header_size_limit"], 0
         size, too_big, bare_lf_seen = 0, False, False
         hop_limit = self.cfg["hopcount_limit"]
         self.data_bytes = 0
@@ -804,17 +820,25 @@ class Session:
                     return False
             if at_start and body.startswith(b"."):
                 body = body[1:]
-            if in_header and at_start:
-                if term and not body:
-                    in_header = False
-                else:
+            data = body + b"\n" if term else body
+            size += len(data)
+            if in_header and at_start and term and not body:
+                in_header = False
+            elif in_header:
+                # header_size_limit, as Postfix's cleanup (mime_state.c): a header takes
+                # its continuation lines and the rest of an over-long line only while it
+                # is shorter than the limit; the excess is discarded, the mail accepted.
+                if at_start and body[:1] not in (b" ", b"\t"):
+                    header_len = len(body)          # a new header
                     low = body[:12].lower()
                     if low.startswith(b"received:"):
                         hops += 1
                     elif low.startswith(b"message-id:") and msgid is None:
                         msgid = body[11:].strip().decode("latin-1")
-            data = body + b"\n" if term else body
-            size += len(data)
+                elif header_len < header_limit:
+                    header_len += len(body) + at_start
+                else:
+                    data = b"\n" if term and not at_start else b""
             if self.size_limit and size > self.size_limit:
                 too_big = True
             elif problem is None:

@@ -246,3 +246,118 @@ def test_recipient_overshoot_past_its_limit_counts_as_errors(mta):
         assert c.cmd("RCPT TO:<a3@localhost>") == "452 4.5.3 Error: too many recipients"
     assert c.reply() == "421 4.7.0 mail.test.example Error: too many errors"
     c.close()
+
+
+# --- parameters that were declared and not read --------------------------------------------
+def test_smtpd_noop_commands(mta):
+    mta.main["smtpd_noop_commands"] = "xyzzy, HELP"
+    mta.start()
+    c = SmtpClient(mta.port)
+    assert c.reply().startswith("220 ")
+    assert c.cmd("XYZZY anything at all") == "250 2.0.0 Ok"
+    assert c.cmd("help") == "250 2.0.0 Ok"
+    assert c.cmd("PLUGH") == "500 5.5.2 Error: command not recognized"
+    assert c.cmd("QUIT") == "221 2.0.0 Bye"
+    c.close()
+    # answered, not counted, as Postfix
+    wait_for(lambda: "disconnect from localhost[127.0.0.1] quit=1 unknown=0/1 commands=1/2"
+             in mta.log(), what="the disconnect line")
+
+
+def test_reject_unknown_client_hostnames(mta):
+    mta.main.update({"smtpd_peername_lookup": "no", "unknown_client_reject_code": "550",
+                     "smtpd_client_restrictions": "reject_unknown_client_hostname",
+                     "smtpd_helo_restrictions": "reject_unknown_reverse_client_hostname"})
+    mta.start()
+    c = SmtpClient(mta.port)
+    assert c.reply().startswith("220 ")
+    c.cmd("EHLO client.example")
+    assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<b@localhost>") == \
+        "550 5.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"
+    c.close()
+    mta.main["smtpd_client_restrictions"] = ""
+    mta.reload()
+    wait_for(lambda: "reload -- version" in mta.log(), what="the reload")
+    c = SmtpClient(mta.port)
+    assert c.reply().startswith("220 ")
+    c.cmd("EHLO client.example")
+    assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<b@localhost>") == \
+        "550 5.7.1 Client host rejected: cannot find your reverse hostname, [127.0.0.1]"
+    c.close()
+
+
+def test_known_client_hostname_passes(mta):
+    # 127.0.0.1 is localhost in the jail's etc/hosts, both ways
+    mta.main["smtpd_client_restrictions"] = \
+        "reject_unknown_client_hostname, reject_unknown_reverse_client_hostname"
+    mta.start()
+    c = SmtpClient(mta.port)
+    assert c.reply().startswith("220 ")
+    c.cmd("EHLO client.example")
+    send_message(c)
+    c.close()
+
+
+def test_reject_unknown_sender_domain_in_the_jail(mta):
+    # .invalid never exists (RFC 6761): NXDOMAIN from a resolver, or no answer at all
+    # where none can be reached; both are 450 4.1.8 with the default reject code.
+    mta.main["smtpd_sender_restrictions"] = "reject_unknown_sender_domain"
+    mta.start()
+    c = SmtpClient(mta.port, timeout=60)
+    assert c.reply().startswith("220 ")
+    c.cmd("EHLO client.example")
+    assert c.cmd("MAIL FROM:<a@nowhere.invalid>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<b@localhost>") == \
+        "450 4.1.8 <a@nowhere.invalid>: Sender address rejected: Domain not found"
+    assert c.cmd("RSET") == "250 2.0.0 Ok"
+    assert c.cmd("MAIL FROM:<a@localhost>") == "250 2.1.0 Ok"    # mydestination: no lookup
+    assert c.cmd("RCPT TO:<b@localhost>") == "250 2.1.5 Ok"
+    c.close()
+    assert "Traceback" not in mta.log() and "fatal" not in mta.log()
+
+
+# --- address and header hygiene ------------------------------------------------------------
+def test_control_characters_in_addresses(mta):
+    mta.main["strict_rfc821_envelopes"] = "no"
+    mta.start()
+    c = SmtpClient(mta.port)
+    assert c.reply().startswith("220 ")
+    c.cmd("EHLO client.example")
+    for ctl in ("\x01", "\x7f", "\t", "\x1b"):
+        assert c.cmd(f'MAIL FROM:<"a{ctl}b"@example.org>') == \
+            "501 5.1.7 Bad sender address syntax"
+    # a NUL ends the command line, as in Postfix's C strings: what is left is bad
+    assert c.cmd('MAIL FROM:<"\x00"@example.org>') == "501 5.1.7 Bad sender address syntax"
+    assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd('RCPT TO:<"b\x01"@localhost>') == "501 5.1.3 Bad recipient address syntax"
+    assert c.cmd('RCPT TO:<"b\x00"@localhost>') == "501 5.1.3 Bad recipient address syntax"
+    c.close()
+    assert mta.queued() == []
+
+
+def test_header_size_limit_truncates_a_header(mta):
+    mta.main["header_size_limit"] = "100"
+    mta.start()
+    c = SmtpClient(mta.port)
+    assert c.reply().startswith("220 ")
+    c.cmd("EHLO client.example")
+    send_message(c)
+    assert c.cmd("DATA").startswith("354 ")
+    folded = "X-Folded: start" + "".join(f"\r\n word{i:02d}-{'x' * 20}" for i in range(10))
+    long_line = "X-Long: " + "y" * 300          # one line: kept whole, as Postfix
+    reply = c.cmd(f"Subject: t\r\n{folded}\r\n{long_line}\r\nTo: b@localhost\r\n\r\n"
+                  f" body line that starts with a space\r\nbody\r\n.")
+    assert reply.startswith("250 2.0.0 Ok: queued as ")
+    c.close()
+    m, = mta.queued()
+    text = b"".join(m.content(str(mta.queue / "incoming" / m.queue_id))).decode()
+    header, body = text.split("\n\n", 1)
+    # 15 bytes, then 29 a continuation line: after three the header is 102 bytes long,
+    # past the limit, and the other seven are dropped
+    assert "X-Folded: start\n word00-" + "x" * 20 + "\n word01-" + "x" * 20 + \
+        "\n word02-" + "x" * 20 + "\nX-Long: " in header
+    assert "word03" not in text and "word09" not in text
+    assert "X-Long: " + "y" * 300 + "\nTo: b@localhost" in header
+    assert body == " body line that starts with a space\nbody\n"

@@ -683,3 +683,34 @@ def test_session_pipelined_auth_is_not_logged(builtin, tmp_path, capfd):
 def test_comment_sanitised_user_name(tmp_path):
     from postfix_py.smtpd.session import comment_text
     assert comment_text("a(b)c\\d\x01") == "a\\(b\\)c\\\\d?"
+
+
+def test_smtpd_sasl_local_domain_qualifies_builtin_login_names(tmp_path, capfd):
+    path = tmp_path / "passwd"
+    path.write_text("alice@example.com:{PLAIN}one\nbob@other.example:{PLAIN}two\n")
+    backend = S.from_config(config(smtpd_sasl_path=str(path),
+                                   smtpd_sasl_local_domain="example.com"))
+    try:
+        sess = backend.session("192.0.2.1", "192.0.2.2")
+        assert sess.first("PLAIN", b64(b"\0alice\0one"), True) == S.Step(S.DONE)
+        assert sess.username == "alice@example.com"
+        step = sess.first("LOGIN", None, True)
+        step = sess.next(b64(b"alice"))
+        assert sess.next(b64(b"one")) == S.Step(S.DONE)
+        assert sess.username == "alice@example.com"
+        # a name with its own realm is taken as it is
+        assert sess.first("PLAIN", b64(b"\0bob@other.example\0two"), True) == S.Step(S.DONE)
+        assert sess.username == "bob@other.example"
+    finally:
+        backend.close()
+    # without it, "alice" is not "alice@example.com"
+    backend = S.from_config(config(smtpd_sasl_path=str(path)))
+    try:
+        sess = backend.session("192.0.2.1", "192.0.2.2")
+        assert sess.first("PLAIN", b64(b"\0alice\0one"), True).status == S.FAIL
+    finally:
+        backend.close()
+    # with Dovecot it cannot be honoured: said out loud
+    S.check_config(config(smtpd_sasl_type="dovecot", smtpd_sasl_local_domain="example.com"))
+    assert "smtpd_sasl_local_domain is ignored with smtpd_sasl_type = dovecot" in \
+        capfd.readouterr().err

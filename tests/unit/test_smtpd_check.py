@@ -107,3 +107,65 @@ def test_stages_with_delay_reject():
     assert checker.mail(state) is None
     assert str(checker.rcpt(state, "u@localhost")).startswith("554 5.7.1 <client.example")
     assert checker.data(state, None) is None and checker.end_of_data(state, None) is None
+
+
+def test_client_name_statuses(monkeypatch):
+    """smtpd_peer.c's name_status / reverse_name_status, with the C library's answers
+    played back (the lookups themselves run in the integration tests)."""
+    import socket
+
+    from postfix_py.smtpd import service
+
+    def answers(ptr, forward):
+        def getnameinfo(sa, flags):
+            if isinstance(ptr, Exception):
+                raise ptr
+            return ptr, "0"
+
+        def getaddrinfo(name, *args):
+            if isinstance(forward, Exception):
+                raise forward
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in forward]
+        monkeypatch.setattr(service.socket, "getnameinfo", getnameinfo)
+        monkeypatch.setattr(service.socket, "getaddrinfo", getaddrinfo)
+
+    answers("mx.example", ["192.0.2.1"])
+    assert service.client_name("192.0.2.1", True) == ("mx.example", "ok", "mx.example", "ok")
+    assert service.client_name("192.0.2.1", False) == ("unknown", "perm", "unknown", "perm")
+    answers("mx.example", ["192.0.2.99"])
+    assert service.client_name("192.0.2.1", True) == ("unknown", "forged", "mx.example", "ok")
+    answers("mx.example", socket.gaierror(socket.EAI_AGAIN, "again"))
+    assert service.client_name("192.0.2.1", True) == ("unknown", "temp", "mx.example", "ok")
+    answers(socket.gaierror(socket.EAI_NONAME, "none"), [])
+    assert service.client_name("192.0.2.1", True) == ("unknown", "perm", "unknown", "perm")
+    answers(socket.gaierror(socket.EAI_AGAIN, "again"), [])
+    assert service.client_name("192.0.2.1", True) == ("unknown", "temp", "unknown", "temp")
+    answers("192.0.2.7", ["192.0.2.1"])                     # a numeric PTR: refused
+    assert service.client_name("192.0.2.1", True)[1] == "perm"
+
+
+@pytest.mark.parametrize("status,reverse,hostname_reply,reverse_reply", [
+    ("temp", "temp", "450 4.7.25", "450 4.7.1"),     # temporary: 450 whatever the code
+    ("forged", "ok", "550 5.7.25", None),
+    ("perm", "perm", "550 5.7.25", "550 5.7.1"),
+    ("ok", "ok", None, None),
+])
+def test_reject_unknown_client_replies(status, reverse, hostname_reply, reverse_reply):
+    checker = Checker(config(unknown_client_reject_code="550", smtpd_client_restrictions=(
+        "reject_unknown_client_hostname")))
+    state = ClientState(name="unknown", addr="192.0.2.1", name_status=status,
+                        reverse_status=reverse)
+    got = checker.rcpt(state, "u@localhost")
+    if hostname_reply is None:
+        assert got is None
+    else:
+        assert str(got) == (f"{hostname_reply} Client host rejected: cannot find your "
+                            f"hostname, [192.0.2.1]")
+    checker = Checker(config(unknown_client_reject_code="550", smtpd_client_restrictions=(
+        "reject_unknown_reverse_client_hostname")))
+    got = checker.rcpt(state, "u@localhost")
+    if reverse_reply is None:
+        assert got is None
+    else:
+        assert str(got) == (f"{reverse_reply} Client host rejected: cannot find your "
+                            f"reverse hostname, [192.0.2.1]")
