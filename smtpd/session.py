@@ -168,6 +168,7 @@ class Session:
         self.sasl_exempt = self._sasl_exempt()
         self.access_denied: str | None = None
         self.noop_commands = {c.lower() for c in cfg["smtpd_noop_commands"]}
+        self.discard_ehlo = {k.lower() for k in cfg["smtpd_discard_ehlo_keywords"]}
         self.overshoot_limit = cfg["smtpd_recipient_overshoot_limit"]
         self.reset()
 
@@ -204,8 +205,7 @@ class Session:
             return False
         if not self.tls_active and (self.cfg["smtpd_tls_auth_only"] or self.level == "encrypt"):
             return False
-        discard = {k.lower() for k in self.cfg["smtpd_discard_ehlo_keywords"]}
-        return "auth" not in discard
+        return "auth" not in self.discard_ehlo
 
     @property
     def starttls_offered(self) -> bool:
@@ -429,7 +429,6 @@ class Session:
             self.reply(f"250 {self.hostname}")
             return True
         self.pipelining_ok = True
-        discard = {k.lower() for k in self.cfg["smtpd_discard_ehlo_keywords"]}
         lines = [self.hostname, "PIPELINING"]
         lines.append(f"SIZE {self.size_limit}" if self.size_limit else "SIZE")
         if not self.cfg["disable_vrfy_command"]:
@@ -441,7 +440,8 @@ class Session:
             if mechs:
                 lines.append("AUTH " + " ".join(mechs))
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME"]
-        lines = [lines[0]] + [k for k in lines[1:] if k.split()[0].lower() not in discard]
+        lines = [lines[0]] + [k for k in lines[1:]
+                              if k.split()[0].lower() not in self.discard_ehlo]
         for i, text in enumerate(lines):
             self.reply(f"250{'-' if i < len(lines) - 1 else ' '}{text}")
         return True
@@ -699,8 +699,7 @@ class Session:
         """Postfix's Received: header for this message."""
         c = self.client
         lines = [f"Received: from {self.helo or c.name} ({c.name} [{c.addr}])"]
-        if self.tls_active and self.tls_info is not None and \
-                self.cfg["smtpd_tls_received_header"]:
+        if self.tls_active and self.tls_info is not None and self.tls.received_header:
             lines += self.tls.received_lines(self.tls_info)
         if self.cfg["smtpd_sasl_authenticated_header"] and c.sasl_username:
             lines.append(f"\t(Authenticated sender: {comment_text(c.sasl_username)})")

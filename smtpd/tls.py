@@ -47,6 +47,11 @@ class TlsServer:
         client.ccert_pkey_fingerprint = info.peer_pkey_fingerprint or None
         return info
 
+    @property
+    def received_header(self) -> bool:
+        """smtpd_tls_received_header, as the contexts were built with it."""
+        return self.server.received_header
+
     def received_lines(self, info: T.TLSInfo) -> list[str]:
         """The Received: header's TLS clause, one physical line each."""
         return self.server.received_lines(info)
