@@ -454,13 +454,19 @@ class NetworkList:
                 sub._add(split_list(text), open_table, depth + 1)
                 self.entries.append((negated, "list", sub))
                 continue
-            text = word[1:].replace("]", "", 1) if word.startswith("[") else word
+            text = word
+            if word.startswith("["):        # [address] or [address]/len
+                m = re.fullmatch(r"\[([^\]]*)\](/\d+)?", word)
+                text = m.group(1) + (m.group(2) or "") if m else ""
             try:
                 self.entries.append((negated, "net", ipaddress.ip_network(text,
                                                                           strict=False)))
                 continue
             except ValueError:
                 pass
+            if "/" in word and ":" not in word.partition("/")[0] or word.startswith("["):
+                # a net/mask that is not one: Postfix's smtpd stops here too
+                raise ConfigError(f"{self.param}: bad net/mask pattern: \"{word}\"")
             if ":" in word:
                 self.entries.append((negated, "table", open_table(word)))
             elif re.fullmatch(r"\.?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?", word):

@@ -174,11 +174,8 @@ class Session:
 
     # --- configuration ---------------------------------------------------------------------
     def _bare_newline_mode(self) -> str:
-        mode = self.cfg.get("smtpd_forbid_bare_newline").strip().lower()
-        mode = {"yes": "normalize", "": "no"}.get(mode, mode)
-        if mode not in ("no", "normalize", "reject", "note"):
-            msg.warn(f"unknown smtpd_forbid_bare_newline value \"{mode}\" -- using normalize")
-            mode = "normalize"
+        mode = self.cfg["smtpd_forbid_bare_newline"].lower()     # one of its values
+        mode = {"yes": "normalize"}.get(mode, mode)
         if mode != "no" and self._in_list("smtpd_forbid_bare_newline_exclusions"):
             mode = "no"
         return mode

@@ -169,3 +169,10 @@ def test_reject_unknown_client_replies(status, reverse, hostname_reply, reverse_
     else:
         assert str(got) == (f"{reverse_reply} Client host rejected: cannot find your "
                             f"reverse hostname, [192.0.2.1]")
+
+
+@pytest.mark.parametrize("word", ["192.0.2.0/33", "!192.0.2.300/24", "[192.0.2.1", "[nonsense]/8"])
+def test_network_list_refuses_bad_net_masks(word):
+    from postfix_py.lib.maincf import ConfigError
+    with pytest.raises(ConfigError, match="smtpd_sasl_exceptions_networks: bad net/mask"):
+        Checker(config(smtpd_sasl_exceptions_networks=word))
