@@ -152,8 +152,9 @@ class Checker:
             if cfg.get("relay_clientcerts") else None
         self.delay_reject = cfg["smtpd_delay_reject"]
         used = {r for rs in self.lists.values() for r, _ in rs}
-        # The system resolver (resolv.conf read now, before the chroot), when needed.
-        self.dns = MailhostLookup() if used & DNS_CHECKS else None
+        # The system resolver (resolv.conf read now, before the chroot), when a list or an
+        # access table (whose action may name a restriction) can need it.
+        self.dns = MailhostLookup() if used & (DNS_CHECKS | WITH_TABLE) else None
 
     # --- compile ---------------------------------------------------------------------------
     def _table(self, ref: str) -> tables.Table:
@@ -376,6 +377,8 @@ class Checker:
         domain = _domain(address or "")
         if not domain or self.is_local_domain(domain) or domain.startswith("["):
             return None     # a local destination or an address literal: not looked up
+        if self.dns is None:        # not foreseen above; the jail has etc/resolv.conf
+            self.dns = MailhostLookup()
         status = self.dns.status(domain)
         if status == "ok":
             return None
@@ -391,9 +394,8 @@ class Checker:
             return DeferIfPermit(Reply(450, f"4.{detail}",
                                        f"<{address}>: {what} rejected: Domain not found"))
         code = self.cfg["unknown_address_reject_code"]
-        return Reply(code, f"{str(code)[0]}.{detail}", f"<{address}>: {what} rejected: "
-                     + ("Malformed DNS server reply" if status == "inval"
-                        else "Domain not found"))
+        return Reply(code, f"{str(code)[0]}.{detail}",
+                     f"<{address}>: {what} rejected: Domain not found")
 
     def _action(self, action: str, name: str, state, rcpt, what: str):
         """An access(5) table result."""
@@ -416,7 +418,7 @@ class Checker:
             if parts and _DSN_RE.match(parts[0]):
                 dsn, text = parts[0], (parts[1] if len(parts) > 1 else "")
             return Reply(code, dsn, text or "Access denied")
-        if upper in SIMPLE:
+        if word.lower() in SIMPLE:      # a restriction name as the action, as access(5)
             return self._apply(word.lower(), None, name, state, rcpt)
         msg.warn(f"access table: unknown action \"{action}\" -- ignored")
         return None
@@ -522,18 +524,22 @@ class MailhostLookup:
     TYPES = ("MX", "A", "AAAA")
 
     def __init__(self, resolver: dns.resolver.Resolver | None = None):
+        self.problem: str | None = None     # said at the first lookup, not before
         if resolver is None:
             try:
                 resolver = dns.resolver.Resolver()
             except Exception as exc:       # noqa: BLE001 - no or unreadable resolv.conf
-                msg.warn(f"cannot read resolver configuration: {exc}")
+                self.problem = f"cannot read resolver configuration: {exc}"
                 resolver = dns.resolver.Resolver(configure=False)
                 resolver.nameservers = ["127.0.0.1"]
         resolver.use_search_by_default = False   # absolute names, as Postfix
         self.resolver = resolver
 
     def status(self, domain: str) -> str:
-        """ok, notfound, retry (a temporary failure), nullmx or inval."""
+        """ok, notfound, retry (a temporary failure, a malformed reply too) or nullmx."""
+        if self.problem:
+            msg.warn(self.problem)
+            self.problem = None
         try:
             qname = dns.name.from_text(domain.rstrip(".") + ".")
         except (dns.exception.DNSException, UnicodeError, ValueError):

@@ -254,6 +254,8 @@ class Session:
         if self.client.sasl_username:
             parts.append(f"sasl_method={self.sasl_method} "
                          f"sasl_username={self.client.sasl_username}")
+        if self.sasl_sender:
+            parts.append(f"sasl_sender={self.sasl_sender}")
         msg.info(f"{qid}: reject: {stage} from {self.client.client}: {reply}; "
                  + " ".join(parts))
 

@@ -176,3 +176,15 @@ def test_network_list_refuses_bad_net_masks(word):
     from postfix_py.lib.maincf import ConfigError
     with pytest.raises(ConfigError, match="smtpd_sasl_exceptions_networks: bad net/mask"):
         Checker(config(smtpd_sasl_exceptions_networks=word))
+
+
+def test_access_table_action_naming_a_restriction():
+    # a restriction name as the action used to be "unknown action -- ignored"
+    checker = Checker(config(
+        smtpd_relay_restrictions="permit",
+        smtpd_recipient_restrictions="check_recipient_access "
+        "inline:{x@elsewhere.example=reject_unauth_destination}, permit"))
+    state = ClientState(name="unknown", addr="192.0.2.1")
+    assert str(checker.rcpt(state, "x@elsewhere.example")) == \
+        "554 5.7.1 <x@elsewhere.example>: Relay access denied"
+    assert checker.rcpt(state, "y@elsewhere.example") is None
