@@ -65,6 +65,7 @@ import dns.rdatatype
 import dns.resolver
 
 from ..lib import msg, tables
+from ..lib.domains import DomainList
 from ..lib.maincf import ConfigError
 from ..lib.params import split_list
 
@@ -142,9 +143,9 @@ class Checker:
             raise ConfigError("parameter smtpd_recipient_restrictions: specify at least one "
                               "working instance of: reject_unauth_destination, "
                               "defer_unauth_destination, reject, defer, defer_if_permit")
-        self.mydestination = {d.lower().rstrip(".") for d in cfg["mydestination"]}
-        self.relay_domains = [d.lower().rstrip(".") for d in cfg["relay_domains"]
-                              if ":" not in d]
+        # lib/domains.DomainList, the rule of qmgr's routing too: names, files, tables
+        self.mydestination = self._domain_list("mydestination")
+        self.relay_domains = self._domain_list("relay_domains")
         # Every client-network list, one matcher (NetworkList): tables open before chroot.
         self.network_lists = {p: self._network_list(p) for p in NETWORK_LISTS}
         self.mynetworks = self.network_lists["mynetworks"]
@@ -182,6 +183,12 @@ class Checker:
             i += 1
         return out
 
+    def _domain_list(self, param: str) -> DomainList:
+        try:
+            return DomainList.for_param(self.cfg, param, self._table)
+        except OSError as exc:
+            raise ConfigError(f"{param}: open {exc.filename}: {exc.strerror}") from None
+
     def _network_list(self, param: str) -> "NetworkList":
         words = self.cfg[param]
         return NetworkList(param, words, self._table,
@@ -197,21 +204,16 @@ class Checker:
         return self.network_lists[param].match(addr, name)
 
     def is_local_domain(self, domain: str) -> bool:
-        """A domain of mydestination: mail for it stays on this host."""
-        return domain in self.mydestination
+        """A domain of mydestination: mail for it stays on this host (TableError when a
+        table cannot be read)."""
+        return self.mydestination.match(domain)
 
     def relay_allowed(self, rcpt: str) -> bool:
         """A recipient this host accepts mail for: local or in relay_domains."""
         domain = _domain(rcpt)
         if not domain:
             return True   # a bare local part: the local domain
-        if self.is_local_domain(domain):
-            return True
-        for d in self.relay_domains:
-            bare = d.lstrip(".")
-            if domain == bare and not d.startswith(".") or domain.endswith("." + bare):
-                return True
-        return False
+        return self.is_local_domain(domain) or self.relay_domains.match(domain)
 
     # --- evaluation: one method per protocol stage, as smtpd_check.c ---------------------
     def connect(self, state: ClientState) -> Reply | None:
@@ -375,7 +377,7 @@ class Checker:
         """reject_unknown_{sender,recipient}_domain: smtpd_check.c's reject_unknown_address
         and reject_unknown_mailhost (MX, then A and AAAA)."""
         domain = _domain(address or "")
-        if not domain or self.is_local_domain(domain) or domain.startswith("["):
+        if not domain or domain.startswith("[") or self.is_local_domain(domain):
             return None     # a local destination or an address literal: not looked up
         if self.dns is None:        # not foreseen above; the jail has etc/resolv.conf
             self.dns = MailhostLookup()

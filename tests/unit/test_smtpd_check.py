@@ -188,3 +188,29 @@ def test_access_table_action_naming_a_restriction():
     assert str(checker.rcpt(state, "x@elsewhere.example")) == \
         "554 5.7.1 <x@elsewhere.example>: Relay access denied"
     assert checker.rcpt(state, "y@elsewhere.example") is None
+
+
+def test_relay_domains_and_mydestination_with_tables_and_files(tmp_path):
+    # Tables and files in these lists were ignored by smtpd (qmgr honoured them): mail
+    # qmgr would route was refused with "Relay access denied".
+    listed = tmp_path / "relay"
+    listed.write_text("# relayed\nfiled.example\n")
+    checker = Checker(config(
+        mydestination="localhost, inline:{local.example=yes}",
+        relay_domains=f"inline:{{table.example=yes}}, {listed}, .dotted.example, plain.example",
+        mynetworks="127.0.0.0/8"))
+    assert checker.is_local_domain("local.example") and checker.is_local_domain("localhost")
+    assert not checker.is_local_domain("sub.local.example")
+    for rcpt in ("u@table.example", "u@filed.example", "u@sub.dotted.example",
+                 "u@plain.example", "u@sub.plain.example", "u@local.example", "u"):
+        assert checker.relay_allowed(rcpt), rcpt
+    for rcpt in ("u@dotted.example", "u@elsewhere.example", "u@sub.table.example.net"):
+        assert not checker.relay_allowed(rcpt), rcpt
+    # parent_domain_matches_subdomains decides for bare names, as in qmgr's routing
+    checker = Checker(config(relay_domains="plain.example",
+                             parent_domain_matches_subdomains="mynetworks"))
+    assert checker.relay_allowed("u@plain.example")
+    assert not checker.relay_allowed("u@sub.plain.example")
+    state = ClientState(name="unknown", addr="192.0.2.1", sender="s@example.org")
+    assert str(checker.rcpt(state, "u@sub.plain.example")) == \
+        "454 4.7.1 <u@sub.plain.example>: Relay access denied"
