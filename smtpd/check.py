@@ -17,6 +17,8 @@ RESTRICTIONS
     type:table (access(5) actions: OK, REJECT [text], DEFER [text], DUNNO, 4NN/5NN text,
     PERMIT, a restriction name), reject_unauth_destination, defer_unauth_destination,
     defer_if_permit (450 at the end of the stage unless something rejects),
+    reject_unauth_pipelining (503 5.5.0 once the client sent ahead where it may not:
+    commands before EHLO announced PIPELINING, or message content before 354),
     reject_unknown_client_hostname (alias reject_unknown_client; 4.7.25) and
     reject_unknown_reverse_client_hostname (4.7.1) with unknown_client_reject_code (450)
     when the name does not exist, 450 when its lookup failed for now;
@@ -76,7 +78,7 @@ SIMPLE = {"permit", "reject", "defer", "defer_if_permit", "permit_mynetworks",
           "permit_sasl_authenticated", "permit_tls_clientcerts", "permit_tls_all_clientcerts",
           "reject_unauth_destination", "defer_unauth_destination", "dunno",
           "reject_unknown_client_hostname", "reject_unknown_client",
-          "reject_unknown_reverse_client_hostname"} | DNS_CHECKS
+          "reject_unknown_reverse_client_hostname", "reject_unauth_pipelining"} | DNS_CHECKS
 WITH_TABLE = {"check_ccert_access", "check_client_access", "check_helo_access",
               "check_sender_access", "check_recipient_access"}
 _DSN_RE = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
@@ -114,6 +116,7 @@ class ClientState:
     # defer_if_permit raised at connect, HELO or MAIL, carried to RCPT (smtpd_check.c's
     # defer_if_permit_client / _helo / _sender)
     deferred: dict = field(default_factory=dict)
+    ill_pipelining: bool = False    # sent ahead where it may not: reject_unauth_pipelining
 
     @property
     def client(self) -> str:
@@ -309,6 +312,12 @@ class Checker:
             return self._reject(name, state, rcpt, cfg["reject_code"], "Access denied")
         if restriction == "defer":
             return self._reject(name, state, rcpt, cfg["defer_code"], "Access denied")
+        if restriction == "reject_unauth_pipelining":
+            if not state.ill_pipelining:
+                return None
+            what = _STAGE[name][1]
+            return Reply(503, "5.5.0", f"<{_subject(what, state, rcpt)}>: {what} rejected: "
+                         "Improper use of SMTP command pipelining")
         if restriction == "defer_if_permit":
             return DeferIfPermit(self._reject(name, state, rcpt, cfg["defer_code"],
                                               "defer_if_permit requested"))

@@ -365,11 +365,16 @@ class Session:
         if not self.pipelining_ok and not self.pipelining_warned and self.s.pending():
             # Sending ahead without having seen PIPELINING: logged, as Postfix does.
             self.pipelining_warned = True
-            ahead = "..." if raw[:4].lower() == b"auth" else \
-                printable(SASL.redact(self.s.peek(60).decode("latin-1")))   # no credentials
-            msg.info(f"improper command pipelining after {self.last} from "
-                     f"{self.client.client}: {ahead}")
+            self.ill_pipelining(self.last, raw[:4].lower() == b"auth")
         return raw.decode("latin-1")
+
+    def ill_pipelining(self, after: str, auth: bool = False) -> None:
+        """Log improper pipelining, once, and remember it (reject_unauth_pipelining)."""
+        self.client.ill_pipelining = True
+        ahead = "..." if auth else \
+            printable(SASL.redact(self.s.peek(60).decode("latin-1")))   # no credentials
+        msg.info(f"improper command pipelining after {after} from "
+                 f"{self.client.client}: {ahead}")
 
     def dispatch(self, line: str) -> bool:
         """Run one command; True when the session is over."""
@@ -722,6 +727,10 @@ class Session:
         if not self.rcpts:
             self.reply("554 5.5.1 Error: no valid recipients")
             return False
+        if not self.client.ill_pipelining and self.s.pending():
+            # Content sent before 354: as Postfix's check after a "last" command
+            self.pipelining_warned = True
+            self.ill_pipelining("DATA")
         denied = self.checker.data(self.client, self._only_rcpt())
         if denied is not None:
             self.log_reject("DATA", denied, self._only_rcpt())

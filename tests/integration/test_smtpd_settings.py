@@ -11,6 +11,7 @@ Recipients past smtpd_recipient_limit get 452 without ending the session.
 import glob
 import os
 import signal
+import smtplib
 import ssl
 
 import pytest
@@ -361,3 +362,27 @@ def test_header_size_limit_truncates_a_header(mta):
     assert "word03" not in text and "word09" not in text
     assert "X-Long: " + "y" * 300 + "\nTo: b@localhost" in header
     assert body == " body line that starts with a space\nbody\n"
+
+
+def test_reject_unauth_pipelining_in_data_restrictions(mta):
+    # the most common smtpd_data_restrictions: once unread, now run (and not "unknown")
+    mta.main["smtpd_data_restrictions"] = "reject_unauth_pipelining"
+    mta.start()
+    with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as s:      # waits for 354
+        assert s.sendmail("a@example.org", ["b@localhost"], b"Subject: t\r\n\r\nhi\r\n") == {}
+    assert len(mta.queued()) == 1
+    c = SmtpClient(mta.port)
+    assert c.reply().startswith("220 ")
+    c.cmd("EHLO client.example")
+    c.sock.sendall(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@localhost>\r\nDATA\r\n"
+                   b"Subject: ahead\r\n\r\nsent before 354\r\n.\r\nQUIT\r\n")
+    assert c.reply() == "250 2.1.0 Ok"
+    assert c.reply() == "250 2.1.5 Ok"
+    assert c.reply() == ("503 5.5.0 <DATA>: Data command rejected: Improper use of SMTP "
+                         "command pipelining")
+    while not (line := c.reply()).startswith("221"):    # the content, read as commands
+        assert line[:1] in ("5",), line
+    c.close()
+    assert len(mta.queued()) == 1
+    assert "improper command pipelining after DATA from localhost[127.0.0.1]: Subject: ahead" \
+        in mta.log()
