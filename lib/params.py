@@ -14,7 +14,7 @@ TYPES
     SIZE   a byte count (decimal integer).
     LIST   words separated by commas or white space.
     TABLE  a LIST whose words are lookup tables (`type:name`).
-    STR    text, as written.
+    STR    text, as written; a row with `values` allows only those words (any case).
 
 FUNCTIONS
     lookup(name) -> Param or None; convert(param, text) -> typed value, raising ParamError
@@ -62,6 +62,7 @@ class Param:
     min: int | None = None
     max: int | None = None
     unit: str = "s"          # TIME only: the unit of a bare number
+    values: tuple = ()       # STR only: the words allowed (any case), when not free text
 
 
 def _p(name, default, type_, doc, **kw):
@@ -160,6 +161,7 @@ PARAMS: list[Param] = [
     _p("header_size_limit", "102400", SIZE, "largest message header kept, in bytes", min=1),
     _p("line_length_limit", "2048", INT, "longest SMTP command or message line kept in one piece", min=80),
     _p("smtpd_recipient_limit", "1000", INT, "recipients accepted per message", min=1),
+    _p("smtpd_recipient_overshoot_limit", "1000", INT, "recipients past smtpd_recipient_limit answered 452 before those replies count as errors", min=0),
     _p("smtpd_soft_error_limit", "10", INT, "errors after which each reply is delayed", min=0),
     _p("smtpd_hard_error_limit", "${stress?{1}:{20}}", INT, "errors after which the connection is closed", min=1),
     _p("smtpd_error_sleep_time", "1s", TIME, "delay of each reply past the soft error limit", min=0),
@@ -176,7 +178,8 @@ PARAMS: list[Param] = [
     _p("smtpd_discard_ehlo_keywords", "", LIST, "EHLO keywords not announced"),
     _p("smtpd_noop_commands", "", LIST, "commands answered 250 without action"),
     _p("smtpd_peername_lookup", "yes", BOOL, "look up the client's host name"),
-    _p("smtpd_forbid_bare_newline", "normalize", STR, "bare LF in DATA: no (accept), normalize (treat as CRLF, end only at CRLF.CRLF), yes/reject (reply and disconnect)"),
+    _p("smtpd_forbid_bare_newline", "normalize", STR, "bare LF in DATA: no (accept), normalize or yes (treat as CRLF, end only at CRLF.CRLF), note (log, reply and go on), reject (reply and disconnect)",
+       values=("no", "normalize", "yes", "note", "reject")),
     _p("smtpd_forbid_bare_newline_exclusions", "$mynetworks", LIST, "clients exempt from smtpd_forbid_bare_newline"),
     _p("smtpd_forbid_bare_newline_reject_code", "550", INT, "reply code for a bare newline", min=400, max=599),
     _p("strict_rfc821_envelopes", "no", BOOL, "require <> around MAIL FROM and RCPT TO addresses"),
@@ -201,7 +204,8 @@ PARAMS: list[Param] = [
     # --- smtpd: TLS (seed: SMTP Server specific settings) -------------------------------
     _p("smtpd_use_tls", "no", BOOL, "legacy: announce STARTTLS (smtpd_tls_security_level = may)"),
     _p("smtpd_enforce_tls", "no", BOOL, "legacy: require STARTTLS before MAIL (smtpd_tls_security_level = encrypt)"),
-    _p("smtpd_tls_security_level", "", STR, "server TLS level: none, may or encrypt (empty: the legacy parameters decide)"),
+    _p("smtpd_tls_security_level", "", STR, "server TLS level: none, may or encrypt; verify, secure and fingerprint act as encrypt, with a warning (empty: the legacy parameters decide)",
+       values=("", "none", "may", "encrypt", "verify", "secure", "fingerprint")),
     _p("smtpd_tls_wrappermode", "no", BOOL, "speak TLS from the first byte (SMTPS, port 465); set with -o in master.cf"),
     _p("smtpd_tls_cert_file", "", STR, "RSA server certificate (PEM, server certificate first, then its CAs)"),
     _p("smtpd_tls_key_file", "$smtpd_tls_cert_file", STR, "RSA private key of the server certificate (unencrypted)"),
@@ -402,6 +406,9 @@ def convert(param: Param, text: str):
         return _bounded(param, int(m.group(1)) * _TIME_UNITS[unit], text)
     if t in (LIST, TABLE):
         return split_list(text)
+    if param.values and text.lower() not in param.values:
+        raise ParamError(f"invalid {param.name} parameter value: \"{text}\" "
+                         f"(one of: {', '.join(v for v in param.values if v)})")
     return text
 
 

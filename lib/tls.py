@@ -12,18 +12,18 @@ SERVER
         Builds the server contexts. smtpd calls it in the master, before it forks workers,
         so that every worker of a configuration generation shares one SSL_CTX and hence one
         set of session-ticket keys: any worker resumes a session that another issued.
-        level is the effective security level (default: server_security_level(), and
-        "encrypt" in wrapper mode). Raises TLSConfigError, whose text names the parameter,
+        level is the effective security level (default: server_security_level()).
+        Raises TLSConfigError, whose text names the parameter,
         when TLS cannot be set up: no certificate, an unreadable or malformed file, an
         encrypted private key, a key that does not match its certificate, an unusable CA
         file, a bad protocol list or cipher grade. Postfix then logs a warning and offers
         plaintext service (or answers 4xx where TLS is enforced); that choice is the
         caller's. Warnings (expired certificate, ignored 512-bit DH file, unknown curve or
         option names, DSA where OpenSSL refuses it) go to warn().
-    server_security_level(cfg, prefix) -> "none" | "may" | "encrypt": from
-        smtpd_tls_security_level, else the legacy smtpd_enforce_tls / smtpd_use_tls.
-        "verify"/"secure"/"fingerprint" become "encrypt" with a warning, as in Postfix;
-        anything else raises TLSConfigError.
+    server_security_level(cfg, prefix) -> "none" | "may" | "encrypt": "encrypt" in
+        wrapper mode, else from smtpd_tls_security_level, else the legacy
+        smtpd_enforce_tls / smtpd_use_tls. "verify"/"secure"/"fingerprint" become "encrypt"
+        with a warning, as in Postfix; anything else (dane too) raises TLSConfigError.
     ccert_policy(cfg, level, prefix, warn) -> (ask, require): the seed's rule for
         smtpd_tls_ask_ccert and smtpd_tls_req_ccert: requiring a client certificate takes
         effect only with enforced TLS; otherwise it means asking, with Postfix's warning
@@ -758,15 +758,22 @@ def _base_context(method, cfg, prefix: str, protocols_param: str, ciphers: str,
 
 
 def server_security_level(cfg, prefix: str = "smtpd", warn=msg.warn) -> str:
-    """The server's TLS level: none, may or encrypt (Postfix's smtpd rules)."""
+    """The server's TLS level: none, may or encrypt (Postfix's smtpd rules).
+
+    The one computation of it: smtpd's prepare() calls it once per generation and hands the
+    value to server_tls() and to every session. Wrapper mode is TLS from the first byte:
+    encrypt, whatever the level says (Postfix looks the level up only without it)."""
+    if cfg[f"{prefix}_tls_wrappermode"]:
+        return "encrypt"
     level = cfg.get(f"{prefix}_tls_security_level").strip().lower()
     if level:
         if level in SERVER_LEVELS:
             return level
-        if level in ("verify", "secure", "fingerprint", "dane", "dane-only"):
+        if level in ("verify", "secure", "fingerprint"):
             warn(f"{prefix}_tls_security_level: unsupported TLS level \"{level}\", "
                  f"using \"encrypt\"")
             return "encrypt"
+        # dane and dane-only too: Postfix's smtpd refuses them (msg_fatal)
         raise TLSConfigError(f"Invalid TLS level \"{level}\" in {prefix}_tls_security_level")
     if cfg[f"{prefix}_enforce_tls"]:
         return "encrypt"
@@ -835,8 +842,7 @@ def server_tls(cfg, prefix: str = "smtpd", level: str | None = None, warn=msg.wa
     if loglevel >= 2:
         info("initializing the server-side TLS engine")
     if level is None:
-        level = "encrypt" if cfg[f"{prefix}_tls_wrappermode"] else \
-            server_security_level(cfg, prefix, warn)
+        level = server_security_level(cfg, prefix, warn)
     ask, require = ccert_policy(cfg, level, prefix, warn)
     digest = _digest_name(cfg, f"{prefix}_tls_fingerprint_digest")
     pairs = _key_pairs(cfg, prefix, warn)

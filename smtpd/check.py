@@ -4,7 +4,9 @@ Each list is evaluated in order; the first restriction that decides ends the lis
 permit-like restrictions let the client through this list (the next lists still apply),
 reject-like ones answer with an SMTP reply. A list that runs out permits. With
 smtpd_delay_reject = yes (the default) the client, HELO and sender lists run at RCPT time,
-before the relay and recipient lists, so that the log shows the recipient.
+before the relay and recipient lists, so that the log shows the recipient; with no, each
+runs at its own stage (connect, HELO/EHLO, MAIL). smtpd_data_restrictions run at DATA and
+smtpd_end_of_data_restrictions after the final dot, whatever smtpd_delay_reject says.
 
 RESTRICTIONS
     permit, reject, defer, permit_mynetworks, permit_sasl_authenticated,
@@ -13,33 +15,76 @@ RESTRICTIONS
     check_ccert_access type:table (certificate, then public-key fingerprint as the key),
     check_client_access, check_helo_access, check_sender_access, check_recipient_access
     type:table (access(5) actions: OK, REJECT [text], DEFER [text], DUNNO, 4NN/5NN text,
-    PERMIT, a restriction name), reject_unauth_destination, defer_unauth_destination.
+    PERMIT, a restriction name), reject_unauth_destination, defer_unauth_destination,
+    defer_if_permit (450 at the end of the stage unless something rejects),
+    reject_unauth_pipelining (503 5.5.0 once the client sent ahead where it may not:
+    commands before EHLO announced PIPELINING, or message content before 354),
+    reject_unknown_client_hostname (alias reject_unknown_client; 4.7.25) and
+    reject_unknown_reverse_client_hostname (4.7.1) with unknown_client_reject_code (450)
+    when the name does not exist, 450 when its lookup failed for now;
+    reject_unknown_sender_domain (4.1.8) and reject_unknown_recipient_domain (4.1.2):
+    no MX, A or AAAA record, with unknown_address_reject_code (450); a null MX is 550
+    5.7.27 / 556 5.1.10; a DNS failure for now acts as unknown_address_tempfail_action's
+    default, defer_if_permit. Local (mydestination) and [literal] domains are not looked
+    up. The DNS is the system resolver's (resolv.conf, read before the chroot).
+
+CONFIGURATION PARAMETERS
+    smtpd_client_restrictions, smtpd_helo_restrictions, smtpd_sender_restrictions,
+    smtpd_relay_restrictions, smtpd_recipient_restrictions, smtpd_data_restrictions,
+    smtpd_end_of_data_restrictions, smtpd_delay_reject (yes), mynetworks, mydestination,
+    relay_domains, relay_clientcerts, parent_domain_matches_subdomains, the reply codes
+    reject_code (554), defer_code (450), access_map_reject_code (554),
+    relay_domains_reject_code (554), unknown_client_reject_code (450),
+    unknown_address_reject_code (450).
 
 FUNCTIONS
     Checker(cfg) compiles the lists once per worker (tables opened, ConfigError for an
     unknown restriction or an open-relay configuration, as Postfix refuses to start).
-    checker.rcpt(state, rcpt) -> None (accept) or Reply; a table that cannot be read
+    One method per protocol stage, each -> None (go on) or the Reply: connect(state),
+        helo(state), mail(state) run the client, HELO and sender lists there only with
+        smtpd_delay_reject = no; rcpt(state, rcpt) runs them (delay_reject = yes) and the
+        relay and recipient lists; data(state, rcpt) and end_of_data(state, rcpt) run
+        smtpd_data_restrictions at DATA and smtpd_end_of_data_restrictions after the final
+        dot (rcpt: the recipient when there is exactly one). A table that cannot be read
         (TableError) gives 451 4.3.0 "<name>: Temporary lookup failure", with a warning.
-    is_local_domain / relay_allowed / in_mynetworks are the shared predicates.
+    is_local_domain / relay_allowed / in_mynetworks / in_network_list are the shared
+    predicates; NetworkList is the one matcher of client lists (mynetworks,
+    smtpd_forbid_bare_newline_exclusions, smtpd_sasl_exceptions_networks).
 """
 
 from __future__ import annotations
 
+import encodings.idna  # noqa: F401 - dnspython's IDNA codec, loaded before the chroot
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import dns.exception
+import dns.name
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.resolver
 
 from ..lib import msg, tables
+from ..lib.domains import DomainList
 from ..lib.maincf import ConfigError
+from ..lib.params import split_list
 
 RELAY_GUARDS = {"reject_unauth_destination", "defer_unauth_destination", "reject", "defer",
                 "defer_if_permit"}
-SIMPLE = {"permit", "reject", "defer", "permit_mynetworks", "permit_sasl_authenticated",
-          "permit_tls_clientcerts", "permit_tls_all_clientcerts",
-          "reject_unauth_destination", "defer_unauth_destination", "dunno"}
+DNS_CHECKS = {"reject_unknown_sender_domain", "reject_unknown_recipient_domain"}
+SIMPLE = {"permit", "reject", "defer", "defer_if_permit", "permit_mynetworks",
+          "permit_sasl_authenticated", "permit_tls_clientcerts", "permit_tls_all_clientcerts",
+          "reject_unauth_destination", "defer_unauth_destination", "dunno",
+          "reject_unknown_client_hostname", "reject_unknown_client",
+          "reject_unknown_reverse_client_hostname", "reject_unauth_pipelining"} | DNS_CHECKS
 WITH_TABLE = {"check_ccert_access", "check_client_access", "check_helo_access",
               "check_sender_access", "check_recipient_access"}
 _DSN_RE = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
+# The parameters that list client networks, all matched by NetworkList.
+NETWORK_LISTS = ("mynetworks", "smtpd_forbid_bare_newline_exclusions",
+                 "smtpd_sasl_exceptions_networks")
 
 
 @dataclass
@@ -63,6 +108,15 @@ class ClientState:
     ccert_verified: bool = False
     ccert_fingerprint: str | None = None
     ccert_pkey_fingerprint: str | None = None
+    # Postfix's name_status and reverse_name_status: ok, temp, perm (or forged: the name
+    # does not resolve back to the address); smtpd/service.py's client_name() sets them.
+    name_status: str = "ok"
+    reverse_name: str = "unknown"
+    reverse_status: str = "ok"
+    # defer_if_permit raised at connect, HELO or MAIL, carried to RCPT (smtpd_check.c's
+    # defer_if_permit_client / _helo / _sender)
+    deferred: dict = field(default_factory=dict)
+    ill_pipelining: bool = False    # sent ahead where it may not: reject_unauth_pipelining
 
     @property
     def client(self) -> str:
@@ -78,7 +132,8 @@ class Checker:
 
     LISTS = ("smtpd_client_restrictions", "smtpd_helo_restrictions",
              "smtpd_sender_restrictions", "smtpd_relay_restrictions",
-             "smtpd_recipient_restrictions")
+             "smtpd_recipient_restrictions", "smtpd_data_restrictions",
+             "smtpd_end_of_data_restrictions")
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -91,13 +146,19 @@ class Checker:
             raise ConfigError("parameter smtpd_recipient_restrictions: specify at least one "
                               "working instance of: reject_unauth_destination, "
                               "defer_unauth_destination, reject, defer, defer_if_permit")
-        self.mydestination = {d.lower().rstrip(".") for d in cfg["mydestination"]}
-        self.relay_domains = [d.lower().rstrip(".") for d in cfg["relay_domains"]
-                              if ":" not in d]
-        self.networks, self.network_tables = self._networks(cfg["mynetworks"])
+        # lib/domains.DomainList, the rule of qmgr's routing too: names, files, tables
+        self.mydestination = self._domain_list("mydestination")
+        self.relay_domains = self._domain_list("relay_domains")
+        # Every client-network list, one matcher (NetworkList): tables open before chroot.
+        self.network_lists = {p: self._network_list(p) for p in NETWORK_LISTS}
+        self.mynetworks = self.network_lists["mynetworks"]
         self.relay_clientcerts = self._table(cfg.get("relay_clientcerts")) \
             if cfg.get("relay_clientcerts") else None
         self.delay_reject = cfg["smtpd_delay_reject"]
+        used = {r for rs in self.lists.values() for r, _ in rs}
+        # The system resolver (resolv.conf read now, before the chroot), when a list or an
+        # access table (whose action may name a restriction) can need it.
+        self.dns = MailhostLookup() if used & (DNS_CHECKS | WITH_TABLE) else None
 
     # --- compile ---------------------------------------------------------------------------
     def _table(self, ref: str) -> tables.Table:
@@ -125,96 +186,116 @@ class Checker:
             i += 1
         return out
 
-    def _networks(self, words: list[str]):
-        nets, tabs = [], []
-        for word in words:
-            if ":" in word and not word.startswith("[") and word.count(":") == 1 and \
-                    not re.match(r"^[0-9a-fA-F:]+(/\d+)?$", word):
-                tabs.append(self._table(word))
-                continue
-            text = word.replace("[", "").replace("]", "")
-            try:
-                nets.append(ipaddress.ip_network(text, strict=False))
-            except ValueError:
-                msg.warn(f"mynetworks: ignoring entry that is not an address or network: "
-                         f"{word}")
-        return nets, tabs
+    def _domain_list(self, param: str) -> DomainList:
+        try:
+            return DomainList.for_param(self.cfg, param, self._table)
+        except OSError as exc:
+            raise ConfigError(f"{param}: open {exc.filename}: {exc.strerror}") from None
+
+    def _network_list(self, param: str) -> "NetworkList":
+        words = self.cfg[param]
+        return NetworkList(param, words, self._table,
+                           param in self.cfg["parent_domain_matches_subdomains"])
 
     # --- predicates ------------------------------------------------------------------------
-    def in_mynetworks(self, addr: str) -> bool:
-        """Whether a client address is in mynetworks."""
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        if any(ip in net for net in self.nets_for(ip)):
-            return True
-        return any(t.lookup(addr) is not None for t in self.network_tables)
+    def in_mynetworks(self, addr: str, name: str = "unknown") -> bool:
+        """Whether a client is in mynetworks."""
+        return self.mynetworks.match(addr, name)
 
-    def nets_for(self, ip):
-        return [n for n in self.networks if n.version == ip.version]
+    def in_network_list(self, param: str, addr: str, name: str = "unknown") -> bool:
+        """Whether a client is in one of the NETWORK_LISTS (compiled before the chroot)."""
+        return self.network_lists[param].match(addr, name)
 
     def is_local_domain(self, domain: str) -> bool:
-        """A domain of mydestination: mail for it stays on this host."""
-        return domain in self.mydestination
+        """A domain of mydestination: mail for it stays on this host (TableError when a
+        table cannot be read)."""
+        return self.mydestination.match(domain)
 
     def relay_allowed(self, rcpt: str) -> bool:
         """A recipient this host accepts mail for: local or in relay_domains."""
         domain = _domain(rcpt)
         if not domain:
             return True   # a bare local part: the local domain
-        if self.is_local_domain(domain):
-            return True
-        for d in self.relay_domains:
-            bare = d.lstrip(".")
-            if domain == bare and not d.startswith(".") or domain.endswith("." + bare):
-                return True
-        return False
+        return self.is_local_domain(domain) or self.relay_domains.match(domain)
 
-    # --- evaluation ------------------------------------------------------------------------
-    def rcpt(self, state: ClientState, rcpt: str) -> Reply | None:
-        """Run the lists that apply at RCPT TO; None to accept, else the reply."""
-        names = self.LISTS if self.delay_reject else self.LISTS[3:]
-        for name in names:
-            reply = self._run(name, state, rcpt)
-            if reply is not None:
-                return reply
-        return None
-
-    def early(self, name: str, state: ClientState) -> Reply | None:
-        """A client, HELO or sender list at its own command (smtpd_delay_reject = no)."""
+    # --- evaluation: one method per protocol stage, as smtpd_check.c ---------------------
+    def connect(self, state: ClientState) -> Reply | None:
+        """smtpd_client_restrictions at connect, with smtpd_delay_reject = no."""
         if self.delay_reject:
             return None
-        return self._run(name, state, None)
+        return self._early("smtpd_client_restrictions", "client", [], state)
 
-    def _run(self, name: str, state: ClientState, rcpt: str | None) -> Reply | None:
+    def helo(self, state: ClientState) -> Reply | None:
+        """smtpd_helo_restrictions at HELO/EHLO (state.helo is the new name), delay_reject=no."""
+        if self.delay_reject:
+            return None
+        return self._early("smtpd_helo_restrictions", "helo",
+                           self._carried(state, "client"), state)
+
+    def mail(self, state: ClientState) -> Reply | None:
+        """smtpd_sender_restrictions at MAIL (state.sender set), delay_reject = no."""
+        if self.delay_reject:
+            return None
+        return self._early("smtpd_sender_restrictions", "sender",
+                           self._carried(state, "client", "helo"), state)
+
+    def rcpt(self, state: ClientState, rcpt: str) -> Reply | None:
+        """Run the lists that apply at RCPT TO; None to accept, else the reply."""
+        if self.delay_reject:
+            names, pending = self.LISTS[:5], []
+        else:
+            names, pending = self.LISTS[3:5], self._carried(state, "client", "helo", "sender")
+        return self._stage(names, state, rcpt, pending)
+
+    def data(self, state: ClientState, rcpt: str | None) -> Reply | None:
+        """smtpd_data_restrictions at DATA; rcpt is the recipient when there is only one."""
+        return self._stage(["smtpd_data_restrictions"], state, rcpt, [])
+
+    def end_of_data(self, state: ClientState, rcpt: str | None) -> Reply | None:
+        """smtpd_end_of_data_restrictions after the final dot, before the commit."""
+        return self._stage(["smtpd_end_of_data_restrictions"], state, rcpt, [])
+
+    @staticmethod
+    def _carried(state: ClientState, *stages: str) -> list[Reply]:
+        return [r for r in (state.deferred.get(s) for s in stages) if r is not None][:1]
+
+    def _early(self, name: str, stage: str, pending: list, state: ClientState):
+        """A list of an earlier stage: its defer_if_permit waits for RCPT."""
+        reply = self._run(name, state, None, pending)
+        state.deferred[stage] = pending[0] if pending else None
+        return reply
+
+    def _stage(self, names, state: ClientState, rcpt: str | None, pending: list):
+        """The lists of a stage; a defer_if_permit that nothing rejected is the reply."""
+        for name in names:
+            reply = self._run(name, state, rcpt, pending)
+            if reply is not None:
+                return reply
+        return pending[0] if pending else None
+
+    def _run(self, name: str, state: ClientState, rcpt: str | None,
+             pending: list) -> Reply | None:
         for restriction, table in self.lists[name]:
             try:
                 verdict = self._apply(restriction, table, name, state, rcpt)
             except tables.TableError as exc:
                 # A table that cannot be read now: defer, as Postfix's reject_dict_retry.
                 msg.warn(f"table lookup problem: {exc}")
-                subject = {"smtpd_client_restrictions": state.client,
-                           "smtpd_helo_restrictions": state.helo or "",
-                           "smtpd_sender_restrictions": state.sender or ""}.get(name, rcpt)
-                return Reply(451, "4.3.0", f"<{subject or ''}>: Temporary lookup failure")
+                subject = _subject(_STAGE[name][1], state, rcpt)
+                return Reply(451, "4.3.0", f"<{subject}>: Temporary lookup failure")
             if verdict == "permit":
                 return None
-            if isinstance(verdict, Reply):
+            if isinstance(verdict, DeferIfPermit):
+                if not pending:         # the first reason is kept, as defer_if()
+                    pending.append(verdict.reply)
+            elif isinstance(verdict, Reply):
                 return verdict
         return None
 
     def _reject(self, name: str, state: ClientState, rcpt, code: int, text: str,
                 what: str | None = None) -> Reply:
-        what = what or {"smtpd_client_restrictions": "Client host",
-                        "smtpd_helo_restrictions": "Helo command",
-                        "smtpd_sender_restrictions": "Sender address"}.get(name,
-                                                                           "Recipient address")
-        subject = {"Client host": state.client, "Client certificate": state.client,
-                   "Helo command": state.helo or "", "Sender address": state.sender or "",
-                   }.get(what, rcpt or "")
+        what = what or _STAGE[name][1]
+        subject = _subject(what, state, rcpt)
         dsn = f"{str(code)[0]}.7.1"
         words = text.split(" ", 1)
         if _DSN_RE.match(words[0]) and words[0][0] == str(code)[0]:
@@ -231,8 +312,37 @@ class Checker:
             return self._reject(name, state, rcpt, cfg["reject_code"], "Access denied")
         if restriction == "defer":
             return self._reject(name, state, rcpt, cfg["defer_code"], "Access denied")
+        if restriction == "reject_unauth_pipelining":
+            if not state.ill_pipelining:
+                return None
+            what = _STAGE[name][1]
+            return Reply(503, "5.5.0", f"<{_subject(what, state, rcpt)}>: {what} rejected: "
+                         "Improper use of SMTP command pipelining")
+        if restriction == "defer_if_permit":
+            return DeferIfPermit(self._reject(name, state, rcpt, cfg["defer_code"],
+                                              "defer_if_permit requested"))
         if restriction == "permit_mynetworks":
-            return "permit" if self.in_mynetworks(state.addr) else None
+            return "permit" if self.in_mynetworks(state.addr, state.name) else None
+        if restriction in ("reject_unknown_client_hostname", "reject_unknown_client"):
+            # RFC 7372's 4.7.25; a temporary lookup failure is always 450 (smtpd_check.c)
+            if state.name_status == "ok":
+                return None
+            code = cfg["unknown_client_reject_code"] if state.name_status in (
+                "perm", "forged") else 450
+            return Reply(code, f"{str(code)[0]}.7.25", "Client host rejected: cannot find "
+                         f"your hostname, [{state.addr}]")
+        if restriction == "reject_unknown_reverse_client_hostname":
+            if state.reverse_status == "ok":
+                return None
+            code = cfg["unknown_client_reject_code"] if state.reverse_status == "perm" \
+                else 450
+            return Reply(code, f"{str(code)[0]}.7.1", "Client host rejected: cannot find "
+                         f"your reverse hostname, [{state.addr}]")
+        if restriction in DNS_CHECKS:
+            sender = restriction == "reject_unknown_sender_domain"
+            address = state.sender if sender else rcpt
+            return self._unknown_address(address, "Sender address" if sender
+                                         else "Recipient address")
         if restriction == "permit_sasl_authenticated":
             return "permit" if state.sasl_username else None
         if restriction == "permit_tls_all_clientcerts":
@@ -272,6 +382,32 @@ class Checker:
                 return self._action(action, name, state, rcpt, what)
         return None
 
+    def _unknown_address(self, address: str | None, what: str):
+        """reject_unknown_{sender,recipient}_domain: smtpd_check.c's reject_unknown_address
+        and reject_unknown_mailhost (MX, then A and AAAA)."""
+        domain = _domain(address or "")
+        if not domain or domain.startswith("[") or self.is_local_domain(domain):
+            return None     # a local destination or an address literal: not looked up
+        if self.dns is None:        # not foreseen above; the jail has etc/resolv.conf
+            self.dns = MailhostLookup()
+        status = self.dns.status(domain)
+        if status == "ok":
+            return None
+        sender = what == "Sender address"
+        if status == "nullmx":
+            code, dsn = (550, "5.7.27") if sender else (556, "5.1.10")
+            return Reply(code, dsn, f"<{address}>: {what} rejected: Domain {domain} "
+                         f"does not accept mail (nullMX)")
+        detail = "1.8" if sender else "1.2"
+        if status == "retry":
+            # unknown_address_tempfail_action's default, defer_if_permit: 450 unless
+            # a later restriction rejects
+            return DeferIfPermit(Reply(450, f"4.{detail}",
+                                       f"<{address}>: {what} rejected: Domain not found"))
+        code = self.cfg["unknown_address_reject_code"]
+        return Reply(code, f"{str(code)[0]}.{detail}",
+                     f"<{address}>: {what} rejected: Domain not found")
+
     def _action(self, action: str, name: str, state, rcpt, what: str):
         """An access(5) table result."""
         word, _, text = action.strip().partition(" ")
@@ -293,10 +429,177 @@ class Checker:
             if parts and _DSN_RE.match(parts[0]):
                 dsn, text = parts[0], (parts[1] if len(parts) > 1 else "")
             return Reply(code, dsn, text or "Access denied")
-        if upper in SIMPLE:
+        if word.lower() in SIMPLE:      # a restriction name as the action, as access(5)
             return self._apply(word.lower(), None, name, state, rcpt)
         msg.warn(f"access table: unknown action \"{action}\" -- ignored")
         return None
+
+
+class NetworkList:
+    """A list of clients, as Postfix's namadr_list (mynetworks and its kind).
+
+    Words, in order, the first that matches decides: an address or network (a.b.c.d/len,
+    IPv6 with or without [ ], as [::1]/128), a type:table (looked up with the client name,
+    then its address; any result matches), a /file/name of more such words, a host name or
+    .domain matched against the client's verified name (a bare domain matches subdomains
+    too where parent_domain_matches_subdomains names the parameter), and !word, which
+    excludes what word matches."""
+
+    def __init__(self, param: str, words: list[str], open_table, parent_matches: bool):
+        self.param = param
+        self.parent_matches = parent_matches
+        self.entries: list[tuple[bool, str, object]] = []   # (negated, kind, value)
+        self._add(words, open_table)
+
+    def _add(self, words, open_table, depth: int = 0) -> None:
+        for word in words:
+            negated = word.startswith("!")
+            word = word.lstrip("!")
+            if not word:
+                continue
+            if word.startswith("/") and depth == 0:
+                try:
+                    with open(word, encoding="utf-8", errors="replace") as f:
+                        text = "\n".join(line.split("#", 1)[0] for line in f)
+                except OSError as exc:
+                    raise ConfigError(f"{self.param}: open {word}: {exc.strerror}") from None
+                sub = NetworkList(self.param, [], open_table, self.parent_matches)
+                sub._add(split_list(text), open_table, depth + 1)
+                self.entries.append((negated, "list", sub))
+                continue
+            text = word
+            if word.startswith("["):        # [address] or [address]/len
+                m = re.fullmatch(r"\[([^\]]*)\](/\d+)?", word)
+                text = m.group(1) + (m.group(2) or "") if m else ""
+            try:
+                self.entries.append((negated, "net", ipaddress.ip_network(text,
+                                                                          strict=False)))
+                continue
+            except ValueError:
+                pass
+            if "/" in word and ":" not in word.partition("/")[0] or word.startswith("["):
+                # a net/mask that is not one: Postfix's smtpd stops here too
+                raise ConfigError(f"{self.param}: bad net/mask pattern: \"{word}\"")
+            if ":" in word:
+                self.entries.append((negated, "table", open_table(word)))
+            elif re.fullmatch(r"\.?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?", word):
+                self.entries.append((negated, "name", word.lower().rstrip(".")))
+            else:
+                msg.warn(f"{self.param}: ignoring entry that is not an address, network, "
+                         f"host name or table: {word}")
+
+    def match(self, addr: str, name: str = "unknown") -> bool:
+        """Whether the client (address, verified name or "unknown") is in the list."""
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return bool(self._match(ip, str(ip), name.lower().rstrip(".")))
+
+    def _match(self, ip, addr: str, name: str) -> bool | None:
+        """True or False from the first entry that matches; None when none does."""
+        for negated, kind, value in self.entries:
+            if kind == "net":
+                hit = ip.version == value.version and ip in value
+            elif kind == "table":
+                hit = (name != "unknown" and value.lookup(name) is not None) or \
+                    value.lookup(addr) is not None
+            elif kind == "name":
+                hit = name != "unknown" and (
+                    name == value.lstrip(".") and not value.startswith(".")
+                    or (value.startswith(".") or self.parent_matches)
+                    and name.endswith("." + value.lstrip(".")))
+            else:
+                inner = value._match(ip, addr, name)
+                if inner is not None:
+                    return inner != negated
+                continue
+            if hit:
+                return not negated
+        return None
+
+
+@dataclass
+class DeferIfPermit:
+    """A verdict that becomes the reply only if the stage would otherwise permit."""
+    reply: Reply
+
+
+class MailhostLookup:
+    """Whether a mail domain exists in the DNS: MX, then A, then AAAA, as Postfix's
+    dns_lookup_l() for reject_unknown_mailhost. The resolver is the system's (resolv.conf,
+    read when this is made: before the chroot)."""
+
+    TYPES = ("MX", "A", "AAAA")
+
+    def __init__(self, resolver: dns.resolver.Resolver | None = None):
+        self.problem: str | None = None     # said at the first lookup, not before
+        if resolver is None:
+            try:
+                resolver = dns.resolver.Resolver()
+            except Exception as exc:       # noqa: BLE001 - no or unreadable resolv.conf
+                self.problem = f"cannot read resolver configuration: {exc}"
+                resolver = dns.resolver.Resolver(configure=False)
+                resolver.nameservers = ["127.0.0.1"]
+        resolver.use_search_by_default = False   # absolute names, as Postfix
+        self.resolver = resolver
+
+    def status(self, domain: str) -> str:
+        """ok, notfound, retry (a temporary failure, a malformed reply too) or nullmx."""
+        if self.problem:
+            msg.warn(self.problem)
+            self.problem = None
+        try:
+            qname = dns.name.from_text(domain.rstrip(".") + ".")
+        except (dns.exception.DNSException, UnicodeError, ValueError):
+            return "notfound"
+        soft = False
+        for rdtype in self.TYPES:
+            try:
+                answer = self.resolver.resolve(qname, rdtype, raise_on_no_answer=False,
+                                               search=False)
+            except dns.resolver.NXDOMAIN:
+                return "notfound"         # no such name: no other type will have it
+            except (dns.exception.DNSException, OSError, ValueError, EOFError):
+                soft = True               # timeout, SERVFAIL, refused: try again later
+                continue
+            except Exception:             # noqa: BLE001 - whatever a server sends
+                soft = True
+                continue
+            if answer.rrset is not None and len(answer.rrset):
+                if rdtype == "MX" and len(answer.rrset) == 1 and \
+                        next(iter(answer.rrset)).exchange == dns.name.root:
+                    return "nullmx"
+                return "ok"
+        return "retry" if soft else "notfound"
+
+
+def _load_record_types() -> None:
+    """The record classes dnspython imports on first use: now, before any chroot."""
+    for name in ("A", "AAAA", "MX", "CNAME", "SOA", "NS"):
+        dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(name))
+
+
+_load_record_types()
+
+
+# list -> (where, Postfix's reply class): the subject and words of its reject replies
+_STAGE = {"smtpd_client_restrictions": ("CONNECT", "Client host"),
+          "smtpd_helo_restrictions": ("HELO", "Helo command"),
+          "smtpd_sender_restrictions": ("MAIL", "Sender address"),
+          "smtpd_relay_restrictions": ("RCPT", "Recipient address"),
+          "smtpd_recipient_restrictions": ("RCPT", "Recipient address"),
+          "smtpd_data_restrictions": ("DATA", "Data command"),
+          "smtpd_end_of_data_restrictions": ("END-OF-MESSAGE", "End-of-data")}
+
+
+def _subject(what: str, state: ClientState, rcpt: str | None) -> str:
+    """What a reply of class `what` names in <...>, as smtpd_check.c's reply_name."""
+    return {"Client host": state.client, "Client certificate": state.client,
+            "Helo command": state.helo or "", "Sender address": state.sender or "",
+            "Data command": "DATA", "End-of-data": "END-OF-MESSAGE"}.get(what, rcpt or "")
 
 
 def _address_keys(address: str | None) -> list[str]:

@@ -279,10 +279,20 @@ class LocalWriter:
 class LocalChecker:
     """Local submissions pass no smtpd restrictions, as Postfix's stand-alone smtpd."""
 
+    def connect(self, client):
+        return None
+
+    helo = mail = connect
+
     def rcpt(self, client, rcpt):
         return None
 
-    def in_mynetworks(self, addr) -> bool:
+    data = end_of_data = rcpt
+
+    def in_mynetworks(self, addr, name="unknown") -> bool:
+        return True
+
+    def in_network_list(self, param, addr, name="unknown") -> bool:
         return True
 
 
@@ -294,9 +304,6 @@ class LocalSession(Session):
         self.uid, self.user = uid, user
         super().__init__(stream, cfg, ClientState(name="localhost", addr="127.0.0.1"),
                          queue_root, LocalChecker(), tls=None, stopping=stopping)
-
-    def _security_level(self) -> str:
-        return "none"      # the seed: never STARTTLS for sendmail -bs
 
     def _bare_newline_mode(self) -> str:
         return "no"        # text piped by a local user, not a network peer

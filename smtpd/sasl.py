@@ -75,7 +75,10 @@ CONFIGURATION PARAMETERS
     smtpd_sasl_auth_enable (no), smtpd_sasl_type (dovecot), smtpd_sasl_path (smtpd;
     Postfix's Debian packages use private/auth), smtpd_sasl_service (smtp),
     smtpd_sasl_security_options (noanonymous), smtpd_sasl_tls_security_options
-    ($smtpd_sasl_security_options), smtpd_sasl_builtin_failure_delay (2s).
+    ($smtpd_sasl_security_options), smtpd_sasl_builtin_failure_delay (2s),
+    smtpd_sasl_local_domain (empty; builtin: appended as @realm to login names without
+    one, as Cyrus SASL's user_realm; dovecot: ignored with a warning, as Postfix's
+    Dovecot client passes no realm).
 
 FUNCTIONS
     from_config(cfg) -> Backend or None; ConfigError for an unknown type or security
@@ -526,6 +529,7 @@ class BuiltinBackend(Backend):
     def __init__(self, cfg, passwd: PasswdFile | None = None):
         super().__init__(cfg)
         self.failure_delay = cfg["smtpd_sasl_builtin_failure_delay"]
+        self.realm = cfg.get("smtpd_sasl_local_domain").strip()
         self.passwd = passwd or PasswdFile(cfg.get("smtpd_sasl_path"),
                                            cfg.get("queue_directory"))
 
@@ -591,7 +595,7 @@ class _BuiltinExchange:
             if len(parts) != 3:
                 return self._fail()     # Dovecot gives no reason for these either
             authzid, authcid, password = parts
-            user = self._text(authcid)
+            user = self._login_name(authcid)
             if user is None:
                 return self._fail()
             self.username = printable(user, 1000)
@@ -599,13 +603,21 @@ class _BuiltinExchange:
                 return self._fail()    # no master users here
             return self._check(user, password)
         if self.login_user is None:
-            user = self._text(data)
+            user = self._login_name(data)
             if user is None:
                 return self._fail()
             self.login_user = user
             self.username = printable(user, 1000)
             return Step(MORE, base64.b64encode(b"Password:").decode())
         return self._check(self.login_user, data)
+
+    def _login_name(self, data: bytes) -> str | None:
+        """The login name: smtpd_sasl_local_domain appended when it has no realm (Cyrus
+        SASL's user_realm, which Postfix passes): the passwd-file lists user@realm."""
+        user = self._text(data)
+        if user is not None and self.backend.realm and "@" not in user:
+            user = f"{user}@{self.backend.realm}"
+        return user
 
     @staticmethod
     def _text(data: bytes) -> str | None:
@@ -642,6 +654,10 @@ def check_config(cfg) -> None:
     cfg["smtpd_sasl_builtin_failure_delay"]   # ConfigError when malformed
     if not cfg.get("smtpd_sasl_path").strip():
         raise ConfigError("smtpd_sasl_path is empty")
+    if kind == "dovecot" and cfg.get("smtpd_sasl_local_domain").strip():
+        # Postfix's Dovecot client passes no realm either; say so rather than ignore it.
+        msg.warn("smtpd_sasl_local_domain is ignored with smtpd_sasl_type = dovecot "
+                 "(Dovecot's auth_default_realm does this)")
 
 
 def from_config(cfg) -> Backend | None:

@@ -20,8 +20,12 @@ CONFIGURATION PARAMETERS
     The smtpd_* parameters of lib/params.py; among them smtpd_banner, smtpd_timeout (300s),
     smtpd_tls_security_level, smtpd_use_tls, smtpd_enforce_tls, smtpd_tls_wrappermode,
     smtpd_*_restrictions, message_size_limit (10240000), line_length_limit (2048),
-    smtpd_recipient_limit (1000), smtpd_peername_lookup (yes); SASL: smtpd_sasl_auth_enable
-    (no), smtpd_sasl_type (dovecot, or builtin), smtpd_sasl_path (smtpd/sasl.py).
+    smtpd_recipient_limit (1000), smtpd_recipient_overshoot_limit (1000),
+    smtpd_noop_commands (empty), header_size_limit (102400), smtpd_peername_lookup (yes);
+    SASL: smtpd_sasl_auth_enable (no), smtpd_sasl_type (dovecot, or builtin),
+    smtpd_sasl_path (smtpd/sasl.py). smtpd_tls_security_level is computed once, in
+    prepare(), by lib/tls.server_security_level (verify, secure and fingerprint act as
+    encrypt, with Postfix's warning), and every session uses that value.
 
 Everything a worker imports must be imported at the top of a module: the master imports
 this module before it forks, and inside the chroot jail nothing else can be imported.
@@ -32,10 +36,12 @@ SEE ALSO
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass
 
 from ..lib import msg, server, tlsmgr_client
+from ..lib import tls as T
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
 from . import sasl
@@ -47,39 +53,75 @@ from .tls import TlsServer
 
 @dataclass
 class Prepared:
+    level: str = "none"         # the TLS security level: none, may or encrypt
     tls: object = None          # TlsServer, or None when TLS is off or broken
     tls_problem: str | None = None
 
 
 def prepare(cfg, service) -> Prepared:
-    """Run in the master per generation: validate restrictions, build TLS contexts."""
+    """Run in the master per generation: validate restrictions, build TLS contexts.
+
+    The TLS security level is computed here, once (lib/tls.server_security_level, with
+    Postfix's warning for verify, secure and fingerprint), and every session uses it."""
     Checker(cfg)    # ConfigError: the service will not start, and says why
     sasl.check_config(cfg)
-    prepared = Prepared()
-    level = cfg.get("smtpd_tls_security_level") or (
-        "encrypt" if cfg["smtpd_enforce_tls"] else "may" if cfg["smtpd_use_tls"] else "none")
-    if level == "none" and not cfg["smtpd_tls_wrappermode"]:
+    try:
+        prepared = Prepared(level=T.server_security_level(cfg))
+    except T.TLSConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    if prepared.level == "none":
         return prepared
     try:
-        prepared.tls = TlsServer.build(cfg)
+        prepared.tls = TlsServer.build(cfg, prepared.level)
     except ConfigError as exc:
         prepared.tls_problem = str(exc)
     return prepared
 
 
-def client_name(addr: str, lookup: bool) -> str:
-    """The client's verified host name (reverse, then forward confirmed), or unknown."""
+def client_name(addr: str, lookup: bool) -> tuple[str, str, str, str]:
+    """(name, name_status, reverse_name, reverse_status), as Postfix's smtpd_peer.c.
+
+    The reverse name is what the PTR lookup gave; the name is that name only when it
+    resolves back to the address ("unknown" otherwise). A status is ok, temp (the lookup
+    failed for now), perm (no name, or no lookup with smtpd_peername_lookup = no) or
+    forged (the name does not resolve to the address): reject_unknown_client_hostname and
+    reject_unknown_reverse_client_hostname use them."""
     if not lookup:
-        return "unknown"
+        return "unknown", "perm", "unknown", "perm"
     try:
         # NI_NUMERICSERV: no service name wanted, so /etc/services is not read each time
         name = socket.getnameinfo((addr, 0), socket.NI_NAMEREQD | socket.NI_NUMERICSERV)[0]
-        infos = socket.getaddrinfo(name, None, 0, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        status = "temp" if exc.errno in _TEMP_AI_ERRORS else "perm"
+        return "unknown", status, "unknown", status
     except (OSError, UnicodeError):
-        return "unknown"
+        return "unknown", "perm", "unknown", "perm"
+    if _numeric(name):
+        # a PTR record that looks like an address could bypass access rules: refused
+        return "unknown", "perm", "unknown", "perm"
+    try:
+        infos = socket.getaddrinfo(name, None, 0, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        msg.warn(f"hostname {name} does not resolve to address {addr}: {exc.strerror}")
+        return "unknown", "temp" if exc.errno in _TEMP_AI_ERRORS else "forged", name, "ok"
+    except (OSError, UnicodeError):
+        msg.warn(f"hostname {name} does not resolve to address {addr}")
+        return "unknown", "forged", name, "ok"
     if any(info[4][0] == addr for info in infos):
-        return name
-    return "unknown"
+        return name, "ok", name, "ok"
+    msg.warn(f"hostname {name} does not resolve to address {addr}")
+    return "unknown", "forged", name, "ok"
+
+
+_TEMP_AI_ERRORS = (socket.EAI_AGAIN, socket.EAI_MEMORY, socket.EAI_SYSTEM)
+
+
+def _numeric(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def pre_init(ctx) -> None:
@@ -116,7 +158,9 @@ def smtpd_service(conn: socket.socket, ctx) -> None:
         return
     if addr.startswith("::ffff:"):
         addr = addr[7:]
-    client = ClientState(name=client_name(addr, cfg["smtpd_peername_lookup"]), addr=addr)
+    name, status, reverse, reverse_status = client_name(addr, cfg["smtpd_peername_lookup"])
+    client = ClientState(name=name, addr=addr, name_status=status, reverse_name=reverse,
+                         reverse_status=reverse_status)
     stream = SmtpStream(conn, cfg["smtpd_timeout"])
     prepared = ctx.prepared or Prepared()
     backend = ctx.state.get("sasl")
@@ -129,7 +173,8 @@ def smtpd_service(conn: socket.socket, ctx) -> None:
         sasl_session = backend.session(addr, local[7:] if local.startswith("::ffff:")
                                        else local)
     session = Session(stream, cfg, client, ctx.queue_root, ctx.state["checker"],
-                      tls=prepared.tls, wrapper=cfg["smtpd_tls_wrappermode"],
+                      level=prepared.level, tls=prepared.tls,
+                      wrapper=cfg["smtpd_tls_wrappermode"],
                       stopping=lambda: ctx.stopping, sasl=sasl_session)
     session.limits = ctx.state["limits"].session(client, ctx.service.name)
     try:

@@ -12,14 +12,24 @@ PROTOCOL
     only over TLS with smtpd_tls_auth_only = yes or enforced TLS, as Postfix). The queue
     file is created at the first accepted recipient, as Postfix does
     (smtpd_delay_open_until_valid_rcpt), and committed with fsync before
-    `250 2.0.0 Ok: queued as ID`.
+    `250 2.0.0 Ok: queued as ID`. The restriction lists (smtpd/check.py) run at their
+    stages: connect (the reject replaces the 220 greeting, and every later command but
+    QUIT gets `503 5.7.0 Error: access denied for host[addr]`), HELO/EHLO and MAIL with
+    smtpd_delay_reject = no, RCPT, DATA (before 354) and the end of data (before the
+    commit; the queue file is discarded on a reject). Commands in smtpd_noop_commands
+    get `250 2.0.0 Ok` and nothing else. Recipients past smtpd_recipient_limit get
+    `452 4.5.3 Error: too many recipients`, an error only past
+    smtpd_recipient_overshoot_limit. A header longer than header_size_limit loses the
+    excess (its further continuation lines), as Postfix's cleanup; the mail is accepted.
 
 SECURITY
     STARTTLS discards every byte the client sent before the handshake (CVE-2011-0411) and
     forgets HELO, MAIL and RCPT. DATA ends only at <CR><LF>.<CR><LF> unless
     smtpd_forbid_bare_newline = no, so one message cannot be smuggled into two
     (CVE-2023-51764). Every input is bounded: command lines by line_length_limit, messages
-    by message_size_limit while they stream to disk, errors by the error limits. SASL
+    by message_size_limit while they stream to disk, errors by the error limits. An
+    address with a NUL or another control character is refused in every mode (501
+    5.1.7 / 5.1.3); a NUL ends a command line, as in Postfix's C strings. SASL
     responses are never logged, nor the arguments of a pipelined AUTH command; a failed
     AUTH counts as an error (smtpd_error_sleep_time past smtpd_soft_error_limit).
 """
@@ -27,13 +37,11 @@ SECURITY
 from __future__ import annotations
 
 import errno
-import ipaddress
 import re
 import time
 
-from ..lib import msg
+from ..lib import msg, tables
 from ..lib import queue as Q
-from ..lib.params import split_list
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
 from . import sasl as SASL
 from .check import ClientState, Reply
@@ -91,6 +99,7 @@ def parse_path(arg: str, keyword: str, strict: bool):
     return addr, tail.split()
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LOCAL_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
 _QUOTED = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"$')
 _DOMAIN = re.compile(r"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[A-Za-z0-9.:-]+\])$")
@@ -99,6 +108,10 @@ _DOMAIN = re.compile(r"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[A-Za-z0-9.:
 def valid_address(addr: str) -> bool:
     """Whether an envelope address has a usable syntax (local part, optional domain)."""
     if not addr or len(addr) > 1000:
+        return False
+    if _CONTROL.search(addr):
+        # NUL and other controls, quoted or not, in every mode: they would reach the
+        # queue file and the logs (501 5.1.7 / 5.1.3)
         return False
     local, at, domain = addr.rpartition("@")
     if not at:
@@ -122,7 +135,8 @@ class Session:
     limits = NO_LIMITS      # the client's anvil limits (smtpd/limits.py); service.py sets them
 
     def __init__(self, stream, cfg, client: ClientState, queue_root: str, checker,
-                 tls=None, wrapper: bool = False, stopping=lambda: False, sasl=None):
+                 level: str = "none", tls=None, wrapper: bool = False,
+                 stopping=lambda: False, sasl=None):
         self.s = stream
         self.cfg = cfg
         self.client = client
@@ -139,7 +153,7 @@ class Session:
         self.hard_limit = cfg["smtpd_hard_error_limit"]
         self.error_sleep = cfg["smtpd_error_sleep_time"]
         self.junk_limit = cfg["smtpd_junk_command_limit"]
-        self.level = self._security_level()
+        self.level = level              # lib/tls.server_security_level's, from prepare()
         self.bare_lf = self._bare_newline_mode()
         self.counts: dict[str, list[int]] = {}
         self.errors = 0
@@ -155,41 +169,27 @@ class Session:
         self.sasl = sasl                # smtpd.sasl.SaslSession, or None: AUTH is off
         self.sasl_method: str | None = None
         self.sasl_exempt = self._sasl_exempt()
+        self.access_denied: str | None = None
+        self.noop_commands = {c.lower() for c in cfg["smtpd_noop_commands"]}
+        self.discard_ehlo = {k.lower() for k in cfg["smtpd_discard_ehlo_keywords"]}
+        self.overshoot_limit = cfg["smtpd_recipient_overshoot_limit"]
         self.reset()
 
     # --- configuration ---------------------------------------------------------------------
-    def _security_level(self) -> str:
-        level = self.cfg.get("smtpd_tls_security_level").strip().lower()
-        if not level:
-            level = "encrypt" if self.cfg["smtpd_enforce_tls"] else \
-                "may" if self.cfg["smtpd_use_tls"] else "none"
-        return level
-
     def _bare_newline_mode(self) -> str:
-        mode = self.cfg.get("smtpd_forbid_bare_newline").strip().lower()
-        mode = {"yes": "normalize", "": "no"}.get(mode, mode)
-        if mode not in ("no", "normalize", "reject", "note"):
-            msg.warn(f"unknown smtpd_forbid_bare_newline value \"{mode}\" -- using normalize")
-            mode = "normalize"
-        if mode != "no" and self._bare_newline_excluded():
+        mode = self.cfg["smtpd_forbid_bare_newline"].lower()     # one of its values
+        mode = {"yes": "normalize"}.get(mode, mode)
+        if mode != "no" and self._in_list("smtpd_forbid_bare_newline_exclusions"):
             mode = "no"
         return mode
 
-    def _bare_newline_excluded(self) -> bool:
-        words = split_list(self.cfg.get("smtpd_forbid_bare_newline_exclusions"))
-        if words == split_list(self.cfg.get("mynetworks")) or not words:
-            return bool(words) and self.checker.in_mynetworks(self.client.addr)
+    def _in_list(self, param: str) -> bool:
+        """Whether the client is in a network list (check.NetworkList, the one matcher)."""
         try:
-            ip = ipaddress.ip_address(self.client.addr)
-        except ValueError:
+            return self.checker.in_network_list(param, self.client.addr, self.client.name)
+        except tables.TableError as exc:
+            msg.warn(f"{param}: table lookup problem: {exc}")
             return False
-        for w in words:
-            try:
-                if ip in ipaddress.ip_network(w.strip("[]").replace("]", ""), strict=False):
-                    return True
-            except ValueError:
-                continue
-        return False
 
     @property
     def tls_required(self) -> bool:
@@ -197,25 +197,7 @@ class Session:
 
     def _sasl_exempt(self) -> bool:
         """Whether the client is in smtpd_sasl_exceptions_networks (AUTH not announced)."""
-        words = split_list(self.cfg.get("smtpd_sasl_exceptions_networks"))
-        if not words or self.sasl is None:
-            return False
-        try:
-            ip = ipaddress.ip_address(self.client.addr)
-        except ValueError:
-            return False
-        for w in words:
-            if w in ("$mynetworks", "mynetworks"):
-                if self.checker.in_mynetworks(self.client.addr):
-                    return True
-                continue
-            try:
-                if ip in ipaddress.ip_network(w.replace("[", "").replace("]", ""),
-                                              strict=False):
-                    return True
-            except ValueError:
-                continue
-        return False
+        return self.sasl is not None and self._in_list("smtpd_sasl_exceptions_networks")
 
     def sasl_active(self) -> bool:
         """Whether AUTH may be used now: enabled, and over TLS where TLS is required."""
@@ -223,8 +205,7 @@ class Session:
             return False
         if not self.tls_active and (self.cfg["smtpd_tls_auth_only"] or self.level == "encrypt"):
             return False
-        discard = {k.lower() for k in self.cfg["smtpd_discard_ehlo_keywords"]}
-        return "auth" not in discard
+        return "auth" not in self.discard_ehlo
 
     @property
     def starttls_offered(self) -> bool:
@@ -232,13 +213,14 @@ class Session:
                 and self.tls is not None)
 
     # --- replies and logging -----------------------------------------------------------------
-    def reply(self, text: str) -> None:
-        """Queue one reply line (flushed before the next read)."""
+    def reply(self, text: str, error: bool = True) -> None:
+        """Queue one reply line (flushed before the next read); a 4xx or 5xx reply other
+        than 421 counts as an error unless error is False."""
         if not (text.isascii() and text.isprintable()):
             text = printable(text, len(text))   # client text echoed: as Postfix, `?`
         code = text[:3]
         if code[:1] in ("4", "5") and not text.startswith("421"):
-            self.errors += 1
+            self.errors += error
             if self.errors > self.soft_limit and self.error_sleep:
                 self.s.flush()
                 time.sleep(self.error_sleep)
@@ -261,13 +243,22 @@ class Session:
         return " ".join(parts)
 
     def log_reject(self, stage: str, reply, rcpt: str | None = None) -> None:
+        """Postfix's log_whatsup: "QUEUEID: reject: STAGE from client: reply; from=<>...";
+        the sender and HELO name are the client state's (the ones being checked)."""
         qid = self.writer.id if self.writer else "NOQUEUE"
-        parts = [f"from=<{self.sender if self.sender is not None else ''}>"]
+        parts = []
+        if self.client.sender is not None:
+            parts.append(f"from=<{self.client.sender}>")
         if rcpt is not None:
             parts.append(f"to=<{rcpt}>")
         parts.append(f"proto={'ESMTP' if self.esmtp else 'SMTP'}")
-        if self.helo:
-            parts.append(f"helo=<{self.helo}>")
+        if self.client.helo:
+            parts.append(f"helo=<{self.client.helo}>")
+        if self.client.sasl_username:
+            parts.append(f"sasl_method={self.sasl_method} "
+                         f"sasl_username={self.client.sasl_username}")
+        if self.sasl_sender:
+            parts.append(f"sasl_sender={self.sasl_sender}")
         msg.info(f"{qid}: reject: {stage} from {self.client.client}: {reply}; "
                  + " ".join(parts))
 
@@ -287,6 +278,7 @@ class Session:
         self.rcpts: list[str] = []
         self.client.sender = None
         self.sasl_sender: str | None = None
+        self.rcpt_overshoot = 0
 
     # --- the session -------------------------------------------------------------------------
     def run(self) -> None:
@@ -304,7 +296,15 @@ class Session:
                     raise Disconnect
             if not self.limits.connect(self.reply):
                 raise Disconnect
-            self.reply(f"220 {self.cfg.get('smtpd_banner')}")
+            denied = self.checker.connect(self.client)
+            if denied is not None:
+                # smtpd_delay_reject = no: the reject is the greeting, and every command
+                # but QUIT is refused from now on, as Postfix's access_denied.
+                self.log_reject("CONNECT", denied)
+                self.access_denied = str(denied)
+                self.reply(self.access_denied)
+            else:
+                self.reply(f"220 {self.cfg.get('smtpd_banner')}")
             while True:
                 if self.stopping():
                     self.reply(f"421 4.3.2 {self.hostname} Service shutting down, "
@@ -373,18 +373,35 @@ class Session:
         if not self.pipelining_ok and not self.pipelining_warned and self.s.pending():
             # Sending ahead without having seen PIPELINING: logged, as Postfix does.
             self.pipelining_warned = True
-            ahead = "..." if raw[:4].lower() == b"auth" else \
-                printable(SASL.redact(self.s.peek(60).decode("latin-1")))   # no credentials
-            msg.info(f"improper command pipelining after {self.last} from "
-                     f"{self.client.client}: {ahead}")
+            self.ill_pipelining(self.last, raw[:4].lower() == b"auth")
         return raw.decode("latin-1")
+
+    def ill_pipelining(self, after: str, auth: bool = False) -> None:
+        """Log improper pipelining, once, and remember it (reject_unauth_pipelining)."""
+        self.client.ill_pipelining = True
+        ahead = "..." if auth else \
+            printable(SASL.redact(self.s.peek(60).decode("latin-1")))   # no credentials
+        msg.info(f"improper command pipelining after {after} from "
+                 f"{self.client.client}: {ahead}")
 
     def dispatch(self, line: str) -> bool:
         """Run one command; True when the session is over."""
         line = line.split("\x00", 1)[0]    # as Postfix's C strings: a NUL ends the line
         verb, _, arg = line.strip(" ").partition(" ")
         verb = verb.lower()
+        if verb in self.noop_commands:
+            # smtpd_noop_commands: 250 without any check or state change, not counted
+            self.reply("250 2.0.0 Ok")
+            self.junk += 1
+            if self.junk > self.junk_limit:
+                self.errors += 1
+            return False
         handler = COMMANDS.get(verb)
+        if self.access_denied and verb != "quit":
+            self.last = verb.upper() if handler else "UNKNOWN"
+            self.count(verb if handler else "unknown", False)
+            self.reply(f"503 5.7.0 Error: access denied for {self.client.client}")
+            return False
         if handler is None:
             self.last = "UNKNOWN"
             self.count("unknown", False)
@@ -408,15 +425,22 @@ class Session:
         if not arg:
             self.reply(f"501 Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
             return False
+        name = arg.split(" ")[0] if esmtp else arg
+        saved, self.client.helo = self.client.helo, name
+        denied = self.checker.helo(self.client)
+        if denied is not None:
+            self.log_reject("EHLO" if esmtp else "HELO", denied)
+            self.client.helo = saved
+            self.reply(str(denied))
+            return False
         self.reset()
-        self.helo = arg.split(" ")[0] if esmtp else arg
+        self.helo = name
         self.client.helo = self.helo
         self.esmtp = esmtp
         if not esmtp:
             self.reply(f"250 {self.hostname}")
             return True
         self.pipelining_ok = True
-        discard = {k.lower() for k in self.cfg["smtpd_discard_ehlo_keywords"]}
         lines = [self.hostname, "PIPELINING"]
         lines.append(f"SIZE {self.size_limit}" if self.size_limit else "SIZE")
         if not self.cfg["disable_vrfy_command"]:
@@ -428,7 +452,8 @@ class Session:
             if mechs:
                 lines.append("AUTH " + " ".join(mechs))
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME"]
-        lines = [lines[0]] + [k for k in lines[1:] if k.split()[0].lower() not in discard]
+        lines = [lines[0]] + [k for k in lines[1:]
+                              if k.split()[0].lower() not in self.discard_ehlo]
         for i, text in enumerate(lines):
             self.reply(f"250{'-' if i < len(lines) - 1 else ' '}{text}")
         return True
@@ -471,7 +496,7 @@ class Session:
     def start_tls(self) -> bool:
         """Run the server handshake; log as Postfix does; False when it failed."""
         try:
-            self.tls_info = self.tls.handshake(self.s, self.client, self.level)
+            self.tls_info = self.tls.handshake(self.s, self.client)
         except TLSFailure as exc:
             msg.warn(f"TLS library problem: SSL_accept error from {self.client.client}: "
                      f"{exc.reason}")
@@ -577,9 +602,9 @@ class Session:
                 self.reply(f"555 5.5.4 Unsupported option: {printable(p)}")
                 return False
         if self.size_limit and size > self.size_limit:
-            self.sender = addr
+            self.client.sender = addr
             self.log_reject("MAIL", "552 5.3.4 Message size exceeds fixed limit")
-            self.sender = None
+            self.client.sender = None
             self.reply("552 5.3.4 Message size exceeds fixed limit")
             return False
         minfree = self.cfg["queue_minfree"]
@@ -592,8 +617,14 @@ class Session:
                      f"{max(minfree, int(1.5 * size))} bytes")
             self.reply("452 4.3.1 Insufficient system storage")
             return False
-        self.sender = addr
         self.client.sender = addr
+        denied = self.checker.mail(self.client)
+        if denied is not None:
+            self.log_reject("MAIL", denied)
+            self.reset()
+            self.reply(str(denied))
+            return False
+        self.sender = addr
         self.reply("250 2.1.0 Ok")
         return True
 
@@ -624,8 +655,12 @@ class Session:
             self.reply(f"555 5.5.4 Unsupported option: {printable(params[0])}")
             return False
         if len(self.rcpts) >= self.rcpt_limit:
-            self.reply("452 4.5.3 Error: too many recipients")
-            return False
+            # Past smtpd_recipient_limit: 452, which counts as an error only once the
+            # client overshoots by more than smtpd_recipient_overshoot_limit (smtpd.c).
+            self.rcpt_overshoot += 1
+            within = self.rcpt_overshoot <= self.overshoot_limit
+            self.reply("452 4.5.3 Error: too many recipients", error=not within)
+            return within
         verdict: Reply | None = self.checker.rcpt(self.client, addr)
         if verdict is not None:
             self.log_reject("RCPT", verdict, addr)
@@ -686,8 +721,7 @@ class Session:
         """Postfix's Received: header for this message."""
         c = self.client
         lines = [f"Received: from {self.helo or c.name} ({c.name} [{c.addr}])"]
-        if self.tls_active and self.tls_info is not None and \
-                self.cfg["smtpd_tls_received_header"]:
+        if self.tls_active and self.tls_info is not None and self.tls.received_header:
             lines += self.tls.received_lines(self.tls_info)
         if self.cfg["smtpd_sasl_authenticated_header"] and c.sasl_username:
             lines.append(f"\t(Authenticated sender: {comment_text(c.sasl_username)})")
@@ -711,6 +745,15 @@ class Session:
         if not self.rcpts:
             self.reply("554 5.5.1 Error: no valid recipients")
             return False
+        if not self.client.ill_pipelining and self.s.pending():
+            # Content sent before 354: as Postfix's check after a "last" command
+            self.pipelining_warned = True
+            self.ill_pipelining("DATA")
+        denied = self.checker.data(self.client, self._only_rcpt())
+        if denied is not None:
+            self.log_reject("DATA", denied, self._only_rcpt())
+            self.reply(str(denied))
+            return False
         self.reply("354 End data with <CR><LF>.<CR><LF>")
         self.s.flush()
         problem = None
@@ -722,12 +765,17 @@ class Session:
         self.data_bytes = None
         return result
 
+    def _only_rcpt(self) -> str | None:
+        """The recipient the DATA and end-of-data checks log: only when there is one."""
+        return self.rcpts[0] if len(self.rcpts) == 1 else None
+
     def read_content(self, problem: OSError | None) -> bool:
         """Stream DATA to the queue file until <CR><LF>.<CR><LF>; reply; True if queued."""
         strict_end = self.bare_lf != "no"
         at_start = True          # this chunk begins a line
         prev_crlf = True         # the previous line ended in CRLF (or DATA just began)
         in_header, hops, msgid = True, 0, None
+        header_limit, header_len = self.cfg["header_size_limit"], 0
         size, too_big, bare_lf_seen = 0, False, False
         hop_limit = self.cfg["hopcount_limit"]
         self.data_bytes = 0
@@ -797,17 +845,25 @@ class Session:
                     return False
             if at_start and body.startswith(b"."):
                 body = body[1:]
-            if in_header and at_start:
-                if term and not body:
-                    in_header = False
-                else:
+            data = body + b"\n" if term else body
+            size += len(data)
+            if in_header and at_start and term and not body:
+                in_header = False
+            elif in_header:
+                # header_size_limit, as Postfix's cleanup (mime_state.c): a header takes
+                # its continuation lines and the rest of an over-long line only while it
+                # is shorter than the limit; the excess is discarded, the mail accepted.
+                if at_start and body[:1] not in (b" ", b"\t"):
+                    header_len = len(body)          # a new header
                     low = body[:12].lower()
                     if low.startswith(b"received:"):
                         hops += 1
                     elif low.startswith(b"message-id:") and msgid is None:
                         msgid = body[11:].strip().decode("latin-1")
-            data = body + b"\n" if term else body
-            size += len(data)
+                elif header_len < header_limit:
+                    header_len += len(body) + at_start
+                else:
+                    data = b"\n" if term and not at_start else b""
             if self.size_limit and size > self.size_limit:
                 too_big = True
             elif problem is None:
@@ -837,6 +893,12 @@ class Session:
             ok = self.queue_trouble(problem)
             self.reset()
             return ok
+        denied = self.checker.end_of_data(self.client, self._only_rcpt())
+        if denied is not None:
+            self.log_reject("END-OF-MESSAGE", denied, self._only_rcpt())
+            self.reset()        # the queue file is discarded, as Postfix's mail_reset
+            self.reply(str(denied))
+            return False
         try:
             qid = writer.commit()
         except OSError as exc:

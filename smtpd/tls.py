@@ -23,18 +23,19 @@ class TlsServer:
         self.timeout = timeout
 
     @classmethod
-    def build(cls, cfg) -> "TlsServer":
-        """Contexts from main.cf; ConfigError (naming the parameter) when TLS is unusable."""
+    def build(cls, cfg, level: str) -> "TlsServer":
+        """Contexts from main.cf at level (server_security_level's); ConfigError (naming
+        the parameter) when TLS is unusable."""
         try:
-            server = T.server_tls(cfg)
+            server = T.server_tls(cfg, level=level)
         except T.TLSConfigError as exc:
             raise ConfigError(str(exc)) from None
         return cls(server, cfg["smtpd_starttls_timeout"])
 
-    def handshake(self, stream, client, level: str) -> T.TLSInfo:
+    def handshake(self, stream, client) -> T.TLSInfo:
         """The server handshake on stream; TLSFailure when it does not complete."""
-        mandatory = level == "encrypt" or self.server.level == "encrypt"
-        conn = self.server.connection(stream.sock, client.client, mandatory)
+        conn = self.server.connection(stream.sock, client.client,
+                                      self.server.level == "encrypt")
         if self.server.loglevel >= 4:
             stream.trace = lambda what, data: _trace(client.client, what, data)
         stream.start_tls(conn, self.timeout)
@@ -45,6 +46,11 @@ class TlsServer:
         client.ccert_fingerprint = info.peer_fingerprint or None
         client.ccert_pkey_fingerprint = info.peer_pkey_fingerprint or None
         return info
+
+    @property
+    def received_header(self) -> bool:
+        """smtpd_tls_received_header, as the contexts were built with it."""
+        return self.server.received_header
 
     def received_lines(self, info: T.TLSInfo) -> list[str]:
         """The Received: header's TLS clause, one physical line each."""

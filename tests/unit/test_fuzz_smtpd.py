@@ -66,7 +66,7 @@ def world(tmp_path_factory):
     for mode in ("normalize", "reject", "no"):
         cfg = config(str(queue), smtpd_forbid_bare_newline=mode,
                      smtpd_forbid_bare_newline_exclusions="", smtpd_tls_cert_file=str(pem))
-        worlds[mode] = (cfg, Checker(cfg), TlsServer.build(cfg))
+        worlds[mode] = (cfg, Checker(cfg), TlsServer.build(cfg, "may"))
     return str(queue), worlds
 
 
@@ -94,7 +94,7 @@ def run_session(world, data: bytes, mode: str = "normalize", addr: str = "127.0.
     server, client = socket.socketpair()
     stream = SmtpStream(server, cfg["smtpd_timeout"])
     session = Session(stream, cfg, ClientState(name="client.example", addr=addr), queue,
-                      checker, tls=tls)
+                      checker, level="may", tls=tls)
     escaped: list[BaseException] = []
 
     def serve():

@@ -15,7 +15,7 @@ import pytest
 from postfix_py.lib import maincf, msg
 from postfix_py.lib import queue as Q
 from postfix_py.smtpd import sasl as S
-from postfix_py.smtpd.check import ClientState
+from postfix_py.smtpd.check import Checker, ClientState
 from postfix_py.smtpd.session import Session
 
 OPENSSL = shutil.which("openssl")
@@ -521,19 +521,26 @@ class ScriptStream:
 
 
 class AllowAll:
+    def connect(self, client):
+        return None
+
+    helo = mail = connect
+
     def rcpt(self, client, rcpt):
         return None
 
-    def in_mynetworks(self, addr):
+    data = end_of_data = rcpt
+
+    def in_network_list(self, param, addr, name="unknown"):
         return False
 
 
-def run_session(lines, backend, tmp_path, cfg=None, tls_active=False):
+def run_session(lines, backend, tmp_path, cfg=None, tls_active=False, checker=None):
     (tmp_path / "incoming").mkdir(exist_ok=True)
     stream = ScriptStream("".join(l + "\r\n" for l in lines).encode())
     cfg = cfg or config()
     sess = Session(stream, cfg, ClientState(name="client.example", addr="192.0.2.9"),
-                   str(tmp_path), AllowAll(),
+                   str(tmp_path), checker or AllowAll(),
                    sasl=backend.session("192.0.2.9", "192.0.2.1") if backend else None)
     sess.tls_active = tls_active
     sess.run()
@@ -624,7 +631,7 @@ def test_session_tls_auth_only(builtin, tmp_path):
 def test_session_sasl_exceptions_networks(builtin, tmp_path):
     cfg = config(smtpd_sasl_exceptions_networks="192.0.2.0/24")
     out, _ = run_session(["EHLO x", "AUTH PLAIN " + b64(b"\0alice\0secret1"), "QUIT"],
-                         builtin, tmp_path, cfg)
+                         builtin, tmp_path, cfg, checker=Checker(cfg))
     assert not any("AUTH" in l for l in out[:-2])
     assert out[-2] == "235 2.7.0 Authentication successful"   # not offered, still allowed
 
@@ -676,3 +683,34 @@ def test_session_pipelined_auth_is_not_logged(builtin, tmp_path, capfd):
 def test_comment_sanitised_user_name(tmp_path):
     from postfix_py.smtpd.session import comment_text
     assert comment_text("a(b)c\\d\x01") == "a\\(b\\)c\\\\d?"
+
+
+def test_smtpd_sasl_local_domain_qualifies_builtin_login_names(tmp_path, capfd):
+    path = tmp_path / "passwd"
+    path.write_text("alice@example.com:{PLAIN}one\nbob@other.example:{PLAIN}two\n")
+    backend = S.from_config(config(smtpd_sasl_path=str(path),
+                                   smtpd_sasl_local_domain="example.com"))
+    try:
+        sess = backend.session("192.0.2.1", "192.0.2.2")
+        assert sess.first("PLAIN", b64(b"\0alice\0one"), True) == S.Step(S.DONE)
+        assert sess.username == "alice@example.com"
+        step = sess.first("LOGIN", None, True)
+        step = sess.next(b64(b"alice"))
+        assert sess.next(b64(b"one")) == S.Step(S.DONE)
+        assert sess.username == "alice@example.com"
+        # a name with its own realm is taken as it is
+        assert sess.first("PLAIN", b64(b"\0bob@other.example\0two"), True) == S.Step(S.DONE)
+        assert sess.username == "bob@other.example"
+    finally:
+        backend.close()
+    # without it, "alice" is not "alice@example.com"
+    backend = S.from_config(config(smtpd_sasl_path=str(path)))
+    try:
+        sess = backend.session("192.0.2.1", "192.0.2.2")
+        assert sess.first("PLAIN", b64(b"\0alice\0one"), True).status == S.FAIL
+    finally:
+        backend.close()
+    # with Dovecot it cannot be honoured: said out loud
+    S.check_config(config(smtpd_sasl_type="dovecot", smtpd_sasl_local_domain="example.com"))
+    assert "smtpd_sasl_local_domain is ignored with smtpd_sasl_type = dovecot" in \
+        capfd.readouterr().err
