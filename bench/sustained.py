@@ -45,10 +45,10 @@ Measured per system and window (medians over --runs):
                 near 0, one that falls behind grows run after run
   CPU ms/msg    the busy time (user + system) of every process of the system during the
                 window, / accepted messages, and the same / window as cores busy
-  memory        sampled once, 60% into the window: the USS (psutil) of the largest process
-                serving an SMTP session (smtpd; Exim's receiving process; OpenSMTPD's
-                "pony express"; chasquid is one process) and the summed USS of all
-                processes of the system
+  memory        sampled 40%, 60% and 80% into the window, the largest of the three: the
+                USS (psutil) of the largest process serving an SMTP session (smtpd; Exim's
+                receiving process; OpenSMTPD's "pony express"; chasquid is one process)
+                and the summed USS of all processes of the system
 
 How the CPU time of all processes is counted, also those that end inside the window: each
 system is started under bench/subreaper.py, a child subreaper (prctl), so every process it
@@ -104,7 +104,7 @@ MIB = 1048576
 SUBREAPER = HERE / "subreaper.py"
 PEERS_CACHE = HERE / ".peers"
 WARMUP = 40                   # untimed messages per system over plain SMTP and over TLS
-MEM_AT = 0.6                  # the memory sample, as a fraction of the window
+MEM_AT = (0.4, 0.6, 0.8)      # the memory samples, as fractions of the window
 WAIT_AFTER = 60.0             # seconds the clients may take to finish after the window
 
 PEER_DEBS = {"exim": ["exim4-daemon-light", "exim4-base", "exim4-config"],
@@ -644,8 +644,12 @@ def window(system: MailSystem, others: list[MailSystem], mode: str, clients: int
         cpu0 = tree_cpu(system.root)
         others0 = [tree_cpu(o.root) for o in others]
         q0 = system.queue_count()
-        time.sleep(max(0.0, start_at + MEM_AT * duration - time.monotonic()))
-        mem = tree_memory(system.root, system.is_session)
+        mems = []
+        for at in MEM_AT:
+            time.sleep(max(0.0, start_at + at * duration - time.monotonic()))
+            mems.append(tree_memory(system.root, system.is_session))
+        mem = {k: max((m[k] for m in mems if m[k] is not None), default=None)
+               for k in mems[0]}
         time.sleep(max(0.0, until - time.monotonic()))
         q1 = system.queue_count()
         cpu1 = tree_cpu(system.root)
@@ -851,10 +855,12 @@ def render(res: dict, args, elapsed: float) -> str:
         "*cores* is that time per second of window (the machine has "
         f"{os.cpu_count()}); *spill-over* is the CPU the other, idle systems used meanwhile "
         "(their backlog); *busy smtpd USS* is the largest USS among the processes serving "
-        "SMTP sessions, sampled 60% into the window (Exim: its receiving processes; "
-        "OpenSMTPD: \"pony express\"; chasquid is one process), *all USS* the sum over all "
-        "processes of the system (their count). Postfix's smtpd hands the message to "
-        "cleanup, which writes the queue file; postfix-py's smtpd writes it itself.",
+        "SMTP sessions (Exim: its receiving processes; OpenSMTPD: \"pony express\"; "
+        "chasquid is one process), *all USS* the sum over all processes of the system "
+        "(their count), idle workers left by earlier cells included; both the largest of "
+        "three samples, 40%, 60% and 80% into the window. Postfix's smtpd hands the "
+        "message to cleanup, which writes the queue file; postfix-py's smtpd writes it "
+        "itself. " + RESOLV_NOTE,
         "",
         "### postfix-py / Postfix",
         "",
