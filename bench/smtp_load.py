@@ -22,7 +22,8 @@ each client sends message after message until that instant instead of a fixed co
 only the messages whose 250 came before it are counted (bench/sustained.py's windows).
 With `skip_quit` set, a client sends QUIT and closes without waiting for the 221, as
 Postfix's smtp client does by default (smtp_skip_quit_response = yes); a TLS session is
-still closed with close_notify, which keeps it resumable.
+still closed with close_notify, which keeps it resumable. `timeout` (seconds, 30 by
+default) bounds every connect, read and write.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def _client(args, count: int, out: mp.Queue) -> None:
         sock = None
         offered = session is not None and args.mode in ("smtps", "starttls-resume")
         try:
-            sock = socket.create_connection((args.host, args.port), timeout=30)
+            sock = socket.create_connection((args.host, args.port),
+                                            timeout=getattr(args, "timeout", 30))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if args.mode == "smtps":
                 sock = ctx.wrap_socket(sock, session=session)

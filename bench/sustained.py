@@ -634,7 +634,7 @@ def window(system: MailSystem, others: list[MailSystem], mode: str, clients: int
     until = start_at + duration
     args = argparse.Namespace(host="127.0.0.1", port=port, mode=mode, clients=clients,
                               messages=0, size=SIZE, start_at=start_at, until=until,
-                              skip_quit=True)
+                              skip_quit=True, timeout=max(10.0, duration))
     out: mp.Queue = mp.Queue()
     procs = [mp.Process(target=_timed_client, args=(args, out)) for _ in range(clients)]
     for p in procs:
@@ -876,9 +876,12 @@ def render(res: dict, args, elapsed: float) -> str:
     ]
     notes = []
     for n, v in res["systems"].items():
+        reasons: dict[str, list[str]] = {}
         for mode, why in v["unsupported"].items():
             if mode in args.modes:
-                notes.append(f"¹ {n}, {mode}: {why}.")
+                reasons.setdefault(why, []).append(mode)
+        for why, modes in reasons.items():
+            notes.append(f"¹ {n}, {', '.join(modes)}: {why}.")
     if spill:
         notes.append(f"Spill-over: at most {max(spill):.2f} cores (median "
                      f"{median(spill):.2f}) of other systems' work ran during a window.")
