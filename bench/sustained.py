@@ -1,7 +1,7 @@
 """Sustained load: every mail system's whole pipeline, fixed time windows, no drain between them.
 
     .venv/bin/python bench/sustained.py                        # 4 modes x 1,8,32 clients, 3 runs
-    .venv/bin/python bench/sustained.py --runs 3 --write BENCHMARKS.md
+    .venv/bin/python bench/sustained.py --runs 3 --write BENCHMARKS.md   # ~25 min, 2 cores
     .venv/bin/python bench/sustained.py --duration 2 --runs 1 --clients 8 --modes plain
     .venv/bin/python bench/sustained.py --systems postfix-py,postfix --json
 
