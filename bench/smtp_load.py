@@ -14,6 +14,16 @@ GIL). The client side uses the standard library's ssl module (C), so the generat
 the server under test as little CPU as possible. Reports messages/s, p50/p99 latency per
 message, failures, and for the modes that offer the previous session (starttls-resume,
 smtps) the fraction of those offers that the server accepted.
+
+MAIL, RCPT and DATA go in one write when the server announces PIPELINING (RFC 2920), one
+by one otherwise (OpenSMTPD does not announce it and rejects pipelined commands). With
+`until` set in the arguments (a time.monotonic() value, shared by all clients of a run)
+each client sends message after message until that instant instead of a fixed count, and
+only the messages whose 250 came before it are counted (bench/sustained.py's windows).
+With `skip_quit` set, a client sends QUIT and closes without waiting for the 221, as
+Postfix's smtp client does by default (smtp_skip_quit_response = yes); a TLS session is
+still closed with close_notify, which keeps it resumable. `timeout` (seconds, 30 by
+default) bounds every connect, read and write.
 """
 
 from __future__ import annotations
@@ -43,13 +53,17 @@ class Conn:
     def __init__(self, sock):
         self.sock = sock
         self.buf = b""
+        self.lines: list[bytes] = []
 
     def reply(self) -> bytes:
+        """The last line of the next reply; the reply's other lines go to self.lines."""
+        self.lines = []
         while True:
             while b"\n" in self.buf:
                 line, self.buf = self.buf.split(b"\n", 1)
                 if line[3:4] != b"-":
                     return line
+                self.lines.append(line)
             data = self.sock.recv(65536)
             if not data:
                 raise ConnectionError("connection closed")
@@ -70,12 +84,16 @@ def _client(args, count: int, out: mp.Queue) -> None:
     msg = _message(args.size)
     session = None
     lat, fails, resumed, handshakes = [], 0, 0, 0
-    for _ in range(count):
+    until = getattr(args, "until", None)
+    sent = 0
+    while (time.monotonic() < until) if until is not None else (sent < count):
+        sent += 1
         start = time.perf_counter()
         sock = None
         offered = session is not None and args.mode in ("smtps", "starttls-resume")
         try:
-            sock = socket.create_connection((args.host, args.port), timeout=30)
+            sock = socket.create_connection((args.host, args.port),
+                                            timeout=getattr(args, "timeout", 30))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if args.mode == "smtps":
                 sock = ctx.wrap_socket(sock, session=session)
@@ -88,25 +106,37 @@ def _client(args, count: int, out: mp.Queue) -> None:
                                        else None)
                 c = Conn(sock)
                 c.cmd(b"EHLO bench.example\r\n", b"250")
+            pipelining = any(x[4:].strip().upper() == b"PIPELINING" for x in c.lines)
             if isinstance(sock, ssl.SSLSocket):
                 if offered:
                     handshakes += 1         # a resumption was attempted
                     resumed += bool(sock.session_reused)
                 session = sock.session      # after a read: the TLS 1.3 ticket is in
-            c.cmd(b"MAIL FROM:<bench@example.org>\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n",
-                  b"250")
-            c.reply()   # RCPT
-            line = c.reply()
+            if pipelining:
+                c.cmd(b"MAIL FROM:<bench@example.org>\r\nRCPT TO:<sink@example.net>\r\n"
+                      b"DATA\r\n", b"250")
+                c.reply()   # RCPT
+                line = c.reply()
+            else:
+                c.cmd(b"MAIL FROM:<bench@example.org>\r\n", b"250")
+                c.cmd(b"RCPT TO:<sink@example.net>\r\n", b"250")
+                c.sock.sendall(b"DATA\r\n")
+                line = c.reply()
             if not line.startswith(b"354"):
                 raise RuntimeError(f"DATA -> {line[:80]!r}")
             c.cmd(msg + b".\r\n", b"250")
-            c.cmd(b"QUIT\r\n", b"221")
+            accepted_at = time.monotonic()
+            if getattr(args, "skip_quit", False):
+                c.sock.sendall(b"QUIT\r\n")   # and close without waiting for the 221
+            else:
+                c.cmd(b"QUIT\r\n", b"221")
             if isinstance(sock, ssl.SSLSocket):
                 try:
                     sock.unwrap()       # a clean shutdown keeps the session resumable
                 except (OSError, ssl.SSLError):
                     pass
-            lat.append(time.perf_counter() - start)
+            if until is None or accepted_at <= until:
+                lat.append(time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - count and report every kind of failure
             fails += 1
             if fails <= 3:

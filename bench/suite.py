@@ -13,7 +13,8 @@ Parts (all by default, in this order):
               on (bench/delivery_compare.py's senders and rounds), msg/s and % resumed
   tlsmgr      postfix-py's tlsmgr, cache lookups from 16 client processes
               (bench/tlsmgr_bench.py); Postfix's tlsmgr cannot be queried this way
-  master      `start` until the SMTP port listens, and the USS of an smtpd worker in the
+  master      `start` until the SMTP port listens (both systems with the same services),
+              and the USS of an smtpd worker in the
               middle of a session, both systems (bench/master_bench.py's measure)
 
 The report is a markdown section: the machine, the date, the command line, the number of
@@ -269,13 +270,17 @@ def master_md(res: dict, runs: int, tally: Tally) -> str:
          fmt(b["idle_uss"], ".1f", " MiB"), fmt(ratio(a["idle_uss"], b["idle_uss"]), ".2f"),
          "", ""],
     ]
+    import master_bench
+    rows.insert(0, ["services in master.cf", fmt(a.get("services")), fmt(b.get("services")),
+                    "", "", ""])
     return "\n".join([
         "### The master: start time and worker memory",
         "",
-        "A fresh instance of each system with one smtpd service on a loopback port "
+        "A fresh instance of each system, its smtp service on a loopback port "
         "(`bench/master_bench.py`): the time from `start` until the port listens, then the "
         "unique set size (psutil) of smtpd workers, idle and in the middle of a session after "
-        f"one 5 KB message. Medians of {runs} run{'s' if runs != 1 else ''}, alternating.",
+        f"one 5 KB message. Medians of {runs} run{'s' if runs != 1 else ''}, alternating. "
+        + master_bench.services_note(),
         "",
         md_table(["measure", "postfix-py", "Postfix", "ratio", "target", "result"], rows,
                  align="lrrrll"),
@@ -299,7 +304,12 @@ def render(results: dict, errors: dict, args, started: float, elapsed: float) ->
     if errors:
         summary += " Failed parts: " + ", ".join(errors) + "."
     head = [
-        "## All side-by-side workloads — `bench/suite.py`",
+        "## Burst figures, queues drained between runs — `bench/suite.py`",
+        "",
+        "Short bursts (a fixed number of messages per run), each run starting once both "
+        "systems' queues have drained, so work a queue manager has left over falls outside "
+        "the timed runs: these figures show the SMTP servers, the sustained table above "
+        "(`bench/sustained.py`) the whole pipeline under continuous load.",
         "",
         "```",
         command_line(),
