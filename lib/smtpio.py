@@ -16,7 +16,9 @@ handshake (pyOpenSSL over the same non-blocking socket).
                                      with its own deadline; raises TLSFailure
     s.start_tls_server(ctx, timeout) / s.start_tls_client(ctx, timeout, sni, session)
                                      the same, making the connection from a context
-    s.close()                        TLS close_notify (best effort), then close the socket
+    s.close(timeout)                 TLS close_notify (best effort), then close the socket;
+                                     with tls_fast_shutdown_enable = no, first waits up to
+                                     timeout for the peer's close_notify (lib/tls.shutdown)
 
 ERRORS
     StreamTimeout (TimeoutError), StreamEOF (ConnectionError; includes resets and TLS
@@ -31,6 +33,8 @@ import socket
 import time
 
 from OpenSSL import SSL
+
+from . import tls as libtls
 
 READ_SIZE = 65536
 _BARE_LF = re.compile(rb"(?<!\r)\n")
@@ -284,10 +288,7 @@ class SmtpStream:
                 self.flush(timeout)
             except (StreamTimeout, StreamEOF):
                 pass
-            try:
-                self.tls.shutdown()
-            except (SSL.Error, OSError):
-                pass
+            libtls.shutdown(self.tls, timeout)
         try:
             self.sock.close()
         except OSError:
