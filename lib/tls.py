@@ -700,8 +700,12 @@ def _base_context(method, cfg, prefix: str, protocols_param: str, ciphers: str,
         # enables are really offered (at level 1 and up OpenSSL 3 and later refuse TLS 1.0
         # and 1.1); 1 where the peer is authenticated. The bindings lack
         # SSL_CTX_set_security_level; the cipher string's "@SECLEVEL=" sets the same
-        # value, and an "@SECLEVEL=" in the configured cipher list comes later and wins.
-        ctx.set_cipher_list(f"@SECLEVEL={security_level}:{ciphers}".encode("ascii"))
+        # value (at the end: OpenSSL takes "DEFAULT" only first). As in Postfix, an
+        # "@SECLEVEL=" in the configured cipher list replaces level 0, not level 1.
+        text = ciphers
+        if security_level > 0 or "@SECLEVEL=" not in ciphers.upper():
+            text = f"{ciphers}:@SECLEVEL={security_level}"
+        ctx.set_cipher_list(text.encode("ascii"))
     except (SSL.Error, UnicodeEncodeError):
         param = (f"{prefix}_tls_cipherlist" if cfg.get(f"{prefix}_tls_cipherlist").strip()
                  else f"{prefix}_tls_ciphers")
