@@ -99,6 +99,7 @@ _SMTP_CLIENT_TLS = [
     ("tls_secure_cert_match", "nexthop, dot-nexthop", LIST, "names matched at the secure level"),
     ("tls_servername", "", STR, "SNI name sent to the server (empty: none)"),
     ("tls_wrappermode", "no", BOOL, "speak TLS from the first byte (SMTPS) instead of STARTTLS"),
+    ("tls_block_early_mail_reply", "no", BOOL, "defer the delivery when a server reply arrives in the STARTTLS session before our MAIL FROM (CVE-2009-3555)"),
     ("use_tls", "no", BOOL, "legacy: use STARTTLS when the server offers it"),
     ("enforce_tls", "no", BOOL, "legacy: deliver only over TLS with a verified, matching server certificate"),
     ("starttls_timeout", "300s", TIME, "time limit of reads and writes during the TLS handshake and shutdown", {"min": 1}),
