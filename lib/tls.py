@@ -30,7 +30,7 @@ SERVER
         "Can't require client certs unless TLS is required".
     ServerTLS fields: opportunistic and mandatory (SSL.Context; the same object when the
         parameters make them identical), level, ask_ccert, require_ccert, loglevel,
-        fingerprint_digest, received_header, cipher_lists. Methods: context(mandatory),
+        fingerprint_digest, received_header, cipher_lists, fast_shutdown. Methods: context(mandatory),
         connection(sock, namaddr, mandatory=False) -> SSL.Connection in accept state,
         info(conn) -> TLSInfo, log_lines(info), received_lines(info).
 
@@ -40,7 +40,7 @@ CLIENT
         certificate is presented only when one is configured.
     ClientTLS fields: opportunistic, mandatory, authenticated (the mandatory context at
         OpenSSL security level 1), loglevel, fingerprint_digest, cipher_lists,
-        session_timeout. Methods: context(mandatory=False, authenticated=False);
+        session_timeout, fast_shutdown. Methods: context(mandatory=False, authenticated=False);
         connection(sock, namaddr, mandatory=False, servername=None, session=None,
         authenticated=False) -> SSL.Connection in connect state (servername is the SNI hook:
         see sni_name(); authenticated for the fingerprint, verify and secure levels);

@@ -279,3 +279,18 @@ def _session_id(conn) -> bytes:
     fields = list(_der_items(body))
     assert fields[3][0] == 0x04
     return fields[3][1]
+
+
+def test_the_bindings_still_lack_session_cache_and_ticket_key_callbacks():
+    """Why smtpd has no session-id cache and no tls_session_ticket_cipher: cryptography's
+    bindings (pyOpenSSL's _lib) offer neither. When this fails, they do: implement the
+    smtpd cache through tlsmgr (cache_type smtpd) in lib/tls_session.py, and drop the
+    check warning of lib/tls.config_warnings()."""
+    from cryptography.hazmat.bindings.openssl.binding import Binding
+    lib = Binding().lib
+    present = [name for name in ("SSL_CTX_sess_set_new_cb", "SSL_CTX_sess_set_get_cb",
+                                 "SSL_CTX_sess_set_remove_cb",
+                                 "SSL_CTX_set_tlsext_ticket_key_evp_cb",
+                                 "SSL_CTX_set_tlsext_ticket_key_cb")
+               if hasattr(lib, name)]
+    assert present == []
