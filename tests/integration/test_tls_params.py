@@ -57,7 +57,11 @@ def s_client(port, *args, session_out=None, session_in=None):
     out = subprocess.run(argv, input="QUIT\n", capture_output=True, text=True, timeout=30)
     protocol = None
     for line in out.stdout.splitlines():
+        if line.startswith(("New, TLSv1.3,", "Reused, TLSv1.3,")) and protocol is None:
+            # s_client may end before it prints a TLS 1.3 session (the ticket comes later).
+            protocol = "TLSv1.3"
         if line.strip().startswith("Protocol  :"):
+            # The New/Reused line names the cipher's version (TLSv1.0 for a TLS 1.1 session).
             protocol = line.split(":", 1)[1].strip()
     ok = "Cipher is (NONE)" not in out.stdout and protocol is not None
     return (protocol if ok else None), "\nReused, " in out.stdout
