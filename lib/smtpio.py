@@ -14,7 +14,9 @@ handshake (pyOpenSSL over the same non-blocking socket).
                                      STARTTLS discards them: purge())
     s.start_tls(conn, timeout)       handshake of a prepared SSL.Connection on this socket,
                                      with its own deadline; raises TLSFailure
-    s.close()                        TLS close_notify (best effort), then close the socket
+    s.close(timeout)                 TLS close_notify (best effort), then close the socket;
+                                     with tls_fast_shutdown_enable = no, first waits up to
+                                     timeout for the peer's close_notify (lib/tls.shutdown)
 
 ERRORS
     StreamTimeout (TimeoutError), StreamEOF (ConnectionError; includes resets and TLS
@@ -235,10 +237,7 @@ class SmtpStream:
                 self.flush(timeout)
             except (StreamTimeout, StreamEOF):
                 pass
-            try:
-                self.tls.shutdown()
-            except (SSL.Error, OSError):
-                pass
+            libtls.shutdown(self.tls, timeout)
         try:
             self.sock.close()
         except OSError:

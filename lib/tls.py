@@ -30,7 +30,7 @@ SERVER
         "Can't require client certs unless TLS is required".
     ServerTLS fields: opportunistic and mandatory (SSL.Context; the same object when the
         parameters make them identical), level, ask_ccert, require_ccert, loglevel,
-        fingerprint_digest, received_header, cipher_lists. Methods: context(mandatory),
+        fingerprint_digest, received_header, cipher_lists, fast_shutdown. Methods: context(mandatory),
         connection(sock, namaddr, mandatory=False) -> SSL.Connection in accept state,
         info(conn) -> TLSInfo, log_lines(info), received_lines(info).
 
@@ -38,11 +38,13 @@ CLIENT
     client_tls(cfg, prefix="smtp", warn=msg.warn, info=msg.info) -> ClientTLS, for smtp,
         lmtp and posttls-finger. Raises TLSConfigError as server_tls() does; a client
         certificate is presented only when one is configured.
-    ClientTLS fields: opportunistic, mandatory, loglevel, fingerprint_digest,
-        cipher_lists, session_timeout. Methods: connection(sock, namaddr, mandatory=False,
-        servername=None, session=None) -> SSL.Connection in connect state (servername is the
-        SNI hook: see sni_name()); info(conn, match=None) -> TLSInfo; log_lines(info,
-        require_trust=False).
+    ClientTLS fields: opportunistic, mandatory, authenticated (the mandatory context at
+        OpenSSL security level 1), loglevel, fingerprint_digest, cipher_lists,
+        session_timeout, fast_shutdown. Methods: context(mandatory=False, authenticated=False);
+        connection(sock, namaddr, mandatory=False, servername=None, session=None,
+        authenticated=False) -> SSL.Connection in connect state (servername is the SNI hook:
+        see sni_name(); authenticated for the fingerprint, verify and secure levels);
+        info(conn, match=None) -> TLSInfo; log_lines(info, require_trust=False).
     The handshake never fails because a certificate is not trusted or does not match: the
     policy layer decides afterwards (may/encrypt go on with an untrusted certificate,
     verify/secure need TLSInfo.peer_verified).
@@ -66,8 +68,10 @@ BOTH SIDES
         error texts. handshake_loop(conn, timeout) is its loop alone (the socket already
         non-blocking; TimeoutError, or OpenSSL's exception as raised), for lib/smtpio.py;
         ssl_error_text(exc) is the one-line form of an OpenSSL error that smtpio reports
-        (the last reason; "unexpected EOF" for an EOF). shutdown(conn, timeout, fast=True) sends close_notify (fast=False
-        also waits for the peer's); it never raises. Always call it before dropping a
+        (the last reason; "unexpected EOF" for an EOF). shutdown(conn, timeout, fast=None)
+        sends close_notify (fast=False also waits for the peer's; None: the
+        tls_fast_shutdown_enable of the ServerTLS or ClientTLS that made conn); it never
+        raises. Always call it before dropping a
         connection: OpenSSL marks the session of a connection freed without a TLS shutdown
         as not resumable. Note that pyOpenSSL on a socket with a timeout raises
         WantReadError instead of blocking: read with select(), as handshake() does.
@@ -105,6 +109,8 @@ BOTH SIDES
         "TLSv1.2 TLSv1.3". ValueError for an unknown name.
     cipher_list(cfg, prefix, mandatory, ask_ccert) -> the OpenSSL cipher string (TLS 1.2
         and below) for the grade and exclusions, or the legacy *_tls_cipherlist as written.
+    config_warnings(cfg) -> warnings for `postfix-py check` about TLS settings that are
+        accepted but not honoured as Postfix would (smtpd_tls_session_cache_database).
 
 CONFIGURATION PARAMETERS (server; the client reads the smtp_/lmtp_ counterparts)
     smtpd_tls_cert_file (empty), smtpd_tls_key_file ($smtpd_tls_cert_file): RSA certificate
@@ -123,7 +129,12 @@ CONFIGURATION PARAMETERS (server; the client reads the smtp_/lmtp_ counterparts)
     smtpd_tls_ask_ccert (no), smtpd_tls_req_ccert (no): see ccert_policy().
     smtpd_tls_ccert_verifydepth (5): as Postfix, OpenSSL's limit is set one higher and a
         certificate deeper than the limit is an error ("certificate chain too long").
-    smtpd_tls_protocols (>=TLSv1), smtpd_tls_mandatory_protocols (>=TLSv1).
+    smtpd_tls_protocols (>=TLSv1), smtpd_tls_mandatory_protocols (>=TLSv1). Every listed
+        protocol is really served: as Postfix, contexts run at OpenSSL security level 0
+        (the bundled OpenSSL's default level refuses TLS 1.0 and 1.1), and at level 1
+        (which has no TLS 1.0 or 1.1) only where the peer is authenticated: a server that
+        requires client certificates, a client at the fingerprint, verify or secure level.
+        An "@SECLEVEL=n" in the cipher list parameters overrides this.
     smtpd_tls_ciphers (medium), smtpd_tls_mandatory_ciphers (medium): grades high,
         medium, low, export, null, mapped through tls_high_cipherlist ...
         tls_null_cipherlist; smtpd_tls_exclude_ciphers, smtpd_tls_mandatory_exclude_ciphers
@@ -141,7 +152,13 @@ CONFIGURATION PARAMETERS (server; the client reads the smtp_/lmtp_ counterparts)
         such clients all do ECDHE, so only the cipher name differs.
     smtpd_tls_session_cache_timeout (3600s): lifetime of sessions and tickets; 0 turns
         resumption off (no tickets, no session cache). Sessions are resumed with tickets
-        only (DESIGN.md), with the session id context "Postfix/TLS".
+        only (DESIGN.md), with the session id context "Postfix/TLS": the bindings have no
+        external session cache callbacks (SSL_CTX_sess_set_new_cb and friends), so
+        smtpd_tls_session_cache_database is not used, and a client that does not support
+        tickets gets a full handshake every time (config_warnings() says so).
+    smtpd_tls_always_issue_session_ids (yes): with resumption off, still put a session id
+        in the ServerHello (with resumption on there always is one).
+    tls_fast_shutdown_enable (yes): no makes shutdown() wait for the peer's close_notify.
     smtpd_tls_loglevel (0), smtpd_tls_fingerprint_digest (sha256),
     smtpd_tls_received_header (no), smtpd_tls_security_level, smtpd_use_tls,
     smtpd_enforce_tls, smtpd_tls_wrappermode.
@@ -156,8 +173,9 @@ CONFIGURATION PARAMETERS (server; the client reads the smtp_/lmtp_ counterparts)
     A resumed TLS 1.3 session logs the server-signature of the last certificate loaded
     and no digest, as Postfix does.
     Not implemented: tls_server_sni_maps (not declared; the default chain is always used),
-    tls_session_ticket_cipher (OpenSSL's own ticket keys are used),
-    smtpd_tls_always_issue_session_ids (tickets only), Postfix's "Issuing session ticket"
+    tls_session_ticket_cipher (not declared: OpenSSL's own ticket keys and cipher are used,
+    the bindings offer no ticket key callback), a server-side session-id cache (see
+    smtpd_tls_session_cache_timeout), Postfix's "Issuing session ticket"
     line (Postfix's own ticket-key callback), the "SSL3 alert" lines of loglevel 2
     (pyOpenSSL cannot name alerts), and the numeric codes and source positions in "TLS
     library problem" texts. Loglevel 3 dumps each TLS protocol message (OpenSSL's message
@@ -312,6 +330,19 @@ def cipher_list(cfg, prefix: str, mandatory: bool, ask_ccert: bool = False) -> s
                                      f"\"{token}\"")
             text += ":!" + token
     return text
+
+
+# --- what the configuration cannot have ---------------------------------------------------
+
+def config_warnings(cfg) -> list[str]:
+    """Settings that postfix-py accepts but cannot honour as Postfix does, for check."""
+    warnings = []
+    if cfg.get("smtpd_tls_session_cache_database").strip():
+        # The bindings offer no SSL_CTX_sess_set_new_cb/get_cb/remove_cb (tls_session.py).
+        warnings.append("smtpd_tls_session_cache_database is set but postfix-py resumes TLS "
+                        "server sessions with session tickets only; clients without ticket "
+                        "support are not resumed")
+    return warnings
 
 
 # --- certificates and keys ----------------------------------------------------------------
@@ -676,10 +707,12 @@ class ConnState:
     """What Postfix keeps in its TLScontext: the connection's app data in pyOpenSSL."""
 
     __slots__ = ("role", "namaddr", "loglevel", "max_depth", "error", "error_depth",
-                 "error_issuer", "info", "user")
+                 "error_issuer", "info", "user", "fast_shutdown")
 
-    def __init__(self, role: str, namaddr: str, loglevel: int, max_depth: int, info):
+    def __init__(self, role: str, namaddr: str, loglevel: int, max_depth: int, info,
+                 fast_shutdown: bool = True):
         self.role, self.namaddr, self.loglevel = role, namaddr, loglevel
+        self.fast_shutdown = fast_shutdown      # tls_fast_shutdown_enable
         self.max_depth = max_depth
         self.error = X509_V_OK
         self.error_depth = -1
@@ -737,13 +770,23 @@ def _printable(text: str) -> str:
 
 def _base_context(method, cfg, prefix: str, protocols_param: str, ciphers: str,
                   options: int, groups, loglevel: int, server: bool,
-                  capture: bool = True) -> SSL.Context:
+                  capture: bool = True, security_level: int = 0) -> SSL.Context:
     """A context with protocols, ciphers, groups and callbacks, no keys yet."""
     ctx = SSL.Context(method)
     ctx.set_options(options)
     _apply_protocols(ctx, protocols_param, cfg.get(protocols_param))
     try:
-        ctx.set_cipher_list(ciphers.encode("ascii"))
+        # OpenSSL's security level, as Postfix sets it (tls_server.c, tls_client.c): 0 for
+        # opportunistic and encrypted TLS, so that the protocols the *_tls_protocols list
+        # enables are really offered (at level 1 and up OpenSSL 3 and later refuse TLS 1.0
+        # and 1.1); 1 where the peer is authenticated. The bindings lack
+        # SSL_CTX_set_security_level; the cipher string's "@SECLEVEL=" sets the same
+        # value (at the end: OpenSSL takes "DEFAULT" only first). As in Postfix, an
+        # "@SECLEVEL=" in the configured cipher list replaces level 0, not level 1.
+        text = ciphers
+        if security_level > 0 or "@SECLEVEL=" not in ciphers.upper():
+            text = f"{ciphers}:@SECLEVEL={security_level}"
+        ctx.set_cipher_list(text.encode("ascii"))
     except (SSL.Error, UnicodeEncodeError):
         param = (f"{prefix}_tls_cipherlist" if cfg.get(f"{prefix}_tls_cipherlist").strip()
                  else f"{prefix}_tls_ciphers")
@@ -806,6 +849,7 @@ class ServerTLS:
     cipher_lists: tuple[str, str]
     verify_depth: int
     info_fn: object = field(default=msg.info, repr=False)
+    fast_shutdown: bool = True
 
     def context(self, mandatory: bool = False) -> SSL.Context:
         """The context for opportunistic (may) or mandatory (encrypt) TLS."""
@@ -818,7 +862,7 @@ class ServerTLS:
             self.info_fn(f"{namaddr}: TLS cipher list \"{self.cipher_lists[int(mandatory)]}\"")
         conn = SSL.Connection(self.context(mandatory), sock)
         conn.set_app_data(ConnState("server", namaddr, self.loglevel, self.verify_depth,
-                                    self.info_fn))
+                                    self.info_fn, self.fast_shutdown))
         conn.set_accept_state()
         return conn
 
@@ -867,11 +911,15 @@ def server_tls(cfg, prefix: str = "smtpd", level: str | None = None, warn=msg.wa
     capture = bool(ask) or not all(_own_digest(pair.chain[0].public_key()) is not None
                                    for pair in pairs)
 
+    always_issue = cfg[f"{prefix}_tls_always_issue_session_ids"]
+
     def build(mandatory: bool) -> SSL.Context:
         """One context of this configuration: mandatory or opportunistic."""
+        # Security level 1 (80 bits) only where a client certificate is required, as
+        # Postfix's tls_server.c; otherwise 0, so that the configured protocols are served.
         ctx = _base_context(SSL.TLS_SERVER_METHOD, cfg, prefix, protocols[mandatory],
                             lists[mandatory], options, groups, loglevel, server=True,
-                            capture=capture)
+                            capture=capture, security_level=1 if require else 0)
         if not _load_pairs(ctx, pairs, warn, warned):
             raise TLSConfigError(f"No server certs available. TLS won't be enabled "
                                  f"(no usable certificate in {pairs[0].cert_param})")
@@ -893,7 +941,13 @@ def server_tls(cfg, prefix: str = "smtpd", level: str | None = None, warn=msg.wa
             ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER | SSL.SESS_CACHE_NO_INTERNAL)
         else:
             ctx.set_options(SSL.OP_NO_TICKET)
-            ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+            if always_issue:
+                # Postfix's smtpd_tls_always_issue_session_ids: a session id in every
+                # ServerHello, though nothing is cached under it.
+                ctx.set_session_id(SESSION_ID_CONTEXT)
+                ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER | SSL.SESS_CACHE_NO_INTERNAL)
+            else:
+                ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         return ctx
 
     opportunistic = build(False)
@@ -901,7 +955,8 @@ def server_tls(cfg, prefix: str = "smtpd", level: str | None = None, warn=msg.wa
             and parse_protocols(cfg.get(protocols[0])) == parse_protocols(cfg.get(protocols[1])))
     mandatory = opportunistic if same else build(True)
     return ServerTLS(opportunistic, mandatory, level, ask, require, loglevel, digest,
-                     cfg[f"{prefix}_tls_received_header"], lists, depth, info)
+                     cfg[f"{prefix}_tls_received_header"], lists, depth, info,
+                     cfg["tls_fast_shutdown_enable"])
 
 
 @dataclass
@@ -917,20 +972,28 @@ class ClientTLS:
     verify_depth: int
     wildcard_multiple_labels: bool = True
     info_fn: object = field(default=msg.info, repr=False)
+    authenticated: SSL.Context | None = None
+    fast_shutdown: bool = True
 
-    def context(self, mandatory: bool = False) -> SSL.Context:
-        """The context for opportunistic (may) or mandatory (encrypt and up) TLS."""
-        return self.mandatory if mandatory else self.opportunistic
+    def context(self, mandatory: bool = False, authenticated: bool = False) -> SSL.Context:
+        """The context for opportunistic (may) or mandatory (encrypt and up) TLS;
+        authenticated (the mandatory one at OpenSSL security level 1) for the levels
+        that match the peer certificate: fingerprint, verify, secure."""
+        if authenticated and self.authenticated is not None:
+            return self.authenticated
+        return self.mandatory if mandatory or authenticated else self.opportunistic
 
     def connection(self, sock, namaddr: str, mandatory: bool = False,
-                   servername: str | None = None, session=None) -> SSL.Connection:
+                   servername: str | None = None, session=None,
+                   authenticated: bool = False) -> SSL.Connection:
         """A client-side connection on sock, with SNI and a cached session if given."""
+        mandatory = mandatory or authenticated
         if self.loglevel >= 2:
             self.info_fn(f"setting up TLS connection to {namaddr}")
             self.info_fn(f"{namaddr}: TLS cipher list \"{self.cipher_lists[int(mandatory)]}\"")
-        conn = SSL.Connection(self.context(mandatory), sock)
+        conn = SSL.Connection(self.context(mandatory, authenticated), sock)
         conn.set_app_data(ConnState("client", namaddr, self.loglevel, self.verify_depth,
-                                    self.info_fn))
+                                    self.info_fn, self.fast_shutdown))
         if servername:
             conn.set_tlsext_host_name(servername.encode("idna"))
         if session is not None:
@@ -964,10 +1027,11 @@ def client_tls(cfg, prefix: str = "smtp", warn=msg.warn, info=msg.info) -> Clien
     protocols = (f"{prefix}_tls_protocols", f"{prefix}_tls_mandatory_protocols")
     warned: set = set()
 
-    def build(mandatory: bool) -> SSL.Context:
+    def build(mandatory: bool, security_level: int = 0) -> SSL.Context:
         """One context of this configuration: mandatory or opportunistic."""
         ctx = _base_context(SSL.TLS_CLIENT_METHOD, cfg, prefix, protocols[mandatory],
-                            lists[mandatory], options, groups, loglevel, server=False)
+                            lists[mandatory], options, groups, loglevel, server=False,
+                            security_level=security_level)
         if pairs:
             _load_pairs(ctx, pairs, warn, warned)
         _load_ca(ctx, cfg, prefix, client_ca_list=False)
@@ -984,8 +1048,12 @@ def client_tls(cfg, prefix: str = "smtp", warn=msg.warn, info=msg.info) -> Clien
     same = (lists[0] == lists[1]
             and parse_protocols(cfg.get(protocols[0])) == parse_protocols(cfg.get(protocols[1])))
     mandatory = opportunistic if same else build(True)
+    # Security level 1 where the peer is authenticated, as Postfix's tls_client.c
+    # (TLS_MUST_MATCH); per context, since the bindings cannot set it per connection.
+    authenticated = build(True, security_level=1)
     return ClientTLS(opportunistic, mandatory, loglevel, digest, lists, timeout, depth,
-                     cfg["tls_wildcard_matches_multiple_labels"], info)
+                     cfg["tls_wildcard_matches_multiple_labels"], info, authenticated,
+                     cfg["tls_fast_shutdown_enable"])
 
 
 # --- handshake and shutdown ---------------------------------------------------------------
@@ -1053,8 +1121,13 @@ def handshake(conn: SSL.Connection, timeout: float) -> None:
             sock.settimeout(old_timeout)
 
 
-def shutdown(conn: SSL.Connection, timeout: float = 10.0, fast: bool = True) -> None:
-    """Send close_notify (and with fast=False wait for the peer's); never raises."""
+def shutdown(conn: SSL.Connection, timeout: float = 10.0, fast: bool | None = None) -> None:
+    """Send close_notify (and with fast=False wait for the peer's); never raises.
+
+    fast=None takes tls_fast_shutdown_enable from the ServerTLS/ClientTLS that made conn."""
+    if fast is None:
+        state = conn.get_app_data()
+        fast = state.fast_shutdown if isinstance(state, ConnState) else True
     deadline = time.monotonic() + timeout
     sock = _socket_of(conn)
     try:

@@ -34,6 +34,7 @@ import stat
 import time
 
 from ..lib import maincf, msg
+from ..lib import tls as libtls
 from . import master as M
 
 TOOL = "postfix-py/postfix-script"
@@ -389,6 +390,8 @@ def check(argv: list[str]) -> int:
         if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
             msg.warn(f"{name} = {path}: private key is readable by others "
                      f"(mode {stat.S_IMODE(st.st_mode):04o})")
+    for text in libtls.config_warnings(cfg):
+        msg.warn(text)
     if root and any(s.chroot for s in svcs):
         for src in M.CHROOT_FILES:
             dst = os.path.join(queue, "etc", os.path.basename(src))

@@ -52,7 +52,9 @@ CONFIGURATION PARAMETERS
     smtp_tls_scert_verifydepth (5), smtp_tls_loglevel (0), smtp_tls_note_starttls_offer
     (no), smtp_tls_cipherlist, smtp_tls_protocols, smtp_tls_ciphers, smtp_tls_servername,
     smtp_tls_wrappermode, smtp_tls_session_cache_database, smtp_tls_session_cache_timeout
-    (3600s). The lmtp program reads lmtp_* where postfix-py declares it, else smtp_*.
+    (3600s), smtp_tls_block_early_mail_reply (no: with yes, a reply that arrives in the
+    STARTTLS session before MAIL FROM defers the delivery, as Postfix against
+    CVE-2009-3555). The lmtp program reads lmtp_* where postfix-py declares it, else smtp_*.
     smtp_dns_nameservers (empty: the system's resolv.conf), smtp_dns_timeout (10s).
 
 FILES

@@ -58,6 +58,7 @@ SEE ALSO
 from __future__ import annotations
 
 import re
+import select
 import time
 from dataclasses import dataclass, field
 
@@ -332,6 +333,7 @@ class Options:
     reply_limit: int = 2048         # line_length_limit: longest reply line kept
     note_starttls_offer: bool = False
     wrappermode: bool = False
+    block_early_mail_reply: bool = False    # smtp_tls_block_early_mail_reply (CVE-2009-3555)
 
     @classmethod
     def from_config(cls, cfg, prefix: str = "smtp") -> "Options":
@@ -352,7 +354,8 @@ class Options:
                    line_limit=cfg["smtp_line_length_limit"],
                    reply_limit=max(cfg["line_length_limit"], 512),
                    note_starttls_offer=p("tls_note_starttls_offer"),
-                   wrappermode=p("tls_wrappermode"))
+                   wrappermode=p("tls_wrappermode"),
+                   block_early_mail_reply=p("tls_block_early_mail_reply"))
 
 
 # --- the session --------------------------------------------------------------------------------
@@ -382,6 +385,7 @@ class ClientSession:
         self.usable = True                  # False: no more I/O (handshake failure)
         self.quit_ok = True                 # QUIT may be sent
         self.mail_sent = False
+        self._early_reply = False           # smtp_tls_block_early_mail_reply tripped
 
     # --- I/O --------------------------------------------------------------------------
     def _cmd(self, line: str) -> None:
@@ -592,6 +596,10 @@ class ClientSession:
         mail = f"MAIL FROM:<{d.sender}>"
         if "SIZE" in self.features:
             mail += f" SIZE={d.size}"
+        # CVE-2009-3555 (TLS renegotiation), as Postfix's smtp_proto.c: commands injected
+        # into our STARTTLS session show as a server reply that is here before our MAIL.
+        self._early_reply = (self.o.block_early_mail_reply and self.tls_active
+                             and not self.o.wrappermode and self._input_waiting())
         commands = [("MAIL FROM", mail, None)]
         commands += [("RCPT TO", f"RCPT TO:<{r.address}>", r) for r in todo]
         commands.append(("DATA", "DATA", None))
@@ -649,10 +657,24 @@ class ClientSession:
         except (StreamTimeout, StreamEOF) as exc:
             self._except(exc, self._where)
 
+    def _input_waiting(self) -> bool:
+        """Whether the server has sent anything that we have not read."""
+        if self.s.pending() > 0:
+            return True
+        try:
+            return bool(select.select([self.s.sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
+
     def _handle(self, state: "_XferState", name: str, r: Rcpt | None, reply: ServerReply) -> None:
         d = self.d
         if name == "MAIL FROM":
-            if reply.klass != 2:
+            if self._early_reply:
+                state.mail_rejected = True
+                d.bulk_fail("4.7.0", "unexpected server message", self.relay)
+                msg.warn(f"server {self.namaddr} violates "
+                         f"{'lmtp' if self.o.lmtp else 'smtp'}_tls_block_early_mail_reply policy")
+            elif reply.klass != 2:
                 state.mail_rejected = True
                 d.bulk_fail(reply.dsn, self._said(reply, "MAIL FROM"), self.relay)
         elif name == "RCPT TO":

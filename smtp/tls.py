@@ -122,7 +122,9 @@ class TlsStarter:
     def start(self, stream, addr, server_helo: str = "") -> object:
         """Handshake on stream; returns lib.tls.TLSInfo; TLSStartError when it fails."""
         mandatory = tls_policy.requires_tls(self.level)
-        ctx = self.client.context(mandatory)
+        # OpenSSL security level 1 where the certificate must match, as Postfix.
+        authenticated = tls_policy.must_match(self.level)
+        ctx = self.client.context(mandatory, authenticated)
         session = None
         if self.cache is not None:
             self.cache_key = self.make_key(addr, self._digest(addr.name, server_helo))
@@ -145,7 +147,8 @@ class TlsStarter:
             msg.verbose(1, f"{addr.namaddrport}: discarding {discarded} bytes of "
                            f"pipelined input before the TLS handshake")
         conn = self.client.connection(stream.sock, addr.namaddrport, mandatory,
-                                      servername=self.sni, session=session)
+                                      servername=self.sni, session=session,
+                                      authenticated=authenticated)
         stream.tls = conn
         self.conn = conn
         try:

@@ -40,8 +40,10 @@ DESCRIPTION
     frame unfinished, for ipc_timeout seconds is disconnected with a warning.
 
     Server-side resumption uses session tickets shared by all smtpd workers (DESIGN.md);
-    the smtpd cache is accepted and works as a cache, but smtpd does not use it, and the
-    status report says so.
+    pyOpenSSL's bindings have no external session cache callbacks, so there is no
+    resumption by session id: a client without ticket support is never resumed. The smtpd
+    cache is accepted and works as a cache, but smtpd does not use it; the status report
+    and `postfix-py check` say so.
 
 PRNG AND CACHES
     See prng.py (HMAC_DRBG, entropy sources, exchange file) and scache.py (LMDB caches:
@@ -123,7 +125,8 @@ ACCEPT_PAUSE = 1.0          # seconds without accepting after accept() fails (e.
 
 SERVER_RESUMPTION_TICKETS = (
     "session tickets shared by all smtpd workers of a configuration generation"
-    " (lifetime smtpd_tls_session_cache_timeout = {lifetime}s); the smtpd cache, if"
+    " (lifetime smtpd_tls_session_cache_timeout = {lifetime}s); no session-id resumption:"
+    " clients without ticket support are not resumed, and the smtpd cache, if"
     " configured, is kept but smtpd does not use it")
 SERVER_RESUMPTION_OFF = "off (smtpd_tls_session_cache_timeout = 0)"
 

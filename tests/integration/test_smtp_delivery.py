@@ -789,7 +789,9 @@ def test_policy_maps(mta, peer):
     P = peer.ports
     out = deliver_via(mta, "policy", f"[127.0.0.1]:{P.tls}")
     assert out.results == [("sent", "2.0.0")]
-    assert tls_line("Untrusted", f"127.0.0.1[127.0.0.1]:{P.tls}", "TLSv1.2") in out.log
+    # At OpenSSL security level 0, as Postfix, TLS 1.2 between Postfix-style cipher lists
+    # picks an anonymous suite (ADH-...), as Debian's Postfix logs it too.
+    assert tls_line("Anonymous", f"127.0.0.1[127.0.0.1]:{P.tls}", "TLSv1.2") in out.log
     out = deliver_via(mta, "policy", f"[127.0.0.1]:{P.plain}")
     assert out.results == [("deferred", "4.7.4")]
     out = deliver_via(mta, "policy", f"[127.0.0.1]:{P.other}")

@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -121,7 +122,9 @@ def pki(tmp_path_factory):
         subprocess.run(["openssl", "rehash", str(capath)], check=True, capture_output=True)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     cert.configure_cert(ctx)
+    cert.private_key_and_cert_chain_pem.write_to_path(str(d / "chain.pem"))
     return {"ca": str(d / "ca.pem"), "capath": str(capath), "ctx": ctx,
+            "chain": str(d / "chain.pem"),
             "fp": libtls.fingerprint(cert.cert_chain_pems[0].bytes(), "sha256")}
 
 
@@ -248,3 +251,39 @@ def test_command_line_verb(server, pki, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "posttls-finger: > EHLO finger-client.test" in out.stdout
     assert "Verified TLS connection established" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def tls10_server(pki):
+    """The same server, speaking TLS 1.0 only (at OpenSSL security level 0)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)     # TLSv1 is, as a setting
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    ctx.load_cert_chain(pki["chain"])
+    srv = StartTlsServer(ctx)
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("case,established", [
+    (["-c", "-l", "may", "-L", "summary"], True),
+    (["-c", "-l", "encrypt", "-L", "summary"], True),
+    (["-c", "-l", "verify", "-F", "{ca}", "-L", "summary"], False),   # security level 1
+])
+def test_tls10_server_as_debian_sees_it(tls10_server, pki, case, established):
+    """smtp_tls_protocols = >=TLSv1 means TLS 1.0 too, but not where the peer must match."""
+    dest = f"[localhost]:{tls10_server.port}"
+    args = ["-h", "native"] + [a.format(**pki) for a in case] + [dest]
+    mine, theirs = ours(*args), debian(*args)
+    relay = f"localhost[127.0.0.1]:{tls10_server.port}"
+    if established:
+        assert f"TLS connection established to {relay}: TLSv1 with cipher" in mine, mine
+        assert normalise(mine) == normalise(theirs)
+    else:
+        # OpenSSL's reason differs: ours does not offer TLS 1.0 at level 1, Debian's
+        # offers it and then refuses the server's SHA-1 signature.
+        for text in (mine, theirs):
+            assert f"SSL_connect error to {relay}: -1" in text, text
+            assert "TLS connection established" not in text, text
