@@ -29,7 +29,8 @@ DEVIATIONS
     smtpd_tls_ccert_verifydepth, smtp_tls_scert_verifydepth: 5 as the seed says.
     *_tls_fingerprint_digest: sha256 (Postfix 3.7 at compatibility level 3.6 and later).
     smtpd_forbid_bare_newline: normalize (SPEC-NOTES.md: SMTP smuggling).
-    smtpd_sasl_type, smtp_sasl_type: dovecot; postfix-py has no Cyrus SASL.
+    smtpd_sasl_type: dovecot; postfix-py has no Cyrus SASL. smtp_sasl_type and
+    smtp_sasl_path are not declared: the client's SASL (PLAIN, LOGIN) is built in.
     smtpd_client_event_limit_exceptions: $mynetworks (Postfix 3.7 writes
     ${smtpd_client_connection_limit_exceptions:$mynetworks}; the pre-2.9 name is not here).
     mynetworks_style, relay_domains, smtpd_relay_restrictions: Postfix's values at
@@ -111,8 +112,6 @@ _SMTP_CLIENT_TLS = [
     ("sasl_security_options", "noplaintext, noanonymous", LIST, "SASL mechanism properties refused without TLS"),
     ("sasl_tls_security_options", "$%s_sasl_security_options", LIST, "SASL mechanism properties refused with TLS"),
     ("sasl_mechanism_filter", "", LIST, "SASL mechanisms the client may use"),
-    ("sasl_type", "dovecot", STR, "client SASL implementation"),
-    ("sasl_path", "", STR, "client SASL implementation's configuration"),
 ]
 
 PARAMS: list[Param] = [

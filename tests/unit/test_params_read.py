@@ -39,10 +39,6 @@ REPO = Path(__file__).resolve().parents[2]
 # Implemented in other branches of the same issue (smtpd, qmgr), unread in this one until
 # the lead merges them: the lead empties this set at merge. Nothing else belongs here.
 PENDING = {
-    "smtpd_noop_commands",
-    "unknown_client_reject_code",
-    "unknown_address_reject_code",
-    "smtpd_sasl_local_domain",
     "delay_warning_time",
 }
 
@@ -51,13 +47,7 @@ PENDING = {
 # smtp/lmtp client's SASL implementation choice (the client has one built in). They are
 # kept apart from PENDING so that the lead sees them: each must be implemented or removed
 # from lib/params.py, and then leave this set. Nothing else belongs here.
-UNASSIGNED = {
-    "smtpd_data_restrictions",
-    "smtpd_end_of_data_restrictions",
-    "smtpd_client_connection_count_limit",
-    "smtp_sasl_type", "lmtp_sasl_type",
-    "smtp_sasl_path", "lmtp_sasl_path",
-}
+UNASSIGNED: set[str] = set()
 
 _FILL_LIMIT = 4096          # combinations tried for one f-string
 _REF = re.compile(r"\$\{?([A-Za-z0-9_]+)")
