@@ -507,7 +507,8 @@ def test_hooks_in_process(tmp_path):
     ("2", "bad size \"x\"", {}),
     ("3", "cannot store session", {"session": b"\x00" * 70}),
 ])
-def test_hand_built_replies_match_attr_encode(status, reason, extra):
-    assert service._reply(status, reason, **extra) == attr.encode({"status": status, "reason": reason, **extra})
-    assert service._NOT_FOUND == attr.encode({"status": "1", "reason": "not found"})
-    assert service._OK == attr.encode({"status": "0"})
+def test_replies_decode_strictly(status, reason, extra):
+    want = {"status": status.encode(), "reason": reason.encode(), **extra}
+    assert attr.decode(service._reply(status, reason, **extra)) == want
+    assert attr.decode(service._NOT_FOUND) == {"status": b"1", "reason": b"not found"}
+    assert attr.decode(service._OK) == {"status": b"0"}
