@@ -144,7 +144,7 @@ import warnings
 
 import lmdb
 
-from . import msg
+from . import maincf, msg
 
 INDEXED = {"lmdb": ".lmdb", "hash": ".db", "btree": ".db"}
 OTHER_TYPES = ("texthash", "inline", "static", "regexp", "pcre")
@@ -836,39 +836,19 @@ def posix_to_python(pattern: str, extended: bool = True, newline: bool = False) 
 
 def _parse_replacement(text: str, where: str) -> tuple[list, int] | None:
     """Split a result into literal text and $N indexes (Postfix's mac_parse); None if bad."""
+    try:
+        pieces = maincf.split_macros(text)
+    except maincf.MacroSyntaxError as exc:
+        msg.warn(f'truncated macro reference: "{text}"' if exc.kind == "unmatched"
+                 else f'empty macro name: "{text}"')
+        return None
     parts: list = []
-    literal: list[str] = []
     max_sub = 0
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c != "$":
-            literal.append(c)
-            i += 1
+    for piece in pieces:
+        if isinstance(piece, str):
+            parts.append(piece)
             continue
-        if text[i + 1:i + 2] == "$":
-            literal.append("$")
-            i += 2
-            continue
-        if text[i + 1:i + 2] in ("{", "("):
-            opener = text[i + 1]
-            closer = "}" if opener == "{" else ")"
-            level, j = 0, i + 1
-            while j < n:
-                if text[j] == opener:
-                    level += 1
-                elif text[j] == closer:
-                    level -= 1
-                    if level == 0:
-                        break
-                j += 1
-            if j >= n:
-                msg.warn(f'truncated macro reference: "{text}"')
-                return None
-            name, i = text[i + 2:j], j + 1
-        else:
-            m = re.compile(r"[A-Za-z0-9_]*").match(text, i + 1)
-            name, i = m.group(0), m.end()
+        name = piece.name
         if not name:
             msg.warn(f'empty macro name: "{text}"')
             return None
@@ -878,13 +858,8 @@ def _parse_replacement(text: str, where: str) -> tuple[list, int] | None:
         if int(name) < 1:
             msg.warn(f'{where}: out-of-range replacement index "{name}"')
             return None
-        if literal:
-            parts.append("".join(literal))
-            literal = []
         parts.append(int(name))
         max_sub = max(max_sub, int(name))
-    if literal:
-        parts.append("".join(literal))
     return parts, max_sub
 
 
