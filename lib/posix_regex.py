@@ -16,9 +16,10 @@ POSIX REGULAR EXPRESSIONS
 
 FUNCTIONS
     posix_to_python(pattern, extended=True, newline=False) -> str
-        The Python `re` text for a POSIX ERE (BRE when extended is False); newline is
-        REG_NEWLINE (`.` and bracket negations do not match a newline, `^` and `$` match
-        at line ends). Raises RegexError, whose text is glibc's regerror() message.
+        The Python `re` text for a POSIX ERE (BRE when extended is False). newline is
+        REG_NEWLINE: a negated bracket expression does not match a newline and `$` is
+        Python's `$`; the caller compiles with re.MULTILINE then, re.DOTALL otherwise (as
+        lib/tables.py does). Raises RegexError, whose text is glibc's regerror() message.
 
 SEE ALSO
     lib/tables.py (regexp: tables), regexp_table(5), regex(7).

@@ -2,10 +2,9 @@
 
 Every postfix-py program that looks something up in a table that main.cf names (alias,
 transport, access, canonical, TLS policy, header_checks ...) goes through open_table();
-`postfix-py postmap` queries and lists them through this module and builds and edits them
-through lib/table_writer.py. Keys,
-values, warnings and errors follow Postfix 3.7, so that an administrator's main.cf and
-table sources keep working unchanged.
+`postfix-py postmap` queries and lists them through this module, and builds and edits
+them through lib/table_writer.py. Keys, values, warnings and errors follow Postfix 3.7,
+so that an administrator's main.cf and table sources keep working unchanged.
 
 TABLE TYPES
     lmdb:/path
@@ -63,9 +62,9 @@ DUPLICATES
     first, warning `FILE, line N: duplicate entry: "Key"`. inline keeps the last, silently.
 
 FILES AND CONCURRENCY
-    Database files are written by lib/table_writer.py (build, delete), never in place:
-    a reader never sees a half-built table. Readers open the file read-only without an
-    LMDB lock file (lock=False).
+    Database files are written by lib/table_writer.py (build, delete), never in place,
+    so a reader never sees a half-built table. Readers open the file read-only without
+    an LMDB lock file (lock=False).
     An open Table checks its file with one stat(2) per lookup (device, inode, size,
     mtime); when the file was replaced it opens the new one and closes the old one, so a
     daemon sees a rebuilt table at its next lookup without a restart. texthash, regexp
