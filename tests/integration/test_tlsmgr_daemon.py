@@ -395,6 +395,8 @@ def test_still_alive_and_answering_at_the_end(daemon):
 def test_sigterm_writes_the_exchange_file(fresh):
     d = fresh().start()
     exch = d.base / "data" / "prng_exch"
+    # An answer proves start-up is over (the socket listens before the file is written).
+    assert d.request({"request": "status"})["status"] == b"0"
     at_start = exch.read_bytes()                 # written once at start, against crashes
     assert len(at_start) == 1024
     os.kill(d.proc.pid, signal.SIGTERM)
