@@ -2,6 +2,8 @@
 
 `instance` makes an Instance in tmp_path; `start()` runs the real `postfix-py start`, and the
 finalizer ends every process of the instance by pid (abort, then SIGKILL what is left).
+SmtpClient (tests/smtpclient.py) is the tests' one raw SMTP client; the far ends of
+delivery (scripted servers and the counting sink) are in tests/sink.py.
 """
 
 import os
