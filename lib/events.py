@@ -9,8 +9,8 @@ at a time in the loop's thread; a callback that raises is a bug of ours and stop
     loop.remove(fd)                      forget fd (both directions); safe if unknown
     handle = loop.call_later(delay, fn)  fn() once, after delay seconds
     loop.cancel(handle)                  a timer that has not fired yet will not fire
-    loop.run(until=None)                 run callbacks until stop() or until() is true
-    loop.stop()
+    loop.run(until)                      run callbacks until until() is true
+    loop.run_once(max_wait)              one pass: due timers, then I/O
 
 Time comes from `clock` (time.monotonic unless given), so tests can inject their own.
 """
@@ -24,6 +24,8 @@ import time
 
 
 class TimerHandle:
+    """One timer of call_later(); cancel() marks it, the heap drops it when it comes up."""
+
     __slots__ = ("when", "seq", "fn", "cancelled")
 
     def __init__(self, when: float, seq: int, fn):
@@ -43,7 +45,6 @@ class EventLoop:
         self._writers: dict[int, object] = {}
         self._timers: list[TimerHandle] = []
         self._seq = itertools.count()
-        self._running = False
 
     # --- file descriptors --------------------------------------------------------------
     def _update(self, fd: int) -> None:
@@ -86,10 +87,6 @@ class EventLoop:
         self._readers.pop(fd, None)
         self._writers.pop(fd, None)
         self._update(fd)
-
-    def watched(self) -> int:
-        """How many file descriptors are watched."""
-        return len(set(self._readers) | set(self._writers))
 
     # --- timers ------------------------------------------------------------------------
     def call_later(self, delay: float, fn) -> TimerHandle:
@@ -139,15 +136,10 @@ class EventLoop:
             if mask & selectors.EVENT_WRITE and fd in self._writers:
                 self._writers[fd]()
 
-    def run(self, until=None, max_wait: float = 1.0) -> None:
-        """Dispatch events until stop() is called or until() returns true."""
-        self._running = True
-        while self._running and not (until and until()):
+    def run(self, until, max_wait: float = 1.0) -> None:
+        """Dispatch events until until() returns true (checked between passes)."""
+        while not until():
             self.run_once(max_wait)
-
-    def stop(self) -> None:
-        """Make run() return after the current callback."""
-        self._running = False
 
     def close(self) -> None:
         """Release the selector."""

@@ -16,6 +16,11 @@ EXPANSION
     `${name?text}` gives text when name is non-empty, `${name:text}` when it is empty;
     `{text}` may enclose text, as in `${stress?{10}:{300}}`; `$$` is a literal `$`.
     Nesting deeper than MAX_DEPTH is an error ("unreasonable macro call nesting").
+    split_macros(text) is the one parser of this syntax (Postfix's mac_parse()): it
+    returns the literal pieces (str) and the references (Ref, whose name is what stands
+    after `$` or between the brackets), or raises MacroSyntaxError (kind "unmatched" for
+    a bracket without its closing one, "empty" for a `$` without a name). Config.expand
+    evaluates its result against main.cf; lib/tables uses it for `$N` in regexp results.
 
 FUNCTIONS
     load(config_dir=None, overrides=None) -> Config: read config_dir/main.cf (default: the
@@ -43,6 +48,56 @@ NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message names the file and line."""
+
+
+class MacroSyntaxError(ValueError):
+    """A `$` reference that cannot be parsed; kind is "unmatched" or "empty"."""
+
+    def __init__(self, kind: str, text: str, bracket: str = ""):
+        super().__init__(f"{kind} macro reference in \"{text}\"")
+        self.kind, self.text, self.bracket = kind, text, bracket
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One `$name`, `${inner}` or `$(inner)` reference of split_macros()."""
+    name: str
+
+
+def split_macros(text: str) -> list:
+    """Split text into literal str pieces and Ref references; `$$` is a literal `$`."""
+    out: list = []
+    literal: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        j = text.find("$", i)
+        if j < 0:
+            literal.append(text[i:])
+            break
+        literal.append(text[i:j])
+        i = j
+        if text[i + 1:i + 2] == "$":
+            literal.append("$")
+            i += 2
+            continue
+        if text[i + 1:i + 2] in ("{", "("):
+            close = "}" if text[i + 1] == "{" else ")"
+            end = _matching(text, i + 1, close)
+            if end < 0:
+                raise MacroSyntaxError("unmatched", text, text[i + 1])
+            name, i = text[i + 2:end], end + 1
+        else:
+            m = NAME_RE.match(text, i + 1)
+            if not m:
+                raise MacroSyntaxError("empty", text)
+            name, i = m.group(0), m.end()
+        if "".join(literal):
+            out.append("".join(literal))
+        literal = []
+        out.append(Ref(name))
+    if "".join(literal):
+        out.append("".join(literal))
+    return out
 
 
 @dataclass
@@ -130,31 +185,14 @@ class Config:
             return text
         if _depth > MAX_DEPTH:
             raise ConfigError(f"unreasonable macro call nesting: \"{text[:60]}\"")
-        out, i, n = [], 0, len(text)
-        while i < n:
-            c = text[i]
-            if c != "$":
-                out.append(c)
-                i += 1
-                continue
-            if i + 1 < n and text[i + 1] == "$":
-                out.append("$")
-                i += 2
-                continue
-            if i + 1 < n and text[i + 1] in "{(":
-                close = "}" if text[i + 1] == "{" else ")"
-                end = _matching(text, i + 1, close)
-                if end < 0:
-                    raise ConfigError(f"unmatched '{text[i + 1]}' in \"{text}\"")
-                out.append(self._expand_ref(text[i + 2:end], _depth, _undefined))
-                i = end + 1
-                continue
-            m = NAME_RE.match(text, i + 1)
-            if not m:
-                raise ConfigError(f"empty macro name: \"{text}\"")
-            out.append(self._value_of(m.group(0), _depth, _undefined))
-            i = m.end()
-        return "".join(out)
+        try:
+            parts = split_macros(text)
+        except MacroSyntaxError as exc:
+            if exc.kind == "unmatched":
+                raise ConfigError(f"unmatched '{exc.bracket}' in \"{text}\"") from None
+            raise ConfigError(f"empty macro name: \"{text}\"") from None
+        return "".join(p if isinstance(p, str) else self._expand_ref(p.name, _depth, _undefined)
+                       for p in parts)
 
     def _expand_ref(self, inner: str, depth: int, undefined) -> str:
         m = NAME_RE.match(inner)

@@ -19,6 +19,18 @@ FUNCTIONS
         "cannot go on as configured"; the text names the file or parameter.
     panic(text): log `panic: text` and raise PanicError (status 2), for broken invariants.
     verbose(level, text): logged only when the -v count is at least `level`.
+    printable(data, limit=100, utf8=True) -> str: peer-supplied text (bytes or str) fit
+        for a log line, a reply or a header, as Postfix's printable(): at most `limit`
+        characters (None: no limit), each character that is not printable replaced with
+        `?`. ASCII keeps 0x20 .. 0x7e. With utf8 (Postfix's util_utf8_enable, which
+        follows smtputf8_enable, on by default in Postfix 3.x) non-ASCII text is kept
+        when it is valid UTF-8 (bytes) and its characters are printable (str.isprintable:
+        no C1 control, no line or paragraph separator, no lone surrogate, no non-breaking
+        or other Unicode space); each byte of an invalid UTF-8 sequence becomes one `?`.
+        Without utf8 every non-ASCII byte or character becomes `?`, and bytes are read as
+        Latin-1, one character per byte. Postfix lets any well-formed multi-byte sequence
+        pass; this rule also refuses the non-printable code points, so that no terminal
+        control reaches a log.
 
 Input from a peer or a client program is never worth more than a warning.
 """
@@ -42,6 +54,22 @@ _SEVERITY = {"info": 6, "warning": 4, "error": 3, "fatal": 2, "panic": 0}
 MAX_LINE = 4096  # a single log record; longer text is cut, never wrapped
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")   # C0 but TAB, DEL, C1
 SYSLOG_PATH = "/dev/log"
+
+
+def printable(data: bytes | str, limit: int | None = 100, utf8: bool = True) -> str:
+    """Peer-supplied text, cut at limit characters, with non-printables replaced by `?`."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raw = bytes(data if limit is None else data[:limit * 4 if utf8 else limit])
+        text = raw.decode("utf-8", "surrogateescape") if utf8 else raw.decode("latin-1")
+    else:
+        text = data
+    if limit is not None:
+        text = text[:limit]
+    if text.isascii() and text.isprintable():
+        return text
+    if utf8:
+        return "".join(c if c.isprintable() else "?" for c in text)
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
 class FatalError(SystemExit):

@@ -32,6 +32,14 @@ QUEUE IDS
     As Postfix's short ids: five hex digits of microseconds and the file's inode number in
     hex, e.g. `4C1A21F3E8B`. Unique while the file exists.
 
+QUEUE ROOT
+    queue_root(cfg) -> str: where the queue is, for a program outside the jail (master,
+        tools): queue_directory. A worker uses WorkerContext.queue_root (lib/server.py),
+        which is "/" inside the chroot jail and queue_root(cfg) outside it; qmgr, whose
+        working directory is the queue, uses ".". Nothing else spells it.
+    INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT, DEFER, BOUNCE, MAILDROP: the names of its
+        subdirectories (SUBDIRS lists them all).
+
 FUNCTIONS
     QueueWriter(queue_root, now=None): create a file in incoming/; add_attr, set_sender,
         add_recipient, write (content, any chunking), commit() -> queue id, abort().
@@ -60,11 +68,18 @@ MAGIC = b"PFXQ1\n"
 HEADER = struct.Struct("!cI")
 BLOCK = 65536
 MAX_RECORD = 4 * BLOCK            # no envelope record is anywhere near this
-SUBDIRS = ("incoming", "active", "deferred", "hold", "corrupt", "defer", "bounce",
-           "maildrop")
+# The queue's subdirectories, spelled once. defer/ and bounce/ hold per-message logs.
+INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT = "incoming", "active", "deferred", "hold", "corrupt"
+DEFER, BOUNCE, MAILDROP = "defer", "bounce", "maildrop"
+SUBDIRS = (INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT, DEFER, BOUNCE, MAILDROP)
 
 # qmgr trigger requests, as Postfix's
 WAKE_INCOMING, WAKE_DEFERRED, WAKE_ALL = b"I", b"D", b"A"
+
+
+def queue_root(cfg) -> str:
+    """The queue directory as a program outside the chroot jail sees it."""
+    return cfg.get("queue_directory")
 
 
 class QueueFileError(Exception):
@@ -84,7 +99,7 @@ class QueueWriter:
     """One new queue file in incoming/, written sequentially and committed at the end."""
 
     def __init__(self, queue_root: str, now: float | None = None):
-        self.dir = os.path.join(queue_root, "incoming")
+        self.dir = os.path.join(queue_root, INCOMING)
         now = time.time() if now is None else now
         tmp = os.path.join(self.dir, f".new.{os.getpid()}.{time.monotonic_ns()}")
         self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -294,7 +309,7 @@ def recover_incoming(queue_root: str) -> list[str]:
     its fsync happened, and smtpd may have answered 250: it is renamed to its id, and
     the ids are returned. Incomplete ones are left for the administrator (and ignored).
     """
-    directory = os.path.join(queue_root, "incoming")
+    directory = os.path.join(queue_root, INCOMING)
     recovered = []
     try:
         names = os.listdir(directory)

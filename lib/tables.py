@@ -2,9 +2,9 @@
 
 Every postfix-py program that looks something up in a table that main.cf names (alias,
 transport, access, canonical, TLS policy, header_checks ...) goes through open_table();
-`postfix-py postmap` builds, queries, lists and edits them through this module. Keys,
-values, warnings and errors follow Postfix 3.7, so that an administrator's main.cf and
-table sources keep working unchanged.
+`postfix-py postmap` queries and lists them through this module, and builds and edits
+them through lib/table_writer.py. Keys, values, warnings and errors follow Postfix 3.7,
+so that an administrator's main.cf and table sources keep working unchanged.
 
 TABLE TYPES
     lmdb:/path
@@ -38,17 +38,6 @@ TABLE TYPES
         `(?<name>...)` is accepted as `(?P<name>...)`.
     Anything else (cidr:, mysql:, proxy: ...) is "unsupported dictionary type: NAME".
 
-POSIX REGULAR EXPRESSIONS
-    regexp: patterns are translated from POSIX ERE (or BRE with `x`) to Python `re`, with
-    glibc's error messages for what glibc refuses: bracket expressions with `[:class:]`,
-    `[.c.]`, `[=c=]`, a leading `]`, and a literal backslash inside brackets; intervals
-    `{m}`, `{m,}`, `{,n}`, `{m,n}`; stacked repetition (`a**`); back references; GNU's
-    `\\w \\W \\s \\S \\b \\B \\< \\> \\`` \\'`; in BRE `\\( \\) \\{ \\} \\| \\+ \\?`. Limits:
-    alternation and captures follow Python's leftmost-first rule, not POSIX's
-    leftmost-longest, so `$N` can differ for ambiguous alternations such as `(a|ab)(c|bcd)`;
-    `\\` before another letter means that letter; character classes are ASCII; matching
-    backtracks, so a pathological pattern is slow where glibc would not be.
-
 SOURCE FORMAT (postmap input, texthash)
     `key whitespace value`. A line whose first character is white space continues the
     previous logical line (the text is joined as is, newline removed). Empty lines, lines
@@ -73,15 +62,9 @@ DUPLICATES
     first, warning `FILE, line N: duplicate entry: "Key"`. inline keeps the last, silently.
 
 FILES AND CONCURRENCY
-    A database file is never changed in place. build() and delete() write a complete new
-    LMDB file beside the old one (a temporary name in the same directory), sync it, give it
-    the mode and owner that Postfix's postmap would (the existing file's mode; for a new
-    file the source file's permissions under umask 022, or 0644 when inherit_mode=False;
-    as root, the owner of the source file unless as_owner=False), rename it over the old
-    name and sync the directory. Writers of one table exclude each other with flock(2) on
-    the current file. Readers open the file read-only without an LMDB lock file
-    (lock=False): nothing ever writes to a file they have mapped, so they need no lock and
-    no write access to the directory, and never see a half-built table.
+    Database files are written by lib/table_writer.py (build, delete), never in place,
+    so a reader never sees a half-built table. Readers open the file read-only without
+    an LMDB lock file (lock=False).
     An open Table checks its file with one stat(2) per lookup (device, inode, size,
     mtime); when the file was replaced it opens the new one and closes the old one, so a
     daemon sees a rebuilt table at its next lookup without a restart. texthash, regexp
@@ -108,43 +91,27 @@ FUNCTIONS
         Every entry, as stored (postmap -s). TableError "table REF: sequence operation is
         not supported" for static, regexp and pcre.
     Table.close(); a Table is also a context manager.
-    build(ref, source_path=None, fold=True, *, cfg=None, stream=None, incremental=False,
-          duplicates="warn", null=False, inherit_mode=True, as_owner=True) -> int
-        Build an lmdb/hash/btree table from source_path (default: the table's name), or
-        from the text of stream (postmap -i reads standard input); incremental=True keeps
-        the entries already in the table. null=True stores keys and values with a
-        terminating NUL (postmap -N); lookups find both forms. cfg supplies
-        lmdb_map_size (the first map size; the map grows when full). Returns the number of
-        entries. Raises TableError: "unsupported dictionary type: T does not support
-        bulk-mode creation." for other types, "open SOURCE: reason", a key longer than
-        LMDB's 511 bytes (naming file and line; the old table stays), and the errors of
-        open_table for an existing file that is not LMDB (incremental only).
-    delete(ref, keys, fold=True, cfg=None) -> list[str]
-        Remove keys (folded unless fold=False); returns those that were present. Raises
-        TableError: "open database FILE: ...", "T:NAME map requires O_RDONLY access mode"
-        (texthash, inline, regexp, pcre), "table static:NAME: delete operation is not
-        supported".
     split_ref(ref) -> (type, name); db_path(type, name) -> str | None;
     logical_lines(text, path) -> [(line number, text)]; source_pairs(text, path) yields
     (line number, key, value): the pieces above, for other readers of Postfix's formats.
+
+SEE ALSO
+    lib/posix_regex.py: the POSIX regular expressions of regexp: tables (posix_to_python).
+    lib/table_writer.py: building and editing indexed tables (build, delete; postmap).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import re
-import stat as stat_mod
-import string
-import tempfile
 import threading
 import time
 import warnings
 
 import lmdb
 
-from . import msg
+from . import maincf, msg
+from .posix_regex import RegexError, posix_to_python
 
 INDEXED = {"lmdb": ".lmdb", "hash": ".db", "btree": ".db"}
 OTHER_TYPES = ("texthash", "inline", "static", "regexp", "pcre")
@@ -618,257 +585,21 @@ class StaticTable(Table):
 
 # --- regexp: and pcre: ---------------------------------------------------------------------
 
-class _RegexError(Exception):
-    """A pattern that glibc's regcomp() would refuse; the text is glibc's message."""
-
-
-_CLASSES = {
-    "alpha": "a-zA-Z", "digit": "0-9", "alnum": "0-9a-zA-Z", "upper": "A-Z",
-    "lower": "a-z", "space": " \\t\\n\\r\\f\\v", "blank": " \\t",
-    "punct": "".join("\\" + c for c in string.punctuation), "print": "\\x20-\\x7e",
-    "graph": "\\x21-\\x7e", "cntrl": "\\x00-\\x1f\\x7f", "xdigit": "0-9A-Fa-f",
-}
-_BRACKET_ERR = "Unmatched [, [^, [:, [., or [="
-_DUP_MAX = 0x7FFF
-
-
-def _class_char(c: str) -> str:
-    # Escape all ASCII punctuation inside [...]: Python warns about "[[", "--", "&&" ...
-    return "\\" + c if c.isascii() and not c.isalnum() and c != " " else c
-
-
-def _bracket(p: str, i: int, newline: bool) -> tuple[str, int]:
-    """Translate the POSIX bracket expression at p[i] == '['; returns (python, next i)."""
-    n = len(p)
-    j = i + 1
-    negate = j < n and p[j] == "^"
-    if negate:
-        j += 1
-    parts: list[str] = []
-    first = True
-
-    def element(j: int) -> tuple[str | None, str | None, int]:
-        """(single character, class name, next j) of the element at p[j]."""
-        if p[j] == "[" and j + 1 < n and p[j + 1] in ":.=":
-            kind = p[j + 1]
-            end = p.find(kind + "]", j + 2)
-            if end < 0:
-                raise _RegexError(_BRACKET_ERR)
-            name = p[j + 2:end]
-            if kind == ":":
-                if name not in _CLASSES:
-                    raise _RegexError("Invalid character class name")
-                return None, name, end + 2
-            if len(name) != 1:
-                raise _RegexError("Invalid collation character")
-            return name, None, end + 2
-        return p[j], None, j + 1
-
-    while True:
-        if j >= n:
-            raise _RegexError(_BRACKET_ERR)
-        if p[j] == "]" and not first:
-            j += 1
-            break
-        first = False
-        char, cls, j = element(j)
-        if cls is not None:
-            parts.append(_CLASSES[cls])
-            continue
-        if j + 1 < n and p[j] == "-" and p[j + 1] != "]":
-            end_char, end_cls, j = element(j + 1)
-            if end_cls is not None or ord(end_char) < ord(char):
-                raise _RegexError("Invalid range end")
-            parts.append(f"{_class_char(char)}-{_class_char(end_char)}")
-        else:
-            parts.append(_class_char(char))
-    if negate and newline:
-        parts.append("\\n")        # REG_NEWLINE: [^...] never matches a newline
-    return "[" + ("^" if negate else "") + "".join(parts) + "]", j
-
-
-def _interval(p: str, i: int, close: str) -> tuple[str, int]:
-    """Translate `{m,n}` (close is '}' or '\\}'); p[i] is just after the opening brace."""
-    end = p.find(close, i)
-    if end < 0:
-        raise _RegexError("Unmatched \\{")
-    body = p[i:end]
-    m = re.fullmatch(r"(\d*)(,?)(\d*)", body)
-    if not m or not (m.group(1) or (m.group(2) and m.group(3))):
-        raise _RegexError("Invalid content of \\{\\}")
-    low = int(m.group(1) or 0)
-    high = int(m.group(3)) if m.group(3) else None
-    if low > _DUP_MAX or (high is not None and (high < low or high > _DUP_MAX)):
-        raise _RegexError("Invalid content of \\{\\}")
-    text = f"{{{low}}}" if not m.group(2) else f"{{{low},{'' if high is None else high}}}"
-    return text, end + len(close)
-
-
-def posix_to_python(pattern: str, extended: bool = True, newline: bool = False) -> str:
-    """Translate a POSIX ERE (BRE when not extended) into Python `re` syntax."""
-    out: list[str] = []
-    n = len(pattern)
-    i = 0
-    atom: int | None = None        # index in out where the last repeatable atom starts
-    quantified = False             # the last item was a repetition operator
-    opens: list[int] = []          # out indexes of open groups
-    groups = 0                     # groups opened so far (for back references)
-    closed = 0                     # groups closed so far
-    at_start = True                # BRE: where '*' is literal and '^' an anchor
-
-    def add_atom(text: str) -> None:
-        nonlocal atom, quantified, at_start
-        atom, quantified, at_start = len(out), False, False
-        out.append(text)
-
-    def add_quant(text: str) -> None:
-        nonlocal quantified, at_start
-        if atom is None:
-            raise _RegexError("Invalid preceding regular expression")
-        if quantified:
-            # a** is (a*)*: wrap, else Python reads *? as lazy and *+ as possessive.
-            out[atom:] = ["(?:" + "".join(out[atom:]) + ")"]
-        out.append(text)
-        quantified, at_start = True, False
-
-    def add_anchor(text: str) -> None:
-        nonlocal atom, quantified, at_start
-        out.append(text)
-        atom, quantified, at_start = None, False, False
-
-    def open_group() -> None:
-        nonlocal atom, quantified, at_start, groups
-        opens.append(len(out))
-        out.append("(")
-        groups += 1
-        atom, quantified, at_start = None, False, True
-
-    def close_group() -> bool:
-        nonlocal atom, quantified, at_start, closed
-        if not opens:
-            return False
-        start = opens.pop()
-        out.append(")")
-        closed += 1
-        atom, quantified, at_start = start, False, False
-        return True
-
-    def alternation() -> None:
-        nonlocal atom, quantified, at_start
-        out.append("|")
-        atom, quantified, at_start = None, False, True
-
-    dollar = "$" if newline else r"\Z"
-    while i < n:
-        c = pattern[i]
-        if c == "\\":
-            if i + 1 >= n:
-                raise _RegexError("Trailing backslash")
-            d = pattern[i + 1]
-            i += 2
-            if not extended and d == "(":
-                open_group()
-            elif not extended and d == ")":
-                if not close_group():
-                    raise _RegexError("Unmatched ) or \\)")
-            elif not extended and d == "{":
-                if at_start:
-                    raise _RegexError("Invalid preceding regular expression")
-                text, i = _interval(pattern, i, "\\}")
-                add_quant(text)
-            elif not extended and d == "|":
-                alternation()
-            elif not extended and d in "+?":
-                if at_start:
-                    add_atom(re.escape(d))
-                else:
-                    add_quant(d)
-            elif d in "123456789":
-                if int(d) > closed:
-                    raise _RegexError("Invalid back reference")
-                add_atom(f"(?:\\{d})")
-            elif d in "wWsS":
-                add_atom("\\" + d)
-            elif d in "bB":
-                add_anchor("\\" + d)
-            elif d == "<":
-                add_anchor(r"\b(?=\w)")
-            elif d == ">":
-                add_anchor(r"\b(?<=\w)")
-            elif d == "`":
-                add_anchor(r"\A")
-            elif d == "'":
-                add_anchor(r"\Z")
-            else:
-                add_atom(re.escape(d))
-            continue
-        i += 1
-        if c == "[":
-            text, i = _bracket(pattern, i - 1, newline)
-            add_atom(text)
-        elif c == ".":
-            add_atom(".")
-        elif extended and c == "(":
-            open_group()
-        elif extended and c == ")":
-            if not close_group():
-                add_atom(r"\)")        # glibc: an unmatched ')' is literal
-        elif extended and c == "|":
-            alternation()
-        elif c == "*" and (extended or not at_start):
-            add_quant("*")
-        elif extended and c in "+?":
-            add_quant(c)
-        elif extended and c == "{":
-            text, i = _interval(pattern, i, "}")
-            add_quant(text)
-        elif c == "^" and (extended or at_start):
-            add_anchor("^")
-            at_start = not extended
-        elif c == "$" and (extended or i == n or pattern.startswith(("\\)", "\\|"), i)):
-            add_anchor(dollar)
-        else:
-            add_atom(re.escape(c))
-    if opens:
-        raise _RegexError("Unmatched ( or \\(")
-    return "".join(out)
-
-
 def _parse_replacement(text: str, where: str) -> tuple[list, int] | None:
     """Split a result into literal text and $N indexes (Postfix's mac_parse); None if bad."""
+    try:
+        pieces = maincf.split_macros(text)
+    except maincf.MacroSyntaxError as exc:
+        msg.warn(f'truncated macro reference: "{text}"' if exc.kind == "unmatched"
+                 else f'empty macro name: "{text}"')
+        return None
     parts: list = []
-    literal: list[str] = []
     max_sub = 0
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c != "$":
-            literal.append(c)
-            i += 1
+    for piece in pieces:
+        if isinstance(piece, str):
+            parts.append(piece)
             continue
-        if text[i + 1:i + 2] == "$":
-            literal.append("$")
-            i += 2
-            continue
-        if text[i + 1:i + 2] in ("{", "("):
-            opener = text[i + 1]
-            closer = "}" if opener == "{" else ")"
-            level, j = 0, i + 1
-            while j < n:
-                if text[j] == opener:
-                    level += 1
-                elif text[j] == closer:
-                    level -= 1
-                    if level == 0:
-                        break
-                j += 1
-            if j >= n:
-                msg.warn(f'truncated macro reference: "{text}"')
-                return None
-            name, i = text[i + 2:j], j + 1
-        else:
-            m = re.compile(r"[A-Za-z0-9_]*").match(text, i + 1)
-            name, i = m.group(0), m.end()
+        name = piece.name
         if not name:
             msg.warn(f'empty macro name: "{text}"')
             return None
@@ -878,13 +609,8 @@ def _parse_replacement(text: str, where: str) -> tuple[list, int] | None:
         if int(name) < 1:
             msg.warn(f'{where}: out-of-range replacement index "{name}"')
             return None
-        if literal:
-            parts.append("".join(literal))
-            literal = []
         parts.append(int(name))
         max_sub = max(max_sub, int(name))
-    if literal:
-        parts.append("".join(literal))
     return parts, max_sub
 
 
@@ -954,7 +680,7 @@ class RegexpTable(_ReloadingTable):
             text = posix_to_python(body, extended, newline)
             options = (re.IGNORECASE if icase else 0) | (re.MULTILINE if newline else re.DOTALL)
             return re.compile(text, options), False
-        except _RegexError as exc:
+        except RegexError as exc:
             msg.warn(f"{where}: {exc}")
         except re.error as exc:
             msg.warn(f"{where}: {exc.msg}")
@@ -1127,215 +853,3 @@ def open_table(ref: str, cfg=None, fold: bool = True) -> Table:
     return _CLASSES_BY_TYPE[type_](type_, name, fold)
 
 
-# --- building and editing -----------------------------------------------------------------
-
-@contextlib.contextmanager
-def _writer_lock(path: str):
-    """Hold flock(2) on the current file at path, so that writers take turns.
-
-    While there is no file yet, the directory is locked instead, and the file is looked
-    for again once the lock is held: the writer that waited then locks what the first
-    one created.
-    """
-    directory = os.path.dirname(path) or "."
-    while True:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            missing = False
-        except FileNotFoundError:
-            try:
-                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise TableError(f"open database {path}: {exc.strerror}") from None
-            missing = True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                now = os.stat(path)
-            except FileNotFoundError:
-                now = None
-            if missing and now is None:
-                yield
-                return
-            held = os.fstat(fd)
-            if not missing and now is not None and \
-                    (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
-                yield
-                return
-            # Another writer replaced or created the file while we waited: start again.
-        finally:
-            os.close(fd)
-
-
-def _read_all(path: str, ref: str) -> dict[bytes, bytes]:
-    """Every raw entry of an existing LMDB table file."""
-    ident, env, _ = _acquire_env(path, ref)
-    try:
-        with env.begin() as txn:
-            return dict(txn.cursor())
-    finally:
-        _release_env(ident)
-
-
-def _attributes(dest: str, source: os.stat_result | None, inherit_mode: bool,
-                as_owner: bool) -> tuple[int, int | None, int | None]:
-    """Mode and owner for the new file, as Postfix's postmap would leave them."""
-    try:
-        old = os.stat(dest)
-    except FileNotFoundError:
-        old = None
-    if old is not None:
-        mode = stat_mod.S_IMODE(old.st_mode)     # Postfix truncates in place: mode stays
-    elif inherit_mode and source is not None and stat_mod.S_ISREG(source.st_mode):
-        mode = 0o666 & ~(0o022 | (~source.st_mode & 0o077))
-    else:
-        mode = 0o644
-    uid = gid = None
-    if os.geteuid() == 0:
-        if as_owner and source is not None and stat_mod.S_ISREG(source.st_mode):
-            uid, gid = source.st_uid, source.st_gid
-        elif old is not None:
-            uid, gid = old.st_uid, old.st_gid
-    return mode, uid, gid
-
-
-def _fsync_path(path: str, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _initial_map_size(items: list, map_size: int) -> int:
-    """lmdb_map_size, or more when the entries clearly need more (saves retries)."""
-    return max(map_size, 2 * sum(len(k) + len(v) + 32 for k, v in items) + (1 << 20))
-
-
-def _write_lmdb(dest: str, entries: dict[bytes, bytes], map_size: int,
-                attrs: tuple[int, int | None, int | None]) -> None:
-    """Write entries to a new LMDB file and rename it over dest."""
-    directory = os.path.dirname(dest) or "."
-    try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", dir=directory)
-    except OSError as exc:
-        raise TableError(f"open database {dest}: {exc.strerror}") from None
-    os.close(fd)
-    try:
-        items = sorted(entries.items())
-        size = _initial_map_size(items, map_size)
-        while True:
-            env = lmdb.open(tmp, subdir=False, lock=False, map_size=size, max_dbs=0)
-            try:
-                with env.begin(write=True) as txn:
-                    # Sorted input: LMDB appends without page splits.
-                    txn.cursor().putmulti(items, append=True)
-                env.sync(True)
-                break
-            except lmdb.MapFullError:
-                size *= 2          # grow and start again on an empty file
-            except lmdb.Error as exc:
-                raise TableError(f"error writing LMDB database {dest}: {exc}") from None
-            finally:
-                env.close()
-            os.truncate(tmp, 0)
-        mode, uid, gid = attrs
-        os.chmod(tmp, mode)
-        if uid is not None:
-            os.chown(tmp, uid, gid)
-        _fsync_path(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_path(directory, directory=True)
-
-
-def _writable(ref: str, what: str) -> tuple[str, str, str]:
-    """(type, name, database file) of an indexed table; TableError for other types."""
-    type_, name = split_ref(ref)
-    _check_type(type_)
-    if type_ not in INDEXED:
-        if what == "build":
-            raise TableError(f"unsupported dictionary type: {type_} does not support "
-                             f"bulk-mode creation.")
-        if type_ == "static":
-            raise TableError(f"table {ref}: delete operation is not supported")
-        raise TableError(f"{ref} map requires O_RDONLY access mode")
-    return type_, name, db_path(type_, name)
-
-
-def _map_size(cfg) -> int:
-    if cfg is None:
-        return DEFAULT_MAP_SIZE
-    return int(cfg["lmdb_map_size"])
-
-
-def build(ref: str, source_path: str | None = None, fold: bool = True, *, cfg=None,
-          stream=None, incremental: bool = False, duplicates: str = "warn",
-          null: bool = False, inherit_mode: bool = True, as_owner: bool = True) -> int:
-    """Build (or with incremental=True, extend) an indexed table; returns its size."""
-    if duplicates not in ("warn", "replace", "ignore"):
-        raise ValueError(f"duplicates must be warn, replace or ignore: {duplicates!r}")
-    type_, name = split_ref(ref)
-    if stream is None:
-        # As Postfix: an unreadable source is reported before an unsuitable type.
-        path = source_path or name
-        text, _ = _read_source(path)
-        try:
-            source = os.stat(path)
-        except OSError:
-            source = None
-    else:
-        path = "stdin"
-        data = stream.read()
-        text = _dec(data) if isinstance(data, bytes) else data
-        try:
-            source = os.fstat(stream.fileno())
-        except (OSError, AttributeError, ValueError):
-            source = None          # not a real file (tests pass StringIO)
-    type_, name, dest = _writable(ref, "build")
-    nul = b"\0" if null else b""
-    with _writer_lock(dest):
-        entries: dict[bytes, bytes] = {}
-        if incremental and os.path.exists(dest):
-            entries = _read_all(dest, ref)
-        for number, key, value in source_pairs(text, path):
-            folded = key.lower() if fold else key
-            k = _enc(folded) + nul
-            if len(k) > MAX_KEY:
-                raise TableError(f"{path}, line {number}: key is longer than LMDB's "
-                                 f"{MAX_KEY} bytes: \"{key[:30]}...\"")
-            if k in entries or _strip_nul(k) in entries or k + b"\0" in entries:
-                if duplicates == "warn":
-                    msg.warn(f'{dest}: duplicate entry: "{folded}"')
-                if duplicates != "replace":
-                    continue
-                entries.pop(_strip_nul(k), None)
-                entries.pop(_strip_nul(k) + b"\0", None)
-            entries[k] = _enc(value) + nul
-        _write_lmdb(dest, entries, _map_size(cfg),
-                    _attributes(dest, source, inherit_mode, as_owner))
-    return len(entries)
-
-
-def delete(ref: str, keys, fold: bool = True, cfg=None) -> list[str]:
-    """Remove keys from an indexed table; returns the keys that were there."""
-    type_, name, dest = _writable(ref, "delete")
-    with _writer_lock(dest):
-        entries = _read_all(dest, ref)
-        deleted = []
-        for key in keys:
-            k = _enc(key.lower() if fold else key)
-            found = False
-            for variant in (k, k + b"\0"):
-                if variant in entries:
-                    del entries[variant]
-                    found = True
-            if found:
-                deleted.append(key)
-        if deleted:
-            _write_lmdb(dest, entries, _map_size(cfg),
-                        _attributes(dest, None, True, False))
-    return deleted

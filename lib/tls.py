@@ -763,7 +763,7 @@ def _info_callback(conn, where: int, ret: int) -> None:
 
 def _printable(text: str) -> str:
     """Text with non-printable characters replaced, as Postfix's printable()."""
-    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
+    return msg.printable(text, None, utf8=False)
 
 
 # --- contexts -----------------------------------------------------------------------------

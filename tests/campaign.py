@@ -19,6 +19,13 @@ is drained and the figures are checked:
 
 run_campaign() is what the CI test calls with small numbers; the command line runs it
 longer by hand (RELIABILITY.md records such a run).
+
+Every random choice (message sizes, STARTTLS or not, pauses, victims, kill times) comes
+from generators seeded from one number: --seed, else the CAMPAIGN_SEED environment
+variable, else a random one. The seed is printed at the start and is in the figures. Each
+client thread and the chaos loop has a generator of its own, so a seed repeats every
+thread's choices; how the threads and the processes interleave is the kernel's and may
+differ between two runs with the same seed.
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -45,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from peers import free_port  # noqa: E402
 from sink import Sink  # noqa: E402
+from smtpclient import SmtpClient  # noqa: E402
 
 POSTFIX_PY = str(Path(sys.executable).parent / "postfix-py")
 PROGRAMS = ("smtpd", "qmgr", "smtp", "tlsmgr")
@@ -60,7 +67,10 @@ class Campaign:
         self.pause = duration * clients / max(1, messages)
         self.duration = duration
         self.kill_interval, self.tls_fraction, self.restart = kill_interval, tls_fraction, restart
-        self.rng = random.Random(seed)
+        # One generator per thread, each derived from the seed: a thread's choices do not
+        # depend on how the others interleave (the kernel's scheduling still does).
+        self.seed = seed
+        self.rng = random.Random(f"{seed}/chaos")
         self.port = free_port()
         self.outcomes: dict[str, str] = {}
         self.lock = threading.Lock()
@@ -122,49 +132,40 @@ tlsmgr    unix - - y 1000? 1 tlsmgr
         return n
 
     # --- clients -------------------------------------------------------------------------
-    def send_one(self, n: int, ctx: ssl.SSLContext, session_box: list) -> None:
+    def send_one(self, n: int, ctx: ssl.SSLContext, session_box: list, rng) -> None:
         msgid = f"<campaign-{n}@test>"
-        size = self.rng.choice(SIZES)
+        size = rng.choice(SIZES)
         body = (f"Message-ID: {msgid}\r\nSubject: campaign {n}\r\n\r\n".encode()
                 + (b"x" * 76 + b"\r\n") * (size // 78 + 1))
         outcome = "unanswered"
-        sock = None
-        try:
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
-            f = sock.makefile("rb")
+        c = None
 
-            def reply():
-                while True:
-                    line = f.readline()
-                    if not line:
-                        raise ConnectionError("closed")
-                    if line[3:4] != b"-":
-                        return line
-            if not reply().startswith(b"220"):
+        def reply(text: str) -> str:
+            if text.endswith("<EOF>"):      # closed before a final reply: either outcome
+                raise ConnectionError("closed")
+            return text
+        try:
+            c = SmtpClient(self.port, timeout=30)
+            if not reply(c.reply()).startswith("220"):
                 outcome = "refused"
                 return
-            sock.sendall(b"EHLO campaign.client\r\n")
-            reply()
-            if self.rng.random() < self.tls_fraction:
-                sock.sendall(b"STARTTLS\r\n")
-                if reply().startswith(b"220"):
-                    f.close()
-                    sock = ctx.wrap_socket(sock, session=session_box[0])
-                    f = sock.makefile("rb")
-                    sock.sendall(b"EHLO campaign.client\r\n")
-                    reply()
-                    session_box[0] = sock.session
-            sock.sendall(b"MAIL FROM:<load@example.org>\r\nRCPT TO:<sink@remote.example>\r\n"
-                         b"DATA\r\n")
-            codes = [reply()[:1] for _ in range(3)]
-            if codes[2] != b"3":
+            reply(c.cmd("EHLO campaign.client"))
+            if rng.random() < self.tls_fraction:
+                if reply(c.cmd("STARTTLS")).startswith("220"):
+                    c.wrap(ctx, session=session_box[0])
+                    reply(c.cmd("EHLO campaign.client"))
+                    session_box[0] = c.sock.session
+            c.send(b"MAIL FROM:<load@example.org>\r\nRCPT TO:<sink@remote.example>\r\n"
+                   b"DATA\r\n")
+            codes = [reply(c.reply())[:1] for _ in range(3)]
+            if codes[2] != "3":
                 outcome = "refused"
                 return
-            sock.sendall(body + b".\r\n")
-            final = reply()
-            outcome = "ack" if final.startswith(b"250") else "refused"
+            c.send(body + b".\r\n")
+            final = reply(c.reply())
+            outcome = "ack" if final.startswith("250") else "refused"
             try:
-                sock.sendall(b"QUIT\r\n")
+                c.send(b"QUIT\r\n")
             except OSError:
                 pass
         except (OSError, ConnectionError, ssl.SSLError):
@@ -172,17 +173,17 @@ tlsmgr    unix - - y 1000? 1 tlsmgr
         finally:
             with self.lock:
                 self.outcomes[msgid] = outcome
-            if sock is not None:
-                sock.close()
+            if c is not None:
+                c.close()
 
-    def client(self, numbers: list[int]) -> None:
+    def client(self, index: int, numbers: list[int]) -> None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
         box = [None]
-        rng = random.Random(numbers[0] if numbers else 0)
+        rng = random.Random(f"{self.seed}/client/{index}")
         for n in numbers:
             started = time.monotonic()
-            self.send_one(n, ctx, box)
+            self.send_one(n, ctx, box, rng)
             time.sleep(max(0.0, rng.uniform(0.5, 1.5) * self.pause -
                            (time.monotonic() - started)))
 
@@ -234,7 +235,8 @@ tlsmgr    unix - - y 1000? 1 tlsmgr
             try:
                 numbers = list(range(self.messages))
                 shares = [numbers[i::self.clients] for i in range(self.clients)]
-                workers = [threading.Thread(target=self.client, args=(s,)) for s in shares]
+                workers = [threading.Thread(target=self.client, args=(i, s))
+                           for i, s in enumerate(shares)]
                 t0 = time.monotonic()
                 for w in workers:
                     w.start()
@@ -276,7 +278,12 @@ def run_campaign(messages=300, clients=8, kill_interval=0.5, tls_fraction=0.3,
     """Run one campaign in a fresh directory; returns (figures, directory)."""
     root = Path(tempfile.mkdtemp(prefix="pfx-campaign-", dir="/tmp"))
     os.chmod(root, 0o755)
-    seed = seed if seed is not None else random.randrange(1 << 30)
+    if seed is None:
+        env = os.environ.get("CAMPAIGN_SEED", "")
+        seed = int(env) if env.isdigit() else random.randrange(1 << 30)
+    # Printed first, so that a run that fails or hangs can be repeated with its choices.
+    print(f"campaign seed {seed}: CAMPAIGN_SEED={seed} (or --seed) repeats its choices",
+          file=sys.stderr, flush=True)
     try:
         figures = Campaign(root, messages, clients, kill_interval, tls_fraction, restart,
                            seed, duration).run()

@@ -131,42 +131,21 @@ SERVER_RESUMPTION_TICKETS = (
 SERVER_RESUMPTION_OFF = "off (smtpd_tls_session_cache_timeout = 0)"
 
 
-# --- reply frames, built without per-request encoding work ------------------------------
+# --- reply frames: encoded by lib/attr; the fixed ones once, at import ---------------------
 
-def _attr(name: bytes, value: bytes) -> bytes:
-    """Return one encoded attribute (name_len, name, value_len, value)."""
-    return bytes((len(name),)) + name + len(value).to_bytes(4, "big") + value
-
-
-def _frame(*attrs: bytes) -> bytes:
-    """Return a frame whose body is the given encoded attributes."""
-    body = b"".join(attrs)
-    return len(body).to_bytes(4, "big") + body
-
-
-def _head(name: bytes) -> bytes:
-    """Return the encoded attribute name; the caller appends value_len and value."""
-    return bytes((len(name),)) + name
-
-
-_STATUS = {s: _attr(b"status", s.encode()) for s in attr.STATUSES}
-_OK = _frame(_STATUS[attr.STATUS_OK])
-_SEED_HEAD = _head(b"seed")
-_SESSION_HEAD = _head(b"session")
-_NOT_FOUND = _frame(_STATUS[attr.STATUS_NOTFOUND], _attr(b"reason", b"not found"))
+_OK = attr.encode({"status": attr.STATUS_OK})
+_NOT_FOUND = attr.encode({"status": attr.STATUS_NOTFOUND, "reason": "not found"})
 
 
 def _reply(status: str, reason: str, **attrs: bytes) -> bytes:
     """Return a reply frame with status, reason and further attributes."""
-    parts = [_STATUS[status], _attr(b"reason", reason.encode("utf-8", "backslashreplace"))]
-    parts += [_attr(name.encode(), value) for name, value in attrs.items()]
-    return _frame(*parts)
+    return attr.encode({"status": status,
+                        "reason": reason.encode("utf-8", "backslashreplace"), **attrs})
 
 
 def _show(value: bytes, limit: int = 40) -> str:
     """Return peer-supplied bytes as short, printable text for replies and logs."""
-    text = repr(bytes(value[:limit]))[2:-1]     # b'...' without b and quotes
-    return text + ("..." if len(value) > limit else "")
+    return msg.printable(value, limit) + ("..." if len(value) > limit else "")
 
 
 class _Client:
@@ -574,7 +553,7 @@ class Tlsmgr:
                 return self._bad(client, f"bad size \"{_show(raw)}\" (must be 1..{MAX_SEED})")
             size = int(raw)
         data = self.pool.random_bytes(size)
-        return _frame(_STATUS[attr.STATUS_OK], _SEED_HEAD + len(data).to_bytes(4, "big") + data)
+        return attr.encode({"status": attr.STATUS_OK, "seed": data})
 
     _CACHE_ATTRS = frozenset({"request", "cache_type", "cache_id"})
     _UPDATE_ATTRS = frozenset({"request", "cache_type", "cache_id", "session"})
@@ -590,7 +569,7 @@ class Tlsmgr:
         session = cache.lookup(request["cache_id"])
         if session is None:
             return _NOT_FOUND
-        return _frame(_STATUS[attr.STATUS_OK], _SESSION_HEAD + len(session).to_bytes(4, "big") + session)
+        return attr.encode({"status": attr.STATUS_OK, "session": session})
 
     def _update(self, client: _Client, request: dict) -> bytes:
         """Answer `update`: store the session; status 3 when the cache cannot."""
@@ -625,7 +604,7 @@ class Tlsmgr:
         if bad:
             return bad
         text = json.dumps(self.status_report(), separators=(",", ":"))
-        return _frame(_STATUS[attr.STATUS_OK], _attr(b"status_json", text.encode()))
+        return attr.encode({"status": attr.STATUS_OK, "status_json": text})
 
     def status_report(self) -> dict:
         """Return what `tlsmgr status` shows: process, PRNG, caches, server resumption."""

@@ -2,9 +2,9 @@
 
     postfix-py postmap [-finNoprsuUvw] [-c config_dir] [-d key] [-q key] [type:]file ...
 
-Without -q, -d or -s, each `[type:]file` is built from the text file `file` (see
-lib/tables.py for the format and the file names); the type defaults to
-default_database_type from main.cf (hash). Only lmdb, hash and btree can be built; all are
+Without -q, -d or -s, each `[type:]file` is built from the text file `file` by
+lib/table_writer.py (see lib/tables.py for the format and the file names); the type
+defaults to default_database_type from main.cf (hash). Only lmdb, hash and btree can be built; all are
 LMDB files. A rebuilt table replaces the old file atomically: running daemons see it at
 their next lookup.
 
@@ -40,7 +40,7 @@ import getopt
 import os
 import sys
 
-from ..lib import maincf, msg, tables
+from ..lib import maincf, msg, table_writer, tables
 
 USAGE = "usage: postmap [-bfFhimnNoprsuUvw] [-c config_dir] [-d key] [-q key] [map_type:]file..."
 
@@ -150,7 +150,7 @@ def _delete(refs: list[str], cfg, fold: bool, key: str) -> int:
     keys = _stdin_lines() if key == "-" else [key]
     found = False
     for ref in refs:
-        if tables.delete(ref, keys, fold=fold, cfg=cfg):
+        if table_writer.delete(ref, keys, fold=fold, cfg=cfg):
             found = True
     return 0 if found else 1
 
@@ -217,13 +217,14 @@ def _run(argv: list[str]) -> int:
             return _delete(refs, cfg, fold, delkey)
         for ref in refs:
             if incremental:
-                count = tables.build(ref, fold=fold, cfg=cfg, stream=_stdin(),
-                                     incremental=True, duplicates=duplicates, null=null,
-                                     inherit_mode=inherit_mode, as_owner=as_owner)
+                count = table_writer.build(ref, fold=fold, cfg=cfg, stream=_stdin(),
+                                           incremental=True, duplicates=duplicates,
+                                           null=null, inherit_mode=inherit_mode,
+                                           as_owner=as_owner)
             else:
-                count = tables.build(ref, fold=fold, cfg=cfg, duplicates=duplicates,
-                                     null=null, inherit_mode=inherit_mode,
-                                     as_owner=as_owner)
+                count = table_writer.build(ref, fold=fold, cfg=cfg,
+                                           duplicates=duplicates, null=null,
+                                           inherit_mode=inherit_mode, as_owner=as_owner)
             msg.verbose(1, f"{ref}: {count} entries")
         return 0
     except (tables.TableError, maincf.ConfigError) as exc:

@@ -47,7 +47,7 @@ from ..lib import bounce_log, maincf, msg
 from ..lib import queue as Q
 from ..lib.address import split_address
 
-SHOW_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
+SHOW_QUEUES = (Q.MAILDROP, Q.INCOMING, Q.ACTIVE, Q.DEFERRED, Q.HOLD)
 USAGE = ("usage: postqueue -f | postqueue -i queueid | postqueue -j | postqueue -p | "
          "postqueue -s site")
 EX_UNAVAILABLE, EX_TEMPFAIL = 69, 75
@@ -112,7 +112,7 @@ def format_mailq(messages) -> str:
     for m in messages:
         out.append("" if count else S_STRING_FORMAT % (
             "-Queue ID-", "--Size--", "----Arrival Time----", "-Sender/Recipient-------"))
-        mark = {"active": "*", "hold": "!"}.get(m["queue_name"], "")
+        mark = {Q.ACTIVE: "*", Q.HOLD: "!"}.get(m["queue_name"], "")
         out.append(S_SENDER_FORMAT % (m["queue_id"] + mark, m["message_size"],
                                       time.asctime(time.localtime(m["arrival_time"])),
                                       m["sender"]))
@@ -157,11 +157,11 @@ def _wake(queue_root: str, request: bytes) -> None:
 
 def _to_incoming(queue_root: str, name: str) -> bool:
     """Make one deferred message due now and hand it to qmgr through incoming/."""
-    src = os.path.join(queue_root, "deferred", name)
+    src = os.path.join(queue_root, Q.DEFERRED, name)
     try:
         now = time.time()
         os.utime(src, (now, now))
-        os.rename(src, os.path.join(queue_root, "incoming", name))
+        os.rename(src, os.path.join(queue_root, Q.INCOMING, name))
         return True
     except FileNotFoundError:
         return False
@@ -172,7 +172,7 @@ def _to_incoming(queue_root: str, name: str) -> bool:
 
 def flush_all(queue_root: str) -> None:
     """postqueue -f: every deferred message due now; wake qmgr."""
-    directory = os.path.join(queue_root, "deferred")
+    directory = os.path.join(queue_root, Q.DEFERRED)
     now = time.time()
     try:
         names = [n for n in os.listdir(directory) if not n.startswith(".")]
@@ -189,7 +189,7 @@ def flush_all(queue_root: str) -> None:
 def flush_site(queue_root: str, site: str) -> None:
     """postqueue -s: deferred messages with a recipient in site, to incoming/."""
     site = site.lower().rstrip(".")
-    directory = os.path.join(queue_root, "deferred")
+    directory = os.path.join(queue_root, Q.DEFERRED)
     try:
         names = [n for n in os.listdir(directory) if not n.startswith(".")]
     except OSError as exc:
@@ -201,7 +201,7 @@ def flush_site(queue_root: str, site: str) -> None:
             continue
         if any(split_address(r.address)[1] == site for r in env.recipients if not r.done):
             _to_incoming(queue_root, name)
-    _wake(queue_root, b"I")
+    _wake(queue_root, Q.WAKE_INCOMING)
 
 
 def _run(argv: list[str]) -> int:
@@ -224,7 +224,7 @@ def _run(argv: list[str]) -> int:
         _fatal(USAGE)
     msg.init_cli("postqueue", verbose)
     cfg = _config(config_dir)
-    root = cfg.get("queue_directory")
+    root = Q.queue_root(cfg)
     if action == "-p":
         _write(format_mailq(show(root)))
     elif action == "-j":
@@ -236,7 +236,7 @@ def _run(argv: list[str]) -> int:
         if not _id_ok(arg):
             _fatal(f"invalid mail queue id: {arg}")
         _to_incoming(root, arg)
-        _wake(root, b"I")
+        _wake(root, Q.WAKE_INCOMING)
     elif action == "-s":
         flush_site(root, arg)
     return 0

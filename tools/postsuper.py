@@ -51,11 +51,11 @@ from ..lib import queue as Q
 USAGE = ("usage: postsuper [-c config_dir] [-d queue_id (delete)] [-h queue_id (hold)] "
          "[-H queue_id (un-hold)] [-r queue_id (requeue)] [-s (structure fix)] "
          "[-v (verbose)] [queue...]")
-QUEUES = ("incoming", "active", "deferred", "hold", "maildrop")
-DEFAULTS = {"-d": ("hold", "incoming", "active", "deferred"),
-            "-r": ("hold", "incoming", "active", "deferred"),
-            "-h": ("incoming", "active", "deferred"),
-            "-H": ("hold",)}
+QUEUES = (Q.INCOMING, Q.ACTIVE, Q.DEFERRED, Q.HOLD, Q.MAILDROP)
+DEFAULTS = {"-d": (Q.HOLD, Q.INCOMING, Q.ACTIVE, Q.DEFERRED),
+            "-r": (Q.HOLD, Q.INCOMING, Q.ACTIVE, Q.DEFERRED),
+            "-h": (Q.INCOMING, Q.ACTIVE, Q.DEFERRED),
+            "-H": (Q.HOLD,)}
 ORDER = ("-d", "-r", "-h", "-H")
 SUMMARY = {"-d": "Deleted", "-r": "Requeued", "-h": "Placed on hold",
            "-H": "Released from hold"}
@@ -117,7 +117,7 @@ class Super:
                 bounce_log.remove(self.root, bounce_log.DEFER, qid)
                 bounce_log.remove(self.root, bounce_log.BOUNCE, qid)
                 return True
-            target = {"-r": "incoming", "-h": "hold", "-H": "deferred"}[op]
+            target = {"-r": Q.INCOMING, "-h": Q.HOLD, "-H": Q.DEFERRED}[op]
             if queue == target and op != "-r":
                 continue
             src = self._path(queue, qid)
@@ -181,16 +181,16 @@ def _run(argv: list[str]) -> int:
         for op, ids in wanted.items():
             if "-" in ids:
                 wanted[op] = [i for i in ids if i != "-"] + stdin
-    work = Super(cfg.get("queue_directory"))
+    work = Super(Q.queue_root(cfg))
     for op in ORDER:
         if op not in wanted:
             continue
         queues = tuple(args) or DEFAULTS[op]
         count = work.run(op, wanted[op], queues)
         say(f"{SUMMARY[op]}: {count} message{'' if count == 1 else 's'}")
-    if "incoming" in work.moved_to:
+    if Q.INCOMING in work.moved_to:
         Q.wake(work.root, Q.WAKE_INCOMING)
-    if "deferred" in work.moved_to:
+    if Q.DEFERRED in work.moved_to:
         Q.wake(work.root, Q.WAKE_DEFERRED)
     return 0
 

@@ -58,6 +58,7 @@ import socket
 import sys
 
 from ..lib import attr, maincf, msg
+from ..lib import queue as Q
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_SOFTWARE, EX_TEMPFAIL = 0, 64, 65, 67, 70, 75
 OPTIONS = "B:C:F:GIL:N:O:R:UV:X:b:e:f:h:imno:p:r:q:tvx"
@@ -161,7 +162,7 @@ def full_name(uid: int) -> str:
 # --- the pickup service ---------------------------------------------------------------------
 def connect(cfg) -> socket.socket:
     """A connection to queue_directory/public/pickup; Failure when the system is down."""
-    path = os.path.join(cfg.get("queue_directory"), "public", "pickup")
+    path = os.path.join(Q.queue_root(cfg), "public", "pickup")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(TIMEOUT)

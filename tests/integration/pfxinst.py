@@ -2,6 +2,8 @@
 
 `instance` makes an Instance in tmp_path; `start()` runs the real `postfix-py start`, and the
 finalizer ends every process of the instance by pid (abort, then SIGKILL what is left).
+SmtpClient (tests/smtpclient.py) is the tests' one raw SMTP client; the far ends of
+delivery (scripted servers and the counting sink) are in tests/sink.py.
 """
 
 import os
@@ -15,6 +17,7 @@ from pathlib import Path
 import psutil
 from helpers import POSTFIX_PY
 from peers import free_port  # noqa: F401  (tests import it from here)
+from smtpclient import SmtpClient  # noqa: F401  (the one raw SMTP client; tests import it here)
 
 PROGRAMS = str(Path(__file__).resolve().parents[1] / "programs")
 
@@ -129,41 +132,3 @@ def greet(port: int, timeout: float = 10.0):
     line = f.readline().decode()
     assert line.startswith("hello "), line
     return f, dict(kv.split("=", 1) for kv in line.split()[1:])
-
-
-class SmtpClient:
-    """A line-level SMTP client that can send anything and switch to TLS.
-
-    reply() returns a whole (multi-line) reply as text, "<EOF>" appended when the server
-    closed the connection; cmd(line) sends one command and returns its reply.
-    """
-
-    def __init__(self, port: int, timeout: float = 10, tls_context=None):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        if tls_context is not None:             # wrapper mode (smtps)
-            self.sock = tls_context.wrap_socket(self.sock)
-        self.buf = b""
-
-    def reply(self) -> str:
-        lines = []
-        while True:
-            while b"\n" not in self.buf:
-                data = self.sock.recv(65536)
-                if not data:
-                    return "\n".join(lines + ["<EOF>"])
-                self.buf += data
-            line, self.buf = self.buf.split(b"\n", 1)
-            lines.append(line.decode().rstrip("\r"))
-            if line[3:4] == b" ":
-                return "\n".join(lines)
-
-    def cmd(self, text: str) -> str:
-        self.sock.sendall(text.encode() + b"\r\n")
-        return self.reply()
-
-    def starttls(self, tls_context) -> None:
-        assert self.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
-        self.sock = tls_context.wrap_socket(self.sock)
-
-    def close(self) -> None:
-        self.sock.close()

@@ -69,8 +69,11 @@ def listening(port: int) -> bool:
 
 
 def greeting(port: int) -> str:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        return s.makefile("rb").readline().decode().rstrip("\r\n")
+    c = SmtpClient(port)
+    try:
+        return c.reply()
+    finally:
+        c.close()
 
 
 def test_the_folders_are_there():

@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -28,7 +27,7 @@ import pytest
 import trustme
 
 from helpers import DEBIAN_POSTMAP
-from pfxinst import Instance, free_port, wait_for
+from pfxinst import Instance, SmtpClient, free_port, wait_for
 from postfix_py.lib import queue as Q
 from postfix_py.lib import tlsmgr_client
 
@@ -300,19 +299,20 @@ def test_tables_rebuilt_with_postmap_under_load(instance):
     def client(k: int):
         while not stop.is_set():
             try:
-                with socket.create_connection(("127.0.0.1", instance.port), timeout=20) as s:
-                    f = s.makefile("rb")
-                    f.readline()
-                    s.sendall(b"HELO c\r\nMAIL FROM:<s@example.org>\r\n")
-                    f.readline(), f.readline()
+                c = SmtpClient(instance.port, timeout=20)
+                try:
+                    c.reply()
+                    c.send(b"HELO c\r\nMAIL FROM:<s@example.org>\r\n")
+                    c.reply(), c.reply()
                     for _ in range(20):
-                        s.sendall(b"RCPT TO:<ok@localhost>\r\nRCPT TO:<blocked@localhost>\r\n")
-                        got = (f.readline(), f.readline())
+                        c.send(b"RCPT TO:<ok@localhost>\r\nRCPT TO:<blocked@localhost>\r\n")
+                        got = (c.reply(), c.reply())
                         checks[k] += 1
-                        if got != (b"250 2.1.5 Ok\r\n", b"550 5.7.1 Blocked by table\r\n"):
+                        if got != ("250 2.1.5 Ok", "550 5.7.1 Blocked by table"):
                             bad.append(got)
-                    s.sendall(b"QUIT\r\n")
-                    f.readline()
+                    c.cmd("QUIT")
+                finally:
+                    c.close()
             except OSError as exc:
                 bad.append(repr(exc))
     threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
@@ -332,11 +332,11 @@ def test_tables_rebuilt_with_postmap_under_load(instance):
             t.join(timeout=60)
     assert bad == []
     assert sum(checks.values()) >= 200, checks
-    with socket.create_connection(("127.0.0.1", instance.port), timeout=20) as s:
-        f = s.makefile("rb")
-        f.readline()
-        s.sendall(b"HELO c\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<version@localhost>\r\n")
-        assert [f.readline() for _ in range(3)][-1] == b"550 5.7.1 version 20\r\n"
+    c = SmtpClient(instance.port, timeout=20)
+    c.reply()
+    c.send(b"HELO c\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<version@localhost>\r\n")
+    assert [c.reply() for _ in range(3)][-1] == "550 5.7.1 version 20"
+    c.close()
     log = instance.log()
     assert "warning" not in log, [l for l in log.splitlines() if "warning" in l][:5]
     assert "Temporary lookup failure" not in log
@@ -356,11 +356,11 @@ def test_a_wrecked_table_defers_instead_of_crashing(instance):
     instance.write()
     assert instance.cmd("postmap", f"hash:{access}").returncode == 0
     instance.start()
-    with socket.create_connection(("127.0.0.1", instance.port), timeout=20) as s:
-        f = s.makefile("rb")
-        f.readline()
-        s.sendall(b"HELO c\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<blocked@localhost>\r\n")
-        assert [f.readline() for _ in range(3)][-1].startswith(b"5")
+    c = SmtpClient(instance.port, timeout=20)
+    try:
+        c.reply()
+        c.send(b"HELO c\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<blocked@localhost>\r\n")
+        assert [c.reply() for _ in range(3)][-1].startswith("5")
         if DEBIAN_POSTMAP:     # the habit of a Postfix administrator: a Berkeley DB file
             out = subprocess.run([DEBIAN_POSTMAP, f"hash:{access}"], capture_output=True,
                                  text=True, timeout=30)
@@ -369,10 +369,12 @@ def test_a_wrecked_table_defers_instead_of_crashing(instance):
             wrecked = instance.dir / "access.db.new"
             wrecked.write_bytes(b"\x00\x00\x00\x00" * 3 + b"\x61\x15\x06\x00" + bytes(4080))
             os.rename(wrecked, instance.dir / "access.db")
-        s.sendall(b"RCPT TO:<blocked@localhost>\r\nRCPT TO:<other@localhost>\r\nQUIT\r\n")
-        assert f.readline() == b"451 4.3.0 <blocked@localhost>: Temporary lookup failure\r\n"
-        assert f.readline() == b"451 4.3.0 <other@localhost>: Temporary lookup failure\r\n"
-        assert f.readline() == b"221 2.0.0 Bye\r\n"
+        c.send(b"RCPT TO:<blocked@localhost>\r\nRCPT TO:<other@localhost>\r\nQUIT\r\n")
+        assert c.reply() == "451 4.3.0 <blocked@localhost>: Temporary lookup failure"
+        assert c.reply() == "451 4.3.0 <other@localhost>: Temporary lookup failure"
+        assert c.reply() == "221 2.0.0 Bye"
+    finally:
+        c.close()
     log = instance.log()
     # Debian's postmap rewrites the file in place (the worker's map reads "not an LMDB
     # file"); a new file under the name is refused at open ("Berkeley DB format ...").
@@ -382,12 +384,12 @@ def test_a_wrecked_table_defers_instead_of_crashing(instance):
            "Temporary lookup failure" in log
     # postmap repairs it; the same worker answers from the rebuilt table.
     assert instance.cmd("postmap", f"hash:{access}").returncode == 0
-    with socket.create_connection(("127.0.0.1", instance.port), timeout=20) as s:
-        f = s.makefile("rb")
-        f.readline()
-        s.sendall(b"HELO c\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<blocked@localhost>\r\n")
-        assert [f.readline() for _ in range(3)][-1] == \
-            b"554 5.7.1 <blocked@localhost>: Recipient address rejected: Access denied\r\n"
+    c = SmtpClient(instance.port, timeout=20)
+    c.reply()
+    c.send(b"HELO c\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<blocked@localhost>\r\n")
+    assert [c.reply() for _ in range(3)][-1] == \
+        "554 5.7.1 <blocked@localhost>: Recipient address rejected: Access denied"
+    c.close()
     assert_clean(instance.log())
 
 

@@ -16,7 +16,6 @@ space away and gives it back. What an administrator checks:
 import json
 import os
 import smtplib
-import socket
 import ssl
 import subprocess
 import time
@@ -26,7 +25,7 @@ import pytest
 import trustme
 
 from helpers import TLSMGR
-from pfxinst import free_port, wait_for
+from pfxinst import SmtpClient, free_port, wait_for
 from sink import Sink
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: root only")
@@ -83,30 +82,6 @@ def stray_files(queue: Path) -> list[str]:
     return sorted(out)
 
 
-class Raw:
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-        self.f = self.sock.makefile("rb")
-
-    def reply(self) -> str:
-        lines = []
-        while True:
-            line = self.f.readline()
-            if not line:
-                return "\n".join(lines + ["<EOF>"])
-            lines.append(line.decode().rstrip("\r\n"))
-            if line[3:4] != b"-":
-                return "\n".join(lines)
-
-    def cmd(self, text: str) -> str:
-        self.sock.sendall(text.encode() + b"\r\n")
-        return self.reply()
-
-    def close(self):
-        self.f.close()
-        self.sock.close()
-
-
 def message(n: int, size: int = 0) -> bytes:
     body = (b"x" * 78 + b"\r\n") * (size // 80 + 1) if size else b"small\r\n"
     return f"Message-ID: <full-{n}@client.example>\r\nSubject: {n}\r\n\r\n".encode() + body
@@ -114,7 +89,7 @@ def message(n: int, size: int = 0) -> bytes:
 
 def send(port: int, n: int, size: int = 0) -> str:
     """Submit message n; the final reply to DATA."""
-    c = Raw(port)
+    c = SmtpClient(port, timeout=20)
     try:
         c.reply()
         c.cmd("EHLO client.example")
@@ -142,7 +117,7 @@ def test_queue_minfree_and_a_full_disk_during_data(small_queue):
     assert send(mta.port, 1).startswith("250 2.0.0 Ok: queued as ")
     filler = fill(mta.queue, 800000)                       # below queue_minfree
 
-    c = Raw(mta.port)
+    c = SmtpClient(mta.port, timeout=20)
     c.reply()
     c.cmd("EHLO client.example")
     assert c.cmd("MAIL FROM:<s@example.org>") == INSUFFICIENT
@@ -154,7 +129,7 @@ def test_queue_minfree_and_a_full_disk_during_data(small_queue):
 
     # Room above queue_minfree, but not for 1.5 x a SIZE of 1.5 MB.
     os.truncate(filler, os.path.getsize(filler) - 700000)
-    c = Raw(mta.port)
+    c = SmtpClient(mta.port, timeout=20)
     c.reply()
     c.cmd("EHLO client.example")
     assert c.cmd("MAIL FROM:<s@example.org> SIZE=1500000") == INSUFFICIENT
@@ -178,8 +153,11 @@ def test_full_disk_refuses_then_accepted_mail_is_delivered(small_queue):
     mta.master_lines = [f"127.0.0.1:{mta.port} inet n - y - - smtpd",
                         "qmgr unix n - n 300 1 qmgr", "smtp unix - - y - - smtp"]
     mta.start()
+    qids = []
     for n in (1, 2, 3):
-        assert send(mta.port, n).startswith("250 2.0.0 Ok: queued as ")
+        reply = send(mta.port, n)
+        assert reply.startswith("250 2.0.0 Ok: queued as ")
+        qids.append(reply.rsplit(" ", 1)[-1])
     wait_for(lambda: len(os.listdir(mta.queue / "deferred")) == 3, 20,
              what="the three messages to wait in deferred/")
 
@@ -191,7 +169,14 @@ def test_full_disk_refuses_then_accepted_mail_is_delivered(small_queue):
     # Nothing left at all: even a small message cannot be committed.
     fill(mta.queue, 0)
     assert send(mta.port, 5) == INSUFFICIENT
-    time.sleep(3)                       # qmgr retries (and fails) with the disk full
+
+    def deferrals():
+        lines = [line for line in mta.log().splitlines() if "status=deferred" in line]
+        return [sum(f" {qid}: to=<" in line for line in lines) for qid in qids]
+    before = deferrals()
+    # qmgr retries (and fails) with the disk full: wait until each message was tried again.
+    wait_for(lambda: all(a > b for a, b in zip(deferrals(), before)), 20,
+             what="a retry of each message with the disk full")
     assert sorted(os.listdir(mta.queue / "incoming")) == []
     assert len(os.listdir(mta.queue / "deferred")) == 3
     assert all(not n.startswith(".") for n in stray_files(mta.queue))

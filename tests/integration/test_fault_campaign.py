@@ -1,5 +1,8 @@
 """The fault campaign, scaled to CI: mail under load while processes are SIGKILLed and the
-whole instance restarts once; every acknowledged message must arrive (tests/campaign.py)."""
+whole instance restarts once; every acknowledged message must arrive (tests/campaign.py).
+
+The campaign's seed is printed (and is in every assertion's figures): CAMPAIGN_SEED=N
+repeats a run's random choices."""
 
 import os
 

@@ -5,13 +5,13 @@ to the user with setuid() and calls the sendmail code in-process, so that what t
 reports about the user, and what the user can reach in the queue, are the real thing."""
 
 import glob
+import json
 import os
 import pwd
 import select
 import stat
 import subprocess
 import sys
-import time
 import traceback
 
 import pytest
@@ -353,7 +353,12 @@ def test_postfix_style_wakeup_column_is_harmless(submitmta):
     submitmta.start()
     wait_for(lambda: len([w for w in submitmta.workers() if "pickup" in " ".join(
         w.cmdline())]) >= 1, what="a pickup worker woken up")
-    time.sleep(2.5)
+
+    def wakeups_served() -> int:
+        status = json.loads(submitmta.cmd("status", "--json").stdout)
+        return sum(p["clients"] or 0 for p in status["processes"] if p["service"] == "pickup")
+    # Several `W` wakeups (one a second) have been answered before anything is checked.
+    wait_for(lambda: wakeups_served() >= 3, 15, what="three wakeups served by pickup")
     out = submitmta.sendmail("x@example.net", input="Subject: woken\n\nx\n")
     assert out.returncode == 0, out.stderr
     assert not [line for line in submitmta.log().splitlines()

@@ -23,7 +23,6 @@ import pwd
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -39,6 +38,7 @@ from pfxinst import Instance, free_port, wait_for
 from postfix_py.lib import attr, deliver, tlsmgr_client
 from postfix_py.lib import queue as Q
 from postfix_py.lib import tls as libtls
+from sink import FakeServer, lines_of
 
 POSTFIX = shutil.which("postfix", path="/usr/sbin:/usr/bin")
 DNSMASQ = shutil.which("dnsmasq", path="/usr/sbin:/usr/bin")
@@ -233,76 +233,6 @@ class UdpJunk:
         self.stopping = True
         self.thread.join()
         self.sock.close()
-
-
-class FakeServer(threading.Thread):
-    """A scripted SMTP server: handler(conn) plays one connection at a time."""
-
-    def __init__(self, handler, host="127.0.0.1", port=0, rcvbuf=None):
-        super().__init__(daemon=True)
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if rcvbuf:
-            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.listener.bind((host, port))
-        self.listener.listen(5)
-        self.listener.settimeout(0.2)
-        self.port = self.listener.getsockname()[1]
-        self.handler = handler
-        self.stopping = False
-        self.errors = []
-        self.connections = 0
-        self.start()
-
-    def run(self):
-        while not self.stopping:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                continue
-            self.connections += 1
-            try:
-                conn.settimeout(20)
-                self.handler(conn)
-            except (OSError, ssl.SSLError, EOFError):
-                pass
-            except Exception as exc:        # noqa: BLE001 - reported by the test
-                self.errors.append(exc)
-            finally:
-                conn.close()
-
-    def stop(self):
-        self.stopping = True
-        self.join(10)
-        self.listener.close()
-
-
-def lines_of(conn):
-    """A line reader for a FakeServer handler."""
-    buf = bytearray()
-
-    def readline():
-        while b"\n" not in buf:
-            chunk = conn.recv(65536)
-            if not chunk:
-                raise EOFError
-            buf.extend(chunk)
-        i = buf.index(b"\n")
-        line = bytes(buf[:i + 1])
-        del buf[:i + 1]
-        return line.decode("latin-1").rstrip("\r\n")
-
-    def read_data():
-        while b"\r\n.\r\n" not in buf:
-            chunk = conn.recv(65536)
-            if not chunk:
-                raise EOFError
-            buf.extend(chunk)
-        i = buf.index(b"\r\n.\r\n")
-        data = bytes(buf[:i])
-        del buf[:i + 5]
-        return data
-    return readline, read_data
 
 
 def simple_smtp(conn, greeting=b"220 fake.test ESMTP\r\n", rcpt_reply=b"250 2.1.5 Ok\r\n",

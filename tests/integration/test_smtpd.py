@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pfxinst import free_port, wait_for
+from pfxinst import SmtpClient, free_port, wait_for
 from postfix_py.lib import queue as Q
 
 SWAKS = shutil.which("swaks")
@@ -34,37 +34,6 @@ def mta(instance):
         return out
     instance.queued = queued
     return instance
-
-
-class Raw:
-    """A line-level SMTP client that can send anything."""
-
-    def __init__(self, port, timeout=10):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.f = self.sock.makefile("rb")
-
-    def reply(self) -> str:
-        lines = []
-        while True:
-            line = self.f.readline()
-            if not line:
-                lines.append("<EOF>")
-                break
-            lines.append(line.decode().rstrip("\r\n"))
-            if line[3:4] == b" ":
-                break
-        return "\n".join(lines)
-
-    def send(self, data: bytes):
-        self.sock.sendall(data)
-
-    def cmd(self, line: str) -> str:
-        self.send(line.encode() + b"\r\n")
-        return self.reply()
-
-    def close(self):
-        self.f.close()
-        self.sock.close()
 
 
 def test_smtplib_queues_a_message(mta):
@@ -112,7 +81,7 @@ def test_swaks_plain(mta):
 def test_relay_is_refused_from_outside_mynetworks(mta):
     mta.main["mynetworks"] = "10.0.0.0/8"
     mta.start()
-    c = Raw(mta.port)
+    c = SmtpClient(mta.port)
     assert c.reply().startswith("220 ")
     assert c.cmd("HELO x").startswith("250")
     assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
@@ -135,7 +104,7 @@ def test_reject_unauth_destination_and_client_access(mta):
                          "check_recipient_access inline:{{blocked@localhost=550 5.1.1 "
                          "No such user here}}"})
     mta.start()
-    c = Raw(mta.port)
+    c = SmtpClient(mta.port)
     c.reply()
     c.cmd("EHLO x")
     c.cmd("MAIL FROM:<a@example.org>")
@@ -143,11 +112,7 @@ def test_reject_unauth_destination_and_client_access(mta):
         "554 5.7.1 <x@elsewhere.example>: Relay access denied"
     assert c.cmd("RCPT TO:<blocked@localhost>") == "550 5.1.1 No such user here"
     c.close()
-    c = socket.socket()
-    c.bind(("127.0.0.2", 0))
-    c.connect(("127.0.0.1", mta.port))
-    raw = Raw.__new__(Raw)
-    raw.sock, raw.f = c, c.makefile("rb")
+    raw = SmtpClient(mta.port, source="127.0.0.2")
     raw.reply()
     raw.cmd("EHLO x")
     raw.cmd("MAIL FROM:<a@example.org>")
@@ -169,7 +134,7 @@ def test_no_open_relay_configuration_is_refused(mta):
 def test_message_size_limit_while_streaming(mta):
     mta.main["message_size_limit"] = "20000"
     mta.start()
-    c = Raw(mta.port)
+    c = SmtpClient(mta.port)
     c.reply()
     c.cmd("EHLO x")
     assert c.cmd("MAIL FROM:<a@example.org> SIZE=30000") == \
@@ -188,7 +153,7 @@ def test_message_size_limit_while_streaming(mta):
 def test_recipient_limit_and_pipelining(mta):
     mta.main["smtpd_recipient_limit"] = "2"
     mta.start()
-    c = Raw(mta.port)
+    c = SmtpClient(mta.port)
     c.reply()
     c.cmd("EHLO x")
     c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<r1@localhost>\r\nRCPT TO:<r2@localhost>\r\n"
@@ -217,7 +182,7 @@ def test_smtp_smuggling(mta, mode):
         mta.main["smtpd_forbid_bare_newline"] = mode
     mta.main["smtpd_forbid_bare_newline_exclusions"] = ""
     mta.start()
-    c = Raw(mta.port)
+    c = SmtpClient(mta.port)
     c.reply()
     c.cmd("EHLO x")
     c.cmd("MAIL FROM:<a@example.org>")
@@ -246,7 +211,7 @@ def test_smtp_smuggling(mta, mode):
 
 def test_starttls_not_offered_without_tls(mta):
     mta.start()
-    c = Raw(mta.port)
+    c = SmtpClient(mta.port)
     c.reply()
     assert "STARTTLS" not in c.cmd("EHLO x")
     assert c.cmd("STARTTLS") == "502 5.5.1 Error: command not implemented"
@@ -255,7 +220,7 @@ def test_starttls_not_offered_without_tls(mta):
 
 def test_bad_input_gets_clear_replies(mta):
     mta.start()
-    c = Raw(mta.port)
+    c = SmtpClient(mta.port)
     c.reply()
     assert c.cmd("X" * 3000) == "500 5.5.2 Error: command not recognized"
     c.send(b"Y" * (1 << 20) + b"\r\n")           # a 1 MB command line
@@ -274,7 +239,7 @@ def test_bad_input_gets_clear_replies(mta):
 def test_too_many_errors(mta):
     mta.main["smtpd_hard_error_limit"] = "5"
     mta.start()
-    c = Raw(mta.port)
+    c = SmtpClient(mta.port)
     c.reply()
     replies = [c.cmd("BOGUS") for _ in range(5)]
     assert replies == ["500 5.5.2 Error: command not recognized"] * 5
@@ -288,7 +253,7 @@ def test_too_many_errors(mta):
 def test_idle_client_times_out(mta):
     mta.main["smtpd_timeout"] = "1s"
     mta.start()
-    c = Raw(mta.port)
+    c = SmtpClient(mta.port)
     c.reply()
     c.cmd("EHLO x")
     time.sleep(1.5)
@@ -296,14 +261,14 @@ def test_idle_client_times_out(mta):
     c.close()
     wait_for(lambda: "timeout after EHLO from localhost[127.0.0.1]" in mta.log(),
              what="the timeout line")
-    c = Raw(mta.port)                          # the next client is served
+    c = SmtpClient(mta.port)                          # the next client is served
     assert c.reply().startswith("220 ")
     c.close()
 
 
 def test_lost_connection_mid_data_leaves_nothing(mta):
     mta.start()
-    c = Raw(mta.port)
+    c = SmtpClient(mta.port)
     c.reply()
     c.cmd("EHLO x")
     c.cmd("MAIL FROM:<a@example.org>")
@@ -317,7 +282,7 @@ def test_lost_connection_mid_data_leaves_nothing(mta):
 
 def test_too_many_hops(mta):
     mta.start()
-    c = Raw(mta.port)
+    c = SmtpClient(mta.port)
     c.reply()
     c.cmd("HELO x")
     c.cmd("MAIL FROM:<a@example.org>")
@@ -354,6 +319,6 @@ def test_many_connections_at_once(mta):
     finally:
         for s in socks:
             s.close()
-    c = Raw(mta.port)
+    c = SmtpClient(mta.port)
     assert c.reply().startswith("220 ")
     c.close()

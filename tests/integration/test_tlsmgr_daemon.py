@@ -395,6 +395,8 @@ def test_still_alive_and_answering_at_the_end(daemon):
 def test_sigterm_writes_the_exchange_file(fresh):
     d = fresh().start()
     exch = d.base / "data" / "prng_exch"
+    # An answer proves start-up is over (the socket listens before the file is written).
+    assert d.request({"request": "status"})["status"] == b"0"
     at_start = exch.read_bytes()                 # written once at start, against crashes
     assert len(at_start) == 1024
     os.kill(d.proc.pid, signal.SIGTERM)
@@ -507,7 +509,8 @@ def test_hooks_in_process(tmp_path):
     ("2", "bad size \"x\"", {}),
     ("3", "cannot store session", {"session": b"\x00" * 70}),
 ])
-def test_hand_built_replies_match_attr_encode(status, reason, extra):
-    assert service._reply(status, reason, **extra) == attr.encode({"status": status, "reason": reason, **extra})
-    assert service._NOT_FOUND == attr.encode({"status": "1", "reason": "not found"})
-    assert service._OK == attr.encode({"status": "0"})
+def test_replies_decode_strictly(status, reason, extra):
+    want = {"status": status.encode(), "reason": reason.encode(), **extra}
+    assert attr.decode(service._reply(status, reason, **extra)) == want
+    assert attr.decode(service._NOT_FOUND) == {"status": b"1", "reason": b"not found"}
+    assert attr.decode(service._OK) == {"status": b"0"}

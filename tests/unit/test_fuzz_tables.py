@@ -16,7 +16,7 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from postfix_py.lib import msg, tables
+from postfix_py.lib import msg, posix_regex, table_writer, tables
 from postfix_py.lib.tables import TableError
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -157,7 +157,7 @@ def test_indexed_tables_built_from_any_source(tmp_path_factory, text, raw, keys,
     path = write_source(tmp_path_factory, text, raw)
     with warnings_collected() as lines:
         try:
-            count = tables.build(f"{kind}:{path}", null=null, as_owner=False)
+            count = table_writer.build(f"{kind}:{path}", null=null, as_owner=False)
         except TableError as exc:
             assert str(exc)
             return
@@ -226,8 +226,8 @@ def test_any_table_reference(ref):
 @given(pattern=RULE, extended=st.booleans(), newline=st.booleans())
 def test_posix_regular_expressions(pattern, extended, newline):
     try:
-        text = tables.posix_to_python(pattern, extended, newline)
-    except tables._RegexError as exc:
+        text = posix_regex.posix_to_python(pattern, extended, newline)
+    except posix_regex.RegexError as exc:
         assert str(exc)
         return
     try:

@@ -156,3 +156,14 @@ def test_edit_remove_and_comment(tmp_path):
     maincf.edit(str(path), {}, comment=["b"])
     assert path.read_text() == "#b = 2\n#  more\nc = 3\n"
     assert maincf.load(str(tmp_path)).entries.keys() == {"c"}
+
+
+def test_split_macros_is_the_one_parser():
+    Ref = maincf.Ref
+    assert maincf.split_macros("a $b ${c?{x}} $(d) $$e") == [
+        "a ", Ref("b"), " ", Ref("c?{x}"), " ", Ref("d"), " $e"]
+    assert maincf.split_macros("no macro") == ["no macro"]
+    for text, kind in (("x $", "empty"), ("${1", "unmatched"), ("$(a", "unmatched")):
+        with pytest.raises(maincf.MacroSyntaxError) as info:
+            maincf.split_macros(text)
+        assert info.value.kind == kind

@@ -85,3 +85,24 @@ def test_verbose_levels(capsys):
 def test_unknown_facility():
     with pytest.raises(ValueError, match="unknown syslog_facility"):
         msg.init("smtpd", syslog_facility="nosuch")
+
+
+def test_printable_ascii_and_limit():
+    assert msg.printable("plain text") == "plain text"
+    assert msg.printable("a\tb\r\nc\x00\x7f") == "a?b??c??"
+    assert msg.printable("x" * 150) == "x" * 100
+    assert msg.printable("abcdef", 3) == "abc"
+    assert msg.printable("y" * 150, None) == "y" * 150
+    assert msg.printable(b"bytes\x1b[31m", 20) == "bytes?[31m"
+
+
+def test_printable_utf8():
+    # Valid UTF-8 stays, as with Postfix's smtputf8_enable = yes; bad bytes become `?`
+    # one each; C1 controls, separators and non-breaking space are not printable.
+    assert msg.printable("grüße ☃".encode()) == "grüße ☃"
+    assert msg.printable(b"a\xc3(b\xff") == "a?(b?"
+    assert msg.printable("a\x85b\u2028c\xa0d") == "a?b?c?d"
+    assert msg.printable("grüße".encode(), 4) == "grüß"
+    # Without UTF-8 every non-ASCII character is replaced; bytes count one each.
+    assert msg.printable("grüße", utf8=False) == "gr??e"
+    assert msg.printable("grüße".encode(), 4, utf8=False) == "gr??"

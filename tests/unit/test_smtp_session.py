@@ -7,7 +7,6 @@ in Postfix's words, and what went over the wire. TLS tests use trustme certifica
 Python's ssl module as the server.
 """
 
-import re
 import socket
 import ssl
 import threading
@@ -21,6 +20,7 @@ from postfix_py.lib import maincf, msg
 from postfix_py.lib import tls as libtls
 from postfix_py.lib.smtpio import SmtpStream
 from postfix_py.smtp import nexthop, session as S, tls as T, tls_policy
+from sink import Script
 
 ADDR = nexthop.Address("mx.example", "192.0.2.1", 25)
 NAMADDR = "mx.example[192.0.2.1]"
@@ -31,83 +31,15 @@ EHLO_PLAIN = b"250-mx.example\r\n250 8BITMIME\r\n"
 EHLO_TLS = b"250-mx.example\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
 
 
-class Server(threading.Thread):
-    """The remote side: runs a script of steps on its end of the socketpair."""
-
-    def __init__(self, sock, script, tls_ctx=None):
-        super().__init__(daemon=True)
-        self.sock = sock
-        self.conn = sock
-        self.script = script
-        self.tls_ctx = tls_ctx
-        self.buf = b""
-        self.lines = []         # command lines received, in order
-        self.data = b""         # DATA content received (with the final dot)
-        self.error = None
-        self.recv_sizes = []
-        self.peercert = None
-
-    def _recv(self):
-        chunk = self.conn.recv(65536)
-        if not chunk:
-            raise EOFError("client closed")
-        self.recv_sizes.append(len(chunk))
-        self.buf += chunk
-
-    def readline(self):
-        while b"\n" not in self.buf:
-            self._recv()
-        line, self.buf = self.buf.split(b"\n", 1)
-        text = line.rstrip(b"\r").decode()
-        self.lines.append(text)
-        return text
-
-    def run(self):
-        try:
-            for step in self.script:
-                op, *args = step
-                if op == "send":
-                    self.conn.sendall(args[0])
-                elif op == "expect":
-                    line = self.readline()
-                    if not re.match(args[0], line):
-                        raise AssertionError(f"expected {args[0]!r}, got {line!r}")
-                elif op == "data":
-                    while b"\r\n.\r\n" not in self.buf:
-                        self._recv()
-                    self.data, self.buf = self.buf.split(b"\r\n.\r\n", 1)
-                    self.data += b"\r\n.\r\n"
-                elif op == "starttls":
-                    self.conn = self.tls_ctx.wrap_socket(self.sock, server_side=True)
-                    self.peercert = self.conn.getpeercert(binary_form=True)
-                elif op == "sleep":
-                    time.sleep(args[0])
-                elif op == "eof":
-                    try:
-                        while True:
-                            self._recv()
-                    except (EOFError, OSError, ssl.SSLError):
-                        pass
-                elif op == "close":
-                    break
-        except Exception as exc:        # noqa: BLE001 - reported by finish()
-            self.error = exc
-        finally:
-            try:
-                if self.conn is not self.sock:
-                    self.conn.close()
-            except OSError:
-                pass
-            self.sock.close()
-
-
 class Harness:
-    """A Session on one end of a socketpair, a Server script on the other."""
+    """A Session on one end of a socketpair, a Script on the other."""
 
     def __init__(self, script, recipients=("a@example.org",), content=b"hello\n",
                  options=None, tls=None, tls_ctx=None, final=True, lmtp=False):
         self.client_sock, server_sock = socket.socketpair()
-        self.server = Server(server_sock, script, tls_ctx)
+        # The remote side: tests/sink.py's Script, played on its end of the socketpair.
+        self.script = Script(script, tls_ctx)
+        self.server = threading.Thread(target=self.script, args=(server_sock,), daemon=True)
         self.logged = []
         self.d = S.Delivery("QID1", "s@example.org",
                             [S.Rcpt(r, i) for i, r in enumerate(recipients)],
@@ -131,7 +63,7 @@ class Harness:
         finally:
             self.sess.close()
             self.server.join(10)
-        assert self.server.error is None, self.server.error
+        assert self.script.error is None, self.script.error
         return self
 
     def result(self, i=0):
@@ -151,7 +83,7 @@ def test_lockstep_delivery_stuffs_dots_and_uses_crlf():
     h = Harness(plain_dialogue(), content=b"Subject: x\n\n.dot\n..two\nend").run()
     assert h.result() == ("sent", "2.0.0", "250 2.0.0 Ok: queued as ABC")
     assert h.logged == [("a@example.org", "sent", RELAY)]
-    assert h.server.data == b"Subject: x\r\n\r\n..dot\r\n...two\r\nend\r\n.\r\n"
+    assert h.script.data == b"Subject: x\r\n\r\n..dot\r\n...two\r\nend\r\n.\r\n"
 
 
 def test_pipelining_sends_mail_rcpt_data_in_one_write():
@@ -470,7 +402,7 @@ def test_handshake_failure_drops_the_connection(pki, tmp_path):
     assert h.result() == ("deferred", "4.7.5", "Cannot start TLS: handshake failure")
     assert not h.sess.usable
     # Nothing after STARTTLS in plain text: no QUIT, no EHLO.
-    assert h.server.lines == ["EHLO client.example", "STARTTLS"]
+    assert h.script.lines == ["EHLO client.example", "STARTTLS"]
     assert any(line.startswith(f"SSL_connect error to {RELAY}") for line in infos), infos
 
 
@@ -594,4 +526,4 @@ def test_client_certificate_only_when_configured(pki, tmp_path, param):
     h = Harness(tls_dialogue(), tls=starter(pki, tmp_path, "may", extra=extra),
                 tls_ctx=ctx).run()
     assert h.result()[0] == "sent"
-    assert (h.server.peercert is not None) == bool(param)
+    assert (h.script.peercert is not None) == bool(param)

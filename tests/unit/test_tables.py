@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from postfix_py.lib import msg, tables
+from postfix_py.lib import msg, posix_regex, table_writer, tables
 from postfix_py.lib.tables import TableError, open_table
 
 DEBIAN_POSTMAP = shutil.which("postmap", path="/usr/sbin:/usr/bin")
@@ -87,7 +87,7 @@ multi line
 @pytest.mark.parametrize("type_,suffix", [("lmdb", ".lmdb"), ("hash", ".db"), ("btree", ".db")])
 def test_build_and_lookup_folds_keys(tmp_path, capsys, type_, suffix):
     src = write(tmp_path / "t", SOURCE)
-    assert tables.build(f"{type_}:{src}") == 4
+    assert table_writer.build(f"{type_}:{src}") == 4
     path = src + suffix
     with open(path, "rb") as f:
         assert f.read(20)[16:20] == (0xBEEFC0DE).to_bytes(4, "little")   # LMDB, not BDB
@@ -101,7 +101,7 @@ def test_build_and_lookup_folds_keys(tmp_path, capsys, type_, suffix):
 
 def test_fold_false_keeps_case_and_folded_queries_miss(tmp_path):
     src = write(tmp_path / "t", "MiXed v\n")
-    tables.build(f"lmdb:{src}", fold=False)
+    table_writer.build(f"lmdb:{src}", fold=False)
     assert lookup(f"lmdb:{src}", "MiXed", fold=False) == ["v"]
     assert lookup(f"lmdb:{src}", "MiXed", "mixed") == [None, None]    # as Postfix's -f
 
@@ -110,14 +110,14 @@ def test_fold_false_keeps_case_and_folded_queries_miss(tmp_path):
     ("warn", "one", True), ("replace", "two", False), ("ignore", "one", False)])
 def test_duplicate_policies(tmp_path, capsys, mode, expected, warned):
     src = write(tmp_path / "t", "dup one\nDUP two\n")
-    tables.build(f"hash:{src}", duplicates=mode)
+    table_writer.build(f"hash:{src}", duplicates=mode)
     assert lookup(f"hash:{src}", "dup") == [expected]
     assert bool(warnings_of(capsys)) == warned
 
 
 def test_items_and_null_terminated_entries(tmp_path):
     src = write(tmp_path / "t", "b 2\na 1\n")
-    tables.build(f"lmdb:{src}", null=True)
+    table_writer.build(f"lmdb:{src}", null=True)
     with open_table(f"lmdb:{src}") as t:
         assert t.items() == [("a", "1"), ("b", "2")]
         assert t.lookup("A") == "1"
@@ -127,28 +127,28 @@ def test_incremental_and_delete(tmp_path, capsys):
     import io
     src = write(tmp_path / "t", "a 1\nb 2\n")
     ref = f"lmdb:{src}"
-    tables.build(ref)
-    tables.build(ref, stream=io.StringIO("c 3\nA 9\n"), incremental=True)
+    table_writer.build(ref)
+    table_writer.build(ref, stream=io.StringIO("c 3\nA 9\n"), incremental=True)
     assert f'{src}.lmdb: duplicate entry: "a"' in capsys.readouterr().err
     assert lookup(ref, "a", "b", "c") == ["1", "2", "3"]
-    assert tables.delete(ref, ["B", "nope"]) == ["B"]
-    assert tables.delete(ref, ["b"]) == []
+    assert table_writer.delete(ref, ["B", "nope"]) == ["B"]
+    assert table_writer.delete(ref, ["b"]) == []
     assert lookup(ref, "a", "b", "c") == ["1", None, "3"]
 
 
 def test_incremental_creates_a_missing_table(tmp_path):
     import io
     ref = f"hash:{tmp_path / 'new'}"
-    assert tables.build(ref, stream=io.StringIO("k v\n"), incremental=True) == 1
+    assert table_writer.build(ref, stream=io.StringIO("k v\n"), incremental=True) == 1
     assert lookup(ref, "k") == ["v"]
 
 
 def test_long_key_fails_and_keeps_the_old_table(tmp_path):
     src = write(tmp_path / "t", "k old\n")
-    tables.build(f"hash:{src}")
+    table_writer.build(f"hash:{src}")
     write(tmp_path / "t", "k new\n" + "x" * 600 + " v\n")
     with pytest.raises(TableError, match=r"t, line 2: key is longer than LMDB's 511 bytes"):
-        tables.build(f"hash:{src}")
+        table_writer.build(f"hash:{src}")
     assert lookup(f"hash:{src}", "k", "x" * 600) == ["old", None]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
 
@@ -156,21 +156,21 @@ def test_long_key_fails_and_keeps_the_old_table(tmp_path):
 def test_map_grows_when_full(tmp_path, monkeypatch):
     src = tmp_path / "t"
     src.write_text("".join(f"key{i} {'v' * 200}{i}\n" for i in range(2000)))
-    monkeypatch.setattr(tables, "_initial_map_size", lambda items, size: 65536)
-    assert tables.build(f"lmdb:{src}", cfg={"lmdb_map_size": 65536}) == 2000
+    monkeypatch.setattr(table_writer, "_initial_map_size", lambda items, size: 65536)
+    assert table_writer.build(f"lmdb:{src}", cfg={"lmdb_map_size": 65536}) == 2000
     assert lookup(f"lmdb:{src}", "KEY1999") == ["v" * 200 + "1999"]
 
 
 def test_new_file_takes_source_permissions_and_keeps_existing_mode(tmp_path):
     src = write(tmp_path / "t", "k v\n")
     os.chmod(src, 0o640)
-    tables.build(f"hash:{src}")
+    table_writer.build(f"hash:{src}")
     assert stat.S_IMODE(os.stat(src + ".db").st_mode) == 0o640
     os.chmod(src + ".db", 0o600)
-    tables.build(f"hash:{src}")
+    table_writer.build(f"hash:{src}")
     assert stat.S_IMODE(os.stat(src + ".db").st_mode) == 0o600     # replaced, mode kept
     os.unlink(src + ".db")
-    tables.build(f"hash:{src}", inherit_mode=False)
+    table_writer.build(f"hash:{src}", inherit_mode=False)
     assert stat.S_IMODE(os.stat(src + ".db").st_mode) == 0o644
 
 
@@ -178,11 +178,11 @@ def test_new_file_takes_source_permissions_and_keeps_existing_mode(tmp_path):
 def test_root_gives_the_table_to_the_source_owner(tmp_path):
     src = write(tmp_path / "t", "k v\n")
     os.chown(src, 65534, 65534)
-    tables.build(f"lmdb:{src}")
+    table_writer.build(f"lmdb:{src}")
     st = os.stat(src + ".lmdb")
     assert (st.st_uid, st.st_gid) == (65534, 65534)
     os.unlink(src + ".lmdb")
-    tables.build(f"lmdb:{src}", as_owner=False)
+    table_writer.build(f"lmdb:{src}", as_owner=False)
     assert os.stat(src + ".lmdb").st_uid == 0
 
 
@@ -190,7 +190,7 @@ def test_missing_database_and_source(tmp_path):
     with pytest.raises(TableError, match=r"^open database .*/none\.db: No such file or directory$"):
         open_table(f"hash:{tmp_path}/none")
     with pytest.raises(TableError, match=r"^open .*/none: No such file or directory$"):
-        tables.build(f"hash:{tmp_path}/none")
+        table_writer.build(f"hash:{tmp_path}/none")
 
 
 def test_not_lmdb_file_is_refused_with_the_remedy(tmp_path):
@@ -212,14 +212,14 @@ def test_berkeley_db_from_postfix_is_refused_clearly(tmp_path, type_):
         f'serves {type_} tables from LMDB files: run "postfix-py postmap {ref}" to rebuild '
         f"it from the source file")
     with pytest.raises(TableError, match="Berkeley DB"):
-        tables.delete(ref, ["k"])
-    tables.build(ref)                      # the remedy: replaces the Berkeley DB file
+        table_writer.delete(ref, ["k"])
+    table_writer.build(ref)                      # the remedy: replaces the Berkeley DB file
     assert lookup(ref, "k") == ["v"]
 
 
 def test_stale_database_is_warned(tmp_path, capsys):
     src = write(tmp_path / "t", "k v\n")
-    tables.build(f"hash:{src}")
+    table_writer.build(f"hash:{src}")
     old = time.time() - 1000
     os.utime(src + ".db", (old, old))
     os.utime(src, (old + 500, old + 500))
@@ -233,16 +233,16 @@ def test_stale_database_is_warned(tmp_path, capsys):
 def test_open_table_sees_rebuilt_file(tmp_path):
     src = write(tmp_path / "t", "k old\n")
     ref = f"lmdb:{src}"
-    tables.build(ref)
+    table_writer.build(ref)
     with open_table(ref) as t:
         assert t.lookup("k") == "old"
         old_env = t._env
         write(tmp_path / "t", "k new\nextra 1\n")
-        tables.build(ref)
+        table_writer.build(ref)
         assert t.lookup("k") == "new"
         assert t.lookup("extra") == "1"
         assert t._env is not old_env
-        tables.delete(ref, ["extra"])
+        table_writer.delete(ref, ["extra"])
         assert t.lookup("extra") is None
         os.unlink(src + ".lmdb")           # gone: the open snapshot keeps answering
         assert t.lookup("k") == "new"
@@ -250,13 +250,13 @@ def test_open_table_sees_rebuilt_file(tmp_path):
 
 def test_replacement_by_bad_file_is_a_lookup_error_then_recovers(tmp_path):
     src = write(tmp_path / "t", "k v\n")
-    tables.build(f"hash:{src}")
+    table_writer.build(f"hash:{src}")
     with open_table(f"hash:{src}") as t:
         (tmp_path / "bad").write_bytes(b"x" * 100)
         os.replace(tmp_path / "bad", src + ".db")
         with pytest.raises(TableError, match="not an LMDB file"):
             t.lookup("k")
-        tables.build(f"hash:{src}")
+        table_writer.build(f"hash:{src}")
         assert t.lookup("k") == "v"
 
 
@@ -300,7 +300,7 @@ def test_reader_process_never_misses_during_rebuilds(tmp_path):
 
     def generation(gen):
         src.write_text("".join(f"key{i} v{i}.{gen}\n" for i in range(n)))
-        tables.build(ref)
+        table_writer.build(ref)
 
     generation(0)
     script = tmp_path / "reader.py"
@@ -333,7 +333,7 @@ def test_concurrent_writers_lose_no_update(tmp_path):
     def writer(name):
         try:
             for i in range(15):
-                tables.build(ref, stream=io.StringIO(f"{name}{i} v\n"), incremental=True)
+                table_writer.build(ref, stream=io.StringIO(f"{name}{i} v\n"), incremental=True)
         except Exception as exc:          # pragma: no cover - reported below
             errors.append(exc)
 
@@ -349,10 +349,10 @@ def test_concurrent_writers_lose_no_update(tmp_path):
 
 def test_two_tables_on_one_file_share_it(tmp_path):
     src = write(tmp_path / "t", "k v\n")
-    tables.build(f"btree:{src}")
+    table_writer.build(f"btree:{src}")
     with open_table(f"btree:{src}") as a, open_table(f"hash:{src}") as b:
         assert a.lookup("k") == b.lookup("k") == "v"
-        assert tables.delete(f"hash:{src}", ["k"]) == ["k"]
+        assert table_writer.delete(f"hash:{src}", ["k"]) == ["k"]
         assert a.lookup("k") is None
     assert tables._ENVS == {}
 
@@ -441,13 +441,13 @@ def test_items_not_supported_and_read_only_types(tmp_path):
             TableError, match=r"^table static:x: sequence operation is not supported$"):
         t.items()
     with pytest.raises(TableError, match=r"^table static:x: delete operation is not supported$"):
-        tables.delete("static:x", ["k"])
+        table_writer.delete("static:x", ["k"])
     with pytest.raises(TableError, match=r"^inline:\{a=b\} map requires O_RDONLY access mode$"):
-        tables.delete("inline:{a=b}", ["a"])
+        table_writer.delete("inline:{a=b}", ["a"])
     src = write(tmp_path / "t", "a b\n")
     with pytest.raises(TableError, match="^unsupported dictionary type: texthash does not "
                                          "support bulk-mode creation.$"):
-        tables.build(f"texthash:{src}")
+        table_writer.build(f"texthash:{src}")
 
 
 # --- regexp ----------------------------------------------------------------------------
@@ -580,7 +580,7 @@ def test_regexp_if_extra_text_and_endif_junk(tmp_path, capsys):
     (r"a|b+?", False, r"a\|b\+\?"),
 ])
 def test_posix_translation(posix, extended, python):
-    assert tables.posix_to_python(posix, extended) == python
+    assert posix_regex.posix_to_python(posix, extended) == python
 
 
 # --- pcre ------------------------------------------------------------------------------
