@@ -36,7 +36,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-DEFER, BOUNCE = "defer", "bounce"
+from .queue import BOUNCE, DEFER   # the logs live in these queue directories
+
 MAX_LOG = 16 * 1024 * 1024        # a larger log is read only this far
 
 

@@ -71,6 +71,7 @@ import setproctitle
 
 from . import msg
 from .events import EventLoop
+from .queue import queue_root
 
 class Terminated(BaseException):
     """SIGTERM arrived while a single_server worker served a client: end it now.
@@ -120,7 +121,7 @@ class WorkerContext:
     def queue_root(self) -> str:
         """Where the queue is seen from this worker: / inside the jail."""
         jailed = self.run_as_root and self.service.chroot
-        return "/" if jailed else self.cfg.get("queue_directory")
+        return "/" if jailed else queue_root(self.cfg)
 
     def report(self, state: int) -> None:
         """Tell the master this worker is available or taken; the master may be gone."""
@@ -174,7 +175,7 @@ def _start(ctx: WorkerContext) -> None:
 
 def drop_privileges(ctx: WorkerContext) -> None:
     """Chroot when the service says so, then become mail_owner for good."""
-    queue = ctx.cfg.get("queue_directory")
+    queue = queue_root(ctx.cfg)
     if not ctx.run_as_root:
         _chdir(queue)
         return

@@ -35,6 +35,7 @@ import time
 
 from ..lib import maincf, msg
 from ..lib import tls as libtls
+from ..lib.queue import queue_root
 from . import master as M
 
 TOOL = "postfix-py/postfix-script"
@@ -361,7 +362,7 @@ def check(argv: list[str]) -> int:
     except KeyError:
         msg.error(f"mail_owner: unknown user: {cfg.get('mail_owner')}")
         errors += 1
-    queue = cfg.get("queue_directory")
+    queue = queue_root(cfg)
     expect = [(queue, 0, 0o022), (os.path.join(queue, "private"), "owner", 0o077),
               (os.path.join(queue, "public"), "owner", 0o022),
               (cfg.get("data_directory"), "owner", 0o077)]

@@ -61,7 +61,7 @@ import traceback
 
 from ..lib import maincf, mastercf, msg, params, tls
 from ..lib.events import EventLoop
-from ..lib.queue import recover_incoming
+from ..lib.queue import queue_root, recover_incoming
 from ..lib.server import STATUS_FORMAT, STATUS_SIZE, STATUS_TAKEN, WorkerContext
 from . import services as S
 
@@ -161,7 +161,7 @@ def certificate_problems(cfg, svcs, warn=msg.warn) -> list[str]:
 
 
 def pid_path(cfg) -> str:
-    return os.path.join(cfg.get("queue_directory"), cfg.get("process_id_directory"),
+    return os.path.join(queue_root(cfg), cfg.get("process_id_directory"),
                         "master.pid")
 
 
@@ -190,7 +190,7 @@ def read_pid(cfg) -> int | None:
 
 def prepare_directories(cfg, run_as_root: bool, chroot: bool) -> None:
     """Create the queue's directories with Postfix's owners and modes; copy chroot files."""
-    queue = cfg.get("queue_directory")
+    queue = queue_root(cfg)
     owner = pwd.getpwnam(cfg.get("mail_owner")) if run_as_root else None
     os.makedirs(queue, mode=0o755, exist_ok=True)
     from ..lib.queue import SUBDIRS
@@ -275,10 +275,10 @@ class Master:
         try:
             prepare_directories(cfg, self.run_as_root, any(s.chroot for s in svcs))
         except OSError as exc:
-            raise StartError(f"{exc.filename or cfg.get('queue_directory')}: "
+            raise StartError(f"{exc.filename or queue_root(cfg)}: "
                              f"{exc.strerror}") from None
         self._lock(cfg)
-        for qid in recover_incoming(cfg.get("queue_directory")):
+        for qid in recover_incoming(queue_root(cfg)):
             msg.warn(f"{qid}: complete queue file recovered in incoming/ after a crash")
         if not self.run_as_root:
             msg.warn("not running as root: workers run as this user, without chroot "

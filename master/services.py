@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..lib import msg
+from ..lib.queue import queue_root
 
 # command column -> module implementing it
 PROGRAMS = {
@@ -179,7 +180,7 @@ def endpoint_key(svc, cfg) -> tuple:
 def unix_path(svc, cfg) -> str:
     """queue_directory/private/NAME or queue_directory/public/NAME."""
     sub = "private" if svc.private else "public"
-    return os.path.join(cfg.get("queue_directory"), sub, svc.name)
+    return os.path.join(queue_root(cfg), sub, svc.name)
 
 
 def _inet_addresses(svc, cfg) -> list[tuple]:

@@ -200,13 +200,6 @@ class ServerReply:
         return self.code // 100
 
 
-def _printable(data: bytes) -> str:
-    text = data.decode("utf-8", "replace")
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else "?" for c in text)
-
-
 def read_reply(stream, timeout: float, line_limit: int, chat=None) -> ServerReply:
     """Read one (multi-line) reply; StreamTimeout/StreamEOF from the stream propagate."""
     lines: list[str] = []
@@ -229,11 +222,11 @@ def read_reply(stream, timeout: float, line_limit: int, chat=None) -> ServerRepl
             raise StreamEOF("reply too long")
         data = line.rstrip(b"\r\n")
         if chat is not None:
-            chat("<", _printable(data[:line_limit]))
+            chat("<", msg.printable(data[:line_limit], None))
         head = data[:3]
         if len(head) == 3 and head.isdigit() and data[3:4] in (b"-", b" ", b""):
             if kept < MAX_REPLY_LINES and sum(len(x) for x in lines) < line_limit:
-                lines.append(_printable(data))
+                lines.append(msg.printable(data, None))
                 kept += 1
             if data[3:4] == b"-":
                 continue

@@ -108,6 +108,7 @@ import time
 from dataclasses import dataclass
 
 from ..lib import msg
+from ..lib.msg import printable
 from ..lib.maincf import ConfigError
 from ..lib.sasl_common import (allowed, hash_password, security_options,  # noqa: F401
                                sha_crypt, verify_password)
@@ -127,11 +128,6 @@ class Step:
     the reason)."""
     status: str
     data: str = ""
-
-
-def printable(text: str, limit: int = 100) -> str:
-    """Text from a peer, fit for a log line or a header: non-printables become `?`."""
-    return "".join(c if " " <= c <= "~" or c >= "\xa0" else "?" for c in text[:limit])
 
 
 _AUTH_CMD = re.compile(r"(?im)^[ \t]*auth[ \t]+[^ \t\r\n]*")

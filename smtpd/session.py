@@ -59,9 +59,8 @@ class Disconnect(Exception):
 
 
 def printable(data: bytes | str, limit: int = 100) -> str:
-    """Client text for a log line: non-printable characters become `?`, as Postfix does."""
-    text = data.decode("latin-1") if isinstance(data, bytes) else data
-    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+    """Client text for a reply or log line, ASCII only (lib/msg.printable's rule)."""
+    return msg.printable(data, limit, utf8=False)
 
 
 def comment_text(text: str) -> str:
