@@ -8,11 +8,17 @@ at a time in the loop's thread; a callback that raises is a bug of ours and stop
     loop.add_writer(fd, callback)        callback() when fd is writable
     loop.remove(fd)                      forget fd (both directions); safe if unknown
     handle = loop.call_later(delay, fn)  fn() once, after delay seconds
-    loop.cancel(handle)                  a timer that has not fired yet will not fire
+    loop.cancel(handle)                  a timer that has not fired yet will not fire; its
+                                         callback is released at once
     loop.run(until=None)                 run callbacks until stop() or until() is true
     loop.stop()
 
 Time comes from `clock` (time.monotonic unless given), so tests can inject their own.
+
+A cancelled timer would otherwise stay in the heap, with everything its callback holds,
+until its due time (qmgr cancels one delivery deadline of ipc_timeout per message): cancel()
+drops the callback, and the heap is rebuilt without cancelled entries whenever they are
+more than half of it, as asyncio does. Memory stays bounded by the timers that are live.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import heapq
 import itertools
 import selectors
 import time
+
+
+COMPACT_MIN = 64            # a heap this small is not worth rebuilding
 
 
 class TimerHandle:
@@ -43,6 +52,7 @@ class EventLoop:
         self._writers: dict[int, object] = {}
         self._timers: list[TimerHandle] = []
         self._seq = itertools.count()
+        self._cancelled = 0         # cancelled handles still in the heap
         self._running = False
 
     # --- file descriptors --------------------------------------------------------------
@@ -100,8 +110,15 @@ class EventLoop:
 
     def cancel(self, handle: TimerHandle | None) -> None:
         """Cancel a timer; harmless when it already fired or was cancelled."""
-        if handle is not None:
-            handle.cancelled = True
+        if handle is None or handle.fn is None:     # fired, or cancelled before
+            return
+        handle.cancelled = True
+        handle.fn = None
+        self._cancelled += 1
+        if self._cancelled > COMPACT_MIN and 2 * self._cancelled > len(self._timers):
+            self._timers = [h for h in self._timers if not h.cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
 
     def run_due_timers(self) -> float | None:
         """Fire every timer that is due; return seconds until the next one, or None.
@@ -114,12 +131,14 @@ class EventLoop:
             head = self._timers[0]
             if head.cancelled:
                 heapq.heappop(self._timers)
+                self._cancelled -= 1
                 continue
             delay = head.when - now
             if delay > 0:
                 return max(0.0, head.when - self.clock())
             heapq.heappop(self._timers)
-            head.fn()
+            fn, head.fn = head.fn, None
+            fn()
         return None
 
     # --- running -----------------------------------------------------------------------
