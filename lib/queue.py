@@ -47,6 +47,7 @@ FUNCTIONS
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import struct
@@ -218,15 +219,32 @@ class QueueMessage:
 
 
 def read(path: str) -> QueueMessage:
-    """Read a committed queue file's envelope; QueueFileError when it is not one."""
+    """Read a committed queue file's envelope; QueueFileError when it is not one.
+
+    qmgr reads every message once: a file of at most BLOCK bytes (most mail) is read with
+    one read() and parsed in memory; a larger one through a buffered file, content skipped.
+    """
     msg = QueueMessage(queue_id=os.path.basename(path))
-    with open(path, "rb") as f:
-        return _read_envelope(f, path, msg)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size <= BLOCK:
+            data = bytearray()
+            while len(data) < size:
+                chunk = os.read(fd, size - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            return _read_envelope(io.BytesIO(data), path, msg, len(data))
+        with open(fd, "rb", closefd=False) as f:
+            return _read_envelope(f, path, msg, size)
+    finally:
+        os.close(fd)
 
 
-def _read_envelope(f, path: str, msg: QueueMessage) -> QueueMessage:
-    """The records of an open queue file; content is skipped, so memory stays small."""
-    end = os.fstat(f.fileno()).st_size
+def _read_envelope(f, path: str, msg: QueueMessage, end: int) -> QueueMessage:
+    """The records of an open queue file of end bytes; content is skipped, so memory
+    stays small."""
     if f.read(len(MAGIC)) != MAGIC:
         raise QueueFileError(f"{path}: not a queue file")
     pos, ended, content_size = len(MAGIC), False, None

@@ -84,6 +84,7 @@ SEE ALSO
 from __future__ import annotations
 
 import os
+import re
 import stat
 import time
 from collections import deque
@@ -99,6 +100,7 @@ CORRUPT_GRACE = 60.0          # an unreadable file younger than this may still b
 # Postfix's own defaults for the local transport (local_destination_*_limit).
 TRANSPORT_DEFAULTS = {"local": {"concurrency": 2, "recipients": 1}}
 SUSPENDED = "delivery temporarily suspended: "
+_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 
 @dataclass
@@ -677,7 +679,8 @@ class QueueManager:
         except OSError as exc:
             msg.warn(f"{qid}: remove from active: {exc.strerror}")
             return
-        bounce_log.remove(self.root, DEFER, qid)
+        if m.deferred:      # else there is none: entering active/ removed the last one
+            bounce_log.remove(self.root, DEFER, qid)
         bounce_log.remove(self.root, BOUNCE, qid)
         msg.info(f"{qid}: removed")
 
@@ -698,8 +701,7 @@ class QueueManager:
 
 def _id_ok(name: str) -> bool:
     """A plausible queue id: letters, digits and _, as Postfix's mail_queue_id_ok."""
-    return 0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c == "_")
-                                       for c in name)
+    return _ID.fullmatch(name) is not None
 
 
 def _listdir(path: str) -> list[str]:

@@ -103,6 +103,19 @@ def main(ctx) -> int:
         mgr.start()
 
     def on_client(conn, loop):
+        # The client sent its request bytes right after connecting: usually they are here
+        # already, and the connection needs no watching and no timer.
+        try:
+            data = conn.recv(TRIGGER_MAX)
+        except (BlockingIOError, InterruptedError):
+            data = None
+        except OSError:
+            data = b""
+        if data is not None:
+            conn.close()
+            if data:
+                state["mgr"].trigger(data)
+            return
         timer = None
 
         def close():
