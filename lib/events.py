@@ -50,7 +50,8 @@ class EventLoop:
         self._sel = selectors.DefaultSelector()
         self._readers: dict[int, object] = {}
         self._writers: dict[int, object] = {}
-        self._timers: list[TimerHandle] = []
+        self._masks: dict[int, int] = {}    # fd -> events registered with the selector
+        self._timers: list[tuple] = []      # (when, seq, TimerHandle), a heap
         self._seq = itertools.count()
         self._cancelled = 0         # cancelled handles still in the heap
         self._running = False
@@ -59,16 +60,19 @@ class EventLoop:
     def _update(self, fd: int) -> None:
         mask = (selectors.EVENT_READ if fd in self._readers else 0) | \
                (selectors.EVENT_WRITE if fd in self._writers else 0)
-        try:
-            key = self._sel.get_key(fd)
-        except KeyError:
-            key = None
-        if mask and key:
+        old = self._masks.get(fd, 0)        # what the selector has: no lookup that raises
+        if mask == old:
+            return
+        if mask and old:
             self._sel.modify(fd, mask)
         elif mask:
             self._sel.register(fd, mask)
-        elif key:
+        else:
             self._sel.unregister(fd)
+        if mask:
+            self._masks[fd] = mask
+        else:
+            del self._masks[fd]
 
     def add_reader(self, fd: int, callback) -> None:
         """Call callback() whenever fd is readable."""
@@ -105,7 +109,8 @@ class EventLoop:
     def call_later(self, delay: float, fn) -> TimerHandle:
         """Call fn() once, delay seconds from now."""
         handle = TimerHandle(self.clock() + max(0.0, delay), next(self._seq), fn)
-        heapq.heappush(self._timers, handle)
+        # (when, seq, handle): the heap compares in C; seq is unique, so never the handle.
+        heapq.heappush(self._timers, (handle.when, handle.seq, handle))
         return handle
 
     def cancel(self, handle: TimerHandle | None) -> None:
@@ -116,7 +121,7 @@ class EventLoop:
         handle.fn = None
         self._cancelled += 1
         if self._cancelled > COMPACT_MIN and 2 * self._cancelled > len(self._timers):
-            self._timers = [h for h in self._timers if not h.cancelled]
+            self._timers = [t for t in self._timers if not t[2].cancelled]
             heapq.heapify(self._timers)
             self._cancelled = 0
 
@@ -128,14 +133,13 @@ class EventLoop:
         """
         now = self.clock()
         while self._timers:
-            head = self._timers[0]
+            when, _, head = self._timers[0]
             if head.cancelled:
                 heapq.heappop(self._timers)
                 self._cancelled -= 1
                 continue
-            delay = head.when - now
-            if delay > 0:
-                return max(0.0, head.when - self.clock())
+            if when > now:
+                return max(0.0, when - self.clock())
             heapq.heappop(self._timers)
             fn, head.fn = head.fn, None
             fn()

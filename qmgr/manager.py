@@ -209,6 +209,7 @@ class QueueManager:
         self.rcpt_count = 0
         self.scans = {"incoming": _Scan("incoming"), "deferred": _Scan("deferred")}
         self._turn = 0
+        self._dirs: dict[str, str] = {}
         self._pumping = False
         self._rescan_timer = None
         self._deferred_timer = None
@@ -275,7 +276,10 @@ class QueueManager:
     # --- scanning and feeding --------------------------------------------------------------
     def _path(self, queue: str, name: str) -> str:
         """A queue file's name, relative when the queue root is the working directory."""
-        return os.path.normpath(os.path.join(self.root, queue, name))
+        where = self._dirs.get(queue)
+        if where is None:
+            where = self._dirs[queue] = os.path.normpath(os.path.join(self.root, queue))
+        return f"{where}/{name}"        # name: a directory entry, never . or .. (dot-files)
 
     def _arm_deferred_timer(self) -> None:
         if self.loop is not None:
