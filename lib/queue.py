@@ -12,6 +12,9 @@ FORMAT
     record type (1 byte) + length (4 bytes, big-endian) + data (length bytes)
 
     T  arrival time, seconds since the epoch (ASCII decimal, with fraction)
+    W  the same, for a message whose delayed-mail warning was sent: qmgr rewrites the T
+       record's type byte in place (mark_warned), as it marks recipients done, so that a
+       message is warned about once (Postfix rewrites its queue file's warning time)
     A  attribute `name=value` (client_name, client_address, helo_name, protocol,
        sasl_method, sasl_username, tls_*, submit_uid, ...); repeated
     S  envelope sender (empty for the null sender <>); exactly one
@@ -41,6 +44,8 @@ FUNCTIONS
     QueueMessage.content(path) yields the content blocks.
     mark_done(path, offset, sync=True): rewrite one recipient's type byte to D (durably
         with sync).
+    mark_warned(path, offset): rewrite the arrival record (QueueMessage.arrival_offset)
+        to W, durably; QueueFileError when that offset holds no arrival record.
     free_space(queue_root) -> bytes available to the mail owner.
     wake(queue_root, request): poke qmgr through public/qmgr (best effort).
 """
@@ -200,6 +205,8 @@ class QueueMessage:
     attrs: dict[str, str] = field(default_factory=dict)
     content_offset: int = 0     # of the first B record
     size: int = 0
+    arrival_offset: int = 0     # of the T (or W) record's type byte, for mark_warned
+    warned: bool = False        # the delayed-mail warning was sent (W record)
 
     def content(self, path: str, blocks: bool = True):
         """Yield the message content in blocks, as written."""
@@ -266,11 +273,12 @@ def _read_envelope(f, path: str, msg: QueueMessage, end: int) -> QueueMessage:
         if len(value) != length:
             raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
         text = value.decode("utf-8", "surrogateescape")
-        if kind == b"T":
+        if kind in (b"T", b"W"):
             try:
                 msg.arrival = float(text)
             except ValueError:
                 raise QueueFileError(f"{path}: bad arrival time") from None
+            msg.arrival_offset, msg.warned = pos, kind == b"W"
         elif kind == b"A":
             name, _, val = text.partition("=")
             msg.attrs[name] = val
@@ -341,6 +349,19 @@ def mark_done(path: str, offset: int, sync: bool = True) -> None:
             raise OSError(f"{path}: short write")
         if sync:
             os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mark_warned(path: str, offset: int) -> None:
+    """Record, durably, that the message's delayed-mail warning was sent."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if os.pread(fd, 1, offset) not in (b"T", b"W"):
+            raise QueueFileError(f"{path}: no arrival record at offset {offset}")
+        if os.pwrite(fd, b"W", offset) != 1:
+            raise OSError(f"{path}: short write")
+        os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -42,6 +42,11 @@ LIFE OF A MESSAGE
                 status=expired, returned to sender`), otherwise it moves to deferred/ with
                 its modification time set to now + its age, clamped to minimal_backoff_time
                 .. maximal_backoff_time; with none, the file is removed (`ID: removed`).
+                A deferred message that is not expired and has been queued for
+                delay_warning_time (0: never) gets one delayed-mail warning to its sender
+                (qmgr/bounce.py; `ID: sender delay notification: NEW`), once: the queue
+                file records it (lib/queue.mark_warned, fsync) after the warning was
+                committed, so a crash in between can repeat a warning but never lose one.
 
     Every result is on disk (queue file or log) before the file moves on, so a crash
     repeats at most the deliveries that were in flight.
@@ -59,7 +64,8 @@ FUNCTIONS
 
 CONFIGURATION PARAMETERS
     queue_run_delay (300s), minimal_backoff_time (300s), maximal_backoff_time (4000s),
-    maximal_queue_lifetime (5d), bounce_queue_lifetime (5d), qmgr_message_active_limit
+    maximal_queue_lifetime (5d), bounce_queue_lifetime (5d), delay_warning_time (0h),
+    qmgr_message_active_limit
     (20000), qmgr_message_recipient_limit (20000), default_destination_concurrency_limit
     (20), initial_destination_concurrency (5), default_destination_recipient_limit (50),
     soft_bounce (no), default_process_limit (100); not yet in the parameter table, read with
@@ -71,7 +77,6 @@ FILES
     incoming/, active/, deferred/, corrupt/, defer/ID, bounce/ID under queue_directory.
 
 BUGS
-    No delayed-mail warnings (delay_warning_time, off by default as in Postfix).
     qmgr_message_recipient_limit is checked per message, not per recipient slice: a
     message's recipients all come into memory at once. Concurrency feedback is simple
     (slow start, then +1 per completed job; a site failure suspends the destination)
@@ -220,6 +225,7 @@ class QueueManager:
         self.max_backoff = max(self.min_backoff, cfg["maximal_backoff_time"])
         self.max_lifetime = cfg["maximal_queue_lifetime"]
         self.bounce_lifetime = cfg["bounce_queue_lifetime"]
+        self.delay_warning = cfg["delay_warning_time"]
         self.soft_bounce = cfg["soft_bounce"]
         self.transport_retry = cfg["transport_retry_time"]
         self.double_bounce = bounce.double_bounce_address(cfg).lower()
@@ -670,6 +676,9 @@ class QueueManager:
                 expired = [LogEntry(e.recipient, e.offset, e.status, "failed", e.reason,
                                     e.relay) for e in m.deferred]
                 retry = not self._notify(m, expired, now)
+            elif self.delay_warning and not m.env.warned and \
+                    now >= m.env.arrival + self.delay_warning - 1:     # Postfix's slack
+                self._warn(m, now)
         if retry:
             delay = min(self.max_backoff, max(self.min_backoff, now - m.env.arrival))
             try:
@@ -687,6 +696,28 @@ class QueueManager:
             bounce_log.remove(self.root, DEFER, qid)
         bounce_log.remove(self.root, BOUNCE, qid)
         msg.info(f"{qid}: removed")
+
+    def _warn(self, m: Message, now: float) -> None:
+        """Send the delayed-mail warning for the deferred recipients, then record it."""
+        try:
+            sent = bounce.warn(self.cfg, self.root, m.queue_id, m.env, m.path, m.deferred,
+                               now)
+        except (OSError, Q.QueueFileError) as exc:
+            msg.warn(f"{m.queue_id}: cannot send delayed mail notification: "
+                     f"{getattr(exc, 'strerror', None) or exc}")
+            return                      # the next pass tries again
+        for kind, new_id in sent:
+            msg.info(f"{m.queue_id}: {kind} delay notification: {new_id}")
+        try:
+            Q.mark_warned(m.path, m.env.arrival_offset)
+            m.env.warned = True
+        except FileNotFoundError:
+            self._vanished(m)
+        except (OSError, Q.QueueFileError) as exc:
+            msg.warn(f"{m.queue_id}: update queue file {m.path}: "
+                     f"{getattr(exc, 'strerror', None) or exc}")
+        if sent:
+            self._request_scan("incoming")
 
     def _notify(self, m: Message, entries: list[LogEntry], now: float) -> bool:
         """Send the notifications for failed recipients; False to try again later."""
