@@ -31,7 +31,8 @@ SECURITY
 
 DIAGNOSTICS
     Postfix's mail log lines: `ID: from=<s>, size=N, nrcpt=M (queue active)`,
-    `ID: removed`, `ID: sender non-delivery notification: NEW`, `ID: from=<s>,
+    `ID: removed`, `ID: sender non-delivery notification: NEW`, `ID: sender delay
+    notification: NEW` (delay_warning_time), `ID: from=<s>,
     status=expired, returned to sender`, `ID: to=<r>, relay=none, ..., status=deferred
     (mail transport unavailable)` for deferrals qmgr decides itself; warnings for corrupt
     queue files and failing transports.
