@@ -526,3 +526,20 @@ def test_delay_warning_for_a_bounce_goes_to_the_postmaster(make, capsys):
     env, m = _notification(h2, new)
     assert env.sender == f"double-bounce@{HOST}" and m["To"] == f"postmaster@{HOST}"
     assert m["Subject"] == "Postmaster Warning: Delayed Mail"
+
+
+def test_delay_warning_copy_to_the_postmaster_with_notify_classes_delay(make, capsys):
+    h = make(delay_warning_time="1h", notify_classes="delay", delay_notice_recipient="pm")
+    qid = h.submit("alice@example.org", ["x@remote.example"], arrival=h.clock.t - 7200,
+                   body=b"Subject: original\n\nthe body\n")
+    h.mgr.start()
+    h.answer(h.calls[0], "deferred")
+    err = capsys.readouterr().err
+    assert err.count(f"{qid}: sender delay notification: ") == 1
+    new = err.split(f"{qid}: postmaster delay notification: ")[1].split()[0]
+    env, m = _notification(h, new)
+    assert env.sender == f"double-bounce@{HOST}" and m["To"] == f"pm@{HOST}"
+    assert m["Subject"] == "Postmaster Warning: Delayed Mail"
+    text, report, original = m.get_payload()
+    assert "THIS IS A WARNING ONLY" not in text.get_content()      # no boilerplate
+    assert original.get_content_type() == "text/rfc822-headers"
