@@ -8,23 +8,36 @@ at a time in the loop's thread; a callback that raises is a bug of ours and stop
     loop.add_writer(fd, callback)        callback() when fd is writable
     loop.remove(fd)                      forget fd (both directions); safe if unknown
     handle = loop.call_later(delay, fn)  fn() once, after delay seconds
-    loop.cancel(handle)                  a timer that has not fired yet will not fire
+    loop.cancel(handle)                  a timer that has not fired yet will not fire; its
+                                         callback is released at once
     loop.run(until)                      run callbacks until until() is true
     loop.run_once(max_wait)              one pass: due timers, then I/O
+    loop.fileno()                        the epoll descriptor; loop.close() releases it
 
 Time comes from `clock` (time.monotonic unless given), so tests can inject their own.
+
+A cancelled timer would otherwise stay in the heap, with everything its callback holds,
+until its due time (qmgr cancels one delivery deadline of ipc_timeout per message): cancel()
+drops the callback, and the heap is rebuilt without cancelled entries whenever they are
+more than half of it, as asyncio does. Memory stays bounded by the timers that are live.
+
+Readiness comes from epoll(7) directly (Linux), without the selectors module's layer of
+key objects, which cost qmgr more per delivery than the system calls themselves.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import selectors
+import select
 import time
 
 
+COMPACT_MIN = 64            # a heap this small is not worth rebuilding
+
+
 class TimerHandle:
-    """One timer of call_later(); cancel() marks it, the heap drops it when it comes up."""
+    """One timer of call_later(); cancel() marks it and releases its callback."""
 
     __slots__ = ("when", "seq", "fn", "cancelled")
 
@@ -40,26 +53,34 @@ class EventLoop:
 
     def __init__(self, clock=time.monotonic):
         self.clock = clock
-        self._sel = selectors.DefaultSelector()
+        self._epoll = select.epoll()
         self._readers: dict[int, object] = {}
         self._writers: dict[int, object] = {}
-        self._timers: list[TimerHandle] = []
+        self._masks: dict[int, int] = {}    # fd -> events registered with epoll
+        self._timers: list[tuple] = []      # (when, seq, TimerHandle), a heap
         self._seq = itertools.count()
+        self._cancelled = 0         # cancelled handles still in the heap
 
     # --- file descriptors --------------------------------------------------------------
     def _update(self, fd: int) -> None:
-        mask = (selectors.EVENT_READ if fd in self._readers else 0) | \
-               (selectors.EVENT_WRITE if fd in self._writers else 0)
-        try:
-            key = self._sel.get_key(fd)
-        except KeyError:
-            key = None
-        if mask and key:
-            self._sel.modify(fd, mask)
+        mask = (select.EPOLLIN if fd in self._readers else 0) | \
+               (select.EPOLLOUT if fd in self._writers else 0)
+        old = self._masks.get(fd, 0)        # what epoll has
+        if mask == old:
+            return
+        if mask and old:
+            self._epoll.modify(fd, mask)
         elif mask:
-            self._sel.register(fd, mask)
-        elif key:
-            self._sel.unregister(fd)
+            self._epoll.register(fd, mask)
+        else:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass                        # closed already: the kernel forgot it
+        if mask:
+            self._masks[fd] = mask
+        else:
+            del self._masks[fd]
 
     def add_reader(self, fd: int, callback) -> None:
         """Call callback() whenever fd is readable."""
@@ -92,13 +113,21 @@ class EventLoop:
     def call_later(self, delay: float, fn) -> TimerHandle:
         """Call fn() once, delay seconds from now."""
         handle = TimerHandle(self.clock() + max(0.0, delay), next(self._seq), fn)
-        heapq.heappush(self._timers, handle)
+        # (when, seq, handle): the heap compares in C; seq is unique, so never the handle.
+        heapq.heappush(self._timers, (handle.when, handle.seq, handle))
         return handle
 
     def cancel(self, handle: TimerHandle | None) -> None:
         """Cancel a timer; harmless when it already fired or was cancelled."""
-        if handle is not None:
-            handle.cancelled = True
+        if handle is None or handle.fn is None:     # fired, or cancelled before
+            return
+        handle.cancelled = True
+        handle.fn = None
+        self._cancelled += 1
+        if self._cancelled > COMPACT_MIN and 2 * self._cancelled > len(self._timers):
+            self._timers = [t for t in self._timers if not t[2].cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
 
     def run_due_timers(self) -> float | None:
         """Fire every timer that is due; return seconds until the next one, or None.
@@ -108,15 +137,16 @@ class EventLoop:
         """
         now = self.clock()
         while self._timers:
-            head = self._timers[0]
+            when, _, head = self._timers[0]
             if head.cancelled:
                 heapq.heappop(self._timers)
+                self._cancelled -= 1
                 continue
-            delay = head.when - now
-            if delay > 0:
-                return max(0.0, head.when - self.clock())
+            if when > now:
+                return max(0.0, when - self.clock())
             heapq.heappop(self._timers)
-            head.fn()
+            fn, head.fn = head.fn, None
+            fn()
         return None
 
     # --- running -----------------------------------------------------------------------
@@ -129,11 +159,12 @@ class EventLoop:
             if wait:
                 time.sleep(wait)
             return
-        for key, mask in self._sel.select(wait):
-            fd = key.fd
-            if mask & selectors.EVENT_READ and fd in self._readers:
+        # An error or hang-up wakes both directions, as the selectors module reports it.
+        for fd, events in self._epoll.poll(-1 if wait is None else wait,
+                                           max(len(self._masks), 1)):
+            if events & ~select.EPOLLOUT and fd in self._readers:
                 self._readers[fd]()
-            if mask & selectors.EVENT_WRITE and fd in self._writers:
+            if events & ~select.EPOLLIN and fd in self._writers:
                 self._writers[fd]()
 
     def run(self, until, max_wait: float = 1.0) -> None:
@@ -141,9 +172,13 @@ class EventLoop:
         while not until():
             self.run_once(max_wait)
 
+    def fileno(self) -> int:
+        """The epoll descriptor (a forked child that runs a loop of its own closes it)."""
+        return self._epoll.fileno()
+
     def close(self) -> None:
-        """Release the selector."""
-        self._sel.close()
+        """Release the epoll descriptor."""
+        self._epoll.close()
 
 
 def _fd(obj) -> int:

@@ -267,6 +267,7 @@ PARAMS: list[Param] = [
     _p("soft_bounce", "no", BOOL, "turn permanent delivery failures into temporary ones"),
     _p("bounce_notice_recipient", "postmaster", STR, "recipient of bounce notices to the postmaster"),
     _p("2bounce_notice_recipient", "postmaster", STR, "recipient of undeliverable bounces"),
+    _p("delay_notice_recipient", "postmaster", STR, "recipient of delayed mail notices to the postmaster"),
     _p("notify_classes", "resource, software", LIST, "problems reported to the postmaster"),
     _p("transport_retry_time", "60s", TIME, "how long a transport whose delivery agent failed stays suspended", min=1),
     _p("bounce_size_limit", "50000", INT, "largest original returned in full in a bounce; larger ones return headers only", min=1),

@@ -15,6 +15,9 @@ FORMAT
     record type (1 byte) + length (4 bytes, big-endian) + data (length bytes)
 
     T  arrival time, seconds since the epoch (ASCII decimal, with fraction)
+    W  the same, for a message whose delayed-mail warning was sent: qmgr rewrites the T
+       record's type byte in place (mark_warned), as it marks recipients done, so that a
+       message is warned about once (Postfix rewrites its queue file's warning time)
     A  attribute `name=value` (client_name, client_address, helo_name, protocol,
        sasl_method, sasl_username, tls_*, submit_uid, ...); repeated
     S  envelope sender (empty for the null sender <>); exactly one
@@ -52,12 +55,15 @@ FUNCTIONS
     QueueMessage.content(path) yields the content blocks.
     mark_done(path, offset, sync=True): rewrite one recipient's type byte to D (durably
         with sync).
+    mark_warned(path, offset): rewrite the arrival record (QueueMessage.arrival_offset)
+        to W, durably; QueueFileError when that offset holds no arrival record.
     free_space(queue_root) -> bytes available to the mail owner.
     wake(queue_root, request): poke qmgr through public/qmgr (best effort).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import struct
@@ -217,6 +223,8 @@ class QueueMessage:
     attrs: dict[str, str] = field(default_factory=dict)
     content_offset: int = 0     # of the first B record
     size: int = 0
+    arrival_offset: int = 0     # of the T (or W) record's type byte, for mark_warned
+    warned: bool = False        # the delayed-mail warning was sent (W record)
 
     def content(self, path: str, blocks: bool = True):
         """Yield the message content in blocks, as written."""
@@ -236,15 +244,32 @@ class QueueMessage:
 
 
 def read(path: str) -> QueueMessage:
-    """Read a committed queue file's envelope; QueueFileError when it is not one."""
+    """Read a committed queue file's envelope; QueueFileError when it is not one.
+
+    qmgr reads every message once: a file of at most BLOCK bytes (most mail) is read with
+    one read() and parsed in memory; a larger one through a buffered file, content skipped.
+    """
     msg = QueueMessage(queue_id=os.path.basename(path))
-    with open(path, "rb") as f:
-        return _read_envelope(f, path, msg)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size <= BLOCK:
+            data = bytearray()
+            while len(data) < size:
+                chunk = os.read(fd, size - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            return _read_envelope(io.BytesIO(data), path, msg, len(data))
+        with open(fd, "rb", closefd=False) as f:
+            return _read_envelope(f, path, msg, size)
+    finally:
+        os.close(fd)
 
 
-def _read_envelope(f, path: str, msg: QueueMessage) -> QueueMessage:
-    """The records of an open queue file; content is skipped, so memory stays small."""
-    end = os.fstat(f.fileno()).st_size
+def _read_envelope(f, path: str, msg: QueueMessage, end: int) -> QueueMessage:
+    """The records of an open queue file of end bytes; content is skipped, so memory
+    stays small."""
     if f.read(len(MAGIC)) != MAGIC:
         raise QueueFileError(f"{path}: not a queue file")
     pos, ended, content_size = len(MAGIC), False, None
@@ -266,11 +291,12 @@ def _read_envelope(f, path: str, msg: QueueMessage) -> QueueMessage:
         if len(value) != length:
             raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
         text = value.decode("utf-8", "surrogateescape")
-        if kind == b"T":
+        if kind in (b"T", b"W"):
             try:
                 msg.arrival = float(text)
             except ValueError:
                 raise QueueFileError(f"{path}: bad arrival time") from None
+            msg.arrival_offset, msg.warned = pos, kind == b"W"
         elif kind == b"A":
             name, _, val = text.partition("=")
             msg.attrs[name] = val
@@ -341,6 +367,19 @@ def mark_done(path: str, offset: int, sync: bool = True) -> None:
             raise OSError(f"{path}: short write")
         if sync:
             os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mark_warned(path: str, offset: int) -> None:
+    """Record, durably, that the message's delayed-mail warning was sent."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if os.pread(fd, 1, offset) not in (b"T", b"W"):
+            raise QueueFileError(f"{path}: no arrival record at offset {offset}")
+        if os.pwrite(fd, b"W", offset) != 1:
+            raise OSError(f"{path}: short write")
+        os.fsync(fd)
     finally:
         os.close(fd)
 

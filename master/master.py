@@ -401,7 +401,7 @@ class Master:
         """Fork one worker of state's service."""
         keep = {state.status_w, state.live_r} | {s.fileno() for s in state.listeners}
         close = [fd for fd in self._all_fds() if fd not in keep]
-        close.append(self.loop._sel.fileno())
+        close.append(self.loop.fileno())
         gc.freeze()   # the child's writes then copy fewer of the master's pages
         pid = os.fork()
         if pid == 0:

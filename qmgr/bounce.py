@@ -3,7 +3,10 @@
 When recipients of a message fail for good (or the message expires in the queue), qmgr
 calls notify() with the failed recipients; notify() writes the notification as a new queue
 file in incoming/ (lib/queue.py: committed before anyone is told) and returns its queue id.
-The message is an RFC 3464 multipart/report with Postfix's texts:
+When a message has waited delay_warning_time with recipients still deferred, qmgr calls
+warn() with them: the same report from Postfix's delay template (subject "Delayed Mail
+(still being retried)", "THIS IS A WARNING ONLY", Action: delayed, Will-Retry-Until, the
+original's headers only). The message is an RFC 3464 multipart/report with Postfix's texts:
 
     1. text/plain: "This is the mail system at host $myhostname. I'm sorry to have to
        inform you that your message could not be delivered ...", then `<rcpt>: reason` per
@@ -27,6 +30,9 @@ WHO GETS WHAT (bounce_notify_service.c)
     sender is the double-bounce address (a postmaster notice that failed): nothing, with
                                 the warning "ID: undeliverable postmaster notification
                                 discarded". So a notification never loops.
+    A delay warning (bounce_warn_service.c) goes the same ways, with `delay` in
+    notify_classes in place of `bounce`/`2bounce` and delay_notice_recipient as the
+    postmaster; the sender's copy, too, carries only the original's headers.
 
 FUNCTIONS
     notify(cfg, queue_root, queue_id, envelope, path, entries, now=None) -> list of
@@ -34,14 +40,18 @@ FUNCTIONS
         result for the queue file at path, entries the failed recipients (LogEntry).
         OSError from the queue file system propagates: the caller keeps the message (and
         its bounce log) and tries again later.
+    warn(cfg, queue_root, queue_id, envelope, path, entries, now=None) -> the same, for
+        a delayed-mail warning about the deferred recipients in entries.
     build(cfg, queue_id, new_id, envelope, path, entries, to, postmaster, headers_only,
-        now) -> bytes: one notification's content.
+        now, delay=False) -> bytes: one notification's content.
     double_bounce_address(cfg) -> str.
     line_wrap(text, width=79, indent=4) -> list of lines, as Postfix's line_wrap(3).
 
 CONFIGURATION PARAMETERS
     myhostname, myorigin, mail_name, notify_classes (resource, software),
-    bounce_notice_recipient (postmaster), 2bounce_notice_recipient (postmaster);
+    bounce_notice_recipient (postmaster), 2bounce_notice_recipient (postmaster),
+    delay_notice_recipient (postmaster), delay_warning_time and maximal_queue_lifetime
+    (quoted in the warning, in hours and days);
     read with local defaults until the parameter table declares them:
     bounce_size_limit (50000), double_bounce_sender (double-bounce).
 
@@ -75,6 +85,43 @@ delete your own text from the attached returned message.
 
                    The mail system
 """
+
+DELAY_BODY = """\
+This is the mail system at host {host}.
+
+####################################################################
+# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #
+####################################################################
+
+Your message could not be delivered for more than {hours} hour(s).
+It will be retried until it is {days} day(s) old.
+
+For further assistance, please send mail to postmaster.
+
+If you do so, please include this problem report. You can
+delete your own text from the attached returned message.
+
+                   The mail system
+"""
+
+
+def _template_time(cfg, name: str, unit: str, divisor: int) -> int:
+    """$name_unit of a template: the parameter in whole units, as bounce_template.c,
+    with its warnings when the unit is too large or too small for the value."""
+    seconds = int(cfg[name])
+    result = seconds // divisor
+    key = f"{name}_{unit}"
+    if result > 999 and divisor < 86400:
+        msg.warn(f'[built-in]: excessive result "{result}" in delay template conversion '
+                 f'of parameter "{key}"')
+        msg.warn(f'please increase time unit "{unit}" of "{key}" in delay template')
+        msg.warn("for instructions see the bounce(5) manual")
+    elif result == 0 and seconds and divisor > 1:
+        msg.warn(f'[built-in]: zero result in delay template conversion of parameter '
+                 f'"{key}"')
+        msg.warn(f'please reduce time unit "{unit}" of "{key}" in delay template')
+        msg.warn("for instructions see the bounce(5) manual")
+    return result
 
 
 def double_bounce_address(cfg) -> str:
@@ -140,8 +187,10 @@ def _original(envelope, path: str, headers_only: bool) -> bytes:
 
 
 def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[LogEntry],
-          to: str, postmaster: bool, headers_only: bool, now: float) -> bytes:
-    """The content of one notification (lines end in LF, as queue files keep them)."""
+          to: str, postmaster: bool, headers_only: bool, now: float,
+          delay: bool = False) -> bytes:
+    """The content of one notification (lines end in LF, as queue files keep them);
+    with delay, a delayed-mail warning."""
     host = cfg.get("myhostname")
     mail_name = cfg.get("mail_name")
     boundary = BOUNDARY_FMT.format(id=queue_id, time=int(now), host=host)
@@ -150,8 +199,12 @@ def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[Lo
     limit = cfg["bounce_size_limit"]
     if limit and envelope.size > limit:
         headers_only = True
-    subject = ("Postmaster Copy: Undelivered Mail" if postmaster
-               else "Undelivered Mail Returned to Sender")
+    if delay:
+        subject = ("Postmaster Warning: Delayed Mail" if postmaster
+                   else "Delayed Mail (still being retried)")
+    else:
+        subject = ("Postmaster Copy: Undelivered Mail" if postmaster
+                   else "Undelivered Mail Returned to Sender")
     out = [
         f"Received: by {host} ({mail_name})",
         f"\tid {new_id}; {date}",
@@ -174,7 +227,12 @@ def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[Lo
         "Content-Transfer-Encoding: 8bit",
         "",
     ]
-    if not postmaster:
+    if not postmaster and delay:
+        out += DELAY_BODY.format(
+            host=host, hours=_template_time(cfg, "delay_warning_time", "hours", 3600),
+            days=_template_time(cfg, "maximal_queue_lifetime", "days", 86400)
+        ).split("\n")[:-1]
+    elif not postmaster:
         out += FAILURE_BODY.format(host=host).split("\n")[:-1]
     for entry in entries:
         out.append("")
@@ -194,10 +252,13 @@ def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[Lo
         remote, diagnostic = _diagnostic(entry)
         out += ["", f"Final-Recipient: rfc822; {entry.recipient}",
                 f"Original-Recipient: rfc822;{entry.recipient}",
-                "Action: failed", f"Status: {entry.status}"]
+                f"Action: {'delayed' if delay else 'failed'}", f"Status: {entry.status}"]
         if remote:
             out.append(f"Remote-MTA: dns; {remote}")
         out += line_wrap(f"Diagnostic-Code: {diagnostic}")     # folded, as Postfix does
+        if delay:
+            retry_until = envelope.arrival + cfg["maximal_queue_lifetime"]
+            out.append(f"Will-Retry-Until: {mail_date(retry_until)}")
     out += [
         "",
         f"--{boundary}",
@@ -216,7 +277,7 @@ def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[Lo
 
 def _post(cfg, queue_root: str, queue_id: str, envelope, path: str,
           entries: list[LogEntry], env_sender: str, to: str, postmaster: bool,
-          headers_only: bool, now: float) -> str:
+          headers_only: bool, now: float, delay: bool = False) -> str:
     """Write one notification into incoming/; its queue id."""
     writer = Q.QueueWriter(queue_root, now)
     try:
@@ -224,7 +285,7 @@ def _post(cfg, queue_root: str, queue_id: str, envelope, path: str,
         writer.set_sender(env_sender)
         writer.add_recipient(to)
         writer.write(build(cfg, queue_id, writer.id, envelope, path, entries, to,
-                           postmaster, headers_only, now))
+                           postmaster, headers_only, now, delay))
         return writer.commit()
     except BaseException:
         writer.abort()
@@ -258,4 +319,35 @@ def notify(cfg, queue_root: str, queue_id: str, envelope, path: str,
                                              entries, double, to, True, True, now)))
         except OSError:
             msg.warn(f"postmaster notice failed while bouncing to {sender}")
+    return sent
+
+
+def warn(cfg, queue_root: str, queue_id: str, envelope, path: str,
+         entries: list[LogEntry], now: float | None = None) -> list[tuple[str, str]]:
+    """Write the delayed-mail warnings for deferred recipients; [(kind, new queue id)]."""
+    if not entries:
+        return []
+    now = time.time() if now is None else now
+    sender = envelope.sender or ""
+    double = double_bounce_address(cfg)
+    to_postmaster = "delay" in {c.lower() for c in cfg["notify_classes"]}
+    if sender.lower() == double.lower():
+        msg.warn(f"{queue_id}: undeliverable postmaster notification discarded")
+        return []
+    if not sender:
+        if not to_postmaster:
+            return []
+        to = qualify(cfg, cfg.get("delay_notice_recipient"))
+        return [("postmaster", _post(cfg, queue_root, queue_id, envelope, path, entries,
+                                     double, to, True, False, now, delay=True))]
+    sent = [("sender", _post(cfg, queue_root, queue_id, envelope, path, entries, "",
+                             sender, False, True, now, delay=True))]
+    if to_postmaster:
+        to = qualify(cfg, cfg.get("delay_notice_recipient"))
+        try:
+            sent.append(("postmaster", _post(cfg, queue_root, queue_id, envelope, path,
+                                             entries, double, to, True, True, now,
+                                             delay=True)))
+        except OSError:
+            msg.warn(f"{queue_id}: postmaster notice failed while warning {sender}")
     return sent

@@ -76,7 +76,11 @@ class AgentCall:
             self._finish(Failure("4.3.0", "mail transport unavailable"))
             return
         self.sock = sock
-        self.loop.add_writer(sock, self._writable)
+        # A UNIX-domain connect completes at once and the request fits the socket buffer:
+        # send it now, and wait for writability only for what is left.
+        self._writable()
+        if self.sock is not None and self.frame:
+            self.loop.add_writer(sock, self._writable)
 
     def _writable(self) -> None:
         try:
@@ -90,7 +94,7 @@ class AgentCall:
             return
         self.frame = self.frame[n:]
         if not self.frame:
-            self.loop.remove_writer(self.sock)
+            self.loop.remove_writer(self.sock)      # cheap when it was never added
             self.loop.add_reader(self.sock, self._readable)
 
     def _readable(self) -> None:

@@ -43,6 +43,11 @@ LIFE OF A MESSAGE
                 status=expired, returned to sender`), otherwise it moves to deferred/ with
                 its modification time set to now + its age, clamped to minimal_backoff_time
                 .. maximal_backoff_time; with none, the file is removed (`ID: removed`).
+                A deferred message that is not expired and has been queued for
+                delay_warning_time (0: never) gets one delayed-mail warning to its sender
+                (qmgr/bounce.py; `ID: sender delay notification: NEW`), once: the queue
+                file records it (lib/queue.mark_warned, fsync) after the warning was
+                committed, so a crash in between can repeat a warning but never lose one.
 
     Every result is on disk (queue file or log) before the file moves on, so a crash
     repeats at most the deliveries that were in flight.
@@ -60,7 +65,8 @@ FUNCTIONS
 
 CONFIGURATION PARAMETERS
     queue_run_delay (300s), minimal_backoff_time (300s), maximal_backoff_time (4000s),
-    maximal_queue_lifetime (5d), bounce_queue_lifetime (5d), qmgr_message_active_limit
+    maximal_queue_lifetime (5d), bounce_queue_lifetime (5d), delay_warning_time (0h),
+    qmgr_message_active_limit
     (20000), qmgr_message_recipient_limit (20000), default_destination_concurrency_limit
     (20), initial_destination_concurrency (5), default_destination_recipient_limit (50),
     default_process_limit (100); not yet in the parameter table, read with
@@ -72,7 +78,6 @@ FILES
     incoming/, active/, deferred/, corrupt/, defer/ID, bounce/ID under queue_directory.
 
 BUGS
-    No delayed-mail warnings (delay_warning_time, off by default as in Postfix).
     qmgr_message_recipient_limit is checked per message, not per recipient slice: a
     message's recipients all come into memory at once. Concurrency feedback is simple
     (slow start, then +1 per completed job; a site failure suspends the destination)
@@ -85,6 +90,7 @@ SEE ALSO
 from __future__ import annotations
 
 import os
+import re
 import stat
 import time
 from collections import deque
@@ -100,6 +106,7 @@ CORRUPT_GRACE = 60.0          # an unreadable file younger than this may still b
 # Postfix's own defaults for the local transport (local_destination_*_limit).
 TRANSPORT_DEFAULTS = {"local": {"concurrency": 2, "recipients": 1}}
 SUSPENDED = "delivery temporarily suspended: "
+_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 
 @dataclass
@@ -208,6 +215,7 @@ class QueueManager:
         self.rcpt_count = 0
         self.scans = {"incoming": _Scan("incoming"), "deferred": _Scan("deferred")}
         self._turn = 0
+        self._dirs: dict[str, str] = {}
         self._pumping = False
         self._rescan_timer = None
         self._deferred_timer = None
@@ -218,6 +226,7 @@ class QueueManager:
         self.max_backoff = max(self.min_backoff, cfg["maximal_backoff_time"])
         self.max_lifetime = cfg["maximal_queue_lifetime"]
         self.bounce_lifetime = cfg["bounce_queue_lifetime"]
+        self.delay_warning = cfg["delay_warning_time"]
         self.transport_retry = cfg["transport_retry_time"]
         self.double_bounce = bounce.double_bounce_address(cfg).lower()
 
@@ -273,7 +282,10 @@ class QueueManager:
     # --- scanning and feeding --------------------------------------------------------------
     def _path(self, queue: str, name: str) -> str:
         """A queue file's name, relative when the queue root is the working directory."""
-        return os.path.normpath(os.path.join(self.root, queue, name))
+        where = self._dirs.get(queue)
+        if where is None:
+            where = self._dirs[queue] = os.path.normpath(os.path.join(self.root, queue))
+        return f"{where}/{name}"        # name: a directory entry, never . or .. (dot-files)
 
     def _arm_deferred_timer(self) -> None:
         if self.loop is not None:
@@ -664,6 +676,9 @@ class QueueManager:
                 expired = [LogEntry(e.recipient, e.offset, e.status, "failed", e.reason,
                                     e.relay) for e in m.deferred]
                 retry = not self._notify(m, expired, now)
+            elif self.delay_warning and not m.env.warned and \
+                    now >= m.env.arrival + self.delay_warning - 1:     # Postfix's slack
+                self._warn(m, now)
         if retry:
             delay = min(self.max_backoff, max(self.min_backoff, now - m.env.arrival))
             try:
@@ -677,9 +692,32 @@ class QueueManager:
         except OSError as exc:
             msg.warn(f"{qid}: remove from active: {exc.strerror}")
             return
-        bounce_log.remove(self.root, DEFER, qid)
+        if m.deferred:      # else there is none: entering active/ removed the last one
+            bounce_log.remove(self.root, DEFER, qid)
         bounce_log.remove(self.root, BOUNCE, qid)
         msg.info(f"{qid}: removed")
+
+    def _warn(self, m: Message, now: float) -> None:
+        """Send the delayed-mail warning for the deferred recipients, then record it."""
+        try:
+            sent = bounce.warn(self.cfg, self.root, m.queue_id, m.env, m.path, m.deferred,
+                               now)
+        except (OSError, Q.QueueFileError) as exc:
+            msg.warn(f"{m.queue_id}: cannot send delayed mail notification: "
+                     f"{getattr(exc, 'strerror', None) or exc}")
+            return                      # the next pass tries again
+        for kind, new_id in sent:
+            msg.info(f"{m.queue_id}: {kind} delay notification: {new_id}")
+        try:
+            Q.mark_warned(m.path, m.env.arrival_offset)
+            m.env.warned = True
+        except FileNotFoundError:
+            self._vanished(m)
+        except (OSError, Q.QueueFileError) as exc:
+            msg.warn(f"{m.queue_id}: update queue file {m.path}: "
+                     f"{getattr(exc, 'strerror', None) or exc}")
+        if sent:
+            self._request_scan("incoming")
 
     def _notify(self, m: Message, entries: list[LogEntry], now: float) -> bool:
         """Send the notifications for failed recipients; False to try again later."""
@@ -698,8 +736,7 @@ class QueueManager:
 
 def _id_ok(name: str) -> bool:
     """A plausible queue id: letters, digits and _, as Postfix's mail_queue_id_ok."""
-    return 0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c == "_")
-                                       for c in name)
+    return _ID.fullmatch(name) is not None
 
 
 def _listdir(path: str) -> list[str]:

@@ -31,7 +31,8 @@ SECURITY
 
 DIAGNOSTICS
     Postfix's mail log lines: `ID: from=<s>, size=N, nrcpt=M (queue active)`,
-    `ID: removed`, `ID: sender non-delivery notification: NEW`, `ID: from=<s>,
+    `ID: removed`, `ID: sender non-delivery notification: NEW`, `ID: sender delay
+    notification: NEW` (delay_warning_time), `ID: from=<s>,
     status=expired, returned to sender`, `ID: to=<r>, relay=none, ..., status=deferred
     (mail transport unavailable)` for deferrals qmgr decides itself; warnings for corrupt
     queue files and failing transports.
@@ -103,6 +104,19 @@ def main(ctx) -> int:
         mgr.start()
 
     def on_client(conn, loop):
+        # The client sent its request bytes right after connecting: usually they are here
+        # already, and the connection needs no watching and no timer.
+        try:
+            data = conn.recv(TRIGGER_MAX)
+        except (BlockingIOError, InterruptedError):
+            data = None
+        except OSError:
+            data = b""
+        if data is not None:
+            conn.close()
+            if data:
+                state["mgr"].trigger(data)
+            return
         timer = None
 
         def close():

@@ -11,6 +11,7 @@ import pytest
 from postfix_py.lib import deliver, maincf, msg
 from postfix_py.lib import queue as Q
 from postfix_py.lib import bounce_log
+from postfix_py.qmgr import bounce
 from postfix_py.qmgr.manager import CORRUPT_GRACE, Failure, QueueManager
 from postfix_py.qmgr.resolve import ResolveError, Route
 
@@ -464,3 +465,87 @@ def test_resolver_failure_defers(make, capsys):
     h.answer(h.calls[0], "sent")
     assert h.files("deferred") == [qid]
     assert "dsn=4.3.0, status=deferred (address resolver failure)" in capsys.readouterr().err
+
+
+def test_delay_warning_once_and_recorded_in_the_queue_file(make, capsys):
+    h = make(delay_warning_time="4h", maximal_queue_lifetime="5d",
+             minimal_backoff_time="300s", maximal_backoff_time="4000s")
+    qid = h.submit("alice@example.org", ["x@remote.example", "y@remote.example"],
+                   arrival=h.clock.t - 3 * 3600, body=b"Subject: original\n\nbody text\n")
+    h.mgr.start()
+    h.answer(h.calls[0], "deferred", "sent")        # 3 hours old: no warning yet
+    assert "delay notification" not in capsys.readouterr().err
+    assert not Q.read(os.path.join(h.root, "deferred", qid)).warned
+    h.loop.advance(3600)
+    h.mgr.trigger(b"A")
+    h.answer(h.calls[0], "deferred")                 # 4 hours old: the warning
+    err = capsys.readouterr().err
+    new = err.split(f"{qid}: sender delay notification: ")[1].split()[0]
+    assert "postmaster delay notification" not in err
+    assert Q.read(os.path.join(h.root, "deferred", qid)).warned
+    env, m = _notification(h, new)
+    assert (env.sender, [r.address for r in env.recipients]) == ("", ["alice@example.org"])
+    assert m["Subject"] == "Delayed Mail (still being retried)"
+    assert m["Auto-Submitted"] == "auto-replied"
+    text, report, original = m.get_payload()
+    body = text.get_content()
+    assert "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #" in body
+    assert "could not be delivered for more than 4 hour(s)." in body
+    assert "It will be retried until it is 5 day(s) old." in body
+    assert "<x@remote.example>: try later" in body and "y@remote.example" not in body
+    rcpt = report.get_payload()[1]
+    assert (rcpt["Final-Recipient"], rcpt["Action"], rcpt["Status"]) == (
+        "rfc822; x@remote.example", "delayed", "4.0.0")
+    assert rcpt["Will-Retry-Until"] == bounce.mail_date(Q.read(
+        os.path.join(h.root, "deferred", qid)).arrival + 5 * DAY)
+    assert original.get_content_type() == "text/rfc822-headers"
+    assert "body text" not in original.as_string()
+    h.calls.clear()                                   # the notice's own delivery
+    # Later passes (even by a new qmgr: the flag is in the file) warn no more.
+    h.mgr.close()
+    h.mgr = QueueManager(h.cfg, h.root, lambda j, r: h.calls.append((j, r)), loop=h.loop,
+                         now=h.clock)
+    h.mgr.start()
+    h.calls[:] = [c for c in h.calls if c[1].queue_id == qid]
+    h.mgr.trigger(b"A")
+    h.answer(h.calls[0], "deferred")
+    assert "delay notification" not in capsys.readouterr().err
+
+
+def test_delay_warning_off_by_default(make, capsys):
+    h = make()
+    h.submit("alice@example.org", ["x@remote.example"], arrival=h.clock.t - 4 * DAY)
+    h.mgr.start()
+    h.answer(h.calls[0], "deferred")
+    assert "delay notification" not in capsys.readouterr().err
+
+
+def test_delay_warning_for_a_bounce_goes_to_the_postmaster(make, capsys):
+    h2 = make(delay_warning_time="1h", notify_classes="resource, software, delay")
+    qid = h2.submit("", ["x@remote.example"], arrival=h2.clock.t - 2 * 3600)
+    h2.mgr.start()
+    h2.answer(h2.calls[0], "deferred")
+    err = capsys.readouterr().err
+    # A bounce that is delayed: only the postmaster hears of it, with notify_classes delay.
+    new = err.split(f"{qid}: postmaster delay notification: ")[1].split()[0]
+    assert "sender delay notification" not in err
+    env, m = _notification(h2, new)
+    assert env.sender == f"double-bounce@{HOST}" and m["To"] == f"postmaster@{HOST}"
+    assert m["Subject"] == "Postmaster Warning: Delayed Mail"
+
+
+def test_delay_warning_copy_to_the_postmaster_with_notify_classes_delay(make, capsys):
+    h = make(delay_warning_time="1h", notify_classes="delay", delay_notice_recipient="pm")
+    qid = h.submit("alice@example.org", ["x@remote.example"], arrival=h.clock.t - 7200,
+                   body=b"Subject: original\n\nthe body\n")
+    h.mgr.start()
+    h.answer(h.calls[0], "deferred")
+    err = capsys.readouterr().err
+    assert err.count(f"{qid}: sender delay notification: ") == 1
+    new = err.split(f"{qid}: postmaster delay notification: ")[1].split()[0]
+    env, m = _notification(h, new)
+    assert env.sender == f"double-bounce@{HOST}" and m["To"] == f"pm@{HOST}"
+    assert m["Subject"] == "Postmaster Warning: Delayed Mail"
+    text, report, original = m.get_payload()
+    assert "THIS IS A WARNING ONLY" not in text.get_content()      # no boilerplate
+    assert original.get_content_type() == "text/rfc822-headers"
