@@ -213,7 +213,7 @@ class QueueManager:
         self.messages: dict[str, Message] = {}
         self.transports: dict[str, Transport] = {}
         self.rcpt_count = 0
-        self.scans = {"incoming": _Scan("incoming"), "deferred": _Scan("deferred")}
+        self.scans = {Q.INCOMING: _Scan(Q.INCOMING), Q.DEFERRED: _Scan(Q.DEFERRED)}
         self._turn = 0
         self._dirs: dict[str, str] = {}
         self._pumping = False
@@ -233,14 +233,14 @@ class QueueManager:
     # --- entry points ----------------------------------------------------------------------
     def start(self) -> None:
         """Recover active/ into incoming/, scan both queues, arm the deferred-queue timer."""
-        active = os.path.join(self.root, "active")
+        active = os.path.join(self.root, Q.ACTIVE)
         for name in _listdir(active):
             try:
-                os.rename(self._path("active", name), self._path("incoming", name))
+                os.rename(self._path(Q.ACTIVE, name), self._path(Q.INCOMING, name))
             except OSError as exc:
                 msg.warn(f"{name}: rename from active to incoming: {exc.strerror}")
-        self._request_scan("incoming")
-        self._request_scan("deferred")
+        self._request_scan(Q.INCOMING)
+        self._request_scan(Q.DEFERRED)
         self._arm_deferred_timer()
         self._pump()
 
@@ -248,12 +248,12 @@ class QueueManager:
         """Act on trigger bytes: I incoming, D deferred, A all, F flush dead, W wakeup."""
         for code in set(requests):
             if code in (ord("I"), ord("W")):
-                self._request_scan("incoming")
+                self._request_scan(Q.INCOMING)
             elif code == ord("D"):
-                self._request_scan("deferred")
+                self._request_scan(Q.DEFERRED)
             elif code == ord("A"):
-                self._request_scan("incoming", scan_all=True)
-                self._request_scan("deferred", scan_all=True)
+                self._request_scan(Q.INCOMING, scan_all=True)
+                self._request_scan(Q.DEFERRED, scan_all=True)
             elif code == ord("F"):
                 self.flush_dead()
         self._pump()
@@ -261,7 +261,7 @@ class QueueManager:
     def deferred_scan(self) -> None:
         """The queue_run_delay timer: look for deferred mail whose time has come."""
         self._deferred_timer = None
-        self._request_scan("deferred")
+        self._request_scan(Q.DEFERRED)
         self._arm_deferred_timer()
         self._pump()
 
@@ -303,7 +303,7 @@ class QueueManager:
 
     def _next_name(self):
         for _ in range(2):
-            scan = self.scans[("incoming", "deferred")[self._turn]]
+            scan = self.scans[(Q.INCOMING, Q.DEFERRED)[self._turn]]
             self._turn ^= 1
             if not scan.names and scan.restart:
                 scan.restart = False
@@ -349,7 +349,7 @@ class QueueManager:
                 self._rescan_timer = self.loop.call_later(CORRUPT_GRACE, again)
             return
         try:
-            os.rename(self._path(queue, name), self._path("corrupt", name))
+            os.rename(self._path(queue, name), self._path(Q.CORRUPT, name))
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -372,7 +372,7 @@ class QueueManager:
         if not stat.S_ISREG(st.st_mode):
             return False
         now = self.now()
-        if queue == "deferred" and not scan.all and st.st_mtime > now + 1:
+        if queue == Q.DEFERRED and not scan.all and st.st_mtime > now + 1:
             return False
         if not _id_ok(name):
             self._corrupt(queue, name, f"bad mail queue ID: {name}", 0.0)
@@ -387,7 +387,7 @@ class QueueManager:
         except OSError as exc:
             msg.warn(f"open {queue}/{name}: {exc.strerror}")
             return False
-        dst = self._path("active", name)
+        dst = self._path(Q.ACTIVE, name)
         try:
             os.rename(src, dst)
         except FileNotFoundError:
@@ -657,7 +657,7 @@ class QueueManager:
         m.finished = True
         self.messages.pop(m.queue_id, None)
         if m.rescan:
-            self._request_scan("incoming")
+            self._request_scan(Q.INCOMING)
         if m.gone:
             return
         qid, now = m.queue_id, self.now()
@@ -683,7 +683,7 @@ class QueueManager:
             delay = min(self.max_backoff, max(self.min_backoff, now - m.env.arrival))
             try:
                 os.utime(m.path, (now + delay, now + delay))
-                os.rename(m.path, self._path("deferred", qid))
+                os.rename(m.path, self._path(Q.DEFERRED, qid))
             except OSError as exc:
                 msg.warn(f"{qid}: move from active to deferred: {exc.strerror}")
             return
@@ -717,7 +717,7 @@ class QueueManager:
             msg.warn(f"{m.queue_id}: update queue file {m.path}: "
                      f"{getattr(exc, 'strerror', None) or exc}")
         if sent:
-            self._request_scan("incoming")
+            self._request_scan(Q.INCOMING)
 
     def _notify(self, m: Message, entries: list[LogEntry], now: float) -> bool:
         """Send the notifications for failed recipients; False to try again later."""
@@ -730,7 +730,7 @@ class QueueManager:
         for kind, new_id in sent:
             msg.info(f"{m.queue_id}: {kind} non-delivery notification: {new_id}")
         if sent:
-            self._request_scan("incoming")
+            self._request_scan(Q.INCOMING)
         return True
 
 

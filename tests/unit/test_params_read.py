@@ -36,19 +36,6 @@ from postfix_py.lib import params
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Implemented in other branches of the same issue (smtpd, qmgr), unread in this one until
-# the lead merges them: the lead empties this set at merge. Nothing else belongs here.
-PENDING = {
-    "delay_warning_time",
-}
-
-# Found unread by this test in the trust-tls branch and given to no helper of issue 13:
-# smtpd's DATA and end-of-DATA restriction lists and per-client connection limit, and the
-# smtp/lmtp client's SASL implementation choice (the client has one built in). They are
-# kept apart from PENDING so that the lead sees them: each must be implemented or removed
-# from lib/params.py, and then leave this set. Nothing else belongs here.
-UNASSIGNED: set[str] = set()
-
 _FILL_LIMIT = 4096          # combinations tried for one f-string
 _REF = re.compile(r"\$\{?([A-Za-z0-9_]+)")
 
@@ -157,15 +144,8 @@ def test_product_source_is_found():
 
 def test_every_parameter_is_read():
     unread = set(unread_parameters())
-    assert unread - PENDING - UNASSIGNED == set(), \
+    assert unread == set(), \
         "declared in lib/params.py but read by no product code (implement or remove)"
-
-
-def test_exceptions_are_really_unread():
-    # A name that is read (or no longer declared) must leave PENDING or UNASSIGNED.
-    unread = set(unread_parameters())
-    assert PENDING | UNASSIGNED <= unread, \
-        f"read now, leave the set: {sorted((PENDING | UNASSIGNED) - unread)}"
 
 
 def test_the_rules_are_strict():
