@@ -164,16 +164,17 @@ def deliver_maildir(path: str, headers: bytes, content: bytes, hostname: str | N
 
 
 def open_mbox(path: str) -> tuple[int, bool]:
-    """Open (or create) an mbox file for appending: (fd, created)."""
+    """Open (or create) an mbox file for appending: (fd, created). Non-blocking, as
+    Postfix's mbox_open(): a FIFO without a reader fails (ENXIO) instead of hanging."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW), False
+        return os.open(path, flags), False
     except FileNotFoundError:
         pass
     try:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
-                       | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600), True
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600), True
     except FileExistsError:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW), False
+        return os.open(path, flags), False
 
 
 def deliver_mbox(path: str, sender: str, headers: bytes, content: bytes, fd: int | None = None,
