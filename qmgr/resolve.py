@@ -48,7 +48,7 @@ CONFIGURATION PARAMETERS
     virtual_transport (virtual).
 
 SEE ALSO
-    lib/address.py, virtual/service.py; Postfix trivial-rewrite(8), transport(5),
+    lib/address.py, lib/domain_list.py, virtual/service.py; Postfix trivial-rewrite(8), transport(5),
     postconf(5), ADDRESS_CLASS_README, VIRTUAL_README.
 """
 
@@ -60,8 +60,9 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from ..lib import msg, params, tables
+from ..lib import msg, tables
 from ..lib.address import split_address, strip_extension
+from ..lib.domain_list import DomainList
 
 
 class ResolveError(Exception):
@@ -80,57 +81,6 @@ def parse_spec(text: str) -> tuple[str, str]:
     """A `transport:nexthop` value as its two parts; no colon means a transport only."""
     transport, _, nexthop = text.strip().partition(":")
     return transport.strip(), nexthop.strip()
-
-
-class DomainList:
-    """A list of domains as main.cf writes them: names, /file/names and type:table refs."""
-
-    def __init__(self, words: list[str], subdomains: bool):
-        self.names: set[str] = set()
-        self.tables: list[tables.Table] = []
-        self.subdomains = subdomains
-        for word in words:
-            if word.startswith("/"):
-                try:
-                    with open(word, encoding="utf-8") as f:
-                        self.names.update(w.lower() for w in params.split_list(f.read())
-                                          if not w.startswith("#"))
-                except OSError as exc:
-                    raise tables.TableError(f"open {word}: {exc.strerror}") from None
-            elif ":" in word and not word.startswith("["):
-                self.tables.append(tables.open_table(word))
-            else:
-                self.names.add(word.lower().rstrip("."))
-
-    def _one(self, name: str) -> bool:
-        if name in self.names:
-            return True
-        for table in self.tables:
-            try:
-                if table.lookup(name) is not None:
-                    return True
-            except Exception as exc:     # a table backend error: not "not found"
-                raise ResolveError(f"{table.ref}: {exc}") from None
-        return False
-
-    def match(self, domain: str) -> bool:
-        """Whether domain (or, with subdomain matching, a parent of it) is listed."""
-        if not domain:
-            return False
-        if self._one(domain):
-            return True
-        if self.subdomains:
-            labels = domain.split(".")
-            for i in range(1, len(labels)):
-                parent = ".".join(labels[i:])
-                # Postfix: "example.com" matches its subdomains; ".example.com" only them.
-                if self._one(parent) or self._one("." + parent):
-                    return True
-        return False
-
-    def close(self) -> None:
-        for table in self.tables:
-            table.close()
 
 
 class AddressResolver:
@@ -212,7 +162,10 @@ class AddressResolver:
         local, domain = split_address(address)
         if not domain:
             domain = self.myorigin
-        route = self._class_route(domain)
+        try:
+            route = self._class_route(domain)
+        except tables.TableError as exc:     # a domain list's table failed
+            raise ResolveError(str(exc)) from None
         found = self._transport_lookup(local, domain)
         if found is None:
             return route

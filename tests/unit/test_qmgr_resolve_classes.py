@@ -4,7 +4,7 @@ mailbox, relay and default, their precedence, and transport_maps over each."""
 import pytest
 
 from postfix_py.lib import maincf, msg
-from postfix_py.qmgr.resolve import AddressResolver, Route
+from postfix_py.qmgr.resolve import AddressResolver, ResolveError, Route
 
 
 def resolver(tmp_path, **settings):
@@ -90,3 +90,17 @@ def test_address_literals_of_inet_interfaces_are_local(tmp_path):
 def test_broken_virtual_domain_table_is_an_error(tmp_path):
     with pytest.raises(Exception):
         resolver(tmp_path, virtual_mailbox_domains="bogus:/nowhere")
+
+
+def test_a_failing_domain_table_is_a_resolver_failure(tmp_path):
+    maps = tmp_path / "vdomains"
+    maps.write_text("hosted.example  ok\n")
+    r = resolver(tmp_path, virtual_mailbox_domains=f"texthash:{maps}")
+    assert r.resolve("a@hosted.example").addr_class == "virtual"
+
+    def broken(key):
+        raise OSError("backend gone")
+    r.virtual_mailbox_domains.tables[0].lookup = broken
+    with pytest.raises(ResolveError, match=f"texthash:{maps}: backend gone"):
+        r.resolve("a@other.example")
+    r.close()
