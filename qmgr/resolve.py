@@ -1,9 +1,8 @@
 """Address resolution: which transport and next hop deliver a recipient (trivial-rewrite).
 
 Postfix's qmgr asks trivial-rewrite(8) where a recipient goes; postfix-py's qmgr does the
-same lookups in process, with the same parameters and the same precedence:
-
-    These are Postfix's address classes (ADDRESS_CLASS_README), tried in this order:
+same lookups in process, with the same parameters and the same precedence. These are
+Postfix's address classes (ADDRESS_CLASS_README), tried in this order:
 
     1. local: the recipient domain is in mydestination, or is an address literal
        ([192.0.2.1], [ipv6:2001:db8::1]) of an address the inet services listen on
@@ -26,7 +25,7 @@ same lookups in process, with the same parameters and the same precedence:
     5. transport_maps, when set, override the result, as transport(5) says: the keys are
        user+extension@domain, user@domain, domain, .parent domains (each parent, nearest
        first), then `*`; regexp: and pcre: tables see the full address only. In the value
-       `transport:nexthop` an empty transport keeps the transport of steps 1-3, an empty
+       `transport:nexthop` an empty transport keeps the transport of steps 1-4, an empty
        next hop with a non-empty transport resets the next hop to the recipient domain, and
        both empty change nothing.
 
@@ -48,8 +47,8 @@ CONFIGURATION PARAMETERS
     virtual_transport (virtual).
 
 SEE ALSO
-    lib/address.py, lib/domain_list.py, virtual/service.py; Postfix trivial-rewrite(8), transport(5),
-    postconf(5), ADDRESS_CLASS_README, VIRTUAL_README.
+    lib/address.py, lib/domain_list.py, virtual/service.py; Postfix trivial-rewrite(8),
+    transport(5), postconf(5), ADDRESS_CLASS_README, VIRTUAL_README.
 """
 
 from __future__ import annotations
