@@ -1,4 +1,4 @@
-"""The request loop of every delivery agent: smtp, lmtp, local, discard and error.
+"""The request loop of every delivery agent: smtp, lmtp, local, virtual, discard and error.
 
 serve() handles one connection from qmgr (lib/deliver.py is the protocol): it reads
 exactly one request frame within the time limit, validates it strictly, hands it to the
@@ -13,7 +13,7 @@ record() applies soft_bounce (a bounce becomes a deferral, dsn 5.x.x becomes 4.x
 Postfix's bounce client does in every agent) and logs Postfix's line
 `ID: to=<r>, relay=R, delay=D, delays=a/b/c/d, dsn=X, status=S (reason)`. The smtp
 client records each recipient as its session decides it (with the connection set-up and
-transmission delays); local, discard and error decide all recipients first and let
+transmission delays); local, virtual, discard and error decide all recipients first and let
 decided() record them.
 
 FUNCTIONS
@@ -37,8 +37,8 @@ CONFIGURATION PARAMETERS
     soft_bounce (no): report permanent failures as temporary (dsn 5.x.x becomes 4.x.x).
 
 SEE ALSO
-    lib/deliver.py, lib/attr.py, smtp/service.py, local/service.py, local/discard.py,
-    local/error.py; Postfix deliver_request(3), bounce(3).
+    lib/deliver.py, lib/attr.py, smtp/service.py, local/service.py, virtual/service.py,
+    local/discard.py, local/error.py; Postfix deliver_request(3), bounce(3).
 """
 
 from __future__ import annotations

@@ -276,6 +276,15 @@ PARAMS: list[Param] = [
     _p("local_delivery_any_user", "no", BOOL, "postfix-py extension: any safe local part gets a mailbox under mail_spool_directory"),
     _p("local_destination_concurrency_limit", "2", INT, "parallel local deliveries per recipient", min=1),
     _p("local_destination_recipient_limit", "1", INT, "recipients per local delivery", min=1),
+    # --- virtual mailbox domains (qmgr/resolve.py, virtual/service.py) ----------------
+    _p("virtual_mailbox_domains", "$virtual_mailbox_maps", LIST, "domains whose mail goes to virtual_transport (names, /files, type:tables)"),
+    _p("virtual_transport", "virtual", STR, "transport of mail for virtual_mailbox_domains"),
+    _p("virtual_mailbox_maps", "", TABLE, "virtual recipient to mailbox path under virtual_mailbox_base (ending in /: maildir)"),
+    _p("virtual_mailbox_base", "", STR, "absolute directory that virtual_mailbox_maps paths are relative to"),
+    _p("virtual_uid_maps", "", TABLE, "virtual recipient to the numeric user ID of its mailbox"),
+    _p("virtual_gid_maps", "", TABLE, "virtual recipient to the numeric group ID of its mailbox"),
+    _p("virtual_minimum_uid", "100", INT, "lowest user ID that virtual_uid_maps may give", min=1),
+    _p("virtual_mailbox_limit", "51200000", SIZE, "largest mailbox or maildir file virtual writes (0: no limit)", min=0),
     _p("parent_domain_matches_subdomains", "debug_peer_list,fast_flush_domains,mynetworks,permit_mx_backup_networks,qmqpd_authorized_clients,relay_domains,smtpd_access_maps", LIST, "parameters whose domain patterns also match subdomains"),
     # --- smtp client --------------------------------------------------------------------
     _p("smtp_connect_timeout", "30s", TIME, "time limit of a TCP connection", min=0),

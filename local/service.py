@@ -15,7 +15,7 @@ DESCRIPTION
         otherwise                          mbox     $mail_spool_directory/user
 
     Each delivered copy gets Return-Path:, X-Original-To: and Delivered-To: headers
-    (local/mailbox.py). Outcomes, with Postfix's texts:
+    (lib/mailbox.py). Outcomes, with Postfix's texts:
 
         delivered                          sent 2.0.0 "delivered to maildir" or
                                            "delivered to mailbox"
@@ -27,7 +27,7 @@ DESCRIPTION
         Delivered-To: already names the recipient
                                            bounced 5.4.6 "mail forwarding loop for R"
         the mailbox cannot be written      deferred 4.2.0 / 4.3.1, or bounced 5.2.2 when
-                                           over quota (local/mailbox.py)
+                                           over quota (lib/mailbox.py)
         the queue file cannot be read      deferred 4.3.0 "queue file read error"
 
     Aliases, .forward files, mailbox_command and file or program destinations are not
@@ -64,87 +64,24 @@ FILES
     $mail_spool_directory/user, ~user/$home_mailbox, and their maildir subdirectories.
 
 SEE ALSO
-    Postfix local(8); local/mailbox.py; lib/delivery_agent.py; lib/deliver.py.
+    Postfix local(8); lib/mailbox.py; lib/delivery_agent.py; lib/deliver.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import re
 
-from ..lib import msg, server
+from ..lib import mailbox, msg, server
 from ..lib import queue as Q
 from ..lib.address import split_address, strip_extension
 from ..lib.delivery_agent import RcptResult, decided, result, serve
-from . import mailbox
+from ..lib.mailbox import Privileges, run_as
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 QUEUE_FILE = re.compile(r"active/[A-Za-z0-9_]{1,64}")
 REQUIRED_ALIASES = ("postmaster", "mailer-daemon")
-
-
-class Privileges:
-    """Whose identity a delivery uses; None fields mean "stay as we are"."""
-
-    def __init__(self, uid: int, gid: int, open_as_root: bool = False):
-        self.uid, self.gid, self.open_as_root = uid, gid, open_as_root
-
-
-def _become(uid: int, gid: int) -> None:
-    """Set groups, gid and uid for good (child side only)."""
-    os.setgroups([gid])
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
-
-
-def run_as(privs: Privileges | None, work) -> tuple[str, str, str]:
-    """Run work(drop) in a child with privs; its (result, dsn, reason)."""
-    if privs is None or os.geteuid() != 0:
-        return work(lambda: None)
-    r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            os.close(r)
-
-            dropped = []
-
-            def drop():
-                if not dropped:
-                    _become(privs.uid, privs.gid)
-                    dropped.append(True)
-            if not privs.open_as_root:
-                drop()
-            out = work(drop)
-            os.write(w, json.dumps(out).encode())
-            status = 0
-        except BaseException as exc:       # report, never run the parent's code
-            try:
-                os.write(w, json.dumps(["deferred", "4.3.0",
-                                        f"local delivery error: {exc}"]).encode())
-            except BaseException:
-                pass
-        finally:
-            os._exit(status)
-    os.close(w)
-    data = b""
-    try:
-        while chunk := os.read(r, 65536):
-            data += chunk
-    finally:
-        os.close(r)
-    _, status = os.waitpid(pid, 0)
-    try:
-        kind, dsn, reason = json.loads(data)
-        return kind, dsn, reason
-    except (ValueError, TypeError):
-        why = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
-               else f"status {os.WEXITSTATUS(status)}")
-        msg.warn(f"delivery process {pid} ended with {why}")
-        return "deferred", "4.3.0", "local delivery process failed"
 
 
 class LocalDelivery:

@@ -22,7 +22,8 @@ DESCRIPTION
                           N+1    smtps       TLS from the first byte (smtpd_tls_wrappermode)
                           N+2    submission  STARTTLS, then SASL AUTH (user "test")
                       N is --port-base (default 2525), 1..65533; then the internal unix
-                      services (qmgr, tlsmgr, anvil, smtp, relay, lmtp, error, discard, local).
+                      services (qmgr, tlsmgr, anvil, smtp, relay, lmtp, error, discard, local,
+                      virtual).
     DIR/rsa-key.pem, DIR/rsa-cert.pem        RSA 2048 key (0600) and certificate (0644)
     DIR/ecdsa-key.pem, DIR/ecdsa-cert.pem    ECDSA P-256 key (0600) and certificate (0644)
                       self-signed, subjectAltName DNS:localhost and IP:127.0.0.1, valid
@@ -204,6 +205,7 @@ def master_cf(directory: str, ports: tuple[int, int, int]) -> str:
         _row("error", "unix", "-", "-", "n", "-", "-", "error"),
         _row("discard", "unix", "-", "-", "n", "-", "-", "discard"),
         _row("local", "unix", "-", "n", "n", "-", "-", "local"),
+        _row("virtual", "unix", "-", "n", "n", "-", "-", "virtual"),
     ]) + "\n"
 
 

@@ -56,6 +56,7 @@ PROGRAMS = {
     "tlsmgr": "postfix_py.tlsmgr.service",
     "anvil": "postfix_py.anvil.service",
     "local": "postfix_py.local.service",
+    "virtual": "postfix_py.virtual.service",
     "discard": "postfix_py.local.discard",
     "error": "postfix_py.local.error",
     "pickup": "postfix_py.smtpd.pickup",

@@ -17,12 +17,12 @@ SKIPPED = {f"{name}/unix": f"unknown program: {prog}" for name, prog in (
     ("cleanup", "cleanup"), ("rewrite", "trivial-rewrite"), ("bounce", "bounce"),
     ("defer", "bounce"), ("trace", "bounce"), ("verify", "verify"), ("flush", "flush"),
     ("proxymap", "proxymap"), ("proxywrite", "proxymap"), ("showq", "showq"),
-    ("virtual", "virtual"), ("anvil", "anvil"), ("scache", "scache"),
+    ("scache", "scache"),
     ("maildrop", "pipe"), ("uucp", "pipe"), ("ifmail", "pipe"), ("bsmtp", "pipe"),
     ("scalemail-backend", "pipe"), ("mailman", "pipe"))}
 SKIPPED["postlog/unix-dgram"] = "transport type unix-dgram is not supported"
 RUN = ["pickup", "qmgr", "tlsmgr", "smtp", "relay", "error", "retry", "discard", "local",
-       "lmtp"]
+       "virtual", "lmtp", "anvil"]
 
 
 def debian_master_cf(port: int) -> str:

@@ -452,7 +452,7 @@ def test_shipped_master_cf():
     by_key = {s.key: s for s in services}
     assert list(by_key) == ["smtp/inet", "pickup/unix", "qmgr/unix", "tlsmgr/unix",
                             "anvil/unix", "smtp/unix", "relay/unix", "lmtp/unix", "error/unix",
-                            "discard/unix", "local/unix"]
+                            "discard/unix", "local/unix", "virtual/unix"]
     assert by_key["smtp/inet"].command == "smtpd" and by_key["smtp/inet"].inet_port == 25
     assert by_key["smtp/inet"].chroot and not by_key["smtp/inet"].private
     qmgr = by_key["qmgr/unix"]
@@ -461,10 +461,13 @@ def test_shipped_master_cf():
     assert (tlsmgr.wakeup, tlsmgr.wakeup_conditional, tlsmgr.maxproc) == (1000, True, 1)
     local = by_key["local/unix"]
     assert (local.unpriv, local.chroot) == (False, False)
+    virtual = by_key["virtual/unix"]
+    assert (virtual.unpriv, virtual.chroot, virtual.command) == (False, False, "virtual")
     anvil = by_key["anvil/unix"]
     assert (anvil.chroot, anvil.unpriv, anvil.maxproc) == (True, True, 1)
     assert {s.command for s in services} <= {"smtpd", "smtp", "qmgr", "tlsmgr", "local",
-                                             "discard", "error", "lmtp", "pickup", "anvil"}
+                                             "discard", "error", "lmtp", "pickup", "anvil",
+                                             "virtual"}
 
 
 def test_shipped_master_cf_examples():

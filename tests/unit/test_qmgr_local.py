@@ -13,7 +13,8 @@ import pytest
 
 from postfix_py.lib import attr, deliver, delivery_agent, maincf, msg
 from postfix_py.lib import queue as Q
-from postfix_py.local import discard, error, mailbox
+from postfix_py.lib import mailbox
+from postfix_py.local import discard, error
 from postfix_py.local import service as local
 
 HOST = "mail.example.com"

@@ -1,7 +1,9 @@
-"""Writing one message into a maildir or an mbox file, as Postfix's local(8) writes it.
+"""Writing one message into a maildir or an mbox file, as Postfix's local(8) and virtual(8)
+write it, with the recipient's privileges.
 
-These functions do the file work only; local/service.py decides where and with whose
-privileges. Each prepends the headers Postfix's local agent adds:
+These functions do the file work; local/service.py and virtual/service.py decide where and
+with whose privileges, and run the work through run_as(). Each prepends the headers
+Postfix's local and virtual agents add:
 
     Return-Path: <sender>            (<> for the null sender)
     X-Original-To: recipient
@@ -24,7 +26,19 @@ ERRORS
     over quota or too large (EDQUOT, EFBIG), 4.2.0 otherwise, so that a problem an
     administrator can fix defers the mail rather than bouncing it.
 
+PRIVILEGES (run_as)
+    run_as(privs, work) runs work(drop) in a forked child that sets its groups, gid and uid
+    to privs' for good (before work runs, or when work calls drop() with
+    privs.open_as_root) and reports work's [result, dsn, reason] through a pipe; the parent
+    never changes identity. A child that dies or raises defers the recipient (4.3.0, with
+    `PROGRAM delivery error: ...` or the warning `delivery process PID ended with ...`).
+    When the process is not root, work runs in process with its own privileges, unless
+    file_limit asks for a child: file_limit > 0 sets RLIMIT_FSIZE in the child (Postfix's
+    set_file_limit: a write past it fails with EFBIG, which mbox_dsn() makes 5.2.2).
+
 FUNCTIONS
+    Privileges(uid, gid, open_as_root=False)
+    run_as(privs, work, program="local", file_limit=0) -> (result, dsn, reason)
     added_headers(sender, recipient) -> bytes
     delivered_to(content) -> set of lower-cased Delivered-To: addresses in the header
     deliver_maildir(path, headers, content, hostname=None, now=None) -> new file name
@@ -35,14 +49,18 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
+import resource
 import socket
 import time
 
-from ..lib.server import critical
+from . import msg
+from .server import critical
 
 LOCK_WAIT = 10.0
+REPORT_LIMIT = 65536           # bytes of a child's report read at most
 _FROM_LINE = re.compile(rb"(?m)^From ")
 
 
@@ -146,16 +164,17 @@ def deliver_maildir(path: str, headers: bytes, content: bytes, hostname: str | N
 
 
 def open_mbox(path: str) -> tuple[int, bool]:
-    """Open (or create) an mbox file for appending: (fd, created)."""
+    """Open (or create) an mbox file for appending: (fd, created). Non-blocking, as
+    Postfix's mbox_open(): a FIFO without a reader fails (ENXIO) instead of hanging."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW), False
+        return os.open(path, flags), False
     except FileNotFoundError:
         pass
     try:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
-                       | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600), True
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600), True
     except FileExistsError:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW), False
+        return os.open(path, flags), False
 
 
 def deliver_mbox(path: str, sender: str, headers: bytes, content: bytes, fd: int | None = None,
@@ -206,3 +225,68 @@ def deliver_mbox(path: str, sender: str, headers: bytes, content: bytes, fd: int
     finally:
         if own:
             os.close(fd)
+
+
+class Privileges:
+    """Whose identity a delivery uses."""
+
+    def __init__(self, uid: int, gid: int, open_as_root: bool = False):
+        self.uid, self.gid, self.open_as_root = uid, gid, open_as_root
+
+
+def _become(uid: int, gid: int) -> None:
+    """Set groups, gid and uid for good (child side only)."""
+    os.setgroups([gid])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def run_as(privs: Privileges | None, work, program: str = "local",
+           file_limit: int = 0) -> tuple[str, str, str]:
+    """Run work(drop) in a child with privs; its (result, dsn, reason)."""
+    root = privs is not None and os.geteuid() == 0
+    if not root and file_limit <= 0:
+        return work(lambda: None)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(r)
+            if file_limit > 0:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+            dropped = []
+
+            def drop():
+                if root and not dropped:
+                    _become(privs.uid, privs.gid)
+                    dropped.append(True)
+            if not (privs and privs.open_as_root):
+                drop()
+            out = work(drop)
+            os.write(w, json.dumps(out).encode())
+            status = 0
+        except BaseException as exc:       # report, never run the parent's code
+            try:
+                os.write(w, json.dumps(["deferred", "4.3.0",
+                                        f"{program} delivery error: {exc}"]).encode())
+            except BaseException:
+                pass
+        finally:
+            os._exit(status)
+    os.close(w)
+    data = b""
+    try:
+        while len(data) <= REPORT_LIMIT and (chunk := os.read(r, 65536)):
+            data += chunk
+    finally:
+        os.close(r)
+    _, status = os.waitpid(pid, 0)
+    try:
+        kind, dsn, reason = json.loads(data)
+        return kind, dsn, reason
+    except (ValueError, TypeError):
+        why = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"status {os.WEXITSTATUS(status)}")
+        msg.warn(f"delivery process {pid} ended with {why}")
+        return "deferred", "4.3.0", f"{program} delivery process failed"
