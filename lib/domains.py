@@ -1,19 +1,24 @@
-"""Domain lists as main.cf writes them (mydestination, relay_domains): one matcher.
+"""Domain lists as main.cf writes them (mydestination, relay_domains,
+virtual_mailbox_domains): the one matcher of smtpd's restrictions and qmgr's routing.
 
-A list holds domain names, /file/names (whose words are more names) and type:table
-references (any result is a match). A name matches itself; ".example.com" matches the
-subdomains of example.com; "example.com" matches its subdomains too when the list's
-parameter is in parent_domain_matches_subdomains, as Postfix's match_list.
+A list holds domain names, /file/names (whose words are more names; `#` starts a comment)
+and type:table references (the domain is the key; any result is a match). A name matches
+itself; ".example.com" matches the subdomains of example.com; "example.com" matches its
+subdomains too when the list's parameter is in parent_domain_matches_subdomains, as
+Postfix's match_list. A string list (Postfix's string_list, such as
+virtual_mailbox_domains: `exact`) matches names as they are, nothing more.
 
 FUNCTIONS
-    DomainList(words, subdomains, open_table=tables.open_table) opens files and tables now
-        (before a chroot); OSError or the opener's error when one cannot be opened.
+    DomainList(words, subdomains, open_table=tables.open_table, exact=False) opens files
+        and tables now (before a chroot); TableError (or the opener's error) when one
+        cannot be opened.
     DomainList.for_param(cfg, name, open_table) -> the list of a parameter, with
         subdomains from parent_domain_matches_subdomains.
     match(domain) -> bool; a table that cannot be read raises tables.TableError.
+    close() releases the tables.
 
 SEE ALSO
-    qmgr/resolve.py (its DomainList is the same rule; one home is the aim), smtpd/check.py.
+    qmgr/resolve.py, smtpd/check.py; Postfix match_list(3), string_list(3).
 """
 
 from __future__ import annotations
@@ -24,15 +29,20 @@ from . import params, tables
 class DomainList:
     """Domain names, /file/names and type:table references, matched as Postfix does."""
 
-    def __init__(self, words: list[str], subdomains: bool, open_table=tables.open_table):
+    def __init__(self, words: list[str], subdomains: bool, open_table=tables.open_table,
+                 exact: bool = False):
         self.names: set[str] = set()
         self.tables: list[tables.Table] = []
-        self.subdomains = subdomains
+        self.subdomains = subdomains and not exact
+        self.exact = exact
         for word in words:
             if word.startswith("/"):
-                with open(word, encoding="utf-8", errors="replace") as f:
-                    self.names.update(w.lower().rstrip(".") for w in params.split_list(
-                        "\n".join(line.split("#", 1)[0] for line in f)))
+                try:
+                    with open(word, encoding="utf-8", errors="replace") as f:
+                        self.names.update(w.lower().rstrip(".") for w in params.split_list(
+                            "\n".join(line.split("#", 1)[0] for line in f)))
+                except OSError as exc:
+                    raise tables.TableError(f"open {word}: {exc.strerror}") from None
             elif ":" in word and not word.startswith("["):
                 self.tables.append(open_table(word))
             else:
@@ -63,9 +73,16 @@ class DomainList:
             return False
         if self._one(domain):
             return True
+        if self.exact:
+            return False
         labels = domain.split(".")
         for i in range(1, len(labels)):
             parent = ".".join(labels[i:])
             if self._one("." + parent) or self.subdomains and self._one(parent):
                 return True
         return False
+
+    def close(self) -> None:
+        """Release the tables."""
+        for table in self.tables:
+            table.close()

@@ -47,7 +47,7 @@ CONFIGURATION PARAMETERS
     virtual_transport (virtual).
 
 SEE ALSO
-    lib/address.py, lib/domain_list.py, virtual/service.py; Postfix trivial-rewrite(8),
+    lib/address.py, lib/domains.py, virtual/service.py; Postfix trivial-rewrite(8),
     transport(5), postconf(5), ADDRESS_CLASS_README, VIRTUAL_README.
 """
 
@@ -61,7 +61,7 @@ import psutil
 
 from ..lib import msg, tables
 from ..lib.address import split_address, strip_extension
-from ..lib.domain_list import DomainList
+from ..lib.domains import DomainList
 
 
 class ResolveError(Exception):
@@ -97,8 +97,9 @@ class AddressResolver:
         self.mydestination = DomainList(cfg["mydestination"], subdomains=False)
         self.relay_domains = DomainList(cfg["relay_domains"], "relay_domains" in parents)
         self.virtual_spec = parse_spec(cfg.get("virtual_transport"))
+        # A string list in Postfix: names as written, no .parent matching.
         self.virtual_mailbox_domains = DomainList(cfg["virtual_mailbox_domains"],
-                                                  subdomains=False)
+                                                  subdomains=False, exact=True)
         self.inet_interfaces = cfg["inet_interfaces"]
         self._own: set | None = None
         self.transport_subdomains = "transport_maps" in parents

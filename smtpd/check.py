@@ -67,6 +67,7 @@ import dns.rdatatype
 import dns.resolver
 
 from ..lib import msg, tables
+from ..lib.address import virtual_mailbox_known
 from ..lib.domains import DomainList
 from ..lib.maincf import ConfigError
 from ..lib.params import split_list
@@ -149,6 +150,15 @@ class Checker:
         # lib/domains.DomainList, the rule of qmgr's routing too: names, files, tables
         self.mydestination = self._domain_list("mydestination")
         self.relay_domains = self._domain_list("relay_domains")
+        # The virtual mailbox class (a string list in Postfix): relayed to, and its
+        # recipients validated at RCPT against virtual_mailbox_maps, as Postfix's
+        # smtpd_reject_unlisted_recipient (yes) does for that class.
+        try:
+            self.virtual_mailbox_domains = DomainList(cfg["virtual_mailbox_domains"], False,
+                                                      self._table, exact=True)
+        except tables.TableError as exc:
+            raise ConfigError(f"virtual_mailbox_domains: {exc}") from None
+        self.virtual_mailbox_maps = [self._table(ref) for ref in cfg["virtual_mailbox_maps"]]
         # Every client-network list, one matcher (NetworkList): tables open before chroot.
         self.network_lists = {p: self._network_list(p) for p in NETWORK_LISTS}
         self.mynetworks = self.network_lists["mynetworks"]
@@ -189,8 +199,8 @@ class Checker:
     def _domain_list(self, param: str) -> DomainList:
         try:
             return DomainList.for_param(self.cfg, param, self._table)
-        except OSError as exc:
-            raise ConfigError(f"{param}: open {exc.filename}: {exc.strerror}") from None
+        except tables.TableError as exc:
+            raise ConfigError(f"{param}: {exc}") from None
 
     def _network_list(self, param: str) -> "NetworkList":
         words = self.cfg[param]
@@ -212,11 +222,28 @@ class Checker:
         return self.mydestination.match(domain)
 
     def relay_allowed(self, rcpt: str) -> bool:
-        """A recipient this host accepts mail for: local or in relay_domains."""
+        """A recipient this host accepts mail for: local, virtual mailbox or relay_domains."""
         domain = _domain(rcpt)
         if not domain:
             return True   # a bare local part: the local domain
-        return self.is_local_domain(domain) or self.relay_domains.match(domain)
+        return self.is_local_domain(domain) or self.relay_domains.match(domain) or \
+            self.virtual_mailbox_domains.match(domain)
+
+    def unlisted_recipient(self, rcpt: str) -> Reply | None:
+        """The reply for a recipient of a virtual mailbox domain without a mailbox."""
+        domain = _domain(rcpt)
+        if not self.virtual_mailbox_maps:
+            return None     # as Postfix: no maps, nothing to validate against (Dovecot's job)
+        try:
+            if not domain or not self.virtual_mailbox_domains.match(domain) or \
+                    virtual_mailbox_known(self.virtual_mailbox_maps, rcpt,
+                                          self.cfg.get("recipient_delimiter")):
+                return None
+        except tables.TableError as exc:
+            msg.warn(f"table lookup problem: {exc}")
+            return Reply(451, "4.3.0", f"<{rcpt}>: Temporary lookup failure")
+        return Reply(550, "5.1.1", f"<{rcpt}>: Recipient address rejected: "
+                                   "User unknown in virtual mailbox table")
 
     # --- evaluation: one method per protocol stage, as smtpd_check.c ---------------------
     def connect(self, state: ClientState) -> Reply | None:
@@ -245,7 +272,8 @@ class Checker:
             names, pending = self.LISTS[:5], []
         else:
             names, pending = self.LISTS[3:5], self._carried(state, "client", "helo", "sender")
-        return self._stage(names, state, rcpt, pending)
+        # As smtpd_check_rcpt: the restrictions, then the recipient tables.
+        return self._stage(names, state, rcpt, pending) or self.unlisted_recipient(rcpt)
 
     def data(self, state: ClientState, rcpt: str | None) -> Reply | None:
         """smtpd_data_restrictions at DATA; rcpt is the recipient when there is only one."""

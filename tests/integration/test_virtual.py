@@ -82,8 +82,15 @@ def test_virtual_agent_maildir_mbox_and_unknown_user(mta):
         "recipient_delimiter": "+",
     })
     mta.start()
+    # A recipient without a mailbox is refused at RCPT, as Postfix's smtpd does.
+    with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as s:
+        s.ehlo("client.example")
+        s.mail("alice@example.org")
+        assert s.rcpt("carol@hosted.example") == (
+            550, b"5.1.1 <carol@hosted.example>: Recipient address rejected: "
+                 b"User unknown in virtual mailbox table")
     qid = send(mta.port, "alice@example.org",
-               ["Ann+Box@hosted.example", "bob@hosted.example", "carol@hosted.example",
+               ["Ann+Box@hosted.example", "bob@hosted.example",
                 "anyone@catch.example"], "virtual one")
     log_has(mta, f"{qid}: removed")
     log = mta.log()
@@ -91,8 +98,6 @@ def test_virtual_agent_maildir_mbox_and_unknown_user(mta):
     assert log.count("status=sent (delivered to maildir)") == 2
     assert f"{qid}: to=<bob@hosted.example>, relay=virtual," in log
     assert "status=sent (delivered to mailbox)" in log
-    assert (f"{qid}: to=<carol@hosted.example>, relay=virtual," in log
-            and 'dsn=5.1.1, status=bounced (unknown user: "carol@hosted.example")' in log)
     (ann,) = glob.glob(str(base / "hosted.example" / "ann" / "new" / "*"))
     head = Path(ann).read_text().split("\n\n", 1)[0]
     assert head.startswith("Return-Path: <alice@example.org>\nX-Original-To: "
@@ -104,8 +109,6 @@ def test_virtual_agent_maildir_mbox_and_unknown_user(mta):
     assert mbox.startswith("From alice@example.org  ") and "body of virtual one" in mbox
     assert os.stat(base / "hosted.example" / "bob").st_uid == VUID
     assert len(glob.glob(str(base / "catch.example" / "new" / "*"))) == 1
-    # The bounce for carol goes back to the sender, through the (fake) smtp agent.
-    wait_for(lambda: "alice@example.org" in mta.record.read_text(), what="bounce")
     assert "Traceback" not in mta.log()
 
 
