@@ -21,10 +21,18 @@ message (250 after the final dot, which it records first) and remembers each mes
 Message-ID and recipients, so a test can check what arrived and how often: the far end of
 delivery tests and the fault campaign. It offers no STARTTLS and no extensions but
 PIPELINING and 8BITMIME, and reads at most MAX_LINE bytes a line and MAX_MESSAGE a message.
+
+A Sink can also misbehave, for the fault campaign: a recipient whose local part ends in
+`+bounce` gets `550 5.1.1` at RCPT; with probability `tempfail` a message gets
+`451 4.3.0` after its final dot and is not recorded; with probability `stall` the sink
+waits `stall_seconds` after the final dot and then closes the connection without an
+answer (and without recording). Delivery status notifications (multipart/report) are
+counted under every campaign Message-ID they quote, in `bounced`.
 """
 
 from __future__ import annotations
 
+import random
 import re
 import socket
 import ssl
@@ -35,6 +43,7 @@ from collections import Counter
 MAX_LINE = 65536
 MAX_MESSAGE = 64 * 1024 * 1024
 MSGID_RE = re.compile(rb"^message-id:\s*(<[^>\r\n]*>)", re.I | re.M)
+QUOTED_ID_RE = re.compile(rb"^message-id:\s*(<campaign-[^>\r\n]*>)", re.I | re.M)
 
 
 class FakeServer:
@@ -192,16 +201,33 @@ class Script:
 class Sink(FakeServer):
     """A counting SMTP sink; use as a context manager or start()/stop()."""
 
-    def __init__(self, port: int = 0, keep_bodies: bool = False):
+    def __init__(self, port: int = 0, keep_bodies: bool = False, tempfail: float = 0.0,
+                 stall: float = 0.0, stall_seconds: float = 0.0, seed: int = 0):
         self.keep_bodies = keep_bodies
+        self.tempfail, self.stall, self.stall_seconds = tempfail, stall, stall_seconds
+        self.rng = random.Random(seed)
+        self.faults: Counter = Counter()
         self.lock = threading.Lock()
         self.ids: Counter = Counter()
+        self.bounced: Counter = Counter()
         self.messages: list[tuple[str | None, list[str], bytes]] = []
         super().__init__(self._converse, port=port, concurrent=True, timeout=60)
+
+    def fate(self) -> str:
+        """What happens to the message just received: stored, tempfail or stall."""
+        with self.lock:
+            x = self.rng.random()
+            fate = "stall" if x < self.stall else \
+                "tempfail" if x < self.stall + self.tempfail else "stored"
+            self.faults[fate] += 1
+            return fate
 
     def record(self, msgid, rcpts, body) -> None:
         with self.lock:
             self.ids[msgid] += 1
+            if b"multipart/report" in body[:4096].lower():
+                for quoted in set(QUOTED_ID_RE.findall(body)):
+                    self.bounced[quoted.decode("latin-1")] += 1
             self.messages.append((msgid, rcpts, body if self.keep_bodies else b""))
 
     def start(self) -> "Sink":
@@ -225,7 +251,12 @@ class Sink(FakeServer):
                 rcpts = []
                 w(b"250 2.1.0 Ok\r\n")
             elif verb == b"RCPT":
-                rcpts.append(line[8:].strip().strip(b"<>").decode("latin-1"))
+                rcpt = line[8:].strip().strip(b"<>").decode("latin-1")
+                if rcpt.partition("@")[0].endswith("+bounce"):
+                    w(b"550 5.1.1 <" + rcpt.encode() + b">: Recipient address "
+                      b"rejected: User unknown\r\n")
+                    continue
+                rcpts.append(rcpt)
                 w(b"250 2.1.5 Ok\r\n")
             elif verb == b"DATA":
                 w(b"354 go ahead\r\n")
@@ -239,6 +270,13 @@ class Sink(FakeServer):
                         data.append(chunk)
                 if not chunk:
                     return
+                fate = self.fate()
+                if fate == "stall":
+                    time.sleep(self.stall_seconds)
+                    return          # no answer, nothing recorded: the client must retry
+                if fate == "tempfail":
+                    w(b"451 4.3.0 Error: try again later (sink chaos)\r\n")
+                    continue
                 body = b"".join(data)
                 m = MSGID_RE.search(body)
                 self.record(m.group(1).decode("latin-1") if m else None, rcpts, body)
