@@ -183,7 +183,7 @@ CONFIGURATION PARAMETERS (server; the client reads the smtp_/lmtp_ counterparts)
     plaintext inside TLS for smtpd (lib/smtpio.py's trace hook).
 
 SEE ALSO
-    lib/tls_session.py (sessions, signature schemes, verification internals), tools/tls.py
+    lib/tls_session.py (sessions, signature schemes, verification internals), tools/postfix_tls.py
     (postfix-py tls), DESIGN.md "TLS resumption".
 """
 

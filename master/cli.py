@@ -28,7 +28,7 @@ VERBS = {
     "init": ("postfix_py.master.init", "main", "write a self-contained instance on loopback ports"),
     "postconf": ("postfix_py.tools.postconf", "main", "show or edit main.cf and master.cf"),
     "postmap": ("postfix_py.tools.postmap", "main", "build and query lookup tables"),
-    "tls": ("postfix_py.tools.tls", "main", "server keys, certificates and fingerprints"),
+    "tls": ("postfix_py.tools.postfix_tls", "main", "server keys, certificates and fingerprints"),
     "flush": ("postfix_py.tools.postqueue", "flush", "try to deliver everything in the queue now"),
     "postqueue": ("postfix_py.tools.postqueue", "main", "list (-p) or flush (-f) the queue"),
     "postsuper": ("postfix_py.tools.postsuper", "main", "delete, hold, release, requeue mail"),

@@ -644,12 +644,3 @@ def _address_keys(address: str | None) -> list[str]:
     keys += [".".join(parts[i:]) for i in range(1, len(parts))]
     keys.append(user + "@")
     return keys
-
-
-def parse_restrictions_ok(cfg) -> str | None:
-    """The configuration error of the restriction lists, or None (for start-up checks)."""
-    try:
-        Checker(cfg)
-    except ConfigError as exc:
-        return str(exc)
-    return None

@@ -1,7 +1,7 @@
-"""postfix-py tls (tools/tls.py): Postfix's postfix-tls(1) subcommands, plus server-fingerprint.
+"""postfix-py tls (tools/postfix_tls.py): Postfix's postfix-tls(1) subcommands, plus server-fingerprint.
 
 Most tests call main() in-process; the subprocess tests run the installed
-`postfix-py tls ...` command line (the verb table in master/cli.py names tools/tls.py).
+`postfix-py tls ...` command line (the verb table in master/cli.py names tools/postfix_tls.py).
 """
 
 import datetime
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from helpers import POSTFIX_PY, run
 from postfix_py.lib import maincf, tls
-from postfix_py.tools import tls as tool
+from postfix_py.tools import postfix_tls as tool
 
 OPENSSL = shutil.which("openssl")
 HAS_VERB = "tls" in __import__("postfix_py.master.cli", fromlist=["VERBS"]).VERBS
