@@ -46,12 +46,22 @@ FUNCTIONS
         with sync).
     free_space(queue_root) -> bytes available to the mail owner.
     wake(queue_root, request): poke qmgr through public/qmgr (best effort).
+    force_expire(path) -> bool: set STAT_EXPIRE on a queue file (postsuper -e, -f);
+        False when it is gone, not a regular file, or already marked.
+
+FORCED EXPIRY
+    As Postfix's MAIL_QUEUE_STAT_EXPIRE: postsuper -e sets the group-execute bit of the
+    file's mode (STAT_EXPIRE); the mode travels with the file through every rename, and
+    qmgr, which sees it when it takes the file into the active queue, returns the
+    message to its sender at that attempt instead of delivering it. Files are written
+    0600, so the bit means nothing else, and a chmod is atomic: no record is rewritten.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import stat
 import struct
 import time
 from dataclasses import dataclass, field
@@ -62,6 +72,9 @@ BLOCK = 65536
 MAX_RECORD = 4 * BLOCK            # no envelope record is anywhere near this
 SUBDIRS = ("incoming", "active", "deferred", "hold", "corrupt", "defer", "bounce",
            "maildrop")
+
+# postsuper -e: return the message at the next delivery attempt (Postfix's mode bit)
+STAT_EXPIRE = stat.S_IXGRP
 
 # qmgr trigger requests, as Postfix's
 WAKE_INCOMING, WAKE_DEFERRED, WAKE_ALL = b"I", b"D", b"A"
@@ -348,3 +361,25 @@ def wake(queue_root: str, request: bytes = WAKE_INCOMING) -> bool:
         return False
     finally:
         sock.close()
+
+
+def force_expire(path: str) -> bool:
+    """Mark a queue file for return to its sender at the next attempt (postsuper -e).
+
+    False when the file is gone, is not a regular file, or is marked already (Postfix's
+    postexpire() counts only files it changed); other OSErrors propagate. The mode
+    change is fsynced, so that a crash cannot forget it after postsuper reported it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & STAT_EXPIRE:
+            return False
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) | STAT_EXPIRE)
+        os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)
