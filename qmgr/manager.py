@@ -439,7 +439,7 @@ class QueueManager:
             if rcpt.done:
                 continue
             try:
-                route = self.resolver.resolve(rcpt.address)
+                route = self.resolver.resolve(rcpt.address, m.env.sender or "")
             except ResolveError as exc:
                 msg.warn(f"{m.queue_id}: {exc}")
                 unresolved.append(Entry(rcpt.address, rcpt.offset))

@@ -8,9 +8,11 @@ same lookups in process, with the same parameters and the same precedence:
        local:$myhostname).
     2. The domain matches relay_domains (a parent domain matches its subdomains, as with
        Postfix's default parent_domain_matches_subdomains): relay_transport.
-    3. Otherwise: default_transport.
+    3. Otherwise: default_transport, or the sender_dependent_default_transport_maps
+       result for the envelope sender.
     For 2 and 3 the next hop is the transport's own next hop when it names one
-    (`smtp:[gw.example]`), else relayhost when set, else the recipient domain.
+    (`smtp:[gw.example]`), else the sender_dependent_relayhost_maps result for the
+    sender, else relayhost when set, else the recipient domain.
     4. transport_maps, when set, override the result, as transport(5) says: the keys are
        user+extension@domain, user@domain, domain, .parent domains (each parent, nearest
        first), then `*`; regexp: and pcre: tables see the full address only. In the value
@@ -18,17 +20,32 @@ same lookups in process, with the same parameters and the same precedence:
        next hop with a non-empty transport resets the next hop to the recipient domain, and
        both empty change nothing.
 
+SENDER-DEPENDENT ROUTING
+    As trivial-rewrite's resolve.c: the sender_dependent_* tables are searched with the
+    envelope sender as mail_addr_find(3) does: user+ext@domain, user@domain (without the
+    recipient_delimiter extension), the local part alone when the domain is local, then
+    @domain; regexp: and pcre: tables see the full address only; each key is tried in
+    every table before the next key. The null sender is looked up as
+    empty_address_relayhost_maps_lookup_key (empty_address_default_transport_maps_
+    lookup_key), `<>` by default. A result of DUNNO (any case) ends the search and keeps
+    relayhost (default_transport); an empty result is ignored with Postfix's warning.
+
 FUNCTIONS
     AddressResolver(cfg): open the tables that cfg names (TableError when one cannot be opened).
-    AddressResolver.resolve(address) -> Route(transport, nexthop, local); raises ResolveError
-        (transport_maps or mydestination lookup failure: the caller defers the recipient
-        with "4.3.0 address resolver failure").
+    AddressResolver.resolve(address, sender=None) -> Route(transport, nexthop, local); raises
+        ResolveError (transport_maps, mydestination or sender-dependent lookup failure: the
+        caller defers the recipient with "4.3.0 address resolver failure"). Without a
+        sender (None) the sender-dependent tables are not consulted.
+    SenderRoutes(cfg, resolver).offhost(sender, relay_class) -> (transport spec, relayhost).
     parse_spec(text) -> (transport, nexthop) of a "transport:nexthop" value.
 
 CONFIGURATION PARAMETERS
     mydestination ($myhostname, localhost.$mydomain, localhost), relay_domains (empty),
     relayhost (empty), default_transport (smtp), relay_transport (relay), local_transport
-    (local:$myhostname), transport_maps (empty), recipient_delimiter (empty), myhostname,
+    (local:$myhostname), transport_maps (empty), sender_dependent_relayhost_maps (empty),
+    sender_dependent_default_transport_maps (empty), empty_address_relayhost_maps_lookup_key
+    (<>), empty_address_default_transport_maps_lookup_key (<>), recipient_delimiter (empty),
+    myhostname,
     myorigin ($myhostname), parent_domain_matches_subdomains (Postfix's default list, read
     with a local default while the parameter table does not declare it).
 
@@ -40,7 +57,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..lib import params, tables
+from ..lib import msg, params, tables
 from ..lib.address import split_address, strip_extension
 
 
@@ -128,6 +145,7 @@ class AddressResolver:
         self.relay_domains = DomainList(cfg["relay_domains"], "relay_domains" in parents)
         self.transport_subdomains = "transport_maps" in parents
         self.transport_maps = [tables.open_table(ref) for ref in cfg["transport_maps"]]
+        self.sender_routes = SenderRoutes(cfg, self)
 
     def close(self) -> None:
         """Release the tables."""
@@ -135,13 +153,15 @@ class AddressResolver:
         self.relay_domains.close()
         for table in self.transport_maps:
             table.close()
+        self.sender_routes.close()
 
     def is_local(self, domain: str) -> bool:
         """Whether mail for domain is delivered on this host."""
         return not domain or self.mydestination.match(domain)
 
-    def resolve(self, address: str) -> Route:
-        """Where the recipient address goes; ResolveError on a table failure."""
+    def resolve(self, address: str, sender: str | None = None) -> Route:
+        """Where the recipient address of a message from sender goes; ResolveError on a
+        table failure."""
         local, domain = split_address(address)
         if not domain:
             domain = self.myorigin
@@ -149,9 +169,10 @@ class AddressResolver:
             transport, nexthop = self.local_spec
             route = Route(transport or "local", nexthop or domain, local=True)
         else:
-            spec = self.relay_spec if self.relay_domains.match(domain) else self.default_spec
+            spec, relayhost = self.sender_routes.offhost(sender,
+                                                         self.relay_domains.match(domain))
             transport, nexthop = spec
-            route = Route(transport or "smtp", nexthop or self.relayhost or domain)
+            route = Route(transport or "smtp", nexthop or relayhost or domain)
         found = self._transport_lookup(local, domain)
         if found is None:
             return route
@@ -187,4 +208,78 @@ class AddressResolver:
                     raise ResolveError(f"transport_maps: {exc}") from None
                 if value is not None:
                     return value
+        return None
+
+
+class SenderRoutes:
+    """sender_dependent_default_transport_maps and sender_dependent_relayhost_maps."""
+
+    RELAY, TRANSPORT = "sender_dependent_relayhost_maps", "sender_dependent_default_transport_maps"
+
+    def __init__(self, cfg, resolver: AddressResolver):
+        self.resolver = resolver
+        self.maps = {name: [tables.open_table(ref) for ref in cfg[name]]
+                     for name in (self.RELAY, self.TRANSPORT)}
+        self.null_key = {self.RELAY: cfg.get("empty_address_relayhost_maps_lookup_key"),
+                         self.TRANSPORT: cfg.get(
+                             "empty_address_default_transport_maps_lookup_key")}
+
+    def close(self) -> None:
+        for maps in self.maps.values():
+            for table in maps:
+                table.close()
+
+    def offhost(self, sender: str | None, relay_class: bool) -> tuple[tuple[str, str], str]:
+        """The transport spec and relayhost of off-host mail (relay_domains: relay_class)
+        from sender, as resolve.c: the default class alone has a sender-dependent
+        transport; both have a sender-dependent relayhost."""
+        r = self.resolver
+        spec = r.relay_spec if relay_class else r.default_spec
+        if sender is None:
+            return spec, r.relayhost
+        if not relay_class:
+            found = self._find(self.TRANSPORT, sender)
+            if found is not None and found.strip().lower() != "dunno":
+                spec = parse_spec(found)
+        relay = self._find(self.RELAY, sender)
+        if relay is None or relay.strip().lower() == "dunno":
+            relay = ""
+        return spec, relay.strip() or r.relayhost
+
+    def _keys(self, sender: str) -> list[str]:
+        """mail_addr_find(3)'s default search order for an address."""
+        local, at, _ = sender.rpartition("@")
+        if not at or not local:
+            return [sender]
+        _, domain = split_address(sender)
+        keys = [sender]
+        base = strip_extension(local, self.resolver.delimiters) if \
+            self.resolver.delimiters else local
+        if base != local:
+            keys.append(f"{base}@{domain}")
+        if self.resolver.is_local(domain):
+            keys += [local] + ([base] if base != local else [])
+        keys.append("@" + domain)
+        return keys
+
+    def _find(self, name: str, sender: str) -> str | None:
+        maps = self.maps[name]
+        if not maps:
+            return None
+        shown = sender or self.null_key[name]
+        for n, key in enumerate(self._keys(sender) if sender else [shown]):
+            for table in maps:
+                if n and table.type in ("regexp", "pcre"):
+                    continue
+                try:
+                    value = table.lookup(key)
+                except Exception:       # a table backend error: not "not found"
+                    msg.warn(f"{name} lookup failure")
+                    raise ResolveError(f"{name} lookup failure") from None
+                if value is None:
+                    continue
+                if not value.strip():
+                    msg.warn(f"{name}: ignoring null lookup result for {shown}")
+                    return "DUNNO"
+                return value
         return None

@@ -450,7 +450,7 @@ def test_queue_file_vanishes_during_delivery(make, capsys):
 
 def test_resolver_failure_defers(make, capsys):
     class Broken:
-        def resolve(self, address):
+        def resolve(self, address, sender=None):
             if address.startswith("bad"):
                 raise ResolveError("transport_maps: lookup error")
             return Route("smtp", "fine.example")
