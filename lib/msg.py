@@ -19,6 +19,7 @@ FUNCTIONS
         "cannot go on as configured"; the text names the file or parameter.
     panic(text): log `panic: text` and raise PanicError (status 2), for broken invariants.
     verbose(level, text): logged only when the -v count is at least `level`.
+    set_tag(tag): replace the tag before `[pid]` (postlog -t), after init.
 
 Input from a peer or a client program is never worth more than a warning.
 """
@@ -103,6 +104,11 @@ def init_cli(program: str, verbose: int = 0) -> None:
     """Send a command-line tool's lines to standard error as `program: text`."""
     close()
     _s.tag, _s.with_pid, _s.sink, _s.verbose = program, False, "stderr", verbose
+
+
+def set_tag(tag: str) -> None:
+    """Log under another tag (Postfix's postlog -t); the destination stays."""
+    _s.tag = tag
 
 
 def close() -> None:

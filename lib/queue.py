@@ -46,6 +46,8 @@ FUNCTIONS
         with sync).
     free_space(queue_root) -> bytes available to the mail owner.
     wake(queue_root, request): poke qmgr through public/qmgr (best effort).
+    records(f) -> iterator of (offset, type, data) for every record of an open binary
+        stream after the magic (postcat); QueueFileError for what does not follow FORMAT.
     force_expire(path) -> bool: set STAT_EXPIRE on a queue file (postsuper -e, -f);
         False when it is gone, not a regular file, or already marked.
 
@@ -383,3 +385,28 @@ def force_expire(path: str) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def records(f):
+    """Every record of a queue file open for binary reading, in file order: (offset of the
+    record, type byte, data). For tools that show a file as it is (postcat): it checks
+    the magic and the record framing only, and works on a pipe. QueueFileError for a file
+    that is not a queue file, or a record that is oversized or cut short.
+    """
+    if f.read(len(MAGIC)) != MAGIC:
+        raise QueueFileError("input is not a valid queue file")
+    pos = len(MAGIC)
+    while True:
+        head = f.read(HEADER.size)
+        if not head:
+            return
+        if len(head) < HEADER.size:
+            raise QueueFileError(f"truncated record at offset {pos}")
+        kind, length = HEADER.unpack(head)
+        if length > MAX_RECORD:
+            raise QueueFileError(f"oversized record at offset {pos}")
+        data = f.read(length)
+        if len(data) != length:
+            raise QueueFileError(f"truncated record at offset {pos}")
+        yield pos, kind, data
+        pos += HEADER.size + length

@@ -3,6 +3,7 @@ sender-dependent relayhost and default transport (qmgr/resolve.py), smtp_fallbac
 (smtp/service.py), and postsuper -e / -f with qmgr's forced expiry."""
 
 import os
+import re
 import smtplib
 import socket
 
@@ -129,6 +130,19 @@ def test_postsuper_expire_returns_deferred_mail(mta):
     qid = send(mta.port, f"nobody@{mta.main['myhostname']}", ["x@remote.example"], "expire-me")
     deferred = mta.queue / "deferred" / qid
     wait_for(deferred.exists, timeout=30, what="deferred")
+    # postcat -q finds it; postlog writes to the same mail log as the daemons.
+    out = mta.tool("postcat", "-q", qid)
+    assert out.returncode == 0 and out.stderr == ""
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"*** ENVELOPE RECORDS deferred/{qid} ***"
+    assert f"sender: nobody@{mta.main['myhostname']}" in lines
+    assert "recipient: x@remote.example" in lines and "Subject: expire-me" in lines
+    assert lines[-1] == f"*** MESSAGE FILE END deferred/{qid} ***"
+    assert mta.tool("postcat", "-bq", qid).stdout == "\nhello\n"
+    out = mta.tool("postlog", "-p", "warning", f"about to expire {qid}")
+    assert out.returncode == 0
+    assert re.search(rf" postfix-py/postlog\[\d+\]: warning: about to expire {qid}$",
+                     mta.log(), re.M)
     out = mta.tool("postsuper", "-e", qid)
     assert out.stderr == (f"postsuper: {qid}: expired\n"
                           "postsuper: Force-expired: 1 message\n")

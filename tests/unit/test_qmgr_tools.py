@@ -189,6 +189,10 @@ def test_postsuper_expire_and_force(inst, capsys):
         f"postsuper: {d1}: expired\npostsuper: {h1}: expired\n"
         "postsuper: Force-expired: 2 messages\n")
     assert mode(inst, "deferred", d1) & Q.STAT_EXPIRE and mode(inst, "hold", h1) & Q.STAT_EXPIRE
+    listing = postqueue.format_mailq(postqueue.show(inst.root))
+    assert f"\n{d1}# " in listing and f"\n{h1}!# " in listing and f"\n{h2}! " in listing
+    assert {m["queue_id"]: m["forced_expire"] for m in postqueue.show(inst.root)} == {
+        d1: True, h1: True, h2: False}
     # -e leaves a held message on hold; a second -e finds it marked already.
     assert sup(inst, capsys, "-e", h1) == "postsuper: Force-expired: 0 messages\n"
     assert sorted(os.listdir(os.path.join(inst.root, "hold"))) == sorted([h1, h2])
