@@ -352,7 +352,7 @@ def _deliver(ctx, req: deliver.Request, d: session.Delivery) -> str:
     if d.left() and n >= primary and d.why and d.why[0].startswith("5"):
         # The fallback relay did not resolve, or refused us: a configuration problem,
         # not a reason to bounce (smtp_connect.c).
-        msg.warn(f"{p}_fallback_relay configuration problem")
+        msg.warn("smtp_fallback_relay configuration problem")     # lmtp too, as Postfix
         d.why = ("4.3.5", d.why[1])
     return relay
 

@@ -166,3 +166,4 @@ def test_postsuper_expire_returns_deferred_mail(mta):
     log = mta.log()
     assert log.count(f"{q2}: to=<y@remote.example>") == attempts     # no new attempt
     assert f"{q2}: from=<nobody@{mta.main['myhostname']}>, status=force-expired" in log
+
