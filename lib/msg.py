@@ -31,6 +31,7 @@ FUNCTIONS
         Latin-1, one character per byte. Postfix lets any well-formed multi-byte sequence
         pass; this rule also refuses the non-printable code points, so that no terminal
         control reaches a log.
+    set_tag(tag): replace the tag before `[pid]` (postlog -t), after init.
 
 Input from a peer or a client program is never worth more than a warning.
 """
@@ -131,6 +132,11 @@ def init_cli(program: str, verbose: int = 0) -> None:
     """Send a command-line tool's lines to standard error as `program: text`."""
     close()
     _s.tag, _s.with_pid, _s.sink, _s.verbose = program, False, "stderr", verbose
+
+
+def set_tag(tag: str) -> None:
+    """Log under another tag (Postfix's postlog -t); the destination stays."""
+    _s.tag = tag
 
 
 def close() -> None:

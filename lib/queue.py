@@ -59,6 +59,17 @@ FUNCTIONS
         to W, durably; QueueFileError when that offset holds no arrival record.
     free_space(queue_root) -> bytes available to the mail owner.
     wake(queue_root, request): poke qmgr through public/qmgr (best effort).
+    records(f) -> iterator of (offset, type, data) for every record of an open binary
+        stream after the magic (postcat); QueueFileError for what does not follow FORMAT.
+    force_expire(path) -> bool: set STAT_EXPIRE on a queue file (postsuper -e, -f);
+        False when it is gone, not a regular file, or already marked.
+
+FORCED EXPIRY
+    As Postfix's MAIL_QUEUE_STAT_EXPIRE: postsuper -e sets the group-execute bit of the
+    file's mode (STAT_EXPIRE); the mode travels with the file through every rename, and
+    qmgr, which sees it when it takes the file into the active queue, returns the
+    message to its sender at that attempt instead of delivering it. Files are written
+    0600, so the bit means nothing else, and a chmod is atomic: no record is rewritten.
 """
 
 from __future__ import annotations
@@ -66,6 +77,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import stat
 import struct
 import time
 from dataclasses import dataclass, field
@@ -78,6 +90,9 @@ MAX_RECORD = 4 * BLOCK            # no envelope record is anywhere near this
 INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT = "incoming", "active", "deferred", "hold", "corrupt"
 DEFER, BOUNCE, MAILDROP = "defer", "bounce", "maildrop"
 SUBDIRS = (INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT, DEFER, BOUNCE, MAILDROP)
+
+# postsuper -e: return the message at the next delivery attempt (Postfix's mode bit)
+STAT_EXPIRE = stat.S_IXGRP
 
 # qmgr trigger requests, as Postfix's
 WAKE_INCOMING, WAKE_DEFERRED, WAKE_ALL = b"I", b"D", b"A"
@@ -402,3 +417,50 @@ def wake(queue_root: str, request: bytes = WAKE_INCOMING) -> bool:
         return False
     finally:
         sock.close()
+
+
+def force_expire(path: str) -> bool:
+    """Mark a queue file for return to its sender at the next attempt (postsuper -e).
+
+    False when the file is gone, is not a regular file, or is marked already (Postfix's
+    postexpire() counts only files it changed); other OSErrors propagate. The mode
+    change is fsynced, so that a crash cannot forget it after postsuper reported it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & STAT_EXPIRE:
+            return False
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) | STAT_EXPIRE)
+        os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)
+
+
+def records(f):
+    """Every record of a queue file open for binary reading, in file order: (offset of the
+    record, type byte, data). For tools that show a file as it is (postcat): it checks
+    the magic and the record framing only, and works on a pipe. QueueFileError for a file
+    that is not a queue file, or a record that is oversized or cut short.
+    """
+    if f.read(len(MAGIC)) != MAGIC:
+        raise QueueFileError("input is not a valid queue file")
+    pos = len(MAGIC)
+    while True:
+        head = f.read(HEADER.size)
+        if not head:
+            return
+        if len(head) < HEADER.size:
+            raise QueueFileError(f"truncated record at offset {pos}")
+        kind, length = HEADER.unpack(head)
+        if length > MAX_RECORD:
+            raise QueueFileError(f"oversized record at offset {pos}")
+        data = f.read(length)
+        if len(data) != length:
+            raise QueueFileError(f"truncated record at offset {pos}")
+        yield pos, kind, data
+        pos += HEADER.size + length

@@ -2,7 +2,8 @@
 
     postfix-py [-c config_dir] [-v] start | start-fg | stop | abort | reload | status | check
     postfix-py init DIR [--port-base N] [--force]
-    postfix-py postconf | postmap | postqueue | postsuper | sendmail | posttls-finger | tls ...
+    postfix-py postconf | postmap | postqueue | postsuper | postcat | postlog | sendmail |
+               posttls-finger | tls ...
 
 A tool verb hands the rest of the command line to the tool's own main(argv), with Postfix's
 flags; `-c config_dir` given before the verb is passed on to it. Each verb lives in one
@@ -33,6 +34,8 @@ VERBS = {
     "postqueue": ("postfix_py.tools.postqueue", "main", "list (-p) or flush (-f) the queue"),
     "postsuper": ("postfix_py.tools.postsuper", "main", "delete, hold, release, requeue mail"),
     "sendmail": ("postfix_py.tools.sendmail", "main", "submit mail locally"),
+    "postcat": ("postfix_py.tools.postcat", "main", "show queue file contents"),
+    "postlog": ("postfix_py.tools.postlog", "main", "write to the mail log"),
     "posttls-finger": ("postfix_py.tools.posttls_finger", "main",
                        "probe a server's TLS as the smtp client would"),
 }

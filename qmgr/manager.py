@@ -48,6 +48,9 @@ LIFE OF A MESSAGE
                 (qmgr/bounce.py; `ID: sender delay notification: NEW`), once: the queue
                 file records it (lib/queue.mark_warned, fsync) after the warning was
                 committed, so a crash in between can repeat a warning but never lose one.
+    expire      a file that postsuper -e marked (lib/queue.py STAT_EXPIRE) is not
+                delivered: it is returned to the sender (`status=force-expired`) with the
+                reasons of its defer log, or else "message is administratively expired".
 
     Every result is on disk (queue file or log) before the file moves on, so a crash
     repeats at most the deliveries that were in flight.
@@ -135,6 +138,7 @@ class Message:
     gone: bool = False
     rescan: bool = False
     finished: bool = False
+    expire: bool = False        # postsuper -e: return it to the sender at this attempt
 
 
 @dataclass(eq=False)
@@ -395,13 +399,19 @@ class QueueManager:
         except OSError as exc:
             msg.warn(f"{name}: rename from {queue} to active: {exc.strerror}")
             return False
-        bounce_log.remove(self.root, DEFER, name)      # the log describes the last attempt
-        m = Message(name, dst, env, started=now)
+        expire = bool(st.st_mode & Q.STAT_EXPIRE)
+        kept = bounce_log.read(self.root, DEFER, name) if expire else []
+        if not kept:
+            bounce_log.remove(self.root, DEFER, name)  # the log describes the last attempt
+        m = Message(name, dst, env, started=now, expire=expire)
         self.messages[name] = m
         sender = env.sender or ""
         msg.info(f"{name}: from=<{sender}>, size={env.size}, "
                  f"nrcpt={len(env.recipients)} (queue active)")
-        self._resolve(m)
+        if expire:
+            self._force_expire(m, kept)
+        else:
+            self._resolve(m)
         if m.pending == 0:
             self._finish(m)
         return True
@@ -441,7 +451,7 @@ class QueueManager:
             if rcpt.done:
                 continue
             try:
-                route = self.resolver.resolve(rcpt.address)
+                route = self.resolver.resolve(rcpt.address, m.env.sender or "")
             except ResolveError as exc:
                 msg.warn(f"{m.queue_id}: {exc}")
                 unresolved.append(Entry(rcpt.address, rcpt.offset))
@@ -478,6 +488,16 @@ class QueueManager:
                 self._job_failed(job, dest.dead_dsn, SUSPENDED + dest.dead_reason)
             else:
                 dest.todo.append(job)
+
+    def _force_expire(self, m: Message, kept: list[LogEntry]) -> None:
+        """postsuper -e, as Postfix's qmgr: no delivery; the defer log of the last attempt
+        gives the reasons, or, without one, every open recipient is deferred with
+        "message is administratively expired". _finish then returns the message."""
+        if kept:
+            m.deferred.extend(kept)
+            return
+        self._defer(m, [Entry(r.address, r.offset) for r in m.env.recipients if not r.done],
+                    "4.7.0", "message is administratively expired", log=True)
 
     # --- scheduling --------------------------------------------------------------------------
     def _schedule(self) -> bool:
@@ -670,8 +690,9 @@ class QueueManager:
                 retry = True
         if m.deferred:
             lifetime = self.max_lifetime if m.env.sender else self.bounce_lifetime
-            if now > m.env.arrival + lifetime:
-                msg.info(f"{qid}: from=<{m.env.sender or ''}>, status=expired, "
+            if m.expire or now > m.env.arrival + lifetime:
+                status = "force-expired" if m.expire else "expired"
+                msg.info(f"{qid}: from=<{m.env.sender or ''}>, status={status}, "
                          "returned to sender")
                 expired = [LogEntry(e.recipient, e.offset, e.status, "failed", e.reason,
                                     e.relay) for e in m.deferred]

@@ -13,10 +13,12 @@ Postfix's address classes (ADDRESS_CLASS_README), tried in this order:
        subdomains, as Postfix's string list): virtual_transport (default virtual).
     3. relay: the domain matches relay_domains (a parent domain matches its subdomains, as
        with Postfix's default parent_domain_matches_subdomains): relay_transport.
-    4. default: default_transport.
+    4. default: default_transport, or the sender_dependent_default_transport_maps
+       result for the envelope sender.
     For 1 and 2 the next hop is the transport's own next hop when it names one
     (`lmtp:unix:private/dovecot-lmtp`), else the recipient domain; for 3 and 4 the
-    transport's own next hop, else relayhost when set, else the recipient domain.
+    transport's own next hop, else the sender_dependent_relayhost_maps result for the
+    sender, else relayhost when set, else the recipient domain.
     A domain listed in mydestination and virtual_mailbox_domains, or in
     virtual_mailbox_domains and relay_domains, gets Postfix's warning
     `do not list domain D in BOTH mydestination and virtual_mailbox_domains` and the
@@ -31,17 +33,22 @@ Postfix's address classes (ADDRESS_CLASS_README), tried in this order:
 
 FUNCTIONS
     AddressResolver(cfg): open the tables that cfg names (TableError when one cannot be opened).
-    AddressResolver.resolve(address) -> Route(transport, nexthop, local, addr_class);
-        addr_class is "local", "virtual", "relay" or "default" (the class before
-        transport_maps; not part of equality); raises ResolveError (a transport_maps or
-        domain list lookup failure: the caller defers the recipient with "4.3.0 address
-        resolver failure").
+    AddressResolver.resolve(address, sender=None) -> Route(transport, nexthop, local,
+        addr_class); addr_class is "local", "virtual", "relay" or "default" (the class
+        before transport_maps; not part of equality); raises ResolveError (a transport_maps,
+        domain list or sender-dependent lookup failure: the caller defers the recipient
+        with "4.3.0 address resolver failure"). Without a sender (None) the
+        sender-dependent tables are not consulted.
+    SenderRoutes(cfg, resolver).offhost(sender, relay_class) -> (transport spec, relayhost).
     parse_spec(text) -> (transport, nexthop) of a "transport:nexthop" value.
 
 CONFIGURATION PARAMETERS
     mydestination ($myhostname, localhost.$mydomain, localhost), relay_domains (empty),
     relayhost (empty), default_transport (smtp), relay_transport (relay), local_transport
-    (local:$myhostname), transport_maps (empty), recipient_delimiter (empty), myhostname,
+    (local:$myhostname), transport_maps (empty), sender_dependent_relayhost_maps (empty),
+    sender_dependent_default_transport_maps (empty), empty_address_relayhost_maps_lookup_key
+    (<>), empty_address_default_transport_maps_lookup_key (<>), recipient_delimiter (empty),
+    myhostname,
     myorigin ($myhostname), parent_domain_matches_subdomains (Postfix's default list),
     inet_interfaces (all), virtual_mailbox_domains ($virtual_mailbox_maps),
     virtual_transport (virtual).
@@ -104,6 +111,7 @@ class AddressResolver:
         self._own: set | None = None
         self.transport_subdomains = "transport_maps" in parents
         self.transport_maps = [tables.open_table(ref) for ref in cfg["transport_maps"]]
+        self.sender_routes = SenderRoutes(cfg, self)
 
     def close(self) -> None:
         """Release the tables."""
@@ -112,6 +120,7 @@ class AddressResolver:
         self.virtual_mailbox_domains.close()
         for table in self.transport_maps:
             table.close()
+        self.sender_routes.close()
 
     def is_local(self, domain: str) -> bool:
         """Whether mail for domain is delivered on this host (Postfix's resolve_local)."""
@@ -157,13 +166,13 @@ class AddressResolver:
             self._own = own
         return self._own
 
-    def resolve(self, address: str) -> Route:
+    def resolve(self, address: str, sender: str | None = None) -> Route:
         """Where the recipient address goes; ResolveError on a table failure."""
         local, domain = split_address(address)
         if not domain:
             domain = self.myorigin
         try:
-            route = self._class_route(domain)
+            route = self._class_route(domain, sender)
         except tables.TableError as exc:     # a domain list's table failed
             raise ResolveError(str(exc)) from None
         found = self._transport_lookup(local, domain)
@@ -177,7 +186,7 @@ class AddressResolver:
         return Route(transport or route.transport, nexthop or route.nexthop,
                      local=route.local and not transport, addr_class=route.addr_class)
 
-    def _class_route(self, domain: str) -> Route:
+    def _class_route(self, domain: str, sender: str | None = None) -> Route:
         """The route of the domain's address class, before transport_maps."""
         if self.is_local(domain):
             if self.virtual_mailbox_domains.match(domain):
@@ -191,14 +200,10 @@ class AddressResolver:
                          "and relay_domains")
             transport, nexthop = self.virtual_spec
             return Route(transport or "virtual", nexthop or domain, False, "virtual")
-        if self.relay_domains.match(domain):
-            transport, nexthop = self.relay_spec
-            addr_class = "relay"
-        else:
-            transport, nexthop = self.default_spec
-            addr_class = "default"
-        return Route(transport or "smtp", nexthop or self.relayhost or domain, False,
-                     addr_class)
+        relay_class = self.relay_domains.match(domain)
+        (transport, nexthop), relayhost = self.sender_routes.offhost(sender, relay_class)
+        return Route(transport or "smtp", nexthop or relayhost or domain, False,
+                     "relay" if relay_class else "default")
 
     def _transport_lookup(self, local: str, domain: str) -> str | None:
         """transport(5) search order; the first table with an answer wins."""
@@ -224,4 +229,78 @@ class AddressResolver:
                     raise ResolveError(f"transport_maps: {exc}") from None
                 if value is not None:
                     return value
+        return None
+
+
+class SenderRoutes:
+    """sender_dependent_default_transport_maps and sender_dependent_relayhost_maps."""
+
+    RELAY, TRANSPORT = "sender_dependent_relayhost_maps", "sender_dependent_default_transport_maps"
+
+    def __init__(self, cfg, resolver: AddressResolver):
+        self.resolver = resolver
+        self.maps = {name: [tables.open_table(ref) for ref in cfg[name]]
+                     for name in (self.RELAY, self.TRANSPORT)}
+        self.null_key = {self.RELAY: cfg.get("empty_address_relayhost_maps_lookup_key"),
+                         self.TRANSPORT: cfg.get(
+                             "empty_address_default_transport_maps_lookup_key")}
+
+    def close(self) -> None:
+        for maps in self.maps.values():
+            for table in maps:
+                table.close()
+
+    def offhost(self, sender: str | None, relay_class: bool) -> tuple[tuple[str, str], str]:
+        """The transport spec and relayhost of off-host mail (relay_domains: relay_class)
+        from sender, as resolve.c: the default class alone has a sender-dependent
+        transport; both have a sender-dependent relayhost."""
+        r = self.resolver
+        spec = r.relay_spec if relay_class else r.default_spec
+        if sender is None:
+            return spec, r.relayhost
+        if not relay_class:
+            found = self._find(self.TRANSPORT, sender)
+            if found is not None and found.strip().lower() != "dunno":
+                spec = parse_spec(found)
+        relay = self._find(self.RELAY, sender)
+        if relay is None or relay.strip().lower() == "dunno":
+            relay = ""
+        return spec, relay.strip() or r.relayhost
+
+    def _keys(self, sender: str) -> list[str]:
+        """mail_addr_find(3)'s default search order for an address."""
+        local, at, _ = sender.rpartition("@")
+        if not at or not local:
+            return [sender]
+        _, domain = split_address(sender)
+        keys = [sender]
+        base = strip_extension(local, self.resolver.delimiters) if \
+            self.resolver.delimiters else local
+        if base != local:
+            keys.append(f"{base}@{domain}")
+        if self.resolver.is_local(domain):
+            keys += [local] + ([base] if base != local else [])
+        keys.append("@" + domain)
+        return keys
+
+    def _find(self, name: str, sender: str) -> str | None:
+        maps = self.maps[name]
+        if not maps:
+            return None
+        shown = sender or self.null_key[name]
+        for n, key in enumerate(self._keys(sender) if sender else [shown]):
+            for table in maps:
+                if n and table.type in ("regexp", "pcre"):
+                    continue
+                try:
+                    value = table.lookup(key)
+                except Exception:       # a table backend error: not "not found"
+                    msg.warn(f"{name} lookup failure")
+                    raise ResolveError(f"{name} lookup failure") from None
+                if value is None:
+                    continue
+                if not value.strip():
+                    msg.warn(f"{name}: ignoring null lookup result for {shown}")
+                    return "DUNNO"
+                return value
         return None

@@ -13,7 +13,12 @@ DESCRIPTION
     and tries them in turn: at most smtp_mx_address_limit addresses and
     smtp_mx_session_limit sessions that got past the greeting. A server that cannot be
     reached, or that fails temporarily, passes the recipients on to the next one; the
-    last one's answer is final. Each recipient's outcome is logged in Postfix's words
+    last one's answer is final. smtp_fallback_relay (lmtp_fallback_relay) names more next
+    hops, tried after those of the request, as Postfix 3.7's smtp_connect.c does for any
+    TCP destination, relayhost included (not for unix: LMTP, which warns): a hard host
+    lookup error of the primary does not bounce while they remain, and a hard error left
+    by a fallback relay is reported as 4.3.5 with the warning `smtp_fallback_relay
+    configuration problem`, so that a bad fallback never bounces mail. Each recipient's outcome is logged in Postfix's words
 
         4C1A21F3E8B: to=<bob@example.com>, relay=mx.example.com[192.0.2.1]:25,
             delay=0.2, delays=0.01/0/0.15/0.04, dsn=2.0.0, status=sent (250 2.0.0 Ok)
@@ -56,6 +61,7 @@ CONFIGURATION PARAMETERS
     STARTTLS session before MAIL FROM defers the delivery, as Postfix against
     CVE-2009-3555). The lmtp program reads lmtp_* where postfix-py declares it, else smtp_*.
     smtp_dns_nameservers (empty: the system's resolv.conf), smtp_dns_timeout (10s).
+    smtp_fallback_relay ($fallback_relay; fallback_relay: empty), lmtp_fallback_relay (empty).
 
 FILES
     queue_directory/private/smtp, relay, lmtp: the service sockets
@@ -293,6 +299,18 @@ def _deliver(ctx, req: deliver.Request, d: session.Delivery) -> str:
     if not dests:
         d.why = ("4.3.5", "mail system configuration error")
         return "none"
+    primary = len(dests)
+    fallback = cfg[f"{p}_fallback_relay"]
+    if fallback and any(dest.unix for dest in dests):
+        msg.warn(f'ignoring "{p}_fallback_relay = {cfg.get(f"{p}_fallback_relay")}" '
+                 "setting for non-TCP connections")
+    elif fallback:
+        try:
+            dests += nexthop.parse_list(" ".join(fallback), lmtp)
+        except nexthop.NexthopError as exc:
+            msg.warn(f"{p}_fallback_relay: {exc}")
+            d.why = ("4.3.5", "mail system configuration error")
+            return "none"
     addr_limit = cfg["smtp_mx_address_limit"]
     sess_limit = cfg["smtp_mx_session_limit"]
     relay = "none"
@@ -333,6 +351,11 @@ def _deliver(ctx, req: deliver.Request, d: session.Delivery) -> str:
             d.conn_setup_done = 0.0
             if last:
                 break
+    if d.left() and n >= primary and d.why and d.why[0].startswith("5"):
+        # The fallback relay did not resolve, or refused us: a configuration problem,
+        # not a reason to bounce (smtp_connect.c).
+        msg.warn("smtp_fallback_relay configuration problem")     # lmtp too, as Postfix
+        d.why = ("4.3.5", d.why[1])
     return relay
 
 

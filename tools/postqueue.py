@@ -5,7 +5,8 @@
 
 FLAGS
     -p       list the queue in Postfix's mailq format: per message the queue id (`*`
-             after it: in the active queue, being delivered; `!`: on hold), the size, the
+             after it: in the active queue, being delivered; `!`: on hold; then `#`:
+             forced to expire by postsuper -e), the size, the
              arrival time and the sender (MAILER-DAEMON for <>); then each recipient that
              is not done yet, below the reason of its last delivery attempt in
              parentheses. Ends with `-- N Kbytes in M Requests.`, or prints
@@ -91,6 +92,7 @@ def show(queue_root: str):
             path = os.path.join(directory, name)
             try:
                 env = Q.read(path)
+                forced = bool(os.stat(path).st_mode & Q.STAT_EXPIRE)     # postsuper -e
             except (OSError, Q.QueueFileError):
                 continue            # gone meanwhile, or not a queue file: showq skips it
             reasons = {}
@@ -99,7 +101,7 @@ def show(queue_root: str):
                 reasons.setdefault(e.recipient, e.reason)
             yield {
                 "queue_name": queue, "queue_id": name, "arrival_time": int(env.arrival),
-                "message_size": env.size, "forced_expire": False,
+                "message_size": env.size, "forced_expire": forced,
                 "sender": env.sender or "MAILER-DAEMON",
                 "recipients": [(r.address, reasons.get(r.offset, reasons.get(r.address, "")))
                                for r in env.recipients if not r.done],
@@ -113,6 +115,7 @@ def format_mailq(messages) -> str:
         out.append("" if count else S_STRING_FORMAT % (
             "-Queue ID-", "--Size--", "----Arrival Time----", "-Sender/Recipient-------"))
         mark = {Q.ACTIVE: "*", Q.HOLD: "!"}.get(m["queue_name"], "")
+        mark += "#" if m["forced_expire"] else ""
         out.append(S_SENDER_FORMAT % (m["queue_id"] + mark, m["message_size"],
                                       time.asctime(time.localtime(m["arrival_time"])),
                                       m["sender"]))

@@ -451,7 +451,7 @@ def test_queue_file_vanishes_during_delivery(make, capsys):
 
 def test_resolver_failure_defers(make, capsys):
     class Broken:
-        def resolve(self, address):
+        def resolve(self, address, sender=None):
             if address.startswith("bad"):
                 raise ResolveError("transport_maps: lookup error")
             return Route("smtp", "fine.example")
@@ -549,3 +549,33 @@ def test_delay_warning_copy_to_the_postmaster_with_notify_classes_delay(make, ca
     text, report, original = m.get_payload()
     assert "THIS IS A WARNING ONLY" not in text.get_content()      # no boilerplate
     assert original.get_content_type() == "text/rfc822-headers"
+
+
+def test_forced_expiry_with_and_without_a_defer_log(make, capsys):
+    h = make()
+    qid = h.submit("alice@example.org", ["x@remote.example", "y@remote.example"])
+    h.mgr.start()
+    h.answer(h.calls[0], "deferred", "sent")
+    assert h.files("deferred") == [qid]
+    assert Q.force_expire(os.path.join(h.root, "deferred", qid))      # postsuper -e
+    assert not Q.force_expire(os.path.join(h.root, "deferred", qid))  # already marked
+    h.mgr.trigger(b"A")
+    # No delivery attempt for a marked message (the one call is its bounce).
+    assert [r.queue_id for _, r in h.calls] != [qid] and len(h.calls) == 1
+    err = capsys.readouterr().err
+    assert f"{qid}: from=<alice@example.org>, status=force-expired, returned to sender" in err
+    new = err.split(f"{qid}: sender non-delivery notification: ")[1].split()[0]
+    assert f"{qid}: removed" in err and h.files("deferred") == []
+    rcpt = _notification(h, new)[1].get_payload()[1].get_payload()[1]
+    assert (rcpt["Final-Recipient"], rcpt["Diagnostic-Code"]) == (
+        "rfc822; x@remote.example", "X-Postfix; try later")     # the last attempt's reason
+    # A new message, marked before any attempt: Postfix's "administratively expired".
+    q2 = h.submit("bob@example.org", ["z@remote.example"])
+    Q.force_expire(os.path.join(h.root, "incoming", q2))
+    h.mgr.trigger(b"I")
+    assert q2 not in [r.queue_id for _, r in h.calls]
+    err = capsys.readouterr().err
+    assert (f"{q2}: to=<z@remote.example>, relay=none, delay=" in err
+            and "dsn=4.7.0, status=deferred (message is administratively expired)" in err)
+    assert f"{q2}: from=<bob@example.org>, status=force-expired, returned to sender" in err
+    assert f"{q2}: removed" in err

@@ -73,3 +73,42 @@ def test_wildcard_and_regexp_tables(tmp_path):
 def test_missing_table_is_an_error(tmp_path):
     with pytest.raises(Exception):
         resolver(tmp_path, transport_maps="bogus:/nowhere")
+
+
+def test_sender_dependent_relayhost_and_default_transport(tmp_path, capsys):
+    from postfix_py.lib import msg
+    msg.init_cli("qmgr")
+    (tmp_path / "relay.re").write_text("/^re@pattern\\.example$/ [re-gw]\n")
+    relays = ("inline:{alice@a.example=[alice-gw]:587, @a.example=[a-gw], "
+              "dunno@a.example=DUNNO, bob@mail.example.com=[bob-gw], "
+              "<>=[null-gw], empty@a.example=}")
+    r = resolver(tmp_path, relayhost="[global-gw]", relay_domains="relay.example",
+                 recipient_delimiter="+",
+                 sender_dependent_relayhost_maps=f"{relays}, regexp:{tmp_path}/relay.re",
+                 sender_dependent_default_transport_maps=(
+                     "inline:{@b.example=slow, carol@b.example=fast:[carol-gw], "
+                     "dunno@b.example=dunno}"))
+    rcpt = "x@remote.example"
+    assert r.resolve(rcpt) == Route("smtp", "[global-gw]")          # no sender: global
+    assert r.resolve(rcpt, "alice@a.example") == Route("smtp", "[alice-gw]:587")
+    assert r.resolve(rcpt, "alice+tag@A.example") == Route("smtp", "[alice-gw]:587")
+    assert r.resolve(rcpt, "zed@a.example") == Route("smtp", "[a-gw]")     # @domain
+    # DUNNO stops the search: not @a.example, the global relayhost.
+    assert r.resolve(rcpt, "dunno@a.example") == Route("smtp", "[global-gw]")
+    assert r.resolve(rcpt, "other@c.example") == Route("smtp", "[global-gw]")
+    assert r.resolve(rcpt, "") == Route("smtp", "[null-gw]")               # the <> key
+    assert r.resolve(rcpt, "bob@mail.example.com") == Route("smtp", "[bob-gw]")
+    assert r.resolve(rcpt, "re@pattern.example") == Route("smtp", "[re-gw]")
+    # The relay class keeps relay_transport but takes the sender's relayhost.
+    assert r.resolve("x@relay.example", "alice@a.example") == Route("relay", "[alice-gw]:587")
+    # The default class takes the sender's transport; its own next hop wins.
+    assert r.resolve(rcpt, "dan@b.example") == Route("slow", "[global-gw]")
+    assert r.resolve(rcpt, "carol@b.example") == Route("fast", "[carol-gw]")
+    assert r.resolve(rcpt, "dunno@b.example") == Route("smtp", "[global-gw]")
+    assert r.resolve("x@relay.example", "dan@b.example") == Route("relay", "[global-gw]")
+    # Local mail is not affected at all.
+    assert r.resolve("bob@mail.example.com", "alice@a.example").local
+    assert r.resolve(rcpt, "empty@a.example") == Route("smtp", "[global-gw]")
+    assert ("sender_dependent_relayhost_maps: ignoring null lookup result for "
+            "empty@a.example") in capsys.readouterr().err
+    r.close()

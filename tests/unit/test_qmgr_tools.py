@@ -174,3 +174,63 @@ def test_postsuper_usage(inst, capsys):
     assert capsys.readouterr().err.endswith(f"postsuper: fatal: {postsuper.USAGE}\n")
     assert postsuper.main(["-c", inst.dir, "-d", "ALL", "nosuchqueue"]) == 1
     assert "unknown queue name: nosuchqueue" in capsys.readouterr().err
+
+
+def mode(inst, queue, qid):
+    return os.stat(os.path.join(inst.root, queue, qid)).st_mode & 0o7777
+
+
+def test_postsuper_expire_and_force(inst, capsys):
+    d1 = inst.add("deferred", "a@b", ["c@d"])
+    h1 = inst.add("hold", "a@b", ["c@d"])
+    h2 = inst.add("hold", "a@b", ["c@d"])
+    assert mode(inst, "deferred", d1) & Q.STAT_EXPIRE == 0
+    assert sup(inst, capsys, "-e", d1, "-e", h1) == (
+        f"postsuper: {d1}: expired\npostsuper: {h1}: expired\n"
+        "postsuper: Force-expired: 2 messages\n")
+    assert mode(inst, "deferred", d1) & Q.STAT_EXPIRE and mode(inst, "hold", h1) & Q.STAT_EXPIRE
+    listing = postqueue.format_mailq(postqueue.show(inst.root))
+    assert f"\n{d1}# " in listing and f"\n{h1}!# " in listing and f"\n{h2}! " in listing
+    assert {m["queue_id"]: m["forced_expire"] for m in postqueue.show(inst.root)} == {
+        d1: True, h1: True, h2: False}
+    # -e leaves a held message on hold; a second -e finds it marked already.
+    assert sup(inst, capsys, "-e", h1) == "postsuper: Force-expired: 0 messages\n"
+    assert sorted(os.listdir(os.path.join(inst.root, "hold"))) == sorted([h1, h2])
+    # -f marks (if not yet) and releases.
+    assert sup(inst, capsys, "-f", h1) == (
+        f"postsuper: {h1}: released from hold\npostsuper: Force-expired: 0 messages\n"
+        "postsuper: Released from hold: 1 message\n")
+    assert sup(inst, capsys, "-f", "ALL") == (
+        "postsuper: Force-expired: 1 message\npostsuper: Released from hold: 1 message\n")
+    assert os.listdir(os.path.join(inst.root, "hold")) == []
+    assert mode(inst, "deferred", h2) & Q.STAT_EXPIRE
+    # -r makes it an ordinary message again, as Postfix's requeue through pickup does.
+    assert sup(inst, capsys, "-r", h2).endswith("Requeued: 1 message\n")
+    assert mode(inst, "incoming", h2) == 0o600
+    assert sup(inst, capsys, "-e", "ALL", "incoming") == \
+        "postsuper: Force-expired: 1 message\n"
+    assert f"postsuper[{os.getpid()}]: {d1}: expired" in inst.log()
+
+
+def test_postsuper_purge(inst, capsys):
+    qid = inst.add("deferred", "a@b", ["c@d"])
+    old = time.time() - 8 * 86400
+    paths = {}
+    for queue, name, age in (("incoming", ".4AB12C", old), ("incoming", ".4AB13D", None),
+                             ("maildrop", ".tmp.1", old), ("hold", ".x", old)):
+        path = os.path.join(inst.root, queue, name)
+        with open(path, "wb") as f:
+            f.write(b"PFXQ1\n")
+        if age:
+            os.utime(path, (age, age))
+        paths[name] = path
+    os.utime(os.path.join(inst.root, "deferred", qid), (old, old))   # a message: kept
+    fifo = os.path.join(inst.root, "active", "fifo")
+    os.mkfifo(fifo)
+    assert sup(inst, capsys, "-p") == ""
+    left = {n for n, p in paths.items() if os.path.exists(p)}
+    assert left == {".4AB13D"} and not os.path.exists(fifo)
+    assert os.listdir(os.path.join(inst.root, "deferred")) == [qid]
+    os.utime(paths[".4AB13D"], (old, old))
+    assert sup(inst, capsys, "-p", "hold") == "" and os.path.exists(paths[".4AB13D"])
+    assert sup(inst, capsys) == "" and not os.path.exists(paths[".4AB13D"])   # the default
