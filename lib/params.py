@@ -34,6 +34,8 @@ DEVIATIONS
     ${smtpd_client_connection_limit_exceptions:$mynetworks}; the pre-2.9 name is not here).
     mynetworks_style, relay_domains, smtpd_relay_restrictions: Postfix's values at
     compatibility level 2 and later (no compatibility_level parameter here).
+    alias_maps: hash:/etc/aliases (Postfix on Linux adds nis:mail.aliases; there is no nis:
+    table type here).
 """
 
 from __future__ import annotations
@@ -272,6 +274,13 @@ PARAMS: list[Param] = [
     _p("double_bounce_sender", "double-bounce", STR, "sender of postmaster notices; mail to it is discarded"),
     _p("default_privs", "nobody", STR, "rights of deliveries that have no account of their own"),
     _p("local_delivery_any_user", "no", BOOL, "postfix-py extension: any safe local part gets a mailbox under mail_spool_directory"),
+    _p("alias_maps", "hash:/etc/aliases", TABLE, "alias tables that local(8) looks local parts up in"),
+    _p("alias_database", "hash:/etc/aliases", TABLE, "alias tables that newaliases builds"),
+    _p("forward_path", "$home/.forward${recipient_delimiter}${extension}, $home/.forward", STR, "per-user .forward files that local(8) looks for (local attributes expanded)"),
+    _p("allow_mail_to_commands", "alias, forward", LIST, "where |command destinations are allowed: alias, forward, include"),
+    _p("allow_mail_to_files", "alias, forward", LIST, "where /file destinations are allowed: alias, forward, include"),
+    _p("command_time_limit", "1000s", TIME, "time limit of a local |command delivery", min=1),
+    _p("mailbox_command", "", STR, "command that delivers to an account's mailbox instead of local(8)"),
     _p("local_destination_concurrency_limit", "2", INT, "parallel local deliveries per recipient", min=1),
     _p("local_destination_recipient_limit", "1", INT, "recipients per local delivery", min=1),
     _p("parent_domain_matches_subdomains", "debug_peer_list,fast_flush_domains,mynetworks,permit_mx_backup_networks,qmqpd_authorized_clients,relay_domains,smtpd_access_maps", LIST, "parameters whose domain patterns also match subdomains"),
