@@ -1,70 +1,126 @@
-"""local - deliver mail to local users' mailboxes, as Postfix's local(8).
+"""local - deliver mail to local recipients, as Postfix's local(8).
 
 SYNOPSIS
     master.cf:  local  unix  -  n  n  -  -  local
 
 DESCRIPTION
     local takes one lib/deliver.py request at a time from qmgr (lib/delivery_agent.py) and
-    delivers the message to each recipient's mailbox. The recipient's local part, without
-    its address extension (recipient_delimiter) and lower-cased, names a UNIX account
-    (getpwnam). Where the mail goes, as in Postfix (local/mailbox.c):
+    delivers the message for each recipient, in Postfix's order (local/recipient.c):
 
-        home_mailbox ending in /           maildir  ~user/$home_mailbox
-        home_mailbox set                   mbox     ~user/$home_mailbox
-        mail_spool_directory ending in /   maildir  $mail_spool_directory/user/
-        otherwise                          mbox     $mail_spool_directory/user
+     1. A Delivered-To: header that already names the address: bounced 5.4.6 "mail
+        forwarding loop for ADDR". An address written \\user goes to user's mailbox
+        directly (no alias, no .forward).
+     2. alias_maps: the lower-cased local part (user+ext) is looked up, then without its
+        extension (user), in each table in turn. Each destination of the value (aliases(5),
+        lib/aliases.py) is delivered in turn:
+            /file/name      appended, mbox style (a name ending in / is a maildir)
+            |command        run, the message on its standard input (local/command.py)
+            :include:/file  the file's destinations, each delivered in turn
+            ~/file          a file in the home directory of the user whose rights apply
+            address         a local address (no domain, or a literal mydestination
+                            domain) is delivered here, from step 1 (an alias that names
+                            itself goes to the mailbox); any other is forwarded
+        An unreadable table defers: 4.3.0 "alias database unavailable" (warning
+        `TABLE: lookup of 'NAME' failed`). More than 100 levels: bounced 5.4.6 "alias
+        database loop for NAME" or "recipient nesting limit exceeded".
+     3. .forward: the first file of forward_path that exists (expanded with $user, $home,
+        $local, $extension, $recipient_delimiter, $domain, $recipient, $shell; an entry
+        with an undefined name is skipped) is read with the user's rights; its
+        destinations are delivered as an alias's. A file that is not regular, is owned
+        by neither the user nor root, or is world writable is ignored with Postfix's
+        warning (`file F has bad owner uid N`, `file F is world writable`), and the mail
+        goes to the mailbox. Local addresses named in a .forward or :include: file other
+        than the user's own are forwarded, as in Postfix.
+     4. The mailbox: mailbox_command when set (run as the user, or as default_privs for
+        root, $name expanded as for forward_path), else as Postfix's local/mailbox.c:
+            home_mailbox ending in /           maildir  ~user/$home_mailbox
+            home_mailbox set                   mbox     ~user/$home_mailbox
+            mail_spool_directory ending in /   maildir  $mail_spool_directory/user/
+            otherwise                          mbox     $mail_spool_directory/user
 
-    Each delivered copy gets Return-Path:, X-Original-To: and Delivered-To: headers
-    (local/mailbox.py). Outcomes, with Postfix's texts:
+    FORWARDING. The forwarded addresses of one recipient become one new queue file (the
+    original sender, a Delivered-To: header naming the recipient, then the message),
+    written into incoming/ as mail_owner, and qmgr is woken; the recipient is logged
+    `status=sent (forwarded as NEWID)`. (Postfix hands them to cleanup, which postfix-py
+    does not have yet; qmgr resolves them as any other message.)
 
-        delivered                          sent 2.0.0 "delivered to maildir" or
+    RESULTS. Each recipient of the request gets one result: deferred if a destination
+    was deferred, else bounced if one was bounced, else sent; its other successful
+    destinations are logged on lines of their own. Texts, as Postfix's:
+
+        mailbox                            sent 2.0.0 "delivered to maildir" or
                                            "delivered to mailbox"
+        file                               sent 2.0.0 "delivered to file: PATH"; bounced
+                                           5.7.1 "file is executable"; "cannot append
+                                           message to file PATH: ..."
+        command                            sent 2.0.0 "delivered to command: CMD"; exit
+                                           codes as local/command.py
+        |command or /file where not allowed bounced 5.7.1 "mail to command is
+                                           restricted" / "mail to file is restricted"
         no such account                    bounced 5.1.1 `unknown user: "name"`
-        postmaster or mailer-daemon without an account
+        postmaster or mailer-daemon without alias or account
                                            sent 2.0.0 "discarded", with the warning
                                            `required alias not found: postmaster`
-                                           (Postfix requires these as aliases)
-        Delivered-To: already names the recipient
-                                           bounced 5.4.6 "mail forwarding loop for R"
+        bad :include: file                 bounced 5.3.5 "mail system configuration error"
         the mailbox cannot be written      deferred 4.2.0 / 4.3.1, or bounced 5.2.2 when
                                            over quota (local/mailbox.py)
         the queue file cannot be read      deferred 4.3.0 "queue file read error"
 
-    Aliases, .forward files, mailbox_command and file or program destinations are not
-    implemented: an account's mailbox is the only destination.
+    Each delivered copy gets Return-Path:, X-Original-To: (the recipient qmgr gave) and
+    Delivered-To: (the same, lower-cased; Postfix's frozen_delivered_to) headers; a
+    command or file also gets the `From ` line first.
 
     With `local_delivery_any_user = yes` (a postfix-py extension for self-contained
     instances, default no) a local part without an account that is a safe file name
     (letters, digits, `.`, `_`, `-`; not starting with `.`) is delivered into
     mail_spool_directory under that name as if it were an account of the default_privs
     user: the mailbox is written with that user's uid and gid, and owned by it (the spool
-    rule under SECURITY applies). A default_privs that names no account defers such mail (4.3.0
-    "local configuration error", with the warning `unknown default_privs user: NAME`).
-    default_privs plays no other part here: file and program destinations, for which
-    Postfix uses it, are not implemented.
+    rule under SECURITY applies). A default_privs that names no account defers such mail
+    (4.3.0 "local configuration error", with the warning `unknown default_privs user:
+    NAME`).
 
 SECURITY
     The process runs as root, unchrooted (master.cf: unprivileged n), because it delivers
-    with each recipient's privileges: every delivery runs in a forked child that has read
-    the message as root and then set its groups, gid and uid to the recipient's for good
-    before it opens anything of the recipient's (Postfix does this with set_eugid). Mail
-    for root is written as root, as in Postfix. An mbox in a spool directory that is not
-    writable by the user is created as root and given to the user (Postfix's rule); the
-    child then drops to the user before writing. When the process is not root (a plain-user
-    instance, or unprivileged y), every delivery runs with its own privileges. A mailbox
-    opened as root that belongs to someone else, or has more than one link, is refused
-    (deferred 4.2.0).
+    with each recipient's privileges: every mailbox, file and command delivery, and every
+    read of a .forward or :include: file, runs in a forked child (a command in its own
+    process group) that has set its groups, gid and uid for good before it opens
+    anything (Postfix does this with set_eugid). Whose rights: for an alias, the owner
+    of the alias database file, or default_privs when root owns it; for a .forward
+    file, the user; for an :include: file in a root-owned alias, the include file's
+    owner (unless root); files and commands never run as root (default_privs instead).
+    Mail for root's mailbox is written as root, as in Postfix. An mbox in a spool
+    directory that is not writable by the user is created as root and given to the user
+    (Postfix's rule); the child then drops to the user before writing. When the process
+    is not root (a plain-user instance, or unprivileged y), everything runs with its own
+    privileges. A mailbox opened as root that belongs to someone else, or has more than
+    one link, is refused (deferred 4.2.0). .forward and :include: files are read up to
+    1 MB.
 
 CONFIGURATION PARAMETERS
-    mail_spool_directory (/var/mail), home_mailbox (empty), recipient_delimiter (empty),
-    soft_bounce (no), ipc_timeout (3600s), default_privs (nobody: only for
-    local_delivery_any_user), local_delivery_any_user (no).
+    alias_maps (hash:/etc/aliases), forward_path ($home/.forward${recipient_delimiter}
+    ${extension}, $home/.forward), allow_mail_to_commands (alias, forward),
+    allow_mail_to_files (alias, forward), command_time_limit (1000s), mailbox_command
+    (empty), mail_spool_directory (/var/mail), home_mailbox (empty), recipient_delimiter
+    (empty), default_privs (nobody), myorigin and mydestination (for addresses that
+    aliases name), mail_owner (owner of forwarded queue files), soft_bounce (no),
+    ipc_timeout (3600s), local_delivery_any_user (no).
+
+LIMITS
+    Not implemented: owner- aliases (bounces of alias members go to the sender),
+    propagate_unmatched_extensions, local_command_shell (commands always run with
+    /bin/sh -c), command_execution_directory (commands run in /), export_environment
+    (TZ and LANG are passed, PATH is /usr/bin:/bin), mailbox_transport, fallback_transport,
+    luser_relay, DSN NOTIFY for expanded aliases. mydestination entries that are tables
+    are not consulted for alias addresses (those addresses are forwarded through qmgr,
+    which resolves them).
 
 FILES
-    $mail_spool_directory/user, ~user/$home_mailbox, and their maildir subdirectories.
+    $mail_spool_directory/user, ~user/$home_mailbox, and their maildir subdirectories;
+    the alias databases (postfix-py postalias, newaliases); ~user/.forward.
 
 SEE ALSO
-    Postfix local(8); local/mailbox.py; lib/delivery_agent.py; lib/deliver.py.
+    Postfix local(8), aliases(5); local/mailbox.py; local/command.py; lib/aliases.py;
+    tools/postalias.py; lib/delivery_agent.py; lib/deliver.py.
 """
 
 from __future__ import annotations
@@ -365,6 +421,12 @@ class LocalDelivery:
         """Postfix's deliver_token: a file, a command, an include file or an address."""
         if dest.startswith("/"):
             self._file(addr, dest, st)
+        elif dest.startswith("~/"):
+            if st.usr is None:
+                msg.warn(f"{dest}: no home directory for this user")
+                self._out("bounced", "5.3.5", "mail system configuration error")
+            else:
+                self._file(addr, st.usr.pw_dir.rstrip("/") + dest[1:], st)
         elif dest.startswith("|"):
             if st.exp_type not in self.cmd_mask:
                 self._out("bounced", "5.7.1", "mail to command is restricted")
@@ -602,9 +664,6 @@ class LocalDelivery:
                 writer.abort()
             msg.warn(f"cannot forward mail: {exc}")
             return "deferred", "4.3.0", "mail system internal error"
-        if self.request is not None:
-            msg.info(f"{self.request.queue_id}: forwarded as {qid}: "
-                     f"{', '.join('<' + r + '>' for r in rcpts)}")
         Q.wake(self.queue_root)
         return "sent", "2.0.0", f"forwarded as {qid}"
 
