@@ -336,7 +336,8 @@ class LocalDelivery:
             for o in self.outcomes:
                 if o is not final and o[0] == "sent":
                     deliver.log_delivery(self.request.queue_id, rcpt, "local",
-                                         self.request.arrival, self.started, *o)
+                                         self.request.arrival, self.started, o[1], o[0],
+                                         o[2])
         return result(*final)
 
     def _out(self, kind: str, dsn: str, reason: str) -> bool:

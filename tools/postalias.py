@@ -57,8 +57,11 @@ def _query(refs: list[str], cfg, fold: bool, key: str) -> int:
 
 
 def _build(refs: list[str], cfg, fold: bool, incremental: bool = False, **kw) -> None:
+    # Incremental: the table has its `@` entry already (Postfix replaces it silently).
+    pairs = (lambda text, path: (p for p in aliases.source_pairs(text, path) if p[1] != "@")) \
+        if incremental else aliases.source_pairs
     for ref in refs:
-        count = tables.build(ref, fold=fold, cfg=cfg, pairs=aliases.source_pairs,
+        count = tables.build(ref, fold=fold, cfg=cfg, pairs=pairs,
                              stream=postmap._stdin() if incremental else None,
                              incremental=incremental, **kw)
         msg.verbose(1, f"{ref}: {count} entries")

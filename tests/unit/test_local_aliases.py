@@ -2,11 +2,13 @@
 and newaliases (lib/aliases.py, local/service.py, local/command.py, tools/postalias.py).
 Deliveries run for real, in forked children with the right uid; run as root."""
 
+import io
 import os
 import pwd
 import shutil
 import stat
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 
@@ -182,6 +184,29 @@ def test_command_file_and_include(area):
     assert (r.result, r.dsn, r.reason) == ("deferred", "4.3.0", "temporary failure")
     r = job(cfg, area).deliver(f"fail@{HOST}")
     assert (r.result, r.dsn, r.reason) == ("bounced", "5.1.1", "no such list")
+
+
+def test_every_destination_is_logged(area, capsys):
+    cfg = config(area, f"both: nobody, {area}/both.mbox\n")
+    request = SimpleNamespace(queue_id="ABC123", arrival=0.0)
+    r = local.LocalDelivery(cfg, "a@example.org", MESSAGE, request).deliver(f"both@{HOST}")
+    assert (r.result, r.reason) == ("sent", f"delivered to file: {area}/both.mbox")
+    err = capsys.readouterr().err        # the one returned is logged by the Report
+    assert f"ABC123: to=<both@{HOST}>, relay=local, delay=" in err
+    assert "dsn=2.0.0, status=sent (delivered to maildir)" in err
+
+
+def test_postalias_incremental(area, capsys, monkeypatch):
+    with open(f"{area}/aliases", "w") as f:
+        f.write("a: b\n")
+    with open(f"{area}/main.cf", "w") as f:
+        f.write("")
+    assert postalias.main(["-c", area, f"{area}/aliases"]) == 0
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"c: d, e\n")))
+    assert postalias.main(["-c", area, "-i", f"{area}/aliases"]) == 0
+    assert "duplicate" not in capsys.readouterr().err
+    assert postalias.main(["-c", area, "-s", f"{area}/aliases"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["@:\t@", "a:\tb", "c:\td, e"]
 
 
 def test_forbidden_destinations(area):
