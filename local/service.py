@@ -20,7 +20,11 @@ DESCRIPTION
             address         a local address (no domain, or a literal mydestination
                             domain) is delivered here, from step 1 (an alias that names
                             itself goes to the mailbox); any other is forwarded
-        An unreadable table defers: 4.3.0 "alias database unavailable" (warning
+        When alias_maps also has owner-NAME, owner-NAME@$myorigin becomes the sender of
+        the expansion (Return-Path of its files, SENDER of its commands, the sender of
+        the forwarded copy) and its local addresses are forwarded, as in Postfix; bounces
+        of its file and command deliveries still go to the original sender (qmgr bounces
+        the recipient). An unreadable table defers: 4.3.0 "alias database unavailable" (warning
         `TABLE: lookup of 'NAME' failed`). More than 100 levels: bounced 5.4.6 "alias
         database loop for NAME" or "recipient nesting limit exceeded".
      3. .forward: the first file of forward_path that exists (expanded with $user, $home,
@@ -106,13 +110,15 @@ CONFIGURATION PARAMETERS
     ipc_timeout (3600s), local_delivery_any_user (no).
 
 LIMITS
-    Not implemented: owner- aliases (bounces of alias members go to the sender),
-    propagate_unmatched_extensions, local_command_shell (commands always run with
-    /bin/sh -c), command_execution_directory (commands run in /), export_environment
-    (TZ and LANG are passed, PATH is /usr/bin:/bin), mailbox_transport, fallback_transport,
-    luser_relay, DSN NOTIFY for expanded aliases. mydestination entries that are tables
-    are not consulted for alias addresses (those addresses are forwarded through qmgr,
-    which resolves them).
+    Not implemented: expand_owner_alias, propagate_unmatched_extensions,
+    local_command_shell (commands always run with /bin/sh -c), command_execution_directory
+    (commands run in /), export_environment (TZ and LANG are passed, PATH is
+    /usr/bin:/bin), mailbox_transport, fallback_transport, luser_relay,
+    mailbox_delivery_lock (fcntl only, no dotlock), DSN NOTIFY for expanded aliases.
+    mydestination entries that are tables are not consulted for addresses that aliases
+    name (those are forwarded through qmgr, which resolves them). When one destination
+    of a recipient is deferred, the whole recipient is, and its other destinations get
+    the message again at the next try (Postfix forwards through cleanup instead).
 
 FILES
     $mail_spool_directory/user, ~user/$home_mailbox, and their maildir subdirectories;
@@ -284,12 +290,15 @@ def run_as(privs: Privileges | None, work) -> tuple[str, str, str]:
 class State:
     """Where one destination came from (Postfix's LOCAL_STATE and USER_ATTR, in short)."""
 
-    def __init__(self, level=0, exp_type=None, exp_from=None, usr=None, owner=None):
+    def __init__(self, level=0, exp_type=None, exp_from=None, usr=None, owner=None,
+                 sender=None):
         self.level, self.exp_type, self.exp_from = level, exp_type, exp_from
         self.usr, self.owner = usr, owner        # usr: a pwd entry whose rights apply
+        self.sender = sender                     # an owner- alias's, else None
 
     def deeper(self, **kw) -> "State":
-        new = State(self.level + 1, self.exp_type, self.exp_from, self.usr, self.owner)
+        new = State(self.level + 1, self.exp_type, self.exp_from, self.usr, self.owner,
+                    self.sender)
         for name, value in kw.items():
             setattr(new, name, value)
         return new
@@ -323,11 +332,12 @@ class LocalDelivery:
         """Deliver to one recipient (and whatever its aliases and .forward name)."""
         self.rcpt = rcpt
         self.outcomes: list[tuple[str, str, str]] = []
-        self.indirect: list[str] = []
+        self.indirect: list[tuple[str, str]] = []      # (sender, address)
         self.been_here: set = set()
         self._recipient(rcpt, State())
-        if self.indirect:
-            self.outcomes.append(self._forward())
+        for sender in dict.fromkeys(s for s, _ in self.indirect):
+            self.outcomes.append(self._forward(sender, [a for s, a in self.indirect
+                                                        if s == sender]))
         if not self.outcomes:
             return result("sent", "2.0.0", "delivered")
         final = next((o for o in self.outcomes if o[0] == "deferred"), None) or \
@@ -339,6 +349,9 @@ class LocalDelivery:
                                          self.request.arrival, self.started, o[1], o[0],
                                          o[2])
         return result(*final)
+
+    def _sender(self, st: State) -> str:
+        return self.sender if st.sender is None else st.sender
 
     def _out(self, kind: str, dsn: str, reason: str) -> bool:
         self.outcomes.append((kind, dsn, reason))
@@ -372,7 +385,7 @@ class LocalDelivery:
         if user != local and self._alias(addr, user, st):
             return
         if st.owner is not None and st.owner != user or st.exp_type == "include":
-            self.indirect.append(addr)
+            self.indirect.append((self._sender(st), addr))
             return
         if self._dotforward(addr, local, user, st):
             return
@@ -388,12 +401,8 @@ class LocalDelivery:
             msg.warn(f"alias database loop for {name}")
             return self._out("bounced", "5.4.6", f"alias database loop for {name}")
         for ref in self.alias_maps:
-            try:
-                table = _alias_table(ref, self.cfg)
-                value = table.lookup(name)
-            except tables.TableError as exc:
-                msg.warn(f"{exc}")
-                msg.warn(f"{ref}: lookup of '{name}' failed")
+            value = self._lookup(ref, name)
+            if value is False:
                 return self._out("deferred", "4.3.0", "alias database unavailable")
             if value is None:
                 continue
@@ -413,10 +422,28 @@ class LocalDelivery:
                 msg.warn(f"no recipient in alias lookup result for {name}")
                 return self._out("deferred", "4.3.0", "alias database unavailable")
             sub = st.deeper(exp_type="alias", exp_from=name, usr=usr)
+            # An owner-NAME alias receives the errors: it becomes the sender, and
+            # local members are forwarded under it (Postfix's owner attribute).
+            for owner_ref in self.alias_maps:
+                found = self._lookup(owner_ref, f"owner-{name}")
+                if found is False:
+                    return self._out("deferred", "4.3.0", "alias database unavailable")
+                if found is not None:
+                    sub.owner = sub.sender = f"owner-{name}@{self.myorigin}"
+                    break
             for dest in dests:
                 self._token(addr, dest, sub)
             return True
         return False
+
+    def _lookup(self, ref: str, name: str):
+        """name's value in the alias table ref; None when absent, False on error."""
+        try:
+            return _alias_table(ref, self.cfg).lookup(name)
+        except tables.TableError as exc:
+            msg.warn(f"{exc}")
+            msg.warn(f"{ref}: lookup of '{name}' failed")
+            return False
 
     def _token(self, addr: str, dest: str, st: State) -> None:
         """Postfix's deliver_token: a file, a command, an include file or an address."""
@@ -441,7 +468,7 @@ class LocalDelivery:
             if domain in self.local_domains or dest.startswith("\\"):
                 self._recipient(qualified if not dest.startswith("\\") else dest, st)
             else:
-                self.indirect.append(qualified)
+                self.indirect.append((self._sender(st), qualified))
 
     def _include(self, addr: str, path: str, st: State) -> None:
         st = st.deeper()
@@ -576,8 +603,8 @@ class LocalDelivery:
         if ("file", rights[0], path) in self.been_here:
             return
         self.been_here.add(("file", rights[0], path))
-        headers = mailbox.added_headers(self.sender, self.rcpt)
-        sender, content = self.sender, self.content
+        sender, content = self._sender(st), self.content
+        headers = mailbox.added_headers(sender, self.rcpt)
 
         def work(drop):
             try:
@@ -625,7 +652,7 @@ class LocalDelivery:
         user = strip_extension(local, self.delimiters)
         attrs = self._attrs(addr, local, user, st.usr)
         env = {"PATH": "/usr/bin:/bin", "LOGNAME": user, "USER": user,
-               "SENDER": self.sender, "RECIPIENT": addr, "LOCAL": local,
+               "SENDER": self._sender(st), "RECIPIENT": addr, "LOCAL": local,
                "MAIL_CONFIG": self.cfg.config_dir}
         for name in ("home", "shell", "domain", "extension"):
             if name in attrs:
@@ -635,25 +662,26 @@ class LocalDelivery:
             if name in os.environ:
                 env[name] = os.environ[name]
         stamp = time.strftime("%a %b %e %H:%M:%S %Y")
-        data = (f"From {self.sender or 'MAILER-DAEMON'}  {stamp}\n".encode(
-            "utf-8", "surrogateescape") + mailbox.added_headers(self.sender, self.rcpt)
+        sender = self._sender(st)
+        data = (f"From {sender or 'MAILER-DAEMON'}  {stamp}\n".encode(
+            "utf-8", "surrogateescape") + mailbox.added_headers(sender, self.rcpt)
             + self.content)
         self._out(*command_mod.run(command, data, rights[0], rights[1], env,
                                    self.cfg["command_time_limit"]))
 
     # --- forwarding through the queue -------------------------------------------------------
-    def _forward(self) -> tuple[str, str, str]:
-        """Postfix's forward_finish: one new queue file for the non-local destinations."""
+    def _forward(self, sender: str, rcpts: list[str]) -> tuple[str, str, str]:
+        """Postfix's forward_finish: one new queue file per sender for the forwarded."""
         if self.queue_root is None:
             return "deferred", "4.3.0", "mail system internal error"
-        rcpts = list(dict.fromkeys(self.indirect))
+        rcpts = list(dict.fromkeys(rcpts))
         writer = None
         try:
             writer = Q.QueueWriter(self.queue_root)
             if os.geteuid() == 0:
                 owner = pwd.getpwnam(self.cfg.get("mail_owner"))
                 os.fchown(writer.fd, owner.pw_uid, owner.pw_gid)
-            writer.set_sender(self.sender)
+            writer.set_sender(sender)
             for r in rcpts:
                 writer.add_recipient(r)
             writer.write(f"Delivered-To: {self.rcpt.lower()}\n".encode(
@@ -710,7 +738,8 @@ class LocalDelivery:
                 self._command(rcpt, expanded, st.deeper(usr=pw))
                 return self.outcomes.pop() if len(self.outcomes) > before else \
                     ("sent", "2.0.0", f"delivered to command: {expanded}")
-        headers = mailbox.added_headers(self.sender, self.rcpt)
+        sender = self._sender(st)
+        headers = mailbox.added_headers(sender, self.rcpt)
         if self.home_mailbox:
             path = os.path.join(home, self.home_mailbox)
             maildir = self.home_mailbox.endswith("/")
@@ -744,7 +773,7 @@ class LocalDelivery:
                             f"cannot open file: {exc.strerror}"]
                 try:
                     drop()
-                    mailbox.deliver_mbox(path, self.sender, headers, self.content, fd=fd)
+                    mailbox.deliver_mbox(path, sender, headers, self.content, fd=fd)
                 finally:
                     os.close(fd)
                 return ["sent", "2.0.0", "delivered to mailbox"]

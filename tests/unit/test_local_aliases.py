@@ -229,6 +229,19 @@ def test_remote_alias_is_forwarded_as_a_new_queue_file(area):
     assert [x.address for x in m.recipients] == ["someone@remote.example"]
 
 
+def test_owner_alias_becomes_the_sender(area):
+    cfg = config(area, f"list: nobody, {area}/list.mbox\nowner-list: nobody\n")
+    r = job(cfg, area).deliver(f"list@{HOST}")
+    assert r.result == "sent"
+    first = read(f"{area}/list.mbox").split(b"\n")[1]
+    assert first == f"Return-Path: <owner-list@{HOST}>".encode()
+    assert maildir(area, "nobody") == []         # members go through the queue, as owner-list
+    (name,) = os.listdir(f"{area}/queue/incoming")
+    m = Q.read(f"{area}/queue/incoming/{name}")
+    assert m.sender == f"owner-list@{HOST}"
+    assert [x.address for x in m.recipients] == [f"nobody@{HOST}"]
+
+
 def test_dot_forward(area, capsys):
     fwd = f"{area}/nobody.forward"
     with open(fwd, "w") as f:
