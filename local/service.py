@@ -118,7 +118,7 @@ LIMITS
     mydestination entries that are tables are not consulted for addresses that aliases
     name (those are forwarded through qmgr, which resolves them). When one destination
     of a recipient is deferred, the whole recipient is, and its other destinations get
-    the message again at the next try (Postfix forwards through cleanup instead).
+    the message again at the next try, as with Postfix.
 
 FILES
     $mail_spool_directory/user, ~user/$home_mailbox, and their maildir subdirectories;

@@ -7,6 +7,7 @@ import os
 import pwd
 import shutil
 import stat
+import subprocess
 import tempfile
 from types import SimpleNamespace
 
@@ -17,6 +18,8 @@ from postfix_py.lib import queue as Q
 from postfix_py.local import command, mailbox
 from postfix_py.local import service as local
 from postfix_py.tools import postalias
+
+from helpers import POSTFIX_PY
 
 HOST = "mail.example.com"
 MESSAGE = b"Subject: hi\nFrom: a@example.org\n\nbody\n"
@@ -283,3 +286,31 @@ def test_command_time_limit_and_signal():
         ("bounced", "5.3.0", 'Command died with status 3: "exit 3"')
     big = b"x" * (1 << 20)       # a command that reads nothing: not an error
     assert command.run("exit 0", big, NOBODY.pw_uid, NOBODY.pw_gid, {}, 10)[0] == "sent"
+
+
+DEBIAN_POSTALIAS = shutil.which("postalias", path="/usr/sbin:/usr/bin")
+INTEROP_ALIASES = ('postmaster: root\nAbuse:   a ,b,\n  c@example.com\n# comment\n'
+                   '"Quoted Name": "|/bin/cat > /tmp/x", /var/x, :include:/etc/y\n'
+                   'x@y: z\nnovalue:\nbad\nlist: a (comment) b\nfoo bar: x\n'
+                   'owner-list: me\n')
+
+
+@pytest.mark.skipif(not DEBIAN_POSTALIAS, reason="Debian's postfix is not installed")
+def test_postalias_matches_debian(area):
+    for name in ("ours", "theirs"):
+        with open(f"{area}/{name}", "w") as f:
+            f.write(INTEROP_ALIASES)
+    with open(f"{area}/main.cf", "w") as f:
+        f.write("")
+    theirs = subprocess.run([DEBIAN_POSTALIAS, f"hash:{area}/theirs"], capture_output=True,
+                            text=True, timeout=10)
+    ours = subprocess.run([POSTFIX_PY, "-c", area, "postalias", f"hash:{area}/ours"],
+                          capture_output=True, text=True, timeout=30)
+    assert ours.returncode == theirs.returncode == 0
+    assert ours.stderr.replace("/ours", "/theirs") == theirs.stderr
+    listing = subprocess.run([DEBIAN_POSTALIAS, "-s", f"hash:{area}/theirs"],
+                             capture_output=True, text=True, timeout=10).stdout
+    expected = sorted(line for line in listing.splitlines() if not line.startswith("YP_"))
+    ours = subprocess.run([POSTFIX_PY, "-c", area, "postalias", "-s", f"hash:{area}/ours"],
+                          capture_output=True, text=True, timeout=30)
+    assert sorted(ours.stdout.splitlines()) == expected
