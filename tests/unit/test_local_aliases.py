@@ -30,6 +30,15 @@ NOBODY = pwd.getpwnam("nobody")
 @pytest.fixture(autouse=True)
 def cli_log():
     msg.init_cli("local")
+    yield
+    close_alias_tables()
+
+
+def close_alias_tables():
+    """local keeps alias tables open for the life of its process; a test ends them."""
+    for table in local._ALIAS_TABLES.values():
+        table.close()
+    local._ALIAS_TABLES.clear()
 
 
 @pytest.fixture
@@ -54,7 +63,7 @@ def config(area, aliases_text=None, **settings):
         conf["alias_maps"] = f"hash:{area}/aliases"
     with open(f"{area}/main.cf", "w") as f:
         f.write("".join(f"{k} = {v}\n" for k, v in conf.items()))
-    local._ALIAS_TABLES.clear()
+    close_alias_tables()
     return maincf.load(area)
 
 
