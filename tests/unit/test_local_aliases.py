@@ -129,6 +129,23 @@ def test_required_alias_without_aliases(area, capsys):
     r = job(cfg, area).deliver(f"postmaster@{HOST}")
     assert (r.result, r.dsn, r.reason) == ("sent", "2.0.0", "discarded")
     assert "warning: required alias not found: postmaster" in capsys.readouterr().err
+    cfg = config(area, "abuse: nobody\n")        # aliases, but none for postmaster
+    r = job(cfg, area).deliver(f"postmaster@{HOST}")
+    assert (r.result, r.dsn, r.reason) == ("sent", "2.0.0", "discarded")
+    assert "warning: required alias not found: postmaster" in capsys.readouterr().err
+
+
+def test_commands_of_a_user_owned_alias_run_as_its_owner(area):
+    daemon = pwd.getpwnam("daemon")
+    with open(f"{area}/aliases", "w") as f:
+        f.write(f'who: "|id -u > {area}/who"\n')
+    os.chown(f"{area}/aliases", daemon.pw_uid, daemon.pw_gid)
+    tables.build(f"hash:{area}/aliases", pairs=aliases.source_pairs)
+    assert os.stat(f"{area}/aliases.db").st_uid == daemon.pw_uid
+    cfg = config(area, alias_maps=f"hash:{area}/aliases")
+    r = job(cfg, area).deliver(f"who@{HOST}")
+    assert r.result == "sent"
+    assert read(f"{area}/who", "r").strip() == str(daemon.pw_uid)    # not default_privs
 
 
 def test_alias_to_an_account_and_recursion(area):
