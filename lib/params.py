@@ -19,6 +19,7 @@ TYPES
 FUNCTIONS
     lookup(name) -> Param or None; convert(param, text) -> typed value, raising ParamError
     with a message that names the parameter; split_list(text) -> list of words.
+    RAW: the names whose values their program expands itself (no main.cf expansion).
 
 Defaults are the seed document's where it gives one (the legacy TLS README), otherwise
 Postfix 3.7's `postconf -d`, except where DEVIATIONS below says why not.
@@ -336,6 +337,11 @@ for _suffix, _default, _type, _doc, *_extra in _SMTP_CLIENT_TLS:
             _default = _LMTP_DEFAULTS.get(_suffix, _default)
         PARAMS.append(Param(f"{_prefix}_{_suffix}", _default.replace("%s", _prefix), _type,
                             _doc, **(_extra[0] if _extra else {})))
+
+# Values that the program expands itself, with names of its own ($home, $user, ...), as
+# Postfix's "raw" parameters: main.cf's $name expansion and its undefined-name warnings
+# leave them alone (local/service.py reads them with Config.raw()).
+RAW = frozenset({"forward_path", "mailbox_command"})
 
 _BY_NAME: dict[str, Param] = {}
 for _row in PARAMS:

@@ -340,3 +340,13 @@ def test_postalias_matches_debian(area):
     ours = subprocess.run([POSTFIX_PY, "-c", area, "postalias", "-s", f"hash:{area}/ours"],
                           capture_output=True, text=True, timeout=30)
     assert sorted(ours.stdout.splitlines()) == expected
+
+
+def test_raw_parameters_are_not_expanded_by_main_cf(area):
+    cfg = config(area, forward_path="$home/.forward${recipient_delimiter}${extension}",
+                 mailbox_command='procmail -a "$EXTENSION"', other="$nothere")
+    assert cfg.undefined_references() == ["nothere"]     # as Postfix's postconf
+    assert local._local_expand(cfg, cfg.raw("forward_path"),
+                               {"home": "/h", "recipient_delimiter": "+",
+                                "extension": "x"}) == "/h/.forward+x"
+    assert local._local_expand(cfg, cfg.raw("forward_path"), {"home": "/h"}) is None
