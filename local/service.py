@@ -148,6 +148,7 @@ from . import mailbox
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 QUEUE_FILE = re.compile(r"active/[A-Za-z0-9_]{1,64}")
 REQUIRED_ALIASES = ("postmaster", "mailer-daemon")
+EXPANSION_TYPES = frozenset({"alias", "forward", "include"})
 MAX_LEVEL = 100                    # Postfix's recursion limit (aliases, includes, recipients)
 READ_LIMIT = 1 << 20               # a .forward or :include: file larger than this is cut
 _ALIAS_TABLES: dict[str, tables.Table] = {}
@@ -322,6 +323,10 @@ class LocalDelivery:
         self.alias_maps = cfg["alias_maps"]
         self.cmd_mask = set(cfg["allow_mail_to_commands"])
         self.file_mask = set(cfg["allow_mail_to_files"])
+        self.bad_mask = [(name, word) for name, words in
+                         (("allow_mail_to_commands", self.cmd_mask),
+                          ("allow_mail_to_files", self.file_mask))
+                         for word in sorted(words - EXPANSION_TYPES)]
         self.myorigin = cfg.get("myorigin").lower()
         self.local_domains = {d.lower().rstrip(".") for d in cfg["mydestination"]
                               if ":" not in d and "/" not in d}
@@ -331,6 +336,10 @@ class LocalDelivery:
     def deliver(self, rcpt: str) -> RcptResult:
         """Deliver to one recipient (and whatever its aliases and .forward name)."""
         self.rcpt = rcpt
+        for name, word in self.bad_mask:
+            # Postfix's local dies (fatal) on this; the mail waits for a fixed main.cf.
+            msg.warn(f'unknown {name} value "{word}" in "{self.cfg.get(name)}"')
+            return result("deferred", "4.3.5", "mail system configuration error")
         self.outcomes: list[tuple[str, str, str]] = []
         self.indirect: list[tuple[str, str]] = []      # (sender, address)
         self.been_here: set = set()

@@ -248,6 +248,14 @@ def test_forbidden_destinations(area):
     assert not os.path.exists(f"{area}/f")
 
 
+def test_bad_allow_mail_to_value_defers(area, capsys):
+    cfg = config(area, "pipe: nobody\n", allow_mail_to_files="alias, forwards")
+    r = job(cfg, area).deliver(f"pipe@{HOST}")
+    assert (r.result, r.dsn) == ("deferred", "4.3.5")
+    assert 'unknown allow_mail_to_files value "forwards" in "alias, forwards"' in \
+        capsys.readouterr().err
+
+
 def test_remote_alias_is_forwarded_as_a_new_queue_file(area):
     cfg = config(area, "ext: someone@remote.example, nobody\n")
     r = job(cfg, area).deliver(f"ext@{HOST}")
