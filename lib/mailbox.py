@@ -43,6 +43,7 @@ FUNCTIONS
     delivered_to(content) -> set of lower-cased Delivered-To: addresses in the header
     deliver_maildir(path, headers, content, hostname=None, now=None) -> new file name
     deliver_mbox(path, sender, headers, content, fd=None, now=None)
+    open_mbox(path) -> (fd, created); write_all(fd, data)
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def _hostname() -> str:
     return socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of data to fd."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -139,8 +141,8 @@ def deliver_maildir(path: str, headers: bytes, content: bytes, hostname: str | N
         try:
             st = os.fstat(fd)
             newfile = os.path.join(newdir, f"{sec}.V{st.st_dev:x}I{st.st_ino:x}M{usec}.{host}")
-            _write_all(fd, headers)
-            _write_all(fd, content)
+            write_all(fd, headers)
+            write_all(fd, content)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -213,7 +215,7 @@ def deliver_mbox(path: str, sender: str, headers: bytes, content: bytes, fd: int
         # Under critical(): `postfix-py stop` must not leave half a message in the mbox.
         with critical():
             try:
-                _write_all(fd, data)
+                write_all(fd, data)
                 os.fsync(fd)
             except OSError as exc:
                 try:
@@ -234,7 +236,7 @@ class Privileges:
         self.uid, self.gid, self.open_as_root = uid, gid, open_as_root
 
 
-def _become(uid: int, gid: int) -> None:
+def become(uid: int, gid: int) -> None:
     """Set groups, gid and uid for good (child side only)."""
     os.setgroups([gid])
     os.setresgid(gid, gid, gid)
@@ -259,7 +261,7 @@ def run_as(privs: Privileges | None, work, program: str = "local",
 
             def drop():
                 if root and not dropped:
-                    _become(privs.uid, privs.gid)
+                    become(privs.uid, privs.gid)
                     dropped.append(True)
             if not (privs and privs.open_as_root):
                 drop()

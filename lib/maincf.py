@@ -268,7 +268,8 @@ class Config:
     def undefined_references(self) -> list[str]:
         """Names referenced with $ that are neither declared nor set (Postfix warns)."""
         out = set()
-        for text in [e.value for e in self.entries.values()] + list(self.overrides.values()):
+        values = [e.value for n, e in self.entries.items() if n not in params.RAW]
+        for text in values + [v for n, v in self.overrides.items() if n not in params.RAW]:
             try:
                 self.expand(text, 0, out)
             except ConfigError:

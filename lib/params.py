@@ -19,6 +19,7 @@ TYPES
 FUNCTIONS
     lookup(name) -> Param or None; convert(param, text) -> typed value, raising ParamError
     with a message that names the parameter; split_list(text) -> list of words.
+    RAW: the names whose values their program expands itself (no main.cf expansion).
 
 Defaults are the seed document's where it gives one (the legacy TLS README), otherwise
 Postfix 3.7's `postconf -d`, except where DEVIATIONS below says why not.
@@ -35,6 +36,8 @@ DEVIATIONS
     ${smtpd_client_connection_limit_exceptions:$mynetworks}; the pre-2.9 name is not here).
     mynetworks_style, relay_domains, smtpd_relay_restrictions: Postfix's values at
     compatibility level 2 and later (no compatibility_level parameter here).
+    alias_maps: hash:/etc/aliases (Postfix on Linux adds nis:mail.aliases; there is no nis:
+    table type here).
 """
 
 from __future__ import annotations
@@ -278,6 +281,13 @@ PARAMS: list[Param] = [
     _p("double_bounce_sender", "double-bounce", STR, "sender of postmaster notices; mail to it is discarded"),
     _p("default_privs", "nobody", STR, "rights of deliveries that have no account of their own"),
     _p("local_delivery_any_user", "no", BOOL, "postfix-py extension: any safe local part gets a mailbox under mail_spool_directory"),
+    _p("alias_maps", "hash:/etc/aliases", TABLE, "alias tables that local(8) looks local parts up in"),
+    _p("alias_database", "hash:/etc/aliases", TABLE, "alias tables that newaliases builds"),
+    _p("forward_path", "$home/.forward${recipient_delimiter}${extension}, $home/.forward", STR, "per-user .forward files that local(8) looks for (local attributes expanded)"),
+    _p("allow_mail_to_commands", "alias, forward", LIST, "where |command destinations are allowed: alias, forward, include"),
+    _p("allow_mail_to_files", "alias, forward", LIST, "where /file destinations are allowed: alias, forward, include"),
+    _p("command_time_limit", "1000s", TIME, "time limit of a local |command delivery", min=1),
+    _p("mailbox_command", "", STR, "command that delivers to an account's mailbox instead of local(8)"),
     _p("local_destination_concurrency_limit", "2", INT, "parallel local deliveries per recipient", min=1),
     _p("local_destination_recipient_limit", "1", INT, "recipients per local delivery", min=1),
     # --- virtual mailbox domains (qmgr/resolve.py, virtual/service.py) ----------------
@@ -344,6 +354,11 @@ for _suffix, _default, _type, _doc, *_extra in _SMTP_CLIENT_TLS:
             _default = _LMTP_DEFAULTS.get(_suffix, _default)
         PARAMS.append(Param(f"{_prefix}_{_suffix}", _default.replace("%s", _prefix), _type,
                             _doc, **(_extra[0] if _extra else {})))
+
+# Values that the program expands itself, with names of its own ($home, $user, ...), as
+# Postfix's "raw" parameters: main.cf's $name expansion and its undefined-name warnings
+# leave them alone (local/service.py reads them with Config.raw()).
+RAW = frozenset({"forward_path", "mailbox_command"})
 
 _BY_NAME: dict[str, Param] = {}
 for _row in PARAMS:

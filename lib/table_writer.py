@@ -16,13 +16,14 @@ FILES AND CONCURRENCY
 
 FUNCTIONS
     build(ref, source_path=None, fold=True, *, cfg=None, stream=None, incremental=False,
-          duplicates="warn", null=False, inherit_mode=True, as_owner=True) -> int
+          duplicates="warn", null=False, inherit_mode=True, as_owner=True, pairs=None) -> int
         Build an lmdb/hash/btree table from source_path (default: the table's name), or
         from the text of stream (postmap -i reads standard input); incremental=True keeps
         the entries already in the table. null=True stores keys and values with a
         terminating NUL (postmap -N); lookups find both forms. cfg supplies
         lmdb_map_size (the first map size; the map grows when full). Returns the number of
-        entries. Raises TableError: "unsupported dictionary type: T does not support
+        entries. pairs(text, path) yields (line number, key, value) from the source text
+        (default tables.source_pairs; lib/aliases.source_pairs for postalias). Raises TableError: "unsupported dictionary type: T does not support
         bulk-mode creation." for other types, "open SOURCE: reason", a key longer than
         LMDB's 511 bytes (naming file and line; the old table stays), and the errors of
         open_table for an existing file that is not LMDB (incremental only).
@@ -197,7 +198,8 @@ def _map_size(cfg) -> int:
 
 def build(ref: str, source_path: str | None = None, fold: bool = True, *, cfg=None,
           stream=None, incremental: bool = False, duplicates: str = "warn",
-          null: bool = False, inherit_mode: bool = True, as_owner: bool = True) -> int:
+          null: bool = False, inherit_mode: bool = True, as_owner: bool = True,
+          pairs=None) -> int:
     """Build (or with incremental=True, extend) an indexed table; returns its size."""
     if duplicates not in ("warn", "replace", "ignore"):
         raise ValueError(f"duplicates must be warn, replace or ignore: {duplicates!r}")
@@ -224,7 +226,7 @@ def build(ref: str, source_path: str | None = None, fold: bool = True, *, cfg=No
         entries: dict[bytes, bytes] = {}
         if incremental and os.path.exists(dest):
             entries = _read_all(dest, ref)
-        for number, key, value in source_pairs(text, path):
+        for number, key, value in (pairs or source_pairs)(text, path):
             folded = key.lower() if fold else key
             k = _enc(folded) + nul
             if len(k) > MAX_KEY:

@@ -2,8 +2,8 @@
 
     postfix-py [-c config_dir] [-v] start | start-fg | stop | abort | reload | status | check
     postfix-py init DIR [--port-base N] [--force]
-    postfix-py postconf | postmap | postqueue | postsuper | postcat | postlog | sendmail |
-               posttls-finger | tls ...
+    postfix-py postconf | postmap | postalias | newaliases | postqueue | postsuper |
+               postcat | postlog | sendmail | posttls-finger | tls ...
 
 A tool verb hands the rest of the command line to the tool's own main(argv), with Postfix's
 flags; `-c config_dir` given before the verb is passed on to it. Each verb lives in one
@@ -29,6 +29,8 @@ VERBS = {
     "init": ("postfix_py.master.init", "main", "write a self-contained instance on loopback ports"),
     "postconf": ("postfix_py.tools.postconf", "main", "show or edit main.cf and master.cf"),
     "postmap": ("postfix_py.tools.postmap", "main", "build and query lookup tables"),
+    "postalias": ("postfix_py.tools.postalias", "main", "build and query alias databases"),
+    "newaliases": ("postfix_py.tools.postalias", "newaliases", "build alias_database"),
     "tls": ("postfix_py.tools.postfix_tls", "main", "server keys, certificates and fingerprints"),
     "flush": ("postfix_py.tools.postqueue", "flush", "try to deliver everything in the queue now"),
     "postqueue": ("postfix_py.tools.postqueue", "main", "list (-p) or flush (-f) the queue"),

@@ -30,6 +30,8 @@ DESCRIPTION
                       for 365 days (lib/tlsgen.py). Keys belong to the invoking user: the
                       daemons read them before they drop privileges.
     DIR/queue (0755), DIR/data (0700, owned by mail_owner)
+    DIR/aliases       postmaster, mailer-daemon and abuse, for root (kept when it exists),
+                      built into DIR/aliases.db; main.cf's alias_maps and alias_database.
 
     Files are written atomically. DIR is created (0755) when it does not exist.
 
@@ -53,7 +55,7 @@ import secrets
 import sys
 import time
 
-from postfix_py.lib import mastercf, sasl_common as sasl, tlsgen
+from postfix_py.lib import aliases, mastercf, sasl_common as sasl, table_writer, tlsgen
 
 PROG = "postfix-py init"
 DEFAULT_PORT_BASE = 2525
@@ -165,6 +167,18 @@ smtpd_sasl_authenticated_header = yes
 # LOCAL DELIVERY: a maildir per local part under {d}/mail/, no system accounts needed.
 mail_spool_directory = {d}/mail/
 local_delivery_any_user = yes
+
+# ALIASES: edit {d}/aliases, then: postfix-py -c {d} newaliases
+alias_maps = hash:{d}/aliases
+alias_database = hash:{d}/aliases
+"""
+
+ALIASES = """\
+# Aliases of this instance, aliases(5) format. After a change:
+#     postfix-py -c DIR newaliases
+postmaster: root
+mailer-daemon: postmaster
+abuse: postmaster
 """
 
 
@@ -254,6 +268,9 @@ def create(directory: str, ports_base: int = DEFAULT_PORT_BASE, force: bool = Fa
                                  os.path.join(directory, cert_file), key_type,
                                  CERT_NAMES, CERT_ADDRESSES, CERT_DAYS)
     password = _sasl_user(directory, owner)
+    if not os.path.exists(os.path.join(directory, "aliases")):
+        tlsgen.atomic_write(os.path.join(directory, "aliases"), ALIASES.encode(), 0o644)
+    table_writer.build(f"hash:{directory}/aliases", pairs=aliases.source_pairs)
     _directory(os.path.join(directory, "mail"), 0o755, owner)   # local writes as default_privs
     # main.cf last: its presence is what marks DIR as an instance.
     tlsgen.atomic_write(os.path.join(directory, "master.cf"),
@@ -274,6 +291,7 @@ def create(directory: str, ports_base: int = DEFAULT_PORT_BASE, force: bool = Fa
         f"  {d}/maillog             the mail log, once it runs\n"
         f"  {d}/mail/               local mail, a maildir per recipient\n"
         f"  {d}/sasl_passwd         SASL users for smtps and submission\n"
+        f"  {d}/aliases             postmaster and other aliases (then: newaliases)\n"
         + (f"SASL user: test, password: {password} (shown once; it is stored hashed)\n"
            f"  swaks --server {LISTEN_ADDRESS}:{ports[2]} --tls --auth-user test "
            f"--auth-password '{password}' --to someone@localhost\n" if password else "")

@@ -46,6 +46,7 @@ class Instance:
             "inet_interfaces": "127.0.0.1",
             "myhostname": "mail.test.example",
             "service_throttle_time": "2s",
+            "alias_maps": "",           # not the host's /etc/aliases; tests set their own
         }
         self.master_lines: list[str] = []
         self.pids_seen: set[int] = set()

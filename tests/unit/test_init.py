@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from OpenSSL import SSL
 
-from postfix_py.lib import maincf, mastercf, tlsgen
+from postfix_py.lib import maincf, mastercf, tables, tlsgen
 from postfix_py.master import init
 
 POSTFIX_PY = os.path.join(os.path.dirname(sys.executable), "postfix-py")
@@ -86,6 +86,15 @@ def test_main_cf_values(instance):
     assert cfg["smtp_tls_security_level"] == "may"
     assert cfg["smtp_tls_session_cache_database"] == f"lmdb:{d}/data/smtp_scache"
     assert cfg.unused() == [] and maincf.check(cfg) == []
+
+
+def test_aliases_are_built(instance):
+    directory, _ = instance
+    cfg = maincf.load(str(directory))
+    assert cfg["alias_maps"] == cfg["alias_database"] == [f"hash:{directory}/aliases"]
+    with tables.open_table(f"hash:{directory}/aliases") as table:
+        assert table.lookup("postmaster") == "root"
+        assert table.lookup("abuse") == "postmaster"
 
 
 def test_master_cf_services(instance):

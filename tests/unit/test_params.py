@@ -34,6 +34,7 @@ DEVIATIONS = {
     "mynetworks_style", "relay_domains", "smtpd_relay_restrictions",
     "smtpd_client_event_limit_exceptions",    # $mynetworks, without the pre-2.9 name
     "myhostname", "mydomain", "mynetworks",   # computed from the host
+    "alias_maps",                             # no nis: table type
 }
 
 

@@ -23,7 +23,7 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
 def config(tmp_path, **settings):
-    conf = {"myhostname": HOST, **settings}
+    conf = {"myhostname": HOST, "alias_maps": "", **settings}
     (tmp_path / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
     return maincf.load(str(tmp_path))
 
