@@ -11,9 +11,14 @@ messages) the RSS and USS of the master, qmgr, tlsmgr and anvil are sampled with
 with the queue backlog (files in incoming/ and active/). The run never waits for the
 queue to drain: qmgr works under load, as on a busy host.
 
-The verdict per process compares its RSS at the last checkpoint with the one at a quarter
-of the run (after warm-up): "flat" when it grew by at most 2 MiB or 10%, whichever is
-larger. With --write, the table goes between the `longlife` markers of the file.
+anvil is in master.cf and counts every client (smtpd_client_event_limit_exceptions is
+empty, so the loopback clients are not exempt, with limits high enough never to refuse).
+
+The verdict per process compares its RSS at the last checkpoint with the one at half of the
+run: "flat" when it grew by at most 2 MiB or 10%, whichever is larger. The first half is
+warm-up: qmgr's RSS is the high-water mark of its active queue, which follows the largest
+backlog the load builds (shown per checkpoint), so growth from the quarter mark is shown
+too. With --write, the table goes between the `longlife` markers of the file.
 """
 
 from __future__ import annotations
@@ -78,6 +83,11 @@ def run(messages: int, checkpoints: int, clients: int) -> dict:
         import postfix_py.anvil.service  # noqa: F401
         with open(inst.dir / "master.cf", "a") as f:
             f.write("anvil unix - - y - 1 anvil\n")
+        with open(inst.dir / "main.cf", "a") as f:
+            f.write("smtpd_client_event_limit_exceptions =\n"
+                    "smtpd_client_connection_count_limit = 1000\n"
+                    "smtpd_client_connection_rate_limit = 1000000\n"
+                    "smtpd_client_message_rate_limit = 1000000\n")
     except ImportError:
         pass
     inst.start()
@@ -105,18 +115,23 @@ def run(messages: int, checkpoints: int, clients: int) -> dict:
 
 
 def verdicts(rows: list[dict]) -> dict[str, str]:
-    """flat / grows, per process: RSS at the end against RSS at a quarter of the run."""
+    """flat / grows, per process: RSS at the end against RSS at half of the run (and,
+    for the record, the growth since a quarter of the run)."""
     out = {}
     quarter = rows[max(0, len(rows) // 4 - 1)]
+    half = rows[max(0, len(rows) // 2 - 1)]
     last = rows[-1]
     for name in LONG_LIVED:
-        a = quarter["processes"].get(name, {}).get("rss")
+        q = quarter["processes"].get(name, {}).get("rss")
+        a = half["processes"].get(name, {}).get("rss")
         b = last["processes"].get(name, {}).get("rss")
         if a is None or b is None:
             continue
         growth = b - a
         flat = growth <= max(2.0, 0.10 * a)
-        out[name] = f"{'flat' if flat else 'GROWS'} ({growth:+.1f} MiB)"
+        out[name] = (f"{'flat' if flat else 'GROWS'} ({growth:+.1f} MiB since half of the "
+                     f"run, {b - q:+.1f} since a quarter)" if q is not None else
+                     f"{'flat' if flat else 'GROWS'} ({growth:+.1f} MiB)")
     return out
 
 
@@ -138,7 +153,8 @@ def markdown(result: dict) -> str:
              "plain and STARTTLS batches alternating, mail discarded after queueing; "
              "the queue is never drained between batches.", "",
              md_table(headers, table), "",
-             "RSS at the end against a quarter of the run: " +
+             f"Largest backlog: {max(r['backlog'] for r in rows):,} messages. "
+             "RSS at the end against half of the run: " +
              ", ".join(f"{n} {t}" for n, t in v.items()) + "."]
     return "\n".join(lines)
 
