@@ -39,7 +39,8 @@ CLIENT
         lmtp and posttls-finger. Raises TLSConfigError as server_tls() does; a client
         certificate is presented only when one is configured.
     ClientTLS fields: opportunistic, mandatory, authenticated (the mandatory context at
-        OpenSSL security level 1), loglevel, fingerprint_digest, cipher_lists,
+        OpenSSL security level 1), loglevel, fingerprint_digest, cipher_lists (may,
+        encrypt, authenticated: cipher_list(mandatory, authenticated) picks one),
         session_timeout, fast_shutdown. Methods: context(mandatory=False, authenticated=False);
         connection(sock, namaddr, mandatory=False, servername=None, session=None,
         authenticated=False) -> SSL.Connection in connect state (servername is the SNI hook:
@@ -140,6 +141,14 @@ CONFIGURATION PARAMETERS (server; the client reads the smtp_/lmtp_ counterparts)
         tls_null_cipherlist; smtpd_tls_exclude_ciphers, smtpd_tls_mandatory_exclude_ciphers
         are appended as "!name"; "aNULL" too when a client certificate is asked for.
     smtpd_tls_cipherlist (empty): when set, passed to OpenSSL as written, and it wins.
+    Every list, the legacy one too, is given to OpenSSL with LEGACY_SUITES excluded
+    (SEED, IDEA, RC4, 3DES, single DES, RC2): Postfix 3.7 on an OpenSSL 3 has none of
+    them (its default provider dropped SEED, IDEA and RC4; 3DES and DES are gone from
+    libssl), while the OpenSSL bundled with pyOpenSSL still offers SEED and IDEA in
+    MEDIUM. Security level 0 (above) adds no suite of these grades: it admits short keys
+    and SHA-1 signatures, as it does for Postfix. The client excludes "eNULL" at the
+    encrypt level and "aNULL" at fingerprint, verify and secure, as smtp_tls_policy.c;
+    at may it offers the anonymous suites of the grade, as Postfix.
     tls_preempt_cipherlist (no): the server's cipher order wins.
     smtpd_tls_eecdh_grade (auto): auto offers tls_eecdh_auto_curves (X25519 X448
         prime256v1 secp521r1 secp384r1), strong prime256v1, ultra secp384r1, none leaves
@@ -248,6 +257,9 @@ _VERSION = {"TLSv1": SSL.TLS1_VERSION, "TLSv1.1": SSL.TLS1_1_VERSION,
 _NO_PROTOCOL = {"TLSv1": SSL.OP_NO_TLSv1, "TLSv1.1": SSL.OP_NO_TLSv1_1,
                 "TLSv1.2": SSL.OP_NO_TLSv1_2, "TLSv1.3": SSL.OP_NO_TLSv1_3}
 _LIST_SEP = re.compile(r"[\s,:]+")
+# Suites that Postfix on OpenSSL 3 never negotiates, because that library no longer has
+# them; pyOpenSSL's bundled OpenSSL still has SEED and IDEA (appended to every list).
+LEGACY_SUITES = "!SEED:!IDEA:!RC4:!3DES:!DES:!RC2"
 
 
 def parse_protocols(text: str) -> tuple[str, ...]:
@@ -302,8 +314,10 @@ def _apply_protocols(ctx: SSL.Context, param: str, text: str) -> None:
 
 # --- ciphers ------------------------------------------------------------------------------
 
-def cipher_list(cfg, prefix: str, mandatory: bool, ask_ccert: bool = False) -> str:
-    """The OpenSSL cipher string for grade and exclusions (or the legacy cipherlist)."""
+def cipher_list(cfg, prefix: str, mandatory: bool, ask_ccert: bool = False,
+                also_exclude: str = "") -> str:
+    """The OpenSSL cipher string for grade and exclusions (or the legacy cipherlist);
+    also_exclude: the level's own exclusion ("eNULL", "aNULL": smtp_tls_policy.c)."""
     legacy = cfg.get(f"{prefix}_tls_cipherlist").strip()
     if legacy:
         return legacy
@@ -321,6 +335,8 @@ def cipher_list(cfg, prefix: str, mandatory: bool, ask_ccert: bool = False) -> s
     if ask_ccert:
         # Anonymous ciphers cannot carry a client certificate (Postfix smtpd.c).
         exclusions.append(("", "aNULL"))
+    if also_exclude:
+        exclusions.append(("", also_exclude))
     for name, value in exclusions:
         for token in _LIST_SEP.split(value.strip()):
             if not token:
@@ -783,9 +799,10 @@ def _base_context(method, cfg, prefix: str, protocols_param: str, ciphers: str,
         # SSL_CTX_set_security_level; the cipher string's "@SECLEVEL=" sets the same
         # value (at the end: OpenSSL takes "DEFAULT" only first). As in Postfix, an
         # "@SECLEVEL=" in the configured cipher list replaces level 0, not level 1.
-        text = ciphers
+        # LEGACY_SUITES go before "@SECLEVEL": a "!" removes a suite for good.
+        text = f"{ciphers}:{LEGACY_SUITES}"
         if security_level > 0 or "@SECLEVEL=" not in ciphers.upper():
-            text = f"{ciphers}:@SECLEVEL={security_level}"
+            text = f"{text}:@SECLEVEL={security_level}"
         ctx.set_cipher_list(text.encode("ascii"))
     except (SSL.Error, UnicodeEncodeError):
         param = (f"{prefix}_tls_cipherlist" if cfg.get(f"{prefix}_tls_cipherlist").strip()
@@ -967,7 +984,7 @@ class ClientTLS:
     mandatory: SSL.Context
     loglevel: int
     fingerprint_digest: str
-    cipher_lists: tuple[str, str]
+    cipher_lists: tuple[str, str, str]     # may, encrypt, fingerprint/verify/secure
     session_timeout: int
     verify_depth: int
     wildcard_multiple_labels: bool = True
@@ -983,6 +1000,10 @@ class ClientTLS:
             return self.authenticated
         return self.mandatory if mandatory or authenticated else self.opportunistic
 
+    def cipher_list(self, mandatory: bool = False, authenticated: bool = False) -> str:
+        """The cipher list of the context that context() returns, as Postfix logs it."""
+        return self.cipher_lists[2 if authenticated else int(mandatory)]
+
     def connection(self, sock, namaddr: str, mandatory: bool = False,
                    servername: str | None = None, session=None,
                    authenticated: bool = False) -> SSL.Connection:
@@ -990,7 +1011,8 @@ class ClientTLS:
         mandatory = mandatory or authenticated
         if self.loglevel >= 2:
             self.info_fn(f"setting up TLS connection to {namaddr}")
-            self.info_fn(f"{namaddr}: TLS cipher list \"{self.cipher_lists[int(mandatory)]}\"")
+            self.info_fn(f"{namaddr}: TLS cipher list "
+                         f"\"{self.cipher_list(mandatory, authenticated)}\"")
         conn = SSL.Connection(self.context(mandatory, authenticated), sock)
         conn.set_app_data(ConnState("client", namaddr, self.loglevel, self.verify_depth,
                                     self.info_fn, self.fast_shutdown))
@@ -1023,14 +1045,18 @@ def client_tls(cfg, prefix: str = "smtp", warn=msg.warn, info=msg.info) -> Clien
     options = _options(cfg, False, warn)
     depth = cfg[f"{prefix}_tls_scert_verifydepth"]
     timeout = cfg[f"{prefix}_tls_session_cache_timeout"]
-    lists = (cipher_list(cfg, prefix, False), cipher_list(cfg, prefix, True))
+    # may, encrypt, and the levels that match the certificate (smtp_tls_policy.c).
+    lists = (cipher_list(cfg, prefix, False), cipher_list(cfg, prefix, True, also_exclude="eNULL"),
+             cipher_list(cfg, prefix, True, also_exclude="aNULL"))
     protocols = (f"{prefix}_tls_protocols", f"{prefix}_tls_mandatory_protocols")
     warned: set = set()
 
     def build(mandatory: bool, security_level: int = 0) -> SSL.Context:
-        """One context of this configuration: mandatory or opportunistic."""
+        """One context of this configuration: opportunistic, mandatory, or (security
+        level 1) authenticated."""
+        ciphers = lists[2] if security_level else lists[int(mandatory)]
         ctx = _base_context(SSL.TLS_CLIENT_METHOD, cfg, prefix, protocols[mandatory],
-                            lists[mandatory], options, groups, loglevel, server=False,
+                            ciphers, options, groups, loglevel, server=False,
                             security_level=security_level)
         if pairs:
             _load_pairs(ctx, pairs, warn, warned)
