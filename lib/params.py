@@ -345,6 +345,7 @@ PARAMS: list[Param] = [
     _p("tls_disable_workarounds", "", LIST, "OpenSSL bug workarounds turned off"),
     _p("tls_append_default_CA", "no", BOOL, "trust the system's default CAs as well"),
     _p("tls_wildcard_matches_multiple_labels", "yes", BOOL, "a wildcard certificate name matches more than one label"),
+    _p("tls_server_sni_maps", "", TABLE, "SNI name (or .parent domain) of the client's TLS handshake to files of keys and certificate chains"),
     _p("tls_fast_shutdown_enable", "yes", BOOL, "send close_notify without waiting for the peer's (no: wait up to the stream timeout)"),
 ]
 _LMTP_DEFAULTS = {"tls_secure_cert_match": "nexthop"}   # where Postfix's lmtp_ differs

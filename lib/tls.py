@@ -30,7 +30,8 @@ SERVER
         "Can't require client certs unless TLS is required".
     ServerTLS fields: opportunistic and mandatory (SSL.Context; the same object when the
         parameters make them identical), level, ask_ccert, require_ccert, loglevel,
-        fingerprint_digest, received_header, cipher_lists, fast_shutdown. Methods: context(mandatory),
+        fingerprint_digest, received_header, cipher_lists, fast_shutdown, sni (SniMap or
+        None: tls_server_sni_maps). Methods: context(mandatory),
         connection(sock, namaddr, mandatory=False) -> SSL.Connection in accept state,
         info(conn) -> TLSInfo, log_lines(info), received_lines(info).
 
@@ -39,7 +40,8 @@ CLIENT
         lmtp and posttls-finger. Raises TLSConfigError as server_tls() does; a client
         certificate is presented only when one is configured.
     ClientTLS fields: opportunistic, mandatory, authenticated (the mandatory context at
-        OpenSSL security level 1), loglevel, fingerprint_digest, cipher_lists,
+        OpenSSL security level 1), loglevel, fingerprint_digest, cipher_lists (may,
+        encrypt, authenticated: cipher_list(mandatory, authenticated) picks one),
         session_timeout, fast_shutdown. Methods: context(mandatory=False, authenticated=False);
         connection(sock, namaddr, mandatory=False, servername=None, session=None,
         authenticated=False) -> SSL.Connection in connect state (servername is the SNI hook:
@@ -140,6 +142,14 @@ CONFIGURATION PARAMETERS (server; the client reads the smtp_/lmtp_ counterparts)
         tls_null_cipherlist; smtpd_tls_exclude_ciphers, smtpd_tls_mandatory_exclude_ciphers
         are appended as "!name"; "aNULL" too when a client certificate is asked for.
     smtpd_tls_cipherlist (empty): when set, passed to OpenSSL as written, and it wins.
+    Every list, the legacy one too, is given to OpenSSL with LEGACY_SUITES excluded
+    (SEED, IDEA, RC4, 3DES, single DES, RC2): Postfix 3.7 on an OpenSSL 3 has none of
+    them (its default provider dropped SEED, IDEA and RC4; 3DES and DES are gone from
+    libssl), while the OpenSSL bundled with pyOpenSSL still offers SEED and IDEA in
+    MEDIUM. Security level 0 (above) adds no suite of these grades: it admits short keys
+    and SHA-1 signatures, as it does for Postfix. The client excludes "eNULL" at the
+    encrypt level and "aNULL" at fingerprint, verify and secure, as smtp_tls_policy.c;
+    at may it offers the anonymous suites of the grade, as Postfix.
     tls_preempt_cipherlist (no): the server's cipher order wins.
     smtpd_tls_eecdh_grade (auto): auto offers tls_eecdh_auto_curves (X25519 X448
         prime256v1 secp521r1 secp384r1), strong prime256v1, ultra secp384r1, none leaves
@@ -159,6 +169,17 @@ CONFIGURATION PARAMETERS (server; the client reads the smtp_/lmtp_ counterparts)
     smtpd_tls_always_issue_session_ids (yes): with resumption off, still put a session id
         in the ServerHello (with resumption on there always is one).
     tls_fast_shutdown_enable (yes): no makes shutdown() wait for the peer's close_notify.
+    tls_server_sni_maps (empty): the client's SNI name, then its parent domains as
+        ".example.com", ".com", to files of keys each followed by its chain (the
+        smtpd_tls_chain_files format; "key.pem, chain.pem" read as one stream). See
+        SniMap: every table entry is read and gets a context when server_tls() runs
+        (before forking and chroot), so the table must be of a type that can list its
+        entries (texthash, inline, hash/lmdb; Postfix's postmap -F is not needed), and a
+        changed file takes effect on reload. No match: "TLS SNI name from host[addr] not
+        matched, using default chain"; a name that is no host name: "TLS SNI from
+        host[addr] is invalid: name", default chain. The summary line then reads
+        "... established from host[addr] to name: ...". Unlike Postfix, the server
+        acknowledges every SNI (pyOpenSSL's callback cannot answer "no ack").
     smtpd_tls_loglevel (0), smtpd_tls_fingerprint_digest (sha256),
     smtpd_tls_received_header (no), smtpd_tls_security_level, smtpd_use_tls,
     smtpd_enforce_tls, smtpd_tls_wrappermode.
@@ -172,8 +193,7 @@ CONFIGURATION PARAMETERS (server; the client reads the smtp_/lmtp_ counterparts)
     rsa_pss_rsae_sha384 gets "server-digest SHA384". TLS 1.2 lines carry none of these.
     A resumed TLS 1.3 session logs the server-signature of the last certificate loaded
     and no digest, as Postfix does.
-    Not implemented: tls_server_sni_maps (not declared; the default chain is always used),
-    tls_session_ticket_cipher (not declared: OpenSSL's own ticket keys and cipher are used,
+    Not implemented: tls_session_ticket_cipher (not declared: OpenSSL's own ticket keys and cipher are used,
     the bindings offer no ticket key callback), a server-side session-id cache (see
     smtpd_tls_session_cache_timeout), Postfix's "Issuing session ticket"
     line (Postfix's own ticket-key callback), the "SSL3 alert" lines of loglevel 2
@@ -205,7 +225,7 @@ from cryptography.hazmat.primitives.asymmetric import dh, dsa, ec, ed448, ed2551
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
-from . import msg, tls_session
+from . import mastercf, msg, tables, tls_session
 
 
 class TLSConfigError(Exception):
@@ -248,6 +268,10 @@ _VERSION = {"TLSv1": SSL.TLS1_VERSION, "TLSv1.1": SSL.TLS1_1_VERSION,
 _NO_PROTOCOL = {"TLSv1": SSL.OP_NO_TLSv1, "TLSv1.1": SSL.OP_NO_TLSv1_1,
                 "TLSv1.2": SSL.OP_NO_TLSv1_2, "TLSv1.3": SSL.OP_NO_TLSv1_3}
 _LIST_SEP = re.compile(r"[\s,:]+")
+_LIST_SEP_FILES = re.compile(r"[\s,]+")
+# Suites that Postfix on OpenSSL 3 never negotiates, because that library no longer has
+# them; pyOpenSSL's bundled OpenSSL still has SEED and IDEA (appended to every list).
+LEGACY_SUITES = "!SEED:!IDEA:!RC4:!3DES:!DES:!RC2"
 
 
 def parse_protocols(text: str) -> tuple[str, ...]:
@@ -302,8 +326,10 @@ def _apply_protocols(ctx: SSL.Context, param: str, text: str) -> None:
 
 # --- ciphers ------------------------------------------------------------------------------
 
-def cipher_list(cfg, prefix: str, mandatory: bool, ask_ccert: bool = False) -> str:
-    """The OpenSSL cipher string for grade and exclusions (or the legacy cipherlist)."""
+def cipher_list(cfg, prefix: str, mandatory: bool, ask_ccert: bool = False,
+                also_exclude: str = "") -> str:
+    """The OpenSSL cipher string for grade and exclusions (or the legacy cipherlist);
+    also_exclude: the level's own exclusion ("eNULL", "aNULL": smtp_tls_policy.c)."""
     legacy = cfg.get(f"{prefix}_tls_cipherlist").strip()
     if legacy:
         return legacy
@@ -321,6 +347,8 @@ def cipher_list(cfg, prefix: str, mandatory: bool, ask_ccert: bool = False) -> s
     if ask_ccert:
         # Anonymous ciphers cannot carry a client certificate (Postfix smtpd.c).
         exclusions.append(("", "aNULL"))
+    if also_exclude:
+        exclusions.append(("", also_exclude))
     for name, value in exclusions:
         for token in _LIST_SEP.split(value.strip()):
             if not token:
@@ -449,9 +477,13 @@ def _chain_file_pairs(cfg, prefix: str) -> list[_KeyPair]:
     As Postfix's load_chain_files(), the files are one stream, as if concatenated: a key
     may end one file and its certificates fill the next (key.pem, fullchain.pem).
     """
-    param = f"{prefix}_tls_chain_files"
+    return _chain_pairs(f"{prefix}_tls_chain_files", cfg[f"{prefix}_tls_chain_files"])
+
+
+def _chain_pairs(param: str, paths) -> list[_KeyPair]:
+    """Keys each followed by their chain, in files read as one stream; param names them."""
     pairs: list[_KeyPair] = []
-    for path in cfg[param]:
+    for path in paths:
         blocks = _pem_blocks(_read(path, param))
         if not blocks:
             raise TLSConfigError(f"{param}: no PEM data in file {path}")
@@ -707,7 +739,7 @@ class ConnState:
     """What Postfix keeps in its TLScontext: the connection's app data in pyOpenSSL."""
 
     __slots__ = ("role", "namaddr", "loglevel", "max_depth", "error", "error_depth",
-                 "error_issuer", "info", "user", "fast_shutdown")
+                 "error_issuer", "info", "user", "fast_shutdown", "peer_sni")
 
     def __init__(self, role: str, namaddr: str, loglevel: int, max_depth: int, info,
                  fast_shutdown: bool = True):
@@ -719,6 +751,7 @@ class ConnState:
         self.error_issuer = ""
         self.info = info
         self.user = None            # free for the caller
+        self.peer_sni = None        # the client's SNI name, with tls_server_sni_maps
 
 
 def _verify_observer(conn, ok: bool, error: int, depth: int, subject: str, issuer: str):
@@ -783,9 +816,10 @@ def _base_context(method, cfg, prefix: str, protocols_param: str, ciphers: str,
         # SSL_CTX_set_security_level; the cipher string's "@SECLEVEL=" sets the same
         # value (at the end: OpenSSL takes "DEFAULT" only first). As in Postfix, an
         # "@SECLEVEL=" in the configured cipher list replaces level 0, not level 1.
-        text = ciphers
+        # LEGACY_SUITES go before "@SECLEVEL": a "!" removes a suite for good.
+        text = f"{ciphers}:{LEGACY_SUITES}"
         if security_level > 0 or "@SECLEVEL=" not in ciphers.upper():
-            text = f"{ciphers}:@SECLEVEL={security_level}"
+            text = f"{text}:@SECLEVEL={security_level}"
         ctx.set_cipher_list(text.encode("ascii"))
     except (SSL.Error, UnicodeEncodeError):
         param = (f"{prefix}_tls_cipherlist" if cfg.get(f"{prefix}_tls_cipherlist").strip()
@@ -834,6 +868,86 @@ def ccert_policy(cfg, level: str, prefix: str = "smtpd", warn=msg.warn) -> tuple
     return ask, False
 
 
+# --- server name indication ---------------------------------------------------------------
+
+class SniMap:
+    """tls_server_sni_maps, resolved before forking: name -> a context of its own chain.
+
+    Postfix looks the client's SNI name up, then its parent domains with a leading dot
+    (mail.example.com, .example.com, .com); no match keeps the default chain. The table
+    values name files of keys each followed by its chain (smtpd_tls_chain_files format,
+    several files read as one stream); they are read when the contexts are built, before
+    the chroot, so every table type that can list its entries works (texthash, inline,
+    hash/lmdb built by postfix-py's postmap: Postfix's postmap -F is not needed)."""
+
+    def __init__(self, contexts: dict, warn=msg.warn, info=msg.info):
+        self.contexts = contexts    # folded name or .parent -> SSL.Context
+        self.warn = warn
+        self.info = info
+
+    def find(self, name: str) -> SSL.Context | None:
+        """The context for name or its nearest listed parent domain, or None."""
+        key = name.lower()
+        while True:
+            ctx = self.contexts.get(key)
+            if ctx is not None:
+                return ctx
+            dot = key.find(".", 1)
+            if dot < 0:
+                return None
+            key = key[dot:]
+
+    def callback(self, conn: SSL.Connection) -> None:
+        """OpenSSL's servername callback: switch conn to the chain of the name."""
+        state = conn.get_app_data()
+        raw = conn.get_servername()
+        if not isinstance(state, ConnState) or not raw:
+            return
+        sni = raw.decode("ascii", "replace")
+        if not mastercf.valid_hostname(sni):
+            self.warn(f"TLS SNI from {state.namaddr} is invalid: {_printable(sni)}")
+            return
+        if state.peer_sni is not None:
+            # A TLS 1.3 HelloRetryRequest runs this twice; the chain is already chosen.
+            if sni != state.peer_sni:
+                self.warn(f"TLS SNI changed from {state.namaddr} initially "
+                          f"{state.peer_sni}, {sni} after hello retry")
+            return
+        state.peer_sni = sni
+        ctx = self.find(sni)
+        if ctx is None:
+            self.info(f"TLS SNI {sni} from {state.namaddr} not matched, using default chain")
+            return
+        conn.set_context(ctx)
+
+
+def _sni_pairs(cfg, param: str = "tls_server_sni_maps") -> dict[str, list[_KeyPair]]:
+    """Every name of the SNI tables with the key pairs of its files (first table wins)."""
+    refs = cfg[param]
+    entries: dict[str, list[_KeyPair]] = {}
+    by_files: dict[tuple, list[_KeyPair]] = {}
+    for ref in refs:
+        try:
+            table = tables.open_table(ref, cfg)
+            items = table.items()
+        except tables.TableError as exc:
+            raise TLSConfigError(f"{param}: {exc}") from None
+        for key, value in items:
+            key = key.strip().lower()
+            if not key or key in entries:
+                continue
+            files = tuple(f for f in _LIST_SEP_FILES.split(value.strip()) if f)
+            if not files:
+                raise TLSConfigError(f"{param}: {ref}: no file named for \"{key}\"")
+            if files not in by_files:
+                by_files[files] = _chain_pairs(param, files)
+                if not by_files[files]:
+                    raise TLSConfigError(f"{param}: no key and certificate in "
+                                         f"{', '.join(files)}")
+            entries[key] = by_files[files]
+    return entries
+
+
 @dataclass
 class ServerTLS:
     """The server contexts of one configuration generation, built before forking."""
@@ -850,6 +964,7 @@ class ServerTLS:
     verify_depth: int
     info_fn: object = field(default=msg.info, repr=False)
     fast_shutdown: bool = True
+    sni: SniMap | None = None       # tls_server_sni_maps
 
     def context(self, mandatory: bool = False) -> SSL.Context:
         """The context for opportunistic (may) or mandatory (encrypt) TLS."""
@@ -908,12 +1023,14 @@ def server_tls(cfg, prefix: str = "smtpd", level: str | None = None, warn=msg.wa
     # is what shows the signature digests of TLS 1.3 handshakes. A server needs it for a
     # client certificate's signature, or when its own key does not fix the digest (RSA-PSS
     # signs with the digest the client prefers); an EC or EdDSA key does (_own_digest).
+    sni_pairs = _sni_pairs(cfg)
     capture = bool(ask) or not all(_own_digest(pair.chain[0].public_key()) is not None
-                                   for pair in pairs)
+                                   for pair in [*pairs, *(p for ps in sni_pairs.values()
+                                                          for p in ps)])
 
     always_issue = cfg[f"{prefix}_tls_always_issue_session_ids"]
 
-    def build(mandatory: bool) -> SSL.Context:
+    def build(mandatory: bool, pairs: list[_KeyPair] = pairs) -> SSL.Context:
         """One context of this configuration: mandatory or opportunistic."""
         # Security level 1 (80 bits) only where a client certificate is required, as
         # Postfix's tls_server.c; otherwise 0, so that the configured protocols are served.
@@ -954,9 +1071,23 @@ def server_tls(cfg, prefix: str = "smtpd", level: str | None = None, warn=msg.wa
     same = (lists[0] == lists[1]
             and parse_protocols(cfg.get(protocols[0])) == parse_protocols(cfg.get(protocols[1])))
     mandatory = opportunistic if same else build(True)
+    sni = None
+    if sni_pairs:
+        # One context per chain: OpenSSL's SSL_set_SSL_CTX takes the certificates (and
+        # the client CA list) from it; protocols, ciphers and the session ticket keys stay
+        # those of the default context, so resumption works whatever the name.
+        built: dict[int, SSL.Context] = {}
+        contexts = {}
+        for name, chain in sni_pairs.items():
+            if id(chain) not in built:
+                built[id(chain)] = build(False, chain)
+            contexts[name] = built[id(chain)]
+        sni = SniMap(contexts, warn, info)
+        for ctx in {id(opportunistic): opportunistic, id(mandatory): mandatory}.values():
+            ctx.set_tlsext_servername_callback(sni.callback)
     return ServerTLS(opportunistic, mandatory, level, ask, require, loglevel, digest,
                      cfg[f"{prefix}_tls_received_header"], lists, depth, info,
-                     cfg["tls_fast_shutdown_enable"])
+                     cfg["tls_fast_shutdown_enable"], sni)
 
 
 @dataclass
@@ -967,7 +1098,7 @@ class ClientTLS:
     mandatory: SSL.Context
     loglevel: int
     fingerprint_digest: str
-    cipher_lists: tuple[str, str]
+    cipher_lists: tuple[str, str, str]     # may, encrypt, fingerprint/verify/secure
     session_timeout: int
     verify_depth: int
     wildcard_multiple_labels: bool = True
@@ -983,6 +1114,10 @@ class ClientTLS:
             return self.authenticated
         return self.mandatory if mandatory or authenticated else self.opportunistic
 
+    def cipher_list(self, mandatory: bool = False, authenticated: bool = False) -> str:
+        """The cipher list of the context that context() returns, as Postfix logs it."""
+        return self.cipher_lists[2 if authenticated else int(mandatory)]
+
     def connection(self, sock, namaddr: str, mandatory: bool = False,
                    servername: str | None = None, session=None,
                    authenticated: bool = False) -> SSL.Connection:
@@ -990,7 +1125,8 @@ class ClientTLS:
         mandatory = mandatory or authenticated
         if self.loglevel >= 2:
             self.info_fn(f"setting up TLS connection to {namaddr}")
-            self.info_fn(f"{namaddr}: TLS cipher list \"{self.cipher_lists[int(mandatory)]}\"")
+            self.info_fn(f"{namaddr}: TLS cipher list "
+                         f"\"{self.cipher_list(mandatory, authenticated)}\"")
         conn = SSL.Connection(self.context(mandatory, authenticated), sock)
         conn.set_app_data(ConnState("client", namaddr, self.loglevel, self.verify_depth,
                                     self.info_fn, self.fast_shutdown))
@@ -1023,14 +1159,18 @@ def client_tls(cfg, prefix: str = "smtp", warn=msg.warn, info=msg.info) -> Clien
     options = _options(cfg, False, warn)
     depth = cfg[f"{prefix}_tls_scert_verifydepth"]
     timeout = cfg[f"{prefix}_tls_session_cache_timeout"]
-    lists = (cipher_list(cfg, prefix, False), cipher_list(cfg, prefix, True))
+    # may, encrypt, and the levels that match the certificate (smtp_tls_policy.c).
+    lists = (cipher_list(cfg, prefix, False), cipher_list(cfg, prefix, True, also_exclude="eNULL"),
+             cipher_list(cfg, prefix, True, also_exclude="aNULL"))
     protocols = (f"{prefix}_tls_protocols", f"{prefix}_tls_mandatory_protocols")
     warned: set = set()
 
     def build(mandatory: bool, security_level: int = 0) -> SSL.Context:
-        """One context of this configuration: mandatory or opportunistic."""
+        """One context of this configuration: opportunistic, mandatory, or (security
+        level 1) authenticated."""
+        ciphers = lists[2] if security_level else lists[int(mandatory)]
         ctx = _base_context(SSL.TLS_CLIENT_METHOD, cfg, prefix, protocols[mandatory],
-                            lists[mandatory], options, groups, loglevel, server=False,
+                            ciphers, options, groups, loglevel, server=False,
                             security_level=security_level)
         if pairs:
             _load_pairs(ctx, pairs, warn, warned)
@@ -1174,6 +1314,7 @@ class TLSInfo:
     cipher_usebits: int
     cipher_algbits: int
     session_reused: bool
+    peer_sni: str = ""              # server: the client's SNI name (tls_server_sni_maps)
     kex_name: str = ""              # TLS 1.3 only, as Postfix: "X25519", "ECDHE", "DHE"
     kex_curve: str = ""             # "prime256v1" for ECDHE
     kex_bits: int = 0               # DHE group size
@@ -1342,7 +1483,8 @@ def peer_info(conn: SSL.Connection, digest: str = "sha256", match: list[str] | N
     server = state.role == "server"
     used, alg = tls_session.cipher_bits(conn)
     info = TLSInfo(state.role, state.namaddr, conn.get_protocol_version_name(),
-                   conn.get_cipher_name() or "", used, alg, tls_session.session_reused(conn))
+                   conn.get_cipher_name() or "", used, alg, tls_session.session_reused(conn),
+                   peer_sni=state.peer_sni or "" if server else "")
     peer = conn.get_peer_certificate(as_cryptography=True)
 
     if info.protocol == "TLSv1.3":
@@ -1435,7 +1577,9 @@ def _kex_text(info: TLSInfo) -> str:
 def summary_line(info: TLSInfo, usage: str = "established") -> str:
     """Postfix's loglevel-1 line (tls_log_summary); usage is "established" or "reused"."""
     direction = "to" if info.role == "client" else "from"
-    text = (f"{info.status} TLS connection {usage} {direction} {info.namaddr}: "
+    # As Postfix 3.4 and later: "from host[addr] to sni-name" when SNI was accepted.
+    sni = f" to {info.peer_sni}" if info.peer_sni else ""
+    text = (f"{info.status} TLS connection {usage} {direction} {info.namaddr}{sni}: "
             f"{info.protocol} with cipher {info.cipher_name} "
             f"({info.cipher_usebits}/{info.cipher_algbits} bits)")
     if info.kex_name:

@@ -51,7 +51,8 @@ SECURITY
 FUNCTIONS
     from_config(cfg, prefix) -> Client or None (smtp_sasl_auth_enable = no);
         ConfigError for a bad security option or an empty password table parameter.
-    Client.credentials(host, dest, sender) -> (username, password) or None.
+    Client.credentials(host, dest, sender) -> (username, password) or None;
+        Client.has_credentials(session) for the plaintext fallback of smtp/session.py.
     Client.choose(offered, tls) -> (mechanisms passing the filter, those passing the
         security options too), in preference order.
     Client.helo_login(session) -> True (go on to MAIL), False (the session failed; the
@@ -173,6 +174,14 @@ class Client:
                 user, _, password = value.partition(":")
                 return user, password
         return None
+
+    def has_credentials(self, sess) -> bool:
+        """Whether there are credentials for sess's server (Postfix's
+        HAVE_SASL_CREDENTIALS); a lookup error counts as yes (no plaintext fallback)."""
+        try:
+            return self.credentials(sess.addr.name, _dest_text(sess), sess.d.sender) is not None
+        except tables.TableError:
+            return True
 
     # --- mechanisms --------------------------------------------------------------------------
     def filtered(self, offered: list[str]) -> list[str]:

@@ -59,7 +59,9 @@ CONFIGURATION PARAMETERS
     smtp_tls_wrappermode, smtp_tls_session_cache_database, smtp_tls_session_cache_timeout
     (3600s), smtp_tls_block_early_mail_reply (no: with yes, a reply that arrives in the
     STARTTLS session before MAIL FROM defers the delivery, as Postfix against
-    CVE-2009-3555). The lmtp program reads lmtp_* where postfix-py declares it, else smtp_*.
+    CVE-2009-3555). minimal_backoff_time (300s): at smtp_tls_security_level = may, a
+    request that waited this long before delivery retries the same server in plain text
+    when the TLS handshake (or the TLS session) fails (smtp/session.py). The lmtp program reads lmtp_* where postfix-py declares it, else smtp_*.
     smtp_dns_nameservers (empty: the system's resolv.conf), smtp_dns_timeout (10s).
     smtp_fallback_relay ($fallback_relay; fallback_relay: empty), lmtp_fallback_relay (empty).
 
@@ -77,6 +79,7 @@ SEE ALSO
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 
 from ..lib import deliver, delivery_agent, msg, server, tables, tls_session, tlsmgr_client
@@ -270,6 +273,9 @@ def deliver_request(req: deliver.Request, ctx, report: delivery_agent.Report) ->
         d.content = lambda: qmsg.content(req.queue_file)
         if not req.arrival:
             report.arrival = qmsg.arrival
+        # Postfix's PREACTIVE_DELAY >= var_min_backoff_time: not on the first attempt.
+        d.plaintext_fallback = (report.started - report.arrival
+                                >= ctx.cfg["minimal_backoff_time"])
         relay = _deliver(ctx, req, d)
     except Exception as exc:        # noqa: BLE001 - our own bug must not lose the reply
         msg.error(f"{req.queue_id}: internal error during delivery: "
@@ -336,19 +342,24 @@ def _deliver(ctx, req: deliver.Request, d: session.Delivery) -> str:
                 if last:
                     break
                 continue
-            d.final_server = final_nexthop and last
-            got_past_greeting, relay_here = _run_session(ctx, d, dest, addr, policy,
-                                                         best_pref, req.nexthop,
-                                                         sess_limit, sess_count,
-                                                         final_nexthop, last)
-            if relay_here != "none":
-                relay = relay_here
-            if got_past_greeting:
+            while True:
+                d.final_server = final_nexthop and last
+                got_past_greeting, relay_here, retry_plain = _run_session(
+                    ctx, d, dest, addr, policy, best_pref, req.nexthop, sess_limit,
+                    sess_count, final_nexthop, last)
+                if relay_here != "none":
+                    relay = relay_here
+                d.unkeep()
+                d.conn_setup_done = 0.0
+                if not retry_plain or not d.todo():
+                    break
+                # Opportunistic TLS failed: the same address again with TLS disabled, not
+                # counted towards the address or session limits (smtp_connect.c).
+                policy = dataclasses.replace(policy, level="none")
+            if got_past_greeting and not retry_plain:
                 sess_count += 1
                 if sess_count == sess_limit:
                     last = True
-            d.unkeep()
-            d.conn_setup_done = 0.0
             if last:
                 break
     if d.left() and n >= primary and d.why and d.why[0].startswith("5"):
@@ -360,8 +371,9 @@ def _deliver(ctx, req: deliver.Request, d: session.Delivery) -> str:
 
 
 def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_limit,
-                 sess_count, final_nexthop, last) -> tuple[bool, str]:
-    """Connect, greet, transfer, quit: one server's part of the delivery."""
+                 sess_count, final_nexthop, last) -> tuple[bool, str, bool]:
+    """Connect, greet, transfer, quit: one server's part of the delivery. (got past the
+    greeting, the relay, retry the same address in plain text)."""
     cfg = ctx.cfg
     st = ctx.state
     p = st["prefix"]
@@ -369,12 +381,12 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
     if client is None and st["tls"] is not None:
         # A policy table's protocols or ciphers that OpenSSL refused (already warned).
         d.why = tls_policy.DSN_CONFIG
-        return False, "none"
+        return False, "none", False
     sock, reason = connect(addr, cfg[f"{p}_connect_timeout"], cfg.get("smtp_bind_address"))
     if sock is None:
         msg.info(reason)
         d.why = ("4.4.1", reason)
-        return False, "none"
+        return False, "none", False
     options = st["options"]
     stream = SmtpStream(sock, options.timeouts["helo"])
     starter = _starter(ctx, dest, addr, policy, client)
@@ -385,14 +397,14 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
     try:
         if not sess.helo():
             sess.quit()
-            return False, sess.relay
+            return False, sess.relay, sess.retry_plain
         # Handshake errors do not count towards the session limit; deliveries do.
         if sess_limit and sess_count + 1 == sess_limit:
             last = True
         d.final_server = final_nexthop and last
         sess.xfer()
         sess.quit()
-        return True, sess.relay
+        return True, sess.relay, sess.retry_plain
     finally:
         sess.close()
 

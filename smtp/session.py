@@ -44,7 +44,13 @@ FAILURES (Postfix's smtp_trouble.c)
 TLS
     smtp/tls.py's TlsStarter runs STARTTLS (or wrapper mode) for a ClientSession under
     the TLS policy, with the session cache; a handshake that fails leaves the connection
-    unusable: no QUIT, no plaintext.
+    unusable: no QUIT, no plaintext. At the may level, when the request has waited
+    minimal_backoff_time (Delivery.plaintext_fallback) and there are no SASL
+    credentials for the server, a failed handshake, or a timeout or lost connection
+    inside TLS with recipients still to do, sets retry_plain: the failure is logged as
+    for a server that is not the last ("queue_id: Cannot start TLS: handshake
+    failure") and smtp/service.py connects to the same address again without TLS, as
+    Postfix 3.x (smtp_proto.c, smtp_connect.c). Never at encrypt and above.
 
 CLASSES
     Rcpt, Delivery (recipients, results; a lib/delivery_agent.py Report records them),
@@ -102,6 +108,9 @@ class Delivery:
     report: object = None           # lib.delivery_agent.Report: soft_bounce, log lines
     why: tuple[str, str] | None = None   # the last reason there is no delivery (dsn, text)
     conn_setup_done: float = 0.0
+    # The request waited minimal_backoff_time before this delivery (Postfix's
+    # PREACTIVE_DELAY test): opportunistic TLS that fails may fall back to plain text.
+    plaintext_fallback: bool = False
     log = None                      # for tests without a Report: f(rcpt, relay, status)
 
     @property
@@ -376,6 +385,7 @@ class ClientSession:
         self.server_helo = ""
         self.tls_active = False
         self.usable = True                  # False: no more I/O (handshake failure)
+        self.retry_plain = False            # try this server again without TLS
         self.quit_ok = True                 # QUIT may be sent
         self.mail_sent = False
         self._early_reply = False           # smtp_tls_block_early_mail_reply tripped
@@ -397,6 +407,8 @@ class ClientSession:
         """A timeout or lost connection: every recipient still to do fails softly."""
         self.usable = False
         self.quit_ok = False
+        if self.tls_active and self.d.todo():
+            self._retry_as_plaintext()
         if isinstance(exc, StreamTimeout):
             reason = f"conversation with {self.namaddr} timed out while {where}"
         else:
@@ -566,12 +578,28 @@ class ClientSession:
             # The peer is in an undefined state: no more I/O on this connection.
             self.usable = False
             self.quit_ok = False
+            self._retry_as_plaintext()
             return self._site_fail(None, "4.7.5", "Cannot start TLS: handshake failure")
         self.tls_active = True
         self.features = set()
         if not self.tls.acceptable():
             self._site_fail(None, "4.7.5", "Server certificate not verified")
             return False
+        return True
+
+    def _retry_as_plaintext(self) -> bool:
+        """Postfix's PLAINTEXT_FALLBACK_OK_AFTER_STARTTLS_FAILURE (and _AFTER_TLS_SESSION_
+        FAILURE): at the may level only, for a request that has waited minimal_backoff_time,
+        and never when there are SASL credentials for the server (they must not go in plain
+        text, and without them a relay would refuse). As RETRY_AS_PLAINTEXT, this server is
+        no longer the final one: the failure keeps the recipients for the plaintext retry."""
+        if self.tls is None or self.tls.level != "may" or not self.d.plaintext_fallback:
+            return False
+        sasl = getattr(self.o, "sasl", None)
+        if sasl is not None and sasl.has_credentials(self):
+            return False
+        self.retry_plain = True
+        self.d.final_server = False
         return True
 
     # --- mail transfer -------------------------------------------------------------------------

@@ -110,12 +110,13 @@ class TlsStarter:
         files = [cfg.get(f"{p}_tls_{n}") for n in ("CAfile", "CApath", "cert_file",
                                                    "eccert_file", "dcert_file")]
         mandatory = tls_policy.requires_tls(self.level)
+        authenticated = tls_policy.must_match(self.level)
         protocols = cfg.get(f"{p}_tls_mandatory_protocols" if mandatory else f"{p}_tls_protocols")
         # As Postfix salts its key with protocols, cipher list and library version: a
         # cached session is always one this configuration would negotiate.
         return tls_policy.policy_digest(
             self.level, self._match_names(hostname) or [], self.fingerprints or [],
-            self.policy.protocols or protocols, self.client.cipher_lists[int(mandatory)],
+            self.policy.protocols or protocols, self.client.cipher_list(mandatory, authenticated),
             self.policy.ciphers, self.policy.exclude, self.sni, files, server_helo,
             SSL.OpenSSL_version(SSL.OPENSSL_VERSION))
 

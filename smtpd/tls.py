@@ -1,7 +1,9 @@
 """smtpd's use of lib/tls.py: the server contexts of a generation, handshakes, and logging.
 
 TlsServer.build(cfg) runs in the master (smtpd's prepare()), so every worker forked from it
-shares one SSL_CTX and one set of session-ticket keys. handshake() runs STARTTLS or wrapper
+shares one SSL_CTX and one set of session-ticket keys; with tls_server_sni_maps, the
+contexts of every SNI name's chain are built there too (lib/tls.py SniMap), and the
+handshake switches to the one of the client's name. handshake() runs STARTTLS or wrapper
 mode on a session's stream within smtpd_starttls_timeout, logs Postfix's lines at
 smtpd_tls_loglevel, and records what the access restrictions need about the client
 certificate (trusted chain, fingerprints).

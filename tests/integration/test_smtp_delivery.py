@@ -345,6 +345,8 @@ SERVICES = {
                    "smtp_tls_loglevel": "1"},
     "cache": {"smtp_tls_security_level": "may", "smtp_tls_loglevel": "2",
               "smtp_tls_CAfile": "{ca}"},
+    "tlsmaysasl": {"smtp_tls_security_level": "may", "smtp_sasl_auth_enable": "yes",
+                   "smtp_sasl_password_maps": "texthash:{sasl}"},
     "cacheenc": {"smtp_tls_security_level": "encrypt", "smtp_tls_loglevel": "2",
                  "smtp_tls_CAfile": "{ca}"},
     "limit1": {"smtp_mx_session_limit": "1"},
@@ -375,7 +377,9 @@ def mta(base, certs, peer, dns):
         f"[127.0.0.1]:{P.other} fingerprint match={certs.other_fp}\n"
         f"[localhost]:{P.other} fingerprint match=AA:BB\n"
         f"nomx.test verify bogus=1\n")
-    values = {"ca": certs.ca, "client": certs.client, "per_site": per_site,
+    sasl = base / "sasl_passwd"
+    sasl.write_text("127.0.0.3 user:secret\n")
+    values = {"ca": certs.ca, "client": certs.client, "per_site": per_site, "sasl": sasl,
               "policy": policy, "dead": dns.dead.port, "junk": dns.junk.port}
     inst = Instance(base / "pfx")
     inst.dir.mkdir(exist_ok=True)
@@ -442,11 +446,13 @@ def queue_message(inst, recipients, content=None, sender="alice@example.org"):
 
 
 def deliver_via(inst, service, nexthop, recipients=("bob@sink.test.example",), content=None,
-                timeout=60):
-    """Send qmgr's request to private/SERVICE; the reply, the log lines it caused."""
+                timeout=60, arrival=None):
+    """Send qmgr's request to private/SERVICE; the reply, the log lines it caused.
+    arrival: the request's arrival time, when not the queue file's (a deferred message)."""
     qid, path, marker = queue_message(inst, recipients, content)
     m = Q.read(str(path))
-    req = deliver.Request(qid, f"active/{qid}", service, nexthop, m.sender, m.arrival,
+    req = deliver.Request(qid, f"active/{qid}", service, nexthop, m.sender,
+                          m.arrival if arrival is None else arrival,
                           list(recipients), [r.offset for r in m.recipients])
     before = len(inst.log())
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -784,6 +790,73 @@ def test_handshake_failure_tries_next_mx_then_defers(mta, peer, certs):
         assert (out.results, out.reason()) == ([("deferred", "4.7.5")],
                                                "Cannot start TLS: handshake failure")
         assert out.path.exists()
+        assert fake.errors == []
+    finally:
+        fake.stop()
+
+
+def starttls_breaks(seen, got):
+    """A server whose STARTTLS handshake always fails; plain SMTP works (seen: how each
+    connection went, got: the messages)."""
+    def handler(conn):
+        readline, read_data = lines_of(conn)
+        conn.sendall(b"220 broken ESMTP\r\n")
+        while True:
+            line = readline().upper()
+            if line.startswith("EHLO"):
+                conn.sendall(b"250-broken\r\n250-STARTTLS\r\n250 8BITMIME\r\n")
+            elif line.startswith("STARTTLS"):
+                seen.append("tls")
+                conn.sendall(b"220 2.0.0 Ready to start TLS\r\n")
+                conn.recv(4096)                             # the ClientHello
+                conn.sendall(b"this is no TLS server hello\r\n" * 10)
+                while conn.recv(4096):
+                    pass
+                return
+            elif line.startswith("MAIL"):
+                seen.append("plain")
+                conn.sendall(b"250 2.1.0 Ok\r\n")
+            elif line.startswith("RCPT"):
+                conn.sendall(b"250 2.1.5 Ok\r\n")
+            elif line.startswith("DATA"):
+                conn.sendall(b"354 go ahead\r\n")
+                got.append(read_data())
+                conn.sendall(b"250 2.0.0 Ok: queued as PLAIN1\r\n")
+            elif line.startswith("QUIT"):
+                conn.sendall(b"221 2.0.0 Bye\r\n")
+                return
+            else:
+                conn.sendall(b"502 5.5.2 what\r\n")
+    return handler
+
+
+def test_may_falls_back_to_plaintext_on_the_same_server(mta):
+    seen, got = [], []
+    fake = FakeServer(starttls_breaks(seen, got), host="127.0.0.3")
+    dest = f"[127.0.0.3]:{fake.port}"
+    relay = f"127.0.0.3[127.0.0.3]:{fake.port}"
+    deferred = time.time() - 3600           # waited longer than minimal_backoff_time
+    try:
+        # Postfix's first attempt defers (PREACTIVE_DELAY < minimal_backoff_time).
+        out = deliver_via(mta, "tlsmay", dest)
+        assert (out.results, out.reason()) == ([("deferred", "4.7.5")],
+                                               "Cannot start TLS: handshake failure")
+        assert seen == ["tls"] and got == []
+        # A deferred message: the handshake fails, then the same server in plain text.
+        seen.clear()
+        out = deliver_via(mta, "tlsmay", dest, arrival=deferred)
+        assert out.results == [("sent", "2.0.0")]
+        assert seen == ["tls", "plain"] and len(got) == 1 and out.marker.encode() in got[0]
+        assert f"{out.qid}: Cannot start TLS: handshake failure" in out.log
+        assert f"relay={relay}" in out.log and "status=sent (250 2.0.0 Ok: queued as PLAIN1)" \
+            in out.log
+        # Never above may, and never with SASL credentials for the server.
+        for service in ("cacheenc", "tlsmaysasl"):
+            seen.clear()
+            out = deliver_via(mta, service, dest, arrival=deferred)
+            assert (out.results, out.reason()) == ([("deferred", "4.7.5")],
+                                                   "Cannot start TLS: handshake failure")
+            assert seen == ["tls"] and len(got) == 1, service
         assert fake.errors == []
     finally:
         fake.stop()

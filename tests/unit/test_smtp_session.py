@@ -527,3 +527,22 @@ def test_client_certificate_only_when_configured(pki, tmp_path, param):
                 tls_ctx=ctx).run()
     assert h.result()[0] == "sent"
     assert (h.script.peercert is not None) == bool(param)
+
+
+@pytest.mark.parametrize("level,fallback,retry", [("may", True, True), ("may", False, False),
+                                                   ("encrypt", True, False)])
+def test_tls_session_failure_at_may_retries_in_plain_text(pki, tmp_path, level, fallback,
+                                                          retry):
+    # Postfix's PLAINTEXT_FALLBACK_OK_AFTER_TLS_SESSION_FAILURE: the connection is lost
+    # inside TLS with recipients to do; on a deferred message at may, the same server again.
+    script = tls_dialogue()[:8] + [("eof",)]
+    h = Harness(script, tls=starter(pki, tmp_path, level), tls_ctx=pki["good"])
+    h.d.plaintext_fallback = fallback
+    h.run()
+    assert h.sess.tls_active and h.sess.retry_plain is retry
+    if retry:
+        r = h.d.recipients[0]
+        assert r.result is None and r.keep and not h.d.final_server
+        assert h.d.why[0] == "4.4.2" and f"with {NAMADDR}" in h.d.why[1]
+    else:
+        assert h.result()[:2] == ("deferred", "4.4.2")
