@@ -34,6 +34,7 @@ DEVIATIONS
     ${smtpd_client_connection_limit_exceptions:$mynetworks}; the pre-2.9 name is not here).
     mynetworks_style, relay_domains, smtpd_relay_restrictions: Postfix's values at
     compatibility level 2 and later (no compatibility_level parameter here).
+    smtputf8_enable: yes, Postfix's value at compatibility level 1 and later.
 """
 
 from __future__ import annotations
@@ -182,6 +183,8 @@ PARAMS: list[Param] = [
        values=("no", "normalize", "yes", "note", "reject")),
     _p("smtpd_forbid_bare_newline_exclusions", "$mynetworks", LIST, "clients exempt from smtpd_forbid_bare_newline"),
     _p("smtpd_forbid_bare_newline_reject_code", "550", INT, "reply code for a bare newline", min=400, max=599),
+    _p("smtputf8_enable", "yes", BOOL, "SMTPUTF8 support (RFC 6531): announced in EHLO, UTF-8 addresses after MAIL FROM ... SMTPUTF8, malformed UTF-8 in a command refused"),
+    _p("strict_smtputf8", "no", BOOL, "refuse a non-ASCII address in MAIL or RCPT without the SMTPUTF8 parameter"),
     _p("strict_rfc821_envelopes", "no", BOOL, "require <> around MAIL FROM and RCPT TO addresses"),
     _p("hopcount_limit", "50", INT, "Received: headers after which a message is bounced as looping", min=1),
     _p("recipient_delimiter", "", STR, "separators of address extensions"),

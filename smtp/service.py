@@ -259,6 +259,7 @@ def deliver_request(req: deliver.Request, ctx, report: delivery_agent.Report) ->
             d.bulk_fail("4.3.0", "unreadable mail queue entry", "none")
             return relay
         d.size = qmsg.size
+        d.smtputf8 = qmsg.attrs.get("smtputf8") == "1"
         d.content = lambda: qmsg.content(req.queue_file)
         if not req.arrival:
             report.arrival = qmsg.arrival

@@ -38,6 +38,9 @@ FAILURES (Postfix's smtp_trouble.c)
             server greeting
         conversation with ... timed out while sending message body
         TLS is required, but was not offered by host mx.example.com[192.0.2.1]
+        SMTPUTF8 is required, but was not offered by host mx.example.com[192.0.2.1]
+            (5.6.7: the sender asked for SMTPUTF8 and the envelope or a header is not
+            ASCII; MAIL FROM carries SMTPUTF8 when the sender asked and the server offers)
         Cannot start TLS: handshake failure
         Server certificate not verified
 
@@ -101,6 +104,7 @@ class Delivery:
     report: object = None           # lib.delivery_agent.Report: soft_bounce, log lines
     why: tuple[str, str] | None = None   # the last reason there is no delivery (dsn, text)
     conn_setup_done: float = 0.0
+    smtputf8: bool = False          # the sender asked for SMTPUTF8 (queue file smtputf8=1)
     log = None                      # for tests without a Report: f(rcpt, relay, status)
 
     @property
@@ -355,6 +359,36 @@ class Options:
                    wrappermode=p("tls_wrappermode"))
 
 
+def requires_smtputf8(d: Delivery, todo: list[Rcpt]) -> bool:
+    """Whether this delivery breaks the SMTPUTF8 promise without SMTPUTF8 (Postfix's
+    DELIVERY_REQUIRES_SMTPUTF8): the sender asked for it, and the envelope sender, a
+    recipient of this delivery or a message header is not ASCII."""
+    if not d.smtputf8:
+        return False
+    if not d.sender.isascii() or not all(r.address.isascii() for r in todo):
+        return True
+    if d.content is None:
+        return False
+    blocks = d.content()
+    try:
+        first, prev = True, b""
+        for block in blocks:
+            if first and block.startswith(b"\n"):
+                return False               # no headers
+            first = False
+            data = prev + block
+            end = data.find(b"\n\n")
+            if not (data if end < 0 else data[:end]).isascii():
+                return True
+            if end >= 0:
+                return False
+            prev = data[-1:]               # a header end may span two blocks
+    finally:
+        if hasattr(blocks, "close"):
+            blocks.close()
+    return False
+
+
 # --- the session --------------------------------------------------------------------------------
 
 class ClientSession:
@@ -589,9 +623,16 @@ class ClientSession:
             d.bulk_fail("5.3.4", f"message size {d.size} exceeds size limit "
                                  f"{self.size_limit} of server {self.namaddr}", self.relay)
             return
+        utf8 = "SMTPUTF8" in self.features
+        if not utf8 and requires_smtputf8(d, todo):
+            d.bulk_fail("5.6.7", f"SMTPUTF8 is required, but was not offered by host "
+                                 f"{self.namaddr}", self.relay)
+            return
         mail = f"MAIL FROM:<{d.sender}>"
         if "SIZE" in self.features:
             mail += f" SIZE={d.size}"
+        if utf8 and d.smtputf8:
+            mail += " SMTPUTF8"
         commands = [("MAIL FROM", mail, None)]
         commands += [("RCPT TO", f"RCPT TO:<{r.address}>", r) for r in todo]
         commands.append(("DATA", "DATA", None))

@@ -6,8 +6,8 @@ one table with their flags, as Postfix's smtpd_cmd_table. Replies, reply codes a
 lines are Postfix 3.7's.
 
 PROTOCOL
-    HELO, EHLO (PIPELINING, SIZE, VRFY, ETRN-less, STARTTLS, AUTH, ENHANCEDSTATUSCODES,
-    8BITMIME), MAIL (SIZE, BODY, AUTH), RCPT, DATA, RSET, NOOP, QUIT, VRFY
+    HELO, EHLO (PIPELINING, SIZE, VRFY, STARTTLS, AUTH, ENHANCEDSTATUSCODES, 8BITMIME,
+    SMTPUTF8), MAIL (SIZE, BODY, AUTH), RCPT, DATA, RSET, NOOP, QUIT, VRFY
     (disable_vrfy_command), STARTTLS and TLS wrapper mode, AUTH (smtpd/sasl.py; offered
     only over TLS with smtpd_tls_auth_only = yes or enforced TLS, as Postfix). The queue
     file is created at the first accepted recipient, as Postfix does
@@ -21,6 +21,10 @@ PROTOCOL
     `452 4.5.3 Error: too many recipients`, an error only past
     smtpd_recipient_overshoot_limit. A header longer than header_size_limit loses the
     excess (its further continuation lines), as Postfix's cleanup; the mail is accepted.
+    SMTPUTF8 (RFC 6531, smtputf8_enable): announced in EHLO; `MAIL FROM:<...> SMTPUTF8`
+    allows UTF-8 domains in MAIL and RCPT and is recorded in the queue file (attribute
+    smtputf8=1, for the smtp client); 8-bit local parts pass in every mode, as Postfix;
+    strict_smtputf8 = yes refuses non-ASCII addresses without the parameter (553 5.6.7).
 
 SECURITY
     STARTTLS discards every byte the client sent before the handshake (CVE-2011-0411) and
@@ -31,7 +35,9 @@ SECURITY
     address with a NUL or another control character is refused in every mode (501
     5.1.7 / 5.1.3); a NUL ends a command line, as in Postfix's C strings. SASL
     responses are never logged, nor the arguments of a pipelined AUTH command; a failed
-    AUTH counts as an error (smtpd_error_sleep_time past smtpd_soft_error_limit).
+    AUTH counts as an error (smtpd_error_sleep_time past smtpd_soft_error_limit). With
+    smtputf8_enable, a command that is not valid UTF-8 (overlong forms, stray bytes) gets
+    `500 5.5.2 Error: bad UTF-8 syntax` before anything parses it.
 """
 
 from __future__ import annotations
@@ -100,13 +106,23 @@ def parse_path(arg: str, keyword: str, strict: bool):
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_LOCAL_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
+# Postfix has never refused 8-bit local parts: non-ASCII is taken there in every mode
+# (with smtputf8_enable = no, bytes that are not UTF-8 come as surrogate escapes).
+_LOCAL_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\u0080-\U0010ffff-]+$")
 _QUOTED = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"$')
 _DOMAIN = re.compile(r"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[A-Za-z0-9.:-]+\])$")
+# A UTF-8 domain (RFC 6531), only after MAIL FROM ... SMTPUTF8: labels of letters, digits,
+# - and _ of any script (no surrogate escape: smtputf8_enable refuses malformed UTF-8).
+_U = r"[A-Za-z0-9_\u0080-\ud7ff\ue000-\U0010ffff-]+"
+_DOMAIN_UTF8 = re.compile(rf"^(?:{_U}(?:\.{_U})*\.?|\[[A-Za-z0-9.:-]+\])$")
 
 
-def valid_address(addr: str) -> bool:
-    """Whether an envelope address has a usable syntax (local part, optional domain)."""
+def valid_address(addr: str, smtputf8: bool = False) -> bool:
+    """Whether an envelope address has a usable syntax (local part, optional domain).
+
+    As Postfix's smtpd_check_addr: a non-ASCII domain only when the client asked for
+    SMTPUTF8; a non-ASCII local part always (Postfix never refused 8-bit local parts).
+    """
     if not addr or len(addr) > 1000:
         return False
     if _CONTROL.search(addr):
@@ -119,7 +135,9 @@ def valid_address(addr: str) -> bool:
     # fullmatch: `$` alone would also match before a final newline ("user\n@example.com")
     if not local or not (_LOCAL_ATOM.fullmatch(local) or _QUOTED.fullmatch(local)):
         return False
-    return domain is None or bool(_DOMAIN.fullmatch(domain))
+    if domain is None or _DOMAIN.fullmatch(domain):
+        return True
+    return smtputf8 and bool(_DOMAIN_UTF8.fullmatch(domain))
 
 
 def strip_route(addr: str) -> str:
@@ -173,6 +191,7 @@ class Session:
         self.noop_commands = {c.lower() for c in cfg["smtpd_noop_commands"]}
         self.discard_ehlo = {k.lower() for k in cfg["smtpd_discard_ehlo_keywords"]}
         self.overshoot_limit = cfg["smtpd_recipient_overshoot_limit"]
+        self.smtputf8_enable = cfg["smtputf8_enable"]
         self.reset()
 
     # --- configuration ---------------------------------------------------------------------
@@ -279,6 +298,7 @@ class Session:
         self.client.sender = None
         self.sasl_sender: str | None = None
         self.rcpt_overshoot = 0
+        self.smtputf8 = False           # MAIL FROM ... SMTPUTF8 (RFC 6531)
 
     # --- the session -------------------------------------------------------------------------
     def run(self) -> None:
@@ -374,7 +394,25 @@ class Session:
             # Sending ahead without having seen PIPELINING: logged, as Postfix does.
             self.pipelining_warned = True
             self.ill_pipelining(self.last, raw[:4].lower() == b"auth")
-        return raw.decode("latin-1")
+        return self.decode_command(raw)
+
+    def decode_command(self, raw: bytes) -> str | None:
+        """The command line as text: UTF-8. With smtputf8_enable, malformed UTF-8 (up to a
+        NUL, as Postfix's C string) is refused as Postfix does, to protect the queue file
+        and the logs; without it, bytes that are not UTF-8 pass as surrogate escapes."""
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        if self.smtputf8_enable:
+            try:
+                raw.split(b"\0", 1)[0].decode("utf-8")
+            except UnicodeDecodeError:
+                self.last = "UNKNOWN"
+                self.count("unknown", False)
+                self.reply("500 5.5.2 Error: bad UTF-8 syntax")
+                return None
+        return raw.decode("utf-8", "surrogateescape")
 
     def ill_pipelining(self, after: str, auth: bool = False) -> None:
         """Log improper pipelining, once, and remember it (reject_unauth_pipelining)."""
@@ -451,11 +489,27 @@ class Session:
             mechs = self.sasl.mechanisms(self.tls_active)
             if mechs:
                 lines.append("AUTH " + " ".join(mechs))
-        lines += ["ENHANCEDSTATUSCODES", "8BITMIME"]
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME"] + self.ehlo_extensions()
         lines = [lines[0]] + [k for k in lines[1:]
                               if k.split()[0].lower() not in self.discard_ehlo]
         for i, text in enumerate(lines):
             self.reply(f"250{'-' if i < len(lines) - 1 else ' '}{text}")
+        return True
+
+    def ehlo_extensions(self) -> list[str]:
+        """The EHLO keywords Postfix announces after 8BITMIME, in its order."""
+        return ["SMTPUTF8"] if self.smtputf8_enable else []
+
+    @property
+    def smtputf8_offered(self) -> bool:
+        return self.smtputf8_enable and "smtputf8" not in self.discard_ehlo
+
+    def smtputf8_check(self, addr: str, requested: bool) -> bool:
+        """strict_smtputf8: a non-ASCII address needs MAIL FROM ... SMTPUTF8 (Postfix's
+        553); otherwise the address is taken, as Postfix always took 8-bit local parts."""
+        if addr and not requested and not addr.isascii() and self.cfg["strict_smtputf8"]:
+            self.reply("553 5.6.7 Must declare SMTPUTF8 to send unicode address")
+            return False
         return True
 
     def ehlo_cmd(self, arg: str) -> bool:
@@ -579,7 +633,9 @@ class Session:
         addr, params = parsed
         if addr != "bad":
             addr = strip_route(addr)
-        if addr == "bad" or (addr and not valid_address(addr)):
+        # SMTPUTF8 decides the address syntax: taken before the address, as Postfix does
+        utf8 = self.smtputf8_offered and any(p.upper() == "SMTPUTF8" for p in params)
+        if addr == "bad" or (addr and not valid_address(addr, utf8)):
             msg.warn(f"Illegal address syntax from {self.client.client} in MAIL command: "
                      f"{printable(arg[5:].strip())}")
             self.reply("501 5.1.7 Bad sender address syntax")
@@ -594,6 +650,8 @@ class Session:
                     return False
                 size = int(value)
             elif name == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+                pass
+            elif name == "SMTPUTF8" and utf8 and not value:
                 pass
             elif name == "AUTH" and value:
                 if self.sasl_active() and value != "<>":
@@ -617,6 +675,8 @@ class Session:
                      f"{max(minfree, int(1.5 * size))} bytes")
             self.reply("452 4.3.1 Insufficient system storage")
             return False
+        if not self.smtputf8_check(addr, utf8):
+            return False
         self.client.sender = addr
         denied = self.checker.mail(self.client)
         if denied is not None:
@@ -625,6 +685,7 @@ class Session:
             self.reply(str(denied))
             return False
         self.sender = addr
+        self.smtputf8 = utf8
         self.reply("250 2.1.0 Ok")
         return True
 
@@ -646,7 +707,7 @@ class Session:
         addr, params = parsed
         if addr != "bad":
             addr = strip_route(addr)
-        if addr == "bad" or not valid_address(addr):
+        if addr == "bad" or not valid_address(addr, self.smtputf8):
             msg.warn(f"Illegal address syntax from {self.client.client} in RCPT command: "
                      f"{printable(arg[3:].strip())}")
             self.reply("501 5.1.3 Bad recipient address syntax")
@@ -661,12 +722,14 @@ class Session:
             within = self.rcpt_overshoot <= self.overshoot_limit
             self.reply("452 4.5.3 Error: too many recipients", error=not within)
             return within
+        if not self.smtputf8_check(addr, self.smtputf8):
+            return False
         verdict: Reply | None = self.checker.rcpt(self.client, addr)
         if verdict is not None:
             self.log_reject("RCPT", verdict, addr)
             self.reply(str(verdict))
             return False
-        if self.writer is None and not self.open_queue_file():
+        if self.writer is None and not self.open_envelope():
             return False
         try:
             self.writer.add_recipient(addr)
@@ -702,6 +765,18 @@ class Session:
         if self.sasl_sender:
             sasl += f", sasl_sender={self.sasl_sender}"
         msg.info(f"{self.writer.id}: client={self.client.client}{sasl}")
+        return True
+
+    def open_envelope(self) -> bool:
+        """The queue file, with the envelope's extension attributes after the client's:
+        smtputf8=1 for MAIL FROM ... SMTPUTF8 (Postfix's SMTPUTF8_FLAG_REQUESTED)."""
+        if not self.open_queue_file():
+            return False
+        try:
+            if self.smtputf8:
+                self.writer.add_attr("smtputf8", "1")
+        except OSError as exc:
+            return self.queue_trouble(exc)
         return True
 
     def queue_trouble(self, exc: OSError) -> bool:

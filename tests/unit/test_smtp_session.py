@@ -595,3 +595,49 @@ def test_client_certificate_only_when_configured(pki, tmp_path, param):
                 tls_ctx=ctx).run()
     assert h.result()[0] == "sent"
     assert (h.server.peercert is not None) == bool(param)
+
+
+# --- SMTPUTF8 (RFC 6531), as Postfix's smtp_proto.c ----------------------------------------
+
+EHLO_UTF8 = b"250-mx.example\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
+
+
+def test_smtputf8_is_passed_on_when_requested_and_offered():
+    script = [("send", GREETING), ("expect", "EHLO client.example"), ("send", EHLO_UTF8),
+              ("expect", r"^MAIL FROM:<s@example.org> SMTPUTF8$"), ("send", b"250 Ok\r\n"),
+              ("expect", "^RCPT TO:<j\u00f6rg@b\u00fccher.example>$"),
+              ("send", b"250 Ok\r\n"), ("expect", "DATA"), ("send", b"354 go\r\n"),
+              ("data",), ("send", b"250 2.0.0 Ok\r\n"), ("expect", "QUIT"),
+              ("send", b"221 Bye\r\n")]
+    h = Harness(script, recipients=("j\u00f6rg@b\u00fccher.example",))
+    h.d.smtputf8 = True
+    h.run()
+    assert h.result()[0] == "sent"
+
+
+def test_no_smtputf8_parameter_unless_the_sender_asked():
+    h = Harness(plain_dialogue(ehlo=EHLO_UTF8)).run()
+    assert h.result()[0] == "sent"
+    assert "MAIL FROM:<s@example.org>" in h.server.lines
+
+
+@pytest.mark.parametrize("rcpt,content", [
+    ("j\u00f6rg@example.org", b"Subject: x\n\nbody\n"),
+    ("a@example.org", "Subject: gr\u00fc\u00df\n\nbody\n".encode()),
+])
+def test_smtputf8_required_but_not_offered_bounces(rcpt, content):
+    script = [("send", GREETING), ("expect", "EHLO client.example"), ("send", EHLO_PLAIN),
+              ("expect", "QUIT"), ("send", b"221 Bye\r\n")]
+    h = Harness(script, recipients=(rcpt,), content=content)
+    h.d.smtputf8 = True
+    h.run()
+    assert h.result() == ("bounced", "5.6.7", "SMTPUTF8 is required, but was not offered "
+                                              f"by host {NAMADDR}")
+
+
+def test_smtputf8_requested_but_all_ascii_goes_without_it():
+    h = Harness(plain_dialogue(), content="Subject: x\n\nb\u00fcdy only\n".encode())
+    h.d.smtputf8 = True
+    h.run()
+    assert h.result()[0] == "sent"
+    assert "MAIL FROM:<s@example.org>" in h.server.lines

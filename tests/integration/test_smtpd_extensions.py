@@ -1,0 +1,142 @@
+"""smtpd's SMTP extensions of today through the real master, as Postfix 3.7: SMTPUTF8
+(RFC 6531), CHUNKING/BDAT (RFC 3030) and ETRN, with swaks and raw clients."""
+
+import glob
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+from pfxinst import free_port, wait_for
+from postfix_py.lib import queue as Q
+
+SWAKS = shutil.which("swaks")
+UTF8_SENDER = "j\u00f6rg@b\u00fccher.example"
+
+
+@pytest.fixture
+def mta(instance):
+    """A running instance with one smtpd service; .port and .queued()."""
+    instance.port = free_port()
+    instance.main.update({"mydestination": "$myhostname, localhost",
+                          "smtpd_error_sleep_time": "0s"})
+    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd"]
+
+    def queued():
+        out = []
+        for path in sorted(glob.glob(str(instance.queue / "incoming" / "*"))):
+            m = Q.read(path)
+            out.append((m, b"".join(m.content(path))))
+        return out
+    instance.queued = queued
+    return instance
+
+
+class Raw:
+    """A line-level SMTP client that sends bytes as they are."""
+
+    def __init__(self, port, timeout=20):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.f = self.sock.makefile("rb")
+        self.greeting = self.reply()
+
+    def reply(self) -> str:
+        lines = []
+        while True:
+            line = self.f.readline()
+            if not line:
+                lines.append("<EOF>")
+                break
+            lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
+            if line[3:4] == b" ":
+                break
+        return "\n".join(lines)
+
+    def cmd(self, line) -> str:
+        self.sock.sendall((line if isinstance(line, bytes) else line.encode()) + b"\r\n")
+        return self.reply()
+
+    def close(self):
+        self.f.close()
+        self.sock.close()
+
+
+def message(subject="x"):
+    return f"Subject: {subject}\r\n\r\nbody\r\n.\r\n".encode()
+
+
+# --- SMTPUTF8 ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(SWAKS is None, reason="swaks is not installed")
+def test_swaks_ehlo_shows_the_extensions(mta):
+    mta.start()
+    out = subprocess.run([SWAKS, "--server", f"127.0.0.1:{mta.port}", "--quit-after", "EHLO",
+                          "--ehlo", "client.example"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+    ehlo = [line[4:] for line in out.stdout.splitlines() if line.startswith("<- ")]
+    assert ehlo[-3:] == ["250-8BITMIME", "250-SMTPUTF8", "250 CHUNKING"], out.stdout
+
+
+def test_smtputf8_addresses_are_taken_and_recorded(mta):
+    mta.start()
+    c = Raw(mta.port)
+    assert "SMTPUTF8" in c.cmd("EHLO client.example")
+    # Without the parameter: a UTF-8 domain is refused, an 8-bit local part is not.
+    assert c.cmd(f"MAIL FROM:<{UTF8_SENDER}>") == "501 5.1.7 Bad sender address syntax"
+    assert c.cmd("MAIL FROM:<j\u00f6rg@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<bob@b\u00fccher.example>") == "501 5.1.3 Bad recipient address syntax"
+    assert c.cmd("RSET") == "250 2.0.0 Ok"
+    # With it, UTF-8 everywhere, and the queue file remembers the request.
+    assert c.cmd(f"MAIL FROM:<{UTF8_SENDER}> SMTPUTF8") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<b\u00f6b@mail.test.example>") == "250 2.1.5 Ok"
+    assert c.cmd("DATA").startswith("354")
+    assert c.cmd(message("gr\u00fc\u00dfe")[:-2]).startswith("250 2.0.0 Ok: queued as ")
+    c.cmd("QUIT")
+    c.close()
+    (m, content), = mta.queued()
+    assert m.sender == UTF8_SENDER
+    assert [r.address for r in m.recipients] == ["b\u00f6b@mail.test.example"]
+    assert m.attrs["smtputf8"] == "1"
+    assert "Subject: gr\u00fc\u00dfe\n\nbody\n".encode() in content
+
+
+def test_malformed_utf8_is_refused(mta):
+    mta.main["strict_smtputf8"] = "yes"
+    mta.start()
+    c = Raw(mta.port)
+    # an overlong "/" in the EHLO name, a lone continuation byte in an address
+    assert c.cmd(b"EHLO client\xc0\xafexample") == "500 5.5.2 Error: bad UTF-8 syntax"
+    assert c.cmd("EHLO client.example").startswith("250-")
+    assert c.cmd(b"MAIL FROM:<a\x80b@example.org>") == "500 5.5.2 Error: bad UTF-8 syntax"
+    # strict_smtputf8: non-ASCII needs the parameter
+    assert c.cmd("MAIL FROM:<j\u00f6rg@example.org>") == \
+        "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
+    assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<b\u00f6b@mail.test.example>") == \
+        "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
+    c.cmd("QUIT")
+    c.close()
+    wait_for(lambda: "disconnect from" in mta.log(), what="disconnect")
+    assert "unknown=0/2" in mta.log()
+
+
+def test_smtputf8_disabled(mta):
+    mta.main["smtputf8_enable"] = "no"
+    mta.start()
+    c = Raw(mta.port)
+    assert "SMTPUTF8" not in c.cmd("EHLO client.example")
+    # the address comes first, as in Postfix: a UTF-8 domain is a syntax error
+    assert c.cmd(f"MAIL FROM:<{UTF8_SENDER}> SMTPUTF8") == "501 5.1.7 Bad sender address syntax"
+    assert c.cmd("MAIL FROM:<a@example.org> SMTPUTF8") == \
+        "555 5.5.4 Unsupported option: SMTPUTF8"
+    # Postfix < 3.0 behaviour: 8-bit local parts pass as they are, byte for byte
+    assert c.cmd(b"MAIL FROM:<a\xe9b@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<bob@mail.test.example>") == "250 2.1.5 Ok"
+    assert c.cmd("DATA").startswith("354")
+    assert c.cmd(message()[:-2]).startswith("250 2.0.0 Ok: queued as ")
+    c.close()
+    (m, _), = mta.queued()
+    assert m.sender.encode("utf-8", "surrogateescape") == b"a\xe9b@example.org"
+    assert "smtputf8" not in m.attrs
