@@ -7,8 +7,8 @@ lines are Postfix 3.7's.
 
 PROTOCOL
     HELO, EHLO (PIPELINING, SIZE, VRFY, STARTTLS, AUTH, ENHANCEDSTATUSCODES, 8BITMIME,
-    SMTPUTF8), MAIL (SIZE, BODY, AUTH), RCPT, DATA, RSET, NOOP, QUIT, VRFY
-    (disable_vrfy_command), STARTTLS and TLS wrapper mode, AUTH (smtpd/sasl.py; offered
+    SMTPUTF8, CHUNKING), MAIL (SIZE, BODY, AUTH, SMTPUTF8), RCPT, DATA, BDAT, RSET, NOOP,
+    QUIT, VRFY (disable_vrfy_command), STARTTLS and TLS wrapper mode, AUTH (smtpd/sasl.py; offered
     only over TLS with smtpd_tls_auth_only = yes or enforced TLS, as Postfix). The queue
     file is created at the first accepted recipient, as Postfix does
     (smtpd_delay_open_until_valid_rcpt), and committed with fsync before
@@ -25,6 +25,14 @@ PROTOCOL
     allows UTF-8 domains in MAIL and RCPT and is recorded in the queue file (attribute
     smtputf8=1, for the smtp client); 8-bit local parts pass in every mode, as Postfix;
     strict_smtputf8 = yes refuses non-ASCII addresses without the parameter (553 5.6.7).
+    CHUNKING (RFC 3030): `BDAT n [LAST]` reads exactly n bytes, CRLF becomes LF and
+    nothing is dot-unstuffed; the content goes to the same queue file writer as DATA's,
+    Received header first, through smtpd/content.py's ContentSink (the header rules of
+    the DATA path), and end_of_message() answers for it as the end of DATA does. As
+    Postfix: a chunk past message_size_limit is read and dropped (552 5.3.4 Chunk exceeds
+    message size limit), a failed chunk makes the following ones be dropped until LAST or
+    RSET (551 5.0.0 Discarded N bytes after earlier error), MAIL, RCPT and DATA after
+    BDAT get 503, and a malformed BDAT 521 and the end of the session.
 
 SECURITY
     STARTTLS discards every byte the client sent before the handshake (CVE-2011-0411) and
@@ -51,11 +59,12 @@ from ..lib import queue as Q
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
 from . import sasl as SASL
 from .check import ClientState, Reply
+from .content import ContentSink
 from .limits import NO_LIMITS
 
 # verb -> (method, flags). Flags: "junk" counts against smtpd_junk_command_limit;
 # "pretls" is allowed before STARTTLS when TLS is enforced.
-VERB_ORDER = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "rset", "noop",
+VERB_ORDER = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset", "noop",
               "vrfy", "etrn", "quit", "unknown")
 PARAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*(=[!-~]*)?$")
 
@@ -299,6 +308,12 @@ class Session:
         self.sasl_sender: str | None = None
         self.rcpt_overshoot = 0
         self.smtputf8 = False           # MAIL FROM ... SMTPUTF8 (RFC 6531)
+        if getattr(self, "bdat", None) is not None:
+            self.data_bytes = None
+        self.bdat: str | None = None    # None, "ok" (in a BDAT transfer) or "error"
+        self.bdat_sink: ContentSink | None = None
+        self.bdat_cr = b""              # a CR that ended the last read of a chunk
+        self.bdat_bare_lf = False       # smtpd_forbid_bare_newline reject or note
 
     # --- the session -------------------------------------------------------------------------
     def run(self) -> None:
@@ -360,8 +375,8 @@ class Session:
             msg.info(f"disconnect from {self.client.client} {self.stats()}")
 
     def last_for_log(self) -> str:
-        if self.last == "DATA" and self.data_bytes is not None:
-            return f"DATA ({self.data_bytes} bytes)"
+        if self.last in ("DATA", "BDAT") and self.data_bytes is not None:
+            return f"{self.last} ({self.data_bytes} bytes)"
         return self.last
 
     def read_command(self) -> str | None:
@@ -498,7 +513,7 @@ class Session:
 
     def ehlo_extensions(self) -> list[str]:
         """The EHLO keywords Postfix announces after 8BITMIME, in its order."""
-        return ["SMTPUTF8"] if self.smtputf8_enable else []
+        return ["SMTPUTF8"] * self.smtputf8_enable + ["CHUNKING"]
 
     @property
     def smtputf8_offered(self) -> bool:
@@ -624,6 +639,8 @@ class Session:
         if self.sender is not None:
             self.reply("503 5.5.1 Error: nested MAIL command")
             return False
+        if self.after_bdat("MAIL"):
+            return False
         parsed = parse_path(arg, "FROM:", self.cfg["strict_rfc821_envelopes"])
         if parsed is None:
             self.reply("501 5.5.4 Syntax: MAIL FROM:<address>")
@@ -692,6 +709,8 @@ class Session:
     def rcpt_cmd(self, arg: str) -> bool:
         if self.sender is None:
             self.reply("503 5.5.1 Error: need MAIL command")
+            return False
+        if self.after_bdat("RCPT"):
             return False
         parsed = parse_path(arg, "TO:", self.cfg["strict_rfc821_envelopes"])
         if parsed is None or parsed[0] == "":
@@ -811,6 +830,8 @@ class Session:
         return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
 
     def data_cmd(self, arg: str) -> bool:
+        if self.after_bdat("DATA"):
+            return False
         if arg:
             self.reply("501 5.5.4 Syntax: DATA")
             return False
@@ -1000,6 +1021,158 @@ class Session:
             if at_start:
                 prev_crlf = chunk.endswith(b"\r\n")
 
+    # --- CHUNKING (RFC 3030), as Postfix's bdat_cmd ---------------------------------------
+    def after_bdat(self, verb: str) -> bool:
+        """MAIL, RCPT and DATA are refused once BDAT began, until the end or RSET."""
+        if self.bdat is None:
+            return False
+        self.reply(f"503 5.5.1 Error: {verb} after BDAT")
+        return True
+
+    def bdat_cmd(self, arg: str) -> bool:
+        """BDAT size [LAST]: exactly size bytes of content follow the command line."""
+        qid = self.writer.id if self.writer else "NOQUEUE"
+        if "chunking" in self.discard_ehlo:
+            # the content that follows would be read as commands: hang up (521)
+            self.reply("521 5.5.1 Error: command not implemented")
+            raise Disconnect
+        words = arg.split(" ")
+        if not 1 <= len(words) <= 2 or not (words[0].isascii() and words[0].isdigit()) \
+                or len(words[0]) > 18 or (len(words) == 2 and words[1].upper() != "LAST"):
+            msg.warn(f"{qid}: malformed BDAT command syntax from {self.client.client}: "
+                     f"{printable('BDAT ' + arg)}")
+            self.reply("521 5.5.4 Syntax: BDAT count [LAST]")
+            raise Disconnect
+        size, last = int(words[0]), len(words) == 2
+        if size == 0 and not last:
+            msg.warn(f"{qid}: null BDAT request from {self.client.client}")
+            return self.skip_bdat(size, last, "551 5.7.1 Null BDAT request")
+        if self.bdat == "error":
+            return self.skip_bdat(size, last,
+                                  f"551 5.0.0 Discarded {size} bytes after earlier error")
+        if self.bdat is None:
+            # the first chunk is the DATA command of this transaction
+            if not self.rcpts:
+                return self.skip_bdat(size, last, "554 5.5.1 Error: no valid recipients"
+                                      if self.sender is not None else
+                                      "503 5.5.1 Error: need RCPT command")
+            denied = self.checker.data(self.client, self._only_rcpt())
+            if denied is not None:
+                self.log_reject("DATA", denied, self._only_rcpt())
+                return self.skip_bdat(size, last, str(denied))
+        if self.size_limit and (self.data_bytes or 0) > self.size_limit - size:
+            msg.warn(f"{qid}: BDAT request from {self.client.client} exceeds message "
+                     f"size limit")
+            return self.skip_bdat(size, last, "552 5.3.4 Chunk exceeds message size limit")
+        if self.bdat is None:
+            self.bdat, self.data_bytes = "ok", 0
+            self.bdat_sink = ContentSink(self.writer, self.cfg)
+            try:
+                self.writer.write(self.received_header())
+            except OSError as exc:
+                self.bdat_sink.problem = exc
+        self.read_chunk(size, self.bdat_sink)
+        if last:
+            return self.end_of_bdat()
+        if self.bdat_sink.problem is not None:
+            # as Postfix: the error now, and the chunks that follow are discarded
+            self.end_of_bdat()
+            self.bdat = "error"
+            return False
+        self.reply(f"250 2.0.0 Ok: {size} bytes")
+        return True
+
+    def read_chunk(self, size: int, sink: ContentSink) -> None:
+        """Read size bytes of content into the sink: CRLF becomes LF (a CR at the end of a
+        read waits for the next byte), nothing else changes: no dot-unstuffing in BDAT."""
+        left = size
+        while left > 0:
+            data = self.s.read_some(min(left, 1 << 20))
+            left -= len(data)
+            self.data_bytes += len(data)
+            data = self.bdat_cr + data
+            self.bdat_cr = b""
+            if data.endswith(b"\r"):
+                self.bdat_cr, data = b"\r", data[:-1]
+            if b"\n" in data:
+                if self.bare_lf in ("reject", "note") and \
+                        data.count(b"\n") != data.count(b"\r\n"):
+                    self.bdat_bare_lf = True
+                data = data.replace(b"\r\n", b"\n")
+            sink.write(data)
+
+    def end_of_bdat(self) -> bool:
+        """BDAT LAST (or a failed chunk): answer for the message, as the end of DATA."""
+        sink = self.bdat_sink
+        if self.bdat_cr:
+            sink.write(self.bdat_cr)        # a CR at the very end stays a CR
+        sink.close()
+        self.bdat_cr = b""
+        self.last = "END-OF-MESSAGE"
+        if self.bdat_bare_lf:
+            self.bdat_bare_lf = False
+            reply = (f"{self.cfg['smtpd_forbid_bare_newline_reject_code']} 5.5.2 "
+                     "Error: bare <LF> received")
+            self.log_reject("END-OF-MESSAGE", reply)
+            self.reset()
+            self.reply(reply)
+            return False
+        return self.end_of_message(sink)
+
+    def end_of_message(self, sink: ContentSink) -> bool:
+        """The end of the content: the checks, the commit and the reply, as read_content()
+        ends a DATA message (the same replies and log lines, in the same order)."""
+        writer = self.writer
+        if sink.too_big:
+            reply = "552 5.3.4 Message size exceeds fixed limit"
+            self.log_reject("END-OF-MESSAGE", reply)
+            self.reset()
+            self.reply(reply)
+            return False
+        if sink.hops > self.cfg["hopcount_limit"]:
+            reply = "554 5.4.0 Error: too many hops"
+            self.log_reject("END-OF-MESSAGE", reply)
+            self.reset()
+            self.reply(reply)
+            return False
+        if sink.problem is not None:
+            ok = self.queue_trouble(sink.problem)
+            self.reset()
+            return ok
+        denied = self.checker.end_of_data(self.client, self._only_rcpt())
+        if denied is not None:
+            self.log_reject("END-OF-MESSAGE", denied, self._only_rcpt())
+            self.reset()        # the queue file is discarded, as Postfix's mail_reset
+            self.reply(str(denied))
+            return False
+        try:
+            qid = writer.commit()
+        except OSError as exc:
+            ok = self.queue_trouble(exc)
+            self.reset()
+            return ok
+        if sink.msgid:
+            msg.info(f"{qid}: message-id={sink.msgid}")
+        self.writer = None
+        self.reset()
+        self.reply(f"250 2.0.0 Ok: queued as {qid}")
+        self.s.flush()
+        Q.wake(self.queue_root)
+        return True
+
+    def skip_bdat(self, size: int, last: bool, reply: str) -> bool:
+        """Read and drop a chunk, then answer; the transaction ends with LAST, otherwise
+        the chunks that follow are dropped too (Postfix's skip_bdat)."""
+        left = size
+        while left > 0:
+            left -= len(self.s.read_some(min(left, 1 << 20)))
+        self.reply(reply)
+        if last:
+            self.reset()
+        else:
+            self.bdat = "error"
+        return False
+
     def rset_cmd(self, arg: str) -> bool:
         if arg:
             self.reply("501 5.5.4 Syntax: RSET")
@@ -1038,7 +1211,7 @@ class Session:
 COMMANDS = {
     "helo": Session.helo_cmd, "ehlo": Session.ehlo_cmd, "starttls": Session.starttls_cmd,
     "auth": Session.auth_cmd, "mail": Session.mail_cmd, "rcpt": Session.rcpt_cmd,
-    "data": Session.data_cmd, "rset": Session.rset_cmd, "noop": Session.noop_cmd,
+    "data": Session.data_cmd, "bdat": Session.bdat_cmd, "rset": Session.rset_cmd, "noop": Session.noop_cmd,
     "vrfy": Session.vrfy_cmd, "etrn": Session.etrn_cmd, "quit": Session.quit_cmd,
 }
 PRE_TLS = {"helo", "ehlo", "starttls", "noop", "quit", "rset"}

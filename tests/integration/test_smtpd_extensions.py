@@ -75,7 +75,7 @@ def test_swaks_ehlo_shows_the_extensions(mta):
                           "--ehlo", "client.example"], capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 0, out.stdout + out.stderr
-    ehlo = [line[4:] for line in out.stdout.splitlines() if line.startswith("<- ")]
+    ehlo = [line[4:] for line in out.stdout.splitlines() if line.startswith("<-  250")]
     assert ehlo[-3:] == ["250-8BITMIME", "250-SMTPUTF8", "250 CHUNKING"], out.stdout
 
 
@@ -140,3 +140,76 @@ def test_smtputf8_disabled(mta):
     (m, _), = mta.queued()
     assert m.sender.encode("utf-8", "surrogateescape") == b"a\xe9b@example.org"
     assert "smtputf8" not in m.attrs
+
+
+# --- CHUNKING / BDAT ----------------------------------------------------------------------
+
+def bdat(c, chunk: bytes, last=False) -> str:
+    c.sock.sendall(f"BDAT {len(chunk)}{' LAST' if last else ''}\r\n".encode() + chunk)
+    return c.reply()
+
+
+def test_bdat_transfers_a_large_message_intact(mta):
+    mta.main["message_size_limit"] = str(20 << 20)
+    mta.start()
+    lines = [f"line {i} " + "x" * (i % 90) for i in range(190000)]
+    lines[5000] = ".a leading dot stays"          # no dot-unstuffing in BDAT
+    lines[6000] = "."
+    body = ("Subject: big\r\nMessage-ID: <big@example.org>\r\n\r\n"
+            + "\r\n".join(lines) + "\r\n").encode()
+    assert len(body) > 10 << 20
+    c = Raw(mta.port)
+    assert "250 CHUNKING" in c.cmd("EHLO client.example")
+    assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<bob@mail.test.example>") == "250 2.1.5 Ok"
+    # chunks that split a CRLF and a header line
+    cuts = [0, 20, 4 << 20, (4 << 20) + 1, 9 << 20, len(body)]
+    for a, b in zip(cuts, cuts[1:-1]):
+        assert bdat(c, body[a:b]) == f"250 2.0.0 Ok: {b - a} bytes"
+    final = bdat(c, body[cuts[-2]:], last=True)
+    assert final.startswith("250 2.0.0 Ok: queued as ")
+    c.cmd("QUIT")
+    c.close()
+    (m, content), = mta.queued()
+    head, _, rest = content.partition(b"\n")
+    assert head.startswith(b"Received: from client.example (localhost [127.0.0.1])")
+    assert content.endswith(body.replace(b"\r\n", b"\n"))
+    assert content.count(b"\n.a leading dot stays\n") == 1
+    qid = final.rsplit(" ", 1)[1]
+    wait_for(lambda: f"{qid}: message-id=<big@example.org>" in mta.log(), what="message-id")
+
+
+def test_bdat_errors_as_postfix(mta):
+    mta.main["message_size_limit"] = "1000"
+    mta.start()
+    c = Raw(mta.port)
+    c.cmd("EHLO client.example")
+    # no transaction: the chunk is read and dropped, and so are the chunks that follow
+    assert bdat(c, b"junk\r\n") == "503 5.5.1 Error: need RCPT command"
+    assert bdat(c, b"more junk\r\n") == "551 5.0.0 Discarded 11 bytes after earlier error"
+    assert c.cmd("MAIL FROM:<a@example.org>") == "503 5.5.1 Error: MAIL after BDAT"
+    assert bdat(c, b"end\r\n", last=True) == "551 5.0.0 Discarded 5 bytes after earlier error"
+    assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<bob@mail.test.example>") == "250 2.1.5 Ok"
+    assert bdat(c, b"Subject: x\r\n\r\n") == "250 2.0.0 Ok: 14 bytes"
+    assert c.cmd("DATA") == "503 5.5.1 Error: DATA after BDAT"
+    assert c.cmd("RCPT TO:<carol@mail.test.example>") == "503 5.5.1 Error: RCPT after BDAT"
+    assert c.cmd("BDAT 0") == "551 5.7.1 Null BDAT request"
+    assert c.cmd("RSET") == "250 2.0.0 Ok"
+    # a chunk past message_size_limit: read, dropped, 552; the session goes on in step
+    assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<bob@mail.test.example>") == "250 2.1.5 Ok"
+    assert bdat(c, b"x" * 2000, last=True) == "552 5.3.4 Chunk exceeds message size limit"
+    assert c.cmd("NOOP") == "250 2.0.0 Ok"
+    assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<bob@mail.test.example>") == "250 2.1.5 Ok"
+    assert c.cmd("BDAT 0 LAST").startswith("250 2.0.0 Ok: queued as ")
+    # a malformed BDAT: the content would be read as commands, so 521 and hang up
+    assert c.cmd("BDAT ten") == "521 5.5.4 Syntax: BDAT count [LAST]"
+    assert c.reply() == "<EOF>"
+    c.close()
+    (m, content), = mta.queued()
+    assert content.startswith(b"Received: ")
+    log = mta.log()
+    assert "exceeds message size limit" in log
+    assert "malformed BDAT command syntax from localhost[127.0.0.1]: BDAT ten" in log
