@@ -196,6 +196,8 @@ PARAMS: list[Param] = [
     _p("smtpd_recipient_restrictions", "", LIST, "spam restrictions at RCPT TO"),
     _p("smtpd_data_restrictions", "", LIST, "restrictions at DATA"),
     _p("smtpd_end_of_data_restrictions", "", LIST, "restrictions at end of DATA"),
+    _p("smtpd_etrn_restrictions", "", LIST, "restrictions at ETRN"),
+    _p("fast_flush_domains", "$relay_domains", LIST, "domains whose deferred mail ETRN may flush"),
     _p("smtpd_delay_reject", "yes", BOOL, "apply client, HELO and sender restrictions at RCPT TO"),
     _p("relay_clientcerts", "", TABLE, "fingerprints of client certificates that may relay (permit_tls_clientcerts)"),
     _p("access_map_reject_code", "554", INT, "reply code of REJECT in an access table", min=400, max=599),

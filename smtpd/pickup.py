@@ -299,6 +299,8 @@ class LocalChecker:
 class LocalSession(Session):
     """`sendmail -bs`: Postfix's stand-alone smtpd, without STARTTLS or AUTH."""
 
+    stand_alone = True      # ETRN: 458, as Postfix's stand-alone mode
+
     def __init__(self, stream, cfg, queue_root: str, uid: int, user: str | None,
                  stopping=lambda: False):
         self.uid, self.user = uid, user

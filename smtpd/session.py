@@ -6,14 +6,14 @@ one table with their flags, as Postfix's smtpd_cmd_table. Replies, reply codes a
 lines are Postfix 3.7's.
 
 PROTOCOL
-    HELO, EHLO (PIPELINING, SIZE, VRFY, STARTTLS, AUTH, ENHANCEDSTATUSCODES, 8BITMIME,
-    SMTPUTF8, CHUNKING), MAIL (SIZE, BODY, AUTH, SMTPUTF8), RCPT, DATA, BDAT, RSET, NOOP,
-    QUIT, VRFY (disable_vrfy_command), STARTTLS and TLS wrapper mode, AUTH (smtpd/sasl.py; offered
-    only over TLS with smtpd_tls_auth_only = yes or enforced TLS, as Postfix). The queue
-    file is created at the first accepted recipient, as Postfix does
-    (smtpd_delay_open_until_valid_rcpt), and committed with fsync before
-    `250 2.0.0 Ok: queued as ID`. The restriction lists (smtpd/check.py) run at their
-    stages: connect (the reject replaces the 220 greeting, and every later command but
+    HELO, EHLO (PIPELINING, SIZE, VRFY, ETRN, STARTTLS, AUTH, ENHANCEDSTATUSCODES,
+    8BITMIME, SMTPUTF8, CHUNKING), MAIL (SIZE, BODY, AUTH, SMTPUTF8), RCPT, DATA, BDAT,
+    RSET, NOOP, QUIT, VRFY (disable_vrfy_command), ETRN, STARTTLS and TLS wrapper mode,
+    AUTH (smtpd/sasl.py; offered only over TLS with smtpd_tls_auth_only = yes or
+    enforced TLS, as Postfix). The queue file is created at the first accepted
+    recipient, as Postfix does (smtpd_delay_open_until_valid_rcpt), and committed with
+    fsync before `250 2.0.0 Ok: queued as ID`. The restriction lists (smtpd/check.py)
+    run at their stages: connect (the reject replaces the 220 greeting, and every later command but
     QUIT gets `503 5.7.0 Error: access denied for host[addr]`), HELO/EHLO and MAIL with
     smtpd_delay_reject = no, RCPT, DATA (before 354) and the end of data (before the
     commit; the queue file is discarded on a reject). Commands in smtpd_noop_commands
@@ -33,6 +33,11 @@ PROTOCOL
     message size limit), a failed chunk makes the following ones be dropped until LAST or
     RSET (551 5.0.0 Discarded N bytes after earlier error), MAIL, RCPT and DATA after
     BDAT get 503, and a malformed BDAT 521 and the end of the session.
+    ETRN domain (RFC 1985): for a domain in fast_flush_domains ($relay_domains) that
+    passes smtpd_etrn_restrictions, its deferred mail is made due now and qmgr woken
+    (lib/flush.py: no per-site logs, the deferred envelopes are read); `250 Queuing
+    started`, `459 <domain>: service unavailable` outside the list, `458 Unable to queue
+    messages` when that fails, `500 Syntax: ETRN domain`, as Postfix.
 
 SECURITY
     STARTTLS discards every byte the client sent before the handshake (CVE-2011-0411) and
@@ -54,7 +59,7 @@ import errno
 import re
 import time
 
-from ..lib import msg, tables
+from ..lib import flush, msg, tables
 from ..lib import queue as Q
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
 from . import sasl as SASL
@@ -160,6 +165,7 @@ class Session:
     """One SMTP session with one client."""
 
     limits = NO_LIMITS      # the client's anvil limits (smtpd/limits.py); service.py sets them
+    stand_alone = False     # sendmail -bs (smtpd/pickup.py's LocalSession)
 
     def __init__(self, stream, cfg, client: ClientState, queue_root: str, checker,
                  level: str = "none", tls=None, wrapper: bool = False,
@@ -498,6 +504,7 @@ class Session:
         lines.append(f"SIZE {self.size_limit}" if self.size_limit else "SIZE")
         if not self.cfg["disable_vrfy_command"]:
             lines.append("VRFY")
+        lines.append("ETRN")
         if self.starttls_offered:
             lines.append("STARTTLS")
         if self.sasl_active() and not self.sasl_exempt:
@@ -1200,8 +1207,51 @@ class Session:
         return True
 
     def etrn_cmd(self, arg: str) -> bool:
-        self.reply("502 5.5.1 Error: command not implemented")
-        return False
+        """ETRN domain (RFC 1985): the deferred mail of a fast_flush_domains site goes out
+        now (lib/flush.py); replies and log lines are Postfix 3.7's etrn_cmd."""
+        if self.cfg["smtpd_helo_required"] and not self.helo:
+            self.reply("503 Error: send HELO/EHLO first")
+            return False
+        if self.sender is not None:
+            self.reply("503 Error: MAIL transaction in progress")
+            return False
+        words = arg.split()
+        if len(words) != 1:
+            self.reply("500 Syntax: ETRN domain")
+            return False
+        domain = words[0][1:] if words[0][:1] in ("@", "#") else words[0]
+        if not (domain.isascii() and _DOMAIN.fullmatch(domain)) or len(domain) > 255:
+            self.reply("501 Error: invalid parameter syntax")
+            return False
+        if self.stand_alone:
+            msg.warn('do not use ETRN in "sendmail -bs" mode')
+            self.reply("458 Unable to queue messages")
+            return False
+        try:
+            denied = self.checker.etrn(self.client, domain)
+            allowed = denied is None and self.checker.flush_allowed(domain)
+        except tables.TableError as exc:
+            msg.warn(f"fast_flush_domains: table lookup problem: {exc}")
+            msg.warn("unable to talk to fast flush service")
+            self.reply("458 Unable to queue messages")
+            return False
+        if denied is not None:
+            self.log_reject("ETRN", denied)
+            self.reply(str(denied))
+            return False
+        if not allowed:
+            msg.warn(f"reject: ETRN {domain[:100]}... from {self.client.client}")
+            self.reply(f"459 <{domain}>: service unavailable")
+            return False
+        try:
+            flush.flush_site(self.queue_root, domain)
+        except OSError as exc:
+            msg.warn(f"flush {domain}: {exc.strerror or exc}")
+            msg.warn("unable to talk to fast flush service")
+            self.reply("458 Unable to queue messages")
+            return False
+        self.reply("250 Queuing started")
+        return True
 
     def quit_cmd(self, arg: str) -> bool:
         self.reply("221 2.0.0 Bye")
@@ -1211,8 +1261,9 @@ class Session:
 COMMANDS = {
     "helo": Session.helo_cmd, "ehlo": Session.ehlo_cmd, "starttls": Session.starttls_cmd,
     "auth": Session.auth_cmd, "mail": Session.mail_cmd, "rcpt": Session.rcpt_cmd,
-    "data": Session.data_cmd, "bdat": Session.bdat_cmd, "rset": Session.rset_cmd, "noop": Session.noop_cmd,
-    "vrfy": Session.vrfy_cmd, "etrn": Session.etrn_cmd, "quit": Session.quit_cmd,
+    "data": Session.data_cmd, "bdat": Session.bdat_cmd, "rset": Session.rset_cmd,
+    "noop": Session.noop_cmd, "vrfy": Session.vrfy_cmd, "etrn": Session.etrn_cmd,
+    "quit": Session.quit_cmd,
 }
 PRE_TLS = {"helo", "ehlo", "starttls", "noop", "quit", "rset"}
 JUNK = {"noop", "vrfy", "etrn", "rset"}

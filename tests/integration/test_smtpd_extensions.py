@@ -213,3 +213,51 @@ def test_bdat_errors_as_postfix(mta):
     log = mta.log()
     assert "exceeds message size limit" in log
     assert "malformed BDAT command syntax from localhost[127.0.0.1]: BDAT ten" in log
+
+
+# --- ETRN ---------------------------------------------------------------------------------
+
+def test_etrn_sends_deferred_mail_at_once(instance):
+    from sink import Sink
+
+    sink_port = free_port()
+    instance.port = free_port()
+    instance.main.update({
+        "mydestination": "localhost", "smtpd_error_sleep_time": "0s",
+        "relay_domains": "etrn.example",                  # fast_flush_domains follows it
+        "relayhost": f"[127.0.0.1]:{sink_port}",
+        "queue_run_delay": "3600s", "minimal_backoff_time": "3600s",
+        "maximal_backoff_time": "3600s"})
+    instance.master_lines = [
+        f"127.0.0.1:{instance.port} inet n - y - - smtpd",
+        "qmgr unix n - n 300 1 qmgr",
+        "smtp unix - - y - - smtp",
+        "relay unix - - y - - smtp",
+    ]
+    instance.start()
+    c = Raw(instance.port)
+    c.cmd("EHLO client.example")
+    for rcpt in ("bob@etrn.example", "carol@other.test"):
+        assert c.cmd("MAIL FROM:<alice@example.org>") == "250 2.1.0 Ok"
+        assert c.cmd(f"RCPT TO:<{rcpt}>") == "250 2.1.5 Ok"
+        assert c.cmd("DATA").startswith("354")
+        assert c.cmd(message(rcpt)[:-2]).startswith("250 2.0.0 Ok: queued as ")
+    # nothing listens yet: both are deferred, for an hour
+    wait_for(lambda: instance.log().count("status=deferred") == 2, timeout=30,
+             what="the deferrals")
+    with Sink(sink_port) as sink:
+        assert c.cmd("ETRN") == "500 Syntax: ETRN domain"
+        assert c.cmd("ETRN bad!domain") == "501 Error: invalid parameter syntax"
+        assert c.cmd("ETRN other.test") == "459 <other.test>: service unavailable"
+        assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
+        assert c.cmd("ETRN etrn.example") == "503 Error: MAIL transaction in progress"
+        assert c.cmd("RSET") == "250 2.0.0 Ok"
+        assert c.cmd("ETRN @etrn.example") == "250 Queuing started"
+        wait_for(lambda: "status=sent" in instance.log(), timeout=20, what="the delivery")
+        c.cmd("QUIT")
+        c.close()
+        assert [rcpts for _, rcpts, _ in sink.messages] == [["bob@etrn.example"]]
+    log = instance.log()
+    assert "warning: reject: ETRN other.test... from localhost[127.0.0.1]" in log
+    assert log.count("status=sent") == 1        # other.test waits for its hour
+    assert "etrn=1/5" in log
