@@ -17,7 +17,9 @@ DESCRIPTION
     xfer()     MAIL FROM, RCPT TO for every recipient still to do, DATA, the message
                (CRLF line ends, dot-stuffed, lines longer than smtp_line_length_limit
                folded with <CR><LF>SPACE), and the final dot. With PIPELINING the
-               commands go out in one write and the replies are read in order.
+               commands go out in one write and the replies are read in order. To a
+               server that announces DSN, MAIL carries ENVID and RET and each RCPT
+               ORCPT (the stored one, else rfc822;address) and NOTIFY, as Postfix.
     quit()     QUIT, best effort; close() shuts TLS down cleanly and closes.
 
     Replies are read in bounded pieces: a line longer than line_length_limit is kept to
@@ -64,6 +66,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from ..lib import dsn as DSN
 from ..lib import msg, params
 from ..lib.smtpio import StreamEOF, StreamTimeout
 from . import tls_policy
@@ -88,6 +91,8 @@ class Rcpt:
     dsn: str = ""
     reason: str = ""
     keep: bool = False              # soft failure here: try the next server
+    notify: str = ""                # DSN NOTIFY and ORCPT from the queue file (RFC 3461)
+    orcpt: str = ""
 
 
 @dataclass
@@ -105,6 +110,8 @@ class Delivery:
     why: tuple[str, str] | None = None   # the last reason there is no delivery (dsn, text)
     conn_setup_done: float = 0.0
     smtputf8: bool = False          # the sender asked for SMTPUTF8 (queue file smtputf8=1)
+    dsn_ret: str = ""               # DSN RET and ENVID (queue file dsn_ret, dsn_envid)
+    dsn_envid: str = ""
     log = None                      # for tests without a Report: f(rcpt, relay, status)
 
     @property
@@ -631,15 +638,29 @@ class ClientSession:
         mail = f"MAIL FROM:<{d.sender}>"
         if "SIZE" in self.features:
             mail += f" SIZE={d.size}"
+        if "DSN" in self.features:
+            if d.dsn_envid:
+                mail += " ENVID=" + DSN.xtext_quote(d.dsn_envid.encode("ascii", "replace"))
+            if d.dsn_ret:
+                mail += f" RET={d.dsn_ret}"
         if utf8 and d.smtputf8:
             mail += " SMTPUTF8"
         commands = [("MAIL FROM", mail, None)]
-        commands += [("RCPT TO", f"RCPT TO:<{r.address}>", r) for r in todo]
+        commands += [("RCPT TO", self._rcpt_command(r), r) for r in todo]
         commands.append(("DATA", "DATA", None))
         if "PIPELINING" in self.features:
             self._xfer_pipelined(commands)
         else:
             self._xfer_lockstep(commands)
+
+    def _rcpt_command(self, r: Rcpt) -> str:
+        """RCPT TO, with ORCPT and NOTIFY when the server announced DSN (smtp_proto.c)."""
+        line = f"RCPT TO:<{r.address}>"
+        if "DSN" in self.features:
+            line += " ORCPT=" + DSN.orcpt_param(r.orcpt, r.address, self.d.smtputf8)
+            if r.notify:
+                line += f" NOTIFY={r.notify}"
+        return line
 
     _STATE = {"MAIL FROM": ("mail", "sending MAIL FROM"),
               "RCPT TO": ("rcpt", "sending RCPT TO"),

@@ -176,8 +176,8 @@ class LocalWriter:
         self.sender = sender
         self.w.set_sender(self.qualify(sender))
 
-    def add_recipient(self, rcpt: str) -> None:
-        self.w.add_recipient(self.qualify(rcpt))
+    def add_recipient(self, rcpt: str, notify: str = "", orcpt: str = "") -> None:
+        self.w.add_recipient(self.qualify(rcpt), notify, orcpt)
 
     # --- content ---------------------------------------------------------------------------
     def write(self, data: bytes) -> None:

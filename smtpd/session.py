@@ -7,9 +7,9 @@ lines are Postfix 3.7's.
 
 PROTOCOL
     HELO, EHLO (PIPELINING, SIZE, VRFY, ETRN, STARTTLS, AUTH, ENHANCEDSTATUSCODES,
-    8BITMIME, SMTPUTF8, CHUNKING), MAIL (SIZE, BODY, AUTH, SMTPUTF8), RCPT, DATA, BDAT,
-    RSET, NOOP, QUIT, VRFY (disable_vrfy_command), ETRN, STARTTLS and TLS wrapper mode,
-    AUTH (smtpd/sasl.py; offered only over TLS with smtpd_tls_auth_only = yes or
+    8BITMIME, DSN, SMTPUTF8, CHUNKING), MAIL (SIZE, BODY, AUTH, SMTPUTF8, RET, ENVID),
+    RCPT (NOTIFY, ORCPT), DATA, BDAT, RSET, NOOP, QUIT, VRFY (disable_vrfy_command),
+    ETRN, STARTTLS and TLS wrapper mode, AUTH (smtpd/sasl.py; offered only over TLS with smtpd_tls_auth_only = yes or
     enforced TLS, as Postfix). The queue file is created at the first accepted
     recipient, as Postfix does (smtpd_delay_open_until_valid_rcpt), and committed with
     fsync before `250 2.0.0 Ok: queued as ID`. The restriction lists (smtpd/check.py)
@@ -38,6 +38,10 @@ PROTOCOL
     (lib/flush.py: no per-site logs, the deferred envelopes are read); `250 Queuing
     started`, `459 <domain>: service unavailable` outside the list, `458 Unable to queue
     messages` when that fails, `500 Syntax: ETRN domain`, as Postfix.
+    DSN (RFC 3461) parameters, checked as Postfix (lib/dsn.py; `501 5.7.1 DSN support is
+    disabled` when smtpd_discard_ehlo_keywords has dsn): RET and ENVID become the queue
+    file attributes dsn_ret and dsn_envid, NOTIFY and ORCPT the recipient's N and O
+    records (lib/queue.py). Delivery status notices for them are not implemented.
 
 SECURITY
     STARTTLS discards every byte the client sent before the handshake (CVE-2011-0411) and
@@ -59,6 +63,7 @@ import errno
 import re
 import time
 
+from ..lib import dsn as DSN
 from ..lib import flush, msg, tables
 from ..lib import queue as Q
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
@@ -314,6 +319,8 @@ class Session:
         self.sasl_sender: str | None = None
         self.rcpt_overshoot = 0
         self.smtputf8 = False           # MAIL FROM ... SMTPUTF8 (RFC 6531)
+        self.dsn_ret = ""               # MAIL FROM ... RET= and ENVID= (RFC 3461)
+        self.dsn_envid = ""
         if getattr(self, "bdat", None) is not None:
             self.data_bytes = None
         self.bdat: str | None = None    # None, "ok" (in a BDAT transfer) or "error"
@@ -520,7 +527,7 @@ class Session:
 
     def ehlo_extensions(self) -> list[str]:
         """The EHLO keywords Postfix announces after 8BITMIME, in its order."""
-        return ["SMTPUTF8"] * self.smtputf8_enable + ["CHUNKING"]
+        return ["DSN"] + ["SMTPUTF8"] * self.smtputf8_enable + ["CHUNKING"]
 
     @property
     def smtputf8_offered(self) -> bool:
@@ -533,6 +540,55 @@ class Session:
             self.reply("553 5.6.7 Must declare SMTPUTF8 to send unicode address")
             return False
         return True
+
+    # --- DSN (RFC 3461) parameters, as Postfix's mail_cmd and rcpt_cmd --------------------
+    def _dsn_disabled(self) -> bool:
+        if "dsn" in self.discard_ehlo:
+            self.reply("501 5.7.1 DSN support is disabled")
+            return True
+        return False
+
+    def mail_dsn_param(self, name: str, value: str) -> bool:
+        """RET= or ENVID= of MAIL FROM (once each), kept in _dsn_mail until MAIL is ok."""
+        if self._dsn_disabled():
+            return False
+        ret, envid = self._dsn_mail
+        if name == "RET":
+            ret = "" if ret else DSN.ret_code(value)
+            if not ret:
+                self.reply("501 5.5.4 Bad RET parameter syntax")
+                return False
+        else:
+            envid = "" if envid else DSN.envid(value)
+            if not envid:
+                self.reply("501 5.5.4 Bad ENVID parameter syntax")
+                return False
+        self._dsn_mail = (ret, envid)
+        return True
+
+    def rcpt_dsn_params(self, params: list[str]) -> tuple[str, str] | None:
+        """NOTIFY= and ORCPT= of RCPT TO as (notify, orcpt); None after the reply."""
+        notify = orcpt = ""
+        for p in params:
+            name, _, value = p.partition("=")
+            name = name.upper()
+            if name in ("NOTIFY", "ORCPT") and "=" in p:
+                if self._dsn_disabled():
+                    return None
+                if name == "NOTIFY":
+                    notify = "" if notify else DSN.notify_mask(value)
+                    if not notify:
+                        self.reply("501 5.5.4 Error: Bad NOTIFY parameter syntax")
+                        return None
+                else:
+                    orcpt = "" if orcpt else DSN.orcpt(value)
+                    if not orcpt:
+                        self.reply("501 5.5.4 Error: Bad ORCPT parameter syntax")
+                        return None
+            else:
+                self.reply(f"555 5.5.4 Unsupported option: {printable(p)}")
+                return None
+        return notify, orcpt
 
     def ehlo_cmd(self, arg: str) -> bool:
         return self.helo_cmd(arg, esmtp=True)
@@ -664,7 +720,7 @@ class Session:
                      f"{printable(arg[5:].strip())}")
             self.reply("501 5.1.7 Bad sender address syntax")
             return False
-        size = 0
+        size, self._dsn_mail = 0, ("", "")
         for p in params:
             name, _, value = p.partition("=")
             name = name.upper()
@@ -677,6 +733,9 @@ class Session:
                 pass
             elif name == "SMTPUTF8" and utf8 and not value:
                 pass
+            elif name in ("RET", "ENVID") and "=" in p:
+                if not self.mail_dsn_param(name, value):
+                    return False
             elif name == "AUTH" and value:
                 if self.sasl_active() and value != "<>":
                     self.sasl_sender = printable(value)   # RFC 4954 section 5, as Postfix
@@ -710,6 +769,7 @@ class Session:
             return False
         self.sender = addr
         self.smtputf8 = utf8
+        self.dsn_ret, self.dsn_envid = self._dsn_mail
         self.reply("250 2.1.0 Ok")
         return True
 
@@ -738,8 +798,8 @@ class Session:
                      f"{printable(arg[3:].strip())}")
             self.reply("501 5.1.3 Bad recipient address syntax")
             return False
-        if params:
-            self.reply(f"555 5.5.4 Unsupported option: {printable(params[0])}")
+        rcpt_dsn = self.rcpt_dsn_params(params)
+        if rcpt_dsn is None:
             return False
         if len(self.rcpts) >= self.rcpt_limit:
             # Past smtpd_recipient_limit: 452, which counts as an error only once the
@@ -758,7 +818,7 @@ class Session:
         if self.writer is None and not self.open_envelope():
             return False
         try:
-            self.writer.add_recipient(addr)
+            self.writer.add_recipient(addr, *rcpt_dsn)
         except OSError as exc:
             return self.queue_trouble(exc)
         self.rcpts.append(addr)
@@ -801,6 +861,10 @@ class Session:
         try:
             if self.smtputf8:
                 self.writer.add_attr("smtputf8", "1")
+            if self.dsn_ret:
+                self.writer.add_attr("dsn_ret", self.dsn_ret)
+            if self.dsn_envid:
+                self.writer.add_attr("dsn_envid", self.dsn_envid)
         except OSError as exc:
             return self.queue_trouble(exc)
         return True

@@ -1,9 +1,11 @@
 """smtpd's SMTP extensions of today through the real master, as Postfix 3.7: SMTPUTF8
-(RFC 6531), CHUNKING/BDAT (RFC 3030) and ETRN, with swaks and raw clients."""
+(RFC 6531), CHUNKING/BDAT (RFC 3030), ETRN and DSN parameters (RFC 3461), with swaks
+and raw clients."""
 
 import glob
 import shutil
 import socket
+import threading
 import subprocess
 
 import pytest
@@ -76,7 +78,9 @@ def test_swaks_ehlo_shows_the_extensions(mta):
                          timeout=30)
     assert out.returncode == 0, out.stdout + out.stderr
     ehlo = [line[4:] for line in out.stdout.splitlines() if line.startswith("<-  250")]
-    assert ehlo[-3:] == ["250-8BITMIME", "250-SMTPUTF8", "250 CHUNKING"], out.stdout
+    assert ehlo[-4:] == ["250-8BITMIME", "250-DSN", "250-SMTPUTF8", "250 CHUNKING"], \
+        out.stdout
+    assert "250-ETRN" in ehlo
 
 
 def test_smtputf8_addresses_are_taken_and_recorded(mta):
@@ -261,3 +265,111 @@ def test_etrn_sends_deferred_mail_at_once(instance):
     assert "warning: reject: ETRN other.test... from localhost[127.0.0.1]" in log
     assert log.count("status=sent") == 1        # other.test waits for its hour
     assert "etrn=1/5" in log
+
+
+# --- DSN parameters -----------------------------------------------------------------------
+
+def test_dsn_parameters_are_kept_per_recipient(mta):
+    mta.start()
+    c = Raw(mta.port)
+    c.cmd("EHLO client.example")
+    assert c.cmd("MAIL FROM:<a@example.org> RET=FULL RET=HDRS") == \
+        "501 5.5.4 Bad RET parameter syntax"
+    assert c.cmd("MAIL FROM:<a@example.org> ENVID=bad=") == "501 5.5.4 Bad ENVID parameter syntax"
+    assert c.cmd("MAIL FROM:<a@example.org> RET=hdrs ENVID=QQ+2Bid+3D1") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<bob@mail.test.example> NOTIFY=NEVER,DELAY") == \
+        "501 5.5.4 Error: Bad NOTIFY parameter syntax"
+    assert c.cmd("RCPT TO:<bob@mail.test.example> ORCPT=rfc822") == \
+        "501 5.5.4 Error: Bad ORCPT parameter syntax"
+    assert c.cmd("RCPT TO:<bob@mail.test.example> FOO=1") == "555 5.5.4 Unsupported option: FOO=1"
+    assert c.cmd("RCPT TO:<bob@mail.test.example> NOTIFY=delay,failure "
+                 "ORCPT=rfc822;Bob+2BX@example.org") == "250 2.1.5 Ok"
+    assert c.cmd("RCPT TO:<carol@mail.test.example>") == "250 2.1.5 Ok"
+    assert c.cmd("RCPT TO:<dave@mail.test.example> NOTIFY=NEVER") == "250 2.1.5 Ok"
+    assert c.cmd("DATA").startswith("354")
+    assert c.cmd(message()[:-2]).startswith("250 2.0.0 Ok: queued as ")
+    c.close()
+    (m, _), = mta.queued()
+    assert (m.attrs["dsn_ret"], m.attrs["dsn_envid"]) == ("HDRS", "QQ+id=1")
+    assert [(r.address, r.notify, r.orcpt) for r in m.recipients] == [
+        ("bob@mail.test.example", "FAILURE,DELAY", "rfc822;Bob+X@example.org"),
+        ("carol@mail.test.example", "", ""),
+        ("dave@mail.test.example", "NEVER", "")]
+
+
+def test_dsn_disabled_by_discard_ehlo_keywords(mta):
+    mta.main["smtpd_discard_ehlo_keywords"] = "dsn"
+    mta.start()
+    c = Raw(mta.port)
+    assert "DSN" not in c.cmd("EHLO client.example")
+    assert c.cmd("MAIL FROM:<a@example.org> RET=FULL") == "501 5.7.1 DSN support is disabled"
+    c.cmd("QUIT")
+    c.close()
+
+
+class DsnPeer:
+    """A next hop that announces DSN and SMTPUTF8 and records MAIL and RCPT lines."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        conn, _ = self.listener.accept()
+        with conn, conn.makefile("rb") as f:
+            conn.sendall(b"220 peer.example ESMTP\r\n")
+            while line := f.readline():
+                text = line.decode("utf-8", "replace").rstrip("\r\n")
+                verb = text[:4].upper()
+                if verb == "EHLO":
+                    conn.sendall(b"250-peer.example\r\n250-DSN\r\n250-8BITMIME\r\n"
+                                 b"250 SMTPUTF8\r\n")
+                elif verb in ("MAIL", "RCPT"):
+                    self.lines.append(text)
+                    conn.sendall(b"250 Ok\r\n")
+                elif verb == "DATA":
+                    conn.sendall(b"354 go\r\n")
+                    while f.readline() not in (b".\r\n", b""):
+                        pass
+                    conn.sendall(b"250 2.0.0 Ok: stored\r\n")
+                elif verb == "QUIT":
+                    conn.sendall(b"221 Bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 Ok\r\n")
+
+    def close(self):
+        self.listener.close()
+        self.thread.join(10)
+
+
+def test_dsn_and_smtputf8_reach_the_next_hop(instance):
+    peer = DsnPeer()
+    instance.port = free_port()
+    instance.main.update({"mydestination": "localhost", "smtpd_error_sleep_time": "0s",
+                          "relayhost": f"[127.0.0.1]:{peer.port}"})
+    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd",
+                             "qmgr unix n - n 300 1 qmgr", "smtp unix - - y - - smtp"]
+    try:
+        instance.start()
+        c = Raw(instance.port)
+        c.cmd("EHLO client.example")
+        assert c.cmd(f"MAIL FROM:<{UTF8_SENDER}> SMTPUTF8 RET=HDRS ENVID=e1") == "250 2.1.0 Ok"
+        assert c.cmd("RCPT TO:<bob@remote.example> NOTIFY=FAILURE,DELAY") == "250 2.1.5 Ok"
+        assert c.cmd("RCPT TO:<carol@remote.example> ORCPT=rfc822;c+2B1@old.example") == \
+            "250 2.1.5 Ok"
+        assert c.cmd("DATA").startswith("354")
+        assert c.cmd(message()[:-2]).startswith("250 2.0.0 Ok: queued as ")
+        c.cmd("QUIT")
+        c.close()
+        wait_for(lambda: instance.log().count("status=sent") == 2, timeout=30,
+                 what="the delivery")
+    finally:
+        peer.close()
+    assert peer.lines[1:] == [
+        "RCPT TO:<bob@remote.example> ORCPT=rfc822;bob@remote.example NOTIFY=FAILURE,DELAY",
+        "RCPT TO:<carol@remote.example> ORCPT=rfc822;c+2B1@old.example"]
+    assert peer.lines[0] == f"MAIL FROM:<{UTF8_SENDER}> ENVID=e1 RET=HDRS SMTPUTF8"

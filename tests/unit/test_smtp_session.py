@@ -641,3 +641,36 @@ def test_smtputf8_requested_but_all_ascii_goes_without_it():
     h.run()
     assert h.result()[0] == "sent"
     assert "MAIL FROM:<s@example.org>" in h.server.lines
+
+
+# --- DSN parameters (RFC 3461), as Postfix's smtp_proto.c ---------------------------------
+
+EHLO_DSN = b"250-mx.example\r\n250-DSN\r\n250 8BITMIME\r\n"
+
+
+def test_dsn_parameters_go_to_a_server_that_offers_dsn():
+    script = [("send", GREETING), ("expect", "EHLO client.example"), ("send", EHLO_DSN),
+              ("expect", r"^MAIL FROM:<s@example.org> ENVID=id\+2B1 RET=HDRS$"),
+              ("send", b"250 Ok\r\n"),
+              ("expect", r"^RCPT TO:<a@example.org> ORCPT=rfc822;A\+2Bx@example.org "
+                         r"NOTIFY=SUCCESS,FAILURE$"), ("send", b"250 Ok\r\n"),
+              ("expect", r"^RCPT TO:<b@example.org> ORCPT=rfc822;b@example.org$"),
+              ("send", b"250 Ok\r\n"), ("expect", "DATA"), ("send", b"354 go\r\n"),
+              ("data",), ("send", b"250 2.0.0 Ok\r\n"), ("expect", "QUIT"),
+              ("send", b"221 Bye\r\n")]
+    h = Harness(script, recipients=("a@example.org", "b@example.org"))
+    h.d.dsn_ret, h.d.dsn_envid = "HDRS", "id+1"
+    h.d.recipients[0].notify = "SUCCESS,FAILURE"
+    h.d.recipients[0].orcpt = "rfc822;A+x@example.org"
+    h.run()
+    assert [r.result for r in h.d.recipients] == ["sent", "sent"]
+
+
+def test_no_dsn_parameters_without_the_keyword():
+    h = Harness(plain_dialogue())
+    h.d.dsn_ret = "FULL"
+    h.d.recipients[0].notify = "NEVER"
+    h.run()
+    assert h.result()[0] == "sent"
+    assert "MAIL FROM:<s@example.org>" in h.server.lines
+    assert "RCPT TO:<a@example.org>" in h.server.lines
