@@ -8,12 +8,13 @@ lines are Postfix 3.7's.
 PROTOCOL
     HELO, EHLO (PIPELINING, SIZE, VRFY, ETRN, STARTTLS, AUTH, ENHANCEDSTATUSCODES,
     8BITMIME, DSN, SMTPUTF8, CHUNKING), MAIL (SIZE, BODY, AUTH, SMTPUTF8, RET, ENVID),
-    RCPT (NOTIFY, ORCPT), DATA, BDAT, RSET, NOOP, QUIT, VRFY (disable_vrfy_command),
-    ETRN, STARTTLS and TLS wrapper mode, AUTH (smtpd/sasl.py; offered only over TLS with smtpd_tls_auth_only = yes or
-    enforced TLS, as Postfix). The queue file is created at the first accepted
-    recipient, as Postfix does (smtpd_delay_open_until_valid_rcpt), and committed with
-    fsync before `250 2.0.0 Ok: queued as ID`. The restriction lists (smtpd/check.py)
-    run at their stages: connect (the reject replaces the 220 greeting, and every later command but
+    RCPT (NOTIFY, ORCPT), DATA, BDAT, RSET, NOOP, QUIT, ETRN, VRFY
+    (disable_vrfy_command), STARTTLS and TLS wrapper mode, AUTH (smtpd/sasl.py; offered
+    only over TLS with smtpd_tls_auth_only = yes or enforced TLS, as Postfix). The queue
+    file is created at the first accepted recipient, as Postfix does
+    (smtpd_delay_open_until_valid_rcpt), and committed with fsync before
+    `250 2.0.0 Ok: queued as ID`. The restriction lists (smtpd/check.py) run at their
+    stages: connect (the reject replaces the 220 greeting, and every later command but
     QUIT gets `503 5.7.0 Error: access denied for host[addr]`), HELO/EHLO and MAIL with
     smtpd_delay_reject = no, RCPT, DATA (before 354) and the end of data (before the
     commit; the queue file is discarded on a reject). Commands in smtpd_noop_commands
@@ -25,23 +26,23 @@ PROTOCOL
     allows UTF-8 domains in MAIL and RCPT and is recorded in the queue file (attribute
     smtputf8=1, for the smtp client); 8-bit local parts pass in every mode, as Postfix;
     strict_smtputf8 = yes refuses non-ASCII addresses without the parameter (553 5.6.7).
-    CHUNKING (RFC 3030): `BDAT n [LAST]` reads exactly n bytes, CRLF becomes LF and
-    nothing is dot-unstuffed; the content goes to the same queue file writer as DATA's,
-    Received header first, through smtpd/content.py's ContentSink (the header rules of
-    the DATA path), and end_of_message() answers for it as the end of DATA does. As
-    Postfix: a chunk past message_size_limit is read and dropped (552 5.3.4 Chunk exceeds
-    message size limit), a failed chunk makes the following ones be dropped until LAST or
-    RSET (551 5.0.0 Discarded N bytes after earlier error), MAIL, RCPT and DATA after
-    BDAT get 503, and a malformed BDAT 521 and the end of the session.
-    ETRN domain (RFC 1985): for a domain in fast_flush_domains ($relay_domains) that
-    passes smtpd_etrn_restrictions, its deferred mail is made due now and qmgr woken
+    CHUNKING (RFC 3030): `BDAT n [LAST]` reads exactly n bytes, CRLF becomes LF and nothing
+    is dot-unstuffed; the content goes to the same queue file writer as DATA's, Received
+    header first, through smtpd/content.py's ContentSink (the header rules of the DATA
+    path), and end_of_message() answers for it as the end of DATA does. As Postfix: a chunk
+    past message_size_limit is read and dropped (552 5.3.4 Chunk exceeds message size
+    limit), a failed chunk makes the following ones be dropped until LAST or RSET (551
+    5.0.0 Discarded N bytes after earlier error), MAIL, RCPT and DATA after BDAT get 503,
+    and a malformed BDAT 521 and the end of the session.
+    ETRN domain (RFC 1985): for a domain in fast_flush_domains ($relay_domains) that passes
+    smtpd_etrn_restrictions, its deferred mail is made due now and qmgr woken
     (lib/flush.py: no per-site logs, the deferred envelopes are read); `250 Queuing
     started`, `459 <domain>: service unavailable` outside the list, `458 Unable to queue
     messages` when that fails, `500 Syntax: ETRN domain`, as Postfix.
     DSN (RFC 3461) parameters, checked as Postfix (lib/dsn.py; `501 5.7.1 DSN support is
     disabled` when smtpd_discard_ehlo_keywords has dsn): RET and ENVID become the queue
-    file attributes dsn_ret and dsn_envid, NOTIFY and ORCPT the recipient's N and O
-    records (lib/queue.py). Delivery status notices for them are not implemented.
+    file attributes dsn_ret and dsn_envid, NOTIFY and ORCPT the recipient's N and O records
+    (lib/queue.py). Delivery status notices for them are not implemented.
 
 SECURITY
     STARTTLS discards every byte the client sent before the handshake (CVE-2011-0411) and
