@@ -265,7 +265,8 @@ class Checker:
         if self.delay_reject:
             names, pending = self.LISTS[:2] + ("smtpd_etrn_restrictions",), []
         else:
-            names, pending = ["smtpd_etrn_restrictions"], self._carried(state, "client", "helo")
+            names = ["smtpd_etrn_restrictions"]
+            pending = self._carried(state, "client", "helo")
         return self._stage(names, state, domain, pending)
 
     def flush_allowed(self, domain: str) -> bool:

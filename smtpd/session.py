@@ -75,8 +75,8 @@ from .limits import NO_LIMITS
 
 # verb -> (method, flags). Flags: "junk" counts against smtpd_junk_command_limit;
 # "pretls" is allowed before STARTTLS when TLS is enforced.
-VERB_ORDER = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset", "noop",
-              "vrfy", "etrn", "quit", "unknown")
+VERB_ORDER = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset",
+              "noop", "vrfy", "etrn", "quit", "unknown")
 PARAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*(=[!-~]*)?$")
 
 
