@@ -1261,11 +1261,17 @@ class Session:
         if self.cfg["disable_vrfy_command"]:
             self.reply("502 5.5.1 VRFY command is disabled")
             return False
-        if not arg:
-            self.reply("501 5.5.4 Syntax: VRFY address")
+        words = arg.split()
+        utf8 = self.smtputf8_offered and words[-1:] != [] and words[-1].upper() == "SMTPUTF8"
+        if utf8:                        # VRFY address SMTPUTF8 (RFC 6531)
+            words.pop()
+            arg = arg.rsplit(None, 1)[0] if words else ""
+        if not words:
+            self.reply("501 5.5.4 Syntax: VRFY address" +
+                       " [SMTPUTF8]" * self.smtputf8_enable)
             return False
         addr = arg.strip("<>")
-        if not valid_address(addr):
+        if not valid_address(addr, utf8):
             self.reply("501 5.1.3 Bad recipient address syntax")
             return False
         self.reply(f"252 2.0.0 {addr}")

@@ -373,3 +373,15 @@ def test_dsn_and_smtputf8_reach_the_next_hop(instance):
         "RCPT TO:<bob@remote.example> ORCPT=rfc822;bob@remote.example NOTIFY=FAILURE,DELAY",
         "RCPT TO:<carol@remote.example> ORCPT=rfc822;c+2B1@old.example"]
     assert peer.lines[0] == f"MAIL FROM:<{UTF8_SENDER}> ENVID=e1 RET=HDRS SMTPUTF8"
+
+
+def test_vrfy_takes_smtputf8(mta):
+    mta.start()
+    c = Raw(mta.port)
+    c.cmd("EHLO client.example")
+    assert c.cmd("VRFY") == "501 5.5.4 Syntax: VRFY address [SMTPUTF8]"
+    assert c.cmd("VRFY SMTPUTF8") == "501 5.5.4 Syntax: VRFY address [SMTPUTF8]"
+    assert c.cmd("VRFY <b\u00f6b@b\u00fccher.example>") == "501 5.1.3 Bad recipient address syntax"
+    assert c.cmd("VRFY <b\u00f6b@b\u00fccher.example> SMTPUTF8").startswith("252 2.0.0 ")
+    c.cmd("QUIT")
+    c.close()
