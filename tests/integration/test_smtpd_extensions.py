@@ -385,3 +385,34 @@ def test_vrfy_takes_smtputf8(mta):
     assert c.cmd("VRFY <b\u00f6b@b\u00fccher.example> SMTPUTF8").startswith("252 2.0.0 ")
     c.cmd("QUIT")
     c.close()
+
+
+def test_bdat_message_is_delivered_intact(instance):
+    from sink import Sink
+
+    lines = [f"{i} " + "y" * (i % 100) for i in range(185000)]
+    lines[100] = ".dot"
+    body = ("Subject: big\r\n\r\n" + "\r\n".join(lines) + "\r\n").encode()
+    assert len(body) > 10 << 20
+    with Sink(keep_bodies=True) as sink:
+        instance.port = free_port()
+        instance.main.update({"mydestination": "localhost", "message_size_limit": "20000000",
+                              "relayhost": f"[127.0.0.1]:{sink.port}"})
+        instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd",
+                                 "qmgr unix n - n 300 1 qmgr", "smtp unix - - y - - smtp"]
+        instance.start()
+        c = Raw(instance.port)
+        c.cmd("EHLO client.example")
+        assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
+        assert c.cmd("RCPT TO:<bob@remote.example>") == "250 2.1.5 Ok"
+        half = len(body) // 2 + 7
+        assert bdat(c, body[:half]) == f"250 2.0.0 Ok: {half} bytes"
+        assert bdat(c, body[half:], last=True).startswith("250 2.0.0 Ok: queued as ")
+        c.cmd("QUIT")
+        c.close()
+        wait_for(lambda: sink.messages, timeout=60, what="the delivery")
+    (_, rcpts, delivered), = sink.messages
+    assert rcpts == ["bob@remote.example"]
+    # the sink keeps the DATA stream as sent: dot-stuffed, after our Received header
+    assert delivered.startswith(b"Received: from client.example")
+    assert delivered.endswith(body.replace(b"\r\n.", b"\r\n.."))
