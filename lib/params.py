@@ -38,6 +38,7 @@ DEVIATIONS
     compatibility level 2 and later (no compatibility_level parameter here).
     alias_maps: hash:/etc/aliases (Postfix on Linux adds nis:mail.aliases; there is no nis:
     table type here).
+    smtputf8_enable: yes, Postfix's value at compatibility level 1 and later.
 """
 
 from __future__ import annotations
@@ -182,6 +183,8 @@ PARAMS: list[Param] = [
        values=("no", "normalize", "yes", "note", "reject")),
     _p("smtpd_forbid_bare_newline_exclusions", "$mynetworks", LIST, "clients exempt from smtpd_forbid_bare_newline"),
     _p("smtpd_forbid_bare_newline_reject_code", "550", INT, "reply code for a bare newline", min=400, max=599),
+    _p("smtputf8_enable", "yes", BOOL, "SMTPUTF8 support (RFC 6531): announced in EHLO, UTF-8 addresses after MAIL FROM ... SMTPUTF8, malformed UTF-8 in a command refused"),
+    _p("strict_smtputf8", "no", BOOL, "refuse a non-ASCII address in MAIL or RCPT without the SMTPUTF8 parameter"),
     _p("strict_rfc821_envelopes", "no", BOOL, "require <> around MAIL FROM and RCPT TO addresses"),
     _p("hopcount_limit", "50", INT, "Received: headers after which a message is bounced as looping", min=1),
     _p("recipient_delimiter", "", STR, "separators of address extensions"),
@@ -193,6 +196,8 @@ PARAMS: list[Param] = [
     _p("smtpd_recipient_restrictions", "", LIST, "spam restrictions at RCPT TO"),
     _p("smtpd_data_restrictions", "", LIST, "restrictions at DATA"),
     _p("smtpd_end_of_data_restrictions", "", LIST, "restrictions at end of DATA"),
+    _p("smtpd_etrn_restrictions", "", LIST, "restrictions at ETRN"),
+    _p("fast_flush_domains", "$relay_domains", LIST, "domains whose deferred mail ETRN may flush"),
     _p("smtpd_delay_reject", "yes", BOOL, "apply client, HELO and sender restrictions at RCPT TO"),
     _p("relay_clientcerts", "", TABLE, "fingerprints of client certificates that may relay (permit_tls_clientcerts)"),
     _p("access_map_reject_code", "554", INT, "reply code of REJECT in an access table", min=400, max=599),

@@ -25,6 +25,9 @@ FORMAT
        type byte rewritten in place to D (done), with one pwrite and fsync, so that a
        crash never forgets a result and never repeats more than the one in flight.
     D  a recipient that is done
+    N  DSN NOTIFY of the next R record (RFC 3461: NEVER, or SUCCESS,FAILURE,DELAY);
+       optional, absent in files of older versions
+    O  DSN ORCPT of the next R record (`type;address`, decoded); optional
     M  start of content
     B  a block of message content (at most BLOCK bytes): the message as received, with
        lines ending in LF and dot-stuffing removed
@@ -158,9 +161,13 @@ class QueueWriter:
         self._end_content()
         self._buf += _record(b"S", sender.encode("utf-8", "surrogateescape"))
 
-    def add_recipient(self, rcpt: str) -> None:
-        """Record one envelope recipient."""
+    def add_recipient(self, rcpt: str, notify: str = "", orcpt: str = "") -> None:
+        """Record one envelope recipient, with its DSN NOTIFY and ORCPT when given."""
         self._end_content()
+        if notify:
+            self._buf += _record(b"N", notify.encode("ascii"))
+        if orcpt:
+            self._buf += _record(b"O", orcpt.encode("utf-8", "surrogateescape"))
         self._buf += _record(b"R", rcpt.encode("utf-8", "surrogateescape"))
 
     def write(self, data: bytes) -> None:
@@ -227,6 +234,8 @@ class Recipient:
     address: str
     offset: int                 # of the record's type byte, for mark_done
     done: bool = False
+    notify: str = ""            # DSN NOTIFY (RFC 3461), "" when the client gave none
+    orcpt: str = ""             # DSN ORCPT, `type;address`
 
 
 @dataclass
@@ -288,6 +297,7 @@ def _read_envelope(f, path: str, msg: QueueMessage, end: int) -> QueueMessage:
     if f.read(len(MAGIC)) != MAGIC:
         raise QueueFileError(f"{path}: not a queue file")
     pos, ended, content_size = len(MAGIC), False, None
+    dsn = {}                    # N and O records wait for their R record
     while pos < end:
         head = f.read(HEADER.size)
         if len(head) < HEADER.size:
@@ -320,7 +330,10 @@ def _read_envelope(f, path: str, msg: QueueMessage, end: int) -> QueueMessage:
                 raise QueueFileError(f"{path}: more than one sender")
             msg.sender = text
         elif kind in (b"R", b"D"):
-            msg.recipients.append(Recipient(text, pos, kind == b"D"))
+            msg.recipients.append(Recipient(text, pos, kind == b"D", dsn.pop("N", ""),
+                                            dsn.pop("O", "")))
+        elif kind in (b"N", b"O"):
+            dsn[kind.decode()] = text
         elif kind == b"M":
             msg.content_offset = body_at
         elif kind == b"X":

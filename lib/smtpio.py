@@ -9,6 +9,7 @@ handshake (pyOpenSSL over the same non-blocking socket).
     s.readline(limit) -> bytes       one line with its terminator (LF, CRLF), or `limit`
                                      bytes of a longer line (the rest comes next call);
                                      raises StreamTimeout or StreamEOF
+    s.read_some(n) -> bytes          up to n bytes (at least one) of input, as they come
     s.write(data); s.flush()         writes are buffered until flush()
     s.pending() -> int               input bytes received but not yet read (pipelining;
                                      STARTTLS discards them: purge())
@@ -181,6 +182,17 @@ class SmtpStream:
             if self._out:
                 self.flush()
             self._in += self._recv(deadline)
+
+    def read_some(self, n: int, timeout: float | None = None) -> bytes:
+        """Up to n bytes of input, at least one; waits like readline() (BDAT chunks)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while not self._in:
+            if self._out:
+                self.flush()
+            self._in += self._recv(deadline)
+        data = bytes(self._in[:n])
+        del self._in[:n]
+        return data
 
     def consume(self, n: int) -> None:
         """Drop n bytes of input that buffered_lines() showed."""

@@ -270,6 +270,13 @@ def deliver_request(req: deliver.Request, ctx, report: delivery_agent.Report) ->
             d.bulk_fail("4.3.0", "unreadable mail queue entry", "none")
             return relay
         d.size = qmsg.size
+        d.smtputf8 = qmsg.attrs.get("smtputf8") == "1"
+        d.dsn_ret = qmsg.attrs.get("dsn_ret", "")
+        d.dsn_envid = qmsg.attrs.get("dsn_envid", "")
+        stored = {r.offset: r for r in qmsg.recipients}
+        for r, offset in zip(recipients, req.offsets):
+            if offset in stored:
+                r.notify, r.orcpt = stored[offset].notify, stored[offset].orcpt
         d.content = lambda: qmsg.content(req.queue_file)
         if not req.arrival:
             report.arrival = qmsg.arrival

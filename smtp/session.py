@@ -17,7 +17,9 @@ DESCRIPTION
     xfer()     MAIL FROM, RCPT TO for every recipient still to do, DATA, the message
                (CRLF line ends, dot-stuffed, lines longer than smtp_line_length_limit
                folded with <CR><LF>SPACE), and the final dot. With PIPELINING the
-               commands go out in one write and the replies are read in order.
+               commands go out in one write and the replies are read in order. To a
+               server that announces DSN, MAIL carries ENVID and RET and each RCPT
+               ORCPT (the stored one, else rfc822;address) and NOTIFY, as Postfix.
     quit()     QUIT, best effort; close() shuts TLS down cleanly and closes.
 
     Replies are read in bounded pieces: a line longer than line_length_limit is kept to
@@ -38,6 +40,9 @@ FAILURES (Postfix's smtp_trouble.c)
             server greeting
         conversation with ... timed out while sending message body
         TLS is required, but was not offered by host mx.example.com[192.0.2.1]
+        SMTPUTF8 is required, but was not offered by host mx.example.com[192.0.2.1]
+            (5.6.7: the sender asked for SMTPUTF8 and the envelope or a header is not
+            ASCII; MAIL FROM carries SMTPUTF8 when the sender asked and the server offers)
         Cannot start TLS: handshake failure
         Server certificate not verified
 
@@ -68,6 +73,7 @@ import select
 import time
 from dataclasses import dataclass, field
 
+from ..lib import dsn as DSN
 from ..lib import msg, params
 from ..lib.smtpio import StreamEOF, StreamTimeout
 from . import tls_policy
@@ -92,6 +98,8 @@ class Rcpt:
     dsn: str = ""
     reason: str = ""
     keep: bool = False              # soft failure here: try the next server
+    notify: str = ""                # DSN NOTIFY and ORCPT from the queue file (RFC 3461)
+    orcpt: str = ""
 
 
 @dataclass
@@ -111,6 +119,9 @@ class Delivery:
     # The request waited minimal_backoff_time before this delivery (Postfix's
     # PREACTIVE_DELAY test): opportunistic TLS that fails may fall back to plain text.
     plaintext_fallback: bool = False
+    smtputf8: bool = False          # the sender asked for SMTPUTF8 (queue file smtputf8=1)
+    dsn_ret: str = ""               # DSN RET and ENVID (queue file dsn_ret, dsn_envid)
+    dsn_envid: str = ""
     log = None                      # for tests without a Report: f(rcpt, relay, status)
 
     @property
@@ -358,6 +369,36 @@ class Options:
                    note_starttls_offer=p("tls_note_starttls_offer"),
                    wrappermode=p("tls_wrappermode"),
                    block_early_mail_reply=p("tls_block_early_mail_reply"))
+
+
+def requires_smtputf8(d: Delivery, todo: list[Rcpt]) -> bool:
+    """Whether this delivery breaks the SMTPUTF8 promise without SMTPUTF8 (Postfix's
+    DELIVERY_REQUIRES_SMTPUTF8): the sender asked for it, and the envelope sender, a
+    recipient of this delivery or a message header is not ASCII."""
+    if not d.smtputf8:
+        return False
+    if not d.sender.isascii() or not all(r.address.isascii() for r in todo):
+        return True
+    if d.content is None:
+        return False
+    blocks = d.content()
+    try:
+        first, prev = True, b""
+        for block in blocks:
+            if first and block.startswith(b"\n"):
+                return False               # no headers
+            first = False
+            data = prev + block
+            end = data.find(b"\n\n")
+            if not (data if end < 0 else data[:end]).isascii():
+                return True
+            if end >= 0:
+                return False
+            prev = data[-1:]               # a header end may span two blocks
+    finally:
+        if hasattr(blocks, "close"):
+            blocks.close()
+    return False
 
 
 # --- the session --------------------------------------------------------------------------------
@@ -614,20 +655,41 @@ class ClientSession:
             d.bulk_fail("5.3.4", f"message size {d.size} exceeds size limit "
                                  f"{self.size_limit} of server {self.namaddr}", self.relay)
             return
+        utf8 = "SMTPUTF8" in self.features
+        if not utf8 and requires_smtputf8(d, todo):
+            d.bulk_fail("5.6.7", f"SMTPUTF8 is required, but was not offered by host "
+                                 f"{self.namaddr}", self.relay)
+            return
         mail = f"MAIL FROM:<{d.sender}>"
         if "SIZE" in self.features:
             mail += f" SIZE={d.size}"
+        if "DSN" in self.features:
+            if d.dsn_envid:
+                mail += " ENVID=" + DSN.xtext_quote(d.dsn_envid.encode("ascii", "replace"))
+            if d.dsn_ret:
+                mail += f" RET={d.dsn_ret}"
+        if utf8 and d.smtputf8:
+            mail += " SMTPUTF8"
         # CVE-2009-3555 (TLS renegotiation), as Postfix's smtp_proto.c: commands injected
         # into our STARTTLS session show as a server reply that is here before our MAIL.
         self._early_reply = (self.o.block_early_mail_reply and self.tls_active
                              and not self.o.wrappermode and self._input_waiting())
         commands = [("MAIL FROM", mail, None)]
-        commands += [("RCPT TO", f"RCPT TO:<{r.address}>", r) for r in todo]
+        commands += [("RCPT TO", self._rcpt_command(r), r) for r in todo]
         commands.append(("DATA", "DATA", None))
         if "PIPELINING" in self.features:
             self._xfer_pipelined(commands)
         else:
             self._xfer_lockstep(commands)
+
+    def _rcpt_command(self, r: Rcpt) -> str:
+        """RCPT TO, with ORCPT and NOTIFY when the server announced DSN (smtp_proto.c)."""
+        line = f"RCPT TO:<{r.address}>"
+        if "DSN" in self.features:
+            line += " ORCPT=" + DSN.orcpt_param(r.orcpt, r.address, self.d.smtputf8)
+            if r.notify:
+                line += f" NOTIFY={r.notify}"
+        return line
 
     _STATE = {"MAIL FROM": ("mail", "sending MAIL FROM"),
               "RCPT TO": ("rcpt", "sending RCPT TO"),

@@ -31,7 +31,8 @@ RESTRICTIONS
 CONFIGURATION PARAMETERS
     smtpd_client_restrictions, smtpd_helo_restrictions, smtpd_sender_restrictions,
     smtpd_relay_restrictions, smtpd_recipient_restrictions, smtpd_data_restrictions,
-    smtpd_end_of_data_restrictions, smtpd_delay_reject (yes), mynetworks, mydestination,
+    smtpd_end_of_data_restrictions, smtpd_etrn_restrictions, smtpd_delay_reject (yes),
+    fast_flush_domains ($relay_domains), mynetworks, mydestination,
     relay_domains, relay_clientcerts, parent_domain_matches_subdomains, the reply codes
     reject_code (554), defer_code (450), access_map_reject_code (554),
     relay_domains_reject_code (554), unknown_client_reject_code (450),
@@ -45,7 +46,9 @@ FUNCTIONS
         smtpd_delay_reject = no; rcpt(state, rcpt) runs them (delay_reject = yes) and the
         relay and recipient lists; data(state, rcpt) and end_of_data(state, rcpt) run
         smtpd_data_restrictions at DATA and smtpd_end_of_data_restrictions after the final
-        dot (rcpt: the recipient when there is exactly one). A table that cannot be read
+        dot (rcpt: the recipient when there is exactly one); etrn(state, domain) runs
+        the client and HELO lists (delay_reject = yes) and smtpd_etrn_restrictions, and
+        flush_allowed(domain) matches fast_flush_domains. A table that cannot be read
         (TableError) gives 451 4.3.0 "<name>: Temporary lookup failure", with a warning.
     is_local_domain / relay_allowed / in_mynetworks / in_network_list are the shared
     predicates; NetworkList is the one matcher of client lists (mynetworks,
@@ -134,7 +137,7 @@ class Checker:
     LISTS = ("smtpd_client_restrictions", "smtpd_helo_restrictions",
              "smtpd_sender_restrictions", "smtpd_relay_restrictions",
              "smtpd_recipient_restrictions", "smtpd_data_restrictions",
-             "smtpd_end_of_data_restrictions")
+             "smtpd_end_of_data_restrictions", "smtpd_etrn_restrictions")
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -159,6 +162,7 @@ class Checker:
         except tables.TableError as exc:
             raise ConfigError(f"virtual_mailbox_domains: {exc}") from None
         self.virtual_mailbox_maps = [self._table(ref) for ref in cfg["virtual_mailbox_maps"]]
+        self.fast_flush_domains = self._domain_list("fast_flush_domains")
         # Every client-network list, one matcher (NetworkList): tables open before chroot.
         self.network_lists = {p: self._network_list(p) for p in NETWORK_LISTS}
         self.mynetworks = self.network_lists["mynetworks"]
@@ -282,6 +286,20 @@ class Checker:
     def end_of_data(self, state: ClientState, rcpt: str | None) -> Reply | None:
         """smtpd_end_of_data_restrictions after the final dot, before the commit."""
         return self._stage(["smtpd_end_of_data_restrictions"], state, rcpt, [])
+
+    def etrn(self, state: ClientState, domain: str) -> Reply | None:
+        """At ETRN: the client and HELO lists (smtpd_delay_reject = yes), then
+        smtpd_etrn_restrictions; replies name the domain, as Postfix's smtpd_check_etrn."""
+        if self.delay_reject:
+            names, pending = self.LISTS[:2] + ("smtpd_etrn_restrictions",), []
+        else:
+            names = ["smtpd_etrn_restrictions"]
+            pending = self._carried(state, "client", "helo")
+        return self._stage(names, state, domain, pending)
+
+    def flush_allowed(self, domain: str) -> bool:
+        """Whether ETRN may flush domain (fast_flush_domains); TableError."""
+        return self.fast_flush_domains.match(domain)
 
     @staticmethod
     def _carried(state: ClientState, *stages: str) -> list[Reply]:
@@ -620,7 +638,8 @@ _STAGE = {"smtpd_client_restrictions": ("CONNECT", "Client host"),
           "smtpd_relay_restrictions": ("RCPT", "Recipient address"),
           "smtpd_recipient_restrictions": ("RCPT", "Recipient address"),
           "smtpd_data_restrictions": ("DATA", "Data command"),
-          "smtpd_end_of_data_restrictions": ("END-OF-MESSAGE", "End-of-data")}
+          "smtpd_end_of_data_restrictions": ("END-OF-MESSAGE", "End-of-data"),
+          "smtpd_etrn_restrictions": ("ETRN", "Etrn command")}
 
 
 def _subject(what: str, state: ClientState, rcpt: str | None) -> str:

@@ -176,8 +176,8 @@ class LocalWriter:
         self.sender = sender
         self.w.set_sender(self.qualify(sender))
 
-    def add_recipient(self, rcpt: str) -> None:
-        self.w.add_recipient(self.qualify(rcpt))
+    def add_recipient(self, rcpt: str, notify: str = "", orcpt: str = "") -> None:
+        self.w.add_recipient(self.qualify(rcpt), notify, orcpt)
 
     # --- content ---------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -298,6 +298,8 @@ class LocalChecker:
 
 class LocalSession(Session):
     """`sendmail -bs`: Postfix's stand-alone smtpd, without STARTTLS or AUTH."""
+
+    stand_alone = True      # ETRN: 458, as Postfix's stand-alone mode
 
     def __init__(self, stream, cfg, queue_root: str, uid: int, user: str | None,
                  stopping=lambda: False):

@@ -23,7 +23,9 @@ CONFIGURATION PARAMETERS
     smtpd_recipient_limit (1000), smtpd_recipient_overshoot_limit (1000),
     smtpd_noop_commands (empty), header_size_limit (102400), smtpd_peername_lookup (yes);
     SASL: smtpd_sasl_auth_enable (no), smtpd_sasl_type (dovecot, or builtin),
-    smtpd_sasl_path (smtpd/sasl.py). smtpd_tls_security_level is computed once, in
+    smtpd_sasl_path (smtpd/sasl.py). Extensions: smtputf8_enable (yes), strict_smtputf8
+    (no), fast_flush_domains ($relay_domains) and smtpd_etrn_restrictions (empty) for
+    ETRN. smtpd_tls_security_level is computed once, in
     prepare(), by lib/tls.server_security_level (verify, secure and fingerprint act as
     encrypt, with Postfix's warning), and every session uses that value.
 

@@ -6,8 +6,9 @@ one table with their flags, as Postfix's smtpd_cmd_table. Replies, reply codes a
 lines are Postfix 3.7's.
 
 PROTOCOL
-    HELO, EHLO (PIPELINING, SIZE, VRFY, ETRN-less, STARTTLS, AUTH, ENHANCEDSTATUSCODES,
-    8BITMIME), MAIL (SIZE, BODY, AUTH), RCPT, DATA, RSET, NOOP, QUIT, VRFY
+    HELO, EHLO (PIPELINING, SIZE, VRFY, ETRN, STARTTLS, AUTH, ENHANCEDSTATUSCODES,
+    8BITMIME, DSN, SMTPUTF8, CHUNKING), MAIL (SIZE, BODY, AUTH, SMTPUTF8, RET, ENVID),
+    RCPT (NOTIFY, ORCPT), DATA, BDAT, RSET, NOOP, QUIT, ETRN, VRFY
     (disable_vrfy_command), STARTTLS and TLS wrapper mode, AUTH (smtpd/sasl.py; offered
     only over TLS with smtpd_tls_auth_only = yes or enforced TLS, as Postfix). The queue
     file is created at the first accepted recipient, as Postfix does
@@ -21,6 +22,27 @@ PROTOCOL
     `452 4.5.3 Error: too many recipients`, an error only past
     smtpd_recipient_overshoot_limit. A header longer than header_size_limit loses the
     excess (its further continuation lines), as Postfix's cleanup; the mail is accepted.
+    SMTPUTF8 (RFC 6531, smtputf8_enable): announced in EHLO; `MAIL FROM:<...> SMTPUTF8`
+    allows UTF-8 domains in MAIL and RCPT and is recorded in the queue file (attribute
+    smtputf8=1, for the smtp client); 8-bit local parts pass in every mode, as Postfix;
+    strict_smtputf8 = yes refuses non-ASCII addresses without the parameter (553 5.6.7).
+    CHUNKING (RFC 3030): `BDAT n [LAST]` reads exactly n bytes, CRLF becomes LF and nothing
+    is dot-unstuffed; the content goes to the same queue file writer as DATA's, Received
+    header first, through smtpd/content.py's ContentSink (the header rules of the DATA
+    path), and end_of_message() answers for it as the end of DATA does. As Postfix: a chunk
+    past message_size_limit is read and dropped (552 5.3.4 Chunk exceeds message size
+    limit), a failed chunk makes the following ones be dropped until LAST or RSET (551
+    5.0.0 Discarded N bytes after earlier error), MAIL, RCPT and DATA after BDAT get 503,
+    and a malformed BDAT 521 and the end of the session.
+    ETRN domain (RFC 1985): for a domain in fast_flush_domains ($relay_domains) that passes
+    smtpd_etrn_restrictions, its deferred mail is made due now and qmgr woken
+    (lib/flush.py: no per-site logs, the deferred envelopes are read); `250 Queuing
+    started`, `459 <domain>: service unavailable` outside the list, `458 Unable to queue
+    messages` when that fails, `500 Syntax: ETRN domain`, as Postfix.
+    DSN (RFC 3461) parameters, checked as Postfix (lib/dsn.py; `501 5.7.1 DSN support is
+    disabled` when smtpd_discard_ehlo_keywords has dsn): RET and ENVID become the queue
+    file attributes dsn_ret and dsn_envid, NOTIFY and ORCPT the recipient's N and O records
+    (lib/queue.py). Delivery status notices for them are not implemented.
 
 SECURITY
     STARTTLS discards every byte the client sent before the handshake (CVE-2011-0411) and
@@ -31,7 +53,9 @@ SECURITY
     address with a NUL or another control character is refused in every mode (501
     5.1.7 / 5.1.3); a NUL ends a command line, as in Postfix's C strings. SASL
     responses are never logged, nor the arguments of a pipelined AUTH command; a failed
-    AUTH counts as an error (smtpd_error_sleep_time past smtpd_soft_error_limit).
+    AUTH counts as an error (smtpd_error_sleep_time past smtpd_soft_error_limit). With
+    smtputf8_enable, a command that is not valid UTF-8 (overlong forms, stray bytes) gets
+    `500 5.5.2 Error: bad UTF-8 syntax` before anything parses it.
 """
 
 from __future__ import annotations
@@ -40,17 +64,19 @@ import errno
 import re
 import time
 
-from ..lib import msg, tables
+from ..lib import dsn as DSN
+from ..lib import flush, msg, tables
 from ..lib import queue as Q
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
 from . import sasl as SASL
 from .check import ClientState, Reply
+from .content import ContentSink
 from .limits import NO_LIMITS
 
 # verb -> (method, flags). Flags: "junk" counts against smtpd_junk_command_limit;
 # "pretls" is allowed before STARTTLS when TLS is enforced.
-VERB_ORDER = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "rset", "noop",
-              "vrfy", "etrn", "quit", "unknown")
+VERB_ORDER = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset",
+              "noop", "vrfy", "etrn", "quit", "unknown")
 PARAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*(=[!-~]*)?$")
 
 
@@ -99,13 +125,23 @@ def parse_path(arg: str, keyword: str, strict: bool):
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_LOCAL_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
+# Postfix has never refused 8-bit local parts: non-ASCII is taken there in every mode
+# (with smtputf8_enable = no, bytes that are not UTF-8 come as surrogate escapes).
+_LOCAL_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\u0080-\U0010ffff-]+$")
 _QUOTED = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"$')
 _DOMAIN = re.compile(r"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[A-Za-z0-9.:-]+\])$")
+# A UTF-8 domain (RFC 6531), only after MAIL FROM ... SMTPUTF8: labels of letters, digits,
+# - and _ of any script (no surrogate escape: smtputf8_enable refuses malformed UTF-8).
+_U = r"[A-Za-z0-9_\u0080-\ud7ff\ue000-\U0010ffff-]+"
+_DOMAIN_UTF8 = re.compile(rf"^(?:{_U}(?:\.{_U})*\.?|\[[A-Za-z0-9.:-]+\])$")
 
 
-def valid_address(addr: str) -> bool:
-    """Whether an envelope address has a usable syntax (local part, optional domain)."""
+def valid_address(addr: str, smtputf8: bool = False) -> bool:
+    """Whether an envelope address has a usable syntax (local part, optional domain).
+
+    As Postfix's smtpd_check_addr: a non-ASCII domain only when the client asked for
+    SMTPUTF8; a non-ASCII local part always (Postfix never refused 8-bit local parts).
+    """
     if not addr or len(addr) > 1000:
         return False
     if _CONTROL.search(addr):
@@ -118,7 +154,9 @@ def valid_address(addr: str) -> bool:
     # fullmatch: `$` alone would also match before a final newline ("user\n@example.com")
     if not local or not (_LOCAL_ATOM.fullmatch(local) or _QUOTED.fullmatch(local)):
         return False
-    return domain is None or bool(_DOMAIN.fullmatch(domain))
+    if domain is None or _DOMAIN.fullmatch(domain):
+        return True
+    return smtputf8 and bool(_DOMAIN_UTF8.fullmatch(domain))
 
 
 def strip_route(addr: str) -> str:
@@ -132,6 +170,7 @@ class Session:
     """One SMTP session with one client."""
 
     limits = NO_LIMITS      # the client's anvil limits (smtpd/limits.py); service.py sets them
+    stand_alone = False     # sendmail -bs (smtpd/pickup.py's LocalSession)
 
     def __init__(self, stream, cfg, client: ClientState, queue_root: str, checker,
                  level: str = "none", tls=None, wrapper: bool = False,
@@ -172,6 +211,7 @@ class Session:
         self.noop_commands = {c.lower() for c in cfg["smtpd_noop_commands"]}
         self.discard_ehlo = {k.lower() for k in cfg["smtpd_discard_ehlo_keywords"]}
         self.overshoot_limit = cfg["smtpd_recipient_overshoot_limit"]
+        self.smtputf8_enable = cfg["smtputf8_enable"]
         self.reset()
 
     # --- configuration ---------------------------------------------------------------------
@@ -278,6 +318,15 @@ class Session:
         self.client.sender = None
         self.sasl_sender: str | None = None
         self.rcpt_overshoot = 0
+        self.smtputf8 = False           # MAIL FROM ... SMTPUTF8 (RFC 6531)
+        self.dsn_ret = ""               # MAIL FROM ... RET= and ENVID= (RFC 3461)
+        self.dsn_envid = ""
+        if getattr(self, "bdat", None) is not None:
+            self.data_bytes = None
+        self.bdat: str | None = None    # None, "ok" (in a BDAT transfer) or "error"
+        self.bdat_sink: ContentSink | None = None
+        self.bdat_cr = b""              # a CR that ended the last read of a chunk
+        self.bdat_bare_lf = False       # smtpd_forbid_bare_newline reject or note
 
     # --- the session -------------------------------------------------------------------------
     def run(self) -> None:
@@ -339,8 +388,8 @@ class Session:
             msg.info(f"disconnect from {self.client.client} {self.stats()}")
 
     def last_for_log(self) -> str:
-        if self.last == "DATA" and self.data_bytes is not None:
-            return f"DATA ({self.data_bytes} bytes)"
+        if self.last in ("DATA", "BDAT") and self.data_bytes is not None:
+            return f"{self.last} ({self.data_bytes} bytes)"
         return self.last
 
     def read_command(self) -> str | None:
@@ -373,7 +422,25 @@ class Session:
             # Sending ahead without having seen PIPELINING: logged, as Postfix does.
             self.pipelining_warned = True
             self.ill_pipelining(self.last, raw[:4].lower() == b"auth")
-        return raw.decode("latin-1")
+        return self.decode_command(raw)
+
+    def decode_command(self, raw: bytes) -> str | None:
+        """The command line as text: UTF-8. With smtputf8_enable, malformed UTF-8 (up to a
+        NUL, as Postfix's C string) is refused as Postfix does, to protect the queue file
+        and the logs; without it, bytes that are not UTF-8 pass as surrogate escapes."""
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        if self.smtputf8_enable:
+            try:
+                raw.split(b"\0", 1)[0].decode("utf-8")
+            except UnicodeDecodeError:
+                self.last = "UNKNOWN"
+                self.count("unknown", False)
+                self.reply("500 5.5.2 Error: bad UTF-8 syntax")
+                return None
+        return raw.decode("utf-8", "surrogateescape")
 
     def ill_pipelining(self, after: str, auth: bool = False) -> None:
         """Log improper pipelining, once, and remember it (reject_unauth_pipelining)."""
@@ -444,18 +511,84 @@ class Session:
         lines.append(f"SIZE {self.size_limit}" if self.size_limit else "SIZE")
         if not self.cfg["disable_vrfy_command"]:
             lines.append("VRFY")
+        lines.append("ETRN")
         if self.starttls_offered:
             lines.append("STARTTLS")
         if self.sasl_active() and not self.sasl_exempt:
             mechs = self.sasl.mechanisms(self.tls_active)
             if mechs:
                 lines.append("AUTH " + " ".join(mechs))
-        lines += ["ENHANCEDSTATUSCODES", "8BITMIME"]
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME"] + self.ehlo_extensions()
         lines = [lines[0]] + [k for k in lines[1:]
                               if k.split()[0].lower() not in self.discard_ehlo]
         for i, text in enumerate(lines):
             self.reply(f"250{'-' if i < len(lines) - 1 else ' '}{text}")
         return True
+
+    def ehlo_extensions(self) -> list[str]:
+        """The EHLO keywords Postfix announces after 8BITMIME, in its order."""
+        return ["DSN"] + ["SMTPUTF8"] * self.smtputf8_enable + ["CHUNKING"]
+
+    @property
+    def smtputf8_offered(self) -> bool:
+        return self.smtputf8_enable and "smtputf8" not in self.discard_ehlo
+
+    def smtputf8_check(self, addr: str, requested: bool) -> bool:
+        """strict_smtputf8: a non-ASCII address needs MAIL FROM ... SMTPUTF8 (Postfix's
+        553); otherwise the address is taken, as Postfix always took 8-bit local parts."""
+        if addr and not requested and not addr.isascii() and self.cfg["strict_smtputf8"]:
+            self.reply("553 5.6.7 Must declare SMTPUTF8 to send unicode address")
+            return False
+        return True
+
+    # --- DSN (RFC 3461) parameters, as Postfix's mail_cmd and rcpt_cmd --------------------
+    def _dsn_disabled(self) -> bool:
+        if "dsn" in self.discard_ehlo:
+            self.reply("501 5.7.1 DSN support is disabled")
+            return True
+        return False
+
+    def mail_dsn_param(self, name: str, value: str) -> bool:
+        """RET= or ENVID= of MAIL FROM (once each), kept in _dsn_mail until MAIL is ok."""
+        if self._dsn_disabled():
+            return False
+        ret, envid = self._dsn_mail
+        if name == "RET":
+            ret = "" if ret else DSN.ret_code(value)
+            if not ret:
+                self.reply("501 5.5.4 Bad RET parameter syntax")
+                return False
+        else:
+            envid = "" if envid else DSN.envid(value)
+            if not envid:
+                self.reply("501 5.5.4 Bad ENVID parameter syntax")
+                return False
+        self._dsn_mail = (ret, envid)
+        return True
+
+    def rcpt_dsn_params(self, params: list[str]) -> tuple[str, str] | None:
+        """NOTIFY= and ORCPT= of RCPT TO as (notify, orcpt); None after the reply."""
+        notify = orcpt = ""
+        for p in params:
+            name, _, value = p.partition("=")
+            name = name.upper()
+            if name in ("NOTIFY", "ORCPT") and "=" in p:
+                if self._dsn_disabled():
+                    return None
+                if name == "NOTIFY":
+                    notify = "" if notify else DSN.notify_mask(value)
+                    if not notify:
+                        self.reply("501 5.5.4 Error: Bad NOTIFY parameter syntax")
+                        return None
+                else:
+                    orcpt = "" if orcpt else DSN.orcpt(value)
+                    if not orcpt:
+                        self.reply("501 5.5.4 Error: Bad ORCPT parameter syntax")
+                        return None
+            else:
+                self.reply(f"555 5.5.4 Unsupported option: {printable(p)}")
+                return None
+        return notify, orcpt
 
     def ehlo_cmd(self, arg: str) -> bool:
         return self.helo_cmd(arg, esmtp=True)
@@ -569,6 +702,8 @@ class Session:
         if self.sender is not None:
             self.reply("503 5.5.1 Error: nested MAIL command")
             return False
+        if self.after_bdat("MAIL"):
+            return False
         parsed = parse_path(arg, "FROM:", self.cfg["strict_rfc821_envelopes"])
         if parsed is None:
             self.reply("501 5.5.4 Syntax: MAIL FROM:<address>")
@@ -578,12 +713,14 @@ class Session:
         addr, params = parsed
         if addr != "bad":
             addr = strip_route(addr)
-        if addr == "bad" or (addr and not valid_address(addr)):
+        # SMTPUTF8 decides the address syntax: taken before the address, as Postfix does
+        utf8 = self.smtputf8_offered and any(p.upper() == "SMTPUTF8" for p in params)
+        if addr == "bad" or (addr and not valid_address(addr, utf8)):
             msg.warn(f"Illegal address syntax from {self.client.client} in MAIL command: "
                      f"{printable(arg[5:].strip())}")
             self.reply("501 5.1.7 Bad sender address syntax")
             return False
-        size = 0
+        size, self._dsn_mail = 0, ("", "")
         for p in params:
             name, _, value = p.partition("=")
             name = name.upper()
@@ -594,6 +731,11 @@ class Session:
                 size = int(value)
             elif name == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
                 pass
+            elif name == "SMTPUTF8" and utf8 and not value:
+                pass
+            elif name in ("RET", "ENVID") and "=" in p:
+                if not self.mail_dsn_param(name, value):
+                    return False
             elif name == "AUTH" and value:
                 if self.sasl_active() and value != "<>":
                     self.sasl_sender = printable(value)   # RFC 4954 section 5, as Postfix
@@ -616,6 +758,8 @@ class Session:
                      f"{max(minfree, int(1.5 * size))} bytes")
             self.reply("452 4.3.1 Insufficient system storage")
             return False
+        if not self.smtputf8_check(addr, utf8):
+            return False
         self.client.sender = addr
         denied = self.checker.mail(self.client)
         if denied is not None:
@@ -624,12 +768,16 @@ class Session:
             self.reply(str(denied))
             return False
         self.sender = addr
+        self.smtputf8 = utf8
+        self.dsn_ret, self.dsn_envid = self._dsn_mail
         self.reply("250 2.1.0 Ok")
         return True
 
     def rcpt_cmd(self, arg: str) -> bool:
         if self.sender is None:
             self.reply("503 5.5.1 Error: need MAIL command")
+            return False
+        if self.after_bdat("RCPT"):
             return False
         parsed = parse_path(arg, "TO:", self.cfg["strict_rfc821_envelopes"])
         if parsed is None or parsed[0] == "":
@@ -645,13 +793,13 @@ class Session:
         addr, params = parsed
         if addr != "bad":
             addr = strip_route(addr)
-        if addr == "bad" or not valid_address(addr):
+        if addr == "bad" or not valid_address(addr, self.smtputf8):
             msg.warn(f"Illegal address syntax from {self.client.client} in RCPT command: "
                      f"{printable(arg[3:].strip())}")
             self.reply("501 5.1.3 Bad recipient address syntax")
             return False
-        if params:
-            self.reply(f"555 5.5.4 Unsupported option: {printable(params[0])}")
+        rcpt_dsn = self.rcpt_dsn_params(params)
+        if rcpt_dsn is None:
             return False
         if len(self.rcpts) >= self.rcpt_limit:
             # Past smtpd_recipient_limit: 452, which counts as an error only once the
@@ -660,15 +808,17 @@ class Session:
             within = self.rcpt_overshoot <= self.overshoot_limit
             self.reply("452 4.5.3 Error: too many recipients", error=not within)
             return within
+        if not self.smtputf8_check(addr, self.smtputf8):
+            return False
         verdict: Reply | None = self.checker.rcpt(self.client, addr)
         if verdict is not None:
             self.log_reject("RCPT", verdict, addr)
             self.reply(str(verdict))
             return False
-        if self.writer is None and not self.open_queue_file():
+        if self.writer is None and not self.open_envelope():
             return False
         try:
-            self.writer.add_recipient(addr)
+            self.writer.add_recipient(addr, *rcpt_dsn)
         except OSError as exc:
             return self.queue_trouble(exc)
         self.rcpts.append(addr)
@@ -703,6 +853,22 @@ class Session:
         msg.info(f"{self.writer.id}: client={self.client.client}{sasl}")
         return True
 
+    def open_envelope(self) -> bool:
+        """The queue file, with the envelope's extension attributes after the client's:
+        smtputf8=1 for MAIL FROM ... SMTPUTF8 (Postfix's SMTPUTF8_FLAG_REQUESTED)."""
+        if not self.open_queue_file():
+            return False
+        try:
+            if self.smtputf8:
+                self.writer.add_attr("smtputf8", "1")
+            if self.dsn_ret:
+                self.writer.add_attr("dsn_ret", self.dsn_ret)
+            if self.dsn_envid:
+                self.writer.add_attr("dsn_envid", self.dsn_envid)
+        except OSError as exc:
+            return self.queue_trouble(exc)
+        return True
+
     def queue_trouble(self, exc: OSError) -> bool:
         """Answer a queue file system error; the transaction goes on without a file."""
         if self.writer is not None:
@@ -735,6 +901,8 @@ class Session:
         return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
 
     def data_cmd(self, arg: str) -> bool:
+        if self.after_bdat("DATA"):
+            return False
         if arg:
             self.reply("501 5.5.4 Syntax: DATA")
             return False
@@ -924,6 +1092,158 @@ class Session:
             if at_start:
                 prev_crlf = chunk.endswith(b"\r\n")
 
+    # --- CHUNKING (RFC 3030), as Postfix's bdat_cmd ---------------------------------------
+    def after_bdat(self, verb: str) -> bool:
+        """MAIL, RCPT and DATA are refused once BDAT began, until the end or RSET."""
+        if self.bdat is None:
+            return False
+        self.reply(f"503 5.5.1 Error: {verb} after BDAT")
+        return True
+
+    def bdat_cmd(self, arg: str) -> bool:
+        """BDAT size [LAST]: exactly size bytes of content follow the command line."""
+        qid = self.writer.id if self.writer else "NOQUEUE"
+        if "chunking" in self.discard_ehlo:
+            # the content that follows would be read as commands: hang up (521)
+            self.reply("521 5.5.1 Error: command not implemented")
+            raise Disconnect
+        words = arg.split(" ")
+        if not 1 <= len(words) <= 2 or not (words[0].isascii() and words[0].isdigit()) \
+                or len(words[0]) > 18 or (len(words) == 2 and words[1].upper() != "LAST"):
+            msg.warn(f"{qid}: malformed BDAT command syntax from {self.client.client}: "
+                     f"{printable('BDAT ' + arg)}")
+            self.reply("521 5.5.4 Syntax: BDAT count [LAST]")
+            raise Disconnect
+        size, last = int(words[0]), len(words) == 2
+        if size == 0 and not last:
+            msg.warn(f"{qid}: null BDAT request from {self.client.client}")
+            return self.skip_bdat(size, last, "551 5.7.1 Null BDAT request")
+        if self.bdat == "error":
+            return self.skip_bdat(size, last,
+                                  f"551 5.0.0 Discarded {size} bytes after earlier error")
+        if self.bdat is None:
+            # the first chunk is the DATA command of this transaction
+            if not self.rcpts:
+                return self.skip_bdat(size, last, "554 5.5.1 Error: no valid recipients"
+                                      if self.sender is not None else
+                                      "503 5.5.1 Error: need RCPT command")
+            denied = self.checker.data(self.client, self._only_rcpt())
+            if denied is not None:
+                self.log_reject("DATA", denied, self._only_rcpt())
+                return self.skip_bdat(size, last, str(denied))
+        if self.size_limit and (self.data_bytes or 0) > self.size_limit - size:
+            msg.warn(f"{qid}: BDAT request from {self.client.client} exceeds message "
+                     f"size limit")
+            return self.skip_bdat(size, last, "552 5.3.4 Chunk exceeds message size limit")
+        if self.bdat is None:
+            self.bdat, self.data_bytes = "ok", 0
+            self.bdat_sink = ContentSink(self.writer, self.cfg)
+            try:
+                self.writer.write(self.received_header())
+            except OSError as exc:
+                self.bdat_sink.problem = exc
+        self.read_chunk(size, self.bdat_sink)
+        if last:
+            return self.end_of_bdat()
+        if self.bdat_sink.problem is not None:
+            # as Postfix: the error now, and the chunks that follow are discarded
+            self.end_of_bdat()
+            self.bdat = "error"
+            return False
+        self.reply(f"250 2.0.0 Ok: {size} bytes")
+        return True
+
+    def read_chunk(self, size: int, sink: ContentSink) -> None:
+        """Read size bytes of content into the sink: CRLF becomes LF (a CR at the end of a
+        read waits for the next byte), nothing else changes: no dot-unstuffing in BDAT."""
+        left = size
+        while left > 0:
+            data = self.s.read_some(min(left, 1 << 20))
+            left -= len(data)
+            self.data_bytes += len(data)
+            data = self.bdat_cr + data
+            self.bdat_cr = b""
+            if data.endswith(b"\r"):
+                self.bdat_cr, data = b"\r", data[:-1]
+            if b"\n" in data:
+                if self.bare_lf in ("reject", "note") and \
+                        data.count(b"\n") != data.count(b"\r\n"):
+                    self.bdat_bare_lf = True
+                data = data.replace(b"\r\n", b"\n")
+            sink.write(data)
+
+    def end_of_bdat(self) -> bool:
+        """BDAT LAST (or a failed chunk): answer for the message, as the end of DATA."""
+        sink = self.bdat_sink
+        if self.bdat_cr:
+            sink.write(self.bdat_cr)        # a CR at the very end stays a CR
+        sink.close()
+        self.bdat_cr = b""
+        self.last = "END-OF-MESSAGE"
+        if self.bdat_bare_lf:
+            self.bdat_bare_lf = False
+            reply = (f"{self.cfg['smtpd_forbid_bare_newline_reject_code']} 5.5.2 "
+                     "Error: bare <LF> received")
+            self.log_reject("END-OF-MESSAGE", reply)
+            self.reset()
+            self.reply(reply)
+            return False
+        return self.end_of_message(sink)
+
+    def end_of_message(self, sink: ContentSink) -> bool:
+        """The end of the content: the checks, the commit and the reply, as read_content()
+        ends a DATA message (the same replies and log lines, in the same order)."""
+        writer = self.writer
+        if sink.too_big:
+            reply = "552 5.3.4 Message size exceeds fixed limit"
+            self.log_reject("END-OF-MESSAGE", reply)
+            self.reset()
+            self.reply(reply)
+            return False
+        if sink.hops > self.cfg["hopcount_limit"]:
+            reply = "554 5.4.0 Error: too many hops"
+            self.log_reject("END-OF-MESSAGE", reply)
+            self.reset()
+            self.reply(reply)
+            return False
+        if sink.problem is not None:
+            ok = self.queue_trouble(sink.problem)
+            self.reset()
+            return ok
+        denied = self.checker.end_of_data(self.client, self._only_rcpt())
+        if denied is not None:
+            self.log_reject("END-OF-MESSAGE", denied, self._only_rcpt())
+            self.reset()        # the queue file is discarded, as Postfix's mail_reset
+            self.reply(str(denied))
+            return False
+        try:
+            qid = writer.commit()
+        except OSError as exc:
+            ok = self.queue_trouble(exc)
+            self.reset()
+            return ok
+        if sink.msgid:
+            msg.info(f"{qid}: message-id={sink.msgid}")
+        self.writer = None
+        self.reset()
+        self.reply(f"250 2.0.0 Ok: queued as {qid}")
+        self.s.flush()
+        Q.wake(self.queue_root)
+        return True
+
+    def skip_bdat(self, size: int, last: bool, reply: str) -> bool:
+        """Read and drop a chunk, then answer; the transaction ends with LAST, otherwise
+        the chunks that follow are dropped too (Postfix's skip_bdat)."""
+        left = size
+        while left > 0:
+            left -= len(self.s.read_some(min(left, 1 << 20)))
+        self.reply(reply)
+        if last:
+            self.reset()
+        else:
+            self.bdat = "error"
+        return False
+
     def rset_cmd(self, arg: str) -> bool:
         if arg:
             self.reply("501 5.5.4 Syntax: RSET")
@@ -940,19 +1260,68 @@ class Session:
         if self.cfg["disable_vrfy_command"]:
             self.reply("502 5.5.1 VRFY command is disabled")
             return False
-        if not arg:
-            self.reply("501 5.5.4 Syntax: VRFY address")
+        words = arg.split()
+        utf8 = self.smtputf8_offered and words[-1:] != [] and words[-1].upper() == "SMTPUTF8"
+        if utf8:                        # VRFY address SMTPUTF8 (RFC 6531)
+            words.pop()
+            arg = arg.rsplit(None, 1)[0] if words else ""
+        if not words:
+            self.reply("501 5.5.4 Syntax: VRFY address" +
+                       " [SMTPUTF8]" * self.smtputf8_enable)
             return False
         addr = arg.strip("<>")
-        if not valid_address(addr):
+        if not valid_address(addr, utf8):
             self.reply("501 5.1.3 Bad recipient address syntax")
             return False
         self.reply(f"252 2.0.0 {addr}")
         return True
 
     def etrn_cmd(self, arg: str) -> bool:
-        self.reply("502 5.5.1 Error: command not implemented")
-        return False
+        """ETRN domain (RFC 1985): the deferred mail of a fast_flush_domains site goes out
+        now (lib/flush.py); replies and log lines are Postfix 3.7's etrn_cmd."""
+        if self.cfg["smtpd_helo_required"] and not self.helo:
+            self.reply("503 Error: send HELO/EHLO first")
+            return False
+        if self.sender is not None:
+            self.reply("503 Error: MAIL transaction in progress")
+            return False
+        words = arg.split()
+        if len(words) != 1:
+            self.reply("500 Syntax: ETRN domain")
+            return False
+        domain = words[0][1:] if words[0][:1] in ("@", "#") else words[0]
+        if not (domain.isascii() and _DOMAIN.fullmatch(domain)) or len(domain) > 255:
+            self.reply("501 Error: invalid parameter syntax")
+            return False
+        if self.stand_alone:
+            msg.warn('do not use ETRN in "sendmail -bs" mode')
+            self.reply("458 Unable to queue messages")
+            return False
+        try:
+            denied = self.checker.etrn(self.client, domain)
+            allowed = denied is None and self.checker.flush_allowed(domain)
+        except tables.TableError as exc:
+            msg.warn(f"fast_flush_domains: table lookup problem: {exc}")
+            msg.warn("unable to talk to fast flush service")
+            self.reply("458 Unable to queue messages")
+            return False
+        if denied is not None:
+            self.log_reject("ETRN", denied)
+            self.reply(str(denied))
+            return False
+        if not allowed:
+            msg.warn(f"reject: ETRN {domain[:100]}... from {self.client.client}")
+            self.reply(f"459 <{domain}>: service unavailable")
+            return False
+        try:
+            flush.flush_site(self.queue_root, domain)
+        except OSError as exc:
+            msg.warn(f"flush {domain}: {exc.strerror or exc}")
+            msg.warn("unable to talk to fast flush service")
+            self.reply("458 Unable to queue messages")
+            return False
+        self.reply("250 Queuing started")
+        return True
 
     def quit_cmd(self, arg: str) -> bool:
         self.reply("221 2.0.0 Bye")
@@ -962,8 +1331,9 @@ class Session:
 COMMANDS = {
     "helo": Session.helo_cmd, "ehlo": Session.ehlo_cmd, "starttls": Session.starttls_cmd,
     "auth": Session.auth_cmd, "mail": Session.mail_cmd, "rcpt": Session.rcpt_cmd,
-    "data": Session.data_cmd, "rset": Session.rset_cmd, "noop": Session.noop_cmd,
-    "vrfy": Session.vrfy_cmd, "etrn": Session.etrn_cmd, "quit": Session.quit_cmd,
+    "data": Session.data_cmd, "bdat": Session.bdat_cmd, "rset": Session.rset_cmd,
+    "noop": Session.noop_cmd, "vrfy": Session.vrfy_cmd, "etrn": Session.etrn_cmd,
+    "quit": Session.quit_cmd,
 }
 PRE_TLS = {"helo", "ehlo", "starttls", "noop", "quit", "rset"}
 JUNK = {"noop", "vrfy", "etrn", "rset"}

@@ -167,7 +167,9 @@ ADDRESSES = st.one_of(
 PARAMS = st.lists(st.one_of(
     st.sampled_from(["SIZE=100", "SIZE=99999999999", "SIZE=", "SIZE=-1", "BODY=8BITMIME",
                      "BODY=BINARYMIME", "AUTH=<>", "AUTH=x@y", "SMTPUTF8", "NOTIFY=NEVER",
-                     "=", "X" * 300]),
+                     "=", "X" * 300, "RET=FULL", "RET=", "ENVID=a+2Bb", "ENVID=+0",
+                     "ORCPT=rfc822;a+2Bb@x", "ORCPT=utf-8;\\x{FFFFFF}", "ORCPT=x;+00",
+                     "NOTIFY=SUCCESS,DELAY", "NOTIFY=NEVER,DELAY"]),
     st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e), max_size=20)), max_size=3)
 WORDS = st.text(st.characters(min_codepoint=0, max_codepoint=0xff), max_size=60)
 ENDINGS = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r\r\n", b""])
@@ -230,6 +232,13 @@ def script(draw) -> bytes:
         if draw(st.integers(0, 5)) == 0:
             out += [b"MAIL FROM:<s@example.org>\r\n", b"RCPT TO:<user@localhost>\r\n",
                     b"DATA\r\n", draw(content())]
+        if draw(st.integers(0, 7)) == 0:
+            # CHUNKING: chunks of content, sizes true or not, LAST or not
+            out += [b"MAIL FROM:<s@example.org>\r\n", b"RCPT TO:<user@localhost>\r\n"]
+            for chunk in draw(st.lists(content(), max_size=3)):
+                size = len(chunk) + draw(st.sampled_from([0, 0, 0, -1, 1]))
+                last = b" LAST" if draw(st.booleans()) else b""
+                out.append(b"BDAT %d%s\r\n" % (max(size, 0), last) + chunk)
         if draw(st.integers(0, 25)) == 0:
             out.append(b"STARTTLS\r\n" + draw(st.binary(max_size=100)))   # garbage handshake
     if draw(st.booleans()):

@@ -32,6 +32,7 @@ DEVIATIONS = {
     "smtp_tls_fingerprint_digest", "lmtp_tls_fingerprint_digest",
     "smtpd_forbid_bare_newline", "smtpd_sasl_type", "smtp_sasl_type", "lmtp_sasl_type",
     "mynetworks_style", "relay_domains", "smtpd_relay_restrictions",
+    "smtputf8_enable",                        # yes: compatibility level 1 and later
     "smtpd_client_event_limit_exceptions",    # $mynetworks, without the pre-2.9 name
     "myhostname", "mydomain", "mynetworks",   # computed from the host
     "alias_maps",                             # no nis: table type

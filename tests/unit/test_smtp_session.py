@@ -546,3 +546,82 @@ def test_tls_session_failure_at_may_retries_in_plain_text(pki, tmp_path, level, 
         assert h.d.why[0] == "4.4.2" and f"with {NAMADDR}" in h.d.why[1]
     else:
         assert h.result()[:2] == ("deferred", "4.4.2")
+
+
+# --- SMTPUTF8 (RFC 6531), as Postfix's smtp_proto.c ----------------------------------------
+
+EHLO_UTF8 = b"250-mx.example\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
+
+
+def test_smtputf8_is_passed_on_when_requested_and_offered():
+    script = [("send", GREETING), ("expect", "EHLO client.example"), ("send", EHLO_UTF8),
+              ("expect", r"^MAIL FROM:<s@example.org> SMTPUTF8$"), ("send", b"250 Ok\r\n"),
+              ("expect", "^RCPT TO:<j\u00f6rg@b\u00fccher.example>$"),
+              ("send", b"250 Ok\r\n"), ("expect", "DATA"), ("send", b"354 go\r\n"),
+              ("data",), ("send", b"250 2.0.0 Ok\r\n"), ("expect", "QUIT"),
+              ("send", b"221 Bye\r\n")]
+    h = Harness(script, recipients=("j\u00f6rg@b\u00fccher.example",))
+    h.d.smtputf8 = True
+    h.run()
+    assert h.result()[0] == "sent"
+
+
+def test_no_smtputf8_parameter_unless_the_sender_asked():
+    h = Harness(plain_dialogue(ehlo=EHLO_UTF8)).run()
+    assert h.result()[0] == "sent"
+    assert "MAIL FROM:<s@example.org>" in h.script.lines
+
+
+@pytest.mark.parametrize("rcpt,content", [
+    ("j\u00f6rg@example.org", b"Subject: x\n\nbody\n"),
+    ("a@example.org", "Subject: gr\u00fc\u00df\n\nbody\n".encode()),
+])
+def test_smtputf8_required_but_not_offered_bounces(rcpt, content):
+    script = [("send", GREETING), ("expect", "EHLO client.example"), ("send", EHLO_PLAIN),
+              ("expect", "QUIT"), ("send", b"221 Bye\r\n")]
+    h = Harness(script, recipients=(rcpt,), content=content)
+    h.d.smtputf8 = True
+    h.run()
+    assert h.result() == ("bounced", "5.6.7", "SMTPUTF8 is required, but was not offered "
+                                              f"by host {NAMADDR}")
+
+
+def test_smtputf8_requested_but_all_ascii_goes_without_it():
+    h = Harness(plain_dialogue(), content="Subject: x\n\nb\u00fcdy only\n".encode())
+    h.d.smtputf8 = True
+    h.run()
+    assert h.result()[0] == "sent"
+    assert "MAIL FROM:<s@example.org>" in h.script.lines
+
+
+# --- DSN parameters (RFC 3461), as Postfix's smtp_proto.c ---------------------------------
+
+EHLO_DSN = b"250-mx.example\r\n250-DSN\r\n250 8BITMIME\r\n"
+
+
+def test_dsn_parameters_go_to_a_server_that_offers_dsn():
+    script = [("send", GREETING), ("expect", "EHLO client.example"), ("send", EHLO_DSN),
+              ("expect", r"^MAIL FROM:<s@example.org> ENVID=id\+2B1 RET=HDRS$"),
+              ("send", b"250 Ok\r\n"),
+              ("expect", r"^RCPT TO:<a@example.org> ORCPT=rfc822;A\+2Bx@example.org "
+                         r"NOTIFY=SUCCESS,FAILURE$"), ("send", b"250 Ok\r\n"),
+              ("expect", r"^RCPT TO:<b@example.org> ORCPT=rfc822;b@example.org$"),
+              ("send", b"250 Ok\r\n"), ("expect", "DATA"), ("send", b"354 go\r\n"),
+              ("data",), ("send", b"250 2.0.0 Ok\r\n"), ("expect", "QUIT"),
+              ("send", b"221 Bye\r\n")]
+    h = Harness(script, recipients=("a@example.org", "b@example.org"))
+    h.d.dsn_ret, h.d.dsn_envid = "HDRS", "id+1"
+    h.d.recipients[0].notify = "SUCCESS,FAILURE"
+    h.d.recipients[0].orcpt = "rfc822;A+x@example.org"
+    h.run()
+    assert [r.result for r in h.d.recipients] == ["sent", "sent"]
+
+
+def test_no_dsn_parameters_without_the_keyword():
+    h = Harness(plain_dialogue())
+    h.d.dsn_ret = "FULL"
+    h.d.recipients[0].notify = "NEVER"
+    h.run()
+    assert h.result()[0] == "sent"
+    assert "MAIL FROM:<s@example.org>" in h.script.lines
+    assert "RCPT TO:<a@example.org>" in h.script.lines

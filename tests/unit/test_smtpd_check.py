@@ -214,3 +214,20 @@ def test_relay_domains_and_mydestination_with_tables_and_files(tmp_path):
     state = ClientState(name="unknown", addr="192.0.2.1", sender="s@example.org")
     assert str(checker.rcpt(state, "u@sub.plain.example")) == \
         "454 4.7.1 <u@sub.plain.example>: Relay access denied"
+
+
+def test_etrn_stage_and_fast_flush_domains():
+    """smtpd_etrn_restrictions name the domain; the client list runs first (delay_reject);
+    fast_flush_domains follows relay_domains and matches subdomains (parent_domain...)."""
+    state = ClientState(name="client.example", addr="192.0.2.1")
+    checker = Checker(config(relay_domains="example.com",
+                             smtpd_etrn_restrictions="permit_mynetworks, reject"))
+    assert str(checker.etrn(state, "example.com")) == \
+        "554 5.7.1 <example.com>: Etrn command rejected: Access denied"
+    assert checker.etrn(ClientState(name="localhost", addr="127.0.0.1"), "x.org") is None
+    assert checker.flush_allowed("example.com") and checker.flush_allowed("a.example.com")
+    assert not checker.flush_allowed("example.org")
+    checker = Checker(config(smtpd_client_restrictions="reject"))
+    assert str(checker.etrn(state, "example.com")).startswith(
+        "554 5.7.1 <client.example[192.0.2.1]>: Client host rejected")
+    assert not checker.flush_allowed("example.com")            # relay_domains is empty

@@ -1,0 +1,100 @@
+"""smtpd/content.py: BDAT content is written as DATA content is, however it is split."""
+
+from hypothesis import given, settings, strategies as st
+
+from postfix_py.smtpd.content import ContentSink
+
+CFG = {"header_size_limit": 40, "message_size_limit": 0, "line_length_limit": 30}
+
+
+class Writer:
+    def __init__(self):
+        self.data = b""
+
+    def write(self, data):
+        self.data += data
+
+
+def sink_output(pieces, cfg=CFG):
+    w = Writer()
+    sink = ContentSink(w, cfg)
+    for piece in pieces:
+        sink.write(piece)
+    sink.close()
+    return w.data, sink
+
+
+def test_headers_as_cleanup():
+    text = (b"Received: a\nReceived: b\nMessage-ID: <m@x>\nX-Long: " + b"y" * 35 +
+            b"\n\tcontinued past the limit\nSubject: s\n\nbody\nReceived: not a header\n")
+    out, sink = sink_output([text])
+    assert sink.hops == 2 and sink.msgid == "<m@x>"
+    # the continuation of a header past header_size_limit is dropped, the rest is kept
+    assert b"continued" not in out
+    assert out.endswith(b"Subject: s\n\nbody\nReceived: not a header\n")
+    assert sink.size == len(out)
+
+
+@settings(deadline=None)
+@given(text=st.lists(st.sampled_from([b"Received: x\n", b"Message-ID: <a>\n", b" cont\n",
+                                      b"H: " + b"v" * 40 + b"\n", b"\n", b"body line\n",
+                                      b"no newline"]), max_size=12).map(b"".join),
+       cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=6))
+def test_any_split_gives_the_same_content(text, cuts):
+    whole, one = sink_output([text])
+    points = sorted({min(c, len(text)) for c in cuts})
+    pieces = [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
+    split, many = sink_output(pieces)
+    assert split == whole
+    assert (many.hops, many.msgid, many.size) == (one.hops, one.msgid, one.size)
+
+
+def test_size_limit_and_write_errors():
+    out, sink = sink_output([b"Subject: x\n\n" + b"z" * 100], dict(CFG, message_size_limit=50))
+    assert sink.too_big and len(out) <= 50
+
+    class Broken:
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+    sink = ContentSink(Broken(), CFG)
+    sink.write(b"Subject: x\n\nbody\n")
+    assert sink.problem.errno == 28
+
+
+# --- the DATA path and the BDAT path queue the same content ------------------------------
+
+from test_fuzz_smtpd import run_session, world  # noqa: E402,F401 - the Session harness
+
+import os  # noqa: E402
+
+from postfix_py.lib import queue as Q  # noqa: E402
+
+LINES = st.sampled_from([b"Received: from x", b"Message-ID: <id@x>", b"\tcontinued",
+                         b"X-H: " + b"h" * 70, b"", b"body", b".leading dot", b"..",
+                         b"a" * 1200, b"b" * 2500, b"tail\r"])
+
+
+def queued_content(world, script: bytes) -> bytes:
+    out, log = run_session(world, script)
+    assert b"250 2.0.0 Ok: queued as " in out, (out, log)
+    incoming = os.path.join(world[0], "incoming")
+    path = os.path.join(incoming, os.listdir(incoming)[0])
+    content = b"".join(Q.read(path).content(path))
+    return content[content.index(b"\n\tfor <"):].split(b"\n", 1)[1]   # after Received
+
+
+@settings(deadline=None, max_examples=30)
+@given(lines=st.lists(LINES, min_size=1, max_size=15),
+       cuts=st.lists(st.integers(min_value=1, max_value=3000), max_size=4))
+def test_bdat_queues_what_data_queues(world, lines, cuts):
+    text = b"".join(line + b"\r\n" for line in lines)
+    head = b"EHLO c\r\nMAIL FROM:<a@localhost>\r\nRCPT TO:<u@localhost>\r\n"
+    stuffed = b"".join((b"." if line.startswith(b".") else b"") + line + b"\r\n"
+                       for line in lines)
+    via_data = queued_content(world, head + b"DATA\r\n" + stuffed + b".\r\nQUIT\r\n")
+    points = sorted({min(c, len(text)) for c in cuts} - {len(text)})
+    pieces = [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
+    chunks = b"".join(b"BDAT %d%s\r\n" % (len(p), b" LAST" if i == len(pieces) - 1 else b"")
+                      + p for i, p in enumerate(pieces))
+    via_bdat = queued_content(world, head + chunks + b"QUIT\r\n")
+    assert via_bdat == via_data
