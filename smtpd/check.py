@@ -54,19 +54,12 @@ FUNCTIONS
 
 from __future__ import annotations
 
-import encodings.idna  # noqa: F401 - dnspython's IDNA codec, loaded before the chroot
 import ipaddress
 import re
 from dataclasses import dataclass, field
 
-import dns.exception
-import dns.name
-import dns.rdata
-import dns.rdataclass
-import dns.rdatatype
-import dns.resolver
-
-from ..lib import msg, tables
+from ..lib import dnsbl, msg, tables
+from ..lib.dnsbl import DnsLookup, MailhostLookup  # noqa: F401 - MailhostLookup: tests
 from ..lib.address import virtual_mailbox_known
 from ..lib.domains import DomainList
 from ..lib.maincf import ConfigError
@@ -80,6 +73,16 @@ SIMPLE = {"permit", "reject", "defer", "defer_if_permit", "permit_mynetworks",
           "reject_unauth_destination", "defer_unauth_destination", "dunno",
           "reject_unknown_client_hostname", "reject_unknown_client",
           "reject_unknown_reverse_client_hostname", "reject_unauth_pipelining"} | DNS_CHECKS
+# HELO and address syntax checks, and the HELO name in the DNS (Postfix's older names too)
+NAME_CHECKS = {"reject_invalid_helo_hostname", "reject_invalid_hostname",
+               "reject_non_fqdn_helo_hostname", "reject_non_fqdn_hostname",
+               "reject_unknown_helo_hostname", "reject_unknown_hostname",
+               "reject_non_fqdn_sender", "reject_non_fqdn_recipient"}
+SIMPLE |= NAME_CHECKS
+# DNS lists: each takes a list domain argument, domain[=d.d.d.d]
+DNSXL = {"reject_rbl_client", "reject_rbl", "permit_dnswl_client", "reject_rhsbl_client",
+         "permit_rhswl_client", "reject_rhsbl_reverse_client", "reject_rhsbl_helo",
+         "reject_rhsbl_sender", "reject_rhsbl_recipient"}
 WITH_TABLE = {"check_ccert_access", "check_client_access", "check_helo_access",
               "check_sender_access", "check_recipient_access"}
 _DSN_RE = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
@@ -136,7 +139,7 @@ class Checker:
              "smtpd_recipient_restrictions", "smtpd_data_restrictions",
              "smtpd_end_of_data_restrictions")
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, resolver=None):
         self.cfg = cfg
         self._tables: dict[str, tables.Table] = {}
         self.lists = {name: self._compile(name, cfg[name]) for name in self.LISTS}
@@ -166,9 +169,23 @@ class Checker:
             if cfg.get("relay_clientcerts") else None
         self.delay_reject = cfg["smtpd_delay_reject"]
         used = {r for rs in self.lists.values() for r, _ in rs}
-        # The system resolver (resolv.conf read now, before the chroot), when a list or an
-        # access table (whose action may name a restriction) can need it.
-        self.dns = MailhostLookup() if used & (DNS_CHECKS | WITH_TABLE) else None
+        # The resolver (resolv.conf or smtpd_dns_nameservers, read now, before the
+        # chroot), when a list or an access table (whose action may name a restriction)
+        # can need it; `resolver` (dnspython) replaces it, for tests.
+        self.dns = None
+        self._dns_servers = cfg["smtpd_dns_nameservers"]
+        self._resolver = resolver
+        if resolver is not None or used & (DNS_CHECKS | WITH_TABLE | DNSXL | NAME_CHECKS):
+            self.dns = self._make_dns()
+        self.rbl_reply_maps = [self._table(ref) for ref in cfg["rbl_reply_maps"]]
+        # Postfix expands the template itself: $rbl_code and friends are not main.cf's.
+        self.default_rbl_reply = cfg.raw("default_rbl_reply") or ""
+
+    def _make_dns(self) -> DnsLookup:
+        try:
+            return DnsLookup(self._resolver, self._dns_servers)
+        except ValueError as exc:
+            raise ConfigError(f"smtpd_dns_nameservers: {exc}") from None
 
     # --- compile ---------------------------------------------------------------------------
     def _table(self, ref: str) -> tables.Table:
@@ -190,11 +207,36 @@ class Checker:
                 out.append((word, self._table(words[i + 1])))
                 i += 2
                 continue
+            if word in DNSXL:
+                arg = self._dnsxl_arg(param, word, words[i + 1] if i + 1 < len(words)
+                                      else None)
+                if arg is not None:
+                    out.append((word, arg))
+                i += 2
+                continue
             if word not in SIMPLE:
                 raise ConfigError(f"unknown smtpd restriction: \"{words[i]}\" in {param}")
             out.append((word, None))
             i += 1
         return out
+
+    @staticmethod
+    def _dnsxl_arg(param: str, word: str, arg: str | None):
+        """(list domain as written, its domain, the reply filter or None) of a DNS list."""
+        if arg is None:
+            # Postfix warns and skips the restriction
+            msg.warn(f"restriction {word} requires domain name argument")
+            return None
+        domain, eq, pattern = arg.partition("=")
+        if not domain:
+            raise ConfigError(f"restriction {word} in {param}: bad list domain \"{arg}\"")
+        octets = None
+        if eq:
+            try:
+                octets = dnsbl.parse_reply_pattern(pattern)
+            except ValueError as exc:
+                raise ConfigError(f"RBL reply error: {exc}") from None
+        return arg, domain.lower().rstrip("."), octets
 
     def _domain_list(self, param: str) -> DomainList:
         try:
@@ -366,6 +408,10 @@ class Checker:
                 else 450
             return Reply(code, f"{str(code)[0]}.7.1", "Client host rejected: cannot find "
                          f"your reverse hostname, [{state.addr}]")
+        if restriction in DNSXL:
+            return self._dnsxl(restriction, table, name, state, rcpt)
+        if restriction in NAME_CHECKS:
+            return self._name_check(restriction, state, rcpt)
         if restriction in DNS_CHECKS:
             sender = restriction == "reject_unknown_sender_domain"
             address = state.sender if sender else rcpt
@@ -416,9 +462,7 @@ class Checker:
         domain = _domain(address or "")
         if not domain or domain.startswith("[") or self.is_local_domain(domain):
             return None     # a local destination or an address literal: not looked up
-        if self.dns is None:        # not foreseen above; the jail has etc/resolv.conf
-            self.dns = MailhostLookup()
-        status = self.dns.status(domain)
+        status = self._lookup().mailhost(domain)
         if status == "ok":
             return None
         sender = what == "Sender address"
@@ -435,6 +479,141 @@ class Checker:
         code = self.cfg["unknown_address_reject_code"]
         return Reply(code, f"{str(code)[0]}.{detail}",
                      f"<{address}>: {what} rejected: Domain not found")
+
+    def _lookup(self) -> DnsLookup:
+        if self.dns is None:        # not foreseen above; the jail has etc/resolv.conf
+            self.dns = self._make_dns()
+        return self.dns
+
+    # --- DNS lists: smtpd_check.c's reject_rbl_addr, reject_rbl_domain, permit_dnswl_* --
+    def _dnsxl(self, restriction: str, arg, name: str, state: ClientState, rcpt):
+        """A DNS list restriction: a Reply (listed, reject_*), "permit" (listed, permit_*)
+        or None (not listed, the name is unknown, or the list could not be asked)."""
+        written, domain, octets = arg
+        if restriction in ("reject_rbl_client", "reject_rbl", "permit_dnswl_client"):
+            labels = dnsbl.reverse_address(state.addr)
+            what, reply_class = state.addr, "Client host"
+            query = f"{labels}.{domain}" if labels else None
+        else:
+            what, reply_class = {
+                "reject_rhsbl_client": (state.name, "Client host"),
+                "permit_rhswl_client": (state.name, "Client host"),
+                "reject_rhsbl_reverse_client": (state.reverse_name, "Unverified Client host"),
+                "reject_rhsbl_helo": (state.helo, "Helo command"),
+                "reject_rhsbl_sender": (state.sender, "Sender address"),
+                "reject_rhsbl_recipient": (rcpt, "Recipient address")}[restriction]
+            if not what or restriction.endswith("client") and what.lower() == "unknown":
+                return None
+            query = _rhsbl_query(what, domain)
+        if query is None:
+            return None
+        permit = restriction.startswith("permit_")
+        if permit and _STAGE[name][0] == "RCPT" and rcpt is not None and \
+                not self.relay_allowed(rcpt):
+            return None     # as Postfix: never allowlist an unauthorized destination
+        result = self._lookup().dnsxl(query)
+        if result.status == "ok" and octets is not None and \
+                not any(dnsbl.match_reply(octets, a) for a in result.addresses):
+            return None
+        if result.status != "ok":
+            return None
+        if permit:
+            return "permit"
+        return self._rbl_reply(written, domain, what, reply_class, result.txt, state, rcpt)
+
+    def _rbl_reply(self, written: str, domain: str, what: str, reply_class: str,
+                   txt: str | None, state: ClientState, rcpt) -> Reply:
+        """rbl_reply_maps' template for the list (as written), else default_rbl_reply,
+        expanded as Postfix's rbl_reject_reply()."""
+        template = None
+        for table in self.rbl_reply_maps:
+            template = table.lookup(written)
+            if template is not None:
+                break
+        values = {"rbl_code": str(self.cfg["maps_rbl_reject_code"]), "rbl_domain": domain,
+                  "rbl_reason": txt or "", "rbl_txt": txt or "", "rbl_what": what,
+                  "rbl_class": reply_class, "client_address": state.addr,
+                  "client_name": state.name, "reverse_client_name": state.reverse_name,
+                  "helo_name": state.helo or "", "sender": state.sender or "",
+                  "recipient": rcpt or ""}
+        text = None
+        if template is not None:
+            try:
+                text = dnsbl.expand_reply(template, values)
+            except ValueError:
+                msg.warn(f"rbl_reject_reply: bad rbl reply template for domain "
+                         f"{written}: {template}")
+        if text is None:
+            try:
+                text = dnsbl.expand_reply(self.default_rbl_reply, values)
+            except ValueError:
+                msg.warn(f"rbl_reject_reply: bad default rbl reply template: "
+                         f"{self.default_rbl_reply}")
+                return Reply(450, "4.7.1", "Service unavailable")
+        m = re.match(r"([45]\d\d) (.*)", text, re.DOTALL)
+        if not m:
+            msg.warn(f"rbl response code configuration error: {text}")
+            return Reply(450, "4.7.1", "Service unavailable")
+        code, text = int(m.group(1)), m.group(2)
+        dsn = "4.7.1"
+        words = text.split(" ", 1)
+        if _DSN_RE.match(words[0]):
+            dsn, text = words[0], (words[1] if len(words) > 1 else "")
+        return Reply(code, _dsn_fix(f"{str(code)[0]}{dsn[1:]}", reply_class),
+                     text or "Service unavailable")
+
+    # --- HELO and address syntax: reject_invalid_hostname and friends ------------------
+    def _name_check(self, restriction: str, state: ClientState, rcpt):
+        cfg = self.cfg
+        if restriction in ("reject_non_fqdn_sender", "reject_non_fqdn_recipient"):
+            sender = restriction == "reject_non_fqdn_sender"
+            address = state.sender if sender else rcpt
+            if not address:
+                return None         # no MAIL yet, or the null sender
+            domain = address.rpartition("@")[2] if "@" in address else ""
+            if domain.startswith("[") and domain.endswith("]"):
+                return None
+            domain = _truncate_dot(domain)
+            if domain and dnsbl.valid_hostname(domain) and "." in domain:
+                return None
+            code = cfg["non_fqdn_reject_code"]
+            what = "Sender address" if sender else "Recipient address"
+            return Reply(code, f"{str(code)[0]}.5.2",
+                         f"<{address}>: {what} rejected: need fully-qualified address")
+        helo = state.helo
+        if not helo:
+            return None
+        if helo.startswith("["):    # an address literal: valid_mailhost_addr()
+            inner = helo[1:-1] if len(helo) > 2 and helo.endswith("]") else helo
+            if dnsbl.valid_mailhost_literal(inner):
+                return None
+            code = cfg["invalid_hostname_reject_code"]
+            return Reply(code, f"{str(code)[0]}.5.2",
+                         f"<{helo}>: Helo command rejected: invalid ip address")
+        name = _truncate_dot(helo)
+        if restriction in ("reject_invalid_helo_hostname", "reject_invalid_hostname"):
+            if dnsbl.valid_hostname(name) or dnsbl.valid_hostaddr(name):
+                return None
+            code = cfg["invalid_hostname_reject_code"]
+            return Reply(code, f"{str(code)[0]}.5.2",
+                         f"<{helo}>: Helo command rejected: Invalid name")
+        if restriction in ("reject_non_fqdn_helo_hostname", "reject_non_fqdn_hostname"):
+            if dnsbl.valid_hostname(name) and "." in name:
+                return None
+            code = cfg["non_fqdn_reject_code"]
+            return Reply(code, f"{str(code)[0]}.5.2",
+                         f"<{helo}>: Helo command rejected: need fully-qualified hostname")
+        # reject_unknown_helo_hostname: A, AAAA or MX records
+        status = self._lookup().hostname(helo)
+        if status == "ok":
+            return None
+        if status == "retry":
+            # unknown_helo_hostname_tempfail_action's default, defer_if_permit
+            return DeferIfPermit(Reply(450, "4.7.1",
+                                       f"<{helo}>: Helo command rejected: Host not found"))
+        code = cfg["unknown_hostname_reject_code"]
+        return Reply(code, f"{str(code)[0]}.7.1",
+                     f"<{helo}>: Helo command rejected: Host not found")
 
     def _action(self, action: str, name: str, state, rcpt, what: str):
         """An access(5) table result."""
@@ -555,64 +734,6 @@ class DeferIfPermit:
     reply: Reply
 
 
-class MailhostLookup:
-    """Whether a mail domain exists in the DNS: MX, then A, then AAAA, as Postfix's
-    dns_lookup_l() for reject_unknown_mailhost. The resolver is the system's (resolv.conf,
-    read when this is made: before the chroot)."""
-
-    TYPES = ("MX", "A", "AAAA")
-
-    def __init__(self, resolver: dns.resolver.Resolver | None = None):
-        self.problem: str | None = None     # said at the first lookup, not before
-        if resolver is None:
-            try:
-                resolver = dns.resolver.Resolver()
-            except Exception as exc:       # noqa: BLE001 - no or unreadable resolv.conf
-                self.problem = f"cannot read resolver configuration: {exc}"
-                resolver = dns.resolver.Resolver(configure=False)
-                resolver.nameservers = ["127.0.0.1"]
-        resolver.use_search_by_default = False   # absolute names, as Postfix
-        self.resolver = resolver
-
-    def status(self, domain: str) -> str:
-        """ok, notfound, retry (a temporary failure, a malformed reply too) or nullmx."""
-        if self.problem:
-            msg.warn(self.problem)
-            self.problem = None
-        try:
-            qname = dns.name.from_text(domain.rstrip(".") + ".")
-        except (dns.exception.DNSException, UnicodeError, ValueError):
-            return "notfound"
-        soft = False
-        for rdtype in self.TYPES:
-            try:
-                answer = self.resolver.resolve(qname, rdtype, raise_on_no_answer=False,
-                                               search=False)
-            except dns.resolver.NXDOMAIN:
-                return "notfound"         # no such name: no other type will have it
-            except (dns.exception.DNSException, OSError, ValueError, EOFError):
-                soft = True               # timeout, SERVFAIL, refused: try again later
-                continue
-            except Exception:             # noqa: BLE001 - whatever a server sends
-                soft = True
-                continue
-            if answer.rrset is not None and len(answer.rrset):
-                if rdtype == "MX" and len(answer.rrset) == 1 and \
-                        next(iter(answer.rrset)).exchange == dns.name.root:
-                    return "nullmx"
-                return "ok"
-        return "retry" if soft else "notfound"
-
-
-def _load_record_types() -> None:
-    """The record classes dnspython imports on first use: now, before any chroot."""
-    for name in ("A", "AAAA", "MX", "CNAME", "SOA", "NS"):
-        dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(name))
-
-
-_load_record_types()
-
-
 # list -> (where, Postfix's reply class): the subject and words of its reject replies
 _STAGE = {"smtpd_client_restrictions": ("CONNECT", "Client host"),
           "smtpd_helo_restrictions": ("HELO", "Helo command"),
@@ -628,6 +749,47 @@ def _subject(what: str, state: ClientState, rcpt: str | None) -> str:
     return {"Client host": state.client, "Client certificate": state.client,
             "Helo command": state.helo or "", "Sender address": state.sender or "",
             "Data command": "DATA", "End-of-data": "END-OF-MESSAGE"}.get(what, rcpt or "")
+
+
+def _truncate_dot(name: str) -> str:
+    """A name ending in one dot (not two) without it, as smtpd_check.c's dup_if_truncate."""
+    return name[:-1] if len(name) > 1 and name.endswith(".") and name[-2] != "." else name
+
+
+def _rhsbl_query(what: str, list_domain: str) -> str | None:
+    """The query of a right-hand-side list for a name or address (find_dnsxl_domain):
+    none for an address literal, a name with a numeric last label, or an invalid name."""
+    domain = what.rpartition("@")[2] if "@" in what else what
+    if not domain or domain.startswith("["):
+        return None
+    if domain.rpartition(".")[2].isdigit():
+        return None         # Spamhaus answers "No IP queries"; Postfix skips these
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    if not dnsbl.valid_hostname(domain):
+        return None
+    return f"{domain}.{list_domain}"
+
+
+# smtpd_dsn_fix.c: an address status (X.1.Y) follows what is rejected
+_DSN_FIX = {"1": ("X.1.7", "X.1.1"), "2": ("X.1.8", "X.1.2"), "3": ("X.1.7", "X.1.3"),
+            "4": ("X.1.7", "X.1.4"), "5": ("X.1.0", "X.1.5"), "6": ("X.1.7", "X.1.6"),
+            "7": ("X.1.7", "X.1.3"), "8": ("X.1.8", "X.1.2")}
+
+
+def _dsn_fix(dsn: str, reply_class: str) -> str:
+    """Postfix's smtpd_dsn_fix(): an address DSN fitted to the reply class."""
+    if dsn[1:4] != ".1.":
+        return dsn
+    if reply_class in ("Sender address", "Recipient address"):
+        pair = _DSN_FIX.get(dsn[4:], ("X.1.0", "X.1.0"))
+        fixed = pair[0 if reply_class == "Sender address" else 1]
+    else:
+        fixed = "X.0.0"
+    return dsn[0] + fixed[1:]
 
 
 def _address_keys(address: str | None) -> list[str]:
