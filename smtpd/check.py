@@ -26,7 +26,32 @@ RESTRICTIONS
     no MX, A or AAAA record, with unknown_address_reject_code (450); a null MX is 550
     5.7.27 / 556 5.1.10; a DNS failure for now acts as unknown_address_tempfail_action's
     default, defer_if_permit. Local (mydestination) and [literal] domains are not looked
-    up. The DNS is the system resolver's (resolv.conf, read before the chroot).
+    up.
+    reject_invalid_helo_hostname (501 5.5.2 ... Invalid name, invalid_hostname_reject_code),
+    reject_non_fqdn_helo_hostname (504 5.5.2 ... need fully-qualified hostname,
+    non_fqdn_reject_code), reject_unknown_helo_hostname (no A, AAAA or MX: 450 4.7.1 ...
+    Host not found, unknown_hostname_reject_code; a DNS failure: 450 as defer_if_permit);
+    a HELO [address literal] is checked as one (501 5.5.2 ... invalid ip address); the
+    older names reject_invalid_hostname, reject_non_fqdn_hostname, reject_unknown_hostname
+    too. reject_non_fqdn_sender and reject_non_fqdn_recipient (504 5.5.2 ... need
+    fully-qualified address; the null sender and [literal] domains pass). The SMTPUTF8
+    allowance of non-ASCII names is not made: such names are not fully qualified here.
+    DNS lists, each with a list domain argument domain[=pattern], where pattern is an
+    address d.d.d.d whose octets may be [n;lo..hi] sets, and the list's A record must
+    match it: reject_rbl_client (alias reject_rbl; the client address, IPv6 by nibbles),
+    reject_rhsbl_client, reject_rhsbl_reverse_client, reject_rhsbl_helo,
+    reject_rhsbl_sender, reject_rhsbl_recipient (the name or the address's domain; not for
+    "unknown", [literals] or a numeric last label) reply with rbl_reply_maps' template for
+    the list domain as written, else default_rbl_reply, expanding $rbl_code
+    (maps_rbl_reject_code, 554), $rbl_class, $rbl_what, $rbl_domain, $rbl_reason (the TXT
+    records joined with " / ") and $client_address, $client_name, $reverse_client_name,
+    $helo_name, $sender, $recipient; a bad template is warned about and the default used.
+    permit_dnswl_client and permit_rhswl_client permit a listed client, but not to a
+    recipient this host may not relay to. A list that does not answer lists nobody (the
+    warning "QUERY: RBL lookup error: ..."); Postfix also defers a later reject in that
+    case for permit_dnswl_client and permit_rhswl_client, postfix-py does not.
+    The DNS is the system resolver's (resolv.conf, read before the chroot), or that of
+    smtpd_dns_nameservers; lib/dnsbl.py asks it.
 
 CONFIGURATION PARAMETERS
     smtpd_client_restrictions, smtpd_helo_restrictions, smtpd_sender_restrictions,
@@ -35,11 +60,16 @@ CONFIGURATION PARAMETERS
     relay_domains, relay_clientcerts, parent_domain_matches_subdomains, the reply codes
     reject_code (554), defer_code (450), access_map_reject_code (554),
     relay_domains_reject_code (554), unknown_client_reject_code (450),
-    unknown_address_reject_code (450).
+    unknown_address_reject_code (450), unknown_hostname_reject_code (450),
+    invalid_hostname_reject_code (501), non_fqdn_reject_code (504), maps_rbl_reject_code
+    (554), rbl_reply_maps (empty), default_rbl_reply, smtpd_dns_nameservers (empty; a
+    postfix-py extension).
 
 FUNCTIONS
-    Checker(cfg) compiles the lists once per worker (tables opened, ConfigError for an
-    unknown restriction or an open-relay configuration, as Postfix refuses to start).
+    Checker(cfg, resolver=None) compiles the lists once per worker (tables opened,
+    ConfigError for an unknown restriction, a bad DNS list reply pattern or an open-relay
+    configuration, as Postfix refuses to start); resolver, a dnspython Resolver, replaces
+    the system's for every DNS restriction (tests).
     One method per protocol stage, each -> None (go on) or the Reply: connect(state),
         helo(state), mail(state) run the client, HELO and sender lists there only with
         smtpd_delay_reject = no; rcpt(state, rcpt) runs them (delay_reject = yes) and the
