@@ -471,9 +471,12 @@ class Checker:
             keys, what = [state.ccert_fingerprint, state.ccert_pkey_fingerprint], \
                 "Client certificate"
         elif restriction == "check_client_access":
-            keys, what = [state.addr, state.name], "Client host"
+            parent = "smtpd_access_maps" in cfg["parent_domain_matches_subdomains"]
+            keys = _domain_keys(table, state.name, parent) + _addr_keys(table, state.addr)
+            what = "Client host"
         elif restriction == "check_helo_access":
-            keys, what = [state.helo], "Helo command"
+            parent = "smtpd_access_maps" in cfg["parent_domain_matches_subdomains"]
+            keys, what = _domain_keys(table, state.helo, parent), "Helo command"
         elif restriction == "check_sender_access":
             keys, what = _address_keys(state.sender), "Sender address"
         else:
@@ -820,6 +823,43 @@ def _dsn_fix(dsn: str, reply_class: str) -> str:
     else:
         fixed = "X.0.0"
     return dsn[0] + fixed[1:]
+
+
+# Tables that match patterns: Postfix asks them with the whole key only (not the parent
+# domains or networks, its PARTIAL lookups).
+_PATTERN_TABLES = {"regexp", "pcre", "cidr"}
+
+
+def _domain_keys(table, name: str | None, parent: bool) -> list[str]:
+    """A host name, then its parent domains (example.com, or .example.com when
+    smtpd_access_maps is not in parent_domain_matches_subdomains), as smtpd_check.c's
+    check_domain_access; an address or a name without a dot has no parents."""
+    if not name:
+        return []
+    keys = [name]
+    if getattr(table, "type", "") in _PATTERN_TABLES or dnsbl.valid_hostaddr(name):
+        return keys
+    rest = name
+    while "." in rest[1:]:
+        rest = rest[rest.index(".", 1):]
+        keys.append(rest[1:] if parent else rest)
+    return [k for k in keys if k]
+
+
+def _addr_keys(table, addr: str) -> list[str]:
+    """An address, then its parent networks (1.2.3, 1.2, 1; IPv6 at its colons), as
+    smtpd_check.c's check_addr_access."""
+    if not addr:
+        return []
+    keys = [addr]
+    if getattr(table, "type", "") in _PATTERN_TABLES:
+        return keys
+    delim = ":" if ":" in addr else "."
+    rest = addr
+    while delim in rest:
+        rest = rest.rpartition(delim)[0]
+        keys.append(rest)
+    return [k for k in keys if k]
 
 
 def _address_keys(address: str | None) -> list[str]:

@@ -173,3 +173,29 @@ def test_nameservers():
     for bad in ("localhost", "127.0.0.1:0", "[::1]x", "1.2.3.4:99999"):
         with pytest.raises(ValueError):
             dnsbl.nameserver(bad)
+
+
+def test_check_client_access_keys_as_postfix(tmp_path):
+    """The name, its parent domains, the address, its parent networks; pattern tables
+    see the whole name and address only."""
+    def reply(table, name, addr, **values):
+        c = checker(f"check_client_access {table}", **values)
+        r = c.rcpt(ClientState(name=name, addr=addr), "u@localhost")
+        return None if r is None else str(r)
+    t = "inline:{{example.com=REJECT by-domain}, {192.0.2=REJECT by-net}}"
+    assert reply(t, "mx.example.com", "198.51.100.1").endswith("by-domain")
+    assert reply(t, "unknown", "192.0.2.9").endswith("by-net")
+    assert reply(t, "unknown", "192.0.3.9") is None
+    # without smtpd_access_maps in parent_domain_matches_subdomains: .example.com
+    assert reply(t, "mx.example.com", "198.51.100.1",
+                 parent_domain_matches_subdomains="") is None
+    t = "inline:{{.example.com=REJECT dot}}"
+    assert reply(t, "mx.example.com", "198.51.100.1",
+                 parent_domain_matches_subdomains="").endswith("dot")
+    # the name first, as smtpd_check.c's check_namadr_access
+    t = "inline:{{mx.example.com=REJECT name}, 192.0.2.9=OK}"
+    assert reply(t, "mx.example.com", "192.0.2.9").endswith("name")
+    regexp = tmp_path / "clients.regexp"
+    regexp.write_text("/^example\\.com$/ REJECT whole\n/^192\\.0\\.2$/ REJECT part\n")
+    assert reply(f"regexp:{regexp}", "mx.example.com", "192.0.2.9") is None
+    assert reply(f"regexp:{regexp}", "example.com", "192.0.2.9").endswith("whole")
