@@ -14,9 +14,9 @@ RESOLVER
     caller (tests). Names are absolute: no search list, as Postfix.
 
 FUNCTIONS
-    DnsLookup(resolver=None, nameservers=()) (MailhostLookup is the same class):
-        mailhost(domain) -> ok, notfound, retry or nullmx; status() is its old name.
-        hostname(name) -> ok, notfound, retry or malformed (A, AAAA, then MX; a null MX
+    DnsLookup(resolver=None, nameservers=()):
+        mailhost(domain) -> ok, notfound, retry or nullmx.
+        hostname(name) -> ok, notfound or retry (A, AAAA, then MX; a null MX
             counts as found, as Postfix lets an MTA name have one).
         dnsxl(query) -> DnsxlResult(status, addresses, txt): status ok (A records found),
             notfound, or retry (with a warning "QUERY: RBL lookup error: ...").
@@ -152,7 +152,6 @@ class DnsLookup:
                 return "ok"
         return "retry" if soft else "notfound"
 
-    status = mailhost
 
     def hostname(self, name: str) -> str:
         """ok, notfound or retry for a host name: A, AAAA, then MX (a null MX is ok),
@@ -203,8 +202,6 @@ class DnsLookup:
             txt = buf
         return DnsxlResult("ok", addresses, txt)
 
-
-MailhostLookup = DnsLookup
 
 
 def _why(exc: Exception) -> str:

@@ -15,7 +15,10 @@ RESTRICTIONS
     check_ccert_access type:table (certificate, then public-key fingerprint as the key),
     check_client_access, check_helo_access, check_sender_access, check_recipient_access
     type:table (access(5) actions: OK, REJECT [text], DEFER [text], DUNNO, 4NN/5NN text,
-    PERMIT, a restriction name), reject_unauth_destination, defer_unauth_destination,
+    PERMIT, a restriction name; check_client_access asks for the client name and its
+    parent domains, then the address and its parent networks, check_helo_access for the
+    name and its parent domains, as smtpd_check.c; regexp, pcre and cidr tables are asked
+    with whole keys only), reject_unauth_destination, defer_unauth_destination,
     defer_if_permit (450 at the end of the stage unless something rejects),
     reject_unauth_pipelining (503 5.5.0 once the client sent ahead where it may not:
     commands before EHLO announced PIPELINING, or message content before 354),
@@ -89,7 +92,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..lib import dnsbl, msg, tables
-from ..lib.dnsbl import DnsLookup, MailhostLookup  # noqa: F401 - MailhostLookup: tests
+from ..lib.dnsbl import DnsLookup
 from ..lib.address import virtual_mailbox_known
 from ..lib.domains import DomainList
 from ..lib.maincf import ConfigError
