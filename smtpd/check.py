@@ -15,7 +15,8 @@ RESTRICTIONS
     check_ccert_access type:table (certificate, then public-key fingerprint as the key),
     check_client_access, check_helo_access, check_sender_access, check_recipient_access
     type:table (access(5) actions: OK, REJECT [text], DEFER [text], DUNNO, 4NN/5NN text,
-    PERMIT, a restriction name; check_client_access asks for the client name and its
+    PERMIT, a restriction name, a DNS list restriction and its domain[=pattern];
+    check_client_access asks for the client name and its
     parent domains, then the address and its parent networks, check_helo_access for the
     name and its parent domains, as smtpd_check.c; regexp, pcre and cidr tables are asked
     with whole keys only), reject_unauth_destination, defer_unauth_destination,
@@ -674,6 +675,13 @@ class Checker:
             return Reply(code, dsn, text or "Access denied")
         if word.lower() in SIMPLE:      # a restriction name as the action, as access(5)
             return self._apply(word.lower(), None, name, state, rcpt)
+        if word.lower() in DNSXL and len(text.split()) == 1:   # a DNS list and its domain
+            try:
+                arg = self._dnsxl_arg(name, word.lower(), text.strip())
+            except ConfigError as exc:
+                msg.warn(f"access table: {exc} -- ignored")
+                return None
+            return self._dnsxl(word.lower(), arg, name, state, rcpt)
         msg.warn(f"access table: unknown action \"{action}\" -- ignored")
         return None
 

@@ -193,6 +193,14 @@ def test_allow_lists_permit_before_a_deny_list(dnsmasq):
     assert rcpt(c, name="other.example") is not None
 
 
+def test_an_access_table_can_name_a_dns_list(dnsmasq):
+    c = checker(dnsmasq, "check_client_access inline:{{127.0.0.2=reject_rbl_client "
+                         "list.test=127.0.0.2}, {127.0.0.1=reject_rbl_client list.test=1.1.1.1}}")
+    assert rcpt(c).startswith("554 5.7.1 Service unavailable; Client host [127.0.0.2] "
+                              "blocked using list.test;")
+    assert rcpt(c, addr="127.0.0.1") is None      # listed, but the filter does not match
+
+
 def test_a_list_that_does_not_answer_lets_the_client_through(dead_port, capfd):
     c = checker(dead_port, "reject_rbl_client list.test")
     assert rcpt(c) is None
