@@ -21,6 +21,8 @@ RESTRICTIONS
     name and its parent domains, as smtpd_check.c; regexp, pcre and cidr tables are asked
     with whole keys only), reject_unauth_destination, defer_unauth_destination,
     defer_if_permit (450 at the end of the stage unless something rejects),
+    defer_if_reject (a later 5XX reject of the stage becomes 450 ... defer_if_reject
+    requested),
     reject_unauth_pipelining (503 5.5.0 once the client sent ahead where it may not:
     commands before EHLO announced PIPELINING, or message content before 354),
     reject_unknown_client_hostname (alias reject_unknown_client; 4.7.25) and
@@ -52,8 +54,9 @@ RESTRICTIONS
     $helo_name, $sender, $recipient; a bad template is warned about and the default used.
     permit_dnswl_client and permit_rhswl_client permit a listed client, but not to a
     recipient this host may not relay to. A list that does not answer lists nobody (the
-    warning "QUERY: RBL lookup error: ..."); Postfix also defers a later reject in that
-    case for permit_dnswl_client and permit_rhswl_client, postfix-py does not.
+    warning "QUERY: RBL lookup error: ..."); for an allow list, a later 5XX reject of the
+    same stage then becomes "450 4.7.1 <what>: Client host rejected: Service unavailable",
+    as with defer_if_reject.
     The DNS is the system resolver's (resolv.conf, read before the chroot), or that of
     smtpd_dns_nameservers; lib/dnsbl.py asks it.
 
@@ -112,7 +115,7 @@ NAME_CHECKS = {"reject_invalid_helo_hostname", "reject_invalid_hostname",
                "reject_non_fqdn_helo_hostname", "reject_non_fqdn_hostname",
                "reject_unknown_helo_hostname", "reject_unknown_hostname",
                "reject_non_fqdn_sender", "reject_non_fqdn_recipient"}
-SIMPLE |= NAME_CHECKS
+SIMPLE |= NAME_CHECKS | {"defer_if_reject"}
 # DNS lists: each takes a list domain argument, domain[=d.d.d.d]
 DNSXL = {"reject_rbl_client", "reject_rbl", "permit_dnswl_client", "reject_rhsbl_client",
          "permit_rhswl_client", "reject_rhsbl_reverse_client", "reject_rhsbl_helo",
@@ -155,6 +158,9 @@ class ClientState:
     # defer_if_permit_client / _helo / _sender)
     deferred: dict = field(default_factory=dict)
     ill_pipelining: bool = False    # sent ahead where it may not: reject_unauth_pipelining
+    # defer_if_reject raised in the current stage (a DNS allow list that did not answer):
+    # a later 5XX reject of the stage becomes this 450 (smtpd_check.c's defer_if_reject)
+    defer_if_reject: "Reply | None" = None
 
     @property
     def client(self) -> str:
@@ -365,12 +371,14 @@ class Checker:
 
     def _early(self, name: str, stage: str, pending: list, state: ClientState):
         """A list of an earlier stage: its defer_if_permit waits for RCPT."""
+        state.defer_if_reject = None
         reply = self._run(name, state, None, pending)
         state.deferred[stage] = pending[0] if pending else None
         return reply
 
     def _stage(self, names, state: ClientState, rcpt: str | None, pending: list):
         """The lists of a stage; a defer_if_permit that nothing rejected is the reply."""
+        state.defer_if_reject = None
         for name in names:
             reply = self._run(name, state, rcpt, pending)
             if reply is not None:
@@ -392,7 +400,12 @@ class Checker:
             if isinstance(verdict, DeferIfPermit):
                 if not pending:         # the first reason is kept, as defer_if()
                     pending.append(verdict.reply)
+            elif isinstance(verdict, DeferIfReject):
+                if state.defer_if_reject is None:
+                    state.defer_if_reject = verdict.reply
             elif isinstance(verdict, Reply):
+                if verdict.code >= 500 and state.defer_if_reject is not None:
+                    return state.defer_if_reject
                 return verdict
         return None
 
@@ -422,6 +435,9 @@ class Checker:
             what = _STAGE[name][1]
             return Reply(503, "5.5.0", f"<{_subject(what, state, rcpt)}>: {what} rejected: "
                          "Improper use of SMTP command pipelining")
+        if restriction == "defer_if_reject":
+            return DeferIfReject(self._reject(name, state, rcpt, cfg["defer_code"],
+                                              "defer_if_reject requested"))
         if restriction == "defer_if_permit":
             return DeferIfPermit(self._reject(name, state, rcpt, cfg["defer_code"],
                                               "defer_if_permit requested"))
@@ -549,6 +565,10 @@ class Checker:
                 not self.relay_allowed(rcpt):
             return None     # as Postfix: never allowlist an unauthorized destination
         result = self._lookup().dnsxl(query)
+        if permit and result.status == "retry":
+            # Postfix's DEFER_IF_REJECT3: a later reject of this stage becomes 450
+            return DeferIfReject(Reply(450, "4.7.1", f"<{what}>: {reply_class} rejected: "
+                                       "Service unavailable"))
         if result.status == "ok" and octets is not None and \
                 not any(dnsbl.match_reply(octets, a) for a in result.addresses):
             return None
@@ -770,6 +790,12 @@ class NetworkList:
             if hit:
                 return not negated
         return None
+
+
+@dataclass
+class DeferIfReject:
+    """A 450 that replaces any 5XX reject later in the same stage."""
+    reply: Reply
 
 
 @dataclass

@@ -207,6 +207,15 @@ def test_a_list_that_does_not_answer_lets_the_client_through(dead_port, capfd):
     assert "2.0.0.127.list.test: RBL lookup error:" in capfd.readouterr().err
 
 
+def test_an_allow_list_that_does_not_answer_turns_a_later_reject_into_450(dead_port):
+    c = checker(dead_port, "permit_dnswl_client allow.test, reject",
+                smtpd_relay_restrictions="")
+    assert rcpt(c) == "450 4.7.1 <127.0.0.2>: Client host rejected: Service unavailable"
+    c = checker(dead_port, "permit_dnswl_client allow.test, permit",
+                smtpd_relay_restrictions="")
+    assert rcpt(c) is None
+
+
 def test_reject_unknown_helo_hostname(dnsmasq, dead_port):
     c = checker(dnsmasq, "reject_unknown_helo_hostname")
     assert rcpt(c, helo="good.example") is None           # A record

@@ -129,6 +129,13 @@ def test_check_client_access_with_a_cidr_table(tmp_path):
     assert rcpt(c, addr="198.51.100.1") is None
 
 
+def test_defer_if_reject():
+    c = checker("defer_if_reject", smtpd_relay_restrictions="")
+    assert rcpt(c) is None
+    assert rcpt(c, recipient="u@elsewhere.test") == \
+        "450 4.7.1 <u@elsewhere.test>: Recipient address rejected: defer_if_reject requested"
+
+
 # --- lib/dnsbl.py ---------------------------------------------------------------------------
 def test_query_labels():
     assert dnsbl.reverse_address("192.0.2.1") == "1.2.0.192"
