@@ -569,11 +569,9 @@ class Checker:
             # Postfix's DEFER_IF_REJECT3: a later reject of this stage becomes 450
             return DeferIfReject(Reply(450, "4.7.1", f"<{what}>: {reply_class} rejected: "
                                        "Service unavailable"))
-        if result.status == "ok" and octets is not None and \
+        if result.status != "ok" or octets is not None and \
                 not any(dnsbl.match_reply(octets, a) for a in result.addresses):
-            return None
-        if result.status != "ok":
-            return None
+            return None     # not listed, or not with an answer the filter asks for
         if permit:
             return "permit"
         return self._rbl_reply(written, domain, what, reply_class, result.txt, state, rcpt)
