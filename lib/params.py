@@ -206,6 +206,13 @@ PARAMS: list[Param] = [
     _p("reject_code", "554", INT, "reply code of reject", min=400, max=599),
     _p("unknown_client_reject_code", "450", INT, "reply code for a client without a host name", min=400, max=599),
     _p("unknown_address_reject_code", "450", INT, "reply code for an address whose domain does not resolve", min=400, max=599),
+    _p("unknown_hostname_reject_code", "450", INT, "reply code of reject_unknown_helo_hostname", min=400, max=599),
+    _p("invalid_hostname_reject_code", "501", INT, "reply code of reject_invalid_helo_hostname", min=400, max=599),
+    _p("non_fqdn_reject_code", "504", INT, "reply code of reject_non_fqdn_helo_hostname, reject_non_fqdn_sender and reject_non_fqdn_recipient", min=400, max=599),
+    _p("maps_rbl_reject_code", "554", INT, "reply code of a DNS list rejection ($rbl_code)", min=400, max=599),
+    _p("rbl_reply_maps", "", TABLE, "reply templates of DNS list rejections, looked up by list domain (as written, with =d.d.d.d)"),
+    _p("default_rbl_reply", "$rbl_code Service unavailable; $rbl_class [$rbl_what] blocked using $rbl_domain${rbl_reason?; $rbl_reason}", STR, "reply template of a DNS list rejection; $rbl_code, $rbl_class, $rbl_what, $rbl_domain, $rbl_reason are expanded at the time"),
+    _p("smtpd_dns_nameservers", "", LIST, "postfix-py extension: DNS servers of smtpd's DNS restrictions (address, address:port or [address]:port); empty: the system's resolv.conf, read before the chroot"),
     # --- smtpd: TLS (seed: SMTP Server specific settings) -------------------------------
     _p("smtpd_use_tls", "no", BOOL, "legacy: announce STARTTLS (smtpd_tls_security_level = may)"),
     _p("smtpd_enforce_tls", "no", BOOL, "legacy: require STARTTLS before MAIL (smtpd_tls_security_level = encrypt)"),

@@ -36,7 +36,14 @@ TABLE TYPES
         x toggle IGNORECASE, MULTILINE, DOTALL, VERBOSE; A anchors at the start of the key;
         X is accepted and ignored; E and U are refused (the rule is skipped with a warning).
         `(?<name>...)` is accepted as `(?P<name>...)`.
-    Anything else (cidr:, mysql:, proxy: ...) is "unsupported dictionary type: NAME".
+    cidr:/path
+        cidr_table(5): `network/prefix result`, `address result` (IPv4 or IPv6, optionally
+        in [ ]), `!pattern result` (matches an address of the same family outside the
+        network), `if pattern` / `if !pattern` ... `endif` (nesting allowed); the first
+        rule that matches wins. A key that is not an address matches nothing. A bad rule
+        is the warning "cidr map PATH, line N: REASON: skipping this rule" (Postfix's
+        reasons: bad address pattern, non-null host address bits ..., no lookup result).
+    Anything else (mysql:, proxy: ...) is "unsupported dictionary type: NAME".
 
 SOURCE FORMAT (postmap input, texthash)
     `key whitespace value`. A line whose first character is white space continues the
@@ -104,6 +111,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import threading
 import time
 import warnings
@@ -114,7 +122,7 @@ from . import maincf, msg
 from .posix_regex import RegexError, posix_to_python
 
 INDEXED = {"lmdb": ".lmdb", "hash": ".db", "btree": ".db"}
-OTHER_TYPES = ("texthash", "inline", "static", "regexp", "pcre")
+OTHER_TYPES = ("texthash", "inline", "static", "regexp", "pcre", "cidr")
 MAX_KEY = 511                  # LMDB's compiled-in key limit (mdb_env_get_maxkeysize)
 DEFAULT_MAP_SIZE = 16 * 1024 * 1024
 STALE_GRACE = 100              # seconds; Postfix's slack for "older than source file"
@@ -839,11 +847,147 @@ class RegexpTable(_ReloadingTable):
         return None
 
 
+# --- cidr: (Postfix's dict_cidr.c and cidr_match.c) ----------------------------------------
+
+def _cidr_family(text: str) -> int:
+    return socket.AF_INET6 if ":" in text else socket.AF_INET
+
+
+def _cidr_pattern(pattern: str) -> tuple[int, bytes, int]:
+    """(family, network bytes, prefix length) of a cidr pattern; ValueError with Postfix's
+    reason when it is not one."""
+    mask_search = pattern
+    if pattern.startswith("["):
+        inner, close, tail = pattern[1:].partition("]")
+        if not close:
+            raise ValueError(f'missing \']\' character after "[{inner}"')
+        if tail and not tail.startswith("/"):
+            raise ValueError(f'garbage after "[{inner}]"')
+        pattern, mask_search = inner + tail, inner + tail
+    net, slash, mask = mask_search.partition("/")
+    family = _cidr_family(net)
+    bits = 128 if family == socket.AF_INET6 else 32
+    if not slash:
+        try:
+            return family, socket.inet_pton(family, net), bits
+        except OSError:
+            raise ValueError(f'bad address pattern: "{net}"') from None
+    if not (mask.isascii() and mask.isdigit()):
+        raise ValueError(f'bad mask value in "{net}/{mask}"')
+    if int(mask) > bits:
+        raise ValueError(f'bad mask length in "{net}/{mask}"')
+    try:
+        raw = socket.inet_pton(family, net)
+    except OSError:
+        raise ValueError(f'bad network value in "{net}/{mask}"') from None
+    prefix = int(mask)
+    value = int.from_bytes(raw, "big")
+    host_bits = (1 << (bits - prefix)) - 1
+    if value & host_bits:
+        fixed = socket.inet_ntop(family, (value & ~host_bits).to_bytes(len(raw), "big"))
+        raise ValueError(f'non-null host address bits in "{net}/{mask}", perhaps you '
+                         f'should use "{fixed}/{prefix}" instead')
+    return family, raw, prefix
+
+
+class CidrTable(_ReloadingTable):
+    """cidr: tables: address patterns tried in order; !pattern; if/endif."""
+
+    missing = "open {path}: {reason}"
+
+    def _load(self, text: str) -> None:
+        # rules: (op, family, network int, prefix, positive, value, nesting)
+        rules: list[tuple] = []
+        nesting = 0
+        open_ifs: list[int] = []
+        for lineno, line in logical_lines(text, self.name):
+            try:
+                rule = self._parse(line.strip(_SPACE), nesting)
+            except ValueError as exc:
+                msg.warn(f"cidr map {self.name}, line {lineno}: {exc}: skipping this rule")
+                continue
+            if rule[0] == "if":
+                nesting += 1
+                open_ifs.append(lineno)
+            elif rule[0] == "endif":
+                nesting -= 1
+                open_ifs.pop()
+            rules.append(rule)
+        for lineno in reversed(open_ifs):
+            msg.warn(f"cidr map {self.name}, line {lineno}: IF has no matching ENDIF")
+        self._rules = rules
+
+    @staticmethod
+    def _parse(line: str, nesting: int) -> tuple:
+        word = line[:5].lower()
+        if word[:2] == "if" and not line[2:3].isalnum():
+            rest, positive = line[2:], True
+            while rest and (rest[0] == "!" or rest[0] in _SPACE):
+                if rest[0] == "!":
+                    positive = not positive
+                rest = rest[1:]
+            if not rest:
+                raise ValueError("no address pattern")
+            family, raw, prefix = _cidr_pattern(rest.rstrip(_SPACE))
+            return "if", family, int.from_bytes(raw, "big"), prefix, positive, "", nesting
+        if word == "endif" and not line[5:6].isalnum():
+            if line[5:].strip(_SPACE):
+                raise ValueError("garbage after ENDIF")
+            if nesting == 0:
+                raise ValueError("ENDIF without IF")
+            return "endif", 0, 0, 0, True, "", nesting
+        positive, pos = True, 0
+        while pos < len(line) and (line[pos] == "!" or line[pos] in _SPACE):
+            if line[pos] == "!":
+                positive = not positive
+            pos += 1
+        end = pos
+        while end < len(line) and line[end] not in _SPACE:
+            end += 1
+        pattern, value = line[pos:end], line[end:].strip(_SPACE)
+        if not pattern:
+            raise ValueError("no address pattern")
+        family, raw, prefix = _cidr_pattern(pattern)
+        if not value:
+            raise ValueError("no lookup result")
+        return "match", family, int.from_bytes(raw, "big"), prefix, positive, value, nesting
+
+    def lookup(self, key: str) -> str | None:
+        """The result of the first rule that matches the address key (never folded)."""
+        with self._lock:
+            self._refresh()
+            rules = self._rules
+        family = _cidr_family(key)
+        try:
+            addr = int.from_bytes(socket.inet_pton(family, key), "big")
+        except (OSError, ValueError):
+            return None            # not an address: no pattern can match
+        bits = 128 if family == socket.AF_INET6 else 32
+        skip_to = None             # inside an IF that did not match: its nesting level
+        for op, fam, net, prefix, positive, value, nesting in rules:
+            if skip_to is not None:
+                if op == "endif" and nesting == skip_to + 1:
+                    skip_to = None
+                continue
+            if op == "endif":
+                continue
+            hit = fam == family and \
+                (addr >> (bits - prefix) == net >> (bits - prefix)) == positive
+            if op == "if":
+                if not hit:
+                    skip_to = nesting
+                continue
+            if hit:
+                return value
+        return None
+
+
 # --- opening ------------------------------------------------------------------------------
 
 _CLASSES_BY_TYPE = {"lmdb": LmdbTable, "hash": LmdbTable, "btree": LmdbTable,
                     "texthash": TexthashTable, "inline": InlineTable,
-                    "static": StaticTable, "regexp": RegexpTable, "pcre": RegexpTable}
+                    "static": StaticTable, "regexp": RegexpTable, "pcre": RegexpTable,
+                    "cidr": CidrTable}
 
 
 def open_table(ref: str, cfg=None, fold: bool = True) -> Table:

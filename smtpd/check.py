@@ -15,8 +15,14 @@ RESTRICTIONS
     check_ccert_access type:table (certificate, then public-key fingerprint as the key),
     check_client_access, check_helo_access, check_sender_access, check_recipient_access
     type:table (access(5) actions: OK, REJECT [text], DEFER [text], DUNNO, 4NN/5NN text,
-    PERMIT, a restriction name), reject_unauth_destination, defer_unauth_destination,
+    PERMIT, a restriction name, a DNS list restriction and its domain[=pattern];
+    check_client_access asks for the client name and its
+    parent domains, then the address and its parent networks, check_helo_access for the
+    name and its parent domains, as smtpd_check.c; regexp, pcre and cidr tables are asked
+    with whole keys only), reject_unauth_destination, defer_unauth_destination,
     defer_if_permit (450 at the end of the stage unless something rejects),
+    defer_if_reject (a later 5XX reject of the stage becomes 450 ... defer_if_reject
+    requested),
     reject_unauth_pipelining (503 5.5.0 once the client sent ahead where it may not:
     commands before EHLO announced PIPELINING, or message content before 354),
     reject_unknown_client_hostname (alias reject_unknown_client; 4.7.25) and
@@ -26,7 +32,33 @@ RESTRICTIONS
     no MX, A or AAAA record, with unknown_address_reject_code (450); a null MX is 550
     5.7.27 / 556 5.1.10; a DNS failure for now acts as unknown_address_tempfail_action's
     default, defer_if_permit. Local (mydestination) and [literal] domains are not looked
-    up. The DNS is the system resolver's (resolv.conf, read before the chroot).
+    up.
+    reject_invalid_helo_hostname (501 5.5.2 ... Invalid name, invalid_hostname_reject_code),
+    reject_non_fqdn_helo_hostname (504 5.5.2 ... need fully-qualified hostname,
+    non_fqdn_reject_code), reject_unknown_helo_hostname (no A, AAAA or MX: 450 4.7.1 ...
+    Host not found, unknown_hostname_reject_code; a DNS failure: 450 as defer_if_permit);
+    a HELO [address literal] is checked as one (501 5.5.2 ... invalid ip address); the
+    older names reject_invalid_hostname, reject_non_fqdn_hostname, reject_unknown_hostname
+    too. reject_non_fqdn_sender and reject_non_fqdn_recipient (504 5.5.2 ... need
+    fully-qualified address; the null sender and [literal] domains pass). The SMTPUTF8
+    allowance of non-ASCII names is not made: such names are not fully qualified here.
+    DNS lists, each with a list domain argument domain[=pattern], where pattern is an
+    address d.d.d.d whose octets may be [n;lo..hi] sets, and the list's A record must
+    match it: reject_rbl_client (alias reject_rbl; the client address, IPv6 by nibbles),
+    reject_rhsbl_client, reject_rhsbl_reverse_client, reject_rhsbl_helo,
+    reject_rhsbl_sender, reject_rhsbl_recipient (the name or the address's domain; not for
+    "unknown", [literals] or a numeric last label) reply with rbl_reply_maps' template for
+    the list domain as written, else default_rbl_reply, expanding $rbl_code
+    (maps_rbl_reject_code, 554), $rbl_class, $rbl_what, $rbl_domain, $rbl_reason (the TXT
+    records joined with " / ") and $client_address, $client_name, $reverse_client_name,
+    $helo_name, $sender, $recipient; a bad template is warned about and the default used.
+    permit_dnswl_client and permit_rhswl_client permit a listed client, but not to a
+    recipient this host may not relay to. A list that does not answer lists nobody (the
+    warning "QUERY: RBL lookup error: ..."); for an allow list, a later 5XX reject of the
+    same stage then becomes "450 4.7.1 <what>: Client host rejected: Service unavailable",
+    as with defer_if_reject.
+    The DNS is the system resolver's (resolv.conf, read before the chroot), or that of
+    smtpd_dns_nameservers; lib/dnsbl.py asks it.
 
 CONFIGURATION PARAMETERS
     smtpd_client_restrictions, smtpd_helo_restrictions, smtpd_sender_restrictions,
@@ -36,11 +68,16 @@ CONFIGURATION PARAMETERS
     relay_domains, relay_clientcerts, parent_domain_matches_subdomains, the reply codes
     reject_code (554), defer_code (450), access_map_reject_code (554),
     relay_domains_reject_code (554), unknown_client_reject_code (450),
-    unknown_address_reject_code (450).
+    unknown_address_reject_code (450), unknown_hostname_reject_code (450),
+    invalid_hostname_reject_code (501), non_fqdn_reject_code (504), maps_rbl_reject_code
+    (554), rbl_reply_maps (empty), default_rbl_reply, smtpd_dns_nameservers (empty; a
+    postfix-py extension).
 
 FUNCTIONS
-    Checker(cfg) compiles the lists once per worker (tables opened, ConfigError for an
-    unknown restriction or an open-relay configuration, as Postfix refuses to start).
+    Checker(cfg, resolver=None) compiles the lists once per worker (tables opened,
+    ConfigError for an unknown restriction, a bad DNS list reply pattern or an open-relay
+    configuration, as Postfix refuses to start); resolver, a dnspython Resolver, replaces
+    the system's for every DNS restriction (tests).
     One method per protocol stage, each -> None (go on) or the Reply: connect(state),
         helo(state), mail(state) run the client, HELO and sender lists there only with
         smtpd_delay_reject = no; rcpt(state, rcpt) runs them (delay_reject = yes) and the
@@ -57,19 +94,12 @@ FUNCTIONS
 
 from __future__ import annotations
 
-import encodings.idna  # noqa: F401 - dnspython's IDNA codec, loaded before the chroot
 import ipaddress
 import re
 from dataclasses import dataclass, field
 
-import dns.exception
-import dns.name
-import dns.rdata
-import dns.rdataclass
-import dns.rdatatype
-import dns.resolver
-
-from ..lib import msg, tables
+from ..lib import dnsbl, msg, tables
+from ..lib.dnsbl import DnsLookup
 from ..lib.address import virtual_mailbox_known
 from ..lib.domains import DomainList
 from ..lib.maincf import ConfigError
@@ -83,6 +113,16 @@ SIMPLE = {"permit", "reject", "defer", "defer_if_permit", "permit_mynetworks",
           "reject_unauth_destination", "defer_unauth_destination", "dunno",
           "reject_unknown_client_hostname", "reject_unknown_client",
           "reject_unknown_reverse_client_hostname", "reject_unauth_pipelining"} | DNS_CHECKS
+# HELO and address syntax checks, and the HELO name in the DNS (Postfix's older names too)
+NAME_CHECKS = {"reject_invalid_helo_hostname", "reject_invalid_hostname",
+               "reject_non_fqdn_helo_hostname", "reject_non_fqdn_hostname",
+               "reject_unknown_helo_hostname", "reject_unknown_hostname",
+               "reject_non_fqdn_sender", "reject_non_fqdn_recipient"}
+SIMPLE |= NAME_CHECKS | {"defer_if_reject"}
+# DNS lists: each takes a list domain argument, domain[=d.d.d.d]
+DNSXL = {"reject_rbl_client", "reject_rbl", "permit_dnswl_client", "reject_rhsbl_client",
+         "permit_rhswl_client", "reject_rhsbl_reverse_client", "reject_rhsbl_helo",
+         "reject_rhsbl_sender", "reject_rhsbl_recipient"}
 WITH_TABLE = {"check_ccert_access", "check_client_access", "check_helo_access",
               "check_sender_access", "check_recipient_access"}
 _DSN_RE = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
@@ -121,6 +161,9 @@ class ClientState:
     # defer_if_permit_client / _helo / _sender)
     deferred: dict = field(default_factory=dict)
     ill_pipelining: bool = False    # sent ahead where it may not: reject_unauth_pipelining
+    # defer_if_reject raised in the current stage (a DNS allow list that did not answer):
+    # a later 5XX reject of the stage becomes this 450 (smtpd_check.c's defer_if_reject)
+    defer_if_reject: "Reply | None" = None
 
     @property
     def client(self) -> str:
@@ -139,7 +182,7 @@ class Checker:
              "smtpd_recipient_restrictions", "smtpd_data_restrictions",
              "smtpd_end_of_data_restrictions", "smtpd_etrn_restrictions")
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, resolver=None):
         self.cfg = cfg
         self._tables: dict[str, tables.Table] = {}
         self.lists = {name: self._compile(name, cfg[name]) for name in self.LISTS}
@@ -170,9 +213,23 @@ class Checker:
             if cfg.get("relay_clientcerts") else None
         self.delay_reject = cfg["smtpd_delay_reject"]
         used = {r for rs in self.lists.values() for r, _ in rs}
-        # The system resolver (resolv.conf read now, before the chroot), when a list or an
-        # access table (whose action may name a restriction) can need it.
-        self.dns = MailhostLookup() if used & (DNS_CHECKS | WITH_TABLE) else None
+        # The resolver (resolv.conf or smtpd_dns_nameservers, read now, before the
+        # chroot), when a list or an access table (whose action may name a restriction)
+        # can need it; `resolver` (dnspython) replaces it, for tests.
+        self.dns = None
+        self._dns_servers = cfg["smtpd_dns_nameservers"]
+        self._resolver = resolver
+        if resolver is not None or used & (DNS_CHECKS | WITH_TABLE | DNSXL | NAME_CHECKS):
+            self.dns = self._make_dns()
+        self.rbl_reply_maps = [self._table(ref) for ref in cfg["rbl_reply_maps"]]
+        # Postfix expands the template itself: $rbl_code and friends are not main.cf's.
+        self.default_rbl_reply = cfg.raw("default_rbl_reply") or ""
+
+    def _make_dns(self) -> DnsLookup:
+        try:
+            return DnsLookup(self._resolver, self._dns_servers)
+        except ValueError as exc:
+            raise ConfigError(f"smtpd_dns_nameservers: {exc}") from None
 
     # --- compile ---------------------------------------------------------------------------
     def _table(self, ref: str) -> tables.Table:
@@ -194,11 +251,36 @@ class Checker:
                 out.append((word, self._table(words[i + 1])))
                 i += 2
                 continue
+            if word in DNSXL:
+                arg = self._dnsxl_arg(param, word, words[i + 1] if i + 1 < len(words)
+                                      else None)
+                if arg is not None:
+                    out.append((word, arg))
+                i += 2
+                continue
             if word not in SIMPLE:
                 raise ConfigError(f"unknown smtpd restriction: \"{words[i]}\" in {param}")
             out.append((word, None))
             i += 1
         return out
+
+    @staticmethod
+    def _dnsxl_arg(param: str, word: str, arg: str | None):
+        """(list domain as written, its domain, the reply filter or None) of a DNS list."""
+        if arg is None:
+            # Postfix warns and skips the restriction
+            msg.warn(f"restriction {word} requires domain name argument")
+            return None
+        domain, eq, pattern = arg.partition("=")
+        if not domain:
+            raise ConfigError(f"restriction {word} in {param}: bad list domain \"{arg}\"")
+        octets = None
+        if eq:
+            try:
+                octets = dnsbl.parse_reply_pattern(pattern)
+            except ValueError as exc:
+                raise ConfigError(f"RBL reply error: {exc}") from None
+        return arg, domain.lower().rstrip("."), octets
 
     def _domain_list(self, param: str) -> DomainList:
         try:
@@ -307,12 +389,14 @@ class Checker:
 
     def _early(self, name: str, stage: str, pending: list, state: ClientState):
         """A list of an earlier stage: its defer_if_permit waits for RCPT."""
+        state.defer_if_reject = None
         reply = self._run(name, state, None, pending)
         state.deferred[stage] = pending[0] if pending else None
         return reply
 
     def _stage(self, names, state: ClientState, rcpt: str | None, pending: list):
         """The lists of a stage; a defer_if_permit that nothing rejected is the reply."""
+        state.defer_if_reject = None
         for name in names:
             reply = self._run(name, state, rcpt, pending)
             if reply is not None:
@@ -334,7 +418,12 @@ class Checker:
             if isinstance(verdict, DeferIfPermit):
                 if not pending:         # the first reason is kept, as defer_if()
                     pending.append(verdict.reply)
+            elif isinstance(verdict, DeferIfReject):
+                if state.defer_if_reject is None:
+                    state.defer_if_reject = verdict.reply
             elif isinstance(verdict, Reply):
+                if verdict.code >= 500 and state.defer_if_reject is not None:
+                    return state.defer_if_reject
                 return verdict
         return None
 
@@ -364,6 +453,9 @@ class Checker:
             what = _STAGE[name][1]
             return Reply(503, "5.5.0", f"<{_subject(what, state, rcpt)}>: {what} rejected: "
                          "Improper use of SMTP command pipelining")
+        if restriction == "defer_if_reject":
+            return DeferIfReject(self._reject(name, state, rcpt, cfg["defer_code"],
+                                              "defer_if_reject requested"))
         if restriction == "defer_if_permit":
             return DeferIfPermit(self._reject(name, state, rcpt, cfg["defer_code"],
                                               "defer_if_permit requested"))
@@ -384,6 +476,10 @@ class Checker:
                 else 450
             return Reply(code, f"{str(code)[0]}.7.1", "Client host rejected: cannot find "
                          f"your reverse hostname, [{state.addr}]")
+        if restriction in DNSXL:
+            return self._dnsxl(restriction, table, name, state, rcpt)
+        if restriction in NAME_CHECKS:
+            return self._name_check(restriction, state, rcpt)
         if restriction in DNS_CHECKS:
             sender = restriction == "reject_unknown_sender_domain"
             address = state.sender if sender else rcpt
@@ -413,9 +509,12 @@ class Checker:
             keys, what = [state.ccert_fingerprint, state.ccert_pkey_fingerprint], \
                 "Client certificate"
         elif restriction == "check_client_access":
-            keys, what = [state.addr, state.name], "Client host"
+            parent = "smtpd_access_maps" in cfg["parent_domain_matches_subdomains"]
+            keys = _domain_keys(table, state.name, parent) + _addr_keys(table, state.addr)
+            what = "Client host"
         elif restriction == "check_helo_access":
-            keys, what = [state.helo], "Helo command"
+            parent = "smtpd_access_maps" in cfg["parent_domain_matches_subdomains"]
+            keys, what = _domain_keys(table, state.helo, parent), "Helo command"
         elif restriction == "check_sender_access":
             keys, what = _address_keys(state.sender), "Sender address"
         else:
@@ -434,9 +533,7 @@ class Checker:
         domain = _domain(address or "")
         if not domain or domain.startswith("[") or self.is_local_domain(domain):
             return None     # a local destination or an address literal: not looked up
-        if self.dns is None:        # not foreseen above; the jail has etc/resolv.conf
-            self.dns = MailhostLookup()
-        status = self.dns.status(domain)
+        status = self._lookup().mailhost(domain)
         if status == "ok":
             return None
         sender = what == "Sender address"
@@ -453,6 +550,143 @@ class Checker:
         code = self.cfg["unknown_address_reject_code"]
         return Reply(code, f"{str(code)[0]}.{detail}",
                      f"<{address}>: {what} rejected: Domain not found")
+
+    def _lookup(self) -> DnsLookup:
+        if self.dns is None:        # not foreseen above; the jail has etc/resolv.conf
+            self.dns = self._make_dns()
+        return self.dns
+
+    # --- DNS lists: smtpd_check.c's reject_rbl_addr, reject_rbl_domain, permit_dnswl_* --
+    def _dnsxl(self, restriction: str, arg, name: str, state: ClientState, rcpt):
+        """A DNS list restriction: a Reply (listed, reject_*), "permit" (listed, permit_*)
+        or None (not listed, the name is unknown, or the list could not be asked)."""
+        written, domain, octets = arg
+        if restriction in ("reject_rbl_client", "reject_rbl", "permit_dnswl_client"):
+            labels = dnsbl.reverse_address(state.addr)
+            what, reply_class = state.addr, "Client host"
+            query = f"{labels}.{domain}" if labels else None
+        else:
+            what, reply_class = {
+                "reject_rhsbl_client": (state.name, "Client host"),
+                "permit_rhswl_client": (state.name, "Client host"),
+                "reject_rhsbl_reverse_client": (state.reverse_name, "Unverified Client host"),
+                "reject_rhsbl_helo": (state.helo, "Helo command"),
+                "reject_rhsbl_sender": (state.sender, "Sender address"),
+                "reject_rhsbl_recipient": (rcpt, "Recipient address")}[restriction]
+            if not what or restriction.endswith("client") and what.lower() == "unknown":
+                return None
+            query = _rhsbl_query(what, domain)
+        if query is None:
+            return None
+        permit = restriction.startswith("permit_")
+        if permit and _STAGE[name][0] == "RCPT" and rcpt is not None and \
+                not self.relay_allowed(rcpt):
+            return None     # as Postfix: never allowlist an unauthorized destination
+        result = self._lookup().dnsxl(query)
+        if permit and result.status == "retry":
+            # Postfix's DEFER_IF_REJECT3: a later reject of this stage becomes 450
+            return DeferIfReject(Reply(450, "4.7.1", f"<{what}>: {reply_class} rejected: "
+                                       "Service unavailable"))
+        if result.status != "ok" or octets is not None and \
+                not any(dnsbl.match_reply(octets, a) for a in result.addresses):
+            return None     # not listed, or not with an answer the filter asks for
+        if permit:
+            return "permit"
+        return self._rbl_reply(written, domain, what, reply_class, result.txt, state, rcpt)
+
+    def _rbl_reply(self, written: str, domain: str, what: str, reply_class: str,
+                   txt: str | None, state: ClientState, rcpt) -> Reply:
+        """rbl_reply_maps' template for the list (as written), else default_rbl_reply,
+        expanded as Postfix's rbl_reject_reply()."""
+        template = None
+        for table in self.rbl_reply_maps:
+            template = table.lookup(written)
+            if template is not None:
+                break
+        values = {"rbl_code": str(self.cfg["maps_rbl_reject_code"]), "rbl_domain": domain,
+                  "rbl_reason": txt or "", "rbl_txt": txt or "", "rbl_what": what,
+                  "rbl_class": reply_class, "client_address": state.addr,
+                  "client_name": state.name, "reverse_client_name": state.reverse_name,
+                  "helo_name": state.helo or "", "sender": state.sender or "",
+                  "recipient": rcpt or ""}
+        text = None
+        if template is not None:
+            try:
+                text = dnsbl.expand_reply(template, values)
+            except ValueError:
+                msg.warn(f"rbl_reject_reply: bad rbl reply template for domain "
+                         f"{written}: {template}")
+        if text is None:
+            try:
+                text = dnsbl.expand_reply(self.default_rbl_reply, values)
+            except ValueError:
+                msg.warn(f"rbl_reject_reply: bad default rbl reply template: "
+                         f"{self.default_rbl_reply}")
+                return Reply(450, "4.7.1", "Service unavailable")
+        m = re.match(r"([45]\d\d) (.*)", text, re.DOTALL)
+        if not m:
+            msg.warn(f"rbl response code configuration error: {text}")
+            return Reply(450, "4.7.1", "Service unavailable")
+        code, text = int(m.group(1)), m.group(2)
+        dsn = "4.7.1"
+        words = text.split(" ", 1)
+        if _DSN_RE.match(words[0]):
+            dsn, text = words[0], (words[1] if len(words) > 1 else "")
+        return Reply(code, _dsn_fix(f"{str(code)[0]}{dsn[1:]}", reply_class),
+                     text or "Service unavailable")
+
+    # --- HELO and address syntax: reject_invalid_hostname and friends ------------------
+    def _name_check(self, restriction: str, state: ClientState, rcpt):
+        cfg = self.cfg
+        if restriction in ("reject_non_fqdn_sender", "reject_non_fqdn_recipient"):
+            sender = restriction == "reject_non_fqdn_sender"
+            address = state.sender if sender else rcpt
+            if not address:
+                return None         # no MAIL yet, or the null sender
+            domain = address.rpartition("@")[2] if "@" in address else ""
+            if domain.startswith("[") and domain.endswith("]"):
+                return None
+            domain = _truncate_dot(domain)
+            if domain and dnsbl.valid_hostname(domain) and "." in domain:
+                return None
+            code = cfg["non_fqdn_reject_code"]
+            what = "Sender address" if sender else "Recipient address"
+            return Reply(code, f"{str(code)[0]}.5.2",
+                         f"<{address}>: {what} rejected: need fully-qualified address")
+        helo = state.helo
+        if not helo:
+            return None
+        if helo.startswith("["):    # an address literal: valid_mailhost_addr()
+            inner = helo[1:-1] if len(helo) > 2 and helo.endswith("]") else helo
+            if dnsbl.valid_mailhost_literal(inner):
+                return None
+            code = cfg["invalid_hostname_reject_code"]
+            return Reply(code, f"{str(code)[0]}.5.2",
+                         f"<{helo}>: Helo command rejected: invalid ip address")
+        name = _truncate_dot(helo)
+        if restriction in ("reject_invalid_helo_hostname", "reject_invalid_hostname"):
+            if dnsbl.valid_hostname(name) or dnsbl.valid_hostaddr(name):
+                return None
+            code = cfg["invalid_hostname_reject_code"]
+            return Reply(code, f"{str(code)[0]}.5.2",
+                         f"<{helo}>: Helo command rejected: Invalid name")
+        if restriction in ("reject_non_fqdn_helo_hostname", "reject_non_fqdn_hostname"):
+            if dnsbl.valid_hostname(name) and "." in name:
+                return None
+            code = cfg["non_fqdn_reject_code"]
+            return Reply(code, f"{str(code)[0]}.5.2",
+                         f"<{helo}>: Helo command rejected: need fully-qualified hostname")
+        # reject_unknown_helo_hostname: A, AAAA or MX records
+        status = self._lookup().hostname(helo)
+        if status == "ok":
+            return None
+        if status == "retry":
+            # unknown_helo_hostname_tempfail_action's default, defer_if_permit
+            return DeferIfPermit(Reply(450, "4.7.1",
+                                       f"<{helo}>: Helo command rejected: Host not found"))
+        code = cfg["unknown_hostname_reject_code"]
+        return Reply(code, f"{str(code)[0]}.7.1",
+                     f"<{helo}>: Helo command rejected: Host not found")
 
     def _action(self, action: str, name: str, state, rcpt, what: str):
         """An access(5) table result."""
@@ -477,6 +711,13 @@ class Checker:
             return Reply(code, dsn, text or "Access denied")
         if word.lower() in SIMPLE:      # a restriction name as the action, as access(5)
             return self._apply(word.lower(), None, name, state, rcpt)
+        if word.lower() in DNSXL and len(text.split()) == 1:   # a DNS list and its domain
+            try:
+                arg = self._dnsxl_arg(name, word.lower(), text.strip())
+            except ConfigError as exc:
+                msg.warn(f"access table: {exc} -- ignored")
+                return None
+            return self._dnsxl(word.lower(), arg, name, state, rcpt)
         msg.warn(f"access table: unknown action \"{action}\" -- ignored")
         return None
 
@@ -568,67 +809,15 @@ class NetworkList:
 
 
 @dataclass
-class DeferIfPermit:
-    """A verdict that becomes the reply only if the stage would otherwise permit."""
+class DeferIfReject:
+    """A 450 that replaces any 5XX reject later in the same stage."""
     reply: Reply
 
 
-class MailhostLookup:
-    """Whether a mail domain exists in the DNS: MX, then A, then AAAA, as Postfix's
-    dns_lookup_l() for reject_unknown_mailhost. The resolver is the system's (resolv.conf,
-    read when this is made: before the chroot)."""
-
-    TYPES = ("MX", "A", "AAAA")
-
-    def __init__(self, resolver: dns.resolver.Resolver | None = None):
-        self.problem: str | None = None     # said at the first lookup, not before
-        if resolver is None:
-            try:
-                resolver = dns.resolver.Resolver()
-            except Exception as exc:       # noqa: BLE001 - no or unreadable resolv.conf
-                self.problem = f"cannot read resolver configuration: {exc}"
-                resolver = dns.resolver.Resolver(configure=False)
-                resolver.nameservers = ["127.0.0.1"]
-        resolver.use_search_by_default = False   # absolute names, as Postfix
-        self.resolver = resolver
-
-    def status(self, domain: str) -> str:
-        """ok, notfound, retry (a temporary failure, a malformed reply too) or nullmx."""
-        if self.problem:
-            msg.warn(self.problem)
-            self.problem = None
-        try:
-            qname = dns.name.from_text(domain.rstrip(".") + ".")
-        except (dns.exception.DNSException, UnicodeError, ValueError):
-            return "notfound"
-        soft = False
-        for rdtype in self.TYPES:
-            try:
-                answer = self.resolver.resolve(qname, rdtype, raise_on_no_answer=False,
-                                               search=False)
-            except dns.resolver.NXDOMAIN:
-                return "notfound"         # no such name: no other type will have it
-            except (dns.exception.DNSException, OSError, ValueError, EOFError):
-                soft = True               # timeout, SERVFAIL, refused: try again later
-                continue
-            except Exception:             # noqa: BLE001 - whatever a server sends
-                soft = True
-                continue
-            if answer.rrset is not None and len(answer.rrset):
-                if rdtype == "MX" and len(answer.rrset) == 1 and \
-                        next(iter(answer.rrset)).exchange == dns.name.root:
-                    return "nullmx"
-                return "ok"
-        return "retry" if soft else "notfound"
-
-
-def _load_record_types() -> None:
-    """The record classes dnspython imports on first use: now, before any chroot."""
-    for name in ("A", "AAAA", "MX", "CNAME", "SOA", "NS"):
-        dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(name))
-
-
-_load_record_types()
+@dataclass
+class DeferIfPermit:
+    """A verdict that becomes the reply only if the stage would otherwise permit."""
+    reply: Reply
 
 
 # list -> (where, Postfix's reply class): the subject and words of its reject replies
@@ -647,6 +836,84 @@ def _subject(what: str, state: ClientState, rcpt: str | None) -> str:
     return {"Client host": state.client, "Client certificate": state.client,
             "Helo command": state.helo or "", "Sender address": state.sender or "",
             "Data command": "DATA", "End-of-data": "END-OF-MESSAGE"}.get(what, rcpt or "")
+
+
+def _truncate_dot(name: str) -> str:
+    """A name ending in one dot (not two) without it, as smtpd_check.c's dup_if_truncate."""
+    return name[:-1] if len(name) > 1 and name.endswith(".") and name[-2] != "." else name
+
+
+def _rhsbl_query(what: str, list_domain: str) -> str | None:
+    """The query of a right-hand-side list for a name or address (find_dnsxl_domain):
+    none for an address literal, a name with a numeric last label, or an invalid name."""
+    domain = what.rpartition("@")[2] if "@" in what else what
+    if not domain or domain.startswith("["):
+        return None
+    if domain.rpartition(".")[2].isdigit():
+        return None         # Spamhaus answers "No IP queries"; Postfix skips these
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    if not dnsbl.valid_hostname(domain):
+        return None
+    return f"{domain}.{list_domain}"
+
+
+# smtpd_dsn_fix.c: an address status (X.1.Y) follows what is rejected
+_DSN_FIX = {"1": ("X.1.7", "X.1.1"), "2": ("X.1.8", "X.1.2"), "3": ("X.1.7", "X.1.3"),
+            "4": ("X.1.7", "X.1.4"), "5": ("X.1.0", "X.1.5"), "6": ("X.1.7", "X.1.6"),
+            "7": ("X.1.7", "X.1.3"), "8": ("X.1.8", "X.1.2")}
+
+
+def _dsn_fix(dsn: str, reply_class: str) -> str:
+    """Postfix's smtpd_dsn_fix(): an address DSN fitted to the reply class."""
+    if dsn[1:4] != ".1.":
+        return dsn
+    if reply_class in ("Sender address", "Recipient address"):
+        pair = _DSN_FIX.get(dsn[4:], ("X.1.0", "X.1.0"))
+        fixed = pair[0 if reply_class == "Sender address" else 1]
+    else:
+        fixed = "X.0.0"
+    return dsn[0] + fixed[1:]
+
+
+# Tables that match patterns: Postfix asks them with the whole key only (not the parent
+# domains or networks, its PARTIAL lookups).
+_PATTERN_TABLES = {"regexp", "pcre", "cidr"}
+
+
+def _domain_keys(table, name: str | None, parent: bool) -> list[str]:
+    """A host name, then its parent domains (example.com, or .example.com when
+    smtpd_access_maps is not in parent_domain_matches_subdomains), as smtpd_check.c's
+    check_domain_access; an address or a name without a dot has no parents."""
+    if not name:
+        return []
+    keys = [name]
+    if getattr(table, "type", "") in _PATTERN_TABLES or dnsbl.valid_hostaddr(name):
+        return keys
+    rest = name
+    while "." in rest[1:]:
+        rest = rest[rest.index(".", 1):]
+        keys.append(rest[1:] if parent else rest)
+    return [k for k in keys if k]
+
+
+def _addr_keys(table, addr: str) -> list[str]:
+    """An address, then its parent networks (1.2.3, 1.2, 1; IPv6 at its colons), as
+    smtpd_check.c's check_addr_access."""
+    if not addr:
+        return []
+    keys = [addr]
+    if getattr(table, "type", "") in _PATTERN_TABLES:
+        return keys
+    delim = ":" if ":" in addr else "."
+    rest = addr
+    while delim in rest:
+        rest = rest.rpartition(delim)[0]
+        keys.append(rest)
+    return [k for k in keys if k]
 
 
 def _address_keys(address: str | None) -> list[str]:

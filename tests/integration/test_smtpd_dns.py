@@ -1,10 +1,10 @@
 """reject_unknown_sender_domain and reject_unknown_recipient_domain against a real DNS
 server: a private dnsmasq on 127.0.0.1, and a UDP port that never answers.
 
-smtpd asks the system resolver (resolv.conf, read before the chroot) and postfix-py has no
-smtpd parameter to point it elsewhere, so these tests give smtpd/check.py's Checker a
-dnspython resolver aimed at dnsmasq: the lookups, the decisions and the replies are the
-real ones, only the resolver configuration is the test's.
+smtpd asks the system resolver (resolv.conf, read before the chroot) or smtpd_dns_nameservers;
+these tests give smtpd/check.py's Checker a dnspython resolver aimed at dnsmasq
+(Checker(cfg, resolver)): the lookups, the decisions and the replies are the real ones, only
+the resolver configuration is the test's. test_smtpd_dnsbl.py has a real-instance test.
 """
 
 import os
@@ -17,7 +17,8 @@ import pytest
 
 from pfxinst import free_port, wait_for
 from postfix_py.lib import maincf
-from postfix_py.smtpd.check import Checker, ClientState, MailhostLookup
+from postfix_py.lib.dnsbl import DnsLookup
+from postfix_py.smtpd.check import Checker, ClientState
 
 DNSMASQ = shutil.which("dnsmasq", path="/usr/sbin:/usr/bin")
 pytestmark = pytest.mark.skipif(not DNSMASQ or os.geteuid() != 0,
@@ -76,10 +77,11 @@ def checker(port: int, **values) -> Checker:
             "smtpd_recipient_restrictions": "reject_unknown_recipient_domain, "
                                             "permit_mynetworks, reject_unauth_destination"}
     base.update(values)
-    c = Checker(maincf.Config("/nonexistent", "/nonexistent/main.cf", overrides=base))
-    assert isinstance(c.dns, MailhostLookup)       # built because a list needs it
-    c.dns = MailhostLookup(resolver(port))
-    return c
+    assert isinstance(Checker(maincf.Config("/nonexistent", "/nonexistent/main.cf",
+                                            overrides=base)).dns,
+                      DnsLookup)       # built because a list needs it
+    return Checker(maincf.Config("/nonexistent", "/nonexistent/main.cf", overrides=base),
+                   resolver(port))
 
 
 def rcpt(c: Checker, sender: str, recipient: str = "u@localhost") -> str | None:
