@@ -371,7 +371,7 @@ for _suffix, _default, _type, _doc, *_extra in _SMTP_CLIENT_TLS:
 # Values that the program expands itself, with names of its own ($home, $user, ...), as
 # Postfix's "raw" parameters: main.cf's $name expansion and its undefined-name warnings
 # leave them alone (local/service.py reads them with Config.raw()).
-RAW = frozenset({"forward_path", "mailbox_command"})
+RAW = frozenset({"forward_path", "mailbox_command", "default_rbl_reply"})
 
 _BY_NAME: dict[str, Param] = {}
 for _row in PARAMS:
