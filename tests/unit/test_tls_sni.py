@@ -1,5 +1,5 @@
 """lib/tls.py's tls_server_sni_maps: lookup order, table and file errors, and real
-handshakes over socket pairs that get the chain of the name (integration: test_tls_sni)."""
+handshakes over socket pairs that get the chain of the name (integration: test_tls_sni_served)."""
 
 import socket
 
