@@ -37,6 +37,7 @@ SECURITY
 from __future__ import annotations
 
 import errno
+import os
 import re
 import time
 
@@ -172,6 +173,8 @@ class Session:
         self.noop_commands = {c.lower() for c in cfg["smtpd_noop_commands"]}
         self.discard_ehlo = {k.lower() for k in cfg["smtpd_discard_ehlo_keywords"]}
         self.overshoot_limit = cfg["smtpd_recipient_overshoot_limit"]
+        self.seqno = 0                  # messages begun: the policy "instance"
+        self.client.session_attrs = self.policy_attrs
         self.reset()
 
     # --- configuration ---------------------------------------------------------------------
@@ -267,6 +270,30 @@ class Session:
         return "ESMTP" + ("S" if self.tls_active else "") + \
             ("A" if self.client.sasl_username else "")
 
+    def policy_attrs(self) -> dict:
+        """The session's part of a check_policy_service request (smtpd/check.py)."""
+        attrs = {"protocol_state": self.last, "protocol_name": self.protocol(),
+                 "queue_id": self.writer.id if self.writer is not None else "",
+                 "recipient_count": len(self.rcpts), "instance": self.instance,
+                 "size": self.data_bytes or self.msg_size,
+                 "sasl_method": self.sasl_method or "", "sasl_sender": self.sasl_sender or ""}
+        for key, call in (("client", "getpeername"), ("server", "getsockname")):
+            try:
+                host, port = getattr(self.s.sock, call)()[:2]
+            except (OSError, AttributeError, ValueError, TypeError):
+                continue
+            host = host[7:] if host.startswith("::ffff:") else host
+            attrs[f"{key}_port"] = str(port)
+            if key == "server":
+                attrs["server_address"] = host
+        info = self.tls_info if self.tls_active else None
+        if info is not None:
+            attrs.update(encryption_protocol=info.protocol,
+                         encryption_cipher=info.cipher_name,
+                         encryption_keysize=info.cipher_usebits,
+                         ccert_subject=info.peer_CN, ccert_issuer=info.issuer_CN)
+        return attrs
+
     # --- transaction state -------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the mail transaction (RSET, end of DATA, STARTTLS)."""
@@ -278,6 +305,8 @@ class Session:
         self.client.sender = None
         self.sasl_sender: str | None = None
         self.rcpt_overshoot = 0
+        self.msg_size = 0               # MAIL FROM's SIZE=
+        self.instance = ""
 
     # --- the session -------------------------------------------------------------------------
     def run(self) -> None:
@@ -617,6 +646,7 @@ class Session:
             self.reply("452 4.3.1 Insufficient system storage")
             return False
         self.client.sender = addr
+        self.msg_size = size
         denied = self.checker.mail(self.client)
         if denied is not None:
             self.log_reject("MAIL", denied)
@@ -624,6 +654,10 @@ class Session:
             self.reply(str(denied))
             return False
         self.sender = addr
+        # as Postfix's mail_cmd: one instance per transaction, after the checks
+        now = time.time()
+        self.instance = f"{os.getpid():x}.{int(now):x}.{int(now % 1 * 1e6):x}.{self.seqno:x}"
+        self.seqno += 1
         self.reply("250 2.1.0 Ok")
         return True
 
