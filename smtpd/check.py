@@ -27,6 +27,13 @@ RESTRICTIONS
     5.7.27 / 556 5.1.10; a DNS failure for now acts as unknown_address_tempfail_action's
     default, defer_if_permit. Local (mydestination) and [literal] domains are not looked
     up. The DNS is the system resolver's (resolv.conf, read before the chroot).
+    check_policy_service inet:host:port or unix:path (a relative path from
+    queue_directory, the jail's root): ask a policy server (lib/policy_client.py, Postfix's
+    SMTPD_POLICY_README protocol, with every attribute Postfix 3.7 sends) and apply its
+    action as an access(5) result; when it cannot be asked,
+    smtpd_policy_service_default_action. Access results also take DEFER_IF_PERMIT text,
+    RELAY, and PREPEND header: text (a header above smtpd's Received:, before
+    end-of-data only).
 
 CONFIGURATION PARAMETERS
     smtpd_client_restrictions, smtpd_helo_restrictions, smtpd_sender_restrictions,
@@ -35,7 +42,11 @@ CONFIGURATION PARAMETERS
     relay_domains, relay_clientcerts, parent_domain_matches_subdomains, the reply codes
     reject_code (554), defer_code (450), access_map_reject_code (554),
     relay_domains_reject_code (554), unknown_client_reject_code (450),
-    unknown_address_reject_code (450).
+    unknown_address_reject_code (450); smtpd_policy_service_timeout (100s),
+    smtpd_policy_service_max_idle (300s), smtpd_policy_service_max_ttl (1000s),
+    smtpd_policy_service_request_limit (0), smtpd_policy_service_try_limit (2),
+    smtpd_policy_service_retry_delay (1s), smtpd_policy_service_default_action (451 4.3.5
+    Server configuration problem), smtpd_policy_service_policy_context (empty).
 
 FUNCTIONS
     Checker(cfg) compiles the lists once per worker (tables opened, ConfigError for an
@@ -85,6 +96,7 @@ POLICY = "check_policy_service"
 WITH_TABLE = {"check_ccert_access", "check_client_access", "check_helo_access",
               "check_sender_access", "check_recipient_access"}
 COMPATIBILITY_LEVEL = "3.6"     # what check_policy_service sends: see lib/params.py
+_HEADER_RE = re.compile(r"^[!-9;-~]+:")     # a header name (printable, no colon)
 _DSN_RE = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
 # The parameters that list client networks, all matched by NetworkList.
 NETWORK_LISTS = ("mynetworks", "smtpd_forbid_bare_newline_exclusions",
@@ -124,6 +136,8 @@ class ClientState:
     # What check_policy_service sends of the session (protocol_state, queue_id, size, TLS,
     # ...): a function of the session's, -> dict of attribute values (policy_attrs).
     session_attrs: object = None
+    # PREPEND results of this transaction: headers above smtpd's Received: (smtpd.c)
+    prepend: list = field(default_factory=list)
 
     @property
     def client(self) -> str:
@@ -529,6 +543,18 @@ class Checker:
         if upper == "DEFER":
             return self._reject(name, state, rcpt, self.cfg["defer_code"],
                                 text or "Access denied", what)
+        if upper == "PREPEND":
+            # as check_table_result: a header for the message, before end-of-data only
+            if name == "smtpd_end_of_data_restrictions":
+                msg.warn("access table: action PREPEND must be used before "
+                         "smtpd_end_of_data_restrictions")
+            elif state.sender is None:
+                msg.warn("access table: action PREPEND is unavailable before MAIL FROM")
+            elif not _HEADER_RE.match(text):
+                msg.warn(f"access table: entry \"{action}\" requires header: text")
+            else:
+                state.prepend.append(text)
+            return None
         if upper == "DEFER_IF_PERMIT":      # with its own text, as check_table_result
             return DeferIfPermit(self._reject(name, state, rcpt, self.cfg["defer_code"],
                                               text or "Service unavailable", what))

@@ -306,6 +306,7 @@ class Session:
         self.sasl_sender: str | None = None
         self.rcpt_overshoot = 0
         self.msg_size = 0               # MAIL FROM's SIZE=
+        self.client.prepend = []
         self.instance = ""
 
     # --- the session -------------------------------------------------------------------------
@@ -791,7 +792,9 @@ class Session:
         self.s.flush()
         problem = None
         try:
-            self.writer.write(self.received_header())
+            # access PREPEND headers above the Received: header, as Postfix's smtpd
+            self.writer.write("".join(h + "\n" for h in self.client.prepend)
+                              .encode("utf-8", "surrogateescape") + self.received_header())
         except OSError as exc:
             problem = exc
         result = self.read_content(problem)
