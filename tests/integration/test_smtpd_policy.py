@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -146,6 +147,102 @@ def test_server_down_warns_and_applies_the_default_action(mta):
     wait_for(lambda: "reload" in mta.log(), 10, what="reload")
     assert rcpt_attempt(mta.port, "alice@example.org", rcpt, data=True).startswith(
         "250 2.0.0 Ok: queued as ")
+
+
+class Recorder:
+    """A policy server in the test: records each request, answers DUNNO (PREPEND at RCPT),
+    counts its connections."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.requests: list[dict] = []
+        self.connections = 0
+        self.done = False
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while not self.done:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self.client, args=(conn,), daemon=True).start()
+
+    def client(self, conn):
+        with conn, conn.makefile("rb") as rfile:
+            attrs = {}
+            for raw in rfile:
+                line = raw.decode().rstrip("\n")
+                if line:
+                    name, _, value = line.partition("=")
+                    attrs[name] = value
+                    continue
+                self.requests.append(attrs)
+                action = "PREPEND X-Policy: seen" if attrs["protocol_state"] == "RCPT" \
+                    else "DUNNO"
+                conn.sendall(f"action={action}\n\n".encode())
+                attrs = {}
+
+    def close(self):
+        self.done = True
+        self.thread.join(2)
+        self.sock.close()
+
+
+def test_every_stage_asks_with_the_session_attributes(mta):
+    server = Recorder()
+    try:
+        policy = f"check_policy_service inet:127.0.0.1:{server.port}"
+        mta.main.update({"smtpd_delay_reject": "no",
+                         "smtpd_client_restrictions": policy,
+                         "smtpd_helo_restrictions": policy,
+                         "smtpd_sender_restrictions": policy,
+                         "smtpd_recipient_restrictions": f"reject_unauth_destination, {policy}",
+                         "smtpd_data_restrictions": policy,
+                         "smtpd_end_of_data_restrictions": policy,
+                         "smtpd_policy_service_policy_context": "test-ctx"})
+        # one smtpd process for both sessions: its policy connection is kept
+        mta.master_lines = [f"127.0.0.1:{mta.port} inet n - y - 1 smtpd"]
+        mta.start()
+        rcpt = "bob@mail.test.example"
+        for _ in range(2):
+            reply = rcpt_attempt(mta.port, "alice@example.org", rcpt, data=True)
+            assert reply.startswith("250 2.0.0 Ok: queued as ")
+        queued = mta.queued()
+        assert len(queued) == 2
+        reqs = server.requests
+        assert [r["protocol_state"] for r in reqs] == \
+            ["CONNECT", "EHLO", "MAIL", "RCPT", "DATA", "END-OF-MESSAGE"] * 2
+        first, second = reqs[:6], reqs[6:]
+        for req in reqs:
+            assert req["request"] == "smtpd_access_policy"
+            assert (req["client_address"], req["client_name"]) == ("127.0.0.1", "localhost")
+            assert req["server_address"] == "127.0.0.1"
+            assert req["server_port"] == str(mta.port) and req["client_port"].isdigit()
+            assert req["policy_context"] == "test-ctx" and req["mail_version"]
+        assert first[0]["helo_name"] == "" and first[1]["helo_name"] == "client.test"
+        assert first[2]["sender"] == "alice@example.org" and first[2]["recipient"] == ""
+        assert first[3]["recipient"] == rcpt and first[3]["recipient_count"] == "0"
+        assert first[4]["recipient_count"] == "1" and first[5]["recipient_count"] == "1"
+        assert first[3]["protocol_name"] == "ESMTP"
+        # one instance per message, from RCPT to the end of data; a new one for the next
+        assert first[2]["instance"] == ""
+        assert first[3]["instance"] == first[4]["instance"] == first[5]["instance"] != ""
+        assert second[3]["instance"] == second[5]["instance"] != first[3]["instance"]
+        ids = {m.queue_id for m, _ in queued}
+        assert first[4]["queue_id"] in ids and first[5]["queue_id"] == first[4]["queue_id"]
+        assert int(first[5]["size"]) > 0
+        # the PREPEND of RCPT time, above Received:
+        assert all(content.startswith("X-Policy: seen\nReceived: ") for _, content in queued)
+        assert server.connections == 1
+    finally:
+        server.close()
 
 
 @pytest.fixture
