@@ -13,11 +13,14 @@ ENDPOINTS
 
 CONNECTIONS
     A connection is kept for the next request (and the next SMTP session of the same smtpd
-    process) until it has been idle max_idle seconds, or open max_ttl seconds, or served
-    request_limit requests (0: no limit). A connection that is readable before a request
-    is sent was closed by the server: it is dropped and the request tried again. Each
-    failed try waits try_delay seconds and reconnects; after try_limit tries the request
-    fails (None), and the caller applies its default action.
+    process) unless it has been idle max_idle seconds, or open max_ttl seconds, or served
+    request_limit requests (0: no limit). Postfix's auto_clnt closes an idle connection
+    from a timer; smtpd here has no event loop between sessions, so an expired connection
+    is closed at the next request (or when the process ends) and a new one made. A
+    connection that is readable before a request is sent was closed by the server: it is
+    dropped and the request tried again. Each failed try waits try_delay seconds and
+    reconnects; after try_limit tries the request fails (None), and the caller applies
+    its default action.
 
 LOG LINES
     Postfix's: "warning: connect to HOST:PORT: Connection refused" (or the unix path),
