@@ -316,3 +316,24 @@ def test_endpoint_must_be_given():
         checker("")
     with pytest.raises(maincf.ConfigError):
         checker("tcp:127.0.0.1:1")
+
+
+def test_prepend_collects_headers_before_end_of_data_only(warnings):
+    answers = {"RCPT": "PREPEND X-Seen: yes", "DATA": "PREPEND not a header",
+               "END-OF-MESSAGE": "PREPEND X-Late: no"}
+    server = PolicyServer(lambda a: [f"action={answers[a['protocol_state']]}"])
+    try:
+        policy = f"check_policy_service {server.endpoint}"
+        c = checker(server.endpoint, smtpd_data_restrictions=policy,
+                    smtpd_end_of_data_restrictions=policy)
+        s = state()
+        assert c.rcpt(s, "u@localhost") is None
+        assert c.data(s, "u@localhost") is None
+        assert c.end_of_data(s, "u@localhost") is None
+        assert s.prepend == ["X-Seen: yes"]
+        assert [line.split(": ", 1)[1] for line in warnings()] == [
+            'warning: access table: entry "PREPEND not a header" requires header: text',
+            "warning: access table: action PREPEND must be used before "
+            "smtpd_end_of_data_restrictions"]
+    finally:
+        server.close()
