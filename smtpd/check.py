@@ -59,6 +59,13 @@ RESTRICTIONS
     as with defer_if_reject.
     The DNS is the system resolver's (resolv.conf, read before the chroot), or that of
     smtpd_dns_nameservers; lib/dnsbl.py asks it.
+    check_policy_service inet:host:port or unix:path (a relative path from
+    queue_directory, the jail's root): ask a policy server (lib/policy_client.py, Postfix's
+    SMTPD_POLICY_README protocol, with every attribute Postfix 3.7 sends) and apply its
+    action as an access(5) result; when it cannot be asked,
+    smtpd_policy_service_default_action. Access results also take DEFER_IF_PERMIT text,
+    RELAY, and PREPEND header: text (a header above smtpd's Received:, before
+    end-of-data only).
 
 CONFIGURATION PARAMETERS
     smtpd_client_restrictions, smtpd_helo_restrictions, smtpd_sender_restrictions,
@@ -71,7 +78,11 @@ CONFIGURATION PARAMETERS
     unknown_address_reject_code (450), unknown_hostname_reject_code (450),
     invalid_hostname_reject_code (501), non_fqdn_reject_code (504), maps_rbl_reject_code
     (554), rbl_reply_maps (empty), default_rbl_reply, smtpd_dns_nameservers (empty; a
-    postfix-py extension).
+    postfix-py extension); smtpd_policy_service_timeout (100s),
+    smtpd_policy_service_max_idle (300s), smtpd_policy_service_max_ttl (1000s),
+    smtpd_policy_service_request_limit (0), smtpd_policy_service_try_limit (2),
+    smtpd_policy_service_retry_delay (1s), smtpd_policy_service_default_action (451 4.3.5
+    Server configuration problem), smtpd_policy_service_policy_context (empty).
 
 FUNCTIONS
     Checker(cfg, resolver=None) compiles the lists once per worker (tables opened,
@@ -100,6 +111,7 @@ from dataclasses import dataclass, field
 
 from ..lib import dnsbl, msg, tables
 from ..lib.dnsbl import DnsLookup
+from ..lib.policy_client import PolicyClient
 from ..lib.address import virtual_mailbox_known
 from ..lib.domains import DomainList
 from ..lib.maincf import ConfigError
@@ -123,8 +135,11 @@ SIMPLE |= NAME_CHECKS | {"defer_if_reject"}
 DNSXL = {"reject_rbl_client", "reject_rbl", "permit_dnswl_client", "reject_rhsbl_client",
          "permit_rhswl_client", "reject_rhsbl_reverse_client", "reject_rhsbl_helo",
          "reject_rhsbl_sender", "reject_rhsbl_recipient"}
+POLICY = "check_policy_service"
 WITH_TABLE = {"check_ccert_access", "check_client_access", "check_helo_access",
               "check_sender_access", "check_recipient_access"}
+COMPATIBILITY_LEVEL = "3.6"     # what check_policy_service sends: see lib/params.py
+_HEADER_RE = re.compile(r"^[!-9;-~]+:")     # a header name (printable, no colon)
 _DSN_RE = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
 # The parameters that list client networks, all matched by NetworkList.
 NETWORK_LISTS = ("mynetworks", "smtpd_forbid_bare_newline_exclusions",
@@ -164,6 +179,11 @@ class ClientState:
     # defer_if_reject raised in the current stage (a DNS allow list that did not answer):
     # a later 5XX reject of the stage becomes this 450 (smtpd_check.c's defer_if_reject)
     defer_if_reject: "Reply | None" = None
+    # What check_policy_service sends of the session (protocol_state, queue_id, size, TLS,
+    # ...): a function of the session's, -> dict of attribute values (policy_attrs).
+    session_attrs: object = None
+    # PREPEND results of this transaction: headers above smtpd's Received: (smtpd.c)
+    prepend: list = field(default_factory=list)
 
     @property
     def client(self) -> str:
@@ -185,6 +205,7 @@ class Checker:
     def __init__(self, cfg, resolver=None):
         self.cfg = cfg
         self._tables: dict[str, tables.Table] = {}
+        self._policy: dict[str, PolicyClient] = {}   # one per endpoint, kept across sessions
         self.lists = {name: self._compile(name, cfg[name]) for name in self.LISTS}
         relay = [r for r, _ in self.lists["smtpd_relay_restrictions"]]
         rcpt = [r for r, _ in self.lists["smtpd_recipient_restrictions"]]
@@ -258,6 +279,13 @@ class Checker:
                     out.append((word, arg))
                 i += 2
                 continue
+            if word == POLICY:
+                if i + 1 >= len(words) or ":" not in words[i + 1]:
+                    raise ConfigError(f"restriction {word} in {param} requires a "
+                                      f"transport:endpoint argument")
+                out.append((word, self._policy_client(words[i + 1])))
+                i += 2
+                continue
             if word not in SIMPLE:
                 raise ConfigError(f"unknown smtpd restriction: \"{words[i]}\" in {param}")
             out.append((word, None))
@@ -281,6 +309,20 @@ class Checker:
             except ValueError as exc:
                 raise ConfigError(f"RBL reply error: {exc}") from None
         return arg, domain.lower().rstrip("."), octets
+    def _policy_client(self, endpoint: str) -> PolicyClient:
+        """The client of a check_policy_service endpoint, made once (policy_client_register)."""
+        if endpoint not in self._policy:
+            cfg = self.cfg
+            try:
+                self._policy[endpoint] = PolicyClient(
+                    endpoint, cfg["smtpd_policy_service_timeout"],
+                    cfg["smtpd_policy_service_max_idle"], cfg["smtpd_policy_service_max_ttl"],
+                    cfg["smtpd_policy_service_request_limit"],
+                    cfg["smtpd_policy_service_try_limit"],
+                    cfg["smtpd_policy_service_retry_delay"])
+            except ValueError as exc:
+                raise ConfigError(f"check_policy_service {endpoint}: {exc}") from None
+        return self._policy[endpoint]
 
     def _domain_list(self, param: str) -> DomainList:
         try:
@@ -461,6 +503,8 @@ class Checker:
                                               "defer_if_permit requested"))
         if restriction == "permit_mynetworks":
             return "permit" if self.in_mynetworks(state.addr, state.name) else None
+        if restriction == POLICY:
+            return self._policy_service(table, name, state, rcpt)
         if restriction in ("reject_unknown_client_hostname", "reject_unknown_client"):
             # RFC 7372's 4.7.25; a temporary lookup failure is always 450 (smtpd_check.c)
             if state.name_status == "ok":
@@ -526,6 +570,54 @@ class Checker:
             if action is not None:
                 return self._action(action, name, state, rcpt, what)
         return None
+
+    def _policy_service(self, client: PolicyClient, name: str, state: ClientState, rcpt):
+        """check_policy_service: ask the server, apply its action as an access(5) result;
+        when it cannot be asked, smtpd_policy_service_default_action (smtpd_check.c)."""
+        cfg = self.cfg
+        where, what = _STAGE[name]
+        session = state.session_attrs() if callable(state.session_attrs) else {}
+        if where not in ("DATA", "END-OF-MESSAGE"):
+            where = session.get("protocol_state") or where
+        at_data = where in ("DATA", "END-OF-MESSAGE")
+        attrs = [("request", "smtpd_access_policy"), ("protocol_state", where),
+                 ("protocol_name", session.get("protocol_name", "SMTP")),
+                 ("client_address", state.addr), ("client_name", state.name),
+                 ("client_port", session.get("client_port", "")),
+                 ("reverse_client_name", state.reverse_name),
+                 ("server_address", session.get("server_address", "")),
+                 ("server_port", session.get("server_port", "")),
+                 ("helo_name", state.helo or ""), ("sender", state.sender or ""),
+                 ("recipient", rcpt or ""),
+                 ("recipient_count", session.get("recipient_count", 0) if at_data else 0),
+                 ("queue_id", session.get("queue_id", "")),
+                 ("instance", session.get("instance", "")),
+                 ("size", session.get("size", 0)),
+                 ("etrn_domain", session.get("etrn_domain", "")),
+                 ("stress", cfg.get("stress") or ""),
+                 ("sasl_method", session.get("sasl_method", "") if state.sasl_username
+                  else ""),
+                 ("sasl_username", state.sasl_username or ""),
+                 ("sasl_sender", session.get("sasl_sender", "")),
+                 # the certificate's names only when it is trusted, xtext-quoted
+                 ("ccert_subject", _xtext(session.get("ccert_subject", ""))
+                  if state.ccert_verified else ""),
+                 ("ccert_issuer", _xtext(session.get("ccert_issuer", ""))
+                  if state.ccert_verified else ""),
+                 ("ccert_fingerprint", state.ccert_fingerprint or ""),
+                 ("ccert_pubkey_fingerprint", state.ccert_pkey_fingerprint or ""),
+                 ("encryption_protocol", session.get("encryption_protocol", "")),
+                 ("encryption_cipher", session.get("encryption_cipher", "")),
+                 ("encryption_keysize", session.get("encryption_keysize", 0)),
+                 ("policy_context", cfg.get("smtpd_policy_service_policy_context") or ""),
+                 # the level whose defaults postfix-py follows (lib/params.py DEVIATIONS)
+                 ("compatibility_level", COMPATIBILITY_LEVEL),
+                 ("mail_version", cfg.get("mail_version") or "")]
+        action = client.request(attrs)
+        if action is None:
+            action = cfg.get("smtpd_policy_service_default_action") or \
+                "451 4.3.5 Server configuration problem"
+        return self._action(action, name, state, rcpt, what)
 
     def _unknown_address(self, address: str | None, what: str):
         """reject_unknown_{sender,recipient}_domain: smtpd_check.c's reject_unknown_address
@@ -692,7 +784,7 @@ class Checker:
         """An access(5) table result."""
         word, _, text = action.strip().partition(" ")
         upper = word.upper()
-        if upper in ("OK", "PERMIT") or word.isdigit() and len(word) != 3:
+        if upper in ("OK", "PERMIT", "RELAY") or word.isdigit() and len(word) != 3:
             return "permit"
         if upper == "DUNNO":
             return None
@@ -702,13 +794,24 @@ class Checker:
         if upper == "DEFER":
             return self._reject(name, state, rcpt, self.cfg["defer_code"],
                                 text or "Access denied", what)
+        if upper == "PREPEND":
+            # as check_table_result: a header for the message, before end-of-data only
+            if name == "smtpd_end_of_data_restrictions":
+                msg.warn("access table: action PREPEND must be used before "
+                         "smtpd_end_of_data_restrictions")
+            elif state.sender is None:
+                msg.warn("access table: action PREPEND is unavailable before MAIL FROM")
+            elif not _HEADER_RE.match(text):
+                msg.warn(f"access table: entry \"{action}\" requires header: text")
+            else:
+                state.prepend.append(text)
+            return None
+        if upper == "DEFER_IF_PERMIT":      # with its own text, as check_table_result
+            return DeferIfPermit(self._reject(name, state, rcpt, self.cfg["defer_code"],
+                                              text or "Service unavailable", what))
         if re.fullmatch(r"[45]\d\d", word):
-            code = int(word)
-            dsn = f"{word[0]}.7.1"
-            parts = text.split(" ", 1)
-            if parts and _DSN_RE.match(parts[0]):
-                dsn, text = parts[0], (parts[1] if len(parts) > 1 else "")
-            return Reply(code, dsn, text or "Access denied")
+            # "<name>: <class> rejected: text", a DSN after the code kept
+            return self._reject(name, state, rcpt, int(word), text or "Access denied", what)
         if word.lower() in SIMPLE:      # a restriction name as the action, as access(5)
             return self._apply(word.lower(), None, name, state, rcpt)
         if word.lower() in DNSXL and len(text.split()) == 1:   # a DNS list and its domain
@@ -914,6 +1017,12 @@ def _addr_keys(table, addr: str) -> list[str]:
         rest = rest.rpartition(delim)[0]
         keys.append(rest)
     return [k for k in keys if k]
+
+
+def _xtext(text: str) -> str:
+    """RFC 3461 xtext, as Postfix's xtext_quote() of certificate names."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else
+                   "".join(f"+{b:02X}" for b in c.encode()) for c in text)
 
 
 def _address_keys(address: str | None) -> list[str]:

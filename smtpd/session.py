@@ -61,6 +61,7 @@ SECURITY
 from __future__ import annotations
 
 import errno
+import os
 import re
 import time
 
@@ -212,6 +213,8 @@ class Session:
         self.discard_ehlo = {k.lower() for k in cfg["smtpd_discard_ehlo_keywords"]}
         self.overshoot_limit = cfg["smtpd_recipient_overshoot_limit"]
         self.smtputf8_enable = cfg["smtputf8_enable"]
+        self.seqno = 0                  # messages begun: the policy "instance"
+        self.client.session_attrs = self.policy_attrs
         self.reset()
 
     # --- configuration ---------------------------------------------------------------------
@@ -307,6 +310,30 @@ class Session:
         return "ESMTP" + ("S" if self.tls_active else "") + \
             ("A" if self.client.sasl_username else "")
 
+    def policy_attrs(self) -> dict:
+        """The session's part of a check_policy_service request (smtpd/check.py)."""
+        attrs = {"protocol_state": self.last, "protocol_name": self.protocol(),
+                 "queue_id": self.writer.id if self.writer is not None else "",
+                 "recipient_count": len(self.rcpts), "instance": self.instance,
+                 "size": self.data_bytes or self.msg_size,
+                 "sasl_method": self.sasl_method or "", "sasl_sender": self.sasl_sender or ""}
+        for key, call in (("client", "getpeername"), ("server", "getsockname")):
+            try:
+                host, port = getattr(self.s.sock, call)()[:2]
+            except (OSError, AttributeError, ValueError, TypeError):
+                continue
+            host = host[7:] if host.startswith("::ffff:") else host
+            attrs[f"{key}_port"] = str(port)
+            if key == "server":
+                attrs["server_address"] = host
+        info = self.tls_info if self.tls_active else None
+        if info is not None:
+            attrs.update(encryption_protocol=info.protocol,
+                         encryption_cipher=info.cipher_name,
+                         encryption_keysize=info.cipher_usebits,
+                         ccert_subject=info.peer_CN, ccert_issuer=info.issuer_CN)
+        return attrs
+
     # --- transaction state -------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the mail transaction (RSET, end of DATA, STARTTLS)."""
@@ -327,6 +354,9 @@ class Session:
         self.bdat_sink: ContentSink | None = None
         self.bdat_cr = b""              # a CR that ended the last read of a chunk
         self.bdat_bare_lf = False       # smtpd_forbid_bare_newline reject or note
+        self.msg_size = 0               # MAIL FROM's SIZE=
+        self.client.prepend = []
+        self.instance = ""
 
     # --- the session -------------------------------------------------------------------------
     def run(self) -> None:
@@ -761,6 +791,7 @@ class Session:
         if not self.smtputf8_check(addr, utf8):
             return False
         self.client.sender = addr
+        self.msg_size = size
         denied = self.checker.mail(self.client)
         if denied is not None:
             self.log_reject("MAIL", denied)
@@ -770,6 +801,10 @@ class Session:
         self.sender = addr
         self.smtputf8 = utf8
         self.dsn_ret, self.dsn_envid = self._dsn_mail
+        # as Postfix's mail_cmd: one instance per transaction, after the checks
+        now = time.time()
+        self.instance = f"{os.getpid():x}.{int(now):x}.{int(now % 1 * 1e6):x}.{self.seqno:x}"
+        self.seqno += 1
         self.reply("250 2.1.0 Ok")
         return True
 
@@ -925,7 +960,9 @@ class Session:
         self.s.flush()
         problem = None
         try:
-            self.writer.write(self.received_header())
+            # access PREPEND headers above the Received: header, as Postfix's smtpd
+            self.writer.write("".join(h + "\n" for h in self.client.prepend)
+                              .encode("utf-8", "surrogateescape") + self.received_header())
         except OSError as exc:
             problem = exc
         result = self.read_content(problem)
