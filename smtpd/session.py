@@ -132,6 +132,8 @@ class Session:
     """One SMTP session with one client."""
 
     limits = NO_LIMITS      # the client's anvil limits (smtpd/limits.py); service.py sets them
+    hangup = False          # the PROXY header was unusable: 421 and goodbye (smtpd/proxy.py)
+    client_port = ""        # the client's TCP port, when known (PROXY header)
 
     def __init__(self, stream, cfg, client: ClientState, queue_root: str, checker,
                  level: str = "none", tls=None, wrapper: bool = False,
@@ -284,6 +286,9 @@ class Session:
         """Serve the client until QUIT, an error limit, a timeout or a lost connection."""
         msg.info(f"connect from {self.client.client}")
         try:
+            if self.hangup:
+                self.reply(f"421 4.3.0 {self.hostname} Server local error")
+                raise Disconnect
             if self.wrapper:
                 if self.tls is None:
                     msg.warn(f"TLS wrapper mode requested but TLS is not available; "
