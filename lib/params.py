@@ -249,6 +249,8 @@ PARAMS: list[Param] = [
     _p("smtpd_sasl_authenticated_header", "no", BOOL, "put the SASL login name in the Received: header"),
     _p("smtpd_sasl_local_domain", "", STR, "realm appended to SASL login names"),
     _p("smtpd_sasl_exceptions_networks", "", LIST, "clients to which AUTH is not offered"),
+    _p("smtpd_authorized_xclient_hosts", "", LIST, "clients that may use XCLIENT (networks, host names, tables, as mynetworks)"),
+    _p("smtpd_authorized_xforward_hosts", "", LIST, "clients that may use XFORWARD (networks, host names, tables, as mynetworks)"),
     _p("smtpd_sasl_response_limit", "12288", INT, "longest SASL response accepted", min=1),
     _p("smtpd_sasl_builtin_failure_delay", "2s", TIME, "builtin SASL: delay of each failed authentication, as Dovecot's auth_failure_delay", min=0),
     # --- queue manager ------------------------------------------------------------------

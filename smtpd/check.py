@@ -85,7 +85,8 @@ WITH_TABLE = {"check_ccert_access", "check_client_access", "check_helo_access",
 _DSN_RE = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
 # The parameters that list client networks, all matched by NetworkList.
 NETWORK_LISTS = ("mynetworks", "smtpd_forbid_bare_newline_exclusions",
-                 "smtpd_sasl_exceptions_networks")
+                 "smtpd_sasl_exceptions_networks", "smtpd_authorized_xclient_hosts",
+                 "smtpd_authorized_xforward_hosts")
 
 
 @dataclass

@@ -208,6 +208,7 @@ def smtpd_service(conn: socket.socket, ctx) -> None:
                       stopping=lambda: ctx.stopping, sasl=sasl_session)
     session.limits = ctx.state["limits"].session(client, ctx.service.name)
     session.hangup, session.client_port = hangup, port
+    session.limits_for = lambda c: ctx.state["limits"].session(c, ctx.service.name)
     try:
         session.run()
     finally:

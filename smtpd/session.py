@@ -44,12 +44,13 @@ from ..lib import msg, tables
 from ..lib import queue as Q
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
 from . import sasl as SASL
+from . import xclient as X
 from .check import ClientState, Reply
 from .limits import NO_LIMITS
 
 # verb -> (method, flags). Flags: "junk" counts against smtpd_junk_command_limit;
 # "pretls" is allowed before STARTTLS when TLS is enforced.
-VERB_ORDER = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "rset", "noop",
+VERB_ORDER = ("helo", "ehlo", "xclient", "xforward", "starttls", "auth", "mail", "rcpt", "data", "rset", "noop",
               "vrfy", "etrn", "quit", "unknown")
 PARAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*(=[!-~]*)?$")
 
@@ -133,7 +134,9 @@ class Session:
 
     limits = NO_LIMITS      # the client's anvil limits (smtpd/limits.py); service.py sets them
     hangup = False          # the PROXY header was unusable: 421 and goodbye (smtpd/proxy.py)
-    client_port = ""        # the client's TCP port, when known (PROXY header)
+    client_port = ""        # the client's TCP port, when known (PROXY header, XCLIENT)
+    server_addr = server_port = ""      # the server end, when known (XCLIENT DESTADDR)
+    limits_for = None       # client -> its limits, for a client that XCLIENT brings
 
     def __init__(self, stream, cfg, client: ClientState, queue_root: str, checker,
                  level: str = "none", tls=None, wrapper: bool = False,
@@ -280,6 +283,7 @@ class Session:
         self.client.sender = None
         self.sasl_sender: str | None = None
         self.rcpt_overshoot = 0
+        self.xforward: dict[str, str] = {}      # XFORWARD attributes (smtpd/xclient.py)
 
     # --- the session -------------------------------------------------------------------------
     def run(self) -> None:
@@ -298,17 +302,7 @@ class Session:
                     raise Disconnect
                 if not self.start_tls():
                     raise Disconnect
-            if not self.limits.connect(self.reply):
-                raise Disconnect
-            denied = self.checker.connect(self.client)
-            if denied is not None:
-                # smtpd_delay_reject = no: the reject is the greeting, and every command
-                # but QUIT is refused from now on, as Postfix's access_denied.
-                self.log_reject("CONNECT", denied)
-                self.access_denied = str(denied)
-                self.reply(self.access_denied)
-            else:
-                self.reply(f"220 {self.cfg.get('smtpd_banner')}")
+            self.greet()
             while True:
                 if self.stopping():
                     self.reply(f"421 4.3.2 {self.hostname} Service shutting down, "
@@ -342,6 +336,22 @@ class Session:
             self.reset()
             self.limits.disconnect()
             msg.info(f"disconnect from {self.client.client} {self.stats()}")
+
+    def greet(self) -> None:
+        """Connection limits, connect restrictions and the greeting; again after XCLIENT.
+        XCLIENT hosts are not counted by anvil, as in Postfix."""
+        if not self._in_list("smtpd_authorized_xclient_hosts") and \
+                not self.limits.connect(self.reply):
+            raise Disconnect
+        denied = self.checker.connect(self.client)
+        if denied is not None:
+            # smtpd_delay_reject = no: the reject is the greeting, and every command
+            # but QUIT is refused from now on, as Postfix's access_denied.
+            self.log_reject("CONNECT", denied)
+            self.access_denied = str(denied)
+            self.reply(self.access_denied)
+        else:
+            self.reply(f"220 {self.cfg.get('smtpd_banner')}")
 
     def last_for_log(self) -> str:
         if self.last == "DATA" and self.data_bytes is not None:
@@ -455,6 +465,7 @@ class Session:
             mechs = self.sasl.mechanisms(self.tls_active)
             if mechs:
                 lines.append("AUTH " + " ".join(mechs))
+        lines += X.ehlo_keywords(self)
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME"]
         lines = [lines[0]] + [k for k in lines[1:]
                               if k.split()[0].lower() not in self.discard_ehlo]
@@ -970,5 +981,6 @@ COMMANDS = {
     "data": Session.data_cmd, "rset": Session.rset_cmd, "noop": Session.noop_cmd,
     "vrfy": Session.vrfy_cmd, "etrn": Session.etrn_cmd, "quit": Session.quit_cmd,
 }
-PRE_TLS = {"helo", "ehlo", "starttls", "noop", "quit", "rset"}
+COMMANDS["xclient"] = X.xclient_cmd
+PRE_TLS = {"helo", "ehlo", "xclient", "starttls", "noop", "quit", "rset"}
 JUNK = {"noop", "vrfy", "etrn", "rset"}

@@ -108,3 +108,86 @@ def test_v2_local_keeps_the_connection_endpoints(lb):
     assert replies[0].startswith("220 ") and replies[1] == "221 2.0.0 Bye"
     wait_for(lambda: "disconnect from unknown[127.0.0.1] quit=1 commands=1" in lb.log(),
              what="the disconnect line")
+
+
+@pytest.fixture
+def xmta(instance):
+    """An instance whose smtpd lets 127.0.0.1 use XCLIENT; .port and .queued()."""
+    instance.port = free_port()
+    instance.main.update({"mydestination": "$myhostname, localhost",
+                          "smtpd_error_sleep_time": "0s",
+                          "smtpd_peername_lookup": "no",
+                          "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+                          "smtpd_client_restrictions": "check_client_access inline:{ "
+                                                       "192.0.2.66=REJECT }",
+                          "smtpd_delay_reject": "no"})
+    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd"]
+    instance.queued = lambda: [
+        (m, b"".join(m.content(p)).decode()) for p in
+        sorted(glob.glob(str(instance.queue / "incoming" / "*"))) for m in [Q.read(p)]]
+    return instance
+
+
+def test_xclient_replaces_the_client_and_greets_again(xmta):
+    xmta.start()
+    replies = chat(xmta.port, b"", [
+        "EHLO proxy.example",
+        "XCLIENT NAME=client.example ADDR=192.0.2.8 PORT=4711 HELO=orig+2Ehelo LOGIN=joe",
+        "EHLO again.example", "MAIL FROM:<alice@example.org>",
+        "RCPT TO:<bob@mail.test.example>", "DATA", "Subject: x\r\n\r\nbody\r\n.", "QUIT"])
+    assert "250-XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT" \
+        in replies
+    i = replies.index("250 8BITMIME")
+    assert replies[i + 1].startswith("220 mail.test.example ESMTP")   # the new greeting
+    assert not any(r.startswith("250-XCLIENT") for r in replies[i + 2:])   # not for it
+    assert any(r.startswith("250 2.0.0 Ok: queued as") for r in replies), replies
+    (m, content), = xmta.queued()
+    assert m.attrs["client_address"] == "192.0.2.8"
+    assert m.attrs["client_name"] == "client.example"
+    assert m.attrs["sasl_method"] == "XCLIENT" and m.attrs["sasl_username"] == "joe"
+    assert content.startswith("Received: from again.example (client.example [192.0.2.8])\n")
+    log = xmta.log()
+    assert f"{m.queue_id}: client=client.example[192.0.2.8], sasl_method=XCLIENT, " \
+           "sasl_username=joe" in log
+    wait_for(lambda: "disconnect from client.example[192.0.2.8] ehlo=2 xclient=1 mail=1 "
+                     "rcpt=1 data=1 quit=1 commands=7" in xmta.log(), what="disconnect")
+
+
+def test_xclient_new_client_meets_the_connect_restrictions(xmta):
+    xmta.start()
+    replies = chat(xmta.port, b"", ["XCLIENT ADDR=192.0.2.66", "MAIL FROM:<a@example.org>",
+                                    "QUIT"])
+    assert replies[1] == "554 5.7.1 <unknown[192.0.2.66]>: Client host rejected: " \
+                         "Access denied"
+    assert replies[2] == "503 5.7.0 Error: access denied for unknown[192.0.2.66]"
+
+
+@pytest.mark.parametrize("command, reply", [
+    ("XCLIENT", "501 5.5.4 Syntax: XCLIENT attribute=value..."),
+    ("XCLIENT NAME", "501 5.5.4 Error: attribute=value expected"),
+    ("XCLIENT ADDR=300.1.1.1", "501 5.5.4 Bad ADDR syntax: 300.1.1.1"),
+    ("XCLIENT PORT=x1", "501 5.5.4 Bad PORT syntax: x1"),
+    ("XCLIENT PROTO=LMTP", "501 5.5.4 Bad PROTO syntax: LMTP"),
+    ("XCLIENT NAME=bad..name", "501 5.5.4 Bad NAME syntax: bad..name"),
+    ("XCLIENT COLOR=blue", "501 5.5.4 Bad XCLIENT attribute name: COLOR"),
+    ("XCLIENT NAME=" + "a" * 256, "501 5.5.4 Error: attribute value too long"),
+])
+def test_xclient_errors(xmta, command, reply):
+    xmta.start()
+    replies = chat(xmta.port, b"", [command, "QUIT"])
+    assert replies[1] == reply
+
+
+def test_xclient_needs_authorization(mta_plain):
+    mta_plain.start()
+    replies = chat(mta_plain.port, b"", ["EHLO x", "XCLIENT ADDR=192.0.2.8", "QUIT"])
+    assert not any("XCLIENT" in r for r in replies[:-3])
+    assert replies[-3] == "550 5.7.0 Error: insufficient authorization"
+
+
+@pytest.fixture
+def mta_plain(instance):
+    instance.port = free_port()
+    instance.main.update({"smtpd_error_sleep_time": "0s", "smtpd_peername_lookup": "no"})
+    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd"]
+    return instance
