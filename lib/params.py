@@ -325,6 +325,8 @@ PARAMS: list[Param] = [
     _p("smtp_line_length_limit", "998", INT, "longest line sent before it is folded", min=0),
     _p("smtp_skip_5xx_greeting", "yes", BOOL, "try the next server after a 5xx greeting"),
     _p("smtp_always_send_ehlo", "yes", BOOL, "greet with EHLO"),
+    _p("smtp_send_xforward_command", "no", BOOL, "send the original client of a message with XFORWARD when the server announces it"),
+    _p("smtp_xforward_timeout", "300s", TIME, "time limit for the reply to an XFORWARD command", min=1),
     _p("smtp_cname_overrides_servername", "no", BOOL, "let a CNAME change the server name used for TLS policy and certificate checks"),
     _p("smtp_address_preference", "any", STR, "address family preferred: ipv4, ipv6 or any"),
     _p("smtp_dns_nameservers", "", LIST, "DNS servers for MX and address lookups (address, address:port or [address]:port); empty: the system's resolv.conf, read before the chroot"),

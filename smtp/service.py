@@ -84,7 +84,7 @@ from ..lib import queue as Q
 from ..lib import tls as libtls
 from ..lib.smtpio import SmtpStream
 from ..lib.maincf import ConfigError
-from . import nexthop, session, tls, tls_policy
+from . import nexthop, session, tls, tls_policy, xforward
 from . import sasl as smtp_sasl
 
 REQUEST_TIMEOUT_CAP = 300       # seconds to wait for the request frame
@@ -267,6 +267,7 @@ def deliver_request(req: deliver.Request, ctx, report: delivery_agent.Report) ->
             d.bulk_fail("4.3.0", "unreadable mail queue entry", "none")
             return relay
         d.size = qmsg.size
+        d.client = xforward.client_attributes(qmsg.attrs, req.queue_id)
         d.content = lambda: qmsg.content(req.queue_file)
         if not req.arrival:
             report.arrival = qmsg.arrival

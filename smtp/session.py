@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 
 from ..lib import msg, params
 from ..lib.smtpio import StreamEOF, StreamTimeout
-from . import tls_policy
+from . import tls_policy, xforward
 from .tls import TLSStartError, TlsStarter
 MAX_REPLY_BYTES = 1 << 24       # one reply may not run longer than this, however sent
 MAX_REPLY_LINES = 200           # lines kept of a reply (the rest is read and dropped)
@@ -103,6 +103,7 @@ class Delivery:
     why: tuple[str, str] | None = None   # the last reason there is no delivery (dsn, text)
     conn_setup_done: float = 0.0
     log = None                      # for tests without a Report: f(rcpt, relay, status)
+    client: dict = field(default_factory=dict)   # original client, for XFORWARD
 
     @property
     def soft_bounce(self) -> bool:
@@ -327,6 +328,8 @@ class Options:
     note_starttls_offer: bool = False
     wrappermode: bool = False
     block_early_mail_reply: bool = False    # smtp_tls_block_early_mail_reply (CVE-2009-3555)
+    send_xforward: bool = False     # smtp_send_xforward_command (smtp/xforward.py)
+    xforward_timeout: int = 300     # smtp_xforward_timeout
 
     @classmethod
     def from_config(cls, cfg, prefix: str = "smtp") -> "Options":
@@ -348,7 +351,9 @@ class Options:
                    reply_limit=max(cfg["line_length_limit"], 512),
                    note_starttls_offer=p("tls_note_starttls_offer"),
                    wrappermode=p("tls_wrappermode"),
-                   block_early_mail_reply=p("tls_block_early_mail_reply"))
+                   block_early_mail_reply=p("tls_block_early_mail_reply"),
+                   send_xforward=cfg["smtp_send_xforward_command"],
+                   xforward_timeout=cfg["smtp_xforward_timeout"])
 
 
 # --- the session --------------------------------------------------------------------------------
@@ -517,6 +522,7 @@ class ClientSession:
     def _features(self, reply: ServerReply) -> None:
         self.features = set()
         self.sasl_mechs: list[str] = []     # AUTH lines, for smtp/sasl.py
+        self.xforward_attrs: set[str] = set()   # XFORWARD attributes (smtp/xforward.py)
         for n, line in enumerate(reply.lines):
             words = line[4:].replace("=", " ").split()
             if not words:
@@ -526,6 +532,8 @@ class ClientSession:
                 continue
             word = words[0].upper()
             self.features.add(word)
+            if word == "XFORWARD":
+                self.xforward_attrs = {w.upper() for w in words[1:]}
             if word == "AUTH":
                 self.sasl_mechs += [w.upper() for w in words[1:] if w.upper() not in
                                     self.sasl_mechs]
@@ -586,6 +594,8 @@ class ClientSession:
             d.bulk_fail("5.3.4", f"message size {d.size} exceeds size limit "
                                  f"{self.size_limit} of server {self.namaddr}", self.relay)
             return
+        if self.o.send_xforward and "XFORWARD" in self.features and not self._xforward():
+            return
         mail = f"MAIL FROM:<{d.sender}>"
         if "SIZE" in self.features:
             mail += f" SIZE={d.size}"
@@ -600,6 +610,24 @@ class ClientSession:
             self._xfer_pipelined(commands)
         else:
             self._xfer_lockstep(commands)
+
+    def _xforward(self) -> bool:
+        """The message's original client, before MAIL (smtp/xforward.py); False when the
+        connection failed. A refusal is logged, and the delivery goes on, as Postfix."""
+        timeout = self.o.xforward_timeout
+        try:
+            for where, what, line in xforward.commands(self.xforward_attrs, self.d.client):
+                self._where = where
+                self._cmd(line)
+                self._flush(timeout)
+                reply = self._reply(timeout)
+                if reply.code // 100 != 2:
+                    msg.warn(f"host {self.relay} said: {reply.text1} "
+                             f"(in reply to {what} command)")
+        except (StreamTimeout, StreamEOF) as exc:
+            self._except(exc, self._where)
+            return False
+        return True
 
     _STATE = {"MAIL FROM": ("mail", "sending MAIL FROM"),
               "RCPT TO": ("rcpt", "sending RCPT TO"),

@@ -126,8 +126,8 @@ def _numeric(name: str) -> bool:
     return True
 
 
-def upstream_endpoints(conn: socket.socket, cfg, addr: str) -> tuple[str, str, str | None,
-                                                                     bool]:
+def upstream_endpoints(conn: socket.socket, cfg, addr: str,
+                       port: str) -> tuple[str, str, str | None, bool]:
     """(client address, client port, server address, hang up) from the PROXY header.
 
     A header that cannot be used leaves Postfix's warning, and the client is
@@ -140,10 +140,6 @@ def upstream_endpoints(conn: socket.socket, cfg, addr: str) -> tuple[str, str, s
         msg.warn(str(exc))
         return "unknown", "unknown", None, True
     if endpoints is None:
-        try:
-            port = str(conn.getpeername()[1])
-        except OSError:
-            port = ""
         return addr, port, None, False
     return endpoints.client_addr, endpoints.client_port, endpoints.server_addr, False
 
@@ -177,14 +173,14 @@ def smtpd_service(conn: socket.socket, ctx) -> None:
     """One client, from connect to disconnect."""
     cfg = ctx.cfg
     try:
-        addr = conn.getpeername()[0]
+        addr, port = conn.getpeername()[:2]
     except OSError:
         return
     if addr.startswith("::ffff:"):
         addr = addr[7:]
-    port, local, hangup = "", None, False
+    port, local, hangup = str(port), None, False
     if cfg["smtpd_upstream_proxy_protocol"]:
-        addr, port, local, hangup = upstream_endpoints(conn, cfg, addr)
+        addr, port, local, hangup = upstream_endpoints(conn, cfg, addr, port)
     if hangup:
         name, status, reverse, reverse_status = "unknown", "perm", "unknown", "perm"
     else:

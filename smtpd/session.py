@@ -706,6 +706,7 @@ class Session:
                 w.add_attr("sasl_username", self.client.sasl_username)
             if self.sasl_sender:
                 w.add_attr("sasl_sender", self.sasl_sender)
+            X.queue_attrs(self, w)
             w.set_sender(self.sender)
         except OSError as exc:
             self.writer = None
@@ -716,6 +717,7 @@ class Session:
                     f"sasl_username={self.client.sasl_username}")
         if self.sasl_sender:
             sasl += f", sasl_sender={self.sasl_sender}"
+        sasl += X.log_suffix(self)
         msg.info(f"{self.writer.id}: client={self.client.client}{sasl}")
         return True
 
@@ -981,6 +983,6 @@ COMMANDS = {
     "data": Session.data_cmd, "rset": Session.rset_cmd, "noop": Session.noop_cmd,
     "vrfy": Session.vrfy_cmd, "etrn": Session.etrn_cmd, "quit": Session.quit_cmd,
 }
-COMMANDS["xclient"] = X.xclient_cmd
+COMMANDS["xclient"], COMMANDS["xforward"] = X.xclient_cmd, X.xforward_cmd
 PRE_TLS = {"helo", "ehlo", "xclient", "starttls", "noop", "quit", "rset"}
 JUNK = {"noop", "vrfy", "etrn", "rset"}

@@ -242,3 +242,103 @@ def xclient_cmd(session, arg: str) -> bool:
 def _bad(session, key: str, value: str) -> bool:
     session.reply(f"501 5.5.4 Bad {key} syntax: {value}")
     return False
+
+
+# XFORWARD attribute -> the session.xforward key and how the value is checked.
+_XFORWARD_CLIENT = ("NAME", "ADDR", "PORT", "PROTO", "HELO")
+
+
+def xforward_cmd(session, arg: str) -> bool:
+    """XFORWARD: remember the original client of the next message (Postfix's
+    xforward_cmd); the attributes last until the end of the transaction."""
+    pairs = parse_attributes(session, arg, "XFORWARD")
+    if pairs is None:
+        return False
+    xf = session.xforward
+    if not xf:      # smtpd_xforward_preset: unknown, HELO and IDENT absent
+        xf.update(NAME="unknown", ADDR="unknown", RFC_ADDR="unknown", PORT="unknown",
+                  PROTO="unknown")
+    for key, name, value in pairs:
+        if key == "NAME":
+            if value == UNAVAILABLE:
+                value = "unknown"
+            else:
+                value = value.translate(NEUTER)
+                if not valid_hostname(value):
+                    return _bad(session, key, value)
+        elif key == "ADDR":
+            if value == UNAVAILABLE:
+                xf["RFC_ADDR"] = value = "unknown"
+            else:
+                value = value.translate(NEUTER)
+                norm = mailhost_addr(value)
+                if norm is None:
+                    return _bad(session, key, value)
+                value, xf["RFC_ADDR"] = norm
+        elif key == "PORT":
+            if value == UNAVAILABLE:
+                value = "unknown"
+            elif not valid_port(value):
+                return _bad(session, key, value)
+        elif key in ("HELO", "IDENT"):
+            value = None if value == UNAVAILABLE else value.translate(NEUTER)
+        elif key == "PROTO":
+            if value == UNAVAILABLE:
+                value = "unknown"
+            elif len(value) > 64:
+                return _bad(session, key, value)
+            else:
+                value = value.translate(NEUTER)
+        elif key == "SOURCE":
+            if value == UNAVAILABLE:
+                value = "LOCAL"
+            if value.upper() not in ("LOCAL", "REMOTE"):
+                return _bad(session, key, value)
+            value = value.lower()
+        else:
+            session.reply(f"501 5.5.4 Bad XFORWARD attribute name: {name}")
+            return False
+        xf[key] = value
+        xf.setdefault("given", set()).add(key)
+    session.reply("250 2.0.0 Ok")
+    return True
+
+
+def _forwarded_namaddr(xf: dict) -> str:
+    """name[addr], or the name alone without an address (Postfix's xforward.namaddr)."""
+    if xf["ADDR"] != "unknown":
+        return f"{xf['NAME']}[{xf['ADDR']}]"
+    return xf["NAME"]
+
+
+def queue_attrs(session, writer) -> None:
+    """The client port and the XFORWARD attributes of this transaction into the queue
+    file, as Postfix's mail_open_stream (log_client_* for logging and for XFORWARD on
+    the next hop)."""
+    if session.client_port:
+        writer.add_attr("client_port", session.client_port)
+    xf = session.xforward
+    given = xf.get("given", set()) if xf else set()
+    if given & set(_XFORWARD_CLIENT):
+        writer.add_attr("log_client_name", xf["NAME"])
+        writer.add_attr("log_client_address", xf["RFC_ADDR"])
+        writer.add_attr("log_client_port", xf["PORT"])
+        writer.add_attr("log_message_origin", _forwarded_namaddr(xf))
+        if xf.get("HELO"):
+            writer.add_attr("log_helo_name", xf["HELO"])
+        writer.add_attr("log_protocol_name", xf["PROTO"])
+    if xf.get("IDENT"):
+        writer.add_attr("log_ident", xf["IDENT"])
+    if "SOURCE" in given:
+        writer.add_attr("rewrite_context", xf["SOURCE"])
+
+
+def log_suffix(session) -> str:
+    """`, orig_queue_id=ID, orig_client=NAME[ADDR]` for the `ID: client=` log line."""
+    xf = session.xforward
+    if not xf:
+        return ""
+    text = f", orig_queue_id={xf['IDENT']}" if xf.get("IDENT") else ""
+    if xf.get("given", set()) & set(_XFORWARD_CLIENT):
+        text += f", orig_client={_forwarded_namaddr(xf)}"
+    return text

@@ -1,14 +1,19 @@
 """smtpd behind a load balancer (smtpd_upstream_proxy_protocol = haproxy), through the real
 master: a client sends a PROXY header then SMTP, and the log lines, the queue file and its
-Received: header show the original client, as Postfix's; a bad header is refused."""
+Received: header show the original client, as Postfix's; a bad header is refused. XCLIENT
+and XFORWARD (smtpd/xclient.py), and the smtp client's XFORWARD to a second instance."""
 
 import glob
+import os
+import shutil
 import socket
 import struct
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from pfxinst import free_port, wait_for
+from pfxinst import Instance, free_port, wait_for
 from postfix_py.lib import queue as Q
 
 V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -191,3 +196,70 @@ def mta_plain(instance):
     instance.main.update({"smtpd_error_sleep_time": "0s", "smtpd_peername_lookup": "no"})
     instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd"]
     return instance
+
+
+def test_xforward_end_to_end(lb):
+    """A client behind the balancer -> smtpd -> qmgr -> smtp with XFORWARD -> a second
+    postfix-py whose smtpd authorizes 127.0.0.1: the second hop logs and records the
+    original client and the first hop's queue ID."""
+    root = Path(tempfile.mkdtemp(prefix="pfx-test-hop2-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    hop2 = Instance(root)
+    hop2.port = free_port()
+    hop2.main.update({"mydestination": "remote.example", "smtpd_peername_lookup": "no",
+                      "myhostname": "hop2.test.example",
+                      "smtpd_authorized_xforward_hosts": "127.0.0.0/8"})
+    hop2.master_lines = [f"127.0.0.1:{hop2.port} inet n - y - - smtpd"]
+    lb.main.update({"mynetworks": "127.0.0.0/8 192.0.2.0/24",
+                    "relayhost": f"[127.0.0.1]:{hop2.port}",
+                    "smtp_send_xforward_command": "yes"})
+    lb.master_lines += ["qmgr unix n - n 300 1 qmgr", "smtp unix - - y - - smtp"]
+    try:
+        hop2.start()
+        lb.start()
+        header = V2_SIG + struct.pack("!BBH", 0x21, 0x11, 12) + \
+            socket.inet_aton("192.0.2.7") + socket.inet_aton("127.0.0.1") + \
+            struct.pack("!HH", 40123, lb.port)
+        replies = chat(lb.port, header, [
+            "EHLO relay.example", "MAIL FROM:<alice@example.org>",
+            "RCPT TO:<bob@remote.example>", "DATA", "Subject: hop\r\n\r\nhi\r\n.", "QUIT"])
+        queued = [r for r in replies if r.startswith("250 2.0.0 Ok: queued as")]
+        assert queued, replies
+        first_id = queued[0].split()[-1]
+        wait_for(lambda: "status=sent" in lb.log(), timeout=30, what="the relay")
+        hop2_log = hop2.log()
+        paths = glob.glob(str(hop2.queue / "incoming" / "*"))
+        assert len(paths) == 1
+        m = Q.read(paths[0])
+    finally:
+        hop2.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+    assert f"{m.queue_id}: client=unknown[127.0.0.1], orig_queue_id={first_id}, " \
+           "orig_client=unknown[192.0.2.7]" in hop2_log
+    assert m.attrs["log_client_address"] == "192.0.2.7"
+    assert m.attrs["log_client_port"] == "40123"
+    assert m.attrs["log_helo_name"] == "relay.example"
+    assert m.attrs["log_protocol_name"] == "ESMTP"
+    assert m.attrs["log_ident"] == first_id
+    assert m.attrs["rewrite_context"] == "remote"
+
+
+@pytest.mark.parametrize("command, reply", [
+    ("XFORWARD", "501 5.5.4 Syntax: XFORWARD attribute=value..."),
+    ("XFORWARD ADDR=1.2.3", "501 5.5.4 Bad ADDR syntax: 1.2.3"),
+    ("XFORWARD SOURCE=MARS", "501 5.5.4 Bad SOURCE syntax: MARS"),
+    ("XFORWARD COLOR=blue", "501 5.5.4 Bad XFORWARD attribute name: COLOR"),
+    ("XFORWARD NAME=a.example ADDR=IPv6:2001:db8::1 HELO=x+20y", "250 2.0.0 Ok"),
+])
+def test_xforward_replies(xmta, command, reply):
+    xmta.main["smtpd_authorized_xforward_hosts"] = "127.0.0.1"
+    xmta.start()
+    replies = chat(xmta.port, b"", ["EHLO x", command, "QUIT"])
+    assert "250-XFORWARD NAME ADDR PROTO HELO SOURCE PORT IDENT" in replies
+    assert replies[-3] == reply
+
+
+def test_xforward_needs_authorization(mta_plain):
+    mta_plain.start()
+    replies = chat(mta_plain.port, b"", ["XFORWARD ADDR=192.0.2.8", "QUIT"])
+    assert replies[1] == "550 5.7.0 Error: insufficient authorization"
