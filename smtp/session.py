@@ -14,7 +14,9 @@ DESCRIPTION
                refused), notes the server's features, and runs STARTTLS when the TLS
                policy asks for it (then EHLO again). False when the server cannot be
                used; the Delivery says why.
-    xfer()     MAIL FROM, RCPT TO for every recipient still to do, DATA, the message
+    xfer()     XFORWARD first where smtp_send_xforward_command and the server ask for it
+               (smtp/xforward.py); then
+               MAIL FROM, RCPT TO for every recipient still to do, DATA, the message
                (CRLF line ends, dot-stuffed, lines longer than smtp_line_length_limit
                folded with <CR><LF>SPACE), and the final dot. With PIPELINING the
                commands go out in one write and the replies are read in order.

@@ -25,7 +25,8 @@ CONFIGURATION PARAMETERS
     SASL: smtpd_sasl_auth_enable (no), smtpd_sasl_type (dovecot, or builtin),
     smtpd_sasl_path (smtpd/sasl.py); behind a load balancer:
     smtpd_upstream_proxy_protocol (empty, or haproxy), smtpd_upstream_proxy_timeout (5s)
-    (smtpd/proxy.py). smtpd_tls_security_level is computed once, in
+    (smtpd/proxy.py); smtpd_authorized_xclient_hosts and smtpd_authorized_xforward_hosts
+    (empty; smtpd/xclient.py). smtpd_tls_security_level is computed once, in
     prepare(), by lib/tls.server_security_level (verify, secure and fingerprint act as
     encrypt, with Postfix's warning), and every session uses that value.
 

@@ -21,6 +21,9 @@ PROTOCOL
     `452 4.5.3 Error: too many recipients`, an error only past
     smtpd_recipient_overshoot_limit. A header longer than header_size_limit loses the
     excess (its further continuation lines), as Postfix's cleanup; the mail is accepted.
+    XCLIENT and XFORWARD, for authorized clients only, are in smtpd/xclient.py; greet()
+    runs again after XCLIENT. A session whose PROXY header was unusable (hangup) answers
+    only `421 4.3.0 HOST Server local error` (smtpd/proxy.py).
 
 SECURITY
     STARTTLS discards every byte the client sent before the handshake (CVE-2011-0411) and
