@@ -94,7 +94,7 @@ def escape(data: bytes) -> str:
 
 
 def _addr(text: str, family: str) -> str:
-    """A v1 address in canonical form, or ProxyError's empty reason (the caller names it)."""
+    """A v1 address in canonical form; ValueError when it is not one of family."""
     if len(text) >= 46 or "%" in text:            # INET6_ADDRSTRLEN; no scope ids
         raise ValueError
     ip = ipaddress.ip_address(text)
@@ -150,8 +150,10 @@ def _parse_v1(data: bytes, allowed: set[str]) -> tuple[Endpoints, int]:
                                       ("client port", _port), ("server port", _port))):
         text = tokens[2 + i]
         try:
+            if text is None:
+                raise ValueError
             values.append(conv(text, family) if conv is _addr else conv(text))
-        except (TypeError, ValueError):
+        except ValueError:
             raise ProxyError(f"bad or missing {what}") from None
     return Endpoints(values[0], values[2], values[1], values[3]), end + 1
 

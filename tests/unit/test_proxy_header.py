@@ -43,6 +43,10 @@ def test_v1_tcp6_canonical_and_v4_mapped():
     (b"PROXY TCP4 1.2.3.4 1.2.3.5 01 2\r\n", "bad or missing client port"),
     (b"PROXY TCP4 1.2.3.4 1.2.3.5 1 65536\r\n", "bad or missing server port"),
     (b"PROXY TCP4 1.2.3.4 1.2.3.5 1 x\r\n", "bad or missing server port"),
+    (b"PROXY TCP4 1.2.3.4 1.2.3.5 1\r\n", "bad or missing server port"),
+    (b"PROXY TCP4 1.2.3.4 1.2.3.5\r\n", "bad or missing client port"),
+    (b"PROXY TCP6 ::1%eth0 ::1 1 2\r\n", "bad or missing client address"),
+    (b"PROXY\r\n", "short protocol header"),
     (b"EHLO client.example.com\r\n", "unrecognized protocol header"),
     (b"HELO x\r\n", "short protocol header"),
 ])
