@@ -49,7 +49,8 @@ CONFIGURATION PARAMETERS
     smtp_mx_address_limit (5), smtp_mx_session_limit (2), smtp_skip_5xx_greeting (yes),
     smtp_always_send_ehlo (yes), smtp_line_length_limit (998), smtp_host_lookup (dns),
     smtp_cname_overrides_servername (no), smtp_address_preference (any),
-    inet_protocols (all), soft_bounce (no), line_length_limit (2048).
+    inet_protocols (all), soft_bounce (no), line_length_limit (2048),
+    smtp_send_xforward_command (no), smtp_xforward_timeout (300s) (smtp/xforward.py).
     TLS: smtp_tls_security_level, smtp_use_tls, smtp_enforce_tls,
     smtp_tls_enforce_peername, smtp_tls_per_site, smtp_tls_policy_maps,
     smtp_tls_cert_file, smtp_tls_key_file, smtp_tls_dcert_file, smtp_tls_dkey_file,
@@ -87,7 +88,7 @@ from ..lib import queue as Q
 from ..lib import tls as libtls
 from ..lib.smtpio import SmtpStream
 from ..lib.maincf import ConfigError
-from . import nexthop, session, tls, tls_policy
+from . import nexthop, session, tls, tls_policy, xforward
 from . import sasl as smtp_sasl
 
 REQUEST_TIMEOUT_CAP = 300       # seconds to wait for the request frame
@@ -277,6 +278,7 @@ def deliver_request(req: deliver.Request, ctx, report: delivery_agent.Report) ->
         for r, offset in zip(recipients, req.offsets):
             if offset in stored:
                 r.notify, r.orcpt = stored[offset].notify, stored[offset].orcpt
+        d.client = xforward.client_attributes(qmsg.attrs, req.queue_id)
         d.content = lambda: qmsg.content(req.queue_file)
         if not req.arrival:
             report.arrival = qmsg.arrival

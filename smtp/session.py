@@ -14,7 +14,9 @@ DESCRIPTION
                refused), notes the server's features, and runs STARTTLS when the TLS
                policy asks for it (then EHLO again). False when the server cannot be
                used; the Delivery says why.
-    xfer()     MAIL FROM, RCPT TO for every recipient still to do, DATA, the message
+    xfer()     XFORWARD first where smtp_send_xforward_command and the server ask for it
+               (smtp/xforward.py); then
+               MAIL FROM, RCPT TO for every recipient still to do, DATA, the message
                (CRLF line ends, dot-stuffed, lines longer than smtp_line_length_limit
                folded with <CR><LF>SPACE), and the final dot. With PIPELINING the
                commands go out in one write and the replies are read in order. To a
@@ -76,7 +78,7 @@ from dataclasses import dataclass, field
 from ..lib import dsn as DSN
 from ..lib import msg, params
 from ..lib.smtpio import StreamEOF, StreamTimeout
-from . import tls_policy
+from . import tls_policy, xforward
 from .tls import TLSStartError, TlsStarter
 MAX_REPLY_BYTES = 1 << 24       # one reply may not run longer than this, however sent
 MAX_REPLY_LINES = 200           # lines kept of a reply (the rest is read and dropped)
@@ -123,6 +125,7 @@ class Delivery:
     dsn_ret: str = ""               # DSN RET and ENVID (queue file dsn_ret, dsn_envid)
     dsn_envid: str = ""
     log = None                      # for tests without a Report: f(rcpt, relay, status)
+    client: dict = field(default_factory=dict)   # original client, for XFORWARD
 
     @property
     def soft_bounce(self) -> bool:
@@ -347,6 +350,8 @@ class Options:
     note_starttls_offer: bool = False
     wrappermode: bool = False
     block_early_mail_reply: bool = False    # smtp_tls_block_early_mail_reply (CVE-2009-3555)
+    send_xforward: bool = False     # smtp_send_xforward_command (smtp/xforward.py)
+    xforward_timeout: int = 300     # smtp_xforward_timeout
 
     @classmethod
     def from_config(cls, cfg, prefix: str = "smtp") -> "Options":
@@ -368,7 +373,9 @@ class Options:
                    reply_limit=max(cfg["line_length_limit"], 512),
                    note_starttls_offer=p("tls_note_starttls_offer"),
                    wrappermode=p("tls_wrappermode"),
-                   block_early_mail_reply=p("tls_block_early_mail_reply"))
+                   block_early_mail_reply=p("tls_block_early_mail_reply"),
+                   send_xforward=cfg["smtp_send_xforward_command"],
+                   xforward_timeout=cfg["smtp_xforward_timeout"])
 
 
 def requires_smtputf8(d: Delivery, todo: list[Rcpt]) -> bool:
@@ -570,6 +577,7 @@ class ClientSession:
     def _features(self, reply: ServerReply) -> None:
         self.features = set()
         self.sasl_mechs: list[str] = []     # AUTH lines, for smtp/sasl.py
+        self.xforward_attrs: set[str] = set()   # XFORWARD attributes (smtp/xforward.py)
         for n, line in enumerate(reply.lines):
             words = line[4:].replace("=", " ").split()
             if not words:
@@ -579,6 +587,8 @@ class ClientSession:
                 continue
             word = words[0].upper()
             self.features.add(word)
+            if word == "XFORWARD":
+                self.xforward_attrs = {w.upper() for w in words[1:]}
             if word == "AUTH":
                 self.sasl_mechs += [w.upper() for w in words[1:] if w.upper() not in
                                     self.sasl_mechs]
@@ -660,6 +670,8 @@ class ClientSession:
             d.bulk_fail("5.6.7", f"SMTPUTF8 is required, but was not offered by host "
                                  f"{self.namaddr}", self.relay)
             return
+        if self.o.send_xforward and "XFORWARD" in self.features and not self._xforward():
+            return
         mail = f"MAIL FROM:<{d.sender}>"
         if "SIZE" in self.features:
             mail += f" SIZE={d.size}"
@@ -690,6 +702,24 @@ class ClientSession:
             if r.notify:
                 line += f" NOTIFY={r.notify}"
         return line
+
+    def _xforward(self) -> bool:
+        """The message's original client, before MAIL (smtp/xforward.py); False when the
+        connection failed. A refusal is logged, and the delivery goes on, as Postfix."""
+        timeout = self.o.xforward_timeout
+        try:
+            for where, what, line in xforward.commands(self.xforward_attrs, self.d.client):
+                self._where = where
+                self._cmd(line)
+                self._flush(timeout)
+                reply = self._reply(timeout)
+                if reply.code // 100 != 2:
+                    msg.warn(f"host {self.relay} said: {reply.text1} "
+                             f"(in reply to {what} command)")
+        except (StreamTimeout, StreamEOF) as exc:
+            self._except(exc, self._where)
+            return False
+        return True
 
     _STATE = {"MAIL FROM": ("mail", "sending MAIL FROM"),
               "RCPT TO": ("rcpt", "sending RCPT TO"),

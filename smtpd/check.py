@@ -143,7 +143,8 @@ _HEADER_RE = re.compile(r"^[!-9;-~]+:")     # a header name (printable, no colon
 _DSN_RE = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
 # The parameters that list client networks, all matched by NetworkList.
 NETWORK_LISTS = ("mynetworks", "smtpd_forbid_bare_newline_exclusions",
-                 "smtpd_sasl_exceptions_networks")
+                 "smtpd_sasl_exceptions_networks", "smtpd_authorized_xclient_hosts",
+                 "smtpd_authorized_xforward_hosts")
 
 
 @dataclass

@@ -25,7 +25,10 @@ CONFIGURATION PARAMETERS
     SASL: smtpd_sasl_auth_enable (no), smtpd_sasl_type (dovecot, or builtin),
     smtpd_sasl_path (smtpd/sasl.py). Extensions: smtputf8_enable (yes), strict_smtputf8
     (no), fast_flush_domains ($relay_domains) and smtpd_etrn_restrictions (empty) for
-    ETRN. smtpd_tls_security_level is computed once, in
+    ETRN. Behind a load balancer: smtpd_upstream_proxy_protocol (empty, or haproxy),
+    smtpd_upstream_proxy_timeout (5s) (smtpd/proxy.py); smtpd_authorized_xclient_hosts
+    and smtpd_authorized_xforward_hosts (empty; smtpd/xclient.py).
+    smtpd_tls_security_level is computed once, in
     prepare(), by lib/tls.server_security_level (verify, secure and fingerprint act as
     encrypt, with Postfix's warning), and every session uses that value.
 
@@ -46,7 +49,7 @@ from ..lib import msg, server, tlsmgr_client
 from ..lib import tls as T
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
-from . import sasl
+from . import proxy, sasl
 from .check import Checker, ClientState
 from .limits import Limits
 from .session import Session
@@ -126,6 +129,24 @@ def _numeric(name: str) -> bool:
     return True
 
 
+def upstream_endpoints(conn: socket.socket, cfg, addr: str,
+                       port: str) -> tuple[str, str, str | None, bool]:
+    """(client address, client port, server address, hang up) from the PROXY header.
+
+    A header that cannot be used leaves Postfix's warning, and the client is
+    unknown[unknown] with a hang-up (smtpd_peer_fall_back_and_hangup); a v2 LOCAL
+    header keeps the connection's own endpoints."""
+    try:
+        endpoints = proxy.receive(conn, cfg["smtpd_upstream_proxy_timeout"],
+                                  proxy.families(cfg["inet_protocols"]))
+    except proxy.ProxyError as exc:
+        msg.warn(str(exc))
+        return "unknown", "unknown", None, True
+    if endpoints is None:
+        return addr, port, None, False
+    return endpoints.client_addr, endpoints.client_port, endpoints.server_addr, False
+
+
 def pre_init(ctx) -> None:
     """As root, before the jail: open the restriction tables."""
     try:
@@ -155,19 +176,25 @@ def smtpd_service(conn: socket.socket, ctx) -> None:
     """One client, from connect to disconnect."""
     cfg = ctx.cfg
     try:
-        addr = conn.getpeername()[0]
+        addr, port = conn.getpeername()[:2]
     except OSError:
         return
     if addr.startswith("::ffff:"):
         addr = addr[7:]
-    name, status, reverse, reverse_status = client_name(addr, cfg["smtpd_peername_lookup"])
+    port, local, hangup = str(port), None, False
+    if cfg["smtpd_upstream_proxy_protocol"]:
+        addr, port, local, hangup = upstream_endpoints(conn, cfg, addr, port)
+    if hangup:
+        name, status, reverse, reverse_status = "unknown", "perm", "unknown", "perm"
+    else:
+        name, status, reverse, reverse_status = client_name(addr, cfg["smtpd_peername_lookup"])
     client = ClientState(name=name, addr=addr, name_status=status, reverse_name=reverse,
                          reverse_status=reverse_status)
     stream = SmtpStream(conn, cfg["smtpd_timeout"])
     prepared = ctx.prepared or Prepared()
     backend = ctx.state.get("sasl")
     sasl_session = None
-    if backend is not None:
+    if backend is not None and local is None:
         try:
             local = conn.getsockname()[0]
         except OSError:
@@ -179,6 +206,8 @@ def smtpd_service(conn: socket.socket, ctx) -> None:
                       wrapper=cfg["smtpd_tls_wrappermode"],
                       stopping=lambda: ctx.stopping, sasl=sasl_session)
     session.limits = ctx.state["limits"].session(client, ctx.service.name)
+    session.hangup, session.client_port = hangup, port
+    session.limits_for = lambda c: ctx.state["limits"].session(c, ctx.service.name)
     try:
         session.run()
     finally:

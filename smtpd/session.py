@@ -43,6 +43,9 @@ PROTOCOL
     disabled` when smtpd_discard_ehlo_keywords has dsn): RET and ENVID become the queue
     file attributes dsn_ret and dsn_envid, NOTIFY and ORCPT the recipient's N and O records
     (lib/queue.py). Delivery status notices for them are not implemented.
+    XCLIENT and XFORWARD, for authorized clients only, are in smtpd/xclient.py; greet()
+    runs again after XCLIENT. A session whose PROXY header was unusable (hangup) answers
+    only `421 4.3.0 HOST Server local error` (smtpd/proxy.py).
 
 SECURITY
     STARTTLS discards every byte the client sent before the handshake (CVE-2011-0411) and
@@ -70,14 +73,15 @@ from ..lib import flush, msg, tables
 from ..lib import queue as Q
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
 from . import sasl as SASL
+from . import xclient as X
 from .check import ClientState, Reply
 from .content import ContentSink
 from .limits import NO_LIMITS
 
 # verb -> (method, flags). Flags: "junk" counts against smtpd_junk_command_limit;
 # "pretls" is allowed before STARTTLS when TLS is enforced.
-VERB_ORDER = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset",
-              "noop", "vrfy", "etrn", "quit", "unknown")
+VERB_ORDER = ("helo", "ehlo", "xclient", "xforward", "starttls", "auth", "mail", "rcpt",
+              "data", "bdat", "rset", "noop", "vrfy", "etrn", "quit", "unknown")
 PARAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*(=[!-~]*)?$")
 
 
@@ -172,6 +176,10 @@ class Session:
 
     limits = NO_LIMITS      # the client's anvil limits (smtpd/limits.py); service.py sets them
     stand_alone = False     # sendmail -bs (smtpd/pickup.py's LocalSession)
+    hangup = False          # the PROXY header was unusable: 421 and goodbye (smtpd/proxy.py)
+    client_port = ""        # the client's TCP port, when known (PROXY header, XCLIENT)
+    server_addr = server_port = ""      # the server end, when known (XCLIENT DESTADDR)
+    limits_for = None       # client -> its limits, for a client that XCLIENT brings
 
     def __init__(self, stream, cfg, client: ClientState, queue_root: str, checker,
                  level: str = "none", tls=None, wrapper: bool = False,
@@ -357,12 +365,16 @@ class Session:
         self.msg_size = 0               # MAIL FROM's SIZE=
         self.client.prepend = []
         self.instance = ""
+        self.xforward: dict[str, str] = {}      # XFORWARD attributes (smtpd/xclient.py)
 
     # --- the session -------------------------------------------------------------------------
     def run(self) -> None:
         """Serve the client until QUIT, an error limit, a timeout or a lost connection."""
         msg.info(f"connect from {self.client.client}")
         try:
+            if self.hangup:
+                self.reply(f"421 4.3.0 {self.hostname} Server local error")
+                raise Disconnect
             if self.wrapper:
                 if self.tls is None:
                     msg.warn(f"TLS wrapper mode requested but TLS is not available; "
@@ -372,17 +384,7 @@ class Session:
                     raise Disconnect
                 if not self.start_tls():
                     raise Disconnect
-            if not self.limits.connect(self.reply):
-                raise Disconnect
-            denied = self.checker.connect(self.client)
-            if denied is not None:
-                # smtpd_delay_reject = no: the reject is the greeting, and every command
-                # but QUIT is refused from now on, as Postfix's access_denied.
-                self.log_reject("CONNECT", denied)
-                self.access_denied = str(denied)
-                self.reply(self.access_denied)
-            else:
-                self.reply(f"220 {self.cfg.get('smtpd_banner')}")
+            self.greet()
             while True:
                 if self.stopping():
                     self.reply(f"421 4.3.2 {self.hostname} Service shutting down, "
@@ -416,6 +418,22 @@ class Session:
             self.reset()
             self.limits.disconnect()
             msg.info(f"disconnect from {self.client.client} {self.stats()}")
+
+    def greet(self) -> None:
+        """Connection limits, connect restrictions and the greeting; again after XCLIENT.
+        XCLIENT hosts are not counted by anvil, as in Postfix."""
+        if not self._in_list("smtpd_authorized_xclient_hosts") and \
+                not self.limits.connect(self.reply):
+            raise Disconnect
+        denied = self.checker.connect(self.client)
+        if denied is not None:
+            # smtpd_delay_reject = no: the reject is the greeting, and every command
+            # but QUIT is refused from now on, as Postfix's access_denied.
+            self.log_reject("CONNECT", denied)
+            self.access_denied = str(denied)
+            self.reply(self.access_denied)
+        else:
+            self.reply(f"220 {self.cfg.get('smtpd_banner')}")
 
     def last_for_log(self) -> str:
         if self.last in ("DATA", "BDAT") and self.data_bytes is not None:
@@ -548,6 +566,7 @@ class Session:
             mechs = self.sasl.mechanisms(self.tls_active)
             if mechs:
                 lines.append("AUTH " + " ".join(mechs))
+        lines += X.ehlo_keywords(self)
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME"] + self.ehlo_extensions()
         lines = [lines[0]] + [k for k in lines[1:]
                               if k.split()[0].lower() not in self.discard_ehlo]
@@ -875,6 +894,7 @@ class Session:
                 w.add_attr("sasl_username", self.client.sasl_username)
             if self.sasl_sender:
                 w.add_attr("sasl_sender", self.sasl_sender)
+            X.queue_attrs(self, w)
             w.set_sender(self.sender)
         except OSError as exc:
             self.writer = None
@@ -885,6 +905,7 @@ class Session:
                     f"sasl_username={self.client.sasl_username}")
         if self.sasl_sender:
             sasl += f", sasl_sender={self.sasl_sender}"
+        sasl += X.log_suffix(self)
         msg.info(f"{self.writer.id}: client={self.client.client}{sasl}")
         return True
 
@@ -1372,5 +1393,6 @@ COMMANDS = {
     "noop": Session.noop_cmd, "vrfy": Session.vrfy_cmd, "etrn": Session.etrn_cmd,
     "quit": Session.quit_cmd,
 }
-PRE_TLS = {"helo", "ehlo", "starttls", "noop", "quit", "rset"}
+COMMANDS["xclient"], COMMANDS["xforward"] = X.xclient_cmd, X.xforward_cmd
+PRE_TLS = {"helo", "ehlo", "xclient", "starttls", "noop", "quit", "rset"}
 JUNK = {"noop", "vrfy", "etrn", "rset"}
