@@ -23,8 +23,8 @@ DESCRIPTION
                           N+1    smtps       TLS from the first byte (smtpd_tls_wrappermode)
                           N+2    submission  STARTTLS, then SASL AUTH (user "test")
                       N is --port-base (default 2525), 1..65533; then the internal unix
-                      services (qmgr, tlsmgr, anvil, smtp, relay, lmtp, error, discard, local,
-                      virtual).
+                      services (qmgr, tlsmgr, anvil, showq, smtp, relay, lmtp, error,
+                      discard, local, virtual).
     DIR/rsa-key.pem, DIR/rsa-cert.pem        RSA 2048 key (0600) and certificate (0644)
     DIR/ecdsa-key.pem, DIR/ecdsa-cert.pem    ECDSA P-256 key (0600) and certificate (0644)
                       self-signed, subjectAltName DNS:localhost and IP:127.0.0.1, valid
@@ -235,6 +235,7 @@ def master_cf(directory: str, ports: tuple[int, int, int],
         _row("qmgr", "unix", "n", "-", "n", "300", "1", "qmgr"),
         _row("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr"),
         _row("anvil", "unix", "-", "-", "n", "-", "1", "anvil"),
+        _row("showq", "unix", "n", "-", "n", "-", "-", "showq"),
         _row("smtp", "unix", "-", "-", "n", "-", "-", "smtp"),
         _row("relay", "unix", "-", "-", "n", "-", "-", "smtp"),
         _row("lmtp", "unix", "-", "-", "n", "-", "-", "lmtp"),

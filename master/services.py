@@ -60,6 +60,7 @@ PROGRAMS = {
     "discard": "postfix_py.local.discard",
     "error": "postfix_py.local.error",
     "pickup": "postfix_py.smtpd.pickup",
+    "showq": "postfix_py.showq.service",
 }
 EXTENSION_PREFIX = "python:"
 RUNNABLE_TYPES = ("inet", "unix")
