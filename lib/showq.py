@@ -18,16 +18,18 @@ DESCRIPTION
     a queue file is skipped, as showq skips it; a queue directory that cannot be listed
     raises OSError (with its filename).
 
-    The wire format is Postfix 3.x's showq protocol in attr_print0 form (attr_print0.c):
-    each attribute is its name, a NUL, its value, a NUL; a record ends with an empty name
-    (one NUL). showq.c sends:
+    The wire format is Postfix 3.0 to 3.10's showq protocol in attr_print0 form
+    (attr_print0.c): each attribute is its name, a NUL, its value, a NUL; a record ends
+    with an empty name (one NUL). showq.c sends:
 
         protocol=mail_queue_list_protocol                      then end of record
         per message: queue_name, queue_id, time, size, forced_expire (0/1), sender,
-            per recipient: original_recipient, recipient, log_class ("defer" with a
-            reason, "" without), reason                        then end of record
+            per recipient: recipient, reason ("" when none)    then end of record
         end of record (the empty list ends the stream)
 
+    Both ends read strictly, so the version matters: this is what Debian's Postfix 3.7
+    postqueue reads. (Postfix 3.11 adds original_recipient and log_class to each
+    recipient, and its postqueue requires them; a 3.10 postqueue refuses them.)
     Postfix's postqueue and prometheus-postfix-exporter (--postfix.showq_path) read it.
     Values never hold a NUL: addresses and reasons go through msg.printable().
 
@@ -90,7 +92,6 @@ def message_record(m: dict) -> bytes:
            _attr("time", m["arrival_time"]), _attr("size", m["message_size"]),
            _attr("forced_expire", int(m["forced_expire"])), _attr("sender", m["sender"])]
     for address, reason in m["recipients"]:
-        out += [_attr("original_recipient", address), _attr("recipient", address),
-                _attr("log_class", "defer" if reason else ""), _attr("reason", reason)]
+        out += [_attr("recipient", address), _attr("reason", reason)]
     out.append(END)
     return b"".join(out)

@@ -5,11 +5,12 @@ SYNOPSIS
 
 DESCRIPTION
     Each client that connects to queue_directory/public/showq gets the whole queue in
-    Postfix 3.x's showq protocol (lib/showq.py: attr_print0 records, the protocol record
-    first, then one record per message of maildrop, incoming, active, deferred and hold,
-    with each pending recipient and its defer reason, then an empty record), and the
-    connection is closed. Nothing is read from the client. Postfix's postqueue -p and
-    prometheus-postfix-exporter (--postfix.showq_path) read it for queue sizes and ages.
+    Postfix 3.0-3.10's showq protocol (lib/showq.py: attr_print0 records, the protocol
+    record first, then one record per message of maildrop, incoming, active, deferred and
+    hold, with each pending recipient and its defer reason, then an empty record), and
+    the connection is closed. Nothing is read from the client. Postfix's own postqueue -p
+    (3.7, as Debian ships it) and prometheus-postfix-exporter (--postfix.showq_path) read
+    it, the latter for queue sizes and ages.
 
 SECURITY
     showq reads queue files and defer logs only; it runs as mail_owner and may run
