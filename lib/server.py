@@ -132,17 +132,11 @@ class WorkerContext:
             self.stopping = True
 
 
-def title_name(syslog_name: str) -> str:
-    """The name before /program in process titles: syslog_name's first part, so that
-    `syslog_name = postfix` shows `postfix/smtpd ...` and a service's own
-    `-o syslog_name=postfix/submission` still shows `postfix/smtpd ...`."""
-    return syslog_name.split("/", 1)[0] or "postfix-py"
-
-
 def process_title(program: str, service, syslog_name: str = "postfix-py") -> str:
     """The title ps shows for a worker, as Postfix: `postfix-py/smtpd -n smtp -t inet`,
-    its first part following syslog_name."""
-    return f"{title_name(syslog_name)}/{program} -n {service.name} -t {service.type}"
+    its first part following syslog_name: `syslog_name = postfix` shows `postfix/smtpd ...`,
+    and so does a service's own `-o syslog_name=postfix/submission`."""
+    return f"{msg.base_name(syslog_name)}/{program} -n {service.name} -t {service.type}"
 
 
 def _set_title(title: str) -> None:

@@ -64,7 +64,7 @@ import setproctitle
 from ..lib import maincf, mastercf, msg, params, tls
 from ..lib.events import EventLoop
 from ..lib.queue import queue_root, recover_incoming
-from ..lib.server import STATUS_FORMAT, STATUS_SIZE, STATUS_TAKEN, WorkerContext, title_name
+from ..lib.server import STATUS_FORMAT, STATUS_SIZE, STATUS_TAKEN, WorkerContext
 from . import services as S
 
 CHROOT_FILES = ("/etc/localtime", "/etc/hosts", "/etc/resolv.conf", "/etc/services",
@@ -267,7 +267,7 @@ class Master:
         msg.init("master", syslog_name=cfg.get("syslog_name"),
                  maillog_file=cfg.get("maillog_file"),
                  syslog_facility=cfg.get("syslog_facility"), verbose=self.verbose)
-        setproctitle.setproctitle(f"{title_name(cfg.get('syslog_name'))}/master")
+        setproctitle.setproctitle(f"{msg.base_name(cfg.get('syslog_name'))}/master")
         for text in warnings:
             msg.warn(text)
         if self.run_as_root:

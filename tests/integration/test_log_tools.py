@@ -7,6 +7,7 @@ import re
 import shutil
 import smtplib
 import subprocess
+import time
 import urllib.request
 
 import pytest
@@ -30,7 +31,9 @@ def send(port, sender, rcpts, subject="test"):
         if len(refused) == len(rcpts):
             s.rset()
             return None, refused
-        code, text = s.data(f"From: <{sender}>\r\nSubject: {subject}\r\n\r\nhello\r\n".encode())
+        code, text = s.data(f"From: <{sender}>\r\nSubject: {subject}\r\n"
+                            f"Message-ID: <{time.monotonic_ns()}@client.example>\r\n"
+                            "\r\nhello\r\n".encode())
         assert code == 250, text
         return text.decode().rsplit(" ", 1)[-1], refused
 
@@ -81,6 +84,9 @@ def test_log_lines_read_as_postfix(postfix_named):
     lines = log.splitlines()
     assert lines and all(" postfix/" in line for line in lines), log
     assert not [line for line in lines if "postfix-py/" in line.split(": ", 1)[0]]
+    # The message-id line is cleanup's, in Postfix's log, with the smtpd's pid here.
+    assert len(re.findall(r" postfix/cleanup\[\d+\]: \w+: message-id=<\d+@client\.example>$",
+                          log, re.M)) == 2, log
     reject = [line for line in lines if "NOQUEUE: reject: RCPT from" in line]
     assert len(reject) == 1 and " postfix/smtpd[" in reject[0]
     titles = {" ".join(p.cmdline()).strip() for p in postfix_named.workers()}
@@ -179,8 +185,9 @@ def test_prometheus_exporter_counts_our_log(postfix_named, exporter):
     assert m['postfix_smtpd_messages_processed_total{sasl_method=""}'] == 2
     assert m['postfix_smtpd_messages_rejected_total{code="554"}'] == 1
     assert m["postfix_qmgr_messages_inserted_receipients_count"] == 2
-    # Every smtpd and qmgr line is one Postfix's exporter knows (as it knows Postfix's).
+    assert m["postfix_cleanup_messages_processed_total"] == 2
+    # Every smtpd, cleanup and qmgr line is one the exporter knows (as it knows Postfix's).
     unsupported = {k: v for k, v in m.items()
                    if k.startswith("postfix_unsupported_log_entries_total") and v}
-    assert not [k for k in unsupported if 'service="smtpd"' in k or 'service="qmgr"' in k
-                or 'service=""' in k], unsupported
+    assert not [k for k in unsupported if re.search(r'service="(smtpd|cleanup|qmgr|)"', k)], \
+        unsupported
