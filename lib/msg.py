@@ -39,6 +39,8 @@ FUNCTIONS
         read Postfix's log find it where Postfix puts it).
     base_name(syslog_name) -> the part before the first `/` (`postfix` for a service's
         `-o syslog_name=postfix/submission`); process titles start with it too.
+    name() -> base_name of the syslog_name given to init(): the master names its workers
+        with it (`process postfix/smtpd pid 1234 exit status 1`).
 
 Input from a peer or a client program is never worth more than a warning.
 """
@@ -146,6 +148,11 @@ def init_cli(program: str, verbose: int = 0) -> None:
 def base_name(syslog_name: str) -> str:
     """syslog_name up to its first `/`: the mail system's name without the service's."""
     return syslog_name.split("/", 1)[0] or "postfix-py"
+
+
+def name() -> str:
+    """The mail system's name in this process's log lines (see base_name)."""
+    return _s.name
 
 
 def set_tag(tag: str) -> None:

@@ -5,6 +5,7 @@ pflogsumm, fail2ban's postfix filter and prometheus-postfix-exporter, with
 import os
 import re
 import shutil
+import signal
 import smtplib
 import subprocess
 import time
@@ -92,6 +93,12 @@ def test_log_lines_read_as_postfix(postfix_named):
     titles = {" ".join(p.cmdline()).strip() for p in postfix_named.workers()}
     assert f"postfix/smtpd -n 127.0.0.1:{postfix_named.port} -t inet" in titles
     assert "postfix/qmgr -n qmgr -t unix" in titles
+    # The master names its workers with the same name.
+    smtpd = [p for p in postfix_named.workers()
+             if " ".join(p.cmdline()).startswith("postfix/smtpd ")][0]
+    os.kill(smtpd.pid, signal.SIGKILL)
+    wait_for(lambda: f"warning: process postfix/smtpd pid {smtpd.pid} killed by signal 9"
+             in postfix_named.log(), what="the master's warning")
 
 
 @pytest.mark.skipif(not shutil.which("pflogsumm"), reason="pflogsumm is not installed")
