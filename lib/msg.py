@@ -32,6 +32,15 @@ FUNCTIONS
         pass; this rule also refuses the non-printable code points, so that no terminal
         control reaches a log.
     set_tag(tag): replace the tag before `[pid]` (postlog -t), after init.
+    info_as(service, text): an info line under `NAME/service[pid]`, NAME being
+        base_name(syslog_name): for the work Postfix does in another daemon, which
+        postfix-py does in this one (smtpd and pickup log cleanup's
+        `QUEUEID: message-id=<...>` as `postfix/cleanup[pid]`, so that the tools that
+        read Postfix's log find it where Postfix puts it).
+    base_name(syslog_name) -> the part before the first `/` (`postfix` for a service's
+        `-o syslog_name=postfix/submission`); process titles start with it too.
+    name() -> base_name of the syslog_name given to init(): the master names its workers
+        with it (`process postfix/smtpd pid 1234 exit status 1`).
 
 Input from a peer or a client program is never worth more than a warning.
 """
@@ -97,6 +106,7 @@ class PanicError(SystemExit):
 
 class _State:
     tag = "postfix-py"          # the part before [pid]: syslog_name/service, or the program
+    name = "postfix-py"         # base_name(syslog_name), for info_as()
     with_pid = True
     sink = "stderr"             # "stderr", "file" or "syslog"
     stream = None               # file object for "file"
@@ -115,6 +125,7 @@ def init(service: str, syslog_name: str = "postfix-py", maillog_file: str = "",
     """Send this daemon's lines to maillog_file, or to syslog when it is empty."""
     close()
     _s.tag, _s.with_pid, _s.verbose = f"{syslog_name}/{service}", True, verbose
+    _s.name = base_name(syslog_name)
     if syslog_facility not in FACILITIES:
         raise ValueError(f"unknown syslog_facility: {syslog_facility}")
     _s.facility = FACILITIES[syslog_facility]
@@ -132,6 +143,16 @@ def init_cli(program: str, verbose: int = 0) -> None:
     """Send a command-line tool's lines to standard error as `program: text`."""
     close()
     _s.tag, _s.with_pid, _s.sink, _s.verbose = program, False, "stderr", verbose
+
+
+def base_name(syslog_name: str) -> str:
+    """syslog_name up to its first `/`: the mail system's name without the service's."""
+    return syslog_name.split("/", 1)[0] or "postfix-py"
+
+
+def name() -> str:
+    """The mail system's name in this process's log lines (see base_name)."""
+    return _s.name
 
 
 def set_tag(tag: str) -> None:
@@ -165,19 +186,20 @@ def _syslog_connect() -> None:
     _s.sock = None
 
 
-def _format(severity: str, text: str) -> str:
+def _format(severity: str, text: str, tag: str | None = None) -> str:
     prefix = "" if severity == "info" else severity + ": "
     # Peer-supplied text can hold anything; keep one record on one line, and no control
     # character (a terminal escape) reaches the log: `?`, as Postfix's printable().
     text = text.replace("\r", "\\r").replace("\n", "\\n")
     if not text.isprintable():
         text = _CONTROL.sub("?", text)
-    tag = f"{_s.tag}[{os.getpid()}]" if _s.with_pid else _s.tag
+    tag = tag or _s.tag
+    tag = f"{tag}[{os.getpid()}]" if _s.with_pid else tag
     return f"{tag}: {prefix}{text}"[:MAX_LINE]
 
 
-def _emit(severity: str, text: str) -> None:
-    line = _format(severity, text)
+def _emit(severity: str, text: str, tag: str | None = None) -> None:
+    line = _format(severity, text, tag)
     with _s.lock:
         if _s.sink == "syslog":
             stamp = time.strftime("%b %e %H:%M:%S")
@@ -212,6 +234,11 @@ def _write(stream, line: str) -> None:
 def info(text: str) -> None:
     """Log an informational line."""
     _emit("info", text)
+
+
+def info_as(service: str, text: str) -> None:
+    """Log an informational line as the mail system's `service` (see base_name)."""
+    _emit("info", text, f"{_s.name}/{service}" if _s.with_pid else None)
 
 
 def warn(text: str) -> None:

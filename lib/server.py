@@ -4,7 +4,7 @@ The master forks a worker and calls its program's main(ctx); main() is one call 
 skeleton here, which owns everything the service function must not care about, in
 Postfix's order:
 
-    set the process title  (postfix-py/smtpd -n smtp -t inet)
+    set the process title  (postfix-py/smtpd -n smtp -t inet; syslog_name's first part)
     close what belongs to other services, reset signals, open the log
     pre_init()             as root: keys, certificates, tables, files outside the jail
     chroot                 into queue_directory when the service's chroot column is y
@@ -132,9 +132,11 @@ class WorkerContext:
             self.stopping = True
 
 
-def process_title(program: str, service) -> str:
-    """The title ps shows for a worker, as Postfix: `postfix-py/smtpd -n smtp -t inet`."""
-    return f"postfix-py/{program} -n {service.name} -t {service.type}"
+def process_title(program: str, service, syslog_name: str = "postfix-py") -> str:
+    """The title ps shows for a worker, as Postfix: `postfix-py/smtpd -n smtp -t inet`,
+    its first part following syslog_name: `syslog_name = postfix` shows `postfix/smtpd ...`,
+    and so does a service's own `-o syslog_name=postfix/submission`."""
+    return f"{msg.base_name(syslog_name)}/{program} -n {service.name} -t {service.type}"
 
 
 def _set_title(title: str) -> None:
@@ -143,7 +145,7 @@ def _set_title(title: str) -> None:
 
 def _start(ctx: WorkerContext) -> None:
     """The part before any hook: title, foreign descriptors, signals, log."""
-    _set_title(process_title(ctx.program, ctx.service))
+    _set_title(process_title(ctx.program, ctx.service, ctx.cfg.get("syslog_name")))
     for fd in ctx.close_fds:
         try:
             os.close(fd)

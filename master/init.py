@@ -1,7 +1,7 @@
 """`postfix-py init DIR`: a self-contained instance on loopback ports, for trying postfix-py.
 
 SYNOPSIS
-    postfix-py init DIR [--port-base N] [--force]
+    postfix-py init DIR [--port-base N] [--syslog-name NAME] [--force]
 
 DESCRIPTION
     Writes everything one postfix-py instance needs into DIR, without touching the host's
@@ -16,14 +16,15 @@ DESCRIPTION
                       inet_interfaces = 127.0.0.1, mynetworks = 127.0.0.0/8 [::1]/128,
                       server TLS at level may with both certificates below, Received:
                       header TLS details, TLS log level 1, client TLS at level may with
-                      its session cache in lmdb:DIR/data/smtp_scache.
+                      its session cache in lmdb:DIR/data/smtp_scache; syslog_name = NAME
+                      with --syslog-name.
     DIR/master.cf     the services, chroot off (a non-root user cannot chroot):
                           N      smtp        plain SMTP with STARTTLS
                           N+1    smtps       TLS from the first byte (smtpd_tls_wrappermode)
                           N+2    submission  STARTTLS, then SASL AUTH (user "test")
                       N is --port-base (default 2525), 1..65533; then the internal unix
-                      services (qmgr, tlsmgr, anvil, smtp, relay, lmtp, error, discard, local,
-                      virtual).
+                      services (qmgr, tlsmgr, anvil, showq, smtp, relay, lmtp, error,
+                      discard, local, virtual).
     DIR/rsa-key.pem, DIR/rsa-cert.pem        RSA 2048 key (0600) and certificate (0644)
     DIR/ecdsa-key.pem, DIR/ecdsa-cert.pem    ECDSA P-256 key (0600) and certificate (0644)
                       self-signed, subjectAltName DNS:localhost and IP:127.0.0.1, valid
@@ -37,6 +38,11 @@ DESCRIPTION
 
 OPTIONS
     --port-base N   first of the three listening ports.
+    --syslog-name NAME
+                    log as NAME/smtpd[pid] (main.cf syslog_name; smtps and submission log
+                    as NAME/smtps/smtpd and NAME/submission/smtpd). `--syslog-name postfix`
+                    makes every log line read as Postfix's, for the tools that parse the
+                    mail log (pflogsumm, fail2ban, prometheus-postfix-exporter).
     --force         DIR already holds an instance: overwrite main.cf and master.cf and make
                     new keys and certificates (the queue and data are kept).
     -c DIR given before the verb (`postfix-py -c DIR init`) names DIR; -v is ignored.
@@ -84,6 +90,15 @@ def port_base(text: str) -> int:
     return value
 
 
+def syslog_name(text: str) -> str:
+    """Parse --syslog-name: a syslog tag part, letters, digits and . _ - / only."""
+    if not text or len(text) > 64 or text.startswith("/") or text.endswith("/") or any(
+            not (c.isascii() and (c.isalnum() or c in "._-/")) for c in text):
+        raise argparse.ArgumentTypeError(
+            f"invalid syslog name: '{text}': use letters, digits, '.', '_', '-' and '/'")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     """The command-line parser of `postfix-py init`."""
     p = argparse.ArgumentParser(
@@ -94,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", nargs="?", help="the instance's directory")
     p.add_argument("--port-base", metavar="N", type=port_base, default=DEFAULT_PORT_BASE,
                    help=f"first of the three listening ports (default {DEFAULT_PORT_BASE})")
+    p.add_argument("--syslog-name", metavar="NAME", type=syslog_name,
+                   help="the name before /smtpd[pid] in log lines (default postfix-py; "
+                   "postfix for log tools written for Postfix)")
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing instance's configuration and certificates")
     return p
@@ -120,9 +138,11 @@ def _row(*columns: str) -> str:
     return out
 
 
-def main_cf(directory: str, owner: str, ports: tuple[int, int, int]) -> str:
+def main_cf(directory: str, owner: str, ports: tuple[int, int, int],
+            log_name: str | None = None) -> str:
     """The text of the instance's main.cf."""
     d = directory
+    log_name_line = f"syslog_name = {log_name}\n" if log_name else ""
     tls = "\n".join(f"{cp} = {d}/{cf}\n{kp} = {d}/{kf}" for _, kf, cf, kp, cp in CERTS)
     return f"""\
 # postfix-py instance written by "{PROG}" on {time.strftime('%Y-%m-%d %H:%M:%S %z')}.
@@ -136,7 +156,7 @@ queue_directory = {d}/queue
 data_directory = {d}/data
 mail_owner = {owner}
 maillog_file = {d}/maillog
-
+{log_name_line}
 # IDENTITY: a loopback mail host; mail for these domains stays here.
 myhostname = localhost
 mydomain = localdomain
@@ -182,8 +202,10 @@ abuse: postmaster
 """
 
 
-def master_cf(directory: str, ports: tuple[int, int, int]) -> str:
+def master_cf(directory: str, ports: tuple[int, int, int],
+              log_name: str | None = None) -> str:
     """The text of the instance's master.cf."""
+    log_name = log_name or "postfix-py"
     inet = [f"{LISTEN_ADDRESS}:{p}" for p in ports]
     return "\n".join([
         "#",
@@ -199,12 +221,12 @@ def master_cf(directory: str, ports: tuple[int, int, int]) -> str:
         _row(inet[0], "inet", "n", "-", "n", "-", "-", "smtpd"),
         f"# SMTP over TLS from the first byte (smtps), port {ports[1]}.",
         _row(inet[1], "inet", "n", "-", "n", "-", "-", "smtpd"),
-        "  -o syslog_name=postfix-py/smtps",
+        f"  -o syslog_name={log_name}/smtps",
         "  -o smtpd_tls_wrappermode=yes",
         "  -o smtpd_sasl_auth_enable=yes",
         f"# Mail submission, port {ports[2]}: STARTTLS, then SASL AUTH, before any mail.",
         _row(inet[2], "inet", "n", "-", "n", "-", "-", "smtpd"),
-        "  -o syslog_name=postfix-py/submission",
+        f"  -o syslog_name={log_name}/submission",
         "  -o smtpd_tls_security_level=encrypt",
         "  -o smtpd_sasl_auth_enable=yes",
         "  -o smtpd_tls_auth_only=yes",
@@ -213,6 +235,7 @@ def master_cf(directory: str, ports: tuple[int, int, int]) -> str:
         _row("qmgr", "unix", "n", "-", "n", "300", "1", "qmgr"),
         _row("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr"),
         _row("anvil", "unix", "-", "-", "n", "-", "1", "anvil"),
+        _row("showq", "unix", "n", "-", "n", "-", "-", "showq"),
         _row("smtp", "unix", "-", "-", "n", "-", "-", "smtp"),
         _row("relay", "unix", "-", "-", "n", "-", "-", "smtp"),
         _row("lmtp", "unix", "-", "-", "n", "-", "-", "lmtp"),
@@ -245,7 +268,7 @@ def _directory(path: str, mode: int, owner: str | None = None) -> None:
 
 
 def create(directory: str, ports_base: int = DEFAULT_PORT_BASE, force: bool = False,
-           out=sys.stdout) -> None:
+           out=sys.stdout, log_name: str | None = None) -> None:
     """Write the instance into directory; InitError (or OSError) when it cannot."""
     directory = os.path.abspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
@@ -274,9 +297,9 @@ def create(directory: str, ports_base: int = DEFAULT_PORT_BASE, force: bool = Fa
     _directory(os.path.join(directory, "mail"), 0o755, owner)   # local writes as default_privs
     # main.cf last: its presence is what marks DIR as an instance.
     tlsgen.atomic_write(os.path.join(directory, "master.cf"),
-                        master_cf(directory, ports).encode(), 0o644)
+                        master_cf(directory, ports, log_name).encode(), 0o644)
     tlsgen.atomic_write(os.path.join(directory, "main.cf"),
-                        main_cf(directory, owner, ports).encode(), 0o644)
+                        main_cf(directory, owner, ports, log_name).encode(), 0o644)
     d = directory
     out.write(
         f"{PROG}: {'rewrote' if existing else 'created'} a postfix-py instance in {d}\n"
@@ -325,7 +348,7 @@ def main(argv: list[str]) -> int:
     if opts.port_base < 1024 and os.geteuid() != 0:
         print(f"{PROG}: warning: ports below 1024 need root to listen on", file=sys.stderr)
     try:
-        create(directory, opts.port_base, opts.force)
+        create(directory, opts.port_base, opts.force, log_name=opts.syslog_name)
     except InitError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1

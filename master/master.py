@@ -59,6 +59,8 @@ import struct
 import time
 import traceback
 
+import setproctitle
+
 from ..lib import maincf, mastercf, msg, params, tls
 from ..lib.events import EventLoop
 from ..lib.queue import queue_root, recover_incoming
@@ -265,6 +267,7 @@ class Master:
         msg.init("master", syslog_name=cfg.get("syslog_name"),
                  maillog_file=cfg.get("maillog_file"),
                  syslog_facility=cfg.get("syslog_facility"), verbose=self.verbose)
+        setproctitle.setproctitle(f"{msg.base_name(cfg.get('syslog_name'))}/master")
         for text in warnings:
             msg.warn(text)
         if self.run_as_root:
@@ -412,7 +415,7 @@ class Master:
                 status = exc.code if isinstance(exc.code, int) else 1
             except BaseException as exc:
                 try:
-                    msg.error(f"uncaught exception in postfix-py/{state.program}: "
+                    msg.error(f"uncaught exception in {msg.name()}/{state.program}: "
                               f"{type(exc).__name__}: {exc}")
                     for line in traceback.format_exc().splitlines()[-12:]:
                         msg.error(line)
@@ -487,7 +490,7 @@ class Master:
         if state.throttled_until:
             return
         delay = state.cfg["service_throttle_time"]
-        msg.warn(f"postfix-py/{state.program}: bad command startup -- throttling")
+        msg.warn(f"{msg.name()}/{state.program}: bad command startup -- throttling")
         state.throttled_until = time.monotonic() + delay
 
         def unthrottle():
@@ -710,7 +713,7 @@ class Master:
         for pid, proc in list(self.procs.items()):
             state = self.states_by_key_gen.get((proc.key, proc.generation))
             program = state.program if state else proc.key.split("/")[0]
-            msg.warn(f"process postfix-py/{program} pid {pid} did not stop "
+            msg.warn(f"process {msg.name()}/{program} pid {pid} did not stop "
                      f"within {STOP_GRACE}s: killing it")
         self._signal_workers(signal.SIGKILL)
 

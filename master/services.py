@@ -60,6 +60,7 @@ PROGRAMS = {
     "discard": "postfix_py.local.discard",
     "error": "postfix_py.local.error",
     "pickup": "postfix_py.smtpd.pickup",
+    "showq": "postfix_py.showq.service",
 }
 EXTENSION_PREFIX = "python:"
 RUNNABLE_TYPES = ("inet", "unix")
@@ -311,11 +312,11 @@ def describe(svc) -> str:
 def log_exit(program: str, pid: int, status: int) -> bool:
     """Log an abnormal worker exit as Postfix does; True when the exit was abnormal."""
     if os.WIFSIGNALED(status):
-        msg.warn(f"process postfix-py/{program} pid {pid} killed by signal "
+        msg.warn(f"process {msg.name()}/{program} pid {pid} killed by signal "
                  f"{os.WTERMSIG(status)}")
         return True
     code = os.WEXITSTATUS(status)
     if code != 0:
-        msg.warn(f"process postfix-py/{program} pid {pid} exit status {code}")
+        msg.warn(f"process {msg.name()}/{program} pid {pid} exit status {code}")
         return True
     return False

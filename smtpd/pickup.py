@@ -35,7 +35,7 @@ PROTOCOL
                      too big, no recipients); status=3 reason=TEXT (try again later).
 
     The daemon logs `QUEUEID: uid=UID from=<sender>` as Postfix's pickup does, and
-    `QUEUEID: message-id=<...>`.
+    `QUEUEID: message-id=<...>` under NAME/cleanup[pid], where Postfix's cleanup logs it.
 
 SECURITY
     Talks to local users, who are not trusted: every frame is bounded (lib/attr.py),
@@ -263,9 +263,9 @@ class LocalWriter:
         qid = self.w.commit()
         msg.info(f"{qid}: uid={self.uid} from=<{self.sender or ''}>")
         if self.made_msgid:
-            msg.info(f"{qid}: message-id={self.made_msgid}")
+            msg.info_as("cleanup", f"{qid}: message-id={self.made_msgid}")
         elif self.found_msgid and self.log_found_msgid:
-            msg.info(f"{qid}: message-id={self.found_msgid}")
+            msg.info_as("cleanup", f"{qid}: message-id={self.found_msgid}")
         return qid
 
     def abort(self) -> None:

@@ -1131,7 +1131,7 @@ class Session:
             self.reset()
             return ok
         if msgid:
-            msg.info(f"{qid}: message-id={msgid}")
+            msg.info_as("cleanup", f"{qid}: message-id={msgid}")   # where Postfix logs it
         self.writer = None
         self.reset()
         self.reply(f"250 2.0.0 Ok: queued as {qid}")

@@ -44,11 +44,10 @@ import os
 import sys
 import time
 
-from ..lib import bounce_log, maincf, msg
+from ..lib import maincf, msg, showq
 from ..lib import queue as Q
 from ..lib.address import split_address
 
-SHOW_QUEUES = (Q.MAILDROP, Q.INCOMING, Q.ACTIVE, Q.DEFERRED, Q.HOLD)
 USAGE = ("usage: postqueue -f | postqueue -i queueid | postqueue -j | postqueue -p | "
          "postqueue -s site")
 EX_UNAVAILABLE, EX_TEMPFAIL = 69, 75
@@ -79,33 +78,11 @@ def _id_ok(name: str) -> bool:
 
 
 def show(queue_root: str):
-    """Every queue file as a dict in Postfix's showq fields, queue by queue."""
-    for queue in SHOW_QUEUES:
-        directory = os.path.join(queue_root, queue)
-        try:
-            names = sorted(n for n in os.listdir(directory) if not n.startswith("."))
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            _fatal(f"open {directory}: {exc.strerror}", EX_TEMPFAIL)
-        for name in names:
-            path = os.path.join(directory, name)
-            try:
-                env = Q.read(path)
-                forced = bool(os.stat(path).st_mode & Q.STAT_EXPIRE)     # postsuper -e
-            except (OSError, Q.QueueFileError):
-                continue            # gone meanwhile, or not a queue file: showq skips it
-            reasons = {}
-            for e in bounce_log.read(queue_root, bounce_log.DEFER, name):
-                reasons[e.offset] = e.reason
-                reasons.setdefault(e.recipient, e.reason)
-            yield {
-                "queue_name": queue, "queue_id": name, "arrival_time": int(env.arrival),
-                "message_size": env.size, "forced_expire": forced,
-                "sender": env.sender or "MAILER-DAEMON",
-                "recipients": [(r.address, reasons.get(r.offset, reasons.get(r.address, "")))
-                               for r in env.recipients if not r.done],
-            }
+    """Every queue file as a dict in Postfix's showq fields, queue by queue (lib/showq)."""
+    try:
+        yield from showq.messages(queue_root)
+    except OSError as exc:
+        _fatal(f"open {exc.filename}: {exc.strerror}", EX_TEMPFAIL)
 
 
 def format_mailq(messages) -> str:

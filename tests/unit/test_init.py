@@ -291,6 +291,27 @@ def test_cli_bad_port_base(tmp_path, value):
     assert not (tmp_path / "i").exists()
 
 
+def test_cli_syslog_name(tmp_path, instance):
+    result = run("init", "--syslog-name", "postfix", str(tmp_path / "i"))
+    assert result.returncode == 0, result.stderr
+    cfg = maincf.load(str(tmp_path / "i"))
+    assert cfg["syslog_name"] == "postfix" and cfg.unused() == []
+    names = {s.key: s.overrides.get("syslog_name")
+             for s in mastercf.load(str(tmp_path / "i" / "master.cf"))}
+    assert names["127.0.0.1:2526/inet"] == "postfix/smtps"
+    assert names["127.0.0.1:2527/inet"] == "postfix/submission"
+    # Without the option main.cf leaves syslog_name at its default.
+    assert "syslog_name" not in (instance[0] / "main.cf").read_text()
+    assert maincf.load(str(instance[0]))["syslog_name"] == "postfix-py"
+
+
+@pytest.mark.parametrize("value", ["", "post fix", "/postfix", "postfix/", "a$b", "x" * 65])
+def test_cli_bad_syslog_name(tmp_path, value):
+    result = run("init", str(tmp_path / "i"), f"--syslog-name={value}")
+    assert result.returncode == 2 and "invalid syslog name" in result.stderr
+    assert not (tmp_path / "i").exists()
+
+
 def test_cli_directory_from_dash_c(tmp_path):
     result = run("-c", str(tmp_path / "i"), "init")
     assert result.returncode == 0, result.stderr

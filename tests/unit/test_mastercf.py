@@ -451,8 +451,10 @@ def test_shipped_master_cf():
     services = parse(shipped("master.cf"), "conf/master.cf")
     by_key = {s.key: s for s in services}
     assert list(by_key) == ["smtp/inet", "pickup/unix", "qmgr/unix", "tlsmgr/unix",
-                            "anvil/unix", "smtp/unix", "relay/unix", "lmtp/unix", "error/unix",
-                            "discard/unix", "local/unix", "virtual/unix"]
+                            "anvil/unix", "showq/unix", "smtp/unix", "relay/unix", "lmtp/unix",
+                            "error/unix", "discard/unix", "local/unix", "virtual/unix"]
+    showq = by_key["showq/unix"]        # public/showq, for mailq readers and exporters
+    assert (showq.command, showq.private, showq.chroot) == ("showq", False, False)
     assert by_key["smtp/inet"].command == "smtpd" and by_key["smtp/inet"].inet_port == 25
     assert by_key["smtp/inet"].chroot and not by_key["smtp/inet"].private
     qmgr = by_key["qmgr/unix"]
@@ -467,7 +469,7 @@ def test_shipped_master_cf():
     assert (anvil.chroot, anvil.unpriv, anvil.maxproc) == (True, True, 1)
     assert {s.command for s in services} <= {"smtpd", "smtp", "qmgr", "tlsmgr", "local",
                                              "discard", "error", "lmtp", "pickup", "anvil",
-                                             "virtual"}
+                                             "virtual", "showq"}
 
 
 def test_shipped_master_cf_examples():

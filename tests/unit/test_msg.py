@@ -58,6 +58,19 @@ def test_maillog_file_format(tmp_path):
     assert len(lines) == 2
 
 
+@pytest.mark.parametrize("syslog_name", ["postfix", "postfix/submission"])
+def test_info_as_another_service(tmp_path, syslog_name):
+    log = tmp_path / "maillog"
+    msg.init("smtpd", syslog_name=syslog_name, maillog_file=str(log))
+    msg.info_as("cleanup", "4Xy: message-id=<a@b>")
+    msg.info("disconnect from x[192.0.2.1]")       # the daemon's own tag stays
+    pid = os.getpid()
+    assert [line.split(None, 4)[4] for line in log.read_text().splitlines()] == [
+        f"postfix/cleanup[{pid}]: 4Xy: message-id=<a@b>",
+        f"{syslog_name}/smtpd[{pid}]: disconnect from x[192.0.2.1]"]
+    assert msg.base_name("postfix-py") == "postfix-py" and msg.base_name("") == "postfix-py"
+
+
 def test_syslog_datagrams(tmp_path, monkeypatch):
     path = str(tmp_path / "log")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
