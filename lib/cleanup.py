@@ -59,7 +59,9 @@ FUNCTIONS
     Settings(cfg): the parameters, with every table opened (call before a chroot);
         ConfigError for a bad class name or a table that cannot be opened.
     Cleanup(settings, queue_root, local=False, origin="local", proto="", helo="",
-        fullname="", now=None): one new queue file. add_attr(name, value),
+        fullname="", now=None, checks=True): one new queue file; checks=False for
+        internally generated mail (notifications), which Postfix does not inspect
+        (internal_mail_filter_classes is empty). add_attr(name, value),
         set_sender(addr), add_recipient(addr), write(data) (content in pieces of any
         size, LF line ends), in_header (still in the header section), finish() -> Result,
         abort(). OSError from the queue file system propagates.
@@ -288,7 +290,7 @@ class Cleanup:
 
     def __init__(self, settings: Settings, queue_root: str, local: bool = False,
                  origin: str = "local", proto: str = "", helo: str = "",
-                 fullname: str = "", now: float | None = None):
+                 fullname: str = "", now: float | None = None, checks: bool = True):
         self.s = settings
         self.queue_root = queue_root
         self.w = Q.QueueWriter(queue_root, now)
@@ -312,8 +314,8 @@ class Cleanup:
         self._seen: set[str] = set()
         self._resent = False
         self.hops = 0
-        self._checking = True               # header and body checks still apply
-        self._body_checks = settings.body_checks
+        self._checking = checks             # header and body checks (still) apply
+        self._body_checks = settings.body_checks if checks else None
         self._body_partial = b""
         self._body_seen = 0
         self._last_byte = b"\n"

@@ -36,6 +36,7 @@ DEVIATIONS
     compatibility level 2 and later (no compatibility_level parameter here).
     canonical_classes, masquerade_classes: the envelope classes only; header address
     rewriting is not implemented (lib/cleanup.py), and header_* is a configuration error.
+    virtual_alias_maps: empty (Postfix writes $virtual_maps, the pre-2.0 name, not here).
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ PROTOCOL
     commit; the queue file is discarded on a reject). Commands in smtpd_noop_commands
     get `250 2.0.0 Ok` and nothing else. Recipients past smtpd_recipient_limit get
     `452 4.5.3 Error: too many recipients`, an error only past
-    smtpd_recipient_overshoot_limit. A header longer than header_size_limit loses the
-    excess (its further continuation lines), as Postfix's cleanup; the mail is accepted.
+    smtpd_recipient_overshoot_limit. The queue file is written through the cleanup stage
+    (lib/cleanup.py: header_size_limit, hopcount_limit, address rewriting, header_checks
+    and body_checks), in this process; its reject is the reply at the end of data.
 
 SECURITY
     STARTTLS discards every byte the client sent before the handshake (CVE-2011-0411) and
@@ -40,7 +41,7 @@ import errno
 import re
 import time
 
-from ..lib import msg, tables
+from ..lib import cleanup, msg, tables
 from ..lib import queue as Q
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
 from . import sasl as SASL
@@ -133,6 +134,7 @@ class Session:
     """One SMTP session with one client."""
 
     limits = NO_LIMITS      # the client's anvil limits (smtpd/limits.py); service.py sets them
+    cleanup_settings = None  # lib/cleanup.Settings, opened before the jail by service.py
 
     def __init__(self, stream, cfg, client: ClientState, queue_root: str, checker,
                  level: str = "none", tls=None, wrapper: bool = False,
@@ -676,10 +678,18 @@ class Session:
         self.reply("250 2.1.5 Ok")
         return True
 
+    def new_cleanup(self, **kw) -> cleanup.Cleanup:
+        """The cleanup stage (lib/cleanup.py) that writes this message's queue file."""
+        if self.cleanup_settings is None:
+            self.cleanup_settings = cleanup.Settings(self.cfg)
+        return cleanup.Cleanup(self.cleanup_settings, self.queue_root,
+                               origin=self.client.client, proto=self.protocol(),
+                               helo=self.helo or "", **kw)
+
     def open_queue_file(self) -> bool:
         """Create the queue file at the first good recipient, as Postfix does."""
         try:
-            self.writer = Q.QueueWriter(self.queue_root)
+            self.writer = self.new_cleanup()
             w = self.writer
             w.add_attr("client_name", self.client.name)
             w.add_attr("client_address", self.client.addr)
@@ -774,14 +784,13 @@ class Session:
         strict_end = self.bare_lf != "no"
         at_start = True          # this chunk begins a line
         prev_crlf = True         # the previous line ended in CRLF (or DATA just began)
-        in_header, hops, msgid = True, 0, None
-        header_limit, header_len = self.cfg["header_size_limit"], 0
         size, too_big, bare_lf_seen = 0, False, False
-        hop_limit = self.cfg["hopcount_limit"]
         self.data_bytes = 0
         writer = self.writer
         while True:
-            if at_start and prev_crlf and not in_header:
+            # Headers go to the cleanup stage a line at a time (header_size_limit,
+            # hopcount_limit, header_checks are its business); the body in bulk.
+            if at_start and prev_crlf and not writer.in_header:
                 # The body in bulk, at C speed: whole CRLF lines, with the result of the
                 # line by line loop below (which takes whatever else comes).
                 raw = self.s.buffered_lines(self.line_limit)
@@ -847,23 +856,6 @@ class Session:
                 body = body[1:]
             data = body + b"\n" if term else body
             size += len(data)
-            if in_header and at_start and term and not body:
-                in_header = False
-            elif in_header:
-                # header_size_limit, as Postfix's cleanup (mime_state.c): a header takes
-                # its continuation lines and the rest of an over-long line only while it
-                # is shorter than the limit; the excess is discarded, the mail accepted.
-                if at_start and body[:1] not in (b" ", b"\t"):
-                    header_len = len(body)          # a new header
-                    low = body[:12].lower()
-                    if low.startswith(b"received:"):
-                        hops += 1
-                    elif low.startswith(b"message-id:") and msgid is None:
-                        msgid = body[11:].strip().decode("latin-1")
-                elif header_len < header_limit:
-                    header_len += len(body) + at_start
-                else:
-                    data = b"\n" if term and not at_start else b""
             if self.size_limit and size > self.size_limit:
                 too_big = True
             elif problem is None:
@@ -883,12 +875,6 @@ class Session:
             self.reset()
             self.reply(reply)
             return False
-        if hops > hop_limit:
-            reply = "554 5.4.0 Error: too many hops"
-            self.log_reject("END-OF-MESSAGE", reply)
-            self.reset()
-            self.reply(reply)
-            return False
         if problem is not None:
             ok = self.queue_trouble(problem)
             self.reset()
@@ -900,15 +886,17 @@ class Session:
             self.reply(str(denied))
             return False
         try:
-            qid = writer.commit()
+            result = writer.finish()
         except OSError as exc:
             ok = self.queue_trouble(exc)
             self.reset()
             return ok
-        if msgid:
-            msg.info(f"{qid}: message-id={msgid}")
         self.writer = None
         self.reset()
+        if result.reply:        # rejected or deferred by the cleanup stage (it logged why)
+            self.reply(result.reply)
+            return False
+        qid = result.queue_id   # queued, held, or discarded: the client is told "queued"
         self.reply(f"250 2.0.0 Ok: queued as {qid}")
         self.s.flush()
         Q.wake(self.queue_root)

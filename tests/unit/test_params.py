@@ -45,6 +45,10 @@ DEVIATIONS = {
     "mynetworks_style", "relay_domains", "smtpd_relay_restrictions",
     "smtpd_client_event_limit_exceptions",    # $mynetworks, without the pre-2.9 name
     "myhostname", "mydomain", "mynetworks",   # computed from the host
+    # envelope classes only: header address rewriting is not implemented (lib/cleanup.py)
+    "canonical_classes", "sender_canonical_classes", "recipient_canonical_classes",
+    "masquerade_classes",
+    "virtual_alias_maps",                     # empty, without the pre-2.0 name virtual_maps
 }
 
 
