@@ -98,7 +98,8 @@ from .maincf import ConfigError
 
 ENVELOPE_SENDER, ENVELOPE_RECIPIENT = "envelope_sender", "envelope_recipient"
 CLASSES = (ENVELOPE_SENDER, ENVELOPE_RECIPIENT)
-_HEADER = re.compile(rb"^[!-9;-~]+[ \t]*:")
+_HEADER = re.compile(rb"[!-9;-~]+[ \t]*:")     # match() anchors, also at a pos
+_NOTABLE = frozenset(b"rRmMbB")   # first letters of Received, Message-Id, Resent-, Bcc
 PARTIAL_LIMIT = 4096            # a header line held back until its name can be told
 
 # Postfix's cleanup_stat_detail: (SMTP code, DSN, text)
@@ -310,11 +311,15 @@ class Cleanup:
         self._partial = b""                 # a header line not yet complete
         self._hdr = bytearray()             # the logical header being gathered
         self._hdr_len = 0
+        self._hout = bytearray()            # header section output, not yet written
         self._hdr_dropping = False          # the rest of an over-long line goes
         self._seen: set[str] = set()
         self._resent = False
         self.hops = 0
         self._checking = checks             # header and body checks (still) apply
+        self._checking_headers = checks and settings.header_checks is not None
+        # every header name matters with header_checks or when missing ones are added
+        self._every_header = self._checking_headers or local or settings.always_add
         self._body_checks = settings.body_checks if checks else None
         self._body_partial = b""
         self._body_seen = 0
@@ -443,6 +448,7 @@ class Cleanup:
         buf = self._partial + data if self._partial else data
         self._partial = b""
         start, end = 0, len(buf)
+        hdr, limit, header = self._hdr, self.s.header_limit, _HEADER.match
         while start < end and self.in_header:
             nl = buf.find(b"\n", start)
             if nl < 0:
@@ -453,6 +459,36 @@ class Cleanup:
                     self._header_piece(rest, self._at_start, False)
                     self._at_start = False
                 return
+            if self._at_start and nl > start:
+                # the common cases inline (the hot path): a whole header line, or a
+                # whole continuation line; _header_piece takes the rest
+                c = buf[start]
+                if c == 32 or c == 9:
+                    if hdr:
+                        if self._hdr_len < limit:
+                            hdr += b"\n"
+                            hdr += buf[start:nl]
+                            self._hdr_len += nl - start + 1
+                            self._hdr_dropping = False
+                        else:
+                            self._hdr_dropping = True
+                        start = nl + 1
+                        continue
+                elif header(buf, start):
+                    if hdr:
+                        if hdr[0] in _NOTABLE or self._every_header:
+                            self._flush_header()
+                        else:                           # _flush_header's hot path
+                            hout = self._hout
+                            hout += hdr
+                            hout += b"\n"
+                            hdr.clear()
+                            self._hdr_len = 0
+                    hdr += buf[start:nl]
+                    self._hdr_len = nl - start
+                    self._hdr_dropping = False
+                    start = nl + 1
+                    continue
             self._header_piece(buf[start:nl], self._at_start, True)
             self._at_start = True
             start = nl + 1
@@ -492,24 +528,27 @@ class Cleanup:
     def _end_of_header(self, first_body: bytes) -> None:
         """The header section is over: add what is missing, then the body begins."""
         self._flush_header()
+        self._hout += self._missing_headers()
         self.in_header = False
-        out = self._missing_headers()
         if first_body == b"\n":                     # the empty line: not body text
-            self._out(out + first_body)
-            return
-        if out:
-            self._out(out)
+            self._hout += first_body
+            first_body = b""
+        self._out(self._hout)
+        self._hout = bytearray()
         self.write(first_body)
 
     def _flush_header(self) -> None:
         """Process the gathered logical header and write it out (or not)."""
-        if not self._hdr:
+        raw = self._hdr
+        if not raw:
             return
-        raw = bytes(self._hdr)
-        self._hdr.clear()
         self._hdr_len = 0
-        name = raw.split(b":", 1)[0].strip().lower().decode("latin-1")
-        text = raw.decode("utf-8", "surrogateescape")
+        if raw[0] not in _NOTABLE and not self._every_header:
+            self._hout += raw               # the hot path: a header nobody looks into
+            self._hout += b"\n"             # (_end_of_header drops it after an error)
+            raw.clear()
+            return
+        name = raw[:raw.find(b":")].decode("latin-1").strip().lower()
         self._seen.add(name)
         if name.startswith("resent-"):
             self._resent = True
@@ -519,20 +558,31 @@ class Cleanup:
                 msg.warn(f"{self.id}: message rejected: hopcount exceeded")
                 self.errors.add(HOPS)
         elif name in ("message-id", "resent-message-id"):
-            value = text.split(":", 1)[1].strip()
+            value = raw.decode("utf-8", "surrogateescape").split(":", 1)[1].strip()
             msg.info(f"{self.id}: {name}={value[:200]}")
-        if self._checking and self.s.header_checks is not None:
+        keep = not (self.local and name in ("bcc", "resent-bcc"))
+        if self._checking_headers:
+            text = raw.decode("utf-8", "surrogateescape")
             result = self._check(self.s.header_checks, "header", text)
             if result is None:
-                return
-            if result is not text:
-                raw = result.encode("utf-8", "surrogateescape")
-        if self.local and name in ("bcc", "resent-bcc"):
-            return
-        self._out(raw + b"\n")
+                keep = False
+            elif result is not text:
+                raw = bytearray(result.encode("utf-8", "surrogateescape"))
+        if keep:
+            self._out(raw)
+            self._out(b"\n")
+        self._hdr.clear()
 
-    def _out(self, data: bytes) -> None:
-        if not (self.discard or self.errors):
+    def _out(self, data) -> None:
+        """Content out; the header section is gathered and written in one piece."""
+        if self.discard or self.errors:
+            return
+        if self.in_header:
+            self._hout += data
+            if len(self._hout) >= Q.BLOCK:
+                self.w.write(self._hout)
+                self._hout.clear()
+        else:
             self.w.write(data)
 
     def _missing_headers(self) -> bytes:
@@ -594,6 +644,11 @@ class Cleanup:
             return text
         return self._act(maps.title, context, text, value)
 
+    def _stop_checks(self) -> None:
+        """No more header or body checks for this message (REJECT, DISCARD, ...)."""
+        self._checking = self._checking_headers = False
+        self._every_header = self.local or self.s.always_add
+
     def _log(self, action: str, context: str, text: str, detail: str) -> None:
         parts = [f"{self.id}: {action}: {context} {text[:200]} from "
                  f"{self.origin};"]
@@ -619,7 +674,7 @@ class Cleanup:
                 reason = f"5.7.1 {reason}"
             self.reason = reason
             self.errors.add(DEFER if reason[0] == "4" else CONT)
-            self._checking = False
+            self._stop_checks()
             self._log("reject", context, text, reason)
         elif action == "WARN":
             self._log("warning", context, text, arg)
@@ -629,11 +684,11 @@ class Cleanup:
             msg.warn(f"{self.id}: FILTER action in {title} map is not supported; ignored")
         elif action == "PASS":
             self._log("pass", context, text, arg)
-            self._checking = False
+            self._stop_checks()
         elif action == "DISCARD":
             self._log("discard", context, text, arg)
             self.discard = True
-            self._checking = False
+            self._stop_checks()
         elif action == "HOLD":
             if not (self.hold or self.discard):
                 self._log("hold", context, text, arg)
@@ -663,7 +718,7 @@ class Cleanup:
             else:
                 self.redirect = arg
                 self._log("redirect", context, text, arg)
-                self._checking = False
+                self._stop_checks()
         elif action == "BCC":
             if "@" not in arg:
                 msg.warn(f"bad BCC address \"{arg}\" in {title} map -- need user@domain")

@@ -788,11 +788,11 @@ class Session:
         self.data_bytes = 0
         writer = self.writer
         while True:
-            # Headers go to the cleanup stage a line at a time (header_size_limit,
-            # hopcount_limit, header_checks are its business); the body in bulk.
-            if at_start and prev_crlf and not writer.in_header:
-                # The body in bulk, at C speed: whole CRLF lines, with the result of the
-                # line by line loop below (which takes whatever else comes).
+            if at_start and prev_crlf:
+                # The content in bulk, at C speed: whole CRLF lines, with the result of
+                # the line by line loop below (which takes whatever else comes). The
+                # headers are the cleanup stage's business (header_size_limit,
+                # hopcount_limit, header_checks): it takes content in pieces of any size.
                 raw = self.s.buffered_lines(self.line_limit)
                 lf = raw.replace(b"\r\n", b"\n")
                 if raw.count(b"\n") != len(raw) - len(lf) or (
