@@ -145,3 +145,17 @@ def test_always_add_missing_headers_for_smtp(mta):
     assert f"\nMessage-Id: <" in head and "\nDate: " in head
     assert "\nFrom: MAILER-DAEMON" in head
     assert f"{qid}: message-id=<" in mta.log()
+
+
+def test_header_checks_reject_refuses_a_local_submission(mta):
+    mta.start()
+    out = subprocess.run([POSTFIX_PY, "-c", str(mta.dir), "sendmail", "-f", "alice",
+                          "bob@mail.test.example"],
+                         input="Subject: local reject me\n\nhi\n",
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "5.7.1 no spam here" in out.stderr
+    assert mta.queued() == {}
+    log = mta.log()
+    assert ": reject: header Subject: local reject me from local; " \
+        "from=<alice@mail.test.example> to=<bob@mail.test.example>: 5.7.1 no spam here" in log
