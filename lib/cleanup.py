@@ -103,7 +103,7 @@ ENVELOPE_SENDER, ENVELOPE_RECIPIENT = "envelope_sender", "envelope_recipient"
 CLASSES = (ENVELOPE_SENDER, ENVELOPE_RECIPIENT)
 _HEADER = re.compile(rb"[!-9;-~]+[ \t]*:")     # match() anchors, also at a pos
 _NOTABLE = frozenset(b"rRmMbB")   # first letters of Received, Message-Id, Resent-, Bcc
-PARTIAL_LIMIT = 4096            # a header line held back until its name can be told
+PARTIAL_LIMIT = 4096            # body_checks: an endless line is checked in parts
 
 # Postfix's cleanup_stat_detail: (SMTP code, DSN, text)
 DEFER = (451, "4.7.1", "service unavailable")
@@ -130,6 +130,8 @@ class Settings:
         self.hostname = cfg.get("myhostname")
         self.origin = cfg.get("myorigin") or self.hostname
         self.header_limit = cfg["header_size_limit"]
+        # a header line is taken in pieces of line_length_limit, as Postfix reads it
+        self.line_limit = cfg["line_length_limit"]
         self.hop_limit = cfg["hopcount_limit"]
         self.always_add = cfg["always_add_missing_headers"]
         self.delimiters = cfg.get("recipient_delimiter")
@@ -452,17 +454,31 @@ class Cleanup:
         self._partial = b""
         start, end = 0, len(buf)
         hdr, limit, header = self._hdr, self.s.header_limit, _HEADER.match
+        piece = self.s.line_limit       # a line is taken in pieces of this, as Postfix
         while start < end and self.in_header:
             nl = buf.find(b"\n", start)
             if nl < 0:
                 rest = buf[start:]
-                if self._at_start and len(rest) < PARTIAL_LIMIT:
-                    self._partial = rest            # its name is not known yet
-                else:
-                    self._header_piece(rest, self._at_start, False)
+                if self._at_start:
+                    if len(rest) < piece:
+                        self._partial = rest        # its name is not known yet
+                        return
+                    self._header_piece(rest[:piece], True, False)
                     self._at_start = False
+                    rest = rest[piece:]
+                    if not self.in_header:
+                        self.write(rest)            # the body begins
+                        return
+                if rest:
+                    self._header_piece(rest, False, False)
                 return
-            if self._at_start and nl > start:
+            if self._at_start and nl - start > piece:
+                self._header_piece(buf[start:start + piece], True, False)
+                self._at_start = False
+                start += piece
+                if not self.in_header:
+                    break
+            if self._at_start and start < nl:
                 # the common cases inline (the hot path): a whole header line, or a
                 # whole continuation line; _header_piece takes the rest
                 c = buf[start]

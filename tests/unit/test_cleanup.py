@@ -177,3 +177,27 @@ def test_canonical_masquerade_and_bcc(tmp_path):
 def test_header_classes_are_refused(tmp_path):
     with pytest.raises(maincf.ConfigError, match="canonical_classes.*header_sender"):
         make(tmp_path, canonical_classes="envelope_sender, header_sender")
+
+
+def test_filter_and_unknown_actions_are_warnings(tmp_path, logged):
+    s, root = make(tmp_path, {"hc": "/^X-F:/ FILTER smtp:[127.0.0.1]:10025\n/^X-U:/ FROB\n"
+                                    "/^X-R:/ REDIRECT nobody\n"},
+                   header_checks="regexp:@DIR@/hc")
+    result, env, data = run(s, root, b"X-F: 1\nX-U: 2\nX-R: 3\n\nx\n")
+    assert result.status == "queued" and data == b"X-F: 1\nX-U: 2\nX-R: 3\n\nx\n"
+    assert [r.address for r in env.recipients] == ["b@example.org"]
+    assert any("FILTER action in header_checks map is not supported" in x for x in logged)
+    assert "warning: unknown command in header_checks map: FROB" in logged
+    assert any('bad REDIRECT target "nobody" in header_checks map' in x for x in logged)
+
+
+def test_endless_header_line_and_headers_only_message(tmp_path):
+    s, root = make(tmp_path, header_size_limit="100")
+    # taken in pieces of line_length_limit (2048), as Postfix: the first is kept whole
+    for chunk in (None, 1000, 5000):
+        _, _, data = run(s, root, b"X-Big: " + b"z" * 10000 + b"\n\nbody\n", chunk=chunk)
+        assert data == b"X-Big: " + b"z" * (2048 - 7) + b"\n\nbody\n"
+    _, _, data = run(s, root, b"not a header " + b"z" * 5000 + b"\nmore\n", chunk=1000)
+    assert data == b"not a header " + b"z" * 5000 + b"\nmore\n"       # all body
+    _, _, data = run(s, root, b"Subject: only headers")
+    assert data == b"Subject: only headers\n"
