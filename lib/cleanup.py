@@ -45,8 +45,9 @@ WHY IN-PROCESS
     mail_owner and own the queue file. The hot path of a message without maps or checks
     is a few attribute tests per header line and one method call per body block: in a
     loop of 4 KB messages with 18 header lines (fsync left out), the stage costs about
-    7 us per message and 1 us per header line more than QueueWriter alone, and smtpd,
-    which now reads the header lines in bulk too, spends about what it did before.
+    7 us per message and 1 us per header line more than QueueWriter alone; smtpd, which
+    now reads the header lines in bulk too, went from 135-156 to 143-186 us of user CPU
+    per message (a noisy shared machine), next to milliseconds for the fsync.
 
 DEVIATIONS
     Header address rewriting is not done: canonical and masquerade classes accept only
