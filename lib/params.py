@@ -39,6 +39,9 @@ DEVIATIONS
     alias_maps: hash:/etc/aliases (Postfix on Linux adds nis:mail.aliases; there is no nis:
     table type here).
     smtputf8_enable: yes, Postfix's value at compatibility level 1 and later.
+    canonical_classes, masquerade_classes: the envelope classes only; header address
+    rewriting is not implemented (lib/cleanup.py), and header_* is a configuration error.
+    virtual_alias_maps: empty (Postfix writes $virtual_maps, the pre-2.0 name, not here).
 """
 
 from __future__ import annotations
@@ -191,6 +194,26 @@ PARAMS: list[Param] = [
     _p("strict_rfc821_envelopes", "no", BOOL, "require <> around MAIL FROM and RCPT TO addresses"),
     _p("hopcount_limit", "50", INT, "Received: headers after which a message is bounced as looping", min=1),
     _p("recipient_delimiter", "", STR, "separators of address extensions"),
+    # --- cleanup (lib/cleanup.py): every message on its way into the queue ---------------
+    _p("always_add_missing_headers", "no", BOOL, "add a missing Message-Id:, Date: and From: to SMTP mail too, not only to local submissions"),
+    _p("canonical_maps", "", TABLE, "address mapping of envelope senders and recipients (canonical(5))"),
+    _p("sender_canonical_maps", "", TABLE, "address mapping of envelope senders, before canonical_maps"),
+    _p("recipient_canonical_maps", "", TABLE, "address mapping of envelope recipients, before canonical_maps"),
+    _p("canonical_classes", "envelope_sender, envelope_recipient", LIST, "address classes canonical_maps applies to (envelope classes only in postfix-py)"),
+    _p("sender_canonical_classes", "envelope_sender", LIST, "address classes sender_canonical_maps applies to (envelope classes only)"),
+    _p("recipient_canonical_classes", "envelope_recipient", LIST, "address classes recipient_canonical_maps applies to (envelope classes only)"),
+    _p("virtual_alias_maps", "", TABLE, "aliases of envelope recipients, expanded recursively (virtual(5))"),
+    _p("virtual_alias_expansion_limit", "1000", INT, "addresses one recipient may expand into through virtual_alias_maps", min=1),
+    _p("virtual_alias_recursion_limit", "1000", INT, "nesting depth of virtual_alias_maps expansion", min=1),
+    _p("masquerade_domains", "", LIST, "domains whose subdomains are stripped from addresses (! excludes)"),
+    _p("masquerade_classes", "envelope_sender", LIST, "address classes masquerading applies to (envelope classes only in postfix-py)"),
+    _p("masquerade_exceptions", "", LIST, "local parts never masqueraded"),
+    _p("always_bcc", "", STR, "an address that gets a copy of every message"),
+    _p("sender_bcc_maps", "", TABLE, "blind copy address by envelope sender"),
+    _p("recipient_bcc_maps", "", TABLE, "blind copy address by envelope recipient"),
+    _p("header_checks", "", TABLE, "patterns matched against each primary message header (header_checks(5))"),
+    _p("body_checks", "", TABLE, "patterns matched against each body line (header_checks(5))"),
+    _p("body_checks_size_limit", "51200", SIZE, "body bytes that body_checks looks at", min=0),
     # --- smtpd: access control ----------------------------------------------------------
     _p("smtpd_client_restrictions", "", LIST, "restrictions at connect"),
     _p("smtpd_helo_restrictions", "", LIST, "restrictions at HELO/EHLO"),

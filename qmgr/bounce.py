@@ -48,7 +48,8 @@ FUNCTIONS
     line_wrap(text, width=79, indent=4) -> list of lines, as Postfix's line_wrap(3).
 
 CONFIGURATION PARAMETERS
-    myhostname, myorigin, mail_name, notify_classes (resource, software),
+    myhostname, myorigin, mail_name, notify_classes (resource, software), and the
+    address rewriting parameters of lib/cleanup.py (notifications pass through it),
     bounce_notice_recipient (postmaster), 2bounce_notice_recipient (postmaster),
     delay_notice_recipient (postmaster), delay_warning_time and maximal_queue_lifetime
     (quoted in the warning, in hours and days);
@@ -64,9 +65,10 @@ from __future__ import annotations
 import re
 import time
 
-from ..lib import msg
+from ..lib import cleanup, msg
 from ..lib import queue as Q
 from ..lib.bounce_log import LogEntry
+from ..lib.maincf import ConfigError
 
 BOUNDARY_FMT = "{id}.{time}/{host}"
 SMTP_REPLY = re.compile(r"^host (\S+?)\[[^\]]*\](?::\d+)? said: (\d{3}[ -].*?)"
@@ -275,21 +277,38 @@ def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[Lo
     return head + original + f"\n--{boundary}--\n".encode()
 
 
+_cleanup: list = [None, None]       # (cfg, lib/cleanup.Settings) of the running qmgr
+
+
+def _cleanup_settings(cfg) -> cleanup.Settings:
+    """The cleanup stage's settings for this configuration (qmgr runs outside a jail)."""
+    if _cleanup[0] is not cfg:
+        try:
+            _cleanup[:] = [cfg, cleanup.Settings(cfg)]
+        except ConfigError as exc:
+            raise OSError(f"cleanup: {exc}") from None
+    return _cleanup[1]
+
+
 def _post(cfg, queue_root: str, queue_id: str, envelope, path: str,
           entries: list[LogEntry], env_sender: str, to: str, postmaster: bool,
           headers_only: bool, now: float, delay: bool = False) -> str:
-    """Write one notification into incoming/; its queue id."""
-    writer = Q.QueueWriter(queue_root, now)
+    """Write one notification into incoming/, through the cleanup stage (address
+    rewriting; no header or body checks, as Postfix's internal mail); its queue id."""
+    writer = cleanup.Cleanup(_cleanup_settings(cfg), queue_root, now=now, checks=False)
     try:
         writer.add_attr("notification", "postmaster" if postmaster else "sender")
         writer.set_sender(env_sender)
         writer.add_recipient(to)
         writer.write(build(cfg, queue_id, writer.id, envelope, path, entries, to,
                            postmaster, headers_only, now, delay))
-        return writer.commit()
+        result = writer.finish()
     except BaseException:
         writer.abort()
         raise
+    if result.reply:        # a table problem or an alias expansion error: try again later
+        raise OSError(f"{result.queue_id}: notification not queued: {result.reply}")
+    return result.queue_id
 
 
 def notify(cfg, queue_root: str, queue_id: str, envelope, path: str,

@@ -12,14 +12,16 @@ DESCRIPTION
     header record. Users never touch the queue: its directories stay 0700 mail_owner,
     and nothing in it is world-writable.
 
-    Like Postfix's cleanup for local mail, the daemon qualifies addresses without a
-    domain with @$myorigin, removes Bcc: and Resent-Bcc: headers, and adds Message-Id:,
-    Date: and From: (or their Resent- forms when the message has Resent- headers) where
-    they are missing, after the other headers, in Postfix's format:
+    The message goes through the cleanup stage (lib/cleanup.py) in the local rewrite
+    context, as Postfix's cleanup treats local mail: addresses without a domain get
+    @$myorigin, Bcc: and Resent-Bcc: headers are removed, and Message-Id:, Date: and
+    From: (or their Resent- forms when the message has Resent- headers) are added where
+    they are missing, after the other headers, in Postfix's format; address rewriting,
+    header_checks and body_checks apply as to all mail (a REJECT refuses the submission):
 
         Received: by $myhostname ($mail_name, from userid UID)
                 id QUEUEID; DATE
-        Message-Id: <YYYYMMDDHHMMSS.QUEUEID@$myhostname>
+        Message-Id: <YYYYMMDDHHMMSS.QUEUEID@$myhostname>    (the time in UTC)
         From: Full Name <sender@$myorigin>      (From: MAILER-DAEMON for the null sender)
 
 PROTOCOL
@@ -34,8 +36,8 @@ PROTOCOL
                      status=0 queue_id=ID; status=2 reason=TEXT (refused: a bad address,
                      too big, no recipients); status=3 reason=TEXT (try again later).
 
-    The daemon logs `QUEUEID: uid=UID from=<sender>` as Postfix's pickup does, and
-    `QUEUEID: message-id=<...>` under NAME/cleanup[pid], where Postfix's cleanup logs it.
+    The daemon logs `QUEUEID: uid=UID from=<sender>` as Postfix's pickup does; the
+    cleanup stage logs `QUEUEID: message-id=<...>`.
 
 SECURITY
     Talks to local users, who are not trusted: every frame is bounded (lib/attr.py),
@@ -46,8 +48,8 @@ SECURITY
 
 CONFIGURATION PARAMETERS
     myhostname, myorigin, mail_name, message_size_limit (10240000), queue_minfree (0),
-    header_size_limit (102400), smtpd_timeout (300s), and for -bs the smtpd_* session
-    parameters.
+    smtpd_timeout (300s), the cleanup parameters of lib/cleanup.py, and for -bs the
+    smtpd_* session parameters.
 
 FILES
     queue_directory/public/pickup (the socket, 0666), queue_directory/incoming.
@@ -60,21 +62,19 @@ SEE ALSO
 from __future__ import annotations
 
 import os
-import re
 import socket
 import struct
 import time
 
-from ..lib import attr, msg, server
+from ..lib import attr, cleanup, msg, server
 from ..lib import queue as Q
+from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
 from .check import ClientState
 from .session import Session, valid_address
 
 MAX_RECIPIENTS = 100000          # per message; Postfix's local submission has no limit
 _CRED = struct.Struct("3i")      # struct ucred: pid, uid, gid
-_HEADER = re.compile(rb"^[!-9;-~]+:")
-_ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\- \x80-\U0010ffff]*$")
 STATUS_OK, STATUS_BAD, STATUS_ERROR = attr.STATUS_OK, attr.STATUS_BAD, attr.STATUS_ERROR
 
 
@@ -119,14 +119,6 @@ class Users:
             self.fd = -1
 
 
-def phrase(name: str) -> str:
-    """A display name for a From: header, quoted when it needs to be (RFC 5322)."""
-    name = " ".join("".join(c if c >= " " and c != "\x7f" else " " for c in name).split())
-    if _ATEXT.match(name):
-        return name
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def received_by(cfg, uid: int, qid: str) -> bytes:
     """The Received: header of a local submission, as Postfix's pickup/cleanup."""
     date = time.strftime("%a, %d %b %Y %H:%M:%S %z (%Z)")
@@ -134,146 +126,19 @@ def received_by(cfg, uid: int, qid: str) -> bytes:
             f"{uid})\n\tid {qid}; {date}\n").encode("utf-8", "surrogateescape")
 
 
-class LocalWriter:
-    """A QueueWriter for local submissions: qualifies addresses, cleans up headers.
-
-    Content passes through as it is written; only a partial header line is held back,
-    so that missing headers can go after the last header and Bcc: can be dropped.
-    """
-
-    def __init__(self, queue_root: str, cfg, uid: int, user: str | None,
-                 fullname: str = "", log_found_msgid: bool = True):
-        self.w = Q.QueueWriter(queue_root)
-        self.id = self.w.id
-        self.cfg = cfg
-        self.uid = uid
-        self.origin = cfg.get("myorigin") or cfg.get("myhostname")
-        self.fullname = fullname
-        self.log_found_msgid = log_found_msgid
-        self.header_limit = cfg["header_size_limit"]
-        self.sender: str | None = None
-        self.seen: set[str] = set()
-        self.found_msgid: str | None = None
-        self.made_msgid: str | None = None
-        self.in_header = True
-        self.dropping = False          # inside a Bcc: header and its continuation lines
-        self.partial = b""
-        self.header_bytes = 0
-        self.last_byte = b"\n"
-        self.w.add_attr("submit_uid", str(uid))
+def local_cleanup(ctx_cfg, settings, queue_root: str, uid: int, user: str | None,
+                  fullname: str = "", **kw) -> cleanup.Cleanup:
+    """The cleanup stage of a local submission: Postfix's local rewrite context."""
+    writer = cleanup.Cleanup(settings, queue_root, local=True, fullname=fullname, **kw)
+    try:
+        writer.add_attr("submit_uid", str(uid))
         if user:
-            self.w.add_attr("submit_user", user)
-        self.w.add_attr("rewrite_context", "local")
-
-    def qualify(self, addr: str) -> str:
-        """user -> user@$myorigin, as Postfix's cleanup in the local rewrite context."""
-        return f"{addr}@{self.origin}" if addr and "@" not in addr else addr
-
-    def add_attr(self, name: str, value: str) -> None:
-        self.w.add_attr(name, value)
-
-    def set_sender(self, sender: str) -> None:
-        self.sender = sender
-        self.w.set_sender(self.qualify(sender))
-
-    def add_recipient(self, rcpt: str, notify: str = "", orcpt: str = "") -> None:
-        self.w.add_recipient(self.qualify(rcpt), notify, orcpt)
-
-    # --- content ---------------------------------------------------------------------------
-    def write(self, data: bytes) -> None:
-        """Append content; header lines are looked at on the way through."""
-        if not data:
-            return
-        self.last_byte = data[-1:]
-        if not self.in_header:
-            self.w.write(data)
-            return
-        buf = self.partial + data
-        out = bytearray()
-        while self.in_header:
-            nl = buf.find(b"\n")
-            if nl < 0:
-                break
-            line, buf = buf[:nl + 1], buf[nl + 1:]
-            self.header_bytes += len(line)
-            if line[:1] in (b" ", b"\t") and self.seen:
-                if not self.dropping:
-                    out += line
-                continue
-            if _HEADER.match(line) and self.header_bytes <= self.header_limit:
-                name = line.split(b":", 1)[0].decode("latin-1").lower()
-                self.seen.add(name)
-                self.dropping = name in ("bcc", "resent-bcc")
-                if name == "message-id" and self.found_msgid is None:
-                    self.found_msgid = line.split(b":", 1)[1].strip().decode("latin-1")
-                if not self.dropping:
-                    out += line
-                continue
-            out += self._missing()
-            out += line
-            self.in_header = False
-        if self.in_header and len(buf) > self.header_limit:
-            out += self._missing()     # an endless header line: the header is over
-            self.in_header = False
-        if self.in_header:
-            self.partial = bytes(buf)
-        else:
-            out += buf
-            self.partial = b""
-        if out:
-            self.w.write(bytes(out))
-
-    def _missing(self) -> bytes:
-        """The Message-Id:, Date: and From: headers the message lacks."""
-        resent = any(n.startswith("resent-") for n in self.seen)
-        prefix = "Resent-" if resent else ""
-        lines = []
-        now = time.time()
-        if prefix.lower() + "message-id" not in self.seen:
-            stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(now))
-            self.made_msgid = f"<{stamp}.{self.id}@{self.cfg.get('myhostname')}>"
-            lines.append(f"{prefix}Message-Id: {self.made_msgid}")
-        if prefix.lower() + "date" not in self.seen:
-            lines.append(f"{prefix}Date: "
-                         + time.strftime("%a, %d %b %Y %H:%M:%S %z (%Z)",
-                                         time.localtime(now)))
-        if prefix.lower() + "from" not in self.seen:
-            if not self.sender:
-                lines.append(f"{prefix}From: MAILER-DAEMON")
-            elif self.fullname.strip():
-                lines.append(f"{prefix}From: {phrase(self.fullname)} "
-                             f"<{self.qualify(self.sender)}>")
-            else:
-                lines.append(f"{prefix}From: {self.qualify(self.sender)}")
-        return "".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape")
-
-    def commit(self) -> str:
-        """Finish the header if the content ended inside it, commit, log as pickup."""
-        if self.in_header:
-            tail = self.partial
-            self.partial = b""
-            if tail:
-                self.in_header = False
-                self.w.write((b"" if self.dropping else tail) + b"\n" + self._missing())
-            else:
-                self.w.write(self._missing())
-            self.in_header = False
-        elif self.last_byte != b"\n":
-            self.w.write(b"\n")
-        qid = self.w.commit()
-        msg.info(f"{qid}: uid={self.uid} from=<{self.sender or ''}>")
-        if self.made_msgid:
-            msg.info_as("cleanup", f"{qid}: message-id={self.made_msgid}")
-        elif self.found_msgid and self.log_found_msgid:
-            msg.info_as("cleanup", f"{qid}: message-id={self.found_msgid}")
-        return qid
-
-    def abort(self) -> None:
-        self.w.abort()
-
-    @property
-    def closed(self) -> bool:
-        return self.w.closed
+            writer.add_attr("submit_user", user)
+        writer.add_attr("rewrite_context", "local")
+    except BaseException:
+        writer.abort()
+        raise
+    return writer
 
 
 class LocalChecker:
@@ -312,8 +177,11 @@ class LocalSession(Session):
 
     def open_queue_file(self) -> bool:
         try:
-            self.writer = LocalWriter(self.queue_root, self.cfg, self.uid, self.user,
-                                      log_found_msgid=False)
+            if self.cleanup_settings is None:
+                self.cleanup_settings = cleanup.Settings(self.cfg)
+            self.writer = local_cleanup(self.cfg, self.cleanup_settings, self.queue_root,
+                                        self.uid, self.user, origin=self.client.client,
+                                        proto=self.protocol(), helo=self.helo or "")
             w = self.writer
             w.add_attr("client_name", self.client.name)
             w.add_attr("client_address", self.client.addr)
@@ -324,6 +192,7 @@ class LocalSession(Session):
         except OSError as exc:
             self.writer = None
             return self.queue_trouble(exc)
+        msg.info(f"{w.id}: uid={self.uid} from=<{self.sender}>")
         return True
 
     def received_header(self) -> bytes:
@@ -359,7 +228,7 @@ def submit(conn: socket.socket, ctx, uid: int, user: str | None, first: dict) ->
     cfg = ctx.cfg
     timeout = cfg["smtpd_timeout"]
     limit = cfg["message_size_limit"]
-    writer: LocalWriter | None = None
+    writer: cleanup.Cleanup | None = None
     problem: _Refused | None = None
     rcpts: list[str] = []
     size = 0
@@ -412,8 +281,12 @@ def submit(conn: socket.socket, ctx, uid: int, user: str | None, first: dict) ->
             try:
                 if writer is None:
                     writer = _open(ctx, uid, user, sender, fullname, rcpts)
-                qid = writer.commit()
+                result = writer.finish()
                 writer = None
+                qid = result.queue_id
+                if result.reply:        # refused by the cleanup stage, which logged why
+                    problem = _Refused(STATUS_ERROR if result.reply[0] == "4"
+                                       else STATUS_BAD, result.reply[4:])
             except _Refused as exc:
                 problem = exc
             except OSError as exc:
@@ -448,7 +321,7 @@ def submit(conn: socket.socket, ctx, uid: int, user: str | None, first: dict) ->
 
 
 def _open(ctx, uid: int, user: str | None, sender: str, fullname: str,
-          rcpts: list[str]) -> LocalWriter:
+          rcpts: list[str]) -> cleanup.Cleanup:
     """The queue file of a submission, with its envelope and Received: header."""
     if not rcpts:
         raise _Refused(STATUS_BAD, "5.5.1 Error: no recipients specified")
@@ -460,10 +333,12 @@ def _open(ctx, uid: int, user: str | None, sender: str, fullname: str,
         msg.warn(f"not enough free space in mail queue: {free} bytes < "
                  f"{ctx.cfg['queue_minfree']} bytes")
         raise _Refused(STATUS_ERROR, "4.3.1 Insufficient system storage")
-    writer = LocalWriter(ctx.queue_root, ctx.cfg, uid, user, fullname)
+    writer = local_cleanup(ctx.cfg, ctx.state["cleanup"], ctx.queue_root, uid, user,
+                           fullname)
     try:
         writer.add_attr("protocol", "sendmail")
         writer.set_sender(sender)
+        msg.info(f"{writer.id}: uid={uid} from=<{sender}>")
         for rcpt in rcpts:
             writer.add_recipient(rcpt)
         writer.write(received_by(ctx.cfg, uid, writer.id))
@@ -487,6 +362,10 @@ def pre_init(ctx) -> None:
         msg.fatal(f"service {ctx.service.name}: pickup must be a unix service, "
                   f"not {ctx.service.type}: it trusts the kernel's word on the user")
     ctx.state["users"] = Users()
+    try:
+        ctx.state["cleanup"] = cleanup.Settings(ctx.cfg)    # its tables, before the jail
+    except ConfigError as exc:
+        msg.fatal(str(exc))
 
 
 def pickup_service(conn: socket.socket, ctx) -> None:
@@ -511,6 +390,7 @@ def pickup_service(conn: socket.socket, ctx) -> None:
         stream = SmtpStream(conn, ctx.cfg["smtpd_timeout"])
         session = LocalSession(stream, ctx.cfg, ctx.queue_root, uid, user,
                                stopping=lambda: ctx.stopping)
+        session.cleanup_settings = ctx.state["cleanup"]
         try:
             session.run()
         finally:

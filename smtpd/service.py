@@ -45,7 +45,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from ..lib import msg, server, tlsmgr_client
+from ..lib import cleanup, msg, server, tlsmgr_client
 from ..lib import tls as T
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
@@ -148,10 +148,11 @@ def upstream_endpoints(conn: socket.socket, cfg, addr: str,
 
 
 def pre_init(ctx) -> None:
-    """As root, before the jail: open the restriction tables."""
+    """As root, before the jail: open the restriction and cleanup tables."""
     try:
         ctx.state["checker"] = Checker(ctx.cfg)
         ctx.state["limits"] = Limits(ctx.cfg)
+        ctx.state["cleanup"] = cleanup.Settings(ctx.cfg)    # its tables, before the jail
     except ConfigError as exc:
         msg.fatal(str(exc))
     try:
@@ -208,6 +209,7 @@ def smtpd_service(conn: socket.socket, ctx) -> None:
     session.limits = ctx.state["limits"].session(client, ctx.service.name)
     session.hangup, session.client_port = hangup, port
     session.limits_for = lambda c: ctx.state["limits"].session(c, ctx.service.name)
+    session.cleanup_settings = ctx.state["cleanup"]
     try:
         session.run()
     finally:

@@ -20,16 +20,18 @@ PROTOCOL
     commit; the queue file is discarded on a reject). Commands in smtpd_noop_commands
     get `250 2.0.0 Ok` and nothing else. Recipients past smtpd_recipient_limit get
     `452 4.5.3 Error: too many recipients`, an error only past
-    smtpd_recipient_overshoot_limit. A header longer than header_size_limit loses the
-    excess (its further continuation lines), as Postfix's cleanup; the mail is accepted.
+    smtpd_recipient_overshoot_limit. The queue file is written through the cleanup stage
+    (lib/cleanup.py: header_size_limit, hopcount_limit, address rewriting, header_checks
+    and body_checks), in this process; its reject is the reply at the end of data.
     SMTPUTF8 (RFC 6531, smtputf8_enable): announced in EHLO; `MAIL FROM:<...> SMTPUTF8`
     allows UTF-8 domains in MAIL and RCPT and is recorded in the queue file (attribute
     smtputf8=1, for the smtp client); 8-bit local parts pass in every mode, as Postfix;
     strict_smtputf8 = yes refuses non-ASCII addresses without the parameter (553 5.6.7).
     CHUNKING (RFC 3030): `BDAT n [LAST]` reads exactly n bytes, CRLF becomes LF and nothing
     is dot-unstuffed; the content goes to the same queue file writer as DATA's, Received
-    header first, through smtpd/content.py's ContentSink (the header rules of the DATA
-    path), and end_of_message() answers for it as the end of DATA does. As Postfix: a chunk
+    header first, through smtpd/content.py's ContentSink (size and write errors; the
+    cleanup stage takes the headers however the chunks split them), and end_of_message()
+    answers for it as for the end of DATA. As Postfix: a chunk
     past message_size_limit is read and dropped (552 5.3.4 Chunk exceeds message size
     limit), a failed chunk makes the following ones be dropped until LAST or RSET (551
     5.0.0 Discarded N bytes after earlier error), MAIL, RCPT and DATA after BDAT get 503,
@@ -68,8 +70,8 @@ import os
 import re
 import time
 
+from ..lib import cleanup, flush, msg, tables
 from ..lib import dsn as DSN
-from ..lib import flush, msg, tables
 from ..lib import queue as Q
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
 from . import sasl as SASL
@@ -180,6 +182,7 @@ class Session:
     client_port = ""        # the client's TCP port, when known (PROXY header, XCLIENT)
     server_addr = server_port = ""      # the server end, when known (XCLIENT DESTADDR)
     limits_for = None       # client -> its limits, for a client that XCLIENT brings
+    cleanup_settings = None  # lib/cleanup.Settings, opened before the jail by service.py
 
     def __init__(self, stream, cfg, client: ClientState, queue_root: str, checker,
                  level: str = "none", tls=None, wrapper: bool = False,
@@ -879,10 +882,18 @@ class Session:
         self.reply("250 2.1.5 Ok")
         return True
 
+    def new_cleanup(self, **kw) -> cleanup.Cleanup:
+        """The cleanup stage (lib/cleanup.py) that writes this message's queue file."""
+        if self.cleanup_settings is None:
+            self.cleanup_settings = cleanup.Settings(self.cfg)
+        return cleanup.Cleanup(self.cleanup_settings, self.queue_root,
+                               origin=self.client.client, proto=self.protocol(),
+                               helo=self.helo or "", **kw)
+
     def open_queue_file(self) -> bool:
         """Create the queue file at the first good recipient, as Postfix does."""
         try:
-            self.writer = Q.QueueWriter(self.queue_root)
+            self.writer = self.new_cleanup()
             w = self.writer
             w.add_attr("client_name", self.client.name)
             w.add_attr("client_address", self.client.addr)
@@ -979,16 +990,19 @@ class Session:
             return False
         self.reply("354 End data with <CR><LF>.<CR><LF>")
         self.s.flush()
-        problem = None
+        result = self.read_content(self.start_content())
+        self.data_bytes = None
+        return result
+
+    def start_content(self) -> OSError | None:
+        """The lines smtpd puts before the client's content: access PREPEND headers, then
+        the Received: header, as Postfix's smtpd; the write error, if any."""
         try:
-            # access PREPEND headers above the Received: header, as Postfix's smtpd
             self.writer.write("".join(h + "\n" for h in self.client.prepend)
                               .encode("utf-8", "surrogateescape") + self.received_header())
         except OSError as exc:
-            problem = exc
-        result = self.read_content(problem)
-        self.data_bytes = None
-        return result
+            return exc
+        return None
 
     def _only_rcpt(self) -> str | None:
         """The recipient the DATA and end-of-data checks log: only when there is one."""
@@ -999,16 +1013,15 @@ class Session:
         strict_end = self.bare_lf != "no"
         at_start = True          # this chunk begins a line
         prev_crlf = True         # the previous line ended in CRLF (or DATA just began)
-        in_header, hops, msgid = True, 0, None
-        header_limit, header_len = self.cfg["header_size_limit"], 0
         size, too_big, bare_lf_seen = 0, False, False
-        hop_limit = self.cfg["hopcount_limit"]
         self.data_bytes = 0
         writer = self.writer
         while True:
-            if at_start and prev_crlf and not in_header:
-                # The body in bulk, at C speed: whole CRLF lines, with the result of the
-                # line by line loop below (which takes whatever else comes).
+            if at_start and prev_crlf:
+                # The content in bulk, at C speed: whole CRLF lines, with the result of
+                # the line by line loop below (which takes whatever else comes). The
+                # headers are the cleanup stage's business (header_size_limit,
+                # hopcount_limit, header_checks): it takes content in pieces of any size.
                 raw = self.s.buffered_lines(self.line_limit)
                 lf = raw.replace(b"\r\n", b"\n")
                 if raw.count(b"\n") != len(raw) - len(lf) or (
@@ -1072,23 +1085,6 @@ class Session:
                 body = body[1:]
             data = body + b"\n" if term else body
             size += len(data)
-            if in_header and at_start and term and not body:
-                in_header = False
-            elif in_header:
-                # header_size_limit, as Postfix's cleanup (mime_state.c): a header takes
-                # its continuation lines and the rest of an over-long line only while it
-                # is shorter than the limit; the excess is discarded, the mail accepted.
-                if at_start and body[:1] not in (b" ", b"\t"):
-                    header_len = len(body)          # a new header
-                    low = body[:12].lower()
-                    if low.startswith(b"received:"):
-                        hops += 1
-                    elif low.startswith(b"message-id:") and msgid is None:
-                        msgid = body[11:].strip().decode("latin-1")
-                elif header_len < header_limit:
-                    header_len += len(body) + at_start
-                else:
-                    data = b"\n" if term and not at_start else b""
             if self.size_limit and size > self.size_limit:
                 too_big = True
             elif problem is None:
@@ -1102,42 +1098,7 @@ class Session:
         self.last = "END-OF-MESSAGE"
         if bare_lf_seen and self.bare_lf == "normalize":
             msg.verbose(1, f"bare <LF> in message from {self.client.client}: normalized")
-        if too_big:
-            reply = "552 5.3.4 Message size exceeds fixed limit"
-            self.log_reject("END-OF-MESSAGE", reply)
-            self.reset()
-            self.reply(reply)
-            return False
-        if hops > hop_limit:
-            reply = "554 5.4.0 Error: too many hops"
-            self.log_reject("END-OF-MESSAGE", reply)
-            self.reset()
-            self.reply(reply)
-            return False
-        if problem is not None:
-            ok = self.queue_trouble(problem)
-            self.reset()
-            return ok
-        denied = self.checker.end_of_data(self.client, self._only_rcpt())
-        if denied is not None:
-            self.log_reject("END-OF-MESSAGE", denied, self._only_rcpt())
-            self.reset()        # the queue file is discarded, as Postfix's mail_reset
-            self.reply(str(denied))
-            return False
-        try:
-            qid = writer.commit()
-        except OSError as exc:
-            ok = self.queue_trouble(exc)
-            self.reset()
-            return ok
-        if msgid:
-            msg.info_as("cleanup", f"{qid}: message-id={msgid}")   # where Postfix logs it
-        self.writer = None
-        self.reset()
-        self.reply(f"250 2.0.0 Ok: queued as {qid}")
-        self.s.flush()
-        Q.wake(self.queue_root)
-        return True
+        return self.end_of_message(too_big, problem)
 
     def _discard_to_end(self) -> None:
         """Read and drop message content through the end-of-data line."""
@@ -1196,10 +1157,7 @@ class Session:
         if self.bdat is None:
             self.bdat, self.data_bytes = "ok", 0
             self.bdat_sink = ContentSink(self.writer, self.cfg)
-            try:
-                self.writer.write(self.received_header())
-            except OSError as exc:
-                self.bdat_sink.problem = exc
+            self.bdat_sink.problem = self.start_content()
         self.read_chunk(size, self.bdat_sink)
         if last:
             return self.end_of_bdat()
@@ -1235,7 +1193,6 @@ class Session:
         sink = self.bdat_sink
         if self.bdat_cr:
             sink.write(self.bdat_cr)        # a CR at the very end stays a CR
-        sink.close()
         self.bdat_cr = b""
         self.last = "END-OF-MESSAGE"
         if self.bdat_bare_lf:
@@ -1246,26 +1203,19 @@ class Session:
             self.reset()
             self.reply(reply)
             return False
-        return self.end_of_message(sink)
+        return self.end_of_message(sink.too_big, sink.problem)
 
-    def end_of_message(self, sink: ContentSink) -> bool:
-        """The end of the content: the checks, the commit and the reply, as read_content()
-        ends a DATA message (the same replies and log lines, in the same order)."""
-        writer = self.writer
-        if sink.too_big:
+    def end_of_message(self, too_big: bool, problem: OSError | None) -> bool:
+        """The end of the content, of DATA or of BDAT LAST: the size limit, a write error,
+        smtpd_end_of_data_restrictions, then the cleanup stage's verdict and the reply."""
+        if too_big:
             reply = "552 5.3.4 Message size exceeds fixed limit"
             self.log_reject("END-OF-MESSAGE", reply)
             self.reset()
             self.reply(reply)
             return False
-        if sink.hops > self.cfg["hopcount_limit"]:
-            reply = "554 5.4.0 Error: too many hops"
-            self.log_reject("END-OF-MESSAGE", reply)
-            self.reset()
-            self.reply(reply)
-            return False
-        if sink.problem is not None:
-            ok = self.queue_trouble(sink.problem)
+        if problem is not None:
+            ok = self.queue_trouble(problem)
             self.reset()
             return ok
         denied = self.checker.end_of_data(self.client, self._only_rcpt())
@@ -1275,15 +1225,17 @@ class Session:
             self.reply(str(denied))
             return False
         try:
-            qid = writer.commit()
+            result = self.writer.finish()
         except OSError as exc:
             ok = self.queue_trouble(exc)
             self.reset()
             return ok
-        if sink.msgid:
-            msg.info(f"{qid}: message-id={sink.msgid}")
         self.writer = None
         self.reset()
+        if result.reply:        # rejected or deferred by the cleanup stage (it logged why)
+            self.reply(result.reply)
+            return False
+        qid = result.queue_id   # queued, held, or discarded: the client is told "queued"
         self.reply(f"250 2.0.0 Ok: queued as {qid}")
         self.s.flush()
         Q.wake(self.queue_root)

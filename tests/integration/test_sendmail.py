@@ -19,7 +19,7 @@ import pytest
 from helpers import POSTFIX_PY
 from pfxinst import wait_for
 from postfix_py.lib import queue as Q
-from postfix_py.smtpd.pickup import phrase
+from postfix_py.lib.cleanup import phrase
 from postfix_py.tools import sendmail as SM
 
 SETPRIV = "/usr/bin/setpriv"

@@ -36,6 +36,10 @@ DEVIATIONS = {
     "smtpd_client_event_limit_exceptions",    # $mynetworks, without the pre-2.9 name
     "myhostname", "mydomain", "mynetworks",   # computed from the host
     "alias_maps",                             # no nis: table type
+    # envelope classes only: header address rewriting is not implemented (lib/cleanup.py)
+    "canonical_classes", "sender_canonical_classes", "recipient_canonical_classes",
+    "masquerade_classes",
+    "virtual_alias_maps",                     # empty, without the pre-2.0 name virtual_maps
 }
 
 

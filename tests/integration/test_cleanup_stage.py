@@ -1,0 +1,161 @@
+"""The cleanup stage (lib/cleanup.py) through a real instance: smtpd and pickup (sendmail)
+write every message through it; header_checks, virtual aliases, canonical maps, always_bcc
+and the missing headers of local submissions, as Postfix's cleanup(8)."""
+
+import glob
+import smtplib
+import subprocess
+
+import pytest
+
+from helpers import POSTFIX_PY
+from pfxinst import free_port, wait_for
+from postfix_py.lib import queue as Q
+
+HEADER_CHECKS = """\
+/^Subject: .*reject me/    REJECT no spam here
+/^Subject: .*discard me/   DISCARD dropped
+/^Subject: .*hold me/      HOLD quarantine
+/^Subject: .*redirect me/  REDIRECT trap@mail.test.example
+/^X-Secret:/               IGNORE
+"""
+
+VIRTUAL = """\
+a@example.com       b@example.com
+b@example.com       c@mail.test.example
+list@example.com    x@example.org, y@example.org, z@example.org
+"""
+
+
+@pytest.fixture
+def mta(instance):
+    """smtpd and pickup, with header_checks and address maps in main.cf."""
+    instance.port = free_port()
+    (instance.dir / "header_checks").write_text(HEADER_CHECKS)
+    (instance.dir / "virtual").write_text(VIRTUAL)
+    (instance.dir / "canonical").write_text("old@example.net new@example.net\n")
+    instance.main.update({
+        "mydestination": "$myhostname, localhost", "smtpd_error_sleep_time": "0s",
+        "header_checks": f"regexp:{instance.dir}/header_checks",
+        "virtual_alias_maps": f"texthash:{instance.dir}/virtual",
+        "virtual_alias_expansion_limit": "2",
+        "sender_canonical_maps": f"texthash:{instance.dir}/canonical",
+        "always_bcc": "archive@mail.test.example",
+    })
+    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd",
+                             "pickup unix n - y - - python:postfix_py.smtpd.pickup"]
+
+    def queued(sub="incoming"):
+        out = {}
+        for path in glob.glob(str(instance.queue / sub / "*")):
+            m = Q.read(path)
+            out[m.queue_id] = (m, b"".join(m.content(path)).decode())
+        return out
+    instance.queued = queued
+    return instance
+
+
+def send(mta, subject, rcpts=("r@mail.test.example",), sender="s@example.org",
+         extra=""):
+    """One message over SMTP; (code, text) of the end-of-data reply."""
+    with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as s:
+        s.ehlo("client.example")
+        s.mail(sender)
+        for r in rcpts:
+            assert s.rcpt(r)[0] == 250
+        code, text = s.data(f"{extra}Subject: {subject}\r\n\r\nbody\r\n".encode())
+    return code, text.decode()
+
+
+def test_header_checks_actions_on_real_messages(mta):
+    mta.start()
+    code, text = send(mta, "please reject me")
+    assert (code, text) == (550, "5.7.1 no spam here")
+    wait_for(lambda: ": reject: header Subject: please reject me from "
+             "localhost[127.0.0.1]; from=<s@example.org> to=<r@mail.test.example> "
+             "proto=ESMTP helo=<client.example>: 5.7.1 no spam here" in mta.log(),
+             what="the reject log line")
+    code, text = send(mta, "discard me")
+    assert code == 250
+    qid = text.split()[-1]
+    wait_for(lambda: f"{qid}: discard: header Subject: discard me from localhost" in
+             mta.log(), what="the discard log line")
+    code, text = send(mta, "hold me")
+    assert code == 250
+    held = text.split()[-1]
+    assert f"{held}: hold: header Subject: hold me from localhost" in mta.log()
+    code, text = send(mta, "redirect me", rcpts=["r1@mail.test.example", "r2@example.org"],
+                      extra="X-Secret: 42\r\n")
+    assert code == 250
+    redirected = text.split()[-1]
+    queued = mta.queued()
+    assert qid not in queued and held not in queued
+    assert set(mta.queued("hold")) == {held}
+    m, content = queued[redirected]
+    assert [r.address for r in m.recipients] == ["trap@mail.test.example"]
+    # X-Secret comes first: after a REDIRECT no further header is checked, as Postfix
+    assert "X-Secret" not in content and "Subject: redirect me\n" in content
+    assert f"{redirected}: redirect: header Subject: redirect me from localhost" in mta.log()
+    assert len(queued) == 1
+
+
+def test_address_rewriting_on_a_real_message(mta):
+    mta.start()
+    code, text = send(mta, "aliases", rcpts=["a@example.com"], sender="old@example.net")
+    assert code == 250
+    m, _ = mta.queued()[text.split()[-1]]
+    assert m.sender == "new@example.net"                 # sender_canonical_maps
+    # a -> b -> c (virtual, recursively), and always_bcc
+    assert [r.address for r in m.recipients] == ["c@mail.test.example",
+                                                 "archive@mail.test.example"]
+    # three addresses past virtual_alias_expansion_limit = 2: not accepted, try again
+    code, text = send(mta, "too many", rcpts=["list@example.com"])
+    assert (code, text) == (451, "4.6.0 Alias expansion error")
+    assert "unreasonable virtual_alias_maps map expansion size for list@example.com" \
+        in mta.log()
+
+
+def test_missing_headers_for_local_submission_not_for_smtp(mta):
+    mta.start()
+    code, text = send(mta, "from smtp")
+    m, content = mta.queued()[text.split()[-1]]
+    head = content.split("\n\n", 1)[0]
+    assert "\nMessage-Id:" not in head and "\nDate:" not in head and "\nFrom:" not in head
+    out = subprocess.run([POSTFIX_PY, "-c", str(mta.dir), "sendmail", "-f", "alice",
+                          "-F", "Alice Smith", "bob@mail.test.example"],
+                         input="Subject: local\nBcc: hidden@example.org\n\nhi\n",
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    local = [(m, c) for m, c in mta.queued().values() if "Subject: local" in c]
+    (m, content), = local
+    head = content.split("\n\n", 1)[0]
+    assert "Bcc:" not in head
+    assert f"\nMessage-Id: <" in head and f".{m.queue_id}@mail.test.example>" in head
+    assert "\nDate: " in head and "\nFrom: Alice Smith <alice@mail.test.example>" in head
+    assert m.sender == "alice@mail.test.example"
+
+
+def test_always_add_missing_headers_for_smtp(mta):
+    mta.main["always_add_missing_headers"] = "yes"
+    mta.start()
+    code, text = send(mta, "from smtp", sender="")
+    qid = text.split()[-1]
+    m, content = mta.queued()[qid]
+    head = content.split("\n\n", 1)[0]
+    assert f"\nMessage-Id: <" in head and "\nDate: " in head
+    assert "\nFrom: MAILER-DAEMON" in head
+    assert f"{qid}: message-id=<" in mta.log()
+
+
+def test_header_checks_reject_refuses_a_local_submission(mta):
+    mta.start()
+    out = subprocess.run([POSTFIX_PY, "-c", str(mta.dir), "sendmail", "-f", "alice",
+                          "bob@mail.test.example"],
+                         input="Subject: local reject me\n\nhi\n",
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "5.7.1 no spam here" in out.stderr
+    assert mta.queued() == {}
+    log = mta.log()
+    assert ": reject: header Subject: local reject me from local; " \
+        "from=<alice@mail.test.example> to=<bob@mail.test.example>: 5.7.1 no spam here" in log

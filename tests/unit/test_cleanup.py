@@ -1,0 +1,203 @@
+"""lib/cleanup.py: address rewriting, header and body inspection, missing headers."""
+
+import os
+
+import pytest
+
+from postfix_py.lib import cleanup, maincf, msg
+from postfix_py.lib import queue as Q
+
+HOST = "mx.test.example"
+
+
+def make(tmp_path, files=None, **settings):
+    """A Settings from main.cf settings (tables written from files), and a queue root."""
+    for name, text in (files or {}).items():
+        (tmp_path / name).write_text(text)
+    conf = {"myhostname": HOST, "mydestination": "$myhostname, localhost", **settings}
+    text = "".join(f"{k} = {v}\n" for k, v in conf.items())
+    (tmp_path / "main.cf").write_text(text.replace("@DIR@", str(tmp_path)))
+    root = str(tmp_path / "q")
+    for sub in Q.SUBDIRS:
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    return cleanup.Settings(maincf.load(str(tmp_path))), root
+
+
+def run(settings, root, content, sender="a@example.org", rcpts=("b@example.org",),
+        chunk=None, **kw):
+    c = cleanup.Cleanup(settings, root, origin="client.example[192.0.2.1]", proto="ESMTP",
+                        helo="client.example", **kw)
+    c.set_sender(sender)
+    for r in rcpts:
+        c.add_recipient(r)
+    step = chunk or len(content) or 1
+    for i in range(0, len(content), step):
+        c.write(content[i:i + step])
+    result = c.finish()
+    sub = {"queued": "incoming", "held": "hold"}.get(result.status)
+    if sub is None:
+        assert not any(result.queue_id in name for name in
+                       os.listdir(os.path.join(root, "incoming")))
+        return result, None, None
+    path = os.path.join(root, sub, result.queue_id)
+    env = Q.read(path)
+    return result, env, b"".join(env.content(path))
+
+
+@pytest.fixture
+def logged(monkeypatch):
+    lines = []
+    monkeypatch.setattr(msg, "_emit", lambda severity, text, tag=None: lines.append(
+        ("" if severity == "info" else severity + ": ") + text))
+    return lines
+
+
+def test_plain_message_passes_unchanged_whatever_the_chunking(tmp_path):
+    s, root = make(tmp_path)
+    content = b"Subject: hi\nTo: b@example.org\n\nbody\n.dot\n"
+    for chunk in (None, 1, 3, 7):
+        result, env, data = run(s, root, content, chunk=chunk)
+        assert result.status == "queued"
+        assert data == content
+        assert env.sender == "a@example.org"
+        assert [r.address for r in env.recipients] == ["b@example.org"]
+
+
+def test_header_size_limit_drops_the_excess_only(tmp_path):
+    s, root = make(tmp_path, header_size_limit="100")
+    folded = b"X-Folded: start" + b"".join(b"\n word%02d-" % i + b"x" * 20 for i in range(10))
+    content = folded + b"\nX-Long: " + b"y" * 300 + b"\n\nbody\n"
+    for chunk in (None, 5):
+        _, _, data = run(s, root, content, chunk=chunk)
+        assert b"word02" in data and b"word03" not in data
+        assert b"X-Long: " + b"y" * 300 + b"\n\nbody\n" in data
+
+
+def test_hopcount_limit_counts_received_headers(tmp_path, logged):
+    s, root = make(tmp_path, hopcount_limit="3")
+    result, _, _ = run(s, root, b"Received: a\n" * 2 + b"\nx\n")
+    assert result.status == "queued"
+    result, _, _ = run(s, root, b"Received: a\n" * 3 + b"\nx\n")
+    assert (result.status, result.reply) == ("rejected", "554 5.4.0 Error: too many hops")
+    assert any(line.endswith(": message rejected: hopcount exceeded") for line in logged)
+
+
+def test_missing_headers_for_local_submission_only(tmp_path, logged):
+    s, root = make(tmp_path)
+    _, _, data = run(s, root, b"Subject: s\nBcc: secret@example.org\n\nbody\n", local=True,
+                     sender="alice", fullname="Alice Example")
+    head = data.split(b"\n\n")[0].decode()
+    assert "Bcc:" not in head
+    assert "\nFrom: Alice Example <alice@mx.test.example>" in head
+    assert "\nDate: " in head and "\nMessage-Id: <" in head
+    _, _, data = run(s, root, b"Subject: s\nBcc: x@example.org\n\nbody\n")
+    assert data == b"Subject: s\nBcc: x@example.org\n\nbody\n"        # SMTP: untouched
+    s, root = make(tmp_path, always_add_missing_headers="yes")
+    _, _, data = run(s, root, b"Resent-From: r@example.org\n\nbody\n")
+    assert b"Resent-Message-Id: <" in data and b"Resent-Date: " in data
+    assert b"\nFrom:" not in data
+
+
+def test_header_checks_actions(tmp_path, logged):
+    checks = ("/^Subject: reject me/ REJECT no thanks\n/^Subject: defer me/ REJECT 4.7.0 later\n"
+              "/^Subject: drop me/ DISCARD dropped\n/^Subject: hold me/ HOLD held\n"
+              "/^Subject: redirect me/ REDIRECT other@example.net\n"
+              "/^X-Drop:/ IGNORE\n/^X-Old: (.*)/ REPLACE X-New: $1\n"
+              "/^X-Mark:/ PREPEND X-Seen: yes\n/^X-Warn:/ WARN careful\n")
+    s, root = make(tmp_path, {"hc": checks}, header_checks="regexp:@DIR@/hc")
+    result, _, _ = run(s, root, b"Subject: reject me\n\nx\n")
+    assert (result.status, result.reply) == ("rejected", "550 5.7.1 no thanks")
+    assert f"{result.queue_id}: reject: header Subject: reject me from " \
+        "client.example[192.0.2.1]; from=<a@example.org> to=<b@example.org> proto=ESMTP " \
+        "helo=<client.example>: 5.7.1 no thanks" in logged
+    result, _, _ = run(s, root, b"Subject: defer me\n\nx\n")
+    assert (result.status, result.reply) == ("deferred", "451 4.7.0 later")
+    result, _, _ = run(s, root, b"Subject: drop me\n\nx\n")
+    assert result.status == "discarded"
+    assert any(f"{result.queue_id}: discard: header Subject: drop me" in x for x in logged)
+    result, env, _ = run(s, root, b"Subject: hold me\n\nx\n")
+    assert result.status == "held" and env.sender == "a@example.org"
+    result, env, _ = run(s, root, b"Subject: redirect me\n\nx\n", rcpts=["b@x.org", "c@y.org"])
+    assert [r.address for r in env.recipients] == ["other@example.net"]
+    _, _, data = run(s, root, b"X-Drop: 1\nX-Old: v\nX-Mark: m\nX-Warn: w\n\nx\n")
+    assert data == b"X-New: v\nX-Seen: yes\nX-Mark: m\nX-Warn: w\n\nx\n"
+    assert any(": warning: header X-Warn: w from " in x and x.endswith(": careful")
+               for x in logged)
+
+
+def test_body_checks_line_by_line(tmp_path, logged):
+    s, root = make(tmp_path, {"bc": "/^bad line$/ REJECT\n/^secret/ IGNORE\n"},
+                   body_checks="regexp:@DIR@/bc")
+    result, _, data = run(s, root, b"Subject: s\n\nok\nsecret stuff\nend\n", chunk=4)
+    assert data == b"Subject: s\n\nok\nend\n"
+    result, _, _ = run(s, root, b"Subject: s\n\nok\nbad line\n", chunk=3)
+    assert result.reply == "550 5.7.1 message content rejected"
+
+
+def test_virtual_alias_recursion_and_limits(tmp_path, logged):
+    virtual = ("a@example.com b@example.com\nb@example.com c@example.com, self@example.com\n"
+               "self@example.com self@example.com, copy@example.net\n"
+               "@alias.example catchall@example.com\nloop1@example.com loop2@example.com\n"
+               "loop2@example.com loop1@example.com\nuser@example.com local\n")
+    s, root = make(tmp_path, {"virtual": virtual}, virtual_alias_maps="texthash:@DIR@/virtual",
+                   recipient_delimiter="+")
+    _, env, _ = run(s, root, b"x\n", rcpts=["a@example.com", "who+ext@alias.example",
+                                              "user+box@example.com"])
+    assert [r.address for r in env.recipients] == [
+        "c@example.com", "self@example.com", "copy@example.net", "catchall@example.com",
+        f"local+box@{HOST}"]
+    result, _, _ = run(s, root, b"x\n", rcpts=["loop1@example.com"])
+    assert (result.status, result.reply) == ("deferred", "451 4.6.0 Alias expansion error")
+    assert any("unreasonable virtual_alias_maps map nesting for loop1@example.com" in x
+               for x in logged)
+    many = "big@example.com " + ", ".join(f"u{i}@example.org" for i in range(5)) + "\n"
+    s, root = make(tmp_path, {"v2": many}, virtual_alias_maps="texthash:@DIR@/v2",
+                   virtual_alias_expansion_limit="3")
+    result, _, _ = run(s, root, b"x\n", rcpts=["big@example.com"])
+    assert result.status == "deferred"
+    assert any("unreasonable virtual_alias_maps map expansion size" in x for x in logged)
+
+
+def test_canonical_masquerade_and_bcc(tmp_path):
+    s, root = make(tmp_path, {"canon": "alice@old.example alice@new.example\n"
+                                       "@legacy.example @modern.example\n",
+                              "sbcc": "alice@new.example archive@example.org\n"},
+                   canonical_maps="texthash:@DIR@/canon", always_bcc="audit@example.org",
+                   sender_bcc_maps="texthash:@DIR@/sbcc",
+                   masquerade_domains="!keep.example.com, example.com",
+                   masquerade_classes="envelope_sender, envelope_recipient")
+    _, env, _ = run(s, root, b"x\n", sender="alice@old.example",
+                    rcpts=["bob@legacy.example", "u@host.example.com", "k@keep.example.com"])
+    assert env.sender == "alice@new.example"
+    assert [r.address for r in env.recipients] == [
+        "bob@modern.example", "u@example.com", "k@keep.example.com", "archive@example.org",
+        "audit@example.org"]
+
+
+def test_header_classes_are_refused(tmp_path):
+    with pytest.raises(maincf.ConfigError, match="canonical_classes.*header_sender"):
+        make(tmp_path, canonical_classes="envelope_sender, header_sender")
+
+
+def test_filter_and_unknown_actions_are_warnings(tmp_path, logged):
+    s, root = make(tmp_path, {"hc": "/^X-F:/ FILTER smtp:[127.0.0.1]:10025\n/^X-U:/ FROB\n"
+                                    "/^X-R:/ REDIRECT nobody\n"},
+                   header_checks="regexp:@DIR@/hc")
+    result, env, data = run(s, root, b"X-F: 1\nX-U: 2\nX-R: 3\n\nx\n")
+    assert result.status == "queued" and data == b"X-F: 1\nX-U: 2\nX-R: 3\n\nx\n"
+    assert [r.address for r in env.recipients] == ["b@example.org"]
+    assert any("FILTER action in header_checks map is not supported" in x for x in logged)
+    assert "warning: unknown command in header_checks map: FROB" in logged
+    assert any('bad REDIRECT target "nobody" in header_checks map' in x for x in logged)
+
+
+def test_endless_header_line_and_headers_only_message(tmp_path):
+    s, root = make(tmp_path, header_size_limit="100")
+    # taken in pieces of line_length_limit (2048), as Postfix: the first is kept whole
+    for chunk in (None, 1000, 5000):
+        _, _, data = run(s, root, b"X-Big: " + b"z" * 10000 + b"\n\nbody\n", chunk=chunk)
+        assert data == b"X-Big: " + b"z" * (2048 - 7) + b"\n\nbody\n"
+    _, _, data = run(s, root, b"not a header " + b"z" * 5000 + b"\nmore\n", chunk=1000)
+    assert data == b"not a header " + b"z" * 5000 + b"\nmore\n"       # all body
+    _, _, data = run(s, root, b"Subject: only headers")
+    assert data == b"Subject: only headers\n"
