@@ -67,7 +67,7 @@ PROGRAMS = ("smtpd", "qmgr", "smtp", "tlsmgr", "pickup", "local")
 SIZES = (800, 5000, 5000, 20000, 150000)
 LOCAL_SHARE, BOUNCE_SHARE, PICKUP_SHARE = 0.10, 0.03, 0.05
 SMTP_DATA_DONE_TIMEOUT = 4          # the sink's stall outlasts it
-QUEUE_FS_SIZE = "256m"
+QUEUE_FS_SIZE = "1g"            # room for the backlog a long run builds while kills go on
 
 
 class Campaign:
@@ -117,6 +117,7 @@ inet_interfaces = 127.0.0.1
 myhostname = campaign.test
 mydestination = localhost, campaign.test
 local_delivery_any_user = yes
+alias_maps =
 mail_spool_directory = {r}/mail/
 mynetworks = 127.0.0.0/8
 relayhost = [127.0.0.1]:{sink_port}
@@ -132,6 +133,7 @@ smtpd_timeout = 20s
 smtp_connect_timeout = 5s
 smtp_data_done_timeout = {SMTP_DATA_DONE_TIMEOUT}s
 service_throttle_time = 1s
+transport_retry_time = 1s
 """)
         (r / "master.cf").write_text(f"""\
 127.0.0.1:{self.port} inet n - y - 20 smtpd
