@@ -19,7 +19,7 @@ FUNCTIONS
         case), by addr_find; smtpd's "User unknown in virtual mailbox table" check.
 
 SEE ALSO
-    qmgr/resolve.py, local/service.py, virtual/service.py, tools/postqueue.py; Postfix postconf(5)
+    lib/resolve.py, local/service.py, virtual/service.py, tools/postqueue.py; Postfix postconf(5)
     recipient_delimiter.
 """
 

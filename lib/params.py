@@ -276,7 +276,7 @@ PARAMS: list[Param] = [
     _p("local_delivery_any_user", "no", BOOL, "postfix-py extension: any safe local part gets a mailbox under mail_spool_directory"),
     _p("local_destination_concurrency_limit", "2", INT, "parallel local deliveries per recipient", min=1),
     _p("local_destination_recipient_limit", "1", INT, "recipients per local delivery", min=1),
-    # --- virtual mailbox domains (qmgr/resolve.py, virtual/service.py) ----------------
+    # --- virtual mailbox domains (lib/resolve.py, virtual/service.py) ----------------
     _p("virtual_mailbox_domains", "$virtual_mailbox_maps", LIST, "domains whose mail goes to virtual_transport (names, /files, type:tables)"),
     _p("virtual_transport", "virtual", STR, "transport of mail for virtual_mailbox_domains"),
     _p("virtual_mailbox_maps", "", TABLE, "virtual recipient to mailbox path under virtual_mailbox_base (ending in /: maildir)"),

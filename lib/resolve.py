@@ -59,9 +59,9 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from ..lib import msg, tables
-from ..lib.address import split_address, strip_extension
-from ..lib.domains import DomainList
+from . import msg, tables
+from .address import split_address, strip_extension
+from .domains import DomainList
 
 
 class ResolveError(Exception):
