@@ -15,7 +15,11 @@ RESTRICTIONS
     check_ccert_access type:table (certificate, then public-key fingerprint as the key),
     check_client_access, check_helo_access, check_sender_access, check_recipient_access
     type:table (access(5) actions: OK, REJECT [text], DEFER [text], DUNNO, 4NN/5NN text,
-    PERMIT, a restriction name), reject_unauth_destination, defer_unauth_destination,
+    PERMIT, a restriction name), permit_auth_destination, reject_unauth_destination,
+    defer_unauth_destination (these three by the address class of the recipient as
+    lib/resolve.py resolves it, qmgr's resolver: user%domain@mydomain, site!user@mydomain
+    and "user@domain"@mydomain are the remote user@domain; local, virtual mailbox and
+    relay classes are authorized, unless routing operators are left in the local part),
     defer_if_permit (450 at the end of the stage unless something rejects),
     reject_unauth_pipelining (503 5.5.0 once the client sent ahead where it may not:
     commands before EHLO announced PIPELINING, or message content before 354),
@@ -28,11 +32,25 @@ RESTRICTIONS
     default, defer_if_permit. Local (mydestination) and [literal] domains are not looked
     up. The DNS is the system resolver's (resolv.conf, read before the chroot).
 
+RECIPIENT VALIDATION
+    With smtpd_reject_unlisted_recipient = yes, after the lists permit, the resolved
+    recipient must be in the table of its address class, when that list is not empty:
+    local_recipient_maps (keys: user@domain, user, @domain, with and without the
+    extension), virtual_mailbox_maps, relay_recipient_maps; else 550 5.1.1 "<rcpt>:
+    Recipient address rejected: User unknown in local recipient table" (virtual mailbox
+    table, relay recipient table), with unknown_local_recipient_reject_code (and its
+    virtual and relay kin). VRFY gives the same replies (smtpd/session.py).
+
 CONFIGURATION PARAMETERS
     smtpd_client_restrictions, smtpd_helo_restrictions, smtpd_sender_restrictions,
     smtpd_relay_restrictions, smtpd_recipient_restrictions, smtpd_data_restrictions,
-    smtpd_end_of_data_restrictions, smtpd_delay_reject (yes), mynetworks, mydestination,
-    relay_domains, relay_clientcerts, parent_domain_matches_subdomains, the reply codes
+    smtpd_end_of_data_restrictions, smtpd_delay_reject (yes), mynetworks, relay_clientcerts,
+    those of lib/resolve.py (mydestination, relay_domains, virtual_mailbox_domains,
+    allow_percent_hack, swap_bangpath, ...), smtpd_reject_unlisted_recipient (yes),
+    local_recipient_maps (unix:passwd.byname; Postfix adds $alias_maps),
+    virtual_mailbox_maps, relay_recipient_maps (empty),
+    unknown_local_recipient_reject_code, unknown_virtual_mailbox_reject_code,
+    unknown_relay_recipient_reject_code (550), the reply codes
     reject_code (554), defer_code (450), access_map_reject_code (554),
     relay_domains_reject_code (554), unknown_client_reject_code (450),
     unknown_address_reject_code (450).
@@ -47,8 +65,8 @@ FUNCTIONS
         smtpd_data_restrictions at DATA and smtpd_end_of_data_restrictions after the final
         dot (rcpt: the recipient when there is exactly one). A table that cannot be read
         (TableError) gives 451 4.3.0 "<name>: Temporary lookup failure", with a warning.
-    is_local_domain / relay_allowed / in_mynetworks / in_network_list are the shared
-    predicates; NetworkList is the one matcher of client lists (mynetworks,
+    is_local_domain / auth_destination / unlisted_recipient / in_mynetworks /
+    in_network_list are the shared predicates; NetworkList is the one matcher of client lists (mynetworks,
     smtpd_forbid_bare_newline_exclusions, smtpd_sasl_exceptions_networks).
 """
 
@@ -67,17 +85,18 @@ import dns.rdatatype
 import dns.resolver
 
 from ..lib import msg, tables
-from ..lib.address import virtual_mailbox_known
-from ..lib.domains import DomainList
+from ..lib.address import addr_find
 from ..lib.maincf import ConfigError
 from ..lib.params import split_list
+from ..lib.resolve import AddressResolver, ResolveError, internal_form
 
 RELAY_GUARDS = {"reject_unauth_destination", "defer_unauth_destination", "reject", "defer",
                 "defer_if_permit"}
 DNS_CHECKS = {"reject_unknown_sender_domain", "reject_unknown_recipient_domain"}
 SIMPLE = {"permit", "reject", "defer", "defer_if_permit", "permit_mynetworks",
           "permit_sasl_authenticated", "permit_tls_clientcerts", "permit_tls_all_clientcerts",
-          "reject_unauth_destination", "defer_unauth_destination", "dunno",
+          "reject_unauth_destination", "defer_unauth_destination", "permit_auth_destination",
+          "dunno",
           "reject_unknown_client_hostname", "reject_unknown_client",
           "reject_unknown_reverse_client_hostname", "reject_unauth_pipelining"} | DNS_CHECKS
 WITH_TABLE = {"check_ccert_access", "check_client_access", "check_helo_access",
@@ -147,18 +166,25 @@ class Checker:
             raise ConfigError("parameter smtpd_recipient_restrictions: specify at least one "
                               "working instance of: reject_unauth_destination, "
                               "defer_unauth_destination, reject, defer, defer_if_permit")
-        # lib/domains.DomainList, the rule of qmgr's routing too: names, files, tables
-        self.mydestination = self._domain_list("mydestination")
-        self.relay_domains = self._domain_list("relay_domains")
-        # The virtual mailbox class (a string list in Postfix): relayed to, and its
-        # recipients validated at RCPT against virtual_mailbox_maps, as Postfix's
-        # smtpd_reject_unlisted_recipient (yes) does for that class.
+        # qmgr's resolver (lib/resolve.py): relaying and recipient validation decide by
+        # the address class of the resolved recipient, as smtpd_resolve_addr() does.
         try:
-            self.virtual_mailbox_domains = DomainList(cfg["virtual_mailbox_domains"], False,
-                                                      self._table, exact=True)
+            self.resolver = AddressResolver(cfg)
+            self.resolver.is_local("[127.0.0.1]")   # inet_interfaces, before the chroot
         except tables.TableError as exc:
-            raise ConfigError(f"virtual_mailbox_domains: {exc}") from None
-        self.virtual_mailbox_maps = [self._table(ref) for ref in cfg["virtual_mailbox_maps"]]
+            raise ConfigError(str(exc)) from None
+        # The recipient table of each address class (check_rcpt_maps)
+        self.rcpt_maps = {
+            "local": ([self._table(r) for r in cfg["local_recipient_maps"]],
+                      cfg["unknown_local_recipient_reject_code"],
+                      "User unknown in local recipient table"),
+            "virtual": ([self._table(r) for r in cfg["virtual_mailbox_maps"]],
+                        cfg["unknown_virtual_mailbox_reject_code"],
+                        "User unknown in virtual mailbox table"),
+            "relay": ([self._table(r) for r in cfg["relay_recipient_maps"]],
+                      cfg["unknown_relay_recipient_reject_code"],
+                      "User unknown in relay recipient table")}
+        self.reject_unlisted_recipient = cfg["smtpd_reject_unlisted_recipient"]
         # Every client-network list, one matcher (NetworkList): tables open before chroot.
         self.network_lists = {p: self._network_list(p) for p in NETWORK_LISTS}
         self.mynetworks = self.network_lists["mynetworks"]
@@ -196,12 +222,6 @@ class Checker:
             i += 1
         return out
 
-    def _domain_list(self, param: str) -> DomainList:
-        try:
-            return DomainList.for_param(self.cfg, param, self._table)
-        except tables.TableError as exc:
-            raise ConfigError(f"{param}: {exc}") from None
-
     def _network_list(self, param: str) -> "NetworkList":
         words = self.cfg[param]
         return NetworkList(param, words, self._table,
@@ -217,33 +237,40 @@ class Checker:
         return self.network_lists[param].match(addr, name)
 
     def is_local_domain(self, domain: str) -> bool:
-        """A domain of mydestination: mail for it stays on this host (TableError when a
-        table cannot be read)."""
-        return self.mydestination.match(domain)
+        """A domain of mydestination (or a literal of this host): mail for it stays on
+        this host (TableError when a table cannot be read)."""
+        return self.resolver.is_local(domain)
 
-    def relay_allowed(self, rcpt: str) -> bool:
-        """A recipient this host accepts mail for: local, virtual mailbox or relay_domains."""
-        domain = _domain(rcpt)
-        if not domain:
-            return True   # a bare local part: the local domain
-        return self.is_local_domain(domain) or self.relay_domains.match(domain) or \
-            self.virtual_mailbox_domains.match(domain)
+    def resolve(self, address: str):
+        """The resolved recipient and its address class (lib/resolve.py's Route), as
+        smtpd_resolve_addr(); a table failure raises TableError."""
+        try:
+            return self.resolver.resolve_class(address)
+        except ResolveError as exc:
+            raise tables.TableError(str(exc)) from None
+
+    def auth_destination(self, rcpt: str) -> bool:
+        """permit_auth_destination: the resolved recipient is in the local, virtual
+        mailbox or relay class and no routing operator is left in its local part
+        (allow_untrusted_routing = no, Postfix's default)."""
+        route = self.resolve(rcpt)
+        return not route.routed and route.addr_class in ("local", "virtual", "relay")
 
     def unlisted_recipient(self, rcpt: str) -> Reply | None:
-        """The reply for a recipient of a virtual mailbox domain without a mailbox."""
-        domain = _domain(rcpt)
-        if not self.virtual_mailbox_maps:
-            return None     # as Postfix: no maps, nothing to validate against (Dovecot's job)
+        """check_rcpt_maps: the reply for a recipient that the recipient table of its
+        address class does not list (an empty table list validates nothing)."""
         try:
-            if not domain or not self.virtual_mailbox_domains.match(domain) or \
-                    virtual_mailbox_known(self.virtual_mailbox_maps, rcpt,
-                                          self.cfg.get("recipient_delimiter")):
+            route = self.resolve(rcpt)
+            maps, code, text = self.rcpt_maps.get(route.addr_class, ([], 0, ""))
+            if not maps or addr_find(maps, internal_form(route.recipient).lower(),
+                                     self.cfg.get("recipient_delimiter"),
+                                     localpart=route.addr_class == "local") is not None:
                 return None
         except tables.TableError as exc:
             msg.warn(f"table lookup problem: {exc}")
             return Reply(451, "4.3.0", f"<{rcpt}>: Temporary lookup failure")
-        return Reply(550, "5.1.1", f"<{rcpt}>: Recipient address rejected: "
-                                   "User unknown in virtual mailbox table")
+        return Reply(code, f"{str(code)[0]}.1.1",
+                     f"<{rcpt}>: Recipient address rejected: {text}")
 
     # --- evaluation: one method per protocol stage, as smtpd_check.c ---------------------
     def connect(self, state: ClientState) -> Reply | None:
@@ -273,7 +300,8 @@ class Checker:
         else:
             names, pending = self.LISTS[3:5], self._carried(state, "client", "helo", "sender")
         # As smtpd_check_rcpt: the restrictions, then the recipient tables.
-        return self._stage(names, state, rcpt, pending) or self.unlisted_recipient(rcpt)
+        return self._stage(names, state, rcpt, pending) or (
+            self.unlisted_recipient(rcpt) if self.reject_unlisted_recipient else None)
 
     def data(self, state: ClientState, rcpt: str | None) -> Reply | None:
         """smtpd_data_restrictions at DATA; rcpt is the recipient when there is only one."""
@@ -381,8 +409,10 @@ class Checker:
                     if key and self.relay_clientcerts.lookup(key) is not None:
                         return "permit"
             return None
+        if restriction == "permit_auth_destination":
+            return "permit" if rcpt is not None and self.auth_destination(rcpt) else None
         if restriction in ("reject_unauth_destination", "defer_unauth_destination"):
-            if rcpt is None or self.relay_allowed(rcpt):
+            if rcpt is None or self.auth_destination(rcpt):
                 return None
             if restriction == "reject_unauth_destination":
                 return Reply(cfg["relay_domains_reject_code"], "5.7.1",

@@ -46,6 +46,8 @@ class Instance:
             "inet_interfaces": "127.0.0.1",
             "myhostname": "mail.test.example",
             "service_throttle_time": "2s",
+            # the tests' local recipients are not system accounts (unix:passwd.byname)
+            "local_recipient_maps": "",
         }
         self.master_lines: list[str] = []
         self.pids_seen: set[int] = set()

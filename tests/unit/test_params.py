@@ -34,6 +34,8 @@ DEVIATIONS = {
     "mynetworks_style", "relay_domains", "smtpd_relay_restrictions",
     "smtpd_client_event_limit_exceptions",    # $mynetworks, without the pre-2.9 name
     "myhostname", "mydomain", "mynetworks",   # computed from the host
+    "append_dot_mydomain",                    # no compatibility_level: level >= 1's value
+    "local_recipient_maps",                   # no proxymap, no alias_maps yet
 }
 
 
