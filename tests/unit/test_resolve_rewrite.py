@@ -7,7 +7,7 @@ relay_domains = relay.example, virtual_mailbox_domains = virt.example)."""
 
 import pytest
 
-from postfix_py.lib import maincf
+from postfix_py.lib import maincf, tables
 from postfix_py.lib.resolve import AddressResolver, internal_form, quote_local
 from postfix_py.smtpd.check import Checker, ClientState
 
@@ -140,3 +140,11 @@ def test_unlisted_recipient_switches():
     checker = Checker(config(unknown_local_recipient_reject_code="450"))
     assert str(checker.unlisted_recipient("nosuchuser@local.domain")).startswith(
         "450 4.1.1 <nosuchuser@local.domain>: Recipient address rejected: User unknown")
+
+
+def test_unix_passwd_table():
+    t = tables.open_table("unix:passwd.byname")
+    assert t.lookup("ROOT").split(":")[:3:2] == ["root", "0"]   # keys are folded
+    assert t.lookup("no-such-user-here") is None
+    with pytest.raises(tables.TableError):
+        tables.open_table("unix:group.byname")
