@@ -190,6 +190,7 @@ PARAMS: list[Param] = [
     _p("resolve_dequoted_address", "yes", BOOL, "look for routing operators (@ % !) inside a quoted local part"),
     _p("resolve_null_domain", "no", BOOL, "resolve user@ as user (no: an error)"),
     _p("smtpd_reject_unlisted_recipient", "yes", BOOL, "reject a recipient unknown in its address class's recipient table at RCPT"),
+    _p("smtpd_reject_unlisted_sender", "no", BOOL, "reject a sender unknown in its address class's recipient table at MAIL"),
     _p("local_recipient_maps", "unix:passwd.byname", TABLE, "known local recipients; empty: any (Postfix: proxy:unix:passwd.byname $alias_maps)"),
     _p("relay_recipient_maps", "", TABLE, "known relay_domains recipients; empty: any"),
     _p("unknown_local_recipient_reject_code", "550", INT, "reply code for a recipient not in local_recipient_maps", min=400, max=599),

@@ -33,6 +33,9 @@ RESTRICTIONS
     up. The DNS is the system resolver's (resolv.conf, read before the chroot).
 
 RECIPIENT VALIDATION
+    reject_unlisted_recipient and reject_unlisted_sender apply it where they are listed;
+    smtpd_reject_unlisted_sender = yes checks the sender after smtpd_sender_restrictions
+    ("<sender>: Sender address rejected: ...", 5.1.0).
     With smtpd_reject_unlisted_recipient = yes, after the lists permit, the resolved
     recipient must be in the table of its address class, when that list is not empty:
     local_recipient_maps (keys: user@domain, user, @domain, with and without the
@@ -47,6 +50,7 @@ CONFIGURATION PARAMETERS
     smtpd_end_of_data_restrictions, smtpd_delay_reject (yes), mynetworks, relay_clientcerts,
     those of lib/resolve.py (mydestination, relay_domains, virtual_mailbox_domains,
     allow_percent_hack, swap_bangpath, ...), smtpd_reject_unlisted_recipient (yes),
+    smtpd_reject_unlisted_sender (no),
     local_recipient_maps (unix:passwd.byname; Postfix adds $alias_maps),
     virtual_mailbox_maps, relay_recipient_maps (empty),
     unknown_local_recipient_reject_code, unknown_virtual_mailbox_reject_code,
@@ -96,7 +100,7 @@ DNS_CHECKS = {"reject_unknown_sender_domain", "reject_unknown_recipient_domain"}
 SIMPLE = {"permit", "reject", "defer", "defer_if_permit", "permit_mynetworks",
           "permit_sasl_authenticated", "permit_tls_clientcerts", "permit_tls_all_clientcerts",
           "reject_unauth_destination", "defer_unauth_destination", "permit_auth_destination",
-          "dunno",
+          "reject_unlisted_recipient", "reject_unlisted_sender", "dunno",
           "reject_unknown_client_hostname", "reject_unknown_client",
           "reject_unknown_reverse_client_hostname", "reject_unauth_pipelining"} | DNS_CHECKS
 WITH_TABLE = {"check_ccert_access", "check_client_access", "check_helo_access",
@@ -185,6 +189,7 @@ class Checker:
                       cfg["unknown_relay_recipient_reject_code"],
                       "User unknown in relay recipient table")}
         self.reject_unlisted_recipient = cfg["smtpd_reject_unlisted_recipient"]
+        self.reject_unlisted_sender = cfg["smtpd_reject_unlisted_sender"]
         # Every client-network list, one matcher (NetworkList): tables open before chroot.
         self.network_lists = {p: self._network_list(p) for p in NETWORK_LISTS}
         self.mynetworks = self.network_lists["mynetworks"]
@@ -256,9 +261,10 @@ class Checker:
         route = self.resolve(rcpt)
         return not route.routed and route.addr_class in ("local", "virtual", "relay")
 
-    def unlisted_recipient(self, rcpt: str) -> Reply | None:
-        """check_rcpt_maps: the reply for a recipient that the recipient table of its
-        address class does not list (an empty table list validates nothing)."""
+    def unlisted_recipient(self, rcpt: str, what: str = "Recipient") -> Reply | None:
+        """check_rcpt_maps: the reply for a recipient (or, what = "Sender", a sender)
+        that the recipient table of its address class does not list (an empty table
+        list validates nothing)."""
         try:
             route = self.resolve(rcpt)
             maps, code, text = self.rcpt_maps.get(route.addr_class, ([], 0, ""))
@@ -269,8 +275,9 @@ class Checker:
         except tables.TableError as exc:
             msg.warn(f"table lookup problem: {exc}")
             return Reply(451, "4.3.0", f"<{rcpt}>: Temporary lookup failure")
-        return Reply(code, f"{str(code)[0]}.1.1",
-                     f"<{rcpt}>: Recipient address rejected: {text}")
+        detail = "1.0" if what == "Sender" else "1.1"
+        return Reply(code, f"{str(code)[0]}.{detail}",
+                     f"<{rcpt}>: {what} address rejected: {text}")
 
     # --- evaluation: one method per protocol stage, as smtpd_check.c ---------------------
     def connect(self, state: ClientState) -> Reply | None:
@@ -317,14 +324,21 @@ class Checker:
 
     def _early(self, name: str, stage: str, pending: list, state: ClientState):
         """A list of an earlier stage: its defer_if_permit waits for RCPT."""
-        reply = self._run(name, state, None, pending)
+        reply = self._run(name, state, None, pending) or self._unlisted_sender(name, state)
         state.deferred[stage] = pending[0] if pending else None
         return reply
+
+    def _unlisted_sender(self, name: str, state: ClientState) -> Reply | None:
+        """smtpd_reject_unlisted_sender: the sender table check after the sender list."""
+        if name != "smtpd_sender_restrictions" or not self.reject_unlisted_sender \
+                or not state.sender:
+            return None
+        return self.unlisted_recipient(state.sender, "Sender")
 
     def _stage(self, names, state: ClientState, rcpt: str | None, pending: list):
         """The lists of a stage; a defer_if_permit that nothing rejected is the reply."""
         for name in names:
-            reply = self._run(name, state, rcpt, pending)
+            reply = self._run(name, state, rcpt, pending) or self._unlisted_sender(name, state)
             if reply is not None:
                 return reply
         return pending[0] if pending else None
@@ -409,6 +423,10 @@ class Checker:
                     if key and self.relay_clientcerts.lookup(key) is not None:
                         return "permit"
             return None
+        if restriction == "reject_unlisted_recipient":
+            return self.unlisted_recipient(rcpt) if rcpt else None
+        if restriction == "reject_unlisted_sender":
+            return self.unlisted_recipient(state.sender, "Sender") if state.sender else None
         if restriction == "permit_auth_destination":
             return "permit" if rcpt is not None and self.auth_destination(rcpt) else None
         if restriction in ("reject_unauth_destination", "defer_unauth_destination"):

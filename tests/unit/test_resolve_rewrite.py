@@ -148,3 +148,22 @@ def test_unix_passwd_table():
     assert t.lookup("no-such-user-here") is None
     with pytest.raises(tables.TableError):
         tables.open_table("unix:group.byname")
+
+
+def test_unlisted_sender_and_the_explicit_restrictions():
+    # Postfix's reply for smtpd_reject_unlisted_sender = yes: 5.1.0, "Sender address"
+    state = ClientState(name="unknown", addr="127.0.0.1", sender="nosuch@local.domain")
+    assert Checker(config(mynetworks="127.0.0.0/8")).rcpt(state, "root@local.domain") is None
+    checker = Checker(config(mynetworks="127.0.0.0/8", smtpd_reject_unlisted_sender="yes"))
+    assert str(checker.rcpt(state, "root@local.domain")) == \
+        "550 5.1.0 <nosuch@local.domain>: Sender address rejected: " \
+        "User unknown in local recipient table"
+    checker = Checker(config(mynetworks="127.0.0.0/8", smtpd_reject_unlisted_sender="yes",
+                             smtpd_delay_reject="no"))
+    assert str(checker.mail(state)).startswith("550 5.1.0 <nosuch@local.domain>: Sender")
+    state.sender = "someone@example.org"        # the default class has no table
+    assert checker.mail(state) is None
+    checker = Checker(config(smtpd_reject_unlisted_recipient="no",
+                             smtpd_recipient_restrictions="reject_unlisted_recipient"))
+    assert str(checker.rcpt(OUTSIDE, "nosuchuser@local.domain")).startswith(
+        "550 5.1.1 <nosuchuser@local.domain>: Recipient address rejected: User unknown")
