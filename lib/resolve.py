@@ -23,9 +23,8 @@ tried in this order:
 
     1. local: the recipient domain is in mydestination, or is an address literal
        ([192.0.2.1], [ipv6:2001:db8::1]) of an address the inet services listen on
-       (inet_interfaces; `all` is every interface's address), or the address has no
-       domain (Postfix would have qualified it with $myorigin): local_transport (default
-       local:$myhostname).
+       (inet_interfaces; `all` is every interface's address): local_transport (default
+       local:$myhostname). A bare user is user@$myorigin (rewrite, above).
     2. virtual mailbox: the domain is listed in virtual_mailbox_domains (exact names, no
        subdomains, as Postfix's string list): virtual_transport (default virtual).
     3. relay: the domain matches relay_domains (a parent domain matches its subdomains, as
