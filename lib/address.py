@@ -13,13 +13,15 @@ FUNCTIONS
         mail_addr_find() search order for a domain that is not local, as virtual(8)
         documents it: user+ext@domain, then user@domain, then @domain (the catch-all);
         regexp: and pcre: tables see the full address only. The first table with an
-        answer wins. A table failure raises (lib/tables.py's TableError).
+        answer wins. A table failure raises (lib/tables.py's TableError). localpart=True
+        (a local domain: Postfix's MA_FIND_LOCALPART_IF_LOCAL) also tries user+ext and
+        user before @domain.
     virtual_mailbox_known(maps, address, delimiters) -> bool: whether
         virtual_mailbox_maps (the opened tables) has the recipient (full address, any
         case), by addr_find; smtpd's "User unknown in virtual mailbox table" check.
 
 SEE ALSO
-    qmgr/resolve.py, local/service.py, virtual/service.py, tools/postqueue.py; Postfix postconf(5)
+    lib/resolve.py, local/service.py, virtual/service.py, tools/postqueue.py; Postfix postconf(5)
     recipient_delimiter.
 """
 
@@ -43,13 +45,15 @@ def strip_extension(local: str, delimiters: str) -> str:
 PATTERN_TABLES = ("regexp", "pcre")
 
 
-def addr_find(tables, address: str, delimiters: str):
+def addr_find(tables, address: str, delimiters: str, localpart: bool = False):
     """(value, table) of the first table that knows the address, in Postfix's order."""
     local, domain = split_address(address)
     keys = [address]
     base = strip_extension(local, delimiters) if delimiters else local
     if domain and base != local:
         keys.append(f"{base}@{domain}")
+    if localpart:
+        keys += [local] if base == local else [local, base]
     if domain:
         keys.append(f"@{domain}")
     for table in tables:

@@ -18,7 +18,7 @@ FUNCTIONS
     close() releases the tables.
 
 SEE ALSO
-    qmgr/resolve.py, smtpd/check.py; Postfix match_list(3), string_list(3).
+    lib/resolve.py, smtpd/check.py; Postfix match_list(3), string_list(3).
 """
 
 from __future__ import annotations

@@ -214,6 +214,20 @@ PARAMS: list[Param] = [
     _p("header_checks", "", TABLE, "patterns matched against each primary message header (header_checks(5))"),
     _p("body_checks", "", TABLE, "patterns matched against each body line (header_checks(5))"),
     _p("body_checks_size_limit", "51200", SIZE, "body bytes that body_checks looks at", min=0),
+    # --- address parsing and recipient validation (lib/resolve.py, smtpd/check.py) -------
+    _p("allow_percent_hack", "yes", BOOL, "rewrite user%domain to user@domain"),
+    _p("swap_bangpath", "yes", BOOL, "rewrite site!user to user@site"),
+    _p("append_at_myorigin", "yes", BOOL, "append @$myorigin to an address without a domain"),
+    _p("append_dot_mydomain", "no", BOOL, "append .$mydomain to a domain without a dot (Postfix's default at compatibility level 1 and later)"),
+    _p("resolve_dequoted_address", "yes", BOOL, "look for routing operators (@ % !) inside a quoted local part"),
+    _p("resolve_null_domain", "no", BOOL, "resolve user@ as user (no: an error)"),
+    _p("smtpd_reject_unlisted_recipient", "yes", BOOL, "reject a recipient unknown in its address class's recipient table at RCPT"),
+    _p("smtpd_reject_unlisted_sender", "no", BOOL, "reject a sender unknown in its address class's recipient table at MAIL"),
+    _p("local_recipient_maps", "unix:passwd.byname $alias_maps", TABLE, "known local recipients: the accounts and the aliases; empty: any (Postfix reads the accounts through proxy:)"),
+    _p("relay_recipient_maps", "", TABLE, "known relay_domains recipients; empty: any"),
+    _p("unknown_local_recipient_reject_code", "550", INT, "reply code for a recipient not in local_recipient_maps", min=400, max=599),
+    _p("unknown_relay_recipient_reject_code", "550", INT, "reply code for a recipient not in relay_recipient_maps", min=400, max=599),
+    _p("unknown_virtual_mailbox_reject_code", "550", INT, "reply code for a recipient not in virtual_mailbox_maps", min=400, max=599),
     # --- smtpd: access control ----------------------------------------------------------
     _p("smtpd_client_restrictions", "", LIST, "restrictions at connect"),
     _p("smtpd_helo_restrictions", "", LIST, "restrictions at HELO/EHLO"),
@@ -338,7 +352,7 @@ PARAMS: list[Param] = [
     _p("mailbox_command", "", STR, "command that delivers to an account's mailbox instead of local(8)"),
     _p("local_destination_concurrency_limit", "2", INT, "parallel local deliveries per recipient", min=1),
     _p("local_destination_recipient_limit", "1", INT, "recipients per local delivery", min=1),
-    # --- virtual mailbox domains (qmgr/resolve.py, virtual/service.py) ----------------
+    # --- virtual mailbox domains (lib/resolve.py, virtual/service.py) ----------------
     _p("virtual_mailbox_domains", "$virtual_mailbox_maps", LIST, "domains whose mail goes to virtual_transport (names, /files, type:tables)"),
     _p("virtual_transport", "virtual", STR, "transport of mail for virtual_mailbox_domains"),
     _p("virtual_mailbox_maps", "", TABLE, "virtual recipient to mailbox path under virtual_mailbox_base (ending in /: maildir)"),

@@ -43,6 +43,12 @@ TABLE TYPES
         rule that matches wins. A key that is not an address matches nothing. A bad rule
         is the warning "cidr map PATH, line N: REASON: skipping this rule" (Postfix's
         reasons: bad address pattern, non-null host address bits ..., no lookup result).
+    unix:passwd.byname
+        The password file (Postfix's dict_unix): the key is a user name, the value the
+        passwd line `name:x:uid:gid:gecos:home:shell`. The accounts are read when the
+        table is opened (before a chroot, where /etc/passwd is out of reach: Postfix
+        uses proxymap for that, which postfix-py lacks) and asked again with getpwnam
+        where /etc/passwd is visible. Only passwd.byname is known.
     Anything else (mysql:, proxy: ...) is "unsupported dictionary type: NAME".
 
 SOURCE FORMAT (postmap input, texthash)
@@ -110,6 +116,7 @@ SEE ALSO
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import socket
 import threading
@@ -122,7 +129,7 @@ from . import maincf, msg
 from .posix_regex import RegexError, posix_to_python
 
 INDEXED = {"lmdb": ".lmdb", "hash": ".db", "btree": ".db"}
-OTHER_TYPES = ("texthash", "inline", "static", "regexp", "pcre", "cidr")
+OTHER_TYPES = ("texthash", "inline", "static", "regexp", "pcre", "cidr", "unix")
 MAX_KEY = 511                  # LMDB's compiled-in key limit (mdb_env_get_maxkeysize)
 DEFAULT_MAP_SIZE = 16 * 1024 * 1024
 STALE_GRACE = 100              # seconds; Postfix's slack for "older than source file"
@@ -591,6 +598,33 @@ class StaticTable(Table):
         return self.value
 
 
+class UnixTable(Table):
+    """unix:passwd.byname: user name -> passwd line."""
+
+    def __init__(self, type_: str, name: str, fold: bool = True):
+        super().__init__(type_, name, fold)
+        if name != "passwd.byname":
+            raise TableError(f"unknown table: {type_}:{name}")
+        self._known = {p.pw_name: self._line(p) for p in pwd.getpwall()}
+
+    @staticmethod
+    def _line(p) -> str:
+        return ":".join((p.pw_name, p.pw_passwd, str(p.pw_uid), str(p.pw_gid), p.pw_gecos,
+                         p.pw_dir, p.pw_shell))
+
+    def lookup(self, key: str) -> str | None:
+        """The passwd line of the (folded) user name, or None."""
+        key = self._key(key)
+        if not key or "\0" in key:
+            return None
+        if os.path.exists("/etc/passwd"):     # outside a chroot: the current accounts
+            try:
+                return self._line(pwd.getpwnam(key))
+            except (KeyError, ValueError):
+                return None
+        return self._known.get(key)
+
+
 # --- regexp: and pcre: ---------------------------------------------------------------------
 
 def _parse_replacement(text: str, where: str) -> tuple[list, int] | None:
@@ -987,7 +1021,7 @@ class CidrTable(_ReloadingTable):
 _CLASSES_BY_TYPE = {"lmdb": LmdbTable, "hash": LmdbTable, "btree": LmdbTable,
                     "texthash": TexthashTable, "inline": InlineTable,
                     "static": StaticTable, "regexp": RegexpTable, "pcre": RegexpTable,
-                    "cidr": CidrTable}
+                    "cidr": CidrTable, "unix": UnixTable}
 
 
 def open_table(ref: str, cfg=None, fold: bool = True) -> Table:

@@ -187,6 +187,8 @@ smtpd_sasl_authenticated_header = yes
 # LOCAL DELIVERY: a maildir per local part under {d}/mail/, no system accounts needed.
 mail_spool_directory = {d}/mail/
 local_delivery_any_user = yes
+# ... so every local part is a recipient: no validation against the system accounts.
+local_recipient_maps =
 
 # ALIASES: edit {d}/aliases, then: postfix-py -c {d} newaliases
 alias_maps = hash:{d}/aliases

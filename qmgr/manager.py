@@ -17,7 +17,7 @@ LIFE OF A MESSAGE
                 qmgr_message_active_limit messages, and about qmgr_message_recipient_limit
                 recipients, are in memory. Entering active/ resets the message's defer log
                 and logs `ID: from=<s>, size=N, nrcpt=M (queue active)`.
-    resolve     each recipient not yet done gets a transport and next hop (qmgr/resolve.py);
+    resolve     each recipient not yet done gets a transport and next hop (lib/resolve.py);
                 recipients with the same transport and next hop form jobs of at most
                 <transport>_destination_recipient_limit recipients. With a limit of 1 (local)
                 the destination is the recipient, as in Postfix.
@@ -61,7 +61,7 @@ FUNCTIONS
         dispatch(job, request): start one delivery; its result must come back later (not
         from inside dispatch) through delivered(job, result).
         maxproc: {transport: process limit} (qmgr/service.py reads master.cf).
-        resolver: a qmgr.resolve.AddressResolver (default: one made from cfg; TableError).
+        resolver: a lib.resolve.AddressResolver (default: one made from cfg; TableError).
     start(); trigger(requests: bytes) for I, D, A, F, W; delivered(job, DeliveryStatus | Failure);
     deferred_scan() (the queue_run_delay timer); close().
     Failure(dsn, reason, throttle): a delivery that failed as a whole.
@@ -75,7 +75,7 @@ CONFIGURATION PARAMETERS
     default_process_limit (100); not yet in the parameter table, read with
     Postfix's defaults: <transport>_destination_concurrency_limit and
     <transport>_destination_recipient_limit (local: 2 and 1), transport_retry_time (60s);
-    and those of qmgr/resolve.py and qmgr/bounce.py.
+    and those of lib/resolve.py and qmgr/bounce.py.
 
 FILES
     incoming/, active/, deferred/, corrupt/, defer/ID, bounce/ID under queue_directory.
@@ -103,7 +103,7 @@ from ..lib import bounce_log, deliver, msg
 from ..lib import queue as Q
 from ..lib.bounce_log import BOUNCE, DEFER, LogEntry
 from . import bounce
-from .resolve import ResolveError, AddressResolver
+from ..lib.resolve import ResolveError, AddressResolver
 
 CORRUPT_GRACE = 60.0          # an unreadable file younger than this may still be in flux
 # Postfix's own defaults for the local transport (local_destination_*_limit).

@@ -16,7 +16,7 @@ DESCRIPTION
 
     Independently it scans deferred/ every queue_run_delay. What it does with a message,
     how it schedules deliveries, records their results, defers, expires and bounces, is
-    described in qmgr/manager.py; next hops come from qmgr/resolve.py, notifications from
+    described in qmgr/manager.py; next hops come from lib/resolve.py, notifications from
     qmgr/bounce.py, and the delivery requests travel as lib/deliver.py describes, through
     qmgr/dispatch.py, to the agents' private/TRANSPORT sockets.
 
@@ -38,7 +38,7 @@ DIAGNOSTICS
     queue files and failing transports.
 
 CONFIGURATION PARAMETERS
-    Those of qmgr/manager.py, qmgr/resolve.py and qmgr/bounce.py, and
+    Those of qmgr/manager.py, lib/resolve.py and qmgr/bounce.py, and
     ipc_timeout (3600s): the most time one delivery request may take before its recipients
     are deferred ("delivery agent timeout"), capped at daemon_timeout.
 
@@ -59,7 +59,7 @@ from ..lib import mastercf, msg, server
 from ..lib.tables import TableError
 from .dispatch import AgentPool
 from .manager import QueueManager
-from .resolve import AddressResolver
+from ..lib.resolve import AddressResolver
 
 TRIGGER_TIMEOUT = 10.0       # a trigger client that says nothing is dropped after this
 TRIGGER_MAX = 1024

@@ -19,7 +19,11 @@ RESTRICTIONS
     check_client_access asks for the client name and its
     parent domains, then the address and its parent networks, check_helo_access for the
     name and its parent domains, as smtpd_check.c; regexp, pcre and cidr tables are asked
-    with whole keys only), reject_unauth_destination, defer_unauth_destination,
+    with whole keys only), permit_auth_destination, reject_unauth_destination,
+    defer_unauth_destination (these three by the address class of the recipient as
+    lib/resolve.py resolves it, qmgr's resolver: user%domain@mydomain, site!user@mydomain
+    and "user@domain"@mydomain are the remote user@domain; local, virtual mailbox and
+    relay classes are authorized, unless routing operators are left in the local part),
     defer_if_permit (450 at the end of the stage unless something rejects),
     defer_if_reject (a later 5XX reject of the stage becomes 450 ... defer_if_reject
     requested),
@@ -67,12 +71,31 @@ RESTRICTIONS
     RELAY, and PREPEND header: text (a header above smtpd's Received:, before
     end-of-data only).
 
+RECIPIENT VALIDATION
+    reject_unlisted_recipient and reject_unlisted_sender apply it where they are listed;
+    smtpd_reject_unlisted_sender = yes checks the sender after smtpd_sender_restrictions
+    ("<sender>: Sender address rejected: ...", 5.1.0).
+    With smtpd_reject_unlisted_recipient = yes, after the lists permit, the resolved
+    recipient must be in the table of its address class, when that list is not empty:
+    local_recipient_maps (keys: user@domain, user, @domain, with and without the
+    extension), virtual_mailbox_maps, relay_recipient_maps; else 550 5.1.1 "<rcpt>:
+    Recipient address rejected: User unknown in local recipient table" (virtual mailbox
+    table, relay recipient table), with unknown_local_recipient_reject_code (and its
+    virtual and relay kin). VRFY gives the same replies (smtpd/session.py).
+
 CONFIGURATION PARAMETERS
     smtpd_client_restrictions, smtpd_helo_restrictions, smtpd_sender_restrictions,
     smtpd_relay_restrictions, smtpd_recipient_restrictions, smtpd_data_restrictions,
     smtpd_end_of_data_restrictions, smtpd_etrn_restrictions, smtpd_delay_reject (yes),
-    fast_flush_domains ($relay_domains), mynetworks, mydestination,
-    relay_domains, relay_clientcerts, parent_domain_matches_subdomains, the reply codes
+    fast_flush_domains ($relay_domains), mynetworks, relay_clientcerts,
+    those of lib/resolve.py (mydestination, relay_domains, virtual_mailbox_domains,
+    allow_percent_hack, swap_bangpath, ...), smtpd_reject_unlisted_recipient (yes),
+    smtpd_reject_unlisted_sender (no),
+    local_recipient_maps (unix:passwd.byname $alias_maps; a table that cannot be opened
+    fails each lookup temporarily, as Postfix's surrogate),
+    virtual_mailbox_maps, relay_recipient_maps (empty),
+    unknown_local_recipient_reject_code, unknown_virtual_mailbox_reject_code,
+    unknown_relay_recipient_reject_code (550), parent_domain_matches_subdomains, the reply codes
     reject_code (554), defer_code (450), access_map_reject_code (554),
     relay_domains_reject_code (554), unknown_client_reject_code (450),
     unknown_address_reject_code (450), unknown_hostname_reject_code (450),
@@ -98,8 +121,8 @@ FUNCTIONS
         the client and HELO lists (delay_reject = yes) and smtpd_etrn_restrictions, and
         flush_allowed(domain) matches fast_flush_domains. A table that cannot be read
         (TableError) gives 451 4.3.0 "<name>: Temporary lookup failure", with a warning.
-    is_local_domain / relay_allowed / in_mynetworks / in_network_list are the shared
-    predicates; NetworkList is the one matcher of client lists (mynetworks,
+    is_local_domain / auth_destination / unlisted_recipient / in_mynetworks /
+    in_network_list are the shared predicates; NetworkList is the one matcher of client lists (mynetworks,
     smtpd_forbid_bare_newline_exclusions, smtpd_sasl_exceptions_networks).
 """
 
@@ -110,19 +133,21 @@ import re
 from dataclasses import dataclass, field
 
 from ..lib import dnsbl, msg, tables
+from ..lib.address import addr_find
 from ..lib.dnsbl import DnsLookup
-from ..lib.policy_client import PolicyClient
-from ..lib.address import virtual_mailbox_known
 from ..lib.domains import DomainList
+from ..lib.policy_client import PolicyClient
 from ..lib.maincf import ConfigError
 from ..lib.params import split_list
+from ..lib.resolve import AddressResolver, ResolveError, internal_form
 
 RELAY_GUARDS = {"reject_unauth_destination", "defer_unauth_destination", "reject", "defer",
                 "defer_if_permit"}
 DNS_CHECKS = {"reject_unknown_sender_domain", "reject_unknown_recipient_domain"}
 SIMPLE = {"permit", "reject", "defer", "defer_if_permit", "permit_mynetworks",
           "permit_sasl_authenticated", "permit_tls_clientcerts", "permit_tls_all_clientcerts",
-          "reject_unauth_destination", "defer_unauth_destination", "dunno",
+          "reject_unauth_destination", "defer_unauth_destination", "permit_auth_destination",
+          "reject_unlisted_recipient", "reject_unlisted_sender", "dunno",
           "reject_unknown_client_hostname", "reject_unknown_client",
           "reject_unknown_reverse_client_hostname", "reject_unauth_pipelining"} | DNS_CHECKS
 # HELO and address syntax checks, and the HELO name in the DNS (Postfix's older names too)
@@ -215,18 +240,26 @@ class Checker:
             raise ConfigError("parameter smtpd_recipient_restrictions: specify at least one "
                               "working instance of: reject_unauth_destination, "
                               "defer_unauth_destination, reject, defer, defer_if_permit")
-        # lib/domains.DomainList, the rule of qmgr's routing too: names, files, tables
-        self.mydestination = self._domain_list("mydestination")
-        self.relay_domains = self._domain_list("relay_domains")
-        # The virtual mailbox class (a string list in Postfix): relayed to, and its
-        # recipients validated at RCPT against virtual_mailbox_maps, as Postfix's
-        # smtpd_reject_unlisted_recipient (yes) does for that class.
+        # qmgr's resolver (lib/resolve.py): relaying and recipient validation decide by
+        # the address class of the resolved recipient, as smtpd_resolve_addr() does.
         try:
-            self.virtual_mailbox_domains = DomainList(cfg["virtual_mailbox_domains"], False,
-                                                      self._table, exact=True)
+            self.resolver = AddressResolver(cfg)
+            self.resolver.is_local("[127.0.0.1]")   # inet_interfaces, before the chroot
         except tables.TableError as exc:
-            raise ConfigError(f"virtual_mailbox_domains: {exc}") from None
-        self.virtual_mailbox_maps = [self._table(ref) for ref in cfg["virtual_mailbox_maps"]]
+            raise ConfigError(str(exc)) from None
+        # The recipient table of each address class (check_rcpt_maps)
+        self.rcpt_maps = {
+            "local": ([self._table_or_stand_in(r) for r in cfg["local_recipient_maps"]],
+                      cfg["unknown_local_recipient_reject_code"],
+                      "User unknown in local recipient table"),
+            "virtual": ([self._table(r) for r in cfg["virtual_mailbox_maps"]],
+                        cfg["unknown_virtual_mailbox_reject_code"],
+                        "User unknown in virtual mailbox table"),
+            "relay": ([self._table(r) for r in cfg["relay_recipient_maps"]],
+                      cfg["unknown_relay_recipient_reject_code"],
+                      "User unknown in relay recipient table")}
+        self.reject_unlisted_recipient = cfg["smtpd_reject_unlisted_recipient"]
+        self.reject_unlisted_sender = cfg["smtpd_reject_unlisted_sender"]
         self.fast_flush_domains = self._domain_list("fast_flush_domains")
         # Every client-network list, one matcher (NetworkList): tables open before chroot.
         self.network_lists = {p: self._network_list(p) for p in NETWORK_LISTS}
@@ -310,6 +343,7 @@ class Checker:
             except ValueError as exc:
                 raise ConfigError(f"RBL reply error: {exc}") from None
         return arg, domain.lower().rstrip("."), octets
+
     def _policy_client(self, endpoint: str) -> PolicyClient:
         """The client of a check_policy_service endpoint, made once (policy_client_register)."""
         if endpoint not in self._policy:
@@ -324,6 +358,16 @@ class Checker:
             except ValueError as exc:
                 raise ConfigError(f"check_policy_service {endpoint}: {exc}") from None
         return self._policy[endpoint]
+
+    def _table_or_stand_in(self, ref: str) -> tables.Table:
+        """A table that may be missing at start (alias_maps in local_recipient_maps before
+        newaliases ran): as Postfix's surrogate table, every lookup then fails
+        temporarily (451 4.3.0), and smtpd still starts."""
+        try:
+            return self._table(ref)
+        except ConfigError as exc:
+            msg.warn(f"{exc}; lookups in {ref} fail temporarily")
+            return _Unavailable(ref, str(exc))
 
     def _domain_list(self, param: str) -> DomainList:
         try:
@@ -346,33 +390,42 @@ class Checker:
         return self.network_lists[param].match(addr, name)
 
     def is_local_domain(self, domain: str) -> bool:
-        """A domain of mydestination: mail for it stays on this host (TableError when a
-        table cannot be read)."""
-        return self.mydestination.match(domain)
+        """A domain of mydestination (or a literal of this host): mail for it stays on
+        this host (TableError when a table cannot be read)."""
+        return self.resolver.is_local(domain)
 
-    def relay_allowed(self, rcpt: str) -> bool:
-        """A recipient this host accepts mail for: local, virtual mailbox or relay_domains."""
-        domain = _domain(rcpt)
-        if not domain:
-            return True   # a bare local part: the local domain
-        return self.is_local_domain(domain) or self.relay_domains.match(domain) or \
-            self.virtual_mailbox_domains.match(domain)
-
-    def unlisted_recipient(self, rcpt: str) -> Reply | None:
-        """The reply for a recipient of a virtual mailbox domain without a mailbox."""
-        domain = _domain(rcpt)
-        if not self.virtual_mailbox_maps:
-            return None     # as Postfix: no maps, nothing to validate against (Dovecot's job)
+    def resolve(self, address: str):
+        """The resolved recipient and its address class (lib/resolve.py's Route), as
+        smtpd_resolve_addr(); a table failure raises TableError."""
         try:
-            if not domain or not self.virtual_mailbox_domains.match(domain) or \
-                    virtual_mailbox_known(self.virtual_mailbox_maps, rcpt,
-                                          self.cfg.get("recipient_delimiter")):
+            return self.resolver.resolve_class(address)
+        except ResolveError as exc:
+            raise tables.TableError(str(exc)) from None
+
+    def auth_destination(self, rcpt: str) -> bool:
+        """permit_auth_destination: the resolved recipient is in the local, virtual
+        mailbox or relay class and no routing operator is left in its local part
+        (allow_untrusted_routing = no, Postfix's default)."""
+        route = self.resolve(rcpt)
+        return not route.routed and route.addr_class in ("local", "virtual", "relay")
+
+    def unlisted_recipient(self, rcpt: str, what: str = "Recipient") -> Reply | None:
+        """check_rcpt_maps: the reply for a recipient (or, what = "Sender", a sender)
+        that the recipient table of its address class does not list (an empty table
+        list validates nothing)."""
+        try:
+            route = self.resolve(rcpt)
+            maps, code, text = self.rcpt_maps.get(route.addr_class, ([], 0, ""))
+            if not maps or addr_find(maps, internal_form(route.recipient).lower(),
+                                     self.cfg.get("recipient_delimiter"),
+                                     localpart=route.addr_class == "local") is not None:
                 return None
         except tables.TableError as exc:
             msg.warn(f"table lookup problem: {exc}")
             return Reply(451, "4.3.0", f"<{rcpt}>: Temporary lookup failure")
-        return Reply(550, "5.1.1", f"<{rcpt}>: Recipient address rejected: "
-                                   "User unknown in virtual mailbox table")
+        detail = "1.0" if what == "Sender" else "1.1"
+        return Reply(code, f"{str(code)[0]}.{detail}",
+                     f"<{rcpt}>: {what} address rejected: {text}")
 
     # --- evaluation: one method per protocol stage, as smtpd_check.c ---------------------
     def connect(self, state: ClientState) -> Reply | None:
@@ -402,7 +455,8 @@ class Checker:
         else:
             names, pending = self.LISTS[3:5], self._carried(state, "client", "helo", "sender")
         # As smtpd_check_rcpt: the restrictions, then the recipient tables.
-        return self._stage(names, state, rcpt, pending) or self.unlisted_recipient(rcpt)
+        return self._stage(names, state, rcpt, pending) or (
+            self.unlisted_recipient(rcpt) if self.reject_unlisted_recipient else None)
 
     def data(self, state: ClientState, rcpt: str | None) -> Reply | None:
         """smtpd_data_restrictions at DATA; rcpt is the recipient when there is only one."""
@@ -433,15 +487,22 @@ class Checker:
     def _early(self, name: str, stage: str, pending: list, state: ClientState):
         """A list of an earlier stage: its defer_if_permit waits for RCPT."""
         state.defer_if_reject = None
-        reply = self._run(name, state, None, pending)
+        reply = self._run(name, state, None, pending) or self._unlisted_sender(name, state)
         state.deferred[stage] = pending[0] if pending else None
         return reply
+
+    def _unlisted_sender(self, name: str, state: ClientState) -> Reply | None:
+        """smtpd_reject_unlisted_sender: the sender table check after the sender list."""
+        if name != "smtpd_sender_restrictions" or not self.reject_unlisted_sender \
+                or not state.sender:
+            return None
+        return self.unlisted_recipient(state.sender, "Sender")
 
     def _stage(self, names, state: ClientState, rcpt: str | None, pending: list):
         """The lists of a stage; a defer_if_permit that nothing rejected is the reply."""
         state.defer_if_reject = None
         for name in names:
-            reply = self._run(name, state, rcpt, pending)
+            reply = self._run(name, state, rcpt, pending) or self._unlisted_sender(name, state)
             if reply is not None:
                 return reply
         return pending[0] if pending else None
@@ -540,8 +601,14 @@ class Checker:
                     if key and self.relay_clientcerts.lookup(key) is not None:
                         return "permit"
             return None
+        if restriction == "reject_unlisted_recipient":
+            return self.unlisted_recipient(rcpt) if rcpt else None
+        if restriction == "reject_unlisted_sender":
+            return self.unlisted_recipient(state.sender, "Sender") if state.sender else None
+        if restriction == "permit_auth_destination":
+            return "permit" if rcpt is not None and self.auth_destination(rcpt) else None
         if restriction in ("reject_unauth_destination", "defer_unauth_destination"):
-            if rcpt is None or self.relay_allowed(rcpt):
+            if rcpt is None or self.auth_destination(rcpt):
                 return None
             if restriction == "reject_unauth_destination":
                 return Reply(cfg["relay_domains_reject_code"], "5.7.1",
@@ -673,7 +740,7 @@ class Checker:
             return None
         permit = restriction.startswith("permit_")
         if permit and _STAGE[name][0] == "RCPT" and rcpt is not None and \
-                not self.relay_allowed(rcpt):
+                not self.auth_destination(rcpt):
             return None     # as Postfix: never allowlist an unauthorized destination
         result = self._lookup().dnsxl(query)
         if permit and result.status == "retry":
@@ -1040,3 +1107,18 @@ def _address_keys(address: str | None) -> list[str]:
     keys += [".".join(parts[i:]) for i in range(1, len(parts))]
     keys.append(user + "@")
     return keys
+
+
+class _Unavailable(tables.Table):
+    """A table that could not be opened: every lookup is a temporary failure."""
+
+    def __init__(self, ref: str, why: str):
+        type_, _, name = ref.partition(":")
+        super().__init__(type_, name)
+        self.why = why
+
+    def lookup(self, key: str) -> str | None:
+        raise tables.TableError(self.why)
+
+    def close(self) -> None:
+        pass

@@ -1283,7 +1283,14 @@ class Session:
         if not valid_address(addr, utf8):
             self.reply("501 5.1.3 Bad recipient address syntax")
             return False
-        self.reply(f"252 2.0.0 {addr}")
+        # As Postfix's vrfy_cmd: the RCPT restrictions and recipient validation decide
+        # (an unknown user gets the 550 that RCPT TO would), then 252 with the argument.
+        verdict: Reply | None = self.checker.rcpt(self.client, addr)
+        if verdict is not None:
+            self.log_reject("VRFY", verdict, addr)
+            self.reply(str(verdict))
+            return False
+        self.reply(f"252 2.0.0 {arg.strip()}")
         return True
 
     def etrn_cmd(self, arg: str) -> bool:

@@ -118,6 +118,7 @@ myhostname = campaign.test
 mydestination = localhost, campaign.test
 local_delivery_any_user = yes
 alias_maps =
+local_recipient_maps =
 mail_spool_directory = {r}/mail/
 mynetworks = 127.0.0.0/8
 relayhost = [127.0.0.1]:{sink_port}

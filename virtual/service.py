@@ -5,7 +5,7 @@ SYNOPSIS
 
 DESCRIPTION
     qmgr sends mail for the domains of virtual_mailbox_domains to virtual_transport
-    (default virtual: this agent; qmgr/resolve.py). virtual takes one lib/deliver.py
+    (default virtual: this agent; lib/resolve.py). virtual takes one lib/deliver.py
     request at a time (lib/delivery_agent.py) and delivers each recipient into the
     mailbox that virtual_mailbox_maps names for it. Every decision uses the full recipient
     address folded to lower case, looked up as Postfix's mail_addr_find() does
@@ -70,7 +70,7 @@ CONFIGURATION PARAMETERS
     recipient_delimiter (empty), soft_bounce (no), ipc_timeout (3600s).
 
 SEE ALSO
-    Postfix virtual(8), VIRTUAL_README; qmgr/resolve.py; lib/mailbox.py;
+    Postfix virtual(8), VIRTUAL_README; lib/resolve.py; lib/mailbox.py;
     lib/address.py; lib/delivery_agent.py.
 """
 

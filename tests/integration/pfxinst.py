@@ -47,6 +47,8 @@ class Instance:
             "myhostname": "mail.test.example",
             "service_throttle_time": "2s",
             "alias_maps": "",           # not the host's /etc/aliases; tests set their own
+            # the tests' local recipients are not system accounts (unix:passwd.byname)
+            "local_recipient_maps": "",
         }
         self.master_lines: list[str] = []
         self.pids_seen: set[int] = set()

@@ -1,5 +1,5 @@
 """Routing and queue features through a real master, to counting SMTP sinks on loopback:
-sender-dependent relayhost and default transport (qmgr/resolve.py), smtp_fallback_relay
+sender-dependent relayhost and default transport (lib/resolve.py), smtp_fallback_relay
 (smtp/service.py), and postsuper -e / -f with qmgr's forced expiry."""
 
 import os

@@ -72,6 +72,7 @@ def resolver(port: int) -> dns.resolver.Resolver:
 
 def checker(port: int, **values) -> Checker:
     base = {"myhostname": "mail.test.example", "mydestination": "localhost",
+            "local_recipient_maps": "",  # u@localhost: any local part
             "mynetworks": "127.0.0.0/8",
             "smtpd_sender_restrictions": "reject_unknown_sender_domain",
             "smtpd_recipient_restrictions": "reject_unknown_recipient_domain, "

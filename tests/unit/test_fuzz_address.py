@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from postfix_py.lib import address
-from postfix_py.qmgr import resolve
+from postfix_py.lib import resolve
 from postfix_py.smtp import nexthop
 from postfix_py.smtpd import check, session
 from postfix_py.tools import sendmail

@@ -43,6 +43,7 @@ SESSION_DEADLINE = 20        # seconds: far above what one example needs
 
 def config(queue: str, **extra) -> maincf.Config:
     values = {"myhostname": "mail.test.example", "mydestination": "localhost",
+              "local_recipient_maps": "",  # any local part: not what is tested here
               "queue_directory": queue, "smtpd_error_sleep_time": "0s",
               "smtpd_timeout": "5s", "smtpd_starttls_timeout": "5s",
               "message_size_limit": "20000", "smtpd_recipient_limit": "5",

@@ -40,6 +40,8 @@ DEVIATIONS = {
     "canonical_classes", "sender_canonical_classes", "recipient_canonical_classes",
     "masquerade_classes",
     "virtual_alias_maps",                     # empty, without the pre-2.0 name virtual_maps
+    "append_dot_mydomain",                    # no compatibility_level: level >= 1's value
+    "local_recipient_maps",                   # no proxymap: unix:passwd.byname read directly
 }
 
 

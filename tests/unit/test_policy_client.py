@@ -210,7 +210,7 @@ made: list[Checker] = []
 
 def checker(endpoint, **values) -> Checker:
     base = {"myhostname": "mail.test.example", "mydestination": "localhost",
-            "mynetworks": "127.0.0.0/8",
+            "mynetworks": "127.0.0.0/8", "local_recipient_maps": "",
             "smtpd_recipient_restrictions": f"check_policy_service {endpoint}, "
                                             "reject_unauth_destination",
             "smtpd_relay_restrictions": "",

@@ -13,7 +13,7 @@ from postfix_py.lib import queue as Q
 from postfix_py.lib import bounce_log
 from postfix_py.qmgr import bounce
 from postfix_py.qmgr.manager import CORRUPT_GRACE, Failure, QueueManager
-from postfix_py.qmgr.resolve import ResolveError, Route
+from postfix_py.lib.resolve import ResolveError, Route
 
 HOST = "mail.example.com"
 DAY = 86400

@@ -1,10 +1,10 @@
-"""qmgr/resolve.py: mydestination, relay_domains, relayhost, transport_maps precedence."""
+"""lib/resolve.py: mydestination, relay_domains, relayhost, transport_maps precedence."""
 
 import pytest
 
 from postfix_py.lib import maincf
 from postfix_py.lib.address import split_address, strip_extension
-from postfix_py.qmgr.resolve import AddressResolver, Route, parse_spec
+from postfix_py.lib.resolve import AddressResolver, Route, parse_spec
 
 
 def resolver(tmp_path, **settings):

@@ -1,10 +1,10 @@
-"""qmgr/resolve.py address classes: local (mydestination, inet_interfaces), virtual
+"""lib/resolve.py address classes: local (mydestination, inet_interfaces), virtual
 mailbox, relay and default, their precedence, and transport_maps over each."""
 
 import pytest
 
 from postfix_py.lib import maincf, msg
-from postfix_py.qmgr.resolve import AddressResolver, ResolveError, Route
+from postfix_py.lib.resolve import AddressResolver, ResolveError, Route
 
 
 def resolver(tmp_path, **settings):

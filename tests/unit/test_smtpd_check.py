@@ -11,6 +11,7 @@ from postfix_py.smtpd.session import Session
 
 def config(**values) -> maincf.Config:
     base = {"myhostname": "mail.test.example", "mydestination": "localhost",
+            "local_recipient_maps": "",  # restriction tests: any local user
             "mynetworks": "127.0.0.0/8"}
     base.update(values)
     return maincf.Config("/nonexistent", "/nonexistent/main.cf", overrides=base)
@@ -202,15 +203,16 @@ def test_relay_domains_and_mydestination_with_tables_and_files(tmp_path):
     assert checker.is_local_domain("local.example") and checker.is_local_domain("localhost")
     assert not checker.is_local_domain("sub.local.example")
     for rcpt in ("u@table.example", "u@filed.example", "u@sub.dotted.example",
-                 "u@plain.example", "u@sub.plain.example", "u@local.example", "u"):
-        assert checker.relay_allowed(rcpt), rcpt
-    for rcpt in ("u@dotted.example", "u@elsewhere.example", "u@sub.table.example.net"):
-        assert not checker.relay_allowed(rcpt), rcpt
+                 "u@plain.example", "u@sub.plain.example", "u@local.example"):
+        assert checker.auth_destination(rcpt), rcpt
+    # "u" is u@$myorigin (mail.test.example), not a local domain here: as Postfix, remote
+    for rcpt in ("u@dotted.example", "u@elsewhere.example", "u@sub.table.example.net", "u"):
+        assert not checker.auth_destination(rcpt), rcpt
     # parent_domain_matches_subdomains decides for bare names, as in qmgr's routing
     checker = Checker(config(relay_domains="plain.example",
                              parent_domain_matches_subdomains="mynetworks"))
-    assert checker.relay_allowed("u@plain.example")
-    assert not checker.relay_allowed("u@sub.plain.example")
+    assert checker.auth_destination("u@plain.example")
+    assert not checker.auth_destination("u@sub.plain.example")
     state = ClientState(name="unknown", addr="192.0.2.1", sender="s@example.org")
     assert str(checker.rcpt(state, "u@sub.plain.example")) == \
         "454 4.7.1 <u@sub.plain.example>: Relay access denied"

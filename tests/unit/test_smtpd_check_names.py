@@ -10,8 +10,8 @@ from postfix_py.smtpd.check import Checker, ClientState
 
 
 def checker(restrictions: str, **values) -> Checker:
-    base = {"myhostname": "mail.test.example", "mydestination": "localhost",
-            "mynetworks": "10.0.0.0/8",
+    base = {"myhostname": "mail.test.example", "mydestination": "localhost, $myhostname",
+            "mynetworks": "10.0.0.0/8", "local_recipient_maps": "",
             "smtpd_recipient_restrictions": restrictions + ", reject_unauth_destination"}
     base.update(values)
     return Checker(maincf.Config("/nonexistent", "/nonexistent/main.cf", overrides=base))
@@ -85,7 +85,7 @@ def test_no_helo_is_not_checked():
 ])
 def test_reject_non_fqdn_sender_and_recipient(sender, recipient, reply):
     c = checker("reject_non_fqdn_sender, reject_non_fqdn_recipient",
-                mydestination="localhost.example, localhost.")
+                mydestination="localhost.example, localhost., $myhostname")
     assert rcpt(c, sender=sender, recipient=recipient) == reply
 
 

@@ -1,14 +1,30 @@
 """Address resolution: which transport and next hop deliver a recipient (trivial-rewrite).
 
-Postfix's qmgr asks trivial-rewrite(8) where a recipient goes; postfix-py's qmgr does the
-same lookups in process, with the same parameters and the same precedence. These are
-Postfix's address classes (ADDRESS_CLASS_README), tried in this order:
+Postfix's qmgr and smtpd ask trivial-rewrite(8) where a recipient goes; postfix-py's qmgr
+and smtpd's restrictions (reject_unauth_destination, recipient validation) do the same
+in process, with this one resolver, the same parameters and the same precedence.
+
+First the address is parsed as trivial-rewrite does (rewrite.c, then resolve.c):
+    rewrite     a source route (@a,@b:user@domain) is dropped; an address without @
+                becomes user@site from site!user (swap_bangpath), else user@domain from
+                user%domain (allow_percent_hack), else user@$myorigin
+                (append_at_myorigin); a domain without a dot gets .$mydomain
+                (append_dot_mydomain, default no); a final dot is removed.
+    resolve     local domains are stripped from the right, one after the other, and what
+                remains is parsed again: user%remote@mydomain and remote!user@mydomain
+                are user@remote; a quoted local part with @, % or ! in it is opened
+                (resolve_dequoted_address): "user@remote"@mydomain is user@remote too.
+                An address left without a domain is user@$myhostname; an empty local
+                part is MAILER-DAEMON; user@ is an error (the default class) unless
+                resolve_null_domain. A result whose local part still holds @, ! or % is
+                "routed" (RESOLVE_FLAG_ROUTED): smtpd does not trust it for relaying.
+The resolved recipient's domain gives Postfix's address classes (ADDRESS_CLASS_README),
+tried in this order:
 
     1. local: the recipient domain is in mydestination, or is an address literal
        ([192.0.2.1], [ipv6:2001:db8::1]) of an address the inet services listen on
-       (inet_interfaces; `all` is every interface's address), or the address has no
-       domain (Postfix would have qualified it with $myorigin): local_transport (default
-       local:$myhostname).
+       (inet_interfaces; `all` is every interface's address): local_transport (default
+       local:$myhostname). A bare user is user@$myorigin (rewrite, above).
     2. virtual mailbox: the domain is listed in virtual_mailbox_domains (exact names, no
        subdomains, as Postfix's string list): virtual_transport (default virtual).
     3. relay: the domain matches relay_domains (a parent domain matches its subdomains, as
@@ -34,12 +50,17 @@ Postfix's address classes (ADDRESS_CLASS_README), tried in this order:
 FUNCTIONS
     AddressResolver(cfg): open the tables that cfg names (TableError when one cannot be opened).
     AddressResolver.resolve(address, sender=None) -> Route(transport, nexthop, local,
-        addr_class); addr_class is "local", "virtual", "relay" or "default" (the class
-        before transport_maps; not part of equality); raises ResolveError (a transport_maps,
-        domain list or sender-dependent lookup failure: the caller defers the recipient
-        with "4.3.0 address resolver failure"). Without a sender (None) the
-        sender-dependent tables are not consulted.
+        addr_class, recipient, routed); addr_class is "local", "virtual", "relay" or
+        "default" (the class before transport_maps), recipient the resolved user@domain,
+        routed the flag above (these three are not part of equality); raises
+        ResolveError (a transport_maps, domain list or sender-dependent lookup failure:
+        the caller defers the recipient with "4.3.0 address resolver failure"). Without
+        a sender (None) the sender-dependent tables are not consulted.
+    AddressResolver.resolve_class(address, sender=None) -> the Route before
+        transport_maps (smtpd).
     SenderRoutes(cfg, resolver).offhost(sender, relay_class) -> (transport spec, relayhost).
+    AddressResolver.rewrite(address) -> the canonical form (the rewrite step above).
+    quote_local(address), internal_form(address): quote / dequote the local part.
     parse_spec(text) -> (transport, nexthop) of a "transport:nexthop" value.
 
 CONFIGURATION PARAMETERS
@@ -48,27 +69,30 @@ CONFIGURATION PARAMETERS
     (local:$myhostname), transport_maps (empty), sender_dependent_relayhost_maps (empty),
     sender_dependent_default_transport_maps (empty), empty_address_relayhost_maps_lookup_key
     (<>), empty_address_default_transport_maps_lookup_key (<>), recipient_delimiter (empty),
-    myhostname,
-    myorigin ($myhostname), parent_domain_matches_subdomains (Postfix's default list),
-    inet_interfaces (all), virtual_mailbox_domains ($virtual_mailbox_maps),
-    virtual_transport (virtual).
+    myhostname, myorigin ($myhostname), parent_domain_matches_subdomains (Postfix's default
+    list), inet_interfaces (all), virtual_mailbox_domains ($virtual_mailbox_maps),
+    virtual_transport (virtual), mydomain, allow_percent_hack (yes), swap_bangpath (yes),
+    append_at_myorigin (yes), append_dot_mydomain (no), resolve_dequoted_address (yes),
+    resolve_null_domain (no).
 
 SEE ALSO
-    lib/address.py, lib/domains.py, virtual/service.py; Postfix trivial-rewrite(8),
+    lib/address.py, lib/domains.py, qmgr/manager.py, smtpd/check.py, virtual/service.py;
+    Postfix trivial-rewrite(8), ADDRESS_REWRITING_README,
     transport(5), postconf(5), ADDRESS_CLASS_README, VIRTUAL_README.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass, field
 
 import psutil
 
-from ..lib import msg, tables
-from ..lib.address import split_address, strip_extension
-from ..lib.domains import DomainList
+from . import msg, tables
+from .address import split_address, strip_extension
+from .domains import DomainList
 
 
 class ResolveError(Exception):
@@ -81,6 +105,64 @@ class Route:
     nexthop: str
     local: bool = False
     addr_class: str = field(default="default", compare=False)
+    # The resolved recipient (user@domain, routing operators and local domains handled)
+    # and Postfix's RESOLVE_FLAG_ROUTED: routing operators are left in the local part.
+    recipient: str = field(default="", compare=False)
+    routed: bool = field(default=False, compare=False)
+
+
+EMPTY_ADDRESS_RECIPIENT = "MAILER-DAEMON"    # Postfix's empty_address_recipient default
+_ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+
+
+def _scan(text: str, ops: str, last: bool) -> int:
+    """Index of the first (last) character of ops outside quoted strings and [literals]."""
+    found, quoted, literal, i = -1, False, False, 0
+    while i < len(text):
+        c = text[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == "[":
+            literal = True
+        elif c == "]":
+            literal = False
+        elif c in ops and not literal:
+            if not last:
+                return i
+            found = i
+        i += 1
+    return found
+
+
+def _dequote(local: str) -> str:
+    """The internal form of a quoted-string local part: quotes and escapes removed."""
+    if len(local) >= 2 and local[0] == '"' and local[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", local[1:-1])
+    return local
+
+
+def quote_local(address: str) -> str:
+    """Postfix's quote_822_local: quote the local part (before the last @) when it
+    is not a dot-atom."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, None
+    if local and not _ATOMS.fullmatch(local):
+        local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return local if domain is None else f"{local}@{domain}"
+
+
+def internal_form(address: str) -> str:
+    """The address with its quoted-string local part dequoted (Postfix's internal form)."""
+    at = _scan(address, "@", last=True)
+    if at < 0:
+        return _dequote(address)
+    return _dequote(address[:at]) + address[at:]
 
 
 def parse_spec(text: str) -> tuple[str, str]:
@@ -108,6 +190,14 @@ class AddressResolver:
         self.virtual_mailbox_domains = DomainList(cfg["virtual_mailbox_domains"],
                                                   subdomains=False, exact=True)
         self.inet_interfaces = cfg["inet_interfaces"]
+        # Address parsing (rewrite.c, resolve.c)
+        self.mydomain = cfg.get("mydomain").lower()
+        self.percent_hack = cfg["allow_percent_hack"]
+        self.swap_bangpath = cfg["swap_bangpath"]
+        self.append_at_myorigin = cfg["append_at_myorigin"]
+        self.append_dot_mydomain = cfg["append_dot_mydomain"]
+        self.resolve_dequoted = cfg["resolve_dequoted_address"]
+        self.resolve_null_domain = cfg["resolve_null_domain"]
         self._own: set | None = None
         self.transport_subdomains = "transport_maps" in parents
         self.transport_maps = [tables.open_table(ref) for ref in cfg["transport_maps"]]
@@ -166,15 +256,112 @@ class AddressResolver:
             self._own = own
         return self._own
 
-    def resolve(self, address: str, sender: str | None = None) -> Route:
-        """Where the recipient address goes; ResolveError on a table failure."""
-        local, domain = split_address(address)
-        if not domain:
-            domain = self.myorigin
+    # --- address parsing, as trivial-rewrite's rewrite.c and resolve.c ------------------
+    def rewrite(self, address: str) -> str:
+        """The canonical form (trivial-rewrite's "local" context, rewrite_tree): a source
+        route dropped; without @, site!user -> user@site (swap_bangpath), else
+        user%domain -> user@domain (allow_percent_hack), else @$myorigin appended
+        (append_at_myorigin); .$mydomain appended to a domain without a dot
+        (append_dot_mydomain); a final dot removed from the domain."""
+        if not address or address == "@":
+            return ""
+        if address.startswith("@") and 0 < _scan(address, ":", last=False) < len(address) - 1:
+            address = address[_scan(address, ":", last=False) + 1:]
+        if _scan(address, "@", last=True) < 0:
+            bang = _scan(address, "!", last=False) if self.swap_bangpath else -1
+            percent = _scan(address, "%", last=True) if self.percent_hack else -1
+            if bang >= 0:
+                address = f"{address[bang + 1:]}@{address[:bang]}"
+            elif percent >= 0:
+                address = f"{address[:percent]}@{address[percent + 1:]}"
+            elif self.append_at_myorigin and self.myorigin:
+                address = f"{address}@{self.myorigin}"
+        at = _scan(address, "@", last=True)
+        if at >= 0:
+            domain = address[at + 1:]
+            if self.append_dot_mydomain and self.mydomain and domain and \
+                    not domain.startswith("[") and "." not in domain:
+                address += "." + self.mydomain
+            elif domain.endswith(".") and not domain.endswith("..") and len(domain) > 1:
+                address = address[:-1]
+        return address
+
+    def resolve_address(self, address: str) -> tuple[str, bool, bool]:
+        """resolve.c's resolve_addr loop on a canonical address -> (recipient, remote,
+        routed): local domains are stripped one after another, and what is left is parsed
+        again (user%domain, site!user, a quoted local part with routing operators when
+        resolve_dequoted_address); remote: a domain that is not local is left;
+        routed: routing operators remain in the local part (RESOLVE_FLAG_ROUTED).
+        TableError when mydestination cannot be read."""
+        text, saved, remote = address, None, False
+        for _ in range(len(address) + 100):
+            at = _scan(text, "@", last=True)
+            if at >= 0 and text.endswith(".") and not text.endswith(("..", "@.")):
+                text = text[:-1]
+            if self.resolve_null_domain and text.endswith("@") and at == len(text) - 1:
+                text = text[:-1]
+            at = _scan(text, "@", last=True)
+            if at >= 0:
+                domain = text[at + 1:]
+                if domain and not self.is_local(domain.lower()):
+                    remote = True
+                    break
+                text, saved = text[:at], domain
+            if _scan(text, "@", last=True) >= 0 \
+                    or self.swap_bangpath and _scan(text, "!", last=True) >= 0 \
+                    or self.percent_hack and _scan(text, "%", last=True) >= 0:
+                text = self.rewrite(text)
+                continue
+            inner = _dequote(text) if text.startswith('"') else None
+            if self.resolve_dequoted and inner is not None and (
+                    "@" in inner or self.percent_hack and "%" in inner
+                    or self.swap_bangpath and "!" in inner):
+                oper = inner.rfind("@")
+                if oper < 0 and self.percent_hack:
+                    oper = inner.rfind("%")
+                if oper < 0:
+                    oper = inner.rfind("!")
+                if inner[oper] == "%":
+                    inner = inner[:oper] + "@" + inner[oper + 1:]
+                text = self.rewrite(quote_local(inner) if inner[oper] == "@" else inner)
+                continue
+            if text == '""':
+                text = ""
+            if not text:
+                text = EMPTY_ADDRESS_RECIPIENT
+                continue
+            if saved is None:
+                text = f"{text}@{self.myhostname}"
+                continue
+            break
+        else:
+            msg.warn(f"resolve_addr: <{address}>: giving up after "
+                     f"{len(address) + 100} iterations")
+            raise ResolveError(f"<{address}>: address resolver loop")
+        if not remote:
+            text = f"{text}@{saved if saved is not None else self.myhostname}"
+        internal = internal_form(text)
+        domain = internal.rpartition("@")[2]
+        cut = min([i for i in (internal.find(c) for c in "@!%") if i >= 0])
+        return text, remote, internal[cut + 1:] != domain
+
+    def resolve_class(self, address: str, sender: str | None = None) -> Route:
+        """The rewritten and resolved address and its class, before transport_maps
+        (what smtpd's restrictions decide by); ResolveError on a table failure."""
         try:
-            route = self._class_route(domain, sender)
+            recipient, remote, routed = self.resolve_address(self.rewrite(address))
+            domain = recipient.rpartition("@")[2].lower()
+            # user@ (resolve_null_domain = no) is an error in Postfix: the default class
+            route = self._class_route(domain, not remote and bool(domain), sender)
         except tables.TableError as exc:     # a domain list's table failed
             raise ResolveError(str(exc)) from None
+        return Route(route.transport, route.nexthop, route.local, route.addr_class,
+                     recipient, routed)
+
+    def resolve(self, address: str, sender: str | None = None) -> Route:
+        """Where the recipient address goes; ResolveError on a table failure."""
+        route = self.resolve_class(address, sender)
+        local, domain = split_address(route.recipient)
         found = self._transport_lookup(local, domain)
         if found is None:
             return route
@@ -184,11 +371,12 @@ class AddressResolver:
         if transport and not nexthop:
             nexthop = domain
         return Route(transport or route.transport, nexthop or route.nexthop,
-                     local=route.local and not transport, addr_class=route.addr_class)
+                     local=route.local and not transport, addr_class=route.addr_class,
+                     recipient=route.recipient, routed=route.routed)
 
-    def _class_route(self, domain: str, sender: str | None = None) -> Route:
+    def _class_route(self, domain: str, local: bool, sender: str | None = None) -> Route:
         """The route of the domain's address class, before transport_maps."""
-        if self.is_local(domain):
+        if local:
             if self.virtual_mailbox_domains.match(domain):
                 msg.warn(f"do not list domain {domain} in BOTH mydestination and "
                          "virtual_mailbox_domains")
