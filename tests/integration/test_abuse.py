@@ -291,7 +291,9 @@ def test_pipelined_floods_are_cut_short(mta, what):
         # 100 junk commands are free; 20 more count as errors: the hard limit.
         assert lines[:-1] == [b"250 2.0.0 Ok\r\n"] * 120
     elif what == "RCPT":
-        assert len(lines) <= 1000 + 1000 + 20 + 10
+        # the EHLO reply (as many lines as there are extensions), then at most this many
+        replies = [line for line in lines if not line.startswith(b"250-")]
+        assert len(replies) <= 1000 + 1000 + 20 + 10
         assert lines.count(b"250 2.1.5 Ok\r\n") == 1000          # smtpd_recipient_limit
         # smtpd_recipient_overshoot_limit (1000) replies are free, then 20 errors
         assert lines.count(b"452 4.5.3 Error: too many recipients\r\n") == 1000 + 20
