@@ -84,7 +84,7 @@ CONFIGURATION PARAMETERS
     myorigin, mydestination, recipient_delimiter.
 
 SEE ALSO
-    lib/queue.py, smtpd/session.py, smtpd/pickup.py, qmgr/bounce.py; Postfix cleanup(8),
+    lib/queue.py, smtpd/session.py, pickup/service.py, qmgr/bounce.py; Postfix cleanup(8),
     header_checks(5), canonical(5), virtual(5).
 """
 

@@ -59,7 +59,7 @@ PROGRAMS = {
     "virtual": "postfix_py.virtual.service",
     "discard": "postfix_py.local.discard",
     "error": "postfix_py.local.error",
-    "pickup": "postfix_py.smtpd.pickup",
+    "pickup": "postfix_py.pickup.service",
     "showq": "postfix_py.showq.service",
 }
 EXTENSION_PREFIX = "python:"

@@ -177,7 +177,7 @@ class Session:
     """One SMTP session with one client."""
 
     limits = NO_LIMITS      # the client's anvil limits (smtpd/limits.py); service.py sets them
-    stand_alone = False     # sendmail -bs (smtpd/pickup.py's LocalSession)
+    stand_alone = False     # sendmail -bs (pickup/service.py's LocalSession)
     hangup = False          # the PROXY header was unusable: 421 and goodbye (smtpd/proxy.py)
     client_port = ""        # the client's TCP port, when known (PROXY header, XCLIENT)
     server_addr = server_port = ""      # the server end, when known (XCLIENT DESTADDR)

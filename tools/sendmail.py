@@ -6,7 +6,7 @@ SYNOPSIS
 
 DESCRIPTION
     Reads a message from standard input and hands it to the mail system through the
-    pickup service (smtpd/pickup.py) over queue_directory/public/pickup: any user may
+    pickup service (pickup/service.py) over queue_directory/public/pickup: any user may
     submit; the daemon, not this command, writes the queue file, and records the
     submitting user from the kernel (submit_uid, submit_user, and
     `Received: by host (postfix-py, from userid N)`).
@@ -44,7 +44,7 @@ EXIT STATUS
     75 temporary failure (the mail system is down, or could not queue now).
 
 SEE ALSO
-    smtpd/pickup.py, Postfix sendmail(1).
+    pickup/service.py, Postfix sendmail(1).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def mta(instance):
         "always_bcc": "archive@mail.test.example",
     })
     instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd",
-                             "pickup unix n - y - - python:postfix_py.smtpd.pickup"]
+                             "pickup unix n - y - - pickup"]
 
     def queued(sub="incoming"):
         out = {}

@@ -30,7 +30,7 @@ PLAIN_USER = "daemon"       # not mail_owner (nobody in these tests), not root
 def submitmta(instance):
     """A running instance with the pickup service, as master.cf would name it."""
     instance.main.update({"mydestination": "$myhostname, localhost"})
-    instance.master_lines = ["pickup unix n - y - - python:postfix_py.smtpd.pickup"]
+    instance.master_lines = ["pickup unix n - y - - pickup"]
 
     def queued():
         out = []
@@ -349,7 +349,7 @@ def test_refusals_and_a_stopped_mail_system(submitmta):
 def test_postfix_style_wakeup_column_is_harmless(submitmta):
     # Postfix's own line is `pickup unix n - y 60 1 pickup`: the master's wakeup `W`
     # must not look like a bad request.
-    submitmta.master_lines = ["pickup unix n - y 1 - python:postfix_py.smtpd.pickup"]
+    submitmta.master_lines = ["pickup unix n - y 1 - pickup"]
     submitmta.start()
     wait_for(lambda: len([w for w in submitmta.workers() if "pickup" in " ".join(
         w.cmdline())]) >= 1, what="a pickup worker woken up")

@@ -5,7 +5,8 @@ installs as a package is a program (smtpd, smtp, qmgr, local, master, tlsmgr, an
 new one), except lib/ (shared code), tools/ (the commands) and conf/ (data). A program
 may import lib/ and its own folder; lib/ imports lib/ only; tools/ import lib/, and
 tools/posttls_finger.py the smtp client too (Postfix's posttls-finger is built from the
-smtp client's TLS code). Every module's imports are read with ast, relative
+smtp client's TLS code), and pickup/service.py smtpd's session (`sendmail -bs` is
+Postfix's smtpd in stand-alone mode). Every module's imports are read with ast, relative
 (`from ..smtp import x`) and absolute (`postfix_py.smtp`) alike, wherever they stand in
 the module.
 """
@@ -20,7 +21,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 NOT_PROGRAMS = {"lib", "tools", "conf"}
-EXCEPTIONS = {("tools", "posttls_finger.py"): {"smtp"}}
+# pickup serves `sendmail -bs` with smtpd's own session, as Postfix's sendmail -bs runs
+# smtpd in its stand-alone mode: the one program that reuses another program's code.
+EXCEPTIONS = {("tools", "posttls_finger.py"): {"smtp"}, ("pickup", "service.py"): {"smtpd"}}
 
 
 def packages() -> list[str]:
@@ -82,7 +85,7 @@ def allowed_for(rel: Path) -> set[str]:
         return {"lib", "tools"} | EXCEPTIONS.get((folder, rel.name), set())
     if folder == "conf":
         return set()
-    return {"lib", folder}
+    return {"lib", folder} | EXCEPTIONS.get((folder, rel.name), set())
 
 
 def modules():

@@ -70,8 +70,8 @@ from ..lib import attr, cleanup, msg, server
 from ..lib import queue as Q
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
-from .check import ClientState
-from .session import Session, valid_address
+from ..smtpd.check import ClientState
+from ..smtpd.session import Session, valid_address
 
 MAX_RECIPIENTS = 100000          # per message; Postfix's local submission has no limit
 _CRED = struct.Struct("3i")      # struct ucred: pid, uid, gid
@@ -171,9 +171,6 @@ class LocalSession(Session):
         self.uid, self.user = uid, user
         super().__init__(stream, cfg, ClientState(name="localhost", addr="127.0.0.1"),
                          queue_root, LocalChecker(), tls=None, stopping=stopping)
-
-    def _bare_newline_mode(self) -> str:
-        return "no"        # text piped by a local user, not a network peer
 
     def open_queue_file(self) -> bool:
         try:
