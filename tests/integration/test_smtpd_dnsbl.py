@@ -84,6 +84,7 @@ def resolver(port: int) -> dns.resolver.Resolver:
 def checker(port: int, restrictions: str, **values) -> Checker:
     base = {"myhostname": "mail.test.example", "mydestination": "localhost",
             "mynetworks": "10.0.0.0/8",
+            "local_recipient_maps": "",     # u@localhost: any local part
             "smtpd_recipient_restrictions": restrictions + ", reject_unauth_destination"}
     base.update(values)
     return Checker(maincf.Config("/nonexistent", "/nonexistent/main.cf", overrides=base),
