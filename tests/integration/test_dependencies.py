@@ -308,7 +308,8 @@ def test_tables_rebuilt_with_postmap_under_load(instance):
                         c.send(b"RCPT TO:<ok@localhost>\r\nRCPT TO:<blocked@localhost>\r\n")
                         got = (c.reply(), c.reply())
                         checks[k] += 1
-                        if got != ("250 2.1.5 Ok", "550 5.7.1 Blocked by table"):
+                        if got != ("250 2.1.5 Ok", "550 5.7.1 <blocked@localhost>: "
+                                   "Recipient address rejected: Blocked by table"):
                             bad.append(got)
                     c.cmd("QUIT")
                 finally:
@@ -335,7 +336,8 @@ def test_tables_rebuilt_with_postmap_under_load(instance):
     c = SmtpClient(instance.port, timeout=20)
     c.reply()
     c.send(b"HELO c\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<version@localhost>\r\n")
-    assert [c.reply() for _ in range(3)][-1] == "550 5.7.1 version 20"
+    assert [c.reply() for _ in range(3)][-1] == \
+        "550 5.7.1 <version@localhost>: Recipient address rejected: version 20"
     c.close()
     log = instance.log()
     assert "warning" not in log, [l for l in log.splitlines() if "warning" in l][:5]
