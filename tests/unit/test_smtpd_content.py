@@ -61,7 +61,8 @@ def queued_content(world, script: bytes) -> bytes:
     incoming = os.path.join(world[0], "incoming")
     path = os.path.join(incoming, os.listdir(incoming)[0])
     content = b"".join(Q.read(path).content(path))
-    return content[content.index(b"\n\tfor <"):].split(b"\n", 1)[1]   # after Received
+    # after the Received: header's last line ("\tfor <...>; DATE"), whose date may differ
+    return content[content.index(b"\n\tfor <") + 1:].split(b"\n", 1)[1]
 
 
 @settings(deadline=None, max_examples=30)
