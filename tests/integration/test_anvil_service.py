@@ -41,8 +41,11 @@ def session(inst) -> tuple[SmtpClient, str]:
 
 def anvil_pid(inst):
     for p in inst.workers():
-        if "postfix-py/anvil" in " ".join(p.cmdline()):
-            return p.pid
+        try:
+            if "postfix-py/anvil" in " ".join(p.cmdline()):
+                return p.pid
+        except psutil.NoSuchProcess:
+            continue        # a worker that ended while we looked
     return None
 
 
