@@ -115,6 +115,12 @@ def queue_id(inode: int, usec: int) -> str:
     return f"{usec % 0x100000:05X}{inode:X}"
 
 
+def valid_id(name: str) -> bool:
+    """Whether name can be a queue id (Postfix's mail_queue_id_ok): 1-64 of [A-Za-z0-9_]."""
+    return 0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c == "_")
+                                       for c in name)
+
+
 def _record(kind: bytes, data: bytes) -> bytes:
     return HEADER.pack(kind, len(data)) + data
 

@@ -64,6 +64,7 @@ import time
 
 from ..lib import maincf, msg
 from ..lib import queue as Q
+from . import cmdline
 
 USAGE = ("usage: postcat [-b (body text)] [-c config_dir] [-e (envelope records)] "
          "[-h (header text)] [-q (access queue)] [-v] [file(s)...]")
@@ -74,19 +75,8 @@ DECIDE = 1000            # bytes of a line start enough to tell a header line fr
 NAMES = {b"S": "sender", b"R": "recipient", b"D": "done_recipient"}
 
 
-class _Exit(Exception):
-    def __init__(self, status: int):
-        self.status = status
-
-
 def _fatal(text: str):
-    print(f"postcat: fatal: {text}", file=sys.stderr)
-    raise _Exit(1)
-
-
-def _id_ok(name: str) -> bool:
-    return 0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c == "_")
-                                       for c in name)
+    cmdline.fatal("postcat", text)
 
 
 class _Text:
@@ -215,7 +205,7 @@ def postcat(f, name: str, show: set, out) -> None:
 
 def _open_in_queue(root: str, qid: str):
     """The file of queue id in the first queue that has it: (file, queue/ID)."""
-    if not _id_ok(qid):
+    if not Q.valid_id(qid):
         _fatal(f"bad mail queue ID: {qid}")
     for _ in range(2):          # it may move between queues while we look, as Postfix
         for queue in SEARCH_QUEUES:
@@ -273,11 +263,4 @@ def _run(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     """Run postcat with Postfix's flags; returns the exit status."""
-    try:
-        return _run(list(argv))
-    except _Exit as exc:
-        return exc.status
-    except msg.FatalError:
-        return 1
-    finally:
-        msg.close()
+    return cmdline.run(_run, argv)

@@ -40,6 +40,7 @@ import sys
 import time
 
 from ..lib import maincf, msg
+from . import cmdline
 
 USAGE = "usage: postlog [-c config_dir] [-i] [-p priority] [-t tag] [-v] [text]"
 LEVELS = {"info": "info", "warn": "warning", "warning": "warning", "error": "error",
@@ -47,18 +48,12 @@ LEVELS = {"info": "info", "warn": "warning", "warning": "warning", "error": "err
 MAX_INPUT_LINE = 65536          # a longer input line is logged in pieces of this size
 
 
-class _Exit(Exception):
-    def __init__(self, status: int):
-        self.status = status
-
-
 def _fatal(text: str):
-    print(f"postlog: fatal: {text}", file=sys.stderr)
-    raise _Exit(1)
+    cmdline.fatal("postlog", text)
 
 
 def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text)
+    return msg.printable(text, limit=None)
 
 
 def _log(level: str, text: str, tag: str, tty: bool) -> None:
@@ -120,9 +115,4 @@ def _run(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     """Run postlog with Postfix's flags; returns the exit status."""
-    try:
-        return _run(list(argv))
-    except _Exit as exc:
-        return exc.status
-    finally:
-        msg.close()
+    return cmdline.run(_run, argv)

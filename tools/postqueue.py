@@ -47,6 +47,7 @@ import time
 from ..lib import maincf, msg, showq
 from ..lib import queue as Q
 from ..lib.address import split_address
+from . import cmdline
 
 USAGE = ("usage: postqueue -f | postqueue -i queueid | postqueue -j | postqueue -p | "
          "postqueue -s site")
@@ -55,14 +56,8 @@ S_STRING_FORMAT = "%-11s %7s %-20s %s"
 S_SENDER_FORMAT = "%-11s %7d %20.20s %s"
 
 
-class _Exit(Exception):
-    def __init__(self, status: int):
-        self.status = status
-
-
 def _fatal(text: str, status: int = EX_UNAVAILABLE):
-    print(f"postqueue: fatal: {text}", file=sys.stderr)
-    raise _Exit(status)
+    cmdline.fatal("postqueue", text, status)
 
 
 def _config(config_dir: str | None):
@@ -70,11 +65,6 @@ def _config(config_dir: str | None):
         return maincf.load(config_dir)
     except maincf.ConfigError as exc:
         _fatal(str(exc), EX_TEMPFAIL)
-
-
-def _id_ok(name: str) -> bool:
-    return 0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c == "_")
-                                       for c in name)
 
 
 def show(queue_root: str):
@@ -213,7 +203,7 @@ def _run(argv: list[str]) -> int:
     elif action == "-f":
         flush_all(root)
     elif action == "-i":
-        if not _id_ok(arg):
+        if not Q.valid_id(arg):
             _fatal(f"invalid mail queue id: {arg}")
         _to_incoming(root, arg)
         _wake(root, Q.WAKE_INCOMING)
@@ -224,12 +214,7 @@ def _run(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     """Run postqueue with Postfix's flags; returns the exit status."""
-    try:
-        return _run(list(argv))
-    except _Exit as exc:
-        return exc.status
-    except msg.FatalError:
-        return EX_TEMPFAIL
+    return cmdline.run(_run, argv, lib_fatal_status=EX_TEMPFAIL)
 
 
 def flush(argv: list[str]) -> int:

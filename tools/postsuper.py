@@ -61,6 +61,7 @@ import time
 
 from ..lib import bounce_log, maincf, msg
 from ..lib import queue as Q
+from . import cmdline
 
 USAGE = ("usage: postsuper [-c config_dir] [-d queue_id (delete)] "
          "[-e queue_id (expire)] [-f queue_id (expire and/or un-hold)] "
@@ -86,11 +87,6 @@ MAX_TEMP_AGE = 7 * 86400            # Postfix's: a dot-file older than this is d
 _LOG = {"on": False}
 
 
-class _Exit(Exception):
-    def __init__(self, status: int):
-        self.status = status
-
-
 def say(text: str, severity: str = "info") -> None:
     """A line on standard error and in the mail log, as Postfix's postsuper reports."""
     prefix = "" if severity == "info" else f"{severity}: "
@@ -100,13 +96,7 @@ def say(text: str, severity: str = "info") -> None:
 
 
 def _fatal(text: str):
-    print(f"postsuper: fatal: {text}", file=sys.stderr)
-    raise _Exit(1)
-
-
-def _id_ok(name: str) -> bool:
-    return 0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c == "_")
-                                       for c in name)
+    cmdline.fatal("postsuper", text)
 
 
 def _names(directory: str) -> list[str]:
@@ -169,7 +159,7 @@ class Super:
 
     def one(self, op: str, qid: str, queues: tuple) -> None:
         """One operation on a message named by its id, in the first queue that holds it."""
-        if not _id_ok(qid):
+        if not Q.valid_id(qid):
             say(f"invalid mail queue id: {qid}", "warning")
             return
         if op in ("-e", "-f"):
@@ -310,12 +300,6 @@ def _init_log(cfg, verbose: int) -> None:
 
 def main(argv: list[str]) -> int:
     """Run postsuper with Postfix's flags; returns the exit status."""
-    try:
-        return _run(list(argv))
-    except _Exit as exc:
-        return exc.status
-    except msg.FatalError:
-        return 1
-    finally:
+    def log_off():
         _LOG["on"] = False
-        msg.close()
+    return cmdline.run(_run, argv, cleanup=log_off)
