@@ -25,6 +25,9 @@ FUNCTIONS
         conn_setup=0.0, transmit=0.0) -> RcptResult (as decided: soft_bounce applied);
         reply(relay) -> lib.deliver.DeliveryStatus; .arrival (settable), .started, .soft_bounce.
     result(kind, dsn, reason) -> RcptResult.
+    read_message(request, ctx) -> the queue file's message content (bytes), or None with a
+        warning for a bad queue file name or an unreadable file (local and virtual then
+        defer every recipient with 4.3.0 "queue file read error").
 
 LOG LINES
     warning: malformed delivery request: REASON     (a frame that breaks lib/attr.py)
@@ -43,16 +46,36 @@ SEE ALSO
 
 from __future__ import annotations
 
+import os
+import re
 import time
 
 from . import attr, deliver, msg
+from . import queue as Q
 
 RcptResult = deliver.RcptResult
+
+
+# qmgr hands an agent a file of its active queue, never a path of the agent's choosing
+QUEUE_FILE = re.compile(r"active/[A-Za-z0-9_]{1,64}")
 
 
 def result(kind: str, dsn: str, reason: str) -> RcptResult:
     """One recipient's outcome: kind is sent, deferred or bounced."""
     return RcptResult(kind, dsn, reason)
+
+
+def read_message(request, ctx) -> bytes | None:
+    """The message content of the request's queue file; None (warned) when it cannot be had."""
+    if not QUEUE_FILE.fullmatch(request.queue_file):
+        msg.warn(f"{request.queue_id}: bad queue file name: {request.queue_file!r}")
+        return None
+    path = os.path.join(ctx.queue_root, request.queue_file)
+    try:
+        return b"".join(Q.read(path).content(path))
+    except (OSError, Q.QueueFileError) as exc:
+        msg.warn(f"{request.queue_id}: read queue file: {exc}")
+        return None
 
 
 class Report:

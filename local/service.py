@@ -140,12 +140,11 @@ import time
 from ..lib import aliases, deliver, mailbox, maincf, msg, params, server, tables
 from ..lib import queue as Q
 from ..lib.address import split_address, strip_extension
-from ..lib.delivery_agent import RcptResult, decided, result, serve
+from ..lib.delivery_agent import RcptResult, decided, read_message, result, serve
 from ..lib.mailbox import Privileges, become, run_as
 from . import command as command_mod
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
-QUEUE_FILE = re.compile(r"active/[A-Za-z0-9_]{1,64}")
 REQUIRED_ALIASES = ("postmaster", "mailer-daemon")
 EXPANSION_TYPES = frozenset({"alias", "forward", "include"})
 MAX_LEVEL = 100                    # Postfix's recursion limit (aliases, includes, recipients)
@@ -758,17 +757,10 @@ def _kind(dsn: str) -> str:
 
 def deliver_request(request, ctx):
     """Deliver one request: (relay, results)."""
-    n = len(request.recipients)
-    if not QUEUE_FILE.fullmatch(request.queue_file):
-        msg.warn(f"{request.queue_id}: bad queue file name: {request.queue_file!r}")
-        return "local", [result("deferred", "4.3.0", "queue file read error")] * n
-    path = os.path.join(ctx.queue_root, request.queue_file)
-    try:
-        env = Q.read(path)
-        content = b"".join(env.content(path))
-    except (OSError, Q.QueueFileError) as exc:
-        msg.warn(f"{request.queue_id}: read queue file: {exc}")
-        return "local", [result("deferred", "4.3.0", "queue file read error")] * n
+    content = read_message(request, ctx)
+    if content is None:
+        return "local", [result("deferred", "4.3.0", "queue file read error")] * len(
+            request.recipients)
     job = LocalDelivery(ctx.cfg, request.sender, content, request, ctx.queue_root)
     return "local", [job.deliver(rcpt) for rcpt in request.recipients]
 

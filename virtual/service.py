@@ -77,15 +77,12 @@ SEE ALSO
 from __future__ import annotations
 
 import os
-import re
 import stat
 
 from ..lib import mailbox, msg, server, tables
-from ..lib import queue as Q
 from ..lib.address import addr_find
-from ..lib.delivery_agent import RcptResult, decided, result, serve
+from ..lib.delivery_agent import RcptResult, decided, read_message, result, serve
 
-QUEUE_FILE = re.compile(r"active/[A-Za-z0-9_]{1,64}")
 CONFIG_ERROR = "mail system configuration error"
 MAX_ID = 0xFFFFFFFE            # (uid_t) -1 is special to Postfix's safe_open()
 
@@ -216,17 +213,10 @@ def _mbox_work(path: str, uid: int, rcpt: str, sender: str, headers: bytes, cont
 
 def deliver_request(request, ctx):
     """Deliver one request: (relay, results)."""
-    n = len(request.recipients)
-    if not QUEUE_FILE.fullmatch(request.queue_file):
-        msg.warn(f"{request.queue_id}: bad queue file name: {request.queue_file!r}")
-        return "virtual", [result("deferred", "4.3.0", "queue file read error")] * n
-    path = os.path.join(ctx.queue_root, request.queue_file)
-    try:
-        env = Q.read(path)
-        content = b"".join(env.content(path))
-    except (OSError, Q.QueueFileError) as exc:
-        msg.warn(f"{request.queue_id}: read queue file: {exc}")
-        return "virtual", [result("deferred", "4.3.0", "queue file read error")] * n
+    content = read_message(request, ctx)
+    if content is None:
+        return "virtual", [result("deferred", "4.3.0", "queue file read error")] * len(
+            request.recipients)
     agent = ctx.state["agent"]
     return "virtual", [agent.deliver(rcpt, request.sender, content)
                        for rcpt in request.recipients]
