@@ -16,13 +16,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from pfxinst import PROGRAMS, SmtpClient, free_port, wait_for
+from policyserver import PolicyServer
 from postfix_py.lib import queue as Q
 
 POSTGREY = shutil.which("postgrey", path="/usr/sbin:/usr/bin")
@@ -149,54 +149,14 @@ def test_server_down_warns_and_applies_the_default_action(mta):
         "250 2.0.0 Ok: queued as ")
 
 
-class Recorder:
-    """A policy server in the test: records each request, answers DUNNO (PREPEND at RCPT),
-    counts its connections."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.requests: list[dict] = []
-        self.connections = 0
-        self.done = False
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
-
-    def serve(self):
-        while not self.done:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.connections += 1
-            threading.Thread(target=self.client, args=(conn,), daemon=True).start()
-
-    def client(self, conn):
-        with conn, conn.makefile("rb") as rfile:
-            attrs = {}
-            for raw in rfile:
-                line = raw.decode().rstrip("\n")
-                if line:
-                    name, _, value = line.partition("=")
-                    attrs[name] = value
-                    continue
-                self.requests.append(attrs)
-                action = "PREPEND X-Policy: seen" if attrs["protocol_state"] == "RCPT" \
-                    else "DUNNO"
-                conn.sendall(f"action={action}\n\n".encode())
-                attrs = {}
-
-    def close(self):
-        self.done = True
-        self.thread.join(2)
-        self.sock.close()
+def recorder():
+    """A policy server that records each request and answers DUNNO (PREPEND at RCPT)."""
+    return PolicyServer(lambda a: ["action=PREPEND X-Policy: seen"
+                                   if a["protocol_state"] == "RCPT" else "action=DUNNO"])
 
 
 def test_every_stage_asks_with_the_session_attributes(mta):
-    server = Recorder()
+    server = recorder()
     try:
         policy = f"check_policy_service inet:127.0.0.1:{server.port}"
         mta.main.update({"smtpd_delay_reject": "no",

@@ -3,7 +3,6 @@ in a thread of the test: the wire format, connection reuse and its limits, retri
 Postfix's warnings, malformed answers, and the action applied as an access(5) result."""
 
 import socket
-import threading
 import time
 
 import pytest
@@ -11,55 +10,7 @@ import pytest
 from postfix_py.lib import maincf, msg
 from postfix_py.lib.policy_client import PolicyClient, parse_endpoint
 from postfix_py.smtpd.check import Checker, ClientState, DeferIfPermit, Reply
-
-
-class PolicyServer:
-    """A policy server: answers each request with answer(attrs) (a list of lines, or
-    None to hang up); records every request and every connection it accepted."""
-
-    def __init__(self, answer, family=socket.AF_INET, path=None):
-        self.answer = answer
-        self.requests: list[dict] = []
-        self.connections = 0
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.bind(path if path else ("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.endpoint = f"unix:{path}" if path else \
-            f"inet:127.0.0.1:{self.sock.getsockname()[1]}"
-        self.stop = False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        self.sock.settimeout(0.2)
-        while not self.stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.connections += 1
-            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
-
-    def _client(self, conn):
-        with conn, conn.makefile("rb") as rfile:
-            attrs = {}
-            for raw in rfile:
-                line = raw.decode().rstrip("\n")
-                if line:
-                    name, _, value = line.partition("=")
-                    attrs[name] = value
-                    continue
-                self.requests.append(attrs)
-                lines = self.answer(attrs)
-                attrs = {}
-                if lines is None:
-                    return
-                conn.sendall("".join(x + "\n" for x in lines).encode() + b"\n")
-
-    def close(self):
-        self.stop = True
-        self.thread.join(2)
-        self.sock.close()
+from policyserver import PolicyServer
 
 
 @pytest.fixture
