@@ -69,6 +69,12 @@ FUNCTIONS
         set_sender(addr), add_recipient(addr), write(data) (content in pieces of any
         size, LF line ends), in_header (still in the header section), finish() -> Result,
         abort(). OSError from the queue file system propagates.
+    Cleanup(..., milters=lib.milter.Milters): the content and the sender wait in memory
+        (at most message_size_limit bytes) until finish(), which gives the message to the
+        milters (Postfix's own first Received: header hidden), applies their edits (headers,
+        body, sender, recipients, which are rewritten as any others), then writes it;
+        milter_apply(event, reply) takes a milter's verdict (reject, tempfail, discard,
+        hold) with Postfix's `milter-reject: END-OF-MESSAGE from ...` log line.
     Result: status "queued", "held", "discarded", "rejected" or "deferred"; queue_id;
         reply (the SMTP reply for rejected and deferred: `550 5.7.1 text` ...).
 

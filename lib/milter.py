@@ -34,7 +34,7 @@ CONFIGURATION PARAMETERS
     milter_command_timeout (30s), milter_content_timeout (300s), milter_connect_macros,
     milter_helo_macros, milter_mail_macros, milter_rcpt_macros, milter_data_macros,
     milter_end_of_header_macros, milter_end_of_data_macros, milter_unknown_command_macros
-    (Postfix's defaults).
+    (Postfix's defaults); soft_bounce (no) turns a milter's 5XX reply into 4XX.
 
 DEVIATIONS
     milter_macro_defaults and smtpd_milter_maps are not implemented. The message goes to
@@ -216,7 +216,7 @@ def _cstr(s: str) -> bytes:
 class Milter:
     """One milter application: its connection, negotiated masks and state."""
 
-    def __init__(self, spec: Spec, macros: dict[int, list[str]]):
+    def __init__(self, spec: Spec, macros: dict[int, list[str]], soft_bounce: bool = False):
         self.spec = spec
         self.name = spec.name
         self.macros = dict(macros)
@@ -227,6 +227,7 @@ class Milter:
         self.version = spec.version
         self.rq_mask = self.ev_mask = self.np_mask = 0
         self.timeout = spec.timeouts["command_timeout"]
+        self.soft_bounce = soft_bounce
 
     # --- errors, as milter8_comm_error and milter8_conf_error --------------------------
     def _close(self) -> None:
@@ -464,6 +465,10 @@ class Milter:
                 if not _REPLY.match(text):
                     msg.warn(f"milter {self.name}: malformed reply: {text}")
                     return self.conf_error()
+                if self.soft_bounce:        # 5XX becomes 4XX, as Postfix's milter8
+                    text = "\r\n".join(
+                        ("4" + line[1:4] + ("4" + line[5:] if line[4:5] == "5" else line[4:]))
+                        if line[:1] == "5" else line for line in text.split("\r\n"))
                 if in_connect:
                     self.state, self.def_reply = REJECT_CON, text
                 return self._end(text, edit_reply)
@@ -561,7 +566,7 @@ class Milters:
 
     def __init__(self, specs: list[Spec], cfg, evaluate):
         macros = macro_lists(cfg)
-        self.milters = [Milter(s, macros) for s in specs]
+        self.milters = [Milter(s, macros, cfg["soft_bounce"]) for s in specs]
         self.evaluate = evaluate        # macro name -> value or None
 
     def _macros(self, m: Milter, stage: int) -> list:

@@ -45,6 +45,12 @@ PROTOCOL
     disabled` when smtpd_discard_ehlo_keywords has dsn): RET and ENVID become the queue
     file attributes dsn_ret and dsn_envid, NOTIFY and ORCPT the recipient's N and O records
     (lib/queue.py). Delivery status notices for them are not implemented.
+    Milters (smtpd_milters, smtpd/milters.py and lib/milter.py) see every stage: their
+    reply replaces smtpd's at connect (a reject: `554 HOST ESMTP not accepting
+    connections`, and the reply persists), HELO/EHLO (421 only), MAIL, RCPT, DATA (and the
+    first BDAT), an unknown command (4XX only) and the end of the message, where the
+    cleanup stage applies their edits before the queue file is committed; logged as
+    Postfix's `milter-reject`, `milter-hold` and `milter-discard`.
     XCLIENT and XFORWARD, for authorized clients only, are in smtpd/xclient.py; greet()
     runs again after XCLIENT. A session whose PROXY header was unusable (hangup) answers
     only `421 4.3.0 HOST Server local error` (smtpd/proxy.py).
@@ -447,6 +453,7 @@ class Session:
             return
         err = None
         if self.milters is not None:
+            self.milters.disc_event()       # after XCLIENT: a new client, new connections
             err = self.milters.conn_event(self.client.name, self.client.addr,
                                           self.client_port or M.sockname(self, "getpeername")[1]
                                           or "0")

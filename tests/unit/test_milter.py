@@ -246,3 +246,22 @@ def test_milter_lists(tmp_path):
                 "{ inet:h:1, protocol=5 }"):
         with pytest.raises(ConfigError):
             milter.parse(bad, cfg)
+
+
+def test_soft_bounce_makes_a_milter_reply_temporary(tmp_path):
+    cfg = config(tmp_path, soft_bounce="yes")
+    with MilterPeer({"M": [("y", b"550-5.7.1 first\r\n550 5.7.1 second\0")]}) as peer:
+        ms = milters_for(cfg, peer.name)
+        assert envelope(ms) == "450-4.7.1 first\r\n450 4.7.1 second"
+        ms.disc_event()
+
+
+def test_header_indexes_skip_postfix_own_received_header():
+    m = milter.Message(b"Received: own\nReceived: theirs\nSubject: s\n\nbody\n", None)
+    assert m.visible_headers() == [("Received", " theirs"), ("Subject", " s")]
+    m.chg_header(1, "received", " changed")          # the first one the milter saw
+    m.ins_header(1, "X-First", " 1")                  # position 1: above everything
+    m.del_header(1, "Subject")
+    m.chg_header(1, "X-Missing", " added")            # not there: added, as Postfix
+    assert m.content() == (b"X-First: 1\nReceived: own\nReceived: changed\n"
+                           b"X-Missing: added\n\nbody\n")
