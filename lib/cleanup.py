@@ -171,6 +171,7 @@ class Settings:
         self.recipient_bcc = self._maps(cfg, "recipient_bcc_maps")
         self.header_checks = self._maps(cfg, "header_checks")
         self.body_checks = self._maps(cfg, "body_checks")
+        self.milter_header_checks = self._maps(cfg, "milter_header_checks")
         self.rewrites_recipients = bool(self.recipient_canonical or self.virtual
                                         or self.masq_rcpt or self.recipient_bcc)
         needs_local = self.sender_canonical or self.recipient_canonical or self.virtual \
@@ -316,6 +317,8 @@ class Cleanup:
         self._write = self.w.write if milters is None else self._hold
         self._held = bytearray()
         self.milter_reply: str | None = None
+        self._log_prefix = ""               # "milter-header-" in milter_header_checks
+        self._prepends: list[str] | None = None     # their PREPEND results
         self.arrival = time.time() if now is None else now
         self.local = local                  # local submission: Postfix's local context
         self.origin = origin                # "host[addr]" for log lines, "local"
@@ -689,7 +692,7 @@ class Cleanup:
         self._every_header = self.local or self.s.always_add
 
     def _log(self, action: str, context: str, text: str, detail: str) -> None:
-        parts = [f"{self.id}: {action}: {context} {text[:200]} from "
+        parts = [f"{self.id}: {self._log_prefix}{action}: {context} {text[:200]} from "
                  f"{self.origin};"]
         if self.sender is not None:
             parts.append(f" from=<{self.sender}>")
@@ -740,7 +743,10 @@ class Cleanup:
                          "need \"headername: headervalue\"")
             else:
                 self._log("prepend", context, text, arg)
-                self._out(arg.encode("utf-8", "surrogateescape") + b"\n")
+                if self._prepends is not None:
+                    self._prepends.append(arg)
+                else:
+                    self._out(arg.encode("utf-8", "surrogateescape") + b"\n")
         elif action == "REPLACE":
             if not arg:
                 msg.warn(f"REPLACE action without text in {title} map")
@@ -827,6 +833,20 @@ class Cleanup:
         if self.helo:
             parts.append(f" helo=<{self.helo}>")
         msg.info_as("cleanup", "".join(parts))
+
+    def milter_header_check(self, name: str, value: str) -> list[str]:
+        """milter_header_checks on a header that a milter adds or changes: the header
+        lines to write in its place (PREPEND results first; none after IGNORE or STRIP)."""
+        text = f"{name}:{value}"
+        maps = self.s.milter_header_checks
+        if maps is None or self.errors or self.discard:
+            return [text]
+        self._log_prefix, self._prepends = "milter-header-", []
+        try:
+            result = self._check(maps, "header", text)
+            return self._prepends + ([] if result is None else [result])
+        finally:
+            self._log_prefix, self._prepends = "", None
 
     def milter_chg_from(self, sender: str, args: str) -> None:
         msg.verbose(1, f"{self.id}: milter change sender: <{sender}> {args}")

@@ -37,6 +37,8 @@ CONFIGURATION PARAMETERS
     (Postfix's defaults); soft_bounce (no) turns a milter's 5XX reply into 4XX.
 
 DEVIATIONS
+    milter_header_checks applies to the headers milters add, insert or change (the
+    cleanup stage's header_checks actions, logged as `milter-header-reject` etc.).
     milter_macro_defaults and smtpd_milter_maps are not implemented. The message goes to
     the milters from memory (at most message_size_limit bytes), not from the queue file.
 
@@ -765,15 +767,25 @@ class Message:
                     return pos
         return None
 
+    def _checked(self, name: str, value: str) -> list[list]:
+        """The header after milter_header_checks (the owner's), as [name, value, False]."""
+        check = getattr(self.owner, "milter_header_check", None)
+        lines = [f"{name}:{value}"] if check is None else check(name, value)
+        out = []
+        for line in lines:
+            hname, _, hvalue = line.partition(":")
+            out.append([hname.strip(), hvalue, False])
+        return out
+
     def add_header(self, name: str, value: str):
-        self.headers.append([name, value, False])
+        self.headers += self._checked(name, value)
 
     def chg_header(self, index: int, name: str, value: str):
         pos = self._find(index, name)
         if pos is None:
             self.add_header(name, value)     # as Postfix: a missing header is added
         else:
-            self.headers[pos][1] = value
+            self.headers[pos:pos + 1] = self._checked(name, value)
 
     def del_header(self, index: int, name: str):
         pos = self._find(index, name)
@@ -782,8 +794,8 @@ class Message:
 
     def ins_header(self, position: int, name: str, value: str):
         # position 1 is the top, before Postfix's own Received: header
-        self.headers.insert(max(0, min(position - 1, len(self.headers))),
-                            [name, value, False])
+        at = max(0, min(position - 1, len(self.headers)))
+        self.headers[at:at] = self._checked(name, value)
 
     def repl_body(self, data: bytes):
         if self._new_body is None:

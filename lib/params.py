@@ -265,6 +265,7 @@ PARAMS: list[Param] = [
     _p("milter_unknown_command_macros", "", STR, "macros sent to milters with an unknown SMTP command"),
     _p("milter_macro_daemon_name", "$myhostname", STR, "the {daemon_name} macro value"),
     _p("milter_macro_v", "$mail_name $mail_version", STR, "the {v} macro value"),
+    _p("milter_header_checks", "", TABLE, "header_checks(5) patterns for the headers that milters add or change"),
     _p("relay_clientcerts", "", TABLE, "fingerprints of client certificates that may relay (permit_tls_clientcerts)"),
     _p("access_map_reject_code", "554", INT, "reply code of REJECT in an access table", min=400, max=599),
     _p("relay_domains_reject_code", "554", INT, "reply code of reject_unauth_destination", min=400, max=599),

@@ -263,5 +263,28 @@ def test_header_indexes_skip_postfix_own_received_header():
     m.ins_header(1, "X-First", " 1")                  # position 1: above everything
     m.del_header(1, "Subject")
     m.chg_header(1, "X-Missing", " added")            # not there: added, as Postfix
-    assert m.content() == (b"X-First: 1\nReceived: own\nReceived: changed\n"
+    assert m.content() == (b"X-First: 1\nReceived: own\nreceived: changed\n"
                            b"X-Missing: added\n\nbody\n")
+
+
+def test_milter_header_checks(tmp_path, logged):
+    (tmp_path / "mhc").write_text("/^X-Spam: yes/ REJECT spam from a milter\n"
+                                  "/^X-Drop:/ IGNORE\n/^X-Tag:/ PREPEND X-Tagged: 1\n")
+    cfg = config(tmp_path, milter_header_checks=f"regexp:{tmp_path / 'mhc'}")
+    eom = [("h", cstrings("X-Drop", "1")), ("h", cstrings("X-Tag", "t")), ("c", b"")]
+    with MilterPeer({"E": eom}) as peer:
+        ms = milters_for(cfg, peer.name)
+        assert envelope(ms) is None
+        result, _, data = deliver(tmp_path, cfg, ms, CONTENT)
+        ms.disc_event()
+    assert result.status == "queued"
+    assert data.endswith("To: b@example.org\nX-Tagged: 1\nX-Tag: t\n\nline 1\n.line 2\n")
+    with MilterPeer({"E": [("h", cstrings("X-Spam", "yes")), ("c", b"")]}) as peer:
+        ms = milters_for(cfg, peer.name)
+        assert envelope(ms) is None
+        result, _, _ = deliver(tmp_path, cfg, ms, CONTENT)
+        ms.disc_event()
+    assert (result.status, result.reply) == ("rejected", "550 5.7.1 spam from a milter")
+    assert any(": milter-header-reject: header X-Spam: yes from client.example[192.0.2.1]; "
+               "from=<a@example.org> to=<b@example.org> proto=ESMTP helo=<client.example>: "
+               "5.7.1 spam from a milter" in line for line in logged), logged
