@@ -4,6 +4,7 @@
     .venv/bin/python bench/sustained.py --runs 3 --write BENCHMARKS.md   # ~25 min, 2 cores
     .venv/bin/python bench/sustained.py --duration 2 --runs 1 --clients 8 --modes plain
     .venv/bin/python bench/sustained.py --systems postfix-py,postfix --json
+    .venv/bin/python bench/sustained.py --milter --modes plain --write BENCHMARKS.md
 
 bench/suite.py measures bursts of 300 messages and waits for both queues to drain before each
 run, so a queue manager that falls behind does its work outside the timed window. Here every
@@ -61,6 +62,11 @@ children it waited for); the reading is repeated when a process was waited for i
 middle of it. The difference is the system's CPU in the window, exact to the clock tick.
 The CPU the other, idle systems used in the same window (a backlog still being delivered)
 is recorded as spill-over.
+
+--milter is the "one milter" setup: postfix-py and Postfix only, each with one private
+Debian OpenDKIM daemon in signing mode as smtpd_milters (the same key, selector and
+configuration; the benchmark's sender domain example.org is signed); OpenDKIM's own CPU is
+not counted for either. Its report goes between `<!-- sustained-milter:begin/end -->`.
 
 --write FILE puts the report between `<!-- sustained:begin -->` and `<!-- sustained:end -->`
 (inserted before bench/suite.py's section when absent). Needs root and Debian's postfix
@@ -713,7 +719,10 @@ def measure(args) -> dict:
     systems: list[MailSystem] = []
     skipped: dict[str, str] = {}
     cells = []
+    signer = None
     try:
+        if args.milter:
+            signer = OpenDkimSigner(top)
         cert_dir = top / "cert"
         cert_dir.mkdir()
         make_cert(cert_dir)
@@ -725,6 +734,8 @@ def measure(args) -> dict:
                 s = cls(top, cert_dir) if name in ("postfix-py", "postfix") else \
                     cls(top, cert_dir, args.peers_cache)
                 systems.append(s)           # from here on, measure() stops it
+                if signer is not None:
+                    signer.configure(s)
                 s.start()
                 warm_up(s)
                 log(f"{name} {s.version}: started, warmed up")
@@ -767,10 +778,56 @@ def measure(args) -> dict:
                 s.stop()
             except Exception as exc:  # noqa: BLE001 - keep cleaning up
                 log(f"stop {s.name}: {exc}")
+        if signer is not None:
+            signer.stop()
         shutil.rmtree(top, ignore_errors=True)
     return {"cells": cells, "skipped": skipped,
             "systems": {s.name: {"version": s.version, "notes": s.notes,
                                  "unsupported": s.unsupported} for s in systems}}
+
+
+# --- the "one milter" setup (--milter) -----------------------------------------------------------
+
+class OpenDkimSigner:
+    """A private Debian OpenDKIM in signing mode for example.org on a loopback port."""
+
+    def __init__(self, top: Path):
+        self.dir = top / "opendkim"
+        self.dir.mkdir()
+        os.chmod(self.dir, 0o755)
+        self.port = compare.free_port()
+        subprocess.run(["opendkim-genkey", "-b", "2048", "-d", "example.org", "-s", "bench",
+                        "-D", str(self.dir)], check=True, capture_output=True, timeout=60)
+        shutil.chown(self.dir / "bench.private", "nobody", "nogroup")
+        conf = self.dir / "opendkim.conf"
+        conf.write_text("Syslog no\nBackground no\nUserID nobody:nogroup\n"
+                        "RequireSafeKeys no\nMode s\nDomain example.org\nSelector bench\n"
+                        f"KeyFile {self.dir / 'bench.private'}\n"
+                        "Canonicalization relaxed/relaxed\n"
+                        f"Socket inet:{self.port}@127.0.0.1\n")
+        self.out = open(self.dir / "opendkim.log", "wb")
+        self.proc = subprocess.Popen(["opendkim", "-f", "-x", str(conf)],
+                                     stdin=subprocess.DEVNULL, stdout=self.out,
+                                     stderr=subprocess.STDOUT)
+        wait_port(self.port, self.proc)
+        self.name = f"inet:127.0.0.1:{self.port}"
+
+    def configure(self, system: MailSystem) -> None:
+        """The same smtpd_milters for postfix-py and Postfix."""
+        if isinstance(system, PostfixPy):
+            with open(system.dir / "main.cf", "a") as f:
+                f.write(f"smtpd_milters = {self.name}\n")
+        else:
+            system.inst.peer.main["smtpd_milters"] = self.name
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.out.close()
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -821,7 +878,8 @@ def render(res: dict, args, elapsed: float) -> str:
                          for n, v in res["systems"].items())
     text = [
         "## Sustained load: the whole pipeline, no drain between runs — "
-        "`bench/sustained.py`",
+        "`bench/sustained.py`" + (" — one milter (OpenDKIM signing as smtpd_milters)"
+                                  if args.milter else ""),
         "",
         "```",
         command_line(),
@@ -935,7 +993,11 @@ def parse_args(argv):
     p.add_argument("--write", metavar="FILE",
                    help="put the report between <!-- sustained:begin/end --> in FILE")
     p.add_argument("--json", action="store_true", help="dump the raw results to stdout")
+    p.add_argument("--milter", action="store_true",
+                   help="one milter: OpenDKIM signing on postfix-py and Postfix alike")
     args = p.parse_args(argv)
+    if args.milter:
+        args.systems = "postfix-py,postfix"
     args.modes = [m for m in args.modes.split(",") if m]
     args.clients = [int(c) for c in args.clients.split(",") if c]
     args.systems = [s for s in args.systems.split(",") if s]
@@ -971,8 +1033,9 @@ def main(argv=None) -> int:
         return 130
     text = render(res, args, time.monotonic() - t0)
     if args.write:
-        ensure_markers(Path(args.write))
-        write_section(args.write, "sustained", text)
+        if not args.milter:
+            ensure_markers(Path(args.write))
+        write_section(args.write, "sustained-milter" if args.milter else "sustained", text)
         log(f"wrote the sustained section of {args.write}")
     if args.json:
         print(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **res},

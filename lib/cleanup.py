@@ -69,6 +69,12 @@ FUNCTIONS
         set_sender(addr), add_recipient(addr), write(data) (content in pieces of any
         size, LF line ends), in_header (still in the header section), finish() -> Result,
         abort(). OSError from the queue file system propagates.
+    Cleanup(..., milters=lib.milter.Milters): the content and the sender wait in memory
+        (at most message_size_limit bytes) until finish(), which gives the message to the
+        milters (Postfix's own first Received: header hidden), applies their edits (headers,
+        body, sender, recipients, which are rewritten as any others), then writes it;
+        milter_apply(event, reply) takes a milter's verdict (reject, tempfail, discard,
+        hold) with Postfix's `milter-reject: END-OF-MESSAGE from ...` log line.
     Result: status "queued", "held", "discarded", "rejected" or "deferred"; queue_id;
         reply (the SMTP reply for rejected and deferred: `550 5.7.1 text` ...).
 
@@ -95,7 +101,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from . import msg, params, tables
+from . import milter, msg, params, tables
 from . import queue as Q
 from .domains import DomainList
 from .maincf import ConfigError
@@ -139,6 +145,7 @@ class Settings:
         self.expansion_limit = cfg["virtual_alias_expansion_limit"]
         self.recursion_limit = cfg["virtual_alias_recursion_limit"]
         self.body_limit = cfg["body_checks_size_limit"]
+        self.milter_limit = cfg["message_size_limit"] or (1 << 30)
         self._tables: dict[str, tables.Table] = {}
         canon = self._maps(cfg, "canonical_maps")
         send = self._maps(cfg, "sender_canonical_maps")
@@ -164,6 +171,7 @@ class Settings:
         self.recipient_bcc = self._maps(cfg, "recipient_bcc_maps")
         self.header_checks = self._maps(cfg, "header_checks")
         self.body_checks = self._maps(cfg, "body_checks")
+        self.milter_header_checks = self._maps(cfg, "milter_header_checks")
         self.rewrites_recipients = bool(self.recipient_canonical or self.virtual
                                         or self.masq_rcpt or self.recipient_bcc)
         needs_local = self.sender_canonical or self.recipient_canonical or self.virtual \
@@ -297,11 +305,20 @@ class Cleanup:
 
     def __init__(self, settings: Settings, queue_root: str, local: bool = False,
                  origin: str = "local", proto: str = "", helo: str = "",
-                 fullname: str = "", now: float | None = None, checks: bool = True):
+                 fullname: str = "", now: float | None = None, checks: bool = True,
+                 milters=None):
         self.s = settings
         self.queue_root = queue_root
         self.w = Q.QueueWriter(queue_root, now)
         self.id = self.w.id
+        # milters (lib/milter.py): the content and the sender wait in memory for their
+        # end-of-message edits; the queue file gets them at finish()
+        self.milters = milters
+        self._write = self.w.write if milters is None else self._hold
+        self._held = bytearray()
+        self.milter_reply: str | None = None
+        self._log_prefix = ""               # "milter-header-" in milter_header_checks
+        self._prepends: list[str] | None = None     # their PREPEND results
         self.arrival = time.time() if now is None else now
         self.local = local                  # local submission: Postfix's local context
         self.origin = origin                # "host[addr]" for log lines, "local"
@@ -375,7 +392,8 @@ class Cleanup:
             if self.s.sender_bcc is not None:
                 self.bcc += self._lookup(self.s.sender_bcc, addr) or []
         self.sender = addr
-        self.w.set_sender(addr)
+        if self.milters is None:
+            self.w.set_sender(addr)
 
     def add_recipient(self, rcpt: str, notify: str = "", orcpt: str = "") -> None:
         """Remember one envelope recipient, with its DSN NOTIFY and ORCPT; it is rewritten
@@ -451,7 +469,7 @@ class Cleanup:
             self._last_byte = data[-1:]
             if self._body_checks is None:
                 if not (self.discard or self.errors):
-                    self.w.write(data)
+                    self._write(data)
             else:
                 self._body(data)
             return
@@ -604,10 +622,10 @@ class Cleanup:
         if self.in_header:
             self._hout += data
             if len(self._hout) >= Q.BLOCK:
-                self.w.write(self._hout)
+                self._write(self._hout)
                 self._hout.clear()
         else:
-            self.w.write(data)
+            self._write(data)
 
     def _missing_headers(self) -> bytes:
         """The (Resent-)Message-Id:, Date: and From: the message lacks, as Postfix adds."""
@@ -674,7 +692,7 @@ class Cleanup:
         self._every_header = self.local or self.s.always_add
 
     def _log(self, action: str, context: str, text: str, detail: str) -> None:
-        parts = [f"{self.id}: {action}: {context} {text[:200]} from "
+        parts = [f"{self.id}: {self._log_prefix}{action}: {context} {text[:200]} from "
                  f"{self.origin};"]
         if self.sender is not None:
             parts.append(f" from=<{self.sender}>")
@@ -725,7 +743,10 @@ class Cleanup:
                          "need \"headername: headervalue\"")
             else:
                 self._log("prepend", context, text, arg)
-                self._out(arg.encode("utf-8", "surrogateescape") + b"\n")
+                if self._prepends is not None:
+                    self._prepends.append(arg)
+                else:
+                    self._out(arg.encode("utf-8", "surrogateescape") + b"\n")
         elif action == "REPLACE":
             if not arg:
                 msg.warn(f"REPLACE action without text in {title} map")
@@ -758,6 +779,92 @@ class Cleanup:
             msg.warn(f"unknown command in {title} map: {value}")
         return text
 
+    # --- milters (lib/milter.py), as Postfix's cleanup_milter.c ----------------------------
+    def _hold(self, data) -> None:
+        """Content for the milters: kept until finish(), within message_size_limit."""
+        if len(self._held) + len(data) > self.s.milter_limit:
+            if WRITE not in self.errors:
+                msg.warn(f"{self.id}: message too large for the milters")
+                self.errors.add(WRITE)
+            return
+        self._held += data
+
+    def _run_milters(self) -> None:
+        """The message to the milters, their edits applied, then content and sender to the
+        queue file; a reject, discard or hold is logged as Postfix's cleanup does."""
+        from_milters = None
+        if not (self.errors or self.discard):
+            message = milter.Message(bytes(self._held), self)
+            from_milters = self.milters.message(message)
+            if from_milters is None or from_milters[:1] in ("H",):
+                self._held = bytearray(message.content())
+        if from_milters is not None:
+            self.milter_apply("END-OF-MESSAGE", from_milters)
+        if not (self.errors or self.discard):
+            self.w.set_sender(self.sender or "")
+            self.w.write(bytes(self._held))
+        self._held = bytearray()
+
+    def milter_apply(self, event: str, reply: str) -> None:
+        """A milter's verdict on the message (cleanup_milter_apply)."""
+        if reply[0] == "H":
+            if self.hold:
+                return
+            self.hold = True
+            action, text = "milter-hold", reply[1:] or "milter triggers HOLD action"
+        elif reply[0] == "D":
+            if self.discard:
+                return
+            self.discard = True
+            action, text = "milter-discard", "milter triggers DISCARD action"
+        else:
+            if reply[0] == "S":
+                reply = "421 4.7.0 Server closing connection"
+            self.milter_reply = reply
+            self.errors.add(DEFER if reply[0] == "4" else CONT)
+            action, text = "milter-reject", reply[4:]
+        parts = [f"{self.id}: {action}: {event} from {self.origin}: {text};"]
+        if self.sender is not None:
+            parts.append(f" from=<{self.sender}>")
+        if self.first_rcpt is not None:
+            parts.append(f" to=<{self.first_rcpt}>")
+        if self.proto:
+            parts.append(f" proto={self.proto}")
+        if self.helo:
+            parts.append(f" helo=<{self.helo}>")
+        msg.info_as("cleanup", "".join(parts))
+
+    def milter_header_check(self, name: str, value: str) -> list[str]:
+        """milter_header_checks on a header that a milter adds or changes: the header
+        lines to write in its place (PREPEND results first; none after IGNORE or STRIP)."""
+        text = f"{name}:{value}"
+        maps = self.s.milter_header_checks
+        if maps is None or self.errors or self.discard:
+            return [text]
+        self._log_prefix, self._prepends = "milter-header-", []
+        try:
+            result = self._check(maps, "header", text)
+            return self._prepends + ([] if result is None else [result])
+        finally:
+            self._log_prefix, self._prepends = "", None
+
+    def milter_chg_from(self, sender: str, args: str) -> None:
+        msg.verbose(1, f"{self.id}: milter change sender: <{sender}> {args}")
+        self.sender = sender
+
+    def milter_add_rcpt(self, rcpt: str, args: str) -> None:
+        notify = orcpt = ""
+        for word in args.split():
+            key, _, value = word.partition("=")
+            if key.upper() == "NOTIFY":
+                notify = value.upper()
+            elif key.upper() == "ORCPT":
+                orcpt = value
+        self.add_recipient(rcpt, notify, orcpt)
+
+    def milter_del_rcpt(self, rcpt: str) -> None:
+        self.rcpts = [r for r in self.rcpts if r != rcpt]
+
     # --- the end ---------------------------------------------------------------------------
     def finish(self) -> Result:
         """End the content, write the recipients, and commit (or not); a Result."""
@@ -771,11 +878,15 @@ class Cleanup:
             self._body(tail + b"\n")
         elif self._last_byte != b"\n":
             self._out(b"\n")
+        if self.milters is not None:
+            self._run_milters()
         rcpts = self._recipients()
         for bad in (DEFER, HOPS, CONT, WRITE):        # the most severe, as smtpd.c
             if bad in self.errors:
                 self.abort()
-                if bad in (DEFER, CONT) and self.reason:
+                if self.milter_reply and bad in (DEFER, CONT):
+                    reply = self.milter_reply
+                elif bad in (DEFER, CONT) and self.reason:
                     reply = f"{bad[0]} {self.reason}"
                 else:
                     reply = f"{bad[0]} {bad[1]} Error: {bad[2]}"

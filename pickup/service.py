@@ -49,7 +49,9 @@ SECURITY
 CONFIGURATION PARAMETERS
     myhostname, myorigin, mail_name, message_size_limit (10240000), queue_minfree (0),
     smtpd_timeout (300s), the cleanup parameters of lib/cleanup.py, and for -bs the
-    smtpd_* session parameters.
+    smtpd_* session parameters. non_smtpd_milters (empty): the milters of a submission
+    (lib/milter.py), which see it come from localhost[127.0.0.1] over ESMTP, as Postfix's
+    cleanup emulates it; not for sendmail -bs.
 
 FILES
     queue_directory/public/pickup (the socket, 0666), queue_directory/incoming.
@@ -66,7 +68,7 @@ import socket
 import struct
 import time
 
-from ..lib import attr, cleanup, msg, server
+from ..lib import attr, cleanup, milter, msg, server
 from ..lib import queue as Q
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
@@ -278,7 +280,11 @@ def submit(conn: socket.socket, ctx, uid: int, user: str | None, first: dict) ->
             try:
                 if writer is None:
                     writer = _open(ctx, uid, user, sender, fullname, rcpts)
-                result = writer.finish()
+                try:
+                    result = writer.finish()
+                finally:
+                    if writer.milters is not None:
+                        writer.milters.disc_event()
                 writer = None
                 qid = result.queue_id
                 if result.reply:        # refused by the cleanup stage, which logged why
@@ -305,6 +311,8 @@ def submit(conn: socket.socket, ctx, uid: int, user: str | None, first: dict) ->
     finally:
         if writer is not None and not writer.closed:
             writer.abort()
+            if writer.milters is not None:
+                writer.milters.disc_event()
     if problem is not None:
         if writer is not None:
             writer.abort()
@@ -330,17 +338,24 @@ def _open(ctx, uid: int, user: str | None, sender: str, fullname: str,
         msg.warn(f"not enough free space in mail queue: {free} bytes < "
                  f"{ctx.cfg['queue_minfree']} bytes")
         raise _Refused(STATUS_ERROR, "4.3.1 Insufficient system storage")
+    specs = ctx.state.get("milters")
+    ms = milter.Milters(specs, ctx.cfg, None) if specs else None
     writer = local_cleanup(ctx.cfg, ctx.state["cleanup"], ctx.queue_root, uid, user,
-                           fullname)
+                           fullname, milters=ms)
     try:
         writer.add_attr("protocol", "sendmail")
         writer.set_sender(sender)
         msg.info(f"{writer.id}: uid={uid} from=<{sender}>")
         for rcpt in rcpts:
             writer.add_recipient(rcpt)
+        if ms is not None:          # non_smtpd_milters: the envelope stages, emulated
+            ms.evaluate = milter.local_macros(ctx.cfg, writer)
+            milter.emulate_envelope(ms, writer, rcpts)
         writer.write(received_by(ctx.cfg, uid, writer.id))
     except BaseException:
         writer.abort()
+        if ms is not None:
+            ms.disc_event()
         raise
     return writer
 
@@ -361,6 +376,7 @@ def pre_init(ctx) -> None:
     ctx.state["users"] = Users()
     try:
         ctx.state["cleanup"] = cleanup.Settings(ctx.cfg)    # its tables, before the jail
+        ctx.state["milters"] = milter.parse(ctx.cfg.get("non_smtpd_milters"), ctx.cfg)
     except ConfigError as exc:
         msg.fatal(str(exc))
 

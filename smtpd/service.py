@@ -28,6 +28,8 @@ CONFIGURATION PARAMETERS
     ETRN. Behind a load balancer: smtpd_upstream_proxy_protocol (empty, or haproxy),
     smtpd_upstream_proxy_timeout (5s) (smtpd/proxy.py); smtpd_authorized_xclient_hosts
     and smtpd_authorized_xforward_hosts (empty; smtpd/xclient.py).
+    Milters: smtpd_milters (empty) and the milter_* parameters (smtpd/milters.py,
+    lib/milter.py).
     smtpd_tls_security_level is computed once, in
     prepare(), by lib/tls.server_security_level (verify, secure and fingerprint act as
     encrypt, with Postfix's warning), and every session uses that value.
@@ -49,7 +51,7 @@ from ..lib import cleanup, msg, server, tlsmgr_client
 from ..lib import tls as T
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
-from . import proxy, sasl
+from . import milters, proxy, sasl
 from .check import Checker, ClientState
 from .limits import Limits
 from .session import Session
@@ -153,6 +155,7 @@ def pre_init(ctx) -> None:
         ctx.state["checker"] = Checker(ctx.cfg)
         ctx.state["limits"] = Limits(ctx.cfg)
         ctx.state["cleanup"] = cleanup.Settings(ctx.cfg)    # its tables, before the jail
+        ctx.state["milters"] = milters.prepare(ctx.cfg)
     except ConfigError as exc:
         msg.fatal(str(exc))
     try:
@@ -210,6 +213,7 @@ def smtpd_service(conn: socket.socket, ctx) -> None:
     session.hangup, session.client_port = hangup, port
     session.limits_for = lambda c: ctx.state["limits"].session(c, ctx.service.name)
     session.cleanup_settings = ctx.state["cleanup"]
+    milters.setup(session, ctx.state["milters"])
     try:
         session.run()
     finally:

@@ -45,6 +45,12 @@ PROTOCOL
     disabled` when smtpd_discard_ehlo_keywords has dsn): RET and ENVID become the queue
     file attributes dsn_ret and dsn_envid, NOTIFY and ORCPT the recipient's N and O records
     (lib/queue.py). Delivery status notices for them are not implemented.
+    Milters (smtpd_milters, smtpd/milters.py and lib/milter.py) see every stage: their
+    reply replaces smtpd's at connect (a reject: `554 HOST ESMTP not accepting
+    connections`, and the reply persists), HELO/EHLO (421 only), MAIL, RCPT, DATA (and the
+    first BDAT), an unknown command (4XX only) and the end of the message, where the
+    cleanup stage applies their edits before the queue file is committed; logged as
+    Postfix's `milter-reject`, `milter-hold` and `milter-discard`.
     XCLIENT and XFORWARD, for authorized clients only, are in smtpd/xclient.py; greet()
     runs again after XCLIENT. A session whose PROXY header was unusable (hangup) answers
     only `421 4.3.0 HOST Server local error` (smtpd/proxy.py).
@@ -74,6 +80,7 @@ from ..lib import cleanup, flush, msg, tables
 from ..lib import dsn as DSN
 from ..lib import queue as Q
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
+from . import milters as M
 from . import sasl as SASL
 from . import xclient as X
 from .check import ClientState, Reply
@@ -183,6 +190,8 @@ class Session:
     server_addr = server_port = ""      # the server end, when known (XCLIENT DESTADDR)
     limits_for = None       # client -> its limits, for a client that XCLIENT brings
     cleanup_settings = None  # lib/cleanup.Settings, opened before the jail by service.py
+    milters = None          # lib/milter.Milters (smtpd_milters), set by smtpd/milters.setup
+    milter_rcpt = milter_reject = None
 
     def __init__(self, stream, cfg, client: ClientState, queue_root: str, checker,
                  level: str = "none", tls=None, wrapper: bool = False,
@@ -295,7 +304,8 @@ class Session:
         parts.append(f"commands={ok}" if ok == total else f"commands={ok}/{total}")
         return " ".join(parts)
 
-    def log_reject(self, stage: str, reply, rcpt: str | None = None) -> None:
+    def log_reject(self, stage: str, reply, rcpt: str | None = None,
+                   action: str = "reject") -> None:
         """Postfix's log_whatsup: "QUEUEID: reject: STAGE from client: reply; from=<>...";
         the sender and HELO name are the client state's (the ones being checked)."""
         qid = self.writer.id if self.writer else "NOQUEUE"
@@ -312,7 +322,7 @@ class Session:
                          f"sasl_username={self.client.sasl_username}")
         if self.sasl_sender:
             parts.append(f"sasl_sender={self.sasl_sender}")
-        msg.info(f"{qid}: reject: {stage} from {self.client.client}: {reply}; "
+        msg.info(f"{qid}: {action}: {stage} from {self.client.client}: {reply}; "
                  + " ".join(parts))
 
     def protocol(self) -> str:
@@ -348,6 +358,9 @@ class Session:
     # --- transaction state -------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the mail transaction (RSET, end of DATA, STARTTLS)."""
+        if getattr(self, "milter_abort", False):
+            self.milters.abort()
+        self.milter_abort = self.milter_hold = self.milter_discard = False
         if getattr(self, "writer", None) is not None:
             self.writer.abort()
         self.writer = None
@@ -419,6 +432,8 @@ class Session:
             except (StreamTimeout, StreamEOF):
                 pass
             self.reset()
+            if self.milters is not None:
+                self.milters.disc_event()
             self.limits.disconnect()
             msg.info(f"disconnect from {self.client.client} {self.stats()}")
 
@@ -435,8 +450,42 @@ class Session:
             self.log_reject("CONNECT", denied)
             self.access_denied = str(denied)
             self.reply(self.access_denied)
+            return
+        err = None
+        if self.milters is not None:
+            self.milters.disc_event()       # after XCLIENT: a new client, new connections
+            err = self.milters.conn_event(self.client.name, self.client.addr,
+                                          self.client_port or M.sockname(self, "getpeername")[1]
+                                          or "0")
+            if err is not None:
+                err = M.check_reply(self, "CONNECT", err)
+        if err and err[0] == "5":
+            self.reply(f"554 {self.hostname} ESMTP not accepting connections")
+        elif err and err.startswith("421"):
+            self.reply(f"421 {self.hostname} Service unavailable - try again later")
+            raise Disconnect
         else:
             self.reply(f"220 {self.cfg.get('smtpd_banner')}")
+
+    def milter_event(self, where: str, call, rcpt: str | None = None) -> str | None:
+        """One SMTP stage's milter event (a no-op without milters or after a milter's
+        DISCARD): the reply to give instead of smtpd's own, as Postfix's smtpd.c."""
+        if self.milters is None or self.milter_discard:
+            return None
+        err = call(self.milters)
+        if err is None:
+            return None
+        return M.check_reply(self, where, err, rcpt)
+
+    def milter_refuse(self, err: str) -> bool:
+        """Give a milter's reply (it may be multi-line); 421 ends the session."""
+        lines = err.split("\r\n")
+        for line in lines[:-1]:
+            self.reply(line, error=False)
+        self.reply(lines[-1])
+        if err.startswith("421"):
+            raise Disconnect
+        return False
 
     def last_for_log(self) -> str:
         if self.last in ("DATA", "BDAT") and self.data_bytes is not None:
@@ -522,7 +571,13 @@ class Session:
         if handler is None:
             self.last = "UNKNOWN"
             self.count("unknown", False)
-            self.reply("500 5.5.2 Error: command not recognized")
+            err = None
+            if self.milters is not None:       # only a 4XX overrides, as Postfix
+                err = self.milters.unknown_event(line)
+                if err is not None and err[0] not in "4HDS5":
+                    msg.warn(f"unexpected SMFIC_UNKNOWN response: {err}")
+            self.reply(err if err is not None and err[0] == "4"
+                       else "500 5.5.2 Error: command not recognized")
             return False
         self.last = verb.upper()
         if self.tls_required and not self.tls_active and verb not in PRE_TLS:
@@ -551,6 +606,10 @@ class Session:
             self.reply(str(denied))
             return False
         self.reset()
+        err = self.milter_event("EHLO" if esmtp else "HELO",
+                                lambda m: m.helo_event(name))
+        if err is not None and err.startswith("421"):
+            return self.milter_refuse(err)
         self.helo = name
         self.client.helo = self.helo
         self.esmtp = esmtp
@@ -820,6 +879,12 @@ class Session:
             self.reset()
             self.reply(str(denied))
             return False
+        if self.milters is not None:
+            self.milter_abort = True
+            err = self.milter_event("MAIL", lambda m: m.mail_event([f"<{addr}>"] + params))
+            if err is not None:
+                self.reset()
+                return self.milter_refuse(err)
         self.sender = addr
         self.smtputf8 = utf8
         self.dsn_ret, self.dsn_envid = self._dsn_mail
@@ -872,6 +937,13 @@ class Session:
             self.log_reject("RCPT", verdict, addr)
             self.reply(str(verdict))
             return False
+        if self.milters is not None:
+            self.milter_rcpt = addr
+            err = self.milter_event("RCPT", lambda m: m.rcpt_event([f"<{addr}>"] + params),
+                                    addr)
+            self.milter_rcpt = None
+            if err is not None:
+                return self.milter_refuse(err)
         if self.writer is None and not self.open_envelope():
             return False
         try:
@@ -886,6 +958,8 @@ class Session:
         """The cleanup stage (lib/cleanup.py) that writes this message's queue file."""
         if self.cleanup_settings is None:
             self.cleanup_settings = cleanup.Settings(self.cfg)
+        if self.milters is not None:
+            kw.setdefault("milters", self.milters)
         return cleanup.Cleanup(self.cleanup_settings, self.queue_root,
                                origin=self.client.client, proto=self.protocol(),
                                helo=self.helo or "", **kw)
@@ -988,6 +1062,9 @@ class Session:
             self.log_reject("DATA", denied, self._only_rcpt())
             self.reply(str(denied))
             return False
+        err = self.milter_event("DATA", lambda m: m.data_event(), self._only_rcpt())
+        if err is not None:
+            return self.milter_refuse(err)
         self.reply("354 End data with <CR><LF>.<CR><LF>")
         self.s.flush()
         result = self.read_content(self.start_content())
@@ -1150,6 +1227,9 @@ class Session:
             if denied is not None:
                 self.log_reject("DATA", denied, self._only_rcpt())
                 return self.skip_bdat(size, last, str(denied))
+            err = self.milter_event("DATA", lambda m: m.data_event(), self._only_rcpt())
+            if err is not None:
+                return self.skip_bdat(size, last, err)
         if self.size_limit and (self.data_bytes or 0) > self.size_limit - size:
             msg.warn(f"{qid}: BDAT request from {self.client.client} exceeds message "
                      f"size limit")
@@ -1224,6 +1304,10 @@ class Session:
             self.reset()        # the queue file is discarded, as Postfix's mail_reset
             self.reply(str(denied))
             return False
+        if self.milter_hold:            # a milter's HOLD or DISCARD before the content
+            self.writer.hold = True
+        if self.milter_discard:
+            self.writer.discard = True
         try:
             result = self.writer.finish()
         except OSError as exc:
@@ -1233,8 +1317,7 @@ class Session:
         self.writer = None
         self.reset()
         if result.reply:        # rejected or deferred by the cleanup stage (it logged why)
-            self.reply(result.reply)
-            return False
+            return self.milter_refuse(result.reply)
         qid = result.queue_id   # queued, held, or discarded: the client is told "queued"
         self.reply(f"250 2.0.0 Ok: queued as {qid}")
         self.s.flush()

@@ -1,0 +1,176 @@
+"""smtpd's side of the milters (smtpd_milters), as Postfix's smtpd_milter.c and the
+milter calls of smtpd.c.
+
+DESCRIPTION
+    prepare(cfg) parses smtpd_milters once per worker (a bad list is fatal, as Postfix);
+    setup(session, specs) gives a session its lib/milter.Milters, whose macros are
+    evaluated here with Postfix's values: j ($myhostname), {daemon_name}
+    ($milter_macro_daemon_name), {daemon_addr}, {daemon_port}, v ($milter_macro_v),
+    _ (`name [addr]`, `(may be forged)` when the verified name differs), {client_addr},
+    {client_port}, {client_name}, {client_ptr}, {client_resolve}, {client_connections},
+    {tls_version}, {cipher}, {cipher_bits}, {cert_subject}, {cert_issuer} (a trusted
+    client certificate only), i (the queue ID), {auth_type}, {auth_authen},
+    {auth_author}, {mail_addr}, {mail_host}, {mail_mailer}, {rcpt_addr}, {rcpt_host},
+    {rcpt_mailer} (resolved as smtpd_resolve_addr does).
+
+    check_reply(session, where, reply, rcpt) is Postfix's check_milter_reply: it logs
+    `NOQUEUE: milter-reject: MAIL from host[addr]: 550 5.7.1 Command rejected; from=<...>
+    proto=ESMTP helo=<...>` (milter-hold, milter-discard likewise), remembers hold and
+    discard for the message, and returns the SMTP reply, if any.
+
+CONFIGURATION PARAMETERS
+    smtpd_milters (empty), milter_macro_daemon_name ($myhostname), milter_macro_v
+    ($mail_name $mail_version), and those of lib/milter.py.
+
+SEE ALSO
+    lib/milter.py, smtpd/session.py, lib/cleanup.py.
+"""
+
+from __future__ import annotations
+
+from ..lib import milter
+from ..lib.resolve import ResolveError
+
+SMTPD_MILTERS_DISABLE = "DISABLE"
+
+
+def prepare(cfg) -> list:
+    """smtpd_milters, parsed; lib.maincf.ConfigError when malformed."""
+    text = cfg.get("smtpd_milters").strip()
+    if not text or text.upper() == SMTPD_MILTERS_DISABLE:
+        return []
+    return milter.parse(text, cfg)
+
+
+def setup(session, specs: list) -> None:
+    """The session's milters (None without smtpd_milters)."""
+    session.milters = milter.Milters(specs, session.cfg, lambda name: evaluate(session, name)) \
+        if specs else None
+    session.milter_rcpt = None          # the recipient being checked, for {rcpt_*}
+    session.milter_reject = None        # smtpd's own reject of it (SMFIP_RCPT_REJ)
+
+
+def _resolved(session, addr: str, sender: str | None = None):
+    resolver = getattr(session.checker, "resolver", None)
+    if resolver is None:
+        return None
+    try:
+        return resolver.resolve(addr, sender)
+    except ResolveError:
+        return None
+
+
+def evaluate(session, name: str) -> str | None:
+    """A macro's value for this session, or None (not sent), as smtpd_milter_eval."""
+    cfg, client = session.cfg, session.client
+    if name == "{daemon_name}":
+        return cfg.get("milter_macro_daemon_name")
+    if name == "v":
+        return cfg.get("milter_macro_v")
+    if name == "_":
+        text = f"{client.reverse_name} [{client.addr}]"
+        if client.name.lower() != client.reverse_name.lower():
+            text += " (may be forged)"
+        return text
+    if name == "j":
+        return session.hostname
+    if name == "{client_addr}":
+        return client.addr
+    if name == "{client_port}":
+        return session.client_port or sockname(session, "getpeername")[1] or "0"
+    if name == "{client_name}":
+        return client.name
+    if name == "{client_ptr}":
+        return client.reverse_name
+    if name == "{client_resolve}":
+        return {"ok": "OK", "forged": "FORGED", "temp": "TEMP"}.get(client.name_status,
+                                                                   "FAIL")
+    if name == "{client_connections}":
+        return "0"
+    if name == "{daemon_addr}":
+        return session.server_addr or sockname(session, "getsockname")[0]
+    if name == "{daemon_port}":
+        return session.server_port or sockname(session, "getsockname")[1]
+    info = session.tls_info if session.tls_active else None
+    if name in ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}",
+                "{cert_issuer}"):
+        if info is None:
+            return None
+        if name == "{tls_version}":
+            return info.protocol
+        if name == "{cipher}":
+            return info.cipher_name
+        if name == "{cipher_bits}":
+            return str(info.cipher_usebits)
+        if not client.ccert_verified:
+            return None
+        return info.peer_CN if name == "{cert_subject}" else info.issuer_CN
+    if name == "i":
+        return session.writer.id if session.writer is not None else None
+    if name == "{auth_type}":
+        return session.sasl_method if client.sasl_username else None
+    if name == "{auth_authen}":
+        return client.sasl_username
+    if name == "{auth_author}":
+        return session.sasl_sender
+    if name in ("{mail_addr}", "{mail_host}", "{mail_mailer}"):
+        sender = client.sender
+        if sender is None:
+            return None
+        if name == "{mail_addr}" and not sender:
+            return ""
+        route = _resolved(session, sender)
+        if route is None:
+            return None
+        return {"{mail_addr}": route.recipient, "{mail_host}": route.nexthop,
+                "{mail_mailer}": route.transport}[name]
+    if name in ("{rcpt_addr}", "{rcpt_host}", "{rcpt_mailer}"):
+        rcpt = session.milter_rcpt
+        if rcpt is None:
+            return None
+        reject = session.milter_reject
+        if reject is not None:          # smtpd rejected it: the reply, as Postfix
+            code, _, rest = reject.partition(" ")
+            dsn, _, text = rest.partition(" ")
+            return {"{rcpt_addr}": text, "{rcpt_host}": dsn,
+                    "{rcpt_mailer}": "error"}[name]
+        if name == "{rcpt_addr}" and not rcpt:
+            return ""
+        route = _resolved(session, rcpt, client.sender)
+        if route is None:
+            return None
+        return {"{rcpt_addr}": route.recipient, "{rcpt_host}": route.nexthop,
+                "{rcpt_mailer}": route.transport}[name]
+    return None
+
+
+def sockname(session, call: str) -> tuple[str, str]:
+    try:
+        host, port = getattr(session.s.sock, call)()[:2]
+    except (OSError, AttributeError, ValueError, TypeError):
+        return "", ""
+    return (host[7:] if host.startswith("::ffff:") else host), str(port)
+
+
+def check_reply(session, where: str, reply: str, rcpt: str | None = None) -> str | None:
+    """Postfix's check_milter_reply: log, remember hold/discard; the SMTP reply or None."""
+    if reply[0] == "H":
+        if session.milter_hold:
+            return None
+        session.milter_hold = True
+        action, text, reply = "milter-hold", reply[1:] or "milter triggers HOLD action", None
+    elif reply[0] == "D":
+        if session.milter_discard:
+            return None
+        session.milter_discard = True
+        action, text, reply = "milter-discard", "milter triggers DISCARD action", None
+    elif reply[0] == "S":
+        action, reply = "milter-reject", "421 4.7.0 Server closing connection"
+        text = reply
+    elif reply[0] in "45":
+        action, text = "milter-reject", reply
+    else:
+        action, reply = "reject", "421 4.3.5 Server configuration error"
+        text = reply
+    session.log_reject(where, text, rcpt, action=action)
+    return reply
