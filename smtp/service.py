@@ -65,6 +65,11 @@ CONFIGURATION PARAMETERS
     when the TLS handshake (or the TLS session) fails (smtp/session.py). The lmtp program reads lmtp_* where postfix-py declares it, else smtp_*.
     smtp_dns_nameservers (empty: the system's resolv.conf), smtp_dns_timeout (10s).
     smtp_fallback_relay ($fallback_relay; fallback_relay: empty), lmtp_fallback_relay (empty).
+    MTA-STS (smtp/mta_sts.py; the smtp client only): smtp_tls_mta_sts_enable (no), with it
+    an MX next hop's policy decides each MX host's TLS policy, and the log says
+    "MTA-STS policy for DOMAIN: mode MODE, id ID"; TLSRPT (lib/tlsrpt.py):
+    smtp_tlsrpt_enable (no), each session's TLS outcome counted in tlsrpt_database.
+    Both files are LMDB in data_directory, opened in pre_init, before the chroot.
 
 FILES
     queue_directory/private/smtp, relay, lmtp: the service sockets
@@ -316,33 +321,43 @@ def _tlsrpt_record(ctx, dest, addr, sts, result: str, policy=None, local_ip="") 
                  addr.name if addr else "", addr.addr if addr else "")
 
 
-def _tlsrpt_session(ctx, dest, addr, policy, sts, sess, sock) -> None:
-    """The TLS outcome of one session, after the greeting and (maybe) STARTTLS."""
-    if ctx.state.get("tlsrpt") is None or not dest.mx or dest.unix:
-        return
+def _tls_outcome(dest, addr, policy, sess) -> str | None:
+    """The TLSRPT result of a session after greeting and STARTTLS ("" success), or None
+    when there is nothing to say (no EHLO, or TLS neither wanted nor attempted)."""
     starter = sess.tls
     sts_policy = policy.source.startswith("MTA-STS")
     if starter is None or starter.conn is None:
-        # No handshake: recorded when TLS was wanted and not offered.
         if not sess.server_helo or "STARTTLS" in sess.features:
-            return
+            return None
         if not sts_policy and not tls_policy.requires_tls(policy.level):
-            return
-        result = tlsrpt.STARTTLS_NOT_SUPPORTED
-    else:
-        info = starter.tls_info
-        matched = bool(info and info.peer_matched)
-        if info is not None and not matched and sts_policy:
-            # testing mode runs at may: the name check RFC 8461 asks for, done here.
-            try:
-                cert = starter.conn.get_peer_certificate()
-                matched = cert is not None and libtls.match_peername(cert, [addr.name])[0]
-            except Exception:       # noqa: BLE001 - no certificate to judge
-                matched = False
-        result = tlsrpt.classify(True, info is not None, info, matched,
-                                 sts_policy or tls_policy.must_match(policy.level))
+            return None
+        return tlsrpt.STARTTLS_NOT_SUPPORTED
+    info = starter.tls_info
+    matched = bool(info and info.peer_matched)
+    if info is not None and not matched and sts_policy:
+        # testing mode runs at may: the name check RFC 8461 asks for, done here.
+        try:
+            cert = starter.conn.get_peer_certificate()
+            matched = cert is not None and libtls.match_peername(cert, [addr.name])[0]
+        except Exception:       # noqa: BLE001 - no certificate to judge
+            matched = False
+    return tlsrpt.classify(True, info is not None, info, matched,
+                           sts_policy or tls_policy.must_match(policy.level))
+
+
+def _tlsrpt_session(ctx, dest, addr, policy, sts, sess, sock) -> None:
+    """Judge one session for MTA-STS testing mode (logged) and TLSRPT (recorded)."""
+    testing = policy.source == mta_sts.SOURCE_TESTING
+    if (ctx.state.get("tlsrpt") is None and not testing) or not dest.mx or dest.unix:
+        return
+    result = _tls_outcome(dest, addr, policy, sess)
+    if result is None:
+        return
+    if testing and result:
+        msg.info(f"MTA-STS policy for {dest.host}: mode testing: would defer delivery to "
+                 f"{addr.namaddrport}: {result}")
     try:
-        local_ip = sock.getsockname()[0] if sock.family != socket.AF_UNIX else ""
+        local_ip = sock.getsockname()[0]
     except OSError:
         local_ip = ""
     _tlsrpt_record(ctx, dest, addr, sts, result, policy, local_ip)
