@@ -369,9 +369,10 @@ class MtaSts:
         cached = self.cache.get(domain) if self.cache is not None else None
         if cached is not None and cached.expired(now):
             cached = None
-        ident, soft = self._txt_id(domain)
+        ident, _ = self._txt_id(domain)
         if ident is None:
-            # No record (or DNS trouble): a cached policy that has not expired still holds.
+            # No record, or DNS trouble (section 5.1): a cached policy that has not
+            # expired still holds.
             return Lookup(cached)
         if cached is not None and cached.id == ident:
             return Lookup(cached)
