@@ -20,26 +20,23 @@ import glob
 import gzip
 import json
 import os
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import dns.resolver
 import pytest
 import trustme
 
-from pfxinst import Instance, free_port, wait_for
+from peers import DNSMASQ, Dnsmasq
+from pfxinst import Instance, wait_for
 from postfix_py.lib import attr, deliver
 from postfix_py.lib import queue as Q
 from sink import FakeServer
 
-DNSMASQ = shutil.which("dnsmasq", path="/usr/sbin:/usr/bin")
 pytestmark = pytest.mark.skipif(not DNSMASQ or os.geteuid() != 0,
                                 reason="needs dnsmasq and root (chroot)")
 
@@ -58,17 +55,20 @@ POLICIES = {
 # --- peers ----------------------------------------------------------------------------------
 
 class Dns:
-    """dnsmasq on 127.0.0.1:port; restart() serves the records again with other ids."""
+    """tests/peers.py's dnsmasq with the records of these tests; restart() serves them
+    again with other policy ids."""
 
     def __init__(self, root: Path, https_port: int):
-        self.root = root
-        self.port = free_port()
         self.https_port = https_port
-        self.proc = None
-        self.log = open(root / "dnsmasq.log", "a")
-        self.start({d: "20261205T000000" for d in DOMAINS})
+        self.ids = {d: "20261205T000000" for d in DOMAINS}
+        self.server = Dnsmasq(self.records(), root / "dnsmasq.log", ready=self.ready)
+        self.port = self.server.port
 
-    def records(self, ids):
+    def ready(self, r):
+        txt = r.resolve("_mta-sts.enforce.test", "TXT")
+        return self.ids["enforce.test"] in txt.rrset.to_text()
+
+    def records(self):
         out = ["--host-record=rua.report.test,127.0.0.1",
                "--txt-record=_smtp._tls.enforce.test,v=TLSRPTv1; "
                f"rua=https://rua.report.test:{self.https_port}/tlsrpt",
@@ -76,37 +76,15 @@ class Dns:
         for d in DOMAINS:
             out += [f"--mx-host={d},mx.{d},10", f"--host-record=mx.{d},127.0.0.1",
                     f"--host-record=mta-sts.{d},127.0.0.1",
-                    f"--txt-record=_mta-sts.{d},v=STSv1; id={ids[d]}"]
+                    f"--txt-record=_mta-sts.{d},v=STSv1; id={self.ids[d]}"]
         return out
 
-    def start(self, ids):
-        self.ids = dict(ids)
-        self.proc = subprocess.Popen(
-            [DNSMASQ, "--no-daemon", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
-             "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={self.port}",
-             "--pid-file=", "--user=nobody", "--group=nogroup", "--local=/test/",
-             "--no-negcache", *self.records(self.ids)],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        r = dns.resolver.Resolver(configure=False)
-        r.nameservers = ["127.0.0.1"]
-        r.port = self.port
-        r.lifetime = 0.5
-
-        def answers():
-            try:
-                txt = r.resolve("_mta-sts.enforce.test", "TXT")
-                return self.ids["enforce.test"] in txt.rrset.to_text()
-            except Exception:       # noqa: BLE001 - not up yet
-                return False
-        wait_for(answers, 10, what="dnsmasq")
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(10)
-
     def restart(self, **ids):
-        self.stop()
-        self.start(dict(self.ids, **ids))
+        self.ids.update(ids)
+        self.server.restart(self.records(), ready=self.ready)
+
+    def close(self):
+        self.server.close()
 
 
 class Https:
@@ -272,8 +250,7 @@ def env(tmp_path_factory):
         inst.cleanup()
         for s in sinks.values():
             s.stop()
-        dnsd.stop()
-        dnsd.log.close()
+        dnsd.close()
         https.stop()
 
 
