@@ -34,6 +34,8 @@ import trustme
 from peers import DNSMASQ, Dnsmasq
 from pfxinst import Instance, wait_for
 from postfix_py.lib import attr, deliver
+from postfix_py.lib import https as libhttps
+from postfix_py.smtp import mta_sts
 from postfix_py.lib import queue as Q
 from sink import FakeServer
 
@@ -41,6 +43,7 @@ pytestmark = pytest.mark.skipif(not DNSMASQ or os.geteuid() != 0,
                                 reason="needs dnsmasq and root (chroot)")
 
 DOMAINS = ("enforce.test", "mismatch.test", "testing.test", "unlisted.test")
+BROKEN = ("redirect.test", "html.test", "big.test")     # policy servers that misbehave
 POLICIES = {
     "enforce.test": "version: STSv1\r\nmode: enforce\r\nmx: mx.enforce.test\r\n"
                     "max_age: 86400\r\n",
@@ -73,6 +76,7 @@ class Dns:
                "--txt-record=_smtp._tls.enforce.test,v=TLSRPTv1; "
                f"rua=https://rua.report.test:{self.https_port}/tlsrpt",
                "--txt-record=_smtp._tls.testing.test,v=TLSRPTv1; rua=mailto:nobody@localhost"]
+        out += [f"--host-record=mta-sts.{d},127.0.0.1" for d in BROKEN]
         for d in DOMAINS:
             out += [f"--mx-host={d},mx.{d},10", f"--host-record=mx.{d},127.0.0.1",
                     f"--host-record=mta-sts.{d},127.0.0.1",
@@ -93,7 +97,7 @@ class Https:
     def __init__(self, ca):
         self.fetches = Counter()
         self.posts = []
-        cert = ca.issue_cert(*(f"mta-sts.{d}" for d in DOMAINS), "rua.report.test")
+        cert = ca.issue_cert(*(f"mta-sts.{d}" for d in DOMAINS + BROKEN), "rua.report.test")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         cert.configure_cert(ctx)
         outer = self
@@ -105,14 +109,23 @@ class Https:
             def do_GET(self):
                 host = (self.headers.get("Host") or "").split(":")[0]
                 domain = host.removeprefix("mta-sts.")
-                body = POLICIES.get(domain)
+                outer.fetches[domain] += 1
+                if domain == "redirect.test":
+                    self.send_response(301)
+                    self.send_header("Location", "https://mta-sts.enforce.test" + self.path)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = {"html.test": POLICIES["enforce.test"],
+                        "big.test": POLICIES["enforce.test"] + "#" * 70000 + "\n"
+                        }.get(domain, POLICIES.get(domain))
                 if self.path != "/.well-known/mta-sts.txt" or body is None:
                     self.send_error(404)
                     return
-                outer.fetches[domain] += 1
                 data = body.encode()
                 self.send_response(200)
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Type", "text/html" if domain == "html.test"
+                                 else "text/plain; charset=utf-8")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -245,7 +258,7 @@ def env(tmp_path_factory):
         inst.start()
         wait_for(lambda: (inst.queue / "private" / "sts").exists(), 10, what="private/sts")
         yield type("Env", (), {"inst": inst, "dns": dnsd, "https": https, "sinks": sinks,
-                               "sent": Counter()})
+                               "sent": Counter(), "ca_file": ca_file})
     finally:
         inst.cleanup()
         for s in sinks.values():
@@ -344,6 +357,33 @@ def test_testing_mode_delivers_despite_the_certificate_and_says_so(env):
     assert (f"MTA-STS policy for testing.test: mode testing: would defer delivery to "
             f"mx.testing.test[127.0.0.1]:{bad.port}: certificate-host-mismatch") in log
     env.sent["testing.test"] += 1
+
+
+def test_policy_fetches_that_must_fail(env):
+    """No redirects, text/plain only, 64 KiB at most, a certificate from a trusted CA."""
+    ctx = libhttps.client_context(str(env.ca_file))
+    sts = mta_sts.MtaSts(env.dns.server.resolver(), ctx, None, port=env.https.port,
+                         timeout=5)
+    assert sts.fetch("enforce.test", "x").mx == ("mx.enforce.test",)
+    fetched = env.https.fetches["enforce.test"]
+    for domain, kind, text in (("redirect.test", "sts-policy-fetch-error", "HTTP status 301"),
+                               ("html.test", "sts-policy-invalid", "is not text/plain"),
+                               ("big.test", "sts-policy-fetch-error", "larger than 65536")):
+        with pytest.raises(mta_sts.StsError) as info:
+            sts.fetch(domain, "x")
+        assert (info.value.kind, text in str(info.value)) == (kind, True), str(info.value)
+    # the redirect was not followed
+    assert (env.https.fetches["redirect.test"], env.https.fetches["enforce.test"]) == \
+        (1, fetched)
+    stranger = Https(trustme.CA())          # a certificate no configured CA vouches for
+    try:
+        sts.port = stranger.port
+        with pytest.raises(mta_sts.StsError) as info:
+            sts.fetch("enforce.test", "x")
+        assert info.value.kind == "sts-webpki-invalid", str(info.value)
+        assert stranger.fetches["enforce.test"] == 0
+    finally:
+        stranger.stop()
 
 
 # --- TLSRPT ---------------------------------------------------------------------------------

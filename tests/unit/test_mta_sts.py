@@ -100,3 +100,52 @@ def test_cache_round_trip_and_expiry(tmp_path):
     assert not got.expired(1059.0) and got.expired(1060.0)
     assert cache.get("other.example") is None
     cache.close()
+
+
+class FakeSts(mta_sts.MtaSts):
+    """MtaSts with the TXT answer and the fetch replaced: lookup()'s rules alone."""
+
+    def __init__(self, cache, clock):
+        super().__init__(None, None, cache, clock=clock, warn=self.warned.append)
+        self.txt = "v1"         # the id the TXT record has; None: no record
+        self.fail = None        # StsError the fetch raises
+        self.fetched = 0
+
+    warned: list = []
+
+    def _txt_id(self, domain):
+        return self.txt, False
+
+    def fetch(self, domain, ident):
+        self.fetched += 1
+        if self.fail is not None:
+            raise self.fail
+        return StsPolicy(domain, ident, "enforce", ("mx.example.com",), 100, self.clock(),
+                         GOOD)
+
+
+def test_lookup_fetches_on_new_id_or_expiry_and_keeps_a_live_policy(tmp_path):
+    now = [1000.0]
+    s = FakeSts(mta_sts.PolicyCache(str(tmp_path / "c")), lambda: now[0])
+    first = s.lookup("Example.COM.")
+    assert first.fetched and first.policy.id == "v1" and s.fetched == 1
+    assert s.lookup("example.com").policy == first.policy and s.fetched == 1   # cached
+    s.txt = "v2"
+    assert s.lookup("example.com").policy.id == "v2" and s.fetched == 2       # new id
+    now[0] += 100                                                               # max_age
+    assert s.lookup("example.com").fetched and s.fetched == 3
+    # no TXT record (or DNS trouble): the cached policy holds until it expires
+    s.txt = None
+    assert s.lookup("example.com").policy.id == "v2" and s.fetched == 3
+    now[0] += 100
+    assert s.lookup("example.com").policy is None
+    # a new id whose fetch fails: the live cached policy, and the failure to report
+    s.txt = "v3"
+    s.lookup("example.com")
+    s.txt, s.fail = "v4", StsError("HTTP status 500", mta_sts.FETCH_ERROR)
+    found = s.lookup("example.com")
+    assert (found.policy.id, found.failure) == ("v3", "sts-policy-fetch-error")
+    # ... and nothing when there is no cached policy
+    found = s.lookup("other.example")
+    assert (found.policy, found.failure) == (None, "sts-policy-fetch-error")
+    s.cache.close()
