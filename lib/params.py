@@ -391,11 +391,11 @@ PARAMS: list[Param] = [
     # --- MTA-STS (RFC 8461, smtp/mta_sts.py) and TLSRPT (RFC 8460, lib/tlsrpt.py) ----
     _p("smtp_tls_mta_sts_enable", "no", BOOL, "postfix-py extension: apply the MTA-STS policies (RFC 8461) of next-hop domains to MX deliveries"),
     _p("smtp_tls_mta_sts_CAfile", "", STR, "postfix-py extension: CA certificates that authenticate MTA-STS policy servers (empty: the system's bundle), read before chroot"),
-    _p("smtp_tls_mta_sts_cache", "${data_directory}/mta_sts_cache", STR, "postfix-py extension: the MTA-STS policy cache, an LMDB file outside the jail (empty: no cache)"),
+    _p("smtp_tls_mta_sts_cache", "${data_directory}/mta_sts_cache.lmdb", STR, "postfix-py extension: the MTA-STS policy cache, an LMDB file outside the jail (empty: no cache)"),
     _p("smtp_tls_mta_sts_fetch_timeout", "10s", TIME, "postfix-py extension: time limit of an MTA-STS policy fetch", min=1, max=300),
     _p("smtp_tls_mta_sts_https_port", "443", INT, "postfix-py extension: port of MTA-STS policy servers (RFC 8461 says 443; other values are for tests)", min=1, max=65535),
     _p("smtp_tlsrpt_enable", "no", BOOL, "record outbound TLS outcomes for TLSRPT (RFC 8460) reports (Postfix 3.10; reports sent by postfix-py tlsrpt send)"),
-    _p("tlsrpt_database", "${data_directory}/tlsrpt", STR, "postfix-py extension: the TLSRPT outcome store, an LMDB file outside the jail"),
+    _p("tlsrpt_database", "${data_directory}/tlsrpt.lmdb", STR, "postfix-py extension: the TLSRPT outcome store, an LMDB file outside the jail"),
     _p("tlsrpt_organization_name", "$myhostname", STR, "postfix-py extension: organization-name of TLSRPT reports"),
     _p("tlsrpt_contact_info", "postmaster@$myhostname", STR, "postfix-py extension: contact-info of TLSRPT reports"),
     _p("tlsrpt_sender", "postmaster@$myhostname", STR, "postfix-py extension: envelope and From: address of mailed TLSRPT reports"),

@@ -15,7 +15,7 @@ DESCRIPTION
     MTA-STS discovery are (sts-policy-fetch-error, sts-policy-invalid,
     sts-webpki-invalid).
 
-    Store: one LMDB file (tlsrpt_database, default $data_directory/tlsrpt, outside the
+    Store: one LMDB file (tlsrpt_database, default $data_directory/tlsrpt.lmdb, outside the
     jail), opened by every smtp process before its chroot; LMDB's lock file serialises
     the writers. One entry per UTC day, domain and policy, holding the counters.
 
@@ -40,7 +40,7 @@ FUNCTIONS AND CLASSES
     Sender(cfg, resolver, submit, ctx).send_due(today, include_today=False) -> counts
 
 CONFIGURATION PARAMETERS
-    smtp_tlsrpt_enable (no), tlsrpt_database ($data_directory/tlsrpt),
+    smtp_tlsrpt_enable (no), tlsrpt_database ($data_directory/tlsrpt.lmdb),
     tlsrpt_organization_name ($myhostname), tlsrpt_contact_info
     (postmaster@$myhostname), tlsrpt_sender (postmaster@$myhostname),
     tlsrpt_https_CAfile (empty: the system's CA bundle), tlsrpt_https_timeout (30s);

@@ -19,7 +19,7 @@ DESCRIPTION
     seconds), and `mx` patterns (`mail.example.com`, or `*.example.com` for exactly
     one more label).
 
-    Cache: one LMDB file (smtp_tls_mta_sts_cache, default $data_directory/mta_sts_cache,
+    Cache: one LMDB file (smtp_tls_mta_sts_cache, default $data_directory/mta_sts_cache.lmdb,
     outside the jail), opened before the chroot by each smtp process; LMDB's lock file
     lets the processes share it. A policy is re-fetched only when the TXT id differs
     from the cached one or the cached policy is older than its max_age; when DNS or the
@@ -53,7 +53,7 @@ FUNCTIONS
 
 CONFIGURATION PARAMETERS
     smtp_tls_mta_sts_enable (no), smtp_tls_mta_sts_CAfile (empty: the system's CA
-    bundle), smtp_tls_mta_sts_cache ($data_directory/mta_sts_cache),
+    bundle), smtp_tls_mta_sts_cache ($data_directory/mta_sts_cache.lmdb),
     smtp_tls_mta_sts_fetch_timeout (10s), smtp_tls_mta_sts_https_port (443: RFC 8461;
     another port is for tests), lmdb_map_size. All postfix-py extensions.
 
