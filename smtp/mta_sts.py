@@ -29,8 +29,9 @@ DESCRIPTION
     gives every process directly. The files are written by the smtp processes through
     descriptors opened before the chroot and the privilege drop.)
 
-    The decision, apply(): DANE wins (a policy at level dane or dane-only, or whose
-    source names DANE, is left alone), and so does a policy that already authenticates
+    The decision, apply(): DANE wins (a policy at level dane or dane-only is left
+    alone; one that fell back to may for want of usable TLSA records is not DANE), and so
+    does a policy that already authenticates
     (fingerprint, verify, secure). Otherwise, in mode enforce, an MX host that matches
     no pattern is skipped (4.7.5 "MX host H does not match the MTA-STS policy of D"),
     and a matching one gets level verify with match=hostname (a PKIX-valid certificate
@@ -222,7 +223,9 @@ def mx_allowed(policy: StsPolicy, host: str) -> bool:
 # --- the decision --------------------------------------------------------------------------
 
 def _dane(policy: tls_policy.Policy) -> bool:
-    return policy.level in ("dane", "dane-only") or "dane" in policy.source.lower()
+    """DANE is in force: its levels (a DANE policy that fell back to may for want of
+    usable TLSA records is no DANE, and MTA-STS applies, RFC 8461 section 2)."""
+    return policy.level in ("dane", "dane-only")
 
 
 def apply(policy: tls_policy.Policy, sts: StsPolicy | None, mx_host: str):

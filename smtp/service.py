@@ -306,8 +306,7 @@ def _tlsrpt_policy(dest, policy, sts) -> dict:
     if p is not None and p.mode != "none" and (policy is None or
                                                policy.source.startswith("MTA-STS")):
         return tlsrpt.policy_dict("sts", dest.host, p.text, p.mx)
-    if policy is not None and (policy.level in ("dane", "dane-only")
-                               or "dane" in policy.source.lower()):
+    if policy is not None and policy.level in ("dane", "dane-only"):
         return tlsrpt.policy_dict("tlsa", dest.host)
     return tlsrpt.policy_dict("no-policy-found", dest.host)
 

@@ -82,8 +82,11 @@ def test_testing_mode_delivers_and_none_is_no_policy():
 
 
 def test_dane_wins():
-    for dane in (Policy("dane"), Policy("dane-only"), Policy("may", source="DANE policy")):
+    for dane in (Policy("dane"), Policy("dane-only")):
         assert mta_sts.apply(dane, sts(), "not.listed.example") == (dane, None)
+    # DANE that found no usable TLSA records fell back to may: MTA-STS applies
+    p, why = mta_sts.apply(Policy("may", source="DANE (no TLSA)"), sts(), "mx.example.com")
+    assert (p.level, p.source) == ("verify", "MTA-STS policy")
 
 
 def test_invalid_policy_is_left_for_the_caller():
