@@ -30,9 +30,8 @@ DESCRIPTION
     descriptors opened before the chroot and the privilege drop.)
 
     The decision, apply(): DANE wins (a policy at level dane or dane-only is left
-    alone; one that fell back to may for want of usable TLSA records is not DANE), and so
-    does a policy that already authenticates
-    (fingerprint, verify, secure). Otherwise, in mode enforce, an MX host that matches
+    alone; one that fell back to may for want of usable TLSA records is not DANE), and
+    so does a policy that already authenticates (fingerprint, verify, secure). Otherwise, in mode enforce, an MX host that matches
     no pattern is skipped (4.7.5 "MX host H does not match the MTA-STS policy of D"),
     and a matching one gets level verify with match=hostname (a PKIX-valid certificate
     for the MX host name), SNI the MX host name, source "MTA-STS policy". In mode
