@@ -278,7 +278,9 @@ def _policy_for(ctx, dest, addr, d: session.Delivery, sts=None):
     if sts is not None:
         policy, why = mta_sts.apply(policy, sts.policy, addr.name)
         if policy is None:
-            msg.info(f"{d.queue_id}: {why[1]}")
+            # Postfix 3.10.5's warning (smtp_tls_authorize_mx_hostname); the host is skipped.
+            msg.warn(f"MX name '{addr.name}' does not match STS MX pattern for "
+                     f"'{sts.policy.domain}'")
             d.why = why
             _tlsrpt_record(ctx, dest, addr, sts, tlsrpt.VALIDATION_FAILURE)
             return None

@@ -346,6 +346,8 @@ def test_enforce_skips_an_mx_host_that_the_policy_does_not_list(env):
     assert r.reason == ("MX host mx.unlisted.test does not match the MTA-STS policy of "
                         "unlisted.test")
     assert good.connections == before
+    assert "warning: MX name 'mx.unlisted.test' does not match STS MX pattern for " \
+        "'unlisted.test'" in log
 
 
 def test_testing_mode_delivers_despite_the_certificate_and_says_so(env):
