@@ -23,7 +23,8 @@ DESCRIPTION
     outside the jail), opened before the chroot by each smtp process; LMDB's lock file
     lets the processes share it. A policy is re-fetched only when the TXT id differs
     from the cached one or the cached policy is older than its max_age; when DNS or the
-    fetch fails, a cached policy that has not expired still applies (section 5.1).
+    fetch fails, a cached policy that has not expired still applies (section 5.1). A
+    failed fetch is not tried again for the same id for FETCH_RETRY seconds (5 minutes).
     (Why not in tlsmgr, beside the TLS session cache: tlsmgr's protocol carries opaque
     sessions under ids; a policy cache needs read-modify-write per domain, which LMDB
     gives every process directly. The files are written by the smtp processes through
@@ -85,6 +86,7 @@ MAX_POLICY = 64 * 1024          # RFC 8461 section 3.3: 64 KiB at most
 MAX_AGE_LIMIT = 31557600        # section 3.2: about one year
 POLICY_PATH = "/.well-known/mta-sts.txt"
 MODES = ("enforce", "testing", "none")
+FETCH_RETRY = 300               # seconds before a failed fetch of the same id is tried again
 _ID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 _MAX_AGE_RE = re.compile(r"^[0-9]{1,10}$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
@@ -315,6 +317,9 @@ class MtaSts:
         self.clock = clock
         self.info = info
         self.warn = warn
+        # domain -> (id, not before, failure Lookup): a policy server that is down costs
+        # one fetch timeout per FETCH_RETRY and process, not one per delivery.
+        self.failed: dict[str, tuple[str, float, Lookup]] = {}
 
     def _txt_id(self, domain: str) -> tuple[str | None, bool]:
         """(id or None, temporary failure)."""
@@ -378,11 +383,18 @@ class MtaSts:
             return Lookup(cached)
         if cached is not None and cached.id == ident:
             return Lookup(cached)
+        failed = self.failed.get(domain)
+        if failed is not None and failed[0] == ident and now < failed[1]:
+            return Lookup(cached, failed[2].failure, failed[2].detail)
         try:
             policy = self.fetch(domain, ident)
         except StsError as exc:
             self.warn(f"MTA-STS policy for {domain}: {exc}")
+            if len(self.failed) > 1000:
+                self.failed.clear()
+            self.failed[domain] = (ident, now + FETCH_RETRY, Lookup(None, exc.kind, str(exc)))
             return Lookup(cached, exc.kind, str(exc))
+        self.failed.pop(domain, None)
         if self.cache is not None:
             self.cache.put(policy)
         return Lookup(policy, fetched=True)

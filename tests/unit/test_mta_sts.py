@@ -151,4 +151,11 @@ def test_lookup_fetches_on_new_id_or_expiry_and_keeps_a_live_policy(tmp_path):
     # ... and nothing when there is no cached policy
     found = s.lookup("other.example")
     assert (found.policy, found.failure) == (None, "sts-policy-fetch-error")
+    # a failed fetch is not repeated for the same id for five minutes, but a new id is
+    fetched = s.fetched
+    assert s.lookup("other.example").failure == "sts-policy-fetch-error"
+    assert s.fetched == fetched
+    s.fail = None
+    now[0] += mta_sts.FETCH_RETRY
+    assert s.lookup("other.example").policy.id == "v4" and s.fetched == fetched + 1
     s.cache.close()
