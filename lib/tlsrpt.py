@@ -10,8 +10,9 @@ DESCRIPTION
     domain), the policy (type sts with the MTA-STS policy text and mx patterns, tlsa for
     DANE, no-policy-found otherwise), and the result: success, or a failure type of RFC
     8460 section 4.3 with the sending and receiving addresses and the MX host name.
-    Sessions at the may level with a server that does not offer STARTTLS are not
-    recorded (opportunistic TLS that was not there is no policy failure); failures of
+    With smtp_tlsrpt_skip_reused_handshakes = yes (Postfix 3.10's default, 3.11's is no),
+    sessions that resumed a cached TLS session are not counted. Sessions at the may level
+    with a server that does not offer STARTTLS are not recorded (opportunistic TLS that was not there is no policy failure); failures of
     MTA-STS discovery are (sts-policy-fetch-error, sts-policy-invalid,
     sts-webpki-invalid).
 
@@ -40,11 +41,11 @@ FUNCTIONS AND CLASSES
     Sender(cfg, resolver, submit, ctx).send_due(today, include_today=False) -> counts
 
 CONFIGURATION PARAMETERS
-    smtp_tlsrpt_enable (no), tlsrpt_database ($data_directory/tlsrpt.lmdb),
+    smtp_tlsrpt_enable (no), smtp_tlsrpt_skip_reused_handshakes (no), tlsrpt_database ($data_directory/tlsrpt.lmdb),
     tlsrpt_organization_name ($myhostname), tlsrpt_contact_info
     (postmaster@$myhostname), tlsrpt_sender (postmaster@$myhostname),
     tlsrpt_https_CAfile (empty: the system's CA bundle), tlsrpt_https_timeout (30s);
-    all but smtp_tlsrpt_enable are postfix-py extensions.
+    all but the smtp_tlsrpt_* are postfix-py extensions.
 
 SEE ALSO
     smtp/service.py (where sessions are recorded), smtp/mta_sts.py, tools/tlsrpt.py,

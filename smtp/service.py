@@ -68,7 +68,8 @@ CONFIGURATION PARAMETERS
     MTA-STS (smtp/mta_sts.py; the smtp client only): smtp_tls_mta_sts_enable (no), with it
     an MX next hop's policy decides each MX host's TLS policy, and the log says
     "MTA-STS policy for DOMAIN: mode MODE, id ID"; TLSRPT (lib/tlsrpt.py):
-    smtp_tlsrpt_enable (no), each session's TLS outcome counted in tlsrpt_database.
+    smtp_tlsrpt_enable (no), each session's TLS outcome counted in tlsrpt_database
+    (smtp_tlsrpt_skip_reused_handshakes (no): not those that resumed a TLS session).
     Both files are LMDB in data_directory, opened in pre_init, before the chroot.
 
 FILES
@@ -354,9 +355,14 @@ def _tlsrpt_session(ctx, dest, addr, policy, sts, sess, sock) -> None:
     result = _tls_outcome(dest, addr, policy, sess)
     if result is None:
         return
+    info = sess.tls.tls_info if sess.tls is not None else None
+    skip_reused = info is not None and info.session_reused and \
+        ctx.cfg["smtp_tlsrpt_skip_reused_handshakes"]
     if testing and result:
         msg.info(f"MTA-STS policy for {dest.host}: mode testing: would defer delivery to "
                  f"{addr.namaddrport}: {result}")
+    if skip_reused:
+        return
     try:
         local_ip = sock.getsockname()[0]
     except OSError:

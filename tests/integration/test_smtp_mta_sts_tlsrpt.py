@@ -77,6 +77,7 @@ class Dns:
                f"rua=https://rua.report.test:{self.https_port}/tlsrpt",
                "--txt-record=_smtp._tls.testing.test,v=TLSRPTv1; rua=mailto:nobody@localhost"]
         out += [f"--host-record=mta-sts.{d},127.0.0.1" for d in BROKEN]
+        out += ["--mx-host=reuse.test,mx.reuse.test,10", "--host-record=mx.reuse.test,127.0.0.1"]
         for d in DOMAINS:
             out += [f"--mx-host={d},mx.{d},10", f"--host-record=mx.{d},127.0.0.1",
                     f"--host-record=mta-sts.{d},127.0.0.1",
@@ -241,13 +242,17 @@ def env(tmp_path_factory):
         "smtp_starttls_timeout": "5s", "mydestination": "$myhostname, localhost",
         "mail_spool_directory": f"{spool}/", "queue_run_delay": "1s",
         "tlsrpt_https_CAfile": str(ca_file), "tlsrpt_organization_name": "mail.test.example",
+        "smtp_tls_session_cache_database": "btree:${data_directory}/smtp_scache",
     })
     sts = (f" -o smtp_tls_mta_sts_enable=yes -o smtp_tls_mta_sts_CAfile={ca_file}"
            f" -o smtp_tls_mta_sts_https_port={https.port} -o smtp_tls_CAfile={ca_file}"
            f" -o smtp_tlsrpt_enable=yes -o smtp_tls_loglevel=1")
+    reuse = (" -o smtp_tls_security_level=may -o smtp_tlsrpt_enable=yes -o smtp_tls_loglevel=2"
+             " -o smtp_tlsrpt_skip_reused_handshakes=yes")
     inst.master_lines = [
         "tlsmgr unix - - y 1000? 1 tlsmgr",
-        f"sts unix - - y - - smtp{sts}",
+        f"sts unix - - y - - smtp{sts} -o smtp_tls_session_cache_database=",
+        f"reuse unix - - y - - smtp{reuse}",
         "pickup unix n - y - - pickup",
         "qmgr unix n - n 300 1 qmgr",
         "local unix - n n - - local",
@@ -270,7 +275,7 @@ def env(tmp_path_factory):
 _counter = [0]
 
 
-def deliver_via(inst, nexthop, rcpt):
+def deliver_via(inst, nexthop, rcpt, service="sts"):
     """qmgr's request for one queued message to private/sts; (reply, log lines, marker)."""
     _counter[0] += 1
     marker = f"sts-{os.getpid()}-{_counter[0]}-{time.monotonic_ns()}"
@@ -283,12 +288,12 @@ def deliver_via(inst, nexthop, rcpt):
     os.rename(inst.queue / "incoming" / qid, path)
     os.chown(path, 65534, 65534)
     m = Q.read(str(path))
-    req = deliver.Request(qid, f"active/{qid}", "sts", nexthop, m.sender, m.arrival,
+    req = deliver.Request(qid, f"active/{qid}", service, nexthop, m.sender, m.arrival,
                           [rcpt], [r.offset for r in m.recipients])
     before = len(inst.log())
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(60)
-        s.connect(str(inst.queue / "private" / "sts"))
+        s.connect(str(inst.queue / "private" / service))
         s.sendall(deliver.encode_request(req))
         reply = deliver.decode_reply(attr.read_frame(s, 60), 1)
     return reply.results[0], inst.log()[before:], marker
@@ -389,6 +394,22 @@ def test_policy_fetches_that_must_fail(env):
 
 
 # --- TLSRPT ---------------------------------------------------------------------------------
+
+def test_tlsrpt_skips_resumed_sessions_when_asked(env):
+    """smtp_tlsrpt_skip_reused_handshakes = yes: a resumed TLS session is not counted."""
+    good = env.sinks["good"]
+    logs = []
+    for _ in range(2):
+        r, log, _ = deliver_via(env.inst, f"reuse.test:{good.port}", "bob@reuse.test",
+                                service="reuse")
+        assert r.result == "sent", (r.reason, log)
+        logs.append(log)
+    assert "Reusing old session" not in logs[0] and "Reusing old session" in logs[1], logs
+    out = env.inst.cmd("tlsrpt", "show")
+    [entry] = [v for k, v in json.loads(out.stdout).items() if k.endswith(" reuse.test")][0:1]
+    assert [(e["policy"]["policy-type"], e["success"], e["failures"]) for e in entry] == \
+        [("no-policy-found", 1, [])]
+
 
 def test_tlsrpt_reports_by_https_and_by_mail(env):
     inst = env.inst
