@@ -137,7 +137,7 @@ class Store:
         self.path = path
         self.warn = warn
         self.env = lmdb.open(path, subdir=False, map_size=map_size, max_dbs=0,
-                             metasync=False, readonly=readonly)
+                             mode=0o600, metasync=False, readonly=readonly)
 
     @staticmethod
     def _key(day: str, domain: str, policy: dict) -> bytes:

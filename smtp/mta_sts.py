@@ -261,7 +261,7 @@ class PolicyCache:
         self.path = path
         self.warn = warn
         self.env = lmdb.open(path, subdir=False, map_size=map_size, max_dbs=0,
-                             metasync=False)
+                             mode=0o600, metasync=False)
 
     def get(self, domain: str) -> StsPolicy | None:
         try:
