@@ -31,14 +31,18 @@ DESCRIPTION
     descriptors opened before the chroot and the privilege drop.)
 
     The decision, apply(): DANE wins (a policy at level dane or dane-only is left
-    alone; one that fell back to may for want of usable TLSA records is not DANE), and
-    so does a policy that already authenticates (fingerprint, verify, secure). Otherwise, in mode enforce, an MX host that matches
-    no pattern is skipped (4.7.5 "MX host H does not match the MTA-STS policy of D"),
-    and a matching one gets level verify with match=hostname (a PKIX-valid certificate
-    for the MX host name), SNI the MX host name, source "MTA-STS policy". In mode
-    testing the level is at least may (source "MTA-STS policy (testing)"): the mail goes
-    out whatever the certificate, and the outcome is reported (TLSRPT). Mode none: no
-    policy.
+    alone; one that fell back to may for want of usable TLSA records is not DANE), and so
+    do an entry of smtp_tls_policy_maps or smtp_tls_per_site for the destination (the
+    administrator's word, as static maps listed before an MTA-STS policy server in
+    Postfix) and a policy that already authenticates (fingerprint, verify, secure).
+    Otherwise, in mode enforce, an MX host that matches no pattern is skipped (the
+    caller logs Postfix 3.10.5's "MX name 'H' does not match STS MX pattern for 'D'"; the
+    reason, if no host is left, is 4.7.5 "MX host H does not match the MTA-STS policy of
+    D"), and a matching one gets level verify with match=hostname (a PKIX-valid
+    certificate for the MX host name), SNI the MX host name, source "MTA-STS policy". In
+    mode testing the level is at least may (source "MTA-STS policy (testing)"): the mail
+    goes out whatever the certificate; the caller logs what enforce would have done and
+    reports it (TLSRPT). Mode none: no policy.
 
 FUNCTIONS
     parse_txt(strings) -> id or None (no usable record).
@@ -232,7 +236,8 @@ def _dane(policy: tls_policy.Policy) -> bool:
 def apply(policy: tls_policy.Policy, sts: StsPolicy | None, mx_host: str):
     """The TLS policy for one MX host under an MTA-STS policy: (Policy, None), or
     (None, (dsn, reason)) when the host must not be used."""
-    if sts is None or sts.mode == "none" or not policy.valid or _dane(policy):
+    if sts is None or sts.mode == "none" or not policy.valid or _dane(policy) or \
+            policy.source in ("policy", "per-site"):
         return policy, None
     if sts.mode == "testing":
         level = policy.level if tls_policy.rank(policy.level) >= tls_policy.rank("may") \

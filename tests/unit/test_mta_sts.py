@@ -66,9 +66,12 @@ def test_enforce_requires_a_listed_mx_and_a_verified_name():
     assert p is None
     assert why == ("4.7.5", "MX host other.example.org does not match the MTA-STS policy "
                             "of example.com")
-    # a stronger policy from a table stays as it is
-    strong = Policy("secure", source="policy")
+    # a stronger global policy stays as it is
+    strong = Policy("secure")
     assert mta_sts.apply(strong, sts(), "mx.example.com") == (strong, None)
+    # an entry of the administrator's tables for the destination wins, weaker or not
+    for entry in (Policy("may", source="policy"), Policy("none", source="per-site")):
+        assert mta_sts.apply(entry, sts(), "other.example.org") == (entry, None)
 
 
 def test_testing_mode_delivers_and_none_is_no_policy():
