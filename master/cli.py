@@ -3,7 +3,7 @@
     postfix-py [-c config_dir] [-v] start | start-fg | stop | abort | reload | status | check
     postfix-py init DIR [--port-base N] [--force]
     postfix-py postconf | postmap | postalias | newaliases | postqueue | postsuper |
-               postcat | postlog | sendmail | posttls-finger | tls ...
+               postcat | postlog | sendmail | posttls-finger | tls | tlsrpt ...
 
 A tool verb hands the rest of the command line to the tool's own main(argv), with Postfix's
 flags; `-c config_dir` given before the verb is passed on to it. Each verb lives in one
@@ -40,6 +40,7 @@ VERBS = {
     "postlog": ("postfix_py.tools.postlog", "main", "write to the mail log"),
     "posttls-finger": ("postfix_py.tools.posttls_finger", "main",
                        "probe a server's TLS as the smtp client would"),
+    "tlsrpt": ("postfix_py.tools.tlsrpt", "main", "send due TLSRPT reports (RFC 8460), or show them"),
 }
 
 USAGE = """usage: postfix-py [-c config_dir] [-v] command [args...]

@@ -65,6 +65,12 @@ CONFIGURATION PARAMETERS
     when the TLS handshake (or the TLS session) fails (smtp/session.py). The lmtp program reads lmtp_* where postfix-py declares it, else smtp_*.
     smtp_dns_nameservers (empty: the system's resolv.conf), smtp_dns_timeout (10s).
     smtp_fallback_relay ($fallback_relay; fallback_relay: empty), lmtp_fallback_relay (empty).
+    MTA-STS (smtp/mta_sts.py; the smtp client only): smtp_tls_mta_sts_enable (no), with it
+    an MX next hop's policy decides each MX host's TLS policy, and the log says
+    "MTA-STS policy for DOMAIN: mode MODE, id ID"; TLSRPT (lib/tlsrpt.py):
+    smtp_tlsrpt_enable (no), each session's TLS outcome counted in tlsrpt_database
+    (smtp_tlsrpt_skip_reused_handshakes (no): not those that resumed a TLS session).
+    Both files are LMDB in data_directory, opened in pre_init, before the chroot.
 
 FILES
     queue_directory/private/smtp, relay, lmtp: the service sockets
@@ -84,11 +90,12 @@ import dataclasses
 import socket
 
 from ..lib import deliver, delivery_agent, msg, server, tables, tls_session, tlsmgr_client
+from ..lib import tlsrpt
 from ..lib import queue as Q
 from ..lib import tls as libtls
 from ..lib.smtpio import SmtpStream
 from ..lib.maincf import ConfigError
-from . import nexthop, session, tls, tls_policy, xforward
+from . import mta_sts, nexthop, session, tls, tls_policy, xforward
 from . import sasl as smtp_sasl
 
 REQUEST_TIMEOUT_CAP = 300       # seconds to wait for the request frame
@@ -130,12 +137,15 @@ def pre_init(ctx) -> None:
     st["finder"] = finder
     st["tls"] = None
     st["tls_variants"] = {}
-    if finder.global_level != "none" or finder.tables_in_use:
+    st["resolver"] = make_resolver(cfg)
+    # MTA-STS and TLSRPT (smtp/mta_sts.py, lib/tlsrpt.py): the smtp client's, not lmtp's.
+    st["mta_sts"] = mta_sts.from_config(cfg, st["resolver"].dns) if prefix == "smtp" else None
+    st["tlsrpt"] = _tlsrpt_store(cfg) if prefix == "smtp" else None
+    if finder.global_level != "none" or finder.tables_in_use or st["mta_sts"] is not None:
         try:
             st["tls"] = libtls.client_tls(cfg, prefix)
         except libtls.TLSConfigError as exc:
             msg.warn(f"TLS library problem: {exc}; TLS is not available")
-    st["resolver"] = make_resolver(cfg)
     st["options"] = session.Options.from_config(cfg, prefix)
     try:
         # smtp_sasl_password_maps: opened here, before the chroot (Postfix's
@@ -145,6 +155,20 @@ def pre_init(ctx) -> None:
         msg.fatal(str(exc))
     nexthop.prepare_for_chroot()
     tls_session.missing_symbols()   # loads the bindings the session cache needs
+
+
+def _tlsrpt_store(cfg) -> tlsrpt.Store | None:
+    """The TLSRPT store, opened before the chroot (None: smtp_tlsrpt_enable = no)."""
+    if not cfg["smtp_tlsrpt_enable"]:
+        return None
+    path = cfg.get("tlsrpt_database").strip()
+    try:
+        store = tlsrpt.Store(path, cfg["lmdb_map_size"])
+    except Exception as exc:        # noqa: BLE001 - lmdb.Error, OSError: reports only
+        msg.warn(f"tlsrpt_database: cannot open {path}: {exc}; no TLSRPT records")
+        return None
+    mta_sts.hand_over(cfg, path)
+    return store
 
 
 def post_init(ctx) -> None:
@@ -224,8 +248,9 @@ def _starter(ctx, dest, addr, policy, client) -> tls.TlsStarter:
         sni=libtls.sni_name(sni_setting, domain, addr.name))
 
 
-def _policy_for(ctx, dest, addr, d: session.Delivery):
-    """The TLS policy for addr, or None (why recorded) when the server must be skipped."""
+def _policy_for(ctx, dest, addr, d: session.Delivery, sts=None):
+    """The TLS policy for addr, or None (why recorded) when the server must be skipped.
+    sts: the next hop's MTA-STS lookup (smtp/mta_sts.py), or None."""
     st = ctx.state
     p = st["prefix"]
     finder = st["finder"]
@@ -251,7 +276,98 @@ def _policy_for(ctx, dest, addr, d: session.Delivery):
                  f"(or stronger)")
         d.why = tls_policy.DSN_CONFIG
         return None
+    if sts is not None:
+        policy, why = mta_sts.apply(policy, sts.policy, addr.name)
+        if policy is None:
+            # Postfix 3.10.5's warning (smtp_tls_authorize_mx_hostname); the host is skipped.
+            msg.warn(f"MX name '{addr.name}' does not match STS MX pattern for "
+                     f"'{sts.policy.domain}'")
+            d.why = why
+            _tlsrpt_record(ctx, dest, addr, sts, tlsrpt.VALIDATION_FAILURE)
+            return None
     return policy
+
+
+def _mta_sts_for(ctx, dest, d: session.Delivery):
+    """The MTA-STS lookup of an MX next hop (None: MTA-STS off, or not an MX delivery)."""
+    sts = ctx.state.get("mta_sts")
+    if sts is None or not dest.mx or dest.unix or dest.numeric:
+        return None
+    found = sts.lookup(dest.host)
+    if found.failure:
+        _tlsrpt_record(ctx, dest, None, found, found.failure)
+    p = found.policy
+    if p is not None:
+        msg.info(f"{d.queue_id}: MTA-STS policy for {p.domain}: mode {p.mode}, id {p.id}"
+                 f"{'' if found.fetched else ' (cached)'}")
+    return found
+
+
+def _tlsrpt_policy(dest, policy, sts) -> dict:
+    """The RFC 8460 policy object of a session: sts, tlsa (DANE) or no-policy-found."""
+    p = sts.policy if sts is not None else None
+    if p is not None and p.mode != "none" and (policy is None or
+                                               policy.source.startswith("MTA-STS")):
+        return tlsrpt.policy_dict("sts", dest.host, p.text, p.mx)
+    if policy is not None and policy.level in ("dane", "dane-only"):
+        return tlsrpt.policy_dict("tlsa", dest.host)
+    return tlsrpt.policy_dict("no-policy-found", dest.host)
+
+
+def _tlsrpt_record(ctx, dest, addr, sts, result: str, policy=None, local_ip="") -> None:
+    """Count one outcome for TLSRPT (smtp_tlsrpt_enable), for MX deliveries only."""
+    store = ctx.state.get("tlsrpt")
+    if store is None or not dest.mx or dest.unix or dest.numeric:
+        return
+    store.record(dest.host, _tlsrpt_policy(dest, policy, sts), result, local_ip,
+                 addr.name if addr else "", addr.addr if addr else "")
+
+
+def _tls_outcome(dest, addr, policy, sess) -> str | None:
+    """The TLSRPT result of a session after greeting and STARTTLS ("" success), or None
+    when there is nothing to say (no EHLO, or TLS neither wanted nor attempted)."""
+    starter = sess.tls
+    sts_policy = policy.source.startswith("MTA-STS")
+    if starter is None or starter.conn is None:
+        if not sess.server_helo or "STARTTLS" in sess.features:
+            return None
+        if not sts_policy and not tls_policy.requires_tls(policy.level):
+            return None
+        return tlsrpt.STARTTLS_NOT_SUPPORTED
+    info = starter.tls_info
+    matched = bool(info and info.peer_matched)
+    if info is not None and not matched and sts_policy:
+        # testing mode runs at may: the name check RFC 8461 asks for, done here.
+        try:
+            cert = starter.conn.get_peer_certificate()
+            matched = cert is not None and libtls.match_peername(cert, [addr.name])[0]
+        except Exception:       # noqa: BLE001 - no certificate to judge
+            matched = False
+    return tlsrpt.classify(True, info is not None, info, matched,
+                           sts_policy or tls_policy.must_match(policy.level))
+
+
+def _tlsrpt_session(ctx, dest, addr, policy, sts, sess, sock) -> None:
+    """Judge one session for MTA-STS testing mode (logged) and TLSRPT (recorded)."""
+    testing = policy.source == mta_sts.SOURCE_TESTING
+    if (ctx.state.get("tlsrpt") is None and not testing) or not dest.mx or dest.unix:
+        return
+    result = _tls_outcome(dest, addr, policy, sess)
+    if result is None:
+        return
+    info = sess.tls.tls_info if sess.tls is not None else None
+    skip_reused = info is not None and info.session_reused and \
+        ctx.cfg["smtp_tlsrpt_skip_reused_handshakes"]
+    if testing and result:
+        msg.info(f"MTA-STS policy for {dest.host}: mode testing: would defer delivery to "
+                 f"{addr.namaddrport}: {result}")
+    if skip_reused:
+        return
+    try:
+        local_ip = sock.getsockname()[0]
+    except OSError:
+        local_ip = ""
+    _tlsrpt_record(ctx, dest, addr, sts, result, policy, local_ip)
 
 
 def deliver_request(req: deliver.Request, ctx, report: delivery_agent.Report) -> str:
@@ -341,12 +457,13 @@ def _deliver(ctx, req: deliver.Request, d: session.Delivery) -> str:
             continue
         best_pref = addrs[0].pref
         addr_count = sess_count = 0
+        sts = _mta_sts_for(ctx, dest, d)
         for i, addr in enumerate(addrs):
             if not d.todo():
                 break
             addr_count += 1
             last = i == len(addrs) - 1 or addr_count == addr_limit
-            policy = _policy_for(ctx, dest, addr, d)
+            policy = _policy_for(ctx, dest, addr, d, sts)
             if policy is None:
                 if last:
                     break
@@ -355,7 +472,7 @@ def _deliver(ctx, req: deliver.Request, d: session.Delivery) -> str:
                 d.final_server = final_nexthop and last
                 got_past_greeting, relay_here, retry_plain = _run_session(
                     ctx, d, dest, addr, policy, best_pref, req.nexthop, sess_limit,
-                    sess_count, final_nexthop, last)
+                    sess_count, final_nexthop, last, sts)
                 if relay_here != "none":
                     relay = relay_here
                 d.unkeep()
@@ -380,7 +497,7 @@ def _deliver(ctx, req: deliver.Request, d: session.Delivery) -> str:
 
 
 def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_limit,
-                 sess_count, final_nexthop, last) -> tuple[bool, str, bool]:
+                 sess_count, final_nexthop, last, sts=None) -> tuple[bool, str, bool]:
     """Connect, greet, transfer, quit: one server's part of the delivery. (got past the
     greeting, the relay, retry the same address in plain text)."""
     cfg = ctx.cfg
@@ -404,7 +521,9 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
                                  best_pref=best_pref, request_nexthop=request_nexthop)
     sess.sasl_dest = dest.text      # the next hop this session serves: a SASL lookup key
     try:
-        if not sess.helo():
+        helo_ok = sess.helo()
+        _tlsrpt_session(ctx, dest, addr, policy, sts, sess, sock)
+        if not helo_ok:
             sess.quit()
             return False, sess.relay, sess.retry_plain
         # Handshake errors do not count towards the session limit; deliveries do.

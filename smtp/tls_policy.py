@@ -104,7 +104,7 @@ class Policy:
     ciphers: str | None = None      # policy "ciphers" (a grade), else main.cf's
     exclude: str | None = None      # policy "exclude", else main.cf's
     servername: str | None = None   # policy "servername" (SNI)
-    source: str = "global"          # global, per-site or policy
+    source: str = "global"          # global, per-site, policy, MTA-STS policy [(testing)]
     dsn: str = ""                   # level "invalid" only
     reason: str = ""
 

@@ -154,3 +154,63 @@ class PostfixPeer:
             return (self.dir / "maillog").read_text()
         except OSError:
             return ""
+
+
+DNSMASQ = shutil.which("dnsmasq", path="/usr/sbin:/usr/bin")
+
+
+class Dnsmasq:
+    """A private dnsmasq on 127.0.0.1:port serving `records` (dnsmasq options such as
+    --mx-host=..., --txt-record=...) for the --local domains, logging to log_path.
+    ready(resolver) -> truthy when it answers as wanted; restart(records) serves other
+    records on the same port (dnsmasq does not reload --txt-record); stop() ends it by pid."""
+
+    def __init__(self, records, log_path, local=("test",), ready=None):
+        self.port = free_port()
+        self.local = local
+        self.log = open(log_path, "a")
+        self.proc = None
+        self.start(records, ready)
+
+    def resolver(self):
+        import dns.resolver
+        r = dns.resolver.Resolver(configure=False)
+        r.nameservers = ["127.0.0.1"]
+        r.port = self.port
+        r.timeout = r.lifetime = 0.5
+        return r
+
+    def start(self, records, ready=None) -> None:
+        self.records = list(records)
+        self.proc = subprocess.Popen(
+            [DNSMASQ, "--no-daemon", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
+             "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={self.port}",
+             "--pid-file=", "--user=nobody", "--group=nogroup", "--no-negcache",
+             *(f"--local=/{d}/" for d in self.local), *self.records],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        if ready is not None:
+            r = self.resolver()
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    if ready(r):
+                        return
+                except Exception:       # noqa: BLE001 - not up yet
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise AssertionError("dnsmasq did not answer")
+                time.sleep(0.05)
+
+    def restart(self, records, ready=None) -> None:
+        self.stop()
+        self.start(records, ready)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def close(self) -> None:
+        self.stop()
+        self.log.close()
