@@ -41,6 +41,7 @@ SEE ALSO
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -61,6 +62,15 @@ class Prepared:
     level: str = "none"         # the TLS security level: none, may or encrypt
     tls: object = None          # TlsServer, or None when TLS is off or broken
     tls_problem: str | None = None
+    # Seconds between session ticket key periods (smtpd_tls_session_cache_timeout; 0:
+    # never): the master then calls rekey() and starts a new generation of the service.
+    rekey_interval: int = 0
+
+
+def rekey(cfg, prepared: Prepared) -> Prepared:
+    """Run in the master each ticket key period: the TLS contexts of the next period,
+    which still decrypt the tickets of this one (lib/tls.py SESSION TICKET KEYS)."""
+    return dataclasses.replace(prepared, tls=prepared.tls.rekeyed(cfg))
 
 
 def prepare(cfg, service) -> Prepared:
@@ -80,6 +90,8 @@ def prepare(cfg, service) -> Prepared:
         prepared.tls = TlsServer.build(cfg, prepared.level)
     except ConfigError as exc:
         prepared.tls_problem = str(exc)
+        return prepared
+    prepared.rekey_interval = cfg["smtpd_tls_session_cache_timeout"]
     return prepared
 
 
