@@ -110,6 +110,7 @@ _SMTP_CLIENT_TLS = [
     ("tls_secure_cert_match", "nexthop, dot-nexthop", LIST, "names matched at the secure level"),
     ("tls_servername", "", STR, "SNI name sent to the server (empty: none)"),
     ("tls_wrappermode", "no", BOOL, "speak TLS from the first byte (SMTPS) instead of STARTTLS"),
+    ("tls_connection_reuse", "no", BOOL, "let TLS connections into the connection cache, kept in the delivery process (smtp/conncache.py)"),
     ("tls_block_early_mail_reply", "no", BOOL, "defer the delivery when a server reply arrives in the STARTTLS session before our MAIL FROM (CVE-2009-3555)"),
     ("use_tls", "no", BOOL, "legacy: use STARTTLS when the server offers it"),
     ("enforce_tls", "no", BOOL, "legacy: deliver only over TLS with a verified, matching server certificate"),
@@ -391,6 +392,15 @@ PARAMS: list[Param] = [
     _p("lmtp_connect_timeout", "0s", TIME, "time limit of an LMTP connection (0: none)", min=0),
     _p("lmtp_lhlo_name", "$myhostname", STR, "name sent in LHLO"),
     _p("lmtp_data_done_timeout", "600s", TIME, "time limit of the reply after the final dot", min=1),
+    # connection cache (smtp/conncache.py: per delivery process, no scache service)
+    *[_p(f"{w}_{name}", default, type_, doc, **kw) for w in ("smtp", "lmtp") for name, default, type_, doc, kw in (
+        ("connection_cache_on_demand", "yes", BOOL, "cache connections to a destination while qmgr has back-to-back deliveries for it", {}),
+        ("connection_cache_destinations", "", LIST, "destinations whose connections are always cached", {}),
+        ("connection_cache_time_limit", "2s", TIME, "how long an unused connection stays cached", {"min": 1}),
+        ("connection_reuse_time_limit", "300s", TIME, "how long a connection may be reused after it was made", {"min": 1}),
+        ("connection_reuse_count_limit", "0", INT, "how many times a connection may be used (0: no limit)", {"min": 0}),
+        ("rset_timeout", "20s", TIME, "time limit of the RSET that checks a cached connection", {"min": 1}),
+    )],
     # --- TLS manager (seed: TLS manager specific settings) ------------------------------
     _p("tls_daemon_random_bytes", "32", INT, "bytes of seed smtpd and smtp ask tlsmgr for at start", min=1, max=1024),
     _p("tls_random_source", "dev:/dev/urandom", STR, "entropy source: dev:/path, egd:/path or a plain file"),

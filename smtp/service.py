@@ -82,13 +82,14 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import time
 
 from ..lib import deliver, delivery_agent, msg, server, tables, tls_session, tlsmgr_client
 from ..lib import queue as Q
 from ..lib import tls as libtls
 from ..lib.smtpio import SmtpStream
 from ..lib.maincf import ConfigError
-from . import nexthop, session, tls, tls_policy, xforward
+from . import conncache, nexthop, session, tls, tls_policy, xforward
 from . import sasl as smtp_sasl
 
 REQUEST_TIMEOUT_CAP = 300       # seconds to wait for the request frame
@@ -279,6 +280,7 @@ def deliver_request(req: deliver.Request, ctx, report: delivery_agent.Report) ->
             if offset in stored:
                 r.notify, r.orcpt = stored[offset].notify, stored[offset].orcpt
         d.client = xforward.client_attributes(qmsg.attrs, req.queue_id)
+        d.request_flags = tuple(req.flags)
         d.content = lambda: qmsg.content(req.queue_file)
         if not req.arrival:
             report.arrival = qmsg.arrival
@@ -386,6 +388,16 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
     cfg = ctx.cfg
     st = ctx.state
     p = st["prefix"]
+    cache = st.get("conncache")
+    key, store = None, False
+    if cache is not None:
+        load, store = cache.policy(d.request_flags, dest.host)
+        key = cache.key(dest.text, addr, policy)
+        if load:
+            done = _reuse(ctx, d, cache, key, store, policy, last, sess_limit, sess_count,
+                          final_nexthop)
+            if done is not None:
+                return done
     client = _client_for(ctx, policy)
     if client is None and st["tls"] is not None:
         # A policy table's protocols or ciphers that OpenSSL refused (already warned).
@@ -396,6 +408,7 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
         msg.info(reason)
         d.why = ("4.4.1", reason)
         return False, "none", False
+    made = time.monotonic()
     options = st["options"]
     stream = SmtpStream(sock, options.timeouts["helo"])
     starter = _starter(ctx, dest, addr, policy, client)
@@ -403,6 +416,8 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
                                  port25=addr.port == 25 and not options.lmtp,
                                  best_pref=best_pref, request_nexthop=request_nexthop)
     sess.sasl_dest = dest.text      # the next hop this session serves: a SASL lookup key
+    d.conn_use = 1
+    kept = False
     try:
         if not sess.helo():
             sess.quit()
@@ -412,10 +427,54 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
             last = True
         d.final_server = final_nexthop and last
         sess.xfer()
-        sess.quit()
+        kept = _keep(cache, key, sess, store, policy, made, 1)
+        if not kept:
+            sess.quit()
         return True, sess.relay, sess.retry_plain
     finally:
+        if not kept:
+            sess.close()
+
+
+def _reuse(ctx, d, cache, key, store, policy, last, sess_limit, sess_count,
+           final_nexthop) -> tuple[bool, str, bool] | None:
+    """A delivery over the cached connection under key (smtp/conncache.py), or None when
+    there is none that passes the RSET probe."""
+    entry = cache.take(key)
+    if entry is None:
+        return None
+    sess = entry.session
+    if not sess.rset_probe(cache.rset_timeout):
+        sess.quit()
         sess.close()
+        return None
+    sess.reuse(d)
+    d.conn_use = entry.uses + 1
+    kept = False
+    try:
+        if sess_limit and sess_count + 1 == sess_limit:
+            last = True
+        d.final_server = final_nexthop and last
+        sess.xfer()
+        kept = _keep(cache, key, sess, store, policy, entry.made, d.conn_use)
+        if not kept:
+            sess.quit()
+        return True, sess.relay, False
+    finally:
+        if not kept:
+            sess.close()
+
+
+def _keep(cache, key, sess, store: bool, policy, made: float, uses: int) -> bool:
+    """Cache sess instead of QUIT, where the rules of smtp/conncache.py allow it."""
+    if cache is None or not store or not sess.usable or not sess.quit_ok or sess.retry_plain:
+        return False
+    if sess.tls_active and not cache.may_store_tls(policy):
+        return False
+    if cache.expired(made, uses):
+        return False
+    cache.store(key, sess, made, uses)
+    return True
 
 
 def smtp_service(conn: socket.socket, ctx) -> None:
@@ -424,6 +483,17 @@ def smtp_service(conn: socket.socket, ctx) -> None:
                          timeout=min(ctx.cfg["ipc_timeout"], REQUEST_TIMEOUT_CAP))
 
 
+def prepare(cfg, service) -> conncache.Board:
+    """In the master, per generation: the board on which the workers show who holds
+    cached connections (smtp/conncache.py)."""
+    return conncache.Board()
+
+
 def main(ctx) -> int:
-    """The smtp and lmtp programs: one delivery request per connection."""
-    return server.single_server(ctx, smtp_service, pre_init=pre_init, post_init=post_init)
+    """The smtp and lmtp programs: one delivery request per connection; connections
+    that may serve the next request stay in the connection cache meanwhile."""
+    board = ctx.prepared if isinstance(ctx.prepared, conncache.Board) else None
+    cache = conncache.ConnectionCache(ctx.cfg, _prefix(ctx), board)
+    ctx.state["conncache"] = cache
+    return server.single_server(ctx, smtp_service, pre_init=pre_init, post_init=post_init,
+                                on_exit=cache.close_all, idle=cache)
