@@ -392,6 +392,8 @@ PARAMS: list[Param] = [
     _p("lmtp_connect_timeout", "0s", TIME, "time limit of an LMTP connection (0: none)", min=0),
     _p("lmtp_lhlo_name", "$myhostname", STR, "name sent in LHLO"),
     _p("lmtp_data_done_timeout", "600s", TIME, "time limit of the reply after the final dot", min=1),
+    _p("smtp_tls_history_database", "", STR, "postfix-py extension: the TLS history per next hop of smtp and lmtp, kept by tlsmgr (lmdb:path; empty: none)"),
+    _p("smtp_tls_history_size", "10", INT, "postfix-py extension: TLS outcomes kept per next hop", min=1, max=100),
     # connection cache (smtp/conncache.py: per delivery process, no scache service)
     *[_p(f"{w}_{name}", default, type_, doc, **kw) for w in ("smtp", "lmtp") for name, default, type_, doc, kw in (
         ("connection_cache_on_demand", "yes", BOOL, "cache connections to a destination while qmgr has back-to-back deliveries for it", {}),

@@ -65,6 +65,11 @@ CONFIGURATION PARAMETERS
     when the TLS handshake (or the TLS session) fails (smtp/session.py). The lmtp program reads lmtp_* where postfix-py declares it, else smtp_*.
     smtp_dns_nameservers (empty: the system's resolv.conf), smtp_dns_timeout (10s).
     smtp_fallback_relay ($fallback_relay; fallback_relay: empty), lmtp_fallback_relay (empty).
+    smtp_tls_history_database (empty; postfix-py extension): each new connection's TLS
+    outcome goes to the next hop's history in tlsmgr, and an unexpected change (plain
+    text after TLS, another issuer, a lower status) is a warning (lib/tls_history.py).
+    Connection cache: smtp/conncache.py (smtp_connection_cache_*, smtp_connection_reuse_*,
+    smtp_tls_connection_reuse, smtp_rset_timeout).
 
 FILES
     queue_directory/private/smtp, relay, lmtp: the service sockets
@@ -84,7 +89,8 @@ import dataclasses
 import socket
 import time
 
-from ..lib import deliver, delivery_agent, msg, server, tables, tls_session, tlsmgr_client
+from ..lib import deliver, delivery_agent, msg, server, tables, tls_history, tls_session
+from ..lib import tlsmgr_client
 from ..lib import queue as Q
 from ..lib import tls as libtls
 from ..lib.smtpio import SmtpStream
@@ -137,6 +143,7 @@ def pre_init(ctx) -> None:
         except libtls.TLSConfigError as exc:
             msg.warn(f"TLS library problem: {exc}; TLS is not available")
     st["resolver"] = make_resolver(cfg)
+    st["history"] = bool(cfg.get("smtp_tls_history_database").strip())
     st["options"] = session.Options.from_config(cfg, prefix)
     try:
         # smtp_sasl_password_maps: opened here, before the chroot (Postfix's
@@ -419,7 +426,9 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
     d.conn_use = 1
     kept = False
     try:
-        if not sess.helo():
+        helo_ok = sess.helo()
+        _note_history(ctx, dest, addr, policy, sess, helo_ok)
+        if not helo_ok:
             sess.quit()
             return False, sess.relay, sess.retry_plain
         # Handshake errors do not count towards the session limit; deliveries do.
@@ -434,6 +443,27 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
     finally:
         if not kept:
             sess.close()
+
+
+def _note_history(ctx, dest, addr, policy, sess, helo_ok: bool) -> None:
+    """Add this connection's TLS outcome to the next hop's history in tlsmgr, and warn
+    of an unexpected change (lib/tls_history.py): with smtp_tls_history_database, for
+    a policy that allows TLS, after a handshake or a session that went on in plain text."""
+    if not ctx.state.get("history") or policy.level == "none" or sess.tls is None \
+            or not sess.tls.available:
+        return
+    info = sess.tls.tls_info
+    if info is None and not (helo_ok and not sess.tls_active):
+        return              # no handshake and no plaintext session: nothing was seen
+    record = tls_history.record_of(addr.namaddrport, policy.level, info)
+    before = tlsmgr_client.history_update(dest.text, record)
+    if before is None:
+        return
+    warnings, notes = tls_history.changes(before, record)
+    for text in warnings:
+        msg.warn(f"TLS history: {addr.namaddrport} for {dest.text}: {text}")
+    for text in notes:
+        msg.info(f"TLS history: {addr.namaddrport} for {dest.text}: {text}")
 
 
 def _reuse(ctx, d, cache, key, store, policy, last, sess_limit, sess_count,
