@@ -25,8 +25,8 @@ DESCRIPTION
       TLS policy and SASL credentials (the key), for at most
       smtp_connection_reuse_time_limit after it was made and
       smtp_connection_reuse_count_limit uses (0: no limit);
-    * an unused connection is ended (QUIT) after smtp_connection_cache_time_limit, when
-      the worker retires, and when it stops;
+    * an unused connection is ended (QUIT, whose reply is awaited at most 2s) after
+      smtp_connection_cache_time_limit, when the worker retires, and when it stops;
     * the RSET probe has smtp_rset_timeout; a connection that fails it is dropped
       without a word, and the delivery makes a new one.
 
@@ -75,6 +75,7 @@ from ..lib import msg
 
 # A worker with nothing cached lets one that has connections accept first.
 ACCEPT_DELAY = 0.005
+QUIT_TIMEOUT = 2.0      # an idle connection's QUIT must not hold up the next request
 BOARD_SLOTS = 256
 
 
@@ -213,7 +214,7 @@ class ConnectionCache:
     def _end(entry: Entry) -> None:
         sess = entry.session
         try:
-            sess.quit()
+            sess.quit(QUIT_TIMEOUT)
             sess.close()
         except Exception as exc:    # noqa: BLE001 - a dying connection must not kill us
             msg.verbose(1, f"closing cached connection to {sess.relay}: {exc}")

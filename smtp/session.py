@@ -879,11 +879,12 @@ class ClientSession:
         self._early_reply = False
 
     # --- the end ---------------------------------------------------------------------------
-    def quit(self) -> None:
-        """QUIT and its reply, when the connection is still in a known state; never raises."""
+    def quit(self, timeout: float | None = None) -> None:
+        """QUIT and its reply, when the connection is still in a known state; never raises.
+        timeout: instead of smtp_quit_timeout (an idle cached connection's end)."""
         if not self.usable or not self.quit_ok:
             return
-        t = self.o.timeouts["quit"]
+        t = self.o.timeouts["quit"] if timeout is None else timeout
         try:
             self._cmd("QUIT")
             self._flush(t)
