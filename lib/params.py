@@ -284,7 +284,7 @@ PARAMS: list[Param] = [
     _p("smtpd_tls_ccert_verifydepth", "5", INT, "verification depth of client certificate chains", min=1),
     _p("smtpd_tls_auth_only", "no", BOOL, "offer and accept AUTH only over TLS"),
     _p("smtpd_tls_session_cache_database", "", STR, "accepted, not used: server sessions resume with session tickets shared by all smtpd workers; clients without ticket support are not resumed (postfix-py check warns)"),
-    _p("smtpd_tls_session_cache_timeout", "3600s", TIME, "lifetime of server TLS sessions and ticket keys (0: no resumption)", min=0, max=8640000),
+    _p("smtpd_tls_session_cache_timeout", "3600s", TIME, "lifetime of server TLS sessions; ticket keys rotate every period and decrypt one period more (0: no resumption)", min=0, max=8640000),
     _p("smtpd_tls_always_issue_session_ids", "yes", BOOL, "issue session ids when server resumption is off (smtpd_tls_session_cache_timeout = 0)"),
     _p("smtpd_tls_cipherlist", "", STR, "legacy OpenSSL cipher string, passed to OpenSSL as written"),
     _p("smtpd_tls_protocols", ">=TLSv1", STR, "TLS protocols with opportunistic TLS"),

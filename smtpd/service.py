@@ -8,7 +8,10 @@ DESCRIPTION
     smtpd/session.py, and writes accepted mail as queue files into incoming/ (lib/queue.py).
     prepare() runs once per configuration generation in the master, before any worker is
     forked: it checks the restriction lists and builds the server TLS contexts, so that all
-    workers of a generation share one set of session-ticket keys (DESIGN.md).
+    workers of a generation share one set of session-ticket keys (DESIGN.md). Every
+    smtpd_tls_session_cache_timeout the master calls rekey() and starts a new generation:
+    new ticket keys, with the previous period's still accepted (lib/tls.py SESSION TICKET
+    KEYS).
 
 SECURITY
     Talks to untrusted clients. Runs chrooted in queue_directory (master.cf) as mail_owner;
