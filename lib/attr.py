@@ -211,6 +211,8 @@ REQ_LOOKUP = "lookup"
 REQ_UPDATE = "update"
 REQ_DELETE = "delete"
 REQ_STATUS = "status"
+REQ_HISTORY_UPDATE = "history_update"     # the TLS history per next hop (tlsmgr/history.py)
+REQ_HISTORY_LOOKUP = "history_lookup"
 REQUESTS = frozenset({REQ_SEED, REQ_LOOKUP, REQ_UPDATE, REQ_DELETE, REQ_STATUS})
 
 STATUS_OK = "0"

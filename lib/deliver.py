@@ -19,7 +19,9 @@ REQUEST (attributes)
     rcpt_count    N
     rcpt.I        recipient I (0..N-1)
     offset.I      the offset of recipient I's record in the queue file (opaque to agents)
-    flags         optional, comma-separated words (e.g. "bounce" for a bounce message)
+    flags         optional, comma-separated words (e.g. "bounce" for a bounce message;
+                  "conn_load" and "conn_store": qmgr's on-demand connection caching for
+                  this destination, Postfix's DEL_REQ_FLAG_CONN_LOAD/_STORE)
 
 REPLY (attributes)
     status        "0" (the per-recipient results follow) or lib/attr's 2/3 with `reason`
@@ -34,7 +36,7 @@ FUNCTIONS
     encode_reply(DeliveryStatus) -> bytes; decode_reply(attrs, rcpt_count) -> DeliveryStatus
     Both decoders raise DeliverError (a lib.attr.AttrError) for a frame that breaks the rules.
     log_delivery(queue_id, rcpt, relay, arrival, started, dsn, status, reason) logs
-    Postfix's line: `ID: to=<r>, relay=R, delay=D, delays=a/b/c/d, dsn=X, status=S (reason)`.
+    Postfix's line: `ID: to=<r>, relay=R, [conn_use=N, ]delay=D, delays=a/b/c/d, dsn=X, status=S (reason)`.
 """
 
 from __future__ import annotations
@@ -159,8 +161,9 @@ def decode_reply(attrs: dict, rcpt_count: int) -> DeliveryStatus:
 
 def log_delivery(queue_id: str, rcpt: str, relay: str, arrival: float, started: float,
                  dsn: str, status: str, reason: str, conn_setup: float = 0.0,
-                 transmit: float = 0.0) -> None:
-    """Postfix's delivery log line, with its delay breakdown."""
+                 transmit: float = 0.0, conn_use: int = 0) -> None:
+    """Postfix's delivery log line, with its delay breakdown; conn_use=N after the relay
+    when the connection was used for the Nth time (N > 1: a cached connection)."""
     now = time.time()
     delay = max(0.0, now - arrival)
     before = max(0.0, started - arrival)
@@ -168,7 +171,8 @@ def log_delivery(queue_id: str, rcpt: str, relay: str, arrival: float, started: 
     xmit = max(0.0, transmit)
     queue_mgr = max(0.0, delay - before - setup - xmit)
     delays = "/".join(_fmt(x) for x in (before, queue_mgr, setup, xmit))
-    msg.info(f"{queue_id}: to=<{rcpt}>, relay={relay}, delay={_fmt(delay)}, "
+    use = f", conn_use={conn_use}" if conn_use > 1 else ""
+    msg.info(f"{queue_id}: to=<{rcpt}>, relay={relay}{use}, delay={_fmt(delay)}, "
              f"delays={delays}, dsn={dsn}, status={status} ({reason})")
 
 

@@ -215,18 +215,34 @@ def _chdir(path: str) -> None:
         msg.fatal(f"chdir({path}): {exc.strerror}")
 
 
-def _wait_for_client(ctx: WorkerContext, timeout: float | None) -> socket.socket | None:
-    """Accept one connection; None on timeout, on retirement, or when stopping."""
+def _wait_for_client(ctx: WorkerContext, timeout: float | None,
+                     idle=None) -> socket.socket | None:
+    """Accept one connection; None on timeout, on retirement, or when stopping.
+
+    idle (single_server's): idle.due() is the time until idle.expire() has work (None:
+    none), run while waiting; a worker with idle.accept_delay() > 0 lets its siblings
+    take a new client first (the smtp client's cached connections are in the worker
+    that made them)."""
     fds = [s.fileno() for s in ctx.listeners] + [ctx.live_fd, ctx.signal_fd]
     deadline = None if timeout is None else time.monotonic() + timeout
     while not ctx.stopping:
         wait = None if deadline is None else deadline - time.monotonic()
         if wait is not None and wait <= 0:
             return None
+        due = idle.due() if idle is not None else None
+        if due is not None and (wait is None or due < wait):
+            wait = max(0.0, due)
         try:
             ready, _, _ = select.select(fds, [], [], wait)
         except InterruptedError:
             continue
+        if due is not None and not ready:
+            idle.expire()
+            continue
+        if idle is not None and not (set(ready) & {ctx.live_fd, ctx.signal_fd}):
+            delay = idle.accept_delay()
+            if delay > 0:
+                time.sleep(delay)
         if ctx.signal_fd in ready:
             _drain(ctx.signal_fd)
             continue              # the handler has set ctx.stopping if it was SIGTERM
@@ -257,8 +273,9 @@ def _drain(fd: int) -> None:
 
 
 def single_server(ctx: WorkerContext, service, pre_init=None, post_init=None,
-                  on_exit=None) -> int:
-    """Serve one client at a time with service(conn, ctx); return the exit status."""
+                  on_exit=None, idle=None) -> int:
+    """Serve one client at a time with service(conn, ctx); return the exit status.
+    idle: work done while waiting for the next client (see _wait_for_client)."""
     _start(ctx)
     if pre_init:
         pre_init(ctx)
@@ -273,7 +290,7 @@ def single_server(ctx: WorkerContext, service, pre_init=None, post_init=None,
             # Watchdog, as Postfix's: a worker stuck this long in one pass is killed
             # (SIGALRM's default action), and the master logs the signal.
             signal.alarm(watchdog)
-            conn = _wait_for_client(ctx, max_idle)
+            conn = _wait_for_client(ctx, max_idle, idle)
             if conn is None:
                 break
             ctx.report(STATUS_TAKEN)

@@ -193,14 +193,45 @@ CONFIGURATION PARAMETERS (server; the client reads the smtp_/lmtp_ counterparts)
     rsa_pss_rsae_sha384 gets "server-digest SHA384". TLS 1.2 lines carry none of these.
     A resumed TLS 1.3 session logs the server-signature of the last certificate loaded
     and no digest, as Postfix does.
-    Not implemented: tls_session_ticket_cipher (not declared: OpenSSL's own ticket keys and cipher are used,
-    the bindings offer no ticket key callback), a server-side session-id cache (see
+    Not implemented: tls_session_ticket_cipher (not declared: OpenSSL's own ticket keys and
+    cipher are used, see SESSION TICKET KEYS), a server-side session-id cache (see
     smtpd_tls_session_cache_timeout), Postfix's "Issuing session ticket"
     line (Postfix's own ticket-key callback), the "SSL3 alert" lines of loglevel 2
     (pyOpenSSL cannot name alerts), and the numeric codes and source positions in "TLS
     library problem" texts. Loglevel 3 dumps each TLS protocol message (OpenSSL's message
     callback, lib/tls_session.py) rather than Postfix's raw BIO records; loglevel 4 adds the
     plaintext inside TLS for smtpd (lib/smtpio.py's trace hook).
+
+SESSION TICKET KEYS (design note)
+    Postfix's tlsmgr makes a new ticket key every smtpd_tls_session_cache_timeout; a key
+    encrypts for one period and still decrypts for one more, and every smtpd process
+    asks tlsmgr for the keys. pyOpenSSL and cryptography's bindings have no way to set or
+    read a ticket key (no SSL_CTX_set_tlsext_ticket_key_evp_cb, no SSL_CTX_ctrl); each
+    SSL_CTX makes its own random key when it is created, and decrypts only under it.
+    So a key period is a set of contexts:
+    * The master builds the contexts (server_tls, in smtpd's prepare()) before it forks
+      the workers, so every worker of a generation holds the same key.
+    * Every period (smtpd_tls_session_cache_timeout; master/master.py _arm_rekey) the
+      master calls smtpd's rekey(): rotate_server_tls() builds new contexts (a new key)
+      and keeps those of the period before as ServerTLS.previous, and the master starts a
+      new generation of the service on the same listening sockets, as a reload does: old
+      workers finish their client and exit, new ones fork with both periods' contexts.
+    * The name of each context's key (the first 16 bytes of every ticket it issues) is
+      learnt once, by a handshake in memory with a throwaway client
+      (context_ticket_key_name).
+    * Before a handshake, smtpd peeks at the client's ClientHello without reading it
+      (MSG_PEEK, within smtpd_starttls_timeout; peek_ticket_key_name): a ticket, in the
+      TLS 1.2 SessionTicket extension or as the first TLS 1.3 pre_shared_key identity,
+      whose key name is the previous period's gets a connection on the previous
+      period's context, which decrypts it; everything else gets the current context.
+      Contexts older than that are dropped: their tickets get a full handshake.
+    Tickets issued under the previous key are renewed under it, and a session lives
+    smtpd_tls_session_cache_timeout from its full handshake (OpenSSL's session timeout),
+    so nothing resumes beyond Postfix's two periods. SNI contexts belong to their period
+    (OpenSSL decrypts with the context the connection started on). Cost: one context set
+    more per worker, and a rebuild of the contexts (files re-read) in the master once a
+    period. tests/integration/test_ticket_rotation.py measures resumption across a
+    rotation with several workers.
 
 SEE ALSO
     lib/tls_session.py (sessions, signature schemes, verification internals), tools/postfix_tls.py
@@ -209,12 +240,14 @@ SEE ALSO
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import ipaddress
 import os
 import re
 import select
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -965,17 +998,34 @@ class ServerTLS:
     info_fn: object = field(default=msg.info, repr=False)
     fast_shutdown: bool = True
     sni: SniMap | None = None       # tls_server_sni_maps
+    # Session ticket keys (SESSION TICKET KEYS above): the key name of each context's
+    # OpenSSL ticket key, and the contexts of the previous key period, still good for
+    # decryption (their own previous dropped).
+    ticket_names: tuple = (None, None)
+    previous: "ServerTLS | None" = field(default=None, repr=False)
 
     def context(self, mandatory: bool = False) -> SSL.Context:
         """The context for opportunistic (may) or mandatory (encrypt) TLS."""
         return self.mandatory if mandatory else self.opportunistic
 
-    def connection(self, sock, namaddr: str, mandatory: bool = False) -> SSL.Connection:
-        """A server-side connection on sock, ready for handshake(); logs level-2 setup."""
+    def connection(self, sock, namaddr: str, mandatory: bool = False,
+                   peek_timeout: float = 0.0) -> SSL.Connection:
+        """A server-side connection on sock, ready for handshake(); logs level-2 setup.
+
+        With contexts of a previous key period and peek_timeout > 0, the client's
+        ClientHello is peeked at (not read) first: a ticket under the previous period's
+        key gets the previous context, which decrypts it."""
         if self.loglevel >= 2:
             self.info_fn(f"setting up TLS connection from {namaddr}")
             self.info_fn(f"{namaddr}: TLS cipher list \"{self.cipher_lists[int(mandatory)]}\"")
-        conn = SSL.Connection(self.context(mandatory), sock)
+        ctx = self.context(mandatory)
+        old = self.previous
+        if old is not None and peek_timeout > 0 and old.ticket_names[mandatory]:
+            name = peek_ticket_key_name(sock, peek_timeout)
+            if name is not None and name == old.ticket_names[mandatory] \
+                    and name != self.ticket_names[mandatory]:
+                ctx = old.context(mandatory)
+        conn = SSL.Connection(ctx, sock)
         conn.set_app_data(ConnState("server", namaddr, self.loglevel, self.verify_depth,
                                     self.info_fn, self.fast_shutdown))
         conn.set_accept_state()
@@ -1085,9 +1135,170 @@ def server_tls(cfg, prefix: str = "smtpd", level: str | None = None, warn=msg.wa
         sni = SniMap(contexts, warn, info)
         for ctx in {id(opportunistic): opportunistic, id(mandatory): mandatory}.values():
             ctx.set_tlsext_servername_callback(sni.callback)
+    names = (None, None)
+    if timeout > 0:
+        names = (context_ticket_key_name(opportunistic),
+                 context_ticket_key_name(mandatory))
     return ServerTLS(opportunistic, mandatory, level, ask, require, loglevel, digest,
                      cfg[f"{prefix}_tls_received_header"], lists, depth, info,
-                     cfg["tls_fast_shutdown_enable"], sni)
+                     cfg["tls_fast_shutdown_enable"], sni, names)
+
+
+def rotate_server_tls(cfg, current: ServerTLS, prefix: str = "smtpd") -> ServerTLS:
+    """The contexts of the next ticket key period: new keys for encryption, and
+    current's contexts kept for decryption (theirs dropped). Warnings are not repeated:
+    prepare() gave them for this configuration. TLSConfigError as server_tls()."""
+    new = server_tls(cfg, prefix, level=current.level, warn=lambda text: None,
+                     info=current.info_fn)
+    new.previous = dataclasses.replace(current, previous=None)
+    return new
+
+
+# --- session ticket keys ------------------------------------------------------------------
+
+TICKET_KEY_NAME_LEN = 16        # OpenSSL's stateless ticket: key name, IV, data, HMAC
+_TLS_RECORD_MAX = 5 + 16384
+_EXT_SESSION_TICKET = 35
+_EXT_PRE_SHARED_KEY = 41
+
+
+def _der_children(data: bytes, pos: int, end: int):
+    """(tag, value start, value end) of the DER elements in data[pos:end]."""
+    while pos + 2 <= end:
+        tag, n = data[pos], data[pos + 1]
+        pos += 2
+        if n & 0x80:
+            size = n & 0x7F
+            if size == 0 or size > 4 or pos + size > end:
+                return
+            n = int.from_bytes(data[pos:pos + size], "big")
+            pos += size
+        if pos + n > end:
+            return
+        yield tag, pos, pos + n
+        pos += n
+
+
+def session_ticket(der: bytes) -> bytes | None:
+    """The ticket inside a DER SSL_SESSION (i2d_SSL_SESSION's [10] tlsext_tick)."""
+    for tag, start, end in _der_children(der, 0, len(der)):
+        if tag != 0x30:
+            return None
+        for inner, istart, iend in _der_children(der, start, end):
+            if inner == 0xAA:           # [10] EXPLICIT OCTET STRING
+                for otag, ostart, oend in _der_children(der, istart, iend):
+                    if otag == 0x04:
+                        return der[ostart:oend]
+        return None
+    return None
+
+
+def ticket_key_name(session: SSL.Session) -> bytes | None:
+    """The key name of a client session's ticket, or None without a ticket."""
+    try:
+        ticket = session_ticket(tls_session.serialize(session))
+    except ValueError:
+        return None
+    if ticket is None or len(ticket) < TICKET_KEY_NAME_LEN:
+        return None
+    return ticket[:TICKET_KEY_NAME_LEN]
+
+
+def context_ticket_key_name(ctx: SSL.Context) -> bytes | None:
+    """The name of ctx's ticket key, learnt from one handshake in memory with a
+    throwaway client (the bindings cannot read the key). None when that handshake does
+    not complete (a client certificate required, no common cipher)."""
+    client_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    client_ctx.set_cipher_list(b"ALL:COMPLEMENTOFALL:@SECLEVEL=0")
+    client_ctx.set_session_cache_mode(SSL.SESS_CACHE_CLIENT)
+    server = SSL.Connection(ctx, None)
+    server.set_accept_state()
+    client = SSL.Connection(client_ctx, None)
+    client.set_connect_state()
+    try:
+        for _ in range(20):
+            for conn in (client, server):
+                try:
+                    conn.do_handshake()
+                except SSL.WantReadError:
+                    pass
+            for src, dst in ((client, server), (server, client)):
+                try:
+                    dst.bio_write(src.bio_read(1 << 16))
+                except SSL.WantReadError:
+                    pass
+            if client.get_peer_finished() is not None:
+                try:
+                    client.recv(1)      # TLS 1.3: the tickets follow the handshake
+                except SSL.WantReadError:
+                    pass
+                session = client.get_session()
+                name = ticket_key_name(session) if session is not None else None
+                if name is not None:
+                    return name
+    except SSL.Error:
+        return None
+    return None
+
+
+def client_hello_ticket_key_name(record: bytes) -> bytes | None:
+    """The ticket key name of a ClientHello record: the TLS 1.2 session_ticket
+    extension, or the first TLS 1.3 pre_shared_key identity. None when there is none
+    or the record is not a whole ClientHello."""
+    if len(record) < 9 or record[0] != 22 or record[5] != 1:
+        return None
+    end = min(len(record), 5 + int.from_bytes(record[3:5], "big"))
+    pos = 9 + 2 + 32                    # record and handshake headers, version, random
+    try:
+        pos += 1 + record[pos]                                  # session id
+        pos += 2 + int.from_bytes(record[pos:pos + 2], "big")  # cipher suites
+        pos += 1 + record[pos]                                  # compression methods
+        ext_end = min(end, pos + 2 + int.from_bytes(record[pos:pos + 2], "big"))
+        pos += 2
+        while pos + 4 <= ext_end:
+            kind = int.from_bytes(record[pos:pos + 2], "big")
+            size = int.from_bytes(record[pos + 2:pos + 4], "big")
+            data = record[pos + 4:pos + 4 + size]
+            pos += 4 + size
+            if kind == _EXT_SESSION_TICKET and data:    # empty: "send me one" (or TLS 1.3)
+                ticket = data
+            elif kind == _EXT_PRE_SHARED_KEY and len(data) >= 4:
+                ticket = data[4:4 + int.from_bytes(data[2:4], "big")]
+            else:
+                continue
+            return ticket[:TICKET_KEY_NAME_LEN] if len(ticket) >= TICKET_KEY_NAME_LEN else None
+    except IndexError:
+        return None
+    return None
+
+
+def peek_ticket_key_name(sock, timeout: float) -> bytes | None:
+    """Wait (at most timeout) for the client's first TLS record, and read the ticket key
+    name from it without taking it off the socket (MSG_PEEK): the handshake then reads
+    it as usual. None for no ticket, no ClientHello in time, or a socket error."""
+    deadline = time.monotonic() + timeout
+    have = -1
+    while True:
+        wait = deadline - time.monotonic()
+        if wait <= 0:
+            return None
+        try:
+            if not select.select([sock], [], [], wait)[0]:
+                return None
+            data = sock.recv(_TLS_RECORD_MAX, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            continue
+        except (OSError, ValueError):
+            return None
+        if not data:
+            return None
+        if len(data) >= 5 and len(data) >= 5 + int.from_bytes(data[3:5], "big"):
+            return client_hello_ticket_key_name(data)
+        if len(data) >= _TLS_RECORD_MAX:
+            return None
+        if len(data) == have:
+            time.sleep(0.005)   # the rest of the record is on its way: peeking again now
+        have = len(data)        # would find the same bytes
 
 
 @dataclass

@@ -39,6 +39,11 @@ FUNCTIONS
         True when the entry is gone (deleted now, or there was none).
     status() -> dict or None
         tlsmgr's status report (see tlsmgr/service.py), as `tlsmgr status --json` prints it.
+    history_update(nexthop, record) -> list or None
+        Add a TLS outcome (a JSON-able dict, lib/tls_history.py) to the next hop's TLS
+        history; the history before it (oldest first), or None.
+    history_lookup(nexthop=None) -> dict or None
+        {next hop: [records]} for one next hop or all (tlsmgr/history.py).
     mix_seed(size=None) -> bool
         Ask for a seed and add it to OpenSSL's pool (openssl_rand_add); True when done.
     openssl_rand_add(data)
@@ -210,6 +215,36 @@ class TlsmgrClient:
         self._refused(request, reply)
         return None
 
+    def history_update(self, nexthop: str, record: dict) -> list | None:
+        """Add a TLS outcome to nexthop's history; the history before it, or None."""
+        request = {"request": attr.REQ_HISTORY_UPDATE, "nexthop": _as_bytes(nexthop),
+                   "record": json.dumps(record, separators=(",", ":")).encode()}
+        value = self._history_call(request)
+        return value if isinstance(value, list) else None
+
+    def history_lookup(self, nexthop: str | None = None) -> dict | None:
+        """{next hop: [records]} for nexthop or for all; None when there is no history
+        or tlsmgr cannot be reached."""
+        request = {"request": attr.REQ_HISTORY_LOOKUP}
+        if nexthop is not None:
+            request["nexthop"] = _as_bytes(nexthop)
+        value = self._history_call(request)
+        return value if isinstance(value, dict) else None
+
+    def _history_call(self, request: dict):
+        result = self._call(request)
+        if result is None:
+            return None
+        status, reply = result
+        if status == attr.STATUS_OK and "history_json" in reply:
+            try:
+                return json.loads(reply["history_json"])
+            except ValueError:
+                return None
+        if status != attr.STATUS_NOTFOUND:
+            self._refused(request, reply)
+        return None
+
     def mix_seed(self, size: int | None = None) -> bool:
         """Add a seed from tlsmgr to OpenSSL's pool; True when done."""
         data = self.seed(size)
@@ -280,6 +315,16 @@ def delete(cache_type: str, cache_id) -> bool:
 def status() -> dict | None:
     """Return tlsmgr's status report, or None."""
     return client().status()
+
+
+def history_update(nexthop: str, record: dict) -> list | None:
+    """Add a TLS outcome to nexthop's history (tlsmgr/history.py); the one before."""
+    return client().history_update(nexthop, record)
+
+
+def history_lookup(nexthop: str | None = None) -> dict | None:
+    """The TLS history of nexthop, or of every next hop; None without one."""
+    return client().history_lookup(nexthop)
 
 
 def mix_seed(size: int | None = None) -> bool:

@@ -354,7 +354,51 @@ class Master:
         self.loop.add_reader(state.status_r, lambda: self._read_status(state))
         if state.svc.wakeup:
             self._arm_wakeup(state)
+        self._arm_rekey(state)
         self._update_listen(state)
+
+    # --- key periods ------------------------------------------------------------------------
+    def _arm_rekey(self, state: S.ServiceState) -> None:
+        """A program whose prepare() keys something on time (smtpd's session ticket keys:
+        prepared.rekey_interval seconds) gets a new generation of that service each
+        period: module.rekey() builds it before the fork, as prepare() did, and the old
+        workers finish their client and exit, as after a reload (lib/tls.py SESSION
+        TICKET KEYS)."""
+        interval = getattr(state.prepared, "rekey_interval", 0) or 0
+        if interval <= 0 or not hasattr(state.module, "rekey"):
+            return
+
+        def fire():
+            state.rekey_timer = None
+            if not self.stopping and self.services.get(state.key) is state:
+                self._rekey(state)
+        state.rekey_timer = self.loop.call_later(interval, fire)
+
+    def _rekey(self, old: S.ServiceState) -> None:
+        """The next key period of one service: a new generation on the same sockets."""
+        try:
+            prepared = old.module.rekey(old.cfg, old.prepared)
+        except Exception as exc:  # keep the running keys: resumption, not mail, is at stake
+            msg.warn(f"service {old.key}: new session ticket keys: {exc}")
+            self._arm_rekey(old)
+            return
+        self.generation += 1
+        new = S.ServiceState(svc=old.svc, cfg=old.cfg, generation=self.generation,
+                             program=old.program, module=old.module,
+                             load_error=old.load_error, prepared=prepared,
+                             maxproc=old.maxproc)
+        new.pipes()
+        if old.listening:
+            for sock in old.listeners:
+                self.loop.remove_reader(sock)
+            old.listening = False
+        self.loop.cancel(old.wakeup_timer)
+        new.listeners, old.listeners = old.listeners, []
+        old.retire()
+        self.retired.append(old)
+        self.services[old.key] = new
+        self._activate(new)
+        self._collect_retired()
 
     # --- the loop --------------------------------------------------------------------------
     def run(self) -> int:

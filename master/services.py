@@ -134,6 +134,7 @@ class ServiceState:
     throttled_until: float = 0.0
     listening: bool = False
     wakeup_timer: object = None
+    rekey_timer: object = None      # the next session ticket key period (Master._arm_rekey)
     limit_warned: float = 0.0
     status_buf: bytes = b""
 

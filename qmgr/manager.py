@@ -160,6 +160,9 @@ class Destination:
     dead_until: float = 0.0
     dead_reason: str = ""
     dead_dsn: str = ""
+    last_done: float = 0.0      # when a delivery here last ended (on-demand caching)
+    conn_load: bool = False     # ask the agents to reuse cached connections
+    conn_store: bool = False    # ... and to cache theirs
 
     @property
     def capacity(self) -> int:
@@ -533,14 +536,28 @@ class QueueManager:
             transport=job.transport.name, nexthop=job.nexthop, sender=m.env.sender or "",
             arrival=m.env.arrival, recipients=[e.address for e in job.entries],
             offsets=[e.offset for e in job.entries],
-            flags=[] if m.env.sender else ["bounce"])
+            flags=([] if m.env.sender else ["bounce"]) + self._conn_cache_flags(job.dest))
         self.dispatch(job, request)
+
+    def _conn_cache_flags(self, dest: Destination) -> list[str]:
+        """Postfix's on-demand connection caching (qmgr_entry_select): on with a delivery
+        that starts within a second of the last one's end here, off for new connections
+        when deliveries are neither concurrent nor back to back (cached ones are still
+        used). The agent decides with smtp_connection_cache_on_demand."""
+        back_to_back = dest.last_done + 1 >= self.now()
+        if not dest.conn_store:
+            if back_to_back:
+                dest.conn_load = dest.conn_store = True
+        elif not (dest.busy > 1 or back_to_back):
+            dest.conn_store = False
+        return ["conn_load"] * dest.conn_load + ["conn_store"] * dest.conn_store
 
     # --- results -----------------------------------------------------------------------------
     def delivered(self, job: Job, result) -> None:
         """A delivery agent's answer (deliver.DeliveryStatus) or a Failure, for one started job."""
         job.dest.busy -= 1
         job.transport.busy -= 1
+        job.dest.last_done = self.now()
         if isinstance(result, Failure):
             self._job_done(job, result.dsn, result.reason, log=True)
             if result.throttle:

@@ -71,6 +71,11 @@ CONFIGURATION PARAMETERS
     smtp_tlsrpt_enable (no), each session's TLS outcome counted in tlsrpt_database
     (smtp_tlsrpt_skip_reused_handshakes (no): not those that resumed a TLS session).
     Both files are LMDB in data_directory, opened in pre_init, before the chroot.
+    smtp_tls_history_database (empty; postfix-py extension): each new connection's TLS
+    outcome goes to the next hop's history in tlsmgr, and an unexpected change (plain
+    text after TLS, another issuer, a lower status) is a warning (lib/tls_history.py).
+    Connection cache: smtp/conncache.py (smtp_connection_cache_*, smtp_connection_reuse_*,
+    smtp_tls_connection_reuse, smtp_rset_timeout).
 
 FILES
     queue_directory/private/smtp, relay, lmtp: the service sockets
@@ -88,14 +93,15 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import time
 
-from ..lib import deliver, delivery_agent, msg, server, tables, tls_session, tlsmgr_client
-from ..lib import tlsrpt
+from ..lib import deliver, delivery_agent, msg, server, tables, tls_history, tls_session
+from ..lib import tlsmgr_client, tlsrpt
 from ..lib import queue as Q
 from ..lib import tls as libtls
 from ..lib.smtpio import SmtpStream
 from ..lib.maincf import ConfigError
-from . import mta_sts, nexthop, session, tls, tls_policy, xforward
+from . import conncache, mta_sts, nexthop, session, tls, tls_policy, xforward
 from . import sasl as smtp_sasl
 
 REQUEST_TIMEOUT_CAP = 300       # seconds to wait for the request frame
@@ -146,6 +152,7 @@ def pre_init(ctx) -> None:
             st["tls"] = libtls.client_tls(cfg, prefix)
         except libtls.TLSConfigError as exc:
             msg.warn(f"TLS library problem: {exc}; TLS is not available")
+    st["history"] = bool(cfg.get("smtp_tls_history_database").strip())
     st["options"] = session.Options.from_config(cfg, prefix)
     try:
         # smtp_sasl_password_maps: opened here, before the chroot (Postfix's
@@ -395,6 +402,7 @@ def deliver_request(req: deliver.Request, ctx, report: delivery_agent.Report) ->
             if offset in stored:
                 r.notify, r.orcpt = stored[offset].notify, stored[offset].orcpt
         d.client = xforward.client_attributes(qmsg.attrs, req.queue_id)
+        d.request_flags = tuple(req.flags)
         d.content = lambda: qmsg.content(req.queue_file)
         if not req.arrival:
             report.arrival = qmsg.arrival
@@ -503,6 +511,16 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
     cfg = ctx.cfg
     st = ctx.state
     p = st["prefix"]
+    cache = st.get("conncache")
+    key, store = None, False
+    if cache is not None:
+        load, store = cache.policy(d.request_flags, dest.host)
+        key = cache.key(dest.text, addr, policy)
+        if load:
+            done = _reuse(ctx, d, cache, key, store, policy, last, sess_limit, sess_count,
+                          final_nexthop)
+            if done is not None:
+                return done
     client = _client_for(ctx, policy)
     if client is None and st["tls"] is not None:
         # A policy table's protocols or ciphers that OpenSSL refused (already warned).
@@ -513,6 +531,7 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
         msg.info(reason)
         d.why = ("4.4.1", reason)
         return False, "none", False
+    made = time.monotonic()
     options = st["options"]
     stream = SmtpStream(sock, options.timeouts["helo"])
     starter = _starter(ctx, dest, addr, policy, client)
@@ -520,9 +539,12 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
                                  port25=addr.port == 25 and not options.lmtp,
                                  best_pref=best_pref, request_nexthop=request_nexthop)
     sess.sasl_dest = dest.text      # the next hop this session serves: a SASL lookup key
+    d.conn_use = 1
+    kept = False
     try:
         helo_ok = sess.helo()
         _tlsrpt_session(ctx, dest, addr, policy, sts, sess, sock)
+        _note_history(ctx, dest, addr, policy, sess, helo_ok)
         if not helo_ok:
             sess.quit()
             return False, sess.relay, sess.retry_plain
@@ -531,10 +553,75 @@ def _run_session(ctx, d, dest, addr, policy, best_pref, request_nexthop, sess_li
             last = True
         d.final_server = final_nexthop and last
         sess.xfer()
-        sess.quit()
+        kept = _keep(cache, key, sess, store, policy, made, 1)
+        if not kept:
+            sess.quit()
         return True, sess.relay, sess.retry_plain
     finally:
+        if not kept:
+            sess.close()
+
+
+def _note_history(ctx, dest, addr, policy, sess, helo_ok: bool) -> None:
+    """Add this connection's TLS outcome to the next hop's history in tlsmgr, and warn
+    of an unexpected change (lib/tls_history.py): with smtp_tls_history_database, for
+    a policy that allows TLS, after a handshake or a session that went on in plain text."""
+    if not ctx.state.get("history") or policy.level == "none" or sess.tls is None \
+            or not sess.tls.available:
+        return
+    info = sess.tls.tls_info
+    if info is None and not (helo_ok and not sess.tls_active):
+        return              # no handshake and no plaintext session: nothing was seen
+    record = tls_history.record_of(addr.namaddrport, policy.level, info)
+    before = tlsmgr_client.history_update(dest.text, record)
+    if before is None:
+        return
+    warnings, notes = tls_history.changes(before, record)
+    for text in warnings:
+        msg.warn(f"TLS history: {addr.namaddrport} for {dest.text}: {text}")
+    for text in notes:
+        msg.info(f"TLS history: {addr.namaddrport} for {dest.text}: {text}")
+
+
+def _reuse(ctx, d, cache, key, store, policy, last, sess_limit, sess_count,
+           final_nexthop) -> tuple[bool, str, bool] | None:
+    """A delivery over the cached connection under key (smtp/conncache.py), or None when
+    there is none that passes the RSET probe."""
+    entry = cache.take(key)
+    if entry is None:
+        return None
+    sess = entry.session
+    if not sess.rset_probe(cache.rset_timeout):
+        sess.quit()
         sess.close()
+        return None
+    sess.reuse(d)
+    d.conn_use = entry.uses + 1
+    kept = False
+    try:
+        if sess_limit and sess_count + 1 == sess_limit:
+            last = True
+        d.final_server = final_nexthop and last
+        sess.xfer()
+        kept = _keep(cache, key, sess, store, policy, entry.made, d.conn_use)
+        if not kept:
+            sess.quit()
+        return True, sess.relay, False
+    finally:
+        if not kept:
+            sess.close()
+
+
+def _keep(cache, key, sess, store: bool, policy, made: float, uses: int) -> bool:
+    """Cache sess instead of QUIT, where the rules of smtp/conncache.py allow it."""
+    if cache is None or not store or not sess.usable or not sess.quit_ok or sess.retry_plain:
+        return False
+    if sess.tls_active and not cache.may_store_tls(policy):
+        return False
+    if cache.expired(made, uses):
+        return False
+    cache.store(key, sess, made, uses)
+    return True
 
 
 def smtp_service(conn: socket.socket, ctx) -> None:
@@ -543,6 +630,17 @@ def smtp_service(conn: socket.socket, ctx) -> None:
                          timeout=min(ctx.cfg["ipc_timeout"], REQUEST_TIMEOUT_CAP))
 
 
+def prepare(cfg, service) -> conncache.Board:
+    """In the master, per generation: the board on which the workers show who holds
+    cached connections (smtp/conncache.py)."""
+    return conncache.Board()
+
+
 def main(ctx) -> int:
-    """The smtp and lmtp programs: one delivery request per connection."""
-    return server.single_server(ctx, smtp_service, pre_init=pre_init, post_init=post_init)
+    """The smtp and lmtp programs: one delivery request per connection; connections
+    that may serve the next request stay in the connection cache meanwhile."""
+    board = ctx.prepared if isinstance(ctx.prepared, conncache.Board) else None
+    cache = conncache.ConnectionCache(ctx.cfg, _prefix(ctx), board)
+    ctx.state["conncache"] = cache
+    return server.single_server(ctx, smtp_service, pre_init=pre_init, post_init=post_init,
+                                on_exit=cache.close_all, idle=cache)

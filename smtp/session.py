@@ -126,6 +126,8 @@ class Delivery:
     dsn_envid: str = ""
     log = None                      # for tests without a Report: f(rcpt, relay, status)
     client: dict = field(default_factory=dict)   # original client, for XFORWARD
+    conn_use: int = 0               # the connection's use count (>1: a cached one)
+    request_flags: tuple = ()       # the request's flags (conn_load, conn_store: qmgr)
 
     @property
     def soft_bounce(self) -> bool:
@@ -157,7 +159,8 @@ class Delivery:
         if self.report is not None:
             decided = self.report.record(r.index, status, dsn, reason, relay,
                                          conn_setup=setup_done - self.started,
-                                         transmit=now - setup_done)
+                                         transmit=now - setup_done,
+                                         conn_use=self.conn_use)
             status, dsn = decided.result, decided.dsn
         r.result, r.dsn, r.reason = status, dsn, reason
         if self.log is not None:
@@ -852,12 +855,36 @@ class ClientSession:
         else:
             d.bulk_fail(reply.dsn, self._said(reply, "end of DATA"), self.relay)
 
+    # --- connection reuse (smtp/conncache.py) ---------------------------------------------
+    def rset_probe(self, timeout: float) -> bool:
+        """Postfix's RSET probe before a cached connection carries another message:
+        True when the server answers 2xx; False (the connection unusable) otherwise."""
+        try:
+            self._cmd("RSET")
+            self._flush(timeout)
+            reply = self._reply(timeout)
+        except Exception:       # noqa: BLE001 - closed, reset, TLS alert: a new connection
+            self.usable = self.quit_ok = False
+            return False
+        if reply.klass != 2:
+            self.quit_ok = reply.code != 421
+            return False
+        return True
+
+    def reuse(self, delivery: Delivery) -> None:
+        """Carry another delivery over this connection (after rset_probe())."""
+        self.d = delivery
+        self.mail_sent = False
+        self.retry_plain = False
+        self._early_reply = False
+
     # --- the end ---------------------------------------------------------------------------
-    def quit(self) -> None:
-        """QUIT and its reply, when the connection is still in a known state; never raises."""
+    def quit(self, timeout: float | None = None) -> None:
+        """QUIT and its reply, when the connection is still in a known state; never raises.
+        timeout: instead of smtp_quit_timeout (an idle cached connection's end)."""
         if not self.usable or not self.quit_ok:
             return
-        t = self.o.timeouts["quit"]
+        t = self.o.timeouts["quit"] if timeout is None else timeout
         try:
             self._cmd("QUIT")
             self._flush(t)

@@ -29,7 +29,7 @@ DESCRIPTION
 
     smtp_tls_policy_maps holds the modern per-destination policy: `level attr=value ...`
     with the attributes ciphers, protocols, match, exclude and servername (and
-    connection_reuse, accepted and ignored). Bracketed or ported next hops are looked up
+    connection_reuse=yes|no, which overrides smtp_tls_connection_reuse for the destination). Bracketed or ported next hops are looked up
     as given; a domain is looked up, then its parent domains as `.example.com`, `.com`.
 
 FUNCTIONS
@@ -107,6 +107,9 @@ class Policy:
     source: str = "global"          # global, per-site, policy, MTA-STS policy [(testing)]
     dsn: str = ""                   # level "invalid" only
     reason: str = ""
+    # policy "connection_reuse=yes|no": overrides smtp_tls_connection_reuse for this
+    # destination (smtp/conncache.py); None: main.cf's
+    connection_reuse: bool | None = None
 
     @property
     def valid(self) -> bool:
@@ -259,6 +262,7 @@ def parse_policy(text: str, where: str, dest: str = "", warn=msg.warn) -> Policy
         if name == "connection_reuse":
             if value.lower() not in ("yes", "no"):
                 bad(f"attribute \"{name}\" has bad value: \"{value}\"")
+            attrs[name] = value.lower()
             continue
         if name in ("ciphers", "protocols", "exclude", "servername"):
             if name in attrs:
@@ -272,8 +276,10 @@ def parse_policy(text: str, where: str, dest: str = "", warn=msg.warn) -> Policy
         if name == "tafile":
             bad(f"attribute \"{name}\" is not supported (no DANE trust anchors)")
         bad(f"invalid attribute name: \"{name}\"")
+    reuse = attrs.get("connection_reuse")
     return Policy(level, tuple(matches), attrs.get("protocols"), attrs.get("ciphers"),
-                  attrs.get("exclude"), attrs.get("servername"), source="policy")
+                  attrs.get("exclude"), attrs.get("servername"), source="policy",
+                  connection_reuse=None if reuse is None else reuse == "yes")
 
 
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)"

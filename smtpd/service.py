@@ -8,7 +8,10 @@ DESCRIPTION
     smtpd/session.py, and writes accepted mail as queue files into incoming/ (lib/queue.py).
     prepare() runs once per configuration generation in the master, before any worker is
     forked: it checks the restriction lists and builds the server TLS contexts, so that all
-    workers of a generation share one set of session-ticket keys (DESIGN.md).
+    workers of a generation share one set of session-ticket keys (DESIGN.md). Every
+    smtpd_tls_session_cache_timeout the master calls rekey() and starts a new generation:
+    new ticket keys, with the previous period's still accepted (lib/tls.py SESSION TICKET
+    KEYS).
 
 SECURITY
     Talks to untrusted clients. Runs chrooted in queue_directory (master.cf) as mail_owner;
@@ -43,6 +46,7 @@ SEE ALSO
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -63,6 +67,15 @@ class Prepared:
     level: str = "none"         # the TLS security level: none, may or encrypt
     tls: object = None          # TlsServer, or None when TLS is off or broken
     tls_problem: str | None = None
+    # Seconds between session ticket key periods (smtpd_tls_session_cache_timeout; 0:
+    # never): the master then calls rekey() and starts a new generation of the service.
+    rekey_interval: int = 0
+
+
+def rekey(cfg, prepared: Prepared) -> Prepared:
+    """Run in the master each ticket key period: the TLS contexts of the next period,
+    which still decrypt the tickets of this one (lib/tls.py SESSION TICKET KEYS)."""
+    return dataclasses.replace(prepared, tls=prepared.tls.rekeyed(cfg))
 
 
 def prepare(cfg, service) -> Prepared:
@@ -82,6 +95,8 @@ def prepare(cfg, service) -> Prepared:
         prepared.tls = TlsServer.build(cfg, prepared.level)
     except ConfigError as exc:
         prepared.tls_problem = str(exc)
+        return prepared
+    prepared.rekey_interval = cfg["smtpd_tls_session_cache_timeout"]
     return prepared
 
 

@@ -34,10 +34,23 @@ class TlsServer:
             raise ConfigError(str(exc)) from None
         return cls(server, cfg["smtpd_starttls_timeout"])
 
+    def rekeyed(self, cfg) -> "TlsServer":
+        """The next session ticket key period's state (lib/tls.rotate_server_tls); built
+        in the master, before the new workers fork. ConfigError as build()."""
+        try:
+            server = T.rotate_server_tls(cfg, self.server)
+        except T.TLSConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        return TlsServer(server, self.timeout)
+
     def handshake(self, stream, client) -> T.TLSInfo:
         """The server handshake on stream; TLSFailure when it does not complete."""
+        # The reply to STARTTLS goes out first: the ClientHello that answers it says
+        # which period's ticket key the client's ticket is under.
+        stream.flush(self.timeout)
         conn = self.server.connection(stream.sock, client.client,
-                                      self.server.level == "encrypt")
+                                      self.server.level == "encrypt",
+                                      peek_timeout=self.timeout)
         if self.server.loglevel >= 4:
             stream.trace = lambda what, data: _trace(client.client, what, data)
         stream.start_tls(conn, self.timeout)

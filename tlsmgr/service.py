@@ -24,6 +24,10 @@ DESCRIPTION
         remove a session; status 1 when there was none.
     request=status
         counters and times as JSON text in `status_json` (what `tlsmgr status` prints).
+    request=history_update nexthop=N record=JSON, request=history_lookup [nexthop=N]
+        the smtp client's TLS history per next hop (history.py; postfix-py extension,
+        with smtp_tls_history_database): the reply's `history_json` is N's history
+        before the update, or the history of N or of every next hop.
 
     Status 0 is success, 1 not found, 2 bad request, 3 server error; `reason` explains
     every status other than 0. A request with a missing, repeated or unknown attribute gets
@@ -72,6 +76,9 @@ CONFIGURATION PARAMETERS
     lmtp_tls_session_cache_database (empty), lmtp_tls_session_cache_timeout (3600s)
                                        caches (lmdb:, btree: and hash: are all LMDB) and
                                        entry lifetimes (0 disables a cache)
+    smtp_tls_history_database (empty), smtp_tls_history_size (10)
+                                       the TLS history per next hop (history.py), kept
+                                       across restarts
     lmdb_map_size (16777216)           initial map size of each cache
     ipc_timeout (3600s)                how long a client may leave replies unread
     data_directory (/var/lib/postfix-py), mail_owner (postfix), queue_directory
@@ -110,6 +117,7 @@ import time
 from postfix_py.lib import attr, maincf, msg
 from postfix_py.lib.attr import AttrError
 from postfix_py.lib.events import EventLoop
+from postfix_py.tlsmgr import history as tls_history
 from postfix_py.tlsmgr import prng, scache
 
 CACHE_TYPES = ("smtpd", "smtp", "lmtp")
@@ -204,7 +212,14 @@ class Tlsmgr:
             b"update": self._update,
             b"delete": self._delete,
             b"status": self._status,
+            b"history_update": self._history_update,
+            b"history_lookup": self._history_lookup,
         }
+        # The smtp client's TLS history (tlsmgr/history.py): smtp's parameters, which
+        # lmtp shares (one file, next hops as keys).
+        self.history_spec = cfg.get("smtp_tls_history_database").strip()
+        self.history_size = cfg["smtp_tls_history_size"]
+        self.history: tls_history.History | None = None
 
     # --- hooks ---------------------------------------------------------------------------
     def pre_init(self) -> None:
@@ -229,6 +244,24 @@ class Tlsmgr:
                         msg.warn(f"cannot read PRNG exchange file {path}: {exc.strerror or exc}")
         self.pool.start(exchange)
         self._open_caches()
+        self._open_history()
+
+    def _open_history(self) -> None:
+        """Open the TLS history (kept across restarts, unlike the caches)."""
+        if not self.history_spec:
+            return
+        try:
+            path = tls_history.file_path(self.history_spec)
+        except ValueError as exc:
+            msg.warn(f"smtp_tls_history_database: {exc} -- history disabled")
+            return
+        path = prng.redirect_path(path, self.mail_owner, self.owner_uid,
+                                  self.data_directory, "table", self.history_spec)
+        history = tls_history.History(self.history_spec, path, self.history_size,
+                                      self.map_size)
+        with self._as_owner():
+            if history.open():
+                self.history = history
 
     def post_init(self, loop) -> None:
         """Arm the timers, after chroot and privilege drop: reseed, exchange, sweep, reaper."""
@@ -271,6 +304,8 @@ class Tlsmgr:
             self.exchange = None
         for cache in self._unique_caches():
             cache.close()
+        if self.history is not None:
+            self.history.close()
         if self.pool is not None:
             self.pool.close()
 
@@ -595,6 +630,52 @@ class Tlsmgr:
         if cache is None:
             return reply
         return _OK if cache.delete(request["cache_id"]) else _NOT_FOUND
+
+    _HISTORY_UPDATE_ATTRS = frozenset({"request", "nexthop", "record"})
+    _HISTORY_LOOKUP_ATTRS = frozenset({"request"})
+    _HISTORY_LOOKUP_OPTIONAL = frozenset({"nexthop"})
+    _NO_HISTORY = _reply(attr.STATUS_NOTFOUND, "no TLS history (smtp_tls_history_database "
+                                               "is empty or unusable)")
+
+    def _history_update(self, client: _Client, request: dict) -> bytes:
+        """Answer `history_update`: append a record; the history before it."""
+        bad = self._check(client, request, self._HISTORY_UPDATE_ATTRS)
+        if bad:
+            return bad
+        nexthop = request["nexthop"]
+        if not 1 <= len(nexthop) <= tls_history.MAX_KEY:
+            return self._bad(client, f"nexthop of {len(nexthop)} bytes "
+                                     f"(must be 1..{tls_history.MAX_KEY})")
+        record = tls_history.parse_record(request["record"])
+        if record is None:
+            return self._bad(client, "record is not a JSON object of "
+                                     f"1..{tls_history.MAX_RECORD} bytes")
+        if self.history is None:
+            return self._NO_HISTORY
+        before = self.history.update(nexthop, record)
+        if before is None:
+            return _reply(attr.STATUS_ERROR, "cannot store TLS history (see tlsmgr's log)")
+        return attr.encode({"status": attr.STATUS_OK,
+                            "history_json": json.dumps(before, separators=(",", ":"))})
+
+    def _history_lookup(self, client: _Client, request: dict) -> bytes:
+        """Answer `history_lookup`: one next hop's history, or every one's."""
+        bad = self._check(client, request, self._HISTORY_LOOKUP_ATTRS,
+                          self._HISTORY_LOOKUP_OPTIONAL)
+        if bad:
+            return bad
+        if self.history is None:
+            return self._NO_HISTORY
+        nexthop = request.get("nexthop")
+        if nexthop is not None and not 1 <= len(nexthop) <= tls_history.MAX_KEY:
+            return self._bad(client, f"nexthop of {len(nexthop)} bytes "
+                                     f"(must be 1..{tls_history.MAX_KEY})")
+        found, truncated = self.history.lookup(nexthop)
+        reply = {"status": attr.STATUS_OK,
+                 "history_json": json.dumps(found, separators=(",", ":"))}
+        if truncated:
+            reply["truncated"] = "1"
+        return attr.encode(reply)
 
     _STATUS_ATTRS = frozenset({"request"})
 

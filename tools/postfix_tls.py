@@ -36,6 +36,19 @@ SUBCOMMANDS (Postfix 3.7's, with the same options and messages)
         The digest defaults to smtpd_tls_fingerprint_digest (sha256); md5 and sha1 work
         for tables written as the seed's examples are.
 
+    history [destination]                           (postfix-py only)
+        The TLS history that tlsmgr keeps per next hop (smtp_tls_history_database):
+        for each outcome, newest first, its time, server, policy level, Postfix's
+        status word, protocol, cipher, and the certificate's fingerprint, subject and
+        issuer (lib/tls_history.py). Asks the running tlsmgr. Exit 1 when destination
+        has no history.
+    explain [--connect] destination                 (postfix-py only)
+        What the smtp client would do for mail to destination (a domain, or an
+        address whose domain is used): transport and next hop, MX hosts and addresses,
+        the TLS policy of each (its source and level, match rules), whether a cached
+        TLS session exists; with --connect, the handshake as posttls-finger does it and
+        whether the policy is met (tools/tls_explain.py).
+
     algorithm is rsa (the default) or ecdsa; bits is the RSA size (default 2048, at least
     2048) or the EC curve (secp256r1, the default, also called prime256v1 or P-256;
     secp384r1; secp521r1). DSA is not supported, as in Postfix. hostname defaults to
@@ -55,7 +68,8 @@ DIAGNOSTICS
     one `fatal: ...` line and exit status 1. Never a traceback.
 
 SEE ALSO
-    lib/tls.py (loading and fingerprints), lib/tlsgen.py (keys and certificates).
+    lib/tls.py (loading and fingerprints), lib/tlsgen.py (keys and certificates),
+    lib/tls_history.py, tools/tls_explain.py.
 """
 
 from __future__ import annotations
@@ -71,7 +85,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from ..lib import maincf, msg, tls, tlsgen
+from ..lib import maincf, msg, tls, tls_history, tlsgen, tlsmgr_client
+from ..lib.queue import queue_root
+from . import tls_explain
 
 PROGRAM = "postfix-py/postfix-tls"
 CERT_DAYS = 36525                       # Postfix's self-signed certificates: 100 years
@@ -517,6 +533,36 @@ def cmd_server_fingerprint(tool: Tool, args) -> int:
     return 0
 
 
+def cmd_history(tool: Tool, args) -> int:
+    """`tls history [DOMAIN]`: the TLS history that tlsmgr keeps per next hop."""
+    if len(args) > 1 or (args and args[0].startswith("-")):
+        raise Usage("usage: postfix-py tls history [destination]")
+    if not tool.cfg.get("smtp_tls_history_database").strip():
+        _fatal("no TLS history: smtp_tls_history_database is empty")
+    client = tlsmgr_client.TlsmgrClient(
+        os.path.join(queue_root(tool.cfg), "private", "tlsmgr"), backoff=0)
+    try:
+        found = client.history_lookup(args[0] if args else None)
+    finally:
+        client.close()
+    if found is None:
+        _fatal("no TLS history: tlsmgr does not answer (is postfix-py running?)")
+    if args and not found:
+        print(f"{args[0]}: no TLS history")
+        return 1
+    for line in tls_history.format_history(found):
+        print(line)
+    return 0
+
+
+def cmd_explain(tool: Tool, args) -> int:
+    """`tls explain [--connect] DOMAIN`: tools/tls_explain.py."""
+    try:
+        return tls_explain.explain(tool.cfg, args)
+    except tls_explain.Usage as exc:
+        raise Usage(str(exc)) from None
+
+
 HANDLERS = {
     "enable-client": cmd_enable_client,
     "enable-server": cmd_enable_server,
@@ -528,12 +574,14 @@ HANDLERS = {
     "all-default-client": cmd_all_default_client,
     "all-default-server": cmd_all_default_server,
     "server-fingerprint": cmd_server_fingerprint,
+    "history": cmd_history,
+    "explain": cmd_explain,
 }
 
 COMMAND_USAGE = ("usage: postfix-py tls enable-client (or enable-server, new-server-key, "
                  "new-server-cert, deploy-server-cert, output-server-csr, "
                  "output-server-tlsa, all-default-client, all-default-server, "
-                 "server-fingerprint)")
+                 "server-fingerprint, history, explain)")
 
 
 def main(argv: list[str]) -> int:

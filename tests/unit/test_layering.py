@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 NOT_PROGRAMS = {"lib", "tools", "conf"}
 # pickup serves `sendmail -bs` with smtpd's own session, as Postfix's sendmail -bs runs
 # smtpd in its stand-alone mode: the one program that reuses another program's code.
-EXCEPTIONS = {("tools", "posttls_finger.py"): {"smtp"}, ("pickup", "service.py"): {"smtpd"}}
+EXCEPTIONS = {("tools", "posttls_finger.py"): {"smtp"}, ("pickup", "service.py"): {"smtpd"},
+              # `postfix-py tls explain`: the smtp client's own decisions, as posttls-finger
+              ("tools", "tls_explain.py"): {"smtp"}}
 
 
 def packages() -> list[str]:
