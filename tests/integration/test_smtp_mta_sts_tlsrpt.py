@@ -452,3 +452,23 @@ def test_tlsrpt_reports_by_https_and_by_mail(env):
     # sent reports are gone; domains without rua (mismatch.test, unlisted.test) too
     out = inst.cmd("tlsrpt", "show")
     assert json.loads(out.stdout) == {}
+
+
+def test_tls_explain_names_the_mta_sts_policy(env):
+    """`tls explain` resolves the policy where the client does: the MTA-STS policy shows
+    as its source, and the dry run counts nothing for TLSRPT."""
+    good = env.sinks["good"]
+    inst = env.inst
+    inst.main["transport_maps"] = f"inline:{{ enforce.test=sts:enforce.test:{good.port} }}"
+    inst.write()
+    try:
+        before = inst.cmd("tlsrpt", "show").stdout
+        out = inst.cmd("tls", "explain", "bob@enforce.test")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"enforce.test: transport sts, next hop enforce.test:{good.port}" in out.stdout
+        assert "source=MTA-STS policy" in out.stdout, out.stdout
+        assert "level=verify" in out.stdout
+        assert inst.cmd("tlsrpt", "show").stdout == before
+    finally:
+        del inst.main["transport_maps"]
+        inst.write()
