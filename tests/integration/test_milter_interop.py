@@ -14,6 +14,8 @@ refused at end of DATA with spamass-milter's `550 5.7.1 Blocked by SpamAssassin`
 message that is spam below the threshold is queued with the milter's changes (X-Spam-Flag:
 YES, the rewritten Subject:, the body replaced by SpamAssassin's report with the original
 attached); an ordinary message is queued with `X-Spam-Status: No` and its body intact.
+The same milter as non_smtpd_milters filters `postfix-py sendmail -bs` (Postfix's
+stand-alone smtpd, whose mail cleanup inspects with non_smtpd_milters), and only it.
 """
 
 import os
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import POSTFIX_PY
 from pfxinst import SmtpClient, free_port, wait_for
 from sink import Sink
 
@@ -259,12 +262,25 @@ def spamass():
         shutil.rmtree(d, ignore_errors=True)
 
 
-def spamass_instance(instance, milter_port: int) -> None:
+def spamass_instance(instance, milter_port: int, param="smtpd_milters") -> None:
     instance.port = free_port()
     instance.main.update({"mydestination": "$myhostname, localhost, remote.example",
-                          "smtpd_milters": f"inet:127.0.0.1:{milter_port}"})
-    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd"]
+                          param: f"inet:127.0.0.1:{milter_port}"})
+    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd",
+                             "pickup unix n - y - - pickup"]
     instance.start()
+
+
+def sendmail_bs(instance, *messages: bytes) -> list[str]:
+    """One `postfix-py sendmail -bs` session that sends each message; its replies."""
+    session = b"EHLO me.example\r\n"
+    for message in messages:
+        session += (b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@remote.example>\r\n"
+                    b"DATA\r\n" + message + b".\r\n")
+    out = subprocess.run([POSTFIX_PY, "-c", str(instance.dir), "sendmail", "-bs"],
+                         input=session + b"QUIT\r\n", capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.decode().splitlines()
 
 
 def queued(instance, reply: str) -> str:
@@ -302,6 +318,29 @@ def test_spamass_milter_rejects_gtube(instance, spamass):
     line = next(l for l in instance.log().splitlines() if "milter-reject:" in l)
     assert ": 5.7.1 Blocked by SpamAssassin; from=<alice@example.org> " \
         "to=<bob@remote.example> proto=ESMTP helo=<client.test>" in line
+    # sendmail -bs is Postfix's stand-alone smtpd: smtpd_milters do not apply to it
+    reply = sendmail_bs(instance, (DATA / "gtube.eml").read_bytes())[-2]
+    assert "x-spam-status" not in headers(queued(instance, reply))
+
+
+@needs_spamass
+def test_spamass_milter_as_non_smtpd_milters_for_sendmail_bs(instance, spamass):
+    spamass_instance(instance, spamass, "non_smtpd_milters")
+    replies = sendmail_bs(instance, (DATA / "gtube.eml").read_bytes(),
+                          ham("lunch", "See you at noon."))
+    data = "354 End data with <CR><LF>.<CR><LF>"
+    assert replies[-9:-2] == ["250 2.1.0 Ok", "250 2.1.5 Ok", data,
+                              "550 5.7.1 Blocked by SpamAssassin",
+                              "250 2.1.0 Ok", "250 2.1.5 Ok", data]
+    fields = headers(queued(instance, replies[-2]))
+    assert fields["x-spam-status"][0].startswith("No, score=0.0 required=5.0 tests=none")
+    assert len(list((instance.queue / "incoming").iterdir())) == 1
+    line = next(l for l in instance.log().splitlines() if "milter-reject:" in l)
+    assert "milter-reject: END-OF-MESSAGE from localhost[127.0.0.1]: " \
+        "5.7.1 Blocked by SpamAssassin; from=<alice@example.org>" in line
+    # the smtpd service is not filtered by non_smtpd_milters
+    reply = send(instance.port, (DATA / "gtube.eml").read_bytes())
+    assert "x-spam-status" not in headers(queued(instance, reply))
 
 
 @needs_spamass
