@@ -163,7 +163,10 @@ class LocalChecker:
         return True
 
     def in_network_list(self, param, addr, name="unknown") -> bool:
-        return True
+        # never XCLIENT or XFORWARD, as Postfix's stand-alone smtpd: a local user would
+        # name another client (and a login) in the queue file and the Received: header
+        return param not in ("smtpd_authorized_xclient_hosts",
+                             "smtpd_authorized_xforward_hosts")
 
 
 class LocalSession(Session):
