@@ -248,6 +248,7 @@ def spamass():
             [SPAMASS, "-p", f"inet:{milter_port}@127.0.0.1", "-r", "15",
              "--", "-d", "127.0.0.1", "-p", str(spamd_port)],
             stdout=milter_log, stderr=subprocess.STDOUT, user="nobody", group="nogroup",
+            extra_groups=[],
             cwd=d)
         wait_for(lambda: listening(milter_port) or milter.poll() is not None, 20,
                  interval=0.1, what="spamass-milter")
