@@ -51,7 +51,10 @@ CONFIGURATION PARAMETERS
     smtpd_timeout (300s), the cleanup parameters of lib/cleanup.py, and for -bs the
     smtpd_* session parameters. non_smtpd_milters (empty): the milters of a submission
     (lib/milter.py), which see it come from localhost[127.0.0.1] over ESMTP, as Postfix's
-    cleanup emulates it; not for sendmail -bs.
+    cleanup emulates it; also for sendmail -bs (Postfix's stand-alone smtpd uses no
+    smtpd_milters: its mail goes through postdrop and pickup to cleanup, which applies
+    non_smtpd_milters). A milter's reject or tempfail is the answer to the submission
+    (the end-of-DATA reply for -bs), where Postfix's pickup would bounce the message.
 
 FILES
     queue_directory/public/pickup (the socket, 0666), queue_directory/incoming.
@@ -160,7 +163,10 @@ class LocalChecker:
         return True
 
     def in_network_list(self, param, addr, name="unknown") -> bool:
-        return True
+        # never XCLIENT or XFORWARD, as Postfix's stand-alone smtpd: a local user would
+        # name another client (and a login) in the queue file and the Received: header
+        return param not in ("smtpd_authorized_xclient_hosts",
+                             "smtpd_authorized_xforward_hosts")
 
 
 class LocalSession(Session):
@@ -169,8 +175,10 @@ class LocalSession(Session):
     stand_alone = True      # ETRN: 458, as Postfix's stand-alone mode
 
     def __init__(self, stream, cfg, queue_root: str, uid: int, user: str | None,
-                 stopping=lambda: False):
+                 stopping=lambda: False, milter_specs: list | None = None):
         self.uid, self.user = uid, user
+        self.milter_specs = milter_specs    # non_smtpd_milters, never smtpd_milters
+        self.local_milters: milter.Milters | None = None
         super().__init__(stream, cfg, ClientState(name="localhost", addr="127.0.0.1"),
                          queue_root, LocalChecker(), tls=None, stopping=stopping)
 
@@ -178,9 +186,12 @@ class LocalSession(Session):
         try:
             if self.cleanup_settings is None:
                 self.cleanup_settings = cleanup.Settings(self.cfg)
+            if self.milter_specs:
+                self.local_milters = milter.Milters(self.milter_specs, self.cfg, None)
             self.writer = local_cleanup(self.cfg, self.cleanup_settings, self.queue_root,
                                         self.uid, self.user, origin=self.client.client,
-                                        proto=self.protocol(), helo=self.helo or "")
+                                        proto=self.protocol(), helo=self.helo or "",
+                                        milters=self.local_milters)
             w = self.writer
             w.add_attr("client_name", self.client.name)
             w.add_attr("client_address", self.client.addr)
@@ -196,6 +207,21 @@ class LocalSession(Session):
 
     def received_header(self) -> bytes:
         return received_by(self.cfg, self.uid, self.writer.id) + super().received_header()
+
+    def start_content(self) -> OSError | None:
+        """non_smtpd_milters see the envelope now, all recipients known, as Postfix's
+        cleanup emulates it for mail from pickup; their verdict is the end-of-data reply."""
+        ms = self.local_milters
+        if ms is not None:
+            ms.evaluate = milter.local_macros(self.cfg, self.writer)
+            milter.emulate_envelope(ms, self.writer, self.rcpts)
+        return super().start_content()
+
+    def reset(self) -> None:
+        super().reset()
+        ms, self.local_milters = getattr(self, "local_milters", None), None
+        if ms is not None:          # one set of milter connections per message
+            ms.disc_event()
 
 
 # --- request=submit -----------------------------------------------------------------------
@@ -402,7 +428,8 @@ def pickup_service(conn: socket.socket, ctx) -> None:
     elif request == b"smtp":
         stream = SmtpStream(conn, ctx.cfg["smtpd_timeout"])
         session = LocalSession(stream, ctx.cfg, ctx.queue_root, uid, user,
-                               stopping=lambda: ctx.stopping)
+                               stopping=lambda: ctx.stopping,
+                               milter_specs=ctx.state.get("milters"))
         session.cleanup_settings = ctx.state["cleanup"]
         try:
             session.run()

@@ -16,7 +16,8 @@ DESCRIPTION
                    leading UNIX `From ` line is dropped.
     -bs            speak SMTP on standard input and output (Postfix's stand-alone smtpd):
                    the pickup daemon serves the session; it never offers STARTTLS or
-                   AUTH.
+                   AUTH. non_smtpd_milters, not smtpd_milters, inspect its mail, as with
+                   Postfix, where it goes through postdrop and pickup to cleanup.
     -t             also take recipients from the To:, Cc: and Bcc: headers (Resent-To:,
                    Resent-Cc:, Resent-Bcc: when the message has Resent- headers).
                    Bcc: headers are removed from every local submission.

@@ -181,7 +181,9 @@ def test_bs_never_offers_starttls_or_auth(submitmta, tmp_path):
                            "smtpd_sasl_path": str(passwd)})
     submitmta.start()
     out = submitmta.sendmail("-bs", input=(
-        "EHLO me.example\r\nSTARTTLS\r\nAUTH PLAIN AGFsaWNlAHg=\r\nMAIL FROM:<me>\r\n"
+        "EHLO me.example\r\nSTARTTLS\r\nAUTH PLAIN AGFsaWNlAHg=\r\n"
+        "XCLIENT ADDR=192.0.2.7 NAME=mx.example LOGIN=boss\r\nXFORWARD ADDR=192.0.2.7\r\n"
+        "MAIL FROM:<me>\r\n"
         "RCPT TO:<you@example.net>\r\nDATA\r\nSubject: bs\r\n\r\nhello\r\n.\r\nQUIT\r\n"))
     assert out.returncode == 0, out.stderr
     replies = out.stdout.splitlines()
@@ -189,12 +191,16 @@ def test_bs_never_offers_starttls_or_auth(submitmta, tmp_path):
     ehlo = [r for r in replies if r.startswith("250-") or r == "250 8BITMIME"]
     assert ehlo[0] == "250-mail.test.example"
     assert not any("STARTTLS" in r or "AUTH" in r for r in ehlo)
+    assert not any("XCLIENT" in r or "XFORWARD" in r for r in ehlo)
     assert "502 5.5.1 Error: command not implemented" in replies
     assert "503 5.5.1 Error: authentication not enabled" in replies
+    # Postfix's stand-alone smtpd allows neither: the user would forge the client
+    assert replies.count("550 5.7.0 Error: insufficient authorization") == 2
     assert replies[-1] == "221 2.0.0 Bye"
     (m, content), = submitmta.queued()
     assert m.sender == "me@mail.test.example"
     assert m.attrs["submit_uid"] == "0" and m.attrs["protocol"] == "ESMTP"
+    assert m.attrs["client_address"] == "127.0.0.1" and "192.0.2.7" not in str(m.attrs)
     assert content.startswith(
         "Received: by mail.test.example (postfix-py, from userid 0)\n"
         f"\tid {m.queue_id}; ")
