@@ -150,14 +150,16 @@ class Delivery:
         if not self.conn_setup_done:
             self.conn_setup_done = time.time()
 
-    def finish(self, r: Rcpt, status: str, dsn: str, reason: str, relay: str) -> None:
+    def finish(self, r: Rcpt, status: str, dsn: str, reason: str, relay: str,
+               dsn_passed: bool = False) -> None:
         """Give r its final result: the Report applies soft_bounce and logs the line."""
         now = time.time()
         setup_done = self.conn_setup_done or now
         if self.report is not None:
             decided = self.report.record(r.index, status, dsn, reason, relay,
                                          conn_setup=setup_done - self.started,
-                                         transmit=now - setup_done)
+                                         transmit=now - setup_done, action="relayed",
+                                         passed=dsn_passed)
             status, dsn = decided.result, decided.dsn
         r.result, r.dsn, r.reason = status, dsn, reason
         if self.log is not None:
@@ -192,9 +194,11 @@ class Delivery:
         soft = dsn.startswith("4") or (dsn.startswith("5") and self.soft_bounce)
         return soft and not self.final_server
 
-    def sent(self, r: Rcpt, reply: "ServerReply", relay: str) -> None:
-        """The server took responsibility for r."""
-        self.finish(r, "sent", reply.dsn, reply.text1, relay)
+    def sent(self, r: Rcpt, reply: "ServerReply", relay: str, dsn_passed: bool = False) -> None:
+        """The server took responsibility for r: DSN action "relayed", as Postfix's
+        smtp_rcpt_done(); with dsn_passed (the server announced DSN) the server sends
+        any success notice, not us."""
+        self.finish(r, "sent", reply.dsn, reply.text1, relay, dsn_passed)
 
 
 # --- replies --------------------------------------------------------------------------------
@@ -841,14 +845,14 @@ class ClientSession:
             for r in state.accepted:
                 reply = self._reply(t["data_done"])
                 if reply.klass == 2:
-                    d.sent(r, reply, self.relay)
+                    d.sent(r, reply, self.relay, "DSN" in self.features)
                 else:
                     d.rcpt_fail(r, reply.dsn, self._said(reply, "end of DATA"), self.relay)
             return
         reply = self._reply(t["data_done"])
         if reply.klass == 2:
             for r in state.accepted:
-                d.sent(r, reply, self.relay)
+                d.sent(r, reply, self.relay, "DSN" in self.features)
         else:
             d.bulk_fail(reply.dsn, self._said(reply, "end of DATA"), self.relay)
 
