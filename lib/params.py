@@ -228,6 +228,7 @@ PARAMS: list[Param] = [
     _p("unknown_local_recipient_reject_code", "550", INT, "reply code for a recipient not in local_recipient_maps", min=400, max=599),
     _p("unknown_relay_recipient_reject_code", "550", INT, "reply code for a recipient not in relay_recipient_maps", min=400, max=599),
     _p("unknown_virtual_mailbox_reject_code", "550", INT, "reply code for a recipient not in virtual_mailbox_maps", min=400, max=599),
+    _p("unknown_virtual_alias_reject_code", "550", INT, "reply code for a virtual_alias_domains recipient not in virtual_alias_maps", min=400, max=599),
     # --- smtpd: access control ----------------------------------------------------------
     _p("smtpd_client_restrictions", "", LIST, "restrictions at connect"),
     _p("smtpd_helo_restrictions", "", LIST, "restrictions at HELO/EHLO"),
@@ -353,6 +354,7 @@ PARAMS: list[Param] = [
     _p("local_destination_concurrency_limit", "2", INT, "parallel local deliveries per recipient", min=1),
     _p("local_destination_recipient_limit", "1", INT, "recipients per local delivery", min=1),
     # --- virtual mailbox domains (lib/resolve.py, virtual/service.py) ----------------
+    _p("virtual_alias_domains", "$virtual_alias_maps", LIST, "domains whose addresses exist only as virtual_alias_maps keys (names, /files, type:tables)"),
     _p("virtual_mailbox_domains", "$virtual_mailbox_maps", LIST, "domains whose mail goes to virtual_transport (names, /files, type:tables)"),
     _p("virtual_transport", "virtual", STR, "transport of mail for virtual_mailbox_domains"),
     _p("virtual_mailbox_maps", "", TABLE, "virtual recipient to mailbox path under virtual_mailbox_base (ending in /: maildir)"),

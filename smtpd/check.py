@@ -81,7 +81,11 @@ RECIPIENT VALIDATION
     extension), virtual_mailbox_maps, relay_recipient_maps; else 550 5.1.1 "<rcpt>:
     Recipient address rejected: User unknown in local recipient table" (virtual mailbox
     table, relay recipient table), with unknown_local_recipient_reject_code (and its
-    virtual and relay kin). VRFY gives the same replies (smtpd/session.py).
+    virtual and relay kin). A recipient in virtual_alias_domains has no such table: it
+    is "User unknown in virtual alias table" (unknown_virtual_alias_reject_code) unless
+    aliased. As Postfix's check_rcpt_maps, an address that recipient_canonical_maps,
+    canonical_maps or virtual_alias_maps knows passes in every class. VRFY gives the
+    same replies (smtpd/session.py).
 
 CONFIGURATION PARAMETERS
     smtpd_client_restrictions, smtpd_helo_restrictions, smtpd_sender_restrictions,
@@ -95,7 +99,9 @@ CONFIGURATION PARAMETERS
     fails each lookup temporarily, as Postfix's surrogate),
     virtual_mailbox_maps, relay_recipient_maps (empty),
     unknown_local_recipient_reject_code, unknown_virtual_mailbox_reject_code,
-    unknown_relay_recipient_reject_code (550), parent_domain_matches_subdomains, the reply codes
+    unknown_relay_recipient_reject_code, unknown_virtual_alias_reject_code (550),
+    recipient_canonical_maps, canonical_maps, virtual_alias_maps,
+    parent_domain_matches_subdomains, the reply codes
     reject_code (554), defer_code (450), access_map_reject_code (554),
     relay_domains_reject_code (554), unknown_client_reject_code (450),
     unknown_address_reject_code (450), unknown_hostname_reject_code (450),
@@ -257,7 +263,15 @@ class Checker:
                         "User unknown in virtual mailbox table"),
             "relay": ([self._table(r) for r in cfg["relay_recipient_maps"]],
                       cfg["unknown_relay_recipient_reject_code"],
-                      "User unknown in relay recipient table")}
+                      "User unknown in relay recipient table"),
+            # the alias class has no recipient table: what is not aliased is unknown
+            "alias": ([NOWHERE], cfg["unknown_virtual_alias_reject_code"],
+                      "User unknown in virtual alias table")}
+        # An address that cleanup rewrites (canonical, virtual alias) is known whatever
+        # its class, as Postfix's check_rcpt_maps looks these up first.
+        self.rewrite_maps = [self._table(r) for name in (
+            "recipient_canonical_maps", "canonical_maps", "virtual_alias_maps")
+            for r in cfg[name]]
         self.reject_unlisted_recipient = cfg["smtpd_reject_unlisted_recipient"]
         self.reject_unlisted_sender = cfg["smtpd_reject_unlisted_sender"]
         self.fast_flush_domains = self._domain_list("fast_flush_domains")
@@ -404,10 +418,11 @@ class Checker:
 
     def auth_destination(self, rcpt: str) -> bool:
         """permit_auth_destination: the resolved recipient is in the local, virtual
-        mailbox or relay class and no routing operator is left in its local part
-        (allow_untrusted_routing = no, Postfix's default)."""
+        alias, virtual mailbox or relay class and no routing operator is left in its
+        local part (allow_untrusted_routing = no, Postfix's default)."""
         route = self.resolve(rcpt)
-        return not route.routed and route.addr_class in ("local", "virtual", "relay")
+        return not route.routed and route.addr_class in ("local", "alias", "virtual",
+                                                         "relay")
 
     def unlisted_recipient(self, rcpt: str, what: str = "Recipient") -> Reply | None:
         """check_rcpt_maps: the reply for a recipient (or, what = "Sender", a sender)
@@ -416,9 +431,15 @@ class Checker:
         try:
             route = self.resolve(rcpt)
             maps, code, text = self.rcpt_maps.get(route.addr_class, ([], 0, ""))
-            if not maps or addr_find(maps, internal_form(route.recipient).lower(),
-                                     self.cfg.get("recipient_delimiter"),
-                                     localpart=route.addr_class == "local") is not None:
+            if not maps:
+                return None
+            key = internal_form(route.recipient).lower()
+            delimiters = self.cfg.get("recipient_delimiter")
+            local = route.addr_class == "local"
+            if self.rewrite_maps and addr_find(self.rewrite_maps, key, delimiters,
+                                               localpart=local) is not None:
+                return None
+            if addr_find(maps, key, delimiters, localpart=local) is not None:
                 return None
         except tables.TableError as exc:
             msg.warn(f"table lookup problem: {exc}")
@@ -1122,3 +1143,19 @@ class _Unavailable(tables.Table):
 
     def close(self) -> None:
         pass
+
+
+class _Nowhere(tables.Table):
+    """The recipient table of the virtual alias class: it lists nobody."""
+
+    def __init__(self):
+        super().__init__("static", "nowhere")
+
+    def lookup(self, key: str) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+NOWHERE = _Nowhere()
