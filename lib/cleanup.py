@@ -28,6 +28,20 @@ DESCRIPTION
       and a missing Message-Id:, Date: and From: (their Resent- forms when the message
       has Resent- headers) are added after the last header; SMTP mail gets them only with
       always_add_missing_headers = yes.
+    * Header addresses (Postfix's cleanup_rewrite_sender/recip), in the message's
+      rewrite context: "local" for pickup and for SMTP clients that match
+      local_header_rewrite_clients (smtpd/check.py; default permit_inet_interfaces),
+      else "remote", where header addresses are left alone unless
+      remote_header_rewrite_domain is set. The addresses of From, Sender, Reply-To,
+      Errors-To, Return-Path, Resent-From, Resent-Sender, Mail-Followup-To,
+      Disposition-Notification-To, Return-Receipt-To (header_sender) and To, Cc, Bcc,
+      Apparently-To, Resent-To, Resent-Cc, Resent-Bcc, Resent-Reply-To
+      (header_recipient), found by lib/address.header_address_spans within the first
+      header_address_token_limit tokens, are qualified (@$myorigin, or
+      @$remote_header_rewrite_domain), then mapped with the canonical maps whose
+      *_canonical_classes name the header class, then masqueraded when
+      masquerade_classes does. Only the addresses change; the rest of the header
+      (names, comments, folding) is kept. header_checks see the header before.
     * Body: body_checks line by line, over the first body_checks_size_limit bytes.
       Without body_checks the body goes to the queue file in bulk, untouched.
     * Actions of header_checks and body_checks (header_checks(5)): REJECT [text],
@@ -50,20 +64,21 @@ WHY IN-PROCESS
     per message (a noisy shared machine), next to milliseconds for the fsync.
 
 DEVIATIONS
-    Header address rewriting is not done: canonical and masquerade classes accept only
-    envelope_sender and envelope_recipient (header_sender, header_recipient are a
-    configuration error), so the defaults are the envelope classes. There is no MIME
+    Missing headers are added for local submission (pickup) only, not for SMTP mail in
+    the local rewrite context (Postfix adds them there too). Header addresses are not
+    refolded after rewriting, and percent/bang forms in them are not rewritten. There is no MIME
     parsing: header_checks sees the primary headers only (mime_header_checks and
     nested_header_checks are not implemented), and body_checks sees every body line,
     MIME part headers included. FILTER is not implemented: it is logged as a warning and
-    ignored. SMTP mail is always in the "remote" header rewrite context
-    (local_header_rewrite_clients is not implemented).
+    ignored.
 
 FUNCTIONS
     Settings(cfg): the parameters, with every table opened (call before a chroot);
         ConfigError for a bad class name or a table that cannot be opened.
     Cleanup(settings, queue_root, local=False, origin="local", proto="", helo="",
-        fullname="", now=None, checks=True): one new queue file; checks=False for
+        fullname="", now=None, checks=True, header_rewrite=None): one new queue file;
+        header_rewrite is the rewrite context, "local" or "remote" (default: "local"
+        with local, else "remote"); checks=False for
         internally generated mail (notifications), which Postfix does not inspect
         (internal_mail_filter_classes is empty). add_attr(name, value),
         set_sender(addr), add_recipient(addr), write(data) (content in pieces of any
@@ -75,10 +90,14 @@ FUNCTIONS
 CONFIGURATION PARAMETERS
     header_size_limit (102400), hopcount_limit (50), always_add_missing_headers (no),
     canonical_maps, sender_canonical_maps, recipient_canonical_maps (empty),
-    canonical_classes, sender_canonical_classes, recipient_canonical_classes
-    (envelope_sender, envelope_recipient), virtual_alias_maps (empty),
+    canonical_classes (envelope_sender, envelope_recipient, header_sender,
+    header_recipient), sender_canonical_classes (envelope_sender, header_sender),
+    recipient_canonical_classes (envelope_recipient, header_recipient),
+    remote_header_rewrite_domain (empty), header_address_token_limit (10240),
+    append_at_myorigin, append_dot_mydomain, mydomain, virtual_alias_maps (empty),
     virtual_alias_expansion_limit (1000), virtual_alias_recursion_limit (1000),
-    masquerade_domains (empty), masquerade_classes (envelope_sender),
+    masquerade_domains (empty), masquerade_classes (envelope_sender, header_sender,
+    header_recipient),
     masquerade_exceptions (empty), always_bcc, sender_bcc_maps, recipient_bcc_maps (empty),
     header_checks, body_checks (empty), body_checks_size_limit (51200), myhostname,
     myorigin, mydestination, recipient_delimiter.
@@ -97,13 +116,26 @@ from dataclasses import dataclass
 
 from . import msg, params, tables
 from . import queue as Q
+from .address import header_address_spans
 from .domains import DomainList
+from .resolve import internal_form, quote_local
 from .maincf import ConfigError
 
 ENVELOPE_SENDER, ENVELOPE_RECIPIENT = "envelope_sender", "envelope_recipient"
-CLASSES = (ENVELOPE_SENDER, ENVELOPE_RECIPIENT)
+HEADER_SENDER, HEADER_RECIPIENT = "header_sender", "header_recipient"
+CLASSES = (ENVELOPE_SENDER, ENVELOPE_RECIPIENT, HEADER_SENDER, HEADER_RECIPIENT)
 _HEADER = re.compile(rb"[!-9;-~]+[ \t]*:")     # match() anchors, also at a pos
 _NOTABLE = frozenset(b"rRmMbB")   # first letters of Received, Message-Id, Resent-, Bcc
+# Postfix's header_opts.c: headers with sender (HDR_OPT_SENDER) and recipient
+# (HDR_OPT_RECIP) addresses
+SENDER_HEADERS = frozenset((
+    "disposition-notification-to", "errors-to", "from", "mail-followup-to", "reply-to",
+    "resent-from", "resent-sender", "return-path", "return-receipt-to", "sender"))
+RECIPIENT_HEADERS = frozenset((
+    "apparently-to", "bcc", "cc", "resent-bcc", "resent-cc", "resent-reply-to",
+    "resent-to", "to"))
+_ADDRESS_NOTABLE = frozenset(ord(c) for h in SENDER_HEADERS | RECIPIENT_HEADERS
+                             for c in (h[0], h[0].upper()))
 PARTIAL_LIMIT = 4096            # body_checks: an endless line is checked in parts
 
 # Postfix's cleanup_stat_detail: (SMTP code, DSN, text)
@@ -117,8 +149,7 @@ def _classes(cfg, name: str) -> set[str]:
     words = {w.lower() for w in cfg[name]}
     bad = sorted(words - set(CLASSES))
     if bad:
-        raise ConfigError(f"{name}: unsupported address class \"{bad[0]}\" (postfix-py "
-                          f"rewrites envelope addresses only: "
+        raise ConfigError(f"{name}: unknown address class \"{bad[0]}\" (expected: "
                           f"{', '.join(CLASSES)})")
     return words
 
@@ -159,6 +190,20 @@ class Settings:
         self.masq_sender = bool(self.masq_domains) and ENVELOPE_SENDER in masq_classes
         self.masq_rcpt = bool(self.masq_domains) and ENVELOPE_RECIPIENT in masq_classes
         self.masq_exceptions = {w.lower() for w in cfg["masquerade_exceptions"]}
+        # header address rewriting: the same maps, for the header classes
+        self.header_canonical = {
+            HEADER_SENDER: [m for m, ok in ((send, HEADER_SENDER in send_classes),
+                                            (canon, HEADER_SENDER in classes)) if m and ok],
+            HEADER_RECIPIENT: [m for m, ok in ((rcpt, HEADER_RECIPIENT in rcpt_classes),
+                                               (canon, HEADER_RECIPIENT in classes))
+                               if m and ok]}
+        self.header_masq = {c: bool(self.masq_domains) and c in masq_classes
+                            for c in (HEADER_SENDER, HEADER_RECIPIENT)}
+        self.remote_rewrite_domain = cfg.get("remote_header_rewrite_domain").strip()
+        self.token_limit = cfg["header_address_token_limit"]
+        self.append_at_myorigin = cfg["append_at_myorigin"]
+        self.append_dot_mydomain = cfg["append_dot_mydomain"]
+        self.mydomain = cfg.get("mydomain")
         self.always_bcc = cfg.get("always_bcc").strip()
         self.sender_bcc = self._maps(cfg, "sender_bcc_maps")
         self.recipient_bcc = self._maps(cfg, "recipient_bcc_maps")
@@ -167,7 +212,7 @@ class Settings:
         self.rewrites_recipients = bool(self.recipient_canonical or self.virtual
                                         or self.masq_rcpt or self.recipient_bcc)
         needs_local = self.sender_canonical or self.recipient_canonical or self.virtual \
-            or self.sender_bcc or self.recipient_bcc
+            or self.sender_bcc or self.recipient_bcc or any(self.header_canonical.values())
         try:
             self.mydestination = DomainList.for_param(cfg, "mydestination", self._open) \
                 if needs_local else None
@@ -297,7 +342,8 @@ class Cleanup:
 
     def __init__(self, settings: Settings, queue_root: str, local: bool = False,
                  origin: str = "local", proto: str = "", helo: str = "",
-                 fullname: str = "", now: float | None = None, checks: bool = True):
+                 fullname: str = "", now: float | None = None, checks: bool = True,
+                 header_rewrite: str | None = None):
         self.s = settings
         self.queue_root = queue_root
         self.w = Q.QueueWriter(queue_root, now)
@@ -327,6 +373,14 @@ class Cleanup:
         self._checking_headers = checks and settings.header_checks is not None
         # every header name matters with header_checks or when missing ones are added
         self._every_header = self._checking_headers or local or settings.always_add
+        # Header address rewriting (Postfix's hdr_rewrite_context): "local" qualifies
+        # with $myorigin, "remote" with remote_header_rewrite_domain, and when that is
+        # empty, header addresses are not touched.
+        context = header_rewrite or ("local" if local else "remote")
+        self._hdr_domain = settings.origin if context == "local" else \
+            settings.remote_rewrite_domain or None
+        self._hdr_local = context == "local"
+        self._notable = _NOTABLE | _ADDRESS_NOTABLE if self._hdr_domain else _NOTABLE
         self._body_checks = settings.body_checks if checks else None
         self._body_partial = b""
         self._body_seen = 0
@@ -500,7 +554,7 @@ class Cleanup:
                         continue
                 elif header(buf, start):
                     if hdr:
-                        if hdr[0] in _NOTABLE or self._every_header:
+                        if hdr[0] in self._notable or self._every_header:
                             self._flush_header()
                         else:                           # _flush_header's hot path
                             hout = self._hout
@@ -567,7 +621,7 @@ class Cleanup:
         if not raw:
             return
         self._hdr_len = 0
-        if raw[0] not in _NOTABLE and not self._every_header:
+        if raw[0] not in self._notable and not self._every_header:
             self._hout += raw               # the hot path: a header nobody looks into
             self._hout += b"\n"             # (_end_of_header drops it after an error)
             raw.clear()
@@ -592,10 +646,52 @@ class Cleanup:
                 keep = False
             elif result is not text:
                 raw = bytearray(result.encode("utf-8", "surrogateescape"))
+                name = raw[:raw.find(b":")].decode("latin-1").strip().lower()
+        if keep and self._hdr_domain and (name in SENDER_HEADERS
+                                          or name in RECIPIENT_HEADERS):
+            raw = self._rewrite_header(raw, HEADER_SENDER if name in SENDER_HEADERS
+                                       else HEADER_RECIPIENT)
         if keep:
             self._out(raw)
             self._out(b"\n")
         self._hdr.clear()
+
+    def _rewrite_header(self, raw: bytearray, kind: str) -> bytearray:
+        """The addresses of a sender or recipient header rewritten as Postfix's
+        cleanup_rewrite_sender/recip: qualified, then the header class's canonical maps
+        and masquerading; the rest of the header is kept as it is."""
+        s = self.s
+        maps, masq = s.header_canonical[kind], s.header_masq[kind]
+        text = raw.decode("utf-8", "surrogateescape")
+        colon = text.find(":") + 1
+        value = text[colon:]
+        if not maps and not masq and "," not in value and "@" in value:
+            return raw                  # one qualified address: nothing to do (fast path)
+        out, last = [], 0
+        for start, end in header_address_spans(value, s.token_limit):
+            addr = value[start:end]
+            new = self._header_address(addr, maps, masq)
+            if new != addr:
+                out += [value[last:start], new]
+                last = end
+        if not out:
+            return raw
+        out.append(value[last:])
+        return bytearray((text[:colon] + "".join(out)).encode("utf-8", "surrogateescape"))
+
+    def _header_address(self, addr: str, maps, masq: bool) -> str:
+        internal = internal_form(addr)
+        local, at, domain = internal.rpartition("@")
+        if not at:
+            if not self._hdr_local or self.s.append_at_myorigin:
+                internal = f"{internal}@{self._hdr_domain}"
+        elif self._hdr_local and self.s.append_dot_mydomain and domain \
+                and "." not in domain and not domain.startswith("["):
+            internal = f"{internal}.{self.s.mydomain}"
+        result = self._canonical(internal, maps) if maps else internal
+        if masq:
+            result = masquerade(self.s, result)
+        return addr if result == internal_form(addr) else quote_local(result)
 
     def _out(self, data) -> None:
         """Content out; the header section is gathered and written in one piece."""

@@ -39,8 +39,6 @@ DEVIATIONS
     alias_maps: hash:/etc/aliases (Postfix on Linux adds nis:mail.aliases; there is no nis:
     table type here).
     smtputf8_enable: yes, Postfix's value at compatibility level 1 and later.
-    canonical_classes, masquerade_classes: the envelope classes only; header address
-    rewriting is not implemented (lib/cleanup.py), and header_* is a configuration error.
     virtual_alias_maps: empty (Postfix writes $virtual_maps, the pre-2.0 name, not here).
 """
 
@@ -199,14 +197,17 @@ PARAMS: list[Param] = [
     _p("canonical_maps", "", TABLE, "address mapping of envelope senders and recipients (canonical(5))"),
     _p("sender_canonical_maps", "", TABLE, "address mapping of envelope senders, before canonical_maps"),
     _p("recipient_canonical_maps", "", TABLE, "address mapping of envelope recipients, before canonical_maps"),
-    _p("canonical_classes", "envelope_sender, envelope_recipient", LIST, "address classes canonical_maps applies to (envelope classes only in postfix-py)"),
-    _p("sender_canonical_classes", "envelope_sender", LIST, "address classes sender_canonical_maps applies to (envelope classes only)"),
-    _p("recipient_canonical_classes", "envelope_recipient", LIST, "address classes recipient_canonical_maps applies to (envelope classes only)"),
+    _p("canonical_classes", "envelope_sender, envelope_recipient, header_sender, header_recipient", LIST, "address classes canonical_maps applies to"),
+    _p("sender_canonical_classes", "envelope_sender, header_sender", LIST, "address classes sender_canonical_maps applies to"),
+    _p("recipient_canonical_classes", "envelope_recipient, header_recipient", LIST, "address classes recipient_canonical_maps applies to"),
+    _p("local_header_rewrite_clients", "permit_inet_interfaces", LIST, "SMTP clients whose message headers are rewritten as local mail (permit_inet_interfaces, permit_mynetworks, permit_sasl_authenticated, type:table of client addresses)"),
+    _p("remote_header_rewrite_domain", "", STR, "domain that qualifies header addresses of other SMTP clients; empty: their headers are not rewritten"),
+    _p("header_address_token_limit", "10240", INT, "tokens of one header that address rewriting looks at", min=1),
     _p("virtual_alias_maps", "", TABLE, "aliases of envelope recipients, expanded recursively (virtual(5))"),
     _p("virtual_alias_expansion_limit", "1000", INT, "addresses one recipient may expand into through virtual_alias_maps", min=1),
     _p("virtual_alias_recursion_limit", "1000", INT, "nesting depth of virtual_alias_maps expansion", min=1),
     _p("masquerade_domains", "", LIST, "domains whose subdomains are stripped from addresses (! excludes)"),
-    _p("masquerade_classes", "envelope_sender", LIST, "address classes masquerading applies to (envelope classes only in postfix-py)"),
+    _p("masquerade_classes", "envelope_sender, header_sender, header_recipient", LIST, "address classes masquerading applies to"),
     _p("masquerade_exceptions", "", LIST, "local parts never masqueraded"),
     _p("always_bcc", "", STR, "an address that gets a copy of every message"),
     _p("sender_bcc_maps", "", TABLE, "blind copy address by envelope sender"),

@@ -100,6 +100,7 @@ CONFIGURATION PARAMETERS
     virtual_mailbox_maps, relay_recipient_maps (empty),
     unknown_local_recipient_reject_code, unknown_virtual_mailbox_reject_code,
     unknown_relay_recipient_reject_code, unknown_virtual_alias_reject_code (550),
+    local_header_rewrite_clients (permit_inet_interfaces: header_rewrite_context()),
     recipient_canonical_maps, canonical_maps, virtual_alias_maps,
     parent_domain_matches_subdomains, the reply codes
     reject_code (554), defer_code (450), access_map_reject_code (554),
@@ -291,6 +292,7 @@ class Checker:
         if resolver is not None or used & (DNS_CHECKS | WITH_TABLE | DNSXL | NAME_CHECKS):
             self.dns = self._make_dns()
         self.rbl_reply_maps = [self._table(ref) for ref in cfg["rbl_reply_maps"]]
+        self.local_rewrite = self._rewrite_clients(cfg["local_header_rewrite_clients"])
         # Postfix expands the template itself: $rbl_code and friends are not main.cf's.
         self.default_rbl_reply = cfg.raw("default_rbl_reply") or ""
 
@@ -393,6 +395,46 @@ class Checker:
         words = self.cfg[param]
         return NetworkList(param, words, self._table,
                            param in self.cfg["parent_domain_matches_subdomains"])
+
+    def _rewrite_clients(self, words: list[str]) -> list:
+        """local_header_rewrite_clients, compiled: (name, table or None)."""
+        out = []
+        for word in words:
+            name = word.lower()
+            if ":" in word:
+                out.append(("table", self._table(word)))
+            elif name in ("permit_inet_interfaces", "permit_mynetworks",
+                          "permit_sasl_authenticated", "permit_tls_clientcerts",
+                          "permit_tls_all_clientcerts"):
+                out.append((name, None))
+            else:
+                msg.warn(f"parameter local_header_rewrite_clients: invalid request: {word}")
+        return out
+
+    def header_rewrite_context(self, state: ClientState) -> str:
+        """"local" when the client matches local_header_rewrite_clients, else "remote"
+        (Postfix's smtpd_check_rewrite): lib/cleanup.py rewrites the message's header
+        addresses in that context. A table that cannot be read counts as no match."""
+        for name, table in self.local_rewrite:
+            try:
+                if name == "permit_inet_interfaces":
+                    addr = state.addr.removeprefix("ipv6:")
+                    literal = f"[ipv6:{addr}]" if ":" in addr else f"[{addr}]"
+                    hit = self.resolver.is_local(literal)
+                elif name == "permit_mynetworks":
+                    hit = self.in_mynetworks(state.addr, state.name)
+                elif name == "permit_sasl_authenticated":
+                    hit = bool(state.sasl_username)
+                elif name == "table":
+                    hit = table.lookup(state.addr) is not None
+                else:
+                    hit = self._apply(name, None, name, state, None) == "permit"
+            except tables.TableError as exc:
+                msg.warn(f"local_header_rewrite_clients: table lookup problem: {exc}")
+                continue
+            if hit:
+                return "local"
+        return "remote"
 
     # --- predicates ------------------------------------------------------------------------
     def in_mynetworks(self, addr: str, name: str = "unknown") -> bool:

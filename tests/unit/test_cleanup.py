@@ -174,9 +174,62 @@ def test_canonical_masquerade_and_bcc(tmp_path):
         "audit@example.org"]
 
 
-def test_header_classes_are_refused(tmp_path):
-    with pytest.raises(maincf.ConfigError, match="canonical_classes.*header_sender"):
-        make(tmp_path, canonical_classes="envelope_sender, header_sender")
+def test_unknown_address_class_is_refused(tmp_path):
+    with pytest.raises(maincf.ConfigError, match="canonical_classes.*header_sendr"):
+        make(tmp_path, canonical_classes="envelope_sender, header_sendr")
+
+
+HEADERS = (b'From: Alice Old <alice@old.example>\nTo: bob@legacy.example, "Carl, C." '
+           b'<carl@host.example.com> (work), dave\nCc: team: x@legacy.example;\n'
+           b'Reply-To: <alice@old.example>\nSubject: alice@old.example stays\n'
+           b'Message-Id: <alice@old.example>\n\nalice@old.example in the body\n')
+
+
+def header_settings(tmp_path, **settings):
+    return make(tmp_path, {"canon": "alice@old.example alice@new.example\n"
+                                    "@legacy.example @modern.example\n"},
+                canonical_maps="texthash:@DIR@/canon", masquerade_domains="example.com",
+                **settings)
+
+
+def test_header_addresses_rewritten_in_the_local_context(tmp_path):
+    # Postfix's default classes: canonical_maps on both header classes, masquerading
+    # on both; unqualified addresses get @$myorigin; other headers and the body stay.
+    s, root = header_settings(tmp_path)
+    _, env, data = run(s, root, HEADERS, header_rewrite="local")
+    head, body = data.split(b"\n\n", 1)
+    assert head.decode().split("\n") == [
+        "From: Alice Old <alice@new.example>",
+        'To: bob@modern.example, "Carl, C." <carl@example.com> (work), '
+        f"dave@{HOST}",
+        "Cc: team: x@modern.example;",
+        "Reply-To: <alice@new.example>",
+        "Subject: alice@old.example stays",
+        "Message-Id: <alice@old.example>"]
+    assert body == b"alice@old.example in the body\n"
+
+
+def test_header_addresses_in_the_remote_context(tmp_path):
+    # remote_header_rewrite_domain empty (the default): no header is touched
+    s, root = header_settings(tmp_path)
+    _, _, data = run(s, root, HEADERS)
+    assert data == HEADERS
+    # with a domain: qualification with it, and the maps
+    s, root = header_settings(tmp_path, remote_header_rewrite_domain="domain.invalid",
+                              canonical_classes="envelope_sender, header_recipient",
+                              masquerade_classes="envelope_sender")
+    _, _, data = run(s, root, HEADERS)
+    head = data.split(b"\n\n", 1)[0].decode().split("\n")
+    assert head[0] == "From: Alice Old <alice@old.example>"       # not header_sender
+    assert head[1] == ('To: bob@modern.example, "Carl, C." <carl@host.example.com> '
+                       "(work), dave@domain.invalid")
+
+
+def test_header_address_token_limit(tmp_path):
+    s, root = header_settings(tmp_path, header_address_token_limit="5")
+    _, _, data = run(s, root, b"To: a@legacy.example, b@legacy.example\n\nx\n",
+                     header_rewrite="local")
+    assert data.startswith(b"To: a@modern.example, b@legacy.example\n")
 
 
 def test_filter_and_unknown_actions_are_warnings(tmp_path, logged):
