@@ -42,6 +42,12 @@ DESCRIPTION
       *_canonical_classes name the header class, then masqueraded when
       masquerade_classes does. Only the addresses change; the rest of the header
       (names, comments, folding) is kept. header_checks see the header before.
+    * MIME (when mime_header_checks or nested_header_checks is set; both default to
+      $header_checks): the body's structure is followed from the Content-Type
+      boundaries (at most 100 levels): the headers of each multipart part go through
+      mime_header_checks, those of an attached message (message/rfc822) through
+      nested_header_checks, and Content-*/MIME-Version headers anywhere, the primary
+      ones included, through mime_header_checks, as Postfix's header classes.
     * Body: body_checks line by line, over the first body_checks_size_limit bytes.
       Without body_checks the body goes to the queue file in bulk, untouched.
     * Actions of header_checks and body_checks (header_checks(5)): REJECT [text],
@@ -66,10 +72,9 @@ WHY IN-PROCESS
 DEVIATIONS
     Missing headers are added for local submission (pickup) only, not for SMTP mail in
     the local rewrite context (Postfix adds them there too). Header addresses are not
-    refolded after rewriting, and percent/bang forms in them are not rewritten. There is no MIME
-    parsing: header_checks sees the primary headers only (mime_header_checks and
-    nested_header_checks are not implemented), and body_checks sees every body line,
-    MIME part headers included. FILTER is not implemented: it is logged as a warning and
+    refolded after rewriting, and percent/bang forms in them are not rewritten.
+    body_checks sees every body line, MIME part headers included (Postfix's sees body
+    text only). FILTER is not implemented: it is logged as a warning and
     ignored.
 
 FUNCTIONS
@@ -99,7 +104,8 @@ CONFIGURATION PARAMETERS
     masquerade_domains (empty), masquerade_classes (envelope_sender, header_sender,
     header_recipient),
     masquerade_exceptions (empty), always_bcc, sender_bcc_maps, recipient_bcc_maps (empty),
-    header_checks, body_checks (empty), body_checks_size_limit (51200), myhostname,
+    header_checks, body_checks (empty), mime_header_checks, nested_header_checks
+    ($header_checks), body_checks_size_limit (51200), myhostname,
     myorigin, mydestination, recipient_delimiter.
 
 SEE ALSO
@@ -208,6 +214,8 @@ class Settings:
         self.sender_bcc = self._maps(cfg, "sender_bcc_maps")
         self.recipient_bcc = self._maps(cfg, "recipient_bcc_maps")
         self.header_checks = self._maps(cfg, "header_checks")
+        self.mime_header_checks = self._maps(cfg, "mime_header_checks")
+        self.nested_header_checks = self._maps(cfg, "nested_header_checks")
         self.body_checks = self._maps(cfg, "body_checks")
         self.rewrites_recipients = bool(self.recipient_canonical or self.virtual
                                         or self.masq_rcpt or self.recipient_bcc)
@@ -370,7 +378,12 @@ class Cleanup:
         self._resent = False
         self.hops = 0
         self._checking = checks             # header and body checks (still) apply
-        self._checking_headers = checks and settings.header_checks is not None
+        # MIME structure is followed only for mime_header_checks, nested_header_checks
+        self._mime = MimeState() if checks and (
+            settings.mime_header_checks or settings.nested_header_checks) else None
+        self._checking_headers = checks and (settings.header_checks is not None
+                                             or self._mime is not None)
+        self._bodybuf: bytearray | None = None      # _body's output while it runs
         # every header name matters with header_checks or when missing ones are added
         self._every_header = self._checking_headers or local or settings.always_add
         # Header address rewriting (Postfix's hdr_rewrite_context): "local" qualifies
@@ -382,6 +395,7 @@ class Cleanup:
         self._hdr_local = context == "local"
         self._notable = _NOTABLE | _ADDRESS_NOTABLE if self._hdr_domain else _NOTABLE
         self._body_checks = settings.body_checks if checks else None
+        self._body_lines = self._body_checks is not None or self._mime is not None
         self._body_partial = b""
         self._body_seen = 0
         self._last_byte = b"\n"
@@ -503,7 +517,7 @@ class Cleanup:
             return
         if not self.in_header:
             self._last_byte = data[-1:]
-            if self._body_checks is None:
+            if not self._body_lines:
                 if not (self.discard or self.errors):
                     self.w.write(data)
             else:
@@ -608,6 +622,8 @@ class Cleanup:
         self._flush_header()
         self._hout += self._missing_headers()
         self.in_header = False
+        if self._mime is not None:
+            self._mime.end_headers()
         if first_body == b"\n":                     # the empty line: not body text
             self._hout += first_body
             first_body = b""
@@ -639,9 +655,13 @@ class Cleanup:
             value = raw.decode("utf-8", "surrogateescape").split(":", 1)[1].strip()
             msg.info_as("cleanup", f"{self.id}: {name}={value[:200]}")
         keep = not (self.local and name in ("bcc", "resent-bcc"))
-        if self._checking_headers:
+        if self._mime is not None and name == "content-type":
+            self._mime.content_type(raw)
+        maps = (self.s.mime_header_checks if name in MIME_HEADERS else
+                self.s.header_checks) if self._checking_headers else None
+        if maps is not None:
             text = raw.decode("utf-8", "surrogateescape")
-            result = self._check(self.s.header_checks, "header", text)
+            result = self._check(maps, "header", text)
             if result is None:
                 keep = False
             elif result is not text:
@@ -697,6 +717,9 @@ class Cleanup:
         """Content out; the header section is gathered and written in one piece."""
         if self.discard or self.errors:
             return
+        if self._bodybuf is not None:       # in order with the lines _body gathers
+            self._bodybuf += data
+            return
         if self.in_header:
             self._hout += data
             if len(self._hout) >= Q.BLOCK:
@@ -728,7 +751,9 @@ class Cleanup:
         return "".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape")
 
     def _body(self, data: bytes) -> None:
-        """body_checks, one line at a time, over the first body_checks_size_limit bytes."""
+        """The body one line at a time: the MIME structure (part and attached message
+        headers, for mime_header_checks and nested_header_checks), and body_checks over
+        the first body_checks_size_limit bytes."""
         lines = (self._body_partial + data).split(b"\n")
         self._body_partial = lines.pop()
         ends = [b"\n"] * len(lines)
@@ -736,19 +761,69 @@ class Cleanup:
             lines.append(self._body_partial)
             ends.append(b"")
             self._body_partial = b""
-        out = bytearray()
-        for line, end in zip(lines, ends):
-            if self._checking and self._body_seen < self.s.body_limit:
-                self._body_seen += len(line) + 1
-                text = line.decode("utf-8", "surrogateescape")
-                result = self._check(self._body_checks, "body", text)
-                if result is None:
+        out = self._bodybuf = bytearray()       # PREPEND text goes here too, in order
+        try:
+            for line, end in zip(lines, ends):
+                if self._mime is not None and self._mime_line(line, end, out):
                     continue
-                if result is not text:
-                    line = result.encode("utf-8", "surrogateescape")
-            out += line + end
+                if self._body_checks is not None and self._checking \
+                        and self._body_seen < self.s.body_limit:
+                    self._body_seen += len(line) + 1
+                    text = line.decode("utf-8", "surrogateescape")
+                    result = self._check(self._body_checks, "body", text)
+                    if result is None:
+                        continue
+                    if result is not text:
+                        line = result.encode("utf-8", "surrogateescape")
+                out += line + end
+        finally:
+            self._bodybuf = None
         if out:
             self._out(bytes(out))
+
+    def _mime_line(self, line: bytes, end: bytes, out: bytearray) -> bool:
+        """Follow the MIME structure; True when line was a part or attached message
+        header line (handled here), False for body text (boundaries included)."""
+        m = self._mime
+        if m.state != MimeState.BODY:
+            if end and line[:1] in (b" ", b"\t") and m.pending:
+                if len(m.pending) < self.s.header_limit:
+                    m.pending += b"\n" + line
+                return True
+            self._mime_flush(out)
+            if end and not line:                # the header block ends
+                out += b"\n"
+                m.end_headers()
+                return True
+            if end and _HEADER.match(line):
+                m.pending = bytearray(line)
+                return True
+            m.state = MimeState.BODY            # not a header: the part's body begins
+        if line[:2] == b"--" and m.boundaries:
+            m.boundary_line(line)
+        return False
+
+    def _mime_flush(self, out: bytearray) -> None:
+        """Check the gathered part or attached message header, and write it out (or not):
+        mime_header_checks for part headers and any MIME header, nested_header_checks for
+        the other headers of an attached message (Postfix's header classes)."""
+        m = self._mime
+        raw, m.pending = m.pending, bytearray()
+        if not raw:
+            return
+        name = raw[:raw.find(b":")].decode("latin-1").strip().lower()
+        if name == "content-type":
+            m.ctype = bytes(raw)
+        maps = self.s.mime_header_checks if m.state == MimeState.PART or \
+            name in MIME_HEADERS else self.s.nested_header_checks
+        if maps is not None and self._checking:
+            text = raw.decode("utf-8", "surrogateescape")
+            result = self._check(maps, "header", text)
+            if result is None:
+                return
+            if result is not text:
+                raw = bytearray(result.encode("utf-8", "surrogateescape"))
+        out += raw + b"\n"
 
     # --- header_checks and body_checks ---------------------------------------------------
     def _check(self, maps: Maps, context: str, text: str):
@@ -865,6 +940,13 @@ class Cleanup:
         if self._body_partial:
             tail, self._body_partial = self._body_partial, b""
             self._body(tail + b"\n")
+        if self._mime is not None and self._mime.pending:  # the content ended in a header
+            out = self._bodybuf = bytearray()
+            try:
+                self._mime_flush(out)
+            finally:
+                self._bodybuf = None
+            self._out(bytes(out))
         elif self._last_byte != b"\n":
             self._out(b"\n")
         rcpts = self._recipients()
@@ -912,6 +994,60 @@ class Cleanup:
         if not self.closed:
             self.w.abort()
             self.closed = True
+
+
+MIME_HEADERS = frozenset((       # Postfix's HDR_OPT_MIME: mime_header_checks at any level
+    "content-description", "content-disposition", "content-id",
+    "content-transfer-encoding", "content-type", "mime-version"))
+MIME_NESTING_LIMIT = 100          # multipart levels followed (Postfix's mime_nesting_limit)
+_BOUNDARY = re.compile(rb'boundary\s*=\s*(?:"([^"\n]{1,200})"|([^\s;"]{1,200}))', re.I)
+
+
+class MimeState:
+    """Where the body is in the MIME structure: body text, the headers of a multipart
+    part, or the headers of an attached message (message/rfc822)."""
+
+    BODY, PART, NESTED = 0, 1, 2
+
+    def __init__(self):
+        self.state = self.BODY
+        self.boundaries: list[bytes] = []
+        self.pending = bytearray()          # the logical header being gathered
+        self.ctype = b""                    # Content-Type of the current header block
+
+    def content_type(self, raw) -> None:
+        """The primary header's Content-Type."""
+        self.ctype = bytes(raw)
+
+    def end_headers(self) -> None:
+        """A header block ended: a multipart's boundary is followed; after the headers
+        of a message/rfc822 part come those of the attached message."""
+        value = self.ctype.partition(b":")[2]
+        self.ctype = b""
+        kind = value.split(b";", 1)[0].strip().lower()
+        m = _BOUNDARY.search(value)
+        if kind.startswith(b"multipart/") and m and \
+                len(self.boundaries) < MIME_NESTING_LIMIT:
+            self.boundaries.append(m.group(1) or m.group(2))
+            self.state = self.BODY
+        elif kind in (b"message/rfc822", b"message/global"):
+            self.state = self.NESTED
+        else:
+            self.state = self.BODY
+
+    def boundary_line(self, line: bytes) -> None:
+        """A --boundary line starts the next part; --boundary-- closes its multipart."""
+        text = line[2:].rstrip(b" \t\r")
+        for i in range(len(self.boundaries) - 1, -1, -1):
+            b = self.boundaries[i]
+            if text == b:
+                del self.boundaries[i + 1:]
+                self.state, self.ctype = self.PART, b""
+                return
+            if text == b + b"--":
+                del self.boundaries[i:]
+                self.state = self.BODY
+                return
 
 
 _ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\- \x80-\U0010ffff]*$")

@@ -213,6 +213,8 @@ PARAMS: list[Param] = [
     _p("sender_bcc_maps", "", TABLE, "blind copy address by envelope sender"),
     _p("recipient_bcc_maps", "", TABLE, "blind copy address by envelope recipient"),
     _p("header_checks", "", TABLE, "patterns matched against each primary message header (header_checks(5))"),
+    _p("mime_header_checks", "$header_checks", TABLE, "patterns matched against MIME headers: Content-* and MIME-Version anywhere, and every header of a multipart part"),
+    _p("nested_header_checks", "$header_checks", TABLE, "patterns matched against the non-MIME headers of attached messages (message/rfc822)"),
     _p("body_checks", "", TABLE, "patterns matched against each body line (header_checks(5))"),
     _p("body_checks_size_limit", "51200", SIZE, "body bytes that body_checks looks at", min=0),
     # --- address parsing and recipient validation (lib/resolve.py, smtpd/check.py) -------

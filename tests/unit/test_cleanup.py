@@ -254,3 +254,42 @@ def test_endless_header_line_and_headers_only_message(tmp_path):
     assert data == b"not a header " + b"z" * 5000 + b"\nmore\n"       # all body
     _, _, data = run(s, root, b"Subject: only headers")
     assert data == b"Subject: only headers\n"
+
+
+MIME = (b'Subject: outer\nMIME-Version: 1.0\nContent-Type: multipart/mixed;\n'
+        b'\tboundary="b1"\n\npreamble\n--b1\nContent-Type: text/plain\n\n'
+        b'Subject: not a header here\n--b1\nContent-Type: message/rfc822\n'
+        b'Content-Disposition: attachment\n\nSubject: inner secret\nX-Tag: inner\n'
+        b'Content-Type: multipart/alternative; boundary=b2\n\n--b2\nX-Part: deep\n\n'
+        b'deep text\n--b2--\n--b1\nContent-Type: application/x-evil; name="a.exe"\n\n'
+        b'data\n--b1--\nepilogue\n')
+
+
+def test_mime_and_nested_header_checks(tmp_path, logged):
+    # defaults: both are $header_checks; a nested Subject is a nested header
+    s, root = make(tmp_path, {"hc": "/^Subject: inner secret/ REJECT nested subject\n"
+                                    "/^Subject: not a header/ REJECT body text\n"},
+                   header_checks="regexp:@DIR@/hc")
+    result, _, _ = run(s, root, MIME, chunk=7)
+    assert (result.status, result.reply) == ("rejected", "550 5.7.1 nested subject")
+    assert any("reject: header Subject: inner secret from client.example[192.0.2.1];"
+               in x for x in logged)
+    # mime_header_checks alone: the part headers, and MIME headers at any level
+    s, root = make(tmp_path, {"mh": '/^Content-Type:.*name="?[^"]*\\.exe/ REJECT no exe\n'},
+                   mime_header_checks="regexp:@DIR@/mh")
+    result, _, _ = run(s, root, MIME)
+    assert (result.status, result.reply) == ("rejected", "550 5.7.1 no exe")
+    # header_checks does not see part or nested headers when the other two are empty;
+    # IGNORE drops a header at each level, and the body is kept as it was otherwise
+    s, root = make(tmp_path, {"hc": "/^Subject: inner/ REJECT nope\n/^X-Tag:/ IGNORE\n",
+                              "nh": "/^X-Tag:/ IGNORE\n", "mh": "/^X-Part:/ IGNORE\n"},
+                   header_checks="regexp:@DIR@/hc", nested_header_checks="regexp:@DIR@/nh",
+                   mime_header_checks="regexp:@DIR@/mh")
+    result, _, data = run(s, root, MIME, chunk=5)
+    assert result.status == "queued"
+    assert data == MIME.replace(b"X-Tag: inner\n", b"").replace(b"X-Part: deep\n", b"")
+    s, root = make(tmp_path, {"hc": "/^Subject: inner/ REJECT nope\n"},
+                   header_checks="regexp:@DIR@/hc", nested_header_checks="",
+                   mime_header_checks="")
+    result, _, data = run(s, root, MIME)
+    assert result.status == "queued" and data == MIME
