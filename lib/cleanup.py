@@ -50,8 +50,14 @@ DESCRIPTION
       ones included, through mime_header_checks, as Postfix's header classes.
     * Body: body_checks line by line, over the first body_checks_size_limit bytes.
       Without body_checks the body goes to the queue file in bulk, untouched.
+    * Content filter: content_filter (a transport:destination), or the last FILTER
+      action of the checks, becomes the queue file attribute content_filter; qmgr then
+      sends every recipient to that transport and destination instead of resolving
+      them (lib/resolve.py is bypassed, as Postfix's qmgr does). The filter
+      re-injects the message through a service with -o content_filter= (FILTER_README).
     * Actions of header_checks and body_checks (header_checks(5)): REJECT [text],
-      DISCARD [text], HOLD [text], WARN, INFO, REDIRECT user@domain, BCC user@domain,
+      DISCARD [text], HOLD [text], WARN, INFO, FILTER transport:destination,
+      REDIRECT user@domain, BCC user@domain,
       PREPEND text, REPLACE text, IGNORE, STRIP, PASS, DUNNO, OK; logged as Postfix does:
       `ID: reject: header Subject: x from host[addr]; from=<s> to=<r> proto=ESMTP
       helo=<h>: 5.7.1 text`.
@@ -74,8 +80,7 @@ DEVIATIONS
     the local rewrite context (Postfix adds them there too). Header addresses are not
     refolded after rewriting, and percent/bang forms in them are not rewritten.
     body_checks sees every body line, MIME part headers included (Postfix's sees body
-    text only). FILTER is not implemented: it is logged as a warning and
-    ignored.
+    text only).
 
 FUNCTIONS
     Settings(cfg): the parameters, with every table opened (call before a chroot);
@@ -104,6 +109,7 @@ CONFIGURATION PARAMETERS
     masquerade_domains (empty), masquerade_classes (envelope_sender, header_sender,
     header_recipient),
     masquerade_exceptions (empty), always_bcc, sender_bcc_maps, recipient_bcc_maps (empty),
+    content_filter (empty),
     header_checks, body_checks (empty), mime_header_checks, nested_header_checks
     ($header_checks), body_checks_size_limit (51200), myhostname,
     myorigin, mydestination, recipient_delimiter.
@@ -129,6 +135,7 @@ from .maincf import ConfigError
 
 ENVELOPE_SENDER, ENVELOPE_RECIPIENT = "envelope_sender", "envelope_recipient"
 HEADER_SENDER, HEADER_RECIPIENT = "header_sender", "header_recipient"
+FILTER_ATTR = "content_filter"    # the queue file attribute qmgr routes by
 CLASSES = (ENVELOPE_SENDER, ENVELOPE_RECIPIENT, HEADER_SENDER, HEADER_RECIPIENT)
 _HEADER = re.compile(rb"[!-9;-~]+[ \t]*:")     # match() anchors, also at a pos
 _NOTABLE = frozenset(b"rRmMbB")   # first letters of Received, Message-Id, Resent-, Bcc
@@ -211,6 +218,7 @@ class Settings:
         self.append_dot_mydomain = cfg["append_dot_mydomain"]
         self.mydomain = cfg.get("mydomain")
         self.always_bcc = cfg.get("always_bcc").strip()
+        self.content_filter = cfg.get("content_filter").strip()
         self.sender_bcc = self._maps(cfg, "sender_bcc_maps")
         self.recipient_bcc = self._maps(cfg, "recipient_bcc_maps")
         self.header_checks = self._maps(cfg, "header_checks")
@@ -404,6 +412,9 @@ class Cleanup:
         self.reason: str | None = None      # of a REJECT (or a deferral)
         self.discard = self.hold = False
         self.redirect: str | None = None
+        # content_filter, or a FILTER action's transport:destination (checks only: as
+        # Postfix, internal mail such as notifications is not filtered)
+        self.filter = settings.content_filter if checks else ""
         self.closed = False
 
     # --- envelope ------------------------------------------------------------------------
@@ -876,7 +887,12 @@ class Cleanup:
         elif action == "INFO":
             self._log("info", context, text, arg)
         elif action == "FILTER":
-            msg.warn(f"{self.id}: FILTER action in {title} map is not supported; ignored")
+            if ":" not in arg:
+                msg.warn(f"bad FILTER action \"{arg}\" in {title} map -- need "
+                         "\"transport:destination\"")
+            else:
+                self.filter = arg
+                self._log("filter", context, text, arg)
         elif action == "PASS":
             self._log("pass", context, text, arg)
             self._stop_checks()
@@ -961,6 +977,8 @@ class Cleanup:
         if self.discard:
             self.abort()
             return Result("discarded", self.id)
+        if self.filter:
+            self.w.add_attr(FILTER_ATTR, self.filter)
         for rcpt, notify, orcpt in rcpts:
             self.w.add_recipient(rcpt, notify, orcpt)
         if self.hold:

@@ -17,7 +17,9 @@ LIFE OF A MESSAGE
                 qmgr_message_active_limit messages, and about qmgr_message_recipient_limit
                 recipients, are in memory. Entering active/ resets the message's defer log
                 and logs `ID: from=<s>, size=N, nrcpt=M (queue active)`.
-    resolve     each recipient not yet done gets a transport and next hop (lib/resolve.py);
+    resolve     each recipient not yet done gets a transport and next hop (lib/resolve.py;
+                a message with a content_filter attribute goes to that transport and
+                destination whatever its recipients, as Postfix's qmgr);
                 recipients with the same transport and next hop form jobs of at most
                 <transport>_destination_recipient_limit recipients. With a limit of 1 (local)
                 the destination is the recipient, as in Postfix.
@@ -106,7 +108,7 @@ from ..lib import bounce_log, deliver, msg
 from ..lib import queue as Q
 from ..lib.bounce_log import BOUNCE, DEFER, TRACE, LogEntry
 from . import bounce
-from ..lib.resolve import ResolveError, AddressResolver
+from ..lib.resolve import ResolveError, AddressResolver, Route
 
 CORRUPT_GRACE = 60.0          # an unreadable file younger than this may still be in flux
 # Postfix's own defaults for the local transport (local_destination_*_limit).
@@ -451,11 +453,16 @@ class QueueManager:
         """Group the message's open recipients into jobs on their destinations' queues."""
         groups: dict[tuple, list[Entry]] = {}
         unresolved, discarded = [], []
+        content_filter = m.env.attrs.get("content_filter")
         for rcpt in m.env.recipients:
             if rcpt.done:
                 continue
             try:
-                route = self.resolver.resolve(rcpt.address, m.env.sender or "")
+                if content_filter:
+                    route = _filter_route(content_filter, rcpt.address,
+                                          self.cfg.get("myhostname"))
+                else:
+                    route = self.resolver.resolve(rcpt.address, m.env.sender or "")
             except ResolveError as exc:
                 msg.warn(f"{m.queue_id}: {exc}")
                 unresolved.append(Entry(rcpt.address, rcpt.offset))
@@ -801,6 +808,16 @@ class QueueManager:
         if sent:
             self._request_scan(Q.INCOMING)
         return True
+
+
+def _filter_route(spec: str, rcpt: str, myhostname: str):
+    """A content filter's route, bypassing the resolver as Postfix's qmgr: the
+    transport:destination of the message's content_filter (lib/cleanup.py); without a
+    destination, the recipient's domain, else $myhostname."""
+    transport, _, nexthop = spec.partition(":")
+    if not nexthop:
+        nexthop = rcpt.rpartition("@")[2] or myhostname
+    return Route(transport, nexthop)
 
 
 def _id_ok(name: str) -> bool:

@@ -232,14 +232,27 @@ def test_header_address_token_limit(tmp_path):
     assert data.startswith(b"To: a@modern.example, b@legacy.example\n")
 
 
-def test_filter_and_unknown_actions_are_warnings(tmp_path, logged):
+def test_content_filter_parameter_and_bad_filter(tmp_path, logged):
+    s, root = make(tmp_path, {"hc": "/^X-F:/ FILTER nocolon\n"},
+                   header_checks="regexp:@DIR@/hc", content_filter="scan:[127.0.0.1]:10024")
+    _, env, _ = run(s, root, b"X-F: 1\n\nx\n")
+    assert env.attrs["content_filter"] == "scan:[127.0.0.1]:10024"
+    assert 'warning: bad FILTER action "nocolon" in header_checks map -- need ' \
+           '"transport:destination"' in logged
+    _, env, _ = run(s, root, b"x\n", checks=False)            # internal mail
+    assert "content_filter" not in env.attrs
+
+
+def test_filter_and_unknown_actions(tmp_path, logged):
     s, root = make(tmp_path, {"hc": "/^X-F:/ FILTER smtp:[127.0.0.1]:10025\n/^X-U:/ FROB\n"
                                     "/^X-R:/ REDIRECT nobody\n"},
                    header_checks="regexp:@DIR@/hc")
     result, env, data = run(s, root, b"X-F: 1\nX-U: 2\nX-R: 3\n\nx\n")
     assert result.status == "queued" and data == b"X-F: 1\nX-U: 2\nX-R: 3\n\nx\n"
     assert [r.address for r in env.recipients] == ["b@example.org"]
-    assert any("FILTER action in header_checks map is not supported" in x for x in logged)
+    assert env.attrs["content_filter"] == "smtp:[127.0.0.1]:10025"
+    assert any("filter: header X-F: 1 from client.example[192.0.2.1];" in x and
+               x.endswith(": smtp:[127.0.0.1]:10025") for x in logged)
     assert "warning: unknown command in header_checks map: FROB" in logged
     assert any('bad REDIRECT target "nobody" in header_checks map' in x for x in logged)
 
