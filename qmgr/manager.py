@@ -83,7 +83,8 @@ CONFIGURATION PARAMETERS
     and those of lib/resolve.py and qmgr/bounce.py.
 
 FILES
-    incoming/, active/, deferred/, corrupt/, defer/ID, bounce/ID under queue_directory.
+    incoming/, active/, deferred/, corrupt/, defer/ID, bounce/ID, trace/ID under
+    queue_directory.
 
 BUGS
     qmgr_message_recipient_limit is checked per message, not per recipient slice: a

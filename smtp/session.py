@@ -22,6 +22,9 @@ DESCRIPTION
                commands go out in one write and the replies are read in order. To a
                server that announces DSN, MAIL carries ENVID and RET and each RCPT
                ORCPT (the stored one, else rfc822;address) and NOTIFY, as Postfix.
+               A recipient the server accepts has the DSN action "relayed"; when the
+               server announced DSN it also reports passed (the server sends any
+               success notice: Postfix's smtp_rcpt_done clears NOTIFY=SUCCESS).
     quit()     QUIT, best effort; close() shuts TLS down cleanly and closes.
 
     Replies are read in bounded pieces: a line longer than line_length_limit is kept to
