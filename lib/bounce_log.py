@@ -2,7 +2,9 @@
 
 The queue file records only whether a recipient is done. The reasons live beside it, as in
 Postfix's bounce_log(3): qmgr appends one entry per deferred recipient to
-queue_directory/defer/ID and one per bounced recipient to queue_directory/bounce/ID.
+queue_directory/defer/ID, one per bounced recipient to queue_directory/bounce/ID, and one
+per recipient delivered with DSN NOTIFY=SUCCESS to queue_directory/trace/ID (action
+`delivered` or `relayed`), which becomes a success notice at the end of the pass.
 `postqueue -p` shows the defer reasons; when the message leaves the active queue, a bounce
 log becomes a non-delivery notification and is removed, and on expiry the defer log does.
 The defer log is reset each time the message enters the active queue (Postfix's qmgr does
@@ -24,7 +26,7 @@ FORMAT
     entry for the same recipient record replaces an earlier one.
 
 FUNCTIONS
-    path(queue_root, log, queue_id) -> str; log is DEFER or BOUNCE.
+    path(queue_root, log, queue_id) -> str; log is DEFER, BOUNCE or TRACE.
     append(queue_root, log, queue_id, entries, sync=True): one write (and one fsync with
         sync) for all entries; OSError propagates.
     read(queue_root, log, queue_id) -> list[LogEntry] in file order ([] when there is no log).
@@ -36,7 +38,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .queue import BOUNCE, DEFER   # the logs live in these queue directories
+from .queue import BOUNCE, DEFER, TRACE   # the logs live in these queue directories
 
 MAX_LOG = 16 * 1024 * 1024        # a larger log is read only this far
 

@@ -28,10 +28,36 @@ DESCRIPTION
       and a missing Message-Id:, Date: and From: (their Resent- forms when the message
       has Resent- headers) are added after the last header; SMTP mail gets them only with
       always_add_missing_headers = yes.
+    * Header addresses (Postfix's cleanup_rewrite_sender/recip), in the message's
+      rewrite context: "local" for pickup and for SMTP clients that match
+      local_header_rewrite_clients (smtpd/check.py; default permit_inet_interfaces),
+      else "remote", where header addresses are left alone unless
+      remote_header_rewrite_domain is set. The addresses of From, Sender, Reply-To,
+      Errors-To, Return-Path, Resent-From, Resent-Sender, Mail-Followup-To,
+      Disposition-Notification-To, Return-Receipt-To (header_sender) and To, Cc, Bcc,
+      Apparently-To, Resent-To, Resent-Cc, Resent-Bcc, Resent-Reply-To
+      (header_recipient), found by lib/address.header_address_spans within the first
+      header_address_token_limit tokens, are qualified (@$myorigin, or
+      @$remote_header_rewrite_domain), then mapped with the canonical maps whose
+      *_canonical_classes name the header class, then masqueraded when
+      masquerade_classes does. Only the addresses change; the rest of the header
+      (names, comments, folding) is kept. header_checks see the header before.
+    * MIME (when mime_header_checks or nested_header_checks is set; both default to
+      $header_checks): the body's structure is followed from the Content-Type
+      boundaries (at most 100 levels): the headers of each multipart part go through
+      mime_header_checks, those of an attached message (message/rfc822) through
+      nested_header_checks, and Content-*/MIME-Version headers anywhere, the primary
+      ones included, through mime_header_checks, as Postfix's header classes.
     * Body: body_checks line by line, over the first body_checks_size_limit bytes.
       Without body_checks the body goes to the queue file in bulk, untouched.
+    * Content filter: content_filter (a transport:destination), or the last FILTER
+      action of the checks, becomes the queue file attribute content_filter; qmgr then
+      sends every recipient to that transport and destination instead of resolving
+      them (lib/resolve.py is bypassed, as Postfix's qmgr does). The filter
+      re-injects the message through a service with -o content_filter= (FILTER_README).
     * Actions of header_checks and body_checks (header_checks(5)): REJECT [text],
-      DISCARD [text], HOLD [text], WARN, INFO, REDIRECT user@domain, BCC user@domain,
+      DISCARD [text], HOLD [text], WARN, INFO, FILTER transport:destination,
+      REDIRECT user@domain, BCC user@domain,
       PREPEND text, REPLACE text, IGNORE, STRIP, PASS, DUNNO, OK; logged as Postfix does:
       `ID: reject: header Subject: x from host[addr]; from=<s> to=<r> proto=ESMTP
       helo=<h>: 5.7.1 text`.
@@ -50,20 +76,19 @@ WHY IN-PROCESS
     per message (a noisy shared machine), next to milliseconds for the fsync.
 
 DEVIATIONS
-    Header address rewriting is not done: canonical and masquerade classes accept only
-    envelope_sender and envelope_recipient (header_sender, header_recipient are a
-    configuration error), so the defaults are the envelope classes. There is no MIME
-    parsing: header_checks sees the primary headers only (mime_header_checks and
-    nested_header_checks are not implemented), and body_checks sees every body line,
-    MIME part headers included. FILTER is not implemented: it is logged as a warning and
-    ignored. SMTP mail is always in the "remote" header rewrite context
-    (local_header_rewrite_clients is not implemented).
+    Missing headers are added for local submission (pickup) only, not for SMTP mail in
+    the local rewrite context (Postfix adds them there too). Header addresses are not
+    refolded after rewriting, and percent/bang forms in them are not rewritten.
+    body_checks sees every body line, MIME part headers included (Postfix's sees body
+    text only).
 
 FUNCTIONS
     Settings(cfg): the parameters, with every table opened (call before a chroot);
         ConfigError for a bad class name or a table that cannot be opened.
     Cleanup(settings, queue_root, local=False, origin="local", proto="", helo="",
-        fullname="", now=None, checks=True): one new queue file; checks=False for
+        fullname="", now=None, checks=True, header_rewrite=None): one new queue file;
+        header_rewrite is the rewrite context, "local" or "remote" (default: "local"
+        with local, else "remote"); checks=False for
         internally generated mail (notifications), which Postfix does not inspect
         (internal_mail_filter_classes is empty). add_attr(name, value),
         set_sender(addr), add_recipient(addr), write(data) (content in pieces of any
@@ -81,12 +106,18 @@ FUNCTIONS
 CONFIGURATION PARAMETERS
     header_size_limit (102400), hopcount_limit (50), always_add_missing_headers (no),
     canonical_maps, sender_canonical_maps, recipient_canonical_maps (empty),
-    canonical_classes, sender_canonical_classes, recipient_canonical_classes
-    (envelope_sender, envelope_recipient), virtual_alias_maps (empty),
+    canonical_classes (envelope_sender, envelope_recipient, header_sender,
+    header_recipient), sender_canonical_classes (envelope_sender, header_sender),
+    recipient_canonical_classes (envelope_recipient, header_recipient),
+    remote_header_rewrite_domain (empty), header_address_token_limit (10240),
+    append_at_myorigin, append_dot_mydomain, mydomain, virtual_alias_maps (empty),
     virtual_alias_expansion_limit (1000), virtual_alias_recursion_limit (1000),
-    masquerade_domains (empty), masquerade_classes (envelope_sender),
+    masquerade_domains (empty), masquerade_classes (envelope_sender, header_sender,
+    header_recipient),
     masquerade_exceptions (empty), always_bcc, sender_bcc_maps, recipient_bcc_maps (empty),
-    header_checks, body_checks (empty), body_checks_size_limit (51200), myhostname,
+    content_filter (empty),
+    header_checks, body_checks (empty), mime_header_checks, nested_header_checks
+    ($header_checks), body_checks_size_limit (51200), myhostname,
     myorigin, mydestination, recipient_delimiter.
 
 SEE ALSO
@@ -103,13 +134,27 @@ from dataclasses import dataclass
 
 from . import milter, msg, params, tables
 from . import queue as Q
+from .address import header_address_spans
 from .domains import DomainList
+from .resolve import internal_form, quote_local
 from .maincf import ConfigError
 
 ENVELOPE_SENDER, ENVELOPE_RECIPIENT = "envelope_sender", "envelope_recipient"
-CLASSES = (ENVELOPE_SENDER, ENVELOPE_RECIPIENT)
+HEADER_SENDER, HEADER_RECIPIENT = "header_sender", "header_recipient"
+FILTER_ATTR = "content_filter"    # the queue file attribute qmgr routes by
+CLASSES = (ENVELOPE_SENDER, ENVELOPE_RECIPIENT, HEADER_SENDER, HEADER_RECIPIENT)
 _HEADER = re.compile(rb"[!-9;-~]+[ \t]*:")     # match() anchors, also at a pos
 _NOTABLE = frozenset(b"rRmMbB")   # first letters of Received, Message-Id, Resent-, Bcc
+# Postfix's header_opts.c: headers with sender (HDR_OPT_SENDER) and recipient
+# (HDR_OPT_RECIP) addresses
+SENDER_HEADERS = frozenset((
+    "disposition-notification-to", "errors-to", "from", "mail-followup-to", "reply-to",
+    "resent-from", "resent-sender", "return-path", "return-receipt-to", "sender"))
+RECIPIENT_HEADERS = frozenset((
+    "apparently-to", "bcc", "cc", "resent-bcc", "resent-cc", "resent-reply-to",
+    "resent-to", "to"))
+_ADDRESS_NOTABLE = frozenset(ord(c) for h in SENDER_HEADERS | RECIPIENT_HEADERS
+                             for c in (h[0], h[0].upper()))
 PARTIAL_LIMIT = 4096            # body_checks: an endless line is checked in parts
 
 # Postfix's cleanup_stat_detail: (SMTP code, DSN, text)
@@ -123,8 +168,7 @@ def _classes(cfg, name: str) -> set[str]:
     words = {w.lower() for w in cfg[name]}
     bad = sorted(words - set(CLASSES))
     if bad:
-        raise ConfigError(f"{name}: unsupported address class \"{bad[0]}\" (postfix-py "
-                          f"rewrites envelope addresses only: "
+        raise ConfigError(f"{name}: unknown address class \"{bad[0]}\" (expected: "
                           f"{', '.join(CLASSES)})")
     return words
 
@@ -166,16 +210,33 @@ class Settings:
         self.masq_sender = bool(self.masq_domains) and ENVELOPE_SENDER in masq_classes
         self.masq_rcpt = bool(self.masq_domains) and ENVELOPE_RECIPIENT in masq_classes
         self.masq_exceptions = {w.lower() for w in cfg["masquerade_exceptions"]}
+        # header address rewriting: the same maps, for the header classes
+        self.header_canonical = {
+            HEADER_SENDER: [m for m, ok in ((send, HEADER_SENDER in send_classes),
+                                            (canon, HEADER_SENDER in classes)) if m and ok],
+            HEADER_RECIPIENT: [m for m, ok in ((rcpt, HEADER_RECIPIENT in rcpt_classes),
+                                               (canon, HEADER_RECIPIENT in classes))
+                               if m and ok]}
+        self.header_masq = {c: bool(self.masq_domains) and c in masq_classes
+                            for c in (HEADER_SENDER, HEADER_RECIPIENT)}
+        self.remote_rewrite_domain = cfg.get("remote_header_rewrite_domain").strip()
+        self.token_limit = cfg["header_address_token_limit"]
+        self.append_at_myorigin = cfg["append_at_myorigin"]
+        self.append_dot_mydomain = cfg["append_dot_mydomain"]
+        self.mydomain = cfg.get("mydomain")
         self.always_bcc = cfg.get("always_bcc").strip()
+        self.content_filter = cfg.get("content_filter").strip()
         self.sender_bcc = self._maps(cfg, "sender_bcc_maps")
         self.recipient_bcc = self._maps(cfg, "recipient_bcc_maps")
         self.header_checks = self._maps(cfg, "header_checks")
+        self.mime_header_checks = self._maps(cfg, "mime_header_checks")
+        self.nested_header_checks = self._maps(cfg, "nested_header_checks")
         self.body_checks = self._maps(cfg, "body_checks")
         self.milter_header_checks = self._maps(cfg, "milter_header_checks")
         self.rewrites_recipients = bool(self.recipient_canonical or self.virtual
                                         or self.masq_rcpt or self.recipient_bcc)
         needs_local = self.sender_canonical or self.recipient_canonical or self.virtual \
-            or self.sender_bcc or self.recipient_bcc
+            or self.sender_bcc or self.recipient_bcc or any(self.header_canonical.values())
         try:
             self.mydestination = DomainList.for_param(cfg, "mydestination", self._open) \
                 if needs_local else None
@@ -306,7 +367,7 @@ class Cleanup:
     def __init__(self, settings: Settings, queue_root: str, local: bool = False,
                  origin: str = "local", proto: str = "", helo: str = "",
                  fullname: str = "", now: float | None = None, checks: bool = True,
-                 milters=None):
+                 milters=None, header_rewrite: str | None = None):
         self.s = settings
         self.queue_root = queue_root
         self.w = Q.QueueWriter(queue_root, now)
@@ -341,10 +402,24 @@ class Cleanup:
         self._resent = False
         self.hops = 0
         self._checking = checks             # header and body checks (still) apply
-        self._checking_headers = checks and settings.header_checks is not None
+        # MIME structure is followed only for mime_header_checks, nested_header_checks
+        self._mime = MimeState() if checks and (
+            settings.mime_header_checks or settings.nested_header_checks) else None
+        self._checking_headers = checks and (settings.header_checks is not None
+                                             or self._mime is not None)
+        self._bodybuf: bytearray | None = None      # _body's output while it runs
         # every header name matters with header_checks or when missing ones are added
         self._every_header = self._checking_headers or local or settings.always_add
+        # Header address rewriting (Postfix's hdr_rewrite_context): "local" qualifies
+        # with $myorigin, "remote" with remote_header_rewrite_domain, and when that is
+        # empty, header addresses are not touched.
+        context = header_rewrite or ("local" if local else "remote")
+        self._hdr_domain = settings.origin if context == "local" else \
+            settings.remote_rewrite_domain or None
+        self._hdr_local = context == "local"
+        self._notable = _NOTABLE | _ADDRESS_NOTABLE if self._hdr_domain else _NOTABLE
         self._body_checks = settings.body_checks if checks else None
+        self._body_lines = self._body_checks is not None or self._mime is not None
         self._body_partial = b""
         self._body_seen = 0
         self._last_byte = b"\n"
@@ -353,6 +428,9 @@ class Cleanup:
         self.reason: str | None = None      # of a REJECT (or a deferral)
         self.discard = self.hold = False
         self.redirect: str | None = None
+        # content_filter, or a FILTER action's transport:destination (checks only: as
+        # Postfix, internal mail such as notifications is not filtered)
+        self.filter = settings.content_filter if checks else ""
         self.closed = False
 
     # --- envelope ------------------------------------------------------------------------
@@ -467,7 +545,7 @@ class Cleanup:
             return
         if not self.in_header:
             self._last_byte = data[-1:]
-            if self._body_checks is None:
+            if not self._body_lines:
                 if not (self.discard or self.errors):
                     self._write(data)
             else:
@@ -518,7 +596,7 @@ class Cleanup:
                         continue
                 elif header(buf, start):
                     if hdr:
-                        if hdr[0] in _NOTABLE or self._every_header:
+                        if hdr[0] in self._notable or self._every_header:
                             self._flush_header()
                         else:                           # _flush_header's hot path
                             hout = self._hout
@@ -572,6 +650,8 @@ class Cleanup:
         self._flush_header()
         self._hout += self._missing_headers()
         self.in_header = False
+        if self._mime is not None:
+            self._mime.end_headers()
         if first_body == b"\n":                     # the empty line: not body text
             self._hout += first_body
             first_body = b""
@@ -585,7 +665,7 @@ class Cleanup:
         if not raw:
             return
         self._hdr_len = 0
-        if raw[0] not in _NOTABLE and not self._every_header:
+        if raw[0] not in self._notable and not self._every_header:
             self._hout += raw               # the hot path: a header nobody looks into
             self._hout += b"\n"             # (_end_of_header drops it after an error)
             raw.clear()
@@ -603,21 +683,70 @@ class Cleanup:
             value = raw.decode("utf-8", "surrogateescape").split(":", 1)[1].strip()
             msg.info_as("cleanup", f"{self.id}: {name}={value[:200]}")
         keep = not (self.local and name in ("bcc", "resent-bcc"))
-        if self._checking_headers:
+        if self._mime is not None and name == "content-type":
+            self._mime.content_type(raw)
+        maps = (self.s.mime_header_checks if name in MIME_HEADERS else
+                self.s.header_checks) if self._checking_headers else None
+        if maps is not None:
             text = raw.decode("utf-8", "surrogateescape")
-            result = self._check(self.s.header_checks, "header", text)
+            result = self._check(maps, "header", text)
             if result is None:
                 keep = False
             elif result is not text:
                 raw = bytearray(result.encode("utf-8", "surrogateescape"))
+                name = raw[:raw.find(b":")].decode("latin-1").strip().lower()
+        if keep and self._hdr_domain and (name in SENDER_HEADERS
+                                          or name in RECIPIENT_HEADERS):
+            raw = self._rewrite_header(raw, HEADER_SENDER if name in SENDER_HEADERS
+                                       else HEADER_RECIPIENT)
         if keep:
             self._out(raw)
             self._out(b"\n")
         self._hdr.clear()
 
+    def _rewrite_header(self, raw: bytearray, kind: str) -> bytearray:
+        """The addresses of a sender or recipient header rewritten as Postfix's
+        cleanup_rewrite_sender/recip: qualified, then the header class's canonical maps
+        and masquerading; the rest of the header is kept as it is."""
+        s = self.s
+        maps, masq = s.header_canonical[kind], s.header_masq[kind]
+        text = raw.decode("utf-8", "surrogateescape")
+        colon = text.find(":") + 1
+        value = text[colon:]
+        if not maps and not masq and "," not in value and "@" in value:
+            return raw                  # one qualified address: nothing to do (fast path)
+        out, last = [], 0
+        for start, end in header_address_spans(value, s.token_limit):
+            addr = value[start:end]
+            new = self._header_address(addr, maps, masq)
+            if new != addr:
+                out += [value[last:start], new]
+                last = end
+        if not out:
+            return raw
+        out.append(value[last:])
+        return bytearray((text[:colon] + "".join(out)).encode("utf-8", "surrogateescape"))
+
+    def _header_address(self, addr: str, maps, masq: bool) -> str:
+        internal = internal_form(addr)
+        local, at, domain = internal.rpartition("@")
+        if not at:
+            if not self._hdr_local or self.s.append_at_myorigin:
+                internal = f"{internal}@{self._hdr_domain}"
+        elif self._hdr_local and self.s.append_dot_mydomain and domain \
+                and "." not in domain and not domain.startswith("["):
+            internal = f"{internal}.{self.s.mydomain}"
+        result = self._canonical(internal, maps) if maps else internal
+        if masq:
+            result = masquerade(self.s, result)
+        return addr if result == internal_form(addr) else quote_local(result)
+
     def _out(self, data) -> None:
         """Content out; the header section is gathered and written in one piece."""
         if self.discard or self.errors:
+            return
+        if self._bodybuf is not None:       # in order with the lines _body gathers
+            self._bodybuf += data
             return
         if self.in_header:
             self._hout += data
@@ -650,7 +779,9 @@ class Cleanup:
         return "".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape")
 
     def _body(self, data: bytes) -> None:
-        """body_checks, one line at a time, over the first body_checks_size_limit bytes."""
+        """The body one line at a time: the MIME structure (part and attached message
+        headers, for mime_header_checks and nested_header_checks), and body_checks over
+        the first body_checks_size_limit bytes."""
         lines = (self._body_partial + data).split(b"\n")
         self._body_partial = lines.pop()
         ends = [b"\n"] * len(lines)
@@ -658,19 +789,69 @@ class Cleanup:
             lines.append(self._body_partial)
             ends.append(b"")
             self._body_partial = b""
-        out = bytearray()
-        for line, end in zip(lines, ends):
-            if self._checking and self._body_seen < self.s.body_limit:
-                self._body_seen += len(line) + 1
-                text = line.decode("utf-8", "surrogateescape")
-                result = self._check(self._body_checks, "body", text)
-                if result is None:
+        out = self._bodybuf = bytearray()       # PREPEND text goes here too, in order
+        try:
+            for line, end in zip(lines, ends):
+                if self._mime is not None and self._mime_line(line, end, out):
                     continue
-                if result is not text:
-                    line = result.encode("utf-8", "surrogateescape")
-            out += line + end
+                if self._body_checks is not None and self._checking \
+                        and self._body_seen < self.s.body_limit:
+                    self._body_seen += len(line) + 1
+                    text = line.decode("utf-8", "surrogateescape")
+                    result = self._check(self._body_checks, "body", text)
+                    if result is None:
+                        continue
+                    if result is not text:
+                        line = result.encode("utf-8", "surrogateescape")
+                out += line + end
+        finally:
+            self._bodybuf = None
         if out:
             self._out(bytes(out))
+
+    def _mime_line(self, line: bytes, end: bytes, out: bytearray) -> bool:
+        """Follow the MIME structure; True when line was a part or attached message
+        header line (handled here), False for body text (boundaries included)."""
+        m = self._mime
+        if m.state != MimeState.BODY:
+            if end and line[:1] in (b" ", b"\t") and m.pending:
+                if len(m.pending) < self.s.header_limit:
+                    m.pending += b"\n" + line
+                return True
+            self._mime_flush(out)
+            if end and not line:                # the header block ends
+                out += b"\n"
+                m.end_headers()
+                return True
+            if end and _HEADER.match(line):
+                m.pending = bytearray(line)
+                return True
+            m.state = MimeState.BODY            # not a header: the part's body begins
+        if line[:2] == b"--" and m.boundaries:
+            m.boundary_line(line)
+        return False
+
+    def _mime_flush(self, out: bytearray) -> None:
+        """Check the gathered part or attached message header, and write it out (or not):
+        mime_header_checks for part headers and any MIME header, nested_header_checks for
+        the other headers of an attached message (Postfix's header classes)."""
+        m = self._mime
+        raw, m.pending = m.pending, bytearray()
+        if not raw:
+            return
+        name = raw[:raw.find(b":")].decode("latin-1").strip().lower()
+        if name == "content-type":
+            m.ctype = bytes(raw)
+        maps = self.s.mime_header_checks if m.state == MimeState.PART or \
+            name in MIME_HEADERS else self.s.nested_header_checks
+        if maps is not None and self._checking:
+            text = raw.decode("utf-8", "surrogateescape")
+            result = self._check(maps, "header", text)
+            if result is None:
+                return
+            if result is not text:
+                raw = bytearray(result.encode("utf-8", "surrogateescape"))
+        out += raw + b"\n"
 
     # --- header_checks and body_checks ---------------------------------------------------
     def _check(self, maps: Maps, context: str, text: str):
@@ -723,7 +904,12 @@ class Cleanup:
         elif action == "INFO":
             self._log("info", context, text, arg)
         elif action == "FILTER":
-            msg.warn(f"{self.id}: FILTER action in {title} map is not supported; ignored")
+            if ":" not in arg:
+                msg.warn(f"bad FILTER action \"{arg}\" in {title} map -- need "
+                         "\"transport:destination\"")
+            else:
+                self.filter = arg
+                self._log("filter", context, text, arg)
         elif action == "PASS":
             self._log("pass", context, text, arg)
             self._stop_checks()
@@ -876,6 +1062,13 @@ class Cleanup:
         if self._body_partial:
             tail, self._body_partial = self._body_partial, b""
             self._body(tail + b"\n")
+        if self._mime is not None and self._mime.pending:  # the content ended in a header
+            out = self._bodybuf = bytearray()
+            try:
+                self._mime_flush(out)
+            finally:
+                self._bodybuf = None
+            self._out(bytes(out))
         elif self._last_byte != b"\n":
             self._out(b"\n")
         if self.milters is not None:
@@ -894,6 +1087,8 @@ class Cleanup:
         if self.discard:
             self.abort()
             return Result("discarded", self.id)
+        if self.filter:
+            self.w.add_attr(FILTER_ATTR, self.filter)
         for rcpt, notify, orcpt in rcpts:
             self.w.add_recipient(rcpt, notify, orcpt)
         if self.hold:
@@ -927,6 +1122,60 @@ class Cleanup:
         if not self.closed:
             self.w.abort()
             self.closed = True
+
+
+MIME_HEADERS = frozenset((       # Postfix's HDR_OPT_MIME: mime_header_checks at any level
+    "content-description", "content-disposition", "content-id",
+    "content-transfer-encoding", "content-type", "mime-version"))
+MIME_NESTING_LIMIT = 100          # multipart levels followed (Postfix's mime_nesting_limit)
+_BOUNDARY = re.compile(rb'boundary\s*=\s*(?:"([^"\n]{1,200})"|([^\s;"]{1,200}))', re.I)
+
+
+class MimeState:
+    """Where the body is in the MIME structure: body text, the headers of a multipart
+    part, or the headers of an attached message (message/rfc822)."""
+
+    BODY, PART, NESTED = 0, 1, 2
+
+    def __init__(self):
+        self.state = self.BODY
+        self.boundaries: list[bytes] = []
+        self.pending = bytearray()          # the logical header being gathered
+        self.ctype = b""                    # Content-Type of the current header block
+
+    def content_type(self, raw) -> None:
+        """The primary header's Content-Type."""
+        self.ctype = bytes(raw)
+
+    def end_headers(self) -> None:
+        """A header block ended: a multipart's boundary is followed; after the headers
+        of a message/rfc822 part come those of the attached message."""
+        value = self.ctype.partition(b":")[2]
+        self.ctype = b""
+        kind = value.split(b";", 1)[0].strip().lower()
+        m = _BOUNDARY.search(value)
+        if kind.startswith(b"multipart/") and m and \
+                len(self.boundaries) < MIME_NESTING_LIMIT:
+            self.boundaries.append(m.group(1) or m.group(2))
+            self.state = self.BODY
+        elif kind in (b"message/rfc822", b"message/global"):
+            self.state = self.NESTED
+        else:
+            self.state = self.BODY
+
+    def boundary_line(self, line: bytes) -> None:
+        """A --boundary line starts the next part; --boundary-- closes its multipart."""
+        text = line[2:].rstrip(b" \t\r")
+        for i in range(len(self.boundaries) - 1, -1, -1):
+            b = self.boundaries[i]
+            if text == b:
+                del self.boundaries[i + 1:]
+                self.state, self.ctype = self.PART, b""
+                return
+            if text == b + b"--":
+                del self.boundaries[i:]
+                self.state = self.BODY
+                return
 
 
 _ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\- \x80-\U0010ffff]*$")

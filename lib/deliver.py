@@ -30,6 +30,10 @@ REPLY (attributes)
     result.I      "sent", "deferred" or "bounced"
     dsn.I         enhanced status code, e.g. "2.0.0", "4.4.1", "5.1.1"
     reason.I      the reason text (the remote reply, or what went wrong)
+    action.I      optional, for a sent recipient: the DSN action, "relayed" (handed to a
+                  next hop that announced no DSN) or "delivered" (the default)
+    passed.I      optional, "1": the next hop announced DSN and got the recipient's NOTIFY,
+                  so it sends any success notice (Postfix's smtp clears NOTIFY=SUCCESS)
 
 FUNCTIONS
     encode_request(Request) -> bytes (a whole frame); decode_request(attrs) -> Request
@@ -71,6 +75,8 @@ class RcptResult:
     result: str          # sent, deferred, bounced
     dsn: str
     reason: str
+    action: str = ""     # sent: the DSN action, "relayed" or "" (delivered)
+    passed: bool = False     # sent: the next hop took over DSN (RFC 3461 section 5.2)
 
 
 @dataclass
@@ -138,6 +144,10 @@ def encode_reply(reply: DeliveryStatus) -> bytes:
         attrs[f"result.{i}"] = r.result
         attrs[f"dsn.{i}"] = r.dsn
         attrs[f"reason.{i}"] = r.reason[:4000]
+        if r.action:
+            attrs[f"action.{i}"] = r.action
+        if r.passed:
+            attrs[f"passed.{i}"] = "1"
     return attr.encode(attrs)
 
 
@@ -155,7 +165,11 @@ def decode_reply(attrs: dict, rcpt_count: int) -> DeliveryStatus:
         result = _text(attrs, f"result.{i}")
         if result not in RESULTS:
             raise DeliverError(f"bad result: {result[:20]!r}")
-        results.append(RcptResult(result, _text(attrs, f"dsn.{i}"), _text(attrs, f"reason.{i}")))
+        action = attrs.get(f"action.{i}", b"").decode("ascii", "replace")
+        if action not in ("", "delivered", "relayed"):
+            raise DeliverError(f"bad action: {action[:20]!r}")
+        results.append(RcptResult(result, _text(attrs, f"dsn.{i}"), _text(attrs, f"reason.{i}"),
+                                  action, attrs.get(f"passed.{i}") == b"1"))
     return DeliveryStatus(relay=_text(attrs, "relay"), results=results)
 
 

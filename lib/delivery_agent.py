@@ -89,15 +89,18 @@ class Report:
         self.results: list[RcptResult | None] = [None] * len(request.recipients)
 
     def record(self, index: int, kind: str, dsn: str, reason: str, relay: str,
-               conn_setup: float = 0.0, transmit: float = 0.0,
-               conn_use: int = 0) -> RcptResult:
-        """Recipient index's final outcome, logged; soft_bounce applied here only."""
+               conn_setup: float = 0.0, transmit: float = 0.0, conn_use: int = 0,
+               action: str = "", passed: bool = False) -> RcptResult:
+        """Recipient index's final outcome, logged; soft_bounce applied here only.
+        action and passed: a sent recipient's DSN action and hand-over (lib/deliver.py)."""
         if kind == "bounced" and self.soft_bounce:
             kind, dsn = "deferred", "4" + dsn[1:] if dsn[:1] == "5" else dsn
         deliver.log_delivery(self.request.queue_id, self.request.recipients[index], relay,
                              self.arrival, self.started, dsn, kind, reason,
                              conn_setup=conn_setup, transmit=transmit, conn_use=conn_use)
-        r = self.results[index] = RcptResult(kind, dsn, reason)
+        if kind != "sent":
+            action, passed = "", False
+        r = self.results[index] = RcptResult(kind, dsn, reason, action, passed)
         return r
 
     def reply(self, relay: str) -> deliver.DeliveryStatus:

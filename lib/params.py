@@ -39,8 +39,6 @@ DEVIATIONS
     alias_maps: hash:/etc/aliases (Postfix on Linux adds nis:mail.aliases; there is no nis:
     table type here).
     smtputf8_enable: yes, Postfix's value at compatibility level 1 and later.
-    canonical_classes, masquerade_classes: the envelope classes only; header address
-    rewriting is not implemented (lib/cleanup.py), and header_* is a configuration error.
     virtual_alias_maps: empty (Postfix writes $virtual_maps, the pre-2.0 name, not here).
 """
 
@@ -200,19 +198,25 @@ PARAMS: list[Param] = [
     _p("canonical_maps", "", TABLE, "address mapping of envelope senders and recipients (canonical(5))"),
     _p("sender_canonical_maps", "", TABLE, "address mapping of envelope senders, before canonical_maps"),
     _p("recipient_canonical_maps", "", TABLE, "address mapping of envelope recipients, before canonical_maps"),
-    _p("canonical_classes", "envelope_sender, envelope_recipient", LIST, "address classes canonical_maps applies to (envelope classes only in postfix-py)"),
-    _p("sender_canonical_classes", "envelope_sender", LIST, "address classes sender_canonical_maps applies to (envelope classes only)"),
-    _p("recipient_canonical_classes", "envelope_recipient", LIST, "address classes recipient_canonical_maps applies to (envelope classes only)"),
+    _p("canonical_classes", "envelope_sender, envelope_recipient, header_sender, header_recipient", LIST, "address classes canonical_maps applies to"),
+    _p("sender_canonical_classes", "envelope_sender, header_sender", LIST, "address classes sender_canonical_maps applies to"),
+    _p("recipient_canonical_classes", "envelope_recipient, header_recipient", LIST, "address classes recipient_canonical_maps applies to"),
+    _p("local_header_rewrite_clients", "permit_inet_interfaces", LIST, "SMTP clients whose message headers are rewritten as local mail (permit_inet_interfaces, permit_mynetworks, permit_sasl_authenticated, type:table of client addresses)"),
+    _p("remote_header_rewrite_domain", "", STR, "domain that qualifies header addresses of other SMTP clients; empty: their headers are not rewritten"),
+    _p("header_address_token_limit", "10240", INT, "tokens of one header that address rewriting looks at", min=1),
     _p("virtual_alias_maps", "", TABLE, "aliases of envelope recipients, expanded recursively (virtual(5))"),
     _p("virtual_alias_expansion_limit", "1000", INT, "addresses one recipient may expand into through virtual_alias_maps", min=1),
     _p("virtual_alias_recursion_limit", "1000", INT, "nesting depth of virtual_alias_maps expansion", min=1),
     _p("masquerade_domains", "", LIST, "domains whose subdomains are stripped from addresses (! excludes)"),
-    _p("masquerade_classes", "envelope_sender", LIST, "address classes masquerading applies to (envelope classes only in postfix-py)"),
+    _p("masquerade_classes", "envelope_sender, header_sender, header_recipient", LIST, "address classes masquerading applies to"),
     _p("masquerade_exceptions", "", LIST, "local parts never masqueraded"),
     _p("always_bcc", "", STR, "an address that gets a copy of every message"),
+    _p("content_filter", "", STR, "transport:destination that qmgr sends every new message to, instead of its recipients' routes (FILTER_README)"),
     _p("sender_bcc_maps", "", TABLE, "blind copy address by envelope sender"),
     _p("recipient_bcc_maps", "", TABLE, "blind copy address by envelope recipient"),
     _p("header_checks", "", TABLE, "patterns matched against each primary message header (header_checks(5))"),
+    _p("mime_header_checks", "$header_checks", TABLE, "patterns matched against MIME headers: Content-* and MIME-Version anywhere, and every header of a multipart part"),
+    _p("nested_header_checks", "$header_checks", TABLE, "patterns matched against the non-MIME headers of attached messages (message/rfc822)"),
     _p("body_checks", "", TABLE, "patterns matched against each body line (header_checks(5))"),
     _p("body_checks_size_limit", "51200", SIZE, "body bytes that body_checks looks at", min=0),
     # --- address parsing and recipient validation (lib/resolve.py, smtpd/check.py) -------
@@ -229,6 +233,7 @@ PARAMS: list[Param] = [
     _p("unknown_local_recipient_reject_code", "550", INT, "reply code for a recipient not in local_recipient_maps", min=400, max=599),
     _p("unknown_relay_recipient_reject_code", "550", INT, "reply code for a recipient not in relay_recipient_maps", min=400, max=599),
     _p("unknown_virtual_mailbox_reject_code", "550", INT, "reply code for a recipient not in virtual_mailbox_maps", min=400, max=599),
+    _p("unknown_virtual_alias_reject_code", "550", INT, "reply code for a virtual_alias_domains recipient not in virtual_alias_maps", min=400, max=599),
     # --- smtpd: access control ----------------------------------------------------------
     _p("smtpd_client_restrictions", "", LIST, "restrictions at connect"),
     _p("smtpd_helo_restrictions", "", LIST, "restrictions at HELO/EHLO"),
@@ -373,6 +378,7 @@ PARAMS: list[Param] = [
     _p("local_destination_concurrency_limit", "2", INT, "parallel local deliveries per recipient", min=1),
     _p("local_destination_recipient_limit", "1", INT, "recipients per local delivery", min=1),
     # --- virtual mailbox domains (lib/resolve.py, virtual/service.py) ----------------
+    _p("virtual_alias_domains", "$virtual_alias_maps", LIST, "domains whose addresses exist only as virtual_alias_maps keys (names, /files, type:tables)"),
     _p("virtual_mailbox_domains", "$virtual_mailbox_maps", LIST, "domains whose mail goes to virtual_transport (names, /files, type:tables)"),
     _p("virtual_transport", "virtual", STR, "transport of mail for virtual_mailbox_domains"),
     _p("virtual_mailbox_maps", "", TABLE, "virtual recipient to mailbox path under virtual_mailbox_base (ending in /: maildir)"),

@@ -89,10 +89,11 @@ MAGIC = b"PFXQ1\n"
 HEADER = struct.Struct("!cI")
 BLOCK = 65536
 MAX_RECORD = 4 * BLOCK            # no envelope record is anywhere near this
-# The queue's subdirectories, spelled once. defer/ and bounce/ hold per-message logs.
+# The queue's subdirectories, spelled once. defer/, bounce/ and trace/ hold per-message
+# logs (trace/: deliveries to report to a NOTIFY=SUCCESS sender, as Postfix's).
 INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT = "incoming", "active", "deferred", "hold", "corrupt"
-DEFER, BOUNCE, MAILDROP = "defer", "bounce", "maildrop"
-SUBDIRS = (INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT, DEFER, BOUNCE, MAILDROP)
+DEFER, BOUNCE, TRACE, MAILDROP = "defer", "bounce", "trace", "maildrop"
+SUBDIRS = (INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT, DEFER, BOUNCE, TRACE, MAILDROP)
 
 # postsuper -e: return the message at the next delivery attempt (Postfix's mode bit)
 STAT_EXPIRE = stat.S_IXGRP

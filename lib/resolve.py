@@ -38,8 +38,13 @@ tried in this order:
     A domain listed in mydestination and virtual_mailbox_domains, or in
     virtual_mailbox_domains and relay_domains, gets Postfix's warning
     `do not list domain D in BOTH mydestination and virtual_mailbox_domains` and the
-    class that comes first above. The virtual alias class (virtual_alias_domains) is not
-    implemented: postfix-py has no virtual_alias_maps rewriting yet.
+    class that comes first above.
+    Between 1 and 2, the virtual alias class: the domain is listed in
+    virtual_alias_domains (default $virtual_alias_maps; exact names). Its addresses
+    exist only as virtual_alias_maps keys, which lib/cleanup.py rewrites before qmgr
+    resolves them; one left over is unknown: transport error, next hop "5.1.1 User
+    unknown in virtual alias table" (Postfix's), class "alias". A domain in both
+    virtual_alias_domains and virtual_mailbox_domains gets Postfix's warning.
     5. transport_maps, when set, override the result, as transport(5) says: the keys are
        user+extension@domain, user@domain, domain, .parent domains (each parent, nearest
        first), then `*`; regexp: and pcre: tables see the full address only. In the value
@@ -52,7 +57,8 @@ FUNCTIONS
     AddressResolver.resolve(address, sender=None) -> Route(transport, nexthop, local,
         addr_class, recipient, routed); addr_class is "local", "virtual", "relay" or
         "default" (the class before transport_maps), recipient the resolved user@domain,
-        routed the flag above (these three are not part of equality); raises
+        routed the flag above (these three are not part of equality); addr_class
+        "alias" for virtual_alias_domains; raises
         ResolveError (a transport_maps, domain list or sender-dependent lookup failure:
         the caller defers the recipient with "4.3.0 address resolver failure"). Without
         a sender (None) the sender-dependent tables are not consulted.
@@ -111,6 +117,7 @@ class Route:
     routed: bool = field(default=False, compare=False)
 
 
+ALIAS_UNKNOWN = "5.1.1 User unknown in virtual alias table"   # Postfix's error next hop
 EMPTY_ADDRESS_RECIPIENT = "MAILER-DAEMON"    # Postfix's empty_address_recipient default
 _ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 
@@ -189,6 +196,8 @@ class AddressResolver:
         # A string list in Postfix: names as written, no .parent matching.
         self.virtual_mailbox_domains = DomainList(cfg["virtual_mailbox_domains"],
                                                   subdomains=False, exact=True)
+        self.virtual_alias_domains = DomainList(cfg["virtual_alias_domains"],
+                                                subdomains=False, exact=True)
         self.inet_interfaces = cfg["inet_interfaces"]
         # Address parsing (rewrite.c, resolve.c)
         self.mydomain = cfg.get("mydomain").lower()
@@ -208,6 +217,7 @@ class AddressResolver:
         self.mydestination.close()
         self.relay_domains.close()
         self.virtual_mailbox_domains.close()
+        self.virtual_alias_domains.close()
         for table in self.transport_maps:
             table.close()
         self.sender_routes.close()
@@ -382,6 +392,11 @@ class AddressResolver:
                          "virtual_mailbox_domains")
             transport, nexthop = self.local_spec
             return Route(transport or "local", nexthop or domain, True, "local")
+        if self.virtual_alias_domains.match(domain):
+            if self.virtual_mailbox_domains.match(domain):
+                msg.warn(f"do not list domain {domain} in BOTH virtual_alias_domains "
+                         "and virtual_mailbox_domains")
+            return Route("error", ALIAS_UNKNOWN, False, "alias")
         if self.virtual_mailbox_domains.match(domain):
             if self.relay_domains.match(domain):
                 msg.warn(f"do not list domain {domain} in BOTH virtual_mailbox_domains "

@@ -34,6 +34,19 @@ WHO GETS WHAT (bounce_notify_service.c)
     notify_classes in place of `bounce`/`2bounce` and delay_notice_recipient as the
     postmaster; the sender's copy, too, carries only the original's headers.
 
+DSN (RFC 3461, as Postfix's bounce daemon)
+    The sender's copy of a failure report names only the recipients whose NOTIFY has
+    FAILURE (a recipient without NOTIFY counts as FAILURE,DELAY; NOTIFY=NEVER: none), and
+    is not sent when no recipient is left; a delay warning, those with DELAY. RET=HDRS
+    (queue file attribute dsn_ret) returns the original's headers only. The delivery
+    report has Original-Envelope-Id (ENVID) after Reporting-MTA, and Original-Recipient
+    is the recipient's ORCPT (else rfc822;address, as Postfix's smtpd records one for
+    every recipient). Postmaster copies ignore NOTIFY. A success report (success())
+    lists the recipients delivered ("delivered": final delivery here) or relayed to a
+    next hop without DSN ("relayed", with Remote-MTA and the server's reply as
+    Diagnostic-Code); a next hop that announced DSN got NOTIFY and ORCPT and reports for
+    itself, so no notice is sent for it.
+
 FUNCTIONS
     notify(cfg, queue_root, queue_id, envelope, path, entries, now=None) -> list of
         (kind, new id), kind "sender" or "postmaster"; envelope is lib/queue.read()'s
@@ -42,8 +55,12 @@ FUNCTIONS
         its bounce log) and tries again later.
     warn(cfg, queue_root, queue_id, envelope, path, entries, now=None) -> the same, for
         a delayed-mail warning about the deferred recipients in entries.
+    success(cfg, queue_root, queue_id, envelope, path, entries, now=None) -> the same, for
+        the success notice ("Successful Mail Delivery Report") about entries, the
+        recipients delivered or relayed with NOTIFY=SUCCESS (qmgr's trace/ID log).
+    wants(envelope, entries, word) -> the entries whose NOTIFY asks for word.
     build(cfg, queue_id, new_id, envelope, path, entries, to, postmaster, headers_only,
-        now, delay=False) -> bytes: one notification's content.
+        now, delay=False, success=False) -> bytes: one notification's content.
     double_bounce_address(cfg) -> str.
     line_wrap(text, width=79, indent=4) -> list of lines, as Postfix's line_wrap(3).
 
@@ -71,6 +88,7 @@ from ..lib.bounce_log import LogEntry
 from ..lib.maincf import ConfigError
 
 BOUNDARY_FMT = "{id}.{time}/{host}"
+SERVER_REPLY = re.compile(r"^[245]\d\d[ -]")
 SMTP_REPLY = re.compile(r"^host (\S+?)\[[^\]]*\](?::\d+)? said: (\d{3}[ -].*?)"
                         r"(?: \(in reply to .*\))?$")
 
@@ -84,6 +102,17 @@ For further assistance, please send mail to postmaster.
 
 If you do so, please include this problem report. You can
 delete your own text from the attached returned message.
+
+                   The mail system
+"""
+
+SUCCESS_BODY = """\
+This is the mail system at host {host}.
+
+Your message was successfully delivered to the destination(s)
+listed below. If the message was delivered to mailbox you will
+receive no further notifications. Otherwise you may still receive
+notifications of mail delivery errors from other systems.
 
                    The mail system
 """
@@ -163,7 +192,22 @@ def _diagnostic(entry: LogEntry) -> tuple[str | None, str]:
     m = SMTP_REPLY.match(entry.reason)
     if m:
         return m.group(1), f"smtp; {m.group(2)}"
+    if entry.action == "relayed" and SERVER_REPLY.match(entry.reason):
+        # a next hop's acceptance: its name from the relay, host[addr]:port
+        return entry.relay.partition("[")[0] or None, f"smtp; {entry.reason}"
     return None, f"X-Postfix; {entry.reason}"
+
+
+def wants(envelope, entries: list[LogEntry], word: str) -> list[LogEntry]:
+    """The entries whose recipient's DSN NOTIFY asks for word (FAILURE, DELAY, SUCCESS);
+    a recipient without NOTIFY counts as FAILURE,DELAY (RFC 3461 section 4.1)."""
+    notify = {r.offset: r.notify for r in envelope.recipients}
+    out = []
+    for e in entries:
+        mask = notify.get(e.offset, "")
+        if word in mask.split(",") or (not mask and word != "SUCCESS"):
+            out.append(e)
+    return out
 
 
 def _original(envelope, path: str, headers_only: bool) -> bytes:
@@ -190,9 +234,10 @@ def _original(envelope, path: str, headers_only: bool) -> bytes:
 
 def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[LogEntry],
           to: str, postmaster: bool, headers_only: bool, now: float,
-          delay: bool = False) -> bytes:
+          delay: bool = False, success: bool = False) -> bytes:
     """The content of one notification (lines end in LF, as queue files keep them);
-    with delay, a delayed-mail warning."""
+    with delay, a delayed-mail warning; with success, a delivery status notification of
+    successful deliveries (each entry's action, "delivered" or "relayed")."""
     host = cfg.get("myhostname")
     mail_name = cfg.get("mail_name")
     boundary = BOUNDARY_FMT.format(id=queue_id, time=int(now), host=host)
@@ -201,7 +246,9 @@ def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[Lo
     limit = cfg["bounce_size_limit"]
     if limit and envelope.size > limit:
         headers_only = True
-    if delay:
+    if success:
+        subject = "Successful Mail Delivery Report"
+    elif delay:
         subject = ("Postmaster Warning: Delayed Mail" if postmaster
                    else "Delayed Mail (still being retried)")
     else:
@@ -229,7 +276,9 @@ def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[Lo
         "Content-Transfer-Encoding: 8bit",
         "",
     ]
-    if not postmaster and delay:
+    if success:
+        out += SUCCESS_BODY.format(host=host).split("\n")[:-1]
+    elif not postmaster and delay:
         out += DELAY_BODY.format(
             host=host, hours=_template_time(cfg, "delay_warning_time", "hours", 3600),
             days=_template_time(cfg, "maximal_queue_lifetime", "days", 86400)
@@ -246,15 +295,25 @@ def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[Lo
         "Content-Type: message/delivery-status",
         "",
         f"Reporting-MTA: dns; {host}",
+    ]
+    envid = envelope.attrs.get("dsn_envid", "")
+    if envid:
+        out.append(f"Original-Envelope-Id: {envid}")
+    out += [
         f"X-Postfix-Queue-ID: {queue_id}",
         f"X-Postfix-Sender: rfc822; {sender}",
         f"Arrival-Date: {mail_date(envelope.arrival)}",
     ]
+    stored = {r.offset: r for r in envelope.recipients}
     for entry in entries:
         remote, diagnostic = _diagnostic(entry)
+        rcpt = stored.get(entry.offset)
+        # Postfix's smtpd records an ORCPT for every recipient; ours when given
+        orcpt = rcpt.orcpt if rcpt is not None and rcpt.orcpt else f"rfc822;{entry.recipient}"
+        action = entry.action if success else "delayed" if delay else "failed"
         out += ["", f"Final-Recipient: rfc822; {entry.recipient}",
-                f"Original-Recipient: rfc822;{entry.recipient}",
-                f"Action: {'delayed' if delay else 'failed'}", f"Status: {entry.status}"]
+                f"Original-Recipient: {orcpt}",
+                f"Action: {action}", f"Status: {entry.status}"]
         if remote:
             out.append(f"Remote-MTA: dns; {remote}")
         out += line_wrap(f"Diagnostic-Code: {diagnostic}")     # folded, as Postfix does
@@ -264,7 +323,8 @@ def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[Lo
     out += [
         "",
         f"--{boundary}",
-        "Content-Description: Undelivered Message" + (" Headers" if headers_only else ""),
+        ("Content-Description: " + ("Message" if success else "Undelivered Message")
+         + (" Headers" if headers_only else "")),
         "Content-Type: " + ("text/rfc822-headers" if headers_only else "message/rfc822"),
         "Content-Transfer-Encoding: 8bit",
         "",
@@ -292,7 +352,8 @@ def _cleanup_settings(cfg) -> cleanup.Settings:
 
 def _post(cfg, queue_root: str, queue_id: str, envelope, path: str,
           entries: list[LogEntry], env_sender: str, to: str, postmaster: bool,
-          headers_only: bool, now: float, delay: bool = False) -> str:
+          headers_only: bool, now: float, delay: bool = False,
+          success: bool = False) -> str:
     """Write one notification into incoming/, through the cleanup stage (address
     rewriting; no header or body checks, as Postfix's internal mail); its queue id."""
     writer = cleanup.Cleanup(_cleanup_settings(cfg), queue_root, now=now, checks=False)
@@ -301,7 +362,7 @@ def _post(cfg, queue_root: str, queue_id: str, envelope, path: str,
         writer.set_sender(env_sender)
         writer.add_recipient(to)
         writer.write(build(cfg, queue_id, writer.id, envelope, path, entries, to,
-                           postmaster, headers_only, now, delay))
+                           postmaster, headers_only, now, delay, success))
         result = writer.finish()
     except BaseException:
         writer.abort()
@@ -329,8 +390,12 @@ def notify(cfg, queue_root: str, queue_id: str, envelope, path: str,
         to = qualify(cfg, cfg.get("2bounce_notice_recipient"))
         return [("postmaster", _post(cfg, queue_root, queue_id, envelope, path, entries,
                                      double, to, True, False, now))]
-    sent = [("sender", _post(cfg, queue_root, queue_id, envelope, path, entries, "",
-                             sender, False, False, now))]
+    # The sender hears about the recipients whose NOTIFY asks for FAILURE (NEVER: none),
+    # with the whole message unless RET=HDRS; the postmaster copy has them all.
+    mine = wants(envelope, entries, "FAILURE")
+    hdrs = envelope.attrs.get("dsn_ret", "") == "HDRS"
+    sent = [("sender", _post(cfg, queue_root, queue_id, envelope, path, mine, "",
+                             sender, False, hdrs, now))] if mine else []
     if "bounce" in classes:
         to = qualify(cfg, cfg.get("bounce_notice_recipient"))
         try:
@@ -359,8 +424,9 @@ def warn(cfg, queue_root: str, queue_id: str, envelope, path: str,
         to = qualify(cfg, cfg.get("delay_notice_recipient"))
         return [("postmaster", _post(cfg, queue_root, queue_id, envelope, path, entries,
                                      double, to, True, False, now, delay=True))]
-    sent = [("sender", _post(cfg, queue_root, queue_id, envelope, path, entries, "",
-                             sender, False, True, now, delay=True))]
+    mine = wants(envelope, entries, "DELAY")
+    sent = [("sender", _post(cfg, queue_root, queue_id, envelope, path, mine, "",
+                             sender, False, True, now, delay=True))] if mine else []
     if to_postmaster:
         to = qualify(cfg, cfg.get("delay_notice_recipient"))
         try:
@@ -370,3 +436,31 @@ def warn(cfg, queue_root: str, queue_id: str, envelope, path: str,
         except OSError:
             msg.warn(f"{queue_id}: postmaster notice failed while warning {sender}")
     return sent
+
+
+def success(cfg, queue_root: str, queue_id: str, envelope, path: str,
+            entries: list[LogEntry], now: float | None = None) -> list[tuple[str, str]]:
+    """Write the delivery status notification for recipients delivered or relayed with
+    NOTIFY=SUCCESS (Postfix's bounce_trace_service): to the sender, from <>, with the
+    original's headers; [(kind, new queue id)]. As Postfix, a bounce's report goes to
+    2bounce_notice_recipient when notify_classes has 2bounce, and none is sent about a
+    postmaster notice."""
+    if not entries:
+        return []
+    now = time.time() if now is None else now
+    sender = envelope.sender or ""
+    double = double_bounce_address(cfg)
+    if sender.lower() == double.lower():
+        msg.info(f"{queue_id}: not sending trace/success notification for "
+                 "double-bounce message")
+        return []
+    if not sender:
+        if "2bounce" not in {c.lower() for c in cfg["notify_classes"]}:
+            msg.info(f"{queue_id}: not sending trace/success notification for "
+                     "single-bounce message")
+            return []
+        to, env_sender = qualify(cfg, cfg.get("2bounce_notice_recipient")), double
+    else:
+        to, env_sender = sender, ""
+    return [("sender", _post(cfg, queue_root, queue_id, envelope, path, entries,
+                             env_sender, to, False, True, now, success=True))]

@@ -17,7 +17,9 @@ LIFE OF A MESSAGE
                 qmgr_message_active_limit messages, and about qmgr_message_recipient_limit
                 recipients, are in memory. Entering active/ resets the message's defer log
                 and logs `ID: from=<s>, size=N, nrcpt=M (queue active)`.
-    resolve     each recipient not yet done gets a transport and next hop (lib/resolve.py);
+    resolve     each recipient not yet done gets a transport and next hop (lib/resolve.py;
+                a message with a content_filter attribute goes to that transport and
+                destination whatever its recipients, as Postfix's qmgr);
                 recipients with the same transport and next hop form jobs of at most
                 <transport>_destination_recipient_limit recipients. With a limit of 1 (local)
                 the destination is the recipient, as in Postfix.
@@ -25,7 +27,9 @@ LIFE OF A MESSAGE
                 <transport>_destination_concurrency_limit jobs at once, starting at
                 initial_destination_concurrency and growing by one per completed job; a
                 transport runs at most its master.cf process limit. Destinations take turns.
-    results     per recipient: sent -> mark_done; bounced -> appended to bounce/ID (fsync),
+    results     per recipient: sent -> mark_done, after an entry in trace/ID (fsync) when
+                its NOTIFY has SUCCESS and the agent did not pass NOTIFY on to a next hop
+                that announced DSN; bounced -> appended to bounce/ID (fsync),
                 then mark_done; deferred -> appended to defer/ID (soft_bounce = yes: the
                 agent has made its bounces deferrals, lib/delivery_agent.py). A reply in
                 which every recipient is deferred with a 4.4.x status (no connection,
@@ -36,7 +40,8 @@ LIFE OF A MESSAGE
                 transport_retry_time, with Postfix's warning `transport NAME
                 failure -- see a previous warning/fatal/panic logfile record for the problem
                 description`. `F` (postqueue -f) lifts every suspension.
-    done        when no job of the message is left: a bounce log becomes a non-delivery
+    done        when no job of the message is left: a trace log becomes a success notice
+                (`ID: sender delivery status notification: NEW`); a bounce log becomes a non-delivery
                 notification (qmgr/bounce.py; `ID: sender non-delivery notification: NEW`);
                 with deferred recipients, a message older than maximal_queue_lifetime
                 (bounce_queue_lifetime for a bounce) is returned (`ID: from=<s>,
@@ -78,7 +83,8 @@ CONFIGURATION PARAMETERS
     and those of lib/resolve.py and qmgr/bounce.py.
 
 FILES
-    incoming/, active/, deferred/, corrupt/, defer/ID, bounce/ID under queue_directory.
+    incoming/, active/, deferred/, corrupt/, defer/ID, bounce/ID, trace/ID under
+    queue_directory.
 
 BUGS
     qmgr_message_recipient_limit is checked per message, not per recipient slice: a
@@ -101,9 +107,9 @@ from dataclasses import dataclass, field
 
 from ..lib import bounce_log, deliver, msg
 from ..lib import queue as Q
-from ..lib.bounce_log import BOUNCE, DEFER, LogEntry
+from ..lib.bounce_log import BOUNCE, DEFER, TRACE, LogEntry
 from . import bounce
-from ..lib.resolve import ResolveError, AddressResolver
+from ..lib.resolve import ResolveError, AddressResolver, Route
 
 CORRUPT_GRACE = 60.0          # an unreadable file younger than this may still be in flux
 # Postfix's own defaults for the local transport (local_destination_*_limit).
@@ -139,6 +145,7 @@ class Message:
     rescan: bool = False
     finished: bool = False
     expire: bool = False        # postsuper -e: return it to the sender at this attempt
+    success: set | None = None  # offsets of the NOTIFY=SUCCESS recipients, when first needed
 
 
 @dataclass(eq=False)
@@ -450,11 +457,16 @@ class QueueManager:
         """Group the message's open recipients into jobs on their destinations' queues."""
         groups: dict[tuple, list[Entry]] = {}
         unresolved, discarded = [], []
+        content_filter = m.env.attrs.get("content_filter")
         for rcpt in m.env.recipients:
             if rcpt.done:
                 continue
             try:
-                route = self.resolver.resolve(rcpt.address, m.env.sender or "")
+                if content_filter:
+                    route = _filter_route(content_filter, rcpt.address,
+                                          self.cfg.get("myhostname"))
+                else:
+                    route = self.resolver.resolve(rcpt.address, m.env.sender or "")
             except ResolveError as exc:
                 msg.warn(f"{m.queue_id}: {exc}")
                 unresolved.append(Entry(rcpt.address, rcpt.offset))
@@ -572,10 +584,13 @@ class QueueManager:
     def _record(self, job: Job, reply) -> None:
         """Write a reply's per-recipient results, durably, then release the job."""
         m = job.message
-        done, bounced, deferred = [], [], []
+        done, bounced, deferred, traced = [], [], [], []
         for entry, r in zip(job.entries, reply.results):
             if r.result == "sent":
                 done.append(entry)
+                if not r.passed and entry.offset in self._success(m):
+                    traced.append(LogEntry(entry.address, entry.offset, r.dsn or "2.0.0",
+                                           r.action or "delivered", r.reason, reply.relay))
             elif r.result == "bounced":
                 bounced.append(LogEntry(entry.address, entry.offset, r.dsn, "failed",
                                         r.reason, reply.relay))
@@ -592,6 +607,16 @@ class QueueManager:
                 deferred += [LogEntry(b.recipient, b.offset, "4" + b.status[1:], "delayed",
                                       b.reason, b.relay) for b in bounced]
                 bounced = []
+            try:
+                bounce_log.append(self.root, TRACE, m.queue_id, traced)
+            except OSError as exc:
+                # As Postfix's sent(): a success that cannot be reported is deferred.
+                msg.warn(f"{m.queue_id}: append trace log: {exc.strerror}")
+                lost = {t.offset for t in traced}
+                deferred += [LogEntry(t.recipient, t.offset, "4.3.0", "delayed",
+                                      f"{m.queue_id}: trace service failed", t.relay)
+                             for t in traced]
+                done = [e for e in done if e.offset not in lost]
             # The last job of a message that is then removed: the marks need no fsync
             # (as Postfix, which never syncs them); a crash before the unlink repeats the
             # delivery, it loses nothing.
@@ -608,6 +633,13 @@ class QueueManager:
             dest = job.dest
             dest.window = min(dest.limit, dest.window + 1)
         self._release(job)
+
+    @staticmethod
+    def _success(m: Message) -> set:
+        """The offsets of m's recipients whose DSN NOTIFY asks for SUCCESS."""
+        if m.success is None:
+            m.success = {r.offset for r in m.env.recipients if "SUCCESS" in r.notify}
+        return m.success
 
     def _mark_done(self, m: Message, entry, sync: bool = True) -> bool:
         """Record one recipient as done in the queue file; False when the file is gone."""
@@ -699,6 +731,12 @@ class QueueManager:
             return
         qid, now = m.queue_id, self.now()
         retry = bool(m.deferred)
+        traced = bounce_log.read(self.root, TRACE, qid) if self._success(m) else []
+        if traced:
+            if self._report_success(m, traced, now):
+                bounce_log.remove(self.root, TRACE, qid)
+            else:
+                retry = True        # reported at the next pass (recipients are done)
         failed = bounce_log.read(self.root, BOUNCE, qid)
         if failed:
             if self._notify(m, failed, now):
@@ -733,6 +771,8 @@ class QueueManager:
         if m.deferred:      # else there is none: entering active/ removed the last one
             bounce_log.remove(self.root, DEFER, qid)
         bounce_log.remove(self.root, BOUNCE, qid)
+        if m.success:
+            bounce_log.remove(self.root, TRACE, qid)
         msg.info(f"{qid}: removed")
 
     def _warn(self, m: Message, now: float) -> None:
@@ -757,6 +797,22 @@ class QueueManager:
         if sent:
             self._request_scan(Q.INCOMING)
 
+    def _report_success(self, m: Message, entries: list[LogEntry], now: float) -> bool:
+        """Send the success notice for NOTIFY=SUCCESS recipients; False to try again at
+        the message's next pass (the trace log stays)."""
+        try:
+            sent = bounce.success(self.cfg, self.root, m.queue_id, m.env, m.path, entries,
+                                  now)
+        except (OSError, Q.QueueFileError) as exc:
+            msg.warn(f"{m.queue_id}: cannot send delivery status notification: "
+                     f"{getattr(exc, 'strerror', None) or exc}")
+            return False
+        for kind, new_id in sent:
+            msg.info(f"{m.queue_id}: {kind} delivery status notification: {new_id}")
+        if sent:
+            self._request_scan(Q.INCOMING)
+        return True
+
     def _notify(self, m: Message, entries: list[LogEntry], now: float) -> bool:
         """Send the notifications for failed recipients; False to try again later."""
         try:
@@ -770,6 +826,16 @@ class QueueManager:
         if sent:
             self._request_scan(Q.INCOMING)
         return True
+
+
+def _filter_route(spec: str, rcpt: str, myhostname: str):
+    """A content filter's route, bypassing the resolver as Postfix's qmgr: the
+    transport:destination of the message's content_filter (lib/cleanup.py); without a
+    destination, the recipient's domain, else $myhostname."""
+    transport, _, nexthop = spec.partition(":")
+    if not nexthop:
+        nexthop = rcpt.rpartition("@")[2] or myhostname
+    return Route(transport, nexthop)
 
 
 def _id_ok(name: str) -> bool:

@@ -22,6 +22,9 @@ DESCRIPTION
                commands go out in one write and the replies are read in order. To a
                server that announces DSN, MAIL carries ENVID and RET and each RCPT
                ORCPT (the stored one, else rfc822;address) and NOTIFY, as Postfix.
+               A recipient the server accepts has the DSN action "relayed"; when the
+               server announced DSN it also reports passed (the server sends any
+               success notice: Postfix's smtp_rcpt_done clears NOTIFY=SUCCESS).
     quit()     QUIT, best effort; close() shuts TLS down cleanly and closes.
 
     Replies are read in bounded pieces: a line longer than line_length_limit is kept to
@@ -152,7 +155,8 @@ class Delivery:
         if not self.conn_setup_done:
             self.conn_setup_done = time.time()
 
-    def finish(self, r: Rcpt, status: str, dsn: str, reason: str, relay: str) -> None:
+    def finish(self, r: Rcpt, status: str, dsn: str, reason: str, relay: str,
+               dsn_passed: bool = False) -> None:
         """Give r its final result: the Report applies soft_bounce and logs the line."""
         now = time.time()
         setup_done = self.conn_setup_done or now
@@ -160,7 +164,8 @@ class Delivery:
             decided = self.report.record(r.index, status, dsn, reason, relay,
                                          conn_setup=setup_done - self.started,
                                          transmit=now - setup_done,
-                                         conn_use=self.conn_use)
+                                         conn_use=self.conn_use, action="relayed",
+                                         passed=dsn_passed)
             status, dsn = decided.result, decided.dsn
         r.result, r.dsn, r.reason = status, dsn, reason
         if self.log is not None:
@@ -195,9 +200,11 @@ class Delivery:
         soft = dsn.startswith("4") or (dsn.startswith("5") and self.soft_bounce)
         return soft and not self.final_server
 
-    def sent(self, r: Rcpt, reply: "ServerReply", relay: str) -> None:
-        """The server took responsibility for r."""
-        self.finish(r, "sent", reply.dsn, reply.text1, relay)
+    def sent(self, r: Rcpt, reply: "ServerReply", relay: str, dsn_passed: bool = False) -> None:
+        """The server took responsibility for r: DSN action "relayed", as Postfix's
+        smtp_rcpt_done(); with dsn_passed (the server announced DSN) the server sends
+        any success notice, not us."""
+        self.finish(r, "sent", reply.dsn, reply.text1, relay, dsn_passed)
 
 
 # --- replies --------------------------------------------------------------------------------
@@ -844,14 +851,14 @@ class ClientSession:
             for r in state.accepted:
                 reply = self._reply(t["data_done"])
                 if reply.klass == 2:
-                    d.sent(r, reply, self.relay)
+                    d.sent(r, reply, self.relay, "DSN" in self.features)
                 else:
                     d.rcpt_fail(r, reply.dsn, self._said(reply, "end of DATA"), self.relay)
             return
         reply = self._reply(t["data_done"])
         if reply.klass == 2:
             for r in state.accepted:
-                d.sent(r, reply, self.relay)
+                d.sent(r, reply, self.relay, "DSN" in self.features)
         else:
             d.bulk_fail(reply.dsn, self._said(reply, "end of DATA"), self.relay)
 

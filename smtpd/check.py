@@ -81,7 +81,11 @@ RECIPIENT VALIDATION
     extension), virtual_mailbox_maps, relay_recipient_maps; else 550 5.1.1 "<rcpt>:
     Recipient address rejected: User unknown in local recipient table" (virtual mailbox
     table, relay recipient table), with unknown_local_recipient_reject_code (and its
-    virtual and relay kin). VRFY gives the same replies (smtpd/session.py).
+    virtual and relay kin). A recipient in virtual_alias_domains has no such table: it
+    is "User unknown in virtual alias table" (unknown_virtual_alias_reject_code) unless
+    aliased. As Postfix's check_rcpt_maps, an address that recipient_canonical_maps,
+    canonical_maps or virtual_alias_maps knows passes in every class. VRFY gives the
+    same replies (smtpd/session.py).
 
 CONFIGURATION PARAMETERS
     smtpd_client_restrictions, smtpd_helo_restrictions, smtpd_sender_restrictions,
@@ -95,7 +99,10 @@ CONFIGURATION PARAMETERS
     fails each lookup temporarily, as Postfix's surrogate),
     virtual_mailbox_maps, relay_recipient_maps (empty),
     unknown_local_recipient_reject_code, unknown_virtual_mailbox_reject_code,
-    unknown_relay_recipient_reject_code (550), parent_domain_matches_subdomains, the reply codes
+    unknown_relay_recipient_reject_code, unknown_virtual_alias_reject_code (550),
+    local_header_rewrite_clients (permit_inet_interfaces: header_rewrite_context()),
+    recipient_canonical_maps, canonical_maps, virtual_alias_maps,
+    parent_domain_matches_subdomains, the reply codes
     reject_code (554), defer_code (450), access_map_reject_code (554),
     relay_domains_reject_code (554), unknown_client_reject_code (450),
     unknown_address_reject_code (450), unknown_hostname_reject_code (450),
@@ -257,7 +264,15 @@ class Checker:
                         "User unknown in virtual mailbox table"),
             "relay": ([self._table(r) for r in cfg["relay_recipient_maps"]],
                       cfg["unknown_relay_recipient_reject_code"],
-                      "User unknown in relay recipient table")}
+                      "User unknown in relay recipient table"),
+            # the alias class has no recipient table: what is not aliased is unknown
+            "alias": ([NOWHERE], cfg["unknown_virtual_alias_reject_code"],
+                      "User unknown in virtual alias table")}
+        # An address that cleanup rewrites (canonical, virtual alias) is known whatever
+        # its class, as Postfix's check_rcpt_maps looks these up first.
+        self.rewrite_maps = [self._table(r) for name in (
+            "recipient_canonical_maps", "canonical_maps", "virtual_alias_maps")
+            for r in cfg[name]]
         self.reject_unlisted_recipient = cfg["smtpd_reject_unlisted_recipient"]
         self.reject_unlisted_sender = cfg["smtpd_reject_unlisted_sender"]
         self.fast_flush_domains = self._domain_list("fast_flush_domains")
@@ -277,6 +292,7 @@ class Checker:
         if resolver is not None or used & (DNS_CHECKS | WITH_TABLE | DNSXL | NAME_CHECKS):
             self.dns = self._make_dns()
         self.rbl_reply_maps = [self._table(ref) for ref in cfg["rbl_reply_maps"]]
+        self.local_rewrite = self._rewrite_clients(cfg["local_header_rewrite_clients"])
         # Postfix expands the template itself: $rbl_code and friends are not main.cf's.
         self.default_rbl_reply = cfg.raw("default_rbl_reply") or ""
 
@@ -380,6 +396,46 @@ class Checker:
         return NetworkList(param, words, self._table,
                            param in self.cfg["parent_domain_matches_subdomains"])
 
+    def _rewrite_clients(self, words: list[str]) -> list:
+        """local_header_rewrite_clients, compiled: (name, table or None)."""
+        out = []
+        for word in words:
+            name = word.lower()
+            if ":" in word:
+                out.append(("table", self._table(word)))
+            elif name in ("permit_inet_interfaces", "permit_mynetworks",
+                          "permit_sasl_authenticated", "permit_tls_clientcerts",
+                          "permit_tls_all_clientcerts"):
+                out.append((name, None))
+            else:
+                msg.warn(f"parameter local_header_rewrite_clients: invalid request: {word}")
+        return out
+
+    def header_rewrite_context(self, state: ClientState) -> str:
+        """"local" when the client matches local_header_rewrite_clients, else "remote"
+        (Postfix's smtpd_check_rewrite): lib/cleanup.py rewrites the message's header
+        addresses in that context. A table that cannot be read counts as no match."""
+        for name, table in self.local_rewrite:
+            try:
+                if name == "permit_inet_interfaces":
+                    addr = state.addr.removeprefix("ipv6:")
+                    literal = f"[ipv6:{addr}]" if ":" in addr else f"[{addr}]"
+                    hit = self.resolver.is_local(literal)
+                elif name == "permit_mynetworks":
+                    hit = self.in_mynetworks(state.addr, state.name)
+                elif name == "permit_sasl_authenticated":
+                    hit = bool(state.sasl_username)
+                elif name == "table":
+                    hit = table.lookup(state.addr) is not None
+                else:
+                    hit = self._apply(name, None, name, state, None) == "permit"
+            except tables.TableError as exc:
+                msg.warn(f"local_header_rewrite_clients: table lookup problem: {exc}")
+                continue
+            if hit:
+                return "local"
+        return "remote"
+
     # --- predicates ------------------------------------------------------------------------
     def in_mynetworks(self, addr: str, name: str = "unknown") -> bool:
         """Whether a client is in mynetworks."""
@@ -404,10 +460,11 @@ class Checker:
 
     def auth_destination(self, rcpt: str) -> bool:
         """permit_auth_destination: the resolved recipient is in the local, virtual
-        mailbox or relay class and no routing operator is left in its local part
-        (allow_untrusted_routing = no, Postfix's default)."""
+        alias, virtual mailbox or relay class and no routing operator is left in its
+        local part (allow_untrusted_routing = no, Postfix's default)."""
         route = self.resolve(rcpt)
-        return not route.routed and route.addr_class in ("local", "virtual", "relay")
+        return not route.routed and route.addr_class in ("local", "alias", "virtual",
+                                                         "relay")
 
     def unlisted_recipient(self, rcpt: str, what: str = "Recipient") -> Reply | None:
         """check_rcpt_maps: the reply for a recipient (or, what = "Sender", a sender)
@@ -416,9 +473,15 @@ class Checker:
         try:
             route = self.resolve(rcpt)
             maps, code, text = self.rcpt_maps.get(route.addr_class, ([], 0, ""))
-            if not maps or addr_find(maps, internal_form(route.recipient).lower(),
-                                     self.cfg.get("recipient_delimiter"),
-                                     localpart=route.addr_class == "local") is not None:
+            if not maps:
+                return None
+            key = internal_form(route.recipient).lower()
+            delimiters = self.cfg.get("recipient_delimiter")
+            local = route.addr_class == "local"
+            if self.rewrite_maps and addr_find(self.rewrite_maps, key, delimiters,
+                                               localpart=local) is not None:
+                return None
+            if addr_find(maps, key, delimiters, localpart=local) is not None:
                 return None
         except tables.TableError as exc:
             msg.warn(f"table lookup problem: {exc}")
@@ -1122,3 +1185,19 @@ class _Unavailable(tables.Table):
 
     def close(self) -> None:
         pass
+
+
+class _Nowhere(tables.Table):
+    """The recipient table of the virtual alias class: it lists nobody."""
+
+    def __init__(self):
+        super().__init__("static", "nowhere")
+
+    def lookup(self, key: str) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+NOWHERE = _Nowhere()

@@ -960,9 +960,14 @@ class Session:
             self.cleanup_settings = cleanup.Settings(self.cfg)
         if self.milters is not None:
             kw.setdefault("milters", self.milters)
+        # local_header_rewrite_clients (smtpd/check.py); a test's stand-in checker may
+        # not have it: then the remote context
+        context = getattr(self.checker, "header_rewrite_context", None)
         return cleanup.Cleanup(self.cleanup_settings, self.queue_root,
                                origin=self.client.client, proto=self.protocol(),
-                               helo=self.helo or "", **kw)
+                               helo=self.helo or "",
+                               header_rewrite=context(self.client) if context else None,
+                               **kw)
 
     def open_queue_file(self) -> bool:
         """Create the queue file at the first good recipient, as Postfix does."""

@@ -126,6 +126,7 @@ class Super:
                 return False
             bounce_log.remove(self.root, bounce_log.DEFER, qid)
             bounce_log.remove(self.root, bounce_log.BOUNCE, qid)
+            bounce_log.remove(self.root, bounce_log.TRACE, qid)
             return True
         target = {"-r": Q.INCOMING, "-h": Q.HOLD, "-H": Q.DEFERRED}[op]
         if queue == target and op != "-r":

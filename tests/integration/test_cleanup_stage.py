@@ -159,3 +159,27 @@ def test_header_checks_reject_refuses_a_local_submission(mta):
     log = mta.log()
     assert ": reject: header Subject: local reject me from local; " \
         "from=<alice@mail.test.example> to=<bob@mail.test.example>: 5.7.1 no spam here" in log
+
+
+def test_header_addresses_by_client_context(mta):
+    # 127.0.0.1 is an address of this host: local_header_rewrite_clients's default,
+    # permit_inet_interfaces, makes it the local context, where header addresses are
+    # qualified and sender_canonical_maps (header_sender by default) applies.
+    remote = free_port()
+    mta.master_lines.append(f"127.0.0.1:{remote} inet n - y - - smtpd"
+                            " -o local_header_rewrite_clients=")
+    mta.start()
+    extra = "From: Old One <old@example.net>\r\nTo: bob, carl@example.org\r\n"
+    code, text = send(mta, "local context", sender="old@example.net", extra=extra)
+    _, content = mta.queued()[text.split()[-1]]
+    head = content.split("\n\n", 1)[0]
+    assert "\nFrom: Old One <new@example.net>\n" in head
+    assert "\nTo: bob@mail.test.example, carl@example.org\n" in head
+    # No client is local, and remote_header_rewrite_domain is empty: headers stay.
+    mta.port = remote
+    code, text = send(mta, "remote context", sender="old@example.net", extra=extra)
+    m, content = mta.queued()[text.split()[-1]]
+    assert m.sender == "new@example.net"                 # the envelope is rewritten
+    assert content.split("\n\n", 1)[0].endswith(
+        "\nFrom: Old One <old@example.net>\nTo: bob, carl@example.org\n"
+        "Subject: remote context")

@@ -30,6 +30,9 @@ def mta(instance):
         "virtual_mailbox_maps": "inline:{bob@virt.example=bob/}",
         "relay_recipient_maps": "inline:{carol@relay.example=x}",
         "local_recipient_maps": "unix:passwd.byname",
+        # virtual_alias_domains defaults to $virtual_alias_maps: alias.example is one
+        "virtual_alias_maps": "inline:{alias.example=x, info@alias.example=root, "
+                              "alias@local.domain=root}",
         "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
         "mynetworks": "127.0.0.2/32",          # the client (127.0.0.1) is outside
         "smtpd_error_sleep_time": "0s", "smtpd_soft_error_limit": "100",
@@ -60,7 +63,8 @@ def test_relay_tricks_from_outside_are_refused_and_unknown_users_too(mta):
     mta.start()
     got = rcpt_replies(mta.port, TRICKS + [
         "x%y@relay.example", "root@local.domain", "nosuchuser@local.domain",
-        "bob@virt.example", "nob@virt.example", "carol@relay.example", "nob@relay.example"],
+        "bob@virt.example", "nob@virt.example", "carol@relay.example", "nob@relay.example",
+        "info@alias.example", "nob@alias.example", "alias@local.domain"],
         vrfy=["root", "nosuch@local.domain", "victim%remote.example@local.domain"])
     for trick in TRICKS + ["x%y@relay.example"]:
         assert got[trick] == f"554 5.7.1 <{trick}>: Relay access denied"
@@ -73,13 +77,18 @@ def test_relay_tricks_from_outside_are_refused_and_unknown_users_too(mta):
     assert got["carol@relay.example"] == "250 2.1.5 Ok"
     assert got["nob@relay.example"] == "550 5.1.1 <nob@relay.example>: " \
         "Recipient address rejected: User unknown in relay recipient table"
+    assert got["info@alias.example"] == "250 2.1.5 Ok"
+    assert got["nob@alias.example"] == "550 5.1.1 <nob@alias.example>: " \
+        "Recipient address rejected: User unknown in virtual alias table"
+    # not an account, but aliased: known, as Postfix's check_rcpt_maps
+    assert got["alias@local.domain"] == "250 2.1.5 Ok"
     assert got["VRFY root"] == "252 2.0.0 root"
     assert got["VRFY nosuch@local.domain"] == "550 5.1.1 <nosuch@local.domain>: " \
         "Recipient address rejected: User unknown in local recipient table"
     assert got["VRFY victim%remote.example@local.domain"] == \
         "554 5.7.1 <victim%remote.example@local.domain>: Relay access denied"
     assert got["DATA"] == 250
-    # No path queued the remote victim: the one message holds the three accepted users.
+    # No path queued the remote victim: the one message holds the accepted users.
     (queued,) = [p for p in (mta.queue / "incoming").rglob("*") if p.is_file()]
     data = queued.read_bytes()
     assert b"remote.example" not in data and b"victim" not in data

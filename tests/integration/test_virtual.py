@@ -245,3 +245,61 @@ def test_virtual_transport_lmtp_to_dovecot_then_imap(mta, dovecot):
     with pytest.raises(imaplib.IMAP4.error):
         imap_messages(dovecot.port, "ann@hosted.example", "wrong")
     assert "Traceback" not in mta.log()
+
+
+def send_utf8(port, sender, rcpt, subject, smtputf8=True):
+    """One message, with SMTPUTF8 or as legacy 8-bit mail; its queue id."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.ehlo("client.example")
+        assert "smtputf8" in s.esmtp_features
+        if smtputf8:
+            assert s.mail(sender, ["SMTPUTF8"])[0] == 250
+        else:
+            s.command_encoding = "utf-8"        # smtplib sends ASCII otherwise
+            assert s.mail(sender)[0] == 250
+        assert s.rcpt(rcpt)[0] == 250
+        code, text = s.data(f"From: <{sender}>\r\nSubject: {subject}\r\n"
+                            f"\r\nbody of {subject}\r\n".encode("utf-8"))
+        assert code == 250, text
+        return text.decode().rsplit(" ", 1)[-1]
+
+
+@pytest.mark.interop
+def test_utf8_addresses_to_dovecot(mta, dovecot):
+    # Dovecot 2.3's LMTP announces no SMTPUTF8 (RFC 6531) and refuses an 8-bit address
+    # ("501 5.5.4 Invalid TO"), so a UTF-8 address reaches a Dovecot mailbox through
+    # virtual_alias_maps: in legacy 8-bit mail (no SMTPUTF8 requested, so no promise,
+    # as Postfix) it is delivered, its UTF-8 kept in the Received: header; in mail that
+    # asked for SMTPUTF8 it bounces with 5.6.7, as Postfix's lmtp does.
+    mta.main.update({
+        "virtual_mailbox_domains": "hosted.example",
+        "virtual_transport": f"lmtp:unix:{dovecot.sock}",
+        "virtual_alias_maps": "inline:{j\u00f6rg@hosted.example=ann@hosted.example}",
+    })
+    mta.start()
+    one = send_utf8(mta.port, "alice@example.org", "j\u00f6rg@hosted.example", "utf8 one",
+                    smtputf8=False)
+    two = send_utf8(mta.port, "alice@example.org", "j\u00f6rg@hosted.example", "utf8 two")
+    for qid in (one, two):
+        log_has(mta, f"{qid}: removed")
+    log = mta.log()
+    relay = f"relay=mail.test.example[{dovecot.sock}]"
+    sent = [line for line in log.splitlines() if f"{one}: to=<ann@hosted.example>" in line]
+    assert len(sent) == 1 and relay in sent[0] and "status=sent (250 2.0.0 " in sent[0], sent
+    assert (f"{two}: to=<ann@hosted.example>, {relay}") in log
+    assert "dsn=5.6.7, status=bounced (SMTPUTF8 is required, but was not offered by host " \
+           f"mail.test.example[{dovecot.sock}])" in log
+    imap = imaplib.IMAP4("127.0.0.1", dovecot.port, timeout=10)
+    try:
+        assert imap.login("ann@hosted.example", "ann-secret")[0] == "OK"
+        assert imap.select("INBOX")[0] == "OK"
+        typ, data = imap.search(None, "ALL")
+        (num,) = data[0].split()
+        typ, parts = imap.fetch(num, "(RFC822)")
+        got = parts[0][1].decode("utf-8")
+        imap.close()
+    finally:
+        imap.logout()
+    assert "Subject: utf8 one" in got and "body of utf8 one" in got
+    assert "for <j\u00f6rg@hosted.example>;" in got
+    assert "Traceback" not in mta.log()

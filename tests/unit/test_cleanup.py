@@ -174,19 +174,85 @@ def test_canonical_masquerade_and_bcc(tmp_path):
         "audit@example.org"]
 
 
-def test_header_classes_are_refused(tmp_path):
-    with pytest.raises(maincf.ConfigError, match="canonical_classes.*header_sender"):
-        make(tmp_path, canonical_classes="envelope_sender, header_sender")
+def test_unknown_address_class_is_refused(tmp_path):
+    with pytest.raises(maincf.ConfigError, match="canonical_classes.*header_sendr"):
+        make(tmp_path, canonical_classes="envelope_sender, header_sendr")
 
 
-def test_filter_and_unknown_actions_are_warnings(tmp_path, logged):
+HEADERS = (b'From: Alice Old <alice@old.example>\nTo: bob@legacy.example, "Carl, C." '
+           b'<carl@host.example.com> (work), dave\nCc: team: x@legacy.example;\n'
+           b'Reply-To: <alice@old.example>\nSubject: alice@old.example stays\n'
+           b'Message-Id: <alice@old.example>\n\nalice@old.example in the body\n')
+
+
+def header_settings(tmp_path, **settings):
+    return make(tmp_path, {"canon": "alice@old.example alice@new.example\n"
+                                    "@legacy.example @modern.example\n"},
+                canonical_maps="texthash:@DIR@/canon", masquerade_domains="example.com",
+                **settings)
+
+
+def test_header_addresses_rewritten_in_the_local_context(tmp_path):
+    # Postfix's default classes: canonical_maps on both header classes, masquerading
+    # on both; unqualified addresses get @$myorigin; other headers and the body stay.
+    s, root = header_settings(tmp_path)
+    _, env, data = run(s, root, HEADERS, header_rewrite="local")
+    head, body = data.split(b"\n\n", 1)
+    assert head.decode().split("\n") == [
+        "From: Alice Old <alice@new.example>",
+        'To: bob@modern.example, "Carl, C." <carl@example.com> (work), '
+        f"dave@{HOST}",
+        "Cc: team: x@modern.example;",
+        "Reply-To: <alice@new.example>",
+        "Subject: alice@old.example stays",
+        "Message-Id: <alice@old.example>"]
+    assert body == b"alice@old.example in the body\n"
+
+
+def test_header_addresses_in_the_remote_context(tmp_path):
+    # remote_header_rewrite_domain empty (the default): no header is touched
+    s, root = header_settings(tmp_path)
+    _, _, data = run(s, root, HEADERS)
+    assert data == HEADERS
+    # with a domain: qualification with it, and the maps
+    s, root = header_settings(tmp_path, remote_header_rewrite_domain="domain.invalid",
+                              canonical_classes="envelope_sender, header_recipient",
+                              masquerade_classes="envelope_sender")
+    _, _, data = run(s, root, HEADERS)
+    head = data.split(b"\n\n", 1)[0].decode().split("\n")
+    assert head[0] == "From: Alice Old <alice@old.example>"       # not header_sender
+    assert head[1] == ('To: bob@modern.example, "Carl, C." <carl@host.example.com> '
+                       "(work), dave@domain.invalid")
+
+
+def test_header_address_token_limit(tmp_path):
+    s, root = header_settings(tmp_path, header_address_token_limit="5")
+    _, _, data = run(s, root, b"To: a@legacy.example, b@legacy.example\n\nx\n",
+                     header_rewrite="local")
+    assert data.startswith(b"To: a@modern.example, b@legacy.example\n")
+
+
+def test_content_filter_parameter_and_bad_filter(tmp_path, logged):
+    s, root = make(tmp_path, {"hc": "/^X-F:/ FILTER nocolon\n"},
+                   header_checks="regexp:@DIR@/hc", content_filter="scan:[127.0.0.1]:10024")
+    _, env, _ = run(s, root, b"X-F: 1\n\nx\n")
+    assert env.attrs["content_filter"] == "scan:[127.0.0.1]:10024"
+    assert 'warning: bad FILTER action "nocolon" in header_checks map -- need ' \
+           '"transport:destination"' in logged
+    _, env, _ = run(s, root, b"x\n", checks=False)            # internal mail
+    assert "content_filter" not in env.attrs
+
+
+def test_filter_and_unknown_actions(tmp_path, logged):
     s, root = make(tmp_path, {"hc": "/^X-F:/ FILTER smtp:[127.0.0.1]:10025\n/^X-U:/ FROB\n"
                                     "/^X-R:/ REDIRECT nobody\n"},
                    header_checks="regexp:@DIR@/hc")
     result, env, data = run(s, root, b"X-F: 1\nX-U: 2\nX-R: 3\n\nx\n")
     assert result.status == "queued" and data == b"X-F: 1\nX-U: 2\nX-R: 3\n\nx\n"
     assert [r.address for r in env.recipients] == ["b@example.org"]
-    assert any("FILTER action in header_checks map is not supported" in x for x in logged)
+    assert env.attrs["content_filter"] == "smtp:[127.0.0.1]:10025"
+    assert any("filter: header X-F: 1 from client.example[192.0.2.1];" in x and
+               x.endswith(": smtp:[127.0.0.1]:10025") for x in logged)
     assert "warning: unknown command in header_checks map: FROB" in logged
     assert any('bad REDIRECT target "nobody" in header_checks map' in x for x in logged)
 
@@ -201,3 +267,42 @@ def test_endless_header_line_and_headers_only_message(tmp_path):
     assert data == b"not a header " + b"z" * 5000 + b"\nmore\n"       # all body
     _, _, data = run(s, root, b"Subject: only headers")
     assert data == b"Subject: only headers\n"
+
+
+MIME = (b'Subject: outer\nMIME-Version: 1.0\nContent-Type: multipart/mixed;\n'
+        b'\tboundary="b1"\n\npreamble\n--b1\nContent-Type: text/plain\n\n'
+        b'Subject: not a header here\n--b1\nContent-Type: message/rfc822\n'
+        b'Content-Disposition: attachment\n\nSubject: inner secret\nX-Tag: inner\n'
+        b'Content-Type: multipart/alternative; boundary=b2\n\n--b2\nX-Part: deep\n\n'
+        b'deep text\n--b2--\n--b1\nContent-Type: application/x-evil; name="a.exe"\n\n'
+        b'data\n--b1--\nepilogue\n')
+
+
+def test_mime_and_nested_header_checks(tmp_path, logged):
+    # defaults: both are $header_checks; a nested Subject is a nested header
+    s, root = make(tmp_path, {"hc": "/^Subject: inner secret/ REJECT nested subject\n"
+                                    "/^Subject: not a header/ REJECT body text\n"},
+                   header_checks="regexp:@DIR@/hc")
+    result, _, _ = run(s, root, MIME, chunk=7)
+    assert (result.status, result.reply) == ("rejected", "550 5.7.1 nested subject")
+    assert any("reject: header Subject: inner secret from client.example[192.0.2.1];"
+               in x for x in logged)
+    # mime_header_checks alone: the part headers, and MIME headers at any level
+    s, root = make(tmp_path, {"mh": '/^Content-Type:.*name="?[^"]*\\.exe/ REJECT no exe\n'},
+                   mime_header_checks="regexp:@DIR@/mh")
+    result, _, _ = run(s, root, MIME)
+    assert (result.status, result.reply) == ("rejected", "550 5.7.1 no exe")
+    # header_checks does not see part or nested headers when the other two are empty;
+    # IGNORE drops a header at each level, and the body is kept as it was otherwise
+    s, root = make(tmp_path, {"hc": "/^Subject: inner/ REJECT nope\n/^X-Tag:/ IGNORE\n",
+                              "nh": "/^X-Tag:/ IGNORE\n", "mh": "/^X-Part:/ IGNORE\n"},
+                   header_checks="regexp:@DIR@/hc", nested_header_checks="regexp:@DIR@/nh",
+                   mime_header_checks="regexp:@DIR@/mh")
+    result, _, data = run(s, root, MIME, chunk=5)
+    assert result.status == "queued"
+    assert data == MIME.replace(b"X-Tag: inner\n", b"").replace(b"X-Part: deep\n", b"")
+    s, root = make(tmp_path, {"hc": "/^Subject: inner/ REJECT nope\n"},
+                   header_checks="regexp:@DIR@/hc", nested_header_checks="",
+                   mime_header_checks="")
+    result, _, data = run(s, root, MIME)
+    assert result.status == "queued" and data == MIME

@@ -36,9 +36,6 @@ DEVIATIONS = {
     "smtpd_client_event_limit_exceptions",    # $mynetworks, without the pre-2.9 name
     "myhostname", "mydomain", "mynetworks",   # computed from the host
     "alias_maps",                             # no nis: table type
-    # envelope classes only: header address rewriting is not implemented (lib/cleanup.py)
-    "canonical_classes", "sender_canonical_classes", "recipient_canonical_classes",
-    "masquerade_classes",
     "virtual_alias_maps",                     # empty, without the pre-2.0 name virtual_maps
     "append_dot_mydomain",                    # no compatibility_level: level >= 1's value
     "local_recipient_maps",                   # no proxymap: unix:passwd.byname read directly

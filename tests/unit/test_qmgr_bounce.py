@@ -173,3 +173,87 @@ def test_status_logs(tmp_path):
         ("a@x", 10, "4.2.0", "later", "none"),
         ("c@x", 0, "", "", "none")]
     assert bounce_log.remove(root, "defer", "X") and not bounce_log.remove(root, "defer", "X")
+
+
+def dsn_setup(tmp_path, **settings):
+    """A queue file with DSN: RET=HDRS, ENVID, and recipients with NOTIFY and ORCPT."""
+    conf = {"myhostname": HOST, **settings}
+    (tmp_path / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
+    root = str(tmp_path / "q")
+    for sub in Q.SUBDIRS:
+        os.makedirs(os.path.join(root, sub))
+    w = Q.QueueWriter(root, now=1700000000.0)
+    w.add_attr("dsn_ret", "HDRS")
+    w.add_attr("dsn_envid", "env-1")
+    w.set_sender("alice@example.org")
+    w.add_recipient("never@example.net", "NEVER")
+    w.add_recipient("fail@example.net", "SUCCESS,FAILURE", "rfc822;Fail@Example.net")
+    w.add_recipient("plain@example.net")
+    w.add_recipient("delay@example.net", "DELAY")
+    w.write(ORIGINAL)
+    qid = w.commit()
+    path = os.path.join(root, "incoming", qid)
+    env = Q.read(path)
+    entries = [LogEntry(r.address, r.offset, "5.1.1", "failed", "no such user")
+               for r in env.recipients]
+    return maincf.load(str(tmp_path)), root, qid, path, env, entries
+
+
+def content(root, qid):
+    path = os.path.join(root, "incoming", qid)
+    return email.message_from_bytes(b"".join(Q.read(path).content(path)),
+                                    policy=email.policy.default)
+
+
+def recipients_reported(report):
+    status = report.get_payload()[1].get_payload()
+    return {g["Final-Recipient"].split("; ")[1]: g for g in status[1:]}, status[0]
+
+
+def test_failure_report_honours_notify_ret_envid_orcpt(tmp_path):
+    cfg, root, qid, path, env, entries = dsn_setup(tmp_path, notify_classes="bounce")
+    sent = bounce.notify(cfg, root, qid, env, path, entries, now=5.0)
+    assert [kind for kind, _ in sent] == ["sender", "postmaster"]
+    report = content(root, sent[0][1])
+    rcpts, per_message = recipients_reported(report)
+    # NEVER and DELAY-only recipients are not reported to the sender
+    assert sorted(rcpts) == ["fail@example.net", "plain@example.net"]
+    assert per_message["Original-Envelope-Id"] == "env-1"
+    assert rcpts["fail@example.net"]["Original-Recipient"] == "rfc822;Fail@Example.net"
+    assert rcpts["plain@example.net"]["Original-Recipient"] == "rfc822;plain@example.net"
+    assert report.get_payload()[2].get_content_type() == "text/rfc822-headers"   # RET=HDRS
+    # the postmaster copy ignores NOTIFY
+    rcpts, _ = recipients_reported(content(root, sent[1][1]))
+    assert len(rcpts) == 4
+
+
+def test_notify_never_sends_no_report(tmp_path):
+    cfg, root, qid, path, env, entries = dsn_setup(tmp_path)
+    assert bounce.notify(cfg, root, qid, env, path, [entries[0], entries[3]]) == []
+    assert bounce.warn(cfg, root, qid, env, path, [entries[0], entries[1]]) == []
+    sent = bounce.warn(cfg, root, qid, env, path, entries)
+    rcpts, _ = recipients_reported(content(root, sent[0][1]))
+    assert sorted(rcpts) == ["delay@example.net", "plain@example.net"]
+
+
+def test_success_report(tmp_path, capsys):
+    cfg, root, qid, path, env, _ = dsn_setup(tmp_path)
+    r = env.recipients[1]
+    entries = [LogEntry(r.address, r.offset, "2.0.0", "relayed",
+                        "250 2.0.0 Ok: queued as X", "mx.example.net[192.0.2.1]:25")]
+    sent = bounce.success(cfg, root, qid, env, path, entries, now=5.0)
+    assert [kind for kind, _ in sent] == ["sender"]
+    copy = Q.read(os.path.join(root, "incoming", sent[0][1]))
+    assert copy.sender == "" and [x.address for x in copy.recipients] == ["alice@example.org"]
+    report = content(root, sent[0][1])
+    assert report["Subject"] == "Successful Mail Delivery Report"
+    assert "successfully delivered" in report.get_payload()[0].get_content()
+    rcpts, _ = recipients_reported(report)
+    g = rcpts["fail@example.net"]
+    assert (g["Action"], g["Status"], g["Remote-MTA"], g["Diagnostic-Code"]) == (
+        "relayed", "2.0.0", "dns; mx.example.net", "smtp; 250 2.0.0 Ok: queued as X")
+    assert report.get_payload()[2]["Content-Description"] == "Message Headers"
+    env.sender = ""
+    assert bounce.success(cfg, root, qid, env, path, entries) == []
+    assert "not sending trace/success notification for single-bounce message" in \
+        capsys.readouterr().err

@@ -131,6 +131,29 @@ def test_unlisted_recipient_in_each_class(rcpt, reply):
     assert (None if got is None else str(got)) == reply
 
 
+def test_virtual_alias_class(capfd):
+    # virtual_alias_domains defaults to $virtual_alias_maps (a domain key lists it)
+    cfg = config(smtpd_relay_restrictions="permit_mynetworks, reject_unauth_destination",
+                 virtual_alias_maps="inline:{alias.example=x, info@alias.example=root, "
+                                    "alias@local.domain=root}",
+                 virtual_mailbox_domains="alias.example, virt.example",
+                 virtual_mailbox_maps="inline:{bob@virt.example=bob/}")
+    checker = Checker(cfg)
+    assert checker.rcpt(OUTSIDE, "info@alias.example") is None
+    assert str(checker.rcpt(OUTSIDE, "nob@alias.example")) == \
+        "550 5.1.1 <nob@alias.example>: Recipient address rejected: " \
+        "User unknown in virtual alias table"
+    assert checker.rcpt(OUTSIDE, "alias@local.domain") is None     # aliased, not a user
+    route = AddressResolver(cfg).resolve("nob@alias.example")
+    assert (route.transport, route.nexthop, route.addr_class) == (
+        "error", "5.1.1 User unknown in virtual alias table", "alias")
+    assert "warning: do not list domain alias.example in BOTH virtual_alias_domains " \
+           "and virtual_mailbox_domains" in capfd.readouterr().err
+    assert str(Checker(config(virtual_alias_domains="alias.example",
+                              unknown_virtual_alias_reject_code="450"))
+               .unlisted_recipient("x@alias.example")).startswith("450 4.1.1 <x@alias.example>")
+
+
 def test_unlisted_recipient_switches():
     # empty tables validate nothing; smtpd_reject_unlisted_recipient = no turns it off;
     # the reply codes are configurable
