@@ -42,7 +42,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from . import attr, msg
+from . import attr, metrics, msg
 
 RESULTS = ("sent", "deferred", "bounced")
 
@@ -170,6 +170,7 @@ def log_delivery(queue_id: str, rcpt: str, relay: str, arrival: float, started: 
     delays = "/".join(_fmt(x) for x in (before, queue_mgr, setup, xmit))
     msg.info(f"{queue_id}: to=<{rcpt}>, relay={relay}, delay={_fmt(delay)}, "
              f"delays={delays}, dsn={dsn}, status={status} ({reason})")
+    metrics.delivery(queue_id, rcpt, relay, status, dsn, delay, (before, queue_mgr, setup, xmit))
 
 
 def _fmt(seconds: float) -> str:

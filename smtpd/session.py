@@ -70,7 +70,7 @@ import os
 import re
 import time
 
-from ..lib import cleanup, flush, msg, tables
+from ..lib import cleanup, flush, metrics, msg, tables
 from ..lib import dsn as DSN
 from ..lib import queue as Q
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
@@ -314,6 +314,7 @@ class Session:
             parts.append(f"sasl_sender={self.sasl_sender}")
         msg.info(f"{qid}: reject: {stage} from {self.client.client}: {reply}; "
                  + " ".join(parts))
+        metrics.smtpd_reject(stage, reply)
 
     def protocol(self) -> str:
         if not self.esmtp:
@@ -374,6 +375,7 @@ class Session:
     def run(self) -> None:
         """Serve the client until QUIT, an error limit, a timeout or a lost connection."""
         msg.info(f"connect from {self.client.client}")
+        metrics.smtpd_connect()
         try:
             if self.hangup:
                 self.reply(f"421 4.3.0 {self.hostname} Server local error")
@@ -421,6 +423,7 @@ class Session:
             self.reset()
             self.limits.disconnect()
             msg.info(f"disconnect from {self.client.client} {self.stats()}")
+            metrics.smtpd_session_end(self.counts)
 
     def greet(self) -> None:
         """Connection limits, connect restrictions and the greeting; again after XCLIENT.
@@ -734,6 +737,7 @@ class Session:
                 return False
             step = self.sasl.next(line)
         if step.status != SASL.DONE:
+            metrics.smtpd_auth(mech, False)
             reason = step.data or SASL.REASON_UNAVAILABLE
             msg.warn(f"{self.client.client}: SASL {mech} authentication failed: {reason}, "
                      f"sasl_username={self.sasl.username or '(unavailable)'}")
@@ -743,6 +747,7 @@ class Session:
                 self.reply(f"535 5.7.8 Error: authentication failed: {reason}")
             return False
         self.reply("235 2.7.0 Authentication successful")
+        metrics.smtpd_auth(mech, True)
         self.client.sasl_username = self.sasl.username
         self.sasl_method = mech.upper()
         return True
@@ -918,6 +923,7 @@ class Session:
             sasl += f", sasl_sender={self.sasl_sender}"
         sasl += X.log_suffix(self)
         msg.info(f"{self.writer.id}: client={self.client.client}{sasl}")
+        metrics.smtpd_message(self.sasl_method if self.client.sasl_username else None)
         return True
 
     def open_envelope(self) -> bool:
