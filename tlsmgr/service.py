@@ -107,7 +107,7 @@ import struct
 import sys
 import time
 
-from postfix_py.lib import attr, maincf, msg
+from postfix_py.lib import attr, maincf, msg, tables
 from postfix_py.lib.attr import AttrError
 from postfix_py.lib.events import EventLoop
 from postfix_py.tlsmgr import prng, scache
@@ -307,7 +307,9 @@ class Tlsmgr:
             spec, timeout = self.cache_params[kind]
             param = f"{kind}_tls_session_cache_database"
             cache = None
-            if spec and timeout > 0:
+            if spec and timeout > 0 and spec.partition(":")[0] in scache.STORE_TYPES:
+                cache = self._store_cache(kind, spec, timeout)     # memcache:, redis:
+            elif spec and timeout > 0:
                 try:
                     _, path = scache.parse_database(spec)
                 except scache.CacheError as exc:
@@ -335,6 +337,15 @@ class Tlsmgr:
             else:
                 self._no_cache[key] = _reply(attr.STATUS_NOTFOUND,
                                              f"{kind} session cache unavailable (see tlsmgr's log)")
+
+    def _store_cache(self, kind: str, spec: str, timeout: float):
+        """A session cache on a shared store, or None (warned) when it cannot be opened."""
+        try:
+            table = tables.open_table(spec, fold=False)
+        except tables.TableError as exc:
+            msg.warn(f"{kind}_tls_session_cache_database: {exc} -- cache disabled")
+            return None
+        return scache.StoreSessionCache(kind, spec, table, timeout, clock=self.wallclock)
 
     def _unique_caches(self) -> list[scache.SessionCache]:
         """Return each open cache once, even when cache types share it."""
