@@ -38,6 +38,12 @@ DAMAGE
     (e.g. the file is outside a chroot jail), the cache is disabled, with a warning, until
     tlsmgr restarts.
 
+SHARED STORES
+    memcache:/path and redis:/path name a shared store (lib/table_store.py, the
+    memcache_table(5) configuration file): StoreSessionCache serves them with the same
+    interface, so that the hosts of a fleet resume each other's sessions. Nothing is
+    truncated at open; entries expire in the store (ttl) and by the cache timeout.
+
 CLASSES AND FUNCTIONS
     parse_database(spec) -> (type, path)
         Split `type:path`; CacheError for an unsupported type or an empty path.

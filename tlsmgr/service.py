@@ -70,8 +70,10 @@ CONFIGURATION PARAMETERS
     smtpd_tls_session_cache_database (empty), smtpd_tls_session_cache_timeout (3600s)
     smtp_tls_session_cache_database (empty), smtp_tls_session_cache_timeout (3600s)
     lmtp_tls_session_cache_database (empty), lmtp_tls_session_cache_timeout (3600s)
-                                       caches (lmdb:, btree: and hash: are all LMDB) and
-                                       entry lifetimes (0 disables a cache)
+                                       caches (lmdb:, btree: and hash: are all LMDB;
+                                       memcache: and redis: a store that several hosts
+                                       share, scache.StoreSessionCache) and entry
+                                       lifetimes (0 disables a cache)
     lmdb_map_size (16777216)           initial map size of each cache
     ipc_timeout (3600s)                how long a client may leave replies unread
     data_directory (/var/lib/postfix-py), mail_owner (postfix), queue_directory
