@@ -15,7 +15,7 @@ DESCRIPTION
     (metrics/service.py) sums the files of every process at each scrape. An increment is
     a store into a mapped page: no system call, no file sync, nothing a message waits for.
 
-    The directory is queue_directory/metrics (DIRECTORY), owned by mail_owner, emptied
+    The directory is queue_directory/metrics (DIRECTORY), mail_owner's (0700), emptied
     by prepare_directory() when the master starts (counters start at zero with the
     master, as Postfix's own counters in its logs do). Inside a chroot jail the same
     directory is /metrics: worker_start() sets PROMETHEUS_MULTIPROC_DIR to the path that
@@ -148,7 +148,7 @@ _state = _State()
 # --- set-up ------------------------------------------------------------------------------
 
 def prepare_directory(queue_root: str, owner_pw=None) -> str:
-    """Create queue_root/metrics empty (mode 0755, owned by mail_owner); its path.
+    """Create queue_root/metrics empty (mode 0700, owned by mail_owner); its path.
 
     Called by the master before it forks anything: the files of a previous master's
     workers are counts of another life.
@@ -163,10 +163,10 @@ def prepare_directory(queue_root: str, owner_pw=None) -> str:
             shutil.rmtree(path)
         else:
             os.unlink(path)
-    os.mkdir(path, 0o755)
+    os.mkdir(path, 0o700)
     if owner_pw is not None:
         os.chown(path, owner_pw.pw_uid, owner_pw.pw_gid)
-    os.chmod(path, 0o755)
+    os.chmod(path, 0o700)
     return path
 
 
@@ -200,11 +200,22 @@ def _label(text) -> str:
     return msg.printable(str(text), limit=None)[:MAX_LABEL] if text else ""
 
 
+_children: dict = {}        # (id(metric), labels) -> child: labels() costs as much as inc()
+
+
+def _child(metric, labels: tuple):
+    key = (id(metric), labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
 def _inc(metric, *labels, amount: float = 1) -> None:
     if not _state.enabled:
         return
     try:
-        metric.labels(*labels).inc(amount)
+        _child(metric, labels).inc(amount)
     except Exception as exc:    # noqa: BLE001 - counting never costs a mail session
         _failed(exc)
 
@@ -213,7 +224,7 @@ def _observe(metric, value: float, *labels) -> None:
     if not _state.enabled:
         return
     try:
-        metric.labels(*labels).observe(value)
+        _child(metric, labels).observe(value)
     except Exception as exc:    # noqa: BLE001
         _failed(exc)
 

@@ -88,7 +88,7 @@ def compact(directory: str) -> int:
         dead = []
         for path in glob.glob(os.path.join(directory, f"{kind}_*.db")):
             pid = os.path.basename(path)[len(kind) + 1:-3]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not _alive(int(pid)) and os.access(path, os.R_OK):
                 dead.append(path)
         if not dead:
             continue
@@ -225,6 +225,23 @@ def process_metrics(master_pid: int) -> list:
     return [procs, memory]
 
 
+class _Files:
+    """MultiProcessCollector's sum, over the files this process may read.
+
+    A worker that keeps root (local: master.cf unpriv n) writes root's files; with a
+    restrictive umask they are not mail_owner's to read, and one such file must not
+    make the whole answer fail.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def collect(self):
+        files = [f for f in glob.glob(os.path.join(self.directory, "*.db"))
+                 if os.access(f, os.R_OK)]
+        return MultiProcessCollector.merge(files, accumulate=True)
+
+
 class _Live:
     """A collector of what is read at each request."""
 
@@ -254,7 +271,7 @@ def exposition(ctx) -> bytes:
         msg.warn(f"metrics: cannot fold the files of ended processes: {exc}")
     registry = CollectorRegistry(auto_describe=False)
     if os.path.isdir(directory):
-        MultiProcessCollector(registry, path=directory)
+        registry.register(_Files(directory))
     registry.register(_Live(ctx.queue_root, os.getppid()))
     return generate_latest(registry)
 

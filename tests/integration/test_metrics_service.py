@@ -6,6 +6,7 @@ failed legacy handshake logs what the client offered."""
 import json
 import os
 import ssl
+import urllib.error
 import urllib.request
 
 import pytest
@@ -101,6 +102,8 @@ def test_metrics_after_delivery_run(setup):
     assert resumed >= 1 and sink.resumed >= 1
 
     url = f"http://127.0.0.1:{instance.metrics_port}/metrics"
+    with pytest.raises(urllib.error.HTTPError, match="404"):
+        urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=20)
     with urllib.request.urlopen(url, timeout=20) as answer:
         assert answer.status == 200
         samples = _samples(answer.read().decode())
