@@ -3,6 +3,7 @@
 import pytest
 
 from postfix_py.lib import table_store, tables
+from postfix_py.tlsmgr import cli, scache
 from stores import MEMCACHED, REDIS, Memcached, Redis
 
 pytestmark = pytest.mark.skipif(not (MEMCACHED and REDIS), reason="needs memcached, redis")
@@ -85,3 +86,30 @@ def test_bad_config_is_a_table_error(tmp_path):
     (tmp_path / "r.cf").write_text("backup = nosuch:/x\n")
     with pytest.raises(tables.TableError, match="backup"):
         tables.open_table(f"redis:{tmp_path}/r.cf")
+
+
+def test_tlsmgr_session_cache_on_a_store(tmp_path):
+    now = [1000.0]
+    with Memcached() as server:
+        conf = tmp_path / "m.cf"
+        conf.write_text(f"memcache = inet:127.0.0.1:{server.port}\n")
+        one = scache.StoreSessionCache("smtp", f"memcache:{conf}",
+                                       tables.open_table(f"memcache:{conf}", fold=False),
+                                       timeout=60, clock=lambda: now[0])
+        two = scache.StoreSessionCache("smtp", f"memcache:{conf}",
+                                       tables.open_table(f"memcache:{conf}", fold=False),
+                                       timeout=60, clock=lambda: now[0])
+        try:
+            assert one.open() and one.lookup(b"smtp&Mx&id") is None
+            assert one.update(b"smtp&Mx&id", b"\x30session")
+            assert two.lookup(b"smtp&Mx&id") == b"\x30session"     # another tlsmgr
+            assert two.lookup(b"smtp&mx&id") is None                # not folded
+            now[0] += 61
+            assert two.lookup(b"smtp&Mx&id") is None                # past the timeout
+            stats = two.stats()
+            assert (stats["hits"], stats["misses"], stats["expired"]) == (1, 2, 1)
+            text = cli.format_report({"caches": {"smtp": {**stats, "shared_by": "smtp"}}})
+            assert "shared store up, 0 store errors" in text
+        finally:
+            one.close()
+            two.close()
