@@ -199,19 +199,19 @@ def process_metrics(master_pid: int) -> list:
     uss: dict[tuple, float] = {}
     try:
         children = psutil.Process(master_pid).children()
-    except psutil.Error:
-        children = []
+    except (psutil.Error, OSError):
+        children = []           # no /proc (a chrooted metrics service): no process counts
     for proc in children:
         try:
             service = _service_of(proc.cmdline())
-        except psutil.Error:
+        except (psutil.Error, OSError):
             continue
         if service is None:
             continue
         counts[service] = counts.get(service, 0) + 1
         try:
             uss[service] = uss.get(service, 0.0) + _private_bytes(proc)
-        except psutil.Error:
+        except (psutil.Error, OSError):
             pass                # gone meanwhile: counted, not measured
     procs = GaugeMetricFamily("postfix_processes", "Worker processes of each service.",
                               labels=["service", "program"])

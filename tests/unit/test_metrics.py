@@ -158,3 +158,22 @@ def test_tlsmgr_metrics_from_a_status_report():
                       ("postfix_tlsmgr_cache_misses", "smtp"): 3,
                       ("postfix_tlsmgr_cache_evictions", "smtp"): 1}
     assert service.tlsmgr_metrics(None) == []
+
+
+def test_process_metrics_of_this_process_tree():
+    child = subprocess.Popen([sys.executable, "-c", "import setproctitle, time; "
+                              "setproctitle.setproctitle('postfix-py/smtpd -n 127.0.0.1:25 "
+                              "-t inet'); print(1, flush=True); time.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "1"
+        families = {f.name: f for f in service.process_metrics(os.getpid())}
+        procs = {tuple(sorted(s.labels.items())): s.value
+                 for s in families["postfix_processes"].samples}
+        assert procs == {(("program", "smtpd"), ("service", "127.0.0.1:25")): 1}
+        assert families["postfix_process_uss_bytes"].samples[0].value > 0
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    assert service.process_metrics(_dead_pid())[0].samples == []
