@@ -19,18 +19,30 @@ DESCRIPTION
     redis = inet:host:port | unix:/path         (redis: only; default inet:localhost:6379)
     database = N                                (redis: only; default 0)
     backup = lmdb:/path (btree:/path, hash:/path: the same LMDB file, path.db)
-        A local table that keeps every entry too: a lookup that the store cannot answer
-        (not found, or the store is down) is looked up there, and found entries are put
-        back into the store. Without backup, a store that is down makes every lookup a
-        miss and every update a no-op: never an error for the caller.
+        A local table that keeps every entry too, under the key as given (key_format
+        does not apply to it, as in Postfix): a lookup that the store cannot answer (not
+        found, or the store is down) is looked up there, and found entries are put back
+        into the store. Without backup, a store that is down makes every lookup a miss
+        and every update a no-op: never an error for the caller.
+    flags = 0                   memcache: the flags stored with each update
     ttl = 3600                  seconds an entry lives in the store and in the backup
-    key_format = %s             the store key: %s the whole lookup key, %u its local part
-                                (before the last @), %d its domain (after it; no lookup
-                                when there is none), %% a percent sign
+    key_format = %s             the store key: %s the whole lookup key; %u its local part
+                                (the whole key when it has no @; an empty local part
+                                suppresses the request); %d its domain (no domain: no
+                                request); %1 .. %9 the domain's labels from the right;
+                                %S, %U, %D as %s, %u, %d; %% a percent sign
     timeout = 2                 seconds for each connect, read and write
-    retry_pause = 10            seconds a store that failed is left alone, the backup
-                                serving meanwhile (one warning per outage)
-    data_size_limit = 10240     longest value stored (longer ones are refused)
+    max_try = 2, retry_pause = 1
+                                tries of one command, and the pause in seconds between
+                                them; a store that refuses the connection is not tried
+                                again (Postfix's rules)
+    store_down_pause = 10       (postfix-py extension) seconds a store that failed a
+                                command is left alone, the backup serving meanwhile, so
+                                that each request does not wait for it (one warning per
+                                outage)
+    data_size_limit = 10240     longest value stored or accepted (longer: refused)
+    Other memcache_table(5) parameters (domain, line_size_limit) are not supported: they
+    are warned about and ignored.
 
     A store key that memcached would refuse (longer than 250 bytes, or with white space or
     control characters) is replaced by `sha256:` and the key's SHA-256 in hex, for both
@@ -64,14 +76,17 @@ from . import msg
 
 STORE_TYPES = ("memcache", "redis")
 DEFAULT_ENDPOINT = {"memcache": "inet:localhost:11211", "redis": "inet:localhost:6379"}
-SETTINGS = {"ttl": 3600, "key_format": "%s", "timeout": 2, "retry_pause": 10,
-            "data_size_limit": 10240, "backup": "", "database": 0}
-INT_SETTINGS = ("ttl", "timeout", "retry_pause", "data_size_limit", "database")
+SETTINGS = {"ttl": 3600, "key_format": "%s", "timeout": 2, "max_try": 2, "retry_pause": 1,
+            "store_down_pause": 10, "data_size_limit": 10240, "backup": "", "database": 0,
+            "flags": 0}
+INT_SETTINGS = ("ttl", "timeout", "max_try", "retry_pause", "store_down_pause",
+                "data_size_limit", "database", "flags")
 CONFIG_LIMIT = 65536
 BACKUP_MAP_SIZE = 64 * 1024 * 1024
 BACKUP_SUFFIX = {"lmdb": ".lmdb", "btree": ".db", "hash": ".db"}
 _EXPIRES = struct.Struct(">d")
 STORE_ERRORS = (OSError, MemcacheError, redis.RedisError)
+MAX_BACKUP_KEY = 511            # LMDB's key limit
 _BACKUPS: dict[str, list] = {}      # file -> [environment, tables using it]
 
 
@@ -118,24 +133,31 @@ def parse_config(type_: str, path: str, text: str) -> dict:
         else:
             out[name] = value
     out["endpoint"] = parse_endpoint(out[type_], f"{path}: {type_}")
-    if out["timeout"] < 1:
-        raise StoreConfigError(f"{path}: timeout must be at least 1")
+    if out["timeout"] < 1 or out["max_try"] < 1:
+        raise StoreConfigError(f"{path}: timeout and max_try must be at least 1")
     return out
 
 
 def expand_key(fmt: str, key: str) -> str | None:
-    """key_format applied to key; None when the format needs a domain and key has none."""
+    """key_format applied to key; None when the format asks for a part key lacks."""
     local, at, domain = key.rpartition("@")
     if not at:
         local, domain = key, ""
+    labels = domain.split(".")[::-1] if domain else []
     out, i = [], 0
     while i < len(fmt):
         c = fmt[i]
         if c == "%" and i + 1 < len(fmt):
-            d = fmt[i + 1]
-            if d == "d" and not domain:
+            d = fmt[i + 1].lower()
+            if d == "u" and not local or d == "d" and not domain:
                 return None
-            out.append({"s": key, "u": local, "d": domain, "%": "%"}.get(d, "%" + d))
+            if d.isdigit() and d != "0":
+                if int(d) > len(labels):
+                    return None
+                out.append(labels[int(d) - 1])
+            else:
+                out.append({"s": key, "u": local, "d": domain, "%": "%"}.get(
+                    d, "%" + fmt[i + 1]))
             i += 2
         else:
             out.append(c)
@@ -216,30 +238,43 @@ class StoreTable:
         """False while a failed store is left alone (retry_pause)."""
         return time.monotonic() >= self.down_until
 
+    def _command(self, op: str, key: bytes, value: bytes | None):
+        s = self.settings
+        if op == "get":
+            return self.client.get(key)
+        if op == "set":
+            if self.type == "memcache":
+                return self.client.set(key, value, expire=s["ttl"], flags=s["flags"])
+            return self.client.set(key, value, ex=s["ttl"])
+        return self.client.delete(key)
+
     def _store(self, op: str, key: bytes, value: bytes | None = None):
-        """One store operation; None (and the store marked down) when it fails."""
+        """One store command, tried max_try times; None (store left alone) when it fails."""
         if not self.store_up:
             return None
-        try:
-            if op == "get":
-                return self.client.get(key)
-            if op == "set":
-                if self.type == "memcache":
-                    return self.client.set(key, value, expire=self.settings["ttl"])
-                return self.client.set(key, value, ex=self.settings["ttl"])
-            return self.client.delete(key)
-        except STORE_ERRORS as exc:
-            self.counters["store_errors"] += 1
-            self.down_until = time.monotonic() + self.settings["retry_pause"]
-            where = self.settings[self.type]
-            self.warn(f"{self.ref}: {self.type} server {where}: {exc or type(exc).__name__}"
-                      f" -- {'using the backup' if self.backup else 'no backup'} for "
-                      f"{self.settings['retry_pause']}s")
+        s = self.settings
+        for attempt in range(1, s["max_try"] + 1):
             try:
-                self.client.close()
-            except STORE_ERRORS:
-                pass
-            return None
+                return self._command(op, key, value)
+            except STORE_ERRORS as exc:
+                try:
+                    self.client.close()
+                except STORE_ERRORS:
+                    pass
+                refused = isinstance(exc, ConnectionRefusedError) or isinstance(
+                    exc.__cause__ or exc.__context__, ConnectionRefusedError) or \
+                    "refused" in str(exc).lower()
+                if attempt < s["max_try"] and not refused:
+                    time.sleep(s["retry_pause"])
+                    continue
+                self.counters["store_errors"] += 1
+                self.down_until = time.monotonic() + s["store_down_pause"]
+                self.warn(f"{self.ref}: {self.type} server {s[self.type]}: "
+                          f"{exc or type(exc).__name__} -- "
+                          f"{'using the backup' if self.backup else 'no backup'} for "
+                          f"{s['store_down_pause']}s")
+                return None
+        return None
 
     def _backup_get(self, key: bytes) -> bytes | None:
         if self.backup is None:
@@ -293,24 +328,28 @@ class StoreTable:
         except lmdb.Error:
             return False
 
-    def _key(self, key) -> bytes | None:
+    def _keys(self, key) -> tuple[bytes | None, bytes]:
+        """(the store's key, None when key_format suppresses it; the backup's key)."""
         if isinstance(key, bytes):
             key = key.decode("utf-8", "surrogateescape")
         if self.fold:
             key = key.lower()
         text = expand_key(self.settings["key_format"], key)
-        return None if text is None else store_key(text)
+        return (None if text is None else store_key(text),
+                key.encode("utf-8", "surrogateescape")[:MAX_BACKUP_KEY])
 
     # --- the table ---------------------------------------------------------------------
     def get(self, key) -> bytes | None:
         """The value stored under key: from the store, else from the backup."""
-        k = self._key(key)
+        k, bk = self._keys(key)
         if k is None:
             return None
         self.counters["lookups"] += 1
         value = self._store("get", k)
+        if value is not None and len(value) > self.settings["data_size_limit"]:
+            value = None
         if value is None:
-            value = self._backup_get(k)
+            value = self._backup_get(bk)
             if value is not None:
                 self.counters["backup_hits"] += 1
                 self._store("set", k, value)        # the store lost it (or is down)
@@ -322,22 +361,26 @@ class StoreTable:
 
     def put(self, key, value: bytes) -> bool:
         """Store value under key; False when it is too long or nothing could keep it."""
-        k = self._key(key)
-        if k is None or len(value) > self.settings["data_size_limit"]:
+        k, bk = self._keys(key)
+        if k is None:
+            self.warn(f"{self.ref}: key_format {self.settings['key_format']} does not "
+                      f"apply to the key; update skipped")
+            return False
+        if len(value) > self.settings["data_size_limit"]:
             return False
         self.counters["updates"] += 1
         stored = bool(self._store("set", k, value))
-        self._backup_put(k, value)
+        self._backup_put(bk, value)
         return stored or self.backup is not None
 
     def delete(self, key) -> bool:
         """Remove key from the store and the backup; True when either had it."""
-        k = self._key(key)
+        k, bk = self._keys(key)
         if k is None:
             return False
         self.counters["deletes"] += 1
         found = bool(self._store("delete", k))
-        return self._backup_delete(k) or found
+        return self._backup_delete(bk) or found
 
     def lookup(self, key: str) -> str | None:
         value = self.get(key)

@@ -19,6 +19,10 @@ def test_parse_config_and_key_format(tmp_path):
         with pytest.raises(table_store.StoreConfigError):
             table_store.parse_config("memcache", "m.cf", bad)
     assert table_store.expand_key("%u/%d%%", "bob@example.org") == "bob/example.org%"
+    assert table_store.expand_key("v:%S", "Bob@x") == "v:Bob@x"
+    assert table_store.expand_key("%1.%2/%3", "a@mail.example.com") == "com.example/mail"
+    assert table_store.expand_key("%4", "a@mail.example.com") is None
+    assert table_store.expand_key("%u", "@example.com") is None
     assert table_store.expand_key("%d", "nodomain") is None
     assert table_store.store_key("a b") == table_store.store_key("a b")
     assert table_store.store_key("a b").startswith(b"sha256:")
@@ -33,7 +37,7 @@ def store(request, tmp_path):
         conf = tmp_path / f"{request.param}.cf"
         conf.write_text(f"{request.param} = inet:127.0.0.1:{server.port}\n"
                         f"backup = lmdb:{tmp_path}/backup\nttl = 60\ntimeout = 1\n"
-                        "retry_pause = 1\n")
+                        "key_format = t:%s\nstore_down_pause = 1\n")
         yield request.param, server, conf
 
 
