@@ -177,3 +177,49 @@ def test_process_metrics_of_this_process_tree():
         child.wait()
         child.stdout.close()
     assert service.process_metrics(_dead_pid())[0].samples == []
+
+
+WORKER = """
+import os, sys
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
+from prometheus_client import values
+values.ValueClass = values.MultiProcessValue()
+from prometheus_client import Counter, Histogram
+h = Histogram("postfix_h_seconds", "h", ["stage"], buckets=(0.1, 1, 10), registry=None)
+c = Counter("postfix_c", "c", ["service"], registry=None)
+for v in (0.05, 0.5, 5, 50):
+    h.labels("x").observe(v)
+c.labels("smtp").inc(int(sys.argv[2]))
+"""
+
+
+def test_compact_keeps_histograms_and_counters_of_real_workers(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    directory = tmp_path / "m"
+    directory.mkdir()
+    for n in (1, 2, 3):
+        subprocess.run([sys.executable, str(script), str(directory), str(n)], check=True)
+    before = _scrape(directory)
+    assert before[("postfix_c_total", (("service", "smtp"),))] == 6
+    assert before[("postfix_h_seconds_count", (("stage", "x"),))] == 12
+    assert service.compact(str(directory)) == 6
+    assert sorted(os.listdir(directory)) == ["counter_archive.db", "histogram_archive.db"]
+    assert _scrape(directory) == before
+    subprocess.run([sys.executable, str(script), str(directory), "4"], check=True)
+    service.compact(str(directory))
+    after = _scrape(directory)
+    assert after[("postfix_h_seconds_bucket", (("le", "1.0"), ("stage", "x")))] == 8
+    assert after[("postfix_c_total", (("service", "smtp"),))] == 10
+
+
+def test_prepare_directory_starts_empty(tmp_path):
+    old = tmp_path / metrics.DIRECTORY
+    old.mkdir()
+    (old / "counter_1.db").write_bytes(b"x")
+    path = metrics.prepare_directory(str(tmp_path))
+    assert os.listdir(path) == [] and os.stat(path).st_mode & 0o777 == 0o700
+    os.rmdir(path)
+    os.symlink("/etc", path)                    # never followed
+    metrics.prepare_directory(str(tmp_path))
+    assert not os.path.islink(path) and os.path.exists("/etc/passwd")
