@@ -22,6 +22,10 @@ DESCRIPTION
     the worker will see after its privilege drop; files are opened at the first increment,
     which happens after it.
 
+    Importing this module switches prometheus_client's value class to the multiprocess
+    one for the whole process (postfix-py creates no other metric objects); every metric
+    here has labels, so that no value, and no file, exists before a worker counts.
+
     Every function here is safe to call anywhere: in a process that worker_start() has not
     set up (the master, a command-line tool, a unit test) it does nothing, and a failure
     to write (a full file system, a directory the process may not write) disables the
