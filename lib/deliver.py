@@ -48,7 +48,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from . import attr, msg
+from . import attr, metrics, msg
 
 RESULTS = ("sent", "deferred", "bounced")
 
@@ -188,6 +188,7 @@ def log_delivery(queue_id: str, rcpt: str, relay: str, arrival: float, started: 
     use = f", conn_use={conn_use}" if conn_use > 1 else ""
     msg.info(f"{queue_id}: to=<{rcpt}>, relay={relay}{use}, delay={_fmt(delay)}, "
              f"delays={delays}, dsn={dsn}, status={status} ({reason})")
+    metrics.delivery(queue_id, rcpt, relay, status, dsn, delay, (before, queue_mgr, setup, xmit))
 
 
 def _fmt(seconds: float) -> str:

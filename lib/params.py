@@ -448,6 +448,7 @@ PARAMS: list[Param] = [
     _p("tls_random_bytes", "32", INT, "bytes read from the source at each seeding", min=1),
     _p("tls_random_reseed_period", "3600s", TIME, "longest time between reseeds (a random time up to it)", min=1),
     _p("tls_random_exchange_name", "${data_directory}/prng_exch", STR, "the PRNG exchange file"),
+    _p("tls_event_log", "", STR, "append one JSON object per TLS handshake, failed server handshake and delivery to this file (postfix-py extension; empty: none)"),
     _p("tls_random_prng_update_period", "3600s", TIME, "interval of exchange file updates", min=1),
     _p("tls_high_cipherlist", "aNULL:-aNULL:HIGH:@STRENGTH", STR, "OpenSSL ciphers of grade high"),
     _p("tls_medium_cipherlist", "aNULL:-aNULL:HIGH:MEDIUM:+RC4:@STRENGTH", STR, "OpenSSL ciphers of grade medium"),

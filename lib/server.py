@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 
 import setproctitle
 
-from . import msg
+from . import metrics, msg
 from .events import EventLoop
 from .queue import queue_root
 
@@ -173,6 +173,7 @@ def _start(ctx: WorkerContext) -> None:
              syslog_facility=cfg.get("syslog_facility"), verbose=ctx.verbose)
     for sock in ctx.listeners:
         sock.setblocking(False)
+    metrics.worker_start(ctx)
 
 
 def drop_privileges(ctx: WorkerContext) -> None:

@@ -43,6 +43,10 @@ TABLE TYPES
         rule that matches wins. A key that is not an address matches nothing. A bad rule
         is the warning "cidr map PATH, line N: REASON: skipping this rule" (Postfix's
         reasons: bad address pattern, non-null host address bits ..., no lookup result).
+    memcache:/path, redis:/path
+        A shared store with a local LMDB backup, read-write (lib/table_store.py; the file
+        is memcache_table(5)'s configuration). Besides lookup(), these tables have
+        update(key, value) and delete(key), for caches (TLS sessions, postscreen).
     unix:passwd.byname
         The password file (Postfix's dict_unix): the key is a user name, the value the
         passwd line `name:x:uid:gid:gecos:home:shell`. The accounts are read when the
@@ -125,11 +129,12 @@ import warnings
 
 import lmdb
 
-from . import maincf, msg
+from . import maincf, msg, table_store
 from .posix_regex import RegexError, posix_to_python
 
 INDEXED = {"lmdb": ".lmdb", "hash": ".db", "btree": ".db"}
-OTHER_TYPES = ("texthash", "inline", "static", "regexp", "pcre", "cidr", "unix")
+OTHER_TYPES = ("texthash", "inline", "static", "regexp", "pcre", "cidr", "unix",
+               *table_store.STORE_TYPES)
 MAX_KEY = 511                  # LMDB's compiled-in key limit (mdb_env_get_maxkeysize)
 DEFAULT_MAP_SIZE = 16 * 1024 * 1024
 STALE_GRACE = 100              # seconds; Postfix's slack for "older than source file"
@@ -1018,6 +1023,13 @@ class CidrTable(_ReloadingTable):
 
 # --- opening ------------------------------------------------------------------------------
 
+class StoreTable(table_store.StoreTable):
+    """memcache: and redis: (lib/table_store.py), read-write, with Table's errors."""
+
+    def items(self) -> list[tuple[str, str]]:
+        raise TableError(f"table {self.ref}: sequence operation is not supported")
+
+
 _CLASSES_BY_TYPE = {"lmdb": LmdbTable, "hash": LmdbTable, "btree": LmdbTable,
                     "texthash": TexthashTable, "inline": InlineTable,
                     "static": StaticTable, "regexp": RegexpTable, "pcre": RegexpTable,
@@ -1028,6 +1040,11 @@ def open_table(ref: str, cfg=None, fold: bool = True) -> Table:
     """Open the table `type:name`; TableError when it cannot be used (see FUNCTIONS)."""
     type_, name = split_ref(ref)
     _check_type(type_)
+    if type_ in table_store.STORE_TYPES:
+        try:
+            return StoreTable(type_, name, fold)
+        except table_store.StoreConfigError as exc:
+            raise TableError(str(exc)) from None
     return _CLASSES_BY_TYPE[type_](type_, name, fold)
 
 

@@ -2023,3 +2023,77 @@ def sni_name(setting: str, nexthop: str, hostname: str) -> str | None:
     name = name.strip().strip("[]").removesuffix(".")
     # SNI carries host names only, never addresses.
     return None if not name or _ip(name) is not None else name
+
+
+# --- what a client offered: its ClientHello, parsed from a peek -----------------------------
+
+HELLO_PEEK_LIMIT = 16389        # one TLS record: 5 bytes of header, at most 2^14 of data
+_TLS_VERSIONS = {0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "TLSv1.2",
+                 0x0304: "TLSv1.3"}
+_GREASE = frozenset(0x0A0A + 0x1010 * i for i in range(16))     # RFC 8701 values
+
+
+def _version_name(code: int) -> str:
+    return _TLS_VERSIONS.get(code, f"0x{code:04X}")
+
+
+def client_hello_offer(data: bytes) -> dict | None:
+    """What a ClientHello in the first bytes of a connection offers, or None.
+
+    Returns {"protocols": [...], "ciphers": [...], "sni": name or None}: the protocol
+    versions (supported_versions, else the legacy client_version), the cipher suites by
+    OpenSSL's names (0xXXXX for one OpenSSL does not know; GREASE values left out), and
+    the server name. A truncated hello gives what its bytes hold. Data that is not a TLS
+    handshake record holding a ClientHello gives None (an SSLv2 hello, plain text).
+    """
+    if len(data) < 9 or data[0] != 22 or data[5] != 1:
+        return None
+    body = data[9:5 + int.from_bytes(data[3:5], "big")]
+    out = {"protocols": [], "ciphers": [], "sni": None}
+    try:
+        legacy = int.from_bytes(body[0:2], "big")
+        pos = 2 + 32
+        pos += 1 + body[pos]                                    # session id
+        n = int.from_bytes(body[pos:pos + 2], "big")
+        suites = body[pos + 2:pos + 2 + n]
+        for i in range(0, len(suites) - 1, 2):
+            code = int.from_bytes(suites[i:i + 2], "big")
+            if code in _GREASE or code in (0x00FF, 0x5600):     # SCSVs: not suites
+                continue
+            out["ciphers"].append(tls_session.cipher_name(code) or f"0x{code:04X}")
+        pos += 2 + n
+        pos += 1 + body[pos]                                    # compression methods
+        end = min(len(body), pos + 2 + int.from_bytes(body[pos:pos + 2], "big"))
+        pos += 2
+        versions = []
+        while pos + 4 <= end:
+            kind = int.from_bytes(body[pos:pos + 2], "big")
+            size = int.from_bytes(body[pos + 2:pos + 4], "big")
+            ext = body[pos + 4:pos + 4 + size]
+            pos += 4 + size
+            if kind == 0 and len(ext) >= 5 and ext[2] == 0:     # server_name, host_name
+                name = ext[5:5 + int.from_bytes(ext[3:5], "big")]
+                out["sni"] = msg.printable(name, limit=255)
+            elif kind == 43 and ext:                            # supported_versions
+                vlist = ext[1:1 + ext[0]]
+                versions = [int.from_bytes(vlist[i:i + 2], "big")
+                            for i in range(0, len(vlist) - 1, 2)]
+        versions = [v for v in versions if v not in _GREASE] or [legacy]
+        out["protocols"] = [_version_name(v) for v in versions]
+    except IndexError:
+        pass                                                    # truncated: what we have
+    if not out["protocols"] and len(body) >= 2:
+        out["protocols"] = [_version_name(int.from_bytes(body[0:2], "big"))]
+    return out
+
+
+def offer_text(offer: dict | None, max_ciphers: int = 40) -> str:
+    """The offer as one log line's words: protocols, cipher suites and SNI."""
+    if offer is None:
+        return "no TLS ClientHello"
+    ciphers = offer["ciphers"]
+    shown = ":".join(ciphers[:max_ciphers])
+    if len(ciphers) > max_ciphers:
+        shown += f":... ({len(ciphers)} suites)"
+    return (f"protocols={','.join(offer['protocols']) or 'none'} "
+            f"ciphers={shown or 'none'} sni={offer['sni'] or 'none'}")

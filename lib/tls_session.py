@@ -36,6 +36,9 @@ FUNCTIONS
         scheme of each CertificateVerify message sent and received.
     signature_schemes(conn) -> (local, peer): the schemes recorded for conn (ints, or None
         when that side did not sign in this handshake, as in a resumption).
+    cipher_name(code) -> str or None: OpenSSL's name of the cipher suite with the 16-bit
+        TLS code (SSL_CIPHER_find; "ECDHE-RSA-AES128-GCM-SHA256", "TLS_AES_128_GCM_SHA256"),
+        None for a suite this OpenSSL does not know.
 
 Every function that takes a Connection or Context takes pyOpenSSL's objects; none raises
 pyOpenSSL's own errors except where noted.
@@ -73,6 +76,8 @@ REQUIRED_SYMBOLS = (
     "X509_get_subject_name",
     "X509_get_issuer_name",
     "ERR_get_error",
+    "SSL_CIPHER_find",
+    "SSL_CIPHER_get_name",
 )
 
 _HANDSHAKE = 22             # SSL3_RT_HANDSHAKE: msg_callback content type of handshake messages
@@ -304,3 +309,20 @@ def _clear_errors() -> None:
     """Drop OpenSSL's error queue so a later, unrelated call does not report it."""
     while _lib.ERR_get_error() != 0:
         pass
+
+
+# --- cipher suite names --------------------------------------------------------------------
+
+_finder: list = []          # one idle Connection per process: SSL_CIPHER_find needs an SSL
+
+
+def cipher_name(code: int) -> str | None:
+    """OpenSSL's name of the cipher suite with TLS code `code`, or None if unknown."""
+    if not 0 <= code <= 0xFFFF:
+        return None
+    if not _finder:
+        _finder.append(SSL.Connection(SSL.Context(SSL.TLS_METHOD)))
+    cipher = _lib.SSL_CIPHER_find(_finder[0]._ssl, code.to_bytes(2, "big"))
+    if cipher == _ffi.NULL:
+        return None
+    return _ffi.string(_lib.SSL_CIPHER_get_name(cipher)).decode("ascii", "replace")

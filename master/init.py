@@ -22,7 +22,8 @@ DESCRIPTION
                           N      smtp        plain SMTP with STARTTLS
                           N+1    smtps       TLS from the first byte (smtpd_tls_wrappermode)
                           N+2    submission  STARTTLS, then SASL AUTH (user "test")
-                      N is --port-base (default 2525), 1..65533; then the internal unix
+                          N+9    metrics     Prometheus text format on /metrics
+                      N is --port-base (default 2525), 1..65526; then the internal unix
                       services (qmgr, tlsmgr, anvil, showq, smtp, relay, lmtp, error,
                       discard, local, virtual).
     DIR/rsa-key.pem, DIR/rsa-cert.pem        RSA 2048 key (0600) and certificate (0644)
@@ -37,7 +38,7 @@ DESCRIPTION
     Files are written atomically. DIR is created (0755) when it does not exist.
 
 OPTIONS
-    --port-base N   first of the three listening ports.
+    --port-base N   first of the listening ports (N, N+1, N+2 and N+9).
     --syslog-name NAME
                     log as NAME/smtpd[pid] (main.cf syslog_name; smtps and submission log
                     as NAME/smtps/smtpd and NAME/submission/smtpd). `--syslog-name postfix`
@@ -65,6 +66,7 @@ from postfix_py.lib import aliases, mastercf, sasl_common as sasl, table_writer,
 
 PROG = "postfix-py init"
 DEFAULT_PORT_BASE = 2525
+METRICS_OFFSET = 9          # the metrics service listens on the port base + 9
 CERTS = (  # (key type, key file, certificate file, main.cf key parameter, cert parameter)
     ("rsa", "rsa-key.pem", "rsa-cert.pem", "smtpd_tls_key_file", "smtpd_tls_cert_file"),
     ("ecdsa", "ecdsa-key.pem", "ecdsa-cert.pem", "smtpd_tls_eckey_file",
@@ -84,9 +86,10 @@ def port_base(text: str) -> int:
     if not digits.isascii() or not digits.isdigit():
         raise argparse.ArgumentTypeError(f"invalid port base: '{text}' is not a number")
     value = int(text, 10)
-    if not 1 <= value <= 65533:
+    if not 1 <= value <= 65535 - METRICS_OFFSET:
         raise argparse.ArgumentTypeError(
-            f"invalid port base: {value} (it and the next two ports must be in 1..65535)")
+            f"invalid port base: {value} (it and the port {METRICS_OFFSET} above it must "
+            "be in 1..65535)")
     return value
 
 
@@ -105,10 +108,10 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG, description="Write a self-contained postfix-py instance on loopback "
         "ports into DIR.",
         epilog="Ports: N smtp, N+1 smtps (TLS wrapper mode), N+2 submission (STARTTLS "
-        "and SASL AUTH). Then: postfix-py -c DIR start-fg")
+        "and SASL AUTH), N+9 metrics (Prometheus). Then: postfix-py -c DIR start-fg")
     p.add_argument("dir", metavar="DIR", nargs="?", help="the instance's directory")
     p.add_argument("--port-base", metavar="N", type=port_base, default=DEFAULT_PORT_BASE,
-                   help=f"first of the three listening ports (default {DEFAULT_PORT_BASE})")
+                   help=f"first of the listening ports: N..N+2, N+9 (default {DEFAULT_PORT_BASE})")
     p.add_argument("--syslog-name", metavar="NAME", type=syslog_name,
                    help="the name before /smtpd[pid] in log lines (default postfix-py; "
                    "postfix for log tools written for Postfix)")
@@ -208,7 +211,7 @@ def master_cf(directory: str, ports: tuple[int, int, int],
               log_name: str | None = None) -> str:
     """The text of the instance's master.cf."""
     log_name = log_name or "postfix-py"
-    inet = [f"{LISTEN_ADDRESS}:{p}" for p in ports]
+    inet = [f"{LISTEN_ADDRESS}:{p}" for p in (*ports, ports[0] + METRICS_OFFSET)]
     return "\n".join([
         "#",
         f"# postfix-py master.cf written by \"{PROG}\". Format: master(5).",
@@ -238,6 +241,8 @@ def master_cf(directory: str, ports: tuple[int, int, int],
         _row("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr"),
         _row("anvil", "unix", "-", "-", "n", "-", "1", "anvil"),
         _row("showq", "unix", "n", "-", "n", "-", "-", "showq"),
+        f"# Prometheus metrics: http://{inet[3]}/metrics",
+        _row(inet[3], "inet", "n", "-", "n", "-", "1", "metrics"),
         _row("smtp", "unix", "-", "-", "n", "-", "-", "smtp"),
         _row("relay", "unix", "-", "-", "n", "-", "-", "smtp"),
         _row("lmtp", "unix", "-", "-", "n", "-", "-", "lmtp"),
@@ -307,7 +312,7 @@ def create(directory: str, ports_base: int = DEFAULT_PORT_BASE, force: bool = Fa
         f"{PROG}: {'rewrote' if existing else 'created'} a postfix-py instance in {d}\n"
         f"  {d}/main.cf             parameters (mail_owner = {owner})\n"
         f"  {d}/master.cf           services on {LISTEN_ADDRESS}: {ports[0]} smtp, "
-        f"{ports[1]} smtps, {ports[2]} submission\n"
+        f"{ports[1]} smtps, {ports[2]} submission, {ports[0] + METRICS_OFFSET} metrics\n"
         f"  {d}/rsa-key.pem, rsa-cert.pem      RSA 2048 key and self-signed certificate\n"
         f"  {d}/ecdsa-key.pem, ecdsa-cert.pem  ECDSA P-256 key and self-signed "
         "certificate\n"

@@ -61,7 +61,7 @@ import traceback
 
 import setproctitle
 
-from ..lib import maincf, mastercf, msg, params, tls
+from ..lib import maincf, mastercf, metrics, msg, params, tls
 from ..lib.events import EventLoop
 from ..lib.queue import queue_root, recover_incoming
 from ..lib.server import STATUS_FORMAT, STATUS_SIZE, STATUS_TAKEN, WorkerContext
@@ -204,6 +204,7 @@ def prepare_directories(cfg, run_as_root: bool, chroot: bool) -> None:
         if run_as_root:
             os.chown(path, owner.pw_uid if owned else 0, owner.pw_gid if owned else 0)
         os.chmod(path, mode)
+    metrics.prepare_directory(queue, owner)      # the counters of this master's workers
     data = cfg.get("data_directory")
     try:
         os.makedirs(data, mode=0o700, exist_ok=True)

@@ -61,6 +61,7 @@ PROGRAMS = {
     "error": "postfix_py.local.error",
     "pickup": "postfix_py.pickup.service",
     "showq": "postfix_py.showq.service",
+    "metrics": "postfix_py.metrics.service",
 }
 EXTENSION_PREFIX = "python:"
 RUNNABLE_TYPES = ("inet", "unix")

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from OpenSSL import SSL
 
-from ..lib import msg, params, tls_session, tlsmgr_client
+from ..lib import metrics, msg, params, tls_session, tlsmgr_client
 from ..lib import tls as libtls
 from . import tls_policy
 
@@ -169,6 +169,7 @@ class TlsStarter:
             if line:
                 self.info(line)
         self.tls_info = info
+        metrics.tls_client(info, self.nexthop_text or self.nexthop_domain, self.level)
         return info
 
     def _check_fingerprint(self, info) -> None:

@@ -139,7 +139,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from ..lib import dnsbl, msg, tables
+from ..lib import dnsbl, metrics, msg, tables
 from ..lib.address import addr_find
 from ..lib.dnsbl import DnsLookup
 from ..lib.domains import DomainList
@@ -589,6 +589,7 @@ class Checker:
                 if state.defer_if_reject is None:
                     state.defer_if_reject = verdict.reply
             elif isinstance(verdict, Reply):
+                metrics.smtpd_restriction(restriction, verdict.code)
                 if verdict.code >= 500 and state.defer_if_reject is not None:
                     return state.defer_if_reject
                 return verdict

@@ -76,7 +76,7 @@ import os
 import re
 import time
 
-from ..lib import cleanup, flush, msg, tables
+from ..lib import cleanup, flush, metrics, msg, tables
 from ..lib import dsn as DSN
 from ..lib import queue as Q
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
@@ -324,6 +324,7 @@ class Session:
             parts.append(f"sasl_sender={self.sasl_sender}")
         msg.info(f"{qid}: {action}: {stage} from {self.client.client}: {reply}; "
                  + " ".join(parts))
+        metrics.smtpd_reject(stage, reply)
 
     def protocol(self) -> str:
         if not self.esmtp:
@@ -387,6 +388,7 @@ class Session:
     def run(self) -> None:
         """Serve the client until QUIT, an error limit, a timeout or a lost connection."""
         msg.info(f"connect from {self.client.client}")
+        metrics.smtpd_connect()
         try:
             if self.hangup:
                 self.reply(f"421 4.3.0 {self.hostname} Server local error")
@@ -436,6 +438,7 @@ class Session:
                 self.milters.disc_event()
             self.limits.disconnect()
             msg.info(f"disconnect from {self.client.client} {self.stats()}")
+            metrics.smtpd_session_end(self.counts)
 
     def greet(self) -> None:
         """Connection limits, connect restrictions and the greeting; again after XCLIENT.
@@ -793,6 +796,7 @@ class Session:
                 return False
             step = self.sasl.next(line)
         if step.status != SASL.DONE:
+            metrics.smtpd_auth(mech, False)
             reason = step.data or SASL.REASON_UNAVAILABLE
             msg.warn(f"{self.client.client}: SASL {mech} authentication failed: {reason}, "
                      f"sasl_username={self.sasl.username or '(unavailable)'}")
@@ -802,6 +806,7 @@ class Session:
                 self.reply(f"535 5.7.8 Error: authentication failed: {reason}")
             return False
         self.reply("235 2.7.0 Authentication successful")
+        metrics.smtpd_auth(mech, True)
         self.client.sasl_username = self.sasl.username
         self.sasl_method = mech.upper()
         return True
@@ -997,6 +1002,7 @@ class Session:
             sasl += f", sasl_sender={self.sasl_sender}"
         sasl += X.log_suffix(self)
         msg.info(f"{self.writer.id}: client={self.client.client}{sasl}")
+        metrics.smtpd_message(self.sasl_method if self.client.sasl_username else None)
         return True
 
     def open_envelope(self) -> bool:

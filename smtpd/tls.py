@@ -7,11 +7,24 @@ handshake switches to the one of the client's name. handshake() runs STARTTLS or
 mode on a session's stream within smtpd_starttls_timeout, logs Postfix's lines at
 smtpd_tls_loglevel, and records what the access restrictions need about the client
 certificate (trusted chain, fingerprints).
+
+Before the handshake, the first TLS record the client sent is peeked at (one poll and
+one recv with MSG_PEEK, at most one record, within the same time limit): when the
+handshake fails, smtpd logs what the client offered, which is what an administrator needs
+to understand a failing legacy client:
+
+    SSL_accept error from host[addr]: client offered: protocols=TLSv1 ciphers=AES128-SHA sni=none
+
+Each handshake and each failure also goes to lib/metrics.py (counters, tls_event_log).
 """
 
 from __future__ import annotations
 
-from ..lib import msg, tls_session
+import select
+import socket
+import time
+
+from ..lib import metrics, msg, tls_session
 from ..lib import tls as T
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import TLSFailure
@@ -53,8 +66,17 @@ class TlsServer:
                                       peek_timeout=self.timeout)
         if self.server.loglevel >= 4:
             stream.trace = lambda what, data: _trace(client.client, what, data)
-        stream.start_tls(conn, self.timeout)
+        deadline = time.monotonic() + self.timeout
+        offer = T.client_hello_offer(_peek_record(stream.sock, self.timeout))
+        try:
+            stream.start_tls(conn, max(1.0, deadline - time.monotonic()))
+        except TLSFailure as exc:
+            msg.info(f"SSL_accept error from {client.client}: client offered: "
+                     f"{T.offer_text(offer)}")
+            metrics.tls_server_failure(client.client, exc.reason, offer)
+            raise
         info = self.server.info(conn)
+        metrics.tls_server(info)
         for line in self.server.log_lines(info):
             msg.info(line)
         client.ccert_verified = info.peer_cert_present and info.peer_trusted
@@ -70,6 +92,17 @@ class TlsServer:
     def received_lines(self, info: T.TLSInfo) -> list[str]:
         """The Received: header's TLS clause, one physical line each."""
         return self.server.received_lines(info)
+
+
+def _peek_record(sock, timeout: float) -> bytes:
+    """The bytes of the client's first record that have arrived, left in the socket."""
+    try:
+        ready, _, _ = select.select([sock], [], [], timeout)
+        if not ready:
+            return b""
+        return sock.recv(T.HELLO_PEEK_LIMIT, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (OSError, ValueError):
+        return b""
 
 
 def _trace(namaddr: str, what: str, data: bytes) -> None:

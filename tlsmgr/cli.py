@@ -96,9 +96,12 @@ def format_report(report: dict, now: float | None = None) -> str:
         ratio = c.get("hit_ratio")
         lines.append(
             f"cache {kind}: {c['database']} ({c['file']}), timeout {c['timeout']}s")
+        size = (f"shared store {'up' if c['store_up'] else 'DOWN'}, {c['store_errors']}"
+                f" store errors, {c['backup_hits']} backup hits" if "store_up" in c else
+                f"{c['entries']} entries, {_size(c['bytes'])} of {_size(c['map_size'])}"
+                f" map ({100 * c['map_use']:.1f}%)")
         lines.append(
-            f"  {c['entries']} entries, {_size(c['bytes'])} of {_size(c['map_size'])}"
-            f" map ({100 * c['map_use']:.1f}%); lookups {c['lookups']}, hits {c['hits']},"
+            f"  {size}; lookups {c['lookups']}, hits {c['hits']},"
             f" misses {c['misses']}, hit ratio {'-' if ratio is None else f'{100 * ratio:.1f}%'};"
             f" updates {c['updates']}, deletes {c['deletes']}, expired {c['expired']},"
             f" evicted {c['evicted']}")

@@ -38,6 +38,12 @@ DAMAGE
     (e.g. the file is outside a chroot jail), the cache is disabled, with a warning, until
     tlsmgr restarts.
 
+SHARED STORES
+    memcache:/path and redis:/path name a shared store (lib/table_store.py, the
+    memcache_table(5) configuration file): StoreSessionCache serves them with the same
+    interface, so that the hosts of a fleet resume each other's sessions. Nothing is
+    truncated at open; entries expire in the store (ttl) and by the cache timeout.
+
 CLASSES AND FUNCTIONS
     parse_database(spec) -> (type, path)
         Split `type:path`; CacheError for an unsupported type or an empty path.
@@ -332,3 +338,91 @@ class SessionCache:
         env, self.env = self.env, None
         if env is not None:
             env.close()
+
+
+# --- a cache on a shared store ----------------------------------------------------------
+
+STORE_TYPES = frozenset({"memcache", "redis"})
+
+
+class StoreSessionCache:
+    """A TLS session cache in a memcache: or redis: table (lib/table_store.py).
+
+    The same interface as SessionCache, for the caches that the hosts of a fleet share:
+    a session one host stored is resumed by another. Entries carry the same timestamp
+    as in LMDB and expire in the store after the table's ttl; a lookup also refuses an
+    entry older than the cache's timeout. Nothing is truncated at open (the store belongs
+    to the fleet) and there is nothing to sweep. A store that is down costs resumption
+    only: the table's backup, or a miss.
+    """
+
+    def __init__(self, name: str, database: str, table, timeout: float,
+                 clock=time.time, warn=msg.warn):
+        self.name = name
+        self.database = database
+        self.file = database            # what the timers and logs name it by
+        self.table = table
+        self.timeout = timeout
+        self.clock = clock
+        self.warn = warn
+        self.counters = dict.fromkeys(
+            ("lookups", "hits", "misses", "updates", "deletes", "expired", "evicted",
+             "errors", "recreated"), 0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.table is not None
+
+    def open(self) -> bool:
+        return self.enabled
+
+    def lookup(self, cache_id: bytes) -> bytes | None:
+        if self.table is None:
+            return None
+        self.counters["lookups"] += 1
+        value = self.table.get(cache_id)
+        if value is not None and (len(value) < _STAMP.size
+                                  or self.clock() - _STAMP.unpack_from(value)[0] > self.timeout):
+            self.counters["expired"] += 1
+            self.table.delete(cache_id)
+            value = None
+        if value is None:
+            self.counters["misses"] += 1
+            return None
+        self.counters["hits"] += 1
+        return value[_STAMP.size:]
+
+    def update(self, cache_id: bytes, session: bytes) -> bool:
+        if self.table is None:
+            return False
+        stored = self.table.put(cache_id, _STAMP.pack(self.clock()) + session)
+        if stored:
+            self.counters["updates"] += 1
+        return stored
+
+    def delete(self, cache_id: bytes) -> bool:
+        if self.table is None:
+            return False
+        found = self.table.delete(cache_id)
+        if found:
+            self.counters["deletes"] += 1
+        return found
+
+    def sweep_step(self, limit: int = SWEEP_BATCH) -> bool:
+        return True                     # the store expires entries itself
+
+    def stats(self) -> dict:
+        lookups = self.counters["lookups"]
+        store = self.table.counters if self.table is not None else {}
+        return {"database": self.database, "file": self.file, "enabled": self.enabled,
+                "timeout": self.timeout, **self.counters,
+                "hit_ratio": self.counters["hits"] / lookups if lookups else None,
+                "store_up": bool(self.table and self.table.store_up),
+                "store_errors": store.get("store_errors", 0),
+                "backup_hits": store.get("backup_hits", 0),
+                "entries": 0, "bytes": 0, "map_size": 0, "map_use": 0.0}
+
+    def close(self) -> None:
+        table, self.table = self.table, None
+        if table is not None:
+            table.close()

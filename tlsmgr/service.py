@@ -74,8 +74,10 @@ CONFIGURATION PARAMETERS
     smtpd_tls_session_cache_database (empty), smtpd_tls_session_cache_timeout (3600s)
     smtp_tls_session_cache_database (empty), smtp_tls_session_cache_timeout (3600s)
     lmtp_tls_session_cache_database (empty), lmtp_tls_session_cache_timeout (3600s)
-                                       caches (lmdb:, btree: and hash: are all LMDB) and
-                                       entry lifetimes (0 disables a cache)
+                                       caches (lmdb:, btree: and hash: are all LMDB;
+                                       memcache: and redis: a store that several hosts
+                                       share, scache.StoreSessionCache) and entry
+                                       lifetimes (0 disables a cache)
     smtp_tls_history_database (empty), smtp_tls_history_size (10)
                                        the TLS history per next hop (history.py), kept
                                        across restarts
@@ -114,7 +116,7 @@ import struct
 import sys
 import time
 
-from postfix_py.lib import attr, maincf, msg
+from postfix_py.lib import attr, maincf, msg, tables
 from postfix_py.lib.attr import AttrError
 from postfix_py.lib.events import EventLoop
 from postfix_py.tlsmgr import history as tls_history
@@ -342,7 +344,9 @@ class Tlsmgr:
             spec, timeout = self.cache_params[kind]
             param = f"{kind}_tls_session_cache_database"
             cache = None
-            if spec and timeout > 0:
+            if spec and timeout > 0 and spec.partition(":")[0] in scache.STORE_TYPES:
+                cache = self._store_cache(kind, spec, timeout)     # memcache:, redis:
+            elif spec and timeout > 0:
                 try:
                     _, path = scache.parse_database(spec)
                 except scache.CacheError as exc:
@@ -370,6 +374,15 @@ class Tlsmgr:
             else:
                 self._no_cache[key] = _reply(attr.STATUS_NOTFOUND,
                                              f"{kind} session cache unavailable (see tlsmgr's log)")
+
+    def _store_cache(self, kind: str, spec: str, timeout: float):
+        """A session cache on a shared store, or None (warned) when it cannot be opened."""
+        try:
+            table = tables.open_table(spec, fold=False)
+        except tables.TableError as exc:
+            msg.warn(f"{kind}_tls_session_cache_database: {exc} -- cache disabled")
+            return None
+        return scache.StoreSessionCache(kind, spec, table, timeout, clock=self.wallclock)
 
     def _unique_caches(self) -> list[scache.SessionCache]:
         """Return each open cache once, even when cache types share it."""

@@ -1,0 +1,349 @@
+"""Counters that postfix-py's daemons bump, and the JSON event log; read by the metrics service.
+
+SYNOPSIS
+    from postfix_py.lib import metrics
+
+    metrics.worker_start(ctx)                  # lib/server.py, once per forked worker
+    metrics.smtpd_connect()                    # one line at each place that counts
+    metrics.tls_server(info)
+
+DESCRIPTION
+    Workers are forked processes, many of them short-lived, most of them chrooted: no one
+    of them can hold the counters of the host. prometheus_client's multiprocess mode is
+    made for this: each process writes its values into its own memory-mapped files
+    (counter_PID.db, histogram_PID.db) in one directory, and the metrics service
+    (metrics/service.py) sums the files of every process at each scrape. An increment is
+    a store into a mapped page: no system call, no file sync, nothing a message waits for.
+
+    The directory is queue_directory/metrics (DIRECTORY), mail_owner's (0700), emptied
+    by prepare_directory() when the master starts (counters start at zero with the
+    master, as Postfix's own counters in its logs do). Inside a chroot jail the same
+    directory is /metrics: worker_start() sets PROMETHEUS_MULTIPROC_DIR to the path that
+    the worker will see after its privilege drop; files are opened at the first increment,
+    which happens after it.
+
+    Importing this module switches prometheus_client's value class to the multiprocess
+    one for the whole process (postfix-py creates no other metric objects); every metric
+    here has labels, so that no value, and no file, exists before a worker counts.
+
+    Every function here is safe to call anywhere: in a process that worker_start() has not
+    set up (the master, a command-line tool, a unit test) it does nothing, and a failure
+    to write (a full file system, a directory the process may not write) disables the
+    counters of that process with one warning; it never raises into a mail session.
+
+    Metric names are prometheus-postfix-exporter's where they count the same thing
+    (postfix_smtpd_connects_total, postfix_smtpd_messages_processed_total,
+    postfix_smtpd_messages_rejected_total, postfix_smtpd_sasl_authentication_failures_total,
+    postfix_smtpd_tls_connections_total, postfix_smtp_tls_connections_total,
+    postfix_smtp_delivery_delay_seconds, postfix_lmtp_delivery_delay_seconds), so that
+    its dashboards work; each also has a `service` label (the master.cf service name),
+    which sums away. The TLS connection counters have a `session` label, full or resumed.
+
+JSON EVENT LOG
+    With tls_event_log = /path (a postfix-py extension), each worker opens the file for
+    appending before its chroot and writes one JSON object per line, with one write(2)
+    each: "event" is "tls" (a finished handshake, server or client side), "tls_failure"
+    (a failed server handshake, with what the client offered), or "delivery".
+
+FUNCTIONS
+    prepare_directory(queue_root, owner_pw) - the master, at start: (re)create the
+        directory empty, owned by mail_owner.
+    worker_start(ctx) - in each worker before the chroot: service name, directory, log.
+    smtpd_connect(), smtpd_session_end(counts), smtpd_reject(stage, reply),
+    smtpd_restriction(restriction, code), smtpd_message(sasl_method), smtpd_auth(method,
+    ok), tls_server(info), tls_server_failure(client, reason, offer), tls_client(info,
+    destination, level), delivery(rcpt, relay, status, dsn, delay, stages).
+    COLLECTED: the metric objects, for the metrics service's help text.
+
+SEE ALSO
+    metrics/service.py; prometheus_client multiprocess mode; prometheus-postfix-exporter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import time
+
+from prometheus_client import Counter, Histogram
+from prometheus_client import values as _values
+
+from . import msg
+
+DIRECTORY = "metrics"
+MAX_LABEL = 64              # longest label value: bounded series, whatever a peer sends
+MAX_EVENT = 16384           # longest JSON event line
+
+# Every metric of this module has labels, so that no value (and no file) exists before a
+# worker increments one; the master never does.
+_values.ValueClass = _values.MultiProcessValue()
+
+_DELAY_BUCKETS = (1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2, 1e3)         # postfix_exporter's
+_TOTAL_DELAY_BUCKETS = (0.1, 0.5, 1, 5, 10, 60, 300, 3600, 86400, 432000)
+
+SMTPD_CONNECTS = Counter("postfix_smtpd_connects", "Total number of incoming connections.",
+                         ["service"], registry=None)
+SMTPD_DISCONNECTS = Counter("postfix_smtpd_disconnects",
+                            "Total number of incoming disconnections.", ["service"],
+                            registry=None)
+SMTPD_COMMANDS = Counter("postfix_smtpd_commands", "SMTP commands received, by result.",
+                         ["service", "command", "result"], registry=None)
+SMTPD_PROCESSED = Counter("postfix_smtpd_messages_processed",
+                          "Total number of messages processed.", ["service", "sasl_method"],
+                          registry=None)
+SMTPD_REJECTS = Counter("postfix_smtpd_messages_rejected", "Total number of NOQUEUE rejects.",
+                        ["service", "code", "stage"], registry=None)
+SMTPD_RESTRICTIONS = Counter("postfix_smtpd_restriction_rejects",
+                             "Rejects and deferrals by the restriction that decided.",
+                             ["service", "restriction", "code"], registry=None)
+SMTPD_SASL_FAILURES = Counter("postfix_smtpd_sasl_authentication_failures",
+                              "Total number of SASL authentication failures.",
+                              ["service", "method"], registry=None)
+SMTPD_SASL_SUCCESSES = Counter("postfix_smtpd_sasl_authentication_successes",
+                               "Total number of SASL authentication successes.",
+                               ["service", "method"], registry=None)
+_TLS_LABELS = ["service", "trust", "protocol", "cipher", "secret_bits", "algorithm_bits",
+               "session"]
+SMTPD_TLS = Counter("postfix_smtpd_tls_connections", "Total number of incoming TLS "
+                    "connections (session: full or resumed handshake).", _TLS_LABELS,
+                    registry=None)
+SMTPD_TLS_FAILURES = Counter("postfix_smtpd_tls_handshake_failures",
+                             "Failed server TLS handshakes, by reason.",
+                             ["service", "reason"], registry=None)
+SMTP_TLS = Counter("postfix_smtp_tls_connections", "Total number of outgoing TLS "
+                   "connections (session: full or resumed handshake).", _TLS_LABELS,
+                   registry=None)
+SMTP_TLS_DESTINATIONS = Counter(
+    "postfix_smtp_tls_destination_outcomes", "Outgoing TLS handshakes by next hop: "
+    "security level in force, peer verified or not, session full or resumed.",
+    ["destination", "level", "verified", "session"], registry=None)
+DELIVERIES = Counter("postfix_deliveries", "Delivery attempts by transport, status and DSN "
+                     "class (2, 4 or 5).", ["transport", "status", "dsn_class"], registry=None)
+DELIVERY_DELAY = Histogram("postfix_delivery_delay_seconds", "Time from arrival to the end "
+                           "of the delivery attempt.", ["transport", "status"],
+                           buckets=_TOTAL_DELAY_BUCKETS, registry=None)
+SMTP_STAGES = Histogram("postfix_smtp_delivery_delay_seconds",
+                        "SMTP message processing time in seconds.", ["stage"],
+                        buckets=_DELAY_BUCKETS, registry=None)
+LMTP_STAGES = Histogram("postfix_lmtp_delivery_delay_seconds",
+                        "LMTP message processing time in seconds.", ["stage"],
+                        buckets=_DELAY_BUCKETS, registry=None)
+_STAGE_NAMES = ("before_queue_manager", "queue_manager", "connection_setup", "transmission")
+
+COLLECTED = (SMTPD_CONNECTS, SMTPD_DISCONNECTS, SMTPD_COMMANDS, SMTPD_PROCESSED,
+             SMTPD_REJECTS, SMTPD_RESTRICTIONS, SMTPD_SASL_FAILURES, SMTPD_SASL_SUCCESSES,
+             SMTPD_TLS, SMTPD_TLS_FAILURES, SMTP_TLS, SMTP_TLS_DESTINATIONS, DELIVERIES,
+             DELIVERY_DELAY, SMTP_STAGES, LMTP_STAGES)
+
+
+class _State:
+    enabled = False         # counters: set by worker_start, cleared after a write error
+    service = ""
+    program = ""
+    event_fd = -1           # tls_event_log, opened before the chroot
+    event_path = ""
+
+
+_state = _State()
+
+
+# --- set-up ------------------------------------------------------------------------------
+
+def prepare_directory(queue_root: str, owner_pw=None) -> str:
+    """Create queue_root/metrics empty (mode 0700, owned by mail_owner); its path.
+
+    Called by the master before it forks anything: the files of a previous master's
+    workers are counts of another life.
+    """
+    path = os.path.join(queue_root, DIRECTORY)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    os.mkdir(path, 0o700)
+    if owner_pw is not None:
+        os.chown(path, owner_pw.pw_uid, owner_pw.pw_gid)
+    os.chmod(path, 0o700)
+    return path
+
+
+def worker_start(ctx) -> None:
+    """Set up the counters and the event log of a freshly forked worker (before chroot)."""
+    _state.service = ctx.service.name
+    _state.program = ctx.program
+    jailed = ctx.run_as_root and ctx.service.chroot
+    root = "/" if jailed else ctx.queue_root
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(root, DIRECTORY)
+    _state.enabled = True
+    _state.event_fd = -1
+    path = ctx.cfg.get("tls_event_log") if hasattr(ctx.cfg, "get") else ""
+    if path:
+        _state.event_path = path
+        try:
+            _state.event_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                                      | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            msg.warn(f"cannot open tls_event_log {path}: {exc.strerror}")
+
+
+def _failed(exc: Exception) -> None:
+    """Counters cannot be written in this process: say so once, stop trying."""
+    _state.enabled = False
+    msg.warn(f"metrics disabled in this process: {exc}")
+
+
+def _label(text) -> str:
+    """A bounded, printable label value."""
+    return msg.printable(str(text), limit=None)[:MAX_LABEL] if text else ""
+
+
+_children: dict = {}        # (id(metric), labels) -> child: labels() costs as much as inc()
+
+
+def _child(metric, labels: tuple):
+    key = (id(metric), labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
+def _inc(metric, *labels, amount: float = 1) -> None:
+    if not _state.enabled:
+        return
+    try:
+        _child(metric, labels).inc(amount)
+    except Exception as exc:    # noqa: BLE001 - counting never costs a mail session
+        _failed(exc)
+
+
+def _observe(metric, value: float, *labels) -> None:
+    if not _state.enabled:
+        return
+    try:
+        _child(metric, labels).observe(value)
+    except Exception as exc:    # noqa: BLE001
+        _failed(exc)
+
+
+def _event(kind: str, fields: dict) -> None:
+    """One line of the JSON event log, written with one write(2)."""
+    if _state.event_fd < 0:
+        return
+    record = {"time": round(time.time(), 6), "event": kind, "service": _state.service,
+              "program": _state.program, "pid": os.getpid(), **fields}
+    line = json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+    if len(line) >= MAX_EVENT:         # a peer's offer of thousands of names: drop lists
+        record = {k: v for k, v in record.items() if not isinstance(v, (list, dict))}
+        record["truncated"] = True
+        line = json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+    try:
+        os.write(_state.event_fd, (line + "\n").encode("ascii"))
+    except OSError as exc:
+        msg.warn(f"tls_event_log {_state.event_path}: {exc.strerror}; log disabled")
+        os.close(_state.event_fd)
+        _state.event_fd = -1
+
+
+# --- smtpd -------------------------------------------------------------------------------
+
+def smtpd_connect() -> None:
+    """A client connected."""
+    _inc(SMTPD_CONNECTS, _state.service)
+
+
+def smtpd_session_end(counts: dict) -> None:
+    """A client session ended; counts is the session's {verb: [good, all]}."""
+    if not _state.enabled:
+        return
+    _inc(SMTPD_DISCONNECTS, _state.service)
+    for verb, (good, total) in counts.items():
+        if good:
+            _inc(SMTPD_COMMANDS, _state.service, _label(verb), "ok", amount=good)
+        if total > good:
+            _inc(SMTPD_COMMANDS, _state.service, _label(verb), "error", amount=total - good)
+
+
+def smtpd_reject(stage: str, reply) -> None:
+    """A logged reject (Postfix's "reject: STAGE from ..." line)."""
+    code = str(reply)[:3]
+    _inc(SMTPD_REJECTS, _state.service, code if code.isdigit() else "", _label(stage))
+
+
+def smtpd_restriction(restriction: str, code: int) -> None:
+    """A restriction decided to reject (or defer) with code."""
+    _inc(SMTPD_RESTRICTIONS, _state.service, _label(restriction), str(code))
+
+
+def smtpd_message(sasl_method: str | None) -> None:
+    """A message was queued."""
+    _inc(SMTPD_PROCESSED, _state.service, _label(sasl_method or ""))
+
+
+def smtpd_auth(method: str, ok: bool) -> None:
+    """An AUTH exchange ended."""
+    _inc(SMTPD_SASL_SUCCESSES if ok else SMTPD_SASL_FAILURES, _state.service, _label(method))
+
+
+# --- TLS ---------------------------------------------------------------------------------
+
+def _tls_labels(info) -> tuple:
+    return (_state.service, info.status, _label(info.protocol), _label(info.cipher_name),
+            str(info.cipher_usebits), str(info.cipher_algbits),
+            "resumed" if info.session_reused else "full")
+
+
+def _tls_fields(info) -> dict:
+    return {"role": info.role, "peer": info.namaddr, "protocol": info.protocol,
+            "cipher": info.cipher_name, "bits": info.cipher_usebits,
+            "resumed": bool(info.session_reused), "trust": info.status,
+            "verified": bool(info.peer_verified), "sni": info.peer_sni or None,
+            "peer_cn": info.peer_CN or None, "issuer_cn": info.issuer_CN or None,
+            "fingerprint": info.peer_fingerprint or None}
+
+
+def tls_server(info) -> None:
+    """smtpd finished a handshake (lib.tls.TLSInfo)."""
+    _inc(SMTPD_TLS, *_tls_labels(info))
+    _event("tls", _tls_fields(info))
+
+
+def tls_server_failure(client: str, reason: str, offer: dict | None) -> None:
+    """smtpd's handshake failed; offer is what the client's ClientHello said (or None)."""
+    _inc(SMTPD_TLS_FAILURES, _state.service, _label(reason))
+    _event("tls_failure", {"role": "server", "peer": client, "reason": reason,
+                           "offer": offer})
+
+
+def tls_client(info, destination: str, level: str) -> None:
+    """The smtp client finished a handshake with a server of destination, at level."""
+    _inc(SMTP_TLS, *_tls_labels(info))
+    session = "resumed" if info.session_reused else "full"
+    _inc(SMTP_TLS_DESTINATIONS, _label(destination), _label(level),
+         "yes" if info.peer_verified else "no", session)
+    _event("tls", {**_tls_fields(info), "destination": destination, "level": level})
+
+
+# --- deliveries --------------------------------------------------------------------------
+
+def delivery(queue_id: str, rcpt: str, relay: str, status: str, dsn: str, delay: float,
+             stages: tuple) -> None:
+    """A delivery attempt was logged (lib/deliver.log_delivery's line)."""
+    if _state.enabled:
+        transport = _state.service
+        _inc(DELIVERIES, transport, _label(status), dsn[:1] if dsn[:1] in "245" else "")
+        _observe(DELIVERY_DELAY, delay, transport, _label(status))
+        stage_metric = {"smtp": SMTP_STAGES, "lmtp": LMTP_STAGES}.get(_state.program)
+        if stage_metric is not None:
+            for name, value in zip(_STAGE_NAMES, stages):
+                _observe(stage_metric, value, name)
+    _event("delivery", {"queue_id": queue_id, "to": rcpt, "relay": relay, "dsn": dsn,
+                        "status": status, "delay": round(delay, 3),
+                        "delays": [round(s, 3) for s in stages]})

@@ -1,0 +1,1 @@
+"""metrics: the Prometheus/OpenMetrics endpoint of postfix-py; see service.py."""

@@ -1,0 +1,225 @@
+"""lib/metrics.py, metrics/service.py's pure parts, and the ClientHello reader of lib/tls.py."""
+
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+from postfix_py.lib import metrics, tls, tls_session
+from postfix_py.metrics import service
+
+
+def _client_hello(**settings) -> bytes:
+    """The first record a Python ssl client sends, taken from a socket pair."""
+    a, b = socket.socketpair()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    if "ciphers" in settings:
+        ctx.set_ciphers(settings["ciphers"])
+    if "maximum" in settings:
+        ctx.maximum_version = settings["maximum"]
+
+    def handshake():
+        try:
+            with ctx.wrap_socket(a, server_hostname=settings.get("sni")):
+                pass
+        except (OSError, ssl.SSLError):
+            pass
+    t = threading.Thread(target=handshake)
+    t.start()
+    data = b.recv(tls.HELLO_PEEK_LIMIT)
+    b.close()
+    t.join()
+    a.close()
+    return data
+
+
+def test_offer_of_a_modern_client():
+    offer = tls.client_hello_offer(_client_hello(sni="mx.example.org"))
+    assert offer["protocols"][0] == "TLSv1.3" and "TLSv1.2" in offer["protocols"]
+    assert "TLS_AES_128_GCM_SHA256" in offer["ciphers"]
+    assert offer["sni"] == "mx.example.org"
+    assert not any(c.startswith("0x") for c in offer["ciphers"])
+
+
+def test_offer_of_a_legacy_client_names_its_suite():
+    data = _client_hello(ciphers="AES128-SHA:@SECLEVEL=0", maximum=ssl.TLSVersion.TLSv1_2)
+    offer = tls.client_hello_offer(data)
+    assert offer == {"protocols": ["TLSv1.2"], "ciphers": ["AES128-SHA"], "sni": None}
+    assert tls.offer_text(offer) == "protocols=TLSv1.2 ciphers=AES128-SHA sni=none"
+
+
+def test_offer_of_truncated_and_foreign_input():
+    data = _client_hello(sni="mx.example.org")
+    for cut in range(11, len(data), 7):
+        offer = tls.client_hello_offer(data[:cut])      # never raises
+        assert offer is not None and offer["protocols"]
+    assert tls.client_hello_offer(b"EHLO client.example\r\n") is None
+    assert tls.client_hello_offer(b"") is None
+    assert tls.offer_text(None) == "no TLS ClientHello"
+
+
+def test_cipher_name_canary():
+    assert tls_session.cipher_name(0x1301) == "TLS_AES_128_GCM_SHA256"
+    assert tls_session.cipher_name(0xC02F) == "ECDHE-RSA-AES128-GCM-SHA256"
+    assert tls_session.cipher_name(0xFAFA) is None
+    assert tls_session.missing_symbols() == []
+
+
+def test_counters_do_nothing_outside_a_worker(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert not metrics._state.enabled
+    metrics.smtpd_connect()
+    metrics.delivery("ABC", "a@b", "none", "sent", "2.0.0", 0.1, (0, 0, 0, 0))
+    assert os.listdir(tmp_path) == []
+
+
+def test_event_log_lines_are_json(tmp_path, monkeypatch):
+    path = tmp_path / "events.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    monkeypatch.setattr(metrics._state, "event_fd", fd)
+    metrics.delivery("ABC", "bob@example.org", "mx[192.0.2.1]:25", "sent", "2.0.0", 1.25,
+                     (0.1, 0.2, 0.3, 0.65))
+    metrics.tls_server_failure("c[192.0.2.9]", "no shared cipher",
+                               {"protocols": ["TLSv1"], "ciphers": ["x" * 100] * 400,
+                                "sni": None})
+    os.close(fd)
+    lines = path.read_text().splitlines()
+    first, second = (json.loads(line) for line in lines)
+    assert first["event"] == "delivery" and first["status"] == "sent"
+    assert first["delays"] == [0.1, 0.2, 0.3, 0.65]
+    assert second["event"] == "tls_failure" and second["truncated"]
+    assert second["peer"] == "c[192.0.2.9]" and len(lines[1]) < metrics.MAX_EVENT
+
+
+def _write(path, name, labels, value, kind="counter"):
+    d = MmapedDict(str(path))
+    metric = name if kind != "counter" else name
+    d.write_value(mmap_key(metric, name + ("_total" if kind == "counter" else ""),
+                           tuple(labels), tuple(labels.values()), "help"), value, 0.0)
+    d.close()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def _scrape(directory):
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))
+    out = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_compact_folds_ended_processes_and_keeps_totals(tmp_path):
+    dead1, dead2 = _dead_pid(), _dead_pid()
+    _write(tmp_path / f"counter_{dead1}.db", "postfix_x", {"service": "smtp"}, 3)
+    _write(tmp_path / f"counter_{dead2}.db", "postfix_x", {"service": "smtp"}, 4)
+    _write(tmp_path / f"counter_{os.getpid()}.db", "postfix_x", {"service": "smtp"}, 5)
+    before = _scrape(tmp_path)
+    assert service.compact(str(tmp_path)) == 2
+    assert set(os.listdir(tmp_path)) == {"counter_archive.db", f"counter_{os.getpid()}.db"}
+    assert _scrape(tmp_path) == before
+    assert before[("postfix_x_total", (("service", "smtp"),))] == 12
+    dead3 = _dead_pid()
+    _write(tmp_path / f"counter_{dead3}.db", "postfix_x", {"service": "smtp"}, 1)
+    assert service.compact(str(tmp_path)) == 1
+    assert _scrape(tmp_path)[("postfix_x_total", (("service", "smtp"),))] == 13
+
+
+def test_queue_metrics_of_an_empty_queue(tmp_path):
+    families = {f.name: f for f in service.queue_metrics(str(tmp_path))}
+    assert {s.value for s in families["postfix_queue_messages"].samples} == {0}
+    assert "postfix_showq_message_size_bytes" in families
+
+
+def test_tlsmgr_metrics_from_a_status_report():
+    report = {"caches": {"smtp": {"enabled": True, "entries": 3, "lookups": 5, "hits": 2,
+                                  "misses": 3, "evicted": 1},
+                         "smtpd": {"enabled": False}}}
+    values = {(f.name, s.labels["cache"]): s.value for f in service.tlsmgr_metrics(report)
+              for s in f.samples if not s.name.endswith("_created")}
+    assert values == {("postfix_tlsmgr_cache_entries", "smtp"): 3,
+                      ("postfix_tlsmgr_cache_lookups", "smtp"): 5,
+                      ("postfix_tlsmgr_cache_hits", "smtp"): 2,
+                      ("postfix_tlsmgr_cache_misses", "smtp"): 3,
+                      ("postfix_tlsmgr_cache_evictions", "smtp"): 1}
+    assert service.tlsmgr_metrics(None) == []
+
+
+def test_process_metrics_of_this_process_tree():
+    child = subprocess.Popen([sys.executable, "-c", "import setproctitle, time; "
+                              "setproctitle.setproctitle('postfix-py/smtpd -n 127.0.0.1:25 "
+                              "-t inet'); print(1, flush=True); time.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "1"
+        families = {f.name: f for f in service.process_metrics(os.getpid())}
+        procs = {tuple(sorted(s.labels.items())): s.value
+                 for s in families["postfix_processes"].samples}
+        assert procs == {(("program", "smtpd"), ("service", "127.0.0.1:25")): 1}
+        assert families["postfix_process_uss_bytes"].samples[0].value > 0
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    assert service.process_metrics(_dead_pid())[0].samples == []
+
+
+WORKER = """
+import os, sys
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
+from prometheus_client import values
+values.ValueClass = values.MultiProcessValue()
+from prometheus_client import Counter, Histogram
+h = Histogram("postfix_h_seconds", "h", ["stage"], buckets=(0.1, 1, 10), registry=None)
+c = Counter("postfix_c", "c", ["service"], registry=None)
+for v in (0.05, 0.5, 5, 50):
+    h.labels("x").observe(v)
+c.labels("smtp").inc(int(sys.argv[2]))
+"""
+
+
+def test_compact_keeps_histograms_and_counters_of_real_workers(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    directory = tmp_path / "m"
+    directory.mkdir()
+    for n in (1, 2, 3):
+        subprocess.run([sys.executable, str(script), str(directory), str(n)], check=True)
+    before = _scrape(directory)
+    assert before[("postfix_c_total", (("service", "smtp"),))] == 6
+    assert before[("postfix_h_seconds_count", (("stage", "x"),))] == 12
+    assert service.compact(str(directory)) == 6
+    assert sorted(os.listdir(directory)) == ["counter_archive.db", "histogram_archive.db"]
+    assert _scrape(directory) == before
+    subprocess.run([sys.executable, str(script), str(directory), "4"], check=True)
+    service.compact(str(directory))
+    after = _scrape(directory)
+    assert after[("postfix_h_seconds_bucket", (("le", "1.0"), ("stage", "x")))] == 8
+    assert after[("postfix_c_total", (("service", "smtp"),))] == 10
+
+
+def test_prepare_directory_starts_empty(tmp_path):
+    old = tmp_path / metrics.DIRECTORY
+    old.mkdir()
+    (old / "counter_1.db").write_bytes(b"x")
+    path = metrics.prepare_directory(str(tmp_path))
+    assert os.listdir(path) == [] and os.stat(path).st_mode & 0o777 == 0o700
+    os.rmdir(path)
+    os.symlink("/etc", path)                    # never followed
+    metrics.prepare_directory(str(tmp_path))
+    assert not os.path.islink(path) and os.path.exists("/etc/passwd")
