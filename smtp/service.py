@@ -64,6 +64,9 @@ CONFIGURATION PARAMETERS
     request that waited this long before delivery retries the same server in plain text
     when the TLS handshake (or the TLS session) fails (smtp/session.py). The lmtp program reads lmtp_* where postfix-py declares it, else smtp_*.
     smtp_dns_nameservers (empty: the system's resolv.conf), smtp_dns_timeout (10s).
+    smtp_dns_support_level (empty: enabled; disabled: no DNS, as smtp_host_lookup =
+    native; dnssec: DNSSEC status from the resolver's AD bit, which the dane and
+    dane-only TLS levels need: smtp/dane.py), tls_dane_digests (sha512 sha256).
     smtp_fallback_relay ($fallback_relay; fallback_relay: empty), lmtp_fallback_relay (empty).
 
 FILES
@@ -88,7 +91,7 @@ from ..lib import queue as Q
 from ..lib import tls as libtls
 from ..lib.smtpio import SmtpStream
 from ..lib.maincf import ConfigError
-from . import nexthop, session, tls, tls_policy, xforward
+from . import dane, nexthop, session, tls, tls_policy, xforward
 from . import sasl as smtp_sasl
 
 REQUEST_TIMEOUT_CAP = 300       # seconds to wait for the request frame
@@ -98,16 +101,24 @@ def _prefix(ctx) -> str:
     return "lmtp" if ctx.program == "lmtp" else "smtp"
 
 
+def dns_support_level(cfg) -> str:
+    """smtp_dns_support_level: disabled, enabled (the default) or dnssec."""
+    return cfg.get("smtp_dns_support_level").strip().lower() or "enabled"
+
+
 def make_resolver(cfg) -> nexthop.NexthopResolver:
     """The resolver, configured now (before the chroot) from main.cf."""
     servers = cfg["smtp_dns_nameservers"]
     timeout = cfg["smtp_dns_timeout"]
+    support = dns_support_level(cfg)
+    host_lookup = ["native"] if support == "disabled" else cfg["smtp_host_lookup"]
     try:
         resolver = nexthop.NexthopResolver(
-            servers, timeout=timeout, host_lookup=cfg["smtp_host_lookup"],
+            servers, timeout=timeout, host_lookup=host_lookup,
             protocols=[p.lower() for p in cfg["inet_protocols"]],
             cname_overrides=cfg["smtp_cname_overrides_servername"],
-            preference=cfg.get("smtp_address_preference").strip().lower())
+            preference=cfg.get("smtp_address_preference").strip().lower(),
+            dnssec=support == "dnssec")
     except ValueError as exc:
         msg.fatal(f"smtp_dns_nameservers: {exc}")
     if resolver.problem:
@@ -136,6 +147,7 @@ def pre_init(ctx) -> None:
         except libtls.TLSConfigError as exc:
             msg.warn(f"TLS library problem: {exc}; TLS is not available")
     st["resolver"] = make_resolver(cfg)
+    st["dane_digests"] = dane.parse_digests(cfg["tls_dane_digests"])
     st["options"] = session.Options.from_config(cfg, prefix)
     try:
         # smtp_sasl_password_maps: opened here, before the chroot (Postfix's
@@ -237,6 +249,10 @@ def _policy_for(ctx, dest, addr, d: session.Delivery):
             policy = tls_policy.Policy("none", source=policy.source)
     else:
         policy = finder.find(dest.text, dest.host, dest.literal, addr.name)
+    if policy.level in ("dane", "dane-only"):
+        resolver = st["resolver"]
+        policy = dane.policy_for(policy, dest, addr, resolver, resolver.dnssec,
+                                 st["dane_digests"])
     if not policy.valid:
         msg.warn(f"TLS policy lookup for {dest.text}/{addr.name}: {policy.reason}")
         d.why = (policy.dsn, policy.reason)
