@@ -89,7 +89,7 @@ class TlsStarter:
         self.conn = None
         self.tls_info = None
         self.saved = False
-        self.dane_line = ""             # "Matched DANE ..." (loglevel 2), logged in order
+        self.dane_line = ""             # "Matched DANE ...", logged with log_certmatch
 
     @property
     def available(self) -> bool:
@@ -179,7 +179,7 @@ class TlsStarter:
             self._check_dane(conn, info)
         lines = libtls.log_lines(info, self.loglevel,
                                  require_trust=tls_policy.must_match(self.level))
-        if self.dane_line:
+        if self.dane_line and self.log_certmatch:
             # As Postfix: after "matched peername", before the certificate details.
             at = next((i + 1 for i, line in enumerate(lines)
                        if ": matched peername: " in line), None)
@@ -234,7 +234,7 @@ class TlsStarter:
             info.matched_name = found.name
             info.verify_error, info.verify_error_text = libtls.X509_V_OK, ""
             info.verify_error_depth = -1
-            if self.log_certmatch and found.record is not None:
+            if found.record is not None:
                 kind = "TA certificate" if found.depth else "EE certificate"
                 self.dane_line = (f"{info.namaddr}: Matched DANE {kind} at depth "
                                   f"{found.depth}: {found.record.text()}")

@@ -320,3 +320,48 @@ def test_dane_without_dnssec_lookups_is_may(mta, receiver):
 
 def test_no_tracebacks(mta):
     assert "Traceback" not in mta.log()
+
+
+# --- posttls-finger -------------------------------------------------------------------------
+
+def finger(dns, *args):
+    from helpers import run
+    out = run("posttls-finger", "-c", "-o", f"smtp_dns_nameservers=127.0.0.1:{dns.resolver_port}",
+              *args, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_posttls_finger_dane_ee(dns, receiver, certs):
+    P = receiver.port
+    text = finger(dns, "-L", "routine,certmatch,dane", f"ee.dane.test:{P}")
+    assert (f"posttls-finger: DNSSEC-signed TLSA record: _{P}._tcp.mx-ee.dane.test: "
+            f"3 1 1 {certs.ee_311.upper()}\n") in text
+    assert (f"posttls-finger: mx-ee.dane.test[127.0.0.1]:{P}: Matched DANE EE certificate "
+            f"at depth 0: 3 1 1 {certs.ee_311.upper()}\n") in text
+    assert f"posttls-finger: {established('Verified', 'mx-ee.dane.test', P)}" in text
+
+
+def test_posttls_finger_dane_ta_and_mismatch(dns, receiver, certs):
+    P = receiver.port
+    text = finger(dns, "-l", "dane", f"ta.dane.test:{P}")
+    lines = text.splitlines()
+    at = lines.index(f"posttls-finger: mx-ta.dane.test[127.0.0.1]:{P}: matched peername: "
+                     f"mx-ta.dane.test")
+    assert lines[at + 1] == (f"posttls-finger: mx-ta.dane.test[127.0.0.1]:{P}: Matched DANE "
+                             f"TA certificate at depth 1: 2 0 1 {certs.ta_201.upper()}")
+    assert f"posttls-finger: {established('Verified', 'mx-ta.dane.test', P)}" in text
+    text = finger(dns, f"bad.dane.test:{P}")
+    assert f"posttls-finger: {established('Untrusted', 'mx-bad.dane.test', P)}" in text
+
+
+def test_posttls_finger_dane_fallbacks(dns, receiver):
+    P = receiver.port
+    text = finger(dns, "-l", "dane-only", f"none.dane.test:{P}")
+    assert 'posttls-finger: no TLSA records found, resorting to "secure"' in text
+    assert f"posttls-finger: {established('Untrusted', 'mx-none.dane.test', P)}" in text
+    text = finger(dns, f"plain.test:{P}")
+    assert "posttls-finger: MX RRset is insecure: try to encrypt" in text
+    text = finger(dns, f"bogus.dane.test:{P}")
+    assert f"posttls-finger: TLSA lookup error for mx-bogus.dane.test:{P}" in text
+    assert "TLS connection established" not in text
