@@ -190,6 +190,8 @@ PARAMS: list[Param] = [
     _p("smtpd_forbid_bare_newline_exclusions", "$mynetworks", LIST, "clients exempt from smtpd_forbid_bare_newline"),
     _p("smtpd_forbid_bare_newline_reject_code", "550", INT, "reply code for a bare newline", min=400, max=599),
     _p("smtputf8_enable", "yes", BOOL, "SMTPUTF8 support (RFC 6531): announced in EHLO, UTF-8 addresses after MAIL FROM ... SMTPUTF8, malformed UTF-8 in a command refused"),
+    _p("requiretls_enable", "yes", BOOL, "REQUIRETLS (RFC 8689): smtpd announces it after STARTTLS and takes MAIL FROM ... REQUIRETLS; the smtp client then delivers only over TLS with a matched certificate to a server that announces it"),
+    _p("tls_required_enable", "yes", BOOL, "honour the \"TLS-Required: no\" message header (RFC 8689): the smtp client limits its TLS level to may and ignores DANE and policy tables"),
     _p("strict_smtputf8", "no", BOOL, "refuse a non-ASCII address in MAIL or RCPT without the SMTPUTF8 parameter"),
     _p("strict_rfc821_envelopes", "no", BOOL, "require <> around MAIL FROM and RCPT TO addresses"),
     _p("hopcount_limit", "50", INT, "Received: headers after which a message is bounced as looping", min=1),

@@ -241,7 +241,15 @@ def _policy_for(ctx, dest, addr, d: session.Delivery):
     st = ctx.state
     p = st["prefix"]
     finder = st["finder"]
-    if dest.unix:
+    if d.tls_not_required:
+        # "TLS-Required: No": no policy lookup, no DANE; at most may (encrypt in
+        # wrapper mode), as Postfix's policy_create().
+        cap = "encrypt" if ctx.cfg[f"{p}_tls_wrappermode"] else "may"
+        level = finder.global_level
+        if level in ("dane", "dane-only") or tls_policy.rank(level) > tls_policy.rank(cap):
+            level = cap
+        policy = tls_policy.Policy(level, source="TLS-Required: no")
+    elif dest.unix:
         policy = finder.find(dest.host, ctx.cfg.get("myhostname"), True, addr.name)
         if policy.valid and policy.level == "may":
             msg.warn("smtp_connect_local: opportunistic TLS encryption is not appropriate "
@@ -249,13 +257,19 @@ def _policy_for(ctx, dest, addr, d: session.Delivery):
             policy = tls_policy.Policy("none", source=policy.source)
     else:
         policy = finder.find(dest.text, dest.host, dest.literal, addr.name)
-    if policy.level in ("dane", "dane-only"):
+    if policy.level in ("dane", "dane-only") and not d.tls_not_required:
         resolver = st["resolver"]
         policy = dane.policy_for(policy, dest, addr, resolver, resolver.dnssec,
                                  st["dane_digests"])
     if not policy.valid:
         msg.warn(f"TLS policy lookup for {dest.text}/{addr.name}: {policy.reason}")
         d.why = (policy.dsn, policy.reason)
+        return None
+    if d.requiretls and not tls_policy.must_match(policy.level):
+        # REQUIRETLS needs a matched certificate (Postfix's enforce mode).
+        d.why = ("5.7.10", f"Sender requested REQUIRETLS, but my configured TLS security "
+                           f"level '{policy.level}' disables certificate matching. The last "
+                           f"attempted server was {addr.name}")
         return None
     if policy.level == "fingerprint" and not tls_policy.fingerprints(ctx.cfg, p, policy):
         msg.warn(f"nexthop domain {dest.host}: configured at fingerprint security level, "
@@ -288,6 +302,10 @@ def deliver_request(req: deliver.Request, ctx, report: delivery_agent.Report) ->
             return relay
         d.size = qmsg.size
         d.smtputf8 = qmsg.attrs.get("smtputf8") == "1"
+        d.requiretls = ctx.cfg["requiretls_enable"] and qmsg.attrs.get("requiretls") == "1"
+        # RFC 8689 section 5; REQUIRETLS wins over the header, as Postfix.
+        d.tls_not_required = (ctx.cfg["tls_required_enable"] and not d.requiretls
+                              and session.tls_required_no(qmsg.content(req.queue_file)))
         d.dsn_ret = qmsg.attrs.get("dsn_ret", "")
         d.dsn_envid = qmsg.attrs.get("dsn_envid", "")
         stored = {r.offset: r for r in qmsg.recipients}

@@ -77,10 +77,13 @@ def receiver(base, certs):
     inst = Instance(base / "rcv")
     inst.dir.mkdir()
     port = free_port()
+    inst.port2 = free_port()        # the same, without REQUIRETLS
     inst.main.update({"myhostname": "rcv.test", "smtpd_error_sleep_time": "0s",
-                      "mydestination": "$myhostname, dane.test, plain.test",
+                      "mydestination": "$myhostname, dane.test, plain.test, ok.test, "
+                                       "noreq.test, tlsno.test",
                       "smtpd_tls_security_level": "may", "smtpd_tls_cert_file": str(certs.chain)})
-    inst.master_lines = [f"127.0.0.1:{port} inet n - y - - smtpd"]
+    inst.master_lines = [f"127.0.0.1:{port} inet n - y - - smtpd",
+                         f"127.0.0.1:{inst.port2} inet n - y - - smtpd -o requiretls_enable=no"]
     inst.port = port
     try:
         inst.start()
@@ -109,6 +112,7 @@ def dns(base, certs, receiver):
     zone += [
         f"_{P}._tcp.mx-ee.dane.test. TLSA 3 1 1 {certs.ee_311}",
         f"_{P}._tcp.mx-ee.dane.test. TLSA 3 1 1 {'00' * 32}",     # another key, unused
+        f"_{receiver.port2}._tcp.mx-ee.dane.test. TLSA 3 1 1 {certs.ee_311}",
         f"_{P}._tcp.mx-ta.dane.test. TLSA 2 0 1 {certs.ta_201}",
         f"_{P}._tcp.mx-bad.dane.test. TLSA 3 1 1 {'ab' * 32}",
         f"_{P}._tcp.mx-bogus.dane.test. TLSA 3 1 1 {certs.ee_311}",
@@ -365,3 +369,132 @@ def test_posttls_finger_dane_fallbacks(dns, receiver):
     text = finger(dns, f"bogus.dane.test:{P}")
     assert f"posttls-finger: TLSA lookup error for mx-bogus.dane.test:{P}" in text
     assert "TLS connection established" not in text
+
+
+# --- REQUIRETLS (RFC 8689): a postfix-py relay in front of the receiver ----------------------
+
+@pytest.fixture(scope="module")
+def relay(base, certs, dns, receiver):
+    """smtpd (STARTTLS) -> qmgr -> smtp at level dane, routed by recipient domain."""
+    inst = Instance(base / "relay")
+    inst.dir.mkdir()
+    inst.port = free_port()
+    P, P2 = receiver.port, receiver.port2
+    inst.main.update({
+        "myhostname": "relay.test", "mydestination": "localhost", "inet_protocols": "ipv4",
+        "mynetworks": "127.0.0.0/8", "smtpd_error_sleep_time": "0s",
+        "smtpd_tls_security_level": "may", "smtpd_tls_cert_file": str(certs.chain),
+        "smtp_tls_security_level": "dane", "smtp_dns_support_level": "dnssec",
+        "smtp_dns_nameservers": f"127.0.0.1:{dns.resolver_port}", "smtp_tls_loglevel": "1",
+        "smtp_dns_timeout": "3s", "smtp_connect_timeout": "3s",
+        "transport_maps": "inline:{"
+                          f"ok.test=smtp:ee.dane.test:{P}, noreq.test=smtp:ee.dane.test:{P2}, "
+                          f"weak.test=maysmtp:[127.0.0.1]:{P}, tlsno.test=smtp:bad.dane.test:{P}"
+                          "}",
+    })
+    inst.master_lines = [
+        f"127.0.0.1:{inst.port} inet n - y - - smtpd",
+        "qmgr unix n - n 300 1 qmgr",
+        "smtp unix - - y - - smtp",
+        "maysmtp unix - - y - - smtp -o smtp_tls_security_level=may",
+    ]
+    try:
+        inst.start()
+        wait_for(lambda: _listening(inst.port), 15, what="relay smtpd")
+        yield inst
+    finally:
+        inst.cleanup()
+
+
+def _client_tls():
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _submit(relay, rcpt, requiretls=True, headers=""):
+    from smtpclient import SmtpClient
+    c = SmtpClient(relay.port)
+    try:
+        assert c.reply().startswith("220")
+        ehlo = c.cmd("EHLO client.test")
+        assert "REQUIRETLS" not in ehlo          # only inside TLS
+        c.starttls(_client_tls())
+        assert "REQUIRETLS" in [line[4:] for line in c.cmd("EHLO client.test").splitlines()]
+        tag = f"reqtls-{time.monotonic_ns()}"
+        assert c.cmd(f"MAIL FROM:<alice@example.org>{' REQUIRETLS' * requiretls}") == \
+            "250 2.1.0 Ok"
+        assert c.cmd(f"RCPT TO:<bob@{rcpt}>").startswith("250")
+        assert c.cmd("DATA").startswith("354")
+        reply = c.cmd(f"Subject: {tag}\r\nMessage-ID: <{tag}@client.test>\r\n{headers}\r\n"
+                      "body\r\n.")
+        assert reply.startswith("250 2.0.0 Ok: queued as "), reply
+        c.cmd("QUIT")
+        return reply.split()[-1]
+    finally:
+        c.close()
+
+
+def _outcome(relay, qid):
+    """The relay's delivery log line for queue id qid."""
+    return wait_for(lambda: next((line for line in relay.log().splitlines()
+                                  if f": {qid}: to=<" in line and "status=" in line), None),
+                    30, what=f"the outcome of {qid}")
+
+
+def test_requiretls_not_accepted_without_tls(relay):
+    from smtpclient import SmtpClient
+    c = SmtpClient(relay.port)
+    try:
+        c.reply()
+        c.cmd("EHLO client.test")
+        assert c.cmd("MAIL FROM:<alice@example.org> REQUIRETLS") == \
+            "555 5.5.4 Unsupported option: REQUIRETLS"
+    finally:
+        c.close()
+
+
+def test_requiretls_relayed_over_dane_to_a_requiretls_server(relay, receiver):
+    qid = _submit(relay, "ok.test")
+    line = _outcome(relay, qid)
+    assert "status=sent" in line, line
+    assert f"relay=mx-ee.dane.test[127.0.0.1]:{receiver.port}" in line
+    # The receiver got MAIL FROM ... REQUIRETLS and keeps it in its queue file.
+    queued = line.split("queued as ")[1].rstrip(")")
+    m = Q.read(str(receiver.queue / "incoming" / queued))
+    assert m.attrs.get("requiretls") == "1"
+
+
+def test_requiretls_bounces_without_server_support(relay, receiver):
+    qid = _submit(relay, "noreq.test")
+    line = _outcome(relay, qid)
+    assert "status=bounced" in line and "dsn=5.7.30" in line, line
+    assert ("(Sender requested REQUIRETLS, but no server was found that supports "
+            f"REQUIRETLS. The last attempted server was mx-ee.dane.test[127.0.0.1])") in line
+
+
+def test_requiretls_bounces_at_a_level_without_certificate_matching(relay):
+    qid = _submit(relay, "weak.test")
+    line = _outcome(relay, qid)
+    assert "status=bounced" in line and "dsn=5.7.10" in line, line
+    assert ("Sender requested REQUIRETLS, but my configured TLS security level 'may' "
+            "disables certificate matching. The last attempted server was 127.0.0.1") in line
+
+
+def test_tls_required_no_header_ignores_dane_failure(relay, receiver):
+    # bad.dane.test has a TLSA record that does not match: deferred under DANE ...
+    qid = _submit(relay, "tlsno.test", requiretls=False)
+    line = _outcome(relay, qid)
+    assert "status=deferred" in line and "Server certificate not verified" in line, line
+    # ... delivered at "may" with "TLS-Required: No".
+    qid = _submit(relay, "tlsno.test", requiretls=False, headers="TLS-Required: No\r\n")
+    line = _outcome(relay, qid)
+    assert "status=sent" in line, line
+    # REQUIRETLS wins over the header (RFC 8689 section 5; Postfix).
+    qid = _submit(relay, "tlsno.test", headers="TLS-Required: No\r\n")
+    line = _outcome(relay, qid)
+    assert "status=bounced" in line and "dsn=5.7.10" in line, line
+    assert ("(Sender requested REQUIRETLS, but no trusted server certificate was found. "
+            "The last attempted server was mx-bad.dane.test[127.0.0.1])") in line

@@ -82,3 +82,13 @@ def test_verify_ee_ta_and_mismatch():
 
 def test_tlsa_qname():
     assert dane.tlsa_qname("mx.example.com.", 25) == "_25._tcp.mx.example.com"
+
+
+def test_tls_required_no_header():
+    from postfix_py.smtp.session import tls_required_no
+    assert tls_required_no(iter([b"Subject: x\nTLS-Required: No\n\nbody\n"]))
+    assert tls_required_no(iter([b"Subject: x\ntls-required:no \n", b"\nbody\n"]))
+    assert not tls_required_no(iter([b"Subject: x\nTLS-Required: yes\n\nbody\n"]))
+    # In the body it does not count.
+    assert not tls_required_no(iter([b"Subject: x\n\nTLS-Required: No\n"]))
+    assert not tls_required_no(iter([b"\nTLS-Required: No\n"]))
