@@ -128,7 +128,8 @@ class TlsStarter:
             self.policy.protocols or protocols, self.client.cipher_list(mandatory, authenticated),
             self.policy.ciphers, self.policy.exclude, self.sni, files, server_helo,
             SSL.OpenSSL_version(SSL.OPENSSL_VERSION),
-            [f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in self.policy.tlsa],
+            # Sorted: DNS servers rotate the order of an RRset.
+            sorted(f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in self.policy.tlsa),
             self.policy.matches if self.policy.tlsa else ())
 
     def start(self, stream, addr, server_helo: str = "") -> object:

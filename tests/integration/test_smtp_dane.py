@@ -145,7 +145,9 @@ def mta(base, dns):
               f"{dns.resolver_port} -o smtp_tls_loglevel=1")
     inst.main.update({"inet_protocols": "ipv4", "smtp_dns_timeout": "3s",
                       "smtp_connect_timeout": "3s", "smtp_helo_timeout": "5s",
-                      "smtp_starttls_timeout": "5s"})
+                      "smtp_starttls_timeout": "5s",
+                      # tlsmgr reads it from main.cf: every service caches its sessions.
+                      "smtp_tls_session_cache_database": "btree:${data_directory}/smtp_scache"})
     inst.master_lines = [
         f"dane unix - - y - - smtp -o smtp_tls_security_level=dane{common}",
         f"daneonly unix - - y - - smtp -o smtp_tls_security_level=dane-only{common}",
@@ -153,6 +155,9 @@ def mta(base, dns):
         " -o smtp_tls_loglevel=2",
         f"sha256only unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
         " -o tls_dane_digests=sha256",
+        f"danecache unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
+        " -o smtp_tls_loglevel=2",
+        "tlsmgr unix - - y 1000? 1 tlsmgr",
         "nodnssec unix - - y - - smtp -o smtp_tls_security_level=dane"
         f" -o smtp_dns_nameservers=127.0.0.1:{dns.resolver_port} -o smtp_tls_loglevel=1",
     ]
@@ -230,6 +235,18 @@ def test_dane_ta_with_name_check_delivers(mta, receiver, certs):
     assert out.log.split(peername, 1)[1].split("\n", 1)[0].endswith(
         f"mx-ta.dane.test[127.0.0.1]:{P}: Matched DANE TA certificate at depth 1: 2 0 1 "
         f"{certs.ta_201.upper()}")
+
+
+def test_dane_sessions_are_cached_and_resumed(mta, receiver):
+    """A resumed session (no chain sent again) stays Verified under the same TLSA records."""
+    P = receiver.port
+    for host in ("ta", "ee"):
+        first = deliver_via(mta, "danecache", f"{host}.dane.test:{P}")
+        second = deliver_via(mta, "danecache", f"{host}.dane.test:{P}")
+        for out in (first, second):
+            assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+            assert established("Verified", f"mx-{host}.dane.test", P) in out.log
+        assert f"mx-{host}.dane.test[127.0.0.1]:{P}: Reusing old session" in second.log
 
 
 def test_dane_ta_wrong_name_defers(mta, receiver):
