@@ -53,7 +53,10 @@ FUNCTIONS
     parse_digests(items, warn) -> {mtype: preference} (higher is preferred; 0 is full).
     tlsa_qname(host, port) -> "_25._tcp.mx.example.com"
     lookup(resolver, addr, port, warn) -> TlsaResult
-    policy_for(policy, dest, addr, resolver, dnssec, warn, info) -> tls_policy.Policy
+    policy_for(policy, dest, addr, resolver, dnssec, digests, warn) -> tls_policy.Policy:
+        source "DANE TLSA" with records; "DANE TLSA (why)" after a downgrade (why: "no
+        TLSA records found", "non DNSSEC destination", ...), for `tls explain`.
+    match_names(found, addr, dest) -> names for DANE-TA certificates
     verify(chain, records, names, wildcard_multiple_labels) -> DaneMatch: records as
         usable() left them
 
@@ -228,8 +231,17 @@ def usable(records, digests: dict[int, int], namaddr: str, warn=msg.warn) -> tup
     return tuple(r for r in out if digests[r.mtype] == best[(r.usage, r.selector)])
 
 
+def match_names(found: TlsaResult, addr, dest) -> tuple[str, ...]:
+    """The names a DANE-TA certificate may match: the TLSA base domain, then the next-hop
+    domain when the server came from its MX records."""
+    names = [found.base_domain.rstrip(".").lower()]
+    if addr.mx_dnssec is not None and dest.host.rstrip(".").lower() not in names:
+        names.append(dest.host.rstrip(".").lower())
+    return tuple(names)
+
+
 def policy_for(policy, dest, addr, resolver, dnssec: bool, digests: dict[int, int],
-               warn=msg.warn, info=msg.info):
+               warn=msg.warn):
     """The policy for one server at level dane or dane-only (Postfix's dane_init)."""
     level = policy.level
 
@@ -277,10 +289,8 @@ def policy_for(policy, dest, addr, resolver, dnssec: bool, digests: dict[int, in
         warn(f"{addr.namaddrport}: all TLSA records unusable")
         return tls_policy.Policy(tls_policy.INVALID, dsn="4.7.5",
                                  reason="TLSA records unusable", source=SOURCE)
-    names = [found.base_domain.rstrip(".").lower()]
-    if addr.mx_dnssec is not None and dest.host.lower() not in names:
-        names.append(dest.host.rstrip(".").lower())
-    return dataclasses.replace(policy, level="dane", tlsa=records, matches=tuple(names),
+    return dataclasses.replace(policy, level="dane", tlsa=records,
+                               matches=match_names(found, addr, dest),
                                servername=policy.servername or found.base_domain,
                                source=SOURCE)
 

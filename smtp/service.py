@@ -67,6 +67,10 @@ CONFIGURATION PARAMETERS
     smtp_dns_support_level (empty: enabled; disabled: no DNS, as smtp_host_lookup =
     native; dnssec: DNSSEC status from the resolver's AD bit, which the dane and
     dane-only TLS levels need: smtp/dane.py), tls_dane_digests (sha512 sha256).
+    requiretls_enable (yes): a message received with MAIL FROM ... REQUIRETLS goes only
+    to a server with a matched certificate that announces REQUIRETLS (smtp/session.py);
+    tls_required_enable (yes): with a "TLS-Required: No" header (and no REQUIRETLS) the
+    TLS level is at most may, without policy tables or DANE (RFC 8689).
     smtp_fallback_relay ($fallback_relay; fallback_relay: empty), lmtp_fallback_relay (empty).
 
 FILES

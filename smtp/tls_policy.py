@@ -109,7 +109,9 @@ class Policy:
     ciphers: str | None = None      # policy "ciphers" (a grade), else main.cf's
     exclude: str | None = None      # policy "exclude", else main.cf's
     servername: str | None = None   # policy "servername" (SNI)
-    source: str = "global"          # global, per-site, policy, or "DANE TLSA" (smtp/dane.py)
+    # global, per-site, policy; "DANE TLSA" or "DANE TLSA (why it was downgraded)" from
+    # smtp/dane.py; "TLS-Required: no" (smtp/service.py, RFC 8689).
+    source: str = "global"
     dsn: str = ""                   # level "invalid" only
     reason: str = ""
     tlsa: tuple = ()                # level dane: the usable smtp/dane.py Tlsa records

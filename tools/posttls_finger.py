@@ -377,10 +377,8 @@ class Finger:
                 out(f"no {usable}TLSA records found, resorting to \"secure\"")
             self.match = self.secure_match
             return tls_policy.Policy("secure")
-        names = [found.base_domain.rstrip(".").lower()]
-        if addr.mx_dnssec is not None and self.dest.host.lower() not in names:
-            names.append(self.dest.host.rstrip(".").lower())
-        return tls_policy.Policy("dane", matches=tuple(names), tlsa=records,
+        return tls_policy.Policy("dane", matches=dane.match_names(found, addr, self.dest),
+                                 tlsa=records,
                                  servername=found.base_domain, source=dane.SOURCE)
 
     def _starter(self):
