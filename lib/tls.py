@@ -1846,7 +1846,7 @@ def log_lines(info: TLSInfo, loglevel: int, require_trust: bool = False) -> list
             lines.append(verify_error_line(info))
     if info.peer_cert_present and loglevel >= 2:
         if info.role == "client":
-            if info.peer_matched:
+            if info.peer_matched and info.matched_name:
                 lines.append(f"{who}: matched peername: {info.matched_name}")
             lines.append(f"{who}: subject_CN={info.peer_CN}, issuer_CN={info.issuer_CN}, "
                          f"fingerprint={info.peer_fingerprint}, "

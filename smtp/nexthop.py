@@ -24,6 +24,14 @@ DESCRIPTION
     smtp_cname_overrides_servername = yes: it is the name TLS policy lookups and
     certificate checks use.
 
+    With dnssec = True (smtp_dns_support_level = dnssec) every query asks for DNSSEC
+    (the DO bit in EDNS0 and the AD bit in the header) and each answer's DNSSEC status
+    is the AD bit of the configured resolver's reply, which Postfix trusts in the same
+    way: the resolver must validate, and the path to it must be trusted (loopback).
+    An Address then carries whether its address records were secure (dnssec) and,
+    when it came from an MX lookup, whether the MX RRset was (mx_dnssec): the DANE
+    rules of smtp/dane.py need both.
+
     Errors are Postfix's, with its status codes:
         4.4.3 Host or domain name not found. Name service error for name=N type=T:
               Host not found, try again            (timeout, SERVFAIL, garbage)
@@ -40,6 +48,8 @@ FUNCTIONS
              protocols=("ipv4", "ipv6"), cname_overrides=False, preference="any")
         .addresses(dest) -> (list of Address, Why or None): Why only when the list is
         empty. Never raises for anything the network sends.
+    .lookup(name, rdtype) -> (answer or None, kind, secure): kind is ok, nodata,
+        nxdomain or again; secure is the AD bit (False without dnssec).
     prepare_for_chroot(): load what the C library loads on first use (NSS modules), so
         that lookups work inside a chroot jail. dnspython and the record classes it
         would load lazily are imported with this module, in the master, so that every
@@ -63,6 +73,7 @@ import socket
 from dataclasses import dataclass
 
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rdata
@@ -105,6 +116,9 @@ class Address:
     port: int
     pref: int = 0
     family: int = socket.AF_INET
+    dnssec: bool = False        # the address records were DNSSEC-validated (AD bit)
+    mx_dnssec: bool | None = None   # from an MX lookup: was the MX RRset validated
+    rname: str = ""             # the name the address records are at (CNAME target)
 
     @property
     def namaddr(self) -> str:
@@ -208,7 +222,8 @@ def _dns_why(kind: str, name: str, rdtype: str) -> Why:
 
 def _load_record_types() -> None:
     """Import the record classes dnspython loads on first use (at import: see FUNCTIONS)."""
-    for name in ("A", "AAAA", "MX", "CNAME", "SOA", "NS", "PTR", "TXT", "DNAME", "SRV"):
+    for name in ("A", "AAAA", "MX", "CNAME", "SOA", "NS", "PTR", "TXT", "DNAME", "SRV",
+                 "TLSA"):
         dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(name))
 
 
@@ -231,7 +246,7 @@ class NexthopResolver:
     def __init__(self, nameservers=(), timeout: float = DNS_TIMEOUT,
                  host_lookup=("dns",), protocols=("ipv4", "ipv6"),
                  cname_overrides: bool = False, preference: str = "any",
-                 randomize: bool = True):
+                 randomize: bool = True, dnssec: bool = False):
         """Build the dnspython resolver now (before any chroot: resolv.conf is read here)."""
         self.timeout = timeout
         self.host_lookup = [h.lower() for h in host_lookup] or ["dns"]
@@ -261,8 +276,24 @@ class NexthopResolver:
         self.dns.cache = None
         # Queries are absolute names: no search list, as Postfix (no RES_DEFNAMES).
         self.dns.use_search_by_default = False
+        self.dnssec = dnssec
+        if dnssec:
+            # RES_USE_DNSSEC: DO in EDNS0, and AD in the query so that the resolver
+            # reports what it validated.
+            self.dns.use_edns(0, dns.flags.DO, 1232)
+            self.dns.flags = dns.flags.RD | dns.flags.AD
 
     # --- DNS -------------------------------------------------------------------------
+    def lookup(self, name: str, rdtype: str):
+        """(answer or None, kind, secure): secure is the resolver's AD bit (dnssec only)."""
+        answer, kind = self._query(name, rdtype)
+        return answer, kind, self._secure(answer)
+
+    def _secure(self, answer) -> bool:
+        if not self.dnssec or answer is None:
+            return False
+        return bool(answer.response.flags & dns.flags.AD)
+
     def _query(self, name: str, rdtype: str):
         """(answer or None, kind): kind is ok, nodata, nxdomain or again."""
         try:
@@ -297,11 +328,14 @@ class NexthopResolver:
                 answer, kind = self._query(name, rdtype)
                 if kind == "ok":
                     label = name
+                    rname = answer.canonical_name.to_text(omit_final_dot=True)
                     if self.cname_overrides:
-                        label = answer.canonical_name.to_text(omit_final_dot=True)
+                        label = rname
                     family = socket.AF_INET6 if rdtype == "AAAA" else socket.AF_INET
+                    secure = self._secure(answer)
                     for rr in list(answer.rrset)[:MAX_RECORDS]:
-                        found.append(Address(label, rr.address, port, pref, family))
+                        found.append(Address(label, rr.address, port, pref, family,
+                                             dnssec=secure, rname=rname))
                     continue
                 failure = _dns_why(kind, name, rdtype)
                 if kind == "again":
@@ -366,6 +400,7 @@ class NexthopResolver:
             # No MX records: the domain's own addresses, as RFC 5321 says.
             addrs, why = self._host_addresses(dest.host, 0, dest.port)
             return (self._order(addrs), None) if addrs else ([], why)
+        mx_secure = self._secure(answer)
         records = sorted(list(answer.rrset)[:MAX_RECORDS], key=lambda rr: rr.preference)
         if len(records) == 1 and records[0].exchange.to_text() == ".":
             return [], Why("5.1.10", f"Domain {dest.host} does not accept mail (nullMX)")
@@ -383,6 +418,8 @@ class NexthopResolver:
                 if not host or host == ".":
                     continue
                 found, why = self._host_addresses(host, pref, dest.port)
+                for a in found:
+                    a.mx_dnssec = mx_secure
                 if why is not None:
                     if why.soft:
                         soft = soft or why

@@ -64,6 +64,13 @@ CONFIGURATION PARAMETERS
     request that waited this long before delivery retries the same server in plain text
     when the TLS handshake (or the TLS session) fails (smtp/session.py). The lmtp program reads lmtp_* where postfix-py declares it, else smtp_*.
     smtp_dns_nameservers (empty: the system's resolv.conf), smtp_dns_timeout (10s).
+    smtp_dns_support_level (empty: enabled; disabled: no DNS, as smtp_host_lookup =
+    native; dnssec: DNSSEC status from the resolver's AD bit, which the dane and
+    dane-only TLS levels need: smtp/dane.py), tls_dane_digests (sha512 sha256).
+    requiretls_enable (yes): a message received with MAIL FROM ... REQUIRETLS goes only
+    to a server with a matched certificate that announces REQUIRETLS (smtp/session.py);
+    tls_required_enable (yes): with a "TLS-Required: No" header (and no REQUIRETLS) the
+    TLS level is at most may, without policy tables or DANE (RFC 8689).
     smtp_fallback_relay ($fallback_relay; fallback_relay: empty), lmtp_fallback_relay (empty).
     MTA-STS (smtp/mta_sts.py; the smtp client only): smtp_tls_mta_sts_enable (no), with it
     an MX next hop's policy decides each MX host's TLS policy, and the log says
@@ -101,7 +108,7 @@ from ..lib import queue as Q
 from ..lib import tls as libtls
 from ..lib.smtpio import SmtpStream
 from ..lib.maincf import ConfigError
-from . import conncache, mta_sts, nexthop, session, tls, tls_policy, xforward
+from . import conncache, dane, mta_sts, nexthop, session, tls, tls_policy, xforward
 from . import sasl as smtp_sasl
 
 REQUEST_TIMEOUT_CAP = 300       # seconds to wait for the request frame
@@ -111,16 +118,24 @@ def _prefix(ctx) -> str:
     return "lmtp" if ctx.program == "lmtp" else "smtp"
 
 
+def dns_support_level(cfg) -> str:
+    """smtp_dns_support_level: disabled, enabled (the default) or dnssec."""
+    return cfg.get("smtp_dns_support_level").strip().lower() or "enabled"
+
+
 def make_resolver(cfg) -> nexthop.NexthopResolver:
     """The resolver, configured now (before the chroot) from main.cf."""
     servers = cfg["smtp_dns_nameservers"]
     timeout = cfg["smtp_dns_timeout"]
+    support = dns_support_level(cfg)
+    host_lookup = ["native"] if support == "disabled" else cfg["smtp_host_lookup"]
     try:
         resolver = nexthop.NexthopResolver(
-            servers, timeout=timeout, host_lookup=cfg["smtp_host_lookup"],
+            servers, timeout=timeout, host_lookup=host_lookup,
             protocols=[p.lower() for p in cfg["inet_protocols"]],
             cname_overrides=cfg["smtp_cname_overrides_servername"],
-            preference=cfg.get("smtp_address_preference").strip().lower())
+            preference=cfg.get("smtp_address_preference").strip().lower(),
+            dnssec=support == "dnssec")
     except ValueError as exc:
         msg.fatal(f"smtp_dns_nameservers: {exc}")
     if resolver.problem:
@@ -153,6 +168,7 @@ def pre_init(ctx) -> None:
         except libtls.TLSConfigError as exc:
             msg.warn(f"TLS library problem: {exc}; TLS is not available")
     st["history"] = bool(cfg.get("smtp_tls_history_database").strip())
+    st["dane_digests"] = dane.parse_digests(cfg["tls_dane_digests"])
     st["options"] = session.Options.from_config(cfg, prefix)
     try:
         # smtp_sasl_password_maps: opened here, before the chroot (Postfix's
@@ -261,7 +277,15 @@ def _policy_for(ctx, dest, addr, d: session.Delivery, sts=None):
     st = ctx.state
     p = st["prefix"]
     finder = st["finder"]
-    if dest.unix:
+    if d.tls_not_required:
+        # "TLS-Required: No": no policy lookup, no DANE; at most may (encrypt in
+        # wrapper mode), as Postfix's policy_create().
+        cap = "encrypt" if ctx.cfg[f"{p}_tls_wrappermode"] else "may"
+        level = finder.global_level
+        if level in ("dane", "dane-only") or tls_policy.rank(level) > tls_policy.rank(cap):
+            level = cap
+        policy = tls_policy.Policy(level, source="TLS-Required: no")
+    elif dest.unix:
         policy = finder.find(dest.host, ctx.cfg.get("myhostname"), True, addr.name)
         if policy.valid and policy.level == "may":
             msg.warn("smtp_connect_local: opportunistic TLS encryption is not appropriate "
@@ -269,9 +293,28 @@ def _policy_for(ctx, dest, addr, d: session.Delivery, sts=None):
             policy = tls_policy.Policy("none", source=policy.source)
     else:
         policy = finder.find(dest.text, dest.host, dest.literal, addr.name)
+    if policy.level in ("dane", "dane-only") and not d.tls_not_required:
+        resolver = st["resolver"]
+        policy = dane.policy_for(policy, dest, addr, resolver, resolver.dnssec,
+                                 st["dane_digests"])
     if not policy.valid:
         msg.warn(f"TLS policy lookup for {dest.text}/{addr.name}: {policy.reason}")
         d.why = (policy.dsn, policy.reason)
+        return None
+    if sts is not None and not d.tls_not_required:     # RFC 8689: not even MTA-STS
+        policy, why = mta_sts.apply(policy, sts.policy, addr.name)
+        if policy is None:
+            # Postfix 3.10.5's warning (smtp_tls_authorize_mx_hostname); the host is skipped.
+            msg.warn(f"MX name '{addr.name}' does not match STS MX pattern for "
+                     f"'{sts.policy.domain}'")
+            d.why = why
+            _tlsrpt_record(ctx, dest, addr, sts, tlsrpt.VALIDATION_FAILURE)
+            return None
+    if d.requiretls and not tls_policy.must_match(policy.level):
+        # REQUIRETLS needs a matched certificate (Postfix's enforce mode).
+        d.why = ("5.7.10", f"Sender requested REQUIRETLS, but my configured TLS security "
+                           f"level '{policy.level}' disables certificate matching. The last "
+                           f"attempted server was {addr.name}")
         return None
     if policy.level == "fingerprint" and not tls_policy.fingerprints(ctx.cfg, p, policy):
         msg.warn(f"nexthop domain {dest.host}: configured at fingerprint security level, "
@@ -283,15 +326,6 @@ def _policy_for(ctx, dest, addr, d: session.Delivery, sts=None):
                  f"(or stronger)")
         d.why = tls_policy.DSN_CONFIG
         return None
-    if sts is not None:
-        policy, why = mta_sts.apply(policy, sts.policy, addr.name)
-        if policy is None:
-            # Postfix 3.10.5's warning (smtp_tls_authorize_mx_hostname); the host is skipped.
-            msg.warn(f"MX name '{addr.name}' does not match STS MX pattern for "
-                     f"'{sts.policy.domain}'")
-            d.why = why
-            _tlsrpt_record(ctx, dest, addr, sts, tlsrpt.VALIDATION_FAILURE)
-            return None
     return policy
 
 
@@ -395,6 +429,10 @@ def deliver_request(req: deliver.Request, ctx, report: delivery_agent.Report) ->
             return relay
         d.size = qmsg.size
         d.smtputf8 = qmsg.attrs.get("smtputf8") == "1"
+        d.requiretls = ctx.cfg["requiretls_enable"] and qmsg.attrs.get("requiretls") == "1"
+        # RFC 8689 section 5; REQUIRETLS wins over the header, as Postfix.
+        d.tls_not_required = (ctx.cfg["tls_required_enable"] and not d.requiretls
+                              and session.tls_required_no(qmsg.content(req.queue_file)))
         d.dsn_ret = qmsg.attrs.get("dsn_ret", "")
         d.dsn_envid = qmsg.attrs.get("dsn_envid", "")
         stored = {r.offset: r for r in qmsg.recipients}

@@ -51,6 +51,20 @@ FAILURES (Postfix's smtp_trouble.c)
         Cannot start TLS: handshake failure
         Server certificate not verified
 
+REQUIRETLS (RFC 8689, as Postfix's enforce mode)
+    For a message received with MAIL FROM ... REQUIRETLS (Delivery.requiretls), the
+    server must offer STARTTLS, its certificate must match (the TLS level must be one
+    that matches certificates: smtp/service.py skips others with 5.7.10), and it must
+    announce REQUIRETLS after STARTTLS; MAIL FROM then carries REQUIRETLS. Failures are
+    Postfix's, temporary on a server that is not the last one, final on the last:
+        5.7.30 Sender requested REQUIRETLS, but TLS service was not offered by host H
+        5.7.10 Sender requested REQUIRETLS, but host H refused to start TLS: reply
+        5.7.10 Sender requested REQUIRETLS, but no matching (trusted) server certificate
+               was found. The last attempted server was H
+        5.7.30 Sender requested REQUIRETLS, but no server was found that supports
+               REQUIRETLS. The last attempted server was H
+    tls_required_no() finds the "TLS-Required: No" header (RFC 8689 section 5).
+
 TLS
     smtp/tls.py's TlsStarter runs STARTTLS (or wrapper mode) for a ClientSession under
     the TLS policy, with the session cache; a handshake that fails leaves the connection
@@ -125,6 +139,8 @@ class Delivery:
     # PREACTIVE_DELAY test): opportunistic TLS that fails may fall back to plain text.
     plaintext_fallback: bool = False
     smtputf8: bool = False          # the sender asked for SMTPUTF8 (queue file smtputf8=1)
+    requiretls: bool = False        # MAIL FROM ... REQUIRETLS (queue file requiretls=1)
+    tls_not_required: bool = False  # "TLS-Required: No" (and tls_required_enable)
     dsn_ret: str = ""               # DSN RET and ENVID (queue file dsn_ret, dsn_envid)
     dsn_envid: str = ""
     log = None                      # for tests without a Report: f(rcpt, relay, status)
@@ -388,6 +404,24 @@ class Options:
                    xforward_timeout=cfg["smtp_xforward_timeout"])
 
 
+def tls_required_no(blocks) -> bool:
+    """Whether the message headers hold "TLS-Required: No" (RFC 8689 section 5)."""
+    data = b""
+    try:
+        for block in blocks:
+            data += block
+            end = data.find(b"\n\n")
+            if end >= 0 or data.startswith(b"\n") or len(data) > 1 << 20:
+                data = data[:end] if end >= 0 else data
+                break
+    finally:
+        if hasattr(blocks, "close"):
+            blocks.close()
+    if data.startswith(b"\n"):
+        return False
+    return bool(re.search(rb"(?im)^tls-required:[ \t]*no[ \t]*$", data))
+
+
 def requires_smtputf8(d: Delivery, todo: list[Rcpt]) -> bool:
     """Whether this delivery breaks the SMTPUTF8 promise without SMTPUTF8 (Postfix's
     DELIVERY_REQUIRES_SMTPUTF8): the sender asked for it, and the envelope sender, a
@@ -521,6 +555,16 @@ class ClientSession:
         except (StreamTimeout, StreamEOF) as exc:
             self._except(exc, self._where or where)
             return False
+        if self.d.requiretls and not self.tls_active:
+            if "STARTTLS" not in self.features:
+                return self._requiretls_fail("5.7.30", f"Sender requested REQUIRETLS, but "
+                                                       f"TLS service was not offered by host "
+                                                       f"{self.namaddr}")
+        if self.d.requiretls and self.tls_active and "REQUIRETLS" not in self.features:
+            return self._requiretls_fail("5.7.30", f"Sender requested REQUIRETLS, but no "
+                                                   f"server was found that supports "
+                                                   f"REQUIRETLS. The last attempted server "
+                                                   f"was {self.namaddr}")
         if self.tls is not None and tls_policy.requires_tls(self.tls.level) \
                 and not self.tls_active:
             if "STARTTLS" not in self.features:
@@ -584,6 +628,13 @@ class ClientSession:
             return self._site_fail(None, dsn, f"mail for {self._nexthop} loops back to myself")
         return True
 
+    def _requiretls_fail(self, dsn: str, reason: str) -> bool:
+        """Postfix's SMTP_MISC_FAIL_SOFT_NON_FINAL: try the next server, else final."""
+        if not self.d.final_server:
+            dsn = "4" + dsn[1:]
+        self.d.bulk_fail(dsn, reason, self.relay)
+        return False
+
     def _features(self, reply: ServerReply) -> None:
         self.features = set()
         self.sasl_mechs: list[str] = []     # AUTH lines, for smtp/sasl.py
@@ -624,6 +675,10 @@ class ClientSession:
         self._where = ""
         if reply.klass != 2:
             self.features.discard("STARTTLS")
+            if self.d.requiretls:
+                return self._requiretls_fail("5.7.10", f"Sender requested REQUIRETLS, but "
+                                                       f"host {self.namaddr} refused to "
+                                                       f"start TLS: {reply.text1}")
             if tls_policy.requires_tls(level):
                 return self._site_fail(reply, reply.dsn,
                                        f"TLS is required, but host {self.namaddr} refused "
@@ -644,6 +699,13 @@ class ClientSession:
         self.tls_active = True
         self.features = set()
         if not self.tls.acceptable():
+            if self.d.requiretls:
+                info = self.tls.tls_info
+                trusted = info is not None and info.verify_error in (62, 64)
+                return self._requiretls_fail(
+                    "5.7.10", f"Sender requested REQUIRETLS, but no "
+                              f"{'matching' if trusted else 'trusted'} server certificate "
+                              f"was found. The last attempted server was {self.namaddr}")
             self._site_fail(None, "4.7.5", "Server certificate not verified")
             return False
         return True
@@ -692,6 +754,8 @@ class ClientSession:
                 mail += f" RET={d.dsn_ret}"
         if utf8 and d.smtputf8:
             mail += " SMTPUTF8"
+        if d.requiretls and "REQUIRETLS" in self.features:
+            mail += " REQUIRETLS"
         # CVE-2009-3555 (TLS renegotiation), as Postfix's smtp_proto.c: commands injected
         # into our STARTTLS session show as a server reply that is here before our MAIL.
         self._early_reply = (self.o.block_early_mail_reply and self.tls_active

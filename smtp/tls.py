@@ -11,6 +11,14 @@ DESCRIPTION
     handshake) stores the session it got (save()). A handshake that fails raises
     TLSStartError and leaves the connection unusable: no QUIT, no plaintext.
 
+    At the dane level (a Policy that smtp/dane.py gave its TLSA records) the chain is
+    judged by smtp/dane.py's verify() instead of the CAfile: a match makes the peer
+    "Verified" and logs, at smtp_tls_loglevel 2, Postfix's "Matched DANE EE
+    certificate at depth 0: 3 1 1 ..." (or "TA certificate at depth N"); no match is
+    OpenSSL's X509_V_ERR_DANE_NO_MATCH. The TLSA records are part of the session cache
+    key, and only a verified DANE session is saved: a resumed session (the server sends
+    no chain again) was verified under the same records.
+
 CLASSES AND FUNCTIONS
     TlsStarter(client_tls, policy, *, cfg, prefix, service, nexthop_text, nexthop_domain,
         cache, cache_key, info, warn, loglevel, match, fingerprints, sni, log_cache,
@@ -38,7 +46,7 @@ from OpenSSL import SSL
 
 from ..lib import metrics, msg, params, tls_session, tlsmgr_client
 from ..lib import tls as libtls
-from . import tls_policy
+from . import dane, tls_policy
 
 X509_V_ERR_DANE_NO_MATCH = 65
 
@@ -81,6 +89,7 @@ class TlsStarter:
         self.conn = None
         self.tls_info = None
         self.saved = False
+        self.dane_line = ""             # "Matched DANE ...", logged with log_certmatch
 
     @property
     def available(self) -> bool:
@@ -118,7 +127,10 @@ class TlsStarter:
             self.level, self._match_names(hostname) or [], self.fingerprints or [],
             self.policy.protocols or protocols, self.client.cipher_list(mandatory, authenticated),
             self.policy.ciphers, self.policy.exclude, self.sni, files, server_helo,
-            SSL.OpenSSL_version(SSL.OPENSSL_VERSION))
+            SSL.OpenSSL_version(SSL.OPENSSL_VERSION),
+            # Sorted: DNS servers rotate the order of an RRset.
+            sorted(f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in self.policy.tlsa),
+            self.policy.matches if self.policy.tlsa else ())
 
     def start(self, stream, addr, server_helo: str = "") -> object:
         """Handshake on stream; returns lib.tls.TLSInfo; TLSStartError when it fails."""
@@ -164,8 +176,18 @@ class TlsStarter:
         info = self.client.info(conn, match=self._match_names(addr.name), warn=self.warn)
         if self.level == "fingerprint":
             self._check_fingerprint(info)
-        for line in libtls.log_lines(info, self.loglevel,
-                                     require_trust=tls_policy.must_match(self.level)):
+        elif self.level == "dane":
+            self._check_dane(conn, info)
+        lines = libtls.log_lines(info, self.loglevel,
+                                 require_trust=tls_policy.must_match(self.level))
+        if self.dane_line and self.log_certmatch:
+            # As Postfix: after "matched peername", before the certificate details.
+            at = next((i + 1 for i, line in enumerate(lines)
+                       if ": matched peername: " in line), None)
+            if at is None:
+                at = 1 if lines and lines[0].endswith(": Reusing old session") else 0
+            lines.insert(at, self.dane_line)
+        for line in lines:
             if line:
                 self.info(line)
         self.tls_info = info
@@ -194,6 +216,34 @@ class TlsStarter:
             info.verify_error, info.verify_error_depth = X509_V_ERR_DANE_NO_MATCH, 0
             info.verify_error_text = "no matching DANE TLSA records"
 
+    def _check_dane(self, conn, info) -> None:
+        """The dane level: the chain must match a usable TLSA record (smtp/dane.py)."""
+        info.peer_trusted = info.peer_matched = False
+        info.matched_name = ""
+        if not info.peer_cert_present:
+            return
+        chain = conn.get_peer_cert_chain(as_cryptography=True) or []
+        if not chain:
+            chain = [conn.get_peer_certificate(as_cryptography=True)]
+        found = dane.verify(chain, self.policy.tlsa, list(self.policy.matches),
+                            self.client.wildcard_multiple_labels)
+        if not found.matched and info.session_reused and len(chain) == 1 and \
+                any(r.usage == dane.USAGE_DANE_TA for r in self.policy.tlsa):
+            # Only verified DANE sessions are cached, under a key with these records.
+            found = dane.DaneMatch(True, None, -1)
+        if found.matched:
+            info.peer_trusted = info.peer_matched = True
+            info.matched_name = found.name
+            info.verify_error, info.verify_error_text = libtls.X509_V_OK, ""
+            info.verify_error_depth = -1
+            if found.record is not None:
+                kind = "TA certificate" if found.depth else "EE certificate"
+                self.dane_line = (f"{info.namaddr}: Matched DANE {kind} at depth "
+                                  f"{found.depth}: {found.record.text()}")
+            return
+        info.verify_error, info.verify_error_depth = found.error, found.error_depth
+        info.verify_error_text = tls_session.verify_error_string(found.error)
+
     def acceptable(self) -> bool:
         """Whether the peer certificate satisfies the level (after start())."""
         info = self.tls_info
@@ -204,6 +254,8 @@ class TlsStarter:
     def save(self) -> None:
         """Store the session after the first read past the handshake (TLS 1.3 tickets)."""
         if self.saved or self.cache is None or self.conn is None:
+            return
+        if self.level == "dane" and not self.acceptable():
             return
         self.saved = True
         try:

@@ -7,7 +7,11 @@ DESCRIPTION
     This module is postfix-py's smtp_tls_policy.c. Its functions are pure, apart from
     PolicyFinder, which consults the lookup tables that main.cf names.
 
-    Security levels, weakest first: none, may, encrypt, fingerprint, verify, secure.
+    Security levels, weakest first: none, may, encrypt, fingerprint, dane, dane-only,
+    verify, secure. dane and dane-only are resolved per server by smtp/dane.py (TLSA
+    records, or a downgrade); a Policy at level dane then carries its TLSA records
+    (tlsa) and the names a DANE-TA certificate must match (matches), with source
+    "DANE TLSA".
     "may" uses STARTTLS when the server offers it; "encrypt" and up refuse to deliver
     without TLS; "fingerprint" wants a listed certificate or public-key fingerprint;
     "verify" and "secure" want a trusted certificate whose names match (the server host
@@ -75,7 +79,8 @@ from dataclasses import dataclass
 
 from ..lib import msg, params, tables
 
-LEVELS = ("none", "may", "encrypt", "fingerprint", "verify", "secure")
+# Postfix's order (tls_level_table): the dane levels between fingerprint and verify.
+LEVELS = ("none", "may", "encrypt", "fingerprint", "dane", "dane-only", "verify", "secure")
 _RANK = {name: rank for rank, name in enumerate(LEVELS)}
 INVALID = "invalid"
 
@@ -104,9 +109,13 @@ class Policy:
     ciphers: str | None = None      # policy "ciphers" (a grade), else main.cf's
     exclude: str | None = None      # policy "exclude", else main.cf's
     servername: str | None = None   # policy "servername" (SNI)
-    source: str = "global"          # global, per-site, policy, MTA-STS policy [(testing)]
+    # global, per-site, policy; "DANE TLSA" or "DANE TLSA (why it was downgraded)" from
+    # smtp/dane.py; "MTA-STS policy" or "MTA-STS policy (testing)" from smtp/mta_sts.py;
+    # "TLS-Required: no" (smtp/service.py, RFC 8689).
+    source: str = "global"
     dsn: str = ""                   # level "invalid" only
     reason: str = ""
+    tlsa: tuple = ()                # level dane: the usable smtp/dane.py Tlsa records
     # policy "connection_reuse=yes|no": overrides smtp_tls_connection_reuse for this
     # destination (smtp/conncache.py); None: main.cf's
     connection_reuse: bool | None = None
@@ -128,8 +137,8 @@ def requires_tls(level: str) -> bool:
 
 
 def must_match(level: str) -> bool:
-    """Whether the certificate must match names or fingerprints at this level."""
-    return level in ("fingerprint", "verify", "secure")
+    """Whether the certificate must match names, fingerprints or TLSA records."""
+    return level in ("fingerprint", "dane", "dane-only", "verify", "secure")
 
 
 def must_trust(level: str) -> bool:
@@ -147,9 +156,7 @@ def legacy_level(use_tls: bool, enforce_tls: bool, enforce_peername: bool) -> st
 def level_lookup(text: str) -> str | None:
     """A level name as written in main.cf or a policy table; None when unknown."""
     name = text.strip().lower()
-    if name in _RANK or name in ("dane", "dane-only"):
-        return name
-    return None
+    return name if name in _RANK else None
 
 
 def global_level(cfg, prefix: str = "smtp") -> str:
@@ -157,11 +164,10 @@ def global_level(cfg, prefix: str = "smtp") -> str:
     text = cfg.get(f"{prefix}_tls_security_level").strip()
     if text:
         level = level_lookup(text)
-        if level is None or level == "dane-only":
+        if level is None:
             raise PolicyError(f"invalid tls security level: \"{text}\"")
-        if level == "dane":
-            # No DNSSEC here: Postfix's "dane configured with dnssec lookups disabled".
-            return "may"
+        # dane and dane-only stay: smtp/dane.py decides per server (and warns when
+        # DNSSEC lookups are disabled, as Postfix's dane_init).
         return level
     return legacy_level(cfg[f"{prefix}_use_tls"], cfg[f"{prefix}_enforce_tls"],
                         cfg[f"{prefix}_tls_enforce_peername"])
@@ -233,11 +239,6 @@ def parse_policy(text: str, where: str, dest: str = "", warn=msg.warn) -> Policy
     level = level_lookup(tokens[0])
     if level is None:
         bad(f"invalid security level \"{tokens[0]}\"")
-    if level == "dane-only":
-        bad(f"{dest}: dane-only configured with dnssec lookups disabled")
-    if level == "dane":
-        warn(f"{dest}: dane configured with dnssec lookups disabled")
-        level = "may"
     if _RANK[level] < _RANK["may"]:
         for tok in tokens[1:]:
             warn(f"{where}: ignoring attribute \"{tok}\" with TLS disabled")

@@ -27,6 +27,9 @@ PROTOCOL
     allows UTF-8 domains in MAIL and RCPT and is recorded in the queue file (attribute
     smtputf8=1, for the smtp client); 8-bit local parts pass in every mode, as Postfix;
     strict_smtputf8 = yes refuses non-ASCII addresses without the parameter (553 5.6.7).
+    REQUIRETLS (RFC 8689, requiretls_enable): announced in EHLO inside TLS only, as
+    Postfix; `MAIL FROM:<...> REQUIRETLS` is taken only there (else 555 5.5.4
+    Unsupported option) and recorded in the queue file (requiretls=1) for the smtp client.
     CHUNKING (RFC 3030): `BDAT n [LAST]` reads exactly n bytes, CRLF becomes LF and nothing
     is dot-unstuffed; the content goes to the same queue file writer as DATA's, Received
     header first, through smtpd/content.py's ContentSink (size and write errors; the
@@ -371,6 +374,7 @@ class Session:
         self.sasl_sender: str | None = None
         self.rcpt_overshoot = 0
         self.smtputf8 = False           # MAIL FROM ... SMTPUTF8 (RFC 6531)
+        self.requiretls = False         # MAIL FROM ... REQUIRETLS (RFC 8689)
         self.dsn_ret = ""               # MAIL FROM ... RET= and ENVID= (RFC 3461)
         self.dsn_envid = ""
         if getattr(self, "bdat", None) is not None:
@@ -641,7 +645,14 @@ class Session:
 
     def ehlo_extensions(self) -> list[str]:
         """The EHLO keywords Postfix announces after 8BITMIME, in its order."""
-        return ["DSN"] + ["SMTPUTF8"] * self.smtputf8_enable + ["CHUNKING"]
+        return ["DSN"] + ["SMTPUTF8"] * self.smtputf8_enable + ["CHUNKING"] + \
+            ["REQUIRETLS"] * self.requiretls_offered
+
+    @property
+    def requiretls_offered(self) -> bool:
+        """REQUIRETLS (RFC 8689): only inside TLS, as Postfix."""
+        return self.tls_active and self.cfg["requiretls_enable"] and \
+            "requiretls" not in self.discard_ehlo
 
     @property
     def smtputf8_offered(self) -> bool:
@@ -837,6 +848,7 @@ class Session:
             self.reply("501 5.1.7 Bad sender address syntax")
             return False
         size, self._dsn_mail = 0, ("", "")
+        requiretls = False
         for p in params:
             name, _, value = p.partition("=")
             name = name.upper()
@@ -849,6 +861,8 @@ class Session:
                 pass
             elif name == "SMTPUTF8" and utf8 and not value:
                 pass
+            elif name == "REQUIRETLS" and "=" not in p and self.requiretls_offered:
+                requiretls = True
             elif name in ("RET", "ENVID") and "=" in p:
                 if not self.mail_dsn_param(name, value):
                     return False
@@ -892,6 +906,7 @@ class Session:
                 return self.milter_refuse(err)
         self.sender = addr
         self.smtputf8 = utf8
+        self.requiretls = requiretls
         self.dsn_ret, self.dsn_envid = self._dsn_mail
         # as Postfix's mail_cmd: one instance per transaction, after the checks
         now = time.time()
@@ -1013,6 +1028,8 @@ class Session:
         try:
             if self.smtputf8:
                 self.writer.add_attr("smtputf8", "1")
+            if self.requiretls:
+                self.writer.add_attr("requiretls", "1")
             if self.dsn_ret:
                 self.writer.add_attr("dsn_ret", self.dsn_ret)
             if self.dsn_envid:

@@ -29,9 +29,10 @@ OPTIONS (Postfix's)
     -H chainfiles   client key and certificate chains (not with -k/-K)
     -k certfile     client certificate (key too, unless -K)
     -K keyfile      client private key
-    -l level        none, may, encrypt, fingerprint, verify, secure (default: secure)
+    -l level        none, may, encrypt, fingerprint, dane, dane-only, verify, secure
+                    (default: dane)
     -L logopts      0|none, 1|routine|summary, 2|debug, certmatch, peercert, cache,
-                    verbose, untrusted (default: routine,certmatch)
+                    dane, verbose, untrusted (default: routine,certmatch)
     -m count        most reconnections with -r (default: 5)
     -o name=value   override a main.cf parameter (myhostname for the EHLO name, ...)
     -p protocols    TLS protocols (default: >=TLSv1)
@@ -45,7 +46,19 @@ OPTIONS (Postfix's)
     -w              TLS wrapper mode (SMTPS, port 465)
     match ...       names to match at verify/secure (default: hostname; nexthop,
                     dot-nexthop), fingerprints at the fingerprint level
-    Not supported: -A (trust anchors), -f, -M, -R (DANE and SRV), -x, -X.
+    Not supported: -A (trust anchors), -f, -M, -R (SRV), -x, -X.
+
+DANE
+    At the dane and dane-only levels (dane is the default, as Postfix's) lookups ask
+    for DNSSEC (smtp/nexthop.py; the resolver is smtp_dns_nameservers, settable with
+    -o, else resolv.conf's, and must validate). For each server, as Postfix's
+    dane_host_level(): validated TLSA records (smtp/dane.py) make the level dane, the
+    chain is matched against them and the match logged ("Matched DANE EE certificate at
+    depth 0: 3 1 1 ...", with certmatch); no TLSA records, or none usable, fall back to
+    "secure" (logged at dane-only: 'no TLSA records found, resorting to "secure"'); an
+    insecure MX RRset to "may" ("MX RRset is insecure: try to encrypt"); a failed TLSA
+    lookup ends the probe ("TLSA lookup error for host:port"). -L dane logs each
+    record: "DNSSEC-signed TLSA record: _25._tcp.mx.example.com: 3 1 1 ...".
 
     `postfix-py -c DIR posttls-finger ...` reads DIR/main.cf, as the other tools do; a
     leading "-c DIR" is taken as that when DIR is a directory with a main.cf, since
@@ -65,7 +78,7 @@ import time
 from ..lib import maincf, params
 from ..lib import tls as libtls
 from ..lib.smtpio import SmtpStream, StreamEOF, StreamTimeout
-from ..smtp import nexthop, session, tls, tls_policy
+from ..smtp import dane, nexthop, session, tls, tls_policy
 
 PROG = "posttls-finger"
 USAGE = (f"usage: {PROG} [-acCSvw] [-t conn_tmout] [-T cmd_tmout] [-L logopts] \\\n"
@@ -87,7 +100,8 @@ LOGOPTS = {"0": set(), "none": set(),
            "ssl-debug": {"debug"}, "ssl-handshake-packet-dump": {"debug"},
            "ssl-session-packet-dump": {"debug"}, "untrusted": {"untrusted"},
            "peercert": {"peercert"}, "certmatch": {"certmatch"}, "cache": {"cache"},
-           "verbose": {"verbose", "peercert", "certmatch", "cache"}}
+           "dane": {"dane"},
+           "verbose": {"verbose", "peercert", "certmatch", "cache", "dane"}}
 
 
 def _cache_key(addr, digest: str) -> str:
@@ -217,11 +231,7 @@ class Finger:
             if not eq or not name:
                 raise Usage(f"bad -o option: {item}")
             overrides[name.strip()] = value.strip()
-        level = (opts.get("l") or "secure").lower()
-        if level in ("dane", "dane-only"):
-            warn(f"TLS level \"{level}\" needs DNSSEC, which postfix-py does not do: "
-                 f"using \"secure\"")
-            level = "secure"
+        level = (opts.get("l") or "dane").lower()
         if level not in tls_policy.LEVELS:
             raise Usage(f"Invalid TLS level \"{level}\"")
         if level == "none" and self.wrapper:
@@ -280,13 +290,20 @@ class Finger:
             self.resolver = nexthop.NexthopResolver(
                 servers, timeout=self.conn_timeout,
                 host_lookup=params.split_list(opts.get("h", "dns")), protocols=protocols,
-                preference=family if family != "any" else "any")
+                preference=family if family != "any" else "any",
+                dnssec=level in ("dane", "dane-only"))
         except ValueError as exc:
             raise Usage(str(exc)) from None
         self.addr = None
+        self.policy = None              # the policy for self.addr (dane_host_level)
         self.pass_no = 1
 
     def _match(self, args):
+        if self.level in ("dane", "dane-only"):
+            # With TLSA records the names are the TLSA base domain and the MX domain;
+            # without them the fallback level is secure.
+            self.secure_match = list(args) or ["nexthop", "dot-nexthop"]
+            return None, None
         if self.level in ("verify", "secure"):
             return (list(args) or (["hostname"] if self.level == "verify"
                                    else ["nexthop", "dot-nexthop"])), None
@@ -324,6 +341,10 @@ class Finger:
         else:
             candidates = [self.addr]
         for addr in candidates:
+            if self.addr is None or self.policy is None:
+                self.policy = self._host_policy(addr)
+                if self.policy is None:
+                    continue
             sock, reason = service.connect(addr, self.conn_timeout)
             if sock is None:
                 out(f"Failed to establish session to {self.dest_text} via {addr.name}: {reason}")
@@ -332,17 +353,49 @@ class Finger:
             return sock
         return None
 
+    def _host_policy(self, addr):
+        """The level for one server: Postfix's dane_host_level(); None: skip it."""
+        if self.level not in ("dane", "dane-only"):
+            return tls_policy.Policy(self.level)
+        if addr.mx_dnssec is False:
+            out("MX RRset is insecure: try to encrypt")
+            return tls_policy.Policy("may")
+        log = out if "dane" in self.mask else (lambda text: None)
+        found = dane.lookup(self.resolver, addr, self.dest.port, warn)
+        if found.status == "error":
+            out(f"TLSA lookup error for {addr.name}:{self.dest.port}")
+            return None
+        owner = dane.tlsa_qname(found.base_domain, self.dest.port)
+        for rec in found.records:
+            log(f"DNSSEC-signed TLSA record: {owner}: {rec.text()}")
+        digests = dane.parse_digests(self.cfg["tls_dane_digests"], warn)
+        records = dane.usable(found.records, digests, addr.namaddrport, warn) \
+            if found.status == "ok" else ()
+        if not records:
+            if "verbose" in self.mask or self.level == "dane-only":
+                usable = "usable " if found.status != "notfound" else ""
+                out(f"no {usable}TLSA records found, resorting to \"secure\"")
+            self.match = self.secure_match
+            return tls_policy.Policy("secure")
+        return tls_policy.Policy("dane", matches=dane.match_names(found, addr, self.dest),
+                                 tlsa=records,
+                                 servername=found.base_domain, source=dane.SOURCE)
+
     def _starter(self):
         domain = self.dest.host if not self.dest.unix else self.cfg.get("myhostname")
-        policy = tls_policy.Policy(self.level)
+        policy = self.policy or tls_policy.Policy(self.level)
+        certmatch = "certmatch" in self.mask and self.pass_no == 1
         return tls.TlsStarter(
             self.client, policy, cfg=self.cfg, prefix="smtp",
             nexthop_text=self.dest_text, nexthop_domain=domain, cache=self.cache,
             cache_key=_cache_key,
-            info=out, warn=warn, loglevel=0, match=self.match,
+            info=out, warn=warn, loglevel=0,
+            match=self.match if policy.level != "dane" else None,
             fingerprints=self.fingerprints, log_cache="cache" in self.mask and self.pass_no > 1,
-            log_certmatch="certmatch" in self.mask and self.pass_no == 1,
-            sni=self.opts.get("s") or None)
+            # The DANE match is reported by _report(), after the peer name, as Postfix.
+            log_certmatch=certmatch and policy.level != "dane",
+            # With TLSA records the SNI name is their base domain, whatever -s says.
+            sni=policy.servername if policy.level == "dane" else self.opts.get("s") or None)
 
     def _report(self, starter) -> None:
         """Postfix's certificate and summary lines for the finished handshake."""
@@ -351,6 +404,8 @@ class Finger:
         if info.peer_cert_present and first:
             if "certmatch" in self.mask and info.peer_matched and info.matched_name:
                 out(f"{info.namaddr}: matched peername: {info.matched_name}")
+            if "certmatch" in self.mask and info.peer_matched and starter.dane_line:
+                out(starter.dane_line)
             if self.mask & {"certmatch", "peercert", "verbose"}:
                 out(f"{info.namaddr}: subject_CN={info.peer_CN}, issuer_CN={info.issuer_CN}, "
                     f"fingerprint={info.peer_fingerprint}, "

@@ -78,8 +78,9 @@ def test_per_site_values_are_case_insensitive_and_checked():
 
 def test_level_predicates():
     assert [lvl for lvl in P.LEVELS if P.requires_tls(lvl)] == \
-        ["encrypt", "fingerprint", "verify", "secure"]
-    assert [lvl for lvl in P.LEVELS if P.must_match(lvl)] == ["fingerprint", "verify", "secure"]
+        ["encrypt", "fingerprint", "dane", "dane-only", "verify", "secure"]
+    assert [lvl for lvl in P.LEVELS if P.must_match(lvl)] == \
+        ["fingerprint", "dane", "dane-only", "verify", "secure"]
     assert [lvl for lvl in P.LEVELS if P.must_trust(lvl)] == ["verify", "secure"]
 
 
@@ -114,7 +115,10 @@ def test_parse_policy_attributes():
     assert pol.level == "none" and 'ignoring attribute "ciphers=high" with TLS disabled' in warnings[-1]
     pol = P.parse_policy("encrypt { protocols = !SSLv3, !TLSv1 }", "t", "d", warnings.append)
     assert pol.protocols == "!SSLv3, !TLSv1"
-    assert P.parse_policy("dane", "t", "d", warnings.append).level == "may"
+    # dane and dane-only stay for smtp/dane.py, which knows whether DNSSEC is on.
+    assert P.parse_policy("dane", "t", "d", warnings.append).level == "dane"
+    assert P.parse_policy("dane-only protocols=>=TLSv1.2", "t", "d",
+                          warnings.append).protocols == ">=TLSv1.2"
 
 
 @pytest.mark.parametrize("text,problem", [
@@ -125,7 +129,7 @@ def test_parse_policy_attributes():
     ("verify ciphers=high ciphers=low", 'attribute "ciphers" is specified multiple times'),
     ("verify servername=-bad-", '"servername=-bad-" specifies an invalid hostname'),
     ("verify protocols", "malformed attribute/value pair"),
-    ("dane-only", "dane-only configured with dnssec lookups disabled"),
+    ("dane match=nexthop", 'attribute "match" invalid at security level "dane"'),
 ])
 def test_parse_policy_refusals(text, problem):
     warnings = []
@@ -133,8 +137,7 @@ def test_parse_policy_refusals(text, problem):
         P.parse_policy(text, "smtp_tls_policy_maps, next-hop destination \"x\"", "x",
                        warnings.append)
     assert problem in warnings[-1]
-    assert warnings[-1].startswith("smtp_tls_policy_maps, next-hop destination \"x\": ") or \
-        "dane-only" in text
+    assert warnings[-1].startswith("smtp_tls_policy_maps, next-hop destination \"x\": ")
 
 
 def test_per_site_table_by_host_and_nexthop(tmp_path):
