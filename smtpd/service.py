@@ -26,8 +26,11 @@ CONFIGURATION PARAMETERS
     smtpd_sasl_path (smtpd/sasl.py). Extensions: smtputf8_enable (yes), strict_smtputf8
     (no), fast_flush_domains ($relay_domains) and smtpd_etrn_restrictions (empty) for
     ETRN. Behind a load balancer: smtpd_upstream_proxy_protocol (empty, or haproxy),
-    smtpd_upstream_proxy_timeout (5s) (smtpd/proxy.py); smtpd_authorized_xclient_hosts
+    smtpd_upstream_proxy_timeout (5s) (lib/proxy.py); smtpd_authorized_xclient_hosts
     and smtpd_authorized_xforward_hosts (empty; smtpd/xclient.py).
+    Behind postscreen, a `pass` service (`smtpd pass - - y - - smtpd`) receives each
+    client's socket and its endpoints from postscreen (lib/passfd.py) and uses those
+    endpoints, never a PROXY header of its own.
     smtpd_tls_security_level is computed once, in
     prepare(), by lib/tls.server_security_level (verify, secure and fingerprint act as
     encrypt, with Postfix's warning), and every session uses that value.
@@ -49,7 +52,8 @@ from ..lib import cleanup, msg, server, tlsmgr_client
 from ..lib import tls as T
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
-from . import proxy, sasl
+from . import sasl
+from ..lib import passfd, proxy
 from .check import Checker, ClientState
 from .limits import Limits
 from .session import Session
@@ -174,16 +178,40 @@ def post_init(ctx) -> None:
 
 
 def smtpd_service(conn: socket.socket, ctx) -> None:
-    """One client, from connect to disconnect."""
-    cfg = ctx.cfg
-    try:
-        addr, port = conn.getpeername()[:2]
-    except OSError:
+    """One client, from connect to disconnect; on a pass service (behind postscreen) the
+    connection carries the client's socket and endpoints (lib/passfd.py)."""
+    if ctx.service.type != "pass":
+        _session(conn, ctx)
         return
+    try:
+        client, endpoints = passfd.receive(conn)
+    except passfd.PassError as exc:
+        msg.warn(str(exc))
+        return
+    finally:
+        conn.close()            # tells postscreen that the hand-off is complete
+    try:
+        _session(client, ctx, endpoints)
+    finally:
+        client.close()
+
+
+def _session(conn: socket.socket, ctx, passed: dict | None = None) -> None:
+    cfg = ctx.cfg
+    if passed is not None:
+        # The endpoints postscreen logged: behind its PROXY header, the original client's.
+        addr, port, local = passed["client_address"], passed["client_port"], \
+            passed["server_address"]
+        hangup = False
+    else:
+        try:
+            addr, port = conn.getpeername()[:2]
+        except OSError:
+            return
+        port, local, hangup = str(port), None, False
     if addr.startswith("::ffff:"):
         addr = addr[7:]
-    port, local, hangup = str(port), None, False
-    if cfg["smtpd_upstream_proxy_protocol"]:
+    if passed is None and cfg["smtpd_upstream_proxy_protocol"]:
         addr, port, local, hangup = upstream_endpoints(conn, cfg, addr, port)
     if hangup:
         name, status, reverse, reverse_status = "unknown", "perm", "unknown", "perm"
