@@ -598,6 +598,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        handed_off = self.server is not None    # smtpd owns the client's input now
         self.loop.cancel(self.timer)
         self.timer = None
         if self.score is not None:
@@ -608,6 +609,10 @@ class Session:
             self.server = None
             self.screen.post_queue -= 1
         self.loop.remove(self.fd)
+        if not handed_off and not self.hangup:
+            # Unread input (a pregreeting client's) would turn the close into a reset
+            # that can overtake the last reply.
+            _drop(self.conn, PEEK)
         try:
             self.conn.close()
         except OSError:

@@ -154,3 +154,44 @@ class PostfixPeer:
             return (self.dir / "maillog").read_text()
         except OSError:
             return ""
+
+
+DNSMASQ = shutil.which("dnsmasq", path="/usr/sbin:/usr/bin")
+
+
+class DnsmasqPeer:
+    """A private dnsmasq on 127.0.0.1:port answering for `domains` (--local) from the
+    given records (dnsmasq options such as --host-record=NAME,ADDR); its log in log_path.
+    up(probe) waits until `probe` (a name it serves) resolves; stop() ends it by pid."""
+
+    def __init__(self, records: list[str], log_path, domains=("test", "example")):
+        import dns.resolver
+        self.port = free_port()
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [DNSMASQ, "--no-daemon", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
+             "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={self.port}",
+             "--pid-file=", "--user=nobody", "--group=nogroup"]
+            + [f"--local=/{d}/" for d in domains] + list(records),
+            stdout=self.log, stderr=subprocess.STDOUT)
+        self.resolver = dns.resolver.Resolver(configure=False)
+        self.resolver.nameservers = ["127.0.0.1"]
+        self.resolver.port = self.port
+        self.resolver.timeout = self.resolver.lifetime = 1.0
+
+    def up(self, probe: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.resolver.resolve(probe, "A")
+                return
+            except Exception:       # noqa: BLE001 - not up yet
+                time.sleep(0.05)
+        self.stop()
+        raise AssertionError("dnsmasq did not come up")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.log.close()

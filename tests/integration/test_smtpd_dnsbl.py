@@ -8,18 +8,16 @@ Postfix's reply and log line.
 """
 
 import os
-import shutil
 import socket
-import subprocess
 
 import dns.resolver
 import pytest
 
+from peers import DNSMASQ, DnsmasqPeer
 from pfxinst import SmtpClient, free_port, wait_for
 from postfix_py.lib import maincf
 from postfix_py.smtpd.check import Checker, ClientState
 
-DNSMASQ = shutil.which("dnsmasq", path="/usr/sbin:/usr/bin")
 pytestmark = pytest.mark.skipif(not DNSMASQ or os.geteuid() != 0,
                                 reason="needs dnsmasq and root")
 
@@ -41,27 +39,12 @@ ZONE = ["--host-record=2.0.0.127.list.test,127.0.0.2",
 
 @pytest.fixture(scope="module")
 def dnsmasq(tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("dns") / "dnsmasq.log", "w")
-    proc = subprocess.Popen(
-        [DNSMASQ, "--no-daemon", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
-         "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={port}",
-         "--pid-file=", "--user=nobody", "--group=nogroup", "--local=/test/",
-         "--local=/example/"] + ZONE, stdout=log, stderr=subprocess.STDOUT)
-    r = resolver(port)
-
-    def answers():
-        try:
-            return r.resolve("good.example", "A")
-        except Exception:       # noqa: BLE001 - not up yet
-            return None
+    peer = DnsmasqPeer(ZONE, tmp_path_factory.mktemp("dns") / "dnsmasq.log")
+    peer.up("good.example")
     try:
-        wait_for(answers, 10, what="dnsmasq")
-        yield port
+        yield peer.port
     finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+        peer.stop()
 
 
 @pytest.fixture
