@@ -160,6 +160,8 @@ PARAMS: list[Param] = [
     # --- smtpd: session and limits ------------------------------------------------------
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", STR, "text of the 220 greeting"),
     _p("smtpd_timeout", "${stress?{10}:{300}}s", TIME, "time limit of one client read or write", min=1),
+    _p("smtpd_per_request_deadline", "no", BOOL, "yes: the content of a DATA or BDAT request must arrive within smtpd_timeout, extended by smtpd_min_data_rate (a trickling client is cut off); command lines always have smtpd_timeout as a deadline in postfix-py"),
+    _p("smtpd_min_data_rate", "500", INT, "with smtpd_per_request_deadline: bytes per second of content that extend the deadline by one second", min=1),
     _p("smtpd_starttls_timeout", "${stress?{10}:{300}}s", TIME, "time limit of reads and writes during the server TLS handshake and shutdown", min=1),
     _p("message_size_limit", "10240000", SIZE, "largest message accepted, in bytes (0: no limit)", min=0),
     _p("header_size_limit", "102400", SIZE, "largest message header kept, in bytes", min=1),

@@ -65,7 +65,8 @@ def ps(tmp_path_factory):
         f"127.0.0.1:{inst.proxy_port} inet n - y - 1 postscreen"
         " -o postscreen_upstream_proxy_protocol=haproxy"
         " -o postscreen_cache_map=btree:$data_directory/postscreen_cache_lb",
-        "smtpd pass - - y - - smtpd",
+        "smtpd pass - - y - - smtpd -o smtpd_per_request_deadline=yes"
+        " -o smtpd_timeout=3s",
     ]
     try:
         inst.start()
@@ -268,3 +269,32 @@ def test_trickling_client_costs_no_smtpd_process(ps):
     assert lines_for(ps, "127.0.0.9")[1].startswith(f"PREGREET 1 after ")
     assert not any("smtpd[" in line for line in ps.log().splitlines()
                    if "127.0.0.9" in line)
+
+
+def test_trickling_data_is_cut_off_by_the_request_deadline(ps):
+    """Past postscreen (allowlisted), a client that trickles DATA in whole short lines
+    would keep an smtpd process for ever with a timeout per line; with
+    smtpd_per_request_deadline = yes the whole content has smtpd_timeout (3s here),
+    extended by 1 s per smtpd_min_data_rate (500) bytes."""
+    c = SmtpClient(ps.port, source="127.0.0.6")
+    assert c.reply() == f"220 {BANNER}"
+    assert c.cmd("EHLO client.example").startswith("250-")
+    assert c.cmd("MAIL FROM:<a@client.example>").startswith("250")
+    assert c.cmd("RCPT TO:<u@localhost>").startswith("250")
+    assert c.cmd("DATA").startswith("354")
+    start = time.monotonic()
+    c.sock.settimeout(0.3)
+    reply = ""
+    while time.monotonic() - start < 10 and not reply:
+        try:
+            c.send(b"x\r\n")          # a whole line every 0.3 s: 10 bytes a second
+            reply = c.reply()
+        except (TimeoutError, BrokenPipeError, ConnectionResetError):
+            continue
+    elapsed = time.monotonic() - start
+    assert reply.startswith("421 4.4.2 mail.test.example Error: timeout exceeded"), reply
+    assert 2.5 < elapsed < 5, elapsed
+    c.close()
+    wait_for(lambda: "timeout after DATA" in ps.log(), 10, what="smtpd's timeout log")
+    assert any(line.startswith("timeout after DATA (") and
+               line.endswith("from unknown[127.0.0.6]") for line in lines_for(ps, "127.0.0.6"))
