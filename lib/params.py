@@ -42,6 +42,10 @@ DEVIATIONS
     canonical_classes, masquerade_classes: the envelope classes only; header address
     rewriting is not implemented (lib/cleanup.py), and header_* is a configuration error.
     virtual_alias_maps: empty (Postfix writes $virtual_maps, the pre-2.0 name, not here).
+    postscreen_dnsbl_allowlist_threshold: 0, postscreen_dnsbl_max_ttl: 1h,
+    smtpd_per_request_deadline: ${stress?{yes}:{no}}, without the former names
+    (postscreen_dnsbl_whitelist_threshold, postscreen_dnsbl_ttl, smtpd_per_record_deadline)
+    that Postfix's defaults refer to.
 """
 
 from __future__ import annotations
@@ -160,7 +164,7 @@ PARAMS: list[Param] = [
     # --- smtpd: session and limits ------------------------------------------------------
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", STR, "text of the 220 greeting"),
     _p("smtpd_timeout", "${stress?{10}:{300}}s", TIME, "time limit of one client read or write", min=1),
-    _p("smtpd_per_request_deadline", "no", BOOL, "yes: the content of a DATA or BDAT request must arrive within smtpd_timeout, extended by smtpd_min_data_rate (a trickling client is cut off); command lines always have smtpd_timeout as a deadline in postfix-py"),
+    _p("smtpd_per_request_deadline", "${stress?{yes}:{no}}", BOOL, "yes: the content of a DATA or BDAT request must arrive within smtpd_timeout, extended by smtpd_min_data_rate (a trickling client is cut off); command lines always have smtpd_timeout as a deadline in postfix-py"),
     _p("smtpd_min_data_rate", "500", INT, "with smtpd_per_request_deadline: bytes per second of content that extend the deadline by one second", min=1),
     _p("smtpd_starttls_timeout", "${stress?{10}:{300}}s", TIME, "time limit of reads and writes during the server TLS handshake and shutdown", min=1),
     _p("message_size_limit", "10240000", SIZE, "largest message accepted, in bytes (0: no limit)", min=0),
@@ -189,8 +193,8 @@ PARAMS: list[Param] = [
     _p("smtpd_upstream_proxy_timeout", "5s", TIME, "time limit for the PROXY header", min=1),
     # --- postscreen (postscreen/service.py) --------------------------------------------
     _p("postscreen_access_list", "permit_mynetworks", LIST, "postscreen's permanent allow and deny list: permit_mynetworks, permit, reject, dunno, type:table (address lookups whose result is permit, reject or dunno)"),
-    _p("postscreen_blacklist_action", "ignore", STR, "the former name of postscreen_denylist_action", values=("ignore", "enforce", "drop")),
-    _p("postscreen_denylist_action", "$postscreen_blacklist_action", STR, "a client that postscreen_access_list denies: ignore, enforce (reject its recipients) or drop (521 now)", values=("ignore", "enforce", "drop")),
+    _p("postscreen_blacklist_action", "", STR, "the former name of postscreen_denylist_action", values=("", "ignore", "enforce", "drop")),
+    _p("postscreen_denylist_action", "${postscreen_blacklist_action?{$postscreen_blacklist_action}:{ignore}}", STR, "a client that postscreen_access_list denies: ignore, enforce (reject its recipients) or drop (521 now)", values=("ignore", "enforce", "drop")),
     _p("postscreen_greet_wait", "${stress?{2}:{6}}s", TIME, "how long postscreen waits for a client to talk before its turn, and for the DNSBL replies", min=1),
     _p("postscreen_greet_banner", "$smtpd_banner", STR, "the teaser 220- line postscreen sends before the real greeting (empty: no pregreet test)"),
     _p("postscreen_greet_action", "ignore", STR, "a client that talks before its turn: ignore, enforce or drop", values=("ignore", "enforce", "drop")),

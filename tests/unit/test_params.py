@@ -42,6 +42,9 @@ DEVIATIONS = {
     "virtual_alias_maps",                     # empty, without the pre-2.0 name virtual_maps
     "append_dot_mydomain",                    # no compatibility_level: level >= 1's value
     "local_recipient_maps",                   # no proxymap: unix:passwd.byname read directly
+    # without the former names that Postfix's defaults refer to
+    "postscreen_dnsbl_allowlist_threshold", "postscreen_dnsbl_max_ttl",
+    "smtpd_per_request_deadline",
 }
 
 
