@@ -64,7 +64,8 @@ def ps(tmp_path_factory):
         f"127.0.0.1:{inst.port} inet n - y - 1 postscreen",
         f"127.0.0.1:{inst.proxy_port} inet n - y - 1 postscreen"
         " -o postscreen_upstream_proxy_protocol=haproxy"
-        " -o postscreen_cache_map=btree:$data_directory/postscreen_cache_lb",
+        " -o postscreen_cache_map=btree:$data_directory/postscreen_cache_lb"
+        " -o postscreen_client_connection_count_limit=1",
         "smtpd pass - - y - - smtpd -o smtpd_per_request_deadline=yes"
         " -o smtpd_timeout=3s",
     ]
@@ -240,6 +241,28 @@ def test_behind_proxy_v2_log_and_received_header_show_the_original_client(ps):
     assert f"{queue_id}: client=unknown[192.0.2.7]" in log
     text = queued_text(ps, queue_id)
     assert "Received: from client.example (unknown [192.0.2.7])" in text
+
+
+def v2_header(client: str, port: int) -> bytes:
+    body = socket.inet_aton(client) + socket.inet_aton("198.51.100.1") + \
+        struct.pack("!HH", port, 25)
+    return V2_SIG + struct.pack("!BBH", 0x21, 0x11, len(body)) + body
+
+
+def test_connection_count_limit_per_client(ps):
+    """postscreen_client_connection_count_limit = 1 (on the balancer's service): a
+    second connection of a client that is still being screened gets 421."""
+    first = SmtpClient(ps.proxy_port)
+    first.send(v2_header("192.0.2.50", 5001))
+    assert teaser(first) == f"220-{BANNER}\r\n"      # in the greet wait
+    second = SmtpClient(ps.proxy_port)
+    second.send(v2_header("192.0.2.50", 5002))
+    assert second.reply() == "421 4.7.0 Error: too many connections"
+    second.close()
+    first.close()
+    wait_for(lambda: "DISCONNECT [192.0.2.50]:5002" in ps.log(), 10, what="DISCONNECT")
+    log = lines_for(ps, "192.0.2.50")
+    assert "NOQUEUE: reject: CONNECT from [192.0.2.50]:5002: too many connections" in log
 
 
 def test_bad_proxy_header_is_refused(ps):
