@@ -45,7 +45,8 @@ DEVIATIONS
     postscreen_dnsbl_allowlist_threshold: 0, postscreen_dnsbl_max_ttl: 1h,
     smtpd_per_request_deadline: ${stress?{yes}:{no}}, without the former names
     (postscreen_dnsbl_whitelist_threshold, postscreen_dnsbl_ttl, smtpd_per_record_deadline)
-    that Postfix's defaults refer to.
+    that Postfix's defaults refer to. postscreen_forbidden_commands: CONNECT GET POST
+    (Postfix 3.7's smtpd_forbidden_commands, which postfix-py's smtpd does not have).
 """
 
 from __future__ import annotations
@@ -216,6 +217,16 @@ PARAMS: list[Param] = [
     _p("postscreen_upstream_proxy_timeout", "5s", TIME, "time limit for the PROXY header at postscreen", min=1),
     _p("postscreen_command_time_limit", "${stress?{10}:{300}}s", TIME, "time limit of one command in postscreen's after-greeting engine", min=1),
     _p("postscreen_command_count_limit", "20", INT, "commands in postscreen's after-greeting engine before it hangs up", min=1),
+    _p("postscreen_pipelining_enable", "no", BOOL, "postscreen's after-greeting test: a client that sends a command before the reply to the last one"),
+    _p("postscreen_pipelining_action", "enforce", STR, "a client that fails the pipelining test: ignore, enforce or drop", values=("ignore", "enforce", "drop")),
+    _p("postscreen_pipelining_ttl", "30d", TIME, "how long a passed pipelining test is remembered", min=1),
+    _p("postscreen_non_smtp_command_enable", "no", BOOL, "postscreen's after-greeting test: a client that sends a header line or a postscreen_forbidden_commands command"),
+    _p("postscreen_non_smtp_command_action", "drop", STR, "a client that fails the non_smtp_command test: ignore, enforce or drop", values=("ignore", "enforce", "drop")),
+    _p("postscreen_non_smtp_command_ttl", "30d", TIME, "how long a passed non_smtp_command test is remembered", min=1),
+    _p("postscreen_bare_newline_enable", "no", BOOL, "postscreen's after-greeting test: a client that ends a command with a bare newline"),
+    _p("postscreen_bare_newline_action", "ignore", STR, "a client that fails the bare_newline test: ignore, enforce or drop", values=("ignore", "enforce", "drop")),
+    _p("postscreen_bare_newline_ttl", "30d", TIME, "how long a passed bare_newline test is remembered", min=1),
+    _p("postscreen_forbidden_commands", "CONNECT GET POST", LIST, "commands that fail the non_smtp_command test (words or type:table)"),
     _p("smtpd_service_name", "smtpd", STR, "the pass service postscreen hands clients to (private/NAME)"),
     _p("smtpd_forbid_bare_newline", "normalize", STR, "bare LF in DATA: no (accept), normalize or yes (treat as CRLF, end only at CRLF.CRLF), note (log, reply and go on), reject (reply and disconnect)",
        values=("no", "normalize", "yes", "note", "reject")),

@@ -18,6 +18,20 @@ helo=<h>`), and then the client is let go.
     ETRN                458 Unable to queue messages;  QUIT: 221 2.0.0 Bye
     other               502 5.5.2 Error: command not recognized (STARTTLS, AUTH ...)
 
+    The deep protocol tests run here, each when enabled (postscreen_*_enable) and due,
+    or for any client that failed a test before the greeting:
+        pipelining: a command (other than BDAT) with more input already behind it:
+            `COMMAND PIPELINING from [addr]:port after CMD: NEXT`;
+        non_smtp_command: an unknown command that looks like a header (`Name:`) or is in
+            postscreen_forbidden_commands: `NON-SMTP COMMAND from [addr]:port after
+            WHERE: CMD ARGS` (drop: 521 5.7.0 Error: I can break rules, too. Goodbye.);
+        bare_newline: a command line ended by LF alone: `BARE NEWLINE from [addr]:port
+            after LINE`;
+    each with its action (postscreen_*_action: drop 521 5.5.1 Protocol error, enforce
+    550 5.5.1 Protocol error at RCPT, ignore passes it for the least TTL). A client
+    that reaches RCPT without failing passes them (their postscreen_*_ttl) and is told
+    450 4.3.2 Service currently unavailable: it is let through when it comes back.
+
     A command line longer than line_length_limit, more than
     postscreen_command_count_limit commands, or postscreen_command_time_limit for one
     command end the session with Postfix's log line and 421 reply.
@@ -28,7 +42,10 @@ SEE ALSO
 
 from __future__ import annotations
 
+import re
+
 from ..lib import msg
+from ..lib.proxy import escape as _escape
 
 READ = 4096
 
@@ -106,24 +123,63 @@ class _Dialog:
         while not s.closed:
             end = self.buf.find(b"\n")
             if end < 0:
-                if len(self.buf) > self.e.line_limit:
+                if len(self.buf) >= self.e.line_limit:
                     msg.info(f"COMMAND LENGTH LIMIT from {s.where} after {self.where}")
                     self._drop(self.e.busy_reply)
                 return
+            if end >= self.e.line_limit:
+                msg.info(f"COMMAND LENGTH LIMIT from {s.where} after {self.where}")
+                self._drop(self.e.busy_reply)
+                return
             line, self.buf = self.buf[:end], self.buf[end + 1:]
-            self._command(line.rstrip(b"\r").decode("utf-8", "replace"))
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            elif s.deep_testing("bare_newline"):
+                msg.info(f"BARE NEWLINE from {s.where} after {_escape(line[:100])}")
+                action = s.deep_fail("bare_newline")
+                if action == "drop":
+                    self._drop("521 5.5.1 Protocol error\r\n")
+                    return
+                if action == "enforce":
+                    s.enforce("550 5.5.1 Protocol error\r\n")
+            self._command(line.decode("utf-8", "replace"))
 
     def _command(self, line: str) -> None:
         s = self.s
         words = line.split()
         name = words[0].upper() if words else ""
         args = line.split(None, 1)[1] if len(words) > 1 else ""
+        saved_where, self.where = self.where, name if name in _KNOWN else "UNIMPLEMENTED"
+        if s.deep_testing("non_smtp") and name not in _KNOWN and words and (
+                _HEADER.match(words[0]) or s.s.forbidden_command(words[0])):
+            msg.info(f"NON-SMTP COMMAND from {s.where} after {saved_where}: "
+                     f"{_printable(words[0])} {_escape(args.encode()[:100])}")
+            action = s.deep_fail("non_smtp")
+            if action == "drop":
+                self._drop("521 5.7.0 Error: I can break rules, too. Goodbye.\r\n")
+                return
+            if action == "enforce":
+                s.enforce("550 5.5.1 Protocol error\r\n")
+        if name != "BDAT" and self.buf and s.deep_testing("pipelining"):
+            msg.info(f"COMMAND PIPELINING from {s.where} after {_printable(name or line)[:100]}"
+                     f": {_escape(self.buf[:100])}")
+            action = s.deep_fail("pipelining")
+            if action == "drop":
+                self._drop("521 5.5.1 Protocol error\r\n")
+                return
+            if action == "enforce":
+                s.enforce("550 5.5.1 Protocol error\r\n")
+        if name == "RCPT":
+            # A client that got this far without failing passes the tests after the
+            # greeting (it is still refused here: 450, and welcome next time).
+            for test in ("bare_newline", "non_smtp", "pipelining"):
+                if s.deep_testing(test) and test not in s.failed and test not in s.passed:
+                    s.deep_pass(test, s.s.deep[test][2])
         self.count += 1
         if self.count > self.e.count_limit and name != "QUIT":
-            msg.info(f"COMMAND COUNT LIMIT from {s.where} after {self.where}")
+            msg.info(f"COMMAND COUNT LIMIT from {s.where} after {saved_where}")
             self._drop(self.e.busy_reply)
             return
-        self.where = name if name in _KNOWN else "UNKNOWN"
         handler = getattr(self, "_" + name.lower(), None) if name in _KNOWN else None
         if handler is None:
             s._write("502 5.5.2 Error: command not recognized\r\n")
@@ -214,6 +270,13 @@ class _Dialog:
 
     def _quit(self, args: str) -> None:
         self._drop("221 2.0.0 Bye\r\n")
+
+
+_HEADER = re.compile(r"^[!-9;-~]+:")         # is_header(): a header name and its colon
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isascii() and c.isprintable() else "?" for c in text)
 
 
 _KNOWN = {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "VRFY", "ETRN",

@@ -40,8 +40,9 @@ DESCRIPTION
 
     A test's pass is remembered in the cache for its TTL (postscreen_greet_ttl; the
     DNS TTL within postscreen_dnsbl_min_ttl and postscreen_dnsbl_max_ttl). The deep
-    protocol tests after the greeting (pipelining, non_smtp_command, bare_newline) are
-    not implemented: postfix-py does not declare their parameters.
+    protocol tests after the greeting (pipelining, non_smtp_command, bare_newline: off
+    by default, as Postfix) run in postscreen/dummy.py; a client that takes them is
+    refused with 450 at RCPT and let through when it comes back (PASS OLD).
 
 SECURITY
     Talks to untrusted clients. Runs chrooted in queue_directory as mail_owner; the cache
@@ -64,7 +65,13 @@ CONFIGURATION PARAMETERS
     postscreen_client_connection_count_limit ($smtpd_client_connection_count_limit),
     postscreen_upstream_proxy_protocol (empty, or haproxy),
     postscreen_upstream_proxy_timeout (5s), postscreen_command_time_limit
-    (${stress?{10}:{300}}s), postscreen_command_count_limit (20), smtpd_service_name
+    (${stress?{10}:{300}}s), postscreen_command_count_limit (20),
+    postscreen_pipelining_enable (no), postscreen_pipelining_action (enforce),
+    postscreen_pipelining_ttl (30d), postscreen_non_smtp_command_enable (no),
+    postscreen_non_smtp_command_action (drop), postscreen_non_smtp_command_ttl (30d),
+    postscreen_bare_newline_enable (no), postscreen_bare_newline_action (ignore),
+    postscreen_bare_newline_ttl (30d), postscreen_forbidden_commands (CONNECT GET POST),
+    smtpd_service_name
     (smtpd: the pass service, private/smtpd), smtpd_dns_nameservers (the DNS servers),
     mynetworks, smtpd_banner, myhostname.
 
@@ -87,7 +94,8 @@ from . import dummy
 from .cache import Cache, parse as parse_stamps
 from .dnsbl import Score, Sites, servers
 
-PREGR, DNSBL = 0, 1                 # index of a test in the cache entry
+PREGR, DNSBL, PIPEL, NSMTP, BARLF = range(5)   # index of a test in the cache entry
+DEEP = {"pipelining": PIPEL, "non_smtp": NSMTP, "bare_newline": BARLF}
 NEW, DISABLED = 0, 1                # Postfix's PSC_TIME_STAMP_NEW, _DISABLED
 ACTIONS = ("ignore", "enforce", "drop")
 NOTIFY_TIMEOUT = 100                # PSC_SEND_SOCK_NOTIFY_TIMEOUT
@@ -120,10 +128,22 @@ class Settings:
         self.proxy_timeout = cfg["postscreen_upstream_proxy_timeout"]
         self.proxy_families = proxy.families(cfg["inet_protocols"])
         self.smtpd_service = "private/" + cfg.get("smtpd_service_name")
+        self.deep = {name: (cfg[f"postscreen_{key}_enable"],
+                            _action(cfg, f"postscreen_{key}_action"),
+                            cfg[f"postscreen_{key}_ttl"])
+                     for name, key in (("pipelining", "pipelining"),
+                                       ("non_smtp", "non_smtp_command"),
+                                       ("bare_newline", "bare_newline"))}
+        self.forbidden = [w if ":" in w else w.upper()
+                          for w in cfg["postscreen_forbidden_commands"]]
+        self.min_ttl = min([self.greet_ttl, self.dnsbl_min_ttl] +
+                           [ttl for _, _, ttl in self.deep.values()])
         self.retention = cfg["postscreen_cache_retention_time"]
         self.cleanup_interval = cfg["postscreen_cache_cleanup_interval"]
         self._tables: dict = {}
         self.acl = self._acl(cfg["postscreen_access_list"])
+        self.forbidden_tables = [self._table(w) for w in self.forbidden if ":" in w]
+        self.forbidden = {w for w in self.forbidden if ":" not in w}
         self.engine = dummy.Engine(cfg)
         self.cache = None
 
@@ -175,7 +195,20 @@ class Settings:
         return "dunno"
 
     def enabled(self) -> list[bool]:
-        return [self.teaser is not None, bool(self.sites), False, False, False]
+        return [self.teaser is not None, bool(self.sites)] + \
+            [self.deep[name][0] for name in DEEP]
+
+    def forbidden_command(self, command: str) -> bool:
+        """postscreen_forbidden_commands: a word, or a key of one of its tables."""
+        if command.upper() in self.forbidden:
+            return True
+        for table in self.forbidden_tables:
+            try:
+                if table.lookup(command) is not None:
+                    return True
+            except tables.TableError as exc:
+                msg.warn(f"postscreen_forbidden_commands: table lookup problem: {exc}")
+        return False
 
 
 def _action(cfg, name: str) -> str:
@@ -222,6 +255,7 @@ class Session:
         self.passed: set[str] = set()
         self.failed: set[str] = set()
         self.done: set[str] = set()
+        self.skipped: set[str] = set()      # after-greeting tests decided this session
         self.new = False
         self.noforward = False
         self.hangup = False
@@ -357,12 +391,17 @@ class Session:
             msg.info(f"reject: connect from {self.where}: all screening ports busy")
             self.drop("421 4.3.2 All screening ports are busy\r\n")
             return
-        if self.todo:
+        if self.todo & {"pregreet", "dnsbl"}:
             self._early_tests()
-        elif self.noforward:
+        elif self.noforward or self.deep_todo():
             self.screen_after_greeting()
         else:
             self.conclude()
+
+    def deep_todo(self) -> set:
+        """The tests after the greeting still to pass (they need the dummy engine, and a
+        client that takes them cannot be handed to smtpd in the same session)."""
+        return (self.todo & set(DEEP)) - self.passed
 
     def _todo(self, now: float) -> None:
         """psc_todo_tests(): which enabled tests have expired."""
@@ -374,6 +413,9 @@ class Session:
             self.todo.add("pregreet")
         if enabled[DNSBL] and now > expire[DNSBL]:
             self.todo.add("dnsbl")
+        for name, index in DEEP.items():
+            if enabled[index] and now > expire[index]:
+                self.todo.add(name)
 
     # --- the tests before the greeting -----------------------------------------------------
     def _early_tests(self) -> None:
@@ -479,7 +521,7 @@ class Session:
                     self.enforce("550 " + reply)
                 else:
                     self.failed.discard("dnsbl")
-        if self.noforward:
+        if self.noforward or self.deep_todo():
             self.screen_after_greeting()
         else:
             self.conclude()
@@ -497,8 +539,34 @@ class Session:
         self.noforward = True
 
     def screen_after_greeting(self) -> None:
+        """psc_smtpd_tests(): a client that failed a test gets every after-greeting
+        test too, whether enabled or not (Postfix's opportunistic rule)."""
         self.test_name = "tests after SMTP handshake"
+        self.noforward = True
+        if self.failed:
+            self.todo |= set(DEEP)
         self.s.engine.start(self)
+
+    def deep_pass(self, name: str, ttl: int) -> None:
+        """An after-greeting test passed (or was failed under `ignore`): remember it."""
+        self.passed.add(name)
+        self.info.expire[DEEP[name]] = int(time.time()) + ttl
+
+    def deep_fail(self, name: str) -> str:
+        """An after-greeting test failed: the action to take, as Postfix (the test is
+        not repeated in this session; its cache stamp becomes 1)."""
+        self.skipped.add(name)
+        self.passed.discard(name)
+        self.info.expire[DEEP[name]] = DISABLED
+        action = self.s.deep[name][1]
+        if action == "ignore":
+            self.deep_pass(name, self.s.min_ttl)
+        else:
+            self.failed.add(name)
+        return action
+
+    def deep_testing(self, name: str) -> bool:
+        return name in self.todo and name not in self.skipped
 
     def hangup_event(self) -> None:
         """psc_hangup_event(): the client went away during the tests."""

@@ -2,6 +2,7 @@
 
     127.0.0.1:P   inet n - y - 1 postscreen          (the screen)
     127.0.0.1:Q   inet n - y - 1 postscreen -o postscreen_upstream_proxy_protocol=haproxy
+    127.0.0.1:R   inet n - y - 1 postscreen -o postscreen_pipelining_enable=yes ...
     smtpd         pass - - y - - smtpd                (the clients it lets through)
 
 A private dnsmasq serves the DNS lists: 127.0.0.2 is in list.test (weight 2, at the
@@ -44,7 +45,7 @@ def ps(tmp_path_factory):
     os.chmod(root, 0o755)
     inst = Instance(root)
     (root / "access.cidr").write_text("127.0.0.5 reject\n127.0.0.6 permit\n")
-    inst.port, inst.proxy_port = free_port(), free_port()
+    inst.port, inst.proxy_port, inst.deep_port = free_port(), free_port(), free_port()
     inst.main.update({
         "mydestination": "$myhostname, localhost",
         "mynetworks": "10.0.0.0/8",
@@ -66,6 +67,10 @@ def ps(tmp_path_factory):
         " -o postscreen_upstream_proxy_protocol=haproxy"
         " -o postscreen_cache_map=btree:$data_directory/postscreen_cache_lb"
         " -o postscreen_client_connection_count_limit=1",
+        f"127.0.0.1:{inst.deep_port} inet n - y - 1 postscreen"
+        " -o postscreen_cache_map=btree:$data_directory/postscreen_cache_deep"
+        " -o postscreen_pipelining_enable=yes -o postscreen_non_smtp_command_enable=yes"
+        " -o postscreen_bare_newline_enable=yes",
         "smtpd pass - - y - - smtpd -o smtpd_per_request_deadline=yes"
         " -o smtpd_timeout=3s",
     ]
@@ -321,3 +326,73 @@ def test_trickling_data_is_cut_off_by_the_request_deadline(ps):
     wait_for(lambda: "timeout after DATA" in ps.log(), 10, what="smtpd's timeout log")
     assert any(line.startswith("timeout after DATA (") and
                line.endswith("from unknown[127.0.0.6]") for line in lines_for(ps, "127.0.0.6"))
+
+
+def deep_client(ps, source: str) -> tuple[SmtpClient, int]:
+    """A client of the service with the tests after the greeting, past the greet wait:
+    postscreen's own engine greets it."""
+    c = SmtpClient(ps.deep_port, source=source)
+    assert c.reply() == f"220-{BANNER}\n220 {BANNER}"
+    return c, c.sock.getsockname()[1]
+
+
+def test_deep_tests_pass_then_the_client_is_let_through_next_time(ps):
+    c, port = deep_client(ps, "127.0.0.10")
+    ehlo = c.cmd("EHLO client.example")
+    assert ehlo.startswith("250-mail.test.example") and "PIPELINING" not in ehlo
+    assert c.cmd("MAIL FROM:<a@client.example>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<u@localhost>") == "450 4.3.2 Service currently unavailable"
+    assert c.cmd("QUIT") == "221 2.0.0 Bye"
+    c.close()
+    wait_for(lambda: f"DISCONNECT [127.0.0.10]:{port}" in ps.log(), 10, what="DISCONNECT")
+    assert lines_for(ps, "127.0.0.10") == [
+        f"CONNECT from [127.0.0.10]:{port} to [127.0.0.1]:{ps.deep_port}",
+        f"NOQUEUE: reject: RCPT from [127.0.0.10]:{port}: 450 4.3.2 Service currently "
+        "unavailable; from=<a@client.example>, to=<u@localhost>, proto=ESMTP, "
+        "helo=<client.example>",
+        f"PASS NEW [127.0.0.10]:{port}", f"DISCONNECT [127.0.0.10]:{port}"]
+    c = SmtpClient(ps.deep_port, source="127.0.0.10")
+    assert c.reply() == f"220 {BANNER}"            # smtpd's, at once
+    port = c.sock.getsockname()[1]
+    c.cmd("QUIT")
+    c.close()
+    assert f"PASS OLD [127.0.0.10]:{port}" in lines_for(ps, "127.0.0.10")
+
+
+def test_non_smtp_command_is_dropped(ps):
+    c, port = deep_client(ps, "127.0.0.11")
+    c.send(b"GET / HTTP/1.0\r\n")
+    assert c.reply() == "521 5.7.0 Error: I can break rules, too. Goodbye."
+    c.close()
+    wait_for(lambda: f"DISCONNECT [127.0.0.11]:{port}" in ps.log(), 10, what="DISCONNECT")
+    assert f"NON-SMTP COMMAND from [127.0.0.11]:{port} after CONNECT: GET / HTTP/1.0" in \
+        lines_for(ps, "127.0.0.11")
+
+
+def test_pipelining_client_is_refused_at_rcpt(ps):
+    c, port = deep_client(ps, "127.0.0.12")
+    c.send(b"EHLO client.example\r\nMAIL FROM:<a@client.example>\r\n")
+    assert c.reply().startswith("250-mail.test.example")
+    assert c.reply() == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<u@localhost>") == "550 5.5.1 Protocol error"
+    c.cmd("QUIT")
+    c.close()
+    wait_for(lambda: f"DISCONNECT [127.0.0.12]:{port}" in ps.log(), 10, what="DISCONNECT")
+    log = lines_for(ps, "127.0.0.12")
+    assert f"COMMAND PIPELINING from [127.0.0.12]:{port} after EHLO: " \
+        "MAIL FROM:<a@client.example>\\r\\n" in log
+    assert not any(line.startswith("PASS") for line in log)
+
+
+def test_bare_newline_is_noted_and_ignored(ps):
+    c, port = deep_client(ps, "127.0.0.13")
+    c.send(b"EHLO client.example\n")
+    assert c.reply().startswith("250-mail.test.example")
+    assert c.cmd("MAIL FROM:<a@client.example>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<u@localhost>") == "450 4.3.2 Service currently unavailable"
+    c.cmd("QUIT")
+    c.close()
+    wait_for(lambda: f"DISCONNECT [127.0.0.13]:{port}" in ps.log(), 10, what="DISCONNECT")
+    log = lines_for(ps, "127.0.0.13")
+    assert f"BARE NEWLINE from [127.0.0.13]:{port} after EHLO client.example" in log
+    assert f"PASS NEW [127.0.0.13]:{port}" in log      # ignore: passed, for the least TTL

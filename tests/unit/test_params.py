@@ -45,6 +45,7 @@ DEVIATIONS = {
     # without the former names that Postfix's defaults refer to
     "postscreen_dnsbl_allowlist_threshold", "postscreen_dnsbl_max_ttl",
     "smtpd_per_request_deadline",
+    "postscreen_forbidden_commands",          # no smtpd_forbidden_commands to refer to
 }
 
 
