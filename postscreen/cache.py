@@ -7,8 +7,10 @@ whose enabled tests have not expired is let through at once (PASS OLD).
 
 The map is `btree:path` (Postfix's default, $data_directory/postscreen_cache), `hash:`
 or `lmdb:`: all are LMDB files here, named as lib/tables.py names them (path.db, or
-path.lmdb). Only postscreen writes it (one process: master.cf maxproc 1), so it has no
-lock file; it is opened before the chroot and stays open. It is a cache: a damaged or
+path.lmdb). Only postscreen writes it (one process: master.cf maxproc 1), but after a
+reload the old postscreen may still finish its clients while the new one starts: LMDB's
+lock file (path.db-lock) keeps their writes apart. It is opened before the chroot and
+stays open. It is a cache: a damaged or
 unreadable file is logged and the cache is off until postscreen restarts, and a lost
 entry costs a client one more round of tests.
 
@@ -55,7 +57,7 @@ class Cache:
         try:
             self.env = lmdb.open(path, subdir=False, map_size=MAP_SIZE, max_dbs=0,
                                  sync=False, metasync=False, readahead=False,
-                                 mode=0o600, lock=False)
+                                 mode=0o600, lock=True)
         except (OSError, lmdb.Error) as exc:
             msg.warn(f"cannot open {ref}: {exc}; the cache is off")
 

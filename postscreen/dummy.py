@@ -91,12 +91,13 @@ class _Dialog:
         if "pregreet" not in session.failed and not session._write(engine.greeting):
             session.hangup_event()
             return
-        session.loop.add_reader(session.fd, self._read)
+        session.loop.add_reader(session.fd, session.guard(self._read))
         self._arm()
 
     def _arm(self) -> None:
         self.s.loop.cancel(self.s.timer)
-        self.s.timer = self.s.loop.call_later(self.e.time_limit, self._time_limit)
+        self.s.timer = self.s.loop.call_later(self.e.time_limit,
+                                             self.s.guard(self._time_limit))
 
     def _time_limit(self) -> None:
         self.s.timer = None

@@ -239,7 +239,11 @@ class Screen:
         self.sessions = 0
 
     def on_client(self, conn: socket.socket, loop) -> None:
-        Session(self, conn)
+        try:
+            Session(self, conn)
+        except Exception as exc:  # noqa: BLE001 - one client's problem, not all
+            msg.warn(f"unexpected error with a new client: {type(exc).__name__}: {exc}")
+            conn.close()
 
 
 class Session:
@@ -269,8 +273,9 @@ class Session:
         screen.check_queue += 1
         if self.s.proxy:
             self.proxy_buf = b""
-            self.loop.add_reader(self.fd, self._proxy_event)
-            self.timer = self.loop.call_later(self.s.proxy_timeout, self._proxy_timeout)
+            self.loop.add_reader(self.fd, self.guard(self._proxy_event))
+            self.timer = self.loop.call_later(self.s.proxy_timeout,
+                                              self.guard(self._proxy_timeout))
             return
         try:
             client = conn.getpeername()[:2]
@@ -280,6 +285,19 @@ class Session:
             self._close()
             return
         self._connected(_unmap(client[0]), str(client[1]), _unmap(local[0]), str(local[1]))
+
+    def guard(self, fn):
+        """fn as an event callback that cannot take postscreen down: an unexpected error
+        ends this client's session with a warning, and every other client goes on."""
+        def run():
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - one client's problem, not all
+                msg.warn(f"unexpected error for {getattr(self, 'where', 'a client')}: "
+                         f"{type(exc).__name__}: {exc}; dropping this connection")
+                self.hangup = True
+                self._close()
+        return run
 
     # --- the PROXY header ------------------------------------------------------------------
     def _proxy_timeout(self) -> None:
@@ -309,7 +327,7 @@ class Session:
             if data == self.proxy_buf:      # nothing new: wait for the rest, not spin
                 self.loop.remove_reader(self.fd)
                 self.loop.call_later(0.01, lambda: self.closed or self.loop.add_reader(
-                    self.fd, self._proxy_event))
+                    self.fd, self.guard(self._proxy_event)))
             self.proxy_buf = data
             return
         except proxy.ProxyError as exc:
@@ -425,10 +443,10 @@ class Session:
             return
         if "dnsbl" in self.todo:
             self.score = Score(self.loop, self.s.sites, self.s.dns_servers, self.addr,
-                               self.s.dnsbl_timeout, self._dnsbl_done)
+                               self.s.dnsbl_timeout, self.guard(self._dnsbl_done))
         if "pregreet" in self.todo:
-            self.loop.add_reader(self.fd, self._pregreet_event)
-        self.timer = self.loop.call_later(self.s.greet_wait, self._early_time)
+            self.loop.add_reader(self.fd, self.guard(self._pregreet_event))
+        self.timer = self.loop.call_later(self.s.greet_wait, self.guard(self._early_time))
 
     def _dnsbl_done(self) -> None:
         """psc_early_dnsbl_event(): all replies are in."""
@@ -636,8 +654,8 @@ class Session:
             return
         self.server = sock
         self.screen.post_queue += 1
-        self.loop.add_reader(sock, self._sent)
-        self.timer = self.loop.call_later(NOTIFY_TIMEOUT, self._send_timeout)
+        self.loop.add_reader(sock, self.guard(self._sent))
+        self.timer = self.loop.call_later(NOTIFY_TIMEOUT, self.guard(self._send_timeout))
 
     def _sent(self) -> None:
         """The smtpd process closed the channel: it has the client now."""

@@ -396,3 +396,25 @@ def test_bare_newline_is_noted_and_ignored(ps):
     log = lines_for(ps, "127.0.0.13")
     assert f"BARE NEWLINE from [127.0.0.13]:{port} after EHLO client.example" in log
     assert f"PASS NEW [127.0.0.13]:{port}" in log      # ignore: passed, for the least TTL
+
+
+def test_reload_retires_the_old_postscreen(ps):
+    """After a reload the old generation's postscreen takes no new client and exits
+    once its own are done; the new one serves (and shares the cache file safely)."""
+    def screens():
+        return sorted(p.pid for p in ps.workers()
+                      if "postscreen" in " ".join(p.cmdline() or []))
+    c = SmtpClient(ps.port, source="127.0.0.6")
+    assert c.reply() == f"220 {BANNER}"
+    c.cmd("QUIT")
+    c.close()
+    before = set(screens())
+    assert before
+    ps.reload()
+    wait_for(lambda: not before & set(screens()), 15, what="the old postscreen to exit")
+    c = SmtpClient(ps.port, source="127.0.0.1")    # the cache still knows it: PASS OLD
+    assert c.reply() == f"220 {BANNER}"
+    port = c.sock.getsockname()[1]
+    c.cmd("QUIT")
+    c.close()
+    assert f"PASS OLD [127.0.0.1]:{port}" in lines_for(ps, "127.0.0.1")
