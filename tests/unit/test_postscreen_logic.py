@@ -143,3 +143,37 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_pass_service_runs_and_passes_a_descriptor_with_endpoints(tmp_path):
+    """master.cf's pass type is runnable and listens like a unix service under private/;
+    lib/passfd carries a socket and its endpoints across a unix connection."""
+    from postfix_py.lib import mastercf, passfd
+    from postfix_py.master import services as S
+    svc = mastercf.parse("smtpd pass - - y - - smtpd\n", "master.cf")[0]
+    warned = []
+    assert S.runnable([svc], warned.append) == [svc] and not warned
+    cfg = config(queue_directory=str(tmp_path))
+    assert S.unix_path(svc, cfg) == str(tmp_path / "private" / "smtpd")
+    assert S.endpoint_key(svc, cfg) == ("unix", str(tmp_path / "private" / "smtpd"))
+    a, b = socket.socketpair()
+    client, peer = socket.socketpair()
+    try:
+        ends = {"client_address": "192.0.2.1", "client_port": "4242",
+                "server_address": "2001:db8::1", "server_port": "25"}
+        passfd.send(a, client.fileno(), ends)
+        got, endpoints = passfd.receive(b, 5)
+        assert endpoints == ends
+        got.sendall(b"hello")                   # the same connection, another descriptor
+        assert peer.recv(5) == b"hello"
+        got.close()
+        a.sendall(b"Fx")                        # a frame without a descriptor
+        with pytest.raises(passfd.PassError):
+            passfd.receive(b, 1)
+        with pytest.raises(passfd.PassError, match="bad client address syntax"):
+            passfd.check(dict(ends, client_address="1.2.3"))
+        with pytest.raises(passfd.PassError, match="missing server port"):
+            passfd.check({k: v for k, v in ends.items() if k != "server_port"})
+    finally:
+        for s in (a, b, client, peer):
+            s.close()
