@@ -49,12 +49,11 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from ..lib import cleanup, msg, server, tlsmgr_client
+from ..lib import cleanup, msg, passfd, proxy, server, tlsmgr_client
 from ..lib import tls as T
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
 from . import sasl
-from ..lib import passfd, proxy
 from .check import Checker, ClientState
 from .limits import Limits
 from .session import Session
@@ -224,11 +223,12 @@ def _session(conn: socket.socket, ctx, passed: dict | None = None) -> None:
     prepared = ctx.prepared or Prepared()
     backend = ctx.state.get("sasl")
     sasl_session = None
-    if backend is not None and local is None:
-        try:
-            local = conn.getsockname()[0]
-        except OSError:
-            local = ""
+    if backend is not None:
+        if local is None:           # not given by a PROXY header or postscreen
+            try:
+                local = conn.getsockname()[0]
+            except OSError:
+                local = ""
         sasl_session = backend.session(addr, local[7:] if local.startswith("::ffff:")
                                        else local)
     session = Session(stream, cfg, client, ctx.queue_root, ctx.state["checker"],

@@ -45,6 +45,7 @@ def ps(tmp_path_factory):
     os.chmod(root, 0o755)
     inst = Instance(root)
     (root / "access.cidr").write_text("127.0.0.5 reject\n127.0.0.6 permit\n")
+    (root / "passwd").write_text("alice:{PLAIN}secret\n")
     inst.port, inst.proxy_port, inst.deep_port = free_port(), free_port(), free_port()
     inst.main.update({
         "mydestination": "$myhostname, localhost",
@@ -72,7 +73,8 @@ def ps(tmp_path_factory):
         " -o postscreen_pipelining_enable=yes -o postscreen_non_smtp_command_enable=yes"
         " -o postscreen_bare_newline_enable=yes",
         "smtpd pass - - y - - smtpd -o smtpd_per_request_deadline=yes"
-        " -o smtpd_timeout=3s",
+        " -o smtpd_timeout=3s -o smtpd_sasl_auth_enable=yes -o smtpd_sasl_type=builtin"
+        f" -o smtpd_sasl_path={root}/passwd -o smtpd_sasl_builtin_failure_delay=0s",
     ]
     try:
         inst.start()
@@ -418,3 +420,16 @@ def test_reload_retires_the_old_postscreen(ps):
     c.cmd("QUIT")
     c.close()
     assert f"PASS OLD [127.0.0.1]:{port}" in lines_for(ps, "127.0.0.1")
+
+
+def test_sasl_auth_behind_postscreen(ps):
+    """smtpd behind postscreen offers and checks AUTH as it does on its own port (the
+    server address that postscreen passes is what the SASL backend is told)."""
+    import base64
+    c = SmtpClient(ps.port, source="127.0.0.6")
+    assert c.reply() == f"220 {BANNER}"
+    assert "250-AUTH PLAIN LOGIN" in c.cmd("EHLO client.example")
+    token = base64.b64encode(b"\0alice\0secret").decode()
+    assert c.cmd(f"AUTH PLAIN {token}") == "235 2.7.0 Authentication successful"
+    c.cmd("QUIT")
+    c.close()
