@@ -404,8 +404,8 @@ class Session:
         else:
             self.info.expire = [NEW] * 5
             self._todo(now)
-        if s.pre_limit > 0 and self.screen.check_queue - self.screen.post_queue > \
-                s.pre_limit:
+        if s.pre_limit > 0 and self.screen.check_queue - self.screen.post_queue >= \
+                s.pre_limit:                    # as Postfix: this session counts too
             msg.info(f"reject: connect from {self.where}: all screening ports busy")
             self.drop("421 4.3.2 All screening ports are busy\r\n")
             return

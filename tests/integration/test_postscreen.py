@@ -67,7 +67,7 @@ def ps(tmp_path_factory):
         f"127.0.0.1:{inst.proxy_port} inet n - y - 1 postscreen"
         " -o postscreen_upstream_proxy_protocol=haproxy"
         " -o postscreen_cache_map=btree:$data_directory/postscreen_cache_lb"
-        " -o postscreen_client_connection_count_limit=1",
+        " -o postscreen_client_connection_count_limit=1 -o postscreen_pre_queue_limit=2",
         f"127.0.0.1:{inst.deep_port} inet n - y - 1 postscreen"
         " -o postscreen_cache_map=btree:$data_directory/postscreen_cache_deep"
         " -o postscreen_pipelining_enable=yes -o postscreen_non_smtp_command_enable=yes"
@@ -270,6 +270,22 @@ def test_connection_count_limit_per_client(ps):
     wait_for(lambda: "DISCONNECT [192.0.2.50]:5002" in ps.log(), 10, what="DISCONNECT")
     log = lines_for(ps, "192.0.2.50")
     assert "NOQUEUE: reject: CONNECT from [192.0.2.50]:5002: too many connections" in log
+
+
+def test_pre_queue_limit(ps):
+    """postscreen_pre_queue_limit = 2 (on the balancer's service): with one client in
+    the greet wait, the next one makes two in screening and gets 421."""
+    first = SmtpClient(ps.proxy_port)
+    first.send(v2_header("192.0.2.60", 6001))
+    assert teaser(first) == f"220-{BANNER}\r\n"
+    second = SmtpClient(ps.proxy_port)
+    second.send(v2_header("192.0.2.61", 6002))
+    assert second.reply() == "421 4.3.2 All screening ports are busy"
+    second.close()
+    first.close()
+    wait_for(lambda: "DISCONNECT [192.0.2.61]:6002" in ps.log(), 10, what="DISCONNECT")
+    assert "reject: connect from [192.0.2.61]:6002: all screening ports busy" in \
+        lines_for(ps, "192.0.2.61")
 
 
 def test_bad_proxy_header_is_refused(ps):
