@@ -177,3 +177,33 @@ def test_pass_service_runs_and_passes_a_descriptor_with_endpoints(tmp_path):
     finally:
         for s in (a, b, client, peer):
             s.close()
+
+
+def test_dnsbl_queries_without_answer_time_out_and_score_nothing():
+    """A DNS server that never answers: the queries end at postscreen_dnsbl_timeout,
+    resent each second meanwhile, and the client scores 0."""
+    from postfix_py.lib.events import EventLoop
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dead.bind(("127.0.0.1", 0))
+    loop = EventLoop()
+    done = []
+    try:
+        score = Score(loop, Sites(["a.example", "b.example*2"]), [dead.getsockname()],
+                      "192.0.2.1", 1.3, lambda: done.append(time.monotonic()))
+        assert score.pending == 2
+        start = time.monotonic()
+        while not done and time.monotonic() - start < 5:
+            loop.run_once(0.1)
+        assert done and 1.2 < done[0] - start < 2.0
+        assert (score.total, score.pending) == (0, 0)
+        got = []
+        dead.setblocking(False)
+        while True:
+            try:
+                got.append(dead.recv(512))
+            except BlockingIOError:
+                break
+        assert len(got) == 4                  # each query sent, then resent once
+    finally:
+        loop.close()
+        dead.close()
