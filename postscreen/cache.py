@@ -17,8 +17,8 @@ entry costs a client one more round of tests.
 CLEANUP
     Every postscreen_cache_cleanup_interval (0: never) the whole map is walked, and an
     entry with an enabled test that expired more than postscreen_cache_retention_time
-    ago is dropped (psc_cache_validator()); the result is logged as Postfix does: `cache btree:PATH full cleanup:
-    retained=N dropped=M entries`.
+    ago is dropped (psc_cache_validator()); the result is logged as Postfix does:
+    `cache btree:PATH full cleanup: retained=N dropped=M entries`.
 
 CLASSES
     Cache(ref) -> opened at once; .enabled; lookup(addr) -> text or None;

@@ -46,8 +46,8 @@ DESCRIPTION
 
 SECURITY
     Talks to untrusted clients. Runs chrooted in queue_directory as mail_owner; the cache
-    (data_directory, outside the jail) and the access tables are opened before the
-    chroot. Every client costs a bounded buffer (the dummy engine's line limit) and is
+    (data_directory, outside the jail; opened with mail_owner's effective uid and gid, so
+    that the file is mail_owner's) and the access tables are opened before the chroot. Every client costs a bounded buffer (the dummy engine's line limit) and is
     ended by postscreen_greet_wait, postscreen_command_time_limit or
     postscreen_command_count_limit.
 
@@ -82,8 +82,11 @@ SEE ALSO
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
+import os
+import pwd
 import socket
 import time
 
@@ -747,10 +750,31 @@ def pre_init(ctx) -> None:
         msg.fatal(str(exc))
     ref = ctx.cfg.get("postscreen_cache_map")
     if ref:
-        settings.cache = Cache(ref)
+        with _as_owner(ctx):
+            settings.cache = Cache(ref)
         if not settings.cache.enabled:
             settings.cache = None
     ctx.state["settings"] = settings
+
+
+@contextlib.contextmanager
+def _as_owner(ctx):
+    """mail_owner's effective uid and gid, as Postfix opens the cache: the file holds
+    what clients did, so it is mail_owner's, never root's."""
+    if not ctx.run_as_root or os.geteuid() != 0:
+        yield
+        return
+    try:
+        pw = pwd.getpwnam(ctx.cfg.get("mail_owner"))
+    except KeyError:
+        msg.fatal(f"unknown mail_owner: {ctx.cfg.get('mail_owner')}")
+    os.setegid(pw.pw_gid)
+    os.seteuid(pw.pw_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
 
 
 def post_init(ctx, loop) -> None:

@@ -14,6 +14,7 @@ The log lines and replies are Postfix's.
 
 import glob
 import os
+import pwd
 import socket
 import struct
 import time
@@ -144,8 +145,9 @@ def test_new_client_passes_the_tests_then_the_cache_lets_it_straight_through(ps)
     # the cache entry: pregreet and dnsbl passed (expiry times), the other tests off
     stamps = None
     import lmdb
-    env = lmdb.open(str(ps.dir / "data" / "postscreen_cache.db"), subdir=False,
-                    readonly=True, lock=False)
+    path = ps.dir / "data" / "postscreen_cache.db"
+    assert path.stat().st_uid == pwd.getpwnam("nobody").pw_uid      # mail_owner's
+    env = lmdb.open(str(path), subdir=False, readonly=True, lock=False)
     with env.begin() as txn:
         stamps = txn.get(b"127.0.0.1").decode().split(";")
     env.close()
