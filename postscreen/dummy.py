@@ -151,6 +151,9 @@ class _Dialog:
         name = words[0].upper() if words else ""
         args = line.split(None, 1)[1] if len(words) > 1 else ""
         saved_where, self.where = self.where, name if name in _KNOWN else "UNIMPLEMENTED"
+        if s.x21 and name != "QUIT":
+            self._drop(s.final_reply)       # the hand-off failed after the teaser
+            return
         if s.deep_testing("non_smtp") and name not in _KNOWN and words and (
                 _HEADER.match(words[0]) or s.s.forbidden_command(words[0])):
             msg.info(f"NON-SMTP COMMAND from {s.where} after {saved_where}: "

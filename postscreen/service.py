@@ -32,7 +32,9 @@ DESCRIPTION
         by postscreen_dnsbl_action; a score at or below a negative
         postscreen_dnsbl_allowlist_threshold passes the pregreet test too, and ends the
         wait at once;
-        then `PASS NEW [addr]:port` (and the cache updated) and the hand-off, or the
+        then `PASS NEW [addr]:port` (and the cache updated) and the hand-off (when
+        it fails: `421 4.3.2 All server ports are busy`, or after the teaser the
+        dummy engine's greeting and 421 at the first command), or the
         refusal: drop (`521 ...` now, then `DISCONNECT [addr]:port`), or enforce (the
         after-220 engine of postscreen/dummy.py answers every RCPT with 550 and logs
         `NOQUEUE: reject: RCPT from ...`), or ignore (the failure is noted and the
@@ -263,6 +265,7 @@ class Session:
         self.failed: set[str] = set()
         self.done: set[str] = set()
         self.skipped: set[str] = set()      # after-greeting tests decided this session
+        self.x21 = False                    # the dummy engine answers 421 and hangs up
         self.new = False
         self.noforward = False
         self.hangup = False
@@ -564,7 +567,7 @@ class Session:
         test too, whether enabled or not (Postfix's opportunistic rule)."""
         self.test_name = "tests after SMTP handshake"
         self.noforward = True
-        if self.failed:
+        if self.failed and not self.x21:
             self.todo |= set(DEEP)
         self.s.engine.start(self)
 
@@ -641,8 +644,7 @@ class Session:
         except OSError as exc:
             sock.close()
             msg.warn(f"cannot connect to service {service}: {exc.strerror}")
-            self._write("421 4.3.2 All server ports are busy\r\n")
-            self._close()
+            self._not_sent("421 4.3.2 All server ports are busy\r\n")
             return
         try:
             passfd.send(sock, self.fd, {"client_address": self.addr,
@@ -652,13 +654,26 @@ class Session:
         except OSError as exc:
             sock.close()
             msg.warn(f"cannot pass connection to service {service}: {exc.strerror}")
-            self._write("421 4.3.2 No system resources\r\n")
-            self._close()
+            self._not_sent("421 4.3.2 No system resources\r\n")
             return
         self.server = sock
         self.screen.post_queue += 1
         self.loop.add_reader(sock, self.guard(self._sent))
         self.timer = self.loop.call_later(NOTIFY_TIMEOUT, self.guard(self._send_timeout))
+
+    def _not_sent(self, reply: str) -> None:
+        """The hand-off failed: 421 now, or, when the 220- teaser went out (a 421 after
+        it would not parse), the dummy engine greets and answers the first command
+        with 421 (Postfix's PSC_SMTPD_X21)."""
+        if "pregreet" not in self.todo:
+            self._write(reply)
+            self._close()
+            return
+        self.x21 = True
+        self.final_reply = "421 4.3.2 No system resources\r\n"
+        self.passed.clear()                 # logged and cached already
+        self.todo -= set(DEEP)
+        self.screen_after_greeting()
 
     def _sent(self) -> None:
         """The smtpd process closed the channel: it has the client now."""

@@ -48,6 +48,7 @@ def ps(tmp_path_factory):
     (root / "access.cidr").write_text("127.0.0.5 reject\n127.0.0.6 permit\n")
     (root / "passwd").write_text("alice:{PLAIN}secret\n")
     inst.port, inst.proxy_port, inst.deep_port = free_port(), free_port(), free_port()
+    inst.nosmtpd_port = free_port()
     inst.main.update({
         "mydestination": "$myhostname, localhost",
         "mynetworks": "10.0.0.0/8",
@@ -73,6 +74,8 @@ def ps(tmp_path_factory):
         " -o postscreen_cache_map=btree:$data_directory/postscreen_cache_deep"
         " -o postscreen_pipelining_enable=yes -o postscreen_non_smtp_command_enable=yes"
         " -o postscreen_bare_newline_enable=yes",
+        f"127.0.0.1:{inst.nosmtpd_port} inet n - y - 1 postscreen"
+        " -o postscreen_cache_map= -o smtpd_service_name=nosuchsmtpd",
         "smtpd pass - - y - - smtpd -o smtpd_per_request_deadline=yes"
         " -o smtpd_timeout=3s -o smtpd_sasl_auth_enable=yes -o smtpd_sasl_type=builtin"
         f" -o smtpd_sasl_path={root}/passwd -o smtpd_sasl_builtin_failure_delay=0s",
@@ -449,3 +452,17 @@ def test_sasl_auth_behind_postscreen(ps):
     assert c.cmd(f"AUTH PLAIN {token}") == "235 2.7.0 Authentication successful"
     c.cmd("QUIT")
     c.close()
+
+
+def test_failed_hand_off_after_the_teaser_gets_421_at_the_first_command(ps):
+    """No smtpd to hand to (smtpd_service_name names nothing): after the 220- teaser a
+    bare 421 would not parse, so postscreen's engine greets, then answers 421."""
+    c = SmtpClient(ps.nosmtpd_port, source="127.0.0.1")
+    assert c.reply() == f"220-{BANNER}\n220 {BANNER}"
+    port = c.sock.getsockname()[1]
+    assert c.cmd("EHLO client.example") == "421 4.3.2 No system resources"
+    assert c.reply() == "<EOF>"
+    c.close()
+    wait_for(lambda: f"DISCONNECT [127.0.0.1]:{port}" in ps.log(), 10, what="DISCONNECT")
+    assert "warning: cannot connect to service private/nosuchsmtpd: No such file or " \
+        "directory" in ps.log()
