@@ -75,7 +75,7 @@ CONFIGURATION PARAMETERS
     postscreen_bare_newline_ttl (30d), postscreen_forbidden_commands (CONNECT GET POST),
     smtpd_service_name
     (smtpd: the pass service, private/smtpd), smtpd_dns_nameservers (the DNS servers),
-    mynetworks, smtpd_banner, myhostname.
+    mynetworks, smtpd_banner, myhostname, soft_bounce (5XX replies sent as 4XX).
 
 SEE ALSO
     postscreen/dnsbl.py, postscreen/cache.py, postscreen/dummy.py, lib/passfd.py,
@@ -96,6 +96,7 @@ from ..lib import msg, passfd, proxy, server, tables
 from ..lib.maincf import ConfigError
 from ..lib.netlist import NetworkList
 from . import dummy
+from .dummy import soften
 from .cache import Cache, parse as parse_stamps
 from .dnsbl import Score, Sites, servers
 
@@ -143,6 +144,7 @@ class Settings:
                           for w in cfg["postscreen_forbidden_commands"]]
         self.min_ttl = min([self.greet_ttl, self.dnsbl_min_ttl] +
                            [ttl for _, _, ttl in self.deep.values()])
+        self.soft_bounce = cfg["soft_bounce"]
         self.retention = cfg["postscreen_cache_retention_time"]
         self.cleanup_interval = cfg["postscreen_cache_cleanup_interval"]
         self._tables: dict = {}
@@ -686,7 +688,10 @@ class Session:
 
     # --- plumbing --------------------------------------------------------------------------
     def _write(self, text: str) -> bool:
-        """psc_send_reply(): best effort, never blocks; False when the client is gone."""
+        """psc_send_reply(): best effort, never blocks; False when the client is gone.
+        With soft_bounce, 5XX replies go out as 4XX."""
+        if self.s.soft_bounce:
+            text = soften(text)
         try:
             self.conn.send(text.encode("utf-8", "replace"))
         except (BlockingIOError, InterruptedError):
