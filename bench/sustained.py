@@ -5,6 +5,7 @@
     .venv/bin/python bench/sustained.py --duration 2 --runs 1 --clients 8 --modes plain
     .venv/bin/python bench/sustained.py --systems postfix-py,postfix --json
     .venv/bin/python bench/sustained.py --milter --modes plain --write BENCHMARKS.md
+    .venv/bin/python bench/sustained.py --postscreen --modes plain,starttls   # postscreen row
 
 bench/suite.py measures bursts of 300 messages and waits for both queues to drain before each
 run, so a queue manager that falls behind does its work outside the timed window. Here every
@@ -361,6 +362,47 @@ class Postfix(MailSystem):
 
     def queue_count(self):
         return count_files(self.dir / "queue", POSTFIX_QUEUES)
+
+
+# --- the postscreen variant (--postscreen) ---------------------------------------------------
+# postfix-py and Postfix alike: postscreen owns the SMTP port and hands clients to smtpd
+# over the `smtpd pass` service; smtps stays with smtpd (postscreen does not do it). The
+# access list is empty, so no client is allowlisted by address: the first connections
+# wait postscreen_greet_wait (1s, in the warm-up), and every later one passes the cache.
+POSTSCREEN_MAIN = {"postscreen_access_list": "", "postscreen_greet_wait": "1s"}
+POSTSCREEN_NOTE = "postscreen in front of the SMTP port (cache hits), smtps direct"
+
+
+def put_postscreen_in_front(system: MailSystem) -> None:
+    """Configure postfix-py or Postfix with postscreen on system.port (before start)."""
+    direct = f"127.0.0.1:{system.port} inet n - y - - smtpd"
+    front = [f"127.0.0.1:{system.port} inet n - y - 1 postscreen",
+             "smtpd pass - - y - - smtpd"]
+    system.notes += f"; {POSTSCREEN_NOTE}"
+    if isinstance(system, PostfixPy):
+        cf = system.dir / "master.cf"
+        lines = []
+        for line in cf.read_text().splitlines():
+            lines += front if line == direct else [line]
+        cf.write_text("\n".join(lines) + "\n")
+        with open(system.dir / "main.cf", "a") as f:
+            f.write("".join(f"{k} = {v}\n" for k, v in POSTSCREEN_MAIN.items()))
+        return
+    peer = system.inst.peer
+    peer.main.update(POSTSCREEN_MAIN)
+    write = peer.write
+
+    def write_with_postscreen():
+        write()
+        cf = peer.dir / "master.cf"
+        lines = []
+        for line in cf.read_text().splitlines():
+            if line.split() == direct.split():
+                lines += front          # Debian's commented-out pass line stays as is
+            else:
+                lines.append(line)
+        cf.write_text("\n".join(lines) + "\n")
+    peer.write = write_with_postscreen
 
 
 def _py_version() -> str:
@@ -733,6 +775,8 @@ def measure(args) -> dict:
                 cls = CLASSES[name]
                 s = cls(top, cert_dir) if name in ("postfix-py", "postfix") else \
                     cls(top, cert_dir, args.peers_cache)
+                if args.postscreen and name in ("postfix-py", "postfix"):
+                    put_postscreen_in_front(s)
                 systems.append(s)           # from here on, measure() stops it
                 if signer is not None:
                     signer.configure(s)
@@ -995,6 +1039,8 @@ def parse_args(argv):
     p.add_argument("--json", action="store_true", help="dump the raw results to stdout")
     p.add_argument("--milter", action="store_true",
                    help="one milter: OpenDKIM signing on postfix-py and Postfix alike")
+    p.add_argument("--postscreen", action="store_true",
+                   help="postfix-py and Postfix with postscreen in front of smtpd")
     args = p.parse_args(argv)
     if args.milter:
         args.systems = "postfix-py,postfix"

@@ -40,6 +40,11 @@ DEVIATIONS
     table type here).
     smtputf8_enable: yes, Postfix's value at compatibility level 1 and later.
     virtual_alias_maps: empty (Postfix writes $virtual_maps, the pre-2.0 name, not here).
+    postscreen_dnsbl_allowlist_threshold: 0, postscreen_dnsbl_max_ttl: 1h,
+    smtpd_per_request_deadline: ${stress?{yes}:{no}}, without the former names
+    (postscreen_dnsbl_whitelist_threshold, postscreen_dnsbl_ttl, smtpd_per_record_deadline)
+    that Postfix's defaults refer to. postscreen_forbidden_commands: CONNECT GET POST
+    (Postfix 3.7's smtpd_forbidden_commands, which postfix-py's smtpd does not have).
 """
 
 from __future__ import annotations
@@ -159,6 +164,8 @@ PARAMS: list[Param] = [
     # --- smtpd: session and limits ------------------------------------------------------
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", STR, "text of the 220 greeting"),
     _p("smtpd_timeout", "${stress?{10}:{300}}s", TIME, "time limit of one client read or write", min=1),
+    _p("smtpd_per_request_deadline", "${stress?{yes}:{no}}", BOOL, "yes: the content of a DATA or BDAT request must arrive within smtpd_timeout, extended by smtpd_min_data_rate (a trickling client is cut off); command lines always have smtpd_timeout as a deadline in postfix-py"),
+    _p("smtpd_min_data_rate", "500", INT, "with smtpd_per_request_deadline: bytes per second of content that extend the deadline by one second", min=1),
     _p("smtpd_starttls_timeout", "${stress?{10}:{300}}s", TIME, "time limit of reads and writes during the server TLS handshake and shutdown", min=1),
     _p("message_size_limit", "10240000", SIZE, "largest message accepted, in bytes (0: no limit)", min=0),
     _p("header_size_limit", "102400", SIZE, "largest message header kept, in bytes", min=1),
@@ -184,6 +191,42 @@ PARAMS: list[Param] = [
     _p("smtpd_upstream_proxy_protocol", "", STR, "the proxy protocol before the greeting: empty (none) or haproxy (PROXY v1 and v2)",
        values=("", "haproxy")),
     _p("smtpd_upstream_proxy_timeout", "5s", TIME, "time limit for the PROXY header", min=1),
+    # --- postscreen (postscreen/service.py) --------------------------------------------
+    _p("postscreen_access_list", "permit_mynetworks", LIST, "postscreen's permanent allow and deny list: permit_mynetworks, permit, reject, dunno, type:table (address lookups whose result is permit, reject or dunno)"),
+    _p("postscreen_blacklist_action", "", STR, "the former name of postscreen_denylist_action", values=("", "ignore", "enforce", "drop")),
+    _p("postscreen_denylist_action", "${postscreen_blacklist_action?{$postscreen_blacklist_action}:{ignore}}", STR, "a client that postscreen_access_list denies: ignore, enforce (reject its recipients) or drop (521 now)", values=("ignore", "enforce", "drop")),
+    _p("postscreen_greet_wait", "${stress?{2}:{6}}s", TIME, "how long postscreen waits for a client to talk before its turn, and for the DNSBL replies", min=1),
+    _p("postscreen_greet_banner", "$smtpd_banner", STR, "the teaser 220- line postscreen sends before the real greeting (empty: no pregreet test)"),
+    _p("postscreen_greet_action", "ignore", STR, "a client that talks before its turn: ignore, enforce or drop", values=("ignore", "enforce", "drop")),
+    _p("postscreen_greet_ttl", "1d", TIME, "how long a passed pregreet test is remembered", min=1),
+    _p("postscreen_dnsbl_sites", "", LIST, "DNS lists that postscreen asks: domain[=d.d.d.d][*weight]"),
+    _p("postscreen_dnsbl_threshold", "1", INT, "the DNSBL score at which postscreen_dnsbl_action applies", min=1),
+    _p("postscreen_dnsbl_allowlist_threshold", "0", INT, "a DNSBL score at or below this negative value passes the other tests too (0: off)"),
+    _p("postscreen_dnsbl_action", "ignore", STR, "a client whose DNSBL score reaches the threshold: ignore, enforce or drop", values=("ignore", "enforce", "drop")),
+    _p("postscreen_dnsbl_min_ttl", "60s", TIME, "least time a DNSBL result is remembered", min=1),
+    _p("postscreen_dnsbl_max_ttl", "1h", TIME, "most time a DNSBL result is remembered", min=1),
+    _p("postscreen_dnsbl_timeout", "10s", TIME, "time limit of postscreen's DNSBL queries", min=1),
+    _p("postscreen_cache_map", "btree:$data_directory/postscreen_cache", STR, "postscreen's temporary allowlist (lmdb, btree and hash: LMDB files; empty: no cache)"),
+    _p("postscreen_cache_retention_time", "7d", TIME, "how long an expired cache entry is kept", min=0),
+    _p("postscreen_cache_cleanup_interval", "12h", TIME, "how often the cache is swept (0: never)", min=0),
+    _p("postscreen_post_queue_limit", "$default_process_limit", INT, "connections waiting to be handed to smtpd before new clients get 421 (0: no limit)", min=0),
+    _p("postscreen_pre_queue_limit", "$default_process_limit", INT, "connections being screened before new clients get 421 (0: no limit)", min=0),
+    _p("postscreen_client_connection_count_limit", "$smtpd_client_connection_count_limit", INT, "simultaneous connections from one client in postscreen (0: no limit)", min=0),
+    _p("postscreen_upstream_proxy_protocol", "", STR, "postscreen's proxy protocol before the greeting: empty (none) or haproxy (PROXY v1 and v2)", values=("", "haproxy")),
+    _p("postscreen_upstream_proxy_timeout", "5s", TIME, "time limit for the PROXY header at postscreen", min=1),
+    _p("postscreen_command_time_limit", "${stress?{10}:{300}}s", TIME, "time limit of one command in postscreen's after-greeting engine", min=1),
+    _p("postscreen_command_count_limit", "20", INT, "commands in postscreen's after-greeting engine before it hangs up", min=1),
+    _p("postscreen_pipelining_enable", "no", BOOL, "postscreen's after-greeting test: a client that sends a command before the reply to the last one"),
+    _p("postscreen_pipelining_action", "enforce", STR, "a client that fails the pipelining test: ignore, enforce or drop", values=("ignore", "enforce", "drop")),
+    _p("postscreen_pipelining_ttl", "30d", TIME, "how long a passed pipelining test is remembered", min=1),
+    _p("postscreen_non_smtp_command_enable", "no", BOOL, "postscreen's after-greeting test: a client that sends a header line or a postscreen_forbidden_commands command"),
+    _p("postscreen_non_smtp_command_action", "drop", STR, "a client that fails the non_smtp_command test: ignore, enforce or drop", values=("ignore", "enforce", "drop")),
+    _p("postscreen_non_smtp_command_ttl", "30d", TIME, "how long a passed non_smtp_command test is remembered", min=1),
+    _p("postscreen_bare_newline_enable", "no", BOOL, "postscreen's after-greeting test: a client that ends a command with a bare newline"),
+    _p("postscreen_bare_newline_action", "ignore", STR, "a client that fails the bare_newline test: ignore, enforce or drop", values=("ignore", "enforce", "drop")),
+    _p("postscreen_bare_newline_ttl", "30d", TIME, "how long a passed bare_newline test is remembered", min=1),
+    _p("postscreen_forbidden_commands", "CONNECT GET POST", LIST, "commands that fail the non_smtp_command test (words or type:table)"),
+    _p("smtpd_service_name", "smtpd", STR, "the pass service postscreen hands clients to (private/NAME)"),
     _p("smtpd_forbid_bare_newline", "normalize", STR, "bare LF in DATA: no (accept), normalize or yes (treat as CRLF, end only at CRLF.CRLF), note (log, reply and go on), reject (reply and disconnect)",
        values=("no", "normalize", "yes", "note", "reject")),
     _p("smtpd_forbid_bare_newline_exclusions", "$mynetworks", LIST, "clients exempt from smtpd_forbid_bare_newline"),
@@ -287,7 +330,7 @@ PARAMS: list[Param] = [
     _p("maps_rbl_reject_code", "554", INT, "reply code of a DNS list rejection ($rbl_code)", min=400, max=599),
     _p("rbl_reply_maps", "", TABLE, "reply templates of DNS list rejections, looked up by list domain (as written, with =d.d.d.d)"),
     _p("default_rbl_reply", "$rbl_code Service unavailable; $rbl_class [$rbl_what] blocked using $rbl_domain${rbl_reason?; $rbl_reason}", STR, "reply template of a DNS list rejection; $rbl_code, $rbl_class, $rbl_what, $rbl_domain, $rbl_reason are expanded at the time"),
-    _p("smtpd_dns_nameservers", "", LIST, "postfix-py extension: DNS servers of smtpd's DNS restrictions (address, address:port or [address]:port); empty: the system's resolv.conf, read before the chroot"),
+    _p("smtpd_dns_nameservers", "", LIST, "postfix-py extension: DNS servers of smtpd's DNS restrictions and postscreen's DNSBL queries (address, address:port or [address]:port); empty: the system's resolv.conf, read before the chroot"),
     # --- smtpd: TLS (seed: SMTP Server specific settings) -------------------------------
     _p("smtpd_use_tls", "no", BOOL, "legacy: announce STARTTLS (smtpd_tls_security_level = may)"),
     _p("smtpd_enforce_tls", "no", BOOL, "legacy: require STARTTLS before MAIL (smtpd_tls_security_level = encrypt)"),

@@ -360,6 +360,13 @@ def multi_server(ctx: WorkerContext, on_client, pre_init=None, post_init=None,
 
     def retire():
         ctx.stopping = True
+        loop.remove_reader(ctx.live_fd)     # EOF stays readable: once is enough
+
+    def stop_accepting():
+        # A worker that finishes its clients (retired, or SIGTERM) takes no new ones:
+        # the next generation's worker, or the next start, serves them.
+        for sock in ctx.listeners:
+            loop.remove_reader(sock)
 
     for sock in ctx.listeners:
         loop.add_reader(sock, accept_ready(sock))
@@ -372,6 +379,7 @@ def multi_server(ctx: WorkerContext, on_client, pre_init=None, post_init=None,
         if busy:
             last_activity[0] = time.monotonic()
         if ctx.stopping:
+            stop_accepting()
             return not busy or long_running
         if long_running:
             return False

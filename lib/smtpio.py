@@ -11,6 +11,8 @@ handshake (pyOpenSSL over the same non-blocking socket).
                                      raises StreamTimeout or StreamEOF
     s.read_some(n) -> bytes          up to n bytes (at least one) of input, as they come
     s.write(data); s.flush()         writes are buffered until flush()
+    s.request_deadline(rate)         one deadline over a whole request (DATA content), moved
+                                     later by each byte received (rate bytes/s); None ends it
     s.pending() -> int               input bytes received but not yet read (pipelining;
                                      STARTTLS discards them: purge())
     s.start_tls(conn, timeout)       handshake of a prepared SSL.Connection on this socket,
@@ -84,6 +86,8 @@ class SmtpStream:
         self.trace = None
         self._in = bytearray()
         self._out = bytearray()
+        self._rate = 0                  # request_deadline(): bytes/s, 0 when off
+        self._request_deadline = None
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # Replies must not wait for the peer's delayed ACK (DESIGN.md).
@@ -101,6 +105,8 @@ class SmtpStream:
 
     def _recv(self, deadline: float) -> bytes:
         """Some bytes from the peer (never empty: EOF raises)."""
+        if self._request_deadline is not None:
+            deadline = min(deadline, self._request_deadline)
         while True:
             try:
                 if self.tls is not None:
@@ -123,6 +129,10 @@ class SmtpStream:
                 raise StreamEOF("lost connection")
             if self.trace is not None and self.tls is not None:
                 self.trace("read from", data)
+            if self._rate:
+                # Each byte buys 1/rate seconds more, never more than timeout from now.
+                self._request_deadline = min(self._request_deadline + len(data) / self._rate,
+                                             time.monotonic() + self.timeout)
             return data
 
     def _send_all(self, data, deadline: float) -> None:
@@ -193,6 +203,14 @@ class SmtpStream:
         data = bytes(self._in[:n])
         del self._in[:n]
         return data
+
+    def request_deadline(self, rate: int | None) -> None:
+        """Start (rate: bytes per second) or end (None) a deadline over a whole request:
+        its input must come within timeout, and each byte received moves the deadline
+        1/rate seconds later, at most to timeout from now (smtpd_per_request_deadline
+        with smtpd_min_data_rate, for DATA and BDAT content)."""
+        self._rate = rate or 0
+        self._request_deadline = time.monotonic() + self.timeout if rate else None
 
     def consume(self, n: int) -> None:
         """Drop n bytes of input that buffered_lines() showed."""

@@ -5,6 +5,13 @@ sockets (which a reload may hand on to the next generation of the same service),
 pipe its workers report on, and the liveness pipe whose closing retires them. It knows the
 program its workers run and what that program prepared in the master before forking.
 
+PASS SERVICES
+    A master.cf service of type pass (`smtpd pass - - y - - smtpd`, Postfix's layout
+    behind postscreen) listens on a unix socket under private/ as a unix service does;
+    what differs is what its workers receive on it: each connection carries one client
+    socket (SCM_RIGHTS) and its endpoint attributes (lib/passfd.py), and the worker
+    serves that client. The master treats it as a unix service otherwise.
+
 PROGRAMS
     The command column names a postfix-py program (PROGRAMS below) or, for a site's own
     service written in Python, `python:package.module`. A program module provides
@@ -62,9 +69,10 @@ PROGRAMS = {
     "pickup": "postfix_py.pickup.service",
     "showq": "postfix_py.showq.service",
     "metrics": "postfix_py.metrics.service",
+    "postscreen": "postfix_py.postscreen.service",
 }
 EXTENSION_PREFIX = "python:"
-RUNNABLE_TYPES = ("inet", "unix")
+RUNNABLE_TYPES = ("inet", "unix", "pass")
 
 
 def runnable(services: list, warn) -> list:
@@ -178,7 +186,7 @@ def endpoint_key(svc, cfg) -> tuple:
     if svc.type == "inet":
         return ("inet", svc.inet_host or "", svc.inet_port, cfg.get("inet_interfaces"),
                 cfg.get("inet_protocols"))
-    return ("unix", unix_path(svc, cfg))
+    return ("unix", unix_path(svc, cfg))     # unix and pass: a socket under private/
 
 
 def unix_path(svc, cfg) -> str:
@@ -234,7 +242,7 @@ def open_listeners(svc, cfg, run_as_root: bool) -> list[socket.socket]:
                     raise OSError(exc.errno, f"bind {addr[0]} port {addr[1]}: "
                                              f"{exc.strerror}") from None
                 sock.listen(socket.SOMAXCONN)
-        elif svc.type == "unix":
+        elif svc.type in ("unix", "pass"):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             socks.append(sock)
             _bind_unix(sock, svc, cfg, run_as_root)

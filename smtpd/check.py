@@ -135,7 +135,6 @@ FUNCTIONS
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -145,7 +144,7 @@ from ..lib.dnsbl import DnsLookup
 from ..lib.domains import DomainList
 from ..lib.policy_client import PolicyClient
 from ..lib.maincf import ConfigError
-from ..lib.params import split_list
+from ..lib.netlist import NetworkList
 from ..lib.resolve import AddressResolver, ResolveError, internal_form
 
 RELAY_GUARDS = {"reject_unauth_destination", "defer_unauth_destination", "reject", "defer",
@@ -954,92 +953,6 @@ class Checker:
                 return None
             return self._dnsxl(word.lower(), arg, name, state, rcpt)
         msg.warn(f"access table: unknown action \"{action}\" -- ignored")
-        return None
-
-
-class NetworkList:
-    """A list of clients, as Postfix's namadr_list (mynetworks and its kind).
-
-    Words, in order, the first that matches decides: an address or network (a.b.c.d/len,
-    IPv6 with or without [ ], as [::1]/128), a type:table (looked up with the client name,
-    then its address; any result matches), a /file/name of more such words, a host name or
-    .domain matched against the client's verified name (a bare domain matches subdomains
-    too where parent_domain_matches_subdomains names the parameter), and !word, which
-    excludes what word matches."""
-
-    def __init__(self, param: str, words: list[str], open_table, parent_matches: bool):
-        self.param = param
-        self.parent_matches = parent_matches
-        self.entries: list[tuple[bool, str, object]] = []   # (negated, kind, value)
-        self._add(words, open_table)
-
-    def _add(self, words, open_table, depth: int = 0) -> None:
-        for word in words:
-            negated = word.startswith("!")
-            word = word.lstrip("!")
-            if not word:
-                continue
-            if word.startswith("/") and depth == 0:
-                try:
-                    with open(word, encoding="utf-8", errors="replace") as f:
-                        text = "\n".join(line.split("#", 1)[0] for line in f)
-                except OSError as exc:
-                    raise ConfigError(f"{self.param}: open {word}: {exc.strerror}") from None
-                sub = NetworkList(self.param, [], open_table, self.parent_matches)
-                sub._add(split_list(text), open_table, depth + 1)
-                self.entries.append((negated, "list", sub))
-                continue
-            text = word
-            if word.startswith("["):        # [address] or [address]/len
-                m = re.fullmatch(r"\[([^\]]*)\](/\d+)?", word)
-                text = m.group(1) + (m.group(2) or "") if m else ""
-            try:
-                self.entries.append((negated, "net", ipaddress.ip_network(text,
-                                                                          strict=False)))
-                continue
-            except ValueError:
-                pass
-            if "/" in word and ":" not in word.partition("/")[0] or word.startswith("["):
-                # a net/mask that is not one: Postfix's smtpd stops here too
-                raise ConfigError(f"{self.param}: bad net/mask pattern: \"{word}\"")
-            if ":" in word:
-                self.entries.append((negated, "table", open_table(word)))
-            elif re.fullmatch(r"\.?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?", word):
-                self.entries.append((negated, "name", word.lower().rstrip(".")))
-            else:
-                msg.warn(f"{self.param}: ignoring entry that is not an address, network, "
-                         f"host name or table: {word}")
-
-    def match(self, addr: str, name: str = "unknown") -> bool:
-        """Whether the client (address, verified name or "unknown") is in the list."""
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return bool(self._match(ip, str(ip), name.lower().rstrip(".")))
-
-    def _match(self, ip, addr: str, name: str) -> bool | None:
-        """True or False from the first entry that matches; None when none does."""
-        for negated, kind, value in self.entries:
-            if kind == "net":
-                hit = ip.version == value.version and ip in value
-            elif kind == "table":
-                hit = (name != "unknown" and value.lookup(name) is not None) or \
-                    value.lookup(addr) is not None
-            elif kind == "name":
-                hit = name != "unknown" and (
-                    name == value.lstrip(".") and not value.startswith(".")
-                    or (value.startswith(".") or self.parent_matches)
-                    and name.endswith("." + value.lstrip(".")))
-            else:
-                inner = value._match(ip, addr, name)
-                if inner is not None:
-                    return inner != negated
-                continue
-            if hit:
-                return not negated
         return None
 
 

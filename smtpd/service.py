@@ -21,6 +21,7 @@ SECURITY
 
 CONFIGURATION PARAMETERS
     The smtpd_* parameters of lib/params.py; among them smtpd_banner, smtpd_timeout (300s),
+    smtpd_per_request_deadline (no) with smtpd_min_data_rate (500) for DATA and BDAT,
     smtpd_tls_security_level, smtpd_use_tls, smtpd_enforce_tls, smtpd_tls_wrappermode,
     smtpd_*_restrictions, message_size_limit (10240000), line_length_limit (2048),
     smtpd_recipient_limit (1000), smtpd_recipient_overshoot_limit (1000),
@@ -29,10 +30,13 @@ CONFIGURATION PARAMETERS
     smtpd_sasl_path (smtpd/sasl.py). Extensions: smtputf8_enable (yes), strict_smtputf8
     (no), fast_flush_domains ($relay_domains) and smtpd_etrn_restrictions (empty) for
     ETRN. Behind a load balancer: smtpd_upstream_proxy_protocol (empty, or haproxy),
-    smtpd_upstream_proxy_timeout (5s) (smtpd/proxy.py); smtpd_authorized_xclient_hosts
+    smtpd_upstream_proxy_timeout (5s) (lib/proxy.py); smtpd_authorized_xclient_hosts
     and smtpd_authorized_xforward_hosts (empty; smtpd/xclient.py).
     Milters: smtpd_milters (empty) and the milter_* parameters (smtpd/milters.py,
     lib/milter.py).
+    Behind postscreen, a `pass` service (`smtpd pass - - y - - smtpd`) receives each
+    client's socket and its endpoints from postscreen (lib/passfd.py) and uses those
+    endpoints, never a PROXY header of its own.
     smtpd_tls_security_level is computed once, in
     prepare(), by lib/tls.server_security_level (verify, secure and fingerprint act as
     encrypt, with Postfix's warning), and every session uses that value.
@@ -51,11 +55,11 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from ..lib import cleanup, msg, server, tlsmgr_client
+from ..lib import cleanup, msg, passfd, proxy, server, tlsmgr_client
 from ..lib import tls as T
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
-from . import milters, proxy, sasl
+from . import milters, sasl
 from .check import Checker, ClientState
 from .limits import Limits
 from .session import Session
@@ -192,16 +196,40 @@ def post_init(ctx) -> None:
 
 
 def smtpd_service(conn: socket.socket, ctx) -> None:
-    """One client, from connect to disconnect."""
-    cfg = ctx.cfg
-    try:
-        addr, port = conn.getpeername()[:2]
-    except OSError:
+    """One client, from connect to disconnect; on a pass service (behind postscreen) the
+    connection carries the client's socket and endpoints (lib/passfd.py)."""
+    if ctx.service.type != "pass":
+        _session(conn, ctx)
         return
+    try:
+        client, endpoints = passfd.receive(conn)
+    except passfd.PassError as exc:
+        msg.warn(str(exc))
+        return
+    finally:
+        conn.close()            # tells postscreen that the hand-off is complete
+    try:
+        _session(client, ctx, endpoints)
+    finally:
+        client.close()
+
+
+def _session(conn: socket.socket, ctx, passed: dict | None = None) -> None:
+    cfg = ctx.cfg
+    if passed is not None:
+        # The endpoints postscreen logged: behind its PROXY header, the original client's.
+        addr, port, local = passed["client_address"], passed["client_port"], \
+            passed["server_address"]
+        hangup = False
+    else:
+        try:
+            addr, port = conn.getpeername()[:2]
+        except OSError:
+            return
+        port, local, hangup = str(port), None, False
     if addr.startswith("::ffff:"):
         addr = addr[7:]
-    port, local, hangup = str(port), None, False
-    if cfg["smtpd_upstream_proxy_protocol"]:
+    if passed is None and cfg["smtpd_upstream_proxy_protocol"]:
         addr, port, local, hangup = upstream_endpoints(conn, cfg, addr, port)
     if hangup:
         name, status, reverse, reverse_status = "unknown", "perm", "unknown", "perm"
@@ -213,11 +241,12 @@ def smtpd_service(conn: socket.socket, ctx) -> None:
     prepared = ctx.prepared or Prepared()
     backend = ctx.state.get("sasl")
     sasl_session = None
-    if backend is not None and local is None:
-        try:
-            local = conn.getsockname()[0]
-        except OSError:
-            local = ""
+    if backend is not None:
+        if local is None:           # not given by a PROXY header or postscreen
+            try:
+                local = conn.getsockname()[0]
+            except OSError:
+                local = ""
         sasl_session = backend.session(addr, local[7:] if local.startswith("::ffff:")
                                        else local)
     session = Session(stream, cfg, client, ctx.queue_root, ctx.state["checker"],

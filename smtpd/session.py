@@ -74,6 +74,7 @@ SECURITY
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -1095,9 +1096,24 @@ class Session:
             return self.milter_refuse(err)
         self.reply("354 End data with <CR><LF>.<CR><LF>")
         self.s.flush()
-        result = self.read_content(self.start_content())
+        with self.content_deadline():
+            result = self.read_content(self.start_content())
         self.data_bytes = None
         return result
+
+    @contextlib.contextmanager
+    def content_deadline(self):
+        """smtpd_per_request_deadline: the content of one DATA or BDAT request must come
+        within smtpd_timeout, extended by smtpd_min_data_rate per byte (a trickling
+        client is cut off); without it, each line has smtpd_timeout of its own."""
+        if not self.cfg["smtpd_per_request_deadline"]:
+            yield
+            return
+        self.s.request_deadline(self.cfg["smtpd_min_data_rate"])
+        try:
+            yield
+        finally:
+            self.s.request_deadline(None)
 
     def start_content(self) -> OSError | None:
         """The lines smtpd puts before the client's content: access PREPEND headers, then
@@ -1266,7 +1282,8 @@ class Session:
             self.bdat, self.data_bytes = "ok", 0
             self.bdat_sink = ContentSink(self.writer, self.cfg)
             self.bdat_sink.problem = self.start_content()
-        self.read_chunk(size, self.bdat_sink)
+        with self.content_deadline():
+            self.read_chunk(size, self.bdat_sink)
         if last:
             return self.end_of_bdat()
         if self.bdat_sink.problem is not None:

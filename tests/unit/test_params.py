@@ -39,6 +39,10 @@ DEVIATIONS = {
     "virtual_alias_maps",                     # empty, without the pre-2.0 name virtual_maps
     "append_dot_mydomain",                    # no compatibility_level: level >= 1's value
     "local_recipient_maps",                   # no proxymap: unix:passwd.byname read directly
+    # without the former names that Postfix's defaults refer to
+    "postscreen_dnsbl_allowlist_threshold", "postscreen_dnsbl_max_ttl",
+    "smtpd_per_request_deadline",
+    "postscreen_forbidden_commands",          # no smtpd_forbidden_commands to refer to
 }
 
 

@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from postfix_py.smtpd import proxy
-from postfix_py.smtpd.proxy import ProxyError
+from postfix_py.lib import proxy
+from postfix_py.lib.proxy import ProxyError
 
 BOTH = {"ipv4", "ipv6"}
 

@@ -1,4 +1,7 @@
-"""smtpd behind a load balancer: the haproxy PROXY protocol, as Postfix's haproxy_srvr.c.
+"""Behind a load balancer: the haproxy PROXY protocol, as Postfix's haproxy_srvr.c.
+
+Shared by smtpd (smtpd_upstream_proxy_protocol, a blocking receive()) and postscreen
+(postscreen_upstream_proxy_protocol, parse() on peeked input from its event loop).
 
 SYNOPSIS
     endpoint = proxy.receive(conn, timeout, families)   # before the greeting
@@ -70,7 +73,10 @@ class ProxyError(Exception):
 
 
 class _Incomplete(Exception):
-    """More input could still make a header (internal)."""
+    """More input could still make a header."""
+
+
+Incomplete = _Incomplete      # for callers that parse peeked input themselves (postscreen)
 
 
 def families(inet_protocols: list[str]) -> set[str]:

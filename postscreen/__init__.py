@@ -1,0 +1,1 @@
+"""postscreen: the SMTP connection screen in front of smtpd (postscreen/service.py)."""

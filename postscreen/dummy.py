@@ -1,0 +1,310 @@
+"""postscreen's SMTP engine after the greeting, for clients that postscreen refuses.
+
+A client that failed a test under an `enforce` action (postscreen_greet_action,
+postscreen_dnsbl_action, postscreen_denylist_action) is not handed to smtpd: this engine
+talks to it as Postfix's postscreen_smtpd.c does, so that the refusal is logged with
+the sender and recipient (`NOQUEUE: reject: RCPT from [addr]:port: 550 5.7.1 Service
+unavailable; client [addr] blocked using LIST; from=<s>, to=<r>, proto=ESMTP,
+helo=<h>`), and then the client is let go.
+
+    220 smtpd_banner (not sent to a client that failed the pregreet test)
+    HELO, EHLO          250 (EHLO: myhostname, SIZE, VRFY, ETRN, ENHANCEDSTATUSCODES,
+                        8BITMIME, DSN, SMTPUTF8, CHUNKING as configured)
+    MAIL                250 2.1.0 Ok
+    RCPT                the enforce reply, logged NOQUEUE: reject
+    DATA, BDAT          `DATA without valid RCPT`, 554 5.5.1 Error: no valid recipients
+                        (503 without MAIL), and the connection ends
+    RSET, NOOP          250 2.0.0 Ok;  VRFY: the enforce reply (502 when disabled)
+    ETRN                458 Unable to queue messages;  QUIT: 221 2.0.0 Bye
+    other               502 5.5.2 Error: command not recognized (STARTTLS, AUTH ...)
+
+    The deep protocol tests run here, each when enabled (postscreen_*_enable) and due,
+    or for any client that failed a test before the greeting:
+        pipelining: a command (other than BDAT) with more input already behind it:
+            `COMMAND PIPELINING from [addr]:port after CMD: NEXT`;
+        non_smtp_command: an unknown command that looks like a header (`Name:`) or is in
+            postscreen_forbidden_commands: `NON-SMTP COMMAND from [addr]:port after
+            WHERE: CMD ARGS` (drop: 521 5.7.0 Error: I can break rules, too. Goodbye.);
+        bare_newline: a command line ended by LF alone: `BARE NEWLINE from [addr]:port
+            after LINE`;
+    each with its action (postscreen_*_action: drop 521 5.5.1 Protocol error, enforce
+    550 5.5.1 Protocol error at RCPT, ignore passes it for the least TTL). A client
+    that reaches RCPT without failing passes them (their postscreen_*_ttl) and is told
+    450 4.3.2 Service currently unavailable: it is let through when it comes back.
+
+    A command line longer than line_length_limit, more than
+    postscreen_command_count_limit commands, or postscreen_command_time_limit for one
+    command end the session with Postfix's log line and 421 reply.
+
+SEE ALSO
+    postscreen/service.py; Postfix postscreen_smtpd.c.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..lib import msg
+from ..lib.proxy import escape as _escape
+
+READ = 4096
+
+
+class Engine:
+    """The replies of this configuration, built once."""
+
+    def __init__(self, cfg):
+        host = cfg.get("myhostname")
+        self.greeting = f"220 {cfg.get('smtpd_banner')}\r\n"
+        self.helo = f"250 {host}\r\n"
+        lines = [host]
+        size = cfg["message_size_limit"]
+        lines.append(f"SIZE {size}" if size else "SIZE")
+        self.disable_vrfy = cfg["disable_vrfy_command"]
+        if not self.disable_vrfy:
+            lines.append("VRFY")
+        lines += ["ETRN", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
+        if cfg["smtputf8_enable"]:
+            lines.append("SMTPUTF8")
+        lines.append("CHUNKING")
+        self.ehlo = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
+        self.timeout_reply = f"421 4.4.2 {host} Error: timeout exceeded\r\n"
+        self.busy_reply = f"421 {host} Service unavailable - try again later\r\n"
+        self.time_limit = cfg["postscreen_command_time_limit"]
+        self.count_limit = cfg["postscreen_command_count_limit"]
+        self.line_limit = cfg["line_length_limit"]
+
+    def start(self, session) -> None:
+        """psc_smtpd_tests(): greet (unless it pregreeted), then read commands."""
+        _Dialog(self, session)
+
+
+class _Dialog:
+    def __init__(self, engine: Engine, session):
+        self.e, self.s = engine, session
+        self.buf = b""
+        self.helo = None
+        self.sender = None
+        self.protocol = "SMTP"
+        self.count = 0
+        self.where = "CONNECT"
+        if "pregreet" not in session.failed and not session._write(engine.greeting):
+            session.hangup_event()
+            return
+        session.loop.add_reader(session.fd, session.guard(self._read))
+        self._arm()
+
+    def _arm(self) -> None:
+        self.s.loop.cancel(self.s.timer)
+        self.s.timer = self.s.loop.call_later(self.e.time_limit,
+                                             self.s.guard(self._time_limit))
+
+    def _time_limit(self) -> None:
+        self.s.timer = None
+        msg.info(f"COMMAND TIME LIMIT from {self.s.where} after {self.where}")
+        self._drop(self.e.timeout_reply)
+
+    def _drop(self, reply: str) -> None:
+        self.s.loop.remove_reader(self.s.fd)
+        self.s.drop(reply)
+
+    def _read(self) -> None:
+        s = self.s
+        try:
+            data = s.conn.recv(READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            s.loop.remove_reader(s.fd)
+            s.hangup_event()
+            return
+        self.buf += data
+        while not s.closed:
+            end = self.buf.find(b"\n")
+            if end < 0:
+                if len(self.buf) >= self.e.line_limit:
+                    msg.info(f"COMMAND LENGTH LIMIT from {s.where} after {self.where}")
+                    self._drop(self.e.busy_reply)
+                return
+            if end >= self.e.line_limit:
+                msg.info(f"COMMAND LENGTH LIMIT from {s.where} after {self.where}")
+                self._drop(self.e.busy_reply)
+                return
+            line, self.buf = self.buf[:end], self.buf[end + 1:]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            elif s.deep_testing("bare_newline"):
+                msg.info(f"BARE NEWLINE from {s.where} after {_escape(line[:100])}")
+                action = s.deep_fail("bare_newline")
+                if action == "drop":
+                    self._drop("521 5.5.1 Protocol error\r\n")
+                    return
+                if action == "enforce":
+                    s.enforce("550 5.5.1 Protocol error\r\n")
+            self._command(line.decode("utf-8", "replace"))
+
+    def _command(self, line: str) -> None:
+        s = self.s
+        words = line.split()
+        name = words[0].upper() if words else ""
+        args = line.split(None, 1)[1] if len(words) > 1 else ""
+        saved_where, self.where = self.where, name if name in _KNOWN else "UNIMPLEMENTED"
+        if s.x21 and name != "QUIT":
+            self._drop(s.final_reply)       # the hand-off failed after the teaser
+            return
+        if s.deep_testing("non_smtp") and name not in _KNOWN and words and (
+                _HEADER.match(words[0]) or s.s.forbidden_command(words[0])):
+            msg.info(f"NON-SMTP COMMAND from {s.where} after {saved_where}: "
+                     f"{_printable(words[0])} {_escape(args.encode()[:100])}")
+            action = s.deep_fail("non_smtp")
+            if action == "drop":
+                self._drop("521 5.7.0 Error: I can break rules, too. Goodbye.\r\n")
+                return
+            if action == "enforce":
+                s.enforce("550 5.5.1 Protocol error\r\n")
+        if name != "BDAT" and self.buf and s.deep_testing("pipelining"):
+            msg.info(f"COMMAND PIPELINING from {s.where} after {_printable(name or line)[:100]}"
+                     f": {_escape(self.buf[:100])}")
+            action = s.deep_fail("pipelining")
+            if action == "drop":
+                self._drop("521 5.5.1 Protocol error\r\n")
+                return
+            if action == "enforce":
+                s.enforce("550 5.5.1 Protocol error\r\n")
+        if name == "RCPT":
+            # A client that got this far without failing passes the tests after the
+            # greeting (it is still refused here: 450, and welcome next time).
+            for test in ("bare_newline", "non_smtp", "pipelining"):
+                if s.deep_testing(test) and test not in s.failed and test not in s.passed:
+                    s.deep_pass(test, s.s.deep[test][2])
+        self.count += 1
+        if self.count > self.e.count_limit and name != "QUIT":
+            msg.info(f"COMMAND COUNT LIMIT from {s.where} after {saved_where}")
+            self._drop(self.e.busy_reply)
+            return
+        handler = getattr(self, "_" + name.lower(), None) if name in _KNOWN else None
+        if handler is None:
+            s._write("502 5.5.2 Error: command not recognized\r\n")
+        else:
+            handler(args)
+        if not s.closed:
+            self._arm()
+
+    def _helo(self, args: str) -> None:
+        if not args.split():
+            self.s._write("501 Syntax: HELO hostname\r\n")
+            return
+        self.helo, self.protocol, self.sender = args.split()[0], "SMTP", None
+        self.s._write(self.e.helo)
+
+    def _ehlo(self, args: str) -> None:
+        if not args.split():
+            self.s._write("501 Syntax: EHLO hostname\r\n")
+            return
+        self.helo, self.protocol, self.sender = args.split()[0], "ESMTP", None
+        self.s._write(self.e.ehlo)
+
+    def _mail(self, args: str) -> None:
+        if self.sender is not None:
+            self.s._write("503 5.5.1 Error: nested MAIL command\r\n")
+            return
+        addr = _address(args, "FROM")
+        if addr is None:
+            self.s._write("501 5.5.4 Syntax: MAIL FROM:<address>\r\n")
+            return
+        self.sender = addr
+        self.s._write("250 2.1.0 Ok\r\n")
+
+    def _rcpt(self, args: str) -> None:
+        s = self.s
+        if self.sender is None:
+            s._write("503 5.5.1 Error: need MAIL command\r\n")
+            return
+        addr = _address(args, "TO")
+        if addr is None:
+            s._write("501 5.5.4 Syntax: RCPT TO:<address>\r\n")
+            return
+        reply = soften(s.rcpt_reply) if s.s.soft_bounce else s.rcpt_reply
+        msg.info(f"NOQUEUE: reject: RCPT from {s.where}: {reply[:-2]}; "
+                 f"from=<{self.sender}>, to=<{addr}>, proto={self.protocol}, "
+                 f"helo=<{self.helo or ''}>")
+        s._write(s.rcpt_reply)
+
+    def _data(self, args: str) -> None:
+        msg.info(f"DATA without valid RCPT from {self.s.where}")
+        if args.split():
+            self._drop("501 5.5.4 Syntax: DATA\r\n")
+        elif self.sender is None:
+            self._drop("503 5.5.1 Error: need RCPT command\r\n")
+        else:
+            self._drop("554 5.5.1 Error: no valid recipients\r\n")
+
+    def _bdat(self, args: str) -> None:
+        msg.info(f"BDAT without valid RCPT from {self.s.where}")
+        if not args.split():
+            self._drop("501 5.5.4 Syntax: BDAT count [LAST]\r\n")
+        elif self.sender is None:
+            self._drop("554 5.5.1 Error: need MAIL command\r\n")
+        else:
+            self._drop("554 5.5.1 Error: no valid recipients\r\n")
+
+    def _rset(self, args: str) -> None:
+        self.sender = None
+        self.s._write("250 2.0.0 Ok\r\n")
+
+    def _noop(self, args: str) -> None:
+        self.s._write("250 2.0.0 Ok\r\n")
+
+    def _vrfy(self, args: str) -> None:
+        if not args.split():
+            self.s._write("501 5.5.4 Syntax: VRFY address\r\n")
+        elif self.e.disable_vrfy:
+            self.s._write("502 5.5.1 VRFY command is disabled\r\n")
+        else:
+            self.s._write(self.s.rcpt_reply)
+
+    def _etrn(self, args: str) -> None:
+        if self.helo is None:
+            self.s._write("503 5.5.1 Error: send HELO/EHLO first\r\n")
+        elif not args.split():
+            self.s._write("500 Syntax: ETRN domain\r\n")
+        else:
+            self.s._write("458 Unable to queue messages\r\n")
+
+    def _quit(self, args: str) -> None:
+        self._drop("221 2.0.0 Bye\r\n")
+
+
+def soften(reply: str) -> str:
+    """soft_bounce: 5XX (and its 5.X.X status) as 4XX, as psc_send_reply()."""
+    if reply[:1] == "5":
+        reply = "4" + reply[1:]
+        if reply[4:5] == "5":
+            reply = reply[:4] + "4" + reply[5:]
+    return reply
+
+
+_HEADER = re.compile(r"^[!-9;-~]+:")         # is_header(): a header name and its colon
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isascii() and c.isprintable() else "?" for c in text)
+
+
+_KNOWN = {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "VRFY", "ETRN",
+          "QUIT"}
+
+
+def _address(args: str, keyword: str) -> str | None:
+    """The address of `FROM:<a>` / `TO:<a>` (spaces allowed after the colon), or None."""
+    head, colon, rest = args.partition(":")
+    if not colon or head.strip().upper() != keyword:
+        return None
+    rest = rest.strip()
+    if rest.startswith("<"):
+        end = rest.find(">")
+        return rest[1:end] if end > 0 else None
+    return rest.split()[0] if rest.split() else None
+
