@@ -634,7 +634,7 @@ def test_client_bad_request_not_sent(server):
 def test_client_threads_serialised(server):
     srv = server()
     errors = []
-    with attr.AttrClient(srv.path, timeout=1.0) as clnt:
+    with attr.AttrClient(srv.path, timeout=10.0) as clnt:
 
         def worker(k):
             try:
