@@ -26,6 +26,11 @@ DESCRIPTION
     one for the whole process (postfix-py creates no other metric objects); every metric
     here has labels, so that no value, and no file, exists before a worker counts.
 
+    Counting costs nothing when nobody reads it: the master calls collecting(on) with
+    whether master.cf has a metrics service, at start and at each reload, before it forks
+    that generation's workers, and a worker counts only when its master said so. The
+    JSON event log does not depend on it.
+
     Every function here is safe to call anywhere: in a process that worker_start() has not
     set up (the master, a command-line tool, a unit test) it does nothing, and a failure
     to write (a full file system, a directory the process may not write) disables the
@@ -48,6 +53,8 @@ JSON EVENT LOG
 FUNCTIONS
     prepare_directory(queue_root, owner_pw) - the master, at start: (re)create the
         directory empty, owned by mail_owner.
+    collecting(on) - the master, per configuration generation: whether its workers count
+        (master.cf has a metrics service).
     worker_start(ctx) - in each worker before the chroot: service name, directory, log.
     smtpd_connect(), smtpd_session_end(counts), smtpd_reject(stage, reply),
     smtpd_restriction(restriction, code), smtpd_message(sasl_method), smtpd_auth(method,
@@ -139,6 +146,7 @@ COLLECTED = (SMTPD_CONNECTS, SMTPD_DISCONNECTS, SMTPD_COMMANDS, SMTPD_PROCESSED,
 
 
 class _State:
+    collect = False         # the master's word: a metrics service reads the counters
     enabled = False         # counters: set by worker_start, cleared after a write error
     service = ""
     program = ""
@@ -174,6 +182,12 @@ def prepare_directory(queue_root: str, owner_pw=None) -> str:
     return path
 
 
+def collecting(on: bool) -> None:
+    """In the master: whether the workers it forks from now on count (a metrics service
+    is configured). Forked workers inherit the value."""
+    _state.collect = bool(on)
+
+
 def worker_start(ctx) -> None:
     """Set up the counters and the event log of a freshly forked worker (before chroot)."""
     _state.service = ctx.service.name
@@ -181,7 +195,7 @@ def worker_start(ctx) -> None:
     jailed = ctx.run_as_root and ctx.service.chroot
     root = "/" if jailed else ctx.queue_root
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(root, DIRECTORY)
-    _state.enabled = True
+    _state.enabled = _state.collect
     _state.event_fd = -1
     path = ctx.cfg.get("tls_event_log") if hasattr(ctx.cfg, "get") else ""
     if path:

@@ -278,6 +278,7 @@ class Master:
                 raise StartError(f"mail_owner: unknown user: {cfg.get('mail_owner')}") from None
         try:
             prepare_directories(cfg, self.run_as_root, any(s.chroot for s in svcs))
+            metrics.collecting(any(s.command == "metrics" for s in svcs))
         except OSError as exc:
             raise StartError(f"{exc.filename or queue_root(cfg)}: "
                              f"{exc.strerror}") from None
@@ -619,6 +620,7 @@ class Master:
                 msg.warn(f"reload: {problem}; keeping the running configuration")
             return
         self.generation += 1
+        metrics.collecting(any(s.command == "metrics" for s in svcs))
         reuse = {}
         for state in self.services.values():
             reuse[S.endpoint_key(state.svc, state.cfg)] = state.listeners

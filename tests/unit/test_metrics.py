@@ -2,6 +2,7 @@
 
 import json
 import os
+from types import SimpleNamespace
 import socket
 import ssl
 import subprocess
@@ -223,3 +224,21 @@ def test_prepare_directory_starts_empty(tmp_path):
     os.symlink("/etc", path)                    # never followed
     metrics.prepare_directory(str(tmp_path))
     assert not os.path.islink(path) and os.path.exists("/etc/passwd")
+
+
+def test_a_worker_counts_only_when_its_master_has_a_metrics_service(tmp_path, monkeypatch):
+    """Without a metrics service nobody reads the counters: a worker writes no file."""
+    ctx = SimpleNamespace(service=SimpleNamespace(name="smtp", chroot=False), program="smtpd",
+                          run_as_root=False, queue_root=str(tmp_path), cfg={})
+    (tmp_path / metrics.DIRECTORY).mkdir()
+    monkeypatch.setattr(metrics, "_state", metrics._State())
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))   # restored at the end
+    monkeypatch.setattr(metrics._state, "collect", False)
+    metrics.collecting(False)
+    metrics.worker_start(ctx)
+    metrics.smtpd_connect()
+    assert os.listdir(tmp_path / metrics.DIRECTORY) == []
+    metrics.collecting(True)
+    metrics.worker_start(ctx)
+    metrics.smtpd_connect()
+    assert os.listdir(tmp_path / metrics.DIRECTORY) != []
