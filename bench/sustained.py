@@ -99,7 +99,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 import compare  # noqa: E402
 import smtp_load  # noqa: E402
-from peers import POSTFIX, MASTER_CF, make_cert  # noqa: E402
+from peers import POSTFIX, MASTER_CF, free_port, make_cert  # noqa: E402
 from report import (command_line, fmt, machine_description, md_table, median,  # noqa: E402
                     pct, ratio, write_section)
 
@@ -337,6 +337,43 @@ class PostfixPy(MailSystem):
 
     def queue_count(self):
         return count_files(self.dir / "queue", POSTFIX_QUEUES)
+
+
+class PostfixPyMetrics(PostfixPy):
+    """postfix-py with a metrics service in master.cf, so that every daemon counts (lib/
+    metrics.py), scraped once a second as Prometheus would scrape it, more often: beside
+    plain postfix-py (which then does not count at all) it shows what the counting costs."""
+    name = "postfix-py+metrics"
+    notes = "`default_transport = discard`; a `metrics` service, scraped every second"
+
+    def __init__(self, top, cert_dir):
+        super().__init__(top, cert_dir)
+        self.metrics_port = free_port()
+        with open(self.dir / "master.cf", "a") as f:
+            f.write(f"127.0.0.1:{self.metrics_port} inet n - n - 1 metrics\n")
+        self._scraping = None
+
+    def start(self):
+        super().start()
+        self._scraping = mp.Process(target=_scrape_forever, args=(self.metrics_port,),
+                                    daemon=True)
+        self._scraping.start()
+
+    def stop_daemon(self):
+        if self._scraping is not None:
+            self._scraping.terminate()
+            self._scraping.join(5)
+        super().stop_daemon()
+
+
+def _scrape_forever(port: int) -> None:
+    import urllib.request
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        except OSError:
+            pass
+        time.sleep(1)
 
 
 class Postfix(MailSystem):
@@ -661,7 +698,7 @@ RESOLV_NOTE = (
     "the client's names. Postfix and postfix-py keep the machine's resolver: they make no "
     "lookup here but the PTR of 127.0.0.1, which it answers at once.")
 
-CLASSES = {"postfix-py": PostfixPy, "postfix": Postfix, "exim": Exim, "chasquid": Chasquid,
+CLASSES = {"postfix-py": PostfixPy, "postfix-py+metrics": PostfixPyMetrics, "postfix": Postfix, "exim": Exim, "chasquid": Chasquid,
            "opensmtpd": OpenSMTPD}
 
 
@@ -773,8 +810,8 @@ def measure(args) -> dict:
             s = None
             try:
                 cls = CLASSES[name]
-                s = cls(top, cert_dir) if name in ("postfix-py", "postfix") else \
-                    cls(top, cert_dir, args.peers_cache)
+                s = cls(top, cert_dir, args.peers_cache) if issubclass(cls, Peer) else \
+                    cls(top, cert_dir)
                 if args.postscreen and name in ("postfix-py", "postfix"):
                     put_postscreen_in_front(s)
                 systems.append(s)           # from here on, measure() stops it
@@ -1031,7 +1068,8 @@ def parse_args(argv):
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--clients", default=",".join(map(str, CLIENTS)))
     p.add_argument("--systems", default=",".join(SYSTEMS),
-                   help="postfix-py and postfix always; peers: exim, chasquid, opensmtpd")
+                   help="postfix-py and postfix always; peers: exim, chasquid, opensmtpd; "
+                        "postfix-py+metrics: postfix-py counting for a metrics service")
     p.add_argument("--peers-cache", type=Path, default=PEERS_CACHE,
                    help="where the peers' .debs are fetched and unpacked (bench/.peers)")
     p.add_argument("--write", metavar="FILE",
@@ -1051,7 +1089,7 @@ def parse_args(argv):
         if s not in args.systems:
             args.systems.insert(0, s)
     bad = [m for m in args.modes if m not in MODES] + \
-          [s for s in args.systems if s not in SYSTEMS]
+          [s for s in args.systems if s not in CLASSES]
     if bad:
         p.error(f"unknown mode or system: {', '.join(bad)}")
     if args.runs < 1 or args.duration <= 0 or not args.clients or min(args.clients) < 1:
