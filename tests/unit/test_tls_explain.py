@@ -99,6 +99,34 @@ def test_history_changes():
     assert tls_history.changes([rec(server="other[192.0.2.2]:25")], rec(tls=False)) == ([], [])
 
 
+def test_history_report_warns_and_counts_only_the_unexpected(monkeypatch):
+    logged, counted = [], []
+    monkeypatch.setattr(tls_history.msg, "warn", lambda text: logged.append(("warn", text)))
+    monkeypatch.setattr(tls_history.msg, "info", lambda text: logged.append(("info", text)))
+    monkeypatch.setattr(tls_history.metrics, "tls_history_change",
+                        lambda dest, change: counted.append((dest, change)))
+    cases = [(rec(tls=False), "plaintext"),
+             (rec(fp="BB", issuer="CA2"), "certificate"),
+             (rec(fp="BB", status="Untrusted"), "certificate"),   # same issuer, lower
+             (rec(status="Anonymous"), "status")]
+    for record, change in cases:
+        logged.clear()
+        counted.clear()
+        tls_history.report("example.com", record, [rec()])
+        assert counted == [("example.com", change)]
+        assert len(logged) == 1 and logged[0][0] == "warn"
+        assert logged[0][1].startswith("TLS history: mx[192.0.2.1]:25 for example.com: ")
+    # Routine changes: an info line, no count.
+    for record in (rec(fp="BB"), rec(status="Verified", t=5)):
+        logged.clear()
+        counted.clear()
+        tls_history.report("example.com", record, [rec()])
+        assert counted == []
+        assert all(kind == "info" for kind, _ in logged)
+    tls_history.report("example.com", rec(), [rec(tls=False)])     # plaintext -> TLS
+    assert counted == [] and logged[-1][0] == "info" and "was plaintext" in logged[-1][1]
+
+
 def test_history_format():
     lines = tls_history.format_history({"example.com": [rec(t=0), rec(tls=False, t=60)]})
     assert lines[0] == "example.com:"
