@@ -43,6 +43,10 @@ DESCRIPTION
     postfix_smtp_delivery_delay_seconds, postfix_lmtp_delivery_delay_seconds), so that
     its dashboards work; each also has a `service` label (the master.cf service name),
     which sums away. The TLS connection counters have a `session` label, full or resumed.
+    The per-destination ones (postfix_smtp_tls_destination_outcomes_total,
+    postfix_smtp_tls_history_changes_total) have a `destination` label, the next hop: one
+    series per destination and outcome, as many as the destinations the host sends to
+    with TLS.
 
 JSON EVENT LOG
     With tls_event_log = /path (a postfix-py extension), each worker opens the file for
@@ -59,7 +63,8 @@ FUNCTIONS
     smtpd_connect(), smtpd_session_end(counts), smtpd_reject(stage, reply),
     smtpd_restriction(restriction, code), smtpd_message(sasl_method), smtpd_auth(method,
     ok), tls_server(info), tls_server_failure(client, reason, offer), tls_client(info,
-    destination, level), delivery(rcpt, relay, status, dsn, delay, stages).
+    destination, level), tls_history_change(destination, change), delivery(rcpt, relay,
+    status, dsn, delay, stages).
     COLLECTED: the metric objects, for the metrics service's help text.
 
 SEE ALSO
@@ -126,6 +131,10 @@ SMTP_TLS_DESTINATIONS = Counter(
     "postfix_smtp_tls_destination_outcomes", "Outgoing TLS handshakes by next hop: "
     "security level in force, peer verified or not, session full or resumed.",
     ["destination", "level", "verified", "session"], registry=None)
+SMTP_TLS_HISTORY_CHANGES = Counter(
+    "postfix_smtp_tls_history_changes", "Unexpected changes of a next hop's TLS "
+    "(lib/tls_history.py): plaintext after TLS, a certificate of another issuer or of a "
+    "lower status, a lower status.", ["destination", "change"], registry=None)
 DELIVERIES = Counter("postfix_deliveries", "Delivery attempts by transport, status and DSN "
                      "class (2, 4 or 5).", ["transport", "status", "dsn_class"], registry=None)
 DELIVERY_DELAY = Histogram("postfix_delivery_delay_seconds", "Time from arrival to the end "
@@ -141,7 +150,8 @@ _STAGE_NAMES = ("before_queue_manager", "queue_manager", "connection_setup", "tr
 
 COLLECTED = (SMTPD_CONNECTS, SMTPD_DISCONNECTS, SMTPD_COMMANDS, SMTPD_PROCESSED,
              SMTPD_REJECTS, SMTPD_RESTRICTIONS, SMTPD_SASL_FAILURES, SMTPD_SASL_SUCCESSES,
-             SMTPD_TLS, SMTPD_TLS_FAILURES, SMTP_TLS, SMTP_TLS_DESTINATIONS, DELIVERIES,
+             SMTPD_TLS, SMTPD_TLS_FAILURES, SMTP_TLS, SMTP_TLS_DESTINATIONS,
+             SMTP_TLS_HISTORY_CHANGES, DELIVERIES,
              DELIVERY_DELAY, SMTP_STAGES, LMTP_STAGES)
 
 
@@ -343,6 +353,12 @@ def tls_client(info, destination: str, level: str) -> None:
     _inc(SMTP_TLS_DESTINATIONS, _label(destination), _label(level),
          "yes" if info.peer_verified else "no", session)
     _event("tls", {**_tls_fields(info), "destination": destination, "level": level})
+
+
+def tls_history_change(destination: str, change: str) -> None:
+    """The smtp client warned of an unexpected TLS change at a server of destination
+    (change: plaintext, certificate or status; lib/tls_history.py)."""
+    _inc(SMTP_TLS_HISTORY_CHANGES, _label(destination), _label(change))
 
 
 # --- deliveries --------------------------------------------------------------------------

@@ -28,21 +28,27 @@ DESCRIPTION
             issuer "Old CA" -> "New CA", Verified -> Untrusted
 
     Plain text after TLS, a certificate of another issuer, and a lower status
-    (Verified > Trusted > Untrusted > Anonymous) are warned of; a new certificate of the
-    same issuer with the same or a better status is a renewal, logged as info.
+    (Verified > Trusted > Untrusted > Anonymous) are warned of, and counted in the
+    metric postfix_smtp_tls_history_changes_total; a new certificate of the same issuer
+    with the same or a better status is a renewal, logged as info.
 
 FUNCTIONS
     record_of(server, level, info, now) -> dict (info: lib/tls.TLSInfo, None in plain text)
     changes(before, record) -> (warnings, notes): texts without the "TLS history:" prefix
+    report(nexthop, record, before): log them (warning or info), and count each warning
+        in postfix_smtp_tls_history_changes_total{destination, change} (lib/metrics.py;
+        change: plaintext, certificate or status)
     format_history(history) -> lines for `postfix-py tls history`
 
 SEE ALSO
-    tlsmgr/history.py, smtp/service.py, tools/postfix_tls.py.
+    tlsmgr/history.py, smtp/service.py, tools/postfix_tls.py, lib/metrics.py.
 """
 
 from __future__ import annotations
 
 import time
+
+from . import metrics, msg
 
 _RANK = {"": -1, "Anonymous": 0, "Untrusted": 1, "Trusted": 2, "Verified": 3}
 
@@ -74,25 +80,25 @@ def _what(record: dict) -> str:
     return f"TLS ({record.get('status', '?')} {record.get('protocol', '?')})"
 
 
-def changes(before: list, record: dict) -> tuple[list[str], list[str]]:
-    """(warnings, notes) about record against the last record of its server."""
+def _compare(before: list, record: dict) -> list[tuple[str, str, bool]]:
+    """(kind, text, warn) for each change of record against the last record of its
+    server; kind: plaintext, certificate, status (the metric's label) or tls, renewal."""
     last = None
     for old in reversed(before):
         if isinstance(old, dict) and old.get("server") == record.get("server"):
             last = old
             break
     if last is None:
-        return [], []
-    warnings: list[str] = []
-    notes: list[str] = []
+        return []
     if last.get("tls") and not record.get("tls"):
-        warnings.append(f"was {_what(last)} on {_when(last.get('t'))}, now plaintext")
-        return warnings, notes
+        return [("plaintext", f"was {_what(last)} on {_when(last.get('t'))}, now plaintext",
+                 True)]
     if not record.get("tls"):
-        return warnings, notes
+        return []
     if not last.get("tls"):
-        notes.append(f"was plaintext on {_when(last.get('t'))}, now {_what(record)}")
-        return warnings, notes
+        return [("tls", f"was plaintext on {_when(last.get('t'))}, now {_what(record)}",
+                 False)]
+    found: list[tuple[str, str, bool]] = []
     old_status, new_status = last.get("status", ""), record.get("status", "")
     lower = _RANK.get(new_status, -1) < _RANK.get(old_status, -1)
     old_fp, new_fp = last.get("fingerprint", ""), record.get("fingerprint", "")
@@ -103,10 +109,32 @@ def changes(before: list, record: dict) -> tuple[list[str], list[str]]:
             text += f", issuer \"{last.get('issuer', '')}\" -> \"{record.get('issuer', '')}\""
         if old_status != new_status:
             text += f", {old_status} -> {new_status}"
-        (warnings if other_issuer or lower else notes).append(text)
+        unexpected = other_issuer or lower
+        found.append(("certificate" if unexpected else "renewal", text, unexpected))
     elif lower:
-        warnings.append(f"security status changed: {old_status} -> {new_status}")
-    return warnings, notes
+        found.append(("status", f"security status changed: {old_status} -> {new_status}",
+                      True))
+    return found
+
+
+def changes(before: list, record: dict) -> tuple[list[str], list[str]]:
+    """(warnings, notes) about record against the last record of its server."""
+    found = _compare(before, record)
+    return ([text for _, text, warn in found if warn],
+            [text for _, text, warn in found if not warn])
+
+
+def report(nexthop: str, record: dict, before: list) -> None:
+    """Log the changes of record against before, the next hop's history: a warning and
+    the metric postfix_smtp_tls_history_changes_total{destination, change} for each
+    unexpected one, an info line for a routine one."""
+    for kind, text, warn in _compare(before, record):
+        line = f"TLS history: {record.get('server', '?')} for {nexthop}: {text}"
+        if warn:
+            msg.warn(line)
+            metrics.tls_history_change(nexthop, kind)
+        else:
+            msg.info(line)
 
 
 def format_history(history: dict) -> list[str]:

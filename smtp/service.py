@@ -614,11 +614,7 @@ def _note_history(ctx, dest, addr, policy, sess, helo_ok: bool) -> None:
     before = tlsmgr_client.history_update(dest.text, record)
     if before is None:
         return
-    warnings, notes = tls_history.changes(before, record)
-    for text in warnings:
-        msg.warn(f"TLS history: {addr.namaddrport} for {dest.text}: {text}")
-    for text in notes:
-        msg.info(f"TLS history: {addr.namaddrport} for {dest.text}: {text}")
+    tls_history.report(dest.text, record, before)
 
 
 def _reuse(ctx, d, cache, key, store, policy, last, sess_limit, sess_count,

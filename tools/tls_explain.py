@@ -17,7 +17,9 @@ DESCRIPTION
     * for each address, the TLS policy as the client resolves it (smtp/service.py
       _policy_for): its source (global, per-site, policy; and whatever source later
       resolution steps give, such as DANE or MTA-STS), its level, its match rules or
-      fingerprints, protocols, ciphers and SNI name;
+      fingerprints, protocols, ciphers and SNI name; at level dane the usable TLSA
+      records (usage selector matching-type data, as Postfix logs them) and the names a
+      DANE-TA certificate must match;
     * with --connect, the first reachable address is probed as posttls-finger probes
       (tools/posttls_finger.py), with the smtp client's own TLS engine, policy and
       session cache key: whether a cached session existed and was resumed, the TLS
@@ -80,6 +82,8 @@ def describe_policy(cfg, prefix: str, policy) -> str:
         parts.append("match=" + ":".join(tls_policy.match_strategies(cfg, prefix, policy)))
     elif policy.level == "fingerprint":
         parts.append("match=" + "|".join(tls_policy.fingerprints(cfg, prefix, policy)))
+    elif policy.level == "dane" and policy.matches:
+        parts.append("match=" + ":".join(policy.matches))       # names for DANE-TA
     for name in ("protocols", "ciphers", "exclude", "servername"):
         value = getattr(policy, name, None)
         if value:
@@ -185,6 +189,8 @@ def explain(cfg, args: list[str], out=print) -> int:
                 out(f"    TLS policy: unusable: {d.why[1] if d.why else 'unknown'}")
                 continue
             out(f"    TLS policy: {describe_policy(scfg, prefix, policy)}")
+            for record in policy.tlsa:
+                out(f"    TLSA record: {record.text()}")
             if first is None:
                 first = dest
     if not connect:

@@ -515,3 +515,40 @@ def test_tls_required_no_header_ignores_dane_failure(relay, receiver):
     assert "status=bounced" in line and "dsn=5.7.10" in line, line
     assert ("(Sender requested REQUIRETLS, but no trusted server certificate was found. "
             "The last attempted server was mx-bad.dane.test[127.0.0.1])") in line
+
+
+# --- postfix-py tls explain: the DANE TLSA policy source ----------------------------------
+
+def explain(inst, destination):
+    from helpers import POSTFIX_PY
+    import subprocess
+    out = subprocess.run([POSTFIX_PY, "-c", str(inst.dir), "tls", "explain", destination],
+                         capture_output=True, text=True, env=inst.env, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    return out.stdout
+
+
+def test_tls_explain_names_the_dane_tlsa_records(relay, receiver, certs):
+    P = receiver.port
+    text = explain(relay, "bob@ok.test")
+    assert f"ok.test: transport smtp, next hop ee.dane.test:{P}" in text
+    assert "global TLS level dane" in text
+    lines = text.splitlines()
+    at = lines.index(f"  mx-ee.dane.test[127.0.0.1]:{P} (preference 10)")
+    assert lines[at + 1] == ("    TLS policy: level=dane, source=DANE TLSA, "
+                             "match=mx-ee.dane.test:ee.dane.test, servername=mx-ee.dane.test")
+    assert sorted(lines[at + 2:at + 4]) == sorted([
+        f"    TLSA record: 3 1 1 {certs.ee_311.upper()}", f"    TLSA record: 3 1 1 {'00' * 32}"])
+
+
+def test_tls_explain_names_a_dane_downgrade(relay):
+    # An unsigned zone: the insecure MX downgrades dane to may.
+    text = explain(relay, "plain.test")
+    assert "plain.test: transport smtp, next hop plain.test" in text
+    assert "  mx.plain.test[127.0.0.1]:25 (preference 10)" in text
+    assert "    TLS policy: level=may, source=DANE TLSA (non DNSSEC destination)" in text
+    # A signed zone without TLSA records at the MX host: may as well, for another reason.
+    text = explain(relay, "none.dane.test")
+    assert "    TLS policy: level=may, source=DANE TLSA (no TLSA records found)" in text
+    assert "TLSA record:" not in text

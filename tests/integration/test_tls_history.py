@@ -1,5 +1,6 @@
 """The TLS history per next hop (issue 18 part 3) and `tls explain --connect` (part 4),
-against a real TLS sink whose certificate changes under the smtp client.
+against a real TLS sink whose certificate changes under the smtp client; the sender's
+metrics service counts the change it warns of.
 
 The sender's tlsmgr keeps the history (smtp_tls_history_database); its smtp client
 delivers qmgr's requests to a postfix-py smtpd with STARTTLS; `postfix-py tls history`
@@ -11,10 +12,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
 import trustme
+from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import POSTFIX_PY
 from pfxinst import Instance, free_port, wait_for
@@ -74,7 +77,9 @@ def sender(base, sink):
                       "transport_maps": f"texthash:{transport}",
                       "smtp_tls_history_database": "lmdb:${data_directory}/smtp_tls_history",
                       "smtp_tls_session_cache_database": "lmdb:${data_directory}/smtp_scache"})
+    inst.metrics_port = free_port()
     inst.master_lines = ["tlsmgr unix - - y 1000? 1 tlsmgr",
+                         f"127.0.0.1:{inst.metrics_port} inet n - n - 1 metrics",
                          "smtp unix - - y - - smtp",
                          f"verify unix - - y - - smtp -o smtp_tls_policy_maps=texthash:{policy}"]
     inst.uid_gid = (pwd.getpwnam(inst.main["mail_owner"]).pw_uid,
@@ -113,11 +118,23 @@ def tool(inst, *args):
                           capture_output=True, text=True, env=inst.env, timeout=60)
 
 
+def history_changes(inst) -> dict:
+    """postfix_smtp_tls_history_changes_total from the sender's metrics service:
+    {(destination, change): value}."""
+    url = f"http://127.0.0.1:{inst.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=20) as answer:
+        text = answer.read().decode()
+    return {(s.labels["destination"], s.labels["change"]): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "postfix_smtp_tls_history_changes_total"}
+
+
 def test_history_and_a_certificate_change(sender, sink):
     nexthop = f"[127.0.0.1]:{sink.port}"
     for _ in range(2):
         assert deliver_one(sender, nexthop).result == "sent"
     assert "TLS history:" not in sender.log()
+    assert history_changes(sender) == {}
     first = tool(sender, "history", nexthop)
     assert first.returncode == 0, first.stderr
     assert first.stdout.count(" level=may Trusted TLSv1.3 ") == 2, first.stdout
@@ -134,6 +151,8 @@ def test_history_and_a_certificate_change(sender, sink):
     assert f"warning: TLS history: 127.0.0.1[127.0.0.1]:{sink.port} for {nexthop}: " \
            "certificate changed: fingerprint " in warning[0]
     assert ", Trusted -> Untrusted" in warning[0]
+    # The warning is counted, per next hop and kind of change.
+    assert history_changes(sender) == {(nexthop, "certificate"): 1.0}
     out = tool(sender, "history", nexthop).stdout
     lines = out.splitlines()
     assert lines[0] == f"{nexthop}:"

@@ -18,7 +18,11 @@ def confdir(tmp_path):
                          "global.test smtp:[127.0.0.2]:2525\n"
                          "finger.test smtp:[127.0.0.3]:2525\n"
                          "local.test local:\n"
-                         "relay.test relay:[127.0.0.1]:2525\n")
+                         "relay.test relay:[127.0.0.1]:2525\n"
+                         "site.test persite:[127.0.0.4]:2525\n"
+                         "nosite.test persite:[127.0.0.5]:2525\n")
+    per_site = tmp_path / "tls_per_site"
+    per_site.write_text("127.0.0.4 MUST_NOPEERMATCH\n")
     (tmp_path / "main.cf").write_text(
         f"queue_directory = {tmp_path}/queue\n"
         f"data_directory = {tmp_path}/data\n"
@@ -29,7 +33,9 @@ def confdir(tmp_path):
     (tmp_path / "master.cf").write_text(
         "smtp unix - - y - - smtp\n"
         "relay unix - - y - - smtp -o smtp_tls_security_level=may -o smtp_tls_policy_maps=\n"
-        "local unix - n n - - local\n")
+        "local unix - n n - - local\n"
+        "persite unix - - y - - smtp -o smtp_tls_security_level=may -o smtp_tls_policy_maps="
+        f" -o smtp_tls_per_site=texthash:{per_site}\n")
     return tmp_path
 
 
@@ -68,6 +74,18 @@ def test_service_overrides_and_non_smtp_transports(confdir, capsys):
     assert rc == 0 and "program local, not the smtp or lmtp client" in out
 
 
+def test_per_site_source(confdir, capsys):
+    # smtp_tls_per_site (no policy maps): the server host name's entry raises may to
+    # encrypt; a server without an entry keeps the global level.
+    rc, out = run(confdir, capsys, "site.test")
+    assert rc == 0, out
+    assert "site.test: transport persite, next hop [127.0.0.4]:2525" in out
+    assert "global TLS level may" in out
+    assert "TLS policy: level=encrypt, source=per-site" in out
+    rc, out = run(confdir, capsys, "nosite.test")
+    assert "TLS policy: level=may, source=global" in out
+
+
 def test_usage(confdir, capsys):
     assert postfix_tls.main(["-c", str(confdir), "explain"]) == 1
     assert postfix_tls.main(["-c", str(confdir), "history", "a", "b"]) == 1
@@ -97,6 +115,34 @@ def test_history_changes():
     assert warns == ["security status changed: Verified -> Trusted"]
     # Another server of the same next hop is not compared with this one.
     assert tls_history.changes([rec(server="other[192.0.2.2]:25")], rec(tls=False)) == ([], [])
+
+
+def test_history_report_warns_and_counts_only_the_unexpected(monkeypatch):
+    logged, counted = [], []
+    monkeypatch.setattr(tls_history.msg, "warn", lambda text: logged.append(("warn", text)))
+    monkeypatch.setattr(tls_history.msg, "info", lambda text: logged.append(("info", text)))
+    monkeypatch.setattr(tls_history.metrics, "tls_history_change",
+                        lambda dest, change: counted.append((dest, change)))
+    cases = [(rec(tls=False), "plaintext"),
+             (rec(fp="BB", issuer="CA2"), "certificate"),
+             (rec(fp="BB", status="Untrusted"), "certificate"),   # same issuer, lower
+             (rec(status="Anonymous"), "status")]
+    for record, change in cases:
+        logged.clear()
+        counted.clear()
+        tls_history.report("example.com", record, [rec()])
+        assert counted == [("example.com", change)]
+        assert len(logged) == 1 and logged[0][0] == "warn"
+        assert logged[0][1].startswith("TLS history: mx[192.0.2.1]:25 for example.com: ")
+    # Routine changes: an info line, no count.
+    for record in (rec(fp="BB"), rec(status="Verified", t=5)):
+        logged.clear()
+        counted.clear()
+        tls_history.report("example.com", record, [rec()])
+        assert counted == []
+        assert all(kind == "info" for kind, _ in logged)
+    tls_history.report("example.com", rec(), [rec(tls=False)])     # plaintext -> TLS
+    assert counted == [] and logged[-1][0] == "info" and "was plaintext" in logged[-1][1]
 
 
 def test_history_format():
