@@ -21,7 +21,8 @@ LIFE OF A MESSAGE
                 are served while a backlog is read. Flow control (lib/mail_flow.py,
                 in_flow_delay): a token for smtpd per message that leaves the active
                 queue, the pipe topped up to default_process_limit tokens while incoming/
-                is empty and no job waits for an agent (see _flow).
+                is empty and no job waits for a destination whose deliveries are quick
+                (see _flow, _behind).
     resolve     each recipient not yet done gets a transport and next hop (lib/resolve.py);
                 recipients with the same transport and next hop form jobs of at most
                 <transport>_destination_recipient_limit recipients. With a limit of 1 (local)
@@ -156,6 +157,7 @@ class Job:
     dest: "Destination"
     nexthop: str
     entries: list
+    started: float = 0.0
 
 
 @dataclass(eq=False)
@@ -168,6 +170,7 @@ class Destination:
     dead_until: float = 0.0
     dead_reason: str = ""
     dead_dsn: str = ""
+    took: float = 0.0           # how long its deliveries take (moving average, seconds)
 
     @property
     def capacity(self) -> int:
@@ -246,6 +249,7 @@ class QueueManager:
         # Inbound flow control (lib/mail_flow.py): a token per message taken from incoming/.
         self.flow = cfg["in_flow_delay"] > 0 and mail_flow.active()
         self.flow_tokens = cfg["default_process_limit"]
+        self.flow_slow = max(1.0, cfg["in_flow_delay"])
 
     # --- entry points ----------------------------------------------------------------------
     def start(self) -> None:
@@ -356,7 +360,8 @@ class QueueManager:
     def _flow(self, done: int) -> None:
         """Flow control, after Postfix's qmgr_loop: a token per message that has left the
         active queue, and the pipe topped up to default_process_limit tokens while the
-        pipeline keeps up (incoming/ scanned empty and no job waiting for an agent).
+        pipeline keeps up (incoming/ scanned empty and no job waiting for an agent, see
+        _behind).
         Postfix gives the token when a message enters the active queue; here the feed is
         cheap next to the delivery, so tokens follow deliveries, or the active queue
         would take the backlog that flow control keeps out of incoming/."""
@@ -365,12 +370,25 @@ class QueueManager:
             return
         if have < self.flow_tokens:
             scan = self.scans[Q.INCOMING]
-            if not self.waiting and not scan.names and not scan.restart:
+            if not scan.names and not scan.restart and not self._behind():
                 mail_flow.put(self.flow_tokens - have)
             elif done:
                 mail_flow.put(min(done, self.flow_tokens - have))
         elif have > self.flow_tokens:
             mail_flow.get(have - self.flow_tokens)
+
+    def _behind(self) -> bool:
+        """Jobs wait for a destination whose deliveries are quick: the delivery side lacks
+        processor time, not the far end's patience. Jobs that wait for a slow destination
+        (deliveries that take in_flow_delay or more) do not slow down receiving, as in
+        Postfix, where the active queue takes such mail without flow control."""
+        if not self.waiting:
+            return False
+        for t in self.transports.values():
+            for dest in t.dests.values():
+                if dest.todo and dest.took < self.flow_slow:
+                    return True
+        return False
 
     def _pump(self) -> None:
         """Feed and schedule until nothing more can move; never re-entered. A long feed
@@ -583,6 +601,7 @@ class QueueManager:
         m = job.message
         job.dest.busy += 1
         job.transport.busy += 1
+        job.started = self.now()
         request = deliver.Request(
             queue_id=m.queue_id, queue_file=f"active/{m.queue_id}",
             transport=job.transport.name, nexthop=job.nexthop, sender=m.env.sender or "",
@@ -596,6 +615,7 @@ class QueueManager:
         """A delivery agent's answer (deliver.DeliveryStatus) or a Failure, for one started job."""
         job.dest.busy -= 1
         job.transport.busy -= 1
+        job.dest.took += (max(0.0, self.now() - job.started) - job.dest.took) / 4
         if isinstance(result, Failure):
             self._job_done(job, result.dsn, result.reason, log=True)
             if result.throttle:

@@ -629,3 +629,17 @@ def test_a_backlog_is_fed_in_batches(make):
     assert len(h.calls) == FEED_BATCH         # the first batch is dispatched at once
     h.loop.advance(0)                         # the next pass of the event loop: the rest
     assert len(h.calls) == FEED_BATCH + 5
+
+
+def test_a_slow_destination_does_not_hold_back_receiving(make, flow_pipe):
+    h = make(default_process_limit="5", maxproc={"smtp": 1})
+    h.mgr.start()
+    for _ in range(2):
+        h.submit("a@example.org", ["b@remote.example"])
+    h.mgr.trigger(b"I")
+    h.clock.t += 30                   # the far end takes its time
+    h.answer(h.calls[0], "sent")      # its deliveries are known to be slow now
+    flow_pipe.get(flow_pipe.count())
+    h.submit("a@example.org", ["b@remote.example"])
+    h.mgr.trigger(b"I")
+    assert h.mgr.waiting == 1 and flow_pipe.count() == 5
