@@ -158,6 +158,7 @@ PARAMS: list[Param] = [
     _p("service_throttle_time", "60s", TIME, "pause of a service whose workers fail at start", min=1),
     _p("daemon_timeout", "18000s", TIME, "watchdog limit of one worker loop pass", min=1),
     _p("ipc_timeout", "3600s", TIME, "time limit of one internal request", min=1),
+    _p("in_flow_delay", "1s", TIME, "pause of smtpd before a new message when no flow control token is available (the queue manager falls behind); 0: off", min=0, max=10),
     _p("tls_certificate_reload_interval", "0s", TIME, "postfix-py extension: how often the master looks for changed certificate and key files and then reloads, validated as 'postfix-py reload' (0: never)", min=0),
     _p("anvil_rate_time_unit", "60s", TIME, "anvil: the time unit over which client connection and event rates are counted", min=1),
     _p("anvil_status_update_time", "600s", TIME, "anvil: how often peak usage statistics are logged", min=1),

@@ -37,6 +37,8 @@ FILES
 CONFIGURATION PARAMETERS
     default_process_limit (100), service_throttle_time (60s), inet_interfaces (all),
     inet_protocols (all), queue_directory, mail_owner, and every service's master.cf columns.
+    in_flow_delay (1s): with a qmgr service, the master opens the flow control pipe
+    (lib/mail_flow.py) that every worker inherits.
     tls_certificate_reload_interval (0s, off; a postfix-py extension): every so often the
     master looks at the certificate and key files that main.cf and master.cf name (inode,
     size, modification time, through symlinks) and, when one changed, reloads itself the
@@ -61,7 +63,7 @@ import traceback
 
 import setproctitle
 
-from ..lib import maincf, mastercf, metrics, msg, params, tls
+from ..lib import mail_flow, maincf, mastercf, metrics, msg, params, tls
 from ..lib.events import EventLoop
 from ..lib.queue import queue_root, recover_incoming
 from ..lib.server import STATUS_FORMAT, STATUS_SIZE, STATUS_TAKEN, WorkerContext
@@ -289,6 +291,12 @@ class Master:
             msg.warn("not running as root: workers run as this user, without chroot "
                      "and without privilege drop")
         warm_up()
+        if not mail_flow.active() and any(svc.command == "qmgr" for svc in svcs):
+            # Inherited by every worker: qmgr produces tokens, smtpd consumes them; the
+            # first ones are here before qmgr runs. Without a qmgr there is nothing to
+            # couple receiving to, and no flow control.
+            mail_flow.init()
+            mail_flow.put(cfg["default_process_limit"])
         self.generation += 1
         new = {}
         try:

@@ -16,7 +16,13 @@ LIFE OF A MESSAGE
                 warning once it is CORRUPT_GRACE seconds old. At most
                 qmgr_message_active_limit messages, and about qmgr_message_recipient_limit
                 recipients, are in memory. Entering active/ resets the message's defer log
-                and logs `ID: from=<s>, size=N, nrcpt=M (queue active)`.
+                and logs `ID: from=<s>, size=N, nrcpt=M (queue active)`. Files are taken
+                FEED_BATCH at a time per pass of the event loop, so that agents' replies
+                are served while a backlog is read. Flow control (lib/mail_flow.py,
+                in_flow_delay): a token for smtpd per message that leaves the active
+                queue, the pipe topped up to default_process_limit tokens while incoming/
+                is empty and no job waits for a destination whose deliveries are quick
+                (see _flow, _behind).
     resolve     each recipient not yet done gets a transport and next hop (lib/resolve.py;
                 a message with a content_filter attribute goes to that transport and
                 destination whatever its recipients, as Postfix's qmgr);
@@ -72,7 +78,7 @@ FUNCTIONS
     Failure(dsn, reason, throttle): a delivery that failed as a whole.
 
 CONFIGURATION PARAMETERS
-    queue_run_delay (300s), minimal_backoff_time (300s), maximal_backoff_time (4000s),
+    in_flow_delay (1s), queue_run_delay (300s), minimal_backoff_time (300s), maximal_backoff_time (4000s),
     maximal_queue_lifetime (5d), bounce_queue_lifetime (5d), delay_warning_time (0h),
     qmgr_message_active_limit
     (20000), qmgr_message_recipient_limit (20000), default_destination_concurrency_limit
@@ -105,13 +111,16 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..lib import bounce_log, deliver, msg
+from ..lib import bounce_log, deliver, mail_flow, msg
 from ..lib import queue as Q
 from ..lib.bounce_log import BOUNCE, DEFER, TRACE, LogEntry
 from . import bounce
 from ..lib.resolve import ResolveError, AddressResolver, Route
 
 CORRUPT_GRACE = 60.0          # an unreadable file younger than this may still be in flux
+# Queue files taken in per pass of the event loop: agents' replies and triggers are served
+# in between, so that deliveries start while a backlog is being read (Postfix: one).
+FEED_BATCH = 16
 # Postfix's own defaults for the local transport (local_destination_*_limit).
 TRANSPORT_DEFAULTS = {"local": {"concurrency": 2, "recipients": 1}}
 SUSPENDED = "delivery temporarily suspended: "
@@ -155,6 +164,7 @@ class Job:
     dest: "Destination"
     nexthop: str
     entries: list
+    started: float = 0.0
 
 
 @dataclass(eq=False)
@@ -170,6 +180,7 @@ class Destination:
     last_done: float = 0.0      # when a delivery here last ended (on-demand caching)
     conn_load: bool = False     # ask the agents to reuse cached connections
     conn_store: bool = False    # ... and to cache theirs
+    took: float = 0.0           # how long its deliveries take (moving average, seconds)
 
     @property
     def capacity(self) -> int:
@@ -225,6 +236,7 @@ class QueueManager:
         self.maxproc = maxproc or {}
         self.resolver = resolver or AddressResolver(cfg)
         self.messages: dict[str, Message] = {}
+        self.waiting = 0            # jobs queued on a destination, not yet started
         self.transports: dict[str, Transport] = {}
         self.rcpt_count = 0
         self.scans = {Q.INCOMING: _Scan(Q.INCOMING), Q.DEFERRED: _Scan(Q.DEFERRED)}
@@ -233,6 +245,7 @@ class QueueManager:
         self._pumping = False
         self._rescan_timer = None
         self._deferred_timer = None
+        self._feed_timer = None
         self.active_limit = cfg["qmgr_message_active_limit"]
         self.rcpt_limit = cfg["qmgr_message_recipient_limit"]
         self.queue_run_delay = cfg["queue_run_delay"]
@@ -243,6 +256,10 @@ class QueueManager:
         self.delay_warning = cfg["delay_warning_time"]
         self.transport_retry = cfg["transport_retry_time"]
         self.double_bounce = bounce.double_bounce_address(cfg).lower()
+        # Inbound flow control (lib/mail_flow.py): a token per message taken from incoming/.
+        self.flow = cfg["in_flow_delay"] > 0 and mail_flow.active()
+        self.flow_tokens = cfg["default_process_limit"]
+        self.flow_slow = max(1.0, cfg["in_flow_delay"])
 
     # --- entry points ----------------------------------------------------------------------
     def start(self) -> None:
@@ -291,6 +308,7 @@ class QueueManager:
         if self.loop is not None:
             self.loop.cancel(self._deferred_timer)
             self.loop.cancel(self._rescan_timer)
+            self.loop.cancel(self._feed_timer)
         self.resolver.close()
 
     # --- scanning and feeding --------------------------------------------------------------
@@ -332,25 +350,78 @@ class QueueManager:
             return True
         return len(self.messages) < self.active_limit and self.rcpt_count < self.rcpt_limit
 
-    def _feed(self) -> bool:
-        fed = False
+    def _feed(self) -> tuple[bool, bool]:
+        """Take files into the active queue: (any taken, a batch was cut short)."""
+        fed, looked = False, 0
+        more = False
         while self._has_room():
+            if looked >= FEED_BATCH and self.loop is not None:
+                more = True
+                break
             scan, name = self._next_name()
             if scan is None:
                 break
+            looked += 1
             fed |= self._activate(scan, name)
-        return fed
+        if self.flow:
+            self._flow(0)
+        return fed, more
+
+    def _flow(self, done: int) -> None:
+        """Flow control, after Postfix's qmgr_loop: a token per message that has left the
+        active queue, and the pipe topped up to default_process_limit tokens while the
+        pipeline keeps up (incoming/ scanned empty and no job waiting for an agent, see
+        _behind).
+        Postfix gives the token when a message enters the active queue; here the feed is
+        cheap next to the delivery, so tokens follow deliveries, or the active queue
+        would take the backlog that flow control keeps out of incoming/."""
+        have = mail_flow.count()
+        if have < 0:
+            return
+        if have < self.flow_tokens:
+            scan = self.scans[Q.INCOMING]
+            if not scan.names and not scan.restart and not self._behind():
+                mail_flow.put(self.flow_tokens - have)
+            elif done:
+                mail_flow.put(min(done, self.flow_tokens - have))
+        elif have > self.flow_tokens:
+            mail_flow.get(have - self.flow_tokens)
+
+    def _behind(self) -> bool:
+        """Jobs wait for a destination whose deliveries are quick: the delivery side lacks
+        processor time, not the far end's patience. Jobs that wait for a slow destination
+        (deliveries that take in_flow_delay or more) do not slow down receiving, as in
+        Postfix, where the active queue takes such mail without flow control."""
+        if not self.waiting:
+            return False
+        for t in self.transports.values():
+            for dest in t.dests.values():
+                if dest.todo and dest.took < self.flow_slow:
+                    return True
+        return False
 
     def _pump(self) -> None:
-        """Feed and schedule until nothing more can move; never re-entered."""
+        """Feed and schedule until nothing more can move; never re-entered. A long feed
+        goes on in the next pass of the event loop."""
         if self._pumping:
             return
         self._pumping = True
         try:
-            while self._feed() | self._schedule():
-                pass
+            while True:
+                fed, more = self._feed()
+                started = self._schedule()
+                if more:
+                    if self._feed_timer is None:
+                        self._feed_timer = self.loop.call_later(0, self._feed_again)
+                    break
+                if not (fed or started):
+                    break
         finally:
             self._pumping = False
+
+    def _feed_again(self) -> None:
+        self._feed_timer = None
+        self._pump()
 
     def _corrupt(self, queue: str, name: str, why: str, mtime: float) -> None:
         """Move an unusable file to corrupt/, once it is old enough not to be in flux."""
@@ -503,6 +574,7 @@ class QueueManager:
                 self._job_failed(job, dest.dead_dsn, SUSPENDED + dest.dead_reason)
             else:
                 dest.todo.append(job)
+                self.waiting += 1
 
     def _force_expire(self, m: Message, kept: list[LogEntry]) -> None:
         """postsuper -e, as Postfix's qmgr: no delivery; the defer log of the last attempt
@@ -529,6 +601,7 @@ class QueueManager:
                     if t.busy >= t.limit:
                         break
                     if dest.todo and dest.busy < dest.capacity:
+                        self.waiting -= 1
                         self._start(dest.todo.popleft())
                         started = True
                         if dest.todo and dest.busy < dest.capacity:
@@ -543,6 +616,7 @@ class QueueManager:
         m = job.message
         job.dest.busy += 1
         job.transport.busy += 1
+        job.started = self.now()
         request = deliver.Request(
             queue_id=m.queue_id, queue_file=f"active/{m.queue_id}",
             transport=job.transport.name, nexthop=job.nexthop, sender=m.env.sender or "",
@@ -570,6 +644,7 @@ class QueueManager:
         job.dest.busy -= 1
         job.transport.busy -= 1
         job.dest.last_done = self.now()
+        job.dest.took += (max(0.0, self.now() - job.started) - job.dest.took) / 4
         if isinstance(result, Failure):
             self._job_done(job, result.dsn, result.reason, log=True)
             if result.throttle:
@@ -703,6 +778,7 @@ class QueueManager:
         self._later(self.transport_retry, self._pump)
         for dest in list(t.dests.values()):
             while dest.todo:
+                self.waiting -= 1
                 self._job_failed(dest.todo.popleft(), "4.3.0", reason)
 
     def _throttle_dest(self, dest: Destination, dsn: str, reason: str) -> None:
@@ -712,6 +788,7 @@ class QueueManager:
         dest.window = 1
         self._later(self.min_backoff, self._pump)
         while dest.todo:
+            self.waiting -= 1
             self._job_failed(dest.todo.popleft(), dsn, SUSPENDED + reason)
 
     def _later(self, delay: float, fn) -> None:
@@ -725,6 +802,8 @@ class QueueManager:
             return
         m.finished = True
         self.messages.pop(m.queue_id, None)
+        if self.flow:
+            self._flow(1)
         if m.rescan:
             self._request_scan(Q.INCOMING)
         if m.gone:

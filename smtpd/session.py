@@ -80,7 +80,7 @@ import os
 import re
 import time
 
-from ..lib import cleanup, flush, metrics, msg, tables
+from ..lib import cleanup, flush, mail_flow, metrics, msg, tables
 from ..lib import dsn as DSN
 from ..lib import queue as Q
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
@@ -992,6 +992,9 @@ class Session:
 
     def open_queue_file(self) -> bool:
         """Create the queue file at the first good recipient, as Postfix does."""
+        # Flow control: pause when the queue manager falls behind (Postfix's cleanup
+        # waits for a token at the same point, when smtpd connects to it).
+        mail_flow.wait(self.cfg["in_flow_delay"])
         try:
             self.writer = self.new_cleanup()
             w = self.writer

@@ -579,3 +579,67 @@ def test_forced_expiry_with_and_without_a_defer_log(make, capsys):
             and "dsn=4.7.0, status=deferred (message is administratively expired)" in err)
     assert f"{q2}: from=<bob@example.org>, status=force-expired, returned to sender" in err
     assert f"{q2}: removed" in err
+
+
+@pytest.fixture
+def flow_pipe():
+    """A real flow control pipe, as the master opens it, for this test only."""
+    from postfix_py.lib import mail_flow
+    mail_flow.init()
+    yield mail_flow
+    for fd in mail_flow._fds:
+        os.close(fd)
+    mail_flow._fds = None
+
+
+def test_flow_tokens_follow_deliveries(make, flow_pipe):
+    h = make(default_process_limit="5", maxproc={"smtp": 1})
+    h.mgr.start()                     # nothing queued: the pipe is topped up
+    assert flow_pipe.count() == 5
+    assert flow_pipe.get(5) and flow_pipe.count() == 0      # five messages being received
+    qids = [h.submit("a@example.org", ["b@remote.example"]) for _ in range(3)]
+    h.mgr.trigger(b"I")
+    assert len(h.calls) == 1 and h.mgr.waiting == 2
+    assert flow_pipe.count() == 0     # jobs wait for an agent: no top-up
+    h.answer(h.calls[0], "sent")
+    assert flow_pipe.count() == 1     # one message left the active queue: one token
+    h.answer(h.calls[0], "sent")
+    h.answer(h.calls[0], "sent")      # the pipeline has caught up: topped up again
+    assert flow_pipe.count() == 5 and h.mgr.waiting == 0
+    assert h.files("active") == [] and len(qids) == 3
+
+
+def test_flow_wait_goes_on_without_a_token(flow_pipe):
+    flow_pipe.get(flow_pipe.count() or 1)
+    start = time.monotonic()
+    flow_pipe.wait(0.2)
+    assert 0.15 < time.monotonic() - start < 2
+    flow_pipe.put(1)
+    start = time.monotonic()
+    flow_pipe.wait(5)
+    assert time.monotonic() - start < 1 and flow_pipe.count() == 0
+
+
+def test_a_backlog_is_fed_in_batches(make):
+    from postfix_py.qmgr.manager import FEED_BATCH
+    h = make(default_destination_concurrency_limit="100", initial_destination_concurrency="100")
+    for _ in range(FEED_BATCH + 5):
+        h.submit("a@example.org", ["b@remote.example"])
+    h.mgr.start()
+    assert len(h.calls) == FEED_BATCH         # the first batch is dispatched at once
+    h.loop.advance(0)                         # the next pass of the event loop: the rest
+    assert len(h.calls) == FEED_BATCH + 5
+
+
+def test_a_slow_destination_does_not_hold_back_receiving(make, flow_pipe):
+    h = make(default_process_limit="5", maxproc={"smtp": 1})
+    h.mgr.start()
+    for _ in range(2):
+        h.submit("a@example.org", ["b@remote.example"])
+    h.mgr.trigger(b"I")
+    h.clock.t += 30                   # the far end takes its time
+    h.answer(h.calls[0], "sent")      # its deliveries are known to be slow now
+    flow_pipe.get(flow_pipe.count())
+    h.submit("a@example.org", ["b@remote.example"])
+    h.mgr.trigger(b"I")
+    assert h.mgr.waiting == 1 and flow_pipe.count() == 5
