@@ -68,6 +68,10 @@ is recorded as spill-over.
 Debian OpenDKIM daemon in signing mode as smtpd_milters (the same key, selector and
 configuration; the benchmark's sender domain example.org is signed); OpenDKIM's own CPU is
 not counted for either. Its report goes between `<!-- sustained-milter:begin/end -->`.
+--postscreen puts postscreen in front of smtpd on both (section sustained-postscreen).
+--metrics measures what counting costs: postfix-py without a metrics service (it then does
+not count), postfix-py+metrics (a metrics service, scraped every second) and Postfix, in the
+same run (section sustained-metrics).
 
 --write FILE puts the report between `<!-- sustained:begin -->` and `<!-- sustained:end -->`
 (inserted before bench/suite.py's section when absent). Needs root and Debian's postfix
@@ -1073,15 +1077,24 @@ def parse_args(argv):
     p.add_argument("--peers-cache", type=Path, default=PEERS_CACHE,
                    help="where the peers' .debs are fetched and unpacked (bench/.peers)")
     p.add_argument("--write", metavar="FILE",
-                   help="put the report between <!-- sustained:begin/end --> in FILE")
+                   help="put the report between <!-- sustained:begin/end --> in FILE "
+                        "(a variant's: sustained-milter, -postscreen, -metrics)")
     p.add_argument("--json", action="store_true", help="dump the raw results to stdout")
     p.add_argument("--milter", action="store_true",
                    help="one milter: OpenDKIM signing on postfix-py and Postfix alike")
     p.add_argument("--postscreen", action="store_true",
                    help="postfix-py and Postfix with postscreen in front of smtpd")
+    p.add_argument("--metrics", action="store_true",
+                   help="what counting costs: postfix-py, postfix-py+metrics and Postfix")
     args = p.parse_args(argv)
-    if args.milter:
+    if args.milter or args.postscreen:
         args.systems = "postfix-py,postfix"
+    if args.metrics:
+        args.systems = "postfix-py,postfix-py+metrics,postfix"
+    # a variant's report has its own section, beside the headline table
+    args.section = ("sustained-milter" if args.milter else
+                    "sustained-postscreen" if args.postscreen else
+                    "sustained-metrics" if args.metrics else "sustained")
     args.modes = [m for m in args.modes.split(",") if m]
     args.clients = [int(c) for c in args.clients.split(",") if c]
     args.systems = [s for s in args.systems.split(",") if s]
@@ -1117,10 +1130,10 @@ def main(argv=None) -> int:
         return 130
     text = render(res, args, time.monotonic() - t0)
     if args.write:
-        if not args.milter:
+        if args.section == "sustained":
             ensure_markers(Path(args.write))
-        write_section(args.write, "sustained-milter" if args.milter else "sustained", text)
-        log(f"wrote the sustained section of {args.write}")
+        write_section(args.write, args.section, text)
+        log(f"wrote the {args.section} section of {args.write}")
     if args.json:
         print(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **res},
                          indent=2, default=str))
