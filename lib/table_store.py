@@ -9,6 +9,20 @@ SYNOPSIS
         backup = lmdb:/var/lib/postfix-py/scache_backup
         ttl = 3600
 
+    redis.cf:
+        redis = inet:127.0.0.1:6379
+        key_format = postscreen:%s
+        ttl = 86400
+
+USERS
+    tlsmgr (smtp_tls_session_cache_database and the other session caches,
+    tlsmgr/scache.py) and postscreen (postscreen_cache_map, postscreen/cache.py), through
+    lib/tables.py's open_table(). Neither can walk such a table: a session entry ends at
+    its cache timeout or the ttl, and postscreen skips its cache cleanup for these types
+    (postscreen_cache_cleanup_interval is ignored), so that a postscreen entry lives at
+    most ttl seconds: a ttl shorter than postscreen_greet_ttl (1d) makes clients take the
+    tests again sooner.
+
 DESCRIPTION
     The memcache: type is Postfix's memcache_table(5); redis: has the same shape, with a
     Redis server (redis-py) instead of memcached (pymemcache). The name after the type is
@@ -54,7 +68,8 @@ DESCRIPTION
     (tlsmgr's session ids are not).
 
     The backup is opened with an LMDB lock file (several processes may write it) and
-    without fsync: like the store, it is a cache.
+    without fsync: like the store, it is a cache (acquire_cache_env(), which lib/tables.py
+    uses for its writable LMDB tables too).
 
 SEE ALSO
     Postfix memcache_table(5); lib/tables.py (open_table), tlsmgr/scache.py (session caches).
@@ -82,16 +97,41 @@ SETTINGS = {"ttl": 3600, "key_format": "%s", "timeout": 2, "max_try": 2, "retry_
 INT_SETTINGS = ("ttl", "timeout", "max_try", "retry_pause", "store_down_pause",
                 "data_size_limit", "database", "flags")
 CONFIG_LIMIT = 65536
-BACKUP_MAP_SIZE = 64 * 1024 * 1024
+CACHE_MAP_SIZE = 64 * 1024 * 1024
 BACKUP_SUFFIX = {"lmdb": ".lmdb", "btree": ".db", "hash": ".db"}
 _EXPIRES = struct.Struct(">d")
 STORE_ERRORS = (OSError, MemcacheError, redis.RedisError)
 MAX_BACKUP_KEY = 511            # LMDB's key limit
-_BACKUPS: dict[str, list] = {}      # file -> [environment, tables using it]
+_CACHE_ENVS: dict[str, list] = {}   # file -> [environment, tables using it]
 
 
 class StoreConfigError(ValueError):
     """A memcache: or redis: configuration file that cannot be used."""
+
+
+def acquire_cache_env(file: str) -> lmdb.Environment:
+    """The read-write LMDB environment of a cache file (a backup here, and lib/tables.py's
+    writable lmdb:, btree: and hash: tables): created when missing (mode 0600), with a
+    lock file (several processes may write it), without fsync (it is a cache). LMDB opens
+    a file once per process, so the users of one file share it. OSError or lmdb.Error."""
+    shared = _CACHE_ENVS.get(file)
+    if shared is not None:
+        shared[1] += 1
+        return shared[0]
+    env = lmdb.open(file, subdir=False, map_size=CACHE_MAP_SIZE, sync=False,
+                    metasync=False, readahead=False, max_dbs=0, mode=0o600)
+    _CACHE_ENVS[file] = [env, 1]
+    return env
+
+
+def release_cache_env(file: str) -> None:
+    """Give back what acquire_cache_env(file) gave; the last user closes it."""
+    shared = _CACHE_ENVS.get(file)
+    if shared is not None:
+        shared[1] -= 1
+        if shared[1] <= 0:
+            del _CACHE_ENVS[file]
+            shared[0].close()
 
 
 def parse_endpoint(text: str, where: str) -> tuple:
@@ -219,17 +259,10 @@ class StoreTable:
             raise StoreConfigError(f"{self.name}: backup \"{ref}\": use lmdb:/path "
                                    "(or btree:/path, hash:/path)")
         file = os.path.abspath(path + BACKUP_SUFFIX[kind])
-        shared = _BACKUPS.get(file)
-        if shared is not None:          # LMDB opens a file once per process: share it
-            shared[1] += 1
-            self.backup_file = file
-            return shared[0]
         try:
-            env = lmdb.open(file, subdir=False, map_size=BACKUP_MAP_SIZE, sync=False,
-                            metasync=False, readahead=False, max_dbs=0, mode=0o600)
+            env = acquire_cache_env(file)
         except (OSError, lmdb.Error) as exc:
             raise StoreConfigError(f"{self.name}: backup {ref}: {exc}") from None
-        _BACKUPS[file] = [env, 1]
         self.backup_file = file
         return env
 
@@ -395,12 +428,7 @@ class StoreTable:
         except STORE_ERRORS:
             pass
         if self.backup is not None:
-            shared = _BACKUPS.get(self.backup_file)
-            if shared is not None:
-                shared[1] -= 1
-                if shared[1] <= 0:
-                    del _BACKUPS[self.backup_file]
-                    self.backup.close()
+            release_cache_env(self.backup_file)
             self.backup = None
 
     def __enter__(self) -> "StoreTable":

@@ -81,7 +81,8 @@ DUPLICATES
 FILES AND CONCURRENCY
     Database files are written by lib/table_writer.py (build, delete), never in place,
     so a reader never sees a half-built table. Readers open the file read-only without
-    an LMDB lock file (lock=False).
+    an LMDB lock file (lock=False). (A cache opened writable is the exception: see
+    open_table(writable=True).)
     An open Table checks its file with one stat(2) per lookup (device, inode, size,
     mtime); when the file was replaced it opens the new one and closes the old one, so a
     daemon sees a rebuilt table at its next lookup without a restart. texthash, regexp
@@ -100,13 +101,21 @@ FUNCTIONS
         otherwise non-LMDB file, "bad syntax: "inline:..."; need ..." and the other inline
         and static syntax errors of Postfix. Warnings (source lines, regexp rules) go to
         msg.warn.
+    open_table(ref, fold=..., writable=True) -> a table for a cache (Postfix's O_RDWR |
+        O_CREAT open), with update(key, value) -> bool and delete(key) -> bool besides
+        lookup(): memcache: and redis: as always; lmdb:, hash: and btree: as a CacheTable
+        (the LMDB file created when missing, written in place under an LMDB lock file,
+        no fsync: several processes may write it; read and write errors are TableError;
+        a full map is a warning and update() gives False); any other type is the
+        TableError "TYPE:NAME map requires O_RDONLY access mode".
     Table.lookup(key) -> str | None
         The value, or None when the key is not in the table. Raises TableError when the
         file was replaced by one that cannot be opened (a caller defers the mail, as with
         Postfix's "temporary lookup failure"); the next lookup tries again.
     Table.items() -> list[(key, value)]
         Every entry, as stored (postmap -s). TableError "table REF: sequence operation is
-        not supported" for static, regexp and pcre.
+        not supported" for static, regexp, pcre, cidr, unix, memcache and redis: those
+        have Table.iterable False (a cache cleanup that walks the table cannot run).
     Table.close(); a Table is also a context manager.
     split_ref(ref) -> (type, name); db_path(type, name) -> str | None;
     logical_lines(text, path) -> [(line number, text)]; source_pairs(text, path) yields
@@ -251,6 +260,8 @@ def source_pairs(text: str, path: str, warn=None, ignoring: str = ""):
 class Table:
     """An open lookup table; lookup() is safe to call from several threads."""
 
+    iterable = False            # whether items() lists the entries (Postfix: "sequence")
+
     def __init__(self, type_: str, name: str, fold: bool = True):
         self.type, self.name, self.fold = type_, name, fold
         self.ref = f"{type_}:{name}"
@@ -362,6 +373,8 @@ def _release_env(ident: tuple[int, int]) -> None:
 class LmdbTable(Table):
     """lmdb:, hash: and btree: tables: an LMDB file, reopened when it is replaced."""
 
+    iterable = True
+
     def __init__(self, type_: str, name: str, fold: bool = True):
         super().__init__(type_, name, fold)
         self.path = db_path(type_, name)
@@ -451,6 +464,8 @@ class _ReloadingTable(Table):
 
 class TexthashTable(_ReloadingTable):
     """texthash: the postmap source itself, in memory; first of duplicate keys wins."""
+
+    iterable = True
 
     missing = "open database {path}: {reason}"
 
@@ -557,6 +572,8 @@ def _split_qnameval(text: str) -> tuple[str, str]:
 
 class InlineTable(Table):
     """inline:{key=value, { key = value with spaces }}; folded; later keys win."""
+
+    iterable = True
 
     def __init__(self, type_: str, name: str, fold: bool = True):
         super().__init__(type_, name, fold)
@@ -1023,8 +1040,94 @@ class CidrTable(_ReloadingTable):
 
 # --- opening ------------------------------------------------------------------------------
 
+class CacheTable(Table):
+    """lmdb:, hash: and btree: opened writable, for a cache that a program updates in
+    place (postscreen_cache_map): the file is created when missing and shared through
+    lib/table_store.py's acquire_cache_env() (LMDB lock file, no fsync)."""
+
+    iterable = True
+
+    def __init__(self, type_: str, name: str, fold: bool = True):
+        super().__init__(type_, name, fold)
+        self.path = os.path.abspath(db_path(type_, name))
+        try:
+            if os.path.getsize(self.path) > 0 and _file_kind(self.path) != "lmdb":
+                raise TableError(f"open database {self.path}: not an LMDB file (a "
+                                 "Berkeley DB file from Postfix?): remove it, it is a cache")
+        except OSError:
+            pass                            # missing: created below
+        try:
+            self._env = table_store.acquire_cache_env(self.path)
+        except (OSError, lmdb.Error) as exc:
+            raise TableError(f"open database {self.path}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+
+    def _txn(self, write: bool = False):
+        if self._env is None:
+            raise TableError(f"table {self.ref}: access after close")
+        return self._env.begin(write=write)
+
+    def lookup(self, key: str) -> str | None:
+        k = _enc(self._key(key))
+        if not k or len(k) > MAX_KEY:
+            return None
+        with self._lock:
+            try:
+                with self._txn() as txn:
+                    value = txn.get(k)
+            except lmdb.Error as exc:
+                raise TableError(f"read database {self.path}: {exc}") from None
+        return None if value is None else _dec(value)
+
+    def update(self, key: str, value: str) -> bool:
+        """Store value under key; False (warned) when the key is too long or the map is
+        full."""
+        k = _enc(self._key(key))
+        if not k or len(k) > MAX_KEY:
+            msg.warn(f"{self.ref}: key too long for LMDB; entry for {key!r} not saved")
+            return False
+        with self._lock:
+            try:
+                with self._txn(write=True) as txn:
+                    txn.put(k, _enc(value))
+            except lmdb.MapFullError:
+                msg.warn(f"{self.ref}: database is full; entry for {key} not saved")
+                return False
+            except lmdb.Error as exc:
+                raise TableError(f"write database {self.path}: {exc}") from None
+        return True
+
+    def delete(self, key: str) -> bool:
+        """Remove key; True when it was there."""
+        k = _enc(self._key(key))
+        if not k or len(k) > MAX_KEY:
+            return False
+        with self._lock:
+            try:
+                with self._txn(write=True) as txn:
+                    return txn.delete(k)
+            except lmdb.Error as exc:
+                raise TableError(f"write database {self.path}: {exc}") from None
+
+    def items(self) -> list[tuple[str, str]]:
+        with self._lock:
+            try:
+                with self._txn() as txn:
+                    return [(_dec(k), _dec(v)) for k, v in txn.cursor()]
+            except lmdb.Error as exc:
+                raise TableError(f"read database {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._env is not None:
+                table_store.release_cache_env(self.path)
+                self._env = None
+
+
 class StoreTable(table_store.StoreTable):
     """memcache: and redis: (lib/table_store.py), read-write, with Table's errors."""
+
+    iterable = False
 
     def items(self) -> list[tuple[str, str]]:
         raise TableError(f"table {self.ref}: sequence operation is not supported")
@@ -1036,7 +1139,7 @@ _CLASSES_BY_TYPE = {"lmdb": LmdbTable, "hash": LmdbTable, "btree": LmdbTable,
                     "cidr": CidrTable, "unix": UnixTable}
 
 
-def open_table(ref: str, cfg=None, fold: bool = True) -> Table:
+def open_table(ref: str, cfg=None, fold: bool = True, writable: bool = False) -> Table:
     """Open the table `type:name`; TableError when it cannot be used (see FUNCTIONS)."""
     type_, name = split_ref(ref)
     _check_type(type_)
@@ -1045,6 +1148,10 @@ def open_table(ref: str, cfg=None, fold: bool = True) -> Table:
             return StoreTable(type_, name, fold)
         except table_store.StoreConfigError as exc:
             raise TableError(str(exc)) from None
+    if writable:
+        if type_ not in INDEXED:
+            raise TableError(f"{type_}:{name} map requires O_RDONLY access mode")
+        return CacheTable(type_, name, fold)
     return _CLASSES_BY_TYPE[type_](type_, name, fold)
 
 

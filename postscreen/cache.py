@@ -1,111 +1,112 @@
-"""postscreen's temporary allowlist: postscreen_cache_map, in LMDB.
+"""postscreen's temporary allowlist: postscreen_cache_map, a table opened writable.
 
 As Postfix's postscreen cache: the key is the client address, the value the expiry
 times of its tests, `pregreet;dnsbl;pipelining;non_smtp_command;bare_newline` in seconds
 since the epoch (0: never passed, 1: passed nothing but the test was off). A client
 whose enabled tests have not expired is let through at once (PASS OLD).
 
-The map is `btree:path` (Postfix's default, $data_directory/postscreen_cache), `hash:`
-or `lmdb:`: all are LMDB files here, named as lib/tables.py names them (path.db, or
-path.lmdb). Only postscreen writes it (one process: master.cf maxproc 1), but after a
-reload the old postscreen may still finish its clients while the new one starts: LMDB's
-lock file (path.db-lock) keeps their writes apart. It is opened before the chroot and
-stays open. It is a cache: a damaged or
-unreadable file is logged and the cache is off until postscreen restarts, and a lost
-entry costs a client one more round of tests.
+The map is opened by lib/tables.py's open_table(writable=True), keys not folded:
+    btree:path (Postfix's default, $data_directory/postscreen_cache), hash:, lmdb:
+        An LMDB file of the host (path.db, or path.lmdb), created when missing. Only
+        postscreen writes it (one process: master.cf maxproc 1), but after a reload the
+        old postscreen may still finish its clients while the new one starts: LMDB's
+        lock file (path.db-lock) keeps their writes apart.
+    memcache:/file, redis:/file
+        A store that the postscreens of a fleet share (lib/table_store.py, the file is
+        memcache_table(5)'s configuration; `key_format = postscreen:%s` keeps the entries
+        apart from other users of the store): a client that passed on one host is PASS
+        OLD on every other. The store's ttl bounds an entry's life. A lookup waits for
+        the store (timeout, max_try in the file) in postscreen's one event loop, as
+        Postfix's does; a store that fails is left alone for store_down_pause seconds.
+The table is opened before the chroot, with mail_owner's effective uid and gid, and
+stays open. It is a cache: a table that cannot be opened, or an LMDB file that fails
+later, is logged and the cache is off until postscreen restarts; a lost entry costs a
+client one more round of tests. Any other type is refused ("... map requires O_RDONLY
+access mode"): the cache is off.
 
 CLEANUP
     Every postscreen_cache_cleanup_interval (0: never) the whole map is walked, and an
     entry with an enabled test that expired more than postscreen_cache_retention_time
     ago is dropped (psc_cache_validator()); the result is logged as Postfix does:
-    `cache btree:PATH full cleanup: retained=N dropped=M entries`.
+    `cache btree:PATH full cleanup: retained=N dropped=M entries`. memcache: and redis:
+    cannot be walked (Postfix's memcache: has no first-next API, and its POSTSCREEN_README
+    says to set the interval to 0): for them postscreen_cache_cleanup_interval is
+    ignored, and the store's ttl drops old entries instead (its backup file drops an
+    entry past the ttl when it is looked up, and expired ones when it is full).
 
 CLASSES
-    Cache(ref) -> opened at once; .enabled; lookup(addr) -> text or None;
+    Cache(ref) -> opened at once; .enabled; .iterable; lookup(addr) -> text or None;
         update(addr, text); cleanup(retention, enabled) -> (retained, dropped); close().
 
 SEE ALSO
-    postscreen/service.py; Postfix postscreen_dict.c, postscreen_tests.c.
+    postscreen/service.py, lib/tables.py, lib/table_store.py; Postfix postscreen_dict.c,
+    postscreen_tests.c, POSTSCREEN_README ("Sharing the temporary allowlist").
 """
 
 from __future__ import annotations
 
 import time
 
-import lmdb
-
 from ..lib import msg, tables
 
-MAP_SIZE = 64 << 20
 TESTS = 5                       # pregreet, dnsbl, pipelining, non_smtp_command, bare_newline
 
 
 class Cache:
     def __init__(self, ref: str):
         self.ref = ref
-        self.env = None
+        self.table = None
         try:
-            type_, name = tables.split_ref(ref)
+            self.table = tables.open_table(ref, fold=False, writable=True)
         except tables.TableError as exc:
             msg.warn(f"postscreen_cache_map: {exc}; the cache is off")
-            return
-        path = tables.db_path(type_, name)
-        if path is None:
-            msg.warn(f"postscreen_cache_map: unsupported dictionary type for a cache: "
-                     f"{type_}; the cache is off")
-            return
-        try:
-            self.env = lmdb.open(path, subdir=False, map_size=MAP_SIZE, max_dbs=0,
-                                 sync=False, metasync=False, readahead=False,
-                                 mode=0o600, lock=True)
-        except (OSError, lmdb.Error) as exc:
-            msg.warn(f"cannot open {ref}: {exc}; the cache is off")
 
     @property
     def enabled(self) -> bool:
-        return self.env is not None
+        return self.table is not None
+
+    @property
+    def iterable(self) -> bool:
+        """Whether cleanup() can walk the table (not memcache:, redis:)."""
+        return self.table is not None and self.table.iterable
 
     def _failed(self, exc: Exception) -> None:
         msg.warn(f"{self.ref}: {exc}; the cache is off")
         self.close()
 
     def lookup(self, addr: str) -> str | None:
-        if self.env is None:
+        if self.table is None:
             return None
         try:
-            with self.env.begin() as txn:
-                value = txn.get(addr.encode("ascii", "replace"))
-        except lmdb.Error as exc:
+            return self.table.lookup(addr)
+        except tables.TableError as exc:
             self._failed(exc)
             return None
-        return None if value is None else value.decode("ascii", "replace")
 
     def update(self, addr: str, text: str) -> None:
-        if self.env is None:
+        """Remember an entry; a full or unreachable table has warned already."""
+        if self.table is None:
             return
         try:
-            with self.env.begin(write=True) as txn:
-                txn.put(addr.encode("ascii", "replace"), text.encode("ascii"))
-        except lmdb.MapFullError:
-            msg.warn(f"{self.ref}: cache is full; entry for {addr} not saved")
-        except lmdb.Error as exc:
+            self.table.update(addr, text)
+        except tables.TableError as exc:
             self._failed(exc)
 
     def cleanup(self, retention: float, enabled: list[bool]) -> tuple[int, int]:
-        """Drop entries with an enabled test that expired more than retention ago."""
-        if self.env is None:
+        """Drop entries with an enabled test that expired more than retention ago; a
+        table that cannot be walked is left to its ttl: (0, 0), nothing logged."""
+        if not self.iterable:
             return 0, 0
         now = time.time()
         retained = dropped = 0
         try:
-            with self.env.begin(write=True) as txn:
-                for key, value in list(txn.cursor()):
-                    if expired(value.decode("ascii", "replace"), now, retention, enabled):
-                        txn.delete(key)
-                        dropped += 1
-                    else:
-                        retained += 1
-        except lmdb.Error as exc:
+            for key, value in self.table.items():
+                if expired(value, now, retention, enabled):
+                    self.table.delete(key)
+                    dropped += 1
+                else:
+                    retained += 1
+        except tables.TableError as exc:
             self._failed(exc)
             return 0, 0
         msg.info(f"cache {self.ref} full cleanup: retained={retained} dropped={dropped} "
@@ -113,9 +114,9 @@ class Cache:
         return retained, dropped
 
     def close(self) -> None:
-        if self.env is not None:
-            self.env.close()
-            self.env = None
+        if self.table is not None:
+            self.table.close()
+            self.table = None
 
 
 def parse(text: str) -> list[int]:

@@ -49,7 +49,8 @@ DESCRIPTION
 SECURITY
     Talks to untrusted clients. Runs chrooted in queue_directory as mail_owner; the cache
     (data_directory, outside the jail; opened with mail_owner's effective uid and gid, so
-    that the file is mail_owner's) and the access tables are opened before the chroot. Every client costs a bounded buffer (the dummy engine's line limit) and is
+    that the file is mail_owner's; or a memcache:/redis: store, whose unix: socket must
+    then be inside the jail) and the access tables are opened before the chroot. Every client costs a bounded buffer (the dummy engine's line limit) and is
     ended by postscreen_greet_wait, postscreen_command_time_limit or
     postscreen_command_count_limit.
 
@@ -61,8 +62,9 @@ CONFIGURATION PARAMETERS
     (1), postscreen_dnsbl_allowlist_threshold (0), postscreen_dnsbl_action (ignore),
     postscreen_dnsbl_min_ttl (60s), postscreen_dnsbl_max_ttl (1h),
     postscreen_dnsbl_timeout (10s), postscreen_cache_map
-    (btree:$data_directory/postscreen_cache), postscreen_cache_retention_time (7d),
-    postscreen_cache_cleanup_interval (12h), postscreen_post_queue_limit and
+    (btree:$data_directory/postscreen_cache; memcache: and redis: share it across hosts),
+    postscreen_cache_retention_time (7d), postscreen_cache_cleanup_interval (12h;
+    ignored for memcache: and redis:), postscreen_post_queue_limit and
     postscreen_pre_queue_limit ($default_process_limit),
     postscreen_client_connection_count_limit ($smtpd_client_connection_count_limit),
     postscreen_upstream_proxy_protocol (empty, or haproxy),
@@ -801,7 +803,8 @@ def post_init(ctx, loop) -> None:
     settings = ctx.state["settings"]
     screen = ctx.state["screen"] = Screen(settings, loop)
     interval = settings.cleanup_interval
-    if settings.cache is not None and interval > 0:
+    # memcache: and redis: cannot be walked: their ttl ages entries out (postscreen/cache.py)
+    if settings.cache is not None and settings.cache.iterable and interval > 0:
         def cleanup():
             if settings.cache is not None:
                 settings.cache.cleanup(settings.retention, settings.enabled())

@@ -11,6 +11,14 @@ full and resumed handshakes) with smtp_tls_security_level = encrypt and
 smtp_tls_session_cache_database = KIND:DIR/store.cf (memcache_table(5) shape: the shared
 server, ttl, and a backup LMDB file of the host's own). smtp and tlsmgr run chrooted when
 the tests run as root. Everything is ended by pid at exit; the directories are removed.
+
+    with Fleet("redis", postscreen=True) as f:
+        f.hosts[0].ps_port              # postscreen, in front of an smtpd pass service
+
+With postscreen=True each host also runs postscreen (chrooted when root) on ps_port with
+postscreen_cache_map = KIND:DIR/postscreen.cf (the same store, key_format postscreen:%s,
+a backup in the host's data_directory, which mail_owner may write), an empty
+postscreen_access_list and a greet wait of 1s: a client passes the pregreet test on one host, and the other finds it in the store.
 """
 
 from __future__ import annotations
@@ -47,8 +55,9 @@ def _each(instances, method) -> None:
 
 
 class Fleet:
-    def __init__(self, kind: str, hosts: int = 2):
+    def __init__(self, kind: str, hosts: int = 2, postscreen: bool = False):
         self.kind = kind
+        self.postscreen = postscreen
         self.root = Path(tempfile.mkdtemp(prefix="pfx-fleet-", dir="/tmp"))
         os.chmod(self.root, 0o755)
         self.store = Memcached() if kind == "memcache" else Redis(self.root)
@@ -91,8 +100,23 @@ class Fleet:
                 f"smtp unix - - {chroot} - - smtp",
                 f"tlsmgr unix - - {chroot} 1000? 1 tlsmgr",
             ]
+            if self.postscreen:
+                self._add_postscreen(inst, d, chroot)
             self.hosts.append(inst)
         _each(self.hosts, Instance.start)          # the hosts start side by side
+
+    def _add_postscreen(self, inst: Instance, d: Path, chroot: str) -> None:
+        (d / "postscreen.cf").write_text(
+            f"{self.kind} = inet:127.0.0.1:{self.store.port}\n"
+            f"backup = btree:{inst.main['data_directory']}/postscreen_cache\n"
+            "key_format = postscreen:%s\nttl = 3600\ntimeout = 1\n")
+        inst.ps_port = free_port()
+        inst.main.update({"postscreen_cache_map": f"{self.kind}:{d}/postscreen.cf",
+                          "postscreen_greet_wait": "1s"})
+        # no postscreen_access_list: 127.0.0.1 is in mynetworks (which the relay needs)
+        inst.master_lines += [f"127.0.0.1:{inst.ps_port} inet n - {chroot} - 1 postscreen"
+                              " -o postscreen_access_list=",
+                              f"smtpd pass - - {chroot} - - smtpd"]
 
     def send(self, host: int, n: int = 1) -> None:
         """n messages into one host, one SMTP session each (they relay to the sink)."""

@@ -1,8 +1,10 @@
-"""memcache: and redis: tables (lib/table_store.py) against real memcached and redis-server."""
+"""memcache: and redis: tables (lib/table_store.py) against real memcached and redis-server,
+and their users: tlsmgr's session caches, postscreen's cache."""
 
 import pytest
 
 from postfix_py.lib import table_store, tables
+from postfix_py.postscreen import cache
 from postfix_py.tlsmgr import cli, scache
 from stores import MEMCACHED, REDIS, Memcached, Redis
 
@@ -117,3 +119,21 @@ def test_tlsmgr_session_cache_on_a_store(tmp_path):
         finally:
             one.close()
             two.close()
+
+
+def test_postscreen_cache_on_a_store(store, tmp_path):
+    """postscreen_cache_map = memcache:/redis: (postscreen/cache.py): two hosts' caches
+    share entries; the cleanup walk is skipped (the store's ttl ages entries out)."""
+    kind, server, conf = store
+    other = tmp_path / "other.cf"
+    other.write_text(conf.read_text().replace("/backup", "/backup2"))
+    one, two = cache.Cache(f"{kind}:{conf}"), cache.Cache(f"{kind}:{other}")
+    try:
+        assert one.enabled and not one.iterable
+        one.update("2001:DB8::7", "1900000000;1;1;1;1")
+        assert two.lookup("2001:DB8::7") == "1900000000;1;1;1;1"
+        assert one.cleanup(0, [True] * 5) == (0, 0)
+        assert two.lookup("2001:DB8::7") is not None               # nothing walked
+    finally:
+        one.close()
+        two.close()

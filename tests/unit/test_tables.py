@@ -602,3 +602,33 @@ def test_pcre_uses_python_re(tmp_path, capsys):
                       f"supported by postfix-py: skipping this rule")
     assert err[1].startswith(f"postmap: warning: pcre map {rx}, line 8: error in regex at "
                              f"offset 0: missing ), unterminated subpattern")
+
+
+def test_writable_open_is_a_cache_file_shared_in_place(tmp_path):
+    """open_table(writable=True): created when missing, with a lock file; two tables of
+    one file in a process share it; a write is seen at once by the other; read-only
+    types are refused as Postfix refuses O_RDWR."""
+    a = open_table(f"btree:{tmp_path}/cache", fold=False, writable=True)
+    b = open_table(f"btree:{tmp_path}/cache", fold=False, writable=True)
+    try:
+        assert (tmp_path / "cache.db").exists() and (tmp_path / "cache.db-lock").exists()
+        assert stat.S_IMODE((tmp_path / "cache.db").stat().st_mode) == 0o600
+        assert a.iterable and a.lookup("2001:DB8::1") is None
+        assert a.update("2001:DB8::1", "v1") and b.lookup("2001:DB8::1") == "v1"
+        assert b.lookup("2001:db8::1") is None                      # fold=False
+        assert a.update("k" * 512, "x") is False                    # LMDB's key limit
+        assert b.items() == [("2001:DB8::1", "v1")]
+        assert b.delete("2001:DB8::1") and not a.delete("2001:DB8::1")
+    finally:
+        a.close()
+        b.close()
+    with open_table(f"btree:{tmp_path}/cache", writable=True) as again:
+        assert again.items() == []
+    for ref in (f"regexp:{tmp_path}/r", "static:x", f"cidr:{tmp_path}/c", "inline:{a=b}"):
+        with pytest.raises(TableError, match="map requires O_RDONLY access mode"):
+            open_table(ref, writable=True)
+    assert not open_table("static:x").iterable
+    (tmp_path / "bdb.db").write_bytes(b"\0" * 12 + (0x053162).to_bytes(4, "little") +
+                                      b"\0" * 64)
+    with pytest.raises(TableError, match="not an LMDB file"):
+        open_table(f"hash:{tmp_path}/bdb", writable=True)
