@@ -25,9 +25,12 @@ DESCRIPTION
       headers are counted: at hopcount_limit the message is refused (`554 5.4.0 Error:
       too many hops`). Message-Id: is logged (`ID: message-id=...`). header_checks
       decides per header. For local submission (pickup) Bcc: and Resent-Bcc: are removed
-      and a missing Message-Id:, Date: and From: (their Resent- forms when the message
-      has Resent- headers) are added after the last header; SMTP mail gets them only with
-      always_add_missing_headers = yes.
+      (as Postfix's sendmail -t). A missing Message-Id:, Date: and From: (their Resent-
+      forms when the message has Resent- headers) are added after the last header when
+      the message has a header rewrite context (below: local, or remote with
+      remote_header_rewrite_domain set), or with always_add_missing_headers = yes, as
+      Postfix's cleanup_header_done_callback; `ID: message-id=<>` is logged for a
+      message that ends up without one.
     * Header addresses (Postfix's cleanup_rewrite_sender/recip), in the message's
       rewrite context: "local" for pickup and for SMTP clients that match
       local_header_rewrite_clients (smtpd/check.py; default permit_inet_interfaces),
@@ -76,8 +79,7 @@ WHY IN-PROCESS
     per message (a noisy shared machine), next to milliseconds for the fsync.
 
 DEVIATIONS
-    Missing headers are added for local submission (pickup) only, not for SMTP mail in
-    the local rewrite context (Postfix adds them there too). Header addresses are not
+    Header addresses are not
     refolded after rewriting, and percent/bang forms in them are not rewritten.
     body_checks sees every body line, MIME part headers included (Postfix's sees body
     text only).
@@ -408,8 +410,6 @@ class Cleanup:
         self._checking_headers = checks and (settings.header_checks is not None
                                              or self._mime is not None)
         self._bodybuf: bytearray | None = None      # _body's output while it runs
-        # every header name matters with header_checks or when missing ones are added
-        self._every_header = self._checking_headers or local or settings.always_add
         # Header address rewriting (Postfix's hdr_rewrite_context): "local" qualifies
         # with $myorigin, "remote" with remote_header_rewrite_domain, and when that is
         # empty, header addresses are not touched.
@@ -417,6 +417,12 @@ class Cleanup:
         self._hdr_domain = settings.origin if context == "local" else \
             settings.remote_rewrite_domain or None
         self._hdr_local = context == "local"
+        # Missing headers are added wherever there is a header rewrite context (the
+        # local one, or the remote one with remote_header_rewrite_domain), or with
+        # always_add_missing_headers: Postfix's cleanup_header_done_callback.
+        self._add_missing = self._hdr_domain is not None or settings.always_add
+        # every header name matters with header_checks or when missing ones are added
+        self._every_header = self._checking_headers or self._add_missing
         self._notable = _NOTABLE | _ADDRESS_NOTABLE if self._hdr_domain else _NOTABLE
         self._body_checks = settings.body_checks if checks else None
         self._body_lines = self._body_checks is not None or self._mime is not None
@@ -758,15 +764,22 @@ class Cleanup:
 
     def _missing_headers(self) -> bytes:
         """The (Resent-)Message-Id:, Date: and From: the message lacks, as Postfix adds."""
-        if not (self.local or self.s.always_add):
+        seen = self._seen
+        if not self._add_missing:
+            if "message-id" not in seen:
+                msg.info_as("cleanup", f"{self.id}: message-id=<>")
             return b""
         prefix = "Resent-" if self._resent else ""
-        seen, lines = self._seen, []
+        lines = []
         if prefix.lower() + "message-id" not in seen:
             stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(self.arrival))
             mid = f"{stamp}.{self.id}@{self.s.hostname}"
             lines.append(f"{prefix}Message-Id: <{mid}>")
             msg.info_as("cleanup", f"{self.id}: {prefix.lower()}message-id=<{mid}>")
+            if not prefix:
+                seen.add("message-id")
+        if "message-id" not in seen:
+            msg.info_as("cleanup", f"{self.id}: message-id=<>")
         if prefix.lower() + "date" not in seen:
             lines.append(f"{prefix}Date: " + time.strftime(
                 "%a, %d %b %Y %H:%M:%S %z (%Z)", time.localtime(self.arrival)))
@@ -870,7 +883,7 @@ class Cleanup:
     def _stop_checks(self) -> None:
         """No more header or body checks for this message (REJECT, DISCARD, ...)."""
         self._checking = self._checking_headers = False
-        self._every_header = self.local or self.s.always_add
+        self._every_header = self._add_missing
 
     def _log(self, action: str, context: str, text: str, detail: str) -> None:
         parts = [f"{self.id}: {self._log_prefix}{action}: {context} {text[:200]} from "

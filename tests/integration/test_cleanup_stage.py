@@ -1,6 +1,6 @@
 """The cleanup stage (lib/cleanup.py) through a real instance: smtpd and pickup (sendmail)
 write every message through it; header_checks, virtual aliases, canonical maps, always_bcc
-and the missing headers of local submissions, as Postfix's cleanup(8)."""
+and the missing headers of mail in the local rewrite context, as Postfix's cleanup(8)."""
 
 import glob
 import smtplib
@@ -115,12 +115,37 @@ def test_address_rewriting_on_a_real_message(mta):
         in mta.log()
 
 
-def test_missing_headers_for_local_submission_not_for_smtp(mta):
+def test_missing_headers_in_the_local_rewrite_context(mta):
+    # Postfix's cleanup_header_done_callback adds them wherever there is a header
+    # rewrite context: 127.0.0.1 matches local_header_rewrite_clients's default
+    # (permit_inet_interfaces); a client outside it, with remote_header_rewrite_domain
+    # empty, gets none.
+    remote = free_port()
+    mta.master_lines.append(f"127.0.0.1:{remote} inet n - y - - smtpd"
+                            " -o local_header_rewrite_clients=")
     mta.start()
     code, text = send(mta, "from smtp")
-    m, content = mta.queued()[text.split()[-1]]
+    qid = text.split()[-1]
+    m, content = mta.queued()[qid]
     head = content.split("\n\n", 1)[0]
-    assert "\nMessage-Id:" not in head and "\nDate:" not in head and "\nFrom:" not in head
+    assert f"\nMessage-Id: <" in head and f".{qid}@mail.test.example>" in head
+    assert "\nDate: " in head and "\nFrom: s@example.org" in head
+    assert f"{qid}: message-id=<" in mta.log()
+    # Resent- headers: the Resent- forms are added instead
+    code, text = send(mta, "resent", extra="Resent-To: x@example.org\r\n")
+    qid = text.split()[-1]
+    head = mta.queued()[qid][1].split("\n\n", 1)[0]
+    assert "\nResent-Message-Id: <" in head and "\nResent-Date: " in head
+    assert "\nResent-From: s@example.org" in head
+    assert "\nMessage-Id:" not in head and "\nDate:" not in head
+    assert f"{qid}: resent-message-id=<" in mta.log()
+    assert f"{qid}: message-id=<>" in mta.log()
+    mta.port = remote
+    code, text = send(mta, "from a remote client")
+    qid = text.split()[-1]
+    head = mta.queued()[qid][1].split("\n\n", 1)[0]
+    assert "Message-Id:" not in head and "Date:" not in head and "From:" not in head
+    assert f"{qid}: message-id=<>" in mta.log()
     out = subprocess.run([POSTFIX_PY, "-c", str(mta.dir), "sendmail", "-f", "alice",
                           "-F", "Alice Smith", "bob@mail.test.example"],
                          input="Subject: local\nBcc: hidden@example.org\n\nhi\n",
