@@ -45,14 +45,18 @@ DESCRIPTION
       *_canonical_classes name the header class, then masqueraded when
       masquerade_classes does. Only the addresses change; the rest of the header
       (names, comments, folding) is kept. header_checks see the header before.
-    * MIME (when mime_header_checks or nested_header_checks is set; both default to
-      $header_checks): the body's structure is followed from the Content-Type
-      boundaries (at most 100 levels): the headers of each multipart part go through
+    * MIME (when mime_header_checks, nested_header_checks (both default to
+      $header_checks) or body_checks is set): the body's structure is followed from
+      the Content-Type boundaries (at most 100 levels): the headers of each multipart
+      part go through
       mime_header_checks, those of an attached message (message/rfc822) through
       nested_header_checks, and Content-*/MIME-Version headers anywhere, the primary
       ones included, through mime_header_checks, as Postfix's header classes.
-    * Body: body_checks line by line, over the first body_checks_size_limit bytes.
-      Without body_checks the body goes to the queue file in bulk, untouched.
+    * Body: body_checks line by line, over the first body_checks_size_limit bytes, on
+      body text only: the headers of multipart parts and attached messages go to
+      mime_header_checks and nested_header_checks instead (boundary lines are body
+      text, as in Postfix). Without body_checks the body goes to the queue file in
+      bulk, untouched.
     * Content filter: content_filter (a transport:destination), or the last FILTER
       action of the checks, becomes the queue file attribute content_filter; qmgr then
       sends every recipient to that transport and destination instead of resolving
@@ -81,8 +85,6 @@ WHY IN-PROCESS
 DEVIATIONS
     Header addresses are not
     refolded after rewriting, and percent/bang forms in them are not rewritten.
-    body_checks sees every body line, MIME part headers included (Postfix's sees body
-    text only).
 
 FUNCTIONS
     Settings(cfg): the parameters, with every table opened (call before a chroot);
@@ -404,9 +406,11 @@ class Cleanup:
         self._resent = False
         self.hops = 0
         self._checking = checks             # header and body checks (still) apply
-        # MIME structure is followed only for mime_header_checks, nested_header_checks
+        # MIME structure is followed for mime_header_checks, nested_header_checks, and
+        # for body_checks, which see body text only (Postfix's mime_state.c)
         self._mime = MimeState() if checks and (
-            settings.mime_header_checks or settings.nested_header_checks) else None
+            settings.mime_header_checks or settings.nested_header_checks
+            or settings.body_checks) else None
         self._checking_headers = checks and (settings.header_checks is not None
                                              or self._mime is not None)
         self._bodybuf: bytearray | None = None      # _body's output while it runs

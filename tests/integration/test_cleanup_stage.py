@@ -4,6 +4,7 @@ and the missing headers of mail in the local rewrite context, as Postfix's clean
 
 import glob
 import smtplib
+from email.message import EmailMessage
 import subprocess
 
 import pytest
@@ -208,3 +209,33 @@ def test_header_addresses_by_client_context(mta):
     assert content.split("\n\n", 1)[0].endswith(
         "\nFrom: Old One <old@example.net>\nTo: bob, carl@example.org\n"
         "Subject: remote context")
+
+
+def test_body_checks_see_body_text_not_part_headers(mta):
+    # Postfix's mime_state.c: the headers of a multipart part (mime_header_checks) and
+    # of an attached message (nested_header_checks) are not body text, also when those
+    # two are empty; body_checks see the text of every part.
+    (mta.dir / "body_checks").write_text(
+        "/^Content-(Type|Disposition):/ REJECT a part header\n"
+        "/^Subject: forwarded/ REJECT a nested header\n"
+        "/^secret text/ REJECT 5.7.1 body text\n")
+    mta.main.update({"body_checks": f"regexp:{mta.dir}/body_checks",
+                     "mime_header_checks": "", "nested_header_checks": ""})
+    mta.start()
+    inner = EmailMessage()
+    inner["Subject"] = "forwarded"
+    inner.set_content("inner text\n")
+    outer = EmailMessage()
+    outer["From"], outer["To"], outer["Subject"] = "s@example.org", "r@example.org", "mime"
+    outer.set_content("hello\n")
+    outer.add_attachment(b"MZ", maintype="application", subtype="octet-stream",
+                         filename="a.exe")
+    outer.add_attachment(inner)
+    with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as s:
+        assert s.send_message(outer, "s@example.org", ["r@mail.test.example"]) == {}
+        inner.set_content("secret text\n")
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            s.send_message(outer, "s@example.org", ["r@mail.test.example"])
+    assert (refused.value.smtp_code, refused.value.smtp_error) == (550, b"5.7.1 body text")
+    (m, content), = mta.queued().values()
+    assert "\nContent-Disposition: attachment; filename=\"a.exe\"\n" in content

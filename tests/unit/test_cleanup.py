@@ -1,5 +1,6 @@
 """lib/cleanup.py: address rewriting, header and body inspection, missing headers."""
 
+from email.message import EmailMessage
 import os
 
 import pytest
@@ -310,3 +311,39 @@ def test_mime_and_nested_header_checks(tmp_path, logged):
     result, _, data = run(s, root, MIME)
     assert result.status == "queued" and data == MIME
 
+
+def test_body_checks_see_body_text_only(tmp_path, logged):
+    # Postfix's mime_state.c: part headers and attached message headers are not body
+    # text; body_checks see the text, boundary lines and the epilogue, even with
+    # header_checks, mime_header_checks and nested_header_checks all empty.
+    s, root = make(tmp_path, {"bc": "/./ WARN\n"}, body_checks="regexp:@DIR@/bc")
+    result, _, data = run(s, root, MIME, chunk=11)
+    assert result.status == "queued" and data == MIME
+    seen = [x.split(": warning: body ", 1)[1].split(" from client.example")[0]
+            for x in logged if ": warning: body " in x]
+    assert seen == ["preamble", "--b1", "Subject: not a header here", "--b1", "--b2",
+                    "deep text", "--b2--", "--b1", "data", "--b1--", "epilogue"]
+
+
+def test_body_checks_on_a_real_multipart_message(tmp_path):
+    # a message built by Python's email package: a text part, an attachment, and an
+    # attached message; body_checks match neither the part nor the nested headers
+    inner = EmailMessage()
+    inner["Subject"] = "forwarded"
+    inner.set_content("inner text\n")
+    outer = EmailMessage()
+    outer["Subject"] = "outer"
+    outer.set_content("hello\n")
+    outer.add_attachment(b"MZ", maintype="application", subtype="octet-stream",
+                         filename="a.exe")
+    outer.add_attachment(inner)
+    raw = outer.as_bytes().replace(b"\r\n", b"\n")
+    s, root = make(tmp_path, {"bc": "/^Content-/ REJECT part header\n"
+                                    "/^Subject: forwarded/ REJECT nested header\n"},
+                   body_checks="regexp:@DIR@/bc")
+    result, _, data = run(s, root, raw)
+    assert result.status == "queued" and data == raw
+    s, root = make(tmp_path, {"bc": "/^inner text/ REJECT nested body\n"},
+                   body_checks="regexp:@DIR@/bc")
+    result, _, _ = run(s, root, raw)
+    assert (result.status, result.reply) == ("rejected", "550 5.7.1 nested body")
