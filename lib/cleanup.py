@@ -149,6 +149,7 @@ FILTER_ATTR = "content_filter"    # the queue file attribute qmgr routes by
 CLASSES = (ENVELOPE_SENDER, ENVELOPE_RECIPIENT, HEADER_SENDER, HEADER_RECIPIENT)
 _HEADER = re.compile(rb"[!-9;-~]+[ \t]*:")     # match() anchors, also at a pos
 _NOTABLE = frozenset(b"rRmMbB")   # first letters of Received, Message-Id, Resent-, Bcc
+_MISSING_NOTABLE = frozenset(b"dDfF")   # and of Date, From: when missing ones are added
 # Postfix's header_opts.c: headers with sender (HDR_OPT_SENDER) and recipient
 # (HDR_OPT_RECIP) addresses
 SENDER_HEADERS = frozenset((
@@ -425,9 +426,11 @@ class Cleanup:
         # local one, or the remote one with remote_header_rewrite_domain), or with
         # always_add_missing_headers: Postfix's cleanup_header_done_callback.
         self._add_missing = self._hdr_domain is not None or settings.always_add
-        # every header name matters with header_checks or when missing ones are added
-        self._every_header = self._checking_headers or self._add_missing
-        self._notable = _NOTABLE | _ADDRESS_NOTABLE if self._hdr_domain else _NOTABLE
+        # every header name matters with header_checks; otherwise only those whose first
+        # letter is notable (the address headers include Date: and From:'s letters)
+        self._every_header = self._checking_headers
+        self._notable = _NOTABLE | _ADDRESS_NOTABLE if self._hdr_domain else \
+            _NOTABLE | _MISSING_NOTABLE if self._add_missing else _NOTABLE
         self._body_checks = settings.body_checks if checks else None
         self._body_lines = self._body_checks is not None or self._mime is not None
         self._body_partial = b""
@@ -887,7 +890,7 @@ class Cleanup:
     def _stop_checks(self) -> None:
         """No more header or body checks for this message (REJECT, DISCARD, ...)."""
         self._checking = self._checking_headers = False
-        self._every_header = self._add_missing
+        self._every_header = False
 
     def _log(self, action: str, context: str, text: str, detail: str) -> None:
         parts = [f"{self.id}: {self._log_prefix}{action}: {context} {text[:200]} from "

@@ -347,3 +347,33 @@ def test_body_checks_on_a_real_multipart_message(tmp_path):
                    body_checks="regexp:@DIR@/bc")
     result, _, _ = run(s, root, raw)
     assert (result.status, result.reply) == ("rejected", "550 5.7.1 nested body")
+
+
+def test_missing_headers_by_rewrite_context(tmp_path, logged):
+    # Postfix's cleanup_header_done_callback: added with a header rewrite context (local,
+    # or remote with remote_header_rewrite_domain) or always_add_missing_headers; the
+    # headers present are recognised whatever else the message has (no header_checks).
+    mail = b"X-A: 1\ndate: Thu, 1 Jan 2026 00:00:00 +0000\nSubject: s\n\nbody\n"
+    s, root = make(tmp_path)
+    result, _, data = run(s, root, mail)                  # remote, no domain: nothing
+    assert data == mail
+    assert f"{result.queue_id}: message-id=<>" in logged
+    for settings, kw in (({}, {"header_rewrite": "local"}),
+                         ({"remote_header_rewrite_domain": "d.example"}, {}),
+                         ({"always_add_missing_headers": "yes"}, {})):
+        s, root = make(tmp_path, **settings)
+        result, _, data = run(s, root, mail, **kw)
+        head, body = data.split(b"\n\n", 1)
+        added = head.split(b"\n")[3:]
+        assert [h.split(b":")[0] for h in added] == [b"Message-Id", b"From"], settings
+        assert added[1] == b"From: a@example.org" and body == b"body\n"
+        mid = added[0].split(b": ", 1)[1].decode()
+        assert mid == f"<{mid[1:15]}.{result.queue_id}@{HOST}>"
+        assert f"{result.queue_id}: message-id={mid}" in logged
+    # Resent- headers: the Resent- forms; From: is there, Message-Id: is not
+    s, root = make(tmp_path)
+    result, _, data = run(s, root, b"From: x@example.org\nResent-From: y@example.org\n\nb\n",
+                          header_rewrite="local")
+    head = data.split(b"\n\n", 1)[0].split(b"\n")
+    assert [h.split(b":")[0] for h in head[2:]] == [b"Resent-Message-Id", b"Resent-Date"]
+    assert f"{result.queue_id}: message-id=<>" in logged
