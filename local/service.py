@@ -55,7 +55,8 @@ DESCRIPTION
     "expanded" with the text `alias expanded` (a list with an owner- alias: "delivered"),
     so that a NOTIFY=SUCCESS sender gets one success notice for it, and none for the
     addresses it expanded to, as Postfix's local(8); the log line shows the last
-    delivery's own text.
+    delivery's own text. (Postfix also reports "expanded" for an alias whose members
+    then fail in part; here a recipient has one result, and a deferral or bounce wins.)
 
     RESULTS. Each recipient of the request gets one result: deferred if a destination
     was deferred, else bounced if one was bounced, else sent; its other successful
