@@ -25,9 +25,12 @@ DESCRIPTION
       headers are counted: at hopcount_limit the message is refused (`554 5.4.0 Error:
       too many hops`). Message-Id: is logged (`ID: message-id=...`). header_checks
       decides per header. For local submission (pickup) Bcc: and Resent-Bcc: are removed
-      and a missing Message-Id:, Date: and From: (their Resent- forms when the message
-      has Resent- headers) are added after the last header; SMTP mail gets them only with
-      always_add_missing_headers = yes.
+      (as Postfix's sendmail -t). A missing Message-Id:, Date: and From: (their Resent-
+      forms when the message has Resent- headers) are added after the last header when
+      the message has a header rewrite context (below: local, or remote with
+      remote_header_rewrite_domain set), or with always_add_missing_headers = yes, as
+      Postfix's cleanup_header_done_callback; `ID: message-id=<>` is logged for a
+      message that ends up without one.
     * Header addresses (Postfix's cleanup_rewrite_sender/recip), in the message's
       rewrite context: "local" for pickup and for SMTP clients that match
       local_header_rewrite_clients (smtpd/check.py; default permit_inet_interfaces),
@@ -42,14 +45,18 @@ DESCRIPTION
       *_canonical_classes name the header class, then masqueraded when
       masquerade_classes does. Only the addresses change; the rest of the header
       (names, comments, folding) is kept. header_checks see the header before.
-    * MIME (when mime_header_checks or nested_header_checks is set; both default to
-      $header_checks): the body's structure is followed from the Content-Type
-      boundaries (at most 100 levels): the headers of each multipart part go through
+    * MIME (when mime_header_checks, nested_header_checks (both default to
+      $header_checks) or body_checks is set): the body's structure is followed from
+      the Content-Type boundaries (at most 100 levels): the headers of each multipart
+      part go through
       mime_header_checks, those of an attached message (message/rfc822) through
       nested_header_checks, and Content-*/MIME-Version headers anywhere, the primary
       ones included, through mime_header_checks, as Postfix's header classes.
-    * Body: body_checks line by line, over the first body_checks_size_limit bytes.
-      Without body_checks the body goes to the queue file in bulk, untouched.
+    * Body: body_checks line by line, over the first body_checks_size_limit bytes, on
+      body text only: the headers of multipart parts and attached messages go to
+      mime_header_checks and nested_header_checks instead (boundary lines are body
+      text, as in Postfix). Without body_checks the body goes to the queue file in
+      bulk, untouched.
     * Content filter: content_filter (a transport:destination), or the last FILTER
       action of the checks, becomes the queue file attribute content_filter; qmgr then
       sends every recipient to that transport and destination instead of resolving
@@ -76,11 +83,8 @@ WHY IN-PROCESS
     per message (a noisy shared machine), next to milliseconds for the fsync.
 
 DEVIATIONS
-    Missing headers are added for local submission (pickup) only, not for SMTP mail in
-    the local rewrite context (Postfix adds them there too). Header addresses are not
+    Header addresses are not
     refolded after rewriting, and percent/bang forms in them are not rewritten.
-    body_checks sees every body line, MIME part headers included (Postfix's sees body
-    text only).
 
 FUNCTIONS
     Settings(cfg): the parameters, with every table opened (call before a chroot);
@@ -145,6 +149,7 @@ FILTER_ATTR = "content_filter"    # the queue file attribute qmgr routes by
 CLASSES = (ENVELOPE_SENDER, ENVELOPE_RECIPIENT, HEADER_SENDER, HEADER_RECIPIENT)
 _HEADER = re.compile(rb"[!-9;-~]+[ \t]*:")     # match() anchors, also at a pos
 _NOTABLE = frozenset(b"rRmMbB")   # first letters of Received, Message-Id, Resent-, Bcc
+_MISSING_NOTABLE = frozenset(b"dDfF")   # and of Date, From: when missing ones are added
 # Postfix's header_opts.c: headers with sender (HDR_OPT_SENDER) and recipient
 # (HDR_OPT_RECIP) addresses
 SENDER_HEADERS = frozenset((
@@ -402,14 +407,14 @@ class Cleanup:
         self._resent = False
         self.hops = 0
         self._checking = checks             # header and body checks (still) apply
-        # MIME structure is followed only for mime_header_checks, nested_header_checks
+        # MIME structure is followed for mime_header_checks, nested_header_checks, and
+        # for body_checks, which see body text only (Postfix's mime_state.c)
         self._mime = MimeState() if checks and (
-            settings.mime_header_checks or settings.nested_header_checks) else None
+            settings.mime_header_checks or settings.nested_header_checks
+            or settings.body_checks) else None
         self._checking_headers = checks and (settings.header_checks is not None
                                              or self._mime is not None)
         self._bodybuf: bytearray | None = None      # _body's output while it runs
-        # every header name matters with header_checks or when missing ones are added
-        self._every_header = self._checking_headers or local or settings.always_add
         # Header address rewriting (Postfix's hdr_rewrite_context): "local" qualifies
         # with $myorigin, "remote" with remote_header_rewrite_domain, and when that is
         # empty, header addresses are not touched.
@@ -417,7 +422,15 @@ class Cleanup:
         self._hdr_domain = settings.origin if context == "local" else \
             settings.remote_rewrite_domain or None
         self._hdr_local = context == "local"
-        self._notable = _NOTABLE | _ADDRESS_NOTABLE if self._hdr_domain else _NOTABLE
+        # Missing headers are added wherever there is a header rewrite context (the
+        # local one, or the remote one with remote_header_rewrite_domain), or with
+        # always_add_missing_headers: Postfix's cleanup_header_done_callback.
+        self._add_missing = self._hdr_domain is not None or settings.always_add
+        # every header name matters with header_checks; otherwise only those whose first
+        # letter is notable (the address headers include Date: and From:'s letters)
+        self._every_header = self._checking_headers
+        self._notable = _NOTABLE | _ADDRESS_NOTABLE if self._hdr_domain else \
+            _NOTABLE | _MISSING_NOTABLE if self._add_missing else _NOTABLE
         self._body_checks = settings.body_checks if checks else None
         self._body_lines = self._body_checks is not None or self._mime is not None
         self._body_partial = b""
@@ -758,15 +771,22 @@ class Cleanup:
 
     def _missing_headers(self) -> bytes:
         """The (Resent-)Message-Id:, Date: and From: the message lacks, as Postfix adds."""
-        if not (self.local or self.s.always_add):
+        seen = self._seen
+        if not self._add_missing:
+            if "message-id" not in seen:
+                msg.info_as("cleanup", f"{self.id}: message-id=<>")
             return b""
         prefix = "Resent-" if self._resent else ""
-        seen, lines = self._seen, []
+        lines = []
         if prefix.lower() + "message-id" not in seen:
             stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(self.arrival))
             mid = f"{stamp}.{self.id}@{self.s.hostname}"
             lines.append(f"{prefix}Message-Id: <{mid}>")
             msg.info_as("cleanup", f"{self.id}: {prefix.lower()}message-id=<{mid}>")
+            if not prefix:
+                seen.add("message-id")
+        if "message-id" not in seen:
+            msg.info_as("cleanup", f"{self.id}: message-id=<>")
         if prefix.lower() + "date" not in seen:
             lines.append(f"{prefix}Date: " + time.strftime(
                 "%a, %d %b %Y %H:%M:%S %z (%Z)", time.localtime(self.arrival)))
@@ -870,7 +890,7 @@ class Cleanup:
     def _stop_checks(self) -> None:
         """No more header or body checks for this message (REJECT, DISCARD, ...)."""
         self._checking = self._checking_headers = False
-        self._every_header = self.local or self.s.always_add
+        self._every_header = False
 
     def _log(self, action: str, context: str, text: str, detail: str) -> None:
         parts = [f"{self.id}: {self._log_prefix}{action}: {context} {text[:200]} from "

@@ -75,7 +75,7 @@ class RcptResult:
     result: str          # sent, deferred, bounced
     dsn: str
     reason: str
-    action: str = ""     # sent: the DSN action, "relayed" or "" (delivered)
+    action: str = ""     # sent: the DSN action, "relayed", "expanded" or "" (delivered)
     passed: bool = False     # sent: the next hop took over DSN (RFC 3461 section 5.2)
 
 
@@ -166,7 +166,7 @@ def decode_reply(attrs: dict, rcpt_count: int) -> DeliveryStatus:
         if result not in RESULTS:
             raise DeliverError(f"bad result: {result[:20]!r}")
         action = attrs.get(f"action.{i}", b"").decode("ascii", "replace")
-        if action not in ("", "delivered", "relayed"):
+        if action not in ("", "delivered", "relayed", "expanded"):
             raise DeliverError(f"bad action: {action[:20]!r}")
         results.append(RcptResult(result, _text(attrs, f"dsn.{i}"), _text(attrs, f"reason.{i}"),
                                   action, attrs.get(f"passed.{i}") == b"1"))

@@ -13,8 +13,9 @@ record() applies soft_bounce (a bounce becomes a deferral, dsn 5.x.x becomes 4.x
 Postfix's bounce client does in every agent) and logs Postfix's line
 `ID: to=<r>, relay=R, delay=D, delays=a/b/c/d, dsn=X, status=S (reason)`. The smtp
 client records each recipient as its session decides it (with the connection set-up and
-transmission delays); local, virtual, discard and error decide all recipients first and let
-decided() record them.
+transmission delays); local records each recipient as it is delivered (with the DSN
+action of an alias expansion); virtual, discard and error decide all recipients first and
+let decided() record them.
 
 FUNCTIONS
     serve(conn, ctx, deliver_fn, timeout=None): one request and its reply.
@@ -22,7 +23,8 @@ FUNCTIONS
     decided(fn) -> deliver_fn: for fn(request, ctx) -> (relay, [RcptResult]), one result
         per recipient in request order, recorded when fn returns.
     Report(request, soft_bounce): record(index, kind, dsn, reason, relay,
-        conn_setup=0.0, transmit=0.0) -> RcptResult (as decided: soft_bounce applied);
+        conn_setup=0.0, transmit=0.0, conn_use=0, action="", passed=False, dsn_text="")
+        -> RcptResult (as decided: soft_bounce applied);
         reply(relay) -> lib.deliver.DeliveryStatus; .arrival (settable), .started, .soft_bounce.
     result(kind, dsn, reason) -> RcptResult.
     read_message(request, ctx) -> the queue file's message content (bytes), or None with a
@@ -90,17 +92,20 @@ class Report:
 
     def record(self, index: int, kind: str, dsn: str, reason: str, relay: str,
                conn_setup: float = 0.0, transmit: float = 0.0, conn_use: int = 0,
-               action: str = "", passed: bool = False) -> RcptResult:
+               action: str = "", passed: bool = False,
+               dsn_text: str = "") -> RcptResult:
         """Recipient index's final outcome, logged; soft_bounce applied here only.
-        action and passed: a sent recipient's DSN action and hand-over (lib/deliver.py)."""
+        action and passed: a sent recipient's DSN action and hand-over (lib/deliver.py);
+        dsn_text: a sent recipient's DSN text when it is not the logged reason (local's
+        `alias expanded`: the deliveries of the expansion are logged with their own)."""
         if kind == "bounced" and self.soft_bounce:
             kind, dsn = "deferred", "4" + dsn[1:] if dsn[:1] == "5" else dsn
         deliver.log_delivery(self.request.queue_id, self.request.recipients[index], relay,
                              self.arrival, self.started, dsn, kind, reason,
                              conn_setup=conn_setup, transmit=transmit, conn_use=conn_use)
         if kind != "sent":
-            action, passed = "", False
-        r = self.results[index] = RcptResult(kind, dsn, reason, action, passed)
+            action, passed, dsn_text = "", False, ""
+        r = self.results[index] = RcptResult(kind, dsn, dsn_text or reason, action, passed)
         return r
 
     def reply(self, relay: str) -> deliver.DeliveryStatus:

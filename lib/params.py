@@ -240,7 +240,7 @@ PARAMS: list[Param] = [
     _p("hopcount_limit", "50", INT, "Received: headers after which a message is bounced as looping", min=1),
     _p("recipient_delimiter", "", STR, "separators of address extensions"),
     # --- cleanup (lib/cleanup.py): every message on its way into the queue ---------------
-    _p("always_add_missing_headers", "no", BOOL, "add a missing Message-Id:, Date: and From: to SMTP mail too, not only to local submissions"),
+    _p("always_add_missing_headers", "no", BOOL, "add a missing Message-Id:, Date: and From: to all mail, not only to mail in a header rewrite context (local_header_rewrite_clients, remote_header_rewrite_domain)"),
     _p("canonical_maps", "", TABLE, "address mapping of envelope senders and recipients (canonical(5))"),
     _p("sender_canonical_maps", "", TABLE, "address mapping of envelope senders, before canonical_maps"),
     _p("recipient_canonical_maps", "", TABLE, "address mapping of envelope recipients, before canonical_maps"),

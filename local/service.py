@@ -46,7 +46,17 @@ DESCRIPTION
     original sender, a Delivered-To: header naming the recipient, then the message),
     written into incoming/ as mail_owner, and qmgr is woken; the recipient is logged
     `status=sent (forwarded as NEWID)`. (Postfix hands them to cleanup, which postfix-py
-    does not have yet; qmgr resolves them as any other message.)
+    does not have yet; qmgr resolves them as any other message.) The copies keep the
+    recipient's DSN NOTIFY without SUCCESS (NEVER when it was SUCCESS alone) and its
+    ORCPT, and the message's ENVID and RET; for a list with an owner- alias only NOTIFY
+    (Postfix's forward.c and alias.c).
+
+    DSN. A recipient delivered through an alias or .forward gets the DSN action
+    "expanded" with the text `alias expanded` (a list with an owner- alias: "delivered"),
+    so that a NOTIFY=SUCCESS sender gets one success notice for it, and none for the
+    addresses it expanded to, as Postfix's local(8); the log line shows the last
+    delivery's own text. (Postfix also reports "expanded" for an alias whose members
+    then fail in part; here a recipient has one result, and a deferral or bounce wins.)
 
     RESULTS. Each recipient of the request gets one result: deferred if a destination
     was deferred, else bounced if one was bounced, else sent; its other successful
@@ -114,7 +124,7 @@ LIMITS
     local_command_shell (commands always run with /bin/sh -c), command_execution_directory
     (commands run in /), export_environment (TZ and LANG are passed, PATH is
     /usr/bin:/bin), mailbox_transport, fallback_transport, luser_relay,
-    mailbox_delivery_lock (fcntl only, no dotlock), DSN NOTIFY for expanded aliases.
+    mailbox_delivery_lock (fcntl only, no dotlock).
     mydestination entries that are tables are not consulted for addresses that aliases
     name (those are forwarded through qmgr, which resolves them). When one destination
     of a recipient is deferred, the whole recipient is, and its other destinations get
@@ -140,7 +150,7 @@ import time
 from ..lib import aliases, deliver, mailbox, maincf, msg, params, server, tables
 from ..lib import queue as Q
 from ..lib.address import split_address, strip_extension
-from ..lib.delivery_agent import RcptResult, decided, read_message, result, serve
+from ..lib.delivery_agent import RcptResult, read_message, result, serve
 from ..lib.mailbox import Privileges, become, run_as
 from . import command as command_mod
 
@@ -244,10 +254,13 @@ class State:
 class LocalDelivery:
     """One request's deliveries: the message read once, each recipient in turn."""
 
-    def __init__(self, cfg, sender: str, content: bytes, request=None, queue_root=None):
+    def __init__(self, cfg, sender: str, content: bytes, request=None, queue_root=None,
+                 envid: str = "", ret: str = ""):
         self.cfg = cfg
         self.sender = sender
         self.content = content
+        self.envid, self.ret = envid, ret       # the message's DSN ENVID and RET
+        self.notify = self.orcpt = ""           # the recipient's DSN NOTIFY and ORCPT
         self.request = request
         self.queue_root = queue_root
         self.seen = mailbox.delivered_to(content)
@@ -269,9 +282,11 @@ class LocalDelivery:
         self.started = time.time()
 
     # --- one recipient of the request ---------------------------------------------------
-    def deliver(self, rcpt: str) -> RcptResult:
-        """Deliver to one recipient (and whatever its aliases and .forward name)."""
+    def deliver(self, rcpt: str, notify: str = "", orcpt: str = "") -> RcptResult:
+        """Deliver to one recipient (and whatever its aliases and .forward name);
+        notify and orcpt: its DSN NOTIFY and ORCPT, passed on to forwarded copies."""
         self.rcpt = rcpt
+        self.notify, self.orcpt = notify, orcpt
         for name, word in self.bad_mask:
             # Postfix's local dies (fatal) on this; the mail waits for a fixed main.cf.
             msg.warn(f'unknown {name} value "{word}" in "{self.cfg.get(name)}"')
@@ -279,6 +294,9 @@ class LocalDelivery:
         self.outcomes: list[tuple[str, str, str]] = []
         self.indirect: list[tuple[str, str]] = []      # (sender, address)
         self.been_here: set = set()
+        # the DSN action of the outermost alias or .forward expansion: "expanded", or
+        # "delivered" for a list with an owner- alias (Postfix's alias.c, dotforward.c)
+        self.expansion: str | None = None
         self._recipient(rcpt, State())
         for sender in dict.fromkeys(s for s, _ in self.indirect):
             self.outcomes.append(self._forward(sender, [a for s, a in self.indirect
@@ -376,6 +394,8 @@ class LocalDelivery:
                 if found is not None:
                     sub.owner = sub.sender = f"owner-{name}@{self.myorigin}"
                     break
+            if self.expansion is None:
+                self.expansion = "delivered" if sub.sender is not None else "expanded"
             for dest in dests:
                 self._token(addr, dest, sub)
             return True
@@ -509,6 +529,8 @@ class LocalDelivery:
             return False
         self.been_here.add(("forward-done", path))
         sub = st.deeper(exp_type="forward", usr=pw, owner=user, exp_from=local)
+        if self.expansion is None:
+            self.expansion = "expanded"
         for dest in dests:
             self._token(addr, dest, sub)
         return True
@@ -626,9 +648,19 @@ class LocalDelivery:
             if os.geteuid() == 0:
                 owner = pwd.getpwnam(self.cfg.get("mail_owner"))
                 os.fchown(writer.fd, owner.pw_uid, owner.pw_gid)
+            # DSN as Postfix's forward.c: NOTIFY without SUCCESS (the expansion itself
+            # reports it), and for a list with an owner- alias (the sender replaced) no
+            # ENVID, RET or ORCPT of the original
+            listed = sender != self.sender
+            if self.ret and not listed:
+                writer.add_attr("dsn_ret", self.ret)
+            if self.envid and not listed:
+                writer.add_attr("dsn_envid", self.envid)
             writer.set_sender(sender)
+            notify = ",".join(w for w in self.notify.split(",") if w and w != "SUCCESS")
+            notify = notify or ("NEVER" if self.notify else "")
             for r in rcpts:
-                writer.add_recipient(r)
+                writer.add_recipient(r, notify, "" if listed else self.orcpt)
             writer.write(f"Delivered-To: {self.rcpt.lower()}\n".encode(
                 "utf-8", "surrogateescape"))
             writer.write(self.content)
@@ -755,19 +787,48 @@ def _kind(dsn: str) -> str:
     return "bounced" if dsn.startswith("5") else "deferred"
 
 
-def deliver_request(request, ctx):
-    """Deliver one request: (relay, results)."""
+def _envelope(request, ctx):
+    """The request's queue file envelope (its DSN attributes and records), or None."""
+    try:
+        return Q.read(os.path.join(ctx.queue_root, request.queue_file))
+    except (OSError, Q.QueueFileError) as exc:
+        msg.warn(f"{request.queue_id}: read queue file: {exc}")
+        return None
+
+
+def deliver_request(request, ctx, report) -> str:
+    """Deliver one request, each recipient recorded in report; the relay.
+
+    A recipient delivered through an alias or .forward expansion is recorded with the
+    DSN action "expanded" ("delivered" for a list with an owner- alias) and the text
+    `alias expanded`, as Postfix's local(8) reports it to a NOTIFY=SUCCESS sender; the
+    log line keeps the delivery's own text. The expansion's own deliveries and
+    forwarded copies carry no SUCCESS (Postfix clears it), so they add no notice."""
     content = read_message(request, ctx)
     if content is None:
-        return "local", [result("deferred", "4.3.0", "queue file read error")] * len(
-            request.recipients)
-    job = LocalDelivery(ctx.cfg, request.sender, content, request, ctx.queue_root)
-    return "local", [job.deliver(rcpt) for rcpt in request.recipients]
+        for i in range(len(request.recipients)):
+            report.record(i, "deferred", "4.3.0", "queue file read error", "local")
+        return "local"
+    envelope = _envelope(request, ctx)
+    stored = {r.offset: r for r in envelope.recipients} if envelope else {}
+    attrs = envelope.attrs if envelope else {}
+    job = LocalDelivery(ctx.cfg, request.sender, content, request, ctx.queue_root,
+                        attrs.get("dsn_envid", ""), attrs.get("dsn_ret", ""))
+    for i, rcpt in enumerate(request.recipients):
+        offset = request.offsets[i] if i < len(request.offsets) else None
+        dsn = stored.get(offset)
+        r = job.deliver(rcpt, dsn.notify if dsn else "", dsn.orcpt if dsn else "")
+        if r.result == "sent" and job.expansion:
+            report.record(i, r.result, r.dsn, r.reason, "local", action=job.expansion,
+                          dsn_text="alias expanded")
+        else:
+            report.record(i, r.result, r.dsn, r.reason, "local")
+    return "local"
 
 
 def service(conn, ctx) -> None:
     """One connection from qmgr: one request."""
-    serve(conn, ctx, decided(deliver_request))
+    serve(conn, ctx, deliver_request)
 
 
 def main(ctx) -> int:

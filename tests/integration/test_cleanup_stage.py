@@ -1,9 +1,10 @@
 """The cleanup stage (lib/cleanup.py) through a real instance: smtpd and pickup (sendmail)
 write every message through it; header_checks, virtual aliases, canonical maps, always_bcc
-and the missing headers of local submissions, as Postfix's cleanup(8)."""
+and the missing headers of mail in the local rewrite context, as Postfix's cleanup(8)."""
 
 import glob
 import smtplib
+from email.message import EmailMessage
 import subprocess
 
 import pytest
@@ -115,12 +116,37 @@ def test_address_rewriting_on_a_real_message(mta):
         in mta.log()
 
 
-def test_missing_headers_for_local_submission_not_for_smtp(mta):
+def test_missing_headers_in_the_local_rewrite_context(mta):
+    # Postfix's cleanup_header_done_callback adds them wherever there is a header
+    # rewrite context: 127.0.0.1 matches local_header_rewrite_clients's default
+    # (permit_inet_interfaces); a client outside it, with remote_header_rewrite_domain
+    # empty, gets none.
+    remote = free_port()
+    mta.master_lines.append(f"127.0.0.1:{remote} inet n - y - - smtpd"
+                            " -o local_header_rewrite_clients=")
     mta.start()
     code, text = send(mta, "from smtp")
-    m, content = mta.queued()[text.split()[-1]]
+    qid = text.split()[-1]
+    m, content = mta.queued()[qid]
     head = content.split("\n\n", 1)[0]
-    assert "\nMessage-Id:" not in head and "\nDate:" not in head and "\nFrom:" not in head
+    assert f"\nMessage-Id: <" in head and f".{qid}@mail.test.example>" in head
+    assert "\nDate: " in head and "\nFrom: s@example.org" in head
+    assert f"{qid}: message-id=<" in mta.log()
+    # Resent- headers: the Resent- forms are added instead
+    code, text = send(mta, "resent", extra="Resent-To: x@example.org\r\n")
+    qid = text.split()[-1]
+    head = mta.queued()[qid][1].split("\n\n", 1)[0]
+    assert "\nResent-Message-Id: <" in head and "\nResent-Date: " in head
+    assert "\nResent-From: s@example.org" in head
+    assert "\nMessage-Id:" not in head and "\nDate:" not in head
+    assert f"{qid}: resent-message-id=<" in mta.log()
+    assert f"{qid}: message-id=<>" in mta.log()
+    mta.port = remote
+    code, text = send(mta, "from a remote client")
+    qid = text.split()[-1]
+    head = mta.queued()[qid][1].split("\n\n", 1)[0]
+    assert "Message-Id:" not in head and "Date:" not in head and "From:" not in head
+    assert f"{qid}: message-id=<>" in mta.log()
     out = subprocess.run([POSTFIX_PY, "-c", str(mta.dir), "sendmail", "-f", "alice",
                           "-F", "Alice Smith", "bob@mail.test.example"],
                          input="Subject: local\nBcc: hidden@example.org\n\nhi\n",
@@ -183,3 +209,33 @@ def test_header_addresses_by_client_context(mta):
     assert content.split("\n\n", 1)[0].endswith(
         "\nFrom: Old One <old@example.net>\nTo: bob, carl@example.org\n"
         "Subject: remote context")
+
+
+def test_body_checks_see_body_text_not_part_headers(mta):
+    # Postfix's mime_state.c: the headers of a multipart part (mime_header_checks) and
+    # of an attached message (nested_header_checks) are not body text, also when those
+    # two are empty; body_checks see the text of every part.
+    (mta.dir / "body_checks").write_text(
+        "/^Content-(Type|Disposition):/ REJECT a part header\n"
+        "/^Subject: forwarded/ REJECT a nested header\n"
+        "/^secret text/ REJECT 5.7.1 body text\n")
+    mta.main.update({"body_checks": f"regexp:{mta.dir}/body_checks",
+                     "mime_header_checks": "", "nested_header_checks": ""})
+    mta.start()
+    inner = EmailMessage()
+    inner["Subject"] = "forwarded"
+    inner.set_content("inner text\n")
+    outer = EmailMessage()
+    outer["From"], outer["To"], outer["Subject"] = "s@example.org", "r@example.org", "mime"
+    outer.set_content("hello\n")
+    outer.add_attachment(b"MZ", maintype="application", subtype="octet-stream",
+                         filename="a.exe")
+    outer.add_attachment(inner)
+    with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as s:
+        assert s.send_message(outer, "s@example.org", ["r@mail.test.example"]) == {}
+        inner.set_content("secret text\n")
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            s.send_message(outer, "s@example.org", ["r@mail.test.example"])
+    assert (refused.value.smtp_code, refused.value.smtp_error) == (550, b"5.7.1 body text")
+    (m, content), = mta.queued().values()
+    assert "\nContent-Disposition: attachment; filename=\"a.exe\"\n" in content

@@ -177,3 +177,62 @@ def test_dsn_is_passed_to_a_next_hop_that_announces_it(mta):
     assert f"{qid}: to=<far@remote.example>, relay=127.0.0.1[127.0.0.1]:" in log
     assert "delivery status notification" not in log
     assert not (mta.dir / "mail" / "nobody").exists()
+
+
+def test_alias_expansion_reports_expanded_once(mta):
+    # Postfix's local(8): NOTIFY=SUCCESS to an alias gives one success notice with
+    # Action: expanded; the addresses it expands to carry NOTIFY without SUCCESS (the
+    # forwarded copy keeps FAILURE, ORCPT, ENVID and RET), so they give no notice.
+    host = mta.main["myhostname"]
+    (mta.dir / "aliases").write_text("team daemon, bin, far@remote.example\n")
+    mta.main["alias_maps"] = f"texthash:{mta.dir}/aliases"
+    script = Script([
+        ("send", b"220 dsn.example ESMTP\r\n"),
+        ("expect", r"^EHLO "),
+        ("send", b"250-dsn.example\r\n250-DSN\r\n250 PIPELINING\r\n"),
+        ("expect", rf"^MAIL FROM:<nobody@{host}> ENVID=t1 RET=HDRS$"),
+        ("expect", rf"^RCPT TO:<far@remote\.example> ORCPT=rfc822;Team@{host} "
+                   r"NOTIFY=FAILURE$"),
+        ("expect", r"^DATA$"),
+        ("send", b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n"),
+        ("data",),
+        ("send", b"250 2.0.0 Ok: queued as FAR2\r\n"),
+        ("expect", r"^QUIT$"),
+        ("send", b"221 2.0.0 Bye\r\n"),
+    ])
+    with FakeServer(script) as server:
+        mta.main["relayhost"] = f"[127.0.0.1]:{server.port}"
+        mta.start()
+        with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as s:
+            s.ehlo("client.example")
+            assert s.mail(f"nobody@{host}", ["RET=HDRS", "ENVID=t1"])[0] == 250
+            assert s.rcpt(f"team@{host}", ["NOTIFY=SUCCESS,FAILURE",
+                                           f"ORCPT=rfc822;Team@{host}"])[0] == 250
+            code, text = s.data(b"Subject: to the team\r\n\r\nhello team\r\n")
+            assert code == 250
+            qid = text.decode().rsplit(" ", 1)[-1]
+        wait_for(lambda: f"{qid}: removed" in mta.log(), timeout=30, what="delivery")
+        forwarded = mta.log().split(f"{qid}: to=<team@{host}>", 1)[1].split(
+            "(forwarded as ", 1)[1].split(")", 1)[0]
+        wait_for(lambda: f"{forwarded}: removed" in mta.log(), timeout=30,
+                 what="the forwarded copy's delivery")
+    assert script.error is None, (script.error, script.lines)
+    for user in ("daemon", "bin"):
+        assert "hello team" in reports(mta, user, 1)[0].get_payload()
+    (ok,) = reports(mta, "nobody", 1)
+    assert ok["Subject"] == "Successful Mail Delivery Report"
+    text, _, original = ok.get_payload()
+    assert f"<team@{host}>: alias expanded" in text.get_payload()
+    per_message, rcpts = status_groups(ok)
+    assert per_message["Original-Envelope-Id"] == "t1"
+    assert list(rcpts) == [f"team@{host}"]
+    team = rcpts[f"team@{host}"]
+    assert team["Action"] == "expanded" and team["Status"] == "2.0.0"
+    assert team["Original-Recipient"] == f"rfc822;Team@{host}"
+    assert team["Diagnostic-Code"] == "X-Postfix; alias expanded"
+    assert original.get_content_type() == "text/rfc822-headers"
+    log = mta.log()
+    # one notice; the log lines keep the deliveries' own texts
+    assert log.count("sender delivery status notification") == 1
+    assert "status=sent (alias expanded)" not in log
+    assert f"{qid}: to=<team@{host}>, relay=local" in log

@@ -103,7 +103,9 @@ def test_smtputf8_addresses_are_taken_and_recorded(mta):
     assert m.sender == UTF8_SENDER
     assert [r.address for r in m.recipients] == ["b\u00f6b@mail.test.example"]
     assert m.attrs["smtputf8"] == "1"
-    assert "Subject: gr\u00fc\u00dfe\n\nbody\n".encode() in content
+    assert "\nSubject: gr\u00fc\u00dfe\n".encode() in content
+    # the local rewrite context (127.0.0.1): cleanup adds the From: it lacked, in UTF-8
+    assert f"\nFrom: {UTF8_SENDER}\n\nbody\n".encode() in content
 
 
 def test_malformed_utf8_is_refused(mta):
@@ -159,7 +161,9 @@ def test_bdat_transfers_a_large_message_intact(mta):
     lines = [f"line {i} " + "x" * (i % 90) for i in range(190000)]
     lines[5000] = ".a leading dot stays"          # no dot-unstuffing in BDAT
     lines[6000] = "."
-    body = ("Subject: big\r\nMessage-ID: <big@example.org>\r\n\r\n"
+    # a complete header: cleanup adds no From: or Date: after it
+    body = ("Subject: big\r\nMessage-ID: <big@example.org>\r\nFrom: a@example.org\r\n"
+            "Date: Thu, 1 Jan 2026 00:00:00 +0000\r\n\r\n"
             + "\r\n".join(lines) + "\r\n").encode()
     assert len(body) > 10 << 20
     c = Raw(mta.port)
@@ -392,7 +396,9 @@ def test_bdat_message_is_delivered_intact(instance):
 
     lines = [f"{i} " + "y" * (i % 100) for i in range(185000)]
     lines[100] = ".dot"
-    body = ("Subject: big\r\n\r\n" + "\r\n".join(lines) + "\r\n").encode()
+    body = ("Subject: big\r\nMessage-ID: <big2@example.org>\r\nFrom: a@example.org\r\n"
+            "Date: Thu, 1 Jan 2026 00:00:00 +0000\r\n\r\n"
+            + "\r\n".join(lines) + "\r\n").encode()
     assert len(body) > 10 << 20
     with Sink(keep_bodies=True) as sink:
         instance.port = free_port()

@@ -1,6 +1,7 @@
 """Virtual mailbox domains through the real master: smtpd -> qmgr (the virtual address
 class) -> the virtual agent writing maildirs and mboxes as the mailbox owner, and ->
-lmtp -> a private Dovecot (LMTP on a unix socket), read back over IMAP with imaplib."""
+lmtp -> a private Dovecot (LMTP on a unix socket), read back over IMAP with imaplib; and a
+UTF-8 address through the virtual agent into the maildir that Dovecot serves."""
 
 import glob
 import imaplib
@@ -302,4 +303,41 @@ def test_utf8_addresses_to_dovecot(mta, dovecot):
         imap.logout()
     assert "Subject: utf8 one" in got and "body of utf8 one" in got
     assert "for <j\u00f6rg@hosted.example>;" in got
+    assert "Traceback" not in mta.log()
+
+
+@pytest.mark.interop
+def test_utf8_address_through_the_virtual_agent_into_dovecot(mta, dovecot):
+    # Dovecot 2.3's LMTP refuses an 8-bit RCPT TO, so an SMTPUTF8 message to a UTF-8
+    # address goes through postfix-py's own virtual agent instead: virtual_mailbox_maps
+    # maps the address to the maildir that Dovecot serves (mail_location
+    # maildir:HOME/%d/%n), and Dovecot's IMAP reads it back.
+    mta.main.update({
+        "virtual_mailbox_domains": "hosted.example",
+        "virtual_mailbox_base": str(dovecot.mail),
+        "virtual_mailbox_maps": "inline:{j\u00f6rg@hosted.example=hosted.example/ann/}",
+        "virtual_uid_maps": f"static:{VUID}", "virtual_gid_maps": f"static:{VGID}",
+        "virtual_minimum_uid": str(VUID),
+    })
+    mta.start()
+    qid = send_utf8(mta.port, "al\u00efce@example.org", "j\u00f6rg@hosted.example",
+                    "gr\u00fc\u00dfe")
+    log_has(mta, f"{qid}: removed")
+    assert (f"{qid}: to=<j\u00f6rg@hosted.example>, relay=virtual, delay=") in mta.log()
+    assert "status=sent (delivered to maildir)" in mta.log()
+    imap = imaplib.IMAP4("127.0.0.1", dovecot.port, timeout=10)
+    try:
+        assert imap.login("ann@hosted.example", "ann-secret")[0] == "OK"
+        assert imap.select("INBOX")[0] == "OK"
+        typ, data = imap.search(None, "ALL")
+        (num,) = data[0].split()
+        typ, parts = imap.fetch(num, "(RFC822)")
+        got = parts[0][1].decode("utf-8")
+        imap.close()
+    finally:
+        imap.logout()
+    assert got.startswith("Return-Path: <al\u00efce@example.org>\r\nX-Original-To: "
+                          "j\u00f6rg@hosted.example\r\nDelivered-To: "
+                          "j\u00f6rg@hosted.example\r\n")
+    assert "Subject: gr\u00fc\u00dfe\r\n" in got and "body of gr\u00fc\u00dfe" in got
     assert "Traceback" not in mta.log()

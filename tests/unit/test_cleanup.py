@@ -1,5 +1,6 @@
 """lib/cleanup.py: address rewriting, header and body inspection, missing headers."""
 
+from email.message import EmailMessage
 import os
 
 import pytest
@@ -198,7 +199,8 @@ def test_header_addresses_rewritten_in_the_local_context(tmp_path):
     s, root = header_settings(tmp_path)
     _, env, data = run(s, root, HEADERS, header_rewrite="local")
     head, body = data.split(b"\n\n", 1)
-    assert head.decode().split("\n") == [
+    lines = head.decode().split("\n")
+    assert lines[:-1] == [
         "From: Alice Old <alice@new.example>",
         'To: bob@modern.example, "Carl, C." <carl@example.com> (work), '
         f"dave@{HOST}",
@@ -206,6 +208,8 @@ def test_header_addresses_rewritten_in_the_local_context(tmp_path):
         "Reply-To: <alice@new.example>",
         "Subject: alice@old.example stays",
         "Message-Id: <alice@old.example>"]
+    # the local context adds the missing Date: (Postfix's cleanup_header_done_callback)
+    assert lines[-1].startswith("Date: ")
     assert body == b"alice@old.example in the body\n"
 
 
@@ -306,3 +310,70 @@ def test_mime_and_nested_header_checks(tmp_path, logged):
                    mime_header_checks="")
     result, _, data = run(s, root, MIME)
     assert result.status == "queued" and data == MIME
+
+
+def test_body_checks_see_body_text_only(tmp_path, logged):
+    # Postfix's mime_state.c: part headers and attached message headers are not body
+    # text; body_checks see the text, boundary lines and the epilogue, even with
+    # header_checks, mime_header_checks and nested_header_checks all empty.
+    s, root = make(tmp_path, {"bc": "/./ WARN\n"}, body_checks="regexp:@DIR@/bc")
+    result, _, data = run(s, root, MIME, chunk=11)
+    assert result.status == "queued" and data == MIME
+    seen = [x.split(": warning: body ", 1)[1].split(" from client.example")[0]
+            for x in logged if ": warning: body " in x]
+    assert seen == ["preamble", "--b1", "Subject: not a header here", "--b1", "--b2",
+                    "deep text", "--b2--", "--b1", "data", "--b1--", "epilogue"]
+
+
+def test_body_checks_on_a_real_multipart_message(tmp_path):
+    # a message built by Python's email package: a text part, an attachment, and an
+    # attached message; body_checks match neither the part nor the nested headers
+    inner = EmailMessage()
+    inner["Subject"] = "forwarded"
+    inner.set_content("inner text\n")
+    outer = EmailMessage()
+    outer["Subject"] = "outer"
+    outer.set_content("hello\n")
+    outer.add_attachment(b"MZ", maintype="application", subtype="octet-stream",
+                         filename="a.exe")
+    outer.add_attachment(inner)
+    raw = outer.as_bytes().replace(b"\r\n", b"\n")
+    s, root = make(tmp_path, {"bc": "/^Content-/ REJECT part header\n"
+                                    "/^Subject: forwarded/ REJECT nested header\n"},
+                   body_checks="regexp:@DIR@/bc")
+    result, _, data = run(s, root, raw)
+    assert result.status == "queued" and data == raw
+    s, root = make(tmp_path, {"bc": "/^inner text/ REJECT nested body\n"},
+                   body_checks="regexp:@DIR@/bc")
+    result, _, _ = run(s, root, raw)
+    assert (result.status, result.reply) == ("rejected", "550 5.7.1 nested body")
+
+
+def test_missing_headers_by_rewrite_context(tmp_path, logged):
+    # Postfix's cleanup_header_done_callback: added with a header rewrite context (local,
+    # or remote with remote_header_rewrite_domain) or always_add_missing_headers; the
+    # headers present are recognised whatever else the message has (no header_checks).
+    mail = b"X-A: 1\ndate: Thu, 1 Jan 2026 00:00:00 +0000\nSubject: s\n\nbody\n"
+    s, root = make(tmp_path)
+    result, _, data = run(s, root, mail)                  # remote, no domain: nothing
+    assert data == mail
+    assert f"{result.queue_id}: message-id=<>" in logged
+    for settings, kw in (({}, {"header_rewrite": "local"}),
+                         ({"remote_header_rewrite_domain": "d.example"}, {}),
+                         ({"always_add_missing_headers": "yes"}, {})):
+        s, root = make(tmp_path, **settings)
+        result, _, data = run(s, root, mail, **kw)
+        head, body = data.split(b"\n\n", 1)
+        added = head.split(b"\n")[3:]
+        assert [h.split(b":")[0] for h in added] == [b"Message-Id", b"From"], settings
+        assert added[1] == b"From: a@example.org" and body == b"body\n"
+        mid = added[0].split(b": ", 1)[1].decode()
+        assert mid == f"<{mid[1:15]}.{result.queue_id}@{HOST}>"
+        assert f"{result.queue_id}: message-id={mid}" in logged
+    # Resent- headers: the Resent- forms; From: is there, Message-Id: is not
+    s, root = make(tmp_path)
+    result, _, data = run(s, root, b"From: x@example.org\nResent-From: y@example.org\n\nb\n",
+                          header_rewrite="local")
+    head = data.split(b"\n\n", 1)[0].split(b"\n")
+    assert [h.split(b":")[0] for h in head[2:]] == [b"Resent-Message-Id", b"Resent-Date"]
+    assert f"{result.queue_id}: message-id=<>" in logged

@@ -358,3 +358,46 @@ def test_raw_parameters_are_not_expanded_by_main_cf(area):
                                {"home": "/h", "recipient_delimiter": "+",
                                 "extension": "x"}) == "/h/.forward+x"
     assert local._local_expand(cfg, cfg.raw("forward_path"), {"home": "/h"}) is None
+
+
+def test_expansion_dsn_action_and_forwarded_notify(area):
+    # Postfix's alias.c, dotforward.c and forward.c: the outermost expansion decides the
+    # DSN action ("expanded"; "delivered" for a list with an owner- alias); forwarded
+    # copies get NOTIFY without SUCCESS (NEVER when SUCCESS was all), the ORCPT, ENVID
+    # and RET of the original, and none of those three under an owner- alias.
+    cfg = config(area, "team: nobody, far@remote.example\nlist: far@remote.example\n"
+                       "owner-list: nobody\n")
+
+    def run(rcpt, notify, **kw):
+        j = local.LocalDelivery(cfg, "a@example.org", MESSAGE,
+                                queue_root=f"{area}/queue", envid="E1", ret="HDRS")
+        os.makedirs(f"{area}/queue/incoming", exist_ok=True)
+        r = j.deliver(rcpt, notify, "rfc822;Orig@example.org")
+        assert r.result == "sent" and r.reason.startswith("forwarded as "), r
+        path = f"{area}/queue/incoming/{r.reason.split()[-1]}"
+        return j.expansion, Q.read(path)
+
+    expansion, m = run(f"team@{HOST}", "SUCCESS,FAILURE")
+    assert expansion == "expanded"
+    (far,) = m.recipients
+    assert (far.address, far.notify, far.orcpt) == (
+        "far@remote.example", "FAILURE", "rfc822;Orig@example.org")
+    assert (m.attrs["dsn_envid"], m.attrs["dsn_ret"]) == ("E1", "HDRS")
+    expansion, m = run(f"team@{HOST}", "SUCCESS")
+    assert m.recipients[0].notify == "NEVER"
+    expansion, m = run(f"team@{HOST}", "")
+    assert m.recipients[0].notify == ""             # none given: the default applies
+    expansion, m = run(f"list@{HOST}", "SUCCESS,DELAY")
+    assert expansion == "delivered" and m.sender == f"owner-list@{HOST}"
+    (far,) = m.recipients
+    assert (far.notify, far.orcpt) == ("DELAY", "")
+    assert "dsn_envid" not in m.attrs and "dsn_ret" not in m.attrs
+    # .forward: expanded too; a plain mailbox delivery: no expansion
+    with open(f"{area}/nobody.forward", "w") as f:
+        f.write("far@remote.example\n")
+    expansion, m = run(f"nobody@{HOST}", "SUCCESS")
+    assert expansion == "expanded" and m.recipients[0].notify == "NEVER"
+    os.unlink(f"{area}/nobody.forward")
+    j = job(cfg, area)
+    assert j.deliver(f"nobody@{HOST}", "SUCCESS").reason == "delivered to maildir"
+    assert j.expansion is None

@@ -180,13 +180,20 @@ def test_deliver_request_reads_the_queue_file(tmp_path, spool):
     qid = w.commit()
     os.rename(os.path.join(ctx.queue_root, "incoming", qid),
               os.path.join(ctx.queue_root, "active", qid))
-    relay, results = local.deliver_request(_request(f"active/{qid}"), ctx)
+    relay, results = _local_deliver(_request(f"active/{qid}"), ctx)
     assert relay == "local" and results[0].result == "sent"
     (name,) = os.listdir(os.path.join(spool, "root", "new"))
     assert _read(os.path.join(spool, "root", "new", name)).endswith(MESSAGE)
     for bad in ("active/../../etc/passwd", "active/NOSUCH"):
-        _, results = local.deliver_request(_request(bad), ctx)
+        _, results = _local_deliver(_request(bad), ctx)
         assert results == [deliver.RcptResult("deferred", "4.3.0", "queue file read error")]
+
+
+def _local_deliver(request, ctx):
+    """local's deliver_request through a Report, as serve() runs it: (relay, results)."""
+    report = delivery_agent.Report(request, False)
+    relay = local.deliver_request(request, ctx, report)
+    return relay, report.reply(relay).results
 
 
 def test_discard_and_error_agents(tmp_path):
