@@ -27,9 +27,10 @@ FUNCTIONS
         -> RcptResult (as decided: soft_bounce applied);
         reply(relay) -> lib.deliver.DeliveryStatus; .arrival (settable), .started, .soft_bounce.
     result(kind, dsn, reason) -> RcptResult.
-    read_message(request, ctx) -> the queue file's message content (bytes), or None with a
-        warning for a bad queue file name or an unreadable file (local and virtual then
-        defer every recipient with 4.3.0 "queue file read error").
+    read_message(request, ctx) -> (envelope, content): the queue file's lib.queue
+        QueueMessage and its message content (bytes), or None with a warning for a bad
+        queue file name or an unreadable file (local and virtual then defer every
+        recipient with 4.3.0 "queue file read error").
 
 LOG LINES
     warning: malformed delivery request: REASON     (a frame that breaks lib/attr.py)
@@ -67,14 +68,15 @@ def result(kind: str, dsn: str, reason: str) -> RcptResult:
     return RcptResult(kind, dsn, reason)
 
 
-def read_message(request, ctx) -> bytes | None:
-    """The message content of the request's queue file; None (warned) when it cannot be had."""
+def read_message(request, ctx) -> tuple[Q.QueueMessage, bytes] | None:
+    """The request's queue file: (envelope, content); None (warned) when it cannot be had."""
     if not QUEUE_FILE.fullmatch(request.queue_file):
         msg.warn(f"{request.queue_id}: bad queue file name: {request.queue_file!r}")
         return None
     path = os.path.join(ctx.queue_root, request.queue_file)
     try:
-        return b"".join(Q.read(path).content(path))
+        envelope = Q.read(path)
+        return envelope, b"".join(envelope.content(path))
     except (OSError, Q.QueueFileError) as exc:
         msg.warn(f"{request.queue_id}: read queue file: {exc}")
         return None

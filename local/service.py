@@ -787,15 +787,6 @@ def _kind(dsn: str) -> str:
     return "bounced" if dsn.startswith("5") else "deferred"
 
 
-def _envelope(request, ctx):
-    """The request's queue file envelope (its DSN attributes and records), or None."""
-    try:
-        return Q.read(os.path.join(ctx.queue_root, request.queue_file))
-    except (OSError, Q.QueueFileError) as exc:
-        msg.warn(f"{request.queue_id}: read queue file: {exc}")
-        return None
-
-
 def deliver_request(request, ctx, report) -> str:
     """Deliver one request, each recipient recorded in report; the relay.
 
@@ -804,14 +795,14 @@ def deliver_request(request, ctx, report) -> str:
     `alias expanded`, as Postfix's local(8) reports it to a NOTIFY=SUCCESS sender; the
     log line keeps the delivery's own text. The expansion's own deliveries and
     forwarded copies carry no SUCCESS (Postfix clears it), so they add no notice."""
-    content = read_message(request, ctx)
-    if content is None:
+    found = read_message(request, ctx)
+    if found is None:
         for i in range(len(request.recipients)):
             report.record(i, "deferred", "4.3.0", "queue file read error", "local")
         return "local"
-    envelope = _envelope(request, ctx)
-    stored = {r.offset: r for r in envelope.recipients} if envelope else {}
-    attrs = envelope.attrs if envelope else {}
+    envelope, content = found
+    stored = {r.offset: r for r in envelope.recipients}
+    attrs = envelope.attrs
     job = LocalDelivery(ctx.cfg, request.sender, content, request, ctx.queue_root,
                         attrs.get("dsn_envid", ""), attrs.get("dsn_ret", ""))
     for i, rcpt in enumerate(request.recipients):

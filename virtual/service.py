@@ -213,10 +213,11 @@ def _mbox_work(path: str, uid: int, rcpt: str, sender: str, headers: bytes, cont
 
 def deliver_request(request, ctx):
     """Deliver one request: (relay, results)."""
-    content = read_message(request, ctx)
-    if content is None:
+    found = read_message(request, ctx)
+    if found is None:
         return "virtual", [result("deferred", "4.3.0", "queue file read error")] * len(
             request.recipients)
+    content = found[1]
     agent = ctx.state["agent"]
     return "virtual", [agent.deliver(rcpt, request.sender, content)
                        for rcpt in request.recipients]
