@@ -162,6 +162,9 @@ class LocalChecker:
     def in_mynetworks(self, addr, name="unknown") -> bool:
         return True
 
+    def header_rewrite_context(self, client) -> str:
+        return "local"          # a local submission, as pickup's
+
     def in_network_list(self, param, addr, name="unknown") -> bool:
         # never XCLIENT or XFORWARD, as Postfix's stand-alone smtpd: a local user would
         # name another client (and a login) in the queue file and the Received: header

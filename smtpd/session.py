@@ -981,13 +981,11 @@ class Session:
             self.cleanup_settings = cleanup.Settings(self.cfg)
         if self.milters is not None:
             kw.setdefault("milters", self.milters)
-        # local_header_rewrite_clients (smtpd/check.py); a test's stand-in checker may
-        # not have it: then the remote context
-        context = getattr(self.checker, "header_rewrite_context", None)
         return cleanup.Cleanup(self.cleanup_settings, self.queue_root,
                                origin=self.client.client, proto=self.protocol(),
                                helo=self.helo or "",
-                               header_rewrite=context(self.client) if context else None,
+                               # local_header_rewrite_clients (smtpd/check.py)
+                               header_rewrite=self.checker.header_rewrite_context(self.client),
                                **kw)
 
     def open_queue_file(self) -> bool:

@@ -534,6 +534,9 @@ class AllowAll:
     def in_network_list(self, param, addr, name="unknown"):
         return False
 
+    def header_rewrite_context(self, client):
+        return "remote"
+
 
 def run_session(lines, backend, tmp_path, cfg=None, tls_active=False, checker=None):
     (tmp_path / "incoming").mkdir(exist_ok=True)
