@@ -372,6 +372,7 @@ class PostfixPyMetrics(PostfixPy):
 
 def _scrape_forever(port: int) -> None:
     import urllib.request
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # not the harness's handler: just end
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
