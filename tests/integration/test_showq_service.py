@@ -20,10 +20,7 @@ EXPORTER = "/usr/bin/prometheus-postfix-exporter"
 def mta(instance):
     """smtpd, qmgr, showq and the fake smtp agent, which defers defer+x@ recipients."""
     instance.port = free_port()
-    instance.record = instance.dir / "fake-agent.log"
-    instance.record.touch()
-    os.chmod(instance.record, 0o666)
-    instance.env["FAKE_AGENT_LOG"] = str(instance.record)
+    instance.record_fake_agent()
     instance.main.update({
         "mydestination": "$myhostname",
         "queue_run_delay": "300s",

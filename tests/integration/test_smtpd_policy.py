@@ -10,7 +10,6 @@ on that namespace's loopback. smtpd reaches it through the filesystem: a unix so
 not bound to a network namespace.
 """
 
-import glob
 import os
 import shutil
 import socket
@@ -23,7 +22,6 @@ import pytest
 
 from pfxinst import PROGRAMS, SmtpClient, free_port, wait_for
 from policyserver import PolicyServer
-from postfix_py.lib import queue as Q
 
 POSTGREY = shutil.which("postgrey", path="/usr/sbin:/usr/bin")
 POLICYD_SPF = shutil.which("policyd-spf", path="/usr/bin:/usr/sbin")
@@ -34,21 +32,8 @@ ROOT = os.geteuid() == 0
 
 @pytest.fixture
 def mta(instance):
-    """An instance with one chrooted smtpd; .port, .queued(), .session()."""
-    instance.port = free_port()
-    instance.main.update({"mydestination": "$myhostname, localhost",
-                          "smtpd_error_sleep_time": "0s",
-                          "smtpd_policy_service_retry_delay": "1s"})
-    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd"]
-
-    def queued():
-        out = []
-        for path in sorted(glob.glob(str(instance.queue / "incoming" / "*"))):
-            m = Q.read(path)
-            out.append((m, b"".join(m.content(path)).decode()))
-        return out
-    instance.queued = queued
-    return instance
+    """An instance with one chrooted smtpd; .port, .queued()."""
+    return instance.add_smtpd(smtpd_policy_service_retry_delay="1s")
 
 
 def rcpt_attempt(port: int, sender: str, rcpt: str, helo: str = "client.test",
@@ -115,7 +100,7 @@ def test_postgrey_greylists_then_accepts_the_retry(mta, tmp_path):
         time.sleep(2.2)         # past --delay
         reply = rcpt_attempt(mta.port, "alice@example.org", rcpt, data=True)
         assert reply.startswith("250 2.0.0 Ok: queued as ")
-        (m, content), = mta.queued()
+        (m, content), = mta.queued(text=True)
         # postgrey's PREPEND, above smtpd's own Received: header
         assert content.startswith("X-Greylist: delayed ")
         assert "by postgrey-" in content.splitlines()[0]
@@ -174,7 +159,7 @@ def test_every_stage_asks_with_the_session_attributes(mta):
         for _ in range(2):
             reply = rcpt_attempt(mta.port, "alice@example.org", rcpt, data=True)
             assert reply.startswith("250 2.0.0 Ok: queued as ")
-        queued = mta.queued()
+        queued = mta.queued(text=True)
         assert len(queued) == 2
         reqs = server.requests
         assert [r["protocol_state"] for r in reqs] == \
@@ -264,7 +249,7 @@ def test_policyd_spf_over_a_unix_socket_in_the_jail(mta, spf_namespace, tmp_path
         "id=alice@fail.test;ip=127.0.0.1;r=mail.test.example")
     reply = rcpt_attempt(mta.port, "alice@pass.test", rcpt, data=True)
     assert reply.startswith("250 2.0.0 Ok: queued as ")
-    (m, content), = mta.queued()
+    (m, content), = mta.queued(text=True)
     assert content.startswith(
         "Received-SPF: Pass (mailfrom) identity=mailfrom; client-ip=127.0.0.1; "
         "helo=client.test; envelope-from=alice@pass.test; receiver=mail.test.example\n"
