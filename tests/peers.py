@@ -163,11 +163,15 @@ class Dnsmasq:
     """A private dnsmasq on 127.0.0.1:port serving `records` (dnsmasq options such as
     --mx-host=..., --txt-record=...) for the --local domains, logging to log_path.
     ready(resolver) -> truthy when it answers as wanted; restart(records) serves other
-    records on the same port (dnsmasq does not reload --txt-record); stop() ends it by pid."""
+    records on the same port (dnsmasq does not reload --txt-record); stop() ends it by pid.
+    port: a free one unless given; prefix: words run before dnsmasq (`ip netns exec NAME`,
+    where ready, which asks from this namespace, cannot serve)."""
 
-    def __init__(self, records, log_path, local=("test",), ready=None):
-        self.port = free_port()
+    def __init__(self, records, log_path, local=("test",), ready=None, port=None,
+                 prefix=()):
+        self.port = port or free_port()
         self.local = local
+        self.prefix = list(prefix)
         self.log = open(log_path, "a")
         self.proc = None
         self.start(records, ready)
@@ -183,7 +187,7 @@ class Dnsmasq:
     def start(self, records, ready=None) -> None:
         self.records = list(records)
         self.proc = subprocess.Popen(
-            [DNSMASQ, "--no-daemon", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
+            [*self.prefix, DNSMASQ, "--no-daemon", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
              "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={self.port}",
              "--pid-file=", "--user=nobody", "--group=nogroup", "--no-negcache",
              *(f"--local=/{d}/" for d in self.local), *self.records],

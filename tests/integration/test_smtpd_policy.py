@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from peers import DNSMASQ, Dnsmasq
 from pfxinst import PROGRAMS, SmtpClient, free_port, wait_for
 from policyserver import PolicyServer
 
 POSTGREY = shutil.which("postgrey", path="/usr/sbin:/usr/bin")
 POLICYD_SPF = shutil.which("policyd-spf", path="/usr/bin:/usr/sbin")
-DNSMASQ = shutil.which("dnsmasq", path="/usr/sbin:/usr/bin")
 IP = shutil.which("ip", path="/usr/sbin:/usr/bin:/sbin:/bin")
 ROOT = os.geteuid() == 0
 
@@ -199,18 +199,14 @@ def spf_namespace(tmp_path):
     if subprocess.run([IP, "netns", "add", name], capture_output=True).returncode != 0:
         pytest.skip("cannot make a network namespace here")
     procs = []
+    dns = None
     try:
         netns_etc.mkdir(parents=True)
         (netns_etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
         subprocess.run([IP, "netns", "exec", name, IP, "link", "set", "lo", "up"], check=True)
-        log = open(tmp_path / "dnsmasq.log", "w")
-        procs.append((subprocess.Popen(
-            [IP, "netns", "exec", name, DNSMASQ, "--no-daemon", "--no-resolv", "--no-hosts",
-             "--conf-file=/dev/null", "--listen-address=127.0.0.1", "--bind-interfaces",
-             "--port=53", "--pid-file=", "--user=nobody", "--group=nogroup",
-             "--local=/test/", "--txt-record=fail.test,v=spf1 ip4:192.0.2.1 -all",
-             "--txt-record=pass.test,v=spf1 ip4:127.0.0.1 -all"],
-            stdout=log, stderr=subprocess.STDOUT), log))
+        dns = Dnsmasq(["--txt-record=fail.test,v=spf1 ip4:192.0.2.1 -all",
+                       "--txt-record=pass.test,v=spf1 ip4:127.0.0.1 -all"],
+                      tmp_path / "dnsmasq.log", port=53, prefix=(IP, "netns", "exec", name))
         wait_for(lambda: subprocess.run(
             [IP, "netns", "exec", name, sys.executable, "-c",
              "import dns.resolver; dns.resolver.resolve('pass.test', 'TXT')"],
@@ -220,6 +216,8 @@ def spf_namespace(tmp_path):
         for proc, log in procs:
             stop(proc)
             log.close()
+        if dns is not None:
+            dns.close()
         subprocess.run([IP, "netns", "del", name], capture_output=True)
         shutil.rmtree(netns_etc, ignore_errors=True)
 
