@@ -80,11 +80,14 @@ class Instance:
             self.cleanup()
 
     def deliver(self, service: str, nexthop: str, flags=(), rcpt: str = "v@sink.test",
-                content: bytes = b"Subject: direct\n\nhello\n") -> deliver.DeliveryStatus:
+                content: bytes = b"Subject: direct\n\nhello\n",
+                sender: str = "a@client.example", timeout: float = 30,
+                keep: bool = False) -> deliver.DeliveryStatus:
         """qmgr's delivery request for a new queue file, sent to private/service as qmgr
-        would send it (the queue file is owned by mail_owner, in active/); the reply."""
+        would send it (the queue file is owned by mail_owner, in active/, and removed
+        after the reply unless keep); the reply."""
         w = Q.QueueWriter(str(self.queue))
-        w.set_sender("a@client.example")
+        w.set_sender(sender)
         w.add_recipient(rcpt)
         w.write(content)
         qid = w.commit()
@@ -96,11 +99,12 @@ class Instance:
         req = deliver.Request(qid, f"active/{qid}", service, nexthop, m.sender, m.arrival,
                               [rcpt], [r.offset for r in m.recipients], list(flags))
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(30)
+            s.settimeout(timeout)
             s.connect(str(self.queue / "private" / service))
             s.sendall(deliver.encode_request(req))
-            reply = deliver.decode_reply(attr.read_frame(s, 30), 1)
-        os.unlink(path)
+            reply = deliver.decode_reply(attr.read_frame(s, timeout), 1)
+        if not keep:
+            os.unlink(path)
         return reply
 
     def add_smtpd(self, chroot: bool = True, **main) -> "Instance":
