@@ -5,6 +5,10 @@ queue and data directories, loopback only, its log in dir/maillog) and runs it w
 `postfix -c dir start`; stop() ends it. The system's own Postfix service is never touched.
 Mail it accepts is discarded after queueing unless `deliver` says otherwise, so that it
 measures and behaves like a receiving MX.
+
+Dnsmasq(records, log_path, ...) is a private DNS server; scrape_metrics(port) reads a
+Prometheus exporter's /metrics on 127.0.0.1 (prometheus-postfix-exporter, the metrics
+service).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 POSTFIX = shutil.which("postfix", path="/usr/sbin:/usr/bin")
@@ -218,3 +223,22 @@ class Dnsmasq:
     def close(self) -> None:
         self.stop()
         self.log.close()
+
+    def __enter__(self) -> "Dnsmasq":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """The samples of a Prometheus text exposition on 127.0.0.1:port/metrics, by their
+    name with labels as written."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values

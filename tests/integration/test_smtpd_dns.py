@@ -26,14 +26,11 @@ pytestmark = pytest.mark.skipif(not DNSMASQ or os.geteuid() != 0,
 def dnsmasq(tmp_path_factory):
     """dnsmasq with ok.test (MX), aonly.test (an A record only); other .test names do
     not exist (NXDOMAIN)."""
-    server = Dnsmasq(["--mx-host=ok.test,mx.ok.test,10", "--host-record=mx.ok.test,127.0.0.1",
-                      "--host-record=aonly.test,127.0.0.1"],
-                     tmp_path_factory.mktemp("dns") / "dnsmasq.log",
-                     ready=lambda r: r.resolve("aonly.test", "A"))
-    try:
+    with Dnsmasq(["--mx-host=ok.test,mx.ok.test,10", "--host-record=mx.ok.test,127.0.0.1",
+                  "--host-record=aonly.test,127.0.0.1"],
+                 tmp_path_factory.mktemp("dns") / "dnsmasq.log",
+                 ready=lambda r: r.resolve("aonly.test", "A")) as server:
         yield server.port
-    finally:
-        server.close()
 
 
 @pytest.fixture

@@ -39,13 +39,10 @@ ZONE = ["--host-record=2.0.0.127.list.test,127.0.0.2",
 
 @pytest.fixture(scope="module")
 def dnsmasq(tmp_path_factory):
-    server = Dnsmasq(ZONE, tmp_path_factory.mktemp("dns") / "dnsmasq.log",
-                     local=("test", "example"),
-                     ready=lambda r: r.resolve("good.example", "A"))
-    try:
+    with Dnsmasq(ZONE, tmp_path_factory.mktemp("dns") / "dnsmasq.log",
+                 local=("test", "example"),
+                 ready=lambda r: r.resolve("good.example", "A")) as server:
         yield server.port
-    finally:
-        server.close()
 
 
 @pytest.fixture
