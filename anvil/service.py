@@ -69,7 +69,7 @@ FILES
 
 SEE ALSO
     lib/anvil_client.py (the client side), smtpd/limits.py (enforcement), lib/attr.py
-    (framing); Postfix anvil(8), smtpd(8).
+    (framing), lib/frame_server.py (the request loop); Postfix anvil(8), smtpd(8).
 
 HOOKS
     AnvilTable(time_unit, clock=time.monotonic, wallclock=time.time) is the pure counter
@@ -82,16 +82,12 @@ from __future__ import annotations
 
 import functools
 import socket
-import struct
 import time
 
-from postfix_py.lib import attr, maincf, msg, server
-from postfix_py.lib.attr import AttrError
+from postfix_py.lib import attr, frame_server, maincf, msg, server
 
 MAX_IDENT = 512             # bytes of one ident: a service name, ':' and an address
 MAX_REMOTES = 100_000       # (service, client) entries kept at most
-RECV_SIZE = 16384           # bytes read from a client per readiness event
-OUTPUT_HIGH = 64 * 1024     # stop reading from a client with this much unsent
 FULL_WARN_INTERVAL = 60.0   # at most one "table full" warning per interval
 INT_MAX = 2**31 - 1         # counters stop here, as Postfix's ints
 
@@ -294,33 +290,29 @@ _OK = _reply(attr.STATUS_OK)
 _REQUEST_ATTRS = frozenset({"request", "ident"})
 
 
-class _Client(Local):
-    """One anvil client connection (an smtpd worker): socket, decoder, reply queue."""
+class _Client(frame_server.FrameClient):
+    """One anvil client connection (an smtpd worker), with the connection it registered."""
 
-    __slots__ = ("sock", "fd", "decoder", "out", "reading", "writing", "closing", "last_io")
+    __slots__ = ("remote",)
 
     def __init__(self, sock: socket.socket, now: float):
-        super().__init__()
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.decoder = attr.FrameDecoder()
-        self.out = bytearray()
-        self.reading, self.writing, self.closing = True, False, False
-        self.last_io = now
+        super().__init__(sock, now)
+        self.remote: Remote | None = None
 
 
-class Anvil:
+class Anvil(frame_server.FrameServer):
     """The anvil service, shaped for the multi-client skeleton's hooks."""
+
+    RECV_SIZE = 16384           # bytes read from a client per readiness event
+    OUTPUT_HIGH = 64 * 1024     # stop reading from a client with this much unsent
+    OUTPUT_LOW = 16 * 1024      # ... and start again below this
+    client_class = _Client
 
     def __init__(self, cfg, clock=time.monotonic, wallclock=time.time):
         """Read the parameters; ConfigError (from cfg) when one is unusable."""
         self.table = AnvilTable(cfg["anvil_rate_time_unit"], clock, wallclock)
         self.status_time = cfg["anvil_status_update_time"]
-        self.ipc_timeout = cfg["ipc_timeout"]
-        self.clock = clock
-        self.clients: dict[int, _Client] = {}
-        self.loop = None
-        self._timers: dict[str, object] = {}
+        super().__init__(cfg["ipc_timeout"], clock)
         self._full_warned: float | None = None
         self._handlers = {
             b"connect": self._connect,
@@ -333,37 +325,24 @@ class Anvil:
             b"lookup": self._lookup,
         }
 
-    # --- hooks ---------------------------------------------------------------------------
+    # --- hooks (on_client and client_count: FrameServer's) -------------------------------
     def post_init(self, loop) -> None:
         """Arm the timers: statistics, expiry of idle entries, stalled clients."""
         self.loop = loop
         self._timers["status"] = loop.call_later(self.status_time, self._status_update)
         self._timers["expire"] = loop.call_later(self._expire_period(), self._expire)
-        self._timers["reap"] = loop.call_later(self._reap_period(), self._reap)
-
-    def on_client(self, conn: socket.socket, loop) -> None:
-        """Take a newly accepted connection and serve it from loop."""
-        if self.loop is None:
-            self.loop = loop
-        conn.setblocking(False)
-        client = _Client(conn, self.clock())
-        self.clients[client.fd] = client
-        loop.add_reader(client.fd, functools.partial(self._readable, client))
-
-    def client_count(self) -> int:
-        """Return the number of connected clients."""
-        return len(self.clients)
+        self.arm_reaper(loop)
 
     def on_exit(self) -> None:
         """Log the statistics, as Postfix's anvil does at exit; close every client."""
-        if self.loop is not None:
-            for timer in self._timers.values():
-                self.loop.cancel(timer)
-        self._timers.clear()
-        for client in list(self.clients.values()):
-            self._close(client)
+        self.cancel_timers()
+        self.close_clients()
         for line in self.table.report():
             msg.info(line)
+
+    def closed(self, client: _Client) -> None:
+        """An smtpd worker went away: end the connection it had registered."""
+        self.table.drop_local(client)
 
     # --- timers --------------------------------------------------------------------------
     def _status_update(self) -> None:
@@ -378,103 +357,6 @@ class Anvil:
         self.table.expire()
         self._timers["expire"] = self.loop.call_later(self._expire_period(), self._expire)
 
-    def _reap_period(self) -> float:
-        return max(0.25, min(self.ipc_timeout / 4, 30.0))
-
-    def _reap(self) -> None:
-        """Disconnect clients that left replies unread or a frame unfinished too long."""
-        now = self.clock()
-        for client in list(self.clients.values()):
-            if (client.out or client.decoder.pending) and now - client.last_io > self.ipc_timeout:
-                what = "does not read its replies" if client.out else "left a request unfinished"
-                msg.warn(f"{_peer(client)} {what} for {self.ipc_timeout}s: disconnecting")
-                self._close(client)
-        self._timers["reap"] = self.loop.call_later(self._reap_period(), self._reap)
-
-    # --- client I/O ----------------------------------------------------------------------
-    def _readable(self, client: _Client) -> None:
-        """Read what the client sent, answer every complete frame, send the replies."""
-        try:
-            data = client.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._close(client)
-            return
-        if not data:
-            self._close(client)
-            return
-        client.last_io = self.clock()
-        client.decoder.feed(data)
-        self._serve(client)
-
-    def _writable(self, client: _Client) -> None:
-        if self._send(client):
-            self._serve(client)
-
-    def _serve(self, client: _Client) -> None:
-        """Answer decoded frames while the reply queue is short; send; watch as needed."""
-        while len(client.out) < OUTPUT_HIGH and not client.closing:
-            try:
-                request = client.decoder.next_frame()
-            except AttrError as exc:
-                client.out += self._bad(client, str(exc))
-                if not exc.recoverable:
-                    client.closing = True       # the stream is out of step: nothing more
-                continue
-            if request is None:
-                break
-            client.out += self.answer(client, request)
-        if not self._send(client):
-            return
-        if client.closing and not client.out:
-            self._close(client)
-            return
-        want_read = not client.closing and len(client.out) < OUTPUT_HIGH
-        want_write = bool(client.out)
-        if want_read != client.reading:
-            client.reading = want_read
-            if want_read:
-                self.loop.add_reader(client.fd, functools.partial(self._readable, client))
-            else:
-                self.loop.remove_reader(client.fd)
-        if want_write != client.writing:
-            client.writing = want_write
-            if want_write:
-                self.loop.add_writer(client.fd, functools.partial(self._writable, client))
-            else:
-                self.loop.remove_writer(client.fd)
-
-    def _send(self, client: _Client) -> bool:
-        """Send what the socket takes now; False when the connection had to be closed."""
-        if client.out:
-            try:
-                sent = client.sock.send(client.out)
-            except (BlockingIOError, InterruptedError):
-                return True
-            except OSError:
-                self._close(client)
-                return False
-            del client.out[:sent]
-            client.last_io = self.clock()
-        return True
-
-    def _close(self, client: _Client) -> None:
-        """Forget the client, end its registered connection, close its socket."""
-        if self.clients.pop(client.fd, None) is None:
-            return
-        self.table.drop_local(client)
-        if self.loop is not None:
-            self.loop.remove(client.fd)
-        client.sock.close()
-
-    def _bad(self, client: Local, reason: str) -> bytes:
-        """Return a status 2 reply; log the first bad request of a connection."""
-        if not client.warned:
-            client.warned = True
-            msg.warn(f"bad request from {_peer(client)}: {reason}")
-        return _reply(attr.STATUS_BAD, reason)
-
     # --- requests ------------------------------------------------------------------------
     def answer(self, client: Local, request: dict[str, bytes]) -> bytes:
         """Return the reply frame to one decoded request."""
@@ -483,19 +365,19 @@ class Anvil:
         if handler is None:
             reason = ("missing attribute \"request\"" if name is None
                       else f"unrecognized request: \"{_show(name)}\"")
-            return self._bad(client, reason)
+            return self.bad(client, reason)
         if request.keys() != _REQUEST_ATTRS:
             missing = _REQUEST_ATTRS - request.keys()
             if missing:
-                return self._bad(client, f"request \"{_show(name)}\": missing attribute"
+                return self.bad(client, f"request \"{_show(name)}\": missing attribute"
                                          f" \"{min(missing)}\"")
             unknown = min(request.keys() - _REQUEST_ATTRS)
-            return self._bad(client, f"request \"{_show(name)}\": unknown attribute"
+            return self.bad(client, f"request \"{_show(name)}\": unknown attribute"
                                      f" \"{_show(unknown.encode())}\"")
         ident = request["ident"]
         if not 1 <= len(ident) <= MAX_IDENT or not ident.isascii() or \
                 not all(0x21 <= b <= 0x7e for b in ident):
-            return self._bad(client, f"bad ident \"{_show(ident)}\" (1..{MAX_IDENT}"
+            return self.bad(client, f"bad ident \"{_show(ident)}\" (1..{MAX_IDENT}"
                                      f" printable ASCII bytes)")
         try:
             return handler(client, ident.decode("ascii"))
@@ -528,18 +410,6 @@ def _show(value: bytes, limit: int = 40) -> str:
     """Return peer-supplied bytes as short, printable text for replies and logs."""
     text = repr(bytes(value[:limit]))[2:-1]
     return text + ("..." if len(value) > limit else "")
-
-
-def _peer(client: Local) -> str:
-    """Name a client for logs by its process id and user id (SO_PEERCRED)."""
-    if not isinstance(client, _Client):
-        return "client"
-    try:
-        pid, uid, _ = struct.unpack("3i", client.sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    except OSError:
-        return "client"
-    return f"client pid={pid} uid={uid}"
 
 
 def main(ctx) -> int:

@@ -5,6 +5,10 @@ queue and data directories, loopback only, its log in dir/maillog) and runs it w
 `postfix -c dir start`; stop() ends it. The system's own Postfix service is never touched.
 Mail it accepts is discarded after queueing unless `deliver` says otherwise, so that it
 measures and behaves like a receiving MX.
+
+Dnsmasq(records, log_path, ...) is a private DNS server; scrape_metrics(port) reads a
+Prometheus exporter's /metrics on 127.0.0.1 (prometheus-postfix-exporter, the metrics
+service).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 POSTFIX = shutil.which("postfix", path="/usr/sbin:/usr/bin")
@@ -163,11 +168,15 @@ class Dnsmasq:
     """A private dnsmasq on 127.0.0.1:port serving `records` (dnsmasq options such as
     --mx-host=..., --txt-record=...) for the --local domains, logging to log_path.
     ready(resolver) -> truthy when it answers as wanted; restart(records) serves other
-    records on the same port (dnsmasq does not reload --txt-record); stop() ends it by pid."""
+    records on the same port (dnsmasq does not reload --txt-record); stop() ends it by pid.
+    port: a free one unless given; prefix: words run before dnsmasq (`ip netns exec NAME`,
+    where ready, which asks from this namespace, cannot serve)."""
 
-    def __init__(self, records, log_path, local=("test",), ready=None):
-        self.port = free_port()
+    def __init__(self, records, log_path, local=("test",), ready=None, port=None,
+                 prefix=()):
+        self.port = port or free_port()
         self.local = local
+        self.prefix = list(prefix)
         self.log = open(log_path, "a")
         self.proc = None
         self.start(records, ready)
@@ -183,7 +192,7 @@ class Dnsmasq:
     def start(self, records, ready=None) -> None:
         self.records = list(records)
         self.proc = subprocess.Popen(
-            [DNSMASQ, "--no-daemon", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
+            [*self.prefix, DNSMASQ, "--no-daemon", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
              "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={self.port}",
              "--pid-file=", "--user=nobody", "--group=nogroup", "--no-negcache",
              *(f"--local=/{d}/" for d in self.local), *self.records],
@@ -214,3 +223,22 @@ class Dnsmasq:
     def close(self) -> None:
         self.stop()
         self.log.close()
+
+    def __enter__(self) -> "Dnsmasq":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """The samples of a Prometheus text exposition on 127.0.0.1:port/metrics, by their
+    name with labels as written."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values

@@ -4,7 +4,8 @@ to TLS.
     c = SmtpClient(port, timeout=10, tls_context=None, source=None)
     c.reply()           one whole (multi-line) reply as text, lines joined by "\\n"; "<EOF>"
                         is appended when the server closed the connection before its end
-    c.cmd(line)         send one command (CRLF added) and return its reply
+    c.cmd(line)         send one command (str, or bytes sent as they are; CRLF added)
+                        and return its reply
     c.send(data)        send raw bytes, nothing added (pipelining, content, garbage)
     c.starttls(ctx)     STARTTLS, which must be accepted, then the handshake
     c.wrap(ctx, session=None)  the handshake alone (after a STARTTLS the caller checked)
@@ -48,8 +49,8 @@ class SmtpClient:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def cmd(self, text: str) -> str:
-        self.sock.sendall(text.encode() + b"\r\n")
+    def cmd(self, text: str | bytes) -> str:
+        self.sock.sendall((text if isinstance(text, bytes) else text.encode()) + b"\r\n")
         return self.reply()
 
     def starttls(self, tls_context) -> None:

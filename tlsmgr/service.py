@@ -93,7 +93,8 @@ FILES
 
 SEE ALSO
     prng.py, scache.py, lib/tlsmgr_client.py (the client side), cli.py (`tlsmgr status`),
-    lib/attr.py (framing); Postfix tlsmgr(8), TLS_README.
+    lib/attr.py (framing), lib/frame_server.py (the request loop); Postfix tlsmgr(8),
+    TLS_README.
 
 HOOKS
     Tlsmgr(cfg, clock=time.monotonic, wallclock=time.time) has the multi-client skeleton's
@@ -112,12 +113,10 @@ import os
 import pwd
 import signal
 import socket
-import struct
 import sys
 import time
 
-from postfix_py.lib import attr, maincf, msg, tables
-from postfix_py.lib.attr import AttrError
+from postfix_py.lib import attr, frame_server, maincf, msg, tables
 from postfix_py.lib.events import EventLoop
 from postfix_py.tlsmgr import history as tls_history
 from postfix_py.tlsmgr import prng, scache
@@ -125,9 +124,6 @@ from postfix_py.tlsmgr import prng, scache
 CACHE_TYPES = ("smtpd", "smtp", "lmtp")
 MAX_SEED = 1024
 MAX_SESSION = 65536
-RECV_SIZE = 65536           # bytes read from a client per readiness event
-OUTPUT_HIGH = 256 * 1024    # stop reading from a client with this much unsent
-OUTPUT_LOW = 64 * 1024      # ... and start again below this
 SWEEP_STEP_DELAY = 0.001    # between sweep batches, so clients are served in between
 MAX_SWEEP_PERIOD = 3600.0   # a cache is swept at least this often
 ACCEPT_BATCH = 64           # connections accepted per readiness event
@@ -158,32 +154,18 @@ def _show(value: bytes, limit: int = 40) -> str:
     return msg.printable(value, limit) + ("..." if len(value) > limit else "")
 
 
-class _Client:
-    """One client connection: its socket, input decoder and reply queue."""
-
-    __slots__ = ("sock", "fd", "decoder", "out", "more", "reading", "writing", "closing",
-                 "last_io", "warned")
-
-    def __init__(self, sock: socket.socket, now: float):
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.decoder = attr.FrameDecoder()
-        self.out = bytearray()      # encoded replies not yet sent
-        self.more = False           # answering stopped at OUTPUT_HIGH; frames may be waiting
-        self.reading = True
-        self.writing = False
-        self.closing = False        # close once the queued replies are sent
-        self.last_io = now
-        self.warned = False         # one warning per connection, however bad it gets
-
-
-class Tlsmgr:
+class Tlsmgr(frame_server.FrameServer):
     """The tlsmgr service, shaped for the multi-client skeleton's hooks."""
+
+    RECV_SIZE = 65536           # bytes read from a client per readiness event
+    OUTPUT_HIGH = 256 * 1024    # stop reading from a client with this much unsent
+    OUTPUT_LOW = 64 * 1024      # ... and start again below this
 
     def __init__(self, cfg, clock=time.monotonic, wallclock=time.time):
         """Read the parameters; ConfigError (from cfg) when one is unusable."""
+        super().__init__(cfg["ipc_timeout"], clock)
         self.cfg = cfg
-        self.clock, self.wallclock = clock, wallclock
+        self.wallclock = wallclock
         self.seed_default = cfg["tls_daemon_random_bytes"]
         self.random_source = cfg["tls_random_source"]
         self.random_bytes = cfg["tls_random_bytes"]
@@ -193,7 +175,6 @@ class Tlsmgr:
         self.map_size = cfg["lmdb_map_size"]
         self.data_directory = cfg["data_directory"]
         self.mail_owner = cfg["mail_owner"]
-        self.ipc_timeout = cfg["ipc_timeout"]
         self.ticket_lifetime = cfg["smtpd_tls_session_cache_timeout"]
         self.cache_params = {t: (cfg[f"{t}_tls_session_cache_database"],
                                  cfg[f"{t}_tls_session_cache_timeout"]) for t in CACHE_TYPES}
@@ -201,11 +182,8 @@ class Tlsmgr:
         self.pool: prng.Pool | None = None
         self.exchange: prng.ExchangeFile | None = None
         self.caches: dict[str, scache.SessionCache | None] = dict.fromkeys(CACHE_TYPES)
-        self.clients: dict[int, _Client] = {}
-        self.loop = None
         self.started = self.clock()
         self.started_wall = self.wallclock()
-        self._timers: dict[str, object] = {}
         self._by_type: dict[bytes, scache.SessionCache | None] = {}
         self._no_cache: dict[bytes, bytes] = {}
         self._handlers = {
@@ -274,31 +252,14 @@ class Tlsmgr:
         for cache in self._unique_caches():
             self._timers["sweep " + cache.file] = loop.call_later(
                 self._sweep_period(cache), functools.partial(self._sweep, cache))
-        self._timers["reap"] = loop.call_later(self._reap_period(), self._reap)
-
-    def on_client(self, conn: socket.socket, loop) -> None:
-        """Take a newly accepted connection and serve it from loop."""
-        if self.loop is None:
-            self.loop = loop
-        conn.setblocking(False)
-        client = _Client(conn, self.clock())
-        self.clients[client.fd] = client
-        loop.add_reader(client.fd, functools.partial(self._readable, client))
-
-    def client_count(self) -> int:
-        """Return the number of connected clients."""
-        return len(self.clients)
+        self.arm_reaper(loop)
 
     def on_exit(self) -> None:
         """Write the exchange file, close the caches, the source and every client."""
-        if self.loop is not None:
-            for timer in self._timers.values():
-                self.loop.cancel(timer)
-            if self.pool is not None:
-                self.pool.disarm(self.loop)
-        self._timers.clear()
-        for client in list(self.clients.values()):
-            self._close(client)
+        self.cancel_timers()
+        if self.loop is not None and self.pool is not None:
+            self.pool.disarm(self.loop)
+        self.close_clients()
         if self.pool is not None and self.pool.drbg is not None:
             self._write_exchange()
         if self.exchange is not None:
@@ -419,146 +380,18 @@ class Tlsmgr:
         self._timers["sweep " + cache.file] = self.loop.call_later(
             delay, functools.partial(self._sweep, cache))
 
-    def _reap_period(self) -> float:
-        """Return how often stalled clients are looked for."""
-        return max(0.25, min(self.ipc_timeout / 4, 30.0))
-
-    def _reap(self) -> None:
-        """Disconnect clients that left replies unread or a frame unfinished too long."""
-        now = self.clock()
-        for client in list(self.clients.values()):
-            if (client.out or client.decoder.pending) and now - client.last_io > self.ipc_timeout:
-                what = "does not read its replies" if client.out else "left a request unfinished"
-                msg.warn(f"{self._peer(client)} {what} for {self.ipc_timeout}s: disconnecting")
-                self._close(client)
-        self._timers["reap"] = self.loop.call_later(self._reap_period(), self._reap)
-
-    # --- client I/O ----------------------------------------------------------------------
-    def _readable(self, client: _Client) -> None:
-        """Read what the client sent, answer every complete frame, send the replies."""
-        try:
-            data = client.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._close(client)
-            return
-        if not data:
-            if client.decoder.pending:
-                msg.verbose(1, f"{self._peer(client)} closed the connection inside a frame")
-            self._close(client)
-            return
-        client.last_io = self.clock()
-        client.decoder.feed(data)
-        self._serve(client)
-
-    def _writable(self, client: _Client) -> None:
-        """Send queued replies; answer waiting frames once the queue is short again."""
-        if not self._send(client):
-            return
-        if client.more and len(client.out) < OUTPUT_LOW:
-            self._serve(client)
-        else:
-            self._interest(client)
-
-    def _serve(self, client: _Client) -> None:
-        """Answer decoded frames and send, until the queue is long or no frame is left."""
-        while True:
-            client.more = self._answer(client)
-            if not self._send(client):
-                return
-            if not (client.more and len(client.out) < OUTPUT_LOW):
-                break
-        self._interest(client)
-
-    def _answer(self, client: _Client) -> bool:
-        """Queue replies to decoded frames; True when stopped because the queue is long."""
-        out, decoder, dispatch = client.out, client.decoder, self._dispatch
-        while len(out) < OUTPUT_HIGH:
-            try:
-                request = decoder.next_frame()
-            except AttrError as exc:
-                out += self._bad(client, str(exc))
-                if not exc.recoverable:
-                    client.closing = True       # the stream is out of step: nothing more
-                    return False
-                continue
-            if request is None:
-                return False
-            out += dispatch(client, request)
-        return True
-
-    def _send(self, client: _Client) -> bool:
-        """Send what the socket takes now; False when the connection had to be closed."""
-        if client.out:
-            try:
-                sent = client.sock.send(client.out)
-            except (BlockingIOError, InterruptedError):
-                return True
-            except OSError:
-                self._close(client)
-                return False
-            del client.out[:sent]
-            client.last_io = self.clock()
-        return True
-
-    def _interest(self, client: _Client) -> None:
-        """Watch the client for reading and writing as its state needs; close when done."""
-        if client.closing and not client.out:
-            self._close(client)
-            return
-        want_read = not client.closing and not client.more
-        want_write = bool(client.out)
-        if want_read != client.reading:
-            client.reading = want_read
-            if want_read:
-                self.loop.add_reader(client.fd, functools.partial(self._readable, client))
-            else:
-                self.loop.remove_reader(client.fd)
-        if want_write != client.writing:
-            client.writing = want_write
-            if want_write:
-                self.loop.add_writer(client.fd, functools.partial(self._writable, client))
-            else:
-                self.loop.remove_writer(client.fd)
-
-    def _close(self, client: _Client) -> None:
-        """Forget the client and close its socket."""
-        if self.clients.pop(client.fd, None) is None:
-            return
-        if self.loop is not None:
-            self.loop.remove(client.fd)
-        client.sock.close()
-
-    @staticmethod
-    def _peer(client: _Client) -> str:
-        """Name the client for logs by its process id and user id (SO_PEERCRED)."""
-        try:
-            pid, uid, _ = struct.unpack("3i", client.sock.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-        except OSError:
-            return "client"
-        return f"client pid={pid} uid={uid}"
-
-    def _bad(self, client: _Client, reason: str) -> bytes:
-        """Return a status 2 reply; log the first bad request of a connection."""
-        if not client.warned:
-            client.warned = True
-            msg.warn(f"bad request from {self._peer(client)}: {reason}")
-        return _reply(attr.STATUS_BAD, reason)
-
     # --- requests ------------------------------------------------------------------------
-    def _dispatch(self, client: _Client, request: dict[str, bytes]) -> bytes:
+    def answer(self, client: frame_server.FrameClient, request: dict[str, bytes]) -> bytes:
         """Hand the request to its handler; status 2 for a missing or unknown name."""
         name = request.get("request")
         handler = self._handlers.get(name) if name is not None else None
         if handler is None:
             reason = ("missing attribute \"request\"" if name is None
                       else f"unknown request \"{_show(name)}\"")
-            return self._bad(client, reason)
+            return self.bad(client, reason)
         return handler(client, request)
 
-    def _check(self, client: _Client, request: dict, required: frozenset,
+    def _check(self, client: frame_server.FrameClient, request: dict, required: frozenset,
                optional: frozenset = frozenset()) -> bytes | None:
         """Return a status 2 reply when attributes are missing or unknown, else None."""
         keys = request.keys()
@@ -570,16 +403,16 @@ class Tlsmgr:
             return None
         name = _show(request["request"])
         if missing:
-            return self._bad(client, f"request \"{name}\": missing attribute \"{min(missing)}\"")
-        return self._bad(client, f"request \"{name}\": unknown attribute \"{_show(min(unknown).encode())}\"")
+            return self.bad(client, f"request \"{name}\": missing attribute \"{min(missing)}\"")
+        return self.bad(client, f"request \"{name}\": unknown attribute \"{_show(min(unknown).encode())}\"")
 
-    def _cache_for(self, client: _Client, request: dict) -> tuple[scache.SessionCache | None, bytes | None]:
+    def _cache_for(self, client: frame_server.FrameClient, request: dict) -> tuple[scache.SessionCache | None, bytes | None]:
         """Return (cache, None), or (None, reply) for a bad or unusable cache type or id."""
         kind = request["cache_type"]
         if kind not in self._by_type:
-            return None, self._bad(client, f"unknown cache_type \"{_show(kind)}\" (use smtpd, smtp or lmtp)")
+            return None, self.bad(client, f"unknown cache_type \"{_show(kind)}\" (use smtpd, smtp or lmtp)")
         if not 1 <= len(request["cache_id"]) <= scache.MAX_KEY:
-            return None, self._bad(client, f"cache_id of {len(request['cache_id'])} bytes"
+            return None, self.bad(client, f"cache_id of {len(request['cache_id'])} bytes"
                                            f" (must be 1..{scache.MAX_KEY})")
         cache = self._by_type[kind]
         if cache is None or not cache.enabled:
@@ -589,7 +422,7 @@ class Tlsmgr:
     _SEED_ATTRS = frozenset({"request"})
     _SEED_OPTIONAL = frozenset({"size"})
 
-    def _seed(self, client: _Client, request: dict) -> bytes:
+    def _seed(self, client: frame_server.FrameClient, request: dict) -> bytes:
         """Answer `seed`: size bytes from the pool."""
         bad = self._check(client, request, self._SEED_ATTRS, self._SEED_OPTIONAL)
         if bad:
@@ -598,7 +431,7 @@ class Tlsmgr:
         raw = request.get("size")
         if raw is not None:
             if not (raw.isdigit() and len(raw) <= 4 and 1 <= int(raw) <= MAX_SEED):
-                return self._bad(client, f"bad size \"{_show(raw)}\" (must be 1..{MAX_SEED})")
+                return self.bad(client, f"bad size \"{_show(raw)}\" (must be 1..{MAX_SEED})")
             size = int(raw)
         data = self.pool.random_bytes(size)
         return attr.encode({"status": attr.STATUS_OK, "seed": data})
@@ -606,7 +439,7 @@ class Tlsmgr:
     _CACHE_ATTRS = frozenset({"request", "cache_type", "cache_id"})
     _UPDATE_ATTRS = frozenset({"request", "cache_type", "cache_id", "session"})
 
-    def _lookup(self, client: _Client, request: dict) -> bytes:
+    def _lookup(self, client: frame_server.FrameClient, request: dict) -> bytes:
         """Answer `lookup`: the stored session, or status 1."""
         bad = self._check(client, request, self._CACHE_ATTRS)
         if bad:
@@ -619,14 +452,14 @@ class Tlsmgr:
             return _NOT_FOUND
         return attr.encode({"status": attr.STATUS_OK, "session": session})
 
-    def _update(self, client: _Client, request: dict) -> bytes:
+    def _update(self, client: frame_server.FrameClient, request: dict) -> bytes:
         """Answer `update`: store the session; status 3 when the cache cannot."""
         bad = self._check(client, request, self._UPDATE_ATTRS)
         if bad:
             return bad
         session = request["session"]
         if not 1 <= len(session) <= MAX_SESSION:
-            return self._bad(client, f"session of {len(session)} bytes (must be 1..{MAX_SESSION})")
+            return self.bad(client, f"session of {len(session)} bytes (must be 1..{MAX_SESSION})")
         cache, reply = self._cache_for(client, request)
         if cache is None:
             return reply
@@ -634,7 +467,7 @@ class Tlsmgr:
             return _OK
         return _reply(attr.STATUS_ERROR, "cannot store session (see tlsmgr's log)")
 
-    def _delete(self, client: _Client, request: dict) -> bytes:
+    def _delete(self, client: frame_server.FrameClient, request: dict) -> bytes:
         """Answer `delete`: remove the session, or status 1 when there was none."""
         bad = self._check(client, request, self._CACHE_ATTRS)
         if bad:
@@ -650,18 +483,18 @@ class Tlsmgr:
     _NO_HISTORY = _reply(attr.STATUS_NOTFOUND, "no TLS history (smtp_tls_history_database "
                                                "is empty or unusable)")
 
-    def _history_update(self, client: _Client, request: dict) -> bytes:
+    def _history_update(self, client: frame_server.FrameClient, request: dict) -> bytes:
         """Answer `history_update`: append a record; the history before it."""
         bad = self._check(client, request, self._HISTORY_UPDATE_ATTRS)
         if bad:
             return bad
         nexthop = request["nexthop"]
         if not 1 <= len(nexthop) <= tls_history.MAX_KEY:
-            return self._bad(client, f"nexthop of {len(nexthop)} bytes "
+            return self.bad(client, f"nexthop of {len(nexthop)} bytes "
                                      f"(must be 1..{tls_history.MAX_KEY})")
         record = tls_history.parse_record(request["record"])
         if record is None:
-            return self._bad(client, "record is not a JSON object of "
+            return self.bad(client, "record is not a JSON object of "
                                      f"1..{tls_history.MAX_RECORD} bytes")
         if self.history is None:
             return self._NO_HISTORY
@@ -671,7 +504,7 @@ class Tlsmgr:
         return attr.encode({"status": attr.STATUS_OK,
                             "history_json": json.dumps(before, separators=(",", ":"))})
 
-    def _history_lookup(self, client: _Client, request: dict) -> bytes:
+    def _history_lookup(self, client: frame_server.FrameClient, request: dict) -> bytes:
         """Answer `history_lookup`: one next hop's history, or every one's."""
         bad = self._check(client, request, self._HISTORY_LOOKUP_ATTRS,
                           self._HISTORY_LOOKUP_OPTIONAL)
@@ -681,7 +514,7 @@ class Tlsmgr:
             return self._NO_HISTORY
         nexthop = request.get("nexthop")
         if nexthop is not None and not 1 <= len(nexthop) <= tls_history.MAX_KEY:
-            return self._bad(client, f"nexthop of {len(nexthop)} bytes "
+            return self.bad(client, f"nexthop of {len(nexthop)} bytes "
                                      f"(must be 1..{tls_history.MAX_KEY})")
         found, truncated = self.history.lookup(nexthop)
         reply = {"status": attr.STATUS_OK,
@@ -692,7 +525,7 @@ class Tlsmgr:
 
     _STATUS_ATTRS = frozenset({"request"})
 
-    def _status(self, client: _Client, request: dict) -> bytes:
+    def _status(self, client: frame_server.FrameClient, request: dict) -> bytes:
         """Answer `status`: the report of status_report() as JSON."""
         bad = self._check(client, request, self._STATUS_ATTRS)
         if bad:

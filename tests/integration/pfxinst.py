@@ -6,6 +6,8 @@ SmtpClient (tests/smtpclient.py) is the tests' one raw SMTP client; the far ends
 delivery (scripted servers and the counting sink) are in tests/sink.py.
 """
 
+import contextlib
+import glob
 import os
 import pwd
 import signal
@@ -16,8 +18,11 @@ from pathlib import Path
 
 import psutil
 from helpers import POSTFIX_PY
-from peers import free_port  # noqa: F401  (tests import it from here)
+from peers import free_port  # tests import it from here too
 from smtpclient import SmtpClient  # noqa: F401  (the one raw SMTP client; tests import it here)
+
+from postfix_py.lib import attr, deliver
+from postfix_py.lib import queue as Q
 
 PROGRAMS = str(Path(__file__).resolve().parents[1] / "programs")
 
@@ -53,6 +58,92 @@ class Instance:
         self.master_lines: list[str] = []
         self.pids_seen: set[int] = set()
         self.start_tried = False
+
+    @classmethod
+    def make(cls, path: Path) -> "Instance":
+        """An Instance in the new directory path, which mail_owner can reach (0755)."""
+        path.mkdir()
+        os.chmod(path, 0o755)
+        return cls(path)
+
+    @contextlib.contextmanager
+    def running(self, service: str | None = None):
+        """Start; wait for private/service when named; end every process on the way out
+        (for module-scoped instances, which the instance fixture does not end)."""
+        try:
+            self.start()
+            if service is not None:
+                wait_for(lambda: (self.queue / "private" / service).exists(),
+                         what=f"private/{service}")
+            yield self
+        finally:
+            self.cleanup()
+
+    def deliver(self, service: str, nexthop: str, flags=(), rcpt: str = "v@sink.test",
+                content: bytes = b"Subject: direct\n\nhello\n",
+                sender: str = "a@client.example", timeout: float = 30,
+                keep: bool = False) -> deliver.DeliveryStatus:
+        """qmgr's delivery request for a new queue file, sent to private/service as qmgr
+        would send it (the queue file is owned by mail_owner, in active/, and removed
+        after the reply unless keep); the reply."""
+        w = Q.QueueWriter(str(self.queue))
+        w.set_sender(sender)
+        w.add_recipient(rcpt)
+        w.write(content)
+        qid = w.commit()
+        path = self.queue / "active" / qid
+        os.rename(self.queue / "incoming" / qid, path)
+        owner = pwd.getpwnam(self.main["mail_owner"])
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+        m = Q.read(str(path))
+        req = deliver.Request(qid, f"active/{qid}", service, nexthop, m.sender, m.arrival,
+                              [rcpt], [r.offset for r in m.recipients], list(flags))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.queue / "private" / service))
+            s.sendall(deliver.encode_request(req))
+            reply = deliver.decode_reply(attr.read_frame(s, timeout), 1)
+        if not keep:
+            os.unlink(path)
+        return reply
+
+    def add_smtpd(self, chroot: bool = True, **main) -> "Instance":
+        """One smtpd (chrooted unless chroot is false) on a free 127.0.0.1 port
+        (self.port), with main.cf as most smtpd tests want it (local mail for $myhostname
+        and localhost, no error sleep), updated by main."""
+        self.port = free_port()
+        self.main.update({"mydestination": "$myhostname, localhost",
+                          "smtpd_error_sleep_time": "0s", **main})
+        self.master_lines.append(
+            f"127.0.0.1:{self.port} inet n - {'y' if chroot else 'n'} - - smtpd")
+        return self
+
+    def add_mail_spool(self, maildir: bool = False) -> Path:
+        """mail_spool_directory in the instance (mode 1777: local writes as each user),
+        for mbox files, or maildirs with maildir."""
+        spool = self.dir / "mail"
+        os.mkdir(spool)
+        os.chmod(spool, 0o1777)
+        self.main["mail_spool_directory"] = str(spool) + ("/" if maildir else "")
+        return spool
+
+    def queued(self, sub: str = "incoming", text: bool = False) -> list:
+        """The queue files in one queue subdirectory, by name: (Message, content) pairs,
+        the content as bytes, or as str with text."""
+        out = []
+        for path in sorted(glob.glob(str(self.queue / sub / "*"))):
+            m = Q.read(path)
+            content = b"".join(m.content(path))
+            out.append((m, content.decode() if text else content))
+        return out
+
+    def record_fake_agent(self) -> Path:
+        """Have tests/programs/fake_agent.py record each request in self.record."""
+        self.record = self.dir / "fake-agent.log"
+        self.record.touch()
+        os.chmod(self.record, 0o666)          # the fake agent runs as nobody
+        self.env["FAKE_AGENT_LOG"] = str(self.record)
+        return self.record
 
     def write(self):
         (self.dir / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in self.main.items()))

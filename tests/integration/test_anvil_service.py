@@ -23,14 +23,9 @@ pytestmark = pytest.mark.skipif(not ROOT, reason="chroot and privilege drop need
 @pytest.fixture
 def limited(instance):
     """An instance with smtpd and anvil; 127.0.0.1 is not exempt from the limits."""
-    instance.port = free_port()
-    instance.main.update({"mydestination": "$myhostname, localhost",
-                          "smtpd_error_sleep_time": "0s",
-                          "smtpd_client_event_limit_exceptions": "",
-                          "anvil_rate_time_unit": "60s"})
+    instance.add_smtpd(smtpd_client_event_limit_exceptions="", anvil_rate_time_unit="60s")
     instance.service = f"127.0.0.1:{instance.port}"
-    instance.master_lines = [f"{instance.service} inet n - y - - smtpd",
-                             "anvil unix - - y - 1 anvil"]
+    instance.master_lines.append("anvil unix - - y - 1 anvil")
     return instance
 
 

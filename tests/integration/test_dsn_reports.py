@@ -10,7 +10,7 @@ import smtplib
 
 import pytest
 
-from pfxinst import free_port, wait_for
+from pfxinst import wait_for
 from sink import FakeServer, Script, Sink
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot)")
@@ -19,20 +19,10 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot)")
 @pytest.fixture
 def mta(instance):
     """smtpd, qmgr, a chrooted smtp client and local delivery to mbox files."""
-    instance.port = free_port()
-    instance.main.update({
-        "mydestination": "$myhostname, localhost",
-        "smtpd_error_sleep_time": "0s",
-        "queue_run_delay": "1s",
-        "minimal_backoff_time": "1s",
-        "maximal_backoff_time": "2s",
-        "smtp_connect_timeout": "5s",
-        "mail_spool_directory": str(instance.dir / "mail"),
-    })
-    os.mkdir(instance.dir / "mail")
-    os.chmod(instance.dir / "mail", 0o1777)
-    instance.master_lines = [
-        f"127.0.0.1:{instance.port} inet n - n - - smtpd",
+    instance.add_smtpd(chroot=False, queue_run_delay="1s", minimal_backoff_time="1s",
+                       maximal_backoff_time="2s", smtp_connect_timeout="5s")
+    instance.add_mail_spool()
+    instance.master_lines += [
         "qmgr unix n - n 300 1 qmgr",
         "smtp unix - - y - - smtp",
         "local unix - n n - - local",

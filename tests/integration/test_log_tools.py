@@ -9,10 +9,10 @@ import signal
 import smtplib
 import subprocess
 import time
-import urllib.request
 
 import pytest
 
+from peers import scrape_metrics
 from pfxinst import free_port, wait_for
 
 HOST = "mail.test.example"
@@ -132,17 +132,6 @@ def test_fail2ban_postfix_filter_matches_the_reject(postfix_named):
         in matched, out.stdout
 
 
-def metrics(port):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
-
-
 @pytest.fixture
 def exporter(postfix_named):
     """prometheus-postfix-exporter on a loopback port, tailing the instance's maillog."""
@@ -172,7 +161,7 @@ def exporter(postfix_named):
 
 def _serving(port):
     try:
-        return metrics(port)
+        return scrape_metrics(port)
     except OSError:
         return None
 
@@ -184,7 +173,7 @@ def test_prometheus_exporter_counts_our_log(postfix_named, exporter):
     port = postfix_named.exporter_port
 
     def counted():
-        m = metrics(port)
+        m = scrape_metrics(port)
         return m if m.get("postfix_qmgr_messages_removed_total", 0) >= 2 else None
     m = wait_for(counted, what="the exporter's counters")
     assert m["postfix_smtpd_connects_total"] == 3

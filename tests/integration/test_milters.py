@@ -3,7 +3,6 @@ the scripted milter of tests/milter_peer.py: the replies at each SMTP stage with
 log lines, end-of-message edits in the queue file, a milter that is down
 (milter_default_action), and `-o smtpd_milters=` per service in master.cf."""
 
-import glob
 import subprocess
 
 import pytest
@@ -11,24 +10,11 @@ import pytest
 from helpers import POSTFIX_PY
 from milter_peer import MilterPeer, cstrings
 from pfxinst import SmtpClient, free_port
-from postfix_py.lib import queue as Q
 
 
 @pytest.fixture
 def mta(instance):
-    instance.port = free_port()
-    instance.main.update({"mydestination": "$myhostname, localhost",
-                          "smtpd_error_sleep_time": "0s"})
-    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd"]
-
-    def queued(sub="incoming"):
-        out = []
-        for path in sorted(glob.glob(str(instance.queue / sub / "*"))):
-            m = Q.read(path)
-            out.append((m, b"".join(m.content(path)).decode()))
-        return out
-    instance.queued = queued
-    return instance
+    return instance.add_smtpd()
 
 
 def session(port, sender="alice@example.org", rcpt="bob@mail.test.example",
@@ -60,7 +46,7 @@ def test_smtpd_milter_stages_and_edits(mta):
         mta.start()
         replies = session(mta.port)
         assert replies[-1].startswith("250 2.0.0 Ok: queued as ")
-        (m, content), = mta.queued()
+        (m, content), = mta.queued(text=True)
         assert "X-Milter: seen\n\nhello\n" in content
         assert [r.address for r in m.recipients] == ["bob@mail.test.example",
                                                      "carol@mail.test.example"]
@@ -89,14 +75,14 @@ def test_end_of_message_reject_and_hold(mta):
         mta.start()
         assert session(mta.port)[-1] == "550 5.7.1 Command rejected"
         assert session(port2)[-1].startswith("250 2.0.0 Ok: queued as ")
-        (m, _), = mta.queued("hold")
+        (m, _), = mta.queued("hold", text=True)
         log = mta.log()
         assert (f"{m.queue_id}: milter-hold: END-OF-MESSAGE from localhost[127.0.0.1]: "
                 "check me; from=<alice@example.org> to=<bob@mail.test.example> "
                 "proto=ESMTP helo=<client.test>") in log
         assert ": milter-reject: END-OF-MESSAGE from localhost[127.0.0.1]: 5.7.1 Command " \
             "rejected; from=<alice@example.org>" in log
-        assert not mta.queued()
+        assert not mta.queued(text=True)
 
 
 def test_milter_down_default_action(mta):
@@ -127,7 +113,7 @@ def test_non_smtpd_milters_see_local_submission(mta):
                              input="Subject: local\n\nhi\n", capture_output=True, text=True,
                              timeout=60)
         assert out.returncode == 0, out.stderr
-        (m, content), = mta.queued()
+        (m, content), = mta.queued(text=True)
         assert "X-Local-Milter: yes\n" in content
         ev = dict((e, d) for e, d in peer.events if e in "CHMR")
         assert ev["C"] == ["localhost", "4", "127.0.0.1"]

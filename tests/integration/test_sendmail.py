@@ -4,7 +4,6 @@ setpriv (when the interpreter is reachable by that user) or in a forked child th
 to the user with setuid() and calls the sendmail code in-process, so that what the kernel
 reports about the user, and what the user can reach in the queue, are the real thing."""
 
-import glob
 import json
 import os
 import pwd
@@ -31,14 +30,6 @@ def submitmta(instance):
     """A running instance with the pickup service, as master.cf would name it."""
     instance.main.update({"mydestination": "$myhostname, localhost"})
     instance.master_lines = ["pickup unix n - y - - pickup"]
-
-    def queued():
-        out = []
-        for path in sorted(glob.glob(str(instance.queue / "incoming" / "*"))):
-            m = Q.read(path)
-            out.append((m, b"".join(m.content(path)).decode()))
-        return out
-    instance.queued = queued
 
     def sendmail(*args, input="", env=None):
         return subprocess.run([POSTFIX_PY, "-c", str(instance.dir), "sendmail", *args],
@@ -106,7 +97,7 @@ def test_recipients_as_arguments_as_root(submitmta):
     out = submitmta.sendmail("bob@example.net", "carol",
                              input="Subject: args\n\nline 1\r\n.\nnot read\n")
     assert out.returncode == 0, out.stderr
-    (m, content), = submitmta.queued()
+    (m, content), = submitmta.queued(text=True)
     assert m.sender == "root@mail.test.example"
     assert [r.address for r in m.recipients] == ["bob@example.net",
                                                  "carol@mail.test.example"]
@@ -127,7 +118,7 @@ def test_recipients_as_arguments_as_root(submitmta):
     assert out.returncode == 0, out.stderr
     out = submitmta.sendmail("-F", 'Ann Other', "erin", input="x\n")
     assert out.returncode == 0, out.stderr
-    rest = {mc[0].recipients[0].address: mc for mc in submitmta.queued()}
+    rest = {mc[0].recipients[0].address: mc for mc in submitmta.queued(text=True)}
     m, content = rest["dave@mail.test.example"]
     assert m.sender == "" and "\nFrom: MAILER-DAEMON\n" in content
     m, content = rest["erin@mail.test.example"]
@@ -145,7 +136,7 @@ def test_t_extracts_recipients_and_bcc_is_removed(submitmta):
     out = submitmta.sendmail("-t", "-i", "-f", "<sender@example.org>", "-F", "Ignored Here",
                              "extra@example.net", input=message)
     assert out.returncode == 0, out.stderr
-    (m, content), = submitmta.queued()
+    (m, content), = submitmta.queued(text=True)
     assert m.sender == "sender@example.org"
     assert sorted(r.address for r in m.recipients) == [
         "cc@example.net", "extra@example.net", "hidden2@example.net", "hidden@example.net",
@@ -162,7 +153,7 @@ def test_t_extracts_recipients_and_bcc_is_removed(submitmta):
     out = submitmta.sendmail("-t", input="To: old@example.net\nResent-To: new@example.net\n"
                                           "Resent-From: r@example.org\n\nx\n")
     assert out.returncode == 0, out.stderr
-    m, content = [mc for mc in submitmta.queued() if mc[0].queue_id != m.queue_id][0]
+    m, content = [mc for mc in submitmta.queued(text=True) if mc[0].queue_id != m.queue_id][0]
     assert [r.address for r in m.recipients] == ["new@example.net"]
     assert "\nResent-Message-Id: <" in content and "\nResent-Date: " in content
     assert "\nResent-From: r@example.org\n" in content and "\nFrom: " not in content
@@ -197,7 +188,7 @@ def test_bs_never_offers_starttls_or_auth(submitmta, tmp_path):
     # Postfix's stand-alone smtpd allows neither: the user would forge the client
     assert replies.count("550 5.7.0 Error: insufficient authorization") == 2
     assert replies[-1] == "221 2.0.0 Bye"
-    (m, content), = submitmta.queued()
+    (m, content), = submitmta.queued(text=True)
     assert m.sender == "me@mail.test.example"
     assert m.attrs["submit_uid"] == "0" and m.attrs["protocol"] == "ESMTP"
     assert m.attrs["client_address"] == "127.0.0.1" and "192.0.2.7" not in str(m.attrs)
@@ -223,7 +214,7 @@ def test_bs_as_nobody_with_setpriv(submitmta):
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert "STARTTLS" not in out.stdout and "250 2.0.0 Ok: queued as" in out.stdout
-    (m, _), = submitmta.queued()
+    (m, _), = submitmta.queued(text=True)
     assert m.attrs["submit_uid"] == str(pwd.getpwnam("nobody").pw_uid)
 
 
@@ -242,7 +233,7 @@ def test_plain_user_submits_and_is_recorded(submitmta):
                           b"Subject: bs\r\n\r\nhi\r\n.\r\nQUIT\r\n")
     assert rc == 0, err
     assert b"STARTTLS" not in out and b"AUTH" not in out
-    msgs = sorted(submitmta.queued(), key=lambda mc: mc[0].recipients[0].address)
+    msgs = sorted(submitmta.queued(text=True), key=lambda mc: mc[0].recipients[0].address)
     assert [m.recipients[0].address for m, _ in msgs] == ["x@example.net", "y@example.net",
                                                           "z@example.net"]
     assert [m.sender for m, _ in msgs] == [f"{PLAIN_USER}@mail.test.example",
@@ -260,7 +251,7 @@ def test_plain_user_cannot_read_or_alter_queued_mail(submitmta):
     submitmta.start()
     out = submitmta.sendmail("victim@example.net", input="Subject: private\n\nsecret\n")
     assert out.returncode == 0, out.stderr
-    (m, _), = submitmta.queued()
+    (m, _), = submitmta.queued(text=True)
     path = str(submitmta.queue / "incoming" / m.queue_id)
     # Nothing in the queue is writable by others; the socket is the only way in.
     for dirpath, dirnames, filenames in os.walk(submitmta.queue):
@@ -347,7 +338,7 @@ def test_refusals_and_a_stopped_mail_system(submitmta):
                        ("-bp", "use postfix-py postqueue -p")):
         out = submitmta.sendmail(flag, "x@example.net", input="")
         assert out.returncode == 64 and text in out.stderr
-    assert submitmta.queued() == []
+    assert submitmta.queued(text=True) == []
     assert "local submission refused: 5.3.4 Message size exceeds fixed limit" in \
         submitmta.log()
 

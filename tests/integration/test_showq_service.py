@@ -7,10 +7,10 @@ import smtplib
 import socket
 import subprocess
 import time
-import urllib.request
 
 import pytest
 
+from peers import scrape_metrics
 from pfxinst import free_port, wait_for
 
 EXPORTER = "/usr/bin/prometheus-postfix-exporter"
@@ -20,10 +20,7 @@ EXPORTER = "/usr/bin/prometheus-postfix-exporter"
 def mta(instance):
     """smtpd, qmgr, showq and the fake smtp agent, which defers defer+x@ recipients."""
     instance.port = free_port()
-    instance.record = instance.dir / "fake-agent.log"
-    instance.record.touch()
-    os.chmod(instance.record, 0o666)
-    instance.env["FAKE_AGENT_LOG"] = str(instance.record)
+    instance.record_fake_agent()
     instance.main.update({
         "mydestination": "$myhostname",
         "queue_run_delay": "300s",
@@ -119,17 +116,6 @@ def test_showq_protocol(mta):
     assert listed == {qid: (dict(r)["size"], dict(r)["time"]) for qid, r in messages.items()}
 
 
-def metrics(port):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
-
-
 def test_prometheus_exporter_reads_queue_sizes(mta):
     if not os.access(EXPORTER, os.X_OK):
         pytest.skip("prometheus-postfix-exporter is not installed")
@@ -145,7 +131,7 @@ def test_prometheus_exporter_reads_queue_sizes(mta):
     try:
         def scraped():
             try:
-                return metrics(port)
+                return scrape_metrics(port)
             except OSError:
                 return None
         m = wait_for(scraped, what="the exporter's /metrics")

@@ -12,7 +12,6 @@ smtp_dns_support_level = dnssec, to next hops `domain:PORT` (MX lookup, that por
 
 import hashlib
 import os
-import pwd
 import socket
 import time
 from pathlib import Path
@@ -24,7 +23,6 @@ from cryptography.hazmat.primitives import serialization
 
 import dnssec
 from pfxinst import Instance, free_port, wait_for
-from postfix_py.lib import attr, deliver
 from postfix_py.lib import queue as Q
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot)"),
@@ -139,8 +137,7 @@ def dns(base, certs, receiver):
 
 @pytest.fixture(scope="module")
 def mta(base, dns):
-    inst = Instance(base / "mta")
-    inst.dir.mkdir()
+    inst = Instance.make(base / "mta")
     common = (f" -o smtp_dns_support_level=dnssec -o smtp_dns_nameservers=127.0.0.1:"
               f"{dns.resolver_port} -o smtp_tls_loglevel=1")
     inst.main.update({"inet_protocols": "ipv4", "smtp_dns_timeout": "3s",
@@ -161,14 +158,8 @@ def mta(base, dns):
         "nodnssec unix - - y - - smtp -o smtp_tls_security_level=dane"
         f" -o smtp_dns_nameservers=127.0.0.1:{dns.resolver_port} -o smtp_tls_loglevel=1",
     ]
-    uid = pwd.getpwnam(inst.main["mail_owner"])
-    inst.uid_gid = (uid.pw_uid, uid.pw_gid)
-    try:
-        inst.start()
-        wait_for(lambda: (inst.queue / "private" / "dane").exists(), 10, what="private/dane")
+    with inst.running("dane"):
         yield inst
-    finally:
-        inst.cleanup()
 
 
 _count = [0]
@@ -177,25 +168,11 @@ _count = [0]
 def deliver_via(inst, service, nexthop, recipient="bob@dane.test", timeout=60):
     """qmgr's request for one new queue file to private/SERVICE: (result, dsn, reason, log)."""
     _count[0] += 1
-    w = Q.QueueWriter(str(inst.queue))
-    w.set_sender("alice@example.org")
-    w.add_recipient(recipient)
-    w.write(f"Subject: dane {_count[0]}\nMessage-ID: <dane-{_count[0]}-{time.time()}@t>\n\n"
-            f"body\n".encode())
-    qid = w.commit()
-    path = inst.queue / "active" / qid
-    os.rename(inst.queue / "incoming" / qid, path)
-    os.chown(path, *inst.uid_gid)
-    m = Q.read(str(path))
-    req = deliver.Request(qid, f"active/{qid}", service, nexthop, m.sender, m.arrival,
-                          [recipient], [r.offset for r in m.recipients])
     before = len(inst.log())
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(inst.queue / "private" / service))
-        s.sendall(deliver.encode_request(req))
-        reply = deliver.decode_reply(attr.read_frame(s, timeout), 1)
-    r = reply.results[0]
+    content = (f"Subject: dane {_count[0]}\nMessage-ID: <dane-{_count[0]}-{time.time()}@t>\n\n"
+               f"body\n".encode())
+    r = inst.deliver(service, nexthop, rcpt=recipient, content=content,
+                     sender="alice@example.org", timeout=timeout, keep=True).results[0]
     return SimpleNamespace(result=r.result, dsn=r.dsn, reason=r.reason,
                            log=inst.log()[before:])
 

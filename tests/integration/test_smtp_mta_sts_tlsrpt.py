@@ -20,7 +20,6 @@ import glob
 import gzip
 import json
 import os
-import socket
 import ssl
 import threading
 import time
@@ -33,10 +32,8 @@ import trustme
 
 from peers import DNSMASQ, Dnsmasq
 from pfxinst import Instance, wait_for
-from postfix_py.lib import attr, deliver
 from postfix_py.lib import https as libhttps
 from postfix_py.smtp import mta_sts
-from postfix_py.lib import queue as Q
 from sink import FakeServer
 
 pytestmark = pytest.mark.skipif(not DNSMASQ or os.geteuid() != 0,
@@ -228,19 +225,14 @@ def env(tmp_path_factory):
         server = FakeServer(starttls_sink(ctx, got), concurrent=True)
         server.got = got
         sinks[kind] = server
-    inst = Instance(root / "pfx")
-    inst.dir.mkdir()
-    os.chmod(inst.dir, 0o755)
-    spool = inst.dir / "mail"
-    spool.mkdir()
-    os.chmod(spool, 0o1777)
-    inst.spool = spool
+    inst = Instance.make(root / "pfx")
+    inst.spool = inst.add_mail_spool(maildir=True)
     ca_file = root / "ca.pem"
     inst.main.update({
         "inet_protocols": "ipv4", "smtp_dns_nameservers": f"127.0.0.1:{dnsd.port}",
         "smtp_dns_timeout": "2s", "smtp_connect_timeout": "3s", "smtp_helo_timeout": "5s",
         "smtp_starttls_timeout": "5s", "mydestination": "$myhostname, localhost",
-        "mail_spool_directory": f"{spool}/", "queue_run_delay": "1s",
+        "queue_run_delay": "1s",
         "tlsrpt_https_CAfile": str(ca_file), "tlsrpt_organization_name": "mail.test.example",
         "smtp_tls_session_cache_database": "btree:${data_directory}/smtp_scache",
     })
@@ -279,23 +271,9 @@ def deliver_via(inst, nexthop, rcpt, service="sts"):
     """qmgr's request for one queued message to private/sts; (reply, log lines, marker)."""
     _counter[0] += 1
     marker = f"sts-{os.getpid()}-{_counter[0]}-{time.monotonic_ns()}"
-    w = Q.QueueWriter(str(inst.queue))
-    w.set_sender("alice@example.org")
-    w.add_recipient(rcpt)
-    w.write(f"Subject: {marker}\n\nbody\n".encode())
-    qid = w.commit()
-    path = inst.queue / "active" / qid
-    os.rename(inst.queue / "incoming" / qid, path)
-    os.chown(path, 65534, 65534)
-    m = Q.read(str(path))
-    req = deliver.Request(qid, f"active/{qid}", service, nexthop, m.sender, m.arrival,
-                          [rcpt], [r.offset for r in m.recipients])
     before = len(inst.log())
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(60)
-        s.connect(str(inst.queue / "private" / service))
-        s.sendall(deliver.encode_request(req))
-        reply = deliver.decode_reply(attr.read_frame(s, 60), 1)
+    reply = inst.deliver(service, nexthop, rcpt=rcpt, content=f"Subject: {marker}\n\nbody\n".encode(),
+                         sender="alice@example.org", timeout=60, keep=True)
     return reply.results[0], inst.log()[before:], marker
 
 

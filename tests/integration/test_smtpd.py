@@ -13,28 +13,15 @@ import time
 
 import pytest
 
-from pfxinst import SmtpClient, free_port, wait_for
-from postfix_py.lib import queue as Q
+from pfxinst import SmtpClient, wait_for
 
 SWAKS = shutil.which("swaks")
 
 
 @pytest.fixture
 def mta(instance):
-    """A running instance with one smtpd service; .port, .queued() and .talk()."""
-    instance.port = free_port()
-    instance.main.update({"mydestination": "$myhostname, localhost",
-                          "smtpd_error_sleep_time": "0s"})
-    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd"]
-
-    def queued():
-        out = []
-        for path in sorted(glob.glob(str(instance.queue / "incoming" / "*"))):
-            m = Q.read(path)
-            out.append((m, b"".join(m.content(path))))
-        return out
-    instance.queued = queued
-    return instance
+    """An instance with one smtpd service; .port and .queued()."""
+    return instance.add_smtpd()
 
 
 def test_smtplib_queues_a_message(mta):

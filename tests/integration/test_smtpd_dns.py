@@ -8,19 +8,16 @@ the resolver configuration is the test's. test_smtpd_dnsbl.py has a real-instanc
 """
 
 import os
-import shutil
 import socket
-import subprocess
 
 import dns.resolver
 import pytest
 
-from pfxinst import free_port, wait_for
+from peers import DNSMASQ, Dnsmasq
 from postfix_py.lib import maincf
 from postfix_py.lib.dnsbl import DnsLookup
 from postfix_py.smtpd.check import Checker, ClientState
 
-DNSMASQ = shutil.which("dnsmasq", path="/usr/sbin:/usr/bin")
 pytestmark = pytest.mark.skipif(not DNSMASQ or os.geteuid() != 0,
                                 reason="needs dnsmasq and root")
 
@@ -29,28 +26,11 @@ pytestmark = pytest.mark.skipif(not DNSMASQ or os.geteuid() != 0,
 def dnsmasq(tmp_path_factory):
     """dnsmasq with ok.test (MX), aonly.test (an A record only); other .test names do
     not exist (NXDOMAIN)."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("dns") / "dnsmasq.log", "w")
-    proc = subprocess.Popen(
-        [DNSMASQ, "--no-daemon", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
-         "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={port}",
-         "--pid-file=", "--user=nobody", "--group=nogroup", "--local=/test/",
-         "--mx-host=ok.test,mx.ok.test,10", "--host-record=mx.ok.test,127.0.0.1",
-         "--host-record=aonly.test,127.0.0.1"], stdout=log, stderr=subprocess.STDOUT)
-    r = resolver(port)
-
-    def answers():
-        try:
-            return r.resolve("aonly.test", "A")
-        except Exception:       # noqa: BLE001 - not up yet
-            return None
-    try:
-        wait_for(answers, 10, what="dnsmasq")
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+    with Dnsmasq(["--mx-host=ok.test,mx.ok.test,10", "--host-record=mx.ok.test,127.0.0.1",
+                  "--host-record=aonly.test,127.0.0.1"],
+                 tmp_path_factory.mktemp("dns") / "dnsmasq.log",
+                 ready=lambda r: r.resolve("aonly.test", "A")) as server:
+        yield server.port
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import dns.resolver
 import pytest
 
 from peers import DNSMASQ, Dnsmasq
-from pfxinst import SmtpClient, free_port, wait_for
+from pfxinst import SmtpClient, wait_for
 from postfix_py.lib import maincf
 from postfix_py.smtpd.check import Checker, ClientState
 
@@ -39,13 +39,10 @@ ZONE = ["--host-record=2.0.0.127.list.test,127.0.0.2",
 
 @pytest.fixture(scope="module")
 def dnsmasq(tmp_path_factory):
-    server = Dnsmasq(ZONE, tmp_path_factory.mktemp("dns") / "dnsmasq.log",
-                     local=("test", "example"),
-                     ready=lambda r: r.resolve("good.example", "A"))
-    try:
+    with Dnsmasq(ZONE, tmp_path_factory.mktemp("dns") / "dnsmasq.log",
+                 local=("test", "example"),
+                 ready=lambda r: r.resolve("good.example", "A")) as server:
         yield server.port
-    finally:
-        server.close()
 
 
 @pytest.fixture
@@ -220,12 +217,8 @@ def test_reject_unknown_helo_hostname(dnsmasq, dead_port):
 
 
 def test_a_listed_client_is_refused_by_a_real_smtpd(dnsmasq, instance):
-    instance.port = free_port()
-    instance.main.update({
-        "mydestination": "$myhostname, localhost", "smtpd_error_sleep_time": "0s",
-        "smtpd_dns_nameservers": f"127.0.0.1:{dnsmasq}",
-        "smtpd_client_restrictions": "reject_rbl_client list.test"})
-    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd"]
+    instance.add_smtpd(smtpd_dns_nameservers=f"127.0.0.1:{dnsmasq}",
+                       smtpd_client_restrictions="reject_rbl_client list.test")
     instance.start()
     c = SmtpClient(instance.port)
     assert c.reply().startswith("220 ")

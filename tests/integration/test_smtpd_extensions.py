@@ -2,7 +2,6 @@
 (RFC 6531), CHUNKING/BDAT (RFC 3030), ETRN and DSN parameters (RFC 3461), with swaks
 and raw clients."""
 
-import glob
 import shutil
 import socket
 import threading
@@ -10,8 +9,7 @@ import subprocess
 
 import pytest
 
-from pfxinst import free_port, wait_for
-from postfix_py.lib import queue as Q
+from pfxinst import SmtpClient, free_port, wait_for
 
 SWAKS = shutil.which("swaks")
 UTF8_SENDER = "j\u00f6rg@b\u00fccher.example"
@@ -19,49 +17,15 @@ UTF8_SENDER = "j\u00f6rg@b\u00fccher.example"
 
 @pytest.fixture
 def mta(instance):
-    """A running instance with one smtpd service; .port and .queued()."""
-    instance.port = free_port()
-    instance.main.update({"mydestination": "$myhostname, localhost",
-                          "smtpd_error_sleep_time": "0s"})
-    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd"]
-
-    def queued():
-        out = []
-        for path in sorted(glob.glob(str(instance.queue / "incoming" / "*"))):
-            m = Q.read(path)
-            out.append((m, b"".join(m.content(path))))
-        return out
-    instance.queued = queued
-    return instance
+    """An instance with one smtpd service; .port and .queued()."""
+    return instance.add_smtpd()
 
 
-class Raw:
-    """A line-level SMTP client that sends bytes as they are."""
-
-    def __init__(self, port, timeout=20):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.f = self.sock.makefile("rb")
-        self.greeting = self.reply()
-
-    def reply(self) -> str:
-        lines = []
-        while True:
-            line = self.f.readline()
-            if not line:
-                lines.append("<EOF>")
-                break
-            lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
-            if line[3:4] == b" ":
-                break
-        return "\n".join(lines)
-
-    def cmd(self, line) -> str:
-        self.sock.sendall((line if isinstance(line, bytes) else line.encode()) + b"\r\n")
-        return self.reply()
-
-    def close(self):
-        self.f.close()
-        self.sock.close()
+def connect(port: int) -> SmtpClient:
+    """A raw client (tests/smtpclient.py) past smtpd's greeting."""
+    c = SmtpClient(port, timeout=20)
+    assert c.reply().startswith("220 ")
+    return c
 
 
 def message(subject="x"):
@@ -85,7 +49,7 @@ def test_swaks_ehlo_shows_the_extensions(mta):
 
 def test_smtputf8_addresses_are_taken_and_recorded(mta):
     mta.start()
-    c = Raw(mta.port)
+    c = connect(mta.port)
     assert "SMTPUTF8" in c.cmd("EHLO client.example")
     # Without the parameter: a UTF-8 domain is refused, an 8-bit local part is not.
     assert c.cmd(f"MAIL FROM:<{UTF8_SENDER}>") == "501 5.1.7 Bad sender address syntax"
@@ -111,7 +75,7 @@ def test_smtputf8_addresses_are_taken_and_recorded(mta):
 def test_malformed_utf8_is_refused(mta):
     mta.main["strict_smtputf8"] = "yes"
     mta.start()
-    c = Raw(mta.port)
+    c = connect(mta.port)
     # an overlong "/" in the EHLO name, a lone continuation byte in an address
     assert c.cmd(b"EHLO client\xc0\xafexample") == "500 5.5.2 Error: bad UTF-8 syntax"
     assert c.cmd("EHLO client.example").startswith("250-")
@@ -131,7 +95,7 @@ def test_malformed_utf8_is_refused(mta):
 def test_smtputf8_disabled(mta):
     mta.main["smtputf8_enable"] = "no"
     mta.start()
-    c = Raw(mta.port)
+    c = connect(mta.port)
     assert "SMTPUTF8" not in c.cmd("EHLO client.example")
     # the address comes first, as in Postfix: a UTF-8 domain is a syntax error
     assert c.cmd(f"MAIL FROM:<{UTF8_SENDER}> SMTPUTF8") == "501 5.1.7 Bad sender address syntax"
@@ -151,7 +115,7 @@ def test_smtputf8_disabled(mta):
 # --- CHUNKING / BDAT ----------------------------------------------------------------------
 
 def bdat(c, chunk: bytes, last=False) -> str:
-    c.sock.sendall(f"BDAT {len(chunk)}{' LAST' if last else ''}\r\n".encode() + chunk)
+    c.send(f"BDAT {len(chunk)}{' LAST' if last else ''}\r\n".encode() + chunk)
     return c.reply()
 
 
@@ -166,7 +130,7 @@ def test_bdat_transfers_a_large_message_intact(mta):
             "Date: Thu, 1 Jan 2026 00:00:00 +0000\r\n\r\n"
             + "\r\n".join(lines) + "\r\n").encode()
     assert len(body) > 10 << 20
-    c = Raw(mta.port)
+    c = connect(mta.port)
     assert "250 CHUNKING" in c.cmd("EHLO client.example")
     assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
     assert c.cmd("RCPT TO:<bob@mail.test.example>") == "250 2.1.5 Ok"
@@ -190,7 +154,7 @@ def test_bdat_transfers_a_large_message_intact(mta):
 def test_bdat_errors_as_postfix(mta):
     mta.main["message_size_limit"] = "1000"
     mta.start()
-    c = Raw(mta.port)
+    c = connect(mta.port)
     c.cmd("EHLO client.example")
     # no transaction: the chunk is read and dropped, and so are the chunks that follow
     assert bdat(c, b"junk\r\n") == "503 5.5.1 Error: need RCPT command"
@@ -229,21 +193,19 @@ def test_etrn_sends_deferred_mail_at_once(instance):
     from sink import Sink
 
     sink_port = free_port()
-    instance.port = free_port()
-    instance.main.update({
-        "mydestination": "localhost", "smtpd_error_sleep_time": "0s",
+    instance.add_smtpd(**{
+        "mydestination": "localhost",
         "relay_domains": "etrn.example",                  # fast_flush_domains follows it
         "relayhost": f"[127.0.0.1]:{sink_port}",
         "queue_run_delay": "3600s", "minimal_backoff_time": "3600s",
         "maximal_backoff_time": "3600s"})
-    instance.master_lines = [
-        f"127.0.0.1:{instance.port} inet n - y - - smtpd",
+    instance.master_lines += [
         "qmgr unix n - n 300 1 qmgr",
         "smtp unix - - y - - smtp",
         "relay unix - - y - - smtp",
     ]
     instance.start()
-    c = Raw(instance.port)
+    c = connect(instance.port)
     c.cmd("EHLO client.example")
     for rcpt in ("bob@etrn.example", "carol@other.test"):
         assert c.cmd("MAIL FROM:<alice@example.org>") == "250 2.1.0 Ok"
@@ -275,7 +237,7 @@ def test_etrn_sends_deferred_mail_at_once(instance):
 
 def test_dsn_parameters_are_kept_per_recipient(mta):
     mta.start()
-    c = Raw(mta.port)
+    c = connect(mta.port)
     c.cmd("EHLO client.example")
     assert c.cmd("MAIL FROM:<a@example.org> RET=FULL RET=HDRS") == \
         "501 5.5.4 Bad RET parameter syntax"
@@ -304,7 +266,7 @@ def test_dsn_parameters_are_kept_per_recipient(mta):
 def test_dsn_disabled_by_discard_ehlo_keywords(mta):
     mta.main["smtpd_discard_ehlo_keywords"] = "dsn"
     mta.start()
-    c = Raw(mta.port)
+    c = connect(mta.port)
     assert "DSN" not in c.cmd("EHLO client.example")
     assert c.cmd("MAIL FROM:<a@example.org> RET=FULL") == "501 5.7.1 DSN support is disabled"
     c.cmd("QUIT")
@@ -352,14 +314,11 @@ class DsnPeer:
 
 def test_dsn_and_smtputf8_reach_the_next_hop(instance):
     peer = DsnPeer()
-    instance.port = free_port()
-    instance.main.update({"mydestination": "localhost", "smtpd_error_sleep_time": "0s",
-                          "relayhost": f"[127.0.0.1]:{peer.port}"})
-    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd",
-                             "qmgr unix n - n 300 1 qmgr", "smtp unix - - y - - smtp"]
+    instance.add_smtpd(mydestination="localhost", relayhost=f"[127.0.0.1]:{peer.port}")
+    instance.master_lines += ["qmgr unix n - n 300 1 qmgr", "smtp unix - - y - - smtp"]
     try:
         instance.start()
-        c = Raw(instance.port)
+        c = connect(instance.port)
         c.cmd("EHLO client.example")
         assert c.cmd(f"MAIL FROM:<{UTF8_SENDER}> SMTPUTF8 RET=HDRS ENVID=e1") == "250 2.1.0 Ok"
         assert c.cmd("RCPT TO:<bob@remote.example> NOTIFY=FAILURE,DELAY") == "250 2.1.5 Ok"
@@ -381,7 +340,7 @@ def test_dsn_and_smtputf8_reach_the_next_hop(instance):
 
 def test_vrfy_takes_smtputf8(mta):
     mta.start()
-    c = Raw(mta.port)
+    c = connect(mta.port)
     c.cmd("EHLO client.example")
     assert c.cmd("VRFY") == "501 5.5.4 Syntax: VRFY address [SMTPUTF8]"
     assert c.cmd("VRFY SMTPUTF8") == "501 5.5.4 Syntax: VRFY address [SMTPUTF8]"
@@ -407,7 +366,7 @@ def test_bdat_message_is_delivered_intact(instance):
         instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd",
                                  "qmgr unix n - n 300 1 qmgr", "smtp unix - - y - - smtp"]
         instance.start()
-        c = Raw(instance.port)
+        c = connect(instance.port)
         c.cmd("EHLO client.example")
         assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
         assert c.cmd("RCPT TO:<bob@remote.example>") == "250 2.1.5 Ok"

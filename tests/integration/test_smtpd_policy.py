@@ -10,7 +10,6 @@ on that namespace's loopback. smtpd reaches it through the filesystem: a unix so
 not bound to a network namespace.
 """
 
-import glob
 import os
 import shutil
 import socket
@@ -21,34 +20,20 @@ from pathlib import Path
 
 import pytest
 
+from peers import DNSMASQ, Dnsmasq
 from pfxinst import PROGRAMS, SmtpClient, free_port, wait_for
 from policyserver import PolicyServer
-from postfix_py.lib import queue as Q
 
 POSTGREY = shutil.which("postgrey", path="/usr/sbin:/usr/bin")
 POLICYD_SPF = shutil.which("policyd-spf", path="/usr/bin:/usr/sbin")
-DNSMASQ = shutil.which("dnsmasq", path="/usr/sbin:/usr/bin")
 IP = shutil.which("ip", path="/usr/sbin:/usr/bin:/sbin:/bin")
 ROOT = os.geteuid() == 0
 
 
 @pytest.fixture
 def mta(instance):
-    """An instance with one chrooted smtpd; .port, .queued(), .session()."""
-    instance.port = free_port()
-    instance.main.update({"mydestination": "$myhostname, localhost",
-                          "smtpd_error_sleep_time": "0s",
-                          "smtpd_policy_service_retry_delay": "1s"})
-    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd"]
-
-    def queued():
-        out = []
-        for path in sorted(glob.glob(str(instance.queue / "incoming" / "*"))):
-            m = Q.read(path)
-            out.append((m, b"".join(m.content(path)).decode()))
-        return out
-    instance.queued = queued
-    return instance
+    """An instance with one chrooted smtpd; .port, .queued()."""
+    return instance.add_smtpd(smtpd_policy_service_retry_delay="1s")
 
 
 def rcpt_attempt(port: int, sender: str, rcpt: str, helo: str = "client.test",
@@ -115,7 +100,7 @@ def test_postgrey_greylists_then_accepts_the_retry(mta, tmp_path):
         time.sleep(2.2)         # past --delay
         reply = rcpt_attempt(mta.port, "alice@example.org", rcpt, data=True)
         assert reply.startswith("250 2.0.0 Ok: queued as ")
-        (m, content), = mta.queued()
+        (m, content), = mta.queued(text=True)
         # postgrey's PREPEND, above smtpd's own Received: header
         assert content.startswith("X-Greylist: delayed ")
         assert "by postgrey-" in content.splitlines()[0]
@@ -174,7 +159,7 @@ def test_every_stage_asks_with_the_session_attributes(mta):
         for _ in range(2):
             reply = rcpt_attempt(mta.port, "alice@example.org", rcpt, data=True)
             assert reply.startswith("250 2.0.0 Ok: queued as ")
-        queued = mta.queued()
+        queued = mta.queued(text=True)
         assert len(queued) == 2
         reqs = server.requests
         assert [r["protocol_state"] for r in reqs] == \
@@ -214,18 +199,14 @@ def spf_namespace(tmp_path):
     if subprocess.run([IP, "netns", "add", name], capture_output=True).returncode != 0:
         pytest.skip("cannot make a network namespace here")
     procs = []
+    dns = None
     try:
         netns_etc.mkdir(parents=True)
         (netns_etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
         subprocess.run([IP, "netns", "exec", name, IP, "link", "set", "lo", "up"], check=True)
-        log = open(tmp_path / "dnsmasq.log", "w")
-        procs.append((subprocess.Popen(
-            [IP, "netns", "exec", name, DNSMASQ, "--no-daemon", "--no-resolv", "--no-hosts",
-             "--conf-file=/dev/null", "--listen-address=127.0.0.1", "--bind-interfaces",
-             "--port=53", "--pid-file=", "--user=nobody", "--group=nogroup",
-             "--local=/test/", "--txt-record=fail.test,v=spf1 ip4:192.0.2.1 -all",
-             "--txt-record=pass.test,v=spf1 ip4:127.0.0.1 -all"],
-            stdout=log, stderr=subprocess.STDOUT), log))
+        dns = Dnsmasq(["--txt-record=fail.test,v=spf1 ip4:192.0.2.1 -all",
+                       "--txt-record=pass.test,v=spf1 ip4:127.0.0.1 -all"],
+                      tmp_path / "dnsmasq.log", port=53, prefix=(IP, "netns", "exec", name))
         wait_for(lambda: subprocess.run(
             [IP, "netns", "exec", name, sys.executable, "-c",
              "import dns.resolver; dns.resolver.resolve('pass.test', 'TXT')"],
@@ -235,6 +216,8 @@ def spf_namespace(tmp_path):
         for proc, log in procs:
             stop(proc)
             log.close()
+        if dns is not None:
+            dns.close()
         subprocess.run([IP, "netns", "del", name], capture_output=True)
         shutil.rmtree(netns_etc, ignore_errors=True)
 
@@ -264,7 +247,7 @@ def test_policyd_spf_over_a_unix_socket_in_the_jail(mta, spf_namespace, tmp_path
         "id=alice@fail.test;ip=127.0.0.1;r=mail.test.example")
     reply = rcpt_attempt(mta.port, "alice@pass.test", rcpt, data=True)
     assert reply.startswith("250 2.0.0 Ok: queued as ")
-    (m, content), = mta.queued()
+    (m, content), = mta.queued(text=True)
     assert content.startswith(
         "Received-SPF: Pass (mailfrom) identity=mailfrom; client-ip=127.0.0.1; "
         "helo=client.test; envelope-from=alice@pass.test; receiver=mail.test.example\n"

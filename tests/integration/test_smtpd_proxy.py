@@ -3,7 +3,6 @@ master: a client sends a PROXY header then SMTP, and the log lines, the queue fi
 Received: header show the original client, as Postfix's; a bad header is refused. XCLIENT
 and XFORWARD (smtpd/xclient.py), and the smtp client's XFORWARD to a second instance."""
 
-import glob
 import os
 import shutil
 import socket
@@ -14,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from pfxinst import Instance, free_port, wait_for
-from postfix_py.lib import queue as Q
 
 V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -22,22 +20,9 @@ V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 @pytest.fixture
 def lb(instance):
     """An instance whose smtpd expects a PROXY header; .port and .queued()."""
-    instance.port = free_port()
-    instance.main.update({"mydestination": "$myhostname, localhost",
-                          "smtpd_error_sleep_time": "0s",
-                          "smtpd_peername_lookup": "no",
-                          "smtpd_upstream_proxy_protocol": "haproxy",
-                          "smtpd_upstream_proxy_timeout": "2s"})
-    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd"]
-
-    def queued():
-        out = []
-        for path in sorted(glob.glob(str(instance.queue / "incoming" / "*"))):
-            m = Q.read(path)
-            out.append((m, b"".join(m.content(path)).decode()))
-        return out
-    instance.queued = queued
-    return instance
+    return instance.add_smtpd(smtpd_peername_lookup="no",
+                              smtpd_upstream_proxy_protocol="haproxy",
+                              smtpd_upstream_proxy_timeout="2s")
 
 
 def chat(port: int, header: bytes, lines: list[str]) -> list[str]:
@@ -64,7 +49,7 @@ MESSAGE = ["EHLO relay.example", "MAIL FROM:<alice@example.org>",
 
 
 def check_delivered(lb, client_addr: str, port_hint: str):
-    (m, content), = lb.queued()
+    (m, content), = lb.queued(text=True)
     assert m.attrs["client_address"] == client_addr
     assert content.startswith(f"Received: from relay.example (unknown [{client_addr}])\n")
     log = lb.log()
@@ -103,7 +88,7 @@ def test_bad_header_is_refused(lb):
     assert "warning: haproxy read: bad or missing protocol type: " \
            "PROXY UNKNOWN\\r\\nEHLO x\\r\\n" in log
     assert "connect from unknown[unknown]" in log
-    assert lb.queued() == []
+    assert lb.queued(text=True) == []
 
 
 def test_v2_local_keeps_the_connection_endpoints(lb):
@@ -118,19 +103,11 @@ def test_v2_local_keeps_the_connection_endpoints(lb):
 @pytest.fixture
 def xmta(instance):
     """An instance whose smtpd lets 127.0.0.1 use XCLIENT; .port and .queued()."""
-    instance.port = free_port()
-    instance.main.update({"mydestination": "$myhostname, localhost",
-                          "smtpd_error_sleep_time": "0s",
-                          "smtpd_peername_lookup": "no",
-                          "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
-                          "smtpd_client_restrictions": "check_client_access inline:{ "
-                                                       "192.0.2.66=REJECT }",
-                          "smtpd_delay_reject": "no"})
-    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd"]
-    instance.queued = lambda: [
-        (m, b"".join(m.content(p)).decode()) for p in
-        sorted(glob.glob(str(instance.queue / "incoming" / "*"))) for m in [Q.read(p)]]
-    return instance
+    return instance.add_smtpd(**{
+        "smtpd_peername_lookup": "no",
+        "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+        "smtpd_client_restrictions": "check_client_access inline:{ 192.0.2.66=REJECT }",
+        "smtpd_delay_reject": "no"})
 
 
 def test_xclient_replaces_the_client_and_greets_again(xmta):
@@ -147,7 +124,7 @@ def test_xclient_replaces_the_client_and_greets_again(xmta):
     assert replies[i + 1].startswith("220 mail.test.example ESMTP")   # the new greeting
     assert not any(r.startswith("250-XCLIENT") for r in replies[i + 2:])   # not for it
     assert any(r.startswith("250 2.0.0 Ok: queued as") for r in replies), replies
-    (m, content), = xmta.queued()
+    (m, content), = xmta.queued(text=True)
     assert m.attrs["client_address"] == "192.0.2.8"
     assert m.attrs["client_name"] == "client.example"
     assert m.attrs["sasl_method"] == "XCLIENT" and m.attrs["sasl_username"] == "joe"
@@ -193,10 +170,7 @@ def test_xclient_needs_authorization(mta_plain):
 
 @pytest.fixture
 def mta_plain(instance):
-    instance.port = free_port()
-    instance.main.update({"smtpd_error_sleep_time": "0s", "smtpd_peername_lookup": "no"})
-    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd"]
-    return instance
+    return instance.add_smtpd(smtpd_peername_lookup="no")
 
 
 def test_xforward_end_to_end(lb):
@@ -229,9 +203,7 @@ def test_xforward_end_to_end(lb):
         first_id = queued[0].split()[-1]
         wait_for(lambda: "status=sent" in lb.log(), timeout=30, what="the relay")
         hop2_log = hop2.log()
-        paths = glob.glob(str(hop2.queue / "incoming" / "*"))
-        assert len(paths) == 1
-        m = Q.read(paths[0])
+        (m, _), = hop2.queued()
     finally:
         hop2.cleanup()
         shutil.rmtree(root, ignore_errors=True)

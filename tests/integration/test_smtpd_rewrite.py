@@ -5,7 +5,6 @@ RCPT and VRFY. The replies are those of Debian's Postfix 3.7 for the same main.c
 with tests/peers.py's PostfixPeer), but for the quoted trick, whose reply Postfix writes
 in the internal (dequoted) form: <victim@remote.example@local.domain>."""
 
-import os
 import smtplib
 
 import pytest
@@ -19,10 +18,7 @@ TRICKS = ["victim%remote.example@local.domain", "remote.example!victim@local.dom
 @pytest.fixture
 def mta(instance):
     instance.port = free_port()
-    instance.record = instance.dir / "fake-agent.log"
-    instance.record.touch()
-    os.chmod(instance.record, 0o666)
-    instance.env["FAKE_AGENT_LOG"] = str(instance.record)
+    instance.record_fake_agent()
     instance.main.update({
         "mydestination": "$myhostname, localhost, local.domain",
         "relay_domains": "relay.example",

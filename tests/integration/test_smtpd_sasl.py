@@ -3,7 +3,6 @@ sockets, against both SASL types: the built-in passwd-file, and a real private D
 (skipped when Dovecot is not installed) on queue_directory/private/auth."""
 
 import base64
-import glob
 import os
 import pwd
 import shutil
@@ -17,7 +16,6 @@ import pytest
 import trustme
 
 from pfxinst import SmtpClient, free_port, wait_for
-from postfix_py.lib import queue as Q
 from postfix_py.smtpd import sasl as S
 
 SWAKS = shutil.which("swaks")
@@ -157,14 +155,6 @@ def authmta(request, instance, pki):
         "-o smtpd_tls_wrappermode=yes -o syslog_name=postfix-py/smtps",
         f"127.0.0.1:{instance.authonly} inet n - y - - smtpd {on} -o smtpd_tls_auth_only=yes",
     ]
-
-    def queued():
-        out = []
-        for path in sorted(glob.glob(str(instance.queue / "incoming" / "*"))):
-            m = Q.read(path)
-            out.append((m, b"".join(m.content(path)).decode()))
-        return out
-    instance.queued = queued
     return instance
 
 
@@ -216,7 +206,7 @@ def test_swaks_plain_and_login_over_starttls_and_smtps(authmta):
         assert "<~  250-AUTH PLAIN LOGIN" in out.stdout and "<-  250-AUTH" not in out.stdout
         if mech == "LOGIN":
             assert "<~  334 VXNlcm5hbWU6" in out.stdout and "<~  334 UGFzc3dvcmQ6" in out.stdout
-    queued = sorted(authmta.queued(), key=lambda mc: mc[0].recipients[0].address)
+    queued = sorted(authmta.queued(text=True), key=lambda mc: mc[0].recipients[0].address)
     assert len(queued) == 4
     log = authmta.log()
     assert "postfix-py/submission/smtpd[" in log and "postfix-py/smtps/smtpd[" in log

@@ -8,7 +8,6 @@ end-of-data lists at DATA and after the final dot, with nothing queued on a reje
 Recipients past smtpd_recipient_limit get 452 without ending the session.
 """
 
-import glob
 import os
 import signal
 import smtplib
@@ -17,22 +16,13 @@ import ssl
 import pytest
 import trustme
 
-from pfxinst import SmtpClient, free_port, wait_for
-from postfix_py.lib import queue as Q
+from pfxinst import SmtpClient, wait_for
 
 
 @pytest.fixture
 def mta(instance):
-    """An instance with one smtpd service on a free port; .queued() reads incoming/."""
-    instance.port = free_port()
-    instance.main.update({"mydestination": "$myhostname, localhost",
-                          "smtpd_error_sleep_time": "0s"})
-    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd"]
-
-    def queued():
-        return [Q.read(p) for p in sorted(glob.glob(str(instance.queue / "incoming" / "*")))]
-    instance.queued = queued
-    return instance
+    """An instance with one smtpd service; .port and .queued()."""
+    return instance.add_smtpd()
 
 
 @pytest.fixture
@@ -228,7 +218,7 @@ def test_recipient_overshoot_keeps_the_first_thousand(mta):
     assert c.cmd("Subject: many\r\n\r\nhello\r\n.").startswith("250 2.0.0 Ok: queued as ")
     c.cmd("QUIT")
     c.close()
-    m, = mta.queued()
+    (m, _), = mta.queued()
     assert [r.address for r in m.recipients] == rcpts[:1000]
     assert "too many errors" not in mta.log()
 
@@ -352,7 +342,7 @@ def test_header_size_limit_truncates_a_header(mta):
                   f" body line that starts with a space\r\nbody\r\n.")
     assert reply.startswith("250 2.0.0 Ok: queued as ")
     c.close()
-    m, = mta.queued()
+    (m, _), = mta.queued()
     text = b"".join(m.content(str(mta.queue / "incoming" / m.queue_id))).decode()
     header, body = text.split("\n\n", 1)
     # 15 bytes, then 29 a continuation line: after three the header is 102 bytes long,

@@ -1,7 +1,6 @@
 """smtpd's TLS, as the seed specifies it, through real handshakes with real clients:
 smtplib, raw sockets with the ssl module, openssl s_client, swaks, and Debian's Postfix."""
 
-import glob
 import os
 import shutil
 import smtplib
@@ -15,7 +14,6 @@ import trustme
 
 from pfxinst import SmtpClient, free_port, wait_for
 from peers import PostfixPeer, available as postfix_available
-from postfix_py.lib import queue as Q
 from postfix_py.lib import tls as T
 
 OPENSSL = shutil.which("openssl")
@@ -48,22 +46,12 @@ def pki(tmp_path_factory):
 
 @pytest.fixture
 def tlsmta(instance, pki):
-    instance.port = free_port()
-    instance.main.update({
-        "mydestination": "$myhostname, localhost",
-        "smtpd_error_sleep_time": "0s",
+    return instance.add_smtpd(**{
         "smtpd_tls_cert_file": pki["server"],
         "smtpd_tls_security_level": "may",
         "smtpd_tls_loglevel": "1",
         "smtpd_tls_received_header": "yes",
     })
-    instance.master_lines = [f"127.0.0.1:{instance.port} inet n - y - - smtpd"]
-
-    def queued():
-        return [(Q.read(p), b"".join(Q.read(p).content(p)))
-                for p in sorted(glob.glob(str(instance.queue / "incoming" / "*")))]
-    instance.queued = queued
-    return instance
 
 
 def client_ctx(cert=None):

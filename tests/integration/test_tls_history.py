@@ -7,9 +7,7 @@ delivers qmgr's requests to a postfix-py smtpd with STARTTLS; `postfix-py tls hi
 and `tls explain` run as an administrator would run them."""
 
 import os
-import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import urllib.request
@@ -21,8 +19,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import POSTFIX_PY
 from pfxinst import Instance, free_port, wait_for
-from postfix_py.lib import attr, deliver
-from postfix_py.lib import queue as Q
 
 
 @pytest.fixture(scope="module")
@@ -42,22 +38,14 @@ def issue(path: Path, ca: trustme.CA) -> None:
 
 @pytest.fixture(scope="module")
 def sink(base):
-    inst = Instance(base / "sink")
-    inst.dir.mkdir()
-    os.chmod(inst.dir, 0o755)
+    inst = Instance.make(base / "sink")
     inst.ca = trustme.CA()
     inst.cert = base / "sink.pem"
     issue(inst.cert, inst.ca)
-    inst.port = free_port()
-    inst.main.update({"mydestination": "sink.test", "smtpd_error_sleep_time": "0s",
-                      "smtpd_tls_security_level": "may",
-                      "smtpd_tls_cert_file": str(inst.cert)})
-    inst.master_lines = [f"127.0.0.1:{inst.port} inet n - y - - smtpd"]
-    try:
-        inst.start()
+    inst.add_smtpd(mydestination="sink.test", smtpd_tls_security_level="may",
+                   smtpd_tls_cert_file=str(inst.cert))
+    with inst.running():
         yield inst
-    finally:
-        inst.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +57,7 @@ def sender(base, sink):
     policy.write_text(f"[127.0.0.1]:{sink.port} verify match=127.0.0.1\n")
     for f in (transport, policy, base / "ca.pem"):
         os.chmod(f, 0o644)
-    inst = Instance(base / "sender")
-    inst.dir.mkdir()
-    os.chmod(inst.dir, 0o755)
+    inst = Instance.make(base / "sender")
     inst.main.update({"mydestination": "", "smtp_tls_security_level": "may",
                       "smtp_tls_loglevel": "1", "smtp_tls_CAfile": str(base / "ca.pem"),
                       "transport_maps": f"texthash:{transport}",
@@ -82,35 +68,12 @@ def sender(base, sink):
                          f"127.0.0.1:{inst.metrics_port} inet n - n - 1 metrics",
                          "smtp unix - - y - - smtp",
                          f"verify unix - - y - - smtp -o smtp_tls_policy_maps=texthash:{policy}"]
-    inst.uid_gid = (pwd.getpwnam(inst.main["mail_owner"]).pw_uid,
-                    pwd.getpwnam(inst.main["mail_owner"]).pw_gid)
-    try:
-        inst.start()
-        wait_for(lambda: (inst.queue / "private" / "verify").exists(), what="private/verify")
+    with inst.running("verify"):
         yield inst
-    finally:
-        inst.cleanup()
 
 
 def deliver_one(inst, nexthop: str, service: str = "smtp"):
-    w = Q.QueueWriter(str(inst.queue))
-    w.set_sender("a@client.example")
-    w.add_recipient("v@sink.test")
-    w.write(b"Subject: history\n\nhello\n")
-    qid = w.commit()
-    path = inst.queue / "active" / qid
-    os.rename(inst.queue / "incoming" / qid, path)
-    os.chown(path, *inst.uid_gid)
-    m = Q.read(str(path))
-    req = deliver.Request(qid, f"active/{qid}", service, nexthop, m.sender, m.arrival,
-                          ["v@sink.test"], [r.offset for r in m.recipients])
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(30)
-        s.connect(str(inst.queue / "private" / service))
-        s.sendall(deliver.encode_request(req))
-        reply = deliver.decode_reply(attr.read_frame(s, 30), 1)
-    os.unlink(path)
-    return reply.results[0]
+    return inst.deliver(service, nexthop, content=b"Subject: history\n\nhello\n").results[0]
 
 
 def tool(inst, *args):

@@ -10,7 +10,6 @@ import shutil
 import smtplib
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -45,10 +44,7 @@ def log_has(inst, text, timeout=15):
 @pytest.fixture
 def mta(instance):
     instance.port = free_port()
-    instance.record = instance.dir / "fake-agent.log"
-    instance.record.touch()
-    os.chmod(instance.record, 0o666)
-    instance.env["FAKE_AGENT_LOG"] = str(instance.record)
+    instance.record_fake_agent()
     instance.main.update({
         "mydestination": "$myhostname, localhost",
         "smtpd_error_sleep_time": "0s",
