@@ -892,9 +892,9 @@ class Cleanup:
         self._checking = self._checking_headers = False
         self._every_header = False
 
-    def _log(self, action: str, context: str, text: str, detail: str) -> None:
-        parts = [f"{self.id}: {self._log_prefix}{action}: {context} {text[:200]} from "
-                 f"{self.origin};"]
+    def _envelope_tail(self) -> str:
+        """` from=<s> to=<r> proto=P helo=<h>` of Postfix's cleanup reject/hold lines."""
+        parts = []
         if self.sender is not None:
             parts.append(f" from=<{self.sender}>")
         if self.first_rcpt is not None:
@@ -903,6 +903,12 @@ class Cleanup:
             parts.append(f" proto={self.proto}")
         if self.helo:
             parts.append(f" helo=<{self.helo}>")
+        return "".join(parts)
+
+    def _log(self, action: str, context: str, text: str, detail: str) -> None:
+        parts = [f"{self.id}: {self._log_prefix}{action}: {context} {text[:200]} from "
+                 f"{self.origin};"]
+        parts.append(self._envelope_tail())
         if detail:
             parts.append(f": {detail[:1000]}")
         msg.info_as("cleanup", "".join(parts))
@@ -1030,14 +1036,7 @@ class Cleanup:
             self.errors.add(DEFER if reply[0] == "4" else CONT)
             action, text = "milter-reject", reply[4:]
         parts = [f"{self.id}: {action}: {event} from {self.origin}: {text};"]
-        if self.sender is not None:
-            parts.append(f" from=<{self.sender}>")
-        if self.first_rcpt is not None:
-            parts.append(f" to=<{self.first_rcpt}>")
-        if self.proto:
-            parts.append(f" proto={self.proto}")
-        if self.helo:
-            parts.append(f" helo=<{self.helo}>")
+        parts.append(self._envelope_tail())
         msg.info_as("cleanup", "".join(parts))
 
     def milter_header_check(self, name: str, value: str) -> list[str]:
