@@ -83,6 +83,11 @@ FULL_WARN_INTERVAL = 60.0   # seconds between map-full warnings of one cache
 _STAMP = struct.Struct(">d")
 
 
+def expired(value: bytes, now: float, timeout: float) -> bool:
+    """Whether a stamped entry is past its timeout, or too short to hold a timestamp."""
+    return len(value) < _STAMP.size or now - _STAMP.unpack_from(value)[0] > timeout
+
+
 class CacheError(ValueError):
     """A cache database parameter that cannot be used."""
 
@@ -166,8 +171,7 @@ class SessionCache:
 
     # --- requests ------------------------------------------------------------------------
     def _expired(self, value: bytes, now: float) -> bool:
-        """Return True for an entry past its timeout, or too short to hold a timestamp."""
-        return len(value) < _STAMP.size or now - _STAMP.unpack_from(value)[0] > self.timeout
+        return expired(value, now, self.timeout)
 
     def lookup(self, cache_id: bytes) -> bytes | None:
         """Return the session stored under cache_id, or None."""
@@ -381,8 +385,7 @@ class StoreSessionCache:
             return None
         self.counters["lookups"] += 1
         value = self.table.get(cache_id)
-        if value is not None and (len(value) < _STAMP.size
-                                  or self.clock() - _STAMP.unpack_from(value)[0] > self.timeout):
+        if value is not None and expired(value, self.clock(), self.timeout):
             self.counters["expired"] += 1
             self.table.delete(cache_id)
             value = None
