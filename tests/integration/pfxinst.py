@@ -37,6 +37,14 @@ def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def gone(pid: int) -> bool:
+    """True once pid has exited (a zombie counts): race-free, unlike pid_exists then Process."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 class Instance:
     def __init__(self, root: Path):
         self.dir = root
@@ -178,7 +186,7 @@ class Instance:
         except psutil.NoSuchProcess:
             return []
         self.pids_seen.update(p.pid for p in kids)
-        return [p for p in kids if p.status() != psutil.STATUS_ZOMBIE]
+        return [p for p in kids if not gone(p.pid)]
 
     def log(self) -> str:
         try:

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from pfxinst import SmtpClient, connect, free_port, greet, wait_for
+from pfxinst import SmtpClient, connect, free_port, gone, greet, wait_for
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="chroot and privilege drop need root")
@@ -110,8 +110,7 @@ def test_max_use_retires_a_worker(instance):
         pids.append(hello["pid"])
         bye(f)
     assert len(set(pids)) == 1
-    wait_for(lambda: not psutil.pid_exists(int(pids[0])) or
-             psutil.Process(int(pids[0])).status() == psutil.STATUS_ZOMBIE,
+    wait_for(lambda: gone(int(pids[0])),
              what="the worker to exit after its third client")
     f, hello = greet(port)
     assert hello["pid"] != pids[0] and hello["served"] == "0"
@@ -146,9 +145,9 @@ def test_stop_is_graceful_and_leaves_no_process(instance):
     bye(f)
     t.join()
     assert result["out"].returncode == 0, result["out"].stderr
-    assert not psutil.pid_exists(master) or psutil.Process(master).status() == "zombie"
+    assert gone(master)
     for pid in instance.pids_seen | {int(hello["pid"])}:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        assert gone(pid)
     with pytest.raises(OSError):
         connect(port, timeout=2)
     assert instance.cmd("status").returncode == 1
@@ -241,8 +240,7 @@ def test_reload_under_load_refuses_nobody(instance):
     f_old.write(b"after reload\n")
     assert f_old.readline() == b"after reload\n"
     bye(f_old)
-    wait_for(lambda: not psutil.pid_exists(int(hello_old["pid"])) or
-             psutil.Process(int(hello_old["pid"])).status() == "zombie",
+    wait_for(lambda: gone(int(hello_old["pid"])),
              what="the old generation's worker to exit")
 
 
@@ -348,7 +346,7 @@ def test_workers_exit_when_the_master_dies(instance):
     assert f.readline() == b"still served\n"
     bye(f)
     pid = int(hello["pid"])
-    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie",
+    wait_for(lambda: gone(pid),
              what="the orphaned worker to exit")
 
 
@@ -380,7 +378,7 @@ def test_stop_ends_silent_and_busy_clients_at_once(instance):
     assert took < 5, took
     instance.start_tried = False            # nothing left for the clean-up to wait for
     for pid in pids:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        assert gone(pid)
     assert f.readline() == b""              # the silent clients were cut off
     f.close()
     assert silent.reply().endswith("<EOF>")
@@ -414,7 +412,7 @@ def test_stop_with_t_lets_clients_finish_then_ends_the_rest(instance):
     instance.start_tried = False
     assert f.readline() == b""              # then it was ended
     f.close()
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert gone(pid)
 
 
 def test_pickup_wakeups_bring_no_process_limit_warning(instance):

@@ -11,11 +11,10 @@ import smtplib
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from helpers import run
-from pfxinst import free_port, wait_for
+from pfxinst import free_port, gone, wait_for
 from postfix_py.lib import queue as Q
 
 HOST = "mail.test.example"
@@ -264,7 +263,7 @@ def test_restart_with_mail_in_active(mta):
     (pid,) = qmgr_pids(mta)
     os.kill(pid, signal.SIGKILL)            # mid-delivery: the agent is still at it
     assert mta.files("active") == [qid]
-    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie",
+    wait_for(lambda: gone(pid),
              what="qmgr gone")
     Q.wake(str(mta.queue), b"W")            # the master's wakeup timer would do this
     log_has(mta, f"{qid}: removed")

@@ -87,10 +87,13 @@ def _burners_gone(root: psutil.Process, timeout: float = 60) -> None:
     """Until only the sleeping shell is left below root."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        kids = root.children(recursive=True)
-        if len(kids) <= 2 and all(p.status() != psutil.STATUS_RUNNING for p in kids):
-            if all("sleep" in " ".join(p.cmdline()) or p.name() == "sh" for p in kids):
-                return
+        try:
+            kids = root.children(recursive=True)
+            if len(kids) <= 2 and all(p.status() != psutil.STATUS_RUNNING for p in kids):
+                if all("sleep" in " ".join(p.cmdline()) or p.name() == "sh" for p in kids):
+                    return
+        except psutil.NoSuchProcess:        # a burner ending between listing and asking
+            pass
         time.sleep(0.05)
     pytest.fail("the CPU burners did not end")
 
