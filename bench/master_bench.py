@@ -14,6 +14,8 @@ system, with the smtp inet service on a loopback port:
   warm         connect to 220 greeting with an idle worker waiting (ms)
   idle_uss     USS of an idle smtpd worker (MiB, psutil)
   busy_uss     USS of an smtpd worker in the middle of a session, after a message (MiB)
+  instance_uss the whole idle instance: the USS of the master and every process below it,
+               after start and before any client (MiB), and their count (procs)
 Prints a table of medians and the postfix-py/Postfix ratios; --json for machine output.
 """
 
@@ -138,6 +140,19 @@ def uss(proc: psutil.Process) -> float:
     return proc.memory_full_info().uss / 1048576
 
 
+def instance_uss(master_pid: int) -> tuple[float, int]:
+    """The USS sum (MiB) of master_pid and every process below it, and their count."""
+    root = psutil.Process(master_pid)
+    total, n = 0.0, 0
+    for p in [root] + root.children(recursive=True):
+        try:
+            total += uss(p)
+            n += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total, n
+
+
 def busy_session(port: int):
     """A session in the middle of a transaction, after one message: (socket, file)."""
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -224,6 +239,7 @@ def measure(system: str, root: Path, mode: str = "matched") -> dict:
         start_s = time.perf_counter() - t0
         time.sleep(0.5)
         master = inst.master_pid()
+        whole, procs = instance_uss(master)
         name = "smtpd"
         first = greet_ms(port)      # no smtpd runs yet: this one is forked for us
         time.sleep(0.2)
@@ -237,7 +253,8 @@ def measure(system: str, root: Path, mode: str = "matched") -> dict:
     finally:
         inst.stop()         # also when a measurement fails: never leave a mail system behind
     return {"start": start_s, "first": first, "warm": warm, "idle_uss": idle,
-            "busy_uss": busy, "services": len(services(cf))}
+            "busy_uss": busy, "instance_uss": whole, "procs": procs,
+            "services": len(services(cf))}
 
 
 def main(argv=None) -> int:
@@ -265,7 +282,8 @@ def main(argv=None) -> int:
         return 0
     print(services_note(args.services))
     keys = [("services", "n", 0), ("start", "s", 3), ("first", "ms", 2), ("warm", "ms", 2),
-            ("idle_uss", "MiB", 2), ("busy_uss", "MiB", 2)]
+            ("idle_uss", "MiB", 2), ("busy_uss", "MiB", 2), ("instance_uss", "MiB", 1),
+            ("procs", "n", 0)]
     print(f"{'metric':<10}" + "".join(f"{s:>14}" for s in systems) +
           ("   ratio" if len(systems) == 2 else ""))
     for key, unit, nd in keys:

@@ -98,6 +98,25 @@ def _burners_gone(root: psutil.Process, timeout: float = 60) -> None:
     pytest.fail("the CPU burners did not end")
 
 
+def test_instance_uss_sums_every_process_of_the_tree():
+    """The whole-instance memory figure counts the root and all its descendants."""
+    root = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"])
+    try:
+        proc = psutil.Process(root.pid)
+        deadline = time.monotonic() + 10
+        while len(proc.children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        total, n = master_bench.instance_uss(root.pid)
+        each = [master_bench.uss(p) for p in [proc] + proc.children(recursive=True)]
+        assert n == 3
+        assert total == pytest.approx(sum(each), rel=0.2) and total > 0
+    finally:
+        for p in psutil.Process(root.pid).children(recursive=True):
+            p.kill()
+        root.kill()
+        root.wait(10)
+
+
 @pytest.mark.parametrize("script", [
     # children that end and are waited for by their parent (the shell)
     f"({BURN}) & ({BURN}) & wait; exec sleep 30",
