@@ -450,10 +450,6 @@ class Master:
     def _count(self, key: str) -> int:
         return sum(1 for p in self.procs.values() if p.key == key)
 
-    def _avail(self, state: S.ServiceState) -> int:
-        return sum(1 for p in self.procs.values()
-                   if p.key == state.key and p.generation == state.generation and p.avail)
-
     def spawn(self, state: S.ServiceState) -> None:
         """Fork one worker of state's service."""
         keep = {state.status_w, state.live_r} | {s.fileno() for s in state.listeners}
@@ -555,21 +551,28 @@ class Master:
 
     def _update_listen(self, state: S.ServiceState) -> None:
         """Watch a service's listeners only while a client could wait for a new worker."""
-        if self.services.get(state.key) is not state:
+        key = state.key
+        if self.services.get(key) is not state:
             return
-        total = self._count(state.key)
+        # One pass over the processes (this runs on every worker status report): all of
+        # the service's, this generation's own, and its own available ones.
+        total = own = avail = 0
+        for p in self.procs.values():
+            if p.key == key:
+                total += 1
+                if p.generation == state.generation:
+                    own += 1
+                    avail += p.avail
         at_limit = state.maxproc and total >= state.maxproc
         want = (not self.stopping and not state.throttled_until
-                and self._avail(state) == 0 and not at_limit)
+                and avail == 0 and not at_limit)
         # Warn only when this generation's own workers fill the limit: processes of an
         # older generation that are finishing after a reload are not a capacity problem.
         # As Postfix's master_avail_listen(), only a service that remote clients reach
         # and that runs more than one process is worth the warning: not a unix service
         # (pickup's wakeup connects while its one process works), nor a loopback one.
-        own = sum(1 for p in self.procs.values()
-                  if p.key == state.key and p.generation == state.generation)
         if at_limit and not self.stopping and own >= state.maxproc and \
-                self._avail(state) == 0 and S.stress_warned(state) and \
+                avail == 0 and S.stress_warned(state) and \
                 (not state.limit_warned or
                  time.monotonic() - state.limit_warned > LIMIT_WARN_INTERVAL):
             state.limit_warned = time.monotonic()

@@ -149,7 +149,11 @@ class ServiceState:
 
     @property
     def key(self) -> str:
-        return self.svc.key
+        try:
+            return self._key
+        except AttributeError:      # once: the master asks on every worker status report
+            self._key = self.svc.key
+            return self._key
 
     def pipes(self) -> None:
         """Create the status and liveness pipes of this generation."""
