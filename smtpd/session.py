@@ -79,6 +79,7 @@ import errno
 import os
 import re
 import time
+import weakref
 
 from ..lib import cleanup, flush, mail_flow, metrics, msg, tables
 from ..lib import dsn as DSN
@@ -238,7 +239,11 @@ class Session:
         self.overshoot_limit = cfg["smtpd_recipient_overshoot_limit"]
         self.smtputf8_enable = cfg["smtputf8_enable"]
         self.seqno = 0                  # messages begun: the policy "instance"
-        self.client.session_attrs = self.policy_attrs
+        # The client state must not hold the session: a reference cycle would keep each
+        # finished session, its TLS connection and OpenSSL's buffers with it, until the
+        # next full garbage collection (the C heap of a busy worker grew by megabytes).
+        attrs = weakref.WeakMethod(self.policy_attrs)
+        self.client.session_attrs = lambda: attrs()()
         self.reset()
 
     # --- configuration ---------------------------------------------------------------------

@@ -322,3 +322,35 @@ def test_bulk_body_reader_matches_the_line_reader(world, body, pipelined, mode):
     mask = re.compile(rb"queued as [0-9A-F]+")
     assert mask.sub(b"queued", bulk) == mask.sub(b"queued", lines)
     assert bulk_content == _queued(world, lines)
+
+
+def test_a_finished_session_is_freed_without_the_cycle_collector(world):
+    """No reference cycle through the session: a worker's sessions (each with its TLS
+    connection and OpenSSL's buffers) are freed when they end, not at the next full
+    garbage collection, which let a busy worker's C heap grow by megabytes."""
+    import gc
+    import weakref
+    queue, worlds = world
+    cfg, checker, tls = worlds["normalize"]
+    server, client = socket.socketpair()
+    client.sendall(b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\n"
+                   b"RCPT TO:<b@localhost>\r\nDATA\r\nSubject: x\r\n\r\nhello\r\n.\r\n"
+                   b"QUIT\r\n")
+    client.shutdown(socket.SHUT_WR)
+    gc.disable()
+    try:
+        with captured_log():
+            stream = SmtpStream(server, cfg["smtpd_timeout"])
+            session = Session(stream, cfg, ClientState(name="client.example",
+                                                       addr="127.0.0.1"),
+                              queue, checker, level="may", tls=tls)
+            session.run()
+            stream.close()
+        gone = weakref.ref(session)
+        del session, stream
+        assert gone() is None, [type(r).__name__ for r in gc.get_referrers(gone())]
+    finally:
+        gc.enable()
+        replies = client.recv(65536)
+        client.close()
+    assert b"250 2.0.0 Ok: queued as" in replies
