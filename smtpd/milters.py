@@ -28,6 +28,8 @@ SEE ALSO
 
 from __future__ import annotations
 
+import weakref
+
 from ..lib import milter
 from ..lib.resolve import ResolveError
 
@@ -44,7 +46,10 @@ def prepare(cfg) -> list:
 
 def setup(session, specs: list) -> None:
     """The session's milters (None without smtpd_milters)."""
-    session.milters = milter.Milters(specs, session.cfg, lambda name: evaluate(session, name)) \
+    # A weak reference: the session must not hold itself through its milters' macro
+    # callback (a cycle would keep every finished session until a full collection).
+    ref = weakref.ref(session)
+    session.milters = milter.Milters(specs, session.cfg, lambda name: evaluate(ref(), name)) \
         if specs else None
     session.milter_rcpt = None          # the recipient being checked, for {rcpt_*}
     session.milter_reject = None        # smtpd's own reject of it (SMFIP_RCPT_REJ)

@@ -324,14 +324,22 @@ def test_bulk_body_reader_matches_the_line_reader(world, body, pipelined, mode):
     assert bulk_content == _queued(world, lines)
 
 
-def test_a_finished_session_is_freed_without_the_cycle_collector(world):
+@pytest.mark.parametrize("milters", [False, True])
+def test_a_finished_session_is_freed_without_the_cycle_collector(world, milters):
     """No reference cycle through the session: a worker's sessions (each with its TLS
     connection and OpenSSL's buffers) are freed when they end, not at the next full
-    garbage collection, which let a busy worker's C heap grow by megabytes."""
+    garbage collection, which let a busy worker's C heap grow by megabytes. With
+    smtpd_milters too (a milter that cannot be reached, milter_default_action accept)."""
     import gc
     import weakref
+
+    from postfix_py.smtpd import milters as M
     queue, worlds = world
     cfg, checker, tls = worlds["normalize"]
+    if milters:
+        cfg = cfg.with_overrides({"smtpd_milters": "inet:127.0.0.1:9",
+                                  "milter_default_action": "accept",
+                                  "milter_connect_timeout": "1s"})
     server, client = socket.socketpair()
     client.sendall(b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\n"
                    b"RCPT TO:<b@localhost>\r\nDATA\r\nSubject: x\r\n\r\nhello\r\n.\r\n"
@@ -344,6 +352,8 @@ def test_a_finished_session_is_freed_without_the_cycle_collector(world):
             session = Session(stream, cfg, ClientState(name="client.example",
                                                        addr="127.0.0.1"),
                               queue, checker, level="may", tls=tls)
+            M.setup(session, M.prepare(cfg))
+            assert (session.milters is not None) == milters
             session.run()
             stream.close()
         gone = weakref.ref(session)
