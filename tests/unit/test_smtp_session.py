@@ -625,3 +625,25 @@ def test_no_dsn_parameters_without_the_keyword():
     assert h.result()[0] == "sent"
     assert "MAIL FROM:<s@example.org>" in h.script.lines
     assert "RCPT TO:<a@example.org>" in h.script.lines
+
+
+@pytest.mark.parametrize("with_tls", [False, True])
+def test_a_finished_client_session_is_freed_without_the_cycle_collector(pki, tmp_path,
+                                                                        with_tls):
+    """No reference cycle through a client session: each one (with its TLS connection)
+    is freed when the delivery is done, not at the next full garbage collection."""
+    import gc
+    import weakref
+    gc.disable()
+    try:
+        if with_tls:
+            h = Harness(tls_dialogue(), tls=starter(pki, tmp_path, "may"),
+                        tls_ctx=pki["good"]).run()
+        else:
+            h = Harness(plain_dialogue()).run()
+        assert h.result()[0] == "sent"
+        gone = weakref.ref(h.sess)
+        del h.sess
+        assert gone() is None, [type(r).__name__ for r in gc.get_referrers(gone())]
+    finally:
+        gc.enable()
