@@ -142,7 +142,8 @@ class Config:
     path: str
     entries: dict[str, Entry] = field(default_factory=dict)
     overrides: dict[str, str] = field(default_factory=dict)
-    _cache: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)      # typed values
+    _texts: dict = field(default_factory=dict, repr=False)      # expanded texts (get)
     _computing: set = field(default_factory=set, repr=False)   # computed defaults under way
 
     # --- raw values ------------------------------------------------------------------
@@ -228,8 +229,12 @@ class Config:
 
     # --- typed access ----------------------------------------------------------------
     def get(self, name: str) -> str:
-        """The expanded text of a parameter ("" when it is neither declared nor set)."""
-        return self.expand(self.raw(name) or "")
+        """The expanded text of a parameter ("" when it is neither declared nor set).
+        Cached, as the typed values are: a Config does not change once loaded."""
+        text = self._texts.get(name)
+        if text is None:
+            text = self._texts[name] = self.expand(self.raw(name) or "")
+        return text
 
     def __getitem__(self, name: str):
         """The typed value of a declared parameter; ConfigError for a bad value."""

@@ -15,6 +15,7 @@ SEE ALSO
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -78,13 +79,12 @@ class NetworkList:
 
     def match(self, addr: str, name: str = "unknown") -> bool:
         """Whether the client (address, verified name or "unknown") is in the list."""
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
+        if not self.entries:
+            return False            # an empty list (most of them): nothing to parse
+        parsed = _client_ip(addr)
+        if parsed is None:
             return False
-        if ip.version == 6 and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return bool(self._match(ip, str(ip), name.lower().rstrip(".")))
+        return bool(self._match(*parsed, name.lower().rstrip(".")))
 
     def _match(self, ip, addr: str, name: str) -> bool | None:
         """True or False from the first entry that matches; None when none does."""
@@ -107,3 +107,16 @@ class NetworkList:
             if hit:
                 return not negated
         return None
+
+
+@functools.lru_cache(maxsize=64)
+def _client_ip(addr: str):
+    """(ip, its text) of a client address, an IPv4-mapped IPv6 one as IPv4; None when
+    addr is not an address. Cached: a session asks several lists about one client."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return None
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip, str(ip)

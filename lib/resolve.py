@@ -124,6 +124,11 @@ _ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^
 
 def _scan(text: str, ops: str, last: bool) -> int:
     """Index of the first (last) character of ops outside quoted strings and [literals]."""
+    if '"' not in text and "[" not in text:
+        # Nothing quoted, no literal (nearly every address): the plain search, in C.
+        hits = [i for i in ((text.rfind(c) if last else text.find(c)) for c in ops)
+                if i >= 0]
+        return (max(hits) if last else min(hits)) if hits else -1
     found, quoted, literal, i = -1, False, False, 0
     while i < len(text):
         c = text[i]

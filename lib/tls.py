@@ -1599,6 +1599,30 @@ def _sig_of(public_key) -> tuple[str, str, int]:
     return type(public_key).__name__, "", 0
 
 
+# Own certificate (tls_session.local_certificate_id) -> (its X509, held so that the
+# address names it, _sig_of and _own_digest of its key): a server hands out the same few
+# certificates on every handshake, so their key facts are worked out once.
+_LOCAL_SIG: dict[int, tuple] = {}
+_LOCAL_SIG_MAX = 64
+
+
+def _local_sig(conn: SSL.Connection) -> tuple[tuple[str, str, int], str | None] | None:
+    """(_sig_of, _own_digest) of conn's own certificate's key; None without one."""
+    key = tls_session.local_certificate_id(conn)
+    if not key:
+        return None
+    hit = _LOCAL_SIG.get(key)
+    if hit is None:
+        cert = conn.get_certificate()       # a reference: the address stays this cert's
+        if cert is None:
+            return None
+        public_key = cert.to_cryptography().public_key()
+        if len(_LOCAL_SIG) >= _LOCAL_SIG_MAX:
+            _LOCAL_SIG.clear()
+        hit = _LOCAL_SIG[key] = (cert, _sig_of(public_key), _own_digest(public_key))
+    return hit[1], hit[2]
+
+
 def _own_digest(public_key) -> str | None:
     """The digest a TLS 1.3 signature with this key uses, when the key alone decides it:
     ECDSA's curve names it (RFC 8446 4.2.3), EdDSA has none (""); None for RSA and DSA."""
@@ -1702,12 +1726,12 @@ def peer_info(conn: SSL.Connection, digest: str = "sha256", match: list[str] | N
         # As tls_get_signature_params(): only TLS 1.3 names these apart from the cipher.
         info.kex_name, info.kex_curve, info.kex_bits = _kex_of(conn.get_group_name())
         local_scheme, peer_scheme = tls_session.signature_schemes(conn)
-        local = conn.get_certificate(as_cryptography=True)
+        local = _local_sig(conn)
         if local is not None and (server or local_scheme is not None):
-            name, curve, bits = _sig_of(local.public_key())
+            (name, curve, bits), own = local
             dgst = _SCHEME_DIGEST.get(local_scheme, "") if local_scheme else ""
             if server and local_scheme is None and not info.session_reused:
-                dgst = _own_digest(local.public_key()) or ""   # not captured: see server_tls
+                dgst = own or ""   # not captured: see server_tls
             _set_sig(info, server, name, curve, bits, dgst)
         if peer is not None:
             name, curve, bits = _sig_of(peer.public_key())

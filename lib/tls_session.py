@@ -19,6 +19,9 @@ FUNCTIONS
         before the handshake.
     session_reused(conn) -> bool: whether the handshake resumed a session.
     cipher_bits(conn) -> (used_bits, algorithm_bits) of the current cipher, (0, 0) if none.
+    local_certificate_id(conn) -> int: the address of conn's own certificate (0: none),
+        which names it while a reference to it is held (lib/tls.py caches the facts of
+        its key by it).
     verify_result(conn) -> int: OpenSSL's X509_V_* result of peer verification (0 is OK),
         as recorded even when our callback let the handshake go on.
     verify_error_string(code) -> str: OpenSSL's text for an X509_V_* code.
@@ -58,6 +61,7 @@ REQUIRED_SYMBOLS = (
     "SSL_session_reused",
     "SSL_get_current_cipher",
     "SSL_CIPHER_get_bits",
+    "SSL_get_certificate",
     "SSL_get_verify_result",
     "X509_verify_cert_error_string",
     "X509_NAME_oneline",
@@ -132,6 +136,13 @@ def deserialize(data: bytes, ctx: SSL.Context) -> SSL.Session:
 def session_reused(conn: SSL.Connection) -> bool:
     """Whether the last handshake on conn resumed a session."""
     return bool(_lib.SSL_session_reused(conn._ssl))
+
+
+def local_certificate_id(conn: SSL.Connection) -> int:
+    """The address of conn's own certificate, 0 when it has none: it names that
+    certificate for as long as a reference to it is held (lib/tls.py's cache)."""
+    cert = _lib.SSL_get_certificate(conn._ssl)      # no new reference
+    return 0 if cert == _ffi.NULL else int(_ffi.cast("uintptr_t", cert))
 
 
 def cipher_bits(conn: SSL.Connection) -> tuple[int, int]:

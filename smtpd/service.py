@@ -143,6 +143,8 @@ _TEMP_AI_ERRORS = (socket.EAI_AGAIN, socket.EAI_MEMORY, socket.EAI_SYSTEM)
 
 
 def _numeric(name: str) -> bool:
+    if ":" not in name and name.strip("0123456789."):
+        return False        # not IPv6, and a letter: no address (the common case, cheaply)
     try:
         ipaddress.ip_address(name)
     except ValueError:

@@ -67,10 +67,11 @@ class TlsServer:
         if self.server.loglevel >= 4:
             stream.trace = lambda what, data: _trace(client.client, what, data)
         deadline = time.monotonic() + self.timeout
-        offer = T.client_hello_offer(_peek_record(stream.sock, self.timeout))
+        hello = _peek_record(stream.sock, self.timeout)  # parsed only if it fails
         try:
             stream.start_tls(conn, max(1.0, deadline - time.monotonic()))
         except TLSFailure as exc:
+            offer = T.client_hello_offer(hello)
             msg.info(f"SSL_accept error from {client.client}: client offered: "
                      f"{T.offer_text(offer)}")
             metrics.tls_server_failure(client.client, exc.reason, offer)
