@@ -163,11 +163,16 @@ class Instance:
 
     def start(self):
         self.write()
+        # Until `start` answers, a master may be on its way up (the answer timed out on a
+        # loaded machine): cleanup then waits for its pid. Once it answered, the master it
+        # started is in pids_seen (or it refused and there is none), so a test that stops
+        # the instance itself costs cleanup no wait.
         self.start_tried = True
         out = self.cmd("start")
-        self.start_tried = out.returncode == 0     # a refused start leaves no master
+        self.start_tried = False
         assert out.returncode == 0, out.stderr
-        self.pids_seen.add(self.master_pid())
+        if pid := self.master_pid():
+            self.pids_seen.add(pid)
         return out
 
     def master_pid(self) -> int | None:
