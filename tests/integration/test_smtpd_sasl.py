@@ -6,7 +6,6 @@ import base64
 import os
 import pwd
 import shutil
-import signal
 import ssl
 import subprocess
 import time
@@ -15,6 +14,7 @@ import bcrypt
 import pytest
 import trustme
 
+from peers import stop_dovecot
 from pfxinst import SmtpClient, free_port, wait_for
 from postfix_py.smtpd import sasl as S
 
@@ -108,14 +108,8 @@ userdb {{
             raise RuntimeError(f"dovecot did not start: {self.proc.stderr.read()!r}")
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
         if self.proc is not None:
+            stop_dovecot(self.proc)
             self.proc.stderr.close()
 
 
@@ -150,6 +144,7 @@ def authmta(request, instance, pki):
         instance.dovecot = Dovecot(str(instance.dir / "dovecot"), str(private / "auth"),
                                    str(passwd))
         request.addfinalizer(instance.dovecot.stop)
+        request.addfinalizer(instance.cleanup)    # first: smtpd's auth clients go
         instance.dovecot.start()
         instance.main["smtpd_sasl_path"] = "private/auth"      # relative: inside the jail
     instance.kind = kind
