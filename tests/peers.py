@@ -8,7 +8,7 @@ measures and behaves like a receiving MX.
 
 Dnsmasq(records, log_path, ...) is a private DNS server; scrape_metrics(port) reads a
 Prometheus exporter's /metrics on 127.0.0.1 (prometheus-postfix-exporter, the metrics
-service).
+service); stop_dovecot(proc) ends a Dovecot a test started.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import psutil
 
 POSTFIX = shutil.which("postfix", path="/usr/sbin:/usr/bin")
 MASTER_CF = "/etc/postfix/master.cf"
@@ -42,6 +44,50 @@ def reap(pid: int | None, timeout: float = 10) -> None:
         os.kill(pid, 9)
     except ProcessLookupError:
         pass
+
+
+def stop_dovecot(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """End a `dovecot -F` a test started (proc) and every process it had. On SIGTERM its
+    master ends the services, then waits a fixed second for its log process (for late
+    log lines, which a test has none of): once the services have ended, the master is
+    killed; the log process ends as its pipes close. What is left a second later (auth,
+    kept by connected clients) gets SIGKILL, by pid."""
+    if proc.poll() is not None:
+        return
+
+    def name(p: psutil.Process) -> str | None:
+        try:
+            return p.name()
+        except psutil.NoSuchProcess:
+            return None
+
+    def ended(p: psutil.Process) -> bool:
+        try:
+            return p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    try:
+        children = psutil.Process(proc.pid).children()
+    except psutil.NoSuchProcess:
+        children = []
+    services = [p for p in children if name(p) != "log"]
+    proc.terminate()
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline and \
+            not all(ended(p) for p in services):
+        time.sleep(0.02)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout)
+    grace = time.monotonic() + 1
+    for p in children:
+        while not ended(p) and time.monotonic() < grace:
+            time.sleep(0.02)
+        if not ended(p):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def free_port() -> int:

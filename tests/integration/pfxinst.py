@@ -1,12 +1,14 @@
 """Real postfix-py instances for tests: a config dir, loopback ports, a running master.
 
 `instance` makes an Instance in tmp_path; `start()` runs the real `postfix-py start`, and the
-finalizer ends every process of the instance by pid (abort, then SIGKILL what is left).
+finalizer ends every process of the instance by pid (SIGINT to the master as `postfix-py
+abort` sends, then SIGKILL what is left).
 SmtpClient (tests/smtpclient.py) is the tests' one raw SMTP client; the far ends of
 delivery (scripted servers and the counting sink) are in tests/sink.py.
 """
 
 import contextlib
+import fcntl
 import glob
 import os
 import pwd
@@ -163,11 +165,16 @@ class Instance:
 
     def start(self):
         self.write()
+        # Until `start` answers, a master may be on its way up (the answer timed out on a
+        # loaded machine): cleanup then waits for its pid. Once it answered, the master it
+        # started is in pids_seen (or it refused and there is none), so a test that stops
+        # the instance itself costs cleanup no wait.
         self.start_tried = True
         out = self.cmd("start")
-        self.start_tried = out.returncode == 0     # a refused start leaves no master
+        self.start_tried = False
         assert out.returncode == 0, out.stderr
-        self.pids_seen.add(self.master_pid())
+        if pid := self.master_pid():
+            self.pids_seen.add(pid)
         return out
 
     def master_pid(self) -> int | None:
@@ -200,17 +207,44 @@ class Instance:
         assert out.returncode == 0, out.stderr
         return out
 
+    def running_master(self) -> int | None:
+        """The master's pid while it runs (it holds the pid file's lock), else None: a
+        master that was killed leaves its pid in the file, free for another process."""
+        try:
+            fd = os.open(self.queue / "pid" / "master.pid", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 64).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else None
+        finally:
+            os.close(fd)
+        return None
+
     def cleanup(self):
-        pid = self.master_pid()
+        """End every process of the instance: SIGINT to the master, as `postfix-py abort`
+        sends (test_master.py tests the verb; a command here would cost each test the
+        start-up of a Python program), then SIGKILL to whatever is left of those seen."""
+        pid = self.running_master()
         deadline = time.monotonic() + 5
         while not pid and self.start_tried and time.monotonic() < deadline:
             # A start that failed its test (a timeout on a loaded machine) may still
             # bring a master up: wait for its pid rather than leave it running.
             time.sleep(0.1)
-            pid = self.master_pid()
+            pid = self.running_master()
         if pid:
-            self.workers()
-            self.cmd("abort", timeout=30)
+            try:
+                master = psutil.Process(pid)
+                procs = [master, *master.children(recursive=True)]
+                self.pids_seen.update(p.pid for p in procs)
+                os.kill(pid, signal.SIGINT)
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                procs = []
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not all(gone(p.pid) for p in procs):
+                time.sleep(0.02)
         for p in list(self.pids_seen):
             try:
                 proc = psutil.Process(p)

@@ -266,7 +266,6 @@ def test_statistics_logged_at_exit(limited):
     master = inst.master_pid()
     assert inst.cmd("stop").returncode == 0
     wait_for(lambda: not psutil.pid_exists(master), what="the master's exit")
-    inst.start_tried = False    # stopped on purpose: cleanup need not wait for a master
     wait_for(lambda: re.search(rf"statistics: max recipient rate 3/60s for \(smtp:192\.0\.2\.1\)"
                                rf" at {STAMP}$", inst.log(), re.M), what="statistics at exit")
     assert re.search(rf"statistics: max newtls rate 1/60s for \(smtp:192\.0\.2\.1\) at {STAMP}$",

@@ -376,7 +376,6 @@ def test_stop_ends_silent_and_busy_clients_at_once(instance):
     took = time.monotonic() - started
     assert out.returncode == 0, out.stderr
     assert took < 5, took
-    instance.start_tried = False            # nothing left for the clean-up to wait for
     for pid in pids:
         assert gone(pid)
     assert f.readline() == b""              # the silent clients were cut off
@@ -390,6 +389,27 @@ def test_stop_ends_silent_and_busy_clients_at_once(instance):
     assert "terminating on signal 15" in log
     assert "Traceback" not in log and "uncaught exception" not in log
     assert "did not stop" not in log
+
+
+def test_abort_kills_every_worker_at_once(instance):
+    """`postfix-py abort`: the busy worker is killed, not let finish; the master exits."""
+    port = free_port()
+    instance.master_lines = [echo(port)]
+    instance.start()
+    f, hello = greet(port)
+    f.write(b"ping\n")
+    assert f.readline() == b"ping\n"       # a busy worker, with its client connected
+    master, worker = instance.master_pid(), int(hello["pid"])
+    out = instance.cmd("abort")
+    assert out.returncode == 0, out.stderr
+    assert gone(master) and gone(worker)    # abort returns once both have ended
+    assert f.readline() == b""
+    f.close()
+    assert instance.running_master() is None
+    assert instance.cmd("status").returncode == 1
+    log = instance.log()
+    assert "terminating immediately on abort" in log
+    assert "Traceback" not in log and "uncaught exception" not in log
 
 
 def test_stop_with_t_lets_clients_finish_then_ends_the_rest(instance):
@@ -409,7 +429,6 @@ def test_stop_with_t_lets_clients_finish_then_ends_the_rest(instance):
     took = time.monotonic() - started
     assert result["out"].returncode == 0, result["out"].stderr
     assert 2 <= took < 6, took
-    instance.start_tried = False
     assert f.readline() == b""              # then it was ended
     f.close()
     assert gone(pid)

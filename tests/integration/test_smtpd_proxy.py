@@ -100,14 +100,28 @@ def test_v2_local_keeps_the_connection_endpoints(lb):
              what="the disconnect line")
 
 
+XCLIENT_MAIN = {"smtpd_peername_lookup": "no", "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+                "smtpd_client_restrictions": "check_client_access inline:{ 192.0.2.66=REJECT }",
+                "smtpd_delay_reject": "no"}
+
+
 @pytest.fixture
 def xmta(instance):
     """An instance whose smtpd lets 127.0.0.1 use XCLIENT; .port and .queued()."""
-    return instance.add_smtpd(**{
-        "smtpd_peername_lookup": "no",
-        "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
-        "smtpd_client_restrictions": "check_client_access inline:{ 192.0.2.66=REJECT }",
-        "smtpd_delay_reject": "no"})
+    return instance.add_smtpd(**XCLIENT_MAIN)
+
+
+@pytest.fixture(scope="module")
+def xreplies():
+    """One running instance for the tests that only look at the replies to one command on
+    a connection of their own (nothing queued, no log read): xmta, and 127.0.0.1 may
+    also use XFORWARD."""
+    root = Path(tempfile.mkdtemp(prefix="pfx-test-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    inst = Instance(root).add_smtpd(**XCLIENT_MAIN, smtpd_authorized_xforward_hosts="127.0.0.1")
+    with inst.running():
+        yield inst
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_xclient_replaces_the_client_and_greets_again(xmta):
@@ -155,9 +169,8 @@ def test_xclient_new_client_meets_the_connect_restrictions(xmta):
     ("XCLIENT COLOR=blue", "501 5.5.4 Bad XCLIENT attribute name: COLOR"),
     ("XCLIENT NAME=" + "a" * 256, "501 5.5.4 Error: attribute value too long"),
 ])
-def test_xclient_errors(xmta, command, reply):
-    xmta.start()
-    replies = chat(xmta.port, b"", [command, "QUIT"])
+def test_xclient_errors(xreplies, command, reply):
+    replies = chat(xreplies.port, b"", [command, "QUIT"])
     assert replies[1] == reply
 
 
@@ -224,10 +237,8 @@ def test_xforward_end_to_end(lb):
     ("XFORWARD COLOR=blue", "501 5.5.4 Bad XFORWARD attribute name: COLOR"),
     ("XFORWARD NAME=a.example ADDR=IPv6:2001:db8::1 HELO=x+20y", "250 2.0.0 Ok"),
 ])
-def test_xforward_replies(xmta, command, reply):
-    xmta.main["smtpd_authorized_xforward_hosts"] = "127.0.0.1"
-    xmta.start()
-    replies = chat(xmta.port, b"", ["EHLO x", command, "QUIT"])
+def test_xforward_replies(xreplies, command, reply):
+    replies = chat(xreplies.port, b"", ["EHLO x", command, "QUIT"])
     assert "250-XFORWARD NAME ADDR PROTO HELO SOURCE PORT IDENT" in replies
     assert replies[-3] == reply
 

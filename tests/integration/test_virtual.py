@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from peers import stop_dovecot
 from pfxinst import free_port, wait_for
 
 DOVECOT = shutil.which("dovecot", path="/usr/sbin:/usr/bin")
@@ -152,6 +153,7 @@ default_internal_user = nobody
 default_internal_group = nogroup
 first_valid_uid = {VUID}
 auth_username_format = %Lu
+auth_failure_delay = 0
 passdb {{
   driver = passwd-file
   args = {users}
@@ -187,8 +189,7 @@ service anvil {{
         mta.dovecot_log = d / "dovecot.log"
         yield type("Dovecot", (), {"port": port, "sock": sock, "mail": home})
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_dovecot(proc)
 
 
 def imap_messages(port, user, password):
