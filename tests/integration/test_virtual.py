@@ -287,17 +287,7 @@ def test_utf8_addresses_to_dovecot(mta, dovecot):
     assert (f"{two}: to=<ann@hosted.example>, {relay}") in log
     assert "dsn=5.6.7, status=bounced (SMTPUTF8 is required, but was not offered by host " \
            f"mail.test.example[{dovecot.sock}])" in log
-    imap = imaplib.IMAP4("127.0.0.1", dovecot.port, timeout=10)
-    try:
-        assert imap.login("ann@hosted.example", "ann-secret")[0] == "OK"
-        assert imap.select("INBOX")[0] == "OK"
-        typ, data = imap.search(None, "ALL")
-        (num,) = data[0].split()
-        typ, parts = imap.fetch(num, "(RFC822)")
-        got = parts[0][1].decode("utf-8")
-        imap.close()
-    finally:
-        imap.logout()
+    (got,) = imap_messages(dovecot.port, "ann@hosted.example", "ann-secret")
     assert "Subject: utf8 one" in got and "body of utf8 one" in got
     assert "for <j\u00f6rg@hosted.example>;" in got
     assert "Traceback" not in mta.log()
@@ -322,17 +312,7 @@ def test_utf8_address_through_the_virtual_agent_into_dovecot(mta, dovecot):
     log_has(mta, f"{qid}: removed")
     assert (f"{qid}: to=<j\u00f6rg@hosted.example>, relay=virtual, delay=") in mta.log()
     assert "status=sent (delivered to maildir)" in mta.log()
-    imap = imaplib.IMAP4("127.0.0.1", dovecot.port, timeout=10)
-    try:
-        assert imap.login("ann@hosted.example", "ann-secret")[0] == "OK"
-        assert imap.select("INBOX")[0] == "OK"
-        typ, data = imap.search(None, "ALL")
-        (num,) = data[0].split()
-        typ, parts = imap.fetch(num, "(RFC822)")
-        got = parts[0][1].decode("utf-8")
-        imap.close()
-    finally:
-        imap.logout()
+    (got,) = imap_messages(dovecot.port, "ann@hosted.example", "ann-secret")
     assert got.startswith("Return-Path: <al\u00efce@example.org>\r\nX-Original-To: "
                           "j\u00f6rg@hosted.example\r\nDelivered-To: "
                           "j\u00f6rg@hosted.example\r\n")
