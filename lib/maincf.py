@@ -252,6 +252,17 @@ class Config:
         self._cache[name] = value
         return value
 
+    def warm(self) -> None:
+        """Work out every declared parameter's value now. The master does this for each
+        service's view before it forks: its workers then inherit the values instead of
+        each expanding and converting them again (mynetworks asks the kernel for the
+        interfaces). A bad value is left for the worker's own lookup to report."""
+        for name in params.names():
+            try:
+                self[name]
+            except Exception:   # noqa: BLE001 - the worker's own lookup raises it again
+                pass
+
     def with_overrides(self, overrides: dict[str, str]) -> "Config":
         """A copy with master.cf `-o name=value` overrides on top."""
         return Config(self.config_dir, self.path, self.entries,

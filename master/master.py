@@ -340,6 +340,7 @@ class Master:
     def _make_state(self, cfg, svc, reuse: dict) -> S.ServiceState | None:
         """A ServiceState for svc in the current generation, listeners opened or reused."""
         scfg = cfg.with_overrides(svc.overrides)
+        scfg.warm()
         module, error = S.load_program(svc.command)
         state = S.ServiceState(svc=svc, cfg=scfg, generation=self.generation,
                                program=S.program_name(svc.command), module=module,
