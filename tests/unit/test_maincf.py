@@ -119,6 +119,23 @@ def test_bad_typed_value_names_file_line_and_parameter(tmp_path):
     assert maincf.check(cfg) == [str(exc.value)]
 
 
+def test_warm_works_out_every_value_and_leaves_bad_ones_to_their_lookup(tmp_path):
+    """What the master does before forking a service's workers: every declared
+    parameter's typed value is cached, equal to a cold lookup's, and a bad value still
+    raises where a worker looks it up."""
+    text = "myhostname = h.example\nsmtpd_tls_loglevel = lots\nmyorigin = $mydomain\n"
+    warm, cold = load(tmp_path, text).with_overrides({"smtpd_timeout": "7s"}), None
+    warm.warm()
+    cold = load(tmp_path, text).with_overrides({"smtpd_timeout": "7s"})
+    assert "smtpd_tls_loglevel" not in warm._cache
+    assert len(warm._cache) > 400
+    for name in warm._cache:
+        assert warm._cache[name] == cold[name], name
+    assert warm["smtpd_timeout"] == 7 and warm["myorigin"] == "example"
+    with pytest.raises(maincf.ConfigError, match="bad numerical configuration"):
+        warm["smtpd_tls_loglevel"]
+
+
 def test_unused_and_undefined(tmp_path):
     cfg = load(tmp_path, "foo = bar\nused = u\nsmtpd_banner = $used $nothing\n")
     assert cfg.unused() == ["foo"]
