@@ -77,7 +77,6 @@ FORCED EXPIRY
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import stat
@@ -89,6 +88,7 @@ MAGIC = b"PFXQ1\n"
 HEADER = struct.Struct("!cI")
 BLOCK = 65536
 MAX_RECORD = 4 * BLOCK            # no envelope record is anywhere near this
+WINDOW = 8192                     # what read() reads of a large file at a time, past content
 # The queue's subdirectories, spelled once. defer/, bounce/ and trace/ hold per-message
 # logs (trace/: deliveries to report to a NOTIFY=SUCCESS sender, as Postfix's).
 INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT = "incoming", "active", "deferred", "hold", "corrupt"
@@ -278,68 +278,81 @@ def read(path: str) -> QueueMessage:
     """Read a committed queue file's envelope; QueueFileError when it is not one.
 
     qmgr reads every message once: a file of at most BLOCK bytes (most mail) is read with
-    one read() and parsed in memory; a larger one through a buffered file, content skipped.
+    one read() and parsed in place; of a larger one only windows of the envelope records
+    are read, content skipped.
     """
     msg = QueueMessage(queue_id=os.path.basename(path))
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
-        if size <= BLOCK:
-            data = bytearray()
-            while len(data) < size:
-                chunk = os.read(fd, size - len(data))
-                if not chunk:
-                    break
-                data += chunk
-            return _read_envelope(io.BytesIO(data), path, msg, len(data))
-        with open(fd, "rb", closefd=False) as f:
-            return _read_envelope(f, path, msg, size)
+        return _read_envelope(fd, path, msg, os.fstat(fd).st_size)
     finally:
         os.close(fd)
 
 
-def _read_envelope(f, path: str, msg: QueueMessage, end: int) -> QueueMessage:
-    """The records of an open queue file of end bytes; content is skipped, so memory
-    stays small."""
-    if f.read(len(MAGIC)) != MAGIC:
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    """size bytes of the file from offset, fewer at its end."""
+    data = os.pread(fd, size, offset)
+    while 0 < len(data) < size:
+        more = os.pread(fd, size - len(data), offset + len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _read_envelope(fd: int, path: str, msg: QueueMessage, end: int) -> QueueMessage:
+    """The records of an open queue file of end bytes. buf holds the file's bytes from
+    base: the whole file when it is small, else a window (the first BLOCK bytes, then
+    WINDOW bytes or one record) moved forward as needed; content is skipped, not read,
+    so memory stays small."""
+    buf = _pread(fd, min(end, BLOCK), 0)
+    if end <= BLOCK:
+        end = len(buf)          # what there is (a file shrunk since fstat is refused below)
+    if buf[:len(MAGIC)] != MAGIC:
         raise QueueFileError(f"{path}: not a queue file")
+    base, top = 0, len(buf)
     pos, ended, content_size = len(MAGIC), False, None
     dsn = {}                    # N and O records wait for their R record
+    unpack, head_size = HEADER.unpack_from, HEADER.size
     while pos < end:
-        head = f.read(HEADER.size)
-        if len(head) < HEADER.size:
-            raise QueueFileError(f"{path}: truncated record at offset {pos}")
-        kind, length = HEADER.unpack(head)
-        body_at = pos + HEADER.size
+        if pos + head_size > top:
+            buf, base = _pread(fd, min(WINDOW, end - pos), pos), pos
+            top = pos + len(buf)
+            if pos + head_size > top:
+                raise QueueFileError(f"{path}: truncated record at offset {pos}")
+        kind, length = unpack(buf, pos - base)
+        body_at = pos + head_size
         if body_at + length > end:
             raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
-        if kind != b"B" and length > MAX_RECORD:
-            raise QueueFileError(f"{path}: oversized record at offset {pos}")
         if kind == b"B":            # content: read by content(), not here
-            f.seek(length, os.SEEK_CUR)
             pos = body_at + length
             continue
-        value = f.read(length)
-        if len(value) != length:
-            raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
+        if length > MAX_RECORD:
+            raise QueueFileError(f"{path}: oversized record at offset {pos}")
+        if body_at + length > top:
+            buf, base = _pread(fd, max(WINDOW, head_size + length), pos), pos
+            top = pos + len(buf)
+            if body_at + length > top:
+                raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
+        value = buf[body_at - base:body_at - base + length]
         text = value.decode("utf-8", "surrogateescape")
-        if kind in (b"T", b"W"):
+        if kind == b"A":
+            name, _, val = text.partition("=")
+            msg.attrs[name] = val
+        elif kind == b"R" or kind == b"D":
+            msg.recipients.append(Recipient(text, pos, kind == b"D", dsn.pop("N", ""),
+                                            dsn.pop("O", "")))
+        elif kind == b"T" or kind == b"W":
             try:
                 msg.arrival = float(text)
             except ValueError:
                 raise QueueFileError(f"{path}: bad arrival time") from None
             msg.arrival_offset, msg.warned = pos, kind == b"W"
-        elif kind == b"A":
-            name, _, val = text.partition("=")
-            msg.attrs[name] = val
         elif kind == b"S":
             if msg.sender is not None:
                 raise QueueFileError(f"{path}: more than one sender")
             msg.sender = text
-        elif kind in (b"R", b"D"):
-            msg.recipients.append(Recipient(text, pos, kind == b"D", dsn.pop("N", ""),
-                                            dsn.pop("O", "")))
-        elif kind in (b"N", b"O"):
+        elif kind == b"N" or kind == b"O":
             dsn[kind.decode()] = text
         elif kind == b"M":
             msg.content_offset = body_at
