@@ -594,7 +594,16 @@ class QueueManager:
         for t in self.transports.values():
             if t.dead_until > now:
                 continue
-            ready = [d for d in t.dests.values() if d.todo and d.dead_until <= now]
+            # One pass finds the destinations with jobs to start and the idle ones to
+            # forget; starting jobs never makes a destination idle (dispatch answers
+            # later), so the idle ones are the same before and after.
+            ready, idle = [], []
+            for key, d in t.dests.items():
+                if d.dead_until <= now:
+                    if d.todo:
+                        ready.append(d)
+                    elif not d.busy:
+                        idle.append(key)
             while ready and t.busy < t.limit:
                 more = []
                 for dest in ready:
@@ -607,8 +616,7 @@ class QueueManager:
                         if dest.todo and dest.busy < dest.capacity:
                             more.append(dest)
                 ready = more
-            for key in [k for k, d in t.dests.items() if not d.todo and not d.busy
-                        and d.dead_until <= now]:
+            for key in idle:
                 del t.dests[key]
         return started
 
