@@ -243,6 +243,7 @@ class QueueManager:
         self._turn = 0
         self._dirs: dict[str, str] = {}
         self._pumping = False
+        self._moved = 0             # jobs released and scans requested: see _pump
         self._rescan_timer = None
         self._deferred_timer = None
         self._feed_timer = None
@@ -325,6 +326,7 @@ class QueueManager:
             self._deferred_timer = self.loop.call_later(self.queue_run_delay, self.deferred_scan)
 
     def _request_scan(self, queue: str, scan_all: bool = False) -> None:
+        self._moved += 1
         scan = self.scans[queue]
         if scan.names:
             scan.restart = True         # files newer than the listing: look again after it
@@ -409,12 +411,16 @@ class QueueManager:
         try:
             while True:
                 fed, more = self._feed()
+                moved = self._moved
                 started = self._schedule()
                 if more:
                     if self._feed_timer is None:
                         self._feed_timer = self.loop.call_later(0, self._feed_again)
                     break
-                if not (fed or started):
+                # A feed ends when no file is left to take or there is no room for one;
+                # scheduling changes neither, unless a job was released or a scan asked
+                # for meanwhile (a dispatch that answered at once): then look again.
+                if not (fed or started) or self._moved == moved:
                     break
         finally:
             self._pumping = False
@@ -651,8 +657,8 @@ class QueueManager:
         """A delivery agent's answer (deliver.DeliveryStatus) or a Failure, for one started job."""
         job.dest.busy -= 1
         job.transport.busy -= 1
-        job.dest.last_done = self.now()
-        job.dest.took += (max(0.0, self.now() - job.started) - job.dest.took) / 4
+        job.dest.last_done = now = self.now()
+        job.dest.took += (max(0.0, now - job.started) - job.dest.took) / 4
         if isinstance(result, Failure):
             self._job_done(job, result.dsn, result.reason, log=True)
             if result.throttle:
@@ -683,7 +689,8 @@ class QueueManager:
                                          r.reason, reply.relay))
         if not m.gone:
             try:
-                bounce_log.append(self.root, BOUNCE, m.queue_id, bounced)
+                if bounced:
+                    bounce_log.append(self.root, BOUNCE, m.queue_id, bounced)
             except OSError as exc:
                 # Without the reason on disk the bounce could be lost: try again later.
                 msg.warn(f"{m.queue_id}: append bounce log: {exc.strerror}")
@@ -691,7 +698,8 @@ class QueueManager:
                                       b.reason, b.relay) for b in bounced]
                 bounced = []
             try:
-                bounce_log.append(self.root, TRACE, m.queue_id, traced)
+                if traced:
+                    bounce_log.append(self.root, TRACE, m.queue_id, traced)
             except OSError as exc:
                 # As Postfix's sent(): a success that cannot be reported is deferred.
                 msg.warn(f"{m.queue_id}: append trace log: {exc.strerror}")
@@ -769,6 +777,7 @@ class QueueManager:
         self._job_done(job, dsn or "4.0.0", reason, log=True)
 
     def _release(self, job: Job) -> None:
+        self._moved += 1
         m = job.message
         self.rcpt_count -= len(job.entries)
         m.pending -= 1
