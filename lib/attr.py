@@ -337,25 +337,25 @@ def encode(attrs: Mapping[str, bytes | str | int]) -> bytes:
     parts: list[bytes] = [b""]          # [0]: the length prefix, once the body is known
     heads, pack = _HEADS, _LENGTH.pack
     for name, value in attrs.items():
-        head = heads.get(name) if type(name) is str else None
+        head = heads.get(name)          # only good str names are there
         if head is None:
             head = _head(name)
-        kind = type(value)
-        if kind is str:
+        if type(value) is str:
             try:
                 raw = value.encode("utf-8")
             except UnicodeEncodeError:
                 raw = _encode_value(name, value)      # raises the AttrError
-        elif kind is bytes:
+        elif type(value) is bytes:
             raw = value
         else:
             raw = _encode_value(name, value)
-        if len(raw) > MAX_FRAME:  # also keeps value_len within 4 bytes
+        size = len(raw)
+        if size > MAX_FRAME:  # also keeps value_len within 4 bytes
             raise AttrError(
-                f"attribute {name!r}: value of {len(raw)} bytes cannot fit in a frame"
+                f"attribute {name!r}: value of {size} bytes cannot fit in a frame"
                 f" (MAX_FRAME {MAX_FRAME})"
             )
-        parts += (head, pack(len(raw)), raw)
+        parts += (head, pack(size), raw)
     frame = b"".join(parts)
     size = len(frame)
     if size > MAX_FRAME:
@@ -373,25 +373,25 @@ def _parse(buf: bytes, start: int, end: int) -> dict[str, bytes]:
     pos = start
     unpack = _LENGTH.unpack_from
     while pos < end:
-        off = pos - start
-        left = end - pos
-        if left < _MIN_ATTR:
+        at = pos                        # body offset at - start, for the errors
+        if end - pos < _MIN_ATTR:
+            left, off = end - pos, at - start
             if attrs:
                 raise AttrError(f"{left} trailing bytes after the last attribute at body offset {off}")
             raise AttrError(f"frame body of {left} bytes is too short for an attribute")
         name_len = buf[pos]
         if not 1 <= name_len <= MAX_NAME:
-            raise AttrError(f"bad attribute name length {name_len} at body offset {off} (must be 1..{MAX_NAME})")
+            raise AttrError(f"bad attribute name length {name_len} at body offset {at - start} (must be 1..{MAX_NAME})")
         pos += 1
         if name_len + LENGTH_SIZE > end - pos:
-            raise AttrError(f"attribute at body offset {off} runs past the end of the body")
+            raise AttrError(f"attribute at body offset {at - start} runs past the end of the body")
         raw = buf[pos:pos + name_len]
         name = _NAMES.get(raw)
         if name is None:
             bad = _BAD_NAME_BYTE.search(raw)
             if bad is not None:
                 raise AttrError(
-                    f"bad byte 0x{bad.group()[0]:02x} in attribute name at body offset {off}"
+                    f"bad byte 0x{bad.group()[0]:02x} in attribute name at body offset {at - start}"
                     " (names are printable ASCII 0x21..0x7e)"
                 )
             name = raw.decode("ascii")
@@ -406,7 +406,7 @@ def _parse(buf: bytes, start: int, end: int) -> dict[str, bytes]:
                 f" ({end - pos} bytes left)"
             )
         if name in attrs:
-            raise AttrError(f"repeated attribute {name!r} at body offset {off}")
+            raise AttrError(f"repeated attribute {name!r} at body offset {at - start}")
         attrs[name] = buf[pos:pos + value_len]
         pos += value_len
     return attrs

@@ -310,63 +310,69 @@ def _read_envelope(fd: int, path: str, msg: QueueMessage, end: int) -> QueueMess
         end = len(buf)          # what there is (a file shrunk since fstat is refused below)
     if buf[:len(MAGIC)] != MAGIC:
         raise QueueFileError(f"{path}: not a queue file")
-    base, top = 0, len(buf)
+    base, avail = 0, len(buf)   # buf[i] is the file's byte at base + i
     pos, ended, content_size = len(MAGIC), False, None
     dsn = {}                    # N and O records wait for their R record
     unpack, head_size = HEADER.unpack_from, HEADER.size
+    attrs, recipients = msg.attrs, msg.recipients
     while pos < end:
-        if pos + head_size > top:
+        i = pos - base
+        if i + head_size > avail:
             buf, base = _pread(fd, min(WINDOW, end - pos), pos), pos
-            top = pos + len(buf)
-            if pos + head_size > top:
+            i, avail = 0, len(buf)
+            if head_size > avail:
                 raise QueueFileError(f"{path}: truncated record at offset {pos}")
-        kind, length = unpack(buf, pos - base)
-        body_at = pos + head_size
-        if body_at + length > end:
+        kind, length = unpack(buf, i)
+        i += head_size
+        stop = pos + head_size + length
+        if stop > end:
             raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
         if kind == b"B":            # content: read by content(), not here
-            pos = body_at + length
+            pos = stop
             continue
         if length > MAX_RECORD:
             raise QueueFileError(f"{path}: oversized record at offset {pos}")
-        if body_at + length > top:
+        if i + length > avail:
             buf, base = _pread(fd, max(WINDOW, head_size + length), pos), pos
-            top = pos + len(buf)
-            if body_at + length > top:
+            i, avail = head_size, len(buf)
+            if i + length > avail:
                 raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
-        value = buf[body_at - base:body_at - base + length]
-        text = value.decode("utf-8", "surrogateescape")
+        value = buf[i:i + length]
         if kind == b"A":
-            name, _, val = text.partition("=")
-            msg.attrs[name] = val
+            name, _, val = value.decode("utf-8", "surrogateescape").partition("=")
+            attrs[name] = val
         elif kind == b"R" or kind == b"D":
-            msg.recipients.append(Recipient(text, pos, kind == b"D", dsn.pop("N", ""),
-                                            dsn.pop("O", "")))
+            if dsn:
+                notify, orcpt = dsn.pop("N", ""), dsn.pop("O", "")
+            else:
+                notify = orcpt = ""
+            recipients.append(Recipient(value.decode("utf-8", "surrogateescape"), pos,
+                                        kind == b"D", notify, orcpt))
         elif kind == b"T" or kind == b"W":
             try:
-                msg.arrival = float(text)
+                msg.arrival = float(value.decode("utf-8", "surrogateescape"))
             except ValueError:
                 raise QueueFileError(f"{path}: bad arrival time") from None
             msg.arrival_offset, msg.warned = pos, kind == b"W"
         elif kind == b"S":
             if msg.sender is not None:
                 raise QueueFileError(f"{path}: more than one sender")
-            msg.sender = text
+            msg.sender = value.decode("utf-8", "surrogateescape")
         elif kind == b"N" or kind == b"O":
-            dsn[kind.decode()] = text
+            dsn[kind.decode()] = value.decode("utf-8", "surrogateescape")
         elif kind == b"M":
-            msg.content_offset = body_at
+            msg.content_offset = pos + head_size
         elif kind == b"X":
             # ASCII digits only (str.isdigit() takes "²", which int() refuses), 64 bits
             content_size = int(value) if value.isdigit() and len(value) <= 19 else -1
         elif kind == b"E":
-            ended = body_at == end
+            ended = pos + head_size == end
             if not ended:
                 raise QueueFileError(f"{path}: data after the end record")
             break
         else:
             raise QueueFileError(f"{path}: unknown record type {kind!r} at offset {pos}")
-        pos = body_at + length
+        pos = stop
     if not ended:
         raise QueueFileError(f"{path}: no end record (incomplete file)")
     if msg.sender is None or content_size is None or content_size < 0:
