@@ -31,7 +31,8 @@ FUNCTIONS
         sync) for all entries; OSError propagates.
     read(queue_root, log, queue_id) -> list[LogEntry] in file order ([] when there is no log).
     remove(queue_root, log, queue_id) -> bool: whether a log was removed.
-    Both look with access(2) first: most messages have no log, and a missing file costs
+    exists(queue_root, log, queue_id) -> bool.
+    read() and remove() look with access(2) first: most messages have no log, and a missing file costs
     an exception to raise and catch (qmgr asks about every message).
 """
 
@@ -89,6 +90,11 @@ def append(queue_root: str, log: str, queue_id: str, entries: list[LogEntry],
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def exists(queue_root: str, log: str, queue_id: str) -> bool:
+    """Whether the message has such a log."""
+    return os.access(path(queue_root, log, queue_id), os.F_OK)
 
 
 def read(queue_root: str, log: str, queue_id: str) -> list[LogEntry]:

@@ -49,6 +49,8 @@ class AgentCall:
         self.frame = memoryview(deliver.encode_request(request))
         self.path = pool.socket_path(request.transport)
         self.sock: socket.socket | None = None
+        self.fd = -1
+        self.writing = False        # waiting for room to send the rest of the request
         self.decoder: attr.FrameDecoder | None = None    # when the reply comes in pieces
         self.timer = None
         self.finished = False
@@ -75,12 +77,13 @@ class AgentCall:
                      f"{exc.strerror or exc}")
             self._finish(Failure("4.3.0", "mail transport unavailable"))
             return
-        self.sock = sock
+        self.sock, self.fd = sock, sock.fileno()
         # A UNIX-domain connect completes at once and the request fits the socket buffer:
         # send it now, and wait for writability only for what is left.
         self._writable()
         if self.sock is not None and self.frame:
-            self.loop.add_writer(sock, self._writable)
+            self.writing = True
+            self.loop.add_writer(self.fd, self._writable)
 
     def _writable(self) -> None:
         try:
@@ -94,8 +97,10 @@ class AgentCall:
             return
         self.frame = self.frame[n:]
         if not self.frame:
-            self.loop.remove_writer(self.sock)      # cheap when it was never added
-            self.loop.add_reader(self.sock, self._readable)
+            if self.writing:
+                self.writing = False
+                self.loop.remove_writer(self.fd)
+            self.loop.add_reader(self.fd, self._readable)
 
     def _readable(self) -> None:
         try:
@@ -152,7 +157,7 @@ class AgentCall:
         self.loop.cancel(self.timer)
         self.timer = None
         if self.sock is not None:
-            self.loop.remove(self.sock)
+            self.loop.remove(self.fd)
             self.sock.close()
             self.sock = None
 

@@ -833,7 +833,10 @@ class QueueManager:
                 bounce_log.remove(self.root, TRACE, qid)
             else:
                 retry = True        # reported at the next pass (recipients are done)
-        failed = bounce_log.read(self.root, BOUNCE, qid)
+        # Only qmgr writes a message's bounce log, and not while it finishes the message:
+        # looked for once, read and removed only when there is one (rarely).
+        bounced = bounce_log.exists(self.root, BOUNCE, qid)
+        failed = bounce_log.read(self.root, BOUNCE, qid) if bounced else []
         if failed:
             if self._notify(m, failed, now):
                 bounce_log.remove(self.root, BOUNCE, qid)
@@ -866,7 +869,8 @@ class QueueManager:
             return
         if m.deferred:      # else there is none: entering active/ removed the last one
             bounce_log.remove(self.root, DEFER, qid)
-        bounce_log.remove(self.root, BOUNCE, qid)
+        if bounced:
+            bounce_log.remove(self.root, BOUNCE, qid)
         if m.success:
             bounce_log.remove(self.root, TRACE, qid)
         msg.info(f"{qid}: removed")
