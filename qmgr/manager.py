@@ -240,7 +240,9 @@ class QueueManager:
         self.transports: dict[str, Transport] = {}
         self.rcpt_count = 0
         self.scans = {Q.INCOMING: _Scan(Q.INCOMING), Q.DEFERRED: _Scan(Q.DEFERRED)}
-        self._turn = 0
+        self._turn = 0              # 0: incoming/ first, 1: deferred/ first
+        self._turns = ((self.scans[Q.INCOMING], self.scans[Q.DEFERRED]),
+                       (self.scans[Q.DEFERRED], self.scans[Q.INCOMING]))
         self._dirs: dict[str, str] = {}
         self._pumping = False
         self._moved = 0             # jobs released and scans requested: see _pump
@@ -336,8 +338,7 @@ class QueueManager:
         scan.all = scan_all
 
     def _next_name(self):
-        for _ in range(2):
-            scan = self.scans[(Q.INCOMING, Q.DEFERRED)[self._turn]]
+        for scan in self._turns[self._turn]:
             self._turn ^= 1
             if not scan.names and scan.restart:
                 scan.restart = False
@@ -533,7 +534,7 @@ class QueueManager:
     def _resolve(self, m: Message) -> None:
         """Group the message's open recipients into jobs on their destinations' queues."""
         groups: dict[tuple, list[Entry]] = {}
-        unresolved, discarded = [], []
+        unresolved, discarded, grouped = [], [], 0
         content_filter = m.env.attrs.get("content_filter")
         for rcpt in m.env.recipients:
             if rcpt.done:
@@ -555,13 +556,14 @@ class QueueManager:
             key = rcpt.address.lower() if t.rcpt_limit == 1 else route.nexthop.lower()
             groups.setdefault((route.transport, key, route.nexthop), []).append(
                 Entry(rcpt.address, rcpt.offset))
+            grouped += 1
         # Mail to the double-bounce address ends here, as in Postfix's qmgr.
         for e in discarded:
             if not self._mark_done(m, e):
                 return
             deliver.log_delivery(m.queue_id, e.address, "none", m.env.arrival, m.started,
                                  "2.0.0", "sent", "discarded")
-        self.rcpt_count += sum(len(v) for v in groups.values())
+        self.rcpt_count += grouped
         if unresolved:
             self._defer(m, unresolved, "4.3.0", "address resolver failure", log=True)
         jobs = []
