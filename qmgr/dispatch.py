@@ -75,7 +75,7 @@ class AgentCall:
             sock.close()
             msg.warn(f"connect to transport private/{self.transport}: "
                      f"{exc.strerror or exc}")
-            self._finish(Failure("4.3.0", "mail transport unavailable"))
+            self._finish(Failure("4.3.0", "mail transport unavailable"), later=True)
             return
         self.sock, self.fd = sock, sock.fileno()
         # A UNIX-domain connect completes at once and the request fits the socket buffer:
@@ -93,7 +93,7 @@ class AgentCall:
         except OSError as exc:
             msg.warn(f"private/{self.transport}: send delivery request: "
                      f"{exc.strerror or exc}")
-            self._finish(Failure("4.3.0", "unknown mail transport error"))
+            self._finish(Failure("4.3.0", "unknown mail transport error"), later=True)
             return
         self.frame = self.frame[n:]
         if not self.frame:
@@ -143,14 +143,19 @@ class AgentCall:
                      f"{self.pool.timeout}s")
             self._finish(Failure("4.3.0", "delivery agent timeout"))
 
-    def _finish(self, result) -> None:
+    def _finish(self, result, later: bool = False) -> None:
+        """Report the outcome: at once from a callback of the loop (a reply, the
+        deadline); with later, from the next pass of the loop, for the paths that
+        dispatch() itself can reach (the manager may be mid-pass then)."""
         if self.finished:
             return
         self.finished = True
         self.close()
         self.pool.calls.discard(self)
-        # Always from the loop, never from inside dispatch(): the manager may be mid-pass.
-        self.loop.call_later(0, lambda: self.pool.done(self.job, result))
+        if later:
+            self.loop.call_later(0, lambda: self.pool.done(self.job, result))
+        else:
+            self.pool.done(self.job, result)
 
     def close(self) -> None:
         """Drop the connection and the deadline."""
