@@ -364,7 +364,31 @@ def encode(attrs: Mapping[str, bytes | str | int]) -> bytes:
 
 
 def _parse(buf: bytes, start: int, end: int) -> dict[str, bytes]:
-    """Strictly parse the body buf[start:end]; offsets in errors are body-relative."""
+    """Strictly parse the body buf[start:end]; offsets in errors are body-relative.
+
+    A body whose names have all been seen before (_NAMES: checked names only) is read
+    with the few tests that still apply: a known name is 1..MAX_NAME good bytes, so
+    only the bounds and repetition are left. Anything else, and every error, is left
+    to _parse_strict(), which reads the body again from the start and is the rule."""
+    if start < end <= start + MAX_FRAME:
+        attrs: dict[str, bytes] = {}
+        pos, names, unpack = start, _NAMES, _LENGTH.unpack_from
+        while pos < end:
+            at = pos + 1 + buf[pos]                     # where value_len is
+            name = names.get(buf[pos + 1:at])
+            if name is None or at + LENGTH_SIZE > end or name in attrs:
+                break
+            pos = at + LENGTH_SIZE + unpack(buf, at)[0]
+            if pos > end:
+                break
+            attrs[name] = buf[at + LENGTH_SIZE:pos]
+        else:
+            return attrs
+    return _parse_strict(buf, start, end)
+
+
+def _parse_strict(buf: bytes, start: int, end: int) -> dict[str, bytes]:
+    """_parse() for every body, with the precise error for a bad one."""
     if end <= start:
         raise AttrError("empty frame body")
     if end - start > MAX_FRAME:
