@@ -84,31 +84,36 @@ class EventLoop:
 
     def add_reader(self, fd: int, callback) -> None:
         """Call callback() whenever fd is readable."""
-        fd = _fd(fd)
+        if not isinstance(fd, int):
+            fd = fd.fileno()
         self._readers[fd] = callback
         self._update(fd)
 
     def add_writer(self, fd: int, callback) -> None:
         """Call callback() whenever fd is writable."""
-        fd = _fd(fd)
+        if not isinstance(fd, int):
+            fd = fd.fileno()
         self._writers[fd] = callback
         self._update(fd)
 
     def remove_reader(self, fd: int) -> None:
         """Stop watching fd for reading."""
-        fd = _fd(fd)
+        if not isinstance(fd, int):
+            fd = fd.fileno()
         if self._readers.pop(fd, None) is not None:
             self._update(fd)
 
     def remove_writer(self, fd: int) -> None:
         """Stop watching fd for writing."""
-        fd = _fd(fd)
+        if not isinstance(fd, int):
+            fd = fd.fileno()
         if self._writers.pop(fd, None) is not None:
             self._update(fd)
 
     def remove(self, fd: int) -> None:
         """Stop watching fd at all (call before closing it)."""
-        fd = _fd(fd)
+        if not isinstance(fd, int):
+            fd = fd.fileno()
         self._readers.pop(fd, None)
         self._writers.pop(fd, None)
         self._update(fd)
@@ -183,7 +188,3 @@ class EventLoop:
     def close(self) -> None:
         """Release the epoll descriptor."""
         self._epoll.close()
-
-
-def _fd(obj) -> int:
-    return obj if isinstance(obj, int) else obj.fileno()

@@ -348,16 +348,13 @@ class QueueManager:
                 return scan, scan.names.popleft()
         return None, None
 
-    def _has_room(self) -> bool:
-        if not self.messages:
-            return True
-        return len(self.messages) < self.active_limit and self.rcpt_count < self.rcpt_limit
-
     def _feed(self) -> tuple[bool, bool]:
         """Take files into the active queue: (any taken, a batch was cut short)."""
         fed, looked = False, 0
         more = False
-        while self._has_room():
+        # Room for one more: always for the first message, else within both limits.
+        while not self.messages or (len(self.messages) < self.active_limit
+                                    and self.rcpt_count < self.rcpt_limit):
             if looked >= FEED_BATCH and self.loop is not None:
                 more = True
                 break
@@ -617,11 +614,12 @@ class QueueManager:
                 for dest in ready:
                     if t.busy >= t.limit:
                         break
-                    if dest.todo and dest.busy < dest.capacity:
+                    capacity = dest.capacity        # starting a job does not change it
+                    if dest.todo and dest.busy < capacity:
                         self.waiting -= 1
                         self._start(dest.todo.popleft())
                         started = True
-                        if dest.todo and dest.busy < dest.capacity:
+                        if dest.todo and dest.busy < capacity:
                             more.append(dest)
                 ready = more
             for key in idle:
