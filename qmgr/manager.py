@@ -263,6 +263,10 @@ class QueueManager:
         self.flow = cfg["in_flow_delay"] > 0 and mail_flow.active()
         self.flow_tokens = cfg["default_process_limit"]
         self.flow_slow = max(1.0, cfg["in_flow_delay"])
+        # Messages that left the active queue since the last feed: their tokens go with
+        # the feed's top-up (every finished message is followed by a feed in the same
+        # pass of the event loop), one look at the pipe for both.
+        self._left = 0
 
     # --- entry points ----------------------------------------------------------------------
     def start(self) -> None:
@@ -364,7 +368,8 @@ class QueueManager:
             looked += 1
             fed |= self._activate(scan, name)
         if self.flow:
-            self._flow(0)
+            self._flow(self._left)
+            self._left = 0
         return fed, more
 
     def _flow(self, done: int) -> None:
@@ -820,7 +825,7 @@ class QueueManager:
         m.finished = True
         self.messages.pop(m.queue_id, None)
         if self.flow:
-            self._flow(1)
+            self._left += 1
         if m.rescan:
             self._request_scan(Q.INCOMING)
         if m.gone:
