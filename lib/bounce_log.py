@@ -32,8 +32,8 @@ FUNCTIONS
     read(queue_root, log, queue_id) -> list[LogEntry] in file order ([] when there is no log).
     remove(queue_root, log, queue_id) -> bool: whether a log was removed.
     exists(queue_root, log, queue_id) -> bool.
-    read() and remove() look with access(2) first: most messages have no log, and a missing file costs
-    an exception to raise and catch (qmgr asks about every message).
+    read() and remove() look with access(2) first: most messages have no log, and a
+    missing file costs an exception to raise and catch (qmgr asks about every message).
 """
 
 from __future__ import annotations
