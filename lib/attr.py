@@ -160,6 +160,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -226,6 +227,13 @@ _MIN_ATTR = 1 + 1 + LENGTH_SIZE
 
 _NAME_STR = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_NAME)
 _BAD_NAME_BYTE = re.compile(rb"[^\x21-\x7e]")
+_LENGTH = struct.Struct(">I")             # the frame length prefix and value_len
+# Names already checked, with their wire form (encode) or their str (decode): a program
+# speaks a few dozen names over and over; checking each once saves a regular expression
+# and a conversion per attribute. Bounded, as rcpt.N-style names have no end.
+_HEADS: dict[str, bytes] = {}
+_NAMES: dict[bytes, str] = {}
+NAME_CACHE = 4096
 
 
 class AttrError(ValueError):
@@ -306,67 +314,115 @@ def _encode_value(name: str, value: object) -> bytes:
     raise AttrError(f"attribute {name!r}: unsupported value type {type(value).__name__}")
 
 
+def _head(name: object) -> bytes:
+    """name_len and name, as sent, for a good attribute name; AttrError otherwise."""
+    if not isinstance(name, str):
+        raise AttrError(f"attribute name must be str, not {type(name).__name__}")
+    if not _NAME_STR.fullmatch(name):
+        raise AttrError(
+            f"bad attribute name {name!r}: must be 1..{MAX_NAME} printable ASCII characters (0x21..0x7e)"
+        )
+    head = bytes((len(name),)) + name.encode("ascii")
+    if type(name) is str and len(_HEADS) < NAME_CACHE:
+        _HEADS[name] = head
+    return head
+
+
 def encode(attrs: Mapping[str, bytes | str | int]) -> bytes:
     """Return one complete frame (length prefix and body) for attrs."""
     if not isinstance(attrs, Mapping):
         raise TypeError(f"attrs must be a Mapping, not {type(attrs).__name__}")
     if not attrs:
         raise AttrError("cannot encode an empty attribute set (frame length would be 0)")
-    parts: list[bytes] = []
-    size = 0
+    parts: list[bytes] = [b""]          # [0]: the length prefix, once the body is known
+    heads, pack = _HEADS, _LENGTH.pack
     for name, value in attrs.items():
-        if not isinstance(name, str):
-            raise AttrError(f"attribute name must be str, not {type(name).__name__}")
-        if not _NAME_STR.fullmatch(name):
+        head = heads.get(name)          # only good str names are there
+        if head is None:
+            head = _head(name)
+        if type(value) is str:
+            try:
+                raw = value.encode("utf-8")
+            except UnicodeEncodeError:
+                raw = _encode_value(name, value)      # raises the AttrError
+        elif type(value) is bytes:
+            raw = value
+        else:
+            raw = _encode_value(name, value)
+        size = len(raw)
+        if size > MAX_FRAME:  # also keeps value_len within 4 bytes
             raise AttrError(
-                f"bad attribute name {name!r}: must be 1..{MAX_NAME} printable ASCII characters (0x21..0x7e)"
-            )
-        raw = _encode_value(name, value)
-        if len(raw) > MAX_FRAME:  # also keeps value_len within 4 bytes
-            raise AttrError(
-                f"attribute {name!r}: value of {len(raw)} bytes cannot fit in a frame"
+                f"attribute {name!r}: value of {size} bytes cannot fit in a frame"
                 f" (MAX_FRAME {MAX_FRAME})"
             )
-        head = bytes((len(name),)) + name.encode("ascii") + len(raw).to_bytes(LENGTH_SIZE, "big")
-        parts.append(head)
-        parts.append(raw)
-        size += len(head) + len(raw)
+        parts += (head, pack(size), raw)
+    frame = b"".join(parts)
+    size = len(frame)
     if size > MAX_FRAME:
         raise AttrError(f"frame body of {size} bytes exceeds MAX_FRAME ({MAX_FRAME})")
-    return size.to_bytes(LENGTH_SIZE, "big") + b"".join(parts)
+    return pack(size) + frame
 
 
 def _parse(buf: bytes, start: int, end: int) -> dict[str, bytes]:
-    """Strictly parse the body buf[start:end]; offsets in errors are body-relative."""
+    """Strictly parse the body buf[start:end]; offsets in errors are body-relative.
+
+    A body whose names have all been seen before (_NAMES: checked names only) is read
+    with the few tests that still apply: a known name is 1..MAX_NAME good bytes, so
+    only the bounds and repetition are left. Anything else, and every error, is left
+    to _parse_strict(), which reads the body again from the start and is the rule."""
+    if start < end <= start + MAX_FRAME:
+        attrs: dict[str, bytes] = {}
+        pos, names, unpack = start, _NAMES, _LENGTH.unpack_from
+        while pos < end:
+            at = pos + 1 + buf[pos]                     # where value_len is
+            name = names.get(buf[pos + 1:at])
+            if name is None or at + LENGTH_SIZE > end or name in attrs:
+                break
+            pos = at + LENGTH_SIZE + unpack(buf, at)[0]
+            if pos > end:
+                break
+            attrs[name] = buf[at + LENGTH_SIZE:pos]
+        else:
+            return attrs
+    return _parse_strict(buf, start, end)
+
+
+def _parse_strict(buf: bytes, start: int, end: int) -> dict[str, bytes]:
+    """_parse() for every body, with the precise error for a bad one."""
     if end <= start:
         raise AttrError("empty frame body")
     if end - start > MAX_FRAME:
         raise AttrError(f"frame body of {end - start} bytes exceeds MAX_FRAME ({MAX_FRAME})")
     attrs: dict[str, bytes] = {}
     pos = start
+    unpack = _LENGTH.unpack_from
     while pos < end:
-        off = pos - start
-        left = end - pos
-        if left < _MIN_ATTR:
+        at = pos                        # body offset at - start, for the errors
+        if end - pos < _MIN_ATTR:
+            left, off = end - pos, at - start
             if attrs:
                 raise AttrError(f"{left} trailing bytes after the last attribute at body offset {off}")
             raise AttrError(f"frame body of {left} bytes is too short for an attribute")
         name_len = buf[pos]
         if not 1 <= name_len <= MAX_NAME:
-            raise AttrError(f"bad attribute name length {name_len} at body offset {off} (must be 1..{MAX_NAME})")
+            raise AttrError(f"bad attribute name length {name_len} at body offset {at - start} (must be 1..{MAX_NAME})")
         pos += 1
         if name_len + LENGTH_SIZE > end - pos:
-            raise AttrError(f"attribute at body offset {off} runs past the end of the body")
+            raise AttrError(f"attribute at body offset {at - start} runs past the end of the body")
         raw = buf[pos:pos + name_len]
-        bad = _BAD_NAME_BYTE.search(raw)
-        if bad is not None:
-            raise AttrError(
-                f"bad byte 0x{bad.group()[0]:02x} in attribute name at body offset {off}"
-                " (names are printable ASCII 0x21..0x7e)"
-            )
-        name = raw.decode("ascii")
+        name = _NAMES.get(raw)
+        if name is None:
+            bad = _BAD_NAME_BYTE.search(raw)
+            if bad is not None:
+                raise AttrError(
+                    f"bad byte 0x{bad.group()[0]:02x} in attribute name at body offset {at - start}"
+                    " (names are printable ASCII 0x21..0x7e)"
+                )
+            name = raw.decode("ascii")
+            if len(_NAMES) < NAME_CACHE:
+                _NAMES[raw] = name
         pos += name_len
-        value_len = int.from_bytes(buf[pos:pos + LENGTH_SIZE], "big")
+        value_len = unpack(buf, pos)[0]
         pos += LENGTH_SIZE
         if value_len > end - pos:
             raise AttrError(
@@ -374,7 +430,7 @@ def _parse(buf: bytes, start: int, end: int) -> dict[str, bytes]:
                 f" ({end - pos} bytes left)"
             )
         if name in attrs:
-            raise AttrError(f"repeated attribute {name!r} at body offset {off}")
+            raise AttrError(f"repeated attribute {name!r} at body offset {at - start}")
         attrs[name] = buf[pos:pos + value_len]
         pos += value_len
     return attrs

@@ -31,6 +31,9 @@ FUNCTIONS
         sync) for all entries; OSError propagates.
     read(queue_root, log, queue_id) -> list[LogEntry] in file order ([] when there is no log).
     remove(queue_root, log, queue_id) -> bool: whether a log was removed.
+    exists(queue_root, log, queue_id) -> bool.
+    read() and remove() look with access(2) first: most messages have no log, and a
+    missing file costs an exception to raise and catch (qmgr asks about every message).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class LogEntry:
 
 def path(queue_root: str, log: str, queue_id: str) -> str:
     """Where a message's defer or bounce log lives."""
+    if queue_root[-1:] not in ("/", "") and queue_id[:1] != "/":
+        return f"{queue_root}/{log}/{queue_id}"     # os.path.join's answer, sooner
     return os.path.join(queue_root, log, queue_id)
 
 
@@ -87,10 +92,18 @@ def append(queue_root: str, log: str, queue_id: str, entries: list[LogEntry],
         os.close(fd)
 
 
+def exists(queue_root: str, log: str, queue_id: str) -> bool:
+    """Whether the message has such a log."""
+    return os.access(path(queue_root, log, queue_id), os.F_OK)
+
+
 def read(queue_root: str, log: str, queue_id: str) -> list[LogEntry]:
     """The entries of a log, latest per recipient record, in file order."""
+    name = path(queue_root, log, queue_id)
+    if not os.access(name, os.F_OK):   # most messages have none: answered without an error
+        return []
     try:
-        with open(path(queue_root, log, queue_id), "rb") as f:
+        with open(name, "rb") as f:
             text = f.read(MAX_LOG).decode("utf-8", "surrogateescape")
     except FileNotFoundError:
         return []
@@ -118,8 +131,11 @@ def read(queue_root: str, log: str, queue_id: str) -> list[LogEntry]:
 
 def remove(queue_root: str, log: str, queue_id: str) -> bool:
     """Remove a message's log; False when there was none."""
+    name = path(queue_root, log, queue_id)
+    if not os.access(name, os.F_OK):   # as in read(): the usual case, without an error
+        return False
     try:
-        os.unlink(path(queue_root, log, queue_id))
+        os.unlink(name)
         return True
     except FileNotFoundError:
         return False

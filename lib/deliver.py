@@ -91,14 +91,16 @@ class DeliveryStatus:
 
 def encode_request(req: Request) -> bytes:
     """The request as one frame."""
+    # Numbers as their decimal text: the same bytes as lib/attr.py makes of an int.
     attrs = {"request": "deliver", "queue_id": req.queue_id, "queue_file": req.queue_file,
              "transport": req.transport, "nexthop": req.nexthop, "sender": req.sender,
-             "arrival": f"{req.arrival:.6f}", "rcpt_count": len(req.recipients)}
+             "arrival": f"{req.arrival:.6f}", "rcpt_count": str(len(req.recipients))}
     if req.flags:
         attrs["flags"] = ",".join(req.flags)
+    offsets = req.offsets
     for i, rcpt in enumerate(req.recipients):
         attrs[f"rcpt.{i}"] = rcpt
-        attrs[f"offset.{i}"] = req.offsets[i] if i < len(req.offsets) else 0
+        attrs[f"offset.{i}"] = str(int(offsets[i])) if i < len(offsets) else "0"
     return attr.encode(attrs)
 
 
@@ -137,7 +139,7 @@ def decode_request(attrs: dict) -> Request:
 def encode_reply(reply: DeliveryStatus) -> bytes:
     """The reply as one frame."""
     attrs = {"status": reply.status, "relay": reply.relay,
-             "rcpt_count": len(reply.results)}
+             "rcpt_count": str(len(reply.results))}
     if reply.reason:
         attrs["reason"] = reply.reason
     for i, r in enumerate(reply.results):
@@ -193,6 +195,8 @@ def log_delivery(queue_id: str, rcpt: str, relay: str, arrival: float, started: 
 
 def _fmt(seconds: float) -> str:
     """Postfix's delay format: two significant digits, at most two decimals."""
+    if seconds < 0.004:         # what the rounding below makes of it (most stages)
+        return "0"
     if seconds >= 10:
         return str(int(round(seconds)))
     value = round(float(f"{seconds:.2g}"), 2)

@@ -34,6 +34,7 @@ import time
 
 
 COMPACT_MIN = 64            # a heap this small is not worth rebuilding
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 
 
 class TimerHandle:
@@ -63,8 +64,7 @@ class EventLoop:
 
     # --- file descriptors --------------------------------------------------------------
     def _update(self, fd: int) -> None:
-        mask = (select.EPOLLIN if fd in self._readers else 0) | \
-               (select.EPOLLOUT if fd in self._writers else 0)
+        mask = (_IN if fd in self._readers else 0) | (_OUT if fd in self._writers else 0)
         old = self._masks.get(fd, 0)        # what epoll has
         if mask == old:
             return
@@ -84,27 +84,36 @@ class EventLoop:
 
     def add_reader(self, fd: int, callback) -> None:
         """Call callback() whenever fd is readable."""
-        self._readers[_fd(fd)] = callback
-        self._update(_fd(fd))
+        if not isinstance(fd, int):
+            fd = fd.fileno()
+        self._readers[fd] = callback
+        self._update(fd)
 
     def add_writer(self, fd: int, callback) -> None:
         """Call callback() whenever fd is writable."""
-        self._writers[_fd(fd)] = callback
-        self._update(_fd(fd))
+        if not isinstance(fd, int):
+            fd = fd.fileno()
+        self._writers[fd] = callback
+        self._update(fd)
 
     def remove_reader(self, fd: int) -> None:
         """Stop watching fd for reading."""
-        if self._readers.pop(_fd(fd), None) is not None:
-            self._update(_fd(fd))
+        if not isinstance(fd, int):
+            fd = fd.fileno()
+        if self._readers.pop(fd, None) is not None:
+            self._update(fd)
 
     def remove_writer(self, fd: int) -> None:
         """Stop watching fd for writing."""
-        if self._writers.pop(_fd(fd), None) is not None:
-            self._update(_fd(fd))
+        if not isinstance(fd, int):
+            fd = fd.fileno()
+        if self._writers.pop(fd, None) is not None:
+            self._update(fd)
 
     def remove(self, fd: int) -> None:
         """Stop watching fd at all (call before closing it)."""
-        fd = _fd(fd)
+        if not isinstance(fd, int):
+            fd = fd.fileno()
         self._readers.pop(fd, None)
         self._writers.pop(fd, None)
         self._update(fd)
@@ -179,7 +188,3 @@ class EventLoop:
     def close(self) -> None:
         """Release the epoll descriptor."""
         self._epoll.close()
-
-
-def _fd(obj) -> int:
-    return obj if isinstance(obj, int) else obj.fileno()

@@ -38,6 +38,7 @@ import time
 
 _fds: tuple[int, int] | None = None
 _ZEROS = bytes(1024)
+_count_buf = array.array("i", [0])      # FIONREAD's answer (one thread per process)
 WAIT_STEP = 0.02
 
 
@@ -79,12 +80,11 @@ def count() -> int:
     """The tokens available now."""
     if _fds is None:
         return -1
-    buf = array.array("i", [0])
     try:
-        fcntl.ioctl(_fds[0], termios.FIONREAD, buf, True)
+        fcntl.ioctl(_fds[0], termios.FIONREAD, _count_buf, True)
     except OSError:
         return -1
-    return buf[0]
+    return _count_buf[0]
 
 
 def wait(delay: float) -> None:

@@ -374,6 +374,7 @@ def delivery(queue_id: str, rcpt: str, relay: str, status: str, dsn: str, delay:
         if stage_metric is not None:
             for name, value in zip(_STAGE_NAMES, stages):
                 _observe(stage_metric, value, name)
-    _event("delivery", {"queue_id": queue_id, "to": rcpt, "relay": relay, "dsn": dsn,
-                        "status": status, "delay": round(delay, 3),
-                        "delays": [round(s, 3) for s in stages]})
+    if _state.event_fd >= 0:        # the record is not built for a log that is off
+        _event("delivery", {"queue_id": queue_id, "to": rcpt, "relay": relay, "dsn": dsn,
+                            "status": status, "delay": round(delay, 3),
+                            "delays": [round(s, 3) for s in stages]})

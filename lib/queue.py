@@ -77,7 +77,6 @@ FORCED EXPIRY
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import stat
@@ -89,6 +88,7 @@ MAGIC = b"PFXQ1\n"
 HEADER = struct.Struct("!cI")
 BLOCK = 65536
 MAX_RECORD = 4 * BLOCK            # no envelope record is anywhere near this
+WINDOW = 8192                     # what read() reads of a large file at a time, past content
 # The queue's subdirectories, spelled once. defer/, bounce/ and trace/ hold per-message
 # logs (trace/: deliveries to report to a NOTIFY=SUCCESS sender, as Postfix's).
 INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT = "incoming", "active", "deferred", "hold", "corrupt"
@@ -278,82 +278,101 @@ def read(path: str) -> QueueMessage:
     """Read a committed queue file's envelope; QueueFileError when it is not one.
 
     qmgr reads every message once: a file of at most BLOCK bytes (most mail) is read with
-    one read() and parsed in memory; a larger one through a buffered file, content skipped.
+    one read() and parsed in place; of a larger one only windows of the envelope records
+    are read, content skipped.
     """
     msg = QueueMessage(queue_id=os.path.basename(path))
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
-        if size <= BLOCK:
-            data = bytearray()
-            while len(data) < size:
-                chunk = os.read(fd, size - len(data))
-                if not chunk:
-                    break
-                data += chunk
-            return _read_envelope(io.BytesIO(data), path, msg, len(data))
-        with open(fd, "rb", closefd=False) as f:
-            return _read_envelope(f, path, msg, size)
+        return _read_envelope(fd, path, msg, os.fstat(fd).st_size)
     finally:
         os.close(fd)
 
 
-def _read_envelope(f, path: str, msg: QueueMessage, end: int) -> QueueMessage:
-    """The records of an open queue file of end bytes; content is skipped, so memory
-    stays small."""
-    if f.read(len(MAGIC)) != MAGIC:
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    """size bytes of the file from offset, fewer at its end."""
+    data = os.pread(fd, size, offset)
+    while 0 < len(data) < size:
+        more = os.pread(fd, size - len(data), offset + len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _read_envelope(fd: int, path: str, msg: QueueMessage, end: int) -> QueueMessage:
+    """The records of an open queue file of end bytes. buf holds the file's bytes from
+    base: the whole file when it is small, else a window (the first BLOCK bytes, then
+    WINDOW bytes or one record) moved forward as needed; content is skipped, not read,
+    so memory stays small."""
+    buf = _pread(fd, min(end, BLOCK), 0)
+    if end <= BLOCK:
+        end = len(buf)          # what there is (a file shrunk since fstat is refused below)
+    if buf[:len(MAGIC)] != MAGIC:
         raise QueueFileError(f"{path}: not a queue file")
+    base, avail = 0, len(buf)   # buf[i] is the file's byte at base + i
     pos, ended, content_size = len(MAGIC), False, None
     dsn = {}                    # N and O records wait for their R record
+    unpack, head_size = HEADER.unpack_from, HEADER.size
+    attrs, recipients = msg.attrs, msg.recipients
     while pos < end:
-        head = f.read(HEADER.size)
-        if len(head) < HEADER.size:
-            raise QueueFileError(f"{path}: truncated record at offset {pos}")
-        kind, length = HEADER.unpack(head)
-        body_at = pos + HEADER.size
-        if body_at + length > end:
+        i = pos - base
+        if i + head_size > avail:
+            buf, base = _pread(fd, min(WINDOW, end - pos), pos), pos
+            i, avail = 0, len(buf)
+            if head_size > avail:
+                raise QueueFileError(f"{path}: truncated record at offset {pos}")
+        kind, length = unpack(buf, i)
+        i += head_size
+        stop = pos + head_size + length
+        if stop > end:
             raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
-        if kind != b"B" and length > MAX_RECORD:
-            raise QueueFileError(f"{path}: oversized record at offset {pos}")
         if kind == b"B":            # content: read by content(), not here
-            f.seek(length, os.SEEK_CUR)
-            pos = body_at + length
+            pos = stop
             continue
-        value = f.read(length)
-        if len(value) != length:
-            raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
-        text = value.decode("utf-8", "surrogateescape")
-        if kind in (b"T", b"W"):
+        if length > MAX_RECORD:
+            raise QueueFileError(f"{path}: oversized record at offset {pos}")
+        if i + length > avail:
+            buf, base = _pread(fd, max(WINDOW, head_size + length), pos), pos
+            i, avail = head_size, len(buf)
+            if i + length > avail:
+                raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
+        value = buf[i:i + length]
+        if kind == b"A":
+            name, _, val = value.decode("utf-8", "surrogateescape").partition("=")
+            attrs[name] = val
+        elif kind == b"R" or kind == b"D":
+            if dsn:
+                notify, orcpt = dsn.pop("N", ""), dsn.pop("O", "")
+            else:
+                notify = orcpt = ""
+            recipients.append(Recipient(value.decode("utf-8", "surrogateescape"), pos,
+                                        kind == b"D", notify, orcpt))
+        elif kind == b"T" or kind == b"W":
             try:
-                msg.arrival = float(text)
+                msg.arrival = float(value.decode("utf-8", "surrogateescape"))
             except ValueError:
                 raise QueueFileError(f"{path}: bad arrival time") from None
             msg.arrival_offset, msg.warned = pos, kind == b"W"
-        elif kind == b"A":
-            name, _, val = text.partition("=")
-            msg.attrs[name] = val
         elif kind == b"S":
             if msg.sender is not None:
                 raise QueueFileError(f"{path}: more than one sender")
-            msg.sender = text
-        elif kind in (b"R", b"D"):
-            msg.recipients.append(Recipient(text, pos, kind == b"D", dsn.pop("N", ""),
-                                            dsn.pop("O", "")))
-        elif kind in (b"N", b"O"):
-            dsn[kind.decode()] = text
+            msg.sender = value.decode("utf-8", "surrogateescape")
+        elif kind == b"N" or kind == b"O":
+            dsn[kind.decode()] = value.decode("utf-8", "surrogateescape")
         elif kind == b"M":
-            msg.content_offset = body_at
+            msg.content_offset = pos + head_size
         elif kind == b"X":
             # ASCII digits only (str.isdigit() takes "²", which int() refuses), 64 bits
             content_size = int(value) if value.isdigit() and len(value) <= 19 else -1
         elif kind == b"E":
-            ended = body_at == end
+            ended = pos + head_size == end
             if not ended:
                 raise QueueFileError(f"{path}: data after the end record")
             break
         else:
             raise QueueFileError(f"{path}: unknown record type {kind!r} at offset {pos}")
-        pos = body_at + length
+        pos = stop
     if not ended:
         raise QueueFileError(f"{path}: no end record (incomplete file)")
     if msg.sender is None or content_size is None or content_size < 0:

@@ -47,9 +47,11 @@ class AgentCall:
         self.transport = request.transport
         self.rcpt_count = len(request.recipients)
         self.frame = memoryview(deliver.encode_request(request))
-        self.path = os.path.join(pool.queue_root, "private", request.transport)
+        self.path = pool.socket_path(request.transport)
         self.sock: socket.socket | None = None
-        self.decoder = attr.FrameDecoder()
+        self.fd = -1
+        self.writing = False        # waiting for room to send the rest of the request
+        self.decoder: attr.FrameDecoder | None = None    # when the reply comes in pieces
         self.timer = None
         self.finished = False
 
@@ -73,14 +75,15 @@ class AgentCall:
             sock.close()
             msg.warn(f"connect to transport private/{self.transport}: "
                      f"{exc.strerror or exc}")
-            self._finish(Failure("4.3.0", "mail transport unavailable"))
+            self._finish(Failure("4.3.0", "mail transport unavailable"), later=True)
             return
-        self.sock = sock
+        self.sock, self.fd = sock, sock.fileno()
         # A UNIX-domain connect completes at once and the request fits the socket buffer:
         # send it now, and wait for writability only for what is left.
         self._writable()
         if self.sock is not None and self.frame:
-            self.loop.add_writer(sock, self._writable)
+            self.writing = True
+            self.loop.add_writer(self.fd, self._writable)
 
     def _writable(self) -> None:
         try:
@@ -90,12 +93,14 @@ class AgentCall:
         except OSError as exc:
             msg.warn(f"private/{self.transport}: send delivery request: "
                      f"{exc.strerror or exc}")
-            self._finish(Failure("4.3.0", "unknown mail transport error"))
+            self._finish(Failure("4.3.0", "unknown mail transport error"), later=True)
             return
         self.frame = self.frame[n:]
         if not self.frame:
-            self.loop.remove_writer(self.sock)      # cheap when it was never added
-            self.loop.add_reader(self.sock, self._readable)
+            if self.writing:
+                self.writing = False
+                self.loop.remove_writer(self.fd)
+            self.loop.add_reader(self.fd, self._readable)
 
     def _readable(self) -> None:
         try:
@@ -111,10 +116,19 @@ class AgentCall:
             self._finish(Failure("4.3.0", "unknown mail transport error"))
             return
         try:
-            self.decoder.feed(data)
-            frame = self.decoder.next_frame()
-            if frame is None:
-                return
+            if self.decoder is None and len(data) > attr.LENGTH_SIZE and \
+                    int.from_bytes(data[:attr.LENGTH_SIZE], "big") == \
+                    len(data) - attr.LENGTH_SIZE:
+                # The whole reply in one read (nearly always): the same checks as the
+                # FrameDecoder's, without one.
+                frame = attr.decode(data)
+            else:
+                if self.decoder is None:
+                    self.decoder = attr.FrameDecoder()
+                self.decoder.feed(data)
+                frame = self.decoder.next_frame()
+                if frame is None:
+                    return
             reply = deliver.decode_reply(frame, self.rcpt_count)
         except attr.AttrError as exc:
             msg.warn(f"private/{self.transport}: malformed delivery status: {exc}")
@@ -129,21 +143,26 @@ class AgentCall:
                      f"{self.pool.timeout}s")
             self._finish(Failure("4.3.0", "delivery agent timeout"))
 
-    def _finish(self, result) -> None:
+    def _finish(self, result, later: bool = False) -> None:
+        """Report the outcome: at once from a callback of the loop (a reply, the
+        deadline); with later, from the next pass of the loop, for the paths that
+        dispatch() itself can reach (the manager may be mid-pass then)."""
         if self.finished:
             return
         self.finished = True
         self.close()
         self.pool.calls.discard(self)
-        # Always from the loop, never from inside dispatch(): the manager may be mid-pass.
-        self.loop.call_later(0, lambda: self.pool.done(self.job, result))
+        if later:
+            self.loop.call_later(0, lambda: self.pool.done(self.job, result))
+        else:
+            self.pool.done(self.job, result)
 
     def close(self) -> None:
         """Drop the connection and the deadline."""
         self.loop.cancel(self.timer)
         self.timer = None
         if self.sock is not None:
-            self.loop.remove(self.sock)
+            self.loop.remove(self.fd)
             self.sock.close()
             self.sock = None
 
@@ -157,6 +176,15 @@ class AgentPool:
         self.timeout = timeout
         self.done = done
         self.calls: set[AgentCall] = set()
+        self._paths: dict[str, str] = {}
+
+    def socket_path(self, transport: str) -> str:
+        """queue_root/private/TRANSPORT, the agent's socket."""
+        path = self._paths.get(transport)
+        if path is None:
+            path = self._paths[transport] = os.path.join(self.queue_root, "private",
+                                                         transport)
+        return path
 
     def dispatch(self, job, request: deliver.Request) -> None:
         """Start delivering one job."""

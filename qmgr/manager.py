@@ -240,9 +240,12 @@ class QueueManager:
         self.transports: dict[str, Transport] = {}
         self.rcpt_count = 0
         self.scans = {Q.INCOMING: _Scan(Q.INCOMING), Q.DEFERRED: _Scan(Q.DEFERRED)}
-        self._turn = 0
+        self._turn = 0              # 0: incoming/ first, 1: deferred/ first
+        self._turns = ((self.scans[Q.INCOMING], self.scans[Q.DEFERRED]),
+                       (self.scans[Q.DEFERRED], self.scans[Q.INCOMING]))
         self._dirs: dict[str, str] = {}
         self._pumping = False
+        self._moved = 0             # jobs released and scans requested: see _pump
         self._rescan_timer = None
         self._deferred_timer = None
         self._feed_timer = None
@@ -260,6 +263,10 @@ class QueueManager:
         self.flow = cfg["in_flow_delay"] > 0 and mail_flow.active()
         self.flow_tokens = cfg["default_process_limit"]
         self.flow_slow = max(1.0, cfg["in_flow_delay"])
+        # Messages that left the active queue since the last feed: their tokens go with
+        # the feed's top-up (every finished message is followed by a feed in the same
+        # pass of the event loop), one look at the pipe for both.
+        self._left = 0
 
     # --- entry points ----------------------------------------------------------------------
     def start(self) -> None:
@@ -325,6 +332,7 @@ class QueueManager:
             self._deferred_timer = self.loop.call_later(self.queue_run_delay, self.deferred_scan)
 
     def _request_scan(self, queue: str, scan_all: bool = False) -> None:
+        self._moved += 1
         scan = self.scans[queue]
         if scan.names:
             scan.restart = True         # files newer than the listing: look again after it
@@ -334,8 +342,7 @@ class QueueManager:
         scan.all = scan_all
 
     def _next_name(self):
-        for _ in range(2):
-            scan = self.scans[(Q.INCOMING, Q.DEFERRED)[self._turn]]
+        for scan in self._turns[self._turn]:
             self._turn ^= 1
             if not scan.names and scan.restart:
                 scan.restart = False
@@ -345,16 +352,13 @@ class QueueManager:
                 return scan, scan.names.popleft()
         return None, None
 
-    def _has_room(self) -> bool:
-        if not self.messages:
-            return True
-        return len(self.messages) < self.active_limit and self.rcpt_count < self.rcpt_limit
-
     def _feed(self) -> tuple[bool, bool]:
         """Take files into the active queue: (any taken, a batch was cut short)."""
         fed, looked = False, 0
         more = False
-        while self._has_room():
+        # Room for one more: always for the first message, else within both limits.
+        while not self.messages or (len(self.messages) < self.active_limit
+                                    and self.rcpt_count < self.rcpt_limit):
             if looked >= FEED_BATCH and self.loop is not None:
                 more = True
                 break
@@ -364,7 +368,8 @@ class QueueManager:
             looked += 1
             fed |= self._activate(scan, name)
         if self.flow:
-            self._flow(0)
+            self._flow(self._left)
+            self._left = 0
         return fed, more
 
     def _flow(self, done: int) -> None:
@@ -409,12 +414,16 @@ class QueueManager:
         try:
             while True:
                 fed, more = self._feed()
+                moved = self._moved
                 started = self._schedule()
                 if more:
                     if self._feed_timer is None:
                         self._feed_timer = self.loop.call_later(0, self._feed_again)
                     break
-                if not (fed or started):
+                # A feed ends when no file is left to take or there is no room for one;
+                # scheduling changes neither, unless a job was released or a scan asked
+                # for meanwhile (a dispatch that answered at once): then look again.
+                if not (fed or started) or self._moved == moved:
                     break
         finally:
             self._pumping = False
@@ -527,7 +536,7 @@ class QueueManager:
     def _resolve(self, m: Message) -> None:
         """Group the message's open recipients into jobs on their destinations' queues."""
         groups: dict[tuple, list[Entry]] = {}
-        unresolved, discarded = [], []
+        unresolved, discarded, grouped = [], [], 0
         content_filter = m.env.attrs.get("content_filter")
         for rcpt in m.env.recipients:
             if rcpt.done:
@@ -549,13 +558,14 @@ class QueueManager:
             key = rcpt.address.lower() if t.rcpt_limit == 1 else route.nexthop.lower()
             groups.setdefault((route.transport, key, route.nexthop), []).append(
                 Entry(rcpt.address, rcpt.offset))
+            grouped += 1
         # Mail to the double-bounce address ends here, as in Postfix's qmgr.
         for e in discarded:
             if not self._mark_done(m, e):
                 return
             deliver.log_delivery(m.queue_id, e.address, "none", m.env.arrival, m.started,
                                  "2.0.0", "sent", "discarded")
-        self.rcpt_count += sum(len(v) for v in groups.values())
+        self.rcpt_count += grouped
         if unresolved:
             self._defer(m, unresolved, "4.3.0", "address resolver failure", log=True)
         jobs = []
@@ -594,21 +604,30 @@ class QueueManager:
         for t in self.transports.values():
             if t.dead_until > now:
                 continue
-            ready = [d for d in t.dests.values() if d.todo and d.dead_until <= now]
+            # One pass finds the destinations with jobs to start and the idle ones to
+            # forget; starting jobs never makes a destination idle (dispatch answers
+            # later), so the idle ones are the same before and after.
+            ready, idle = [], []
+            for key, d in t.dests.items():
+                if d.dead_until <= now:
+                    if d.todo:
+                        ready.append(d)
+                    elif not d.busy:
+                        idle.append(key)
             while ready and t.busy < t.limit:
                 more = []
                 for dest in ready:
                     if t.busy >= t.limit:
                         break
-                    if dest.todo and dest.busy < dest.capacity:
+                    capacity = dest.capacity        # starting a job does not change it
+                    if dest.todo and dest.busy < capacity:
                         self.waiting -= 1
                         self._start(dest.todo.popleft())
                         started = True
-                        if dest.todo and dest.busy < dest.capacity:
+                        if dest.todo and dest.busy < capacity:
                             more.append(dest)
                 ready = more
-            for key in [k for k, d in t.dests.items() if not d.todo and not d.busy
-                        and d.dead_until <= now]:
+            for key in idle:
                 del t.dests[key]
         return started
 
@@ -643,8 +662,8 @@ class QueueManager:
         """A delivery agent's answer (deliver.DeliveryStatus) or a Failure, for one started job."""
         job.dest.busy -= 1
         job.transport.busy -= 1
-        job.dest.last_done = self.now()
-        job.dest.took += (max(0.0, self.now() - job.started) - job.dest.took) / 4
+        job.dest.last_done = now = self.now()
+        job.dest.took += (max(0.0, now - job.started) - job.dest.took) / 4
         if isinstance(result, Failure):
             self._job_done(job, result.dsn, result.reason, log=True)
             if result.throttle:
@@ -675,7 +694,8 @@ class QueueManager:
                                          r.reason, reply.relay))
         if not m.gone:
             try:
-                bounce_log.append(self.root, BOUNCE, m.queue_id, bounced)
+                if bounced:
+                    bounce_log.append(self.root, BOUNCE, m.queue_id, bounced)
             except OSError as exc:
                 # Without the reason on disk the bounce could be lost: try again later.
                 msg.warn(f"{m.queue_id}: append bounce log: {exc.strerror}")
@@ -683,7 +703,8 @@ class QueueManager:
                                       b.reason, b.relay) for b in bounced]
                 bounced = []
             try:
-                bounce_log.append(self.root, TRACE, m.queue_id, traced)
+                if traced:
+                    bounce_log.append(self.root, TRACE, m.queue_id, traced)
             except OSError as exc:
                 # As Postfix's sent(): a success that cannot be reported is deferred.
                 msg.warn(f"{m.queue_id}: append trace log: {exc.strerror}")
@@ -761,6 +782,7 @@ class QueueManager:
         self._job_done(job, dsn or "4.0.0", reason, log=True)
 
     def _release(self, job: Job) -> None:
+        self._moved += 1
         m = job.message
         self.rcpt_count -= len(job.entries)
         m.pending -= 1
@@ -803,7 +825,7 @@ class QueueManager:
         m.finished = True
         self.messages.pop(m.queue_id, None)
         if self.flow:
-            self._flow(1)
+            self._left += 1
         if m.rescan:
             self._request_scan(Q.INCOMING)
         if m.gone:
@@ -816,7 +838,10 @@ class QueueManager:
                 bounce_log.remove(self.root, TRACE, qid)
             else:
                 retry = True        # reported at the next pass (recipients are done)
-        failed = bounce_log.read(self.root, BOUNCE, qid)
+        # Only qmgr writes a message's bounce log, and not while it finishes the message:
+        # looked for once, read and removed only when there is one (rarely).
+        bounced = bounce_log.exists(self.root, BOUNCE, qid)
+        failed = bounce_log.read(self.root, BOUNCE, qid) if bounced else []
         if failed:
             if self._notify(m, failed, now):
                 bounce_log.remove(self.root, BOUNCE, qid)
@@ -849,7 +874,8 @@ class QueueManager:
             return
         if m.deferred:      # else there is none: entering active/ removed the last one
             bounce_log.remove(self.root, DEFER, qid)
-        bounce_log.remove(self.root, BOUNCE, qid)
+        if bounced:
+            bounce_log.remove(self.root, BOUNCE, qid)
         if m.success:
             bounce_log.remove(self.root, TRACE, qid)
         msg.info(f"{qid}: removed")
