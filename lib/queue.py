@@ -85,6 +85,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from . import msg
+
 MAGIC = b"PFXQ1\n"
 HEADER = struct.Struct("!cI")
 BLOCK = 65536
@@ -132,7 +134,7 @@ class QueueWriter:
     def __init__(self, queue_root: str, now: float | None = None):
         self.dir = os.path.join(queue_root, INCOMING)
         now = time.time() if now is None else now
-        tmp = os.path.join(self.dir, f".new.{os.getpid()}.{time.monotonic_ns()}")
+        tmp = os.path.join(self.dir, f".new.{msg.pid()}.{time.monotonic_ns()}")
         self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             self.id = queue_id(os.fstat(self.fd).st_ino, int(now * 1e6))
@@ -427,9 +429,9 @@ def free_space(queue_root: str) -> int:
 
 def wake(queue_root: str, request: bytes = WAKE_INCOMING) -> bool:
     """Poke qmgr through public/qmgr; False when it is not listening (it has a timer)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # non-blocking from the start: no ioctl
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        sock.setblocking(False)
         sock.connect(os.path.join(queue_root, "public", "qmgr"))
         sock.send(request)
         return True
