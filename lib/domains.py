@@ -68,6 +68,8 @@ class DomainList:
 
     def match(self, domain: str) -> bool:
         """Whether domain, or (by the rules above) a parent of it, is listed."""
+        if not self.names and not self.tables:
+            return False        # an empty list (most of them, per message): nothing to do
         domain = domain.lower().rstrip(".")
         if not domain:
             return False

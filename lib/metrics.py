@@ -335,8 +335,11 @@ def _tls_fields(info) -> dict:
 
 def tls_server(info) -> None:
     """smtpd finished a handshake (lib.tls.TLSInfo)."""
-    _inc(SMTPD_TLS, *_tls_labels(info))
-    _event("tls", _tls_fields(info))
+    # the labels and fields only when something takes them (most hosts: nothing)
+    if _state.enabled:
+        _inc(SMTPD_TLS, *_tls_labels(info))
+    if _state.event_fd >= 0:
+        _event("tls", _tls_fields(info))
 
 
 def tls_server_failure(client: str, reason: str, offer: dict | None) -> None:
@@ -348,11 +351,13 @@ def tls_server_failure(client: str, reason: str, offer: dict | None) -> None:
 
 def tls_client(info, destination: str, level: str) -> None:
     """The smtp client finished a handshake with a server of destination, at level."""
-    _inc(SMTP_TLS, *_tls_labels(info))
-    session = "resumed" if info.session_reused else "full"
-    _inc(SMTP_TLS_DESTINATIONS, _label(destination), _label(level),
-         "yes" if info.peer_verified else "no", session)
-    _event("tls", {**_tls_fields(info), "destination": destination, "level": level})
+    if _state.enabled:
+        _inc(SMTP_TLS, *_tls_labels(info))
+        session = "resumed" if info.session_reused else "full"
+        _inc(SMTP_TLS_DESTINATIONS, _label(destination), _label(level),
+             "yes" if info.peer_verified else "no", session)
+    if _state.event_fd >= 0:
+        _event("tls", {**_tls_fields(info), "destination": destination, "level": level})
 
 
 def tls_history_change(destination: str, change: str) -> None:

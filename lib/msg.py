@@ -41,6 +41,10 @@ FUNCTIONS
         `-o syslog_name=postfix/submission`); process titles start with it too.
     name() -> base_name of the syslog_name given to init(): the master names its workers
         with it (`process postfix/smtpd pid 1234 exit status 1`).
+    pid() -> this process's id, without a system call: glibc no longer caches getpid(),
+        and a worker names itself in every log line, status report and queue file name.
+        The id is taken at import and again in the child of every os.fork()
+        (os.register_at_fork), so a forked worker never reports its master's.
 
 Input from a peer or a client program is never worth more than a warning.
 """
@@ -118,6 +122,30 @@ class _State:
 
 
 _s = _State()
+_pid = os.getpid()
+_stamp = (None, "")          # (second, its timestamp text): a busy daemon logs many a second
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def pid() -> int:
+    """This process's id (see the module's FUNCTIONS)."""
+    return _pid
+
+
+def _timestamp() -> str:
+    """Postfix's log time stamp (`Dec  6 02:09:36`), formatted once per second."""
+    global _stamp
+    now = int(time.time())
+    if _stamp[0] != now:
+        _stamp = (now, time.strftime("%b %e %H:%M:%S", time.localtime(now)))
+    return _stamp[1]
 
 
 def init(service: str, syslog_name: str = "postfix-py", maillog_file: str = "",
@@ -194,7 +222,7 @@ def _format(severity: str, text: str, tag: str | None = None) -> str:
     if not text.isprintable():
         text = _CONTROL.sub("?", text)
     tag = tag or _s.tag
-    tag = f"{tag}[{os.getpid()}]" if _s.with_pid else tag
+    tag = f"{tag}[{_pid}]" if _s.with_pid else tag
     return f"{tag}: {prefix}{text}"[:MAX_LINE]
 
 
@@ -202,7 +230,7 @@ def _emit(severity: str, text: str, tag: str | None = None) -> None:
     line = _format(severity, text, tag)
     with _s.lock:
         if _s.sink == "syslog":
-            stamp = time.strftime("%b %e %H:%M:%S")
+            stamp = _timestamp()
             pri = _s.facility * 8 + _SEVERITY[severity]
             record = f"<{pri}>{stamp} {line}".encode("utf-8", "backslashreplace")
             for _ in range(2):
@@ -218,7 +246,7 @@ def _emit(severity: str, text: str, tag: str | None = None) -> None:
                     _s.sock = None
             _write(sys.stderr, line)  # no syslog: better stderr than silence
         elif _s.sink == "file":
-            _write(_s.stream, f"{time.strftime('%b %e %H:%M:%S')} {_s.hostname} {line}")
+            _write(_s.stream, f"{_timestamp()} {_s.hostname} {line}")
         else:
             _write(sys.stderr, line)
 

@@ -3,6 +3,11 @@
 The one matcher of client lists, as Postfix's namadr_list: mynetworks and the smtpd
 parameters of its kind (smtpd/check.py), and postscreen's permit_mynetworks.
 
+FUNCTIONS
+    client_ip(addr) -> (ip, its text) of a client address, an IPv4-mapped IPv6 address
+        as IPv4; None when addr is not one. Memoised (a session asks about one client
+        many times).
+
 CLASSES
     NetworkList(param, words, open_table, parent_matches)
         .match(addr, name="unknown") -> whether the client is in the list. open_table(ref)
@@ -81,7 +86,7 @@ class NetworkList:
         """Whether the client (address, verified name or "unknown") is in the list."""
         if not self.entries:
             return False            # an empty list (most of them): nothing to parse
-        parsed = _client_ip(addr)
+        parsed = client_ip(addr)
         if parsed is None:
             return False
         return bool(self._match(*parsed, name.lower().rstrip(".")))
@@ -110,7 +115,7 @@ class NetworkList:
 
 
 @functools.lru_cache(maxsize=64)
-def _client_ip(addr: str):
+def client_ip(addr: str):
     """(ip, its text) of a client address, an IPv4-mapped IPv6 one as IPv4; None when
     addr is not an address. Cached: a session asks several lists about one client."""
     try:

@@ -84,6 +84,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from . import msg
+
 MAGIC = b"PFXQ1\n"
 HEADER = struct.Struct("!cI")
 BLOCK = 65536
@@ -126,17 +128,23 @@ def _record(kind: bytes, data: bytes) -> bytes:
     return HEADER.pack(kind, len(data)) + data
 
 
+def _join(directory: str, name: str) -> str:
+    """os.path.join(directory, name) for a plain file name, without its generality: a
+    writer names three paths per message."""
+    return directory + "/" + name if directory and directory[-1] != "/" else directory + name
+
+
 class QueueWriter:
     """One new queue file in incoming/, written sequentially and committed at the end."""
 
     def __init__(self, queue_root: str, now: float | None = None):
-        self.dir = os.path.join(queue_root, INCOMING)
+        self.dir = _join(queue_root, INCOMING)
         now = time.time() if now is None else now
-        tmp = os.path.join(self.dir, f".new.{os.getpid()}.{time.monotonic_ns()}")
+        tmp = _join(self.dir, f".new.{msg.pid()}.{time.monotonic_ns()}")
         self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             self.id = queue_id(os.fstat(self.fd).st_ino, int(now * 1e6))
-            self.path = os.path.join(self.dir, "." + self.id)
+            self.path = _join(self.dir, "." + self.id)
             os.rename(tmp, self.path)
         except BaseException:
             os.close(self.fd)
@@ -220,7 +228,7 @@ class QueueWriter:
         os.fsync(self.fd)
         os.close(self.fd)
         self.closed = True
-        final = os.path.join(self.dir, self.id)
+        final = _join(self.dir, self.id)
         os.rename(self.path, final)
         self.path = final
         return self.id
@@ -446,9 +454,9 @@ def free_space(queue_root: str) -> int:
 
 def wake(queue_root: str, request: bytes = WAKE_INCOMING) -> bool:
     """Poke qmgr through public/qmgr; False when it is not listening (it has a timer)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # non-blocking from the start: no ioctl
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        sock.setblocking(False)
         sock.connect(os.path.join(queue_root, "public", "qmgr"))
         sock.send(request)
         return True

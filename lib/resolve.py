@@ -89,6 +89,7 @@ SEE ALSO
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -120,6 +121,16 @@ class Route:
 ALIAS_UNKNOWN = "5.1.1 User unknown in virtual alias table"   # Postfix's error next hop
 EMPTY_ADDRESS_RECIPIENT = "MAILER-DAEMON"    # Postfix's empty_address_recipient default
 _ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+
+
+@functools.lru_cache(maxsize=64)
+def _literal_address(text: str):
+    """The address of a [literal]'s text, None when it is not one; memoised, as smtpd asks
+    about its client's literal at every message (local_header_rewrite_clients)."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 def _scan(text: str, ops: str, last: bool) -> int:
@@ -235,11 +246,8 @@ class AddressResolver:
             text = domain[1:-1]
             if text[:5] == "ipv6:":
                 text = text[5:]
-            try:
-                addr = ipaddress.ip_address(text)
-            except ValueError:
-                return False
-            return addr in self._own_addresses()
+            addr = _literal_address(text)
+            return addr is not None and addr in self._own_addresses()
         return False
 
     def _own_addresses(self) -> set:

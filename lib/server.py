@@ -126,7 +126,7 @@ class WorkerContext:
     def report(self, state: int) -> None:
         """Tell the master this worker is available or taken; the master may be gone."""
         try:
-            os.write(self.status_fd, struct.pack(STATUS_FORMAT, os.getpid(),
+            os.write(self.status_fd, struct.pack(STATUS_FORMAT, msg.pid(),
                                                  self.generation, state, self.served))
         except OSError:
             self.stopping = True
@@ -260,7 +260,8 @@ def _wait_for_client(ctx: WorkerContext, timeout: float | None,
                     if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                         continue
                     raise
-                conn.setblocking(True)
+                # Blocking already: accept() on the non-blocking listener gives a blocking
+                # socket (no default timeout is set), and no ioctl is spent saying so.
                 return conn
     return None
 

@@ -103,10 +103,20 @@ class SmtpStream:
         if not r and not w:
             raise StreamTimeout("timeout")
 
-    def _recv(self, deadline: float) -> bytes:
-        """Some bytes from the peer (never empty: EOF raises)."""
+    def _recv(self, deadline: float, answered: bool = False) -> bytes:
+        """Some bytes from the peer (never empty: EOF raises). answered: a reply has just
+        gone out, so the peer's next words are most likely not here yet: wait for them
+        before the first read, which saves the read that would fail (a system call and
+        an exception; with TLS, OpenSSL's WANT_READ) on the way to the same wait."""
         if self._request_deadline is not None:
             deadline = min(deadline, self._request_deadline)
+        if answered and (self.tls is None or not self.tls.pending()):
+            left = deadline - time.monotonic()
+            if left > 0:
+                try:
+                    select.select([self.sock.fileno()], [], [], left)
+                except (OSError, ValueError):
+                    pass                # the read below decides, as before
         while True:
             try:
                 if self.tls is not None:
@@ -171,9 +181,10 @@ class SmtpStream:
                 line = bytes(self._in[:limit])
                 del self._in[:limit]
                 return line
-            if self._out:
+            answered = bool(self._out)
+            if answered:
                 self.flush()
-            self._in += self._recv(deadline)
+            self._in += self._recv(deadline, answered)
 
     def buffered_lines(self, limit: int, timeout: float | None = None) -> bytes:
         """The input up to its last LF, left in place (see consume()); waits for input
@@ -189,17 +200,19 @@ class SmtpStream:
                 return bytes(self._in[:end])
             if len(self._in) >= limit:
                 return b""
-            if self._out:
+            answered = bool(self._out)
+            if answered:
                 self.flush()
-            self._in += self._recv(deadline)
+            self._in += self._recv(deadline, answered)
 
     def read_some(self, n: int, timeout: float | None = None) -> bytes:
         """Up to n bytes of input, at least one; waits like readline() (BDAT chunks)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while not self._in:
-            if self._out:
+            answered = bool(self._out)
+            if answered:
                 self.flush()
-            self._in += self._recv(deadline)
+            self._in += self._recv(deadline, answered)
         data = bytes(self._in[:n])
         del self._in[:n]
         return data

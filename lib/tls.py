@@ -1483,6 +1483,8 @@ def shutdown(conn: SSL.Connection, timeout: float = 10.0, fast: bool | None = No
     sock = _socket_of(conn)
     try:
         old_timeout = sock.gettimeout() if sock is not None else None
+        if old_timeout == 0.0:
+            sock = None         # non-blocking already (SmtpStream's): nothing to restore
         if sock is not None:
             # A blocking socket could hang here on a peer that never reads or writes.
             sock.setblocking(False)

@@ -56,6 +56,7 @@ import re
 
 from ..lib import anvil_client, msg, tables
 from ..lib.maincf import ConfigError
+from ..lib.netlist import client_ip
 
 PARAM = "smtpd_client_event_limit_exceptions"
 _ADDR_RE = re.compile(r"^\[?[0-9a-fA-F:.]+\]?(/\d{1,3})?$")
@@ -93,12 +94,8 @@ class ExceptionList:
 
     def match(self, name: str, addr: str) -> bool:
         """Whether the client (verified name or "unknown", address) is listed."""
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            ip = None
-        if ip is not None and ip.version == 6 and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
+        parsed = client_ip(addr)        # memoised: the network lists parse it too
+        ip = parsed[0] if parsed is not None else None
         host = name.lower().rstrip(".")
         for negate, kind, value in self.items:
             if kind == "net":

@@ -76,7 +76,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import re
 import time
 import weakref
@@ -121,16 +120,21 @@ def parse_path(arg: str, keyword: str, strict: bool):
     if not rest:
         return None
     if rest.startswith("<"):
-        end, quoted = 1, False
-        while end < len(rest):
-            c = rest[end]
-            if c == '"':
-                quoted = not quoted
-            elif c == "\\" and quoted:
+        if '"' not in rest:
+            end = rest.find(">", 1)         # nothing quoted (nearly always): no scan
+            if end < 0:
+                end = len(rest)
+        else:
+            end, quoted = 1, False
+            while end < len(rest):
+                c = rest[end]
+                if c == '"':
+                    quoted = not quoted
+                elif c == "\\" and quoted:
+                    end += 1
+                elif c == ">" and not quoted:
+                    break
                 end += 1
-            elif c == ">" and not quoted:
-                break
-            end += 1
         if end >= len(rest):
             return "bad", []
         addr, tail = rest[1:end], rest[end + 1:]
@@ -185,6 +189,67 @@ def strip_route(addr: str) -> str:
     return addr
 
 
+def long_line(data: bytes, n: int) -> bool:
+    """Whether a line of data (lines end in LF) has n bytes or more. When every aligned
+    block of n // 2 bytes holds an LF (found at memchr speed), no line can be that long,
+    and the lines are not measured one by one."""
+    block = n // 2
+    if block >= 64:
+        for start in range(0, len(data), block):
+            if data.find(b"\n", start, start + block) < 0:
+                break
+        else:
+            return False
+    return max(map(len, data.split(b"\n"))) >= n
+
+
+def reply_bytes(text: str) -> bytes:
+    """One reply line as sent: client text echoed in it is made printable (as Postfix,
+    `?`), and CRLF ends it."""
+    if not (text.isascii() and text.isprintable()):
+        text = printable(text, len(text))
+    return text.encode("utf-8", "replace") + b"\r\n"
+
+
+class SessionConfig:
+    """What a Session takes from main.cf alone, worked out once per Config instead of
+    once per client (a Config does not change once loaded: lib/maincf.py), and the EHLO
+    replies made for it (Session.ehlo_reply)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.attrs = {          # Session attributes
+            "hostname": cfg.get("myhostname"),
+            "line_limit": cfg["line_length_limit"],
+            "size_limit": cfg["message_size_limit"],
+            "rcpt_limit": cfg["smtpd_recipient_limit"],
+            "soft_limit": cfg["smtpd_soft_error_limit"],
+            "hard_limit": cfg["smtpd_hard_error_limit"],
+            "error_sleep": cfg["smtpd_error_sleep_time"],
+            "junk_limit": cfg["smtpd_junk_command_limit"],
+            "noop_commands": frozenset(c.lower() for c in cfg["smtpd_noop_commands"]),
+            "discard_ehlo": frozenset(k.lower() for k in cfg["smtpd_discard_ehlo_keywords"]),
+            "overshoot_limit": cfg["smtpd_recipient_overshoot_limit"],
+            "smtputf8_enable": cfg["smtputf8_enable"]}
+        mode = cfg["smtpd_forbid_bare_newline"].lower()     # one of its values
+        self.bare_lf = {"yes": "normalize"}.get(mode, mode)
+        self.ehlo: dict[tuple, bytes] = {}
+
+
+_CONFIGS: dict[int, tuple] = {}     # id(cfg) -> (cfg, its SessionConfig)
+
+
+def session_config(cfg) -> SessionConfig:
+    """The SessionConfig of cfg. The entry holds cfg, so that its id cannot name another
+    Config while the entry lives; a worker has one or two Configs, a test process more."""
+    entry = _CONFIGS.get(id(cfg))
+    if entry is None:
+        if len(_CONFIGS) >= 16:
+            _CONFIGS.clear()
+        entry = _CONFIGS[id(cfg)] = (cfg, SessionConfig(cfg))
+    return entry[1]
+
+
 class Session:
     """One SMTP session with one client."""
 
@@ -209,14 +274,9 @@ class Session:
         self.tls = tls                  # smtpd.service.TlsServer or None
         self.wrapper = wrapper
         self.stopping = stopping
-        self.hostname = cfg.get("myhostname")
-        self.line_limit = cfg["line_length_limit"]
-        self.size_limit = cfg["message_size_limit"]
-        self.rcpt_limit = cfg["smtpd_recipient_limit"]
-        self.soft_limit = cfg["smtpd_soft_error_limit"]
-        self.hard_limit = cfg["smtpd_hard_error_limit"]
-        self.error_sleep = cfg["smtpd_error_sleep_time"]
-        self.junk_limit = cfg["smtpd_junk_command_limit"]
+        self.conf = conf = session_config(cfg)
+        # hostname, line_limit, size_limit, ...: main.cf's, worked out once (SessionConfig)
+        self.__dict__.update(conf.attrs)
         self.level = level              # lib/tls.server_security_level's, from prepare()
         self.bare_lf = self._bare_newline_mode()
         self.counts: dict[str, list[int]] = {}
@@ -234,10 +294,6 @@ class Session:
         self.sasl_method: str | None = None
         self.sasl_exempt = self._sasl_exempt()
         self.access_denied: str | None = None
-        self.noop_commands = {c.lower() for c in cfg["smtpd_noop_commands"]}
-        self.discard_ehlo = {k.lower() for k in cfg["smtpd_discard_ehlo_keywords"]}
-        self.overshoot_limit = cfg["smtpd_recipient_overshoot_limit"]
-        self.smtputf8_enable = cfg["smtputf8_enable"]
         self.seqno = 0                  # messages begun: the policy "instance"
         # The client state must not hold the session: a reference cycle would keep each
         # finished session, its TLS connection and OpenSSL's buffers with it, until the
@@ -248,8 +304,7 @@ class Session:
 
     # --- configuration ---------------------------------------------------------------------
     def _bare_newline_mode(self) -> str:
-        mode = self.cfg["smtpd_forbid_bare_newline"].lower()     # one of its values
-        mode = {"yes": "normalize"}.get(mode, mode)
+        mode = self.conf.bare_lf
         if mode != "no" and self._in_list("smtpd_forbid_bare_newline_exclusions"):
             mode = "no"
         return mode
@@ -287,15 +342,12 @@ class Session:
     def reply(self, text: str, error: bool = True) -> None:
         """Queue one reply line (flushed before the next read); a 4xx or 5xx reply other
         than 421 counts as an error unless error is False."""
-        if not (text.isascii() and text.isprintable()):
-            text = printable(text, len(text))   # client text echoed: as Postfix, `?`
-        code = text[:3]
-        if code[:1] in ("4", "5") and not text.startswith("421"):
+        if text[:1] in ("4", "5") and not text.startswith("421"):
             self.errors += error
             if self.errors > self.soft_limit and self.error_sleep:
                 self.s.flush()
                 time.sleep(self.error_sleep)
-        self.s.write(text.encode("utf-8", "replace") + b"\r\n")
+        self.s.write(reply_bytes(text))
 
     def count(self, verb: str, ok: bool) -> None:
         c = self.counts.setdefault(verb, [0, 0])
@@ -630,29 +682,43 @@ class Session:
             self.reply(f"250 {self.hostname}")
             return True
         self.pipelining_ok = True
+        self.s.write(self.ehlo_reply())
+        return True
+
+    def ehlo_reply(self) -> bytes:
+        """The whole EHLO reply. Apart from main.cf (SessionConfig) it depends on whether
+        STARTTLS, AUTH (which mechanisms), XCLIENT, XFORWARD and REQUIRETLS are offered:
+        it is made once for each combination of those and kept."""
+        mechs = None
+        if self.sasl_active() and not self.sasl_exempt:
+            mechs = self.sasl.mechanisms(self.tls_active)
+            mechs = tuple(mechs) if mechs else None
+        key = (self.starttls_offered, mechs, tuple(X.ehlo_keywords(self)),
+               self.requiretls_offered)
+        reply = self.conf.ehlo.get(key)
+        if reply is None:
+            reply = self.conf.ehlo[key] = self._ehlo_reply(*key)
+        return reply
+
+    def _ehlo_reply(self, starttls: bool, mechs: tuple | None, x_keywords: tuple,
+                    requiretls: bool) -> bytes:
         lines = [self.hostname, "PIPELINING"]
         lines.append(f"SIZE {self.size_limit}" if self.size_limit else "SIZE")
         if not self.cfg["disable_vrfy_command"]:
             lines.append("VRFY")
         lines.append("ETRN")
-        if self.starttls_offered:
+        if starttls:
             lines.append("STARTTLS")
-        if self.sasl_active() and not self.sasl_exempt:
-            mechs = self.sasl.mechanisms(self.tls_active)
-            if mechs:
-                lines.append("AUTH " + " ".join(mechs))
-        lines += X.ehlo_keywords(self)
-        lines += ["ENHANCEDSTATUSCODES", "8BITMIME"] + self.ehlo_extensions()
+        if mechs:
+            lines.append("AUTH " + " ".join(mechs))
+        lines += x_keywords
+        # after 8BITMIME, in Postfix's order
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN"] + ["SMTPUTF8"] * \
+            self.smtputf8_enable + ["CHUNKING"] + ["REQUIRETLS"] * requiretls
         lines = [lines[0]] + [k for k in lines[1:]
                               if k.split()[0].lower() not in self.discard_ehlo]
-        for i, text in enumerate(lines):
-            self.reply(f"250{'-' if i < len(lines) - 1 else ' '}{text}")
-        return True
-
-    def ehlo_extensions(self) -> list[str]:
-        """The EHLO keywords Postfix announces after 8BITMIME, in its order."""
-        return ["DSN"] + ["SMTPUTF8"] * self.smtputf8_enable + ["CHUNKING"] + \
-            ["REQUIRETLS"] * self.requiretls_offered
+        return b"".join(reply_bytes(f"250{'-' if i < len(lines) - 1 else ' '}{text}")
+                        for i, text in enumerate(lines))
 
     @property
     def requiretls_offered(self) -> bool:
@@ -916,7 +982,7 @@ class Session:
         self.dsn_ret, self.dsn_envid = self._dsn_mail
         # as Postfix's mail_cmd: one instance per transaction, after the checks
         now = time.time()
-        self.instance = f"{os.getpid():x}.{int(now):x}.{int(now % 1 * 1e6):x}.{self.seqno:x}"
+        self.instance = f"{msg.pid():x}.{int(now):x}.{int(now % 1 * 1e6):x}.{self.seqno:x}"
         self.seqno += 1
         self.reply("250 2.1.0 Ok")
         return True
@@ -1151,11 +1217,14 @@ class Session:
                 # hopcount_limit, header_checks): it takes content in pieces of any size.
                 raw = self.s.buffered_lines(self.line_limit)
                 lf = raw.replace(b"\r\n", b"\n")
-                if raw.count(b"\n") != len(raw) - len(lf) or (
+                crlfs = len(raw) - len(lf)
+                if raw.count(b"\n") != crlfs or (
                         len(lf) >= self.line_limit - 1 and
-                        max(map(len, lf.split(b"\n"))) >= self.line_limit - 1):
+                        long_line(lf, self.line_limit - 1)):
                     raw = raw[:crlf_prefix(raw, self.line_limit)]   # a bare LF, a long line
                     lf = raw.replace(b"\r\n", b"\n")
+                    crlfs = len(raw) - len(lf)
+                # every LF of raw (and of lf) now ends a CRLF: there are crlfs of them
                 if raw:
                     if lf.startswith(b".\n"):
                         stop = 0
@@ -1163,8 +1232,10 @@ class Session:
                         stop = lf.find(b"\n.\n")
                         stop = stop + 1 if stop >= 0 else -1
                     part = lf if stop < 0 else lf[:stop]
-                    # On the wire each line had a CR more, and the end was ".\r\n".
-                    used = len(raw) if stop < 0 else len(part) + part.count(b"\n") + 3
+                    # On the wire each line had a CR more, and the end was ".\r\n":
+                    # part's lines are all of them but those from the end line on.
+                    used = len(raw) if stop < 0 else \
+                        len(part) + crlfs - lf.count(b"\n", stop) + 3
                     self.s.consume(used)
                     self.data_bytes += used
                     if part:

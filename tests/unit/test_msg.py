@@ -119,3 +119,34 @@ def test_printable_utf8():
     # Without UTF-8 every non-ASCII character is replaced; bytes count one each.
     assert msg.printable("grüße", utf8=False) == "gr??e"
     assert msg.printable("grüße".encode(), 4, utf8=False) == "gr??"
+
+
+def test_pid_is_the_forked_childs(tmp_path):
+    """msg.pid() is kept without a system call, and a forked child gets its own: the
+    master forks every worker, whose log lines and status reports must name the worker."""
+    assert msg.pid() == os.getpid()
+    log = tmp_path / "maillog"
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:      # pragma: no cover - the child reports through the pipe
+        try:
+            msg.init("smtpd", maillog_file=str(log))
+            msg.info("child")
+            os.write(w, f"{msg.pid()} {os.getpid()}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    reported = os.read(r, 100).decode().split()
+    os.close(r)
+    os.waitpid(child, 0)
+    assert reported == [str(child), str(child)]
+    assert f"postfix-py/smtpd[{child}]: child" in log.read_text()
+    assert msg.pid() == os.getpid() != child
+
+
+def test_timestamp_is_strftimes_for_each_second(monkeypatch):
+    """The time stamp is formatted once per second, and is strftime's for that second."""
+    import time
+    for now in (1700000000.2, 1700000000.9, 1700000001.0, 1700086400.5, 1700000000.1):
+        monkeypatch.setattr(time, "time", lambda now=now: now)
+        assert msg._timestamp() == time.strftime("%b %e %H:%M:%S", time.localtime(int(now)))

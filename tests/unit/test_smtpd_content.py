@@ -80,3 +80,13 @@ def test_bdat_queues_what_data_queues(world, lines, cuts):
                       + p for i, p in enumerate(pieces))
     via_bdat = queued_content(world, head + chunks + b"QUIT\r\n")
     assert via_bdat == via_data
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.integers(0, 700), max_size=12), st.integers(1, 600), st.booleans())
+def test_long_line_measures_as_the_split_did(lengths, n, final_lf):
+    """session.long_line's shortcut (an LF in every block of n // 2 bytes) gives the
+    answer of measuring every line."""
+    from postfix_py.smtpd.session import long_line
+    data = b"\n".join(b"x" * k for k in lengths) + (b"\n" if final_lf else b"")
+    assert long_line(data, n) == (max(map(len, data.split(b"\n"))) >= n)
