@@ -84,36 +84,31 @@ class EventLoop:
 
     def add_reader(self, fd: int, callback) -> None:
         """Call callback() whenever fd is readable."""
-        if not isinstance(fd, int):
-            fd = fd.fileno()
+        fd = _fd(fd)
         self._readers[fd] = callback
         self._update(fd)
 
     def add_writer(self, fd: int, callback) -> None:
         """Call callback() whenever fd is writable."""
-        if not isinstance(fd, int):
-            fd = fd.fileno()
+        fd = _fd(fd)
         self._writers[fd] = callback
         self._update(fd)
 
     def remove_reader(self, fd: int) -> None:
         """Stop watching fd for reading."""
-        if not isinstance(fd, int):
-            fd = fd.fileno()
+        fd = _fd(fd)
         if self._readers.pop(fd, None) is not None:
             self._update(fd)
 
     def remove_writer(self, fd: int) -> None:
         """Stop watching fd for writing."""
-        if not isinstance(fd, int):
-            fd = fd.fileno()
+        fd = _fd(fd)
         if self._writers.pop(fd, None) is not None:
             self._update(fd)
 
     def remove(self, fd: int) -> None:
         """Stop watching fd at all (call before closing it)."""
-        if not isinstance(fd, int):
-            fd = fd.fileno()
+        fd = _fd(fd)
         self._readers.pop(fd, None)
         self._writers.pop(fd, None)
         self._update(fd)
@@ -188,3 +183,8 @@ class EventLoop:
     def close(self) -> None:
         """Release the epoll descriptor."""
         self._epoll.close()
+
+
+def _fd(obj) -> int:
+    """A descriptor number from a number or an object with fileno()."""
+    return obj if isinstance(obj, int) else obj.fileno()
