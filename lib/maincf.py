@@ -144,6 +144,7 @@ class Config:
     overrides: dict[str, str] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False)      # typed values
     _texts: dict = field(default_factory=dict, repr=False)      # expanded texts (get)
+    _derived: dict = field(default_factory=dict, repr=False)    # made by derived()
     _computing: set = field(default_factory=set, repr=False)   # computed defaults under way
 
     # --- raw values ------------------------------------------------------------------
@@ -250,6 +251,15 @@ class Config:
             prefix = f"{where.path}, line {where.line}: " if where and name not in self.overrides else ""
             raise ConfigError(prefix + str(exc)) from None
         self._cache[name] = value
+        return value
+
+    def derived(self, key: str, make):
+        """make(self), made once per Config and kept with it: what a program works out
+        from the configuration alone (smtpd's per-session values and EHLO replies), for
+        as long as the Config lives, since a Config does not change once loaded."""
+        value = self._derived.get(key)
+        if value is None:
+            value = self._derived[key] = make(self)
         return value
 
     def warm(self) -> None:

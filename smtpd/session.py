@@ -217,7 +217,6 @@ class SessionConfig:
     replies made for it (Session.ehlo_reply)."""
 
     def __init__(self, cfg):
-        self.cfg = cfg
         self.attrs = {          # Session attributes
             "hostname": cfg.get("myhostname"),
             "line_limit": cfg["line_length_limit"],
@@ -236,18 +235,9 @@ class SessionConfig:
         self.ehlo: dict[tuple, bytes] = {}
 
 
-_CONFIGS: dict[int, tuple] = {}     # id(cfg) -> (cfg, its SessionConfig)
-
-
 def session_config(cfg) -> SessionConfig:
-    """The SessionConfig of cfg. The entry holds cfg, so that its id cannot name another
-    Config while the entry lives; a worker has one or two Configs, a test process more."""
-    entry = _CONFIGS.get(id(cfg))
-    if entry is None:
-        if len(_CONFIGS) >= 16:
-            _CONFIGS.clear()
-        entry = _CONFIGS[id(cfg)] = (cfg, SessionConfig(cfg))
-    return entry[1]
+    """cfg's SessionConfig, made once and kept with it (Config.derived)."""
+    return cfg.derived("smtpd.session", SessionConfig)
 
 
 class Session:
