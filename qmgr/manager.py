@@ -22,7 +22,8 @@ LIFE OF A MESSAGE
                 in_flow_delay): a token for smtpd per message that leaves the active
                 queue, the pipe topped up to default_process_limit tokens while incoming/
                 is empty and no job waits for a destination whose deliveries are quick
-                (see _flow, _behind).
+                (see _flow, _behind); the tokens of a pass of the event loop go at the
+                start of the next, with one look at the pipe.
     resolve     each recipient not yet done gets a transport and next hop (lib/resolve.py;
                 a message with a content_filter attribute goes to that transport and
                 destination whatever its recipients, as Postfix's qmgr);
@@ -263,10 +264,12 @@ class QueueManager:
         self.flow = cfg["in_flow_delay"] > 0 and mail_flow.active()
         self.flow_tokens = cfg["default_process_limit"]
         self.flow_slow = max(1.0, cfg["in_flow_delay"])
-        # Messages that left the active queue since the last feed: their tokens go with
-        # the feed's top-up (every finished message is followed by a feed in the same
-        # pass of the event loop), one look at the pipe for both.
+        # Messages that left the active queue since the last flow pass: their tokens go
+        # with its top-up (every finished message is followed by a feed in the same pass
+        # of the event loop, which asks for a flow pass at the start of the next one):
+        # one look at the pipe, and one write, for all the replies of a pass.
         self._left = 0
+        self._flow_timer = None
 
     # --- entry points ----------------------------------------------------------------------
     def start(self) -> None:
@@ -316,6 +319,7 @@ class QueueManager:
             self.loop.cancel(self._deferred_timer)
             self.loop.cancel(self._rescan_timer)
             self.loop.cancel(self._feed_timer)
+            self.loop.cancel(self._flow_timer)
         self.resolver.close()
 
     # --- scanning and feeding --------------------------------------------------------------
@@ -368,9 +372,18 @@ class QueueManager:
             looked += 1
             fed |= self._activate(scan, name)
         if self.flow:
-            self._flow(self._left)
-            self._left = 0
+            if self.loop is None:
+                self._flow_pass()
+            elif self._flow_timer is None:
+                self._flow_timer = self.loop.call_later(0, self._flow_pass)
         return fed, more
+
+    def _flow_pass(self) -> None:
+        """Flow control once per pass of the event loop, after every reply and feed of
+        that pass: one look at the pipe and one write for all of them."""
+        self._flow_timer = None
+        self._flow(self._left)
+        self._left = 0
 
     def _flow(self, done: int) -> None:
         """Flow control, after Postfix's qmgr_loop: a token per message that has left the

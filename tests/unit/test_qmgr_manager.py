@@ -595,16 +595,21 @@ def flow_pipe():
 def test_flow_tokens_follow_deliveries(make, flow_pipe):
     h = make(default_process_limit="5", maxproc={"smtp": 1})
     h.mgr.start()                     # nothing queued: the pipe is topped up
+    assert flow_pipe.count() == 0     # ... at the start of the loop's next pass
+    h.loop.advance(0)
     assert flow_pipe.count() == 5
     assert flow_pipe.get(5) and flow_pipe.count() == 0      # five messages being received
     qids = [h.submit("a@example.org", ["b@remote.example"]) for _ in range(3)]
     h.mgr.trigger(b"I")
+    h.loop.advance(0)
     assert len(h.calls) == 1 and h.mgr.waiting == 2
     assert flow_pipe.count() == 0     # jobs wait for an agent: no top-up
     h.answer(h.calls[0], "sent")
+    h.loop.advance(0)
     assert flow_pipe.count() == 1     # one message left the active queue: one token
     h.answer(h.calls[0], "sent")
     h.answer(h.calls[0], "sent")      # the pipeline has caught up: topped up again
+    h.loop.advance(0)
     assert flow_pipe.count() == 5 and h.mgr.waiting == 0
     assert h.files("active") == [] and len(qids) == 3
 
@@ -639,7 +644,9 @@ def test_a_slow_destination_does_not_hold_back_receiving(make, flow_pipe):
     h.mgr.trigger(b"I")
     h.clock.t += 30                   # the far end takes its time
     h.answer(h.calls[0], "sent")      # its deliveries are known to be slow now
+    h.loop.advance(0)
     flow_pipe.get(flow_pipe.count())
     h.submit("a@example.org", ["b@remote.example"])
     h.mgr.trigger(b"I")
+    h.loop.advance(0)
     assert h.mgr.waiting == 1 and flow_pipe.count() == 5
