@@ -552,7 +552,9 @@ class QueueManager:
         expire = bool(st.st_mode & Q.STAT_EXPIRE)
         kept = bounce_log.read(self.root, DEFER, name) if expire else []
         if not kept:
-            bounce_log.remove(self.root, DEFER, name)  # the log describes the last attempt
+            # The log describes the last attempt: a file from deferred/ nearly always
+            # has one, removed without a look first.
+            bounce_log.remove(self.root, DEFER, name, likely=queue == Q.DEFERRED)
         m = Message(name, dst, env, started=now, expire=expire, fd=fd)
         self._open += fd >= 0
         self.messages[name] = m
@@ -913,13 +915,15 @@ class QueueManager:
         traced = bounce_log.read(self.root, TRACE, qid) if self._success(m) else []
         if traced:
             if self._report_success(m, traced, now):
-                bounce_log.remove(self.root, TRACE, qid)
+                bounce_log.remove(self.root, TRACE, qid, likely=True)
+                traced = None       # gone: not to be removed again below
             else:
                 retry = True        # reported at the next pass (recipients are done)
         failed = bounce_log.read(self.root, BOUNCE, qid) if bounced else []
         if failed:
             if self._notify(m, failed, now):
-                bounce_log.remove(self.root, BOUNCE, qid)
+                bounce_log.remove(self.root, BOUNCE, qid, likely=True)
+                bounced = False     # gone
             else:
                 retry = True
         if m.deferred:
@@ -951,10 +955,10 @@ class QueueManager:
                 msg.warn(f"{qid}: remove from active: {exc.strerror}")
             return
         if m.deferred:      # else there is none: entering active/ removed the last one
-            bounce_log.remove(self.root, DEFER, qid)
-        if bounced:
-            bounce_log.remove(self.root, BOUNCE, qid)
-        if m.success:
+            bounce_log.remove(self.root, DEFER, qid, likely=True)
+        if bounced:         # there, but without entries
+            bounce_log.remove(self.root, BOUNCE, qid, likely=True)
+        if m.success and traced is not None:
             bounce_log.remove(self.root, TRACE, qid)
         msg.info(f"{qid}: removed")
 
