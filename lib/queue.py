@@ -55,8 +55,8 @@ FUNCTIONS
     read(path) -> QueueMessage (sender, recipients with offsets and done flags, attrs,
         arrival, content offset and size); raises QueueFileError for a file that is
         incomplete or corrupt.
-    read_open(fd, path, size) -> QueueMessage: the same, of a file open as fd (qmgr
-        opens it with OPEN_ACTIVE, and keeps the descriptor for mark_done).
+    read_open(fd, path, size, queue_id="") -> QueueMessage: the same, of a file open as
+        fd (qmgr opens it with OPEN_ACTIVE, and keeps the descriptor for mark_done).
     QueueMessage.content(path) yields the content blocks.
     mark_done(path, offset, sync=True, fd=-1): rewrite one recipient's type byte to D
         (durably with sync), through fd when given.
@@ -303,9 +303,11 @@ def read(path: str) -> QueueMessage:
         os.close(fd)
 
 
-def read_open(fd: int, path: str, size: int) -> QueueMessage:
-    """read() of a queue file open as fd, whose size (fstat) the caller knows."""
-    return _read_envelope(fd, path, QueueMessage(queue_id=os.path.basename(path)), size)
+def read_open(fd: int, path: str, size: int, queue_id: str = "") -> QueueMessage:
+    """read() of a queue file open as fd, whose size (fstat) and, if it likes, queue id
+    (the file's name) the caller knows."""
+    msg = QueueMessage(queue_id=queue_id or os.path.basename(path))
+    return _read_envelope(fd, path, msg, size)
 
 
 def _pread(fd: int, size: int, offset: int) -> bytes:
@@ -336,27 +338,31 @@ def _read_envelope(fd: int, path: str, msg: QueueMessage, end: int) -> QueueMess
     attrs, recipients = msg.attrs, msg.recipients
     while pos < end:
         i = pos - base
-        if i + head_size > avail:
+        try:
+            kind, length = unpack(buf, i)
+        except struct.error:    # the header runs past the window: move the window
             buf, base = _pread(fd, min(WINDOW, end - pos), pos), pos
             i, avail = 0, len(buf)
             if head_size > avail:
-                raise QueueFileError(f"{path}: truncated record at offset {pos}")
-        kind, length = unpack(buf, i)
+                raise QueueFileError(f"{path}: truncated record at offset {pos}") from None
+            kind, length = unpack(buf, 0)
         i += head_size
-        stop = pos + head_size + length
-        if stop > end:
+        stop = i + length       # in buf
+        if stop + base > end:
             raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
         if kind == b"B":            # content: read by content(), not here
-            pos = stop
+            pos = stop + base
             continue
-        if length > MAX_RECORD:
-            raise QueueFileError(f"{path}: oversized record at offset {pos}")
-        if i + length > avail:
+        if stop > avail:
+            # Past the window (a record that fits one is smaller than MAX_RECORD).
+            if length > MAX_RECORD:
+                raise QueueFileError(f"{path}: oversized record at offset {pos}")
             buf, base = _pread(fd, max(WINDOW, head_size + length), pos), pos
             i, avail = head_size, len(buf)
-            if i + length > avail:
+            stop = i + length
+            if stop > avail:
                 raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
-        value = buf[i:i + length]
+        value = buf[i:stop]
         if kind == b"A":
             name, _, val = value.decode("utf-8", "surrogateescape").partition("=")
             attrs[name] = val
@@ -391,7 +397,7 @@ def _read_envelope(fd: int, path: str, msg: QueueMessage, end: int) -> QueueMess
             break
         else:
             raise QueueFileError(f"{path}: unknown record type {kind!r} at offset {pos}")
-        pos = stop
+        pos = stop + base
     if not ended:
         raise QueueFileError(f"{path}: no end record (incomplete file)")
     if msg.sender is None or content_size is None or content_size < 0:

@@ -526,7 +526,7 @@ class QueueManager:
             if not _id_ok(name):
                 self._corrupt(queue, name, f"bad mail queue ID: {name}", 0.0)
             else:
-                env = Q.read(src) if fd < 0 else Q.read_open(fd, src, st.st_size)
+                env = Q.read(src) if fd < 0 else Q.read_open(fd, src, st.st_size, name)
         except FileNotFoundError:
             pass
         except Q.QueueFileError as exc:
