@@ -30,10 +30,12 @@ FUNCTIONS
     append(queue_root, log, queue_id, entries, sync=True): one write (and one fsync with
         sync) for all entries; OSError propagates.
     read(queue_root, log, queue_id) -> list[LogEntry] in file order ([] when there is no log).
-    remove(queue_root, log, queue_id) -> bool: whether a log was removed.
+    remove(queue_root, log, queue_id, likely=False) -> bool: whether a log was removed.
     exists(queue_root, log, queue_id) -> bool.
     read() and remove() look with access(2) first: most messages have no log, and a
     missing file costs an exception to raise and catch (qmgr asks about every message).
+    remove(likely=True) does not: for a log that the caller knows is there (one system
+    call instead of two).
 """
 
 from __future__ import annotations
@@ -129,10 +131,11 @@ def read(queue_root: str, log: str, queue_id: str) -> list[LogEntry]:
     return list(found.values())
 
 
-def remove(queue_root: str, log: str, queue_id: str) -> bool:
-    """Remove a message's log; False when there was none."""
+def remove(queue_root: str, log: str, queue_id: str, likely: bool = False) -> bool:
+    """Remove a message's log; False when there was none. With likely (the caller
+    knows the log is there, or nearly always is) without the look first."""
     name = path(queue_root, log, queue_id)
-    if not os.access(name, os.F_OK):   # as in read(): the usual case, without an error
+    if not likely and not os.access(name, os.F_OK):    # the usual case, without an error
         return False
     try:
         os.unlink(name)

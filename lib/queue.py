@@ -55,9 +55,11 @@ FUNCTIONS
     read(path) -> QueueMessage (sender, recipients with offsets and done flags, attrs,
         arrival, content offset and size); raises QueueFileError for a file that is
         incomplete or corrupt.
+    read_open(fd, path, size, queue_id="") -> QueueMessage: the same, of a file open as
+        fd (qmgr opens it with OPEN_ACTIVE, and keeps the descriptor for mark_done).
     QueueMessage.content(path) yields the content blocks.
-    mark_done(path, offset, sync=True): rewrite one recipient's type byte to D (durably
-        with sync).
+    mark_done(path, offset, sync=True, fd=-1): rewrite one recipient's type byte to D
+        (durably with sync), through fd when given.
     mark_warned(path, offset): rewrite the arrival record (QueueMessage.arrival_offset)
         to W, durably; QueueFileError when that offset holds no arrival record.
     free_space(queue_root) -> bytes available to the mail owner.
@@ -99,6 +101,11 @@ SUBDIRS = (INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT, DEFER, BOUNCE, TRACE, MAIL
 
 # postsuper -e: return the message at the next delivery attempt (Postfix's mode bit)
 STAT_EXPIRE = stat.S_IXGRP
+
+# How qmgr opens a file that it takes into the active queue: to read its envelope and,
+# through the same descriptor, to mark its recipients done; never through a symbolic
+# link, and without waiting on something that is not a regular file (a FIFO).
+OPEN_ACTIVE = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 # qmgr trigger requests, as Postfix's
 WAKE_INCOMING, WAKE_DEFERRED, WAKE_ALL = b"I", b"D", b"A"
@@ -289,12 +296,18 @@ def read(path: str) -> QueueMessage:
     one read() and parsed in place; of a larger one only windows of the envelope records
     are read, content skipped.
     """
-    msg = QueueMessage(queue_id=os.path.basename(path))
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return _read_envelope(fd, path, msg, os.fstat(fd).st_size)
+        return read_open(fd, path, os.fstat(fd).st_size)
     finally:
         os.close(fd)
+
+
+def read_open(fd: int, path: str, size: int, queue_id: str = "") -> QueueMessage:
+    """read() of a queue file open as fd, whose size (fstat) and, if it likes, queue id
+    (the file's name) the caller knows."""
+    msg = QueueMessage(queue_id=queue_id or os.path.basename(path))
+    return _read_envelope(fd, path, msg, size)
 
 
 def _pread(fd: int, size: int, offset: int) -> bytes:
@@ -325,27 +338,31 @@ def _read_envelope(fd: int, path: str, msg: QueueMessage, end: int) -> QueueMess
     attrs, recipients = msg.attrs, msg.recipients
     while pos < end:
         i = pos - base
-        if i + head_size > avail:
+        try:
+            kind, length = unpack(buf, i)
+        except struct.error:    # the header runs past the window: move the window
             buf, base = _pread(fd, min(WINDOW, end - pos), pos), pos
             i, avail = 0, len(buf)
             if head_size > avail:
-                raise QueueFileError(f"{path}: truncated record at offset {pos}")
-        kind, length = unpack(buf, i)
+                raise QueueFileError(f"{path}: truncated record at offset {pos}") from None
+            kind, length = unpack(buf, 0)
         i += head_size
-        stop = pos + head_size + length
-        if stop > end:
+        stop = i + length       # in buf
+        if stop + base > end:
             raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
         if kind == b"B":            # content: read by content(), not here
-            pos = stop
+            pos = stop + base
             continue
-        if length > MAX_RECORD:
-            raise QueueFileError(f"{path}: oversized record at offset {pos}")
-        if i + length > avail:
+        if stop > avail:
+            # Past the window (a record that fits one is smaller than MAX_RECORD).
+            if length > MAX_RECORD:
+                raise QueueFileError(f"{path}: oversized record at offset {pos}")
             buf, base = _pread(fd, max(WINDOW, head_size + length), pos), pos
             i, avail = head_size, len(buf)
-            if i + length > avail:
+            stop = i + length
+            if stop > avail:
                 raise QueueFileError(f"{path}: record at offset {pos} runs past the end")
-        value = buf[i:i + length]
+        value = buf[i:stop]
         if kind == b"A":
             name, _, val = value.decode("utf-8", "surrogateescape").partition("=")
             attrs[name] = val
@@ -380,7 +397,7 @@ def _read_envelope(fd: int, path: str, msg: QueueMessage, end: int) -> QueueMess
             break
         else:
             raise QueueFileError(f"{path}: unknown record type {kind!r} at offset {pos}")
-        pos = stop
+        pos = stop + base
     if not ended:
         raise QueueFileError(f"{path}: no end record (incomplete file)")
     if msg.sender is None or content_size is None or content_size < 0:
@@ -420,17 +437,22 @@ def recover_incoming(queue_root: str) -> list[str]:
     return recovered
 
 
-def mark_done(path: str, offset: int, sync: bool = True) -> None:
+def mark_done(path: str, offset: int, sync: bool = True, fd: int = -1) -> None:
     """Record that the recipient at offset is done (delivered or bounced); durably with
-    sync. Without it (the file is removed next) a crash can at worst repeat a delivery."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    sync. Without it (the file is removed next) a crash can at worst repeat a delivery.
+    With fd (the file open for writing, OPEN_ACTIVE) the write goes through it, and path
+    only names the file in errors."""
+    own = fd < 0
+    if own:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         if os.pwrite(fd, b"D", offset) != 1:
             raise OSError(f"{path}: short write")
         if sync:
             os.fsync(fd)
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
 
 
 def mark_warned(path: str, offset: int) -> None:

@@ -15,14 +15,20 @@ LIFE OF A MESSAGE
                 written); a file that lib/queue.read() refuses goes to corrupt/ with a
                 warning once it is CORRUPT_GRACE seconds old. At most
                 qmgr_message_active_limit messages, and about qmgr_message_recipient_limit
-                recipients, are in memory. Entering active/ resets the message's defer log
+                recipients, are in memory. A file is opened once (lib/queue.OPEN_ACTIVE)
+                and, for up to KEEP_OPEN messages, stays open until the end of its
+                pass: recipients are marked done through it, so that a file moved
+                meanwhile (postsuper -r, -h) keeps its results, as Postfix's agents
+                write through the file they read; one removed (postsuper -d) is noticed
+                at the end of the pass. Entering active/ resets the message's defer log
                 and logs `ID: from=<s>, size=N, nrcpt=M (queue active)`. Files are taken
                 FEED_BATCH at a time per pass of the event loop, so that agents' replies
                 are served while a backlog is read. Flow control (lib/mail_flow.py,
                 in_flow_delay): a token for smtpd per message that leaves the active
                 queue, the pipe topped up to default_process_limit tokens while incoming/
                 is empty and no job waits for a destination whose deliveries are quick
-                (see _flow, _behind).
+                (see _flow, _behind); the tokens of a pass of the event loop go at the
+                start of the next, with one look at the pipe.
     resolve     each recipient not yet done gets a transport and next hop (lib/resolve.py;
                 a message with a content_filter attribute goes to that transport and
                 destination whatever its recipients, as Postfix's qmgr);
@@ -104,8 +110,10 @@ SEE ALSO
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import resource
 import stat
 import time
 from collections import deque
@@ -121,6 +129,12 @@ CORRUPT_GRACE = 60.0          # an unreadable file younger than this may still b
 # Queue files taken in per pass of the event loop: agents' replies and triggers are served
 # in between, so that deliveries start while a backlog is being read (Postfix: one).
 FEED_BATCH = 16
+# Active messages whose queue file stays open from the feed to the end of their pass, so
+# that marking a recipient done is one pwrite(), not open, pwrite, close (further ones
+# are opened by name, as before); at most a quarter of the descriptor limit.
+KEEP_OPEN = 256
+# open() errors that mean "not a regular file" (lstat would have said so): skipped quietly
+_NOT_A_FILE = (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV)
 # Postfix's own defaults for the local transport (local_destination_*_limit).
 TRANSPORT_DEFAULTS = {"local": {"concurrency": 2, "recipients": 1}}
 SUSPENDED = "delivery temporarily suspended: "
@@ -155,6 +169,8 @@ class Message:
     finished: bool = False
     expire: bool = False        # postsuper -e: return it to the sender at this attempt
     success: set | None = None  # offsets of the NOTIFY=SUCCESS recipients, when first needed
+    fd: int = -1                # the queue file, open (Q.OPEN_ACTIVE) during the pass
+    marked: bool = False        # a recipient was marked done through fd
 
 
 @dataclass(eq=False)
@@ -263,10 +279,14 @@ class QueueManager:
         self.flow = cfg["in_flow_delay"] > 0 and mail_flow.active()
         self.flow_tokens = cfg["default_process_limit"]
         self.flow_slow = max(1.0, cfg["in_flow_delay"])
-        # Messages that left the active queue since the last feed: their tokens go with
-        # the feed's top-up (every finished message is followed by a feed in the same
-        # pass of the event loop), one look at the pipe for both.
+        # Messages that left the active queue since the last flow pass: their tokens go
+        # with its top-up (every finished message is followed by a feed in the same pass
+        # of the event loop, which asks for a flow pass at the start of the next one):
+        # one look at the pipe, and one write, for all the replies of a pass.
         self._left = 0
+        self._flow_timer = None
+        self.keep_open = min(KEEP_OPEN, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
+        self._open = 0              # messages with an open fd
 
     # --- entry points ----------------------------------------------------------------------
     def start(self) -> None:
@@ -316,6 +336,9 @@ class QueueManager:
             self.loop.cancel(self._deferred_timer)
             self.loop.cancel(self._rescan_timer)
             self.loop.cancel(self._feed_timer)
+            self.loop.cancel(self._flow_timer)
+        for m in self.messages.values():
+            self._close_file(m)
         self.resolver.close()
 
     # --- scanning and feeding --------------------------------------------------------------
@@ -368,9 +391,18 @@ class QueueManager:
             looked += 1
             fed |= self._activate(scan, name)
         if self.flow:
-            self._flow(self._left)
-            self._left = 0
+            if self.loop is None:
+                self._flow_pass()
+            elif self._flow_timer is None:
+                self._flow_timer = self.loop.call_later(0, self._flow_pass)
         return fed, more
+
+    def _flow_pass(self) -> None:
+        """Flow control once per pass of the event loop, after every reply and feed of
+        that pass: one look at the pipe and one write for all of them."""
+        self._flow_timer = None
+        self._flow(self._left)
+        self._left = 0
 
     def _flow(self, done: int) -> None:
         """Flow control, after Postfix's qmgr_loop: a token per message that has left the
@@ -459,41 +491,72 @@ class QueueManager:
             self.messages[name].rescan = True     # requeued while active: look again later
             return False
         src = self._path(queue, name)
-        try:
-            st = os.lstat(src)
-        except OSError:
-            return False
-        if not stat.S_ISREG(st.st_mode):
-            return False
         now = self.now()
-        if queue == Q.DEFERRED and not scan.all and st.st_mtime > now + 1:
-            return False
-        if not _id_ok(name):
-            self._corrupt(queue, name, f"bad mail queue ID: {name}", 0.0)
-            return False
+        if queue == Q.DEFERRED and not scan.all:
+            # Most deferred files are not due yet: their names are enough to tell.
+            try:
+                st = os.lstat(src)
+            except OSError:
+                return False
+            if not stat.S_ISREG(st.st_mode) or st.st_mtime > now + 1:
+                return False
+        # One open for the envelope and, while the file stays open, the recipients'
+        # marks; its fstat says what lstat said (O_NOFOLLOW: a link is refused).
         try:
-            env = Q.read(src)
+            fd = os.open(src, Q.OPEN_ACTIVE)
         except FileNotFoundError:
             return False
+        except PermissionError:
+            fd = -1                 # readable only: read by name, marked by name
+        except OSError as exc:
+            if exc.errno not in _NOT_A_FILE:
+                msg.warn(f"open {queue}/{name}: {exc.strerror}")
+            return False
+        env = None
+        try:
+            if fd < 0:
+                st = os.lstat(src)
+                if not stat.S_ISREG(st.st_mode):
+                    return False
+            else:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    os.close(fd)
+                    return False
+            if not _id_ok(name):
+                self._corrupt(queue, name, f"bad mail queue ID: {name}", 0.0)
+            else:
+                env = Q.read(src) if fd < 0 else Q.read_open(fd, src, st.st_size, name)
+        except FileNotFoundError:
+            pass
         except Q.QueueFileError as exc:
             self._corrupt(queue, name, str(exc), st.st_mtime)
-            return False
         except OSError as exc:
             msg.warn(f"open {queue}/{name}: {exc.strerror}")
+        if env is None:
+            if fd >= 0:
+                os.close(fd)
             return False
         dst = self._path(Q.ACTIVE, name)
         try:
             os.rename(src, dst)
-        except FileNotFoundError:
-            return False
         except OSError as exc:
-            msg.warn(f"{name}: rename from {queue} to active: {exc.strerror}")
+            if fd >= 0:
+                os.close(fd)
+            if not isinstance(exc, FileNotFoundError):
+                msg.warn(f"{name}: rename from {queue} to active: {exc.strerror}")
             return False
+        if fd >= 0 and self._open >= self.keep_open:
+            os.close(fd)
+            fd = -1
         expire = bool(st.st_mode & Q.STAT_EXPIRE)
         kept = bounce_log.read(self.root, DEFER, name) if expire else []
         if not kept:
-            bounce_log.remove(self.root, DEFER, name)  # the log describes the last attempt
-        m = Message(name, dst, env, started=now, expire=expire)
+            # The log describes the last attempt: a file from deferred/ nearly always
+            # has one, removed without a look first.
+            bounce_log.remove(self.root, DEFER, name, likely=queue == Q.DEFERRED)
+        m = Message(name, dst, env, started=now, expire=expire, fd=fd)
+        self._open += fd >= 0
         self.messages[name] = m
         sender = env.sender or ""
         msg.info(f"{name}: from=<{sender}>, size={env.size}, "
@@ -738,9 +801,12 @@ class QueueManager:
         return m.success
 
     def _mark_done(self, m: Message, entry, sync: bool = True) -> bool:
-        """Record one recipient as done in the queue file; False when the file is gone."""
+        """Record one recipient as done in the queue file; False when the file is gone.
+        Through the open file, a removal (postsuper -d) shows only at the end of the
+        pass (_finish), as in Postfix, whose agents write through the file they read."""
         try:
-            Q.mark_done(m.path, entry.offset, sync)
+            Q.mark_done(m.path, entry.offset, sync, m.fd)
+            m.marked |= m.fd >= 0
             return True
         except FileNotFoundError:
             self._vanished(m)
@@ -829,22 +895,35 @@ class QueueManager:
         if m.rescan:
             self._request_scan(Q.INCOMING)
         if m.gone:
+            self._close_file(m)
             return
         qid, now = m.queue_id, self.now()
+        # Only qmgr writes a message's bounce log, and not while it finishes the message:
+        # looked for once, read and removed only when there is one (rarely).
+        bounced = bounce_log.exists(self.root, BOUNCE, qid)
+        # Marks made through the open file do not notice a file removed meanwhile
+        # (postsuper -d), as marks by name did: before notices or a deferral, a look at
+        # its link count; a plain removal learns it from unlink().
+        marked = m.marked
+        if marked and (bounced or m.deferred or self._success(m)) and \
+                os.fstat(m.fd).st_nlink == 0:
+            self._vanished(m)
+        self._close_file(m)
+        if m.gone:
+            return
         retry = bool(m.deferred)
         traced = bounce_log.read(self.root, TRACE, qid) if self._success(m) else []
         if traced:
             if self._report_success(m, traced, now):
-                bounce_log.remove(self.root, TRACE, qid)
+                bounce_log.remove(self.root, TRACE, qid, likely=True)
+                traced = None       # gone: not to be removed again below
             else:
                 retry = True        # reported at the next pass (recipients are done)
-        # Only qmgr writes a message's bounce log, and not while it finishes the message:
-        # looked for once, read and removed only when there is one (rarely).
-        bounced = bounce_log.exists(self.root, BOUNCE, qid)
         failed = bounce_log.read(self.root, BOUNCE, qid) if bounced else []
         if failed:
             if self._notify(m, failed, now):
-                bounce_log.remove(self.root, BOUNCE, qid)
+                bounce_log.remove(self.root, BOUNCE, qid, likely=True)
+                bounced = False     # gone
             else:
                 retry = True
         if m.deferred:
@@ -870,15 +949,24 @@ class QueueManager:
         try:
             os.unlink(m.path)
         except OSError as exc:
-            msg.warn(f"{qid}: remove from active: {exc.strerror}")
+            if marked and isinstance(exc, FileNotFoundError):
+                self._vanished(m)
+            else:
+                msg.warn(f"{qid}: remove from active: {exc.strerror}")
             return
         if m.deferred:      # else there is none: entering active/ removed the last one
-            bounce_log.remove(self.root, DEFER, qid)
-        if bounced:
-            bounce_log.remove(self.root, BOUNCE, qid)
-        if m.success:
+            bounce_log.remove(self.root, DEFER, qid, likely=True)
+        if bounced:         # there, but without entries
+            bounce_log.remove(self.root, BOUNCE, qid, likely=True)
+        if m.success and traced is not None:
             bounce_log.remove(self.root, TRACE, qid)
         msg.info(f"{qid}: removed")
+
+    def _close_file(self, m: Message) -> None:
+        if m.fd >= 0:
+            os.close(m.fd)
+            m.fd = -1
+            self._open -= 1
 
     def _warn(self, m: Message, now: float) -> None:
         """Send the delayed-mail warning for the deferred recipients, then record it."""

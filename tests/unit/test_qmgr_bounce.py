@@ -173,6 +173,10 @@ def test_status_logs(tmp_path):
         ("a@x", 10, "4.2.0", "later", "none"),
         ("c@x", 0, "", "", "none")]
     assert bounce_log.remove(root, "defer", "X") and not bounce_log.remove(root, "defer", "X")
+    bounce_log.append(root, "defer", "X", [LogEntry("a@x", 10, "4.2.0", "delayed", "later")])
+    assert bounce_log.remove(root, "defer", "X", likely=True)
+    assert not bounce_log.remove(root, "defer", "X", likely=True)
+    assert not bounce_log.exists(root, "defer", "X")
 
 
 def dsn_setup(tmp_path, **settings):

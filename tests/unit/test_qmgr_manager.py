@@ -449,6 +449,44 @@ def test_queue_file_vanishes_during_delivery(make, capsys):
     assert h.mgr.messages == {}
 
 
+def test_queue_file_removed_before_a_bounce(make, capsys):
+    h = make()
+    qid = h.submit("a@example.org", ["x@remote.example"])
+    h.mgr.start()
+    os.unlink(os.path.join(h.root, "active", qid))       # postsuper -d
+    h.answer(h.calls[0], "bounced")
+    err = capsys.readouterr().err
+    assert "has gone away" in err and "non-delivery notification" not in err
+    assert h.mgr.messages == {} and h.files("incoming") == []
+
+
+def test_marks_go_to_the_file_wherever_it_moved(make, capsys):
+    # postsuper -r while a delivery is in progress: its result is not lost with the
+    # name, and the recipient is not delivered a second time.
+    h = make()
+    qid = h.submit("a@example.org", ["x@remote.example", "y@other.example"])
+    h.mgr.start()
+    os.rename(os.path.join(h.root, "active", qid), os.path.join(h.root, "incoming", qid))
+    for call in list(h.calls):
+        h.answer(call, "sent")
+    assert "has gone away" in capsys.readouterr().err
+    assert all(r.done for r in Q.read(os.path.join(h.root, "incoming", qid)).recipients)
+    h.mgr.trigger(b"I")
+    assert h.calls == [] and h.files("incoming") == [] and h.files("active") == []
+    assert f"{qid}: removed" in capsys.readouterr().err
+
+
+def test_queue_files_kept_open_up_to_the_limit(make):
+    h = make()
+    h.mgr.keep_open = 1
+    qids = [h.submit("a@example.org", ["x@remote.example"]) for _ in range(2)]
+    h.mgr.start()
+    assert sorted(m.fd >= 0 for m in h.mgr.messages.values()) == [False, True]
+    for call in list(h.calls):
+        h.answer(call, "sent")
+    assert h.files("active") == [] and h.mgr._open == 0 and len(qids) == 2
+
+
 def test_resolver_failure_defers(make, capsys):
     class Broken:
         def resolve(self, address, sender=None):
@@ -595,16 +633,21 @@ def flow_pipe():
 def test_flow_tokens_follow_deliveries(make, flow_pipe):
     h = make(default_process_limit="5", maxproc={"smtp": 1})
     h.mgr.start()                     # nothing queued: the pipe is topped up
+    assert flow_pipe.count() == 0     # ... at the start of the loop's next pass
+    h.loop.advance(0)
     assert flow_pipe.count() == 5
     assert flow_pipe.get(5) and flow_pipe.count() == 0      # five messages being received
     qids = [h.submit("a@example.org", ["b@remote.example"]) for _ in range(3)]
     h.mgr.trigger(b"I")
+    h.loop.advance(0)
     assert len(h.calls) == 1 and h.mgr.waiting == 2
     assert flow_pipe.count() == 0     # jobs wait for an agent: no top-up
     h.answer(h.calls[0], "sent")
+    h.loop.advance(0)
     assert flow_pipe.count() == 1     # one message left the active queue: one token
     h.answer(h.calls[0], "sent")
     h.answer(h.calls[0], "sent")      # the pipeline has caught up: topped up again
+    h.loop.advance(0)
     assert flow_pipe.count() == 5 and h.mgr.waiting == 0
     assert h.files("active") == [] and len(qids) == 3
 
@@ -639,7 +682,9 @@ def test_a_slow_destination_does_not_hold_back_receiving(make, flow_pipe):
     h.mgr.trigger(b"I")
     h.clock.t += 30                   # the far end takes its time
     h.answer(h.calls[0], "sent")      # its deliveries are known to be slow now
+    h.loop.advance(0)
     flow_pipe.get(flow_pipe.count())
     h.submit("a@example.org", ["b@remote.example"])
     h.mgr.trigger(b"I")
+    h.loop.advance(0)
     assert h.mgr.waiting == 1 and flow_pipe.count() == 5
