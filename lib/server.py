@@ -216,15 +216,26 @@ def _chdir(path: str) -> None:
         msg.fatal(f"chdir({path}): {exc.strerror}")
 
 
+def _listening(ctx: WorkerContext) -> tuple[list, list]:
+    """What a worker waits on, worked out once: its listeners do not change. (descriptors
+    for select: listeners, liveness pipe, signal pipe; per listener (socket, descriptor,
+    what accept() makes of it: family, type, proto), read here once because a socket's
+    family and type properties convert to an enum at each reading)."""
+    accepts = [(sock, sock.fileno(), sock.family, sock.type, sock.proto)
+               for sock in ctx.listeners]
+    return [a[1] for a in accepts] + [ctx.live_fd, ctx.signal_fd], accepts
+
+
 def _wait_for_client(ctx: WorkerContext, timeout: float | None,
-                     idle=None) -> socket.socket | None:
+                     idle=None, listening=None) -> socket.socket | None:
     """Accept one connection; None on timeout, on retirement, or when stopping.
 
     idle (single_server's): idle.due() is the time until idle.expire() has work (None:
     none), run while waiting; a worker with idle.accept_delay() > 0 lets its siblings
     take a new client first (the smtp client's cached connections are in the worker
-    that made them)."""
-    fds = [s.fileno() for s in ctx.listeners] + [ctx.live_fd, ctx.signal_fd]
+    that made them). listening: _listening(ctx), when the caller keeps it."""
+    fds, accepts = listening or _listening(ctx)
+    live_fd, signal_fd = ctx.live_fd, ctx.signal_fd
     deadline = None if timeout is None else time.monotonic() + timeout
     while not ctx.stopping:
         wait = None if deadline is None else deadline - time.monotonic()
@@ -240,20 +251,21 @@ def _wait_for_client(ctx: WorkerContext, timeout: float | None,
         if due is not None and not ready:
             idle.expire()
             continue
-        if idle is not None and not (set(ready) & {ctx.live_fd, ctx.signal_fd}):
+        if idle is not None and live_fd not in ready and signal_fd not in ready:
             delay = idle.accept_delay()
             if delay > 0:
                 time.sleep(delay)
-        if ctx.signal_fd in ready:
-            _drain(ctx.signal_fd)
+        if signal_fd in ready:
+            _drain(signal_fd)
             continue              # the handler has set ctx.stopping if it was SIGTERM
-        if ctx.live_fd in ready:
+        if live_fd in ready:
             ctx.stopping = True   # the master retired us or went away: take no new client
             return None
-        for sock in ctx.listeners:
-            if sock.fileno() in ready:
+        for sock, fd, family, type_, proto in accepts:
+            if fd in ready:
                 try:
-                    conn, _ = sock.accept()
+                    # socket.accept()'s work, without its two enum conversions
+                    conn_fd, _ = sock._accept()
                 except (BlockingIOError, InterruptedError):
                     continue      # another worker took it
                 except OSError as exc:
@@ -262,7 +274,7 @@ def _wait_for_client(ctx: WorkerContext, timeout: float | None,
                     raise
                 # Blocking already: accept() on the non-blocking listener gives a blocking
                 # socket (no default timeout is set), and no ioctl is spent saying so.
-                return conn
+                return socket.socket(family, type_, proto, conn_fd)
     return None
 
 
@@ -287,12 +299,13 @@ def single_server(ctx: WorkerContext, service, pre_init=None, post_init=None,
     max_use = ctx.cfg["max_use"]
     max_idle = ctx.cfg["max_idle"]
     watchdog = ctx.cfg["daemon_timeout"]
+    listening = _listening(ctx)
     try:
         while not ctx.stopping and ctx.served < max_use:
             # Watchdog, as Postfix's: a worker stuck this long in one pass is killed
             # (SIGALRM's default action), and the master logs the signal.
             signal.alarm(watchdog)
-            conn = _wait_for_client(ctx, max_idle, idle)
+            conn = _wait_for_client(ctx, max_idle, idle, listening)
             if conn is None:
                 break
             ctx.report(STATUS_TAKEN)
