@@ -124,6 +124,10 @@ def decode_request(attrs: dict) -> Request:
         raise DeliverError("not a delivery request")
     n = _count(attrs)
     try:
+        return _request(attrs, n)
+    except (KeyError, ValueError):
+        pass        # the rules below say which one the frame breaks
+    try:
         arrival = float(_text(attrs, "arrival"))
         offsets = [int(_text(attrs, f"offset.{i}")) for i in range(n)]
     except ValueError:
@@ -134,6 +138,28 @@ def decode_request(attrs: dict) -> Request:
                    sender=_text(attrs, "sender"), arrival=arrival,
                    recipients=[_text(attrs, f"rcpt.{i}") for i in range(n)],
                    offsets=offsets, flags=[f for f in flags if f])
+
+
+def _request(attrs: dict, n: int) -> Request:
+    """decode_request()'s work for a frame that has every attribute, in one go: the same
+    conversions, without a call per attribute; KeyError or ValueError for any other."""
+    text = bytes.decode
+    arrival = float(text(attrs["arrival"], "utf-8", "surrogateescape"))
+    if n == 1:                  # most requests (qmgr's recipient_limit per destination)
+        offsets = [int(text(attrs["offset.0"], "utf-8", "surrogateescape"))]
+        recipients = [text(attrs["rcpt.0"], "utf-8", "surrogateescape")]
+    else:
+        offsets = [int(text(attrs[f"offset.{i}"], "utf-8", "surrogateescape"))
+                   for i in range(n)]
+        recipients = [text(attrs[f"rcpt.{i}"], "utf-8", "surrogateescape") for i in range(n)]
+    flags = attrs.get("flags")
+    return Request(text(attrs["queue_id"], "utf-8", "surrogateescape"),
+                   text(attrs["queue_file"], "utf-8", "surrogateescape"),
+                   text(attrs["transport"], "utf-8", "surrogateescape"),
+                   text(attrs["nexthop"], "utf-8", "surrogateescape"),
+                   text(attrs["sender"], "utf-8", "surrogateescape"), arrival, recipients,
+                   offsets, [] if flags is None else
+                   [f for f in text(flags, "utf-8", "surrogateescape").split(",") if f])
 
 
 def encode_reply(reply: DeliveryStatus) -> bytes:
@@ -180,13 +206,19 @@ def log_delivery(queue_id: str, rcpt: str, relay: str, arrival: float, started: 
                  transmit: float = 0.0, conn_use: int = 0) -> None:
     """Postfix's delivery log line, with its delay breakdown; conn_use=N after the relay
     when the connection was used for the Nth time (N > 1: a cached connection)."""
-    now = time.time()
-    delay = max(0.0, now - arrival)
-    before = max(0.0, started - arrival)
-    setup = max(0.0, conn_setup)
-    xmit = max(0.0, transmit)
-    queue_mgr = max(0.0, delay - before - setup - xmit)
-    delays = "/".join(_fmt(x) for x in (before, queue_mgr, setup, xmit))
+    # x if x > 0.0 else 0.0 is max(0.0, x) (NaN included) without the call; a stage
+    # under 4 ms is "0" without _fmt's (most of them)
+    delay = time.time() - arrival
+    delay = delay if delay > 0.0 else 0.0
+    before = started - arrival
+    before = before if before > 0.0 else 0.0
+    setup = conn_setup if conn_setup > 0.0 else 0.0
+    xmit = transmit if transmit > 0.0 else 0.0
+    queue_mgr = delay - before - setup - xmit
+    queue_mgr = queue_mgr if queue_mgr > 0.0 else 0.0
+    delays = (f"{'0' if before < 0.004 else _fmt(before)}/"
+              f"{'0' if queue_mgr < 0.004 else _fmt(queue_mgr)}/"
+              f"{'0' if setup < 0.004 else _fmt(setup)}/{'0' if xmit < 0.004 else _fmt(xmit)}")
     use = f", conn_use={conn_use}" if conn_use > 1 else ""
     msg.info(f"{queue_id}: to=<{rcpt}>, relay={relay}{use}, delay={_fmt(delay)}, "
              f"delays={delays}, dsn={dsn}, status={status} ({reason})")
