@@ -331,7 +331,7 @@ def _head(name: object) -> bytes:
 
 def encode(attrs: Mapping[str, bytes | str | int]) -> bytes:
     """Return one complete frame (length prefix and body) for attrs."""
-    if not isinstance(attrs, Mapping):
+    if type(attrs) is not dict and not isinstance(attrs, Mapping):  # ABC check: slow
         raise TypeError(f"attrs must be a Mapping, not {type(attrs).__name__}")
     if not attrs:
         raise AttrError("cannot encode an empty attribute set (frame length would be 0)")
