@@ -93,6 +93,7 @@ def critical():
 
 STATUS_FORMAT = "!IIBI"
 STATUS_SIZE = struct.calcsize(STATUS_FORMAT)
+_STATUS = struct.Struct(STATUS_FORMAT)
 STATUS_AVAIL, STATUS_TAKEN = 1, 0
 
 
@@ -126,8 +127,8 @@ class WorkerContext:
     def report(self, state: int) -> None:
         """Tell the master this worker is available or taken; the master may be gone."""
         try:
-            os.write(self.status_fd, struct.pack(STATUS_FORMAT, msg.pid(),
-                                                 self.generation, state, self.served))
+            os.write(self.status_fd, _STATUS.pack(msg.pid(), self.generation, state,
+                                                  self.served))
         except OSError:
             self.stopping = True
 
@@ -300,11 +301,19 @@ def single_server(ctx: WorkerContext, service, pre_init=None, post_init=None,
     max_idle = ctx.cfg["max_idle"]
     watchdog = ctx.cfg["daemon_timeout"]
     listening = _listening(ctx)
+    # Watchdog, as Postfix's: a worker stuck this long in one pass is killed (SIGALRM's
+    # default action), and the master logs the signal. A busy worker starts a pass every
+    # millisecond: the alarm is set again once the last setting is `slack` old (one
+    # second, or 1% of a shorter daemon_timeout), not with a system call per pass, so
+    # a pass stuck for between daemon_timeout - slack and daemon_timeout is killed.
+    slack = min(1.0, watchdog / 100)
+    armed = None
     try:
         while not ctx.stopping and ctx.served < max_use:
-            # Watchdog, as Postfix's: a worker stuck this long in one pass is killed
-            # (SIGALRM's default action), and the master logs the signal.
-            signal.alarm(watchdog)
+            now = time.monotonic()
+            if armed is None or now - armed >= slack:
+                signal.alarm(watchdog)
+                armed = now
             conn = _wait_for_client(ctx, max_idle, idle, listening)
             if conn is None:
                 break
