@@ -217,14 +217,32 @@ def _chdir(path: str) -> None:
         msg.fatal(f"chdir({path}): {exc.strerror}")
 
 
-def _listening(ctx: WorkerContext) -> tuple[list, list]:
-    """What a worker waits on, worked out once: its listeners do not change. (descriptors
-    for select: listeners, liveness pipe, signal pipe; per listener (socket, descriptor,
-    what accept() makes of it: family, type, proto), read here once because a socket's
-    family and type properties convert to an enum at each reading)."""
+def _listening(ctx: WorkerContext, exclusive: bool = False) -> tuple[list, list, object]:
+    """What a worker waits on, worked out once: its listeners do not change.
+
+    (descriptors for select: listeners, liveness pipe, signal pipe; per listener
+    (socket, descriptor, what accept() makes of it: family, type, proto), read here once
+    because a socket's family and type properties convert to an enum at each reading;
+    an epoll object or None). exclusive: wait in an epoll that has the listeners with
+    EPOLLEXCLUSIVE, so that a new connection wakes one idle worker of the service, not
+    all of them (each of which would find accept() empty but one: two system calls and
+    a pass of this loop per idle sibling and connection). The pipes are not exclusive:
+    every worker sees retirement and its own signals."""
     accepts = [(sock, sock.fileno(), sock.family, sock.type, sock.proto)
                for sock in ctx.listeners]
-    return [a[1] for a in accepts] + [ctx.live_fd, ctx.signal_fd], accepts
+    fds = [a[1] for a in accepts] + [ctx.live_fd, ctx.signal_fd]
+    poller = None
+    if exclusive and hasattr(select, "EPOLLEXCLUSIVE"):
+        poller = select.epoll()
+        try:
+            for a in accepts:
+                poller.register(a[1], select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            poller.register(ctx.live_fd, select.EPOLLIN)
+            poller.register(ctx.signal_fd, select.EPOLLIN)
+        except OSError:         # a kernel before 4.5: every worker wakes, as with select
+            poller.close()
+            poller = None
+    return fds, accepts, poller
 
 
 def _wait_for_client(ctx: WorkerContext, timeout: float | None,
@@ -234,8 +252,15 @@ def _wait_for_client(ctx: WorkerContext, timeout: float | None,
     idle (single_server's): idle.due() is the time until idle.expire() has work (None:
     none), run while waiting; a worker with idle.accept_delay() > 0 lets its siblings
     take a new client first (the smtp client's cached connections are in the worker
-    that made them). listening: _listening(ctx), when the caller keeps it."""
-    fds, accepts = listening or _listening(ctx)
+    that made them), so such a worker waits with select, which wakes them all.
+    listening: _listening(ctx), when the caller keeps it.
+
+    With an exclusive wait a woken worker takes the connection unless the master
+    retired it or SIGTERM stops it in the same wake-up: then the next generation's
+    worker, which the master starts for a waiting connection, or the next start,
+    takes it; a level-triggered epoll reports a connection still waiting to the worker
+    that comes back to it, and a new one to a worker that registers."""
+    fds, accepts, poller = listening or _listening(ctx)
     live_fd, signal_fd = ctx.live_fd, ctx.signal_fd
     deadline = None if timeout is None else time.monotonic() + timeout
     while not ctx.stopping:
@@ -246,7 +271,10 @@ def _wait_for_client(ctx: WorkerContext, timeout: float | None,
         if due is not None and (wait is None or due < wait):
             wait = max(0.0, due)
         try:
-            ready, _, _ = select.select(fds, [], [], wait)
+            if poller is not None:
+                ready = [fd for fd, _ in poller.poll(-1 if wait is None else wait)]
+            else:
+                ready, _, _ = select.select(fds, [], [], wait)
         except InterruptedError:
             continue
         if due is not None and not ready:
@@ -300,7 +328,7 @@ def single_server(ctx: WorkerContext, service, pre_init=None, post_init=None,
     max_use = ctx.cfg["max_use"]
     max_idle = ctx.cfg["max_idle"]
     watchdog = ctx.cfg["daemon_timeout"]
-    listening = _listening(ctx)
+    listening = _listening(ctx, exclusive=idle is None)
     # Watchdog, as Postfix's: a worker stuck this long in one pass is killed (SIGALRM's
     # default action), and the master logs the signal. A busy worker starts a pass every
     # millisecond: the alarm is set again once the last setting is `slack` old (one
@@ -337,6 +365,8 @@ def single_server(ctx: WorkerContext, service, pre_init=None, post_init=None,
     except Terminated:
         pass        # SIGTERM between the service's end and the clean-up above
     finally:
+        if listening[2] is not None:
+            listening[2].close()
         if on_exit:
             on_exit(ctx)
     return 0
