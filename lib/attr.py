@@ -159,6 +159,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import socket
 import struct
 import threading
@@ -567,34 +568,38 @@ def _recv_exact(sock: socket.socket, view: memoryview, before: int, total: int |
                 deadline: float | None) -> None:
     """Fill view from sock before deadline; before counts frame bytes already read.
 
-    With a deadline, what has already arrived is taken first by a recv that does not
-    wait (a socket without a timeout of its own): a frame that is there costs no poll
-    and no switch of the socket's mode, the two system calls of a timed recv."""
+    A socket without a timeout of its own (blocking, or non-blocking) keeps its mode:
+    what has arrived is taken by a recv that does not wait, and poll waits for more
+    with the time left, so that a frame costs no switch of the socket's mode (an ioctl
+    each way) and, when it is there already, no poll. A socket with a timeout of its
+    own gets the time left as its timeout."""
     got, size = 0, len(view)
     while got < size:
-        if deadline is not None:
+        if deadline is None:
+            n = sock.recv_into(view[got:], size - got)
+        else:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise FrameTimeoutError(
                     f"timeout reading frame after {before + got} bytes", received=before + got
                 )
-            n = -1
-            if not sock.gettimeout():           # None or 0: this recv does not poll
+            if sock.gettimeout():
+                sock.settimeout(remaining)
+                try:
+                    n = sock.recv_into(view[got:], size - got)
+                except TimeoutError:
+                    raise FrameTimeoutError(
+                        f"timeout reading frame after {before + got} bytes",
+                        received=before + got
+                    ) from None
+            else:
                 try:
                     n = sock.recv_into(view[got:], size - got, _DONTWAIT)
                 except BlockingIOError:
-                    pass
-            if n < 0:
-                sock.settimeout(remaining)
-        else:
-            n = -1
-        if n < 0:
-            try:
-                n = sock.recv_into(view[got:], size - got)
-            except TimeoutError:
-                raise FrameTimeoutError(
-                    f"timeout reading frame after {before + got} bytes", received=before + got
-                ) from None
+                    waiter = select.poll()
+                    waiter.register(sock, select.POLLIN)
+                    waiter.poll(remaining * 1000)
+                    continue            # the time left, then what has arrived
         if n == 0:
             if before + got == 0:
                 raise PeerClosedError("connection closed by peer")
