@@ -231,5 +231,14 @@ def _fmt(seconds: float) -> str:
         return "0"
     if seconds >= 10:
         return str(int(round(seconds)))
-    value = round(float(f"{seconds:.2g}"), 2)
-    return f"{value:.2f}".rstrip("0").rstrip(".") or "0"
+    digits = f"{seconds:.2g}"
+    text = _FORMATTED.get(digits)
+    if text is None:
+        value = round(float(digits), 2)
+        text = _FORMATTED[digits] = f"{value:.2f}".rstrip("0").rstrip(".") or "0"
+    return text
+
+
+# _fmt()'s text for each two-digit rounding of a time from 0.004 to 10 s: a function of
+# that rounding alone, and there are 332 of them ("0.004" .. "9.9", "10", and "nan")
+_FORMATTED: dict[str, str] = {}
