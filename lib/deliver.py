@@ -169,14 +169,23 @@ def encode_reply(reply: DeliveryStatus) -> bytes:
     if reply.reason:
         attrs["reason"] = reply.reason
     for i, r in enumerate(reply.results):
-        attrs[f"result.{i}"] = r.result
-        attrs[f"dsn.{i}"] = r.dsn
-        attrs[f"reason.{i}"] = r.reason[:4000]
+        names = _RESULT_NAMES[i] if i < len(_RESULT_NAMES) else _result_names(i)
+        attrs[names[0]] = r.result
+        attrs[names[1]] = r.dsn
+        attrs[names[2]] = r.reason[:4000]
         if r.action:
-            attrs[f"action.{i}"] = r.action
+            attrs[names[3]] = r.action
         if r.passed:
-            attrs[f"passed.{i}"] = "1"
+            attrs[names[4]] = "1"
     return attr.encode(attrs)
+
+
+def _result_names(i: int) -> tuple[str, ...]:
+    return f"result.{i}", f"dsn.{i}", f"reason.{i}", f"action.{i}", f"passed.{i}"
+
+
+# the reply's attribute names of the first recipients, made once
+_RESULT_NAMES = [_result_names(i) for i in range(64)]
 
 
 def decode_reply(attrs: dict, rcpt_count: int) -> DeliveryStatus:

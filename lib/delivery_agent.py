@@ -103,9 +103,10 @@ class Report:
         `alias expanded`: the deliveries of the expansion are logged with their own)."""
         if kind == "bounced" and self.soft_bounce:
             kind, dsn = "deferred", "4" + dsn[1:] if dsn[:1] == "5" else dsn
-        deliver.log_delivery(self.request.queue_id, self.request.recipients[index], relay,
-                             self.arrival, self.started, dsn, kind, reason,
-                             conn_setup=conn_setup, transmit=transmit, conn_use=conn_use)
+        request = self.request
+        deliver.log_delivery(request.queue_id, request.recipients[index], relay,
+                             self.arrival, self.started, dsn, kind, reason, conn_setup,
+                             transmit, conn_use)
         if kind != "sent":
             action, passed, dsn_text = "", False, ""
         r = self.results[index] = RcptResult(kind, dsn, dsn_text or reason, action, passed)
