@@ -378,12 +378,13 @@ def _parse(buf: bytes, start: int, end: int) -> dict[str, bytes]:
         while pos < end:
             at = pos + 1 + buf[pos]                     # where value_len is
             name = names.get(buf[pos + 1:at])
-            if name is None or at + LENGTH_SIZE > end or name in attrs:
+            value_at = at + 4                           # LENGTH_SIZE
+            if name is None or value_at > end or name in attrs:
                 break
-            pos = at + LENGTH_SIZE + unpack(buf, at)[0]
+            pos = value_at + unpack(buf, at)[0]
             if pos > end:
                 break
-            attrs[name] = buf[at + LENGTH_SIZE:pos]
+            attrs[name] = buf[value_at:pos]
         else:
             return attrs
     return _parse_strict(buf, start, end)

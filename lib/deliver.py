@@ -159,7 +159,7 @@ def _request(attrs: dict, n: int) -> Request:
                    text(attrs["nexthop"], "utf-8", "surrogateescape"),
                    text(attrs["sender"], "utf-8", "surrogateescape"), arrival, recipients,
                    offsets, [] if flags is None else
-                   [f for f in text(flags, "utf-8", "surrogateescape").split(",") if f])
+                   list(filter(None, text(flags, "utf-8", "surrogateescape").split(","))))
 
 
 def encode_reply(reply: DeliveryStatus) -> bytes:
