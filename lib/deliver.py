@@ -124,6 +124,10 @@ def decode_request(attrs: dict) -> Request:
         raise DeliverError("not a delivery request")
     n = _count(attrs)
     try:
+        return _request(attrs, n)
+    except (KeyError, ValueError):
+        pass        # the rules below say which one the frame breaks
+    try:
         arrival = float(_text(attrs, "arrival"))
         offsets = [int(_text(attrs, f"offset.{i}")) for i in range(n)]
     except ValueError:
@@ -136,6 +140,28 @@ def decode_request(attrs: dict) -> Request:
                    offsets=offsets, flags=[f for f in flags if f])
 
 
+def _request(attrs: dict, n: int) -> Request:
+    """decode_request()'s work for a frame that has every attribute, in one go: the same
+    conversions, without a call per attribute; KeyError or ValueError for any other."""
+    text = bytes.decode
+    arrival = float(text(attrs["arrival"], "utf-8", "surrogateescape"))
+    if n == 1:                  # most requests (qmgr's recipient_limit per destination)
+        offsets = [int(text(attrs["offset.0"], "utf-8", "surrogateescape"))]
+        recipients = [text(attrs["rcpt.0"], "utf-8", "surrogateescape")]
+    else:
+        offsets = [int(text(attrs[f"offset.{i}"], "utf-8", "surrogateescape"))
+                   for i in range(n)]
+        recipients = [text(attrs[f"rcpt.{i}"], "utf-8", "surrogateescape") for i in range(n)]
+    flags = attrs.get("flags")
+    return Request(text(attrs["queue_id"], "utf-8", "surrogateescape"),
+                   text(attrs["queue_file"], "utf-8", "surrogateescape"),
+                   text(attrs["transport"], "utf-8", "surrogateescape"),
+                   text(attrs["nexthop"], "utf-8", "surrogateescape"),
+                   text(attrs["sender"], "utf-8", "surrogateescape"), arrival, recipients,
+                   offsets, [] if flags is None else
+                   list(filter(None, text(flags, "utf-8", "surrogateescape").split(","))))
+
+
 def encode_reply(reply: DeliveryStatus) -> bytes:
     """The reply as one frame."""
     attrs = {"status": reply.status, "relay": reply.relay,
@@ -143,14 +169,23 @@ def encode_reply(reply: DeliveryStatus) -> bytes:
     if reply.reason:
         attrs["reason"] = reply.reason
     for i, r in enumerate(reply.results):
-        attrs[f"result.{i}"] = r.result
-        attrs[f"dsn.{i}"] = r.dsn
-        attrs[f"reason.{i}"] = r.reason[:4000]
+        names = _RESULT_NAMES[i] if i < len(_RESULT_NAMES) else _result_names(i)
+        attrs[names[0]] = r.result
+        attrs[names[1]] = r.dsn
+        attrs[names[2]] = r.reason[:4000]
         if r.action:
-            attrs[f"action.{i}"] = r.action
+            attrs[names[3]] = r.action
         if r.passed:
-            attrs[f"passed.{i}"] = "1"
+            attrs[names[4]] = "1"
     return attr.encode(attrs)
+
+
+def _result_names(i: int) -> tuple[str, ...]:
+    return f"result.{i}", f"dsn.{i}", f"reason.{i}", f"action.{i}", f"passed.{i}"
+
+
+# the reply's attribute names of the first recipients, made once
+_RESULT_NAMES = [_result_names(i) for i in range(64)]
 
 
 def decode_reply(attrs: dict, rcpt_count: int) -> DeliveryStatus:
@@ -180,13 +215,19 @@ def log_delivery(queue_id: str, rcpt: str, relay: str, arrival: float, started: 
                  transmit: float = 0.0, conn_use: int = 0) -> None:
     """Postfix's delivery log line, with its delay breakdown; conn_use=N after the relay
     when the connection was used for the Nth time (N > 1: a cached connection)."""
-    now = time.time()
-    delay = max(0.0, now - arrival)
-    before = max(0.0, started - arrival)
-    setup = max(0.0, conn_setup)
-    xmit = max(0.0, transmit)
-    queue_mgr = max(0.0, delay - before - setup - xmit)
-    delays = "/".join(_fmt(x) for x in (before, queue_mgr, setup, xmit))
+    # x if x > 0.0 else 0.0 is max(0.0, x) (NaN included) without the call; a stage
+    # under 4 ms is "0" without _fmt's (most of them)
+    delay = time.time() - arrival
+    delay = delay if delay > 0.0 else 0.0
+    before = started - arrival
+    before = before if before > 0.0 else 0.0
+    setup = conn_setup if conn_setup > 0.0 else 0.0
+    xmit = transmit if transmit > 0.0 else 0.0
+    queue_mgr = delay - before - setup - xmit
+    queue_mgr = queue_mgr if queue_mgr > 0.0 else 0.0
+    delays = (f"{'0' if before < 0.004 else _fmt(before)}/"
+              f"{'0' if queue_mgr < 0.004 else _fmt(queue_mgr)}/"
+              f"{'0' if setup < 0.004 else _fmt(setup)}/{'0' if xmit < 0.004 else _fmt(xmit)}")
     use = f", conn_use={conn_use}" if conn_use > 1 else ""
     msg.info(f"{queue_id}: to=<{rcpt}>, relay={relay}{use}, delay={_fmt(delay)}, "
              f"delays={delays}, dsn={dsn}, status={status} ({reason})")
@@ -199,5 +240,14 @@ def _fmt(seconds: float) -> str:
         return "0"
     if seconds >= 10:
         return str(int(round(seconds)))
-    value = round(float(f"{seconds:.2g}"), 2)
-    return f"{value:.2f}".rstrip("0").rstrip(".") or "0"
+    digits = f"{seconds:.2g}"
+    text = _FORMATTED.get(digits)
+    if text is None:
+        value = round(float(digits), 2)
+        text = _FORMATTED[digits] = f"{value:.2f}".rstrip("0").rstrip(".") or "0"
+    return text
+
+
+# _fmt()'s text for each two-digit rounding of a time from 0.004 to 10 s: a function of
+# that rounding alone, and there are 332 of them ("0.004" .. "9.9", "10", and "nan")
+_FORMATTED: dict[str, str] = {}

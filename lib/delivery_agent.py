@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 
 from . import attr, deliver, msg
@@ -102,9 +103,10 @@ class Report:
         `alias expanded`: the deliveries of the expansion are logged with their own)."""
         if kind == "bounced" and self.soft_bounce:
             kind, dsn = "deferred", "4" + dsn[1:] if dsn[:1] == "5" else dsn
-        deliver.log_delivery(self.request.queue_id, self.request.recipients[index], relay,
-                             self.arrival, self.started, dsn, kind, reason,
-                             conn_setup=conn_setup, transmit=transmit, conn_use=conn_use)
+        request = self.request
+        deliver.log_delivery(request.queue_id, request.recipients[index], relay,
+                             self.arrival, self.started, dsn, kind, reason, conn_setup,
+                             transmit, conn_use)
         if kind != "sent":
             action, passed, dsn_text = "", False, ""
         r = self.results[index] = RcptResult(kind, dsn, dsn_text or reason, action, passed)
@@ -159,8 +161,17 @@ def serve(conn, ctx, deliver_fn, timeout: float | None = None) -> None:
 
 def _answer(conn, frame: bytes, timeout: float) -> None:
     try:
-        conn.settimeout(timeout)
-        conn.sendall(frame)
+        sent = 0
+        if conn.gettimeout() is None:
+            # A reply fits a fresh connection's socket buffer: sent at once, without
+            # the ioctl and the poll of a timed send; the time limit is for the rest.
+            try:
+                sent = conn.send(frame, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+        if sent < len(frame):
+            conn.settimeout(timeout)
+            conn.sendall(frame[sent:] if sent else frame)
     except OSError as exc:
         # qmgr went away; it will try these recipients again.
         msg.warn(f"send delivery status: {exc}")

@@ -218,9 +218,10 @@ def _format(severity: str, text: str, tag: str | None = None) -> str:
     prefix = "" if severity == "info" else severity + ": "
     # Peer-supplied text can hold anything; keep one record on one line, and no control
     # character (a terminal escape) reaches the log: `?`, as Postfix's printable().
-    text = text.replace("\r", "\\r").replace("\n", "\\n")
-    if not text.isprintable():
-        text = _CONTROL.sub("?", text)
+    if not text.isprintable():      # CR and LF are not: printable text needs no step
+        text = text.replace("\r", "\\r").replace("\n", "\\n")
+        if not text.isprintable():
+            text = _CONTROL.sub("?", text)
     tag = tag or _s.tag
     tag = f"{tag}[{_pid}]" if _s.with_pid else tag
     return f"{tag}: {prefix}{text}"[:MAX_LINE]

@@ -93,6 +93,7 @@ def critical():
 
 STATUS_FORMAT = "!IIBI"
 STATUS_SIZE = struct.calcsize(STATUS_FORMAT)
+_STATUS = struct.Struct(STATUS_FORMAT)
 STATUS_AVAIL, STATUS_TAKEN = 1, 0
 
 
@@ -126,8 +127,8 @@ class WorkerContext:
     def report(self, state: int) -> None:
         """Tell the master this worker is available or taken; the master may be gone."""
         try:
-            os.write(self.status_fd, struct.pack(STATUS_FORMAT, msg.pid(),
-                                                 self.generation, state, self.served))
+            os.write(self.status_fd, _STATUS.pack(msg.pid(), self.generation, state,
+                                                  self.served))
         except OSError:
             self.stopping = True
 
@@ -216,15 +217,51 @@ def _chdir(path: str) -> None:
         msg.fatal(f"chdir({path}): {exc.strerror}")
 
 
+def _listening(ctx: WorkerContext, exclusive: bool = False) -> tuple[list, list, object]:
+    """What a worker waits on, worked out once: its listeners do not change.
+
+    (descriptors for select: listeners, liveness pipe, signal pipe; per listener
+    (socket, descriptor, what accept() makes of it: family, type, proto), read here once
+    because a socket's family and type properties convert to an enum at each reading;
+    an epoll object or None). exclusive: wait in an epoll that has the listeners with
+    EPOLLEXCLUSIVE, so that a new connection wakes one idle worker of the service, not
+    all of them (each of which would find accept() empty but one: two system calls and
+    a pass of this loop per idle sibling and connection). The pipes are not exclusive:
+    every worker sees retirement and its own signals."""
+    accepts = [(sock, sock.fileno(), sock.family, sock.type, sock.proto)
+               for sock in ctx.listeners]
+    fds = [a[1] for a in accepts] + [ctx.live_fd, ctx.signal_fd]
+    poller = None
+    if exclusive and hasattr(select, "EPOLLEXCLUSIVE"):
+        poller = select.epoll()
+        try:
+            for a in accepts:
+                poller.register(a[1], select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            poller.register(ctx.live_fd, select.EPOLLIN)
+            poller.register(ctx.signal_fd, select.EPOLLIN)
+        except OSError:         # a kernel before 4.5: every worker wakes, as with select
+            poller.close()
+            poller = None
+    return fds, accepts, poller
+
+
 def _wait_for_client(ctx: WorkerContext, timeout: float | None,
-                     idle=None) -> socket.socket | None:
+                     idle=None, listening=None) -> socket.socket | None:
     """Accept one connection; None on timeout, on retirement, or when stopping.
 
     idle (single_server's): idle.due() is the time until idle.expire() has work (None:
     none), run while waiting; a worker with idle.accept_delay() > 0 lets its siblings
     take a new client first (the smtp client's cached connections are in the worker
-    that made them)."""
-    fds = [s.fileno() for s in ctx.listeners] + [ctx.live_fd, ctx.signal_fd]
+    that made them), so such a worker waits with select, which wakes them all.
+    listening: _listening(ctx), when the caller keeps it.
+
+    With an exclusive wait a woken worker takes the connection unless the master
+    retired it or SIGTERM stops it in the same wake-up: then the next generation's
+    worker, which the master starts for a waiting connection, or the next start,
+    takes it; a level-triggered epoll reports a connection still waiting to the worker
+    that comes back to it, and a new one to a worker that registers."""
+    fds, accepts, poller = listening or _listening(ctx)
+    live_fd, signal_fd = ctx.live_fd, ctx.signal_fd
     deadline = None if timeout is None else time.monotonic() + timeout
     while not ctx.stopping:
         wait = None if deadline is None else deadline - time.monotonic()
@@ -234,26 +271,30 @@ def _wait_for_client(ctx: WorkerContext, timeout: float | None,
         if due is not None and (wait is None or due < wait):
             wait = max(0.0, due)
         try:
-            ready, _, _ = select.select(fds, [], [], wait)
+            if poller is not None:
+                ready = [fd for fd, _ in poller.poll(-1 if wait is None else wait)]
+            else:
+                ready, _, _ = select.select(fds, [], [], wait)
         except InterruptedError:
             continue
         if due is not None and not ready:
             idle.expire()
             continue
-        if idle is not None and not (set(ready) & {ctx.live_fd, ctx.signal_fd}):
+        if idle is not None and live_fd not in ready and signal_fd not in ready:
             delay = idle.accept_delay()
             if delay > 0:
                 time.sleep(delay)
-        if ctx.signal_fd in ready:
-            _drain(ctx.signal_fd)
+        if signal_fd in ready:
+            _drain(signal_fd)
             continue              # the handler has set ctx.stopping if it was SIGTERM
-        if ctx.live_fd in ready:
+        if live_fd in ready:
             ctx.stopping = True   # the master retired us or went away: take no new client
             return None
-        for sock in ctx.listeners:
-            if sock.fileno() in ready:
+        for sock, fd, family, type_, proto in accepts:
+            if fd in ready:
                 try:
-                    conn, _ = sock.accept()
+                    # socket.accept()'s work, without its two enum conversions
+                    conn_fd, _ = sock._accept()
                 except (BlockingIOError, InterruptedError):
                     continue      # another worker took it
                 except OSError as exc:
@@ -262,7 +303,7 @@ def _wait_for_client(ctx: WorkerContext, timeout: float | None,
                     raise
                 # Blocking already: accept() on the non-blocking listener gives a blocking
                 # socket (no default timeout is set), and no ioctl is spent saying so.
-                return conn
+                return socket.socket(family, type_, proto, conn_fd)
     return None
 
 
@@ -287,12 +328,21 @@ def single_server(ctx: WorkerContext, service, pre_init=None, post_init=None,
     max_use = ctx.cfg["max_use"]
     max_idle = ctx.cfg["max_idle"]
     watchdog = ctx.cfg["daemon_timeout"]
+    listening = _listening(ctx, exclusive=idle is None)
+    # Watchdog, as Postfix's: a worker stuck this long in one pass is killed (SIGALRM's
+    # default action), and the master logs the signal. A busy worker starts a pass every
+    # millisecond: the alarm is set again once the last setting is `slack` old (one
+    # second, or 1% of a shorter daemon_timeout), not with a system call per pass, so
+    # a pass stuck for between daemon_timeout - slack and daemon_timeout is killed.
+    slack = min(1.0, watchdog / 100)
+    armed = None
     try:
         while not ctx.stopping and ctx.served < max_use:
-            # Watchdog, as Postfix's: a worker stuck this long in one pass is killed
-            # (SIGALRM's default action), and the master logs the signal.
-            signal.alarm(watchdog)
-            conn = _wait_for_client(ctx, max_idle, idle)
+            now = time.monotonic()
+            if armed is None or now - armed >= slack:
+                signal.alarm(watchdog)
+                armed = now
+            conn = _wait_for_client(ctx, max_idle, idle, listening)
             if conn is None:
                 break
             ctx.report(STATUS_TAKEN)
@@ -315,6 +365,8 @@ def single_server(ctx: WorkerContext, service, pre_init=None, post_init=None,
     except Terminated:
         pass        # SIGTERM between the service's end and the clean-up above
     finally:
+        if listening[2] is not None:
+            listening[2].close()
         if on_exit:
             on_exit(ctx)
     return 0

@@ -372,6 +372,29 @@ def test_read_frame_idle_timeout_keeps_sync(pair):
     assert b.gettimeout() == 3.0
 
 
+def test_read_frame_blocking_socket_stays_blocking(pair):
+    """A frame read from a socket without a timeout, at once or after a wait for the
+    rest, leaves it blocking; a wait still ends at the deadline."""
+    a, b = pair
+    frame = attr.encode({"a": b"hello world"})
+    a.sendall(frame)
+    assert attr.read_frame(b, 1.0) == {"a": b"hello world"}
+    assert b.gettimeout() is None
+    a.sendall(frame[:3])
+    t = threading.Timer(0.05, a.sendall, args=(frame[3:],))
+    t.start()
+    try:
+        assert attr.read_frame(b, 5.0) == {"a": b"hello world"}
+    finally:
+        t.join()
+    assert b.gettimeout() is None
+    start = time.monotonic()
+    with pytest.raises(attr.FrameTimeoutError) as info:
+        attr.read_frame(b, 0.1)
+    assert 0.09 <= time.monotonic() - start < 1.0 and info.value.received == 0
+    assert b.gettimeout() is None
+
+
 def test_read_frame_clean_eof(pair):
     a, b = pair
     a.close()
