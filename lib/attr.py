@@ -57,7 +57,10 @@ FUNCTIONS AND CLASSES
     encode(attrs) -> bytes
         Return one complete frame (length prefix and body) for the
         mapping attrs of name -> value. A str value is encoded as UTF-8,
-        an int (not bool) as ASCII decimal, a bytes-like value as is.
+        its U+DC80..U+DCFF back to the bytes they stand for (surrogateescape:
+        what a reader of these frames makes of bytes that are not UTF-8, such
+        as an address from a sendmail command line or a table), an int (not
+        bool) as ASCII decimal, a bytes-like value as is.
         Raises AttrError for a bad name, an unsupported value type, an
         empty mapping or a body larger than MAX_FRAME; TypeError when
         attrs is not a Mapping.
@@ -304,7 +307,7 @@ def _encode_value(name: str, value: object) -> bytes:
         return _as_bytes(value)
     if isinstance(value, str):
         try:
-            return value.encode("utf-8")
+            return value.encode("utf-8", "surrogateescape")
         except UnicodeEncodeError as exc:
             raise AttrError(f"attribute {name!r}: value is not encodable as UTF-8: {exc}") from None
     # bool is an int, but "True" on the wire is almost surely a caller bug.
@@ -344,7 +347,7 @@ def encode(attrs: Mapping[str, bytes | str | int]) -> bytes:
             head = _head(name)
         if type(value) is str:
             try:
-                raw = value.encode("utf-8")
+                raw = value.encode("utf-8", "surrogateescape")
             except UnicodeEncodeError:
                 raw = _encode_value(name, value)      # raises the AttrError
         elif type(value) is bytes:

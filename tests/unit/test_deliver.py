@@ -3,6 +3,7 @@ Postfix's delivery log line."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -36,6 +37,21 @@ def test_request_text_as_sent():
     assert deliver.decode_request(attrs).arrival == 1.5
     attrs["arrival"] = b"nan"
     assert math.isnan(deliver.decode_request(attrs).arrival)
+
+
+def test_bytes_that_are_not_utf8_cross_both_ways():
+    # A decoder keeps such bytes as surrogates (above); qmgr must be able to send them
+    # on (a next hop from a table, an address from a sendmail command line), and an
+    # agent to answer with them (discard's reason is its next hop), as the same bytes.
+    req = dataclasses.replace(_request(), nexthop="caf\udce9.example", sender="\udcff@x")
+    frame = deliver.encode_request(req)
+    assert b"caf\xe9.example" in frame and b"\xff@x" in frame
+    assert deliver.decode_request(attr.decode(frame)) == req
+    reply = deliver.DeliveryStatus(relay="none", results=[
+        deliver.RcptResult("sent", "2.0.0", req.nexthop)])
+    assert deliver.decode_reply(attr.decode(deliver.encode_reply(reply)), 1) == reply
+    with pytest.raises(attr.AttrError, match="not encodable"):
+        attr.encode({"v": "\ud800"})     # a surrogate that stands for no byte
 
 
 @pytest.mark.parametrize("change, error", [
