@@ -126,23 +126,28 @@ def decode_request(attrs: dict) -> Request:
     try:
         return _request(attrs, n)
     except (KeyError, ValueError):
-        pass        # the rules below say which one the frame breaks
+        _refuse(attrs, n)
+    raise DeliverError("bad delivery request")      # _refuse() names every case
+
+
+def _refuse(attrs: dict, n: int) -> None:
+    """Raise the DeliverError that says which rule a frame that _request() refused
+    breaks, looking in the order of the REQUEST list."""
     try:
-        arrival = float(_text(attrs, "arrival"))
-        offsets = [int(_text(attrs, f"offset.{i}")) for i in range(n)]
+        float(_text(attrs, "arrival"))
+        for i in range(n):
+            int(_text(attrs, f"offset.{i}"))
     except ValueError:
         raise DeliverError("bad arrival time or recipient offset") from None
-    flags = _text(attrs, "flags").split(",") if "flags" in attrs else []
-    return Request(queue_id=_text(attrs, "queue_id"), queue_file=_text(attrs, "queue_file"),
-                   transport=_text(attrs, "transport"), nexthop=_text(attrs, "nexthop"),
-                   sender=_text(attrs, "sender"), arrival=arrival,
-                   recipients=[_text(attrs, f"rcpt.{i}") for i in range(n)],
-                   offsets=offsets, flags=[f for f in flags if f])
+    for name in ("queue_id", "queue_file", "transport", "nexthop", "sender"):
+        _text(attrs, name)
+    for i in range(n):
+        _text(attrs, f"rcpt.{i}")
 
 
 def _request(attrs: dict, n: int) -> Request:
-    """decode_request()'s work for a frame that has every attribute, in one go: the same
-    conversions, without a call per attribute; KeyError or ValueError for any other."""
+    """decode_request()'s work, in one go, without a call per attribute: KeyError or
+    ValueError for a frame that breaks a rule (_refuse says which)."""
     text = bytes.decode
     arrival = float(text(attrs["arrival"], "utf-8", "surrogateescape"))
     if n == 1:                  # most requests (qmgr's recipient_limit per destination)
