@@ -210,6 +210,16 @@ class PostfixPeer:
 DNSMASQ = shutil.which("dnsmasq", path="/usr/sbin:/usr/bin")
 
 
+def loopback_resolver(port: int, timeout: float = 1.0):
+    """A dnspython resolver that asks only 127.0.0.1:port, giving up after timeout s."""
+    import dns.resolver
+    r = dns.resolver.Resolver(configure=False)
+    r.nameservers = ["127.0.0.1"]
+    r.port = port
+    r.timeout = r.lifetime = timeout
+    return r
+
+
 class Dnsmasq:
     """A private dnsmasq on 127.0.0.1:port serving `records` (dnsmasq options such as
     --mx-host=..., --txt-record=...) for the --local domains, logging to log_path.
@@ -228,12 +238,7 @@ class Dnsmasq:
         self.start(records, ready)
 
     def resolver(self):
-        import dns.resolver
-        r = dns.resolver.Resolver(configure=False)
-        r.nameservers = ["127.0.0.1"]
-        r.port = self.port
-        r.timeout = r.lifetime = 0.5
-        return r
+        return loopback_resolver(self.port, 0.5)
 
     def start(self, records, ready=None) -> None:
         self.records = list(records)

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,16 @@ def instance(request):
         shutil.rmtree(root, ignore_errors=True)
     else:
         print(f"instance kept for inspection: {root}")
+
+
+@pytest.fixture
+def dead_port():
+    """A UDP port on 127.0.0.1 that takes queries and never answers (a DNS server that
+    is down without refusing)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    yield sock.getsockname()[1]
+    sock.close()
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -8,12 +8,10 @@ the resolver configuration is the test's. test_smtpd_dnsbl.py has a real-instanc
 """
 
 import os
-import socket
 
-import dns.resolver
 import pytest
 
-from peers import DNSMASQ, Dnsmasq
+from peers import DNSMASQ, Dnsmasq, loopback_resolver
 from postfix_py.lib import maincf
 from postfix_py.lib.dnsbl import DnsLookup
 from postfix_py.smtpd.check import Checker, ClientState
@@ -33,23 +31,6 @@ def dnsmasq(tmp_path_factory):
         yield server.port
 
 
-@pytest.fixture
-def dead_port():
-    """A UDP port that takes queries and never answers."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    yield sock.getsockname()[1]
-    sock.close()
-
-
-def resolver(port: int) -> dns.resolver.Resolver:
-    r = dns.resolver.Resolver(configure=False)
-    r.nameservers = ["127.0.0.1"]
-    r.port = port
-    r.timeout = r.lifetime = 1.0
-    return r
-
-
 def checker(port: int, **values) -> Checker:
     base = {"myhostname": "mail.test.example", "mydestination": "localhost",
             "local_recipient_maps": "",  # u@localhost: any local part
@@ -62,7 +43,7 @@ def checker(port: int, **values) -> Checker:
                                             overrides=base)).dns,
                       DnsLookup)       # built because a list needs it
     return Checker(maincf.Config("/nonexistent", "/nonexistent/main.cf", overrides=base),
-                   resolver(port))
+                   loopback_resolver(port))
 
 
 def rcpt(c: Checker, sender: str, recipient: str = "u@localhost") -> str | None:

@@ -8,12 +8,10 @@ Postfix's reply and log line.
 """
 
 import os
-import socket
 
-import dns.resolver
 import pytest
 
-from peers import DNSMASQ, Dnsmasq
+from peers import DNSMASQ, Dnsmasq, loopback_resolver
 from pfxinst import SmtpClient, wait_for
 from postfix_py.lib import maincf
 from postfix_py.smtpd.check import Checker, ClientState
@@ -45,23 +43,6 @@ def dnsmasq(tmp_path_factory):
         yield server.port
 
 
-@pytest.fixture
-def dead_port():
-    """A UDP port that takes queries and never answers."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    yield sock.getsockname()[1]
-    sock.close()
-
-
-def resolver(port: int) -> dns.resolver.Resolver:
-    r = dns.resolver.Resolver(configure=False)
-    r.nameservers = ["127.0.0.1"]
-    r.port = port
-    r.timeout = r.lifetime = 1.0
-    return r
-
-
 def checker(port: int, restrictions: str, **values) -> Checker:
     base = {"myhostname": "mail.test.example", "mydestination": "localhost",
             "mynetworks": "10.0.0.0/8",
@@ -69,7 +50,7 @@ def checker(port: int, restrictions: str, **values) -> Checker:
             "smtpd_recipient_restrictions": restrictions + ", reject_unauth_destination"}
     base.update(values)
     return Checker(maincf.Config("/nonexistent", "/nonexistent/main.cf", overrides=base),
-                   resolver(port))
+                   loopback_resolver(port))
 
 
 def rcpt(c: Checker, addr="127.0.0.2", name="client.example", helo="client.example",
