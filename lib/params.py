@@ -45,6 +45,9 @@ DEVIATIONS
     (postscreen_dnsbl_whitelist_threshold, postscreen_dnsbl_ttl, smtpd_per_record_deadline)
     that Postfix's defaults refer to. postscreen_forbidden_commands: CONNECT GET POST
     (Postfix 3.7's smtpd_forbidden_commands, which postfix-py's smtpd does not have).
+    smtp_tls_dane_insecure_mx_policy: dane, the default of Postfix 3.7.13, 3.8.8, 3.9.2
+    and 3.10 (earlier 3.7 releases wrote a default that depends on
+    smtp_tls_security_level, which Postfix's documentation calls a mistake).
 """
 
 from __future__ import annotations
@@ -461,6 +464,7 @@ PARAMS: list[Param] = [
     _p("smtp_dns_nameservers", "", LIST, "DNS servers for MX and address lookups (address, address:port or [address]:port); empty: the system's resolv.conf, read before the chroot"),
     _p("smtp_dns_timeout", "10s", TIME, "time limit of one DNS lookup of the smtp/lmtp client", min=1),
     _p("smtp_dns_support_level", "", STR, "DNS features of the smtp/lmtp client: disabled, enabled, dnssec (DNSSEC status from the resolver's AD bit, needed by the dane levels); empty: enabled", values=("", "disabled", "enabled", "dnssec")),
+    _p("smtp_tls_dane_insecure_mx_policy", "dane", STR, "TLS level for an MX host with DNSSEC-validated TLSA records found through an MX RRset that is not validated, at level dane: may (ignore the records), encrypt, dane (enforce them; a match is logged Trusted, not Verified); smtp only", values=("may", "encrypt", "dane")),
     _p("tls_dane_digests", "sha512 sha256", LIST, "DANE TLSA matching types, most preferred first: sha512 (2), sha256 (1)"),
     # --- MTA-STS (RFC 8461, smtp/mta_sts.py) and TLSRPT (RFC 8460, lib/tlsrpt.py) ----
     _p("smtp_tls_mta_sts_enable", "no", BOOL, "postfix-py extension: apply the MTA-STS policies (RFC 8461) of next-hop domains to MX deliveries"),

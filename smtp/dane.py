@@ -13,7 +13,8 @@ DESCRIPTION
     of one server (level dane or dane-only), in this order:
         unix-domain destination                 invalid (warning)
         DNSSEC lookups disabled                 dane: may (warning); dane-only: invalid
-        MX RRset not validated                  dane: may; dane-only: defer 4.7.5
+        MX RRset not validated, at dane-only
+        or with insecure_mx may                 dane: may; dane-only: defer 4.7.5
                                                 "non DNSSEC destination"
         TLSA lookup fails (SERVFAIL: bogus)     defer 4.7.5 "TLSA lookup error for
                                                 host:port" (warning "DANE TLSA lookup
@@ -23,13 +24,37 @@ DESCRIPTION
                                                 "no TLSA records found"
         only unusable TLSA records              dane: encrypt; dane-only: defer
                                                 "TLSA records unusable"
-        usable records                          level dane, with the records, the names
-                                                a DANE-TA certificate must match (the TLSA
-                                                base domain, then the next-hop domain when
-                                                it came from an MX lookup), SNI the base
-                                                domain; source "DANE TLSA".
-    An insecure MX always downgrades to may (Postfix's smtp_tls_dane_insecure_mx_policy
-    = may; postfix-py has no "half-dane").
+        MX RRset not validated (level dane),
+        TLSA records found: insecure_mx encrypt encrypt ("Verification not possible,
+                                                MX RRset is insecure")
+                            insecure_mx dane    level halfdane, below
+        usable records                          level dane (halfdane), with the records,
+                                                the names a DANE-TA certificate must match
+                                                (the TLSA base domain, then the next-hop
+                                                domain when it came from an MX lookup),
+                                                SNI the base domain; source "DANE TLSA".
+    The downgrades are logged only with -v (Postfix's dane_incompat(): msg_info when
+    verbose), apart from the configuration problems, which are warnings.
+
+    "half-dane" (Postfix's TLS_LEV_HALF_DANE, smtp_tls_dane_insecure_mx_policy = dane,
+    the default): the next hop's MX RRset is not DNSSEC-validated (an unsigned zone, or
+    a signed zone's insecure delegation) but the MX host's address and TLSA records
+    are. The TLSA records are enforced exactly as at dane (a mismatch defers "Server
+    certificate not verified"), but since a forged MX RRset could have named this host,
+    a match makes the peer "Trusted", never "Verified": "Trusted TLS connection
+    established to mx.example.net[192.0.2.1]:25: ..." (smtp/tls.py, lib/tls.py
+    TLSInfo.never_secured). The level's name "halfdane" appears where Postfix prints
+    str_tls_level() (REQUIRETLS bounce texts, `tls explain`); it cannot be configured.
+    smtp_tls_dane_insecure_mx_policy = encrypt makes such a host encrypt, = may makes
+    an insecure MX RRset "non DNSSEC destination" as above (Postfix before 3.1). The
+    lmtp client has no MX lookups; Postfix reads the parameter only in smtp mode, and
+    postfix-py passes "may" for lmtp (it never matters there).
+
+    The other partial case, a validated MX RRset that names a host whose address records
+    are not validated (the host is in an unsigned zone), is not half-dane: there is no
+    TLSA lookup at all (Postfix's tls_dane_resolve() without
+    smtp_tls_force_insecure_host_tlsa_lookup), so "no TLSA records found": dane is may,
+    dane-only defers.
 
     TLSA records are looked up at _PORT._tcp.HOST, HOST the MX host name (or the CNAME
     target first when that is secure, as Postfix), PORT the port connected to. Usages
@@ -53,7 +78,8 @@ FUNCTIONS
     parse_digests(items, warn) -> {mtype: preference} (higher is preferred; 0 is full).
     tlsa_qname(host, port) -> "_25._tcp.mx.example.com"
     lookup(resolver, addr, port, warn) -> TlsaResult
-    policy_for(policy, dest, addr, resolver, dnssec, digests, warn) -> tls_policy.Policy:
+    policy_for(policy, dest, addr, resolver, dnssec, digests, warn, insecure_mx="dane")
+        -> tls_policy.Policy:
         source "DANE TLSA" with records; "DANE TLSA (why)" after a downgrade (why: "no
         TLSA records found", "non DNSSEC destination", ...), for `tls explain`.
     match_names(found, addr, dest) -> names for DANE-TA certificates
@@ -62,7 +88,8 @@ FUNCTIONS
 
 CONFIGURATION PARAMETERS
     smtp_dns_support_level (empty: enabled), tls_dane_digests (sha512 sha256),
-    smtp_tls_security_level and smtp_tls_policy_maps (the levels dane and dane-only).
+    smtp_tls_dane_insecure_mx_policy (dane; smtp only), smtp_tls_security_level and
+    smtp_tls_policy_maps (the levels dane and dane-only).
 
 SEE ALSO
     smtp/tls_policy.py, smtp/tls.py (where verify() runs), smtp/nexthop.py; RFC 6698,
@@ -240,9 +267,13 @@ def match_names(found: TlsaResult, addr, dest) -> tuple[str, ...]:
     return tuple(names)
 
 
+INSECURE_MX_POLICIES = ("may", "encrypt", "dane")
+
+
 def policy_for(policy, dest, addr, resolver, dnssec: bool, digests: dict[int, int],
-               warn=msg.warn):
-    """The policy for one server at level dane or dane-only (Postfix's dane_init)."""
+               warn=msg.warn, insecure_mx: str = "dane"):
+    """The policy for one server at level dane or dane-only (Postfix's dane_init).
+    insecure_mx: smtp_tls_dane_insecure_mx_policy (may, encrypt or dane)."""
     level = policy.level
 
     def incompat(kind: str, text: str):
@@ -268,7 +299,8 @@ def policy_for(policy, dest, addr, resolver, dnssec: bool, digests: dict[int, in
     if not dnssec or "dns" not in resolver.host_lookup:
         return incompat("config", f"{dest.text}: {level} configured with dnssec lookups "
                                   f"disabled")
-    if addr.mx_dnssec is False:
+    insecure = addr.mx_dnssec is False
+    if insecure and (level == "dane-only" or insecure_mx == "may"):
         return incompat("dest", "non DNSSEC destination")
     found = lookup(resolver, addr, dest.port, warn)
     if found.status == "error":
@@ -279,9 +311,13 @@ def policy_for(policy, dest, addr, resolver, dnssec: bool, digests: dict[int, in
         return incompat("dest", "no TLSA records found")
     if found.status == "empty":
         return incompat("cantauth", "TLSA records unusable")
+    if insecure:
+        if insecure_mx == "encrypt":
+            return incompat("cantauth", "Verification not possible, MX RRset is insecure")
+        level = tls_policy.HALF_DANE        # enforced as dane, logged "Trusted"
     records = usable(found.records, digests, addr.namaddrport, warn)
     if not records:
-        if level == "dane":
+        if level != "dane-only":
             warn(f"{addr.namaddrport}: all TLSA records unusable, fallback to "
                  f"unauthenticated TLS")
             return dataclasses.replace(policy, level="encrypt",
@@ -289,7 +325,7 @@ def policy_for(policy, dest, addr, resolver, dnssec: bool, digests: dict[int, in
         warn(f"{addr.namaddrport}: all TLSA records unusable")
         return tls_policy.Policy(tls_policy.INVALID, dsn="4.7.5",
                                  reason="TLSA records unusable", source=SOURCE)
-    return dataclasses.replace(policy, level="dane", tlsa=records,
+    return dataclasses.replace(policy, level=level, tlsa=records,
                                matches=match_names(found, addr, dest),
                                servername=policy.servername or found.base_domain,
                                source=SOURCE)

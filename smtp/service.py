@@ -66,7 +66,10 @@ CONFIGURATION PARAMETERS
     smtp_dns_nameservers (empty: the system's resolv.conf), smtp_dns_timeout (10s).
     smtp_dns_support_level (empty: enabled; disabled: no DNS, as smtp_host_lookup =
     native; dnssec: DNSSEC status from the resolver's AD bit, which the dane and
-    dane-only TLS levels need: smtp/dane.py), tls_dane_digests (sha512 sha256).
+    dane-only TLS levels need: smtp/dane.py), tls_dane_digests (sha512 sha256),
+    smtp_tls_dane_insecure_mx_policy (dane: TLSA records of an MX host found through
+    an insecure MX RRset are enforced, the peer logged "Trusted"; smtp/dane.py; the
+    smtp client only, as Postfix).
     requiretls_enable (yes): a message received with MAIL FROM ... REQUIRETLS goes only
     to a server with a matched certificate that announces REQUIRETLS (smtp/session.py);
     tls_required_enable (yes): with a "TLS-Required: No" header (and no REQUIRETLS) the
@@ -169,6 +172,9 @@ def pre_init(ctx) -> None:
             msg.warn(f"TLS library problem: {exc}; TLS is not available")
     st["history"] = bool(cfg.get("smtp_tls_history_database").strip())
     st["dane_digests"] = dane.parse_digests(cfg["tls_dane_digests"])
+    # Postfix reads it in smtp mode only; lmtp has no MX lookups.
+    st["insecure_mx"] = cfg["smtp_tls_dane_insecure_mx_policy"].lower() \
+        if prefix == "smtp" else "may"
     st["options"] = session.Options.from_config(cfg, prefix)
     try:
         # smtp_sasl_password_maps: opened here, before the chroot (Postfix's
@@ -282,7 +288,7 @@ def _policy_for(ctx, dest, addr, d: session.Delivery, sts=None):
         # wrapper mode), as Postfix's policy_create().
         cap = "encrypt" if ctx.cfg[f"{p}_tls_wrappermode"] else "may"
         level = finder.global_level
-        if level in ("dane", "dane-only") or tls_policy.rank(level) > tls_policy.rank(cap):
+        if tls_policy.dane_based(level) or tls_policy.rank(level) > tls_policy.rank(cap):
             level = cap
         policy = tls_policy.Policy(level, source="TLS-Required: no")
     elif dest.unix:
@@ -296,7 +302,7 @@ def _policy_for(ctx, dest, addr, d: session.Delivery, sts=None):
     if policy.level in ("dane", "dane-only") and not d.tls_not_required:
         resolver = st["resolver"]
         policy = dane.policy_for(policy, dest, addr, resolver, resolver.dnssec,
-                                 st["dane_digests"])
+                                 st["dane_digests"], insecure_mx=st["insecure_mx"])
     if not policy.valid:
         msg.warn(f"TLS policy lookup for {dest.text}/{addr.name}: {policy.reason}")
         d.why = (policy.dsn, policy.reason)
@@ -350,7 +356,7 @@ def _tlsrpt_policy(dest, policy, sts) -> dict:
     if p is not None and p.mode != "none" and (policy is None or
                                                policy.source.startswith("MTA-STS")):
         return tlsrpt.policy_dict("sts", dest.host, p.text, p.mx)
-    if policy is not None and policy.level in ("dane", "dane-only"):
+    if policy is not None and tls_policy.dane_based(policy.level):
         return tlsrpt.policy_dict("tlsa", dest.host)
     return tlsrpt.policy_dict("no-policy-found", dest.host)
 

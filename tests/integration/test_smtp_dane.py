@@ -8,6 +8,11 @@ the zones points at it, and the TLSA records (at _PORT._tcp.HOST, PORT the recei
 match its certificate (3 1 1), its CA (2 0 1), or nothing. The postfix-py instance under
 test delivers through smtp services with smtp_tls_security_level = dane or dane-only and
 smtp_dns_support_level = dnssec, to next hops `domain:PORT` (MX lookup, that port).
+
+Half-dane (Postfix's TLS_LEV_HALF_DANE): MX records in the unsigned zone plain.test
+that name hosts of the signed zone dane.test, so that the MX RRset is insecure but the
+host's address and TLSA records are validated; and the converse, a signed MX RRset
+naming a host of the unsigned zone.
 """
 
 import hashlib
@@ -125,9 +130,15 @@ def dns(base, certs, receiver):
         f"_{P}._tcp.mx-cname.dane.test. TLSA 3 0 2 {certs.ee_302}",
     ]
     stack = dnssec.DnssecStack(base / "dns")
+    # Half-dane: a validated MX RRset naming an unvalidated host ...
+    zone.append("unsignedmx.dane.test. MX 10 mx.plain.test.")
     stack.add_zone("dane.test", zone, tamper=[f"_{P}._tcp.mx-bogus.dane.test."])
+    # ... and unvalidated MX RRsets naming hosts with validated TLSA records.
     stack.add_zone("plain.test", ["plain.test. MX 10 mx.plain.test.",
-                                  "mx.plain.test. A 127.0.0.1"], signed=False)
+                                  "mx.plain.test. A 127.0.0.1",
+                                  "half.plain.test. MX 10 mx-ee.dane.test.",
+                                  "halfbad.plain.test. MX 10 mx-bad.dane.test."],
+                   signed=False)
     try:
         stack.start()
         yield stack
@@ -157,6 +168,10 @@ def mta(base, dns):
         "tlsmgr unix - - y 1000? 1 tlsmgr",
         "nodnssec unix - - y - - smtp -o smtp_tls_security_level=dane"
         f" -o smtp_dns_nameservers=127.0.0.1:{dns.resolver_port} -o smtp_tls_loglevel=1",
+        f"halfencrypt unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
+        " -o smtp_tls_dane_insecure_mx_policy=encrypt",
+        f"halfmay unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
+        " -o smtp_tls_dane_insecure_mx_policy=may",
     ]
     with inst.running("dane"):
         yield inst
@@ -316,6 +331,44 @@ def test_dane_without_dnssec_lookups_is_may(mta, receiver):
     assert established("Untrusted", "mx-ee.dane.test", P) in out.log
 
 
+def test_half_dane_insecure_mx_secure_tlsa(mta, receiver, certs):
+    """Postfix's half-dane: the TLSA records are enforced, the peer is only "Trusted"."""
+    P = receiver.port
+    out = deliver_via(mta, "danelog2", f"half.plain.test:{P}", recipient="bob@plain.test")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert established("Trusted", "mx-ee.dane.test", P) in out.log
+    assert "Verified TLS connection" not in out.log
+    assert (f"mx-ee.dane.test[127.0.0.1]:{P}: Matched DANE EE certificate at depth 0: "
+            f"3 1 1 {certs.ee_311.upper()}") in out.log
+    # A record that does not match defers, as at dane.
+    out = deliver_via(mta, "dane", f"halfbad.plain.test:{P}", recipient="bob@plain.test")
+    assert (out.result, out.dsn, out.reason) == \
+        ("deferred", "4.7.5", "Server certificate not verified")
+    assert (f"server certificate verification failed for mx-bad.dane.test[127.0.0.1]:{P}: "
+            f"num=65:") in out.log
+    # dane-only wants a validated MX RRset.
+    out = deliver_via(mta, "daneonly", f"half.plain.test:{P}", recipient="bob@plain.test")
+    assert (out.result, out.dsn, out.reason) == ("deferred", "4.7.5", "non DNSSEC destination")
+
+
+def test_half_dane_insecure_mx_policy_encrypt_and_may(mta, receiver):
+    P = receiver.port
+    # encrypt: the records only make TLS mandatory; a mismatch is no reason to defer.
+    for service in ("halfencrypt", "halfmay"):
+        out = deliver_via(mta, service, f"halfbad.plain.test:{P}", recipient="bob@plain.test")
+        assert (out.result, out.dsn) == ("sent", "2.0.0"), (service, out.reason)
+        assert established("Untrusted", "mx-bad.dane.test", P) in out.log
+
+
+def test_secure_mx_naming_an_unsigned_host_has_no_tlsa(mta, receiver):
+    P = receiver.port
+    out = deliver_via(mta, "dane", f"unsignedmx.dane.test:{P}")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert established("Untrusted", "mx.plain.test", P) in out.log
+    out = deliver_via(mta, "daneonly", f"unsignedmx.dane.test:{P}")
+    assert (out.result, out.dsn, out.reason) == ("deferred", "4.7.5", "no TLSA records found")
+
+
 def test_no_tracebacks(mta):
     assert "Traceback" not in mta.log()
 
@@ -358,11 +411,39 @@ def test_posttls_finger_dane_fallbacks(dns, receiver):
     text = finger(dns, "-l", "dane-only", f"none.dane.test:{P}")
     assert 'posttls-finger: no TLSA records found, resorting to "secure"' in text
     assert f"posttls-finger: {established('Untrusted', 'mx-none.dane.test', P)}" in text
+    # An insecure MX RRset naming an unsigned host: no TLSA records, "secure" (-M dane,
+    # the default); -M may stops before the TLSA lookup.
     text = finger(dns, f"plain.test:{P}")
+    assert "MX RRset is insecure" not in text
+    assert f"posttls-finger: {established('Untrusted', 'mx.plain.test', P)}" in text
+    text = finger(dns, "-M", "may", f"plain.test:{P}")
     assert "posttls-finger: MX RRset is insecure: try to encrypt" in text
     text = finger(dns, f"bogus.dane.test:{P}")
     assert f"posttls-finger: TLSA lookup error for mx-bogus.dane.test:{P}" in text
     assert "TLS connection established" not in text
+
+
+def test_posttls_finger_half_dane(dns, receiver, certs):
+    P = receiver.port
+    text = finger(dns, f"half.plain.test:{P}")
+    lines = text.splitlines()
+    assert "posttls-finger: MX RRset insecure: log verified as trusted" in lines
+    assert (f"posttls-finger: mx-ee.dane.test[127.0.0.1]:{P}: Matched DANE EE certificate "
+            f"at depth 0: 3 1 1 {certs.ee_311.upper()}") in lines
+    assert f"posttls-finger: {established('Trusted', 'mx-ee.dane.test', P)}" in text
+    text = finger(dns, "-M", "encrypt", f"half.plain.test:{P}")
+    assert "posttls-finger: TLSA RRs found, MX RRset insecure: just encrypt" in text
+    assert f"posttls-finger: {established('Untrusted', 'mx-ee.dane.test', P)}" in text
+    text = finger(dns, "-M", "may", f"half.plain.test:{P}")
+    assert "posttls-finger: MX RRset is insecure: try to encrypt" in text
+    assert f"posttls-finger: {established('Untrusted', 'mx-ee.dane.test', P)}" in text
+
+
+def test_posttls_finger_bad_insecure_mx_policy(dns):
+    from helpers import run
+    out = run("posttls-finger", "-M", "verify", "half.plain.test", timeout=60)
+    assert out.returncode == 1
+    assert "posttls-finger: bad '-M' option value: verify" in out.stderr
 
 
 # --- REQUIRETLS (RFC 8689): a postfix-py relay in front of the receiver ----------------------
@@ -383,7 +464,8 @@ def relay(base, certs, dns, receiver):
         "smtp_dns_timeout": "3s", "smtp_connect_timeout": "3s",
         "transport_maps": "inline:{"
                           f"ok.test=smtp:ee.dane.test:{P}, noreq.test=smtp:ee.dane.test:{P2}, "
-                          f"weak.test=maysmtp:[127.0.0.1]:{P}, tlsno.test=smtp:bad.dane.test:{P}"
+                          f"weak.test=maysmtp:[127.0.0.1]:{P}, tlsno.test=smtp:bad.dane.test:{P}, "
+                          f"half.test=smtp:half.plain.test:{P}"
                           "}",
     })
     inst.master_lines = [
@@ -520,12 +602,22 @@ def test_tls_explain_names_the_dane_tlsa_records(relay, receiver, certs):
 
 
 def test_tls_explain_names_a_dane_downgrade(relay):
-    # An unsigned zone: the insecure MX downgrades dane to may.
+    # An unsigned zone: the MX RRset is insecure, and (smtp_tls_dane_insecure_mx_policy =
+    # dane) its host has no validated TLSA records either: may.
     text = explain(relay, "plain.test")
     assert "plain.test: transport smtp, next hop plain.test" in text
     assert "  mx.plain.test[127.0.0.1]:25 (preference 10)" in text
-    assert "    TLS policy: level=may, source=DANE TLSA (non DNSSEC destination)" in text
+    assert "    TLS policy: level=may, source=DANE TLSA (no TLSA records found)" in text
     # A signed zone without TLSA records at the MX host: may as well, for another reason.
     text = explain(relay, "none.dane.test")
     assert "    TLS policy: level=may, source=DANE TLSA (no TLSA records found)" in text
     assert "TLSA record:" not in text
+
+
+def test_tls_explain_names_the_half_dane_level(relay, receiver):
+    P = receiver.port
+    text = explain(relay, "bob@half.test")
+    lines = text.splitlines()
+    at = lines.index(f"  mx-ee.dane.test[127.0.0.1]:{P} (preference 10)")
+    assert lines[at + 1] == ("    TLS policy: level=halfdane, source=DANE TLSA, "
+                             "match=mx-ee.dane.test:half.plain.test, servername=mx-ee.dane.test")
