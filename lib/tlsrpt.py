@@ -29,6 +29,19 @@ DESCRIPTION
     the domain has no rua, or after MAX_TRIES days of failures; a temporary DNS failure
     keeps it for the next run.
 
+    DKIM: RFC 8460 section 3 wants a mailed report signed with DKIM by the reporting
+    domain (no l= tag; the key record should say s=tlsrpt). postfix-py does not sign it
+    itself, exactly as Postfix's tlsrpt-reporter, which mails through `sendmail -i -t`
+    and leaves signing to the MTA: the report enters through pickup, a local submission
+    like any other, so the signing milter of non_smtpd_milters (OpenDKIM, for example,
+    with the tlsrpt_sender domain among its signing domains) signs it, with the keys and
+    policy that sign the site's other mail; there is no second signer to configure.
+    Without such a milter the reports go out unsigned, and receivers may ignore them
+    (tests/integration/test_tlsrpt_dkim.py proves the route with Debian's OpenDKIM).
+    The message carries "TLS-Required: No" (RFC 8689, as tlsrpt-reporter's): the smtp
+    client then delivers it despite DANE or MTA-STS failures at the report's
+    destination, and does not count that session for TLSRPT (RFC 8460 section 3).
+
 FUNCTIONS AND CLASSES
     classify(offered, tls_active, info, name_matched, require_auth) -> result type or
         "" (success).
@@ -37,7 +50,8 @@ FUNCTIONS AND CLASSES
     policy_dict(kind, domain, text="", mx=()) -> RFC 8460 policy object
     report(day, domain, entries, org, contact, report_id) -> dict (RFC 8460 section 4.4)
     parse_txt(strings) -> rua list or None (no usable record).
-    mail_message(report, domain, org, sender, rcpt, gzipped) -> bytes
+    mail_message(report, domain, org, sender, rcpt, gzipped) -> bytes, with
+        TLS-Report-Domain, TLS-Report-Submitter and TLS-Required: No
     Sender(cfg, resolver, submit, ctx).send_due(today, include_today=False) -> counts
 
 CONFIGURATION PARAMETERS
@@ -45,7 +59,8 @@ CONFIGURATION PARAMETERS
     tlsrpt_organization_name ($myhostname), tlsrpt_contact_info
     (postmaster@$myhostname), tlsrpt_sender (postmaster@$myhostname),
     tlsrpt_https_CAfile (empty: the system's CA bundle), tlsrpt_https_timeout (30s);
-    all but the smtp_tlsrpt_* are postfix-py extensions.
+    all but the smtp_tlsrpt_* are postfix-py extensions. non_smtpd_milters (pickup):
+    the DKIM signer of mailed reports.
 
 SEE ALSO
     smtp/service.py (where sessions are recorded), smtp/mta_sts.py, tools/tlsrpt.py,
@@ -252,6 +267,9 @@ def mail_message(rep: dict, domain: str, org: str, sender: str, rcpt: str,
     m["Message-ID"] = email.utils.make_msgid(domain=sender.rpartition("@")[2] or None)
     m["TLS-Report-Domain"] = domain
     m["TLS-Report-Submitter"] = org
+    # RFC 8460 section 3: delivered despite TLS failures, and not counted in the next
+    # report; RFC 8689's header does both in the smtp client (as tlsrpt-reporter's).
+    m["TLS-Required"] = "No"
     m.set_content(f"This is an aggregate TLS report from {org} for {domain} ({day}).\n")
     data = json.dumps(rep).encode()
     subtype = "tlsrpt+gzip" if gzipped else "tlsrpt+json"

@@ -336,9 +336,10 @@ def _policy_for(ctx, dest, addr, d: session.Delivery, sts=None):
 
 
 def _mta_sts_for(ctx, dest, d: session.Delivery):
-    """The MTA-STS lookup of an MX next hop (None: MTA-STS off, or not an MX delivery)."""
+    """The MTA-STS lookup of an MX next hop (None: MTA-STS off, not an MX delivery, or
+    "TLS-Required: No", which ignores it: RFC 8689, no lookup and nothing for TLSRPT)."""
     sts = ctx.state.get("mta_sts")
-    if sts is None or not dest.mx or dest.unix or dest.numeric:
+    if sts is None or not dest.mx or dest.unix or dest.numeric or d.tls_not_required:
         return None
     found = sts.lookup(dest.host)
     if found.failure:
@@ -398,6 +399,11 @@ def _tlsrpt_session(ctx, dest, addr, policy, sts, sess, sock) -> None:
     """Judge one session for MTA-STS testing mode (logged) and TLSRPT (recorded)."""
     testing = policy.source == mta_sts.SOURCE_TESTING
     if (ctx.state.get("tlsrpt") is None and not testing) or not dest.mx or dest.unix:
+        return
+    if sess.d.tls_not_required:
+        # "TLS-Required: No" ignores the recipient's policies, TLSRPT too (Postfix's
+        # smtp_connect.c): such a session is no policy result (a mailed TLSRPT report
+        # carries the header: RFC 8460 section 3, not counted in the next report).
         return
     result = _tls_outcome(dest, addr, policy, sess)
     if result is None:

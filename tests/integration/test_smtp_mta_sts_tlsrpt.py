@@ -321,6 +321,23 @@ def test_enforce_with_a_certificate_for_another_name_defers(env):
         in log or "Trusted TLS connection established" not in log
 
 
+def test_tls_required_no_ignores_mta_sts_and_tlsrpt(env):
+    """RFC 8689 "TLS-Required: No" (which mailed TLSRPT reports carry): no MTA-STS
+    lookup, delivery despite the certificate, and nothing counted for TLSRPT."""
+    bad = env.sinks["bad"]
+    before = env.inst.cmd("tlsrpt", "show").stdout
+    fetches = env.https.fetches["mismatch.test"]
+    r = env.inst.deliver("sts", f"mismatch.test:{bad.port}", rcpt="bob@mismatch.test",
+                         content=b"Subject: tlsno\nTLS-Required: No\n\nbody\n",
+                         sender="alice@example.org", timeout=60)
+    log = env.inst.log()
+    assert (r.results[0].result, r.results[0].dsn) == ("sent", "2.0.0"), r.results[0].reason
+    assert any(b"Subject: tlsno" in m for m in bad.got)
+    assert env.https.fetches["mismatch.test"] == fetches
+    assert env.inst.cmd("tlsrpt", "show").stdout == before
+    assert "Untrusted TLS connection established to mx.mismatch.test" in log
+
+
 def test_enforce_skips_an_mx_host_that_the_policy_does_not_list(env):
     good = env.sinks["good"]
     before = good.connections

@@ -78,6 +78,7 @@ def test_mail_form():
     assert m.get_content_type() == "multipart/report"
     assert m.get_param("report-type") == "tlsrpt"
     assert m["TLS-Report-Domain"] == "example.com"
+    assert m["TLS-Required"] == "No"        # delivered despite TLS failures (RFC 8460)
     assert " ".join(m["Subject"].split()) == ("Report Domain: example.com Submitter: sender.example "
                             "Report-ID: <r1@sender.example>")
     part = [p for p in m.walk() if p.get_content_type() == "application/tlsrpt+gzip"][0]
