@@ -7,7 +7,10 @@ DESCRIPTION
     Postfix needs an external policy server for MTA-STS; postfix-py does it here, with
     smtp_tls_mta_sts_enable = yes (a postfix-py extension; default no). It applies to
     MX-based deliveries only (a next hop `domain` or `domain:port`, never `[host]`), the
-    policy domain being the next-hop domain, as RFC 8461 section 4 describes.
+    policy domain being the next-hop domain, as RFC 8461 section 4 describes. Hence the
+    smtp client only: the lmtp client never applies it (LMTP does no MX lookups; its
+    next hops are hosts and unix sockets), and warns when an lmtp service sets
+    smtp_tls_mta_sts_enable with -o (smtp/service.py).
 
     Discovery: the TXT record of `_mta-sts.DOMAIN`, exactly one record that starts with
     `v=STSv1`, with an `id` of 1 to 32 letters and digits. Fetch: HTTPS GET of

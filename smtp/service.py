@@ -81,6 +81,11 @@ CONFIGURATION PARAMETERS
     smtp_tlsrpt_enable (no), each session's TLS outcome counted in tlsrpt_database
     (smtp_tlsrpt_skip_reused_handshakes (no): not those that resumed a TLS session).
     Both files are LMDB in data_directory, opened in pre_init, before the chroot.
+    The lmtp client applies neither: RFC 8461 and RFC 8460 are about MX-based SMTP
+    delivery, and LMTP has no MX lookups (its next hops are hosts and unix sockets), as
+    Postfix's lmtp has no TLSRPT ("TLSRPT support is not implemented for LMTP") and no
+    MTA-STS. An lmtp service that sets either parameter with -o in master.cf gets
+    Postfix's warning for TLSRPT, and the like for MTA-STS, and goes on without it.
     smtp_tls_history_database (empty; postfix-py extension): each new connection's TLS
     outcome goes to the next hop's history in tlsmgr, and an unexpected change (plain
     text after TLS, another issuer, a lower status) is a warning (lib/tls_history.py).
@@ -165,6 +170,8 @@ def pre_init(ctx) -> None:
     # MTA-STS and TLSRPT (smtp/mta_sts.py, lib/tlsrpt.py): the smtp client's, not lmtp's.
     st["mta_sts"] = mta_sts.from_config(cfg, st["resolver"].dns) if prefix == "smtp" else None
     st["tlsrpt"] = _tlsrpt_store(cfg) if prefix == "smtp" else None
+    if prefix == "lmtp":
+        _lmtp_ignored(cfg)
     if finder.global_level != "none" or finder.tables_in_use or st["mta_sts"] is not None:
         try:
             st["tls"] = libtls.client_tls(cfg, prefix)
@@ -184,6 +191,18 @@ def pre_init(ctx) -> None:
         msg.fatal(str(exc))
     nexthop.prepare_for_chroot()
     tls_session.missing_symbols()   # loads the bindings the session cache needs
+
+
+def _lmtp_ignored(cfg) -> None:
+    """Warn about an lmtp service's own (-o) MTA-STS or TLSRPT setting: MX-based SMTP
+    only. main.cf's values are the smtp client's and say nothing about lmtp."""
+    own = {name for name in ("smtp_tlsrpt_enable", "smtp_tls_mta_sts_enable")
+           if name in cfg.overrides and cfg[name]}
+    if "smtp_tlsrpt_enable" in own:
+        msg.warn("TLSRPT support is not implemented for LMTP")
+    if "smtp_tls_mta_sts_enable" in own:
+        msg.warn("MTA-STS support is not implemented for LMTP: RFC 8461 applies to "
+                 "MX-based SMTP delivery")
 
 
 def _tlsrpt_store(cfg) -> tlsrpt.Store | None:
