@@ -47,7 +47,8 @@ FUNCTIONS AND CLASSES
         "" (success).
     Store(path, map_size).record(domain, policy, result, sending_ip, mx_host, ip,
         day=None); .days() -> {(day, domain): [entries]}; .delete(day, domain); .close()
-    policy_dict(kind, domain, text="", mx=()) -> RFC 8460 policy object
+    policy_dict(kind, domain, text="", mx=()) -> RFC 8460 policy object (tlsa: text the
+        records, domain the TLSA base domain, as Postfix)
     report(day, domain, entries, org, contact, report_id) -> dict (RFC 8460 section 4.4)
     parse_txt(strings) -> rua list or None (no usable record).
     mail_message(report, domain, org, sender, rcpt, gzipped) -> bytes, with
@@ -100,9 +101,14 @@ STS_FETCH_ERROR = "sts-policy-fetch-error"
 STS_POLICY_INVALID = "sts-policy-invalid"
 STS_WEBPKI_INVALID = "sts-webpki-invalid"
 
-X509_V_ERR_CERT_HAS_EXPIRED = 10
 X509_V_ERR_HOSTNAME_MISMATCH = 62
-_UNTRUSTED = {2, 18, 19, 20, 21, 27}   # no issuer, self-signed, untrusted chain, rejected
+# Postfix's tls_log_verify_error(): expired (and a bad notAfter), CERT_UNTRUSTED, and the
+# errors it reports as validation-failure (self-signed, untrusted issuer, not yet valid,
+# wrong purpose, chain too long); any other error (a DANE mismatch, 65, among them) is
+# smtp_proto.c's certificate-not-trusted.
+_EXPIRED = {10, 14}
+_NOT_TRUSTED = {27}
+_VALIDATION = {18, 19, 20, 9, 13, 26, 22}
 
 MAX_TRIES = 3               # days a report is retried before it is dropped
 MAX_REPORT = 1 << 20        # a receiver's answer to a POST is read up to this size
@@ -118,21 +124,26 @@ def classify(offered: bool, tls_active: bool, info, name_matched: bool,
     if not require_auth:
         return ""
     err = info.verify_error
-    if err == X509_V_ERR_CERT_HAS_EXPIRED:
+    if err in _EXPIRED:
         return EXPIRED
-    if err in _UNTRUSTED:
+    if err in _NOT_TRUSTED:
         return NOT_TRUSTED
+    if err in _VALIDATION:
+        return VALIDATION_FAILURE
     if err == X509_V_ERR_HOSTNAME_MISMATCH or (err == 0 and not name_matched):
         return HOST_MISMATCH
     if err != 0:
-        return VALIDATION_FAILURE
+        return NOT_TRUSTED
     return ""
 
 
 def policy_dict(kind: str, domain: str, text: str = "", mx=()) -> dict:
-    """An RFC 8460 policy object: sts (with the policy's lines and mx), tlsa, or
-    no-policy-found."""
+    """An RFC 8460 policy object: sts (with the policy's lines and mx), tlsa (text: the
+    records, one a line, as Postfix's smtp_tlsrpt_set_dane_policy() writes them:
+    "3 1 1 HEX"; domain: the TLSA base domain), or no-policy-found."""
     out = {"policy-type": kind, "policy-domain": domain}
+    if kind == "tlsa" and text:
+        out["policy-string"] = text.split("\n")
     if kind == "sts":
         out["policy-string"] = [line for line in text.replace("\r\n", "\n").split("\n")
                                 if line.strip()]

@@ -22,12 +22,17 @@ DESCRIPTION
         address records not validated, or no
         TLSA records (NXDOMAIN, NODATA)         dane: may; dane-only: defer
                                                 "no TLSA records found"
-        only unusable TLSA records              dane: encrypt; dane-only: defer
+        only unsupported TLSA records           dane: encrypt; dane-only: defer
                                                 "TLSA records unusable"
         MX RRset not validated (level dane),
         TLSA records found: insecure_mx encrypt encrypt ("Verification not possible,
                                                 MX RRset is insecure")
                             insecure_mx dane    level halfdane, below
+        supported records, none usable (a       dane, halfdane: encrypt, warning "all TLSA
+        disabled digest, a bad length)          records unusable, fallback to
+                                                unauthenticated TLS", the records kept
+                                                for TLSRPT (tlsa-invalid); dane-only:
+                                                defer "TLSA records unusable"
         usable records                          level dane (halfdane), with the records,
                                                 the names a DANE-TA certificate must match
                                                 (the TLSA base domain, then the next-hop
@@ -111,6 +116,7 @@ from ..lib import tls as libtls
 from . import nexthop, tls_policy
 
 SOURCE = "DANE TLSA"
+SOURCE_UNUSABLE = f"{SOURCE} (all TLSA records unusable)"
 USAGE_DANE_TA, USAGE_DANE_EE = 2, 3
 MAX_TLSA = 100                  # records of one RRset looked at (bounded work)
 _DIGEST_LEN = {1: 32, 2: 64}
@@ -320,8 +326,12 @@ def policy_for(policy, dest, addr, resolver, dnssec: bool, digests: dict[int, in
         if level != "dane-only":
             warn(f"{addr.namaddrport}: all TLSA records unusable, fallback to "
                  f"unauthenticated TLS")
-            return dataclasses.replace(policy, level="encrypt",
-                                       source=f"{SOURCE} (all TLSA records unusable)")
+            # As Postfix's tls_client_start(): the records stay for TLSRPT (tlsa-invalid,
+            # policy type tlsa), SNI is still the base domain; nothing is matched.
+            return dataclasses.replace(policy, level="encrypt", tlsa=tuple(found.records),
+                                       matches=match_names(found, addr, dest),
+                                       servername=policy.servername or found.base_domain,
+                                       source=SOURCE_UNUSABLE)
         warn(f"{addr.namaddrport}: all TLSA records unusable")
         return tls_policy.Policy(tls_policy.INVALID, dsn="4.7.5",
                                  reason="TLSA records unusable", source=SOURCE)

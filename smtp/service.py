@@ -376,8 +376,13 @@ def _tlsrpt_policy(dest, policy, sts) -> dict:
     if p is not None and p.mode != "none" and (policy is None or
                                                policy.source.startswith("MTA-STS")):
         return tlsrpt.policy_dict("sts", dest.host, p.text, p.mx)
-    if policy is not None and tls_policy.dane_based(policy.level):
-        return tlsrpt.policy_dict("tlsa", dest.host)
+    if policy is not None and policy.tlsa:     # dane, halfdane, or all records unusable
+        # As Postfix: the records, and the TLSA base domain (the first DANE-TA name);
+        # sorted, since DNS servers rotate an RRset and one policy is one entry.
+        records = "\n".join(sorted(f"{r.usage} {r.selector} {r.mtype} {r.data.hex().upper()}"
+                                    for r in policy.tlsa))
+        return tlsrpt.policy_dict("tlsa", policy.matches[0] if policy.matches else
+                                  dest.host, records)
     return tlsrpt.policy_dict("no-policy-found", dest.host)
 
 
@@ -401,6 +406,9 @@ def _tls_outcome(dest, addr, policy, sess) -> str | None:
         if not sts_policy and not tls_policy.requires_tls(policy.level):
             return None
         return tlsrpt.STARTTLS_NOT_SUPPORTED
+    if policy.source == dane.SOURCE_UNUSABLE:
+        # Postfix's tls_client_start(): "all-TLSA-records-unusable", then encrypt.
+        return tlsrpt.TLSA_INVALID
     info = starter.tls_info
     matched = bool(info and info.peer_matched)
     if info is not None and not matched and sts_policy:

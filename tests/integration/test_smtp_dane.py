@@ -168,6 +168,10 @@ def mta(base, dns):
         "tlsmgr unix - - y 1000? 1 tlsmgr",
         "nodnssec unix - - y - - smtp -o smtp_tls_security_level=dane"
         f" -o smtp_dns_nameservers=127.0.0.1:{dns.resolver_port} -o smtp_tls_loglevel=1",
+        f"danerpt unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
+        " -o smtp_tlsrpt_enable=yes",
+        f"danerpt256 unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
+        " -o smtp_tlsrpt_enable=yes -o tls_dane_digests=sha256",
         f"halfencrypt unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
         " -o smtp_tls_dane_insecure_mx_policy=encrypt",
         f"halfmay unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
@@ -367,6 +371,38 @@ def test_secure_mx_naming_an_unsigned_host_has_no_tlsa(mta, receiver):
     assert established("Untrusted", "mx.plain.test", P) in out.log
     out = deliver_via(mta, "daneonly", f"unsignedmx.dane.test:{P}")
     assert (out.result, out.dsn, out.reason) == ("deferred", "4.7.5", "no TLSA records found")
+
+
+def test_tlsrpt_records_the_tlsa_policy_and_its_outcomes(mta, receiver, certs):
+    """TLSRPT for DANE, as Postfix reports it: policy type tlsa with the records and the
+    TLSA base domain; a record that does not match is certificate-not-trusted."""
+    import json
+    P = receiver.port
+    assert deliver_via(mta, "danerpt", f"ee.dane.test:{P}").result == "sent"
+    assert deliver_via(mta, "danerpt", f"bad.dane.test:{P}").result == "deferred"
+    out = mta.cmd("tlsrpt", "show")
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    [ee] = [v for k, v in shown.items() if k.endswith(" ee.dane.test")]
+    [bad] = [v for k, v in shown.items() if k.endswith(" bad.dane.test")]
+    assert [e["policy"] for e in ee] == [{
+        "policy-type": "tlsa", "policy-domain": "mx-ee.dane.test",
+        "policy-string": sorted([f"3 1 1 {certs.ee_311.upper()}", f"3 1 1 {'00' * 32}"])}]
+    assert (ee[0]["success"], ee[0]["failures"]) == (1, [])
+    assert bad[0]["policy"]["policy-string"] == [f"3 1 1 {'AB' * 32}"]
+    assert bad[0]["success"] == 0
+    [failure] = bad[0]["failures"]
+    assert failure["detail"]["result-type"] == "certificate-not-trusted"
+    assert failure["detail"]["receiving-mx-hostname"] == "mx-bad.dane.test"
+    # All records unusable (sha512 disabled): delivered at encrypt, reported tlsa-invalid.
+    assert deliver_via(mta, "danerpt256", f"sha512.dane.test:{P}").result == "sent"
+    shown = json.loads(mta.cmd("tlsrpt", "show").stdout)
+    [unusable] = [v for k, v in shown.items() if k.endswith(" sha512.dane.test")]
+    assert unusable[0]["policy"] == {"policy-type": "tlsa",
+                                     "policy-domain": "mx-cname.dane.test",
+                                     "policy-string": [f"3 0 2 {certs.ee_302.upper()}"]}
+    assert unusable[0]["success"] == 0
+    assert [f["detail"]["result-type"] for f in unusable[0]["failures"]] == ["tlsa-invalid"]
 
 
 def test_no_tracebacks(mta):
