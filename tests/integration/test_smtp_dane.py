@@ -147,7 +147,8 @@ def dns(base, certs, receiver):
 
 
 @pytest.fixture(scope="module")
-def mta(base, dns):
+def mta(base, dns, receiver):
+    P = receiver.port
     inst = Instance.make(base / "mta")
     common = (f" -o smtp_dns_support_level=dnssec -o smtp_dns_nameservers=127.0.0.1:"
               f"{dns.resolver_port} -o smtp_tls_loglevel=1")
@@ -168,6 +169,9 @@ def mta(base, dns):
         "tlsmgr unix - - y 1000? 1 tlsmgr",
         "nodnssec unix - - y - - smtp -o smtp_tls_security_level=dane"
         f" -o smtp_dns_nameservers=127.0.0.1:{dns.resolver_port} -o smtp_tls_loglevel=1",
+        # dane and dane-only from the policy table, over a global may
+        f"mapdane unix - - y - - smtp -o smtp_tls_security_level=may{common}"
+        f" -o smtp_tls_policy_maps=inline:{{none.dane.test:{P}=dane-only,ee.dane.test:{P}=dane}}",
         f"danerpt unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
         " -o smtp_tlsrpt_enable=yes",
         f"danerpt256 unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
@@ -333,6 +337,19 @@ def test_dane_without_dnssec_lookups_is_may(mta, receiver):
     assert (f"warning: ee.dane.test:{P}: dane configured with dnssec lookups disabled"
             in out.log)
     assert established("Untrusted", "mx-ee.dane.test", P) in out.log
+
+
+def test_policy_table_dane_levels(mta, receiver):
+    P = receiver.port
+    out = deliver_via(mta, "mapdane", f"ee.dane.test:{P}")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert established("Verified", "mx-ee.dane.test", P) in out.log
+    out = deliver_via(mta, "mapdane", f"none.dane.test:{P}")
+    assert (out.result, out.dsn, out.reason) == ("deferred", "4.7.5", "no TLSA records found")
+    # Not in the table: the global may, no TLSA lookup.
+    out = deliver_via(mta, "mapdane", f"ta.dane.test:{P}")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert established("Untrusted", "mx-ta.dane.test", P) in out.log
 
 
 def test_half_dane_insecure_mx_secure_tlsa(mta, receiver, certs):
