@@ -465,6 +465,7 @@ PARAMS: list[Param] = [
     _p("smtp_dns_timeout", "10s", TIME, "time limit of one DNS lookup of the smtp/lmtp client", min=1),
     _p("smtp_dns_support_level", "", STR, "DNS features of the smtp/lmtp client: disabled, enabled, dnssec (DNSSEC status from the resolver's AD bit, needed by the dane levels); empty: enabled", values=("", "disabled", "enabled", "dnssec")),
     _p("smtp_tls_dane_insecure_mx_policy", "dane", STR, "TLS level for an MX host with DNSSEC-validated TLSA records found through an MX RRset that is not validated, at level dane: may (ignore the records), encrypt, dane (enforce them; a match is logged Trusted, not Verified); smtp only", values=("may", "encrypt", "dane")),
+    _p("smtp_tls_force_insecure_host_tlsa_lookup", "no", BOOL, "at the dane levels, look up TLSA records also for a host whose address records are not DNSSEC-validated (they must still validate)"),
     _p("tls_dane_digests", "sha512 sha256", LIST, "DANE TLSA matching types, most preferred first: sha512 (2), sha256 (1)"),
     # --- MTA-STS (RFC 8461, smtp/mta_sts.py) and TLSRPT (RFC 8460, lib/tlsrpt.py) ----
     _p("smtp_tls_mta_sts_enable", "no", BOOL, "postfix-py extension: apply the MTA-STS policies (RFC 8461) of next-hop domains to MX deliveries of the smtp client (never lmtp: no MX lookups)"),

@@ -62,7 +62,13 @@ DESCRIPTION
     dane-only defers.
 
     TLSA records are looked up at _PORT._tcp.HOST, HOST the MX host name (or the CNAME
-    target first when that is secure, as Postfix), PORT the port connected to. Usages
+    target first when that is secure, as Postfix), PORT the port connected to. When the
+    host's address records are not validated there is no TLSA lookup, unless the host
+    name is a CNAME whose own record is validated (then at the host name only; Postfix's
+    qname_secure(), and its warning "DNSSEC status lookup error for NAME: ..." makes it a
+    TLSA lookup error), or smtp_tls_force_insecure_host_tlsa_lookup = yes (host name
+    only; the TLSA RRset must still validate, e.g. in a child zone with its own trust
+    anchor). Usages
     DANE-TA(2) and DANE-EE(3) are used; PKIX-TA(0) and PKIX-EE(1) are ignored with
     Postfix's warning (they do not apply to SMTP), as is the private-use matching
     type 255. Selectors 0 (certificate) and 1 (SubjectPublicKeyInfo) and matching types
@@ -82,9 +88,9 @@ FUNCTIONS
     Tlsa(usage, selector, mtype, data); .text() as Postfix logs a record.
     parse_digests(items, warn) -> {mtype: preference} (higher is preferred; 0 is full).
     tlsa_qname(host, port) -> "_25._tcp.mx.example.com"
-    lookup(resolver, addr, port, warn) -> TlsaResult
-    policy_for(policy, dest, addr, resolver, dnssec, digests, warn, insecure_mx="dane")
-        -> tls_policy.Policy:
+    lookup(resolver, addr, port, warn, force=False) -> TlsaResult
+    policy_for(policy, dest, addr, resolver, dnssec, digests, warn, insecure_mx="dane",
+        force_tlsa=False) -> tls_policy.Policy:
         source "DANE TLSA" with records; "DANE TLSA (why)" after a downgrade (why: "no
         TLSA records found", "non DNSSEC destination", ...), for `tls explain`.
     match_names(found, addr, dest) -> names for DANE-TA certificates
@@ -93,7 +99,8 @@ FUNCTIONS
 
 CONFIGURATION PARAMETERS
     smtp_dns_support_level (empty: enabled), tls_dane_digests (sha512 sha256),
-    smtp_tls_dane_insecure_mx_policy (dane; smtp only), smtp_tls_security_level and
+    smtp_tls_dane_insecure_mx_policy (dane; smtp only),
+    smtp_tls_force_insecure_host_tlsa_lookup (no), smtp_tls_security_level and
     smtp_tls_policy_maps (the levels dane and dane-only).
 
 SEE ALSO
@@ -223,14 +230,36 @@ def _parse_rrset(answer, owner: str, warn) -> list[Tlsa]:
     return out
 
 
-def lookup(resolver, addr, port: int, warn=msg.warn) -> TlsaResult:
-    """The TLSA records of one server (Postfix's tls_dane_resolve)."""
-    if not addr.dnssec:
-        # Host in an unsigned zone: no TLSA lookup at all (Postfix's default).
-        return TlsaResult("notfound", addr.name)
-    names = [addr.name]
-    if addr.rname and addr.rname.lower() != addr.name.lower():
-        names.insert(0, addr.rname)         # the CNAME target first (it is secure)
+def _qname_secure(resolver, qname: str, warn) -> bool | None:
+    """Whether the CNAME record at qname is DNSSEC-validated (Postfix's qname_secure());
+    None, with Postfix's warning, when that cannot be told."""
+    answer, kind, secure = resolver.lookup(qname, "CNAME")
+    if kind == "ok":
+        return secure
+    why = "no longer a CNAME" if kind in ("nodata", "nxdomain") else \
+        nexthop._dns_why("again", qname, "CNAME").reason
+    warn(f"DNSSEC status lookup error for {qname}: {why}")
+    return None
+
+
+def lookup(resolver, addr, port: int, warn=msg.warn, force: bool = False) -> TlsaResult:
+    """The TLSA records of one server (Postfix's tls_dane_resolve). force:
+    smtp_tls_force_insecure_host_tlsa_lookup."""
+    cname = bool(addr.rname) and addr.rname.lower() != addr.name.lower()
+    if addr.dnssec:
+        # The CNAME target first (its address records are secure), then the MX name.
+        names = [addr.rname, addr.name] if cname else [addr.name]
+    else:
+        # Address records in an unsigned zone: no TLSA lookup (Postfix's default), unless
+        # forced, or the host name is a validated CNAME (then at that name only).
+        if not force and cname:
+            secure = _qname_secure(resolver, addr.name, warn)
+            if secure is None:
+                return TlsaResult("error", addr.name, why="DNSSEC status lookup error")
+            force = secure
+        if not force:
+            return TlsaResult("notfound", addr.name)
+        names = [addr.name]
     result = TlsaResult("notfound", addr.name)
     for host in names:
         qname = tlsa_qname(host, port)
@@ -277,9 +306,10 @@ INSECURE_MX_POLICIES = ("may", "encrypt", "dane")
 
 
 def policy_for(policy, dest, addr, resolver, dnssec: bool, digests: dict[int, int],
-               warn=msg.warn, insecure_mx: str = "dane"):
+               warn=msg.warn, insecure_mx: str = "dane", force_tlsa: bool = False):
     """The policy for one server at level dane or dane-only (Postfix's dane_init).
-    insecure_mx: smtp_tls_dane_insecure_mx_policy (may, encrypt or dane)."""
+    insecure_mx: smtp_tls_dane_insecure_mx_policy (may, encrypt or dane); force_tlsa:
+    smtp_tls_force_insecure_host_tlsa_lookup."""
     level = policy.level
 
     def incompat(kind: str, text: str):
@@ -308,7 +338,7 @@ def policy_for(policy, dest, addr, resolver, dnssec: bool, digests: dict[int, in
     insecure = addr.mx_dnssec is False
     if insecure and (level == "dane-only" or insecure_mx == "may"):
         return incompat("dest", "non DNSSEC destination")
-    found = lookup(resolver, addr, dest.port, warn)
+    found = lookup(resolver, addr, dest.port, warn, force_tlsa)
     if found.status == "error":
         return tls_policy.Policy(tls_policy.INVALID, dsn="4.7.5",
                                  reason=f"TLSA lookup error for {addr.name}:{dest.port}",

@@ -69,7 +69,7 @@ CONFIGURATION PARAMETERS
     dane-only TLS levels need: smtp/dane.py), tls_dane_digests (sha512 sha256),
     smtp_tls_dane_insecure_mx_policy (dane: TLSA records of an MX host found through
     an insecure MX RRset are enforced, the peer logged "Trusted"; smtp/dane.py; the
-    smtp client only, as Postfix).
+    smtp client only, as Postfix), smtp_tls_force_insecure_host_tlsa_lookup (no).
     requiretls_enable (yes): a message received with MAIL FROM ... REQUIRETLS goes only
     to a server with a matched certificate that announces REQUIRETLS (smtp/session.py);
     tls_required_enable (yes): with a "TLS-Required: No" header (and no REQUIRETLS) the
@@ -321,7 +321,8 @@ def _policy_for(ctx, dest, addr, d: session.Delivery, sts=None):
     if policy.level in ("dane", "dane-only") and not d.tls_not_required:
         resolver = st["resolver"]
         policy = dane.policy_for(policy, dest, addr, resolver, resolver.dnssec,
-                                 st["dane_digests"], insecure_mx=st["insecure_mx"])
+                                 st["dane_digests"], insecure_mx=st["insecure_mx"],
+                                 force_tlsa=ctx.cfg["smtp_tls_force_insecure_host_tlsa_lookup"])
     if not policy.valid:
         msg.warn(f"TLS policy lookup for {dest.text}/{addr.name}: {policy.reason}")
         d.why = (policy.dsn, policy.reason)

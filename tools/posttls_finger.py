@@ -23,6 +23,8 @@ OPTIONS (Postfix's)
     -c              no SMTP chat logging: only TLS information is printed
     -C              print the server's certificate chain, with digests, in PEM
     -d mdalg        digest of fingerprints (default: $smtp_tls_fingerprint_digest)
+    -f              look up TLSA records also for hosts in unsigned zones
+                    (smtp_tls_force_insecure_host_tlsa_lookup)
     -F CAfile       trusted CAs (default: none, so nothing is trusted)
     -g grade        minimum cipher grade (default: medium)
     -h host_lookup  dns (default), native, or "dns, native"
@@ -48,7 +50,7 @@ OPTIONS (Postfix's)
     -w              TLS wrapper mode (SMTPS, port 465)
     match ...       names to match at verify/secure (default: hostname; nexthop,
                     dot-nexthop), fingerprints at the fingerprint level
-    Not supported: -A (trust anchors), -f, -R (SRV), -x, -X.
+    Not supported: -A (trust anchors), -R (SRV), -x, -X.
 
 DANE
     At the dane and dane-only levels (dane is the default, as Postfix's) lookups ask
@@ -88,15 +90,15 @@ from ..lib.smtpio import SmtpStream, StreamEOF, StreamTimeout
 from ..smtp import dane, nexthop, session, tls, tls_policy
 
 PROG = "posttls-finger"
-USAGE = (f"usage: {PROG} [-acCSvw] [-t conn_tmout] [-T cmd_tmout] [-L logopts] \\\n"
+USAGE = (f"usage: {PROG} [-acCfSvw] [-t conn_tmout] [-T cmd_tmout] [-L logopts] \\\n"
          "\t[-h host_lookup] [-l level] [-d mdalg] [-g grade] [-p protocols] \\\n"
          "\t[-F CAfile.pem] [-P CApath/] [-s servername] \\\n"
          "\t[ [-H chainfiles] | [-k certfile [-K keyfile]] ] \\\n"
          "\t[-m count] [-M insecure_mx_policy] [-r delay] [-o name=value] \\\n"
          "\tdestination [match ...]\n")
 WITH_ARG = set("adFghHkKlLmMopPrstT")
-FLAGS = set("cCSvw")
-UNSUPPORTED = {"A": True, "f": False, "R": False, "x": False, "X": False}
+FLAGS = set("cCfSvw")
+UNSUPPORTED = {"A": True, "R": False, "x": False, "X": False}
 LOGOPTS = {"0": set(), "none": set(),
            "1": {"summary"}, "routine": {"summary"}, "summary": {"summary"},
            "2": {"summary", "debug", "cache", "verbose", "certmatch", "peercert"},
@@ -373,7 +375,7 @@ class Finger:
             out("MX RRset is insecure: try to encrypt")
             return tls_policy.Policy("may")
         log = out if "dane" in self.mask else (lambda text: None)
-        found = dane.lookup(self.resolver, addr, self.dest.port, warn)
+        found = dane.lookup(self.resolver, addr, self.dest.port, warn, bool(self.opts.get("f")))
         if found.status == "error":
             out(f"TLSA lookup error for {addr.name}:{self.dest.port}")
             return None

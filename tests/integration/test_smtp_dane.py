@@ -132,12 +132,22 @@ def dns(base, certs, receiver):
     stack = dnssec.DnssecStack(base / "dns")
     # Half-dane: a validated MX RRset naming an unvalidated host ...
     zone.append("unsignedmx.dane.test. MX 10 mx.plain.test.")
+    # A validated CNAME to an unvalidated host: TLSA records at the CNAME's owner count
+    # (Postfix's qname_secure()); and an unvalidated host whose TLSA records are in a
+    # signed child zone with its own trust anchor (smtp_tls_force_insecure_host_tlsa_lookup).
+    zone += ["cnamesec.dane.test. MX 10 host-cname.dane.test.",
+             "host-cname.dane.test. CNAME mx.plain.test.",
+             f"_{P}._tcp.host-cname.dane.test. TLSA 3 1 1 {certs.ee_311}",
+             "forced.dane.test. MX 10 mx-forced.plain.test."]
     stack.add_zone("dane.test", zone, tamper=[f"_{P}._tcp.mx-bogus.dane.test."])
+    stack.add_zone("_tcp.mx-forced.plain.test",
+                   [f"_{P}._tcp.mx-forced.plain.test. TLSA 3 1 1 {certs.ee_311}"])
     # ... and unvalidated MX RRsets naming hosts with validated TLSA records.
     stack.add_zone("plain.test", ["plain.test. MX 10 mx.plain.test.",
                                   "mx.plain.test. A 127.0.0.1",
                                   "half.plain.test. MX 10 mx-ee.dane.test.",
-                                  "halfbad.plain.test. MX 10 mx-bad.dane.test."],
+                                  "halfbad.plain.test. MX 10 mx-bad.dane.test.",
+                                  "mx-forced.plain.test. A 127.0.0.1"],
                    signed=False)
     try:
         stack.start()
@@ -176,6 +186,8 @@ def mta(base, dns, receiver):
         " -o smtp_tlsrpt_enable=yes",
         f"danerpt256 unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
         " -o smtp_tlsrpt_enable=yes -o tls_dane_digests=sha256",
+        f"forcetlsa unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
+        " -o smtp_tls_force_insecure_host_tlsa_lookup=yes",
         f"halfencrypt unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
         " -o smtp_tls_dane_insecure_mx_policy=encrypt",
         f"halfmay unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
@@ -420,6 +432,36 @@ def test_tlsrpt_records_the_tlsa_policy_and_its_outcomes(mta, receiver, certs):
                                      "policy-string": [f"3 0 2 {certs.ee_302.upper()}"]}
     assert unusable[0]["success"] == 0
     assert [f["detail"]["result-type"] for f in unusable[0]["failures"]] == ["tlsa-invalid"]
+
+
+def test_validated_cname_to_an_unsigned_host(mta, receiver):
+    """The MX host name is a validated CNAME into an unsigned zone: its TLSA records,
+    at the CNAME's own name, apply (Postfix's tls_dane_resolve)."""
+    P = receiver.port
+    out = deliver_via(mta, "danelog2", f"cnamesec.dane.test:{P}")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert established("Verified", "host-cname.dane.test", P) in out.log
+    assert "Matched DANE EE certificate at depth 0" in out.log
+
+
+def test_forced_tlsa_lookup_for_an_unsigned_host(mta, receiver):
+    P = receiver.port
+    # By default no TLSA lookup for a host in an unsigned zone: may.
+    out = deliver_via(mta, "dane", f"forced.dane.test:{P}")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert established("Untrusted", "mx-forced.plain.test", P) in out.log
+    # Forced: the records of the signed child zone are found and enforced.
+    out = deliver_via(mta, "forcetlsa", f"forced.dane.test:{P}")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert established("Verified", "mx-forced.plain.test", P) in out.log
+
+
+def test_posttls_finger_forced_tlsa_lookup(dns, receiver):
+    P = receiver.port
+    text = finger(dns, f"forced.dane.test:{P}")
+    assert f"posttls-finger: {established('Untrusted', 'mx-forced.plain.test', P)}" in text
+    text = finger(dns, "-f", f"forced.dane.test:{P}")
+    assert f"posttls-finger: {established('Verified', 'mx-forced.plain.test', P)}" in text
 
 
 def test_no_tracebacks(mta):

@@ -194,3 +194,58 @@ def test_secure_mx_insecure_host_is_no_tlsa():
     assert asked == []
     got, _, _ = _policy_for("dane-only", True, addr_dnssec=False)
     assert (got.level, got.reason) == ("invalid", "no TLSA records found")
+
+
+class _CnameResolver(_Resolver):
+    """A TLSA RRset, and the CNAME record of the host name (kind, secure)."""
+
+    def __init__(self, records, cname=("ok", True)):
+        super().__init__(records)
+        self.cname = cname
+
+    def lookup(self, name, rdtype):
+        if rdtype == "CNAME":
+            self.asked.append((name, rdtype))
+            kind, secure = self.cname
+            return (object() if kind == "ok" else None), kind, secure
+        return super().lookup(name, rdtype)
+
+
+def _addr(dnssec, rname=""):
+    from postfix_py.smtp import nexthop
+    return nexthop.Address("mx.example.net", "192.0.2.1", 25, 10, dnssec=dnssec,
+                           mx_dnssec=True, rname=rname)
+
+
+def test_lookup_names_as_tls_dane_resolve():
+    rec = (dane.Tlsa(3, 1, 1, b"\1" * 32),)
+    # Secure addresses behind a CNAME: the target first.
+    r = _Resolver(rec)
+    found = dane.lookup(r, _addr(True, "host.example.org"), 25, lambda w: None)
+    assert (found.status, found.base_domain) == ("ok", "host.example.org")
+    assert r.asked == [("_25._tcp.host.example.org", "TLSA")]
+    # Insecure addresses behind a validated CNAME: the MX name only.
+    r = _CnameResolver(rec)
+    found = dane.lookup(r, _addr(False, "host.unsigned.example"), 25, lambda w: None)
+    assert (found.status, found.base_domain) == ("ok", "mx.example.net")
+    assert r.asked == [("mx.example.net", "CNAME"), ("_25._tcp.mx.example.net", "TLSA")]
+    # ... behind an unvalidated CNAME: nothing.
+    r = _CnameResolver(rec, ("ok", False))
+    assert dane.lookup(r, _addr(False, "host.unsigned.example"), 25).status == "notfound"
+    assert r.asked == [("mx.example.net", "CNAME")]
+    # ... when the CNAME is gone or cannot be looked up: an error, Postfix's warning.
+    for kind, why in (("nodata", "no longer a CNAME"), ("again", "try again")):
+        warnings = []
+        r = _CnameResolver(rec, (kind, False))
+        assert dane.lookup(r, _addr(False, "h.unsigned.example"), 25,
+                           warnings.append).status == "error"
+        assert warnings[0].startswith("DNSSEC status lookup error for mx.example.net: ")
+        assert warnings[0].endswith(why)
+    # No CNAME, insecure addresses: no lookup, unless forced.
+    r = _Resolver(rec)
+    assert dane.lookup(r, _addr(False), 25).status == "notfound" and r.asked == []
+    found = dane.lookup(r, _addr(False), 25, force=True)
+    assert found.status == "ok" and r.asked == [("_25._tcp.mx.example.net", "TLSA")]
+    # Forced, but the TLSA RRset itself is not validated: nothing.
+    r = _Resolver(rec, secure=False)
+    assert dane.lookup(r, _addr(False), 25, force=True).status == "notfound"
