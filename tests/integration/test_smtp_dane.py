@@ -67,8 +67,11 @@ def certs(base):
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
     spki = leaf_cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    ca_file = d / "ca.pem"
+    ca_file.write_bytes(ca.cert_pem.bytes())
+    os.chmod(ca_file, 0o644)
     return SimpleNamespace(
-        chain=chain,
+        chain=chain, ca=ca, ca_file=ca_file,
         ee_311=hashlib.sha256(spki).hexdigest(),
         ee_302=hashlib.sha512(leaf_cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
         ta_201=hashlib.sha256(ca_cert.public_bytes(serialization.Encoding.DER)).hexdigest())
@@ -138,7 +141,9 @@ def dns(base, certs, receiver):
     zone += ["cnamesec.dane.test. MX 10 host-cname.dane.test.",
              "host-cname.dane.test. CNAME mx.plain.test.",
              f"_{P}._tcp.host-cname.dane.test. TLSA 3 1 1 {certs.ee_311}",
-             "forced.dane.test. MX 10 mx-forced.plain.test."]
+             "forced.dane.test. MX 10 mx-forced.plain.test.",
+             # MTA-STS beside DANE (the policies: STS_POLICIES)
+             '_mta-sts.ee.dane.test. TXT "v=STSv1; id=1"', "mta-sts.ee.dane.test. A 127.0.0.1"]
     stack.add_zone("dane.test", zone, tamper=[f"_{P}._tcp.mx-bogus.dane.test."])
     stack.add_zone("_tcp.mx-forced.plain.test",
                    [f"_{P}._tcp.mx-forced.plain.test. TLSA 3 1 1 {certs.ee_311}"])
@@ -147,7 +152,11 @@ def dns(base, certs, receiver):
                                   "mx.plain.test. A 127.0.0.1",
                                   "half.plain.test. MX 10 mx-ee.dane.test.",
                                   "halfbad.plain.test. MX 10 mx-bad.dane.test.",
-                                  "mx-forced.plain.test. A 127.0.0.1"],
+                                  "mx-forced.plain.test. A 127.0.0.1",
+                                  "halfok.plain.test. MX 10 mx-ee.dane.test.",
+                                  *(line for d in ("half", "halfok") for line in (
+                                      f'_mta-sts.{d}.plain.test. TXT "v=STSv1; id=1"',
+                                      f"mta-sts.{d}.plain.test. A 127.0.0.1"))],
                    signed=False)
     try:
         stack.start()
@@ -156,8 +165,52 @@ def dns(base, certs, receiver):
         stack.stop()
 
 
+# Enforced MTA-STS policies that list no MX host of the domain, but one.
+STS_POLICIES = {d: f"version: STSv1\nmode: enforce\nmx: {mx}\nmax_age: 86400\n"
+                for d, mx in (("ee.dane.test", "nowhere.example"),
+                              ("half.plain.test", "nowhere.example"),
+                              ("halfok.plain.test", "mx-ee.dane.test"))}
+
+
 @pytest.fixture(scope="module")
-def mta(base, dns, receiver):
+def sts_https(certs):
+    """The policy server of STS_POLICIES (by Host header), on a free port."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    certs.ca.issue_cert(*(f"mta-sts.{d}" for d in STS_POLICIES)).configure_cert(ctx)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            domain = (self.headers.get("Host") or "").split(":")[0].removeprefix("mta-sts.")
+            body = STS_POLICIES.get(domain)
+            if self.path != "/.well-known/mta-sts.txt" or body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def mta(base, dns, receiver, certs, sts_https):
     P = receiver.port
     inst = Instance.make(base / "mta")
     common = (f" -o smtp_dns_support_level=dnssec -o smtp_dns_nameservers=127.0.0.1:"
@@ -186,6 +239,9 @@ def mta(base, dns, receiver):
         " -o smtp_tlsrpt_enable=yes",
         f"danerpt256 unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
         " -o smtp_tlsrpt_enable=yes -o tls_dane_digests=sha256",
+        f"danests unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
+        f" -o smtp_tls_mta_sts_enable=yes -o smtp_tls_mta_sts_CAfile={certs.ca_file}"
+        f" -o smtp_tls_mta_sts_https_port={sts_https}",
         f"forcetlsa unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
         " -o smtp_tls_force_insecure_host_tlsa_lookup=yes",
         f"halfencrypt unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
@@ -462,6 +518,27 @@ def test_posttls_finger_forced_tlsa_lookup(dns, receiver):
     assert f"posttls-finger: {established('Untrusted', 'mx-forced.plain.test', P)}" in text
     text = finger(dns, "-f", f"forced.dane.test:{P}")
     assert f"posttls-finger: {established('Verified', 'mx-forced.plain.test', P)}" in text
+
+
+def test_mta_sts_beside_dane(mta, receiver):
+    """DANE wins over an enforced MTA-STS policy (RFC 8461 section 2); at half-dane the
+    insecure MX name must match the policy, and the TLSA records still decide."""
+    P = receiver.port
+    out = deliver_via(mta, "danests", f"ee.dane.test:{P}")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert "MTA-STS policy for ee.dane.test: mode enforce, id 1" in out.log
+    assert "does not match STS MX pattern" not in out.log
+    assert established("Verified", "mx-ee.dane.test", P) in out.log
+    out = deliver_via(mta, "danests", f"half.plain.test:{P}", recipient="bob@plain.test")
+    assert (out.result, out.dsn, out.reason) == (
+        "deferred", "4.7.5",
+        "MX host mx-ee.dane.test does not match the MTA-STS policy of half.plain.test")
+    assert ("warning: MX name 'mx-ee.dane.test' does not match STS MX pattern for "
+            "'half.plain.test'") in out.log
+    # Listed: still half-dane (the test CA is in no CAfile: "verify" would defer).
+    out = deliver_via(mta, "danests", f"halfok.plain.test:{P}", recipient="bob@plain.test")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert established("Trusted", "mx-ee.dane.test", P) in out.log
 
 
 def test_no_tracebacks(mta):
