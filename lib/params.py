@@ -45,6 +45,9 @@ DEVIATIONS
     (postscreen_dnsbl_whitelist_threshold, postscreen_dnsbl_ttl, smtpd_per_record_deadline)
     that Postfix's defaults refer to. postscreen_forbidden_commands: CONNECT GET POST
     (Postfix 3.7's smtpd_forbidden_commands, which postfix-py's smtpd does not have).
+    smtp_tls_dane_insecure_mx_policy: dane, the default of Postfix 3.7.13, 3.8.8, 3.9.2
+    and 3.10 (earlier 3.7 releases wrote a default that depends on
+    smtp_tls_security_level, which Postfix's documentation calls a mistake).
 """
 
 from __future__ import annotations
@@ -461,14 +464,16 @@ PARAMS: list[Param] = [
     _p("smtp_dns_nameservers", "", LIST, "DNS servers for MX and address lookups (address, address:port or [address]:port); empty: the system's resolv.conf, read before the chroot"),
     _p("smtp_dns_timeout", "10s", TIME, "time limit of one DNS lookup of the smtp/lmtp client", min=1),
     _p("smtp_dns_support_level", "", STR, "DNS features of the smtp/lmtp client: disabled, enabled, dnssec (DNSSEC status from the resolver's AD bit, needed by the dane levels); empty: enabled", values=("", "disabled", "enabled", "dnssec")),
+    _p("smtp_tls_dane_insecure_mx_policy", "dane", STR, "TLS level for an MX host with DNSSEC-validated TLSA records found through an MX RRset that is not validated, at level dane: may (ignore the records), encrypt, dane (enforce them; a match is logged Trusted, not Verified); smtp only", values=("may", "encrypt", "dane")),
+    _p("smtp_tls_force_insecure_host_tlsa_lookup", "no", BOOL, "at the dane levels, look up TLSA records also for a host whose address records are not DNSSEC-validated (they must still validate)"),
     _p("tls_dane_digests", "sha512 sha256", LIST, "DANE TLSA matching types, most preferred first: sha512 (2), sha256 (1)"),
     # --- MTA-STS (RFC 8461, smtp/mta_sts.py) and TLSRPT (RFC 8460, lib/tlsrpt.py) ----
-    _p("smtp_tls_mta_sts_enable", "no", BOOL, "postfix-py extension: apply the MTA-STS policies (RFC 8461) of next-hop domains to MX deliveries"),
+    _p("smtp_tls_mta_sts_enable", "no", BOOL, "postfix-py extension: apply the MTA-STS policies (RFC 8461) of next-hop domains to MX deliveries of the smtp client (never lmtp: no MX lookups)"),
     _p("smtp_tls_mta_sts_CAfile", "", STR, "postfix-py extension: CA certificates that authenticate MTA-STS policy servers (empty: the system's bundle), read before chroot"),
     _p("smtp_tls_mta_sts_cache", "${data_directory}/mta_sts_cache.lmdb", STR, "postfix-py extension: the MTA-STS policy cache, an LMDB file outside the jail (empty: no cache)"),
     _p("smtp_tls_mta_sts_fetch_timeout", "10s", TIME, "postfix-py extension: time limit of an MTA-STS policy fetch", min=1, max=300),
     _p("smtp_tls_mta_sts_https_port", "443", INT, "postfix-py extension: port of MTA-STS policy servers (RFC 8461 says 443; other values are for tests)", min=1, max=65535),
-    _p("smtp_tlsrpt_enable", "no", BOOL, "record outbound TLS outcomes for TLSRPT (RFC 8460) reports (Postfix 3.10; reports sent by postfix-py tlsrpt send)"),
+    _p("smtp_tlsrpt_enable", "no", BOOL, "record outbound TLS outcomes for TLSRPT (RFC 8460) reports (Postfix 3.10; reports sent by postfix-py tlsrpt send); smtp client only, not lmtp, as Postfix"),
     _p("smtp_tlsrpt_skip_reused_handshakes", "no", BOOL, "with TLSRPT, count only sessions that did a full TLS handshake (Postfix 3.11's default; 3.10's was yes)"),
     _p("tlsrpt_database", "${data_directory}/tlsrpt.lmdb", STR, "postfix-py extension: the TLSRPT outcome store, an LMDB file outside the jail"),
     _p("tlsrpt_organization_name", "$myhostname", STR, "postfix-py extension: organization-name of TLSRPT reports"),

@@ -1553,6 +1553,9 @@ class TLSInfo:
     verify_error_text: str = ""     # OpenSSL's text for it
     verify_error_depth: int = -1
     verify_error_issuer: str = ""   # issuer (oneline) of the certificate that failed
+    # A match that satisfies the policy but is logged "Trusted" (the smtp client's
+    # half-dane level: Postfix's TLS_NEVER_SECURED, no TLS_CERT_FLAG_SECURED).
+    never_secured: bool = False
 
     @property
     def peer_verified(self) -> bool:
@@ -1564,7 +1567,7 @@ class TLSInfo:
         """Anonymous, Untrusted, Trusted or Verified, as in Postfix's summary line."""
         if not self.peer_cert_present:
             return "Anonymous"
-        if self.peer_verified:
+        if self.peer_verified and not self.never_secured:
             return "Verified"
         return "Trusted" if self.peer_trusted else "Untrusted"
 

@@ -29,15 +29,30 @@ DESCRIPTION
     the domain has no rua, or after MAX_TRIES days of failures; a temporary DNS failure
     keeps it for the next run.
 
+    DKIM: RFC 8460 section 3 wants a mailed report signed with DKIM by the reporting
+    domain (no l= tag; the key record should say s=tlsrpt). postfix-py does not sign it
+    itself, exactly as Postfix's tlsrpt-reporter, which mails through `sendmail -i -t`
+    and leaves signing to the MTA: the report enters through pickup, a local submission
+    like any other, so the signing milter of non_smtpd_milters (OpenDKIM, for example,
+    with the tlsrpt_sender domain among its signing domains) signs it, with the keys and
+    policy that sign the site's other mail; there is no second signer to configure.
+    Without such a milter the reports go out unsigned, and receivers may ignore them
+    (tests/integration/test_tlsrpt_dkim.py proves the route with Debian's OpenDKIM).
+    The message carries "TLS-Required: No" (RFC 8689, as tlsrpt-reporter's): the smtp
+    client then delivers it despite DANE or MTA-STS failures at the report's
+    destination, and does not count that session for TLSRPT (RFC 8460 section 3).
+
 FUNCTIONS AND CLASSES
     classify(offered, tls_active, info, name_matched, require_auth) -> result type or
         "" (success).
     Store(path, map_size).record(domain, policy, result, sending_ip, mx_host, ip,
         day=None); .days() -> {(day, domain): [entries]}; .delete(day, domain); .close()
-    policy_dict(kind, domain, text="", mx=()) -> RFC 8460 policy object
+    policy_dict(kind, domain, text="", mx=()) -> RFC 8460 policy object (tlsa: text the
+        records, domain the TLSA base domain, as Postfix)
     report(day, domain, entries, org, contact, report_id) -> dict (RFC 8460 section 4.4)
     parse_txt(strings) -> rua list or None (no usable record).
-    mail_message(report, domain, org, sender, rcpt, gzipped) -> bytes
+    mail_message(report, domain, org, sender, rcpt, gzipped) -> bytes, with
+        TLS-Report-Domain, TLS-Report-Submitter and TLS-Required: No
     Sender(cfg, resolver, submit, ctx).send_due(today, include_today=False) -> counts
 
 CONFIGURATION PARAMETERS
@@ -45,7 +60,8 @@ CONFIGURATION PARAMETERS
     tlsrpt_organization_name ($myhostname), tlsrpt_contact_info
     (postmaster@$myhostname), tlsrpt_sender (postmaster@$myhostname),
     tlsrpt_https_CAfile (empty: the system's CA bundle), tlsrpt_https_timeout (30s);
-    all but the smtp_tlsrpt_* are postfix-py extensions.
+    all but the smtp_tlsrpt_* are postfix-py extensions. non_smtpd_milters (pickup):
+    the DKIM signer of mailed reports.
 
 SEE ALSO
     smtp/service.py (where sessions are recorded), smtp/mta_sts.py, tools/tlsrpt.py,
@@ -85,9 +101,14 @@ STS_FETCH_ERROR = "sts-policy-fetch-error"
 STS_POLICY_INVALID = "sts-policy-invalid"
 STS_WEBPKI_INVALID = "sts-webpki-invalid"
 
-X509_V_ERR_CERT_HAS_EXPIRED = 10
 X509_V_ERR_HOSTNAME_MISMATCH = 62
-_UNTRUSTED = {2, 18, 19, 20, 21, 27}   # no issuer, self-signed, untrusted chain, rejected
+# Postfix's tls_log_verify_error(): expired (and a bad notAfter), CERT_UNTRUSTED, and the
+# errors it reports as validation-failure (self-signed, untrusted issuer, not yet valid,
+# wrong purpose, chain too long); any other error (a DANE mismatch, 65, among them) is
+# smtp_proto.c's certificate-not-trusted.
+_EXPIRED = {10, 14}
+_NOT_TRUSTED = {27}
+_VALIDATION = {18, 19, 20, 9, 13, 26, 22}
 
 MAX_TRIES = 3               # days a report is retried before it is dropped
 MAX_REPORT = 1 << 20        # a receiver's answer to a POST is read up to this size
@@ -103,21 +124,26 @@ def classify(offered: bool, tls_active: bool, info, name_matched: bool,
     if not require_auth:
         return ""
     err = info.verify_error
-    if err == X509_V_ERR_CERT_HAS_EXPIRED:
+    if err in _EXPIRED:
         return EXPIRED
-    if err in _UNTRUSTED:
+    if err in _NOT_TRUSTED:
         return NOT_TRUSTED
+    if err in _VALIDATION:
+        return VALIDATION_FAILURE
     if err == X509_V_ERR_HOSTNAME_MISMATCH or (err == 0 and not name_matched):
         return HOST_MISMATCH
     if err != 0:
-        return VALIDATION_FAILURE
+        return NOT_TRUSTED
     return ""
 
 
 def policy_dict(kind: str, domain: str, text: str = "", mx=()) -> dict:
-    """An RFC 8460 policy object: sts (with the policy's lines and mx), tlsa, or
-    no-policy-found."""
+    """An RFC 8460 policy object: sts (with the policy's lines and mx), tlsa (text: the
+    records, one a line, as Postfix's smtp_tlsrpt_set_dane_policy() writes them:
+    "3 1 1 HEX"; domain: the TLSA base domain), or no-policy-found."""
     out = {"policy-type": kind, "policy-domain": domain}
+    if kind == "tlsa" and text:
+        out["policy-string"] = text.split("\n")
     if kind == "sts":
         out["policy-string"] = [line for line in text.replace("\r\n", "\n").split("\n")
                                 if line.strip()]
@@ -252,6 +278,9 @@ def mail_message(rep: dict, domain: str, org: str, sender: str, rcpt: str,
     m["Message-ID"] = email.utils.make_msgid(domain=sender.rpartition("@")[2] or None)
     m["TLS-Report-Domain"] = domain
     m["TLS-Report-Submitter"] = org
+    # RFC 8460 section 3: delivered despite TLS failures, and not counted in the next
+    # report; RFC 8689's header does both in the smtp client (as tlsrpt-reporter's).
+    m["TLS-Required"] = "No"
     m.set_content(f"This is an aggregate TLS report from {org} for {domain} ({day}).\n")
     data = json.dumps(rep).encode()
     subtype = "tlsrpt+gzip" if gzipped else "tlsrpt+json"

@@ -13,7 +13,8 @@ DESCRIPTION
     of one server (level dane or dane-only), in this order:
         unix-domain destination                 invalid (warning)
         DNSSEC lookups disabled                 dane: may (warning); dane-only: invalid
-        MX RRset not validated                  dane: may; dane-only: defer 4.7.5
+        MX RRset not validated, at dane-only
+        or with insecure_mx may                 dane: may; dane-only: defer 4.7.5
                                                 "non DNSSEC destination"
         TLSA lookup fails (SERVFAIL: bogus)     defer 4.7.5 "TLSA lookup error for
                                                 host:port" (warning "DANE TLSA lookup
@@ -21,18 +22,53 @@ DESCRIPTION
         address records not validated, or no
         TLSA records (NXDOMAIN, NODATA)         dane: may; dane-only: defer
                                                 "no TLSA records found"
-        only unusable TLSA records              dane: encrypt; dane-only: defer
+        only unsupported TLSA records           dane: encrypt; dane-only: defer
                                                 "TLSA records unusable"
-        usable records                          level dane, with the records, the names
-                                                a DANE-TA certificate must match (the TLSA
-                                                base domain, then the next-hop domain when
-                                                it came from an MX lookup), SNI the base
-                                                domain; source "DANE TLSA".
-    An insecure MX always downgrades to may (Postfix's smtp_tls_dane_insecure_mx_policy
-    = may; postfix-py has no "half-dane").
+        MX RRset not validated (level dane),
+        TLSA records found: insecure_mx encrypt encrypt ("Verification not possible,
+                                                MX RRset is insecure")
+                            insecure_mx dane    level halfdane, below
+        supported records, none usable (a       dane, halfdane: encrypt, warning "all TLSA
+        disabled digest, a bad length)          records unusable, fallback to
+                                                unauthenticated TLS", the records kept
+                                                for TLSRPT (tlsa-invalid); dane-only:
+                                                defer "TLSA records unusable"
+        usable records                          level dane (halfdane), with the records,
+                                                the names a DANE-TA certificate must match
+                                                (the TLSA base domain, then the next-hop
+                                                domain when it came from an MX lookup),
+                                                SNI the base domain; source "DANE TLSA".
+    The downgrades are logged only with -v (Postfix's dane_incompat(): msg_info when
+    verbose), apart from the configuration problems, which are warnings.
+
+    "half-dane" (Postfix's TLS_LEV_HALF_DANE, smtp_tls_dane_insecure_mx_policy = dane,
+    the default): the next hop's MX RRset is not DNSSEC-validated (an unsigned zone, or
+    a signed zone's insecure delegation) but the MX host's address and TLSA records
+    are. The TLSA records are enforced exactly as at dane (a mismatch defers "Server
+    certificate not verified"), but since a forged MX RRset could have named this host,
+    a match makes the peer "Trusted", never "Verified": "Trusted TLS connection
+    established to mx.example.net[192.0.2.1]:25: ..." (smtp/tls.py, lib/tls.py
+    TLSInfo.never_secured). The level's name "halfdane" appears where Postfix prints
+    str_tls_level() (REQUIRETLS bounce texts, `tls explain`); it cannot be configured.
+    smtp_tls_dane_insecure_mx_policy = encrypt makes such a host encrypt, = may makes
+    an insecure MX RRset "non DNSSEC destination" as above (Postfix before 3.1). The
+    lmtp client has no MX lookups; Postfix reads the parameter only in smtp mode, and
+    postfix-py passes "may" for lmtp (it never matters there).
+
+    The other partial case, a validated MX RRset that names a host whose address records
+    are not validated (the host is in an unsigned zone), is not half-dane: there is no
+    TLSA lookup at all (Postfix's tls_dane_resolve() without
+    smtp_tls_force_insecure_host_tlsa_lookup), so "no TLSA records found": dane is may,
+    dane-only defers.
 
     TLSA records are looked up at _PORT._tcp.HOST, HOST the MX host name (or the CNAME
-    target first when that is secure, as Postfix), PORT the port connected to. Usages
+    target first when that is secure, as Postfix), PORT the port connected to. When the
+    host's address records are not validated there is no TLSA lookup, unless the host
+    name is a CNAME whose own record is validated (then at the host name only; Postfix's
+    qname_secure(), and its warning "DNSSEC status lookup error for NAME: ..." makes it a
+    TLSA lookup error), or smtp_tls_force_insecure_host_tlsa_lookup = yes (host name
+    only; the TLSA RRset must still validate, e.g. in a child zone with its own trust
+    anchor). Usages
     DANE-TA(2) and DANE-EE(3) are used; PKIX-TA(0) and PKIX-EE(1) are ignored with
     Postfix's warning (they do not apply to SMTP), as is the private-use matching
     type 255. Selectors 0 (certificate) and 1 (SubjectPublicKeyInfo) and matching types
@@ -52,8 +88,9 @@ FUNCTIONS
     Tlsa(usage, selector, mtype, data); .text() as Postfix logs a record.
     parse_digests(items, warn) -> {mtype: preference} (higher is preferred; 0 is full).
     tlsa_qname(host, port) -> "_25._tcp.mx.example.com"
-    lookup(resolver, addr, port, warn) -> TlsaResult
-    policy_for(policy, dest, addr, resolver, dnssec, digests, warn) -> tls_policy.Policy:
+    lookup(resolver, addr, port, warn, force=False) -> TlsaResult
+    policy_for(policy, dest, addr, resolver, dnssec, digests, warn, insecure_mx="dane",
+        force_tlsa=False) -> tls_policy.Policy:
         source "DANE TLSA" with records; "DANE TLSA (why)" after a downgrade (why: "no
         TLSA records found", "non DNSSEC destination", ...), for `tls explain`.
     match_names(found, addr, dest) -> names for DANE-TA certificates
@@ -62,7 +99,9 @@ FUNCTIONS
 
 CONFIGURATION PARAMETERS
     smtp_dns_support_level (empty: enabled), tls_dane_digests (sha512 sha256),
-    smtp_tls_security_level and smtp_tls_policy_maps (the levels dane and dane-only).
+    smtp_tls_dane_insecure_mx_policy (dane; smtp only),
+    smtp_tls_force_insecure_host_tlsa_lookup (no), smtp_tls_security_level and
+    smtp_tls_policy_maps (the levels dane and dane-only).
 
 SEE ALSO
     smtp/tls_policy.py, smtp/tls.py (where verify() runs), smtp/nexthop.py; RFC 6698,
@@ -84,6 +123,7 @@ from ..lib import tls as libtls
 from . import nexthop, tls_policy
 
 SOURCE = "DANE TLSA"
+SOURCE_UNUSABLE = f"{SOURCE} (all TLSA records unusable)"
 USAGE_DANE_TA, USAGE_DANE_EE = 2, 3
 MAX_TLSA = 100                  # records of one RRset looked at (bounded work)
 _DIGEST_LEN = {1: 32, 2: 64}
@@ -190,14 +230,36 @@ def _parse_rrset(answer, owner: str, warn) -> list[Tlsa]:
     return out
 
 
-def lookup(resolver, addr, port: int, warn=msg.warn) -> TlsaResult:
-    """The TLSA records of one server (Postfix's tls_dane_resolve)."""
-    if not addr.dnssec:
-        # Host in an unsigned zone: no TLSA lookup at all (Postfix's default).
-        return TlsaResult("notfound", addr.name)
-    names = [addr.name]
-    if addr.rname and addr.rname.lower() != addr.name.lower():
-        names.insert(0, addr.rname)         # the CNAME target first (it is secure)
+def _qname_secure(resolver, qname: str, warn) -> bool | None:
+    """Whether the CNAME record at qname is DNSSEC-validated (Postfix's qname_secure());
+    None, with Postfix's warning, when that cannot be told."""
+    answer, kind, secure = resolver.lookup(qname, "CNAME")
+    if kind == "ok":
+        return secure
+    why = "no longer a CNAME" if kind in ("nodata", "nxdomain") else \
+        nexthop._dns_why("again", qname, "CNAME").reason
+    warn(f"DNSSEC status lookup error for {qname}: {why}")
+    return None
+
+
+def lookup(resolver, addr, port: int, warn=msg.warn, force: bool = False) -> TlsaResult:
+    """The TLSA records of one server (Postfix's tls_dane_resolve). force:
+    smtp_tls_force_insecure_host_tlsa_lookup."""
+    cname = bool(addr.rname) and addr.rname.lower() != addr.name.lower()
+    if addr.dnssec:
+        # The CNAME target first (its address records are secure), then the MX name.
+        names = [addr.rname, addr.name] if cname else [addr.name]
+    else:
+        # Address records in an unsigned zone: no TLSA lookup (Postfix's default), unless
+        # forced, or the host name is a validated CNAME (then at that name only).
+        if not force and cname:
+            secure = _qname_secure(resolver, addr.name, warn)
+            if secure is None:
+                return TlsaResult("error", addr.name, why="DNSSEC status lookup error")
+            force = secure
+        if not force:
+            return TlsaResult("notfound", addr.name)
+        names = [addr.name]
     result = TlsaResult("notfound", addr.name)
     for host in names:
         qname = tlsa_qname(host, port)
@@ -240,9 +302,14 @@ def match_names(found: TlsaResult, addr, dest) -> tuple[str, ...]:
     return tuple(names)
 
 
+INSECURE_MX_POLICIES = ("may", "encrypt", "dane")
+
+
 def policy_for(policy, dest, addr, resolver, dnssec: bool, digests: dict[int, int],
-               warn=msg.warn):
-    """The policy for one server at level dane or dane-only (Postfix's dane_init)."""
+               warn=msg.warn, insecure_mx: str = "dane", force_tlsa: bool = False):
+    """The policy for one server at level dane or dane-only (Postfix's dane_init).
+    insecure_mx: smtp_tls_dane_insecure_mx_policy (may, encrypt or dane); force_tlsa:
+    smtp_tls_force_insecure_host_tlsa_lookup."""
     level = policy.level
 
     def incompat(kind: str, text: str):
@@ -268,9 +335,10 @@ def policy_for(policy, dest, addr, resolver, dnssec: bool, digests: dict[int, in
     if not dnssec or "dns" not in resolver.host_lookup:
         return incompat("config", f"{dest.text}: {level} configured with dnssec lookups "
                                   f"disabled")
-    if addr.mx_dnssec is False:
+    insecure = addr.mx_dnssec is False
+    if insecure and (level == "dane-only" or insecure_mx == "may"):
         return incompat("dest", "non DNSSEC destination")
-    found = lookup(resolver, addr, dest.port, warn)
+    found = lookup(resolver, addr, dest.port, warn, force_tlsa)
     if found.status == "error":
         return tls_policy.Policy(tls_policy.INVALID, dsn="4.7.5",
                                  reason=f"TLSA lookup error for {addr.name}:{dest.port}",
@@ -279,17 +347,25 @@ def policy_for(policy, dest, addr, resolver, dnssec: bool, digests: dict[int, in
         return incompat("dest", "no TLSA records found")
     if found.status == "empty":
         return incompat("cantauth", "TLSA records unusable")
+    if insecure:
+        if insecure_mx == "encrypt":
+            return incompat("cantauth", "Verification not possible, MX RRset is insecure")
+        level = tls_policy.HALF_DANE        # enforced as dane, logged "Trusted"
     records = usable(found.records, digests, addr.namaddrport, warn)
     if not records:
-        if level == "dane":
+        if level != "dane-only":
             warn(f"{addr.namaddrport}: all TLSA records unusable, fallback to "
                  f"unauthenticated TLS")
-            return dataclasses.replace(policy, level="encrypt",
-                                       source=f"{SOURCE} (all TLSA records unusable)")
+            # As Postfix's tls_client_start(): the records stay for TLSRPT (tlsa-invalid,
+            # policy type tlsa), SNI is still the base domain; nothing is matched.
+            return dataclasses.replace(policy, level="encrypt", tlsa=tuple(found.records),
+                                       matches=match_names(found, addr, dest),
+                                       servername=policy.servername or found.base_domain,
+                                       source=SOURCE_UNUSABLE)
         warn(f"{addr.namaddrport}: all TLSA records unusable")
         return tls_policy.Policy(tls_policy.INVALID, dsn="4.7.5",
                                  reason="TLSA records unusable", source=SOURCE)
-    return dataclasses.replace(policy, level="dane", tlsa=records,
+    return dataclasses.replace(policy, level=level, tlsa=records,
                                matches=match_names(found, addr, dest),
                                servername=policy.servername or found.base_domain,
                                source=SOURCE)

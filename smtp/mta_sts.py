@@ -7,7 +7,10 @@ DESCRIPTION
     Postfix needs an external policy server for MTA-STS; postfix-py does it here, with
     smtp_tls_mta_sts_enable = yes (a postfix-py extension; default no). It applies to
     MX-based deliveries only (a next hop `domain` or `domain:port`, never `[host]`), the
-    policy domain being the next-hop domain, as RFC 8461 section 4 describes.
+    policy domain being the next-hop domain, as RFC 8461 section 4 describes. Hence the
+    smtp client only: the lmtp client never applies it (LMTP does no MX lookups; its
+    next hops are hosts and unix sockets), and warns when an lmtp service sets
+    smtp_tls_mta_sts_enable with -o (smtp/service.py).
 
     Discovery: the TXT record of `_mta-sts.DOMAIN`, exactly one record that starts with
     `v=STSv1`, with an `id` of 1 to 32 letters and digits. Fetch: HTTPS GET of
@@ -35,6 +38,10 @@ DESCRIPTION
     do an entry of smtp_tls_policy_maps or smtp_tls_per_site for the destination (the
     administrator's word, as static maps listed before an MTA-STS policy server in
     Postfix) and a policy that already authenticates (fingerprint, verify, secure).
+    Half-dane (level halfdane: TLSA records of a host named by an MX RRset that DNSSEC
+    did not validate, smtp/dane.py) is not DANE here: the TLSA records authenticate the
+    host, but only MTA-STS can vouch for the MX name, so in mode enforce the host must
+    match a pattern, and then keeps its TLSA records.
     Otherwise, in mode enforce, an MX host that matches no pattern is skipped (the
     caller logs Postfix 3.10.5's "MX name 'H' does not match STS MX pattern for 'D'"; the
     reason, if no host is left, is 4.7.5 "MX host H does not match the MTA-STS policy of
@@ -246,7 +253,7 @@ def apply(policy: tls_policy.Policy, sts: StsPolicy | None, mx_host: str):
     if not mx_allowed(sts, mx_host):
         return None, (DSN_MX_MISMATCH, f"MX host {mx_host} does not match the MTA-STS "
                                        f"policy of {sts.domain}")
-    if policy.level in ("fingerprint", "verify", "secure"):
+    if policy.level in ("fingerprint", tls_policy.HALF_DANE, "verify", "secure"):
         return policy, None     # already authenticated: at least as strong
     return _replace(policy, level="verify", matches=("hostname",),
                     servername=policy.servername or "hostname",

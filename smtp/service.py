@@ -66,7 +66,10 @@ CONFIGURATION PARAMETERS
     smtp_dns_nameservers (empty: the system's resolv.conf), smtp_dns_timeout (10s).
     smtp_dns_support_level (empty: enabled; disabled: no DNS, as smtp_host_lookup =
     native; dnssec: DNSSEC status from the resolver's AD bit, which the dane and
-    dane-only TLS levels need: smtp/dane.py), tls_dane_digests (sha512 sha256).
+    dane-only TLS levels need: smtp/dane.py), tls_dane_digests (sha512 sha256),
+    smtp_tls_dane_insecure_mx_policy (dane: TLSA records of an MX host found through
+    an insecure MX RRset are enforced, the peer logged "Trusted"; smtp/dane.py; the
+    smtp client only, as Postfix), smtp_tls_force_insecure_host_tlsa_lookup (no).
     requiretls_enable (yes): a message received with MAIL FROM ... REQUIRETLS goes only
     to a server with a matched certificate that announces REQUIRETLS (smtp/session.py);
     tls_required_enable (yes): with a "TLS-Required: No" header (and no REQUIRETLS) the
@@ -78,6 +81,11 @@ CONFIGURATION PARAMETERS
     smtp_tlsrpt_enable (no), each session's TLS outcome counted in tlsrpt_database
     (smtp_tlsrpt_skip_reused_handshakes (no): not those that resumed a TLS session).
     Both files are LMDB in data_directory, opened in pre_init, before the chroot.
+    The lmtp client applies neither: RFC 8461 and RFC 8460 are about MX-based SMTP
+    delivery, and LMTP has no MX lookups (its next hops are hosts and unix sockets), as
+    Postfix's lmtp has no TLSRPT ("TLSRPT support is not implemented for LMTP") and no
+    MTA-STS. An lmtp service that sets either parameter with -o in master.cf gets
+    Postfix's warning for TLSRPT, and the like for MTA-STS, and goes on without it.
     smtp_tls_history_database (empty; postfix-py extension): each new connection's TLS
     outcome goes to the next hop's history in tlsmgr, and an unexpected change (plain
     text after TLS, another issuer, a lower status) is a warning (lib/tls_history.py).
@@ -162,6 +170,8 @@ def pre_init(ctx) -> None:
     # MTA-STS and TLSRPT (smtp/mta_sts.py, lib/tlsrpt.py): the smtp client's, not lmtp's.
     st["mta_sts"] = mta_sts.from_config(cfg, st["resolver"].dns) if prefix == "smtp" else None
     st["tlsrpt"] = _tlsrpt_store(cfg) if prefix == "smtp" else None
+    if prefix == "lmtp":
+        _lmtp_ignored(cfg)
     if finder.global_level != "none" or finder.tables_in_use or st["mta_sts"] is not None:
         try:
             st["tls"] = libtls.client_tls(cfg, prefix)
@@ -169,6 +179,9 @@ def pre_init(ctx) -> None:
             msg.warn(f"TLS library problem: {exc}; TLS is not available")
     st["history"] = bool(cfg.get("smtp_tls_history_database").strip())
     st["dane_digests"] = dane.parse_digests(cfg["tls_dane_digests"])
+    # Postfix reads it in smtp mode only; lmtp has no MX lookups.
+    st["insecure_mx"] = cfg["smtp_tls_dane_insecure_mx_policy"].lower() \
+        if prefix == "smtp" else "may"
     st["options"] = session.Options.from_config(cfg, prefix)
     try:
         # smtp_sasl_password_maps: opened here, before the chroot (Postfix's
@@ -178,6 +191,18 @@ def pre_init(ctx) -> None:
         msg.fatal(str(exc))
     nexthop.prepare_for_chroot()
     tls_session.missing_symbols()   # loads the bindings the session cache needs
+
+
+def _lmtp_ignored(cfg) -> None:
+    """Warn about an lmtp service's own (-o) MTA-STS or TLSRPT setting: MX-based SMTP
+    only. main.cf's values are the smtp client's and say nothing about lmtp."""
+    own = {name for name in ("smtp_tlsrpt_enable", "smtp_tls_mta_sts_enable")
+           if name in cfg.overrides and cfg[name]}
+    if "smtp_tlsrpt_enable" in own:
+        msg.warn("TLSRPT support is not implemented for LMTP")
+    if "smtp_tls_mta_sts_enable" in own:
+        msg.warn("MTA-STS support is not implemented for LMTP: RFC 8461 applies to "
+                 "MX-based SMTP delivery")
 
 
 def _tlsrpt_store(cfg) -> tlsrpt.Store | None:
@@ -282,7 +307,7 @@ def _policy_for(ctx, dest, addr, d: session.Delivery, sts=None):
         # wrapper mode), as Postfix's policy_create().
         cap = "encrypt" if ctx.cfg[f"{p}_tls_wrappermode"] else "may"
         level = finder.global_level
-        if level in ("dane", "dane-only") or tls_policy.rank(level) > tls_policy.rank(cap):
+        if tls_policy.dane_based(level) or tls_policy.rank(level) > tls_policy.rank(cap):
             level = cap
         policy = tls_policy.Policy(level, source="TLS-Required: no")
     elif dest.unix:
@@ -296,7 +321,8 @@ def _policy_for(ctx, dest, addr, d: session.Delivery, sts=None):
     if policy.level in ("dane", "dane-only") and not d.tls_not_required:
         resolver = st["resolver"]
         policy = dane.policy_for(policy, dest, addr, resolver, resolver.dnssec,
-                                 st["dane_digests"])
+                                 st["dane_digests"], insecure_mx=st["insecure_mx"],
+                                 force_tlsa=ctx.cfg["smtp_tls_force_insecure_host_tlsa_lookup"])
     if not policy.valid:
         msg.warn(f"TLS policy lookup for {dest.text}/{addr.name}: {policy.reason}")
         d.why = (policy.dsn, policy.reason)
@@ -330,9 +356,10 @@ def _policy_for(ctx, dest, addr, d: session.Delivery, sts=None):
 
 
 def _mta_sts_for(ctx, dest, d: session.Delivery):
-    """The MTA-STS lookup of an MX next hop (None: MTA-STS off, or not an MX delivery)."""
+    """The MTA-STS lookup of an MX next hop (None: MTA-STS off, not an MX delivery, or
+    "TLS-Required: No", which ignores it: RFC 8689, no lookup and nothing for TLSRPT)."""
     sts = ctx.state.get("mta_sts")
-    if sts is None or not dest.mx or dest.unix or dest.numeric:
+    if sts is None or not dest.mx or dest.unix or dest.numeric or d.tls_not_required:
         return None
     found = sts.lookup(dest.host)
     if found.failure:
@@ -350,8 +377,13 @@ def _tlsrpt_policy(dest, policy, sts) -> dict:
     if p is not None and p.mode != "none" and (policy is None or
                                                policy.source.startswith("MTA-STS")):
         return tlsrpt.policy_dict("sts", dest.host, p.text, p.mx)
-    if policy is not None and policy.level in ("dane", "dane-only"):
-        return tlsrpt.policy_dict("tlsa", dest.host)
+    if policy is not None and policy.tlsa:     # dane, halfdane, or all records unusable
+        # As Postfix: the records, and the TLSA base domain (the first DANE-TA name);
+        # sorted, since DNS servers rotate an RRset and one policy is one entry.
+        records = "\n".join(sorted(f"{r.usage} {r.selector} {r.mtype} {r.data.hex().upper()}"
+                                    for r in policy.tlsa))
+        return tlsrpt.policy_dict("tlsa", policy.matches[0] if policy.matches else
+                                  dest.host, records)
     return tlsrpt.policy_dict("no-policy-found", dest.host)
 
 
@@ -375,6 +407,9 @@ def _tls_outcome(dest, addr, policy, sess) -> str | None:
         if not sts_policy and not tls_policy.requires_tls(policy.level):
             return None
         return tlsrpt.STARTTLS_NOT_SUPPORTED
+    if policy.source == dane.SOURCE_UNUSABLE:
+        # Postfix's tls_client_start(): "all-TLSA-records-unusable", then encrypt.
+        return tlsrpt.TLSA_INVALID
     info = starter.tls_info
     matched = bool(info and info.peer_matched)
     if info is not None and not matched and sts_policy:
@@ -392,6 +427,11 @@ def _tlsrpt_session(ctx, dest, addr, policy, sts, sess, sock) -> None:
     """Judge one session for MTA-STS testing mode (logged) and TLSRPT (recorded)."""
     testing = policy.source == mta_sts.SOURCE_TESTING
     if (ctx.state.get("tlsrpt") is None and not testing) or not dest.mx or dest.unix:
+        return
+    if sess.d.tls_not_required:
+        # "TLS-Required: No" ignores the recipient's policies, TLSRPT too (Postfix's
+        # smtp_connect.c): such a session is no policy result (a mailed TLSRPT report
+        # carries the header: RFC 8460 section 3, not counted in the next report).
         return
     result = _tls_outcome(dest, addr, policy, sess)
     if result is None:

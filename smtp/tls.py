@@ -17,7 +17,9 @@ DESCRIPTION
     certificate at depth 0: 3 1 1 ..." (or "TA certificate at depth N"); no match is
     OpenSSL's X509_V_ERR_DANE_NO_MATCH. The TLSA records are part of the session cache
     key, and only a verified DANE session is saved: a resumed session (the server sends
-    no chain again) was verified under the same records.
+    no chain again) was verified under the same records. At Postfix's halfdane level
+    (TLSA records of a host behind an insecure MX RRset, smtp/dane.py) the same checks
+    are enforced, but a match is "Trusted", never "Verified" (TLSInfo.never_secured).
 
 CLASSES AND FUNCTIONS
     TlsStarter(client_tls, policy, *, cfg, prefix, service, nexthop_text, nexthop_domain,
@@ -176,7 +178,7 @@ class TlsStarter:
         info = self.client.info(conn, match=self._match_names(addr.name), warn=self.warn)
         if self.level == "fingerprint":
             self._check_fingerprint(info)
-        elif self.level == "dane":
+        elif tls_policy.dane_based(self.level):
             self._check_dane(conn, info)
         lines = libtls.log_lines(info, self.loglevel,
                                  require_trust=tls_policy.must_match(self.level))
@@ -220,6 +222,7 @@ class TlsStarter:
         """The dane level: the chain must match a usable TLSA record (smtp/dane.py)."""
         info.peer_trusted = info.peer_matched = False
         info.matched_name = ""
+        info.never_secured = tls_policy.never_secured(self.level)
         if not info.peer_cert_present:
             return
         chain = conn.get_peer_cert_chain(as_cryptography=True) or []
@@ -255,7 +258,7 @@ class TlsStarter:
         """Store the session after the first read past the handshake (TLS 1.3 tickets)."""
         if self.saved or self.cache is None or self.conn is None:
             return
-        if self.level == "dane" and not self.acceptable():
+        if tls_policy.dane_based(self.level) and not self.acceptable():
             return
         self.saved = True
         try:

@@ -7,11 +7,15 @@ DESCRIPTION
     This module is postfix-py's smtp_tls_policy.c. Its functions are pure, apart from
     PolicyFinder, which consults the lookup tables that main.cf names.
 
-    Security levels, weakest first: none, may, encrypt, fingerprint, dane, dane-only,
-    verify, secure. dane and dane-only are resolved per server by smtp/dane.py (TLSA
-    records, or a downgrade); a Policy at level dane then carries its TLSA records
+    Security levels, weakest first: none, may, encrypt, fingerprint, halfdane, dane,
+    dane-only, verify, secure. dane and dane-only are resolved per server by smtp/dane.py
+    (TLSA records, or a downgrade); a Policy at level dane then carries its TLSA records
     (tlsa) and the names a DANE-TA certificate must match (matches), with source
-    "DANE TLSA".
+    "DANE TLSA". halfdane is Postfix's output-only level (TLS_LEV_HALF_DANE): TLSA
+    records of an MX host found through an MX RRset that is not DNSSEC-validated
+    (smtp_tls_dane_insecure_mx_policy = dane); the records are enforced as at dane, but
+    the peer is logged "Trusted", never "Verified". No table or main.cf setting may
+    name it (level_lookup() refuses it, as Postfix's tls_level_lookup()).
     "may" uses STARTTLS when the server offers it; "encrypt" and up refuse to deliver
     without TLS; "fingerprint" wants a listed certificate or public-key fingerprint;
     "verify" and "secure" want a trusted certificate whose names match (the server host
@@ -47,7 +51,8 @@ FUNCTIONS
         -> level: the whole legacy rule, for the truth table.
     parse_policy(text, where, dest, warn) -> Policy; PolicyError for what Postfix
         refuses (the warning names the table and destination).
-    requires_tls(level), must_match(level), must_trust(level) -> bool
+    requires_tls(level), must_match(level), must_trust(level), dane_based(level),
+        never_secured(level) -> bool (Postfix's TLS_DANE_BASED, TLS_NEVER_SECURED)
     match_strategies(cfg, prefix, policy) -> names or strategies for verify/secure
     cache_key(service, nexthop, hostname, addr, port, digest) -> tlsmgr cache id
     policy_digest(*parts) -> upper-case hex SHA-256 of the policy's particulars
@@ -80,7 +85,9 @@ from dataclasses import dataclass
 from ..lib import msg, params, tables
 
 # Postfix's order (tls_level_table): the dane levels between fingerprint and verify.
-LEVELS = ("none", "may", "encrypt", "fingerprint", "dane", "dane-only", "verify", "secure")
+LEVELS = ("none", "may", "encrypt", "fingerprint", "halfdane", "dane", "dane-only", "verify",
+          "secure")
+HALF_DANE = "halfdane"          # output only: never configured (tls_level_lookup)
 _RANK = {name: rank for rank, name in enumerate(LEVELS)}
 INVALID = "invalid"
 
@@ -138,7 +145,18 @@ def requires_tls(level: str) -> bool:
 
 def must_match(level: str) -> bool:
     """Whether the certificate must match names, fingerprints or TLSA records."""
-    return level in ("fingerprint", "dane", "dane-only", "verify", "secure")
+    return level in ("fingerprint", HALF_DANE, "dane", "dane-only", "verify", "secure")
+
+
+def dane_based(level: str) -> bool:
+    """Whether TLSA records decide (halfdane, dane, dane-only: TLS_DANE_BASED)."""
+    return level in (HALF_DANE, "dane", "dane-only")
+
+
+def never_secured(level: str) -> bool:
+    """Whether a match is logged "Trusted", not "Verified" (TLS_NEVER_SECURED): halfdane,
+    where the MX host name itself was not DNSSEC-validated and could be forged."""
+    return level == HALF_DANE
 
 
 def must_trust(level: str) -> bool:
@@ -156,7 +174,7 @@ def legacy_level(use_tls: bool, enforce_tls: bool, enforce_peername: bool) -> st
 def level_lookup(text: str) -> str | None:
     """A level name as written in main.cf or a policy table; None when unknown."""
     name = text.strip().lower()
-    return name if name in _RANK else None
+    return name if name in _RANK and name != HALF_DANE else None
 
 
 def global_level(cfg, prefix: str = "smtp") -> str:

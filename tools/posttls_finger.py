@@ -23,6 +23,8 @@ OPTIONS (Postfix's)
     -c              no SMTP chat logging: only TLS information is printed
     -C              print the server's certificate chain, with digests, in PEM
     -d mdalg        digest of fingerprints (default: $smtp_tls_fingerprint_digest)
+    -f              look up TLSA records also for hosts in unsigned zones
+                    (smtp_tls_force_insecure_host_tlsa_lookup)
     -F CAfile       trusted CAs (default: none, so nothing is trusted)
     -g grade        minimum cipher grade (default: medium)
     -h host_lookup  dns (default), native, or "dns, native"
@@ -34,6 +36,8 @@ OPTIONS (Postfix's)
     -L logopts      0|none, 1|routine|summary, 2|debug, certmatch, peercert, cache,
                     dane, verbose, untrusted (default: routine,certmatch)
     -m count        most reconnections with -r (default: 5)
+    -M policy       insecure MX policy: may, encrypt or dane (default: dane), as
+                    smtp_tls_dane_insecure_mx_policy
     -o name=value   override a main.cf parameter (myhostname for the EHLO name, ...)
     -p protocols    TLS protocols (default: >=TLSv1)
     -P CApath       directory of trusted CAs
@@ -46,7 +50,7 @@ OPTIONS (Postfix's)
     -w              TLS wrapper mode (SMTPS, port 465)
     match ...       names to match at verify/secure (default: hostname; nexthop,
                     dot-nexthop), fingerprints at the fingerprint level
-    Not supported: -A (trust anchors), -f, -M, -R (SRV), -x, -X.
+    Not supported: -A (trust anchors), -R (SRV), -x, -X.
 
 DANE
     At the dane and dane-only levels (dane is the default, as Postfix's) lookups ask
@@ -55,10 +59,15 @@ DANE
     dane_host_level(): validated TLSA records (smtp/dane.py) make the level dane, the
     chain is matched against them and the match logged ("Matched DANE EE certificate at
     depth 0: 3 1 1 ...", with certmatch); no TLSA records, or none usable, fall back to
-    "secure" (logged at dane-only: 'no TLSA records found, resorting to "secure"'); an
-    insecure MX RRset to "may" ("MX RRset is insecure: try to encrypt"); a failed TLSA
-    lookup ends the probe ("TLSA lookup error for host:port"). -L dane logs each
-    record: "DNSSEC-signed TLSA record: _25._tcp.mx.example.com: 3 1 1 ...".
+    "secure" (logged at dane-only: 'no TLSA records found, resorting to "secure"'); a
+    failed TLSA lookup ends the probe ("TLSA lookup error for host:port"). -L dane logs
+    each record: "DNSSEC-signed TLSA record: _25._tcp.mx.example.com: 3 1 1 ...".
+    An MX RRset that is not DNSSEC-validated depends on -M: with dane (the default) the
+    host's TLSA records are still looked up and, when there are some, enforced at
+    Postfix's half-dane level ("MX RRset insecure: log verified as trusted"; a match is
+    "Trusted TLS connection established ..."); with encrypt they only make TLS
+    mandatory ("TLSA RRs found, MX RRset insecure: just encrypt"); with may the level is
+    may ("MX RRset is insecure: try to encrypt").
 
     `postfix-py -c DIR posttls-finger ...` reads DIR/main.cf, as the other tools do; a
     leading "-c DIR" is taken as that when DIR is a directory with a main.cf, since
@@ -81,14 +90,15 @@ from ..lib.smtpio import SmtpStream, StreamEOF, StreamTimeout
 from ..smtp import dane, nexthop, session, tls, tls_policy
 
 PROG = "posttls-finger"
-USAGE = (f"usage: {PROG} [-acCSvw] [-t conn_tmout] [-T cmd_tmout] [-L logopts] \\\n"
+USAGE = (f"usage: {PROG} [-acCfSvw] [-t conn_tmout] [-T cmd_tmout] [-L logopts] \\\n"
          "\t[-h host_lookup] [-l level] [-d mdalg] [-g grade] [-p protocols] \\\n"
          "\t[-F CAfile.pem] [-P CApath/] [-s servername] \\\n"
          "\t[ [-H chainfiles] | [-k certfile [-K keyfile]] ] \\\n"
-         "\t[-m count] [-r delay] [-o name=value] destination [match ...]\n")
-WITH_ARG = set("adFghHkKlLmopPrstT")
-FLAGS = set("cCSvw")
-UNSUPPORTED = {"A": True, "M": True, "f": False, "R": False, "x": False, "X": False}
+         "\t[-m count] [-M insecure_mx_policy] [-r delay] [-o name=value] \\\n"
+         "\tdestination [match ...]\n")
+WITH_ARG = set("adFghHkKlLmMopPrstT")
+FLAGS = set("cCfSvw")
+UNSUPPORTED = {"A": True, "R": False, "x": False, "X": False}
 LOGOPTS = {"0": set(), "none": set(),
            "1": {"summary"}, "routine": {"summary"}, "summary": {"summary"},
            "2": {"summary", "debug", "cache", "verbose", "certmatch", "peercert"},
@@ -160,7 +170,7 @@ def parse_args(argv: list[str]):
             elif c in UNSUPPORTED:
                 if UNSUPPORTED[c]:
                     i += 1          # it takes an argument: skip it
-                raise Usage(f"option -{c} is not supported by postfix-py (no DANE or SRV)")
+                raise Usage(f"option -{c} is not supported by postfix-py")
             else:
                 raise Usage(f"invalid option -- '{c}'")
             j += 1
@@ -231,9 +241,12 @@ class Finger:
             if not eq or not name:
                 raise Usage(f"bad -o option: {item}")
             overrides[name.strip()] = value.strip()
-        level = (opts.get("l") or "dane").lower()
-        if level not in tls_policy.LEVELS:
-            raise Usage(f"Invalid TLS level \"{level}\"")
+        level = tls_policy.level_lookup(opts.get("l") or "dane")
+        if level is None:
+            raise Usage(f"Invalid TLS level \"{opts.get('l')}\"")
+        self.mxinsec = tls_policy.level_lookup(opts.get("M") or "dane")
+        if self.mxinsec not in dane.INSECURE_MX_POLICIES:
+            raise Usage(f"bad '-M' option value: {opts.get('M')}")
         if level == "none" and self.wrapper:
             raise Usage("SSL wrapper mode requires that TLS not be disabled")
         self.level = level
@@ -357,11 +370,12 @@ class Finger:
         """The level for one server: Postfix's dane_host_level(); None: skip it."""
         if self.level not in ("dane", "dane-only"):
             return tls_policy.Policy(self.level)
-        if addr.mx_dnssec is False:
+        insecure = addr.mx_dnssec is False
+        if insecure and self.mxinsec == "may":
             out("MX RRset is insecure: try to encrypt")
             return tls_policy.Policy("may")
         log = out if "dane" in self.mask else (lambda text: None)
-        found = dane.lookup(self.resolver, addr, self.dest.port, warn)
+        found = dane.lookup(self.resolver, addr, self.dest.port, warn, bool(self.opts.get("f")))
         if found.status == "error":
             out(f"TLSA lookup error for {addr.name}:{self.dest.port}")
             return None
@@ -377,7 +391,14 @@ class Finger:
                 out(f"no {usable}TLSA records found, resorting to \"secure\"")
             self.match = self.secure_match
             return tls_policy.Policy("secure")
-        return tls_policy.Policy("dane", matches=dane.match_names(found, addr, self.dest),
+        level = "dane"
+        if insecure and self.mxinsec == "encrypt":
+            out("TLSA RRs found, MX RRset insecure: just encrypt")
+            return tls_policy.Policy("encrypt")
+        if insecure:
+            out("MX RRset insecure: log verified as trusted")
+            level = tls_policy.HALF_DANE
+        return tls_policy.Policy(level, matches=dane.match_names(found, addr, self.dest),
                                  tlsa=records,
                                  servername=found.base_domain, source=dane.SOURCE)
 
@@ -390,12 +411,13 @@ class Finger:
             nexthop_text=self.dest_text, nexthop_domain=domain, cache=self.cache,
             cache_key=_cache_key,
             info=out, warn=warn, loglevel=0,
-            match=self.match if policy.level != "dane" else None,
+            match=self.match if not tls_policy.dane_based(policy.level) else None,
             fingerprints=self.fingerprints, log_cache="cache" in self.mask and self.pass_no > 1,
             # The DANE match is reported by _report(), after the peer name, as Postfix.
-            log_certmatch=certmatch and policy.level != "dane",
+            log_certmatch=certmatch and not tls_policy.dane_based(policy.level),
             # With TLSA records the SNI name is their base domain, whatever -s says.
-            sni=policy.servername if policy.level == "dane" else self.opts.get("s") or None)
+            sni=policy.servername if tls_policy.dane_based(policy.level)
+            else self.opts.get("s") or None)
 
     def _report(self, starter) -> None:
         """Postfix's certificate and summary lines for the finished handshake."""

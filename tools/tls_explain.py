@@ -82,7 +82,7 @@ def describe_policy(cfg, prefix: str, policy) -> str:
         parts.append("match=" + ":".join(tls_policy.match_strategies(cfg, prefix, policy)))
     elif policy.level == "fingerprint":
         parts.append("match=" + "|".join(tls_policy.fingerprints(cfg, prefix, policy)))
-    elif policy.level == "dane" and policy.matches:
+    elif tls_policy.dane_based(policy.level) and policy.matches:
         parts.append("match=" + ":".join(policy.matches))       # names for DANE-TA
     for name in ("protocols", "ciphers", "exclude", "servername"):
         value = getattr(policy, name, None)

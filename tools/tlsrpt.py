@@ -9,7 +9,9 @@ DESCRIPTION
     smtp_tlsrpt_enable = yes (lib/tlsrpt.py). `send` sends the aggregate report of every
     complete UTC day (with -a, the current day's too, so far) to each policy domain's
     `_smtp._tls` rua: https: by POST, mailto: as a message submitted through the local
-    pickup service (the mail system must be running, as for sendmail). Run it once a day,
+    pickup service (the mail system must be running, as for sendmail), where the DKIM
+    signing milter of non_smtpd_milters signs it (RFC 8460 wants it signed; see
+    lib/tlsrpt.py). Run it once a day,
     shortly after midnight UTC, from cron or with conf/postfix-py-tlsrpt.timer: a command rather than a timer in a daemon, so
     that no long-lived postfix-py process talks HTTPS to the internet and a report run
     can be retried, or run by hand, at any time. `show` prints what is stored, as JSON.

@@ -8,6 +8,11 @@ the zones points at it, and the TLSA records (at _PORT._tcp.HOST, PORT the recei
 match its certificate (3 1 1), its CA (2 0 1), or nothing. The postfix-py instance under
 test delivers through smtp services with smtp_tls_security_level = dane or dane-only and
 smtp_dns_support_level = dnssec, to next hops `domain:PORT` (MX lookup, that port).
+
+Half-dane (Postfix's TLS_LEV_HALF_DANE): MX records in the unsigned zone plain.test
+that name hosts of the signed zone dane.test, so that the MX RRset is insecure but the
+host's address and TLSA records are validated; and the converse, a signed MX RRset
+naming a host of the unsigned zone.
 """
 
 import hashlib
@@ -62,8 +67,11 @@ def certs(base):
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
     spki = leaf_cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    ca_file = d / "ca.pem"
+    ca_file.write_bytes(ca.cert_pem.bytes())
+    os.chmod(ca_file, 0o644)
     return SimpleNamespace(
-        chain=chain,
+        chain=chain, ca=ca, ca_file=ca_file,
         ee_311=hashlib.sha256(spki).hexdigest(),
         ee_302=hashlib.sha512(leaf_cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
         ta_201=hashlib.sha256(ca_cert.public_bytes(serialization.Encoding.DER)).hexdigest())
@@ -125,9 +133,31 @@ def dns(base, certs, receiver):
         f"_{P}._tcp.mx-cname.dane.test. TLSA 3 0 2 {certs.ee_302}",
     ]
     stack = dnssec.DnssecStack(base / "dns")
+    # Half-dane: a validated MX RRset naming an unvalidated host ...
+    zone.append("unsignedmx.dane.test. MX 10 mx.plain.test.")
+    # A validated CNAME to an unvalidated host: TLSA records at the CNAME's owner count
+    # (Postfix's qname_secure()); and an unvalidated host whose TLSA records are in a
+    # signed child zone with its own trust anchor (smtp_tls_force_insecure_host_tlsa_lookup).
+    zone += ["cnamesec.dane.test. MX 10 host-cname.dane.test.",
+             "host-cname.dane.test. CNAME mx.plain.test.",
+             f"_{P}._tcp.host-cname.dane.test. TLSA 3 1 1 {certs.ee_311}",
+             "forced.dane.test. MX 10 mx-forced.plain.test.",
+             # MTA-STS beside DANE (the policies: STS_POLICIES)
+             '_mta-sts.ee.dane.test. TXT "v=STSv1; id=1"', "mta-sts.ee.dane.test. A 127.0.0.1"]
     stack.add_zone("dane.test", zone, tamper=[f"_{P}._tcp.mx-bogus.dane.test."])
+    stack.add_zone("_tcp.mx-forced.plain.test",
+                   [f"_{P}._tcp.mx-forced.plain.test. TLSA 3 1 1 {certs.ee_311}"])
+    # ... and unvalidated MX RRsets naming hosts with validated TLSA records.
     stack.add_zone("plain.test", ["plain.test. MX 10 mx.plain.test.",
-                                  "mx.plain.test. A 127.0.0.1"], signed=False)
+                                  "mx.plain.test. A 127.0.0.1",
+                                  "half.plain.test. MX 10 mx-ee.dane.test.",
+                                  "halfbad.plain.test. MX 10 mx-bad.dane.test.",
+                                  "mx-forced.plain.test. A 127.0.0.1",
+                                  "halfok.plain.test. MX 10 mx-ee.dane.test.",
+                                  *(line for d in ("half", "halfok") for line in (
+                                      f'_mta-sts.{d}.plain.test. TXT "v=STSv1; id=1"',
+                                      f"mta-sts.{d}.plain.test. A 127.0.0.1"))],
+                   signed=False)
     try:
         stack.start()
         yield stack
@@ -135,8 +165,53 @@ def dns(base, certs, receiver):
         stack.stop()
 
 
+# Enforced MTA-STS policies that list no MX host of the domain, but one.
+STS_POLICIES = {d: f"version: STSv1\nmode: enforce\nmx: {mx}\nmax_age: 86400\n"
+                for d, mx in (("ee.dane.test", "nowhere.example"),
+                              ("half.plain.test", "nowhere.example"),
+                              ("halfok.plain.test", "mx-ee.dane.test"))}
+
+
 @pytest.fixture(scope="module")
-def mta(base, dns):
+def sts_https(certs):
+    """The policy server of STS_POLICIES (by Host header), on a free port."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    certs.ca.issue_cert(*(f"mta-sts.{d}" for d in STS_POLICIES)).configure_cert(ctx)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            domain = (self.headers.get("Host") or "").split(":")[0].removeprefix("mta-sts.")
+            body = STS_POLICIES.get(domain)
+            if self.path != "/.well-known/mta-sts.txt" or body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def mta(base, dns, receiver, certs, sts_https):
+    P = receiver.port
     inst = Instance.make(base / "mta")
     common = (f" -o smtp_dns_support_level=dnssec -o smtp_dns_nameservers=127.0.0.1:"
               f"{dns.resolver_port} -o smtp_tls_loglevel=1")
@@ -157,6 +232,22 @@ def mta(base, dns):
         "tlsmgr unix - - y 1000? 1 tlsmgr",
         "nodnssec unix - - y - - smtp -o smtp_tls_security_level=dane"
         f" -o smtp_dns_nameservers=127.0.0.1:{dns.resolver_port} -o smtp_tls_loglevel=1",
+        # dane and dane-only from the policy table, over a global may
+        f"mapdane unix - - y - - smtp -o smtp_tls_security_level=may{common}"
+        f" -o smtp_tls_policy_maps=inline:{{none.dane.test:{P}=dane-only,ee.dane.test:{P}=dane}}",
+        f"danerpt unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
+        " -o smtp_tlsrpt_enable=yes",
+        f"danerpt256 unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
+        " -o smtp_tlsrpt_enable=yes -o tls_dane_digests=sha256",
+        f"danests unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
+        f" -o smtp_tls_mta_sts_enable=yes -o smtp_tls_mta_sts_CAfile={certs.ca_file}"
+        f" -o smtp_tls_mta_sts_https_port={sts_https}",
+        f"forcetlsa unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
+        " -o smtp_tls_force_insecure_host_tlsa_lookup=yes",
+        f"halfencrypt unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
+        " -o smtp_tls_dane_insecure_mx_policy=encrypt",
+        f"halfmay unix - - y - - smtp -o smtp_tls_security_level=dane{common}"
+        " -o smtp_tls_dane_insecure_mx_policy=may",
     ]
     with inst.running("dane"):
         yield inst
@@ -316,6 +407,140 @@ def test_dane_without_dnssec_lookups_is_may(mta, receiver):
     assert established("Untrusted", "mx-ee.dane.test", P) in out.log
 
 
+def test_policy_table_dane_levels(mta, receiver):
+    P = receiver.port
+    out = deliver_via(mta, "mapdane", f"ee.dane.test:{P}")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert established("Verified", "mx-ee.dane.test", P) in out.log
+    out = deliver_via(mta, "mapdane", f"none.dane.test:{P}")
+    assert (out.result, out.dsn, out.reason) == ("deferred", "4.7.5", "no TLSA records found")
+    # Not in the table: the global may, no TLSA lookup.
+    out = deliver_via(mta, "mapdane", f"ta.dane.test:{P}")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert established("Untrusted", "mx-ta.dane.test", P) in out.log
+
+
+def test_half_dane_insecure_mx_secure_tlsa(mta, receiver, certs):
+    """Postfix's half-dane: the TLSA records are enforced, the peer is only "Trusted"."""
+    P = receiver.port
+    out = deliver_via(mta, "danelog2", f"half.plain.test:{P}", recipient="bob@plain.test")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert established("Trusted", "mx-ee.dane.test", P) in out.log
+    assert "Verified TLS connection" not in out.log
+    assert (f"mx-ee.dane.test[127.0.0.1]:{P}: Matched DANE EE certificate at depth 0: "
+            f"3 1 1 {certs.ee_311.upper()}") in out.log
+    # A record that does not match defers, as at dane.
+    out = deliver_via(mta, "dane", f"halfbad.plain.test:{P}", recipient="bob@plain.test")
+    assert (out.result, out.dsn, out.reason) == \
+        ("deferred", "4.7.5", "Server certificate not verified")
+    assert (f"server certificate verification failed for mx-bad.dane.test[127.0.0.1]:{P}: "
+            f"num=65:") in out.log
+    # dane-only wants a validated MX RRset.
+    out = deliver_via(mta, "daneonly", f"half.plain.test:{P}", recipient="bob@plain.test")
+    assert (out.result, out.dsn, out.reason) == ("deferred", "4.7.5", "non DNSSEC destination")
+
+
+def test_half_dane_insecure_mx_policy_encrypt_and_may(mta, receiver):
+    P = receiver.port
+    # encrypt: the records only make TLS mandatory; a mismatch is no reason to defer.
+    for service in ("halfencrypt", "halfmay"):
+        out = deliver_via(mta, service, f"halfbad.plain.test:{P}", recipient="bob@plain.test")
+        assert (out.result, out.dsn) == ("sent", "2.0.0"), (service, out.reason)
+        assert established("Untrusted", "mx-bad.dane.test", P) in out.log
+
+
+def test_secure_mx_naming_an_unsigned_host_has_no_tlsa(mta, receiver):
+    P = receiver.port
+    out = deliver_via(mta, "dane", f"unsignedmx.dane.test:{P}")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert established("Untrusted", "mx.plain.test", P) in out.log
+    out = deliver_via(mta, "daneonly", f"unsignedmx.dane.test:{P}")
+    assert (out.result, out.dsn, out.reason) == ("deferred", "4.7.5", "no TLSA records found")
+
+
+def test_tlsrpt_records_the_tlsa_policy_and_its_outcomes(mta, receiver, certs):
+    """TLSRPT for DANE, as Postfix reports it: policy type tlsa with the records and the
+    TLSA base domain; a record that does not match is certificate-not-trusted."""
+    import json
+    P = receiver.port
+    assert deliver_via(mta, "danerpt", f"ee.dane.test:{P}").result == "sent"
+    assert deliver_via(mta, "danerpt", f"bad.dane.test:{P}").result == "deferred"
+    out = mta.cmd("tlsrpt", "show")
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    [ee] = [v for k, v in shown.items() if k.endswith(" ee.dane.test")]
+    [bad] = [v for k, v in shown.items() if k.endswith(" bad.dane.test")]
+    assert [e["policy"] for e in ee] == [{
+        "policy-type": "tlsa", "policy-domain": "mx-ee.dane.test",
+        "policy-string": sorted([f"3 1 1 {certs.ee_311.upper()}", f"3 1 1 {'00' * 32}"])}]
+    assert (ee[0]["success"], ee[0]["failures"]) == (1, [])
+    assert bad[0]["policy"]["policy-string"] == [f"3 1 1 {'AB' * 32}"]
+    assert bad[0]["success"] == 0
+    [failure] = bad[0]["failures"]
+    assert failure["detail"]["result-type"] == "certificate-not-trusted"
+    assert failure["detail"]["receiving-mx-hostname"] == "mx-bad.dane.test"
+    # All records unusable (sha512 disabled): delivered at encrypt, reported tlsa-invalid.
+    assert deliver_via(mta, "danerpt256", f"sha512.dane.test:{P}").result == "sent"
+    shown = json.loads(mta.cmd("tlsrpt", "show").stdout)
+    [unusable] = [v for k, v in shown.items() if k.endswith(" sha512.dane.test")]
+    assert unusable[0]["policy"] == {"policy-type": "tlsa",
+                                     "policy-domain": "mx-cname.dane.test",
+                                     "policy-string": [f"3 0 2 {certs.ee_302.upper()}"]}
+    assert unusable[0]["success"] == 0
+    assert [f["detail"]["result-type"] for f in unusable[0]["failures"]] == ["tlsa-invalid"]
+
+
+def test_validated_cname_to_an_unsigned_host(mta, receiver):
+    """The MX host name is a validated CNAME into an unsigned zone: its TLSA records,
+    at the CNAME's own name, apply (Postfix's tls_dane_resolve)."""
+    P = receiver.port
+    out = deliver_via(mta, "danelog2", f"cnamesec.dane.test:{P}")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert established("Verified", "host-cname.dane.test", P) in out.log
+    assert "Matched DANE EE certificate at depth 0" in out.log
+
+
+def test_forced_tlsa_lookup_for_an_unsigned_host(mta, receiver):
+    P = receiver.port
+    # By default no TLSA lookup for a host in an unsigned zone: may.
+    out = deliver_via(mta, "dane", f"forced.dane.test:{P}")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert established("Untrusted", "mx-forced.plain.test", P) in out.log
+    # Forced: the records of the signed child zone are found and enforced.
+    out = deliver_via(mta, "forcetlsa", f"forced.dane.test:{P}")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert established("Verified", "mx-forced.plain.test", P) in out.log
+
+
+def test_posttls_finger_forced_tlsa_lookup(dns, receiver):
+    P = receiver.port
+    text = finger(dns, f"forced.dane.test:{P}")
+    assert f"posttls-finger: {established('Untrusted', 'mx-forced.plain.test', P)}" in text
+    text = finger(dns, "-f", f"forced.dane.test:{P}")
+    assert f"posttls-finger: {established('Verified', 'mx-forced.plain.test', P)}" in text
+
+
+def test_mta_sts_beside_dane(mta, receiver):
+    """DANE wins over an enforced MTA-STS policy (RFC 8461 section 2); at half-dane the
+    insecure MX name must match the policy, and the TLSA records still decide."""
+    P = receiver.port
+    out = deliver_via(mta, "danests", f"ee.dane.test:{P}")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert "MTA-STS policy for ee.dane.test: mode enforce, id 1" in out.log
+    assert "does not match STS MX pattern" not in out.log
+    assert established("Verified", "mx-ee.dane.test", P) in out.log
+    out = deliver_via(mta, "danests", f"half.plain.test:{P}", recipient="bob@plain.test")
+    assert (out.result, out.dsn, out.reason) == (
+        "deferred", "4.7.5",
+        "MX host mx-ee.dane.test does not match the MTA-STS policy of half.plain.test")
+    assert ("warning: MX name 'mx-ee.dane.test' does not match STS MX pattern for "
+            "'half.plain.test'") in out.log
+    # Listed: still half-dane (the test CA is in no CAfile: "verify" would defer).
+    out = deliver_via(mta, "danests", f"halfok.plain.test:{P}", recipient="bob@plain.test")
+    assert (out.result, out.dsn) == ("sent", "2.0.0"), out.reason
+    assert established("Trusted", "mx-ee.dane.test", P) in out.log
+
+
 def test_no_tracebacks(mta):
     assert "Traceback" not in mta.log()
 
@@ -358,11 +583,39 @@ def test_posttls_finger_dane_fallbacks(dns, receiver):
     text = finger(dns, "-l", "dane-only", f"none.dane.test:{P}")
     assert 'posttls-finger: no TLSA records found, resorting to "secure"' in text
     assert f"posttls-finger: {established('Untrusted', 'mx-none.dane.test', P)}" in text
+    # An insecure MX RRset naming an unsigned host: no TLSA records, "secure" (-M dane,
+    # the default); -M may stops before the TLSA lookup.
     text = finger(dns, f"plain.test:{P}")
+    assert "MX RRset is insecure" not in text
+    assert f"posttls-finger: {established('Untrusted', 'mx.plain.test', P)}" in text
+    text = finger(dns, "-M", "may", f"plain.test:{P}")
     assert "posttls-finger: MX RRset is insecure: try to encrypt" in text
     text = finger(dns, f"bogus.dane.test:{P}")
     assert f"posttls-finger: TLSA lookup error for mx-bogus.dane.test:{P}" in text
     assert "TLS connection established" not in text
+
+
+def test_posttls_finger_half_dane(dns, receiver, certs):
+    P = receiver.port
+    text = finger(dns, f"half.plain.test:{P}")
+    lines = text.splitlines()
+    assert "posttls-finger: MX RRset insecure: log verified as trusted" in lines
+    assert (f"posttls-finger: mx-ee.dane.test[127.0.0.1]:{P}: Matched DANE EE certificate "
+            f"at depth 0: 3 1 1 {certs.ee_311.upper()}") in lines
+    assert f"posttls-finger: {established('Trusted', 'mx-ee.dane.test', P)}" in text
+    text = finger(dns, "-M", "encrypt", f"half.plain.test:{P}")
+    assert "posttls-finger: TLSA RRs found, MX RRset insecure: just encrypt" in text
+    assert f"posttls-finger: {established('Untrusted', 'mx-ee.dane.test', P)}" in text
+    text = finger(dns, "-M", "may", f"half.plain.test:{P}")
+    assert "posttls-finger: MX RRset is insecure: try to encrypt" in text
+    assert f"posttls-finger: {established('Untrusted', 'mx-ee.dane.test', P)}" in text
+
+
+def test_posttls_finger_bad_insecure_mx_policy(dns):
+    from helpers import run
+    out = run("posttls-finger", "-M", "verify", "half.plain.test", timeout=60)
+    assert out.returncode == 1
+    assert "posttls-finger: bad '-M' option value: verify" in out.stderr
 
 
 # --- REQUIRETLS (RFC 8689): a postfix-py relay in front of the receiver ----------------------
@@ -383,7 +636,8 @@ def relay(base, certs, dns, receiver):
         "smtp_dns_timeout": "3s", "smtp_connect_timeout": "3s",
         "transport_maps": "inline:{"
                           f"ok.test=smtp:ee.dane.test:{P}, noreq.test=smtp:ee.dane.test:{P2}, "
-                          f"weak.test=maysmtp:[127.0.0.1]:{P}, tlsno.test=smtp:bad.dane.test:{P}"
+                          f"weak.test=maysmtp:[127.0.0.1]:{P}, tlsno.test=smtp:bad.dane.test:{P}, "
+                          f"half.test=smtp:half.plain.test:{P}"
                           "}",
     })
     inst.master_lines = [
@@ -520,12 +774,22 @@ def test_tls_explain_names_the_dane_tlsa_records(relay, receiver, certs):
 
 
 def test_tls_explain_names_a_dane_downgrade(relay):
-    # An unsigned zone: the insecure MX downgrades dane to may.
+    # An unsigned zone: the MX RRset is insecure, and (smtp_tls_dane_insecure_mx_policy =
+    # dane) its host has no validated TLSA records either: may.
     text = explain(relay, "plain.test")
     assert "plain.test: transport smtp, next hop plain.test" in text
     assert "  mx.plain.test[127.0.0.1]:25 (preference 10)" in text
-    assert "    TLS policy: level=may, source=DANE TLSA (non DNSSEC destination)" in text
+    assert "    TLS policy: level=may, source=DANE TLSA (no TLSA records found)" in text
     # A signed zone without TLSA records at the MX host: may as well, for another reason.
     text = explain(relay, "none.dane.test")
     assert "    TLS policy: level=may, source=DANE TLSA (no TLSA records found)" in text
     assert "TLSA record:" not in text
+
+
+def test_tls_explain_names_the_half_dane_level(relay, receiver):
+    P = receiver.port
+    text = explain(relay, "bob@half.test")
+    lines = text.splitlines()
+    at = lines.index(f"  mx-ee.dane.test[127.0.0.1]:{P} (preference 10)")
+    assert lines[at + 1] == ("    TLS policy: level=halfdane, source=DANE TLSA, "
+                             "match=mx-ee.dane.test:half.plain.test, servername=mx-ee.dane.test")

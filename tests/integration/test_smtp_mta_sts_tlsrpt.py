@@ -177,7 +177,7 @@ def starttls_sink(ctx, got, name="sink.test"):
         conn.sendall(f"220 {name} ESMTP\r\n".encode())
         while True:
             line = readline()
-            if line.startswith("EHLO"):
+            if line.startswith(("EHLO", "LHLO")):       # one recipient: LMTP as well
                 conn.sendall(f"250-{name}\r\n{'' if tls else '250-STARTTLS' + chr(13) + chr(10)}"
                              f"250 8BITMIME\r\n".encode())
             elif line.startswith("STARTTLS"):
@@ -245,6 +245,8 @@ def env(tmp_path_factory):
         "tlsmgr unix - - y 1000? 1 tlsmgr",
         f"sts unix - - y - - smtp{sts} -o smtp_tls_session_cache_database=",
         f"reuse unix - - y - - smtp{reuse}",
+        # MTA-STS and TLSRPT are MX-based SMTP's: lmtp warns and goes on without them.
+        f"stslmtp unix - - y - - lmtp{sts}",
         "pickup unix n - y - - pickup",
         "qmgr unix n - n 300 1 qmgr",
         "local unix - n n - - local",
@@ -319,6 +321,43 @@ def test_enforce_with_a_certificate_for_another_name_defers(env):
     assert "MTA-STS policy for mismatch.test: mode enforce" in log
     assert f"Untrusted TLS connection established to mx.mismatch.test[127.0.0.1]:{bad.port}" \
         in log or "Trusted TLS connection established" not in log
+
+
+def test_tls_required_no_ignores_mta_sts_and_tlsrpt(env):
+    """RFC 8689 "TLS-Required: No" (which mailed TLSRPT reports carry): no MTA-STS
+    lookup, delivery despite the certificate, and nothing counted for TLSRPT."""
+    bad = env.sinks["bad"]
+    before = env.inst.cmd("tlsrpt", "show").stdout
+    fetches = env.https.fetches["mismatch.test"]
+    r = env.inst.deliver("sts", f"mismatch.test:{bad.port}", rcpt="bob@mismatch.test",
+                         content=b"Subject: tlsno\nTLS-Required: No\n\nbody\n",
+                         sender="alice@example.org", timeout=60)
+    log = env.inst.log()
+    assert (r.results[0].result, r.results[0].dsn) == ("sent", "2.0.0"), r.results[0].reason
+    assert any(b"Subject: tlsno" in m for m in bad.got)
+    assert env.https.fetches["mismatch.test"] == fetches
+    assert env.inst.cmd("tlsrpt", "show").stdout == before
+    assert "Untrusted TLS connection established to mx.mismatch.test" in log
+
+
+def test_lmtp_applies_neither_mta_sts_nor_tlsrpt(env):
+    good = env.sinks["good"]
+    before = env.inst.cmd("tlsrpt", "show").stdout
+    fetches = sum(env.https.fetches.values())
+    r, log, marker = deliver_via(env.inst, f"inet:mx.enforce.test:{good.port}",
+                                 "bob@enforce.test", service="stslmtp")
+    assert (r.result, r.dsn) == ("sent", "2.0.0"), (r.reason, log)
+    assert delivered(good, marker)
+    assert "MTA-STS policy" not in log
+    assert sum(env.https.fetches.values()) == fetches
+    assert env.inst.cmd("tlsrpt", "show").stdout == before
+    whole = env.inst.log()
+    for text in ("warning: TLSRPT support is not implemented for LMTP",
+                 "warning: MTA-STS support is not implemented for LMTP: RFC 8461 applies "
+                 "to MX-based SMTP delivery"):
+        assert text in whole
+        # only lmtp says so: the smtp service "sts" with the same settings does not
+        assert all("postfix-py/lmtp[" in line for line in whole.splitlines() if text in line)
 
 
 def test_enforce_skips_an_mx_host_that_the_policy_does_not_list(env):

@@ -92,3 +92,160 @@ def test_tls_required_no_header():
     # In the body it does not count.
     assert not tls_required_no(iter([b"Subject: x\n\nTLS-Required: No\n"]))
     assert not tls_required_no(iter([b"\nTLS-Required: No\n"]))
+
+
+# --- policy_for: Postfix's dane_init() decisions, half-dane ----------------------------------
+
+class _Answer:
+    def __init__(self, records):
+        self.rrset = [type("RR", (), {"usage": r.usage, "selector": r.selector,
+                                      "mtype": r.mtype, "cert": r.data})() for r in records]
+
+
+class _Resolver:
+    """resolver.lookup() as smtp/nexthop.py answers it: (answer, kind, secure)."""
+
+    host_lookup = ["dns"]
+
+    def __init__(self, records=(), kind="ok", secure=True):
+        self.records, self.kind, self.secure = records, kind, secure
+        self.asked = []
+
+    def lookup(self, name, rdtype):
+        self.asked.append((name, rdtype))
+        if self.kind != "ok":
+            return None, self.kind, False
+        return _Answer(self.records), "ok", self.secure
+
+
+def _policy_for(level, mx_dnssec, insecure_mx="dane", records=None, addr_dnssec=True,
+                kind="ok"):
+    from postfix_py.smtp import nexthop, tls_policy
+    dest = nexthop.parse("example.net")
+    addr = nexthop.Address("mx.example.net", "192.0.2.1", 25, 10, dnssec=addr_dnssec,
+                           mx_dnssec=mx_dnssec)
+    if records is None:
+        records = (dane.Tlsa(3, 1, 1, b"\1" * 32),)
+    resolver = _Resolver(records, kind)
+    warnings = []
+    got = dane.policy_for(tls_policy.Policy(level), dest, addr, resolver, True,
+                          dane.parse_digests(["sha512", "sha256"]), warnings.append,
+                          insecure_mx=insecure_mx)
+    return got, resolver.asked, warnings
+
+
+def test_secure_mx_and_records_is_dane():
+    got, asked, _ = _policy_for("dane", True)
+    assert (got.level, got.source) == ("dane", "DANE TLSA")
+    assert got.matches == ("mx.example.net", "example.net")
+    assert asked == [("_25._tcp.mx.example.net", "TLSA")]
+
+
+def test_insecure_mx_with_secure_tlsa_is_half_dane():
+    """Postfix's TLS_LEV_HALF_DANE: enforced like dane, its level named halfdane."""
+    from postfix_py.smtp import tls_policy
+    got, asked, _ = _policy_for("dane", False)
+    assert got.level == "halfdane" and got.tlsa and got.source == "DANE TLSA"
+    assert got.matches == ("mx.example.net", "example.net")
+    assert tls_policy.must_match(got.level) and tls_policy.requires_tls(got.level)
+    assert tls_policy.dane_based(got.level) and tls_policy.never_secured(got.level)
+    assert not tls_policy.never_secured("dane")
+    # Output only: no table or main.cf setting can ask for it.
+    assert tls_policy.level_lookup("halfdane") is None
+
+
+def test_insecure_mx_policies():
+    got, asked, _ = _policy_for("dane", False, insecure_mx="encrypt")
+    assert got.level == "encrypt"
+    assert got.source == "DANE TLSA (Verification not possible, MX RRset is insecure)"
+    got, asked, _ = _policy_for("dane", False, insecure_mx="may")
+    assert (got.level, got.source) == ("may", "DANE TLSA (non DNSSEC destination)")
+    assert asked == []                      # no TLSA lookup at all
+    # dane-only never goes half-dane.
+    got, asked, _ = _policy_for("dane-only", False)
+    assert (got.level, got.dsn, got.reason) == ("invalid", "4.7.5", "non DNSSEC destination")
+    assert asked == []
+
+
+def test_insecure_mx_without_usable_records():
+    # No TLSA records (or the host's addresses are not validated): may, as at dane.
+    got, _, _ = _policy_for("dane", False, records=())
+    assert got.level == "encrypt"           # an empty secure RRset: "TLSA records unusable"
+    got, asked, _ = _policy_for("dane", False, addr_dnssec=False)
+    assert (got.level, got.source) == ("may", "DANE TLSA (no TLSA records found)")
+    assert asked == []
+    got, _, _ = _policy_for("dane", False, kind="nxdomain")
+    assert got.level == "may"
+    # Records that are all unusable: encrypt, with Postfix's warning.
+    got, _, warnings = _policy_for("dane", False, records=(dane.Tlsa(3, 1, 1, b"\1" * 5),))
+    assert got.level == "encrypt"
+    assert warnings[-1] == ("mx.example.net[192.0.2.1]:25: all TLSA records unusable, "
+                            "fallback to unauthenticated TLS")
+    # A failed TLSA lookup defers, whatever the MX.
+    got, _, _ = _policy_for("dane", False, kind="again")
+    assert (got.level, got.dsn, got.reason) == \
+        ("invalid", "4.7.5", "TLSA lookup error for mx.example.net:25")
+
+
+def test_secure_mx_insecure_host_is_no_tlsa():
+    """A validated MX RRset naming a host in an unsigned zone: not half-dane, no TLSA."""
+    got, asked, _ = _policy_for("dane", True, addr_dnssec=False)
+    assert (got.level, got.source) == ("may", "DANE TLSA (no TLSA records found)")
+    assert asked == []
+    got, _, _ = _policy_for("dane-only", True, addr_dnssec=False)
+    assert (got.level, got.reason) == ("invalid", "no TLSA records found")
+
+
+class _CnameResolver(_Resolver):
+    """A TLSA RRset, and the CNAME record of the host name (kind, secure)."""
+
+    def __init__(self, records, cname=("ok", True)):
+        super().__init__(records)
+        self.cname = cname
+
+    def lookup(self, name, rdtype):
+        if rdtype == "CNAME":
+            self.asked.append((name, rdtype))
+            kind, secure = self.cname
+            return (object() if kind == "ok" else None), kind, secure
+        return super().lookup(name, rdtype)
+
+
+def _addr(dnssec, rname=""):
+    from postfix_py.smtp import nexthop
+    return nexthop.Address("mx.example.net", "192.0.2.1", 25, 10, dnssec=dnssec,
+                           mx_dnssec=True, rname=rname)
+
+
+def test_lookup_names_as_tls_dane_resolve():
+    rec = (dane.Tlsa(3, 1, 1, b"\1" * 32),)
+    # Secure addresses behind a CNAME: the target first.
+    r = _Resolver(rec)
+    found = dane.lookup(r, _addr(True, "host.example.org"), 25, lambda w: None)
+    assert (found.status, found.base_domain) == ("ok", "host.example.org")
+    assert r.asked == [("_25._tcp.host.example.org", "TLSA")]
+    # Insecure addresses behind a validated CNAME: the MX name only.
+    r = _CnameResolver(rec)
+    found = dane.lookup(r, _addr(False, "host.unsigned.example"), 25, lambda w: None)
+    assert (found.status, found.base_domain) == ("ok", "mx.example.net")
+    assert r.asked == [("mx.example.net", "CNAME"), ("_25._tcp.mx.example.net", "TLSA")]
+    # ... behind an unvalidated CNAME: nothing.
+    r = _CnameResolver(rec, ("ok", False))
+    assert dane.lookup(r, _addr(False, "host.unsigned.example"), 25).status == "notfound"
+    assert r.asked == [("mx.example.net", "CNAME")]
+    # ... when the CNAME is gone or cannot be looked up: an error, Postfix's warning.
+    for kind, why in (("nodata", "no longer a CNAME"), ("again", "try again")):
+        warnings = []
+        r = _CnameResolver(rec, (kind, False))
+        assert dane.lookup(r, _addr(False, "h.unsigned.example"), 25,
+                           warnings.append).status == "error"
+        assert warnings[0].startswith("DNSSEC status lookup error for mx.example.net: ")
+        assert warnings[0].endswith(why)
+    # No CNAME, insecure addresses: no lookup, unless forced.
+    r = _Resolver(rec)
+    assert dane.lookup(r, _addr(False), 25).status == "notfound" and r.asked == []
+    found = dane.lookup(r, _addr(False), 25, force=True)
+    assert found.status == "ok" and r.asked == [("_25._tcp.mx.example.net", "TLSA")]
+    # Forced, but the TLSA RRset itself is not validated: nothing.
+    r = _Resolver(rec, secure=False)
+    assert dane.lookup(r, _addr(False), 25, force=True).status == "notfound"

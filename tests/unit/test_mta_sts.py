@@ -92,6 +92,14 @@ def test_dane_wins():
     assert (p.level, p.source) == ("verify", "MTA-STS policy")
 
 
+def test_half_dane_host_must_match_the_mx_patterns():
+    """halfdane: TLSA records authenticate the host, MTA-STS the (insecure) MX name."""
+    half = Policy("halfdane", source="DANE TLSA")
+    assert mta_sts.apply(half, sts(), "mx.example.com") == (half, None)
+    p, why = mta_sts.apply(half, sts(), "not.listed.example")
+    assert p is None and why[0] == "4.7.5"
+
+
 def test_invalid_policy_is_left_for_the_caller():
     bad = Policy("invalid", dsn="4.3.0", reason="Temporary lookup error")
     assert mta_sts.apply(bad, sts(), "mx.example.com") == (bad, None)

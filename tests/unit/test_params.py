@@ -43,6 +43,7 @@ DEVIATIONS = {
     "postscreen_dnsbl_allowlist_threshold", "postscreen_dnsbl_max_ttl",
     "smtpd_per_request_deadline",
     "postscreen_forbidden_commands",          # no smtpd_forbidden_commands to refer to
+    "smtp_tls_dane_insecure_mx_policy",       # dane: Postfix 3.7.13 and later
 }
 
 

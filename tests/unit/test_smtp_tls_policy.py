@@ -78,9 +78,9 @@ def test_per_site_values_are_case_insensitive_and_checked():
 
 def test_level_predicates():
     assert [lvl for lvl in P.LEVELS if P.requires_tls(lvl)] == \
-        ["encrypt", "fingerprint", "dane", "dane-only", "verify", "secure"]
+        ["encrypt", "fingerprint", "halfdane", "dane", "dane-only", "verify", "secure"]
     assert [lvl for lvl in P.LEVELS if P.must_match(lvl)] == \
-        ["fingerprint", "dane", "dane-only", "verify", "secure"]
+        ["fingerprint", "halfdane", "dane", "dane-only", "verify", "secure"]
     assert [lvl for lvl in P.LEVELS if P.must_trust(lvl)] == ["verify", "secure"]
 
 

@@ -19,12 +19,22 @@ def test_classify():
     assert c(True, False, None, False, True) == "validation-failure"
     assert c(True, True, info(), True, True) == ""
     assert c(True, True, info(10), False, True) == "certificate-expired"
-    assert c(True, True, info(19), False, True) == "certificate-not-trusted"
+    # Postfix's tls_log_verify_error() and smtp_proto.c
+    assert c(True, True, info(27), False, True) == "certificate-not-trusted"
+    assert c(True, True, info(19), False, True) == "validation-failure"
+    assert c(True, True, info(20), False, True) == "validation-failure"
     assert c(True, True, info(62), False, True) == "certificate-host-mismatch"
     assert c(True, True, info(0), False, True) == "certificate-host-mismatch"
-    assert c(True, True, info(7), False, True) == "validation-failure"
+    assert c(True, True, info(65), False, True) == "certificate-not-trusted"   # DANE
+    assert c(True, True, info(7), False, True) == "certificate-not-trusted"
     # opportunistic TLS without a policy: TLS is the success
     assert c(True, True, info(19), False, False) == ""
+
+
+def test_tlsa_policy_object():
+    p = tlsrpt.policy_dict("tlsa", "mx.example.com", "3 1 1 AB12\n2 0 1 CD34")
+    assert p == {"policy-type": "tlsa", "policy-domain": "mx.example.com",
+                 "policy-string": ["3 1 1 AB12", "2 0 1 CD34"]}
 
 
 def test_store_counts_and_report(tmp_path):
@@ -78,6 +88,7 @@ def test_mail_form():
     assert m.get_content_type() == "multipart/report"
     assert m.get_param("report-type") == "tlsrpt"
     assert m["TLS-Report-Domain"] == "example.com"
+    assert m["TLS-Required"] == "No"        # delivered despite TLS failures (RFC 8460)
     assert " ".join(m["Subject"].split()) == ("Report Domain: example.com Submitter: sender.example "
                             "Report-ID: <r1@sender.example>")
     part = [p for p in m.walk() if p.get_content_type() == "application/tlsrpt+gzip"][0]
