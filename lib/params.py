@@ -207,6 +207,7 @@ PARAMS: list[Param] = [
     _p("postscreen_dnsbl_min_ttl", "60s", TIME, "least time a DNSBL result is remembered", min=1),
     _p("postscreen_dnsbl_max_ttl", "1h", TIME, "most time a DNSBL result is remembered", min=1),
     _p("postscreen_dnsbl_timeout", "10s", TIME, "time limit of postscreen's DNSBL queries", min=1),
+    _p("postscreen_dnsbl_reply_map", "", STR, "DNS list domain (with its secret) -> the name postscreen's reply shows (empty: the domain itself)"),
     _p("postscreen_cache_map", "btree:$data_directory/postscreen_cache", STR, "postscreen's temporary allowlist (lmdb, btree and hash: LMDB files; memcache:, redis: a store shared by several hosts; empty: no cache)"),
     _p("postscreen_cache_retention_time", "7d", TIME, "how long an expired cache entry is kept", min=0),
     _p("postscreen_cache_cleanup_interval", "12h", TIME, "how often the cache is swept (0: never; ignored for memcache: and redis:, whose ttl ages entries out)", min=0),

@@ -61,7 +61,9 @@ CONFIGURATION PARAMETERS
     postscreen_greet_ttl (1d), postscreen_dnsbl_sites (empty), postscreen_dnsbl_threshold
     (1), postscreen_dnsbl_allowlist_threshold (0), postscreen_dnsbl_action (ignore),
     postscreen_dnsbl_min_ttl (60s), postscreen_dnsbl_max_ttl (1h),
-    postscreen_dnsbl_timeout (10s), postscreen_cache_map
+    postscreen_dnsbl_timeout (10s), postscreen_dnsbl_reply_map (empty: the list's name
+    in the 550 reply is its domain; the map hides a domain that holds a secret),
+    postscreen_cache_map
     (btree:$data_directory/postscreen_cache; memcache: and redis: share it across hosts),
     postscreen_cache_retention_time (7d), postscreen_cache_cleanup_interval (12h;
     ignored for memcache: and redis:), postscreen_post_queue_limit and
@@ -115,12 +117,16 @@ class Settings:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self._tables: dict = {}
         self.greet_wait = cfg["postscreen_greet_wait"]
         banner = cfg.get("postscreen_greet_banner")
         self.teaser = f"220-{banner}\r\n" if banner else None
         self.greet_action = _action(cfg, "postscreen_greet_action")
         self.greet_ttl = cfg["postscreen_greet_ttl"]
-        self.sites = Sites(cfg["postscreen_dnsbl_sites"])
+        reply_map = cfg.get("postscreen_dnsbl_reply_map").strip()
+        self.sites = Sites(cfg["postscreen_dnsbl_sites"],
+                           self._table(reply_map, "postscreen_dnsbl_reply_map")
+                           if reply_map else None)
         self.dns_servers = servers(cfg["smtpd_dns_nameservers"]) if self.sites else []
         self.dnsbl_threshold = cfg["postscreen_dnsbl_threshold"]
         self.dnsbl_allow = cfg["postscreen_dnsbl_allowlist_threshold"]
@@ -149,19 +155,18 @@ class Settings:
         self.soft_bounce = cfg["soft_bounce"]
         self.retention = cfg["postscreen_cache_retention_time"]
         self.cleanup_interval = cfg["postscreen_cache_cleanup_interval"]
-        self._tables: dict = {}
         self.acl = self._acl(cfg["postscreen_access_list"])
         self.forbidden_tables = [self._table(w) for w in self.forbidden if ":" in w]
         self.forbidden = {w for w in self.forbidden if ":" not in w}
         self.engine = dummy.Engine(cfg)
         self.cache = None
 
-    def _table(self, ref: str):
+    def _table(self, ref: str, param: str = "postscreen_access_list"):
         if ref not in self._tables:
             try:
                 self._tables[ref] = tables.open_table(ref, self.cfg)
             except tables.TableError as exc:
-                raise ConfigError(f"postscreen_access_list: {exc}") from None
+                raise ConfigError(f"{param}: {exc}") from None
         return self._tables[ref]
 
     def _acl(self, words: list[str]) -> list:

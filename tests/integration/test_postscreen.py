@@ -48,7 +48,8 @@ def ps(tmp_path_factory):
     (root / "access.cidr").write_text("127.0.0.5 reject\n127.0.0.6 permit\n")
     (root / "passwd").write_text("alice:{PLAIN}secret\n")
     inst.port, inst.proxy_port, inst.deep_port = free_port(), free_port(), free_port()
-    inst.nosmtpd_port = free_port()
+    inst.nosmtpd_port, inst.hidden_port = free_port(), free_port()
+    (root / "dnsbl_reply").write_text("list.test public-list.example\n")
     inst.main.update({
         "mydestination": "$myhostname, localhost",
         "mynetworks": "10.0.0.0/8",
@@ -76,6 +77,8 @@ def ps(tmp_path_factory):
         " -o postscreen_bare_newline_enable=yes",
         f"127.0.0.1:{inst.nosmtpd_port} inet n - y - 1 postscreen"
         " -o postscreen_cache_map= -o smtpd_service_name=nosuchsmtpd",
+        f"127.0.0.1:{inst.hidden_port} inet n - y - 1 postscreen -o postscreen_cache_map="
+        f" -o postscreen_dnsbl_reply_map=texthash:{root}/dnsbl_reply",
         "smtpd pass - - y - - smtpd -o smtpd_per_request_deadline=yes"
         " -o smtpd_timeout=3s -o smtpd_sasl_auth_enable=yes -o smtpd_sasl_type=builtin"
         f" -o smtpd_sasl_path={root}/passwd -o smtpd_sasl_builtin_failure_delay=0s",
@@ -180,6 +183,26 @@ def test_dnsbl_listed_client_is_refused_with_postfix_replies_and_log(ps):
         f"DISCONNECT [127.0.0.2]:{port}"]
     assert not any("smtpd[" in line and "127.0.0.2" in line
                    for line in ps.log().splitlines())
+
+
+def test_dnsbl_reply_map_shows_the_public_name_of_the_list(ps):
+    """postscreen_dnsbl_reply_map: the 550 names what the map gives for list.test."""
+    c = SmtpClient(ps.hidden_port, source="127.0.0.2")
+    assert c.reply() == f"220-{BANNER}\n220 {BANNER}"
+    port = c.sock.getsockname()[1]
+    assert c.cmd("EHLO client.example").startswith("250-mail.test.example")
+    assert c.cmd("MAIL FROM:<a@client.example>") == "250 2.1.0 Ok"
+    reject = ("550 5.7.1 Service unavailable; client [127.0.0.2] blocked using "
+              "public-list.example")
+    assert c.cmd("RCPT TO:<u@localhost>") == reject
+    c.cmd("QUIT")
+    c.close()
+    wait_for(lambda: f"DISCONNECT [127.0.0.2]:{port}" in ps.log(), 10, what="DISCONNECT")
+    log = lines_for(ps, "127.0.0.2")
+    assert f"DNSBL rank 2 for [127.0.0.2]:{port}" in log
+    assert f"NOQUEUE: reject: RCPT from [127.0.0.2]:{port}: {reject}; " \
+        "from=<a@client.example>, to=<u@localhost>, proto=ESMTP, helo=<client.example>" in log
+    assert not any("list.test" in line for line in log if f":{port}" in line)
 
 
 def test_a_reply_filter_and_an_allow_list_weight_pass_clients(ps):

@@ -45,6 +45,21 @@ def test_score_adds_matching_weights_and_names_the_heaviest_list():
     assert score.total == 2
 
 
+def test_reply_map_hides_a_secret_list_domain(tmp_path):
+    from postfix_py.lib import tables
+    (tmp_path / "reply").write_text("key123.list.example public.example\n")
+    reply_map = tables.open_table(f"texthash:{tmp_path}/reply")
+    sites = Sites(["key123.list.example*2", "other.example"], reply_map)
+    assert sites.reply_name == {"key123.list.example": "public.example",
+                                "other.example": "other.example"}
+    score = Score.__new__(Score)
+    score.sites = sites
+    score.total, score.name, score.weight, score.fail_ttl, score.pass_ttl = 0, None, 0, -1, -1
+    score._score("other.example", ["127.0.0.2"], 60)
+    score._score("key123.list.example", ["127.0.0.2"], 60)
+    assert (score.total, score.name) == (3, "public.example")
+
+
 def test_cache_entries_parse_and_expire_as_postfix():
     assert cache.parse("1700000000;1700000060;1;1;1") == [1700000000, 1700000060, 1, 1, 1]
     assert cache.parse("12;x") == [12, 1, 1, 1, 1]             # older or damaged entries
