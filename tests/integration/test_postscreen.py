@@ -5,6 +5,9 @@
     127.0.0.1:R   inet n - y - 1 postscreen -o postscreen_pipelining_enable=yes ...
     smtpd         pass - - y - - smtpd                (the clients it lets through)
 
+    127.0.0.1:T/E inet n - y - 1 postscreen -o postscreen_tls_security_level=may/encrypt
+                                                  (STARTTLS in postscreen's engine)
+
 A private dnsmasq serves the DNS lists: 127.0.0.2 is in list.test (weight 2, at the
 threshold of 2), 127.0.0.3 in list.test with an answer that its =filter refuses, and
 127.0.0.7 in allow.test (weight -5, below the allowlist threshold). A cidr: access list
@@ -16,10 +19,12 @@ import glob
 import os
 import pwd
 import socket
+import ssl
 import struct
 import time
 
 import pytest
+import trustme
 
 from peers import DNSMASQ, Dnsmasq
 from pfxinst import Instance, SmtpClient, free_port, wait_for
@@ -49,6 +54,10 @@ def ps(tmp_path_factory):
     (root / "passwd").write_text("alice:{PLAIN}secret\n")
     inst.port, inst.proxy_port, inst.deep_port = free_port(), free_port(), free_port()
     inst.nosmtpd_port, inst.hidden_port = free_port(), free_port()
+    inst.tls_port, inst.enc_port = free_port(), free_port()
+    ca = trustme.CA()
+    ca.issue_cert("mail.test.example").private_key_and_cert_chain_pem.write_to_path(
+        str(root / "server.pem"))
     (root / "dnsbl_reply").write_text("list.test public-list.example\n")
     inst.main.update({
         "mydestination": "$myhostname, localhost",
@@ -64,7 +73,14 @@ def ps(tmp_path_factory):
         "postscreen_dnsbl_allowlist_threshold": "-1",
         "postscreen_dnsbl_action": "enforce",
         "postscreen_dnsbl_timeout": "3s",
+        "smtpd_tls_cert_file": f"{root}/server.pem",
+        "smtpd_tls_loglevel": "1",
     })
+    # postscreen's engine at once for every client (no cache, no pregreet, no DNSBL wait),
+    # with the pipelining test on and TLS
+    tls_service = (" inet n - y - 1 postscreen -o postscreen_cache_map="
+                   " -o postscreen_greet_banner= -o postscreen_dnsbl_sites="
+                   " -o postscreen_pipelining_enable=yes -o postscreen_tls_security_level=")
     inst.master_lines = [
         f"127.0.0.1:{inst.port} inet n - y - 1 postscreen",
         f"127.0.0.1:{inst.proxy_port} inet n - y - 1 postscreen"
@@ -77,6 +93,8 @@ def ps(tmp_path_factory):
         " -o postscreen_bare_newline_enable=yes",
         f"127.0.0.1:{inst.nosmtpd_port} inet n - y - 1 postscreen"
         " -o postscreen_cache_map= -o smtpd_service_name=nosuchsmtpd",
+        f"127.0.0.1:{inst.tls_port}{tls_service}may",
+        f"127.0.0.1:{inst.enc_port}{tls_service}encrypt -o postscreen_command_time_limit=3s",
         f"127.0.0.1:{inst.hidden_port} inet n - y - 1 postscreen -o postscreen_cache_map="
         f" -o postscreen_dnsbl_reply_map=texthash:{root}/dnsbl_reply",
         "smtpd pass - - y - - smtpd -o smtpd_per_request_deadline=yes"
@@ -489,3 +507,121 @@ def test_failed_hand_off_after_the_teaser_gets_421_at_the_first_command(ps):
     wait_for(lambda: f"DISCONNECT [127.0.0.1]:{port}" in ps.log(), 10, what="DISCONNECT")
     assert "warning: cannot connect to service private/nosuchsmtpd: No such file or " \
         "directory" in ps.log()
+
+
+# --- STARTTLS in postscreen's engine ---------------------------------------------------------
+
+def tls_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def test_starttls_then_the_engine_goes_on_over_tls_to_its_rcpt_reply(ps):
+    c = SmtpClient(ps.tls_port, source="127.0.0.14")
+    assert c.reply() == f"220 {BANNER}"            # postscreen's engine: the deep test
+    port = c.sock.getsockname()[1]
+    ehlo = c.cmd("EHLO client.example").split("\n")
+    assert ehlo[0] == "250-mail.test.example"
+    assert "250-STARTTLS" in ehlo and ehlo.index("250-STARTTLS") == ehlo.index("250-ETRN") + 1
+    assert c.cmd("STARTTLS extra") == "501 5.5.4 Syntax: STARTTLS"
+    c.starttls(tls_context())
+    assert c.sock.version() in ("TLSv1.2", "TLSv1.3")
+    ehlo = c.cmd("EHLO client.example")
+    assert ehlo.startswith("250-mail.test.example") and "STARTTLS" not in ehlo
+    assert c.cmd("STARTTLS") == "554 5.5.1 Error: TLS already active"
+    assert c.cmd("RSET") == "250 2.0.0 Ok"
+    assert c.cmd("MAIL FROM:<a@client.example>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<u@localhost>") == "450 4.3.2 Service currently unavailable"
+    assert c.cmd("QUIT") == "221 2.0.0 Bye"
+    c.close()
+    wait_for(lambda: f"DISCONNECT [127.0.0.14]:{port}" in ps.log(), 10, what="DISCONNECT")
+    log = lines_for(ps, "127.0.0.14")
+    assert log[0] == f"CONNECT from [127.0.0.14]:{port} to [127.0.0.1]:{ps.tls_port}"
+    assert log[1].startswith(f"Anonymous TLS connection established from "
+                             f"[127.0.0.14]:{port}: TLSv1.")
+    assert log[2:] == [
+        f"NOQUEUE: reject: RCPT from [127.0.0.14]:{port}: 450 4.3.2 Service currently "
+        "unavailable; from=<a@client.example>, to=<u@localhost>, proto=ESMTP, "
+        "helo=<client.example>",
+        f"PASS NEW [127.0.0.14]:{port}", f"DISCONNECT [127.0.0.14]:{port}"]
+
+
+def test_no_starttls_where_postscreen_tls_is_off(ps):
+    c, port = deep_client(ps, "127.0.0.15")
+    assert "STARTTLS" not in c.cmd("EHLO client.example")
+    assert c.cmd("STARTTLS") == "502 5.5.1 Error: command not implemented"
+    c.cmd("QUIT")
+    c.close()
+
+
+def test_encrypt_refuses_mail_before_starttls(ps):
+    c = SmtpClient(ps.enc_port, source="127.0.0.16")
+    assert c.reply() == f"220 {BANNER}"
+    assert "250-STARTTLS" in c.cmd("EHLO client.example")
+    must = "530 5.7.0 Must issue a STARTTLS command first"
+    assert c.cmd("MAIL FROM:<a@client.example>") == must
+    assert c.cmd("RCPT TO:<u@localhost>") == must
+    assert c.cmd("NOOP") == "250 2.0.0 Ok"
+    assert c.cmd("XYZZY") == "502 5.5.2 Error: command not recognized"
+    c.starttls(tls_context())
+    assert c.cmd("EHLO client.example").startswith("250-mail.test.example")
+    assert c.cmd("MAIL FROM:<a@client.example>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<u@localhost>") == "450 4.3.2 Service currently unavailable"
+    c.cmd("QUIT")
+    c.close()
+
+
+def test_a_bad_handshake_ends_that_client_alone(ps):
+    """One client answers 220 Ready with garbage, another stalls in its handshake (the
+    time limit ends it); a third, meanwhile, completes its session over TLS."""
+    bad = SmtpClient(ps.enc_port, source="127.0.0.17")
+    assert bad.reply() == f"220 {BANNER}"
+    bad_port = bad.sock.getsockname()[1]
+    stall = SmtpClient(ps.enc_port, source="127.0.0.18")
+    assert stall.reply() == f"220 {BANNER}"
+    stall_port = stall.sock.getsockname()[1]
+    assert stall.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
+    assert bad.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
+    bad.send(b"this is not a ClientHello\r\n" * 4)
+    closed(bad)                                     # (a TLS alert, then the end)
+    bad.close()
+    good = SmtpClient(ps.enc_port, source="127.0.0.19")
+    assert good.reply() == f"220 {BANNER}"
+    good.starttls(tls_context())
+    assert c_ok(good)
+    good.close()
+    closed(stall)                                   # postscreen_command_time_limit = 3s
+    stall.close()
+    wait_for(lambda: f"DISCONNECT [127.0.0.18]:{stall_port}" in ps.log(), 10,
+             what="DISCONNECT")
+    log = lines_for(ps, "127.0.0.17")
+    failed = [line for line in log if line.startswith(f"SSL_accept error from "
+                                                       f"[127.0.0.17]:{bad_port}: ")]
+    assert failed and "timeout" not in failed[0], log
+    assert any(line.startswith(f"HANGUP after ") and line.endswith(
+        f" from [127.0.0.17]:{bad_port} in tests after SMTP handshake") for line in log)
+    assert f"DISCONNECT [127.0.0.17]:{bad_port}" in log
+    assert f"SSL_accept error from [127.0.0.18]:{stall_port}: timeout" in \
+        lines_for(ps, "127.0.0.18")
+    assert any(line.startswith("Anonymous TLS connection established from [127.0.0.19]:")
+               for line in lines_for(ps, "127.0.0.19"))
+
+
+def closed(c: SmtpClient) -> None:
+    """Read until postscreen closes the connection (an EOF, or a reset for input that
+    it left unread); a timeout fails."""
+    try:
+        while c.sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+
+
+def c_ok(c: SmtpClient) -> bool:
+    assert c.cmd("EHLO client.example").startswith("250-mail.test.example")
+    assert c.cmd("MAIL FROM:<a@client.example>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<u@localhost>") == "450 4.3.2 Service currently unavailable"
+    assert c.cmd("QUIT") == "221 2.0.0 Bye"
+    return True

@@ -229,3 +229,29 @@ def test_soft_bounce_softens_rejects():
         "450 4.7.1 Service unavailable\r\n"
     assert dummy.soften("521 5.5.1 Protocol error\r\n") == "421 4.5.1 Protocol error\r\n"
     assert dummy.soften("250 2.0.0 Ok\r\n") == "250 2.0.0 Ok\r\n"
+
+
+def test_postscreen_tls_level_as_postfix():
+    from postfix_py.lib import tls as T
+    level = lambda **kw: T.server_security_level(config(**kw), "postscreen",
+                                                 warn=warnings.append)
+    warnings: list = []
+    assert level() == "none"
+    assert level(smtpd_tls_security_level="may") == "may"      # $smtpd_tls_security_level
+    assert level(smtpd_use_tls="yes") == "may"                 # the legacy pair, as smtpd's
+    assert level(postscreen_enforce_tls="yes") == "encrypt"
+    assert level(smtpd_tls_security_level="may", postscreen_tls_security_level="none") == "none"
+    assert level(postscreen_tls_security_level="verify") == "encrypt" and warnings
+    with pytest.raises(T.TLSConfigError):
+        level(postscreen_tls_security_level="dane")
+
+
+def test_engine_announces_starttls_only_when_tls_is_ready():
+    from postfix_py.postscreen.dummy import Engine
+    ready = Engine(config(), "may", tls=object())
+    lines = ready.ehlo.split("\r\n")
+    assert lines[lines.index("250-ETRN") + 1] == "250-STARTTLS"
+    assert "STARTTLS" not in ready.ehlo_tls                    # once TLS is up
+    assert "STARTTLS" not in Engine(config(), "may", tls=None).ehlo   # no certificate
+    assert "STARTTLS" not in Engine(config(), "none", tls=object()).ehlo
+    assert Engine(config(), "encrypt", tls=None).enforce_tls
