@@ -16,6 +16,8 @@ The log lines and replies are Postfix's.
 """
 
 import glob
+import shutil
+import subprocess
 import os
 import pwd
 import socket
@@ -625,3 +627,34 @@ def c_ok(c: SmtpClient) -> bool:
     assert c.cmd("RCPT TO:<u@localhost>") == "450 4.3.2 Service currently unavailable"
     assert c.cmd("QUIT") == "221 2.0.0 Bye"
     return True
+
+
+def test_the_pipelining_test_goes_on_over_tls(ps):
+    """Commands sent together inside TLS (one record) are seen as pipelined."""
+    c = SmtpClient(ps.tls_port, source="127.0.0.20")
+    assert c.reply() == f"220 {BANNER}"
+    port = c.sock.getsockname()[1]
+    c.starttls(tls_context())
+    c.send(b"EHLO client.example\r\nMAIL FROM:<a@client.example>\r\n")
+    assert c.reply().startswith("250-mail.test.example")
+    assert c.reply() == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<u@localhost>") == "550 5.5.1 Protocol error"
+    c.cmd("QUIT")
+    c.close()
+    wait_for(lambda: f"DISCONNECT [127.0.0.20]:{port}" in ps.log(), 10, what="DISCONNECT")
+    log = lines_for(ps, "127.0.0.20")
+    assert f"COMMAND PIPELINING from [127.0.0.20]:{port} after EHLO: " \
+        "MAIL FROM:<a@client.example>\\r\\n" in log
+    assert not any(line.startswith("PASS") for line in log)
+
+
+@pytest.mark.skipif(not shutil.which("swaks"), reason="needs swaks")
+def test_swaks_tls_through_postscreen_engine(ps):
+    out = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{ps.enc_port}", "--local-interface", "127.0.0.21",
+         "--tls", "--from", "a@client.example", "--to", "u@localhost", "--helo",
+         "client.example", "--timeout", "10"],
+        capture_output=True, text=True, timeout=30).stdout
+    assert "<-  220 2.0.0 Ready to start TLS" in out, out
+    assert "=== TLS started with cipher TLSv1." in out, out
+    assert "<~* 450 4.3.2 Service currently unavailable" in out, out     # ~: in TLS
