@@ -10,17 +10,20 @@ helo=<h>`), and then the client is let go.
     220 smtpd_banner (not sent to a client that failed the pregreet test)
     HELO, EHLO          250 (EHLO: myhostname, SIZE, VRFY, ETRN, STARTTLS,
                         ENHANCEDSTATUSCODES, 8BITMIME, DSN, SMTPUTF8, CHUNKING as
-                        configured; STARTTLS only before TLS and when TLS is ready)
+                        configured, less postscreen_discard_ehlo_keywords; STARTTLS
+                        only before TLS and when TLS is ready)
     STARTTLS            220 2.0.0 Ready to start TLS, then the handshake (see TLS);
                         501 5.5.4 Syntax: STARTTLS with arguments, 554 5.5.1 Error: TLS
                         already active, 502 5.5.1 Error: command not implemented when
                         TLS is off or broken, 454 4.7.0 TLS not available due to local
                         problem when a connection cannot be set up
-    MAIL                250 2.1.0 Ok
+    MAIL                250 2.1.0 Ok (503 5.5.1 Error: send HELO/EHLO first with
+                        postscreen_helo_required, as for ETRN)
     RCPT                the enforce reply, logged NOQUEUE: reject
     DATA, BDAT          `DATA without valid RCPT`, 554 5.5.1 Error: no valid recipients
                         (503 without MAIL), and the connection ends
-    RSET, NOOP          250 2.0.0 Ok;  VRFY: the enforce reply (502 when disabled)
+    RSET, NOOP          250 2.0.0 Ok;  VRFY: the enforce reply (502 with
+                        postscreen_disable_vrfy_command)
     ETRN                458 Unable to queue messages;  QUIT: 221 2.0.0 Bye
     other               502 5.5.2 Error: command not recognized (AUTH, XCLIENT ...)
     With postscreen_tls_security_level = encrypt, every command but HELO, EHLO,
@@ -79,23 +82,32 @@ class Engine:
         host = cfg.get("myhostname")
         self.greeting = f"220 {cfg.get('smtpd_banner')}\r\n"
         self.helo = f"250 {host}\r\n"
-        lines = [host]
         size = cfg["message_size_limit"]
-        lines.append(f"SIZE {size}" if size else "SIZE")
-        self.disable_vrfy = cfg["disable_vrfy_command"]
-        if not self.disable_vrfy:
-            lines.append("VRFY")
-        lines.append("ETRN")
-        after = ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
+        # (keyword, line) in Postfix's order; postscreen_discard_ehlo_keywords hides some.
+        # VRFY is announced after disable_vrfy_command, and answered after
+        # postscreen_disable_vrfy_command, as Postfix's postscreen does.
+        features = [("size", f"SIZE {size}" if size else "SIZE")]
+        if not cfg["disable_vrfy_command"]:
+            features.append(("vrfy", "VRFY"))
+        features += [("etrn", "ETRN"), ("starttls", "STARTTLS"),
+                     ("enhancedstatuscodes", "ENHANCEDSTATUSCODES"),
+                     ("8bitmime", "8BITMIME"), ("dsn", "DSN")]
         if cfg["smtputf8_enable"]:
-            after.append("SMTPUTF8")
-        after.append("CHUNKING")
+            features.append(("smtputf8", "SMTPUTF8"))
+        features.append(("chunking", "CHUNKING"))
+        discard = {word.lower() for word in cfg["postscreen_discard_ehlo_keywords"]}
+        self.disable_vrfy = cfg["postscreen_disable_vrfy_command"]
+        self.helo_required = cfg["postscreen_helo_required"]
         # tls: lib/tls.ServerTLS, or None when TLS is off or could not be set up (then
         # STARTTLS is not announced, but encrypt still refuses MAIL, as Postfix)
         self.tls = tls if tls_level != "none" else None
         self.enforce_tls = tls_level == "encrypt"
-        self.ehlo_tls = _ehlo(lines + after)
-        self.ehlo = _ehlo(lines + ["STARTTLS"] + after) if self.tls else self.ehlo_tls
+
+        def ehlo(starttls: bool) -> str:
+            return _ehlo([host] + [line for word, line in features if word not in discard
+                                   and (word != "starttls" or starttls)])
+        self.ehlo_tls = ehlo(False)
+        self.ehlo = ehlo(self.tls is not None)
         self.timeout_reply = f"421 4.4.2 {host} Error: timeout exceeded\r\n"
         self.busy_reply = f"421 {host} Service unavailable - try again later\r\n"
         self.time_limit = cfg["postscreen_command_time_limit"]
@@ -300,6 +312,9 @@ class _Dialog:
         s.hangup_event()
 
     def _mail(self, args: str) -> None:
+        if self.e.helo_required and self.helo is None:
+            self.s._write("503 5.5.1 Error: send HELO/EHLO first\r\n")
+            return
         if self.sender is not None:
             self.s._write("503 5.5.1 Error: nested MAIL command\r\n")
             return
@@ -359,7 +374,7 @@ class _Dialog:
             self.s._write(self.s.rcpt_reply)
 
     def _etrn(self, args: str) -> None:
-        if self.helo is None:
+        if self.e.helo_required and self.helo is None:
             self.s._write("503 5.5.1 Error: send HELO/EHLO first\r\n")
         elif not args.split():
             self.s._write("500 Syntax: ETRN domain\r\n")

@@ -110,6 +110,9 @@ CONFIGURATION PARAMETERS
     postscreen_non_smtp_command_action (drop), postscreen_non_smtp_command_ttl (30d),
     postscreen_bare_newline_enable (no), postscreen_bare_newline_action (ignore),
     postscreen_bare_newline_ttl (30d), postscreen_forbidden_commands (CONNECT GET POST),
+    postscreen_discard_ehlo_keywords ($smtpd_discard_ehlo_keywords),
+    postscreen_disable_vrfy_command ($disable_vrfy_command), postscreen_helo_required
+    ($smtpd_helo_required),
     postscreen_tls_security_level ($smtpd_tls_security_level), postscreen_use_tls
     ($smtpd_use_tls), postscreen_enforce_tls ($smtpd_enforce_tls), and the smtpd_tls_*
     parameters for the TLS contexts (see TLS),

@@ -96,7 +96,8 @@ def ps(tmp_path_factory):
         f"127.0.0.1:{inst.nosmtpd_port} inet n - y - 1 postscreen"
         " -o postscreen_cache_map= -o smtpd_service_name=nosuchsmtpd",
         f"127.0.0.1:{inst.tls_port}{tls_service}may",
-        f"127.0.0.1:{inst.enc_port}{tls_service}encrypt -o postscreen_command_time_limit=3s",
+        f"127.0.0.1:{inst.enc_port}{tls_service}encrypt -o postscreen_command_time_limit=3s"
+        " -o postscreen_helo_required=yes",
         f"127.0.0.1:{inst.hidden_port} inet n - y - 1 postscreen -o postscreen_cache_map="
         f" -o postscreen_dnsbl_reply_map=texthash:{root}/dnsbl_reply",
         "smtpd pass - - y - - smtpd -o smtpd_per_request_deadline=yes"
@@ -568,6 +569,8 @@ def test_encrypt_refuses_mail_before_starttls(ps):
     assert c.cmd("NOOP") == "250 2.0.0 Ok"
     assert c.cmd("XYZZY") == "502 5.5.2 Error: command not recognized"
     c.starttls(tls_context())
+    # TLS starts the session over: postscreen_helo_required wants a new EHLO
+    assert c.cmd("MAIL FROM:<a@client.example>") == "503 5.5.1 Error: send HELO/EHLO first"
     assert c.cmd("EHLO client.example").startswith("250-mail.test.example")
     assert c.cmd("MAIL FROM:<a@client.example>") == "250 2.1.0 Ok"
     assert c.cmd("RCPT TO:<u@localhost>") == "450 4.3.2 Service currently unavailable"

@@ -255,3 +255,21 @@ def test_engine_announces_starttls_only_when_tls_is_ready():
     assert "STARTTLS" not in Engine(config(), "may", tls=None).ehlo   # no certificate
     assert "STARTTLS" not in Engine(config(), "none", tls=object()).ehlo
     assert Engine(config(), "encrypt", tls=None).enforce_tls
+
+
+def test_engine_ehlo_keywords_vrfy_and_helo_settings():
+    from postfix_py.postscreen.dummy import Engine
+    e = Engine(config(postscreen_discard_ehlo_keywords="size, STARTTLS, chunking, nosuch"),
+               "may", tls=object())
+    assert e.ehlo == ("250-localhost\r\n250-VRFY\r\n250-ETRN\r\n250-ENHANCEDSTATUSCODES\r\n"
+                      "250-8BITMIME\r\n250-DSN\r\n250 SMTPUTF8\r\n").replace(
+                          "localhost", config().get("myhostname"))
+    every = "size vrfy etrn enhancedstatuscodes 8bitmime dsn smtputf8 chunking"
+    assert Engine(config(postscreen_discard_ehlo_keywords=every)).ehlo == \
+        f"250 {config().get('myhostname')}\r\n"
+    # EHLO follows disable_vrfy_command, VRFY itself postscreen_disable_vrfy_command
+    e = Engine(config(postscreen_disable_vrfy_command="yes"))
+    assert "VRFY" in e.ehlo and e.disable_vrfy
+    assert "VRFY" not in Engine(config(disable_vrfy_command="yes")).ehlo
+    assert Engine(config(smtpd_helo_required="yes")).helo_required
+    assert not Engine(config()).helo_required
