@@ -22,6 +22,9 @@ DESCRIPTION
         postscreen_blacklist_action);
         the temporary allowlist, postscreen_cache_map: a client whose tests have not
         expired goes straight to smtpd (`PASS OLD [addr]:port`);
+        postscreen_allowlist_interfaces: a client of another server address (a backup
+        MX) cannot earn the allowlist: `ALLOWLIST VETO [addr]:port`, and it is refused
+        after the tests (450 at RCPT in the engine) without a cache update;
         postscreen_pre_queue_limit (421 4.3.2 All screening ports are busy);
         the tests before the SMTP handshake, for postscreen_greet_wait: the pregreet test
         sends the teaser `220-postscreen_greet_banner` and a client that talks before the
@@ -88,7 +91,9 @@ SECURITY
     postscreen_command_count_limit.
 
 CONFIGURATION PARAMETERS
-    postscreen_access_list (permit_mynetworks), postscreen_denylist_action and
+    postscreen_access_list (permit_mynetworks), postscreen_allowlist_interfaces
+    (static:all; Postfix's former name postscreen_whitelist_interfaces is not read),
+    postscreen_denylist_action and
     postscreen_blacklist_action (ignore), postscreen_greet_wait (${stress?{2}:{6}}s),
     postscreen_greet_banner ($smtpd_banner), postscreen_greet_action (ignore),
     postscreen_greet_ttl (1d), postscreen_dnsbl_sites (empty), postscreen_dnsbl_threshold
@@ -209,6 +214,9 @@ class Settings:
         self.retention = cfg["postscreen_cache_retention_time"]
         self.cleanup_interval = cfg["postscreen_cache_cleanup_interval"]
         self.acl = self._acl(cfg["postscreen_access_list"])
+        self.allowlist_if = NetworkList(
+            "postscreen_allowlist_interfaces", cfg["postscreen_allowlist_interfaces"],
+            lambda ref: self._table(ref, "postscreen_allowlist_interfaces"), False)
         self.forbidden_tables = [self._table(w) for w in self.forbidden if ":" in w]
         self.forbidden = {w for w in self.forbidden if ":" not in w}
         prepared = prepared or Prepared()
@@ -475,6 +483,11 @@ class Session:
         else:
             self.info.expire = [NEW] * 5
             self._todo(now)
+        if not s.allowlist_if.match(saddr):
+            # a backup MX address: the tests run, but pass nothing (fail closed)
+            self.failed.add("allowlist")
+            self.noforward = True
+            msg.info(f"ALLOWLIST VETO {self.where}")
         if s.pre_limit > 0 and self.screen.check_queue - self.screen.post_queue >= \
                 s.pre_limit:                    # as Postfix: this session counts too
             msg.info(f"reject: connect from {self.where}: all screening ports busy")

@@ -56,7 +56,7 @@ def ps(tmp_path_factory):
     (root / "passwd").write_text("alice:{PLAIN}secret\n")
     inst.port, inst.proxy_port, inst.deep_port = free_port(), free_port(), free_port()
     inst.nosmtpd_port, inst.hidden_port = free_port(), free_port()
-    inst.tls_port, inst.enc_port = free_port(), free_port()
+    inst.tls_port, inst.enc_port, inst.veto_port = free_port(), free_port(), free_port()
     ca = trustme.CA()
     ca.issue_cert("mail.test.example").private_key_and_cert_chain_pem.write_to_path(
         str(root / "server.pem"))
@@ -98,6 +98,9 @@ def ps(tmp_path_factory):
         f"127.0.0.1:{inst.tls_port}{tls_service}may",
         f"127.0.0.1:{inst.enc_port}{tls_service}encrypt -o postscreen_command_time_limit=3s"
         " -o postscreen_helo_required=yes",
+        f"127.0.0.1:{inst.veto_port} inet n - y - 1 postscreen -o postscreen_cache_map="
+        " -o postscreen_greet_banner= -o postscreen_dnsbl_sites="
+        " -o postscreen_allowlist_interfaces=192.0.2.25",
         f"127.0.0.1:{inst.hidden_port} inet n - y - 1 postscreen -o postscreen_cache_map="
         f" -o postscreen_dnsbl_reply_map=texthash:{root}/dnsbl_reply",
         "smtpd pass - - y - - smtpd -o smtpd_per_request_deadline=yes"
@@ -224,6 +227,27 @@ def test_dnsbl_reply_map_shows_the_public_name_of_the_list(ps):
     assert f"NOQUEUE: reject: RCPT from [127.0.0.2]:{port}: {reject}; " \
         "from=<a@client.example>, to=<u@localhost>, proto=ESMTP, helo=<client.example>" in log
     assert not any("list.test" in line for line in log if f":{port}" in line)
+
+
+def test_a_server_address_outside_the_allowlist_interfaces_vetoes_the_pass(ps):
+    """postscreen_allowlist_interfaces (a backup MX): the client is refused with 450 at
+    RCPT and passes nothing, whatever it does."""
+    c = SmtpClient(ps.veto_port, source="127.0.0.22")
+    assert c.reply() == f"220 {BANNER}"            # postscreen's engine
+    port = c.sock.getsockname()[1]
+    assert c.cmd("EHLO client.example").startswith("250-mail.test.example")
+    assert c.cmd("MAIL FROM:<a@client.example>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<u@localhost>") == "450 4.3.2 Service currently unavailable"
+    assert c.cmd("QUIT") == "221 2.0.0 Bye"
+    c.close()
+    wait_for(lambda: f"DISCONNECT [127.0.0.22]:{port}" in ps.log(), 10, what="DISCONNECT")
+    assert lines_for(ps, "127.0.0.22") == [
+        f"CONNECT from [127.0.0.22]:{port} to [127.0.0.1]:{ps.veto_port}",
+        f"ALLOWLIST VETO [127.0.0.22]:{port}",
+        f"NOQUEUE: reject: RCPT from [127.0.0.22]:{port}: 450 4.3.2 Service currently "
+        "unavailable; from=<a@client.example>, to=<u@localhost>, proto=ESMTP, "
+        "helo=<client.example>",
+        f"DISCONNECT [127.0.0.22]:{port}"]
 
 
 def test_a_reply_filter_and_an_allow_list_weight_pass_clients(ps):
