@@ -685,3 +685,35 @@ def test_swaks_tls_through_postscreen_engine(ps):
     assert "<-  220 2.0.0 Ready to start TLS" in out, out
     assert "=== TLS started with cipher TLSv1." in out, out
     assert "<~* 450 4.3.2 Service currently unavailable" in out, out     # ~: in TLS
+
+
+def test_postscreen_tls_ticket_keys_rotate_with_a_new_generation(instance, tmp_path):
+    """Every smtpd_tls_session_cache_timeout the master rebuilds postscreen's contexts
+    (new ticket keys), as smtpd's, and a new postscreen takes the next clients."""
+    ca = trustme.CA()
+    ca.issue_cert("mail.test.example").private_key_and_cert_chain_pem.write_to_path(
+        str(instance.dir / "server.pem"))
+    port = free_port()
+    instance.main.update({"smtpd_tls_cert_file": f"{instance.dir}/server.pem",
+                          "smtpd_tls_session_cache_timeout": "2s",
+                          "postscreen_tls_security_level": "may",
+                          "postscreen_greet_banner": "", "postscreen_cache_map": "",
+                          "postscreen_pipelining_enable": "yes", "postscreen_access_list": ""})
+    instance.master_lines = [f"127.0.0.1:{port} inet n - y - 1 postscreen",
+                             "smtpd pass - - y - - smtpd"]
+    instance.start()
+
+    def session() -> set[int]:
+        c = SmtpClient(port)
+        assert c.reply().startswith("220 ")
+        c.starttls(tls_context())
+        assert c_ok(c)
+        c.close()
+        screens = {p.pid for p in instance.workers()
+                   if "postscreen" in " ".join(p.cmdline() or [])}
+        assert screens
+        return screens
+    first = session()
+    time.sleep(3)
+    assert session() - first                    # a postscreen of the next key period
+    assert "session ticket keys" not in instance.log()
