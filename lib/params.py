@@ -208,6 +208,7 @@ PARAMS: list[Param] = [
     _p("postscreen_dnsbl_max_ttl", "1h", TIME, "most time a DNSBL result is remembered", min=1),
     _p("postscreen_dnsbl_timeout", "10s", TIME, "time limit of postscreen's DNSBL queries", min=1),
     _p("postscreen_allowlist_interfaces", "static:all", LIST, "server addresses on which a client may pass postscreen's tests (elsewhere, as on a backup MX: ALLOWLIST VETO)"),
+    _p("postscreen_watchdog_timeout", "10s", TIME, "time one pass of postscreen's event loop (a client command, a cache operation) may take before the process is killed", min=10),
     _p("postscreen_discard_ehlo_keywords", "$smtpd_discard_ehlo_keywords", LIST, "EHLO keywords that postscreen's engine does not announce"),
     _p("postscreen_disable_vrfy_command", "$disable_vrfy_command", BOOL, "postscreen's engine answers VRFY with 502 (its EHLO follows disable_vrfy_command, as Postfix)"),
     _p("postscreen_helo_required", "$smtpd_helo_required", BOOL, "postscreen's engine wants HELO or EHLO before MAIL and ETRN"),

@@ -116,6 +116,8 @@ CONFIGURATION PARAMETERS
     postscreen_bare_newline_enable (no), postscreen_bare_newline_action (ignore),
     postscreen_bare_newline_ttl (30d), postscreen_forbidden_commands (CONNECT GET POST),
     postscreen_discard_ehlo_keywords ($smtpd_discard_ehlo_keywords),
+    postscreen_watchdog_timeout (10s: one pass of the event loop, or the process is
+    killed, as Postfix's watchdog),
     postscreen_disable_vrfy_command ($disable_vrfy_command), postscreen_helo_required
     ($smtpd_helo_required),
     postscreen_tls_security_level ($smtpd_tls_security_level), postscreen_use_tls
@@ -973,4 +975,5 @@ def main(ctx) -> int:
         screen = ctx.state.get("screen")
         return screen.sessions if screen else 0
     return server.multi_server(ctx, on_client, pre_init=pre_init, post_init=post_init,
-                               on_exit=on_exit, client_count=count)
+                               on_exit=on_exit, client_count=count,
+                               watchdog=ctx.cfg["postscreen_watchdog_timeout"])
