@@ -953,9 +953,18 @@ def post_init(ctx, loop) -> None:
     # memcache: and redis: cannot be walked: their ttl ages entries out (postscreen/cache.py)
     if settings.cache is not None and settings.cache.iterable and interval > 0:
         def cleanup():
-            if settings.cache is not None:
-                settings.cache.cleanup(settings.retention, settings.enabled())
-            loop.call_later(interval, cleanup)
+            if settings.cache is None:
+                return
+            steps = settings.cache.cleanup_steps(settings.retention, settings.enabled())
+
+            def step():                 # a batch per turn: clients are served between
+                try:
+                    next(steps)
+                except StopIteration:
+                    loop.call_later(interval, cleanup)
+                    return
+                loop.call_later(0, step)
+            step()
         loop.call_later(interval, cleanup)
     ctx.state["on_client"] = screen.on_client
 

@@ -92,7 +92,7 @@ def ps(tmp_path_factory):
         f"127.0.0.1:{inst.deep_port} inet n - y - 1 postscreen"
         " -o postscreen_cache_map=btree:$data_directory/postscreen_cache_deep"
         " -o postscreen_pipelining_enable=yes -o postscreen_non_smtp_command_enable=yes"
-        " -o postscreen_bare_newline_enable=yes",
+        " -o postscreen_bare_newline_enable=yes -o postscreen_cache_cleanup_interval=2s",
         f"127.0.0.1:{inst.nosmtpd_port} inet n - y - 1 postscreen"
         " -o postscreen_cache_map= -o smtpd_service_name=nosuchsmtpd",
         f"127.0.0.1:{inst.tls_port}{tls_service}may",
@@ -446,6 +446,16 @@ def test_deep_tests_pass_then_the_client_is_let_through_next_time(ps):
     c.cmd("QUIT")
     c.close()
     assert f"PASS OLD [127.0.0.10]:{port}" in lines_for(ps, "127.0.0.10")
+
+
+def test_the_cache_is_cleaned_up_in_the_event_loop(ps):
+    """postscreen_cache_cleanup_interval = 2s on the deep tests' service: the walk runs
+    in postscreen's event loop, logs Postfix's line, and clients are still served."""
+    wait_for(lambda: "postscreen_cache_deep full cleanup: retained=" in ps.log(), 10,
+             what="the cleanup line")
+    c, _ = deep_client(ps, "127.0.0.23")
+    c.cmd("QUIT")
+    c.close()
 
 
 def test_non_smtp_command_is_dropped(ps):

@@ -273,3 +273,22 @@ def test_engine_ehlo_keywords_vrfy_and_helo_settings():
     assert "VRFY" not in Engine(config(disable_vrfy_command="yes")).ehlo
     assert Engine(config(smtpd_helo_required="yes")).helo_required
     assert not Engine(config()).helo_required
+
+
+def test_cache_cleanup_in_batches_keeps_what_was_renewed_meanwhile(tmp_path):
+    c = cache.Cache(f"btree:{tmp_path}/ps")
+    now = int(time.time())
+    old = f"{now - 100000};{now - 100000};1;1;1"
+    for i in range(5):
+        c.update(f"192.0.2.{i}", old)
+    steps = c.cleanup_steps(10, [True, True, False, False, False], batch=2)
+    next(steps)                                 # the walk is listed, nothing dropped yet
+    next(steps)                                 # .0 and .1 dropped
+    assert c.lookup("192.0.2.0") is None and c.lookup("192.0.2.4") == old
+    c.update("192.0.2.4", f"{now + 3600};{now + 3600};1;1;1")     # a client passed again
+    with pytest.raises(StopIteration) as done:
+        while True:
+            next(steps)
+    assert done.value.value == (1, 4)
+    assert c.lookup("192.0.2.4") is not None and c.lookup("192.0.2.3") is None
+    c.close()
