@@ -373,12 +373,15 @@ def single_server(ctx: WorkerContext, service, pre_init=None, post_init=None,
 
 
 def multi_server(ctx: WorkerContext, on_client, pre_init=None, post_init=None,
-                 on_exit=None, client_count=None, long_running: bool = False) -> int:
+                 on_exit=None, client_count=None, long_running: bool = False,
+                 watchdog: int | None = None) -> int:
     """Serve many clients from one event loop; return the exit status.
 
     on_client(conn, loop) takes a non-blocking connection. client_count() says how many
     are still connected, so that max_idle counts only time without any. A long-running
     daemon (tlsmgr, qmgr) ignores max_idle and max_use: its state lives in memory.
+    watchdog: seconds one pass of the loop may take before SIGALRM kills the process
+    (daemon_timeout unless given; postscreen's postscreen_watchdog_timeout).
     """
     _start(ctx)
     if pre_init:
@@ -439,7 +442,8 @@ def multi_server(ctx: WorkerContext, on_client, pre_init=None, post_init=None,
         return ctx.served >= max_use and not busy or \
             time.monotonic() - last_activity[0] > max_idle
 
-    watchdog = ctx.cfg["daemon_timeout"]
+    if watchdog is None:
+        watchdog = ctx.cfg["daemon_timeout"]
 
     def pet():
         signal.alarm(watchdog)

@@ -22,7 +22,8 @@ SERVER
         option names, DSA where OpenSSL refuses it) go to warn().
     server_security_level(cfg, prefix) -> "none" | "may" | "encrypt": "encrypt" in
         wrapper mode, else from smtpd_tls_security_level, else the legacy
-        smtpd_enforce_tls / smtpd_use_tls. "verify"/"secure"/"fingerprint" become "encrypt"
+        smtpd_enforce_tls / smtpd_use_tls (prefix "postscreen": postscreen's own three,
+        which have no wrapper mode). "verify"/"secure"/"fingerprint" become "encrypt"
         with a warning, as in Postfix; anything else (dane too) raises TLSConfigError.
     ccert_policy(cfg, level, prefix, warn) -> (ask, require): the seed's rule for
         smtpd_tls_ask_ccert and smtpd_tls_req_ccert: requiring a client certificate takes
@@ -69,6 +70,8 @@ BOTH SIDES
         ..." text ("-1", "lost connection", "Connection timed out") and .reasons, OpenSSL's
         error texts. handshake_loop(conn, timeout) is its loop alone (the socket already
         non-blocking; TimeoutError, or OpenSSL's exception as raised), for lib/smtpio.py;
+        handshake_step(conn) is one turn of it for an event loop (postscreen): None when
+        the handshake is done, "read" or "write" for what it waits for;
         ssl_error_text(exc) is the one-line form of an OpenSSL error that smtpio reports
         (the last reason; "unexpected EOF" for an EOF). shutdown(conn, timeout, fast=None)
         sends close_notify (fast=False also waits for the peer's; None: the
@@ -873,7 +876,7 @@ def server_security_level(cfg, prefix: str = "smtpd", warn=msg.warn) -> str:
     The one computation of it: smtpd's prepare() calls it once per generation and hands the
     value to server_tls() and to every session. Wrapper mode is TLS from the first byte:
     encrypt, whatever the level says (Postfix looks the level up only without it)."""
-    if cfg[f"{prefix}_tls_wrappermode"]:
+    if prefix != "postscreen" and cfg[f"{prefix}_tls_wrappermode"]:
         return "encrypt"
     level = cfg.get(f"{prefix}_tls_security_level").strip().lower()
     if level:
@@ -1440,6 +1443,19 @@ def handshake_loop(conn: SSL.Connection, timeout: float) -> None:
             _wait(conn, False, deadline)
         except SSL.WantWriteError:
             _wait(conn, True, deadline)
+
+
+def handshake_step(conn: SSL.Connection) -> str | None:
+    """One do_handshake() on a non-blocking socket, for an event loop: None when the
+    handshake is done, else "read" or "write", what it waits for; OpenSSL's errors
+    propagate as raised (ssl_error_text() words them)."""
+    try:
+        conn.do_handshake()
+        return None
+    except SSL.WantReadError:
+        return "read"
+    except SSL.WantWriteError:
+        return "write"
 
 
 def handshake(conn: SSL.Connection, timeout: float) -> None:

@@ -65,6 +65,7 @@ PROGRAMS = {
     "local": "postfix_py.local.service",
     "virtual": "postfix_py.virtual.service",
     "discard": "postfix_py.local.discard",
+    "spawn": "postfix_py.local.spawn",
     "error": "postfix_py.local.error",
     "pickup": "postfix_py.pickup.service",
     "showq": "postfix_py.showq.service",

@@ -27,7 +27,8 @@ access mode"): the cache is off.
 CLEANUP
     Every postscreen_cache_cleanup_interval (0: never) the whole map is walked, and an
     entry with an enabled test that expired more than postscreen_cache_retention_time
-    ago is dropped (psc_cache_validator()); the result is logged as Postfix does:
+    ago is dropped (psc_cache_validator()), BATCH entries per turn of postscreen's event
+    loop; the result is logged as Postfix does:
     `cache btree:PATH full cleanup: retained=N dropped=M entries`. memcache: and redis:
     cannot be walked (Postfix's memcache: has no first-next API, and its POSTSCREEN_README
     says to set the interval to 0): for them postscreen_cache_cleanup_interval is
@@ -36,7 +37,8 @@ CLEANUP
 
 CLASSES
     Cache(ref) -> opened at once; .enabled; .iterable; lookup(addr) -> text or None;
-        update(addr, text); cleanup(retention, enabled) -> (retained, dropped); close().
+        update(addr, text); cleanup(retention, enabled) -> (retained, dropped);
+        cleanup_steps(retention, enabled): the same in batches, a generator; close().
 
 SEE ALSO
     postscreen/service.py, lib/tables.py, lib/table_store.py; Postfix postscreen_dict.c,
@@ -50,6 +52,7 @@ import time
 from ..lib import msg, tables
 
 TESTS = 5                       # pregreet, dnsbl, pipelining, non_smtp_command, bare_newline
+BATCH = 1000                    # cleanup entries per event loop turn (~25 ms of deletes)
 
 
 class Cache:
@@ -93,19 +96,43 @@ class Cache:
             self._failed(exc)
 
     def cleanup(self, retention: float, enabled: list[bool]) -> tuple[int, int]:
-        """Drop entries with an enabled test that expired more than retention ago; a
-        table that cannot be walked is left to its ttl: (0, 0), nothing logged."""
+        """The whole walk at once (see cleanup_steps()): (retained, dropped)."""
+        steps = self.cleanup_steps(retention, enabled)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def cleanup_steps(self, retention: float, enabled: list[bool], batch: int = BATCH):
+        """Drop entries with an enabled test that expired more than retention ago, batch
+        entries per next(), so that postscreen's event loop serves clients between
+        batches (as Postfix's dict_cache cleans in the background) and a large cache
+        never keeps one pass past postscreen_watchdog_timeout. The generator returns
+        (retained, dropped); a table that cannot be walked is left to its ttl: (0, 0),
+        nothing logged."""
         if not self.iterable:
             return 0, 0
         now = time.time()
         retained = dropped = 0
         try:
-            for key, value in self.table.items():
+            entries = self.table.items()
+            yield
+            for i, (key, value) in enumerate(entries, 1):
+                if self.table is None:
+                    return retained, dropped        # failed meanwhile: off, and said so
                 if expired(value, now, retention, enabled):
+                    # a client may have renewed it since the walk began: ask again
+                    value = self.table.lookup(key)
+                if value is None:
+                    pass
+                elif expired(value, now, retention, enabled):
                     self.table.delete(key)
                     dropped += 1
                 else:
                     retained += 1
+                if i % batch == 0:
+                    yield
         except tables.TableError as exc:
             self._failed(exc)
             return 0, 0

@@ -8,8 +8,11 @@ SITES
     postscreen_dnsbl_sites words are `domain[=d.d.d.d][*weight]`, as Postfix: the filter
     is lib/dnsbl.py's ip_match pattern (each octet a number or [n;lo..hi]), the weight an
     integer (default 1, negative for an allow list). A client's score is the sum of the
-    weights of the sites whose A record matches; the name logged and replied is the site
-    of the largest weight that matched (psc_dnsbl_receive()).
+    weights of the sites whose A record matches; the name replied is the domain of the
+    site of the largest weight that matched (psc_dnsbl_receive()), or what
+    postscreen_dnsbl_reply_map says for that domain: a list domain that holds a secret
+    (a subscriber's key) is never shown to the client. The map is looked up once per
+    domain, when the sites are parsed (before the chroot), as Postfix does.
 
 TTL
     A listing's TTL is the least TTL of the A records that scored; a pass's is the
@@ -23,7 +26,8 @@ RESOLVER
     without an answer scores nothing (a warning says so).
 
 CLASSES
-    Sites(words) -> the parsed sites (ConfigError for a bad word).
+    Sites(words, reply_map=None) -> the parsed sites (ConfigError for a bad word or a
+        reply map lookup error); reply_map is an open lib/tables.py table.
     Score(loop, sites, servers, addr, timeout, done): starts the queries at once; done()
         is called when the last reply is in. total, name, ttl(min_ttl, max_ttl) read it
         at any time (partial while queries are pending); cancel() stops what is pending.
@@ -42,7 +46,7 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
-from ..lib import dnsbl, msg
+from ..lib import dnsbl, msg, tables
 from ..lib.maincf import ConfigError
 
 RESEND = 1.0
@@ -56,8 +60,9 @@ class Site:
 class Sites:
     """postscreen_dnsbl_sites, grouped by list domain."""
 
-    def __init__(self, words: list[str]):
+    def __init__(self, words: list[str], reply_map=None):
         self.by_domain: dict[str, list[Site]] = {}
+        self.reply_name: dict[str, str] = {}    # domain -> the name shown to clients
         for word in words:
             text, weight = word, 1
             if "*" in text:
@@ -78,10 +83,22 @@ class Sites:
                     octets = dnsbl.parse_reply_pattern(pattern)
                 except ValueError as exc:
                     raise ConfigError(f"postscreen_dnsbl_sites: \"{word}\": {exc}") from None
+            if domain not in self.by_domain:
+                self.reply_name[domain] = _reply_name(reply_map, domain)
             self.by_domain.setdefault(domain, []).append(Site(domain, octets, weight, word))
 
     def __bool__(self) -> bool:
         return bool(self.by_domain)
+
+
+def _reply_name(reply_map, domain: str) -> str:
+    if reply_map is None:
+        return domain
+    try:
+        safe = reply_map.lookup(domain)
+    except tables.TableError as exc:
+        raise ConfigError(f"{reply_map.type}:{reply_map.name} lookup error: {exc}") from None
+    return safe.strip() if safe and safe.strip() else domain
 
 
 def servers(nameservers: list[str]) -> list[tuple[str, int]]:
@@ -212,7 +229,7 @@ class Score:
                 if site.pattern is None or any(dnsbl.match_reply(site.pattern, a)
                                                for a in addresses):
                     if self.name is None or self.weight < site.weight:
-                        self.name, self.weight = domain, site.weight
+                        self.name, self.weight = self.sites.reply_name[domain], site.weight
                     self.total += site.weight
                 listed = site.weight > 0
             else:

@@ -8,15 +8,27 @@ unavailable; client [addr] blocked using LIST; from=<s>, to=<r>, proto=ESMTP,
 helo=<h>`), and then the client is let go.
 
     220 smtpd_banner (not sent to a client that failed the pregreet test)
-    HELO, EHLO          250 (EHLO: myhostname, SIZE, VRFY, ETRN, ENHANCEDSTATUSCODES,
-                        8BITMIME, DSN, SMTPUTF8, CHUNKING as configured)
-    MAIL                250 2.1.0 Ok
+    HELO, EHLO          250 (EHLO: myhostname, SIZE, VRFY, ETRN, STARTTLS,
+                        ENHANCEDSTATUSCODES, 8BITMIME, DSN, SMTPUTF8, CHUNKING as
+                        configured, less postscreen_discard_ehlo_keywords; STARTTLS
+                        only before TLS and when TLS is ready)
+    STARTTLS            220 2.0.0 Ready to start TLS, then the handshake (see TLS);
+                        501 5.5.4 Syntax: STARTTLS with arguments, 554 5.5.1 Error: TLS
+                        already active, 502 5.5.1 Error: command not implemented when
+                        TLS is off or broken, 454 4.7.0 TLS not available due to local
+                        problem when a connection cannot be set up
+    MAIL                250 2.1.0 Ok (503 5.5.1 Error: send HELO/EHLO first with
+                        postscreen_helo_required, as for ETRN)
     RCPT                the enforce reply, logged NOQUEUE: reject
     DATA, BDAT          `DATA without valid RCPT`, 554 5.5.1 Error: no valid recipients
                         (503 without MAIL), and the connection ends
-    RSET, NOOP          250 2.0.0 Ok;  VRFY: the enforce reply (502 when disabled)
+    RSET, NOOP          250 2.0.0 Ok;  VRFY: the enforce reply (502 with
+                        postscreen_disable_vrfy_command)
     ETRN                458 Unable to queue messages;  QUIT: 221 2.0.0 Bye
-    other               502 5.5.2 Error: command not recognized (STARTTLS, AUTH ...)
+    other               502 5.5.2 Error: command not recognized (AUTH, XCLIENT ...)
+    With postscreen_tls_security_level = encrypt, every command but HELO, EHLO,
+    STARTTLS, NOOP and QUIT gets 530 5.7.0 Must issue a STARTTLS command first until
+    TLS is up.
 
     The deep protocol tests run here, each when enabled (postscreen_*_enable) and due,
     or for any client that failed a test before the greeting:
@@ -32,6 +44,16 @@ helo=<h>`), and then the client is let go.
     that reaches RCPT without failing passes them (their postscreen_*_ttl) and is told
     450 4.3.2 Service currently unavailable: it is let through when it comes back.
 
+TLS
+    The handshake runs in postscreen's event loop (postscreen/service.py says why), on
+    the server contexts that postscreen's prepare() built with lib/tls.py from the
+    smtpd_tls_* parameters, within postscreen_command_time_limit. Input that came
+    after STARTTLS in plaintext is discarded (as Postfix purges it). Done: smtpd's TLS
+    log lines at smtpd_tls_loglevel, for [addr]:port, and the session starts over (no
+    HELO, no sender), its replies and commands in TLS. Failed or timed out: smtpd's
+    `SSL_accept error from [addr]:port: REASON` lines and postscreen's HANGUP; that
+    client alone ends.
+
     A command line longer than line_length_limit, more than
     postscreen_command_count_limit commands, or postscreen_command_time_limit for one
     command end the session with Postfix's log line and 421 reply.
@@ -44,7 +66,10 @@ from __future__ import annotations
 
 import re
 
+from OpenSSL import SSL
+
 from ..lib import msg
+from ..lib import tls as T
 from ..lib.proxy import escape as _escape
 
 READ = 4096
@@ -53,21 +78,36 @@ READ = 4096
 class Engine:
     """The replies of this configuration, built once."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, tls_level: str = "none", tls=None):
         host = cfg.get("myhostname")
         self.greeting = f"220 {cfg.get('smtpd_banner')}\r\n"
         self.helo = f"250 {host}\r\n"
-        lines = [host]
         size = cfg["message_size_limit"]
-        lines.append(f"SIZE {size}" if size else "SIZE")
-        self.disable_vrfy = cfg["disable_vrfy_command"]
-        if not self.disable_vrfy:
-            lines.append("VRFY")
-        lines += ["ETRN", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
+        # (keyword, line) in Postfix's order; postscreen_discard_ehlo_keywords hides some.
+        # VRFY is announced after disable_vrfy_command, and answered after
+        # postscreen_disable_vrfy_command, as Postfix's postscreen does.
+        features = [("size", f"SIZE {size}" if size else "SIZE")]
+        if not cfg["disable_vrfy_command"]:
+            features.append(("vrfy", "VRFY"))
+        features += [("etrn", "ETRN"), ("starttls", "STARTTLS"),
+                     ("enhancedstatuscodes", "ENHANCEDSTATUSCODES"),
+                     ("8bitmime", "8BITMIME"), ("dsn", "DSN")]
         if cfg["smtputf8_enable"]:
-            lines.append("SMTPUTF8")
-        lines.append("CHUNKING")
-        self.ehlo = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
+            features.append(("smtputf8", "SMTPUTF8"))
+        features.append(("chunking", "CHUNKING"))
+        discard = {word.lower() for word in cfg["postscreen_discard_ehlo_keywords"]}
+        self.disable_vrfy = cfg["postscreen_disable_vrfy_command"]
+        self.helo_required = cfg["postscreen_helo_required"]
+        # tls: lib/tls.ServerTLS, or None when TLS is off or could not be set up (then
+        # STARTTLS is not announced, but encrypt still refuses MAIL, as Postfix)
+        self.tls = tls if tls_level != "none" else None
+        self.enforce_tls = tls_level == "encrypt"
+
+        def ehlo(starttls: bool) -> str:
+            return _ehlo([host] + [line for word, line in features if word not in discard
+                                   and (word != "starttls" or starttls)])
+        self.ehlo_tls = ehlo(False)
+        self.ehlo = ehlo(self.tls is not None)
         self.timeout_reply = f"421 4.4.2 {host} Error: timeout exceeded\r\n"
         self.busy_reply = f"421 {host} Service unavailable - try again later\r\n"
         self.time_limit = cfg["postscreen_command_time_limit"]
@@ -87,6 +127,7 @@ class _Dialog:
         self.sender = None
         self.protocol = "SMTP"
         self.count = 0
+        self.tls_conn = None                # during the handshake
         self.where = "CONNECT"
         if "pregreet" not in session.failed and not session._write(engine.greeting):
             session.hangup_event()
@@ -110,18 +151,15 @@ class _Dialog:
 
     def _read(self) -> None:
         s = self.s
-        try:
-            data = s.conn.recv(READ)
-        except (BlockingIOError, InterruptedError):
+        data = s.recv(READ)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             s.loop.remove_reader(s.fd)
             s.hangup_event()
             return
         self.buf += data
-        while not s.closed:
+        while not s.closed and self.tls_conn is None:
             end = self.buf.find(b"\n")
             if end < 0:
                 if len(self.buf) >= self.e.line_limit:
@@ -187,9 +225,11 @@ class _Dialog:
         handler = getattr(self, "_" + name.lower(), None) if name in _KNOWN else None
         if handler is None:
             s._write("502 5.5.2 Error: command not recognized\r\n")
+        elif self.e.enforce_tls and s.tls is None and name not in _PRE_TLS:
+            s._write("530 5.7.0 Must issue a STARTTLS command first\r\n")
         else:
             handler(args)
-        if not s.closed:
+        if not s.closed and self.tls_conn is None:
             self._arm()
 
     def _helo(self, args: str) -> None:
@@ -204,9 +244,77 @@ class _Dialog:
             self.s._write("501 Syntax: EHLO hostname\r\n")
             return
         self.helo, self.protocol, self.sender = args.split()[0], "ESMTP", None
-        self.s._write(self.e.ehlo)
+        self.s._write(self.e.ehlo_tls if self.s.tls is not None else self.e.ehlo)
+
+    # --- STARTTLS ----------------------------------------------------------------------------
+    def _starttls(self, args: str) -> None:
+        """psc_starttls_cmd(): reply 220, then the handshake; commands wait for it."""
+        s = self.s
+        if args.split():
+            s._write("501 5.5.4 Syntax: STARTTLS\r\n")
+            return
+        if s.tls is not None:
+            s._write("554 5.5.1 Error: TLS already active\r\n")
+            return
+        if self.e.tls is None:
+            s._write("502 5.5.1 Error: command not implemented\r\n")
+            return
+        try:
+            conn = self.e.tls.connection(s.conn, s.where, self.e.enforce_tls)
+        except (SSL.Error, OSError) as exc:
+            msg.warn(f"cannot start TLS for {s.where}: {exc}")
+            s._write("454 4.7.0 TLS not available due to local problem\r\n")
+            return
+        self.buf = b""                  # plaintext behind STARTTLS is never a command
+        if not s._write("220 2.0.0 Ready to start TLS\r\n"):
+            return
+        self.tls_conn = conn
+        s.loop.remove(s.fd)
+        s.loop.cancel(s.timer)
+        s.timer = s.loop.call_later(self.e.time_limit, s.guard(self._tls_timeout))
+        self._handshake()
+
+    def _handshake(self) -> None:
+        s = self.s
+        s.loop.remove(s.fd)
+        try:
+            want = T.handshake_step(self.tls_conn)
+        except SSL.Error as exc:
+            self._tls_failed(T.ssl_error_text(exc) or "lost connection")
+            return
+        if want == "read":
+            s.loop.add_reader(s.fd, s.guard(self._handshake))
+            return
+        if want == "write":
+            s.loop.add_writer(s.fd, s.guard(self._handshake))
+            return
+        # psc_starttls_resume(): TLS is up; the session starts over
+        tls, conn, self.tls_conn = self.e.tls, self.tls_conn, None
+        for line in tls.log_lines(tls.info(conn)):
+            msg.info(line)
+        s.tls = conn
+        self.helo = self.sender = None
+        s.loop.add_reader(s.fd, s.guard(self._read))
+        self._arm()
+        self._read()                    # what is already decrypted, if anything
+
+    def _tls_timeout(self) -> None:
+        self.s.timer = None
+        self._tls_failed("timeout")
+
+    def _tls_failed(self, reason: str) -> None:
+        """The handshake did not complete: smtpd's lines, then this client hangs up."""
+        s = self.s
+        self.tls_conn = None
+        msg.warn(f"TLS library problem: SSL_accept error from {s.where}: {reason}")
+        msg.info(f"SSL_accept error from {s.where}: {reason}")
+        s.loop.remove(s.fd)
+        s.hangup_event()
 
     def _mail(self, args: str) -> None:
+        if self.e.helo_required and self.helo is None:
+            self.s._write("503 5.5.1 Error: send HELO/EHLO first\r\n")
+            return
         if self.sender is not None:
             self.s._write("503 5.5.1 Error: nested MAIL command\r\n")
             return
@@ -266,7 +374,7 @@ class _Dialog:
             self.s._write(self.s.rcpt_reply)
 
     def _etrn(self, args: str) -> None:
-        if self.helo is None:
+        if self.e.helo_required and self.helo is None:
             self.s._write("503 5.5.1 Error: send HELO/EHLO first\r\n")
         elif not args.split():
             self.s._write("500 Syntax: ETRN domain\r\n")
@@ -293,8 +401,15 @@ def _printable(text: str) -> str:
     return "".join(c if c.isascii() and c.isprintable() else "?" for c in text)
 
 
-_KNOWN = {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "VRFY", "ETRN",
-          "QUIT"}
+def _ehlo(lines: list[str]) -> str:
+    return "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
+
+
+# Postfix's command table: AUTH, XCLIENT and XFORWARD are known (no non-SMTP test, and
+# `after AUTH` in log lines) but disabled: 502 5.5.2, as an unknown command.
+_KNOWN = {"HELO", "EHLO", "STARTTLS", "XCLIENT", "XFORWARD", "AUTH", "MAIL", "RCPT",
+          "DATA", "BDAT", "RSET", "NOOP", "VRFY", "ETRN", "QUIT"}
+_PRE_TLS = {"HELO", "EHLO", "STARTTLS", "NOOP", "QUIT"}   # allowed before TLS with encrypt
 
 
 def _address(args: str, keyword: str) -> str | None:

@@ -22,6 +22,9 @@ DESCRIPTION
         postscreen_blacklist_action);
         the temporary allowlist, postscreen_cache_map: a client whose tests have not
         expired goes straight to smtpd (`PASS OLD [addr]:port`);
+        postscreen_allowlist_interfaces: a client of another server address (a backup
+        MX) cannot earn the allowlist: `ALLOWLIST VETO [addr]:port`, and it is refused
+        after the tests (450 at RCPT in the engine) without a cache update;
         postscreen_pre_queue_limit (421 4.3.2 All screening ports are busy);
         the tests before the SMTP handshake, for postscreen_greet_wait: the pregreet test
         sends the teaser `220-postscreen_greet_banner` and a client that talks before the
@@ -46,8 +49,41 @@ DESCRIPTION
     by default, as Postfix) run in postscreen/dummy.py; a client that takes them is
     refused with 450 at RCPT and let through when it comes back (PASS OLD).
 
+TLS
+    postscreen's engine (postscreen/dummy.py) offers STARTTLS as Postfix's does, with
+    postscreen_tls_security_level (default $smtpd_tls_security_level; empty: the legacy
+    postscreen_use_tls and postscreen_enforce_tls, whose defaults are smtpd's): may
+    announces it, encrypt also answers 530 5.7.0 Must issue a STARTTLS command first to
+    every command but HELO, EHLO, STARTTLS, NOOP and QUIT until TLS is up.
+    Postfix's postscreen hands the client to a tlsproxy(8) process for the handshake and
+    then talks plaintext to tlsproxy: its C event loop cannot suspend an OpenSSL call that
+    needs more input, and it keeps the TLS library out of postscreen. postfix-py runs
+    the handshake in postscreen's own event loop instead, with pyOpenSSL on the
+    non-blocking socket (lib/tls.handshake_step: WantRead and WantWrite become read and
+    write events), because
+        * lib/tls.py is the one home of the server contexts: prepare() builds them in the
+          master from the smtpd_tls_* parameters (certificates, protocols, ciphers,
+          tls_server_sni_maps, loglevel), exactly as smtpd's prepare() does, and rekeys
+          them every smtpd_tls_session_cache_timeout as smtpd's (a new generation of
+          postscreen, as after a reload); a tlsproxy service would be a second server,
+          a third protocol over a unix socket and a descriptor hand-off per client, for
+          the few clients that reach this engine at all (those that failed a test, or
+          take the deep tests, which Postfix leaves off by default);
+        * the isolation tlsproxy buys in C (a library bug does not take the screen down)
+          is what guard() gives here: an exception in one client's TLS ends that client.
+    Postfix's tlsproxy uses the tlsproxy_tls_* parameters, whose defaults are the
+    smtpd_tls_* ones; postfix-py has no tlsproxy, and postscreen reads the smtpd_tls_*
+    parameters directly. Its tickets are under postscreen's own keys: a client that
+    comes back to smtpd does a full handshake there. The handshake has
+    postscreen_command_time_limit (as tlsproxy is given); the log lines are smtpd's, for
+    [addr]:port: the smtpd_tls_loglevel lines, or `SSL_accept error from [addr]:port:
+    REASON` and then `HANGUP after T from [addr]:port in tests after SMTP handshake`.
+    No certificate (or another TLS setup error): a warning at start, STARTTLS is not
+    announced and gets 502 5.5.1 Error: command not implemented, as in Postfix.
+
 SECURITY
-    Talks to untrusted clients. Runs chrooted in queue_directory as mail_owner; the cache
+    Talks to untrusted clients. With TLS on, postscreen holds the server's private keys
+    in memory (read by the master, before the fork), as smtpd does. Runs chrooted in queue_directory as mail_owner; the cache
     (data_directory, outside the jail; opened with mail_owner's effective uid and gid, so
     that the file is mail_owner's; or a memcache:/redis: store, whose unix: socket must
     then be inside the jail) and the access tables are opened before the chroot. Every client costs a bounded buffer (the dummy engine's line limit) and is
@@ -55,13 +91,17 @@ SECURITY
     postscreen_command_count_limit.
 
 CONFIGURATION PARAMETERS
-    postscreen_access_list (permit_mynetworks), postscreen_denylist_action and
+    postscreen_access_list (permit_mynetworks), postscreen_allowlist_interfaces
+    (static:all; Postfix's former name postscreen_whitelist_interfaces is not read),
+    postscreen_denylist_action and
     postscreen_blacklist_action (ignore), postscreen_greet_wait (${stress?{2}:{6}}s),
     postscreen_greet_banner ($smtpd_banner), postscreen_greet_action (ignore),
     postscreen_greet_ttl (1d), postscreen_dnsbl_sites (empty), postscreen_dnsbl_threshold
     (1), postscreen_dnsbl_allowlist_threshold (0), postscreen_dnsbl_action (ignore),
     postscreen_dnsbl_min_ttl (60s), postscreen_dnsbl_max_ttl (1h),
-    postscreen_dnsbl_timeout (10s), postscreen_cache_map
+    postscreen_dnsbl_timeout (10s), postscreen_dnsbl_reply_map (empty: the list's name
+    in the 550 reply is its domain; the map hides a domain that holds a secret),
+    postscreen_cache_map
     (btree:$data_directory/postscreen_cache; memcache: and redis: share it across hosts),
     postscreen_cache_retention_time (7d), postscreen_cache_cleanup_interval (12h;
     ignored for memcache: and redis:), postscreen_post_queue_limit and
@@ -75,6 +115,14 @@ CONFIGURATION PARAMETERS
     postscreen_non_smtp_command_action (drop), postscreen_non_smtp_command_ttl (30d),
     postscreen_bare_newline_enable (no), postscreen_bare_newline_action (ignore),
     postscreen_bare_newline_ttl (30d), postscreen_forbidden_commands (CONNECT GET POST),
+    postscreen_discard_ehlo_keywords ($smtpd_discard_ehlo_keywords),
+    postscreen_watchdog_timeout (10s: one pass of the event loop, or the process is
+    killed, as Postfix's watchdog),
+    postscreen_disable_vrfy_command ($disable_vrfy_command), postscreen_helo_required
+    ($smtpd_helo_required),
+    postscreen_tls_security_level ($smtpd_tls_security_level), postscreen_use_tls
+    ($smtpd_use_tls), postscreen_enforce_tls ($smtpd_enforce_tls), and the smtpd_tls_*
+    parameters for the TLS contexts (see TLS),
     smtpd_service_name
     (smtpd: the pass service, private/smtpd), smtpd_dns_nameservers (the DNS servers),
     mynetworks, smtpd_banner, myhostname, soft_bounce (5XX replies sent as 4XX).
@@ -87,14 +135,19 @@ SEE ALSO
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import math
 import os
 import pwd
 import socket
 import time
+from dataclasses import dataclass
+
+from OpenSSL import SSL
 
 from ..lib import msg, passfd, proxy, server, tables
+from ..lib import tls as T
 from ..lib.maincf import ConfigError
 from ..lib.netlist import NetworkList
 from . import dummy
@@ -110,17 +163,30 @@ NOTIFY_TIMEOUT = 100                # PSC_SEND_SOCK_NOTIFY_TIMEOUT
 PEEK = 1024                         # PSC_READ_BUF_SIZE
 
 
+@dataclass
+class Prepared:
+    """What prepare() builds in the master, before the fork (as smtpd's)."""
+    level: str = "none"         # postscreen_tls_security_level: none, may or encrypt
+    tls: object = None          # lib/tls.ServerTLS, or None: no STARTTLS
+    tls_problem: str | None = None
+    rekey_interval: int = 0     # smtpd_tls_session_cache_timeout: new ticket keys
+
+
 class Settings:
     """What postscreen reads from its configuration, once, before the chroot."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, prepared: Prepared | None = None):
         self.cfg = cfg
+        self._tables: dict = {}
         self.greet_wait = cfg["postscreen_greet_wait"]
         banner = cfg.get("postscreen_greet_banner")
         self.teaser = f"220-{banner}\r\n" if banner else None
         self.greet_action = _action(cfg, "postscreen_greet_action")
         self.greet_ttl = cfg["postscreen_greet_ttl"]
-        self.sites = Sites(cfg["postscreen_dnsbl_sites"])
+        reply_map = cfg.get("postscreen_dnsbl_reply_map").strip()
+        self.sites = Sites(cfg["postscreen_dnsbl_sites"],
+                           self._table(reply_map, "postscreen_dnsbl_reply_map")
+                           if reply_map else None)
         self.dns_servers = servers(cfg["smtpd_dns_nameservers"]) if self.sites else []
         self.dnsbl_threshold = cfg["postscreen_dnsbl_threshold"]
         self.dnsbl_allow = cfg["postscreen_dnsbl_allowlist_threshold"]
@@ -149,19 +215,22 @@ class Settings:
         self.soft_bounce = cfg["soft_bounce"]
         self.retention = cfg["postscreen_cache_retention_time"]
         self.cleanup_interval = cfg["postscreen_cache_cleanup_interval"]
-        self._tables: dict = {}
         self.acl = self._acl(cfg["postscreen_access_list"])
+        self.allowlist_if = NetworkList(
+            "postscreen_allowlist_interfaces", cfg["postscreen_allowlist_interfaces"],
+            lambda ref: self._table(ref, "postscreen_allowlist_interfaces"), False)
         self.forbidden_tables = [self._table(w) for w in self.forbidden if ":" in w]
         self.forbidden = {w for w in self.forbidden if ":" not in w}
-        self.engine = dummy.Engine(cfg)
+        prepared = prepared or Prepared()
+        self.engine = dummy.Engine(cfg, prepared.level, prepared.tls)
         self.cache = None
 
-    def _table(self, ref: str):
+    def _table(self, ref: str, param: str = "postscreen_access_list"):
         if ref not in self._tables:
             try:
                 self._tables[ref] = tables.open_table(ref, self.cfg)
             except tables.TableError as exc:
-                raise ConfigError(f"postscreen_access_list: {exc}") from None
+                raise ConfigError(f"{param}: {exc}") from None
         return self._tables[ref]
 
     def _acl(self, words: list[str]) -> list:
@@ -278,6 +347,8 @@ class Session:
         self.test_name = "tests before SMTP handshake"
         self.score: Score | None = None
         self.server: socket.socket | None = None
+        self.tls: SSL.Connection | None = None     # after STARTTLS in the dummy engine
+        self.tls_broken = False
         self.closed = False
         screen.sessions += 1
         screen.check_queue += 1
@@ -414,6 +485,11 @@ class Session:
         else:
             self.info.expire = [NEW] * 5
             self._todo(now)
+        if not s.allowlist_if.match(saddr):
+            # a backup MX address: the tests run, but pass nothing (fail closed)
+            self.failed.add("allowlist")
+            self.noforward = True
+            msg.info(f"ALLOWLIST VETO {self.where}")
         if s.pre_limit > 0 and self.screen.check_queue - self.screen.post_queue >= \
                 s.pre_limit:                    # as Postfix: this session counts too
             msg.info(f"reject: connect from {self.where}: all screening ports busy")
@@ -689,11 +765,37 @@ class Session:
         self._close()
 
     # --- plumbing --------------------------------------------------------------------------
+    def recv(self, size: int) -> bytes | None:
+        """What the client sent (decrypted after STARTTLS): b"" at EOF or on an error,
+        None when nothing is there yet."""
+        if self.tls is None:
+            try:
+                return self.conn.recv(size)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                return b""
+        data = b""
+        try:
+            data = self.tls.recv(size)
+            while self.tls.pending():       # decrypted already: epoll will not say so
+                data += self.tls.recv(self.tls.pending())
+        except (SSL.WantReadError, SSL.WantWriteError):
+            return data or None
+        except SSL.ZeroReturnError:
+            return data
+        except (SSL.Error, OSError):
+            self.tls_broken = True
+            return data
+        return data
+
     def _write(self, text: str) -> bool:
         """psc_send_reply(): best effort, never blocks; False when the client is gone.
         With soft_bounce, 5XX replies go out as 4XX."""
         if self.s.soft_bounce:
             text = soften(text)
+        if self.tls is not None:
+            return self._write_tls(text.encode("utf-8", "replace"))
         try:
             self.conn.send(text.encode("utf-8", "replace"))
         except (BlockingIOError, InterruptedError):
@@ -704,11 +806,30 @@ class Session:
             return False
         return True
 
+    def _write_tls(self, data: bytes) -> bool:
+        """A reply in TLS. A record cannot be dropped halfway as a plaintext reply can:
+        a client that does not read until the socket is full is hung up on."""
+        if self.tls_broken:
+            return False
+        try:
+            while data:
+                data = data[self.tls.send(data):]
+            return True
+        except (SSL.Error, OSError):
+            self.tls_broken = True
+            self.loop.call_later(0, self.guard(lambda: self.closed or self.hangup_event()))
+            return False
+
     def _close(self) -> None:
         """psc_free_session_state()."""
         if self.closed:
             return
         self.closed = True
+        if self.tls is not None and not self.tls_broken:
+            try:
+                self.tls.shutdown()         # close_notify, best effort, never waits
+            except (SSL.Error, OSError):
+                pass
         handed_off = self.server is not None    # smtpd owns the client's input now
         self.loop.cancel(self.timer)
         self.timer = None
@@ -759,17 +880,43 @@ def _drop(conn: socket.socket, length: int) -> None:
 
 
 # --- the program ---------------------------------------------------------------------------
-def prepare(cfg, service):
-    """Run in the master: a bad setting stops the service from starting, and says why."""
+def prepare(cfg, service) -> Prepared:
+    """Run in the master per generation: a bad setting stops the service from starting,
+    and says why; the TLS contexts are built here, before the fork, as smtpd's are."""
     Settings(cfg)
+    try:
+        prepared = Prepared(level=T.server_security_level(cfg, "postscreen"))
+    except T.TLSConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    if prepared.level == "none":
+        return prepared
+    try:
+        prepared.tls = T.server_tls(cfg, level=prepared.level)
+    except T.TLSConfigError as exc:
+        prepared.tls_problem = str(exc)
+        return prepared
+    prepared.rekey_interval = cfg["smtpd_tls_session_cache_timeout"]
+    return prepared
+
+
+def rekey(cfg, prepared: Prepared) -> Prepared:
+    """Run in the master each session ticket key period, as smtpd's rekey()."""
+    try:
+        return dataclasses.replace(prepared, tls=T.rotate_server_tls(cfg, prepared.tls))
+    except T.TLSConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def pre_init(ctx) -> None:
     """As root, before the jail: settings, tables, the DNS servers, the cache."""
+    prepared = ctx.prepared if isinstance(ctx.prepared, Prepared) else None
     try:
-        settings = Settings(ctx.cfg)
+        settings = Settings(ctx.cfg, prepared)
     except ConfigError as exc:
         msg.fatal(str(exc))
+    if prepared is not None and prepared.tls_problem:
+        msg.warn(f"TLS library problem: {prepared.tls_problem}; "
+                 "TLS is not available to clients")
     ref = ctx.cfg.get("postscreen_cache_map")
     if ref:
         with _as_owner(ctx):
@@ -806,9 +953,18 @@ def post_init(ctx, loop) -> None:
     # memcache: and redis: cannot be walked: their ttl ages entries out (postscreen/cache.py)
     if settings.cache is not None and settings.cache.iterable and interval > 0:
         def cleanup():
-            if settings.cache is not None:
-                settings.cache.cleanup(settings.retention, settings.enabled())
-            loop.call_later(interval, cleanup)
+            if settings.cache is None:
+                return
+            steps = settings.cache.cleanup_steps(settings.retention, settings.enabled())
+
+            def step():                 # a batch per turn: clients are served between
+                try:
+                    next(steps)
+                except StopIteration:
+                    loop.call_later(interval, cleanup)
+                    return
+                loop.call_later(0, step)
+            step()
         loop.call_later(interval, cleanup)
     ctx.state["on_client"] = screen.on_client
 
@@ -828,4 +984,5 @@ def main(ctx) -> int:
         screen = ctx.state.get("screen")
         return screen.sessions if screen else 0
     return server.multi_server(ctx, on_client, pre_init=pre_init, post_init=post_init,
-                               on_exit=on_exit, client_count=count)
+                               on_exit=on_exit, client_count=count,
+                               watchdog=ctx.cfg["postscreen_watchdog_timeout"])

@@ -5,6 +5,9 @@
     127.0.0.1:R   inet n - y - 1 postscreen -o postscreen_pipelining_enable=yes ...
     smtpd         pass - - y - - smtpd                (the clients it lets through)
 
+    127.0.0.1:T/E inet n - y - 1 postscreen -o postscreen_tls_security_level=may/encrypt
+                                                  (STARTTLS in postscreen's engine)
+
 A private dnsmasq serves the DNS lists: 127.0.0.2 is in list.test (weight 2, at the
 threshold of 2), 127.0.0.3 in list.test with an answer that its =filter refuses, and
 127.0.0.7 in allow.test (weight -5, below the allowlist threshold). A cidr: access list
@@ -13,13 +16,17 @@ The log lines and replies are Postfix's.
 """
 
 import glob
+import shutil
+import subprocess
 import os
 import pwd
 import socket
+import ssl
 import struct
 import time
 
 import pytest
+import trustme
 
 from peers import DNSMASQ, Dnsmasq
 from pfxinst import Instance, SmtpClient, free_port, wait_for
@@ -48,7 +55,12 @@ def ps(tmp_path_factory):
     (root / "access.cidr").write_text("127.0.0.5 reject\n127.0.0.6 permit\n")
     (root / "passwd").write_text("alice:{PLAIN}secret\n")
     inst.port, inst.proxy_port, inst.deep_port = free_port(), free_port(), free_port()
-    inst.nosmtpd_port = free_port()
+    inst.nosmtpd_port, inst.hidden_port = free_port(), free_port()
+    inst.tls_port, inst.enc_port, inst.veto_port = free_port(), free_port(), free_port()
+    ca = trustme.CA()
+    ca.issue_cert("mail.test.example").private_key_and_cert_chain_pem.write_to_path(
+        str(root / "server.pem"))
+    (root / "dnsbl_reply").write_text("list.test public-list.example\n")
     inst.main.update({
         "mydestination": "$myhostname, localhost",
         "mynetworks": "10.0.0.0/8",
@@ -63,7 +75,14 @@ def ps(tmp_path_factory):
         "postscreen_dnsbl_allowlist_threshold": "-1",
         "postscreen_dnsbl_action": "enforce",
         "postscreen_dnsbl_timeout": "3s",
+        "smtpd_tls_cert_file": f"{root}/server.pem",
+        "smtpd_tls_loglevel": "1",
     })
+    # postscreen's engine at once for every client (no cache, no pregreet, no DNSBL wait),
+    # with the pipelining test on and TLS
+    tls_service = (" inet n - y - 1 postscreen -o postscreen_cache_map="
+                   " -o postscreen_greet_banner= -o postscreen_dnsbl_sites="
+                   " -o postscreen_pipelining_enable=yes -o postscreen_tls_security_level=")
     inst.master_lines = [
         f"127.0.0.1:{inst.port} inet n - y - 1 postscreen",
         f"127.0.0.1:{inst.proxy_port} inet n - y - 1 postscreen"
@@ -73,9 +92,17 @@ def ps(tmp_path_factory):
         f"127.0.0.1:{inst.deep_port} inet n - y - 1 postscreen"
         " -o postscreen_cache_map=btree:$data_directory/postscreen_cache_deep"
         " -o postscreen_pipelining_enable=yes -o postscreen_non_smtp_command_enable=yes"
-        " -o postscreen_bare_newline_enable=yes",
+        " -o postscreen_bare_newline_enable=yes -o postscreen_cache_cleanup_interval=2s",
         f"127.0.0.1:{inst.nosmtpd_port} inet n - y - 1 postscreen"
         " -o postscreen_cache_map= -o smtpd_service_name=nosuchsmtpd",
+        f"127.0.0.1:{inst.tls_port}{tls_service}may",
+        f"127.0.0.1:{inst.enc_port}{tls_service}encrypt -o postscreen_command_time_limit=3s"
+        " -o postscreen_helo_required=yes",
+        f"127.0.0.1:{inst.veto_port} inet n - y - 1 postscreen -o postscreen_cache_map="
+        " -o postscreen_greet_banner= -o postscreen_dnsbl_sites="
+        " -o postscreen_allowlist_interfaces=192.0.2.25",
+        f"127.0.0.1:{inst.hidden_port} inet n - y - 1 postscreen -o postscreen_cache_map="
+        f" -o postscreen_dnsbl_reply_map=texthash:{root}/dnsbl_reply",
         "smtpd pass - - y - - smtpd -o smtpd_per_request_deadline=yes"
         " -o smtpd_timeout=3s -o smtpd_sasl_auth_enable=yes -o smtpd_sasl_type=builtin"
         f" -o smtpd_sasl_path={root}/passwd -o smtpd_sasl_builtin_failure_delay=0s",
@@ -180,6 +207,47 @@ def test_dnsbl_listed_client_is_refused_with_postfix_replies_and_log(ps):
         f"DISCONNECT [127.0.0.2]:{port}"]
     assert not any("smtpd[" in line and "127.0.0.2" in line
                    for line in ps.log().splitlines())
+
+
+def test_dnsbl_reply_map_shows_the_public_name_of_the_list(ps):
+    """postscreen_dnsbl_reply_map: the 550 names what the map gives for list.test."""
+    c = SmtpClient(ps.hidden_port, source="127.0.0.2")
+    assert c.reply() == f"220-{BANNER}\n220 {BANNER}"
+    port = c.sock.getsockname()[1]
+    assert c.cmd("EHLO client.example").startswith("250-mail.test.example")
+    assert c.cmd("MAIL FROM:<a@client.example>") == "250 2.1.0 Ok"
+    reject = ("550 5.7.1 Service unavailable; client [127.0.0.2] blocked using "
+              "public-list.example")
+    assert c.cmd("RCPT TO:<u@localhost>") == reject
+    c.cmd("QUIT")
+    c.close()
+    wait_for(lambda: f"DISCONNECT [127.0.0.2]:{port}" in ps.log(), 10, what="DISCONNECT")
+    log = lines_for(ps, "127.0.0.2")
+    assert f"DNSBL rank 2 for [127.0.0.2]:{port}" in log
+    assert f"NOQUEUE: reject: RCPT from [127.0.0.2]:{port}: {reject}; " \
+        "from=<a@client.example>, to=<u@localhost>, proto=ESMTP, helo=<client.example>" in log
+    assert not any("list.test" in line for line in log if f":{port}" in line)
+
+
+def test_a_server_address_outside_the_allowlist_interfaces_vetoes_the_pass(ps):
+    """postscreen_allowlist_interfaces (a backup MX): the client is refused with 450 at
+    RCPT and passes nothing, whatever it does."""
+    c = SmtpClient(ps.veto_port, source="127.0.0.22")
+    assert c.reply() == f"220 {BANNER}"            # postscreen's engine
+    port = c.sock.getsockname()[1]
+    assert c.cmd("EHLO client.example").startswith("250-mail.test.example")
+    assert c.cmd("MAIL FROM:<a@client.example>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<u@localhost>") == "450 4.3.2 Service currently unavailable"
+    assert c.cmd("QUIT") == "221 2.0.0 Bye"
+    c.close()
+    wait_for(lambda: f"DISCONNECT [127.0.0.22]:{port}" in ps.log(), 10, what="DISCONNECT")
+    assert lines_for(ps, "127.0.0.22") == [
+        f"CONNECT from [127.0.0.22]:{port} to [127.0.0.1]:{ps.veto_port}",
+        f"ALLOWLIST VETO [127.0.0.22]:{port}",
+        f"NOQUEUE: reject: RCPT from [127.0.0.22]:{port}: 450 4.3.2 Service currently "
+        "unavailable; from=<a@client.example>, to=<u@localhost>, proto=ESMTP, "
+        "helo=<client.example>",
+        f"DISCONNECT [127.0.0.22]:{port}"]
 
 
 def test_a_reply_filter_and_an_allow_list_weight_pass_clients(ps):
@@ -380,6 +448,16 @@ def test_deep_tests_pass_then_the_client_is_let_through_next_time(ps):
     assert f"PASS OLD [127.0.0.10]:{port}" in lines_for(ps, "127.0.0.10")
 
 
+def test_the_cache_is_cleaned_up_in_the_event_loop(ps):
+    """postscreen_cache_cleanup_interval = 2s on the deep tests' service: the walk runs
+    in postscreen's event loop, logs Postfix's line, and clients are still served."""
+    wait_for(lambda: "postscreen_cache_deep full cleanup: retained=" in ps.log(), 10,
+             what="the cleanup line")
+    c, _ = deep_client(ps, "127.0.0.23")
+    c.cmd("QUIT")
+    c.close()
+
+
 def test_non_smtp_command_is_dropped(ps):
     c, port = deep_client(ps, "127.0.0.11")
     c.send(b"GET / HTTP/1.0\r\n")
@@ -466,3 +544,186 @@ def test_failed_hand_off_after_the_teaser_gets_421_at_the_first_command(ps):
     wait_for(lambda: f"DISCONNECT [127.0.0.1]:{port}" in ps.log(), 10, what="DISCONNECT")
     assert "warning: cannot connect to service private/nosuchsmtpd: No such file or " \
         "directory" in ps.log()
+
+
+# --- STARTTLS in postscreen's engine ---------------------------------------------------------
+
+def tls_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def test_starttls_then_the_engine_goes_on_over_tls_to_its_rcpt_reply(ps):
+    c = SmtpClient(ps.tls_port, source="127.0.0.14")
+    assert c.reply() == f"220 {BANNER}"            # postscreen's engine: the deep test
+    port = c.sock.getsockname()[1]
+    ehlo = c.cmd("EHLO client.example").split("\n")
+    assert ehlo[0] == "250-mail.test.example"
+    assert "250-STARTTLS" in ehlo and ehlo.index("250-STARTTLS") == ehlo.index("250-ETRN") + 1
+    assert c.cmd("STARTTLS extra") == "501 5.5.4 Syntax: STARTTLS"
+    c.starttls(tls_context())
+    assert c.sock.version() in ("TLSv1.2", "TLSv1.3")
+    ehlo = c.cmd("EHLO client.example")
+    assert ehlo.startswith("250-mail.test.example") and "STARTTLS" not in ehlo
+    assert c.cmd("STARTTLS") == "554 5.5.1 Error: TLS already active"
+    assert c.cmd("RSET") == "250 2.0.0 Ok"
+    assert c.cmd("MAIL FROM:<a@client.example>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<u@localhost>") == "450 4.3.2 Service currently unavailable"
+    assert c.cmd("QUIT") == "221 2.0.0 Bye"
+    c.close()
+    wait_for(lambda: f"DISCONNECT [127.0.0.14]:{port}" in ps.log(), 10, what="DISCONNECT")
+    log = lines_for(ps, "127.0.0.14")
+    assert log[0] == f"CONNECT from [127.0.0.14]:{port} to [127.0.0.1]:{ps.tls_port}"
+    assert log[1].startswith(f"Anonymous TLS connection established from "
+                             f"[127.0.0.14]:{port}: TLSv1.")
+    assert log[2:] == [
+        f"NOQUEUE: reject: RCPT from [127.0.0.14]:{port}: 450 4.3.2 Service currently "
+        "unavailable; from=<a@client.example>, to=<u@localhost>, proto=ESMTP, "
+        "helo=<client.example>",
+        f"PASS NEW [127.0.0.14]:{port}", f"DISCONNECT [127.0.0.14]:{port}"]
+
+
+def test_no_starttls_where_postscreen_tls_is_off(ps):
+    c, port = deep_client(ps, "127.0.0.15")
+    assert "STARTTLS" not in c.cmd("EHLO client.example")
+    assert c.cmd("STARTTLS") == "502 5.5.1 Error: command not implemented"
+    c.cmd("QUIT")
+    c.close()
+
+
+def test_encrypt_refuses_mail_before_starttls(ps):
+    c = SmtpClient(ps.enc_port, source="127.0.0.16")
+    assert c.reply() == f"220 {BANNER}"
+    assert "250-STARTTLS" in c.cmd("EHLO client.example")
+    must = "530 5.7.0 Must issue a STARTTLS command first"
+    assert c.cmd("MAIL FROM:<a@client.example>") == must
+    assert c.cmd("RCPT TO:<u@localhost>") == must
+    assert c.cmd("NOOP") == "250 2.0.0 Ok"
+    assert c.cmd("XYZZY") == "502 5.5.2 Error: command not recognized"
+    c.starttls(tls_context())
+    # TLS starts the session over: postscreen_helo_required wants a new EHLO
+    assert c.cmd("MAIL FROM:<a@client.example>") == "503 5.5.1 Error: send HELO/EHLO first"
+    assert c.cmd("EHLO client.example").startswith("250-mail.test.example")
+    assert c.cmd("MAIL FROM:<a@client.example>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<u@localhost>") == "450 4.3.2 Service currently unavailable"
+    c.cmd("QUIT")
+    c.close()
+
+
+def test_a_bad_handshake_ends_that_client_alone(ps):
+    """One client answers 220 Ready with garbage, another stalls in its handshake (the
+    time limit ends it); a third, meanwhile, completes its session over TLS."""
+    bad = SmtpClient(ps.enc_port, source="127.0.0.17")
+    assert bad.reply() == f"220 {BANNER}"
+    bad_port = bad.sock.getsockname()[1]
+    stall = SmtpClient(ps.enc_port, source="127.0.0.18")
+    assert stall.reply() == f"220 {BANNER}"
+    stall_port = stall.sock.getsockname()[1]
+    assert stall.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
+    assert bad.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
+    bad.send(b"this is not a ClientHello\r\n" * 4)
+    closed(bad)                                     # (a TLS alert, then the end)
+    bad.close()
+    good = SmtpClient(ps.enc_port, source="127.0.0.19")
+    assert good.reply() == f"220 {BANNER}"
+    good.starttls(tls_context())
+    assert c_ok(good)
+    good.close()
+    closed(stall)                                   # postscreen_command_time_limit = 3s
+    stall.close()
+    wait_for(lambda: f"DISCONNECT [127.0.0.18]:{stall_port}" in ps.log(), 10,
+             what="DISCONNECT")
+    log = lines_for(ps, "127.0.0.17")
+    failed = [line for line in log if line.startswith(f"SSL_accept error from "
+                                                       f"[127.0.0.17]:{bad_port}: ")]
+    assert failed and "timeout" not in failed[0], log
+    assert any(line.startswith(f"HANGUP after ") and line.endswith(
+        f" from [127.0.0.17]:{bad_port} in tests after SMTP handshake") for line in log)
+    assert f"DISCONNECT [127.0.0.17]:{bad_port}" in log
+    assert f"SSL_accept error from [127.0.0.18]:{stall_port}: timeout" in \
+        lines_for(ps, "127.0.0.18")
+    assert any(line.startswith("Anonymous TLS connection established from [127.0.0.19]:")
+               for line in lines_for(ps, "127.0.0.19"))
+
+
+def closed(c: SmtpClient) -> None:
+    """Read until postscreen closes the connection (an EOF, or a reset for input that
+    it left unread); a timeout fails."""
+    try:
+        while c.sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+
+
+def c_ok(c: SmtpClient) -> bool:
+    assert c.cmd("EHLO client.example").startswith("250-mail.test.example")
+    assert c.cmd("MAIL FROM:<a@client.example>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<u@localhost>") == "450 4.3.2 Service currently unavailable"
+    assert c.cmd("QUIT") == "221 2.0.0 Bye"
+    return True
+
+
+def test_the_pipelining_test_goes_on_over_tls(ps):
+    """Commands sent together inside TLS (one record) are seen as pipelined."""
+    c = SmtpClient(ps.tls_port, source="127.0.0.20")
+    assert c.reply() == f"220 {BANNER}"
+    port = c.sock.getsockname()[1]
+    c.starttls(tls_context())
+    c.send(b"EHLO client.example\r\nMAIL FROM:<a@client.example>\r\n")
+    assert c.reply().startswith("250-mail.test.example")
+    assert c.reply() == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<u@localhost>") == "550 5.5.1 Protocol error"
+    c.cmd("QUIT")
+    c.close()
+    wait_for(lambda: f"DISCONNECT [127.0.0.20]:{port}" in ps.log(), 10, what="DISCONNECT")
+    log = lines_for(ps, "127.0.0.20")
+    assert f"COMMAND PIPELINING from [127.0.0.20]:{port} after EHLO: " \
+        "MAIL FROM:<a@client.example>\\r\\n" in log
+    assert not any(line.startswith("PASS") for line in log)
+
+
+@pytest.mark.skipif(not shutil.which("swaks"), reason="needs swaks")
+def test_swaks_tls_through_postscreen_engine(ps):
+    out = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{ps.enc_port}", "--local-interface", "127.0.0.21",
+         "--tls", "--from", "a@client.example", "--to", "u@localhost", "--helo",
+         "client.example", "--timeout", "10"],
+        capture_output=True, text=True, timeout=30).stdout
+    assert "<-  220 2.0.0 Ready to start TLS" in out, out
+    assert "=== TLS started with cipher TLSv1." in out, out
+    assert "<~* 450 4.3.2 Service currently unavailable" in out, out     # ~: in TLS
+
+
+def test_postscreen_tls_ticket_keys_rotate_with_a_new_generation(instance, tmp_path):
+    """Every smtpd_tls_session_cache_timeout the master rebuilds postscreen's contexts
+    (new ticket keys), as smtpd's, and a new postscreen takes the next clients."""
+    ca = trustme.CA()
+    ca.issue_cert("mail.test.example").private_key_and_cert_chain_pem.write_to_path(
+        str(instance.dir / "server.pem"))
+    port = free_port()
+    instance.main.update({"smtpd_tls_cert_file": f"{instance.dir}/server.pem",
+                          "smtpd_tls_session_cache_timeout": "2s",
+                          "postscreen_tls_security_level": "may",
+                          "postscreen_greet_banner": "", "postscreen_cache_map": "",
+                          "postscreen_pipelining_enable": "yes", "postscreen_access_list": ""})
+    instance.master_lines = [f"127.0.0.1:{port} inet n - y - 1 postscreen",
+                             "smtpd pass - - y - - smtpd"]
+    instance.start()
+
+    def session() -> set[int]:
+        c = SmtpClient(port)
+        assert c.reply().startswith("220 ")
+        c.starttls(tls_context())
+        assert c_ok(c)
+        c.close()
+        screens = {p.pid for p in instance.workers()
+                   if "postscreen" in " ".join(p.cmdline() or [])}
+        assert screens
+        return screens
+    first = session()
+    time.sleep(3)
+    assert session() - first                    # a postscreen of the next key period
+    assert "session ticket keys" not in instance.log()

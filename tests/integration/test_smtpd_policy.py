@@ -11,6 +11,7 @@ not bound to a network namespace.
 """
 
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -253,3 +254,49 @@ def test_policyd_spf_over_a_unix_socket_in_the_jail(mta, spf_namespace, tmp_path
         "helo=client.test; envelope-from=alice@pass.test; receiver=mail.test.example\n"
         "Received: ")
     assert "warning" not in mta.log()
+
+
+# A policy server for one client on stdin and stdout, as spawn(8) runs them: it answers
+# each request with the uid it runs as, and sleeps through its time limit for one sender.
+SPAWNED = """\
+import os, sys, time
+attrs = {}
+for line in sys.stdin:
+    if line != "\\n":
+        key, _, value = line.rstrip("\\n").partition("=")
+        attrs[key] = value
+        continue
+    if attrs.get("sender") == "sleepy@example.org":
+        time.sleep(60)
+    print(f"action=REJECT uid {os.getuid()} for {attrs.get('recipient')}\\n", flush=True)
+    attrs = {}
+"""
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root (spawn's user=)")
+def test_spawn_runs_a_policy_server_per_connection_as_its_user(mta):
+    script = mta.dir / "spawned_policy.py"
+    script.write_text(SPAWNED)
+    script.chmod(0o644)
+    mta.main["smtpd_recipient_restrictions"] = \
+        "reject_unauth_destination, check_policy_service unix:private/policy"
+    mta.main["smtpd_policy_service_try_limit"] = "1"
+    mta.master_lines.append(
+        "policy unix - n n - 0 spawn -o policy_time_limit=2s"
+        f" user=daemon argv=/usr/bin/python3 {script}")
+    mta.start()
+    rcpt = "bob@mail.test.example"
+    uid = pwd.getpwnam("daemon").pw_uid
+    assert rcpt_attempt(mta.port, "alice@example.org", rcpt) == \
+        f"554 5.7.1 <{rcpt}>: Recipient address rejected: uid {uid} for {rcpt}"
+    # policy_time_limit: the command is killed, smtpd applies the default action
+    start = time.monotonic()
+    assert rcpt_attempt(mta.port, "sleepy@example.org", rcpt) == \
+        f"451 4.3.5 <{rcpt}>: Recipient address rejected: Server configuration problem"
+    assert time.monotonic() - start < 20
+    wait_for(lambda: "killed by signal 9" in mta.log(), 10, what="spawn's warning")
+    log = mta.log()
+    assert "warning: /usr/bin/python3: process id " in log
+    assert ": command time limit exceeded" in log
+    assert "warning: command /usr/bin/python3 killed by signal 9" in log
+

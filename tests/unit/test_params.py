@@ -41,6 +41,7 @@ DEVIATIONS = {
     "local_recipient_maps",                   # no proxymap: unix:passwd.byname read directly
     # without the former names that Postfix's defaults refer to
     "postscreen_dnsbl_allowlist_threshold", "postscreen_dnsbl_max_ttl",
+    "postscreen_allowlist_interfaces",
     "smtpd_per_request_deadline",
     "postscreen_forbidden_commands",          # no smtpd_forbidden_commands to refer to
     "smtp_tls_dane_insecure_mx_policy",       # dane: Postfix 3.7.13 and later

@@ -45,6 +45,21 @@ def test_score_adds_matching_weights_and_names_the_heaviest_list():
     assert score.total == 2
 
 
+def test_reply_map_hides_a_secret_list_domain(tmp_path):
+    from postfix_py.lib import tables
+    (tmp_path / "reply").write_text("key123.list.example public.example\n")
+    reply_map = tables.open_table(f"texthash:{tmp_path}/reply")
+    sites = Sites(["key123.list.example*2", "other.example"], reply_map)
+    assert sites.reply_name == {"key123.list.example": "public.example",
+                                "other.example": "other.example"}
+    score = Score.__new__(Score)
+    score.sites = sites
+    score.total, score.name, score.weight, score.fail_ttl, score.pass_ttl = 0, None, 0, -1, -1
+    score._score("other.example", ["127.0.0.2"], 60)
+    score._score("key123.list.example", ["127.0.0.2"], 60)
+    assert (score.total, score.name) == (3, "public.example")
+
+
 def test_cache_entries_parse_and_expire_as_postfix():
     assert cache.parse("1700000000;1700000060;1;1;1") == [1700000000, 1700000060, 1, 1, 1]
     assert cache.parse("12;x") == [12, 1, 1, 1, 1]             # older or damaged entries
@@ -214,3 +229,66 @@ def test_soft_bounce_softens_rejects():
         "450 4.7.1 Service unavailable\r\n"
     assert dummy.soften("521 5.5.1 Protocol error\r\n") == "421 4.5.1 Protocol error\r\n"
     assert dummy.soften("250 2.0.0 Ok\r\n") == "250 2.0.0 Ok\r\n"
+
+
+def test_postscreen_tls_level_as_postfix():
+    from postfix_py.lib import tls as T
+    level = lambda **kw: T.server_security_level(config(**kw), "postscreen",
+                                                 warn=warnings.append)
+    warnings: list = []
+    assert level() == "none"
+    assert level(smtpd_tls_security_level="may") == "may"      # $smtpd_tls_security_level
+    assert level(smtpd_use_tls="yes") == "may"                 # the legacy pair, as smtpd's
+    assert level(postscreen_enforce_tls="yes") == "encrypt"
+    assert level(smtpd_tls_security_level="may", postscreen_tls_security_level="none") == "none"
+    assert level(postscreen_tls_security_level="verify") == "encrypt" and warnings
+    with pytest.raises(T.TLSConfigError):
+        level(postscreen_tls_security_level="dane")
+
+
+def test_engine_announces_starttls_only_when_tls_is_ready():
+    from postfix_py.postscreen.dummy import Engine
+    ready = Engine(config(), "may", tls=object())
+    lines = ready.ehlo.split("\r\n")
+    assert lines[lines.index("250-ETRN") + 1] == "250-STARTTLS"
+    assert "STARTTLS" not in ready.ehlo_tls                    # once TLS is up
+    assert "STARTTLS" not in Engine(config(), "may", tls=None).ehlo   # no certificate
+    assert "STARTTLS" not in Engine(config(), "none", tls=object()).ehlo
+    assert Engine(config(), "encrypt", tls=None).enforce_tls
+
+
+def test_engine_ehlo_keywords_vrfy_and_helo_settings():
+    from postfix_py.postscreen.dummy import Engine
+    e = Engine(config(postscreen_discard_ehlo_keywords="size, STARTTLS, chunking, nosuch"),
+               "may", tls=object())
+    assert e.ehlo == ("250-localhost\r\n250-VRFY\r\n250-ETRN\r\n250-ENHANCEDSTATUSCODES\r\n"
+                      "250-8BITMIME\r\n250-DSN\r\n250 SMTPUTF8\r\n").replace(
+                          "localhost", config().get("myhostname"))
+    every = "size vrfy etrn enhancedstatuscodes 8bitmime dsn smtputf8 chunking"
+    assert Engine(config(postscreen_discard_ehlo_keywords=every)).ehlo == \
+        f"250 {config().get('myhostname')}\r\n"
+    # EHLO follows disable_vrfy_command, VRFY itself postscreen_disable_vrfy_command
+    e = Engine(config(postscreen_disable_vrfy_command="yes"))
+    assert "VRFY" in e.ehlo and e.disable_vrfy
+    assert "VRFY" not in Engine(config(disable_vrfy_command="yes")).ehlo
+    assert Engine(config(smtpd_helo_required="yes")).helo_required
+    assert not Engine(config()).helo_required
+
+
+def test_cache_cleanup_in_batches_keeps_what_was_renewed_meanwhile(tmp_path):
+    c = cache.Cache(f"btree:{tmp_path}/ps")
+    now = int(time.time())
+    old = f"{now - 100000};{now - 100000};1;1;1"
+    for i in range(5):
+        c.update(f"192.0.2.{i}", old)
+    steps = c.cleanup_steps(10, [True, True, False, False, False], batch=2)
+    next(steps)                                 # the walk is listed, nothing dropped yet
+    next(steps)                                 # .0 and .1 dropped
+    assert c.lookup("192.0.2.0") is None and c.lookup("192.0.2.4") == old
+    c.update("192.0.2.4", f"{now + 3600};{now + 3600};1;1;1")     # a client passed again
+    with pytest.raises(StopIteration) as done:
+        while True:
+            next(steps)
+    assert done.value.value == (1, 4)
+    assert c.lookup("192.0.2.4") is not None and c.lookup("192.0.2.3") is None
+    c.close()
