@@ -68,6 +68,15 @@ LIFE OF A MESSAGE
     expire      a file that postsuper -e marked (lib/queue.py STAT_EXPIRE) is not
                 delivered: it is returned to the sender (`status=force-expired`) with the
                 reasons of its defer log, or else "message is administratively expired".
+    probes      a message whose trace_flags attribute has Postfix's
+                DEL_REQ_FLAG_MTA_VRFY (256) is an address verification probe
+                (verify/service.py): its requests carry the flag "verify", and the
+                agents report to the verify service instead of delivering
+                (lib/delivery_agent.py). What qmgr itself cannot deliver (no route, a
+                suspended transport or destination, a failed agent) is reported there
+                too (lib/verify_client.py report_probe, one blocking request per
+                recipient, as Postfix's qmgr) and the recipient is done; a probe is
+                never bounced and, expired, never returned.
 
     Every result is on disk (queue file or log) before the file moves on, so a crash
     repeats at most the deliveries that were in flight.
@@ -119,7 +128,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..lib import bounce_log, deliver, mail_flow, msg
+from ..lib import bounce_log, deliver, mail_flow, msg, verify_client
 from ..lib import queue as Q
 from ..lib.bounce_log import BOUNCE, DEFER, TRACE, LogEntry
 from . import bounce
@@ -171,6 +180,7 @@ class Message:
     success: set | None = None  # offsets of the NOTIFY=SUCCESS recipients, when first needed
     fd: int = -1                # the queue file, open (Q.OPEN_ACTIVE) during the pass
     marked: bool = False        # a recipient was marked done through fd
+    probe: bool = False         # an address verification probe (verify_client.is_probe)
 
 
 @dataclass(eq=False)
@@ -556,6 +566,8 @@ class QueueManager:
             # has one, removed without a look first.
             bounce_log.remove(self.root, DEFER, name, likely=queue == Q.DEFERRED)
         m = Message(name, dst, env, started=now, expire=expire, fd=fd)
+        if verify_client.TRACE_FLAGS_ATTR in env.attrs:
+            m.probe = verify_client.is_probe(env.attrs[verify_client.TRACE_FLAGS_ATTR])
         self._open += fd >= 0
         self.messages[name] = m
         sender = env.sender or ""
@@ -705,6 +717,8 @@ class QueueManager:
             arrival=m.env.arrival, recipients=[e.address for e in job.entries],
             offsets=[e.offset for e in job.entries],
             flags=([] if m.env.sender else ["bounce"]) + self._conn_cache_flags(job.dest))
+        if m.probe:
+            request.flags.append("verify")
         self.dispatch(job, request)
 
     def _conn_cache_flags(self, dest: Destination) -> list[str]:
@@ -748,7 +762,7 @@ class QueueManager:
                 if not r.passed and entry.offset in self._success(m):
                     traced.append(LogEntry(entry.address, entry.offset, r.dsn or "2.0.0",
                                            r.action or "delivered", r.reason, reply.relay))
-            elif r.result == "bounced":
+            elif r.result == "bounced" and not m.probe:
                 bounced.append(LogEntry(entry.address, entry.offset, r.dsn, "failed",
                                         r.reason, reply.relay))
             else:
@@ -831,6 +845,10 @@ class QueueManager:
     def _defer(self, m: Message, entries: list[Entry], dsn: str, reason: str,
                log: bool) -> None:
         """Defer recipients for a reason found by qmgr itself (the agent did not log it)."""
+        if m.probe:
+            entries = self._probe_deferred(m, entries, dsn, reason)
+            if not entries:
+                return
         if log:
             for e in entries:
                 deliver.log_delivery(m.queue_id, e.address, "none", m.env.arrival, m.started,
@@ -838,6 +856,29 @@ class QueueManager:
         if not m.gone:
             self._defer_log(m, [LogEntry(e.address, e.offset, dsn, "delayed", reason)
                                 for e in entries])
+
+    def _probe_deferred(self, m: Message, entries: list[Entry], dsn: str,
+                        reason: str) -> list[Entry]:
+        """A probe's recipients that qmgr itself could not deliver (no route, the
+        transport or destination suspended, the agent failed): their status goes to
+        the verify service, as Postfix's qmgr_defer_recipient() with
+        DEL_REQ_FLAG_MTA_VRFY, and they are done. Those the service could not be told
+        about are returned, to be deferred as any other."""
+        left = []
+        for e in entries:
+            told, status = verify_client.report_probe(
+                self.cfg, (m.env.attrs.get(verify_client.ADDRESS_ATTR, ""), e.address),
+                verify_client.RCPT_DEFER, reason)
+            if not told:
+                msg.warn(f"{m.queue_id}: "
+                         f"{verify_client.client(self.cfg).service} service failure")
+                left.append(e)
+                continue
+            deliver.log_delivery(m.queue_id, e.address, "none", m.env.arrival, m.started,
+                                 dsn, status, reason)
+            if not m.gone and not self._mark_done(m, e):
+                break
+        return left
 
     def _job_done(self, job: Job, dsn: str, reason: str, log: bool) -> None:
         self._defer(job.message, job.entries, dsn, reason, log)
@@ -934,7 +975,8 @@ class QueueManager:
                          "returned to sender")
                 expired = [LogEntry(e.recipient, e.offset, e.status, "failed", e.reason,
                                     e.relay) for e in m.deferred]
-                retry = not self._notify(m, expired, now)
+                # a probe is never returned: it has no one to tell
+                retry = not m.probe and not self._notify(m, expired, now)
             elif self.delay_warning and not m.env.warned and \
                     now >= m.env.arrival + self.delay_warning - 1:     # Postfix's slack
                 self._warn(m, now)

@@ -43,6 +43,8 @@ DEVIATIONS = {
     "postscreen_dnsbl_allowlist_threshold", "postscreen_dnsbl_max_ttl",
     "smtpd_per_request_deadline",
     "postscreen_forbidden_commands",          # no smtpd_forbidden_commands to refer to
+    # defer_if_permit: the value of $reject_tempfail_action, which is not a parameter here
+    "unverified_recipient_tempfail_action", "unverified_sender_tempfail_action",
 }
 
 

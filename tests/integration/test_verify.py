@@ -1,0 +1,156 @@
+"""Address verification through the real master: smtpd's reject_unverified_recipient and
+reject_unverified_sender ask the verify service, which probes through cleanup, qmgr and
+the agents: the smtp client stops after RCPT at a sink that knows its users (tests/sink.py
+refuses local parts ending in +bounce), local finds the account without delivering.
+The probe never reaches the sink's DATA or a mailbox, and no notice is sent for it.
+
+One instance for the module; each test uses addresses of its own, since the cache
+(address_verify_map, an LMDB file in data_directory) remembers them.
+"""
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pfxinst import Instance, SmtpClient, free_port, wait_for
+from sink import Sink
+
+UNKNOWN_AT_SINK = ("550 5.1.1 <{a}>: Recipient address rejected: User unknown")
+
+
+@pytest.fixture(scope="module")
+def mta():
+    root = Path(tempfile.mkdtemp(prefix="pfx-verify-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    inst = Instance(root)
+    sink = Sink()
+    chroot = "y" if os.geteuid() == 0 else "n"
+    inst.port, inst.poll_port = free_port(), free_port()
+    inst.main.update({
+        "mydestination": "$myhostname, localhost",
+        "relay_domains": "remote.example",
+        "relayhost": f"[127.0.0.1]:{sink.port}",
+        "smtpd_error_sleep_time": "0s",
+        "smtpd_recipient_restrictions": "reject_unauth_destination, "
+                                        "reject_unverified_recipient",
+        "smtpd_sender_restrictions": "reject_unverified_sender",
+        "unverified_recipient_reject_code": "550",
+        "address_verify_poll_count": "1",
+        "address_verify_poll_delay": "1s",
+        "queue_run_delay": "300s",
+    })
+    inst.master_lines = [
+        f"127.0.0.1:{inst.port} inet n - {chroot} - - smtpd",
+        # the same server, waiting for the probe: Postfix's default polling
+        f"127.0.0.1:{inst.poll_port} inet n - {chroot} - - smtpd"
+        " -o address_verify_poll_count=8",
+        "qmgr unix n - n 300 1 qmgr",
+        f"verify unix - - {chroot} - 1 verify",
+        f"smtp unix - - {chroot} - - smtp",
+        f"relay unix - - {chroot} - - smtp",
+        "local unix - n n - - local",
+    ]
+    try:
+        with inst.running("verify"):
+            yield inst, sink
+    finally:
+        sink.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def rcpt(port: int, address: str, sender: str = "") -> str:
+    c = SmtpClient(port, timeout=30)
+    try:
+        assert c.reply().startswith("220")
+        c.cmd("EHLO client.example")
+        assert c.cmd(f"MAIL FROM:<{sender}>").startswith("250")
+        reply = c.cmd(f"RCPT TO:<{address}>")
+        c.cmd("QUIT")
+        return reply
+    finally:
+        c.close()
+
+
+def probed(inst, address: str, status: str) -> str:
+    """The log line of the probe's result for address, once it is there."""
+    def line():
+        return next((l for l in inst.log().splitlines()
+                     if f"to=<{address}>" in l and f"status={status} " in l), None)
+    return wait_for(line, 20, what=f"probe of {address}: {status}")
+
+
+def test_unknown_address_is_unverified_then_undeliverable(mta):
+    inst, sink = mta
+    a = "nobody+bounce@remote.example"
+    assert rcpt(inst.port, a) == (f"450 4.1.1 <{a}>: Recipient address rejected: "
+                                  "unverified address: Address verification in progress")
+    line = probed(inst, a, "undeliverable")
+    said = f"host 127.0.0.1[127.0.0.1] said: {UNKNOWN_AT_SINK.format(a=a)} " \
+        "(in reply to RCPT TO command)"
+    assert f"relay=127.0.0.1[127.0.0.1]:{sink.port}" in line and "dsn=5.1.1" in line
+    assert said in line
+    assert rcpt(inst.port, a) == (f"550 5.1.1 <{a}>: Recipient address rejected: "
+                                  f"undeliverable address: {said}")
+    log = inst.log()
+    assert "non-delivery notification" not in log and "status=bounced" not in log
+    assert not sink.messages            # never as far as DATA
+
+
+def test_known_address_is_accepted_after_its_probe(mta):
+    inst, sink = mta
+    a = "known@remote.example"
+    assert rcpt(inst.port, a).startswith(f"450 4.1.1 <{a}>: Recipient address rejected: "
+                                         "unverified address:")
+    line = probed(inst, a, "deliverable")
+    assert "dsn=2.1.5" in line and "(250 2.1.5 Ok)" in line
+    assert rcpt(inst.port, a) == "250 2.1.5 Ok"
+    qid = re.search(r"\]: (\w+): to=", line).group(1)
+    wait_for(lambda: f"{qid}: removed" in inst.log(), what="the probe removed")
+    assert not sink.messages
+    assert not any((inst.queue / d / qid).exists() for d in ("active", "deferred"))
+
+
+def test_polling_smtpd_waits_for_the_probe(mta):
+    inst, sink = mta
+    a = "waited@remote.example"
+    start = time.monotonic()
+    assert rcpt(inst.poll_port, a) == "250 2.1.5 Ok"      # answered within the polls
+    assert time.monotonic() - start >= 0.9                # after one poll delay at least
+    b = "waited+bounce@remote.example"
+    assert rcpt(inst.poll_port, b).startswith(
+        f"550 5.1.1 <{b}>: Recipient address rejected: undeliverable address: host ")
+    assert not sink.messages
+
+
+def test_local_probe_finds_the_account_without_delivering(mta):
+    inst, _ = mta
+    ok = "nobody@localhost"
+    bad = "no-such-user-vrfy@localhost"
+    rcpt(inst.port, ok)
+    rcpt(inst.port, bad)
+    line = probed(inst, ok, "deliverable")
+    assert "relay=local" in line and "(delivers to mailbox)" in line
+    line = probed(inst, bad, "undeliverable")
+    assert 'dsn=5.1.1' in line and '(unknown user: "no-such-user-vrfy")' in line
+    assert rcpt(inst.port, ok) == "250 2.1.5 Ok"
+    assert rcpt(inst.port, bad) == (f"550 5.1.1 <{bad}>: Recipient address rejected: "
+                                    f'undeliverable address: unknown user: "no-such-user-vrfy"')
+
+
+def test_unverified_sender(mta):
+    inst, _ = mta
+    s = "someone+bounce@remote.example"
+    # the sender's 4XX is defer_if_permit: the reply comes at RCPT, once nothing rejects
+    assert rcpt(inst.port, "nobody@localhost", sender=s) == (
+        f"450 4.1.7 <{s}>: Sender address rejected: unverified address: "
+        "Address verification in progress")
+    probed(inst, s, "undeliverable")
+    # unverified_sender_reject_code is 450: "unverified address" with the probe's text
+    assert rcpt(inst.port, "nobody@localhost", sender=s).startswith(
+        f"450 4.1.7 <{s}>: Sender address rejected: unverified address: host ")
+
