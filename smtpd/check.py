@@ -683,12 +683,9 @@ class Checker:
             return self.unlisted_recipient(rcpt) if rcpt else None
         if restriction == "reject_unlisted_sender":
             return self.unlisted_recipient(state.sender, "Sender") if state.sender else None
-        if restriction == "reject_unverified_recipient":
-            return self._unverified(rcpt, "Recipient address", "recipient") if rcpt \
-                else None
-        if restriction == "reject_unverified_sender":
-            return self._unverified(state.sender, "Sender address", "sender") \
-                if state.sender else None
+        if restriction in _UNVERIFIED:
+            address = rcpt if restriction == "reject_unverified_recipient" else state.sender
+            return self._unverified(address, *_UNVERIFIED[restriction]) if address else None
         if restriction == "permit_auth_destination":
             return "permit" if rcpt is not None and self.auth_destination(rcpt) else None
         if restriction in ("reject_unauth_destination", "defer_unauth_destination"):
@@ -795,7 +792,8 @@ class Checker:
         return Reply(code, f"{str(code)[0]}.{detail}",
                      f"<{address}>: {what} rejected: Domain not found")
 
-    def _unverified(self, address: str, reply_class: str, kind: str):
+    def _unverified(self, address: str, reply_class: str, dsn: str, reject_code: str,
+                    defer_code: str, reject_reason: str, tempfail_action: str):
         """reject_unverified_{recipient,sender}: what the verify service knows of the
         address (smtpd_check.c's reject_unverified_address). While a probe is in
         progress the service is asked again, address_verify_poll_count times in all,
@@ -817,8 +815,7 @@ class Checker:
             if count >= polls:
                 break
             time.sleep(delay)
-        dsn = "4.1.7" if kind == "sender" else "4.1.1"
-        tempfail = cfg[f"unverified_{kind}_tempfail_action"].lower()
+        tempfail = cfg[tempfail_action].lower()
 
         def soft(code: int, text: str):
             reply = Reply(code, str(code)[0] + dsn[1:], f"<{address}>: {reply_class} "
@@ -830,9 +827,8 @@ class Checker:
         status, why = found
         if status == verify_client.RCPT_OK:
             return None
-        code = cfg[f"unverified_{kind}_reject_code"] if status == verify_client.RCPT_BOUNCE \
-            else cfg[f"unverified_{kind}_defer_code"]
-        alt = cfg.get(f"unverified_{kind}_reject_reason") or ""
+        code = cfg[reject_code] if status == verify_client.RCPT_BOUNCE else cfg[defer_code]
+        alt = cfg.get(reject_reason) or ""
         if code >= 400 and alt:
             why = alt
         if code // 100 == 2:
@@ -1035,6 +1031,19 @@ class DeferIfPermit:
     """A verdict that becomes the reply only if the stage would otherwise permit."""
     reply: Reply
 
+
+# reject_unverified_*: the reply class, DSN and parameters of smtpd_check.c's
+# reject_unverified_address() calls
+_UNVERIFIED = {
+    "reject_unverified_recipient": ("Recipient address", "4.1.1",
+                                    "unverified_recipient_reject_code",
+                                    "unverified_recipient_defer_code",
+                                    "unverified_recipient_reject_reason",
+                                    "unverified_recipient_tempfail_action"),
+    "reject_unverified_sender": ("Sender address", "4.1.7", "unverified_sender_reject_code",
+                                 "unverified_sender_defer_code",
+                                 "unverified_sender_reject_reason",
+                                 "unverified_sender_tempfail_action")}
 
 # list -> (where, Postfix's reply class): the subject and words of its reject replies
 _STAGE = {"smtpd_client_restrictions": ("CONNECT", "Client host"),
