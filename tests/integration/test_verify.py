@@ -33,7 +33,8 @@ def mta():
     inst.port, inst.poll_port = free_port(), free_port()
     inst.main.update({
         "mydestination": "$myhostname, localhost",
-        "relay_domains": "remote.example",
+        "relay_domains": "remote.example, nowhere.example",
+        "transport_maps": "inline:{nowhere.example=nosuch:}",     # not in master.cf
         "relayhost": f"[127.0.0.1]:{sink.port}",
         "smtpd_error_sleep_time": "0s",
         "smtpd_recipient_restrictions": "reject_unauth_destination, "
@@ -154,3 +155,18 @@ def test_unverified_sender(mta):
     assert rcpt(inst.port, "nobody@localhost", sender=s).startswith(
         f"450 4.1.7 <{s}>: Sender address rejected: unverified address: host ")
 
+
+
+def test_what_qmgr_cannot_deliver_is_reported_too(mta):
+    inst, _ = mta
+    a = "someone@nowhere.example"
+    rcpt(inst.port, a)
+    line = probed(inst, a, "undeliverable")
+    assert "qmgr[" in line and "dsn=4.3.0" in line and "(mail transport unavailable)" in line
+    # a temporary failure: unverified_recipient_defer_code, with the probe's text
+    assert rcpt(inst.port, a) == (f"450 4.1.1 <{a}>: Recipient address rejected: "
+                                  "unverified address: mail transport unavailable")
+    qid = re.search(r"\]: (\w+): to=", line).group(1)
+    wait_for(lambda: f"{qid}: removed" in inst.log(), what="the probe removed")
+    assert not (inst.queue / "defer" / qid).exists()
+    assert not (inst.queue / "deferred" / qid).exists()
