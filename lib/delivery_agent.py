@@ -26,6 +26,9 @@ PROBES
     instead of sent, bounced or deferred, and tells qmgr the recipient is done, so that
     no bounce or defer log, and no notice, follows. When the service cannot be told,
     the recipient is deferred ("address verification service failure").
+    A request with the flag "expand" (sendmail -bv) does not deliver either; its results
+    go to qmgr as usual, logged as deliverable or undeliverable, and qmgr mails the
+    sender a report (Report.trace_only is true for both).
 
 FUNCTIONS
     serve(conn, ctx, deliver_fn, timeout=None): one request and its reply.
@@ -102,8 +105,13 @@ class Report:
         self.arrival = request.arrival
         self.started = time.time()
         self.results: list[RcptResult | None] = [None] * len(request.recipients)
-        # an address verification probe (qmgr's "verify" flag): see probe()
-        self.verify = "verify" in request.flags if request.flags else False
+        # an address verification probe (qmgr's "verify" flag: see _probe()), or
+        # sendmail -bv's ("expand": the result goes to qmgr, logged as the probe's);
+        # either way the agent does not deliver (trace_only)
+        flags = request.flags
+        self.verify = "verify" in flags if flags else False
+        self.expand = "expand" in flags if flags else False
+        self.trace_only = self.verify or self.expand
         self.verify_address = ""        # the address the probe is for (serve() reads it)
         self.verify_cfg = None
 
@@ -117,12 +125,17 @@ class Report:
         `alias expanded`: the deliveries of the expansion are logged with their own)."""
         if kind == "bounced" and self.soft_bounce:
             kind, dsn = "deferred", "4" + dsn[1:] if dsn[:1] == "5" else dsn
-        if self.verify:
-            return self._probe(index, kind, dsn, reason, relay, conn_setup, transmit,
-                               conn_use)
+        if self.trace_only:
+            if self.verify:
+                return self._probe(index, kind, dsn, reason, relay, conn_setup, transmit,
+                                   conn_use)
+            logged = verify_client.status_name(
+                verify_client.RCPT_OK if kind == "sent" else verify_client.RCPT_BOUNCE)
+        else:
+            logged = kind
         request = self.request
         deliver.log_delivery(request.queue_id, request.recipients[index], relay,
-                             self.arrival, self.started, dsn, kind, reason, conn_setup,
+                             self.arrival, self.started, dsn, logged, reason, conn_setup,
                              transmit, conn_use)
         if kind != "sent":
             action, passed, dsn_text = "", False, ""

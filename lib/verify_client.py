@@ -34,8 +34,11 @@ FUNCTIONS
         close()
     client(cfg=None) -> this process's VerifyClient, on private/$address_verify_service_name
         (made on first use; after a fork, the child opens its own connection).
-    is_probe(trace_flags) -> whether a queue file's trace_flags attribute marks a probe
-        (TRACE_FLAGS_ATTR, TRACE_FLAG_VERIFY; ADDRESS_ATTR names the probed address).
+    trace_flags(value) -> the probe flags of a queue file's trace_flags attribute
+        (TRACE_FLAGS_ATTR; TRACE_FLAG_VERIFY for the verify service's probes,
+        TRACE_FLAG_REPORT for sendmail -bv's; ADDRESS_ATTR names the probed address);
+        REQUEST_FLAG maps them to the delivery request's flags "verify" and "expand";
+        trace_only(request flags) -> whether the agent must not deliver.
     status_name(addr_status) -> "deliverable" or "undeliverable", as Postfix logs them.
     report_probe(cfg, addresses, addr_status, text) -> (told, log status): a probe's
         result, as Postfix's verify_append() (lib/delivery_agent.py, qmgr).
@@ -58,15 +61,28 @@ DEFAULT_SERVICE = "verify"
 RCPT_OK, RCPT_DEFER, RCPT_BOUNCE, RCPT_TODO = 0, 1, 2, 3
 RCPT_STATUSES = (RCPT_OK, RCPT_DEFER, RCPT_BOUNCE, RCPT_TODO)
 MAX_TEXT = 4000             # bytes of a reason text kept (the service truncates too)
-# A probe's queue file: Postfix's trace_flags attribute with DEL_REQ_FLAG_MTA_VRFY, and
-# the address as the service was asked it (cleanup may rewrite the recipient).
-TRACE_FLAGS_ATTR, TRACE_FLAG_VERIFY, ADDRESS_ATTR = "trace_flags", 256, "verify_address"
+# A probe's queue file: Postfix's trace_flags attribute with DEL_REQ_FLAG_MTA_VRFY (the
+# verify service's probes) or DEL_REQ_FLAG_USR_VRFY (sendmail -bv: a report to the
+# sender), and the address as the service was asked it (cleanup may rewrite the
+# recipient).
+TRACE_FLAGS_ATTR, ADDRESS_ATTR = "trace_flags", "verify_address"
+TRACE_FLAG_VERIFY, TRACE_FLAG_REPORT = 256, 512
+# the delivery request flags (lib/deliver.py) of the two kinds of probe
+REQUEST_FLAG = {TRACE_FLAG_VERIFY: "verify", TRACE_FLAG_REPORT: "expand"}
 
 
-def is_probe(trace_flags: str) -> bool:
-    """Whether a queue file's trace_flags value marks an address verification probe."""
-    return trace_flags.isdigit() and len(trace_flags) < 10 and \
-        int(trace_flags) & TRACE_FLAG_VERIFY != 0
+def trace_flags(value: str) -> int:
+    """The probe flags (TRACE_FLAG_VERIFY, TRACE_FLAG_REPORT) of a queue file's
+    trace_flags value; 0 for anything else."""
+    if not value.isdigit() or len(value) > 9:
+        return 0
+    return int(value) & (TRACE_FLAG_VERIFY | TRACE_FLAG_REPORT)
+
+
+def trace_only(flags) -> bool:
+    """Whether a delivery request's flags make it a probe: the agent finds out what
+    would happen without delivering (Postfix's DEL_REQ_TRACE_ONLY)."""
+    return "verify" in flags or "expand" in flags
 
 
 def status_name(addr_status: int) -> str:

@@ -81,7 +81,7 @@ DESCRIPTION
         the queue file cannot be read      deferred 4.3.0 "queue file read error"
 
     PROBES. An address verification probe (the request flag "verify",
-    verify/service.py) finds where the mail would go and stops there, with Postfix's
+    verify/service.py, or "expand", sendmail -bv) finds where the mail would go and stops there, with Postfix's
     texts: sent 2.0.0 "aliased to VALUE", "forward via file: PATH", "delivers to
     mailbox" (or maildir), "delivers to file: PATH", "delivers to command: CMD",
     "forwards to ADDRS"; an unknown user bounces as above. Nothing is written, run or
@@ -831,7 +831,7 @@ def deliver_request(request, ctx, report) -> str:
     attrs = envelope.attrs
     job = LocalDelivery(ctx.cfg, request.sender, content, request, ctx.queue_root,
                         attrs.get("dsn_envid", ""), attrs.get("dsn_ret", ""))
-    job.verify = report.verify
+    job.verify = report.trace_only
     for i, rcpt in enumerate(request.recipients):
         offset = request.offsets[i] if i < len(request.offsets) else None
         dsn = stored.get(offset)

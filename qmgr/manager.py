@@ -180,7 +180,8 @@ class Message:
     success: set | None = None  # offsets of the NOTIFY=SUCCESS recipients, when first needed
     fd: int = -1                # the queue file, open (Q.OPEN_ACTIVE) during the pass
     marked: bool = False        # a recipient was marked done through fd
-    probe: bool = False         # an address verification probe (verify_client.is_probe)
+    probe: bool = False         # an address verification probe (trace_flags 256)
+    report: bool = False        # sendmail -bv: a report to the sender (trace_flags 512)
 
 
 @dataclass(eq=False)
@@ -567,7 +568,9 @@ class QueueManager:
             bounce_log.remove(self.root, DEFER, name, likely=queue == Q.DEFERRED)
         m = Message(name, dst, env, started=now, expire=expire, fd=fd)
         if verify_client.TRACE_FLAGS_ATTR in env.attrs:
-            m.probe = verify_client.is_probe(env.attrs[verify_client.TRACE_FLAGS_ATTR])
+            flags = verify_client.trace_flags(env.attrs[verify_client.TRACE_FLAGS_ATTR])
+            m.probe = bool(flags & verify_client.TRACE_FLAG_VERIFY)
+            m.report = not m.probe and bool(flags & verify_client.TRACE_FLAG_REPORT)
         self._open += fd >= 0
         self.messages[name] = m
         sender = env.sender or ""
@@ -717,8 +720,8 @@ class QueueManager:
             arrival=m.env.arrival, recipients=[e.address for e in job.entries],
             offsets=[e.offset for e in job.entries],
             flags=([] if m.env.sender else ["bounce"]) + self._conn_cache_flags(job.dest))
-        if m.probe:
-            request.flags.append("verify")
+        if m.probe or m.report:
+            request.flags.append("verify" if m.probe else "expand")
         self.dispatch(job, request)
 
     def _conn_cache_flags(self, dest: Destination) -> list[str]:
@@ -755,6 +758,11 @@ class QueueManager:
     def _record(self, job: Job, reply) -> None:
         """Write a reply's per-recipient results, durably, then release the job."""
         m = job.message
+        if m.report:
+            self._record_report(job, [(e, r.result, r.dsn, r.reason)
+                                      for e, r in zip(job.entries, reply.results)],
+                                reply.relay)
+            return
         done, bounced, deferred, traced = [], [], [], []
         for entry, r in zip(job.entries, reply.results):
             if r.result == "sent":
@@ -807,6 +815,31 @@ class QueueManager:
             dest.window = min(dest.limit, dest.window + 1)
         self._release(job)
 
+    def _record_report(self, job: Job, results, relay: str) -> None:
+        """sendmail -bv: every recipient's result, whatever it is, goes to the trace log
+        with the action deliverable or undeliverable (Postfix's trace_append with
+        DEL_REQ_FLAG_USR_VRFY), and the recipient is done; _finish mails the report."""
+        m = job.message
+        self._report_entries(m, [LogEntry(e.address, e.offset, dsn, verify_client.status_name(
+            verify_client.RCPT_OK if kind == "sent" else verify_client.RCPT_BOUNCE),
+            reason, relay) for e, kind, dsn, reason in results])
+        self._release(job)
+
+    def _report_entries(self, m: Message, entries: list[LogEntry]) -> None:
+        if m.gone:
+            return
+        try:
+            bounce_log.append(self.root, TRACE, m.queue_id, entries)
+        except OSError as exc:
+            msg.warn(f"{m.queue_id}: append trace log: {exc.strerror}")
+            self._defer_log(m, [LogEntry(t.recipient, t.offset, "4.3.0", "delayed",
+                                         f"{m.queue_id}: trace service failed", t.relay)
+                                for t in entries])
+            return
+        for entry in entries:
+            if not self._mark_done(m, entry):
+                break
+
     @staticmethod
     def _success(m: Message) -> set:
         """The offsets of m's recipients whose DSN NOTIFY asks for SUCCESS."""
@@ -849,6 +882,13 @@ class QueueManager:
             entries = self._probe_deferred(m, entries, dsn, reason)
             if not entries:
                 return
+        elif m.report:
+            for e in entries:
+                deliver.log_delivery(m.queue_id, e.address, "none", m.env.arrival,
+                                     m.started, dsn, "undeliverable", reason)
+            self._report_entries(m, [LogEntry(e.address, e.offset, dsn, "undeliverable",
+                                              reason) for e in entries])
+            return
         if log:
             for e in entries:
                 deliver.log_delivery(m.queue_id, e.address, "none", m.env.arrival, m.started,
@@ -953,7 +993,8 @@ class QueueManager:
         if m.gone:
             return
         retry = bool(m.deferred)
-        traced = bounce_log.read(self.root, TRACE, qid) if self._success(m) else []
+        traced = bounce_log.read(self.root, TRACE, qid) if m.report or self._success(m) \
+            else []
         if traced:
             if self._report_success(m, traced, now):
                 bounce_log.remove(self.root, TRACE, qid, likely=True)
@@ -1036,8 +1077,8 @@ class QueueManager:
         """Send the success notice for NOTIFY=SUCCESS recipients; False to try again at
         the message's next pass (the trace log stays)."""
         try:
-            sent = bounce.success(self.cfg, self.root, m.queue_id, m.env, m.path, entries,
-                                  now)
+            sent = (bounce.report if m.report else bounce.success)(
+                self.cfg, self.root, m.queue_id, m.env, m.path, entries, now)
         except (OSError, Q.QueueFileError) as exc:
             msg.warn(f"{m.queue_id}: cannot send delivery status notification: "
                      f"{getattr(exc, 'strerror', None) or exc}")

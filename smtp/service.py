@@ -103,7 +103,7 @@ import socket
 import time
 
 from ..lib import deliver, delivery_agent, msg, server, tables, tls_history, tls_session
-from ..lib import tlsmgr_client, tlsrpt
+from ..lib import tlsmgr_client, tlsrpt, verify_client
 from ..lib import queue as Q
 from ..lib import tls as libtls
 from ..lib.smtpio import SmtpStream
@@ -441,7 +441,7 @@ def deliver_request(req: deliver.Request, ctx, report: delivery_agent.Report) ->
                 r.notify, r.orcpt = stored[offset].notify, stored[offset].orcpt
         d.client = xforward.client_attributes(qmsg.attrs, req.queue_id)
         d.request_flags = tuple(req.flags)
-        d.verify = "verify" in d.request_flags
+        d.verify = verify_client.trace_only(d.request_flags)
         d.content = lambda: qmsg.content(req.queue_file)
         if not req.arrival:
             report.arrival = qmsg.arrival

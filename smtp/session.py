@@ -150,8 +150,9 @@ class Delivery:
     client: dict = field(default_factory=dict)   # original client, for XFORWARD
     conn_use: int = 0               # the connection's use count (>1: a cached one)
     request_flags: tuple = ()       # the request's flags (conn_load, conn_store: qmgr)
-    # An address verification probe (qmgr's "verify" flag): the session ends after RCPT,
-    # whose reply is the recipient's result (Postfix's DEL_REQ_FLAG_MTA_VRFY).
+    # An address verification probe (qmgr's "verify" or "expand" flag, sendmail -bv's):
+    # the session ends after RCPT, whose reply is the recipient's result (Postfix's
+    # DEL_REQ_TRACE_ONLY).
     verify: bool = False
 
     @property

@@ -53,9 +53,10 @@ DESCRIPTION
     Unknown recipients are bounced here; smtpd can reject them at RCPT TO with
     lib/address.py virtual_mailbox_known().
 
-    An address verification probe (the request flag "verify", verify/service.py) goes
-    as far as the mailbox's path and owner: sent 2.0.0 "delivers to maildir" or
-    "delivers to mailbox", nothing written; lib/delivery_agent.py reports the result.
+    An address verification probe (the request flag "verify", verify/service.py, or
+    "expand", sendmail -bv) goes as far as the mailbox's path and owner: sent 2.0.0
+    "delivers to maildir" or "delivers to mailbox", nothing written;
+    lib/delivery_agent.py reports the result.
 
 SECURITY
     The process runs as root, unchrooted (master.cf: unprivileged n, chroot n), because
@@ -83,7 +84,7 @@ from __future__ import annotations
 import os
 import stat
 
-from ..lib import mailbox, msg, server, tables
+from ..lib import mailbox, msg, server, tables, verify_client
 from ..lib.address import addr_find
 from ..lib.delivery_agent import RcptResult, decided, read_message, result, serve
 
@@ -228,7 +229,7 @@ def deliver_request(request, ctx):
             request.recipients)
     content = found[1]
     agent = ctx.state["agent"]
-    verify = "verify" in request.flags
+    verify = verify_client.trace_only(request.flags)
     return "virtual", [agent.deliver(rcpt, request.sender, content, verify)
                        for rcpt in request.recipients]
 

@@ -11,14 +11,19 @@ One instance for the module; each test uses addresses of its own, since the cach
 import os
 import re
 import shutil
+import socket
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from helpers import POSTFIX_PY
 from pfxinst import Instance, SmtpClient, free_port, wait_for
 from sink import Sink
+
+from postfix_py.lib import attr
 
 UNKNOWN_AT_SINK = ("550 5.1.1 <{a}>: Recipient address rejected: User unknown")
 
@@ -55,6 +60,7 @@ def mta():
         f"smtp unix - - {chroot} - - smtp",
         f"relay unix - - {chroot} - - smtp",
         "local unix - n n - - local",
+        f"pickup unix n - {chroot} - - pickup",
     ]
     try:
         with inst.running("verify"):
@@ -170,3 +176,56 @@ def test_what_qmgr_cannot_deliver_is_reported_too(mta):
     wait_for(lambda: f"{qid}: removed" in inst.log(), what="the probe removed")
     assert not (inst.queue / "defer" / qid).exists()
     assert not (inst.queue / "deferred" / qid).exists()
+
+
+def test_sendmail_bv_mails_a_report_and_delivers_nothing(mta):
+    inst, sink = mta
+    sink.keep_bodies = True
+    bad, good, local = "bv+bounce@remote.example", "bv@remote.example", "nobody@localhost"
+    out = subprocess.run([POSTFIX_PY, "-c", str(inst.dir), "sendmail", "-bv",
+                          "-f", "reporter@remote.example", bad, good, local],
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ("Mail Delivery Status Report will be mailed to "
+                          "<reporter@remote.example>.\n")
+    wait_for(lambda: sink.messages, 30, what="the report at the sink")
+    (msgid, rcpts, body), = sink.messages
+    text = body.decode()
+    assert rcpts == ["reporter@remote.example"]
+    assert "Subject: Mail Delivery Status Report" in text
+    assert "Enclosed is the mail delivery report that you requested." in text
+    for address, action in ((bad, "undeliverable"), (good, "deliverable"),
+                            (local, "deliverable")):
+        assert f"Final-Recipient: rfc822; {address}\nOriginal-Recipient: rfc822;{address}\n" \
+            f"Action: {action}" in text.replace("\r\n", "\n")
+    assert "Subject: probe" in text                 # the probe's headers, returned
+    log = inst.log()
+    assert re.search(rf"to=<{re.escape(local)}>, relay=local, .*status=deliverable "
+                     r"\(delivers to mailbox\)", log)
+    assert "sender delivery status notification:" in log
+    assert f"to=<{bad}>" in log and "non-delivery notification" not in log
+    qid = re.search(r"pickup\[\d+\]: (\w+): uid=\d+ from=<reporter@remote.example>",
+                    log).group(1)
+    wait_for(lambda: f"{qid}: removed" in inst.log(), what="the -bv message removed")
+    # sendmail -bv tells the user, not the verify service: no cache entry for bv@
+    assert rcpt(inst.port, good).startswith(f"450 4.1.1 <{good}>: Recipient address "
+                                            "rejected: unverified address: Address "
+                                            "verification in progress")
+
+
+def test_a_local_user_cannot_inject_a_verify_service_probe(mta):
+    """pickup takes sendmail -bv's trace_flags (512) only: a probe of the verify service
+    (256) would let a local user write the verify cache."""
+    inst, _ = mta
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(inst.queue / "public" / "pickup"))
+        for frame in ({"request": "submit", "sender": "", "trace_flags": "256"},
+                      {"rcpt": "forged@remote.example"}, {"data": b"Subject: x\n"},
+                      {"end": "1"}):
+            attr.write_frame(sock, frame, 10)
+        reply = attr.read_frame(sock, 10)
+    assert reply["status"] == b"2" and reply["reason"] == b"5.5.4 Error: bad trace_flags"
+    wait_for(lambda: "local submission refused: 5.5.4 Error: bad trace_flags" in inst.log(),
+             what="pickup's warning")
+    assert "to=<forged@remote.example>" not in inst.log()
