@@ -76,7 +76,11 @@ LIFE OF A MESSAGE
                 suspended transport or destination, a failed agent) is reported there
                 too (lib/verify_client.py report_probe, one blocking request per
                 recipient, as Postfix's qmgr) and the recipient is done; a probe is
-                never bounced and, expired, never returned.
+                never bounced and, expired, never returned. sendmail -bv's message
+                (trace_flags 512, DEL_REQ_FLAG_USR_VRFY) goes out with the flag
+                "expand": every result, and what qmgr cannot deliver, goes to its trace
+                log as deliverable or undeliverable, the recipient is done, and at the
+                end the sender gets the report (qmgr/bounce.py report()).
 
     Every result is on disk (queue file or log) before the file moves on, so a crash
     repeats at most the deliveries that were in flight.
