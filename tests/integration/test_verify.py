@@ -36,6 +36,7 @@ def mta():
     sink = Sink()
     chroot = "y" if os.geteuid() == 0 else "n"
     inst.port, inst.poll_port = free_port(), free_port()
+    inst.defer_port, inst.dip_port = free_port(), free_port()
     inst.main.update({
         "mydestination": "$myhostname, localhost",
         "relay_domains": "remote.example, nowhere.example",
@@ -55,6 +56,16 @@ def mta():
         # the same server, waiting for the probe: Postfix's default polling
         f"127.0.0.1:{inst.poll_port} inet n - {chroot} - - smtpd"
         " -o address_verify_poll_count=8",
+        # a restriction after reject_unverified_recipient that rejects everything: with
+        # tempfail_action defer the 450 stands, with defer_if_permit the reject wins
+        f"127.0.0.1:{inst.defer_port} inet n - {chroot} - - smtpd"
+        " -o unverified_recipient_tempfail_action=defer"
+        " -o {unverified_recipient_reject_reason=Address lookup failure}"
+        " -o smtpd_recipient_restrictions=reject_unauth_destination,"
+        "reject_unverified_recipient,reject",
+        f"127.0.0.1:{inst.dip_port} inet n - {chroot} - - smtpd"
+        " -o smtpd_recipient_restrictions=reject_unauth_destination,"
+        "reject_unverified_recipient,reject",
         "qmgr unix n - n 300 1 qmgr",
         f"verify unix - - {chroot} - 1 verify",
         f"smtp unix - - {chroot} - - smtp",
@@ -229,3 +240,12 @@ def test_a_local_user_cannot_inject_a_verify_service_probe(mta):
     wait_for(lambda: "local submission refused: 5.5.4 Error: bad trace_flags" in inst.log(),
              what="pickup's warning")
     assert "to=<forged@remote.example>" not in inst.log()
+
+
+def test_tempfail_action_and_reject_reason(mta):
+    inst, _ = mta
+    a = "tempfail@remote.example"
+    assert rcpt(inst.dip_port, a) == (f"554 5.7.1 <{a}>: Recipient address rejected: "
+                                      "Access denied")     # defer_if_permit: reject wins
+    assert rcpt(inst.defer_port, a) == (f"450 4.1.1 <{a}>: Recipient address rejected: "
+                                        "unverified address: Address lookup failure")
