@@ -50,6 +50,7 @@ def mta():
         "address_verify_poll_count": "1",
         "address_verify_poll_delay": "1s",
         "queue_run_delay": "300s",
+        "address_verify_cache_cleanup_interval": "2s",
     })
     inst.master_lines = [
         f"127.0.0.1:{inst.port} inet n - {chroot} - - smtpd",
@@ -249,3 +250,14 @@ def test_tempfail_action_and_reject_reason(mta):
                                       "Access denied")     # defer_if_permit: reject wins
     assert rcpt(inst.defer_port, a) == (f"450 4.1.1 <{a}>: Recipient address rejected: "
                                         "unverified address: Address lookup failure")
+
+
+def test_the_cache_is_swept(mta):
+    inst, _ = mta
+    ref = f"btree:{inst.main['data_directory']}/verify_cache"
+    pattern = re.compile(rf"verify\[\d+\]: cache {re.escape(ref)} full cleanup: "
+                         r"retained=(\d+) dropped=(\d+) entries")
+
+    def swept_some():       # nothing has expired with the default times: none dropped
+        return [r for r, d in pattern.findall(inst.log()) if int(r) > 0 and d == "0"]
+    wait_for(swept_some, 10, what="a cache cleanup run over the entries")
