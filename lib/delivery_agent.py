@@ -17,6 +17,19 @@ transmission delays); local records each recipient as it is delivered (with the 
 action of an alias expansion); virtual, discard and error decide all recipients first and
 let decided() record them.
 
+PROBES
+    A request with the flag "verify" is an address verification probe (verify/service.py):
+    the agent finds out what would happen without delivering, and record() reports each
+    recipient's outcome to the verify service (lib/verify_client.py report_probe, as
+    Postfix's verify_append) under the address the probe is for (the queue file's
+    verify_address) and the recipient, logs `status=deliverable` or `undeliverable`
+    instead of sent, bounced or deferred, and tells qmgr the recipient is done, so that
+    no bounce or defer log, and no notice, follows. When the service cannot be told,
+    the recipient is deferred ("address verification service failure").
+    A request with the flag "expand" (sendmail -bv) does not deliver either; its results
+    go to qmgr as usual, logged as deliverable or undeliverable, and qmgr mails the
+    sender a report (Report.trace_only is true for both).
+
 FUNCTIONS
     serve(conn, ctx, deliver_fn, timeout=None): one request and its reply.
         deliver_fn(request, ctx, report) -> relay; timeout defaults to ipc_timeout.
@@ -54,7 +67,7 @@ import re
 import socket
 import time
 
-from . import attr, deliver, msg
+from . import attr, deliver, msg, verify_client
 from . import queue as Q
 
 RcptResult = deliver.RcptResult
@@ -92,6 +105,15 @@ class Report:
         self.arrival = request.arrival
         self.started = time.time()
         self.results: list[RcptResult | None] = [None] * len(request.recipients)
+        # an address verification probe (qmgr's "verify" flag: see _probe()), or
+        # sendmail -bv's ("expand": the result goes to qmgr, logged as the probe's);
+        # either way the agent does not deliver (trace_only)
+        flags = request.flags
+        self.verify = "verify" in flags if flags else False
+        self.expand = "expand" in flags if flags else False
+        self.trace_only = self.verify or self.expand
+        self.verify_address = ""        # the address the probe is for (serve() reads it)
+        self.verify_cfg = None
 
     def record(self, index: int, kind: str, dsn: str, reason: str, relay: str,
                conn_setup: float = 0.0, transmit: float = 0.0, conn_use: int = 0,
@@ -103,13 +125,45 @@ class Report:
         `alias expanded`: the deliveries of the expansion are logged with their own)."""
         if kind == "bounced" and self.soft_bounce:
             kind, dsn = "deferred", "4" + dsn[1:] if dsn[:1] == "5" else dsn
+        if self.trace_only:
+            if self.verify:
+                return self._probe(index, kind, dsn, reason, relay, conn_setup, transmit,
+                                   conn_use)
+            logged = verify_client.status_name(
+                verify_client.RCPT_OK if kind == "sent" else verify_client.RCPT_BOUNCE)
+        else:
+            logged = kind
         request = self.request
         deliver.log_delivery(request.queue_id, request.recipients[index], relay,
-                             self.arrival, self.started, dsn, kind, reason, conn_setup,
+                             self.arrival, self.started, dsn, logged, reason, conn_setup,
                              transmit, conn_use)
         if kind != "sent":
             action, passed, dsn_text = "", False, ""
         r = self.results[index] = RcptResult(kind, dsn, dsn_text or reason, action, passed)
+        return r
+
+    def _probe(self, index: int, kind: str, dsn: str, reason: str, relay: str,
+               conn_setup: float, transmit: float, conn_use: int) -> RcptResult:
+        """A probe's result goes to the verify service instead of qmgr's logs, as
+        Postfix's verify_append(): the address the probe is for, and the recipient
+        too when cleanup rewrote it; logged `status=deliverable` or `undeliverable`
+        (`undeliverable-but-not-cached` with address_verify_negative_cache = no). The
+        recipient is then done ("sent": no bounce, no defer log, no notice); when the
+        service cannot be told, it is deferred and the probe tries again later."""
+        request = self.request
+        rcpt = request.recipients[index]
+        status = verify_client.RCPT_OK if kind == "sent" else \
+            verify_client.RCPT_BOUNCE if kind == "bounced" else verify_client.RCPT_DEFER
+        told, action = verify_client.report_probe(
+            self.verify_cfg, (self.verify_address, rcpt), status, reason)
+        if not told:
+            msg.warn(f"{request.queue_id}: "
+                     f"{verify_client.client(self.verify_cfg).service} service failure")
+            kind, dsn, reason = "deferred", "4.3.0", "address verification service failure"
+            action = kind
+        deliver.log_delivery(request.queue_id, rcpt, relay, self.arrival, self.started,
+                             dsn, action, reason, conn_setup, transmit, conn_use)
+        r = self.results[index] = RcptResult("sent" if told else kind, dsn, reason)
         return r
 
     def reply(self, relay: str) -> deliver.DeliveryStatus:
@@ -155,8 +209,22 @@ def serve(conn, ctx, deliver_fn, timeout: float | None = None) -> None:
         _answer(conn, attr.encode({"status": attr.STATUS_BAD, "reason": str(exc)}), timeout)
         return
     report = Report(request, ctx.cfg["soft_bounce"])
+    if report.verify:
+        _probe_request(report, request, ctx)
     relay = deliver_fn(request, ctx, report)
     _answer(conn, deliver.encode_reply(report.reply(relay)), timeout)
+
+
+def _probe_request(report: Report, request, ctx) -> None:
+    """A probe's address as the verify service was asked it (the queue file's
+    verify_address, which cleanup's rewriting leaves alone), and the configuration."""
+    report.verify_cfg = ctx.cfg
+    if QUEUE_FILE.fullmatch(request.queue_file):
+        try:
+            envelope = Q.read(os.path.join(ctx.queue_root, request.queue_file))
+            report.verify_address = envelope.attrs.get(verify_client.ADDRESS_ATTR, "")
+        except (OSError, Q.QueueFileError) as exc:
+            msg.warn(f"{request.queue_id}: read queue file: {exc}")
 
 
 def _answer(conn, frame: bytes, timeout: float) -> None:

@@ -48,6 +48,8 @@ DEVIATIONS
     smtp_tls_dane_insecure_mx_policy: dane, the default of Postfix 3.7.13, 3.8.8, 3.9.2
     and 3.10 (earlier 3.7 releases wrote a default that depends on
     smtp_tls_security_level, which Postfix's documentation calls a mistake).
+    unverified_recipient_tempfail_action, unverified_sender_tempfail_action:
+    defer_if_permit, the value of Postfix's $reject_tempfail_action, which is not here.
 """
 
 from __future__ import annotations
@@ -251,6 +253,26 @@ PARAMS: list[Param] = [
     _p("strict_rfc821_envelopes", "no", BOOL, "require <> around MAIL FROM and RCPT TO addresses"),
     _p("hopcount_limit", "50", INT, "Received: headers after which a message is bounced as looping", min=1),
     _p("recipient_delimiter", "", STR, "separators of address extensions"),
+    # --- address verification (verify/service.py, lib/verify_client.py, smtpd/check.py) --
+    _p("address_verify_service_name", "verify", STR, "the master.cf name of the address verification service (private/NAME)"),
+    _p("address_verify_map", "btree:$data_directory/verify_cache", STR, "the address verification cache (lmdb, btree and hash: LMDB files; memcache:, redis: a store shared by several hosts; empty: in memory only)"),
+    _p("address_verify_sender", "$double_bounce_sender", STR, "sender of address verification probes (empty or <>: the null sender; without @, @$myorigin is added)"),
+    _p("address_verify_positive_expire_time", "31d", TIME, "time after which a successful probe result expires from the cache", min=1),
+    _p("address_verify_positive_refresh_time", "7d", TIME, "time after which a successful probe result is refreshed by a new probe", min=1),
+    _p("address_verify_negative_cache", "yes", BOOL, "cache the results of failed probes"),
+    _p("address_verify_negative_expire_time", "3d", TIME, "time after which a failed probe result expires from the cache", min=1),
+    _p("address_verify_negative_refresh_time", "3h", TIME, "time after which a failed probe result is refreshed by a new probe", min=1),
+    _p("address_verify_cache_cleanup_interval", "12h", TIME, "how often the cache is swept of expired entries (0: never; ignored for memcache: and redis:, whose ttl ages entries out)", min=0),
+    _p("address_verify_poll_count", "${stress?{1}:{3}}", INT, "how many times smtpd asks the verify service about an address that is being probed (1: no waiting)", min=1),
+    _p("address_verify_poll_delay", "3s", TIME, "delay between smtpd's queries about an address that is being probed", min=1),
+    _p("unverified_recipient_reject_code", "450", INT, "reply code of reject_unverified_recipient for an address that bounces", min=400, max=599),
+    _p("unverified_sender_reject_code", "450", INT, "reply code of reject_unverified_sender for an address that bounces", min=400, max=599),
+    _p("unverified_recipient_defer_code", "450", INT, "reply code of reject_unverified_recipient while the address is unknown or its probe failed for now", min=200, max=599),
+    _p("unverified_sender_defer_code", "450", INT, "reply code of reject_unverified_sender while the address is unknown or its probe failed for now", min=200, max=599),
+    _p("unverified_recipient_reject_reason", "", STR, "text that replaces the probe's reason in reject_unverified_recipient's rejections (empty: the probe's)"),
+    _p("unverified_sender_reject_reason", "", STR, "text that replaces the probe's reason in reject_unverified_sender's rejections (empty: the probe's)"),
+    _p("unverified_recipient_tempfail_action", "defer_if_permit", STR, "reject_unverified_recipient when the address is not yet known: defer_if_permit (unless a later restriction rejects) or defer", values=("defer_if_permit", "defer")),
+    _p("unverified_sender_tempfail_action", "defer_if_permit", STR, "reject_unverified_sender when the address is not yet known: defer_if_permit (unless a later restriction rejects) or defer", values=("defer_if_permit", "defer")),
     # --- cleanup (lib/cleanup.py): every message on its way into the queue ---------------
     _p("always_add_missing_headers", "no", BOOL, "add a missing Message-Id:, Date: and From: to all mail, not only to mail in a header rewrite context (local_header_rewrite_clients, remote_header_rewrite_domain)"),
     _p("canonical_maps", "", TABLE, "address mapping of envelope senders and recipients (canonical(5))"),

@@ -80,6 +80,13 @@ DESCRIPTION
                                            over quota (lib/mailbox.py)
         the queue file cannot be read      deferred 4.3.0 "queue file read error"
 
+    PROBES. An address verification probe (the request flag "verify",
+    verify/service.py, or "expand", sendmail -bv) finds where the mail would go and stops there, with Postfix's
+    texts: sent 2.0.0 "aliased to VALUE", "forward via file: PATH", "delivers to
+    mailbox" (or maildir), "delivers to file: PATH", "delivers to command: CMD",
+    "forwards to ADDRS"; an unknown user bounces as above. Nothing is written, run or
+    forwarded; lib/delivery_agent.py reports the result to the verify service.
+
     Each delivered copy gets Return-Path:, X-Original-To: (the recipient qmgr gave) and
     Delivered-To: (the same, lower-cased; Postfix's frozen_delivered_to) headers
     (lib/mailbox.py); a command or file also gets the `From ` line first.
@@ -280,6 +287,9 @@ class LocalDelivery:
         self.local_domains = {d.lower().rstrip(".") for d in cfg["mydestination"]
                               if ":" not in d and "/" not in d}
         self.started = time.time()
+        # an address verification probe: each kind of destination is found, not used
+        # (Postfix's DEL_REQ_TRACE_ONLY: "delivers to mailbox", "aliased to ...")
+        self.verify = False
 
     # --- one recipient of the request ---------------------------------------------------
     def deliver(self, rcpt: str, notify: str = "", orcpt: str = "") -> RcptResult:
@@ -384,6 +394,8 @@ class LocalDelivery:
             if not dests:
                 msg.warn(f"no recipient in alias lookup result for {name}")
                 return self._out("deferred", "4.3.0", "alias database unavailable")
+            if self.verify:
+                return self._out("sent", "2.0.0", f"aliased to {value}")
             sub = st.deeper(exp_type="alias", exp_from=name, usr=usr)
             # An owner-NAME alias receives the errors: it becomes the sender, and
             # local members are forwarded under it (Postfix's owner attribute).
@@ -511,6 +523,9 @@ class LocalDelivery:
         if ("forward", path) in self.been_here:
             return ("forward-done", path) in self.been_here
         self.been_here.add(("forward", path))
+        if self.verify:
+            self.been_here.add(("forward-done", path))
+            return self._out("sent", "2.0.0", f"forward via file: {path}")
         if not stat.S_ISREG(info.st_mode):
             msg.warn(f"file {path} is not a regular file")
             return False
@@ -570,6 +585,9 @@ class LocalDelivery:
         if ("file", rights[0], path) in self.been_here:
             return
         self.been_here.add(("file", rights[0], path))
+        if self.verify:
+            self._out("sent", "2.0.0", f"delivers to file: {path}")
+            return
         sender, content = self._sender(st), self.content
         headers = mailbox.added_headers(sender, self.rcpt)
 
@@ -614,6 +632,9 @@ class LocalDelivery:
         if ("command", rights[0], command) in self.been_here:
             return
         self.been_here.add(("command", rights[0], command))
+        if self.verify:
+            self._out("sent", "2.0.0", f"delivers to command: {command}")
+            return
         local, _ = split_address(addr)
         local = local.lower()
         user = strip_extension(local, self.delimiters)
@@ -639,6 +660,8 @@ class LocalDelivery:
     # --- forwarding through the queue -------------------------------------------------------
     def _forward(self, sender: str, rcpts: list[str]) -> tuple[str, str, str]:
         """Postfix's forward_finish: one new queue file per sender for the forwarded."""
+        if self.verify:
+            return "sent", "2.0.0", f"forwards to {', '.join(dict.fromkeys(rcpts))}"
         if self.queue_root is None:
             return "deferred", "4.3.0", "mail system internal error"
         rcpts = list(dict.fromkeys(rcpts))
@@ -715,6 +738,9 @@ class LocalDelivery:
                 self._command(rcpt, expanded, st.deeper(usr=pw))
                 return self.outcomes.pop() if len(self.outcomes) > before else \
                     ("sent", "2.0.0", f"delivered to command: {expanded}")
+        if self.verify:
+            maildir = (self.home_mailbox or self.spool).endswith("/")
+            return "sent", "2.0.0", f"delivers to {'maildir' if maildir else 'mailbox'}"
         sender = self._sender(st)
         headers = mailbox.added_headers(sender, self.rcpt)
         if self.home_mailbox:
@@ -805,6 +831,7 @@ def deliver_request(request, ctx, report) -> str:
     attrs = envelope.attrs
     job = LocalDelivery(ctx.cfg, request.sender, content, request, ctx.queue_root,
                         attrs.get("dsn_envid", ""), attrs.get("dsn_ret", ""))
+    job.verify = report.trace_only
     for i, rcpt in enumerate(request.recipients):
         offset = request.offsets[i] if i < len(request.offsets) else None
         dsn = stored.get(offset)

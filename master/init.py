@@ -24,7 +24,7 @@ DESCRIPTION
                           N+2    submission  STARTTLS, then SASL AUTH (user "test")
                           N+9    metrics     Prometheus text format on /metrics
                       N is --port-base (default 2525), 1..65526; then the internal unix
-                      services (qmgr, tlsmgr, anvil, showq, smtp, relay, lmtp, error,
+                      services (qmgr, tlsmgr, anvil, showq, verify, smtp, relay, lmtp, error,
                       discard, local, virtual).
     DIR/rsa-key.pem, DIR/rsa-cert.pem        RSA 2048 key (0600) and certificate (0644)
     DIR/ecdsa-key.pem, DIR/ecdsa-cert.pem    ECDSA P-256 key (0600) and certificate (0644)
@@ -241,6 +241,7 @@ def master_cf(directory: str, ports: tuple[int, int, int],
         _row("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr"),
         _row("anvil", "unix", "-", "-", "n", "-", "1", "anvil"),
         _row("showq", "unix", "n", "-", "n", "-", "-", "showq"),
+        _row("verify", "unix", "-", "-", "n", "-", "1", "verify"),
         f"# Prometheus metrics: http://{inet[3]}/metrics",
         _row(inet[3], "inet", "n", "-", "n", "-", "1", "metrics"),
         _row("smtp", "unix", "-", "-", "n", "-", "-", "smtp"),

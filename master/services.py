@@ -71,6 +71,7 @@ PROGRAMS = {
     "showq": "postfix_py.showq.service",
     "metrics": "postfix_py.metrics.service",
     "postscreen": "postfix_py.postscreen.service",
+    "verify": "postfix_py.verify.service",
 }
 EXTENSION_PREFIX = "python:"
 RUNNABLE_TYPES = ("inet", "unix", "pass")

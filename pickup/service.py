@@ -30,7 +30,9 @@ PROTOCOL
     request=smtp     The rest of the connection is an SMTP session (sendmail -bs), served
                      by smtpd/session.py as Postfix's stand-alone smtpd: client
                      localhost[127.0.0.1], no restrictions, never STARTTLS or AUTH.
-    request=submit   sender (empty for <>), fullname (optional); then frames rcpt=ADDR,
+    request=submit   sender (empty for <>), fullname (optional), trace_flags (optional:
+                     512, sendmail -bv's report instead of delivery; any other value is
+                     refused); then frames rcpt=ADDR,
                      one per recipient; data=BYTES (message content, LF line ends, no
                      dot-stuffing) as many as needed; end=1. The answer is one frame:
                      status=0 queue_id=ID; status=2 reason=TEXT (refused: a bad address,
@@ -71,7 +73,7 @@ import socket
 import struct
 import time
 
-from ..lib import attr, cleanup, milter, msg, server
+from ..lib import attr, cleanup, milter, msg, server, verify_client
 from ..lib import queue as Q
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
@@ -265,6 +267,12 @@ def submit(conn: socket.socket, ctx, uid: int, user: str | None, first: dict) ->
     except _Refused as exc:
         problem, sender = exc, ""
     fullname = _text(first.get("fullname", b""))[:200]
+    # sendmail -bv: a report instead of a delivery. A local user may ask for that,
+    # never for the verify service's own probes (256), whose results it trusts.
+    trace = first.get("trace_flags")
+    if trace is not None and problem is None and \
+            trace != str(verify_client.TRACE_FLAG_REPORT).encode():
+        problem = _Refused(STATUS_BAD, "5.5.4 Error: bad trace_flags")
     try:
         while True:
             frame = attr.read_frame(conn, timeout)
@@ -290,7 +298,7 @@ def submit(conn: socket.socket, ctx, uid: int, user: str | None, first: dict) ->
                     if limit and size > limit:
                         raise _Refused(STATUS_BAD, "5.3.4 Message size exceeds fixed limit")
                     if writer is None:
-                        writer = _open(ctx, uid, user, sender, fullname, rcpts)
+                        writer = _open(ctx, uid, user, sender, fullname, rcpts, trace)
                     writer.write(data)
                 else:
                     raise attr.AttrError(f"unexpected attribute {next(iter(frame))}")
@@ -308,7 +316,7 @@ def submit(conn: socket.socket, ctx, uid: int, user: str | None, first: dict) ->
         if problem is None:
             try:
                 if writer is None:
-                    writer = _open(ctx, uid, user, sender, fullname, rcpts)
+                    writer = _open(ctx, uid, user, sender, fullname, rcpts, trace)
                 try:
                     result = writer.finish()
                 finally:
@@ -355,8 +363,9 @@ def submit(conn: socket.socket, ctx, uid: int, user: str | None, first: dict) ->
 
 
 def _open(ctx, uid: int, user: str | None, sender: str, fullname: str,
-          rcpts: list[str]) -> cleanup.Cleanup:
-    """The queue file of a submission, with its envelope and Received: header."""
+          rcpts: list[str], trace: bytes | None = None) -> cleanup.Cleanup:
+    """The queue file of a submission, with its envelope and Received: header (and
+    sendmail -bv's trace_flags)."""
     if not rcpts:
         raise _Refused(STATUS_BAD, "5.5.1 Error: no recipients specified")
     try:
@@ -373,6 +382,8 @@ def _open(ctx, uid: int, user: str | None, sender: str, fullname: str,
                            fullname, milters=ms)
     try:
         writer.add_attr("protocol", "sendmail")
+        if trace is not None:
+            writer.add_attr(verify_client.TRACE_FLAGS_ATTR, trace.decode("ascii"))
         writer.set_sender(sender)
         msg.info(f"{writer.id}: uid={uid} from=<{sender}>")
         for rcpt in rcpts:

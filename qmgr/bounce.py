@@ -58,9 +58,13 @@ FUNCTIONS
     success(cfg, queue_root, queue_id, envelope, path, entries, now=None) -> the same, for
         the success notice ("Successful Mail Delivery Report") about entries, the
         recipients delivered or relayed with NOTIFY=SUCCESS (qmgr's trace/ID log).
+    report(cfg, queue_root, queue_id, envelope, path, entries, now=None) -> the same, for
+        sendmail -bv's "Mail Delivery Status Report" ("Enclosed is the mail delivery
+        report that you requested."), each entry deliverable or undeliverable.
     wants(envelope, entries, word) -> the entries whose NOTIFY asks for word.
     build(cfg, queue_id, new_id, envelope, path, entries, to, postmaster, headers_only,
-        now, delay=False, success=False) -> bytes: one notification's content.
+        now, delay=False, success=False, verify=False) -> bytes: one notification's
+        content.
     double_bounce_address(cfg) -> str.
     line_wrap(text, width=79, indent=4) -> list of lines, as Postfix's line_wrap(3).
 
@@ -113,6 +117,14 @@ Your message was successfully delivered to the destination(s)
 listed below. If the message was delivered to mailbox you will
 receive no further notifications. Otherwise you may still receive
 notifications of mail delivery errors from other systems.
+
+                   The mail system
+"""
+
+VERIFY_BODY = """\
+This is the mail system at host {host}.
+
+Enclosed is the mail delivery report that you requested.
 
                    The mail system
 """
@@ -234,10 +246,11 @@ def _original(envelope, path: str, headers_only: bool) -> bytes:
 
 def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[LogEntry],
           to: str, postmaster: bool, headers_only: bool, now: float,
-          delay: bool = False, success: bool = False) -> bytes:
+          delay: bool = False, success: bool = False, verify: bool = False) -> bytes:
     """The content of one notification (lines end in LF, as queue files keep them);
     with delay, a delayed-mail warning; with success, a delivery status notification of
-    successful deliveries (each entry's action, "delivered" or "relayed")."""
+    successful deliveries (each entry's action, "delivered" or "relayed"); with success
+    and verify, the report of sendmail -bv (actions "deliverable", "undeliverable")."""
     host = cfg.get("myhostname")
     mail_name = cfg.get("mail_name")
     boundary = BOUNDARY_FMT.format(id=queue_id, time=int(now), host=host)
@@ -246,7 +259,9 @@ def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[Lo
     limit = cfg["bounce_size_limit"]
     if limit and envelope.size > limit:
         headers_only = True
-    if success:
+    if verify:
+        subject = "Mail Delivery Status Report"
+    elif success:
         subject = "Successful Mail Delivery Report"
     elif delay:
         subject = ("Postmaster Warning: Delayed Mail" if postmaster
@@ -276,7 +291,9 @@ def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[Lo
         "Content-Transfer-Encoding: 8bit",
         "",
     ]
-    if success:
+    if verify:
+        out += VERIFY_BODY.format(host=host).split("\n")[:-1]
+    elif success:
         out += SUCCESS_BODY.format(host=host).split("\n")[:-1]
     elif not postmaster and delay:
         out += DELAY_BODY.format(
@@ -353,7 +370,7 @@ def _cleanup_settings(cfg) -> cleanup.Settings:
 def _post(cfg, queue_root: str, queue_id: str, envelope, path: str,
           entries: list[LogEntry], env_sender: str, to: str, postmaster: bool,
           headers_only: bool, now: float, delay: bool = False,
-          success: bool = False) -> str:
+          success: bool = False, verify: bool = False) -> str:
     """Write one notification into incoming/, through the cleanup stage (address
     rewriting; no header or body checks, as Postfix's internal mail); its queue id."""
     writer = cleanup.Cleanup(_cleanup_settings(cfg), queue_root, now=now, checks=False)
@@ -362,7 +379,7 @@ def _post(cfg, queue_root: str, queue_id: str, envelope, path: str,
         writer.set_sender(env_sender)
         writer.add_recipient(to)
         writer.write(build(cfg, queue_id, writer.id, envelope, path, entries, to,
-                           postmaster, headers_only, now, delay, success))
+                           postmaster, headers_only, now, delay, success, verify))
         result = writer.finish()
     except BaseException:
         writer.abort()
@@ -438,8 +455,17 @@ def warn(cfg, queue_root: str, queue_id: str, envelope, path: str,
     return sent
 
 
+def report(cfg, queue_root: str, queue_id: str, envelope, path: str,
+           entries: list[LogEntry], now: float | None = None) -> list[tuple[str, str]]:
+    """Write the report that sendmail -bv asked for (Postfix's verify template: "Mail
+    Delivery Status Report", each recipient deliverable or undeliverable), to the
+    sender as success() does, whatever the recipients' NOTIFY; [(kind, new id)]."""
+    return success(cfg, queue_root, queue_id, envelope, path, entries, now, verify=True)
+
+
 def success(cfg, queue_root: str, queue_id: str, envelope, path: str,
-            entries: list[LogEntry], now: float | None = None) -> list[tuple[str, str]]:
+            entries: list[LogEntry], now: float | None = None,
+            verify: bool = False) -> list[tuple[str, str]]:
     """Write the delivery status notification for recipients delivered or relayed with
     NOTIFY=SUCCESS (Postfix's bounce_trace_service): to the sender, from <>, with the
     original's headers; [(kind, new queue id)]. As Postfix, a bounce's report goes to
@@ -463,4 +489,5 @@ def success(cfg, queue_root: str, queue_id: str, envelope, path: str,
     else:
         to, env_sender = sender, ""
     return [("sender", _post(cfg, queue_root, queue_id, envelope, path, entries,
-                             env_sender, to, False, True, now, success=True))]
+                             env_sender, to, False, True, now, success=True,
+                             verify=verify))]

@@ -68,6 +68,19 @@ LIFE OF A MESSAGE
     expire      a file that postsuper -e marked (lib/queue.py STAT_EXPIRE) is not
                 delivered: it is returned to the sender (`status=force-expired`) with the
                 reasons of its defer log, or else "message is administratively expired".
+    probes      a message whose trace_flags attribute has Postfix's
+                DEL_REQ_FLAG_MTA_VRFY (256) is an address verification probe
+                (verify/service.py): its requests carry the flag "verify", and the
+                agents report to the verify service instead of delivering
+                (lib/delivery_agent.py). What qmgr itself cannot deliver (no route, a
+                suspended transport or destination, a failed agent) is reported there
+                too (lib/verify_client.py report_probe, one blocking request per
+                recipient, as Postfix's qmgr) and the recipient is done; a probe is
+                never bounced and, expired, never returned. sendmail -bv's message
+                (trace_flags 512, DEL_REQ_FLAG_USR_VRFY) goes out with the flag
+                "expand": every result, and what qmgr cannot deliver, goes to its trace
+                log as deliverable or undeliverable, the recipient is done, and at the
+                end the sender gets the report (qmgr/bounce.py report()).
 
     Every result is on disk (queue file or log) before the file moves on, so a crash
     repeats at most the deliveries that were in flight.
@@ -119,7 +132,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..lib import bounce_log, deliver, mail_flow, msg
+from ..lib import bounce_log, deliver, mail_flow, msg, verify_client
 from ..lib import queue as Q
 from ..lib.bounce_log import BOUNCE, DEFER, TRACE, LogEntry
 from . import bounce
@@ -171,6 +184,8 @@ class Message:
     success: set | None = None  # offsets of the NOTIFY=SUCCESS recipients, when first needed
     fd: int = -1                # the queue file, open (Q.OPEN_ACTIVE) during the pass
     marked: bool = False        # a recipient was marked done through fd
+    probe: bool = False         # an address verification probe (trace_flags 256)
+    report: bool = False        # sendmail -bv: a report to the sender (trace_flags 512)
 
 
 @dataclass(eq=False)
@@ -556,6 +571,10 @@ class QueueManager:
             # has one, removed without a look first.
             bounce_log.remove(self.root, DEFER, name, likely=queue == Q.DEFERRED)
         m = Message(name, dst, env, started=now, expire=expire, fd=fd)
+        if verify_client.TRACE_FLAGS_ATTR in env.attrs:
+            flags = verify_client.trace_flags(env.attrs[verify_client.TRACE_FLAGS_ATTR])
+            m.probe = bool(flags & verify_client.TRACE_FLAG_VERIFY)
+            m.report = not m.probe and bool(flags & verify_client.TRACE_FLAG_REPORT)
         self._open += fd >= 0
         self.messages[name] = m
         sender = env.sender or ""
@@ -705,6 +724,8 @@ class QueueManager:
             arrival=m.env.arrival, recipients=[e.address for e in job.entries],
             offsets=[e.offset for e in job.entries],
             flags=([] if m.env.sender else ["bounce"]) + self._conn_cache_flags(job.dest))
+        if m.probe or m.report:
+            request.flags.append("verify" if m.probe else "expand")
         self.dispatch(job, request)
 
     def _conn_cache_flags(self, dest: Destination) -> list[str]:
@@ -741,6 +762,11 @@ class QueueManager:
     def _record(self, job: Job, reply) -> None:
         """Write a reply's per-recipient results, durably, then release the job."""
         m = job.message
+        if m.report:
+            self._record_report(job, [(e, r.result, r.dsn, r.reason)
+                                      for e, r in zip(job.entries, reply.results)],
+                                reply.relay)
+            return
         done, bounced, deferred, traced = [], [], [], []
         for entry, r in zip(job.entries, reply.results):
             if r.result == "sent":
@@ -748,7 +774,7 @@ class QueueManager:
                 if not r.passed and entry.offset in self._success(m):
                     traced.append(LogEntry(entry.address, entry.offset, r.dsn or "2.0.0",
                                            r.action or "delivered", r.reason, reply.relay))
-            elif r.result == "bounced":
+            elif r.result == "bounced" and not m.probe:
                 bounced.append(LogEntry(entry.address, entry.offset, r.dsn, "failed",
                                         r.reason, reply.relay))
             else:
@@ -793,6 +819,31 @@ class QueueManager:
             dest.window = min(dest.limit, dest.window + 1)
         self._release(job)
 
+    def _record_report(self, job: Job, results, relay: str) -> None:
+        """sendmail -bv: every recipient's result, whatever it is, goes to the trace log
+        with the action deliverable or undeliverable (Postfix's trace_append with
+        DEL_REQ_FLAG_USR_VRFY), and the recipient is done; _finish mails the report."""
+        m = job.message
+        self._report_entries(m, [LogEntry(e.address, e.offset, dsn, verify_client.status_name(
+            verify_client.RCPT_OK if kind == "sent" else verify_client.RCPT_BOUNCE),
+            reason, relay) for e, kind, dsn, reason in results])
+        self._release(job)
+
+    def _report_entries(self, m: Message, entries: list[LogEntry]) -> None:
+        if m.gone:
+            return
+        try:
+            bounce_log.append(self.root, TRACE, m.queue_id, entries)
+        except OSError as exc:
+            msg.warn(f"{m.queue_id}: append trace log: {exc.strerror}")
+            self._defer_log(m, [LogEntry(t.recipient, t.offset, "4.3.0", "delayed",
+                                         f"{m.queue_id}: trace service failed", t.relay)
+                                for t in entries])
+            return
+        for entry in entries:
+            if not self._mark_done(m, entry):
+                break
+
     @staticmethod
     def _success(m: Message) -> set:
         """The offsets of m's recipients whose DSN NOTIFY asks for SUCCESS."""
@@ -831,6 +882,17 @@ class QueueManager:
     def _defer(self, m: Message, entries: list[Entry], dsn: str, reason: str,
                log: bool) -> None:
         """Defer recipients for a reason found by qmgr itself (the agent did not log it)."""
+        if m.probe:
+            entries = self._probe_deferred(m, entries, dsn, reason)
+            if not entries:
+                return
+        elif m.report:
+            for e in entries:
+                deliver.log_delivery(m.queue_id, e.address, "none", m.env.arrival,
+                                     m.started, dsn, "undeliverable", reason)
+            self._report_entries(m, [LogEntry(e.address, e.offset, dsn, "undeliverable",
+                                              reason) for e in entries])
+            return
         if log:
             for e in entries:
                 deliver.log_delivery(m.queue_id, e.address, "none", m.env.arrival, m.started,
@@ -838,6 +900,29 @@ class QueueManager:
         if not m.gone:
             self._defer_log(m, [LogEntry(e.address, e.offset, dsn, "delayed", reason)
                                 for e in entries])
+
+    def _probe_deferred(self, m: Message, entries: list[Entry], dsn: str,
+                        reason: str) -> list[Entry]:
+        """A probe's recipients that qmgr itself could not deliver (no route, the
+        transport or destination suspended, the agent failed): their status goes to
+        the verify service, as Postfix's qmgr_defer_recipient() with
+        DEL_REQ_FLAG_MTA_VRFY, and they are done. Those the service could not be told
+        about are returned, to be deferred as any other."""
+        left = []
+        for e in entries:
+            told, status = verify_client.report_probe(
+                self.cfg, (m.env.attrs.get(verify_client.ADDRESS_ATTR, ""), e.address),
+                verify_client.RCPT_DEFER, reason)
+            if not told:
+                msg.warn(f"{m.queue_id}: "
+                         f"{verify_client.client(self.cfg).service} service failure")
+                left.append(e)
+                continue
+            deliver.log_delivery(m.queue_id, e.address, "none", m.env.arrival, m.started,
+                                 dsn, status, reason)
+            if not m.gone and not self._mark_done(m, e):
+                break
+        return left
 
     def _job_done(self, job: Job, dsn: str, reason: str, log: bool) -> None:
         self._defer(job.message, job.entries, dsn, reason, log)
@@ -912,7 +997,8 @@ class QueueManager:
         if m.gone:
             return
         retry = bool(m.deferred)
-        traced = bounce_log.read(self.root, TRACE, qid) if self._success(m) else []
+        traced = bounce_log.read(self.root, TRACE, qid) if m.report or self._success(m) \
+            else []
         if traced:
             if self._report_success(m, traced, now):
                 bounce_log.remove(self.root, TRACE, qid, likely=True)
@@ -934,7 +1020,8 @@ class QueueManager:
                          "returned to sender")
                 expired = [LogEntry(e.recipient, e.offset, e.status, "failed", e.reason,
                                     e.relay) for e in m.deferred]
-                retry = not self._notify(m, expired, now)
+                # a probe is never returned: it has no one to tell
+                retry = not m.probe and not self._notify(m, expired, now)
             elif self.delay_warning and not m.env.warned and \
                     now >= m.env.arrival + self.delay_warning - 1:     # Postfix's slack
                 self._warn(m, now)
@@ -994,8 +1081,8 @@ class QueueManager:
         """Send the success notice for NOTIFY=SUCCESS recipients; False to try again at
         the message's next pass (the trace log stays)."""
         try:
-            sent = bounce.success(self.cfg, self.root, m.queue_id, m.env, m.path, entries,
-                                  now)
+            sent = (bounce.report if m.report else bounce.success)(
+                self.cfg, self.root, m.queue_id, m.env, m.path, entries, now)
         except (OSError, Q.QueueFileError) as exc:
             msg.warn(f"{m.queue_id}: cannot send delivery status notification: "
                      f"{getattr(exc, 'strerror', None) or exc}")

@@ -111,7 +111,7 @@ import socket
 import time
 
 from ..lib import deliver, delivery_agent, msg, server, tables, tls_history, tls_session
-from ..lib import tlsmgr_client, tlsrpt
+from ..lib import tlsmgr_client, tlsrpt, verify_client
 from ..lib import queue as Q
 from ..lib import tls as libtls
 from ..lib.smtpio import SmtpStream
@@ -481,6 +481,7 @@ def deliver_request(req: deliver.Request, ctx, report: delivery_agent.Report) ->
                 r.notify, r.orcpt = stored[offset].notify, stored[offset].orcpt
         d.client = xforward.client_attributes(qmsg.attrs, req.queue_id)
         d.request_flags = tuple(req.flags)
+        d.verify = verify_client.trace_only(d.request_flags)
         d.content = lambda: qmsg.content(req.queue_file)
         if not req.arrival:
             report.arrival = qmsg.arrival
@@ -688,7 +689,8 @@ def _reuse(ctx, d, cache, key, store, policy, last, sess_limit, sess_count,
 
 def _keep(cache, key, sess, store: bool, policy, made: float, uses: int) -> bool:
     """Cache sess instead of QUIT, where the rules of smtp/conncache.py allow it."""
-    if cache is None or not store or not sess.usable or not sess.quit_ok or sess.retry_plain:
+    if cache is None or not store or not sess.usable or not sess.quit_ok or sess.retry_plain \
+            or sess.d.verify:       # a probe's session ends with QUIT, mid-transaction
         return False
     if sess.tls_active and not cache.may_store_tls(policy):
         return False

@@ -25,6 +25,9 @@ DESCRIPTION
                A recipient the server accepts has the DSN action "relayed"; when the
                server announced DSN it also reports passed (the server sends any
                success notice: Postfix's smtp_rcpt_done clears NOTIFY=SUCCESS).
+               An address verification probe (Delivery.verify) stops after RCPT: the
+               RCPT reply is each recipient's result, no DATA is sent, and the
+               session ends with QUIT (never cached mid-transaction).
     quit()     QUIT, best effort; close() shuts TLS down cleanly and closes.
 
     Replies are read in bounded pieces: a line longer than line_length_limit is kept to
@@ -147,6 +150,10 @@ class Delivery:
     client: dict = field(default_factory=dict)   # original client, for XFORWARD
     conn_use: int = 0               # the connection's use count (>1: a cached one)
     request_flags: tuple = ()       # the request's flags (conn_load, conn_store: qmgr)
+    # An address verification probe (qmgr's "verify" or "expand" flag, sendmail -bv's):
+    # the session ends after RCPT, whose reply is the recipient's result (Postfix's
+    # DEL_REQ_TRACE_ONLY).
+    verify: bool = False
 
     @property
     def soft_bounce(self) -> bool:
@@ -762,7 +769,8 @@ class ClientSession:
                              and not self.o.wrappermode and self._input_waiting())
         commands = [("MAIL FROM", mail, None)]
         commands += [("RCPT TO", self._rcpt_command(r), r) for r in todo]
-        commands.append(("DATA", "DATA", None))
+        if not d.verify:
+            commands.append(("DATA", "DATA", None))
         if "PIPELINING" in self.features:
             self._xfer_pipelined(commands)
         else:
@@ -868,7 +876,10 @@ class ClientSession:
             if state.mail_rejected:
                 return
             if reply.klass == 2:
-                state.accepted.append(r)
+                if d.verify:
+                    d.sent(r, reply, self.relay)        # a probe goes no further
+                else:
+                    state.accepted.append(r)
             else:
                 d.rcpt_fail(r, reply.dsn, self._said(reply, "RCPT TO"), self.relay)
         else:

@@ -32,6 +32,13 @@ RESTRICTIONS
     reject_unknown_client_hostname (alias reject_unknown_client; 4.7.25) and
     reject_unknown_reverse_client_hostname (4.7.1) with unknown_client_reject_code (450)
     when the name does not exist, 450 when its lookup failed for now;
+    reject_unverified_recipient (4.1.1) and reject_unverified_sender (4.1.7): ask the
+    verify service (verify/service.py, lib/verify_client.py), polling while a probe is
+    in progress; "<a>: Recipient address rejected: unverified address: TEXT" with
+    unverified_*_defer_code (450) while unknown or failing for now, the same or, with a
+    5XX unverified_*_reject_code, "undeliverable address: TEXT" when the address
+    bounced; "address verification problem" when the service does not answer; 4XX
+    replies as unverified_*_tempfail_action (defer_if_permit) says.
     reject_unknown_sender_domain (4.1.8) and reject_unknown_recipient_domain (4.1.2):
     no MX, A or AAAA record, with unknown_address_reject_code (450); a null MX is 550
     5.7.27 / 556 5.1.10; a DNS failure for now acts as unknown_address_tempfail_action's
@@ -112,7 +119,13 @@ CONFIGURATION PARAMETERS
     smtpd_policy_service_max_idle (300s), smtpd_policy_service_max_ttl (1000s),
     smtpd_policy_service_request_limit (0), smtpd_policy_service_try_limit (2),
     smtpd_policy_service_retry_delay (1s), smtpd_policy_service_default_action (451 4.3.5
-    Server configuration problem), smtpd_policy_service_policy_context (empty).
+    Server configuration problem), smtpd_policy_service_policy_context (empty);
+    address_verify_poll_count (${stress?{1}:{3}}), address_verify_poll_delay (3s),
+    address_verify_service_name (verify), unverified_recipient_reject_code,
+    unverified_sender_reject_code, unverified_recipient_defer_code,
+    unverified_sender_defer_code (450), unverified_recipient_reject_reason,
+    unverified_sender_reject_reason (empty), unverified_recipient_tempfail_action,
+    unverified_sender_tempfail_action (defer_if_permit).
 
 FUNCTIONS
     Checker(cfg, resolver=None) compiles the lists once per worker (tables opened,
@@ -136,9 +149,10 @@ FUNCTIONS
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
-from ..lib import dnsbl, metrics, msg, tables
+from ..lib import dnsbl, metrics, msg, tables, verify_client
 from ..lib.address import addr_find
 from ..lib.dnsbl import DnsLookup
 from ..lib.domains import DomainList
@@ -155,7 +169,8 @@ SIMPLE = {"permit", "reject", "defer", "defer_if_permit", "permit_mynetworks",
           "reject_unauth_destination", "defer_unauth_destination", "permit_auth_destination",
           "reject_unlisted_recipient", "reject_unlisted_sender", "dunno",
           "reject_unknown_client_hostname", "reject_unknown_client",
-          "reject_unknown_reverse_client_hostname", "reject_unauth_pipelining"} | DNS_CHECKS
+          "reject_unknown_reverse_client_hostname", "reject_unauth_pipelining",
+          "reject_unverified_recipient", "reject_unverified_sender"} | DNS_CHECKS
 # HELO and address syntax checks, and the HELO name in the DNS (Postfix's older names too)
 NAME_CHECKS = {"reject_invalid_helo_hostname", "reject_invalid_hostname",
                "reject_non_fqdn_helo_hostname", "reject_non_fqdn_hostname",
@@ -668,6 +683,9 @@ class Checker:
             return self.unlisted_recipient(rcpt) if rcpt else None
         if restriction == "reject_unlisted_sender":
             return self.unlisted_recipient(state.sender, "Sender") if state.sender else None
+        if restriction in _UNVERIFIED:
+            address = rcpt if restriction == "reject_unverified_recipient" else state.sender
+            return self._unverified(address, *_UNVERIFIED[restriction]) if address else None
         if restriction == "permit_auth_destination":
             return "permit" if rcpt is not None and self.auth_destination(rcpt) else None
         if restriction in ("reject_unauth_destination", "defer_unauth_destination"):
@@ -773,6 +791,52 @@ class Checker:
         code = self.cfg["unknown_address_reject_code"]
         return Reply(code, f"{str(code)[0]}.{detail}",
                      f"<{address}>: {what} rejected: Domain not found")
+
+    def _unverified(self, address: str, reply_class: str, dsn: str, reject_code: str,
+                    defer_code: str, reject_reason: str, tempfail_action: str):
+        """reject_unverified_{recipient,sender}: what the verify service knows of the
+        address (smtpd_check.c's reject_unverified_address). While a probe is in
+        progress the service is asked again, address_verify_poll_count times in all,
+        address_verify_poll_delay apart. Deliverable: no verdict. Unknown or failed for
+        now: unverified_*_defer_code; undeliverable: unverified_*_reject_code; a 4XX
+        reply "unverified address", a 5XX one "undeliverable address", with the probe's
+        text or unverified_*_reject_reason. The 4XX replies, and the one when the
+        service does not answer, follow unverified_*_tempfail_action: defer_if_permit
+        or defer."""
+        cfg = self.cfg
+        clnt = verify_client.client(cfg)
+        polls, delay = cfg["address_verify_poll_count"], cfg["address_verify_poll_delay"]
+        count = 0
+        while True:
+            found = clnt.query(address)
+            if found is None or found[0] != verify_client.RCPT_TODO:
+                break
+            count += 1
+            if count >= polls:
+                break
+            time.sleep(delay)
+        tempfail = cfg[tempfail_action].lower()
+
+        def soft(code: int, text: str):
+            reply = Reply(code, str(code)[0] + dsn[1:], f"<{address}>: {reply_class} "
+                          f"rejected: {text}")
+            return DeferIfPermit(reply) if tempfail == "defer_if_permit" else reply
+        if found is None:
+            msg.warn(f"{clnt.service} service failure")
+            return soft(450, "address verification problem")
+        status, why = found
+        if status == verify_client.RCPT_OK:
+            return None
+        code = cfg[reject_code] if status == verify_client.RCPT_BOUNCE else cfg[defer_code]
+        alt = cfg.get(reject_reason) or ""
+        if code >= 400 and alt:
+            why = alt
+        if code // 100 == 2:
+            return None
+        if code // 100 == 4:
+            return soft(code, f"unverified address: {why[:250]}")
+        return Reply(code, str(code)[0] + dsn[1:], f"<{address}>: {reply_class} rejected: "
+                     f"undeliverable address: {why}")
 
     def _lookup(self) -> DnsLookup:
         if self.dns is None:        # not foreseen above; the jail has etc/resolv.conf
@@ -967,6 +1031,19 @@ class DeferIfPermit:
     """A verdict that becomes the reply only if the stage would otherwise permit."""
     reply: Reply
 
+
+# reject_unverified_*: the reply class, DSN and parameters of smtpd_check.c's
+# reject_unverified_address() calls
+_UNVERIFIED = {
+    "reject_unverified_recipient": ("Recipient address", "4.1.1",
+                                    "unverified_recipient_reject_code",
+                                    "unverified_recipient_defer_code",
+                                    "unverified_recipient_reject_reason",
+                                    "unverified_recipient_tempfail_action"),
+    "reject_unverified_sender": ("Sender address", "4.1.7", "unverified_sender_reject_code",
+                                 "unverified_sender_defer_code",
+                                 "unverified_sender_reject_reason",
+                                 "unverified_sender_tempfail_action")}
 
 # list -> (where, Postfix's reply class): the subject and words of its reject replies
 _STAGE = {"smtpd_client_restrictions": ("CONNECT", "Client host"),

@@ -2,7 +2,7 @@
 
 SYNOPSIS
     postfix-py [-c config_dir] sendmail [-C config_dir] [-t] [-i] [-oi] [-f sender]
-        [-F full_name] [-bm | -bs] [-v] [recipient ...]
+        [-F full_name] [-bm | -bs | -bv] [-v] [recipient ...]
 
 DESCRIPTION
     Reads a message from standard input and hands it to the mail system through the
@@ -18,6 +18,13 @@ DESCRIPTION
                    the pickup daemon serves the session; it never offers STARTTLS or
                    AUTH. non_smtpd_milters, not smtpd_milters, inspect its mail, as with
                    Postfix, where it goes through postdrop and pickup to cleanup.
+    -bv            do not read or deliver a message: verify each recipient address and
+                   mail the sender a report ("Mail Delivery Status Report", each address
+                   deliverable or undeliverable, with the reason). As Postfix's: a probe
+                   message (From:, Subject: probe, To:) with the queue file attribute
+                   trace_flags=512 goes through routing and rewriting, and the delivery
+                   agents go as far as delivery without delivering. Says "Mail Delivery
+                   Status Report will be mailed to <sender>." on standard output.
     -t             also take recipients from the To:, Cc: and Bcc: headers (Resent-To:,
                    Resent-Cc:, Resent-Bcc: when the message has Resent- headers).
                    Bcc: headers are removed from every local submission.
@@ -32,8 +39,8 @@ DESCRIPTION
     -v             report the queue id on standard error.
     -B, -N, -R, -V, -X, -h, -o*, -e, -m, -n, -U, -G, -I, -L, -O, -x
                    accepted and ignored, as Postfix ignores most of them.
-    -bd, -bi, -bp, -bv, -q  refused (no daemon mode, aliases, mailq or address
-                   verification here; see postfix-py postqueue).
+    -bd, -bi, -bp, -q  refused (no daemon mode, aliases or mailq here; see
+                   postfix-py postqueue).
 
     When the mail system is not running, the message is not queued: sendmail says so
     and exits 75 (EX_TEMPFAIL). (Postfix's postdrop would leave it in the world-unreadable
@@ -58,7 +65,7 @@ import select
 import socket
 import sys
 
-from ..lib import attr, maincf, msg
+from ..lib import attr, maincf, msg, verify_client
 from ..lib import queue as Q
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_SOFTWARE, EX_TEMPFAIL = 0, 64, 65, 67, 70, 75
@@ -66,7 +73,7 @@ OPTIONS = "B:C:F:GIL:N:O:R:UV:X:b:e:f:h:imno:p:r:q:tvx"
 CHUNK = 65536
 TIMEOUT = 300
 USAGE = ("usage: postfix-py sendmail [-C config_dir] [-t] [-i] [-oi] [-f sender] "
-         "[-F full_name] [-bm | -bs] [-v] [recipient ...]")
+         "[-F full_name] [-bm | -bs | -bv] [-v] [recipient ...]")
 
 
 class Failure(Exception):
@@ -110,6 +117,17 @@ def read_message(fd: int, ignore_dots: bool) -> bytes:
             chunks.append(line + b"\n")
         if not data:
             return b"".join(chunks)
+
+
+def probe_message(sender: str, rcpts: list[str]) -> bytes:
+    """sendmail -bv's message, as Postfix's: From: the sender, Subject: probe, and a To:
+    header with the recipients."""
+    lines = [f"From: {sender}"] if sender else []
+    lines.append("Subject: probe")
+    if rcpts:
+        lines.append("To:")
+        lines += [f"\t{r}{',' if i < len(rcpts) - 1 else ''}" for i, r in enumerate(rcpts)]
+    return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
 
 
 def header_fields(message: bytes) -> list[tuple[str, str]]:
@@ -175,14 +193,18 @@ def connect(cfg) -> socket.socket:
     return sock
 
 
-def submit(cfg, sender: str, fullname: str, rcpts: list[str], message: bytes) -> str:
-    """Queue one message through pickup; its queue id, or Failure."""
+def submit(cfg, sender: str, fullname: str, rcpts: list[str], message: bytes,
+           trace: bool = False) -> str:
+    """Queue one message through pickup; its queue id, or Failure. trace: sendmail
+    -bv's probe (trace_flags 512, Postfix's DEL_REQ_FLAG_USR_VRFY)."""
     sock = connect(cfg)
     try:
         try:
             first = {"request": "submit", "sender": sender}
             if fullname:
                 first["fullname"] = fullname
+            if trace:
+                first["trace_flags"] = str(verify_client.TRACE_FLAG_REPORT)
             attr.write_frame(sock, first, TIMEOUT)
             for rcpt in rcpts:
                 attr.write_frame(sock, {"rcpt": rcpt}, TIMEOUT)
@@ -280,12 +302,13 @@ def main(argv: list[str]) -> int:
             verbose = True
         elif opt == "-q":
             return _fatal("-q (queue runs) is not supported; use postfix-py flush", EX_USAGE)
-    if mode not in ("m", "s"):
+    if mode not in ("m", "s", "v"):
         what = {"d": "-bd (daemon mode): use postfix-py start",
                 "i": "-bi (newaliases): aliases are not supported",
-                "p": "-bp (mailq): use postfix-py postqueue -p",
-                "v": "-bv (address verification)"}.get(mode, f"-b{mode}")
+                "p": "-bp (mailq): use postfix-py postqueue -p"}.get(mode, f"-b{mode}")
         return _fatal(f"{what} is not supported", EX_USAGE)
+    if mode == "v" and extract:
+        return _fatal("-t option cannot be used with -bv", EX_USAGE)
     try:
         cfg = maincf.load(config)
     except maincf.ConfigError as exc:
@@ -301,7 +324,8 @@ def main(argv: list[str]) -> int:
             sender = sender[1:-1]
         if fullname is None:
             fullname = full_name(uid)
-        message = read_message(0, ignore_dots)
+        message = probe_message(sender, rcpts) if mode == "v" else \
+            read_message(0, ignore_dots)
         if extract:
             rcpts = list(rcpts) + header_recipients(message)
         rcpts = [addr for _, addr in email.utils.getaddresses(rcpts) if addr]
@@ -309,9 +333,11 @@ def main(argv: list[str]) -> int:
             raise Failure("No recipient addresses found in message header" if extract else
                           "Recipient addresses must be specified on the command line or "
                           "via the -t option", EX_USAGE)
-        qid = submit(cfg, sender, fullname, rcpts, message)
+        qid = submit(cfg, sender, fullname, rcpts, message, trace=mode == "v")
     except Failure as exc:
         return _fatal(str(exc), exc.status)
+    if mode == "v":
+        print(f"Mail Delivery Status Report will be mailed to <{sender}>.", flush=True)
     if verbose:
         print(f"sendmail: queued as {qid}", file=sys.stderr)
     return EX_OK

@@ -53,6 +53,11 @@ DESCRIPTION
     Unknown recipients are bounced here; smtpd can reject them at RCPT TO with
     lib/address.py virtual_mailbox_known().
 
+    An address verification probe (the request flag "verify", verify/service.py, or
+    "expand", sendmail -bv) goes as far as the mailbox's path and owner: sent 2.0.0
+    "delivers to maildir" or "delivers to mailbox", nothing written;
+    lib/delivery_agent.py reports the result.
+
 SECURITY
     The process runs as root, unchrooted (master.cf: unprivileged n, chroot n), because
     it delivers with each mailbox owner's rights: every delivery runs in a forked child
@@ -79,7 +84,7 @@ from __future__ import annotations
 import os
 import stat
 
-from ..lib import mailbox, msg, server, tables
+from ..lib import mailbox, msg, server, tables, verify_client
 from ..lib.address import addr_find
 from ..lib.delivery_agent import RcptResult, decided, read_message, result, serve
 
@@ -133,8 +138,10 @@ class Agent:
             return result("deferred", "4.3.5", CONFIG_ERROR)
         return n
 
-    def deliver(self, rcpt: str, sender: str, content: bytes) -> RcptResult:
-        """Deliver the message to one recipient."""
+    def deliver(self, rcpt: str, sender: str, content: bytes,
+                verify: bool = False) -> RcptResult:
+        """Deliver the message to one recipient; with verify (an address verification
+        probe) find the mailbox but write nothing, as Postfix's DEL_REQ_TRACE_ONLY."""
         user = rcpt.lower()
         try:
             found = self.find("virtual_mailbox_maps", user)
@@ -153,6 +160,9 @@ class Agent:
         gid = self._owner_id("virtual_gid_maps", user, "gid")
         if isinstance(gid, RcptResult):
             return gid
+        if verify:
+            return result("sent", "2.0.0", "delivers to maildir" if path.endswith("/")
+                          else "delivers to mailbox")
         headers = mailbox.added_headers(sender, rcpt)
         if path.endswith("/"):
             work = _maildir_work(path, headers, content)
@@ -219,7 +229,8 @@ def deliver_request(request, ctx):
             request.recipients)
     content = found[1]
     agent = ctx.state["agent"]
-    return "virtual", [agent.deliver(rcpt, request.sender, content)
+    verify = verify_client.trace_only(request.flags)
+    return "virtual", [agent.deliver(rcpt, request.sender, content, verify)
                        for rcpt in request.recipients]
 
 

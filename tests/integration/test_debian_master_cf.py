@@ -15,14 +15,14 @@ DEBIAN = Path(__file__).resolve().parents[1] / "data" / "debian-postfix-3.7-mast
 # service/type -> why postfix-py skips it
 SKIPPED = {f"{name}/unix": f"unknown program: {prog}" for name, prog in (
     ("cleanup", "cleanup"), ("rewrite", "trivial-rewrite"), ("bounce", "bounce"),
-    ("defer", "bounce"), ("trace", "bounce"), ("verify", "verify"), ("flush", "flush"),
+    ("defer", "bounce"), ("trace", "bounce"), ("flush", "flush"),
     ("proxymap", "proxymap"), ("proxywrite", "proxymap"),
     ("scache", "scache"),
     ("maildrop", "pipe"), ("uucp", "pipe"), ("ifmail", "pipe"), ("bsmtp", "pipe"),
     ("scalemail-backend", "pipe"), ("mailman", "pipe"))}
 SKIPPED["postlog/unix-dgram"] = "transport type unix-dgram is not supported"
 RUN = ["pickup", "qmgr", "tlsmgr", "smtp", "relay", "error", "retry", "discard", "local",
-       "virtual", "lmtp", "anvil", "showq"]
+       "virtual", "lmtp", "anvil", "showq", "verify"]
 
 
 def debian_master_cf(port: int) -> str:

@@ -334,7 +334,7 @@ def test_refusals_and_a_stopped_mail_system(submitmta):
     assert "Recipient addresses must be specified on the command line" in out.stderr
     out = submitmta.sendmail("x@example.net", input="Subject: big\n\n" + "y" * 5000 + "\n")
     assert out.returncode == 65 and "5.3.4 Message size exceeds fixed limit" in out.stderr
-    for flag, text in (("-bv", "-bv (address verification) is not supported"),
+    for flag, text in (("-bd", "-bd (daemon mode): use postfix-py start"),
                        ("-bp", "use postfix-py postqueue -p")):
         out = submitmta.sendmail(flag, "x@example.net", input="")
         assert out.returncode == 64 and text in out.stderr

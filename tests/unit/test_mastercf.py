@@ -451,7 +451,8 @@ def test_shipped_master_cf():
     services = parse(shipped("master.cf"), "conf/master.cf")
     by_key = {s.key: s for s in services}
     assert list(by_key) == ["smtp/inet", "pickup/unix", "qmgr/unix", "tlsmgr/unix",
-                            "anvil/unix", "showq/unix", "smtp/unix", "relay/unix", "lmtp/unix",
+                            "anvil/unix", "showq/unix", "verify/unix", "smtp/unix",
+                            "relay/unix", "lmtp/unix",
                             "error/unix", "discard/unix", "local/unix", "virtual/unix"]
     showq = by_key["showq/unix"]        # public/showq, for mailq readers and exporters
     assert (showq.command, showq.private, showq.chroot) == ("showq", False, False)
@@ -467,9 +468,12 @@ def test_shipped_master_cf():
     assert (virtual.unpriv, virtual.chroot, virtual.command) == (False, False, "virtual")
     anvil = by_key["anvil/unix"]
     assert (anvil.chroot, anvil.unpriv, anvil.maxproc) == (True, True, 1)
+    verify = by_key["verify/unix"]      # private/verify, as Postfix's verify(8)
+    assert (verify.private, verify.unpriv, verify.chroot, verify.maxproc) == (True, True,
+                                                                             False, 1)
     assert {s.command for s in services} <= {"smtpd", "smtp", "qmgr", "tlsmgr", "local",
                                              "discard", "error", "lmtp", "pickup", "anvil",
-                                             "virtual", "showq"}
+                                             "virtual", "showq", "verify"}
 
 
 def test_shipped_master_cf_examples():

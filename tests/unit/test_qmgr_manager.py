@@ -688,3 +688,76 @@ def test_a_slow_destination_does_not_hold_back_receiving(make, flow_pipe):
     h.mgr.trigger(b"I")
     h.loop.advance(0)
     assert h.mgr.waiting == 1 and flow_pipe.count() == 5
+
+
+# --- address verification probes and sendmail -bv (trace_flags) -----------------------------
+
+def _submit_traced(h, flags, rcpts, sender="double-bounce@example.org"):
+    w = Q.QueueWriter(h.root, now=h.clock.t)
+    w.add_attr("trace_flags", str(flags))
+    w.add_attr("verify_address", rcpts[0])
+    w.set_sender(sender)
+    for r in rcpts:
+        w.add_recipient(r)
+    w.write(b"")
+    return w.commit()
+
+
+def test_normal_mail_has_no_probe_flag(make):
+    h = make()
+    h.submit("a@example.org", ["x@remote.example"])
+    h.mgr.start()
+    assert h.calls[0][1].flags == []
+
+
+def test_a_probe_goes_out_with_the_verify_flag_and_is_never_bounced(make):
+    h = make()
+    qid = _submit_traced(h, 256, ["x@remote.example", "y@other.example"])
+    h.mgr.start()
+    assert all("verify" in r.flags for _, r in h.calls)
+    # the agent reported one to the verify service ("sent"); the other it could not
+    by_dest = {r.nexthop: c for c in h.calls for r in [c[1]]}
+    h.answer(by_dest["remote.example"], "sent")
+    h.answer(by_dest["other.example"], "bounced")
+    assert not bounce_log.exists(h.root, bounce_log.BOUNCE, qid)
+    assert h.files("deferred") == [qid] and h.files("incoming") == []     # no notice
+
+
+def test_what_qmgr_cannot_deliver_for_a_probe_goes_to_the_verify_service(make, monkeypatch):
+    told = []
+    monkeypatch.setattr("postfix_py.lib.verify_client.report_probe",
+                        lambda cfg, addrs, status, text: told.append(
+                            (tuple(addrs), status, text)) or (True, "undeliverable"))
+    h = make()
+    qid = _submit_traced(h, 256, ["x@remote.example"])
+    h.mgr.start()
+    job, _ = h.calls.pop()
+    h.mgr.delivered(job, Failure("4.3.0", "mail transport unavailable"))
+    assert told == [(("x@remote.example", "x@remote.example"), 1,
+                     "mail transport unavailable")]
+    assert h.files("active") == [] and h.files("deferred") == []
+    assert not bounce_log.exists(h.root, bounce_log.DEFER, qid)
+
+
+def test_sendmail_bv_results_become_a_report_to_the_sender(make, capsys):
+    h = make()
+    qid = _submit_traced(h, 512, ["good@remote.example", "bad@remote.example"],
+                         sender="alice@example.org")
+    h.mgr.start()
+    job, request = h.calls[0]
+    assert "expand" in request.flags and "verify" not in request.flags
+    h.answer(h.calls[0], "sent", "bounced")
+    assert qid not in h.files("active") and h.files("deferred") == []
+    (report,) = h.files("active")           # the report, taken in at once
+    path = os.path.join(h.root, "active", report)
+    env = Q.read(path)
+    text = b"".join(env.content(path)).decode()
+    assert env.sender == "" and [r.address for r in env.recipients] == ["alice@example.org"]
+    assert "Subject: Mail Delivery Status Report" in text
+    assert "Final-Recipient: rfc822; good@remote.example\nOriginal-Recipient: " \
+        "rfc822;good@remote.example\nAction: deliverable" in text
+    assert "Final-Recipient: rfc822; bad@remote.example\nOriginal-Recipient: " \
+        "rfc822;bad@remote.example\nAction: undeliverable" in text
+    err = capsys.readouterr().err
+    assert f"{qid}: sender delivery status notification: {report}" in err
+    assert "non-delivery notification" not in err

@@ -1,0 +1,1 @@
+"""verify: the address verification server (Postfix verify(8)); see service.py."""
