@@ -3,6 +3,8 @@ write every message through it; header_checks, virtual aliases, canonical maps, 
 and the missing headers of mail in the local rewrite context, as Postfix's cleanup(8)."""
 
 import glob
+import json
+from pathlib import Path
 import smtplib
 from email.message import EmailMessage
 import subprocess
@@ -239,3 +241,25 @@ def test_body_checks_see_body_text_not_part_headers(mta):
     assert (refused.value.smtp_code, refused.value.smtp_error) == (550, b"5.7.1 body text")
     (m, content), = mta.queued().values()
     assert "\nContent-Disposition: attachment; filename=\"a.exe\"\n" in content
+
+
+def test_long_to_list_rewritten_by_canonical_maps_is_folded_as_postfix(mta):
+    # The case "long-to" of tests/data/header_rewrite: Debian's Postfix, given it from a
+    # local client with the same canonical_maps, wrote the To: lines recorded there.
+    data = Path(__file__).resolve().parent.parent / "data" / "header_rewrite"
+    reference = json.loads((data / "postfix.json").read_text())["local/long-to"]
+    (mta.dir / "long_canonical").write_text(
+        "@short.example @a-considerably-longer-domain-name.example\n")
+    mta.main["canonical_maps"] = f"texthash:{mta.dir}/long_canonical"
+    mta.start()
+    to = ", ".join(f"user{i}@short.example" for i in range(8))
+    code, text = send(mta, "a long list", extra=f"To: {to}\r\n")
+    assert code == 250
+    _, content = mta.queued()[text.split()[-1]]
+    head = content.split("\n\n", 1)[0].split("\n")
+    start = head.index(next(line for line in head if line.startswith("To: ")))
+    expected = reference[reference.index(next(
+        line for line in reference if line.startswith("To: "))):][:8]
+    assert expected[1].startswith("\tuser1@a-considerably-longer-domain-name.example")
+    assert head[start:start + 8] == expected
+    assert not head[start + 8].startswith(("\t", " "))
