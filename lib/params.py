@@ -258,6 +258,7 @@ PARAMS: list[Param] = [
     _p("masquerade_classes", "envelope_sender, header_sender, header_recipient", LIST, "address classes masquerading applies to"),
     _p("masquerade_exceptions", "", LIST, "local parts never masqueraded"),
     _p("always_bcc", "", STR, "an address that gets a copy of every message"),
+    _p("default_filter_nexthop", "", STR, "next hop of a content_filter or FILTER transport that names none; empty: the recipient domain"),
     _p("content_filter", "", STR, "transport:destination that qmgr sends every new message to, instead of its recipients' routes (FILTER_README)"),
     _p("sender_bcc_maps", "", TABLE, "blind copy address by envelope sender"),
     _p("recipient_bcc_maps", "", TABLE, "blind copy address by envelope recipient"),
