@@ -174,7 +174,14 @@ RECIPIENT_HEADERS = frozenset((
 _ADDRESS_NOTABLE = frozenset(ord(c) for h in SENDER_HEADERS | RECIPIENT_HEADERS
                              for c in (h[0], h[0].upper()))
 MAP11_RECURSION = 10            # canonical maps: lookups of one address (Postfix's)
-_FINAL_DOT = re.compile(r"\.(?=[\s>]|$)")     # a domain's final dot, which is removed
+# A header value of plain addresses, which the header address fast path looks into:
+# items "local@domain" or "phrase <local@domain>" (atoms and quoted strings without @,
+# backslash or newline in the phrase), separated by commas; no comment, group, route,
+# literal or quoted local part.
+_ADDR_RE = r'([^\s"()<>\[\]\\,;:@]+)@([^\s"()<>\[\]\\,;:@]+)'
+_ITEM_RE = rf'\s*(?:{_ADDR_RE}|(?:[^\s"()<>\[\]\\,;:@]+|"[^"\\\n@]*"|\s+)*<{_ADDR_RE}>)\s*'
+_PLAIN_LIST = re.compile(rf"{_ITEM_RE}(?:,{_ITEM_RE})*")
+_PLAIN_ADDRESS = re.compile(_ADDR_RE)
 PARTIAL_LIMIT = 4096            # body_checks: an endless line is checked in parts
 
 # Postfix's cleanup_stat_detail: (SMTP code, DSN, text)
@@ -778,16 +785,18 @@ class Cleanup:
         return bytearray("\n".join(tok822.fold_header(out)).encode("latin-1"))
 
     def _unchanged(self, value: str) -> bool:
-        """Whether a header value is one address that the rewrite rules leave alone:
-        qualified, no source route, no comment, the @ outside quotes, the domain with a
-        dot or append_dot_mydomain off, and no final dot."""
-        at = value.find("@")
-        if at < 0 or value.find("@", at + 1) >= 0 or value.rfind('"') > at \
-                or value.count('"') % 2:
+        """Whether the rewrite rules leave a header value alone without parsing it: a
+        list of plain addresses (local@domain, "Name" <local@domain>) each qualified,
+        with a dot-string local part, no final dot, a dot in the domain when
+        append_dot_mydomain is on, and fewer characters than the token limit."""
+        if len(value) >= self.s.token_limit or not _PLAIN_LIST.fullmatch(value):
             return False
-        if any(c in value for c in ",;:()\\\n[") or _FINAL_DOT.search(value):
-            return False
-        return not self.s.append_dot_mydomain or "." in value[at:]
+        dot = self.s.append_dot_mydomain
+        for local, domain in _PLAIN_ADDRESS.findall(value):
+            if not tok822.is_dot_string(local) or domain.endswith(".") \
+                    or dot and "." not in domain:
+                return False
+        return True
 
     def _rewrite_node(self, node, maps, masq: bool) -> bool:
         """One address node of a header: rewritten, mapped, masqueraded; whether it

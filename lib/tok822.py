@@ -29,6 +29,7 @@ FUNCTIONS
     set_address(node, text): replace an ADDR node's members by the tokens of text.
     tokens(head) -> [Token], relink([Token]) -> head: a linked list as a Python list and
         back.
+    is_dot_string(local) -> bool: whether a local part needs no quotes.
     quote_822_local(address) -> str: the local part (before the last @, after a source
         route) as a quoted-string when it is not a dot-string (8-bit clean).
     unquote_822_local(address) -> str: quotes and backslashes removed before the last
@@ -43,6 +44,8 @@ SEE ALSO
 """
 
 from __future__ import annotations
+
+import re
 
 from . import msg
 
@@ -432,13 +435,12 @@ def _strip_address(out: list[str], start: int, members) -> None:
 
 # --- local part quoting (quote_822_local.c) --------------------------------------------
 
-_NOT_DOT_STRING = frozenset(' ()<>@,;:\\"[]')
+_DOT_STRING = re.compile(r'[^. ()<>@,;:\\"\[\]\x00-\x1f\x7f]+(?:\.[^. ()<>@,;:\\"\[\]\x00-\x1f\x7f]+)*')
 
 
-def _is_dot_string(local: str) -> bool:
-    if not local or local[0] == "." or local[-1] == "." or ".." in local:
-        return False
-    return not any(c in _NOT_DOT_STRING or c < " " or c == "\x7f" for c in local)
+def is_dot_string(local: str) -> bool:
+    """Atoms separated by single dots, 8-bit characters allowed (QUOTE_FLAG_8BITCLEAN)."""
+    return _DOT_STRING.fullmatch(local) is not None
 
 
 def _local_bounds(address: str) -> tuple[int, int]:
@@ -456,7 +458,7 @@ def quote_822_local(address: str) -> str:
     """The address with its local part quoted when it is not a dot-string."""
     start, end = _local_bounds(address)
     local = address[start:end]
-    if _is_dot_string(local):
+    if is_dot_string(local):
         return address
     quoted = "".join("\\" + c if c in '"\\\r' else c for c in local)
     return f'{address[:start]}"{quoted}"{address[end:]}'
@@ -464,6 +466,8 @@ def quote_822_local(address: str) -> str:
 
 def unquote_822_local(address: str) -> str:
     """The address with quotes and escapes removed before its last unquoted @."""
+    if '"' not in address and "\\" not in address:
+        return address                          # nothing quoted (nearly every address)
     start = 0
     if address.startswith("@"):
         colon = address.find(":")

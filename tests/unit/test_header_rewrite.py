@@ -72,6 +72,39 @@ def test_reference_covers_folding_and_routing_forms():
     assert "To: user%legacy.example@remote.example" in REFERENCE["remote-alt/percent-bang"]
 
 
+@pytest.mark.parametrize("value", [
+    " a@b.example", ' "Alice E" <a@b.example>, Bob <x@y.example>', " a@b.example, d@e.example",
+    " a@b.example d@e.example", ' "a@b" <c@d.example>', " a@b.example.", " .a@b.example",
+    " a@b.example (x)", " <a@b.example>", " Alice <a..b@c.example>", " a@localhost",
+    " a@b.example,\n\tc@d.example", " a%b@c.example", " x!y@c.example", " joe",
+])
+@pytest.mark.parametrize("dot", ["no", "yes"])
+def test_fast_path_agrees_with_the_parse(tmp_path, value, dot):
+    # a header value that _unchanged passes is one the full rewrite leaves alone
+    s, root = settings(tmp_path, {"myhostname": "mx.test.example",
+                                  "append_dot_mydomain": dot})
+    c = cleanup.Cleanup(s, root, header_rewrite="local")
+    raw = bytearray(b"To:" + value.encode())
+    expected = raw if c._unchanged(value) else None
+    c._unchanged = lambda value: False
+    result = c._rewrite_header(bytearray(raw), cleanup.HEADER_RECIPIENT)
+    if expected is not None:
+        assert result == expected
+    c.abort()
+
+
+def test_fast_path_takes_plain_lists_only(tmp_path):
+    s, root = settings(tmp_path, {"myhostname": "mx.test.example"})
+    c = cleanup.Cleanup(s, root, header_rewrite="local")
+    fast = [v for v in (" a@b.example", ' "Alice E" <a@b.example>, Bob <x@y.example>',
+                        " a@b.example,\n\tc@d.example", " a@localhost", " a@b.example.",
+                        " joe", " a@b.example (x)", ' "a@b" <c@d.example>')
+            if c._unchanged(v)]
+    assert fast == [" a@b.example", ' "Alice E" <a@b.example>, Bob <x@y.example>',
+                    " a@b.example,\n\tc@d.example", " a@localhost"]
+    c.abort()
+
+
 # --- trivial-rewrite's rules in both contexts (lib/resolve.Rewriter) --------------------
 
 def rewriter(tmp_path, **extra) -> Rewriter:
