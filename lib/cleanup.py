@@ -782,7 +782,8 @@ class Cleanup:
         if not changed:
             return raw
         out = text[:name_len] + ": " + tok822.externalize(tree, tok822.STR_HEAD)
-        return bytearray("\n".join(tok822.fold_header(out)).encode("latin-1"))
+        lines = tok822.fold_header(out, s.header_limit)
+        return bytearray("\n".join(lines).encode("latin-1"))
 
     def _unchanged(self, value: str) -> bool:
         """Whether the rewrite rules leave a header value alone without parsing it: a

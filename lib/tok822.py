@@ -34,9 +34,10 @@ FUNCTIONS
         route) as a quoted-string when it is not a dot-string (8-bit clean).
     unquote_822_local(address) -> str: quotes and backslashes removed before the last
         unquoted @.
-    fold_header(text) -> [str]: cleanup_fold_header and cleanup_out_header: the lines of
-        a regenerated header ("Name: a,\\nb,\\nc"), addresses joined while a line stays
-        under 70 bytes, continuation lines starting with a tab.
+    fold_header(text, limit=0) -> [str]: cleanup_fold_header and cleanup_out_header: the
+        lines of a regenerated header ("Name: a,\\nb,\\nc"), addresses joined while a
+        line stays under 70 bytes, continuation lines starting with a tab, the whole
+        within limit bytes (header_size_limit) when given.
 
 SEE ALSO
     lib/cleanup.py, lib/resolve.py; Postfix global/tok822_parse.c, tok822_tree.c,
@@ -497,10 +498,12 @@ def unquote_822_local(address: str) -> str:
 
 # --- output of a regenerated header (cleanup_message.c, cleanup_out.c) -----------------
 
-def fold_header(text: str) -> list[str]:
+def fold_header(text: str, limit: int = 0) -> list[str]:
     """The output lines of a regenerated address header (one address per input line):
     addresses joined on a line while it stays under 70 bytes (a tab counts as one),
-    continuation lines that do not start with white space get a tab."""
+    continuation lines that do not start with white space get a tab. With a limit
+    (header_size_limit), the header ends at the last line boundary before it, or is
+    cut at it when that would lose more than 10% (cleanup_out_header)."""
     lines, current = [], None
     for line in text.split("\n"):
         if current is None:
@@ -511,6 +514,16 @@ def fold_header(text: str) -> list[str]:
             lines.append(current)
             current = line
     lines.append(current)
+    if limit:
+        kept, offset = [], 0
+        for line in lines:
+            if offset + len(line) > limit:
+                if offset <= 0.9 * limit:
+                    kept.append(line[:limit - offset])      # the unkind cut
+                break
+            kept.append(line)
+            offset += len(line) + 1
+        lines = kept
     return [lines[0]] + [ln if ln[:1] in (" ", "\t") else "\t" + ln for ln in lines[1:]]
 
 

@@ -198,6 +198,18 @@ def test_folding():
         "To: " + "x" * 80 + "@y,", "\tz@w"]
 
 
+def test_folded_header_within_header_size_limit():
+    text = "To: " + ",\n".join(f"user{i}@a-long-domain-name.example" for i in range(10))
+    lines = tok822.fold_header(text)
+    assert lines[:2] == ["To: user0@a-long-domain-name.example,",       # 37 bytes
+                         "\tuser1@a-long-domain-name.example, user2@a-long-domain-name"
+                         ".example,"]                                 # 38 + 67 bytes
+    # the last line boundary before the limit, when that keeps 90% of it
+    assert tok822.fold_header(text, 110) == lines[:2]
+    # else the unkind cut at the limit (offsets without the tabs)
+    assert tok822.fold_header(text, 60) == [lines[0], "\tuser1@a-long-domain-na"]
+
+
 @pytest.mark.parametrize("internal, external", [
     ("joe@x", "joe@x"), ("joe smith@x", '"joe smith"@x'), ("a@b@x", '"a@b"@x'),
     (".joe@x", '".joe"@x'), ("a..b@x", '"a..b"@x'), ('a"b@x', '"a\\"b"@x'),
