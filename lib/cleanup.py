@@ -25,7 +25,8 @@ DESCRIPTION
       user@domain, then user+ext and user when the domain is $myorigin or in
       $mydestination, then @domain; an unmatched extension is propagated to the result,
       a result `@otherdomain` keeps the local part, a result without @ gets @$myorigin.
-    * Headers: one logical header (with its continuation lines) at a time. A header takes
+    * Headers: one logical header (with its continuation lines) at a time; the obsolete
+      "Name :" becomes "Name:" before anything looks at it (Postfix's mime_state). A header takes
       its continuation lines, and the rest of an over-long line, only while it is shorter
       than header_size_limit; the excess is dropped and the mail accepted. Received:
       headers are counted: at hopcount_limit the message is refused (`554 5.4.0 Error:
@@ -160,7 +161,13 @@ ENVELOPE_SENDER, ENVELOPE_RECIPIENT = "envelope_sender", "envelope_recipient"
 HEADER_SENDER, HEADER_RECIPIENT = "header_sender", "header_recipient"
 FILTER_ATTR = "content_filter"    # the queue file attribute qmgr routes by
 CLASSES = (ENVELOPE_SENDER, ENVELOPE_RECIPIENT, HEADER_SENDER, HEADER_RECIPIENT)
-_HEADER = re.compile(rb"[!-9;-~]+[ \t]*:")     # match() anchors, also at a pos
+_HEADER = re.compile(rb"([!-9;-~]+)[ \t]*:")   # match() anchors, also at a pos
+
+
+def _normal(line, m) -> bytes:
+    """A header line whose name _HEADER matched, with white space between the name
+    and its colon removed (Postfix's mime_state normalizes "name :" to "name:")."""
+    return line[:m.end(1)] + line[m.end() - 1:]
 _NOTABLE = frozenset(b"rRmM")     # first letters of Received, Message-Id, Resent-
 _MISSING_NOTABLE = frozenset(b"dDfF")   # and of Date, From: when missing ones are added
 # Postfix's header_opts.c: headers with sender (HDR_OPT_SENDER) and recipient
@@ -649,7 +656,7 @@ class Cleanup:
                             self._hdr_dropping = True
                         start = nl + 1
                         continue
-                elif header(buf, start):
+                elif m := header(buf, start):
                     if hdr:
                         if hdr[0] in self._notable or self._every_header:
                             self._flush_header()
@@ -659,7 +666,10 @@ class Cleanup:
                             hout += b"\n"
                             hdr.clear()
                             self._hdr_len = 0
-                    hdr += buf[start:nl]
+                    if m.end() - m.end(1) == 1:
+                        hdr += buf[start:nl]
+                    else:                               # "name :" -> "name:"
+                        hdr += buf[start:m.end(1)] + buf[m.end() - 1:nl]
                     self._hdr_len = nl - start
                     self._hdr_dropping = False
                     start = nl + 1
@@ -685,9 +695,9 @@ class Cleanup:
                 else:
                     self._hdr_dropping = True
                 return
-            if _HEADER.match(piece):
+            if m := _HEADER.match(piece):
                 self._flush_header()
-                self._hdr += piece
+                self._hdr += _normal(piece, m)
                 self._hdr_len = len(piece)
                 self._hdr_dropping = False
                 return
@@ -905,8 +915,8 @@ class Cleanup:
                 out += b"\n"
                 m.end_headers()
                 return True
-            if end and _HEADER.match(line):
-                m.pending = bytearray(line)
+            if end and (h := _HEADER.match(line)):
+                m.pending = bytearray(_normal(line, h))
                 return True
             m.state = MimeState.BODY            # not a header: the part's body begins
         if line[:2] == b"--" and m.boundaries:

@@ -83,6 +83,17 @@ def test_hopcount_limit_counts_received_headers(tmp_path, logged):
     assert any(line.endswith(": message rejected: hopcount exceeded") for line in logged)
 
 
+def test_space_before_colon_is_removed(tmp_path):
+    # Postfix's mime_state normalizes the obsolete "name :" for every header, and
+    # header_checks see the normalized form
+    s, root = make(tmp_path, {"hc": "/^X-Mark: hit/ PREPEND X-Seen: 1\n"},
+                   header_checks="regexp:@DIR@/hc")
+    for chunk in (None, 1, 5):
+        _, _, data = run(s, root, b"Subject :  hi\nX-Mark\t : hit\n\nSubject : body\n",
+                         chunk=chunk)
+        assert data == b"Subject:  hi\nX-Seen: 1\nX-Mark: hit\n\nSubject : body\n"
+
+
 def test_missing_headers_for_local_submission_only(tmp_path, logged):
     s, root = make(tmp_path)
     _, _, data = run(s, root, b"Subject: s\nBcc: secret@example.org\n\nbody\n", local=True,

@@ -59,6 +59,13 @@ CASES = {
     "utf8": _DATED + "From: J\u00f6rg <j\u00f6rg@legacy.example>\n"
     "To: \u00e5sa@short.example, \u00e9mile@short.example, "
     "\u00fcber@short.example, \u00f8ystein@short.example",
+    "comments-and-literals": _DATED + "From: Joe <joe(home)@legacy.example>\n"
+    "To: u@[192.0.2.1], (lead) v@legacy.example, w@legacy.example(tail),\n"
+    " \"\" <x@legacy.example>, <y@legacy.example.>\n"
+    "Cc: a\\ b@legacy.example, \"q\\\"uote\"@legacy.example, odd@, @legacy.example",
+    "names-and-case": _DATED + "FROM: alice@old.example\nTO:bob@legacy.example\n"
+    "cc :  carl@legacy.example\nReply-To: Team List: ann@legacy.example,\n"
+    "\tben@legacy.example; (end)\nSender: Johnny B. Goode <johnny@legacy.example>",
 }
 
 # what delivery and smtpd add: the mbox From_ line, Return-Path:, Delivered-To:,
