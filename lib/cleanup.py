@@ -26,11 +26,11 @@ DESCRIPTION
       $mydestination, then @domain; an unmatched extension is propagated to the result,
       a result `@otherdomain` keeps the local part, a result without @ gets @$myorigin.
     * Headers: one logical header (with its continuation lines) at a time; the obsolete
-      "Name :" becomes "Name:" before anything looks at it (Postfix's mime_state). A header takes
-      its continuation lines, and the rest of an over-long line, only while it is shorter
-      than header_size_limit; the excess is dropped and the mail accepted. Received:
-      headers are counted: at hopcount_limit the message is refused (`554 5.4.0 Error:
-      too many hops`). Message-Id: is logged (`ID: message-id=...`). header_checks
+      "Name :" becomes "Name:" before anything looks at it (Postfix's mime_state). A
+      header takes its continuation lines, and the rest of an over-long line, only
+      while it is shorter than header_size_limit; the excess is dropped and the mail
+      accepted. Received: headers are counted: at hopcount_limit the message is
+      refused (`554 5.4.0 Error: too many hops`). Message-Id: is logged (`ID: message-id=...`). header_checks
       decides per header. A missing Message-Id:, Date: and From: (their Resent-
       forms when the message has Resent- headers) are added after the last header when
       the message has a header rewrite context (below: local, or remote with
@@ -163,11 +163,6 @@ FILTER_ATTR = "content_filter"    # the queue file attribute qmgr routes by
 CLASSES = (ENVELOPE_SENDER, ENVELOPE_RECIPIENT, HEADER_SENDER, HEADER_RECIPIENT)
 _HEADER = re.compile(rb"([!-9;-~]+)[ \t]*:")   # match() anchors, also at a pos
 
-
-def _normal(line, m) -> bytes:
-    """A header line whose name _HEADER matched, with white space between the name
-    and its colon removed (Postfix's mime_state normalizes "name :" to "name:")."""
-    return line[:m.end(1)] + line[m.end() - 1:]
 _NOTABLE = frozenset(b"rRmM")     # first letters of Received, Message-Id, Resent-
 _MISSING_NOTABLE = frozenset(b"dDfF")   # and of Date, From: when missing ones are added
 # Postfix's header_opts.c: headers with sender (HDR_OPT_SENDER) and recipient
@@ -196,6 +191,12 @@ DEFER = (451, "4.7.1", "service unavailable")
 HOPS = (554, "5.4.0", "too many hops")
 CONT = (550, "5.7.1", "message content rejected")
 WRITE = (451, "4.3.0", "queue file write error")
+
+
+def _normal(line, m) -> bytes:
+    """A header line whose name _HEADER matched, with white space between the name
+    and its colon removed (Postfix's mime_state normalizes "name :" to "name:")."""
+    return line[:m.end(1)] + line[m.end() - 1:]
 
 
 def _classes(cfg, name: str) -> set[str]:

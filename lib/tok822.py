@@ -436,7 +436,8 @@ def _strip_address(out: list[str], start: int, members) -> None:
 
 # --- local part quoting (quote_822_local.c) --------------------------------------------
 
-_DOT_STRING = re.compile(r'[^. ()<>@,;:\\"\[\]\x00-\x1f\x7f]+(?:\.[^. ()<>@,;:\\"\[\]\x00-\x1f\x7f]+)*')
+_ATOM_RE = r'[^. ()<>@,;:\\"\[\]\x00-\x1f\x7f]+'
+_DOT_STRING = re.compile(rf"{_ATOM_RE}(?:\.{_ATOM_RE})*")
 
 
 def is_dot_string(local: str) -> bool:
