@@ -61,6 +61,10 @@ _SPACE = " \t\r\n"
 # Postfix's tok822_opchar: "|%!" and RFC 822's specials
 _OPCHAR = frozenset("|%!()<>@,;:\\\".[]")
 _DO_WORD, _DO_GROUP = 1, 2
+# what scan takes in one step when no backslash is in the way
+_ATOM_RUN = re.compile(r'[^ \t\r\n|%!()<>@,;:\\".\[\]]+')
+_QSTRING_RUN = re.compile(r'([^"\\]*)"')
+_SPACES = str.maketrans("\t\r\n", "   ")
 _NON_OPERATOR = frozenset((ATOM, QSTRING, COMMENT, DOMLIT, ADDR))
 
 
@@ -204,13 +208,21 @@ def scan(text: str, limit: int = 0):
             i += i < n
             tp = Token(DOMLIT, body)
         elif c == '"':
-            body, i = _collect(text, i, lambda ch: ch == '"')
-            i += i < n
+            m = _QSTRING_RUN.match(text, i)         # no backslash (nearly always)
+            if m:
+                body, i = m.group(1).translate(_SPACES), m.end()
+            else:
+                body, i = _collect(text, i, lambda ch: ch == '"')
+                i += i < n
             tp = Token(QSTRING, body)
         elif c != "\\" and c in _OPCHAR:
             tp = Token(ord(c))
         else:
-            body, i = _collect(text, i - 1, _is_atom_stop)
+            m = _ATOM_RUN.match(text, i - 1)
+            if m and (m.end() == n or text[m.end()] != "\\"):
+                body, i = m.group(), m.end()
+            else:
+                body, i = _collect(text, i - 1, _is_atom_stop)
             # an atom with a space, a control or an operator in it (escaped) is quoted
             quote = any(ch == " " or ch < " " or ch == "\x7f" or ch in _OPCHAR
                         for ch in body)

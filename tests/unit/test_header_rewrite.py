@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
 import pytest
 
 from postfix_py.lib import cleanup, maincf, tok822
@@ -218,3 +220,35 @@ def test_folded_header_within_header_size_limit():
 def test_quote_822_local(internal, external):
     assert tok822.quote_822_local(internal) == external
     assert tok822.unquote_822_local(external) == internal
+
+
+def _slow_scan(text: str) -> list[tuple[int, str]]:
+    """tok822_scan_limit character by character, to hold scan()'s shortcuts to."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        i += 1
+        if c in " \t\r\n":
+            continue
+        if c == "(":
+            body, i = tok822._comment(text, i)
+            out.append((tok822.COMMENT, body))
+        elif c in '["':
+            body, i = tok822._collect(text, i, lambda ch, end="]" if c == "[" else '"':
+                                      ch == end)
+            i += i < n
+            out.append((tok822.DOMLIT if c == "[" else tok822.QSTRING, body))
+        elif c != "\\" and c in tok822._OPCHAR:
+            out.append((ord(c), ""))
+        else:
+            body, i = tok822._collect(text, i - 1, tok822._is_atom_stop)
+            quote = any(ch == " " or ch < " " or ch == "\x7f" or ch in tok822._OPCHAR
+                        for ch in body)
+            out.append((tok822.QSTRING if quote else tok822.ATOM, body))
+    return out
+
+
+@given(st.text(alphabet='ab.@ \t\n"\\()<>,;:[]%!|\x01\x7f\u00e9', max_size=40))
+def test_scan_shortcuts_agree_with_the_character_loop(text):
+    assert [(t.type, t.text) for t in tok822.tokens(tok822.scan(text)[0])] == \
+        _slow_scan(text)
