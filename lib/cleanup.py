@@ -30,13 +30,13 @@ DESCRIPTION
       header takes its continuation lines, and the rest of an over-long line, only
       while it is shorter than header_size_limit; the excess is dropped and the mail
       accepted. Received: headers are counted: at hopcount_limit the message is
-      refused (`554 5.4.0 Error: too many hops`). Message-Id: is logged (`ID: message-id=...`). header_checks
-      decides per header. A missing Message-Id:, Date: and From: (their Resent-
-      forms when the message has Resent- headers) are added after the last header when
-      the message has a header rewrite context (below: local, or remote with
-      remote_header_rewrite_domain set), or with always_add_missing_headers = yes, as
-      Postfix's cleanup_header_done_callback; `ID: message-id=<>` is logged for a
-      message that ends up without one.
+      refused (`554 5.4.0 Error: too many hops`). Message-Id: is logged (`ID:
+      message-id=...`). header_checks decides per header. A missing Message-Id:,
+      Date: and From: (their Resent- forms when the message has Resent- headers) are
+      added after the last header when the message has a header rewrite context
+      (below: local, or remote with remote_header_rewrite_domain set), or with
+      always_add_missing_headers = yes, as Postfix's cleanup_header_done_callback;
+      `ID: message-id=<>` is logged for a message that ends up without one.
     * Header addresses (Postfix's cleanup_rewrite_sender/recip), in the message's
       rewrite context: "local" for pickup and for SMTP clients that match
       local_header_rewrite_clients (smtpd/check.py; default permit_inet_interfaces),
@@ -71,6 +71,12 @@ DESCRIPTION
       mime_header_checks and nested_header_checks instead (boundary lines are body
       text, as in Postfix). Without body_checks the body goes to the queue file in
       bulk, untouched.
+    * receive_override_options (Postfix's input_transp): no_address_mappings leaves out
+      the canonical, virtual alias and bcc maps, always_bcc and masquerading;
+      no_header_body_checks the header, MIME header and body checks (content_filter
+      still applies); no_milters and no_unknown_recipient_checks are smtpd's and
+      pickup's (smtpd/milters.py, smtpd/check.py, pickup/service.py), through
+      receive_overrides(cfg). FILTER_README's re-injection service sets them.
     * Content filter: content_filter (a transport:destination), or the last FILTER
       action of the checks, becomes the queue file attribute content_filter; qmgr then
       sends every recipient to that transport and destination instead of resolving
@@ -99,6 +105,9 @@ WHY IN-PROCESS
 FUNCTIONS
     Settings(cfg): the parameters, with every table opened (call before a chroot);
         ConfigError for a bad class name or a table that cannot be opened.
+    receive_overrides(cfg) -> frozenset of receive_override_options words; ConfigError
+        for an unknown one (Postfix: `unknown receive_override_options value "x" in
+        "..."`).
     Cleanup(settings, queue_root, local=False, origin="local", proto="", helo="",
         fullname="", now=None, checks=True, header_rewrite=None): one new queue file;
         header_rewrite is the rewrite context, "local" or "remote" (default: "local"
@@ -131,7 +140,7 @@ CONFIGURATION PARAMETERS
     masquerade_domains (empty), masquerade_classes (envelope_sender, header_sender,
     header_recipient),
     masquerade_exceptions (empty), always_bcc, sender_bcc_maps, recipient_bcc_maps (empty),
-    content_filter (empty),
+    content_filter (empty), receive_override_options (empty),
     header_checks, body_checks (empty), mime_header_checks, nested_header_checks
     ($header_checks), body_checks_size_limit (51200), myhostname,
     myorigin, mydestination, recipient_delimiter.
@@ -199,6 +208,22 @@ def _normal(line, m) -> bytes:
     return line[:m.end(1)] + line[m.end() - 1:]
 
 
+OVERRIDES = ("no_unknown_recipient_checks", "no_address_mappings", "no_header_body_checks",
+             "no_milters")
+
+
+def receive_overrides(cfg) -> frozenset[str]:
+    """receive_override_options as a set (Postfix's input_transp_mask); ConfigError
+    for an unknown word."""
+    text = cfg.get("receive_override_options")
+    words = frozenset(w.lower() for w in cfg["receive_override_options"])
+    bad = sorted(words - set(OVERRIDES))
+    if bad:
+        raise ConfigError(f'unknown receive_override_options value "{bad[0]}" in '
+                          f'"{text}"')
+    return words
+
+
 def _classes(cfg, name: str) -> set[str]:
     words = {w.lower() for w in cfg[name]}
     bad = sorted(words - set(CLASSES))
@@ -226,9 +251,15 @@ class Settings:
         self.body_limit = cfg["body_checks_size_limit"]
         self.milter_limit = cfg["message_size_limit"] or (1 << 30)
         self._tables: dict[str, tables.Table] = {}
-        canon = self._maps(cfg, "canonical_maps")
-        send = self._maps(cfg, "sender_canonical_maps")
-        rcpt = self._maps(cfg, "recipient_canonical_maps")
+        # receive_override_options: no_address_mappings leaves out the canonical,
+        # virtual alias and bcc maps, always_bcc and masquerading (Postfix's MAP_OK and
+        # BCC_OK), no_header_body_checks the header and body checks
+        overrides = receive_overrides(cfg)
+        mappings = "no_address_mappings" not in overrides
+        checks = "no_header_body_checks" not in overrides
+        canon = self._maps(cfg, "canonical_maps") if mappings else None
+        send = self._maps(cfg, "sender_canonical_maps") if mappings else None
+        rcpt = self._maps(cfg, "recipient_canonical_maps") if mappings else None
         classes = _classes(cfg, "canonical_classes")
         send_classes = _classes(cfg, "sender_canonical_classes")
         rcpt_classes = _classes(cfg, "recipient_canonical_classes")
@@ -239,8 +270,9 @@ class Settings:
         self.recipient_canonical = [m for m, ok in (
             (rcpt, ENVELOPE_RECIPIENT in rcpt_classes),
             (canon, ENVELOPE_RECIPIENT in classes)) if m and ok]
-        self.virtual = self._maps(cfg, "virtual_alias_maps")
-        self.masq_domains = [w.lower() for w in cfg["masquerade_domains"]]
+        self.virtual = self._maps(cfg, "virtual_alias_maps") if mappings else None
+        self.masq_domains = [w.lower() for w in cfg["masquerade_domains"]] if mappings \
+            else []
         masq_classes = _classes(cfg, "masquerade_classes")
         self.masq_sender = bool(self.masq_domains) and ENVELOPE_SENDER in masq_classes
         self.masq_rcpt = bool(self.masq_domains) and ENVELOPE_RECIPIENT in masq_classes
@@ -264,14 +296,15 @@ class Settings:
         self.rewriter = Rewriter(cfg)
         self.append_dot_mydomain = cfg["append_dot_mydomain"]
         self.mailer_daemon = self.rewriter.rewrite("MAILER-DAEMON", LOCAL).lower()
-        self.always_bcc = cfg.get("always_bcc").strip()
+        self.always_bcc = cfg.get("always_bcc").strip() if mappings else ""
         self.content_filter = cfg.get("content_filter").strip()
-        self.sender_bcc = self._maps(cfg, "sender_bcc_maps")
-        self.recipient_bcc = self._maps(cfg, "recipient_bcc_maps")
-        self.header_checks = self._maps(cfg, "header_checks")
-        self.mime_header_checks = self._maps(cfg, "mime_header_checks")
-        self.nested_header_checks = self._maps(cfg, "nested_header_checks")
-        self.body_checks = self._maps(cfg, "body_checks")
+        self.sender_bcc = self._maps(cfg, "sender_bcc_maps") if mappings else None
+        self.recipient_bcc = self._maps(cfg, "recipient_bcc_maps") if mappings else None
+        self.header_checks = self._maps(cfg, "header_checks") if checks else None
+        self.mime_header_checks = self._maps(cfg, "mime_header_checks") if checks else None
+        self.nested_header_checks = self._maps(cfg, "nested_header_checks") if checks \
+            else None
+        self.body_checks = self._maps(cfg, "body_checks") if checks else None
         self.milter_header_checks = self._maps(cfg, "milter_header_checks")
         self.rewrites_recipients = bool(self.recipient_canonical or self.virtual
                                         or self.masq_rcpt or self.recipient_bcc)

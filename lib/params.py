@@ -249,6 +249,7 @@ PARAMS: list[Param] = [
     _p("recipient_canonical_classes", "envelope_recipient, header_recipient", LIST, "address classes recipient_canonical_maps applies to"),
     _p("local_header_rewrite_clients", "permit_inet_interfaces", LIST, "SMTP clients whose message headers are rewritten as local mail (permit_inet_interfaces, permit_mynetworks, permit_sasl_authenticated, type:table of client addresses)"),
     _p("remote_header_rewrite_domain", "", STR, "domain that qualifies header addresses of other SMTP clients; empty: their headers are not rewritten"),
+    _p("receive_override_options", "", LIST, "what smtpd and pickup leave out of the mail they receive: no_unknown_recipient_checks, no_address_mappings, no_header_body_checks, no_milters (for a content filter's re-injection service)"),
     _p("message_drop_headers", "bcc, content-length, resent-bcc, return-path", LIST, "message headers that cleanup removes, after header_checks"),
     _p("header_address_token_limit", "10240", INT, "tokens of one header that address rewriting looks at", min=1),
     _p("virtual_alias_maps", "", TABLE, "aliases of envelope recipients, expanded recursively (virtual(5))"),

@@ -263,3 +263,27 @@ def test_long_to_list_rewritten_by_canonical_maps_is_folded_as_postfix(mta):
     assert expected[1].startswith("\tuser1@a-considerably-longer-domain-name.example")
     assert head[start:start + 8] == expected
     assert not head[start + 8].startswith(("\t", " "))
+
+
+def test_receive_override_options_of_a_reinjection_service(mta):
+    # FILTER_README's re-injection smtpd: what the first pass did (alias expansion,
+    # always_bcc, header_checks, recipient validation) is not done a second time
+    reinject = free_port()
+    (mta.dir / "local_users").write_text("r local\n")
+    mta.main["local_recipient_maps"] = f"texthash:{mta.dir}/local_users"
+    mta.master_lines.append(
+        f"127.0.0.1:{reinject} inet n - y - - smtpd -o content_filter= -o "
+        "receive_override_options=no_unknown_recipient_checks,no_header_body_checks,"
+        "no_milters,no_address_mappings")
+    mta.start()
+    rcpts = ("a@example.com", "nosuchuser@mail.test.example")
+    with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as s:
+        s.mail("s@example.org")
+        assert s.rcpt(rcpts[1])[0] == 550              # the first pass validates
+    mta.port = reinject
+    code, text = send(mta, "please reject me", rcpts=rcpts, sender="old@example.net")
+    assert code == 250
+    m, content = mta.queued()[text.split()[-1]]
+    assert sorted(r.address for r in m.recipients) == sorted(rcpts)
+    assert m.sender == "old@example.net"
+    assert "Subject: please reject me" in content

@@ -83,6 +83,34 @@ def test_hopcount_limit_counts_received_headers(tmp_path, logged):
     assert any(line.endswith(": message rejected: hopcount exceeded") for line in logged)
 
 
+def test_receive_override_options(tmp_path):
+    # no_address_mappings: no canonical, virtual alias or bcc maps, no always_bcc, no
+    # masquerading; header checks and content_filter stay. no_header_body_checks: no
+    # checks; the maps and content_filter stay.
+    files = {"canon": "a@example.org c@example.org\n", "virt": "b@example.org x@example.net\n",
+             "hc": "/^Subject: hit/ PREPEND X-Hit: 1\n"}
+    common = dict(canonical_maps="texthash:@DIR@/canon",
+                  virtual_alias_maps="texthash:@DIR@/virt", always_bcc="archive@example.org", masquerade_domains="example.org",
+                  header_checks="regexp:@DIR@/hc", content_filter="scan:[127.0.0.1]:10025")
+    s, root = make(tmp_path, files, receive_override_options="no_address_mappings", **common)
+    _, env, data = run(s, root, b"Subject: hit\n\nx\n", sender="a@host.example.org")
+    assert env.sender == "a@host.example.org"
+    assert [r.address for r in env.recipients] == ["b@example.org"]
+    assert data == b"X-Hit: 1\nSubject: hit\n\nx\n"
+    assert env.attrs["content_filter"] == "scan:[127.0.0.1]:10025"
+    s, root = make(tmp_path, files, receive_override_options="no_header_body_checks",
+                   **common)
+    _, env, data = run(s, root, b"Subject: hit\n\nx\n", sender="a@host.example.org")
+    assert env.sender == "a@example.org"
+    assert sorted(r.address for r in env.recipients) == ["archive@example.org",
+                                                         "x@example.net"]
+    assert data == b"Subject: hit\n\nx\n"
+    assert env.attrs["content_filter"] == "scan:[127.0.0.1]:10025"
+    with pytest.raises(maincf.ConfigError, match='unknown receive_override_options value '
+                       '"bogus"'):
+        make(tmp_path, receive_override_options="bogus")
+
+
 def test_space_before_colon_is_removed(tmp_path):
     # Postfix's mime_state normalizes the obsolete "name :" for every header, and
     # header_checks see the normalized form
