@@ -252,3 +252,23 @@ def _slow_scan(text: str) -> list[tuple[int, str]]:
 def test_scan_shortcuts_agree_with_the_character_loop(text):
     assert [(t.type, t.text) for t in tok822.tokens(tok822.scan(text)[0])] == \
         _slow_scan(text)
+
+
+@pytest.fixture(scope="module")
+def fuzz_settings(tmp_path_factory):
+    return settings(tmp_path_factory.mktemp("fuzz"), {
+        **MAIN, "append_dot_mydomain": "yes", "header_address_token_limit": "7"})
+
+
+@given(st.text(alphabet='ab.@ \t\n"\\()<>,;:[]%!|\x00\x01\x7f\u00e9\udce9', max_size=60))
+def test_any_header_value_is_rewritten_without_error(fuzz_settings, value):
+    # header values and addresses come from the network: whatever they hold, the
+    # rewrite ends with a header (or the one it was given), never an exception
+    s, root = fuzz_settings
+    c = cleanup.Cleanup(s, root, header_rewrite="local")
+    raw = bytearray(("To:" + value).encode("utf-8", "surrogateescape"))
+    out = c._rewrite_header(raw, cleanup.HEADER_RECIPIENT)
+    assert out.startswith(b"To:")
+    # and as an envelope address (cleanup_rewrite_internal)
+    assert isinstance(c._qualify(value), str)
+    c.abort()
