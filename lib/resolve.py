@@ -86,8 +86,8 @@ CONFIGURATION PARAMETERS
     resolve_null_domain (no), remote_header_rewrite_domain (empty).
 
 SEE ALSO
-    lib/address.py, lib/domains.py, lib/tok822.py, qmgr/manager.py, smtpd/check.py, virtual/service.py;
-    Postfix trivial-rewrite(8), ADDRESS_REWRITING_README,
+    lib/address.py, lib/domains.py, lib/tok822.py, qmgr/manager.py, smtpd/check.py,
+    virtual/service.py; Postfix trivial-rewrite(8), ADDRESS_REWRITING_README,
     transport(5), postconf(5), ADDRESS_CLASS_README, VIRTUAL_README.
 """
 

@@ -90,7 +90,8 @@ def test_receive_override_options(tmp_path):
     files = {"canon": "a@example.org c@example.org\n", "virt": "b@example.org x@example.net\n",
              "hc": "/^Subject: hit/ PREPEND X-Hit: 1\n"}
     common = dict(canonical_maps="texthash:@DIR@/canon",
-                  virtual_alias_maps="texthash:@DIR@/virt", always_bcc="archive@example.org", masquerade_domains="example.org",
+                  virtual_alias_maps="texthash:@DIR@/virt", always_bcc="archive@example.org",
+                  masquerade_domains="example.org",
                   header_checks="regexp:@DIR@/hc", content_filter="scan:[127.0.0.1]:10025")
     s, root = make(tmp_path, files, receive_override_options="no_address_mappings", **common)
     _, env, data = run(s, root, b"Subject: hit\n\nx\n", sender="a@host.example.org")
