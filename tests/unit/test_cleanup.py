@@ -94,19 +94,21 @@ def test_receive_override_options(tmp_path):
                   masquerade_domains="example.org",
                   header_checks="regexp:@DIR@/hc", content_filter="scan:[127.0.0.1]:10025")
     s, root = make(tmp_path, files, receive_override_options="no_address_mappings", **common)
-    _, env, data = run(s, root, b"Subject: hit\n\nx\n", sender="a@host.example.org")
-    assert env.sender == "a@host.example.org"
+    _, env, data = run(s, root, b"Subject: hit\n\nx\n", sender="a@example.org")
+    assert env.sender == "a@example.org"
     assert [r.address for r in env.recipients] == ["b@example.org"]
     assert data == b"X-Hit: 1\nSubject: hit\n\nx\n"
     assert env.attrs["content_filter"] == "scan:[127.0.0.1]:10025"
+    assert cleanup.masquerade(s, "u@host.example.org") == "u@host.example.org"
     s, root = make(tmp_path, files, receive_override_options="no_header_body_checks",
                    **common)
-    _, env, data = run(s, root, b"Subject: hit\n\nx\n", sender="a@host.example.org")
-    assert env.sender == "a@example.org"
+    _, env, data = run(s, root, b"Subject: hit\n\nx\n", sender="a@example.org")
+    assert env.sender == "c@example.org"
     assert sorted(r.address for r in env.recipients) == ["archive@example.org",
                                                          "x@example.net"]
     assert data == b"Subject: hit\n\nx\n"
     assert env.attrs["content_filter"] == "scan:[127.0.0.1]:10025"
+    assert cleanup.masquerade(s, "u@host.example.org") == "u@example.org"
     with pytest.raises(maincf.ConfigError, match='unknown receive_override_options value '
                        '"bogus"'):
         make(tmp_path, receive_override_options="bogus")
