@@ -6,9 +6,9 @@ contexts, trivial-rewrite's defaults and append_dot_mydomain = yes, swap_bangpat
 allow_percent_hack = no); make_reference.py there records it again.
 """
 
+import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 from hypothesis import given
@@ -20,8 +20,11 @@ from postfix_py.lib import queue as Q
 from postfix_py.lib.resolve import LOCAL, REMOTE, Rewriter
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "header_rewrite"
-sys.path.insert(0, str(DATA))
-from cases import CASES, MAIN, SCENARIOS, TABLES, strip_added  # noqa: E402
+_spec = importlib.util.spec_from_file_location("header_rewrite_cases", DATA / "cases.py")
+_cases = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_cases)
+CASES, MAIN, SCENARIOS, TABLES = _cases.CASES, _cases.MAIN, _cases.SCENARIOS, _cases.TABLES
+strip_added = _cases.strip_added
 
 REFERENCE = json.loads((DATA / "postfix.json").read_text())
 
