@@ -1,9 +1,10 @@
 """Header address rewriting byte for byte as Debian's Postfix 3.7 does it, and lib/tok822.py.
 
 tests/data/header_rewrite/postfix.json holds what Postfix wrote for each case of
-tests/data/header_rewrite/cases.py in four settings (the local and remote header rewrite
+tests/data/header_rewrite/cases.py in five settings (the local and remote header rewrite
 contexts, trivial-rewrite's defaults and append_dot_mydomain = yes, swap_bangpath = no,
-allow_percent_hack = no); make_reference.py there records it again.
+allow_percent_hack = no; the local context with header_address_token_limit = 5);
+make_reference.py there records it again.
 """
 
 import importlib.util

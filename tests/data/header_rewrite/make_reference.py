@@ -3,10 +3,11 @@
 Run as root on a host with Debian's postfix package (3.7):
     python3 tests/data/header_rewrite/make_reference.py
 A private Postfix instance (its own config and queue under a temporary directory, smtpd
-on free 127.0.0.1 ports) receives each case of cases.py over SMTP in four settings: the
-"local" and "remote" header rewrite contexts, each with trivial-rewrite's defaults and
-with append_dot_mydomain = yes, swap_bangpath = no, allow_percent_hack = no (a second
-trivial-rewrite service). virtual(8) delivers into an mbox file; the header section of
+on free 127.0.0.1 ports) receives each case of cases.py over SMTP in the settings of
+cases.SCENARIOS: the "local" and "remote" header rewrite contexts, each with
+trivial-rewrite's defaults and with append_dot_mydomain = yes, swap_bangpath = no,
+allow_percent_hack = no (a second trivial-rewrite service), and the local context with
+header_address_token_limit = 5 (a cleanup service of its own). virtual(8) delivers into an mbox file; the header section of
 each message, without the lines that delivery and smtpd add, is written to postfix.json.
 tests/unit/test_header_rewrite.py gives the same cases to lib/cleanup.py and expects
 the same bytes.
