@@ -7,6 +7,12 @@ DESCRIPTION
     and finish() either commits the queue file (into incoming/, or hold/) or says why
     not. What it does, in Postfix's order:
 
+    * Every envelope address, whatever its origin, first goes through trivial-rewrite's
+      rules in the "local" context (lib/resolve.Rewriter: user -> user@$myorigin,
+      site!user and user%domain -> user@site/domain, ...), as Postfix's
+      cleanup_rewrite_internal; a sender that becomes MAILER-DAEMON@$myorigin is <>.
+      A canonical map's result is looked up again, at most 10 times, until an address
+      maps to itself (Postfix's cleanup_map11).
     * Envelope sender: sender_canonical_maps, then canonical_maps (each when
       envelope_sender is in its *_canonical_classes), masquerade_domains (when
       envelope_sender is in masquerade_classes); sender_bcc_maps.
@@ -19,32 +25,40 @@ DESCRIPTION
       user@domain, then user+ext and user when the domain is $myorigin or in
       $mydestination, then @domain; an unmatched extension is propagated to the result,
       a result `@otherdomain` keeps the local part, a result without @ gets @$myorigin.
-    * Headers: one logical header (with its continuation lines) at a time. A header takes
-      its continuation lines, and the rest of an over-long line, only while it is shorter
-      than header_size_limit; the excess is dropped and the mail accepted. Received:
-      headers are counted: at hopcount_limit the message is refused (`554 5.4.0 Error:
-      too many hops`). Message-Id: is logged (`ID: message-id=...`). header_checks
-      decides per header. For local submission (pickup) Bcc: and Resent-Bcc: are removed
-      (as Postfix's sendmail -t). A missing Message-Id:, Date: and From: (their Resent-
-      forms when the message has Resent- headers) are added after the last header when
-      the message has a header rewrite context (below: local, or remote with
-      remote_header_rewrite_domain set), or with always_add_missing_headers = yes, as
-      Postfix's cleanup_header_done_callback; `ID: message-id=<>` is logged for a
-      message that ends up without one.
+    * Headers: one logical header (with its continuation lines) at a time; the obsolete
+      "Name :" becomes "Name:" before anything looks at it (Postfix's mime_state). A
+      header takes its continuation lines, and the rest of an over-long line, only
+      while it is shorter than header_size_limit; the excess is dropped and the mail
+      accepted. Received: headers are counted: at hopcount_limit the message is
+      refused (`554 5.4.0 Error: too many hops`). Message-Id: is logged (`ID:
+      message-id=...`). header_checks decides per header. A missing Message-Id:,
+      Date: and From: (their Resent- forms when the message has Resent- headers) are
+      added after the last header when the message has a header rewrite context
+      (below: local, or remote with remote_header_rewrite_domain set), or with
+      always_add_missing_headers = yes, as Postfix's cleanup_header_done_callback;
+      `ID: message-id=<>` is logged for a message that ends up without one.
     * Header addresses (Postfix's cleanup_rewrite_sender/recip), in the message's
       rewrite context: "local" for pickup and for SMTP clients that match
       local_header_rewrite_clients (smtpd/check.py; default permit_inet_interfaces),
       else "remote", where header addresses are left alone unless
-      remote_header_rewrite_domain is set. The addresses of From, Sender, Reply-To,
+      remote_header_rewrite_domain is set. The value of From, Sender, Reply-To,
       Errors-To, Return-Path, Resent-From, Resent-Sender, Mail-Followup-To,
       Disposition-Notification-To, Return-Receipt-To (header_sender) and To, Cc, Bcc,
       Apparently-To, Resent-To, Resent-Cc, Resent-Bcc, Resent-Reply-To
-      (header_recipient), found by lib/address.header_address_spans within the first
-      header_address_token_limit tokens, are qualified (@$myorigin, or
-      @$remote_header_rewrite_domain), then mapped with the canonical maps whose
-      *_canonical_classes name the header class, then masqueraded when
-      masquerade_classes does. Only the addresses change; the rest of the header
-      (names, comments, folding) is kept. header_checks see the header before.
+      (header_recipient) is parsed as Postfix does (lib/tok822.py; at most
+      header_address_token_limit tokens). Each address goes through trivial-rewrite's
+      rules in the context (lib/resolve.Rewriter, the rules of envelope addresses too:
+      site!user and user%domain, then @$myorigin or @$remote_header_rewrite_domain,
+      .$mydomain or .$remote_header_rewrite_domain with append_dot_mydomain), then the
+      canonical maps whose *_canonical_classes name the header class, then masquerading
+      when masquerade_classes does. A header in which an address changed is generated
+      again from the parse tree and folded as Postfix's cleanup_fold_header (addresses
+      joined while a line stays under 70 bytes, continuation lines with a tab), which
+      also normalizes its spacing and moves comments after their address, byte for byte
+      as Postfix 3.7 (tests/data/header_rewrite); a header that did not change is kept
+      as it came. header_checks see the header before. Then message_drop_headers
+      (default bcc, content-length, resent-bcc, return-path) are removed from the
+      primary header section of all mail.
     * MIME (when mime_header_checks, nested_header_checks (both default to
       $header_checks) or body_checks is set): the body's structure is followed from
       the Content-Type boundaries (at most 100 levels): the headers of each multipart
@@ -57,6 +71,12 @@ DESCRIPTION
       mime_header_checks and nested_header_checks instead (boundary lines are body
       text, as in Postfix). Without body_checks the body goes to the queue file in
       bulk, untouched.
+    * receive_override_options (Postfix's input_transp): no_address_mappings leaves out
+      the canonical, virtual alias and bcc maps, always_bcc and masquerading;
+      no_header_body_checks the header, MIME header and body checks (content_filter
+      still applies); no_milters and no_unknown_recipient_checks are smtpd's and
+      pickup's (smtpd/milters.py, smtpd/check.py, pickup/service.py), through
+      receive_overrides(cfg). FILTER_README's re-injection service sets them.
     * Content filter: content_filter (a transport:destination), or the last FILTER
       action of the checks, becomes the queue file attribute content_filter; qmgr then
       sends every recipient to that transport and destination instead of resolving
@@ -82,13 +102,12 @@ WHY IN-PROCESS
     now reads the header lines in bulk too, went from 135-156 to 143-186 us of user CPU
     per message (a noisy shared machine), next to milliseconds for the fsync.
 
-DEVIATIONS
-    Header addresses are not
-    refolded after rewriting, and percent/bang forms in them are not rewritten.
-
 FUNCTIONS
     Settings(cfg): the parameters, with every table opened (call before a chroot);
         ConfigError for a bad class name or a table that cannot be opened.
+    receive_overrides(cfg) -> frozenset of receive_override_options words; ConfigError
+        for an unknown one (Postfix: `unknown receive_override_options value "x" in
+        "..."`).
     Cleanup(settings, queue_root, local=False, origin="local", proto="", helo="",
         fullname="", now=None, checks=True, header_rewrite=None): one new queue file;
         header_rewrite is the rewrite context, "local" or "remote" (default: "local"
@@ -114,18 +133,21 @@ CONFIGURATION PARAMETERS
     header_recipient), sender_canonical_classes (envelope_sender, header_sender),
     recipient_canonical_classes (envelope_recipient, header_recipient),
     remote_header_rewrite_domain (empty), header_address_token_limit (10240),
-    append_at_myorigin, append_dot_mydomain, mydomain, virtual_alias_maps (empty),
+    message_drop_headers (bcc, content-length, resent-bcc, return-path),
+    append_at_myorigin (yes), append_dot_mydomain (no), swap_bangpath (yes),
+    allow_percent_hack (yes), mydomain, virtual_alias_maps (empty),
     virtual_alias_expansion_limit (1000), virtual_alias_recursion_limit (1000),
     masquerade_domains (empty), masquerade_classes (envelope_sender, header_sender,
     header_recipient),
     masquerade_exceptions (empty), always_bcc, sender_bcc_maps, recipient_bcc_maps (empty),
-    content_filter (empty),
+    content_filter (empty), receive_override_options (empty),
     header_checks, body_checks (empty), mime_header_checks, nested_header_checks
     ($header_checks), body_checks_size_limit (51200), myhostname,
     myorigin, mydestination, recipient_delimiter.
 
 SEE ALSO
-    lib/queue.py, smtpd/session.py, pickup/service.py, qmgr/bounce.py; Postfix cleanup(8),
+    lib/queue.py, lib/tok822.py, lib/resolve.py, smtpd/session.py, pickup/service.py,
+    qmgr/bounce.py; Postfix cleanup(8),
     header_checks(5), canonical(5), virtual(5).
 """
 
@@ -138,17 +160,19 @@ from dataclasses import dataclass
 
 from . import milter, msg, params, tables
 from . import queue as Q
-from .address import header_address_spans
+from . import tok822
 from .domains import DomainList
-from .resolve import internal_form, quote_local
+from .resolve import LOCAL, REMOTE, Rewriter
+from .tok822 import quote_822_local, unquote_822_local
 from .maincf import ConfigError
 
 ENVELOPE_SENDER, ENVELOPE_RECIPIENT = "envelope_sender", "envelope_recipient"
 HEADER_SENDER, HEADER_RECIPIENT = "header_sender", "header_recipient"
 FILTER_ATTR = "content_filter"    # the queue file attribute qmgr routes by
 CLASSES = (ENVELOPE_SENDER, ENVELOPE_RECIPIENT, HEADER_SENDER, HEADER_RECIPIENT)
-_HEADER = re.compile(rb"[!-9;-~]+[ \t]*:")     # match() anchors, also at a pos
-_NOTABLE = frozenset(b"rRmMbB")   # first letters of Received, Message-Id, Resent-, Bcc
+_HEADER = re.compile(rb"([!-9;-~]+)[ \t]*:")   # match() anchors, also at a pos
+
+_NOTABLE = frozenset(b"rRmM")     # first letters of Received, Message-Id, Resent-
 _MISSING_NOTABLE = frozenset(b"dDfF")   # and of Date, From: when missing ones are added
 # Postfix's header_opts.c: headers with sender (HDR_OPT_SENDER) and recipient
 # (HDR_OPT_RECIP) addresses
@@ -160,6 +184,15 @@ RECIPIENT_HEADERS = frozenset((
     "resent-to", "to"))
 _ADDRESS_NOTABLE = frozenset(ord(c) for h in SENDER_HEADERS | RECIPIENT_HEADERS
                              for c in (h[0], h[0].upper()))
+MAP11_RECURSION = 10            # canonical maps: lookups of one address (Postfix's)
+# A header value of plain addresses, which the header address fast path looks into:
+# items "local@domain" or "phrase <local@domain>" (atoms and quoted strings without @,
+# backslash or newline in the phrase), separated by commas; no comment, group, route,
+# literal or quoted local part.
+_ADDR_RE = r'([^\s"()<>\[\]\\,;:@]+)@([^\s"()<>\[\]\\,;:@]+)'
+_ITEM_RE = rf'\s*(?:{_ADDR_RE}|(?:[^\s"()<>\[\]\\,;:@]+|"[^"\\\n@]*"|\s+)*<{_ADDR_RE}>)\s*'
+_PLAIN_LIST = re.compile(rf"{_ITEM_RE}(?:,{_ITEM_RE})*")
+_PLAIN_ADDRESS = re.compile(_ADDR_RE)
 PARTIAL_LIMIT = 4096            # body_checks: an endless line is checked in parts
 
 # Postfix's cleanup_stat_detail: (SMTP code, DSN, text)
@@ -167,6 +200,28 @@ DEFER = (451, "4.7.1", "service unavailable")
 HOPS = (554, "5.4.0", "too many hops")
 CONT = (550, "5.7.1", "message content rejected")
 WRITE = (451, "4.3.0", "queue file write error")
+
+
+def _normal(line, m) -> bytes:
+    """A header line whose name _HEADER matched, with white space between the name
+    and its colon removed (Postfix's mime_state normalizes "name :" to "name:")."""
+    return line[:m.end(1)] + line[m.end() - 1:]
+
+
+OVERRIDES = ("no_unknown_recipient_checks", "no_address_mappings", "no_header_body_checks",
+             "no_milters")
+
+
+def receive_overrides(cfg) -> frozenset[str]:
+    """receive_override_options as a set (Postfix's input_transp_mask); ConfigError
+    for an unknown word."""
+    text = cfg.get("receive_override_options")
+    words = frozenset(w.lower() for w in cfg["receive_override_options"])
+    bad = sorted(words - set(OVERRIDES))
+    if bad:
+        raise ConfigError(f'unknown receive_override_options value "{bad[0]}" in '
+                          f'"{text}"')
+    return words
 
 
 def _classes(cfg, name: str) -> set[str]:
@@ -196,9 +251,15 @@ class Settings:
         self.body_limit = cfg["body_checks_size_limit"]
         self.milter_limit = cfg["message_size_limit"] or (1 << 30)
         self._tables: dict[str, tables.Table] = {}
-        canon = self._maps(cfg, "canonical_maps")
-        send = self._maps(cfg, "sender_canonical_maps")
-        rcpt = self._maps(cfg, "recipient_canonical_maps")
+        # receive_override_options: no_address_mappings leaves out the canonical,
+        # virtual alias and bcc maps, always_bcc and masquerading (Postfix's MAP_OK and
+        # BCC_OK), no_header_body_checks the header and body checks
+        overrides = receive_overrides(cfg)
+        mappings = "no_address_mappings" not in overrides
+        checks = "no_header_body_checks" not in overrides
+        canon = self._maps(cfg, "canonical_maps") if mappings else None
+        send = self._maps(cfg, "sender_canonical_maps") if mappings else None
+        rcpt = self._maps(cfg, "recipient_canonical_maps") if mappings else None
         classes = _classes(cfg, "canonical_classes")
         send_classes = _classes(cfg, "sender_canonical_classes")
         rcpt_classes = _classes(cfg, "recipient_canonical_classes")
@@ -209,8 +270,9 @@ class Settings:
         self.recipient_canonical = [m for m, ok in (
             (rcpt, ENVELOPE_RECIPIENT in rcpt_classes),
             (canon, ENVELOPE_RECIPIENT in classes)) if m and ok]
-        self.virtual = self._maps(cfg, "virtual_alias_maps")
-        self.masq_domains = [w.lower() for w in cfg["masquerade_domains"]]
+        self.virtual = self._maps(cfg, "virtual_alias_maps") if mappings else None
+        self.masq_domains = [w.lower() for w in cfg["masquerade_domains"]] if mappings \
+            else []
         masq_classes = _classes(cfg, "masquerade_classes")
         self.masq_sender = bool(self.masq_domains) and ENVELOPE_SENDER in masq_classes
         self.masq_rcpt = bool(self.masq_domains) and ENVELOPE_RECIPIENT in masq_classes
@@ -226,17 +288,23 @@ class Settings:
                             for c in (HEADER_SENDER, HEADER_RECIPIENT)}
         self.remote_rewrite_domain = cfg.get("remote_header_rewrite_domain").strip()
         self.token_limit = cfg["header_address_token_limit"]
-        self.append_at_myorigin = cfg["append_at_myorigin"]
+        self.drop_headers = frozenset(w.lower() for w in cfg["message_drop_headers"])
+        # first letters of the headers that are dropped: they leave the hot path
+        self.drop_notable = frozenset(ord(c) for h in self.drop_headers if h.isascii()
+                                      for c in (h[:1].lower() + h[:1].upper()))
+        # trivial-rewrite's rules, for envelope and header addresses
+        self.rewriter = Rewriter(cfg)
         self.append_dot_mydomain = cfg["append_dot_mydomain"]
-        self.mydomain = cfg.get("mydomain")
-        self.always_bcc = cfg.get("always_bcc").strip()
+        self.mailer_daemon = self.rewriter.rewrite("MAILER-DAEMON", LOCAL).lower()
+        self.always_bcc = cfg.get("always_bcc").strip() if mappings else ""
         self.content_filter = cfg.get("content_filter").strip()
-        self.sender_bcc = self._maps(cfg, "sender_bcc_maps")
-        self.recipient_bcc = self._maps(cfg, "recipient_bcc_maps")
-        self.header_checks = self._maps(cfg, "header_checks")
-        self.mime_header_checks = self._maps(cfg, "mime_header_checks")
-        self.nested_header_checks = self._maps(cfg, "nested_header_checks")
-        self.body_checks = self._maps(cfg, "body_checks")
+        self.sender_bcc = self._maps(cfg, "sender_bcc_maps") if mappings else None
+        self.recipient_bcc = self._maps(cfg, "recipient_bcc_maps") if mappings else None
+        self.header_checks = self._maps(cfg, "header_checks") if checks else None
+        self.mime_header_checks = self._maps(cfg, "mime_header_checks") if checks else None
+        self.nested_header_checks = self._maps(cfg, "nested_header_checks") if checks \
+            else None
+        self.body_checks = self._maps(cfg, "body_checks") if checks else None
         self.milter_header_checks = self._maps(cfg, "milter_header_checks")
         self.rewrites_recipients = bool(self.recipient_canonical or self.virtual
                                         or self.masq_rcpt or self.recipient_bcc)
@@ -418,19 +486,19 @@ class Cleanup:
         # Header address rewriting (Postfix's hdr_rewrite_context): "local" qualifies
         # with $myorigin, "remote" with remote_header_rewrite_domain, and when that is
         # empty, header addresses are not touched.
-        context = header_rewrite or ("local" if local else "remote")
-        self._hdr_domain = settings.origin if context == "local" else \
-            settings.remote_rewrite_domain or None
-        self._hdr_local = context == "local"
+        context = header_rewrite or (LOCAL if local else REMOTE)
+        self._hdr_context = context if context == LOCAL or settings.remote_rewrite_domain \
+            else None
         # Missing headers are added wherever there is a header rewrite context (the
         # local one, or the remote one with remote_header_rewrite_domain), or with
         # always_add_missing_headers: Postfix's cleanup_header_done_callback.
-        self._add_missing = self._hdr_domain is not None or settings.always_add
+        self._add_missing = self._hdr_context is not None or settings.always_add
         # every header name matters with header_checks; otherwise only those whose first
         # letter is notable (the address headers include Date: and From:'s letters)
         self._every_header = self._checking_headers
-        self._notable = _NOTABLE | _ADDRESS_NOTABLE if self._hdr_domain else \
-            _NOTABLE | _MISSING_NOTABLE if self._add_missing else _NOTABLE
+        self._notable = settings.drop_notable | (
+            _NOTABLE | _ADDRESS_NOTABLE if self._hdr_context else
+            _NOTABLE | _MISSING_NOTABLE if self._add_missing else _NOTABLE)
         self._body_checks = settings.body_checks if checks else None
         self._body_lines = self._body_checks is not None or self._mime is not None
         self._body_partial = b""
@@ -451,17 +519,30 @@ class Cleanup:
         self.w.add_attr(name, value)
 
     def _qualify(self, addr: str) -> str:
-        """user -> user@$myorigin, in the local rewrite context (local submission)."""
-        return f"{addr}@{self.s.origin}" if self.local and addr and "@" not in addr \
-            else addr
+        """An envelope address in its canonical form: trivial-rewrite's rules in the
+        "local" context (Postfix's cleanup_rewrite_internal), for every origin."""
+        if not addr:
+            return addr
+        return unquote_822_local(self.s.rewriter.rewrite(quote_822_local(addr), LOCAL))
 
     def _canonical(self, addr: str, maps_list) -> str:
+        """The address through each of the canonical maps, as Postfix's
+        cleanup_map11_internal: a result is looked up again, until it maps to itself or
+        MAP11_RECURSION lookups were made."""
         for maps in maps_list:
-            found = self._lookup(maps, addr)
-            if found:
+            for _ in range(MAP11_RECURSION):
+                found = self._lookup(maps, addr)
+                if not found:
+                    break
                 if len(found) > 1:
                     msg.warn(f"{self.id}: multi-valued {maps.title} entry for {addr}")
+                same = found[0].lower() == addr.lower()
                 addr = found[0]
+                if same:
+                    break
+            else:
+                msg.warn(f"{self.id}: unreasonable {maps.title} map nesting for {addr} "
+                         "-- message not accepted, try again later")
         return addr
 
     def _lookup(self, maps: Maps, addr: str) -> list[str] | None:
@@ -476,6 +557,8 @@ class Cleanup:
     def set_sender(self, sender: str) -> None:
         """Record the envelope sender ("" for <>), rewritten."""
         addr = self._qualify(sender)
+        if addr and addr.lower() == self.s.mailer_daemon:
+            addr = ""           # mailer-daemon@$myorigin is the null sender (Postfix)
         if addr:
             addr = self._canonical(addr, self.s.sender_canonical)
             if self.s.masq_sender:
@@ -607,7 +690,7 @@ class Cleanup:
                             self._hdr_dropping = True
                         start = nl + 1
                         continue
-                elif header(buf, start):
+                elif m := header(buf, start):
                     if hdr:
                         if hdr[0] in self._notable or self._every_header:
                             self._flush_header()
@@ -617,7 +700,10 @@ class Cleanup:
                             hout += b"\n"
                             hdr.clear()
                             self._hdr_len = 0
-                    hdr += buf[start:nl]
+                    if m.end() - m.end(1) == 1:
+                        hdr += buf[start:nl]
+                    else:                               # "name :" -> "name:"
+                        hdr += buf[start:m.end(1)] + buf[m.end() - 1:nl]
                     self._hdr_len = nl - start
                     self._hdr_dropping = False
                     start = nl + 1
@@ -643,9 +729,9 @@ class Cleanup:
                 else:
                     self._hdr_dropping = True
                 return
-            if _HEADER.match(piece):
+            if m := _HEADER.match(piece):
                 self._flush_header()
-                self._hdr += piece
+                self._hdr += _normal(piece, m)
                 self._hdr_len = len(piece)
                 self._hdr_dropping = False
                 return
@@ -695,7 +781,7 @@ class Cleanup:
         elif name in ("message-id", "resent-message-id"):
             value = raw.decode("utf-8", "surrogateescape").split(":", 1)[1].strip()
             msg.info_as("cleanup", f"{self.id}: {name}={value[:200]}")
-        keep = not (self.local and name in ("bcc", "resent-bcc"))
+        keep = True
         if self._mime is not None and name == "content-type":
             self._mime.content_type(raw)
         maps = (self.s.mime_header_checks if name in MIME_HEADERS else
@@ -708,7 +794,9 @@ class Cleanup:
             elif result is not text:
                 raw = bytearray(result.encode("utf-8", "surrogateescape"))
                 name = raw[:raw.find(b":")].decode("latin-1").strip().lower()
-        if keep and self._hdr_domain and (name in SENDER_HEADERS
+        if name in self.s.drop_headers:
+            keep = False                # message_drop_headers, after header_checks
+        if keep and self._hdr_context and (name in SENDER_HEADERS
                                           or name in RECIPIENT_HEADERS):
             raw = self._rewrite_header(raw, HEADER_SENDER if name in SENDER_HEADERS
                                        else HEADER_RECIPIENT)
@@ -718,41 +806,59 @@ class Cleanup:
         self._hdr.clear()
 
     def _rewrite_header(self, raw: bytearray, kind: str) -> bytearray:
-        """The addresses of a sender or recipient header rewritten as Postfix's
-        cleanup_rewrite_sender/recip: qualified, then the header class's canonical maps
-        and masquerading; the rest of the header is kept as it is."""
+        """A sender or recipient header with its addresses rewritten as Postfix's
+        cleanup_rewrite_sender/recip: the value parsed (lib/tok822.py, at most
+        header_address_token_limit tokens), each address through trivial-rewrite's
+        rules in the header's context, the header class's canonical maps and
+        masquerading; a header in which an address changed is generated again from the
+        parse tree and folded, one that did not change is kept as it came."""
         s = self.s
         maps, masq = s.header_canonical[kind], s.header_masq[kind]
-        text = raw.decode("utf-8", "surrogateescape")
-        colon = text.find(":") + 1
-        value = text[colon:]
-        if not maps and not masq and "," not in value and "@" in value:
-            return raw                  # one qualified address: nothing to do (fast path)
-        out, last = [], 0
-        for start, end in header_address_spans(value, s.token_limit):
-            addr = value[start:end]
-            new = self._header_address(addr, maps, masq)
-            if new != addr:
-                out += [value[last:start], new]
-                last = end
-        if not out:
+        text = raw.decode("latin-1")
+        name_len = len(text[:text.find(":")].rstrip())
+        value = text[name_len + 1:]
+        if not maps and not masq and self._unchanged(value):
+            return raw                  # one plain qualified address (fast path)
+        tree = tok822.parse(value, s.token_limit)
+        changed = False
+        for node in tok822.addresses(tree):
+            changed |= self._rewrite_node(node, maps, masq)
+        if not changed:
             return raw
-        out.append(value[last:])
-        return bytearray((text[:colon] + "".join(out)).encode("utf-8", "surrogateescape"))
+        out = text[:name_len] + ": " + tok822.externalize(tree, tok822.STR_HEAD)
+        lines = tok822.fold_header(out, s.header_limit)
+        return bytearray("\n".join(lines).encode("latin-1"))
 
-    def _header_address(self, addr: str, maps, masq: bool) -> str:
-        internal = internal_form(addr)
-        local, at, domain = internal.rpartition("@")
-        if not at:
-            if not self._hdr_local or self.s.append_at_myorigin:
-                internal = f"{internal}@{self._hdr_domain}"
-        elif self._hdr_local and self.s.append_dot_mydomain and domain \
-                and "." not in domain and not domain.startswith("["):
-            internal = f"{internal}.{self.s.mydomain}"
-        result = self._canonical(internal, maps) if maps else internal
-        if masq:
-            result = masquerade(self.s, result)
-        return addr if result == internal_form(addr) else quote_local(result)
+    def _unchanged(self, value: str) -> bool:
+        """Whether the rewrite rules leave a header value alone without parsing it: a
+        list of plain addresses (local@domain, "Name" <local@domain>) each qualified,
+        with a dot-string local part, no final dot, a dot in the domain when
+        append_dot_mydomain is on, and fewer characters than the token limit."""
+        if len(value) >= self.s.token_limit or not _PLAIN_LIST.fullmatch(value):
+            return False
+        dot = self.s.append_dot_mydomain
+        for local, domain in _PLAIN_ADDRESS.findall(value):
+            if not tok822.is_dot_string(local) or domain.endswith(".") \
+                    or dot and "." not in domain:
+                return False
+        return True
+
+    def _rewrite_node(self, node, maps, masq: bool) -> bool:
+        """One address node of a header: rewritten, mapped, masqueraded; whether it
+        changed (each step as Postfix compares: the external forms)."""
+        s = self.s
+        addr = tok822.from_bytes(tok822.externalize(node.head))
+        new = s.rewriter.rewrite(addr, self._hdr_context)
+        changed = new != addr
+        if maps or masq:
+            internal = unquote_822_local(new)
+            result = self._canonical(internal, maps) if maps else internal
+            if masq:
+                result = masquerade(s, result)
+            if result != internal:
+                new, changed = quote_822_local(result), True
+        tok822.set_address(node, tok822.to_bytes(new))
+        return changed
 
     def _out(self, data) -> None:
         """Content out; the header section is gathered and written in one piece."""
@@ -843,8 +949,8 @@ class Cleanup:
                 out += b"\n"
                 m.end_headers()
                 return True
-            if end and _HEADER.match(line):
-                m.pending = bytearray(line)
+            if end and (h := _HEADER.match(line)):
+                m.pending = bytearray(_normal(line, h))
                 return True
             m.state = MimeState.BODY            # not a header: the part's body begins
         if line[:2] == b"--" and m.boundaries:
@@ -1123,7 +1229,8 @@ class Cleanup:
         if self.redirect is not None:
             return [(self.redirect, "", "")]
         s = self.s
-        if not (s.rewrites_recipients or s.always_bcc or self.bcc or self.local):
+        if not (s.rewrites_recipients or s.always_bcc or self.bcc) and \
+                all(self._qualify(r) == r for r in self.rcpts):
             return [(r, *self.dsn.get(r, ("", ""))) for r in dict.fromkeys(self.rcpts)]
         given = [(self._rewrite_recipient(r), r) for r in self.rcpts]
         bcc = self.bcc + ([self._qualify(s.always_bcc)] if s.always_bcc else [])

@@ -66,6 +66,10 @@ FUNCTIONS
         transport_maps (smtpd).
     SenderRoutes(cfg, resolver).offhost(sender, relay_class) -> (transport spec, relayhost).
     AddressResolver.rewrite(address) -> the canonical form (the rewrite step above).
+    Rewriter(cfg).rewrite(address, context) -> the rewrite step on an address in
+        external form, in trivial-rewrite's "local" context (@$myorigin, .$mydomain) or
+        "remote" one (remote_header_rewrite_domain for both); the one set of rules for
+        the resolver and for lib/cleanup.py's envelope and header addresses.
     quote_local(address), internal_form(address): quote / dequote the local part.
     parse_spec(text) -> (transport, nexthop) of a "transport:nexthop" value.
 
@@ -79,11 +83,11 @@ CONFIGURATION PARAMETERS
     list), inet_interfaces (all), virtual_mailbox_domains ($virtual_mailbox_maps),
     virtual_transport (virtual), mydomain, allow_percent_hack (yes), swap_bangpath (yes),
     append_at_myorigin (yes), append_dot_mydomain (no), resolve_dequoted_address (yes),
-    resolve_null_domain (no).
+    resolve_null_domain (no), remote_header_rewrite_domain (empty).
 
 SEE ALSO
-    lib/address.py, lib/domains.py, qmgr/manager.py, smtpd/check.py, virtual/service.py;
-    Postfix trivial-rewrite(8), ADDRESS_REWRITING_README,
+    lib/address.py, lib/domains.py, lib/tok822.py, qmgr/manager.py, smtpd/check.py,
+    virtual/service.py; Postfix trivial-rewrite(8), ADDRESS_REWRITING_README,
     transport(5), postconf(5), ADDRESS_CLASS_README, VIRTUAL_README.
 """
 
@@ -97,7 +101,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from . import msg, tables
+from . import msg, tables, tok822
 from .address import split_address, strip_extension
 from .domains import DomainList
 
@@ -120,7 +124,6 @@ class Route:
 
 ALIAS_UNKNOWN = "5.1.1 User unknown in virtual alias table"   # Postfix's error next hop
 EMPTY_ADDRESS_RECIPIENT = "MAILER-DAEMON"    # Postfix's empty_address_recipient default
-_ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 
 
 @functools.lru_cache(maxsize=64)
@@ -170,28 +173,121 @@ def _dequote(local: str) -> str:
 
 
 def quote_local(address: str) -> str:
-    """Postfix's quote_822_local: quote the local part (before the last @) when it
-    is not a dot-atom."""
-    local, at, domain = address.rpartition("@")
-    if not at:
-        local, domain = address, None
-    if local and not _ATOMS.fullmatch(local):
-        local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return local if domain is None else f"{local}@{domain}"
+    """Postfix's quote_822_local: the local part quoted when it is not a dot-string."""
+    return tok822.quote_822_local(address)
 
 
 def internal_form(address: str) -> str:
-    """The address with its quoted-string local part dequoted (Postfix's internal form)."""
-    at = _scan(address, "@", last=True)
-    if at < 0:
-        return _dequote(address)
-    return _dequote(address[:at]) + address[at:]
+    """Postfix's unquote_822_local: the internal form of an address."""
+    return tok822.unquote_822_local(address)
 
 
 def parse_spec(text: str) -> tuple[str, str]:
     """A `transport:nexthop` value as its two parts; no colon means a transport only."""
     transport, _, nexthop = text.strip().partition(":")
     return transport.strip(), nexthop.strip()
+
+
+LOCAL, REMOTE = "local", "remote"       # trivial-rewrite's rewrite contexts
+# An address of atoms and operators only, none of them spaced when written back (as
+# "<" and "," are): its tokens joined are its text, so that the rewrite rules can work
+# on the string (nearly every address).
+_PLAIN = re.compile(r'[^\s"()\[\]\\<,]*')
+
+
+class Rewriter:
+    """trivial-rewrite's rewrite_tree: an address in external form, in a context."""
+
+    def __init__(self, cfg, myorigin: str | None = None, mydomain: str | None = None):
+        self.percent_hack = cfg["allow_percent_hack"]
+        self.swap_bangpath = cfg["swap_bangpath"]
+        self.append_at_myorigin = cfg["append_at_myorigin"]
+        self.append_dot_mydomain = cfg["append_dot_mydomain"]
+        if myorigin is None:
+            myorigin = cfg.get("myorigin") or cfg.get("myhostname")
+        remote = cfg.get("remote_header_rewrite_domain").strip()
+        # (origin, domain) of each context: Postfix's local_context and remote_context
+        self.contexts = {LOCAL: (myorigin, cfg.get("mydomain") if mydomain is None
+                                 else mydomain),
+                         REMOTE: (remote, remote)}
+
+    def rewrite(self, address: str, context: str = LOCAL) -> str:
+        """The address in its canonical form: a source route dropped; without @,
+        site!user -> user@site (swap_bangpath), else user%domain -> user@domain
+        (allow_percent_hack), else the context's origin appended (append_at_myorigin);
+        the context's domain appended to a domain without a dot (append_dot_mydomain);
+        a final dot removed from the domain. The result is written as trivial-rewrite
+        writes its address node: the tokens joined, the local part quoted when it is not
+        a dot-string (quote_822_local). "" stays; a lone @ becomes ""."""
+        origin, domain = self.contexts[context]
+        if not address:
+            return address
+        if address == "@":
+            return '""'
+        if _PLAIN.fullmatch(address):
+            # written back with quote_822_local, as trivial-rewrite externalizes the
+            # address node: a local part that is not a dot-string is quoted
+            return tok822.quote_822_local(self._rewrite_plain(address, origin, domain))
+        return self._rewrite_tokens(address, origin, domain)
+
+    def _rewrite_plain(self, text: str, origin: str, domain: str) -> str:
+        if text.startswith("@"):
+            colon = text.find(":")
+            if 0 < colon < len(text) - 1:
+                text = text[colon + 1:]
+        at = text.rfind("@")
+        if at < 0:
+            bang = text.find("!") if self.swap_bangpath else -1
+            percent = text.rfind("%") if self.percent_hack else -1
+            if bang >= 0:
+                text = f"{text[bang + 1:]}@{text[:bang]}"
+            elif percent >= 0:
+                text = f"{text[:percent]}@{text[percent + 1:]}"
+            elif self.append_at_myorigin and origin:
+                text = f"{text}@{origin}"
+            at = text.rfind("@")
+        if self.append_dot_mydomain and domain and 0 <= at < len(text) - 1 \
+                and "." not in text[at:]:
+            text = f"{text}.{domain}"
+        if text.endswith(".") and len(text) > 1 and text[-2] not in ".@":
+            text = text[:-1]
+        return text
+
+    def _rewrite_tokens(self, text: str, origin: str, domain: str) -> str:
+        """rewrite_tree on the tokens of the address (quoted strings, literals)."""
+        toks = tok822.tokens(tok822.scan(text)[0])
+        at, dot, colon = ord("@"), ord("."), ord(":")
+        if not toks:
+            return text
+        if len(toks) == 1 and toks[0].type == tok822.QSTRING and not toks[0].text:
+            return '""'
+        if len(toks) == 1 and toks[0].type == at:
+            return '""'
+        if toks[0].type == at:                          # a source route
+            cut = next((i for i, t in enumerate(toks) if t.type == colon), -1)
+            if 0 <= cut < len(toks) - 1:
+                toks = toks[cut + 1:]
+        kinds = [t.type for t in toks]
+        if at not in kinds:
+            bang = kinds.index(ord("!")) if self.swap_bangpath and ord("!") in kinds \
+                else -1
+            percent = len(kinds) - 1 - kinds[::-1].index(ord("%")) \
+                if self.percent_hack and ord("%") in kinds else -1
+            if bang >= 0:
+                toks = toks[bang + 1:] + [tok822.Token(at)] + toks[:bang]
+            elif percent >= 0:
+                toks[percent].type = at
+            elif self.append_at_myorigin and origin:
+                toks += [tok822.Token(at)] + tok822.tokens(tok822.scan(origin)[0])
+        kinds = [t.type for t in toks]
+        if self.append_dot_mydomain and domain and at in kinds:
+            last = len(kinds) - 1 - kinds[::-1].index(at)
+            if last != len(toks) - 1 and tok822.DOMLIT not in kinds[last:] \
+                    and dot not in kinds[last:]:
+                toks += [tok822.Token(dot)] + tok822.tokens(tok822.scan(domain)[0])
+        if toks[-1].type == dot and len(toks) > 1 and toks[-2].type not in (dot, at):
+            toks.pop()
+        return tok822.quote_822_local(tok822.internalize(tok822.relink(toks)))
 
 
 class AddressResolver:
@@ -217,10 +313,7 @@ class AddressResolver:
         self.inet_interfaces = cfg["inet_interfaces"]
         # Address parsing (rewrite.c, resolve.c)
         self.mydomain = cfg.get("mydomain").lower()
-        self.percent_hack = cfg["allow_percent_hack"]
-        self.swap_bangpath = cfg["swap_bangpath"]
-        self.append_at_myorigin = cfg["append_at_myorigin"]
-        self.append_dot_mydomain = cfg["append_dot_mydomain"]
+        self.rewriter = Rewriter(cfg, self.myorigin, self.mydomain)
         self.resolve_dequoted = cfg["resolve_dequoted_address"]
         self.resolve_null_domain = cfg["resolve_null_domain"]
         self._own: set | None = None
@@ -281,33 +374,10 @@ class AddressResolver:
 
     # --- address parsing, as trivial-rewrite's rewrite.c and resolve.c ------------------
     def rewrite(self, address: str) -> str:
-        """The canonical form (trivial-rewrite's "local" context, rewrite_tree): a source
-        route dropped; without @, site!user -> user@site (swap_bangpath), else
-        user%domain -> user@domain (allow_percent_hack), else @$myorigin appended
-        (append_at_myorigin); .$mydomain appended to a domain without a dot
-        (append_dot_mydomain); a final dot removed from the domain."""
+        """The canonical form: Rewriter.rewrite in the "local" context; "" for ""."""
         if not address or address == "@":
             return ""
-        if address.startswith("@") and 0 < _scan(address, ":", last=False) < len(address) - 1:
-            address = address[_scan(address, ":", last=False) + 1:]
-        if _scan(address, "@", last=True) < 0:
-            bang = _scan(address, "!", last=False) if self.swap_bangpath else -1
-            percent = _scan(address, "%", last=True) if self.percent_hack else -1
-            if bang >= 0:
-                address = f"{address[bang + 1:]}@{address[:bang]}"
-            elif percent >= 0:
-                address = f"{address[:percent]}@{address[percent + 1:]}"
-            elif self.append_at_myorigin and self.myorigin:
-                address = f"{address}@{self.myorigin}"
-        at = _scan(address, "@", last=True)
-        if at >= 0:
-            domain = address[at + 1:]
-            if self.append_dot_mydomain and self.mydomain and domain and \
-                    not domain.startswith("[") and "." not in domain:
-                address += "." + self.mydomain
-            elif domain.endswith(".") and not domain.endswith("..") and len(domain) > 1:
-                address = address[:-1]
-        return address
+        return self.rewriter.rewrite(address, LOCAL)
 
     def resolve_address(self, address: str) -> tuple[str, bool, bool]:
         """resolve.c's resolve_addr loop on a canonical address -> (recipient, remote,
@@ -317,6 +387,7 @@ class AddressResolver:
         routed: routing operators remain in the local part (RESOLVE_FLAG_ROUTED).
         TableError when mydestination cannot be read."""
         text, saved, remote = address, None, False
+        bangs, percents = self.rewriter.swap_bangpath, self.rewriter.percent_hack
         for _ in range(len(address) + 100):
             at = _scan(text, "@", last=True)
             if at >= 0 and text.endswith(".") and not text.endswith(("..", "@.")):
@@ -331,16 +402,16 @@ class AddressResolver:
                     break
                 text, saved = text[:at], domain
             if _scan(text, "@", last=True) >= 0 \
-                    or self.swap_bangpath and _scan(text, "!", last=True) >= 0 \
-                    or self.percent_hack and _scan(text, "%", last=True) >= 0:
+                    or bangs and _scan(text, "!", last=True) >= 0 \
+                    or percents and _scan(text, "%", last=True) >= 0:
                 text = self.rewrite(text)
                 continue
             inner = _dequote(text) if text.startswith('"') else None
             if self.resolve_dequoted and inner is not None and (
-                    "@" in inner or self.percent_hack and "%" in inner
-                    or self.swap_bangpath and "!" in inner):
+                    "@" in inner or percents and "%" in inner
+                    or bangs and "!" in inner):
                 oper = inner.rfind("@")
-                if oper < 0 and self.percent_hack:
+                if oper < 0 and percents:
                     oper = inner.rfind("%")
                 if oper < 0:
                     oper = inner.rfind("!")

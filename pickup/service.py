@@ -55,7 +55,8 @@ CONFIGURATION PARAMETERS
     (lib/milter.py), which see it come from localhost[127.0.0.1] over ESMTP, as Postfix's
     cleanup emulates it; also for sendmail -bs (Postfix's stand-alone smtpd uses no
     smtpd_milters: its mail goes through postdrop and pickup to cleanup, which applies
-    non_smtpd_milters). A milter's reject or tempfail is the answer to the submission
+    non_smtpd_milters; none with receive_override_options = no_milters). A milter's
+    reject or tempfail is the answer to the submission
     (the end-of-DATA reply for -bs), where Postfix's pickup would bounce the message.
 
 FILES
@@ -416,7 +417,9 @@ def pre_init(ctx) -> None:
     ctx.state["users"] = Users()
     try:
         ctx.state["cleanup"] = cleanup.Settings(ctx.cfg)    # its tables, before the jail
-        ctx.state["milters"] = milter.parse(ctx.cfg.get("non_smtpd_milters"), ctx.cfg)
+        # receive_override_options = no_milters: none (Postfix's input_transp_cleanup)
+        ctx.state["milters"] = [] if "no_milters" in cleanup.receive_overrides(ctx.cfg) \
+            else milter.parse(ctx.cfg.get("non_smtpd_milters"), ctx.cfg)
     except ConfigError as exc:
         msg.fatal(str(exc))
 

@@ -31,7 +31,8 @@ LIFE OF A MESSAGE
                 start of the next, with one look at the pipe.
     resolve     each recipient not yet done gets a transport and next hop (lib/resolve.py;
                 a message with a content_filter attribute goes to that transport and
-                destination whatever its recipients, as Postfix's qmgr);
+                destination whatever its recipients, as Postfix's qmgr; without a
+                destination, to default_filter_nexthop or the recipient domain);
                 recipients with the same transport and next hop form jobs of at most
                 <transport>_destination_recipient_limit recipients. With a limit of 1 (local)
                 the destination is the recipient, as in Postfix.
@@ -102,7 +103,9 @@ CONFIGURATION PARAMETERS
     qmgr_message_active_limit
     (20000), qmgr_message_recipient_limit (20000), default_destination_concurrency_limit
     (20), initial_destination_concurrency (5), default_destination_recipient_limit (50),
-    default_process_limit (100); not yet in the parameter table, read with
+    default_process_limit (100), default_filter_nexthop (empty: the recipient domain,
+    for a content_filter or FILTER transport without a destination); not yet in the
+    parameter table, read with
     Postfix's defaults: <transport>_destination_concurrency_limit and
     <transport>_destination_recipient_limit (local: 2 and 1), transport_retry_time (60s);
     and those of lib/resolve.py and qmgr/bounce.py.
@@ -626,6 +629,7 @@ class QueueManager:
             try:
                 if content_filter:
                     route = _filter_route(content_filter, rcpt.address,
+                                          self.cfg.get("default_filter_nexthop"),
                                           self.cfg.get("myhostname"))
                 else:
                     route = self.resolver.resolve(rcpt.address, m.env.sender or "")
@@ -1108,13 +1112,16 @@ class QueueManager:
         return True
 
 
-def _filter_route(spec: str, rcpt: str, myhostname: str):
+def _filter_route(spec: str, rcpt: str, default_nexthop: str, myhostname: str):
     """A content filter's route, bypassing the resolver as Postfix's qmgr: the
-    transport:destination of the message's content_filter (lib/cleanup.py); without a
-    destination, the recipient's domain, else $myhostname."""
+    transport:destination of the message's content_filter (lib/cleanup.py, a
+    content_filter setting or a FILTER action); without a destination,
+    default_filter_nexthop, and when that is empty the recipient's domain, else
+    $myhostname (qmgr_message.c)."""
     transport, _, nexthop = spec.partition(":")
     if not nexthop:
-        nexthop = rcpt.rpartition("@")[2] or myhostname
+        _, at, domain = rcpt.rpartition("@")
+        nexthop = default_nexthop.strip() or (domain if at else "") or myhostname
     return Route(transport, nexthop)
 
 

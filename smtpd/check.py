@@ -101,7 +101,8 @@ CONFIGURATION PARAMETERS
     fast_flush_domains ($relay_domains), mynetworks, relay_clientcerts,
     those of lib/resolve.py (mydestination, relay_domains, virtual_mailbox_domains,
     allow_percent_hack, swap_bangpath, ...), smtpd_reject_unlisted_recipient (yes),
-    smtpd_reject_unlisted_sender (no),
+    smtpd_reject_unlisted_sender (no), receive_override_options (empty;
+    no_unknown_recipient_checks turns the recipient table checks off),
     local_recipient_maps (unix:passwd.byname $alias_maps; a table that cannot be opened
     fails each lookup temporarily, as Postfix's surrogate),
     virtual_mailbox_maps, relay_recipient_maps (empty),
@@ -154,6 +155,7 @@ from dataclasses import dataclass, field
 
 from ..lib import dnsbl, metrics, msg, tables, verify_client
 from ..lib.address import addr_find
+from ..lib.cleanup import receive_overrides
 from ..lib.dnsbl import DnsLookup
 from ..lib.domains import DomainList
 from ..lib.policy_client import PolicyClient
@@ -287,6 +289,9 @@ class Checker:
         self.rewrite_maps = [self._table(r) for name in (
             "recipient_canonical_maps", "canonical_maps", "virtual_alias_maps")
             for r in cfg[name]]
+        # receive_override_options = no_unknown_recipient_checks: no recipient table
+        # check, as Postfix's check_recipient_rcpt_maps / check_sender_rcpt_maps
+        self.rcpt_checks = "no_unknown_recipient_checks" not in receive_overrides(cfg)
         self.reject_unlisted_recipient = cfg["smtpd_reject_unlisted_recipient"]
         self.reject_unlisted_sender = cfg["smtpd_reject_unlisted_sender"]
         self.fast_flush_domains = self._domain_list("fast_flush_domains")
@@ -483,7 +488,10 @@ class Checker:
     def unlisted_recipient(self, rcpt: str, what: str = "Recipient") -> Reply | None:
         """check_rcpt_maps: the reply for a recipient (or, what = "Sender", a sender)
         that the recipient table of its address class does not list (an empty table
-        list validates nothing)."""
+        list validates nothing; receive_override_options = no_unknown_recipient_checks
+        validates nothing either)."""
+        if not self.rcpt_checks:
+            return None
         try:
             route = self.resolve(rcpt)
             maps, code, text = self.rcpt_maps.get(route.addr_class, ([], 0, ""))

@@ -20,7 +20,8 @@ DESCRIPTION
 
 CONFIGURATION PARAMETERS
     smtpd_milters (empty), milter_macro_daemon_name ($myhostname), milter_macro_v
-    ($mail_name $mail_version), and those of lib/milter.py.
+    ($mail_name $mail_version), receive_override_options (no_milters: none), and those
+    of lib/milter.py.
 
 SEE ALSO
     lib/milter.py, smtpd/session.py, lib/cleanup.py.
@@ -30,16 +31,18 @@ from __future__ import annotations
 
 import weakref
 
-from ..lib import milter
+from ..lib import cleanup, milter
 from ..lib.resolve import ResolveError
 
 SMTPD_MILTERS_DISABLE = "DISABLE"
 
 
 def prepare(cfg) -> list:
-    """smtpd_milters, parsed; lib.maincf.ConfigError when malformed."""
+    """smtpd_milters, parsed; lib.maincf.ConfigError when malformed. None with
+    receive_override_options = no_milters (a content filter's re-injection service)."""
     text = cfg.get("smtpd_milters").strip()
-    if not text or text.upper() == SMTPD_MILTERS_DISABLE:
+    if not text or text.upper() == SMTPD_MILTERS_DISABLE \
+            or "no_milters" in cleanup.receive_overrides(cfg):
         return []
     return milter.parse(text, cfg)
 

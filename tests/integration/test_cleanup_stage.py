@@ -3,6 +3,8 @@ write every message through it; header_checks, virtual aliases, canonical maps, 
 and the missing headers of mail in the local rewrite context, as Postfix's cleanup(8)."""
 
 import glob
+import json
+from pathlib import Path
 import smtplib
 from email.message import EmailMessage
 import subprocess
@@ -239,3 +241,49 @@ def test_body_checks_see_body_text_not_part_headers(mta):
     assert (refused.value.smtp_code, refused.value.smtp_error) == (550, b"5.7.1 body text")
     (m, content), = mta.queued().values()
     assert "\nContent-Disposition: attachment; filename=\"a.exe\"\n" in content
+
+
+def test_long_to_list_rewritten_by_canonical_maps_is_folded_as_postfix(mta):
+    # The case "long-to" of tests/data/header_rewrite: Debian's Postfix, given it from a
+    # local client with the same canonical_maps, wrote the To: lines recorded there.
+    data = Path(__file__).resolve().parent.parent / "data" / "header_rewrite"
+    reference = json.loads((data / "postfix.json").read_text())["local/long-to"]
+    (mta.dir / "long_canonical").write_text(
+        "@short.example @a-considerably-longer-domain-name.example\n")
+    mta.main["canonical_maps"] = f"texthash:{mta.dir}/long_canonical"
+    mta.start()
+    to = ", ".join(f"user{i}@short.example" for i in range(8))
+    code, text = send(mta, "a long list", extra=f"To: {to}\r\n")
+    assert code == 250
+    _, content = mta.queued()[text.split()[-1]]
+    head = content.split("\n\n", 1)[0].split("\n")
+    start = head.index(next(line for line in head if line.startswith("To: ")))
+    expected = reference[reference.index(next(
+        line for line in reference if line.startswith("To: "))):][:8]
+    assert expected[1].startswith("\tuser1@a-considerably-longer-domain-name.example")
+    assert head[start:start + 8] == expected
+    assert not head[start + 8].startswith(("\t", " "))
+
+
+def test_receive_override_options_of_a_reinjection_service(mta):
+    # FILTER_README's re-injection smtpd: what the first pass did (alias expansion,
+    # always_bcc, header_checks, recipient validation) is not done a second time
+    reinject = free_port()
+    (mta.dir / "local_users").write_text("r local\n")
+    mta.main["local_recipient_maps"] = f"texthash:{mta.dir}/local_users"
+    mta.master_lines.append(
+        f"127.0.0.1:{reinject} inet n - y - - smtpd -o content_filter= -o "
+        "receive_override_options=no_unknown_recipient_checks,no_header_body_checks,"
+        "no_milters,no_address_mappings")
+    mta.start()
+    rcpts = ("a@example.com", "nosuchuser@mail.test.example")
+    with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as s:
+        s.mail("s@example.org")
+        assert s.rcpt(rcpts[1])[0] == 550              # the first pass validates
+    mta.port = reinject
+    code, text = send(mta, "please reject me", rcpts=rcpts, sender="old@example.net")
+    assert code == 250
+    m, content = mta.queued()[text.split()[-1]]
+    assert sorted(r.address for r in m.recipients) == sorted(rcpts)
+    assert m.sender == "old@example.net"
+    assert "Subject: please reject me" in content

@@ -11,6 +11,7 @@ from milter_peer import MilterPeer, cstrings
 from postfix_py.lib import cleanup, maincf, milter, msg
 from postfix_py.lib import queue as Q
 from postfix_py.lib.maincf import ConfigError
+from postfix_py.smtpd import milters as smtpd_milters
 
 MACROS = {"j": "mx.test.example", "{daemon_name}": "mx.test.example", "v": "postfix-py 0.1.0",
           "_": "client.example [192.0.2.1]", "i": "QID", "{mail_addr}": "a@example.org",
@@ -288,3 +289,13 @@ def test_milter_header_checks(tmp_path, logged):
     assert any(": milter-header-reject: header X-Spam: yes from client.example[192.0.2.1]; "
                "from=<a@example.org> to=<b@example.org> proto=ESMTP helo=<client.example>: "
                "5.7.1 spam from a milter" in line for line in logged), logged
+
+
+def test_no_milters_override(tmp_path):
+    # receive_override_options = no_milters: smtpd runs no smtpd_milters (a content
+    # filter's re-injection service), as Postfix's setup_milters
+    cfg = config(tmp_path, smtpd_milters="inet:127.0.0.1:9")
+    assert len(smtpd_milters.prepare(cfg)) == 1
+    cfg = config(tmp_path, smtpd_milters="inet:127.0.0.1:9",
+                 receive_override_options="no_milters")
+    assert smtpd_milters.prepare(cfg) == []

@@ -7,6 +7,8 @@ import email.policy
 import os
 import time
 
+import pytest
+
 from postfix_py.lib import attr, bounce_log, deliver, maincf, msg
 from postfix_py.lib import queue as Q
 from postfix_py.qmgr.manager import QueueManager
@@ -22,12 +24,12 @@ class Loop:
         pass
 
 
-def setup(tmp_path, rcpts, attrs=()):
+def setup(tmp_path, rcpts, attrs=(), main=""):
     root = str(tmp_path / "queue")
     for sub in Q.SUBDIRS:
         os.makedirs(os.path.join(root, sub))
     (tmp_path / "main.cf").write_text(f"myhostname = {HOST}\nqueue_directory = {root}\n"
-                                      "mydestination = $myhostname\n")
+                                      "mydestination = $myhostname\n" + main)
     cfg = maincf.load(str(tmp_path))
     w = Q.QueueWriter(root)
     for name, value in attrs:
@@ -112,3 +114,23 @@ def test_content_filter_route(tmp_path):
     assert (request.transport, request.nexthop) == ("scan", "[127.0.0.1]:10025")
     assert request.recipients == [f"bob@{HOST}", "c@remote.example"]
     mgr.close()
+
+
+@pytest.mark.parametrize("main, jobs", [
+    # empty default_filter_nexthop: the recipient domain, $myhostname without one
+    ("", {("scan", HOST): [f"bob@{HOST}", "nodomain"],
+          ("scan", "remote.example"): ["c@remote.example"]}),
+    ("default_filter_nexthop = [127.0.0.1]:10026\n",
+     {("scan", "[127.0.0.1]:10026"): [f"bob@{HOST}", "c@remote.example", "nodomain"]}),
+])
+def test_content_filter_without_nexthop(tmp_path, main, jobs):
+    msg.init_cli("qmgr")
+    for spec in ("scan", "scan:"):
+        path = tmp_path / spec.replace(":", "_")
+        path.mkdir()
+        mgr, root, qid, calls = setup(
+            path, [(f"bob@{HOST}", ""), ("c@remote.example", ""), ("nodomain", "")],
+            attrs=[("content_filter", spec)], main=main)
+        mgr.start()
+        assert {(r.transport, r.nexthop): r.recipients for _, r in calls} == jobs
+        mgr.close()

@@ -169,6 +169,24 @@ def test_postsuper(inst, capsys, monkeypatch):
     assert "postfix-py/postsuper" in log and "Deleted: 2 messages" in log
 
 
+def test_postsuper_purge(inst, capsys):
+    # -p: an old dot-file (a queue file a crash left half written) and anything that is
+    # not a regular file go; a young dot-file, a message and a directory stay
+    qid = inst.add("deferred", "a@b", ["c@d.example"])
+    incoming = os.path.join(inst.root, "incoming")
+    old, young = os.path.join(incoming, ".old"), os.path.join(incoming, ".young")
+    for path in (old, young):
+        with open(path, "w") as f:
+            f.write("partial")
+    stale = time.time() - postsuper.MAX_TEMP_AGE - 60
+    os.utime(old, (stale, stale))
+    os.symlink("/etc/passwd", os.path.join(incoming, "link"))
+    os.mkdir(os.path.join(incoming, "subdir"))
+    assert sup(inst, capsys, "-p") == ""
+    assert sorted(os.listdir(incoming)) == [".young", "subdir"]
+    assert os.listdir(os.path.join(inst.root, "deferred")) == [qid]
+
+
 def test_postsuper_usage(inst, capsys):
     assert postsuper.main(["-c", inst.dir, "-x"]) == 1
     assert capsys.readouterr().err.endswith(f"postsuper: fatal: {postsuper.USAGE}\n")

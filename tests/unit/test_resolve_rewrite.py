@@ -164,6 +164,15 @@ def test_unlisted_recipient_switches():
     checker = Checker(config(unknown_local_recipient_reject_code="450"))
     assert str(checker.unlisted_recipient("nosuchuser@local.domain")).startswith(
         "450 4.1.1 <nosuchuser@local.domain>: Recipient address rejected: User unknown")
+    # receive_override_options = no_unknown_recipient_checks (a re-injection service)
+    checker = Checker(config(mynetworks="127.0.0.0/8", smtpd_reject_unlisted_sender="yes",
+                             receive_override_options="no_unknown_recipient_checks"))
+    state = ClientState(name="unknown", addr="127.0.0.1", sender="nosuch@local.domain")
+    assert checker.rcpt(state, "nosuchuser@local.domain") is None
+    assert checker.unlisted_recipient("nosuchuser@local.domain") is None
+    with pytest.raises(maincf.ConfigError, match='unknown receive_override_options value '
+                       '"no_such" in "no_milters, no_such"'):
+        Checker(config(receive_override_options="no_milters, no_such"))
 
 
 def test_unix_passwd_table():
