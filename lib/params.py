@@ -257,6 +257,8 @@ PARAMS: list[Param] = [
     _p("address_verify_service_name", "verify", STR, "the master.cf name of the address verification service (private/NAME)"),
     _p("address_verify_map", "btree:$data_directory/verify_cache", STR, "the address verification cache (lmdb, btree and hash: LMDB files; memcache:, redis: a store shared by several hosts; empty: in memory only)"),
     _p("address_verify_sender", "$double_bounce_sender", STR, "sender of address verification probes (empty or <>: the null sender; without @, @$myorigin is added)"),
+    _p("address_verify_sender_ttl", "0s", TIME, "time after which the probe sender's local part gets a new time stamp, so that probes are not greylisted or blocked forever (0: a fixed sender)", min=0),
+    _p("address_verify_pending_request_limit", "5000", INT, "probes in the active queue beyond which qmgr defers a probe's recipients with \"4.3.2 Too many address verification requests\" (Postfix: qmgr_message_active_limit's default / 4)", min=1),
     _p("address_verify_positive_expire_time", "31d", TIME, "time after which a successful probe result expires from the cache", min=1),
     _p("address_verify_positive_refresh_time", "7d", TIME, "time after which a successful probe result is refreshed by a new probe", min=1),
     _p("address_verify_negative_cache", "yes", BOOL, "cache the results of failed probes"),

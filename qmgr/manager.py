@@ -76,7 +76,10 @@ LIFE OF A MESSAGE
                 suspended transport or destination, a failed agent) is reported there
                 too (lib/verify_client.py report_probe, one blocking request per
                 recipient, as Postfix's qmgr) and the recipient is done; a probe is
-                never bounced and, expired, never returned. sendmail -bv's message
+                never bounced and, expired, never returned. Past
+                address_verify_pending_request_limit probes in the active queue, a
+                probe's recipients are reported there at once as deferred ("4.3.2 Too
+                many address verification requests"). sendmail -bv's message
                 (trace_flags 512, DEL_REQ_FLAG_USR_VRFY) goes out with the flag
                 "expand": every result, and what qmgr cannot deliver, goes to its trace
                 log as deliverable or undeliverable, the recipient is done, and at the
@@ -102,7 +105,8 @@ CONFIGURATION PARAMETERS
     qmgr_message_active_limit
     (20000), qmgr_message_recipient_limit (20000), default_destination_concurrency_limit
     (20), initial_destination_concurrency (5), default_destination_recipient_limit (50),
-    default_process_limit (100); not yet in the parameter table, read with
+    address_verify_pending_request_limit (5000), default_process_limit (100); not yet in
+    the parameter table, read with
     Postfix's defaults: <transport>_destination_concurrency_limit and
     <transport>_destination_recipient_limit (local: 2 and 1), transport_retry_time (60s);
     and those of lib/resolve.py and qmgr/bounce.py.
@@ -281,6 +285,8 @@ class QueueManager:
         self._deferred_timer = None
         self._feed_timer = None
         self.active_limit = cfg["qmgr_message_active_limit"]
+        self.probes = 0             # probes in the active queue (qmgr_vrfy_pend_count)
+        self.probe_limit = cfg["address_verify_pending_request_limit"]
         self.rcpt_limit = cfg["qmgr_message_recipient_limit"]
         self.queue_run_delay = cfg["queue_run_delay"]
         self.min_backoff = cfg["minimal_backoff_time"]
@@ -574,6 +580,7 @@ class QueueManager:
         if verify_client.TRACE_FLAGS_ATTR in env.attrs:
             flags = verify_client.trace_flags(env.attrs[verify_client.TRACE_FLAGS_ATTR])
             m.probe = bool(flags & verify_client.TRACE_FLAG_VERIFY)
+            self.probes += m.probe
             m.report = not m.probe and bool(flags & verify_client.TRACE_FLAG_REPORT)
         self._open += fd >= 0
         self.messages[name] = m
@@ -617,6 +624,12 @@ class QueueManager:
 
     def _resolve(self, m: Message) -> None:
         """Group the message's open recipients into jobs on their destinations' queues."""
+        if m.probe and self.probes > self.probe_limit:
+            # the safety net behind the verify service's own pacing, as Postfix's
+            self._defer(m, [Entry(r.address, r.offset) for r in m.env.recipients
+                            if not r.done], "4.3.2", "Too many address verification requests",
+                        log=True)
+            return
         groups: dict[tuple, list[Entry]] = {}
         unresolved, discarded, grouped = [], [], 0
         content_filter = m.env.attrs.get("content_filter")
@@ -975,6 +988,7 @@ class QueueManager:
             return
         m.finished = True
         self.messages.pop(m.queue_id, None)
+        self.probes -= m.probe
         if self.flow:
             self._left += 1
         if m.rescan:

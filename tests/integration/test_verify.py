@@ -3,6 +3,7 @@ reject_unverified_sender ask the verify service, which probes through cleanup, q
 the agents: the smtp client stops after RCPT at a sink that knows its users (tests/sink.py
 refuses local parts ending in +bounce), local finds the account without delivering.
 The probe never reaches the sink's DATA or a mailbox, and no notice is sent for it.
+The probe sender has a time stamp (address_verify_sender_ttl).
 
 One instance for the module; each test uses addresses of its own, since the cache
 (address_verify_map, an LMDB file in data_directory) remembers them.
@@ -42,6 +43,7 @@ def mta():
         "relay_domains": "remote.example, nowhere.example",
         "transport_maps": "inline:{nowhere.example=nosuch:}",     # not in master.cf
         "relayhost": f"[127.0.0.1]:{sink.port}",
+        "address_verify_sender_ttl": "1h",
         "smtpd_error_sleep_time": "0s",
         "smtpd_recipient_restrictions": "reject_unauth_destination, "
                                         "reject_unverified_recipient",
@@ -261,3 +263,38 @@ def test_the_cache_is_swept(mta):
     def swept_some():       # nothing has expired with the default times: none dropped
         return [r for r, d in pattern.findall(inst.log()) if int(r) > 0 and d == "0"]
     wait_for(swept_some, 10, what="a cache cleanup run over the entries")
+
+
+def _stamp(epoch: int) -> str:
+    """Postfix's time stamp of address_verify_sender_ttl: base 31 in 0-9 and B-Z."""
+    digits = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
+    text = ""
+    while epoch:
+        epoch, d = divmod(epoch, 31)
+        text = digits[d] + text
+    return text
+
+
+def test_probes_have_a_time_stamped_sender(mta):
+    inst, sink = mta
+    a = "routed@remote.example"
+    assert rcpt(inst.port, a).startswith("450 4.1.1")
+    line = probed(inst, a, "deliverable")
+    qid = re.search(r"\]: (\w+): to=", line).group(1)
+    sender = re.search(rf"{qid}: from=<([^>]*)>", inst.log()).group(1)
+    hour = int(time.time()) // 3600
+    assert sender in (f"double-bounce{_stamp(hour)}@mail.test.example",
+                      f"double-bounce{_stamp(hour - 1)}@mail.test.example")
+
+
+def test_our_own_probe_sender_passes_the_recipient_restrictions(mta):
+    """As Postfix's smtpd (valid_verify_sender_addr): a probe of this site's MTAs, its
+    time stamp within one ttl, is not rejected, so two sites cannot cache each other's
+    probes as undeliverable; a stale stamp is an address as any other."""
+    inst, _ = mta
+    hour = int(time.time()) // 3600
+    ours = f"double-bounce{_stamp(hour)}@mail.test.example"
+    stale = f"double-bounce{_stamp(hour - 3)}@mail.test.example"
+    assert rcpt(inst.port, ours) == "250 2.1.5 Ok"
+    assert not rcpt(inst.port, stale).startswith("250")
+    assert f"to=<{ours}>" not in inst.log()             # no probe for it
