@@ -70,7 +70,9 @@ LIFE OF A MESSAGE
                 reasons of its defer log, or else "message is administratively expired".
     probes      a message whose trace_flags attribute has Postfix's
                 DEL_REQ_FLAG_MTA_VRFY (256) is an address verification probe
-                (verify/service.py): its requests carry the flag "verify", and the
+                (verify/service.py): it is routed by the address_verify_* parameters
+                (address_verify_relayhost, ...; lib/resolve.py PROBE_PARAMS), its
+                requests carry the flag "verify", and the
                 agents report to the verify service instead of delivering
                 (lib/delivery_agent.py). What qmgr itself cannot deliver (no route, a
                 suspended transport or destination, a failed agent) is reported there
@@ -90,11 +92,13 @@ LIFE OF A MESSAGE
 
 FUNCTIONS
     QueueManager(cfg, queue_root, dispatch, loop=None, now=time.time, maxproc=None,
-                 resolver=None)
+                 resolver=None, probe_resolver=None)
         dispatch(job, request): start one delivery; its result must come back later (not
         from inside dispatch) through delivered(job, result).
         maxproc: {transport: process limit} (qmgr/service.py reads master.cf).
         resolver: a lib.resolve.AddressResolver (default: one made from cfg; TableError).
+        probe_resolver: the one of probes (AddressResolver(cfg, probe=True); default: made
+        from cfg when the address_verify_* routing differs, else resolver).
     start(); trigger(requests: bytes) for I, D, A, F, W; delivered(job, DeliveryStatus | Failure);
     deferred_scan() (the queue_run_delay timer); close().
     Failure(dsn, reason, throttle): a delivery that failed as a whole.
@@ -140,7 +144,7 @@ from ..lib import bounce_log, deliver, mail_flow, msg, verify_client
 from ..lib import queue as Q
 from ..lib.bounce_log import BOUNCE, DEFER, TRACE, LogEntry
 from . import bounce
-from ..lib.resolve import ResolveError, AddressResolver, Route
+from ..lib.resolve import ResolveError, AddressResolver, Route, probe_routing_differs
 
 CORRUPT_GRACE = 60.0          # an unreadable file younger than this may still be in flux
 # Queue files taken in per pass of the event loop: agents' replies and triggers are served
@@ -262,7 +266,8 @@ class QueueManager:
     """The active queue and its scheduling; see the module documentation."""
 
     def __init__(self, cfg, queue_root: str, dispatch, loop=None, now=time.time,
-                 maxproc: dict | None = None, resolver: AddressResolver | None = None):
+                 maxproc: dict | None = None, resolver: AddressResolver | None = None,
+                 probe_resolver: AddressResolver | None = None):
         self.cfg = cfg
         self.root = queue_root
         self.dispatch = dispatch
@@ -270,6 +275,10 @@ class QueueManager:
         self.now = now
         self.maxproc = maxproc or {}
         self.resolver = resolver or AddressResolver(cfg)
+        # Probes are resolved as Postfix's resolve_clnt_verify(): by the address_verify_*
+        # routing parameters, with a resolver of their own only when those differ.
+        self.probe_resolver = probe_resolver or (
+            AddressResolver(cfg, probe=True) if probe_routing_differs(cfg) else self.resolver)
         self.messages: dict[str, Message] = {}
         self.waiting = 0            # jobs queued on a destination, not yet started
         self.transports: dict[str, Transport] = {}
@@ -361,6 +370,8 @@ class QueueManager:
         for m in self.messages.values():
             self._close_file(m)
         self.resolver.close()
+        if self.probe_resolver is not self.resolver:
+            self.probe_resolver.close()
 
     # --- scanning and feeding --------------------------------------------------------------
     def _path(self, queue: str, name: str) -> str:
@@ -633,6 +644,7 @@ class QueueManager:
         groups: dict[tuple, list[Entry]] = {}
         unresolved, discarded, grouped = [], [], 0
         content_filter = m.env.attrs.get("content_filter")
+        resolver = self.probe_resolver if m.probe else self.resolver
         for rcpt in m.env.recipients:
             if rcpt.done:
                 continue
@@ -641,7 +653,7 @@ class QueueManager:
                     route = _filter_route(content_filter, rcpt.address,
                                           self.cfg.get("myhostname"))
                 else:
-                    route = self.resolver.resolve(rcpt.address, m.env.sender or "")
+                    route = resolver.resolve(rcpt.address, m.env.sender or "")
             except ResolveError as exc:
                 msg.warn(f"{m.queue_id}: {exc}")
                 unresolved.append(Entry(rcpt.address, rcpt.offset))

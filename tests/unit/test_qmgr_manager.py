@@ -791,3 +791,19 @@ def test_probes_past_address_verify_pending_request_limit_are_deferred_at_once(
     assert any(r.recipients[0] == "w@remote.example" for _, r in h.calls)
     assert len(told) == 1
 
+
+def test_a_probe_is_routed_by_address_verify_relayhost_and_normal_mail_is_not(make):
+    h = make(relayhost="[127.0.0.1]:1025", address_verify_relayhost="[127.0.0.1]:2025")
+    assert h.mgr.probe_resolver is not h.mgr.resolver
+    _submit_traced(h, 256, ["x@remote.example"])
+    h.submit("a@example.org", ["x@remote.example"])
+    _submit_traced(h, 512, ["x@remote.example"], sender="a@example.org")     # sendmail -bv
+    h.mgr.start()
+    routes = sorted((r.nexthop, "verify" in r.flags) for _, r in h.calls)
+    assert routes == [("[127.0.0.1]:1025", False), ("[127.0.0.1]:1025", False),
+                      ("[127.0.0.1]:2025", True)]
+
+
+def test_without_address_verify_routing_probes_share_the_resolver(make):
+    h = make(relayhost="[127.0.0.1]:1025")
+    assert h.mgr.probe_resolver is h.mgr.resolver
