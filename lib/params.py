@@ -496,6 +496,8 @@ PARAMS: list[Param] = [
     _p("smtp_fallback_relay", "$fallback_relay", LIST, "next hops tried after the request's own have failed temporarily"),
     _p("fallback_relay", "", LIST, "the Postfix 2.2 name of smtp_fallback_relay (its default)"),
     _p("lmtp_fallback_relay", "", LIST, "lmtp's smtp_fallback_relay (TCP destinations only)"),
+    _p("smtp_address_verify_target", "rcpt", STR, "the SMTP stage at which an address verification probe ends: rcpt, or data (for a server that rejects recipients only after DATA)", values=("rcpt", "data")),
+    _p("lmtp_address_verify_target", "rcpt", STR, "lmtp's smtp_address_verify_target", values=("rcpt", "data")),
     _p("smtp_line_length_limit", "998", INT, "longest line sent before it is folded", min=0),
     _p("smtp_skip_5xx_greeting", "yes", BOOL, "try the next server after a 5xx greeting"),
     _p("smtp_always_send_ehlo", "yes", BOOL, "greet with EHLO"),

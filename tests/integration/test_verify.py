@@ -42,8 +42,11 @@ def mta():
     inst.defer_port, inst.dip_port = free_port(), free_port()
     inst.main.update({
         "mydestination": "$myhostname, localhost",
-        "relay_domains": "remote.example, nowhere.example",
+        "relay_domains": "remote.example, nowhere.example, datatarget.example",
         "transport_maps": "inline:{nowhere.example=nosuch:}",     # not in master.cf
+        # probes to datatarget.example take a transport that ends them at DATA
+        "address_verify_transport_maps": "inline:{nowhere.example=nosuch:, "
+            f"datatarget.example=dataprobe:[127.0.0.1]:{inst.probe_sink.port}}}",
         "relayhost": f"[127.0.0.1]:{sink.port}",
         "address_verify_relayhost": f"[127.0.0.1]:{inst.probe_sink.port}",
         "address_verify_sender_ttl": "1h",
@@ -76,6 +79,7 @@ def mta():
         f"verify unix - - {chroot} - 1 verify",
         f"smtp unix - - {chroot} - - smtp",
         f"relay unix - - {chroot} - - smtp",
+        f"dataprobe unix - - {chroot} - - smtp -o smtp_address_verify_target=data",
         "local unix - n n - - local",
         f"pickup unix n - {chroot} - - pickup",
     ]
@@ -319,3 +323,17 @@ def test_our_own_probe_sender_passes_the_recipient_restrictions(mta):
     assert rcpt(inst.port, ours) == "250 2.1.5 Ok"
     assert not rcpt(inst.port, stale).startswith("250")
     assert f"to=<{ours}>" not in inst.log()             # no probe for it
+
+
+def test_smtp_address_verify_target_data_ends_the_probe_at_354(mta):
+    inst, _ = mta
+    a, b = "someone@datatarget.example", "nobody+bounce@datatarget.example"
+    rcpt(inst.port, a)
+    rcpt(inst.port, b)
+    line = probed(inst, a, "deliverable")
+    assert f"relay=127.0.0.1[127.0.0.1]:{inst.probe_sink.port}" in line
+    assert "dsn=2.0.0" in line and "(354 go ahead)" in line
+    line = probed(inst, b, "undeliverable")
+    assert "dsn=5.1.1" in line and "(in reply to RCPT TO command)" in line
+    assert rcpt(inst.port, a) == "250 2.1.5 Ok"
+    assert not inst.probe_sink.messages         # the dot was never sent
