@@ -169,6 +169,7 @@ class ProbeSender:
         self.local = local
         self.at_domain = at + domain if at else f"@{cfg.get('myorigin')}"
         self.base = "" if self.null else self.local + self.at_domain
+        self._folded = (self.local.lower(), self.at_domain.lower())
 
     @staticmethod
     def error(cfg) -> str | None:
@@ -198,13 +199,14 @@ class ProbeSender:
         +/-1 ttl of now), else None."""
         if self.null:
             return None if addr else ""
-        n = len(self.local)
-        if addr[:n].lower() != self.local.lower():
+        local, at_domain = self._folded
+        n = len(local)
+        if addr[:n].lower() != local:       # the common case: someone else
             return None
         rest = addr[n:]
         cut = rest.find("@")
-        stamp, at_domain = (rest, "") if cut < 0 else (rest[:cut], rest[cut:])
-        if at_domain.lower() != self.at_domain.lower():
+        stamp, theirs_at = (rest, "") if cut < 0 else (rest[:cut], rest[cut:])
+        if theirs_at.lower() != at_domain:
             return None
         if self.ttl > 0:
             if not stamp or len(stamp) > 20 or any(c not in _SAFE_VALUE for c in stamp):
