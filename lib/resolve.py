@@ -52,8 +52,17 @@ tried in this order:
        next hop with a non-empty transport resets the next hop to the recipient domain, and
        both empty change nothing.
 
+Address verification probes are routed as Postfix's trivial-rewrite does for its "verify"
+class (resolve_clnt_verify): the same rules, with address_verify_relayhost,
+address_verify_transport_maps, address_verify_{default,local,virtual,relay}_transport and
+address_verify_sender_dependent_{relayhost,default_transport}_maps in place of the
+parameters they default to (PROBE_PARAMS); qmgr holds a second resolver for them only when
+one of those differs, so normal mail pays nothing for it.
+
 FUNCTIONS
-    AddressResolver(cfg): open the tables that cfg names (TableError when one cannot be opened).
+    AddressResolver(cfg, probe=False): open the tables that cfg names (TableError when one
+        cannot be opened); probe=True: the routing parameters of probes (PROBE_PARAMS).
+    probe_routing_differs(cfg) -> whether a probe's resolver would route otherwise.
     AddressResolver.resolve(address, sender=None) -> Route(transport, nexthop, local,
         addr_class, recipient, routed); addr_class is "local", "virtual", "relay" or
         "default" (the class before transport_maps), recipient the resolved user@domain,
@@ -83,7 +92,13 @@ CONFIGURATION PARAMETERS
     list), inet_interfaces (all), virtual_mailbox_domains ($virtual_mailbox_maps),
     virtual_transport (virtual), mydomain, allow_percent_hack (yes), swap_bangpath (yes),
     append_at_myorigin (yes), append_dot_mydomain (no), resolve_dequoted_address (yes),
-    resolve_null_domain (no), remote_header_rewrite_domain (empty).
+    resolve_null_domain (no), remote_header_rewrite_domain (empty); for probes address_verify_relayhost ($relayhost),
+    address_verify_transport_maps ($transport_maps), address_verify_default_transport
+    ($default_transport), address_verify_local_transport ($local_transport),
+    address_verify_virtual_transport ($virtual_transport), address_verify_relay_transport
+    ($relay_transport), address_verify_sender_dependent_relayhost_maps
+    ($sender_dependent_relayhost_maps), address_verify_sender_dependent_default_transport_maps
+    ($sender_dependent_default_transport_maps).
 
 SEE ALSO
     lib/address.py, lib/domains.py, lib/tok822.py, qmgr/manager.py, smtpd/check.py,
@@ -290,21 +305,45 @@ class Rewriter:
         return tok822.quote_822_local(tok822.internalize(tok822.relink(toks)))
 
 
-class AddressResolver:
-    """Recipient address -> Route, from main.cf as trivial-rewrite(8) reads it."""
 
-    def __init__(self, cfg):
+# trivial-rewrite's "verify" class (Postfix's resolve_clnt_verify): the parameters an
+# address verification probe is routed by instead of the normal ones.
+PROBE_PARAMS = {
+    "relayhost": "address_verify_relayhost",
+    "transport_maps": "address_verify_transport_maps",
+    "default_transport": "address_verify_default_transport",
+    "local_transport": "address_verify_local_transport",
+    "virtual_transport": "address_verify_virtual_transport",
+    "relay_transport": "address_verify_relay_transport",
+    "sender_dependent_relayhost_maps": "address_verify_sender_dependent_relayhost_maps",
+    "sender_dependent_default_transport_maps":
+        "address_verify_sender_dependent_default_transport_maps",
+}
+
+
+def probe_routing_differs(cfg) -> bool:
+    """Whether probes are routed by other settings than normal mail (else the normal
+    resolver serves them too)."""
+    return any(cfg.get(probe) != cfg.get(name) for name, probe in PROBE_PARAMS.items())
+
+
+class AddressResolver:
+    """Recipient address -> Route, from main.cf as trivial-rewrite(8) reads it; with
+    probe=True, from the address_verify_* parameters of PROBE_PARAMS instead."""
+
+    def __init__(self, cfg, probe: bool = False):
+        name = (lambda n: PROBE_PARAMS[n]) if probe else (lambda n: n)
         parents = set(cfg["parent_domain_matches_subdomains"])
         self.myhostname = cfg.get("myhostname").lower()
         self.myorigin = (cfg.get("myorigin") or self.myhostname).lower()
         self.delimiters = cfg.get("recipient_delimiter")
-        self.relayhost = cfg.get("relayhost").strip()
-        self.local_spec = parse_spec(cfg.get("local_transport"))
-        self.relay_spec = parse_spec(cfg.get("relay_transport"))
-        self.default_spec = parse_spec(cfg.get("default_transport"))
+        self.relayhost = cfg.get(name("relayhost")).strip()
+        self.local_spec = parse_spec(cfg.get(name("local_transport")))
+        self.relay_spec = parse_spec(cfg.get(name("relay_transport")))
+        self.default_spec = parse_spec(cfg.get(name("default_transport")))
         self.mydestination = DomainList(cfg["mydestination"], subdomains=False)
         self.relay_domains = DomainList(cfg["relay_domains"], "relay_domains" in parents)
-        self.virtual_spec = parse_spec(cfg.get("virtual_transport"))
+        self.virtual_spec = parse_spec(cfg.get(name("virtual_transport")))
         # A string list in Postfix: names as written, no .parent matching.
         self.virtual_mailbox_domains = DomainList(cfg["virtual_mailbox_domains"],
                                                   subdomains=False, exact=True)
@@ -318,8 +357,9 @@ class AddressResolver:
         self.resolve_null_domain = cfg["resolve_null_domain"]
         self._own: set | None = None
         self.transport_subdomains = "transport_maps" in parents
-        self.transport_maps = [tables.open_table(ref) for ref in cfg["transport_maps"]]
-        self.sender_routes = SenderRoutes(cfg, self)
+        self.transport_maps_name = name("transport_maps")
+        self.transport_maps = [tables.open_table(ref) for ref in cfg[self.transport_maps_name]]
+        self.sender_routes = SenderRoutes(cfg, self, name)
 
     def close(self) -> None:
         """Release the tables."""
@@ -513,7 +553,7 @@ class AddressResolver:
                 try:
                     value = table.lookup(key)
                 except Exception as exc:
-                    raise ResolveError(f"transport_maps: {exc}") from None
+                    raise ResolveError(f"{self.transport_maps_name}: {exc}") from None
                 if value is not None:
                     return value
         return None
@@ -524,10 +564,11 @@ class SenderRoutes:
 
     RELAY, TRANSPORT = "sender_dependent_relayhost_maps", "sender_dependent_default_transport_maps"
 
-    def __init__(self, cfg, resolver: AddressResolver):
+    def __init__(self, cfg, resolver: AddressResolver, param=lambda name: name):
         self.resolver = resolver
-        self.maps = {name: [tables.open_table(ref) for ref in cfg[name]]
+        self.maps = {name: [tables.open_table(ref) for ref in cfg[param(name)]]
                      for name in (self.RELAY, self.TRANSPORT)}
+        self.shown = {name: param(name) for name in (self.RELAY, self.TRANSPORT)}
         self.null_key = {self.RELAY: cfg.get("empty_address_relayhost_maps_lookup_key"),
                          self.TRANSPORT: cfg.get(
                              "empty_address_default_transport_maps_lookup_key")}
@@ -582,12 +623,12 @@ class SenderRoutes:
                 try:
                     value = table.lookup(key)
                 except Exception:       # a table backend error: not "not found"
-                    msg.warn(f"{name} lookup failure")
-                    raise ResolveError(f"{name} lookup failure") from None
+                    msg.warn(f"{self.shown[name]} lookup failure")
+                    raise ResolveError(f"{self.shown[name]} lookup failure") from None
                 if value is None:
                     continue
                 if not value.strip():
-                    msg.warn(f"{name}: ignoring null lookup result for {shown}")
+                    msg.warn(f"{self.shown[name]}: ignoring null lookup result for {shown}")
                     return "DUNNO"
                 return value
         return None

@@ -42,6 +42,15 @@ FUNCTIONS
     status_name(addr_status) -> "deliverable" or "undeliverable", as Postfix logs them.
     report_probe(cfg, addresses, addr_status, text) -> (told, log status): a probe's
         result, as Postfix's verify_append() (lib/delivery_agent.py, qmgr).
+    ProbeSender(cfg): the probes' envelope sender, as Postfix's verify_sender_addr.c;
+        ProbeSender.error(cfg) -> what is wrong with address_verify_sender, or None.
+        make(now) -> the sender of a probe sent now (make_verify_sender_addr): with
+        address_verify_sender_ttl, the local part ends in a time stamp that changes
+        every ttl seconds (base 31 in the letters 0-9B-Z, no vowels, no delimiter), so
+        that a greylisting or block list at the far end does not hold probes forever.
+        valid(addr, now) -> the time-independent sender when addr is a probe sender of
+        this site within one ttl of now, else None (valid_verify_sender_addr: smtpd
+        does not apply its restrictions to a probe of this site's MTAs).
 
 SEE ALSO
     verify/service.py (the server), smtpd/check.py (the restrictions),
@@ -140,6 +149,76 @@ class VerifyClient:
 
     def close(self) -> None:
         self._clnt.close()
+
+
+_SAFE_CHARS = "0123456789BCDFGHJKLMNPQRSTVWXYZbcdfghjklmnpqrstvwxyz"
+VERIFY_BASE = 31            # the time stamp's digits: 0-9 and B-Z (Postfix's safe_ultostr)
+_SAFE_VALUE = {c: i for i, c in enumerate(_SAFE_CHARS[:VERIFY_BASE])}
+
+
+class ProbeSender:
+    """address_verify_sender with address_verify_sender_ttl (see FUNCTIONS)."""
+
+    def __init__(self, cfg):
+        raw = (cfg.get("address_verify_sender") or "").strip()
+        self.null = raw in ("", "<>")
+        self.ttl = int(cfg["address_verify_sender_ttl"])
+        local, at, domain = raw.partition("@")
+        # the canonical form: a name without a domain gets @$myorigin, as
+        # rewrite_clnt_internal("local") does
+        self.local = local
+        self.at_domain = at + domain if at else f"@{cfg.get('myorigin')}"
+        self.base = "" if self.null else self.local + self.at_domain
+        self._folded = (self.local.lower(), self.at_domain.lower())
+
+    @staticmethod
+    def error(cfg) -> str | None:
+        """Postfix's fatal sanity checks of address_verify_sender."""
+        raw = (cfg.get("address_verify_sender") or "").strip()
+        if raw.startswith("@"):
+            return f"parameter address_verify_sender: value \"{raw}\" must not start with '@'"
+        if raw not in ("", "<>") and raw.endswith("@"):
+            return f"parameter address_verify_sender: value \"{raw}\" must not end with '@'"
+        return None
+
+    def _epoch(self, now: float) -> int:
+        return int(now) // self.ttl
+
+    def make(self, now: float) -> str:
+        """The envelope sender of a probe sent at now."""
+        if self.null or self.ttl <= 0:
+            return self.base
+        n, digits = self._epoch(now), ""
+        while n:
+            n, d = divmod(n, VERIFY_BASE)
+            digits = _SAFE_CHARS[d] + digits
+        return self.local + digits + self.at_domain
+
+    def valid(self, addr: str, now: float) -> str | None:
+        """The time-independent sender when addr is one of our probe senders (within
+        +/-1 ttl of now), else None."""
+        if self.null:
+            return None if addr else ""
+        local, at_domain = self._folded
+        n = len(local)
+        if addr[:n].lower() != local:       # the common case: someone else
+            return None
+        rest = addr[n:]
+        cut = rest.find("@")
+        stamp, theirs_at = (rest, "") if cut < 0 else (rest[:cut], rest[cut:])
+        if theirs_at.lower() != at_domain:
+            return None
+        if self.ttl > 0:
+            if not stamp or len(stamp) > 20 or any(c not in _SAFE_VALUE for c in stamp):
+                return None
+            theirs = 0
+            for c in stamp:
+                theirs = theirs * VERIFY_BASE + _SAFE_VALUE[c]
+            if abs(theirs - self._epoch(now)) > 1:
+                return None
+        elif stamp:
+            return None
+        return self.base
 
 
 def report_probe(cfg, addresses, addr_status: int, text: str) -> tuple[bool, str]:

@@ -71,13 +71,18 @@ LIFE OF A MESSAGE
                 reasons of its defer log, or else "message is administratively expired".
     probes      a message whose trace_flags attribute has Postfix's
                 DEL_REQ_FLAG_MTA_VRFY (256) is an address verification probe
-                (verify/service.py): its requests carry the flag "verify", and the
+                (verify/service.py): it is routed by the address_verify_* parameters
+                (address_verify_relayhost, ...; lib/resolve.py PROBE_PARAMS), its
+                requests carry the flag "verify", and the
                 agents report to the verify service instead of delivering
                 (lib/delivery_agent.py). What qmgr itself cannot deliver (no route, a
                 suspended transport or destination, a failed agent) is reported there
                 too (lib/verify_client.py report_probe, one blocking request per
                 recipient, as Postfix's qmgr) and the recipient is done; a probe is
-                never bounced and, expired, never returned. sendmail -bv's message
+                never bounced and, expired, never returned. Past
+                address_verify_pending_request_limit probes in the active queue, a
+                probe's recipients are reported there at once as deferred ("4.3.2 Too
+                many address verification requests"). sendmail -bv's message
                 (trace_flags 512, DEL_REQ_FLAG_USR_VRFY) goes out with the flag
                 "expand": every result, and what qmgr cannot deliver, goes to its trace
                 log as deliverable or undeliverable, the recipient is done, and at the
@@ -88,11 +93,13 @@ LIFE OF A MESSAGE
 
 FUNCTIONS
     QueueManager(cfg, queue_root, dispatch, loop=None, now=time.time, maxproc=None,
-                 resolver=None)
+                 resolver=None, probe_resolver=None)
         dispatch(job, request): start one delivery; its result must come back later (not
         from inside dispatch) through delivered(job, result).
         maxproc: {transport: process limit} (qmgr/service.py reads master.cf).
         resolver: a lib.resolve.AddressResolver (default: one made from cfg; TableError).
+        probe_resolver: the one of probes (AddressResolver(cfg, probe=True); default: made
+        from cfg when the address_verify_* routing differs, else resolver).
     start(); trigger(requests: bytes) for I, D, A, F, W; delivered(job, DeliveryStatus | Failure);
     deferred_scan() (the queue_run_delay timer); close().
     Failure(dsn, reason, throttle): a delivery that failed as a whole.
@@ -103,9 +110,9 @@ CONFIGURATION PARAMETERS
     qmgr_message_active_limit
     (20000), qmgr_message_recipient_limit (20000), default_destination_concurrency_limit
     (20), initial_destination_concurrency (5), default_destination_recipient_limit (50),
-    default_process_limit (100), default_filter_nexthop (empty: the recipient domain,
-    for a content_filter or FILTER transport without a destination); not yet in the
-    parameter table, read with
+    address_verify_pending_request_limit (5000), default_process_limit (100),
+    default_filter_nexthop (empty: the recipient domain, for a content_filter or FILTER
+    transport without a destination); not yet in the parameter table, read with
     Postfix's defaults: <transport>_destination_concurrency_limit and
     <transport>_destination_recipient_limit (local: 2 and 1), transport_retry_time (60s);
     and those of lib/resolve.py and qmgr/bounce.py.
@@ -139,7 +146,7 @@ from ..lib import bounce_log, deliver, mail_flow, msg, verify_client
 from ..lib import queue as Q
 from ..lib.bounce_log import BOUNCE, DEFER, TRACE, LogEntry
 from . import bounce
-from ..lib.resolve import ResolveError, AddressResolver, Route
+from ..lib.resolve import ResolveError, AddressResolver, Route, probe_routing_differs
 
 CORRUPT_GRACE = 60.0          # an unreadable file younger than this may still be in flux
 # Queue files taken in per pass of the event loop: agents' replies and triggers are served
@@ -261,7 +268,8 @@ class QueueManager:
     """The active queue and its scheduling; see the module documentation."""
 
     def __init__(self, cfg, queue_root: str, dispatch, loop=None, now=time.time,
-                 maxproc: dict | None = None, resolver: AddressResolver | None = None):
+                 maxproc: dict | None = None, resolver: AddressResolver | None = None,
+                 probe_resolver: AddressResolver | None = None):
         self.cfg = cfg
         self.root = queue_root
         self.dispatch = dispatch
@@ -269,6 +277,10 @@ class QueueManager:
         self.now = now
         self.maxproc = maxproc or {}
         self.resolver = resolver or AddressResolver(cfg)
+        # Probes are resolved as Postfix's resolve_clnt_verify(): by the address_verify_*
+        # routing parameters, with a resolver of their own only when those differ.
+        self.probe_resolver = probe_resolver or (
+            AddressResolver(cfg, probe=True) if probe_routing_differs(cfg) else self.resolver)
         self.messages: dict[str, Message] = {}
         self.waiting = 0            # jobs queued on a destination, not yet started
         self.transports: dict[str, Transport] = {}
@@ -284,6 +296,8 @@ class QueueManager:
         self._deferred_timer = None
         self._feed_timer = None
         self.active_limit = cfg["qmgr_message_active_limit"]
+        self.probes = 0             # probes in the active queue (qmgr_vrfy_pend_count)
+        self.probe_limit = cfg["address_verify_pending_request_limit"]
         self.rcpt_limit = cfg["qmgr_message_recipient_limit"]
         self.queue_run_delay = cfg["queue_run_delay"]
         self.min_backoff = cfg["minimal_backoff_time"]
@@ -358,6 +372,8 @@ class QueueManager:
         for m in self.messages.values():
             self._close_file(m)
         self.resolver.close()
+        if self.probe_resolver is not self.resolver:
+            self.probe_resolver.close()
 
     # --- scanning and feeding --------------------------------------------------------------
     def _path(self, queue: str, name: str) -> str:
@@ -577,6 +593,7 @@ class QueueManager:
         if verify_client.TRACE_FLAGS_ATTR in env.attrs:
             flags = verify_client.trace_flags(env.attrs[verify_client.TRACE_FLAGS_ATTR])
             m.probe = bool(flags & verify_client.TRACE_FLAG_VERIFY)
+            self.probes += m.probe
             m.report = not m.probe and bool(flags & verify_client.TRACE_FLAG_REPORT)
         self._open += fd >= 0
         self.messages[name] = m
@@ -620,9 +637,16 @@ class QueueManager:
 
     def _resolve(self, m: Message) -> None:
         """Group the message's open recipients into jobs on their destinations' queues."""
+        if m.probe and self.probes > self.probe_limit:
+            # the safety net behind the verify service's own pacing, as Postfix's
+            self._defer(m, [Entry(r.address, r.offset) for r in m.env.recipients
+                            if not r.done], "4.3.2", "Too many address verification requests",
+                        log=True)
+            return
         groups: dict[tuple, list[Entry]] = {}
         unresolved, discarded, grouped = [], [], 0
         content_filter = m.env.attrs.get("content_filter")
+        resolver = self.probe_resolver if m.probe else self.resolver
         for rcpt in m.env.recipients:
             if rcpt.done:
                 continue
@@ -632,7 +656,7 @@ class QueueManager:
                                           self.cfg.get("default_filter_nexthop"),
                                           self.cfg.get("myhostname"))
                 else:
-                    route = self.resolver.resolve(rcpt.address, m.env.sender or "")
+                    route = resolver.resolve(rcpt.address, m.env.sender or "")
             except ResolveError as exc:
                 msg.warn(f"{m.queue_id}: {exc}")
                 unresolved.append(Entry(rcpt.address, rcpt.offset))
@@ -979,6 +1003,7 @@ class QueueManager:
             return
         m.finished = True
         self.messages.pop(m.queue_id, None)
+        self.probes -= m.probe
         if self.flow:
             self._left += 1
         if m.rescan:

@@ -59,7 +59,7 @@ from ..lib import mastercf, msg, server
 from ..lib.tables import TableError
 from .dispatch import AgentPool
 from .manager import QueueManager
-from ..lib.resolve import AddressResolver
+from ..lib.resolve import AddressResolver, probe_routing_differs
 
 TRIGGER_TIMEOUT = 10.0       # a trigger client that says nothing is dropped after this
 TRIGGER_MAX = 1024
@@ -87,6 +87,9 @@ def main(ctx) -> int:
         state["maxproc"] = transport_limits(ctx.cfg)
         try:
             state["resolver"] = AddressResolver(ctx.cfg)
+            # probes' own routing (address_verify_relayhost, ...), when it differs
+            state["probe_resolver"] = AddressResolver(ctx.cfg, probe=True) \
+                if probe_routing_differs(ctx.cfg) else None
         except TableError as exc:
             msg.fatal(f"open transport or domain table: {exc}")
 
@@ -97,7 +100,8 @@ def main(ctx) -> int:
         # names, as Postfix's daemons use, work whatever the modes of its parents are.
         pool = AgentPool(loop, ".", timeout)
         mgr = QueueManager(cfg, ".", pool.dispatch, loop=loop, maxproc=state["maxproc"],
-                           resolver=state["resolver"])
+                           resolver=state["resolver"],
+                           probe_resolver=state["probe_resolver"])
         pool.done = mgr.delivered
         state.update(pool=pool, mgr=mgr)
         ctx.state["qmgr"] = mgr

@@ -50,7 +50,8 @@ CONFIGURATION PARAMETERS
     smtp_always_send_ehlo (yes), smtp_line_length_limit (998), smtp_host_lookup (dns),
     smtp_cname_overrides_servername (no), smtp_address_preference (any),
     inet_protocols (all), soft_bounce (no), line_length_limit (2048),
-    smtp_send_xforward_command (no), smtp_xforward_timeout (300s) (smtp/xforward.py).
+    smtp_send_xforward_command (no), smtp_xforward_timeout (300s) (smtp/xforward.py),
+    smtp_address_verify_target (rcpt; data: a probe ends after DATA's 354).
     TLS: smtp_tls_security_level, smtp_use_tls, smtp_enforce_tls,
     smtp_tls_enforce_peername, smtp_tls_per_site, smtp_tls_policy_maps,
     smtp_tls_cert_file, smtp_tls_key_file, smtp_tls_dcert_file, smtp_tls_dkey_file,

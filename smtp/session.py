@@ -27,7 +27,11 @@ DESCRIPTION
                success notice: Postfix's smtp_rcpt_done clears NOTIFY=SUCCESS).
                An address verification probe (Delivery.verify) stops after RCPT: the
                RCPT reply is each recipient's result, no DATA is sent, and the
-               session ends with QUIT (never cached mid-transaction).
+               session ends with QUIT (never cached mid-transaction). With
+               smtp_address_verify_target (lmtp_...) = data it goes on to DATA: a 354
+               makes the recipients the server accepted deliverable (dsn 2.0.0, the
+               354 text), and the connection is closed at once, without QUIT (the
+               server is reading the message), as Postfix's smtp_proto.c.
     quit()     QUIT, best effort; close() shuts TLS down cleanly and closes.
 
     Replies are read in bounded pieces: a line longer than line_length_limit is kept to
@@ -385,6 +389,7 @@ class Options:
     block_early_mail_reply: bool = False    # smtp_tls_block_early_mail_reply (CVE-2009-3555)
     send_xforward: bool = False     # smtp_send_xforward_command (smtp/xforward.py)
     xforward_timeout: int = 300     # smtp_xforward_timeout
+    verify_target: str = "rcpt"     # smtp_address_verify_target: where a probe stops
 
     @classmethod
     def from_config(cls, cfg, prefix: str = "smtp") -> "Options":
@@ -408,7 +413,8 @@ class Options:
                    wrappermode=p("tls_wrappermode"),
                    block_early_mail_reply=p("tls_block_early_mail_reply"),
                    send_xforward=cfg["smtp_send_xforward_command"],
-                   xforward_timeout=cfg["smtp_xforward_timeout"])
+                   xforward_timeout=cfg["smtp_xforward_timeout"],
+                   verify_target=p("address_verify_target").lower())
 
 
 def tls_required_no(blocks) -> bool:
@@ -769,12 +775,16 @@ class ClientSession:
                              and not self.o.wrappermode and self._input_waiting())
         commands = [("MAIL FROM", mail, None)]
         commands += [("RCPT TO", self._rcpt_command(r), r) for r in todo]
-        if not d.verify:
+        if not self._probe_ends_at_rcpt():
             commands.append(("DATA", "DATA", None))
         if "PIPELINING" in self.features:
             self._xfer_pipelined(commands)
         else:
             self._xfer_lockstep(commands)
+
+    def _probe_ends_at_rcpt(self) -> bool:
+        """A probe with smtp_address_verify_target = rcpt: the RCPT reply is the result."""
+        return self.d.verify and self.o.verify_target == "rcpt"
 
     def _rcpt_command(self, r: Rcpt) -> str:
         """RCPT TO, with ORCPT and NOTIFY when the server announced DSN (smtp_proto.c)."""
@@ -876,7 +886,7 @@ class ClientSession:
             if state.mail_rejected:
                 return
             if reply.klass == 2:
-                if d.verify:
+                if self._probe_ends_at_rcpt():
                     d.sent(r, reply, self.relay)        # a probe goes no further
                 else:
                     state.accepted.append(r)
@@ -892,6 +902,14 @@ class ClientSession:
         reply = state.data_reply
         if reply is None:
             return                      # lock-step: no DATA was sent
+        if d.verify and reply.klass == 3:
+            # smtp_address_verify_target = data: the server now reads the message, so
+            # nothing more may be sent on this connection, not even the dot or QUIT
+            ok = ServerReply(reply.code, "2.0.0", reply.lines)
+            for r in [] if state.mail_rejected else state.accepted:
+                d.sent(r, ok, self.relay)
+            self.quit_ok = False
+            return
         if state.mail_rejected or not state.accepted:
             if reply.klass == 3:
                 # A server that says 354 with nobody to deliver to: end it empty.

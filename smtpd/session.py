@@ -80,7 +80,7 @@ import re
 import time
 import weakref
 
-from ..lib import cleanup, flush, mail_flow, metrics, msg, tables
+from ..lib import cleanup, flush, mail_flow, metrics, msg, tables, verify_client
 from ..lib import dsn as DSN
 from ..lib import queue as Q
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
@@ -233,6 +233,7 @@ class SessionConfig:
         mode = cfg["smtpd_forbid_bare_newline"].lower()     # one of its values
         self.bare_lf = {"yes": "normalize"}.get(mode, mode)
         self.ehlo: dict[tuple, bytes] = {}
+        self.probe_sender = verify_client.ProbeSender(cfg)
 
 
 def session_config(cfg) -> SessionConfig:
@@ -952,6 +953,8 @@ class Session:
             return False
         if not self.smtputf8_check(addr, utf8):
             return False
+        if not self.stand_alone:
+            addr = self._own_probe_sender(addr) or addr
         self.client.sender = addr
         self.msg_size = size
         denied = self.checker.mail(self.client)
@@ -976,6 +979,13 @@ class Session:
         self.seqno += 1
         self.reply("250 2.1.0 Ok")
         return True
+
+    def _own_probe_sender(self, addr: str) -> str | None:
+        """This site's address verification sender, time stamp removed, when addr is
+        one (lib/verify_client.ProbeSender.valid): as Postfix's smtpd, MAIL FROM takes
+        it in that form and RCPT TO skips the restrictions for it, so that two sites'
+        probes of each other cannot cache each other as undeliverable."""
+        return self.conf.probe_sender.valid(addr, time.time())
 
     def rcpt_cmd(self, arg: str) -> bool:
         if self.sender is None:
@@ -1014,7 +1024,11 @@ class Session:
             return within
         if not self.smtputf8_check(addr, self.smtputf8):
             return False
-        verdict: Reply | None = self.checker.rcpt(self.client, addr)
+        own = None if self.stand_alone else self._own_probe_sender(addr)
+        if own:
+            addr, verdict = own, None
+        else:
+            verdict = self.checker.rcpt(self.client, addr)
         if verdict is not None:
             self.log_reject("RCPT", verdict, addr)
             self.reply(str(verdict))

@@ -11,7 +11,9 @@ added (Sendmail's mark of a complete database). The file is an LMDB file, replac
 atomically; the flags -c -d -f -i -n -N -o -p -q -r -s -u -U -v -w mean what they mean
 for postmap (tools/postmap.py). -s prints `key:<TAB>value` lines, as postalias does.
 
-newaliases builds every table of alias_database (Postfix's `sendmail -bi`).
+newaliases builds every table of alias_database; `sendmail -bi` (tools/sendmail.py) is
+the same command, and its -oA/path builds that file instead, as Postfix's sendmail does
+(it runs `postalias -- $alias_database`). An empty alias_database is nothing to do.
 
 DIAGNOSTICS
     `postalias: warning: FILE, line N: need name:value pair`, `... name must be local`
@@ -147,6 +149,23 @@ def newaliases(argv: list[str]) -> int:
         return 1
 
 
+def alias_init(config_dir: str | None, maps: list[str] | None = None) -> int:
+    """newaliases and sendmail -bi: build maps (default: the tables of alias_database)
+    as postalias builds its arguments; fatal errors (msg.FatalError) as postalias's."""
+    cfg = postmap._config(config_dir)
+    try:
+        if maps is None:
+            maps = params.split_list(cfg.get("alias_database"))
+        _build([postmap._with_type(a, cfg["default_database_type"]) for a in maps],
+               cfg, True)
+        return 0
+    except (tables.TableError, maincf.ConfigError) as exc:
+        msg.fatal(str(exc))
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        msg.fatal(f"{where}{exc.strerror or exc}")
+
+
 def _newaliases(argv: list[str]) -> int:
     try:
         opts, args = getopt.getopt(argv, "c:v")
@@ -161,14 +180,4 @@ def _newaliases(argv: list[str]) -> int:
             config_dir = val
         else:
             msg.init_cli("newaliases", verbose=1)
-    cfg = postmap._config(config_dir)
-    try:
-        refs = [postmap._with_type(a, cfg["default_database_type"])
-                for a in params.split_list(cfg.get("alias_database"))]
-        _build(refs, cfg, True)
-        return 0
-    except (tables.TableError, maincf.ConfigError) as exc:
-        msg.fatal(str(exc))
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        msg.fatal(f"{where}{exc.strerror or exc}")
+    return alias_init(config_dir)

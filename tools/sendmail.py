@@ -3,6 +3,7 @@
 SYNOPSIS
     postfix-py [-c config_dir] sendmail [-C config_dir] [-t] [-i] [-oi] [-f sender]
         [-F full_name] [-bm | -bs | -bv] [-v] [recipient ...]
+    postfix-py [-c config_dir] sendmail -bi [-C config_dir] [-oA/path/aliases] [-v]
 
 DESCRIPTION
     Reads a message from standard input and hands it to the mail system through the
@@ -25,6 +26,10 @@ DESCRIPTION
                    trace_flags=512 goes through routing and rewriting, and the delivery
                    agents go as far as delivery without delivering. Says "Mail Delivery
                    Status Report will be mailed to <sender>." on standard output.
+    -bi            initialize the alias database, as newaliases (tools/postalias.py):
+                   build every table of alias_database, or with -oA/path that file
+                   (type default_database_type unless given); no recipient allowed.
+                   Exit status 0, or 1 on a fatal error, as postalias's.
     -t             also take recipients from the To:, Cc: and Bcc: headers (Resent-To:,
                    Resent-Cc:, Resent-Bcc: when the message has Resent- headers).
                    Bcc: headers are removed from every local submission.
@@ -39,8 +44,7 @@ DESCRIPTION
     -v             report the queue id on standard error.
     -B, -N, -R, -V, -X, -h, -o*, -e, -m, -n, -U, -G, -I, -L, -O, -x
                    accepted and ignored, as Postfix ignores most of them.
-    -bd, -bi, -bp, -q  refused (no daemon mode, aliases or mailq here; see
-                   postfix-py postqueue).
+    -bd, -bp, -q   refused (no daemon mode or mailq here; see postfix-py postqueue).
 
     When the mail system is not running, the message is not queued: sendmail says so
     and exits 75 (EX_TEMPFAIL). (Postfix's postdrop would leave it in the world-unreadable
@@ -67,13 +71,14 @@ import sys
 
 from ..lib import attr, maincf, msg, verify_client
 from ..lib import queue as Q
+from . import postalias
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_SOFTWARE, EX_TEMPFAIL = 0, 64, 65, 67, 70, 75
 OPTIONS = "B:C:F:GIL:N:O:R:UV:X:b:e:f:h:imno:p:r:q:tvx"
 CHUNK = 65536
 TIMEOUT = 300
 USAGE = ("usage: postfix-py sendmail [-C config_dir] [-t] [-i] [-oi] [-f sender] "
-         "[-F full_name] [-bm | -bs | -bv] [-v] [recipient ...]")
+         "[-F full_name] [-bm | -bs | -bv | -bi] [-v] [recipient ...]")
 
 
 class Failure(Exception):
@@ -90,6 +95,19 @@ def _fatal(text: str, status: int) -> int:
     except msg.FatalError:
         pass
     return status
+
+
+def newaliases(config: str | None, alias_map: str | None, rcpts: list[str],
+               verbose: bool) -> int:
+    """sendmail -bi: newaliases' own code (tools/postalias.alias_init), on -oA's file
+    when given, as Postfix's sendmail runs `postalias -- $alias_database`."""
+    if rcpts:
+        return _fatal("alias initialization mode requires no recipient", EX_USAGE)
+    msg.init_cli("newaliases", verbose=int(verbose))
+    try:
+        return postalias.alias_init(config, None if alias_map is None else [alias_map])
+    except msg.FatalError:
+        return 1
 
 
 # --- input ----------------------------------------------------------------------------------
@@ -285,6 +303,7 @@ def main(argv: list[str]) -> int:
         print(f"sendmail: {exc}\n{USAGE}", file=sys.stderr)
         return EX_USAGE
     mode, extract, ignore_dots, sender, fullname, verbose = "m", False, False, None, None, False
+    alias_map = None
     for opt, value in opts:
         if opt == "-C":
             config = os.path.dirname(value) if value.endswith("main.cf") else value
@@ -294,6 +313,10 @@ def main(argv: list[str]) -> int:
             extract = True
         elif opt == "-i" or (opt == "-o" and value == "i"):
             ignore_dots = True
+        elif opt == "-o" and value.startswith("A"):
+            if not value[1:]:
+                return _fatal("-oA requires pathname", EX_USAGE)
+            alias_map = value[1:]
         elif opt in ("-f", "-r"):
             sender = value
         elif opt == "-F":
@@ -302,9 +325,10 @@ def main(argv: list[str]) -> int:
             verbose = True
         elif opt == "-q":
             return _fatal("-q (queue runs) is not supported; use postfix-py flush", EX_USAGE)
+    if mode == "i":
+        return newaliases(config, alias_map, rcpts, verbose)
     if mode not in ("m", "s", "v"):
         what = {"d": "-bd (daemon mode): use postfix-py start",
-                "i": "-bi (newaliases): aliases are not supported",
                 "p": "-bp (mailq): use postfix-py postqueue -p"}.get(mode, f"-b{mode}")
         return _fatal(f"{what} is not supported", EX_USAGE)
     if mode == "v" and extract:

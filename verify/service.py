@@ -10,7 +10,9 @@ DESCRIPTION
     nothing is known, or what is known is due for a refresh, it answers what it has
     ("Address verification in progress" the first time) and injects a probe message into
     the queue: through the cleanup stage (lib/cleanup.py: canonical and virtual alias
-    maps apply, as to any message), from address_verify_sender to the address, with
+    maps apply, as to any message), from address_verify_sender (with
+    address_verify_sender_ttl, its local part ends in a time stamp: lib/verify_client.py
+    ProbeSender) to the address, with
     Postfix's queue file attribute `trace_flags=256` (DEL_REQ_FLAG_MTA_VRFY) and the
     address as asked in `verify_address`, and without content. qmgr routes the probe as
     any other message but hands it to the agents with the request flag "verify"; they do
@@ -49,7 +51,7 @@ SECURITY
 
 CONFIGURATION PARAMETERS
     address_verify_map (btree:$data_directory/verify_cache), address_verify_sender
-    ($double_bounce_sender), address_verify_positive_expire_time (31d),
+    ($double_bounce_sender), address_verify_sender_ttl (0s), address_verify_positive_expire_time (31d),
     address_verify_positive_refresh_time (7d), address_verify_negative_cache (yes),
     address_verify_negative_expire_time (3d), address_verify_negative_refresh_time (3h),
     address_verify_cache_cleanup_interval (12h), myorigin, ipc_timeout, and those of
@@ -65,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import time
 
 from ..lib import attr, cleanup, frame_server, maincf, msg, server, tables, verify_client
 from ..lib import queue as Q
@@ -76,16 +79,6 @@ _UPDATE = frozenset({"request", "addr", "addr_status", "why"})
 _OK = attr.encode({"status": attr.STATUS_OK})
 
 
-def probe_sender(cfg) -> str:
-    """address_verify_sender as a probe's envelope sender (Postfix's
-    make_verify_sender_addr): empty or <> is the null sender, else @$myorigin is added
-    to a name without a domain."""
-    sender = (cfg.get("address_verify_sender") or "").strip()
-    if sender in ("", "<>"):
-        return ""
-    return sender if "@" in sender else f"{sender}@{cfg.get('myorigin')}"
-
-
 class VerifyServer(frame_server.FrameServer):
     """The verify service, shaped for the multi-client skeleton's hooks."""
 
@@ -95,7 +88,7 @@ class VerifyServer(frame_server.FrameServer):
         self.cache = cache
         self.cleanup_settings = settings
         self.queue_root = queue_root
-        self.sender = probe_sender(cfg)
+        self.sender = verify_client.ProbeSender(cfg)
         self.verifier = Verifier(cache, Settings.from_config(cfg), self.probe)
         self.interval = cfg["address_verify_cache_cleanup_interval"]
 
@@ -126,7 +119,7 @@ class VerifyServer(frame_server.FrameServer):
             writer.add_attr(verify_client.TRACE_FLAGS_ATTR,
                             str(verify_client.TRACE_FLAG_VERIFY))
             writer.add_attr(verify_client.ADDRESS_ATTR, addr)
-            writer.set_sender(self.sender)
+            writer.set_sender(self.sender.make(time.time()))
             writer.add_recipient(addr)
             result = writer.finish()
         except (OSError, cleanup.LookupProblem) as exc:
@@ -211,6 +204,8 @@ def pre_init(ctx) -> None:
             cache = open_cache(ref)
     except tables.TableError as exc:
         msg.fatal(f"address_verify_map: {exc}")
+    if verify_client.ProbeSender.error(cfg):
+        msg.fatal(verify_client.ProbeSender.error(cfg))
     try:
         settings = cleanup.Settings(cfg)
     except (tables.TableError, maincf.ConfigError) as exc:
@@ -221,7 +216,9 @@ def pre_init(ctx) -> None:
 def prepare(cfg, service):
     """Run in the master: a bad setting stops the service from starting, and says why."""
     Settings.from_config(cfg)
-    probe_sender(cfg)
+    problem = verify_client.ProbeSender.error(cfg)
+    if problem:
+        raise maincf.ConfigError(problem)
 
 
 def main(ctx) -> int:

@@ -3,6 +3,8 @@ reject_unverified_sender ask the verify service, which probes through cleanup, q
 the agents: the smtp client stops after RCPT at a sink that knows its users (tests/sink.py
 refuses local parts ending in +bounce), local finds the account without delivering.
 The probe never reaches the sink's DATA or a mailbox, and no notice is sent for it.
+Probes take address_verify_relayhost (a sink of their own), normal mail relayhost; the
+probe sender has a time stamp (address_verify_sender_ttl).
 
 One instance for the module; each test uses addresses of its own, since the cache
 (address_verify_map, an LMDB file in data_directory) remembers them.
@@ -34,14 +36,20 @@ def mta():
     os.chmod(root, 0o755)
     inst = Instance(root)
     sink = Sink()
+    inst.probe_sink = Sink()        # address_verify_relayhost: where probes go
     chroot = "y" if os.geteuid() == 0 else "n"
     inst.port, inst.poll_port = free_port(), free_port()
     inst.defer_port, inst.dip_port = free_port(), free_port()
     inst.main.update({
         "mydestination": "$myhostname, localhost",
-        "relay_domains": "remote.example, nowhere.example",
+        "relay_domains": "remote.example, nowhere.example, datatarget.example",
         "transport_maps": "inline:{nowhere.example=nosuch:}",     # not in master.cf
+        # probes to datatarget.example take a transport that ends them at DATA
+        "address_verify_transport_maps": "inline:{nowhere.example=nosuch:, "
+            f"datatarget.example=dataprobe:[127.0.0.1]:{inst.probe_sink.port}}}",
         "relayhost": f"[127.0.0.1]:{sink.port}",
+        "address_verify_relayhost": f"[127.0.0.1]:{inst.probe_sink.port}",
+        "address_verify_sender_ttl": "1h",
         "smtpd_error_sleep_time": "0s",
         "smtpd_recipient_restrictions": "reject_unauth_destination, "
                                         "reject_unverified_recipient",
@@ -71,6 +79,7 @@ def mta():
         f"verify unix - - {chroot} - 1 verify",
         f"smtp unix - - {chroot} - - smtp",
         f"relay unix - - {chroot} - - smtp",
+        f"dataprobe unix - - {chroot} - - smtp -o smtp_address_verify_target=data",
         "local unix - n n - - local",
         f"pickup unix n - {chroot} - - pickup",
     ]
@@ -79,6 +88,7 @@ def mta():
             yield inst, sink
     finally:
         sink.stop()
+        inst.probe_sink.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -111,7 +121,7 @@ def test_unknown_address_is_unverified_then_undeliverable(mta):
     line = probed(inst, a, "undeliverable")
     said = f"host 127.0.0.1[127.0.0.1] said: {UNKNOWN_AT_SINK.format(a=a)} " \
         "(in reply to RCPT TO command)"
-    assert f"relay=127.0.0.1[127.0.0.1]:{sink.port}" in line and "dsn=5.1.1" in line
+    assert f"relay=127.0.0.1[127.0.0.1]:{inst.probe_sink.port}" in line and "dsn=5.1.1" in line
     assert said in line
     assert rcpt(inst.port, a) == (f"550 5.1.1 <{a}>: Recipient address rejected: "
                                   f"undeliverable address: {said}")
@@ -261,3 +271,69 @@ def test_the_cache_is_swept(mta):
     def swept_some():       # nothing has expired with the default times: none dropped
         return [r for r, d in pattern.findall(inst.log()) if int(r) > 0 and d == "0"]
     wait_for(swept_some, 10, what="a cache cleanup run over the entries")
+
+
+def _stamp(epoch: int) -> str:
+    """Postfix's time stamp of address_verify_sender_ttl: base 31 in 0-9 and B-Z."""
+    digits = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
+    text = ""
+    while epoch:
+        epoch, d = divmod(epoch, 31)
+        text = digits[d] + text
+    return text
+
+
+def test_probes_take_address_verify_relayhost_with_a_time_stamped_sender(mta):
+    inst, sink = mta
+    a = "routed@remote.example"
+    assert rcpt(inst.port, a).startswith("450 4.1.1")
+    line = probed(inst, a, "deliverable")
+    assert f"relay=127.0.0.1[127.0.0.1]:{inst.probe_sink.port}" in line
+    qid = re.search(r"\]: (\w+): to=", line).group(1)
+    sender = re.search(rf"{qid}: from=<([^>]*)>", inst.log()).group(1)
+    hour = int(time.time()) // 3600
+    assert sender in (f"double-bounce{_stamp(hour)}@mail.test.example",
+                      f"double-bounce{_stamp(hour - 1)}@mail.test.example")
+    # normal mail to the verified address goes to relayhost, not to the probes' sink
+    before = len(sink.messages)
+    c = SmtpClient(inst.port, timeout=30)
+    try:
+        assert c.reply().startswith("220")
+        c.cmd("EHLO client.example")
+        assert c.cmd("MAIL FROM:<>").startswith("250")
+        assert c.cmd(f"RCPT TO:<{a}>") == "250 2.1.5 Ok"
+        assert c.cmd("DATA").startswith("354")
+        assert c.cmd("Subject: routed\r\n\r\nhello\r\n.").startswith("250")
+        c.cmd("QUIT")
+    finally:
+        c.close()
+    wait_for(lambda: len(sink.messages) > before, 30, what="the message at relayhost")
+    assert sink.messages[-1][1] == [a]
+    assert not inst.probe_sink.messages
+
+
+def test_our_own_probe_sender_passes_the_recipient_restrictions(mta):
+    """As Postfix's smtpd (valid_verify_sender_addr): a probe of this site's MTAs, its
+    time stamp within one ttl, is not rejected, so two sites cannot cache each other's
+    probes as undeliverable; a stale stamp is an address as any other."""
+    inst, _ = mta
+    hour = int(time.time()) // 3600
+    ours = f"double-bounce{_stamp(hour)}@mail.test.example"
+    stale = f"double-bounce{_stamp(hour - 3)}@mail.test.example"
+    assert rcpt(inst.port, ours) == "250 2.1.5 Ok"
+    assert not rcpt(inst.port, stale).startswith("250")
+    assert f"to=<{ours}>" not in inst.log()             # no probe for it
+
+
+def test_smtp_address_verify_target_data_ends_the_probe_at_354(mta):
+    inst, _ = mta
+    a, b = "someone@datatarget.example", "nobody+bounce@datatarget.example"
+    rcpt(inst.port, a)
+    rcpt(inst.port, b)
+    line = probed(inst, a, "deliverable")
+    assert f"relay=127.0.0.1[127.0.0.1]:{inst.probe_sink.port}" in line
+    assert "dsn=2.0.0" in line and "(354 go ahead)" in line
+    line = probed(inst, b, "undeliverable")
+    assert "dsn=5.1.1" in line and "(in reply to RCPT TO command)" in line
+    assert rcpt(inst.port, a) == "250 2.1.5 Ok"
+    assert not inst.probe_sink.messages         # the dot was never sent

@@ -124,6 +124,43 @@ def test_postalias_build_query_and_list(area, capsys, monkeypatch):
     assert "open " in capsys.readouterr().err
 
 
+def test_sendmail_bi_is_newaliases(area, capsys):
+    """Postfix's sendmail -bi: newaliases' code on alias_database, or on -oA's file."""
+    with open(f"{area}/aliases", "w") as f:
+        f.write("postmaster: nobody\n")
+    with open(f"{area}/other", "w") as f:
+        f.write("abuse: root\n")
+    with open(f"{area}/main.cf", "w") as f:
+        f.write(f"alias_database = hash:{area}/aliases\n")
+    run = [POSTFIX_PY, "-c", area, "sendmail"]
+    out = subprocess.run(run + ["-bi"], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+    assert postalias.main(["-c", area, "-q", "postmaster", f"{area}/aliases"]) == 0
+    assert capsys.readouterr().out == "nobody\n"
+    assert not os.path.exists(f"{area}/other.db")
+    out = subprocess.run(run + ["-bi", f"-oA{area}/other"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert postalias.main(["-c", area, "-q", "abuse", f"hash:{area}/other"]) == 0
+    assert capsys.readouterr().out == "root\n"
+    # as Postfix's: no recipients; -oA needs a path; a failure is postalias's status 1
+    out = subprocess.run(run + ["-bi", "x@example.com"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 64
+    assert out.stderr == "sendmail: fatal: alias initialization mode requires no recipient\n"
+    out = subprocess.run(run + ["-bi", "-oA"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 64 and "-oA requires pathname" in out.stderr
+    out = subprocess.run(run + ["-bi", f"-oA{area}/missing"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"newaliases: fatal: open {area}/missing")
+    # an empty alias_database is nothing to do
+    with open(f"{area}/main.cf", "w") as f:
+        f.write("alias_database =\n")
+    out = subprocess.run(run + ["-bi"], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stderr) == (0, "")
+
+
 def test_required_alias_without_aliases(area, capsys):
     cfg = config(area)
     r = job(cfg, area).deliver(f"postmaster@{HOST}")

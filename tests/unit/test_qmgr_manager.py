@@ -761,3 +761,49 @@ def test_sendmail_bv_results_become_a_report_to_the_sender(make, capsys):
     err = capsys.readouterr().err
     assert f"{qid}: sender delivery status notification: {report}" in err
     assert "non-delivery notification" not in err
+
+
+def test_probes_past_address_verify_pending_request_limit_are_deferred_at_once(
+        make, monkeypatch, capsys):
+    told = []
+    monkeypatch.setattr("postfix_py.lib.verify_client.report_probe",
+                        lambda cfg, addrs, status, text: told.append(
+                            (tuple(addrs), status, text)) or (True, "undeliverable"))
+    h = make(address_verify_pending_request_limit="1")
+    ids = {_submit_traced(h, 256, ["x@remote.example"]): "x@remote.example",
+           _submit_traced(h, 256, ["y@remote.example"]): "y@remote.example"}
+    h.submit("a@example.org", ["z@remote.example"])       # normal mail is not counted
+    h.mgr.start()
+    sent = sorted(r.recipients[0] for _, r in h.calls)
+    assert len(sent) == 2 and "z@remote.example" in sent
+    (gone,) = [a for a in ids.values() if a not in sent]
+    (gone_id,) = [q for q, a in ids.items() if a == gone]
+    assert told == [((gone, gone), 1, "Too many address verification requests")]
+    assert gone_id not in h.files("active") + h.files("deferred")
+    assert f"{gone_id}: to=<{gone}>, relay=none, delay=0, delays=0/0/0/0, dsn=4.3.2, " \
+        "status=undeliverable (Too many address verification requests)" in \
+        capsys.readouterr().err
+    # once the probe in flight is done, the count is down and the next probe goes out
+    h.answer(next(c for c in h.calls if c[1].recipients[0] != "z@remote.example"), "sent")
+    assert h.mgr.probes == 0
+    _submit_traced(h, 256, ["w@remote.example"])
+    h.mgr.trigger(b"I")
+    assert any(r.recipients[0] == "w@remote.example" for _, r in h.calls)
+    assert len(told) == 1
+
+
+def test_a_probe_is_routed_by_address_verify_relayhost_and_normal_mail_is_not(make):
+    h = make(relayhost="[127.0.0.1]:1025", address_verify_relayhost="[127.0.0.1]:2025")
+    assert h.mgr.probe_resolver is not h.mgr.resolver
+    _submit_traced(h, 256, ["x@remote.example"])
+    h.submit("a@example.org", ["x@remote.example"])
+    _submit_traced(h, 512, ["x@remote.example"], sender="a@example.org")     # sendmail -bv
+    h.mgr.start()
+    routes = sorted((r.nexthop, "verify" in r.flags) for _, r in h.calls)
+    assert routes == [("[127.0.0.1]:1025", False), ("[127.0.0.1]:1025", False),
+                      ("[127.0.0.1]:2025", True)]
+
+
+def test_without_address_verify_routing_probes_share_the_resolver(make):
+    h = make(relayhost="[127.0.0.1]:1025")
+    assert h.mgr.probe_resolver is h.mgr.resolver

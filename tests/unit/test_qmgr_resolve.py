@@ -4,7 +4,7 @@ import pytest
 
 from postfix_py.lib import maincf
 from postfix_py.lib.address import split_address, strip_extension
-from postfix_py.lib.resolve import AddressResolver, Route, parse_spec
+from postfix_py.lib.resolve import AddressResolver, Route, parse_spec, probe_routing_differs
 
 
 def resolver(tmp_path, **settings):
@@ -112,3 +112,54 @@ def test_sender_dependent_relayhost_and_default_transport(tmp_path, capsys):
     assert ("sender_dependent_relayhost_maps: ignoring null lookup result for "
             "empty@a.example") in capsys.readouterr().err
     r.close()
+
+
+def test_probes_are_routed_by_the_address_verify_parameters(tmp_path):
+    """trivial-rewrite's verify class: each address_verify_* parameter replaces the one
+    it defaults to, for probes only."""
+    settings = dict(
+        myhostname="mail.example.com", relay_domains="relay.example",
+        virtual_mailbox_domains="virt.example", relayhost="[gw.example]",
+        transport_maps="inline:{special.example=smtp:[normal-special.example]}",
+        address_verify_relayhost="[probe-gw.example]:2525",
+        address_verify_transport_maps="inline:{special.example=smtp:[probe-special.example]}",
+        address_verify_default_transport="probe-smtp",
+        address_verify_local_transport="probe-local",
+        address_verify_virtual_transport="probe-virtual",
+        address_verify_relay_transport="probe-relay",
+        address_verify_sender_dependent_relayhost_maps="inline:{@sender.example=[sdr.example]}",
+        address_verify_sender_dependent_default_transport_maps=(
+            "inline:{@sender.example=sdt}"))
+    (tmp_path / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
+    cfg = maincf.load(str(tmp_path))
+    normal, probe = AddressResolver(cfg), AddressResolver(cfg, probe=True)
+    try:
+        assert probe_routing_differs(cfg)
+        assert normal.resolve("a@remote.example") == Route("smtp", "[gw.example]")
+        assert probe.resolve("a@remote.example") == Route("probe-smtp",
+                                                          "[probe-gw.example]:2525")
+        assert probe.resolve("a@relay.example") == Route("probe-relay",
+                                                         "[probe-gw.example]:2525")
+        assert probe.resolve("a@mail.example.com").transport == "probe-local"
+        assert probe.resolve("a@virt.example").transport == "probe-virtual"
+        assert normal.resolve("a@special.example") == Route("smtp", "[normal-special.example]")
+        assert probe.resolve("a@special.example") == Route("smtp", "[probe-special.example]")
+        assert normal.resolve("a@remote.example", "s@sender.example") == \
+            Route("smtp", "[gw.example]")
+        assert probe.resolve("a@remote.example", "s@sender.example") == \
+            Route("sdt", "[sdr.example]")
+    finally:
+        normal.close()
+        probe.close()
+
+
+def test_probe_routing_defaults_to_the_normal_routing(tmp_path):
+    (tmp_path / "main.cf").write_text(
+        "myhostname = mail.example.com\nrelayhost = [gw.example]\n"
+        "transport_maps = inline:{x.example=smtp:[y.example]}\n")
+    cfg = maincf.load(str(tmp_path))
+    assert not probe_routing_differs(cfg)
+    probe = AddressResolver(cfg, probe=True)
+    assert probe.resolve("a@remote.example") == Route("smtp", "[gw.example]")
+    assert probe.resolve("a@x.example") == Route("smtp", "[y.example]")
+    probe.close()

@@ -647,3 +647,63 @@ def test_a_finished_client_session_is_freed_without_the_cycle_collector(pki, tmp
         assert gone() is None, [type(r).__name__ for r in gc.get_referrers(gone())]
     finally:
         gc.enable()
+
+
+# --- address verification probes (smtp_address_verify_target) --------------------------------
+
+def _probe(target, script):
+    h = Harness(script, recipients=("a@example.org", "b@example.org"),
+                options=S.Options(helo_name="client.example", verify_target=target,
+                                  timeouts=dict.fromkeys(S.Options().timeouts, 2)))
+    h.d.verify = True
+    return h.run()
+
+
+def test_a_probe_ends_at_rcpt_by_default():
+    script = [("send", GREETING), ("expect", "EHLO"), ("send", EHLO_PIPE),
+              ("expect", "MAIL"), ("expect", "RCPT TO:<a@"), ("expect", "RCPT TO:<b@"),
+              ("send", b"250 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 <b@example.org>: unknown\r\n"),
+              ("expect", "QUIT"), ("send", b"221 Bye\r\n")]
+    h = _probe("rcpt", script)
+    assert h.result(0) == ("sent", "2.1.5", "250 2.1.5 Ok")
+    assert h.result(1)[:2] == ("bounced", "5.1.1")
+    assert "DATA" not in h.script.lines
+
+
+def test_a_probe_with_target_data_ends_at_354_without_quit():
+    """As Postfix's smtp_proto.c: 354 makes the accepted recipients deliverable (2.0.0),
+    and nothing more is sent: the server is reading the message."""
+    script = [("send", GREETING), ("expect", "EHLO"), ("send", EHLO_PIPE),
+              ("expect", "MAIL"), ("expect", "RCPT TO:<a@"), ("expect", "RCPT TO:<b@"),
+              ("expect", "DATA"),
+              ("send", b"250 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 <b@example.org>: unknown\r\n"
+                       b"354 End data with <CR><LF>.<CR><LF>\r\n"), ("eof",)]
+    h = _probe("data", script)
+    assert h.result(0) == ("sent", "2.0.0", "354 End data with <CR><LF>.<CR><LF>")
+    assert h.result(1)[:2] == ("bounced", "5.1.1")
+    assert h.script.lines[-1] == "DATA" and h.script.buf == b""     # no dot, no QUIT
+    assert not h.sess.quit_ok
+
+
+def test_a_probe_with_target_data_takes_a_data_rejection_as_the_result():
+    script = [("send", GREETING), ("expect", "EHLO"), ("send", EHLO_PLAIN),
+              ("expect", "MAIL"), ("send", b"250 Ok\r\n"),
+              ("expect", "RCPT TO:<a@"), ("send", b"250 Ok\r\n"),
+              ("expect", "RCPT TO:<b@"), ("send", b"250 Ok\r\n"),
+              ("expect", "DATA"), ("send", b"554 5.7.1 <a@example.org>: no mail here\r\n"),
+              ("expect", "QUIT"), ("send", b"221 Bye\r\n")]
+    h = _probe("data", script)
+    for i in (0, 1):
+        assert h.result(i) == ("bounced", "5.7.1", f"host {NAMADDR} said: 554 5.7.1 "
+                               "<a@example.org>: no mail here (in reply to DATA command)")
+
+
+def test_a_probe_with_target_data_sends_no_dot_when_no_recipient_was_accepted():
+    script = [("send", GREETING), ("expect", "EHLO"), ("send", EHLO_PIPE),
+              ("expect", "MAIL"), ("expect", "RCPT TO:<a@"), ("expect", "RCPT TO:<b@"),
+              ("expect", "DATA"),
+              ("send", b"250 Ok\r\n550 5.1.1 unknown\r\n550 5.1.1 unknown\r\n354 go\r\n"),
+              ("eof",)]
+    h = _probe("data", script)
+    assert [r.result for r in h.d.recipients] == ["bounced", "bounced"]
+    assert h.script.buf == b""

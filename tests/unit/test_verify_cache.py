@@ -5,11 +5,12 @@ against a real VerifyServer on a UNIX socket."""
 
 import socket
 import threading
+import time
 
 import pytest
 
 from postfix_py.lib import attr, events, maincf, msg, verify_client
-from postfix_py.lib.verify_client import RCPT_BOUNCE, RCPT_DEFER, RCPT_OK, RCPT_TODO
+from postfix_py.lib.verify_client import RCPT_BOUNCE, RCPT_DEFER, RCPT_OK, RCPT_TODO, ProbeSender
 from postfix_py.verify import cache as C
 from postfix_py.verify import service as S
 
@@ -168,14 +169,55 @@ def test_lmdb_table_cache_round_trip(tmp_path):
         cache.close()
 
 
+def _cfg(**kw):
+    return maincf.Config("/nonexistent", "/nonexistent/main.cf", overrides={
+        "myorigin": "origin.example", "myhostname": "h.example", **kw})
+
+
 def test_probe_sender_follows_address_verify_sender():
-    def cfg(**kw):
-        return maincf.Config("/nonexistent", "/nonexistent/main.cf", overrides={
-            "myorigin": "origin.example", "myhostname": "h.example", **kw})
-    assert S.probe_sender(cfg()) == "double-bounce@origin.example"
-    assert S.probe_sender(cfg(address_verify_sender="<>")) == ""
-    assert S.probe_sender(cfg(address_verify_sender="")) == ""
-    assert S.probe_sender(cfg(address_verify_sender="probe@x.example")) == "probe@x.example"
+    def sender(**kw):
+        return ProbeSender(_cfg(**kw)).make(time.time())
+    assert sender() == "double-bounce@origin.example"
+    assert sender(address_verify_sender="<>") == ""
+    assert sender(address_verify_sender="") == ""
+    assert sender(address_verify_sender="probe@x.example") == "probe@x.example"
+    assert ProbeSender.error(_cfg()) is None
+    assert ProbeSender.error(_cfg(address_verify_sender="@x.example")) == \
+        "parameter address_verify_sender: value \"@x.example\" must not start with '@'"
+    assert ProbeSender.error(_cfg(address_verify_sender="probe@")) == \
+        "parameter address_verify_sender: value \"probe@\" must not end with '@'"
+
+
+def test_probe_sender_ttl_appends_a_base31_time_stamp_to_the_local_part():
+    # epoch 1127 = 1*31^2 + 5*31 + 11: the digits 1, 5 and C (0-9, then B-Z without vowels)
+    now = 1127 * 3600 + 1799
+    ps = ProbeSender(_cfg(address_verify_sender_ttl="1h"))
+    assert ps.make(now) == "double-bounce15C@origin.example"
+    assert ProbeSender(_cfg(address_verify_sender_ttl="1h", address_verify_sender="probe")
+                       ).make(now) == "probe15C@origin.example"
+    assert ProbeSender(_cfg(address_verify_sender_ttl="1h", address_verify_sender="<>")
+                       ).make(now) == ""
+    assert ps.make(now + 3600) == "double-bounce15D@origin.example"       # the next hour
+
+
+def test_a_probe_sender_is_recognised_within_one_ttl():
+    # Postfix's verify_sender_addr.ref: the slots before and after match, two away not
+    now = 1127 * 3600
+    ps = ProbeSender(_cfg(address_verify_sender_ttl="1h"))
+    for stamp, ok in (("159", False), ("15B", True), ("15C", True), ("15D", True),
+                      ("15F", False)):
+        assert ps.valid(f"double-bounce{stamp}@origin.example", now) == \
+            ("double-bounce@origin.example" if ok else None), stamp
+    assert ps.valid("Double-Bounce15C@ORIGIN.example", now) == "double-bounce@origin.example"
+    for bad in ("double-bounce@origin.example", "double-bounce15c@origin.example",
+                "double-bounce15C@other.example", "double-bounce15C", "someone@origin.example",
+                "double-bounce15C-x@origin.example"):
+        assert ps.valid(bad, now) is None, bad
+    fixed = ProbeSender(_cfg())
+    assert fixed.valid("double-bounce@origin.example", now) == "double-bounce@origin.example"
+    assert fixed.valid("double-bounce15C@origin.example", now) is None
+    null = ProbeSender(_cfg(address_verify_sender="<>"))
+    assert null.valid("", now) == "" and null.valid("x@origin.example", now) is None
 
 
 # --- the server over a socket, and the client -----------------------------------------------
