@@ -208,6 +208,10 @@ LOCAL, REMOTE = "local", "remote"       # trivial-rewrite's rewrite contexts
 # "<" and "," are): its tokens joined are its text, so that the rewrite rules can work
 # on the string (nearly every address).
 _PLAIN = re.compile(r'[^\s"()\[\]\\<,]*')
+# The common address that every rule leaves as it is: a dot-string local part that
+# quote_822_local leaves unquoted, one @, and a dotted domain without a final dot.
+_CANONICAL = re.compile(r"[A-Za-z0-9_+=-]+(?:\.[A-Za-z0-9_+=-]+)*"
+                        r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 
 
 class Rewriter:
@@ -234,6 +238,8 @@ class Rewriter:
         a final dot removed from the domain. The result is written as trivial-rewrite
         writes its address node: the tokens joined, the local part quoted when it is not
         a dot-string (quote_822_local). "" stays; a lone @ becomes ""."""
+        if _CANONICAL.fullmatch(address):
+            return address          # most envelope addresses: nothing to do
         origin, domain = self.contexts[context]
         if not address:
             return address
