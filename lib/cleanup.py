@@ -162,7 +162,7 @@ from . import milter, msg, params, tables
 from . import queue as Q
 from . import tok822
 from .domains import DomainList
-from .resolve import LOCAL, REMOTE, Rewriter
+from .resolve import LOCAL, REMOTE, Rewriter, canonical
 from .tok822 import quote_822_local, unquote_822_local
 from .maincf import ConfigError
 
@@ -521,8 +521,8 @@ class Cleanup:
     def _qualify(self, addr: str) -> str:
         """An envelope address in its canonical form: trivial-rewrite's rules in the
         "local" context (Postfix's cleanup_rewrite_internal), for every origin."""
-        if not addr:
-            return addr
+        if not addr or canonical(addr):
+            return addr             # the rules and the quoting leave it as it is
         return unquote_822_local(self.s.rewriter.rewrite(quote_822_local(addr), LOCAL))
 
     def _canonical(self, addr: str, maps_list) -> str:

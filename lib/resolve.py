@@ -212,6 +212,8 @@ _PLAIN = re.compile(r'[^\s"()\[\]\\<,]*')
 # quote_822_local leaves unquoted, one @, and a dotted domain without a final dot.
 _CANONICAL = re.compile(r"[A-Za-z0-9_+=-]+(?:\.[A-Za-z0-9_+=-]+)*"
                         r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+# canonical(address): whether it is one (the same in internal and external form)
+canonical = _CANONICAL.fullmatch
 
 
 class Rewriter:
@@ -238,7 +240,7 @@ class Rewriter:
         a final dot removed from the domain. The result is written as trivial-rewrite
         writes its address node: the tokens joined, the local part quoted when it is not
         a dot-string (quote_822_local). "" stays; a lone @ becomes ""."""
-        if _CANONICAL.fullmatch(address):
+        if canonical(address):
             return address          # most envelope addresses: nothing to do
         origin, domain = self.contexts[context]
         if not address:
