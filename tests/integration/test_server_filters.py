@@ -15,7 +15,9 @@ The replies and log lines are Postfix's.
 
 import os
 import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +182,45 @@ def test_postscreen_command_filter_and_ehlo_keywords(inst):
     # sic: Postfix's log line has no colon between the address and the port
     assert f"[127.0.0.1]{port}: discarding EHLO keywords: DSN CHUNKING" in log
     assert f"[127.0.0.2]{port2}: discarding" not in log
+
+
+# --- postscreen_watchdog_timeout --------------------------------------------------------------
+def test_postscreen_stuck_on_a_store_is_ended_by_its_watchdog_and_restarted(instance):
+    """A memcache: cache whose server takes the connection and never answers (timeout 30s
+    in its configuration) holds postscreen's event loop in one lookup: the watchdog ends
+    the process as Postfix's does, the master logs its exit and starts a new one."""
+    store = socket.socket()
+    store.bind(("127.0.0.1", 0))
+    store.listen(8)                  # the kernel completes connections; nobody answers
+    (instance.dir / "mc.cf").write_text(
+        f"memcache = inet:127.0.0.1:{store.getsockname()[1]}\ntimeout = 30\nmax_try = 1\n")
+    port = free_port()
+    instance.main.update({"mynetworks": "10.0.0.0/8",
+                          "postscreen_cache_map": f"memcache:{instance.dir}/mc.cf",
+                          "postscreen_watchdog_timeout": "10s",
+                          "postscreen_greet_wait": "1s"})
+    instance.master_lines = [f"127.0.0.1:{port} inet n - y - 1 postscreen",
+                             "smtpd pass - - y - - smtpd"]
+    instance.start()
+    try:
+        started = time.monotonic()
+        c = SmtpClient(port, timeout=30)
+        assert c.reply() == "<EOF>"              # the process ended with the client
+        c.close()
+        assert 5 <= time.monotonic() - started < 15
+        log = instance.log()
+        pid = re.search(r"postscreen\[(\d+)\]: fatal: watchdog timeout", log)
+        assert pid, log
+        wait_for(lambda: f"process postfix-py/postscreen pid {pid.group(1)} exit status 1"
+                 in instance.log(), what="the master's log line")
+    finally:
+        store.close()                # down now: refused at once, every lookup a miss
+    c = SmtpClient(port, timeout=30)        # the teaser, then the banner after the wait
+    assert c.reply() == "220-mail.test.example ESMTP postfix-py\n" \
+        "220 mail.test.example ESMTP postfix-py"
+    c.cmd("QUIT")
+    c.close()
+    log = instance.log()
+    new = re.findall(r"postscreen\[(\d+)\]: CONNECT from", log)
+    assert len(set(new)) == 2 and new[-1] != pid.group(1)
+    assert "bad command startup" not in log      # it had served: no throttling
