@@ -54,6 +54,14 @@ PROTOCOL
     first BDAT), an unknown command (4XX only) and the end of the message, where the
     cleanup stage applies their edits before the queue file is committed; logged as
     Postfix's `milter-reject`, `milter-hold` and `milter-discard`.
+    Reject footers (smtpd_reject_footer, smtpd_reject_footer_maps; reply() adds one to
+    every 4XX and 5XX reply, its $names expanded per reply through
+    smtpd_expansion_filter), smtpd_command_filter (read_command() replaces the line and
+    logs `CLIENT: replacing command "OLD" with "NEW"`) and
+    smtpd_discard_ehlo_keyword_address_maps (looked up at greet(): the client address's
+    keywords instead of smtpd_discard_ehlo_keywords; each EHLO logs `discarding EHLO
+    keywords: ...` unless silent-discard, as Postfix) are lib/server_filters.py's; a
+    table that cannot be read gets `421 4.3.0 HOST Server local data error`.
     XCLIENT and XFORWARD, for authorized clients only, are in smtpd/xclient.py; greet()
     runs again after XCLIENT. A session whose PROXY header was unusable (hangup) answers
     only `421 4.3.0 HOST Server local error` (smtpd/proxy.py).
