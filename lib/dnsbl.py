@@ -25,14 +25,11 @@ FUNCTIONS
     match_reply(pattern, address) -> whether a list's A record matches Postfix's
         ip_match pattern: d.d.d.d where each d is a number, or [n;n..m;...] (numbers and
         ranges) for that octet.
-    expand_reply(template, values) -> text: Postfix's mac_expand() of a reply template:
-        $name, ${name}, ${name?text}, ${name:text}, $$; ValueError for an unknown name or
-        bad syntax. Values are filtered as smtpd_expand_filter: other than printable
-        ASCII becomes "_".
     valid_hostname(name), valid_hostaddr(text): Postfix's valid_hostname.c rules.
 
 SEE ALSO
-    smtpd/check.py (the restrictions); Postfix smtpd_check.c, dns_lookup.c, ip_match.c.
+    smtpd/check.py (the restrictions), lib/server_filters.py (reply templates); Postfix
+    smtpd_check.c, dns_lookup.c, ip_match.c.
 """
 
 from __future__ import annotations
@@ -51,7 +48,6 @@ import dns.rdatatype
 import dns.resolver
 
 from . import msg
-from .maincf import NAME_RE, MacroSyntaxError, split_macros
 
 RBL_TXT_LIMIT = 500             # Postfix's cap on the joined TXT reason
 VALID_HOSTNAME_LEN = 255
@@ -272,37 +268,6 @@ def match_reply(octets: list[list[tuple[int, int]]], address: str) -> bool:
         return False
     return all(any(lo <= int(p) <= hi for lo, hi in ranges)
                for p, ranges in zip(parts, octets))
-
-
-def _filtered(value: str) -> str:
-    return "".join(c if " " <= c <= "~" or c == "\t" else "_" for c in value)
-
-
-def expand_reply(template: str, values: dict[str, str], _depth: int = 0) -> str:
-    """Expand a reply template with values (see FUNCTIONS); ValueError when it is bad."""
-    if _depth > 10:
-        raise ValueError("unreasonable macro call nesting")
-    try:
-        parts = split_macros(template)
-    except MacroSyntaxError as exc:
-        raise ValueError(str(exc)) from None
-    out = []
-    for part in parts:
-        if isinstance(part, str):
-            out.append(part)
-            continue
-        m = NAME_RE.match(part.name)
-        if not m or m.group(0) not in values:
-            raise ValueError(f"undefined or bad macro: ${{{part.name}}}")
-        value, rest = values[m.group(0)], part.name[m.end():]
-        if not rest:
-            out.append(_filtered(value))
-        elif rest[0] in "?:":
-            if bool(value) == (rest[0] == "?"):
-                out.append(expand_reply(rest[1:], values, _depth + 1))
-        else:
-            raise ValueError(f"bad macro: ${{{part.name}}}")
-    return "".join(out)
 
 
 def valid_hostname(name: str) -> bool:

@@ -234,7 +234,10 @@ class Config:
         Cached, as the typed values are: a Config does not change once loaded."""
         text = self._texts.get(name)
         if text is None:
-            text = self._texts[name] = self.expand(self.raw(name) or "")
+            text = self.raw(name) or ""
+            if name not in params.RAW:      # a raw parameter's $names are its program's
+                text = self.expand(text)
+            self._texts[name] = text
         return text
 
     def __getitem__(self, name: str):

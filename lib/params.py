@@ -193,6 +193,11 @@ PARAMS: list[Param] = [
     _p("smtpd_helo_required", "no", BOOL, "require HELO or EHLO before MAIL"),
     _p("smtpd_discard_ehlo_keywords", "", LIST, "EHLO keywords not announced"),
     _p("smtpd_noop_commands", "", LIST, "commands answered 250 without action"),
+    _p("smtpd_discard_ehlo_keyword_address_maps", "", TABLE, "client address -> EHLO keywords not announced to it (instead of smtpd_discard_ehlo_keywords)"),
+    _p("smtpd_reject_footer", "", STR, "text appended to every 4XX/5XX reply (\\n: a new line, \\c at the start: same line; $client_address ... expanded per reply)"),
+    _p("smtpd_reject_footer_maps", "", TABLE, "reply text -> its footer (else smtpd_reject_footer)"),
+    _p("smtpd_expansion_filter", "\\t\\40!\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\\\]^_`abcdefghijklmnopqrstuvwxyz{|}~", STR, "characters allowed in $name values expanded into replies; others become _"),
+    _p("smtpd_command_filter", "", STR, "table that replaces an SMTP command line before smtpd parses it"),
     _p("smtpd_peername_lookup", "yes", BOOL, "look up the client's host name"),
     _p("smtpd_upstream_proxy_protocol", "", STR, "the proxy protocol before the greeting: empty (none) or haproxy (PROXY v1 and v2)",
        values=("", "haproxy")),
@@ -215,6 +220,11 @@ PARAMS: list[Param] = [
     _p("postscreen_allowlist_interfaces", "static:all", LIST, "server addresses on which a client may pass postscreen's tests (elsewhere, as on a backup MX: ALLOWLIST VETO)"),
     _p("postscreen_watchdog_timeout", "10s", TIME, "time one pass of postscreen's event loop (a client command, a cache operation) may take before the process is killed", min=10),
     _p("postscreen_discard_ehlo_keywords", "$smtpd_discard_ehlo_keywords", LIST, "EHLO keywords that postscreen's engine does not announce"),
+    _p("postscreen_discard_ehlo_keyword_address_maps", "$smtpd_discard_ehlo_keyword_address_maps", TABLE, "client address -> EHLO keywords postscreen's engine does not announce to it"),
+    _p("postscreen_reject_footer", "$smtpd_reject_footer", STR, "text appended to postscreen's 4XX/5XX replies, as smtpd_reject_footer"),
+    _p("postscreen_reject_footer_maps", "$smtpd_reject_footer_maps", TABLE, "reply text -> its footer in postscreen (else postscreen_reject_footer)"),
+    _p("postscreen_expansion_filter", "$smtpd_expansion_filter", STR, "characters allowed in $name values expanded into postscreen's replies"),
+    _p("postscreen_command_filter", "", STR, "table that replaces an SMTP command line before postscreen's engine parses it"),
     _p("postscreen_disable_vrfy_command", "$disable_vrfy_command", BOOL, "postscreen's engine answers VRFY with 502 (its EHLO follows disable_vrfy_command, as Postfix)"),
     _p("postscreen_helo_required", "$smtpd_helo_required", BOOL, "postscreen's engine wants HELO or EHLO before MAIL and ETRN"),
     _p("postscreen_tls_security_level", "$smtpd_tls_security_level", STR, "TLS in postscreen's SMTP engine: none, may (announce STARTTLS) or encrypt (MAIL needs STARTTLS first); empty: postscreen_use_tls and postscreen_enforce_tls decide"),
@@ -575,7 +585,9 @@ for _suffix, _default, _type, _doc, *_extra in _SMTP_CLIENT_TLS:
 # Values that the program expands itself, with names of its own ($home, $user, ...), as
 # Postfix's "raw" parameters: main.cf's $name expansion and its undefined-name warnings
 # leave them alone (local/service.py reads them with Config.raw()).
-RAW = frozenset({"forward_path", "mailbox_command", "default_rbl_reply"})
+RAW = frozenset({"forward_path", "mailbox_command", "default_rbl_reply",
+                 "smtpd_reject_footer", "postscreen_reject_footer",
+                 "smtpd_expansion_filter", "postscreen_expansion_filter"})
 
 _BY_NAME: dict[str, Param] = {}
 for _row in PARAMS:

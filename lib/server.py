@@ -372,6 +372,18 @@ def single_server(ctx: WorkerContext, service, pre_init=None, post_init=None,
     return 0
 
 
+def _watchdog_timeout(signum, frame) -> None:
+    """Postfix's watchdog_event(): `fatal: watchdog timeout` and exit status 1, with
+    killme_after(5) should the exit itself hang. A pass stuck in a system call (a table
+    that does not answer) is interrupted by the signal and gets here."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(5)
+    try:
+        msg.fatal("watchdog timeout")
+    finally:
+        os._exit(1)
+
+
 def multi_server(ctx: WorkerContext, on_client, pre_init=None, post_init=None,
                  on_exit=None, client_count=None, long_running: bool = False,
                  watchdog: int | None = None) -> int:
@@ -380,8 +392,9 @@ def multi_server(ctx: WorkerContext, on_client, pre_init=None, post_init=None,
     on_client(conn, loop) takes a non-blocking connection. client_count() says how many
     are still connected, so that max_idle counts only time without any. A long-running
     daemon (tlsmgr, qmgr) ignores max_idle and max_use: its state lives in memory.
-    watchdog: seconds one pass of the loop may take before SIGALRM kills the process
-    (daemon_timeout unless given; postscreen's postscreen_watchdog_timeout).
+    watchdog: seconds one pass of the loop may take before the process ends with Postfix's
+    `fatal: watchdog timeout` (daemon_timeout unless given; postscreen's
+    postscreen_watchdog_timeout).
     """
     _start(ctx)
     if pre_init:
@@ -410,6 +423,12 @@ def multi_server(ctx: WorkerContext, on_client, pre_init=None, post_init=None,
                 return
             conn.setblocking(False)
             ctx.served += 1
+            if ctx.served == 1:
+                # Once: the master learns that this process started well (Postfix's
+                # event_server says TAKEN, then AVAIL, for each client), so that its
+                # abnormal end later is not taken for a bad command startup.
+                ctx.report(STATUS_TAKEN)
+                ctx.report(STATUS_AVAIL)
             last_activity[0] = time.monotonic()
             on_client(conn, loop)
         return handler
@@ -447,7 +466,11 @@ def multi_server(ctx: WorkerContext, on_client, pre_init=None, post_init=None,
 
     def pet():
         signal.alarm(watchdog)
+        # backstop for a pass stuck in C code, where no Python handler can run: the CPU
+        # time it burns (SIGPROF's default action ends the process)
+        signal.setitimer(signal.ITIMER_PROF, watchdog + 5)
         loop.call_later(min(60, watchdog / 2), pet)
+    signal.signal(signal.SIGALRM, _watchdog_timeout)
     pet()
     try:
         loop.run(until=done)

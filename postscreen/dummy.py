@@ -10,7 +10,9 @@ helo=<h>`), and then the client is let go.
     220 smtpd_banner (not sent to a client that failed the pregreet test)
     HELO, EHLO          250 (EHLO: myhostname, SIZE, VRFY, ETRN, STARTTLS,
                         ENHANCEDSTATUSCODES, 8BITMIME, DSN, SMTPUTF8, CHUNKING as
-                        configured, less postscreen_discard_ehlo_keywords; STARTTLS
+                        configured, less postscreen_discard_ehlo_keywords, or the
+                        client address's keywords in
+                        postscreen_discard_ehlo_keyword_address_maps; STARTTLS
                         only before TLS and when TLS is ready)
     STARTTLS            220 2.0.0 Ready to start TLS, then the handshake (see TLS);
                         501 5.5.4 Syntax: STARTTLS with arguments, 554 5.5.1 Error: TLS
@@ -54,6 +56,10 @@ TLS
     `SSL_accept error from [addr]:port: REASON` lines and postscreen's HANGUP; that
     client alone ends.
 
+    postscreen_command_filter replaces a command line before anything looks at it
+    (`[addr]:port: replacing command "OLD" with "NEW"`); postscreen_reject_footer and
+    postscreen_reject_footer_maps end every 4XX and 5XX reply (postscreen/service.py).
+
     A command line longer than line_length_limit, more than
     postscreen_command_count_limit commands, or postscreen_command_time_limit for one
     command end the session with Postfix's log line and 421 reply.
@@ -68,7 +74,8 @@ import re
 
 from OpenSSL import SSL
 
-from ..lib import msg
+from ..lib import msg, tables
+from ..lib import server_filters as SF
 from ..lib import tls as T
 from ..lib.proxy import escape as _escape
 
@@ -79,7 +86,7 @@ class Engine:
     """The replies of this configuration, built once."""
 
     def __init__(self, cfg, tls_level: str = "none", tls=None):
-        host = cfg.get("myhostname")
+        self.host = host = cfg.get("myhostname")
         self.greeting = f"220 {cfg.get('smtpd_banner')}\r\n"
         self.helo = f"250 {host}\r\n"
         size = cfg["message_size_limit"]
@@ -95,7 +102,8 @@ class Engine:
         if cfg["smtputf8_enable"]:
             features.append(("smtputf8", "SMTPUTF8"))
         features.append(("chunking", "CHUNKING"))
-        discard = {word.lower() for word in cfg["postscreen_discard_ehlo_keywords"]}
+        self.features = features
+        self.discard = frozenset(word.lower() for word in cfg["postscreen_discard_ehlo_keywords"])
         self.disable_vrfy = cfg["postscreen_disable_vrfy_command"]
         self.helo_required = cfg["postscreen_helo_required"]
         # tls: lib/tls.ServerTLS, or None when TLS is off or could not be set up (then
@@ -103,16 +111,21 @@ class Engine:
         self.tls = tls if tls_level != "none" else None
         self.enforce_tls = tls_level == "encrypt"
 
-        def ehlo(starttls: bool) -> str:
-            return _ehlo([host] + [line for word, line in features if word not in discard
-                                   and (word != "starttls" or starttls)])
-        self.ehlo_tls = ehlo(False)
-        self.ehlo = ehlo(self.tls is not None)
+        self.ehlo_tls = self.format_ehlo(self.discard, False)
+        self.ehlo = self.format_ehlo(self.discard, self.tls is not None)
+        # postscreen_discard_ehlo_keyword_address_maps (lib/server_filters.ServerFilters)
+        self.ehlo_maps = None
+        self.cmd_filter = None      # postscreen_command_filter (likewise)
         self.timeout_reply = f"421 4.4.2 {host} Error: timeout exceeded\r\n"
         self.busy_reply = f"421 {host} Service unavailable - try again later\r\n"
         self.time_limit = cfg["postscreen_command_time_limit"]
         self.count_limit = cfg["postscreen_command_count_limit"]
         self.line_limit = cfg["line_length_limit"]
+
+    def format_ehlo(self, discard: frozenset, starttls: bool) -> str:
+        """psc_smtpd_format_ehlo_reply(): the EHLO reply less the discarded keywords."""
+        return _ehlo([self.host] + [line for word, line in self.features
+                                    if word not in discard and (word != "starttls" or starttls)])
 
     def start(self, session) -> None:
         """psc_smtpd_tests(): greet (unless it pregreeted), then read commands."""
@@ -181,7 +194,23 @@ class _Dialog:
                     return
                 if action == "enforce":
                     s.enforce("550 5.5.1 Protocol error\r\n")
-            self._command(line.decode("utf-8", "replace"))
+            line = line.decode("utf-8", "replace")
+            if self.e.cmd_filter is not None:
+                line = self._filter(line)
+            self._command(line)
+
+    def _filter(self, line: str) -> str:
+        """postscreen_command_filter: the table's replacement, logged as Postfix's."""
+        try:
+            new = self.e.cmd_filter.filter_command(line)
+        except tables.TableError:
+            table = self.e.cmd_filter.cmd_table
+            msg.fatal(f"{table.type}:{table.name} lookup error for \"{line[:100]}\"")
+        if new is None:
+            return line
+        msg.info(f"[{self.s.addr}]:{self.s.port}: replacing command \"{_printable(line)[:100]}\" "
+                 f"with \"{_printable(new)[:100]}\"")
+        return new
 
     def _command(self, line: str) -> None:
         s = self.s
@@ -244,7 +273,33 @@ class _Dialog:
             self.s._write("501 Syntax: EHLO hostname\r\n")
             return
         self.helo, self.protocol, self.sender = args.split()[0], "ESMTP", None
+        if self.e.ehlo_maps is not None:
+            reply = self._ehlo_for_client()
+            if reply is not None:
+                self.s._write(reply)
+                return
         self.s._write(self.e.ehlo_tls if self.s.tls is not None else self.e.ehlo)
+
+    def _ehlo_for_client(self) -> str | None:
+        """postscreen_discard_ehlo_keyword_address_maps: the client's EHLO reply when its
+        keywords differ from postscreen_discard_ehlo_keywords, logged as Postfix's (a
+        lookup error is fatal there too)."""
+        s = self.s
+        try:
+            words = self.e.ehlo_maps.ehlo_discard(s.addr)
+        except tables.TableError as exc:
+            msg.fatal(f"postscreen_discard_ehlo_keyword_address_maps lookup error for "
+                      f"{s.addr}: {exc}")
+        if words is None:
+            return None
+        discard = frozenset(w.lower() for w in words)
+        if discard == self.e.discard:
+            return None
+        text = SF.ehlo_mask_text(discard)
+        if text and "silent-discard" not in discard:
+            # sic: Postfix's format has no colon between the address and the port here
+            msg.info(f"[{s.addr}]{s.port}: discarding EHLO keywords: {text}")
+        return self.e.format_ehlo(discard, s.tls is None and self.e.tls is not None)
 
     # --- STARTTLS ----------------------------------------------------------------------------
     def _starttls(self, args: str) -> None:

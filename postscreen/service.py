@@ -116,6 +116,12 @@ CONFIGURATION PARAMETERS
     postscreen_bare_newline_enable (no), postscreen_bare_newline_action (ignore),
     postscreen_bare_newline_ttl (30d), postscreen_forbidden_commands (CONNECT GET POST),
     postscreen_discard_ehlo_keywords ($smtpd_discard_ehlo_keywords),
+    postscreen_discard_ehlo_keyword_address_maps
+    ($smtpd_discard_ehlo_keyword_address_maps), postscreen_command_filter (empty),
+    postscreen_reject_footer ($smtpd_reject_footer), postscreen_reject_footer_maps
+    ($smtpd_reject_footer_maps), postscreen_expansion_filter ($smtpd_expansion_filter)
+    (lib/server_filters.py; $server_name, $client_address, $client_port and $localtime
+    expand in a footer),
     postscreen_watchdog_timeout (10s: one pass of the event loop, or the process is
     killed, as Postfix's watchdog),
     postscreen_disable_vrfy_command ($disable_vrfy_command), postscreen_helo_required
@@ -147,6 +153,7 @@ from dataclasses import dataclass
 from OpenSSL import SSL
 
 from ..lib import msg, passfd, proxy, server, tables
+from ..lib import server_filters as SF
 from ..lib import tls as T
 from ..lib.maincf import ConfigError
 from ..lib.netlist import NetworkList
@@ -223,6 +230,15 @@ class Settings:
         self.forbidden = {w for w in self.forbidden if ":" not in w}
         prepared = prepared or Prepared()
         self.engine = dummy.Engine(cfg, prepared.level, prepared.tls)
+        try:
+            self.filters = SF.ServerFilters(cfg, "postscreen")
+        except tables.TableError as exc:
+            raise ConfigError(str(exc)) from None
+        self.footer = self.filters.footer
+        self.engine.cmd_filter = self.filters.command_filter
+        if self.filters.ehlo_maps is not None:
+            self.engine.ehlo_maps = self.filters
+        self.host = cfg.get("myhostname")
         self.cache = None
 
     def _table(self, ref: str, param: str = "postscreen_access_list"):
@@ -791,9 +807,14 @@ class Session:
 
     def _write(self, text: str) -> bool:
         """psc_send_reply(): best effort, never blocks; False when the client is gone.
-        With soft_bounce, 5XX replies go out as 4XX."""
+        With soft_bounce, 5XX replies go out as 4XX; 4XX and 5XX replies end with
+        postscreen_reject_footer (the maps' key is the reply as given)."""
+        original = text
         if self.s.soft_bounce:
             text = soften(text)
+        if self.s.footer is not None and text[:1] in ("4", "5"):
+            text = self.s.footer.add_footer(text[:-2], self._macro_values,
+                                            original[:-2]) + "\r\n"
         if self.tls is not None:
             return self._write_tls(text.encode("utf-8", "replace"))
         try:
@@ -805,6 +826,11 @@ class Session:
                 msg.warn(f"write {getattr(self, 'where', '')}: {exc.strerror}")
             return False
         return True
+
+    def _macro_values(self) -> dict:
+        """psc_expand_lookup(): what postscreen's footers may expand."""
+        return {"server_name": self.s.host, "client_address": self.addr,
+                "client_port": self.port}
 
     def _write_tls(self, data: bytes) -> bool:
         """A reply in TLS. A record cannot be dropped halfway as a plaintext reply can:

@@ -154,6 +154,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..lib import dnsbl, metrics, msg, tables, verify_client
+from ..lib import server_filters as SF
 from ..lib.address import addr_find
 from ..lib.cleanup import receive_overrides
 from ..lib.dnsbl import DnsLookup
@@ -314,6 +315,7 @@ class Checker:
         self.local_rewrite = self._rewrite_clients(cfg["local_header_rewrite_clients"])
         # Postfix expands the template itself: $rbl_code and friends are not main.cf's.
         self.default_rbl_reply = cfg.raw("default_rbl_reply") or ""
+        self.expansion_filter = SF.ServerFilters.expansion_filter(cfg, "smtpd")
 
     def _make_dns(self) -> DnsLookup:
         try:
@@ -898,22 +900,23 @@ class Checker:
             template = table.lookup(written)
             if template is not None:
                 break
-        values = {"rbl_code": str(self.cfg["maps_rbl_reject_code"]), "rbl_domain": domain,
-                  "rbl_reason": txt or "", "rbl_txt": txt or "", "rbl_what": what,
-                  "rbl_class": reply_class, "client_address": state.addr,
-                  "client_name": state.name, "reverse_client_name": state.reverse_name,
-                  "helo_name": state.helo or "", "sender": state.sender or "",
-                  "recipient": rcpt or ""}
+        attrs = state.session_attrs() if state.session_attrs else {}
+        values = SF.smtpd_values(self.cfg.get("myhostname"), state,
+                                 attrs.get("client_port", ""), state.sender, rcpt)
+        values.update(rbl_code=str(self.cfg["maps_rbl_reject_code"]), rbl_domain=domain,
+                      rbl_reason=txt or "", rbl_txt=txt or "", rbl_what=what,
+                      rbl_class=reply_class)
         text = None
         if template is not None:
             try:
-                text = dnsbl.expand_reply(template, values)
+                text = SF.expand(template, values, self.expansion_filter, strict=True)
             except ValueError:
                 msg.warn(f"rbl_reject_reply: bad rbl reply template for domain "
                          f"{written}: {template}")
         if text is None:
             try:
-                text = dnsbl.expand_reply(self.default_rbl_reply, values)
+                text = SF.expand(self.default_rbl_reply, values, self.expansion_filter,
+                                 strict=True)
             except ValueError:
                 msg.warn(f"rbl_reject_reply: bad default rbl reply template: "
                          f"{self.default_rbl_reply}")

@@ -33,7 +33,10 @@ CONFIGURATION PARAMETERS
     smtpd_upstream_proxy_timeout (5s) (lib/proxy.py); smtpd_authorized_xclient_hosts
     and smtpd_authorized_xforward_hosts (empty; smtpd/xclient.py).
     Milters: smtpd_milters (empty) and the milter_* parameters (smtpd/milters.py,
-    lib/milter.py).
+    lib/milter.py). smtpd_reject_footer, smtpd_reject_footer_maps,
+    smtpd_expansion_filter, smtpd_command_filter and
+    smtpd_discard_ehlo_keyword_address_maps (empty; lib/server_filters.py, its tables
+    opened before the jail).
     Behind postscreen, a `pass` service (`smtpd pass - - y - - smtpd`) receives each
     client's socket and its endpoints from postscreen (lib/passfd.py) and uses those
     endpoints, never a PROXY header of its own.
@@ -55,7 +58,8 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from ..lib import cleanup, msg, passfd, proxy, server, tlsmgr_client
+from ..lib import cleanup, msg, passfd, proxy, server, tables, tlsmgr_client
+from ..lib import server_filters as SF
 from ..lib import tls as T
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
@@ -88,6 +92,10 @@ def prepare(cfg, service) -> Prepared:
     The TLS security level is computed here, once (lib/tls.server_security_level, with
     Postfix's warning for verify, secure and fingerprint), and every session uses it."""
     Checker(cfg)    # ConfigError: the service will not start, and says why
+    try:
+        SF.ServerFilters(cfg, "smtpd")
+    except tables.TableError as exc:
+        raise ConfigError(str(exc)) from None
     sasl.check_config(cfg)
     try:
         prepared = Prepared(level=T.server_security_level(cfg))
@@ -177,7 +185,8 @@ def pre_init(ctx) -> None:
         ctx.state["limits"] = Limits(ctx.cfg)
         ctx.state["cleanup"] = cleanup.Settings(ctx.cfg)    # its tables, before the jail
         ctx.state["milters"] = milters.prepare(ctx.cfg)
-    except ConfigError as exc:
+        ctx.state["filters"] = SF.ServerFilters(ctx.cfg, "smtpd")
+    except (ConfigError, tables.TableError) as exc:
         msg.fatal(str(exc))
     try:
         ctx.state["sasl"] = sasl.from_config(ctx.cfg)
@@ -260,6 +269,10 @@ def _session(conn: socket.socket, ctx, passed: dict | None = None) -> None:
     session.limits_for = lambda c: ctx.state["limits"].session(c, ctx.service.name)
     session.cleanup_settings = ctx.state["cleanup"]
     milters.setup(session, ctx.state["milters"])
+    filters = ctx.state["filters"]
+    session.footer, session.cmd_filter = filters.footer, filters.command_filter
+    if filters.ehlo_maps is not None:
+        session.ehlo_maps = filters
     try:
         session.run()
     finally:

@@ -54,6 +54,14 @@ PROTOCOL
     first BDAT), an unknown command (4XX only) and the end of the message, where the
     cleanup stage applies their edits before the queue file is committed; logged as
     Postfix's `milter-reject`, `milter-hold` and `milter-discard`.
+    Reject footers (smtpd_reject_footer, smtpd_reject_footer_maps; reply() adds one to
+    every 4XX and 5XX reply, its $names expanded per reply through
+    smtpd_expansion_filter), smtpd_command_filter (read_command() replaces the line and
+    logs `CLIENT: replacing command "OLD" with "NEW"`) and
+    smtpd_discard_ehlo_keyword_address_maps (looked up at greet(): the client address's
+    keywords instead of smtpd_discard_ehlo_keywords; each EHLO logs `discarding EHLO
+    keywords: ...` unless silent-discard, as Postfix) are lib/server_filters.py's; a
+    table that cannot be read gets `421 4.3.0 HOST Server local data error`.
     XCLIENT and XFORWARD, for authorized clients only, are in smtpd/xclient.py; greet()
     runs again after XCLIENT. A session whose PROXY header was unusable (hangup) answers
     only `421 4.3.0 HOST Server local error` (smtpd/proxy.py).
@@ -81,6 +89,7 @@ import time
 import weakref
 
 from ..lib import cleanup, flush, mail_flow, metrics, msg, tables, verify_client
+from ..lib import server_filters as SF
 from ..lib import dsn as DSN
 from ..lib import queue as Q
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
@@ -253,6 +262,11 @@ class Session:
     cleanup_settings = None  # lib/cleanup.Settings, opened before the jail by service.py
     milters = None          # lib/milter.Milters (smtpd_milters), set by smtpd/milters.setup
     milter_rcpt = milter_reject = None
+    # lib/server_filters: set by service.py when configured, else one attribute test each
+    footer = None           # smtpd_reject_footer(_maps)
+    cmd_filter = None       # smtpd_command_filter
+    ehlo_maps = None        # smtpd_discard_ehlo_keyword_address_maps
+    ehlo_unknown = False    # its lookup failed: EHLO gets 421 (Postfix's SMTP_ERR_DATA)
 
     def __init__(self, stream, cfg, client: ClientState, queue_root: str, checker,
                  level: str = "none", tls=None, wrapper: bool = False,
@@ -331,14 +345,33 @@ class Session:
 
     # --- replies and logging -----------------------------------------------------------------
     def reply(self, text: str, error: bool = True) -> None:
-        """Queue one reply line (flushed before the next read); a 4xx or 5xx reply other
-        than 421 counts as an error unless error is False."""
-        if text[:1] in ("4", "5") and not text.startswith("421"):
-            self.errors += error
-            if self.errors > self.soft_limit and self.error_sleep:
-                self.s.flush()
-                time.sleep(self.error_sleep)
+        """Queue one reply (flushed before the next read; lines joined by CRLF); a 4xx
+        or 5xx reply other than 421 counts as an error unless error is False, and gets
+        smtpd_reject_footer."""
+        if text[:1] in ("4", "5"):
+            if self.footer is not None:
+                text = self.footer.add_footer(text, self.macro_values)
+            if not text.startswith("421"):
+                self.errors += error
+                if self.errors > self.soft_limit and self.error_sleep:
+                    self.s.flush()
+                    time.sleep(self.error_sleep)
+            if "\r\n" in text:            # a footer's or a milter's lines
+                self.s.write(b"".join(map(reply_bytes, text.split("\r\n"))))
+                return
         self.s.write(reply_bytes(text))
+
+    def macro_values(self) -> dict:
+        """The $names of smtpd's reply templates (Postfix's smtpd_expand_lookup)."""
+        return SF.smtpd_values(self.hostname, self.client, self.client_port, self.sender)
+
+    def local_data_error(self) -> None:
+        """Postfix's SMTP_ERR_DATA: a table that cannot be read; 421 and goodbye."""
+        reply = f"421 4.3.0 {self.hostname} Server local data error"
+        msg.info(f"{self.writer.id if self.writer else 'NOQUEUE'}: reject: {self.last} "
+                 f"from {self.client.client}: {reply}")
+        self.reply(reply)
+        raise Disconnect
 
     def count(self, verb: str, ok: bool) -> None:
         c = self.counts.setdefault(verb, [0, 0])
@@ -496,6 +529,8 @@ class Session:
     def greet(self) -> None:
         """Connection limits, connect restrictions and the greeting; again after XCLIENT.
         XCLIENT hosts are not counted by anvil, as in Postfix."""
+        if self.ehlo_maps is not None:
+            self.ehlo_discard_for_client()
         if not self._in_list("smtpd_authorized_xclient_hosts") and \
                 not self.limits.connect(self.reply):
             raise Disconnect
@@ -523,6 +558,18 @@ class Session:
         else:
             self.reply(f"220 {self.cfg.get('smtpd_banner')}")
 
+    def ehlo_discard_for_client(self) -> None:
+        """smtpd_discard_ehlo_keyword_address_maps: the client address's keywords replace
+        smtpd_discard_ehlo_keywords (a failed lookup: 421 at EHLO, as Postfix)."""
+        self.ehlo_unknown = False
+        try:
+            words = self.ehlo_maps.ehlo_discard(self.client.addr)
+        except tables.TableError as exc:
+            msg.warn(f"smtpd_discard_ehlo_keyword_address_maps: {exc}")
+            self.ehlo_unknown, words = True, None
+        self.discard_ehlo = self.conf.attrs["discard_ehlo"] if words is None else \
+            frozenset(w.lower() for w in words)
+
     def milter_event(self, where: str, call, rcpt: str | None = None) -> str | None:
         """One SMTP stage's milter event (a no-op without milters or after a milter's
         DISCARD): the reply to give instead of smtpd's own, as Postfix's smtpd.c."""
@@ -535,10 +582,7 @@ class Session:
 
     def milter_refuse(self, err: str) -> bool:
         """Give a milter's reply (it may be multi-line); 421 ends the session."""
-        lines = err.split("\r\n")
-        for line in lines[:-1]:
-            self.reply(line, error=False)
-        self.reply(lines[-1])
+        self.reply(err)
         if err.startswith("421"):
             raise Disconnect
         return False
@@ -578,7 +622,25 @@ class Session:
             # Sending ahead without having seen PIPELINING: logged, as Postfix does.
             self.pipelining_warned = True
             self.ill_pipelining(self.last, raw[:4].lower() == b"auth")
+        if self.cmd_filter is not None:
+            return self.filter_command(self.decode_command(raw))
         return self.decode_command(raw)
+
+    def filter_command(self, line: str | None) -> str | None:
+        """smtpd_command_filter: the table's replacement of the line, logged as Postfix."""
+        if line is None:
+            return None
+        try:
+            new = self.cmd_filter.filter_command(line)
+        except tables.TableError:
+            table = self.cmd_filter.cmd_table
+            msg.warn(f"{table.type}:{table.name} lookup error for \"{printable(line)}\"")
+            self.local_data_error()
+        if new is None:
+            return line
+        msg.info(f"{self.client.client}: replacing command \"{printable(line)}\" with "
+                 f"\"{printable(new)}\"")
+        return new
 
     def decode_command(self, raw: bytes) -> str | None:
         """The command line as text: UTF-8. With smtputf8_enable, malformed UTF-8 (up to a
@@ -672,6 +734,14 @@ class Session:
         if not esmtp:
             self.reply(f"250 {self.hostname}")
             return True
+        if self.ehlo_unknown:
+            msg.warn(f"don't know what EHLO features to announce to {self.client.client}")
+            self.local_data_error()
+        if self.discard_ehlo and "enhancedstatuscodes" not in self.discard_ehlo and \
+                "silent-discard" not in self.discard_ehlo:
+            words = SF.ehlo_mask_text(self.discard_ehlo)
+            if words:
+                msg.info(f"discarding EHLO keywords: {words}")
         self.pipelining_ok = True
         self.s.write(self.ehlo_reply())
         return True
@@ -685,14 +755,14 @@ class Session:
             mechs = self.sasl.mechanisms(self.tls_active)
             mechs = tuple(mechs) if mechs else None
         key = (self.starttls_offered, mechs, tuple(X.ehlo_keywords(self)),
-               self.requiretls_offered)
+               self.requiretls_offered, self.discard_ehlo)
         reply = self.conf.ehlo.get(key)
         if reply is None:
             reply = self.conf.ehlo[key] = self._ehlo_reply(*key)
         return reply
 
     def _ehlo_reply(self, starttls: bool, mechs: tuple | None, x_keywords: tuple,
-                    requiretls: bool) -> bytes:
+                    requiretls: bool, discard: frozenset) -> bytes:
         lines = [self.hostname, "PIPELINING"]
         lines.append(f"SIZE {self.size_limit}" if self.size_limit else "SIZE")
         if not self.cfg["disable_vrfy_command"]:
@@ -707,7 +777,7 @@ class Session:
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN"] + ["SMTPUTF8"] * \
             self.smtputf8_enable + ["CHUNKING"] + ["REQUIRETLS"] * requiretls
         lines = [lines[0]] + [k for k in lines[1:]
-                              if k.split()[0].lower() not in self.discard_ehlo]
+                              if k.split()[0].lower() not in discard]
         return b"".join(reply_bytes(f"250{'-' if i < len(lines) - 1 else ' '}{text}")
                         for i, text in enumerate(lines))
 

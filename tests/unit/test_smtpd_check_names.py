@@ -164,16 +164,6 @@ def test_bad_reply_patterns(bad):
         dnsbl.parse_reply_pattern(bad)
 
 
-def test_reply_templates():
-    values = {"rbl_code": "554", "rbl_reason": "", "rbl_what": "1.2.3.4", "x": "a\x01b"}
-    assert dnsbl.expand_reply("$rbl_code [${rbl_what}]${rbl_reason?; $rbl_reason}$$",
-                              values) == "554 [1.2.3.4]$"
-    assert dnsbl.expand_reply("${rbl_reason:none} $x", values) == "none a_b"
-    for bad in ("$nosuch", "${rbl_code", "${rbl_code!x}"):
-        with pytest.raises(ValueError):
-            dnsbl.expand_reply(bad, values)
-
-
 def test_nameservers():
     assert (dnsbl.nameserver("127.0.0.1").address, dnsbl.nameserver("127.0.0.1").port) == \
         ("127.0.0.1", 53)
