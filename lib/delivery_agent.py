@@ -11,7 +11,8 @@ records the results.
 A Report is where each recipient's outcome is decided for good, and the only place:
 record() applies soft_bounce (a bounce becomes a deferral, dsn 5.x.x becomes 4.x.x, as
 Postfix's bounce client does in every agent) and logs Postfix's line
-`ID: to=<r>, relay=R, delay=D, delays=a/b/c/d, dsn=X, status=S (reason)`. The smtp
+`ID: to=<r>, [orig_to=<o>, ]relay=R, delay=D, delays=a/b/c/d, dsn=X, status=S (reason)`
+(orig_to: the request's original address of the recipient, when it differs). The smtp
 client records each recipient as its session decides it (with the connection set-up and
 transmission delays); local records each recipient as it is delivered (with the DSN
 action of an alias expansion); virtual, discard and error decide all recipients first and
@@ -134,9 +135,11 @@ class Report:
         else:
             logged = kind
         request = self.request
+        originals = request.originals
         deliver.log_delivery(request.queue_id, request.recipients[index], relay,
                              self.arrival, self.started, dsn, logged, reason, conn_setup,
-                             transmit, conn_use)
+                             transmit, conn_use,
+                             originals[index] if originals else "")
         if kind != "sent":
             action, passed, dsn_text = "", False, ""
         r = self.results[index] = RcptResult(kind, dsn, dsn_text or reason, action, passed)
@@ -162,7 +165,8 @@ class Report:
             kind, dsn, reason = "deferred", "4.3.0", "address verification service failure"
             action = kind
         deliver.log_delivery(request.queue_id, rcpt, relay, self.arrival, self.started,
-                             dsn, action, reason, conn_setup, transmit, conn_use)
+                             dsn, action, reason, conn_setup, transmit, conn_use,
+                             request.original(index))
         r = self.results[index] = RcptResult("sent" if told else kind, dsn, reason)
         return r
 

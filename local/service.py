@@ -87,9 +87,13 @@ DESCRIPTION
     "forwards to ADDRS"; an unknown user bounces as above. Nothing is written, run or
     forwarded; lib/delivery_agent.py reports the result to the verify service.
 
-    Each delivered copy gets Return-Path:, X-Original-To: (the recipient qmgr gave) and
-    Delivered-To: (the same, lower-cased; Postfix's frozen_delivered_to) headers
-    (lib/mailbox.py); a command or file also gets the `From ` line first.
+    Each delivered copy gets Return-Path:, X-Original-To: (the recipient's original
+    address from the request: as the client gave it, before canonical_maps,
+    virtual_alias_maps and alias or .forward expansion; none with
+    enable_original_recipient = no) and Delivered-To: (the recipient qmgr gave,
+    lower-cased; Postfix's frozen_delivered_to) headers (lib/mailbox.py); a command or
+    file also gets the `From ` line first, and the ORIGINAL_RECIPIENT variable. Copies
+    forwarded through the queue keep the original address (Postfix's orig_rcpt).
 
     With `local_delivery_any_user = yes` (a postfix-py extension for self-contained
     instances, default no) a local part without an account that is a safe file name
@@ -124,7 +128,7 @@ CONFIGURATION PARAMETERS
     (empty), mail_spool_directory (/var/mail), home_mailbox (empty), recipient_delimiter
     (empty), default_privs (nobody), myorigin and mydestination (for addresses that
     aliases name), mail_owner (owner of forwarded queue files), soft_bounce (no),
-    ipc_timeout (3600s), local_delivery_any_user (no).
+    ipc_timeout (3600s), local_delivery_any_user (no), enable_original_recipient (yes).
 
 LIMITS
     Not implemented: expand_owner_alias, propagate_unmatched_extensions,
@@ -268,6 +272,10 @@ class LocalDelivery:
         self.content = content
         self.envid, self.ret = envid, ret       # the message's DSN ENVID and RET
         self.notify = self.orcpt = ""           # the recipient's DSN NOTIFY and ORCPT
+        # the recipient's original address (X-Original-To:, forwarded copies), "" with
+        # enable_original_recipient = no
+        self.keep_original = cfg["enable_original_recipient"]
+        self.original = ""
         self.request = request
         self.queue_root = queue_root
         self.seen = mailbox.delivered_to(content)
@@ -292,11 +300,14 @@ class LocalDelivery:
         self.verify = False
 
     # --- one recipient of the request ---------------------------------------------------
-    def deliver(self, rcpt: str, notify: str = "", orcpt: str = "") -> RcptResult:
+    def deliver(self, rcpt: str, notify: str = "", orcpt: str = "",
+                original: str = "") -> RcptResult:
         """Deliver to one recipient (and whatever its aliases and .forward name);
-        notify and orcpt: its DSN NOTIFY and ORCPT, passed on to forwarded copies."""
+        notify and orcpt: its DSN NOTIFY and ORCPT, passed on to forwarded copies;
+        original: its original address ("": rcpt itself), which every copy keeps."""
         self.rcpt = rcpt
         self.notify, self.orcpt = notify, orcpt
+        self.original = (original or rcpt) if self.keep_original else ""
         for name, word in self.bad_mask:
             # Postfix's local dies (fatal) on this; the mail waits for a fixed main.cf.
             msg.warn(f'unknown {name} value "{word}" in "{self.cfg.get(name)}"')
@@ -589,7 +600,7 @@ class LocalDelivery:
             self._out("sent", "2.0.0", f"delivers to file: {path}")
             return
         sender, content = self._sender(st), self.content
-        headers = mailbox.added_headers(sender, self.rcpt)
+        headers = mailbox.added_headers(sender, self.rcpt, self.original)
 
         def work(drop):
             try:
@@ -645,14 +656,15 @@ class LocalDelivery:
         for name in ("home", "shell", "domain", "extension"):
             if name in attrs:
                 env[name.upper()] = attrs[name]
-        env["ORIGINAL_RECIPIENT"] = self.rcpt
+        env["ORIGINAL_RECIPIENT"] = self.original or self.rcpt
         for name in ("TZ", "LANG"):
             if name in os.environ:
                 env[name] = os.environ[name]
         stamp = time.strftime("%a %b %e %H:%M:%S %Y")
         sender = self._sender(st)
         data = (f"From {sender or 'MAILER-DAEMON'}  {stamp}\n".encode(
-            "utf-8", "surrogateescape") + mailbox.added_headers(sender, self.rcpt)
+            "utf-8", "surrogateescape") + mailbox.added_headers(sender, self.rcpt,
+                                                                self.original)
             + self.content)
         self._out(*command_mod.run(command, data, rights[0], rights[1], env,
                                    self.cfg["command_time_limit"]))
@@ -683,7 +695,8 @@ class LocalDelivery:
             notify = ",".join(w for w in self.notify.split(",") if w and w != "SUCCESS")
             notify = notify or ("NEVER" if self.notify else "")
             for r in rcpts:
-                writer.add_recipient(r, notify, "" if listed else self.orcpt)
+                writer.add_recipient(r, notify, "" if listed else self.orcpt,
+                                     self.original)
             writer.write(f"Delivered-To: {self.rcpt.lower()}\n".encode(
                 "utf-8", "surrogateescape"))
             writer.write(self.content)
@@ -742,7 +755,7 @@ class LocalDelivery:
             maildir = (self.home_mailbox or self.spool).endswith("/")
             return "sent", "2.0.0", f"delivers to {'maildir' if maildir else 'mailbox'}"
         sender = self._sender(st)
-        headers = mailbox.added_headers(sender, self.rcpt)
+        headers = mailbox.added_headers(sender, self.rcpt, self.original)
         if self.home_mailbox:
             path = os.path.join(home, self.home_mailbox)
             maildir = self.home_mailbox.endswith("/")
@@ -835,7 +848,8 @@ def deliver_request(request, ctx, report) -> str:
     for i, rcpt in enumerate(request.recipients):
         offset = request.offsets[i] if i < len(request.offsets) else None
         dsn = stored.get(offset)
-        r = job.deliver(rcpt, dsn.notify if dsn else "", dsn.orcpt if dsn else "")
+        r = job.deliver(rcpt, dsn.notify if dsn else "", dsn.orcpt if dsn else "",
+                        request.original(i))
         if r.result == "sent" and job.expansion:
             report.record(i, r.result, r.dsn, r.reason, "local", action=job.expansion,
                           dsn_text="alias expanded")
