@@ -60,7 +60,11 @@ DESCRIPTION
 
     RESULTS. Each recipient of the request gets one result: deferred if a destination
     was deferred, else bounced if one was bounced, else sent; its other successful
-    destinations are logged on lines of their own. Texts, as Postfix's:
+    destinations are logged on lines of their own. Each line names the address that
+    was delivered at that level of the expansion (the local user an alias names; the
+    alias itself for its files, commands and forwarded copies) and, when that differs,
+    the original recipient: `to=<nobody@host>, orig_to=<postmaster@host>`, as Postfix's
+    local. Texts, as Postfix's:
 
         mailbox                            sent 2.0.0 "delivered to maildir" or
                                            "delivered to mailbox"
@@ -312,7 +316,10 @@ class LocalDelivery:
             # Postfix's local dies (fatal) on this; the mail waits for a fixed main.cf.
             msg.warn(f'unknown {name} value "{word}" in "{self.cfg.get(name)}"')
             return result("deferred", "4.3.5", "mail system configuration error")
-        self.outcomes: list[tuple[str, str, str]] = []
+        # (kind, dsn, reason, address): the address delivered to at that level of
+        # the expansion (Postfix logs it as to=, with the original as orig_to=)
+        self.outcomes: list[tuple[str, str, str, str]] = []
+        self.at = self.logged = rcpt
         self.indirect: list[tuple[str, str]] = []      # (sender, address)
         self.been_here: set = set()
         # the DSN action of the outermost alias or .forward expansion: "expanded", or
@@ -320,8 +327,8 @@ class LocalDelivery:
         self.expansion: str | None = None
         self._recipient(rcpt, State())
         for sender in dict.fromkeys(s for s, _ in self.indirect):
-            self.outcomes.append(self._forward(sender, [a for s, a in self.indirect
-                                                        if s == sender]))
+            self.outcomes.append((*self._forward(sender, [a for s, a in self.indirect
+                                                          if s == sender]), rcpt))
         if not self.outcomes:
             return result("sent", "2.0.0", "delivered")
         final = next((o for o in self.outcomes if o[0] == "deferred"), None) or \
@@ -329,20 +336,28 @@ class LocalDelivery:
         if self.request is not None:
             for o in self.outcomes:
                 if o is not final and o[0] == "sent":
-                    deliver.log_delivery(self.request.queue_id, rcpt, "local",
+                    deliver.log_delivery(self.request.queue_id, o[3], "local",
                                          self.request.arrival, self.started, o[1], o[0],
-                                         o[2])
-        return result(*final)
+                                         o[2], orig=self.original)
+        self.logged = final[3]
+        return result(*final[:3])
 
     def _sender(self, st: State) -> str:
         return self.sender if st.sender is None else st.sender
 
-    def _out(self, kind: str, dsn: str, reason: str) -> bool:
-        self.outcomes.append((kind, dsn, reason))
+    def _out(self, kind: str, dsn: str, reason: str, at: str = "") -> bool:
+        self.outcomes.append((kind, dsn, reason, at or self.at))
         return True
 
     def _recipient(self, addr: str, st: State) -> None:
         """Postfix's deliver_recipient and deliver_switch."""
+        outer, self.at = self.at, addr
+        try:
+            self._switch(addr, st)
+        finally:
+            self.at = outer
+
+    def _switch(self, addr: str, st: State) -> None:
         st = st.deeper()
         if st.level > MAX_LEVEL:
             msg.warn(f"recipient nesting limit exceeded for {addr}")
@@ -852,9 +867,10 @@ def deliver_request(request, ctx, report) -> str:
                         request.original(i))
         if r.result == "sent" and job.expansion:
             report.record(i, r.result, r.dsn, r.reason, "local", action=job.expansion,
-                          dsn_text="alias expanded")
+                          dsn_text="alias expanded", to=job.logged, orig=job.original)
         else:
-            report.record(i, r.result, r.dsn, r.reason, "local")
+            report.record(i, r.result, r.dsn, r.reason, "local", to=job.logged,
+                          orig=job.original)
     return "local"
 
 

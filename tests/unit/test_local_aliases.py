@@ -221,7 +221,8 @@ def test_every_destination_is_logged(area, capsys):
     r = local.LocalDelivery(cfg, "a@example.org", MESSAGE, request).deliver(f"both@{HOST}")
     assert (r.result, r.reason) == ("sent", f"delivered to file: {area}/both.mbox")
     err = capsys.readouterr().err        # the one returned is logged by the Report
-    assert f"ABC123: to=<both@{HOST}>, relay=local, delay=" in err
+    # the address the alias expanded to, and the original (Postfix's local)
+    assert f"ABC123: to=<nobody@{HOST}>, orig_to=<both@{HOST}>, relay=local, delay=" in err
     assert "dsn=2.0.0, status=sent (delivered to maildir)" in err
 
 
