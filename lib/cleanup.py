@@ -1227,8 +1227,9 @@ class Cleanup:
         """The envelope recipients to write, each with its DSN NOTIFY and ORCPT and its
         original address (as the client gave it; "" when that is the recipient itself
         or enable_original_recipient = no): rewritten, expanded, Bcc added. A recipient
-        that rewriting or expansion changed keeps its NOTIFY, and its ORCPT is the
-        address the client gave unless it sent one. As Postfix's cleanup_out_recipient,
+        that rewriting or expansion changed keeps its NOTIFY and the client's ORCPT (a
+        notice or the smtp client uses the original address when there is none). As
+        Postfix's cleanup_out_recipient,
         duplicates are dropped per original address: two addresses given that end in
         one mailbox each keep their copy (their X-Original-To: differ), unless
         enable_original_recipient = no."""
@@ -1247,8 +1248,7 @@ class Cleanup:
             for addr in self._expand(rcpt):
                 kept = original if keep and original and original != addr else ""
                 if (addr, kept) not in out:
-                    out[addr, kept] = (notify, orcpt or (
-                        f"rfc822;{original}" if original and addr != original else ""))
+                    out[addr, kept] = (notify, orcpt)
         return [(addr, n, o, kept) for (addr, kept), (n, o) in out.items()]
 
     def abort(self) -> None:

@@ -157,3 +157,19 @@ def test_notice_names_the_original(tmp_path):
     groups = report.get_payload()[1].get_payload()[1:]
     assert [g["Original-Recipient"] for g in groups] == [
         "rfc822;alias@example.org", "rfc822;Given@example.org", "rfc822;dave@example.net"]
+
+
+def test_cleanup_keeps_the_clients_orcpt_apart(tmp_path):
+    (tmp_path / "virt").write_text("info@example.org bob@example.net\n")
+    cfg, root = _root(tmp_path, virtual_alias_maps="texthash:@DIR@/virt")
+    c = cleanup.Cleanup(cleanup.Settings(cfg), root, origin="client[192.0.2.1]",
+                        proto="ESMTP", helo="client")
+    c.set_sender("a@example.org")
+    c.add_recipient("info@example.org")
+    c.add_recipient("Sales@example.org", "SUCCESS", "rfc822;Given@example.org")
+    c.write(b"Subject: x\n\nbody\n")
+    env = Q.read(os.path.join(root, "incoming", c.finish().queue_id))
+    # the DSN ORCPT is the client's only (Postfix's dsn_orcpt); the original is apart
+    assert [(r.address, r.orcpt, r.original, r.notify) for r in env.recipients] == [
+        ("bob@example.net", "", "info@example.org", ""),
+        ("Sales@example.org", "rfc822;Given@example.org", "", "SUCCESS")]
