@@ -61,6 +61,7 @@ import time
 
 from . import msg
 from .server import critical
+from .tok822 import quote_822_local
 
 LOCK_WAIT = 10.0
 REPORT_LIMIT = 65536           # bytes of a child's report read at most
@@ -90,7 +91,8 @@ def added_headers(sender: str, recipient: str, original: str | None = None) -> b
     X-Original-To: out (enable_original_recipient = no, as Postfix's mail_copy)."""
     if original is None:
         original = recipient
-    x_original = f"X-Original-To: {original}\n" if original else ""
+    # quoted as Postfix's mail_copy does (quote_822_local): `"john doe"@example.org`
+    x_original = f"X-Original-To: {quote_822_local(original)}\n" if original else ""
     return (f"Return-Path: <{sender}>\n{x_original}"
             f"Delivered-To: {recipient.lower()}\n").encode("utf-8", "surrogateescape")
 

@@ -54,7 +54,8 @@ QUEUE ROOT
 
 FUNCTIONS
     QueueWriter(queue_root, now=None): create a file in incoming/; add_attr, set_sender,
-        add_recipient(rcpt, notify, orcpt, original), write (content, any chunking), commit() -> queue id, abort().
+        add_recipient(rcpt, notify, orcpt, original), write (content, any chunking),
+        commit() -> queue id, abort().
         OSError from the file system propagates (ENOSPC: the caller answers 452 4.3.1).
     recover_incoming(queue_root) -> ids: at start, rename complete files a crash left
         under their dot name (commit does not fsync the directory, as Postfix).

@@ -138,6 +138,8 @@ def test_added_headers():
         b"Return-Path: <a@x>\nX-Original-To: Bob@x\nDelivered-To: bob@x\n")
     assert mailbox.added_headers("", "bob@x", "") == (
         b"Return-Path: <>\nDelivered-To: bob@x\n")
+    assert mailbox.added_headers("a@x", "bob@x", "john doe@x") == (
+        b'Return-Path: <a@x>\nX-Original-To: "john doe"@x\nDelivered-To: bob@x\n')
 
 
 def test_notice_names_the_original(tmp_path):
