@@ -207,8 +207,12 @@ def test_command_file_and_include(area):
     m = Q.read(f"{area}/queue/incoming/{qid}")
     assert m.sender == "a@example.org" and [x.address for x in m.recipients] == \
         [f"nobody@{HOST}"]
+    assert m.recipients[0].original == f"incl@{HOST}"    # the original goes with it
     content = b"".join(m.content(f"{area}/queue/incoming/{qid}"))
     assert content == f"Delivered-To: incl@{HOST}\n".encode() + MESSAGE
+    r = job(cfg, area).deliver(f"incl@{HOST}", original=f"Given@{HOST}")
+    m = Q.read(f"{area}/queue/incoming/{r.reason.split()[-1]}")
+    assert m.recipients[0].original == f"Given@{HOST}"
     r = job(cfg, area).deliver(f"temp@{HOST}")
     assert (r.result, r.dsn, r.reason) == ("deferred", "4.3.0", "temporary failure")
     r = job(cfg, area).deliver(f"fail@{HOST}")
