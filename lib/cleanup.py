@@ -248,6 +248,7 @@ class Settings:
         self.delimiters = cfg.get("recipient_delimiter")
         self.expansion_limit = cfg["virtual_alias_expansion_limit"]
         self.recursion_limit = cfg["virtual_alias_recursion_limit"]
+        self.keep_original = cfg["enable_original_recipient"]
         self.body_limit = cfg["body_checks_size_limit"]
         self.milter_limit = cfg["message_size_limit"] or (1 << 30)
         self._tables: dict[str, tables.Table] = {}
@@ -1214,34 +1215,41 @@ class Cleanup:
             return Result("discarded", self.id)
         if self.filter:
             self.w.add_attr(FILTER_ATTR, self.filter)
-        for rcpt, notify, orcpt in rcpts:
-            self.w.add_recipient(rcpt, notify, orcpt)
+        for rcpt, notify, orcpt, original in rcpts:
+            self.w.add_recipient(rcpt, notify, orcpt, original)
         if self.hold:
             self.w.dir = os.path.join(self.queue_root, "hold")  # the commit renames there
         self.w.commit()
         self.closed = True
         return Result("held" if self.hold else "queued", self.id)
 
-    def _recipients(self) -> list[tuple[str, str, str]]:
-        """The envelope recipients to write, each with its DSN NOTIFY and ORCPT: rewritten,
-        expanded, Bcc added, once each. A recipient that rewriting or expansion changed
-        keeps its NOTIFY, and its ORCPT is the address the client gave unless it sent one."""
+    def _recipients(self) -> list[tuple[str, str, str, str]]:
+        """The envelope recipients to write, each with its DSN NOTIFY and ORCPT and its
+        original address (as the client gave it; "" when that is the recipient itself
+        or enable_original_recipient = no): rewritten, expanded, Bcc added. A recipient
+        that rewriting or expansion changed keeps its NOTIFY and the client's ORCPT (a
+        notice or the smtp client uses the original address when there is none). As
+        Postfix's cleanup_out_recipient,
+        duplicates are dropped per original address: two addresses given that end in
+        one mailbox each keep their copy (their X-Original-To: differ), unless
+        enable_original_recipient = no."""
         if self.redirect is not None:
-            return [(self.redirect, "", "")]
+            return [(self.redirect, "", "", "")]
         s = self.s
         if not (s.rewrites_recipients or s.always_bcc or self.bcc) and \
                 all(self._qualify(r) == r for r in self.rcpts):
-            return [(r, *self.dsn.get(r, ("", ""))) for r in dict.fromkeys(self.rcpts)]
+            return [(r, *self.dsn.get(r, ("", "")), "") for r in dict.fromkeys(self.rcpts)]
         given = [(self._rewrite_recipient(r), r) for r in self.rcpts]
         bcc = self.bcc + ([self._qualify(s.always_bcc)] if s.always_bcc else [])
-        out: dict[str, tuple[str, str]] = {}
+        keep = s.keep_original
+        out: dict[tuple[str, str], tuple[str, str]] = {}
         for rcpt, original in given + [(b, None) for b in bcc]:
             notify, orcpt = self.dsn.get(original, ("", "")) if original else ("", "")
             for addr in self._expand(rcpt):
-                if addr not in out:
-                    out[addr] = (notify, orcpt or (f"rfc822;{original}" if original and
-                                                  addr != original else ""))
-        return [(addr, n, o) for addr, (n, o) in out.items()]
+                kept = original if keep and original and original != addr else ""
+                if (addr, kept) not in out:
+                    out[addr, kept] = (notify, orcpt)
+        return [(addr, n, o, kept) for (addr, kept), (n, o) in out.items()]
 
     def abort(self) -> None:
         """Throw the queue file away."""

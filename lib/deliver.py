@@ -19,6 +19,9 @@ REQUEST (attributes)
     rcpt_count    N
     rcpt.I        recipient I (0..N-1)
     offset.I      the offset of recipient I's record in the queue file (opaque to agents)
+    orig.I        optional: recipient I's original address (Postfix's orig_rcpt: as given,
+                  before canonical_maps, virtual_alias_maps and alias expansion), only
+                  when it is not rcpt.I itself; absent, the original is rcpt.I
     flags         optional, comma-separated words (e.g. "bounce" for a bounce message;
                   "conn_load" and "conn_store": qmgr's on-demand connection caching for
                   this destination, Postfix's DEL_REQ_FLAG_CONN_LOAD/_STORE)
@@ -39,8 +42,13 @@ FUNCTIONS
     encode_request(Request) -> bytes (a whole frame); decode_request(attrs) -> Request
     encode_reply(DeliveryStatus) -> bytes; decode_reply(attrs, rcpt_count) -> DeliveryStatus
     Both decoders raise DeliverError (a lib.attr.AttrError) for a frame that breaks the rules.
-    log_delivery(queue_id, rcpt, relay, arrival, started, dsn, status, reason) logs
-    Postfix's line: `ID: to=<r>, relay=R, [conn_use=N, ]delay=D, delays=a/b/c/d, dsn=X, status=S (reason)`.
+    Request.original(i) -> recipient i's original address (rcpt.I when none was sent).
+    log_delivery(queue_id, rcpt, relay, arrival, started, dsn, status, reason, ...,
+    orig="") logs Postfix's line: `ID: to=<r>, [orig_to=<o>, ]relay=R, [conn_use=N, ]
+    delay=D, delays=a/b/c/d, dsn=X, status=S (reason)`; orig_to when orig is given and
+    differs from r but for case (Postfix's log_adhoc).
+    shown_original(rcpt, orig) -> orig when logs and notices show it beside rcpt (it
+    differs but for case), else "": the one rule for orig_to= and "(expanded from <o>)".
 """
 
 from __future__ import annotations
@@ -68,6 +76,13 @@ class Request:
     recipients: list[str]
     offsets: list[int] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
+    # the recipients' original addresses, one per recipient ("" for one that is its
+    # own original), or none at all (empty, the common case: no list is made)
+    originals: list[str] | tuple = ()
+
+    def original(self, i: int) -> str:
+        """Recipient i's original address: as given, before rewriting and expansion."""
+        return (self.originals[i] if self.originals else "") or self.recipients[i]
 
 
 @dataclass
@@ -97,10 +112,12 @@ def encode_request(req: Request) -> bytes:
              "arrival": f"{req.arrival:.6f}", "rcpt_count": str(len(req.recipients))}
     if req.flags:
         attrs["flags"] = ",".join(req.flags)
-    offsets = req.offsets
+    offsets, originals = req.offsets, req.originals
     for i, rcpt in enumerate(req.recipients):
         attrs[f"rcpt.{i}"] = rcpt
         attrs[f"offset.{i}"] = str(int(offsets[i])) if i < len(offsets) else "0"
+        if originals and originals[i] and originals[i] != rcpt:
+            attrs[f"orig.{i}"] = originals[i]
     return attr.encode(attrs)
 
 
@@ -153,10 +170,16 @@ def _request(attrs: dict, n: int) -> Request:
     if n == 1:                  # most requests (qmgr's recipient_limit per destination)
         offsets = [int(text(attrs["offset.0"], "utf-8", "surrogateescape"))]
         recipients = [text(attrs["rcpt.0"], "utf-8", "surrogateescape")]
+        orig = attrs.get("orig.0")
+        originals = () if orig is None else [text(orig, "utf-8", "surrogateescape")]
     else:
         offsets = [int(text(attrs[f"offset.{i}"], "utf-8", "surrogateescape"))
                    for i in range(n)]
         recipients = [text(attrs[f"rcpt.{i}"], "utf-8", "surrogateescape") for i in range(n)]
+        originals = [text(attrs.get(f"orig.{i}", b""), "utf-8", "surrogateescape")
+                     for i in range(n)]
+        if not any(originals):
+            originals = ()      # as qmgr sends none: the recipients are their originals
     flags = attrs.get("flags")
     return Request(text(attrs["queue_id"], "utf-8", "surrogateescape"),
                    text(attrs["queue_file"], "utf-8", "surrogateescape"),
@@ -164,7 +187,8 @@ def _request(attrs: dict, n: int) -> Request:
                    text(attrs["nexthop"], "utf-8", "surrogateescape"),
                    text(attrs["sender"], "utf-8", "surrogateescape"), arrival, recipients,
                    offsets, [] if flags is None else
-                   list(filter(None, text(flags, "utf-8", "surrogateescape").split(","))))
+                   list(filter(None, text(flags, "utf-8", "surrogateescape").split(","))),
+                   originals)
 
 
 def encode_reply(reply: DeliveryStatus) -> bytes:
@@ -217,9 +241,11 @@ def decode_reply(attrs: dict, rcpt_count: int) -> DeliveryStatus:
 
 def log_delivery(queue_id: str, rcpt: str, relay: str, arrival: float, started: float,
                  dsn: str, status: str, reason: str, conn_setup: float = 0.0,
-                 transmit: float = 0.0, conn_use: int = 0) -> None:
-    """Postfix's delivery log line, with its delay breakdown; conn_use=N after the relay
-    when the connection was used for the Nth time (N > 1: a cached connection)."""
+                 transmit: float = 0.0, conn_use: int = 0, orig: str = "") -> None:
+    """Postfix's delivery log line, with its delay breakdown; orig_to=<orig> after the
+    recipient when its original address differs but for case (log_adhoc.c); conn_use=N
+    after the relay when the connection was used for the Nth time (N > 1: a cached
+    connection)."""
     # x if x > 0.0 else 0.0 is max(0.0, x) (NaN included) without the call; a stage
     # under 4 ms is "0" without _fmt's (most of them)
     delay = time.time() - arrival
@@ -234,9 +260,18 @@ def log_delivery(queue_id: str, rcpt: str, relay: str, arrival: float, started: 
               f"{'0' if queue_mgr < 0.004 else _fmt(queue_mgr)}/"
               f"{'0' if setup < 0.004 else _fmt(setup)}/{'0' if xmit < 0.004 else _fmt(xmit)}")
     use = f", conn_use={conn_use}" if conn_use > 1 else ""
-    msg.info(f"{queue_id}: to=<{rcpt}>, relay={relay}{use}, delay={_fmt(delay)}, "
+    to = rcpt
+    if orig and orig != rcpt and shown_original(rcpt, orig):
+        to = f"{rcpt}>, orig_to=<{orig}"
+    msg.info(f"{queue_id}: to=<{to}>, relay={relay}{use}, delay={_fmt(delay)}, "
              f"delays={delays}, dsn={dsn}, status={status} ({reason})")
     metrics.delivery(queue_id, rcpt, relay, status, dsn, delay, (before, queue_mgr, setup, xmit))
+
+
+def shown_original(rcpt: str, orig: str) -> str:
+    """orig, when it is to be shown beside rcpt: it differs from it but for case
+    (Postfix compares with strcasecmp_utf8); "" otherwise."""
+    return orig if orig and orig.lower() != rcpt.lower() else ""
 
 
 def _fmt(seconds: float) -> str:

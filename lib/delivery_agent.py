@@ -11,7 +11,8 @@ records the results.
 A Report is where each recipient's outcome is decided for good, and the only place:
 record() applies soft_bounce (a bounce becomes a deferral, dsn 5.x.x becomes 4.x.x, as
 Postfix's bounce client does in every agent) and logs Postfix's line
-`ID: to=<r>, relay=R, delay=D, delays=a/b/c/d, dsn=X, status=S (reason)`. The smtp
+`ID: to=<r>, [orig_to=<o>, ]relay=R, delay=D, delays=a/b/c/d, dsn=X, status=S (reason)`
+(orig_to: the request's original address of the recipient, when it differs). The smtp
 client records each recipient as its session decides it (with the connection set-up and
 transmission delays); local records each recipient as it is delivered (with the DSN
 action of an alias expansion); virtual, discard and error decide all recipients first and
@@ -36,7 +37,8 @@ FUNCTIONS
     decided(fn) -> deliver_fn: for fn(request, ctx) -> (relay, [RcptResult]), one result
         per recipient in request order, recorded when fn returns.
     Report(request, soft_bounce): record(index, kind, dsn, reason, relay,
-        conn_setup=0.0, transmit=0.0, conn_use=0, action="", passed=False, dsn_text="")
+        conn_setup=0.0, transmit=0.0, conn_use=0, action="", passed=False, dsn_text="",
+        to="", orig="")
         -> RcptResult (as decided: soft_bounce applied);
         reply(relay) -> lib.deliver.DeliveryStatus; .arrival (settable), .started, .soft_bounce.
     result(kind, dsn, reason) -> RcptResult.
@@ -118,11 +120,13 @@ class Report:
     def record(self, index: int, kind: str, dsn: str, reason: str, relay: str,
                conn_setup: float = 0.0, transmit: float = 0.0, conn_use: int = 0,
                action: str = "", passed: bool = False,
-               dsn_text: str = "") -> RcptResult:
+               dsn_text: str = "", to: str = "", orig: str = "") -> RcptResult:
         """Recipient index's final outcome, logged; soft_bounce applied here only.
         action and passed: a sent recipient's DSN action and hand-over (lib/deliver.py);
         dsn_text: a sent recipient's DSN text when it is not the logged reason (local's
-        `alias expanded`: the deliveries of the expansion are logged with their own)."""
+        `alias expanded`: the deliveries of the expansion are logged with their own);
+        to and orig: the address the line names and its original, when that is not the
+        request's recipient (local logs the address an alias expanded to, as Postfix)."""
         if kind == "bounced" and self.soft_bounce:
             kind, dsn = "deferred", "4" + dsn[1:] if dsn[:1] == "5" else dsn
         if self.trace_only:
@@ -134,9 +138,11 @@ class Report:
         else:
             logged = kind
         request = self.request
-        deliver.log_delivery(request.queue_id, request.recipients[index], relay,
-                             self.arrival, self.started, dsn, logged, reason, conn_setup,
-                             transmit, conn_use)
+        if not to:
+            to = request.recipients[index]
+            orig = request.originals[index] if request.originals else ""
+        deliver.log_delivery(request.queue_id, to, relay, self.arrival, self.started, dsn,
+                             logged, reason, conn_setup, transmit, conn_use, orig)
         if kind != "sent":
             action, passed, dsn_text = "", False, ""
         r = self.results[index] = RcptResult(kind, dsn, dsn_text or reason, action, passed)
@@ -162,7 +168,8 @@ class Report:
             kind, dsn, reason = "deferred", "4.3.0", "address verification service failure"
             action = kind
         deliver.log_delivery(request.queue_id, rcpt, relay, self.arrival, self.started,
-                             dsn, action, reason, conn_setup, transmit, conn_use)
+                             dsn, action, reason, conn_setup, transmit, conn_use,
+                             request.original(index))
         r = self.results[index] = RcptResult("sent" if told else kind, dsn, reason)
         return r
 

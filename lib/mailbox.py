@@ -6,7 +6,9 @@ with whose privileges, and run the work through run_as(). Each prepends the head
 Postfix's local and virtual agents add:
 
     Return-Path: <sender>            (<> for the null sender)
-    X-Original-To: recipient
+    X-Original-To: original          (the recipient's original address: as given, before
+                                      rewriting and alias expansion; left out with
+                                      enable_original_recipient = no)
     Delivered-To: recipient          (lower-cased; also the loop detector)
 
 MAILDIR (deliver_maildir)
@@ -39,7 +41,7 @@ PRIVILEGES (run_as)
 FUNCTIONS
     Privileges(uid, gid, open_as_root=False)
     run_as(privs, work, program="local", file_limit=0) -> (result, dsn, reason)
-    added_headers(sender, recipient) -> bytes
+    added_headers(sender, recipient, original=None) -> bytes
     delivered_to(content) -> set of lower-cased Delivered-To: addresses in the header
     deliver_maildir(path, headers, content, hostname=None, now=None) -> new file name
     deliver_mbox(path, sender, headers, content, fd=None, now=None)
@@ -59,6 +61,7 @@ import time
 
 from . import msg
 from .server import critical
+from .tok822 import quote_822_local
 
 LOCK_WAIT = 10.0
 REPORT_LIMIT = 65536           # bytes of a child's report read at most
@@ -82,9 +85,15 @@ def mbox_dsn(err: int | None, default: str = "4.2.0") -> str:
     return default
 
 
-def added_headers(sender: str, recipient: str) -> bytes:
-    """Return-Path, X-Original-To and Delivered-To, as Postfix's local adds them."""
-    return (f"Return-Path: <{sender}>\nX-Original-To: {recipient}\n"
+def added_headers(sender: str, recipient: str, original: str | None = None) -> bytes:
+    """Return-Path, X-Original-To and Delivered-To, as Postfix's local adds them.
+    original: the recipient's original address (None: recipient itself); "" leaves
+    X-Original-To: out (enable_original_recipient = no, as Postfix's mail_copy)."""
+    if original is None:
+        original = recipient
+    # quoted as Postfix's mail_copy does (quote_822_local): `"john doe"@example.org`
+    x_original = f"X-Original-To: {quote_822_local(original)}\n" if original else ""
+    return (f"Return-Path: <{sender}>\n{x_original}"
             f"Delivered-To: {recipient.lower()}\n").encode("utf-8", "surrogateescape")
 
 

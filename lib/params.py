@@ -310,6 +310,7 @@ PARAMS: list[Param] = [
     _p("virtual_alias_maps", "", TABLE, "aliases of envelope recipients, expanded recursively (virtual(5))"),
     _p("virtual_alias_expansion_limit", "1000", INT, "addresses one recipient may expand into through virtual_alias_maps", min=1),
     _p("virtual_alias_recursion_limit", "1000", INT, "nesting depth of virtual_alias_maps expansion", min=1),
+    _p("enable_original_recipient", "yes", BOOL, "keep each recipient's original address (as given, before rewriting and alias expansion) for X-Original-To:, orig_to= and notices"),
     _p("masquerade_domains", "", LIST, "domains whose subdomains are stripped from addresses (! excludes)"),
     _p("masquerade_classes", "envelope_sender, header_sender, header_recipient", LIST, "address classes masquerading applies to"),
     _p("masquerade_exceptions", "", LIST, "local parts never masqueraded"),

@@ -28,6 +28,12 @@ FORMAT
     N  DSN NOTIFY of the next R record (RFC 3461: NEVER, or SUCCESS,FAILURE,DELAY);
        optional, absent in files of older versions
     O  DSN ORCPT of the next R record (`type;address`, decoded); optional
+    G  the original recipient of the next R record: the address as given (RCPT TO, a
+       sendmail argument) before canonical_maps, virtual_alias_maps and local's alias
+       or .forward expansion (Postfix's REC_TYPE_ORCP; not the DSN ORCPT above). Only
+       when it differs from the R record's address: absent, the original is the
+       recipient itself (as in files of older versions); absent too with
+       enable_original_recipient = no
     M  start of content
     B  a block of message content (at most BLOCK bytes): the message as received, with
        lines ending in LF and dot-stuffing removed
@@ -48,7 +54,8 @@ QUEUE ROOT
 
 FUNCTIONS
     QueueWriter(queue_root, now=None): create a file in incoming/; add_attr, set_sender,
-        add_recipient, write (content, any chunking), commit() -> queue id, abort().
+        add_recipient(rcpt, notify, orcpt, original), write (content, any chunking),
+        commit() -> queue id, abort().
         OSError from the file system propagates (ENOSPC: the caller answers 452 4.3.1).
     recover_incoming(queue_root) -> ids: at start, rename complete files a crash left
         under their dot name (commit does not fsync the directory, as Postfix).
@@ -183,13 +190,17 @@ class QueueWriter:
         self._end_content()
         self._buf += _record(b"S", sender.encode("utf-8", "surrogateescape"))
 
-    def add_recipient(self, rcpt: str, notify: str = "", orcpt: str = "") -> None:
-        """Record one envelope recipient, with its DSN NOTIFY and ORCPT when given."""
+    def add_recipient(self, rcpt: str, notify: str = "", orcpt: str = "",
+                      original: str = "") -> None:
+        """Record one envelope recipient, with its DSN NOTIFY and ORCPT when given, and
+        its original address when that is not rcpt itself."""
         self._end_content()
         if notify:
             self._buf += _record(b"N", notify.encode("ascii"))
         if orcpt:
             self._buf += _record(b"O", orcpt.encode("utf-8", "surrogateescape"))
+        if original and original != rcpt:
+            self._buf += _record(b"G", original.encode("utf-8", "surrogateescape"))
         self._buf += _record(b"R", rcpt.encode("utf-8", "surrogateescape"))
 
     def write(self, data: bytes) -> None:
@@ -258,6 +269,7 @@ class Recipient:
     done: bool = False
     notify: str = ""            # DSN NOTIFY (RFC 3461), "" when the client gave none
     orcpt: str = ""             # DSN ORCPT, `type;address`
+    original: str = ""          # the original recipient (G record); "": address itself
 
 
 @dataclass
@@ -271,6 +283,7 @@ class QueueMessage:
     size: int = 0
     arrival_offset: int = 0     # of the T (or W) record's type byte, for mark_warned
     warned: bool = False        # the delayed-mail warning was sent (W record)
+    originals: bool = False     # a recipient has an original address of its own (G)
 
     def content(self, path: str, blocks: bool = True):
         """Yield the message content in blocks, as written."""
@@ -333,7 +346,7 @@ def _read_envelope(fd: int, path: str, msg: QueueMessage, end: int) -> QueueMess
         raise QueueFileError(f"{path}: not a queue file")
     base, avail = 0, len(buf)   # buf[i] is the file's byte at base + i
     pos, ended, content_size = len(MAGIC), False, None
-    dsn = {}                    # N and O records wait for their R record
+    dsn = {}                    # N, O and G records wait for their R record
     unpack, head_size = HEADER.unpack_from, HEADER.size
     attrs, recipients = msg.attrs, msg.recipients
     while pos < end:
@@ -369,10 +382,11 @@ def _read_envelope(fd: int, path: str, msg: QueueMessage, end: int) -> QueueMess
         elif kind == b"R" or kind == b"D":
             if dsn:
                 notify, orcpt = dsn.pop("N", ""), dsn.pop("O", "")
+                original = dsn.pop("G", "")
             else:
-                notify = orcpt = ""
+                notify = orcpt = original = ""
             recipients.append(Recipient(value.decode("utf-8", "surrogateescape"), pos,
-                                        kind == b"D", notify, orcpt))
+                                        kind == b"D", notify, orcpt, original))
         elif kind == b"T" or kind == b"W":
             try:
                 msg.arrival = float(value.decode("utf-8", "surrogateescape"))
@@ -383,8 +397,10 @@ def _read_envelope(fd: int, path: str, msg: QueueMessage, end: int) -> QueueMess
             if msg.sender is not None:
                 raise QueueFileError(f"{path}: more than one sender")
             msg.sender = value.decode("utf-8", "surrogateescape")
-        elif kind == b"N" or kind == b"O":
+        elif kind == b"N" or kind == b"O" or kind == b"G":
             dsn[kind.decode()] = value.decode("utf-8", "surrogateescape")
+            if kind == b"G":
+                msg.originals = True
         elif kind == b"M":
             msg.content_offset = pos + head_size
         elif kind == b"X":

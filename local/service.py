@@ -60,7 +60,11 @@ DESCRIPTION
 
     RESULTS. Each recipient of the request gets one result: deferred if a destination
     was deferred, else bounced if one was bounced, else sent; its other successful
-    destinations are logged on lines of their own. Texts, as Postfix's:
+    destinations are logged on lines of their own. Each line names the address that
+    was delivered at that level of the expansion (the local user an alias names; the
+    alias itself for its files, commands and forwarded copies) and, when that differs,
+    the original recipient: `to=<nobody@host>, orig_to=<postmaster@host>`, as Postfix's
+    local. Texts, as Postfix's:
 
         mailbox                            sent 2.0.0 "delivered to maildir" or
                                            "delivered to mailbox"
@@ -87,9 +91,13 @@ DESCRIPTION
     "forwards to ADDRS"; an unknown user bounces as above. Nothing is written, run or
     forwarded; lib/delivery_agent.py reports the result to the verify service.
 
-    Each delivered copy gets Return-Path:, X-Original-To: (the recipient qmgr gave) and
-    Delivered-To: (the same, lower-cased; Postfix's frozen_delivered_to) headers
-    (lib/mailbox.py); a command or file also gets the `From ` line first.
+    Each delivered copy gets Return-Path:, X-Original-To: (the recipient's original
+    address from the request: as the client gave it, before canonical_maps,
+    virtual_alias_maps and alias or .forward expansion; none with
+    enable_original_recipient = no) and Delivered-To: (the recipient qmgr gave,
+    lower-cased; Postfix's frozen_delivered_to) headers (lib/mailbox.py); a command or
+    file also gets the `From ` line first, and the ORIGINAL_RECIPIENT variable. Copies
+    forwarded through the queue keep the original address (Postfix's orig_rcpt).
 
     With `local_delivery_any_user = yes` (a postfix-py extension for self-contained
     instances, default no) a local part without an account that is a safe file name
@@ -124,7 +132,7 @@ CONFIGURATION PARAMETERS
     (empty), mail_spool_directory (/var/mail), home_mailbox (empty), recipient_delimiter
     (empty), default_privs (nobody), myorigin and mydestination (for addresses that
     aliases name), mail_owner (owner of forwarded queue files), soft_bounce (no),
-    ipc_timeout (3600s), local_delivery_any_user (no).
+    ipc_timeout (3600s), local_delivery_any_user (no), enable_original_recipient (yes).
 
 LIMITS
     Not implemented: expand_owner_alias, propagate_unmatched_extensions,
@@ -268,6 +276,10 @@ class LocalDelivery:
         self.content = content
         self.envid, self.ret = envid, ret       # the message's DSN ENVID and RET
         self.notify = self.orcpt = ""           # the recipient's DSN NOTIFY and ORCPT
+        # the recipient's original address (X-Original-To:, forwarded copies), "" with
+        # enable_original_recipient = no
+        self.keep_original = cfg["enable_original_recipient"]
+        self.original = ""
         self.request = request
         self.queue_root = queue_root
         self.seen = mailbox.delivered_to(content)
@@ -292,16 +304,22 @@ class LocalDelivery:
         self.verify = False
 
     # --- one recipient of the request ---------------------------------------------------
-    def deliver(self, rcpt: str, notify: str = "", orcpt: str = "") -> RcptResult:
+    def deliver(self, rcpt: str, notify: str = "", orcpt: str = "",
+                original: str = "") -> RcptResult:
         """Deliver to one recipient (and whatever its aliases and .forward name);
-        notify and orcpt: its DSN NOTIFY and ORCPT, passed on to forwarded copies."""
+        notify and orcpt: its DSN NOTIFY and ORCPT, passed on to forwarded copies;
+        original: its original address ("": rcpt itself), which every copy keeps."""
         self.rcpt = rcpt
         self.notify, self.orcpt = notify, orcpt
+        self.original = (original or rcpt) if self.keep_original else ""
         for name, word in self.bad_mask:
             # Postfix's local dies (fatal) on this; the mail waits for a fixed main.cf.
             msg.warn(f'unknown {name} value "{word}" in "{self.cfg.get(name)}"')
             return result("deferred", "4.3.5", "mail system configuration error")
-        self.outcomes: list[tuple[str, str, str]] = []
+        # (kind, dsn, reason, address): the address delivered to at that level of
+        # the expansion (Postfix logs it as to=, with the original as orig_to=)
+        self.outcomes: list[tuple[str, str, str, str]] = []
+        self.at = self.logged = rcpt
         self.indirect: list[tuple[str, str]] = []      # (sender, address)
         self.been_here: set = set()
         # the DSN action of the outermost alias or .forward expansion: "expanded", or
@@ -309,8 +327,8 @@ class LocalDelivery:
         self.expansion: str | None = None
         self._recipient(rcpt, State())
         for sender in dict.fromkeys(s for s, _ in self.indirect):
-            self.outcomes.append(self._forward(sender, [a for s, a in self.indirect
-                                                        if s == sender]))
+            self.outcomes.append((*self._forward(sender, [a for s, a in self.indirect
+                                                          if s == sender]), rcpt))
         if not self.outcomes:
             return result("sent", "2.0.0", "delivered")
         final = next((o for o in self.outcomes if o[0] == "deferred"), None) or \
@@ -318,20 +336,28 @@ class LocalDelivery:
         if self.request is not None:
             for o in self.outcomes:
                 if o is not final and o[0] == "sent":
-                    deliver.log_delivery(self.request.queue_id, rcpt, "local",
+                    deliver.log_delivery(self.request.queue_id, o[3], "local",
                                          self.request.arrival, self.started, o[1], o[0],
-                                         o[2])
-        return result(*final)
+                                         o[2], orig=self.original)
+        self.logged = final[3]
+        return result(*final[:3])
 
     def _sender(self, st: State) -> str:
         return self.sender if st.sender is None else st.sender
 
-    def _out(self, kind: str, dsn: str, reason: str) -> bool:
-        self.outcomes.append((kind, dsn, reason))
+    def _out(self, kind: str, dsn: str, reason: str, at: str = "") -> bool:
+        self.outcomes.append((kind, dsn, reason, at or self.at))
         return True
 
     def _recipient(self, addr: str, st: State) -> None:
         """Postfix's deliver_recipient and deliver_switch."""
+        outer, self.at = self.at, addr
+        try:
+            self._switch(addr, st)
+        finally:
+            self.at = outer
+
+    def _switch(self, addr: str, st: State) -> None:
         st = st.deeper()
         if st.level > MAX_LEVEL:
             msg.warn(f"recipient nesting limit exceeded for {addr}")
@@ -589,7 +615,7 @@ class LocalDelivery:
             self._out("sent", "2.0.0", f"delivers to file: {path}")
             return
         sender, content = self._sender(st), self.content
-        headers = mailbox.added_headers(sender, self.rcpt)
+        headers = mailbox.added_headers(sender, self.rcpt, self.original)
 
         def work(drop):
             try:
@@ -645,14 +671,15 @@ class LocalDelivery:
         for name in ("home", "shell", "domain", "extension"):
             if name in attrs:
                 env[name.upper()] = attrs[name]
-        env["ORIGINAL_RECIPIENT"] = self.rcpt
+        env["ORIGINAL_RECIPIENT"] = self.original or self.rcpt
         for name in ("TZ", "LANG"):
             if name in os.environ:
                 env[name] = os.environ[name]
         stamp = time.strftime("%a %b %e %H:%M:%S %Y")
         sender = self._sender(st)
         data = (f"From {sender or 'MAILER-DAEMON'}  {stamp}\n".encode(
-            "utf-8", "surrogateescape") + mailbox.added_headers(sender, self.rcpt)
+            "utf-8", "surrogateescape") + mailbox.added_headers(sender, self.rcpt,
+                                                                self.original)
             + self.content)
         self._out(*command_mod.run(command, data, rights[0], rights[1], env,
                                    self.cfg["command_time_limit"]))
@@ -683,7 +710,8 @@ class LocalDelivery:
             notify = ",".join(w for w in self.notify.split(",") if w and w != "SUCCESS")
             notify = notify or ("NEVER" if self.notify else "")
             for r in rcpts:
-                writer.add_recipient(r, notify, "" if listed else self.orcpt)
+                writer.add_recipient(r, notify, "" if listed else self.orcpt,
+                                     self.original)
             writer.write(f"Delivered-To: {self.rcpt.lower()}\n".encode(
                 "utf-8", "surrogateescape"))
             writer.write(self.content)
@@ -742,7 +770,7 @@ class LocalDelivery:
             maildir = (self.home_mailbox or self.spool).endswith("/")
             return "sent", "2.0.0", f"delivers to {'maildir' if maildir else 'mailbox'}"
         sender = self._sender(st)
-        headers = mailbox.added_headers(sender, self.rcpt)
+        headers = mailbox.added_headers(sender, self.rcpt, self.original)
         if self.home_mailbox:
             path = os.path.join(home, self.home_mailbox)
             maildir = self.home_mailbox.endswith("/")
@@ -835,12 +863,14 @@ def deliver_request(request, ctx, report) -> str:
     for i, rcpt in enumerate(request.recipients):
         offset = request.offsets[i] if i < len(request.offsets) else None
         dsn = stored.get(offset)
-        r = job.deliver(rcpt, dsn.notify if dsn else "", dsn.orcpt if dsn else "")
+        r = job.deliver(rcpt, dsn.notify if dsn else "", dsn.orcpt if dsn else "",
+                        request.original(i))
         if r.result == "sent" and job.expansion:
             report.record(i, r.result, r.dsn, r.reason, "local", action=job.expansion,
-                          dsn_text="alias expanded")
+                          dsn_text="alias expanded", to=job.logged, orig=job.original)
         else:
-            report.record(i, r.result, r.dsn, r.reason, "local")
+            report.record(i, r.result, r.dsn, r.reason, "local", to=job.logged,
+                          orig=job.original)
     return "local"
 
 

@@ -86,7 +86,7 @@ from __future__ import annotations
 import re
 import time
 
-from ..lib import cleanup, msg
+from ..lib import cleanup, deliver, msg
 from ..lib import queue as Q
 from ..lib.bounce_log import LogEntry
 from ..lib.maincf import ConfigError
@@ -302,9 +302,13 @@ def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[Lo
         ).split("\n")[:-1]
     elif not postmaster:
         out += FAILURE_BODY.format(host=host).split("\n")[:-1]
+    stored = {r.offset: r for r in envelope.recipients}
     for entry in entries:
         out.append("")
-        out += line_wrap(f"<{entry.recipient}>: {entry.reason}")
+        rcpt = stored.get(entry.offset)
+        original = deliver.shown_original(entry.recipient, rcpt.original) if rcpt else ""
+        expanded = f" (expanded from <{original}>)" if original else ""
+        out += line_wrap(f"<{entry.recipient}>{expanded}: {entry.reason}")
     out += [
         "",
         f"--{boundary}",
@@ -321,12 +325,14 @@ def build(cfg, queue_id: str, new_id: str, envelope, path: str, entries: list[Lo
         f"X-Postfix-Sender: rfc822; {sender}",
         f"Arrival-Date: {mail_date(envelope.arrival)}",
     ]
-    stored = {r.offset: r for r in envelope.recipients}
     for entry in entries:
         remote, diagnostic = _diagnostic(entry)
         rcpt = stored.get(entry.offset)
-        # Postfix's smtpd records an ORCPT for every recipient; ours when given
-        orcpt = rcpt.orcpt if rcpt is not None and rcpt.orcpt else f"rfc822;{entry.recipient}"
+        # the DSN ORCPT, else the original recipient, else the recipient (Postfix's
+        # smtpd records an ORCPT for every recipient; ours when given)
+        orcpt = rcpt.orcpt if rcpt is not None and rcpt.orcpt else \
+            f"rfc822;{rcpt.original}" if rcpt is not None and rcpt.original else \
+            f"rfc822;{entry.recipient}"
         action = entry.action if success else "delayed" if delay else "failed"
         out += ["", f"Final-Recipient: rfc822; {entry.recipient}",
                 f"Original-Recipient: {orcpt}",

@@ -177,6 +177,7 @@ class Failure:
 class Entry:
     address: str
     offset: int
+    original: str = ""          # the original recipient (queue file's G record), "": same
 
 
 @dataclass(eq=False)
@@ -659,22 +660,22 @@ class QueueManager:
                     route = resolver.resolve(rcpt.address, m.env.sender or "")
             except ResolveError as exc:
                 msg.warn(f"{m.queue_id}: {exc}")
-                unresolved.append(Entry(rcpt.address, rcpt.offset))
+                unresolved.append(Entry(rcpt.address, rcpt.offset, rcpt.original))
                 continue
             if route.local and rcpt.address.lower() == self.double_bounce:
-                discarded.append(Entry(rcpt.address, rcpt.offset))
+                discarded.append(Entry(rcpt.address, rcpt.offset, rcpt.original))
                 continue
             t = self._transport(route.transport)
             key = rcpt.address.lower() if t.rcpt_limit == 1 else route.nexthop.lower()
             groups.setdefault((route.transport, key, route.nexthop), []).append(
-                Entry(rcpt.address, rcpt.offset))
+                Entry(rcpt.address, rcpt.offset, rcpt.original))
             grouped += 1
         # Mail to the double-bounce address ends here, as in Postfix's qmgr.
         for e in discarded:
             if not self._mark_done(m, e):
                 return
             deliver.log_delivery(m.queue_id, e.address, "none", m.env.arrival, m.started,
-                                 "2.0.0", "sent", "discarded")
+                                 "2.0.0", "sent", "discarded", orig=e.original)
         self.rcpt_count += grouped
         if unresolved:
             self._defer(m, unresolved, "4.3.0", "address resolver failure", log=True)
@@ -703,7 +704,8 @@ class QueueManager:
         if kept:
             m.deferred.extend(kept)
             return
-        self._defer(m, [Entry(r.address, r.offset) for r in m.env.recipients if not r.done],
+        self._defer(m, [Entry(r.address, r.offset, r.original) for r in m.env.recipients
+                     if not r.done],
                     "4.7.0", "message is administratively expired", log=True)
 
     # --- scheduling --------------------------------------------------------------------------
@@ -751,6 +753,7 @@ class QueueManager:
             transport=job.transport.name, nexthop=job.nexthop, sender=m.env.sender or "",
             arrival=m.env.arrival, recipients=[e.address for e in job.entries],
             offsets=[e.offset for e in job.entries],
+            originals=[e.original for e in job.entries] if m.env.originals else (),
             flags=([] if m.env.sender else ["bounce"]) + self._conn_cache_flags(job.dest))
         if m.probe or m.report:
             request.flags.append("verify" if m.probe else "expand")
@@ -917,14 +920,15 @@ class QueueManager:
         elif m.report:
             for e in entries:
                 deliver.log_delivery(m.queue_id, e.address, "none", m.env.arrival,
-                                     m.started, dsn, "undeliverable", reason)
+                                     m.started, dsn, "undeliverable", reason,
+                                     orig=e.original)
             self._report_entries(m, [LogEntry(e.address, e.offset, dsn, "undeliverable",
                                               reason) for e in entries])
             return
         if log:
             for e in entries:
                 deliver.log_delivery(m.queue_id, e.address, "none", m.env.arrival, m.started,
-                                     dsn, "deferred", reason)
+                                     dsn, "deferred", reason, orig=e.original)
         if not m.gone:
             self._defer_log(m, [LogEntry(e.address, e.offset, dsn, "delayed", reason)
                                 for e in entries])
@@ -947,7 +951,7 @@ class QueueManager:
                 left.append(e)
                 continue
             deliver.log_delivery(m.queue_id, e.address, "none", m.env.arrival, m.started,
-                                 dsn, status, reason)
+                                 dsn, status, reason, orig=e.original)
             if not m.gone and not self._mark_done(m, e):
                 break
         return left

@@ -480,6 +480,7 @@ def deliver_request(req: deliver.Request, ctx, report: delivery_agent.Report) ->
         for r, offset in zip(recipients, req.offsets):
             if offset in stored:
                 r.notify, r.orcpt = stored[offset].notify, stored[offset].orcpt
+                r.original = stored[offset].original
         d.client = xforward.client_attributes(qmsg.attrs, req.queue_id)
         d.request_flags = tuple(req.flags)
         d.verify = verify_client.trace_only(d.request_flags)

@@ -126,6 +126,7 @@ class Rcpt:
     keep: bool = False              # soft failure here: try the next server
     notify: str = ""                # DSN NOTIFY and ORCPT from the queue file (RFC 3461)
     orcpt: str = ""
+    original: str = ""              # the original recipient, "" when it is address
 
 
 @dataclass
@@ -787,10 +788,12 @@ class ClientSession:
         return self.d.verify and self.o.verify_target == "rcpt"
 
     def _rcpt_command(self, r: Rcpt) -> str:
-        """RCPT TO, with ORCPT and NOTIFY when the server announced DSN (smtp_proto.c)."""
+        """RCPT TO, with ORCPT and NOTIFY when the server announced DSN (smtp_proto.c:
+        the DSN ORCPT, else the original recipient)."""
         line = f"RCPT TO:<{r.address}>"
         if "DSN" in self.features:
-            line += " ORCPT=" + DSN.orcpt_param(r.orcpt, r.address, self.d.smtputf8)
+            line += " ORCPT=" + DSN.orcpt_param(r.orcpt, r.original or r.address,
+                                                self.d.smtputf8)
             if r.notify:
                 line += f" NOTIFY={r.notify}"
         return line

@@ -72,7 +72,8 @@ SEARCH_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 # A header line (Postfix's is_header): printable ASCII but space and colon, then a colon.
 IS_HEADER = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 DECIDE = 1000            # bytes of a line start enough to tell a header line from the body
-NAMES = {b"S": "sender", b"R": "recipient", b"D": "done_recipient"}
+NAMES = {b"S": "sender", b"R": "recipient", b"D": "done_recipient",
+         b"G": "original_recipient"}
 
 
 def _fatal(text: str):

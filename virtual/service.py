@@ -15,8 +15,9 @@ DESCRIPTION
     The mailbox is $virtual_mailbox_base/$virtual_mailbox_maps(recipient): a path ending
     in / is a maildir (tmp/, new/, cur/ are created as needed), anything else an mbox file
     (fcntl-locked; postfix-py does not dot-lock, so virtual_mailbox_lock is not a
-    parameter here). The message gets Return-Path:, X-Original-To: and Delivered-To:
-    headers (lib/mailbox.py). The mailbox owner is virtual_uid_maps(recipient) and
+    parameter here). The message gets Return-Path:, X-Original-To: (the recipient's
+    original address, from the request; none with enable_original_recipient = no) and
+    Delivered-To: headers (lib/mailbox.py). The mailbox owner is virtual_uid_maps(recipient) and
     virtual_gid_maps(recipient): numeric IDs, typically `static:5000`.
 
     Outcomes, with Postfix's texts:
@@ -72,7 +73,8 @@ CONFIGURATION PARAMETERS
     `fatal: do not specify relative pathname: virtual_mailbox_base = X`),
     virtual_uid_maps (empty), virtual_gid_maps (empty), virtual_minimum_uid (100),
     virtual_mailbox_limit (51200000), message_size_limit (10240000),
-    recipient_delimiter (empty), soft_bounce (no), ipc_timeout (3600s).
+    recipient_delimiter (empty), soft_bounce (no), ipc_timeout (3600s),
+    enable_original_recipient (yes).
 
 SEE ALSO
     Postfix virtual(8), VIRTUAL_README; lib/resolve.py; lib/mailbox.py;
@@ -139,9 +141,11 @@ class Agent:
         return n
 
     def deliver(self, rcpt: str, sender: str, content: bytes,
-                verify: bool = False) -> RcptResult:
+                verify: bool = False, original: str | None = None) -> RcptResult:
         """Deliver the message to one recipient; with verify (an address verification
-        probe) find the mailbox but write nothing, as Postfix's DEL_REQ_TRACE_ONLY."""
+        probe) find the mailbox but write nothing, as Postfix's DEL_REQ_TRACE_ONLY.
+        original: the recipient's original address for X-Original-To: (None: rcpt;
+        "": no such header, enable_original_recipient = no)."""
         user = rcpt.lower()
         try:
             found = self.find("virtual_mailbox_maps", user)
@@ -163,7 +167,7 @@ class Agent:
         if verify:
             return result("sent", "2.0.0", "delivers to maildir" if path.endswith("/")
                           else "delivers to mailbox")
-        headers = mailbox.added_headers(sender, rcpt)
+        headers = mailbox.added_headers(sender, rcpt, original)
         if path.endswith("/"):
             work = _maildir_work(path, headers, content)
         else:
@@ -230,8 +234,10 @@ def deliver_request(request, ctx):
     content = found[1]
     agent = ctx.state["agent"]
     verify = verify_client.trace_only(request.flags)
-    return "virtual", [agent.deliver(rcpt, request.sender, content, verify)
-                       for rcpt in request.recipients]
+    keep = ctx.cfg["enable_original_recipient"]
+    return "virtual", [agent.deliver(rcpt, request.sender, content, verify,
+                                     request.original(i) if keep else "")
+                       for i, rcpt in enumerate(request.recipients)]
 
 
 def pre_init(ctx) -> None:

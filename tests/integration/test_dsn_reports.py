@@ -226,3 +226,5 @@ def test_alias_expansion_reports_expanded_once(mta):
     assert log.count("sender delivery status notification") == 1
     assert "status=sent (alias expanded)" not in log
     assert f"{qid}: to=<team@{host}>, relay=local" in log
+    # the local users the alias names are logged as Postfix's local logs them
+    assert f"{qid}: to=<daemon@{host}>, orig_to=<team@{host}>, relay=local" in log

@@ -77,7 +77,10 @@ def test_postmaster_and_abuse_through_newaliases(mta):
                                f"Abuse@{HOST}\nDelivered-To: abuse@{HOST}\n")
     assert heads[1].startswith(f"Return-Path: <alice@example.org>\nX-Original-To: "
                                f"postmaster@{HOST}\nDelivered-To: postmaster@{HOST}\n")
-    log = log_has(mta, f"to=<postmaster@{HOST}>, relay=local") and mta.log()
+    # local logs the user the alias names, and the original recipient (Postfix's)
+    log = log_has(mta, f"to=<nobody@{HOST}>, orig_to=<postmaster@{HOST}>, relay=local") \
+        and mta.log()
+    assert f"to=<nobody@{HOST}>, orig_to=<Abuse@{HOST}>, relay=local" in log
     assert "status=sent (delivered to maildir)" in log
     assert "required alias not found" not in log
 

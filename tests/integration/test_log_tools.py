@@ -54,6 +54,8 @@ def postfix_named(instance):
         "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
         "smtpd_error_sleep_time": "0s",
         "mail_spool_directory": instance.spool + "/",
+        # a rewritten recipient: its delivery line has orig_to=<...>, as Postfix's
+        "virtual_alias_maps": f"inline:{{postmaster@{HOST}=nobody@{HOST}}}",
     })
     instance.master_lines = [
         f"127.0.0.1:{instance.port} inet n - n - - smtpd",
@@ -65,9 +67,9 @@ def postfix_named(instance):
 
 
 def traffic(inst):
-    """Three connections, two messages in, three deliveries, one recipient rejected; the
-    log once all is done."""
-    q1, _ = send(inst.port, "alice@example.org", [f"nobody@{HOST}"])
+    """Three connections, two messages in, three deliveries (one to a virtual alias,
+    logged with orig_to=), one recipient rejected; the log once all is done."""
+    q1, _ = send(inst.port, "alice@example.org", [f"postmaster@{HOST}"])
     q2, _ = send(inst.port, "alice@example.org", [f"nobody@{HOST}", f"root@{HOST}"])
     # Alone in its transaction, as NOQUEUE: Postfix logs a reject after an accepted
     # recipient with the queue id, and the tools count only NOQUEUE rejects.
@@ -88,6 +90,8 @@ def test_log_lines_read_as_postfix(postfix_named):
     # The message-id line is cleanup's, in Postfix's log, with the smtpd's pid here.
     assert len(re.findall(r" postfix/cleanup\[\d+\]: \w+: message-id=<\d+@client\.example>$",
                           log, re.M)) == 2, log
+    assert len(re.findall(rf" postfix/local\[\d+\]: \w+: to=<nobody@{HOST}>, "
+                          rf"orig_to=<postmaster@{HOST}>, relay=local, ", log)) == 1, log
     reject = [line for line in lines if "NOQUEUE: reject: RCPT from" in line]
     assert len(reject) == 1 and " postfix/smtpd[" in reject[0]
     titles = {" ".join(p.cmdline()).strip() for p in postfix_named.workers()}

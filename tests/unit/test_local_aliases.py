@@ -244,8 +244,12 @@ def test_command_file_and_include(area):
     m = Q.read(f"{area}/queue/incoming/{qid}")
     assert m.sender == "a@example.org" and [x.address for x in m.recipients] == \
         [f"nobody@{HOST}"]
+    assert m.recipients[0].original == f"incl@{HOST}"    # the original goes with it
     content = b"".join(m.content(f"{area}/queue/incoming/{qid}"))
     assert content == f"Delivered-To: incl@{HOST}\n".encode() + MESSAGE
+    r = job(cfg, area).deliver(f"incl@{HOST}", original=f"Given@{HOST}")
+    m = Q.read(f"{area}/queue/incoming/{r.reason.split()[-1]}")
+    assert m.recipients[0].original == f"Given@{HOST}"
     r = job(cfg, area).deliver(f"temp@{HOST}")
     assert (r.result, r.dsn, r.reason) == ("deferred", "4.3.0", "temporary failure")
     r = job(cfg, area).deliver(f"fail@{HOST}")
@@ -258,7 +262,8 @@ def test_every_destination_is_logged(area, capsys):
     r = local.LocalDelivery(cfg, "a@example.org", MESSAGE, request).deliver(f"both@{HOST}")
     assert (r.result, r.reason) == ("sent", f"delivered to file: {area}/both.mbox")
     err = capsys.readouterr().err        # the one returned is logged by the Report
-    assert f"ABC123: to=<both@{HOST}>, relay=local, delay=" in err
+    # the address the alias expanded to, and the original (Postfix's local)
+    assert f"ABC123: to=<nobody@{HOST}>, orig_to=<both@{HOST}>, relay=local, delay=" in err
     assert "dsn=2.0.0, status=sent (delivered to maildir)" in err
 
 

@@ -28,7 +28,7 @@ def inst(tmp_path):
     w.add_attr("client_name", "client.example")
     w.set_sender("alice@example.org")
     w.add_recipient("bob@example.com")
-    w.add_recipient("carol@example.com")
+    w.add_recipient("carol@example.com", original="list@example.com")
     for piece in (BODY[:7], BODY[7:60], BODY[60:]):       # lines cut across B records
         w.write(piece)
     qid = w.commit()
@@ -59,6 +59,7 @@ def test_postcat_whole_file(inst, capfdbinary):
         "named_attribute: client_name=client.example\n"
         "sender: alice@example.org\n"
         "recipient: bob@example.com\n"
+        "original_recipient: list@example.com\n"
         "done_recipient: carol@example.com\n"
         f"*** MESSAGE CONTENTS {name} ***\n"
         + BODY.decode() + "\n"

@@ -606,15 +606,20 @@ def test_dsn_parameters_go_to_a_server_that_offers_dsn():
               ("expect", r"^RCPT TO:<a@example.org> ORCPT=rfc822;A\+2Bx@example.org "
                          r"NOTIFY=SUCCESS,FAILURE$"), ("send", b"250 Ok\r\n"),
               ("expect", r"^RCPT TO:<b@example.org> ORCPT=rfc822;b@example.org$"),
+              ("send", b"250 Ok\r\n"),
+              # no DSN ORCPT: the original recipient, as smtp_proto.c
+              ("expect", r"^RCPT TO:<c@example.org> ORCPT=rfc822;list@example.org$"),
               ("send", b"250 Ok\r\n"), ("expect", "DATA"), ("send", b"354 go\r\n"),
               ("data",), ("send", b"250 2.0.0 Ok\r\n"), ("expect", "QUIT"),
               ("send", b"221 Bye\r\n")]
-    h = Harness(script, recipients=("a@example.org", "b@example.org"))
+    h = Harness(script, recipients=("a@example.org", "b@example.org", "c@example.org"))
     h.d.dsn_ret, h.d.dsn_envid = "HDRS", "id+1"
     h.d.recipients[0].notify = "SUCCESS,FAILURE"
     h.d.recipients[0].orcpt = "rfc822;A+x@example.org"
+    h.d.recipients[0].original = "ignored@example.org"      # the DSN ORCPT wins
+    h.d.recipients[2].original = "list@example.org"
     h.run()
-    assert [r.result for r in h.d.recipients] == ["sent", "sent"]
+    assert [r.result for r in h.d.recipients] == ["sent", "sent", "sent"]
 
 
 def test_no_dsn_parameters_without_the_keyword():
