@@ -27,6 +27,8 @@ FUNCTIONS
         (server_name, client, client_port, client_address, client_name,
         reverse_client_name, helo_name, sender, recipient); postscreen has server_name,
         client_address and client_port; both have localtime.
+    soft_bounce(reply) -> reply: the soft_bounce safety net of smtpd_chat.c and
+        psc_send_reply(): a 5XX reply line (and its 5.X.X status) as 4XX.
     ehlo_mask_text(words) -> Postfix's str_ehlo_mask(): the known keywords among words,
         upper case, in Postfix's order ("" when none).
     ServerFilters(cfg, prefix): the values of one server (prefix "smtpd" or
@@ -328,3 +330,12 @@ class ServerFilters:
             if words is not None:
                 return [w for w in re.split(r"[\s,]+", words) if w]
         return None
+
+
+def soft_bounce(reply: str) -> str:
+    """soft_bounce: a 5XX reply line, and its 5.X.X status, as 4XX; others unchanged."""
+    if reply[:1] == "5":
+        reply = "4" + reply[1:]
+        if reply[4:5] == "5":
+            reply = reply[:4] + "4" + reply[5:]
+    return reply

@@ -389,7 +389,7 @@ class _Dialog:
         if addr is None:
             s._write("501 5.5.4 Syntax: RCPT TO:<address>\r\n")
             return
-        reply = soften(s.rcpt_reply) if s.s.soft_bounce else s.rcpt_reply
+        reply = SF.soft_bounce(s.rcpt_reply) if s.s.soft_bounce else s.rcpt_reply
         msg.info(f"NOQUEUE: reject: RCPT from {s.where}: {reply[:-2]}; "
                  f"from=<{self.sender}>, to=<{addr}>, proto={self.protocol}, "
                  f"helo=<{self.helo or ''}>")
@@ -438,15 +438,6 @@ class _Dialog:
 
     def _quit(self, args: str) -> None:
         self._drop("221 2.0.0 Bye\r\n")
-
-
-def soften(reply: str) -> str:
-    """soft_bounce: 5XX (and its 5.X.X status) as 4XX, as psc_send_reply()."""
-    if reply[:1] == "5":
-        reply = "4" + reply[1:]
-        if reply[4:5] == "5":
-            reply = reply[:4] + "4" + reply[5:]
-    return reply
 
 
 _HEADER = re.compile(r"^[!-9;-~]+:")         # is_header(): a header name and its colon

@@ -158,7 +158,6 @@ from ..lib import tls as T
 from ..lib.maincf import ConfigError
 from ..lib.netlist import NetworkList
 from . import dummy
-from .dummy import soften
 from .cache import Cache, parse as parse_stamps
 from .dnsbl import Score, Sites, servers
 
@@ -811,7 +810,7 @@ class Session:
         postscreen_reject_footer (the maps' key is the reply as given)."""
         original = text
         if self.s.soft_bounce:
-            text = soften(text)
+            text = SF.soft_bounce(text)
         if self.s.footer is not None and text[:1] in ("4", "5"):
             text = self.s.footer.add_footer(text[:-2], self._macro_values,
                                             original[:-2]) + "\r\n"

@@ -77,7 +77,9 @@ SECURITY
     responses are never logged, nor the arguments of a pipelined AUTH command; a failed
     AUTH counts as an error (smtpd_error_sleep_time past smtpd_soft_error_limit). With
     smtputf8_enable, a command that is not valid UTF-8 (overlong forms, stray bytes) gets
-    `500 5.5.2 Error: bad UTF-8 syntax` before anything parses it.
+    `500 5.5.2 Error: bad UTF-8 syntax` before anything parses it. With soft_bounce,
+    every 5XX reply line goes out as 4XX (and 5.X.X as 4.X.X), and the reject log lines
+    show what was sent, as Postfix's smtpd_chat.c and smtpd_check_reject().
 """
 
 from __future__ import annotations
@@ -238,7 +240,8 @@ class SessionConfig:
             "noop_commands": frozenset(c.lower() for c in cfg["smtpd_noop_commands"]),
             "discard_ehlo": frozenset(k.lower() for k in cfg["smtpd_discard_ehlo_keywords"]),
             "overshoot_limit": cfg["smtpd_recipient_overshoot_limit"],
-            "smtputf8_enable": cfg["smtputf8_enable"]}
+            "smtputf8_enable": cfg["smtputf8_enable"],
+            "soft_bounce": cfg["soft_bounce"]}
         mode = cfg["smtpd_forbid_bare_newline"].lower()     # one of its values
         self.bare_lf = {"yes": "normalize"}.get(mode, mode)
         self.ehlo: dict[tuple, bytes] = {}
@@ -347,7 +350,7 @@ class Session:
     def reply(self, text: str, error: bool = True) -> None:
         """Queue one reply (flushed before the next read; lines joined by CRLF); a 4xx
         or 5xx reply other than 421 counts as an error unless error is False, and gets
-        smtpd_reject_footer."""
+        smtpd_reject_footer; with soft_bounce each 5XX line goes out as 4XX."""
         if text[:1] in ("4", "5"):
             if self.footer is not None:
                 text = self.footer.add_footer(text, self.macro_values)
@@ -357,8 +360,13 @@ class Session:
                     self.s.flush()
                     time.sleep(self.error_sleep)
             if "\r\n" in text:            # a footer's or a milter's lines
-                self.s.write(b"".join(map(reply_bytes, text.split("\r\n"))))
+                lines = text.split("\r\n")
+                if self.soft_bounce:
+                    lines = map(SF.soft_bounce, lines)
+                self.s.write(b"".join(map(reply_bytes, lines)))
                 return
+            if self.soft_bounce:
+                text = SF.soft_bounce(text)   # smtpd_chat.c's safety net, line by line
         self.s.write(reply_bytes(text))
 
     def macro_values(self) -> dict:
@@ -407,6 +415,9 @@ class Session:
                          f"sasl_username={self.client.sasl_username}")
         if self.sasl_sender:
             parts.append(f"sasl_sender={self.sasl_sender}")
+        if self.soft_bounce:
+            # as smtpd_check_reject(): the log shows the reply the client gets
+            reply = SF.soft_bounce(str(reply))
         msg.info(f"{qid}: {action}: {stage} from {self.client.client}: {reply}; "
                  + " ".join(parts))
         metrics.smtpd_reject(stage, reply)

@@ -4,6 +4,7 @@ in smtpd and in postscreen's engine, through the real master: one instance for t
     127.0.0.1:S   inet n - y - - smtpd       smtpd_reject_footer, _maps, command filter,
                                              EHLO keyword maps (main.cf)
     127.0.0.1:N   inet n - y - - smtpd       -o smtpd_expansion_filter=narrow
+    127.0.0.1:B   inet n - y - - smtpd       -o soft_bounce=yes, every RCPT refused
     127.0.0.1:P   inet n - y - 1 postscreen  its engine at once (pipelining test on, no
                                              cache): every postscreen_* value is smtpd's
                                              by default, and postscreen_command_filter
@@ -39,6 +40,7 @@ def inst():
         "/^(RCPT\\s+TO:<[^>]*>)\\s+XYZZY=\\S+$/ $1\n/^EHLO\\s+WRONG$/ EHLO fixed.example\n")
     (root / "ehlo").write_text("127.0.0.1 dsn, chunking\n")
     i.port, i.narrow_port, i.ps_port = free_port(), free_port(), free_port()
+    i.soft_port = free_port()
     i.main.update({
         "mydestination": "$myhostname, localhost",
         "mynetworks": "10.0.0.0/8",
@@ -55,6 +57,8 @@ def inst():
         f"127.0.0.1:{i.port} inet n - y - - smtpd",
         f"127.0.0.1:{i.narrow_port} inet n - y - - smtpd"
         " -o smtpd_expansion_filter=0123456789",
+        f"127.0.0.1:{i.soft_port} inet n - y - - smtpd -o soft_bounce=yes"
+        " -o smtpd_recipient_restrictions=reject",
         f"127.0.0.1:{i.ps_port} inet n - y - 1 postscreen -o postscreen_cache_map="
         " -o postscreen_greet_banner= -o postscreen_dnsbl_sites="
         " -o postscreen_pipelining_enable=yes",
@@ -95,6 +99,29 @@ def test_smtpd_footer_on_every_reject(inst):
     assert reply[1].startswith("501 Help: postmaster@mail.test.example ")
     assert c.cmd("QUIT") == "221 2.0.0 Bye"
     c.close()
+
+
+def test_smtpd_soft_bounce_turns_every_5xx_line_into_4xx(inst):
+    """smtpd_chat.c's safety net: each line of a 5XX reply, its footer's too, goes out
+    as 4XX with a 4.X.X status; the reject log line shows the reply that was sent."""
+    c, port = connect(inst.soft_port)
+    assert c.cmd("EHLO client.example").startswith("250-mail.test.example")
+    reply = lines(c.cmd("MAIL FROM:<a@client.example> NOSUCH=1"))
+    assert reply[0] == f"455-4.5.4 Unsupported option: NOSUCH=1 (ref 127.0.0.1:{port})"
+    assert re.fullmatch(rf"455 4\.5\.4 Help: postmaster@mail\.test\.example {TIME}",
+                        reply[1]), reply
+    assert c.cmd("MAIL FROM:<a@client.example>") == "250 2.1.0 Ok"
+    reply = lines(c.cmd("RCPT TO:<u@localhost>"))
+    assert reply[0] == "454-4.7.1 <u@localhost>: Recipient address rejected: Access " \
+        f"denied (ref 127.0.0.1:{port})", reply
+    assert reply[1].startswith("454 4.7.1 Help: postmaster@mail.test.example ")
+    assert c.cmd("QUIT") == "221 2.0.0 Bye"
+    c.close()
+    wait_for(lambda: "Recipient address rejected: Access denied;" in inst.log(),
+             what="the reject log line")
+    assert "NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 454 4.7.1 <u@localhost>: " \
+        "Recipient address rejected: Access denied; from=<a@client.example> " \
+        "to=<u@localhost> proto=ESMTP helo=<client.example>" in inst.log()
 
 
 def test_smtpd_expansion_filter(inst):
