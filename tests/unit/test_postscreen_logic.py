@@ -224,13 +224,6 @@ def test_dnsbl_queries_without_answer_time_out_and_score_nothing():
         dead.close()
 
 
-def test_soft_bounce_softens_rejects():
-    assert dummy.soften("550 5.7.1 Service unavailable\r\n") == \
-        "450 4.7.1 Service unavailable\r\n"
-    assert dummy.soften("521 5.5.1 Protocol error\r\n") == "421 4.5.1 Protocol error\r\n"
-    assert dummy.soften("250 2.0.0 Ok\r\n") == "250 2.0.0 Ok\r\n"
-
-
 def test_postscreen_tls_level_as_postfix():
     from postfix_py.lib import tls as T
     level = lambda **kw: T.server_security_level(config(**kw), "postscreen",

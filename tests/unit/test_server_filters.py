@@ -116,3 +116,14 @@ def test_command_and_ehlo_tables(tmp_path):
     assert f.ehlo_discard("192.0.2.1") == ["silent-discard", "dsn", "auth"]
     assert f.ehlo_discard("192.0.2.2") is None
     assert SF.ehlo_mask_text(["dsn", "auth", "nonesuch", "STARTTLS"]) == "AUTH STARTTLS DSN"
+
+
+def test_soft_bounce_softens_5xx_lines_only():
+    assert SF.soft_bounce("550 5.7.1 Service unavailable\r\n") == \
+        "450 4.7.1 Service unavailable\r\n"
+    assert SF.soft_bounce("521 5.5.1 Protocol error") == "421 4.5.1 Protocol error"
+    assert SF.soft_bounce("554-5.7.1 first line") == "454-4.7.1 first line"
+    assert SF.soft_bounce("550 Not a 5.X.X status") == "450 Not a 5.X.X status"
+    assert SF.soft_bounce("452 4.3.1 Insufficient system storage") == \
+        "452 4.3.1 Insufficient system storage"
+    assert SF.soft_bounce("250 2.0.0 Ok\r\n") == "250 2.0.0 Ok\r\n"
