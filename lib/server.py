@@ -177,6 +177,27 @@ def _start(ctx: WorkerContext) -> None:
     metrics.worker_start(ctx)
 
 
+@contextlib.contextmanager
+def as_mail_owner(ctx: WorkerContext):
+    """mail_owner's effective uid and gid for the block, when the worker is still root
+    (before drop_privileges): a cache that holds what clients did (postscreen's, the
+    verify cache) is created as mail_owner's file, never root's, as Postfix opens them."""
+    if not ctx.run_as_root or os.geteuid() != 0:
+        yield
+        return
+    try:
+        pw = pwd.getpwnam(ctx.cfg.get("mail_owner"))
+    except KeyError:
+        msg.fatal(f"unknown mail_owner: {ctx.cfg.get('mail_owner')}")
+    os.setegid(pw.pw_gid)
+    os.seteuid(pw.pw_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
 def drop_privileges(ctx: WorkerContext) -> None:
     """Chroot when the service says so, then become mail_owner for good."""
     queue = queue_root(ctx.cfg)

@@ -140,12 +140,10 @@ SEE ALSO
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import math
 import os
-import pwd
 import socket
 import time
 from dataclasses import dataclass
@@ -944,31 +942,11 @@ def pre_init(ctx) -> None:
                  "TLS is not available to clients")
     ref = ctx.cfg.get("postscreen_cache_map")
     if ref:
-        with _as_owner(ctx):
+        with server.as_mail_owner(ctx):
             settings.cache = Cache(ref)
         if not settings.cache.enabled:
             settings.cache = None
     ctx.state["settings"] = settings
-
-
-@contextlib.contextmanager
-def _as_owner(ctx):
-    """mail_owner's effective uid and gid, as Postfix opens the cache: the file holds
-    what clients did, so it is mail_owner's, never root's."""
-    if not ctx.run_as_root or os.geteuid() != 0:
-        yield
-        return
-    try:
-        pw = pwd.getpwnam(ctx.cfg.get("mail_owner"))
-    except KeyError:
-        msg.fatal(f"unknown mail_owner: {ctx.cfg.get('mail_owner')}")
-    os.setegid(pw.pw_gid)
-    os.seteuid(pw.pw_uid)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
 
 
 def post_init(ctx, loop) -> None:

@@ -64,9 +64,7 @@ SEE ALSO
 
 from __future__ import annotations
 
-import contextlib
 import os
-import pwd
 import time
 
 from ..lib import attr, cleanup, frame_server, maincf, msg, server, tables, verify_client
@@ -170,26 +168,6 @@ class VerifyServer(frame_server.FrameServer):
         return _OK
 
 
-@contextlib.contextmanager
-def _as_owner(ctx):
-    """mail_owner's effective uid and gid while the cache is opened, as Postfix's
-    verify: the file holds what clients asked, so it is mail_owner's, never root's."""
-    if not ctx.run_as_root or os.geteuid() != 0:
-        yield
-        return
-    try:
-        pw = pwd.getpwnam(ctx.cfg.get("mail_owner"))
-    except KeyError:
-        msg.fatal(f"unknown mail_owner: {ctx.cfg.get('mail_owner')}")
-    os.setegid(pw.pw_gid)
-    os.seteuid(pw.pw_uid)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
-
-
 def open_cache(ref: str):
     """The cache of address_verify_map (empty: in memory); TableError."""
     return TableCache(ref) if ref else MemoryCache()
@@ -200,7 +178,7 @@ def pre_init(ctx) -> None:
     cfg = ctx.cfg
     ref = (cfg.get("address_verify_map") or "").strip()
     try:
-        with _as_owner(ctx):
+        with server.as_mail_owner(ctx):
             cache = open_cache(ref)
     except tables.TableError as exc:
         msg.fatal(f"address_verify_map: {exc}")
