@@ -124,11 +124,8 @@ def _run(argv: list[str]) -> int:
             return postmap._delete(refs, cfg, fold, delkey)
         _build(refs, cfg, fold, incremental, **kw)
         return 0
-    except (tables.TableError, maincf.ConfigError) as exc:
-        msg.fatal(str(exc))
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        msg.fatal(f"{where}{exc.strerror or exc}")
+    except (tables.TableError, maincf.ConfigError, OSError) as exc:
+        postmap.fatal_error(exc)
 
 
 def main(argv: list[str]) -> int:
@@ -159,11 +156,8 @@ def alias_init(config_dir: str | None, maps: list[str] | None = None) -> int:
         _build([postmap._with_type(a, cfg["default_database_type"]) for a in maps],
                cfg, True)
         return 0
-    except (tables.TableError, maincf.ConfigError) as exc:
-        msg.fatal(str(exc))
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        msg.fatal(f"{where}{exc.strerror or exc}")
+    except (tables.TableError, maincf.ConfigError, OSError) as exc:
+        postmap.fatal_error(exc)
 
 
 def _newaliases(argv: list[str]) -> int:

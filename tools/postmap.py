@@ -227,11 +227,17 @@ def _run(argv: list[str]) -> int:
                                            inherit_mode=inherit_mode, as_owner=as_owner)
             msg.verbose(1, f"{ref}: {count} entries")
         return 0
-    except (tables.TableError, maincf.ConfigError) as exc:
-        msg.fatal(str(exc))
-    except OSError as exc:
+    except (tables.TableError, maincf.ConfigError, OSError) as exc:
+        fatal_error(exc)
+
+
+def fatal_error(exc: Exception) -> None:
+    """A table, configuration or file system error as the tool's fatal error (an OSError
+    with the file it is about), as Postfix's postmap and postalias report them."""
+    if isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename else ""
         msg.fatal(f"{where}{exc.strerror or exc}")
+    msg.fatal(str(exc))
 
 
 def _stdin():
