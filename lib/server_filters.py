@@ -143,19 +143,6 @@ def _filtered(value: str, allowed: frozenset) -> str:
     return "".join(c if c in allowed else "_" for c in value)
 
 
-def _curly(text: str, start: int) -> int:
-    """The index of the } that closes the { at start, or -1."""
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-    return -1
-
-
 def expand(template: str, values: dict, allowed: frozenset = DEFAULT_FILTER,
            strict: bool = False, _depth: int = 0) -> str:
     """Expand a reply template (see FUNCTIONS); ValueError when its syntax is bad, or
@@ -191,7 +178,7 @@ def expand(template: str, values: dict, allowed: frozenset = DEFAULT_FILTER,
         first, second = rest, ""
         if rest.lstrip(" \t").startswith("{"):
             rest = rest.lstrip(" \t")
-            end = _curly(rest, 0)
+            end = tables.balpar(rest) - 1      # -1: not balanced
             tail = rest[end + 1:].strip(" \t") if end >= 0 else ""
             if end < 0 or tail and (op != "?" or tail[0] != ":"):
                 raise ValueError(f"bad conditional: ${{{part.name}}}")
@@ -199,7 +186,7 @@ def expand(template: str, values: dict, allowed: frozenset = DEFAULT_FILTER,
             if tail:
                 tail = tail[1:].strip(" \t")
                 if tail.startswith("{"):
-                    close = _curly(tail, 0)
+                    close = tables.balpar(tail) - 1
                     if close != len(tail) - 1:
                         raise ValueError(f"bad conditional: ${{{part.name}}}")
                     tail = tail[1:-1]

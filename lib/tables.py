@@ -495,7 +495,7 @@ class TexthashTable(_ReloadingTable):
 
 # --- inline: and static: (Postfix's balpar, mystrtokq, extpar, split_qnameval) -------------
 
-def _balpar(text: str, start: int = 0) -> int:
+def balpar(text: str, start: int = 0) -> int:
     """Length of the balanced {...} at text[start], or 0 when it is not balanced."""
     if text[start:start + 1] != "{":
         return 0
@@ -512,7 +512,7 @@ def _balpar(text: str, start: int = 0) -> int:
 
 def _extpar(text: str) -> tuple[str, str | None]:
     """The inside of `{text}`, stripped of white space, and Postfix's error, if any."""
-    length = _balpar(text)
+    length = balpar(text)
     if length == 0:
         return text[1:].strip(_SPACE), f"missing '}}' in \"{text}\""
     err = None if length == len(text) else f"syntax error after '}}' in \"{text}\""
@@ -578,7 +578,7 @@ class InlineTable(Table):
     def __init__(self, type_: str, name: str, fold: bool = True):
         super().__init__(type_, name, fold)
         need = f'"inline:{name}"; need "inline:{{name=value...}}"'
-        if _balpar(name) != len(name) or len(name) <= 2:
+        if balpar(name) != len(name) or len(name) <= 2:
             raise TableError(f"bad syntax: {need}")
         self._entries: dict[str, str] = {}
         for token in _tokens(name[1:-1], ", \t\r\n"):
