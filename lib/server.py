@@ -291,6 +291,14 @@ def _wait_for_client(ctx: WorkerContext, timeout: float | None,
         due = idle.due() if idle is not None else None
         if due is not None and (wait is None or due < wait):
             wait = max(0.0, due)
+        # Counts of the last clients wait in this process until a flush, due a second
+        # after the last one: a busy worker flushes here, an idle one wakes for it.
+        flush = metrics.flush_due()
+        if flush == 0:
+            metrics.flush()
+            flush = None
+        if flush is not None and (wait is None or flush < wait):
+            wait = flush
         try:
             if poller is not None:
                 ready = [fd for fd, _ in poller.poll(-1 if wait is None else wait)]
@@ -298,8 +306,11 @@ def _wait_for_client(ctx: WorkerContext, timeout: float | None,
                 ready, _, _ = select.select(fds, [], [], wait)
         except InterruptedError:
             continue
-        if due is not None and not ready:
-            idle.expire()
+        if not ready:
+            if flush is not None:
+                metrics.flush()
+            if due is not None:
+                idle.expire()
             continue
         if idle is not None and live_fd not in ready and signal_fd not in ready:
             delay = idle.accept_delay()
@@ -390,6 +401,7 @@ def single_server(ctx: WorkerContext, service, pre_init=None, post_init=None,
             listening[2].close()
         if on_exit:
             on_exit(ctx)
+        metrics.flush()
     return 0
 
 
@@ -498,5 +510,6 @@ def multi_server(ctx: WorkerContext, on_client, pre_init=None, post_init=None,
     finally:
         if on_exit:
             on_exit(ctx)
+        metrics.flush()
         loop.close()
     return 0

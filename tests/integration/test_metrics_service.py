@@ -122,9 +122,21 @@ def test_metrics_after_delivery_run(setup):
     url = f"http://127.0.0.1:{instance.metrics_port}/metrics"
     with pytest.raises(urllib.error.HTTPError, match="404"):
         urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=20)
-    with urllib.request.urlopen(url, timeout=20) as answer:
-        assert answer.status == 200
-        samples = _samples(answer.read().decode())
+
+    def scrape():
+        with urllib.request.urlopen(url, timeout=20) as answer:
+            assert answer.status == 200
+            return _samples(answer.read().decode())
+
+    # A worker writes its counts at most once a second; an idle one (as every worker is
+    # now, max_idle being 100 s) within a second of its last client.
+    def counted():
+        samples = scrape()
+        last_smtp = _total(samples, "postfix_deliveries_total", status="deferred") >= 1
+        last_smtpd = _total(samples, "postfix_smtpd_commands_total", command="quit",
+                            result="ok") >= 5
+        return samples if last_smtp and last_smtpd else None
+    samples = wait_for(counted, timeout=10, what="the last clients' counts")
     assert _total(samples, "postfix_smtpd_connects_total") >= 5
     assert _total(samples, "postfix_smtpd_tls_connections_total", session="full") >= 1
     assert _total(samples, "postfix_smtpd_tls_connections_total", session="resumed") >= 1

@@ -237,8 +237,83 @@ def test_a_worker_counts_only_when_its_master_has_a_metrics_service(tmp_path, mo
     metrics.collecting(False)
     metrics.worker_start(ctx)
     metrics.smtpd_connect()
+    metrics.flush()
     assert os.listdir(tmp_path / metrics.DIRECTORY) == []
     metrics.collecting(True)
     metrics.worker_start(ctx)
     metrics.smtpd_connect()
+    metrics.flush()
     assert os.listdir(tmp_path / metrics.DIRECTORY) != []
+
+
+BUFFERED = """
+import os, sys, time
+from types import SimpleNamespace
+directory, mode = sys.argv[1], sys.argv[2]
+from postfix_py.lib import metrics
+metrics.collecting(True)
+ctx = SimpleNamespace(service=SimpleNamespace(name="smtp", chroot=False), program="smtp",
+                      run_as_root=False, queue_root=os.path.dirname(directory), cfg={})
+metrics.worker_start(ctx)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+# on the bounds, between them, past the last, and zero: each bucket edge case
+delays = [0.0, 1e-3, 0.0011, 0.01, 0.1, 0.5, 1.0, 2.5, 1e3, 5e3, 0.1]
+files = lambda: sorted(f for f in os.listdir(directory))
+if mode == "direct":            # prometheus_client's own calls, as before the buffer
+    for d in delays:
+        for stage, value in zip(metrics._STAGE_NAMES, (0, 0, 0, d)):
+            metrics._child(metrics.SMTP_STAGES, (stage,)).observe(value)
+        metrics._child(metrics.DELIVERY_DELAY, ("smtp", "sent")).observe(d * 100)
+        metrics._child(metrics.DELIVERIES, ("smtp", "sent", "2")).inc()
+    metrics._child(metrics.SMTPD_COMMANDS, ("smtp", "ehlo", "ok")).inc(3)
+    metrics._child(metrics.SMTPD_DISCONNECTS, ("smtp",)).inc(2)
+    sys.exit(0)
+metrics.smtpd_session_end({"ehlo": [1, 1]})     # counts wait in the process
+assert files() == [] and metrics.flush_due() == 0
+metrics.smtpd_message(None)                     # the first message flushes at once
+assert files() == ["counter_%d.db" % os.getpid()], files()
+metrics.smtpd_session_end({"ehlo": [2, 2]})
+for d in delays:
+    metrics.delivery("ABC", "a@b", "none", "sent", "2.0.0", d * 100, (0, 0, 0, d))
+assert files() == ["counter_%d.db" % os.getpid()], files()   # nothing more written yet
+due = metrics.flush_due()
+assert due is not None and 0 < due <= metrics.FLUSH_INTERVAL, due
+if mode == "fork":              # a forked child never writes its parent's counts
+    pid = os.fork()
+    if pid == 0:
+        metrics.flush()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert files() == ["counter_%d.db" % os.getpid()], files()
+if mode == "due":               # a second later, the next count writes them all
+    time.sleep(due + 0.05)
+    metrics.smtpd_connect()                     # a count alone does not look at the time
+    assert metrics.flush_due() == 0
+    metrics.smtpd_message(None)                 # a message does
+    assert metrics.flush_due() is None
+else:
+    metrics.flush()
+assert metrics.flush_due() is None
+assert "histogram_%d.db" % os.getpid() in files()
+"""
+
+
+def test_buffered_counts_reach_the_files_as_direct_increments_would(tmp_path):
+    """Counts wait in the process until a flush, then add up to exactly what
+    prometheus_client's own increments write (also a canary of the Histogram internals
+    that flush() uses)."""
+    script = tmp_path / "buffered.py"
+    script.write_text(BUFFERED)
+    results = {}
+    for mode in ("direct", "flush", "fork", "due"):
+        directory = tmp_path / mode / metrics.DIRECTORY
+        directory.mkdir(parents=True)
+        subprocess.run([sys.executable, str(script), str(directory), mode], check=True)
+        results[mode] = {k: v for k, v in _scrape(directory).items()
+                         if k[0] not in ("postfix_smtpd_connects_total",
+                                         "postfix_smtpd_messages_processed_total")}
+    assert results["direct"][("postfix_smtp_delivery_delay_seconds_count",
+                              (("stage", "transmission"),))] == 11
+    assert results["flush"] == results["direct"]
+    assert results["fork"] == results["direct"]
+    assert results["due"] == results["direct"]
