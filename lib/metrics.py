@@ -24,16 +24,21 @@ DESCRIPTION
     therefore sees a count at most about a second late, and only a worker killed outright
     (SIGKILL, a crash) loses the counts of its last second.
 
-    The directory is queue_directory/metrics (DIRECTORY), mail_owner's (0700), emptied
-    by prepare_directory() when the master starts (counters start at zero with the
-    master, as Postfix's own counters in its logs do). Inside a chroot jail the same
-    directory is /metrics: worker_start() sets PROMETHEUS_MULTIPROC_DIR to the path that
-    the worker will see after its privilege drop; files are opened at the first increment,
-    which happens after it.
+    The files live on tmpfs, in /dev/shm/postfix-py-metrics.HASH (directory(): HASH
+    names the queue_directory, so that instances do not mix), mail_owner's (0700),
+    removed by the master when it starts and ends (counters start at zero with the
+    master, as Postfix's own counters in its logs do), and made when it has a metrics
+    service (collecting()). Not in the queue's file system: creating and first writing
+    a mapped file there cost a worker about 3 ms of system time on ext4, on tmpfs a tenth
+    of it, and a busy host starts a dozen workers a second. Being outside the jail, a
+    worker's
+    files are opened when it starts, before its chroot and privilege drop, as mail_owner's
+    (open_files(), called by lib/server.py); the metrics service runs unjailed.
 
-    Importing this module switches prometheus_client's value class to the multiprocess
-    one for the whole process (postfix-py creates no other metric objects); every metric
-    here has labels, so that no value, and no file, exists before a worker counts.
+    Importing this module sets prometheus_client's value class to _MappedValue, which
+    keeps values in those open files (prometheus_client's own multiprocess class opens
+    its file at the first increment, by path, and checks the pid at each one); every
+    metric here has labels, so that no value exists before a worker counts.
 
     Counting costs nothing when nobody reads it: the master calls collecting(on) with
     whether master.cf has a metrics service, at start and at each reload, before it forks
@@ -64,11 +69,13 @@ JSON EVENT LOG
     (a failed server handshake, with what the client offered), or "delivery".
 
 FUNCTIONS
-    prepare_directory(queue_root, owner_pw) - the master, at start: (re)create the
-        directory empty, owned by mail_owner.
-    collecting(on) - the master, per configuration generation: whether its workers count
-        (master.cf has a metrics service).
-    worker_start(ctx) - in each worker before the chroot: service name, directory, log.
+    directory(queue_root) - where the counter files of that instance are.
+    remove_directory(queue_root) - the master, at its start and end.
+    collecting(on, queue_root, owner_pw) - the master, per configuration generation:
+        whether its workers count (master.cf has a metrics service); makes the directory.
+    worker_start(ctx) - in each worker before the chroot: service name, event log;
+        counting() says whether it counts, and then open_files(queue_root) opens its
+        files (as mail_owner, before the chroot).
     smtpd_connect(), smtpd_session_end(counts), smtpd_reject(stage, reply),
     smtpd_restriction(restriction, code), smtpd_message(sasl_method), smtpd_auth(method,
     ok), tls_server(info), tls_server_failure(client, reason, offer), tls_client(info,
@@ -85,6 +92,7 @@ SEE ALSO
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 import shutil
@@ -93,17 +101,51 @@ import time
 
 from prometheus_client import Counter, Histogram
 from prometheus_client import values as _values
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from . import msg
 
-DIRECTORY = "metrics"
+SHM = "/dev/shm"            # tmpfs on Linux; without it, the queue directory
 MAX_LABEL = 64              # longest label value: bounded series, whatever a peer sends
 MAX_EVENT = 16384           # longest JSON event line
 FLUSH_INTERVAL = 1.0        # seconds between writes of a process's counts to its files
 
-# Every metric of this module has labels, so that no value (and no file) exists before a
-# worker increments one; the master never does.
-_values.ValueClass = _values.MultiProcessValue()
+_files: dict = {}            # "counter", "histogram" -> this worker's MmapedDict
+
+
+class _MappedValue:
+    """One value of a metric child, kept in this process's file of its type (the
+    interface prometheus_client's metrics expect of values.ValueClass)."""
+
+    _multiprocess = True
+
+    def __init__(self, typ, metric_name, name, labelnames, labelvalues, help_text,
+                 multiprocess_mode="", **kwargs):
+        self._file = _files[typ]            # KeyError without open_files(): flush() fails
+        self._key = mmap_key(metric_name, name, labelnames, labelvalues, help_text)
+        self._value = self._file.read_value(self._key)[0]
+
+    def inc(self, amount) -> None:
+        self._value += amount
+        self._file.write_value(self._key, self._value, 0.0)
+
+    def set(self, value, timestamp=None) -> None:
+        self._value = value
+        self._file.write_value(self._key, value, timestamp or 0.0)
+
+    def get(self):
+        return self._value
+
+    def set_exemplar(self, exemplar) -> None:
+        pass
+
+    def get_exemplar(self):
+        return None
+
+
+# Every metric of this module has labels, so that no value exists before a worker
+# increments one; the master never does.
+_values.ValueClass = _MappedValue
 
 _DELAY_BUCKETS = (1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2, 1e3)         # postfix_exporter's
 _TOTAL_DELAY_BUCKETS = (0.1, 0.5, 1, 5, 10, 60, 300, 3600, 86400, 432000)
@@ -184,46 +226,66 @@ _state = _State()
 
 # --- set-up ------------------------------------------------------------------------------
 
-def prepare_directory(queue_root: str, owner_pw=None) -> str:
-    """Create queue_root/metrics empty (mode 0700, owned by mail_owner); its path.
+def directory(queue_root: str) -> str:
+    """The counter files' directory of the instance whose queue is queue_root."""
+    if not os.path.isdir(SHM):
+        return os.path.join(queue_root, "metrics")
+    digest = hashlib.sha256(os.path.realpath(queue_root).encode()).hexdigest()[:16]
+    return os.path.join(SHM, f"postfix-py-metrics.{digest}")
 
-    Called by the master before it forks anything: the files of a previous master's
-    workers are counts of another life.
-    """
-    path = os.path.join(queue_root, DIRECTORY)
+
+def _remove(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)         # never follows a symbolic link inside
+    else:
+        os.unlink(path)             # a file or symbolic link someone put there
+
+
+def collecting(on: bool, queue_root: str | None = None, owner_pw=None) -> None:
+    """In the master, at start and at each reload, before it forks that generation's
+    workers: whether they count (master.cf has a metrics service); with on, the directory
+    of queue_root is made (mode 0700, owned by mail_owner) unless it is there. Forked
+    workers inherit the value."""
+    _state.collect = bool(on)
+    if not on or queue_root is None:
+        return
+    path = directory(queue_root)
+    uid = owner_pw.pw_uid if owner_pw is not None else os.geteuid()
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         st = None
-    if st is not None:
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-    os.mkdir(path, 0o700)
-    if owner_pw is not None:
-        os.chown(path, owner_pw.pw_uid, owner_pw.pw_gid)
-    os.chmod(path, 0o700)
-    return path
+    if st is None or not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+        _remove(path)                   # not ours: a link, a file, another user's
+        os.mkdir(path, 0o700)           # fails rather than follow a link put there
+        if owner_pw is not None:
+            os.chown(path, owner_pw.pw_uid, owner_pw.pw_gid)
+        os.chmod(path, 0o700)
 
 
-def collecting(on: bool) -> None:
-    """In the master: whether the workers it forks from now on count (a metrics service
-    is configured). Forked workers inherit the value."""
-    _state.collect = bool(on)
+def remove_directory(queue_root: str) -> None:
+    """The master starts, or ends: the counts of another life go. In world-writable
+    /dev/shm the name is predictable: whatever is there is removed, never followed."""
+    try:
+        _remove(directory(queue_root))
+    except OSError as exc:
+        msg.warn(f"metrics: cannot remove {directory(queue_root)}: {exc.strerror}")
 
 
 def worker_start(ctx) -> None:
-    """Set up the counters and the event log of a freshly forked worker (before chroot)."""
+    """Set up a freshly forked worker: what it counts as, and its event log (before the
+    chroot); then the caller opens its files with open_files() if counting()."""
     _state.service = ctx.service.name
     _state.program = ctx.program
-    jailed = ctx.run_as_root and ctx.service.chroot
-    root = "/" if jailed else ctx.queue_root
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(root, DIRECTORY)
-    _state.enabled = _state.collect
+    _state.enabled = False
     _state.pid = os.getpid()
     _pending.clear()
     _sessions.clear()
+    _files.clear()
     _state.event_fd = -1
     path = ctx.cfg.get("tls_event_log") if hasattr(ctx.cfg, "get") else ""
     if path:
@@ -233,6 +295,28 @@ def worker_start(ctx) -> None:
                                       | os.O_CLOEXEC, 0o640)
         except OSError as exc:
             msg.warn(f"cannot open tls_event_log {path}: {exc.strerror}")
+
+
+def counting() -> bool:
+    """Whether this worker's master has a metrics service (its files are to be opened)."""
+    return _state.collect
+
+
+def open_files(queue_root: str) -> None:
+    """Open this worker's counter and histogram files (lib/server.py: before the chroot,
+    with mail_owner's effective ids, so that they are mail_owner's, whom the metrics
+    service runs as); counting starts. A failure leaves this worker without counters."""
+    try:
+        for kind in ("counter", "histogram"):
+            name = os.path.join(directory(queue_root), f"{kind}_{_state.pid}.db")
+            # created here, 0600: MmapedDict would make it with the umask's mode
+            os.close(os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            _files[kind] = MmapedDict(name)
+    except (OSError, ValueError) as exc:
+        _files.clear()
+        msg.warn(f"metrics disabled in this process: {exc}")
+        return
+    _state.enabled = True
 
 
 def _failed(exc: Exception) -> None:

@@ -175,6 +175,9 @@ def _start(ctx: WorkerContext) -> None:
     for sock in ctx.listeners:
         sock.setblocking(False)
     metrics.worker_start(ctx)
+    if metrics.counting():
+        with as_mail_owner(ctx):
+            metrics.open_files(queue_root(ctx.cfg))     # the real path: before the chroot
 
 
 @contextlib.contextmanager

@@ -206,7 +206,7 @@ def prepare_directories(cfg, run_as_root: bool, chroot: bool) -> None:
         if run_as_root:
             os.chown(path, owner.pw_uid if owned else 0, owner.pw_gid if owned else 0)
         os.chmod(path, mode)
-    metrics.prepare_directory(queue, owner)      # the counters of this master's workers
+    metrics.remove_directory(queue)             # the counts of an earlier master
     data = cfg.get("data_directory")
     try:
         os.makedirs(data, mode=0o700, exist_ok=True)
@@ -280,7 +280,7 @@ class Master:
                 raise StartError(f"mail_owner: unknown user: {cfg.get('mail_owner')}") from None
         try:
             prepare_directories(cfg, self.run_as_root, any(s.chroot for s in svcs))
-            metrics.collecting(any(s.command == "metrics" for s in svcs))
+            self._collecting(cfg, svcs)
         except OSError as exc:
             raise StartError(f"{exc.filename or queue_root(cfg)}: "
                              f"{exc.strerror}") from None
@@ -632,7 +632,10 @@ class Master:
                 msg.warn(f"reload: {problem}; keeping the running configuration")
             return
         self.generation += 1
-        metrics.collecting(any(s.command == "metrics" for s in svcs))
+        try:
+            self._collecting(cfg, svcs)
+        except (OSError, KeyError) as exc:    # KeyError: no such mail_owner
+            msg.warn(f"reload: metrics directory: {exc}; no counters for the metrics service")
         reuse = {}
         for state in self.services.values():
             reuse[S.endpoint_key(state.svc, state.cfg)] = state.listeners
@@ -783,6 +786,12 @@ class Master:
         self._close_services()
         self._signal_workers(signal.SIGKILL)
 
+    def _collecting(self, cfg, svcs) -> None:
+        """Whether this generation's workers count (lib/metrics.py): when master.cf has a
+        metrics service."""
+        owner = pwd.getpwnam(cfg.get("mail_owner")) if self.run_as_root else None
+        metrics.collecting(any(s.command == "metrics" for s in svcs), queue_root(cfg), owner)
+
     def _finish(self) -> None:
         for state in list(self.services.values()) + self.retired:
             state.close()
@@ -794,6 +803,7 @@ class Master:
             os.unlink(pid_path(self.cfg))
         except OSError:
             pass
+        metrics.remove_directory(queue_root(self.cfg))
         os.close(self.lock_fd)
         self.loop.close()
 

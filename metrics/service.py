@@ -11,8 +11,8 @@ DESCRIPTION
 
     What is served:
     * the counters and histograms that the daemons bump (lib/metrics.py): the files of
-      prometheus_client's multiprocess mode in queue_directory/metrics, summed over every
-      process, with MultiProcessCollector;
+      prometheus_client's multiprocess format in metrics.directory() (on tmpfs, outside
+      the queue), summed over every process, with MultiProcessCollector;
     * the queue, read at each request as showq reads it (lib/showq.py):
       postfix_showq_message_size_bytes{queue} and postfix_showq_message_age_seconds{queue}
       (postfix_exporter's histograms and buckets), postfix_queue_messages{queue} and
@@ -36,10 +36,11 @@ SECURITY
     The counters carry no addresses and no message content, but client names, next hops
     and queue sizes are an operator's business: listen on loopback (the shipped line does),
     or let a firewall decide. The service runs as mail_owner without chroot: it reads
-    /proc for the process counts. It reads at most 8192 bytes of request.
+    /proc for the process counts and the counter files outside the queue; jailed, it
+    stops with a fatal error. It reads at most 8192 bytes of request.
 
 CONFIGURATION PARAMETERS
-    queue_directory: where the queue and the metrics directory are.
+    queue_directory: the queue (and the name of the counter files' directory).
     ipc_timeout (3600s) bounds nothing here; a request must arrive within 10 seconds.
 
 SEE ALSO
@@ -264,7 +265,7 @@ class _Live:
 
 def exposition(ctx) -> bytes:
     """Everything, in the Prometheus text format."""
-    directory = os.path.join(ctx.queue_root, metrics.DIRECTORY)
+    directory = metrics.directory(server.queue_root(ctx.cfg))
     try:
         compact(directory)
     except (OSError, ValueError, json.JSONDecodeError) as exc:
@@ -317,10 +318,17 @@ def service(conn, ctx) -> None:
     _answer(conn, "200 OK", body, CONTENT_TYPE_LATEST, head_only=method == b"HEAD")
 
 
+def pre_init(ctx) -> None:
+    if ctx.run_as_root and ctx.service.chroot:
+        msg.fatal(f"service {ctx.service.name}: the metrics service cannot run chrooted "
+                  f"(master.cf chroot column: n): it reads /proc and "
+                  f"{metrics.directory(server.queue_root(ctx.cfg))}")
+
+
 def post_init(ctx) -> None:
     tlsmgr_client.configure(cfg=ctx.cfg)
 
 
 def main(ctx) -> int:
     """Serve scrapes until the master retires this process."""
-    return server.single_server(ctx, service, post_init=post_init)
+    return server.single_server(ctx, service, pre_init=pre_init, post_init=post_init)

@@ -75,12 +75,12 @@ def test_cipher_name_canary():
     assert tls_session.missing_symbols() == []
 
 
-def test_counters_do_nothing_outside_a_worker(tmp_path, monkeypatch):
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    assert not metrics._state.enabled
+def test_counters_do_nothing_outside_a_worker(tmp_path):
+    assert not metrics._state.enabled and not metrics._files
     metrics.smtpd_connect()
     metrics.delivery("ABC", "a@b", "none", "sent", "2.0.0", 0.1, (0, 0, 0, 0))
-    assert os.listdir(tmp_path) == []
+    metrics.flush()
+    assert not metrics._pending and not os.path.exists(metrics.directory(str(tmp_path)))
 
 
 def test_event_log_lines_are_json(tmp_path, monkeypatch):
@@ -214,51 +214,86 @@ def test_compact_keeps_histograms_and_counters_of_real_workers(tmp_path):
     assert after[("postfix_c_total", (("service", "smtp"),))] == 10
 
 
-def test_prepare_directory_starts_empty(tmp_path):
-    old = tmp_path / metrics.DIRECTORY
-    old.mkdir()
-    (old / "counter_1.db").write_bytes(b"x")
-    path = metrics.prepare_directory(str(tmp_path))
-    assert os.listdir(path) == [] and os.stat(path).st_mode & 0o777 == 0o700
-    os.rmdir(path)
-    os.symlink("/etc", path)                    # never followed
-    metrics.prepare_directory(str(tmp_path))
-    assert not os.path.islink(path) and os.path.exists("/etc/passwd")
+def test_the_directory_is_made_by_collecting_and_removed_by_the_master(tmp_path):
+    """The directory is on tmpfs, one per queue directory, made when the master has a
+    metrics service and removed when it starts and ends; what another user put at its
+    (predictable) name is removed, never followed."""
+    queue = str(tmp_path)
+    path = metrics.directory(queue)
+    assert path.startswith("/dev/shm/postfix-py-metrics.")
+    assert path != metrics.directory(str(tmp_path / "other"))
+    try:
+        metrics.collecting(False, queue)
+        assert not os.path.exists(path)
+        metrics.collecting(True, queue)
+        assert os.listdir(path) == [] and os.stat(path).st_mode & 0o777 == 0o700
+        with open(os.path.join(path, "counter_1.db"), "wb") as f:
+            f.write(b"x")
+        metrics.collecting(True, queue)             # a reload keeps the counts
+        assert os.listdir(path) == ["counter_1.db"]
+        metrics.remove_directory(queue)
+        assert not os.path.lexists(path)
+        os.symlink(str(tmp_path), path)
+        (tmp_path / "keep").write_text("x")
+        metrics.collecting(True, queue)
+        assert not os.path.islink(path) and (tmp_path / "keep").exists()
+    finally:
+        metrics.collecting(False)
+        metrics.remove_directory(queue)
+    assert not os.path.lexists(path)
 
 
 def test_a_worker_counts_only_when_its_master_has_a_metrics_service(tmp_path, monkeypatch):
-    """Without a metrics service nobody reads the counters: a worker writes no file."""
+    """Without a metrics service nobody reads the counters: a worker opens no file."""
     ctx = SimpleNamespace(service=SimpleNamespace(name="smtp", chroot=False), program="smtpd",
                           run_as_root=False, queue_root=str(tmp_path), cfg={})
-    (tmp_path / metrics.DIRECTORY).mkdir()
     monkeypatch.setattr(metrics, "_state", metrics._State())
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))   # restored at the end
-    monkeypatch.setattr(metrics._state, "collect", False)
-    metrics.collecting(False)
-    metrics.worker_start(ctx)
-    metrics.smtpd_connect()
-    metrics.flush()
-    assert os.listdir(tmp_path / metrics.DIRECTORY) == []
-    metrics.collecting(True)
-    metrics.worker_start(ctx)
-    metrics.smtpd_connect()
-    metrics.flush()
-    assert os.listdir(tmp_path / metrics.DIRECTORY) != []
+    monkeypatch.setattr(metrics, "_files", {})
+    path = metrics.directory(str(tmp_path))
+    metrics.collecting(True, str(tmp_path))
+    try:
+        metrics.collecting(False)
+        metrics.worker_start(ctx)
+        assert not metrics.counting()
+        metrics.smtpd_connect()
+        metrics.flush()
+        assert os.listdir(path) == []
+        metrics.collecting(True)
+        metrics.worker_start(ctx)
+        assert metrics.counting()
+        metrics.open_files(ctx.queue_root)
+        metrics.smtpd_connect()
+        metrics.flush()
+        pid = os.getpid()
+        assert sorted(os.listdir(path)) == [f"counter_{pid}.db", f"histogram_{pid}.db"]
+        assert _scrape(path)[("postfix_smtpd_connects_total", (("service", "smtp"),))] == 1
+        assert os.stat(os.path.join(path, f"counter_{pid}.db")).st_mode & 0o777 == 0o600
+    finally:
+        for f in metrics._files.values():
+            f.close()
+        metrics.remove_directory(str(tmp_path))
 
 
 BUFFERED = """
 import os, sys, time
 from types import SimpleNamespace
-directory, mode = sys.argv[1], sys.argv[2]
+queue, mode = sys.argv[1], sys.argv[2]
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 from postfix_py.lib import metrics
 metrics.collecting(True)
 ctx = SimpleNamespace(service=SimpleNamespace(name="smtp", chroot=False), program="smtp",
-                      run_as_root=False, queue_root=os.path.dirname(directory), cfg={})
+                      run_as_root=False, queue_root=queue, cfg={})
 metrics.worker_start(ctx)
-os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+metrics.open_files(queue)
 # on the bounds, between them, past the last, and zero: each bucket edge case
 delays = [0.0, 1e-3, 0.0011, 0.01, 0.1, 0.5, 1.0, 2.5, 1e3, 5e3, 0.1]
-files = lambda: sorted(f for f in os.listdir(directory))
+
+def written():          # the sum of every sample in the files
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics.directory(queue))
+    return sum(s.value for m in registry.collect() for s in m.samples)
+
 if mode == "direct":            # prometheus_client's own calls, as before the buffer
     for d in delays:
         for stage, value in zip(metrics._STAGE_NAMES, (0, 0, 0, d)):
@@ -269,13 +304,14 @@ if mode == "direct":            # prometheus_client's own calls, as before the b
     metrics._child(metrics.SMTPD_DISCONNECTS, ("smtp",)).inc(2)
     sys.exit(0)
 metrics.smtpd_session_end({"ehlo": [1, 1]})     # counts wait in the process
-assert files() == [] and metrics.flush_due() == 0
+assert written() == 0 and metrics.flush_due() == 0
 metrics.smtpd_message(None)                     # the first message flushes at once
-assert files() == ["counter_%d.db" % os.getpid()], files()
+first = written()
+assert first == 3, first                        # ehlo, the disconnect, the message
 metrics.smtpd_session_end({"ehlo": [2, 2]})
 for d in delays:
     metrics.delivery("ABC", "a@b", "none", "sent", "2.0.0", d * 100, (0, 0, 0, d))
-assert files() == ["counter_%d.db" % os.getpid()], files()   # nothing more written yet
+assert written() == first                       # nothing more written yet
 due = metrics.flush_due()
 assert due is not None and 0 < due <= metrics.FLUSH_INTERVAL, due
 if mode == "fork":              # a forked child never writes its parent's counts
@@ -284,7 +320,7 @@ if mode == "fork":              # a forked child never writes its parent's count
         metrics.flush()
         os._exit(0)
     os.waitpid(pid, 0)
-    assert files() == ["counter_%d.db" % os.getpid()], files()
+    assert written() == first
 if mode == "due":               # a second later, the next count writes them all
     time.sleep(due + 0.05)
     metrics.smtpd_connect()                     # a count alone does not look at the time
@@ -293,8 +329,7 @@ if mode == "due":               # a second later, the next count writes them all
     assert metrics.flush_due() is None
 else:
     metrics.flush()
-assert metrics.flush_due() is None
-assert "histogram_%d.db" % os.getpid() in files()
+assert metrics.flush_due() is None and written() > first
 """
 
 
@@ -306,12 +341,16 @@ def test_buffered_counts_reach_the_files_as_direct_increments_would(tmp_path):
     script.write_text(BUFFERED)
     results = {}
     for mode in ("direct", "flush", "fork", "due"):
-        directory = tmp_path / mode / metrics.DIRECTORY
-        directory.mkdir(parents=True)
-        subprocess.run([sys.executable, str(script), str(directory), mode], check=True)
-        results[mode] = {k: v for k, v in _scrape(directory).items()
-                         if k[0] not in ("postfix_smtpd_connects_total",
-                                         "postfix_smtpd_messages_processed_total")}
+        queue = str(tmp_path / mode)
+        metrics.collecting(True, queue)
+        directory = metrics.directory(queue)
+        try:
+            subprocess.run([sys.executable, str(script), queue, mode], check=True)
+            results[mode] = {k: v for k, v in _scrape(directory).items()
+                             if k[0] not in ("postfix_smtpd_connects_total",
+                                             "postfix_smtpd_messages_processed_total")}
+        finally:
+            metrics.remove_directory(queue)
     assert results["direct"][("postfix_smtp_delivery_delay_seconds_count",
                               (("stage", "transmission"),))] == 11
     assert results["flush"] == results["direct"]
