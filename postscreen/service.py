@@ -944,7 +944,7 @@ def pre_init(ctx) -> None:
                  "TLS is not available to clients")
     ref = ctx.cfg.get("postscreen_cache_map")
     if ref:
-        with server.as_mail_owner(ctx):
+        with server.as_mail_owner(ctx.cfg):
             settings.cache = Cache(ref)
         if not settings.cache.enabled:
             settings.cache = None
