@@ -135,7 +135,7 @@ CONFIGURATION PARAMETERS
     remote_header_rewrite_domain (empty), header_address_token_limit (10240),
     message_drop_headers (bcc, content-length, resent-bcc, return-path),
     append_at_myorigin (yes), append_dot_mydomain (no), swap_bangpath (yes),
-    allow_percent_hack (yes), mydomain, virtual_alias_maps (empty),
+    allow_percent_hack (yes), mydomain, virtual_alias_maps ($virtual_maps: empty),
     virtual_alias_expansion_limit (1000), virtual_alias_recursion_limit (1000),
     masquerade_domains (empty), masquerade_classes (envelope_sender, header_sender,
     header_recipient),

@@ -9,7 +9,8 @@ Postfix's local and virtual agents add:
     X-Original-To: original          (the recipient's original address: as given, before
                                       rewriting and alias expansion; left out with
                                       enable_original_recipient = no)
-    Delivered-To: recipient          (lower-cased; also the loop detector)
+    Delivered-To: recipient          (its local part quoted as in X-Original-To:, case kept,
+                                      as Postfix's mail_copy; also the loop detector)
 
 MAILDIR (deliver_maildir)
     The message is written to DIR/tmp/TIME.PPID.HOST (created with mode 0600; tmp/, new/
@@ -43,6 +44,8 @@ FUNCTIONS
     run_as(privs, work, program="local", file_limit=0) -> (result, dsn, reason)
     added_headers(sender, recipient, original=None) -> bytes
     delivered_to(content) -> set of lower-cased Delivered-To: addresses in the header
+    delivered_key(address) -> the form of address that delivered_to()'s set holds when a
+        Delivered-To: header names it (quoted, lower-cased: Postfix's delivered_hdr_find)
     deliver_maildir(path, headers, content, hostname=None, now=None) -> new file name
     deliver_mbox(path, sender, headers, content, fd=None, now=None)
     open_mbox(path) -> (fd, created); write_all(fd, data)
@@ -94,7 +97,13 @@ def added_headers(sender: str, recipient: str, original: str | None = None) -> b
     # quoted as Postfix's mail_copy does (quote_822_local): `"john doe"@example.org`
     x_original = f"X-Original-To: {quote_822_local(original)}\n" if original else ""
     return (f"Return-Path: <{sender}>\n{x_original}"
-            f"Delivered-To: {recipient.lower()}\n").encode("utf-8", "surrogateescape")
+            f"Delivered-To: {quote_822_local(recipient)}\n").encode("utf-8", "surrogateescape")
+
+
+def delivered_key(address: str) -> str:
+    """address as delivered_to() holds it when a Delivered-To: header names it: quoted
+    as added_headers() writes it, then lower-cased (Postfix's delivered_hdr_find)."""
+    return quote_822_local(address).lower()
 
 
 def delivered_to(content: bytes) -> set[str]:

@@ -101,7 +101,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 
-from . import msg
+from . import msg, tables
 
 TYPES = ("inet", "unix", "unix-dgram", "fifo", "pass")
 BLANKS = " \t\r\n"           # Postfix's CHARS_SPACE: field separators
@@ -237,22 +237,9 @@ def _strtokq(text: str, pos: int) -> tuple[str | None, int]:
     return text[start:pos], pos
 
 
-def _balpar(text: str) -> int:
-    """Length of the balanced {...} group at the start of text, 0 when it is unbalanced."""
-    level = 0
-    for i, c in enumerate(text):
-        if c == "{":
-            level += 1
-        elif c == "}":
-            level -= 1
-            if level == 0:
-                return i + 1
-    return 0
-
-
 def extract_braces(token: str) -> str:
     """Strip `{` `}` and the white space inside them (Postfix's extpar); ValueError if bad."""
-    length = _balpar(token)
+    length = tables.balpar(token)      # Postfix's balpar, one home (lib/tables.py)
     if length == 0:
         raise ValueError(f"missing '}}' in \"{token}\"")
     if length != len(token):

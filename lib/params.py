@@ -20,6 +20,16 @@ FUNCTIONS
     lookup(name) -> Param or None; convert(param, text) -> typed value, raising ParamError
     with a message that names the parameter; split_list(text) -> list of words.
     RAW: the names whose values their program expands itself (no main.cf expansion).
+    FORMER_NAMES: Postfix's former names of renamed parameters, each with its new name.
+
+FORMER NAMES
+    As Postfix (postconf_builtin.c's legacy table): a former name is declared with an
+    empty default, and the new name's default refers to it, so an old main.cf that sets
+    the former name still works and postconf does not call it unused. Programs read
+    only the new name. Postfix's expressions are kept as they are, quirks included:
+    postscreen_dnsbl_ttl is a number of hours (`h` is appended), and a non-empty
+    smtpd_client_connection_limit_exceptions makes smtpd_client_event_limit_exceptions
+    empty (`${name:text}` is empty when name is set).
 
 Defaults are the seed document's where it gives one (the legacy TLS README), otherwise
 Postfix 3.7's `postconf -d`, except where DEVIATIONS below says why not.
@@ -32,18 +42,12 @@ DEVIATIONS
     smtpd_forbid_bare_newline: normalize (SPEC-NOTES.md: SMTP smuggling).
     smtpd_sasl_type: dovecot; postfix-py has no Cyrus SASL. smtp_sasl_type and
     smtp_sasl_path are not declared: the client's SASL (PLAIN, LOGIN) is built in.
-    smtpd_client_event_limit_exceptions: $mynetworks (Postfix 3.7 writes
-    ${smtpd_client_connection_limit_exceptions:$mynetworks}; the pre-2.9 name is not here).
     mynetworks_style, relay_domains, smtpd_relay_restrictions: Postfix's values at
     compatibility level 2 and later (no compatibility_level parameter here).
     alias_maps: hash:/etc/aliases (Postfix on Linux adds nis:mail.aliases; there is no nis:
     table type here).
     smtputf8_enable: yes, Postfix's value at compatibility level 1 and later.
-    virtual_alias_maps: empty (Postfix writes $virtual_maps, the pre-2.0 name, not here).
-    postscreen_dnsbl_allowlist_threshold: 0, postscreen_dnsbl_max_ttl: 1h,
-    smtpd_per_request_deadline: ${stress?{yes}:{no}}, without the former names
-    (postscreen_dnsbl_whitelist_threshold, postscreen_dnsbl_ttl, smtpd_per_record_deadline)
-    that Postfix's defaults refer to. postscreen_forbidden_commands: CONNECT GET POST
+    postscreen_forbidden_commands: CONNECT GET POST
     (Postfix 3.7's smtpd_forbidden_commands, which postfix-py's smtpd does not have).
     smtp_tls_dane_insecure_mx_policy: dane, the default of Postfix 3.7.13, 3.8.8, 3.9.2
     and 3.10 (earlier 3.7 releases wrote a default that depends on
@@ -170,7 +174,8 @@ PARAMS: list[Param] = [
     # --- smtpd: session and limits ------------------------------------------------------
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", STR, "text of the 220 greeting"),
     _p("smtpd_timeout", "${stress?{10}:{300}}s", TIME, "time limit of one client read or write", min=1),
-    _p("smtpd_per_request_deadline", "${stress?{yes}:{no}}", BOOL, "yes: the content of a DATA or BDAT request must arrive within smtpd_timeout, extended by smtpd_min_data_rate (a trickling client is cut off); command lines always have smtpd_timeout as a deadline in postfix-py"),
+    _p("smtpd_per_record_deadline", "", STR, "the former name of smtpd_per_request_deadline (its default refers to it)"),
+    _p("smtpd_per_request_deadline", "${smtpd_per_record_deadline?{$smtpd_per_record_deadline}:{${stress?{yes}:{no}}}}", BOOL, "yes: the content of a DATA or BDAT request must arrive within smtpd_timeout, extended by smtpd_min_data_rate (a trickling client is cut off); command lines always have smtpd_timeout as a deadline in postfix-py"),
     _p("smtpd_min_data_rate", "500", INT, "with smtpd_per_request_deadline: bytes per second of content that extend the deadline by one second", min=1),
     _p("smtpd_starttls_timeout", "${stress?{10}:{300}}s", TIME, "time limit of reads and writes during the server TLS handshake and shutdown", min=1),
     _p("message_size_limit", "10240000", SIZE, "largest message accepted, in bytes (0: no limit)", min=0),
@@ -188,7 +193,8 @@ PARAMS: list[Param] = [
     _p("smtpd_client_recipient_rate_limit", "0", INT, "RCPT TO requests from one client per service and anvil_rate_time_unit (0: no limit)", min=0),
     _p("smtpd_client_new_tls_session_rate_limit", "0", INT, "new (not resumed) TLS sessions of one client per service and anvil_rate_time_unit (0: no limit)", min=0),
     _p("smtpd_client_auth_rate_limit", "0", INT, "AUTH commands from one client per service and anvil_rate_time_unit (0: no limit)", min=0),
-    _p("smtpd_client_event_limit_exceptions", "$mynetworks", LIST, "clients never held to the smtpd_client_*_limit limits (host names, addresses, networks, tables)"),
+    _p("smtpd_client_connection_limit_exceptions", "", STR, "the former name of smtpd_client_event_limit_exceptions (its default refers to it)"),
+    _p("smtpd_client_event_limit_exceptions", "${smtpd_client_connection_limit_exceptions:$mynetworks}", LIST, "clients never held to the smtpd_client_*_limit limits (host names, addresses, networks, tables)"),
     _p("disable_vrfy_command", "no", BOOL, "refuse the VRFY command"),
     _p("smtpd_helo_required", "no", BOOL, "require HELO or EHLO before MAIL"),
     _p("smtpd_discard_ehlo_keywords", "", LIST, "EHLO keywords not announced"),
@@ -204,7 +210,7 @@ PARAMS: list[Param] = [
     _p("smtpd_upstream_proxy_timeout", "5s", TIME, "time limit for the PROXY header", min=1),
     # --- postscreen (postscreen/service.py) --------------------------------------------
     _p("postscreen_access_list", "permit_mynetworks", LIST, "postscreen's permanent allow and deny list: permit_mynetworks, permit, reject, dunno, type:table (address lookups whose result is permit, reject or dunno)"),
-    _p("postscreen_blacklist_action", "", STR, "the former name of postscreen_denylist_action", values=("", "ignore", "enforce", "drop")),
+    _p("postscreen_blacklist_action", "", STR, "the former name of postscreen_denylist_action (its default refers to it)", values=("", "ignore", "enforce", "drop")),
     _p("postscreen_denylist_action", "${postscreen_blacklist_action?{$postscreen_blacklist_action}:{ignore}}", STR, "a client that postscreen_access_list denies: ignore, enforce (reject its recipients) or drop (521 now)", values=("ignore", "enforce", "drop")),
     _p("postscreen_greet_wait", "${stress?{2}:{6}}s", TIME, "how long postscreen waits for a client to talk before its turn, and for the DNSBL replies", min=1),
     _p("postscreen_greet_banner", "$smtpd_banner", STR, "the teaser 220- line postscreen sends before the real greeting (empty: no pregreet test)"),
@@ -212,12 +218,15 @@ PARAMS: list[Param] = [
     _p("postscreen_greet_ttl", "1d", TIME, "how long a passed pregreet test is remembered", min=1),
     _p("postscreen_dnsbl_sites", "", LIST, "DNS lists that postscreen asks: domain[=d.d.d.d][*weight]"),
     _p("postscreen_dnsbl_threshold", "1", INT, "the DNSBL score at which postscreen_dnsbl_action applies", min=1),
-    _p("postscreen_dnsbl_allowlist_threshold", "0", INT, "a DNSBL score at or below this negative value passes the other tests too (0: off)"),
+    _p("postscreen_dnsbl_whitelist_threshold", "", STR, "the former name of postscreen_dnsbl_allowlist_threshold (its default refers to it)"),
+    _p("postscreen_dnsbl_allowlist_threshold", "${postscreen_dnsbl_whitelist_threshold?{$postscreen_dnsbl_whitelist_threshold}:{0}}", INT, "a DNSBL score at or below this negative value passes the other tests too (0: off)"),
     _p("postscreen_dnsbl_action", "ignore", STR, "a client whose DNSBL score reaches the threshold: ignore, enforce or drop", values=("ignore", "enforce", "drop")),
     _p("postscreen_dnsbl_min_ttl", "60s", TIME, "least time a DNSBL result is remembered", min=1),
-    _p("postscreen_dnsbl_max_ttl", "1h", TIME, "most time a DNSBL result is remembered", min=1),
+    _p("postscreen_dnsbl_ttl", "", STR, "the former name of postscreen_dnsbl_max_ttl, a number of hours (its default refers to it)"),
+    _p("postscreen_dnsbl_max_ttl", "${postscreen_dnsbl_ttl?{$postscreen_dnsbl_ttl}:{1}}h", TIME, "most time a DNSBL result is remembered", min=1),
     _p("postscreen_dnsbl_timeout", "10s", TIME, "time limit of postscreen's DNSBL queries", min=1),
-    _p("postscreen_allowlist_interfaces", "static:all", LIST, "server addresses on which a client may pass postscreen's tests (elsewhere, as on a backup MX: ALLOWLIST VETO)"),
+    _p("postscreen_whitelist_interfaces", "", STR, "the former name of postscreen_allowlist_interfaces (its default refers to it)"),
+    _p("postscreen_allowlist_interfaces", "${postscreen_whitelist_interfaces?{$postscreen_whitelist_interfaces}:{static:all}}", LIST, "server addresses on which a client may pass postscreen's tests (elsewhere, as on a backup MX: ALLOWLIST VETO)"),
     _p("postscreen_watchdog_timeout", "10s", TIME, "time one pass of postscreen's event loop (a client command, a cache operation) may take before the process is killed", min=10),
     _p("postscreen_discard_ehlo_keywords", "$smtpd_discard_ehlo_keywords", LIST, "EHLO keywords that postscreen's engine does not announce"),
     _p("postscreen_discard_ehlo_keyword_address_maps", "$smtpd_discard_ehlo_keyword_address_maps", TABLE, "client address -> EHLO keywords postscreen's engine does not announce to it"),
@@ -307,7 +316,8 @@ PARAMS: list[Param] = [
     _p("receive_override_options", "", LIST, "what smtpd and pickup leave out of the mail they receive: no_unknown_recipient_checks, no_address_mappings, no_header_body_checks, no_milters (for a content filter's re-injection service)"),
     _p("message_drop_headers", "bcc, content-length, resent-bcc, return-path", LIST, "message headers that cleanup removes, after header_checks"),
     _p("header_address_token_limit", "10240", INT, "tokens of one header that address rewriting looks at", min=1),
-    _p("virtual_alias_maps", "", TABLE, "aliases of envelope recipients, expanded recursively (virtual(5))"),
+    _p("virtual_maps", "", STR, "the former name of virtual_alias_maps (its default refers to it)"),
+    _p("virtual_alias_maps", "$virtual_maps", TABLE, "aliases of envelope recipients, expanded recursively (virtual(5))"),
     _p("virtual_alias_expansion_limit", "1000", INT, "addresses one recipient may expand into through virtual_alias_maps", min=1),
     _p("virtual_alias_recursion_limit", "1000", INT, "nesting depth of virtual_alias_maps expansion", min=1),
     _p("enable_original_recipient", "yes", BOOL, "keep each recipient's original address (as given, before rewriting and alias expansion) for X-Original-To:, orig_to= and notices"),
@@ -508,7 +518,7 @@ PARAMS: list[Param] = [
     _p("smtp_mx_address_limit", "5", INT, "addresses tried per delivery (0: no limit)", min=0),
     _p("smtp_mx_session_limit", "2", INT, "SMTP sessions per delivery (0: no limit)", min=0),
     _p("smtp_fallback_relay", "$fallback_relay", LIST, "next hops tried after the request's own have failed temporarily"),
-    _p("fallback_relay", "", LIST, "the Postfix 2.2 name of smtp_fallback_relay (its default)"),
+    _p("fallback_relay", "", LIST, "the former name of smtp_fallback_relay (its default refers to it)"),
     _p("lmtp_fallback_relay", "", LIST, "lmtp's smtp_fallback_relay (TCP destinations only)"),
     _p("smtp_address_verify_target", "rcpt", STR, "the SMTP stage at which an address verification probe ends: rcpt, or data (for a server that rejects recipients only after DATA)", values=("rcpt", "data")),
     _p("lmtp_address_verify_target", "rcpt", STR, "lmtp's smtp_address_verify_target", values=("rcpt", "data")),
@@ -589,6 +599,18 @@ for _suffix, _default, _type, _doc, *_extra in _SMTP_CLIENT_TLS:
 RAW = frozenset({"forward_path", "mailbox_command", "default_rbl_reply",
                  "smtpd_reject_footer", "postscreen_reject_footer",
                  "smtpd_expansion_filter", "postscreen_expansion_filter"})
+
+# Former name -> new name (see FORMER NAMES above).
+FORMER_NAMES = {
+    "fallback_relay": "smtp_fallback_relay",
+    "postscreen_blacklist_action": "postscreen_denylist_action",
+    "postscreen_dnsbl_ttl": "postscreen_dnsbl_max_ttl",
+    "postscreen_dnsbl_whitelist_threshold": "postscreen_dnsbl_allowlist_threshold",
+    "postscreen_whitelist_interfaces": "postscreen_allowlist_interfaces",
+    "smtpd_client_connection_limit_exceptions": "smtpd_client_event_limit_exceptions",
+    "smtpd_per_record_deadline": "smtpd_per_request_deadline",
+    "virtual_maps": "virtual_alias_maps",
+}
 
 _BY_NAME: dict[str, Param] = {}
 for _row in PARAMS:

@@ -181,24 +181,29 @@ def _start(ctx: WorkerContext) -> None:
 
 
 @contextlib.contextmanager
-def as_mail_owner(ctx: WorkerContext):
-    """mail_owner's effective uid and gid for the block, when the worker is still root
-    (before drop_privileges): a cache that holds what clients did (postscreen's, the
-    verify cache) is created as mail_owner's file, never root's, as Postfix opens them."""
-    if not ctx.run_as_root or os.geteuid() != 0:
+def as_mail_owner(cfg):
+    """mail_owner's effective uid and gid for the block, when the process is still root (a
+    worker before drop_privileges; tlsmgr also when run standalone): a cache that holds
+    what clients did (postscreen's, the verify cache, tlsmgr's) is created as mail_owner's
+    file, never root's, as Postfix opens them. Not root: the block runs as it is."""
+    if os.geteuid() != 0:       # a worker is root exactly when its master is (run_as_root)
         yield
         return
     try:
-        pw = pwd.getpwnam(ctx.cfg.get("mail_owner"))
+        pw = pwd.getpwnam(cfg.get("mail_owner"))
     except KeyError:
-        msg.fatal(f"unknown mail_owner: {ctx.cfg.get('mail_owner')}")
+        msg.fatal(f"unknown mail_owner: {cfg.get('mail_owner')}")
+    if pw.pw_uid == 0:
+        yield
+        return
+    saved_gid = os.getegid()
     os.setegid(pw.pw_gid)
     os.seteuid(pw.pw_uid)
     try:
         yield
     finally:
         os.seteuid(0)
-        os.setegid(0)
+        os.setegid(saved_gid)
 
 
 def drop_privileges(ctx: WorkerContext) -> None:

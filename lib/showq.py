@@ -14,7 +14,10 @@ DESCRIPTION
     hold (Postfix's postqueue order), with the defer log's reason for each recipient that is
     not done yet. Each message is a dict of Postfix's showq/postqueue -j fields:
     queue_name, queue_id, arrival_time, message_size, forced_expire, sender
-    (MAILER-DAEMON for <>), recipients [(address, reason)]. A file that vanishes or is not
+    (MAILER-DAEMON for <>), recipients [(address, reason, original)]: the address and
+    its original address (the G record; the address itself without one), each with its
+    local part quoted as Postfix's showq quotes it (quote_822_local: "john doe"@example).
+    A file that vanishes or is not
     a queue file is skipped, as showq skips it; a queue directory that cannot be listed
     raises OSError (with its filename).
 
@@ -25,6 +28,7 @@ DESCRIPTION
         protocol=mail_queue_list_protocol                      then end of record
         per message: queue_name, queue_id, time, size, forced_expire (0/1), sender,
             per recipient: recipient, reason ("" when none)    then end of record
+            (the original address is not sent: 3.0-3.10 have no field for it)
         end of record (the empty list ends the stream)
 
     Both ends read strictly, so the version matters: this is what Debian's Postfix 3.7
@@ -44,6 +48,7 @@ import os
 from . import bounce_log
 from . import queue as Q
 from .msg import printable
+from .tok822 import quote_822_local
 
 SHOW_QUEUES = (Q.MAILDROP, Q.INCOMING, Q.ACTIVE, Q.DEFERRED, Q.HOLD)
 END = b"\0"
@@ -72,7 +77,9 @@ def messages(queue_root: str):
                 "queue_name": queue, "queue_id": name, "arrival_time": int(env.arrival),
                 "message_size": env.size, "forced_expire": forced,
                 "sender": env.sender or "MAILER-DAEMON",
-                "recipients": [(r.address, reasons.get(r.offset, reasons.get(r.address, "")))
+                "recipients": [(quote_822_local(r.address),
+                                reasons.get(r.offset, reasons.get(r.address, "")),
+                                quote_822_local(r.original or r.address))
                                for r in env.recipients if not r.done],
             }
 
@@ -91,7 +98,7 @@ def message_record(m: dict) -> bytes:
     out = [_attr("queue_name", m["queue_name"]), _attr("queue_id", m["queue_id"]),
            _attr("time", m["arrival_time"]), _attr("size", m["message_size"]),
            _attr("forced_expire", int(m["forced_expire"])), _attr("sender", m["sender"])]
-    for address, reason in m["recipients"]:
+    for address, reason, _original in m["recipients"]:
         out += [_attr("recipient", address), _attr("reason", reason)]
     out.append(END)
     return b"".join(out)

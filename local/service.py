@@ -94,8 +94,10 @@ DESCRIPTION
     Each delivered copy gets Return-Path:, X-Original-To: (the recipient's original
     address from the request: as the client gave it, before canonical_maps,
     virtual_alias_maps and alias or .forward expansion; none with
-    enable_original_recipient = no) and Delivered-To: (the recipient qmgr gave,
-    lower-cased; Postfix's frozen_delivered_to) headers (lib/mailbox.py); a command or
+    enable_original_recipient = no) and Delivered-To: (the recipient qmgr gave, its
+    local part quoted when it must be; Postfix's frozen_delivered_to) headers
+    (lib/mailbox.py); a copy forwarded through the queue gets it lower-cased and
+    unquoted, as Postfix's forward.c writes it; a command or
     file also gets the `From ` line first, and the ORIGINAL_RECIPIENT variable. Copies
     forwarded through the queue keep the original address (Postfix's orig_rcpt).
 
@@ -366,7 +368,7 @@ class LocalDelivery:
         if ("recipient", st.level, addr.lower()) in self.been_here:
             return
         self.been_here.add(("recipient", st.level, addr.lower()))
-        if addr.lower() in self.seen:
+        if mailbox.delivered_key(addr) in self.seen:
             self._out("bounced", "5.4.6", f"mail forwarding loop for {addr}")
             return
         local, domain = split_address(addr)

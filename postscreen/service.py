@@ -92,13 +92,15 @@ SECURITY
 
 CONFIGURATION PARAMETERS
     postscreen_access_list (permit_mynetworks), postscreen_allowlist_interfaces
-    (static:all; Postfix's former name postscreen_whitelist_interfaces is not read),
-    postscreen_denylist_action and
-    postscreen_blacklist_action (ignore), postscreen_greet_wait (${stress?{2}:{6}}s),
+    (static:all, or the former postscreen_whitelist_interfaces when set),
+    postscreen_denylist_action (ignore, or the former postscreen_blacklist_action when
+    set), postscreen_greet_wait (${stress?{2}:{6}}s),
     postscreen_greet_banner ($smtpd_banner), postscreen_greet_action (ignore),
     postscreen_greet_ttl (1d), postscreen_dnsbl_sites (empty), postscreen_dnsbl_threshold
-    (1), postscreen_dnsbl_allowlist_threshold (0), postscreen_dnsbl_action (ignore),
-    postscreen_dnsbl_min_ttl (60s), postscreen_dnsbl_max_ttl (1h),
+    (1), postscreen_dnsbl_allowlist_threshold (0, or the former
+    postscreen_dnsbl_whitelist_threshold when set), postscreen_dnsbl_action (ignore),
+    postscreen_dnsbl_min_ttl (60s), postscreen_dnsbl_max_ttl (1h, or the former
+    postscreen_dnsbl_ttl hours when set),
     postscreen_dnsbl_timeout (10s), postscreen_dnsbl_reply_map (empty: the list's name
     in the 550 reply is its domain; the map hides a domain that holds a secret),
     postscreen_cache_map
@@ -942,7 +944,7 @@ def pre_init(ctx) -> None:
                  "TLS is not available to clients")
     ref = ctx.cfg.get("postscreen_cache_map")
     if ref:
-        with server.as_mail_owner(ctx):
+        with server.as_mail_owner(ctx.cfg):
             settings.cache = Cache(ref)
         if not settings.cache.enabled:
             settings.cache = None

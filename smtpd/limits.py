@@ -43,7 +43,8 @@ CONFIGURATION PARAMETERS
     smtpd_client_connection_count_limit (50), smtpd_client_connection_rate_limit (0),
     smtpd_client_message_rate_limit (0), smtpd_client_recipient_rate_limit (0),
     smtpd_client_new_tls_session_rate_limit (0), smtpd_client_auth_rate_limit (0),
-    smtpd_client_event_limit_exceptions ($mynetworks), anvil_rate_time_unit (60s, anvil's).
+    smtpd_client_event_limit_exceptions (${smtpd_client_connection_limit_exceptions:$mynetworks}:
+    $mynetworks unless the former name is set), anvil_rate_time_unit (60s, anvil's).
 
 SEE ALSO
     anvil/service.py, lib/anvil_client.py; Postfix smtpd(8), anvil(8).

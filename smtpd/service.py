@@ -21,7 +21,8 @@ SECURITY
 
 CONFIGURATION PARAMETERS
     The smtpd_* parameters of lib/params.py; among them smtpd_banner, smtpd_timeout (300s),
-    smtpd_per_request_deadline (no) with smtpd_min_data_rate (500) for DATA and BDAT,
+    smtpd_per_request_deadline (no; the former smtpd_per_record_deadline when set) with
+    smtpd_min_data_rate (500) for DATA and BDAT,
     smtpd_tls_security_level, smtpd_use_tls, smtpd_enforce_tls, smtpd_tls_wrappermode,
     smtpd_*_restrictions, message_size_limit (10240000), line_length_limit (2048),
     smtpd_recipient_limit (1000), smtpd_recipient_overshoot_limit (1000),

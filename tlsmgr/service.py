@@ -116,7 +116,7 @@ import socket
 import sys
 import time
 
-from postfix_py.lib import attr, frame_server, maincf, msg, tables
+from postfix_py.lib import attr, frame_server, maincf, msg, server, tables
 from postfix_py.lib.events import EventLoop
 from postfix_py.tlsmgr import history as tls_history
 from postfix_py.tlsmgr import prng, scache
@@ -178,7 +178,7 @@ class Tlsmgr(frame_server.FrameServer):
         self.ticket_lifetime = cfg["smtpd_tls_session_cache_timeout"]
         self.cache_params = {t: (cfg[f"{t}_tls_session_cache_database"],
                                  cfg[f"{t}_tls_session_cache_timeout"]) for t in CACHE_TYPES}
-        self.owner_uid = self.owner_gid = None
+        self.owner_uid = None
         self.pool: prng.Pool | None = None
         self.exchange: prng.ExchangeFile | None = None
         self.caches: dict[str, scache.SessionCache | None] = dict.fromkeys(CACHE_TYPES)
@@ -204,14 +204,14 @@ class Tlsmgr(frame_server.FrameServer):
     # --- hooks ---------------------------------------------------------------------------
     def pre_init(self) -> None:
         """Open, before the chroot: entropy source, exchange file, caches; seed the pool."""
-        self.owner_uid, self.owner_gid = self._owner()
+        self.owner_uid = self._owner()[0]
         self.pool = prng.Pool(prng.open_source(self.random_source), self.random_bytes,
                               self.reseed_period, clock=self.clock, wallclock=self.wallclock)
         exchange = b""
         if self.exchange_name:
             path = prng.redirect_path(self.exchange_name, self.mail_owner, self.owner_uid,
                                       self.data_directory, "file")
-            with self._as_owner():
+            with server.as_mail_owner(self.cfg):
                 try:
                     self.exchange = prng.ExchangeFile(path, wallclock=self.wallclock)
                 except OSError as exc:
@@ -239,7 +239,7 @@ class Tlsmgr(frame_server.FrameServer):
                                   self.data_directory, "table", self.history_spec)
         history = tls_history.History(self.history_spec, path, self.history_size,
                                       self.map_size)
-        with self._as_owner():
+        with server.as_mail_owner(self.cfg):
             if history.open():
                 self.history = history
 
@@ -283,21 +283,6 @@ class Tlsmgr(frame_server.FrameServer):
             return os.geteuid(), os.getegid()
         return pw.pw_uid, pw.pw_gid
 
-    @contextlib.contextmanager
-    def _as_owner(self):
-        """Run the block with mail_owner's effective uid and gid, when we are root."""
-        if os.geteuid() != 0 or self.owner_uid == 0:
-            yield
-            return
-        saved_gid = os.getegid()
-        os.setegid(self.owner_gid)
-        os.seteuid(self.owner_uid)
-        try:
-            yield
-        finally:
-            os.seteuid(0)
-            os.setegid(saved_gid)
-
     def _open_caches(self) -> None:
         """Open one LMDB environment per distinct cache database (shared when equal)."""
         by_file: dict[str, scache.SessionCache] = {}
@@ -321,7 +306,7 @@ class Tlsmgr(frame_server.FrameServer):
                     else:
                         cache = scache.SessionCache(kind, spec, path, timeout, self.map_size,
                                                     clock=self.wallclock)
-                        with self._as_owner():
+                        with server.as_mail_owner(self.cfg):
                             cache.open()
                         by_file[os.path.abspath(cache.file)] = cache
             self.caches[kind] = cache
@@ -562,8 +547,6 @@ class Tlsmgr(frame_server.FrameServer):
 
 def main(ctx) -> int:
     """Run as the master's tlsmgr service: one call to the multi-client skeleton."""
-    # Imported here so that standalone use needs nothing of the master's machinery.
-    from postfix_py.lib import server
     try:
         mgr = Tlsmgr(ctx.cfg)
     except (maincf.ConfigError, ValueError) as exc:

@@ -14,7 +14,9 @@ FLAGS
              active, deferred, hold.
     -j       the same as JSON, one object a line, as Postfix 3.1 and later: queue_name,
              queue_id, arrival_time, message_size, forced_expire, sender, recipients
-             (address, and delay_reason when there is one).
+             (orig_address, as Postfix 3.11: the original recipient, as given before
+             rewriting and alias expansion; address; and delay_reason when there is
+             one). Addresses are quoted as in mail headers ("john doe"@example.org).
     -f       flush: make every deferred message due now and wake qmgr with `F` (lift
              suspended destinations) and `A` (scan everything, ignoring retry times).
     -i id    deliver one deferred message now: it is moved to incoming/ and qmgr woken,
@@ -87,7 +89,7 @@ def format_mailq(messages) -> str:
                                       time.asctime(time.localtime(m["arrival_time"])),
                                       m["sender"]))
         shown = ""
-        for address, reason in m["recipients"]:
+        for address, reason, _original in m["recipients"]:
             if reason != shown:
                 shown = reason
                 text = reason or "reason unavailable"
@@ -103,10 +105,10 @@ def format_mailq(messages) -> str:
 
 
 def format_json(m) -> str:
-    """One message as Postfix's postqueue -j prints it."""
+    """One message as Postfix's postqueue -j prints it (orig_address: Postfix 3.11's)."""
     rcpts = []
-    for address, reason in m["recipients"]:
-        item = {"address": address}
+    for address, reason, original in m["recipients"]:
+        item = {"orig_address": original, "address": address}
         if reason:
             item["delay_reason"] = reason
         rcpts.append(item)

@@ -178,7 +178,7 @@ def pre_init(ctx) -> None:
     cfg = ctx.cfg
     ref = (cfg.get("address_verify_map") or "").strip()
     try:
-        with server.as_mail_owner(ctx):
+        with server.as_mail_owner(cfg):
             cache = open_cache(ref)
     except tables.TableError as exc:
         msg.fatal(f"address_verify_map: {exc}")

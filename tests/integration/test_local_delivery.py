@@ -74,7 +74,7 @@ def test_postmaster_and_abuse_through_newaliases(mta):
                      what="two messages in nobody's maildir")
     heads = sorted(Path(p).read_bytes().split(b"\n\n", 1)[0].decode() for p in files)
     assert heads[0].startswith(f"Return-Path: <alice@example.org>\nX-Original-To: "
-                               f"Abuse@{HOST}\nDelivered-To: abuse@{HOST}\n")
+                               f"Abuse@{HOST}\nDelivered-To: Abuse@{HOST}\n")
     assert heads[1].startswith(f"Return-Path: <alice@example.org>\nX-Original-To: "
                                f"postmaster@{HOST}\nDelivered-To: postmaster@{HOST}\n")
     # local logs the user the alias names, and the original recipient (Postfix's)

@@ -146,7 +146,8 @@ def test_defer_retry_postqueue_and_postsuper(mta):
     (obj,) = [__import__("json").loads(l) for l in mta.tool("postqueue", "-j").stdout.splitlines()]
     assert obj["queue_name"] == "hold" and obj["queue_id"] == qid
     assert obj["sender"] == "alice@example.org" and obj["forced_expire"] is False
-    assert obj["recipients"] == [{"address": "defer+1@remote.example",
+    assert obj["recipients"] == [{"orig_address": "defer+1@remote.example",
+                                  "address": "defer+1@remote.example",
                                   "delay_reason": "fake: deferred as told"}]
     assert mta.tool("postsuper", "-H", "ALL").stderr == \
         "postsuper: Released from hold: 1 message\n"

@@ -169,5 +169,8 @@ def test_postfix_postqueue_reads_our_showq(mta):
     theirs = subprocess.run([POSTQUEUE, "-c", str(conf), "-j"], capture_output=True,
                             text=True, timeout=30)
     assert theirs.returncode == 0, theirs.stderr
-    assert [json.loads(line) for line in theirs.stdout.splitlines()] == \
-        [json.loads(line) for line in mta.cmd("postqueue", "-j").stdout.splitlines()]
+    ours = [json.loads(line) for line in mta.cmd("postqueue", "-j").stdout.splitlines()]
+    for m in ours:              # Postfix 3.11's, which Debian's 3.7 does not print
+        for r in m["recipients"]:
+            assert r.pop("orig_address") == r["address"]
+    assert [json.loads(line) for line in theirs.stdout.splitlines()] == ours

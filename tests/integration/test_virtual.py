@@ -99,7 +99,7 @@ def test_virtual_agent_maildir_mbox_and_unknown_user(mta):
     (ann,) = glob.glob(str(base / "hosted.example" / "ann" / "new" / "*"))
     head = Path(ann).read_text().split("\n\n", 1)[0]
     assert head.startswith("Return-Path: <alice@example.org>\nX-Original-To: "
-                           "Ann+Box@hosted.example\nDelivered-To: ann+box@hosted.example\n")
+                           "Ann+Box@hosted.example\nDelivered-To: Ann+Box@hosted.example\n")
     assert "Subject: virtual one" in head
     st = os.stat(ann)
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (VUID, VGID, 0o600)

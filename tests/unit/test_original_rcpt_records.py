@@ -133,9 +133,9 @@ def test_cleanup_without_original_recipient(tmp_path):
 
 def test_added_headers():
     assert mailbox.added_headers("a@x", "Bob@x", "alias@x") == (
-        b"Return-Path: <a@x>\nX-Original-To: alias@x\nDelivered-To: bob@x\n")
+        b"Return-Path: <a@x>\nX-Original-To: alias@x\nDelivered-To: Bob@x\n")
     assert mailbox.added_headers("a@x", "Bob@x") == (
-        b"Return-Path: <a@x>\nX-Original-To: Bob@x\nDelivered-To: bob@x\n")
+        b"Return-Path: <a@x>\nX-Original-To: Bob@x\nDelivered-To: Bob@x\n")
     assert mailbox.added_headers("", "bob@x", "") == (
         b"Return-Path: <>\nDelivered-To: bob@x\n")
     assert mailbox.added_headers("a@x", "bob@x", "john doe@x") == (

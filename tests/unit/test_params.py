@@ -33,16 +33,10 @@ DEVIATIONS = {
     "smtpd_forbid_bare_newline", "smtpd_sasl_type", "smtp_sasl_type", "lmtp_sasl_type",
     "mynetworks_style", "relay_domains", "smtpd_relay_restrictions",
     "smtputf8_enable",                        # yes: compatibility level 1 and later
-    "smtpd_client_event_limit_exceptions",    # $mynetworks, without the pre-2.9 name
     "myhostname", "mydomain", "mynetworks",   # computed from the host
     "alias_maps",                             # no nis: table type
-    "virtual_alias_maps",                     # empty, without the pre-2.0 name virtual_maps
     "append_dot_mydomain",                    # no compatibility_level: level >= 1's value
     "local_recipient_maps",                   # no proxymap: unix:passwd.byname read directly
-    # without the former names that Postfix's defaults refer to
-    "postscreen_dnsbl_allowlist_threshold", "postscreen_dnsbl_max_ttl",
-    "postscreen_allowlist_interfaces",
-    "smtpd_per_request_deadline",
     "postscreen_forbidden_commands",          # no smtpd_forbidden_commands to refer to
     "smtp_tls_dane_insecure_mx_policy",       # dane: Postfix 3.7.13 and later
     # defer_if_permit: the value of $reject_tempfail_action, which is not a parameter here

@@ -22,6 +22,11 @@ A parameter counts as read when
     counting as a literal in the rules above; or
   * its name is referenced as $name / ${name...} in the default of a parameter that is
     read (smtpd_tls_key_file = $smtpd_tls_cert_file; ${stress?...}).
+
+A former name (params.FORMER_NAMES: Postfix's old name of a renamed parameter) is the one
+difference: it is read only through its new name's default, never by product code
+directly (one home: programs ask for the new name). It counts as read when its new name
+is read and the new name's default refers to it; former_name_problems() says where not.
 """
 
 from __future__ import annotations
@@ -121,7 +126,8 @@ def unread_parameters() -> list[str]:
             return True
         return head in ("smtp", "lmtp", "smtpd") and "_" in rest and rest in literals
 
-    read = {row.name for row in params.PARAMS if read_directly(row.name)}
+    read = {row.name for row in params.PARAMS
+            if row.name not in params.FORMER_NAMES and read_directly(row.name)}
     # A parameter referenced in the default of a parameter that is read is read with it.
     changed = True
     while changed:
@@ -133,6 +139,21 @@ def unread_parameters() -> list[str]:
                         read.add(ref)
                         changed = True
     return sorted(row.name for row in params.PARAMS if row.name not in read)
+
+
+def former_name_problems() -> list[str]:
+    """Former names that product code reads directly, or that their new name's default
+    does not refer to."""
+    literals, _ = scan()
+    problems = []
+    for former, new in sorted(params.FORMER_NAMES.items()):
+        if params.lookup(former) is None or params.lookup(new) is None:
+            problems.append(f"{former} -> {new}: not declared")
+        elif former not in _REF.findall(params.lookup(new).default):
+            problems.append(f"{new}: its default does not refer to {former}")
+        if former in literals:
+            problems.append(f"{former}: read by product code (read {new} instead)")
+    return problems
 
 
 def test_product_source_is_found():
@@ -148,6 +169,11 @@ def test_every_parameter_is_read():
         "declared in lib/params.py but read by no product code (implement or remove)"
 
 
+def test_former_names_are_read_through_their_new_names_default():
+    assert len(params.FORMER_NAMES) >= 8
+    assert former_name_problems() == []
+
+
 def test_the_rules_are_strict():
     # Names no product code builds: a made-up row is reported unread.
     fake = params.Param("smtpd_tls_not_a_parameter_xyz", "", params.STR, "x" * 20)
@@ -156,3 +182,25 @@ def test_the_rules_are_strict():
         assert "smtpd_tls_not_a_parameter_xyz" in unread_parameters()
     finally:
         params.PARAMS.remove(fake)
+
+
+def test_a_former_name_is_not_read_on_its_own():
+    # A former name that no default refers to is unread, though product code names it.
+    fake = params.Param("smtpd_banner_former_xyz", "", params.STR, "x" * 20)
+    try:
+        params.PARAMS.append(fake)
+        params._BY_NAME[fake.name] = fake
+        params.FORMER_NAMES[fake.name] = "smtpd_banner"
+        assert "smtpd_banner_former_xyz" in unread_parameters()
+        assert former_name_problems() == \
+            ["smtpd_banner: its default does not refer to smtpd_banner_former_xyz"]
+        # Product code naming a former name is a problem: "smtpd_banner" stands in for
+        # a literal that product code has.
+        params.FORMER_NAMES["smtpd_banner"] = "smtpd_timeout"
+        assert "smtpd_banner: read by product code (read smtpd_timeout instead)" in \
+            former_name_problems()
+    finally:
+        params.PARAMS.remove(fake)
+        del params._BY_NAME[fake.name]
+        params.FORMER_NAMES.pop(fake.name, None)
+        params.FORMER_NAMES.pop("smtpd_banner", None)

@@ -149,3 +149,71 @@ def test_output_to_a_closed_pipe_is_quiet(postfix_py):
                           capture_output=True, text=True)
     assert proc.stdout.count("\n") == 1
     assert "Traceback" not in proc.stderr
+
+
+# An old main.cf that sets every former name postfix-py declares (params.FORMER_NAMES),
+# and what each new name then is: Postfix 3.7's `postconf -x` for the same file,
+# quirks included (postscreen_dnsbl_ttl counts hours; a set
+# smtpd_client_connection_limit_exceptions empties smtpd_client_event_limit_exceptions).
+FORMER_CF = """\
+fallback_relay = [fallback.example]:2525
+postscreen_blacklist_action = drop
+postscreen_dnsbl_ttl = 3
+postscreen_dnsbl_whitelist_threshold = -2
+postscreen_whitelist_interfaces = !192.0.2.1 static:all
+smtpd_client_connection_limit_exceptions = 192.0.2.9
+smtpd_per_record_deadline = yes
+virtual_maps = hash:/etc/postfix/virtual
+"""
+FORMER_EFFECT = {
+    "smtp_fallback_relay": "[fallback.example]:2525",
+    "postscreen_denylist_action": "drop",
+    "postscreen_dnsbl_max_ttl": "3h",
+    "postscreen_dnsbl_allowlist_threshold": "-2",
+    "postscreen_allowlist_interfaces": "!192.0.2.1 static:all",
+    "smtpd_client_event_limit_exceptions": "",
+    "smtpd_per_request_deadline": "yes",
+    "virtual_alias_maps": "hash:/etc/postfix/virtual",
+}
+
+
+@pytest.fixture
+def former_confdir(tmp_path):
+    (tmp_path / "main.cf").write_text(FORMER_CF)
+    (tmp_path / "master.cf").write_text("smtp inet n - n - - smtpd\n")
+    return tmp_path
+
+
+def test_former_names_set_their_new_names(former_confdir, postfix_py):
+    from postfix_py.lib import params
+    assert set(FORMER_EFFECT) == set(params.FORMER_NAMES.values())
+    out = postfix_py("postconf", "-c", former_confdir, "-x", *FORMER_EFFECT)
+    assert out.returncode == 0 and out.stderr == ""
+    assert out.stdout.splitlines() == [f"{n} = {v}".rstrip() for n, v in FORMER_EFFECT.items()]
+    # Without the former names, the new names have their own defaults.
+    (former_confdir / "main.cf").write_text("")
+    out = postfix_py("postconf", "-c", former_confdir, "-x", *FORMER_EFFECT)
+    assert not set(out.stdout.splitlines()) & \
+        {f"{n} = {v}".rstrip() for n, v in FORMER_EFFECT.items()}
+
+
+def test_former_names_are_known_not_unused(former_confdir, postfix_py):
+    out = postfix_py("postconf", "-c", former_confdir, "-n")
+    assert out.returncode == 0 and out.stderr == ""
+    printed = [l for l in out.stdout.splitlines() if not l.startswith("config_directory")]
+    assert printed == sorted(FORMER_CF.splitlines())
+
+
+@pytest.mark.interop
+def test_former_names_match_postfix(former_confdir, postfix_py, debian_postconf):
+    for flags in (["-n"], ["-x", *FORMER_EFFECT], ["-x", *params_former_names()]):
+        ours = postfix_py("postconf", "-c", former_confdir, *flags)
+        theirs = subprocess.run([debian_postconf, "-c", str(former_confdir), *flags],
+                                capture_output=True, text=True)
+        assert ours.stdout == theirs.stdout, flags
+        assert ours.stderr == theirs.stderr == ""
+
+
+def params_former_names():
+    from postfix_py.lib import params
+    return sorted(params.FORMER_NAMES)

@@ -45,7 +45,7 @@ def cli_log():
 def test_maildir_delivery(tmp_path):
     headers = mailbox.added_headers("a@example.org", "Bob@Example.com")
     assert headers == (b"Return-Path: <a@example.org>\nX-Original-To: Bob@Example.com\n"
-                       b"Delivered-To: bob@example.com\n")
+                       b"Delivered-To: Bob@Example.com\n")   # case kept, as Postfix
     path = mailbox.deliver_maildir(str(tmp_path / "Maildir") + "/", headers, MESSAGE,
                                    hostname="host", now=1700000000.25)
     name = os.path.basename(path)

@@ -31,8 +31,8 @@ def inst(tmp_path):
     def add(queue, sender, rcpts, body=b"Subject: x\n\nbody\n", arrival=1795607166.0):
         w = Q.QueueWriter(inst.root, now=arrival)
         w.set_sender(sender)
-        for r in rcpts:
-            w.add_recipient(r)
+        for r in rcpts:         # an address, or (address, its original address)
+            w.add_recipient(*((r, "", "") if isinstance(r, str) else (r[0], "", "", r[1])))
         w.write(body)
         qid = w.commit()
         if queue != "incoming":
@@ -87,11 +87,35 @@ def test_mailq_format(inst, capsys):
     assert lines[1] == {"queue_name": "deferred", "queue_id": a, "arrival_time": 1795607166,
                         "message_size": 2000, "forced_expire": False,
                         "sender": "alice@example.org", "recipients": [
-                            {"address": "bob@remote.example", "delay_reason": REASON},
-                            {"address": "carol@remote.example", "delay_reason": REASON},
-                            {"address": "dave@other.example"}]}
+                            {"orig_address": "bob@remote.example",
+                             "address": "bob@remote.example", "delay_reason": REASON},
+                            {"orig_address": "carol@remote.example",
+                             "address": "carol@remote.example", "delay_reason": REASON},
+                            {"orig_address": "dave@other.example",
+                             "address": "dave@other.example"}]}
     assert mailq(inst, capsys, "-j").splitlines()[2].startswith(
         '{"queue_name": "hold", "queue_id": "')
+
+
+def test_original_and_quoted_addresses(inst, capsys):
+    # As Postfix 3.11's postqueue -j: orig_address (the queue file's original recipient,
+    # else the address), then address, each quoted as showq quotes it (quote_822_local).
+    a = inst.add("deferred", "alice@example.org", [
+        ("bob@remote.example", "Info@alias.example"), "john doe@remote.example",
+        ("a,b@remote.example", "list@alias.example")])
+    (line,) = mailq(inst, capsys, "-j").splitlines()
+    assert json.loads(line)["recipients"] == [
+        {"orig_address": "Info@alias.example", "address": "bob@remote.example"},
+        {"orig_address": '"john doe"@remote.example', "address": '"john doe"@remote.example'},
+        {"orig_address": "list@alias.example", "address": '"a,b"@remote.example'}]
+    assert line.endswith('"recipients": [{"orig_address": "Info@alias.example", '
+                         '"address": "bob@remote.example"}, {"orig_address": '
+                         '"\\"john doe\\"@remote.example", "address": '
+                         '"\\"john doe\\"@remote.example"}, {"orig_address": '
+                         '"list@alias.example", "address": "\\"a,b\\"@remote.example"}]}')
+    out = mailq(inst, capsys, "-p").splitlines()
+    assert out[1].startswith(a) and [l.strip() for l in out[2:5]] == [
+        "bob@remote.example", '"john doe"@remote.example', '"a,b"@remote.example']
 
 
 def listening_qmgr(inst):

@@ -78,7 +78,7 @@ def test_maildir_mbox_and_catch_all(tmp_path):
         "sent", "2.0.0", "delivered to maildir")
     (new,) = (base / "hosted" / "ann" / "new").iterdir()
     assert new.read_bytes() == (b"Return-Path: <s@example.org>\nX-Original-To: "
-                                b"Ann+x@Hosted.Example\nDelivered-To: ann+x@hosted.example\n"
+                                b"Ann+x@Hosted.Example\nDelivered-To: Ann+x@Hosted.Example\n"
                                 + MESSAGE)
     st = new.stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (UID, GID, 0o600)
