@@ -176,7 +176,7 @@ def _start(ctx: WorkerContext) -> None:
         sock.setblocking(False)
     metrics.worker_start(ctx)
     if metrics.counting():
-        with as_mail_owner(ctx):
+        with as_mail_owner(ctx.cfg):
             metrics.open_files(queue_root(ctx.cfg))     # the real path: before the chroot
 
 
