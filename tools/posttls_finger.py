@@ -263,7 +263,7 @@ class Finger:
             raise Usage("SSL wrapper mode requires that TLS not be disabled")
         self.level = level
         self.mask = _log_mask(opts.get("L", "routine,certmatch"))
-        self.anchors = self._anchors(opts["A"])
+        self.anchors = self._anchors(opts.get("A", ()))
         if opts["H"] and ("k" in opts or "K" in opts):
             raise Usage("When the '-H' option is used, neither the '-k', nor the '-K' "
                         "options may be used")
