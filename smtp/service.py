@@ -80,7 +80,8 @@ CONFIGURATION PARAMETERS
     an MX next hop's policy decides each MX host's TLS policy, and the log says
     "MTA-STS policy for DOMAIN: mode MODE, id ID"; TLSRPT (lib/tlsrpt.py):
     smtp_tlsrpt_enable (no), each session's TLS outcome counted in tlsrpt_database
-    for the domains with a `_smtp._tls` TXT record
+    for the domains with a `_smtp._tls` TXT record (none with smtp_dns_support_level =
+    disabled: Postfix's warning "Cannot enable TLSRPT support: DNS is disabled")
     (smtp_tlsrpt_skip_reused_handshakes (no): not those that resumed a TLS session).
     Both files are LMDB in data_directory, opened in pre_init, before the chroot.
     The lmtp client applies neither: RFC 8461 and RFC 8460 are about MX-based SMTP
@@ -213,6 +214,10 @@ def _lmtp_ignored(cfg) -> None:
 def _tlsrpt_store(cfg) -> tlsrpt.Store | None:
     """The TLSRPT store, opened before the chroot (None: smtp_tlsrpt_enable = no)."""
     if not cfg["smtp_tlsrpt_enable"]:
+        return None
+    if dns_support_level(cfg) == "disabled":
+        # Postfix's smtp_tlsrpt_post_jail(): no DNS, no TLSRPT policy lookups.
+        msg.warn("Cannot enable TLSRPT support: DNS is disabled")
         return None
     path = cfg.get("tlsrpt_database").strip()
     try:

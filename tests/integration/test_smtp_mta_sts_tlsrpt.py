@@ -263,6 +263,7 @@ def env(tmp_path_factory):
         # may, TLSRPT, no session cache: each delivery a new handshake, counted
         "rpt unix - - y - - smtp -o smtp_tls_security_level=may -o smtp_tlsrpt_enable=yes"
         " -o smtp_tls_session_cache_database=",
+        "rptnodns unix - - y - - smtp -o smtp_tlsrpt_enable=yes -o smtp_dns_support_level=disabled",
         # MTA-STS and TLSRPT are MX-based SMTP's: lmtp warns and goes on without them.
         f"stslmtp unix - - y - - lmtp{sts}",
         "pickup unix n - y - - pickup",
@@ -590,3 +591,13 @@ def test_tlsrpt_policy_cache_holds_answers_and_failures(env):
         assert policies.wanted("reuse.test") is True and len(warned) == 2
     finally:
         silent.close()
+
+
+def test_tlsrpt_needs_dns(env):
+    """smtp_dns_support_level = disabled: no TLSRPT policy lookups, so no TLSRPT (Postfix's
+    smtp_tlsrpt_post_jail() warning), and delivery goes on."""
+    good = env.sinks["good"]
+    r, log, marker = deliver_via(env.inst, f"[127.0.0.1]:{good.port}", "bob@sink.test",
+                                 service="rptnodns")
+    assert r.result == "sent", (r.reason, log)
+    assert "warning: Cannot enable TLSRPT support: DNS is disabled" in log, log
