@@ -541,7 +541,7 @@ PARAMS: list[Param] = [
     _p("smtp_tls_mta_sts_cache", "${data_directory}/mta_sts_cache.lmdb", STR, "postfix-py extension: the MTA-STS policy cache, an LMDB file outside the jail (empty: no cache)"),
     _p("smtp_tls_mta_sts_fetch_timeout", "10s", TIME, "postfix-py extension: time limit of an MTA-STS policy fetch", min=1, max=300),
     _p("smtp_tls_mta_sts_https_port", "443", INT, "postfix-py extension: port of MTA-STS policy servers (RFC 8461 says 443; other values are for tests)", min=1, max=65535),
-    _p("smtp_tlsrpt_enable", "no", BOOL, "record outbound TLS outcomes for TLSRPT (RFC 8460) reports (Postfix 3.10; reports sent by postfix-py tlsrpt send); smtp client only, not lmtp, as Postfix"),
+    _p("smtp_tlsrpt_enable", "no", BOOL, "record outbound TLS outcomes for TLSRPT (RFC 8460) reports, for domains that publish a _smtp._tls record (Postfix 3.10; reports sent by postfix-py tlsrpt send); smtp client only, not lmtp, as Postfix"),
     _p("smtp_tlsrpt_skip_reused_handshakes", "no", BOOL, "with TLSRPT, count only sessions that did a full TLS handshake (Postfix 3.11's default; 3.10's was yes)"),
     _p("tlsrpt_database", "${data_directory}/tlsrpt.lmdb", STR, "postfix-py extension: the TLSRPT outcome store, an LMDB file outside the jail"),
     _p("tlsrpt_organization_name", "$myhostname", STR, "postfix-py extension: organization-name of TLSRPT reports"),

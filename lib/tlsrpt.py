@@ -6,7 +6,13 @@ NAME
 DESCRIPTION
     With smtp_tlsrpt_enable = yes (Postfix 3.10's name; Postfix hands the events to an
     external library, postfix-py keeps them itself), the smtp client records each
-    session's TLS outcome for MX-based deliveries: the policy domain (the next-hop
+    session's TLS outcome for MX-based deliveries to a domain that asks for reports,
+    that is, publishes one valid `_smtp._tls` TXT record (v=TLSRPTv1 with a mailto: or
+    https: rua; as Postfix, no record means no report and nothing recorded). The
+    answer is cached per process (class Policies: the record's TTL, at most an hour);
+    a lookup that fails for now costs a delivery at most POLICY_TIMEOUT seconds once a
+    minute, and its outcome is recorded all the same, for `tlsrpt send` to judge with
+    the same rule (parse_txt). Recorded are the policy domain (the next-hop
     domain), the policy (type sts with the MTA-STS policy text and mx patterns, tlsa for
     DANE, no-policy-found otherwise), and the result: success, or a failure type of RFC
     8460 section 4.3 with the sending and receiving addresses and the MX host name.
@@ -50,7 +56,8 @@ FUNCTIONS AND CLASSES
     policy_dict(kind, domain, text="", mx=()) -> RFC 8460 policy object (tlsa: text the
         records, domain the TLSA base domain, as Postfix)
     report(day, domain, entries, org, contact, report_id) -> dict (RFC 8460 section 4.4)
-    parse_txt(strings) -> rua list or None (no usable record).
+    parse_txt(strings, domain="", warn=None) -> rua list or None (no usable record).
+    Policies(resolver, timeout=POLICY_TIMEOUT).wanted(domain) -> bool: record for it?
     mail_message(report, domain, org, sender, rcpt, gzipped) -> bytes, with
         TLS-Report-Domain, TLS-Report-Submitter and TLS-Required: No
     Sender(cfg, resolver, submit, ctx).send_due(today, include_today=False) -> counts
@@ -83,6 +90,7 @@ from urllib.parse import unquote, urlsplit
 
 import dns.exception
 import dns.name
+import dns.rdatatype
 import dns.resolver
 import lmdb
 
@@ -111,6 +119,11 @@ _NOT_TRUSTED = {27}
 _VALIDATION = {18, 19, 20, 9, 13, 26, 22}
 
 MAX_TRIES = 3               # days a report is retried before it is dropped
+POLICY_TTL_MAX = 3600       # seconds a TLSRPT record, or its absence, is believed at most
+POLICY_RETRY = 60           # seconds before a failed TLSRPT record lookup is tried again
+POLICY_TIMEOUT = 2.0        # seconds a TLSRPT record lookup may take before delivery
+POLICY_CACHE_SIZE = 1000    # policy domains remembered per smtp process
+NEGATIVE_TTL = 300          # seconds "no record" is believed when no SOA says
 MAX_REPORT = 1 << 20        # a receiver's answer to a POST is read up to this size
 
 
@@ -243,13 +256,32 @@ def report(day: str, domain: str, entries: list, org: str, contact: str,
             "contact-info": contact, "report-id": report_id, "policies": policies}
 
 
-def parse_txt(strings) -> list[str] | None:
-    """The rua URIs of the one `v=TLSRPTv1` record; None when there is no usable one."""
-    found = [s for s in strings if s.startswith("v=TLSRPTv1")]
-    if len(found) != 1:
+MAGIC = "v=TLSRPTv1"
+
+
+def parse_txt(strings, domain: str = "", warn=None) -> list[str] | None:
+    """The rua URIs of the one TLSRPT record among a name's TXT strings; None when there
+    is no usable one. As Postfix's smtp_tlsrpt_find_policy(): strings that do not start
+    with v=TLSRPTv1 are someone else's; one that does but has no ";" after it (and
+    optional blanks) is malformed and ignored; two good ones are none. Then at least one
+    mailto: or https: rua, the only ones a report can go to."""
+    found = None
+    for s in strings:
+        if not s.startswith(MAGIC):
+            continue
+        if s[len(MAGIC):].lstrip(" \t")[:1] != ";":
+            if warn is not None:
+                warn(f'TLSRPT support: ignoring malformed policy for {domain}:, "{s}"')
+            continue
+        if found is not None:
+            if warn is not None:
+                warn(f"TLSRPT support: Too many TLSRPT policies for {domain}")
+            return None
+        found = s
+    if found is None:
         return None
     fields = {}
-    for part in found[0].split(";"):
+    for part in found.split(";"):
         name, eq, value = part.strip(" \t").partition("=")
         if eq:
             fields.setdefault(name.strip(" \t"), value.strip(" \t"))
@@ -292,20 +324,78 @@ def mail_message(rep: dict, domain: str, org: str, sender: str, rcpt: str,
     return m.as_bytes()
 
 
-def _query_txt(resolver: dns.resolver.Resolver, name: str):
-    """(strings, kind): kind is ok, none or again."""
+def _negative_ttl(response) -> int:
+    """The negative-caching time of an NXDOMAIN or NODATA answer (RFC 2308: the SOA's
+    TTL, at most its minimum field), or NEGATIVE_TTL without a SOA."""
+    for rrset in getattr(response, "authority", None) or ():
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+            return min(rrset.ttl, rrset[0].minimum)
+    return NEGATIVE_TTL
+
+
+def _query_txt(resolver: dns.resolver.Resolver, name: str, lifetime: float | None = None):
+    """(strings, kind, ttl, why): kind is ok, none or again; ttl the answer's (or the
+    negative) caching time; why the error text of again."""
+    fail = ("Host or domain name not found. Name service error for "
+            f"name={name} type=TXT: Host not found, try again")
     try:
         qname = dns.name.from_text(name.rstrip(".") + ".")
-        answer = resolver.resolve(qname, "TXT", raise_on_no_answer=False, search=False)
-    except dns.resolver.NXDOMAIN:
-        return [], "none"
+        answer = resolver.resolve(qname, "TXT", raise_on_no_answer=False, search=False,
+                                  lifetime=lifetime)
+    except dns.resolver.NXDOMAIN as exc:
+        try:
+            responses = list(exc.responses().values())
+        except (AttributeError, KeyError, TypeError):
+            responses = []
+        return [], "none", _negative_ttl(responses[0] if responses else None), ""
     except (dns.exception.DNSException, UnicodeError, ValueError):
-        return [], "again"
+        return [], "again", 0, fail
     except Exception:       # noqa: BLE001 - whatever a DNS server sends
-        return [], "again"
+        return [], "again", 0, fail
     if answer.rrset is None:
-        return [], "none"
-    return [b"".join(rr.strings).decode("utf-8", "replace") for rr in answer.rrset], "ok"
+        return [], "none", _negative_ttl(answer.response), ""
+    return ([b"".join(rr.strings).decode("utf-8", "replace") for rr in answer.rrset], "ok",
+            answer.rrset.ttl, "")
+
+
+class Policies:
+    """Which policy domains publish a TLSRPT record: the smtp client's question before
+    it records an outcome (Postfix's smtp_tlsrpt_create_wrapper(): no record, no
+    report). Answers are kept per process for their DNS TTL, at most POLICY_TTL_MAX
+    seconds, for at most POLICY_CACHE_SIZE domains. A lookup that fails for now (no
+    answer within POLICY_TIMEOUT, SERVFAIL) is Postfix's warning, and the outcome is
+    recorded all the same: `postfix-py tlsrpt send` looks the record up again and drops
+    the day of a domain without one; the failure is remembered for POLICY_RETRY seconds,
+    so that a DNS server that does not answer delays one delivery, not each."""
+
+    def __init__(self, resolver, timeout: float = POLICY_TIMEOUT, clock=time.monotonic,
+                 warn=msg.warn):
+        self.resolver = resolver
+        self.timeout = timeout
+        self.clock = clock
+        self.warn = warn
+        self.cache: dict[str, tuple[float, bool]] = {}
+
+    def wanted(self, domain: str) -> bool:
+        """True: record the outcome for domain (it has a TLSRPT record, or the lookup
+        failed for now); False: it has none."""
+        domain = domain.lower().rstrip(".")
+        now = self.clock()
+        hit = self.cache.get(domain)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        strings, kind, ttl, why = _query_txt(self.resolver, f"_smtp._tls.{domain}",
+                                             self.timeout)
+        if kind == "again":
+            self.warn(f"TLSRPT support: policy lookup failed for {domain}: {why}")
+            wanted, ttl = True, POLICY_RETRY
+        else:
+            wanted = parse_txt(strings, domain, self.warn) is not None
+        self.cache.pop(domain, None)
+        if len(self.cache) >= POLICY_CACHE_SIZE:
+            del self.cache[next(iter(self.cache))]      # the oldest entry
+        self.cache[domain] = (now + max(0, min(ttl, POLICY_TTL_MAX)), wanted)
+        return wanted
 
 
 def _addresses(resolver, host: str) -> list[str]:
@@ -377,11 +467,11 @@ class Sender:
         for (day, domain), entries in sorted(self.store.days().items()):
             if day >= today and not (include_today and day == today):
                 continue
-            strings, kind = _query_txt(self.resolver, f"_smtp._tls.{domain}")
+            strings, kind, _, _ = _query_txt(self.resolver, f"_smtp._tls.{domain}")
             if kind == "again":
                 counts["kept"] += 1
                 continue
-            uris = parse_txt(strings)
+            uris = parse_txt(strings, domain, self.warn)
             if uris is None:
                 counts["no_rua"] += 1
                 self.store.delete(day, domain)

@@ -84,8 +84,20 @@ DESCRIPTION
     certificate of the chain makes that certificate the trust anchor: the chain below
     it must verify (signatures, dates, purpose) and the leaf must match one of names.
 
+    Trust anchors (posttls-finger -A, Postfix's smtp_tls_trust_anchor_file, at the verify
+    and secure levels) are Postfix's synthetic DANE: each certificate of a PEM file
+    becomes the records "2 0 0" and "3 0 0" with its DER, each public key "2 1 0" and
+    "3 1 0" with its SubjectPublicKeyInfo (trust_anchor_records()); verify_anchors()
+    judges a chain as OpenSSL's DANE does with them: the leaf itself, a certificate of the
+    chain, a certificate that issued the chain's last one, or a key that signed it, is
+    the trust anchor, the chain below must verify, and the names are checked whatever
+    matched (no RFC 7672 exception for the leaf: this is not DANE from DNS).
+
 FUNCTIONS
     Tlsa(usage, selector, mtype, data); .text() as Postfix logs a record.
+    trust_anchor_records(path, log=None) -> tuple of Tlsa; TrustAnchorError with
+        Postfix's warning when the file cannot be read or holds no PEM object
+    verify_anchors(chain, records, names, wildcard_multiple_labels) -> DaneMatch
     parse_digests(items, warn) -> {mtype: preference} (higher is preferred; 0 is full).
     tlsa_qname(host, port) -> "_25._tcp.mx.example.com"
     lookup(resolver, addr, port, warn, force=False) -> TlsaResult
@@ -114,8 +126,14 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 
+import base64
+import binascii
+import re
+
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import crypto
 
 from ..lib import msg
@@ -423,3 +441,122 @@ def verify(chain: list, records, names: list[str],
                 return DaneMatch(False, rec, depth, error=libtls.X509_V_ERR_HOSTNAME_MISMATCH)
             return DaneMatch(True, rec, depth, name=which or "")
     return DaneMatch(False, error=error, error_depth=error_depth)
+
+
+# --- trust anchors (posttls-finger -A) ---------------------------------------------------------
+
+MAX_TA_FILE = 1 << 20           # bytes of one trust-anchor file read at most
+_PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.S)
+
+
+class TrustAnchorError(Exception):
+    """A trust-anchor file that cannot be used; str() is Postfix's warning ("" if none)."""
+
+
+def trust_anchor_records(path: str, log=None) -> tuple:
+    """The synthetic records of one PEM trust-anchor file, as Postfix's
+    tls_dane_load_trustfile(): certificates ("CERTIFICATE", "X509 CERTIFICATE") and
+    public keys ("PUBLIC KEY"); other PEM objects count but add nothing. log(text) gets
+    Postfix's "TA cert as TLSA record: FILE: 2 0 0 ..." lines (-L dane or verbose)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TA_FILE + 1)
+    except OSError as exc:
+        raise TrustAnchorError(f"error opening trust anchor file: {path}: "
+                               f"{exc.strerror or exc}") from None
+    if len(data) > MAX_TA_FILE:
+        raise TrustAnchorError(f"error reading: {path}: larger than {MAX_TA_FILE} bytes")
+    records: list[Tlsa] = []
+    count = 0
+    for m in _PEM.finditer(data):
+        count += 1
+        kind = m.group(1).decode("ascii")
+        if kind not in ("CERTIFICATE", "X509 CERTIFICATE", "PUBLIC KEY"):
+            continue
+        what = "pkey" if kind == "PUBLIC KEY" else "cert"
+        try:
+            der = base64.b64decode(b"".join(m.group(2).split()), validate=True)
+            if what == "cert":
+                x509.load_der_x509_certificate(der)
+            else:
+                serialization.load_der_public_key(der)
+        except (binascii.Error, ValueError, TypeError):
+            raise TrustAnchorError(f"error reading: {path}: malformed trust-anchor "
+                                   f"{what}") from None
+        selector = 0 if what == "cert" else 1
+        ta = Tlsa(USAGE_DANE_TA, selector, 0, der)
+        if log is not None:
+            log(f"TA {what} as TLSA record: {path}: {ta.text()}")
+        records += [ta, Tlsa(USAGE_DANE_EE, selector, 0, der)]
+    if count == 0:
+        raise TrustAnchorError("")
+    return tuple(records)
+
+
+def _signed_by(cert: x509.Certificate, key) -> bool:
+    """Whether key made cert's signature (a bare trust-anchor key, "2 1 0")."""
+    try:
+        params = cert.signature_algorithm_parameters
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, params,
+                       cert.signature_hash_algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, params)
+        elif isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+            key.verify(cert.signature, cert.tbs_certificate_bytes)
+        else:
+            return False
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+def _anchor_match(chain: list, records) -> DaneMatch | None:
+    """Where the chain meets a trust anchor (depth as OpenSSL's
+    SSL_get0_dane_authority()), with the chain below it verified; None: nowhere."""
+    for rec in records:
+        if rec.usage == USAGE_DANE_EE and _matches(rec, chain[0]):
+            return DaneMatch(True, rec, 0)
+    for depth in range(1, len(chain)):
+        for rec in records:
+            if rec.usage == USAGE_DANE_TA and _matches(rec, chain[depth]):
+                ok, error, error_depth = _chain_ok(chain, depth)
+                return DaneMatch(ok, rec, depth, error=error, error_depth=error_depth)
+    top = chain[-1]
+    for rec in records:
+        if rec.usage != USAGE_DANE_TA:
+            continue
+        if rec.selector == 0:
+            # A certificate the server did not send: the issuer of its last one.
+            ta = x509.load_der_x509_certificate(rec.data)
+            try:
+                top.verify_directly_issued_by(ta)
+            except (InvalidSignature, ValueError, TypeError):
+                continue
+            ok, error, error_depth = _chain_ok([*chain, ta], len(chain))
+            return DaneMatch(ok, rec, len(chain), error=error, error_depth=error_depth)
+        if _signed_by(top, serialization.load_der_public_key(rec.data)):
+            # A bare key: the certificate it signed is the anchor's depth.
+            ok, error, error_depth = _chain_ok(chain, len(chain) - 1) if len(chain) > 1 \
+                else (True, 0, 0)
+            return DaneMatch(ok, rec, len(chain) - 1, error=error, error_depth=error_depth)
+    return None
+
+
+def verify_anchors(chain: list, records, names: list[str],
+                   wildcard_multiple_labels: bool = True) -> DaneMatch:
+    """Judge a chain (cryptography certificates, leaf first) by trust-anchor records at
+    the verify and secure levels: a trust anchor, and then one of names."""
+    if not chain:
+        return DaneMatch(False, error=X509_V_ERR_DANE_NO_MATCH)
+    found = _anchor_match(chain, records)
+    if found is None:
+        # OpenSSL reports the failure at the top of the chain.
+        return DaneMatch(False, error=X509_V_ERR_DANE_NO_MATCH, error_depth=len(chain) - 1)
+    if not found.matched:
+        return found
+    matched, which = libtls.match_peername(chain[0], names, wildcard_multiple_labels)
+    if not matched:
+        return DaneMatch(False, found.record, found.depth,
+                         error=libtls.X509_V_ERR_HOSTNAME_MISMATCH, error_depth=0)
+    return DaneMatch(True, found.record, found.depth, name=which or "")

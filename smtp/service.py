@@ -80,6 +80,8 @@ CONFIGURATION PARAMETERS
     an MX next hop's policy decides each MX host's TLS policy, and the log says
     "MTA-STS policy for DOMAIN: mode MODE, id ID"; TLSRPT (lib/tlsrpt.py):
     smtp_tlsrpt_enable (no), each session's TLS outcome counted in tlsrpt_database
+    for the domains with a `_smtp._tls` TXT record (none with smtp_dns_support_level =
+    disabled: Postfix's warning "Cannot enable TLSRPT support: DNS is disabled")
     (smtp_tlsrpt_skip_reused_handshakes (no): not those that resumed a TLS session).
     Both files are LMDB in data_directory, opened in pre_init, before the chroot.
     The lmtp client applies neither: RFC 8461 and RFC 8460 are about MX-based SMTP
@@ -171,6 +173,9 @@ def pre_init(ctx) -> None:
     # MTA-STS and TLSRPT (smtp/mta_sts.py, lib/tlsrpt.py): the smtp client's, not lmtp's.
     st["mta_sts"] = mta_sts.from_config(cfg, st["resolver"].dns) if prefix == "smtp" else None
     st["tlsrpt"] = _tlsrpt_store(cfg) if prefix == "smtp" else None
+    # Whether a domain asks for reports (its _smtp._tls record), cached per process.
+    st["tlsrpt_policies"] = tlsrpt.Policies(st["resolver"].dns) \
+        if st["tlsrpt"] is not None else None
     if prefix == "lmtp":
         _lmtp_ignored(cfg)
     if finder.global_level != "none" or finder.tables_in_use or st["mta_sts"] is not None:
@@ -209,6 +214,10 @@ def _lmtp_ignored(cfg) -> None:
 def _tlsrpt_store(cfg) -> tlsrpt.Store | None:
     """The TLSRPT store, opened before the chroot (None: smtp_tlsrpt_enable = no)."""
     if not cfg["smtp_tlsrpt_enable"]:
+        return None
+    if dns_support_level(cfg) == "disabled":
+        # Postfix's smtp_tlsrpt_post_jail(): no DNS, no TLSRPT policy lookups.
+        msg.warn("Cannot enable TLSRPT support: DNS is disabled")
         return None
     path = cfg.get("tlsrpt_database").strip()
     try:
@@ -389,9 +398,12 @@ def _tlsrpt_policy(dest, policy, sts) -> dict:
 
 
 def _tlsrpt_record(ctx, dest, addr, sts, result: str, policy=None, local_ip="") -> None:
-    """Count one outcome for TLSRPT (smtp_tlsrpt_enable), for MX deliveries only."""
+    """Count one outcome for TLSRPT (smtp_tlsrpt_enable), for MX deliveries to a domain
+    that publishes a TLSRPT record only (lib/tlsrpt.py's Policies)."""
     store = ctx.state.get("tlsrpt")
     if store is None or not dest.mx or dest.unix or dest.numeric:
+        return
+    if not ctx.state["tlsrpt_policies"].wanted(dest.host):
         return
     store.record(dest.host, _tlsrpt_policy(dest, policy, sts), result, local_ip,
                  addr.name if addr else "", addr.addr if addr else "")

@@ -20,6 +20,10 @@ DESCRIPTION
     no chain again) was verified under the same records. At Postfix's halfdane level
     (TLSA records of a host behind an insecure MX RRset, smtp/dane.py) the same checks
     are enforced, but a match is "Trusted", never "Verified" (TLSInfo.never_secured).
+    At verify and secure, a Policy with records holds trust anchors (posttls-finger -A):
+    smtp/dane.py's verify_anchors() judges the chain instead of the CAfile, a match logs
+    Postfix's "Matched trust anchor at depth N" where a DANE match is logged, and only a
+    verified session is saved.
 
 CLASSES AND FUNCTIONS
     TlsStarter(client_tls, policy, *, cfg, prefix, service, nexthop_text, nexthop_domain,
@@ -180,6 +184,8 @@ class TlsStarter:
             self._check_fingerprint(info)
         elif tls_policy.dane_based(self.level):
             self._check_dane(conn, info)
+        elif self.policy.tlsa and self.level in ("verify", "secure"):
+            self._check_anchors(conn, info, addr.name)
         lines = libtls.log_lines(info, self.loglevel,
                                  require_trust=tls_policy.must_match(self.level))
         if self.dane_line and self.log_certmatch:
@@ -247,6 +253,32 @@ class TlsStarter:
         info.verify_error, info.verify_error_depth = found.error, found.error_depth
         info.verify_error_text = tls_session.verify_error_string(found.error)
 
+    def _check_anchors(self, conn, info, hostname: str) -> None:
+        """verify or secure with trust anchors (posttls-finger -A): they replace the
+        CAfile and CApath, as Postfix's synthetic DANE (smtp/dane.py)."""
+        info.peer_trusted = info.peer_matched = False
+        info.matched_name = ""
+        if not info.peer_cert_present:
+            return
+        chain = conn.get_peer_cert_chain(as_cryptography=True) or []
+        if not chain:
+            chain = [conn.get_peer_certificate(as_cryptography=True)]
+        found = dane.verify_anchors(chain, self.policy.tlsa, self._match_names(hostname) or [],
+                                    self.client.wildcard_multiple_labels)
+        if not found.matched and info.session_reused and len(chain) == 1:
+            # Only verified sessions are cached (save()), under a key with these anchors.
+            found = dane.DaneMatch(True, None, -1)
+        if found.matched:
+            info.peer_trusted = info.peer_matched = True
+            info.matched_name = found.name
+            info.verify_error, info.verify_error_text = libtls.X509_V_OK, ""
+            info.verify_error_depth = -1
+            if found.record is not None:
+                self.dane_line = f"{info.namaddr}: Matched trust anchor at depth {found.depth}"
+            return
+        info.verify_error, info.verify_error_depth = found.error, found.error_depth
+        info.verify_error_text = tls_session.verify_error_string(found.error)
+
     def acceptable(self) -> bool:
         """Whether the peer certificate satisfies the level (after start())."""
         info = self.tls_info
@@ -258,7 +290,7 @@ class TlsStarter:
         """Store the session after the first read past the handshake (TLS 1.3 tickets)."""
         if self.saved or self.cache is None or self.conn is None:
             return
-        if tls_policy.dane_based(self.level) and not self.acceptable():
+        if (tls_policy.dane_based(self.level) or self.policy.tlsa) and not self.acceptable():
             return
         self.saved = True
         try:

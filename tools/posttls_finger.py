@@ -20,6 +20,10 @@ DESCRIPTION
 
 OPTIONS (Postfix's)
     -a family       ipv4, ipv6 or any (default)
+    -A tafile       PEM trust anchors (certificates, public keys) that replace -F and
+                    -P at the verify and secure levels; repeatable. Any certificate of
+                    the chain, its issuer, or a key that signed it can be the anchor;
+                    the names are matched as usual ("Matched trust anchor at depth N")
     -c              no SMTP chat logging: only TLS information is printed
     -C              print the server's certificate chain, with digests, in PEM
     -d mdalg        digest of fingerprints (default: $smtp_tls_fingerprint_digest)
@@ -50,7 +54,9 @@ OPTIONS (Postfix's)
     -w              TLS wrapper mode (SMTPS, port 465)
     match ...       names to match at verify/secure (default: hostname; nexthop,
                     dot-nexthop), fingerprints at the fingerprint level
-    Not supported: -A (trust anchors), -R (SRV), -x, -X.
+    Not supported, each with an error: -X (Postfix 3.7's tlsproxy(8) mode: postfix-py
+    has no tlsproxy), -R (SRV lookups, Postfix 3.8) and -x (raw public keys, Postfix
+    3.9), which came after 3.7 and which postfix-py's smtp client does not implement.
 
 DANE
     At the dane and dane-only levels (dane is the default, as Postfix's) lookups ask
@@ -92,13 +98,17 @@ from ..smtp import dane, nexthop, session, tls, tls_policy
 PROG = "posttls-finger"
 USAGE = (f"usage: {PROG} [-acCfSvw] [-t conn_tmout] [-T cmd_tmout] [-L logopts] \\\n"
          "\t[-h host_lookup] [-l level] [-d mdalg] [-g grade] [-p protocols] \\\n"
-         "\t[-F CAfile.pem] [-P CApath/] [-s servername] \\\n"
+         "\t[-A tafile] [-F CAfile.pem] [-P CApath/] [-s servername] \\\n"
          "\t[ [-H chainfiles] | [-k certfile [-K keyfile]] ] \\\n"
          "\t[-m count] [-M insecure_mx_policy] [-r delay] [-o name=value] \\\n"
          "\tdestination [match ...]\n")
-WITH_ARG = set("adFghHkKlLmMopPrstT")
+WITH_ARG = set("aAdFghHkKlLmMopPrstT")
 FLAGS = set("cCfSvw")
-UNSUPPORTED = {"A": True, "R": False, "x": False, "X": False}
+# Postfix 3.7's -X needs tlsproxy(8); -R (3.8) and -x (3.9) came after 3.7, and need
+# SRV lookups and raw public keys, which postfix-py's smtp client does not have.
+UNSUPPORTED = {"X": "tlsproxy(8) mode needs tlsproxy(8), which postfix-py does not have",
+               "R": "SRV lookups (Postfix 3.8) are not implemented",
+               "x": "raw public keys (RFC 7250, Postfix 3.9) are not implemented"}
 LOGOPTS = {"0": set(), "none": set(),
            "1": {"summary"}, "routine": {"summary"}, "summary": {"summary"},
            "2": {"summary", "debug", "cache", "verbose", "certmatch", "peercert"},
@@ -123,6 +133,10 @@ class Usage(Exception):
     """Bad command line: print the message and the usage text."""
 
 
+class Fatal(Exception):
+    """Postfix's msg_fatal(): "fatal: TEXT" on standard output, exit status 1."""
+
+
 def out(text: str) -> None:
     """One line of output, as Postfix's tool prints it."""
     sys.stdout.write(f"{PROG}: {text}\n")
@@ -141,7 +155,7 @@ def parse_args(argv: list[str]):
     if len(argv) >= 2 and argv[0] == "-c" and os.path.isfile(os.path.join(argv[1], "main.cf")):
         config_dir = argv[1]
         argv = argv[2:]
-    opts: dict = {"o": [], "H": []}
+    opts: dict = {"o": [], "H": [], "A": []}
     i = 0
     while i < len(argv):
         word = argv[i]
@@ -160,7 +174,7 @@ def parse_args(argv: list[str]):
                     if i >= len(argv):
                         raise Usage(f"option requires an argument -- '{c}'")
                     value = argv[i]
-                if c in ("o", "H"):
+                if c in ("o", "H", "A"):
                     opts[c].append(value)
                 else:
                     opts[c] = value
@@ -168,9 +182,7 @@ def parse_args(argv: list[str]):
             if c in FLAGS:
                 opts[c] = opts.get(c, 0) + 1
             elif c in UNSUPPORTED:
-                if UNSUPPORTED[c]:
-                    i += 1          # it takes an argument: skip it
-                raise Usage(f"option -{c} is not supported by postfix-py")
+                raise Usage(f"option -{c} is not supported by postfix-py: {UNSUPPORTED[c]}")
             else:
                 raise Usage(f"invalid option -- '{c}'")
             j += 1
@@ -251,6 +263,7 @@ class Finger:
             raise Usage("SSL wrapper mode requires that TLS not be disabled")
         self.level = level
         self.mask = _log_mask(opts.get("L", "routine,certmatch"))
+        self.anchors = self._anchors(opts.get("A", ()))
         if opts["H"] and ("k" in opts or "K" in opts):
             raise Usage("When the '-H' option is used, neither the '-k', nor the '-K' "
                         "options may be used")
@@ -311,6 +324,22 @@ class Finger:
         self.policy = None              # the policy for self.addr (dane_host_level)
         self.pass_no = 1
 
+    def _anchors(self, files) -> tuple:
+        """-A: trust anchors that replace -F and -P, at verify and secure only (Postfix's
+        parse_tas(): other levels ignore them, unread)."""
+        if self.level not in ("verify", "secure"):
+            return ()
+        log = out if self.mask & {"dane", "verbose"} else None
+        records: list = []
+        for path in files:
+            try:
+                records += dane.trust_anchor_records(path, log)
+            except dane.TrustAnchorError as exc:
+                if str(exc):
+                    warn(str(exc))
+                raise Fatal(f"Failed to load trust anchor file: {path}") from None
+        return tuple(records)
+
     def _match(self, args):
         if self.level in ("dane", "dane-only"):
             # With TLSA records the names are the TLSA base domain and the MX domain;
@@ -369,7 +398,7 @@ class Finger:
     def _host_policy(self, addr):
         """The level for one server: Postfix's dane_host_level(); None: skip it."""
         if self.level not in ("dane", "dane-only"):
-            return tls_policy.Policy(self.level)
+            return tls_policy.Policy(self.level, tlsa=self.anchors)
         insecure = addr.mx_dnssec is False
         if insecure and self.mxinsec == "may":
             out("MX RRset is insecure: try to encrypt")
@@ -404,7 +433,7 @@ class Finger:
 
     def _starter(self):
         domain = self.dest.host if not self.dest.unix else self.cfg.get("myhostname")
-        policy = self.policy or tls_policy.Policy(self.level)
+        policy = self.policy or tls_policy.Policy(self.level, tlsa=self.anchors)
         certmatch = "certmatch" in self.mask and self.pass_no == 1
         return tls.TlsStarter(
             self.client, policy, cfg=self.cfg, prefix="smtp",
@@ -413,8 +442,10 @@ class Finger:
             info=out, warn=warn, loglevel=0,
             match=self.match if not tls_policy.dane_based(policy.level) else None,
             fingerprints=self.fingerprints, log_cache="cache" in self.mask and self.pass_no > 1,
-            # The DANE match is reported by _report(), after the peer name, as Postfix.
-            log_certmatch=certmatch and not tls_policy.dane_based(policy.level),
+            # The DANE (or trust anchor) match is reported by _report(), after the peer
+            # name, as Postfix.
+            log_certmatch=certmatch and not tls_policy.dane_based(policy.level)
+            and not policy.tlsa,
             # With TLSA records the SNI name is their base domain, whatever -s says.
             sni=policy.servername if tls_policy.dane_based(policy.level)
             else self.opts.get("s") or None)
@@ -424,11 +455,13 @@ class Finger:
         info = starter.tls_info
         first = self.pass_no == 1
         if info.peer_cert_present and first:
-            if "certmatch" in self.mask and info.peer_matched and info.matched_name:
+            # Postfix's tls_client.c: "verbose" is any of certmatch, peercert, verbose.
+            verbose = bool(self.mask & {"certmatch", "peercert", "verbose"})
+            if verbose and info.peer_matched and info.matched_name:
                 out(f"{info.namaddr}: matched peername: {info.matched_name}")
-            if "certmatch" in self.mask and info.peer_matched and starter.dane_line:
+            if verbose and info.peer_matched and starter.dane_line:
                 out(starter.dane_line)
-            if self.mask & {"certmatch", "peercert", "verbose"}:
+            if verbose:
                 out(f"{info.namaddr}: subject_CN={info.peer_CN}, issuer_CN={info.issuer_CN}, "
                     f"fingerprint={info.peer_fingerprint}, "
                     f"pkey_fingerprint={info.peer_pkey_fingerprint}")
@@ -550,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         finger = Finger(opts, dest, match, config_dir)
     except Usage as exc:
         sys.stderr.write(f"{PROG}: {exc}\n{USAGE}")
+        return 1
+    except Fatal as exc:
+        out(f"fatal: {exc}")
         return 1
     return finger.run()
 

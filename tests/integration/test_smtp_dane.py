@@ -144,6 +144,9 @@ def dns(base, certs, receiver):
              "forced.dane.test. MX 10 mx-forced.plain.test.",
              # MTA-STS beside DANE (the policies: STS_POLICIES)
              '_mta-sts.ee.dane.test. TXT "v=STSv1; id=1"', "mta-sts.ee.dane.test. A 127.0.0.1"]
+    # TLSRPT records only for the domains that ask (test_tlsrpt_records_...)
+    zone += [f'_smtp._tls.{d}.dane.test. TXT "v=TLSRPTv1; rua=mailto:tlsrpt@{d}.dane.test"'
+             for d in ("ee", "bad", "sha512")]
     stack.add_zone("dane.test", zone, tamper=[f"_{P}._tcp.mx-bogus.dane.test."])
     stack.add_zone("_tcp.mx-forced.plain.test",
                    [f"_{P}._tcp.mx-forced.plain.test. TLSA 3 1 1 {certs.ee_311}"])

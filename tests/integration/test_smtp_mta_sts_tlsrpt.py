@@ -20,6 +20,7 @@ import glob
 import gzip
 import json
 import os
+import socket
 import ssl
 import threading
 import time
@@ -30,9 +31,10 @@ from pathlib import Path
 import pytest
 import trustme
 
-from peers import DNSMASQ, Dnsmasq
+from peers import DNSMASQ, Dnsmasq, loopback_resolver
 from pfxinst import Instance, wait_for
 from postfix_py.lib import https as libhttps
+from postfix_py.lib import tlsrpt
 from postfix_py.smtp import mta_sts
 from sink import FakeServer
 
@@ -58,8 +60,9 @@ class Dns:
     """tests/peers.py's dnsmasq with the records of these tests; restart() serves them
     again with other policy ids."""
 
-    def __init__(self, root: Path, https_port: int):
+    def __init__(self, root: Path, https_port: int, silent_port: int):
         self.https_port = https_port
+        self.silent_port = silent_port      # _smtp._tls.flaky.test's server: no answer
         self.ids = {d: "20261205T000000" for d in DOMAINS}
         self.server = Dnsmasq(self.records(), root / "dnsmasq.log", ready=self.ready)
         self.port = self.server.port
@@ -74,15 +77,25 @@ class Dns:
                f"rua=https://rua.report.test:{self.https_port}/tlsrpt",
                "--txt-record=_smtp._tls.testing.test,v=TLSRPTv1; rua=mailto:nobody@localhost"]
         out += [f"--host-record=mta-sts.{d},127.0.0.1" for d in BROKEN]
-        out += ["--mx-host=reuse.test,mx.reuse.test,10", "--host-record=mx.reuse.test,127.0.0.1"]
+        out += ["--mx-host=reuse.test,mx.reuse.test,10", "--host-record=mx.reuse.test,127.0.0.1",
+                "--txt-record=_smtp._tls.reuse.test,v=TLSRPTv1; "
+                f"rua=https://rua.report.test:{self.https_port}/tlsrpt-reuse"]
+        # TLSRPT scope: norpt.test publishes no _smtp._tls record, the lookup of
+        # flaky.test's goes to a server that never answers (until restart(flaky=False))
+        for d in ("norpt.test", "flaky.test"):
+            out += [f"--mx-host={d},mx.{d},10", f"--host-record=mx.{d},127.0.0.1"]
+        if self.silent_port:
+            out.append(f"--server=/_smtp._tls.flaky.test/127.0.0.1#{self.silent_port}")
         for d in DOMAINS:
             out += [f"--mx-host={d},mx.{d},10", f"--host-record=mx.{d},127.0.0.1",
                     f"--host-record=mta-sts.{d},127.0.0.1",
                     f"--txt-record=_mta-sts.{d},v=STSv1; id={self.ids[d]}"]
         return out
 
-    def restart(self, **ids):
+    def restart(self, flaky=True, **ids):
         self.ids.update(ids)
+        if not flaky:
+            self.silent_port = 0
         self.server.restart(self.records(), ready=self.ready)
 
     def close(self):
@@ -216,7 +229,9 @@ def env(tmp_path_factory):
     (root / "ca.pem").write_bytes(ca.cert_pem.bytes())
     os.chmod(root / "ca.pem", 0o644)
     https = Https(ca)
-    dnsd = Dns(root, https.port)
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)     # takes queries, never answers
+    silent.bind(("127.0.0.1", 0))
+    dnsd = Dns(root, https.port, silent.getsockname()[1])
     sinks = {}
     for kind, names in (("good", [f"mx.{d}" for d in DOMAINS]), ("bad", ["wrong.name.test"])):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -245,6 +260,10 @@ def env(tmp_path_factory):
         "tlsmgr unix - - y 1000? 1 tlsmgr",
         f"sts unix - - y - - smtp{sts} -o smtp_tls_session_cache_database=",
         f"reuse unix - - y - - smtp{reuse}",
+        # may, TLSRPT, no session cache: each delivery a new handshake, counted
+        "rpt unix - - y - - smtp -o smtp_tls_security_level=may -o smtp_tlsrpt_enable=yes"
+        " -o smtp_tls_session_cache_database=",
+        "rptnodns unix - - y - - smtp -o smtp_tlsrpt_enable=yes -o smtp_dns_support_level=disabled",
         # MTA-STS and TLSRPT are MX-based SMTP's: lmtp warns and goes on without them.
         f"stslmtp unix - - y - - lmtp{sts}",
         "pickup unix n - y - - pickup",
@@ -264,6 +283,7 @@ def env(tmp_path_factory):
             s.stop()
         dnsd.close()
         https.stop()
+        silent.close()
 
 
 _counter = [0]
@@ -436,9 +456,12 @@ def test_tlsrpt_reports_by_https_and_by_mail(env):
     assert any(k.endswith(" enforce.test") for k in shown), shown
     out = inst.cmd("tlsrpt", "send", "-a")
     assert out.returncode == 0, out.stderr
-    # https: one POST for enforce.test, gzipped JSON with the sessions counted
-    assert len(env.https.posts) == 1, out.stderr
-    path, ctype, body = env.https.posts[0]
+    # https: one POST for enforce.test, gzipped JSON with the sessions counted (and one
+    # for reuse.test, at its own path)
+    posts = [p for p in env.https.posts if p[0] == "/tlsrpt"]
+    assert len(posts) == 1, out.stderr
+    assert [p[0] for p in env.https.posts].count("/tlsrpt-reuse") == 1, out.stderr
+    path, ctype, body = posts[0]
     assert (path, ctype) == ("/tlsrpt", "application/tlsrpt+gzip")
     rep = json.loads(gzip.decompress(body))
     assert rep["organization-name"] == "mail.test.example"
@@ -466,7 +489,8 @@ def test_tlsrpt_reports_by_https_and_by_mail(env):
     assert detail["result-type"] == "certificate-host-mismatch"
     assert detail["receiving-mx-hostname"] == "mx.testing.test"
     assert detail["receiving-ip"] == detail["sending-mta-ip"] == "127.0.0.1"
-    # sent reports are gone; domains without rua (mismatch.test, unlisted.test) too
+    # sent reports are gone (mismatch.test and unlisted.test publish no TLSRPT record:
+    # never recorded)
     out = inst.cmd("tlsrpt", "show")
     assert json.loads(out.stdout) == {}
 
@@ -489,3 +513,91 @@ def test_tls_explain_names_the_mta_sts_policy(env):
     finally:
         del inst.main["transport_maps"]
         inst.write()
+
+
+def _shown(inst) -> set:
+    out = inst.cmd("tlsrpt", "show")
+    assert out.returncode == 0, out.stderr
+    return {k.split(" ", 1)[1] for k in json.loads(out.stdout)}
+
+
+def test_tlsrpt_records_only_for_domains_that_publish_a_policy(env):
+    """RFC 8460 reports go to domains that ask: no _smtp._tls record, nothing recorded
+    (Postfix's smtp_tlsrpt_create_wrapper()); with one, the session counts."""
+    good = env.sinks["good"]
+    for domain in ("norpt.test", "reuse.test"):
+        r, log, marker = deliver_via(env.inst, f"{domain}:{good.port}", f"bob@{domain}",
+                                     service="rpt")
+        assert r.result == "sent", (r.reason, log)
+        assert delivered(good, marker)
+    shown = _shown(env.inst)
+    assert "reuse.test" in shown and "norpt.test" not in shown, shown
+    # the MTA-STS failures of mismatch.test and unlisted.test (no TLSRPT record) neither
+    assert not shown & {"mismatch.test", "unlisted.test"}, shown
+
+
+def test_tlsrpt_keeps_the_outcome_when_the_policy_lookup_fails(env):
+    """A TLSRPT lookup without answer: Postfix's warning, delivery delayed by at most
+    POLICY_TIMEOUT (2 s), the outcome recorded all the same; `tlsrpt send` keeps it while
+    the lookup fails, and drops it once DNS says there is no record."""
+    good = env.sinks["good"]
+    inst = env.inst
+    assert "flaky.test" not in _shown(inst)
+    started = time.monotonic()
+    r, log, marker = deliver_via(inst, f"flaky.test:{good.port}", "bob@flaky.test",
+                                 service="rpt")
+    elapsed = time.monotonic() - started
+    assert r.result == "sent", (r.reason, log)
+    assert delivered(good, marker)
+    assert "warning: TLSRPT support: policy lookup failed for flaky.test: " in log, log
+    assert elapsed < 6, elapsed
+    assert "flaky.test" in _shown(inst)
+    out = inst.cmd("tlsrpt", "send", "-a")
+    assert out.returncode == 0, out.stderr
+    assert "kept for DNS: 1" in out.stderr, out.stderr
+    assert "flaky.test" in _shown(inst)
+    env.dns.restart(flaky=False)          # now NXDOMAIN: the domain asks for no report
+    out = inst.cmd("tlsrpt", "send", "-a")
+    assert out.returncode == 0, out.stderr
+    assert "no rua: 1" in out.stderr, out.stderr
+    assert "flaky.test" not in _shown(inst)
+
+
+def test_tlsrpt_policy_cache_holds_answers_and_failures(env):
+    """lib/tlsrpt.Policies against the real dnsmasq: its answers (TTL 0: dnsmasq's
+    local-ttl) are asked again each time; a server that does not answer costs one
+    timeout, and then POLICY_RETRY seconds of "record it" without asking."""
+    now = [1000.0]
+    warned = []
+    policies = tlsrpt.Policies(env.dns.server.resolver(), timeout=0.5,
+                               clock=lambda: now[0], warn=warned.append)
+    assert (policies.wanted("reuse.test"), policies.wanted("norpt.test")) == (True, False)
+    assert policies.wanted("Reuse.Test.") is True
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    try:
+        policies.resolver = loopback_resolver(silent.getsockname()[1], 0.5)
+        started = time.monotonic()
+        assert policies.wanted("reuse.test") is True        # TTL 0: asked, no answer
+        assert 0.4 < time.monotonic() - started < 2
+        assert warned == ["TLSRPT support: policy lookup failed for reuse.test: Host or "
+                          "domain name not found. Name service error for "
+                          "name=_smtp._tls.reuse.test type=TXT: Host not found, try again"]
+        now[0] += tlsrpt.POLICY_RETRY - 1
+        started = time.monotonic()
+        assert policies.wanted("reuse.test") is True        # remembered: not asked
+        assert time.monotonic() - started < 0.1 and len(warned) == 1
+        now[0] += 2
+        assert policies.wanted("reuse.test") is True and len(warned) == 2
+    finally:
+        silent.close()
+
+
+def test_tlsrpt_needs_dns(env):
+    """smtp_dns_support_level = disabled: no TLSRPT policy lookups, so no TLSRPT (Postfix's
+    smtp_tlsrpt_post_jail() warning), and delivery goes on."""
+    good = env.sinks["good"]
+    r, log, marker = deliver_via(env.inst, f"[127.0.0.1]:{good.port}", "bob@sink.test",
+                                 service="rptnodns")
+    assert r.result == "sent", (r.reason, log)
+    assert "warning: Cannot enable TLSRPT support: DNS is disabled" in log, log

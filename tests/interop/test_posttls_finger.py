@@ -26,6 +26,9 @@ import trustme
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import run  # noqa: E402
 
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+
 from postfix_py.lib import tls as libtls  # noqa: E402
 from postfix_py.tools import posttls_finger  # noqa: E402
 
@@ -240,8 +243,14 @@ def test_usage_errors(capsys):
     assert "usage: posttls-finger" in capsys.readouterr().err
     assert posttls_finger.main(["-l", "sometimes", "[127.0.0.1]"]) == 1
     assert 'Invalid TLS level "sometimes"' in capsys.readouterr().err
-    assert posttls_finger.main(["-A", "ta.pem", "[127.0.0.1]"]) == 1
-    assert "not supported" in capsys.readouterr().err
+    for opt, why in (("-X", "tlsproxy(8) mode needs tlsproxy(8), which postfix-py does "
+                            "not have"),
+                     ("-R", "SRV lookups (Postfix 3.8) are not implemented"),
+                     ("-x", "raw public keys (RFC 7250, Postfix 3.9) are not implemented")):
+        assert posttls_finger.main(["-c", opt, "[127.0.0.1]"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"posttls-finger: option {opt} is not supported by "
+                              f"postfix-py: {why}\nusage: posttls-finger"), err
 
 
 def test_command_line_verb(server, pki, tmp_path):
@@ -287,3 +296,102 @@ def test_tls10_server_as_debian_sees_it(tls10_server, pki, case, established):
         for text in (mine, theirs):
             assert f"SSL_connect error to {relay}: -1" in text, text
             assert "TLS connection established" not in text, text
+
+
+# --- -A trust anchors -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ta_server(tmp_path_factory):
+    """A server that sends its certificate and an intermediate (not the root), and PEM
+    files of each level: certificates and bare public keys, and an unrelated CA."""
+    d = tmp_path_factory.mktemp("finger-ta")
+    ca = trustme.CA()
+    inter = ca.create_child_ca()
+    cert = inter.issue_cert("localhost", "mx.finger.test")
+    files = {"ca": ca.cert_pem.bytes(), "inter": inter.cert_pem.bytes(),
+             "leaf": cert.cert_chain_pems[0].bytes(), "other": trustme.CA().cert_pem.bytes()}
+    for name in ("ca", "inter"):
+        key = x509.load_pem_x509_certificate(files[name]).public_key()
+        files[name + "key"] = key.public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    for name, data in files.items():
+        (d / f"{name}.pem").write_bytes(data)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(ctx)
+    srv = StartTlsServer(ctx)
+    srv.dir = d
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("case", [
+    ["-l", "secure", "-A", "{d}/ca.pem"],                   # the root, not sent: depth 2
+    ["-l", "secure", "-A", "{d}/inter.pem"],                # sent: depth 1
+    ["-l", "secure", "-A", "{d}/leaf.pem"],                 # the server's own: depth 0
+    ["-l", "secure", "-A", "{d}/cakey.pem"],                # a bare key that signed depth 1
+    ["-l", "verify", "-A", "{d}/interkey.pem", "-L", "routine,certmatch,dane"],
+    ["-l", "secure", "-A", "{d}/other.pem"],                # no match: num=65
+    ["-l", "secure", "-F", "{d}/ca.pem", "-A", "{d}/other.pem"],    # -A replaces -F
+    ["-l", "secure", "-A", "{d}/other.pem", "-A", "{d}/inter.pem"],
+    ["-l", "secure", "-A", "{d}/ca.pem", "{dest}", "other.example"],    # names still count
+    ["-l", "secure", "-A", "{d}/leaf.pem", "{dest}", "other.example"],  # at depth 0 too
+    ["-l", "secure", "-A", "{d}/ca.pem", "-L", "summary,peercert"],
+    ["-l", "may", "-A", "{d}/ca.pem"],                      # ignored below verify
+    ["-l", "secure", "-A", "{d}/ca.pem", "-r", "1"],        # resumed: still Verified
+])
+def test_trust_anchors_as_debian(ta_server, case):
+    dest = f"[localhost]:{ta_server.port}"
+    args = ["-h", "native", "-c"] + [a.format(d=ta_server.dir, dest=dest) for a in case]
+    if "{dest}" not in case:
+        args.append(dest)
+    mine = ours(*args)
+    assert normalise(mine) == normalise(debian(*args)), mine
+
+
+def test_trust_anchor_report(ta_server):
+    """Without Debian's tool as well: what -A says, by itself."""
+    relay = f"localhost[127.0.0.1]:{ta_server.port}"
+    dest = f"[localhost]:{ta_server.port}"
+    d = ta_server.dir
+    for ta, depth in (("ca", 2), ("inter", 1), ("leaf", 0), ("cakey", 1), ("interkey", 1)):
+        text = ours("-h", "native", "-c", "-l", "secure", "-A", f"{d}/{ta}.pem", dest)
+        assert f"posttls-finger: {relay}: matched peername: localhost\n" \
+               f"posttls-finger: {relay}: Matched trust anchor at depth {depth}\n" in text, ta
+        assert f"posttls-finger: Verified TLS connection established to {relay}" in text, ta
+    text = ours("-h", "native", "-c", "-l", "secure", "-F", f"{d}/ca.pem", "-A",
+                f"{d}/other.pem", dest)
+    assert (f"posttls-finger: CA certificate verification failed for {relay}: num=65:no "
+            f"matching DANE TLSA records\n") in text
+    assert f"posttls-finger: Untrusted TLS connection established to {relay}" in text
+    text = ours("-h", "native", "-c", "-l", "secure", "-A", f"{d}/ca.pem", dest, "other.example")
+    assert f"posttls-finger: server certificate verification failed for {relay}: " \
+           f"num=62:hostname mismatch\n" in text
+    assert f"posttls-finger: Untrusted TLS connection established to {relay}" in text
+    text = ours("-h", "native", "-c", "-l", "verify", "-A", f"{d}/leaf.pem", "-L", "dane", dest)
+    der = x509.load_pem_x509_certificate((d / "leaf.pem").read_bytes()).public_bytes(
+        serialization.Encoding.DER)
+    assert (f"posttls-finger: TA cert as TLSA record: {d}/leaf.pem: 2 0 0 "
+            f"{der[:32].hex().upper()}...{der[-32:].hex().upper()}\n") in text
+
+
+def test_trust_anchor_files_that_cannot_be_used(ta_server, tmp_path, capsys):
+    """Postfix's warning, then "fatal: Failed to load trust anchor file", exit status 1,
+    before any connection; below verify the files are not even read."""
+    dest = f"[localhost]:{ta_server.port}"
+    before = len(ta_server.commands)
+    (tmp_path / "empty.pem").write_text("no PEM here\n")
+    (tmp_path / "bad.pem").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n"
+                                      "-----END CERTIFICATE-----\n")
+    missing = tmp_path / "missing.pem"
+    for path, lines in (
+            (missing, [f"posttls-finger: warning: error opening trust anchor file: {missing}: "
+                       f"No such file or directory"]),
+            (tmp_path / "empty.pem", []),
+            (tmp_path / "bad.pem", [f"posttls-finger: warning: error reading: "
+                                    f"{tmp_path}/bad.pem: malformed trust-anchor cert"])):
+        assert posttls_finger.main(["-h", "native", "-l", "secure", "-A", str(path), dest]) == 1
+        assert capsys.readouterr().out.splitlines() == lines + [
+            f"posttls-finger: fatal: Failed to load trust anchor file: {path}"]
+    assert len(ta_server.commands) == before
+    text = ours("-h", "native", "-c", "-l", "may", "-A", str(missing), dest)
+    assert "TLS connection established" in text

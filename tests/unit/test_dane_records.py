@@ -249,3 +249,46 @@ def test_lookup_names_as_tls_dane_resolve():
     # Forced, but the TLSA RRset itself is not validated: nothing.
     r = _Resolver(rec, secure=False)
     assert dane.lookup(r, _addr(False), 25, force=True).status == "notfound"
+
+
+def test_trust_anchor_file_records(tmp_path):
+    """posttls-finger -A: certificates give "2 0 0" and "3 0 0" with their DER, public
+    keys "2 1 0" and "3 1 0" with their SPKI; other PEM objects count but add nothing."""
+    ca, chain = _chain()
+    leaf = chain[0]
+    cert_pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
+    key_pem = chain[1].public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    path = tmp_path / "ta.pem"
+    path.write_text("comment\n" + cert_pem.replace("CERTIFICATE", "X509 CERTIFICATE")
+                    + key_pem + "-----BEGIN DH PARAMETERS-----\nAAAA\n"
+                    "-----END DH PARAMETERS-----\n")
+    logged = []
+    records = dane.trust_anchor_records(str(path), logged.append)
+    der = leaf.public_bytes(DER)
+    assert [(r.usage, r.selector, r.mtype, r.data) for r in records] == [
+        (2, 0, 0, der), (3, 0, 0, der), (2, 1, 0, _spki(chain[1])), (3, 1, 0, _spki(chain[1]))]
+    assert [line.split(": ")[0] for line in logged] == ["TA cert as TLSA record",
+                                                         "TA pkey as TLSA record"]
+    only_dh = tmp_path / "dh.pem"
+    only_dh.write_text("-----BEGIN DH PARAMETERS-----\nAAAA\n-----END DH PARAMETERS-----\n")
+    assert dane.trust_anchor_records(str(only_dh)) == ()
+
+
+def test_verify_anchors_names_count_at_every_depth():
+    ca, chain = _chain()
+    ee = dane.Tlsa
+    leaf_der = chain[0].public_bytes(DER)
+    records = (ee(2, 0, 0, leaf_der), ee(3, 0, 0, leaf_der))
+    ok = dane.verify_anchors(chain, records, ["mx.example.com"])
+    assert (ok.matched, ok.depth, ok.name) == (True, 0, "mx.example.com")
+    bad = dane.verify_anchors(chain, records, ["other.example.com"])
+    assert (bad.matched, bad.error, bad.error_depth) == (False, 62, 0)
+    # the CA's key signed the leaf: depth 0 with the CA not sent, 1 when it is
+    key = (ee(2, 1, 0, _spki(chain[1])),)
+    assert dane.verify_anchors(chain[:1], key, ["mx.example.com"]).depth == 0
+    assert dane.verify_anchors(chain, key, ["mx.example.com"]).depth == 1
+    other = trustme.CA()
+    none = dane.verify_anchors(chain, (ee(2, 0, 0, x509.load_pem_x509_certificate(
+        other.cert_pem.bytes()).public_bytes(DER)),), ["mx.example.com"])
+    assert (none.matched, none.error, none.error_depth) == (False, 65, 1)

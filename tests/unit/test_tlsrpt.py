@@ -95,3 +95,21 @@ def test_mail_form():
     assert part.get_filename() == ("sender.example!example.com!1796342400!1796428799!"
                                    "r1@sender.example.json.gz")
     assert json.loads(gzip.decompress(part.get_payload(decode=True))) == rep
+
+
+def test_policy_record_as_postfix_reads_it():
+    """Postfix's smtp_tlsrpt_find_policy(): other TXT strings ignored, v=TLSRPTv1 not
+    followed by ";" malformed (warned, ignored), two good records are none."""
+    warned = []
+    rua = "rua=mailto:r@example.com"
+    assert tlsrpt.parse_txt(["v=spf1 -all", f"v=TLSRPTv1 \t; {rua}"], "example.com",
+                            warned.append) == ["mailto:r@example.com"]
+    assert warned == []
+    assert tlsrpt.parse_txt([f"v=TLSRPTv10; {rua}", f"v=TLSRPTv1; {rua}"], "example.com",
+                            warned.append) == ["mailto:r@example.com"]
+    assert warned == [f'TLSRPT support: ignoring malformed policy for example.com:, '
+                      f'"v=TLSRPTv10; {rua}"']
+    assert tlsrpt.parse_txt([f"v=TLSRPTv1; {rua}", f"v=TLSRPTv1;{rua}"], "example.com",
+                            warned.append) is None
+    assert warned[-1] == "TLSRPT support: Too many TLSRPT policies for example.com"
+    assert tlsrpt.parse_txt(["v=TLSRPTv1"]) is None
