@@ -43,7 +43,6 @@ DEVIATIONS = {
     "postscreen_dnsbl_allowlist_threshold", "postscreen_dnsbl_max_ttl",
     "postscreen_allowlist_interfaces",
     "smtpd_per_request_deadline",
-    "postscreen_forbidden_commands",          # no smtpd_forbidden_commands to refer to
     "smtp_tls_dane_insecure_mx_policy",       # dane: Postfix 3.7.13 and later
     # defer_if_permit: the value of $reject_tempfail_action, which is not a parameter here
     "unverified_recipient_tempfail_action", "unverified_sender_tempfail_action",
