@@ -360,6 +360,7 @@ PARAMS: list[Param] = [
     _p("smtpd_policy_service_policy_context", "", STR, "the policy_context attribute sent with each policy request"),
     # milters (lib/milter.py), as Postfix's milter8
     _p("smtpd_milters", "", STR, "milter applications for mail that arrives by SMTP (inet:host:port, unix:path, { name attr=value ... })"),
+    _p("smtpd_milter_maps", "", TABLE, "client IP address -> milters for it instead of smtpd_milters (same syntax; DISABLE: none)"),
     _p("non_smtpd_milters", "", STR, "milter applications for mail that arrives other than by smtpd (pickup)"),
     _p("milter_protocol", "6", STR, "the Sendmail milter protocol version (2, 3, 4 or 6, optionally with no_header_reply)"),
     _p("milter_default_action", "tempfail", STR, "what happens when a milter is not available or misbehaves: accept, reject, tempfail or quarantine"),

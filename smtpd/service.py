@@ -32,8 +32,8 @@ CONFIGURATION PARAMETERS
     ETRN. Behind a load balancer: smtpd_upstream_proxy_protocol (empty, or haproxy),
     smtpd_upstream_proxy_timeout (5s) (lib/proxy.py); smtpd_authorized_xclient_hosts
     and smtpd_authorized_xforward_hosts (empty; smtpd/xclient.py).
-    Milters: smtpd_milters (empty) and the milter_* parameters (smtpd/milters.py,
-    lib/milter.py). smtpd_reject_footer, smtpd_reject_footer_maps,
+    Milters: smtpd_milters (empty), smtpd_milter_maps (empty) and the milter_*
+    parameters (smtpd/milters.py, lib/milter.py). smtpd_reject_footer, smtpd_reject_footer_maps,
     smtpd_expansion_filter, smtpd_command_filter,
     smtpd_discard_ehlo_keyword_address_maps (empty) and smtpd_forbidden_commands
     (CONNECT GET POST regexp:{{/^[^A-Z]/ Bogus}}) (lib/server_filters.py, its tables

@@ -272,6 +272,7 @@ class Session:
     cleanup_settings = None  # lib/cleanup.Settings, opened before the jail by service.py
     milters = None          # lib/milter.Milters (smtpd_milters), set by smtpd/milters.setup
     milter_rcpt = milter_reject = None
+    milter_settings = None  # smtpd/milters.Prepared: smtpd_milters, smtpd_milter_maps
     # lib/server_filters: set by service.py when configured, else one attribute test each
     footer = None           # smtpd_reject_footer(_maps)
     cmd_filter = None       # smtpd_command_filter
@@ -562,6 +563,11 @@ class Session:
             self.reply(self.access_denied)
             return
         err = None
+        if self.milter_settings is not None and self.milter_settings.maps:
+            # smtpd_milter_maps: after XCLIENT, the new client's milters
+            if self.milters is not None:
+                self.milters.disc_event()
+            M.setup(self, self.milter_settings)
         if self.milters is not None:
             self.milters.disc_event()       # after XCLIENT: a new client, new connections
             err = self.milters.conn_event(self.client.name, self.client.addr,
