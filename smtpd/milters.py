@@ -23,9 +23,9 @@ DESCRIPTION
     discard for the message, and returns the SMTP reply, if any.
 
 CONFIGURATION PARAMETERS
-    smtpd_milters (empty), smtpd_milter_maps (empty), milter_macro_daemon_name ($myhostname), milter_macro_v
-    ($mail_name $mail_version), receive_override_options (no_milters: none), and those
-    of lib/milter.py.
+    smtpd_milters (empty), smtpd_milter_maps (empty), milter_macro_daemon_name
+    ($myhostname), milter_macro_v ($mail_name $mail_version), receive_override_options
+    (no_milters: none), and those of lib/milter.py.
 
 SEE ALSO
     lib/milter.py, smtpd/session.py, lib/cleanup.py.

@@ -1,5 +1,6 @@
 """Reject footers, the command filter, the expansion filter, per-client EHLO keywords and
-forbidden (non-SMTP) commands in smtpd and in postscreen's engine, through the real master: one instance for the module.
+forbidden (non-SMTP) commands in smtpd and in postscreen's engine, through the real
+master: one instance for the module.
 
     127.0.0.1:S   inet n - y - - smtpd       smtpd_reject_footer, _maps, command filter,
                                              EHLO keyword maps (main.cf)
