@@ -50,8 +50,9 @@ FUNCTIONS
         is_header() of one word).
     CommandList(param, words, open_table): Postfix's string_list (match_list.c with
         match_string) of command names: words compared without regard to case, type:table
-        entries looked up with the lower-case name (any result matches), `!word`
-        excludes, the first entry that matches decides. .match(name) -> bool; a lookup
+        entries looked up with the lower-case name (any result matches), /file/name
+        for the words in a file (TableError when it cannot be read), `!word` excludes,
+        the first entry that matches decides. .match(name) -> bool; a lookup
         problem is Postfix's warning `PARAM: type:name: table lookup problem` and no match
         (smtpd and postscreen ignore it: a non-critical feature).
 
@@ -81,6 +82,7 @@ import time
 
 from . import msg, tables
 from .maincf import NAME_RE, MacroSyntaxError, split_macros
+from .params import split_list
 
 # Postfix's DEF_SMTPD_EXP_FILTER, unescaped: tab and printable ASCII.
 DEFAULT_FILTER = frozenset("\t" + "".join(chr(c) for c in range(0x20, 0x7f)))
@@ -265,13 +267,26 @@ class CommandList:
     def __init__(self, param: str, words: list[str], open_table):
         self.param = param
         self.entries: list[tuple[bool, object]] = []    # (matches, word or table)
+        self._add(words, open_table, True)
+
+    def _add(self, words: list[str], open_table, init: bool, depth: int = 0) -> None:
         for word in words:
             item = word.lstrip("!")
-            matches = (len(word) - len(item)) % 2 == 0
+            matches = init == ((len(word) - len(item)) % 2 == 0)
             if not item:
-                raise tables.TableError(f"{param}: no pattern after '!'")
-            self.entries.append((matches, open_table(item) if ":" in item
-                                 else item.lower()))
+                raise tables.TableError(f"{self.param}: no pattern after '!'")
+            if item.startswith("/") and depth < 10:     # /file/name: its words, in place
+                try:
+                    with open(item, encoding="utf-8", errors="replace") as f:
+                        text = "\n".join(line for line in f.read().splitlines()
+                                         if not line.lstrip().startswith("#"))
+                except OSError as exc:
+                    raise tables.TableError(f"{self.param}: open {item}: "
+                                            f"{exc.strerror}") from None
+                self._add(split_list(text), open_table, matches, depth + 1)
+            else:
+                self.entries.append((matches, open_table(item) if ":" in item
+                                     else item.lower()))
 
     def match(self, name: str) -> bool:
         name = name.lower()

@@ -150,3 +150,16 @@ def test_forbidden_commands_list_and_postscreen_default(capsys):
     assert ps.non_smtp("XYZZY") and not ps.non_smtp("GET")
     empty = SF.ServerFilters(cfg(smtpd_forbidden_commands=""), "smtpd")
     assert not empty.non_smtp("GET") and empty.non_smtp("From:")
+
+
+def test_forbidden_commands_file(tmp_path):
+    """A /file/name in the list stands for its words; !/file/name negates each."""
+    (tmp_path / "cmds").write_text("# web\nGET, post\n  head\n")
+    filters = SF.ServerFilters(cfg(smtpd_forbidden_commands=f"connect !{tmp_path}/cmds"),
+                               "smtpd")
+    assert [filters.forbidden.match(w) for w in ("connect", "get", "HEAD", "x")] == \
+        [True, False, False, False]
+    assert SF.ServerFilters(cfg(smtpd_forbidden_commands=f"{tmp_path}/cmds"),
+                            "smtpd").non_smtp("HEAD")
+    with pytest.raises(SF.tables.TableError, match="smtpd_forbidden_commands: open /nonexistent"):
+        SF.ServerFilters(cfg(smtpd_forbidden_commands="/nonexistent/x"), "smtpd")
