@@ -47,8 +47,6 @@ DEVIATIONS
     alias_maps: hash:/etc/aliases (Postfix on Linux adds nis:mail.aliases; there is no nis:
     table type here).
     smtputf8_enable: yes, Postfix's value at compatibility level 1 and later.
-    postscreen_forbidden_commands: CONNECT GET POST
-    (Postfix 3.7's smtpd_forbidden_commands, which postfix-py's smtpd does not have).
     smtp_tls_dane_insecure_mx_policy: dane, the default of Postfix 3.7.13, 3.8.8, 3.9.2
     and 3.10 (earlier 3.7 releases wrote a default that depends on
     smtp_tls_security_level, which Postfix's documentation calls a mistake).
@@ -199,6 +197,7 @@ PARAMS: list[Param] = [
     _p("smtpd_helo_required", "no", BOOL, "require HELO or EHLO before MAIL"),
     _p("smtpd_discard_ehlo_keywords", "", LIST, "EHLO keywords not announced"),
     _p("smtpd_noop_commands", "", LIST, "commands answered 250 without action"),
+    _p("smtpd_forbidden_commands", "CONNECT GET POST regexp:{{/^[^A-Z]/ Bogus}}", LIST, "commands (words or type:table) that, like a header line, end the session with 221"),
     _p("smtpd_discard_ehlo_keyword_address_maps", "", TABLE, "client address -> EHLO keywords not announced to it (instead of smtpd_discard_ehlo_keywords)"),
     _p("smtpd_reject_footer", "", STR, "text appended to every 4XX/5XX reply (\\n: a new line, \\c at the start: same line; $client_address ... expanded per reply)"),
     _p("smtpd_reject_footer_maps", "", TABLE, "reply text -> its footer (else smtpd_reject_footer)"),
@@ -259,7 +258,7 @@ PARAMS: list[Param] = [
     _p("postscreen_bare_newline_enable", "no", BOOL, "postscreen's after-greeting test: a client that ends a command with a bare newline"),
     _p("postscreen_bare_newline_action", "ignore", STR, "a client that fails the bare_newline test: ignore, enforce or drop", values=("ignore", "enforce", "drop")),
     _p("postscreen_bare_newline_ttl", "30d", TIME, "how long a passed bare_newline test is remembered", min=1),
-    _p("postscreen_forbidden_commands", "CONNECT GET POST", LIST, "commands that fail the non_smtp_command test (words or type:table)"),
+    _p("postscreen_forbidden_commands", "$smtpd_forbidden_commands", LIST, "commands that fail the non_smtp_command test (words or type:table)"),
     _p("smtpd_service_name", "smtpd", STR, "the pass service postscreen hands clients to (private/NAME)"),
     _p("smtpd_forbid_bare_newline", "normalize", STR, "bare LF in DATA: no (accept), normalize or yes (treat as CRLF, end only at CRLF.CRLF), note (log, reply and go on), reject (reply and disconnect)",
        values=("no", "normalize", "yes", "note", "reject")),
@@ -370,6 +369,7 @@ PARAMS: list[Param] = [
     _p("smtpd_policy_service_policy_context", "", STR, "the policy_context attribute sent with each policy request"),
     # milters (lib/milter.py), as Postfix's milter8
     _p("smtpd_milters", "", STR, "milter applications for mail that arrives by SMTP (inet:host:port, unix:path, { name attr=value ... })"),
+    _p("smtpd_milter_maps", "", TABLE, "client IP address -> milters for it instead of smtpd_milters (same syntax; DISABLE: none)"),
     _p("non_smtpd_milters", "", STR, "milter applications for mail that arrives other than by smtpd (pickup)"),
     _p("milter_protocol", "6", STR, "the Sendmail milter protocol version (2, 3, 4 or 6, optionally with no_header_reply)"),
     _p("milter_default_action", "tempfail", STR, "what happens when a milter is not available or misbehaves: accept, reject, tempfail or quarantine"),

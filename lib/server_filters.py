@@ -43,15 +43,29 @@ FUNCTIONS
         filter_command(line) -> (replacement or None); lookup problems raise TableError.
         ehlo_discard(addr) -> the keywords the maps give for a client address, or None;
             lookup problems raise TableError.
+        non_smtp(command) -> whether a command name (the first word of a command line that
+            is no SMTP command) ends the session: Postfix's is_header() (a `Label:`), or
+            a PREFIX_forbidden_commands match.
+    is_header(word) -> whether a word is a header label and its colon (Postfix's
+        is_header() of one word).
+    CommandList(param, words, open_table): Postfix's string_list (match_list.c with
+        match_string) of command names: words compared without regard to case, type:table
+        entries looked up with the lower-case name (any result matches), /file/name
+        for the words in a file (TableError when it cannot be read), `!word` excludes,
+        the first entry that matches decides. .match(name) -> bool; a lookup
+        problem is Postfix's warning `PARAM: type:name: table lookup problem` and no match
+        (smtpd and postscreen ignore it: a non-critical feature).
 
 CONFIGURATION PARAMETERS
     smtpd_reject_footer (empty), smtpd_reject_footer_maps (empty), smtpd_expansion_filter
     (printable ASCII, tab and space), smtpd_command_filter (empty),
-    smtpd_discard_ehlo_keyword_address_maps (empty); postscreen_reject_footer
+    smtpd_discard_ehlo_keyword_address_maps (empty), smtpd_forbidden_commands (CONNECT GET
+    POST regexp:{{/^[^A-Z]/ Bogus}}); postscreen_reject_footer
     ($smtpd_reject_footer), postscreen_reject_footer_maps ($smtpd_reject_footer_maps),
     postscreen_expansion_filter ($smtpd_expansion_filter), postscreen_command_filter
     (empty), postscreen_discard_ehlo_keyword_address_maps
-    ($smtpd_discard_ehlo_keyword_address_maps). The footers and filters are Postfix's raw
+    ($smtpd_discard_ehlo_keyword_address_maps), postscreen_forbidden_commands
+    ($smtpd_forbidden_commands). The footers and filters are Postfix's raw
     parameters: main.cf's $name expansion leaves them alone (their $names are the
     client's, expanded per reply), except a value that is only `$parameter`, which is
     that parameter's value (postscreen's defaults), as Postfix's postscreen does.
@@ -68,6 +82,7 @@ import time
 
 from . import msg, tables
 from .maincf import NAME_RE, MacroSyntaxError, split_macros
+from .params import split_list
 
 # Postfix's DEF_SMTPD_EXP_FILTER, unescaped: tab and printable ASCII.
 DEFAULT_FILTER = frozenset("\t" + "".join(chr(c) for c in range(0x20, 0x7f)))
@@ -75,6 +90,7 @@ MAX_DEPTH = 100                 # mac_expand's "unreasonable macro call nesting"
 _ONLY_PARAM = re.compile(r"\$(?:([A-Za-z0-9_]+)|\{([A-Za-z0-9_]+)\}|\(([A-Za-z0-9_]+)\))")
 _DSN = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?=\s|$)")
 _REPLY_LINE = re.compile(r"\d\d\d[ -]")
+_HEADER = re.compile(r"[!-9;-~]+:")     # a header label and its colon, as is_header()
 _ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
 # ehlo_mask.c's table, in its order (str_ehlo_mask lists the bits in this order)
 EHLO_KEYWORDS = ("8BITMIME", "AUTH", "ETRN", "PIPELINING", "SIZE", "VERP", "VRFY",
@@ -240,6 +256,54 @@ def ehlo_mask_text(words) -> str:
     return " ".join(k for k in EHLO_KEYWORDS if k.lower() in low)
 
 
+def is_header(word: str) -> bool:
+    """Whether a word starts with a header label and its colon (Postfix's is_header())."""
+    return _HEADER.match(word) is not None
+
+
+class CommandList:
+    """Command names, as Postfix's string_list (see FUNCTIONS)."""
+
+    def __init__(self, param: str, words: list[str], open_table):
+        self.param = param
+        self.entries: list[tuple[bool, object]] = []    # (matches, word or table)
+        self._add(words, open_table, True)
+
+    def _add(self, words: list[str], open_table, init: bool, depth: int = 0) -> None:
+        for word in words:
+            item = word.lstrip("!")
+            matches = init == ((len(word) - len(item)) % 2 == 0)
+            if not item:
+                raise tables.TableError(f"{self.param}: no pattern after '!'")
+            if item.startswith("/") and depth < 10:     # /file/name: its words, in place
+                try:
+                    with open(item, encoding="utf-8", errors="replace") as f:
+                        text = "\n".join(line for line in f.read().splitlines()
+                                         if not line.lstrip().startswith("#"))
+                except OSError as exc:
+                    raise tables.TableError(f"{self.param}: open {item}: "
+                                            f"{exc.strerror}") from None
+                self._add(split_list(text), open_table, matches, depth + 1)
+            else:
+                self.entries.append((matches, open_table(item) if ":" in item
+                                     else item.lower()))
+
+    def match(self, name: str) -> bool:
+        name = name.lower()
+        for matches, entry in self.entries:
+            if isinstance(entry, str):
+                if entry == name:
+                    return matches
+                continue
+            try:
+                if entry.lookup(name) is not None:
+                    return matches
+            except tables.TableError:
+                msg.warn(f"{self.param}: {entry.type}:{entry.name}: table lookup problem")
+                return False
+        return False
+
+
 def raw_param(cfg, name: str) -> str:
     """A raw parameter's text; a value that is only `$parameter` is that parameter's
     (raw) value, as postscreen's mail_conf_eval_once() workaround."""
@@ -268,6 +332,9 @@ class ServerFilters:
             self.command_filter = self
         self.ehlo_maps = self._open(cfg, f"{prefix}_discard_ehlo_keyword_address_maps") \
             or None
+        param = f"{prefix}_forbidden_commands"
+        self.forbidden = CommandList(param, cfg[param],
+                                     lambda ref: self._open_one(ref, param, cfg))
 
     @staticmethod
     def expansion_filter(cfg, prefix: str) -> frozenset:
@@ -309,6 +376,10 @@ class ServerFilters:
     def filter_command(self, line: str) -> str | None:
         """The replacement of a command line (leading blanks do not count), or None."""
         return self.cmd_table.lookup(line.lstrip(" \t"))
+
+    def non_smtp(self, command: str) -> bool:
+        """A header label, or a PREFIX_forbidden_commands name: the session ends."""
+        return _HEADER.match(command) is not None or self.forbidden.match(command)
 
     def ehlo_discard(self, addr: str) -> list[str] | None:
         """The EHLO keywords to hide from a client address, or None: no entry."""

@@ -31,6 +31,9 @@ TABLE TYPES
         toggles REG_NEWLINE; `x` toggles REG_EXTENDED (so `x` gives a POSIX *basic* regular
         expression, as with Postfix). A bad rule is a warning naming the file and line, and
         the rule is skipped, as Postfix does.
+    regexp:{ {rule}, {rule}, ... }, pcre:{...}, cidr:{...}
+        The same rules inline (Postfix 3.7's dict_stream_open): each rule in braces,
+        separated by comma or white space; such a table is never reloaded.
     pcre:/path
         pcre_table(5) syntax with Python's `re` as the engine (close to PCRE): flags i, m, s,
         x toggle IGNORECASE, MULTILINE, DOTALL, VERBOSE; A anchors at the start of the key;
@@ -442,16 +445,22 @@ class _ReloadingTable(Table):
     """A table held in memory from a text file, reloaded when the file changes."""
 
     missing = "open {path}: {reason}"
+    inline = False          # regexp:, pcre:, cidr: also take {{rule}, {rule}} (dict_stream)
 
     def __init__(self, type_: str, name: str, fold: bool = True):
         super().__init__(type_, name, fold)
-        text, self._sig = _read_source(name, self.missing)
+        if self.inline and name.startswith("{"):
+            text, self._sig = _inline_rules(type_, name), None    # never reloaded
+        else:
+            text, self._sig = _read_source(name, self.missing)
         self._load(text)
 
     def _load(self, text: str) -> None:
         raise NotImplementedError
 
     def _refresh(self) -> None:
+        if self._sig is None:
+            return                 # inline rules
         try:
             st = os.stat(self.name)
         except OSError:
@@ -570,6 +579,21 @@ def _split_qnameval(text: str) -> tuple[str, str]:
     return key, text[i + 1:].strip(_SPACE)
 
 
+def _inline_rules(type_: str, name: str) -> str:
+    """The rules of `{ {rule}, {rule} ... }`, one a line, as Postfix's dict_stream_open()."""
+    inside, err = _extpar(name)
+    rules = []
+    for token in [] if err else _tokens(inside, ", \t\r\n"):
+        if token.startswith("{"):
+            token, err = _extpar(token)
+            if err:
+                break
+        rules.append(token)
+    if err:
+        raise TableError(f"{type_} map: {err}")
+    return "".join(rule + "\n" for rule in rules)
+
+
 class InlineTable(Table):
     """inline:{key=value, { key = value with spaces }}; folded; later keys win."""
 
@@ -685,6 +709,8 @@ class _Rule:
 
 class RegexpTable(_ReloadingTable):
     """regexp: and pcre: tables: rules tried in order; if/endif; $N in the result."""
+
+    inline = True
 
     def __init__(self, type_: str, name: str, fold: bool = True):
         self.label = f"{type_} map {name}"
@@ -950,6 +976,7 @@ class CidrTable(_ReloadingTable):
     """cidr: tables: address patterns tried in order; !pattern; if/endif."""
 
     missing = "open {path}: {reason}"
+    inline = True
 
     def _load(self, text: str) -> None:
         # rules: (op, family, network int, prefix, positive, value, nesting)

@@ -51,7 +51,12 @@ SECURITY
 CONFIGURATION PARAMETERS
     myhostname, myorigin, mail_name, message_size_limit (10240000), queue_minfree (0),
     smtpd_timeout (300s), the cleanup parameters of lib/cleanup.py, and for -bs the
-    smtpd_* session parameters. non_smtpd_milters (empty): the milters of a submission
+    smtpd_* session parameters, with smtpd's lib/server_filters.py ones
+    (smtpd_reject_footer, smtpd_reject_footer_maps, smtpd_expansion_filter,
+    smtpd_command_filter, smtpd_discard_ehlo_keyword_address_maps,
+    smtpd_forbidden_commands), their tables opened before the jail: one that cannot be
+    opened is a warning, and each -bs session then gets only `421 4.3.0 HOST Server
+    local error`. non_smtpd_milters (empty): the milters of a submission
     (lib/milter.py), which see it come from localhost[127.0.0.1] over ESMTP, as Postfix's
     cleanup emulates it; also for sendmail -bs (Postfix's stand-alone smtpd uses no
     smtpd_milters: its mail goes through postdrop and pickup to cleanup, which applies
@@ -74,7 +79,8 @@ import socket
 import struct
 import time
 
-from ..lib import attr, cleanup, milter, msg, server, verify_client
+from ..lib import attr, cleanup, milter, msg, server, tables, verify_client
+from ..lib import server_filters as SF
 from ..lib import queue as Q
 from ..lib.maincf import ConfigError
 from ..lib.smtpio import SmtpStream
@@ -416,6 +422,14 @@ def pre_init(ctx) -> None:
                   f"not {ctx.service.type}: it trusts the kernel's word on the user")
     ctx.state["users"] = Users()
     try:
+        # sendmail -bs: smtpd's reject footers, command filter, EHLO keyword maps and
+        # forbidden commands, as Postfix's stand-alone smtpd reads them from main.cf.
+        # A table that cannot be opened refuses -bs sessions only (421), not submissions.
+        ctx.state["filters"] = SF.ServerFilters(ctx.cfg, "smtpd")
+    except tables.TableError as exc:
+        msg.warn(f"sendmail -bs sessions are refused: {exc}")
+        ctx.state["filters"] = None
+    try:
         ctx.state["cleanup"] = cleanup.Settings(ctx.cfg)    # its tables, before the jail
         # receive_override_options = no_milters: none (Postfix's input_transp_cleanup)
         ctx.state["milters"] = [] if "no_milters" in cleanup.receive_overrides(ctx.cfg) \
@@ -448,6 +462,11 @@ def pickup_service(conn: socket.socket, ctx) -> None:
                                stopping=lambda: ctx.stopping,
                                milter_specs=ctx.state.get("milters"))
         session.cleanup_settings = ctx.state["cleanup"]
+        filters = ctx.state.get("filters")
+        if filters is not None:
+            session.use_filters(filters)
+        else:
+            session.hangup = True   # 421 4.3.0 Server local error
         try:
             session.run()
         finally:

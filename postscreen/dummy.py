@@ -70,8 +70,6 @@ SEE ALSO
 
 from __future__ import annotations
 
-import re
-
 from OpenSSL import SSL
 
 from ..lib import msg, tables
@@ -222,7 +220,7 @@ class _Dialog:
             self._drop(s.final_reply)       # the hand-off failed after the teaser
             return
         if s.deep_testing("non_smtp") and name not in _KNOWN and words and (
-                _HEADER.match(words[0]) or s.s.forbidden_command(words[0])):
+                s.s.filters.non_smtp(words[0])):
             msg.info(f"NON-SMTP COMMAND from {s.where} after {saved_where}: "
                      f"{_printable(words[0])} {_escape(args.encode()[:100])}")
             action = s.deep_fail("non_smtp")
@@ -438,9 +436,6 @@ class _Dialog:
 
     def _quit(self, args: str) -> None:
         self._drop("221 2.0.0 Bye\r\n")
-
-
-_HEADER = re.compile(r"^[!-9;-~]+:")         # is_header(): a header name and its colon
 
 
 def _printable(text: str) -> str:

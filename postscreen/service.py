@@ -116,7 +116,8 @@ CONFIGURATION PARAMETERS
     postscreen_pipelining_ttl (30d), postscreen_non_smtp_command_enable (no),
     postscreen_non_smtp_command_action (drop), postscreen_non_smtp_command_ttl (30d),
     postscreen_bare_newline_enable (no), postscreen_bare_newline_action (ignore),
-    postscreen_bare_newline_ttl (30d), postscreen_forbidden_commands (CONNECT GET POST),
+    postscreen_bare_newline_ttl (30d), postscreen_forbidden_commands
+    ($smtpd_forbidden_commands),
     postscreen_discard_ehlo_keywords ($smtpd_discard_ehlo_keywords),
     postscreen_discard_ehlo_keyword_address_maps
     ($smtpd_discard_ehlo_keyword_address_maps), postscreen_command_filter (empty),
@@ -214,8 +215,6 @@ class Settings:
                      for name, key in (("pipelining", "pipelining"),
                                        ("non_smtp", "non_smtp_command"),
                                        ("bare_newline", "bare_newline"))}
-        self.forbidden = [w if ":" in w else w.upper()
-                          for w in cfg["postscreen_forbidden_commands"]]
         self.min_ttl = min([self.greet_ttl, self.dnsbl_min_ttl] +
                            [ttl for _, _, ttl in self.deep.values()])
         self.soft_bounce = cfg["soft_bounce"]
@@ -225,8 +224,6 @@ class Settings:
         self.allowlist_if = NetworkList(
             "postscreen_allowlist_interfaces", cfg["postscreen_allowlist_interfaces"],
             lambda ref: self._table(ref, "postscreen_allowlist_interfaces"), False)
-        self.forbidden_tables = [self._table(w) for w in self.forbidden if ":" in w]
-        self.forbidden = {w for w in self.forbidden if ":" not in w}
         prepared = prepared or Prepared()
         self.engine = dummy.Engine(cfg, prepared.level, prepared.tls)
         try:
@@ -290,18 +287,6 @@ class Settings:
     def enabled(self) -> list[bool]:
         return [self.teaser is not None, bool(self.sites)] + \
             [self.deep[name][0] for name in DEEP]
-
-    def forbidden_command(self, command: str) -> bool:
-        """postscreen_forbidden_commands: a word, or a key of one of its tables."""
-        if command.upper() in self.forbidden:
-            return True
-        for table in self.forbidden_tables:
-            try:
-                if table.lookup(command) is not None:
-                    return True
-            except tables.TableError as exc:
-                msg.warn(f"postscreen_forbidden_commands: table lookup problem: {exc}")
-        return False
 
 
 def _action(cfg, name: str) -> str:

@@ -2,8 +2,12 @@
 milter calls of smtpd.c.
 
 DESCRIPTION
-    prepare(cfg) parses smtpd_milters once per worker (a bad list is fatal, as Postfix);
-    setup(session, specs) gives a session its lib/milter.Milters, whose macros are
+    prepare(cfg) parses smtpd_milters once per worker (a bad list is fatal, as Postfix)
+    and opens smtpd_milter_maps (before the jail); setup(session, prepared) gives a
+    session its lib/milter.Milters: smtpd_milter_maps' result for the client IP address
+    (the syntax of smtpd_milters; DISABLE, in any case: no milters), else smtpd_milters
+    (also when the lookup fails, with a warning, as Postfix's setup_milters()). XCLIENT
+    sets them up again for the new client. The milters' macros are
     evaluated here with Postfix's values: j ($myhostname), {daemon_name}
     ($milter_macro_daemon_name), {daemon_addr}, {daemon_port}, v ($milter_macro_v),
     _ (`name [addr]`, `(may be forged)` when the verified name differs), {client_addr},
@@ -19,9 +23,9 @@ DESCRIPTION
     discard for the message, and returns the SMTP reply, if any.
 
 CONFIGURATION PARAMETERS
-    smtpd_milters (empty), milter_macro_daemon_name ($myhostname), milter_macro_v
-    ($mail_name $mail_version), receive_override_options (no_milters: none), and those
-    of lib/milter.py.
+    smtpd_milters (empty), smtpd_milter_maps (empty), milter_macro_daemon_name
+    ($myhostname), milter_macro_v ($mail_name $mail_version), receive_override_options
+    (no_milters: none), and those of lib/milter.py.
 
 SEE ALSO
     lib/milter.py, smtpd/session.py, lib/cleanup.py.
@@ -31,24 +35,74 @@ from __future__ import annotations
 
 import weakref
 
-from ..lib import cleanup, milter
+from ..lib import cleanup, milter, msg, tables
+from ..lib.maincf import ConfigError
 from ..lib.resolve import ResolveError
 
 SMTPD_MILTERS_DISABLE = "DISABLE"
 
 
-def prepare(cfg) -> list:
-    """smtpd_milters, parsed; lib.maincf.ConfigError when malformed. None with
+class Prepared:
+    """smtpd_milters and smtpd_milter_maps of one worker: the specs for each client."""
+
+    CACHE = 64                  # parsed map results kept (a map gives few distinct lists)
+
+    def __init__(self, cfg, default: list, maps: list):
+        self.cfg, self.default, self.maps = cfg, default, maps
+        self._parsed: dict[str, list] = {}
+
+    def for_client(self, addr: str) -> list:
+        """The milters for a client address: smtpd_milter_maps' result (DISABLE: none),
+        else smtpd_milters. A lookup error falls back to smtpd_milters, as Postfix's
+        setup_milters(); a result that is no Milter list is fatal, as milter_create()."""
+        for table in self.maps:
+            try:
+                text = table.lookup(addr)
+            except tables.TableError as exc:
+                msg.warn(f"smtpd_milter_maps: {exc}")
+                break
+            if text is not None:
+                return self._parse(text)
+        return self.default
+
+    def _parse(self, text: str) -> list:
+        text = text.strip()
+        if text.upper() == SMTPD_MILTERS_DISABLE:
+            return []
+        specs = self._parsed.get(text)
+        if specs is None:
+            try:
+                specs = milter.parse(text, self.cfg)
+            except ConfigError as exc:
+                msg.fatal(f"smtpd_milter_maps: {exc}")
+            if len(self._parsed) >= self.CACHE:
+                self._parsed.clear()
+            self._parsed[text] = specs
+        return specs
+
+
+def prepare(cfg) -> Prepared:
+    """smtpd_milters, parsed, and smtpd_milter_maps, opened (before the jail);
+    lib.maincf.ConfigError when either is bad. No milters at all with
     receive_override_options = no_milters (a content filter's re-injection service)."""
+    if "no_milters" in cleanup.receive_overrides(cfg):
+        return Prepared(cfg, [], [])
     text = cfg.get("smtpd_milters").strip()
-    if not text or text.upper() == SMTPD_MILTERS_DISABLE \
-            or "no_milters" in cleanup.receive_overrides(cfg):
-        return []
-    return milter.parse(text, cfg)
+    default = [] if not text or text.upper() == SMTPD_MILTERS_DISABLE \
+        else milter.parse(text, cfg)
+    maps = []
+    for ref in cfg["smtpd_milter_maps"]:
+        try:
+            maps.append(tables.open_table(ref, cfg))
+        except tables.TableError as exc:
+            raise ConfigError(f"smtpd_milter_maps: {exc}") from None
+    return Prepared(cfg, default, maps)
 
 
-def setup(session, specs: list) -> None:
-    """The session's milters (None without smtpd_milters)."""
+def setup(session, prepared: Prepared) -> None:
+    """The session's milters, for its client (None when it has none)."""
+    session.milter_settings = prepared     # greet() asks again after XCLIENT (maps)
+    specs = prepared.for_client(session.client.addr)
     # A weak reference: the session must not hold itself through its milters' macro
     # callback (a cycle would keep every finished session until a full collection).
     ref = weakref.ref(session)

@@ -33,10 +33,11 @@ CONFIGURATION PARAMETERS
     ETRN. Behind a load balancer: smtpd_upstream_proxy_protocol (empty, or haproxy),
     smtpd_upstream_proxy_timeout (5s) (lib/proxy.py); smtpd_authorized_xclient_hosts
     and smtpd_authorized_xforward_hosts (empty; smtpd/xclient.py).
-    Milters: smtpd_milters (empty) and the milter_* parameters (smtpd/milters.py,
-    lib/milter.py). smtpd_reject_footer, smtpd_reject_footer_maps,
-    smtpd_expansion_filter, smtpd_command_filter and
-    smtpd_discard_ehlo_keyword_address_maps (empty; lib/server_filters.py, its tables
+    Milters: smtpd_milters (empty), smtpd_milter_maps (empty) and the milter_*
+    parameters (smtpd/milters.py, lib/milter.py). smtpd_reject_footer, smtpd_reject_footer_maps,
+    smtpd_expansion_filter, smtpd_command_filter,
+    smtpd_discard_ehlo_keyword_address_maps (empty) and smtpd_forbidden_commands
+    (CONNECT GET POST regexp:{{/^[^A-Z]/ Bogus}}) (lib/server_filters.py, its tables
     opened before the jail).
     Behind postscreen, a `pass` service (`smtpd pass - - y - - smtpd`) receives each
     client's socket and its endpoints from postscreen (lib/passfd.py) and uses those
@@ -270,10 +271,7 @@ def _session(conn: socket.socket, ctx, passed: dict | None = None) -> None:
     session.limits_for = lambda c: ctx.state["limits"].session(c, ctx.service.name)
     session.cleanup_settings = ctx.state["cleanup"]
     milters.setup(session, ctx.state["milters"])
-    filters = ctx.state["filters"]
-    session.footer, session.cmd_filter = filters.footer, filters.command_filter
-    if filters.ehlo_maps is not None:
-        session.ehlo_maps = filters
+    session.use_filters(ctx.state["filters"])
     try:
         session.run()
     finally:

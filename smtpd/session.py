@@ -18,7 +18,11 @@ PROTOCOL
     QUIT gets `503 5.7.0 Error: access denied for host[addr]`), HELO/EHLO and MAIL with
     smtpd_delay_reject = no, RCPT, DATA (before 354) and the end of data (before the
     commit; the queue file is discarded on a reject). Commands in smtpd_noop_commands
-    get `250 2.0.0 Ok` and nothing else. Recipients past smtpd_recipient_limit get
+    get `250 2.0.0 Ok` and nothing else. An unknown command that looks like a header
+    (`Label:`) or is in smtpd_forbidden_commands (CONNECT GET POST, and a name that does
+    not start with a letter) ends the session: `warning: non-SMTP command from
+    host[addr]: LINE` and `221 2.7.0 Error: I can break rules, too. Goodbye.`, as
+    Postfix. Recipients past smtpd_recipient_limit get
     `452 4.5.3 Error: too many recipients`, an error only past
     smtpd_recipient_overshoot_limit. The queue file is written through the cleanup stage
     (lib/cleanup.py: header_size_limit, hopcount_limit, address rewriting, header_checks
@@ -62,6 +66,8 @@ PROTOCOL
     keywords instead of smtpd_discard_ehlo_keywords; each EHLO logs `discarding EHLO
     keywords: ...` unless silent-discard, as Postfix) are lib/server_filters.py's; a
     table that cannot be read gets `421 4.3.0 HOST Server local data error`.
+    use_filters() gives a session all of these, from the ServerFilters that smtpd's
+    pre_init opened (sendmail -bs's stand-alone session too, as Postfix's smtpd -S).
     XCLIENT and XFORWARD, for authorized clients only, are in smtpd/xclient.py; greet()
     runs again after XCLIENT. A session whose PROXY header was unusable (hangup) answers
     only `421 4.3.0 HOST Server local error` (smtpd/proxy.py).
@@ -94,6 +100,7 @@ from ..lib import cleanup, flush, mail_flow, metrics, msg, tables, verify_client
 from ..lib import server_filters as SF
 from ..lib import dsn as DSN
 from ..lib import queue as Q
+from ..lib.proxy import escape
 from ..lib.smtpio import StreamEOF, StreamTimeout, TLSFailure, crlf_prefix
 from . import milters as M
 from . import sasl as SASL
@@ -265,10 +272,12 @@ class Session:
     cleanup_settings = None  # lib/cleanup.Settings, opened before the jail by service.py
     milters = None          # lib/milter.Milters (smtpd_milters), set by smtpd/milters.setup
     milter_rcpt = milter_reject = None
+    milter_settings = None  # smtpd/milters.Prepared: smtpd_milters, smtpd_milter_maps
     # lib/server_filters: set by service.py when configured, else one attribute test each
     footer = None           # smtpd_reject_footer(_maps)
     cmd_filter = None       # smtpd_command_filter
     ehlo_maps = None        # smtpd_discard_ehlo_keyword_address_maps
+    non_smtp = staticmethod(SF.is_header)   # + smtpd_forbidden_commands: use_filters()
     ehlo_unknown = False    # its lookup failed: EHLO gets 421 (Postfix's SMTP_ERR_DATA)
 
     def __init__(self, stream, cfg, client: ClientState, queue_root: str, checker,
@@ -554,6 +563,11 @@ class Session:
             self.reply(self.access_denied)
             return
         err = None
+        if self.milter_settings is not None and self.milter_settings.maps:
+            # smtpd_milter_maps: after XCLIENT, the new client's milters
+            if self.milters is not None:
+                self.milters.disc_event()
+            M.setup(self, self.milter_settings)
         if self.milters is not None:
             self.milters.disc_event()       # after XCLIENT: a new client, new connections
             err = self.milters.conn_event(self.client.name, self.client.addr,
@@ -679,6 +693,14 @@ class Session:
         msg.info(f"improper command pipelining after {after} from "
                  f"{self.client.client}: {ahead}")
 
+    def use_filters(self, filters: SF.ServerFilters) -> None:
+        """The smtpd_* reject footers, command filter, EHLO keyword maps and forbidden
+        commands of lib/server_filters (opened before the jail)."""
+        self.footer, self.cmd_filter = filters.footer, filters.command_filter
+        if filters.ehlo_maps is not None:
+            self.ehlo_maps = filters
+        self.non_smtp = filters.non_smtp
+
     def dispatch(self, line: str) -> bool:
         """Run one command; True when the session is over."""
         line = line.split("\x00", 1)[0]    # as Postfix's C strings: a NUL ends the line
@@ -692,6 +714,14 @@ class Session:
                 self.errors += 1
             return False
         handler = COMMANDS.get(verb)
+        if handler is None and self.non_smtp(line.split(None, 1)[0] if line.split() else ""):
+            # A web browser, a proxy probe or a mail header sent as commands.
+            self.last = "UNKNOWN"
+            self.count("unknown", False)
+            msg.warn(f"non-SMTP command from {self.client.client}: "
+                     f"{escape(line.encode('utf-8', 'surrogateescape'))[:100]}")
+            self.reply("221 2.7.0 Error: I can break rules, too. Goodbye.")
+            return True
         if self.access_denied and verb != "quit":
             self.last = verb.upper() if handler else "UNKNOWN"
             self.count(verb if handler else "unknown", False)

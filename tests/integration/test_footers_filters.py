@@ -1,10 +1,12 @@
-"""Reject footers, the command filter, the expansion filter and per-client EHLO keywords
-in smtpd and in postscreen's engine, through the real master: one instance for the module.
+"""Reject footers, the command filter, the expansion filter, per-client EHLO keywords and
+forbidden (non-SMTP) commands in smtpd and in postscreen's engine, through the real
+master: one instance for the module.
 
     127.0.0.1:S   inet n - y - - smtpd       smtpd_reject_footer, _maps, command filter,
                                              EHLO keyword maps (main.cf)
     127.0.0.1:N   inet n - y - - smtpd       -o smtpd_expansion_filter=narrow
     127.0.0.1:B   inet n - y - - smtpd       -o soft_bounce=yes, every RCPT refused
+    127.0.0.1:F   inet n - y - - smtpd       -o smtpd_forbidden_commands= (empty list)
     127.0.0.1:P   inet n - y - 1 postscreen  its engine at once (pipelining test on, no
                                              cache): every postscreen_* value is smtpd's
                                              by default, and postscreen_command_filter
@@ -40,7 +42,7 @@ def inst():
         "/^(RCPT\\s+TO:<[^>]*>)\\s+XYZZY=\\S+$/ $1\n/^EHLO\\s+WRONG$/ EHLO fixed.example\n")
     (root / "ehlo").write_text("127.0.0.1 dsn, chunking\n")
     i.port, i.narrow_port, i.ps_port = free_port(), free_port(), free_port()
-    i.soft_port = free_port()
+    i.soft_port, i.open_port = free_port(), free_port()
     i.main.update({
         "mydestination": "$myhostname, localhost",
         "mynetworks": "10.0.0.0/8",
@@ -59,6 +61,7 @@ def inst():
         " -o smtpd_expansion_filter=0123456789",
         f"127.0.0.1:{i.soft_port} inet n - y - - smtpd -o soft_bounce=yes"
         " -o smtpd_recipient_restrictions=reject",
+        f"127.0.0.1:{i.open_port} inet n - y - - smtpd -o smtpd_forbidden_commands=",
         f"127.0.0.1:{i.ps_port} inet n - y - 1 postscreen -o postscreen_cache_map="
         " -o postscreen_greet_banner= -o postscreen_dnsbl_sites="
         " -o postscreen_pipelining_enable=yes",
@@ -79,6 +82,52 @@ def lines(reply: str) -> list[str]:
 
 
 # --- smtpd ----------------------------------------------------------------------------------
+GOODBYE = "221 2.7.0 Error: I can break rules, too. Goodbye."
+
+
+@pytest.mark.parametrize("source, line, logged", [
+    ("127.0.0.31", b"GET / HTTP/1.0", "GET / HTTP/1.0"),    # a web browser
+    ("127.0.0.32", b"connect mail.example:25 HTTP/1.1",
+     "connect mail.example:25 HTTP/1.1"),                   # in any case
+    ("127.0.0.33", b"Subject: hello\tthere", "Subject: hello\\tthere"),  # escape()d
+    ("127.0.0.34", b"1bogus", "1bogus"),    # regexp:{{/^[^A-Z]/ Bogus}}: no letter first
+])
+def test_smtpd_forbidden_command_ends_the_session(inst, source, line, logged):
+    """smtpd_forbidden_commands (Postfix's default) and is_header(): a warning, 221 and
+    the end of the session, with the command counted as unknown."""
+    c, _ = connect(inst.port, source)
+    assert c.cmd("EHLO client.example").startswith("250-mail.test.example")
+    assert c.cmd(line) == GOODBYE
+    assert c.reply() == "<EOF>"
+    c.close()
+    done = f"disconnect from unknown[{source}] ehlo=1 unknown=0/1 commands=1/2"
+    wait_for(lambda: done in inst.log(), what="disconnect")
+    assert f"warning: non-SMTP command from unknown[{source}]: {logged}\n" in inst.log()
+
+
+def test_smtpd_unknown_lowercase_command_is_only_refused(inst):
+    """A command that starts with a letter, in any case, is not `Bogus`: 500, and the
+    session goes on (Postfix's regexp tables ignore case)."""
+    c, _ = connect(inst.port)
+    assert lines(c.cmd("bogus"))[0].startswith("500-5.5.2 Error: command not recognized ")
+    assert c.cmd("NOOP") == "250 2.0.0 Ok"
+    assert c.cmd("QUIT") == "221 2.0.0 Bye"
+    c.close()
+
+
+def test_smtpd_empty_forbidden_commands_keeps_only_headers(inst):
+    """smtpd_forbidden_commands = (empty): GET is an unknown command; a header line
+    still ends the session."""
+    c, _ = connect(inst.open_port, "127.0.0.35")
+    for line in ("GET / HTTP/1.0", "1bogus"):        # (each with this instance's footer)
+        assert lines(c.cmd(line))[0].startswith("500-5.5.2 Error: command not recognized ")
+    assert c.cmd("From: <a@example.com>") == GOODBYE
+    assert c.reply() == "<EOF>"
+    c.close()
+    wait_for(lambda: "non-SMTP command from unknown[127.0.0.35]: From: <a@example.com>"
+             in inst.log(), what="warning")
+
+
 def test_smtpd_footer_on_every_reject(inst):
     c, port = connect(inst.port)
     assert c.cmd("EHLO client.example").startswith("250-mail.test.example")

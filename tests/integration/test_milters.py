@@ -120,3 +120,48 @@ def test_non_smtpd_milters_see_local_submission(mta):
         assert ev["H"] == ["localhost"]
         assert ev["M"] == ["<root@mail.test.example>"]
         assert ev["R"] == ["<bob@mail.test.example>"]
+
+
+def deliver_from(port, source, subject, xclient=None):
+    """One message from a source address (after XCLIENT ADDR=xclient, when given)."""
+    c = SmtpClient(port, source=source)
+    try:
+        assert c.reply().startswith("220 ")
+        if xclient:
+            assert c.cmd(f"XCLIENT ADDR={xclient}").startswith("220 ")
+        assert c.cmd("EHLO client.test").startswith("250-")
+        assert c.cmd("MAIL FROM:<alice@example.org>") == "250 2.1.0 Ok"
+        assert c.cmd("RCPT TO:<bob@mail.test.example>") == "250 2.1.5 Ok"
+        assert c.cmd("DATA").startswith("354 ")
+        reply = c.cmd(f"Subject: {subject}\r\n\r\nhello\r\n.")
+        assert reply.startswith("250 2.0.0 Ok: queued as "), reply
+        c.cmd("QUIT")
+    finally:
+        c.close()
+
+
+def test_smtpd_milter_maps_per_client_address(mta):
+    """smtpd_milter_maps: the client IP address's milters replace smtpd_milters, DISABLE
+    (any case) turns them off, other clients keep smtpd_milters; after XCLIENT, the new
+    client address decides."""
+    with MilterPeer({"E": [("h", cstrings("X-Milter", "a")), ("c", b"")]}) as a, \
+            MilterPeer({"E": [("h", cstrings("X-Milter", "b")), ("c", b"")]}) as b:
+        (mta.dir / "milter_map").write_text(
+            f"127.0.0.2 {{ {b.name} default_action=tempfail }}\n127.0.0.3 disable\n")
+        mta.main.update({"smtpd_milters": a.name,
+                         "smtpd_milter_maps": f"cidr:{mta.dir}/milter_map",
+                         "smtpd_authorized_xclient_hosts": "127.0.0.4"})
+        mta.start()
+        for source, xclient in (("127.0.0.1", None), ("127.0.0.2", None),
+                                ("127.0.0.3", None), ("127.0.0.4", "127.0.0.2")):
+            deliver_from(mta.port, source, f"from {source}", xclient)
+        seen = {}
+        for _, content in mta.queued(text=True):
+            subject = content.split("Subject: ", 1)[1].split("\n", 1)[0]
+            seen[subject] = [h for h in ("X-Milter: a", "X-Milter: b") if h in content]
+        assert seen == {"from 127.0.0.1": ["X-Milter: a"], "from 127.0.0.2": ["X-Milter: b"],
+                        "from 127.0.0.3": [], "from 127.0.0.4": ["X-Milter: b"]}
+        connects = [d[2] for e, d in a.events if e == "C"], \
+            [d[2] for e, d in b.events if e == "C"]
+        # 127.0.0.4 met smtpd_milters' milter at its greeting, then XCLIENT's one
+        assert connects == (["127.0.0.1", "127.0.0.4"], ["127.0.0.2", "127.0.0.2"])

@@ -202,6 +202,59 @@ def test_bs_never_offers_starttls_or_auth(submitmta, tmp_path):
     assert "starttls=0/1 auth=0/1" in submitmta.log()
 
 
+def test_bs_applies_smtpds_server_filters(submitmta):
+    """sendmail -bs is Postfix's stand-alone smtpd, which reads main.cf as smtpd does:
+    reject footers, the command filter, EHLO keywords per client address and forbidden
+    commands apply to it as to smtpd (lib/server_filters.py, Session.use_filters)."""
+    (submitmta.dir / "commands").write_text(
+        "/^(RCPT\\s+TO:<[^>]*>)\\s+XYZZY=\\S+$/ $1\n")
+    (submitmta.dir / "ehlo").write_text("127.0.0.1 dsn, chunking\n")
+    (submitmta.dir / "footers").write_text("/Unsupported option/ \\c (see $$server_name)\n")
+    submitmta.main.update({
+        "smtpd_reject_footer": r"\c (ref $client_address)",
+        "smtpd_reject_footer_maps": f"regexp:{submitmta.dir}/footers",
+        "smtpd_command_filter": f"regexp:{submitmta.dir}/commands",
+        "smtpd_discard_ehlo_keyword_address_maps": f"texthash:{submitmta.dir}/ehlo"})
+    submitmta.start()
+    out = submitmta.sendmail("-bs", input=(
+        "EHLO me.example\r\nMAIL FROM:<me> NOSUCH=1\r\nMAIL FROM:<me>\r\n"
+        "RCPT TO:<you@example.net> XYZZY=1\r\nVRFY\r\nRSET\r\nGET / HTTP/1.0\r\n"
+        "QUIT\r\n"))
+    assert out.returncode == 0, out.stderr
+    replies = out.stdout.splitlines()
+    end = max(i for i, r in enumerate(replies) if r.startswith("250-")) + 2
+    ehlo = [r[4:] for r in replies[1:end]]
+    assert "PIPELINING" in ehlo and "DSN" not in ehlo and "CHUNKING" not in ehlo
+    assert replies[end:] == [
+        "555 5.5.4 Unsupported option: NOSUCH=1 (see mail.test.example)",   # the map's
+        "250 2.1.0 Ok",
+        "250 2.1.5 Ok",                                 # XYZZY=1 filtered away
+        "501 5.5.4 Syntax: VRFY address [SMTPUTF8] (ref 127.0.0.1)",  # the footer
+        "250 2.0.0 Ok",
+        "221 2.7.0 Error: I can break rules, too. Goodbye."]    # and no QUIT read
+    log = submitmta.log()
+    assert 'localhost[127.0.0.1]: replacing command "RCPT TO:<you@example.net> XYZZY=1" ' \
+        'with "RCPT TO:<you@example.net>"' in log
+    assert "discarding EHLO keywords: CHUNKING DSN" in log or \
+        "discarding EHLO keywords: DSN CHUNKING" in log
+    wait_for(lambda: "warning: non-SMTP command from localhost[127.0.0.1]: GET / HTTP/1.0"
+             in submitmta.log(), what="non-SMTP warning")
+
+
+def test_bs_refused_when_smtpd_tables_cannot_be_opened(submitmta):
+    """A smtpd_* table that pickup cannot open: sendmail -bs gets 421 (Postfix's
+    stand-alone smtpd would not start), a plain submission still works."""
+    submitmta.main["smtpd_command_filter"] = "regexp:/nonexistent/commands"
+    submitmta.start()
+    out = submitmta.sendmail("-bs", input="QUIT\r\n")
+    assert out.stdout.splitlines()[0] == "421 4.3.0 mail.test.example Server local error"
+    out = submitmta.sendmail("x@example.net", input="Subject: plain\n\nhi\n")
+    assert out.returncode == 0, out.stderr
+    assert len(submitmta.queued()) == 1
+    assert "warning: sendmail -bs sessions are refused: smtpd_command_filter: open " \
+        "/nonexistent/commands: No such file or directory" in submitmta.log()
+
+
 def test_bs_as_nobody_with_setpriv(submitmta):
     if not interpreter_reachable_by("nobody"):
         pytest.skip(f"{sys.executable} is not reachable by user nobody (a parent directory "

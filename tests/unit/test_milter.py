@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from milter_peer import MilterPeer, cstrings
-from postfix_py.lib import cleanup, maincf, milter, msg
+from postfix_py.lib import cleanup, maincf, milter, msg, tables
 from postfix_py.lib import queue as Q
 from postfix_py.lib.maincf import ConfigError
 from postfix_py.smtpd import milters as smtpd_milters
@@ -295,7 +295,34 @@ def test_no_milters_override(tmp_path):
     # receive_override_options = no_milters: smtpd runs no smtpd_milters (a content
     # filter's re-injection service), as Postfix's setup_milters
     cfg = config(tmp_path, smtpd_milters="inet:127.0.0.1:9")
-    assert len(smtpd_milters.prepare(cfg)) == 1
+    assert len(smtpd_milters.prepare(cfg).for_client("127.0.0.1")) == 1
     cfg = config(tmp_path, smtpd_milters="inet:127.0.0.1:9",
                  receive_override_options="no_milters")
-    assert smtpd_milters.prepare(cfg) == []
+    assert smtpd_milters.prepare(cfg).for_client("127.0.0.1") == []
+
+
+class _Failing(tables.Table):
+    """A table whose every lookup fails, as a database that cannot be read."""
+
+    def lookup(self, key):
+        raise tables.TableError("read database /x: broken")
+
+
+def test_smtpd_milter_maps_choice(tmp_path, capsys):
+    """smtpd/milters.Prepared: the map's result for the client address (smtpd_milters'
+    syntax), DISABLE in any case, else smtpd_milters; a lookup error falls back to
+    smtpd_milters with a warning, as Postfix's setup_milters()."""
+    cfg = config(tmp_path, smtpd_milters="inet:127.0.0.1:9",
+                 smtpd_milter_maps="inline:{ {127.0.0.2 = inet:127.0.0.1:8, unix:/m},"
+                                   " 127.0.0.3=Disable }")
+    prepared = smtpd_milters.prepare(cfg)
+    names = [[s.name for s in prepared.for_client(a)]
+             for a in ("127.0.0.1", "127.0.0.2", "127.0.0.3")]
+    assert names == [["inet:127.0.0.1:9"], ["inet:127.0.0.1:8", "unix:/m"], []]
+    failing = smtpd_milters.Prepared(cfg, prepared.default, [_Failing("x", "y")])
+    assert [s.name for s in failing.for_client("127.0.0.2")] == ["inet:127.0.0.1:9"]
+    assert "warning: smtpd_milter_maps: read database /x: broken" in capsys.readouterr().err
+    # receive_override_options = no_milters: neither applies
+    cfg = config(tmp_path, smtpd_milters="inet:127.0.0.1:9", smtpd_milter_maps="static:x",
+                 receive_override_options="no_milters")
+    assert smtpd_milters.prepare(cfg).for_client("127.0.0.2") == []

@@ -37,7 +37,6 @@ DEVIATIONS = {
     "alias_maps",                             # no nis: table type
     "append_dot_mydomain",                    # no compatibility_level: level >= 1's value
     "local_recipient_maps",                   # no proxymap: unix:passwd.byname read directly
-    "postscreen_forbidden_commands",          # no smtpd_forbidden_commands to refer to
     "smtp_tls_dane_insecure_mx_policy",       # dane: Postfix 3.7.13 and later
     # defer_if_permit: the value of $reject_tempfail_action, which is not a parameter here
     "unverified_recipient_tempfail_action", "unverified_sender_tempfail_action",

@@ -127,3 +127,39 @@ def test_soft_bounce_softens_5xx_lines_only():
     assert SF.soft_bounce("452 4.3.1 Insufficient system storage") == \
         "452 4.3.1 Insufficient system storage"
     assert SF.soft_bounce("250 2.0.0 Ok\r\n") == "250 2.0.0 Ok\r\n"
+
+
+@pytest.mark.parametrize("command, ends", [
+    ("GET", True), ("get", True), ("Connect", True), ("POST", True),
+    ("Subject:", True), ("X-Header:value", True),       # is_header()
+    ("1bogus", True), ("/", True),                      # regexp:{{/^[^A-Z]/ Bogus}}
+    ("bogus", False), ("HELP", False), (":x", True), ("", False),
+])
+def test_forbidden_commands_default(command, ends):
+    """smtpd_forbidden_commands' default (Postfix 3.7) and is_header()."""
+    assert SF.ServerFilters(cfg(), "smtpd").non_smtp(command) is ends
+
+
+def test_forbidden_commands_list_and_postscreen_default(capsys):
+    filters = SF.ServerFilters(cfg(smtpd_forbidden_commands="!get, inline:{{foo=1}} get"),
+                               "smtpd")
+    assert [filters.forbidden.match(w) for w in ("GET", "FOO", "POST")] == \
+        [False, True, False]                 # the first entry that matches decides
+    # postscreen_forbidden_commands = $smtpd_forbidden_commands
+    ps = SF.ServerFilters(cfg(smtpd_forbidden_commands="xyzzy"), "postscreen")
+    assert ps.non_smtp("XYZZY") and not ps.non_smtp("GET")
+    empty = SF.ServerFilters(cfg(smtpd_forbidden_commands=""), "smtpd")
+    assert not empty.non_smtp("GET") and empty.non_smtp("From:")
+
+
+def test_forbidden_commands_file(tmp_path):
+    """A /file/name in the list stands for its words; !/file/name negates each."""
+    (tmp_path / "cmds").write_text("# web\nGET, post\n  head\n")
+    filters = SF.ServerFilters(cfg(smtpd_forbidden_commands=f"connect !{tmp_path}/cmds"),
+                               "smtpd")
+    assert [filters.forbidden.match(w) for w in ("connect", "get", "HEAD", "x")] == \
+        [True, False, False, False]
+    assert SF.ServerFilters(cfg(smtpd_forbidden_commands=f"{tmp_path}/cmds"),
+                            "smtpd").non_smtp("HEAD")
+    with pytest.raises(SF.tables.TableError, match="smtpd_forbidden_commands: open /nonexistent"):
+        SF.ServerFilters(cfg(smtpd_forbidden_commands="/nonexistent/x"), "smtpd")

@@ -405,6 +405,31 @@ def test_inline_and_static_lookups_match_postfix(ref, key, value):
     assert lookup(ref, key) == [value]
 
 
+@pytest.mark.parametrize("ref,key,value", [
+    ("regexp:{{/^[^A-Z]/ Bogus}}", "1abc", "Bogus"),    # smtpd_forbidden_commands
+    ("regexp:{{/^[^A-Z]/ Bogus}}", "bogus", None),       # case-insensitive by default
+    ("regexp:{ {/^a(.)/ x$1}, {/c/ y} }", "abz", "xb"),
+    ("regexp:{ {/^a(.)/ x$1}, {/c/ y} }", "c", "y"),
+    ("pcre:{ {/^(?<n>b)/ p$1} ,{/q/ r}}", "bz", "pb"),
+    ("cidr:{ {127.0.0.0/8 lo}, {::1 lo6} }", "127.1.2.3", "lo"),
+    ("cidr:{ {127.0.0.0/8 lo}, {::1 lo6} }", "::1", "lo6"),
+    ("regexp:{}", "x", None),
+])
+def test_inline_rule_tables(ref, key, value):
+    """Postfix 3.7's regexp:{ {rule}, ... } (dict_stream_open), also pcre: and cidr:."""
+    assert lookup(ref, key) == [value]
+
+
+@pytest.mark.parametrize("ref,error", [
+    ("regexp:{{/a/ b}", "regexp map: missing '}' in \"{{/a/ b}\""),
+    ("pcre:{ {/a/ b}x }", "pcre map: syntax error after '}' in \"{/a/ b}x\""),
+])
+def test_inline_rule_table_errors(ref, error):
+    with pytest.raises(TableError) as info:
+        open_table(ref)
+    assert str(info.value) == error
+
+
 NEED = '; need "inline:{name=value...}"'
 
 
