@@ -240,18 +240,24 @@ class TlsStarter:
                 any(r.usage == dane.USAGE_DANE_TA for r in self.policy.tlsa):
             # Only verified DANE sessions are cached, under a key with these records.
             found = dane.DaneMatch(True, None, -1)
+        if self._judged(info, found) and found.record is not None:
+            kind = "TA certificate" if found.depth else "EE certificate"
+            self.dane_line = (f"{info.namaddr}: Matched DANE {kind} at depth "
+                              f"{found.depth}: {found.record.text()}")
+
+    @staticmethod
+    def _judged(info, found) -> bool:
+        """Record a DANE or trust-anchor verdict (dane.DaneMatch) in info; whether the
+        peer matched."""
         if found.matched:
             info.peer_trusted = info.peer_matched = True
             info.matched_name = found.name
             info.verify_error, info.verify_error_text = libtls.X509_V_OK, ""
             info.verify_error_depth = -1
-            if found.record is not None:
-                kind = "TA certificate" if found.depth else "EE certificate"
-                self.dane_line = (f"{info.namaddr}: Matched DANE {kind} at depth "
-                                  f"{found.depth}: {found.record.text()}")
-            return
+            return True
         info.verify_error, info.verify_error_depth = found.error, found.error_depth
         info.verify_error_text = tls_session.verify_error_string(found.error)
+        return False
 
     def _check_anchors(self, conn, info, hostname: str) -> None:
         """verify or secure with trust anchors (posttls-finger -A): they replace the
@@ -268,16 +274,8 @@ class TlsStarter:
         if not found.matched and info.session_reused and len(chain) == 1:
             # Only verified sessions are cached (save()), under a key with these anchors.
             found = dane.DaneMatch(True, None, -1)
-        if found.matched:
-            info.peer_trusted = info.peer_matched = True
-            info.matched_name = found.name
-            info.verify_error, info.verify_error_text = libtls.X509_V_OK, ""
-            info.verify_error_depth = -1
-            if found.record is not None:
-                self.dane_line = f"{info.namaddr}: Matched trust anchor at depth {found.depth}"
-            return
-        info.verify_error, info.verify_error_depth = found.error, found.error_depth
-        info.verify_error_text = tls_session.verify_error_string(found.error)
+        if self._judged(info, found) and found.record is not None:
+            self.dane_line = f"{info.namaddr}: Matched trust anchor at depth {found.depth}"
 
     def acceptable(self) -> bool:
         """Whether the peer certificate satisfies the level (after start())."""
