@@ -9,10 +9,10 @@ SYNOPSIS
 
 DESCRIPTION
     Workers are forked processes, many of them short-lived, most of them chrooted: no one
-    of them can hold the counters of the host. prometheus_client's multiprocess mode is
-    made for this: each process writes its values into its own memory-mapped files
-    (counter_PID.db, histogram_PID.db) in one directory, and the metrics service
-    (metrics/service.py) sums the files of every process at each scrape.
+    of them can hold the counters of the host. prometheus_client's multiprocess format
+    is made for this: each process writes its values into memory-mapped files of its
+    own in one directory, and the metrics service (metrics/service.py) sums the files
+    at each scrape.
 
     A counting function adds to a dict of this process (_pending); flush() writes the
     sums into the mapped files. One prometheus_client increment costs about 14,000
@@ -23,6 +23,9 @@ DESCRIPTION
     second old, and when it exits (single_server's and multi_server's clean-up). A scrape
     therefore sees a count at most about a second late, and only a worker killed outright
     (SIGKILL, a crash) loses the counts of its last second.
+
+    Each worker writes into the files of a free slot (counter_slotN.db,
+    histogram_slotN.db), adding to what the slot's earlier holders wrote (open_files()).
 
     The files live on tmpfs, in /dev/shm/postfix-py-metrics.HASH (directory(): HASH
     names the queue_directory, so that instances do not mix), mail_owner's (0700),
@@ -92,6 +95,7 @@ SEE ALSO
 from __future__ import annotations
 
 import bisect
+import fcntl
 import hashlib
 import json
 import os
@@ -109,6 +113,7 @@ SHM = "/dev/shm"            # tmpfs on Linux; without it, the queue directory
 MAX_LABEL = 64              # longest label value: bounded series, whatever a peer sends
 MAX_EVENT = 16384           # longest JSON event line
 FLUSH_INTERVAL = 1.0        # seconds between writes of a process's counts to its files
+MAX_SLOTS = 100000          # counter files: far beyond any process limit
 
 _files: dict = {}            # "counter", "histogram" -> this worker's MmapedDict
 
@@ -218,6 +223,7 @@ class _State:
     event_fd = -1           # tls_event_log, opened before the chroot
     event_path = ""
     pid = 0                 # the worker's: a forked child never writes its parent's counts
+    slot_fd = -1            # the flock that makes a slot's files this worker's
     flush_at = 0.0          # time.monotonic() when the next flush may run
 
 
@@ -286,6 +292,7 @@ def worker_start(ctx) -> None:
     _pending.clear()
     _sessions.clear()
     _files.clear()
+    _state.slot_fd = -1     # a parent's, if any, closes on exec; never ours to unlock
     _state.event_fd = -1
     path = ctx.cfg.get("tls_event_log") if hasattr(ctx.cfg, "get") else ""
     if path:
@@ -305,13 +312,31 @@ def counting() -> bool:
 def open_files(queue_root: str) -> None:
     """Open this worker's counter and histogram files (lib/server.py: before the chroot,
     with mail_owner's effective ids, so that they are mail_owner's, whom the metrics
-    service runs as); counting starts. A failure leaves this worker without counters."""
+    service runs as); counting starts. A failure leaves this worker without counters.
+
+    The files are a slot's, not a pid's: the first counter_slotN.db whose flock no live
+    process holds (the lock goes with its holder, however it ends). A worker adds to what
+    the slot's earlier holders wrote, so the files stay as many as the workers alive at
+    once, whether or not anyone scrapes them; on tmpfs, files per pid would pile up in
+    memory for as long as nobody did."""
+    path = directory(queue_root)
     try:
-        for kind in ("counter", "histogram"):
-            name = os.path.join(directory(queue_root), f"{kind}_{_state.pid}.db")
+        for slot in range(MAX_SLOTS):
+            name = os.path.join(path, f"counter_slot{slot}.db")
             # created here, 0600: MmapedDict would make it with the umask's mode
-            os.close(os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-            _files[kind] = MmapedDict(name)
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            _state.slot_fd = fd                 # held for life: the slot is ours
+            break
+        else:
+            raise OSError(f"all {MAX_SLOTS} slots in {path} are taken")
+        hist = os.path.join(path, f"histogram_slot{slot}.db")
+        os.close(os.open(hist, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        _files["counter"], _files["histogram"] = MmapedDict(name), MmapedDict(hist)
     except (OSError, ValueError) as exc:
         _files.clear()
         msg.warn(f"metrics disabled in this process: {exc}")

@@ -26,11 +26,10 @@ DESCRIPTION
       resident minus shared pages);
     * postfix_up 1.
 
-    Worker processes come and go (max_use, max_idle): each leaves its counter files. At
-    each request, the files of processes that have ended are folded into one archive file
-    per kind (counter_archive.db, histogram_archive.db) and removed, so that the directory
-    and the work of a scrape stay in proportion to the live processes, not to every
-    process since the start.
+    Worker processes come and go (max_use, max_idle); their counts stay in the slot files
+    they wrote (lib/metrics.py), as many as the workers that ran at once, so that the
+    directory and the work of a scrape stay in proportion to the process limits, not to
+    every process since the start.
 
 SECURITY
     The counters carry no addresses and no message content, but client names, next hops
@@ -51,14 +50,12 @@ SEE ALSO
 from __future__ import annotations
 
 import glob
-import json
 import os
 import time
 
 import psutil
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..lib import metrics, msg, server, showq, tlsmgr_client
@@ -67,55 +64,6 @@ REQUEST_LIMIT = 8192
 REQUEST_TIMEOUT = 10.0
 SIZE_BUCKETS = (1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9)              # postfix_exporter's
 AGE_BUCKETS = (1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8)
-ARCHIVE = "archive"
-
-
-# --- dead processes' files -----------------------------------------------------------------
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def compact(directory: str) -> int:
-    """Fold the counter and histogram files of ended processes into the archive files."""
-    folded = 0
-    for kind in ("counter", "histogram"):
-        dead = []
-        for path in glob.glob(os.path.join(directory, f"{kind}_*.db")):
-            pid = os.path.basename(path)[len(kind) + 1:-3]
-            if pid.isdigit() and not _alive(int(pid)) and os.access(path, os.R_OK):
-                dead.append(path)
-        if not dead:
-            continue
-        archive = os.path.join(directory, f"{kind}_{ARCHIVE}.db")
-        sources = ([archive] if os.path.exists(archive) else []) + dead
-        merged = MultiProcessCollector.merge(sources, accumulate=False)
-        tmp = os.path.join(directory, f".{kind}_{ARCHIVE}.tmp")
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        out = MmapedDict(tmp)
-        try:
-            for metric in merged:
-                for s in metric.samples:
-                    labels = dict(s.labels)
-                    key = mmap_key(metric.name, s.name, tuple(labels), tuple(labels.values()),
-                                   metric.documentation)
-                    out.write_value(key, s.value, 0.0)
-        finally:
-            out.close()
-        os.replace(tmp, archive)
-        for path in dead:
-            os.unlink(path)
-        folded += len(dead)
-    return folded
-
-
 # --- what is read at each request -----------------------------------------------------------
 
 def _histogram(name: str, doc: str, buckets, by_queue: dict) -> HistogramMetricFamily:
@@ -227,12 +175,8 @@ def process_metrics(master_pid: int) -> list:
 
 
 class _Files:
-    """MultiProcessCollector's sum, over the files this process may read.
-
-    A worker that keeps root (local: master.cf unpriv n) writes root's files; with a
-    restrictive umask they are not mail_owner's to read, and one such file must not
-    make the whole answer fail.
-    """
+    """MultiProcessCollector's sum, over the files this process may read (workers make
+    them mail_owner's; one that is not must not make the whole answer fail)."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -266,10 +210,6 @@ class _Live:
 def exposition(ctx) -> bytes:
     """Everything, in the Prometheus text format."""
     directory = metrics.directory(server.queue_root(ctx.cfg))
-    try:
-        compact(directory)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        msg.warn(f"metrics: cannot fold the files of ended processes: {exc}")
     registry = CollectorRegistry(auto_describe=False)
     if os.path.isdir(directory):
         registry.register(_Files(directory))

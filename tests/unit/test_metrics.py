@@ -10,7 +10,6 @@ import sys
 import threading
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -101,14 +100,6 @@ def test_event_log_lines_are_json(tmp_path, monkeypatch):
     assert second["peer"] == "c[192.0.2.9]" and len(lines[1]) < metrics.MAX_EVENT
 
 
-def _write(path, name, labels, value, kind="counter"):
-    d = MmapedDict(str(path))
-    metric = name if kind != "counter" else name
-    d.write_value(mmap_key(metric, name + ("_total" if kind == "counter" else ""),
-                           tuple(labels), tuple(labels.values()), "help"), value, 0.0)
-    d.close()
-
-
 def _dead_pid() -> int:
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
@@ -123,22 +114,6 @@ def _scrape(directory):
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
-
-
-def test_compact_folds_ended_processes_and_keeps_totals(tmp_path):
-    dead1, dead2 = _dead_pid(), _dead_pid()
-    _write(tmp_path / f"counter_{dead1}.db", "postfix_x", {"service": "smtp"}, 3)
-    _write(tmp_path / f"counter_{dead2}.db", "postfix_x", {"service": "smtp"}, 4)
-    _write(tmp_path / f"counter_{os.getpid()}.db", "postfix_x", {"service": "smtp"}, 5)
-    before = _scrape(tmp_path)
-    assert service.compact(str(tmp_path)) == 2
-    assert set(os.listdir(tmp_path)) == {"counter_archive.db", f"counter_{os.getpid()}.db"}
-    assert _scrape(tmp_path) == before
-    assert before[("postfix_x_total", (("service", "smtp"),))] == 12
-    dead3 = _dead_pid()
-    _write(tmp_path / f"counter_{dead3}.db", "postfix_x", {"service": "smtp"}, 1)
-    assert service.compact(str(tmp_path)) == 1
-    assert _scrape(tmp_path)[("postfix_x_total", (("service", "smtp"),))] == 13
 
 
 def test_queue_metrics_of_an_empty_queue(tmp_path):
@@ -180,38 +155,59 @@ def test_process_metrics_of_this_process_tree():
     assert service.process_metrics(_dead_pid())[0].samples == []
 
 
-WORKER = """
-import os, sys
-os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
-from prometheus_client import values
-values.ValueClass = values.MultiProcessValue()
-from prometheus_client import Counter, Histogram
-h = Histogram("postfix_h_seconds", "h", ["stage"], buckets=(0.1, 1, 10), registry=None)
-c = Counter("postfix_c", "c", ["service"], registry=None)
-for v in (0.05, 0.5, 5, 50):
-    h.labels("x").observe(v)
-c.labels("smtp").inc(int(sys.argv[2]))
+SLOT_WORKER = """
+import os, sys, time
+from types import SimpleNamespace
+queue, ehlos, hold = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+from postfix_py.lib import metrics
+metrics.collecting(True)
+ctx = SimpleNamespace(service=SimpleNamespace(name="smtp", chroot=False), program="smtpd",
+                      run_as_root=False, queue_root=queue, cfg={})
+metrics.worker_start(ctx)
+metrics.open_files(queue)
+metrics.smtpd_session_end({"ehlo": [ehlos, ehlos]})
+metrics.delivery("ABC", "a@b", "none", "sent", "2.0.0", 0.5, (0, 0, 0, 0.5))
+metrics.flush()
+print(os.path.basename(os.readlink(f"/proc/self/fd/{metrics._state.slot_fd}")), flush=True)
+time.sleep(hold)
 """
 
 
-def test_compact_keeps_histograms_and_counters_of_real_workers(tmp_path):
+def test_workers_share_slots_one_at_a_time_and_their_counts_add_up(tmp_path):
+    """Two workers alive at once write different slots; a later one takes a free slot
+    and adds to it: the files stay as many as the workers that ran at once."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    directory = tmp_path / "m"
-    directory.mkdir()
-    for n in (1, 2, 3):
-        subprocess.run([sys.executable, str(script), str(directory), str(n)], check=True)
-    before = _scrape(directory)
-    assert before[("postfix_c_total", (("service", "smtp"),))] == 6
-    assert before[("postfix_h_seconds_count", (("stage", "x"),))] == 12
-    assert service.compact(str(directory)) == 6
-    assert sorted(os.listdir(directory)) == ["counter_archive.db", "histogram_archive.db"]
-    assert _scrape(directory) == before
-    subprocess.run([sys.executable, str(script), str(directory), "4"], check=True)
-    service.compact(str(directory))
-    after = _scrape(directory)
-    assert after[("postfix_h_seconds_bucket", (("le", "1.0"), ("stage", "x")))] == 8
-    assert after[("postfix_c_total", (("service", "smtp"),))] == 10
+    script.write_text(SLOT_WORKER)
+    queue = str(tmp_path / "q")
+    metrics.collecting(True, queue)
+    path = metrics.directory(queue)
+    run = [sys.executable, str(script), queue]
+    try:
+        holder = subprocess.Popen(run + ["1", "30"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "counter_slot0.db"
+            second = subprocess.run(run + ["2", "0"], capture_output=True, text=True,
+                                    check=True)
+            assert second.stdout.strip() == "counter_slot1.db"
+        finally:
+            holder.kill()                   # SIGKILL: the lock goes with the process
+            holder.wait()
+            holder.stdout.close()
+        for n in (4, 8):
+            again = subprocess.run(run + [str(n), "0"], capture_output=True, text=True,
+                                   check=True)
+            assert again.stdout.strip() == "counter_slot0.db"
+        assert sorted(os.listdir(path)) == ["counter_slot0.db", "counter_slot1.db",
+                                            "histogram_slot0.db", "histogram_slot1.db"]
+        counts = _scrape(path)
+        ok = ("postfix_smtpd_commands_total",
+              (("command", "ehlo"), ("result", "ok"), ("service", "smtp")))
+        assert counts[ok] == 1 + 2 + 4 + 8
+        assert counts[("postfix_delivery_delay_seconds_count",
+                       (("status", "sent"), ("transport", "smtp")))] == 4
+    finally:
+        metrics.collecting(False)
+        metrics.remove_directory(queue)
 
 
 def test_the_directory_is_made_by_collecting_and_removed_by_the_master(tmp_path):
@@ -264,13 +260,13 @@ def test_a_worker_counts_only_when_its_master_has_a_metrics_service(tmp_path, mo
         metrics.open_files(ctx.queue_root)
         metrics.smtpd_connect()
         metrics.flush()
-        pid = os.getpid()
-        assert sorted(os.listdir(path)) == [f"counter_{pid}.db", f"histogram_{pid}.db"]
+        assert sorted(os.listdir(path)) == ["counter_slot0.db", "histogram_slot0.db"]
         assert _scrape(path)[("postfix_smtpd_connects_total", (("service", "smtp"),))] == 1
-        assert os.stat(os.path.join(path, f"counter_{pid}.db")).st_mode & 0o777 == 0o600
+        assert os.stat(os.path.join(path, "counter_slot0.db")).st_mode & 0o777 == 0o600
     finally:
         for f in metrics._files.values():
             f.close()
+        os.close(metrics._state.slot_fd)
         metrics.remove_directory(str(tmp_path))
 
 
