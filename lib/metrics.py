@@ -34,9 +34,9 @@ DESCRIPTION
     service (collecting()). Not in the queue's file system: creating and first writing
     a mapped file there cost a worker about 3 ms of system time on ext4, on tmpfs a tenth
     of it, and a busy host starts a dozen workers a second. Being outside the jail, a
-    worker's
-    files are opened when it starts, before its chroot and privilege drop, as mail_owner's
-    (open_files(), called by lib/server.py); the metrics service runs unjailed.
+    worker's files are opened when it starts, before its chroot and privilege drop, as
+    mail_owner's (open_files(), called by lib/server.py); the metrics service runs
+    unjailed.
 
     Importing this module sets prometheus_client's value class to _MappedValue, which
     keeps values in those open files (prometheus_client's own multiprocess class opens
